@@ -1,0 +1,131 @@
+"""The ``syncd`` command: run a storage node, the link relay, or the local lab."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="syncd", description="Synchronous active-active block replication.")
+    p.add_argument("--log-level", default="info")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("node", help="run a storage node")
+    s.add_argument("--config", required=True)
+    s.add_argument("--check", action="store_true", help="validate the config and exit")
+
+    s = sub.add_parser("linkproxy", help="run the lab's inter-site link relay")
+    s.add_argument("--control", required=True)
+    s.add_argument("--relay", action="append", default=[], help="LISTEN_HOST:PORT=TARGET_HOST:PORT")
+
+    lab = sub.add_parser("lab", help="a complete local rig of two nodes")
+    lsub = lab.add_subparsers(dest="labcmd", required=True)
+    s = lsub.add_parser("up", help="start the lab and print its endpoints")
+    s.add_argument("--dir", default="lab")
+    s.add_argument("--size", default="64MiB", help="size of each volume")
+    s.add_argument("--volumes", type=int, default=2)
+    s.add_argument("--paths", type=int, default=2, help="replication link paths")
+    s.add_argument("--no-wait", action="store_true", help="do not wait for the initial sync")
+    for name in ("down", "status", "cut-link", "heal-link"):
+        s = lsub.add_parser(name)
+        s.add_argument("--dir", default="lab")
+        if name in ("cut-link", "heal-link"):
+            s.add_argument("--path", type=int, action="append", help="only this path (repeatable)")
+    s = lsub.add_parser("delay", help="add round-trip latency to the replication link")
+    s.add_argument("ms", type=float)
+    s.add_argument("--dir", default="lab")
+
+    ns = p.parse_args(argv)
+    _setup_logging(ns.log_level)
+
+    if ns.cmd == "node":
+        from .config import ConfigError, load_node_config
+
+        try:
+            cfg = load_node_config(ns.config)
+        except ConfigError as e:
+            print(f"syncd: invalid configuration: {e}", file=sys.stderr)
+            return 2
+        if ns.check:
+            print(f"{ns.config}: ok (node {cfg.name}, {len(cfg.volumes)} volumes)")
+            return 0
+        from .node import serve_node
+
+        return serve_node(cfg)
+
+    if ns.cmd == "linkproxy":
+        import trio
+
+        from .config import ConfigError, parse_addr
+        from .linkproxy import Relay, run_proxy
+
+        try:
+            relays = []
+            for r in ns.relay:
+                a, _, b = r.partition("=")
+                relays.append(Relay(parse_addr(a, "--relay"), parse_addr(b, "--relay")))
+        except ConfigError as e:
+            print(f"syncd linkproxy: {e}", file=sys.stderr)
+            return 2
+
+        async def run():
+            async with trio.open_nursery() as n:
+                await n.start(run_proxy, relays, ns.control)
+
+        try:
+            trio.run(run)
+        except KeyboardInterrupt:
+            pass
+        return 0
+
+    from .ctl import CtlError
+    from .lab import LabError, lab_down, lab_up, load_lab, print_summary
+
+    try:
+        if ns.labcmd == "up":
+            lab = lab_up(ns.dir, size=ns.size, nvolumes=ns.volumes, npaths=ns.paths, wait=not ns.no_wait)
+            print_summary(lab)
+        elif ns.labcmd == "down":
+            for line in lab_down(ns.dir):
+                print(line)
+        elif ns.labcmd == "status":
+            from rich.console import Console
+
+            from .ctl import call, print_showrcopy
+
+            lab = load_lab(ns.dir)
+            for name, n in lab["nodes"].items():
+                try:
+                    print_showrcopy(call(n["admin_socket"], "showrcopy"), Console())
+                except CtlError as e:
+                    print(f"node {name}: {e}")
+        elif ns.labcmd in ("cut-link", "heal-link", "delay"):
+            from .linkproxy import proxy_command
+
+            lab = load_lab(ns.dir)
+            kw = {}
+            if getattr(ns, "path", None):
+                kw["paths"] = ns.path
+            if ns.labcmd == "delay":
+                kw["ms"] = ns.ms
+            cmd = {"cut-link": "cut", "heal-link": "heal", "delay": "delay"}[ns.labcmd]
+            ans = proxy_command(lab["link"]["control"], cmd, **kw)
+            print(json.dumps(ans["paths"], indent=1))
+    except (LabError, CtlError, OSError) as e:
+        print(f"syncd lab: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""Node configuration: a TOML file, validated in full before anything starts.
+
+Every problem is reported with the key that caused it; a config with any problem changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the key and the problem."""
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,30}$")
+
+
+def parse_size(value: object, key: str) -> int:
+    """Parse 1048576, "1M", "1MiB", "2G" into bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    elif isinstance(value, str) and (m := _SIZE_RE.match(value)):
+        unit = (m.group(2) or "").upper().rstrip("B").rstrip("I")
+        n = int(m.group(1)) * _UNITS[unit]
+    else:
+        raise ConfigError(f"{key}: {value!r} is not a size (use bytes or e.g. '256MiB')")
+    if n <= 0:
+        raise ConfigError(f"{key}: size must be positive, got {value!r}")
+    return n
+
+
+def parse_addr(value: object, key: str) -> tuple[str, int]:
+    if not isinstance(value, str) or ":" not in value:
+        raise ConfigError(f"{key}: {value!r} is not HOST:PORT")
+    host, _, port = value.rpartition(":")
+    host = host.strip("[]")
+    try:
+        p = int(port)
+    except ValueError:
+        raise ConfigError(f"{key}: port {port!r} is not a number") from None
+    if not 0 <= p <= 65535 or not host:
+        raise ConfigError(f"{key}: {value!r} is not a valid HOST:PORT")
+    return host, p
+
+
+def check_name(value: object, key: str) -> str:
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise ConfigError(
+            f"{key}: {value!r} is not a valid name (1-31 letters, digits, '_', '.', '-')"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class VolumeConfig:
+    name: str
+    path: str
+    size: int | None  # create a sparse file of this size when the path does not exist
+    direct: bool = False
+
+
+@dataclass(frozen=True)
+class LinkPath:
+    local: tuple[str, int]  # where this node listens for its peer
+    peer: tuple[str, int]  # where the peer listens (we dial it when our name sorts lower)
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    peer: str
+    paths: tuple[LinkPath, ...]
+    ping_interval: float = 0.2
+    path_timeout: float = 1.5
+    io_timeout: float = 5.0
+    lease: float = 2.0
+    lease_margin: float = 0.5
+    clock_drift: float = 0.05
+    max_rtt_ms: float = 10.0
+    region_size: int = 256 << 10
+    resync_share: float = 0.5
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    data_dir: str
+    admin_socket: str
+    nbd_listen: tuple[tuple[str, int], ...]
+    link: LinkConfig | None
+    volumes: tuple[VolumeConfig, ...] = field(default_factory=tuple)
+    source: str = ""
+
+
+def _take(table: dict, key: str, where: str, kind, default=..., ):
+    if key not in table:
+        if default is ...:
+            raise ConfigError(f"{where}.{key}: missing")
+        return default
+    v = table[key]
+    if kind is float and isinstance(v, int) and not isinstance(v, bool):
+        v = float(v)
+    if not isinstance(v, kind) or (kind is not bool and isinstance(v, bool)):
+        raise ConfigError(f"{where}.{key}: expected {getattr(kind, '__name__', kind)}, got {v!r}")
+    return v
+
+
+def _no_extra(table: dict, allowed: set[str], where: str) -> None:
+    extra = sorted(set(table) - allowed)
+    if extra:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(extra)}")
+
+
+def load_node_config(path: str | os.PathLike) -> NodeConfig:
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    try:
+        return parse_node_config(raw, base=p.parent, source=str(p))
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+
+
+def parse_node_config(raw: dict, base: Path = Path("."), source: str = "") -> NodeConfig:
+    _no_extra(raw, {"node", "nbd", "link", "volume"}, "config")
+    node = _take(raw, "node", "config", dict)
+    _no_extra(node, {"name", "data_dir", "admin_socket"}, "node")
+    name = check_name(_take(node, "name", "node", str), "node.name")
+
+    def rel(s: str) -> str:
+        return str((base / s).resolve()) if not os.path.isabs(s) else s
+
+    data_dir = rel(_take(node, "data_dir", "node", str))
+    admin_socket = rel(_take(node, "admin_socket", "node", str, os.path.join(data_dir, "admin.sock")))
+
+    nbd = _take(raw, "nbd", "config", dict, {})
+    _no_extra(nbd, {"listen"}, "nbd")
+    listen = _take(nbd, "listen", "nbd", list, ["127.0.0.1:10809"])
+    nbd_listen = tuple(parse_addr(a, f"nbd.listen[{i}]") for i, a in enumerate(listen))
+
+    link = None
+    if "link" in raw:
+        lk = _take(raw, "link", "config", dict)
+        fields = {
+            "peer", "paths", "ping_interval", "path_timeout", "io_timeout", "lease",
+            "lease_margin", "clock_drift", "max_rtt_ms", "region_size", "resync_share", "key",
+        }
+        _no_extra(lk, fields, "link")
+        peer = check_name(_take(lk, "peer", "link", str), "link.peer")
+        if peer == name:
+            raise ConfigError(f"link.peer: the peer cannot be this node ({name})")
+        paths_raw = _take(lk, "paths", "link", list)
+        if not paths_raw:
+            raise ConfigError("link.paths: at least one path is needed")
+        paths = []
+        for i, pr in enumerate(paths_raw):
+            where = f"link.paths[{i}]"
+            if not isinstance(pr, dict):
+                raise ConfigError(f"{where}: expected a table {{local=..., peer=...}}")
+            _no_extra(pr, {"local", "peer"}, where)
+            paths.append(
+                LinkPath(
+                    parse_addr(_take(pr, "local", where, str), f"{where}.local"),
+                    parse_addr(_take(pr, "peer", where, str), f"{where}.peer"),
+                )
+            )
+        d = LinkConfig(peer=peer, paths=())
+        kw = {}
+        for k in ("ping_interval", "path_timeout", "io_timeout", "lease", "lease_margin",
+                  "clock_drift", "max_rtt_ms", "resync_share"):
+            v = _take(lk, k, "link", float, getattr(d, k))
+            if v < 0 or (k != "clock_drift" and k != "lease_margin" and v == 0):
+                raise ConfigError(f"link.{k}: must be positive, got {v}")
+            kw[k] = v
+        if kw["resync_share"] > 1:
+            raise ConfigError("link.resync_share: must be between 0 and 1")
+        if kw["path_timeout"] <= kw["ping_interval"]:
+            raise ConfigError("link.path_timeout: must be longer than link.ping_interval")
+        rs = parse_size(lk.get("region_size", d.region_size), "link.region_size")
+        if rs % 4096 or rs & (rs - 1):
+            raise ConfigError("link.region_size: must be a power of two multiple of 4096")
+        key = _take(lk, "key", "link", str, None)
+        link = LinkConfig(peer=peer, paths=tuple(paths), region_size=rs, key=key, **kw)
+
+    vols = []
+    seen_names: set[str] = set()
+    seen_paths: dict[str, str] = {}
+    for i, vr in enumerate(_take(raw, "volume", "config", list, [])):
+        where = f"volume[{i}]"
+        if not isinstance(vr, dict):
+            raise ConfigError(f"{where}: expected a table")
+        _no_extra(vr, {"name", "path", "size", "direct"}, where)
+        vname = check_name(_take(vr, "name", where, str), f"{where}.name")
+        if vname in seen_names:
+            raise ConfigError(f"{where}.name: volume {vname} is defined twice")
+        seen_names.add(vname)
+        vpath = rel(_take(vr, "path", where, str))
+        real = os.path.realpath(vpath)
+        if real in seen_paths:
+            raise ConfigError(
+                f"{where}.path: {vpath} is already used by volume {seen_paths[real]}"
+            )
+        seen_paths[real] = vname
+        size = parse_size(vr["size"], f"{where}.size") if "size" in vr else None
+        if size is not None and size % 512:
+            raise ConfigError(f"{where}.size: must be a multiple of 512 bytes")
+        vols.append(VolumeConfig(vname, vpath, size, _take(vr, "direct", where, bool, False)))
+
+    return NodeConfig(name, data_dir, admin_socket, nbd_listen, link, tuple(vols), source)

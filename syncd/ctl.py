@@ -1,0 +1,232 @@
+"""syncctl: the storage administrator's CLI, verbs modelled on the Remote Copy CLI.
+
+It talks to one node's admin socket (``--socket``, ``$SYNCCTL_SOCKET``, or ``--lab DIR --node A``).
+Every command prints a table, or ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+
+from rich.console import Console
+from rich.table import Table
+
+
+class CtlError(Exception):
+    pass
+
+
+def call(sock_path: str, cmd: str, args: dict | None = None, timeout: float = 30.0) -> dict:
+    """One admin request; returns the result or raises CtlError with the node's refusal."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(sock_path)
+    except OSError as e:
+        raise CtlError(f"cannot reach the node's admin socket {sock_path}: {e.strerror}") from None
+    try:
+        s.sendall(json.dumps({"cmd": cmd, "args": args or {}}).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            data = s.recv(1 << 20)
+            if not data:
+                raise CtlError("the node closed the admin connection without answering")
+            buf += data
+    except socket.timeout:
+        raise CtlError(f"the node did not answer {cmd} within {timeout:.0f}s") from None
+    finally:
+        s.close()
+    ans = json.loads(buf)
+    if not ans.get("ok"):
+        raise CtlError(ans.get("error", "unknown error"))
+    return ans["result"]
+
+
+def _socket_from(ns) -> str:
+    if ns.socket:
+        return ns.socket
+    if ns.lab:
+        with open(os.path.join(ns.lab, "lab.json")) as f:
+            lab = json.load(f)
+        node = ns.node or "A"
+        try:
+            return lab["nodes"][node]["admin_socket"]
+        except KeyError:
+            raise CtlError(f"lab {ns.lab} has no node {node!r} (nodes: {', '.join(lab['nodes'])})") from None
+    env = os.environ.get("SYNCCTL_SOCKET")
+    if env:
+        return env
+    raise CtlError("say which node: --socket PATH, --lab DIR [--node A], or SYNCCTL_SOCKET")
+
+
+def _fmt_age(t: float | None) -> str:
+    if not t:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def print_showrcopy(r: dict, console: Console) -> None:
+    console.print(f"[bold]Remote Copy System Information[/bold]  node {r['node']}  ({r['node_uuid']})")
+    lk = r.get("link")
+    if lk:
+        t = Table(title=f"Target {lk['peer']}: link {lk['state']} ({lk['paths_up']}/{len(lk['paths'])} paths)")
+        for c in ("path", "local", "peer", "state", "rtt ms", "tx frames", "rx frames", "last error"):
+            t.add_column(c)
+        for p in lk["paths"]:
+            t.add_row(str(p["index"]), p["local"], p["peer"], p["state"],
+                      "-" if p["rtt_ms"] is None else f"{p['rtt_ms']:.3f}",
+                      str(p["tx_frames"]), str(p["rx_frames"]), p["last_error"] or "")
+        console.print(t)
+        if lk["rtt_warning"]:
+            console.print(
+                f"[bold red]WARNING[/bold red]: round trip {lk['rtt_ms']:.2f} ms exceeds "
+                f"{lk['max_rtt_ms']} ms, the most synchronous mirroring supports"
+            )
+    t = Table(title="Groups")
+    for c in ("group", "target", "role", "status", "mode", "epoch", "alua", "policies"):
+        t.add_column(c)
+    for g in r["groups"]:
+        pols = ",".join(k if v else "no_" + k for k, v in g["policies"].items())
+        mode = g.get("peer_mode") or ("serving" if g["serving"] else "not serving")
+        t.add_row(g["name"], g["target"], g["role"], g["status"], mode, str(g["epoch"]), g["alua"], pols)
+    console.print(t)
+    t = Table(title="Volumes")
+    for c in ("group", "local vv", "remote vv", "wwn", "size", "sync status", "progress", "last sync"):
+        t.add_column(c)
+    for g in r["groups"]:
+        for v in g["volumes"]:
+            prog = f"{v['sync_percent']:.1f}%"
+            rs = v.get("resync") or {}
+            if v["sync_status"] == "syncing" and rs.get("rate_bps"):
+                eta = rs.get("eta_s")
+                prog += f" {rs['rate_bps'] / 1e6:.1f} MB/s" + (f" eta {eta:.0f}s" if eta else "")
+            t.add_row(g["name"], v["name"], v["remote"], v["wwn"], str(v["size"]),
+                      v["sync_status"], prog, _fmt_age(v["last_sync"]))
+    console.print(t)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="syncctl", description="Administer a syncd storage node.")
+    p.add_argument("--socket", help="the node's admin socket")
+    p.add_argument("--lab", help="a lab directory (with lab.json)")
+    p.add_argument("--node", help="node name within --lab (default A)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    s = sub.add_parser("creatercopygroup", help="create a replication group with its target")
+    s.add_argument("group")
+    s.add_argument("target", help="TARGET or TARGET:sync")
+    s.add_argument("-pol", "--policies", help="comma-separated policies, e.g. auto_recover,no_auto_synchronize")
+
+    s = sub.add_parser("removercopygroup", help="remove a stopped, empty group")
+    s.add_argument("group")
+
+    s = sub.add_parser("admitrcopyvv", help="admit a volume to a group")
+    s.add_argument("volume")
+    s.add_argument("group")
+    s.add_argument("target_volume", nargs="?", help="TARGET:VOLUME on the peer (default: same name)")
+
+    s = sub.add_parser("dismissrcopyvv", help="dismiss a volume from a stopped group")
+    s.add_argument("volume")
+    s.add_argument("group")
+
+    s = sub.add_parser("setrcopygroup", help="set group policies: setrcopygroup pol POLICIES GROUP")
+    s.add_argument("action", choices=["pol"])
+    s.add_argument("policies")
+    s.add_argument("group")
+
+    s = sub.add_parser("startrcopygroup", help="start replication of a group")
+    s.add_argument("group")
+    s.add_argument("--wait", action="store_true", help="wait until every volume is synced")
+    s.add_argument("--timeout", type=float, default=600)
+
+    s = sub.add_parser("stoprcopygroup", help="stop replication of a group")
+    s.add_argument("group")
+
+    s = sub.add_parser("showrcopy", help="show link, groups and volumes")
+    s.add_argument("what", nargs="?", choices=["links", "groups"], help="limit the output")
+    s.add_argument("group", nargs="?")
+
+    s = sub.add_parser("waitsync", help="wait until every volume of a group is synced")
+    s.add_argument("group")
+    s.add_argument("--timeout", type=float, default=600)
+    return p
+
+
+def wait_synced(sock: str, group: str, timeout: float, console: Console | None) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        r = call(sock, "showrcopy", {"group": group})
+        g = r["groups"][0]
+        vols = g["volumes"]
+        if vols and all(v["sync_status"] == "synced" for v in vols):
+            return r
+        if time.monotonic() > deadline:
+            states = ", ".join(f"{v['name']} {v['sync_status']} {v['sync_percent']}%" for v in vols)
+            raise CtlError(f"group {group} not synced after {timeout:.0f}s: {states}")
+        if console is not None:
+            pct = min((v["sync_percent"] for v in vols), default=0)
+            console.print(f"  waiting for {group}: {pct:.1f}% synced", end="\r")
+        time.sleep(0.2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    console = Console()
+    err = Console(stderr=True)
+    try:
+        sock = _socket_from(ns)
+        v = ns.verb
+        if v == "creatercopygroup":
+            target = ns.target.split(":")[0]
+            if ":" in ns.target and ns.target.split(":", 1)[1] != "sync":
+                raise CtlError(f"mode {ns.target.split(':', 1)[1]!r} not supported: syncd groups are synchronous (sync)")
+            r = call(sock, v, {"group": ns.group, "target": target, "policies": ns.policies})
+        elif v == "admitrcopyvv":
+            r = call(sock, v, {"volume": ns.volume, "group": ns.group, "target_volume": ns.target_volume})
+        elif v in ("removercopygroup", "stoprcopygroup"):
+            r = call(sock, v, {"group": ns.group})
+        elif v == "dismissrcopyvv":
+            r = call(sock, v, {"volume": ns.volume, "group": ns.group})
+        elif v == "setrcopygroup":
+            r = call(sock, v, {"action": ns.action, "policies": ns.policies, "group": ns.group})
+        elif v == "startrcopygroup":
+            r = call(sock, v, {"group": ns.group})
+            if ns.wait:
+                wait_synced(sock, ns.group, ns.timeout, None if ns.json else console)
+        elif v == "waitsync":
+            r = wait_synced(sock, ns.group, ns.timeout, None if ns.json else console)
+        elif v == "showrcopy":
+            r = call(sock, v, {"group": ns.group} if ns.group else {})
+            if ns.what == "links":
+                r = {"node": r["node"], "link": r["link"]}
+            elif ns.what == "groups":
+                r = {"node": r["node"], "groups": r["groups"]}
+            if not ns.json:
+                if "groups" in r and "link" in r:
+                    print_showrcopy(r, console)
+                else:
+                    console.print_json(json.dumps(r))
+                return 0
+        else:  # pragma: no cover - argparse enforces the choices
+            raise CtlError(f"unknown verb {v}")
+        if ns.json:
+            print(json.dumps(r, indent=1))
+        elif v != "showrcopy":
+            console.print(f"{v}: ok " + " ".join(f"{k}={val}" for k, val in r.items() if not isinstance(val, (dict, list))))
+        return 0
+    except CtlError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        return 1
+    except (OSError, ValueError) as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

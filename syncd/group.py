@@ -1,0 +1,431 @@
+"""A replication group at run time: its role, how its peer is attached, the serve lease, and the
+host data path for its volumes (mirroring at the primary, forwarding at the secondary).
+
+Ordering rule: the primary orders every write of a group. A write is applied under a range lock
+held until both replicas applied it (for a write forwarded by the secondary, until the secondary
+sends RELEASE), so overlapping writes land in the same order on both disks.
+
+Staleness rule: the secondary serves only while it holds a lease from the primary. When the peer
+is lost, the primary stops renewing and waits until every lease it granted has certainly expired
+(monotonic clocks, drift factor, margin) before it acknowledges any write that is not mirrored.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import trio
+
+from .alua import path_state
+from .nbd.export import AluaState, BlockError, ClientIdentity
+from .ranges import Bitmap, RangeLock
+from .repl.link import LinkDown, LinkTimeout
+from .repl.proto import Frame, Status
+from .state import GroupState, MemberState, decode_bits
+from .volume import Volume
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger("syncd.group")
+
+WRITE, ZEROES, TRIM = "write", "zeroes", "trim"
+
+# Peer attachment as seen by the primary.
+DETACHED = "detached"  # peer not mirroring: writes go on alone and mark regions dirty
+FENCING = "fencing"  # peer lost: waiting for its lease to expire before going on alone
+SYNCING = "syncing"  # peer mirroring new writes while dirty regions are copied
+ATTACHED = "attached"  # peer mirroring and in sync
+
+
+class Member:
+    """One volume of a group on this node."""
+
+    def __init__(self, group: "Group", st: MemberState, vol: Volume, region: int):
+        self.group = group
+        self.st = st
+        self.vol = vol
+        self.lock = RangeLock()
+        # Primary: regions that may differ on the peer. Secondary: regions not yet in sync here
+        # (reads of those are forwarded to the primary).
+        self.dirty = Bitmap(vol.size, region, decode_bits(st.dirty))
+        self.oos = Bitmap(vol.size, region)
+        self.oos.set_all()
+        self.verify = not st.synced_once  # compare digests before copying (initial/full sync)
+        self.resync_total = 0
+        self.resync_bytes = 0
+        self.resync_started: float | None = None
+        self.stats = {"reads": 0, "writes": 0, "forwarded": 0, "bytes_read": 0, "bytes_written": 0}
+
+    @property
+    def vol_id(self) -> int:
+        return self.st.vol_id
+
+    def sync_status(self) -> tuple[str, float]:
+        g = self.group
+        if not g.st.started:
+            return "stopped", 0.0
+        if g.role == "primary":
+            if g.peer_mode == ATTACHED and not self.dirty.count:
+                return "synced", 100.0
+            pct = 100.0 * (1 - self.dirty.count / max(self.dirty.nregions, 1))
+            if g.peer_mode == SYNCING:
+                return "syncing", pct
+            return "not-synced", pct
+        pct = 100.0 * (1 - self.oos.count / max(self.oos.nregions, 1))
+        if not g.may_serve():
+            return "not-synced" if self.oos.count else "stopped", pct
+        return ("synced", 100.0) if not self.oos.count else ("syncing", pct)
+
+
+class Group:
+    def __init__(self, node: "Node", st: GroupState):
+        self.node = node
+        self.st = st
+        self.members: dict[str, Member] = {}
+        self.by_id: dict[int, Member] = {}
+        self.peer_mode = DETACHED
+        self.peer_ready = False  # primary: the peer has its out-of-sync maps; leases may be granted
+        self.fenced = trio.Event()
+        self.fenced.set()
+        self.fence_reason = ""
+        self.lease_deadline = 0.0  # primary: the secondary may be serving until then (trio clock)
+        self.lease_until = 0.0  # secondary: we may serve until then (trio clock)
+        self.forwarded: dict[int, tuple[Member, int, int, int]] = {}
+        self.recovering = False
+        self.last_recover = -1e9
+        self.last_host_io = 0.0
+        self.events: list[tuple[float, str]] = []
+
+    # -- identity ------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.st.name
+
+    @property
+    def role(self) -> str:
+        return self.st.role
+
+    @property
+    def epoch(self) -> int:
+        return self.st.epoch
+
+    def note(self, msg: str) -> None:
+        log.info("group %s: %s", self.name, msg)
+        self.events.append((time.time(), msg))
+        del self.events[:-50]
+
+    def add_member(self, ms: MemberState, vol: Volume) -> Member:
+        m = Member(self, ms, vol, self.node.region_size)
+        self.members[ms.local] = m
+        self.by_id[ms.vol_id] = m
+        return m
+
+    def remove_member(self, local: str) -> Member:
+        m = self.members.pop(local)
+        del self.by_id[m.vol_id]
+        return m
+
+    # -- serving -------------------------------------------------------------------------------
+    @property
+    def mirroring(self) -> bool:
+        return self.peer_mode in (SYNCING, ATTACHED)
+
+    def may_serve(self) -> bool:
+        if self.role == "primary":
+            return True
+        return self.st.started and trio.current_time() < self.lease_until
+
+    def alua(self, client: ClientIdentity) -> AluaState:
+        return AluaState(path_state(may_serve=self.may_serve(), role=self.role), self.epoch)
+
+    def _check_serving(self) -> None:
+        if not self.may_serve():
+            raise BlockError(
+                errno.ESHUTDOWN, f"group {self.name} is not serving on this array (secondary without lease)"
+            )
+
+    # -- host I/O ------------------------------------------------------------------------------
+    async def host_read(self, m: Member, offset: int, length: int):
+        self._check_serving()
+        m.stats["reads"] += 1
+        m.stats["bytes_read"] += length
+        if self.role == "secondary" and m.oos.any_in(offset, length):
+            link = self.node.link
+            try:
+                reply = await link.request(
+                    Frame.read(link.next_id(), self.st.gid, self.epoch, m.vol_id, offset, length)
+                )
+            except (LinkDown, LinkTimeout) as e:
+                raise BlockError(errno.EIO, f"read of out-of-sync region failed: {e}") from None
+            if reply.status != Status.OK:
+                raise BlockError(errno.EIO, f"primary refused read: {reply.status}")
+            data = reply.payload
+        else:
+            try:
+                data = await m.vol.read(offset, length) if m.vol.direct else m.vol.read_sync(offset, length)
+            except OSError as e:
+                raise BlockError(e.errno or errno.EIO, str(e)) from None
+        # A read is returned only if the lease still held when it completed: a primary going on
+        # alone waits for the lease to expire, so no write it acknowledged alone is older than
+        # this data.
+        self._check_serving()
+        return data
+
+    async def host_write(self, m: Member, kind: str, offset: int, length: int, data, fua: bool, no_hole: bool = False) -> None:
+        self._check_serving()
+        self.last_host_io = trio.current_time()
+        m.stats["writes"] += 1
+        m.stats["bytes_written"] += length
+        if self.role == "primary":
+            await self._write_at_primary(m, kind, offset, length, data, fua, no_hole)
+        else:
+            await self._write_at_secondary(m, kind, offset, length, data, fua, no_hole)
+
+    def _frame(self, m: Member, kind: str, req_id: int, offset: int, length: int, data, fua: bool, no_hole: bool, forwarded: bool = False) -> Frame:
+        g, e, v = self.st.gid, self.epoch, m.vol_id
+        if kind == WRITE:
+            return Frame.write(req_id, g, e, v, offset, data, fua=fua, forwarded=forwarded)
+        if kind == ZEROES:
+            return Frame.zeroes(req_id, g, e, v, offset, length, fua=fua, no_hole=no_hole, forwarded=forwarded)
+        return Frame.trim(req_id, g, e, v, offset, length, fua=fua, forwarded=forwarded)
+
+    async def _write_at_primary(self, m, kind, offset, length, data, fua, no_hole) -> None:
+        tok = await m.lock.acquire(offset, length)
+        try:
+            while self.peer_mode == FENCING:
+                await self.fenced.wait()
+            if self.mirroring:
+                link = self.node.link
+                pend = link.start(self._frame(m, kind, link.next_id(), offset, length, data, fua, no_hole))
+                try:
+                    await apply_local(m.vol, kind, offset, length, data, fua, no_hole)
+                except OSError as e:
+                    m.dirty.set_range(offset, length)
+                    await self._mirror_result(pend)
+                    raise BlockError(e.errno or errno.EIO, str(e)) from None
+                if not await self._mirror_result(pend):
+                    m.dirty.set_range(offset, length)
+            else:
+                # Mark before writing: a resync that starts meanwhile must see this region.
+                m.dirty.set_range(offset, length)
+                try:
+                    await apply_local(m.vol, kind, offset, length, data, fua, no_hole)
+                except OSError as e:
+                    raise BlockError(e.errno or errno.EIO, str(e)) from None
+        finally:
+            m.lock.release(tok)
+
+    async def _mirror_result(self, pend) -> bool:
+        """True when the peer applied the op; False once the peer was fenced off instead."""
+        try:
+            reply = await self.node.link.wait(pend)
+            if reply.status == Status.OK:
+                return True
+            reason = f"peer refused a write: {Status(reply.status).name if reply.status in Status._value2member_map_ else reply.status}"
+        except (LinkDown, LinkTimeout) as e:
+            reason = str(e)
+        self.lose_peer(reason)
+        await self.fenced.wait()
+        return False
+
+    async def _write_at_secondary(self, m, kind, offset, length, data, fua, no_hole) -> None:
+        link = self.node.link
+        req_id = link.next_id()
+        m.stats["forwarded"] += 1
+        try:
+            reply = await link.request(self._frame(m, kind, req_id, offset, length, data, fua, no_hole, forwarded=True))
+        except (LinkDown, LinkTimeout) as e:
+            raise BlockError(errno.EIO, f"write not acknowledged by the primary: {e}") from None
+        if reply.status != Status.OK:
+            err = errno.ESHUTDOWN if reply.status == Status.NOT_SERVING else errno.EIO
+            raise BlockError(err, f"primary refused the write ({reply.status})")
+        status = 0
+        try:
+            await apply_local(m.vol, kind, offset, length, data, fua, no_hole)
+        except OSError as e:
+            status = e.errno or errno.EIO
+            raise BlockError(status, str(e)) from None
+        finally:
+            # The primary holds the range until this arrives, so nothing overlapping can be
+            # ordered in between on either replica.
+            link.send(Frame.release(req_id, self.st.gid, self.epoch, status))
+
+    async def host_flush(self, m: Member) -> None:
+        self._check_serving()
+        try:
+            await m.vol.flush()
+        except OSError as e:
+            raise BlockError(e.errno or errno.EIO, str(e)) from None
+        if self.role == "primary" and not self.mirroring:
+            return
+        link = self.node.link
+        pend = link.start(Frame.flush(link.next_id(), self.st.gid, self.epoch, m.vol_id))
+        if self.role == "primary":
+            await self._mirror_result(pend)
+            return
+        try:
+            reply = await link.wait(pend)
+        except (LinkDown, LinkTimeout) as e:
+            raise BlockError(errno.EIO, f"flush not confirmed by the primary: {e}") from None
+        if reply.status != Status.OK:
+            raise BlockError(errno.EIO, f"primary flush failed ({reply.status})")
+
+    # -- peer attachment (primary) -------------------------------------------------------------
+    def lose_peer(self, reason: str) -> None:
+        if self.role != "primary" or self.peer_mode not in (SYNCING, ATTACHED):
+            return
+        self.peer_mode = FENCING
+        self.peer_ready = False
+        self.fence_reason = reason
+        self.fenced = trio.Event()
+        self.note(f"peer lost ({reason}); waiting for its serve lease to expire")
+        self.node.spawn(self._fence)
+        if self.node.link.up and reason != "group stopped":
+            # The peer failed a request while the link stayed up: reset the link so nothing of
+            # the old session can be applied after we go on alone.
+            self.node.link.reset(f"group {self.name}: {reason}")
+
+    async def _fence(self) -> None:
+        await trio.sleep_until(self.lease_deadline)
+        for req_id, (m, tok, off, ln) in list(self.forwarded.items()):
+            m.dirty.set_range(off, ln)
+            m.lock.release(tok)
+        self.forwarded.clear()
+        self.peer_mode = DETACHED
+        self.note("peer fenced off; going on alone, tracking written regions")
+        self.fenced.set()
+        self.node.save_soon()
+        self.maybe_recover()
+
+    def maybe_recover(self, operator: bool = False) -> None:
+        if (
+            self.role != "primary"
+            or not self.st.started
+            or self.peer_mode != DETACHED
+            or self.recovering
+            or not self.node.link.up
+        ):
+            return
+        if not operator and not self.st.policies.get("auto_recover", True):
+            return
+        self.recovering = True
+        self.node.spawn(self._recover)
+
+    async def _recover(self) -> None:
+        try:
+            since = trio.current_time() - self.last_recover
+            if since < 1.0:
+                await trio.sleep(1.0 - since)
+            self.last_recover = trio.current_time()
+            if not (self.st.started and self.node.link.up and self.peer_mode == DETACHED):
+                return
+            # From here new writes are mirrored; snapshots of the dirty maps are taken in the
+            # same step, so a write that marked a region before the switch is in them.
+            self.peer_mode = SYNCING
+            snaps = {m.vol_id: bytes(m.dirty.bits) for m in self.members.values()}
+            self.note("peer back; resynchronizing")
+            link = self.node.link
+            for m in list(self.members.values()):
+                if not self.mirroring:
+                    return
+                frame = Frame.resync_begin(link.next_id(), self.st.gid, self.epoch, m.vol_id, m.dirty.region, snaps[m.vol_id])
+                try:
+                    reply = await link.request(frame)
+                except (LinkDown, LinkTimeout) as e:
+                    self.lose_peer(str(e))
+                    return
+                if reply.status != Status.OK:
+                    self.lose_peer(f"peer refused resync of {m.st.local}: {reply.status}")
+                    return
+            self.peer_ready = True
+            await self.node.resync.run_group(self)
+        finally:
+            self.recovering = False
+
+    def start_member_sync(self, m: Member) -> None:
+        """A volume admitted to a running group: full sync by digest comparison."""
+        m.dirty.set_all()
+        m.verify = True
+        if self.peer_mode in (SYNCING, ATTACHED):
+            self.node.spawn(self._sync_new_member, m)
+        else:
+            self.maybe_recover()
+
+    async def _sync_new_member(self, m: Member) -> None:
+        link = self.node.link
+        self.peer_mode = SYNCING
+        try:
+            reply = await link.request(
+                Frame.resync_begin(link.next_id(), self.st.gid, self.epoch, m.vol_id, m.dirty.region, bytes(m.dirty.bits))
+            )
+        except (LinkDown, LinkTimeout) as e:
+            self.lose_peer(str(e))
+            return
+        if reply.status != Status.OK:
+            self.lose_peer(f"peer refused resync of {m.st.local}: {reply.status}")
+            return
+        if not self.recovering:
+            self.recovering = True
+            try:
+                await self.node.resync.run_group(self)
+            finally:
+                self.recovering = False
+
+    def grant_lease(self) -> int:
+        """Primary: lease in ms for the secondary, or 0 when it may not serve."""
+        if not (self.st.started and self.mirroring and self.peer_ready):
+            return 0
+        lk = self.node.cfg.link
+        deadline = trio.current_time() + lk.lease * (1 + lk.clock_drift) + lk.lease_margin
+        self.lease_deadline = max(self.lease_deadline, deadline)
+        return int(lk.lease * 1000)
+
+    # -- peer requests -------------------------------------------------------------------------
+    async def handle_forwarded(self, link, path, f: Frame, m: Member, kind: str) -> None:
+        """Primary side of a write that arrived at the secondary."""
+        if not (self.st.started and self.mirroring and self.peer_ready):
+            link.reply(path, f.req_id, Status.NOT_SERVING)
+            return
+        self.last_host_io = trio.current_time()
+        tok = await m.lock.acquire(f.offset, f.length)
+        if not (self.mirroring and self.peer_ready):
+            m.lock.release(tok)
+            link.reply(path, f.req_id, Status.NOT_SERVING)
+            return
+        try:
+            await apply_local(m.vol, kind, f.offset, f.length, f.payload, f.fua, f.no_hole)
+        except OSError as e:
+            m.lock.release(tok)
+            link.reply(path, f.req_id, e.errno or errno.EIO)
+            return
+        self.forwarded[f.req_id] = (m, tok, f.offset, f.length)
+        link.reply(path, f.req_id, Status.OK)
+
+    def handle_release(self, f: Frame) -> None:
+        entry = self.forwarded.pop(f.req_id, None)
+        if entry is None:
+            return
+        m, tok, off, ln = entry
+        if f.release_status():
+            # The secondary could not apply what we applied: the replicas differ there.
+            m.dirty.set_range(off, ln)
+            self.lose_peer(f"peer failed to apply a write ({f.release_status()})")
+        m.lock.release(tok)
+
+
+async def apply_local(vol: Volume, kind: str, offset: int, length: int, data, fua: bool, no_hole: bool) -> None:
+    """Apply one write-type op to the local disk (raises OSError)."""
+    vol.check_range(offset, length)
+    if kind == WRITE:
+        if fua or vol.direct:
+            await vol.write(offset, data, fua)
+        else:
+            vol.write_sync(offset, data)
+    elif kind == ZEROES:
+        await vol.zero(offset, length, no_hole, fua)
+    else:
+        await vol.trim(offset, length, fua)

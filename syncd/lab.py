@@ -1,0 +1,214 @@
+"""The local lab: two storage nodes on loopback, joined by a link relay that can cut the link,
+each with file-backed volumes in one synchronously replicated group."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .ctl import CtlError, call, wait_synced
+from .config import parse_size
+
+NODES = ("A", "B")
+
+
+class LabError(Exception):
+    pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    s = socket.socket()
+    s.bind((host, 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _spawn(args: list[str], log: Path) -> int:
+    f = open(log, "ab")
+    p = subprocess.Popen(
+        args, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        cwd=str(log.parent),
+    )
+    f.close()
+    return p.pid
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # reap it if it is our zombie child
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+def _wait_socket(path: str, pid: int, log: Path, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            try:
+                call(path, "showrcopy", timeout=5)
+                return
+            except CtlError:
+                pass
+        if not _alive(pid):
+            tail = log.read_text()[-2000:] if log.exists() else ""
+            raise LabError(f"process {pid} exited during start-up; its log ({log}) ends with:\n{tail}")
+        time.sleep(0.05)
+    raise LabError(f"{path} did not answer within {timeout:.0f}s (log: {log})")
+
+
+def node_toml(name: str, peer: str, d: Path, nbd_port: int, paths: list[tuple[int, int]],
+              volumes: list[tuple[str, Path, int]], extra_link: dict | None = None) -> str:
+    lines = [
+        "[node]",
+        f'name = "{name}"',
+        f'data_dir = "{d / "data"}"',
+        f'admin_socket = "{d / "admin.sock"}"',
+        "",
+        "[nbd]",
+        f'listen = ["127.0.0.1:{nbd_port}"]',
+        "",
+        "[link]",
+        f'peer = "{peer}"',
+        "paths = [",
+    ]
+    for local, remote in paths:
+        lines.append(f'  {{ local = "127.0.0.1:{local}", peer = "127.0.0.1:{remote}" }},')
+    lines.append("]")
+    for k, v in (extra_link or {}).items():
+        lines.append(f"{k} = {json.dumps(v)}")
+    for vname, vpath, size in volumes:
+        lines += ["", "[[volume]]", f'name = "{vname}"', f'path = "{vpath}"', f"size = {size}"]
+    return "\n".join(lines) + "\n"
+
+
+def lab_up(
+    d: str, *, size: str = "64MiB", nvolumes: int = 2, npaths: int = 2, group: str = "rcg1",
+    link_opts: dict | None = None, wait: bool = True, timeout: float = 120.0,
+) -> dict:
+    root = Path(d).resolve()
+    if (root / "lab.json").exists():
+        lab = json.loads((root / "lab.json").read_text())
+        if any(_alive(n["pid"]) for n in lab["nodes"].values()):
+            raise LabError(f"a lab is already running in {root}: run 'syncd lab down --dir {root}' first")
+    root.mkdir(parents=True, exist_ok=True)
+    nbytes = parse_size(size, "--size")
+    py = sys.executable
+    ports = {n: {"nbd": free_port(), "paths": [free_port() for _ in range(npaths)]} for n in NODES}
+    relay_ports = [free_port() for _ in range(npaths)]
+    lab: dict = {"dir": str(root), "group": group, "nodes": {}, "created": time.time()}
+
+    # A dials B through the relay; B listens on its own path ports.
+    relay_args = [py, "-m", "syncd", "linkproxy", "--control", str(root / "link.sock")]
+    for i in range(npaths):
+        relay_args += ["--relay", f"127.0.0.1:{relay_ports[i]}=127.0.0.1:{ports['B']['paths'][i]}"]
+    proxy_pid = _spawn(relay_args, root / "linkproxy.log")
+    lab["link"] = {"pid": proxy_pid, "control": str(root / "link.sock"),
+                   "relays": [f"127.0.0.1:{p}" for p in relay_ports]}
+
+    for name in NODES:
+        peer = "B" if name == "A" else "A"
+        nd = root / name
+        nd.mkdir(exist_ok=True)
+        vols = [(f"vv{i + 1}", nd / f"vv{i + 1}.img", nbytes) for i in range(nvolumes)]
+        if name == "A":
+            paths = [(ports["A"]["paths"][i], relay_ports[i]) for i in range(npaths)]
+        else:
+            paths = [(ports["B"]["paths"][i], ports["A"]["paths"][i]) for i in range(npaths)]
+        cfg = nd / "node.toml"
+        cfg.write_text(node_toml(name, peer, nd, ports[name]["nbd"], paths, vols, link_opts))
+        log = root / f"{name}.log"
+        pid = _spawn([py, "-m", "syncd", "node", "--config", str(cfg)], log)
+        lab["nodes"][name] = {
+            "pid": pid,
+            "config": str(cfg),
+            "log": str(log),
+            "admin_socket": str(nd / "admin.sock"),
+            "nbd": f"127.0.0.1:{ports[name]['nbd']}",
+            "volumes": {
+                v: {"path": str(p), "size": nbytes, "uri": f"nbd://127.0.0.1:{ports[name]['nbd']}/{v}"}
+                for v, p, _ in vols
+            },
+        }
+    (root / "lab.json").write_text(json.dumps(lab, indent=1))
+    for name in NODES:
+        n = lab["nodes"][name]
+        _wait_socket(n["admin_socket"], n["pid"], Path(n["log"]))
+
+    a = lab["nodes"]["A"]["admin_socket"]
+    deadline = time.monotonic() + 20
+    while True:  # the link needs a moment to come up
+        try:
+            call(a, "creatercopygroup", {"group": group, "target": "B"})
+            break
+        except CtlError as e:
+            if "not ready" not in str(e) or time.monotonic() > deadline:
+                raise LabError(f"creating group {group}: {e}") from None
+            time.sleep(0.1)
+    for i in range(nvolumes):
+        call(a, "admitrcopyvv", {"volume": f"vv{i + 1}", "group": group, "target_volume": f"B:vv{i + 1}"})
+    call(a, "startrcopygroup", {"group": group})
+    if wait:
+        wait_synced(a, group, timeout, None)
+    return lab
+
+
+def load_lab(d: str) -> dict:
+    p = Path(d) / "lab.json"
+    if not p.exists():
+        raise LabError(f"no lab in {d} (no lab.json): run 'syncd lab up --dir {d}' first")
+    return json.loads(p.read_text())
+
+
+def lab_down(d: str, timeout: float = 15.0) -> list[str]:
+    lab = load_lab(d)
+    pids = [(f"node {k}", v["pid"]) for k, v in lab["nodes"].items()] + [("link relay", lab["link"]["pid"])]
+    for _, pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    stopped = []
+    for what, pid in pids:
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            stopped.append(f"{what} (pid {pid}) killed after {timeout:.0f}s")
+        else:
+            stopped.append(f"{what} (pid {pid}) stopped")
+    return stopped
+
+
+def print_summary(lab: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    c = Console()
+    t = Table(title=f"syncd lab in {lab['dir']} (group {lab['group']}, synchronous, active-active)")
+    for col in ("site", "volume", "NBD URI", "backing file"):
+        t.add_column(col)
+    for name, n in lab["nodes"].items():
+        for v, info in n["volumes"].items():
+            t.add_row(name, v, info["uri"], info["path"])
+    c.print(t)
+    a = lab["nodes"]["A"]["volumes"]
+    first = next(iter(a))
+    c.print("Try:")
+    c.print(f"  nbdinfo {a[first]['uri']}")
+    c.print(f"  nbdinfo --map=syncd:alua {lab['nodes']['B']['volumes'][first]['uri']}")
+    c.print(f"  syncctl --lab {lab['dir']} --node A showrcopy")
+    c.print(f"  syncd lab cut-link --dir {lab['dir']}   /   syncd lab heal-link --dir {lab['dir']}")
+    c.print(f"  syncd lab down --dir {lab['dir']}")

@@ -1,0 +1,217 @@
+"""What the NBD server needs from whatever stands behind an export.
+
+The NBD server (``syncd.nbd.server``) knows nothing about volumes, groups or replication: it
+asks an ``ExportCatalog`` which exports a connected client may see, and calls the async methods
+of an ``Export`` for every request. The storage node implements these on top of its replicated
+volumes; tests implement them on a plain file (``FileExport``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass, field
+from typing import Protocol
+
+# ALUA target port group states as carried by the syncd:alua meta context (proto/nbd-extensions.md).
+ALUA_ACTIVE_OPTIMIZED = 0
+ALUA_ACTIVE_NON_OPTIMIZED = 1
+ALUA_STANDBY = 2
+ALUA_UNAVAILABLE = 3
+ALUA_TRANSITIONING = 15
+
+ALUA_NAMES = {
+    ALUA_ACTIVE_OPTIMIZED: "active/optimized",
+    ALUA_ACTIVE_NON_OPTIMIZED: "active/non-optimized",
+    ALUA_STANDBY: "standby",
+    ALUA_UNAVAILABLE: "unavailable",
+    ALUA_TRANSITIONING: "transitioning",
+}
+
+
+class BlockError(Exception):
+    """A request failed; ``errno`` is what the client is told (mapped to an NBD error)."""
+
+    def __init__(self, err: int, message: str = ""):
+        super().__init__(message or os.strerror(err))
+        self.errno = err
+
+
+@dataclass(frozen=True)
+class ClientIdentity:
+    """Who is on the other end of an NBD connection, for LUN masking."""
+
+    address: str  # source IP address ("" for a unix socket)
+    port: int = 0
+    tls_name: str | None = None  # certificate CN or PSK identity, once TLS exists
+
+
+@dataclass(frozen=True)
+class AluaState:
+    state: int  # one of ALUA_*
+    epoch: int
+
+
+class Export(Protocol):
+    name: str
+    size: int
+    description: str  # carries the volume WWN: "syncd volume vv1 wwn=naa.6..."
+    read_only: bool
+    can_flush: bool
+    can_fua: bool
+    can_trim: bool
+    can_zero: bool
+    can_multi_conn: bool
+
+    async def read(self, offset: int, length: int) -> bytes | memoryview: ...
+
+    async def write(self, offset: int, data: memoryview, fua: bool) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    async def trim(self, offset: int, length: int, fua: bool) -> None: ...
+
+    async def write_zeroes(self, offset: int, length: int, fua: bool, no_hole: bool) -> None: ...
+
+    async def allocation(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """base:allocation extents as (length, flags) with NBD_STATE_HOLE=1, NBD_STATE_ZERO=2."""
+        ...
+
+    def alua(self, client: ClientIdentity) -> AluaState: ...
+
+
+class ExportCatalog(Protocol):
+    def exports_for(self, client: ClientIdentity) -> dict[str, Export]:
+        """The exports this client may see; an empty dict means it sees nothing (LUN masking)."""
+        ...
+
+
+@dataclass
+class FileExport:
+    """An unreplicated export of one file or block device; used by tests and the bench baseline."""
+
+    name: str
+    path: str
+    read_only: bool = False
+    description: str = ""
+    fd: int = field(init=False, default=-1)
+    size: int = field(init=False, default=0)
+    can_flush: bool = True
+    can_fua: bool = True
+    can_trim: bool = True
+    can_zero: bool = True
+    can_multi_conn: bool = True
+
+    def __post_init__(self) -> None:
+        self.fd = os.open(self.path, os.O_RDONLY if self.read_only else os.O_RDWR)
+        self.size = os.lseek(self.fd, 0, os.SEEK_END)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    async def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        os.pwritev(self.fd, [data], offset, os.RWF_DSYNC if fua else 0)
+
+    async def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    async def trim(self, offset: int, length: int, fua: bool) -> None:
+        punch_hole(self.fd, offset, length)
+
+    async def write_zeroes(self, offset: int, length: int, fua: bool, no_hole: bool) -> None:
+        zero_range(self.fd, offset, length, no_hole)
+        if fua:
+            os.fdatasync(self.fd)
+
+    async def allocation(self, offset: int, length: int) -> list[tuple[int, int]]:
+        return allocation_extents(self.fd, offset, length)
+
+    def alua(self, client: ClientIdentity) -> AluaState:
+        return AluaState(ALUA_ACTIVE_OPTIMIZED, 0)
+
+
+@dataclass
+class StaticCatalog:
+    exports: dict[str, Export]
+
+    def exports_for(self, client: ClientIdentity) -> dict[str, Export]:
+        return self.exports
+
+
+# --- helpers on file descriptors shared by FileExport and the node's volumes -------------------
+
+import ctypes  # noqa: E402
+import ctypes.util  # noqa: E402
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+_ZERO_CHUNK = bytes(1 << 20)
+
+
+def _fallocate_or_errno(fd: int, mode: int, offset: int, length: int) -> int:
+    if _fallocate(fd, mode, offset, length) == 0:
+        return 0
+    return ctypes.get_errno()
+
+
+def _write_zero_bytes(fd: int, offset: int, length: int) -> None:
+    end = offset + length
+    while offset < end:
+        n = min(len(_ZERO_CHUNK), end - offset)
+        os.pwrite(fd, memoryview(_ZERO_CHUNK)[:n], offset)
+        offset += n
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate a range so it reads back as zeroes (falls back to writing zeroes)."""
+    err = _fallocate_or_errno(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+    if err in (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENODEV, errno.EINVAL):
+        _write_zero_bytes(fd, offset, length)
+    elif err:
+        raise OSError(err, os.strerror(err))
+
+
+def zero_range(fd: int, offset: int, length: int, no_hole: bool) -> None:
+    """Make a range read as zeroes; with ``no_hole`` keep it allocated."""
+    mode = FALLOC_FL_ZERO_RANGE if no_hole else FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+    err = _fallocate_or_errno(fd, mode | (FALLOC_FL_KEEP_SIZE if no_hole else 0), offset, length)
+    if err in (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENODEV, errno.EINVAL):
+        _write_zero_bytes(fd, offset, length)
+    elif err:
+        raise OSError(err, os.strerror(err))
+
+
+def allocation_extents(fd: int, offset: int, length: int) -> list[tuple[int, int]]:
+    """Data/hole extents of [offset, offset+length) from SEEK_DATA/SEEK_HOLE (block devices: all data)."""
+    end = offset + length
+    out: list[tuple[int, int]] = []
+    pos = offset
+    try:
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # only a hole until EOF
+                    data = end
+                else:
+                    raise
+            if data > pos:
+                n = min(data, end) - pos
+                out.append((n, 3))  # hole, reads as zero
+                pos += n
+                continue
+            hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+            out.append((hole - pos, 0))
+            pos = hole
+    except OSError:
+        return [(length, 0)]
+    return out

@@ -1,0 +1,487 @@
+"""The storage node daemon: volumes, groups, the replication link, the NBD service and the
+admin API, all in one nursery. Shutdown is cancellation."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import signal
+import time
+import uuid
+
+import trio
+
+from . import __version__
+from .config import NodeConfig
+from .group import TRIM, WRITE, ZEROES, Group, Member
+from .nbd.export import AluaState, BlockError, ClientIdentity, ALUA_ACTIVE_OPTIMIZED
+from .repl.link import Link, Path
+from .repl.proto import Frame, MsgType, Status
+from .repl.resync import Resync
+from .state import GroupState, MemberState, StateError, StateStore, encode_bits
+from .volume import Volume, VolumeError, make_wwn
+
+log = logging.getLogger("syncd.node")
+
+
+class NodeError(Exception):
+    """Refusal of an administrative request; the message is for the administrator."""
+
+
+class VolumeExport:
+    """The NBD face of a volume: replicated through its group, or local when in no group."""
+
+    can_flush = can_fua = can_trim = can_zero = True
+    can_multi_conn = True  # every connection shares one fd and flush syncs both replicas
+    read_only = False
+
+    def __init__(self, node: "Node", vol: Volume):
+        self.node = node
+        self.vol = vol
+        self.name = vol.name
+        self.size = vol.size
+
+    @property
+    def member(self) -> Member | None:
+        return self.node.member_of.get(self.vol.name)
+
+    @property
+    def description(self) -> str:
+        m = self.member
+        wwn = m.st.wwn if m else self.node.local_wwn(self.vol.name)
+        group = f" group={m.group.name} role={m.group.role}" if m else ""
+        return f"syncd volume {self.vol.name} wwn={wwn}{group}"
+
+    async def read(self, offset: int, length: int):
+        m = self.member
+        if m is not None:
+            return await m.group.host_read(m, offset, length)
+        try:
+            return self.vol.read_sync(offset, length)
+        except OSError as e:
+            raise BlockError(e.errno or errno.EIO, str(e)) from None
+
+    async def _op(self, kind, offset, length, data, fua, no_hole=False):
+        m = self.member
+        if m is not None:
+            await m.group.host_write(m, kind, offset, length, data, fua, no_hole)
+            return
+        from .group import apply_local
+
+        try:
+            await apply_local(self.vol, kind, offset, length, data, fua, no_hole)
+        except OSError as e:
+            raise BlockError(e.errno or errno.EIO, str(e)) from None
+
+    async def write(self, offset: int, data, fua: bool) -> None:
+        await self._op(WRITE, offset, len(data), data, fua)
+
+    async def trim(self, offset: int, length: int, fua: bool) -> None:
+        await self._op(TRIM, offset, length, None, fua)
+
+    async def write_zeroes(self, offset: int, length: int, fua: bool, no_hole: bool) -> None:
+        await self._op(ZEROES, offset, length, None, fua, no_hole)
+
+    async def flush(self) -> None:
+        m = self.member
+        if m is not None:
+            await m.group.host_flush(m)
+            return
+        try:
+            await self.vol.flush()
+        except OSError as e:
+            raise BlockError(e.errno or errno.EIO, str(e)) from None
+
+    async def allocation(self, offset: int, length: int):
+        return [(length, 0)] if self.member is not None else self.vol.allocation(offset, length)
+
+    def alua(self, client: ClientIdentity) -> AluaState:
+        m = self.member
+        return m.group.alua(client) if m else AluaState(ALUA_ACTIVE_OPTIMIZED, 0)
+
+
+class Node:
+    def __init__(self, cfg: NodeConfig):
+        self.cfg = cfg
+        self.store = StateStore(cfg.data_dir, cfg.name)
+        self.state = self.store.load()
+        self.uuid = uuid.UUID(self.state.node_uuid)
+        self.region_size = cfg.link.region_size if cfg.link else 256 << 10
+        self.volumes: dict[str, Volume] = {}
+        self.exports: dict[str, VolumeExport] = {}
+        self.groups: dict[str, Group] = {}
+        self.member_of: dict[str, Member] = {}
+        self.stats = {"resync_bytes": 0}
+        self.started_at = time.time()
+        self._nursery: trio.Nursery | None = None
+        self._save_pending = False
+        self.nbd_ports: list[tuple[str, int]] = []
+        try:
+            for vc in cfg.volumes:
+                v = Volume(vc.name, vc.path, size=vc.size, direct=vc.direct)
+                self.volumes[vc.name] = v
+                self.exports[vc.name] = VolumeExport(self, v)
+        except VolumeError:
+            self.close()
+            raise
+        for gs in self.state.groups.values():
+            g = Group(self, gs)
+            self.groups[gs.name] = g
+            for ms in gs.members:
+                vol = self.volumes.get(ms.local)
+                if vol is None:
+                    self.close()
+                    raise NodeError(
+                        f"group {gs.name} holds volume {ms.local}, which the config no longer "
+                        f"defines; restore it in {cfg.source or 'the config'} or dismiss it"
+                    )
+                if vol.size != ms.size:
+                    self.close()
+                    raise NodeError(
+                        f"volume {ms.local} of group {gs.name} is now {vol.size} bytes, "
+                        f"but was admitted with {ms.size}; refusing to start"
+                    )
+                self.member_of[ms.local] = g.add_member(ms, vol)
+        self.resync = Resync(self)
+        self.link: Link | None = None
+        if cfg.link:
+            self.link = Link(
+                cfg.link, cfg.name, self.uuid.bytes, self._on_request, self._on_link_up, self._on_link_down
+            )
+        # An unclean stop loses the in-memory dirty maps: every region is suspect until the
+        # digests of both replicas have been compared.
+        self.unclean = self.state_dirty_flag()
+        for g in self.groups.values():
+            if g.role == "primary" and self.unclean:
+                for m in g.members.values():
+                    m.dirty.set_all()
+                    m.verify = True
+        self.set_clean_flag(False)
+
+    # -- clean/unclean marker ------------------------------------------------------------------
+    def _marker(self) -> str:
+        return os.path.join(self.cfg.data_dir, "running")
+
+    def state_dirty_flag(self) -> bool:
+        return os.path.exists(self._marker())
+
+    def set_clean_flag(self, clean: bool) -> None:
+        if clean:
+            try:
+                os.unlink(self._marker())
+            except FileNotFoundError:
+                pass
+        else:
+            with open(self._marker(), "w") as f:
+                f.write(f"{os.getpid()}\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+    def close(self) -> None:
+        for v in self.volumes.values():
+            v.close()
+
+    def local_wwn(self, vol: str) -> str:
+        return make_wwn(self.state.node_uuid, vol)
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self) -> None:
+        for g in self.groups.values():
+            for m in g.members.values():
+                m.st.dirty = encode_bits(m.dirty.bits) if g.role == "primary" else ""
+        self.store.save(self.state)
+
+    def save_soon(self) -> None:
+        if not self._save_pending and self._nursery is not None:
+            self._save_pending = True
+
+            async def _later():
+                await trio.sleep(0.05)
+                self._save_pending = False
+                await trio.to_thread.run_sync(self.save)
+
+            self._nursery.start_soon(_later)
+
+    def spawn(self, fn, *args) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)
+
+    # -- running -------------------------------------------------------------------------------
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        from .admin import AdminServer
+        from .nbd.server import NBDServer
+
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self.link:
+                    await nursery.start(self.link.run)
+                    for g in self.groups.values():
+                        nursery.start_soon(self._lease_loop, g)
+                nbd = NBDServer(self)
+                for host, port in self.cfg.nbd_listen:
+                    actual = await nursery.start(nbd.serve_tcp, host, port)
+                    self.nbd_ports.append((host, actual if isinstance(actual, int) else port))
+                await nursery.start(AdminServer(self).serve, self.cfg.admin_socket)
+                log.info("node %s ready: nbd %s admin %s", self.cfg.name, self.nbd_ports, self.cfg.admin_socket)
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True):
+                self.save()
+                self.set_clean_flag(True)
+                self.close()
+
+    # NBD catalog
+    def exports_for(self, client: ClientIdentity):
+        return self.exports
+
+    # -- link events ---------------------------------------------------------------------------
+    def _on_link_up(self) -> None:
+        log.info("replication link to %s up", self.cfg.link.peer)
+        self.spawn(self._exchange_state)
+
+    async def _exchange_state(self) -> None:
+        mine = [self.group_summary(g) for g in self.groups.values() if g.role == "primary"]
+        try:
+            await self.control({"op": "sync_groups", "groups": mine})
+        except NodeError as e:
+            log.warning("state exchange with %s failed: %s", self.cfg.link.peer, e)
+        for g in self.groups.values():
+            g.maybe_recover()
+
+    def _on_link_down(self) -> None:
+        log.warning("replication link to %s down (all paths)", self.cfg.link.peer)
+        for g in self.groups.values():
+            if g.role == "primary":
+                g.lose_peer("replication link down")
+            for req_id, (m, tok, off, ln) in list(g.forwarded.items()):
+                m.dirty.set_range(off, ln)
+
+    async def _lease_loop(self, g: Group) -> None:
+        lk = self.cfg.link
+        while True:
+            if g.role == "secondary" and g.st.started and self.link.up:
+                t0 = trio.current_time()
+                try:
+                    reply = await self.link.request(
+                        Frame.lease(self.link.next_id(), g.st.gid, g.epoch), timeout=lk.lease / 2
+                    )
+                    ms = reply.lease_ms() if reply.status == Status.OK else 0
+                except Exception as e:  # link down or timeout: the lease just runs out
+                    log.debug("lease request for %s failed: %s", g.name, e)
+                    ms = None
+                if ms == 0:
+                    g.lease_until = 0.0
+                elif ms:
+                    g.lease_until = max(g.lease_until, t0 + ms / 1000)
+                await trio.sleep(lk.lease / 4)
+            else:
+                await trio.sleep(lk.ping_interval)
+
+    # -- peer requests -------------------------------------------------------------------------
+    def _on_request(self, link: Link, path: Path, f: Frame) -> None:
+        t = f.type
+        if t == MsgType.CONTROL:
+            self.spawn(self._handle_control, link, path, f)
+            return
+        g = self._group_by_id(f.group)
+        if g is None:
+            if t != MsgType.RELEASE:
+                link.reply(path, f.req_id, Status.UNKNOWN_GROUP)
+            return
+        if f.epoch != g.epoch:
+            if t != MsgType.RELEASE:
+                link.reply(path, f.req_id, Status.STALE_EPOCH)
+            return
+        if t == MsgType.RELEASE:
+            g.handle_release(f)
+            return
+        if t == MsgType.LEASE:
+            if g.role != "primary":
+                link.reply(path, f.req_id, Status.NOT_PRIMARY)
+            else:
+                ms = g.grant_lease()
+                link.reply(path, f.req_id, Status.OK if ms else Status.NOT_SERVING, Frame.lease_payload(ms))
+            return
+        if t == MsgType.FLUSH:
+            self.spawn(self._handle_flush, link, path, f, g)
+            return
+        m = g.by_id.get(f.vol)
+        if m is None:
+            link.reply(path, f.req_id, Status.UNKNOWN_VOLUME)
+            return
+        if t in (MsgType.WRITE, MsgType.ZEROES, MsgType.TRIM):
+            kind = {MsgType.WRITE: WRITE, MsgType.ZEROES: ZEROES, MsgType.TRIM: TRIM}[t]
+            if f.forwarded:
+                if g.role != "primary":
+                    link.reply(path, f.req_id, Status.NOT_PRIMARY)
+                    return
+                self.spawn(g.handle_forwarded, link, path, f, m, kind)
+                return
+            if g.role != "secondary":
+                link.reply(path, f.req_id, Status.NOT_PRIMARY)
+                return
+            if kind == WRITE and not f.fua and not m.vol.direct:
+                # Mirrored writes are applied in arrival order, inline: no task per request.
+                try:
+                    m.vol.check_range(f.offset, len(f.payload))
+                    m.vol.write_sync(f.offset, f.payload)
+                except OSError as e:
+                    link.reply(path, f.req_id, e.errno or errno.EIO)
+                    return
+                if f.resync:
+                    self._resynced(m, f.offset, len(f.payload))
+                link.reply(path, f.req_id, Status.OK)
+                return
+            self.spawn(self._apply_mirrored, link, path, f, m, kind)
+            return
+        if t == MsgType.READ:
+            self.spawn(self._handle_read, link, path, f, m)
+            return
+        if t == MsgType.DIGESTS:
+            self.spawn(self._handle_digests, link, path, f, m)
+            return
+        if t == MsgType.RESYNC_BEGIN:
+            region, bits = f.resync_bitmap()
+            if region != m.oos.region or len(bits) != len(m.oos.bits):
+                link.reply(path, f.req_id, Status.EINVAL)
+                return
+            m.oos.bits[:] = bits
+            m.oos.count = sum(bin(b).count("1") for b in bits)
+            link.reply(path, f.req_id, Status.OK)
+            return
+        if t == MsgType.RESYNC_END:
+            self._resynced(m, f.offset, f.length)
+            if not m.oos.count:
+                m.st.synced_once = True
+                m.st.last_sync = time.time()
+            link.reply(path, f.req_id, Status.OK)
+            return
+        link.reply(path, f.req_id, Status.BAD_REQUEST)
+
+    def _resynced(self, m: Member, offset: int, length: int) -> None:
+        region = m.oos.region
+        first = -(-offset // region)
+        last = (offset + length) // region  # exclusive: only fully covered regions
+        if offset + length >= m.vol.size:
+            last = m.oos.nregions
+        for r in range(first, last):
+            m.oos.clear(r)
+        if not m.oos.count:
+            m.st.last_sync = time.time()
+            m.st.synced_once = True
+
+    def _group_by_id(self, gid: int) -> Group | None:
+        for g in self.groups.values():
+            if g.st.gid == gid:
+                return g
+        return None
+
+    async def _apply_mirrored(self, link, path, f: Frame, m: Member, kind: str) -> None:
+        from .group import apply_local
+
+        data = f.payload if kind == WRITE else None
+        length = len(f.payload) if kind == WRITE else f.length
+        try:
+            await apply_local(m.vol, kind, f.offset, length, data, f.fua, f.no_hole)
+        except OSError as e:
+            link.reply(path, f.req_id, e.errno or errno.EIO)
+            return
+        if f.resync:
+            self._resynced(m, f.offset, length)
+        link.reply(path, f.req_id, Status.OK)
+
+    async def _handle_flush(self, link, path, f: Frame, g: Group) -> None:
+        vols = list(g.members.values()) if f.vol == 0xFFFFFFFF else [g.by_id[f.vol]] if f.vol in g.by_id else []
+        try:
+            for m in vols:
+                await m.vol.flush()
+        except OSError as e:
+            link.reply(path, f.req_id, e.errno or errno.EIO)
+            return
+        link.reply(path, f.req_id, Status.OK)
+
+    async def _handle_read(self, link, path, f: Frame, m: Member) -> None:
+        try:
+            m.vol.check_range(f.offset, f.length)
+            data = await m.vol.read(f.offset, f.length)
+        except OSError as e:
+            link.reply(path, f.req_id, e.errno or errno.EIO)
+            return
+        link.reply(path, f.req_id, Status.OK, data)
+
+    async def _handle_digests(self, link, path, f: Frame, m: Member) -> None:
+        try:
+            m.vol.check_range(f.offset, f.length)
+            ds = await m.vol.digests(f.offset, f.length, f.digest_region())
+        except OSError as e:
+            link.reply(path, f.req_id, e.errno or errno.EIO)
+            return
+        link.reply(path, f.req_id, Status.OK, Frame.digests_payload(ds))
+
+    # -- control RPCs --------------------------------------------------------------------------
+    async def control(self, body: dict) -> dict:
+        """Send an administrative RPC to the peer; raises NodeError with the peer's refusal."""
+        if self.link is None:
+            raise NodeError("this node has no replication link configured ([link] in its config)")
+        if not self.link.up:
+            raise NodeError(f"target {self.cfg.link.peer} is not ready: the replication link is down")
+        try:
+            reply = await self.link.request(Frame.control(self.link.next_id(), body))
+        except Exception as e:
+            raise NodeError(f"target {self.cfg.link.peer} did not answer: {e}") from None
+        ans = reply.control_json() if reply.payload else {}
+        if reply.status != Status.OK or not ans.get("ok", False):
+            raise NodeError(f"target {self.cfg.link.peer} refused: {ans.get('error', reply.status)}")
+        return ans
+
+    async def _handle_control(self, link, path, f: Frame) -> None:
+        from .admin import handle_peer_control
+
+        try:
+            body = f.control_json()
+            result = await handle_peer_control(self, body)
+            ans = {"ok": True, **(result or {})}
+        except NodeError as e:
+            ans = {"ok": False, "error": str(e)}
+        except Exception as e:  # never let a peer's request take the node down
+            log.exception("control request failed")
+            ans = {"ok": False, "error": f"internal error: {e}"}
+        link.reply(path, f.req_id, Status.OK, json.dumps(ans).encode())
+
+    # -- views ---------------------------------------------------------------------------------
+    def group_summary(self, g: Group) -> dict:
+        return {
+            "name": g.name,
+            "gid": g.st.gid,
+            "epoch": g.epoch,
+            "started": g.st.started,
+            "policies": g.st.policies,
+            "members": [
+                {"vol_id": m.vol_id, "local": m.st.local, "remote": m.st.remote, "wwn": m.st.wwn, "size": m.st.size}
+                for m in g.members.values()
+            ],
+        }
+
+
+def serve_node(cfg: NodeConfig) -> int:
+    """Run a node until SIGTERM/SIGINT; returns the process exit code."""
+
+    async def main() -> None:
+        node = Node(cfg)
+        async with trio.open_nursery() as n:
+            await n.start(node.run)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                async for _ in sigs:
+                    log.info("node %s stopping", cfg.name)
+                    n.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(main)
+    except (StateError, VolumeError, NodeError) as e:
+        log.error("%s", e)
+        return 2
+    return 0

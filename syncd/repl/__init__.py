@@ -1,0 +1,1 @@
+"""Replication between the two storage nodes: wire codec, link paths, write mirroring, resync."""

@@ -1,0 +1,484 @@
+"""The replication link: one or more TCP paths to the peer node, used as one.
+
+A request goes out on the least-loaded live path and is re-sent on another path if its path
+dies; the receiver deduplicates by request id within a link session, so a re-sent request is
+applied at most once. The link is up while at least one path is up.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import itertools
+import logging
+import os
+import secrets
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import trio
+
+from ..config import LinkConfig
+from . import proto
+from .proto import Frame, FrameDecoder, MsgType, ProtocolError, Status
+
+log = logging.getLogger("syncd.link")
+
+_NS = 1_000_000_000
+_DEDUPE_WINDOW = 1 << 16
+_IOV_MAX = 512
+
+
+class LinkDown(Exception):
+    """No path to the peer is up (or the request's path died and no other path was up)."""
+
+
+class LinkTimeout(Exception):
+    """The peer did not answer a request within io_timeout."""
+
+
+class _Pending:
+    __slots__ = ("frame", "bufs", "event", "reply", "error", "path")
+
+    def __init__(self, frame: Frame, bufs: list) -> None:
+        self.frame = frame
+        self.bufs = bufs
+        self.event = trio.Event()
+        self.reply: Frame | None = None
+        self.error: Exception | None = None
+        self.path: Path | None = None
+
+
+@dataclass
+class Path:
+    index: int
+    local: tuple[str, int]
+    peer: tuple[str, int]
+    state: str = "down"  # down | connecting | up
+    sock: trio.socket.SocketType | None = None
+    session: int = 0
+    rtt_ms: float | None = None
+    last_rx: float = 0.0
+    since: float = field(default_factory=time.time)
+    queue: collections.deque = field(default_factory=collections.deque)
+    lot: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
+    inflight: dict = field(default_factory=dict)  # req_id -> _Pending sent on this path
+    cancel: trio.CancelScope | None = None
+    tx_frames: int = 0
+    rx_frames: int = 0
+    tx_bytes: int = 0
+    rx_bytes: int = 0
+    last_error: str = ""
+
+    def info(self) -> dict:
+        return {
+            "index": self.index,
+            "local": "%s:%d" % self.local,
+            "peer": "%s:%d" % self.peer,
+            "state": self.state,
+            "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),
+            "since": self.since,
+            "tx_frames": self.tx_frames,
+            "rx_frames": self.rx_frames,
+            "tx_bytes": self.tx_bytes,
+            "rx_bytes": self.rx_bytes,
+            "last_error": self.last_error,
+        }
+
+
+class Link:
+    """Owns the paths to the peer. ``on_request(link, path, frame)`` handles inbound requests;
+    ``on_up()`` / ``on_down()`` are called when the link (any path) comes up or goes down."""
+
+    def __init__(
+        self,
+        cfg: LinkConfig,
+        node_name: str,
+        node_uuid: bytes,
+        on_request: Callable[["Link", Path, Frame], None],
+        on_up: Callable[[], None],
+        on_down: Callable[[], None],
+    ) -> None:
+        self.cfg = cfg
+        self.node_name = node_name
+        self.node_uuid = node_uuid
+        self.dialer = node_name < cfg.peer
+        self.paths = [Path(i, p.local, p.peer) for i, p in enumerate(cfg.paths)]
+        self.on_request = on_request
+        self.on_up = on_up
+        self.on_down = on_down
+        self.session = 0
+        self.peer_uuid: bytes | None = None
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._seen: collections.OrderedDict[int, list | None] = collections.OrderedDict()
+        self._rr = 0
+        self._nursery: trio.Nursery | None = None
+        self.up_since: float | None = None
+        self.key = cfg.key.encode() if cfg.key else None
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def up(self) -> bool:
+        return any(p.state == "up" for p in self.paths)
+
+    def live_paths(self) -> list[Path]:
+        return [p for p in self.paths if p.state == "up"]
+
+    def rtt_ms(self) -> float | None:
+        rtts = [p.rtt_ms for p in self.live_paths() if p.rtt_ms is not None]
+        return min(rtts) if rtts else None
+
+    def info(self) -> dict:
+        rtt = self.rtt_ms()
+        return {
+            "peer": self.cfg.peer,
+            "state": "up" if self.up else "down",
+            "paths": [p.info() for p in self.paths],
+            "paths_up": len(self.live_paths()),
+            "rtt_ms": None if rtt is None else round(rtt, 3),
+            "max_rtt_ms": self.cfg.max_rtt_ms,
+            "rtt_warning": rtt is not None and rtt > self.cfg.max_rtt_ms,
+            "session": self.session,
+        }
+
+    # -- running -------------------------------------------------------------------------------
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for p in self.paths:
+                if self.dialer:
+                    nursery.start_soon(self._dial_loop, p)
+                else:
+                    await nursery.start(self._listen, p)
+            task_status.started()
+
+    async def _dial_loop(self, p: Path) -> None:
+        backoff = 0.1
+        while True:
+            p.state = "connecting"
+            try:
+                sock = trio.socket.socket(socket.AF_INET6 if ":" in p.peer[0] else socket.AF_INET)
+                with trio.fail_after(max(self.cfg.path_timeout, 1.0)):
+                    await sock.connect(p.peer)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    session = self.session if self.up else secrets.randbits(63) | 1
+                    hello = proto.Frame.hello(
+                        node_uuid=self.node_uuid, node_name=self.node_name, path_index=p.index,
+                        link_session=session, key=self.key,
+                    )
+                    await _send_all(sock, proto.encode(hello))
+                    dec = FrameDecoder()
+                    ack = await _recv_frame(sock, dec)
+                    if ack.type == MsgType.GOODBYE:
+                        raise ProtocolError(f"peer refused path: {ack.goodbye_reason()}")
+                    if ack.type != MsgType.HELLO_ACK:
+                        raise ProtocolError(f"expected HELLO_ACK, got {ack.type!r}")
+                    h = ack.hello_fields()
+                    if h.node_name != self.cfg.peer:
+                        raise ProtocolError(
+                            f"path {p.index}: peer says it is {h.node_name!r}, expected {self.cfg.peer!r}"
+                        )
+                    if self.key and not proto.verify_auth(self.key, h):
+                        raise ProtocolError(f"path {p.index}: peer failed authentication")
+                backoff = 0.1
+                await self._run_path(p, sock, dec, session, h.node_uuid)
+            except (OSError, trio.TooSlowError, ProtocolError) as e:
+                p.last_error = str(e) or type(e).__name__
+                log.debug("path %d dial: %s", p.index, p.last_error)
+            except trio.BrokenResourceError as e:
+                p.last_error = str(e) or "connection broken"
+            p.state = "down"
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    async def _listen(self, p: Path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        lsock = trio.socket.socket(socket.AF_INET6 if ":" in p.local[0] else socket.AF_INET)
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        await lsock.bind(p.local)
+        lsock.listen(8)
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            while True:
+                sock, _addr = await lsock.accept()
+                nursery.start_soon(self._accept_one, p, sock)
+
+    async def _accept_one(self, p: Path, sock) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        dec = FrameDecoder()
+        try:
+            with trio.fail_after(max(self.cfg.path_timeout, 1.0)):
+                hello = await _recv_frame(sock, dec)
+                if hello.type != MsgType.HELLO:
+                    raise ProtocolError(f"expected HELLO, got {hello.type!r}")
+                h = hello.hello_fields()
+                problem = None
+                if h.node_name != self.cfg.peer:
+                    problem = f"this node's peer is {self.cfg.peer!r}, not {h.node_name!r}"
+                elif h.path_index != p.index:
+                    problem = f"path index {h.path_index} arrived on path {p.index}"
+                elif self.key and not proto.verify_auth(self.key, h):
+                    problem = "authentication failed"
+                else:
+                    problem = proto.version_problem(h)
+                if problem:
+                    await _send_all(sock, proto.encode(Frame.goodbye(problem)))
+                    raise ProtocolError(problem)
+                ack = Frame.hello_ack(
+                    node_uuid=self.node_uuid, node_name=self.node_name, path_index=p.index,
+                    link_session=h.link_session, key=self.key,
+                )
+                await _send_all(sock, proto.encode(ack))
+        except (OSError, trio.TooSlowError, ProtocolError, trio.BrokenResourceError) as e:
+            p.last_error = str(e) or type(e).__name__
+            log.info("path %d: refused a connection: %s", p.index, p.last_error)
+            sock.close()
+            return
+        if p.cancel is not None:  # a newer connection replaces the old one on this path
+            p.cancel.cancel()
+            while p.state == "up":
+                await trio.sleep(0.01)
+        try:
+            await self._run_path(p, sock, dec, h.link_session, h.node_uuid)
+        except (OSError, ProtocolError, trio.BrokenResourceError) as e:
+            p.last_error = str(e) or type(e).__name__
+        p.state = "down"
+
+    async def _run_path(self, p: Path, sock, dec: FrameDecoder, session: int, peer_uuid) -> None:
+        if session != self.session:
+            if self.up:
+                # The peer started a new link session: everything of the old one is gone.
+                for other in self.live_paths():
+                    if other.cancel is not None:
+                        other.cancel.cancel()
+                while self.up:
+                    await trio.sleep(0.01)
+            self.session = session
+            self._seen.clear()
+        was_up = self.up
+        p.sock, p.session, p.state = sock, session, "up"
+        p.last_rx = time.monotonic()
+        p.since = time.time()
+        p.rtt_ms = None
+        p.last_error = ""
+        self.peer_uuid = peer_uuid
+        log.info("path %d up (%s -> %s)", p.index, p.local, p.peer)
+        if not was_up:
+            self.up_since = time.time()
+            self.on_up()
+        try:
+            with trio.CancelScope() as cs:
+                p.cancel = cs
+                async with trio.open_nursery() as n:
+                    n.start_soon(self._sender, p, cs)
+                    n.start_soon(self._pinger, p, cs)
+                    try:
+                        await self._receiver(p, dec)
+                    except (OSError, ProtocolError, trio.BrokenResourceError) as e:
+                        p.last_error = str(e) or type(e).__name__
+                    cs.cancel()
+        finally:
+            p.cancel = None
+            p.state = "down"
+            p.sock = None
+            p.since = time.time()
+            sock.close()
+            queued = list(p.queue)
+            p.queue.clear()
+            log.info("path %d down: %s", p.index, p.last_error or "closed")
+            self._path_lost(p, queued)
+
+    def _path_lost(self, p: Path, queued: list) -> None:
+        orphans = list(p.inflight.values())
+        p.inflight.clear()
+        if not self.up:
+            self.up_since = None
+            for pend in list(self._pending.values()):
+                pend.error = LinkDown("replication link down")
+                pend.event.set()
+            self._pending.clear()
+            self.on_down()
+            return
+        for pend in orphans:  # re-send on another path; the receiver drops duplicates
+            if not pend.event.is_set():
+                self._transmit(pend.bufs, pend)
+
+    async def _sender(self, p: Path, cs: trio.CancelScope) -> None:
+        try:
+            while True:
+                if not p.queue:
+                    await p.lot.park()
+                    continue
+                bufs = []
+                while p.queue and len(bufs) < _IOV_MAX:
+                    bufs.extend(p.queue.popleft())
+                p.tx_bytes += await _send_all(p.sock, bufs)
+        except (OSError, trio.BrokenResourceError) as e:
+            p.last_error = str(e) or type(e).__name__
+            cs.cancel()
+
+    async def _pinger(self, p: Path, cs: trio.CancelScope) -> None:
+        while True:
+            await trio.sleep(self.cfg.ping_interval)
+            if time.monotonic() - p.last_rx > self.cfg.path_timeout:
+                p.last_error = f"no frame for {self.cfg.path_timeout}s (path timeout)"
+                cs.cancel()
+                return
+            self._enqueue(p, proto.encode(Frame.ping(time.monotonic_ns())))
+
+    async def _receiver(self, p: Path, dec: FrameDecoder) -> None:
+        sock = p.sock
+        while True:
+            data = await sock.recv(1 << 18)
+            if not data:
+                p.last_error = "peer closed the connection"
+                return
+            p.rx_bytes += len(data)
+            p.last_rx = time.monotonic()
+            dec.receive_data(data)
+            while (f := dec.next_frame()) is not None:
+                p.rx_frames += 1
+                self._dispatch(p, f)
+
+    def _dispatch(self, p: Path, f: Frame) -> None:
+        t = f.type
+        if t == MsgType.REPLY:
+            pend = self._pending.pop(f.req_id, None)
+            if pend is not None:
+                if pend.path is not None:
+                    pend.path.inflight.pop(f.req_id, None)
+                pend.reply = f
+                pend.event.set()
+            return
+        if t == MsgType.PING:
+            self._enqueue(p, proto.encode(Frame.pong(f.ping_ns())))
+            return
+        if t == MsgType.PONG:
+            rtt = (time.monotonic_ns() - f.ping_ns()) / 1e6
+            p.rtt_ms = rtt if p.rtt_ms is None else 0.8 * p.rtt_ms + 0.2 * rtt
+            return
+        if t == MsgType.GOODBYE:
+            p.last_error = f"peer said goodbye: {f.goodbye_reason()}"
+            raise trio.BrokenResourceError(p.last_error)
+        if t == MsgType.RELEASE:
+            self.on_request(self, p, f)
+            return
+        # A request: drop or answer duplicates of one already seen in this session.
+        seen = self._seen
+        if f.req_id in seen:
+            cached = seen[f.req_id]
+            if cached is not None:
+                self._enqueue(p, cached)
+            return
+        seen[f.req_id] = None
+        if len(seen) > _DEDUPE_WINDOW:
+            seen.popitem(last=False)
+        self.on_request(self, p, f)
+
+    # -- sending -------------------------------------------------------------------------------
+    def _pick(self) -> Path | None:
+        live = [p for p in self.paths if p.state == "up"]
+        if not live:
+            return None
+        if len(live) == 1:
+            return live[0]
+        self._rr += 1
+        best = min(live, key=lambda q: (len(q.inflight), (q.index - self._rr) % len(live)))
+        return best
+
+    def _enqueue(self, p: Path, bufs: list) -> None:
+        p.queue.append(bufs)
+        p.tx_frames += 1
+        p.lot.unpark()
+
+    def _transmit(self, bufs: list, pend: _Pending | None) -> None:
+        p = self._pick()
+        if p is None:
+            if pend is not None:
+                self._pending.pop(pend.frame.req_id, None)
+                pend.error = LinkDown("replication link down")
+                pend.event.set()
+            return
+        if pend is not None:
+            pend.path = p
+            p.inflight[pend.frame.req_id] = pend
+        self._enqueue(p, bufs)
+
+    def reset(self, reason: str) -> None:
+        """Drop every path (a new link session follows): nothing sent before can arrive after."""
+        for p in self.live_paths():
+            p.last_error = f"reset: {reason}"
+            if p.cancel is not None:
+                p.cancel.cancel()
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    def start(self, frame: Frame) -> _Pending:
+        """Send a request now; await ``wait(pending)`` for its reply."""
+        bufs = proto.encode(frame)
+        pend = _Pending(frame, bufs)
+        if not self.up:
+            pend.error = LinkDown("replication link down")
+            pend.event.set()
+            return pend
+        self._pending[frame.req_id] = pend
+        self._transmit(bufs, pend)
+        return pend
+
+    async def wait(self, pend: _Pending, timeout: float | None = None) -> Frame:
+        if not pend.event.is_set():
+            with trio.move_on_after(timeout or self.cfg.io_timeout):
+                await pend.event.wait()
+        if pend.reply is not None:
+            return pend.reply
+        if pend.error is not None:
+            raise pend.error
+        self._pending.pop(pend.frame.req_id, None)
+        if pend.path is not None:
+            pend.path.inflight.pop(pend.frame.req_id, None)
+        raise LinkTimeout(f"peer did not answer {pend.frame.type.name} within the io timeout")
+
+    async def request(self, frame: Frame, timeout: float | None = None) -> Frame:
+        return await self.wait(self.start(frame), timeout)
+
+    def send(self, frame: Frame) -> None:
+        """Send a frame that expects no reply (RELEASE) on any live path."""
+        if self.up:
+            self._transmit(proto.encode(frame), None)
+
+    def reply(self, path: Path, req_id: int, status: int = 0, payload: bytes = b"") -> None:
+        bufs = proto.encode(Frame.reply(req_id, status, payload))
+        if req_id in self._seen:
+            self._seen[req_id] = bufs
+        target = path if path.state == "up" else self._pick()
+        if target is not None:
+            self._enqueue(target, bufs)
+
+
+async def _send_all(sock, bufs: list) -> int:
+    total = 0
+    bufs = [memoryview(b).cast("B") for b in bufs if len(b)]
+    while bufs:
+        n = await sock.sendmsg(bufs[:_IOV_MAX])
+        total += n
+        while n and bufs:
+            if n >= len(bufs[0]):
+                n -= len(bufs[0])
+                bufs.pop(0)
+            else:
+                bufs[0] = bufs[0][n:]
+                n = 0
+    return total
+
+
+async def _recv_frame(sock, dec: FrameDecoder) -> Frame:
+    while (f := dec.next_frame()) is None:
+        data = await sock.recv(65536)
+        if not data:
+            raise ProtocolError("connection closed during handshake")
+        dec.receive_data(data)
+    return f

@@ -1,0 +1,188 @@
+"""Resynchronization, run by the primary: copy the regions that may differ to the peer.
+
+Each region is copied under the volume's range lock, so a host write to it is either applied to
+both replicas before the copy reads it or waits until the copy is on the peer. Verify mode (an
+initial or full sync) first compares xxh3 digests of a batch of regions and sends only the
+regions that differ. Resync yields to host I/O: with ``resync_share`` = s, after a step that took
+t seconds while hosts were busy, it pauses t*(1-s)/s.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import trio
+
+from .link import LinkDown, LinkTimeout
+from .proto import Frame, Status
+
+if TYPE_CHECKING:
+    from ..group import Group, Member
+    from ..node import Node
+
+log = logging.getLogger("syncd.resync")
+
+VERIFY_BATCH = 32  # regions per digest exchange
+COPY_WINDOW = 4  # regions copied concurrently
+
+
+class ResyncFailed(Exception):
+    pass
+
+
+class Resync:
+    def __init__(self, node: "Node"):
+        self.node = node
+
+    async def run_group(self, g: "Group") -> None:
+        """Copy every dirty region of every member; on success the peer is ATTACHED."""
+        from ..group import ATTACHED, SYNCING
+
+        try:
+            while g.peer_mode == SYNCING:
+                work = [m for m in g.members.values() if m.dirty.count]
+                if not work:
+                    g.peer_mode = ATTACHED
+                    now = time.time()
+                    for m in g.members.values():
+                        m.st.synced_once = True
+                        m.st.last_sync = now
+                        m.verify = False
+                        m.resync_started = None
+                    g.note("in sync")
+                    self.node.save_soon()
+                    return
+                for m in work:
+                    await self._member(g, m)
+        except ResyncFailed as e:
+            g.lose_peer(str(e))
+        except (LinkDown, LinkTimeout) as e:
+            g.lose_peer(f"resync interrupted: {e}")
+
+    async def _member(self, g: "Group", m: "Member") -> None:
+        from ..group import SYNCING
+
+        m.resync_total = m.dirty.count
+        m.resync_bytes = 0
+        m.resync_started = trio.current_time()
+        region = m.dirty.region
+        r = m.dirty.first_set(0)
+        while r is not None and g.peer_mode == SYNCING:
+            t0 = trio.current_time()
+            if m.verify:
+                await self._verify_batch(g, m, r, min(r + VERIFY_BATCH, m.dirty.nregions))
+                nxt = r + VERIFY_BATCH
+            else:
+                batch = []
+                q = r
+                while q is not None and len(batch) < COPY_WINDOW:
+                    batch.append(q)
+                    q = m.dirty.first_set(q + 1)
+                async with trio.open_nursery() as n:
+                    for q in batch:
+                        n.start_soon(self._copy_region, g, m, q)
+                nxt = batch[-1] + 1
+            await self._yield_to_hosts(g, trio.current_time() - t0)
+            r = m.dirty.first_set(nxt) if nxt < m.dirty.nregions else None
+            if r is None and m.dirty.count:
+                r = m.dirty.first_set(0)  # regions dirtied again behind us
+        del region
+
+    async def _copy_region(self, g: "Group", m: "Member", r: int) -> None:
+        region = m.dirty.region
+        off = r * region
+        ln = min(region, m.vol.size - off)
+        tok = await m.lock.acquire(off, ln)
+        try:
+            if not m.dirty.test(r):
+                return
+            data = m.vol.read_sync(off, ln)
+            link = self.node.link
+            reply = await link.request(
+                Frame.write(link.next_id(), g.st.gid, g.epoch, m.vol_id, off, data, resync=True)
+            )
+            if reply.status != Status.OK:
+                raise ResyncFailed(f"peer refused resync data for {m.st.local} ({reply.status})")
+            m.dirty.clear(r)
+            m.resync_bytes += ln
+            self.node.stats["resync_bytes"] += ln
+        finally:
+            m.lock.release(tok)
+
+    async def _verify_batch(self, g: "Group", m: "Member", r0: int, r1: int) -> None:
+        region = m.dirty.region
+        off = r0 * region
+        ln = min(r1 * region, m.vol.size) - off
+        tok = await m.lock.acquire(off, ln)
+        try:
+            link = self.node.link
+            pend = link.start(Frame.digests(link.next_id(), g.st.gid, g.epoch, m.vol_id, off, ln, region))
+            local = await m.vol.digests(off, ln, region)
+            reply = await link.wait(pend)
+            if reply.status != Status.OK:
+                raise ResyncFailed(f"peer could not compute digests of {m.st.local} ({reply.status})")
+            remote = reply.digests()
+            if len(remote) != len(local):
+                raise ResyncFailed(f"peer sent {len(remote)} digests for {len(local)} regions")
+            same: list[int] = []
+            for i, (a, b) in enumerate(zip(local, remote)):
+                r = r0 + i
+                if not m.dirty.test(r):
+                    continue
+                if a == b:
+                    same.append(r)
+                    continue
+                roff = r * region
+                rln = min(region, m.vol.size - roff)
+                data = m.vol.read_sync(roff, rln)
+                rep = await link.request(
+                    Frame.write(link.next_id(), g.st.gid, g.epoch, m.vol_id, roff, data, resync=True)
+                )
+                if rep.status != Status.OK:
+                    raise ResyncFailed(f"peer refused resync data for {m.st.local} ({rep.status})")
+                m.dirty.clear(r)
+                m.resync_bytes += rln
+                self.node.stats["resync_bytes"] += rln
+            # Tell the peer which identical regions are now in sync, one message per run.
+            i = 0
+            while i < len(same):
+                j = i
+                while j + 1 < len(same) and same[j + 1] == same[j] + 1:
+                    j += 1
+                roff = same[i] * region
+                rend = min((same[j] + 1) * region, m.vol.size)
+                rep = await link.request(
+                    Frame.resync_end(link.next_id(), g.st.gid, g.epoch, m.vol_id, roff, rend - roff)
+                )
+                if rep.status != Status.OK:
+                    raise ResyncFailed(f"peer refused in-sync mark for {m.st.local} ({rep.status})")
+                for r in range(same[i], same[j] + 1):
+                    m.dirty.clear(r)
+                i = j + 1
+        finally:
+            m.lock.release(tok)
+
+    async def _yield_to_hosts(self, g: "Group", took: float) -> None:
+        share = self.node.cfg.link.resync_share
+        if trio.current_time() - g.last_host_io < 0.5 and share < 1:
+            await trio.sleep(took * (1 - share) / share)
+        else:
+            await trio.sleep(0)
+
+
+def resync_progress(m: "Member") -> dict:
+    done_bytes = m.resync_bytes
+    total = m.resync_total
+    remaining = m.dirty.count
+    pct = 100.0 if not total else 100.0 * (total - remaining) / total
+    rate = None
+    eta = None
+    if m.resync_started is not None:
+        el = trio.current_time() - m.resync_started
+        if el > 0 and total:
+            regions_per_s = (total - remaining) / el
+            rate = done_bytes / el
+            eta = remaining / regions_per_s if regions_per_s > 0 else None
+    return {"percent": round(pct, 1), "bytes_sent": done_bytes, "rate_bps": rate, "eta_s": eta}

@@ -1,0 +1,145 @@
+"""The node's persistent metadata: identity, groups, roles, epochs, policies, admitted volumes.
+
+Written as one JSON document by atomic replace (write temp, fsync, rename, fsync directory), so a
+crash leaves either the old or the new version. A node refuses to start on metadata it cannot
+read or whose format version it does not know, and never overwrites it.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass, field
+
+FORMAT_VERSION = 1
+POLICIES = ("active_active", "auto_failover", "path_management", "auto_recover", "auto_synchronize")
+DEFAULT_POLICIES = {
+    "active_active": True,
+    "auto_failover": False,
+    "path_management": False,
+    "auto_recover": True,
+    "auto_synchronize": True,
+}
+
+
+class StateError(Exception):
+    pass
+
+
+@dataclass
+class MemberState:
+    local: str  # volume name on this node
+    remote: str  # volume name on the peer
+    vol_id: int  # shared by both nodes; carried in every replication frame
+    wwn: str  # the primary's identity, presented by both arrays
+    size: int
+    dirty: str = ""  # base64 bitmap of regions that may differ (primary side), at clean stop
+    synced_once: bool = False
+    last_sync: float | None = None
+
+
+@dataclass
+class GroupState:
+    name: str
+    gid: int
+    role: str  # "primary" | "secondary"
+    peer: str
+    epoch: int = 1
+    started: bool = False
+    policies: dict = field(default_factory=lambda: dict(DEFAULT_POLICIES))
+    members: list[MemberState] = field(default_factory=list)
+    next_vol_id: int = 1
+
+
+@dataclass
+class NodeState:
+    node: str
+    node_uuid: str
+    groups: dict[str, GroupState] = field(default_factory=dict)
+    version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "NodeState":
+        groups = {}
+        for name, g in d.get("groups", {}).items():
+            members = [MemberState(**m) for m in g.pop("members", [])]
+            groups[name] = GroupState(members=members, **g)
+        return cls(node=d["node"], node_uuid=d["node_uuid"], groups=groups, version=d["version"])
+
+
+class StateStore:
+    """Holds the data directory lock and reads/writes ``state.json`` crash-safely."""
+
+    def __init__(self, data_dir: str, node: str):
+        self.dir = data_dir
+        self.path = os.path.join(data_dir, "state.json")
+        os.makedirs(data_dir, exist_ok=True)
+        self._lockfd = os.open(os.path.join(data_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lockfd)
+            raise StateError(
+                f"data directory {data_dir} is in use by another syncd node process"
+            ) from None
+        os.ftruncate(self._lockfd, 0)
+        os.write(self._lockfd, f"{os.getpid()}\n".encode())
+        self.node = node
+
+    def load(self) -> NodeState:
+        if not os.path.exists(self.path):
+            st = NodeState(node=self.node, node_uuid=str(uuid.uuid4()))
+            self.save(st)
+            return st
+        try:
+            with open(self.path) as f:
+                d = json.load(f)
+        except (OSError, ValueError) as e:
+            raise StateError(
+                f"{self.path} cannot be read ({e}); refusing to start. Restore it from backup "
+                "or move it away to start this node as new (its groups are then forgotten)."
+            ) from None
+        if not isinstance(d, dict) or d.get("version") != FORMAT_VERSION:
+            raise StateError(
+                f"{self.path} has format version {d.get('version') if isinstance(d, dict) else '?'};"
+                f" this syncd understands version {FORMAT_VERSION}. Refusing to start."
+            )
+        try:
+            st = NodeState.from_json(d)
+        except (KeyError, TypeError) as e:
+            raise StateError(f"{self.path} is not valid syncd metadata ({e}); refusing to start.")
+        if st.node != self.node:
+            raise StateError(
+                f"{self.path} belongs to node {st.node!r}, but this config names node {self.node!r}"
+            )
+        return st
+
+    def save(self, st: NodeState) -> None:
+        tmp = self.path + ".tmp"
+        data = json.dumps(st.to_json(), indent=1, sort_keys=True).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        dfd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def encode_bits(b: bytes) -> str:
+    return base64.b64encode(bytes(b)).decode() if any(b) else ""
+
+
+def decode_bits(s: str) -> bytes | None:
+    return base64.b64decode(s) if s else None

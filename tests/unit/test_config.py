@@ -1,0 +1,70 @@
+"""Bad configuration gets an error naming the key and the problem."""
+
+import pytest
+
+from syncd.config import ConfigError, load_node_config, parse_node_config, parse_size
+
+GOOD = {
+    "node": {"name": "A", "data_dir": "/tmp/x"},
+    "nbd": {"listen": ["127.0.0.1:10809"]},
+    "link": {"peer": "B", "paths": [{"local": "127.0.0.1:7001", "peer": "127.0.0.1:7101"}]},
+    "volume": [{"name": "vv1", "path": "/tmp/vv1.img", "size": "64MiB"}],
+}
+
+
+def cfg(**over):
+    import copy
+
+    raw = copy.deepcopy(GOOD)
+    for k, v in over.items():
+        sect, _, key = k.partition("__")
+        if key:
+            raw[sect][key] = v
+        else:
+            raw[sect] = v
+    return raw
+
+
+def test_good_config_parses():
+    c = parse_node_config(cfg())
+    assert c.name == "A" and c.link.peer == "B" and c.volumes[0].size == 64 << 20
+    assert c.nbd_listen == (("127.0.0.1", 10809),)
+
+
+@pytest.mark.parametrize(
+    "raw,fragment",
+    [
+        (cfg(node__name="bad name!"), "node.name"),
+        (cfg(link__peer="A"), "link.peer"),
+        (cfg(link__paths=[]), "link.paths"),
+        (cfg(link__paths=[{"local": "nohostport", "peer": "127.0.0.1:1"}]), "link.paths[0].local"),
+        (cfg(link__lease=-1), "link.lease"),
+        (cfg(link__region_size="3000"), "link.region_size"),
+        (cfg(link__colour="blue"), "unknown key(s) colour"),
+        (cfg(volume=[{"name": "vv1", "path": "/a"}, {"name": "vv1", "path": "/b"}]), "defined twice"),
+        (cfg(volume=[{"name": "vv1", "path": "/a"}, {"name": "vv2", "path": "/a"}]), "already used by volume vv1"),
+        (cfg(volume=[{"name": "vv1", "path": "/a", "size": "lots"}]), "volume[0].size"),
+        (cfg(nbd__listen=["127.0.0.1:99999"]), "nbd.listen[0]"),
+    ],
+)
+def test_bad_config_names_the_problem(raw, fragment):
+    with pytest.raises(ConfigError) as e:
+        parse_node_config(raw)
+    assert fragment in str(e.value)
+
+
+def test_sizes():
+    assert parse_size("1MiB", "k") == 1 << 20
+    assert parse_size("2G", "k") == 2 << 30
+    assert parse_size(4096, "k") == 4096
+    with pytest.raises(ConfigError):
+        parse_size("0", "k")
+
+
+def test_toml_errors_name_the_file(tmp_path):
+    p = tmp_path / "n.toml"
+    p.write_text("[node\nname=")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_node_config(p)
+    with pytest.raises(ConfigError, match="no such file"):
+        load_node_config(tmp_path / "missing.toml")

@@ -1,0 +1,38 @@
+import trio
+
+from syncd.ranges import Bitmap, RangeLock
+
+
+async def test_overlapping_ranges_are_serialized_and_disjoint_ones_are_not():
+    lock = RangeLock()
+    order = []
+
+    async def holder(name, start, length, hold):
+        tok = await lock.acquire(start, length)
+        order.append(("in", name))
+        await trio.sleep(hold)
+        order.append(("out", name))
+        lock.release(tok)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(holder, "a", 0, 4096, 0.05)
+        await trio.sleep(0.01)
+        n.start_soon(holder, "b", 2048, 4096, 0.0)  # overlaps a: must wait
+        n.start_soon(holder, "c", 8192, 4096, 0.0)  # disjoint: goes at once
+    assert order.index(("in", "c")) < order.index(("out", "a"))
+    assert order.index(("in", "b")) > order.index(("out", "a"))
+    assert lock.held() == 0
+
+
+def test_bitmap_tracks_regions():
+    b = Bitmap(10 * 65536 + 1, 65536)
+    assert b.nregions == 11
+    b.set_range(65535, 2)  # spans regions 0 and 1
+    assert b.count == 2 and b.test(0) and b.test(1) and not b.test(2)
+    assert b.any_in(70000, 10) and not b.any_in(3 * 65536, 65536)
+    b.clear(0)
+    assert b.first_set() == 1
+    b.set_all()
+    assert b.count == 11
+    c = Bitmap(10 * 65536 + 1, 65536, bytes(b.bits))
+    assert c.count == 11

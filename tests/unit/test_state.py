@@ -1,0 +1,37 @@
+"""Node metadata is replaced atomically and a node refuses metadata it cannot trust."""
+
+import json
+
+import pytest
+
+from syncd.state import GroupState, MemberState, StateError, StateStore
+
+
+def test_round_trip_and_lock(tmp_path):
+    s = StateStore(str(tmp_path), "A")
+    st = s.load()
+    st.groups["rcg1"] = GroupState("rcg1", 7, "primary", "B", members=[MemberState("vv1", "vv1", 1, "naa.6x", 4096)])
+    s.save(st)
+    with pytest.raises(StateError, match="in use by another"):
+        StateStore(str(tmp_path), "A")
+    del s
+    import gc
+
+    gc.collect()
+
+
+def test_refuses_unreadable_or_foreign_metadata(tmp_path):
+    (tmp_path / "state.json").write_text("{not json")
+    with pytest.raises(StateError, match="cannot be read"):
+        StateStore(str(tmp_path / ""), "A").load()
+    d2 = tmp_path / "two"
+    d2.mkdir()
+    (d2 / "state.json").write_text(json.dumps({"version": 99, "node": "A", "node_uuid": "x"}))
+    with pytest.raises(StateError, match="format version 99"):
+        StateStore(str(d2), "A").load()
+    assert json.loads((d2 / "state.json").read_text())["version"] == 99  # untouched
+    d3 = tmp_path / "three"
+    d3.mkdir()
+    (d3 / "state.json").write_text(json.dumps({"version": 1, "node": "B", "node_uuid": "x", "groups": {}}))
+    with pytest.raises(StateError, match="belongs to node 'B'"):
+        StateStore(str(d3), "A").load()
