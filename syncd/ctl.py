@@ -177,7 +177,7 @@ def wait_synced(sock: str, group: str, timeout: float, console: Console | None) 
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     err = Console(stderr=True)
     try:
         sock = _socket_from(ns)

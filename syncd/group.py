@@ -301,6 +301,21 @@ class Group:
         self.node.save_soon()
         self.maybe_recover()
 
+    def fence_at_start(self) -> None:
+        """A primary that (re)starts cannot know whether its previous incarnation granted a
+        lease that still runs: it goes on alone only after a full lease period."""
+        if self.role != "primary":
+            return
+        lk = self.node.cfg.link
+        if lk is None:
+            self.peer_mode = DETACHED
+            return
+        self.lease_deadline = trio.current_time() + lk.lease * (1 + lk.clock_drift) + lk.lease_margin
+        self.peer_mode = FENCING
+        self.fenced = trio.Event()
+        self.fence_reason = "node start"
+        self.node.spawn(self._fence)
+
     def maybe_recover(self, operator: bool = False) -> None:
         if (
             self.role != "primary"

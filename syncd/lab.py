@@ -89,14 +89,19 @@ def node_toml(name: str, peer: str, d: Path, nbd_port: int, paths: list[tuple[in
     for k, v in (extra_link or {}).items():
         lines.append(f"{k} = {json.dumps(v)}")
     for vname, vpath, size in volumes:
-        lines += ["", "[[volume]]", f'name = "{vname}"', f'path = "{vpath}"', f"size = {size}"]
+        lines += ["", "[[volume]]", f'name = "{vname}"', f'path = "{vpath}"']
+        if size is not None:
+            lines.append(f"size = {size}")
     return "\n".join(lines) + "\n"
 
 
 def lab_up(
     d: str, *, size: str = "64MiB", nvolumes: int = 2, npaths: int = 2, group: str = "rcg1",
     link_opts: dict | None = None, wait: bool = True, timeout: float = 120.0,
+    volume_paths: dict[str, list[str]] | None = None,
 ) -> dict:
+    """Start the lab; ``volume_paths`` = {"A": [dev, ...], "B": [...]} uses existing files or
+    block devices (e.g. loop devices) instead of creating image files."""
     root = Path(d).resolve()
     if (root / "lab.json").exists():
         lab = json.loads((root / "lab.json").read_text())
@@ -121,7 +126,10 @@ def lab_up(
         peer = "B" if name == "A" else "A"
         nd = root / name
         nd.mkdir(exist_ok=True)
-        vols = [(f"vv{i + 1}", nd / f"vv{i + 1}.img", nbytes) for i in range(nvolumes)]
+        if volume_paths:
+            vols = [(f"vv{i + 1}", Path(pth), None) for i, pth in enumerate(volume_paths[name])]
+        else:
+            vols = [(f"vv{i + 1}", nd / f"vv{i + 1}.img", nbytes) for i in range(nvolumes)]
         if name == "A":
             paths = [(ports["A"]["paths"][i], relay_ports[i]) for i in range(npaths)]
         else:
@@ -137,7 +145,7 @@ def lab_up(
             "admin_socket": str(nd / "admin.sock"),
             "nbd": f"127.0.0.1:{ports[name]['nbd']}",
             "volumes": {
-                v: {"path": str(p), "size": nbytes, "uri": f"nbd://127.0.0.1:{ports[name]['nbd']}/{v}"}
+                v: {"path": str(p), "uri": f"nbd://127.0.0.1:{ports[name]['nbd']}/{v}"}
                 for v, p, _ in vols
             },
         }
@@ -156,7 +164,7 @@ def lab_up(
             if "not ready" not in str(e) or time.monotonic() > deadline:
                 raise LabError(f"creating group {group}: {e}") from None
             time.sleep(0.1)
-    for i in range(nvolumes):
+    for i in range(len(lab["nodes"]["A"]["volumes"])):
         call(a, "admitrcopyvv", {"volume": f"vv{i + 1}", "group": group, "target_volume": f"B:vv{i + 1}"})
     call(a, "startrcopygroup", {"group": group})
     if wait:

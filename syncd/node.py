@@ -216,6 +216,8 @@ class Node:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                for g in self.groups.values():
+                    g.fence_at_start()
                 if self.link:
                     await nursery.start(self.link.run)
                     for g in self.groups.values():
@@ -254,10 +256,7 @@ class Node:
     def _on_link_down(self) -> None:
         log.warning("replication link to %s down (all paths)", self.cfg.link.peer)
         for g in self.groups.values():
-            if g.role == "primary":
-                g.lose_peer("replication link down")
-            for req_id, (m, tok, off, ln) in list(g.forwarded.items()):
-                m.dirty.set_range(off, ln)
+            g.lose_peer("replication link down")
 
     async def _lease_loop(self, g: Group) -> None:
         lk = self.cfg.link
@@ -484,4 +483,22 @@ def serve_node(cfg: NodeConfig) -> int:
     except (StateError, VolumeError, NodeError) as e:
         log.error("%s", e)
         return 2
+    except BaseExceptionGroup as eg:
+        # Start-up failures inside the nursery (a port in use, an unreadable socket path):
+        # say what failed, without a traceback.
+        leaves = []
+
+        def walk(e):
+            if isinstance(e, BaseExceptionGroup):
+                for x in e.exceptions:
+                    walk(x)
+            else:
+                leaves.append(e)
+
+        walk(eg)
+        if all(isinstance(e, (OSError, StateError, VolumeError, NodeError)) for e in leaves):
+            for e in leaves:
+                log.error("node %s cannot run: %s", cfg.name, e)
+            return 2
+        raise
     return 0

@@ -111,6 +111,9 @@ class Link:
         self.on_up = on_up
         self.on_down = on_down
         self.session = 0
+        # The session the dialer offers while the link is down: shared by all paths dialling
+        # at once, renewed each time the whole link goes down.
+        self.dial_session = secrets.randbits(63) | 1
         self.peer_uuid: bytes | None = None
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
@@ -165,7 +168,7 @@ class Link:
                 with trio.fail_after(max(self.cfg.path_timeout, 1.0)):
                     await sock.connect(p.peer)
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    session = self.session if self.up else secrets.randbits(63) | 1
+                    session = self.session if self.up else self.dial_session
                     hello = proto.Frame.hello(
                         node_uuid=self.node_uuid, node_name=self.node_name, path_index=p.index,
                         link_session=session, key=self.key,
@@ -296,6 +299,7 @@ class Link:
         p.inflight.clear()
         if not self.up:
             self.up_since = None
+            self.dial_session = secrets.randbits(63) | 1
             for pend in list(self._pending.values()):
                 pend.error = LinkDown("replication link down")
                 pend.event.set()

@@ -123,7 +123,7 @@ class Resync:
             reply = await link.wait(pend)
             if reply.status != Status.OK:
                 raise ResyncFailed(f"peer could not compute digests of {m.st.local} ({reply.status})")
-            remote = reply.digests()
+            remote = reply.digest_list()
             if len(remote) != len(local):
                 raise ResyncFailed(f"peer sent {len(remote)} digests for {len(local)} regions")
             same: list[int] = []

@@ -1,0 +1,180 @@
+"""A small async NBD client (fixed newstyle, OPT_GO, simple replies) with pipelining.
+
+Used by the workload/checker tools and the tests; the host shim will build on it.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import struct
+from contextlib import asynccontextmanager
+
+import trio
+
+NBDMAGIC = b"NBDMAGIC"
+IHAVEOPT = 0x49484156454F5054
+REPLY_MAGIC = 0x3E889045565A9
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+OPT_GO = 7
+OPT_ABORT = 2
+REP_ACK = 1
+REP_INFO = 3
+INFO_EXPORT = 0
+CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES = 0, 1, 2, 3, 4, 6
+CMD_FLAG_FUA = 1
+
+_REQ = struct.Struct(">IHHQQI")
+_SIMPLE = struct.Struct(">IIQ")
+NBD_ERRNO = {1: errno.EPERM, 5: errno.EIO, 12: errno.ENOMEM, 22: errno.EINVAL, 28: errno.ENOSPC,
+             75: errno.EOVERFLOW, 95: errno.ENOTSUP, 108: errno.ESHUTDOWN}
+
+
+class NBDError(Exception):
+    def __init__(self, err: int, what: str):
+        super().__init__(f"{what}: NBD error {err}")
+        self.nbd_errno = err
+        self.errno = NBD_ERRNO.get(err, errno.EIO)
+
+
+class NBDDisconnected(Exception):
+    pass
+
+
+class _Buf:
+    def __init__(self, stream: trio.SocketStream):
+        self.stream = stream
+        self.buf = bytearray()
+
+    async def exactly(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            d = await self.stream.receive_some(max(65536, n - len(self.buf)))
+            if not d:
+                raise NBDDisconnected("server closed the connection")
+            self.buf += d
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+
+class NBDClient:
+    def __init__(self, stream: trio.SocketStream, name: str):
+        self.stream = stream
+        self.name = name
+        self.size = 0
+        self.flags = 0
+        self._rx = _Buf(stream)
+        self._handles = itertools.count(1)
+        self._waiting: dict[int, tuple[trio.Event, list, int]] = {}
+        self._send_lock = trio.Lock()
+        self.closed = False
+
+    async def _handshake(self) -> None:
+        rx = self._rx
+        head = await rx.exactly(18)
+        if head[:8] != NBDMAGIC or struct.unpack(">Q", head[8:16])[0] != IHAVEOPT:
+            raise NBDDisconnected("not a fixed-newstyle NBD server")
+        await self.stream.send_all(struct.pack(">I", 1 | 2))  # FIXED_NEWSTYLE | NO_ZEROES
+        name = self.name.encode()
+        data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
+        await self.stream.send_all(struct.pack(">QII", IHAVEOPT, OPT_GO, len(data)) + data)
+        while True:
+            magic, opt, rtype, ln = struct.unpack(">QIII", await rx.exactly(20))
+            body = await rx.exactly(ln)
+            if magic != REPLY_MAGIC:
+                raise NBDDisconnected("bad option reply magic")
+            if rtype & 0x80000000:
+                raise NBDError(rtype & 0x7FFFFFFF, f"export {self.name!r} refused ({body[4:].decode(errors='replace') if len(body) > 4 else ''})")
+            if rtype == REP_INFO and struct.unpack(">H", body[:2])[0] == INFO_EXPORT:
+                self.size, self.flags = struct.unpack(">QH", body[2:12])
+            elif rtype == REP_ACK:
+                return
+
+    async def _receiver(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        rx = self._rx
+        try:
+            while True:
+                magic, err, handle = _SIMPLE.unpack(await rx.exactly(16))
+                if magic != SIMPLE_REPLY_MAGIC:
+                    raise NBDDisconnected(f"bad reply magic {magic:#x}")
+                ev, slot, rlen = self._waiting.pop(handle)
+                slot.append(err)
+                if rlen and not err:
+                    slot.append(await rx.exactly(rlen))
+                ev.set()
+        except (NBDDisconnected, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            self.closed = True
+            for ev, slot, _ in self._waiting.values():
+                slot.append(e)
+                ev.set()
+            self._waiting.clear()
+
+    async def _cmd(self, cmd: int, offset: int, length: int, flags: int = 0, data=None, rlen: int = 0):
+        if self.closed:
+            raise NBDDisconnected("connection closed")
+        h = next(self._handles)
+        ev, slot = trio.Event(), []
+        self._waiting[h] = (ev, slot, rlen)
+        async with self._send_lock:
+            hdr = _REQ.pack(REQUEST_MAGIC, flags, cmd, h, offset, length)
+            await self.stream.send_all(hdr + bytes(data) if data is not None else hdr)
+        await ev.wait()
+        if isinstance(slot[0], Exception):
+            raise NBDDisconnected(str(slot[0]))
+        if slot[0]:
+            raise NBDError(slot[0], f"command {cmd} at {offset}+{length}")
+        return slot[1] if rlen else None
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return await self._cmd(CMD_READ, offset, length, rlen=length)
+
+    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        await self._cmd(CMD_WRITE, offset, len(data), CMD_FLAG_FUA if fua else 0, data)
+
+    async def flush(self) -> None:
+        await self._cmd(CMD_FLUSH, 0, 0)
+
+    async def trim(self, offset: int, length: int) -> None:
+        await self._cmd(CMD_TRIM, offset, length)
+
+    async def zero(self, offset: int, length: int) -> None:
+        await self._cmd(CMD_WRITE_ZEROES, offset, length)
+
+    async def disconnect(self) -> None:
+        if not self.closed:
+            try:
+                async with self._send_lock:
+                    await self.stream.send_all(_REQ.pack(REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        self.closed = True
+        await self.stream.aclose()
+
+
+def parse_uri(uri: str) -> tuple[str, int, str]:
+    if not uri.startswith("nbd://"):
+        raise ValueError(f"{uri}: only nbd://HOST:PORT/NAME URIs are supported")
+    rest = uri[6:]
+    hostport, _, name = rest.partition("/")
+    host, _, port = hostport.rpartition(":")
+    return host or "127.0.0.1", int(port or 10809), name
+
+
+@asynccontextmanager
+async def open_nbd(uri: str, connect_timeout: float = 5.0):
+    host, port, name = parse_uri(uri)
+    with trio.fail_after(connect_timeout):
+        stream = await trio.open_tcp_stream(host, port)
+        c = NBDClient(stream, name)
+        await c._handshake()
+    async with trio.open_nursery() as n:
+        await n.start(c._receiver)
+        try:
+            yield c
+        finally:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(2):
+                    await c.disconnect()
+            n.cancel_scope.cancel()

@@ -1,0 +1,454 @@
+"""The NBD service: owns the sockets, negotiates options, and runs requests against exports.
+
+One task receives a connection's requests; each request runs in its own task of the
+connection's nursery (clients pipeline, replicated writes wait on the network); replies go to
+one sender task that batches whatever is ready into a single vectored send. A client that
+breaks the protocol is disconnected alone; nothing it sends can take the server down.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import os
+import socket
+
+import trio
+
+from . import proto as p
+from .export import BlockError, ClientIdentity, Export, ExportCatalog
+
+log = logging.getLogger("syncd.nbd")
+
+META_CONTEXTS = {"base:allocation": 1, "syncd:alua": 2}
+_ERRNO_TO_NBD = {
+    errno.EPERM: p.NBD_EPERM,
+    errno.EIO: p.NBD_EIO,
+    errno.ENOMEM: p.NBD_ENOMEM,
+    errno.EAGAIN: p.NBD_ENOMEM,  # transitioning: the spec lets clients retry ENOMEM
+    errno.EINVAL: p.NBD_EINVAL,
+    errno.ENOSPC: p.NBD_ENOSPC,
+    errno.EDQUOT: p.NBD_ENOSPC,
+    errno.EFBIG: p.NBD_EINVAL,
+    errno.EOVERFLOW: p.NBD_EOVERFLOW,
+    errno.ENOTSUP: p.NBD_ENOTSUP,
+    errno.ESHUTDOWN: p.NBD_ESHUTDOWN,
+}
+HANDSHAKE_TIMEOUT = 30.0
+MAX_OPTIONS = 256
+_KNOWN_CMD_FLAGS = p.CMD_FLAG_FUA | p.CMD_FLAG_NO_HOLE | p.CMD_FLAG_DF | p.CMD_FLAG_REQ_ONE | p.CMD_FLAG_FAST_ZERO
+
+
+def nbd_errno(err: int) -> int:
+    return _ERRNO_TO_NBD.get(err, p.NBD_EIO)
+
+
+def transmission_flags(e: Export) -> int:
+    f = p.TFLAG_HAS_FLAGS
+    if e.read_only:
+        f |= p.TFLAG_READ_ONLY
+    if e.can_flush:
+        f |= p.TFLAG_SEND_FLUSH
+    if e.can_fua:
+        f |= p.TFLAG_SEND_FUA
+    if e.can_trim and not e.read_only:
+        f |= p.TFLAG_SEND_TRIM
+    if e.can_zero and not e.read_only:
+        f |= p.TFLAG_SEND_WRITE_ZEROES
+    if e.can_multi_conn:
+        f |= p.TFLAG_CAN_MULTI_CONN
+    return f
+
+
+class _Closed(Exception):
+    pass
+
+
+class NBDConnection:
+    def __init__(self, server: "NBDServer", sock, identity: ClientIdentity):
+        self.server = server
+        self.sock = sock
+        self.identity = identity
+        self.conn = p.ServerConnection()
+        self.export: Export | None = None
+        self.contexts: dict[int, str] = {}
+        self.out: collections.deque = collections.deque()
+        self.lot = trio.lowlevel.ParkingLot()
+        self.closing = False
+        self.inflight = 0
+        self.idle = trio.Event()
+
+    # -- I/O -----------------------------------------------------------------------------------
+    async def _recv(self) -> None:
+        data = await self.sock.recv(1 << 17)
+        if not data:
+            raise _Closed()
+        self.conn.receive_data(data)
+
+    def _queue(self, *bufs) -> None:
+        self.out.append(bufs)
+        self.lot.unpark()
+
+    async def _sender(self) -> None:
+        while True:
+            if not self.out:
+                await self.lot.park()
+                continue
+            bufs = []
+            while self.out and len(bufs) < 256:
+                bufs.extend(self.out.popleft())
+            await _sendmsg_all(self.sock, bufs)
+
+    # -- handshake -----------------------------------------------------------------------------
+    async def _next(self):
+        while (ev := self.conn.next_event()) is p.NEED_DATA:
+            await self._recv()
+        return ev
+
+    async def handshake(self) -> bool:
+        """Negotiate options; True once in transmission, False if the client left."""
+        await _sendall(self.sock, self.conn.greeting())
+        await self._next()  # client flags (validated by the codec)
+        for _ in range(MAX_OPTIONS):
+            opt = await self._next()
+            done = await self._option(opt)
+            if done is not None:
+                return done
+        raise p.ProtocolError(f"more than {MAX_OPTIONS} options without entering transmission")
+
+    async def _reply(self, option: int, rtype: int, data: bytes = b"") -> None:
+        await _sendall(self.sock, self.conn.option_reply(option, rtype, data))
+
+    async def _error(self, option: int, rtype: int, message: str) -> None:
+        await self._reply(option, rtype, message.encode())
+
+    async def _option(self, ev: p.Option) -> bool | None:
+        o, data = ev.option, ev.data
+        exports = self.server.catalog.exports_for(self.identity)
+        if o == p.OPT_EXPORT_NAME:
+            e = exports.get(data.decode("utf-8", "replace"))
+            if e is None:
+                return False  # the spec's only answer here is to close the connection
+            await _sendall(self.sock, self.conn.export_name_reply(e.size, transmission_flags(e)))
+            self.export = e
+            self.conn.start_transmission()
+            return True
+        if o == p.OPT_ABORT:
+            try:
+                await self._reply(o, p.REP_ACK)
+            except (OSError, trio.BrokenResourceError):
+                pass
+            return False
+        if o == p.OPT_LIST:
+            if data:
+                await self._error(o, p.REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
+                return None
+            for name, e in exports.items():
+                nb = name.encode()
+                await self._reply(o, p.REP_SERVER, p.U32.pack(len(nb)) + nb + e.description.encode())
+            await self._reply(o, p.REP_ACK)
+            return None
+        if o == p.OPT_STARTTLS:
+            await self._error(o, p.REP_ERR_UNSUP, "TLS is not configured on this server")
+            return None
+        if o in (p.OPT_INFO, p.OPT_GO):
+            try:
+                name, infos = p.parse_go(data)
+            except (ValueError, UnicodeDecodeError) as e:
+                await self._error(o, p.REP_ERR_INVALID, f"malformed request: {e}")
+                return None
+            e = exports.get(name)
+            if e is None:
+                await self._error(o, p.REP_ERR_UNKNOWN, f"no export named {name!r} for this client")
+                return None
+            tflags = transmission_flags(e)
+            await self._reply(o, p.REP_INFO, self.conn.info_export(e.size, tflags))
+            if p.INFO_NAME in infos:
+                await self._reply(o, p.REP_INFO, p.U16.pack(p.INFO_NAME) + name.encode())
+            if p.INFO_DESCRIPTION in infos:
+                await self._reply(o, p.REP_INFO, p.U16.pack(p.INFO_DESCRIPTION) + e.description.encode())
+            if p.INFO_BLOCK_SIZE in infos:
+                await self._reply(o, p.REP_INFO, self.conn.info_block_size(p.MIN_BLOCK, p.PREF_BLOCK, p.MAX_BLOCK))
+            await self._reply(o, p.REP_ACK)
+            if o == p.OPT_GO:
+                self.export = e
+                self.conn.start_transmission()
+                return True
+            return None
+        if o == p.OPT_STRUCTURED_REPLY:
+            if data:
+                await self._error(o, p.REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
+                return None
+            self.conn.structured = True
+            await self._reply(o, p.REP_ACK)
+            return None
+        if o in (p.OPT_LIST_META_CONTEXT, p.OPT_SET_META_CONTEXT):
+            if o == p.OPT_SET_META_CONTEXT and not self.conn.structured:
+                await self._error(o, p.REP_ERR_INVALID, "negotiate structured replies first")
+                return None
+            try:
+                name, queries = p.parse_meta_query(data)
+            except (ValueError, UnicodeDecodeError) as e:
+                await self._error(o, p.REP_ERR_INVALID, f"malformed request: {e}")
+                return None
+            if name not in exports:
+                await self._error(o, p.REP_ERR_UNKNOWN, f"no export named {name!r} for this client")
+                return None
+            chosen: dict[int, str] = {}
+            if not queries and o == p.OPT_LIST_META_CONTEXT:
+                chosen = {i: n for n, i in META_CONTEXTS.items()}
+            for q in queries:
+                for n, i in META_CONTEXTS.items():
+                    ns = n.split(":")[0] + ":"
+                    if q == n or (o == p.OPT_LIST_META_CONTEXT and q == ns):
+                        chosen[i] = n
+            for i, n in sorted(chosen.items()):
+                await self._reply(o, p.REP_META_CONTEXT, p.U32.pack(i) + n.encode())
+            if o == p.OPT_SET_META_CONTEXT:
+                self.contexts = chosen
+            await self._reply(o, p.REP_ACK)
+            return None
+        await self._error(o, p.REP_ERR_UNSUP, f"option {o} is not supported")
+        return None
+
+    # -- transmission --------------------------------------------------------------------------
+    async def transmission(self, nursery: trio.Nursery) -> None:
+        conn = self.conn
+        while True:
+            ev = conn.next_event()
+            if ev is p.NEED_DATA:
+                await self._recv()
+                continue
+            if isinstance(ev, p.PartialWrite):
+                ev = await self._complete_write(ev)
+            if ev.type == p.CMD_DISC:
+                return
+            self.inflight += 1
+            nursery.start_soon(self._run, ev)
+
+    async def _complete_write(self, pw: p.PartialWrite) -> p.Request:
+        r = pw.request
+        buf = bytearray(r.length)
+        view = memoryview(buf)
+        got = self.conn.take_into(view)
+        while got < r.length:
+            n = await self.sock.recv_into(view[got:])
+            if not n:
+                raise _Closed()
+            got += n
+        return p.Request(r.flags, r.type, r.cookie, r.offset, r.length, buf)
+
+    def _check(self, r: p.Request) -> int:
+        """0 if the request may run, else the NBD error to answer with."""
+        e = self.export
+        if r.flags & ~_KNOWN_CMD_FLAGS:
+            return p.NBD_EINVAL
+        t = r.type
+        if t in (p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES):
+            if e.read_only:
+                return p.NBD_EPERM
+            if r.offset + r.length > e.size:
+                return p.NBD_ENOSPC
+            if r.flags & p.CMD_FLAG_FAST_ZERO:
+                return p.NBD_EINVAL  # not advertised
+            if t == p.CMD_TRIM and not e.can_trim or t == p.CMD_WRITE_ZEROES and not e.can_zero:
+                return p.NBD_EINVAL
+            if r.flags & p.CMD_FLAG_FUA and not e.can_fua:
+                return p.NBD_EINVAL
+            return 0
+        if t == p.CMD_READ:
+            if r.length > p.MAX_BLOCK or r.offset + r.length > e.size:
+                return p.NBD_EINVAL
+            return 0
+        if t == p.CMD_FLUSH:
+            return 0 if e.can_flush else p.NBD_EINVAL
+        if t == p.CMD_BLOCK_STATUS:
+            if not self.contexts or r.offset + r.length > e.size or not self.conn.structured:
+                return p.NBD_EINVAL
+            return 0
+        return p.NBD_EINVAL
+
+    async def _run(self, r: p.Request) -> None:
+        try:
+            err = self._check(r)
+            msg = ""
+            if not err:
+                try:
+                    await self._execute(r)
+                    return
+                except BlockError as e:
+                    err, msg = nbd_errno(e.errno), str(e)
+                except OSError as e:
+                    err, msg = nbd_errno(e.errno or errno.EIO), str(e)
+            if self.conn.structured:
+                self._queue(self.conn.error_chunk(r.cookie, err, msg))
+            else:
+                self._queue(self.conn.simple_reply(r.cookie, err))
+        finally:
+            self.inflight -= 1
+            if not self.inflight:
+                self.idle.set()
+
+    async def _execute(self, r: p.Request) -> None:
+        e = self.export
+        t = r.type
+        if t == p.CMD_READ:
+            data = await e.read(r.offset, r.length) if r.length else b""
+            if self.conn.structured:
+                self._queue(self.conn.offset_data_head(r.cookie, r.offset, len(data)), data)
+            else:
+                self._queue(self.conn.simple_reply(r.cookie), data)
+            return
+        if t == p.CMD_WRITE:
+            await e.write(r.offset, memoryview(r.data), bool(r.flags & p.CMD_FLAG_FUA))
+        elif t == p.CMD_FLUSH:
+            await e.flush()
+        elif t == p.CMD_TRIM:
+            await e.trim(r.offset, r.length, bool(r.flags & p.CMD_FLAG_FUA))
+        elif t == p.CMD_WRITE_ZEROES:
+            await e.write_zeroes(r.offset, r.length, bool(r.flags & p.CMD_FLAG_FUA), bool(r.flags & p.CMD_FLAG_NO_HOLE))
+        elif t == p.CMD_BLOCK_STATUS:
+            await self._block_status(r)
+            return
+        if self.conn.structured:
+            self._queue(self.conn.done_chunk(r.cookie))
+        else:
+            self._queue(self.conn.simple_reply(r.cookie))
+
+    async def _block_status(self, r: p.Request) -> None:
+        e = self.export
+        length = r.length or (e.size - r.offset)
+        chunks = []
+        for cid, name in sorted(self.contexts.items()):
+            if name == "base:allocation":
+                ext = await e.allocation(r.offset, length)
+                flags = [(ln, st) for ln, st in ext if ln]
+                if r.flags & p.CMD_FLAG_REQ_ONE:
+                    flags = flags[:1]
+            else:
+                st = e.alua(self.identity)
+                # One extent over the request: low 8 bits the ALUA state, then 24 bits of epoch.
+                flags = [(min(length, 0xFFFFFFFF), ((st.epoch & 0xFFFFFF) << 8) | (st.state & 0xFF))]
+            chunks.append((cid, flags))
+        for i, (cid, flags) in enumerate(chunks):
+            self._queue(self.conn.block_status_chunk(r.cookie, cid, flags, done=i == len(chunks) - 1))
+
+
+class NBDServer:
+    def __init__(self, catalog: ExportCatalog):
+        self.catalog = catalog
+        self.connections = 0
+
+    async def serve_tcp(self, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        actual = listeners[0].socket.getsockname()[1]
+        task_status.started(actual)
+        await trio.serve_listeners(self._handle_stream, listeners)
+
+    async def serve_unix(self, path: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.bind(path)
+        sock.listen(64)
+        task_status.started(path)
+        await trio.serve_listeners(self._handle_stream, [trio.SocketListener(sock)])
+
+    async def _handle_stream(self, stream: trio.SocketStream) -> None:
+        sock = stream.socket
+        try:
+            peer = sock.getpeername()
+            ident = ClientIdentity(peer[0], peer[1]) if isinstance(peer, tuple) else ClientIdentity("")
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            return
+        await self.handle(sock, ident)
+        with trio.move_on_after(1):
+            await stream.aclose()
+
+    async def handle(self, sock, ident: ClientIdentity) -> None:
+        c = NBDConnection(self, sock, ident)
+        self.connections += 1
+        try:
+            with trio.move_on_after(HANDSHAKE_TIMEOUT) as hs:
+                ok = await c.handshake()
+            if hs.cancelled_caught or not ok:
+                return
+            async with trio.open_nursery() as n:
+                n.start_soon(c._sender)
+                try:
+                    await c.transmission(n)
+                except (_Closed, p.ProtocolError, OSError, trio.BrokenResourceError) as e:
+                    if not isinstance(e, _Closed):
+                        log.info("client %s: %s; disconnecting it", ident.address, e)
+                    n.cancel_scope.cancel()
+                    return
+                # NBD_CMD_DISC: answer what is in flight, then close.
+                if c.inflight:
+                    c.idle = trio.Event()
+                    await c.idle.wait()
+                while c.out:
+                    await trio.sleep(0)
+                n.cancel_scope.cancel()
+        except (_Closed, p.ProtocolError, OSError, trio.BrokenResourceError, UnicodeDecodeError) as e:
+            if not isinstance(e, _Closed):
+                log.info("client %s: %s; disconnecting it", ident.address, e)
+        except BaseExceptionGroup as eg:  # a request task failed unexpectedly: this client only
+            log.warning("client %s: request failed: %r; disconnecting it", ident.address, eg)
+        finally:
+            self.connections -= 1
+
+
+async def _sendall(sock, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = await sock.send(view)
+        view = view[n:]
+
+
+async def _sendmsg_all(sock, bufs: list) -> None:
+    views = [memoryview(b).cast("B") for b in bufs if len(b)]
+    while views:
+        n = await sock.sendmsg(views[:512])
+        while n and views:
+            if n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][n:]
+                n = 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve files unreplicated: ``python -m syncd.nbd.server --port P --export NAME=PATH``."""
+    import argparse
+
+    from .export import FileExport, StaticCatalog
+
+    ap = argparse.ArgumentParser(prog="python -m syncd.nbd.server", description=main.__doc__)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=10809)
+    ap.add_argument("--export", action="append", required=True, help="NAME=PATH (repeatable)")
+    ns = ap.parse_args(argv)
+    exports = {}
+    for spec in ns.export:
+        name, _, path = spec.partition("=")
+        exports[name] = FileExport(name, path, description=f"syncd single-node export of {path}")
+    logging.basicConfig(level=logging.INFO)
+
+    async def run():
+        await NBDServer(StaticCatalog(exports)).serve_tcp(ns.host, ns.port)
+
+    try:
+        trio.run(run)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,358 @@
+"""Replication wire protocol (sans-IO). Normative spec: proto/replication.md.
+
+Provisional codec written by the lead to unblock the engine; the construct declarations are the
+single description of each frame and the hot-path struct is checked against them in tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+import xxhash
+from construct import Bytes, Int8ub, Int16ub, Int32ub, Int64ub, PascalString, Struct
+
+MAGIC = 0x53594E43
+PROTO_VERSION = 1
+MIN_VERSION = 1
+MAX_PAYLOAD = (32 << 20) + 4096
+HEADER_SIZE = 56
+
+FEAT_FUA, FEAT_TRIM, FEAT_ZEROES, FEAT_FORWARD, FEAT_DIGESTS = 1, 2, 4, 8, 16
+FEATURES = FEAT_FUA | FEAT_TRIM | FEAT_ZEROES | FEAT_FORWARD | FEAT_DIGESTS
+
+FLAG_FUA, FLAG_FORWARDED, FLAG_RESYNC, FLAG_NO_HOLE = 0x01, 0x02, 0x04, 0x08
+
+
+class MsgType(IntEnum):
+    HELLO = 1
+    HELLO_ACK = 2
+    PING = 3
+    PONG = 4
+    WRITE = 10
+    ZEROES = 11
+    TRIM = 12
+    FLUSH = 13
+    RELEASE = 21
+    READ = 22
+    LEASE = 30
+    RESYNC_BEGIN = 40
+    RESYNC_END = 42
+    DIGESTS = 43
+    CONTROL = 50
+    REPLY = 100
+    GOODBYE = 101
+
+
+class Status(IntEnum):
+    OK = 0
+    EIO = 5
+    EINVAL = 22
+    ENOSPC = 28
+    STALE_EPOCH = 1001
+    NOT_PRIMARY = 1002
+    UNKNOWN_GROUP = 1003
+    UNKNOWN_VOLUME = 1004
+    BAD_CHECKSUM = 1005
+    NOT_SERVING = 1006
+    BAD_REQUEST = 1007
+    BUSY = 1008
+
+
+HEADER = Struct(
+    "magic" / Int32ub,
+    "type" / Int8ub,
+    "flags" / Int8ub,
+    "reserved" / Int16ub,
+    "req_id" / Int64ub,
+    "group" / Int32ub,
+    "epoch" / Int64ub,
+    "vol" / Int32ub,
+    "offset" / Int64ub,
+    "length" / Int32ub,
+    "payload_len" / Int32ub,
+    "checksum" / Int64ub,
+)
+HELLO_PAYLOAD = Struct(
+    "proto_version" / Int16ub,
+    "min_version" / Int16ub,
+    "features" / Int64ub,
+    "node_uuid" / Bytes(16),
+    "node_name" / PascalString(Int8ub, "utf8"),
+    "path_index" / Int8ub,
+    "link_session" / Int64ub,
+    "auth" / Bytes(32),
+)
+PING_PAYLOAD = Struct("ns" / Int64ub)
+LEASE_REPLY = Struct("lease_ms" / Int32ub)
+RELEASE_PAYLOAD = Struct("status" / Int32ub)
+DIGESTS_REQUEST = Struct("region" / Int32ub)
+
+_HDR = struct.Struct(">IBBHQIQIQIIQ")
+assert _HDR.size == HEADER.sizeof() == HEADER_SIZE
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_KNOWN = frozenset(int(t) for t in MsgType)
+
+
+class ProtocolError(Exception):
+    """The peer sent something this protocol does not allow; the path must be closed."""
+
+
+class ChecksumError(ProtocolError):
+    pass
+
+
+class HandshakeError(ProtocolError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    proto_version: int
+    min_version: int
+    features: int
+    node_uuid: bytes
+    node_name: str
+    path_index: int
+    link_session: int
+    auth: bytes
+
+
+def auth_tag(key: bytes, node_uuid: bytes, link_session: int, path_index: int) -> bytes:
+    return hmac.new(key, node_uuid + _U64.pack(link_session) + bytes([path_index]), hashlib.sha256).digest()
+
+
+def verify_auth(key: bytes, h: Hello) -> bool:
+    return hmac.compare_digest(h.auth, auth_tag(key, h.node_uuid, h.link_session, h.path_index))
+
+
+def version_problem(h: Hello) -> str | None:
+    if h.proto_version < MIN_VERSION or PROTO_VERSION < h.min_version:
+        return (f"protocol versions do not overlap: peer speaks {h.min_version}..{h.proto_version}, "
+                f"this node {MIN_VERSION}..{PROTO_VERSION}")
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    type: MsgType
+    flags: int = 0
+    req_id: int = 0
+    group: int = 0
+    epoch: int = 0
+    vol: int = 0
+    offset: int = 0
+    length: int = 0
+    payload: bytes | memoryview = b""
+
+    # -- flags ---------------------------------------------------------------------------------
+    @property
+    def fua(self) -> bool:
+        return bool(self.flags & FLAG_FUA)
+
+    @property
+    def forwarded(self) -> bool:
+        return bool(self.flags & FLAG_FORWARDED)
+
+    @property
+    def resync(self) -> bool:
+        return bool(self.flags & FLAG_RESYNC)
+
+    @property
+    def no_hole(self) -> bool:
+        return bool(self.flags & FLAG_NO_HOLE)
+
+    @property
+    def status(self) -> int:
+        return self.length
+
+    # -- constructors --------------------------------------------------------------------------
+    @classmethod
+    def _hello(cls, t, node_uuid, node_name, path_index, link_session, key=None):
+        auth = auth_tag(key, node_uuid, link_session, path_index) if key else bytes(32)
+        payload = HELLO_PAYLOAD.build(dict(
+            proto_version=PROTO_VERSION, min_version=MIN_VERSION, features=FEATURES,
+            node_uuid=node_uuid, node_name=node_name, path_index=path_index,
+            link_session=link_session, auth=auth,
+        ))
+        return cls(t, payload=payload)
+
+    @classmethod
+    def hello(cls, *, node_uuid: bytes, node_name: str, path_index: int, link_session: int, key: bytes | None = None):
+        return cls._hello(MsgType.HELLO, node_uuid, node_name, path_index, link_session, key)
+
+    @classmethod
+    def hello_ack(cls, *, node_uuid: bytes, node_name: str, path_index: int, link_session: int, key: bytes | None = None):
+        return cls._hello(MsgType.HELLO_ACK, node_uuid, node_name, path_index, link_session, key)
+
+    @classmethod
+    def ping(cls, ns: int):
+        return cls(MsgType.PING, payload=_U64.pack(ns))
+
+    @classmethod
+    def pong(cls, ns: int):
+        return cls(MsgType.PONG, payload=_U64.pack(ns))
+
+    @classmethod
+    def write(cls, req_id, group, epoch, vol, offset, data, *, fua=False, forwarded=False, resync=False):
+        flags = (FLAG_FUA if fua else 0) | (FLAG_FORWARDED if forwarded else 0) | (FLAG_RESYNC if resync else 0)
+        return cls(MsgType.WRITE, flags, req_id, group, epoch, vol, offset, len(data), data)
+
+    @classmethod
+    def zeroes(cls, req_id, group, epoch, vol, offset, length, *, fua=False, no_hole=False, forwarded=False):
+        flags = (FLAG_FUA if fua else 0) | (FLAG_NO_HOLE if no_hole else 0) | (FLAG_FORWARDED if forwarded else 0)
+        return cls(MsgType.ZEROES, flags, req_id, group, epoch, vol, offset, length)
+
+    @classmethod
+    def trim(cls, req_id, group, epoch, vol, offset, length, *, fua=False, forwarded=False):
+        flags = (FLAG_FUA if fua else 0) | (FLAG_FORWARDED if forwarded else 0)
+        return cls(MsgType.TRIM, flags, req_id, group, epoch, vol, offset, length)
+
+    @classmethod
+    def flush(cls, req_id, group, epoch, vol=0xFFFFFFFF):
+        return cls(MsgType.FLUSH, 0, req_id, group, epoch, vol)
+
+    @classmethod
+    def release(cls, req_id, group, epoch, status: int = 0):
+        return cls(MsgType.RELEASE, 0, req_id, group, epoch, payload=_U32.pack(status))
+
+    @classmethod
+    def read(cls, req_id, group, epoch, vol, offset, length):
+        return cls(MsgType.READ, 0, req_id, group, epoch, vol, offset, length)
+
+    @classmethod
+    def lease(cls, req_id, group, epoch):
+        return cls(MsgType.LEASE, 0, req_id, group, epoch)
+
+    @classmethod
+    def resync_begin(cls, req_id, group, epoch, vol, region, bits: bytes):
+        return cls(MsgType.RESYNC_BEGIN, 0, req_id, group, epoch, vol, payload=_U32.pack(region) + bytes(bits))
+
+    @classmethod
+    def resync_end(cls, req_id, group, epoch, vol, offset, length):
+        return cls(MsgType.RESYNC_END, 0, req_id, group, epoch, vol, offset, length)
+
+    @classmethod
+    def digests(cls, req_id, group, epoch, vol, offset, length, region):
+        return cls(MsgType.DIGESTS, 0, req_id, group, epoch, vol, offset, length, _U32.pack(region))
+
+    @classmethod
+    def control(cls, req_id, body: dict):
+        return cls(MsgType.CONTROL, 0, req_id, payload=json.dumps(body).encode())
+
+    @classmethod
+    def reply(cls, req_id, status: int = 0, payload: bytes = b""):
+        return cls(MsgType.REPLY, 0, req_id, length=int(status), payload=payload)
+
+    @classmethod
+    def goodbye(cls, reason: str = ""):
+        return cls(MsgType.GOODBYE, payload=reason.encode())
+
+    @staticmethod
+    def lease_payload(ms: int) -> bytes:
+        return _U32.pack(ms)
+
+    @staticmethod
+    def digests_payload(ds: list[int]) -> bytes:
+        return struct.pack(f">{len(ds)}Q", *ds)
+
+    # -- payload readers -----------------------------------------------------------------------
+    def hello_fields(self) -> Hello:
+        try:
+            c = HELLO_PAYLOAD.parse(bytes(self.payload))
+        except Exception as e:
+            raise HandshakeError(f"malformed HELLO payload: {e}") from None
+        return Hello(c.proto_version, c.min_version, c.features, c.node_uuid, c.node_name,
+                     c.path_index, c.link_session, c.auth)
+
+    def ping_ns(self) -> int:
+        if len(self.payload) != 8:
+            raise ProtocolError("PING/PONG payload must be 8 bytes")
+        return _U64.unpack(self.payload)[0]
+
+    def lease_ms(self) -> int:
+        return _U32.unpack(self.payload[:4])[0] if len(self.payload) >= 4 else 0
+
+    def release_status(self) -> int:
+        return _U32.unpack(self.payload[:4])[0] if len(self.payload) >= 4 else 0
+
+    def resync_bitmap(self) -> tuple[int, bytes]:
+        if len(self.payload) < 4:
+            raise ProtocolError("RESYNC_BEGIN payload too short")
+        return _U32.unpack(self.payload[:4])[0], bytes(self.payload[4:])
+
+    def digest_region(self) -> int:
+        if len(self.payload) != 4:
+            raise ProtocolError("DIGESTS request payload must be 4 bytes")
+        return _U32.unpack(self.payload)[0]
+
+    def digest_list(self) -> list[int]:
+        n = len(self.payload) // 8
+        return list(struct.unpack(f">{n}Q", self.payload[: n * 8]))
+
+    def control_json(self) -> dict:
+        try:
+            body = json.loads(bytes(self.payload).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise ProtocolError(f"CONTROL payload is not UTF-8 JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ProtocolError("CONTROL payload must be a JSON object")
+        return body
+
+    def goodbye_reason(self) -> str:
+        return bytes(self.payload).decode("utf-8", "replace")
+
+
+def encode(f: Frame) -> list:
+    """Header and payload as separate buffers, for vectored sends (the payload is not copied)."""
+    p = f.payload
+    n = len(p)
+    hdr = _HDR.pack(MAGIC, f.type, f.flags, 0, f.req_id, f.group, f.epoch, f.vol, f.offset,
+                    f.length, n, xxhash.xxh3_64_intdigest(p) if n else 0)
+    return [hdr, p] if n else [hdr]
+
+
+def encode_bytes(f: Frame) -> bytes:
+    return b"".join(bytes(b) for b in encode(f))
+
+
+class FrameDecoder:
+    """Bytes in, frames out. Raises ProtocolError subclasses on anything malformed."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+
+    def receive_data(self, data: bytes) -> None:
+        if self._pos and self._pos >= len(self._buf) // 2:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def next_frame(self) -> Frame | None:
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < HEADER_SIZE:
+            return None
+        (magic, t, flags, reserved, req_id, group, epoch, vol, offset, length, plen,
+         csum) = _HDR.unpack_from(buf, pos)
+        if magic != MAGIC:
+            raise ProtocolError(f"bad frame magic {magic:#010x}")
+        if reserved:
+            raise ProtocolError("reserved header field is not zero")
+        if t not in _KNOWN:
+            raise ProtocolError(f"unknown frame type {t}")
+        if plen > MAX_PAYLOAD:
+            raise ProtocolError(f"payload of {plen} bytes exceeds the maximum {MAX_PAYLOAD}")
+        end = pos + HEADER_SIZE + plen
+        if len(buf) < end:
+            return None
+        payload = bytes(buf[pos + HEADER_SIZE:end])
+        self._pos = end
+        if (xxhash.xxh3_64_intdigest(payload) if plen else 0) != csum:
+            raise ChecksumError(f"checksum mismatch on {MsgType(t).name} req_id {req_id}")
+        return Frame(MsgType(t), flags, req_id, group, epoch, vol, offset, length, payload)

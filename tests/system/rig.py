@@ -1,0 +1,66 @@
+"""Building blocks for system tests: tools, root, a running lab, replica comparison."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+
+import pytest
+
+FAST_LINK = {"ping_interval": 0.1, "path_timeout": 0.6, "io_timeout": 2.0, "lease": 1.0, "lease_margin": 0.2}
+
+
+def require_tool(*names: str) -> None:
+    """Fail (in CI/after setup) or skip (elsewhere) when a tool is not installed."""
+    missing = [n for n in names if shutil.which(n) is None]
+    if missing:
+        msg = f"missing tools: {', '.join(missing)} (./scripts/setup installs them)"
+        if os.environ.get("SYNCD_REQUIRE_TOOLS") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        if os.environ.get("SYNCD_REQUIRE_ROOT") == "1":
+            pytest.fail("this test needs root and SYNCD_REQUIRE_ROOT=1 is set")
+        pytest.skip("needs root")
+
+
+def run(*args: str, timeout: float = 120, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    p = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def first_difference(a: str, b: str) -> int | None:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        off = 0
+        while True:
+            x, y = fa.read(1 << 20), fb.read(1 << 20)
+            if x != y:
+                for i, (p, q) in enumerate(zip(x, y)):
+                    if p != q:
+                        return off + i
+                return off + min(len(x), len(y))
+            if not x:
+                return None
+            off += len(x)
+
+
+def assert_replicas_identical(lab: dict, volume: str) -> None:
+    a = lab["nodes"]["A"]["volumes"][volume]["path"]
+    b = lab["nodes"]["B"]["volumes"][volume]["path"]
+    diff = first_difference(a, b)
+    assert diff is None, f"replicas of {volume} differ first at byte {diff} ({a} vs {b})"

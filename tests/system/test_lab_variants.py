@@ -1,0 +1,75 @@
+"""Labs built differently: loop devices as disks, a peer volume of the wrong size."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from syncd.ctl import CtlError, call
+from syncd.lab import lab_down, lab_up
+
+from .rig import FAST_LINK, assert_replicas_identical, require_root, require_tool, run
+
+pytestmark = pytest.mark.system
+
+
+@pytest.fixture
+def loopdevs(tmp_path):
+    require_root()
+    require_tool("losetup")
+    devs = []
+    try:
+        for i in range(2):
+            img = tmp_path / f"disk{i}.img"
+            with open(img, "wb") as f:
+                f.truncate(16 << 20)
+            dev = run("losetup", "--find", "--show", str(img)).stdout.strip()
+            devs.append(dev)
+        yield devs
+    finally:
+        for d in devs:
+            subprocess.run(["losetup", "-d", d], check=False)
+
+
+def test_loop_devices_as_backing_store(tmp_path, loopdevs):
+    require_tool("qemu-io", "qemu-img")
+    d = tmp_path / "lab"
+    lab = lab_up(str(d), volume_paths={"A": [loopdevs[0]], "B": [loopdevs[1]]}, npaths=1,
+                 link_opts=FAST_LINK, timeout=60)
+    try:
+        ua = lab["nodes"]["A"]["volumes"]["vv1"]["uri"]
+        ub = lab["nodes"]["B"]["volumes"]["vv1"]["uri"]
+        info = __import__("json").loads(run("nbdinfo", "--json", ua).stdout)
+        assert info["exports"][0]["export-size"] == 16 << 20
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 2M", "-c", "write -z 4M 1M", ua)
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x22 2M 2M", "-c", "discard 6M 64k", ub)
+        run("qemu-io", "-f", "raw", "-c", "read -P 0x22 2M 2M", "-c", "read -P 0 4M 1M", ua)
+    finally:
+        lab_down(str(d))
+    assert_replicas_identical(lab, "vv1")
+
+
+def test_admitting_a_volume_of_another_size_is_refused(tmp_path):
+    d = tmp_path / "lab"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    paths = {"A": [tmp_path / "a/vv1.img", tmp_path / "a/vv2.img"], "B": [tmp_path / "b/vv1.img", tmp_path / "b/vv2.img"]}
+    sizes = {"A": [8 << 20, 8 << 20], "B": [8 << 20, 4 << 20]}
+    for site in paths:
+        for p, s in zip(paths[site], sizes[site]):
+            with open(p, "wb") as f:
+                f.truncate(s)
+    with pytest.raises(CtlError, match=r"vv2 on B is 4194304 bytes but vv2 is 8388608 bytes"):
+        lab_up(str(d), volume_paths={k: [str(p) for p in v] for k, v in paths.items()}, link_opts=FAST_LINK)
+    try:
+        lab = __import__("json").loads((d / "lab.json").read_text())
+        a = call(lab["nodes"]["A"]["admin_socket"], "showrcopy")
+        b = call(lab["nodes"]["B"]["admin_socket"], "showrcopy")
+        # vv1 was admitted before; vv2 was refused on both sides and is in no group.
+        assert [v["name"] for v in a["groups"][0]["volumes"]] == ["vv1"]
+        assert [v["name"] for v in b["groups"][0]["volumes"]] == ["vv1"]
+        assert {v["name"]: v["group"] for v in b["volumes"]}["vv2"] is None
+    finally:
+        lab_down(str(d))
