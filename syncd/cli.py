@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--volumes", type=int, default=2)
     s.add_argument("--paths", type=int, default=2, help="replication link paths")
     s.add_argument("--no-wait", action="store_true", help="do not wait for the initial sync")
+    s.add_argument("--no-relay", action="store_true",
+                   help="link the nodes directly (faster; cut-link/heal-link/delay unavailable)")
     for name in ("down", "status", "cut-link", "heal-link"):
         s = lsub.add_parser(name)
         s.add_argument("--dir", default="lab")
@@ -93,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if ns.labcmd == "up":
-            lab = lab_up(ns.dir, size=ns.size, nvolumes=ns.volumes, npaths=ns.paths, wait=not ns.no_wait)
+            lab = lab_up(ns.dir, size=ns.size, nvolumes=ns.volumes, npaths=ns.paths, wait=not ns.no_wait,
+                         relay=not ns.no_relay)
             print_summary(lab)
         elif ns.labcmd == "down":
             for line in lab_down(ns.dir):
@@ -113,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             from .linkproxy import proxy_command
 
             lab = load_lab(ns.dir)
+            if not lab.get("link"):
+                raise LabError("this lab links its nodes directly (--no-relay): the link cannot be cut or delayed")
             kw = {}
             if getattr(ns, "path", None):
                 kw["paths"] = ns.path

@@ -98,7 +98,7 @@ def node_toml(name: str, peer: str, d: Path, nbd_port: int, paths: list[tuple[in
 def lab_up(
     d: str, *, size: str = "64MiB", nvolumes: int = 2, npaths: int = 2, group: str = "rcg1",
     link_opts: dict | None = None, wait: bool = True, timeout: float = 120.0,
-    volume_paths: dict[str, list[str]] | None = None,
+    volume_paths: dict[str, list[str]] | None = None, relay: bool = True,
 ) -> dict:
     """Start the lab; ``volume_paths`` = {"A": [dev, ...], "B": [...]} uses existing files or
     block devices (e.g. loop devices) instead of creating image files."""
@@ -114,13 +114,18 @@ def lab_up(
     relay_ports = [free_port() for _ in range(npaths)]
     lab: dict = {"dir": str(root), "group": group, "nodes": {}, "created": time.time()}
 
-    # A dials B through the relay; B listens on its own path ports.
+    # A dials B through the relay (which can cut or delay the link); B listens on its own path
+    # ports. Without the relay (benchmarks) A dials B directly.
     relay_args = [py, "-m", "syncd", "linkproxy", "--control", str(root / "link.sock")]
     for i in range(npaths):
         relay_args += ["--relay", f"127.0.0.1:{relay_ports[i]}=127.0.0.1:{ports['B']['paths'][i]}"]
-    proxy_pid = _spawn(relay_args, root / "linkproxy.log")
-    lab["link"] = {"pid": proxy_pid, "control": str(root / "link.sock"),
-                   "relays": [f"127.0.0.1:{p}" for p in relay_ports]}
+    if relay:
+        proxy_pid = _spawn(relay_args, root / "linkproxy.log")
+        lab["link"] = {"pid": proxy_pid, "control": str(root / "link.sock"),
+                       "relays": [f"127.0.0.1:{p}" for p in relay_ports]}
+    else:
+        relay_ports = ports["B"]["paths"]
+        lab["link"] = None
 
     for name in NODES:
         peer = "B" if name == "A" else "A"
@@ -181,7 +186,9 @@ def load_lab(d: str) -> dict:
 
 def lab_down(d: str, timeout: float = 15.0) -> list[str]:
     lab = load_lab(d)
-    pids = [(f"node {k}", v["pid"]) for k, v in lab["nodes"].items()] + [("link relay", lab["link"]["pid"])]
+    pids = [(f"node {k}", v["pid"]) for k, v in lab["nodes"].items()]
+    if lab.get("link"):
+        pids.append(("link relay", lab["link"]["pid"]))
     for _, pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)

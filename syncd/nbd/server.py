@@ -16,6 +16,7 @@ import socket
 
 import trio
 
+from .. import netio
 from . import proto as p
 from .export import BlockError, ClientIdentity, Export, ExportCatalog
 
@@ -78,10 +79,11 @@ class NBDConnection:
         self.closing = False
         self.inflight = 0
         self.idle = trio.Event()
+        self.pacer = netio.Pacer()
 
     # -- I/O -----------------------------------------------------------------------------------
     async def _recv(self) -> None:
-        data = await self.sock.recv(1 << 17)
+        data = await netio.recv(self.sock, 1 << 16, self.pacer)
         if not data:
             raise _Closed()
         self.conn.receive_data(data)
@@ -91,6 +93,7 @@ class NBDConnection:
         self.lot.unpark()
 
     async def _sender(self) -> None:
+        pacer = netio.Pacer()
         while True:
             if not self.out:
                 await self.lot.park()
@@ -98,7 +101,7 @@ class NBDConnection:
             bufs = []
             while self.out and len(bufs) < 256:
                 bufs.extend(self.out.popleft())
-            await _sendmsg_all(self.sock, bufs)
+            await netio.sendmsg_all(self.sock, bufs, pacer)
 
     # -- handshake -----------------------------------------------------------------------------
     async def _next(self):
@@ -108,7 +111,7 @@ class NBDConnection:
 
     async def handshake(self) -> bool:
         """Negotiate options; True once in transmission, False if the client left."""
-        await _sendall(self.sock, self.conn.greeting())
+        await netio.sendall(self.sock, self.conn.greeting())
         await self._next()  # client flags (validated by the codec)
         for _ in range(MAX_OPTIONS):
             opt = await self._next()
@@ -118,7 +121,7 @@ class NBDConnection:
         raise p.ProtocolError(f"more than {MAX_OPTIONS} options without entering transmission")
 
     async def _reply(self, option: int, rtype: int, data: bytes = b"") -> None:
-        await _sendall(self.sock, self.conn.option_reply(option, rtype, data))
+        await netio.sendall(self.sock, self.conn.option_reply(option, rtype, data))
 
     async def _error(self, option: int, rtype: int, message: str) -> None:
         await self._reply(option, rtype, message.encode())
@@ -130,7 +133,7 @@ class NBDConnection:
             e = exports.get(data.decode("utf-8", "replace"))
             if e is None:
                 return False  # the spec's only answer here is to close the connection
-            await _sendall(self.sock, self.conn.export_name_reply(e.size, transmission_flags(e)))
+            await netio.sendall(self.sock, self.conn.export_name_reply(e.size, transmission_flags(e)))
             self.export = e
             self.conn.start_transmission()
             return True
@@ -233,7 +236,7 @@ class NBDConnection:
         view = memoryview(buf)
         got = self.conn.take_into(view)
         while got < r.length:
-            n = await self.sock.recv_into(view[got:])
+            n = await netio.recv_into(self.sock, view[got:])
             if not n:
                 raise _Closed()
             got += n
@@ -341,34 +344,39 @@ class NBDServer:
         self.connections = 0
 
     async def serve_tcp(self, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(port, host=host)
-        actual = listeners[0].socket.getsockname()[1]
-        task_status.started(actual)
-        await trio.serve_listeners(self._handle_stream, listeners)
+        lsock = netio.listen_tcp((host, port))
+        task_status.started(lsock.getsockname()[1])
+        await self._serve(lsock)
 
     async def serve_unix(self, path: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        await sock.bind(path)
-        sock.listen(64)
+        lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        lsock.bind(path)
+        lsock.listen(64)
+        lsock.setblocking(False)
         task_status.started(path)
-        await trio.serve_listeners(self._handle_stream, [trio.SocketListener(sock)])
+        await self._serve(lsock)
 
-    async def _handle_stream(self, stream: trio.SocketStream) -> None:
-        sock = stream.socket
+    async def _serve(self, lsock: socket.socket) -> None:
         try:
-            peer = sock.getpeername()
-            ident = ClientIdentity(peer[0], peer[1]) if isinstance(peer, tuple) else ClientIdentity("")
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            return
-        await self.handle(sock, ident)
-        with trio.move_on_after(1):
-            await stream.aclose()
+            async with trio.open_nursery() as n:
+                while True:
+                    sock, addr = await netio.accept(lsock)
+                    ident = ClientIdentity(addr[0], addr[1]) if isinstance(addr, tuple) else ClientIdentity("")
+                    n.start_soon(self._handle_sock, sock, ident)
+        finally:
+            trio.lowlevel.notify_closing(lsock)
+            lsock.close()
+
+    async def _handle_sock(self, sock: socket.socket, ident: ClientIdentity) -> None:
+        try:
+            await self.handle(sock, ident)
+        finally:
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
 
     async def handle(self, sock, ident: ClientIdentity) -> None:
         c = NBDConnection(self, sock, ident)
@@ -401,26 +409,6 @@ class NBDServer:
             log.warning("client %s: request failed: %r; disconnecting it", ident.address, eg)
         finally:
             self.connections -= 1
-
-
-async def _sendall(sock, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = await sock.send(view)
-        view = view[n:]
-
-
-async def _sendmsg_all(sock, bufs: list) -> None:
-    views = [memoryview(b).cast("B") for b in bufs if len(b)]
-    while views:
-        n = await sock.sendmsg(views[:512])
-        while n and views:
-            if n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            else:
-                views[0] = views[0][n:]
-                n = 0
 
 
 def main(argv: list[str] | None = None) -> int:

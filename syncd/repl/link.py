@@ -21,6 +21,7 @@ from typing import Callable
 
 import trio
 
+from .. import netio
 from ..config import LinkConfig
 from . import proto
 from .proto import Frame, FrameDecoder, MsgType, ProtocolError, Status
@@ -41,9 +42,10 @@ class LinkTimeout(Exception):
 
 
 class _Pending:
-    __slots__ = ("frame", "bufs", "event", "reply", "error", "path")
+    __slots__ = ("frame", "bufs", "event", "reply", "error", "path", "deadline")
 
-    def __init__(self, frame: Frame, bufs: list) -> None:
+    def __init__(self, frame: Frame, bufs: list, deadline: float = 0.0) -> None:
+        self.deadline = deadline
         self.frame = frame
         self.bufs = bufs
         self.event = trio.Event()
@@ -58,7 +60,7 @@ class Path:
     local: tuple[str, int]
     peer: tuple[str, int]
     state: str = "down"  # down | connecting | up
-    sock: trio.socket.SocketType | None = None
+    sock: socket.socket | None = None
     session: int = 0
     rtt_ms: float | None = None
     last_rx: float = 0.0
@@ -152,6 +154,7 @@ class Link:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._sweeper)
             for p in self.paths:
                 if self.dialer:
                     nursery.start_soon(self._dial_loop, p)
@@ -163,17 +166,16 @@ class Link:
         backoff = 0.1
         while True:
             p.state = "connecting"
+            sock = None
             try:
-                sock = trio.socket.socket(socket.AF_INET6 if ":" in p.peer[0] else socket.AF_INET)
+                sock = await netio.connect(p.peer, max(self.cfg.path_timeout, 1.0))
                 with trio.fail_after(max(self.cfg.path_timeout, 1.0)):
-                    await sock.connect(p.peer)
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     session = self.session if self.up else self.dial_session
                     hello = proto.Frame.hello(
                         node_uuid=self.node_uuid, node_name=self.node_name, path_index=p.index,
                         link_session=session, key=self.key,
                     )
-                    await _send_all(sock, proto.encode(hello))
+                    await netio.sendmsg_all(sock, proto.encode(hello))
                     dec = FrameDecoder()
                     ack = await _recv_frame(sock, dec)
                     if ack.type == MsgType.GOODBYE:
@@ -189,28 +191,33 @@ class Link:
                         raise ProtocolError(f"path {p.index}: peer failed authentication")
                 backoff = 0.1
                 await self._run_path(p, sock, dec, session, h.node_uuid)
+                sock = None
             except (OSError, trio.TooSlowError, ProtocolError) as e:
                 p.last_error = str(e) or type(e).__name__
                 log.debug("path %d dial: %s", p.index, p.last_error)
             except trio.BrokenResourceError as e:
                 p.last_error = str(e) or "connection broken"
+            finally:
+                if sock is not None and sock.fileno() >= 0:
+                    trio.lowlevel.notify_closing(sock)
+                    sock.close()
             p.state = "down"
             await trio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
 
     async def _listen(self, p: Path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        lsock = trio.socket.socket(socket.AF_INET6 if ":" in p.local[0] else socket.AF_INET)
-        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        await lsock.bind(p.local)
-        lsock.listen(8)
+        lsock = netio.listen_tcp(p.local, 8)
         task_status.started()
-        async with trio.open_nursery() as nursery:
-            while True:
-                sock, _addr = await lsock.accept()
-                nursery.start_soon(self._accept_one, p, sock)
+        try:
+            async with trio.open_nursery() as nursery:
+                while True:
+                    sock, _addr = await netio.accept(lsock)
+                    nursery.start_soon(self._accept_one, p, sock)
+        finally:
+            trio.lowlevel.notify_closing(lsock)
+            lsock.close()
 
     async def _accept_one(self, p: Path, sock) -> None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         dec = FrameDecoder()
         try:
             with trio.fail_after(max(self.cfg.path_timeout, 1.0)):
@@ -228,16 +235,17 @@ class Link:
                 else:
                     problem = proto.version_problem(h)
                 if problem:
-                    await _send_all(sock, proto.encode(Frame.goodbye(problem)))
+                    await netio.sendmsg_all(sock, proto.encode(Frame.goodbye(problem)))
                     raise ProtocolError(problem)
                 ack = Frame.hello_ack(
                     node_uuid=self.node_uuid, node_name=self.node_name, path_index=p.index,
                     link_session=h.link_session, key=self.key,
                 )
-                await _send_all(sock, proto.encode(ack))
+                await netio.sendmsg_all(sock, proto.encode(ack))
         except (OSError, trio.TooSlowError, ProtocolError, trio.BrokenResourceError) as e:
             p.last_error = str(e) or type(e).__name__
             log.info("path %d: refused a connection: %s", p.index, p.last_error)
+            trio.lowlevel.notify_closing(sock)
             sock.close()
             return
         if p.cancel is not None:  # a newer connection replaces the old one on this path
@@ -288,6 +296,7 @@ class Link:
             p.state = "down"
             p.sock = None
             p.since = time.time()
+            trio.lowlevel.notify_closing(sock)
             sock.close()
             queued = list(p.queue)
             p.queue.clear()
@@ -311,6 +320,7 @@ class Link:
                 self._transmit(pend.bufs, pend)
 
     async def _sender(self, p: Path, cs: trio.CancelScope) -> None:
+        pacer = netio.Pacer()
         try:
             while True:
                 if not p.queue:
@@ -319,7 +329,7 @@ class Link:
                 bufs = []
                 while p.queue and len(bufs) < _IOV_MAX:
                     bufs.extend(p.queue.popleft())
-                p.tx_bytes += await _send_all(p.sock, bufs)
+                p.tx_bytes += await netio.sendmsg_all(p.sock, bufs, pacer)
         except (OSError, trio.BrokenResourceError) as e:
             p.last_error = str(e) or type(e).__name__
             cs.cancel()
@@ -335,8 +345,9 @@ class Link:
 
     async def _receiver(self, p: Path, dec: FrameDecoder) -> None:
         sock = p.sock
+        pacer = netio.Pacer()
         while True:
-            data = await sock.recv(1 << 18)
+            data = await netio.recv(sock, 1 << 16, pacer)
             if not data:
                 p.last_error = "peer closed the connection"
                 return
@@ -421,10 +432,10 @@ class Link:
     def next_id(self) -> int:
         return next(self._ids)
 
-    def start(self, frame: Frame) -> _Pending:
+    def start(self, frame: Frame, timeout: float | None = None) -> _Pending:
         """Send a request now; await ``wait(pending)`` for its reply."""
         bufs = proto.encode(frame)
-        pend = _Pending(frame, bufs)
+        pend = _Pending(frame, bufs, trio.current_time() + (timeout or self.cfg.io_timeout))
         if not self.up:
             pend.error = LinkDown("replication link down")
             pend.event.set()
@@ -433,21 +444,32 @@ class Link:
         self._transmit(bufs, pend)
         return pend
 
-    async def wait(self, pend: _Pending, timeout: float | None = None) -> Frame:
+    async def wait(self, pend: _Pending) -> Frame:
+        """The reply; LinkDown when the link went down, LinkTimeout past the deadline (the
+        sweeper task fails overdue requests, so no cancel scope is needed per request)."""
         if not pend.event.is_set():
-            with trio.move_on_after(timeout or self.cfg.io_timeout):
-                await pend.event.wait()
+            await pend.event.wait()
         if pend.reply is not None:
             return pend.reply
-        if pend.error is not None:
-            raise pend.error
-        self._pending.pop(pend.frame.req_id, None)
-        if pend.path is not None:
-            pend.path.inflight.pop(pend.frame.req_id, None)
-        raise LinkTimeout(f"peer did not answer {pend.frame.type.name} within the io timeout")
+        raise pend.error
 
     async def request(self, frame: Frame, timeout: float | None = None) -> Frame:
-        return await self.wait(self.start(frame), timeout)
+        return await self.wait(self.start(frame, timeout))
+
+    async def _sweeper(self) -> None:
+        step = max(0.02, min(self.cfg.io_timeout, self.cfg.ping_interval) / 4)
+        while True:
+            await trio.sleep(step)
+            now = trio.current_time()
+            for req_id, pend in list(self._pending.items()):
+                if pend.deadline <= now:
+                    del self._pending[req_id]
+                    if pend.path is not None:
+                        pend.path.inflight.pop(req_id, None)
+                    pend.error = LinkTimeout(
+                        f"peer did not answer {pend.frame.type.name} within {self.cfg.io_timeout}s"
+                    )
+                    pend.event.set()
 
     def send(self, frame: Frame) -> None:
         """Send a frame that expects no reply (RELEASE) on any live path."""
@@ -463,25 +485,9 @@ class Link:
             self._enqueue(target, bufs)
 
 
-async def _send_all(sock, bufs: list) -> int:
-    total = 0
-    bufs = [memoryview(b).cast("B") for b in bufs if len(b)]
-    while bufs:
-        n = await sock.sendmsg(bufs[:_IOV_MAX])
-        total += n
-        while n and bufs:
-            if n >= len(bufs[0]):
-                n -= len(bufs[0])
-                bufs.pop(0)
-            else:
-                bufs[0] = bufs[0][n:]
-                n = 0
-    return total
-
-
 async def _recv_frame(sock, dec: FrameDecoder) -> Frame:
     while (f := dec.next_frame()) is None:
-        data = await sock.recv(65536)
+        data = await netio.recv(sock, 65536)
         if not data:
             raise ProtocolError("connection closed during handshake")
         dec.receive_data(data)

@@ -138,17 +138,33 @@ def version_problem(h: Hello) -> str | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
 class Frame:
-    type: MsgType
-    flags: int = 0
-    req_id: int = 0
-    group: int = 0
-    epoch: int = 0
-    vol: int = 0
-    offset: int = 0
-    length: int = 0
-    payload: bytes | memoryview = b""
+    """One frame. A plain slotted class: frames are built per request on the hot path."""
+
+    __slots__ = ("type", "flags", "req_id", "group", "epoch", "vol", "offset", "length", "payload")
+
+    def __init__(self, type, flags=0, req_id=0, group=0, epoch=0, vol=0, offset=0, length=0, payload=b""):
+        self.type = type
+        self.flags = flags
+        self.req_id = req_id
+        self.group = group
+        self.epoch = epoch
+        self.vol = vol
+        self.offset = offset
+        self.length = length
+        self.payload = payload
+
+    def _key(self):
+        return (int(self.type), self.flags, self.req_id, self.group, self.epoch, self.vol,
+                self.offset, self.length, bytes(self.payload))
+
+    def __eq__(self, other):
+        return isinstance(other, Frame) and self._key() == other._key()
+
+    def __repr__(self):
+        return (f"Frame({MsgType(self.type).name}, flags={self.flags:#x}, req_id={self.req_id}, "
+                f"group={self.group}, epoch={self.epoch}, vol={self.vol}, offset={self.offset}, "
+                f"length={self.length}, payload={len(self.payload)} bytes)")
 
     # -- flags ---------------------------------------------------------------------------------
     @property
