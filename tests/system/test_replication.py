@@ -230,3 +230,23 @@ def test_syncctl_prints_tables_and_json(lab):
     assert js["groups"][0]["role"] == "secondary"
     bad = run(".venv/bin/syncctl", "--lab", lab["dir"], "--node", "A", "setrcopygroup", "pol", "bogus", "rcg1", check=False)
     assert bad.returncode == 1 and "unknown policy" in bad.stderr
+
+
+def alua(lab, site, vol="vv1"):
+    """(state, epoch) as a host reads it: nbdinfo --map=syncd:alua."""
+    out = run("nbdinfo", "--map=syncd:alua", uri(lab, site, vol)).stdout.split()
+    flags = int(out[2])
+    return flags & 0xFF, flags >> 8
+
+
+def test_alua_path_states_follow_the_link(lab):
+    require_tool("nbdinfo")
+    assert alua(lab, "A") == (0, 1) and alua(lab, "B") == (0, 1)  # both active/optimized, epoch 1
+    info = run("nbdinfo", "--json", uri(lab, "B")).stdout
+    wwn_a = json.loads(run("nbdinfo", "--json", uri(lab, "A")).stdout)["exports"][0]["description"].split("wwn=")[1].split()[0]
+    assert f"wwn={wwn_a}" in json.loads(info)["exports"][0]["description"]
+    proxy_command(lab["link"]["control"], "cut")
+    wait_for(lambda: alua(lab, "B") == (3, 1), timeout=10, what="B unavailable")
+    assert alua(lab, "A") == (0, 1)
+    proxy_command(lab["link"]["control"], "heal")
+    wait_for(lambda: alua(lab, "B") == (0, 1), timeout=30, what="B active again")
