@@ -200,7 +200,9 @@ class Node:
             async def _later():
                 await trio.sleep(0.05)
                 self._save_pending = False
-                await trio.to_thread.run_sync(self.save)
+                # On the loop, not in a thread: every save must see a state nobody is changing,
+                # and saves must not race each other on the temporary file.
+                self.save()
 
             self._nursery.start_soon(_later)
 

@@ -73,3 +73,56 @@ def test_admitting_a_volume_of_another_size_is_refused(tmp_path):
         assert {v["name"]: v["group"] for v in b["volumes"]}["vv2"] is None
     finally:
         lab_down(str(d))
+
+
+def test_initial_sync_sends_only_the_regions_that_differ(tmp_path):
+    """Admitting volumes compares per-region xxh3 digests: identical regions are not sent."""
+    region = 256 << 10
+    vols = {}
+    for site in ("A", "B"):
+        (tmp_path / site).mkdir()
+        p = tmp_path / site / "vv1.img"
+        with open(p, "wb") as f:
+            f.truncate(16 << 20)
+        vols[site] = [str(p)]
+    common = os.urandom(region)
+    for site in ("A", "B"):  # both replicas already hold the same data here
+        with open(vols[site][0], "r+b") as f:
+            f.seek(10 * region)
+            f.write(common)
+    with open(vols["A"][0], "r+b") as f:  # three regions differ
+        for r in (0, 5, 63):
+            f.seek(r * region + 100)
+            f.write(b"only on A")
+    d = tmp_path / "lab"
+    lab = lab_up(str(d), volume_paths=vols, npaths=1, link_opts=FAST_LINK, timeout=60)
+    try:
+        a = call(lab["nodes"]["A"]["admin_socket"], "showrcopy")
+        assert a["groups"][0]["volumes"][0]["sync_status"] == "synced"
+        assert a["resync_bytes"] == 3 * region
+    finally:
+        lab_down(str(d))
+    assert_replicas_identical(lab, "vv1")
+
+
+def test_round_trip_above_the_synchronous_limit_is_warned(tmp_path):
+    from syncd.linkproxy import proxy_command
+    import time
+
+    d = tmp_path / "lab"
+    lab = lab_up(str(d), size="4MiB", nvolumes=1, npaths=1, link_opts=dict(FAST_LINK, max_rtt_ms=5), timeout=60)
+    try:
+        a = call(lab["nodes"]["A"]["admin_socket"], "showrcopy")
+        assert not a["link"]["rtt_warning"]
+        proxy_command(lab["link"]["control"], "delay", ms=20)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            a = call(lab["nodes"]["A"]["admin_socket"], "showrcopy")
+            if a["link"]["rtt_warning"] and a["link"]["rtt_ms"] > 15:
+                break
+            time.sleep(0.2)
+        assert a["link"]["rtt_warning"] and a["link"]["rtt_ms"] > 15
+        out = run(".venv/bin/syncctl", "--lab", lab["dir"], "--node", "A", "showrcopy").stdout
+        assert "WARNING" in out and "exceeds 5" in out
+    finally:
+        lab_down(str(d))
