@@ -185,6 +185,96 @@ class Group:
         else:
             await self._write_at_secondary(m, kind, offset, length, data, fua, no_hole)
 
+    # -- fast paths: completed by callbacks, no task per request ---------------------------------
+    # They take the common case only (buffered, non-FUA, no lock conflict, mirroring in steady
+    # state) and return False for anything else, which the caller then runs as a task through
+    # host_read/host_write. ``done(err, msg)`` is called exactly once, err 0 on success.
+
+    def fast_read(self, m: Member, offset: int, length: int):
+        """The data, or None to take the task path."""
+        if m.vol.direct or (self.role == "secondary" and m.oos.count and m.oos.any_in(offset, length)):
+            return None
+        self._check_serving()
+        m.stats["reads"] += 1
+        m.stats["bytes_read"] += length
+        try:
+            data = m.vol.read_sync(offset, length)
+        except OSError as e:
+            raise BlockError(e.errno or errno.EIO, str(e)) from None
+        self._check_serving()
+        return data
+
+    def fast_write(self, m: Member, offset: int, data, done) -> bool:
+        if m.vol.direct or not self.may_serve():
+            return False
+        link = self.node.link
+        if self.role == "primary":
+            if not (self.mirroring and link.up):
+                return False
+            tok = m.lock.try_acquire(offset, len(data))
+            if tok is None:
+                return False
+            try:
+                m.vol.check_range(offset, len(data))
+                m.vol.write_sync(offset, data)
+            except OSError as e:
+                m.lock.release(tok)
+                done(e.errno or errno.EIO, str(e))
+                return True
+            self._count_write(m, len(data))
+            frame = Frame.write(link.next_id(), self.st.gid, self.epoch, m.vol_id, offset, data)
+            link.start(frame, cb=lambda pend: self._mirrored(pend, m, tok, offset, len(data), done))
+            return True
+        if not link.up:
+            return False
+        self._count_write(m, len(data))
+        m.stats["forwarded"] += 1
+        req_id = link.next_id()
+        frame = Frame.write(req_id, self.st.gid, self.epoch, m.vol_id, offset, data, forwarded=True)
+        link.start(frame, cb=lambda pend: self._granted(pend, m, offset, data, done))
+        return True
+
+    def _count_write(self, m: Member, n: int) -> None:
+        self.last_host_io = trio.current_time()
+        m.stats["writes"] += 1
+        m.stats["bytes_written"] += n
+
+    def _mirrored(self, pend, m: Member, tok: int, offset: int, length: int, done) -> None:
+        if pend.reply is not None and pend.reply.status == Status.OK:
+            m.lock.release(tok)
+            done(0, "")
+            return
+        reason = str(pend.error) if pend.error else f"peer refused a write ({pend.reply.status})"
+
+        async def fence_then_ack():
+            # The local write is done; it is acknowledged once the peer is fenced off and the
+            # region is marked for resync (the range stays locked until then).
+            self.lose_peer(reason)
+            await self.fenced.wait()
+            m.dirty.set_range(offset, length)
+            m.lock.release(tok)
+            done(0, "")
+
+        self.node.spawn(fence_then_ack)
+
+    def _granted(self, pend, m: Member, offset: int, data, done) -> None:
+        reply = pend.reply
+        if reply is None:
+            done(errno.EIO, f"write not acknowledged by the primary: {pend.error}")
+            return
+        if reply.status != Status.OK:
+            err = errno.ESHUTDOWN if reply.status == Status.NOT_SERVING else errno.EIO
+            done(err, f"primary refused the write ({reply.status})")
+            return
+        status = 0
+        try:
+            m.vol.write_sync(offset, data)
+        except OSError as e:
+            status = e.errno or errno.EIO
+        link = self.node.link
+        link.send(Frame.release(pend.frame.req_id, self.st.gid, self.epoch, status))
+        done(status, "" if not status else "local write failed after the primary applied it")
+
     def _frame(self, m: Member, kind: str, req_id: int, offset: int, length: int, data, fua: bool, no_hole: bool, forwarded: bool = False) -> Frame:
         g, e, v = self.st.gid, self.epoch, m.vol_id
         if kind == WRITE:

@@ -54,6 +54,31 @@ class VolumeExport:
         group = f" group={m.group.name} role={m.group.role}" if m else ""
         return f"syncd volume {self.vol.name} wwn={wwn}{group}"
 
+    def fast_read(self, offset: int, length: int):
+        m = self.member
+        if m is not None:
+            return m.group.fast_read(m, offset, length)
+        if self.vol.direct:
+            return None
+        try:
+            return self.vol.read_sync(offset, length)
+        except OSError as e:
+            raise BlockError(e.errno or errno.EIO, str(e)) from None
+
+    def fast_write(self, offset: int, data, done) -> bool:
+        m = self.member
+        if m is not None:
+            return m.group.fast_write(m, offset, data, done)
+        if self.vol.direct:
+            return False
+        try:
+            self.vol.write_sync(offset, data)
+        except OSError as e:
+            done(e.errno or errno.EIO, str(e))
+            return True
+        done(0, "")
+        return True
+
     async def read(self, offset: int, length: int):
         m = self.member
         if m is not None:

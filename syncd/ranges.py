@@ -9,30 +9,42 @@ import trio
 class RangeLock:
     """Exclusive locks on byte ranges of one volume; non-overlapping ranges never wait."""
 
-    __slots__ = ("_held",)
+    __slots__ = ("_held", "_next")
 
     def __init__(self) -> None:
-        self._held: dict[int, tuple[int, int, trio.Event]] = {}
+        # token -> [start, end, Event or None]; the event is made only when someone waits.
+        self._held: dict[int, list] = {}
+        self._next = 0
 
-    def _conflict(self, start: int, end: int) -> trio.Event | None:
-        for s, e, ev in self._held.values():
-            if s < end and start < e:
-                return ev
+    def _conflict(self, start: int, end: int) -> list | None:
+        for h in self._held.values():
+            if h[0] < end and start < h[1]:
+                return h
         return None
+
+    def try_acquire(self, start: int, length: int) -> int | None:
+        """A token, or None when an overlapping range is held (nothing waits)."""
+        end = start + max(length, 1)
+        if self._held and self._conflict(start, end) is not None:
+            return None
+        self._next += 1
+        self._held[self._next] = [start, end, None]
+        return self._next
 
     async def acquire(self, start: int, length: int) -> int:
         end = start + max(length, 1)
-        while (ev := self._conflict(start, end)) is not None:
-            await ev.wait()
-        token = id(ev) ^ start ^ (len(self._held) << 48)
-        while token in self._held:
-            token += 1
-        self._held[token] = (start, end, trio.Event())
-        return token
+        while (h := self._conflict(start, end)) is not None:
+            if h[2] is None:
+                h[2] = trio.Event()
+            await h[2].wait()
+        self._next += 1
+        self._held[self._next] = [start, end, None]
+        return self._next
 
     def release(self, token: int) -> None:
-        _, _, ev = self._held.pop(token)
-        ev.set()
+        ev = self._held.pop(token)[2]
+        if ev is not None:
+            ev.set()
 
     def held(self) -> int:
         return len(self._held)

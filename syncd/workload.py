@@ -176,3 +176,6 @@ def main(argv: list[str] | None = None) -> int:
         with open(ns.out, "w") as f:
             json.dump(h.to_json(), f)
     return 0
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -227,8 +227,65 @@ class NBDConnection:
                 ev = await self._complete_write(ev)
             if ev.type == p.CMD_DISC:
                 return
+            if (ev.type == p.CMD_READ or ev.type == p.CMD_WRITE) and not ev.flags and self._fast(ev):
+                continue
             self.inflight += 1
             nursery.start_soon(self._run, ev)
+
+    def _fast(self, r: p.Request) -> bool:
+        """Run a plain read or write without a task when the export can (True if handled)."""
+        e = self.export
+        err = self._check(r)
+        if err:
+            self._fail(r.cookie, err, "")
+            return True
+        if r.type == p.CMD_READ:
+            fr = getattr(e, "fast_read", None)
+            if fr is None:
+                return False
+            try:
+                data = fr(r.offset, r.length)
+            except BlockError as ex:
+                self._fail(r.cookie, nbd_errno(ex.errno), str(ex))
+                return True
+            if data is None:
+                return False
+            if self.conn.structured:
+                self._queue(self.conn.offset_data_head(r.cookie, r.offset, len(data)), data)
+            else:
+                self._queue(self.conn.simple_reply(r.cookie), data)
+            return True
+        fw = getattr(e, "fast_write", None)
+        if fw is None:
+            return False
+        cookie = r.cookie
+        self.inflight += 1
+
+        def done(err: int, msg: str) -> None:
+            self.inflight -= 1
+            if err:
+                self._fail(cookie, nbd_errno(err), msg)
+            elif self.conn.structured:
+                self._queue(self.conn.done_chunk(cookie))
+            else:
+                self._queue(self.conn.simple_reply(cookie))
+            if not self.inflight:
+                self.idle.set()
+
+        try:
+            if fw(r.offset, memoryview(r.data), done):
+                return True
+        except BlockError as ex:
+            done(ex.errno, str(ex))
+            return True
+        self.inflight -= 1
+        return False
+
+    def _fail(self, cookie: int, err: int, msg: str) -> None:
+        if self.conn.structured:
+            self._queue(self.conn.error_chunk(cookie, err, msg))
+        else:
+            self._queue(self.conn.simple_reply(cookie, err))
 
     async def _complete_write(self, pw: p.PartialWrite) -> p.Request:
         r = pw.request
@@ -284,10 +341,7 @@ class NBDConnection:
                     err, msg = nbd_errno(e.errno), str(e)
                 except OSError as e:
                     err, msg = nbd_errno(e.errno or errno.EIO), str(e)
-            if self.conn.structured:
-                self._queue(self.conn.error_chunk(r.cookie, err, msg))
-            else:
-                self._queue(self.conn.simple_reply(r.cookie, err))
+            self._fail(r.cookie, err, msg)
         finally:
             self.inflight -= 1
             if not self.inflight:

@@ -42,16 +42,30 @@ class LinkTimeout(Exception):
 
 
 class _Pending:
-    __slots__ = ("frame", "bufs", "event", "reply", "error", "path", "deadline")
+    """A request awaiting its reply: either a task waits on ``event``, or ``cb(pending)`` is
+    called from the receiver when it completes (no task per request on the hot path)."""
 
-    def __init__(self, frame: Frame, bufs: list, deadline: float = 0.0) -> None:
+    __slots__ = ("frame", "bufs", "event", "reply", "error", "path", "deadline", "cb")
+
+    def __init__(self, frame: Frame, bufs: list, deadline: float = 0.0, cb=None) -> None:
         self.deadline = deadline
         self.frame = frame
         self.bufs = bufs
-        self.event = trio.Event()
+        self.cb = cb
+        self.event = None if cb is not None else trio.Event()
         self.reply: Frame | None = None
         self.error: Exception | None = None
         self.path: Path | None = None
+
+    def done(self) -> bool:
+        return self.reply is not None or self.error is not None
+
+    def finish(self) -> None:
+        if self.cb is not None:
+            cb, self.cb = self.cb, None
+            cb(self)
+        else:
+            self.event.set()
 
 
 @dataclass
@@ -311,12 +325,12 @@ class Link:
             self.dial_session = secrets.randbits(63) | 1
             for pend in list(self._pending.values()):
                 pend.error = LinkDown("replication link down")
-                pend.event.set()
+                pend.finish()
             self._pending.clear()
             self.on_down()
             return
         for pend in orphans:  # re-send on another path; the receiver drops duplicates
-            if not pend.event.is_set():
+            if not pend.done():
                 self._transmit(pend.bufs, pend)
 
     async def _sender(self, p: Path, cs: trio.CancelScope) -> None:
@@ -366,7 +380,7 @@ class Link:
                 if pend.path is not None:
                     pend.path.inflight.pop(f.req_id, None)
                 pend.reply = f
-                pend.event.set()
+                pend.finish()
             return
         if t == MsgType.PING:
             self._enqueue(p, proto.encode(Frame.pong(f.ping_ns())))
@@ -415,7 +429,7 @@ class Link:
             if pend is not None:
                 self._pending.pop(pend.frame.req_id, None)
                 pend.error = LinkDown("replication link down")
-                pend.event.set()
+                pend.finish()
             return
         if pend is not None:
             pend.path = p
@@ -432,13 +446,14 @@ class Link:
     def next_id(self) -> int:
         return next(self._ids)
 
-    def start(self, frame: Frame, timeout: float | None = None) -> _Pending:
-        """Send a request now; await ``wait(pending)`` for its reply."""
+    def start(self, frame: Frame, timeout: float | None = None, cb=None) -> _Pending:
+        """Send a request now; await ``wait(pending)`` for its reply, or pass ``cb`` to be
+        called with the pending request when it completes (possibly before this returns)."""
         bufs = proto.encode(frame)
-        pend = _Pending(frame, bufs, trio.current_time() + (timeout or self.cfg.io_timeout))
+        pend = _Pending(frame, bufs, trio.current_time() + (timeout or self.cfg.io_timeout), cb)
         if not self.up:
             pend.error = LinkDown("replication link down")
-            pend.event.set()
+            pend.finish()
             return pend
         self._pending[frame.req_id] = pend
         self._transmit(bufs, pend)
@@ -447,7 +462,7 @@ class Link:
     async def wait(self, pend: _Pending) -> Frame:
         """The reply; LinkDown when the link went down, LinkTimeout past the deadline (the
         sweeper task fails overdue requests, so no cancel scope is needed per request)."""
-        if not pend.event.is_set():
+        if not pend.done():
             await pend.event.wait()
         if pend.reply is not None:
             return pend.reply
@@ -469,7 +484,7 @@ class Link:
                     pend.error = LinkTimeout(
                         f"peer did not answer {pend.frame.type.name} within {self.cfg.io_timeout}s"
                     )
-                    pend.event.set()
+                    pend.finish()
 
     def send(self, frame: Frame) -> None:
         """Send a frame that expects no reply (RELEASE) on any live path."""
