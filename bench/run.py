@@ -1,14 +1,15 @@
 """Benchmark: fio's nbd engine against syncd and its baselines, in one run, as ratios.
 
-Targets (each on backing files of the same size, prefilled with the same data, same filesystem):
-  syncd-repl-A   syncd lab (two nodes, linked directly), volume at the primary site
-  syncd-repl-B   the same volume at the secondary site (writes forwarded to the primary)
-  syncd-single   one unreplicated syncd NBD server (python -m syncd.nbd.server)
-  nbdkit         nbdkit's file plugin: the unreplicated limit
-  qemu-quorum    qemu-storage-daemon exporting a quorum of a local file and an NBD child
-                 (qemu-nbd on a second file): a replicated C peer
+Targets (letters as in bench/README.md; each on backing files of the same size, written once
+with the same random data, in the same directory):
+  a  syncd-repl-A   syncd lab (two nodes on loopback, linked directly), volume vv1 at site A
+     syncd-repl-B   the same volume at site B (secondary: its writes are forwarded to A)
+  b  syncd-single   one unreplicated syncd NBD server (python -m syncd.nbd.server)
+  c  nbdkit         nbdkit's file plugin: the unreplicated limit
+  d  qemu-quorum    qemu-storage-daemon exporting a quorum node of a local file and an NBD child
+                    (a second server on a second file): a replicated peer written in C
 
-Usage: .venv/bin/python bench/run.py [--runtime 10] [--size 1GiB] [--targets a,b] [--out FILE]
+Usage: .venv/bin/python bench/run.py [--runtime 10] [--size 1GiB] [--targets a,b,c,d] [--out FILE]
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import re
 import shutil
 import signal
 import socket
@@ -26,112 +29,286 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from syncd.config import parse_size  # noqa: E402
-from syncd.lab import free_port, lab_down, lab_up  # noqa: E402
+JOBDIR = ROOT / "bench" / "jobs"
 
 JOBS = ["randwrite-4k-qd1", "randwrite-4k-qd16", "randread-4k-qd16", "seqwrite-1m-qd4"]
 TARGETS = ["syncd-repl-A", "syncd-repl-B", "syncd-single", "nbdkit", "qemu-quorum"]
+ALIASES = {"a": ["syncd-repl-A", "syncd-repl-B"], "b": ["syncd-single"], "c": ["nbdkit"],
+           "d": ["qemu-quorum"], "syncd-repl": ["syncd-repl-A", "syncd-repl-B"]}
+BASELINE, PEER = "nbdkit", "qemu-quorum"
 
 
-def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 20) -> None:
+class BenchError(Exception):
+    """A target could not be started or measured; the run goes on with the other targets."""
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+def parse_size(s: str) -> int:
+    m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", s, re.I)
+    if not m:
+        raise SystemExit(f"bench: --size {s!r} is not a size (use e.g. 256MiB, 1GiB)")
+    n = int(m.group(1)) << (10 * " kmgt".index((m.group(2) or " ").lower()))
+    if n < (1 << 20) or n % (1 << 20):
+        raise SystemExit("bench: --size must be a positive multiple of 1 MiB")
+    return n
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tail(path: Path, n: int = 15) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()[-n:]
+    except OSError:
+        return ""
+    return ("\n    " + "\n    ".join(lines)) if lines else ""
+
+
+def wait_port(port: int, proc: subprocess.Popen | None = None, log: Path | None = None,
+              timeout: float = 30) -> None:
+    """Wait until 127.0.0.1:port accepts a TCP connection (fail early if proc exits)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+            raise BenchError(f"{Path(proc.args[0]).name} exited with status {proc.returncode} "
+                             f"before port {port} opened{tail(log) if log else ''}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
             return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"port {port} did not open within {timeout}s")
+    raise BenchError(f"port {port} did not accept connections within {timeout:.0f}s"
+                     f"{tail(log) if log else ''}")
 
 
-def prefill(path: Path, size: int, seed_file: Path) -> None:
-    shutil.copyfile(seed_file, path)
-    assert path.stat().st_size == size
+def need(*tools: str) -> None:
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        raise BenchError(f"missing tool(s): {', '.join(missing)} (Debian: apt-get install "
+                         "fio nbdkit qemu-utils qemu-system-common libnbd-bin)")
 
 
-@contextmanager
-def procs():
-    started: list[subprocess.Popen] = []
-    try:
-        yield started
-    finally:
-        for p in started:
+def make_seed(path: Path, size: int) -> None:
+    """The same incompressible data behind every target, written once."""
+    with open(path, "wb") as f:
+        for _ in range(size >> 20):
+            f.write(os.urandom(1 << 20))
+
+
+def backing(path: Path, seed: Path) -> Path:
+    """A backing file: a full (non-sparse, non-reflinked) copy of the seed."""
+    shutil.copyfile(seed, path)  # sendfile(2) on Linux: real blocks, never a reflink
+    return path
+
+
+def same_content(p1: Path, p2: Path) -> bool:
+    with open(p1, "rb") as f1, open(p2, "rb") as f2:
+        while True:
+            b1, b2 = f1.read(8 << 20), f2.read(8 << 20)
+            if b1 != b2:
+                return False
+            if not b1:
+                return True
+
+
+class Procs:
+    """Processes started for one target; all are stopped (TERM, then KILL) on exit."""
+
+    def __init__(self, d: Path):
+        self.d, self.ps = d, []
+
+    def start(self, name: str, args: list[str], **kw) -> tuple[subprocess.Popen, Path]:
+        log = self.d / f"{name}.log"
+        with open(log, "wb") as f:
+            p = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kw)
+        self.ps.append(p)
+        return p, log
+
+    def stop(self) -> None:
+        for p in self.ps:
             if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in started:
+                p.terminate()
+        for p in self.ps:
             try:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
+        self.ps.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# targets: each context manager yields {row name: NBD URI} and records checks in `info`
+
+@contextmanager
+def syncd_repl(d: Path, size: int, seed: Path, info: dict):
+    """(a) the syncd lab: nodes A and B, one replicated volume vv1, links without the relay."""
+    import inspect
+
+    try:
+        from syncd.lab import lab_down, lab_up
+    except Exception as e:  # the node code may be under construction
+        raise BenchError(f"cannot import syncd.lab: {type(e).__name__}: {e}") from None
+    lab_dir = d / "lab"
+    params = inspect.signature(lab_up).parameters
+    vols = None
+    kw: dict = {"size": f"{size >> 20}MiB", "nvolumes": 1, "npaths": 2}
+    if "volume_paths" in params:  # prefilled files like every other target
+        vols = {s: backing(d / f"repl-{s}.img", seed) for s in ("A", "B")}
+        kw["volume_paths"] = {s: [str(p)] for s, p in vols.items()}
+    else:
+        info["note"] = "lab_up has no volume_paths: the lab created its own (unfilled) files"
+    if "relay" in params:
+        kw["relay"] = False  # the lab's Python link relay would be an extra hop
+    if "timeout" in params:
+        kw["timeout"] = 600  # initial sync of the prefilled volumes (identical: digests only)
+    t0 = time.monotonic()
+    try:
+        try:
+            lab = lab_up(str(lab_dir), **kw)
+        except Exception as e:
+            raise BenchError(f"lab_up failed: {type(e).__name__}: {e}"
+                             f"{tail(lab_dir / 'A.log', 8)}{tail(lab_dir / 'B.log', 8)}") from None
+        info["lab_up_s"] = round(time.monotonic() - t0, 1)
+        uris = {f"syncd-repl-{s}": lab["nodes"][s]["volumes"]["vv1"]["uri"] for s in ("A", "B")}
+        for s in ("A", "B"):
+            wait_port(int(lab["nodes"][s]["nbd"].rsplit(":", 1)[1]), log=Path(lab["nodes"][s]["log"]))
+        yield uris
+    finally:
+        if (lab_dir / "lab.json").exists():
+            lab_down(str(lab_dir))
+    paths = [Path(lab["nodes"][s]["volumes"]["vv1"]["path"]) for s in ("A", "B")]
+    info["replicas_identical"] = same_content(*paths)
 
 
 @contextmanager
-def target(name: str, d: Path, size: int, seed: Path):
-    """Start one target; yield its NBD URI."""
-    d.mkdir(parents=True, exist_ok=True)
-    log = open(d / f"{name}.log", "wb")
-    with procs() as ps:
-        if name.startswith("syncd-repl"):
-            lab_dir = d / "lab"
-            if not (lab_dir / "lab.json").exists():
-                raise RuntimeError("lab not started")
-            lab = json.loads((lab_dir / "lab.json").read_text())
-            site = name[-1]
-            yield lab["nodes"][site]["volumes"]["vv1"]["uri"]
-        elif name == "syncd-single":
-            f = d / "single.img"
-            prefill(f, size, seed)
-            port = free_port()
-            p = subprocess.Popen([sys.executable, "-m", "syncd.nbd.server", "--port", str(port),
-                                  "--export", f"vv1={f}"], stdout=log, stderr=log, cwd=ROOT)
-            ps.append(p)
-            wait_port(port, p)
-            yield f"nbd://127.0.0.1:{port}/vv1"
-        elif name == "nbdkit":
-            f = d / "nbdkit.img"
-            prefill(f, size, seed)
-            port = free_port()
-            p = subprocess.Popen(["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "-e", "vv1",
-                                  "file", str(f)], stdout=log, stderr=log)
-            ps.append(p)
-            wait_port(port, p)
-            yield f"nbd://127.0.0.1:{port}/vv1"
-        elif name == "qemu-quorum":
-            f1, f2 = d / "quorum-local.img", d / "quorum-remote.img"
-            prefill(f1, size, seed)
-            prefill(f2, size, seed)
-            rport, port = free_port(), free_port()
-            r = subprocess.Popen(["qemu-nbd", "-f", "raw", "-x", "vv1", "-b", "127.0.0.1", "-p", str(rport),
-                                  "-t", "--cache=writeback", str(f2)], stdout=log, stderr=log)
-            ps.append(r)
-            wait_port(rport, r)
-            q = subprocess.Popen([
-                "qemu-storage-daemon",
-                "--blockdev", f"driver=file,node-name=lf,filename={f1}",
-                "--blockdev", "driver=raw,node-name=local,file=lf",
-                "--blockdev", f"driver=nbd,node-name=remote,server.type=inet,server.host=127.0.0.1,server.port={rport},export=vv1",
-                "--blockdev", "driver=quorum,node-name=q,vote-threshold=1,children.0=local,children.1=remote,read-pattern=fifo",
-                "--nbd-server", f"addr.type=inet,addr.host=127.0.0.1,addr.port={port}",
-                "--export", "type=nbd,id=e0,node-name=q,writable=on,name=vv1",
-            ], stdout=log, stderr=log)
-            ps.append(q)
-            wait_port(port, q)
-            yield f"nbd://127.0.0.1:{port}/vv1"
-        else:
-            raise ValueError(f"unknown target {name}")
+def syncd_single(d: Path, size: int, seed: Path, info: dict):
+    """(b) one unreplicated syncd NBD server."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("syncd.nbd.server") is not None
+    except Exception as e:
+        raise BenchError(f"cannot import syncd.nbd: {type(e).__name__}: {e}") from None
+    if not found:
+        raise BenchError("syncd/nbd/server.py does not exist yet")
+    f = backing(d / "single.img", seed)
+    port = free_port()
+    procs = Procs(d)
+    try:
+        p, log = procs.start("syncd-single", [sys.executable, "-m", "syncd.nbd.server", "--host", "127.0.0.1",
+                                              "--port", str(port), "--export", f"vv1={f}"], cwd=ROOT)
+        wait_port(port, p, log)
+        yield {"syncd-single": f"nbd://127.0.0.1:{port}/vv1"}
+    finally:
+        procs.stop()
+
+
+@contextmanager
+def nbdkit(d: Path, size: int, seed: Path, info: dict):
+    """(c) nbdkit's file plugin, default thread count."""
+    need("nbdkit")
+    f = backing(d / "nbdkit.img", seed)
+    port = free_port()
+    procs = Procs(d)
+    try:
+        p, log = procs.start("nbdkit", ["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(port),
+                                        "file", str(f)])
+        wait_port(port, p, log)
+        yield {"nbdkit": f"nbd://127.0.0.1:{port}/vv1"}
+    finally:
+        procs.stop()
+
+
+def remote_server(kind: str, port: int, f: Path) -> list[str]:
+    if kind == "nbdkit":
+        return ["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(port), "-e", "vv1",
+                "file", str(f)]
+    return ["qemu-nbd", "-f", "raw", "-x", "vv1", "-b", "127.0.0.1", "-p", str(port), "-t",
+            "--cache=writeback", str(f)]
+
+
+@contextmanager
+def qemu_quorum(d: Path, size: int, seed: Path, info: dict, remote: str = "nbdkit"):
+    """(d) qemu-storage-daemon: quorum(raw(file local), nbd(remote server on a second file))."""
+    need("qemu-storage-daemon", "qemu-io", remote if remote == "nbdkit" else "qemu-nbd")
+    f1, f2 = backing(d / "quorum-local.img", seed), backing(d / "quorum-remote.img", seed)
+    rport, port = free_port(), free_port()
+    info["remote_server"] = remote
+    procs = Procs(d)
+    try:
+        r, rlog = procs.start("quorum-remote", remote_server(remote, rport, f2))
+        wait_port(rport, r, rlog)
+        q, qlog = procs.start("qemu-storage-daemon", [
+            "qemu-storage-daemon",
+            "--blockdev", f"driver=file,node-name=lf,filename={f1}",
+            "--blockdev", "driver=raw,node-name=local,file=lf",
+            "--blockdev", "driver=nbd,node-name=remote,server.type=inet,server.host=127.0.0.1,"
+                          f"server.port={rport},export=vv1",
+            "--blockdev", "driver=quorum,node-name=q,vote-threshold=1,children.0=local,children.1=remote,"
+                          "read-pattern=fifo",
+            "--nbd-server", f"addr.type=inet,addr.host=127.0.0.1,addr.port={port}",
+            "--export", "type=nbd,id=e0,node-name=q,writable=on,name=vv1",
+        ])
+        wait_port(port, q, qlog)
+        uri = f"nbd://127.0.0.1:{port}/vv1"
+        # it must really write both files: one write through the export, then read both files
+        off, n = size // 2, 64 << 10
+        p = subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P 0xa5 {off} {n}", "-c", "flush", uri],
+                           capture_output=True, text=True, timeout=30)
+        if p.returncode != 0:
+            raise BenchError(f"qemu-io write through the quorum export failed: {p.stdout}{p.stderr}")
+        got = []
+        for f in (f1, f2):
+            with open(f, "rb") as fh:
+                fh.seek(off)
+                got.append(fh.read(n) == b"\xa5" * n)
+        info["write_reaches_both_files"] = all(got)
+        if not all(got):
+            raise BenchError(f"a write through the quorum export did not reach both files "
+                             f"(local: {got[0]}, remote: {got[1]})")
+        yield {"qemu-quorum": uri}
+    finally:
+        procs.stop()
+    info["replicas_identical"] = same_content(f1, f2)
+
+
+GROUPS = {  # group -> (rows it yields, context manager)
+    "a": (["syncd-repl-A", "syncd-repl-B"], syncd_repl),
+    "b": (["syncd-single"], syncd_single),
+    "c": (["nbdkit"], nbdkit),
+    "d": (["qemu-quorum"], qemu_quorum),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# fio
+
+def fio_version() -> str:
+    try:
+        return subprocess.run(["fio", "--version"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "?"
 
 
 def run_fio(job: str, uri: str, size: int, runtime: int) -> dict:
     env = dict(os.environ, URI=uri, SIZE=str(size), RUNTIME=str(runtime))
-    p = subprocess.run(["fio", "--output-format=json", str(ROOT / "bench" / "jobs" / f"{job}.fio")],
-                       capture_output=True, text=True, env=env, timeout=runtime + 120)
-    if p.returncode != 0:
-        raise RuntimeError(f"fio {job} against {uri} failed: {p.stderr.strip()[-500:]}")
-    j = json.loads(p.stdout[p.stdout.index("{"):])["jobs"][0]
+    try:
+        p = subprocess.run(["fio", "--output-format=json", str(JOBDIR / f"{job}.fio")],
+                           capture_output=True, text=True, env=env, timeout=runtime + 120)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"fio {job} against {uri} did not finish within {runtime + 120}s") from None
+    # fio prints engine errors as text before the JSON document
+    start = p.stdout.find("{")
+    if p.returncode != 0 or start < 0:
+        msg = (p.stderr + p.stdout[: max(start, 0)] if start >= 0 else p.stderr + p.stdout).strip()
+        raise BenchError(f"fio {job} against {uri} failed (status {p.returncode}): {msg[-600:]}")
+    j = json.loads(p.stdout[start:])["jobs"][0]
     side = j["write"] if j["write"]["io_bytes"] else j["read"]
     pct = side["clat_ns"].get("percentile", {})
     return {
@@ -139,86 +316,144 @@ def run_fio(job: str, uri: str, size: int, runtime: int) -> dict:
         "mbps": side["bw_bytes"] / 1e6,
         "p50_us": pct.get("50.000000", 0) / 1000,
         "p99_us": pct.get("99.000000", 0) / 1000,
-        "errors": j["error"],
+        "clat_mean_us": side["clat_ns"]["mean"] / 1000,
+        "io_bytes": side["io_bytes"],
+        "fio_error": j["error"],
     }
+
+
+# ---------------------------------------------------------------------------------------------
+
+def select(spec: str) -> list[str]:
+    rows: list[str] = []
+    for t in (s.strip() for s in spec.split(",")):
+        if not t:
+            continue
+        names = ALIASES.get(t.lower()) or ([t] if t in TARGETS else None)
+        if names is None:
+            raise SystemExit(f"bench: unknown target {t!r} (use a,b,c,d or {', '.join(TARGETS)})")
+        rows += [n for n in names if n not in rows]
+    return rows
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runtime", type=int, default=10)
-    ap.add_argument("--size", default="1GiB")
-    ap.add_argument("--targets", default=",".join(TARGETS))
-    ap.add_argument("--jobs", default=",".join(JOBS))
-    ap.add_argument("--dir", default="/tmp/syncd-bench")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--runtime", type=int, default=10, help="seconds per job after a 2 s ramp (default 10)")
+    ap.add_argument("--size", default="1GiB", help="size of every backing file (default 1GiB)")
+    ap.add_argument("--targets", default="a,b,c,d", help="a,b,c,d or row names (default all)")
+    ap.add_argument("--jobs", default=",".join(JOBS), help=f"fio jobs from bench/jobs (default {','.join(JOBS)})")
+    ap.add_argument("--dir", default="/tmp/syncd-bench", help="backing files and logs (emptied first)")
+    ap.add_argument("--quorum-remote", choices=["nbdkit", "qemu-nbd"], default="nbdkit",
+                    help="server of the quorum's remote child (default nbdkit; see README)")
+    ap.add_argument("--keep", action="store_true", help="keep the backing files after each target")
+    ap.add_argument("--out", default=None, help="raw results JSON (default bench/results/DATE.json)")
     ns = ap.parse_args()
-    for tool in ("fio", "nbdkit", "qemu-nbd", "qemu-storage-daemon"):
-        if shutil.which(tool) is None:
-            print(f"bench: {tool} is not installed (./scripts/setup installs it)", file=sys.stderr)
-            return 2
-    size = parse_size(ns.size, "--size")
-    targets = [t for t in ns.targets.split(",") if t]
+
+    if shutil.which("fio") is None:
+        print("bench: fio is not installed (apt-get install fio; fio >= 3.19 has the nbd engine)", file=sys.stderr)
+        return 2
+    size = parse_size(ns.size)
+    rows = select(ns.targets)
     jobs = [j for j in ns.jobs.split(",") if j]
-    d = Path(ns.dir)
+    for j in jobs:
+        if not (JOBDIR / f"{j}.fio").exists():
+            print(f"bench: no job file {JOBDIR / j}.fio", file=sys.stderr)
+            return 2
+    d = Path(ns.dir).resolve()
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
+    sys.path.insert(0, str(ROOT))
+
+    # SIGTERM/SIGHUP unwind like Ctrl-C, so every finally: below stops its servers
+    def _raise(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, _raise)
+    signal.signal(signal.SIGHUP, _raise)
+
+    results: dict[str, dict] = {r: {} for r in rows}
+    errors: dict[str, str] = {}
+    checks: dict[str, dict] = {}
+    print(f"bench: writing {size >> 20} MiB of seed data in {d}", file=sys.stderr, flush=True)
     seed = d / "seed.img"
-    with open(seed, "wb") as f:  # the same incompressible data behind every target
-        for _ in range(size // (1 << 20)):
-            f.write(os.urandom(1 << 20))
-
-    results: dict[str, dict[str, dict]] = {}
-    lab_dir = d / "lab"
-    repl = [t for t in targets if t.startswith("syncd-repl")]
-    if repl:
-        (d / "labvols").mkdir()
-        vols = {}
-        for site in ("A", "B"):
-            v = d / "labvols" / f"{site}-vv1.img"
-            prefill(v, size, seed)
-            vols[site] = [str(v)]
-        lab_up(str(lab_dir), volume_paths=vols, npaths=2, relay=False, timeout=600)
+    make_seed(seed, size)
+    interrupted = False
     try:
-        for t in targets:
-            results[t] = {}
-            with target(t, d, size, seed) as uri:
-                for job in jobs:
-                    print(f"bench: {t} {job} ...", file=sys.stderr, flush=True)
-                    results[t][job] = run_fio(job, uri, size, ns.runtime)
+        for g, (grows, cm) in GROUPS.items():
+            want = [r for r in grows if r in rows]
+            if not want:
+                continue
+            gd = d / g
+            gd.mkdir()
+            info: dict = {}
+            checks[g] = info
+            kw = {"remote": ns.quorum_remote} if g == "d" else {}
+            try:
+                with cm(gd, size, seed, info, **kw) as uris:
+                    for r in want:
+                        for job in jobs:
+                            print(f"bench: {r} {job} ({uris[r]}) ...", file=sys.stderr, flush=True)
+                            try:
+                                results[r][job] = run_fio(job, uris[r], size, ns.runtime)
+                            except BenchError as e:
+                                errors[f"{r} {job}"] = str(e)
+                                print(f"bench: {e}", file=sys.stderr)
+            except BenchError as e:
+                for r in want:
+                    errors.setdefault(r, str(e))
+                print(f"bench: {'/'.join(want)}: {e}", file=sys.stderr)
+            finally:
+                if not ns.keep:
+                    for f in gd.glob("*.img"):
+                        f.unlink()
+    except KeyboardInterrupt:
+        interrupted = True
+        print("bench: interrupted; servers stopped", file=sys.stderr)
     finally:
-        if repl:
-            lab_down(str(lab_dir))
+        seed.unlink(missing_ok=True)
 
-    report(results, jobs, ns)
     out = Path(ns.out) if ns.out else ROOT / "bench" / "results" / time.strftime("%Y%m%d-%H%M%S.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"runtime": ns.runtime, "size": size, "cpus": os.cpu_count(),
-                               "results": results}, indent=1))
+    out.write_text(json.dumps({
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runtime_s": ns.runtime, "ramp_s": 2, "size": size,
+        "cpus": os.cpu_count(), "kernel": platform.release(), "fio": fio_version(),
+        "quorum_remote": ns.quorum_remote, "interrupted": interrupted,
+        "results": results, "errors": errors, "checks": checks,
+    }, indent=1))
+    report(results, errors, checks, rows, jobs, ns)
     print(f"raw results: {out}")
-    return 0
+    return 1 if (errors or interrupted) else 0
 
 
-def report(results: dict, jobs: list[str], ns) -> None:
+def report(results: dict, errors: dict, checks: dict, rows: list[str], jobs: list[str], ns) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"fio nbd engine, {ns.runtime}s per job, {ns.size} volumes, {os.cpu_count()} CPUs")
-    for c in ("target", "workload", "IOPS", "MB/s", "p50 µs", "p99 µs", "× nbdkit", "× qemu-quorum"):
-        t.add_column(c, justify="right" if c not in ("target", "workload") else "left")
+    con = Console(width=150)
+    t = Table(title=f"fio nbd engine: {ns.runtime} s per job (after a 2 s ramp), {ns.size} volumes, "
+                    f"{os.cpu_count()} CPUs")
+    for c in ("target", "workload", "IOPS", "MB/s", "p50 µs", "p99 µs", f"× {BASELINE}", f"× {PEER}"):
+        t.add_column(c, justify="left" if c in ("target", "workload") else "right")
     for job in jobs:
-        base = results.get("nbdkit", {}).get(job)
-        peer = results.get("qemu-quorum", {}).get(job)
-        for tgt, rs in results.items():
-            r = rs.get(job)
-            if r is None:
+        base, peer = results.get(BASELINE, {}).get(job), results.get(PEER, {}).get(job)
+        metric = "mbps" if job.startswith("seq") else "iops"
+        for r in rows:
+            res = results.get(r, {}).get(job)
+            if res is None:
+                t.add_row(r, job, "[red]failed[/red]", "", "", "", "", "")
                 continue
-            metric = "mbps" if job.startswith("seq") else "iops"
-            rn = f"{r[metric] / base[metric]:.2f}" if base else "-"
-            rp = f"{r[metric] / peer[metric]:.2f}" if peer else "-"
-            t.add_row(tgt, job, f"{r['iops']:.0f}", f"{r['mbps']:.1f}", f"{r['p50_us']:.0f}",
-                      f"{r['p99_us']:.0f}", rn, rp)
+            t.add_row(r, job, f"{res['iops']:.0f}", f"{res['mbps']:.1f}", f"{res['p50_us']:.0f}",
+                      f"{res['p99_us']:.0f}",
+                      f"{res[metric] / base[metric]:.2f}" if base and base[metric] else "-",
+                      f"{res[metric] / peer[metric]:.2f}" if peer and peer[metric] else "-")
         t.add_section()
-    Console(width=140).print(t)
+    con.print(t)
+    con.print("Ratios: this row's IOPS (MB/s for the 1 MiB job) divided by nbdkit's / the qemu quorum "
+              "peer's on the same workload; > 1 is faster.")
+    for g, info in checks.items():
+        if info:
+            con.print(f"check {g}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    for k, v in errors.items():
+        con.print(f"[red]error[/red] {k}: {v}", markup=True, highlight=False)
 
 
 if __name__ == "__main__":
