@@ -310,16 +310,17 @@ def run_fio(job: str, uri: str, size: int, runtime: int) -> dict:
         raise BenchError(f"fio {job} against {uri} failed (status {p.returncode}): {msg[-600:]}")
     j = json.loads(p.stdout[start:])["jobs"][0]
     side = j["write"] if j["write"]["io_bytes"] else j["read"]
-    pct = side["clat_ns"].get("percentile", {})
-    return {
-        "iops": side["iops"],
-        "mbps": side["bw_bytes"] / 1e6,
-        "p50_us": pct.get("50.000000", 0) / 1000,
-        "p99_us": pct.get("99.000000", 0) / 1000,
-        "clat_mean_us": side["clat_ns"]["mean"] / 1000,
-        "io_bytes": side["io_bytes"],
-        "fio_error": j["error"],
-    }
+    r = {"iops": side["iops"], "mbps": side["bw_bytes"] / 1e6, "io_bytes": side["io_bytes"],
+         "fio_error": j["error"]}
+    for kind in ("clat", "lat"):  # microseconds
+        st = side.get(f"{kind}_ns", {})
+        pct = st.get("percentile", {})
+        r[f"{kind}_p50_us"] = pct.get("50.000000", 0) / 1000
+        r[f"{kind}_p99_us"] = pct.get("99.000000", 0) / 1000
+        r[f"{kind}_mean_us"] = st.get("mean", 0) / 1000
+    if j["error"]:
+        raise BenchError(f"fio {job} against {uri}: I/O error {j['error']}")
+    return r
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,6 +346,10 @@ def main() -> int:
     ap.add_argument("--dir", default="/tmp/syncd-bench", help="backing files and logs (emptied first)")
     ap.add_argument("--quorum-remote", choices=["nbdkit", "qemu-nbd"], default="nbdkit",
                     help="server of the quorum's remote child (default nbdkit; see README)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run each job N times on the same server and keep the median run (default 1)")
+    ap.add_argument("--latency", choices=["lat", "clat"], default="lat",
+                    help="latency percentiles shown: total (lat, default) or completion (clat); both are saved")
     ap.add_argument("--keep", action="store_true", help="keep the backing files after each target")
     ap.add_argument("--out", default=None, help="raw results JSON (default bench/results/DATE.json)")
     ns = ap.parse_args()
@@ -393,7 +398,12 @@ def main() -> int:
                         for job in jobs:
                             print(f"bench: {r} {job} ({uris[r]}) ...", file=sys.stderr, flush=True)
                             try:
-                                results[r][job] = run_fio(job, uris[r], size, ns.runtime)
+                                runs = [run_fio(job, uris[r], size, ns.runtime) for _ in range(ns.repeat)]
+                                metric = "mbps" if job.startswith("seq") else "iops"
+                                best = sorted(runs, key=lambda x: x[metric])[(len(runs) - 1) // 2]
+                                if len(runs) > 1:
+                                    best = dict(best, runs=[x[metric] for x in runs])
+                                results[r][job] = best
                             except BenchError as e:
                                 errors[f"{r} {job}"] = str(e)
                                 print(f"bench: {e}", file=sys.stderr)
@@ -416,7 +426,7 @@ def main() -> int:
     out.write_text(json.dumps({
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runtime_s": ns.runtime, "ramp_s": 2, "size": size,
         "cpus": os.cpu_count(), "kernel": platform.release(), "fio": fio_version(),
-        "quorum_remote": ns.quorum_remote, "interrupted": interrupted,
+        "quorum_remote": ns.quorum_remote, "repeat": ns.repeat, "interrupted": interrupted,
         "results": results, "errors": errors, "checks": checks,
     }, indent=1))
     report(results, errors, checks, rows, jobs, ns)
@@ -429,9 +439,11 @@ def report(results: dict, errors: dict, checks: dict, rows: list[str], jobs: lis
     from rich.table import Table
 
     con = Console(width=150)
-    t = Table(title=f"fio nbd engine: {ns.runtime} s per job (after a 2 s ramp), {ns.size} volumes, "
+    rep = f", median of {ns.repeat} runs" if ns.repeat > 1 else ""
+    t = Table(title=f"fio nbd engine: {ns.runtime} s per job (after a 2 s ramp){rep}, {ns.size} volumes, "
                     f"{os.cpu_count()} CPUs")
-    for c in ("target", "workload", "IOPS", "MB/s", "p50 µs", "p99 µs", f"× {BASELINE}", f"× {PEER}"):
+    lk = ns.latency
+    for c in ("target", "workload", "IOPS", "MB/s", f"{lk} p50 µs", f"{lk} p99 µs", f"× {BASELINE}", f"× {PEER}"):
         t.add_column(c, justify="left" if c in ("target", "workload") else "right")
     for job in jobs:
         base, peer = results.get(BASELINE, {}).get(job), results.get(PEER, {}).get(job)
@@ -441,14 +453,18 @@ def report(results: dict, errors: dict, checks: dict, rows: list[str], jobs: lis
             if res is None:
                 t.add_row(r, job, "[red]failed[/red]", "", "", "", "", "")
                 continue
-            t.add_row(r, job, f"{res['iops']:.0f}", f"{res['mbps']:.1f}", f"{res['p50_us']:.0f}",
-                      f"{res['p99_us']:.0f}",
+            t.add_row(r, job, f"{res['iops']:.0f}", f"{res['mbps']:.1f}", f"{res[lk + '_p50_us']:.0f}",
+                      f"{res[lk + '_p99_us']:.0f}",
                       f"{res[metric] / base[metric]:.2f}" if base and base[metric] else "-",
                       f"{res[metric] / peer[metric]:.2f}" if peer and peer[metric] else "-")
         t.add_section()
     con.print(t)
     con.print("Ratios: this row's IOPS (MB/s for the 1 MiB job) divided by nbdkit's / the qemu quorum "
-              "peer's on the same workload; > 1 is faster.")
+              "peer's on the same workload; > 1 is faster. Latency: "
+              + ("clat = completion latency, from fio's submit to the reply (the nbd engine sends the "
+                 "request during submit, so clat leaves the send out)." if lk == "clat" else
+                 "lat = total latency (submit + completion), what the host sees; --latency clat for "
+                 "fio's completion latency alone."))
     for g, info in checks.items():
         if info:
             con.print(f"check {g}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
