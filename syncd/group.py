@@ -510,6 +510,25 @@ class Group:
         self.forwarded[f.req_id] = (m, tok, f.offset, f.length)
         link.reply(path, f.req_id, Status.OK)
 
+    def forwarded_fast(self, link, path, f: Frame, m: Member) -> bool:
+        """handle_forwarded for a plain buffered write whose range is free: inline, no task."""
+        if m.vol.direct or not (self.st.started and self.mirroring and self.peer_ready):
+            return False
+        tok = m.lock.try_acquire(f.offset, f.length)
+        if tok is None:
+            return False
+        self.last_host_io = trio.current_time()
+        try:
+            m.vol.check_range(f.offset, len(f.payload))
+            m.vol.write_sync(f.offset, f.payload)
+        except OSError as e:
+            m.lock.release(tok)
+            link.reply(path, f.req_id, e.errno or errno.EIO)
+            return True
+        self.forwarded[f.req_id] = (m, tok, f.offset, f.length)
+        link.reply(path, f.req_id, Status.OK)
+        return True
+
     def handle_release(self, f: Frame) -> None:
         entry = self.forwarded.pop(f.req_id, None)
         if entry is None:

@@ -344,7 +344,8 @@ class Node:
                 if g.role != "primary":
                     link.reply(path, f.req_id, Status.NOT_PRIMARY)
                     return
-                self.spawn(g.handle_forwarded, link, path, f, m, kind)
+                if not (kind == WRITE and not f.fua and g.forwarded_fast(link, path, f, m)):
+                    self.spawn(g.handle_forwarded, link, path, f, m, kind)
                 return
             if g.role != "secondary":
                 link.reply(path, f.req_id, Status.NOT_PRIMARY)
