@@ -43,6 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--dir", default="lab")
         if name in ("cut-link", "heal-link"):
             s.add_argument("--path", type=int, action="append", help="only this path (repeatable)")
+    s = lsub.add_parser("kill", help="stop one node: SIGKILL by default (a crash), --clean for SIGTERM")
+    s.add_argument("site")
+    s.add_argument("--clean", action="store_true")
+    s.add_argument("--dir", default="lab")
+    s = lsub.add_parser("start", help="start a stopped node again")
+    s.add_argument("site")
+    s.add_argument("--dir", default="lab")
     s = lsub.add_parser("delay", help="add round-trip latency to the replication link")
     s.add_argument("ms", type=float)
     s.add_argument("--dir", default="lab")
@@ -91,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from .ctl import CtlError
-    from .lab import LabError, lab_down, lab_up, load_lab, print_summary
+    from .lab import LabError, lab_down, lab_kill, lab_start, lab_up, load_lab, print_summary
 
     try:
         if ns.labcmd == "up":
@@ -112,6 +119,13 @@ def main(argv: list[str] | None = None) -> int:
                     print_showrcopy(call(n["admin_socket"], "showrcopy"), Console())
                 except CtlError as e:
                     print(f"node {name}: {e}")
+        elif ns.labcmd == "kill":
+            import signal as _signal
+
+            pid = lab_kill(ns.dir, ns.site, _signal.SIGTERM if ns.clean else _signal.SIGKILL)
+            print(f"node {ns.site} (pid {pid}) {'stopped' if ns.clean else 'killed'}")
+        elif ns.labcmd == "start":
+            print(f"node {ns.site} started (pid {lab_start(ns.dir, ns.site)})")
         elif ns.labcmd in ("cut-link", "heal-link", "delay"):
             from .linkproxy import proxy_command
 

@@ -207,6 +207,37 @@ def lab_down(d: str, timeout: float = 15.0) -> list[str]:
     return stopped
 
 
+def lab_kill(d: str, site: str, sig: int = signal.SIGKILL) -> int:
+    """Stop one node abruptly (SIGKILL: as a power cut is to the process) or cleanly (SIGTERM)."""
+    lab = load_lab(d)
+    if site not in lab["nodes"]:
+        raise LabError(f"lab {d} has no site {site!r} (sites: {', '.join(lab['nodes'])})")
+    pid = lab["nodes"][site]["pid"]
+    if not _alive(pid):
+        raise LabError(f"node {site} (pid {pid}) is not running")
+    os.kill(pid, sig)
+    deadline = time.monotonic() + 15
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return pid
+
+
+def lab_start(d: str, site: str) -> int:
+    """Start a stopped node again with its config and data; returns its new pid."""
+    lab = load_lab(d)
+    if site not in lab["nodes"]:
+        raise LabError(f"lab {d} has no site {site!r} (sites: {', '.join(lab['nodes'])})")
+    n = lab["nodes"][site]
+    if _alive(n["pid"]):
+        raise LabError(f"node {site} is already running (pid {n['pid']})")
+    log = Path(n["log"])
+    pid = _spawn([sys.executable, "-m", "syncd", "node", "--config", n["config"]], log)
+    n["pid"] = pid
+    (Path(d) / "lab.json").write_text(json.dumps(lab, indent=1))
+    _wait_socket(n["admin_socket"], pid, log)
+    return pid
+
+
 def print_summary(lab: dict) -> None:
     from rich.console import Console
     from rich.table import Table

@@ -250,3 +250,28 @@ def test_alua_path_states_follow_the_link(lab):
     assert alua(lab, "A") == (0, 1)
     proxy_command(lab["link"]["control"], "heal")
     wait_for(lambda: alua(lab, "B") == (0, 1), timeout=30, what="B active again")
+
+
+@pytest.mark.parametrize("victim", ["A", "B"])
+def test_kill_9_of_a_node_under_writes_loses_no_acknowledged_write(lab, victim):
+    """A crash of either node during writes at the primary: the survivor's acknowledged writes
+    are all on both replicas once the node is back and the group has resynchronized."""
+    from syncd.lab import lab_kill, lab_start
+
+    h = History()
+
+    async def main():
+        async with trio.open_nursery() as n:
+            n.start_soon(lambda: run_writer(uri(lab, "A"), h, writer=1, blocks=range(0, 4096), duration=6, qd=8))
+            await trio.sleep(1.5)
+            await trio.to_thread.run_sync(lab_kill, lab["dir"], victim)
+            await trio.sleep(1.5)
+            await trio.to_thread.run_sync(lab_start, lab["dir"], victim)
+
+    trio.run(main)
+    lab.update(json.loads(open(os.path.join(lab["dir"], "lab.json")).read()))
+    assert h.acked_count() > 100
+    wait_for(lambda: synced(lab), timeout=90, what="resync after restart")
+    for site in ("A", "B"):
+        assert check_file(path(lab, site), h, writer=1) == [], f"site {site} lost acknowledged writes"
+    assert_replicas_identical(lab, "vv1")
