@@ -1,0 +1,1 @@
+"""Quorum witness: per-group owners, epochs and failover decisions."""

@@ -1,0 +1,138 @@
+"""The witness's decisions for one replication group, as a pure state machine.
+
+No sockets, files or clocks: callers pass ``now`` (the witness's monotonic clock) and persist
+``GroupRecord`` (everything but ``last_seen``) before answering. The rules are those of
+docs/failover-plan.md:
+
+* only the witness advances a group's epoch, and each epoch has exactly one owner;
+* the secondary is granted the group only when the owner has been silent at the witness for
+  longer than the owner's witness lease (with drift and margin), the owner's last word was that
+  the secondary is in sync, and the witness did not lose the owner *before* the secondary did
+  (then the owner, pre-elected, keeps the group: failover is disabled);
+* an owner going on alone first revokes the secondary's eligibility here (``keep``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Timing:
+    owner_lease: float = 3.0  # s an owner may serve alone after the witness last heard it
+    drift: float = 0.05
+    margin: float = 0.5
+    grace: float = 4.5  # s the witness may miss the owner before it disables failover
+
+    def owner_gone_after(self) -> float:
+        return self.owner_lease * (1 + self.drift) + self.margin
+
+
+@dataclass
+class GroupRecord:
+    name: str
+    members: tuple[str, str]
+    owner: str
+    epoch: int = 1
+    secondary_in_sync: bool = False
+    failover_disabled: bool = False
+    last_decision: str = "created"
+    last_seen: dict[str, float] = field(default_factory=dict)  # not persisted: monotonic
+
+    def other(self, node: str) -> str:
+        a, b = self.members
+        return b if node == a else a
+
+    def persistent(self) -> dict:
+        return {"name": self.name, "members": list(self.members), "owner": self.owner,
+                "epoch": self.epoch, "secondary_in_sync": self.secondary_in_sync,
+                "failover_disabled": self.failover_disabled, "last_decision": self.last_decision}
+
+    @classmethod
+    def restore(cls, d: dict) -> "GroupRecord":
+        # After a witness restart nothing was seen: no failover until the owner reports again.
+        return cls(d["name"], tuple(d["members"]), d["owner"], d["epoch"], d["secondary_in_sync"],
+                   d["failover_disabled"], d["last_decision"])
+
+
+@dataclass(frozen=True)
+class Decision:
+    granted: bool
+    owner: str
+    epoch: int
+    reason: str
+
+
+class WitnessError(Exception):
+    """A request the witness cannot even consider (unknown node or group)."""
+
+
+def _check_member(rec: GroupRecord, node: str) -> None:
+    if node not in rec.members:
+        raise WitnessError(f"node {node!r} is not a member of group {rec.name} ({', '.join(rec.members)})")
+
+
+def report(rec: GroupRecord, t: Timing, now: float, node: str, epoch: int, *,
+           peer_alive: bool, peer_in_sync: bool) -> Decision:
+    """A periodic report. The owner says whether its peer is in sync; the other member says
+    whether it still reaches the owner over the replication link."""
+    _check_member(rec, node)
+    prev_seen_owner = rec.last_seen.get(rec.owner)
+    rec.last_seen[node] = now
+    if epoch == rec.epoch and node == rec.owner:
+        rec.secondary_in_sync = peer_in_sync
+        rec.failover_disabled = False
+    elif node != rec.owner and peer_alive:
+        # The secondary reaches the owner, the witness does not: the witness lost the owner
+        # first. If the link goes later, the owner keeps the group (pre-elected).
+        silent = prev_seen_owner is None or now - prev_seen_owner > t.grace
+        if silent and not rec.failover_disabled:
+            rec.failover_disabled = True
+            rec.last_decision = f"failover disabled: {rec.owner} unreachable from the witness"
+    return Decision(True, rec.owner, rec.epoch, rec.last_decision)
+
+
+def claim(rec: GroupRecord, t: Timing, now: float, node: str, epoch: int) -> Decision:
+    """The secondary asks for the group after losing the owner."""
+    _check_member(rec, node)
+    rec.last_seen[node] = now
+
+    def deny(reason: str) -> Decision:
+        return Decision(False, rec.owner, rec.epoch, reason)
+
+    if node == rec.owner:
+        return Decision(True, rec.owner, rec.epoch, f"{node} already owns epoch {rec.epoch}")
+    if epoch != rec.epoch:
+        return deny(f"stale epoch {epoch}: the group is at epoch {rec.epoch}, owned by {rec.owner}")
+    if rec.failover_disabled:
+        return deny(f"failover disabled: the witness lost {rec.owner} before {node} did; "
+                    f"{rec.owner} keeps the group")
+    if not rec.secondary_in_sync:
+        return deny(f"{node} was not in sync when {rec.owner} last reported")
+    seen = rec.last_seen.get(rec.owner)
+    if seen is None:
+        return deny(f"the witness has not heard from {rec.owner} since it started")
+    quiet = now - seen
+    if quiet <= t.owner_gone_after():
+        return deny(f"{rec.owner} was heard {quiet:.1f}s ago; it may still serve for "
+                    f"{t.owner_gone_after() - quiet:.1f}s")
+    old = rec.owner
+    rec.owner = node
+    rec.epoch += 1
+    rec.secondary_in_sync = False
+    rec.last_decision = f"failover: {node} owns epoch {rec.epoch} ({old} silent for {quiet:.1f}s)"
+    return Decision(True, rec.owner, rec.epoch, rec.last_decision)
+
+
+def keep(rec: GroupRecord, t: Timing, now: float, node: str, epoch: int) -> Decision:
+    """The owner lost its peer and will go on alone: the peer is no longer eligible."""
+    _check_member(rec, node)
+    rec.last_seen[node] = now
+    if node != rec.owner or epoch != rec.epoch:
+        return Decision(False, rec.owner, rec.epoch,
+                        f"group {rec.name} is owned by {rec.owner} at epoch {rec.epoch}: "
+                        f"{node} must stop serving (failsafe)")
+    rec.secondary_in_sync = False
+    rec.failover_disabled = False
+    rec.last_decision = f"{node} goes on alone at epoch {rec.epoch}; {rec.other(node)} out of sync"
+    return Decision(True, rec.owner, rec.epoch, rec.last_decision)

@@ -1,0 +1,100 @@
+"""The witness's decision rules: one owner per epoch, failover only when it is safe."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from syncd.witness.decide import GroupRecord, Timing, claim, keep, report
+
+T = Timing(owner_lease=3.0, drift=0.05, margin=0.5, grace=4.5)
+
+
+def group():
+    return GroupRecord("rcg1", ("A", "B"), owner="A")
+
+
+def test_primary_failure_fails_over_after_the_owner_lease():
+    g = group()
+    report(g, T, 0.0, "A", 1, peer_alive=True, peer_in_sync=True)
+    report(g, T, 0.1, "B", 1, peer_alive=True, peer_in_sync=False)
+    d = claim(g, T, 2.0, "B", 1)  # A heard 2 s ago: it may still serve
+    assert not d.granted and "may still serve" in d.reason
+    d = claim(g, T, 0.0 + T.owner_gone_after() + 0.01, "B", 1)
+    assert d.granted and (d.owner, d.epoch) == ("B", 2)
+    # The old owner comes back: it no longer owns anything.
+    assert not keep(g, T, 10.0, "A", 1).granted
+
+
+def test_link_failure_owner_keeps_group_and_secondary_cannot_claim():
+    g = group()
+    report(g, T, 0.0, "A", 1, peer_alive=True, peer_in_sync=True)
+    assert keep(g, T, 1.0, "A", 1).granted  # A lost B, goes on alone
+    d = claim(g, T, 100.0, "B", 1)
+    assert not d.granted and "not in sync" in d.reason
+
+
+def test_witness_lost_first_then_link_pre_elected_primary_keeps_the_group():
+    g = group()
+    report(g, T, 0.0, "A", 1, peer_alive=True, peer_in_sync=True)
+    for now in (2.0, 4.0, 6.0):  # A-W cut: only B reports, and B still reaches A
+        report(g, T, now, "B", 1, peer_alive=True, peer_in_sync=False)
+    assert g.failover_disabled
+    d = claim(g, T, 20.0, "B", 1)  # then the link goes
+    assert not d.granted and "keeps the group" in d.reason
+
+
+def test_isolated_primary_loses_the_group():
+    g = group()
+    report(g, T, 0.0, "A", 1, peer_alive=True, peer_in_sync=True)
+    report(g, T, 0.5, "B", 1, peer_alive=True, peer_in_sync=False)
+    # A is cut from B and W at once: B reports it lost A, then claims.
+    report(g, T, 1.5, "B", 1, peer_alive=False, peer_in_sync=False)
+    assert not g.failover_disabled
+    assert claim(g, T, 4.0, "B", 1).granted
+    assert not keep(g, T, 4.1, "A", 1).granted  # if A reaches W again, it must stay failsafe
+
+
+def test_witness_restart_forgets_liveness_and_refuses_until_the_owner_reports():
+    g = group()
+    report(g, T, 0.0, "A", 1, peer_alive=True, peer_in_sync=True)
+    g2 = GroupRecord.restore(g.persistent())
+    d = claim(g2, T, 100.0, "B", 1)
+    assert not d.granted and "has not heard from A" in d.reason
+
+
+events = st.lists(
+    st.tuples(
+        st.sampled_from(["report", "claim", "keep"]),
+        st.sampled_from(["A", "B"]),
+        st.floats(0.0, 3.0),  # time step
+        st.booleans(), st.booleans(),
+        st.integers(-1, 1),  # epoch offset the node uses (stale, current, future)
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=400)
+@given(events)
+def test_one_owner_per_epoch_and_epochs_only_grow(evs):
+    g = group()
+    now = 0.0
+    owners = {1: "A"}
+    last_epoch = 1
+    for kind, node, dt, alive, insync, off in evs:
+        now += dt
+        epoch = g.epoch + off
+        if kind == "report":
+            d = report(g, T, now, node, epoch, peer_alive=alive, peer_in_sync=insync)
+        elif kind == "claim":
+            d = claim(g, T, now, node, epoch)
+        else:
+            d = keep(g, T, now, node, epoch)
+        assert g.epoch >= last_epoch
+        if g.epoch > last_epoch:
+            assert g.epoch == last_epoch + 1 and kind == "claim" and d.granted
+        last_epoch = g.epoch
+        assert owners.setdefault(g.epoch, g.owner) == g.owner  # never two owners in an epoch
+        if d.granted and kind == "claim" and d.owner == node and g.epoch > 1:
+            assert not g.failover_disabled
