@@ -24,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--config", required=True)
     s.add_argument("--check", action="store_true", help="validate the config and exit")
 
+    s = sub.add_parser("witness", help="run the quorum witness")
+    s.add_argument("--config", required=True)
+    s.add_argument("--check", action="store_true", help="validate the config and exit")
+
     s = sub.add_parser("linkproxy", help="run the lab's inter-site link relay")
     s.add_argument("--control", required=True)
     s.add_argument("--relay", action="append", default=[], help="LISTEN_HOST:PORT=TARGET_HOST:PORT")
@@ -71,6 +75,20 @@ def main(argv: list[str] | None = None) -> int:
         from .node import serve_node
 
         return serve_node(cfg)
+
+    if ns.cmd == "witness":
+        from .config import ConfigError
+        from .witness.server import load_witness_config, serve_witness
+
+        try:
+            wcfg = load_witness_config(ns.config)
+        except ConfigError as e:
+            print(f"syncd: invalid witness configuration: {e}", file=sys.stderr)
+            return 2
+        if ns.check:
+            print(f"{ns.config}: ok (witness {wcfg.name}, arrays {', '.join(wcfg.nodes)})")
+            return 0
+        return serve_witness(wcfg)
 
     if ns.cmd == "linkproxy":
         import trio

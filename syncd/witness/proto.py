@@ -1,0 +1,130 @@
+"""Witness wire protocol (sans-IO). Normative spec: proto/witness.md."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+import xxhash
+from construct import Bytes, Flag, Int8ub, Int16ub, Int32ub, Int64ub, PascalString, Struct
+
+MAGIC = 0x53594E57
+MAX_PAYLOAD = 65536
+NONCE_SIZE = 32
+
+
+class WType(IntEnum):
+    CHALLENGE = 1
+    HELLO = 2
+    WELCOME = 3
+    GOODBYE = 4
+    REGISTER = 10
+    REPORT = 11
+    CLAIM = 12
+    KEEP = 13
+    DECISION = 20
+    ERROR = 21
+
+
+REPORT_PEER_ALIVE = 1
+REPORT_PEER_IN_SYNC = 2
+
+HEADER = Struct(
+    "magic" / Int32ub, "type" / Int8ub, "reserved1" / Int8ub, "reserved2" / Int16ub,
+    "req_id" / Int64ub, "payload_len" / Int32ub, "checksum" / Int64ub,
+)
+_HDR = struct.Struct(">IBBHQIQ")
+HEADER_SIZE = _HDR.size
+
+PAYLOADS = {
+    WType.CHALLENGE: Struct("nonce" / Bytes(NONCE_SIZE)),
+    WType.HELLO: Struct("node" / PascalString(Int8ub, "utf8"), "tag" / Bytes(32)),
+    WType.WELCOME: Struct("witness" / PascalString(Int16ub, "utf8")),
+    WType.GOODBYE: Struct("reason" / PascalString(Int16ub, "utf8")),
+    WType.REGISTER: Struct(
+        "group" / PascalString(Int16ub, "utf8"), "member1" / PascalString(Int8ub, "utf8"),
+        "member2" / PascalString(Int8ub, "utf8"), "owner" / PascalString(Int8ub, "utf8"),
+        "epoch" / Int64ub,
+    ),
+    WType.REPORT: Struct("group" / PascalString(Int16ub, "utf8"), "epoch" / Int64ub, "flags" / Int8ub),
+    WType.CLAIM: Struct("group" / PascalString(Int16ub, "utf8"), "epoch" / Int64ub),
+    WType.KEEP: Struct("group" / PascalString(Int16ub, "utf8"), "epoch" / Int64ub),
+    WType.DECISION: Struct(
+        "granted" / Flag, "owner" / PascalString(Int8ub, "utf8"), "epoch" / Int64ub,
+        "reason" / PascalString(Int16ub, "utf8"),
+    ),
+    WType.ERROR: Struct("reason" / PascalString(Int16ub, "utf8")),
+}
+
+
+class WitnessProtocolError(Exception):
+    """Malformed witness traffic; the connection is closed."""
+
+
+@dataclass(frozen=True)
+class WFrame:
+    type: WType
+    req_id: int
+    fields: dict  # the payload's fields, as declared in PAYLOADS
+
+    def __getattr__(self, name):
+        try:
+            return self.fields[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def encode(type_: WType, req_id: int = 0, **fields) -> bytes:
+    payload = PAYLOADS[type_].build(fields)
+    if len(payload) > MAX_PAYLOAD:
+        raise WitnessProtocolError(f"{type_.name} payload too large")
+    csum = xxhash.xxh3_64_intdigest(payload) if payload else 0
+    return _HDR.pack(MAGIC, type_, 0, 0, req_id, len(payload), csum) + payload
+
+
+class WDecoder:
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def receive_data(self, data: bytes) -> None:
+        self.buf += data
+
+    def next_frame(self) -> WFrame | None:
+        if len(self.buf) < HEADER_SIZE:
+            return None
+        magic, t, r1, r2, req_id, plen, csum = _HDR.unpack_from(self.buf)
+        if magic != MAGIC:
+            raise WitnessProtocolError(f"bad witness frame magic {magic:#x}")
+        if r1 or r2:
+            raise WitnessProtocolError("reserved fields are not zero")
+        if plen > MAX_PAYLOAD:
+            raise WitnessProtocolError(f"payload of {plen} bytes is too large")
+        try:
+            wt = WType(t)
+        except ValueError:
+            raise WitnessProtocolError(f"unknown witness frame type {t}") from None
+        if len(self.buf) < HEADER_SIZE + plen:
+            return None
+        payload = bytes(self.buf[HEADER_SIZE : HEADER_SIZE + plen])
+        del self.buf[: HEADER_SIZE + plen]
+        if (xxhash.xxh3_64_intdigest(payload) if payload else 0) != csum:
+            raise WitnessProtocolError(f"checksum mismatch on {wt.name}")
+        try:
+            c = PAYLOADS[wt].parse(payload)
+        except Exception as e:
+            raise WitnessProtocolError(f"malformed {wt.name} payload: {e}") from None
+        fields = {k: v for k, v in c.items() if not k.startswith("_")}
+        if len(PAYLOADS[wt].build(fields)) != len(payload):
+            raise WitnessProtocolError(f"{wt.name} payload has trailing bytes")
+        return WFrame(wt, req_id, fields)
+
+
+def hello_tag(key: bytes, nonce: bytes, node: str) -> bytes:
+    return hmac.new(key, nonce + node.encode(), hashlib.sha256).digest()
+
+
+def verify_hello(key: bytes, nonce: bytes, node: str, tag: bytes) -> bool:
+    return hmac.compare_digest(tag, hello_tag(key, nonce, node))

@@ -1,0 +1,33 @@
+"""Golden witness frames; `python -m tests.unit.witness_vectors --write` after a deliberate change."""
+
+import sys
+from pathlib import Path
+
+from syncd.witness.proto import WType, encode, hello_tag
+
+DIR = Path(__file__).resolve().parents[2] / "proto" / "vectors" / "witness"
+NONCE = bytes(range(32))
+
+VECTORS = {
+    "challenge": (WType.CHALLENGE, 0, {"nonce": NONCE}),
+    "hello": (WType.HELLO, 0, {"node": "A", "tag": hello_tag(b"0123456789abcdef", NONCE, "A")}),
+    "welcome": (WType.WELCOME, 0, {"witness": "W"}),
+    "goodbye": (WType.GOODBYE, 0, {"reason": "authentication failed for 'A'"}),
+    "register": (WType.REGISTER, 1, {"group": "rcg1", "member1": "A", "member2": "B", "owner": "A", "epoch": 1}),
+    "report": (WType.REPORT, 2, {"group": "rcg1", "epoch": 1, "flags": 3}),
+    "claim": (WType.CLAIM, 3, {"group": "rcg1", "epoch": 1}),
+    "keep": (WType.KEEP, 4, {"group": "rcg1", "epoch": 1}),
+    "decision_granted": (WType.DECISION, 3, {"granted": True, "owner": "B", "epoch": 2, "reason": "failover"}),
+    "decision_denied": (WType.DECISION, 3, {"granted": False, "owner": "A", "epoch": 1, "reason": "A was heard 0.5s ago"}),
+    "error": (WType.ERROR, 5, {"reason": "unknown group 'x'"}),
+}
+
+
+def write() -> None:
+    DIR.mkdir(parents=True, exist_ok=True)
+    for name, (t, rid, fields) in VECTORS.items():
+        (DIR / f"{name}.hex").write_text(encode(t, rid, **fields).hex() + "\n")
+
+
+if __name__ == "__main__" and "--write" in sys.argv:
+    write()
