@@ -117,14 +117,18 @@ def _no_extra(table: dict, allowed: set[str], where: str) -> None:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(extra)}")
 
 
-def load_node_config(path: str | os.PathLike) -> NodeConfig:
-    p = Path(path)
+def load_toml(p: Path) -> dict:
     try:
-        raw = tomllib.loads(p.read_text())
+        return tomllib.loads(p.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such file") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: not valid TOML: {e}") from None
+
+
+def load_node_config(path: str | os.PathLike) -> NodeConfig:
+    p = Path(path)
+    raw = load_toml(p)
     try:
         return parse_node_config(raw, base=p.parent, source=str(p))
     except ConfigError as e:

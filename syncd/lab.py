@@ -255,6 +255,9 @@ def print_summary(lab: dict) -> None:
     c.print("Try:")
     c.print(f"  nbdinfo {a[first]['uri']}")
     c.print(f"  nbdinfo --map=syncd:alua {lab['nodes']['B']['volumes'][first]['uri']}")
-    c.print(f"  syncctl --lab {lab['dir']} --node A showrcopy")
-    c.print(f"  syncd lab cut-link --dir {lab['dir']}   /   syncd lab heal-link --dir {lab['dir']}")
-    c.print(f"  syncd lab down --dir {lab['dir']}")
+    bindir = os.path.dirname(sys.executable)
+    c.print(f"  {bindir}/syncctl --lab {lab['dir']} --node A showrcopy")
+    if lab.get("link"):
+        c.print(f"  {bindir}/syncd lab cut-link --dir {lab['dir']}   /   {bindir}/syncd lab heal-link --dir {lab['dir']}")
+    c.print(f"  {bindir}/syncd lab kill A --dir {lab['dir']}   /   {bindir}/syncd lab start A --dir {lab['dir']}")
+    c.print(f"  {bindir}/syncd lab down --dir {lab['dir']}")

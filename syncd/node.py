@@ -13,14 +13,13 @@ import uuid
 
 import trio
 
-from . import __version__
 from .config import NodeConfig
 from .group import TRIM, WRITE, ZEROES, Group, Member
 from .nbd.export import AluaState, BlockError, ClientIdentity, ALUA_ACTIVE_OPTIMIZED
 from .repl.link import Link, Path
 from .repl.proto import Frame, MsgType, Status
 from .repl.resync import Resync
-from .state import GroupState, MemberState, StateError, StateStore, encode_bits
+from .state import StateError, StateStore, encode_bits
 from .volume import Volume, VolumeError, make_wwn
 
 log = logging.getLogger("syncd.node")

@@ -8,13 +8,10 @@ applied at most once. The link is up while at least one path is up.
 from __future__ import annotations
 
 import collections
-import errno
 import itertools
 import logging
-import os
 import secrets
 import socket
-import struct
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -24,7 +21,7 @@ import trio
 from .. import netio
 from ..config import LinkConfig
 from . import proto
-from .proto import Frame, FrameDecoder, MsgType, ProtocolError, Status
+from .proto import Frame, FrameDecoder, MsgType, ProtocolError
 
 log = logging.getLogger("syncd.link")
 

@@ -8,14 +8,14 @@ import os
 import secrets
 import signal
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
 from .. import netio
-from ..config import ConfigError, check_name, parse_addr
+from ..config import ConfigError, check_name, load_toml, parse_addr
+from ..state import atomic_write
 from . import proto as w
 from .decide import Decision, GroupRecord, Timing, WitnessError, claim, keep, report
 
@@ -35,12 +35,7 @@ class WitnessConfig:
 
 def load_witness_config(path: str) -> WitnessConfig:
     p = Path(path)
-    try:
-        raw = tomllib.loads(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: no such file") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    raw = load_toml(p)
     try:
         wt = raw.get("witness")
         if not isinstance(wt, dict):
@@ -105,19 +100,7 @@ class WitnessState:
     def save(self) -> None:
         data = json.dumps({"version": FORMAT_VERSION, "saved": time.time(),
                            "groups": {k: g.persistent() for k, g in self.groups.items()}}, indent=1)
-        tmp = self.path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        dfd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        atomic_write(self.path, data.encode())
 
 
 class Witness:

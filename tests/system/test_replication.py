@@ -10,7 +10,7 @@ import time
 import pytest
 import trio
 
-from syncd.ctl import CtlError, call
+from syncd.ctl import CtlError
 from syncd.linkproxy import proxy_command
 from syncd.nbd.client import NBDError, open_nbd
 from syncd.workload import History, check_file, pattern, run_writer

@@ -3,7 +3,6 @@
 import os
 
 import pytest
-import trio
 
 from syncd.volume import Volume, VolumeError
 
