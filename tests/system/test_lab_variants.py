@@ -126,3 +126,26 @@ def test_round_trip_above_the_synchronous_limit_is_warned(tmp_path):
         assert "WARNING" in out and "exceeds 5" in out
     finally:
         lab_down(str(d))
+
+
+def test_link_with_a_wrong_key_never_comes_up(tmp_path):
+    """Paths authenticate with the shared key: a node with another key is refused."""
+    from syncd.lab import lab_kill, lab_start
+    import time
+
+    d = tmp_path / "lab"
+    lab = lab_up(str(d), size="4MiB", nvolumes=1, npaths=1,
+                 link_opts=dict(FAST_LINK, key="the-right-shared-key"), timeout=60)
+    try:
+        assert call(lab["nodes"]["A"]["admin_socket"], "showrcopy")["link"]["state"] == "up"
+        lab_kill(str(d), "B")
+        cfg = d / "B" / "node.toml"
+        cfg.write_text(cfg.read_text().replace("the-right-shared-key", "some-other-key-entirely"))
+        lab_start(str(d), "B")
+        time.sleep(2.0)
+        a = call(lab["nodes"]["A"]["admin_socket"], "showrcopy")
+        assert a["link"]["state"] == "down"
+        assert any("authentication" in p["last_error"] or "refused" in p["last_error"] for p in a["link"]["paths"])
+        assert a["groups"][0]["peer_mode"] == "detached"
+    finally:
+        lab_down(str(d))
