@@ -289,6 +289,7 @@ async def showrcopy(node: Node, group: str | None = None) -> dict:
             for v in node.volumes.values()
         ],
         "resync_bytes": node.stats["resync_bytes"],
+        "witness": node.witness.info() if node.witness is not None else None,
     }
     for g in groups:
         gd = {
@@ -297,7 +298,7 @@ async def showrcopy(node: Node, group: str | None = None) -> dict:
             "role": g.role,
             "target": g.st.peer,
             "epoch": g.epoch,
-            "status": "started" if g.st.started else "stopped",
+            "status": "failsafe" if g.st.failsafe else "started" if g.st.started else "stopped",
             "policies": g.st.policies,
             "serving": g.may_serve(),
             "alua": ALUA_NAMES[g.alua(ClientIdentity("")).state],
@@ -367,9 +368,18 @@ async def handle_peer_control(node: Node, body: dict) -> dict | None:
     if op == "sync_groups":
         for s in body["groups"]:
             g = node.groups.get(s["name"])
-            if g is None or g.role != "secondary":
-                log.warning("peer is primary of group %s, which this node does not hold as secondary", s["name"])
+            if g is not None and g.role == "primary":
+                if s["epoch"] > g.epoch:
+                    g.demote(s["epoch"])  # the witness gave the group to the peer meanwhile
+                else:
+                    log.warning("group %s: peer claims it at epoch %s, this node owns epoch %s",
+                                s["name"], s["epoch"], g.epoch)
                 continue
+            if g is None:
+                log.warning("peer is primary of group %s, which this node does not hold", s["name"])
+                continue
+            if s["epoch"] > g.epoch:
+                g.st.epoch = s["epoch"]
             g.st.started = s["started"]
             g.st.policies = s["policies"]
             mine = {m.vol_id for m in g.members.values()}

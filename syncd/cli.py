@@ -150,9 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             lab = load_lab(ns.dir)
             if not lab.get("link"):
                 raise LabError("this lab links its nodes directly (--no-relay): the link cannot be cut or delayed")
-            kw = {}
-            if getattr(ns, "path", None):
-                kw["paths"] = ns.path
+            # The replication paths only; a witness relay (if any) is not "the link".
+            kw = {"paths": ns.path if getattr(ns, "path", None) else list(range(lab["link"].get("npaths", len(lab["link"]["relays"]))))}
             if ns.labcmd == "delay":
                 kw["ms"] = ns.ms
             cmd = {"cut-link": "cut", "heal-link": "heal", "delay": "delay"}[ns.labcmd]

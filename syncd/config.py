@@ -96,6 +96,7 @@ class NodeConfig:
     link: LinkConfig | None
     volumes: tuple[VolumeConfig, ...] = field(default_factory=tuple)
     source: str = ""
+    witness: object = None  # syncd.witness.client.WitnessClientConfig
 
 
 def _take(table: dict, key: str, where: str, kind, default=..., ):
@@ -136,7 +137,7 @@ def load_node_config(path: str | os.PathLike) -> NodeConfig:
 
 
 def parse_node_config(raw: dict, base: Path = Path("."), source: str = "") -> NodeConfig:
-    _no_extra(raw, {"node", "nbd", "link", "volume"}, "config")
+    _no_extra(raw, {"node", "nbd", "link", "volume", "witness"}, "config")
     node = _take(raw, "node", "config", dict)
     _no_extra(node, {"name", "data_dir", "admin_socket"}, "node")
     name = check_name(_take(node, "name", "node", str), "node.name")
@@ -220,4 +221,22 @@ def parse_node_config(raw: dict, base: Path = Path("."), source: str = "") -> No
             raise ConfigError(f"{where}.size: must be a multiple of 512 bytes")
         vols.append(VolumeConfig(vname, vpath, size, _take(vr, "direct", where, bool, False)))
 
-    return NodeConfig(name, data_dir, admin_socket, nbd_listen, link, tuple(vols), source)
+    witness = None
+    if "witness" in raw:
+        from .witness.client import WitnessClientConfig
+
+        wt = _take(raw, "witness", "config", dict)
+        _no_extra(wt, {"address", "key", "interval", "owner_lease", "grace"}, "witness")
+        key = _take(wt, "key", "witness", str).encode()
+        if len(key) < 16:
+            raise ConfigError("witness.key: use at least 16 bytes")
+        d = WitnessClientConfig(("", 0), b"")
+        witness = WitnessClientConfig(
+            parse_addr(_take(wt, "address", "witness", str), "witness.address"), key,
+            _take(wt, "interval", "witness", float, d.interval),
+            _take(wt, "owner_lease", "witness", float, d.owner_lease),
+            _take(wt, "grace", "witness", float, d.grace),
+        )
+        if link is None:
+            raise ConfigError("witness: a witness needs a [link] to a peer")
+    return NodeConfig(name, data_dir, admin_socket, nbd_listen, link, tuple(vols), source, witness)

@@ -95,6 +95,8 @@ class Group:
         self.lease_deadline = 0.0  # primary: the secondary may be serving until then (trio clock)
         self.lease_until = 0.0  # secondary: we may serve until then (trio clock)
         self.forwarded: dict[int, tuple[Member, int, int, int]] = {}
+        self.alone_ok = False  # primary: the witness agreed (or was lost first) that we go on alone
+        self.witness_lost_at_peer_loss = float("inf")
         self.recovering = False
         self.last_recover = -1e9
         self.last_host_io = 0.0
@@ -135,8 +137,16 @@ class Group:
         return self.peer_mode in (SYNCING, ATTACHED)
 
     def may_serve(self) -> bool:
+        if self.st.failsafe:
+            return False
         if self.role == "primary":
-            return True
+            wc = self.node.witness
+            if wc is None or self.mirroring or self.alone_ok:
+                return True
+            # Peer lost and the witness has not confirmed us yet: serve only while the witness
+            # cannot have given the group away (counted from when our last answered report was
+            # sent; the witness waits owner_lease*(1+drift)+margin from when it received it).
+            return wc.last_ok_sent is not None and trio.current_time() < wc.last_ok_sent + wc.cfg.owner_lease
         return self.st.started and trio.current_time() < self.lease_until
 
     def alua(self, client: ClientIdentity) -> AluaState:
@@ -253,7 +263,10 @@ class Group:
             await self.fenced.wait()
             m.dirty.set_range(offset, length)
             m.lock.release(tok)
-            done(0, "")
+            if self.st.failsafe:
+                done(errno.EIO, f"group {self.name} entered failsafe")
+            else:
+                done(0, "")
 
         self.node.spawn(fence_then_ack)
 
@@ -288,6 +301,7 @@ class Group:
         try:
             while self.peer_mode == FENCING:
                 await self.fenced.wait()
+            self._check_serving()
             if self.mirroring:
                 link = self.node.link
                 pend = link.start(self._frame(m, kind, link.next_id(), offset, length, data, fua, no_hole))
@@ -300,6 +314,9 @@ class Group:
                 if not await self._mirror_result(pend):
                     m.dirty.set_range(offset, length)
             else:
+                if self.node.witness is not None and not self.alone_ok:
+                    raise BlockError(errno.ESHUTDOWN, f"group {self.name}: peer not mirroring and "
+                                     "the witness has not agreed that this array goes on alone")
                 # Mark before writing: a resync that starts meanwhile must see this region.
                 m.dirty.set_range(offset, length)
                 try:
@@ -320,6 +337,8 @@ class Group:
             reason = str(e)
         self.lose_peer(reason)
         await self.fenced.wait()
+        if self.st.failsafe:
+            raise BlockError(errno.EIO, f"group {self.name} entered failsafe: {self.fence_reason}")
         return False
 
     async def _write_at_secondary(self, m, kind, offset, length, data, fua, no_hole) -> None:
@@ -370,7 +389,10 @@ class Group:
             return
         self.peer_mode = FENCING
         self.peer_ready = False
+        self.alone_ok = False
         self.fence_reason = reason
+        wc = self.node.witness
+        self.witness_lost_at_peer_loss = wc.lost_for() if wc is not None else float("inf")
         self.fenced = trio.Event()
         self.note(f"peer lost ({reason}); waiting for its serve lease to expire")
         self.node.spawn(self._fence)
@@ -381,12 +403,24 @@ class Group:
 
     async def _fence(self) -> None:
         await trio.sleep_until(self.lease_deadline)
+        ok, why = await self._may_go_alone()
         for req_id, (m, tok, off, ln) in list(self.forwarded.items()):
             m.dirty.set_range(off, ln)
             m.lock.release(tok)
         self.forwarded.clear()
         self.peer_mode = DETACHED
-        self.note("peer fenced off; going on alone, tracking written regions")
+        if not ok:
+            if self.node.link is not None and self.node.link.up:
+                # The peer is reachable again: no failsafe, but no writing alone either until
+                # it mirrors again (resync) or the witness agrees.
+                self.note(f"not going on alone ({why}); waiting for the peer to resync")
+            else:
+                self.enter_failsafe(why)
+            self.fenced.set()
+            self.maybe_recover()
+            return
+        self.alone_ok = True
+        self.note("peer fenced off; going on alone, tracking written regions" + (f" ({why})" if why else ""))
         self.fenced.set()
         self.node.save_soon()
         self.maybe_recover()
@@ -404,7 +438,62 @@ class Group:
         self.peer_mode = FENCING
         self.fenced = trio.Event()
         self.fence_reason = "node start"
+        self.witness_lost_at_peer_loss = 0.0  # unknown: never judge "witness lost first" at start
         self.node.spawn(self._fence)
+
+    async def _may_go_alone(self) -> tuple[bool, str]:
+        """Whether the primary may serve without its peer (the witness rules, or True without a
+        witness), and why."""
+        from .witness.proto import WType
+
+        wc = self.node.witness
+        if wc is None:
+            return True, ""
+        d = await wc.decide(WType.KEEP, self.name, self.epoch)
+        if d is not None:
+            if d.granted:
+                return True, "witness agreed"
+            return False, f"witness: {d.reason}"
+        if self.witness_lost_at_peer_loss > wc.cfg.grace + 2 * wc.cfg.interval:
+            return True, "witness was lost before the peer: pre-elected primary goes on"
+        return False, ("lost the peer and the witness together: this array may be isolated, "
+                       "so it serves nothing until the witness or the peer answers")
+
+    def enter_failsafe(self, why: str) -> None:
+        self.st.failsafe = True
+        self.fence_reason = why
+        self.note(f"FAILSAFE: {why}")
+        self.node.save()
+
+    def promote(self, epoch: int) -> None:
+        """The witness gave us the group: become primary at ``epoch``. Everything may differ on
+        the old primary (writes it never acknowledged), so its return is a full verify."""
+        self.st.role = "primary"
+        self.st.epoch = epoch
+        self.st.failsafe = False
+        for m in self.members.values():
+            m.dirty.set_all()
+            m.verify = True
+        self.peer_mode = DETACHED
+        self.alone_ok = True
+        self.lease_until = 0.0
+        self.lease_deadline = 0.0
+        self.note(f"failover: now primary at epoch {epoch}")
+        self.node.save()
+
+    def demote(self, epoch: int) -> None:
+        """The peer owns the group at a higher epoch: become its secondary and resync."""
+        self.st.role = "secondary"
+        self.st.epoch = epoch
+        self.st.failsafe = False
+        for m in self.members.values():
+            m.dirty = Bitmap(m.vol.size, m.dirty.region)
+            m.oos.set_all()
+        self.peer_mode = DETACHED
+        self.alone_ok = False
+        self.lease_until = 0.0
+        self.note(f"the peer owns the group at epoch {epoch}: now secondary")
+        self.node.save()
 
     def maybe_recover(self, operator: bool = False) -> None:
         if (
@@ -431,6 +520,7 @@ class Group:
             # From here new writes are mirrored; snapshots of the dirty maps are taken in the
             # same step, so a write that marked a region before the switch is in them.
             self.peer_mode = SYNCING
+            self.alone_ok = False
             snaps = {m.vol_id: bytes(m.dirty.bits) for m in self.members.values()}
             self.note("peer back; resynchronizing")
             link = self.node.link

@@ -69,7 +69,8 @@ def _wait_socket(path: str, pid: int, log: Path, timeout: float = 20.0) -> None:
 
 
 def node_toml(name: str, peer: str, d: Path, nbd_port: int, paths: list[tuple[int, int]],
-              volumes: list[tuple[str, Path, int]], extra_link: dict | None = None) -> str:
+              volumes: list[tuple[str, Path, int]], extra_link: dict | None = None,
+              witness: dict | None = None) -> str:
     lines = [
         "[node]",
         f'name = "{name}"',
@@ -88,6 +89,8 @@ def node_toml(name: str, peer: str, d: Path, nbd_port: int, paths: list[tuple[in
     lines.append("]")
     for k, v in (extra_link or {}).items():
         lines.append(f"{k} = {json.dumps(v)}")
+    if witness:
+        lines += ["", "[witness]"] + [f"{k} = {json.dumps(v)}" for k, v in witness.items()]
     for vname, vpath, size in volumes:
         lines += ["", "[[volume]]", f'name = "{vname}"', f'path = "{vpath}"']
         if size is not None:
@@ -99,6 +102,7 @@ def lab_up(
     d: str, *, size: str = "64MiB", nvolumes: int = 2, npaths: int = 2, group: str = "rcg1",
     link_opts: dict | None = None, wait: bool = True, timeout: float = 120.0,
     volume_paths: dict[str, list[str]] | None = None, relay: bool = True,
+    witness: dict | None = None,
 ) -> dict:
     """Start the lab; ``volume_paths`` = {"A": [dev, ...], "B": [...]} uses existing files or
     block devices (e.g. loop devices) instead of creating image files."""
@@ -113,16 +117,38 @@ def lab_up(
     ports = {n: {"nbd": free_port(), "paths": [free_port() for _ in range(npaths)]} for n in NODES}
     relay_ports = [free_port() for _ in range(npaths)]
     lab: dict = {"dir": str(root), "group": group, "nodes": {}, "created": time.time()}
+    wcfg: dict[str, dict] = {}
+    if witness is not None:
+        # The witness (site W) on loopback; A reaches it through the relay (its last path
+        # index), so A can be cut off from W alone.
+        wport, wrelay = free_port(), free_port()
+        timing = {k: witness[k] for k in ("owner_lease", "grace") if k in witness}
+        key = "lab-shared-witness-key-0123456789"
+        (root / "W").mkdir(parents=True, exist_ok=True)
+        wtoml = root / "W" / "witness.toml"
+        wtoml.write_text(
+            f'[witness]\nname = "W"\nlisten = ["127.0.0.1:{wport}"]\nstate_dir = "state"\n'
+            f'key = "{key}"\nnodes = ["A", "B"]\n'
+            + "".join(f"{k} = {json.dumps(v)}\n" for k, v in dict(timing, **{k: witness[k] for k in ("margin", "drift") if k in witness}).items())
+        )
+        wpid = _spawn([py, "-m", "syncd", "witness", "--config", str(wtoml)], root / "W.log")
+        lab["witness"] = {"pid": wpid, "config": str(wtoml), "port": wport, "log": str(root / "W.log")}
+        common = dict(key=key, interval=witness.get("interval", 0.5), **timing)
+        wcfg = {"A": dict(common, address=f"127.0.0.1:{wrelay if relay else wport}"),
+                "B": dict(common, address=f"127.0.0.1:{wport}")}
 
     # A dials B through the relay (which can cut or delay the link); B listens on its own path
     # ports. Without the relay (benchmarks) A dials B directly.
     relay_args = [py, "-m", "syncd", "linkproxy", "--control", str(root / "link.sock")]
     for i in range(npaths):
         relay_args += ["--relay", f"127.0.0.1:{relay_ports[i]}=127.0.0.1:{ports['B']['paths'][i]}"]
+    if witness is not None:
+        relay_args += ["--relay", f"127.0.0.1:{wrelay}=127.0.0.1:{wport}"]
     if relay:
         proxy_pid = _spawn(relay_args, root / "linkproxy.log")
-        lab["link"] = {"pid": proxy_pid, "control": str(root / "link.sock"),
-                       "relays": [f"127.0.0.1:{p}" for p in relay_ports]}
+        lab["link"] = {"pid": proxy_pid, "control": str(root / "link.sock"), "npaths": npaths,
+                       "relays": [f"127.0.0.1:{p}" for p in relay_ports],
+                       "witness_relay": npaths if witness is not None else None}
     else:
         relay_ports = ports["B"]["paths"]
         lab["link"] = None
@@ -140,7 +166,7 @@ def lab_up(
         else:
             paths = [(ports["B"]["paths"][i], ports["A"]["paths"][i]) for i in range(npaths)]
         cfg = nd / "node.toml"
-        cfg.write_text(node_toml(name, peer, nd, ports[name]["nbd"], paths, vols, link_opts))
+        cfg.write_text(node_toml(name, peer, nd, ports[name]["nbd"], paths, vols, link_opts, wcfg.get(name)))
         log = root / f"{name}.log"
         pid = _spawn([py, "-m", "syncd", "node", "--config", str(cfg)], log)
         lab["nodes"][name] = {
@@ -187,6 +213,8 @@ def load_lab(d: str) -> dict:
 def lab_down(d: str, timeout: float = 15.0) -> list[str]:
     lab = load_lab(d)
     pids = [(f"node {k}", v["pid"]) for k, v in lab["nodes"].items()]
+    if lab.get("witness"):
+        pids.append(("witness", lab["witness"]["pid"]))
     if lab.get("link"):
         pids.append(("link relay", lab["link"]["pid"]))
     for _, pid in pids:

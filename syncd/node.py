@@ -169,6 +169,11 @@ class Node:
                     )
                 self.member_of[ms.local] = g.add_member(ms, vol)
         self.resync = Resync(self)
+        self.witness = None
+        if cfg.witness is not None:
+            from .witness.client import WitnessClient
+
+            self.witness = WitnessClient(cfg.witness, cfg.name, self._witness_groups)
         self.link: Link | None = None
         if cfg.link:
             self.link = Link(
@@ -242,6 +247,8 @@ class Node:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if self.witness is not None:
+                    nursery.start_soon(self.witness.run)
                 for g in self.groups.values():
                     g.fence_at_start()
                 if self.link:
@@ -284,9 +291,45 @@ class Node:
         for g in self.groups.values():
             g.lose_peer("replication link down")
 
+    def _witness_groups(self):
+        """What the witness client reports: (group, members, owner, epoch, flags) per group."""
+        from .group import ATTACHED
+        from .witness.proto import REPORT_PEER_ALIVE, REPORT_PEER_IN_SYNC
+
+        out = []
+        for g in self.groups.values():
+            me, peer = self.cfg.name, g.st.peer
+            owner = me if g.role == "primary" else peer
+            flags = REPORT_PEER_ALIVE if self.link is not None and self.link.up else 0
+            if g.role == "primary" and g.peer_mode == ATTACHED and not g.st.failsafe:
+                flags |= REPORT_PEER_IN_SYNC
+            out.append((g.name, tuple(sorted((me, peer))), owner, g.epoch, flags))
+        return out
+
+    async def _try_claim(self, g: Group) -> None:
+        """Secondary that lost its primary: ask the witness for the group."""
+        from .witness.proto import WType
+
+        d = await self.witness.decide(WType.CLAIM, g.name, g.epoch)
+        if d is None:
+            return
+        if d.granted and d.owner == self.cfg.name and g.role == "secondary":
+            g.promote(d.epoch)
+        elif not d.granted and d.reason != getattr(g, "_last_claim_reason", None):
+            g._last_claim_reason = d.reason
+            g.note(f"failover refused by the witness: {d.reason}")
+
     async def _lease_loop(self, g: Group) -> None:
         lk = self.cfg.link
         while True:
+            if (
+                g.role == "secondary" and g.st.started and self.witness is not None
+                and not self.link.up and trio.current_time() > g.lease_until
+                and g.st.policies.get("auto_failover", True)
+            ):
+                await self._try_claim(g)
+                await trio.sleep(self.witness.cfg.interval)
+                continue
             if g.role == "secondary" and g.st.started and self.link.up:
                 t0 = trio.current_time()
                 try:

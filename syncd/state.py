@@ -18,8 +18,8 @@ FORMAT_VERSION = 1
 POLICIES = ("active_active", "auto_failover", "path_management", "auto_recover", "auto_synchronize")
 DEFAULT_POLICIES = {
     "active_active": True,
-    "auto_failover": False,
-    "path_management": False,
+    "auto_failover": True,
+    "path_management": True,
     "auto_recover": True,
     "auto_synchronize": True,
 }
@@ -52,6 +52,7 @@ class GroupState:
     policies: dict = field(default_factory=lambda: dict(DEFAULT_POLICIES))
     members: list[MemberState] = field(default_factory=list)
     next_vol_id: int = 1
+    failsafe: bool = False  # serves no I/O until the witness or the peer says it may
 
 
 @dataclass

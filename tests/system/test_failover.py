@@ -1,0 +1,128 @@
+"""Failover through the quorum witness (first cases of the decision table, DESIGN.md §5)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import trio
+
+from syncd.ctl import call
+from syncd.lab import lab_down, lab_kill, lab_start, lab_up
+from syncd.linkproxy import proxy_command
+from syncd.workload import History, check_file, run_writer
+
+from .rig import FAST_LINK, assert_replicas_identical
+
+pytestmark = pytest.mark.system
+WITNESS = {"interval": 0.2, "owner_lease": 1.0, "grace": 2.0, "margin": 0.2}
+
+
+@pytest.fixture
+def wlab(tmp_path):
+    d = tmp_path / "lab"
+    try:
+        lab = lab_up(str(d), size="16MiB", nvolumes=1, npaths=2, link_opts=FAST_LINK, witness=WITNESS, timeout=60)
+    except Exception:
+        for f in d.glob("*.log"):
+            print(f"--- {f}\n{f.read_text()[-3000:]}")
+        raise
+    yield lab
+    lab_down(str(d))
+    for f in sorted(d.glob("*.log")):
+        if "Traceback" in f.read_text():
+            print(f"--- {f}\n{f.read_text()[-4000:]}")
+
+
+def show(lab, site):
+    return call(json.loads(open(os.path.join(lab["dir"], "lab.json")).read())["nodes"][site]["admin_socket"], "showrcopy")
+
+
+def group(lab, site):
+    return show(lab, site)["groups"][0]
+
+
+def wait_for(pred, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if pred():
+                return
+        except Exception:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def uri(lab, site):
+    return lab["nodes"][site]["volumes"]["vv1"]["uri"]
+
+
+def img(lab, site):
+    return lab["nodes"][site]["volumes"]["vv1"]["path"]
+
+
+def test_primary_array_failure_fails_over_to_the_secondary_and_the_old_primary_rejoins(wlab):
+    wait_for(lambda: show(wlab, "A")["witness"]["reachable"] and show(wlab, "B")["witness"]["reachable"], what="witness")
+    time.sleep(5 * WITNESS["interval"])  # A's reports have told the witness that B is in sync
+    h = History()
+    t = {}
+
+    async def main():
+        async with trio.open_nursery() as n:
+            n.start_soon(lambda: run_writer(uri(wlab, "B"), h, writer=2, blocks=range(0, 2048), duration=8, qd=4))
+            await trio.sleep(1.0)
+            await trio.to_thread.run_sync(lab_kill, wlab["dir"], "A")
+            t["kill"] = time.monotonic()
+
+    trio.run(main)
+    g = group(wlab, "B")
+    assert (g["role"], g["epoch"]) == ("primary", 2)
+    after = [x for x in h.acked_times if x > t["kill"]]
+    assert after, "site B never served writes again after the primary failed"
+    print(f"site B interruption after primary failure: {after[0] - t['kill']:.2f} s")
+    lab_start(wlab["dir"], "A")
+    wait_for(lambda: group(wlab, "A")["role"] == "secondary" and group(wlab, "A")["epoch"] == 2, what="A rejoins as secondary")
+    wait_for(lambda: all(v["sync_status"] == "synced" for v in group(wlab, "B")["volumes"]), timeout=60, what="resync")
+    for site in ("A", "B"):
+        assert check_file(img(wlab, site), h, writer=2) == [], f"site {site} lost acknowledged writes"
+    assert_replicas_identical(wlab, "vv1")
+
+
+def test_link_failure_with_witness_primary_goes_on_and_secondary_cannot_take_over(wlab):
+    wait_for(lambda: show(wlab, "A")["witness"]["reachable"], what="witness")
+    proxy_command(wlab["link"]["control"], "cut", paths=[0, 1])
+    wait_for(lambda: group(wlab, "A")["peer_mode"] == "detached", what="A alone")
+    time.sleep(2.5)
+    a, b = group(wlab, "A"), group(wlab, "B")
+    assert (a["role"], a["epoch"], a["status"]) == ("primary", 1, "started")
+    assert (b["role"], b["serving"]) == ("secondary", False)
+    proxy_command(wlab["link"]["control"], "heal", paths=[0, 1])
+    wait_for(lambda: group(wlab, "A")["peer_mode"] == "attached", timeout=30, what="resync")
+
+
+def test_isolated_primary_enters_failsafe_and_the_secondary_takes_over(wlab):
+    wait_for(lambda: show(wlab, "A")["witness"]["reachable"], what="witness")
+    time.sleep(5 * WITNESS["interval"])  # A's reports have told the witness that B is in sync
+    proxy_command(wlab["link"]["control"], "cut", paths=[0, 1, wlab["link"]["witness_relay"]])
+    wait_for(lambda: group(wlab, "B")["role"] == "primary", timeout=20, what="B takes over")
+    wait_for(lambda: group(wlab, "A")["status"] == "failsafe", timeout=20, what="A failsafe")
+    assert not group(wlab, "A")["serving"]
+    proxy_command(wlab["link"]["control"], "heal", paths=[0, 1, wlab["link"]["witness_relay"]])
+    wait_for(lambda: group(wlab, "A")["role"] == "secondary", timeout=20, what="A steps down")
+    wait_for(lambda: all(v["sync_status"] == "synced" for v in group(wlab, "B")["volumes"]), timeout=60, what="resync")
+    assert_replicas_identical(wlab, "vv1")
+
+
+def test_witness_lost_first_then_link_the_pre_elected_primary_goes_on(wlab):
+    wait_for(lambda: show(wlab, "A")["witness"]["reachable"], what="witness")
+    proxy_command(wlab["link"]["control"], "cut", paths=[wlab["link"]["witness_relay"]])
+    time.sleep(WITNESS["grace"] + 1.5)  # the witness disables failover meanwhile
+    proxy_command(wlab["link"]["control"], "cut", paths=[0, 1])
+    wait_for(lambda: group(wlab, "A")["peer_mode"] == "detached", timeout=20, what="A alone")
+    time.sleep(2.0)
+    a, b = group(wlab, "A"), group(wlab, "B")
+    assert (a["role"], a["status"], a["serving"]) == ("primary", "started", True)
+    assert (b["role"], b["serving"]) == ("secondary", False)
