@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--volumes", type=int, default=2)
     s.add_argument("--paths", type=int, default=2, help="replication link paths")
     s.add_argument("--no-wait", action="store_true", help="do not wait for the initial sync")
+    s.add_argument("--witness", action="store_true",
+                   help="also run a quorum witness (site W) for automatic failover")
     s.add_argument("--no-relay", action="store_true",
                    help="link the nodes directly (faster; cut-link/heal-link/delay unavailable)")
     for name in ("down", "status", "cut-link", "heal-link"):
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if ns.labcmd == "up":
             lab = lab_up(ns.dir, size=ns.size, nvolumes=ns.volumes, npaths=ns.paths, wait=not ns.no_wait,
-                         relay=not ns.no_relay)
+                         relay=not ns.no_relay, witness={} if ns.witness else None)
             print_summary(lab)
         elif ns.labcmd == "down":
             for line in lab_down(ns.dir):

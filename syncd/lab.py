@@ -288,4 +288,6 @@ def print_summary(lab: dict) -> None:
     if lab.get("link"):
         c.print(f"  {bindir}/syncd lab cut-link --dir {lab['dir']}   /   {bindir}/syncd lab heal-link --dir {lab['dir']}")
     c.print(f"  {bindir}/syncd lab kill A --dir {lab['dir']}   /   {bindir}/syncd lab start A --dir {lab['dir']}")
+    if lab.get("witness"):
+        c.print(f"  witness (site W) on 127.0.0.1:{lab['witness']['port']}: kill A and watch B take over")
     c.print(f"  {bindir}/syncd lab down --dir {lab['dir']}")
