@@ -80,15 +80,9 @@ class StateStore:
     def __init__(self, data_dir: str, node: str):
         self.dir = data_dir
         self.path = os.path.join(data_dir, "state.json")
-        os.makedirs(data_dir, exist_ok=True)
-        self._lockfd = os.open(os.path.join(data_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self._lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self._lockfd)
-            raise StateError(
-                f"data directory {data_dir} is in use by another syncd node process"
-            ) from None
+        self._lockfd = lock_dir(data_dir)
+        if self._lockfd is None:
+            raise StateError(f"data directory {data_dir} is in use by another syncd node process")
         os.ftruncate(self._lockfd, 0)
         os.write(self._lockfd, f"{os.getpid()}\n".encode())
         self.node = node
@@ -123,6 +117,18 @@ class StateStore:
 
     def save(self, st: NodeState) -> None:
         atomic_write(self.path, json.dumps(st.to_json(), indent=1, sort_keys=True).encode())
+
+
+def lock_dir(d: str) -> int | None:
+    """Create ``d`` and hold its exclusive lock for this process's life (None if taken)."""
+    os.makedirs(d, exist_ok=True)
+    fd = os.open(os.path.join(d, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def atomic_write(path: str, data: bytes) -> None:

@@ -15,7 +15,7 @@ import trio
 
 from .. import netio
 from ..config import ConfigError, check_name, load_toml, parse_addr
-from ..state import atomic_write
+from ..state import atomic_write, lock_dir
 from . import proto as w
 from .decide import Decision, GroupRecord, Timing, WitnessError, claim, keep, report
 
@@ -77,16 +77,11 @@ class WitnessState:
     """Group records on disk: atomic replace + fsync; a record is saved before it is answered."""
 
     def __init__(self, state_dir: str):
-        import fcntl
-
         self.dir = state_dir
         self.path = os.path.join(state_dir, "witness.json")
-        os.makedirs(state_dir, exist_ok=True)
-        self._lock = os.open(os.path.join(state_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise ConfigError(f"witness state directory {state_dir} is in use by another witness") from None
+        self._lock = lock_dir(state_dir)
+        if self._lock is None:
+            raise ConfigError(f"witness state directory {state_dir} is in use by another witness")
         self.groups: dict[str, GroupRecord] = {}
         if os.path.exists(self.path):
             try:
