@@ -87,6 +87,10 @@ def print_showrcopy(r: dict, console: Console) -> None:
                 f"[bold red]WARNING[/bold red]: round trip {lk['rtt_ms']:.2f} ms exceeds "
                 f"{lk['max_rtt_ms']} ms, the most synchronous mirroring supports"
             )
+    wt = r.get("witness")
+    if wt:
+        state = "[green]reachable[/green]" if wt["reachable"] else f"[red]unreachable[/red] ({wt['last_error'] or 'no answer'})"
+        console.print(f"Quorum witness {wt['witness'] or '?'} at {wt['address']}: {state}")
     t = Table(title="Groups")
     for c in ("group", "target", "role", "status", "mode", "epoch", "alua", "policies"):
         t.add_column(c)
@@ -149,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("group")
 
     s = sub.add_parser("showrcopy", help="show link, groups and volumes")
-    s.add_argument("what", nargs="?", choices=["links", "groups"], help="limit the output")
+    s.add_argument("what", nargs="?", choices=["links", "groups", "witness"], help="limit the output")
     s.add_argument("group", nargs="?")
 
     s = sub.add_parser("waitsync", help="wait until every volume of a group is synced")
@@ -207,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                 r = {"node": r["node"], "link": r["link"]}
             elif ns.what == "groups":
                 r = {"node": r["node"], "groups": r["groups"]}
+            elif ns.what == "witness":
+                r = {"node": r["node"], "witness": r.get("witness")}
             if not ns.json:
                 if "groups" in r and "link" in r:
                     print_showrcopy(r, console)

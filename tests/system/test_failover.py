@@ -93,6 +93,10 @@ def test_primary_array_failure_fails_over_to_the_secondary_and_the_old_primary_r
 
 def test_link_failure_with_witness_primary_goes_on_and_secondary_cannot_take_over(wlab):
     wait_for(lambda: show(wlab, "A")["witness"]["reachable"], what="witness")
+    from .rig import run
+
+    out = run(".venv/bin/syncctl", "--lab", wlab["dir"], "--node", "B", "showrcopy").stdout
+    assert "Quorum witness W" in out and "reachable" in out
     proxy_command(wlab["link"]["control"], "cut", paths=[0, 1])
     wait_for(lambda: group(wlab, "A")["peer_mode"] == "detached", what="A alone")
     time.sleep(2.5)
