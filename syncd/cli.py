@@ -15,6 +15,21 @@ def _setup_logging(level: str) -> None:
     )
 
 
+def _run_daemon(ns, what: str, load, describe, serve) -> int:
+    """Load and validate a daemon's config (--check stops there), then serve it."""
+    from .config import ConfigError
+
+    try:
+        cfg = load(ns.config)
+    except ConfigError as e:
+        print(f"syncd: invalid {what}: {e}", file=sys.stderr)
+        return 2
+    if ns.check:
+        print(f"{ns.config}: ok ({describe(cfg)})")
+        return 0
+    return serve(cfg)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="syncd", description="Synchronous active-active block replication.")
     p.add_argument("--log-level", default="info")
@@ -64,33 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(ns.log_level)
 
     if ns.cmd == "node":
-        from .config import ConfigError, load_node_config
-
-        try:
-            cfg = load_node_config(ns.config)
-        except ConfigError as e:
-            print(f"syncd: invalid configuration: {e}", file=sys.stderr)
-            return 2
-        if ns.check:
-            print(f"{ns.config}: ok (node {cfg.name}, {len(cfg.volumes)} volumes)")
-            return 0
+        from .config import load_node_config
         from .node import serve_node
 
-        return serve_node(cfg)
+        return _run_daemon(ns, "configuration", load_node_config,
+                           lambda c: f"node {c.name}, {len(c.volumes)} volumes", serve_node)
 
     if ns.cmd == "witness":
-        from .config import ConfigError
         from .witness.server import load_witness_config, serve_witness
 
-        try:
-            wcfg = load_witness_config(ns.config)
-        except ConfigError as e:
-            print(f"syncd: invalid witness configuration: {e}", file=sys.stderr)
-            return 2
-        if ns.check:
-            print(f"{ns.config}: ok (witness {wcfg.name}, arrays {', '.join(wcfg.nodes)})")
-            return 0
-        return serve_witness(wcfg)
+        return _run_daemon(ns, "witness configuration", load_witness_config,
+                           lambda c: f"witness {c.name}, arrays {', '.join(c.nodes)}", serve_witness)
 
     if ns.cmd == "linkproxy":
         import trio

@@ -67,18 +67,19 @@ class WitnessError(Exception):
     """A request the witness cannot even consider (unknown node or group)."""
 
 
-def _check_member(rec: GroupRecord, node: str) -> None:
+def _heard(rec: GroupRecord, node: str, now: float) -> None:
+    """Every request: the sender must be a member, and it is alive now."""
     if node not in rec.members:
         raise WitnessError(f"node {node!r} is not a member of group {rec.name} ({', '.join(rec.members)})")
+    rec.last_seen[node] = now
 
 
 def report(rec: GroupRecord, t: Timing, now: float, node: str, epoch: int, *,
            peer_alive: bool, peer_in_sync: bool) -> Decision:
     """A periodic report. The owner says whether its peer is in sync; the other member says
     whether it still reaches the owner over the replication link."""
-    _check_member(rec, node)
     prev_seen_owner = rec.last_seen.get(rec.owner)
-    rec.last_seen[node] = now
+    _heard(rec, node, now)
     if epoch == rec.epoch and node == rec.owner:
         rec.secondary_in_sync = peer_in_sync
         rec.failover_disabled = False
@@ -94,8 +95,7 @@ def report(rec: GroupRecord, t: Timing, now: float, node: str, epoch: int, *,
 
 def claim(rec: GroupRecord, t: Timing, now: float, node: str, epoch: int) -> Decision:
     """The secondary asks for the group after losing the owner."""
-    _check_member(rec, node)
-    rec.last_seen[node] = now
+    _heard(rec, node, now)
 
     def deny(reason: str) -> Decision:
         return Decision(False, rec.owner, rec.epoch, reason)
@@ -126,8 +126,7 @@ def claim(rec: GroupRecord, t: Timing, now: float, node: str, epoch: int) -> Dec
 
 def keep(rec: GroupRecord, t: Timing, now: float, node: str, epoch: int) -> Decision:
     """The owner lost its peer and will go on alone: the peer is no longer eligible."""
-    _check_member(rec, node)
-    rec.last_seen[node] = now
+    _heard(rec, node, now)
     if node != rec.owner or epoch != rec.epoch:
         return Decision(False, rec.owner, rec.epoch,
                         f"group {rec.name} is owned by {rec.owner} at epoch {rec.epoch}: "
