@@ -15,9 +15,10 @@ import time
 
 import trio
 
+from . import admin_hosts
 from .group import DETACHED, Group
 from .node import Node, NodeError
-from .nbd.export import ALUA_NAMES, ClientIdentity
+from .nbd.export import ALUA_NAMES
 from .repl.resync import resync_progress
 from .state import POLICIES, GroupState, MemberState
 
@@ -90,11 +91,7 @@ class AdminServer:
 # -- helpers -----------------------------------------------------------------------------------
 
 def _group(node: Node, name: str) -> Group:
-    g = node.groups.get(name)
-    if g is None:
-        known = ", ".join(sorted(node.groups)) or "none"
-        raise NodeError(f"group {name} does not exist on {node.cfg.name} (groups: {known})")
-    return g
+    return node.group(name)
 
 
 def _primary_only(node: Node, g: Group, op: str) -> None:
@@ -150,7 +147,7 @@ async def creatercopygroup(node: Node, group: str, target: str, policies: str | 
     while gid in used:
         gid = secrets.randbits(31) | 1
     await node.control({"op": "create_group", "name": group, "gid": gid, "primary": node.cfg.name, "policies": pol})
-    gs = GroupState(name=group, gid=gid, role="primary", peer=target, policies=pol)
+    gs = GroupState(name=group, gid=gid, role="primary", peer=target, policies=pol, home=node.cfg.name)
     node.state.groups[group] = gs
     g = Group(node, gs)
     node.groups[group] = g
@@ -228,9 +225,15 @@ async def dismissrcopyvv(node: Node, volume: str, group: str) -> dict:
 
 
 async def setrcopygroup(node: Node, action: str, group: str, policies: str | None = None) -> dict:
+    from .operations import ACTIONS
+
     g = _group(node, group)
+    if action in ACTIONS:
+        if policies:
+            raise NodeError(f"setrcopygroup {action} takes no policies")
+        return await ACTIONS[action](node, g)
     if action != "pol":
-        raise NodeError(f"setrcopygroup: unknown action {action!r} (known: pol)")
+        raise NodeError(f"setrcopygroup: unknown action {action!r} (known: pol, {', '.join(ACTIONS)})")
     _primary_only(node, g, "setrcopygroup pol")
     pol = parse_policies(policies or "")
     await node.control({"op": "policy", "group": group, "policies": pol})
@@ -296,12 +299,14 @@ async def showrcopy(node: Node, group: str | None = None) -> dict:
             "name": g.name,
             "gid": g.st.gid,
             "role": g.role,
+            "role_label": g.role_label,
             "target": g.st.peer,
             "epoch": g.epoch,
             "status": "failsafe" if g.st.failsafe else "started" if g.st.started else "stopped",
+            "transitioning": g.transitioning is not None,
             "policies": g.st.policies,
             "serving": g.may_serve(),
-            "alua": ALUA_NAMES[g.alua(ClientIdentity("")).state],
+            "alua": ALUA_NAMES[g.alua(None).state],
             "events": [{"t": t, "msg": m} for t, m in g.events[-10:]],
         }
         if g.role == "primary":
@@ -345,6 +350,7 @@ COMMANDS = {
     "stoprcopygroup": stoprcopygroup,
     "showrcopy": showrcopy,
 }
+COMMANDS.update(admin_hosts.COMMANDS)
 
 
 # -- the peer's side of control RPCs -----------------------------------------------------------
@@ -357,7 +363,8 @@ async def handle_peer_control(node: Node, body: dict) -> dict | None:
             raise NodeError(f"group {name} already exists on {node.cfg.name}")
         if body["primary"] != node.cfg.link.peer:
             raise NodeError(f"{body['primary']} is not this node's replication target")
-        gs = GroupState(name=name, gid=body["gid"], role="secondary", peer=body["primary"], policies=body["policies"])
+        gs = GroupState(name=name, gid=body["gid"], role="secondary", peer=body["primary"],
+                        policies=body["policies"], home=body["primary"])
         node.state.groups[name] = gs
         g = Group(node, gs)
         node.groups[name] = g
@@ -388,7 +395,17 @@ async def handle_peer_control(node: Node, body: dict) -> dict | None:
                 log.warning("group %s: volume sets differ from the primary's (%s vs %s)", g.name, sorted(mine), sorted(theirs))
         node.save()
         return None
+    if op in ("switchover_prepare", "switchover_commit", "switchover_abort"):
+        from .operations import peer_switchover
+
+        await peer_switchover(node, body)
+        return None
     g = _group(node, body.get("group") or body.get("name", "?"))
+    if op == "set_home":
+        g.st.home = body["home"]
+        node.save()
+        g.note(f"natural direction is now {body['home']} -> {node.cfg.name}")
+        return None
     if g.role != "secondary":
         raise NodeError(f"group {g.name} is primary on {node.cfg.name} too: roles conflict")
     if op == "admit":

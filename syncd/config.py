@@ -84,6 +84,7 @@ class LinkConfig:
     max_rtt_ms: float = 10.0
     region_size: int = 256 << 10
     resync_share: float = 0.5
+    transition_timeout: float = 5.0  # s host I/O waits during a switchover before EAGAIN
     key: str | None = None
 
 
@@ -159,6 +160,7 @@ def parse_node_config(raw: dict, base: Path = Path("."), source: str = "") -> No
         fields = {
             "peer", "paths", "ping_interval", "path_timeout", "io_timeout", "lease",
             "lease_margin", "clock_drift", "max_rtt_ms", "region_size", "resync_share", "key",
+            "transition_timeout",
         }
         _no_extra(lk, fields, "link")
         peer = check_name(_take(lk, "peer", "link", str), "link.peer")
@@ -182,7 +184,7 @@ def parse_node_config(raw: dict, base: Path = Path("."), source: str = "") -> No
         d = LinkConfig(peer=peer, paths=())
         kw = {}
         for k in ("ping_interval", "path_timeout", "io_timeout", "lease", "lease_margin",
-                  "clock_drift", "max_rtt_ms", "resync_share"):
+                  "clock_drift", "max_rtt_ms", "resync_share", "transition_timeout"):
             v = _take(lk, k, "link", float, getattr(d, k))
             if v < 0 or (k != "clock_drift" and k != "lease_margin" and v == 0):
                 raise ConfigError(f"link.{k}: must be positive, got {v}")

@@ -114,6 +114,24 @@ def print_showrcopy(r: dict, console: Console) -> None:
     console.print(t)
 
 
+GROUP_ACTIONS = ("pol", "switchover", "failover", "recover", "restore", "reverse", "override")
+
+ROW_VIEWS = {
+    "showpaths": ("paths", ("host", "volume", "lun", "group", "role", "proximity", "state", "epoch", "wwn")),
+    "showvlun": ("vluns", ("volume", "host", "lun")),
+    "showhost": ("hosts", ("name", "addresses", "tls_names", "sets", "connections")),
+}
+
+
+def print_rows(title: str, rows: list[dict], cols, console: Console) -> None:
+    t = Table(title=title)
+    for c in cols:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*(", ".join(map(str, r[c])) if isinstance(r[c], list) else "-" if r[c] is None else str(r[c]) for c in cols))
+    console.print(t)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="syncctl", description="Administer a syncd storage node.")
     p.add_argument("--socket", help="the node's admin socket")
@@ -139,10 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("volume")
     s.add_argument("group")
 
-    s = sub.add_parser("setrcopygroup", help="set group policies: setrcopygroup pol POLICIES GROUP")
-    s.add_argument("action", choices=["pol"])
-    s.add_argument("policies")
-    s.add_argument("group")
+    s = sub.add_parser(
+        "setrcopygroup",
+        help="setrcopygroup pol POLICIES GROUP | switchover|failover|recover|restore|reverse|override GROUP",
+    )
+    s.add_argument("action", choices=list(GROUP_ACTIONS))
+    s.add_argument("args", nargs="+", metavar="[POLICIES] GROUP")
 
     s = sub.add_parser("startrcopygroup", help="start replication of a group")
     s.add_argument("group")
@@ -155,6 +175,39 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("showrcopy", help="show link, groups and volumes")
     s.add_argument("what", nargs="?", choices=["links", "groups", "witness"], help="limit the output")
     s.add_argument("group", nargs="?")
+    s.add_argument("-qw", dest="qw", action="store_true", help="only the quorum witness and whether it is reached")
+
+    s = sub.add_parser("createhost", help="define a host by its initiators (addresses, TLS names)")
+    s.add_argument("name")
+    s.add_argument("--address", "-a", action="append", default=[], help="IP address or network (repeatable)")
+    s.add_argument("--tls-name", action="append", default=[], help="TLS certificate CN / PSK identity (repeatable)")
+    s = sub.add_parser("removehost", help="remove a host without exported volumes")
+    s.add_argument("name")
+    s = sub.add_parser("createhostset", help="create a host set (or --add hosts to one)")
+    s.add_argument("--add", action="store_true")
+    s.add_argument("name")
+    s.add_argument("hosts", nargs="*")
+    s = sub.add_parser("removehostset", help="remove a host set, or only the given hosts from it")
+    s.add_argument("name")
+    s.add_argument("hosts", nargs="*")
+    s = sub.add_parser("createvlun", help="export a volume to a host or set:HOSTSET")
+    s.add_argument("volume")
+    s.add_argument("host")
+    s.add_argument("lun", nargs="?", type=int)
+    s = sub.add_parser("removevlun", help="stop exporting a volume to a host or set:HOSTSET")
+    s.add_argument("volume")
+    s.add_argument("host")
+    sub.add_parser("showhost", help="hosts, their initiators, sets and connections")
+    sub.add_parser("showvlun", help="exported volumes (VLUNs)")
+    s = sub.add_parser("admitrcopyhost", help="set a host's proximity for a group on this array")
+    s.add_argument("-proximity", "--proximity", default="all", choices=["primary", "secondary", "all"])
+    s.add_argument("host")
+    s.add_argument("group")
+    s = sub.add_parser("dismissrcopyhost", help="forget a host's proximity for a group")
+    s.add_argument("host")
+    s.add_argument("group")
+    s = sub.add_parser("showpaths", help="ALUA path state of every (host, volume) on this array")
+    s.add_argument("host", nargs="?")
 
     s = sub.add_parser("waitsync", help="wait until every volume of a group is synced")
     s.add_argument("group")
@@ -198,7 +251,35 @@ def main(argv: list[str] | None = None) -> int:
         elif v == "dismissrcopyvv":
             r = call(sock, v, {"volume": ns.volume, "group": ns.group})
         elif v == "setrcopygroup":
-            r = call(sock, v, {"action": ns.action, "policies": ns.policies, "group": ns.group})
+            want = 2 if ns.action == "pol" else 1
+            if len(ns.args) != want:
+                raise CtlError(f"setrcopygroup {ns.action} takes {'POLICIES GROUP' if want == 2 else 'GROUP'}")
+            args = {"action": ns.action, "group": ns.args[-1]}
+            if ns.action == "pol":
+                args["policies"] = ns.args[0]
+            r = call(sock, v, args, timeout=120)
+        elif v == "createhost":
+            r = call(sock, v, {"name": ns.name, "addresses": ns.address, "tls_names": ns.tls_name})
+        elif v in ("removehost",):
+            r = call(sock, v, {"name": ns.name})
+        elif v == "createhostset":
+            r = call(sock, v, {"name": ns.name, "hosts": ns.hosts, "add": ns.add})
+        elif v == "removehostset":
+            r = call(sock, v, {"name": ns.name, "hosts": ns.hosts})
+        elif v == "createvlun":
+            r = call(sock, v, {"volume": ns.volume, "host": ns.host, "lun": ns.lun})
+        elif v == "removevlun":
+            r = call(sock, v, {"volume": ns.volume, "host": ns.host})
+        elif v in ("admitrcopyhost",):
+            r = call(sock, v, {"host": ns.host, "group": ns.group, "proximity": ns.proximity})
+        elif v == "dismissrcopyhost":
+            r = call(sock, v, {"host": ns.host, "group": ns.group})
+        elif v in ROW_VIEWS:
+            r = call(sock, v, {"host": ns.host} if getattr(ns, "host", None) else {})
+            if not ns.json:
+                key, cols = ROW_VIEWS[v]
+                print_rows(f"{v} on {r.get('node', '')}".strip(), r[key], cols, console)
+                return 0
         elif v == "startrcopygroup":
             r = call(sock, v, {"group": ns.group})
             if ns.wait:
@@ -211,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = {"node": r["node"], "link": r["link"]}
             elif ns.what == "groups":
                 r = {"node": r["node"], "groups": r["groups"]}
-            elif ns.what == "witness":
+            elif ns.what == "witness" or ns.qw:
                 r = {"node": r["node"], "witness": r.get("witness")}
             if not ns.json:
                 if "groups" in r and "link" in r:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from .alua import path_state
-from .nbd.export import AluaState, BlockError, ClientIdentity
+from .nbd.export import AluaState, BlockError
 from .ranges import Bitmap, RangeLock
 from .repl.link import LinkDown, LinkTimeout
 from .repl.proto import Frame, Status
@@ -100,6 +100,7 @@ class Group:
         self.recovering = False
         self.last_recover = -1e9
         self.last_host_io = 0.0
+        self.transitioning: trio.Event | None = None  # set while roles change (switchover)
         self.events: list[tuple[float, str]] = []
 
     # -- identity ------------------------------------------------------------------------------
@@ -110,6 +111,17 @@ class Group:
     @property
     def role(self) -> str:
         return self.st.role
+
+    @property
+    def reversed(self) -> bool:
+        """Roles are the other way round from the natural direction (after a failover)."""
+        me = self.node.cfg.name
+        home = self.st.home or (me if self.role == "primary" else self.st.peer)
+        return (self.role == "primary") != (home == me)
+
+    @property
+    def role_label(self) -> str:
+        return self.role + ("-rev" if self.reversed else "")
 
     @property
     def epoch(self) -> int:
@@ -149,8 +161,14 @@ class Group:
             return wc.last_ok_sent is not None and trio.current_time() < wc.last_ok_sent + wc.cfg.owner_lease
         return self.st.started and trio.current_time() < self.lease_until
 
-    def alua(self, client: ClientIdentity) -> AluaState:
-        return AluaState(path_state(may_serve=self.may_serve(), role=self.role), self.epoch)
+    def alua(self, host: str | None) -> AluaState:
+        """The path state this array shows ``host`` for the group's volumes."""
+        prox = self.st.proximity.get(host, "all") if host is not None else "all"
+        return AluaState(
+            path_state(may_serve=self.may_serve(), role=self.role, proximity=prox,
+                       transitioning=self.transitioning is not None),
+            self.epoch,
+        )
 
     def _check_serving(self) -> None:
         if not self.may_serve():
@@ -159,7 +177,30 @@ class Group:
             )
 
     # -- host I/O ------------------------------------------------------------------------------
+    async def _ride_transition(self) -> None:
+        """Host I/O that arrives while roles change waits for the change (no error for the host)
+        up to ``transition_timeout``; then it fails with EAGAIN (NBD ENOMEM: retry)."""
+        ev = self.transitioning
+        if ev is None:
+            return
+        with trio.move_on_after(self.node.cfg.link.transition_timeout):
+            await ev.wait()
+        if self.transitioning is ev:
+            raise BlockError(errno.EAGAIN, f"group {self.name} is transitioning (role change)")
+
+    def begin_transition(self, why: str) -> trio.Event:
+        ev = self.transitioning = trio.Event()
+        self.note(f"transitioning: {why}")
+        return ev
+
+    def end_transition(self, ev: trio.Event, why: str) -> None:
+        if self.transitioning is ev:
+            self.transitioning = None
+            ev.set()
+            self.note(f"transition over: {why}")
+
     async def host_read(self, m: Member, offset: int, length: int):
+        await self._ride_transition()
         self._check_serving()
         m.stats["reads"] += 1
         m.stats["bytes_read"] += length
@@ -186,6 +227,7 @@ class Group:
         return data
 
     async def host_write(self, m: Member, kind: str, offset: int, length: int, data, fua: bool, no_hole: bool = False) -> None:
+        await self._ride_transition()
         self._check_serving()
         self.last_host_io = trio.current_time()
         m.stats["writes"] += 1
@@ -202,7 +244,9 @@ class Group:
 
     def fast_read(self, m: Member, offset: int, length: int):
         """The data, or None to take the task path."""
-        if m.vol.direct or (self.role == "secondary" and m.oos.count and m.oos.any_in(offset, length)):
+        if m.vol.direct or self.transitioning is not None or (
+            self.role == "secondary" and m.oos.count and m.oos.any_in(offset, length)
+        ):
             return None
         self._check_serving()
         m.stats["reads"] += 1
@@ -215,7 +259,7 @@ class Group:
         return data
 
     def fast_write(self, m: Member, offset: int, data, done) -> bool:
-        if m.vol.direct or not self.may_serve():
+        if m.vol.direct or self.transitioning is not None or not self.may_serve():
             return False
         link = self.node.link
         if self.role == "primary":
@@ -364,6 +408,7 @@ class Group:
             link.send(Frame.release(req_id, self.st.gid, self.epoch, status))
 
     async def host_flush(self, m: Member) -> None:
+        await self._ride_transition()
         self._check_serving()
         try:
             await m.vol.flush()
@@ -493,6 +538,32 @@ class Group:
         self.alone_ok = False
         self.lease_until = 0.0
         self.note(f"the peer owns the group at epoch {epoch}: now secondary")
+        self.node.save()
+
+    def swap_in_sync(self, role: str, epoch: int) -> None:
+        """Planned role change between replicas known identical (switchover): nothing to resync.
+        A new secondary may serve at once (the new primary starts with a granted lease); a new
+        primary starts mirroring to its attached peer."""
+        lk = self.node.cfg.link
+        now = trio.current_time()
+        self.st.role = role
+        self.st.epoch = epoch
+        self.st.failsafe = False
+        self.alone_ok = False
+        for m in self.members.values():
+            m.dirty = Bitmap(m.vol.size, m.dirty.region)
+            m.oos = Bitmap(m.vol.size, m.oos.region)
+            m.verify = False
+        if role == "primary":
+            self.peer_mode = ATTACHED
+            self.peer_ready = True
+            self.lease_deadline = now + lk.lease * (1 + lk.clock_drift) + lk.lease_margin
+            self.lease_until = 0.0
+        else:
+            self.peer_mode = DETACHED
+            self.peer_ready = False
+            self.lease_until = now + lk.lease
+        self.note(f"switchover: now {role} at epoch {epoch}")
         self.node.save()
 
     def maybe_recover(self, operator: bool = False) -> None:

@@ -16,6 +16,7 @@ from .ctl import CtlError, call, wait_synced
 from .config import parse_size
 
 NODES = ("A", "B")
+LAB_HOST = "lab"
 
 
 class LabError(Exception):
@@ -224,6 +225,15 @@ def lab_up(
     for i in range(len(lab["nodes"]["A"]["volumes"])):
         call(a, "admitrcopyvv", {"volume": f"vv{i + 1}", "group": group, "target_volume": f"B:vv{i + 1}"})
     call(a, "startrcopygroup", {"group": group})
+    # Hosts: lab clients connect from 127.0.0.1, so one host "lab" is that address, defined on
+    # both arrays (uniform), proximity all, with every volume exported to it. A client from
+    # another loopback address (127.0.0.2...) is no known host and sees no export.
+    for name in NODES:
+        sock = lab["nodes"][name]["admin_socket"]
+        call(sock, "createhost", {"name": LAB_HOST, "addresses": ["127.0.0.1", "::1"]})
+        for lun, v in enumerate(lab["nodes"][name]["volumes"]):
+            call(sock, "createvlun", {"volume": v, "host": LAB_HOST, "lun": lun})
+        call(sock, "admitrcopyhost", {"host": LAB_HOST, "group": group, "proximity": "all"})
     if wait:
         wait_synced(a, group, timeout, None)
     return lab

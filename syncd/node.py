@@ -14,6 +14,7 @@ import uuid
 import trio
 
 from .config import NodeConfig
+from .hosts import HostTable
 from .group import TRIM, WRITE, ZEROES, Group, Member
 from .nbd.export import AluaState, BlockError, ClientIdentity, ALUA_ACTIVE_OPTIMIZED
 from .repl.link import Link, Path
@@ -123,7 +124,9 @@ class VolumeExport:
 
     def alua(self, client: ClientIdentity) -> AluaState:
         m = self.member
-        return m.group.alua(client) if m else AluaState(ALUA_ACTIVE_OPTIMIZED, 0)
+        if m is None:
+            return AluaState(ALUA_ACTIVE_OPTIMIZED, 0)
+        return m.group.alua(self.node.hosts.host_for(client))
 
 
 class Node:
@@ -142,6 +145,8 @@ class Node:
         self._nursery: trio.Nursery | None = None
         self._save_pending = False
         self.nbd_ports: list[tuple[str, int]] = []
+        self.nbd = None  # the NBD server, once running
+        self.hosts = HostTable(self.state)
         try:
             for vc in cfg.volumes:
                 v = Volume(vc.name, vc.path, size=vc.size, direct=vc.direct)
@@ -255,7 +260,7 @@ class Node:
                     await nursery.start(self.link.run)
                     for g in self.groups.values():
                         nursery.start_soon(self._lease_loop, g)
-                nbd = NBDServer(self)
+                nbd = self.nbd = NBDServer(self)
                 for host, port in self.cfg.nbd_listen:
                     actual = await nursery.start(nbd.serve_tcp, host, port)
                     self.nbd_ports.append((host, actual if isinstance(actual, int) else port))
@@ -268,9 +273,25 @@ class Node:
                 self.set_clean_flag(True)
                 self.close()
 
-    # NBD catalog
+    # -- NBD catalog: LUN masking ---------------------------------------------------------------
     def exports_for(self, client: ClientIdentity):
-        return self.exports
+        vols = self.hosts.volumes_for(self.hosts.host_for(client))
+        return {v: self.exports[v] for v in vols if v in self.exports}
+
+    def hosts_changed(self) -> None:
+        """Hosts, sets or VLUNs changed: persist, re-index, and disconnect every NBD connection
+        that is attached to an export its host may no longer see."""
+        self.save()
+        self.hosts = HostTable(self.state)
+        if self.nbd is not None:
+            self.nbd.drop(lambda c: c.export is not None and c.export.name not in self.exports_for(c.identity))
+
+    def group(self, name: str) -> Group:
+        g = self.groups.get(name)
+        if g is None:
+            known = ", ".join(sorted(self.groups)) or "none"
+            raise NodeError(f"group {name} does not exist on {self.cfg.name} (groups: {known})")
+        return g
 
     # -- link events ---------------------------------------------------------------------------
     def _on_link_up(self) -> None:

@@ -53,6 +53,26 @@ class GroupState:
     members: list[MemberState] = field(default_factory=list)
     next_vol_id: int = 1
     failsafe: bool = False  # serves no I/O until the witness or the peer says it may
+    proximity: dict = field(default_factory=dict)  # host name -> primary|secondary|all (this array)
+    home: str = ""  # the array that is primary in the natural direction ("" = the creator)
+
+
+@dataclass
+class HostState:
+    """A host as this array knows it: the initiators a connection is recognised by."""
+
+    name: str
+    addresses: list[str] = field(default_factory=list)  # IP addresses or CIDR networks
+    tls_names: list[str] = field(default_factory=list)  # certificate CN / PSK identity (NBD TLS)
+
+
+@dataclass
+class VlunState:
+    """Volume exported to a host or to a host set (target "set:NAME")."""
+
+    volume: str
+    target: str
+    lun: int
 
 
 @dataclass
@@ -60,6 +80,10 @@ class NodeState:
     node: str
     node_uuid: str
     groups: dict[str, GroupState] = field(default_factory=dict)
+    hosts: dict[str, HostState] = field(default_factory=dict)
+    hostsets: dict[str, list[str]] = field(default_factory=dict)
+    vluns: list[VlunState] = field(default_factory=list)
+    witness: dict | None = None  # set by setrcopytarget witness (overrides [witness] in the config)
     version: int = FORMAT_VERSION
 
     def to_json(self) -> dict:
@@ -71,7 +95,11 @@ class NodeState:
         for name, g in d.get("groups", {}).items():
             members = [MemberState(**m) for m in g.pop("members", [])]
             groups[name] = GroupState(members=members, **g)
-        return cls(node=d["node"], node_uuid=d["node_uuid"], groups=groups, version=d["version"])
+        hosts = {n: HostState(**h) for n, h in d.get("hosts", {}).items()}
+        vluns = [VlunState(**v) for v in d.get("vluns", [])]
+        hostsets = {n: list(v) for n, v in d.get("hostsets", {}).items()}
+        return cls(node=d["node"], node_uuid=d["node_uuid"], groups=groups, hosts=hosts,
+                   hostsets=hostsets, vluns=vluns, witness=d.get("witness"), version=d["version"])
 
 
 class StateStore:

@@ -163,10 +163,12 @@ def parse_uri(uri: str) -> tuple[str, int, str]:
 
 
 @asynccontextmanager
-async def open_nbd(uri: str, connect_timeout: float = 5.0):
+async def open_nbd(uri: str, connect_timeout: float = 5.0, source: str | None = None):
+    """Connect and enter transmission; ``source`` binds the local address (the array tells hosts
+    apart by it)."""
     host, port, name = parse_uri(uri)
     with trio.fail_after(connect_timeout):
-        stream = await trio.open_tcp_stream(host, port)
+        stream = await trio.open_tcp_stream(host, port, local_address=source)
         c = NBDClient(stream, name)
         await c._handshake()
     async with trio.open_nursery() as n:

@@ -80,6 +80,7 @@ class NBDConnection:
         self.inflight = 0
         self.idle = trio.Event()
         self.pacer = netio.Pacer()
+        self.scope = trio.CancelScope()  # cancelled to disconnect this client (unexported)
 
     # -- I/O -----------------------------------------------------------------------------------
     async def _recv(self) -> None:
@@ -396,6 +397,17 @@ class NBDServer:
     def __init__(self, catalog: ExportCatalog):
         self.catalog = catalog
         self.connections = 0
+        self.live: set[NBDConnection] = set()
+
+    def drop(self, pred) -> int:
+        """Disconnect every connection for which ``pred(conn)`` holds (e.g. its export was
+        unexported from its host); returns how many."""
+        n = 0
+        for c in list(self.live):
+            if pred(c):
+                c.scope.cancel()
+                n += 1
+        return n
 
     async def serve_tcp(self, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         lsock = netio.listen_tcp((host, port))
@@ -435,27 +447,10 @@ class NBDServer:
     async def handle(self, sock, ident: ClientIdentity) -> None:
         c = NBDConnection(self, sock, ident)
         self.connections += 1
+        self.live.add(c)
         try:
-            with trio.move_on_after(HANDSHAKE_TIMEOUT) as hs:
-                ok = await c.handshake()
-            if hs.cancelled_caught or not ok:
-                return
-            async with trio.open_nursery() as n:
-                n.start_soon(c._sender)
-                try:
-                    await c.transmission(n)
-                except (_Closed, p.ProtocolError, OSError, trio.BrokenResourceError) as e:
-                    if not isinstance(e, _Closed):
-                        log.info("client %s: %s; disconnecting it", ident.address, e)
-                    n.cancel_scope.cancel()
-                    return
-                # NBD_CMD_DISC: answer what is in flight, then close.
-                if c.inflight:
-                    c.idle = trio.Event()
-                    await c.idle.wait()
-                while c.out:
-                    await trio.sleep(0)
-                n.cancel_scope.cancel()
+            with c.scope:
+                await self._session(c)
         except (_Closed, p.ProtocolError, OSError, trio.BrokenResourceError, UnicodeDecodeError) as e:
             if not isinstance(e, _Closed):
                 log.info("client %s: %s; disconnecting it", ident.address, e)
@@ -463,6 +458,29 @@ class NBDServer:
             log.warning("client %s: request failed: %r; disconnecting it", ident.address, eg)
         finally:
             self.connections -= 1
+            self.live.discard(c)
+
+    async def _session(self, c: NBDConnection) -> None:
+        with trio.move_on_after(HANDSHAKE_TIMEOUT) as hs:
+            ok = await c.handshake()
+        if hs.cancelled_caught or not ok:
+            return
+        async with trio.open_nursery() as n:
+            n.start_soon(c._sender)
+            try:
+                await c.transmission(n)
+            except (_Closed, p.ProtocolError, OSError, trio.BrokenResourceError) as e:
+                if not isinstance(e, _Closed):
+                    log.info("client %s: %s; disconnecting it", c.identity.address, e)
+                n.cancel_scope.cancel()
+                return
+            # NBD_CMD_DISC: answer what is in flight, then close.
+            if c.inflight:
+                c.idle = trio.Event()
+                await c.idle.wait()
+            while c.out:
+                await trio.sleep(0)
+            n.cancel_scope.cancel()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,9 @@ docs/failover-plan.md:
   longer than the owner's witness lease (with drift and margin), the owner's last word was that
   the secondary is in sync, and the witness did not lose the owner *before* the secondary did
   (then the owner, pre-elected, keeps the group: failover is disabled);
-* an owner going on alone first revokes the secondary's eligibility here (``keep``).
+* an owner going on alone first revokes the secondary's eligibility here (``keep``);
+* an owner may hand the group to its in-sync peer (``handover``: planned switchover, or a
+  primary whose disk failed), which is the only other way an epoch advances.
 """
 
 from __future__ import annotations
@@ -134,4 +136,24 @@ def keep(rec: GroupRecord, t: Timing, now: float, node: str, epoch: int) -> Deci
     rec.secondary_in_sync = False
     rec.failover_disabled = False
     rec.last_decision = f"{node} goes on alone at epoch {rec.epoch}; {rec.other(node)} out of sync"
+    return Decision(True, rec.owner, rec.epoch, rec.last_decision)
+
+
+def handover(rec: GroupRecord, t: Timing, now: float, node: str, epoch: int) -> Decision:
+    """The owner gives the group to its peer at epoch+1 (planned switchover, or it cannot serve
+    its disk any more). Only the owner of the current epoch may, and only to a peer it last
+    reported in sync."""
+    _heard(rec, node, now)
+    if node != rec.owner or epoch != rec.epoch:
+        return Decision(False, rec.owner, rec.epoch,
+                        f"group {rec.name} is owned by {rec.owner} at epoch {rec.epoch}: "
+                        f"{node} at epoch {epoch} cannot hand it over")
+    if not rec.secondary_in_sync:
+        return Decision(False, rec.owner, rec.epoch,
+                        f"{rec.other(node)} was not in sync at {node}'s last report: no handover")
+    rec.owner = rec.other(node)
+    rec.epoch += 1
+    rec.secondary_in_sync = False  # until the new owner reports its peer in sync
+    rec.failover_disabled = False
+    rec.last_decision = f"handover: {rec.owner} owns epoch {rec.epoch} (given by {node})"
     return Decision(True, rec.owner, rec.epoch, rec.last_decision)

@@ -25,6 +25,7 @@ class WType(IntEnum):
     REPORT = 11
     CLAIM = 12
     KEEP = 13
+    HANDOVER = 14
     DECISION = 20
     ERROR = 21
 
@@ -52,6 +53,7 @@ PAYLOADS = {
     WType.REPORT: Struct("group" / PascalString(Int16ub, "utf8"), "epoch" / Int64ub, "flags" / Int8ub),
     WType.CLAIM: Struct("group" / PascalString(Int16ub, "utf8"), "epoch" / Int64ub),
     WType.KEEP: Struct("group" / PascalString(Int16ub, "utf8"), "epoch" / Int64ub),
+    WType.HANDOVER: Struct("group" / PascalString(Int16ub, "utf8"), "epoch" / Int64ub),
     WType.DECISION: Struct(
         "granted" / Flag, "owner" / PascalString(Int8ub, "utf8"), "epoch" / Int64ub,
         "reason" / PascalString(Int16ub, "utf8"),

@@ -17,7 +17,7 @@ from .. import netio
 from ..config import ConfigError, check_name, load_toml, parse_addr
 from ..state import atomic_write, lock_dir
 from . import proto as w
-from .decide import Decision, GroupRecord, Timing, WitnessError, claim, keep, report
+from .decide import Decision, GroupRecord, Timing, WitnessError, claim, handover, keep, report
 
 log = logging.getLogger("syncd.witness")
 FORMAT_VERSION = 1
@@ -173,7 +173,7 @@ class Witness:
                     st.groups[f.group] = rec
                     st.save()
                 d = Decision(True, rec.owner, rec.epoch, rec.last_decision)
-            elif t in (w.WType.REPORT, w.WType.CLAIM, w.WType.KEEP):
+            elif t in (w.WType.REPORT, w.WType.CLAIM, w.WType.KEEP, w.WType.HANDOVER):
                 rec = st.groups.get(f.group)
                 if rec is None:
                     raise WitnessError(f"unknown group {f.group!r}: register it first")
@@ -184,8 +184,10 @@ class Witness:
                                peer_in_sync=bool(f.flags & w.REPORT_PEER_IN_SYNC))
                 elif t == w.WType.CLAIM:
                     d = claim(rec, self.cfg.timing, now, node, f.epoch)
-                else:
+                elif t == w.WType.KEEP:
                     d = keep(rec, self.cfg.timing, now, node, f.epoch)
+                else:
+                    d = handover(rec, self.cfg.timing, now, node, f.epoch)
                 if rec.persistent() != before:
                     st.save()  # durable before anyone hears of it
                     log.info("witness: group %s: %s", rec.name, rec.last_decision)

@@ -120,6 +120,16 @@ class Rig:
         for site in ("A", "B"):
             self.wait_admin(site)
 
+    def export_to_site_hosts(self, group: str = "rcg1", volumes=("vv1",)) -> None:
+        """Non-uniform hosts: host-a (the root namespace's address on site A's veth) is defined
+        on array A only, host-b on array B only; proximity all."""
+        for site in ("A", "B"):
+            h = f"host-{site.lower()}"
+            call(self.admin(site), "createhost", {"name": h, "addresses": [self.addr["host"][site][0]]})
+            for lun, v in enumerate(volumes):
+                call(self.admin(site), "createvlun", {"volume": v, "host": h, "lun": lun})
+            call(self.admin(site), "admitrcopyhost", {"host": h, "group": group, "proximity": "all"})
+
     def admin(self, site: str) -> str:
         return str(self.root / site / "admin.sock")
 

@@ -37,6 +37,7 @@ def rig(tmp_path):
                 time.sleep(0.1)
         call(a, "admitrcopyvv", {"volume": "vv1", "group": "rcg1"})
         call(a, "startrcopygroup", {"group": "rcg1"})
+        r.export_to_site_hosts()
         wait_synced(a, "rcg1", 60, None)
         yield r
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from syncd.witness.decide import GroupRecord, Timing, claim, keep, report
+from syncd.witness.decide import GroupRecord, Timing, claim, handover, keep, report
 
 T = Timing(owner_lease=3.0, drift=0.05, margin=0.5, grace=4.5)
 
@@ -65,7 +65,7 @@ def test_witness_restart_forgets_liveness_and_refuses_until_the_owner_reports():
 
 events = st.lists(
     st.tuples(
-        st.sampled_from(["report", "claim", "keep"]),
+        st.sampled_from(["report", "claim", "keep", "handover"]),
         st.sampled_from(["A", "B"]),
         st.floats(0.0, 3.0),  # time step
         st.booleans(), st.booleans(),
@@ -89,12 +89,26 @@ def test_one_owner_per_epoch_and_epochs_only_grow(evs):
             d = report(g, T, now, node, epoch, peer_alive=alive, peer_in_sync=insync)
         elif kind == "claim":
             d = claim(g, T, now, node, epoch)
-        else:
+        elif kind == "keep":
             d = keep(g, T, now, node, epoch)
+        else:
+            d = handover(g, T, now, node, epoch)
         assert g.epoch >= last_epoch
         if g.epoch > last_epoch:
-            assert g.epoch == last_epoch + 1 and kind == "claim" and d.granted
+            assert g.epoch == last_epoch + 1 and kind in ("claim", "handover") and d.granted
         last_epoch = g.epoch
         assert owners.setdefault(g.epoch, g.owner) == g.owner  # never two owners in an epoch
         if d.granted and kind == "claim" and d.owner == node and g.epoch > 1:
             assert not g.failover_disabled
+
+
+def test_handover_only_by_the_owner_to_an_in_sync_peer():
+    g = group()
+    report(g, T, 0.0, "A", 1, peer_alive=True, peer_in_sync=False)
+    assert not handover(g, T, 0.1, "A", 1).granted  # B not in sync
+    report(g, T, 0.2, "A", 1, peer_alive=True, peer_in_sync=True)
+    assert not handover(g, T, 0.3, "B", 1).granted  # not the owner
+    assert not handover(g, T, 0.3, "A", 0).granted  # stale epoch
+    d = handover(g, T, 0.4, "A", 1)
+    assert d.granted and d.owner == "B" and d.epoch == 2
+    assert not claim(g, T, 100.0, "A", 2).granted  # A cannot claim back until B reports in sync

@@ -1,0 +1,131 @@
+"""Hosts, host sets and VLUNs on one array: which connection is which host, and which volumes a
+host may see (LUN masking).
+
+A connection is recognised by its TLS identity when it has one, else by its source address:
+the host whose address entry is the most specific network containing it wins. An address entry
+(as a network) belongs to one host only, so the answer is never ambiguous. A connection that
+matches no host sees no export at all.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from .nbd.export import ClientIdentity
+from .state import HostState, NodeState
+
+PROXIMITIES = ("primary", "secondary", "all")
+SET_PREFIX = "set:"
+
+
+class HostError(ValueError):
+    """Bad host, host set or VLUN input; the message names the problem."""
+
+
+def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise HostError(f"{text!r} is not an IP address or network (examples: 10.0.0.5, 10.0.0.0/24, fd00::/64)") from None
+
+
+@dataclass(frozen=True)
+class _Entry:
+    net: ipaddress.IPv4Network | ipaddress.IPv6Network
+    host: str
+
+
+class HostTable:
+    """A read-only index over the node state's hosts, sets and VLUNs; rebuilt on every change."""
+
+    def __init__(self, st: NodeState):
+        self.st = st
+        self.by_tls = {n: h.name for h in st.hosts.values() for n in h.tls_names}
+        entries = [_Entry(parse_network(a), h.name) for h in st.hosts.values() for a in h.addresses]
+        # Most specific first; a lookup takes the first network that contains the address.
+        self.entries = sorted(entries, key=lambda e: -e.net.prefixlen)
+        self.sets_of: dict[str, list[str]] = {}
+        for s, members in st.hostsets.items():
+            for h in members:
+                self.sets_of.setdefault(h, []).append(s)
+        self._cache: dict[tuple, str | None] = {}
+
+    def host_for(self, ident: ClientIdentity) -> str | None:
+        key = (ident.tls_name, ident.address)
+        if key in self._cache:
+            return self._cache[key]
+        host = None
+        if ident.tls_name is not None:
+            host = self.by_tls.get(ident.tls_name)
+        if host is None and ident.address:
+            try:
+                ip = ipaddress.ip_address(ident.address.split("%", 1)[0])
+            except ValueError:
+                ip = None
+            if ip is not None and ip.version == 6 and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            for e in self.entries:
+                if ip is not None and ip.version == e.net.version and ip in e.net:
+                    host = e.host
+                    break
+        if len(self._cache) > 4096:
+            self._cache.clear()
+        self._cache[key] = host
+        return host
+
+    def targets_of(self, host: str) -> set[str]:
+        return {host} | {SET_PREFIX + s for s in self.sets_of.get(host, [])}
+
+    def volumes_for(self, host: str | None) -> dict[str, int]:
+        """Volume name -> LUN for what ``host`` may see (the lowest LUN if exported twice)."""
+        if host is None:
+            return {}
+        targets = self.targets_of(host)
+        out: dict[str, int] = {}
+        for v in self.st.vluns:
+            if v.target in targets and (v.volume not in out or v.lun < out[v.volume]):
+                out[v.volume] = v.lun
+        return out
+
+
+# -- validation used by the admin commands (pure: they raise before anything changes) ---------
+
+def check_new_host(st: NodeState, name: str, addresses: list[str], tls_names: list[str]) -> HostState:
+    from .config import ConfigError, check_name
+
+    try:
+        check_name(name, "host name")
+    except ConfigError as e:
+        raise HostError(str(e)) from None
+    if name in st.hosts:
+        raise HostError(f"host {name} already exists")
+    if name in st.hostsets:
+        raise HostError(f"{name} is already the name of a host set")
+    if not addresses and not tls_names:
+        raise HostError(f"host {name}: give at least one initiator (an address/network or a TLS name)")
+    nets = [parse_network(a) for a in addresses]
+    if len(set(nets)) != len(nets):
+        raise HostError(f"host {name}: an address is given twice")
+    taken = {parse_network(a): h.name for h in st.hosts.values() for a in h.addresses}
+    for n in nets:
+        if n in taken:
+            raise HostError(f"initiator {n} already belongs to host {taken[n]}")
+    tls_taken = {t: h.name for h in st.hosts.values() for t in h.tls_names}
+    for t in tls_names:
+        if not t or len(t) > 255 or any(ord(c) < 32 for c in t):
+            raise HostError(f"TLS name {t!r} is empty, too long or holds control characters")
+        if t in tls_taken:
+            raise HostError(f"TLS name {t!r} already belongs to host {tls_taken[t]}")
+    return HostState(name=name, addresses=[str(n) for n in nets], tls_names=list(tls_names))
+
+
+def check_target(st: NodeState, target: str) -> str:
+    """A VLUN target: a host name, or set:NAME for a host set."""
+    if target.startswith(SET_PREFIX):
+        if target[len(SET_PREFIX):] not in st.hostsets:
+            raise HostError(f"host set {target[len(SET_PREFIX):]} does not exist (sets: {', '.join(sorted(st.hostsets)) or 'none'})")
+        return target
+    if target not in st.hosts:
+        raise HostError(f"host {target} does not exist (hosts: {', '.join(sorted(st.hosts)) or 'none'})")
+    return target

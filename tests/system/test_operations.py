@@ -1,0 +1,156 @@
+"""Planned and operator role changes: switchover (no host I/O error), restore, reverse,
+failover, recover, override, and their refusals."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import trio
+
+from syncd.ctl import CtlError
+from syncd.lab import lab_kill, lab_start
+from syncd.linkproxy import proxy_command
+from syncd.workload import History, check_file, run_writer
+
+from .rig import assert_replicas_identical
+from .test_failover import group, uri, wait_for, wlab  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.system
+
+
+def ctl(lab, site, cmd, **args):
+    from syncd.ctl import call
+
+    return call(lab["nodes"][site]["admin_socket"], cmd, args, timeout=60)
+
+
+def _workload_during(lab, action, duration=4.0):
+    """Verifying writers at both sites (non-uniform hosts) while ``action`` runs after 1 s."""
+    hs = {"A": History(), "B": History()}
+    out = {}
+
+    async def main():
+        async with trio.open_nursery() as n:
+            for i, site in enumerate(("A", "B")):
+                lo = i * 1024
+                n.start_soon(lambda s=site, lo=lo, w=i + 1: run_writer(
+                    uri(lab, s), hs[s], writer=w, blocks=range(lo, lo + 1024), duration=duration, qd=4))
+            await trio.sleep(1.0)
+            t0 = time.monotonic()
+            out["result"] = await trio.to_thread.run_sync(action)
+            out["took"] = time.monotonic() - t0
+
+    trio.run(main)
+    return hs, out
+
+
+def _check_both(lab, hs):
+    for site in ("A", "B"):
+        for w, h in ((1, hs["A"]), (2, hs["B"])):
+            assert check_file(lab["nodes"][site]["volumes"]["vv1"]["path"], h, writer=w) == [], \
+                f"replica {site} lost writes of writer {w}"
+    assert_replicas_identical(lab, "vv1")
+
+
+def test_switchover_under_load_swaps_roles_without_host_errors_then_restore(wlab):
+    lab = wlab
+    wait_for(lambda: group(lab, "A")["peer_mode"] == "attached", what="attached")
+    time.sleep(1.0)  # the witness has heard that B is in sync
+    hs, out = _workload_during(lab, lambda: ctl(lab, "A", "setrcopygroup", action="switchover", group="rcg1"))
+    r = out["result"]
+    assert r["role"] == "secondary" and r["epoch"] == 2 and r["primary"] == "B"
+    for site in ("A", "B"):
+        assert hs[site].errors == [], f"host at {site} saw I/O errors: {hs[site].errors[:3]}"
+        assert hs[site].acked_count() > 50
+    ga, gb = group(lab, "A"), group(lab, "B")
+    assert (ga["role"], gb["role"]) == ("secondary", "primary")
+    assert (ga["role_label"], gb["role_label"]) == ("secondary-rev", "primary-rev")
+    assert ga["epoch"] == gb["epoch"] == 2
+    assert gb["peer_mode"] == "attached" and ga["serving"] and gb["serving"]
+    _check_both(lab, hs)
+    pauses = {s: round(hs[s].longest_pause(), 3) for s in hs}
+    print(f"switchover took {out['took']:.3f}s ({r['duration_ms']} ms in the node); longest host pauses {pauses}")
+
+    # Refusals while reversed.
+    with pytest.raises(CtlError, match="operation only on primary side"):
+        ctl(lab, "A", "setrcopygroup", action="switchover", group="rcg1")
+    with pytest.raises(CtlError, match="already synced"):
+        ctl(lab, "B", "setrcopygroup", action="recover", group="rcg1")
+    with pytest.raises(CtlError, match="is reachable"):
+        ctl(lab, "A", "setrcopygroup", action="failover", group="rcg1")
+    with pytest.raises(CtlError, match="not in failsafe"):
+        ctl(lab, "B", "setrcopygroup", action="override", group="rcg1")
+
+    # restore: back to the natural direction, again without host errors.
+    hs, out = _workload_during(lab, lambda: ctl(lab, "B", "setrcopygroup", action="restore", group="rcg1"))
+    assert hs["A"].errors == [] and hs["B"].errors == []
+    ga = group(lab, "A")
+    assert ga["role_label"] == "primary" and ga["epoch"] == 3
+    with pytest.raises(CtlError, match="not reversed"):
+        ctl(lab, "A", "setrcopygroup", action="restore", group="rcg1")
+    with pytest.raises(CtlError, match="natural direction already"):
+        ctl(lab, "A", "setrcopygroup", action="reverse", group="rcg1")
+    _check_both(lab, hs)
+
+
+def test_reverse_makes_the_failed_over_direction_natural(wlab):
+    lab = wlab
+    ctl(lab, "A", "setrcopygroup", action="switchover", group="rcg1")
+    assert group(lab, "B")["role_label"] == "primary-rev"
+    ctl(lab, "B", "setrcopygroup", action="reverse", group="rcg1")
+    assert group(lab, "B")["role_label"] == "primary"
+    assert group(lab, "A")["role_label"] == "secondary"
+
+
+def test_switchover_refused_when_not_synced_or_stopped(wlab):
+    lab = wlab
+    proxy_command(lab["link"]["control"], "cut", paths=[0, 1])  # the link only, not A's witness
+    wait_for(lambda: group(lab, "A")["peer_mode"] == "detached", timeout=15, what="A alone")
+    with pytest.raises(CtlError, match="not ready"):
+        ctl(lab, "A", "setrcopygroup", action="switchover", group="rcg1")
+    with pytest.raises(CtlError, match="not ready"):
+        ctl(lab, "A", "setrcopygroup", action="recover", group="rcg1")
+    proxy_command(lab["link"]["control"], "heal", paths=[0, 1])
+    wait_for(lambda: group(lab, "A")["peer_mode"] == "attached", timeout=30, what="resync")
+    ctl(lab, "A", "stoprcopygroup", group="rcg1")
+    with pytest.raises(CtlError, match="not started"):
+        ctl(lab, "A", "setrcopygroup", action="switchover", group="rcg1")
+    with pytest.raises(CtlError, match="takes no policies"):
+        ctl(lab, "A", "setrcopygroup", action="switchover", group="rcg1", policies="auto_recover")
+
+
+def test_manual_failover_through_the_witness_then_recover(wlab):
+    lab = wlab
+    ctl(lab, "A", "setrcopygroup", action="pol", group="rcg1", policies="no_auto_failover,no_auto_recover")
+    ctl(lab, "A", "setrcopygroup", action="pol", group="rcg1", policies="no_auto_failover,no_auto_recover")
+    lab_kill(lab["dir"], "A")
+    # No automatic failover: B stays secondary, unserving, until the operator says so.
+    time.sleep(3.0)
+    assert group(lab, "B")["role"] == "secondary" and not group(lab, "B")["serving"]
+    r = ctl(lab, "B", "setrcopygroup", action="failover", group="rcg1")
+    assert r["role"] == "primary" and r["epoch"] == 2
+    assert group(lab, "B")["serving"]
+    lab_start(lab["dir"], "A")
+    wait_for(lambda: group(lab, "A")["role"] == "secondary", timeout=20, what="A rejoins as secondary")
+    time.sleep(1.5)
+    assert group(lab, "B")["peer_mode"] == "detached"  # no auto_recover: waits for the operator
+    ctl(lab, "B", "setrcopygroup", action="recover", group="rcg1")
+    wait_for(lambda: group(lab, "B")["peer_mode"] == "attached", timeout=30, what="recovered")
+    assert_replicas_identical(lab, "vv1")
+
+
+def test_override_of_failsafe_is_refused_while_the_witness_gave_the_group_away(wlab):
+    lab = wlab
+    wait_for(lambda: group(lab, "A")["alua"] == "active/optimized", what="ready")
+    time.sleep(1.0)  # A's reports have told the witness that B is in sync
+    # Isolate A (link and witness): B takes over, A goes failsafe.
+    proxy_command(lab["link"]["control"], "cut", paths=[0, 1, lab["link"]["witness_relay"]])
+    wait_for(lambda: group(lab, "B")["role"] == "primary", timeout=20, what="B takes over")
+    wait_for(lambda: group(lab, "A")["status"] == "failsafe", timeout=20, what="A failsafe")
+    # A reaches the witness again (only the replication link stays cut).
+    proxy_command(lab["link"]["control"], "heal", paths=[lab["link"]["witness_relay"]])
+    time.sleep(1.5)
+    with pytest.raises(CtlError, match="says B owns rcg1 at epoch 2"):
+        ctl(lab, "A", "setrcopygroup", action="override", group="rcg1")
+    assert group(lab, "A")["status"] == "failsafe"

@@ -1,0 +1,79 @@
+"""Host recognition and LUN masking (syncd/hosts.py)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from syncd.hosts import HostError, HostTable, check_new_host, check_target
+from syncd.nbd.export import ClientIdentity
+from syncd.state import NodeState, VlunState
+
+
+def _state() -> NodeState:
+    s = NodeState(node="A", node_uuid="00000000-0000-0000-0000-000000000000")
+    for name, addrs, tls in (
+        ("web", ["10.0.0.0/24"], []),
+        ("db", ["10.0.0.7", "fd00::7"], ["db.example"]),
+        ("lab", ["127.0.0.0/8"], []),
+    ):
+        s.hosts[name] = check_new_host(s, name, addrs, tls)
+    s.hostsets["cluster"] = ["web", "db"]
+    s.vluns = [VlunState("vv1", "set:cluster", 0), VlunState("vv2", "db", 1), VlunState("vv3", "lab", 0)]
+    return s
+
+
+def test_most_specific_address_wins_and_tls_name_beats_address():
+    t = HostTable(_state())
+    assert t.host_for(ClientIdentity("10.0.0.5")) == "web"
+    assert t.host_for(ClientIdentity("10.0.0.7")) == "db"
+    assert t.host_for(ClientIdentity("::ffff:10.0.0.7")) == "db"
+    assert t.host_for(ClientIdentity("fd00::7")) == "db"
+    assert t.host_for(ClientIdentity("10.0.0.5", tls_name="db.example")) == "db"
+    assert t.host_for(ClientIdentity("10.0.1.5")) is None
+    assert t.host_for(ClientIdentity("")) is None
+
+
+def test_masking_by_host_and_host_set():
+    t = HostTable(_state())
+    assert t.volumes_for("web") == {"vv1": 0}
+    assert t.volumes_for("db") == {"vv1": 0, "vv2": 1}
+    assert t.volumes_for("lab") == {"vv3": 0}
+    assert t.volumes_for(None) == {}
+
+
+@pytest.mark.parametrize("name,addrs,tls,msg", [
+    ("web", ["10.9.0.1"], [], "already exists"),
+    ("other", ["10.0.0.0/24"], [], "already belongs to host web"),
+    ("other", ["10.0.0.7/32"], [], "already belongs to host db"),
+    ("other", ["not-an-ip"], [], "not an IP address"),
+    ("other", [], [], "at least one initiator"),
+    ("other", [], ["db.example"], "already belongs to host db"),
+    ("cluster", ["10.9.0.1"], [], "host set"),
+    ("bad name!", ["10.9.0.1"], [], "host name"),
+    ("other", ["10.9.0.1", "10.9.0.1/32"], [], "twice"),
+])
+def test_bad_hosts_are_refused_with_the_reason(name, addrs, tls, msg):
+    s = _state()
+    before = repr(s)
+    with pytest.raises(HostError, match=msg):
+        check_new_host(s, name, addrs, tls)
+    assert repr(s) == before
+
+
+def test_vlun_targets_must_exist():
+    s = _state()
+    assert check_target(s, "set:cluster") == "set:cluster"
+    with pytest.raises(HostError, match="host set nope"):
+        check_target(s, "set:nope")
+    with pytest.raises(HostError, match="host nope does not exist"):
+        check_target(s, "nope")
+
+
+@given(st.ip_addresses())
+def test_any_address_maps_to_at_most_one_host_consistently(ip):
+    t = HostTable(_state())
+    a = t.host_for(ClientIdentity(str(ip)))
+    assert a in (None, "web", "db", "lab")
+    assert t.host_for(ClientIdentity(str(ip))) == a
