@@ -304,6 +304,7 @@ async def showrcopy(node: Node, group: str | None = None) -> dict:
             "epoch": g.epoch,
             "status": "failsafe" if g.st.failsafe else "started" if g.st.started else "stopped",
             "transitioning": g.transitioning is not None,
+            "disk_error": g.disk_error or None,
             "policies": g.st.policies,
             "serving": g.may_serve(),
             "alua": ALUA_NAMES[g.alua(None).state],
@@ -394,6 +395,11 @@ async def handle_peer_control(node: Node, body: dict) -> dict | None:
             if mine != theirs:
                 log.warning("group %s: volume sets differ from the primary's (%s vs %s)", g.name, sorted(mine), sorted(theirs))
         node.save()
+        return None
+    if op in ("takeover", "peer_disk_failed"):
+        from .operations import peer_disk_event
+
+        await peer_disk_event(node, body)
         return None
     if op in ("switchover_prepare", "switchover_commit", "switchover_abort"):
         from .operations import peer_switchover

@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--volumes", type=int, default=2)
     s.add_argument("--paths", type=int, default=2, help="replication link paths")
     s.add_argument("--no-wait", action="store_true", help="do not wait for the initial sync")
+    s.add_argument("--loop", action="store_true",
+                   help="put every volume on a loop device (root), so 'lab fail disk SITE' can fail it")
     s.add_argument("--witness", action="store_true",
                    help="also run a quorum witness (site W) for automatic failover")
     s.add_argument("--no-relay", action="store_true",
@@ -71,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     s = lsub.add_parser("start", help="start a stopped node again")
     s.add_argument("site")
     s.add_argument("--dir", default="lab")
+    for name, hlp in (("fail", "inject a failure scenario"), ("heal", "undo a failure scenario")):
+        s = lsub.add_parser(name, help=hlp + ": primary|secondary|link|witness|witness-link|isolate|disk|site [SITE]")
+        s.add_argument("what", choices=["primary", "secondary", "link", "witness", "witness-link", "isolate", "disk", "site"])
+        s.add_argument("site", nargs="?")
+        s.add_argument("--dir", default="lab")
     s = lsub.add_parser("delay", help="add round-trip latency to the replication link")
     s.add_argument("ms", type=float)
     s.add_argument("--dir", default="lab")
@@ -117,12 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from .ctl import CtlError
-    from .lab import LabError, lab_down, lab_kill, lab_start, lab_up, load_lab, print_summary
+    from .faults import FaultError
+    from .lab import LabError, lab_down, lab_fail, lab_heal, lab_kill, lab_start, lab_up, load_lab, print_summary
 
     try:
         if ns.labcmd == "up":
             lab = lab_up(ns.dir, size=ns.size, nvolumes=ns.volumes, npaths=ns.paths, wait=not ns.no_wait,
-                         relay=not ns.no_relay, witness={} if ns.witness else None)
+                         relay=not ns.no_relay, witness={} if ns.witness else None, loop=ns.loop)
             print_summary(lab)
         elif ns.labcmd == "down":
             for line in lab_down(ns.dir):
@@ -143,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
 
             pid = lab_kill(ns.dir, ns.site, _signal.SIGTERM if ns.clean else _signal.SIGKILL)
             print(f"node {ns.site} (pid {pid}) {'stopped' if ns.clean else 'killed'}")
+        elif ns.labcmd == "fail":
+            print(lab_fail(ns.dir, ns.what, ns.site))
+        elif ns.labcmd == "heal":
+            print(lab_heal(ns.dir, ns.what, ns.site))
         elif ns.labcmd == "start":
             print(f"node {ns.site} started (pid {lab_start(ns.dir, ns.site)})")
         elif ns.labcmd in ("cut-link", "heal-link", "delay"):
@@ -158,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = {"cut-link": "cut", "heal-link": "heal", "delay": "delay"}[ns.labcmd]
             ans = proxy_command(lab["link"]["control"], cmd, **kw)
             print(json.dumps(ans["paths"], indent=1))
-    except (LabError, CtlError, OSError) as e:
+    except (LabError, CtlError, FaultError, OSError) as e:
         print(f"syncd lab: {e}", file=sys.stderr)
         return 1
     return 0

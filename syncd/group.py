@@ -101,6 +101,8 @@ class Group:
         self.last_recover = -1e9
         self.last_host_io = 0.0
         self.transitioning: trio.Event | None = None  # set while roles change (switchover)
+        self.disk_error = ""  # a backing device of this group failed here: serve nothing
+        self.peer_failed = False  # primary: the peer said it cannot take writes (its disk failed)
         self.events: list[tuple[float, str]] = []
 
     # -- identity ------------------------------------------------------------------------------
@@ -134,12 +136,14 @@ class Group:
 
     def add_member(self, ms: MemberState, vol: Volume) -> Member:
         m = Member(self, ms, vol, self.node.region_size)
+        vol.on_error = lambda v, e, m=m: self.local_io_error(m, e)
         self.members[ms.local] = m
         self.by_id[ms.vol_id] = m
         return m
 
     def remove_member(self, local: str) -> Member:
         m = self.members.pop(local)
+        m.vol.on_error = None
         del self.by_id[m.vol_id]
         return m
 
@@ -149,7 +153,7 @@ class Group:
         return self.peer_mode in (SYNCING, ATTACHED)
 
     def may_serve(self) -> bool:
-        if self.st.failsafe:
+        if self.st.failsafe or self.disk_error:
             return False
         if self.role == "primary":
             wc = self.node.witness
@@ -314,10 +318,37 @@ class Group:
 
         self.node.spawn(fence_then_ack)
 
+    async def _became_primary(self) -> bool:
+        """A forwarded write was refused NOT_SERVING: the primary may be handing the group to
+        us (its disk failed). Wait for that, up to the transition timeout or our lease's end."""
+        deadline = trio.current_time() + self.node.cfg.link.transition_timeout
+        while trio.current_time() < deadline:
+            if self.role == "primary":
+                return True
+            if self.disk_error or trio.current_time() > self.lease_until:
+                return False
+            await trio.sleep(0.005)
+        return self.role == "primary"
+
     def _granted(self, pend, m: Member, offset: int, data, done) -> None:
         reply = pend.reply
         if reply is None:
             done(errno.EIO, f"write not acknowledged by the primary: {pend.error}")
+            return
+        if reply.status == Status.NOT_SERVING:
+
+            async def redo():
+                if not await self._became_primary():
+                    done(errno.ESHUTDOWN, "primary refused the write (not serving)")
+                    return
+                try:
+                    await self._write_at_primary(m, WRITE, offset, len(data), data, False, False)
+                except BlockError as e:
+                    done(e.errno, str(e))
+                    return
+                done(0, "")
+
+            self.node.spawn(redo)
             return
         if reply.status != Status.OK:
             err = errno.ESHUTDOWN if reply.status == Status.NOT_SERVING else errno.EIO
@@ -393,6 +424,9 @@ class Group:
             reply = await link.request(self._frame(m, kind, req_id, offset, length, data, fua, no_hole, forwarded=True))
         except (LinkDown, LinkTimeout) as e:
             raise BlockError(errno.EIO, f"write not acknowledged by the primary: {e}") from None
+        if reply.status == Status.NOT_SERVING and await self._became_primary():
+            await self._write_at_primary(m, kind, offset, length, data, fua, no_hole)
+            return
         if reply.status != Status.OK:
             err = errno.ESHUTDOWN if reply.status == Status.NOT_SERVING else errno.EIO
             raise BlockError(err, f"primary refused the write ({reply.status})")
@@ -504,6 +538,18 @@ class Group:
         return False, ("lost the peer and the witness together: this array may be isolated, "
                        "so it serves nothing until the witness or the peer answers")
 
+    def local_io_error(self, m: Member, e: OSError) -> None:
+        """A backing device of this group failed (the seed's "RAID set or metadata failure"):
+        this array stops serving the group (ALUA unavailable); a primary hands the group to its
+        in-sync peer, a secondary tells the primary to go on without it."""
+        if self.disk_error:
+            return
+        self.disk_error = f"{m.st.local} on {m.vol.path}: {e.strerror or e}"
+        self.note(f"BACKING DEVICE FAILURE: {self.disk_error}; group stops on this array")
+        from .operations import after_disk_failure
+
+        self.node.spawn(after_disk_failure, self.node, self)
+
     def enter_failsafe(self, why: str) -> None:
         self.st.failsafe = True
         self.fence_reason = why
@@ -577,6 +623,8 @@ class Group:
             return
         if not operator and not self.st.policies.get("auto_recover", True):
             return
+        if self.peer_failed or self.disk_error:
+            return
         self.recovering = True
         self.node.spawn(self._recover)
 
@@ -605,6 +653,8 @@ class Group:
                     self.lose_peer(str(e))
                     return
                 if reply.status != Status.OK:
+                    if reply.status == Status.NOT_SERVING:
+                        self.peer_failed = True  # its disk failed: no retries until it returns
                     self.lose_peer(f"peer refused resync of {m.st.local}: {reply.status}")
                     return
             self.peer_ready = True
@@ -653,7 +703,7 @@ class Group:
     # -- peer requests -------------------------------------------------------------------------
     async def handle_forwarded(self, link, path, f: Frame, m: Member, kind: str) -> None:
         """Primary side of a write that arrived at the secondary."""
-        if not (self.st.started and self.mirroring and self.peer_ready):
+        if not (self.st.started and self.mirroring and self.peer_ready) or self.disk_error:
             link.reply(path, f.req_id, Status.NOT_SERVING)
             return
         self.last_host_io = trio.current_time()
@@ -666,14 +716,15 @@ class Group:
             await apply_local(m.vol, kind, f.offset, f.length, f.payload, f.fua, f.no_hole)
         except OSError as e:
             m.lock.release(tok)
-            link.reply(path, f.req_id, e.errno or errno.EIO)
+            # Our disk failed: NOT_SERVING tells the secondary to wait for the group instead.
+            link.reply(path, f.req_id, Status.NOT_SERVING if self.disk_error else (e.errno or errno.EIO))
             return
         self.forwarded[f.req_id] = (m, tok, f.offset, f.length)
         link.reply(path, f.req_id, Status.OK)
 
     def forwarded_fast(self, link, path, f: Frame, m: Member) -> bool:
         """handle_forwarded for a plain buffered write whose range is free: inline, no task."""
-        if m.vol.direct or not (self.st.started and self.mirroring and self.peer_ready):
+        if m.vol.direct or self.disk_error or not (self.st.started and self.mirroring and self.peer_ready):
             return False
         tok = m.lock.try_acquire(f.offset, f.length)
         if tok is None:
@@ -684,7 +735,7 @@ class Group:
             m.vol.write_sync(f.offset, f.payload)
         except OSError as e:
             m.lock.release(tok)
-            link.reply(path, f.req_id, e.errno or errno.EIO)
+            link.reply(path, f.req_id, Status.NOT_SERVING if self.disk_error else (e.errno or errno.EIO))
             return True
         self.forwarded[f.req_id] = (m, tok, f.offset, f.length)
         link.reply(path, f.req_id, Status.OK)

@@ -129,10 +129,11 @@ def lab_up(
     d: str, *, size: str = "64MiB", nvolumes: int = 2, npaths: int = 2, group: str = "rcg1",
     link_opts: dict | None = None, wait: bool = True, timeout: float = 120.0,
     volume_paths: dict[str, list[str]] | None = None, relay: bool = True,
-    witness: dict | None = None,
+    witness: dict | None = None, loop: bool = False,
 ) -> dict:
     """Start the lab; ``volume_paths`` = {"A": [dev, ...], "B": [...]} uses existing files or
-    block devices (e.g. loop devices) instead of creating image files."""
+    block devices (e.g. loop devices) instead of creating image files; ``loop`` puts every
+    volume on a loop device of its own (root), so ``lab fail disk`` can fail it for real."""
     root = Path(d).resolve()
     if (root / "lab.json").exists():
         lab = json.loads((root / "lab.json").read_text())
@@ -140,15 +141,23 @@ def lab_up(
             raise LabError(f"a lab is already running in {root}: run 'syncd lab down --dir {root}' first")
     root.mkdir(parents=True, exist_ok=True)
     nbytes = parse_size(size, "--size")
+    loops: dict[str, list[str]] = {}
+    if loop and not volume_paths:
+        from .faults import make_loop
+
+        for n in NODES:
+            (root / n).mkdir(exist_ok=True)
+            loops[n] = [make_loop(str(root / n / f"vv{i + 1}.img"), nbytes) for i in range(nvolumes)]
+        volume_paths = loops
     py = sys.executable
     ports = {n: {"nbd": free_port(), "paths": [free_port() for _ in range(npaths)]} for n in NODES}
     relay_ports = [free_port() for _ in range(npaths)]
-    lab: dict = {"dir": str(root), "group": group, "nodes": {}, "created": time.time()}
+    lab: dict = {"dir": str(root), "group": group, "nodes": {}, "created": time.time(), "loops": loops}
     wcfg: dict[str, dict] = {}
     if witness is not None:
-        # The witness (site W) on loopback; A reaches it through the relay (its last path
-        # index), so A can be cut off from W alone.
-        wport, wrelay = free_port(), free_port()
+        # The witness (site W) on loopback; A and B reach it through relays of their own (relay
+        # indexes npaths and npaths+1), so either can be cut off from W alone.
+        wport, wrelay, wrelay_b = free_port(), free_port(), free_port()
         timing = {k: witness[k] for k in ("owner_lease", "grace") if k in witness}
         key = "lab-shared-witness-key-0123456789"
         (root / "W").mkdir(parents=True, exist_ok=True)
@@ -162,7 +171,7 @@ def lab_up(
         lab["witness"] = {"pid": wpid, "config": str(wtoml), "port": wport, "log": str(root / "W.log")}
         common = dict(key=key, interval=witness.get("interval", 0.5), **timing)
         wcfg = {"A": dict(common, address=f"127.0.0.1:{wrelay if relay else wport}"),
-                "B": dict(common, address=f"127.0.0.1:{wport}")}
+                "B": dict(common, address=f"127.0.0.1:{wrelay_b if relay else wport}")}
 
     # A dials B through the relay (which can cut or delay the link); B listens on its own path
     # ports. Without the relay (benchmarks) A dials B directly.
@@ -171,11 +180,13 @@ def lab_up(
         relay_args += ["--relay", f"127.0.0.1:{relay_ports[i]}=127.0.0.1:{ports['B']['paths'][i]}"]
     if witness is not None:
         relay_args += ["--relay", f"127.0.0.1:{wrelay}=127.0.0.1:{wport}"]
+        relay_args += ["--relay", f"127.0.0.1:{wrelay_b}=127.0.0.1:{wport}"]
     if relay:
         proxy_pid = _spawn(relay_args, root / "linkproxy.log")
         lab["link"] = {"pid": proxy_pid, "control": str(root / "link.sock"), "npaths": npaths,
                        "relays": [f"127.0.0.1:{p}" for p in relay_ports],
-                       "witness_relay": npaths if witness is not None else None}
+                       "witness_relay": npaths if witness is not None else None,
+                       "witness_relays": {"A": npaths, "B": npaths + 1} if witness is not None else None}
     else:
         relay_ports = ports["B"]["paths"]
         lab["link"] = None
@@ -258,6 +269,18 @@ def lab_down(d: str, timeout: float = 15.0) -> list[str]:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
+    stopped = _wait_gone(pids, timeout)
+    if lab.get("loops"):
+        from .faults import drop_loop
+
+        for devs in lab["loops"].values():
+            for dev in devs:
+                drop_loop(dev)
+                stopped.append(f"loop device {dev} detached")
+    return stopped
+
+
+def _wait_gone(pids, timeout: float) -> list[str]:
     deadline = time.monotonic() + timeout
     stopped = []
     for what, pid in pids:
@@ -300,6 +323,133 @@ def lab_start(d: str, site: str) -> int:
     (Path(d) / "lab.json").write_text(json.dumps(lab, indent=1))
     _wait_socket(n["admin_socket"], pid, log)
     return pid
+
+
+FAULTS = ("primary", "secondary", "link", "witness", "disk", "site", "isolate", "witness-link")
+
+
+def _role_site(lab: dict, role: str) -> str:
+    """The site whose array is ``role`` of the lab's group, asked of whichever node answers."""
+    for name, n in lab["nodes"].items():
+        if not _alive(n["pid"]):
+            continue
+        try:
+            g = call(n["admin_socket"], "showrcopy", {"group": lab["group"]}, timeout=5)["groups"][0]
+        except CtlError:
+            continue
+        return name if g["role"] == role else ("B" if name == "A" else "A")
+    raise LabError("no node answers: cannot tell which site is " + role)
+
+
+def _relays(lab: dict, paths: list[int], cmd: str) -> None:
+    from .linkproxy import proxy_command
+
+    if not lab.get("link"):
+        raise LabError("this lab runs without the link relay (--no-relay): links cannot be cut")
+    proxy_command(lab["link"]["control"], cmd, paths=paths)
+
+
+def lab_fail(d: str, what: str, site: str | None = None) -> str:
+    """Inject a fault as the seed's failure scenarios describe it; returns what was done.
+
+    primary|secondary [SITE]: power off that array (kill -9); link: cut every replication path;
+    witness: stop the witness; witness-link SITE: cut SITE's connection to the witness only;
+    isolate SITE: cut the replication link and SITE's witness connection; disk SITE: fail the
+    backing devices of SITE's volumes (needs --loop); site SITE: data-center failure (the array
+    is powered off and cut from the witness).
+    """
+    lab = load_lab(d)
+    if what not in FAULTS:
+        raise LabError(f"unknown fault {what!r}; faults: {', '.join(FAULTS)}")
+    if site is not None and site not in lab["nodes"]:
+        raise LabError(f"lab {d} has no site {site!r} (sites: {', '.join(lab['nodes'])})")
+    if what in ("disk", "site", "isolate", "witness-link") and site is None:
+        raise LabError(f"lab fail {what} needs a SITE ({', '.join(lab['nodes'])})")
+    npaths = lab["link"]["npaths"] if lab.get("link") else 0
+    wr = (lab.get("link") or {}).get("witness_relays") or {}
+    if what in ("primary", "secondary"):
+        victim = site or _role_site(lab, what)
+        lab_kill(d, victim)
+        return f"array {victim} ({what}) powered off (kill -9)"
+    if what == "link":
+        _relays(lab, list(range(npaths)), "cut")
+        return f"replication link cut ({npaths} paths)"
+    if what == "witness":
+        w = lab.get("witness")
+        if not w:
+            raise LabError("this lab has no witness (lab up --witness)")
+        if not _alive(w["pid"]):
+            raise LabError("the witness is not running")
+        os.kill(w["pid"], signal.SIGKILL)
+        _wait_gone([("witness", w["pid"])], 10)
+        return "witness stopped (kill -9)"
+    if what in ("witness-link", "isolate"):
+        if site not in wr:
+            raise LabError("this lab has no witness relays (lab up --witness)")
+        paths = [wr[site]] + (list(range(npaths)) if what == "isolate" else [])
+        _relays(lab, paths, "cut")
+        return f"site {site} cut from the witness" + (" and from its peer" if what == "isolate" else "")
+    if what == "disk":
+        from .faults import fail_disk
+
+        devs = lab.get("loops", {}).get(site) or []
+        if not devs:
+            raise LabError("disk failures need loop devices: start the lab with lab up --loop (root)")
+        for dev in devs:
+            fail_disk(dev)
+        return f"backing devices of site {site} failed ({', '.join(devs)})"
+    # site: data-center failure
+    lab_kill(d, site)
+    if site in wr:
+        _relays(lab, [wr[site]], "cut")
+    return f"data center {site} lost (array powered off, cut from the witness)"
+
+
+def lab_heal(d: str, what: str, site: str | None = None) -> str:
+    """Undo ``lab_fail``: restart a powered-off array, heal links, restart the witness, repair
+    a disk (its array is restarted: a failed device is taken back only by a restart)."""
+    lab = load_lab(d)
+    if what not in FAULTS:
+        raise LabError(f"unknown fault {what!r}; faults: {', '.join(FAULTS)}")
+    npaths = lab["link"]["npaths"] if lab.get("link") else 0
+    wr = (lab.get("link") or {}).get("witness_relays") or {}
+    done = []
+    if what in ("primary", "secondary", "site"):
+        down = [n for n, v in lab["nodes"].items() if not _alive(v["pid"]) and (site is None or n == site)]
+        for n in down:
+            lab_start(d, n)
+            done.append(f"array {n} started")
+        if what == "site" and site in wr:
+            _relays(lab, [wr[site]], "heal")
+    elif what == "link":
+        _relays(lab, list(range(npaths)), "heal")
+        done.append("replication link healed")
+    elif what == "witness":
+        w = lab.get("witness")
+        if not w:
+            raise LabError("this lab has no witness")
+        if _alive(w["pid"]):
+            raise LabError("the witness is running")
+        w["pid"] = _spawn([sys.executable, "-m", "syncd", "witness", "--config", w["config"]], Path(w["log"]))
+        (Path(d) / "lab.json").write_text(json.dumps(lab, indent=1))
+        done.append("witness started")
+    elif what in ("witness-link", "isolate"):
+        sites = [site] if site else list(wr)
+        paths = [wr[s] for s in sites if s in wr] + (list(range(npaths)) if what == "isolate" else [])
+        _relays(lab, paths, "heal")
+        done.append("connections healed")
+    else:
+        from .faults import heal_disk
+
+        if site is None:
+            raise LabError("lab heal disk needs a SITE")
+        for dev in lab.get("loops", {}).get(site) or []:
+            heal_disk(dev)
+        if _alive(lab["nodes"][site]["pid"]):
+            lab_kill(d, site, signal.SIGTERM)
+        lab_start(d, site)
+        done.append(f"disks of {site} repaired, array {site} restarted")
+    return "; ".join(done) or "nothing to heal"
 
 
 def print_summary(lab: dict) -> None:

@@ -296,6 +296,8 @@ class Node:
     # -- link events ---------------------------------------------------------------------------
     def _on_link_up(self) -> None:
         log.info("replication link to %s up", self.cfg.link.peer)
+        for g in self.groups.values():
+            g.peer_failed = False  # a new session: the peer may have been repaired
         self.spawn(self._exchange_state)
 
     async def _exchange_state(self) -> None:
@@ -434,6 +436,9 @@ class Node:
             self.spawn(self._handle_digests, link, path, f, m)
             return
         if t == MsgType.RESYNC_BEGIN:
+            if g.disk_error:
+                link.reply(path, f.req_id, Status.NOT_SERVING)
+                return
             region, bits = f.resync_bitmap()
             if region != m.oos.region or len(bits) != len(m.oos.bits):
                 link.reply(path, f.req_id, Status.EINVAL)

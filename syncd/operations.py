@@ -286,3 +286,68 @@ ACTIONS = {
     "reverse": reverse,
     "override": override,
 }
+
+
+# -- backing device failure ------------------------------------------------------------------------
+
+async def after_disk_failure(node: Node, g: Group) -> None:
+    """This array's disk for ``g`` failed. A primary gives the group to its in-sync peer
+    (through the witness when configured); a secondary tells the primary to go on alone."""
+    from .group import ATTACHED as _ATT
+
+    link = node.link
+    if g.role == "secondary":
+        if link is not None and link.up:
+            try:
+                await node.control({"op": "peer_disk_failed", "group": g.name, "epoch": g.epoch})
+            except NodeError as e:
+                log.warning("group %s: could not tell the primary about the failed disk: %s", g.name, e)
+        return
+    if not (link is not None and link.up and g.peer_mode == _ATT):
+        g.note("no in-sync peer to take over: the group is down until the disk is repaired")
+        return
+    old = g.epoch
+    new = old + 1
+    wc = node.witness
+    if wc is not None:
+        from .witness.proto import WType
+
+        d = await wc.decide(WType.HANDOVER, g.name, old)
+        if d is None or not d.granted:
+            g.note(f"handover refused by the witness ({d.reason if d else 'unreachable'}); group down here")
+            return
+        new = d.epoch
+    g.st.role = "secondary"
+    g.st.epoch = new
+    g.peer_mode = DETACHED
+    g.lease_until = 0.0
+    node.save()
+    g.note(f"handed the group to {g.st.peer} at epoch {new} (backing device failed)")
+    try:
+        await node.control({"op": "takeover", "group": g.name, "epoch": new, "reason": g.disk_error})
+    except NodeError as e:
+        g.note(f"takeover not confirmed yet by {g.st.peer} ({e}); it claims the group from the witness")
+
+
+async def peer_disk_event(node: Node, body: dict) -> None:
+    """The peer's side of takeover (we become primary: its disk failed) and peer_disk_failed
+    (the secondary's disk failed: go on without it)."""
+    g = node.group(body["group"])
+    if body["op"] == "takeover":
+        if g.role == "primary" and g.epoch >= body["epoch"]:
+            return
+        if g.role != "secondary" or g.epoch >= body["epoch"]:
+            raise NodeError(f"group {g.name} is {g.role} at epoch {g.epoch}: takeover at {body['epoch']} refused")
+        g.promote(body["epoch"])  # full verify when the failed array returns
+        g.peer_failed = True
+        g.note(f"took over: {g.st.peer}'s backing device failed ({body.get('reason', '')})")
+        return
+    if g.role == "primary":
+        g.peer_failed = True
+        # Whatever the peer held in its cache may not have reached its disk: when it returns,
+        # every region is compared by digest.
+        for m in g.members.values():
+            m.dirty.set_all()
+            m.verify = True
+        g.lose_peer(f"{g.st.peer}'s backing device failed")
+        node.save_soon()

@@ -49,6 +49,8 @@ class Volume:
         self.name = name
         self.path = path
         self.direct = direct
+        self.errors = 0  # device errors seen
+        self.on_error = None  # callback(volume, OSError) on a device error (set by the node)
         if size is not None and not os.path.exists(path):
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -85,6 +87,18 @@ class Volume:
                 raise VolumeError(f"volume {name}: O_DIRECT not possible on {path}: {e.strerror}")
             self._abuf = mmap.mmap(-1, 32 << 20)
 
+    # -- backing device failures -----------------------------------------------------------------
+    # Errors that mean the device (RAID set, disk, LUN) failed, as opposed to a bad request.
+    DEVICE_ERRNOS = frozenset({errno.EIO, errno.ENOSPC, errno.ENXIO, errno.ENODEV, errno.EROFS,
+                               errno.EREMOTEIO, errno.EDQUOT, errno.EBADF})
+
+    def _failed(self, e: OSError) -> None:
+        """Called on the Trio thread for every I/O error; tells the owner once per error."""
+        if e.errno in self.DEVICE_ERRNOS:
+            self.errors += 1
+            if self.on_error is not None:
+                self.on_error(self, e)
+
     def close(self) -> None:
         for fd in (self.fd, self.dfd):
             if fd >= 0:
@@ -101,13 +115,21 @@ class Volume:
     # -- reads ---------------------------------------------------------------------------------
     async def read(self, offset: int, length: int) -> bytes:
         if self._aligned(offset, length):
-            return await trio.to_thread.run_sync(self._read_direct, offset, length)
+            try:
+                return await trio.to_thread.run_sync(self._read_direct, offset, length)
+            except OSError as e:
+                self._failed(e)
+                raise
         return self.read_sync(offset, length)
 
     def read_sync(self, offset: int, length: int) -> bytes:
-        data = os.pread(self.fd, length, offset)
-        if len(data) != length:
-            raise OSError(errno.EIO, f"short read on {self.name} at {offset}")
+        try:
+            data = os.pread(self.fd, length, offset)
+            if len(data) != length:  # the device shrank or went away under us
+                raise OSError(errno.EIO, f"short read on {self.name} at {offset}")
+        except OSError as e:
+            self._failed(e)
+            raise
         return data
 
     def _read_direct(self, offset: int, length: int) -> bytes:
@@ -120,14 +142,22 @@ class Volume:
     # -- writes --------------------------------------------------------------------------------
     async def write(self, offset: int, data, fua: bool = False) -> None:
         if fua or self._aligned(offset, len(data)):
-            await trio.to_thread.run_sync(self._write_blocking, offset, data, fua)
+            try:
+                await trio.to_thread.run_sync(self._write_blocking, offset, data, fua)
+            except OSError as e:
+                self._failed(e)
+                raise
         else:
             self.write_sync(offset, data)
 
     def write_sync(self, offset: int, data) -> None:
-        n = os.pwrite(self.fd, data, offset)
-        if n != len(data):
-            raise OSError(errno.ENOSPC, f"short write on {self.name} at {offset}")
+        try:
+            n = os.pwrite(self.fd, data, offset)
+            if n != len(data):
+                raise OSError(errno.ENOSPC, f"short write on {self.name} at {offset}")
+        except OSError as e:
+            self._failed(e)
+            raise
 
     def _write_blocking(self, offset: int, data, fua: bool) -> None:
         if self._aligned(offset, len(data)):
@@ -140,22 +170,34 @@ class Volume:
             raise OSError(errno.ENOSPC, f"short write on {self.name} at {offset}")
 
     async def zero(self, offset: int, length: int, no_hole: bool, fua: bool) -> None:
-        zero_range(self.fd, offset, length, no_hole or self.is_block)
+        try:
+            zero_range(self.fd, offset, length, no_hole or self.is_block)
+        except OSError as e:
+            self._failed(e)
+            raise
         if fua:
             await self.flush()
 
     async def trim(self, offset: int, length: int, fua: bool) -> None:
-        if self.is_block:
-            # Discard on a block device may not read back as zeroes; replicas must agree, so
-            # a trim is applied as zeroing on both sides.
-            zero_range(self.fd, offset, length, True)
-        else:
-            punch_hole(self.fd, offset, length)
+        try:
+            if self.is_block:
+                # Discard on a block device may not read back as zeroes; replicas must agree,
+                # so a trim is applied as zeroing on both sides.
+                zero_range(self.fd, offset, length, True)
+            else:
+                punch_hole(self.fd, offset, length)
+        except OSError as e:
+            self._failed(e)
+            raise
         if fua:
             await self.flush()
 
     async def flush(self) -> None:
-        await trio.to_thread.run_sync(os.fdatasync, self.fd)
+        try:
+            await trio.to_thread.run_sync(os.fdatasync, self.fd)
+        except OSError as e:
+            self._failed(e)
+            raise
 
     def allocation(self, offset: int, length: int) -> list[tuple[int, int]]:
         if self.is_block:
@@ -168,9 +210,16 @@ class Volume:
         end = offset + length
         while offset < end:
             n = min(region, end - offset)
-            out.append(xxhash.xxh3_64_intdigest(os.pread(self.fd, n, offset)))
+            data = os.pread(self.fd, n, offset)
+            if len(data) != n:
+                raise OSError(errno.EIO, f"short read on {self.name} at {offset}")
+            out.append(xxhash.xxh3_64_intdigest(data))
             offset += n
         return out
 
     async def digests(self, offset: int, length: int, region: int) -> list[int]:
-        return await trio.to_thread.run_sync(self.digests_sync, offset, length, region)
+        try:
+            return await trio.to_thread.run_sync(self.digests_sync, offset, length, region)
+        except OSError as e:
+            self._failed(e)
+            raise
