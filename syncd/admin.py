@@ -341,7 +341,50 @@ async def showrcopy(node: Node, group: str | None = None) -> dict:
     return out
 
 
+async def setrcopytarget(node: Node, what: str, action: str, address: str | None = None,
+                         key: str | None = None, interval: float | None = None,
+                         owner_lease: float | None = None, grace: float | None = None) -> dict:
+    """setrcopytarget witness create ADDRESS KEY [timings] | remove | check. The witness is a
+    setting of each array: run it on both (the key is never sent over the replication link)."""
+    from .config import ConfigError, parse_witness_client
+
+    if what != "witness":
+        raise NodeError(f"setrcopytarget: unknown object {what!r} (known: witness)")
+    if action == "check":
+        if node.witness is None:
+            raise NodeError(f"no quorum witness is configured on {node.cfg.name}")
+        return node.witness.info()
+    if action == "remove":
+        if node.witness is None:
+            raise NodeError(f"setrcopytarget witness remove: no quorum witness is configured on {node.cfg.name}")
+        busy = [g.name for g in node.groups.values() if g.transitioning is not None or g.peer_mode == "fencing"]
+        if busy:
+            raise NodeError(f"setrcopytarget witness remove: group(s) {', '.join(busy)} busy: retry when they settle")
+        node.set_witness(None)
+        return {"witness": None}
+    if action != "create":
+        raise NodeError(f"setrcopytarget witness: unknown action {action!r} (create, remove, check)")
+    if node.link is None:
+        raise NodeError("setrcopytarget witness create: a witness needs a replication link ([link])")
+    if node.witness is not None:
+        raise NodeError(f"setrcopytarget witness create: a witness is already configured "
+                        f"({node.witness.info()['address']}): remove it first")
+    settings = {"address": address, "key": key}
+    for k, v in (("interval", interval), ("owner_lease", owner_lease), ("grace", grace)):
+        if v is not None:
+            settings[k] = v
+    try:
+        if address is None or key is None:
+            raise ConfigError("witness: ADDRESS and KEY are required")
+        parse_witness_client(settings, "witness")
+    except ConfigError as e:
+        raise NodeError(f"setrcopytarget witness create: {e}") from None
+    node.set_witness(settings)
+    return {"witness": address}
+
+
 COMMANDS = {
+    "setrcopytarget": setrcopytarget,
     "creatercopygroup": creatercopygroup,
     "removercopygroup": removercopygroup,
     "admitrcopyvv": admitrcopyvv,

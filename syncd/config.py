@@ -225,20 +225,31 @@ def parse_node_config(raw: dict, base: Path = Path("."), source: str = "") -> No
 
     witness = None
     if "witness" in raw:
-        from .witness.client import WitnessClientConfig
-
-        wt = _take(raw, "witness", "config", dict)
-        _no_extra(wt, {"address", "key", "interval", "owner_lease", "grace"}, "witness")
-        key = _take(wt, "key", "witness", str).encode()
-        if len(key) < 16:
-            raise ConfigError("witness.key: use at least 16 bytes")
-        d = WitnessClientConfig(("", 0), b"")
-        witness = WitnessClientConfig(
-            parse_addr(_take(wt, "address", "witness", str), "witness.address"), key,
-            _take(wt, "interval", "witness", float, d.interval),
-            _take(wt, "owner_lease", "witness", float, d.owner_lease),
-            _take(wt, "grace", "witness", float, d.grace),
-        )
+        witness = parse_witness_client(_take(raw, "witness", "config", dict), "witness")
         if link is None:
             raise ConfigError("witness: a witness needs a [link] to a peer")
     return NodeConfig(name, data_dir, admin_socket, nbd_listen, link, tuple(vols), source, witness)
+
+
+def parse_witness_client(wt: dict, where: str):
+    """A node's witness settings (the [witness] table, or setrcopytarget witness create)."""
+    from .witness.client import WitnessClientConfig
+
+    wt = dict(wt)
+    _no_extra(wt, {"address", "key", "interval", "owner_lease", "grace"}, where)
+    key = _take(wt, "key", where, str).encode()
+    if len(key) < 16:
+        raise ConfigError(f"{where}.key: use at least 16 bytes")
+    d = WitnessClientConfig(("", 0), b"")
+    cfg = WitnessClientConfig(
+        parse_addr(_take(wt, "address", where, str), f"{where}.address"), key,
+        _take(wt, "interval", where, float, d.interval),
+        _take(wt, "owner_lease", where, float, d.owner_lease),
+        _take(wt, "grace", where, float, d.grace),
+    )
+    for k in ("interval", "owner_lease", "grace"):
+        if getattr(cfg, k) <= 0:
+            raise ConfigError(f"{where}.{k}: must be positive, got {getattr(cfg, k)}")
+    if cfg.grace <= cfg.interval:
+        raise ConfigError(f"{where}.grace: must be longer than {where}.interval")
+    return cfg

@@ -177,6 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("group", nargs="?")
     s.add_argument("-qw", dest="qw", action="store_true", help="only the quorum witness and whether it is reached")
 
+    s = sub.add_parser("setrcopytarget", help="setrcopytarget witness create ADDRESS --key KEY | remove | check")
+    s.add_argument("what", choices=["witness"])
+    s.add_argument("action", choices=["create", "remove", "check"])
+    s.add_argument("address", nargs="?", help="HOST:PORT of the witness (create)")
+    s.add_argument("--key", help="shared key (at least 16 bytes); or --key-file")
+    s.add_argument("--key-file", help="file holding the shared key")
+    s.add_argument("--interval", type=float)
+    s.add_argument("--owner-lease", type=float)
+    s.add_argument("--grace", type=float)
+
     s = sub.add_parser("createhost", help="define a host by its initiators (addresses, TLS names)")
     s.add_argument("name")
     s.add_argument("--address", "-a", action="append", default=[], help="IP address or network (repeatable)")
@@ -258,6 +268,13 @@ def main(argv: list[str] | None = None) -> int:
             if ns.action == "pol":
                 args["policies"] = ns.args[0]
             r = call(sock, v, args, timeout=120)
+        elif v == "setrcopytarget":
+            key = ns.key
+            if ns.key_file:
+                with open(ns.key_file) as f:
+                    key = f.read().strip()
+            r = call(sock, v, {"what": ns.what, "action": ns.action, "address": ns.address, "key": key,
+                               "interval": ns.interval, "owner_lease": ns.owner_lease, "grace": ns.grace})
         elif v == "createhost":
             r = call(sock, v, {"name": ns.name, "addresses": ns.address, "tls_names": ns.tls_name})
         elif v in ("removehost",):

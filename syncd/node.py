@@ -175,10 +175,19 @@ class Node:
                 self.member_of[ms.local] = g.add_member(ms, vol)
         self.resync = Resync(self)
         self.witness = None
-        if cfg.witness is not None:
+        wcfg = cfg.witness
+        if self.state.witness is not None:  # set by setrcopytarget witness: overrides the config
+            from .config import ConfigError, parse_witness_client
+
+            try:
+                wcfg = parse_witness_client(self.state.witness, "state.witness")
+            except ConfigError as e:
+                self.close()
+                raise NodeError(f"the witness recorded in {self.store.path} is invalid: {e}") from None
+        if wcfg is not None:
             from .witness.client import WitnessClient
 
-            self.witness = WitnessClient(cfg.witness, cfg.name, self._witness_groups)
+            self.witness = WitnessClient(wcfg, cfg.name, self._witness_groups)
         self.link: Link | None = None
         if cfg.link:
             self.link = Link(
@@ -253,7 +262,7 @@ class Node:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 if self.witness is not None:
-                    nursery.start_soon(self.witness.run)
+                    nursery.start_soon(self._run_witness, self.witness)
                 for g in self.groups.values():
                     g.fence_at_start()
                 if self.link:
@@ -272,6 +281,27 @@ class Node:
                 self.save()
                 self.set_clean_flag(True)
                 self.close()
+
+    # -- the quorum witness ----------------------------------------------------------------------
+    async def _run_witness(self, wc) -> None:
+        with trio.CancelScope() as wc.scope:
+            await wc.run()
+
+    def set_witness(self, settings: dict | None) -> None:
+        """Use another witness (or none) from now on; ``settings`` as in the [witness] table,
+        already validated. Persisted: it overrides [witness] in the config from now on."""
+        from .config import parse_witness_client
+        from .witness.client import WitnessClient
+
+        old = self.witness
+        if old is not None and getattr(old, "scope", None) is not None:
+            old.scope.cancel()
+        self.witness = None
+        if settings is not None:
+            self.witness = WitnessClient(parse_witness_client(settings, "witness"), self.cfg.name, self._witness_groups)
+            self.spawn(self._run_witness, self.witness)
+        self.state.witness = settings
+        self.save()
 
     # -- NBD catalog: LUN masking ---------------------------------------------------------------
     def exports_for(self, client: ClientIdentity):

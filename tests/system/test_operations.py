@@ -14,7 +14,7 @@ from syncd.linkproxy import proxy_command
 from syncd.workload import History, check_file, run_writer
 
 from .rig import assert_replicas_identical
-from .test_failover import group, uri, wait_for, wlab  # noqa: F401  (fixture)
+from .test_failover import WITNESS, group, uri, wait_for, wlab  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.system
 
@@ -154,3 +154,32 @@ def test_override_of_failsafe_is_refused_while_the_witness_gave_the_group_away(w
     with pytest.raises(CtlError, match="says B owns rcg1 at epoch 2"):
         ctl(lab, "A", "setrcopygroup", action="override", group="rcg1")
     assert group(lab, "A")["status"] == "failsafe"
+
+
+def test_setrcopytarget_witness_remove_create_check_and_failover_still_works(wlab):
+    lab = wlab
+    addr = f"127.0.0.1:{lab['witness']['port']}"
+    key = "lab-shared-witness-key-0123456789"
+    timing = {"interval": WITNESS["interval"], "owner_lease": WITNESS["owner_lease"], "grace": WITNESS["grace"]}
+    for site in ("A", "B"):
+        assert ctl(lab, site, "setrcopytarget", what="witness", action="check")["address"]
+        with pytest.raises(CtlError, match="already configured"):
+            ctl(lab, site, "setrcopytarget", what="witness", action="create", address=addr, key=key)
+        ctl(lab, site, "setrcopytarget", what="witness", action="remove")
+        with pytest.raises(CtlError, match="no quorum witness"):
+            ctl(lab, site, "setrcopytarget", what="witness", action="check")
+    for bad, msg in (({"address": addr, "key": "short"}, "at least 16 bytes"),
+                     ({"address": "nowhere", "key": key}, "witness.address"),
+                     ({"address": addr, "key": key, "interval": 5, "grace": 1}, "grace")):
+        with pytest.raises(CtlError, match=msg):
+            ctl(lab, "A", "setrcopytarget", what="witness", action="create", **bad)
+    assert group(lab, "A")["serving"]
+    for site in ("A", "B"):
+        ctl(lab, site, "setrcopytarget", what="witness", action="create", address=addr, key=key, **timing)
+    wait_for(lambda: all(ctl(lab, s, "showrcopy")["witness"]["reachable"] for s in ("A", "B")), what="witness reachable")
+    time.sleep(1.0)
+    lab_kill(lab["dir"], "A")
+    wait_for(lambda: group(lab, "B")["role"] == "primary", timeout=20, what="B takes over via the new witness")
+    # The setting survives a restart (it overrides the config's [witness]).
+    lab_start(lab["dir"], "A")
+    assert ctl(lab, "A", "setrcopytarget", what="witness", action="check")["address"] == addr
