@@ -102,6 +102,7 @@ class Group:
         self.last_host_io = 0.0
         self.transitioning: trio.Event | None = None  # set while roles change (switchover)
         self.disk_error = ""  # a backing device of this group failed here: serve nothing
+        self.failover_pending: trio.Event | None = None  # secondary: claiming the group now
         self.peer_failed = False  # primary: the peer said it cannot take writes (its disk failed)
         self.events: list[tuple[float, str]] = []
 
@@ -170,7 +171,8 @@ class Group:
         prox = self.st.proximity.get(host, "all") if host is not None else "all"
         return AluaState(
             path_state(may_serve=self.may_serve(), role=self.role, proximity=prox,
-                       transitioning=self.transitioning is not None),
+                       transitioning=self.transitioning is not None or (
+                           self.failover_pending is not None and self.role == "secondary")),
             self.epoch,
         )
 
@@ -183,7 +185,13 @@ class Group:
     # -- host I/O ------------------------------------------------------------------------------
     async def _ride_transition(self) -> None:
         """Host I/O that arrives while roles change waits for the change (no error for the host)
-        up to ``transition_timeout``; then it fails with EAGAIN (NBD ENOMEM: retry)."""
+        up to ``transition_timeout``; then it fails with EAGAIN (NBD ENOMEM: retry). A secondary
+        whose primary vanished and that is asking the witness for the group holds host I/O the
+        same way: granted, it serves as primary; refused, the I/O fails (ESHUTDOWN)."""
+        fp = self.failover_pending
+        if fp is not None and self.role == "secondary" and not self.may_serve():
+            with trio.move_on_after(self.node.cfg.link.transition_timeout):
+                await fp.wait()
         ev = self.transitioning
         if ev is None:
             return
@@ -248,7 +256,7 @@ class Group:
 
     def fast_read(self, m: Member, offset: int, length: int):
         """The data, or None to take the task path."""
-        if m.vol.direct or self.transitioning is not None or (
+        if m.vol.direct or self.transitioning is not None or self.failover_pending is not None or (
             self.role == "secondary" and m.oos.count and m.oos.any_in(offset, length)
         ):
             return None
@@ -325,17 +333,27 @@ class Group:
         while trio.current_time() < deadline:
             if self.role == "primary":
                 return True
-            if self.disk_error or trio.current_time() > self.lease_until:
+            if self.disk_error:
+                return False
+            if (trio.current_time() > self.lease_until and self.failover_pending is None
+                    and not self.failover_possible()):
                 return False
             await trio.sleep(0.005)
         return self.role == "primary"
 
+    def failover_possible(self) -> bool:
+        """Secondary cut from its primary, with a witness that may give it the group."""
+        return (self.role == "secondary" and self.st.started and self.node.witness is not None
+                and self.st.policies.get("auto_failover", True) and not self.node.link.up)
+
     def _granted(self, pend, m: Member, offset: int, data, done) -> None:
         reply = pend.reply
-        if reply is None:
+        if reply is None and not self.failover_possible():
             done(errno.EIO, f"write not acknowledged by the primary: {pend.error}")
             return
-        if reply.status == Status.NOT_SERVING:
+        if reply is None or reply.status == Status.NOT_SERVING:
+            # The primary is handing the group over or is gone: the write is redone here if
+            # this array gets the group (the old primary is then resynced from this one).
 
             async def redo():
                 if not await self._became_primary():
@@ -423,6 +441,9 @@ class Group:
         try:
             reply = await link.request(self._frame(m, kind, req_id, offset, length, data, fua, no_hole, forwarded=True))
         except (LinkDown, LinkTimeout) as e:
+            if await self._became_primary():
+                await self._write_at_primary(m, kind, offset, length, data, fua, no_hole)
+                return
             raise BlockError(errno.EIO, f"write not acknowledged by the primary: {e}") from None
         if reply.status == Status.NOT_SERVING and await self._became_primary():
             await self._write_at_primary(m, kind, offset, length, data, fua, no_hole)

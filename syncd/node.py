@@ -363,14 +363,23 @@ class Node:
         """Secondary that lost its primary: ask the witness for the group."""
         from .witness.proto import WType
 
+        from .witness.decide import may_grant_later
+
+        if g.failover_pending is None:
+            g.failover_pending = trio.Event()  # host I/O waits for the answer (transitioning)
         d = await self.witness.decide(WType.CLAIM, g.name, g.epoch)
-        if d is None:
-            return
-        if d.granted and d.owner == self.cfg.name and g.role == "secondary":
+        if d is not None and d.granted and d.owner == self.cfg.name and g.role == "secondary":
             g.promote(d.epoch)
-        elif not d.granted and d.reason != getattr(g, "_last_claim_reason", None):
+        elif d is not None and not d.granted and d.reason != getattr(g, "_last_claim_reason", None):
             g._last_claim_reason = d.reason
             g.note(f"failover refused by the witness: {d.reason}")
+        if d is None or d.granted or not may_grant_later(d.reason):
+            self._end_failover_wait(g)
+
+    def _end_failover_wait(self, g: Group) -> None:
+        ev, g.failover_pending = g.failover_pending, None
+        if ev is not None:
+            ev.set()
 
     async def _lease_loop(self, g: Group) -> None:
         lk = self.cfg.link
@@ -383,6 +392,8 @@ class Node:
                 await self._try_claim(g)
                 await trio.sleep(self.witness.cfg.interval)
                 continue
+            if g.failover_pending is not None:
+                self._end_failover_wait(g)
             if g.role == "secondary" and g.st.started and self.link.up:
                 t0 = trio.current_time()
                 try:

@@ -65,6 +65,15 @@ class Decision:
     reason: str
 
 
+WAIT_MARK = "it may still serve for"
+
+
+def may_grant_later(reason: str) -> bool:
+    """Whether a refused CLAIM is only early (the owner's lease has not run out yet), so asking
+    again soon may be granted; every other refusal stands until something changes."""
+    return WAIT_MARK in reason
+
+
 class WitnessError(Exception):
     """A request the witness cannot even consider (unknown node or group)."""
 
@@ -116,7 +125,7 @@ def claim(rec: GroupRecord, t: Timing, now: float, node: str, epoch: int) -> Dec
         return deny(f"the witness has not heard from {rec.owner} since it started")
     quiet = now - seen
     if quiet <= t.owner_gone_after():
-        return deny(f"{rec.owner} was heard {quiet:.1f}s ago; it may still serve for "
+        return deny(f"{rec.owner} was heard {quiet:.1f}s ago; {WAIT_MARK} "
                     f"{t.owner_gone_after() - quiet:.1f}s")
     old = rec.owner
     rec.owner = node
