@@ -417,6 +417,7 @@ async def handle_peer_control(node: Node, body: dict) -> dict | None:
         g.note(f"created as secondary of {body['primary']}")
         return None
     if op == "sync_groups":
+        suspect = []
         for s in body["groups"]:
             g = node.groups.get(s["name"])
             if g is not None and g.role == "primary":
@@ -437,7 +438,17 @@ async def handle_peer_control(node: Node, body: dict) -> dict | None:
             theirs = {m["vol_id"] for m in s["members"]}
             if mine != theirs:
                 log.warning("group %s: volume sets differ from the primary's (%s vs %s)", g.name, sorted(mine), sorted(theirs))
+            bad = [m.vol_id for m in g.members.values() if m.st.suspect]
+            if bad:
+                suspect.append({"group": g.name, "vol_ids": bad})
         node.save()
+        return {"suspect": suspect}
+    if op == "leaving":
+        g = _group(node, body["group"])
+        if g.role == "primary" and g.epoch == body["epoch"]:
+            # The secondary stopped serving and gave its lease back: no need to wait for it.
+            g.lease_deadline = trio.current_time()
+            g.lose_peer(f"{g.st.peer} shut down")
         return None
     if op in ("takeover", "peer_disk_failed"):
         from .operations import peer_disk_event

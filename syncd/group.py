@@ -103,6 +103,7 @@ class Group:
         self.transitioning: trio.Event | None = None  # set while roles change (switchover)
         self.disk_error = ""  # a backing device of this group failed here: serve nothing
         self.failover_pending: trio.Event | None = None  # secondary: claiming the group now
+        self.claim_refused = False  # secondary: the witness refused for good (until the link returns)
         self.peer_failed = False  # primary: the peer said it cannot take writes (its disk failed)
         self.events: list[tuple[float, str]] = []
 
@@ -160,6 +161,8 @@ class Group:
             wc = self.node.witness
             if wc is None or self.mirroring or self.alone_ok:
                 return True
+            if self.witness_lost_at_peer_loss > wc.cfg.grace + 2 * wc.cfg.interval:
+                return True  # the witness was lost first: it disabled failover, we are pre-elected
             # Peer lost and the witness has not confirmed us yet: serve only while the witness
             # cannot have given the group away (counted from when our last answered report was
             # sent; the witness waits owner_lease*(1+drift)+margin from when it received it).
@@ -171,8 +174,7 @@ class Group:
         prox = self.st.proximity.get(host, "all") if host is not None else "all"
         return AluaState(
             path_state(may_serve=self.may_serve(), role=self.role, proximity=prox,
-                       transitioning=self.transitioning is not None or (
-                           self.failover_pending is not None and self.role == "secondary")),
+                       transitioning=self.transitioning is not None or self._awaiting_failover()),
             self.epoch,
         )
 
@@ -188,10 +190,14 @@ class Group:
         up to ``transition_timeout``; then it fails with EAGAIN (NBD ENOMEM: retry). A secondary
         whose primary vanished and that is asking the witness for the group holds host I/O the
         same way: granted, it serves as primary; refused, the I/O fails (ESHUTDOWN)."""
-        fp = self.failover_pending
-        if fp is not None and self.role == "secondary" and not self.may_serve():
+        if self._awaiting_failover():
             with trio.move_on_after(self.node.cfg.link.transition_timeout):
-                await fp.wait()
+                while self._awaiting_failover():
+                    fp = self.failover_pending
+                    if fp is not None:
+                        await fp.wait()
+                    else:
+                        await trio.sleep(0.01)
         ev = self.transitioning
         if ev is None:
             return
@@ -341,10 +347,18 @@ class Group:
             await trio.sleep(0.005)
         return self.role == "primary"
 
+    def _awaiting_failover(self) -> bool:
+        """Secondary without a lease that is (or is about to be) asking the witness for the
+        group: its paths are transitioning, not unavailable, and host I/O waits."""
+        return (self.role == "secondary" and (self.failover_pending is not None or self.failover_possible())
+                and not self.may_serve())
+
     def failover_possible(self) -> bool:
         """Secondary cut from its primary, with a witness that may give it the group."""
-        return (self.role == "secondary" and self.st.started and self.node.witness is not None
-                and self.st.policies.get("auto_failover", True) and not self.node.link.up)
+        wc = self.node.witness
+        return (self.role == "secondary" and self.st.started and wc is not None and wc.reachable
+                and self.st.policies.get("auto_failover", True) and not self.node.link.up
+                and not self.claim_refused)
 
     def _granted(self, pend, m: Member, offset: int, data, done) -> None:
         reply = pend.reply
@@ -566,6 +580,11 @@ class Group:
         if self.disk_error:
             return
         self.disk_error = f"{m.st.local} on {m.vol.path}: {e.strerror or e}"
+        m.st.suspect = True  # persisted: the peer is told on reconnect to compare every region
+        try:
+            self.node.save()
+        except OSError as se:
+            log.error("group %s: cannot record the failed device: %s", self.name, se)
         self.note(f"BACKING DEVICE FAILURE: {self.disk_error}; group stops on this array")
         from .operations import after_disk_failure
 

@@ -247,6 +247,13 @@ def lab_up(
         call(sock, "admitrcopyhost", {"host": LAB_HOST, "group": group, "proximity": "all"})
     if wait:
         wait_synced(a, group, timeout, None)
+        # ...and the secondary holds its serve lease, so both sites take I/O when we return.
+        b = lab["nodes"]["B"]["admin_socket"]
+        deadline = time.monotonic() + 15
+        while not call(b, "showrcopy", {"group": group})["groups"][0]["serving"]:
+            if time.monotonic() > deadline:
+                raise LabError(f"site B does not serve group {group} after the initial sync")
+            time.sleep(0.05)
     return lab
 
 

@@ -282,6 +282,35 @@ class Node:
                 self.set_clean_flag(True)
                 self.close()
 
+    async def hand_over_for_shutdown(self) -> None:
+        """A primary that is shut down (SIGTERM: reboot, maintenance) first switches its groups
+        over to the in-sync peer, so hosts at the peer see a pause, not a failover."""
+        from .group import ATTACHED
+        from .operations import switchover
+
+        if self.link is None or self.cfg.link is None:
+            return
+        for g in list(self.groups.values()):
+            if not (g.role == "primary" and g.st.started and g.peer_mode == ATTACHED and self.link.up
+                    and g.st.policies.get("auto_failover", True)):
+                continue
+            with trio.move_on_after(self.cfg.link.transition_timeout + 2):
+                try:
+                    r = await switchover(self, g)
+                    log.info("group %s handed over to %s for shutdown (%s ms)", g.name, g.st.peer, r["duration_ms"])
+                except NodeError as e:
+                    log.warning("group %s: no handover before shutdown: %s", g.name, e)
+        # As a secondary we give our lease back, so the primary goes on at once instead of
+        # waiting for it to run out.
+        for g in list(self.groups.values()):
+            if g.role == "secondary" and self.link.up:
+                g.lease_until = 0.0
+                with trio.move_on_after(1.0):
+                    try:
+                        await self.control({"op": "leaving", "group": g.name, "epoch": g.epoch})
+                    except NodeError as e:
+                        log.warning("group %s: primary not told of the shutdown: %s", g.name, e)
+
     # -- the quorum witness ----------------------------------------------------------------------
     async def _run_witness(self, wc) -> None:
         with trio.CancelScope() as wc.scope:
@@ -333,9 +362,21 @@ class Node:
     async def _exchange_state(self) -> None:
         mine = [self.group_summary(g) for g in self.groups.values() if g.role == "primary"]
         try:
-            await self.control({"op": "sync_groups", "groups": mine})
+            ans = await self.control({"op": "sync_groups", "groups": mine})
         except NodeError as e:
             log.warning("state exchange with %s failed: %s", self.cfg.link.peer, e)
+            ans = {}
+        for entry in ans.get("suspect", []):
+            # The peer's device failed since it last synced: whatever it holds is suspect.
+            g = self.groups.get(entry["group"])
+            if g is None or g.role != "primary":
+                continue
+            for vid in entry["vol_ids"]:
+                m = g.by_id.get(vid)
+                if m is not None:
+                    m.dirty.set_all()
+                    m.verify = True
+                    g.note(f"{g.st.peer}'s copy of {m.st.local} is suspect (its device failed): full compare")
         for g in self.groups.values():
             g.maybe_recover()
 
@@ -365,7 +406,7 @@ class Node:
 
         from .witness.decide import may_grant_later
 
-        if g.failover_pending is None:
+        if g.failover_pending is None and not g.claim_refused:
             g.failover_pending = trio.Event()  # host I/O waits for the answer (transitioning)
         d = await self.witness.decide(WType.CLAIM, g.name, g.epoch)
         if d is not None and d.granted and d.owner == self.cfg.name and g.role == "secondary":
@@ -374,6 +415,7 @@ class Node:
             g._last_claim_reason = d.reason
             g.note(f"failover refused by the witness: {d.reason}")
         if d is None or d.granted or not may_grant_later(d.reason):
+            g.claim_refused = d is not None and not d.granted
             self._end_failover_wait(g)
 
     def _end_failover_wait(self, g: Group) -> None:
@@ -394,6 +436,8 @@ class Node:
                 continue
             if g.failover_pending is not None:
                 self._end_failover_wait(g)
+            if self.link.up:
+                g.claim_refused = False
             if g.role == "secondary" and g.st.started and self.link.up:
                 t0 = trio.current_time()
                 try:
@@ -493,6 +537,9 @@ class Node:
             if not m.oos.count:
                 m.st.synced_once = True
                 m.st.last_sync = time.time()
+                if m.st.suspect:
+                    m.st.suspect = False
+                    self.save_soon()
             link.reply(path, f.req_id, Status.OK)
             return
         link.reply(path, f.req_id, Status.BAD_REQUEST)
@@ -612,6 +659,7 @@ def serve_node(cfg: NodeConfig) -> int:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
                 async for _ in sigs:
                     log.info("node %s stopping", cfg.name)
+                    await node.hand_over_for_shutdown()
                     n.cancel_scope.cancel()
                     break
 

@@ -39,6 +39,7 @@ class MemberState:
     dirty: str = ""  # base64 bitmap of regions that may differ (primary side), at clean stop
     synced_once: bool = False
     last_sync: float | None = None
+    suspect: bool = False  # this replica's device failed: compare everything when it returns
 
 
 @dataclass

@@ -108,6 +108,7 @@ def check_file(path: str, history: History, writer: int, offset_blocks: int = 0)
 async def run_writer(
     uri: str, history: History, *, writer: int, blocks: range, duration: float, qd: int = 4,
     reconnect: bool = True, seed: int = 1, retry_interval: float = 0.2, fua_every: int = 0,
+    source: str | None = None,
 ) -> None:
     """Write patterned blocks at random within ``blocks`` for ``duration`` s with ``qd`` in flight.
 
@@ -125,7 +126,7 @@ async def run_writer(
     async def lane(lb: range) -> None:
         while trio.current_time() < deadline:
             try:
-                async with open_nbd(uri) as c:
+                async with open_nbd(uri, source=source) as c:
                     while trio.current_time() < deadline:
                         b = lb[rng.randrange(len(lb))]
                         seqs["n"] += 1
@@ -156,6 +157,24 @@ async def run_writer(
     history.ended = time.monotonic()
 
 
+async def sample_alua(uri: str, samples: list, *, interval: float = 0.2, source: str | None = None) -> None:
+    """Poll the path state the array shows this host, as a multipath initiator does: appends
+    (monotonic time, state, epoch) and (time, None, error) when the array cannot be asked."""
+    from .nbd.client import open_alua_probe
+
+    while True:
+        try:
+            async with open_alua_probe(uri, connect_timeout=max(interval * 5, 1.0), source=source) as p:
+                while True:
+                    with trio.fail_after(max(interval * 5, 1.0)):
+                        st, ep = await p.query()
+                    samples.append((time.monotonic(), st, ep))
+                    await trio.sleep(interval)
+        except (OSError, NBDDisconnected, NBDError, trio.TooSlowError, trio.BrokenResourceError) as e:
+            samples.append((time.monotonic(), None, type(e).__name__))
+            await trio.sleep(interval)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -166,16 +185,58 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blocks", default="0:4096", help="FIRST:COUNT blocks of 4 KiB")
     p.add_argument("--qd", type=int, default=4)
     p.add_argument("--out", help="write the history as JSON here")
+    p.add_argument("--source", help="local address to connect from (the array tells hosts apart by it)")
+    p.add_argument("--alua-interval", type=float, default=0.0,
+                   help="also sample the syncd:alua path state every N s (recorded in --out)")
     ns = p.parse_args(argv)
     first, count = (int(x) for x in ns.blocks.split(":"))
     h = History()
-    trio.run(lambda: run_writer(ns.uri, h, writer=ns.writer, blocks=range(first, first + count), duration=ns.duration, qd=ns.qd))
+    alua: list = []
+
+    async def run() -> None:
+        # SIGTERM/SIGINT stop the host at once (as a crashed server would), keeping the record.
+        import signal
+
+        async with trio.open_nursery() as n:
+            async def writer():
+                await run_writer(ns.uri, h, writer=ns.writer, blocks=range(first, first + count),
+                                 duration=ns.duration, qd=ns.qd, source=ns.source)
+                n.cancel_scope.cancel()
+
+            async def signals():
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                    async for _ in sigs:
+                        n.cancel_scope.cancel()
+                        return
+
+            n.start_soon(writer)
+            n.start_soon(signals)
+            if ns.alua_interval > 0:
+                n.start_soon(lambda: sample_alua(ns.uri, alua, interval=ns.alua_interval, source=ns.source))
+        h.ended = h.ended or time.monotonic()
+
+    trio.run(run)
     summary = {"acked": h.acked_count(), "errors": len(h.errors), "longest_pause_s": round(h.longest_pause(), 3)}
     print(json.dumps(summary))
     if ns.out:
-        with open(ns.out, "w") as f:
-            json.dump(h.to_json(), f)
+        out = h.to_json()
+        out.update(acked_times=h.acked_times, started=h.started, ended=h.ended, alua=alua)
+        with open(ns.out + ".tmp", "w") as f:
+            json.dump(out, f)
+        import os
+
+        os.replace(ns.out + ".tmp", ns.out)
     return 0
+
+
+def load_history(path: str) -> tuple["History", list]:
+    """A History (and the ALUA samples) written by ``--out``."""
+    with open(path) as f:
+        d = json.load(f)
+    h = History(writes={int(k): v for k, v in d["writes"].items()}, acked_times=d.get("acked_times", []),
+                errors=[tuple(e) for e in d["errors"]], started=d.get("started", 0.0), ended=d.get("ended", 0.0))
+    return h, [tuple(x) for x in d.get("alua", [])]
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

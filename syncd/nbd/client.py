@@ -180,3 +180,92 @@ async def open_nbd(uri: str, connect_timeout: float = 5.0, source: str | None = 
                 with trio.move_on_after(2):
                     await c.disconnect()
             n.cancel_scope.cancel()
+
+
+class AluaProbe:
+    """A connection that reads the ``syncd:alua`` meta context of one export, the way a
+    multipath initiator polls REPORT TARGET PORT GROUPS: structured replies and the meta context
+    are negotiated, then each ``query()`` is one NBD_CMD_BLOCK_STATUS. Requests are sequential."""
+
+    def __init__(self, stream: trio.SocketStream, name: str):
+        self.stream = stream
+        self.name = name
+        self._rx = _Buf(stream)
+        self.size = 0
+        self.context = None
+        self._handles = itertools.count(1)
+
+    async def _option(self, opt: int, data: bytes) -> list[tuple[int, bytes]]:
+        from . import proto as p
+
+        await self.stream.send_all(struct.pack(">QII", IHAVEOPT, opt, len(data)) + data)
+        replies = []
+        while True:
+            magic, o, rtype, ln = struct.unpack(">QIII", await self._rx.exactly(20))
+            body = await self._rx.exactly(ln)
+            if magic != REPLY_MAGIC or o != opt:
+                raise NBDDisconnected("bad option reply")
+            if rtype & 0x80000000:
+                raise NBDError(rtype & 0x7FFFFFFF, f"option {opt} refused: {body.decode(errors='replace')}")
+            if rtype == p.REP_ACK:
+                return replies
+            replies.append((rtype, body))
+
+    async def handshake(self) -> None:
+        from . import proto as p
+
+        head = await self._rx.exactly(18)
+        if head[:8] != NBDMAGIC or struct.unpack(">Q", head[8:16])[0] != IHAVEOPT:
+            raise NBDDisconnected("not a fixed-newstyle NBD server")
+        await self.stream.send_all(struct.pack(">I", 1 | 2))
+        await self._option(p.OPT_STRUCTURED_REPLY, b"")
+        name = self.name.encode()
+        query = b"syncd:alua"
+        meta = struct.pack(">I", len(name)) + name + struct.pack(">II", 1, len(query)) + query
+        for rtype, body in await self._option(p.OPT_SET_META_CONTEXT, meta):
+            if rtype == p.REP_META_CONTEXT and body[4:] == query:
+                self.context = struct.unpack(">I", body[:4])[0]
+        if self.context is None:
+            raise NBDError(95, "the server does not offer the syncd:alua meta context")
+        go = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
+        for rtype, body in await self._option(p.OPT_GO, go):
+            if rtype == p.REP_INFO and struct.unpack(">H", body[:2])[0] == INFO_EXPORT:
+                self.size = struct.unpack(">Q", body[2:10])[0]
+
+    async def query(self) -> tuple[int, int]:
+        """(ALUA state, epoch) as this array presents them to this connection."""
+        from . import proto as p
+
+        h = next(self._handles)
+        length = min(self.size, 0xFFFFFFFF) or 1
+        await self.stream.send_all(_REQ.pack(REQUEST_MAGIC, 0, p.CMD_BLOCK_STATUS, h, 0, length))
+        state = None
+        while True:
+            magic, flags, rtype, handle, ln = struct.unpack(">IHHQI", await self._rx.exactly(20))
+            body = await self._rx.exactly(ln)
+            if magic != p.STRUCTURED_REPLY_MAGIC or handle != h:
+                raise NBDDisconnected("unexpected reply to BLOCK_STATUS")
+            if rtype == p.REPLY_TYPE_BLOCK_STATUS and struct.unpack(">I", body[:4])[0] == self.context:
+                word = struct.unpack(">I", body[8:12])[0]
+                state = (word & 0xFF, word >> 8)
+            elif rtype & 0x8000:
+                raise NBDError(struct.unpack(">I", body[:4])[0], "BLOCK_STATUS")
+            if flags & p.REPLY_FLAG_DONE:
+                break
+        if state is None:
+            raise NBDDisconnected("no syncd:alua extent in the reply")
+        return state
+
+
+@asynccontextmanager
+async def open_alua_probe(uri: str, connect_timeout: float = 5.0, source: str | None = None):
+    host, port, name = parse_uri(uri)
+    with trio.fail_after(connect_timeout):
+        stream = await trio.open_tcp_stream(host, port, local_address=source)
+        probe = AluaProbe(stream, name)
+        await probe.handshake()
+    try:
+        yield probe
+    finally:
+        with trio.CancelScope(shield=True):
+            await stream.aclose()

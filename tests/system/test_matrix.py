@@ -1,0 +1,221 @@
+"""The Active Sync failure matrix (the seed's list plus the witness cases), automated.
+
+Each scenario builds a fresh rig of five network namespaces (tests/system/matrix.py): arrays A
+and B on loop devices, witness W, hosts a and b connected non-uniformly (each to its local array
+only, proximity all) running a verifying write workload that also samples the ALUA state its
+array presents. The fault is injected for real, held, healed; then the test checks what the
+seed promises, that no acknowledged write of either host is missing on either replica, that the
+replicas are identical, that no epoch ever had two serving primaries, and records each host's
+ALUA transitions and I/O interruption.
+
+Set SYNCD_MATRIX_REPORT=FILE to collect every row as JSON lines (tests/system/matrix_report.py
+turns them into the Markdown table of docs/failure-matrix.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from syncd.workload import check_file
+
+from .matrix import Matrix, alua_transitions, pause_after
+from .rig import FAST_LINK, first_difference, require_root, require_tool
+
+pytestmark = [pytest.mark.system, pytest.mark.root]
+
+FAST_WITNESS = {"interval": 0.2, "owner_lease": 1.0, "grace": 2.0, "margin": 0.2}
+# The product defaults (syncd/config.py, WitnessClientConfig, witness Timing).
+DEFAULT_LINK: dict = {}
+DEFAULT_WITNESS = {"interval": 0.5, "owner_lease": 3.0, "grace": 4.5, "margin": 0.5}
+
+
+@dataclass
+class Scenario:
+    seed: str  # the outcome the seed's Active Sync list promises
+    fault: object
+    heal: object
+    primary: str  # which array is primary once the fault has played out
+    epoch: int
+    no_error: tuple = ()  # hosts whose application must see no I/O error
+    lose: tuple = ()  # hosts that lose access (their array cannot serve them)
+    hold: float = 5.0
+    link: dict = field(default_factory=lambda: FAST_LINK)
+    witness: dict = field(default_factory=lambda: FAST_WITNESS)
+
+
+def _links(m, names, up):
+    for n in names:
+        m.set_link(n, up)
+
+
+def _restart(m, site, sig=signal.SIGTERM):
+    m.stop(site, sig)
+    m.start_node(site)
+
+
+def _witness_then_link(m):
+    m.stop("W")
+    time.sleep(m.witness["grace"] + 1.5)
+    _links(m, ["rep0", "rep1"], False)
+
+
+def _heal_witness_then_link(m):
+    m.start_witness()
+    _links(m, ["rep0", "rep1"], True)
+
+
+def _dc_failure(m):
+    m.stop("hA", signal.SIGTERM)
+    m.stop("A")
+    m.set_link("witA", False)
+
+
+def _dc_heal(m):
+    m.set_link("witA", True)
+    m.start_node("A")
+
+
+def _heal_disk(m):
+    m.heal_disk("A")
+    _restart(m, "A")
+
+
+SCENARIOS = {
+    "primary array failure": Scenario(
+        "automatic failover through the witness; hosts at the secondary are not interrupted; "
+        "hosts at the failed array lose access",
+        lambda m: m.stop("A"), lambda m: m.start_node("A"), "B", 2, no_error=("B",), lose=("A",)),
+    "secondary array failure": Scenario(
+        "hosts at the primary are not interrupted; hosts at the failed secondary lose access",
+        lambda m: m.stop("B"), lambda m: m.start_node("B"), "A", 1, no_error=("A",), lose=("B",)),
+    "replication link failure": Scenario(
+        "paths to the secondary go active/optimized -> unavailable; the primary's hosts go on",
+        lambda m: _links(m, ["rep0", "rep1"], False), lambda m: _links(m, ["rep0", "rep1"], True),
+        "A", 1, no_error=("A",), lose=("B",)),
+    "RAID set / metadata failure (primary)": Scenario(
+        "paths to the failed array go unavailable, the group stops there, automatic failover to "
+        "the secondary",
+        lambda m: m.fail_disk("A"), _heal_disk, "B", 2, no_error=("B",), lose=("A",)),
+    "host disconnect": Scenario(
+        "the disconnected host's I/O stops; everything else goes on",
+        lambda m: m.set_link("sanA", False), lambda m: m.set_link("sanA", True), "A", 1,
+        no_error=("B",), lose=("A",)),
+    "primary array reboot/shutdown": Scenario(
+        "automatic failover; hosts at the secondary go on; hosts at the rebooting array lose access",
+        lambda m: m.stop("A", signal.SIGTERM), lambda m: m.start_node("A"), "B", 2,
+        no_error=("B",), lose=("A",)),
+    "secondary array reboot/shutdown": Scenario(
+        "hosts at the primary go on; hosts at the rebooting secondary lose access",
+        lambda m: m.stop("B", signal.SIGTERM), lambda m: m.start_node("B"), "A", 1,
+        no_error=("A",), lose=("B",)),
+    "cluster server failure": Scenario(
+        "the failed server's applications stop (restarted elsewhere by the cluster); RPO 0",
+        lambda m: m.stop("hA", signal.SIGTERM), lambda m: None, "A", 1, no_error=("B",)),
+    "data center failure": Scenario(
+        "automatic failover of the failed array's groups; hosts of the failed site are lost",
+        _dc_failure, _dc_heal, "B", 2, no_error=("B",)),
+    "witness failure": Scenario(
+        "nothing changes: mirroring and host I/O go on at both sites",
+        lambda m: m.stop("W"), lambda m: m.start_witness(), "A", 1, no_error=("A", "B")),
+    "witness failure, then link failure": Scenario(
+        "the pre-elected primary goes on; the secondary stops",
+        _witness_then_link, _heal_witness_then_link, "A", 1, no_error=("A",), lose=("B",)),
+    "isolated primary": Scenario(
+        "the secondary fails over through the witness; the isolated primary enters failsafe",
+        lambda m: _links(m, ["rep0", "rep1", "witA"], False), lambda m: _links(m, ["rep0", "rep1", "witA"], True),
+        "B", 2, no_error=("B",), lose=("A",)),
+    "isolated secondary": Scenario(
+        "the primary goes on alone; the isolated secondary stops serving",
+        lambda m: _links(m, ["rep0", "rep1", "witB"], False), lambda m: _links(m, ["rep0", "rep1", "witB"], True),
+        "A", 1, no_error=("A",), lose=("B",)),
+    "primary array failure (default timeouts)": Scenario(
+        "as primary array failure, with the product's default timeouts",
+        lambda m: m.stop("A"), lambda m: m.start_node("A"), "B", 2, no_error=("B",), lose=("A",),
+        hold=9.0, link=DEFAULT_LINK, witness=DEFAULT_WITNESS),
+}
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_failure_scenario(tmp_path, name):
+    require_root()
+    require_tool("losetup")
+    sc = SCENARIOS[name]
+    n = (os.getpid() * 7 + list(SCENARIOS).index(name)) % 1000
+    m = Matrix(tmp_path, format(n, "x"), n, sc.link, sc.witness)
+    try:
+        m.up()
+        for s in ("A", "B"):
+            m.start_host(s)
+        m.start_sampling()
+        time.sleep(2.0)
+        t_fault = time.monotonic()
+        sc.fault(m)
+        time.sleep(sc.hold)
+        during = {}
+        for s in ("A", "B"):
+            try:
+                during[s] = m.group(s)
+            except Exception:
+                during[s] = None
+        sc.heal(m)
+        t_heal = time.monotonic()
+        prim = sc.primary  # the array that took (or kept) the group keeps it after the heal
+        m.wait(lambda: m.group(prim)["role"] == "primary" and m.group(prim)["peer_mode"] == "attached"
+               and all(v["sync_status"] == "synced" for v in m.group(prim)["volumes"]), 90, "resync after heal")
+        m.wait(lambda: all(m.group(s)["serving"] for s in ("A", "B")), 20, "both arrays serving again")
+        time.sleep(1.0)
+        hist = {s: m.stop_host(s) for s in ("A", "B")}
+        m.stop_sampling()
+
+        # What the seed promises, while the fault held.
+        g = during[sc.primary]
+        assert g is not None and g["role"] == "primary" and g["epoch"] == sc.epoch and g["serving"], \
+            f"{name}: expected {sc.primary} primary at epoch {sc.epoch}, saw {g}"
+        for s in sc.no_error:
+            h, _ = hist[s]
+            assert h.errors == [], f"{name}: host {s} saw I/O errors: {h.errors[:3]}"
+            assert any(t > t_fault + 1.0 for t in h.acked_times), f"{name}: host {s} stopped writing"
+        for s in sc.lose:
+            h, samples = hist[s]
+            in_fault = [x for x in samples if t_fault + 0.5 < x[0] < t_heal]
+            assert h.errors or all(x[1] in (None, 3) for x in in_fault), f"{name}: host {s} kept access"
+            assert any(x[1] in (None, 3) for x in in_fault), f"{name}: host {s} never saw its path unavailable"
+        # Never two serving primaries in one epoch.
+        for epoch, sites in m.primaries_per_epoch().items():
+            assert len(sites) == 1, f"{name}: epoch {epoch} had serving primaries on {sites}"
+        # No acknowledged write lost, replicas identical after recovery.
+        lost = 0
+        for s in ("A", "B"):
+            for w, hs in ((1, "A"), (2, "B")):
+                problems = check_file(m.loops[s], hist[hs][0], writer=w)
+                lost += len(problems)
+                assert problems == [], f"{name}: replica {s} is missing acknowledged writes of host {hs}: {problems[:3]}"
+        assert first_difference(m.loops["A"], m.loops["B"]) is None, f"{name}: replicas differ"
+
+        row = {
+            "scenario": name, "expected": sc.seed,
+            "primary_during": f"{sc.primary} (epoch {g['epoch']})",
+            "alua": {s: alua_transitions(hist[s][1], t_fault) for s in ("A", "B")},
+            "errors": {s: len(hist[s][0].errors) for s in ("A", "B")},
+            "interruption_s": {s: round(pause_after(hist[s][0], t_fault), 2) for s in ("A", "B")},
+            "acked": {s: hist[s][0].acked_count() for s in ("A", "B")},
+            "lost_acked_writes": lost,
+            "timings": "defaults" if sc.link is DEFAULT_LINK else "fast test timings",
+        }
+        print(json.dumps(row))
+        out = os.environ.get("SYNCD_MATRIX_REPORT")
+        if out:
+            with open(out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    except BaseException:
+        for f in sorted(tmp_path.glob("*.log")):
+            print(f"--- {f.name}\n{f.read_text()[-3000:]}")
+        raise
+    finally:
+        m.teardown()
