@@ -127,12 +127,9 @@ def parse_policies(spec: str | list[str]) -> dict[str, bool]:
 # -- commands ----------------------------------------------------------------------------------
 
 async def creatercopygroup(node: Node, group: str, target: str, policies: str | None = None) -> dict:
-    from .config import ConfigError, check_name
+    from .config import check_name
 
-    try:
-        check_name(group, "group name")
-    except ConfigError as e:
-        raise NodeError(str(e)) from None
+    check_name(group, "group name", NodeError)
     if group in node.groups:
         raise NodeError(f"group {group} already exists on {node.cfg.name}")
     if node.link is None:

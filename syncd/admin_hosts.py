@@ -58,14 +58,11 @@ async def removehost(node: Node, name: str) -> dict:
 
 
 async def createhostset(node: Node, name: str, hosts=None, add: bool = False) -> dict:
-    from .config import ConfigError, check_name
+    from .config import check_name
 
     st = node.state
     members = _list(hosts, "hosts")
-    try:
-        check_name(name, "host set name")
-    except ConfigError as e:
-        raise NodeError(f"createhostset: {e}") from None
+    check_name(name, "createhostset: host set name", NodeError)
     for h in members:
         if h not in st.hosts:
             raise NodeError(f"createhostset: host {h} does not exist (hosts: {', '.join(sorted(st.hosts)) or 'none'})")

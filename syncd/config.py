@@ -49,9 +49,10 @@ def parse_addr(value: object, key: str) -> tuple[str, int]:
     return host, p
 
 
-def check_name(value: object, key: str) -> str:
+def check_name(value: object, key: str, error: type[Exception] | None = None) -> str:
+    """``value`` if it is a valid object name; else raises ``error`` (ConfigError by default)."""
     if not isinstance(value, str) or not _NAME_RE.match(value):
-        raise ConfigError(
+        raise (error or ConfigError)(
             f"{key}: {value!r} is not a valid name (1-31 letters, digits, '_', '.', '-')"
         )
     return value

@@ -92,12 +92,9 @@ class HostTable:
 # -- validation used by the admin commands (pure: they raise before anything changes) ---------
 
 def check_new_host(st: NodeState, name: str, addresses: list[str], tls_names: list[str]) -> HostState:
-    from .config import ConfigError, check_name
+    from .config import check_name
 
-    try:
-        check_name(name, "host name")
-    except ConfigError as e:
-        raise HostError(str(e)) from None
+    check_name(name, "host name", HostError)
     if name in st.hosts:
         raise HostError(f"host {name} already exists")
     if name in st.hostsets:

@@ -406,7 +406,7 @@ class Node:
 
         from .witness.decide import may_grant_later
 
-        if g.failover_pending is None and not g.claim_refused:
+        if g.failover_pending is None and not g.claim_refused and self.witness.reachable:
             g.failover_pending = trio.Event()  # host I/O waits for the answer (transitioning)
         d = await self.witness.decide(WType.CLAIM, g.name, g.epoch)
         if d is not None and d.granted and d.owner == self.cfg.name and g.role == "secondary":

@@ -49,6 +49,15 @@ def _need_link(node: Node, op: str) -> None:
                         "the replication link is down")
 
 
+def _on_running_primary(node: Node, g: Group, op: str) -> None:
+    """The common refusals of operations run on the primary of a started, idle group whose
+    peer is reachable."""
+    _need_primary(node, g, op)
+    _need_started(g, op)
+    _busy(g)
+    _need_link(node, op)
+
+
 async def _drain_forwarded(node: Node, g: Group, timeout: float) -> bool:
     """Secondary: wait until no write it forwarded to the primary is still unanswered."""
     with trio.move_on_after(timeout):
@@ -61,10 +70,7 @@ async def _drain_forwarded(node: Node, g: Group, timeout: float) -> bool:
 
 async def switchover(node: Node, g: Group) -> dict:
     op = "switchover"
-    _need_primary(node, g, op)
-    _need_started(g, op)
-    _busy(g)
-    _need_link(node, op)
+    _on_running_primary(node, g, op)
     if g.recovering or g.peer_mode != ATTACHED or any(m.dirty.count for m in g.members.values()):
         st = {m.st.local: m.sync_status()[0] for m in g.members.values()}
         raise NodeError(f"{op}: target {g.st.peer} not ready: group {g.name} is not synced ({st})")
@@ -207,10 +213,7 @@ async def failover(node: Node, g: Group) -> dict:
 
 async def recover(node: Node, g: Group) -> dict:
     op = "recover"
-    _need_primary(node, g, op)
-    _need_started(g, op)
-    _busy(g)
-    _need_link(node, op)
+    _on_running_primary(node, g, op)
     if g.peer_mode == ATTACHED:
         raise NodeError(f"{op}: group {g.name} is already synced with {g.st.peer}")
     if g.recovering or g.peer_mode in (SYNCING, FENCING):

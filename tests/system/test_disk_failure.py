@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 
 import pytest
-import trio
 
 from syncd.lab import lab_down, lab_fail, lab_heal, lab_up
-from syncd.workload import History, check_file, run_writer
+from syncd.workload import check_file
 
 from .rig import FAST_LINK, assert_replicas_identical, require_root, require_tool
-from .test_failover import WITNESS, group, uri, wait_for
+from .test_failover import WITNESS, group, wait_for
+from .test_operations import _workload_during
 
 pytestmark = [pytest.mark.system, pytest.mark.root]
 
@@ -34,29 +34,13 @@ def looplab(tmp_path):
     lab_down(str(d))
 
 
-def _run(lab, fault, site, duration=6.0):
-    hs = {"A": History(), "B": History()}
-
-    async def main():
-        async with trio.open_nursery() as n:
-            for i, s in enumerate(("A", "B")):
-                lo = i * 1024
-                n.start_soon(lambda s=s, lo=lo, w=i + 1: run_writer(
-                    uri(lab, s), hs[s], writer=w, blocks=range(lo, lo + 1024), duration=duration, qd=4))
-            await trio.sleep(1.5)
-            await trio.to_thread.run_sync(lab_fail, lab["dir"], fault, site)
-
-    trio.run(main)
-    return hs
-
-
 @pytest.mark.parametrize("failed", ["A", "B"])
 def test_disk_failure_stops_that_array_and_the_peer_serves_on(looplab, failed):
     lab = looplab
     wait_for(lambda: group(lab, "A")["peer_mode"] == "attached", what="attached")
     time.sleep(1.0)
     survivor = "B" if failed == "A" else "A"
-    hs = _run(lab, "disk", failed)
+    hs, _ = _workload_during(lab, lambda: lab_fail(lab["dir"], "disk", failed), duration=6.0)
     gf, gs = group(lab, failed), group(lab, survivor)
     assert gf["disk_error"] and not gf["serving"] and gf["alua"] == "unavailable"
     assert gs["role"] == "primary" and gs["serving"] and gs["alua"] == "active/optimized"

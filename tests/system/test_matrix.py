@@ -169,7 +169,7 @@ def test_failure_scenario(tmp_path, name):
         m.wait(lambda: m.group(prim)["role"] == "primary" and m.group(prim)["peer_mode"] == "attached"
                and all(v["sync_status"] == "synced" for v in m.group(prim)["volumes"]), 90, "resync after heal")
         m.wait(lambda: all(m.group(s)["serving"] for s in ("A", "B")), 20, "both arrays serving again")
-        time.sleep(1.0)
+        time.sleep(2.5)  # hosts reconnect (a cut TCP connection needs its probe timeout) and write again
         hist = {s: m.stop_host(s) for s in ("A", "B")}
         m.stop_sampling()
 
@@ -186,6 +186,12 @@ def test_failure_scenario(tmp_path, name):
             in_fault = [x for x in samples if t_fault + 0.5 < x[0] < t_heal]
             assert h.errors or all(x[1] in (None, 3) for x in in_fault), f"{name}: host {s} kept access"
             assert any(x[1] in (None, 3) for x in in_fault), f"{name}: host {s} never saw its path unavailable"
+        # Before the fault both paths were active/optimized; after recovery they are again.
+        for s in ("A", "B"):
+            samples = hist[s][1]
+            before = [x[1] for x in samples if x[0] < t_fault]
+            assert before and set(before) == {0}, f"{name}: host {s} saw {set(before)} before the fault"
+            assert samples[-1][1] == 0, f"{name}: host {s} ends with ALUA {samples[-1]}"
         # Never two serving primaries in one epoch.
         for epoch, sites in m.primaries_per_epoch().items():
             assert len(sites) == 1, f"{name}: epoch {epoch} had serving primaries on {sites}"

@@ -6,13 +6,13 @@ import os
 import time
 
 import pytest
-import trio
 
-from syncd.ctl import call, wait_synced
-from syncd.workload import History, check_file, run_writer
+from syncd.ctl import call
+from syncd.workload import check_file
 
-from .netns import Rig
-from .rig import FAST_LINK, first_difference, require_root
+from .matrix import Matrix
+from .rig import FAST_LINK, first_difference, require_root, require_tool
+from .test_matrix import FAST_WITNESS
 
 pytestmark = [pytest.mark.system, pytest.mark.root]
 
@@ -20,54 +20,36 @@ pytestmark = [pytest.mark.system, pytest.mark.root]
 @pytest.fixture
 def rig(tmp_path):
     require_root()
-    tag = format(os.getpid() % 4096, "x")
-    r = Rig(tmp_path, tag, (os.getpid() % 200) + 20)
+    require_tool("losetup")
+    n = (os.getpid() * 7 + 500) % 1000
+    m = Matrix(tmp_path, format(n, "x"), n, FAST_LINK, FAST_WITNESS)
     try:
-        r.build()
-        r.start_nodes(16 << 20, FAST_LINK)
-        a = r.admin("A")
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                call(a, "creatercopygroup", {"group": "rcg1", "target": "B"})
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        call(a, "admitrcopyvv", {"volume": "vv1", "group": "rcg1"})
-        call(a, "startrcopygroup", {"group": "rcg1"})
-        r.export_to_site_hosts()
-        wait_synced(a, "rcg1", 60, None)
-        yield r
+        m.up()
+        yield m
     finally:
-        r.teardown()
+        m.teardown()
 
 
 def test_cutting_every_replication_veth_stops_the_secondary_and_heals_with_resync(rig):
-    h = History()
-    seen = {}
-
-    async def main():
-        async with trio.open_nursery() as n:
-            n.start_soon(lambda: run_writer(rig.uri("A"), h, writer=1, blocks=range(0, 4096), duration=6, qd=8))
-            await trio.sleep(1.0)
-            rig.set_path(0, False)
-            await trio.sleep(1.0)
-            seen["one_path_down"] = await trio.to_thread.run_sync(call, rig.admin("A"), "showrcopy")
-            rig.set_path(1, False)
-            seen["cut"] = time.monotonic()
-            await trio.sleep(2.5)
-            seen["b_cut"] = await trio.to_thread.run_sync(call, rig.admin("B"), "showrcopy")
-            rig.set_path(0, True)
-            rig.set_path(1, True)
-
-    trio.run(main)
-    one = seen["one_path_down"]
-    assert one["link"]["paths_up"] == 1 and one["groups"][0]["peer_mode"] == "attached"
-    assert seen["b_cut"]["groups"][0]["serving"] is False
-    assert any(t > seen["cut"] + 1.0 for t in h.acked_times)  # A went on alone after the lease
-    wait_synced(rig.admin("A"), "rcg1", 60, None)
+    rig.start_host("A")
+    time.sleep(1.0)
+    rig.set_link("rep0", False)
+    time.sleep(1.0)
+    one_path_down = rig.group("A")
+    link = call(rig.admin("A"), "showrcopy")["link"]
+    rig.set_link("rep1", False)
+    cut = time.monotonic()
+    time.sleep(2.5)
+    b_cut = rig.group("B")
+    rig.set_link("rep0", True)
+    rig.set_link("rep1", True)
+    rig.wait(lambda: rig.group("A")["peer_mode"] == "attached", 60, "resync")
+    time.sleep(1.0)
+    h, _ = rig.stop_host("A")
+    assert link["paths_up"] == 1 and one_path_down["peer_mode"] == "attached"
+    assert b_cut["serving"] is False
+    assert any(t > cut + 1.0 for t in h.acked_times)  # A went on alone after the lease
+    assert h.errors == []
     for site in ("A", "B"):
-        assert check_file(rig.image(site), h, writer=1) == [], f"site {site} lost acknowledged writes"
-    assert first_difference(rig.image("A"), rig.image("B")) is None
+        assert check_file(rig.loops[site], h, writer=1) == [], f"site {site} lost acknowledged writes"
+    assert first_difference(rig.loops["A"], rig.loops["B"]) is None

@@ -183,3 +183,32 @@ def test_setrcopytarget_witness_remove_create_check_and_failover_still_works(wla
     # The setting survives a restart (it overrides the config's [witness]).
     lab_start(lab["dir"], "A")
     assert ctl(lab, "A", "setrcopytarget", what="witness", action="check")["address"] == addr
+
+
+def test_lab_fail_and_heal_by_hand(wlab):
+    """The faults a user plays with `syncd lab fail/heal` (the matrix runs the same in netns)."""
+    import subprocess
+    import sys
+
+    from syncd.lab import lab_fail, lab_heal
+
+    lab = wlab
+    wait_for(lambda: group(lab, "A")["peer_mode"] == "attached", what="attached")
+    time.sleep(1.0)
+    out = subprocess.run([sys.executable, "-m", "syncd", "lab", "fail", "witness", "--dir", lab["dir"]],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "witness stopped" in out.stdout, out.stderr
+    time.sleep(1.0)
+    assert group(lab, "A")["serving"] and group(lab, "B")["serving"]  # nothing changes
+    assert "witness started" in lab_heal(lab["dir"], "witness")
+    wait_for(lambda: ctl(lab, "B", "showrcopy")["witness"]["reachable"], what="witness back")
+    time.sleep(1.0)
+    assert "powered off" in lab_fail(lab["dir"], "primary")  # finds the primary itself: A
+    wait_for(lambda: group(lab, "B")["role"] == "primary", timeout=20, what="failover")
+    assert "array A started" in lab_heal(lab["dir"], "primary")
+    wait_for(lambda: group(lab, "B")["peer_mode"] == "attached", timeout=30, what="A resynced")
+    out = subprocess.run([sys.executable, "-m", "syncd", "lab", "fail", "disk", "A", "--dir", lab["dir"]],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "--loop" in out.stderr  # file-backed lab: said clearly
+    with pytest.raises(Exception, match="needs a SITE"):
+        lab_fail(lab["dir"], "isolate")
