@@ -4,6 +4,7 @@ and KEEP / CLAIM requests when the replication link is lost."""
 from __future__ import annotations
 
 import logging
+import secrets
 from dataclasses import dataclass
 
 import trio
@@ -101,11 +102,16 @@ class WitnessClient:
                 ch = await self._recv_frame(sock)
                 if ch.type != w.WType.CHALLENGE:
                     raise w.WitnessProtocolError(f"expected CHALLENGE, got {ch.type.name}")
+                mine = secrets.token_bytes(w.NONCE_SIZE)
                 await netio.sendall(sock, w.encode(
-                    w.WType.HELLO, node=self.node, tag=w.hello_tag(self.cfg.key, ch.nonce, self.node)))
+                    w.WType.HELLO, node=self.node, tag=w.hello_tag(self.cfg.key, ch.nonce, self.node), nonce=mine))
                 f = await self._recv_frame(sock)
             if f.type != w.WType.WELCOME:
                 raise w.WitnessProtocolError(f"witness refused this array: {getattr(f, 'reason', f.type.name)}")
+            if not w.verify_welcome(self.cfg.key, mine, f.witness, f.tag):
+                # Whoever answers does not hold the key: never take a decision from it.
+                raise w.WitnessProtocolError(f"{f.witness!r} at {self.cfg.address[0]}:{self.cfg.address[1]} "
+                                             "failed to prove the shared key: not our witness")
         except BaseException:
             trio.lowlevel.notify_closing(sock)
             sock.close()

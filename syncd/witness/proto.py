@@ -42,8 +42,8 @@ HEADER_SIZE = _HDR.size
 
 PAYLOADS = {
     WType.CHALLENGE: Struct("nonce" / Bytes(NONCE_SIZE)),
-    WType.HELLO: Struct("node" / PascalString(Int8ub, "utf8"), "tag" / Bytes(32)),
-    WType.WELCOME: Struct("witness" / PascalString(Int16ub, "utf8")),
+    WType.HELLO: Struct("node" / PascalString(Int8ub, "utf8"), "tag" / Bytes(32), "nonce" / Bytes(NONCE_SIZE)),
+    WType.WELCOME: Struct("witness" / PascalString(Int16ub, "utf8"), "tag" / Bytes(32)),
     WType.GOODBYE: Struct("reason" / PascalString(Int16ub, "utf8")),
     WType.REGISTER: Struct(
         "group" / PascalString(Int16ub, "utf8"), "member1" / PascalString(Int8ub, "utf8"),
@@ -130,3 +130,12 @@ def hello_tag(key: bytes, nonce: bytes, node: str) -> bytes:
 
 def verify_hello(key: bytes, nonce: bytes, node: str, tag: bytes) -> bool:
     return hmac.compare_digest(tag, hello_tag(key, nonce, node))
+
+
+def welcome_tag(key: bytes, node_nonce: bytes, witness: str) -> bytes:
+    """The witness's proof of the key, over the node's own nonce (mutual authentication)."""
+    return hmac.new(key, b"witness:" + node_nonce + witness.encode(), hashlib.sha256).digest()
+
+
+def verify_welcome(key: bytes, node_nonce: bytes, witness: str, tag: bytes) -> bool:
+    return hmac.compare_digest(tag, welcome_tag(key, node_nonce, witness))

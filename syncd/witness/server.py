@@ -136,7 +136,8 @@ class Witness:
                 log.warning("witness: authentication failed for %r from %s", hello.node, addr)
                 return
             node = hello.node
-            await netio.sendall(sock, w.encode(w.WType.WELCOME, witness=self.cfg.name))
+            await netio.sendall(sock, w.encode(
+                w.WType.WELCOME, witness=self.cfg.name, tag=w.welcome_tag(self.cfg.key, hello.nonce, self.cfg.name)))
             while True:
                 f = await self._next(sock, dec)
                 await netio.sendall(sock, self._handle(node, f))

@@ -23,7 +23,8 @@ class Client:
         self.rid = 0
         ch = self.next()
         assert ch.type == w.WType.CHALLENGE
-        self.s.sendall(w.encode(w.WType.HELLO, node=node, tag=w.hello_tag(key.encode(), ch.nonce, node)))
+        self.nonce = bytes(32)
+        self.s.sendall(w.encode(w.WType.HELLO, node=node, tag=w.hello_tag(key.encode(), ch.nonce, node), nonce=self.nonce))
         self.welcome = self.next()
 
     def next(self):
@@ -79,7 +80,42 @@ def test_unknown_arrays_and_wrong_keys_are_refused(witness):
     s = socket.create_connection(("127.0.0.1", port))
     s.sendall(b"garbage" * 20)  # and the witness keeps serving
     s.close()
-    assert Client(port, "A").welcome.type == w.WType.WELCOME
+    wl = Client(port, "A").welcome
+    assert wl.type == w.WType.WELCOME
+    assert w.verify_welcome(KEY.encode(), bytes(32), wl.witness, wl.tag)  # the witness proved the key
+
+
+def test_a_node_takes_no_decision_from_a_witness_that_cannot_prove_the_key():
+    """An impostor that accepts any array and WELCOMEs it without knowing the key."""
+    import functools
+
+    import trio
+
+    from syncd.witness.client import WitnessClient, WitnessClientConfig
+
+    seen = {}
+
+    async def impostor(stream):
+        await stream.send_all(w.encode(w.WType.CHALLENGE, nonce=bytes(32)))
+        await stream.receive_some(4096)
+        await stream.send_all(w.encode(w.WType.WELCOME, witness="W", tag=bytes(32)))
+        await trio.sleep(5)
+
+    async def main():
+        async with trio.open_nursery() as n:
+            listeners = await n.start(functools.partial(trio.serve_tcp, impostor, 0, host="127.0.0.1"))
+            port = listeners[0].socket.getsockname()[1]
+            wc = WitnessClient(WitnessClientConfig(("127.0.0.1", port), KEY.encode()), "A", lambda: [])
+            try:
+                await wc._connect()
+            except w.WitnessProtocolError as e:
+                seen["error"] = str(e)
+            seen["sock"] = wc.sock
+            n.cancel_scope.cancel()
+
+    trio.run(main)
+    assert "failed to prove the shared key" in seen["error"]
+    assert seen["sock"] is None
 
 
 def test_failover_decision_survives_a_witness_restart(witness):
