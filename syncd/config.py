@@ -99,6 +99,15 @@ class NodeConfig:
     volumes: tuple[VolumeConfig, ...] = field(default_factory=tuple)
     source: str = ""
     witness: object = None  # syncd.witness.client.WitnessClientConfig
+    nbd_tls: "NbdTlsConfig | None" = None
+
+
+@dataclass(frozen=True)
+class NbdTlsConfig:
+    mode: str  # "on": STARTTLS offered; "require": nothing but STARTTLS before TLS
+    certificate: str
+    key: str
+    ca: str | None  # client certificates signed by this CA name their host (createhost --tls-name)
 
 
 def _take(table: dict, key: str, where: str, kind, default=..., ):
@@ -151,9 +160,10 @@ def parse_node_config(raw: dict, base: Path = Path("."), source: str = "") -> No
     admin_socket = rel(_take(node, "admin_socket", "node", str, os.path.join(data_dir, "admin.sock")))
 
     nbd = _take(raw, "nbd", "config", dict, {})
-    _no_extra(nbd, {"listen"}, "nbd")
+    _no_extra(nbd, {"listen", "tls", "tls_certificate", "tls_key", "tls_ca"}, "nbd")
     listen = _take(nbd, "listen", "nbd", list, ["127.0.0.1:10809"])
     nbd_listen = tuple(parse_addr(a, f"nbd.listen[{i}]") for i, a in enumerate(listen))
+    nbd_tls = parse_nbd_tls(nbd, base)
 
     link = None
     if "link" in raw:
@@ -229,7 +239,7 @@ def parse_node_config(raw: dict, base: Path = Path("."), source: str = "") -> No
         witness = parse_witness_client(_take(raw, "witness", "config", dict), "witness")
         if link is None:
             raise ConfigError("witness: a witness needs a [link] to a peer")
-    return NodeConfig(name, data_dir, admin_socket, nbd_listen, link, tuple(vols), source, witness)
+    return NodeConfig(name, data_dir, admin_socket, nbd_listen, link, tuple(vols), source, witness, nbd_tls)
 
 
 def parse_witness_client(wt: dict, where: str):
@@ -254,3 +264,41 @@ def parse_witness_client(wt: dict, where: str):
     if cfg.grace <= cfg.interval:
         raise ConfigError(f"{where}.grace: must be longer than {where}.interval")
     return cfg
+
+
+def parse_nbd_tls(nbd: dict, base: str) -> NbdTlsConfig | None:
+    """[nbd] tls = "off" | "on" | "require", with tls_certificate, tls_key, optional tls_ca."""
+    mode = _take(nbd, "tls", "nbd", str, "off")
+    if mode not in ("off", "on", "require"):
+        raise ConfigError(f"nbd.tls: {mode!r} is not one of off, on, require")
+    files = {k: _take(nbd, k, "nbd", str, None) for k in ("tls_certificate", "tls_key", "tls_ca")}
+    if mode == "off":
+        extra = [k for k, v in files.items() if v is not None]
+        if extra:
+            raise ConfigError(f"nbd.{extra[0]}: set, but nbd.tls is off (say tls = \"on\" or \"require\")")
+        return None
+    for k in ("tls_certificate", "tls_key"):
+        if files[k] is None:
+            raise ConfigError(f"nbd.{k}: missing (needed with nbd.tls = {mode!r})")
+    paths = {k: (os.path.join(base, v) if v is not None else None) for k, v in files.items()}
+    for k, v in paths.items():
+        if v is not None and not os.path.isfile(v):
+            raise ConfigError(f"nbd.{k}: {v} is not a readable file")
+    cfg = NbdTlsConfig(mode, paths["tls_certificate"], paths["tls_key"], paths["tls_ca"])
+    try:
+        server_tls_context(cfg)
+    except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+        raise ConfigError(f"nbd.tls: the certificate, key or CA cannot be loaded: {e}") from None
+    return cfg
+
+
+def server_tls_context(cfg: NbdTlsConfig):
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cfg.certificate, cfg.key)
+    if cfg.ca:
+        ctx.load_verify_locations(cfg.ca)
+        ctx.verify_mode = ssl.CERT_OPTIONAL  # a host without a certificate falls back to its address
+    return ctx

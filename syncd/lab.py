@@ -97,7 +97,7 @@ def _wait_socket(path: str, pid: int, log: Path, timeout: float = 20.0) -> None:
 
 def node_toml(name: str, peer: str, d: Path, nbd_port: int, paths: list[tuple[int, int]],
               volumes: list[tuple[str, Path, int]], extra_link: dict | None = None,
-              witness: dict | None = None) -> str:
+              witness: dict | None = None, nbd: dict | None = None) -> str:
     lines = [
         "[node]",
         f'name = "{name}"',
@@ -106,6 +106,7 @@ def node_toml(name: str, peer: str, d: Path, nbd_port: int, paths: list[tuple[in
         "",
         "[nbd]",
         f'listen = ["127.0.0.1:{nbd_port}"]',
+        *[f"{k} = {json.dumps(v)}" for k, v in (nbd or {}).items()],
         "",
         "[link]",
         f'peer = "{peer}"',
@@ -129,7 +130,7 @@ def lab_up(
     d: str, *, size: str = "64MiB", nvolumes: int = 2, npaths: int = 2, group: str = "rcg1",
     link_opts: dict | None = None, wait: bool = True, timeout: float = 120.0,
     volume_paths: dict[str, list[str]] | None = None, relay: bool = True,
-    witness: dict | None = None, loop: bool = False,
+    witness: dict | None = None, loop: bool = False, nbd_tls: dict | None = None,
 ) -> dict:
     """Start the lab; ``volume_paths`` = {"A": [dev, ...], "B": [...]} uses existing files or
     block devices (e.g. loop devices) instead of creating image files; ``loop`` puts every
@@ -204,7 +205,7 @@ def lab_up(
         else:
             paths = [(ports["B"]["paths"][i], ports["A"]["paths"][i]) for i in range(npaths)]
         cfg = nd / "node.toml"
-        cfg.write_text(node_toml(name, peer, nd, ports[name]["nbd"], paths, vols, link_opts, wcfg.get(name)))
+        cfg.write_text(node_toml(name, peer, nd, ports[name]["nbd"], paths, vols, link_opts, wcfg.get(name), nbd_tls))
         log = root / f"{name}.log"
         pid = _spawn([py, "-m", "syncd", "node", "--config", str(cfg)], log)
         lab["nodes"][name] = {

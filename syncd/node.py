@@ -269,7 +269,13 @@ class Node:
                     await nursery.start(self.link.run)
                     for g in self.groups.values():
                         nursery.start_soon(self._lease_loop, g)
-                nbd = self.nbd = NBDServer(self)
+                tls = self.cfg.nbd_tls
+                if tls is not None:
+                    from .config import server_tls_context
+
+                    nbd = self.nbd = NBDServer(self, server_tls_context(tls), tls.mode == "require")
+                else:
+                    nbd = self.nbd = NBDServer(self)
                 for host, port in self.cfg.nbd_listen:
                     actual = await nursery.start(nbd.serve_tcp, host, port)
                     self.nbd_ports.append((host, actual if isinstance(actual, int) else port))

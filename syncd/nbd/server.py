@@ -9,10 +9,12 @@ breaks the protocol is disconnected alone; nothing it sends can take the server 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import errno
 import logging
 import os
 import socket
+import ssl
 
 import trio
 
@@ -39,6 +41,20 @@ _ERRNO_TO_NBD = {
 HANDSHAKE_TIMEOUT = 30.0
 MAX_OPTIONS = 256
 _KNOWN_CMD_FLAGS = p.CMD_FLAG_FUA | p.CMD_FLAG_NO_HOLE | p.CMD_FLAG_DF | p.CMD_FLAG_REQ_ONE | p.CMD_FLAG_FAST_ZERO
+
+
+def cert_name(cert: dict | None) -> str | None:
+    """The host name a client certificate carries: its subject CN, else its first DNS SAN."""
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):
+        for k, v in rdn:
+            if k == "commonName":
+                return v
+    for k, v in cert.get("subjectAltName", ()):
+        if k == "DNS":
+            return v
+    return None
 
 
 def nbd_errno(err: int) -> int:
@@ -81,10 +97,70 @@ class NBDConnection:
         self.idle = trio.Event()
         self.pacer = netio.Pacer()
         self.scope = trio.CancelScope()  # cancelled to disconnect this client (unexported)
+        self.tls: ssl.SSLObject | None = None
+        self._tls_in = self._tls_out = None
 
     # -- I/O -----------------------------------------------------------------------------------
+    # Every byte goes through these three: in the clear, or through the TLS object (memory BIOs:
+    # TLS stays sans-IO and the socket keeps its non-blocking fast path) once STARTTLS is done.
+    async def _read(self, n: int) -> bytes:
+        if self.tls is None:
+            return await netio.recv(self.sock, n, self.pacer)
+        while True:
+            try:
+                return self.tls.read(n)
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLZeroReturnError:
+                return b""
+            await self._flush_tls()
+            data = await netio.recv(self.sock, 1 << 16, self.pacer)
+            if not data:
+                return b""
+            self._tls_in.write(data)
+
+    async def _send(self, bufs: list, pacer=None) -> None:
+        if self.tls is None:
+            await netio.sendmsg_all(self.sock, bufs, pacer)
+            return
+        for b in bufs:
+            self.tls.write(b)
+        await self._flush_tls()
+
+    async def _flush_tls(self) -> None:
+        data = self._tls_out.read()
+        if data:
+            await netio.sendall(self.sock, data)
+
+    async def _start_tls(self) -> None:
+        """Server side of the TLS handshake after NBD_OPT_STARTTLS; the host is then known by
+        its certificate when it presented one the configured CA signed."""
+        ctx = self.server.tls_context
+        self._tls_in, self._tls_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = ctx.wrap_bio(self._tls_in, self._tls_out, server_side=True)
+        while True:
+            try:
+                obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                data = self._tls_out.read()
+                if data:
+                    await netio.sendall(self.sock, data)
+                data = await netio.recv(self.sock, 1 << 16)
+                if not data:
+                    raise _Closed()
+                self._tls_in.write(data)
+        data = self._tls_out.read()
+        if data:
+            await netio.sendall(self.sock, data)
+        self.tls = obj
+        name = cert_name(obj.getpeercert())
+        self.identity = dataclasses.replace(self.identity, tls_name=name)
+        log.info("client %s: TLS %s%s", self.identity.address, obj.version(),
+                 f", certificate {name!r}" if name else ", no client certificate")
+
     async def _recv(self) -> None:
-        data = await netio.recv(self.sock, 1 << 16, self.pacer)
+        data = await self._read(1 << 16)
         if not data:
             raise _Closed()
         self.conn.receive_data(data)
@@ -102,7 +178,7 @@ class NBDConnection:
             bufs = []
             while self.out and len(bufs) < 256:
                 bufs.extend(self.out.popleft())
-            await netio.sendmsg_all(self.sock, bufs, pacer)
+            await self._send(bufs, pacer)
 
     # -- handshake -----------------------------------------------------------------------------
     async def _next(self):
@@ -112,7 +188,7 @@ class NBDConnection:
 
     async def handshake(self) -> bool:
         """Negotiate options; True once in transmission, False if the client left."""
-        await netio.sendall(self.sock, self.conn.greeting())
+        await self._send([self.conn.greeting()])
         await self._next()  # client flags (validated by the codec)
         for _ in range(MAX_OPTIONS):
             opt = await self._next()
@@ -122,7 +198,7 @@ class NBDConnection:
         raise p.ProtocolError(f"more than {MAX_OPTIONS} options without entering transmission")
 
     async def _reply(self, option: int, rtype: int, data: bytes = b"") -> None:
-        await netio.sendall(self.sock, self.conn.option_reply(option, rtype, data))
+        await self._send([self.conn.option_reply(option, rtype, data)])
 
     async def _error(self, option: int, rtype: int, message: str) -> None:
         await self._reply(option, rtype, message.encode())
@@ -134,7 +210,7 @@ class NBDConnection:
             e = exports.get(data.decode("utf-8", "replace"))
             if e is None:
                 return False  # the spec's only answer here is to close the connection
-            await netio.sendall(self.sock, self.conn.export_name_reply(e.size, transmission_flags(e)))
+            await self._send([self.conn.export_name_reply(e.size, transmission_flags(e))])
             self.export = e
             self.conn.start_transmission()
             return True
@@ -154,7 +230,21 @@ class NBDConnection:
             await self._reply(o, p.REP_ACK)
             return None
         if o == p.OPT_STARTTLS:
-            await self._error(o, p.REP_ERR_UNSUP, "TLS is not configured on this server")
+            if self.server.tls_context is None:
+                await self._error(o, p.REP_ERR_UNSUP, "TLS is not configured on this server")
+                return None
+            if self.tls is not None or data:
+                await self._error(o, p.REP_ERR_INVALID, "TLS is already on" if self.tls else "NBD_OPT_STARTTLS takes no data")
+                return None
+            if self.conn.buffered():
+                raise p.ProtocolError("client sent data after NBD_OPT_STARTTLS before the reply")
+            await self._reply(o, p.REP_ACK)
+            await self._start_tls()
+            return None
+        if self.tls is None and self.server.tls_required and o != p.OPT_ABORT:
+            if o == p.OPT_EXPORT_NAME:
+                return False
+            await self._error(o, p.REP_ERR_TLS_REQD, "this server requires TLS: use NBD_OPT_STARTTLS first")
             return None
         if o in (p.OPT_INFO, p.OPT_GO):
             try:
@@ -294,7 +384,12 @@ class NBDConnection:
         view = memoryview(buf)
         got = self.conn.take_into(view)
         while got < r.length:
-            n = await netio.recv_into(self.sock, view[got:])
+            if self.tls is None:
+                n = await netio.recv_into(self.sock, view[got:])
+            else:
+                chunk = await self._read(r.length - got)
+                n = len(chunk)
+                view[got:got + n] = chunk
             if not n:
                 raise _Closed()
             got += n
@@ -394,8 +489,10 @@ class NBDConnection:
 
 
 class NBDServer:
-    def __init__(self, catalog: ExportCatalog):
+    def __init__(self, catalog: ExportCatalog, tls_context: ssl.SSLContext | None = None, tls_required: bool = False):
         self.catalog = catalog
+        self.tls_context = tls_context
+        self.tls_required = tls_required and tls_context is not None
         self.connections = 0
         self.live: set[NBDConnection] = set()
 

@@ -68,3 +68,24 @@ def test_toml_errors_name_the_file(tmp_path):
         load_node_config(p)
     with pytest.raises(ConfigError, match="no such file"):
         load_node_config(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize("nbd,msg", [
+    ({"tls": "maybe"}, "not one of off, on, require"),
+    ({"tls": "on"}, "nbd.tls_certificate: missing"),
+    ({"tls": "off", "tls_ca": "ca.pem"}, "nbd.tls_ca: set, but nbd.tls is off"),
+    ({"tls": "on", "tls_certificate": "/nonexistent.pem", "tls_key": "/nonexistent.key"}, "not a readable file"),
+])
+def test_bad_nbd_tls_settings_are_named(nbd, msg, tmp_path):
+    from syncd.config import ConfigError, parse_nbd_tls
+
+    with pytest.raises(ConfigError, match=msg):
+        parse_nbd_tls(dict(nbd), tmp_path)
+
+
+def test_nbd_tls_certificate_that_is_not_a_certificate_is_refused(tmp_path):
+    from syncd.config import ConfigError, parse_nbd_tls
+
+    (tmp_path / "c.pem").write_text("not a certificate")
+    with pytest.raises(ConfigError, match="cannot be loaded"):
+        parse_nbd_tls({"tls": "on", "tls_certificate": "c.pem", "tls_key": "c.pem"}, tmp_path)
