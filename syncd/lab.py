@@ -484,4 +484,8 @@ def print_summary(lab: dict) -> None:
     c.print(f"  {bindir}/syncd lab kill A --dir {lab['dir']}   /   {bindir}/syncd lab start A --dir {lab['dir']}")
     if lab.get("witness"):
         c.print(f"  witness (site W) on 127.0.0.1:{lab['witness']['port']}: kill A and watch B take over")
+        c.print(f"  {bindir}/syncd lab fail primary|secondary|link|witness|isolate A|site A --dir {lab['dir']}"
+                f"   /   {bindir}/syncd lab heal ... (same words)")
+    c.print(f"  {bindir}/syncctl --lab {lab['dir']} --node A setrcopygroup switchover {lab['group']}"
+            f"   /   ... showpaths")
     c.print(f"  {bindir}/syncd lab down --dir {lab['dir']}")
