@@ -30,6 +30,20 @@ def _run_daemon(ns, what: str, load, describe, serve) -> int:
     return serve(cfg)
 
 
+def _print_host_status(st: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"host shim {st['host']} ({st['socket']})")
+    for c in ("volume", "wwn", "path", "array", "alua", "epoch", "inflight", "ios", "errors", "latency ms"):
+        t.add_column(c)
+    for v in st["volumes"]:
+        for p in v["paths"]:
+            t.add_row(v["name"], v["wwn"], p["uri"], p["array"], p["alua"], str(p["epoch"]), str(p["inflight"]),
+                      str(p["ios"]), str(p["errors"]), f"{p['latency_ms']:.3f}")
+    Console(width=None if sys.stdout.isatty() else 200).print(t)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="syncd", description="Synchronous active-active block replication.")
     p.add_argument("--log-level", default="info")
@@ -42,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("witness", help="run the quorum witness")
     s.add_argument("--config", required=True)
     s.add_argument("--check", action="store_true", help="validate the config and exit")
+
+    s = sub.add_parser("host", help="run the host shim: multipath NBD initiator with ALUA path selection")
+    s.add_argument("--config", required=True)
+    s.add_argument("--check", action="store_true", help="validate the config and exit")
+    s.add_argument("--status", action="store_true", help="show the running shim's paths and exit")
 
     s = sub.add_parser("linkproxy", help="run the lab's inter-site link relay")
     s.add_argument("--control", required=True)
@@ -91,6 +110,22 @@ def main(argv: list[str] | None = None) -> int:
 
         return _run_daemon(ns, "configuration", load_node_config,
                            lambda c: f"node {c.name}, {len(c.volumes)} volumes", serve_node)
+
+    if ns.cmd == "host":
+        from .host import host_status, load_host_config, serve_host
+
+        if ns.status:
+            from .config import ConfigError
+
+            try:
+                st = host_status(load_host_config(ns.config).admin_socket)
+            except (ConfigError, OSError) as e:
+                print(f"syncd host: {e}", file=sys.stderr)
+                return 1
+            _print_host_status(st)
+            return 0
+        return _run_daemon(ns, "host configuration", load_host_config,
+                           lambda c: f"host {c.name}, {sum(len(a.paths) for a in c.arrays)} paths", serve_host)
 
     if ns.cmd == "witness":
         from .witness.server import load_witness_config, serve_witness

@@ -7,7 +7,6 @@ import errno
 import json
 import logging
 import os
-import signal
 import time
 import uuid
 
@@ -656,40 +655,8 @@ class Node:
 
 
 def serve_node(cfg: NodeConfig) -> int:
-    """Run a node until SIGTERM/SIGINT; returns the process exit code."""
+    """Run a node until SIGTERM/SIGINT (a primary hands its groups over first)."""
+    from .daemon import run_until_signal
 
-    async def main() -> None:
-        node = Node(cfg)
-        async with trio.open_nursery() as n:
-            await n.start(node.run)
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-                async for _ in sigs:
-                    log.info("node %s stopping", cfg.name)
-                    await node.hand_over_for_shutdown()
-                    n.cancel_scope.cancel()
-                    break
-
-    try:
-        trio.run(main)
-    except (StateError, VolumeError, NodeError) as e:
-        log.error("%s", e)
-        return 2
-    except BaseExceptionGroup as eg:
-        # Start-up failures inside the nursery (a port in use, an unreadable socket path):
-        # say what failed, without a traceback.
-        leaves = []
-
-        def walk(e):
-            if isinstance(e, BaseExceptionGroup):
-                for x in e.exceptions:
-                    walk(x)
-            else:
-                leaves.append(e)
-
-        walk(eg)
-        if all(isinstance(e, (OSError, StateError, VolumeError, NodeError)) for e in leaves):
-            for e in leaves:
-                log.error("node %s cannot run: %s", cfg.name, e)
-            return 2
-        raise
-    return 0
+    return run_until_signal(lambda: Node(cfg), f"node {cfg.name}", (StateError, VolumeError, NodeError),
+                            before_stop=lambda node: node.hand_over_for_shutdown())

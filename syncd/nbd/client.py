@@ -211,13 +211,27 @@ class AluaProbe:
                 return replies
             replies.append((rtype, body))
 
-    async def handshake(self) -> None:
-        from . import proto as p
-
+    async def greet(self) -> None:
         head = await self._rx.exactly(18)
         if head[:8] != NBDMAGIC or struct.unpack(">Q", head[8:16])[0] != IHAVEOPT:
             raise NBDDisconnected("not a fixed-newstyle NBD server")
         await self.stream.send_all(struct.pack(">I", 1 | 2))
+
+    async def list_exports(self) -> list[tuple[str, str]]:
+        """NBD_OPT_LIST: (name, description) of every export this client may see."""
+        from . import proto as p
+
+        out = []
+        for rtype, body in await self._option(p.OPT_LIST, b""):
+            if rtype == p.REP_SERVER and len(body) >= 4:
+                n = struct.unpack(">I", body[:4])[0]
+                out.append((body[4:4 + n].decode(errors="replace"), body[4 + n:].decode(errors="replace")))
+        return out
+
+    async def handshake(self) -> None:
+        from . import proto as p
+
+        await self.greet()
         await self._option(p.OPT_STRUCTURED_REPLY, b"")
         name = self.name.encode()
         query = b"syncd:alua"
@@ -268,4 +282,19 @@ async def open_alua_probe(uri: str, connect_timeout: float = 5.0, source: str | 
         yield probe
     finally:
         with trio.CancelScope(shield=True):
+            await stream.aclose()
+
+
+async def list_exports(uri: str, connect_timeout: float = 5.0, source: str | None = None) -> list[tuple[str, str]]:
+    """The (name, description) pairs a server lists to this client (host, port from ``uri``)."""
+    host, port, _ = parse_uri(uri)
+    with trio.fail_after(connect_timeout):
+        stream = await trio.open_tcp_stream(host, port, local_address=source)
+        try:
+            neg = AluaProbe(stream, "")
+            await neg.greet()
+            out = await neg.list_exports()
+            await stream.send_all(struct.pack(">QII", IHAVEOPT, OPT_ABORT, 0))
+            return out
+        finally:
             await stream.aclose()

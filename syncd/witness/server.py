@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import secrets
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +103,7 @@ class Witness:
         self.state = WitnessState(cfg.state_dir)
         self.ports: list[int] = []
 
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         socks = [netio.listen_tcp(a) for a in self.cfg.listen]
         self.ports = [s.getsockname()[1] for s in socks]
         async with trio.open_nursery() as n:
@@ -200,25 +199,6 @@ class Witness:
 
 
 def serve_witness(cfg: WitnessConfig) -> int:
-    async def main():
-        wit = Witness(cfg)
-        async with trio.open_nursery() as n:
-            await n.start(wit.serve)
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-                async for _ in sigs:
-                    n.cancel_scope.cancel()
-                    break
+    from ..daemon import run_until_signal
 
-    try:
-        trio.run(main)
-    except ConfigError as e:
-        log.error("%s", e)
-        return 2
-    except BaseExceptionGroup as eg:
-        oserrs = [e for e in eg.exceptions if isinstance(e, OSError)]
-        if oserrs and len(oserrs) == len(eg.exceptions):
-            for e in oserrs:
-                log.error("witness cannot run: %s", e)
-            return 2
-        raise
-    return 0
+    return run_until_signal(lambda: Witness(cfg), f"witness {cfg.name}", (ConfigError,))

@@ -15,7 +15,6 @@ the seed's list is made real: processes killed or shut down, veths taken down, l
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

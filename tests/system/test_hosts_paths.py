@@ -17,7 +17,7 @@ from syncd.ctl import CtlError, main as syncctl
 from syncd.nbd.client import NBDDisconnected, NBDError, open_nbd
 
 from .rig import require_tool, run
-from .test_replication import uri, wait_for
+from .test_replication import uri
 
 pytestmark = pytest.mark.system
 SYNCCTL = os.path.join(os.path.dirname(sys.executable), "syncctl")

@@ -1,0 +1,409 @@
+"""The host shim: a multipath NBD initiator with ALUA path selection (issue 4, first slice).
+
+``syncd host --config host.toml`` connects to one or both arrays over any number of paths,
+finds the exported volumes, groups the paths of one volume by its WWN (both arrays present the
+same one), and re-exports each volume as one NBD export on a local unix socket (and optionally
+TCP on loopback) for the host's own tools.
+
+Path selection, as Linux multipath does it with ALUA:
+* active/optimized paths first (least outstanding requests among them), active/non-optimized as
+  fallback, never standby/unavailable; a path whose epoch is lower than one already seen for the
+  volume is never used;
+* transitioning: the request waits and is retried (the array itself holds I/O during a role
+  change) up to ``transition_timeout``;
+* ESHUTDOWN ("this array may not serve"): the path's state is re-read on every path at once and
+  the request re-issued on the best path;
+* a transport error fails the path (it is reconnected and probed in the background) and the
+  request is re-issued on another path;
+* with no usable path, requests queue up to ``no_path_retry`` seconds, then fail with EIO.
+
+Every path's state is polled through the ``syncd:alua`` meta context every ``poll_interval``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from .config import ConfigError, _no_extra, _take, check_name, parse_addr
+from .nbd.client import NBDDisconnected, NBDError, list_exports, open_alua_probe, open_nbd
+from .nbd.export import (
+    ALUA_ACTIVE_NON_OPTIMIZED,
+    ALUA_ACTIVE_OPTIMIZED,
+    ALUA_NAMES,
+    ALUA_TRANSITIONING,
+    ALUA_UNAVAILABLE,
+    AluaState,
+    BlockError,
+    ClientIdentity,
+)
+
+log = logging.getLogger("syncd.host")
+_WWN = re.compile(r"\bwwn=(\S+)")
+_VOL = re.compile(r"^syncd volume (\S+)")
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ArrayPaths:
+    name: str
+    paths: tuple[str, ...]  # nbd://HOST:PORT URIs, one per path (host port) to that array
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    name: str
+    socket: str
+    arrays: tuple[ArrayPaths, ...]
+    admin_socket: str
+    tcp: tuple[str, int] | None = None
+    source: str | None = None
+    poll_interval: float = 1.0
+    transition_timeout: float = 10.0
+    no_path_retry: float = 30.0
+    io_timeout: float = 15.0
+
+
+def load_host_config(path: str) -> HostConfig:
+    import tomllib
+    from pathlib import Path
+
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    base = p.parent
+    _no_extra(raw, {"host", "array"}, "config")
+    h = _take(raw, "host", "config", dict)
+    _no_extra(h, {"name", "socket", "admin_socket", "tcp", "source", "poll_interval", "transition_timeout",
+                  "no_path_retry", "io_timeout"}, "host")
+
+    def path_of(v: str) -> str:
+        return v if os.path.isabs(v) else str((base / v).resolve())
+
+    kw = {}
+    for k in ("poll_interval", "transition_timeout", "no_path_retry", "io_timeout"):
+        d = getattr(HostConfig, k)
+        v = _take(h, k, "host", float, d)
+        if v <= 0:
+            raise ConfigError(f"host.{k}: must be positive, got {v}")
+        kw[k] = v
+    arrays = []
+    for i, a in enumerate(_take(raw, "array", "config", list)):
+        where = f"array[{i}]"
+        if not isinstance(a, dict):
+            raise ConfigError(f"{where}: expected a table")
+        _no_extra(a, {"name", "paths"}, where)
+        paths = _take(a, "paths", where, list)
+        if not paths or not all(isinstance(x, str) and x.startswith("nbd://") for x in paths):
+            raise ConfigError(f"{where}.paths: a list of nbd://HOST:PORT addresses")
+        for x in paths:
+            parse_addr(x[6:].split("/")[0], f"{where}.paths")
+        arrays.append(ArrayPaths(check_name(_take(a, "name", where, str), f"{where}.name"), tuple(paths)))
+    if not arrays:
+        raise ConfigError("array: at least one [[array]] with paths")
+    tcp = _take(h, "tcp", "host", str, None)
+    return HostConfig(
+        name=check_name(_take(h, "name", "host", str), "host.name"),
+        socket=path_of(_take(h, "socket", "host", str)),
+        admin_socket=path_of(_take(h, "admin_socket", "host", str)),
+        arrays=tuple(arrays),
+        tcp=parse_addr(tcp, "host.tcp") if tcp else None,
+        source=_take(h, "source", "host", str, None),
+        **kw,
+    )
+
+
+# -- paths and volumes ---------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class Path:
+    array: str
+    uri: str  # nbd://HOST:PORT/EXPORT
+    state: int | None = None  # ALUA state; None while unreachable
+    epoch: int = 0
+    client: object = None
+    inflight: int = 0
+    ios: int = 0
+    errors: int = 0
+    latency_ms: float = 0.0  # moving average of completed requests
+    last_error: str = ""
+    kick: trio.Event = field(default_factory=trio.Event)
+
+    def info(self) -> dict:
+        return {"array": self.array, "uri": self.uri, "connected": self.client is not None,
+                "alua": ALUA_NAMES.get(self.state, "unreachable") if self.state is not None else "unreachable",
+                "epoch": self.epoch, "inflight": self.inflight, "ios": self.ios, "errors": self.errors,
+                "latency_ms": round(self.latency_ms, 3), "last_error": self.last_error}
+
+
+class ShimVolume:
+    """One volume (one WWN) and all its paths; implements the NBD server's Export protocol."""
+
+    can_flush = can_fua = can_trim = can_zero = True
+    can_multi_conn = True
+    read_only = False
+
+    def __init__(self, shim: "Shim", name: str, wwn: str, size: int):
+        self.shim = shim
+        self.name = name
+        self.wwn = wwn
+        self.size = size
+        self.paths: list[Path] = []
+        self.max_epoch = 0
+        self.changed = trio.Event()
+        self.stats = {"reissued": 0, "queued_no_path": 0, "failed": 0}
+
+    @property
+    def description(self) -> str:
+        return f"syncd volume {self.name} wwn={self.wwn} via host shim {self.shim.cfg.name}"
+
+    def note_change(self) -> None:
+        self.max_epoch = max([self.max_epoch] + [p.epoch for p in self.paths if p.state is not None])
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def usable(self, p: Path) -> bool:
+        return p.client is not None and p.state in (ALUA_ACTIVE_OPTIMIZED, ALUA_ACTIVE_NON_OPTIMIZED) \
+            and p.epoch >= self.max_epoch
+
+    def pick(self) -> Path | None:
+        for want in (ALUA_ACTIVE_OPTIMIZED, ALUA_ACTIVE_NON_OPTIMIZED):
+            best = [p for p in self.paths if self.usable(p) and p.state == want]
+            if best:
+                return min(best, key=lambda p: p.inflight)
+        return None
+
+    def refresh_all(self) -> None:
+        for p in self.paths:
+            p.kick.set()
+
+    async def submit(self, op: str, *args):
+        cfg = self.shim.cfg
+        no_path_since = None
+        transitioning_since = None
+        while True:
+            p = self.pick()
+            now = trio.current_time()
+            if p is None:
+                if any(q.state == ALUA_TRANSITIONING and q.client is not None for q in self.paths):
+                    transitioning_since = transitioning_since or now
+                    if now - transitioning_since > cfg.transition_timeout:
+                        self.stats["failed"] += 1
+                        raise BlockError(errno.EIO, f"{self.name}: paths transitioning for more than {cfg.transition_timeout}s")
+                else:
+                    if no_path_since is None:
+                        no_path_since = now
+                        self.stats["queued_no_path"] += 1
+                    if now - no_path_since > cfg.no_path_retry:
+                        self.stats["failed"] += 1
+                        raise BlockError(errno.EIO, f"{self.name}: no usable path for {cfg.no_path_retry}s")
+                with trio.move_on_after(0.1):
+                    await self.changed.wait()
+                continue
+            no_path_since = transitioning_since = None
+            p.inflight += 1
+            t0 = trio.current_time()
+            try:
+                with trio.fail_after(cfg.io_timeout):
+                    result = await getattr(p.client, op)(*args)
+                p.ios += 1
+                p.latency_ms = 0.9 * p.latency_ms + 0.1 * (trio.current_time() - t0) * 1000
+                return result
+            except NBDError as e:
+                p.errors += 1
+                p.last_error = str(e)
+                if e.errno == errno.ESHUTDOWN:  # the array may not serve: re-read every path
+                    p.state = ALUA_UNAVAILABLE
+                    self.refresh_all()
+                    self.note_change()
+                elif e.errno == errno.ENOMEM:  # transitioning: retry shortly
+                    p.state = ALUA_TRANSITIONING
+                    p.kick.set()
+                    await trio.sleep(0.05)
+                else:
+                    self.stats["failed"] += 1
+                    raise BlockError(e.errno, str(e)) from None
+            except (NBDDisconnected, trio.TooSlowError, trio.BrokenResourceError, OSError) as e:
+                p.errors += 1
+                p.last_error = f"transport: {e or type(e).__name__}"
+                self.shim.fail_path(p)
+                self.note_change()
+            finally:
+                p.inflight -= 1
+            self.stats["reissued"] += 1
+
+    # Export protocol
+    async def read(self, offset: int, length: int):
+        return await self.submit("read", offset, length)
+
+    async def write(self, offset: int, data, fua: bool) -> None:
+        await self.submit("write", offset, bytes(data), fua)
+
+    async def flush(self) -> None:
+        await self.submit("flush")
+
+    async def trim(self, offset: int, length: int, fua: bool) -> None:
+        await self.submit("trim", offset, length)
+
+    async def write_zeroes(self, offset: int, length: int, fua: bool, no_hole: bool) -> None:
+        await self.submit("zero", offset, length)
+
+    async def allocation(self, offset: int, length: int):
+        return [(length, 0)]
+
+    def alua(self, client: ClientIdentity) -> AluaState:
+        p = self.pick()
+        if p is not None:
+            return AluaState(p.state, p.epoch)
+        return AluaState(ALUA_UNAVAILABLE, self.max_epoch)
+
+
+class Shim:
+    def __init__(self, cfg: HostConfig):
+        self.cfg = cfg
+        self.volumes: dict[str, ShimVolume] = {}
+        self._nursery: trio.Nursery | None = None
+        self.started = time.time()
+
+    def exports_for(self, client: ClientIdentity):
+        return self.volumes
+
+    def fail_path(self, p: Path) -> None:
+        c, p.client = p.client, None
+        p.state = None
+        p.kick.set()
+        if c is not None:
+            c.closed = True  # the manager task notices and reconnects
+
+    async def discover(self) -> None:
+        """List every path's exports; group paths by WWN. Arrays that do not answer now are
+        retried by the path managers (their paths join once discovered)."""
+        for a in self.cfg.arrays:
+            for base in a.paths:
+                try:
+                    exports = await list_exports(base, source=self.cfg.source)
+                except (OSError, NBDDisconnected, NBDError, trio.TooSlowError) as e:
+                    log.warning("host %s: %s unreachable at start: %s", self.cfg.name, base, e)
+                    continue
+                for name, desc in exports:
+                    m, v = _WWN.search(desc), _VOL.match(desc)
+                    if not m:
+                        continue
+                    wwn = m.group(1)
+                    vol = next((x for x in self.volumes.values() if x.wwn == wwn), None)
+                    if vol is None:
+                        vol = ShimVolume(self, v.group(1) if v else name, wwn, 0)
+                        self.volumes[vol.name] = vol
+                    uri = base.rstrip("/") + "/" + name
+                    if not any(p.uri == uri for p in vol.paths):
+                        vol.paths.append(Path(a.name, uri))
+
+    async def _manage(self, vol: ShimVolume, p: Path) -> None:
+        """Keep one path connected and its ALUA state fresh."""
+        while True:
+            try:
+                async with open_nbd(p.uri, source=self.cfg.source) as c, \
+                        open_alua_probe(p.uri, source=self.cfg.source) as probe:
+                    if not vol.size:
+                        vol.size = c.size
+                    p.client = c
+                    p.last_error = ""
+                    while not c.closed and p.client is c:
+                        with trio.fail_after(max(self.cfg.poll_interval * 3, 2.0)):
+                            st, ep = await probe.query()
+                        if (st, ep) != (p.state, p.epoch):
+                            log.info("host %s: %s %s: %s epoch %d", self.cfg.name, vol.name, p.uri,
+                                     ALUA_NAMES.get(st, st), ep)
+                        p.state, p.epoch = st, ep
+                        vol.note_change()
+                        with trio.move_on_after(self.cfg.poll_interval):
+                            await p.kick.wait()
+                        p.kick = trio.Event()
+            except (OSError, NBDDisconnected, NBDError, trio.TooSlowError, trio.BrokenResourceError) as e:
+                p.last_error = f"{type(e).__name__}: {e}"
+            if p.client is not None:
+                p.client = None
+            p.state = None
+            vol.note_change()
+            await trio.sleep(0.5)
+
+    def status(self) -> dict:
+        return {"host": self.cfg.name, "socket": self.cfg.socket, "uptime_s": round(time.time() - self.started, 1),
+                "volumes": [{"name": v.name, "wwn": v.wwn, "size": v.size, "max_epoch": v.max_epoch,
+                             "alua": ALUA_NAMES.get(v.alua(ClientIdentity("")).state),
+                             "stats": v.stats, "paths": [p.info() for p in v.paths]}
+                            for v in self.volumes.values()]}
+
+    async def _admin(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                await stream.receive_some(4096)
+                await stream.send_all(json.dumps({"ok": True, "result": self.status()}).encode() + b"\n")
+            except trio.BrokenResourceError:
+                pass
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        from .nbd.server import NBDServer
+
+        await self.discover()
+        if not self.volumes:
+            raise ConfigError(f"host {self.cfg.name}: no array exports any volume to this host")
+        async with trio.open_nursery() as n:
+            self._nursery = n
+            for v in self.volumes.values():
+                for p in v.paths:
+                    n.start_soon(self._manage, v, p)
+            with trio.move_on_after(5):  # the size comes with the first connection
+                while not all(v.size for v in self.volumes.values()):
+                    await trio.sleep(0.02)
+            server = NBDServer(self)
+            await n.start(server.serve_unix, self.cfg.socket)
+            if self.cfg.tcp:
+                await n.start(server.serve_tcp, *self.cfg.tcp)
+            for path in (self.cfg.admin_socket,):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+            sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+            await sock.bind(self.cfg.admin_socket)
+            sock.listen(8)
+            n.start_soon(trio.serve_listeners, self._admin, [trio.SocketListener(sock)])
+            log.info("host shim %s ready: %s (%s)", self.cfg.name, self.cfg.socket,
+                     ", ".join(f"{v.name}: {len(v.paths)} paths" for v in self.volumes.values()))
+            task_status.started()
+
+
+def host_status(admin_socket: str) -> dict:
+    import socket
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(admin_socket)
+    s.sendall(b'{"cmd": "status"}\n')
+    buf = b""
+    while not buf.endswith(b"\n"):
+        d = s.recv(1 << 20)
+        if not d:
+            break
+        buf += d
+    s.close()
+    return json.loads(buf)["result"]
+
+
+def serve_host(cfg: HostConfig) -> int:
+    from .daemon import run_until_signal
+
+    return run_until_signal(lambda: Shim(cfg), f"host shim {cfg.name}", (ConfigError,))

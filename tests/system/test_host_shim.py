@@ -1,0 +1,125 @@
+"""The host shim (issue 4, first slice): one NBD endpoint per volume over paths to both arrays,
+ALUA path selection, failover without an application I/O error (uniform connectivity)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import trio
+
+from syncd.config import ConfigError
+from syncd.host import host_status, load_host_config
+from syncd.lab import free_port, lab_down, lab_kill, lab_start, lab_up
+from syncd.linkproxy import proxy_command
+from syncd.workload import History, check_file, run_writer
+
+from .rig import FAST_LINK, assert_replicas_identical, require_tool, run
+from .test_failover import WITNESS, group, wait_for
+
+pytestmark = pytest.mark.system
+
+
+@pytest.fixture
+def shim(tmp_path):
+    d = tmp_path / "lab"
+    lab = lab_up(str(d), size="16MiB", nvolumes=1, npaths=2, link_opts=FAST_LINK, witness=WITNESS, timeout=60)
+    port = free_port()
+    cfg = tmp_path / "host.toml"
+    cfg.write_text(
+        f'[host]\nname = "h1"\nsocket = "h1.sock"\nadmin_socket = "h1.admin"\ntcp = "127.0.0.1:{port}"\n'
+        f"poll_interval = 0.2\n\n"
+        f'[[array]]\nname = "A"\npaths = ["nbd://{lab["nodes"]["A"]["nbd"]}"]\n\n'
+        f'[[array]]\nname = "B"\npaths = ["nbd://{lab["nodes"]["B"]["nbd"]}"]\n'
+    )
+    log = open(tmp_path / "shim.log", "wb")
+    p = subprocess.Popen([sys.executable, "-m", "syncd", "host", "--config", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
+    lab["shim"] = {"uri": f"nbd://127.0.0.1:{port}/vv1", "admin": str(tmp_path / "h1.admin"),
+                   "socket": str(tmp_path / "h1.sock"), "config": str(cfg)}
+    try:
+        wait_for(lambda: all(x["alua"] == "active/optimized" for x in host_status(lab["shim"]["admin"])["volumes"][0]["paths"]),
+                 timeout=20, what="shim paths up")
+        time.sleep(1.0)  # the witness has heard that B is in sync
+        yield lab
+    finally:
+        p.terminate()
+        p.wait(10)
+        lab_down(str(d))
+        print((tmp_path / "shim.log").read_text()[-3000:])
+
+
+def _through_shim(lab, action, duration=7.0):
+    h = History()
+
+    async def main():
+        async with trio.open_nursery() as n:
+            n.start_soon(lambda: run_writer(lab["shim"]["uri"], h, writer=1, blocks=range(0, 2048), duration=duration, qd=4))
+            await trio.sleep(2.0)
+            await trio.to_thread.run_sync(action)
+
+    trio.run(main)
+    return h
+
+
+def test_status_shows_both_arrays_paths_and_real_clients_use_the_socket(shim):
+    require_tool("nbdinfo", "qemu-io")
+    st = host_status(shim["shim"]["admin"])
+    v = st["volumes"][0]
+    assert v["name"] == "vv1" and v["wwn"].startswith("naa.") and len(v["paths"]) == 2
+    assert {p["array"] for p in v["paths"]} == {"A", "B"} and v["max_epoch"] == 1
+    sock_uri = f"nbd+unix:///vv1?socket={shim['shim']['socket']}"
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 1M", sock_uri)
+    run("qemu-io", "-f", "raw", "-c", "read -P 0x5a 0 1M", shim["nodes"]["B"]["volumes"]["vv1"]["uri"])
+    assert "wwn=" + v["wwn"] in run("nbdinfo", sock_uri).stdout
+    out = run(sys.executable, "-m", "syncd", "host", "--config", shim["shim"]["config"], "--status").stdout
+    assert "active/optimized" in out
+
+
+@pytest.mark.parametrize("fault", ["primary", "secondary", "link", "switchover"])
+def test_failures_that_spare_the_host_cost_no_io_error(shim, fault):
+    lab = shim
+
+    def act():
+        if fault == "primary":
+            lab_kill(lab["dir"], "A")
+        elif fault == "secondary":
+            lab_kill(lab["dir"], "B")
+        elif fault == "link":
+            proxy_command(lab["link"]["control"], "cut", paths=[0, 1])
+        else:
+            from syncd.ctl import call
+
+            call(lab["nodes"]["A"]["admin_socket"], "setrcopygroup", {"action": "switchover", "group": "rcg1"}, timeout=30)
+
+    h = _through_shim(lab, act)
+    assert h.errors == [], h.errors[:3]
+    print(f"{fault}: longest pause seen by the application {h.longest_pause():.2f}s, acked {h.acked_count()}")
+    st = host_status(lab["shim"]["admin"])["volumes"][0]
+    if fault == "primary":
+        assert st["max_epoch"] == 2
+        lab_start(lab["dir"], "A")
+    elif fault == "secondary":
+        lab_start(lab["dir"], "B")
+    elif fault == "link":
+        proxy_command(lab["link"]["control"], "heal", paths=[0, 1])
+    primary = "B" if fault in ("primary", "switchover") else "A"
+    wait_for(lambda: group(lab, primary)["peer_mode"] == "attached"
+             and all(v["sync_status"] == "synced" for v in group(lab, primary)["volumes"]), timeout=60, what="resync")
+    for site in ("A", "B"):
+        assert check_file(lab["nodes"][site]["volumes"]["vv1"]["path"], h, writer=1) == []
+    assert_replicas_identical(lab, "vv1")
+
+
+@pytest.mark.parametrize("text,msg", [
+    ('[host]\nname = "h"\nsocket = "s"\nadmin_socket = "a"\n', "array: missing"),
+    ('[host]\nname = "h"\nsocket = "s"\nadmin_socket = "a"\n[[array]]\nname = "A"\npaths = ["10.0.0.1:10809"]\n', "nbd://"),
+    ('[host]\nname = "h"\nsocket = "s"\nadmin_socket = "a"\npoll_interval = 0\n[[array]]\nname = "A"\npaths = ["nbd://10.0.0.1:10809"]\n', "poll_interval"),
+    ('[host]\nname = "h"\nsocket = "s"\nadmin_socket = "a"\nwhat = 1\n[[array]]\nname = "A"\npaths = ["nbd://10.0.0.1:10809"]\n', "what"),
+])
+def test_bad_host_config_is_named(tmp_path, text, msg):
+    f = tmp_path / "h.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=msg):
+        load_host_config(str(f))
