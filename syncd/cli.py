@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--volumes", type=int, default=2)
     s.add_argument("--paths", type=int, default=2, help="replication link paths")
     s.add_argument("--no-wait", action="store_true", help="do not wait for the initial sync")
+    s.add_argument("--topology", choices=["uniform", "non-uniform"],
+                   help="also start a host shim per site: uniform = connected to both arrays")
     s.add_argument("--loop", action="store_true",
                    help="put every volume on a loop device (root), so 'lab fail disk SITE' can fail it")
     s.add_argument("--witness", action="store_true",
@@ -165,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if ns.labcmd == "up":
             lab = lab_up(ns.dir, size=ns.size, nvolumes=ns.volumes, npaths=ns.paths, wait=not ns.no_wait,
-                         relay=not ns.no_relay, witness={} if ns.witness else None, loop=ns.loop)
+                         relay=not ns.no_relay, witness={} if ns.witness else None, loop=ns.loop,
+                         topology=ns.topology)
             print_summary(lab)
         elif ns.labcmd == "down":
             for line in lab_down(ns.dir):

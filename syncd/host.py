@@ -17,6 +17,15 @@ Path selection, as Linux multipath does it with ALUA:
   request is re-issued on another path;
 * with no usable path, requests queue up to ``no_path_retry`` seconds, then fail with EIO.
 
+Re-issuing a write after a transport error is safe for that write (same data, same place), but
+the array behind the lost connection may still apply it later, after a *newer* write to the same
+blocks went through another path. So the range of such a write is quarantined for
+``stale_write_bound`` seconds (longer than an array may hold a received request: its link
+``io_timeout`` + lease expiry + ``transition_timeout``): a newer write, trim or zeroing that
+overlaps it waits until then, or until the volume's epoch moves past the lost path's (the array
+behind it lost the group: what it may still write alone is overwritten when it resyncs). Writes
+elsewhere are not delayed.
+
 Every path's state is polled through the ``syncd:alua`` meta context every ``poll_interval``.
 """
 
@@ -70,6 +79,7 @@ class HostConfig:
     transition_timeout: float = 10.0
     no_path_retry: float = 30.0
     io_timeout: float = 15.0
+    stale_write_bound: float = 15.0  # s an array may still apply a write it received (see below)
 
 
 def load_host_config(path: str) -> HostConfig:
@@ -87,13 +97,13 @@ def load_host_config(path: str) -> HostConfig:
     _no_extra(raw, {"host", "array"}, "config")
     h = _take(raw, "host", "config", dict)
     _no_extra(h, {"name", "socket", "admin_socket", "tcp", "source", "poll_interval", "transition_timeout",
-                  "no_path_retry", "io_timeout"}, "host")
+                  "no_path_retry", "io_timeout", "stale_write_bound"}, "host")
 
     def path_of(v: str) -> str:
         return v if os.path.isabs(v) else str((base / v).resolve())
 
     kw = {}
-    for k in ("poll_interval", "transition_timeout", "no_path_retry", "io_timeout"):
+    for k in ("poll_interval", "transition_timeout", "no_path_retry", "io_timeout", "stale_write_bound"):
         d = getattr(HostConfig, k)
         v = _take(h, k, "host", float, d)
         if v <= 0:
@@ -163,7 +173,25 @@ class ShimVolume:
         self.paths: list[Path] = []
         self.max_epoch = 0
         self.changed = trio.Event()
-        self.stats = {"reissued": 0, "queued_no_path": 0, "failed": 0}
+        self.stats = {"reissued": 0, "queued_no_path": 0, "failed": 0, "quarantine_waits": 0}
+        # (start, end, until on the trio clock, epoch of the lost path)
+        self.quarantine: list[tuple[int, int, float, int]] = []
+
+    async def _wait_quarantine(self, start: int, end: int) -> None:
+        counted = False
+        while True:
+            now = trio.current_time()
+            # An epoch change ends the doubt at once: the array that may hold the old write lost
+            # the group, and everything it wrote alone is overwritten when it resyncs.
+            self.quarantine = [q for q in self.quarantine if q[2] > now and q[3] >= self.max_epoch]
+            until = max((q[2] for q in self.quarantine if q[0] < end and start < q[1]), default=None)
+            if until is None:
+                return
+            if not counted:
+                self.stats["quarantine_waits"] += 1
+                counted = True
+            with trio.move_on_at(until):
+                await self.changed.wait()
 
     @property
     def description(self) -> str:
@@ -191,6 +219,10 @@ class ShimVolume:
 
     async def submit(self, op: str, *args):
         cfg = self.shim.cfg
+        span = None
+        if op in ("write", "trim", "zero"):
+            span = (args[0], args[0] + (len(args[1]) if op == "write" else args[1]))
+            await self._wait_quarantine(*span)
         no_path_since = None
         transitioning_since = None
         while True:
@@ -240,6 +272,8 @@ class ShimVolume:
                 p.last_error = f"transport: {e or type(e).__name__}"
                 self.shim.fail_path(p)
                 self.note_change()
+                if span is not None:  # the lost array may still apply it: no newer write here
+                    self.quarantine.append((span[0], span[1], trio.current_time() + cfg.stale_write_bound, p.epoch))
             finally:
                 p.inflight -= 1
             self.stats["reissued"] += 1

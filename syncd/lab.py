@@ -131,6 +131,7 @@ def lab_up(
     link_opts: dict | None = None, wait: bool = True, timeout: float = 120.0,
     volume_paths: dict[str, list[str]] | None = None, relay: bool = True,
     witness: dict | None = None, loop: bool = False, nbd_tls: dict | None = None,
+    topology: str | None = None,
 ) -> dict:
     """Start the lab; ``volume_paths`` = {"A": [dev, ...], "B": [...]} uses existing files or
     block devices (e.g. loop devices) instead of creating image files; ``loop`` puts every
@@ -255,7 +256,55 @@ def lab_up(
             if time.monotonic() > deadline:
                 raise LabError(f"site B does not serve group {group} after the initial sync")
             time.sleep(0.05)
+    if topology is not None:
+        lab["hosts"] = start_shims(lab, topology)
+        (root / "lab.json").write_text(json.dumps(lab, indent=1))
     return lab
+
+
+TOPOLOGIES = ("uniform", "non-uniform")
+
+
+def start_shims(lab: dict, topology: str) -> dict:
+    """One host shim per site: host a at site A, host b at site B. Uniform: each reaches both
+    arrays (Active Peer Persistence); non-uniform: only its local array (Active Sync)."""
+    from .host import host_status
+
+    if topology not in TOPOLOGIES:
+        raise LabError(f"unknown topology {topology!r} (uniform, non-uniform)")
+    root = Path(lab["dir"])
+    hosts = {}
+    for site in NODES:
+        h = f"h{site.lower()}"
+        d = root / h
+        d.mkdir(exist_ok=True)
+        port = free_port()
+        arrays = NODES if topology == "uniform" else (site,)
+        cfg = d / "host.toml"
+        cfg.write_text(
+            f'[host]\nname = "{h}"\nsocket = "{d / "nbd.sock"}"\nadmin_socket = "{d / "admin.sock"}"\n'
+            f'tcp = "127.0.0.1:{port}"\npoll_interval = 0.2\n'
+            + "".join(f'\n[[array]]\nname = "{a}"\npaths = ["nbd://{lab["nodes"][a]["nbd"]}"]\n' for a in arrays)
+        )
+        log = root / f"{h}.log"
+        pid = _spawn([sys.executable, "-m", "syncd", "host", "--config", str(cfg)], log)
+        hosts[site] = {"name": h, "pid": pid, "config": str(cfg), "log": str(log), "admin_socket": str(d / "admin.sock"),
+                       "socket": str(d / "nbd.sock"), "arrays": list(arrays),
+                       "volumes": {v: f"nbd://127.0.0.1:{port}/{v}" for v in lab["nodes"][site]["volumes"]}}
+    for site, hinfo in hosts.items():
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                st = host_status(hinfo["admin_socket"])
+                if all(p["alua"] == "active/optimized" for v in st["volumes"] for p in v["paths"]):
+                    break
+            except OSError:
+                pass
+            if not _alive(hinfo["pid"]) or time.monotonic() > deadline:
+                tail = Path(hinfo["log"]).read_text()[-2000:] if Path(hinfo["log"]).exists() else ""
+                raise LabError(f"host shim {hinfo['name']} did not come up; its log ends with:\n{tail}")
+            time.sleep(0.05)
+    return hosts
 
 
 def load_lab(d: str) -> dict:
@@ -272,6 +321,8 @@ def lab_down(d: str, timeout: float = 15.0) -> list[str]:
         pids.append(("witness", lab["witness"]["pid"]))
     if lab.get("link"):
         pids.append(("link relay", lab["link"]["pid"]))
+    for site, h in (lab.get("hosts") or {}).items():
+        pids.insert(0, (f"host shim {h['name']}", h["pid"]))
     for _, pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)
@@ -472,6 +523,14 @@ def print_summary(lab: dict) -> None:
         for v, info in n["volumes"].items():
             t.add_row(name, v, info["uri"], info["path"])
     c.print(t)
+    if lab.get("hosts"):
+        t = Table(title="host shims (multipath: use these from the hosts' tools)")
+        for col in ("host", "site", "arrays", "volume", "NBD URI", "unix socket"):
+            t.add_column(col)
+        for site, h in lab["hosts"].items():
+            for v, u in h["volumes"].items():
+                t.add_row(h["name"], site, "+".join(h["arrays"]), v, u, h["socket"])
+        c.print(t)
     a = lab["nodes"]["A"]["volumes"]
     first = next(iter(a))
     c.print("Try:")

@@ -3,7 +3,6 @@ ALUA path selection, failover without an application I/O error (uniform connecti
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 
@@ -12,7 +11,7 @@ import trio
 
 from syncd.config import ConfigError
 from syncd.host import host_status, load_host_config
-from syncd.lab import free_port, lab_down, lab_kill, lab_start, lab_up
+from syncd.lab import lab_down, lab_kill, lab_start, lab_up
 from syncd.linkproxy import proxy_command
 from syncd.workload import History, check_file, run_writer
 
@@ -24,30 +23,20 @@ pytestmark = pytest.mark.system
 
 @pytest.fixture
 def shim(tmp_path):
+    """A lab with a witness and uniform host shims (each host reaches both arrays)."""
     d = tmp_path / "lab"
-    lab = lab_up(str(d), size="16MiB", nvolumes=1, npaths=2, link_opts=FAST_LINK, witness=WITNESS, timeout=60)
-    port = free_port()
-    cfg = tmp_path / "host.toml"
-    cfg.write_text(
-        f'[host]\nname = "h1"\nsocket = "h1.sock"\nadmin_socket = "h1.admin"\ntcp = "127.0.0.1:{port}"\n'
-        f"poll_interval = 0.2\n\n"
-        f'[[array]]\nname = "A"\npaths = ["nbd://{lab["nodes"]["A"]["nbd"]}"]\n\n'
-        f'[[array]]\nname = "B"\npaths = ["nbd://{lab["nodes"]["B"]["nbd"]}"]\n'
-    )
-    log = open(tmp_path / "shim.log", "wb")
-    p = subprocess.Popen([sys.executable, "-m", "syncd", "host", "--config", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
-    lab["shim"] = {"uri": f"nbd://127.0.0.1:{port}/vv1", "admin": str(tmp_path / "h1.admin"),
-                   "socket": str(tmp_path / "h1.sock"), "config": str(cfg)}
+    lab = lab_up(str(d), size="16MiB", nvolumes=1, npaths=2, link_opts=FAST_LINK, witness=WITNESS,
+                 topology="uniform", timeout=60)
+    ha = lab["hosts"]["A"]
+    lab["shim"] = {"uri": ha["volumes"]["vv1"], "admin": ha["admin_socket"], "socket": ha["socket"],
+                   "config": ha["config"]}
     try:
-        wait_for(lambda: all(x["alua"] == "active/optimized" for x in host_status(lab["shim"]["admin"])["volumes"][0]["paths"]),
-                 timeout=20, what="shim paths up")
         time.sleep(1.0)  # the witness has heard that B is in sync
         yield lab
     finally:
-        p.terminate()
-        p.wait(10)
         lab_down(str(d))
-        print((tmp_path / "shim.log").read_text()[-3000:])
+        for h in ("ha", "hb"):
+            print((d / f"{h}.log").read_text()[-2000:])
 
 
 def _through_shim(lab, action, duration=7.0):
