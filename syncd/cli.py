@@ -99,6 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("what", choices=["primary", "secondary", "link", "witness", "witness-link", "isolate", "disk", "site"])
         s.add_argument("site", nargs="?")
         s.add_argument("--dir", default="lab")
+    s = lsub.add_parser("scenario", help="run one failure scenario end to end with host shims and report")
+    s.add_argument("name", help="primary-failure, secondary-failure, link-failure, disk-failure, primary-reboot, "
+                                "data-center-failure, witness-failure, isolated-primary, isolated-secondary, switchover")
+    s.add_argument("--topology", choices=["uniform", "non-uniform"], default="uniform")
+    s.add_argument("--hold", type=float, default=5.0, help="seconds the fault lasts")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--dir", default="lab-scenario")
     s = lsub.add_parser("delay", help="add round-trip latency to the replication link")
     s.add_argument("ms", type=float)
     s.add_argument("--dir", default="lab")
@@ -189,6 +196,16 @@ def main(argv: list[str] | None = None) -> int:
 
             pid = lab_kill(ns.dir, ns.site, _signal.SIGTERM if ns.clean else _signal.SIGKILL)
             print(f"node {ns.site} (pid {pid}) {'stopped' if ns.clean else 'killed'}")
+        elif ns.labcmd == "scenario":
+            from .scenario import print_result, run_scenario
+
+            r = run_scenario(ns.dir, ns.name, ns.topology, ns.hold)
+            if ns.json:
+                print(json.dumps(r, indent=1))
+            else:
+                print_result(r)
+            bad = any(h["acked_lost"] for h in r["hosts"]) or not r["replicas_identical"]
+            return 3 if bad else 0
         elif ns.labcmd == "fail":
             print(lab_fail(ns.dir, ns.what, ns.site))
         elif ns.labcmd == "heal":

@@ -112,3 +112,16 @@ def test_bad_host_config_is_named(tmp_path, text, msg):
     f.write_text(text)
     with pytest.raises(ConfigError, match=msg):
         load_host_config(str(f))
+
+
+def test_lab_scenario_reports_per_host(tmp_path):
+    from syncd.scenario import run_scenario
+
+    r = run_scenario(str(tmp_path / "lab"), "link-failure", "uniform", hold=3.0)
+    assert r["replicas_identical"]
+    for h in r["hosts"]:
+        assert h["io_errors"] == 0 and h["acked_lost"] == 0 and h["acked"] > 100
+        assert any("B:U" in label for _, label in h["alua"])  # the secondary's paths went unavailable
+    out = run(sys.executable, "-m", "syncd", "lab", "scenario", "switchover", "--hold", "1",
+              "--dir", str(tmp_path / "lab2")).stdout
+    assert "replicas identical after recovery: yes" in out and "scenario switchover (uniform)" in out
