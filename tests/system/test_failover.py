@@ -29,6 +29,9 @@ def wlab(tmp_path):
         for f in d.glob("*.log"):
             print(f"--- {f}\n{f.read_text()[-3000:]}")
         raise
+    # Both arrays reach the witness and A's reports have told it that B is in sync.
+    wait_for(lambda: show(lab, "A")["witness"]["reachable"] and show(lab, "B")["witness"]["reachable"], what="witness")
+    time.sleep(5 * WITNESS["interval"])
     yield lab
     lab_down(str(d))
     for f in sorted(d.glob("*.log")):

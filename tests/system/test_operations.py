@@ -123,7 +123,8 @@ def test_switchover_refused_when_not_synced_or_stopped(wlab):
 def test_manual_failover_through_the_witness_then_recover(wlab):
     lab = wlab
     ctl(lab, "A", "setrcopygroup", action="pol", group="rcg1", policies="no_auto_failover,no_auto_recover")
-    ctl(lab, "A", "setrcopygroup", action="pol", group="rcg1", policies="no_auto_failover,no_auto_recover")
+    wait_for(lambda: group(lab, "A")["peer_mode"] == "attached", what="attached")
+    time.sleep(1.0)  # A's reports have told the witness that B is in sync
     lab_kill(lab["dir"], "A")
     # No automatic failover: B stays secondary, unserving, until the operator says so.
     time.sleep(3.0)
