@@ -80,6 +80,7 @@ class HostConfig:
     no_path_retry: float = 30.0
     io_timeout: float = 15.0
     stale_write_bound: float = 15.0  # s an array may still apply a write it received (see below)
+    path_selector: str = "least-queue"  # or "round-robin" among the paths of the best state
 
 
 def load_host_config(path: str) -> HostConfig:
@@ -97,7 +98,7 @@ def load_host_config(path: str) -> HostConfig:
     _no_extra(raw, {"host", "array"}, "config")
     h = _take(raw, "host", "config", dict)
     _no_extra(h, {"name", "socket", "admin_socket", "tcp", "source", "poll_interval", "transition_timeout",
-                  "no_path_retry", "io_timeout", "stale_write_bound"}, "host")
+                  "no_path_retry", "io_timeout", "stale_write_bound", "path_selector"}, "host")
 
     def path_of(v: str) -> str:
         return v if os.path.isabs(v) else str((base / v).resolve())
@@ -123,6 +124,10 @@ def load_host_config(path: str) -> HostConfig:
         arrays.append(ArrayPaths(check_name(_take(a, "name", where, str), f"{where}.name"), tuple(paths)))
     if not arrays:
         raise ConfigError("array: at least one [[array]] with paths")
+    sel = _take(h, "path_selector", "host", str, "least-queue")
+    if sel not in ("least-queue", "round-robin"):
+        raise ConfigError(f"host.path_selector: {sel!r} is not least-queue or round-robin")
+    kw["path_selector"] = sel
     tcp = _take(h, "tcp", "host", str, None)
     return HostConfig(
         name=check_name(_take(h, "name", "host", str), "host.name"),
@@ -174,6 +179,7 @@ class ShimVolume:
         self.max_epoch = 0
         self.changed = trio.Event()
         self.stats = {"reissued": 0, "queued_no_path": 0, "failed": 0, "quarantine_waits": 0}
+        self._rr = 0
         # (start, end, until on the trio clock, epoch of the lost path)
         self.quarantine: list[tuple[int, int, float, int]] = []
 
@@ -210,6 +216,9 @@ class ShimVolume:
         for want in (ALUA_ACTIVE_OPTIMIZED, ALUA_ACTIVE_NON_OPTIMIZED):
             best = [p for p in self.paths if self.usable(p) and p.state == want]
             if best:
+                if self.shim.cfg.path_selector == "round-robin":
+                    self._rr += 1
+                    return best[self._rr % len(best)]
                 return min(best, key=lambda p: p.inflight)
         return None
 

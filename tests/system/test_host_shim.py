@@ -106,6 +106,7 @@ def test_failures_that_spare_the_host_cost_no_io_error(shim, fault):
     ('[host]\nname = "h"\nsocket = "s"\nadmin_socket = "a"\n[[array]]\nname = "A"\npaths = ["10.0.0.1:10809"]\n', "nbd://"),
     ('[host]\nname = "h"\nsocket = "s"\nadmin_socket = "a"\npoll_interval = 0\n[[array]]\nname = "A"\npaths = ["nbd://10.0.0.1:10809"]\n', "poll_interval"),
     ('[host]\nname = "h"\nsocket = "s"\nadmin_socket = "a"\nwhat = 1\n[[array]]\nname = "A"\npaths = ["nbd://10.0.0.1:10809"]\n', "what"),
+    ('[host]\nname = "h"\nsocket = "s"\nadmin_socket = "a"\npath_selector = "random"\n[[array]]\nname = "A"\npaths = ["nbd://10.0.0.1:10809"]\n', "path_selector"),
 ])
 def test_bad_host_config_is_named(tmp_path, text, msg):
     f = tmp_path / "h.toml"

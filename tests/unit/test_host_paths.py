@@ -106,3 +106,10 @@ async def test_quarantine_ends_when_the_epoch_moves_on(autojump_clock):
         n.start_soon(failover)
         await v.write(0, b"y" * 4096, False)
     assert 2.0 <= log[-1][3] - t0 < 3.0
+
+
+async def test_round_robin_spreads_over_the_optimized_paths_only():
+    v, log = volume([(AO, 1), (AO, 1), (ANO, 1)], path_selector="round-robin")
+    for i in range(6):
+        await v.write(i * 4096, b"x", False)
+    assert sorted({x[0] for x in log}) == [0, 1] and [x[0] for x in log].count(0) == 3
