@@ -7,7 +7,7 @@ import os
 import shutil
 import subprocess
 
-import pytest
+from ..guard import unavailable
 
 FAST_LINK = {"ping_interval": 0.1, "path_timeout": 0.6, "io_timeout": 2.0, "lease": 1.0, "lease_margin": 0.2}
 
@@ -16,17 +16,12 @@ def require_tool(*names: str) -> None:
     """Fail (in CI/after setup) or skip (elsewhere) when a tool is not installed."""
     missing = [n for n in names if shutil.which(n) is None]
     if missing:
-        msg = f"missing tools: {', '.join(missing)} (./scripts/setup installs them)"
-        if os.environ.get("SYNCD_REQUIRE_TOOLS") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
+        unavailable(f"missing tools: {', '.join(missing)} (./scripts/setup installs them)")
 
 
 def require_root() -> None:
     if os.geteuid() != 0:
-        if os.environ.get("SYNCD_REQUIRE_ROOT") == "1":
-            pytest.fail("this test needs root and SYNCD_REQUIRE_ROOT=1 is set")
-        pytest.skip("needs root")
+        unavailable("this test needs root", "SYNCD_REQUIRE_ROOT")
 
 
 def run(*args: str, timeout: float = 120, check: bool = True, **kw) -> subprocess.CompletedProcess:
