@@ -199,8 +199,7 @@ async def admitrcopyvv(node: Node, volume: str, group: str, target_volume: str |
     if g.st.started and g.st.policies.get("auto_synchronize", True):
         g.start_member_sync(m)
     else:
-        m.dirty.set_all()
-        m.verify = True
+        m.compare_all()
     g.note(f"admitted {volume} (peer volume {remote})")
     return {"volume": volume, "group": group, "vol_id": vol_id, "wwn": wwn}
 

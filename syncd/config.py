@@ -88,6 +88,10 @@ class LinkConfig:
     transition_timeout: float = 5.0  # s host I/O waits during a switchover before EAGAIN
     key: str | None = None
 
+    def lease_expiry(self) -> float:
+        """How long after granting a lease the primary treats it as possibly still running."""
+        return self.lease * (1 + self.clock_drift) + self.lease_margin
+
 
 @dataclass(frozen=True)
 class NodeConfig:

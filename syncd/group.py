@@ -60,6 +60,11 @@ class Member:
         self.resync_started: float | None = None
         self.stats = {"reads": 0, "writes": 0, "forwarded": 0, "bytes_read": 0, "bytes_written": 0}
 
+    def compare_all(self) -> None:
+        """Primary: every region may differ on the peer; compare them all by digest."""
+        self.dirty.set_all()
+        self.verify = True
+
     @property
     def vol_id(self) -> int:
         return self.st.vol_id
@@ -548,7 +553,7 @@ class Group:
         if lk is None:
             self.peer_mode = DETACHED
             return
-        self.lease_deadline = trio.current_time() + lk.lease * (1 + lk.clock_drift) + lk.lease_margin
+        self.lease_deadline = trio.current_time() + lk.lease_expiry()
         self.peer_mode = FENCING
         self.fenced = trio.Event()
         self.fence_reason = "node start"
@@ -603,8 +608,7 @@ class Group:
         self.st.epoch = epoch
         self.st.failsafe = False
         for m in self.members.values():
-            m.dirty.set_all()
-            m.verify = True
+            m.compare_all()
         self.peer_mode = DETACHED
         self.alone_ok = True
         self.lease_until = 0.0
@@ -643,7 +647,7 @@ class Group:
         if role == "primary":
             self.peer_mode = ATTACHED
             self.peer_ready = True
-            self.lease_deadline = now + lk.lease * (1 + lk.clock_drift) + lk.lease_margin
+            self.lease_deadline = now + lk.lease_expiry()
             self.lease_until = 0.0
         else:
             self.peer_mode = DETACHED
@@ -704,8 +708,7 @@ class Group:
 
     def start_member_sync(self, m: Member) -> None:
         """A volume admitted to a running group: full sync by digest comparison."""
-        m.dirty.set_all()
-        m.verify = True
+        m.compare_all()
         if self.peer_mode in (SYNCING, ATTACHED):
             self.node.spawn(self._sync_new_member, m)
         else:
@@ -736,7 +739,7 @@ class Group:
         if not (self.st.started and self.mirroring and self.peer_ready):
             return 0
         lk = self.node.cfg.link
-        deadline = trio.current_time() + lk.lease * (1 + lk.clock_drift) + lk.lease_margin
+        deadline = trio.current_time() + lk.lease_expiry()
         self.lease_deadline = max(self.lease_deadline, deadline)
         return int(lk.lease * 1000)
 

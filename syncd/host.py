@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .config import ConfigError, _no_extra, _take, check_name, parse_addr
+from .config import ConfigError, _no_extra, _take, check_name, load_toml, parse_addr
 from .nbd.client import NBDDisconnected, NBDError, list_exports, open_alua_probe, open_nbd
 from .nbd.export import (
     ALUA_ACTIVE_NON_OPTIMIZED,
@@ -84,16 +84,10 @@ class HostConfig:
 
 
 def load_host_config(path: str) -> HostConfig:
-    import tomllib
     from pathlib import Path
 
     p = Path(path)
-    try:
-        raw = tomllib.loads(p.read_text())
-    except OSError as e:
-        raise ConfigError(f"{path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    raw = load_toml(p)
     base = p.parent
     _no_extra(raw, {"host", "array"}, "config")
     h = _take(raw, "host", "config", dict)

@@ -198,8 +198,7 @@ class Node:
         for g in self.groups.values():
             if g.role == "primary" and self.unclean:
                 for m in g.members.values():
-                    m.dirty.set_all()
-                    m.verify = True
+                    m.compare_all()
         self.set_clean_flag(False)
 
     # -- clean/unclean marker ------------------------------------------------------------------
@@ -379,8 +378,7 @@ class Node:
             for vid in entry["vol_ids"]:
                 m = g.by_id.get(vid)
                 if m is not None:
-                    m.dirty.set_all()
-                    m.verify = True
+                    m.compare_all()
                     g.note(f"{g.st.peer}'s copy of {m.st.local} is suspect (its device failed): full compare")
         for g in self.groups.values():
             g.maybe_recover()

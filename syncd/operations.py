@@ -350,7 +350,6 @@ async def peer_disk_event(node: Node, body: dict) -> None:
         # Whatever the peer held in its cache may not have reached its disk: when it returns,
         # every region is compared by digest.
         for m in g.members.values():
-            m.dirty.set_all()
-            m.verify = True
+            m.compare_all()
         g.lose_peer(f"{g.st.peer}'s backing device failed")
         node.save_soon()
