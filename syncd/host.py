@@ -81,6 +81,17 @@ class HostConfig:
     io_timeout: float = 15.0
     stale_write_bound: float = 15.0  # s an array may still apply a write it received (see below)
     path_selector: str = "least-queue"  # or "round-robin" among the paths of the best state
+    tls_ca: str | None = None  # verifies the arrays of nbds:// paths (default: the system's CAs)
+    tls_certificate: str | None = None  # our client certificate: names this host to the arrays
+    tls_key: str | None = None
+
+    def tls_context(self):
+        """The TLS client context for nbds:// paths, or None when no path uses TLS."""
+        from .nbd.client import client_tls_context
+
+        if not any(u.startswith("nbds://") for a in self.arrays for u in a.paths):
+            return None
+        return client_tls_context(self.tls_ca, self.tls_certificate, self.tls_key)
 
 
 def load_host_config(path: str) -> HostConfig:
@@ -92,7 +103,8 @@ def load_host_config(path: str) -> HostConfig:
     _no_extra(raw, {"host", "array"}, "config")
     h = _take(raw, "host", "config", dict)
     _no_extra(h, {"name", "socket", "admin_socket", "tcp", "source", "poll_interval", "transition_timeout",
-                  "no_path_retry", "io_timeout", "stale_write_bound", "path_selector"}, "host")
+                  "no_path_retry", "io_timeout", "stale_write_bound", "path_selector", "tls_ca",
+                  "tls_certificate", "tls_key"}, "host")
 
     def path_of(v: str) -> str:
         return v if os.path.isabs(v) else str((base / v).resolve())
@@ -111,10 +123,10 @@ def load_host_config(path: str) -> HostConfig:
             raise ConfigError(f"{where}: expected a table")
         _no_extra(a, {"name", "paths"}, where)
         paths = _take(a, "paths", where, list)
-        if not paths or not all(isinstance(x, str) and x.startswith("nbd://") for x in paths):
-            raise ConfigError(f"{where}.paths: a list of nbd://HOST:PORT addresses")
+        if not paths or not all(isinstance(x, str) and x.startswith(("nbd://", "nbds://")) for x in paths):
+            raise ConfigError(f"{where}.paths: a list of nbd://HOST:PORT (or nbds://HOST:PORT for TLS) addresses")
         for x in paths:
-            parse_addr(x[6:].split("/")[0], f"{where}.paths")
+            parse_addr(x.split("://", 1)[1].split("/")[0], f"{where}.paths")
         arrays.append(ArrayPaths(check_name(_take(a, "name", where, str), f"{where}.name"), tuple(paths)))
     if not arrays:
         raise ConfigError("array: at least one [[array]] with paths")
@@ -123,15 +135,28 @@ def load_host_config(path: str) -> HostConfig:
         raise ConfigError(f"host.path_selector: {sel!r} is not least-queue or round-robin")
     kw["path_selector"] = sel
     tcp = _take(h, "tcp", "host", str, None)
-    return HostConfig(
+    tls = {k: _take(h, k, "host", str, None) for k in ("tls_ca", "tls_certificate", "tls_key")}
+    tls = {k: path_of(v) if v else None for k, v in tls.items()}
+    if bool(tls["tls_certificate"]) != bool(tls["tls_key"]):
+        raise ConfigError("host.tls_certificate and host.tls_key: give both or neither")
+    cfg = HostConfig(
         name=check_name(_take(h, "name", "host", str), "host.name"),
         socket=path_of(_take(h, "socket", "host", str)),
         admin_socket=path_of(_take(h, "admin_socket", "host", str)),
         arrays=tuple(arrays),
         tcp=parse_addr(tcp, "host.tcp") if tcp else None,
         source=_take(h, "source", "host", str, None),
+        **tls,
         **kw,
     )
+    uses_tls = any(u.startswith("nbds://") for a in cfg.arrays for u in a.paths)
+    if any(tls.values()) and not uses_tls:
+        raise ConfigError("host.tls_*: set, but no array path is nbds:// (TLS)")
+    try:
+        cfg.tls_context()
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"host.tls: the CA, certificate or key cannot be loaded: {e}") from None
+    return cfg
 
 
 # -- paths and volumes ---------------------------------------------------------------------------
@@ -139,7 +164,7 @@ def load_host_config(path: str) -> HostConfig:
 @dataclass(eq=False)
 class Path:
     array: str
-    uri: str  # nbd://HOST:PORT/EXPORT
+    uri: str  # nbd://HOST:PORT/EXPORT or nbds://
     state: int | None = None  # ALUA state; None while unreachable
     epoch: int = 0
     client: object = None
@@ -313,6 +338,7 @@ class Shim:
         self.volumes: dict[str, ShimVolume] = {}
         self._nursery: trio.Nursery | None = None
         self.started = time.time()
+        self.tls = cfg.tls_context()
 
     def exports_for(self, client: ClientIdentity):
         return self.volumes
@@ -330,7 +356,7 @@ class Shim:
         for a in self.cfg.arrays:
             for base in a.paths:
                 try:
-                    exports = await list_exports(base, source=self.cfg.source)
+                    exports = await list_exports(base, source=self.cfg.source, tls=self.tls)
                 except (OSError, NBDDisconnected, NBDError, trio.TooSlowError) as e:
                     log.warning("host %s: %s unreachable at start: %s", self.cfg.name, base, e)
                     continue
@@ -351,8 +377,8 @@ class Shim:
         """Keep one path connected and its ALUA state fresh."""
         while True:
             try:
-                async with open_nbd(p.uri, source=self.cfg.source) as c, \
-                        open_alua_probe(p.uri, source=self.cfg.source) as probe:
+                async with open_nbd(p.uri, source=self.cfg.source, tls=self.tls) as c, \
+                        open_alua_probe(p.uri, source=self.cfg.source, tls=self.tls) as probe:
                     if not vol.size:
                         vol.size = c.size
                     p.client = c

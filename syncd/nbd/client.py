@@ -1,14 +1,18 @@
-"""A small async NBD client (fixed newstyle, OPT_GO, simple replies) with pipelining.
+"""A small async NBD client (fixed newstyle, OPT_GO, simple replies) with pipelining, over TCP
+or a unix socket, optionally upgraded to TLS with NBD_OPT_STARTTLS.
 
-Used by the workload/checker tools and the tests; the host shim will build on it.
+Used by the host shim (its paths and ALUA probes), the workload/checker tools and the tests.
 """
 
 from __future__ import annotations
 
 import errno
 import itertools
+import ssl
 import struct
+import urllib.parse
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
 
 import trio
 
@@ -19,6 +23,7 @@ REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
 OPT_GO = 7
 OPT_ABORT = 2
+OPT_STARTTLS = 5
 REP_ACK = 1
 REP_INFO = 3
 INFO_EXPORT = 0
@@ -59,12 +64,12 @@ class _Buf:
 
 
 class NBDClient:
-    def __init__(self, stream: trio.SocketStream, name: str):
+    def __init__(self, stream: trio.abc.Stream, name: str, rx: "_Buf"):
         self.stream = stream
         self.name = name
         self.size = 0
         self.flags = 0
-        self._rx = _Buf(stream)
+        self._rx = rx
         self._handles = itertools.count(1)
         self._waiting: dict[int, tuple[trio.Event, list, int]] = {}
         self._send_lock = trio.Lock()
@@ -72,10 +77,6 @@ class NBDClient:
 
     async def _handshake(self) -> None:
         rx = self._rx
-        head = await rx.exactly(18)
-        if head[:8] != NBDMAGIC or struct.unpack(">Q", head[8:16])[0] != IHAVEOPT:
-            raise NBDDisconnected("not a fixed-newstyle NBD server")
-        await self.stream.send_all(struct.pack(">I", 1 | 2))  # FIXED_NEWSTYLE | NO_ZEROES
         name = self.name.encode()
         data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
         await self.stream.send_all(struct.pack(">QII", IHAVEOPT, OPT_GO, len(data)) + data)
@@ -153,24 +154,105 @@ class NBDClient:
         await self.stream.aclose()
 
 
-def parse_uri(uri: str) -> tuple[str, int, str]:
-    if not uri.startswith("nbd://"):
-        raise ValueError(f"{uri}: only nbd://HOST:PORT/NAME URIs are supported")
-    rest = uri[6:]
-    hostport, _, name = rest.partition("/")
-    host, _, port = hostport.rpartition(":")
-    return host or "127.0.0.1", int(port or 10809), name
+@dataclass(frozen=True)
+class NbdUri:
+    """An NBD URI (the NBD project's URI format): ``nbd://HOST[:PORT]/EXPORT`` over TCP,
+    ``nbd+unix:///EXPORT?socket=PATH`` over a unix socket, ``nbds``/``nbds+unix`` for TLS."""
+
+    name: str
+    host: str = "127.0.0.1"
+    port: int = 10809
+    socket: str | None = None
+    tls: bool = False
+
+    def __str__(self) -> str:
+        s, name = "nbds" if self.tls else "nbd", urllib.parse.quote(self.name)
+        if self.socket:
+            return f"{s}+unix:///{name}?socket={urllib.parse.quote(self.socket)}"
+        h = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{s}://{h}:{self.port}/{name}"
+
+    def export(self, name: str) -> "NbdUri":
+        return replace(self, name=name)
+
+
+def parse_uri(uri: str) -> NbdUri:
+    """Parse an NBD URI; ValueError names what is wrong."""
+    u = urllib.parse.urlsplit(uri)
+    schemes = {"nbd": (False, False), "nbds": (True, False), "nbd+unix": (False, True), "nbds+unix": (True, True)}
+    if u.scheme not in schemes:
+        raise ValueError(f"{uri}: not an NBD URI (nbd://HOST:PORT/NAME, nbds://..., nbd+unix:///NAME?socket=PATH)")
+    tls, unix = schemes[u.scheme]
+    name = urllib.parse.unquote(u.path[1:] if u.path.startswith("/") else u.path)
+    query = urllib.parse.parse_qs(u.query)
+    if unix:
+        sock = query.get("socket", [None])[0]
+        if not sock or u.netloc:
+            raise ValueError(f"{uri}: a unix NBD URI has no host and needs ?socket=PATH")
+        return NbdUri(name, socket=sock, tls=tls)
+    try:
+        port = u.port or 10809
+    except ValueError:
+        raise ValueError(f"{uri}: bad port") from None
+    return NbdUri(name, host=u.hostname or "127.0.0.1", port=port, tls=tls)
+
+
+async def _connect(uri: str | NbdUri, connect_timeout: float, source: str | None,
+                   tls: ssl.SSLContext | None) -> tuple[trio.abc.Stream, "_Buf", NbdUri]:
+    """Open the transport, take the fixed-newstyle greeting and, for an nbds URI, upgrade the
+    connection with NBD_OPT_STARTTLS. Returns the stream ready for options."""
+    u = uri if isinstance(uri, NbdUri) else parse_uri(uri)
+    with trio.fail_after(connect_timeout):
+        if u.socket:
+            stream = await trio.open_unix_socket(u.socket)
+        else:
+            stream = await trio.open_tcp_stream(u.host, u.port, local_address=source)
+        try:
+            rx = _Buf(stream)
+            head = await rx.exactly(18)
+            if head[:8] != NBDMAGIC or struct.unpack(">Q", head[8:16])[0] != IHAVEOPT:
+                raise NBDDisconnected("not a fixed-newstyle NBD server")
+            await stream.send_all(struct.pack(">I", 1 | 2))  # FIXED_NEWSTYLE | NO_ZEROES
+            if u.tls:
+                await stream.send_all(struct.pack(">QII", IHAVEOPT, OPT_STARTTLS, 0))
+                magic, opt, rtype, ln = struct.unpack(">QIII", await rx.exactly(20))
+                body = await rx.exactly(ln)
+                if magic != REPLY_MAGIC or opt != OPT_STARTTLS:
+                    raise NBDDisconnected("bad reply to NBD_OPT_STARTTLS")
+                if rtype != REP_ACK:
+                    raise NBDError(rtype & 0x7FFFFFFF, f"{u}: the server refused TLS ({body.decode(errors='replace')})")
+                ctx = tls or ssl.create_default_context()
+                stream = trio.SSLStream(stream, ctx, server_hostname=None if u.socket else u.host)
+                await stream.do_handshake()
+                rx = _Buf(stream)
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+    return stream, rx, u
+
+
+def client_tls_context(ca: str | None = None, certificate: str | None = None, key: str | None = None) -> ssl.SSLContext:
+    """A TLS client context: arrays verified against ``ca`` (else the system's CAs), and our
+    own certificate (which names the host to the array) when given."""
+    ctx = ssl.create_default_context(cafile=ca)
+    if certificate:
+        ctx.load_cert_chain(certificate, key)
+    return ctx
 
 
 @asynccontextmanager
-async def open_nbd(uri: str, connect_timeout: float = 5.0, source: str | None = None):
+async def open_nbd(uri: str | NbdUri, connect_timeout: float = 5.0, source: str | None = None,
+                   tls: ssl.SSLContext | None = None):
     """Connect and enter transmission; ``source`` binds the local address (the array tells hosts
-    apart by it)."""
-    host, port, name = parse_uri(uri)
-    with trio.fail_after(connect_timeout):
-        stream = await trio.open_tcp_stream(host, port, local_address=source)
-        c = NBDClient(stream, name)
-        await c._handshake()
+    apart by it), ``tls`` is the client context for nbds URIs."""
+    stream, rx, u = await _connect(uri, connect_timeout, source, tls)
+    c = NBDClient(stream, u.name, rx)
+    try:
+        with trio.fail_after(connect_timeout):
+            await c._handshake()
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
     async with trio.open_nursery() as n:
         await n.start(c._receiver)
         try:
@@ -187,10 +269,10 @@ class AluaProbe:
     multipath initiator polls REPORT TARGET PORT GROUPS: structured replies and the meta context
     are negotiated, then each ``query()`` is one NBD_CMD_BLOCK_STATUS. Requests are sequential."""
 
-    def __init__(self, stream: trio.SocketStream, name: str):
+    def __init__(self, stream: trio.abc.Stream, name: str, rx: "_Buf"):
         self.stream = stream
         self.name = name
-        self._rx = _Buf(stream)
+        self._rx = rx
         self.size = 0
         self.context = None
         self._handles = itertools.count(1)
@@ -211,12 +293,6 @@ class AluaProbe:
                 return replies
             replies.append((rtype, body))
 
-    async def greet(self) -> None:
-        head = await self._rx.exactly(18)
-        if head[:8] != NBDMAGIC or struct.unpack(">Q", head[8:16])[0] != IHAVEOPT:
-            raise NBDDisconnected("not a fixed-newstyle NBD server")
-        await self.stream.send_all(struct.pack(">I", 1 | 2))
-
     async def list_exports(self) -> list[tuple[str, str]]:
         """NBD_OPT_LIST: (name, description) of every export this client may see."""
         from . import proto as p
@@ -231,7 +307,6 @@ class AluaProbe:
     async def handshake(self) -> None:
         from . import proto as p
 
-        await self.greet()
         await self._option(p.OPT_STRUCTURED_REPLY, b"")
         name = self.name.encode()
         query = b"syncd:alua"
@@ -272,29 +347,27 @@ class AluaProbe:
 
 
 @asynccontextmanager
-async def open_alua_probe(uri: str, connect_timeout: float = 5.0, source: str | None = None):
-    host, port, name = parse_uri(uri)
-    with trio.fail_after(connect_timeout):
-        stream = await trio.open_tcp_stream(host, port, local_address=source)
-        probe = AluaProbe(stream, name)
-        await probe.handshake()
+async def open_alua_probe(uri: str | NbdUri, connect_timeout: float = 5.0, source: str | None = None,
+                          tls: ssl.SSLContext | None = None):
+    stream, rx, u = await _connect(uri, connect_timeout, source, tls)
     try:
+        probe = AluaProbe(stream, u.name, rx)
+        with trio.fail_after(connect_timeout):
+            await probe.handshake()
         yield probe
     finally:
         with trio.CancelScope(shield=True):
-            await stream.aclose()
+            await trio.aclose_forcefully(stream)
 
 
-async def list_exports(uri: str, connect_timeout: float = 5.0, source: str | None = None) -> list[tuple[str, str]]:
-    """The (name, description) pairs a server lists to this client (host, port from ``uri``)."""
-    host, port, _ = parse_uri(uri)
-    with trio.fail_after(connect_timeout):
-        stream = await trio.open_tcp_stream(host, port, local_address=source)
-        try:
-            neg = AluaProbe(stream, "")
-            await neg.greet()
-            out = await neg.list_exports()
+async def list_exports(uri: str | NbdUri, connect_timeout: float = 5.0, source: str | None = None,
+                       tls: ssl.SSLContext | None = None) -> list[tuple[str, str]]:
+    """The (name, description) pairs a server lists to this client (the URI's export is ignored)."""
+    stream, rx, _ = await _connect(uri, connect_timeout, source, tls)
+    try:
+        with trio.fail_after(connect_timeout):
+            out = await AluaProbe(stream, "", rx).list_exports()
             await stream.send_all(struct.pack(">QII", IHAVEOPT, OPT_ABORT, 0))
-            return out
-        finally:
-            await stream.aclose()
+        return out
+    finally:
+        await trio.aclose_forcefully(stream)

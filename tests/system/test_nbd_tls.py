@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 import trustme
 
+from syncd.config import ConfigError
 from syncd.ctl import call
+from syncd.host import host_status, load_host_config
 from syncd.lab import lab_down, lab_up
 
 from .rig import FAST_LINK, assert_replicas_identical, require_tool, run
@@ -75,3 +80,63 @@ def test_tls_required_refuses_clear_text_connections(tlslab):
     assert r.returncode != 0
     r = run("nbdinfo", "--list", f"nbd://127.0.0.1:{port}/", check=False)
     assert r.returncode != 0
+
+
+def test_host_shim_reaches_both_arrays_over_tls_as_its_certificate_names_it(tlslab, tmp_path):
+    """The shim's paths are nbds://: TLS with the host's client certificate, so each array
+    recognises the host by its certificate (LUN masking) whatever its address; qemu-io and fio
+    use the shim's plain unix socket."""
+    require_tool("qemu-io", "fio")
+    lab, certs = tlslab, tlslab["certs"]
+    for site in ("A", "B"):
+        call(lab["nodes"][site]["admin_socket"], "createhost", {"name": "esx1", "tls_names": ["esx1.example"]})
+        call(lab["nodes"][site]["admin_socket"], "createvlun", {"volume": "vv2", "host": "esx1"})
+    d = tmp_path / "shim"
+    d.mkdir()
+    paths = {s: lab["nodes"][s]["nbd"] for s in ("A", "B")}
+    cfg = d / "host.toml"
+    cfg.write_text(
+        f'[host]\nname = "esx1"\nsocket = "nbd.sock"\nadmin_socket = "admin.sock"\npoll_interval = 0.2\n'
+        f'tls_ca = "{certs / "ca.pem"}"\ntls_certificate = "{certs / "esx1" / "client-cert.pem"}"\n'
+        f'tls_key = "{certs / "esx1" / "client-key.pem"}"\n'
+        + "".join(f'[[array]]\nname = "{s}"\npaths = ["nbds://{a}"]\n' for s, a in paths.items()))
+    log = open(d / "shim.log", "wb")
+    p = subprocess.Popen([sys.executable, "-m", "syncd", "host", "--config", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                st = host_status(str(d / "admin.sock"))
+                if all(x["alua"] == "active/optimized" for v in st["volumes"] for x in v["paths"]):
+                    break
+            except OSError:
+                pass
+            assert p.poll() is None and time.monotonic() < deadline, (d / "shim.log").read_text()
+            time.sleep(0.1)
+        # The certificate names host esx1: only vv2 is exported to it, on both arrays.
+        assert [v["name"] for v in st["volumes"]] == ["vv2"]
+        assert sorted(x["array"] for x in st["volumes"][0]["paths"]) == ["A", "B"]
+        sock = f"nbd+unix:///vv2?socket={d / 'nbd.sock'}"
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x3c 0 2M", sock)
+        run("fio", "--name=shim", "--ioengine=nbd", f"--uri={sock}", "--rw=randwrite", "--bs=4k",
+            "--iodepth=8", "--size=4M", "--offset=4M", "--verify=crc32c", "--do_verify=1", "--time_based=0")
+        run("qemu-io", "-f", "raw", "-c", "read -P 0x3c 0 2M", sock)
+        ios = {x["array"]: x["ios"] for x in host_status(str(d / "admin.sock"))["volumes"][0]["paths"]}
+        assert sum(ios.values()) > 1000, ios
+    finally:
+        p.terminate()
+        p.wait(10)
+        log.close()
+    assert_replicas_identical(lab, "vv2")
+
+
+@pytest.mark.parametrize("extra,paths,msg", [
+    ('tls_certificate = "c.pem"\n', "nbds://127.0.0.1:1", "give both or neither"),
+    ('tls_ca = "ca.pem"\n', "nbd://127.0.0.1:1", "no array path is nbds"),
+    ('tls_ca = "missing.pem"\n', "nbds://127.0.0.1:1", "cannot be loaded"),
+])
+def test_bad_shim_tls_config_is_named(tmp_path, extra, paths, msg):
+    f = tmp_path / "h.toml"
+    f.write_text(f'[host]\nname = "h"\nsocket = "s"\nadmin_socket = "a"\n{extra}[[array]]\nname = "A"\npaths = ["{paths}"]\n')
+    with pytest.raises(ConfigError, match=msg):
+        load_host_config(str(f))
