@@ -94,18 +94,24 @@ def main(argv: list[str] | None = None) -> int:
     s = lsub.add_parser("start", help="start a stopped node again")
     s.add_argument("site")
     s.add_argument("--dir", default="lab")
+    faults = ["primary", "secondary", "link", "witness", "witness-link", "isolate", "disk", "site", "host", "host-link"]
     for name, hlp in (("fail", "inject a failure scenario"), ("heal", "undo a failure scenario")):
-        s = lsub.add_parser(name, help=hlp + ": primary|secondary|link|witness|witness-link|isolate|disk|site [SITE]")
-        s.add_argument("what", choices=["primary", "secondary", "link", "witness", "witness-link", "isolate", "disk", "site"])
+        s = lsub.add_parser(name, help=hlp + f": {'|'.join(faults)} [SITE]")
+        s.add_argument("what", choices=faults)
         s.add_argument("site", nargs="?")
         s.add_argument("--dir", default="lab")
-    s = lsub.add_parser("scenario", help="run one failure scenario end to end with host shims and report")
-    s.add_argument("name", help="primary-failure, secondary-failure, link-failure, disk-failure, primary-reboot, "
-                                "data-center-failure, witness-failure, isolated-primary, isolated-secondary, switchover")
-    s.add_argument("--topology", choices=["uniform", "non-uniform"], default="uniform")
+    s = lsub.add_parser("scenario", help="run a failure scenario end to end with host shims and report; "
+                                         "'all' runs every scenario in both topologies and writes a report")
+    s.add_argument("name", help="all, primary-failure, secondary-failure, link-failure, disk-failure, host-disconnect, "
+                                "primary-reboot, secondary-reboot, cluster-server-failure, data-center-failure, "
+                                "witness-failure, isolated-primary, isolated-secondary, switchover")
+    s.add_argument("--topology", choices=["uniform", "non-uniform", "both"], default=None,
+                   help="host connectivity (default: uniform for one scenario, both for all)")
     s.add_argument("--hold", type=float, default=5.0, help="seconds the fault lasts")
     s.add_argument("--json", action="store_true")
     s.add_argument("--dir", default="lab-scenario")
+    s.add_argument("--report", default="scenario-report", help="with 'all': where report.md and the plots go")
+    s.add_argument("--only", help="with 'all': a comma-separated subset of the scenarios")
     s = lsub.add_parser("delay", help="add round-trip latency to the replication link")
     s.add_argument("ms", type=float)
     s.add_argument("--dir", default="lab")
@@ -196,11 +202,30 @@ def main(argv: list[str] | None = None) -> int:
 
             pid = lab_kill(ns.dir, ns.site, _signal.SIGTERM if ns.clean else _signal.SIGKILL)
             print(f"node {ns.site} (pid {pid}) {'stopped' if ns.clean else 'killed'}")
+        elif ns.labcmd == "scenario" and ns.name == "all":
+            from .report import print_results, run_all
+
+            tops = ("uniform", "non-uniform") if ns.topology in (None, "both") else (ns.topology,)
+            try:
+                results = run_all(ns.dir, ns.report, topologies=tops, hold=ns.hold,
+                                  names=ns.only.split(",") if ns.only else None,
+                                  progress=lambda what: print(f"scenario {what} ...", flush=True))
+            except ValueError as e:
+                raise LabError(str(e)) from None
+            print_results(results)
+            print(f"report: {ns.report}/report.md")
+            bad = any(h["acked_lost"] for r in results for h in r.get("hosts", ())) or \
+                not all(r["replicas_identical"] for r in results if "skipped" not in r)
+            return 3 if bad else 0
         elif ns.labcmd == "scenario":
             from .scenario import print_result, run_scenario
 
-            r = run_scenario(ns.dir, ns.name, ns.topology, ns.hold)
+            if ns.topology == "both":
+                raise LabError("--topology both is for 'lab scenario all'; one scenario runs in uniform or non-uniform")
+            r = run_scenario(ns.dir, ns.name, ns.topology or "uniform", ns.hold)
             if ns.json:
+                for h in r["hosts"]:
+                    h.pop("series")
                 print(json.dumps(r, indent=1))
             else:
                 print_result(r)

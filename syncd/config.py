@@ -92,6 +92,13 @@ class LinkConfig:
         """How long after granting a lease the primary treats it as possibly still running."""
         return self.lease * (1 + self.clock_drift) + self.lease_margin
 
+    def max_request_hold(self) -> float:
+        """The longest an array may still apply a host write after receiving it: held through a
+        role change (``transition_timeout``), forwarded or mirrored (``io_timeout``), and the
+        primary going on alone (lease expiry). A host shim's ``stale_write_bound`` must not be
+        shorter (with the defaults: 12.6 s; the shim's default is 15 s)."""
+        return self.transition_timeout + self.io_timeout + self.lease_expiry()
+
 
 @dataclass(frozen=True)
 class NodeConfig:

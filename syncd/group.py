@@ -183,6 +183,15 @@ class Group:
             self.epoch,
         )
 
+    def local_error(self, e: OSError) -> BlockError:
+        """The host's answer to a local I/O error. Once a backing device failed, this array
+        serves nothing of the group: ESHUTDOWN (path unavailable) sends the host's multipath to
+        the peer, which has every acknowledged write; other errors keep their errno."""
+        if self.disk_error:
+            return BlockError(errno.ESHUTDOWN, f"group {self.name}: backing device failed on this array "
+                              f"({self.disk_error}); use a path to the peer")
+        return BlockError(e.errno or errno.EIO, str(e))
+
     def _check_serving(self) -> None:
         if not self.may_serve():
             raise BlockError(
@@ -242,7 +251,7 @@ class Group:
             try:
                 data = await m.vol.read(offset, length) if m.vol.direct else m.vol.read_sync(offset, length)
             except OSError as e:
-                raise BlockError(e.errno or errno.EIO, str(e)) from None
+                raise self.local_error(e) from None
         # A read is returned only if the lease still held when it completed: a primary going on
         # alone waits for the lease to expire, so no write it acknowledged alone is older than
         # this data.
@@ -277,7 +286,7 @@ class Group:
         try:
             data = m.vol.read_sync(offset, length)
         except OSError as e:
-            raise BlockError(e.errno or errno.EIO, str(e)) from None
+            raise self.local_error(e) from None
         self._check_serving()
         return data
 
@@ -296,7 +305,8 @@ class Group:
                 m.vol.write_sync(offset, data)
             except OSError as e:
                 m.lock.release(tok)
-                done(e.errno or errno.EIO, str(e))
+                err = self.local_error(e)
+                done(err.errno, str(err))
                 return True
             self._count_write(m, len(data))
             frame = Frame.write(link.next_id(), self.st.gid, self.epoch, m.vol_id, offset, data)
@@ -396,9 +406,13 @@ class Group:
             m.vol.write_sync(offset, data)
         except OSError as e:
             status = e.errno or errno.EIO
+            err = self.local_error(e)
         link = self.node.link
         link.send(Frame.release(pend.frame.req_id, self.st.gid, self.epoch, status))
-        done(status, "" if not status else "local write failed after the primary applied it")
+        if status:
+            done(err.errno, f"local write failed after the primary applied it: {err}")
+        else:
+            done(0, "")
 
     def _frame(self, m: Member, kind: str, req_id: int, offset: int, length: int, data, fua: bool, no_hole: bool, forwarded: bool = False) -> Frame:
         g, e, v = self.st.gid, self.epoch, m.vol_id
@@ -422,7 +436,7 @@ class Group:
                 except OSError as e:
                     m.dirty.set_range(offset, length)
                     await self._mirror_result(pend)
-                    raise BlockError(e.errno or errno.EIO, str(e)) from None
+                    raise self.local_error(e) from None
                 if not await self._mirror_result(pend):
                     m.dirty.set_range(offset, length)
             else:
@@ -434,7 +448,7 @@ class Group:
                 try:
                     await apply_local(m.vol, kind, offset, length, data, fua, no_hole)
                 except OSError as e:
-                    raise BlockError(e.errno or errno.EIO, str(e)) from None
+                    raise self.local_error(e) from None
         finally:
             m.lock.release(tok)
 
@@ -475,7 +489,7 @@ class Group:
             await apply_local(m.vol, kind, offset, length, data, fua, no_hole)
         except OSError as e:
             status = e.errno or errno.EIO
-            raise BlockError(status, str(e)) from None
+            raise self.local_error(e) from None
         finally:
             # The primary holds the range until this arrives, so nothing overlapping can be
             # ordered in between on either replica.
@@ -487,7 +501,7 @@ class Group:
         try:
             await m.vol.flush()
         except OSError as e:
-            raise BlockError(e.errno or errno.EIO, str(e)) from None
+            raise self.local_error(e) from None
         if self.role == "primary" and not self.mirroring:
             return
         link = self.node.link

@@ -245,6 +245,12 @@ class ShimVolume:
         for p in self.paths:
             p.kick.set()
 
+    def _give_up(self, why: str, err: int = errno.EIO) -> BlockError:
+        """The error the application gets (logged: an administrator wants to know why)."""
+        self.stats["failed"] += 1
+        log.warning("host %s: %s: %s", self.shim.cfg.name, self.name, why)
+        return BlockError(err, f"{self.name}: {why}")
+
     async def submit(self, op: str, *args):
         cfg = self.shim.cfg
         span = None
@@ -260,15 +266,13 @@ class ShimVolume:
                 if any(q.state == ALUA_TRANSITIONING and q.client is not None for q in self.paths):
                     transitioning_since = transitioning_since or now
                     if now - transitioning_since > cfg.transition_timeout:
-                        self.stats["failed"] += 1
-                        raise BlockError(errno.EIO, f"{self.name}: paths transitioning for more than {cfg.transition_timeout}s")
+                        raise self._give_up(f"paths transitioning for more than {cfg.transition_timeout}s")
                 else:
                     if no_path_since is None:
                         no_path_since = now
                         self.stats["queued_no_path"] += 1
                     if now - no_path_since > cfg.no_path_retry:
-                        self.stats["failed"] += 1
-                        raise BlockError(errno.EIO, f"{self.name}: no usable path for {cfg.no_path_retry}s")
+                        raise self._give_up(f"no usable path for {cfg.no_path_retry}s")
                 with trio.move_on_after(0.1):
                     await self.changed.wait()
                 continue
@@ -293,8 +297,7 @@ class ShimVolume:
                     p.kick.set()
                     await trio.sleep(0.05)
                 else:
-                    self.stats["failed"] += 1
-                    raise BlockError(e.errno, str(e)) from None
+                    raise self._give_up(f"{op} failed on {p.uri}: {e}", e.errno) from None
             except (NBDDisconnected, trio.TooSlowError, trio.BrokenResourceError, OSError) as e:
                 p.errors += 1
                 p.last_error = f"transport: {e or type(e).__name__}"
@@ -326,9 +329,13 @@ class ShimVolume:
         return [(length, 0)]
 
     def alua(self, client: ClientIdentity) -> AluaState:
+        """What the shim shows its own clients: the state of the path it would use now;
+        transitioning while a role change holds every usable path; else unavailable."""
         p = self.pick()
         if p is not None:
             return AluaState(p.state, p.epoch)
+        if any(q.state == ALUA_TRANSITIONING and q.client is not None for q in self.paths):
+            return AluaState(ALUA_TRANSITIONING, self.max_epoch)
         return AluaState(ALUA_UNAVAILABLE, self.max_epoch)
 
 
@@ -348,7 +355,7 @@ class Shim:
         p.state = None
         p.kick.set()
         if c is not None:
-            c.closed = True  # the manager task notices and reconnects
+            c.abort_on_close()  # the manager task notices and reconnects
 
     async def discover(self) -> None:
         """List every path's exports; group paths by WWN. Arrays that do not answer now are
@@ -395,6 +402,9 @@ class Shim:
                             await p.kick.wait()
                         p.kick = trio.Event()
             except (OSError, NBDDisconnected, NBDError, trio.TooSlowError, trio.BrokenResourceError) as e:
+                p.last_error = f"{type(e).__name__}: {e}"
+            except Exception as e:  # noqa: BLE001 - a path manager must outlive anything a path does
+                log.exception("host %s: %s %s: unexpected error, reconnecting", self.cfg.name, vol.name, p.uri)
                 p.last_error = f"{type(e).__name__}: {e}"
             if p.client is not None:
                 p.client = None

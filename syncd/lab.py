@@ -154,7 +154,8 @@ def lab_up(
     py = sys.executable
     ports = {n: {"nbd": free_port(), "paths": [free_port() for _ in range(npaths)]} for n in NODES}
     relay_ports = [free_port() for _ in range(npaths)]
-    lab: dict = {"dir": str(root), "group": group, "nodes": {}, "created": time.time(), "loops": loops}
+    lab: dict = {"dir": str(root), "group": group, "nodes": {}, "created": time.time(), "loops": loops,
+                 "link_opts": link_opts or {}}
     wcfg: dict[str, dict] = {}
     if witness is not None:
         # The witness (site W) on loopback; A and B reach it through relays of their own (relay
@@ -180,15 +181,28 @@ def lab_up(
     relay_args = [py, "-m", "syncd", "linkproxy", "--control", str(root / "link.sock")]
     for i in range(npaths):
         relay_args += ["--relay", f"127.0.0.1:{relay_ports[i]}=127.0.0.1:{ports['B']['paths'][i]}"]
+    nrelay = npaths
     if witness is not None:
         relay_args += ["--relay", f"127.0.0.1:{wrelay}=127.0.0.1:{wport}"]
         relay_args += ["--relay", f"127.0.0.1:{wrelay_b}=127.0.0.1:{wport}"]
+        nrelay += 2
+    # Host shims reach each array through a relay of their own (the SAN cable from that host to
+    # that array), so one host can be cut from one array: the seed's "host disconnect".
+    host_relays: dict[str, dict[str, list]] = {}
+    if topology is not None and relay:
+        for h in NODES:
+            for a in (NODES if topology == "uniform" else (h,)):
+                rp = free_port()
+                relay_args += ["--relay", f"127.0.0.1:{rp}=127.0.0.1:{ports[a]['nbd']}"]
+                host_relays.setdefault(h, {})[a] = [nrelay, f"127.0.0.1:{rp}"]
+                nrelay += 1
     if relay:
         proxy_pid = _spawn(relay_args, root / "linkproxy.log")
         lab["link"] = {"pid": proxy_pid, "control": str(root / "link.sock"), "npaths": npaths,
                        "relays": [f"127.0.0.1:{p}" for p in relay_ports],
                        "witness_relay": npaths if witness is not None else None,
-                       "witness_relays": {"A": npaths, "B": npaths + 1} if witness is not None else None}
+                       "witness_relays": {"A": npaths, "B": npaths + 1} if witness is not None else None,
+                       "host_relays": host_relays}
     else:
         relay_ports = ports["B"]["paths"]
         lab["link"] = None
@@ -268,43 +282,59 @@ TOPOLOGIES = ("uniform", "non-uniform")
 def start_shims(lab: dict, topology: str) -> dict:
     """One host shim per site: host a at site A, host b at site B. Uniform: each reaches both
     arrays (Active Peer Persistence); non-uniform: only its local array (Active Sync)."""
-    from .host import host_status
-
     if topology not in TOPOLOGIES:
         raise LabError(f"unknown topology {topology!r} (uniform, non-uniform)")
+    from .config import LinkConfig
+
     root = Path(lab["dir"])
     hosts = {}
+    # Re-issued writes wait as long as an array of this lab may still apply the lost copy.
+    bound = LinkConfig("B", (), **lab.get("link_opts", {})).max_request_hold() + 0.1
     for site in NODES:
         h = f"h{site.lower()}"
         d = root / h
         d.mkdir(exist_ok=True)
         port = free_port()
         arrays = NODES if topology == "uniform" else (site,)
+        relays = ((lab.get("link") or {}).get("host_relays") or {}).get(site, {})
         cfg = d / "host.toml"
         cfg.write_text(
             f'[host]\nname = "{h}"\nsocket = "{d / "nbd.sock"}"\nadmin_socket = "{d / "admin.sock"}"\n'
-            f'tcp = "127.0.0.1:{port}"\npoll_interval = 0.2\n'
-            + "".join(f'\n[[array]]\nname = "{a}"\npaths = ["nbd://{lab["nodes"][a]["nbd"]}"]\n' for a in arrays)
+            f'tcp = "127.0.0.1:{port}"\npoll_interval = 0.2\nstale_write_bound = {bound:.1f}\n'
+            + "".join(f'\n[[array]]\nname = "{a}"\npaths = ["nbd://{relays[a][1] if a in relays else lab["nodes"][a]["nbd"]}"]\n'
+                      for a in arrays)
         )
         log = root / f"{h}.log"
-        pid = _spawn([sys.executable, "-m", "syncd", "host", "--config", str(cfg)], log)
-        hosts[site] = {"name": h, "pid": pid, "config": str(cfg), "log": str(log), "admin_socket": str(d / "admin.sock"),
+        hosts[site] = {"name": h, "config": str(cfg), "log": str(log), "admin_socket": str(d / "admin.sock"),
                        "socket": str(d / "nbd.sock"), "arrays": list(arrays),
                        "volumes": {v: f"nbd://127.0.0.1:{port}/{v}" for v in lab["nodes"][site]["volumes"]}}
-    for site, hinfo in hosts.items():
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                st = host_status(hinfo["admin_socket"])
-                if all(p["alua"] == "active/optimized" for v in st["volumes"] for p in v["paths"]):
-                    break
-            except OSError:
-                pass
-            if not _alive(hinfo["pid"]) or time.monotonic() > deadline:
-                tail = Path(hinfo["log"]).read_text()[-2000:] if Path(hinfo["log"]).exists() else ""
-                raise LabError(f"host shim {hinfo['name']} did not come up; its log ends with:\n{tail}")
-            time.sleep(0.05)
+        _start_shim(hosts[site])
+    for hinfo in hosts.values():
+        _wait_shim(hinfo)
     return hosts
+
+
+def _start_shim(h: dict) -> None:
+    h["pid"] = _spawn([sys.executable, "-m", "syncd", "host", "--config", h["config"]], Path(h["log"]))
+
+
+def _wait_shim(hinfo: dict) -> None:
+    """Until the shim answers and every path it reaches shows a usable state."""
+    from .host import host_status
+
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            st = host_status(hinfo["admin_socket"])
+            if st["volumes"] and all(p["alua"] in ("active/optimized", "active/non-optimized")
+                                     for v in st["volumes"] for p in v["paths"]):
+                return
+        except OSError:
+            pass
+        if not _alive(hinfo["pid"]) or time.monotonic() > deadline:
+            tail = Path(hinfo["log"]).read_text()[-2000:] if Path(hinfo["log"]).exists() else ""
+            raise LabError(f"host shim {hinfo['name']} did not come up; its log ends with:\n{tail}")
+        time.sleep(0.05)
 
 
 def load_lab(d: str) -> dict:
@@ -384,7 +414,31 @@ def lab_start(d: str, site: str) -> int:
     return pid
 
 
-FAULTS = ("primary", "secondary", "link", "witness", "disk", "site", "isolate", "witness-link")
+FAULTS = ("primary", "secondary", "link", "witness", "disk", "site", "isolate", "witness-link", "host", "host-link")
+
+
+def _host(lab: dict, site: str) -> dict:
+    h = (lab.get("hosts") or {}).get(site)
+    if h is None:
+        raise LabError(f"this lab has no host shim at site {site} (lab up --topology uniform|non-uniform)")
+    return h
+
+
+def _kill_host(d: str, lab: dict, site: str) -> str:
+    h = _host(lab, site)
+    if _alive(h["pid"]):
+        os.kill(h["pid"], signal.SIGKILL)
+        _wait_gone([(h["name"], h["pid"])], 10)
+    return h["name"]
+
+
+def _start_host(d: str, lab: dict, site: str) -> str:
+    h = _host(lab, site)
+    if not _alive(h["pid"]):
+        _start_shim(h)
+        (Path(d) / "lab.json").write_text(json.dumps(lab, indent=1))
+        _wait_shim(h)
+    return h["name"]
 
 
 def _role_site(lab: dict, role: str) -> str:
@@ -415,14 +469,16 @@ def lab_fail(d: str, what: str, site: str | None = None) -> str:
     witness: stop the witness; witness-link SITE: cut SITE's connection to the witness only;
     isolate SITE: cut the replication link and SITE's witness connection; disk SITE: fail the
     backing devices of SITE's volumes (needs --loop); site SITE: data-center failure (the array
-    is powered off and cut from the witness).
+    and the site's host are powered off, the site is cut from the witness); host SITE: the
+    host (server) at SITE fails; host-link SITE: the host at SITE loses its paths to the array
+    at its own site (the seed's "host disconnect").
     """
     lab = load_lab(d)
     if what not in FAULTS:
         raise LabError(f"unknown fault {what!r}; faults: {', '.join(FAULTS)}")
     if site is not None and site not in lab["nodes"]:
         raise LabError(f"lab {d} has no site {site!r} (sites: {', '.join(lab['nodes'])})")
-    if what in ("disk", "site", "isolate", "witness-link") and site is None:
+    if what in ("disk", "site", "isolate", "witness-link", "host", "host-link") and site is None:
         raise LabError(f"lab fail {what} needs a SITE ({', '.join(lab['nodes'])})")
     npaths = lab["link"]["npaths"] if lab.get("link") else 0
     wr = (lab.get("link") or {}).get("witness_relays") or {}
@@ -457,11 +513,21 @@ def lab_fail(d: str, what: str, site: str | None = None) -> str:
         for dev in devs:
             fail_disk(dev)
         return f"backing devices of site {site} failed ({', '.join(devs)})"
+    if what == "host":
+        return f"host {_kill_host(d, lab, site)} at site {site} failed (its shim is gone)"
+    if what == "host-link":
+        h = _host(lab, site)
+        hr = (lab["link"] or {}).get("host_relays", {}).get(site, {})
+        _relays(lab, [hr[site][0]], "cut")
+        return f"host {h['name']} disconnected from array {site} (its paths there are cut)"
     # site: data-center failure
     lab_kill(d, site)
+    gone = ""
+    if (lab.get("hosts") or {}).get(site):
+        gone = f" and host {_kill_host(d, lab, site)}"
     if site in wr:
         _relays(lab, [wr[site]], "cut")
-    return f"data center {site} lost (array powered off, cut from the witness)"
+    return f"data center {site} lost (array{gone} powered off, cut from the witness)"
 
 
 def lab_heal(d: str, what: str, site: str | None = None) -> str:
@@ -470,6 +536,8 @@ def lab_heal(d: str, what: str, site: str | None = None) -> str:
     lab = load_lab(d)
     if what not in FAULTS:
         raise LabError(f"unknown fault {what!r}; faults: {', '.join(FAULTS)}")
+    if what in ("disk", "host", "host-link") and site is None:
+        raise LabError(f"lab heal {what} needs a SITE ({', '.join(lab['nodes'])})")
     npaths = lab["link"]["npaths"] if lab.get("link") else 0
     wr = (lab.get("link") or {}).get("witness_relays") or {}
     done = []
@@ -480,6 +548,14 @@ def lab_heal(d: str, what: str, site: str | None = None) -> str:
             done.append(f"array {n} started")
         if what == "site" and site in wr:
             _relays(lab, [wr[site]], "heal")
+        if what == "site" and (lab.get("hosts") or {}).get(site):
+            done.append(f"host {_start_host(d, lab, site)} started")
+    elif what == "host":
+        done.append(f"host {_start_host(d, lab, site)} started")
+    elif what == "host-link":
+        hr = (lab.get("link") or {}).get("host_relays", {}).get(site, {})
+        _relays(lab, [hr[site][0]], "heal")
+        done.append(f"host at {site} reconnected to array {site}")
     elif what == "link":
         _relays(lab, list(range(npaths)), "heal")
         done.append("replication link healed")

@@ -314,6 +314,15 @@ class Node:
                         await self.control({"op": "leaving", "group": g.name, "epoch": g.epoch})
                     except NodeError as e:
                         log.warning("group %s: primary not told of the shutdown: %s", g.name, e)
+        await self._drain_host_io()
+
+    async def _drain_host_io(self) -> None:
+        """Let host requests already received finish before the connections close; new ones
+        are refused ESHUTDOWN, so a host's multipath moves them to the peer without having to
+        re-issue anything that was in flight here."""
+        nbd = getattr(self, "nbd", None)
+        if nbd is not None:
+            await nbd.drain(self.cfg.link.max_request_hold() if self.cfg.link else 5.0)
 
     # -- the quorum witness ----------------------------------------------------------------------
     async def _run_witness(self, wc) -> None:

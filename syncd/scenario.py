@@ -11,28 +11,44 @@ comparison.
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
+from dataclasses import dataclass
 
 import trio
 
 from .ctl import call
 from .host import host_status
-from .lab import LabError, lab_down, lab_fail, lab_heal, lab_up
+from .lab import LabError, lab_down, lab_fail, lab_heal, lab_kill, lab_start, lab_up
 from .workload import History, check_file, run_writer
 
-# name -> (fault, site, needs loop devices)
+@dataclass(frozen=True)
+class Play:
+    """One scenario: ``lab fail FAULT [SITE]``, held, then ``lab heal`` (or the special cases)."""
+
+    fault: str
+    site: str | None = None
+    needs_root: bool = False
+    host_fails: bool = False  # the host at SITE is part of what fails (its applications stop)
+    seed: str = ""
+
+
+# The seed's two lists (Active Peer Persistence, Active Sync) and the witness cases.
 SCENARIOS = {
-    "primary-failure": ("primary", None, False),
-    "secondary-failure": ("secondary", None, False),
-    "link-failure": ("link", None, False),
-    "disk-failure": ("disk", "A", True),
-    "primary-reboot": ("primary-reboot", None, False),
-    "data-center-failure": ("site", "A", False),
-    "witness-failure": ("witness", None, False),
-    "isolated-primary": ("isolate", "A", False),
-    "isolated-secondary": ("isolate", "B", False),
-    "switchover": ("switchover", None, False),
+    "primary-failure": Play("primary", seed="primary array failure"),
+    "secondary-failure": Play("secondary", seed="secondary array failure"),
+    "link-failure": Play("link", seed="replication link failure"),
+    "disk-failure": Play("disk", "A", needs_root=True, seed="RAID set or metadata failure (primary)"),
+    "host-disconnect": Play("host-link", "A", seed="host disconnect (host a loses its paths to array A)"),
+    "primary-reboot": Play("primary-reboot", "A", seed="primary array reboot/shutdown"),
+    "secondary-reboot": Play("secondary-reboot", "B", seed="secondary array reboot/shutdown"),
+    "cluster-server-failure": Play("host", "A", host_fails=True, seed="cluster server failure (host a)"),
+    "data-center-failure": Play("site", "A", host_fails=True, seed="data center failure (site A)"),
+    "witness-failure": Play("witness", seed="quorum witness failure"),
+    "isolated-primary": Play("isolate", "A", seed="primary cut from its peer and the witness"),
+    "isolated-secondary": Play("isolate", "B", seed="secondary cut from its peer and the witness"),
+    "switchover": Play("switchover", seed="planned switchover under load"),
 }
 SHORT = {"active/optimized": "AO", "active/non-optimized": "ANO", "transitioning": "T",
          "unavailable": "U", "standby": "S", "unreachable": "-"}
@@ -43,20 +59,39 @@ WITNESS = {"interval": 0.2, "owner_lease": 1.0, "grace": 2.0, "margin": 0.2}
 def run_scenario(d: str, name: str, topology: str = "uniform", hold: float = 5.0) -> dict:
     if name not in SCENARIOS:
         raise LabError(f"unknown scenario {name!r}; scenarios: {', '.join(SCENARIOS)}")
-    fault, site, loop = SCENARIOS[name]
-    if loop and os.geteuid() != 0:
+    play = SCENARIOS[name]
+    if play.needs_root and os.geteuid() != 0:
         raise LabError(f"scenario {name} fails a real disk (loop device): run it as root")
-    lab = lab_up(d, size="16MiB", nvolumes=1, npaths=2, link_opts=FAST, witness=WITNESS, loop=loop,
+    lab = lab_up(d, size="16MiB", nvolumes=1, npaths=2, link_opts=FAST, witness=WITNESS, loop=play.needs_root,
                  topology=topology, timeout=60)
     try:
         time.sleep(1.0)  # the witness has heard that B is in sync
-        return _play(lab, name, fault, site, topology, hold)
+        return _play(lab, name, play, topology, hold)
     finally:
         lab_down(d)
 
 
-def _play(lab: dict, name: str, fault: str, site: str | None, topology: str, hold: float) -> dict:
+def _inject(lab: dict, play: Play) -> None:
     d = lab["dir"]
+    if play.fault == "switchover":
+        call(lab["nodes"]["A"]["admin_socket"], "setrcopygroup", {"action": "switchover", "group": lab["group"]}, timeout=30)
+    elif play.fault.endswith("-reboot"):
+        lab_kill(d, play.site, signal.SIGTERM)  # a clean shutdown: the node hands its role over first
+    else:
+        lab_fail(d, play.fault, play.site)
+
+
+def _heal(lab: dict, play: Play) -> None:
+    d = lab["dir"]
+    if play.fault == "switchover":
+        return
+    if play.fault.endswith("-reboot"):
+        lab_start(d, play.site)
+    else:
+        lab_heal(d, play.fault, play.site)
+
+
+def _play(lab: dict, name: str, play: Play, topology: str, hold: float) -> dict:
     hosts = lab["hosts"]
     hist = {s: History() for s in hosts}
     timeline: dict[str, list] = {s: [] for s in hosts}
@@ -68,7 +103,7 @@ def _play(lab: dict, name: str, fault: str, site: str | None, topology: str, hol
                 try:
                     st = host_status(h["admin_socket"])
                     states = tuple((p["array"], SHORT.get(p["alua"], p["alua"]), p["epoch"]) for p in st["volumes"][0]["paths"])
-                except OSError:
+                except (OSError, KeyError, IndexError, ValueError):
                     states = None
                 if not timeline[s] or timeline[s][-1][1] != states:
                     timeline[s].append((time.monotonic(), states))
@@ -76,32 +111,27 @@ def _play(lab: dict, name: str, fault: str, site: str | None, topology: str, hol
 
     threading.Thread(target=sample, daemon=True).start()
     t = {}
+    scopes = {s: trio.CancelScope() for s in hosts}
+    failed_host = play.site if play.host_fails else None
 
     def inject():
         t["fault"] = time.monotonic()
-        if fault == "switchover":
-            call(lab["nodes"]["A"]["admin_socket"], "setrcopygroup", {"action": "switchover", "group": lab["group"]}, timeout=30)
-        elif fault == "primary-reboot":
-            import signal
-
-            from .lab import lab_kill
-
-            lab_kill(d, "A", signal.SIGTERM)
-        else:
-            lab_fail(d, fault, site)
+        if failed_host in scopes:  # the server dies: its applications stop with it
+            trio.from_thread.run_sync(scopes[failed_host].cancel)
+        _inject(lab, play)
         time.sleep(hold)
         t["heal"] = time.monotonic()
-        if fault == "primary-reboot":
-            lab_heal(d, "primary", "A")
-        elif fault != "switchover":
-            lab_heal(d, fault, site)
+        _heal(lab, play)
+
+    async def writer(s, uri, lo, w):
+        with scopes[s]:
+            await run_writer(uri, hist[s], writer=w, blocks=range(lo, lo + 1024), duration=hold + 8.0, qd=4)
+        hist[s].finish()
 
     async def main():
         async with trio.open_nursery() as n:
             for i, (s, h) in enumerate(hosts.items()):
-                lo = i * 1024
-                n.start_soon(lambda s=s, u=h["volumes"]["vv1"], lo=lo, w=i + 1: run_writer(
-                    u, hist[s], writer=w, blocks=range(lo, lo + 1024), duration=hold + 8.0, qd=4))
+                n.start_soon(writer, s, h["volumes"]["vv1"], i * 1024, i + 1)
             await trio.sleep(2.0)
             await trio.to_thread.run_sync(inject)
 
@@ -122,20 +152,25 @@ def _play(lab: dict, name: str, fault: str, site: str | None, topology: str, hol
     sampling["on"] = False
     rows = []
     paths = {s: lab["nodes"][s]["volumes"]["vv1"]["path"] for s in lab["nodes"]}
+    t0 = t["fault"]
     for i, (s, h) in enumerate(hosts.items()):
-        lost = sum(len(check_file(paths[r], hist[s], writer=i + 1)) for r in paths)
-        t0 = t["fault"]
+        hs = hist[s]
+        lost = sum(len(check_file(paths[r], hs, writer=i + 1)) for r in paths)
         tl = []
         for ts, states in timeline[s]:
             label = "shim down" if states is None else " ".join(f"{a}:{st}@{ep}" for a, st, ep in states)
             tl.append((round(ts - t0, 2), label))
-        rows.append({"host": h["name"], "site": s, "arrays": "+".join(h["arrays"]), "alua": tl,
-                     "longest_pause_s": round(hist[s].longest_pause(), 2), "io_errors": len(hist[s].errors),
-                     "acked": hist[s].acked_count(), "acked_lost": lost})
+        rows.append({"host": h["name"], "site": s, "arrays": h["arrays"], "alua": tl, "failed": s == failed_host,
+                     "longest_pause_s": round(hs.longest_pause(), 2), "slowest_write_s": round(hs.slowest, 2),
+                     "io_errors": len(hs.errors), "acked": hs.acked_count(), "acked_lost": lost,
+                     "series": {"acked": [round(x - t0, 4) for x in hs.acked_times],
+                                "errors": [round(e[0] - t0, 4) for e in hs.errors],
+                                "paths": [[round(ts - t0, 3), list(map(list, st)) if st is not None else None]
+                                          for ts, st in timeline[s]]}})
     with open(paths["A"], "rb") as fa, open(paths["B"], "rb") as fb:
         identical = fa.read() == fb.read()
-    return {"scenario": name, "topology": topology, "hosts": rows, "replicas_identical": identical,
-            "fault_at": "t=0", "heal_at_s": round(t["heal"] - t["fault"], 2)}
+    return {"scenario": name, "seed": play.seed, "topology": topology, "hosts": rows, "replicas_identical": identical,
+            "fault_at": "t=0", "heal_at_s": round(t["heal"] - t0, 2)}
 
 
 def print_result(r: dict) -> None:
@@ -144,12 +179,12 @@ def print_result(r: dict) -> None:
 
     c = Console(width=None if os.isatty(1) else 200)
     tb = Table(title=f"scenario {r['scenario']} ({r['topology']}); fault at t=0, heal at t={r['heal_at_s']}s")
-    for col in ("host", "arrays", "path states seen (t s: array:state@epoch)", "longest pause s", "I/O errors",
-                "acked", "acked lost"):
+    for col in ("host", "arrays", "path states seen (t s: array:state@epoch)", "longest pause s", "slowest write s",
+                "I/O errors", "acked", "acked lost"):
         tb.add_column(col)
     for h in r["hosts"]:
         tl = "\n".join(f"{t:>6}: {lbl}" for t, lbl in h["alua"])
-        tb.add_row(h["host"], h["arrays"], tl, str(h["longest_pause_s"]), str(h["io_errors"]), str(h["acked"]),
-                   str(h["acked_lost"]))
+        tb.add_row(h["host"] + (" (failed)" if h["failed"] else ""), "+".join(h["arrays"]), tl, str(h["longest_pause_s"]),
+                   str(h["slowest_write_s"]), str(h["io_errors"]), str(h["acked"]), str(h["acked_lost"]))
     c.print(tb)
     c.print("replicas identical after recovery: " + ("[green]yes[/green]" if r["replicas_identical"] else "[red]NO[/red]"))

@@ -51,6 +51,15 @@ class History:
     errors: list[tuple[float, str]] = field(default_factory=list)
     started: float = 0.0
     ended: float = 0.0
+    slowest: float = 0.0  # the longest a single write took (acknowledged, or still waiting at the end) (s)
+    inflight: dict[int, float] = field(default_factory=dict)  # seq -> issue time of writes not answered yet
+
+    def finish(self) -> None:
+        """The run is over: writes still waiting count with the time they have waited."""
+        self.ended = self.ended or time.monotonic()
+        if self.inflight:
+            self.slowest = max(self.slowest, self.ended - min(self.inflight.values()))
+            self.inflight.clear()
 
     def issue(self, block: int, seq: int) -> list:
         rec = [seq, UNKNOWN]
@@ -67,7 +76,7 @@ class History:
 
     def to_json(self) -> dict:
         return {"writes": {str(k): v for k, v in self.writes.items()}, "errors": self.errors,
-                "acked": self.acked_count(), "longest_pause_s": self.longest_pause()}
+                "acked": self.acked_count(), "longest_pause_s": self.longest_pause(), "slowest_write_s": self.slowest}
 
 
 def check_replica(read_block, history: History, writer: int, nblocks: int | None = None) -> list[str]:
@@ -133,15 +142,20 @@ async def run_writer(
                         seq = seqs["n"]
                         rec = history.issue(b, seq)
                         try:
-                            n = seq
-                            await c.write(b * BLOCK, pattern(writer, b, seq), fua=bool(fua_every and n % fua_every == 0))
+                            t0 = history.inflight[seq] = time.monotonic()
+                            await c.write(b * BLOCK, pattern(writer, b, seq), fua=bool(fua_every and seq % fua_every == 0))
+                            del history.inflight[seq]
                             rec[1] = ACKED
-                            history.acked_times.append(time.monotonic())
+                            t1 = time.monotonic()
+                            history.acked_times.append(t1)
+                            history.slowest = max(history.slowest, t1 - t0)
                         except NBDError as e:
+                            history.inflight.pop(seq, None)
                             rec[1] = FAILED
                             history.errors.append((time.monotonic(), str(e)))
                             await trio.sleep(retry_interval)
                         except NBDDisconnected as e:
+                            history.inflight.pop(seq, None)
                             history.errors.append((time.monotonic(), f"disconnected: {e}"))
                             break
             except (OSError, NBDDisconnected, NBDError, trio.TooSlowError) as e:
@@ -154,7 +168,7 @@ async def run_writer(
         for lb in lanes:
             if len(lb):
                 n.start_soon(lane, lb)
-    history.ended = time.monotonic()
+    history.finish()
 
 
 async def sample_alua(uri: str, samples: list, *, interval: float = 0.2, source: str | None = None) -> None:
@@ -213,10 +227,11 @@ def main(argv: list[str] | None = None) -> int:
             n.start_soon(signals)
             if ns.alua_interval > 0:
                 n.start_soon(lambda: sample_alua(ns.uri, alua, interval=ns.alua_interval, source=ns.source))
-        h.ended = h.ended or time.monotonic()
+        h.finish()
 
     trio.run(run)
-    summary = {"acked": h.acked_count(), "errors": len(h.errors), "longest_pause_s": round(h.longest_pause(), 3)}
+    summary = {"acked": h.acked_count(), "errors": len(h.errors), "longest_pause_s": round(h.longest_pause(), 3),
+               "slowest_write_s": round(h.slowest, 3)}
     print(json.dumps(summary))
     if ns.out:
         out = h.to_json()
@@ -234,7 +249,8 @@ def load_history(path: str) -> tuple["History", list]:
     with open(path) as f:
         d = json.load(f)
     h = History(writes={int(k): v for k, v in d["writes"].items()}, acked_times=d.get("acked_times", []),
-                errors=[tuple(e) for e in d["errors"]], started=d.get("started", 0.0), ended=d.get("ended", 0.0))
+                errors=[tuple(e) for e in d["errors"]], started=d.get("started", 0.0), ended=d.get("ended", 0.0),
+                slowest=d.get("slowest_write_s", 0.0))
     return h, [tuple(x) for x in d.get("alua", [])]
 
 

@@ -143,6 +143,20 @@ class NBDClient:
     async def zero(self, offset: int, length: int) -> None:
         await self._cmd(CMD_WRITE_ZEROES, offset, length)
 
+    def abort_on_close(self) -> None:
+        """Make closing this connection a reset (SO_LINGER 0): requests still queued in our
+        kernel are dropped, never delivered later (the host re-issues them on another path)."""
+        import socket
+
+        s = getattr(self.stream, "transport_stream", self.stream)
+        sock = getattr(s, "socket", None)
+        if sock is not None and sock.family != socket.AF_UNIX:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass  # already closed: nothing of ours is queued any more
+        self.closed = True
+
     async def disconnect(self) -> None:
         if not self.closed:
             try:
@@ -253,15 +267,22 @@ async def open_nbd(uri: str | NbdUri, connect_timeout: float = 5.0, source: str 
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
-    async with trio.open_nursery() as n:
-        await n.start(c._receiver)
-        try:
-            yield c
-        finally:
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(2):
-                    await c.disconnect()
-            n.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as n:
+            await n.start(c._receiver)
+            try:
+                yield c
+            finally:
+                with trio.CancelScope(shield=True):
+                    with trio.move_on_after(2):
+                        await c.disconnect()
+                n.cancel_scope.cancel()
+    except BaseExceptionGroup as eg:
+        # The receiver handles its own errors, so a group holds what the caller's block raised:
+        # give the caller back its own exception, not a group it does not expect.
+        if len(eg.exceptions) == 1:
+            raise eg.exceptions[0] from eg.exceptions[0].__cause__
+        raise
 
 
 class AluaProbe:

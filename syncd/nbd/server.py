@@ -318,6 +318,9 @@ class NBDConnection:
                 ev = await self._complete_write(ev)
             if ev.type == p.CMD_DISC:
                 return
+            if self.server.draining and ev.type != p.CMD_BLOCK_STATUS:
+                self._fail(ev.cookie, p.NBD_ESHUTDOWN, "this array is shutting down: use another path")
+                continue
             if (ev.type == p.CMD_READ or ev.type == p.CMD_WRITE) and not ev.flags and self._fast(ev):
                 continue
             self.inflight += 1
@@ -495,6 +498,15 @@ class NBDServer:
         self.tls_required = tls_required and tls_context is not None
         self.connections = 0
         self.live: set[NBDConnection] = set()
+        self.draining = False  # shutting down: new requests are refused ESHUTDOWN, running ones finish
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new requests (ESHUTDOWN: the host's multipath moves to another path) and wait
+        up to ``timeout`` for the ones already received to finish, before connections close."""
+        self.draining = True
+        with trio.move_on_after(timeout):
+            while any(c.inflight for c in self.live):
+                await trio.sleep(0.01)
 
     def drop(self, pred) -> int:
         """Disconnect every connection for which ``pred(conn)`` holds (e.g. its export was

@@ -1,15 +1,23 @@
 """The failure-matrix rig: five network namespaces joined by veth links (pyroute2).
 
-    hA --san-- A ==rep0/rep1== B --san-- hB
-               \\             /
-                wit-A   wit-B
-                   \\       /
-                      W
+    hA --sanA-- A ==rep0/rep1== B --sanB-- hB        uniform only: hA --xA-- B, hB --xB-- A
+                |               |
+               witA           witB
+                 `----- W -----'
 
 A and B run storage nodes on loop devices, W runs the quorum witness, hA and hB run one host
-each: a verifying write workload that also samples the ALUA state its array presents (non-uniform
-Active Sync connectivity: each host reaches only its local array, proximity all). Every fault of
-the seed's list is made real: processes killed or shut down, veths taken down, loop devices failed.
+each: a verifying write workload that also samples the ALUA state it is shown.
+
+* non-uniform (Active Sync): each host reaches only its local array (proximity all) and the
+  workload connects to it directly;
+* uniform (Active Peer Persistence): each host also reaches the other array (links xA, xB) and
+  runs the host shim (``syncd host``) in its namespace with one path to each array; the
+  workload writes through the shim's unix socket. Proximity follows the site: host a is near
+  the natural primary A ("primary"), host b near B ("secondary"), so each host's local paths
+  are active/optimized and the remote ones active/non-optimized.
+
+Every fault of the seed's lists is made real: processes killed or shut down, veths taken down,
+loop devices failed.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from pathlib import Path
 
 from pyroute2 import IPRoute, NetNS, netns
 
+from syncd.config import LinkConfig
 from syncd.ctl import CtlError, call, wait_synced
 from syncd.faults import drop_loop, fail_disk, heal_disk, make_loop
 from syncd.lab import node_toml
@@ -32,11 +41,15 @@ from syncd.workload import load_history
 KEY = "matrix-witness-key-0123456789abcdef"
 NBD_PORT, REP_PORT, WIT_PORT = 10809, 7001, 7100
 ALUA_SHORT = {0: "AO", 1: "ANO", 2: "S", 3: "U", 15: "T", None: "-"}
+SHIM_SHORT = {"active/optimized": "AO", "active/non-optimized": "ANO", "transitioning": "T",
+              "unavailable": "U", "standby": "S", "unreachable": "-"}
 
 
 class Matrix:
-    def __init__(self, root: Path, tag: str, n: int, link_opts: dict, witness: dict, size: int = 16 << 20):
+    def __init__(self, root: Path, tag: str, n: int, link_opts: dict, witness: dict, size: int = 16 << 20,
+                 topology: str = "non-uniform"):
         self.root = root
+        self.topology = topology
         self.tag = tag
         self.net = f"10.{201 + n // 250}.{n % 250}"
         self.ns = {s: f"sm{tag}{s}" for s in ("A", "B", "W", "hA", "hB")}
@@ -53,9 +66,13 @@ class Matrix:
             "witA": ("A", f"{net}.17", "W", f"{net}.18"),
             "witB": ("B", f"{net}.21", "W", f"{net}.22"),
         }
+        if topology == "uniform":
+            self.links["xA"] = ("hA", f"{net}.25", "B", f"{net}.26")
+            self.links["xB"] = ("hB", f"{net}.29", "A", f"{net}.30")
         self.procs: dict[str, subprocess.Popen] = {}
         self.loops: dict[str, str] = {}
         self.samples: list[tuple] = []  # (t, site, role, epoch, serving) from the admin sockets
+        self.paths: dict[str, list] = {"A": [], "B": []}  # per host: (t, ((array, ALUA, epoch), ...)) at each change
         self._sampling = False
 
     # -- network -------------------------------------------------------------------------------
@@ -141,7 +158,8 @@ class Matrix:
                "owner_lease": w["owner_lease"], "grace": w["grace"]}
         toml = node_toml(site, peer, d, NBD_PORT, [(REP_PORT, REP_PORT)] * 2, [("vv1", Path(self.loops[site]), None)],
                          self.link_opts, wit)
-        toml = toml.replace(f'listen = ["127.0.0.1:{NBD_PORT}"]', f'listen = ["{self.links["san" + site][3]}:{NBD_PORT}"]')
+        listen = [f'"{a}:{NBD_PORT}"' for a in self.host_ports(site).values()]
+        toml = toml.replace(f'listen = ["127.0.0.1:{NBD_PORT}"]', f'listen = [{", ".join(listen)}]')
         lines, i = [], 0
         for line in toml.splitlines():
             if line.strip().startswith("{ local ="):
@@ -152,6 +170,17 @@ class Matrix:
             lines.append(line)
         cfg.write_text("\n".join(lines) + "\n")
         return cfg
+
+    def host_ports(self, array: str) -> dict[str, str]:
+        """{host site: the array's address on the link to that host}."""
+        out = {}
+        for name, (n1, _, n2, a2) in self.links.items():
+            if n2 == array and n1.startswith("h"):
+                out[n1[1:]] = a2
+        return out
+
+    def host_addresses(self, site: str) -> list[str]:
+        return [a1 for n1, a1, _, _ in self.links.values() if n1 == f"h{site}"]
 
     def start_node(self, site: str) -> None:
         self._spawn(site, site, ["-m", "syncd", "node", "--config", str(self.node_config(site))])
@@ -201,27 +230,69 @@ class Matrix:
                 time.sleep(0.1)
         call(a, "admitrcopyvv", {"volume": "vv1", "group": "rcg1"})
         call(a, "startrcopygroup", {"group": "rcg1"})
-        for site in ("A", "B"):
-            h = f"host{site.lower()}"
-            call(self.admin(site), "createhost", {"name": h, "addresses": [self.links["san" + site][1]]})
-            call(self.admin(site), "createvlun", {"volume": "vv1", "host": h, "lun": 0})
-            call(self.admin(site), "admitrcopyhost", {"host": h, "group": "rcg1", "proximity": "all"})
+        for array in ("A", "B"):
+            for site in self.host_ports(array):
+                h = f"host{site.lower()}"
+                prox = "all" if self.topology != "uniform" else ("primary" if site == "A" else "secondary")
+                call(self.admin(array), "createhost", {"name": h, "addresses": self.host_addresses(site)})
+                call(self.admin(array), "createvlun", {"volume": "vv1", "host": h, "lun": 0})
+                call(self.admin(array), "admitrcopyhost", {"host": h, "group": "rcg1", "proximity": prox})
         wait_synced(a, "rcg1", 60, None)
         self.wait(lambda: all(self.group(s)["serving"] and self.witness_ok(s) for s in ("A", "B")), 20, "both serving")
         time.sleep(4 * self.witness["interval"])  # the witness has heard that B is in sync
 
     # -- hosts ---------------------------------------------------------------------------------
+    def shim_config(self, site: str) -> Path:
+        """The host shim of host ``site``: one path to each array it is cabled to."""
+        d = self.root / f"s{site}"
+        d.mkdir(exist_ok=True)
+        cfg = d / "host.toml"
+        arrays = [(array, self.host_ports(array)[site]) for array in ("A", "B") if site in self.host_ports(array)]
+        # Re-issued writes' ranges are quarantined as long as an array may still apply the lost copy.
+        lk = self.link_opts
+        bound = LinkConfig("B", (), **lk).max_request_hold() + 0.1
+        cfg.write_text(
+            f'[host]\nname = "host{site.lower()}"\nsocket = "{d / "nbd.sock"}"\nadmin_socket = "{d / "admin.sock"}"\n'
+            f'poll_interval = 0.2\nstale_write_bound = {bound:.1f}\nio_timeout = {bound:.1f}\n'
+            + "".join(f'\n[[array]]\nname = "{a}"\npaths = ["nbd://{addr}:{NBD_PORT}"]\n' for a, addr in arrays))
+        return cfg
+
+    def start_shim(self, site: str) -> None:
+        from syncd.host import host_status
+
+        self._spawn(f"s{site}", f"h{site}", ["-m", "syncd", "host", "--config", str(self.shim_config(site))])
+        admin = str(self.root / f"s{site}" / "admin.sock")
+
+        def ready():
+            st = host_status(admin)["volumes"]
+            return st and all(p["alua"] in ("active/optimized", "active/non-optimized") for p in st[0]["paths"])
+        self.wait(ready, 20, f"host shim {site} with every path usable")
+
     def start_host(self, site: str, duration: float = 600) -> None:
+        """The workload of host ``site`` (through its shim when uniform)."""
         writer, first = (1, 0) if site == "A" else (2, 1024)
+        if self.topology == "uniform":
+            if f"s{site}" not in self.procs or self.procs[f"s{site}"].poll() is not None:
+                self.start_shim(site)
+            target = ["nbd+unix:///vv1?socket=" + str(self.root / f"s{site}" / "nbd.sock")]
+        else:
+            target = [f"nbd://{self.links['san' + site][3]}:{NBD_PORT}/vv1", "--source", self.links["san" + site][1]]
         self._spawn(f"h{site}", f"h{site}", [
-            "-m", "syncd.workload", f"nbd://{self.links['san' + site][3]}:{NBD_PORT}/vv1",
+            "-m", "syncd.workload", *target,
             "--writer", str(writer), "--blocks", f"{first}:1024", "--qd", "4", "--duration", str(duration),
-            "--source", self.links["san" + site][1], "--alua-interval", "0.1",
-            "--out", str(self.root / f"h{site}.json"),
+            "--alua-interval", "0.1", "--out", str(self.root / f"h{site}.json"),
         ])
+
+    def fail_host(self, site: str) -> None:
+        """The host (server) dies: its workload and its shim."""
+        self.stop(f"h{site}", signal.SIGTERM)
+        if f"s{site}" in self.procs:
+            self.stop(f"s{site}")
 
     def stop_host(self, site: str):
         self.stop(f"h{site}", signal.SIGTERM)
+        if f"s{site}" in self.procs:
+            self.stop(f"s{site}", signal.SIGTERM)
         return load_history(str(self.root / f"h{site}.json"))
 
     # -- observation ---------------------------------------------------------------------------
@@ -248,6 +319,8 @@ class Matrix:
         """Poll both arrays' role/epoch/serving every 50 ms (for the split-brain check)."""
         self._sampling = True
 
+        from syncd.host import host_status
+
         def loop():
             while self._sampling:
                 for s in ("A", "B"):
@@ -256,6 +329,14 @@ class Matrix:
                         self.samples.append((time.monotonic(), s, g["role"], g["epoch"], g["serving"]))
                     except (CtlError, OSError, KeyError, IndexError, json.JSONDecodeError):
                         pass
+                    if self.topology == "uniform":
+                        try:
+                            st = host_status(str(self.root / f"s{s}" / "admin.sock"))["volumes"][0]["paths"]
+                            states = tuple((p["array"], SHIM_SHORT.get(p["alua"], p["alua"]), p["epoch"]) for p in st)
+                        except (OSError, KeyError, IndexError, json.JSONDecodeError):
+                            states = None
+                        if not self.paths[s] or self.paths[s][-1][1] != states:
+                            self.paths[s].append((time.monotonic(), states))
                 time.sleep(0.05)
 
         threading.Thread(target=loop, daemon=True).start()
@@ -288,6 +369,12 @@ def alua_transitions(samples: list, t0: float) -> list[tuple[float, str]]:
             out.append((round(t - t0, 2), name))
             last = name
     return out
+
+
+def path_timeline(paths: list, t0: float) -> list[tuple[float, str]]:
+    """A shim's path states over time: [(seconds after t0, "A:AO@1 B:ANO@1")]."""
+    return [(round(t - t0, 2), "shim down" if st is None else " ".join(f"{a}:{x}@{e}" for a, x, e in st))
+            for t, st in paths]
 
 
 def pause_after(history, t0: float) -> float:

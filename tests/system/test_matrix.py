@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from syncd.ctl import call
 from syncd.workload import check_file
 
-from .matrix import Matrix, alua_transitions, pause_after
+from .matrix import Matrix, alua_transitions, path_timeline, pause_after
 from .rig import FAST_LINK, first_difference, require_root, require_tool
 
 pytestmark = [pytest.mark.system, pytest.mark.root]
@@ -71,7 +72,7 @@ def _heal_witness_then_link(m):
 
 
 def _dc_failure(m):
-    m.stop("hA", signal.SIGTERM)
+    m.fail_host("A")
     m.stop("A")
     m.set_link("witA", False)
 
@@ -116,7 +117,7 @@ SCENARIOS = {
         no_error=("A",), lose=("B",)),
     "cluster server failure": Scenario(
         "the failed server's applications stop (restarted elsewhere by the cluster); RPO 0",
-        lambda m: m.stop("hA", signal.SIGTERM), lambda m: None, "A", 1, no_error=("B",)),
+        lambda m: m.fail_host("A"), lambda m: None, "A", 1, no_error=("B",)),
     "data center failure": Scenario(
         "automatic failover of the failed array's groups; hosts of the failed site are lost",
         _dc_failure, _dc_heal, "B", 2, no_error=("B",)),
@@ -141,13 +142,56 @@ SCENARIOS = {
 }
 
 
-@pytest.mark.parametrize("name", list(SCENARIOS))
-def test_failure_scenario(tmp_path, name):
+def _switchover(m):
+    call(m.admin("A"), "setrcopygroup", {"action": "switchover", "group": "rcg1"}, timeout=30)
+
+
+_APP = "RPO 0 and RTO 0: "
+# The seed's Active Peer Persistence list (uniform hosts, each connected to both arrays through
+# the host shim), plus the secondary reboot of the Active Sync list and a planned switchover.
+UNIFORM = {
+    "primary array failure": Scenario(
+        _APP + "automatic transparent failover; hosts go on over their paths to the secondary",
+        lambda m: m.stop("A"), lambda m: m.start_node("A"), "B", 2, no_error=("A", "B")),
+    "secondary array failure": Scenario(
+        _APP + "paths to the secondary are lost; hosts use their non-optimized paths to the primary",
+        lambda m: m.stop("B"), lambda m: m.start_node("B"), "A", 1, no_error=("A", "B")),
+    "replication link failure": Scenario(
+        _APP + "paths to the secondary go unavailable; hosts use their non-optimized paths to the primary",
+        lambda m: _links(m, ["rep0", "rep1"], False), lambda m: _links(m, ["rep0", "rep1"], True),
+        "A", 1, no_error=("A", "B")),
+    "RAID set / metadata failure (primary)": Scenario(
+        _APP + "paths to the failed array go unavailable, automatic transparent failover",
+        lambda m: m.fail_disk("A"), _heal_disk, "B", 2, no_error=("A", "B")),
+    "host disconnect (host a from array A)": Scenario(
+        _APP + "the host uses its non-optimized paths to the other array",
+        lambda m: m.set_link("sanA", False), lambda m: m.set_link("sanA", True), "A", 1, no_error=("A", "B")),
+    "primary array reboot/shutdown": Scenario(
+        _APP + "the secondary takes the groups over transparently",
+        lambda m: m.stop("A", signal.SIGTERM), lambda m: m.start_node("A"), "B", 2, no_error=("A", "B")),
+    "secondary array reboot/shutdown": Scenario(
+        _APP + "hosts use their paths to the primary",
+        lambda m: m.stop("B", signal.SIGTERM), lambda m: m.start_node("B"), "A", 1, no_error=("A", "B")),
+    "cluster server failure": Scenario(
+        "the failed server's applications stop (restarted elsewhere by the cluster); RPO 0",
+        lambda m: m.fail_host("A"), lambda m: None, "A", 1, no_error=("B",)),
+    "data center failure": Scenario(
+        "automatic failover; the failed site's servers are lost (RTO > 0 for their VMs), RPO 0",
+        _dc_failure, _dc_heal, "B", 2, no_error=("B",)),
+    "planned switchover under load": Scenario(
+        _APP + "the group moves to the other array while both hosts write",
+        _switchover, lambda m: None, "B", 2, no_error=("A", "B")),
+}
+CASES = [("non-uniform", n) for n in SCENARIOS] + [("uniform", n) for n in UNIFORM]
+
+
+@pytest.mark.parametrize("topology,name", CASES, ids=[f"{t}:{n}" for t, n in CASES])
+def test_failure_scenario(tmp_path, topology, name):
     require_root()
     require_tool("losetup")
-    sc = SCENARIOS[name]
-    n = (os.getpid() * 7 + list(SCENARIOS).index(name)) % 1000
-    m = Matrix(tmp_path, format(n, "x"), n, sc.link, sc.witness)
+    sc = (UNIFORM if topology == "uniform" else SCENARIOS)[name]
+    n = (os.getpid() * 7 + CASES.index((topology, name))) % 1000
+    m = Matrix(tmp_path, format(n, "x"), n, sc.link, sc.witness, topology=topology)
     try:
         m.up()
         for s in ("A", "B"):
@@ -205,11 +249,13 @@ def test_failure_scenario(tmp_path, name):
         assert first_difference(m.loops["A"], m.loops["B"]) is None, f"{name}: replicas differ"
 
         row = {
-            "scenario": name, "expected": sc.seed,
+            "topology": topology, "scenario": name, "expected": sc.seed,
             "primary_during": f"{sc.primary} (epoch {g['epoch']})",
             "alua": {s: alua_transitions(hist[s][1], t_fault) for s in ("A", "B")},
             "errors": {s: len(hist[s][0].errors) for s in ("A", "B")},
             "interruption_s": {s: round(pause_after(hist[s][0], t_fault), 2) for s in ("A", "B")},
+            "slowest_write_s": {s: round(hist[s][0].slowest, 2) for s in ("A", "B")},
+            "paths": {s: path_timeline(m.paths[s], t_fault) for s in ("A", "B")} if topology == "uniform" else None,
             "acked": {s: hist[s][0].acked_count() for s in ("A", "B")},
             "lost_acked_writes": lost,
             "timings": "defaults" if sc.link is DEFAULT_LINK else "fast test timings",

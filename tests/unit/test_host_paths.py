@@ -28,6 +28,9 @@ class FakeClient:
         self.log.append((self.name, "read", offset, trio.current_time()))
         return bytes(length)
 
+    def abort_on_close(self):
+        self.closed = True
+
 
 def volume(states, fails=None, **cfg):
     shim = Shim(HostConfig("h", "s", (), "a", **cfg))
