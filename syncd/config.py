@@ -215,6 +215,10 @@ def parse_node_config(raw: dict, base: Path = Path("."), source: str = "") -> No
             raise ConfigError("link.resync_share: must be between 0 and 1")
         if kw["path_timeout"] <= kw["ping_interval"]:
             raise ConfigError("link.path_timeout: must be longer than link.ping_interval")
+        if kw["io_timeout"] <= kw["path_timeout"]:
+            # A request given up after io_timeout must not still arrive over a path that was
+            # only declared down (and reset) after path_timeout.
+            raise ConfigError("link.io_timeout: must be longer than link.path_timeout")
         rs = parse_size(lk.get("region_size", d.region_size), "link.region_size")
         if rs % 4096 or rs & (rs - 1):
             raise ConfigError("link.region_size: must be a power of two multiple of 4096")

@@ -39,6 +39,9 @@ DETACHED = "detached"  # peer not mirroring: writes go on alone and mark regions
 FENCING = "fencing"  # peer lost: waiting for its lease to expire before going on alone
 SYNCING = "syncing"  # peer mirroring new writes while dirty regions are copied
 ATTACHED = "attached"  # peer mirroring and in sync
+# Replies to a forwarded write meaning "not applied: I do not (or no longer) own the group":
+# the forwarding secondary waits to be given the group, else answers the host ESHUTDOWN.
+NOT_OWNER = (Status.NOT_SERVING, Status.NOT_PRIMARY, Status.STALE_EPOCH)
 
 
 class Member:
@@ -183,6 +186,13 @@ class Group:
             self.epoch,
         )
 
+    # Host-facing errors. ESHUTDOWN means "this array cannot complete the request: use another
+    # path": a path whose array lost its primary (link down, no failover), entered failsafe or
+    # lost its backing device. A write answered so was either never applied by a serving
+    # replica or ordered there before anything a host sends afterwards (replication paths are
+    # reset when they go down, so no frame arrives late; see proto/nbd-extensions.md), so a
+    # multipath host may re-issue it elsewhere at once. EIO stays for errors of the request.
+
     def local_error(self, e: OSError) -> BlockError:
         """The host's answer to a local I/O error. Once a backing device failed, this array
         serves nothing of the group: ESHUTDOWN (path unavailable) sends the host's multipath to
@@ -243,7 +253,7 @@ class Group:
                     Frame.read(link.next_id(), self.st.gid, self.epoch, m.vol_id, offset, length)
                 )
             except (LinkDown, LinkTimeout) as e:
-                raise BlockError(errno.EIO, f"read of out-of-sync region failed: {e}") from None
+                raise BlockError(errno.ESHUTDOWN, f"read of out-of-sync region failed: {e}") from None
             if reply.status != Status.OK:
                 raise BlockError(errno.EIO, f"primary refused read: {reply.status}")
             data = reply.payload
@@ -341,7 +351,7 @@ class Group:
             m.dirty.set_range(offset, length)
             m.lock.release(tok)
             if self.st.failsafe:
-                done(errno.EIO, f"group {self.name} entered failsafe")
+                done(errno.ESHUTDOWN, f"group {self.name} entered failsafe")
             else:
                 done(0, "")
 
@@ -378,15 +388,15 @@ class Group:
     def _granted(self, pend, m: Member, offset: int, data, done) -> None:
         reply = pend.reply
         if reply is None and not self.failover_possible():
-            done(errno.EIO, f"write not acknowledged by the primary: {pend.error}")
+            done(errno.ESHUTDOWN, f"write not acknowledged by the primary: {pend.error}")
             return
-        if reply is None or reply.status == Status.NOT_SERVING:
+        if reply is None or reply.status in NOT_OWNER:
             # The primary is handing the group over or is gone: the write is redone here if
             # this array gets the group (the old primary is then resynced from this one).
 
             async def redo():
                 if not await self._became_primary():
-                    done(errno.ESHUTDOWN, "primary refused the write (not serving)")
+                    done(errno.ESHUTDOWN, "the primary did not take the write and this array did not get the group")
                     return
                 try:
                     await self._write_at_primary(m, WRITE, offset, len(data), data, False, False)
@@ -398,8 +408,7 @@ class Group:
             self.node.spawn(redo)
             return
         if reply.status != Status.OK:
-            err = errno.ESHUTDOWN if reply.status == Status.NOT_SERVING else errno.EIO
-            done(err, f"primary refused the write ({reply.status})")
+            done(errno.EIO, f"primary refused the write ({reply.status})")
             return
         status = 0
         try:
@@ -464,7 +473,7 @@ class Group:
         self.lose_peer(reason)
         await self.fenced.wait()
         if self.st.failsafe:
-            raise BlockError(errno.EIO, f"group {self.name} entered failsafe: {self.fence_reason}")
+            raise BlockError(errno.ESHUTDOWN, f"group {self.name} entered failsafe: {self.fence_reason}")
         return False
 
     async def _write_at_secondary(self, m, kind, offset, length, data, fua, no_hole) -> None:
@@ -477,13 +486,14 @@ class Group:
             if await self._became_primary():
                 await self._write_at_primary(m, kind, offset, length, data, fua, no_hole)
                 return
-            raise BlockError(errno.EIO, f"write not acknowledged by the primary: {e}") from None
-        if reply.status == Status.NOT_SERVING and await self._became_primary():
-            await self._write_at_primary(m, kind, offset, length, data, fua, no_hole)
-            return
+            raise BlockError(errno.ESHUTDOWN, f"write not acknowledged by the primary: {e}") from None
+        if reply.status in NOT_OWNER:
+            if await self._became_primary():
+                await self._write_at_primary(m, kind, offset, length, data, fua, no_hole)
+                return
+            raise BlockError(errno.ESHUTDOWN, f"primary refused the write ({reply.status}) and this array did not get the group")
         if reply.status != Status.OK:
-            err = errno.ESHUTDOWN if reply.status == Status.NOT_SERVING else errno.EIO
-            raise BlockError(err, f"primary refused the write ({reply.status})")
+            raise BlockError(errno.EIO, f"primary refused the write ({reply.status})")
         status = 0
         try:
             await apply_local(m.vol, kind, offset, length, data, fua, no_hole)
@@ -512,7 +522,9 @@ class Group:
         try:
             reply = await link.wait(pend)
         except (LinkDown, LinkTimeout) as e:
-            raise BlockError(errno.EIO, f"flush not confirmed by the primary: {e}") from None
+            raise BlockError(errno.ESHUTDOWN, f"flush not confirmed by the primary: {e}") from None
+        if reply.status in NOT_OWNER:
+            raise BlockError(errno.ESHUTDOWN, f"the primary did not take the flush ({reply.status}): group changing hands")
         if reply.status != Status.OK:
             raise BlockError(errno.EIO, f"primary flush failed ({reply.status})")
 

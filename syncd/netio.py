@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import struct
 
 import trio
 from trio.lowlevel import checkpoint, wait_readable, wait_writable
@@ -139,3 +140,24 @@ async def accept(lsock: socket.socket) -> tuple[socket.socket, object]:
         if conn.family in (socket.AF_INET, socket.AF_INET6):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn, addr
+
+
+_LINGER_ABORT = struct.pack("ii", 1, 0)
+
+
+def set_abortive_close(sock) -> None:
+    """Make closing ``sock`` a reset (SO_LINGER 0): whatever is still queued in the kernel is
+    dropped rather than delivered later, when the network comes back (a lost replication or
+    host path must not deliver stale requests after the sender gave up on them). Works on
+    plain and Trio sockets; a closed socket is left alone."""
+    if sock.fileno() >= 0 and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+        except OSError:
+            pass
+
+
+def abort(sock: socket.socket) -> None:
+    """Close ``sock`` with a reset (see set_abortive_close)."""
+    set_abortive_close(sock)
+    sock.close()

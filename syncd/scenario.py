@@ -161,7 +161,7 @@ def _play(lab: dict, name: str, play: Play, topology: str, hold: float) -> dict:
             label = "shim down" if states is None else " ".join(f"{a}:{st}@{ep}" for a, st, ep in states)
             tl.append((round(ts - t0, 2), label))
         rows.append({"host": h["name"], "site": s, "arrays": h["arrays"], "alua": tl, "failed": s == failed_host,
-                     "longest_pause_s": round(hs.longest_pause(), 2), "slowest_write_s": round(hs.slowest, 2),
+                     "longest_pause_s": round(hs.longest_pause(since=t0), 2), "slowest_write_s": round(hs.slowest, 2),
                      "io_errors": len(hs.errors), "acked": hs.acked_count(), "acked_lost": lost,
                      "series": {"acked": [round(x - t0, 4) for x in hs.acked_times],
                                 "errors": [round(e[0] - t0, 4) for e in hs.errors],

@@ -69,9 +69,11 @@ class History:
     def acked_count(self) -> int:
         return sum(1 for recs in self.writes.values() for _, o in recs if o == ACKED)
 
-    def longest_pause(self) -> float:
-        """Longest gap between consecutive acknowledgements (or start/end)."""
-        ts = [self.started] + sorted(self.acked_times) + [self.ended or time.monotonic()]
+    def longest_pause(self, since: float | None = None) -> float:
+        """Longest gap between consecutive acknowledgements (or start/end), from ``since`` (a
+        fault, say) if given, else from the start."""
+        t0 = self.started if since is None else since
+        ts = [t0] + sorted(x for x in self.acked_times if x >= t0) + [self.ended or time.monotonic()]
         return max((b - a for a, b in zip(ts, ts[1:])), default=0.0)
 
     def to_json(self) -> dict:

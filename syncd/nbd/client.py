@@ -144,17 +144,13 @@ class NBDClient:
         await self._cmd(CMD_WRITE_ZEROES, offset, length)
 
     def abort_on_close(self) -> None:
-        """Make closing this connection a reset (SO_LINGER 0): requests still queued in our
-        kernel are dropped, never delivered later (the host re-issues them on another path)."""
-        import socket
+        """Make closing this connection a reset: requests still queued in our kernel are
+        dropped, never delivered later (the host re-issues them on another path)."""
+        from ..netio import set_abortive_close
 
         s = getattr(self.stream, "transport_stream", self.stream)
-        sock = getattr(s, "socket", None)
-        if sock is not None and sock.family != socket.AF_UNIX:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            except OSError:
-                pass  # already closed: nothing of ours is queued any more
+        if getattr(s, "socket", None) is not None:
+            set_abortive_close(s.socket)
         self.closed = True
 
     async def disconnect(self) -> None:

@@ -308,7 +308,7 @@ class Link:
             p.sock = None
             p.since = time.time()
             trio.lowlevel.notify_closing(sock)
-            sock.close()
+            netio.abort(sock)
             queued = list(p.queue)
             p.queue.clear()
             log.info("path %d down: %s", p.index, p.last_error or "closed")

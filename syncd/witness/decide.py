@@ -164,5 +164,9 @@ def handover(rec: GroupRecord, t: Timing, now: float, node: str, epoch: int) -> 
     rec.epoch += 1
     rec.secondary_in_sync = False  # until the new owner reports its peer in sync
     rec.failover_disabled = False
+    # The old owner vouches that the new one is alive and in sync right now: count it as heard,
+    # so the old owner's next report does not take the witness's silence from the new owner
+    # (it may not have reported yet) for "unreachable" and disable failover.
+    rec.last_seen[rec.owner] = now
     rec.last_decision = f"handover: {rec.owner} owns epoch {rec.epoch} (given by {node})"
     return Decision(True, rec.owner, rec.epoch, rec.last_decision)

@@ -375,9 +375,3 @@ def path_timeline(paths: list, t0: float) -> list[tuple[float, str]]:
     """A shim's path states over time: [(seconds after t0, "A:AO@1 B:ANO@1")]."""
     return [(round(t - t0, 2), "shim down" if st is None else " ".join(f"{a}:{x}@{e}" for a, x, e in st))
             for t, st in paths]
-
-
-def pause_after(history, t0: float) -> float:
-    """The longest stretch without an acknowledged write from ``t0`` to the end of the run."""
-    ts = [t0] + sorted(x for x in history.acked_times if x >= t0) + [history.ended]
-    return max((b - a for a, b in zip(ts, ts[1:])), default=0.0)

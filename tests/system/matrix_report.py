@@ -1,5 +1,5 @@
-"""Turn the rows test_matrix.py writes (SYNCD_MATRIX_REPORT=FILE, JSON lines) into a Markdown
-table: ``python -m tests.system.matrix_report FILE > docs/failure-matrix-table.md``."""
+"""Turn the rows test_matrix.py writes (SYNCD_MATRIX_REPORT=FILE, JSON lines) into the Markdown
+tables of docs/failure-matrix.md: ``python -m tests.system.matrix_report FILE``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ def fmt_alua(trans: list) -> str:
 
 
 def table(rows: list[dict]) -> str:
+    """The non-uniform (Active Sync) table: hosts connect straight to their local array."""
     out = ["| scenario | expected (seed, Active Sync) | primary during fault | ALUA host a (site A) | "
            "ALUA host b (site B) | I/O errors a / b | interruption a / b (s) | acked writes lost |",
            "|---|---|---|---|---|---|---|---|"]
@@ -33,9 +34,42 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out) + "\n\n" + LEGEND + "\n"
 
 
+def fmt_paths(tl: list) -> str:
+    return " → ".join(lbl if t < 0 else f"{lbl} ({t:g})" for t, lbl in tl)
+
+
+def uniform_table(rows: list[dict]) -> str:
+    """The uniform (Active Peer Persistence) table: hosts reach both arrays through the shim."""
+    out = ["| scenario | expected (seed, Active Peer Persistence) | primary during fault | paths of host a (shim) | "
+           "paths of host b (shim) | application I/O errors a / b | longest pause a / b (s) | "
+           "slowest write a / b (s) | acked writes lost |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append("| {scenario} | {expected} | {prim} | {pa} | {pb} | {ea} / {eb} | {ia} / {ib} | {sa} / {sb} | {lost} |".format(
+            scenario=r["scenario"], expected=r["expected"], prim=r["primary_during"],
+            pa=fmt_paths(r["paths"]["A"]), pb=fmt_paths(r["paths"]["B"]),
+            ea=r["errors"]["A"], eb=r["errors"]["B"],
+            ia=r["interruption_s"]["A"], ib=r["interruption_s"]["B"],
+            sa=r["slowest_write_s"]["A"], sb=r["slowest_write_s"]["B"], lost=r["lost_acked_writes"]))
+    return "\n".join(out) + "\n\n" + UNIFORM_LEGEND + "\n"
+
+
+UNIFORM_LEGEND = ("Paths as each host's shim saw them (`array:state@epoch`, sampled every 50 ms, times in s "
+                  "after the fault; - unreachable, shim down when the host failed). Longest pause: the longest "
+                  "time no write of the host completed, from the fault to the end of the run. Slowest write: the "
+                  "longest a single write took (a write overlapping one that was re-issued after its path was "
+                  "lost waits until the array behind that path can no longer apply the old copy, or until the "
+                  "epoch moves on).")
+
+
 def main(argv: list[str]) -> int:
     rows = [json.loads(line) for line in open(argv[1]) if line.strip()]
-    sys.stdout.write(table(rows))
+    uni = [r for r in rows if r.get("topology") == "uniform"]
+    non = [r for r in rows if r.get("topology", "non-uniform") == "non-uniform"]
+    if uni:
+        sys.stdout.write("### Uniform hosts (Active Peer Persistence)\n\n" + uniform_table(uni) + "\n")
+    if non:
+        sys.stdout.write("### Non-uniform hosts (Active Sync)\n\n" + table(non))
     return 0
 
 

@@ -1,12 +1,15 @@
-"""The Active Sync failure matrix (the seed's list plus the witness cases), automated.
+"""The failure matrices of the seed, automated: the Active Sync list with non-uniform hosts
+(plus the witness cases) and the Active Peer Persistence list with uniform hosts.
 
 Each scenario builds a fresh rig of five network namespaces (tests/system/matrix.py): arrays A
-and B on loop devices, witness W, hosts a and b connected non-uniformly (each to its local array
-only, proximity all) running a verifying write workload that also samples the ALUA state its
-array presents. The fault is injected for real, held, healed; then the test checks what the
-seed promises, that no acknowledged write of either host is missing on either replica, that the
-replicas are identical, that no epoch ever had two serving primaries, and records each host's
-ALUA transitions and I/O interruption.
+and B on loop devices, witness W, hosts a and b running a verifying write workload that also
+samples the ALUA state it is shown. Non-uniform: each host connects to its local array only
+(proximity all). Uniform: each host runs the host shim with a path to both arrays (proximity by
+site) and the workload writes through the shim. The fault is injected for real, held, healed;
+then the test checks what the seed promises (uniform: no application I/O error at any host the
+fault does not take down), that no acknowledged write of either host is missing on either
+replica, that the replicas are identical, that no epoch ever had two serving primaries, and
+records each host's ALUA transitions, longest pause and slowest write.
 
 Set SYNCD_MATRIX_REPORT=FILE to collect every row as JSON lines (tests/system/matrix_report.py
 turns them into the Markdown table of docs/failure-matrix.md).
@@ -25,7 +28,7 @@ import pytest
 from syncd.ctl import call
 from syncd.workload import check_file
 
-from .matrix import Matrix, alua_transitions, path_timeline, pause_after
+from .matrix import Matrix, alua_transitions, path_timeline
 from .rig import FAST_LINK, first_difference, require_root, require_tool
 
 pytestmark = [pytest.mark.system, pytest.mark.root]
@@ -148,7 +151,8 @@ def _switchover(m):
 
 _APP = "RPO 0 and RTO 0: "
 # The seed's Active Peer Persistence list (uniform hosts, each connected to both arrays through
-# the host shim), plus the secondary reboot of the Active Sync list and a planned switchover.
+# the host shim), plus the secondary reboot of the Active Sync list, a planned switchover and
+# the isolation rows.
 UNIFORM = {
     "primary array failure": Scenario(
         _APP + "automatic transparent failover; hosts go on over their paths to the secondary",
@@ -181,6 +185,16 @@ UNIFORM = {
     "planned switchover under load": Scenario(
         _APP + "the group moves to the other array while both hosts write",
         _switchover, lambda m: None, "B", 2, no_error=("A", "B")),
+    # DESIGN.md section 5's witness rows, with uniform hosts.
+    "isolated primary": Scenario(
+        "the secondary fails over through the witness, the isolated primary enters failsafe; "
+        "hosts move to the new primary",
+        lambda m: _links(m, ["rep0", "rep1", "witA"], False), lambda m: _links(m, ["rep0", "rep1", "witA"], True),
+        "B", 2, no_error=("A", "B")),
+    "isolated secondary": Scenario(
+        "the primary goes on alone, the isolated secondary stops serving; hosts use the primary",
+        lambda m: _links(m, ["rep0", "rep1", "witB"], False), lambda m: _links(m, ["rep0", "rep1", "witB"], True),
+        "A", 1, no_error=("A", "B")),
 }
 CASES = [("non-uniform", n) for n in SCENARIOS] + [("uniform", n) for n in UNIFORM]
 
@@ -214,8 +228,8 @@ def test_failure_scenario(tmp_path, topology, name):
                and all(v["sync_status"] == "synced" for v in m.group(prim)["volumes"]), 90, "resync after heal")
         m.wait(lambda: all(m.group(s)["serving"] for s in ("A", "B")), 20, "both arrays serving again")
         time.sleep(2.5)  # hosts reconnect (a cut TCP connection needs its probe timeout) and write again
-        hist = {s: m.stop_host(s) for s in ("A", "B")}
         m.stop_sampling()
+        hist = {s: m.stop_host(s) for s in ("A", "B")}
 
         # What the seed promises, while the fault held.
         g = during[sc.primary]
@@ -253,7 +267,7 @@ def test_failure_scenario(tmp_path, topology, name):
             "primary_during": f"{sc.primary} (epoch {g['epoch']})",
             "alua": {s: alua_transitions(hist[s][1], t_fault) for s in ("A", "B")},
             "errors": {s: len(hist[s][0].errors) for s in ("A", "B")},
-            "interruption_s": {s: round(pause_after(hist[s][0], t_fault), 2) for s in ("A", "B")},
+            "interruption_s": {s: round(hist[s][0].longest_pause(since=t_fault), 2) for s in ("A", "B")},
             "slowest_write_s": {s: round(hist[s][0].slowest, 2) for s in ("A", "B")},
             "paths": {s: path_timeline(m.paths[s], t_fault) for s in ("A", "B")} if topology == "uniform" else None,
             "acked": {s: hist[s][0].acked_count() for s in ("A", "B")},

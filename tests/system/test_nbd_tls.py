@@ -84,9 +84,9 @@ def test_tls_required_refuses_clear_text_connections(tlslab):
 
 def test_host_shim_reaches_both_arrays_over_tls_as_its_certificate_names_it(tlslab, tmp_path):
     """The shim's paths are nbds://: TLS with the host's client certificate, so each array
-    recognises the host by its certificate (LUN masking) whatever its address; qemu-io and fio
-    use the shim's plain unix socket."""
-    require_tool("qemu-io", "fio")
+    recognises the host by its certificate (LUN masking) whatever its address; qemu-io, fio and
+    nbdcopy use the shim's plain unix socket."""
+    require_tool("qemu-io", "fio", "nbdcopy")
     lab, certs = tlslab, tlslab["certs"]
     for site in ("A", "B"):
         call(lab["nodes"][site]["admin_socket"], "createhost", {"name": "esx1", "tls_names": ["esx1.example"]})
@@ -121,6 +121,8 @@ def test_host_shim_reaches_both_arrays_over_tls_as_its_certificate_names_it(tlsl
         run("fio", "--name=shim", "--ioengine=nbd", f"--uri={sock}", "--rw=randwrite", "--bs=4k",
             "--iodepth=8", "--size=4M", "--offset=4M", "--verify=crc32c", "--do_verify=1", "--time_based=0")
         run("qemu-io", "-f", "raw", "-c", "read -P 0x3c 0 2M", sock)
+        run("nbdcopy", sock, str(tmp_path / "copy.img"))
+        assert (tmp_path / "copy.img").read_bytes()[:2 << 20] == b"\x3c" * (2 << 20)
         ios = {x["array"]: x["ios"] for x in host_status(str(d / "admin.sock"))["volumes"][0]["paths"]}
         assert sum(ios.values()) > 1000, ios
     finally:

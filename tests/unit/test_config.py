@@ -37,6 +37,7 @@ def test_good_config_parses():
         (cfg(node__name="bad name!"), "node.name"),
         (cfg(link__peer="A"), "link.peer"),
         (cfg(link__paths=[]), "link.paths"),
+        (cfg(link__path_timeout=3.0, link__io_timeout=2.0), "link.io_timeout: must be longer than link.path_timeout"),
         (cfg(link__paths=[{"local": "nohostport", "peer": "127.0.0.1:1"}]), "link.paths[0].local"),
         (cfg(link__lease=-1), "link.lease"),
         (cfg(link__region_size="3000"), "link.region_size"),

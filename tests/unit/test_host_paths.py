@@ -116,3 +116,16 @@ async def test_round_robin_spreads_over_the_optimized_paths_only():
     for i in range(6):
         await v.write(i * 4096, b"x", False)
     assert sorted({x[0] for x in log}) == [0, 1] and [x[0] for x in log].count(0) == 3
+
+
+async def test_immediate_failback_when_the_optimized_path_returns():
+    v, log = volume([(None, 1), (ANO, 1)])
+    v.paths[0].client = None  # path 0 down: the non-optimized path carries the I/O
+    await v.write(0, b"x", False)
+    assert log[-1][0] == 1
+    v.paths[0].client = FakeClient(0, log)  # path 0 reconnected and probed active/optimized
+    v.paths[0].state = AO
+    v.note_change()
+    await v.write(0, b"x", False)
+    await v.read(0, 4096)
+    assert [x[0] for x in log[-2:]] == [0, 0]

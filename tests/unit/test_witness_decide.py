@@ -94,11 +94,12 @@ def test_one_owner_per_epoch_and_epochs_only_grow(evs):
         else:
             d = handover(g, T, now, node, epoch)
         assert g.epoch >= last_epoch
-        if g.epoch > last_epoch:
+        took_over = g.epoch > last_epoch
+        if took_over:
             assert g.epoch == last_epoch + 1 and kind in ("claim", "handover") and d.granted
         last_epoch = g.epoch
         assert owners.setdefault(g.epoch, g.owner) == g.owner  # never two owners in an epoch
-        if d.granted and kind == "claim" and d.owner == node and g.epoch > 1:
+        if took_over:  # a takeover leaves failover enabled (the new owner's peer may claim later)
             assert not g.failover_disabled
 
 
@@ -112,3 +113,12 @@ def test_handover_only_by_the_owner_to_an_in_sync_peer():
     d = handover(g, T, 0.4, "A", 1)
     assert d.granted and d.owner == "B" and d.epoch == 2
     assert not claim(g, T, 100.0, "A", 2).granted  # A cannot claim back until B reports in sync
+
+
+def test_a_report_right_after_a_handover_does_not_disable_failover():
+    g = group()
+    report(g, T, 0.0, "A", 1, peer_alive=True, peer_in_sync=True)
+    assert handover(g, T, 0.1, "A", 1).granted and g.owner == "B"
+    # A (now secondary) reports before B, the new owner, has reported to the witness itself.
+    report(g, T, 0.2, "A", 2, peer_alive=True, peer_in_sync=False)
+    assert not g.failover_disabled
