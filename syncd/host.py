@@ -1,9 +1,10 @@
-"""The host shim: a multipath NBD initiator with ALUA path selection (issue 4, first slice).
+"""The host shim: a multipath NBD initiator with ALUA path selection.
 
-``syncd host --config host.toml`` connects to one or both arrays over any number of paths,
-finds the exported volumes, groups the paths of one volume by its WWN (both arrays present the
-same one), and re-exports each volume as one NBD export on a local unix socket (and optionally
-TCP on loopback) for the host's own tools.
+``syncd host --config host.toml`` connects to one or both arrays over any number of paths
+(``nbd://``, or ``nbds://`` for TLS with the host's client certificate), finds the exported
+volumes, groups the paths of one volume by its WWN (both arrays present the same one), and
+re-exports each volume as one NBD export on a local unix socket (and optionally TCP on
+loopback) for the host's own tools.
 
 Path selection, as Linux multipath does it with ALUA:
 * active/optimized paths first (least outstanding requests among them), active/non-optimized as
@@ -11,8 +12,9 @@ Path selection, as Linux multipath does it with ALUA:
   volume is never used;
 * transitioning: the request waits and is retried (the array itself holds I/O during a role
   change) up to ``transition_timeout``;
-* ESHUTDOWN ("this array may not serve"): the path's state is re-read on every path at once and
-  the request re-issued on the best path;
+* ESHUTDOWN ("this array cannot complete it": no lease, cut from its primary, failsafe, failed
+  disk, shutting down): the state of every path is re-read at once and the request re-issued on
+  the best path (the array guarantees such a write cannot be applied behind a later one);
 * a transport error fails the path (it is reconnected and probed in the background) and the
   request is re-issued on another path;
 * with no usable path, requests queue up to ``no_path_retry`` seconds, then fail with EIO.

@@ -163,6 +163,8 @@ def _play(lab: dict, name: str, play: Play, topology: str, hold: float) -> dict:
         rows.append({"host": h["name"], "site": s, "arrays": h["arrays"], "alua": tl, "failed": s == failed_host,
                      "longest_pause_s": round(hs.longest_pause(since=t0), 2), "slowest_write_s": round(hs.slowest, 2),
                      "io_errors": len(hs.errors), "acked": hs.acked_count(), "acked_lost": lost,
+                     # writes completed while the fault held (after the first 1.5 s): none = lost access
+                     "acked_in_fault": sum(1 for x in hs.acked_times if t0 + 1.5 < x < t["heal"]),
                      "series": {"acked": [round(x - t0, 4) for x in hs.acked_times],
                                 "errors": [round(e[0] - t0, 4) for e in hs.errors],
                                 "paths": [[round(ts - t0, 3), list(map(list, st)) if st is not None else None]

@@ -54,9 +54,18 @@ class History:
     slowest: float = 0.0  # the longest a single write took (acknowledged, or still waiting at the end) (s)
     inflight: dict[int, float] = field(default_factory=dict)  # seq -> issue time of writes not answered yet
 
+    stop_at: float = 0.0  # when the workload meant to stop issuing writes (monotonic), if it had a duration
+
     def finish(self) -> None:
-        """The run is over: writes still waiting count with the time they have waited."""
-        self.ended = self.ended or time.monotonic()
+        """The run is over: writes still waiting count with the time they have waited. A run
+        that stopped at its planned time with nothing waiting ends there, not when its
+        connections were closed (that is no pause)."""
+        if not self.ended:
+            now = time.monotonic()
+            if self.stop_at and not self.inflight:
+                self.ended = min(now, max([self.stop_at] + self.acked_times[-1:]))
+            else:
+                self.ended = now
         if self.inflight:
             self.slowest = max(self.slowest, self.ended - min(self.inflight.values()))
             self.inflight.clear()
@@ -130,6 +139,7 @@ async def run_writer(
 
     rng = random.Random(seed)
     history.started = history.started or time.monotonic()
+    history.stop_at = time.monotonic() + duration
     deadline = trio.current_time() + duration
     seqs = {"n": 0}
     lanes = [blocks[i::qd] for i in range(qd)]

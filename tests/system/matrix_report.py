@@ -46,7 +46,8 @@ def uniform_table(rows: list[dict]) -> str:
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append("| {scenario} | {expected} | {prim} | {pa} | {pb} | {ea} / {eb} | {ia} / {ib} | {sa} / {sb} | {lost} |".format(
-            scenario=r["scenario"], expected=r["expected"], prim=r["primary_during"],
+            scenario=r["scenario"] + ("" if r.get("timings") != "defaults" else " *(defaults)*"),
+            expected=r["expected"], prim=r["primary_during"],
             pa=fmt_paths(r["paths"]["A"]), pb=fmt_paths(r["paths"]["B"]),
             ea=r["errors"]["A"], eb=r["errors"]["B"],
             ia=r["interruption_s"]["A"], ib=r["interruption_s"]["B"],

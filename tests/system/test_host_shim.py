@@ -63,7 +63,7 @@ def test_status_shows_both_arrays_paths_and_real_clients_use_the_socket(shim):
     run("qemu-io", "-f", "raw", "-c", "read -P 0x5a 0 1M", shim["nodes"]["B"]["volumes"]["vv1"]["uri"])
     assert "wwn=" + v["wwn"] in run("nbdinfo", sock_uri).stdout
     out = run(sys.executable, "-m", "syncd", "host", "--config", shim["shim"]["config"], "--status").stdout
-    assert "active/optimized" in out
+    assert "active/optimized" in out and "vv1: epoch 1, re-issued 0" in out
 
 
 @pytest.mark.parametrize("fault", ["primary", "secondary", "link", "switchover"])

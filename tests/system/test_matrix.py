@@ -195,6 +195,10 @@ UNIFORM = {
         "the primary goes on alone, the isolated secondary stops serving; hosts use the primary",
         lambda m: _links(m, ["rep0", "rep1", "witB"], False), lambda m: _links(m, ["rep0", "rep1", "witB"], True),
         "A", 1, no_error=("A", "B")),
+    "primary array failure (default timeouts)": Scenario(
+        _APP + "as primary array failure, with the product's default timeouts",
+        lambda m: m.stop("A"), lambda m: m.start_node("A"), "B", 2, no_error=("A", "B"),
+        hold=9.0, link=DEFAULT_LINK, witness=DEFAULT_WITNESS),
 }
 CASES = [("non-uniform", n) for n in SCENARIOS] + [("uniform", n) for n in UNIFORM]
 
