@@ -379,7 +379,28 @@ async def setrcopytarget(node: Node, what: str, action: str, address: str | None
     return {"witness": address}
 
 
+async def checkrcopyvv(node: Node, volume: str, fix: bool = False) -> dict:
+    """Online verify: compare both replicas of ``volume`` by digests while hosts keep going;
+    report the regions that differ and, with ``fix``, copy them again from the primary."""
+    from .verify import VerifyError, verify_member
+
+    if not isinstance(fix, bool):
+        raise NodeError(f"checkrcopyvv: fix must be true or false, got {fix!r}")
+    if volume not in node.volumes:
+        raise NodeError(f"checkrcopyvv: no volume {volume!r} on {node.cfg.name} "
+                        f"(volumes: {', '.join(node.volumes) or 'none'})")
+    m = node.member_of.get(volume)
+    if m is None:
+        raise NodeError(f"checkrcopyvv: volume {volume} is in no replication group: there is no replica to compare")
+    _primary_only(node, m.group, "checkrcopyvv")
+    try:
+        return await verify_member(node, m.group, m, fix)
+    except VerifyError as e:
+        raise NodeError(str(e)) from None
+
+
 COMMANDS = {
+    "checkrcopyvv": checkrcopyvv,
     "setrcopytarget": setrcopytarget,
     "creatercopygroup": creatercopygroup,
     "removercopygroup": removercopygroup,

@@ -172,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stoprcopygroup", help="stop replication of a group")
     s.add_argument("group")
 
+    s = sub.add_parser("checkrcopyvv", help="compare both replicas of a volume by digests, online (on the primary)")
+    s.add_argument("volume")
+    s.add_argument("--fix", action="store_true", help="copy the regions that differ again from the primary")
+    s.add_argument("--timeout", type=float, default=3600)
+
     s = sub.add_parser("showrcopy", help="show link, groups and volumes")
     s.add_argument("what", nargs="?", choices=["links", "groups", "witness"], help="limit the output")
     s.add_argument("group", nargs="?")
@@ -301,6 +306,18 @@ def main(argv: list[str] | None = None) -> int:
             r = call(sock, v, {"group": ns.group})
             if ns.wait:
                 wait_synced(sock, ns.group, ns.timeout, None if ns.json else console)
+        elif v == "checkrcopyvv":
+            r = call(sock, v, {"volume": ns.volume, "fix": ns.fix}, timeout=ns.timeout)
+            if not ns.json:
+                state = "identical" if not r["differing_regions"] else f"{r['differing_regions']} regions DIFFER"
+                console.print(f"checkrcopyvv {r['volume']} (group {r['group']}): {r['bytes_compared']} bytes in "
+                              f"{r['regions']} regions of {r['region_size']} compared in {r['seconds']} s "
+                              f"({r['mb_per_s']} MB/s): {state}", highlight=False)
+                for off, ln in r["differing"]:
+                    console.print(f"  differs: offset {off} length {ln}", highlight=False)
+                if r["fixing"]:
+                    console.print("  resync of the differing regions started (showrcopy shows its progress)")
+                return 0 if not r["differing_regions"] else 2
         elif v == "waitsync":
             r = wait_synced(sock, ns.group, ns.timeout, None if ns.json else console)
         elif v == "showrcopy":

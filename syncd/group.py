@@ -740,6 +740,16 @@ class Group:
         else:
             self.maybe_recover()
 
+    def resync_regions(self, m: Member, regions: list[int]) -> None:
+        """Copy these regions of ``m`` to the peer again (online verify found them different):
+        the peer forwards reads of them to us until they are copied."""
+        for r in regions:
+            m.dirty.set(r)
+        if self.peer_mode in (SYNCING, ATTACHED):
+            self.node.spawn(self._sync_new_member, m)
+        else:
+            self.maybe_recover()
+
     async def _sync_new_member(self, m: Member) -> None:
         link = self.node.link
         self.peer_mode = SYNCING

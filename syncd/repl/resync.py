@@ -32,6 +32,20 @@ class ResyncFailed(Exception):
     pass
 
 
+async def region_digests(node: "Node", g: "Group", m: "Member", off: int, ln: int, region: int):
+    """(local, peer) xxh3 digests of every region in [off, off+ln); the caller holds the range."""
+    link = node.link
+    pend = link.start(Frame.digests(link.next_id(), g.st.gid, g.epoch, m.vol_id, off, ln, region))
+    local = await m.vol.digests(off, ln, region)
+    reply = await link.wait(pend)
+    if reply.status != Status.OK:
+        raise ResyncFailed(f"peer could not compute digests of {m.st.local} ({reply.status})")
+    remote = reply.digest_list()
+    if len(remote) != len(local):
+        raise ResyncFailed(f"peer sent {len(remote)} digests for {len(local)} regions")
+    return local, remote
+
+
 class Resync:
     def __init__(self, node: "Node"):
         self.node = node
@@ -118,14 +132,7 @@ class Resync:
         tok = await m.lock.acquire(off, ln)
         try:
             link = self.node.link
-            pend = link.start(Frame.digests(link.next_id(), g.st.gid, g.epoch, m.vol_id, off, ln, region))
-            local = await m.vol.digests(off, ln, region)
-            reply = await link.wait(pend)
-            if reply.status != Status.OK:
-                raise ResyncFailed(f"peer could not compute digests of {m.st.local} ({reply.status})")
-            remote = reply.digest_list()
-            if len(remote) != len(local):
-                raise ResyncFailed(f"peer sent {len(remote)} digests for {len(local)} regions")
+            local, remote = await region_digests(self.node, g, m, off, ln, region)
             same: list[int] = []
             for i, (a, b) in enumerate(zip(local, remote)):
                 r = r0 + i
