@@ -143,8 +143,10 @@ async def creatercopygroup(node: Node, group: str, target: str, policies: str | 
     gid = secrets.randbits(31) | 1
     while gid in used:
         gid = secrets.randbits(31) | 1
-    await node.control({"op": "create_group", "name": group, "gid": gid, "primary": node.cfg.name, "policies": pol})
-    gs = GroupState(name=group, gid=gid, role="primary", peer=target, policies=pol, home=node.cfg.name)
+    gen = secrets.token_hex(8)
+    await node.control({"op": "create_group", "name": group, "gid": gid, "primary": node.cfg.name, "policies": pol,
+                        "gen": gen})
+    gs = GroupState(name=group, gid=gid, role="primary", peer=target, policies=pol, home=node.cfg.name, gen=gen)
     node.state.groups[group] = gs
     g = Group(node, gs)
     node.groups[group] = g
@@ -298,7 +300,11 @@ async def showrcopy(node: Node, group: str | None = None) -> dict:
             "role_label": g.role_label,
             "target": g.st.peer,
             "epoch": g.epoch,
-            "status": "failsafe" if g.st.failsafe else "started" if g.st.started else "stopped",
+            "status": ("split-brain" if g.st.split_brain else "failsafe" if g.st.failsafe
+                       else "started" if g.st.started else "stopped"),
+            "generation": g.st.gen,
+            "generation_history": g.st.gen_history[-5:],
+            "split_brain": g.st.split_brain or None,
             "transitioning": g.transitioning is not None,
             "disk_error": g.disk_error or None,
             "policies": g.st.policies,
@@ -425,7 +431,7 @@ async def handle_peer_control(node: Node, body: dict) -> dict | None:
         if body["primary"] != node.cfg.link.peer:
             raise NodeError(f"{body['primary']} is not this node's replication target")
         gs = GroupState(name=name, gid=body["gid"], role="secondary", peer=body["primary"],
-                        policies=body["policies"], home=body["primary"])
+                        policies=body["policies"], home=body["primary"], gen=body.get("gen", ""))
         node.state.groups[name] = gs
         g = Group(node, gs)
         node.groups[name] = g
@@ -434,18 +440,29 @@ async def handle_peer_control(node: Node, body: dict) -> dict | None:
         g.note(f"created as secondary of {body['primary']}")
         return None
     if op == "sync_groups":
-        suspect = []
+        suspect, split = [], []
         for s in body["groups"]:
             g = node.groups.get(s["name"])
-            if g is not None and g.role == "primary":
+            if g is None:
+                log.warning("peer is primary of group %s, which this node does not hold", s["name"])
+                continue
+            rel = g.gen_relation(s.get("gen", ""), s.get("gen_history", []))
+            # Would this side be resynced from the peer (secondary, or a primary the peer's higher
+            # epoch demotes), it must not hold writes the peer lacks; would it be the source, the
+            # peer must not hold writes this side lacks.
+            becomes_target = g.role == "secondary" or s["epoch"] > g.epoch
+            if g.st.split_brain or rel == "diverged" or rel == ("behind" if becomes_target else "ahead"):
+                # Both acknowledged writes apart: whichever way a resync went, one side's would be
+                # lost. Stop here and let the operator choose (setrcopygroup discard).
+                g.mark_split_brain(s.get("gen", ""), s.get("gen_history", []))
+                split.append(g.name)
+                continue
+            if g.role == "primary":
                 if s["epoch"] > g.epoch:
                     g.demote(s["epoch"])  # the witness gave the group to the peer meanwhile
                 else:
                     log.warning("group %s: peer claims it at epoch %s, this node owns epoch %s",
                                 s["name"], s["epoch"], g.epoch)
-                continue
-            if g is None:
-                log.warning("peer is primary of group %s, which this node does not hold", s["name"])
                 continue
             if s["epoch"] > g.epoch:
                 g.st.epoch = s["epoch"]
@@ -459,7 +476,28 @@ async def handle_peer_control(node: Node, body: dict) -> dict | None:
             if bad:
                 suspect.append({"group": g.name, "vol_ids": bad})
         node.save()
-        return {"suspect": suspect}
+        return {"suspect": suspect, "split_brain": split,
+                "gens": {g.name: {"gen": g.st.gen, "gen_history": g.st.gen_history} for g in node.groups.values()}}
+    if op == "adopt_gen":
+        # The primary finished resyncing us: our data is now its generation.
+        g = _group(node, body["group"])
+        if g.role == "secondary" and not g.st.split_brain:
+            g.st.gen, g.st.gen_history = body["gen"], list(body["gen_history"])
+            node.save()
+        return None
+    if op == "split_brain_resolved":
+        # The operator discarded the peer's side: we are the survivor. Compare everything.
+        g = _group(node, body["group"])
+        if g.role != "primary":
+            raise NodeError(f"group {g.name} is not primary on {node.cfg.name}: it cannot be the surviving side")
+        g.st.split_brain = ""
+        g.st.epoch = max(g.epoch, body["epoch"])  # one primary per epoch, epochs only grow
+        for m in g.members.values():
+            m.compare_all()
+        node.save()
+        g.note(f"split brain resolved: {body['discarded_by']} discarded its writes; full compare and resync from here")
+        g.maybe_recover()
+        return {"epoch": g.epoch, "gen": g.st.gen}
     if op == "leaving":
         g = _group(node, body["group"])
         if g.role == "primary" and g.epoch == body["epoch"]:

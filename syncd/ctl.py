@@ -92,13 +92,17 @@ def print_showrcopy(r: dict, console: Console) -> None:
         state = "[green]reachable[/green]" if wt["reachable"] else f"[red]unreachable[/red] ({wt['last_error'] or 'no answer'})"
         console.print(f"Quorum witness {wt['witness'] or '?'} at {wt['address']}: {state}")
     t = Table(title="Groups")
-    for c in ("group", "target", "role", "status", "mode", "epoch", "alua", "policies"):
+    for c in ("group", "target", "role", "status", "mode", "epoch", "generation", "alua", "policies"):
         t.add_column(c)
     for g in r["groups"]:
         pols = ",".join(k if v else "no_" + k for k, v in g["policies"].items())
         mode = g.get("peer_mode") or ("serving" if g["serving"] else "not serving")
-        t.add_row(g["name"], g["target"], g["role"], g["status"], mode, str(g["epoch"]), g["alua"], pols)
+        t.add_row(g["name"], g["target"], g["role"], g["status"], mode, str(g["epoch"]), g.get("generation") or "-",
+                  g["alua"], pols)
     console.print(t)
+    for g in r["groups"]:
+        if g.get("split_brain"):
+            console.print(f"[bold red]{g['name']}: SPLIT BRAIN[/bold red] {g['split_brain']}", highlight=False)
     t = Table(title="Volumes")
     for c in ("group", "local vv", "remote vv", "wwn", "size", "sync status", "progress", "last sync"):
         t.add_column(c)
@@ -114,7 +118,7 @@ def print_showrcopy(r: dict, console: Console) -> None:
     console.print(t)
 
 
-GROUP_ACTIONS = ("pol", "switchover", "failover", "recover", "restore", "reverse", "override")
+GROUP_ACTIONS = ("pol", "switchover", "failover", "recover", "restore", "reverse", "override", "discard")
 
 ROW_VIEWS = {
     "showpaths": ("paths", ("host", "volume", "lun", "group", "role", "proximity", "state", "epoch", "wwn")),
@@ -159,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "setrcopygroup",
-        help="setrcopygroup pol POLICIES GROUP | switchover|failover|recover|restore|reverse|override GROUP",
+        help="setrcopygroup pol POLICIES GROUP | switchover|failover|recover|restore|reverse|override|discard GROUP",
     )
     s.add_argument("action", choices=list(GROUP_ACTIONS))
     s.add_argument("args", nargs="+", metavar="[POLICIES] GROUP")

@@ -42,6 +42,7 @@ ATTACHED = "attached"  # peer mirroring and in sync
 # Replies to a forwarded write meaning "not applied: I do not (or no longer) own the group":
 # the forwarding secondary waits to be given the group, else answers the host ESHUTDOWN.
 NOT_OWNER = (Status.NOT_SERVING, Status.NOT_PRIMARY, Status.STALE_EPOCH)
+GEN_HISTORY = 16  # earlier data generations kept per group
 
 
 class Member:
@@ -192,6 +193,43 @@ class Group:
     # replica or ordered there before anything a host sends afterwards (replication paths are
     # reset when they go down, so no frame arrives late; see proto/nbd-extensions.md), so a
     # multipath host may re-issue it elsewhere at once. EIO stays for errors of the request.
+
+    # -- data generations ----------------------------------------------------------------------
+    def new_generation(self, why: str) -> None:
+        """This array starts acknowledging writes its peer will not have: a new generation."""
+        import secrets
+
+        if self.st.gen:
+            self.st.gen_history = (self.st.gen_history + [self.st.gen])[-GEN_HISTORY:]
+        self.st.gen = secrets.token_hex(8)
+        self.note(f"data generation {self.st.gen} ({why})")
+
+    def gen_relation(self, gen: str, history: list) -> str:
+        """How the peer's data (``gen``, ``history``) relates to ours: same, behind (the peer
+        lacks writes we have), ahead (we lack the peer's), diverged (both wrote apart), or
+        unknown (a side without generations)."""
+        mine = self.st.gen
+        if not mine or not gen:
+            return "unknown"
+        if gen == mine:
+            return "same"
+        if gen in self.st.gen_history:
+            return "behind"
+        if mine in history:
+            return "ahead"
+        return "diverged"
+
+    def mark_split_brain(self, peer_gen: str, peer_history: list) -> None:
+        if self.st.split_brain:
+            return
+        self.st.split_brain = (
+            f"split brain: this array ({self.node.cfg.name}) holds data generation {self.st.gen} "
+            f"(after {', '.join(self.st.gen_history[-3:]) or 'none'}), {self.st.peer} holds {peer_gen} "
+            f"(after {', '.join(peer_history[-3:]) or 'none'}): both acknowledged writes while apart. "
+            f"Nothing is resynced until the operator runs 'setrcopygroup discard {self.name}' on the "
+            f"array whose writes since the split are to be thrown away")
+        self.note(self.st.split_brain.upper().split(":")[0] + ":" + self.st.split_brain.split(":", 1)[1])
+        self.node.save()
 
     def local_error(self, e: OSError) -> BlockError:
         """The host's answer to a local I/O error. Once a backing device failed, this array
@@ -565,6 +603,8 @@ class Group:
             self.maybe_recover()
             return
         self.alone_ok = True
+        self.new_generation("going on without the peer")
+        self.node.save()
         self.note("peer fenced off; going on alone, tracking written regions" + (f" ({why})" if why else ""))
         self.fenced.set()
         self.node.save_soon()
@@ -640,6 +680,7 @@ class Group:
         self.lease_until = 0.0
         self.lease_deadline = 0.0
         self.note(f"failover: now primary at epoch {epoch}")
+        self.new_generation(f"took the group over at epoch {epoch}")
         self.node.save()
 
     def demote(self, epoch: int) -> None:
@@ -684,7 +725,8 @@ class Group:
 
     def maybe_recover(self, operator: bool = False) -> None:
         if (
-            self.role != "primary"
+            self.st.split_brain
+            or self.role != "primary"
             or not self.st.started
             or self.peer_mode != DETACHED
             or self.recovering
@@ -704,7 +746,7 @@ class Group:
             if since < 1.0:
                 await trio.sleep(1.0 - since)
             self.last_recover = trio.current_time()
-            if not (self.st.started and self.node.link.up and self.peer_mode == DETACHED):
+            if not (self.st.started and self.node.link.up and self.peer_mode == DETACHED) or self.st.split_brain:
                 return
             # From here new writes are mirrored; snapshots of the dirty maps are taken in the
             # same step, so a write that marked a region before the switch is in them.

@@ -379,6 +379,11 @@ class Node:
         except NodeError as e:
             log.warning("state exchange with %s failed: %s", self.cfg.link.peer, e)
             ans = {}
+        for name in ans.get("split_brain", []):
+            g = self.groups.get(name)
+            peer = ans.get("gens", {}).get(name, {})
+            if g is not None:
+                g.mark_split_brain(peer.get("gen", ""), peer.get("gen_history", []))
         for entry in ans.get("suspect", []):
             # The peer's device failed since it last synced: whatever it holds is suspect.
             g = self.groups.get(entry["group"])
@@ -654,6 +659,8 @@ class Node:
             "epoch": g.epoch,
             "started": g.st.started,
             "policies": g.st.policies,
+            "gen": g.st.gen,
+            "gen_history": g.st.gen_history,
             "members": [
                 {"vol_id": m.vol_id, "local": m.st.local, "remote": m.st.remote, "wwn": m.st.wwn, "size": m.st.size}
                 for m in g.members.values()

@@ -265,6 +265,7 @@ async def override(node: Node, g: Group) -> dict:
         g.st.failsafe = False
         g.alone_ok = True
         g.peer_mode = DETACHED
+        g.new_generation("failsafe overridden: writing without the peer")
         node.save()
         g.note(f"failsafe overridden ({why})")
         g.maybe_recover()
@@ -281,7 +282,35 @@ async def override(node: Node, g: Group) -> dict:
     return {"group": g.name, "role": g.role, "epoch": g.epoch}
 
 
+async def discard(node: Node, g: Group) -> dict:
+    """Resolve a split brain: this array's writes since the split are thrown away. It becomes
+    the secondary of the peer (the surviving side), which compares every region and copies
+    what differs; nothing is resynced before the operator says which side loses."""
+    if not g.st.split_brain:
+        raise NodeError(f"discard: group {g.name} is not in split brain on {node.cfg.name}: nothing to discard")
+    _busy(g)
+    if node.link is None or not node.link.up:
+        raise NodeError(f"discard: {g.st.peer} must be reachable: it becomes the surviving side")
+    mine = g.st.gen
+    if g.role == "primary":
+        g.demote(g.epoch)  # serve nothing of our own any more before the peer starts copying
+    g.st.split_brain = ""
+    try:
+        ans = await node.control({"op": "split_brain_resolved", "group": g.name, "discarded_by": node.cfg.name,
+                                  "epoch": g.epoch})
+    except NodeError:
+        g.st.split_brain = "split brain: resolution interrupted (the peer did not answer); run discard again"
+        node.save()
+        raise
+    g.st.epoch = ans["epoch"]
+    node.save()
+    g.note(f"split brain resolved by the operator: generation {mine} of this array discarded; "
+           f"{g.st.peer} (generation {ans['gen']}) resyncs it")
+    return {"group": g.name, "role": g.role, "epoch": g.epoch, "discarded_generation": mine, "survivor": g.st.peer}
+
+
 ACTIONS = {
+    "discard": discard,
     "switchover": switchover,
     "failover": failover,
     "recover": recover,

@@ -56,6 +56,13 @@ class GroupState:
     failsafe: bool = False  # serves no I/O until the witness or the peer says it may
     proximity: dict = field(default_factory=dict)  # host name -> primary|secondary|all (this array)
     home: str = ""  # the array that is primary in the natural direction ("" = the creator)
+    # Data generations: a new one starts whenever this array begins acknowledging writes its
+    # peer does not get (going on alone, taking the group over); a secondary adopts the
+    # primary's once in sync. On reconnect they tell which side is behind, or that both wrote
+    # apart (split brain). "" = unknown (a group from before generations existed).
+    gen: str = ""
+    gen_history: list = field(default_factory=list)  # earlier generations, oldest first
+    split_brain: str = ""  # set when both sides wrote apart: nothing resyncs until resolved
 
 
 @dataclass

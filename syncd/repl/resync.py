@@ -67,6 +67,13 @@ class Resync:
                         m.resync_started = None
                     g.note("in sync")
                     self.node.save_soon()
+                    # The peer's data is now this generation (if it misses this, it stays
+                    # "behind" and is resynced again next time: never a false split brain).
+                    try:
+                        await self.node.control({"op": "adopt_gen", "group": g.name, "gen": g.st.gen,
+                                                 "gen_history": g.st.gen_history})
+                    except Exception as e:  # noqa: BLE001 - NodeError or a lost link: adopted next time
+                        log.warning("group %s: the peer did not take generation %s: %s", g.name, g.st.gen, e)
                     return
                 for m in work:
                     await self._member(g, m)

@@ -1,0 +1,117 @@
+"""Split brain (issue 5, item 2): both arrays acknowledge writes while apart (the link is cut,
+there is no witness, the operator overrides on the secondary). On reconnect the data
+generations show it: the group stops resyncing on both arrays and says so, with both
+generations; nothing is overwritten until the operator discards one side."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import trio
+
+from syncd.ctl import CtlError, call
+from syncd.lab import lab_down, lab_up
+from syncd.linkproxy import proxy_command
+from syncd.nbd.client import open_nbd
+
+from .rig import FAST_LINK, assert_replicas_identical
+
+pytestmark = pytest.mark.system
+MiB = 1 << 20
+
+
+def group(lab, site):
+    return call(lab["nodes"][site]["admin_socket"], "showrcopy", {"group": "rcg1"})["groups"][0]
+
+
+def wait_for(pred, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def write(lab, site, offset, byte):
+    async def go():
+        async with open_nbd(lab["nodes"][site]["volumes"]["vv1"]["uri"]) as c:
+            await c.write(offset, bytes([byte]) * 65536)
+    trio.run(go)
+
+
+def read_file(lab, site, offset):
+    with open(lab["nodes"][site]["volumes"]["vv1"]["path"], "rb") as f:
+        f.seek(offset)
+        return f.read(65536)
+
+
+@pytest.fixture
+def lab(tmp_path):
+    lab = lab_up(str(tmp_path / "lab"), size="8MiB", nvolumes=1, npaths=2, link_opts=FAST_LINK, timeout=60)
+    yield lab
+    lab_down(lab["dir"])
+
+
+def test_writes_on_both_sides_apart_stop_the_group_until_the_operator_discards_one(lab):
+    a, b = (lab["nodes"][s]["admin_socket"] for s in ("A", "B"))
+    write(lab, "A", 0, 0x11)
+    gen0 = group(lab, "A")["generation"]
+    wait_for(lambda: group(lab, "B")["generation"] == gen0, 10, "B to hold A's generation once in sync")
+    assert gen0
+
+    # Apart: A goes on alone (no witness: after B's lease), the operator makes B primary too.
+    proxy_command(lab["link"]["control"], "cut", paths=[0, 1])
+    wait_for(lambda: group(lab, "A")["peer_mode"] == "detached", 10, "A to go on alone")
+    write(lab, "A", 1 * MiB, 0xAA)
+    wait_for(lambda: not group(lab, "B")["serving"], 10, "B's lease to run out")
+    call(b, "setrcopygroup", {"action": "override", "group": "rcg1"}, timeout=30)
+    write(lab, "B", 2 * MiB, 0xBB)
+    ga, gb = group(lab, "A"), group(lab, "B")
+    assert ga["generation"] != gen0 and gb["generation"] != gen0 and ga["generation"] != gb["generation"]
+    assert gen0 in ga["generation_history"] and gen0 in gb["generation_history"]
+
+    # Reconnect: both say split brain, showing both generations; nothing is copied either way.
+    proxy_command(lab["link"]["control"], "heal", paths=[0, 1])
+    wait_for(lambda: group(lab, "A")["split_brain"] and group(lab, "B")["split_brain"], 15, "split brain reported")
+    time.sleep(3)
+    ga, gb = group(lab, "A"), group(lab, "B")
+    for g, other in ((ga, gb), (gb, ga)):
+        assert g["status"] == "split-brain" and g["role"] == "primary"
+        assert g["generation"] in g["split_brain"] and other["generation"] in g["split_brain"]
+        assert "setrcopygroup discard rcg1" in g["split_brain"]
+    assert read_file(lab, "A", 1 * MiB) == b"\xaa" * 65536 and read_file(lab, "B", 1 * MiB) != b"\xaa" * 65536
+    assert read_file(lab, "B", 2 * MiB) == b"\xbb" * 65536 and read_file(lab, "A", 2 * MiB) != b"\xbb" * 65536
+
+    # The operator keeps B's data: A discards its writes since the split and is resynced from B.
+    r = call(a, "setrcopygroup", {"action": "discard", "group": "rcg1"}, timeout=30)
+    assert r["survivor"] == "B" and r["discarded_generation"] == ga["generation"]
+    wait_for(lambda: group(lab, "B")["peer_mode"] == "attached"
+             and all(v["sync_status"] == "synced" for v in group(lab, "B")["volumes"]), 30, "resync from B")
+    assert group(lab, "A")["role"] == "secondary" and not group(lab, "A")["split_brain"]
+    wait_for(lambda: group(lab, "A")["generation"] == gb["generation"], 10, "A to adopt B's generation")
+    assert_replicas_identical(lab, "vv1")
+    assert read_file(lab, "A", 2 * MiB) == b"\xbb" * 65536 and read_file(lab, "A", 0) == b"\x11" * 65536
+    assert read_file(lab, "A", 1 * MiB) != b"\xaa" * 65536  # discarded, as the operator chose
+
+
+def test_discard_without_split_brain_is_refused(lab):
+    with pytest.raises(CtlError, match="not in split brain"):
+        call(lab["nodes"]["A"]["admin_socket"], "setrcopygroup", {"action": "discard", "group": "rcg1"})
+
+
+def test_a_failover_is_no_split_brain(lab):
+    """The old primary wrote nothing alone (it was killed): it is behind, not diverged."""
+    from syncd.lab import lab_kill, lab_start
+
+    b = lab["nodes"]["B"]["admin_socket"]
+    lab_kill(lab["dir"], "A")
+    wait_for(lambda: not group(lab, "B")["serving"], 10, "B's lease to run out")
+    call(b, "setrcopygroup", {"action": "override", "group": "rcg1"}, timeout=30)
+    write(lab, "B", 3 * MiB, 0xCC)
+    lab_start(lab["dir"], "A")
+    wait_for(lambda: group(lab, "B")["peer_mode"] == "attached", 30, "A resynced from B")
+    assert not group(lab, "A")["split_brain"] and not group(lab, "B")["split_brain"]
+    assert group(lab, "A")["role"] == "secondary"
+    assert_replicas_identical(lab, "vv1")
