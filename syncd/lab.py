@@ -126,8 +126,34 @@ def node_toml(name: str, peer: str, d: Path, nbd_port: int, paths: list[tuple[in
     return "\n".join(lines) + "\n"
 
 
-def lab_up(
-    d: str, *, size: str = "64MiB", nvolumes: int = 2, npaths: int = 2, group: str = "rcg1",
+def lab_up(d: str, **kw) -> dict:
+    """Start the lab (see ``_lab_up``). If it cannot come up, whatever was started is stopped
+    again (no orphaned processes or loop devices) before the error is raised."""
+    started: dict = {}
+    try:
+        return _lab_up(d, started=started, **kw)
+    except BaseException:
+        lab = started.get("lab") or {}
+        pids = [n["pid"] for n in lab.get("nodes", {}).values()]
+        pids += [x["pid"] for x in (lab.get("witness"), lab.get("link")) if x]
+        pids += [h["pid"] for h in (lab.get("hosts") or {}).values() if "pid" in h]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _wait_gone([("process", p) for p in pids], 5)
+        if started.get("loops"):
+            from .faults import drop_loop
+
+            for devs in started["loops"].values():
+                for dev in devs:
+                    drop_loop(dev)
+        raise
+
+
+def _lab_up(
+    d: str, *, started: dict, size: str = "64MiB", nvolumes: int = 2, npaths: int = 2, group: str = "rcg1",
     link_opts: dict | None = None, wait: bool = True, timeout: float = 120.0,
     volume_paths: dict[str, list[str]] | None = None, relay: bool = True,
     witness: dict | None = None, loop: bool = False, nbd_tls: dict | None = None,
@@ -150,12 +176,14 @@ def lab_up(
         for n in NODES:
             (root / n).mkdir(exist_ok=True)
             loops[n] = [make_loop(str(root / n / f"vv{i + 1}.img"), nbytes) for i in range(nvolumes)]
+            started["loops"] = loops
         volume_paths = loops
     py = sys.executable
     ports = {n: {"nbd": free_port(), "paths": [free_port() for _ in range(npaths)]} for n in NODES}
     relay_ports = [free_port() for _ in range(npaths)]
     lab: dict = {"dir": str(root), "group": group, "nodes": {}, "created": time.time(), "loops": loops,
                  "link_opts": link_opts or {}}
+    started["lab"] = lab
     wcfg: dict[str, dict] = {}
     if witness is not None:
         # The witness (site W) on loopback; A and B reach it through relays of their own (relay
@@ -287,7 +315,8 @@ def start_shims(lab: dict, topology: str) -> dict:
     from .config import LinkConfig
 
     root = Path(lab["dir"])
-    hosts = {}
+    hosts: dict = {}
+    lab["hosts"] = hosts  # visible at once: a lab that fails to come up stops what started
     # Re-issued writes wait as long as an array of this lab may still apply the lost copy.
     bound = LinkConfig("B", (), **lab.get("link_opts", {})).max_request_hold() + 0.1
     for site in NODES:
@@ -432,7 +461,8 @@ def _kill_host(d: str, lab: dict, site: str) -> str:
     return h["name"]
 
 
-def _start_host(d: str, lab: dict, site: str) -> str:
+def _start_host(d: str, site: str) -> str:
+    lab = load_lab(d)  # fresh: a node restarted just before has recorded its new pid
     h = _host(lab, site)
     if not _alive(h["pid"]):
         _start_shim(h)
@@ -549,9 +579,9 @@ def lab_heal(d: str, what: str, site: str | None = None) -> str:
         if what == "site" and site in wr:
             _relays(lab, [wr[site]], "heal")
         if what == "site" and (lab.get("hosts") or {}).get(site):
-            done.append(f"host {_start_host(d, lab, site)} started")
+            done.append(f"host {_start_host(d, site)} started")
     elif what == "host":
-        done.append(f"host {_start_host(d, lab, site)} started")
+        done.append(f"host {_start_host(d, site)} started")
     elif what == "host-link":
         hr = (lab.get("link") or {}).get("host_relays", {}).get(site, {})
         _relays(lab, [hr[site][0]], "heal")

@@ -158,3 +158,18 @@ def test_scenario_all_writes_the_topology_report_with_plots(tmp_path):
     bad = run(sys.executable, "-m", "syncd", "lab", "scenario", "all", "--only", "bogus", "--dir", str(tmp_path / "x"),
               check=False)
     assert bad.returncode != 0 and "unknown scenario" in bad.stderr + bad.stdout
+
+
+def test_lab_site_failure_and_heal_then_down_leaves_nothing_running(shim):
+    """lab fail/heal site restarts the array and its host shim; lab down then stops them all
+    (the restarted processes' pids are the ones recorded)."""
+    import subprocess
+
+    from syncd.lab import lab_fail, lab_heal
+
+    lab = shim
+    lab_fail(lab["dir"], "site", "A")
+    lab_heal(lab["dir"], "site", "A")
+    lab_down(lab["dir"])
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert lab["dir"] not in ps, [line for line in ps.splitlines() if lab["dir"] in line]

@@ -156,3 +156,17 @@ def test_link_with_a_wrong_key_never_comes_up(tmp_path):
         assert a["groups"][0]["peer_mode"] == "detached"
     finally:
         lab_down(str(d))
+
+
+def test_a_lab_that_cannot_come_up_leaves_nothing_running(tmp_path):
+    """A node that cannot start (its admin socket path is longer than a unix socket allows):
+    lab up fails naming the problem, and the witness, relay and other node it had started are
+    stopped again."""
+    from syncd.lab import LabError
+
+    deep = tmp_path / ("d" * 60) / ("e" * 40)
+    with pytest.raises(LabError, match="path too long"):
+        lab_up(str(deep), size="4MiB", nvolumes=1, npaths=1, link_opts=FAST_LINK,
+               witness={"interval": 0.2, "owner_lease": 1.0, "grace": 2.0}, timeout=20)
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(deep) not in ps, [line for line in ps.splitlines() if str(deep) in line]
