@@ -235,20 +235,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def wait_synced(sock: str, group: str, timeout: float, console: Console | None) -> dict:
+    """Poll until every volume of ``group`` is synced; with a console, a progress bar per
+    volume with the resync rate and the node's estimate of the time left."""
+    from contextlib import nullcontext
+
+    from rich.progress import BarColumn, Progress, TextColumn
+
     deadline = time.monotonic() + timeout
-    while True:
-        r = call(sock, "showrcopy", {"group": group})
-        g = r["groups"][0]
-        vols = g["volumes"]
-        if vols and all(v["sync_status"] == "synced" for v in vols):
-            return r
-        if time.monotonic() > deadline:
-            states = ", ".join(f"{v['name']} {v['sync_status']} {v['sync_percent']}%" for v in vols)
-            raise CtlError(f"group {group} not synced after {timeout:.0f}s: {states}")
-        if console is not None:
-            pct = min((v["sync_percent"] for v in vols), default=0)
-            console.print(f"  waiting for {group}: {pct:.1f}% synced", end="\r")
-        time.sleep(0.2)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
+                        TextColumn("{task.fields[detail]}"), console=console, transient=True) if console else None
+    tasks: dict[str, int] = {}
+    with progress or nullcontext():
+        while True:
+            r = call(sock, "showrcopy", {"group": group})
+            vols = r["groups"][0]["volumes"]
+            if vols and all(v["sync_status"] == "synced" for v in vols):
+                return r
+            if time.monotonic() > deadline:
+                states = ", ".join(f"{v['name']} {v['sync_status']} {v['sync_percent']}%" for v in vols)
+                raise CtlError(f"group {group} not synced after {timeout:.0f}s: {states}")
+            for v in vols if progress is not None else ():
+                rs = v.get("resync") or {}
+                detail = v["sync_status"]
+                if rs.get("rate_bps"):
+                    detail += f" {rs['rate_bps'] / 1e6:.1f} MB/s"
+                if rs.get("eta_s") is not None:
+                    detail += f" eta {rs['eta_s']:.0f}s"
+                if v["name"] not in tasks:
+                    tasks[v["name"]] = progress.add_task(f"{group}/{v['name']}", total=100, detail="")
+                progress.update(tasks[v["name"]], completed=v["sync_percent"], detail=detail)
+            time.sleep(0.2)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -170,3 +170,27 @@ def test_a_lab_that_cannot_come_up_leaves_nothing_running(tmp_path):
                witness={"interval": 0.2, "owner_lease": 1.0, "grace": 2.0}, timeout=20)
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(deep) not in ps, [line for line in ps.splitlines() if str(deep) in line]
+
+
+def test_waitsync_shows_progress_until_the_initial_sync_ends(tmp_path):
+    """syncctl waitsync (and startrcopygroup --wait) follow the sync with a progress bar per
+    volume, here on a terminal (script(1) gives syncctl a pseudo-terminal)."""
+    import sys
+
+    require_tool("script")
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    with open(a, "wb") as f:  # data that differs from B's (zeros): the initial sync has work to do
+        for _ in range(16):
+            f.write(os.urandom(16 << 20))
+    with open(b, "wb") as f:
+        f.truncate(256 << 20)
+    lab = lab_up(str(tmp_path / "lab"), nvolumes=1, npaths=1, link_opts=FAST_LINK, wait=False,
+                 volume_paths={"A": [str(a)], "B": [str(b)]})
+    try:
+        cmd = f"{sys.executable} -m syncd.ctl --socket {lab['nodes']['A']['admin_socket']} waitsync rcg1 --timeout 120"
+        out = run("script", "-qec", cmd, "/dev/null", timeout=180).stdout
+        assert "rcg1/vv1" in out and "%" in out and "waitsync: ok" in out
+        assert call(lab["nodes"]["A"]["admin_socket"], "showrcopy", {"group": "rcg1"})["groups"][0]["volumes"][0]["sync_status"] == "synced"
+        assert_replicas_identical(lab, "vv1")
+    finally:
+        lab_down(lab["dir"])
