@@ -290,6 +290,7 @@ async def showrcopy(node: Node, group: str | None = None) -> dict:
             for v in node.volumes.values()
         ],
         "resync_bytes": node.stats["resync_bytes"],
+        "compared_bytes": node.stats["compared_bytes"],
         "witness": node.witness.info() if node.witness is not None else None,
     }
     for g in groups:
@@ -440,7 +441,7 @@ async def handle_peer_control(node: Node, body: dict) -> dict | None:
         g.note(f"created as secondary of {body['primary']}")
         return None
     if op == "sync_groups":
-        suspect, split = [], []
+        suspect, split, suspect_regions = [], [], []
         for s in body["groups"]:
             g = node.groups.get(s["name"])
             if g is None:
@@ -475,14 +476,19 @@ async def handle_peer_control(node: Node, body: dict) -> dict | None:
             bad = [m.vol_id for m in g.members.values() if m.st.suspect]
             if bad:
                 suspect.append({"group": g.name, "vol_ids": bad})
+            for m in g.members.values():
+                if m.suspect_regions:  # reported until the primary has resynced us
+                    suspect_regions.append({"group": g.name, "vol_id": m.vol_id, "regions": sorted(m.suspect_regions)})
         node.save()
-        return {"suspect": suspect, "split_brain": split,
+        return {"suspect": suspect, "suspect_regions": suspect_regions, "split_brain": split,
                 "gens": {g.name: {"gen": g.st.gen, "gen_history": g.st.gen_history} for g in node.groups.values()}}
     if op == "adopt_gen":
         # The primary finished resyncing us: our data is now its generation.
         g = _group(node, body["group"])
         if g.role == "secondary" and not g.st.split_brain:
             g.st.gen, g.st.gen_history = body["gen"], list(body["gen_history"])
+            for m in g.members.values():
+                m.suspect_regions.clear()  # compared and resynced: nothing left to report
             node.save()
         return None
     if op == "split_brain_resolved":
@@ -496,8 +502,13 @@ async def handle_peer_control(node: Node, body: dict) -> dict | None:
             m.compare_all()
         node.save()
         g.note(f"split brain resolved: {body['discarded_by']} discarded its writes; full compare and resync from here")
-        g.maybe_recover()
-        return {"epoch": g.epoch, "gen": g.st.gen}
+        return {"epoch": g.epoch, "gen": g.st.gen, "gen_history": g.st.gen_history}
+    if op == "resync_me":
+        # The secondary is ready (split brain resolved on its side): start the resync now.
+        g = _group(node, body["group"])
+        if g.role == "primary":
+            g.maybe_recover(operator=True)
+        return None
     if op == "leaving":
         g = _group(node, body["group"])
         if g.role == "primary" and g.epoch == body["epoch"]:

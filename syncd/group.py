@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import time
 from typing import TYPE_CHECKING
 
 import trio
 
 from .alua import path_state
+from .intent import IntentLog
 from .nbd.export import AluaState, BlockError
 from .ranges import Bitmap, RangeLock
 from .repl.link import LinkDown, LinkTimeout
@@ -63,11 +65,17 @@ class Member:
         self.resync_bytes = 0
         self.resync_started: float | None = None
         self.stats = {"reads": 0, "writes": 0, "forwarded": 0, "bytes_read": 0, "bytes_written": 0}
+        self.intent: IntentLog  # set by Group.add_member
+        self.suspect_regions: set[int] = set()  # secondary after a crash: regions to report to the primary
 
     def compare_all(self) -> None:
-        """Primary: every region may differ on the peer; compare them all by digest."""
+        """Primary: every region may differ on the peer; compare them all by digest (recorded
+        in the write-intent log, so a crash before the comparison does not forget it)."""
         self.dirty.set_all()
         self.verify = True
+        intent = getattr(self, "intent", None)
+        if intent is not None:
+            intent.set_sync()
 
     @property
     def vol_id(self) -> int:
@@ -147,6 +155,8 @@ class Group:
 
     def add_member(self, ms: MemberState, vol: Volume) -> Member:
         m = Member(self, ms, vol, self.node.region_size)
+        m.intent = IntentLog(os.path.join(self.node.cfg.data_dir, f"intent-{self.st.gid}-{ms.vol_id}"),
+                             vol.size, self.node.region_size)
         vol.on_error = lambda v, e, m=m: self.local_io_error(m, e)
         self.members[ms.local] = m
         self.by_id[ms.vol_id] = m
@@ -155,6 +165,7 @@ class Group:
     def remove_member(self, local: str) -> Member:
         m = self.members.pop(local)
         m.vol.on_error = None
+        m.intent.remove()
         del self.by_id[m.vol_id]
         return m
 
@@ -339,7 +350,7 @@ class Group:
         return data
 
     def fast_write(self, m: Member, offset: int, data, done) -> bool:
-        if m.vol.direct or self.transitioning is not None or not self.may_serve():
+        if m.vol.direct or self.transitioning is not None or not self.may_serve() or not m.intent.ready(offset, len(data)):
             return False
         link = self.node.link
         if self.role == "primary":
@@ -470,7 +481,9 @@ class Group:
         return Frame.trim(req_id, g, e, v, offset, length, fua=fua, forwarded=forwarded)
 
     async def _write_at_primary(self, m, kind, offset, length, data, fua, no_hole) -> None:
+        await m.intent.mark(offset, length)
         tok = await m.lock.acquire(offset, length)
+        m.intent.touch(offset, length)
         try:
             while self.peer_mode == FENCING:
                 await self.fenced.wait()
@@ -515,6 +528,7 @@ class Group:
         return False
 
     async def _write_at_secondary(self, m, kind, offset, length, data, fua, no_hole) -> None:
+        await m.intent.mark(offset, length)  # applied here too, once the primary has it
         link = self.node.link
         req_id = link.next_id()
         m.stats["forwarded"] += 1
@@ -787,6 +801,7 @@ class Group:
         the peer forwards reads of them to us until they are copied."""
         for r in regions:
             m.dirty.set(r)
+        m.intent.set_sync(regions)
         if self.peer_mode in (SYNCING, ATTACHED):
             self.node.spawn(self._sync_new_member, m)
         else:
@@ -828,7 +843,9 @@ class Group:
             link.reply(path, f.req_id, Status.NOT_SERVING)
             return
         self.last_host_io = trio.current_time()
+        await m.intent.mark(f.offset, f.length)
         tok = await m.lock.acquire(f.offset, f.length)
+        m.intent.touch(f.offset, f.length)
         if not (self.mirroring and self.peer_ready):
             m.lock.release(tok)
             link.reply(path, f.req_id, Status.NOT_SERVING)
@@ -845,7 +862,8 @@ class Group:
 
     def forwarded_fast(self, link, path, f: Frame, m: Member) -> bool:
         """handle_forwarded for a plain buffered write whose range is free: inline, no task."""
-        if m.vol.direct or self.disk_error or not (self.st.started and self.mirroring and self.peer_ready):
+        if m.vol.direct or self.disk_error or not (self.st.started and self.mirroring and self.peer_ready) \
+                or not m.intent.ready(f.offset, f.length):
             return False
         tok = m.lock.try_acquire(f.offset, f.length)
         if tok is None:

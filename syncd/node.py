@@ -139,7 +139,7 @@ class Node:
         self.exports: dict[str, VolumeExport] = {}
         self.groups: dict[str, Group] = {}
         self.member_of: dict[str, Member] = {}
-        self.stats = {"resync_bytes": 0}
+        self.stats = {"resync_bytes": 0, "compared_bytes": 0}  # sent as resync / compared by digest
         self.started_at = time.time()
         self._nursery: trio.Nursery | None = None
         self._save_pending = False
@@ -192,13 +192,28 @@ class Node:
             self.link = Link(
                 cfg.link, cfg.name, self.uuid.bytes, self._on_request, self._on_link_up, self._on_link_down
             )
-        # An unclean stop loses the in-memory dirty maps: every region is suspect until the
-        # digests of both replicas have been compared.
+        # After an unclean stop (crash, kill -9, power cut) the regions that may differ are
+        # those of the write-intent logs (every region written or being written whose peer may
+        # lack it, and every dirty one): a primary compares them by digest; a secondary reports
+        # them to its primary. Without a trustworthy intent log, every region.
         self.unclean = self.state_dirty_flag()
         for g in self.groups.values():
-            if g.role == "primary" and self.unclean:
-                for m in g.members.values():
-                    m.compare_all()
+            for m in g.members.values():
+                if self.unclean:
+                    regions = m.intent.loaded_regions() if m.intent.trusted else range(m.dirty.nregions)
+                    if not m.intent.trusted:
+                        log.warning("group %s: %s: every region will be compared", g.name, m.intent.problem)
+                    if g.role == "primary":
+                        for r in regions:
+                            m.dirty.set(r)
+                        if m.dirty.count:
+                            m.verify = True
+                    else:
+                        m.suspect_regions = set(regions)
+                    g.note(f"unclean restart: {len(regions)} regions of {m.st.local} may differ from "
+                           f"{g.st.peer} (write-intent log)")
+                keep = m.dirty.test if g.role == "primary" else m.suspect_regions.__contains__
+                m.intent.reset_sync(keep)
         self.set_clean_flag(False)
 
     # -- clean/unclean marker ------------------------------------------------------------------
@@ -267,6 +282,7 @@ class Node:
                     await nursery.start(self.link.run)
                     for g in self.groups.values():
                         nursery.start_soon(self._lease_loop, g)
+                    nursery.start_soon(self._intent_loop)
                 tls = self.cfg.nbd_tls
                 if tls is not None:
                     from .config import server_tls_context
@@ -384,6 +400,16 @@ class Node:
             peer = ans.get("gens", {}).get(name, {})
             if g is not None:
                 g.mark_split_brain(peer.get("gen", ""), peer.get("gen_history", []))
+        for entry in ans.get("suspect_regions", []):
+            # The peer crashed: these regions may hold writes we do not have (or lack ours).
+            g = self.groups.get(entry["group"])
+            m = g.by_id.get(entry["vol_id"]) if g is not None and g.role == "primary" else None
+            if m is not None:
+                for r in entry["regions"]:
+                    m.dirty.set(r)
+                m.intent.set_sync(entry["regions"])
+                m.verify = True
+                g.note(f"{g.st.peer} restarted uncleanly: {len(entry['regions'])} regions of {m.st.local} compared")
         for entry in ans.get("suspect", []):
             # The peer's device failed since it last synced: whatever it holds is suspect.
             g = self.groups.get(entry["group"])
@@ -439,6 +465,21 @@ class Node:
         ev, g.failover_pending = g.failover_pending, None
         if ev is not None:
             ev.set()
+
+    async def _intent_loop(self) -> None:
+        """Clear write-intent bits of regions no write can still be applied to (idle longer
+        than ``max_request_hold``) that are not dirty (primary) or still to be reported
+        (secondary after a crash)."""
+        hold = self.cfg.link.max_request_hold() + 1.0
+        while True:
+            await trio.sleep(1.0)
+            for g in list(self.groups.values()):
+                for m in list(g.members.values()):
+                    keep = m.dirty.test if g.role == "primary" else m.suspect_regions.__contains__
+                    try:
+                        await m.intent.clear_idle(hold, keep)
+                    except OSError as e:
+                        log.warning("group %s: write-intent log of %s: %s", g.name, m.st.local, e)
 
     async def _lease_loop(self, g: Group) -> None:
         lk = self.cfg.link
@@ -517,7 +558,7 @@ class Node:
             if g.role != "secondary":
                 link.reply(path, f.req_id, Status.NOT_PRIMARY)
                 return
-            if kind == WRITE and not f.fua and not m.vol.direct:
+            if kind == WRITE and not f.fua and not m.vol.direct and m.intent.ready(f.offset, len(f.payload)):
                 # Mirrored writes are applied in arrival order, inline: no task per request.
                 try:
                     m.vol.check_range(f.offset, len(f.payload))
@@ -585,6 +626,7 @@ class Node:
         data = f.payload if kind == WRITE else None
         length = len(f.payload) if kind == WRITE else f.length
         try:
+            await m.intent.mark(f.offset, length)
             await apply_local(m.vol, kind, f.offset, length, data, f.fua, f.no_hole)
         except OSError as e:
             link.reply(path, f.req_id, e.errno or errno.EIO)

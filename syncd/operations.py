@@ -302,10 +302,14 @@ async def discard(node: Node, g: Group) -> dict:
         g.st.split_brain = "split brain: resolution interrupted (the peer did not answer); run discard again"
         node.save()
         raise
+    # Our data now counts as the survivor's generation, to be resynced in full: if the survivor
+    # goes on alone meanwhile, this side is behind it, not diverged again.
     g.st.epoch = ans["epoch"]
+    g.st.gen, g.st.gen_history = ans["gen"], list(ans["gen_history"])
     node.save()
     g.note(f"split brain resolved by the operator: generation {mine} of this array discarded; "
            f"{g.st.peer} (generation {ans['gen']}) resyncs it")
+    await node.control({"op": "resync_me", "group": g.name})
     return {"group": g.name, "role": g.role, "epoch": g.epoch, "discarded_generation": mine, "survivor": g.st.peer}
 
 

@@ -93,8 +93,12 @@ class Resync:
         while r is not None and g.peer_mode == SYNCING:
             t0 = trio.current_time()
             if m.verify:
-                await self._verify_batch(g, m, r, min(r + VERIFY_BATCH, m.dirty.nregions))
-                nxt = r + VERIFY_BATCH
+                # A run of consecutive dirty regions (at most a batch): clean ones are not read.
+                end = r + 1
+                while end < min(r + VERIFY_BATCH, m.dirty.nregions) and m.dirty.test(end):
+                    end += 1
+                await self._verify_batch(g, m, r, end)
+                nxt = end
             else:
                 batch = []
                 q = r
@@ -140,6 +144,7 @@ class Resync:
         try:
             link = self.node.link
             local, remote = await region_digests(self.node, g, m, off, ln, region)
+            self.node.stats["compared_bytes"] += ln
             same: list[int] = []
             for i, (a, b) in enumerate(zip(local, remote)):
                 r = r0 + i

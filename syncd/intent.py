@@ -1,0 +1,197 @@
+"""The write-intent log: which regions of a volume may have been written without both replicas
+knowing, kept on disk so that a crash (kill -9, power cut) costs a comparison of those regions
+only, not of the whole volume.
+
+Before any write is applied to a region, the region's bit must be set *durably* (pwrite +
+fdatasync of the bitmap file); writes to a region whose bit is already durable cost nothing
+more than a bit test. A bit is cleared (lazily, without a sync) once the region has had no write
+for longer than any write can still be held (``hold``, the arrays' ``max_request_hold``) and,
+on a primary, the peer is not missing it (the region is not dirty). A stale set bit only costs
+a digest comparison after a crash.
+
+File: ``intent-<gid>-<vol_id>`` in the node's data directory::
+
+    magic "SYNCDIL1" | u32 format version | u32 region size | u64 number of regions | bitmap
+
+A file whose header does not match the volume (another region size or size, a different
+format) or that cannot be read is not trusted: the caller then compares every region.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+
+import trio
+
+MAGIC = b"SYNCDIL1"
+VERSION = 1
+_HEAD = struct.Struct(">8sIIQ")
+
+
+class IntentLog:
+    def __init__(self, path: str, size: int, region: int):
+        self.path = path
+        self.region = region
+        self.nregions = (size + region - 1) // region
+        nbytes = (self.nregions + 7) // 8
+        self.bits = bytearray(nbytes)  # what we want set (memory)
+        self.durable = bytearray(nbytes)  # what is set on disk and synced
+        self.last = [0.0] * self.nregions  # monotonic time of the last write to each region
+        self.trusted = False  # the file existed and matched: ``loaded`` holds its bits
+        self.loaded = bytearray(nbytes)
+        self.problem = ""
+        self._lock = trio.Lock()
+        self.fd = -1
+        self._open()
+
+    # -- file ------------------------------------------------------------------------------------
+    def _open(self) -> None:
+        nbytes = len(self.bits)
+        head = _HEAD.pack(MAGIC, VERSION, self.region, self.nregions)
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+            if data[:_HEAD.size] != head:
+                self.problem = f"{self.path} does not match this volume (header {data[:_HEAD.size]!r})"
+            elif len(data) != _HEAD.size + nbytes:
+                self.problem = f"{self.path} is {len(data)} bytes, expected {_HEAD.size + nbytes}"
+            else:
+                self.loaded[:] = data[_HEAD.size:]
+                self.trusted = True
+        except FileNotFoundError:
+            self.problem = f"{self.path} is missing"
+        except OSError as e:
+            self.problem = f"{self.path} cannot be read: {e}"
+        # Start from what was on disk; the caller resets it once it has used ``loaded``.
+        self.bits[:] = self.loaded
+        self.durable[:] = self.loaded
+        tmp = self.path + ".tmp"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, head + bytes(self.loaded))
+            os.fsync(fd)
+            os.replace(tmp, self.path)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        dfd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def remove(self) -> None:
+        self.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def loaded_regions(self) -> list[int]:
+        return [r for r in range(self.nregions) if self.loaded[r >> 3] & (1 << (r & 7))]
+
+    def reset_sync(self, keep) -> None:
+        """At start, once ``loaded`` was used: only the regions ``keep(r)`` stay set, synced."""
+        for r in range(self.nregions):
+            if keep(r):
+                self.bits[r >> 3] |= 1 << (r & 7)
+            else:
+                self.bits[r >> 3] &= ~(1 << (r & 7))
+        os.pwrite(self.fd, bytes(self.bits), _HEAD.size)
+        os.fdatasync(self.fd)
+        self.durable[:] = self.bits
+
+    def set_sync(self, regions=None) -> None:
+        """Mark ``regions`` (all when None) durably, now (rare events: a full compare decided,
+        a peer's crash reported): a crash before they are resynced must not forget them."""
+        if regions is None:
+            for i in range(len(self.bits)):
+                self.bits[i] = 0xFF
+        else:
+            for r in regions:
+                self.bits[r >> 3] |= 1 << (r & 7)
+        os.pwrite(self.fd, bytes(self.bits), _HEAD.size)
+        os.fdatasync(self.fd)
+        self.durable[:] = self.bits
+
+    # -- the write path --------------------------------------------------------------------------
+    def ready(self, offset: int, length: int) -> bool:
+        """True (and the regions touched) when every region of the range is durably marked: a
+        write may go ahead without waiting. The fast paths take the slow path otherwise."""
+        r0 = offset // self.region
+        r1 = (offset + max(length, 1) - 1) // self.region
+        d = self.durable
+        for r in range(r0, r1 + 1):
+            if not d[r >> 3] & (1 << (r & 7)):
+                return False
+        now = time.monotonic()
+        for r in range(r0, r1 + 1):
+            self.last[r] = now
+        return True
+
+    def touch(self, offset: int, length: int) -> None:
+        now = time.monotonic()
+        for r in range(offset // self.region, (offset + max(length, 1) - 1) // self.region + 1):
+            self.last[r] = now
+
+    async def mark(self, offset: int, length: int) -> None:
+        """Set the range's regions durably (one fdatasync, shared by concurrent markers)."""
+        if self.ready(offset, length):
+            return
+        r0 = offset // self.region
+        r1 = (offset + max(length, 1) - 1) // self.region
+        for r in range(r0, r1 + 1):
+            self.bits[r >> 3] |= 1 << (r & 7)
+        self.touch(offset, length)
+        while not self.ready(offset, length):
+            async with self._lock:  # whoever flushes, flushes every pending mark
+                if self.ready(offset, length):
+                    break
+                snap = bytes(self.bits)
+                await self._flush(sync=True, snap=snap)
+                # Synced now: what the snapshot set and is still wanted (a bit cleared meanwhile
+                # is written as 0 by that clear's own flush, after this one).
+                for i, b in enumerate(snap):
+                    if b:
+                        self.durable[i] |= b & self.bits[i]
+
+    async def _flush(self, sync: bool, snap: bytes | None = None) -> None:
+        data = bytes(self.bits) if snap is None else snap
+        fd = self.fd
+
+        def write() -> None:
+            os.pwrite(fd, data, _HEAD.size)
+            if sync:
+                os.fdatasync(fd)
+
+        await trio.to_thread.run_sync(write)
+
+    async def clear_idle(self, hold: float, keep) -> int:
+        """Clear regions with no write for ``hold`` seconds unless ``keep(r)``; no sync (a bit
+        left set by a crash only costs a comparison). Returns how many were cleared."""
+        now = time.monotonic()
+        n = 0
+        for i, b in enumerate(self.bits):
+            if not b:
+                continue
+            for bit in range(8):
+                r = i * 8 + bit
+                if b & (1 << bit) and r < self.nregions and now - self.last[r] > hold and not keep(r):
+                    self.bits[i] &= ~(1 << bit)
+                    self.durable[i] &= ~(1 << bit)
+                    n += 1
+        if n:
+            async with self._lock:
+                await self._flush(sync=False)
+        return n
+
+    def count(self) -> int:
+        return sum(bin(b).count("1") for b in self.bits)
