@@ -461,6 +461,13 @@ async def handle_peer_control(node: Node, body: dict) -> dict | None:
             if g.role == "primary":
                 if s["epoch"] > g.epoch:
                     g.demote(s["epoch"])  # the witness gave the group to the peer meanwhile
+                    # What we were writing (or wrote alone) may differ from the new primary:
+                    # our write-intent log says where; it compares those regions.
+                    for m in g.members.values():
+                        m.suspect_regions = set(m.intent.marked_regions())
+                        if m.suspect_regions:
+                            suspect_regions.append({"group": g.name, "vol_id": m.vol_id,
+                                                    "regions": sorted(m.suspect_regions)})
                 else:
                     log.warning("group %s: peer claims it at epoch %s, this node owns epoch %s",
                                 s["name"], s["epoch"], g.epoch)

@@ -682,13 +682,18 @@ class Group:
         self.node.save()
 
     def promote(self, epoch: int) -> None:
-        """The witness gave us the group: become primary at ``epoch``. Everything may differ on
-        the old primary (writes it never acknowledged), so its return is a full verify."""
+        """The witness gave us the group: become primary at ``epoch``. What may differ on the
+        old primary when it returns: the regions we were writing (our write-intent log) and
+        those it was writing (its log, which it reports when it steps down); both are
+        compared by digest, the rest is identical."""
         self.st.role = "primary"
         self.st.epoch = epoch
         self.st.failsafe = False
         for m in self.members.values():
-            m.compare_all()
+            regions = m.intent.marked_regions()
+            for r in regions:
+                m.dirty.set(r)
+            m.verify = True
         self.peer_mode = DETACHED
         self.alone_ok = True
         self.lease_until = 0.0

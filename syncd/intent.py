@@ -96,7 +96,13 @@ class IntentLog:
             pass
 
     def loaded_regions(self) -> list[int]:
+        """The regions set in the file as found at start."""
         return [r for r in range(self.nregions) if self.loaded[r >> 3] & (1 << (r & 7))]
+
+    def marked_regions(self) -> list[int]:
+        """The regions set now."""
+        return [i * 8 + bit for i, b in enumerate(self.bits) if b for bit in range(8)
+                if b & (1 << bit) and i * 8 + bit < self.nregions]
 
     def reset_sync(self, keep) -> None:
         """At start, once ``loaded`` was used: only the regions ``keep(r)`` stay set, synced."""

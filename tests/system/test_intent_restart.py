@@ -66,3 +66,43 @@ def test_unclean_restart_compares_only_the_intent_regions(tmp_path, victim):
         print(f"kill -9 of {victim}: compared {compared / MiB:.1f} MiB of {SIZE / MiB:.0f} MiB")
     finally:
         lab_down(lab["dir"])
+
+
+def test_after_a_failover_the_returning_primary_is_compared_only_where_it_was_writing(tmp_path):
+    """kill -9 of the primary under writes at the secondary: the witness gives the group to B,
+    A returns and steps down; B compares only the regions either was writing (both write-intent
+    logs), not the whole volume."""
+    from .test_failover import WITNESS
+
+    lab = lab_up(str(tmp_path / "lab"), size=f"{SIZE >> 20}MiB", nvolumes=1, npaths=2, link_opts=FAST_LINK,
+                 witness=WITNESS, timeout=120)
+    try:
+        time.sleep(1.0)  # the witness has heard that B is in sync
+        hb = History()
+
+        async def main():
+            async with trio.open_nursery() as n:
+                n.start_soon(lambda: run_writer(lab["nodes"]["B"]["volumes"]["vv1"]["uri"], hb, writer=2,
+                                                blocks=range(0, HOT // 4096), duration=4.0, qd=8))
+                await trio.sleep(1.0)
+                await trio.to_thread.run_sync(lambda: lab_kill(lab["dir"], "A"))
+
+        trio.run(main)
+        assert group(lab, "B")["groups"][0]["role"] == "primary" and hb.errors == []
+        lab_start(lab["dir"], "A")
+        deadline = time.monotonic() + 60
+        while True:
+            g = group(lab, "B")["groups"][0]
+            if g["peer_mode"] == "attached" and all(v["sync_status"] == "synced" for v in g["volumes"]):
+                break
+            assert time.monotonic() < deadline, f"A not resynced: {g}"
+            time.sleep(0.1)
+        compared = group(lab, "B")["compared_bytes"]
+        assert group(lab, "A")["groups"][0]["role"] == "secondary"
+        assert compared <= HOT + 8 * MiB, f"compared {compared} bytes of a {SIZE} byte volume"
+        for site in ("A", "B"):
+            assert check_file(lab["nodes"][site]["volumes"]["vv1"]["path"], hb, writer=2) == []
+        assert_replicas_identical(lab, "vv1")
+        print(f"failover: compared {compared / MiB:.1f} MiB of {SIZE / MiB:.0f} MiB")
+    finally:
+        lab_down(lab["dir"])
