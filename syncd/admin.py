@@ -306,6 +306,7 @@ async def showrcopy(node: Node, group: str | None = None) -> dict:
             "generation": g.st.gen,
             "generation_history": g.st.gen_history[-5:],
             "split_brain": g.st.split_brain or None,
+            "witness_behind": g.st.witness_behind,
             "transitioning": g.transitioning is not None,
             "disk_error": g.disk_error or None,
             "policies": g.st.policies,
@@ -504,7 +505,10 @@ async def handle_peer_control(node: Node, body: dict) -> dict | None:
         if g.role != "primary":
             raise NodeError(f"group {g.name} is not primary on {node.cfg.name}: it cannot be the surviving side")
         g.st.split_brain = ""
-        g.st.epoch = max(g.epoch, body["epoch"])  # one primary per epoch, epochs only grow
+        # A new epoch above both sides' (each served alone at its own): one primary per epoch,
+        # epochs only grow. The witness does not know it yet: reported when the peer is back.
+        g.st.epoch = max(g.epoch, body["epoch"]) + 1
+        g.st.witness_behind = node.witness is not None
         for m in g.members.values():
             m.compare_all()
         node.save()

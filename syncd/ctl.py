@@ -103,6 +103,9 @@ def print_showrcopy(r: dict, console: Console) -> None:
     for g in r["groups"]:
         if g.get("split_brain"):
             console.print(f"[bold red]{g['name']}: SPLIT BRAIN[/bold red] {g['split_brain']}", highlight=False)
+        if g.get("witness_behind"):
+            console.print(f"[yellow]{g['name']}: the quorum witness does not know epoch {g['epoch']} yet "
+                          "(set without it): reported once the peer is back[/yellow]", highlight=False)
     t = Table(title="Volumes")
     for c in ("group", "local vv", "remote vv", "wwn", "size", "sync status", "progress", "last sync"):
         t.add_column(c)

@@ -689,6 +689,7 @@ class Group:
         self.st.role = "primary"
         self.st.epoch = epoch
         self.st.failsafe = False
+        self.st.witness_behind = False  # granted by the witness (an override sets it again)
         for m in self.members.values():
             regions = m.intent.marked_regions()
             for r in regions:
@@ -702,18 +703,19 @@ class Group:
         self.new_generation(f"took the group over at epoch {epoch}")
         self.node.save()
 
-    def demote(self, epoch: int) -> None:
+    def demote(self, epoch: int, why: str = "") -> None:
         """The peer owns the group at a higher epoch: become its secondary and resync."""
         self.st.role = "secondary"
         self.st.epoch = epoch
         self.st.failsafe = False
+        self.st.witness_behind = False  # the peer's epoch now; it tells the witness if need be
         for m in self.members.values():
             m.dirty = Bitmap(m.vol.size, m.dirty.region)
             m.oos.set_all()
         self.peer_mode = DETACHED
         self.alone_ok = False
         self.lease_until = 0.0
-        self.note(f"the peer owns the group at epoch {epoch}: now secondary")
+        self.note(f"{why or f'the peer owns the group at epoch {epoch}'}: now secondary")
         self.node.save()
 
     def swap_in_sync(self, role: str, epoch: int) -> None:

@@ -343,7 +343,33 @@ class Node:
     # -- the quorum witness ----------------------------------------------------------------------
     async def _run_witness(self, wc) -> None:
         with trio.CancelScope() as wc.scope:
-            await wc.run()
+            async with trio.open_nursery() as n:
+                n.start_soon(wc.run)
+                n.start_soon(self._witness_catch_up, wc)
+
+    async def _witness_catch_up(self, wc) -> None:
+        """Tell the witness about epochs the operator made without it (RESOLVE), once the peer
+        has accepted this array as primary of that epoch (it mirrors our writes); until then
+        the witness would refuse our KEEP on the next link loss."""
+        from .group import ATTACHED, SYNCING
+        from .witness.proto import WType
+
+        while True:
+            await trio.sleep(wc.cfg.interval)
+            for g in list(self.groups.values()):
+                if not (g.st.witness_behind and g.role == "primary" and not g.st.split_brain
+                        and g.peer_mode in (SYNCING, ATTACHED) and wc.reachable):
+                    continue
+                d = await wc.decide(WType.RESOLVE, g.name, g.epoch)
+                if d is None:
+                    continue
+                if d.granted and d.owner == self.cfg.name and d.epoch == g.epoch:
+                    g.st.witness_behind = False
+                    self.save()
+                    g.note(f"the quorum witness knows this array's epoch {g.epoch} now ({d.reason})")
+                elif d.reason != getattr(g, "_last_resolve_reason", None):
+                    g._last_resolve_reason = d.reason
+                    g.note(f"the quorum witness refused epoch {g.epoch}: {d.reason}")
 
     def set_witness(self, settings: dict | None) -> None:
         """Use another witness (or none) from now on; ``settings`` as in the [witness] table,

@@ -278,6 +278,9 @@ async def override(node: Node, g: Group) -> dict:
     if left > 0:
         await trio.sleep(left)
     g.promote(g.epoch + 1)
+    if wc is not None:
+        g.st.witness_behind = True  # reported to the witness once the peer accepts this epoch
+        node.save()
     g.note("override: the operator made this array primary without the witness")
     return {"group": g.name, "role": g.role, "epoch": g.epoch}
 
@@ -293,7 +296,8 @@ async def discard(node: Node, g: Group) -> dict:
         raise NodeError(f"discard: {g.st.peer} must be reachable: it becomes the surviving side")
     mine = g.st.gen
     if g.role == "primary":
-        g.demote(g.epoch)  # serve nothing of our own any more before the peer starts copying
+        # Serve nothing of our own any more before the peer starts copying.
+        g.demote(g.epoch, why="the operator discarded this array's side of the split brain")
     g.st.split_brain = ""
     try:
         ans = await node.control({"op": "split_brain_resolved", "group": g.name, "discarded_by": node.cfg.name,

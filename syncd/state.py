@@ -63,6 +63,9 @@ class GroupState:
     gen: str = ""
     gen_history: list = field(default_factory=list)  # earlier generations, oldest first
     split_brain: str = ""  # set when both sides wrote apart: nothing resyncs until resolved
+    # This array owns an epoch the operator made without the witness (override while it was
+    # unreachable, split-brain resolution): to be reported to the witness (RESOLVE).
+    witness_behind: bool = False
 
 
 @dataclass

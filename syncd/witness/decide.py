@@ -11,7 +11,11 @@ docs/failover-plan.md:
   (then the owner, pre-elected, keeps the group: failover is disabled);
 * an owner going on alone first revokes the secondary's eligibility here (``keep``);
 * an owner may hand the group to its in-sync peer (``handover``: planned switchover, or a
-  primary whose disk failed), which is the only other way an epoch advances.
+  primary whose disk failed), which is the only other way an epoch advances;
+* an epoch the operator made without the witness (an override while the witness could not be
+  reached, the resolution of a split brain) is adopted only when its owner reports it, the
+  arrays agree on it (``resolve``) and it is above every epoch the witness has known, so the
+  witness's record never goes back.
 """
 
 from __future__ import annotations
@@ -169,4 +173,26 @@ def handover(rec: GroupRecord, t: Timing, now: float, node: str, epoch: int) -> 
     # (it may not have reported yet) for "unreachable" and disable failover.
     rec.last_seen[rec.owner] = now
     rec.last_decision = f"handover: {rec.owner} owns epoch {rec.epoch} (given by {node})"
+    return Decision(True, rec.owner, rec.epoch, rec.last_decision)
+
+
+def resolve(rec: GroupRecord, t: Timing, now: float, node: str, epoch: int) -> Decision:
+    """The owner of an epoch the operator made while the witness could not be asked (override,
+    split-brain resolution) brings the witness's record up to date; it asks only once its peer
+    has accepted it as primary. The witness takes it only if that epoch is above its own."""
+    _heard(rec, node, now)
+    if node == rec.owner and epoch == rec.epoch:
+        return Decision(True, rec.owner, rec.epoch, f"{node} already owns epoch {rec.epoch}")
+    if epoch <= rec.epoch:
+        return Decision(False, rec.owner, rec.epoch,
+                        f"the witness knows {rec.owner} as owner of epoch {rec.epoch}: {node}'s epoch {epoch} "
+                        "is not newer")
+    old, old_epoch = rec.owner, rec.epoch
+    rec.owner = node
+    rec.epoch = epoch
+    rec.secondary_in_sync = False  # until the owner reports its peer in sync
+    rec.failover_disabled = False
+    rec.last_seen[node] = now
+    rec.last_decision = (f"resolved: {node} owns epoch {epoch}, set by the operator without the witness "
+                         f"(the witness had {old} at epoch {old_epoch})")
     return Decision(True, rec.owner, rec.epoch, rec.last_decision)

@@ -26,6 +26,7 @@ class WType(IntEnum):
     CLAIM = 12
     KEEP = 13
     HANDOVER = 14
+    RESOLVE = 15
     DECISION = 20
     ERROR = 21
 
@@ -54,6 +55,7 @@ PAYLOADS = {
     WType.CLAIM: Struct("group" / PascalString(Int16ub, "utf8"), "epoch" / Int64ub),
     WType.KEEP: Struct("group" / PascalString(Int16ub, "utf8"), "epoch" / Int64ub),
     WType.HANDOVER: Struct("group" / PascalString(Int16ub, "utf8"), "epoch" / Int64ub),
+    WType.RESOLVE: Struct("group" / PascalString(Int16ub, "utf8"), "epoch" / Int64ub),
     WType.DECISION: Struct(
         "granted" / Flag, "owner" / PascalString(Int8ub, "utf8"), "epoch" / Int64ub,
         "reason" / PascalString(Int16ub, "utf8"),

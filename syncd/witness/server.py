@@ -16,7 +16,7 @@ from .. import netio
 from ..config import ConfigError, check_name, load_toml, parse_addr
 from ..state import atomic_write, lock_dir
 from . import proto as w
-from .decide import Decision, GroupRecord, Timing, WitnessError, claim, handover, keep, report
+from .decide import Decision, GroupRecord, Timing, WitnessError, claim, handover, keep, report, resolve
 
 log = logging.getLogger("syncd.witness")
 FORMAT_VERSION = 1
@@ -173,7 +173,7 @@ class Witness:
                     st.groups[f.group] = rec
                     st.save()
                 d = Decision(True, rec.owner, rec.epoch, rec.last_decision)
-            elif t in (w.WType.REPORT, w.WType.CLAIM, w.WType.KEEP, w.WType.HANDOVER):
+            elif t in (w.WType.REPORT, w.WType.CLAIM, w.WType.KEEP, w.WType.HANDOVER, w.WType.RESOLVE):
                 rec = st.groups.get(f.group)
                 if rec is None:
                     raise WitnessError(f"unknown group {f.group!r}: register it first")
@@ -186,8 +186,10 @@ class Witness:
                     d = claim(rec, self.cfg.timing, now, node, f.epoch)
                 elif t == w.WType.KEEP:
                     d = keep(rec, self.cfg.timing, now, node, f.epoch)
-                else:
+                elif t == w.WType.HANDOVER:
                     d = handover(rec, self.cfg.timing, now, node, f.epoch)
+                else:
+                    d = resolve(rec, self.cfg.timing, now, node, f.epoch)
                 if rec.persistent() != before:
                     st.save()  # durable before anyone hears of it
                     log.info("witness: group %s: %s", rec.name, rec.last_decision)

@@ -1,9 +1,11 @@
-"""Crash campaign (issue 5): rounds of `kill -9` of a random array or the witness while hosts
-write through their shims (uniform lab, quorum witness); the victim is restarted and the group
-must come back in sync every round with no acknowledged write missing, identical replicas, no
-false split brain, and a resync that copies what was written while degraded, not the volume.
+"""Crash campaign (issue 5): rounds of `kill -9` of the primary, the secondary, both arrays at
+once (a power cut of both sites) or the witness while hosts write through their shims (uniform
+lab, quorum witness); the victims are restarted and the group must come back in sync every round
+with no acknowledged write missing, identical replicas, no false split brain, and a resync that
+copies and compares what was written while degraded or in flight, not the volume.
 
-SYNCD_CRASH_ROUNDS sets the number of rounds (default 4), SYNCD_CRASH_SEED the victims' order.
+SYNCD_CRASH_ROUNDS sets the number of rounds (default 5: each kind once, then random ones),
+SYNCD_CRASH_SEED the random victims' order.
 """
 
 from __future__ import annotations
@@ -44,18 +46,25 @@ def in_sync(lab) -> bool:
 
 
 def resync_counters(lab) -> dict:
+    """Per array: (pid, bytes sent by resync, bytes compared by digest) since that process started."""
     lab = load_lab(lab["dir"])
     out = {}
     for s in ("A", "B"):
         try:
-            out[s] = (lab["nodes"][s]["pid"], showrcopy(lab, s)["resync_bytes"])
+            r = showrcopy(lab, s)
+            out[s] = (lab["nodes"][s]["pid"], r["resync_bytes"], r["compared_bytes"])
         except Exception:  # noqa: BLE001
-            out[s] = (lab["nodes"][s]["pid"], 0)
+            out[s] = (lab["nodes"][s]["pid"], 0, 0)
     return out
 
 
+def since(before: dict, after: dict, i: int) -> int:
+    """Counter ``i`` summed over both arrays since ``before`` (a restarted array starts from 0)."""
+    return sum(a[i] - (before[s][i] if before[s][0] == a[0] else 0) for s, a in after.items())
+
+
 def test_kill_9_campaign_loses_nothing_and_resyncs_only_what_changed(tmp_path):
-    rounds = int(os.environ.get("SYNCD_CRASH_ROUNDS", "4"))
+    rounds = int(os.environ.get("SYNCD_CRASH_ROUNDS", "5"))
     rng = random.Random(int(os.environ.get("SYNCD_CRASH_SEED", "7")))
     d = str(tmp_path / "lab")
     lab = lab_up(d, size=f"{SIZE >> 20}MiB", nvolumes=1, npaths=2, link_opts=FAST_LINK, witness=WITNESS,
@@ -63,25 +72,26 @@ def test_kill_9_campaign_loses_nothing_and_resyncs_only_what_changed(tmp_path):
     report = []
     try:
         time.sleep(1.0)  # the witness has heard that B is in sync
-        victims = ["primary", "secondary", "witness"]
+        victims = ["primary", "secondary", "both", "witness"]
         for rnd in range(rounds):
-            victim = victims[rnd % 3] if rnd < 3 else rng.choice(victims)
+            victim = victims[rnd] if rnd < len(victims) else rng.choice(victims)
             gs = {s: showrcopy(lab, s)["groups"][0] for s in ("A", "B")}
-            site = next(s for s, g in gs.items() if g["role"] == victim) if victim != "witness" else None
+            sites = {"witness": [], "both": ["A", "B"]}.get(victim) or [
+                next(s for s, g in gs.items() if g["role"] == victim)]
             before = resync_counters(lab)
             hist = {s: History() for s in lab["hosts"]}
             t = {}
 
             def crash_and_restart():
                 t["kill"] = time.monotonic()
-                if site is None:
+                if not sites:
                     lab_fail(d, "witness")  # kill -9 of the witness
-                else:
+                for site in sites:
                     lab_kill(d, site)
                 time.sleep(2.0)
-                if site is None:
+                if not sites:
                     lab_heal(d, "witness")
-                else:
+                for site in sites:
                     lab_start(d, site)
 
             async def main():
@@ -100,7 +110,7 @@ def test_kill_9_campaign_loses_nothing_and_resyncs_only_what_changed(tmp_path):
                 assert time.monotonic() < deadline, f"round {rnd}: not back in sync after killing {victim}"
                 time.sleep(0.1)
             after = resync_counters(lab)
-            resynced = sum(b - (before[s][1] if before[s][0] == p else 0) for s, (p, b) in after.items())
+            resynced, compared = since(before, after, 1), since(before, after, 2)
             written = sum(h.acked_count() for h in hist.values()) * 4096
             gs = {s: showrcopy(lab, s)["groups"][0] for s in ("A", "B")}
             assert not any(g["split_brain"] for g in gs.values()), f"round {rnd}: false split brain {gs}"
@@ -112,10 +122,13 @@ def test_kill_9_campaign_loses_nothing_and_resyncs_only_what_changed(tmp_path):
                     assert check_file(r, hist[s], writer=i + 1) == [], f"round {rnd}: acknowledged writes missing on {r}"
             assert_replicas_identical(lab, "vv1")
             assert resynced <= HOT, f"round {rnd} ({victim}): resynced {resynced} bytes, more than the {HOT} written to"
-            report.append((rnd, victim, site or "W", written, resynced, {s: g["epoch"] for s, g in gs.items()}))
+            assert compared <= 2 * HOT, f"round {rnd} ({victim}): compared {compared} bytes of a {SIZE}-byte volume"
+            report.append((rnd, victim, "+".join(sites) or "W", written, resynced, compared,
+                           {s: g["epoch"] for s, g in gs.items()}))
     finally:
         lab_down(d)
+        print(f"crash campaign on a {SIZE / MiB:.0f} MiB volume (hosts write to {HOT / MiB:.0f} MiB of it)")
         for row in report:
-            print("round %d: killed %s (%s); host writes %.1f MiB; resynced %.1f MiB; epochs %s"
-                  % (row[0], row[1], row[2], row[3] / MiB, row[4] / MiB, row[5]))
+            print("round %d: killed %s (%s); host writes %.1f MiB; resynced %.1f MiB; compared %.1f MiB; epochs %s"
+                  % (row[0], row[1], row[2], row[3] / MiB, row[4] / MiB, row[5] / MiB, row[6]))
     assert len(report) == rounds

@@ -115,3 +115,75 @@ def test_a_failover_is_no_split_brain(lab):
     assert not group(lab, "A")["split_brain"] and not group(lab, "B")["split_brain"]
     assert group(lab, "A")["role"] == "secondary"
     assert_replicas_identical(lab, "vv1")
+
+
+def test_split_brain_with_a_witness_that_holds_the_discarded_side_as_owner(tmp_path):
+    """Both arrays lose the link and the witness; the operator overrides on both and both write.
+    The witness still records A (epoch 1) as owner when the operator discards A's side: the
+    resolution starts an epoch above both, and the survivor B brings the witness up to date
+    (RESOLVE) once A mirrors it, so a later link loss leaves B serving, not in failsafe."""
+    import json
+    from pathlib import Path
+
+    from syncd.lab import lab_fail, lab_heal
+
+    from .test_failover import WITNESS
+
+    lab = lab_up(str(tmp_path / "lab"), size="8MiB", nvolumes=1, npaths=2, link_opts=FAST_LINK,
+                 witness=WITNESS, timeout=60)
+    try:
+        a, b = (lab["nodes"][s]["admin_socket"] for s in ("A", "B"))
+        wfile = Path(lab["dir"]) / "W" / "state" / "witness.json"
+
+        def witness_record():
+            return json.loads(wfile.read_text())["groups"]["rcg1"]
+
+        write(lab, "A", 0, 0x11)
+        wait_for(lambda: wfile.exists() and witness_record()["secondary_in_sync"], 15,
+                 "the witness to hear from A that B is in sync")
+        # The witness and the link go: A (primary) enters failsafe, B's lease runs out.
+        proxy_command(lab["link"]["control"], "cut", paths=[0, 1])
+        lab_fail(lab["dir"], "witness")
+        wait_for(lambda: group(lab, "A")["status"] == "failsafe", 15, f"A in failsafe {group(lab, 'A')['events']}")
+        wait_for(lambda: not group(lab, "B")["serving"], 15, "B not serving")
+        # The operator overrides on both sides; both acknowledge writes.
+        r = call(a, "setrcopygroup", {"action": "override", "group": "rcg1"}, timeout=30)
+        assert "operator" in r["why"]
+        write(lab, "A", 1 * MiB, 0xAA)
+        call(b, "setrcopygroup", {"action": "override", "group": "rcg1"}, timeout=30)
+        assert group(lab, "B")["witness_behind"] and group(lab, "B")["epoch"] == 2
+        write(lab, "B", 2 * MiB, 0xBB)
+
+        lab_heal(lab["dir"], "witness")
+        proxy_command(lab["link"]["control"], "heal", paths=[0, 1])
+        wait_for(lambda: group(lab, "A")["split_brain"] and group(lab, "B")["split_brain"], 15, "split brain")
+        time.sleep(1.0)
+        rec = witness_record()
+        assert (rec["owner"], rec["epoch"]) == ("A", 1)  # the witness never heard of B's override
+
+        # The operator discards A's side, the one the witness holds as owner.
+        r = call(a, "setrcopygroup", {"action": "discard", "group": "rcg1"}, timeout=30)
+        assert r["survivor"] == "B" and r["epoch"] == 3  # above both sides' epochs (1 and 2)
+        wait_for(lambda: group(lab, "B")["peer_mode"] == "attached", 30, "A resynced from B")
+        wait_for(lambda: not group(lab, "B")["witness_behind"], 10, "B to bring the witness up to date")
+        rec = witness_record()
+        assert (rec["owner"], rec["epoch"]) == ("B", 3), rec
+        assert "resolved" in rec["last_decision"]
+        assert_replicas_identical(lab, "vv1")
+        assert read_file(lab, "A", 2 * MiB) == b"\xbb" * 65536
+
+        # The witness is trusted again: with the link cut, B goes on alone (KEEP granted) and
+        # A, out of sync, cannot take the group.
+        time.sleep(1.0)
+        proxy_command(lab["link"]["control"], "cut", paths=[0, 1])
+        wait_for(lambda: group(lab, "B")["peer_mode"] == "detached", 15, "B going on alone")
+        gb = group(lab, "B")
+        assert gb["status"] == "started" and gb["serving"] and gb["role"] == "primary", gb
+        write(lab, "B", 3 * MiB, 0xCC)
+        time.sleep(2.0)
+        assert group(lab, "A")["role"] == "secondary" and not group(lab, "A")["serving"]
+        proxy_command(lab["link"]["control"], "heal", paths=[0, 1])
+        wait_for(lambda: group(lab, "B")["peer_mode"] == "attached", 30, "A resynced again")
+        assert_replicas_identical(lab, "vv1")
+    finally:
+        lab_down(lab["dir"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from syncd.witness.decide import GroupRecord, Timing, claim, handover, keep, report
+from syncd.witness.decide import GroupRecord, Timing, claim, handover, keep, report, resolve
 
 T = Timing(owner_lease=3.0, drift=0.05, margin=0.5, grace=4.5)
 
@@ -65,11 +65,11 @@ def test_witness_restart_forgets_liveness_and_refuses_until_the_owner_reports():
 
 events = st.lists(
     st.tuples(
-        st.sampled_from(["report", "claim", "keep", "handover"]),
+        st.sampled_from(["report", "claim", "keep", "handover", "resolve"]),
         st.sampled_from(["A", "B"]),
         st.floats(0.0, 3.0),  # time step
         st.booleans(), st.booleans(),
-        st.integers(-1, 1),  # epoch offset the node uses (stale, current, future)
+        st.integers(-1, 2),  # epoch offset the node uses (stale, current, future)
     ),
     max_size=60,
 )
@@ -91,11 +91,15 @@ def test_one_owner_per_epoch_and_epochs_only_grow(evs):
             d = claim(g, T, now, node, epoch)
         elif kind == "keep":
             d = keep(g, T, now, node, epoch)
-        else:
+        elif kind == "handover":
             d = handover(g, T, now, node, epoch)
+        else:
+            d = resolve(g, T, now, node, epoch)
         assert g.epoch >= last_epoch
         took_over = g.epoch > last_epoch
-        if took_over:
+        if took_over and kind == "resolve":  # an operator's epoch, adopted as it is
+            assert d.granted and g.epoch == epoch and g.owner == node
+        elif took_over:
             assert g.epoch == last_epoch + 1 and kind in ("claim", "handover") and d.granted
         last_epoch = g.epoch
         assert owners.setdefault(g.epoch, g.owner) == g.owner  # never two owners in an epoch
@@ -122,3 +126,15 @@ def test_a_report_right_after_a_handover_does_not_disable_failover():
     # A (now secondary) reports before B, the new owner, has reported to the witness itself.
     report(g, T, 0.2, "A", 2, peer_alive=True, peer_in_sync=False)
     assert not g.failover_disabled
+
+
+def test_resolve_adopts_only_a_newer_epoch_of_the_operator():
+    g = group()
+    report(g, T, 0.0, "A", 1, peer_alive=True, peer_in_sync=True)
+    assert not resolve(g, T, 0.1, "B", 1).granted  # A owns epoch 1: B's is no newer
+    assert resolve(g, T, 0.1, "A", 1).granted and g.owner == "A"  # already the owner: nothing changes
+    d = resolve(g, T, 0.2, "B", 3)  # B overrode (and a split brain was resolved) without the witness
+    assert d.granted and (g.owner, g.epoch) == ("B", 3) and not g.secondary_in_sync
+    assert not resolve(g, T, 0.3, "A", 2).granted and (g.owner, g.epoch) == ("B", 3)
+    assert keep(g, T, 0.4, "B", 3).granted  # the owner can go on alone again
+    assert not claim(g, T, 100.0, "A", 3).granted  # A not in sync until B says so
