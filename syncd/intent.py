@@ -13,8 +13,10 @@ File: ``intent-<gid>-<vol_id>`` in the node's data directory::
 
     magic "SYNCDIL1" | u32 format version | u32 region size | u64 number of regions | bitmap
 
-A file whose header does not match the volume (another region size or size, a different
-format) or that cannot be read is not trusted: the caller then compares every region.
+A file whose header does not match the volume (another region size or size) or that cannot be
+read is not trusted: the caller then compares every region (and the file is started afresh). A
+file of a newer format version (written by a newer syncd) is neither trusted nor overwritten:
+the node refuses to start (StateError) rather than lose what a downgrade cannot read.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import struct
 import time
 
 import trio
+
+from .state import StateError
 
 MAGIC = b"SYNCDIL1"
 VERSION = 1
@@ -53,6 +57,11 @@ class IntentLog:
         try:
             with open(self.path, "rb") as f:
                 data = f.read()
+            if data[:8] == MAGIC and len(data) >= _HEAD.size and _HEAD.unpack_from(data)[1] > VERSION:
+                raise StateError(
+                    f"{self.path} is a write-intent log of format {_HEAD.unpack_from(data)[1]}, newer than this "
+                    f"syncd reads ({VERSION}): refusing to start and leaving it as it is (run the newer "
+                    "syncd, or remove the file to make the peers compare the whole volume)")
             if data[:_HEAD.size] != head:
                 self.problem = f"{self.path} does not match this volume (header {data[:_HEAD.size]!r})"
             elif len(data) != _HEAD.size + nbytes:

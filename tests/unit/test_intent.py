@@ -58,3 +58,19 @@ def test_reset_keeps_only_what_is_asked(tmp_path):
     log.set_sync([1, 2, 3, 4])
     log.reset_sync(lambda r: r in (2, 4))
     assert IntentLog(p, SIZE, REGION).loaded_regions() == [2, 4]
+
+
+def test_a_log_of_a_newer_format_is_refused_and_left_alone(tmp_path):
+    import struct
+
+    import pytest
+
+    from syncd.intent import MAGIC, VERSION
+    from syncd.state import StateError
+
+    p = tmp_path / "intent-1-1"
+    newer = struct.pack(">8sIIQ", MAGIC, VERSION + 1, REGION, SIZE // REGION) + b"\xff" * 100
+    p.write_bytes(newer)
+    with pytest.raises(StateError, match=f"format {VERSION + 1}, newer than this syncd reads"):
+        IntentLog(str(p), SIZE, REGION)
+    assert p.read_bytes() == newer
