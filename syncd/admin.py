@@ -20,7 +20,7 @@ from .group import DETACHED, Group
 from .node import Node, NodeError
 from .nbd.export import ALUA_NAMES
 from .repl.resync import resync_progress
-from .state import POLICIES, GroupState, MemberState
+from .state import POLICIES, GroupState, MemberState, StateError
 
 log = logging.getLogger("syncd.admin")
 
@@ -79,7 +79,7 @@ class AdminServer:
             return {"ok": False, "error": f"unknown command {req['cmd']!r}; known: {', '.join(sorted(COMMANDS))}"}
         try:
             return {"ok": True, "result": await fn(self.node, **args)}
-        except NodeError as e:
+        except (NodeError, StateError) as e:  # StateError: metadata not written (the node stops)
             return {"ok": False, "error": str(e)}
         except TypeError as e:
             return {"ok": False, "error": f"{req['cmd']}: bad arguments ({e})"}

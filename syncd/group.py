@@ -157,6 +157,8 @@ class Group:
         m = Member(self, ms, vol, self.node.region_size)
         m.intent = IntentLog(os.path.join(self.node.cfg.data_dir, f"intent-{self.st.gid}-{ms.vol_id}"),
                              vol.size, self.node.region_size)
+        # The log is node metadata: when it cannot be written, the node stops.
+        m.intent.on_error = lambda e, p=m.intent.path: self.node.metadata_failed(e, p)
         vol.on_error = lambda v, e, m=m: self.local_io_error(m, e)
         self.members[ms.local] = m
         self.by_id[ms.vol_id] = m

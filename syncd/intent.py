@@ -46,6 +46,7 @@ class IntentLog:
         self.trusted = False  # the file existed and matched: ``loaded`` holds its bits
         self.loaded = bytearray(nbytes)
         self.problem = ""
+        self.on_error = None  # callback(OSError) when the file cannot be written (the node stops)
         self._lock = trio.Lock()
         self.fd = -1
         self._open()
@@ -120,9 +121,20 @@ class IntentLog:
                 self.bits[r >> 3] |= 1 << (r & 7)
             else:
                 self.bits[r >> 3] &= ~(1 << (r & 7))
-        os.pwrite(self.fd, bytes(self.bits), _HEAD.size)
-        os.fdatasync(self.fd)
+        self._write_sync(bytes(self.bits))
         self.durable[:] = self.bits
+
+    def _write_sync(self, data: bytes) -> None:
+        try:
+            os.pwrite(self.fd, data, _HEAD.size)
+            os.fdatasync(self.fd)
+        except OSError as e:
+            self._failed(e)
+            raise
+
+    def _failed(self, e: OSError) -> None:
+        if self.on_error is not None:
+            self.on_error(e)
 
     def set_sync(self, regions=None) -> None:
         """Mark ``regions`` (all when None) durably, now (rare events: a full compare decided,
@@ -133,8 +145,7 @@ class IntentLog:
         else:
             for r in regions:
                 self.bits[r >> 3] |= 1 << (r & 7)
-        os.pwrite(self.fd, bytes(self.bits), _HEAD.size)
-        os.fdatasync(self.fd)
+        self._write_sync(bytes(self.bits))
         self.durable[:] = self.bits
 
     # -- the write path --------------------------------------------------------------------------
@@ -187,7 +198,11 @@ class IntentLog:
             if sync:
                 os.fdatasync(fd)
 
-        await trio.to_thread.run_sync(write)
+        try:
+            await trio.to_thread.run_sync(write)
+        except OSError as e:
+            self._failed(e)
+            raise
 
     async def clear_idle(self, hold: float, keep) -> int:
         """Clear regions with no write for ``hold`` seconds unless ``keep(r)``; no sync (a bit

@@ -143,6 +143,7 @@ class Node:
         self.started_at = time.time()
         self._nursery: trio.Nursery | None = None
         self._save_pending = False
+        self.fatal = ""  # set when this node's metadata can no longer be written: it stops
         self.nbd_ports: list[tuple[str, int]] = []
         self.nbd = None  # the NBD server, once running
         self.hosts = HostTable(self.state)
@@ -247,7 +248,25 @@ class Node:
         for g in self.groups.values():
             for m in g.members.values():
                 m.st.dirty = encode_bits(m.dirty.bits) if g.role == "primary" else ""
-        self.store.save(self.state)
+        try:
+            self.store.save(self.state)
+        except OSError as e:
+            self.metadata_failed(e)
+            raise StateError(self.fatal) from None
+
+    def metadata_failed(self, e: OSError, path: str = "") -> None:
+        """The data directory cannot be written (disk full, failing disk): this node cannot keep
+        its promises (epochs, dirty regions, generations must be durable before it acts on
+        them), so it stops, as a power cut would stop it, and says why; volumes are untouched
+        and the peer takes its groups over through the witness."""
+        if self.fatal:
+            return
+        self.fatal = (f"cannot write node metadata {path or self.store.path}: {e.strerror or e}; node "
+                      f"{self.cfg.name} stops (its volumes are untouched, the peer takes its groups over). "
+                      "Free space on, or repair, the data directory's disk and start the node again")
+        log.critical("%s", self.fatal)
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
 
     def save_soon(self) -> None:
         if not self._save_pending and self._nursery is not None:
@@ -296,10 +315,16 @@ class Node:
                 await nursery.start(AdminServer(self).serve, self.cfg.admin_socket)
                 log.info("node %s ready: nbd %s admin %s", self.cfg.name, self.nbd_ports, self.cfg.admin_socket)
                 task_status.started()
+            if self.fatal:
+                raise StateError(self.fatal)
         finally:
             with trio.CancelScope(shield=True):
-                self.save()
-                self.set_clean_flag(True)
+                if not self.fatal:  # a node that could not write its metadata did not stop cleanly
+                    try:
+                        self.save()
+                        self.set_clean_flag(True)
+                    except StateError:
+                        pass
                 self.close()
 
     async def hand_over_for_shutdown(self) -> None:

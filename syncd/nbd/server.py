@@ -564,7 +564,11 @@ class NBDServer:
             if not isinstance(e, _Closed):
                 log.info("client %s: %s; disconnecting it", ident.address, e)
         except BaseExceptionGroup as eg:  # a request task failed unexpectedly: this client only
-            log.warning("client %s: request failed: %r; disconnecting it", ident.address, eg)
+            cancelled, failed = eg.split(trio.Cancelled)
+            if failed is not None:
+                log.warning("client %s: request failed: %r; disconnecting it", ident.address, failed)
+            if cancelled is not None:  # the server is stopping: that must go on up
+                raise cancelled from None
         finally:
             self.connections -= 1
             self.live.discard(c)
