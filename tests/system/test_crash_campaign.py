@@ -76,8 +76,9 @@ def test_kill_9_campaign_loses_nothing_and_resyncs_only_what_changed(tmp_path):
         for rnd in range(rounds):
             victim = victims[rnd] if rnd < len(victims) else rng.choice(victims)
             gs = {s: showrcopy(lab, s)["groups"][0] for s in ("A", "B")}
-            sites = {"witness": [], "both": ["A", "B"]}.get(victim) or [
-                next(s for s, g in gs.items() if g["role"] == victim)]
+            sites = {"witness": [], "both": ["A", "B"]}.get(victim)
+            if sites is None:
+                sites = [next(s for s, g in gs.items() if g["role"] == victim)]
             before = resync_counters(lab)
             hist = {s: History() for s in lab["hosts"]}
             t = {}
