@@ -29,6 +29,30 @@ import trio
 
 from .state import StateError
 
+_CHUNK, _SUB = 4096, 64  # bitmap bytes compared at once: all-zero runs are skipped at memcmp speed
+_ZERO = bytes(_CHUNK)
+
+
+def set_bits(buf, limit: int):
+    """Indexes of the bits set in ``buf`` below ``limit``, in order. A 4 TiB volume in 256 KiB
+    regions has a 2 MiB bitmap, mostly zero: only non-zero 64-byte runs are looked at bit by
+    bit (tens of ms for a sparse 4 TiB bitmap, not seconds)."""
+    for base in range(0, len(buf), _CHUNK):
+        chunk = buf[base:base + _CHUNK]
+        if chunk == _ZERO[:len(chunk)]:
+            continue
+        for sub in range(0, len(chunk), _SUB):
+            part = chunk[sub:sub + _SUB]
+            if part == _ZERO[:len(part)]:
+                continue
+            for i, b in enumerate(part):
+                if b:
+                    for bit in range(8):
+                        r = (base + sub + i) * 8 + bit
+                        if b & (1 << bit) and r < limit:
+                            yield r
+
+
 MAGIC = b"SYNCDIL1"
 VERSION = 1
 _HEAD = struct.Struct(">8sIIQ")
@@ -42,7 +66,9 @@ class IntentLog:
         nbytes = (self.nregions + 7) // 8
         self.bits = bytearray(nbytes)  # what we want set (memory)
         self.durable = bytearray(nbytes)  # what is set on disk and synced
-        self.last = [0.0] * self.nregions  # monotonic time of the last write to each region
+        # Monotonic time of the last write to each marked region (absent: long ago). Only marked
+        # regions are in it, so it stays as small as the set of regions being written.
+        self.last: dict[int, float] = {}
         self.trusted = False  # the file existed and matched: ``loaded`` holds its bits
         self.loaded = bytearray(nbytes)
         self.problem = ""
@@ -107,12 +133,11 @@ class IntentLog:
 
     def loaded_regions(self) -> list[int]:
         """The regions set in the file as found at start."""
-        return [r for r in range(self.nregions) if self.loaded[r >> 3] & (1 << (r & 7))]
+        return list(set_bits(self.loaded, self.nregions))
 
     def marked_regions(self) -> list[int]:
         """The regions set now."""
-        return [i * 8 + bit for i, b in enumerate(self.bits) if b for bit in range(8)
-                if b & (1 << bit) and i * 8 + bit < self.nregions]
+        return list(set_bits(self.bits, self.nregions))
 
     def reset_sync(self, keep) -> None:
         """At start, once ``loaded`` was used: only the regions ``keep(r)`` stay set, synced."""
@@ -209,19 +234,17 @@ class IntentLog:
         left set by a crash only costs a comparison). Returns how many were cleared."""
         now = time.monotonic()
         n = 0
-        for i, b in enumerate(self.bits):
-            if not b:
-                continue
-            for bit in range(8):
-                r = i * 8 + bit
-                if b & (1 << bit) and r < self.nregions and now - self.last[r] > hold and not keep(r):
-                    self.bits[i] &= ~(1 << bit)
-                    self.durable[i] &= ~(1 << bit)
-                    n += 1
+        last = self.last
+        for r in list(set_bits(self.bits, self.nregions)):
+            if now - last.get(r, 0.0) > hold and not keep(r):
+                self.bits[r >> 3] &= ~(1 << (r & 7))
+                self.durable[r >> 3] &= ~(1 << (r & 7))
+                last.pop(r, None)
+                n += 1
         if n:
             async with self._lock:
                 await self._flush(sync=False)
         return n
 
     def count(self) -> int:
-        return sum(bin(b).count("1") for b in self.bits)
+        return int.from_bytes(self.bits, "little").bit_count()

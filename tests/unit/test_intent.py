@@ -74,3 +74,31 @@ def test_a_log_of_a_newer_format_is_refused_and_left_alone(tmp_path):
     with pytest.raises(StateError, match=f"format {VERSION + 1}, newer than this syncd reads"):
         IntentLog(str(p), SIZE, REGION)
     assert p.read_bytes() == newer
+
+
+def test_set_bits_finds_every_bit_below_the_limit():
+    from hypothesis import given, strategies as st
+
+    from syncd.intent import set_bits
+
+    @given(st.sets(st.integers(0, 80_000), max_size=40), st.integers(0, 80_001))
+    def check(bits, limit):
+        buf = bytearray(10_001)
+        for r in bits:
+            buf[r >> 3] |= 1 << (r & 7)
+        assert list(set_bits(buf, limit)) == sorted(r for r in bits if r < limit)
+
+    check()
+
+
+async def test_a_multi_tib_log_keeps_per_region_state_only_for_marked_regions(tmp_path):
+    """4 TiB in 256 KiB regions: a 2 MiB bitmap, but no per-region table of that size."""
+    log = IntentLog(str(tmp_path / "big"), 4 << 40, REGION)
+    assert log.nregions == 16 << 20
+    for r in (0, 5_000_000, log.nregions - 1):
+        await log.mark(r * REGION, 4096)
+    assert log.marked_regions() == [0, 5_000_000, log.nregions - 1] and log.count() == 3
+    assert len(log.last) == 3
+    log.last[5_000_000] -= 100
+    assert await log.clear_idle(10.0, keep=lambda r: False) == 1
+    assert log.marked_regions() == [0, log.nregions - 1] and len(log.last) == 2
