@@ -71,3 +71,49 @@ def make_loop(image: str, size: int) -> str:
 
 def drop_loop(dev: str) -> None:
     subprocess.run(["losetup", "-d", dev], capture_output=True)
+
+
+class FailingFile:
+    """A file whose I/O fails with a real EIO from the kernel on demand: ``nbdfuse`` exposes an
+    ``nbdkit file`` export of ``backing`` (through nbdkit's error filter) as the regular file
+    ``path`` on FUSE. While ``fail()`` is in force every read and write of ``path`` returns EIO;
+    ``heal()`` ends it. The data stays in ``backing``. Needs root, /dev/fuse, nbdfuse, nbdkit."""
+
+    def __init__(self, path: str, backing: str, size: int):
+        self.path, self.backing = path, backing
+        self.trigger = backing + ".fail"
+        with open(backing, "ab") as f:
+            f.truncate(size)
+        open(path, "ab").close()  # the mount point: a regular file
+        self.proc = subprocess.Popen(
+            ["nbdfuse", path, "--command", "nbdkit", "-s", "--filter=error", "file", backing,
+             "error=EIO", "error-rate=100%", f"error-file={self.trigger}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        import time
+
+        deadline = time.monotonic() + 10
+        while not os.path.ismount(path):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.poll() is not None else ""
+                self.stop()
+                raise FaultError(f"nbdfuse could not mount {path}: {err.strip() or 'timed out'}")
+            time.sleep(0.05)
+
+    def fail(self) -> None:
+        open(self.trigger, "w").close()
+
+    def heal(self) -> None:
+        try:
+            os.unlink(self.trigger)
+        except FileNotFoundError:
+            pass
+
+    def stop(self) -> None:
+        self.heal()
+        if os.path.ismount(self.path):
+            subprocess.run(["umount", self.path], capture_output=True)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

@@ -1,7 +1,9 @@
-"""Backing-device failure (the seed's "RAID set or metadata failure") on real loop devices."""
+"""Backing-device failures (the seed's "RAID set or metadata failure"): loop devices shrunk under
+the node, EIO from a FUSE-backed disk, a full volume filesystem, a full data directory."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -9,6 +11,7 @@ import pytest
 from syncd.lab import lab_down, lab_fail, lab_heal, lab_kill, lab_start, lab_up
 from syncd.workload import check_file
 
+from ..guard import unavailable
 from .rig import FAST_LINK, assert_replicas_identical, require_root, require_tool
 from .test_failover import WITNESS, group, wait_for
 from .test_operations import _workload_during
@@ -166,3 +169,47 @@ def test_full_data_directory_stops_the_node_with_a_clear_error_and_the_peer_take
         if lab is not None:
             lab_down(str(d))
         subprocess.run(["umount", str(ddir)])
+
+
+def test_eio_from_the_primary_device_hands_the_group_over_and_loses_nothing(tmp_path):
+    """Array A's volume is a FUSE file (nbdfuse over nbdkit's error filter) whose reads and
+    writes start failing with EIO from the kernel under host writes: A stops the group and
+    hands it to B; B's host goes on without an error. With the device healthy again and A
+    restarted, it is resynced; every acknowledged write is on both replicas."""
+    from syncd.faults import FailingFile
+
+    require_root()
+    require_tool("nbdfuse", "nbdkit")
+    if not os.path.exists("/dev/fuse"):
+        unavailable("/dev/fuse is missing: FUSE-backed failing disks need it")
+    with open(tmp_path / "B-vv1.img", "wb") as f:
+        f.truncate(16 << 20)
+    disk = FailingFile(str(tmp_path / "A-vv1.img"), str(tmp_path / "A-backing.img"), 16 << 20)
+    d = tmp_path / "lab"
+    lab = None
+    try:
+        lab = lab_up(str(d), size="16MiB", nvolumes=1, npaths=2, link_opts=FAST_LINK, witness=WITNESS,
+                     volume_paths={"A": [disk.path], "B": [str(tmp_path / "B-vv1.img")]}, timeout=60)
+        wait_for(lambda: group(lab, "A")["peer_mode"] == "attached", what="attached")
+        time.sleep(1.0)  # the witness has heard that B is in sync
+        hs, _ = _workload_during(lab, disk.fail, duration=6.0)
+        ga, gb = group(lab, "A"), group(lab, "B")
+        assert "Input/output error" in ga["disk_error"], ga["disk_error"]
+        assert not ga["serving"] and ga["alua"] == "unavailable"
+        assert gb["role"] == "primary" and gb["serving"] and gb["epoch"] == 2
+        assert hs["B"].errors == [], hs["B"].errors[:3]
+        assert hs["A"].errors
+        assert "Traceback" not in (d / "A.log").read_text()
+        disk.heal()
+        lab_kill(lab["dir"], "A")
+        lab_start(lab["dir"], "A")
+        wait_for(lambda: group(lab, "B")["peer_mode"] == "attached", timeout=60, what="resync after repair")
+        for site in ("A", "B"):
+            path = lab["nodes"][site]["volumes"]["vv1"]["path"]
+            for w, s in ((1, "A"), (2, "B")):
+                assert check_file(path, hs[s], writer=w) == [], f"{site} lost acknowledged writes of host {s}"
+        assert_replicas_identical(lab, "vv1")
+    finally:
+        if lab is not None:
+            lab_down(str(d))
+        disk.stop()
