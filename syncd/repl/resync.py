@@ -3,7 +3,8 @@
 Each region is copied under the volume's range lock, so a host write to it is either applied to
 both replicas before the copy reads it or waits until the copy is on the peer. Verify mode (an
 initial or full sync) first compares xxh3 digests of a batch of regions and sends only the
-regions that differ. Resync yields to host I/O: with ``resync_share`` = s, after a step that took
+regions that differ. The dirty map is saved every ``SAVE_EVERY`` seconds, so a resync interrupted
+by a crash of the primary resumes from there. Resync yields to host I/O: with ``resync_share`` = s, after a step that took
 t seconds while hosts were busy, it pauses t*(1-s)/s.
 """
 
@@ -26,10 +27,23 @@ log = logging.getLogger("syncd.resync")
 
 VERIFY_BATCH = 32  # regions per digest exchange
 COPY_WINDOW = 4  # regions copied concurrently
+SAVE_EVERY = 0.5  # s between saves of the dirty map while resyncing
 
 
 class ResyncFailed(Exception):
     pass
+
+
+def _first_failure(eg: BaseExceptionGroup) -> BaseException:
+    """Concurrent region copies that failed because the link went or the peer refused: one of
+    those errors, which the caller handles (the peer is lost, the resync goes on later). Any
+    other error (or a cancellation) is passed on as the group it came in."""
+    known, other = eg.split((LinkDown, LinkTimeout, ResyncFailed))
+    if other is not None or known is None:
+        return eg
+    while isinstance(known, BaseExceptionGroup):
+        known = known.exceptions[0]
+    return known
 
 
 async def region_digests(node: "Node", g: "Group", m: "Member", off: int, ln: int, region: int):
@@ -89,6 +103,7 @@ class Resync:
         m.resync_bytes = 0
         m.resync_started = trio.current_time()
         region = m.dirty.region
+        saved = trio.current_time()
         r = m.dirty.first_set(0)
         while r is not None and g.peer_mode == SYNCING:
             t0 = trio.current_time()
@@ -105,11 +120,19 @@ class Resync:
                 while q is not None and len(batch) < COPY_WINDOW:
                     batch.append(q)
                     q = m.dirty.first_set(q + 1)
-                async with trio.open_nursery() as n:
-                    for q in batch:
-                        n.start_soon(self._copy_region, g, m, q)
+                try:
+                    async with trio.open_nursery() as n:
+                        for q in batch:
+                            n.start_soon(self._copy_region, g, m, q)
+                except BaseExceptionGroup as eg:
+                    raise _first_failure(eg) from None
                 nxt = batch[-1] + 1
             await self._yield_to_hosts(g, trio.current_time() - t0)
+            if trio.current_time() - saved > SAVE_EVERY:
+                # Progress survives a crash of this array: a restart resumes from the last
+                # save (regions resynced since then are compared, not sent again).
+                self.node.save_soon()
+                saved = trio.current_time()
             r = m.dirty.first_set(nxt) if nxt < m.dirty.nregions else None
             if r is None and m.dirty.count:
                 r = m.dirty.first_set(0)  # regions dirtied again behind us
