@@ -9,12 +9,11 @@ import time
 import pytest
 
 from syncd.lab import lab_down, lab_fail, lab_heal, lab_kill, lab_start, lab_up
-from syncd.workload import check_file
 
 from ..guard import unavailable
-from .rig import FAST_LINK, assert_replicas_identical, require_root, require_tool
+from .rig import FAST_LINK, require_root, require_tool
 from .test_failover import WITNESS, group, wait_for
-from .test_operations import _workload_during
+from .test_operations import _check_both, _workload_during
 
 pytestmark = [pytest.mark.system, pytest.mark.root]
 
@@ -56,11 +55,7 @@ def test_disk_failure_stops_that_array_and_the_peer_serves_on(looplab, failed):
     assert len(late) > 50
     lab_heal(lab["dir"], "disk", failed)
     wait_for(lambda: group(lab, survivor)["peer_mode"] == "attached", timeout=60, what="resync after repair")
-    for site in ("A", "B"):
-        path = lab["nodes"][site]["volumes"]["vv1"]["path"]
-        for w, s in ((1, "A"), (2, "B")):
-            assert check_file(path, hs[s], writer=w) == [], f"{site} lost acknowledged writes of host {s}"
-    assert_replicas_identical(lab, "vv1")
+    _check_both(lab, hs)
 
 
 def test_disk_full_under_the_primary_volume_is_a_device_failure_and_the_peer_takes_over(tmp_path):
@@ -98,11 +93,7 @@ def test_disk_full_under_the_primary_volume_is_a_device_failure_and_the_peer_tak
         lab_start(lab["dir"], "A")
         wait_for(lambda: group(lab, "B")["peer_mode"] == "attached", timeout=60, what="resync after space was freed")
         assert group(lab, "A")["disk_error"] is None
-        for site in ("A", "B"):
-            path = lab["nodes"][site]["volumes"]["vv1"]["path"]
-            for w, s in ((1, "A"), (2, "B")):
-                assert check_file(path, hs[s], writer=w) == [], f"{site} lost acknowledged writes of host {s}"
-        assert_replicas_identical(lab, "vv1")
+        _check_both(lab, hs)
     finally:
         if lab is not None:
             lab_down(str(d))
@@ -160,11 +151,7 @@ def test_full_data_directory_stops_the_node_with_a_clear_error_and_the_peer_take
         lab_start(lab["dir"], "A")
         wait_for(lambda: group(lab, "B")["peer_mode"] == "attached", timeout=60, what="A resynced")
         assert group(lab, "A")["role"] == "secondary"
-        for site in ("A", "B"):
-            path = lab["nodes"][site]["volumes"]["vv1"]["path"]
-            for w, s in ((1, "A"), (2, "B")):
-                assert check_file(path, hs[s], writer=w) == [], f"{site} lost acknowledged writes of host {s}"
-        assert_replicas_identical(lab, "vv1")
+        _check_both(lab, hs)
     finally:
         if lab is not None:
             lab_down(str(d))
@@ -204,11 +191,7 @@ def test_eio_from_the_primary_device_hands_the_group_over_and_loses_nothing(tmp_
         lab_kill(lab["dir"], "A")
         lab_start(lab["dir"], "A")
         wait_for(lambda: group(lab, "B")["peer_mode"] == "attached", timeout=60, what="resync after repair")
-        for site in ("A", "B"):
-            path = lab["nodes"][site]["volumes"]["vv1"]["path"]
-            for w, s in ((1, "A"), (2, "B")):
-                assert check_file(path, hs[s], writer=w) == [], f"{site} lost acknowledged writes of host {s}"
-        assert_replicas_identical(lab, "vv1")
+        _check_both(lab, hs)
     finally:
         if lab is not None:
             lab_down(str(d))
