@@ -143,6 +143,7 @@ def test_full_data_directory_stops_the_node_with_a_clear_error_and_the_peer_take
         assert "cannot write node metadata" in log and "No space left on device" in log, log[-2000:]
         assert "Traceback" not in log
         assert (ddir / "state.json").read_bytes() == state  # the old metadata, whole
+        assert (ddir / "running").exists()  # not a clean stop: the restart compares what may differ
         assert hs["B"].errors == [], hs["B"].errors[:3]
         gb = group(lab, "B")
         assert gb["role"] == "primary" and gb["serving"] and gb["epoch"] == 2
