@@ -121,6 +121,7 @@ class Group:
         self.disk_error = ""  # a backing device of this group failed here: serve nothing
         self.failover_pending: trio.Event | None = None  # secondary: claiming the group now
         self.claim_refused = False  # secondary: the witness refused for good (until the link returns)
+        self._failsafe_refusal = ""  # the witness's last reason for keeping this array in failsafe
         self.peer_failed = False  # primary: the peer said it cannot take writes (its disk failed)
         self.events: list[tuple[float, str]] = []
 
@@ -619,6 +620,8 @@ class Group:
             self.maybe_recover()
             return
         self.alone_ok = True
+        if self.st.failsafe:
+            self.leave_failsafe(why or "this array may go on alone")
         self.new_generation("going on without the peer")
         self.node.save()
         self.note("peer fenced off; going on alone, tracking written regions" + (f" ({why})" if why else ""))
@@ -682,6 +685,31 @@ class Group:
         self.fence_reason = why
         self.note(f"FAILSAFE: {why}")
         self.node.save()
+
+    def leave_failsafe(self, why: str) -> None:
+        """A positive decision came (DESIGN §5): the witness confirmed this array still owns the
+        group, or the peer mirrors it again at this epoch."""
+        self.st.failsafe = False
+        self.note(f"failsafe left: {why}")
+        self.node.save()
+
+    async def retry_failsafe(self) -> None:
+        """Primary in failsafe, peer still away, witness reachable again: ask it again. If it
+        confirms this array owns the group at this epoch (KEEP granted: the peer can no longer
+        claim it), go on alone; if it gave the group away, stay in failsafe (the peer demotes
+        this array when the link returns)."""
+        ok, why = await self._may_go_alone()
+        if not (ok and self.st.failsafe and self.role == "primary" and not self.node.link.up):
+            if not ok and why != self._failsafe_refusal:
+                self._failsafe_refusal = why
+                self.note(f"still in failsafe ({why})")
+            return
+        self.leave_failsafe(why)
+        self.alone_ok = True
+        self.new_generation("going on without the peer")
+        self.node.save()
+        self.note("going on alone, tracking written regions")
+        self.maybe_recover()
 
     def promote(self, epoch: int) -> None:
         """The witness gave us the group: become primary at ``epoch``. What may differ on the

@@ -14,7 +14,7 @@ import trio
 
 from .config import NodeConfig
 from .hosts import HostTable
-from .group import TRIM, WRITE, ZEROES, Group, Member
+from .group import DETACHED, TRIM, WRITE, ZEROES, Group, Member
 from .nbd.export import AluaState, BlockError, ClientIdentity, ALUA_ACTIVE_OPTIMIZED
 from .repl.link import Link, Path
 from .repl.proto import Frame, MsgType, Status
@@ -541,6 +541,14 @@ class Node:
                 and g.st.policies.get("auto_failover", True)
             ):
                 await self._try_claim(g)
+                await trio.sleep(self.witness.cfg.interval)
+                continue
+            if (
+                g.role == "primary" and g.st.failsafe and g.st.started and self.witness is not None
+                and not self.link.up and self.witness.reachable and not g.disk_error
+                and g.peer_mode == DETACHED
+            ):
+                await g.retry_failsafe()
                 await trio.sleep(self.witness.cfg.interval)
                 continue
             if g.failover_pending is not None:

@@ -73,6 +73,8 @@ class Resync:
                 work = [m for m in g.members.values() if m.dirty.count]
                 if not work:
                     g.peer_mode = ATTACHED
+                    if g.st.failsafe:  # the peer took this array's data at this epoch
+                        g.leave_failsafe("the peer mirrors this array again")
                     now = time.time()
                     for m in g.members.values():
                         m.st.synced_once = True

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from syncd.ctl import call
-from syncd.lab import lab_down, lab_kill, lab_start, lab_up
+from syncd.lab import lab_down, lab_fail, lab_heal, lab_kill, lab_start, lab_up
 from syncd.linkproxy import proxy_command
 from syncd.workload import History, check_file, run_writer
 
@@ -135,3 +135,47 @@ def test_witness_lost_first_then_link_the_pre_elected_primary_goes_on(wlab):
     a, b = group(wlab, "A"), group(wlab, "B")
     assert (a["role"], a["status"], a["serving"]) == ("primary", "started", True)
     assert (b["role"], b["serving"]) == ("secondary", False)
+
+
+def test_failsafe_is_left_when_the_witness_or_the_peer_confirms_the_primary(wlab):
+    """DESIGN §5: failsafe is left on a positive decision. With automatic failover off, B does
+    not take the group when A is isolated, so A sits in failsafe. (1) Only A's witness link
+    returns: the witness confirms A still owns epoch 1 (KEEP), A goes on alone. (2) Isolated
+    again, only the replication link returns: B mirrors A again at epoch 1, A serves again."""
+    from syncd.nbd.client import open_nbd
+
+    lab = wlab
+    d, ctl = lab["dir"], lab["link"]["control"]
+    wa = lab["link"]["witness_relays"]["A"]
+    a = lab["nodes"]["A"]["admin_socket"]
+
+    def write(offset, byte):
+        async def go():
+            async with open_nbd(uri(lab, "A")) as c:
+                await c.write(offset, bytes([byte]) * 4096)
+        trio.run(go)
+
+    call(a, "setrcopygroup", {"action": "pol", "group": "rcg1", "policies": "no_auto_failover"})
+    lab_fail(d, "isolate", "A")
+    wait_for(lambda: group(lab, "A")["status"] == "failsafe", what="A in failsafe")
+    proxy_command(ctl, "heal", paths=[wa])
+    wait_for(lambda: group(lab, "A")["status"] == "started" and group(lab, "A")["serving"], what="A out of failsafe")
+    ga = group(lab, "A")
+    assert ga["role"] == "primary" and ga["epoch"] == 1 and ga["peer_mode"] == "detached"
+    assert any("failsafe left" in e["msg"] for e in ga["events"])
+    write(0, 0x5A)  # acknowledged while alone
+    lab_heal(d, "isolate", "A")
+    wait_for(lambda: group(lab, "A")["peer_mode"] == "attached", what="B resynced")
+
+    lab_fail(d, "isolate", "A")
+    wait_for(lambda: group(lab, "A")["status"] == "failsafe", what="A in failsafe again")
+    proxy_command(ctl, "heal", paths=list(range(lab["link"]["npaths"])))  # the witness stays cut off
+    wait_for(lambda: group(lab, "A")["peer_mode"] == "attached" and group(lab, "A")["status"] == "started",
+             what="A out of failsafe once B mirrors it")
+    assert group(lab, "A")["serving"] and group(lab, "B")["role"] == "secondary"
+    write(4096, 0xA5)
+    proxy_command(ctl, "heal", paths=[wa])
+    call(a, "setrcopygroup", {"action": "pol", "group": "rcg1", "policies": "auto_failover"})
+    assert_replicas_identical(lab, "vv1")
+    with open(lab["nodes"]["B"]["volumes"]["vv1"]["path"], "rb") as f:
+        assert f.read(8192) == b"\x5a" * 4096 + b"\xa5" * 4096
