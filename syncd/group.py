@@ -112,6 +112,7 @@ class Group:
         self.lease_deadline = 0.0  # primary: the secondary may be serving until then (trio clock)
         self.lease_until = 0.0  # secondary: we may serve until then (trio clock)
         self.forwarded: dict[int, tuple[Member, int, int, int]] = {}
+        self.forwarded_at: dict[int, float] = {}  # when each forwarded write was acknowledged
         self.alone_ok = False  # primary: the witness agreed (or was lost first) that we go on alone
         self.witness_lost_at_peer_loss = float("inf")
         self.recovering = False
@@ -538,6 +539,10 @@ class Group:
         try:
             reply = await link.request(self._frame(m, kind, req_id, offset, length, data, fua, no_hole, forwarded=True))
         except (LinkDown, LinkTimeout) as e:
+            # The primary may have applied it and be holding the range for our RELEASE: say we
+            # did not apply it (it marks the range dirty and fences us off, so the replicas
+            # cannot differ unseen). Lost with the link, the primary's own bound does the same.
+            link.send(Frame.release(req_id, self.st.gid, self.epoch, errno.ETIMEDOUT))
             if await self._became_primary():
                 await self._write_at_primary(m, kind, offset, length, data, fua, no_hole)
                 return
@@ -608,6 +613,7 @@ class Group:
             m.dirty.set_range(off, ln)
             m.lock.release(tok)
         self.forwarded.clear()
+        self.forwarded_at.clear()
         self.peer_mode = DETACHED
         if not ok:
             if self.node.link is not None and self.node.link.up:
@@ -895,6 +901,7 @@ class Group:
             link.reply(path, f.req_id, Status.NOT_SERVING if self.disk_error else (e.errno or errno.EIO))
             return
         self.forwarded[f.req_id] = (m, tok, f.offset, f.length)
+        self.forwarded_at[f.req_id] = trio.current_time()
         link.reply(path, f.req_id, Status.OK)
 
     def forwarded_fast(self, link, path, f: Frame, m: Member) -> bool:
@@ -914,11 +921,30 @@ class Group:
             link.reply(path, f.req_id, Status.NOT_SERVING if self.disk_error else (e.errno or errno.EIO))
             return True
         self.forwarded[f.req_id] = (m, tok, f.offset, f.length)
+        self.forwarded_at[f.req_id] = trio.current_time()
         link.reply(path, f.req_id, Status.OK)
         return True
 
+    def expire_forwarded(self, bound: float) -> None:
+        """A forwarded write this array applied and acknowledged holds its range until the
+        secondary says it applied it too (RELEASE). When that word has not come within
+        ``bound`` (the secondary gave up on the request, or its RELEASE went with a dying
+        path), the replicas may differ there: the range is marked dirty and the peer fenced
+        off (it must not serve that range stale); fencing releases the range."""
+        now = trio.current_time()
+        for rid in [r for r in self.forwarded_at if r not in self.forwarded]:
+            del self.forwarded_at[rid]
+        late = [rid for rid, t in self.forwarded_at.items() if now - t > bound]
+        if not late or self.peer_mode not in (SYNCING, ATTACHED):
+            return
+        for rid in late:
+            m, _, off, ln = self.forwarded[rid]
+            m.dirty.set_range(off, ln)
+        self.lose_peer(f"the peer did not confirm {len(late)} forwarded write(s) within {bound:.1f}s")
+
     def handle_release(self, f: Frame) -> None:
         entry = self.forwarded.pop(f.req_id, None)
+        self.forwarded_at.pop(f.req_id, None)
         if entry is None:
             return
         m, tok, off, ln = entry

@@ -518,13 +518,18 @@ class Node:
             ev.set()
 
     async def _intent_loop(self) -> None:
-        """Clear write-intent bits of regions no write can still be applied to (idle longer
-        than ``max_request_hold``) that are not dirty (primary) or still to be reported
-        (secondary after a crash)."""
+        """Every second: clear write-intent bits of regions no write can still be applied to
+        (idle longer than ``max_request_hold``) that are not dirty (primary) or still to be
+        reported (secondary after a crash); on a primary, give up on forwarded writes whose
+        RELEASE never came (``Group.expire_forwarded``)."""
         hold = self.cfg.link.max_request_hold() + 1.0
+        lk = self.cfg.link
+        release_bound = lk.io_timeout + lk.path_timeout  # the secondary gave up on it by then
         while True:
             await trio.sleep(1.0)
             for g in list(self.groups.values()):
+                if g.role == "primary":
+                    g.expire_forwarded(release_bound)
                 for m in list(g.members.values()):
                     keep = m.dirty.test if g.role == "primary" else m.suspect_regions.__contains__
                     try:

@@ -128,4 +128,5 @@ def test_a_flapping_network_kills_nothing_splits_nothing_and_loses_nothing(tmp_p
         lab_down(d)
         print(f"\n{len(events)} network events in {seconds:.0f} s; epochs seen with a serving primary: "
               f"{ {e: sorted(v) for e, v in sorted(owners.items())} }; host writes "
-              f"{ {s: h.acked_count() for s, h in hist.items()} }")
+              f"{ {s: h.acked_count() for s, h in hist.items()} }; longest pause (s) "
+              f"{ {s: round(h.longest_pause(), 2) for s, h in hist.items()} }")
