@@ -123,6 +123,7 @@ class Group:
         self.failover_pending: trio.Event | None = None  # secondary: claiming the group now
         self.claim_refused = False  # secondary: the witness refused for good (until the link returns)
         self._failsafe_refusal = ""  # the witness's last reason for keeping this array in failsafe
+        self._fence_token: object | None = None  # the running fence's; cleared by role changes
         self.peer_failed = False  # primary: the peer said it cannot take writes (its disk failed)
         self.events: list[tuple[float, str]] = []
 
@@ -607,6 +608,7 @@ class Group:
             self.node.link.reset(f"group {self.name}: {reason}")
 
     async def _fence(self) -> None:
+        token = self._fence_token = object()  # a role change (promote, demote) voids this fence
         await trio.sleep_until(self.lease_deadline)
         ok, why = await self._may_go_alone()
         for req_id, (m, tok, off, ln) in list(self.forwarded.items()):
@@ -614,6 +616,11 @@ class Group:
             m.lock.release(tok)
         self.forwarded.clear()
         self.forwarded_at.clear()
+        if self._fence_token is not token or self.role != "primary":
+            # Demoted (or promoted anew) while fencing: that decision stands; nothing of this
+            # fence applies any more (no failsafe for a secondary, no going on alone).
+            self.fenced.set()
+            return
         self.peer_mode = DETACHED
         if not ok:
             if self.node.link is not None and self.node.link.up:
@@ -726,6 +733,7 @@ class Group:
         self.st.epoch = epoch
         self.st.failsafe = False
         self.st.witness_behind = False  # granted by the witness (an override sets it again)
+        self._fence_token = None
         for m in self.members.values():
             regions = m.intent.marked_regions()
             for r in regions:
@@ -745,6 +753,7 @@ class Group:
         self.st.epoch = epoch
         self.st.failsafe = False
         self.st.witness_behind = False  # the peer's epoch now; it tells the witness if need be
+        self._fence_token = None
         for m in self.members.values():
             m.dirty = Bitmap(m.vol.size, m.dirty.region)
             m.oos.set_all()
@@ -763,6 +772,7 @@ class Group:
         self.st.role = role
         self.st.epoch = epoch
         self.st.failsafe = False
+        self._fence_token = None
         self.alone_ok = False
         for m in self.members.values():
             m.dirty = Bitmap(m.vol.size, m.dirty.region)
@@ -830,6 +840,10 @@ class Group:
             await self.node.resync.run_group(self)
         finally:
             self.recovering = False
+            # The peer may have been lost and fenced off while this resync was winding down
+            # (a fence ending now asked for a recovery and was told one is running): go again.
+            if self.peer_mode == DETACHED and self.node.link.up:
+                self.maybe_recover()
 
     def start_member_sync(self, m: Member) -> None:
         """A volume admitted to a running group: full sync by digest comparison."""
