@@ -111,8 +111,9 @@ class Group:
         self.fence_reason = ""
         self.lease_deadline = 0.0  # primary: the secondary may be serving until then (trio clock)
         self.lease_until = 0.0  # secondary: we may serve until then (trio clock)
-        self.forwarded: dict[int, tuple[Member, int, int, int]] = {}
-        self.forwarded_at: dict[int, float] = {}  # when each forwarded write was acknowledged
+        # Forwarded writes applied here, held until the secondary's RELEASE:
+        # req_id -> (member, lock token, offset, length, when acknowledged)
+        self.forwarded: dict[int, tuple[Member, int, int, int, float]] = {}
         self.alone_ok = False  # primary: the witness agreed (or was lost first) that we go on alone
         self.witness_lost_at_peer_loss = float("inf")
         self.recovering = False
@@ -123,6 +124,7 @@ class Group:
         self.failover_pending: trio.Event | None = None  # secondary: claiming the group now
         self.claim_refused = False  # secondary: the witness refused for good (until the link returns)
         self._failsafe_refusal = ""  # the witness's last reason for keeping this array in failsafe
+        self._resolve_refusal = ""  # the witness's last reason for refusing our RESOLVE
         self._fence_token: object | None = None  # the running fence's; cleared by role changes
         self.peer_failed = False  # primary: the peer said it cannot take writes (its disk failed)
         self.events: list[tuple[float, str]] = []
@@ -611,11 +613,10 @@ class Group:
         token = self._fence_token = object()  # a role change (promote, demote) voids this fence
         await trio.sleep_until(self.lease_deadline)
         ok, why = await self._may_go_alone()
-        for req_id, (m, tok, off, ln) in list(self.forwarded.items()):
+        for m, tok, off, ln, _ in self.forwarded.values():
             m.dirty.set_range(off, ln)
             m.lock.release(tok)
         self.forwarded.clear()
-        self.forwarded_at.clear()
         if self._fence_token is not token or self.role != "primary":
             # Demoted (or promoted anew) while fencing: that decision stands; nothing of this
             # fence applies any more (no failsafe for a secondary, no going on alone).
@@ -632,14 +633,19 @@ class Group:
             self.fenced.set()
             self.maybe_recover()
             return
+        self._go_on_alone("peer fenced off; going on alone, tracking written regions" + (f" ({why})" if why else ""),
+                          why or "this array may go on alone")
+        self.fenced.set()
+
+    def _go_on_alone(self, note: str, why: str) -> None:
+        """The peer is fenced off and the witness (or its absence) lets this primary serve alone:
+        leave failsafe if in it, start a new data generation, track written regions."""
         self.alone_ok = True
         if self.st.failsafe:
-            self.leave_failsafe(why or "this array may go on alone")
+            self.leave_failsafe(why)
         self.new_generation("going on without the peer")
         self.node.save()
-        self.note("peer fenced off; going on alone, tracking written regions" + (f" ({why})" if why else ""))
-        self.fenced.set()
-        self.node.save_soon()
+        self.note(note)
         self.maybe_recover()
 
     def fence_at_start(self) -> None:
@@ -717,12 +723,7 @@ class Group:
                 self._failsafe_refusal = why
                 self.note(f"still in failsafe ({why})")
             return
-        self.leave_failsafe(why)
-        self.alone_ok = True
-        self.new_generation("going on without the peer")
-        self.node.save()
-        self.note("going on alone, tracking written regions")
-        self.maybe_recover()
+        self._go_on_alone("going on alone, tracking written regions", why)
 
     def promote(self, epoch: int) -> None:
         """The witness gave us the group: become primary at ``epoch``. What may differ on the
@@ -914,8 +915,7 @@ class Group:
             # Our disk failed: NOT_SERVING tells the secondary to wait for the group instead.
             link.reply(path, f.req_id, Status.NOT_SERVING if self.disk_error else (e.errno or errno.EIO))
             return
-        self.forwarded[f.req_id] = (m, tok, f.offset, f.length)
-        self.forwarded_at[f.req_id] = trio.current_time()
+        self.forwarded[f.req_id] = (m, tok, f.offset, f.length, trio.current_time())
         link.reply(path, f.req_id, Status.OK)
 
     def forwarded_fast(self, link, path, f: Frame, m: Member) -> bool:
@@ -934,8 +934,7 @@ class Group:
             m.lock.release(tok)
             link.reply(path, f.req_id, Status.NOT_SERVING if self.disk_error else (e.errno or errno.EIO))
             return True
-        self.forwarded[f.req_id] = (m, tok, f.offset, f.length)
-        self.forwarded_at[f.req_id] = trio.current_time()
+        self.forwarded[f.req_id] = (m, tok, f.offset, f.length, trio.current_time())
         link.reply(path, f.req_id, Status.OK)
         return True
 
@@ -946,22 +945,18 @@ class Group:
         path), the replicas may differ there: the range is marked dirty and the peer fenced
         off (it must not serve that range stale); fencing releases the range."""
         now = trio.current_time()
-        for rid in [r for r in self.forwarded_at if r not in self.forwarded]:
-            del self.forwarded_at[rid]
-        late = [rid for rid, t in self.forwarded_at.items() if now - t > bound]
+        late = [(m, off, ln) for m, _, off, ln, t in self.forwarded.values() if now - t > bound]
         if not late or self.peer_mode not in (SYNCING, ATTACHED):
             return
-        for rid in late:
-            m, _, off, ln = self.forwarded[rid]
+        for m, off, ln in late:
             m.dirty.set_range(off, ln)
         self.lose_peer(f"the peer did not confirm {len(late)} forwarded write(s) within {bound:.1f}s")
 
     def handle_release(self, f: Frame) -> None:
         entry = self.forwarded.pop(f.req_id, None)
-        self.forwarded_at.pop(f.req_id, None)
         if entry is None:
             return
-        m, tok, off, ln = entry
+        m, tok, off, ln, _ = entry
         if f.release_status():
             # The secondary could not apply what we applied: the replicas differ there.
             m.dirty.set_range(off, ln)

@@ -392,8 +392,8 @@ class Node:
                     g.st.witness_behind = False
                     self.save()
                     g.note(f"the quorum witness knows this array's epoch {g.epoch} now ({d.reason})")
-                elif d.reason != getattr(g, "_last_resolve_reason", None):
-                    g._last_resolve_reason = d.reason
+                elif d.reason != g._resolve_refusal:
+                    g._resolve_refusal = d.reason
                     g.note(f"the quorum witness refused epoch {g.epoch}: {d.reason}")
 
     def set_witness(self, settings: dict | None) -> None:

@@ -63,12 +63,36 @@ def since(before: dict, after: dict, i: int) -> int:
     return sum(a[i] - (before[s][i] if before[s][0] == a[0] else 0) for s, a in after.items())
 
 
+def uniform_lab(d: str) -> dict:
+    """Arrays A and B with a quorum witness and a host shim per site (uniform hosts)."""
+    return lab_up(d, size=f"{SIZE >> 20}MiB", nvolumes=1, npaths=2, link_opts=FAST_LINK, witness=WITNESS,
+                  topology="uniform", timeout=60)
+
+
+def start_hot_writers(nursery, lab, hist: dict, duration: float, seed: int | None = None) -> None:
+    """Each host writes (writer i+1) to its half of the hot area through its shim (random
+    sequence ``seed``, or the writer number)."""
+    n = HOT // 2 // 4096
+    for i, (s, h) in enumerate(lab["hosts"].items()):
+        nursery.start_soon(lambda h=h, s=s, lo=i * n, w=i + 1: run_writer(
+            h["volumes"]["vv1"], hist[s], writer=w, blocks=range(lo, lo + n), duration=duration, qd=4,
+            seed=w if seed is None else seed))
+
+
+def assert_hosts_writes_on_both_replicas(lab, hist: dict, what: str = "") -> None:
+    """Every write any host had acknowledged is on both replicas, and they are identical."""
+    paths = {s: lab["nodes"][s]["volumes"]["vv1"]["path"] for s in ("A", "B")}
+    for i, s in enumerate(lab["hosts"]):
+        for r in paths.values():
+            assert check_file(r, hist[s], writer=i + 1) == [], f"{what}acknowledged writes of host {s} missing on {r}"
+    assert_replicas_identical(lab, "vv1")
+
+
 def test_kill_9_campaign_loses_nothing_and_resyncs_only_what_changed(tmp_path):
     rounds = int(os.environ.get("SYNCD_CRASH_ROUNDS", "5"))
     rng = random.Random(int(os.environ.get("SYNCD_CRASH_SEED", "7")))
     d = str(tmp_path / "lab")
-    lab = lab_up(d, size=f"{SIZE >> 20}MiB", nvolumes=1, npaths=2, link_opts=FAST_LINK, witness=WITNESS,
-                 topology="uniform", timeout=60)
+    lab = uniform_lab(d)
     report = []
     try:
         time.sleep(1.0)  # the witness has heard that B is in sync
@@ -97,11 +121,7 @@ def test_kill_9_campaign_loses_nothing_and_resyncs_only_what_changed(tmp_path):
 
             async def main():
                 async with trio.open_nursery() as n:
-                    for i, (s, h) in enumerate(lab["hosts"].items()):
-                        lo = i * (HOT // 2 // 4096)
-                        n.start_soon(lambda h=h, s=s, lo=lo, w=i + 1: run_writer(
-                            h["volumes"]["vv1"], hist[s], writer=w, blocks=range(lo, lo + HOT // 2 // 4096),
-                            duration=5.0, qd=4, seed=rnd))
+                    start_hot_writers(n, lab, hist, 5.0, seed=rnd)
                     await trio.sleep(1.0)
                     await trio.to_thread.run_sync(crash_and_restart)
 
@@ -117,11 +137,7 @@ def test_kill_9_campaign_loses_nothing_and_resyncs_only_what_changed(tmp_path):
             assert not any(g["split_brain"] for g in gs.values()), f"round {rnd}: false split brain {gs}"
             for s, h in hist.items():
                 assert h.errors == [], f"round {rnd} ({victim}): host {s} saw I/O errors {h.errors[:3]}"
-            paths = {s: lab["nodes"][s]["volumes"]["vv1"]["path"] for s in ("A", "B")}
-            for i, s in enumerate(lab["hosts"]):
-                for r in paths.values():
-                    assert check_file(r, hist[s], writer=i + 1) == [], f"round {rnd}: acknowledged writes missing on {r}"
-            assert_replicas_identical(lab, "vv1")
+            assert_hosts_writes_on_both_replicas(lab, hist, f"round {rnd}: ")
             assert resynced <= HOT, f"round {rnd} ({victim}): resynced {resynced} bytes, more than the {HOT} written to"
             assert compared <= 2 * HOT, f"round {rnd} ({victim}): compared {compared} bytes of a {SIZE}-byte volume"
             report.append((rnd, victim, "+".join(sites) or "W", written, resynced, compared,

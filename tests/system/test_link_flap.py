@@ -18,13 +18,11 @@ import time
 import pytest
 import trio
 
-from syncd.lab import _alive, lab_down, lab_up, load_lab
+from syncd.lab import _alive, lab_down, load_lab
 from syncd.linkproxy import proxy_command
-from syncd.workload import History, check_file, run_writer
+from syncd.workload import History
 
-from .rig import FAST_LINK, assert_replicas_identical
-from .test_crash_campaign import HOT, SIZE, in_sync, showrcopy
-from .test_failover import WITNESS
+from .test_crash_campaign import assert_hosts_writes_on_both_replicas, in_sync, showrcopy, start_hot_writers, uniform_lab
 
 pytestmark = pytest.mark.system
 
@@ -33,8 +31,7 @@ def test_a_flapping_network_kills_nothing_splits_nothing_and_loses_nothing(tmp_p
     seconds = float(os.environ.get("SYNCD_FLAP_SECONDS", "20"))
     rng = random.Random(int(os.environ.get("SYNCD_FLAP_SEED", "11")))
     d = str(tmp_path / "lab")
-    lab = lab_up(d, size=f"{SIZE >> 20}MiB", nvolumes=1, npaths=2, link_opts=FAST_LINK, witness=WITNESS,
-                 topology="uniform", timeout=60)
+    lab = uniform_lab(d)
     ctl = lab["link"]["control"]
     npaths = lab["link"]["npaths"]
     wrelays = lab["link"]["witness_relays"]
@@ -83,11 +80,7 @@ def test_a_flapping_network_kills_nothing_splits_nothing_and_loses_nothing(tmp_p
         async def main():
             done = False
             async with trio.open_nursery() as n:
-                for i, (s, h) in enumerate(lab["hosts"].items()):
-                    lo = i * (HOT // 2 // 4096)
-                    n.start_soon(lambda h=h, s=s, lo=lo, w=i + 1: run_writer(
-                        h["volumes"]["vv1"], hist[s], writer=w, blocks=range(lo, lo + HOT // 2 // 4096),
-                        duration=seconds + 4.0, qd=4, seed=w))
+                start_hot_writers(n, lab, hist, seconds + 4.0)
                 n.start_soon(trio.to_thread.run_sync, watch_primaries, lambda: done)
                 await trio.sleep(1.0)
                 await trio.to_thread.run_sync(flap)
@@ -119,11 +112,7 @@ def test_a_flapping_network_kills_nothing_splits_nothing_and_loses_nothing(tmp_p
         for s, h in hist.items():
             assert h.errors == [], f"host {s} saw I/O errors {h.errors[:3]}"
             assert h.acked_count() > 100
-        paths = {s: lab["nodes"][s]["volumes"]["vv1"]["path"] for s in ("A", "B")}
-        for i, s in enumerate(lab["hosts"]):
-            for r in paths.values():
-                assert check_file(r, hist[s], writer=i + 1) == [], f"acknowledged writes of host {s} missing on {r}"
-        assert_replicas_identical(lab, "vv1")
+        assert_hosts_writes_on_both_replicas(lab, hist)
     finally:
         lab_down(d)
         print(f"\n{len(events)} network events in {seconds:.0f} s; epochs seen with a serving primary: "
