@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.run import BenchError, need, parse_size, run_fio  # noqa: E402
 from syncd.ctl import call  # noqa: E402
-from syncd.lab import lab_down, lab_kill, lab_start, lab_up  # noqa: E402
+from syncd.lab.rig import lab_down, lab_kill, lab_start, lab_up  # noqa: E402
 
 
 def group(lab: dict) -> dict:

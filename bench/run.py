@@ -151,9 +151,9 @@ def syncd_repl(d: Path, size: int, seed: Path, info: dict):
     import inspect
 
     try:
-        from syncd.lab import lab_down, lab_up
+        from syncd.lab.rig import lab_down, lab_up
     except Exception as e:  # the node code may be under construction
-        raise BenchError(f"cannot import syncd.lab: {type(e).__name__}: {e}") from None
+        raise BenchError(f"cannot import syncd.lab.rig: {type(e).__name__}: {e}") from None
     lab_dir = d / "lab"
     params = inspect.signature(lab_up).parameters
     vols = None

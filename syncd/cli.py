@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if ns.cmd == "node":
         from .config import load_node_config
-        from .node import serve_node
+        from .node.daemon import serve_node
 
         return _run_daemon(ns, "configuration", load_node_config,
                            lambda c: f"node {c.name}, {len(c.volumes)} volumes", serve_node)
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         import trio
 
         from .config import ConfigError, parse_addr
-        from .linkproxy import Relay, run_proxy
+        from .lab.relay import Relay, run_proxy
 
         try:
             relays = []
@@ -179,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from .ctl import CtlError
-    from .faults import FaultError
-    from .lab import LabError, lab_down, lab_fail, lab_heal, lab_kill, lab_start, lab_up, load_lab, print_summary
+    from .lab.faults import FaultError
+    from .lab.rig import LabError, lab_down, lab_fail, lab_heal, lab_kill, lab_start, lab_up, load_lab, print_summary
 
     try:
         if ns.labcmd == "up":
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             pid = lab_kill(ns.dir, ns.site, _signal.SIGTERM if ns.clean else _signal.SIGKILL)
             print(f"node {ns.site} (pid {pid}) {'stopped' if ns.clean else 'killed'}")
         elif ns.labcmd == "scenario" and ns.name == "all":
-            from .report import print_results, run_all
+            from .lab.report import print_results, run_all
 
             tops = ("uniform", "non-uniform") if ns.topology in (None, "both") else (ns.topology,)
             try:
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                 not all(r["replicas_identical"] for r in results if "skipped" not in r)
             return 3 if bad else 0
         elif ns.labcmd == "scenario":
-            from .scenario import print_result, run_scenario
+            from .lab.scenario import print_result, run_scenario
 
             if ns.topology == "both":
                 raise LabError("--topology both is for 'lab scenario all'; one scenario runs in uniform or non-uniform")
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         elif ns.labcmd == "start":
             print(f"node {ns.site} started (pid {lab_start(ns.dir, ns.site)})")
         elif ns.labcmd in ("cut-link", "heal-link", "delay"):
-            from .linkproxy import proxy_command
+            from .lab.relay import proxy_command
 
             lab = load_lab(ns.dir)
             if not lab.get("link"):

@@ -1,4 +1,4 @@
-"""A small async NBD client (fixed newstyle, OPT_GO, simple replies) with pipelining, over TCP
+"""A small async NBD client (fixed newstyle, p.OPT_GO, simple replies) with pipelining, over TCP
 or a unix socket, optionally upgraded to TLS with NBD_OPT_STARTTLS.
 
 Used by the host shim (its paths and ALUA probes), the workload/checker tools and the tests.
@@ -16,22 +16,8 @@ from dataclasses import dataclass, replace
 
 import trio
 
-NBDMAGIC = b"NBDMAGIC"
-IHAVEOPT = 0x49484156454F5054
-REPLY_MAGIC = 0x3E889045565A9
-REQUEST_MAGIC = 0x25609513
-SIMPLE_REPLY_MAGIC = 0x67446698
-OPT_GO = 7
-OPT_ABORT = 2
-OPT_STARTTLS = 5
-REP_ACK = 1
-REP_INFO = 3
-INFO_EXPORT = 0
-CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES = 0, 1, 2, 3, 4, 6
-CMD_FLAG_FUA = 1
+from . import proto as p
 
-_REQ = struct.Struct(">IHHQQI")
-_SIMPLE = struct.Struct(">IIQ")
 NBD_ERRNO = {1: errno.EPERM, 5: errno.EIO, 12: errno.ENOMEM, 22: errno.EINVAL, 28: errno.ENOSPC,
              75: errno.EOVERFLOW, 95: errno.ENOTSUP, 108: errno.ESHUTDOWN}
 
@@ -78,18 +64,18 @@ class NBDClient:
     async def _handshake(self) -> None:
         rx = self._rx
         name = self.name.encode()
-        data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
-        await self.stream.send_all(struct.pack(">QII", IHAVEOPT, OPT_GO, len(data)) + data)
+        data = p.U32.pack(len(name)) + name + p.U16.pack(0)
+        await self.stream.send_all(p.OPT_HDR.pack(p.IHAVEOPT, p.OPT_GO, len(data)) + data)
         while True:
-            magic, opt, rtype, ln = struct.unpack(">QIII", await rx.exactly(20))
+            magic, opt, rtype, ln = p.OPT_REPLY.unpack(await rx.exactly(20))
             body = await rx.exactly(ln)
-            if magic != REPLY_MAGIC:
+            if magic != p.OPT_REPLY_MAGIC:
                 raise NBDDisconnected("bad option reply magic")
             if rtype & 0x80000000:
                 raise NBDError(rtype & 0x7FFFFFFF, f"export {self.name!r} refused ({body[4:].decode(errors='replace') if len(body) > 4 else ''})")
-            if rtype == REP_INFO and struct.unpack(">H", body[:2])[0] == INFO_EXPORT:
+            if rtype == p.REP_INFO and p.U16.unpack_from(body)[0] == p.INFO_EXPORT:
                 self.size, self.flags = struct.unpack(">QH", body[2:12])
-            elif rtype == REP_ACK:
+            elif rtype == p.REP_ACK:
                 return
 
     async def _receiver(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -97,8 +83,8 @@ class NBDClient:
         rx = self._rx
         try:
             while True:
-                magic, err, handle = _SIMPLE.unpack(await rx.exactly(16))
-                if magic != SIMPLE_REPLY_MAGIC:
+                magic, err, handle = p.SIMPLE.unpack(await rx.exactly(16))
+                if magic != p.SIMPLE_REPLY_MAGIC:
                     raise NBDDisconnected(f"bad reply magic {magic:#x}")
                 ev, slot, rlen = self._waiting.pop(handle)
                 slot.append(err)
@@ -119,7 +105,7 @@ class NBDClient:
         ev, slot = trio.Event(), []
         self._waiting[h] = (ev, slot, rlen)
         async with self._send_lock:
-            hdr = _REQ.pack(REQUEST_MAGIC, flags, cmd, h, offset, length)
+            hdr = p.REQ.pack(p.REQUEST_MAGIC, flags, cmd, h, offset, length)
             await self.stream.send_all(hdr + bytes(data) if data is not None else hdr)
         await ev.wait()
         if isinstance(slot[0], Exception):
@@ -129,19 +115,19 @@ class NBDClient:
         return slot[1] if rlen else None
 
     async def read(self, offset: int, length: int) -> bytes:
-        return await self._cmd(CMD_READ, offset, length, rlen=length)
+        return await self._cmd(p.CMD_READ, offset, length, rlen=length)
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
-        await self._cmd(CMD_WRITE, offset, len(data), CMD_FLAG_FUA if fua else 0, data)
+        await self._cmd(p.CMD_WRITE, offset, len(data), p.CMD_FLAG_FUA if fua else 0, data)
 
     async def flush(self) -> None:
-        await self._cmd(CMD_FLUSH, 0, 0)
+        await self._cmd(p.CMD_FLUSH, 0, 0)
 
     async def trim(self, offset: int, length: int) -> None:
-        await self._cmd(CMD_TRIM, offset, length)
+        await self._cmd(p.CMD_TRIM, offset, length)
 
     async def zero(self, offset: int, length: int) -> None:
-        await self._cmd(CMD_WRITE_ZEROES, offset, length)
+        await self._cmd(p.CMD_WRITE_ZEROES, offset, length)
 
     def abort_on_close(self) -> None:
         """Make closing this connection a reset: requests still queued in our kernel are
@@ -157,7 +143,7 @@ class NBDClient:
         if not self.closed:
             try:
                 async with self._send_lock:
-                    await self.stream.send_all(_REQ.pack(REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0))
+                    await self.stream.send_all(p.REQ.pack(p.REQUEST_MAGIC, 0, p.CMD_DISC, 0, 0, 0))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
         self.closed = True
@@ -220,16 +206,16 @@ async def _connect(uri: str | NbdUri, connect_timeout: float, source: str | None
         try:
             rx = _Buf(stream)
             head = await rx.exactly(18)
-            if head[:8] != NBDMAGIC or struct.unpack(">Q", head[8:16])[0] != IHAVEOPT:
+            if p.U64.unpack_from(head)[0] != p.NBDMAGIC or p.U64.unpack_from(head, 8)[0] != p.IHAVEOPT:
                 raise NBDDisconnected("not a fixed-newstyle NBD server")
-            await stream.send_all(struct.pack(">I", 1 | 2))  # FIXED_NEWSTYLE | NO_ZEROES
+            await stream.send_all(p.U32.pack(p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES))
             if u.tls:
-                await stream.send_all(struct.pack(">QII", IHAVEOPT, OPT_STARTTLS, 0))
-                magic, opt, rtype, ln = struct.unpack(">QIII", await rx.exactly(20))
+                await stream.send_all(p.OPT_HDR.pack(p.IHAVEOPT, p.OPT_STARTTLS, 0))
+                magic, opt, rtype, ln = p.OPT_REPLY.unpack(await rx.exactly(20))
                 body = await rx.exactly(ln)
-                if magic != REPLY_MAGIC or opt != OPT_STARTTLS:
+                if magic != p.OPT_REPLY_MAGIC or opt != p.OPT_STARTTLS:
                     raise NBDDisconnected("bad reply to NBD_OPT_STARTTLS")
-                if rtype != REP_ACK:
+                if rtype != p.REP_ACK:
                     raise NBDError(rtype & 0x7FFFFFFF, f"{u}: the server refused TLS ({body.decode(errors='replace')})")
                 ctx = tls or ssl.create_default_context()
                 stream = trio.SSLStream(stream, ctx, server_hostname=None if u.socket else u.host)
@@ -295,14 +281,12 @@ class AluaProbe:
         self._handles = itertools.count(1)
 
     async def _option(self, opt: int, data: bytes) -> list[tuple[int, bytes]]:
-        from . import proto as p
-
-        await self.stream.send_all(struct.pack(">QII", IHAVEOPT, opt, len(data)) + data)
+        await self.stream.send_all(p.OPT_HDR.pack(p.IHAVEOPT, opt, len(data)) + data)
         replies = []
         while True:
-            magic, o, rtype, ln = struct.unpack(">QIII", await self._rx.exactly(20))
+            magic, o, rtype, ln = p.OPT_REPLY.unpack(await self._rx.exactly(20))
             body = await self._rx.exactly(ln)
-            if magic != REPLY_MAGIC or o != opt:
+            if magic != p.OPT_REPLY_MAGIC or o != opt:
                 raise NBDDisconnected("bad option reply")
             if rtype & 0x80000000:
                 raise NBDError(rtype & 0x7FFFFFFF, f"option {opt} refused: {body.decode(errors='replace')}")
@@ -312,50 +296,43 @@ class AluaProbe:
 
     async def list_exports(self) -> list[tuple[str, str]]:
         """NBD_OPT_LIST: (name, description) of every export this client may see."""
-        from . import proto as p
-
         out = []
         for rtype, body in await self._option(p.OPT_LIST, b""):
             if rtype == p.REP_SERVER and len(body) >= 4:
-                n = struct.unpack(">I", body[:4])[0]
+                n = p.U32.unpack_from(body)[0]
                 out.append((body[4:4 + n].decode(errors="replace"), body[4 + n:].decode(errors="replace")))
         return out
 
     async def handshake(self) -> None:
-        from . import proto as p
-
         await self._option(p.OPT_STRUCTURED_REPLY, b"")
         name = self.name.encode()
         query = b"syncd:alua"
-        meta = struct.pack(">I", len(name)) + name + struct.pack(">II", 1, len(query)) + query
+        meta = p.U32.pack(len(name)) + name + struct.pack(">II", 1, len(query)) + query
         for rtype, body in await self._option(p.OPT_SET_META_CONTEXT, meta):
             if rtype == p.REP_META_CONTEXT and body[4:] == query:
-                self.context = struct.unpack(">I", body[:4])[0]
+                self.context = p.U32.unpack_from(body)[0]
         if self.context is None:
             raise NBDError(95, "the server does not offer the syncd:alua meta context")
-        go = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
+        go = p.U32.pack(len(name)) + name + p.U16.pack(0)
         for rtype, body in await self._option(p.OPT_GO, go):
-            if rtype == p.REP_INFO and struct.unpack(">H", body[:2])[0] == INFO_EXPORT:
-                self.size = struct.unpack(">Q", body[2:10])[0]
+            if rtype == p.REP_INFO and p.U16.unpack_from(body)[0] == p.INFO_EXPORT:
+                self.size = p.U64.unpack_from(body, 2)[0]
 
     async def query(self) -> tuple[int, int]:
         """(ALUA state, epoch) as this array presents them to this connection."""
-        from . import proto as p
-
         h = next(self._handles)
         length = min(self.size, 0xFFFFFFFF) or 1
-        await self.stream.send_all(_REQ.pack(REQUEST_MAGIC, 0, p.CMD_BLOCK_STATUS, h, 0, length))
+        await self.stream.send_all(p.REQ.pack(p.REQUEST_MAGIC, 0, p.CMD_BLOCK_STATUS, h, 0, length))
         state = None
         while True:
-            magic, flags, rtype, handle, ln = struct.unpack(">IHHQI", await self._rx.exactly(20))
+            magic, flags, rtype, handle, ln = p.SHDR.unpack(await self._rx.exactly(20))
             body = await self._rx.exactly(ln)
             if magic != p.STRUCTURED_REPLY_MAGIC or handle != h:
                 raise NBDDisconnected("unexpected reply to BLOCK_STATUS")
-            if rtype == p.REPLY_TYPE_BLOCK_STATUS and struct.unpack(">I", body[:4])[0] == self.context:
-                word = struct.unpack(">I", body[8:12])[0]
-                state = (word & 0xFF, word >> 8)
+            if rtype == p.REPLY_TYPE_BLOCK_STATUS and p.U32.unpack_from(body)[0] == self.context:
+                state = p.alua_unpack(p.U32.unpack_from(body, 8)[0])
             elif rtype & 0x8000:
-                raise NBDError(struct.unpack(">I", body[:4])[0], "BLOCK_STATUS")
+                raise NBDError(p.U32.unpack_from(body)[0], "BLOCK_STATUS")
             if flags & p.REPLY_FLAG_DONE:
                 break
         if state is None:
@@ -384,7 +361,7 @@ async def list_exports(uri: str | NbdUri, connect_timeout: float = 5.0, source: 
     try:
         with trio.fail_after(connect_timeout):
             out = await AluaProbe(stream, "", rx).list_exports()
-            await stream.send_all(struct.pack(">QII", IHAVEOPT, OPT_ABORT, 0))
+            await stream.send_all(p.OPT_HDR.pack(p.IHAVEOPT, p.OPT_ABORT, 0))
         return out
     finally:
         await trio.aclose_forcefully(stream)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from construct import Bytes, Const, GreedyBytes, Int16ub, Int32ub, Int64ub, Struct
+from construct import BitsInteger, BitStruct, Bytes, Const, GreedyBytes, Int16ub, Int32ub, Int64ub, Struct
 
 # -- constants ---------------------------------------------------------------------------------
 NBDMAGIC = 0x4E42444D41474943
@@ -128,6 +128,9 @@ BLOCK_STATUS_HEAD = Struct("context_id" / Int32ub)
 BLOCK_DESCRIPTOR = Struct("length" / Int32ub, "status" / Int32ub)
 ERROR_CHUNK = Struct("error" / Int32ub, "message_length" / Int16ub, "message" / Bytes(lambda c: c.message_length))
 NAME_FIELD = Struct("length" / Int32ub, "name" / Bytes(lambda c: c.length))
+# The status word of a syncd:alua extent (proto/nbd-extensions.md): the group epoch's low 24 bits
+# above the ALUA state.
+ALUA_STATUS = BitStruct("epoch" / BitsInteger(24), "state" / BitsInteger(8))
 META_CONTEXT_REPLY = Struct("context_id" / Int32ub, "name" / GreedyBytes)
 
 # -- hot-path codecs derived from the declarations ---------------------------------------------
@@ -139,6 +142,16 @@ U32 = struct.Struct(">I")
 U64 = struct.Struct(">Q")
 OPT_HDR = struct.Struct(">QII")
 OPT_REPLY = struct.Struct(">QIII")
+
+
+def alua_word(state: int, epoch: int) -> int:
+    """The syncd:alua status word (ALUA_STATUS) for an ALUA state and a group epoch."""
+    return ((epoch & 0xFFFFFF) << 8) | (state & 0xFF)
+
+
+def alua_unpack(word: int) -> tuple[int, int]:
+    """(ALUA state, low 24 bits of the epoch) from a syncd:alua status word."""
+    return word & 0xFF, word >> 8
 HOT_PATH = {  # struct codec -> its construct declaration (checked in tests)
     "REQ": (REQ, REQUEST_HEADER),
     "SIMPLE": (SIMPLE, SIMPLE_REPLY),

@@ -484,8 +484,7 @@ class NBDConnection:
                     flags = flags[:1]
             else:
                 st = e.alua(self.identity)
-                # One extent over the request: low 8 bits the ALUA state, then 24 bits of epoch.
-                flags = [(min(length, 0xFFFFFFFF), ((st.epoch & 0xFFFFFF) << 8) | (st.state & 0xFF))]
+                flags = [(min(length, 0xFFFFFFFF), p.alua_word(st.state, st.epoch))]  # one extent
             chunks.append((cid, flags))
         for i, (cid, flags) in enumerate(chunks):
             self._queue(self.conn.block_status_chunk(r.cookie, cid, flags, done=i == len(chunks) - 1))

@@ -14,7 +14,7 @@ import trio
 
 from .. import netio
 from ..config import ConfigError, check_name, load_toml, parse_addr
-from ..state import atomic_write, lock_dir
+from ..files import atomic_write, lock_dir
 from . import proto as w
 from .decide import Decision, GroupRecord, Timing, WitnessError, claim, handover, keep, report, resolve
 

@@ -1,7 +1,7 @@
 import pytest
 
 from syncd.ctl import call
-from syncd.lab import lab_down, lab_up
+from syncd.lab.rig import lab_down, lab_up
 
 from .rig import FAST_LINK
 

@@ -34,9 +34,9 @@ from pyroute2 import IPRoute, NetNS, netns
 
 from syncd.config import LinkConfig
 from syncd.ctl import CtlError, call, wait_synced
-from syncd.faults import drop_loop, fail_disk, heal_disk, make_loop
-from syncd.lab import node_toml
-from syncd.workload import load_history
+from syncd.lab.faults import drop_loop, fail_disk, heal_disk, make_loop
+from syncd.lab.rig import node_toml
+from syncd.lab.workload import load_history
 
 KEY = "matrix-witness-key-0123456789abcdef"
 NBD_PORT, REP_PORT, WIT_PORT = 10809, 7001, 7100
@@ -278,7 +278,7 @@ class Matrix:
         else:
             target = [f"nbd://{self.links['san' + site][3]}:{NBD_PORT}/vv1", "--source", self.links["san" + site][1]]
         self._spawn(f"h{site}", f"h{site}", [
-            "-m", "syncd.workload", *target,
+            "-m", "syncd.lab.workload", *target,
             "--writer", str(writer), "--blocks", f"{first}:1024", "--qd", "4", "--duration", str(duration),
             "--alua-interval", "0.1", "--out", str(self.root / f"h{site}.json"),
         ])

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from syncd.lab import lab_down, lab_fail, lab_heal, lab_kill, lab_start, lab_up
+from syncd.lab.rig import lab_down, lab_fail, lab_heal, lab_kill, lab_start, lab_up
 
 from ..guard import unavailable
 from .rig import FAST_LINK, require_root, require_tool
@@ -164,7 +164,7 @@ def test_eio_from_the_primary_device_hands_the_group_over_and_loses_nothing(tmp_
     writes start failing with EIO from the kernel under host writes: A stops the group and
     hands it to B; B's host goes on without an error. With the device healthy again and A
     restarted, it is resynced; every acknowledged write is on both replicas."""
-    from syncd.faults import FailingFile
+    from syncd.lab.faults import FailingFile
 
     require_root()
     require_tool("nbdfuse", "nbdkit")

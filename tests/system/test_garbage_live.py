@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from syncd.workload import History, check_file, run_writer
+from syncd.lab.workload import History, check_file, run_writer
 
 pytestmark = pytest.mark.system
 

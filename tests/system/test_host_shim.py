@@ -11,9 +11,9 @@ import trio
 
 from syncd.config import ConfigError
 from syncd.host import host_status, load_host_config
-from syncd.lab import lab_down, lab_kill, lab_start, lab_up
-from syncd.linkproxy import proxy_command
-from syncd.workload import History, check_file, run_writer
+from syncd.lab.rig import lab_down, lab_kill, lab_start, lab_up
+from syncd.lab.relay import proxy_command
+from syncd.lab.workload import History, check_file, run_writer
 
 from .rig import FAST_LINK, assert_replicas_identical, require_tool, run
 from .test_failover import WITNESS, group, wait_for
@@ -116,7 +116,7 @@ def test_bad_host_config_is_named(tmp_path, text, msg):
 
 
 def test_lab_scenario_reports_per_host(tmp_path):
-    from syncd.scenario import run_scenario
+    from syncd.lab.scenario import run_scenario
 
     r = run_scenario(str(tmp_path / "lab"), "link-failure", "uniform", hold=3.0)
     assert r["replicas_identical"]
@@ -134,7 +134,7 @@ def test_scenario_all_writes_the_topology_report_with_plots(tmp_path):
     non-uniform hosts at the failed site lose access."""
     import json
 
-    from syncd.report import outcome
+    from syncd.lab.report import outcome
 
     rep = tmp_path / "report"
     out = run(sys.executable, "-m", "syncd", "lab", "scenario", "all", "--only", "secondary-failure,host-disconnect",
@@ -165,7 +165,7 @@ def test_lab_site_failure_and_heal_then_down_leaves_nothing_running(shim):
     (the restarted processes' pids are the ones recorded)."""
     import subprocess
 
-    from syncd.lab import lab_fail, lab_heal
+    from syncd.lab.rig import lab_fail, lab_heal
 
     lab = shim
     lab_fail(lab["dir"], "site", "A")

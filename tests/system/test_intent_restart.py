@@ -9,8 +9,8 @@ import pytest
 import trio
 
 from syncd.ctl import call
-from syncd.lab import lab_down, lab_kill, lab_start, lab_up
-from syncd.workload import History, check_file, run_writer
+from syncd.lab.rig import lab_down, lab_kill, lab_start, lab_up
+from syncd.lab.workload import History, check_file, run_writer
 
 from .rig import FAST_LINK, assert_replicas_identical
 

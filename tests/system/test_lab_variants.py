@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from syncd.ctl import CtlError, call
-from syncd.lab import lab_down, lab_up
+from syncd.lab.rig import lab_down, lab_up
 
 from .rig import FAST_LINK, assert_replicas_identical, require_root, require_tool, run
 
@@ -103,7 +103,7 @@ def test_initial_sync_sends_only_the_regions_that_differ(tmp_path):
 
 
 def test_round_trip_above_the_synchronous_limit_is_warned(tmp_path):
-    from syncd.linkproxy import proxy_command
+    from syncd.lab.relay import proxy_command
     import time
 
     d = tmp_path / "lab"
@@ -130,7 +130,7 @@ def test_round_trip_above_the_synchronous_limit_is_warned(tmp_path):
 
 def test_link_with_a_wrong_key_never_comes_up(tmp_path):
     """Paths authenticate with the shared key: a node with another key is refused."""
-    from syncd.lab import lab_kill, lab_start
+    from syncd.lab.rig import lab_kill, lab_start
     import time
 
     d = tmp_path / "lab"
@@ -159,7 +159,7 @@ def test_a_lab_that_cannot_come_up_leaves_nothing_running(tmp_path):
     """A node that cannot start (its admin socket path is longer than a unix socket allows):
     lab up fails naming the problem, and the witness, relay and other node it had started are
     stopped again."""
-    from syncd.lab import LabError
+    from syncd.lab.rig import LabError
 
     deep = tmp_path / ("d" * 60) / ("e" * 40)
     with pytest.raises(LabError, match="path too long"):

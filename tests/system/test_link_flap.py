@@ -18,9 +18,9 @@ import time
 import pytest
 import trio
 
-from syncd.lab import _alive, lab_down, load_lab
-from syncd.linkproxy import proxy_command
-from syncd.workload import History
+from syncd.lab.rig import _alive, lab_down, load_lab
+from syncd.lab.relay import proxy_command
+from syncd.lab.workload import History
 
 from .test_crash_campaign import assert_hosts_writes_on_both_replicas, in_sync, showrcopy, start_hot_writers, uniform_lab
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from syncd.ctl import call
-from syncd.workload import check_file
+from syncd.lab.workload import check_file
 
 from .matrix import Matrix, alua_transitions, path_timeline
 from .rig import FAST_LINK, first_difference, require_root, require_tool

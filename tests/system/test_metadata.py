@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from syncd.ctl import call
-from syncd.lab import lab_down, lab_kill, lab_start, lab_up
+from syncd.lab.rig import lab_down, lab_kill, lab_start, lab_up
 
 from .rig import FAST_LINK, assert_replicas_identical
 from .test_failover import wait_for

@@ -14,7 +14,7 @@ import trustme
 from syncd.config import ConfigError
 from syncd.ctl import call
 from syncd.host import host_status, load_host_config
-from syncd.lab import lab_down, lab_up
+from syncd.lab.rig import lab_down, lab_up
 
 from .rig import FAST_LINK, assert_replicas_identical, require_tool, run
 

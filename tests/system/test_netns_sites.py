@@ -8,7 +8,7 @@ import time
 import pytest
 
 from syncd.ctl import call
-from syncd.workload import check_file
+from syncd.lab.workload import check_file
 
 from .matrix import Matrix
 from .rig import FAST_LINK, first_difference, require_root, require_tool

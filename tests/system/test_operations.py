@@ -9,9 +9,9 @@ import pytest
 import trio
 
 from syncd.ctl import CtlError
-from syncd.lab import lab_kill, lab_start
-from syncd.linkproxy import proxy_command
-from syncd.workload import History, check_file, run_writer
+from syncd.lab.rig import lab_kill, lab_start
+from syncd.lab.relay import proxy_command
+from syncd.lab.workload import History, check_file, run_writer
 
 from .rig import assert_replicas_identical
 from .test_failover import WITNESS, group, uri, wait_for, wlab  # noqa: F401  (fixture)
@@ -191,7 +191,7 @@ def test_lab_fail_and_heal_by_hand(wlab):
     import subprocess
     import sys
 
-    from syncd.lab import lab_fail, lab_heal
+    from syncd.lab.rig import lab_fail, lab_heal
 
     lab = wlab
     wait_for(lambda: group(lab, "A")["peer_mode"] == "attached", what="attached")

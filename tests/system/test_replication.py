@@ -11,9 +11,9 @@ import pytest
 import trio
 
 from syncd.ctl import CtlError
-from syncd.linkproxy import proxy_command
+from syncd.lab.relay import proxy_command
 from syncd.nbd.client import NBDError, open_nbd
-from syncd.workload import History, check_file, pattern, run_writer
+from syncd.lab.workload import History, check_file, pattern, run_writer
 
 from .rig import assert_replicas_identical, require_tool, run
 
@@ -256,7 +256,7 @@ def test_alua_path_states_follow_the_link(lab):
 def test_kill_9_of_a_node_under_writes_loses_no_acknowledged_write(lab, victim):
     """A crash of either node during writes at the primary: the survivor's acknowledged writes
     are all on both replicas once the node is back and the group has resynchronized."""
-    from syncd.lab import lab_kill, lab_start
+    from syncd.lab.rig import lab_kill, lab_start
 
     h = History()
 

@@ -11,8 +11,8 @@ import pytest
 import trio
 
 from syncd.ctl import CtlError, call
-from syncd.lab import lab_down, lab_up
-from syncd.linkproxy import proxy_command
+from syncd.lab.rig import lab_down, lab_up
+from syncd.lab.relay import proxy_command
 from syncd.nbd.client import open_nbd
 
 from .rig import FAST_LINK, assert_replicas_identical
@@ -103,7 +103,7 @@ def test_discard_without_split_brain_is_refused(lab):
 
 def test_a_failover_is_no_split_brain(lab):
     """The old primary wrote nothing alone (it was killed): it is behind, not diverged."""
-    from syncd.lab import lab_kill, lab_start
+    from syncd.lab.rig import lab_kill, lab_start
 
     b = lab["nodes"]["B"]["admin_socket"]
     lab_kill(lab["dir"], "A")
@@ -125,7 +125,7 @@ def test_split_brain_with_a_witness_that_holds_the_discarded_side_as_owner(tmp_p
     import json
     from pathlib import Path
 
-    from syncd.lab import lab_fail, lab_heal
+    from syncd.lab.rig import lab_fail, lab_heal
 
     from .test_failover import WITNESS
 

@@ -11,8 +11,8 @@ import pytest
 import trio
 
 from syncd.ctl import CtlError, call
-from syncd.lab import lab_down, lab_up
-from syncd.workload import History, check_file, run_writer
+from syncd.lab.rig import lab_down, lab_up
+from syncd.lab.workload import History, check_file, run_writer
 
 from .rig import FAST_LINK, assert_replicas_identical, run
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from syncd.lab import free_port
+from syncd.lab.rig import free_port
 from syncd.witness import proto as w
 
 pytestmark = pytest.mark.system

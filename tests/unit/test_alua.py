@@ -1,4 +1,4 @@
-from syncd.alua import path_state
+from syncd.node.alua import path_state
 from syncd.nbd.export import (
     ALUA_ACTIVE_NON_OPTIMIZED,
     ALUA_ACTIVE_OPTIMIZED,

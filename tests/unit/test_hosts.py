@@ -1,4 +1,4 @@
-"""Host recognition and LUN masking (syncd/hosts.py)."""
+"""Host recognition and LUN masking (syncd/node/hosts.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from syncd.hosts import HostError, HostTable, check_new_host, check_target
+from syncd.node.hosts import HostError, HostTable, check_new_host, check_target
 from syncd.nbd.export import ClientIdentity
-from syncd.state import NodeState, VlunState
+from syncd.node.state import NodeState, VlunState
 
 
 def _state() -> NodeState:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from syncd.intent import IntentLog
+from syncd.node.intent import IntentLog
 
 REGION = 256 << 10
 SIZE = 64 << 20
@@ -65,8 +65,8 @@ def test_a_log_of_a_newer_format_is_refused_and_left_alone(tmp_path):
 
     import pytest
 
-    from syncd.intent import MAGIC, VERSION
-    from syncd.state import StateError
+    from syncd.node.intent import MAGIC, VERSION
+    from syncd.node.state import StateError
 
     p = tmp_path / "intent-1-1"
     newer = struct.pack(">8sIIQ", MAGIC, VERSION + 1, REGION, SIZE // REGION) + b"\xff" * 100
@@ -79,7 +79,7 @@ def test_a_log_of_a_newer_format_is_refused_and_left_alone(tmp_path):
 def test_set_bits_finds_every_bit_below_the_limit():
     from hypothesis import given, strategies as st
 
-    from syncd.intent import set_bits
+    from syncd.node.intent import set_bits
 
     @given(st.sets(st.integers(0, 80_000), max_size=40), st.integers(0, 80_001))
     def check(bits, limit):

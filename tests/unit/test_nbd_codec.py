@@ -33,6 +33,15 @@ def test_hot_path_structs_equal_construct_declarations():
         assert tuple(parsed[n] for n in names) == vals
 
 
+@given(st.integers(0, 255), st.integers(0, 2**24 - 1))
+def test_alua_word_equals_its_declaration(state, epoch):
+    word = p.alua_word(state, epoch)
+    assert p.U32.pack(word) == p.ALUA_STATUS.build({"state": state, "epoch": epoch})
+    assert p.alua_unpack(word) == (state, epoch)
+    parsed = p.ALUA_STATUS.parse(p.U32.pack(word))
+    assert (parsed.state, parsed.epoch) == (state, epoch)
+
+
 def test_handshake_events():
     c = p.ServerConnection()
     assert c.greeting()[:16] == struct.pack(">QQ", p.NBDMAGIC, p.IHAVEOPT)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from syncd.state import GroupState, MemberState, StateError, StateStore
+from syncd.node.state import GroupState, MemberState, StateError, StateStore
 
 
 def test_round_trip_and_lock(tmp_path):

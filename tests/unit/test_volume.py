@@ -3,7 +3,7 @@
 
 import pytest
 
-from syncd.volume import Volume, VolumeError
+from syncd.node.volume import Volume, VolumeError
 
 from ..guard import unavailable
 

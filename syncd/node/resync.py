@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .link import LinkDown, LinkTimeout
-from .proto import Frame, Status
+from ..repl.link import LinkDown, LinkTimeout
+from ..repl.proto import Frame, Status
 
 if TYPE_CHECKING:
-    from ..group import Group, Member
-    from ..node import Node
+    from .group import Group, Member
+    from .daemon import Node
 
 log = logging.getLogger("syncd.resync")
 
@@ -66,7 +66,7 @@ class Resync:
 
     async def run_group(self, g: "Group") -> None:
         """Copy every dirty region of every member; on success the peer is ATTACHED."""
-        from ..group import ATTACHED, SYNCING
+        from .group import ATTACHED, SYNCING
 
         try:
             while g.peer_mode == SYNCING:
@@ -99,7 +99,7 @@ class Resync:
             g.lose_peer(f"resync interrupted: {e}")
 
     async def _member(self, g: "Group", m: "Member") -> None:
-        from ..group import SYNCING
+        from .group import SYNCING
 
         m.resync_total = m.dirty.count
         m.resync_bytes = 0

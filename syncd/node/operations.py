@@ -14,13 +14,18 @@ become primary. The replicas are identical at that point, so nothing is resynced
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import logging
 
 import trio
 
 from .group import ATTACHED, DETACHED, FENCING, SYNCING, Group
-from .node import Node, NodeError
-from .repl.proto import MsgType
+from .errors import NodeError
+from ..repl.proto import MsgType
+
+if TYPE_CHECKING:
+    from .daemon import Node
 
 log = logging.getLogger("syncd.operations")
 
@@ -95,7 +100,7 @@ async def switchover(node: Node, g: Group) -> dict:
                 raise NodeError(f"{op}: the group changed state during the switchover ({g.peer_mode}); nothing changed")
             new_epoch = old_epoch + 1
             if wc is not None:
-                from .witness.proto import WType
+                from ..witness.proto import WType
 
                 d = await wc.decide(WType.HANDOVER, g.name, old_epoch)
                 if d is None:
@@ -195,7 +200,7 @@ async def failover(node: Node, g: Group) -> dict:
         await trio.sleep(left)  # never serve as primary while the old lease could still run
     wc = node.witness
     if wc is not None:
-        from .witness.proto import WType
+        from ..witness.proto import WType
 
         d = await wc.decide(WType.CLAIM, g.name, g.epoch)
         if d is None:
@@ -247,7 +252,7 @@ async def override(node: Node, g: Group) -> dict:
     """Leave failsafe (or, on an unserving secondary cut from everything, take the group) on the
     operator's word. With a reachable witness the witness decides; without, the operator does,
     and a later split brain is theirs (detected on reconnect, issue 5)."""
-    from .witness.proto import WType
+    from ..witness.proto import WType
 
     wc = node.witness
     _busy(g)
@@ -350,7 +355,7 @@ async def after_disk_failure(node: Node, g: Group) -> None:
     new = old + 1
     wc = node.witness
     if wc is not None:
-        from .witness.proto import WType
+        from ..witness.proto import WType
 
         d = await wc.decide(WType.HANDOVER, g.name, old)
         if d is None or not d.granted:

@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from .ctl import CtlError, call, wait_synced
-from .config import parse_size
+from ..ctl import CtlError, call, wait_synced
+from ..config import parse_size
 
 NODES = ("A", "B")
 LAB_HOST = "lab"
@@ -313,7 +313,7 @@ def start_shims(lab: dict, topology: str) -> dict:
     arrays (Active Peer Persistence); non-uniform: only its local array (Active Sync)."""
     if topology not in TOPOLOGIES:
         raise LabError(f"unknown topology {topology!r} (uniform, non-uniform)")
-    from .config import LinkConfig
+    from ..config import LinkConfig
 
     root = Path(lab["dir"])
     hosts: dict = {}
@@ -350,7 +350,7 @@ def _start_shim(h: dict) -> None:
 
 def _wait_shim(hinfo: dict) -> None:
     """Until the shim answers and every path it reaches shows a usable state."""
-    from .host import host_status
+    from ..host import host_status
 
     deadline = time.monotonic() + 20
     while True:
@@ -496,7 +496,7 @@ def _role_site(lab: dict, role: str) -> str:
 
 
 def _relays(lab: dict, paths: list[int], cmd: str) -> None:
-    from .linkproxy import proxy_command
+    from .relay import proxy_command
 
     if not lab.get("link"):
         raise LabError("this lab runs without the link relay (--no-relay): links cannot be cut")

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .repl.link import LinkDown, LinkTimeout
-from .repl.resync import VERIFY_BATCH, ResyncFailed, region_digests
+from ..repl.link import LinkDown, LinkTimeout
+from .resync import VERIFY_BATCH, ResyncFailed, region_digests
 
 if TYPE_CHECKING:
     from .group import Group, Member
-    from .node import Node
+    from .daemon import Node
 
 
 class VerifyError(Exception):

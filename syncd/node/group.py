@@ -22,15 +22,15 @@ import trio
 
 from .alua import path_state
 from .intent import IntentLog
-from .nbd.export import AluaState, BlockError
-from .ranges import Bitmap, RangeLock
-from .repl.link import LinkDown, LinkTimeout
-from .repl.proto import Frame, Status
+from ..nbd.export import AluaState, BlockError
+from ..ranges import Bitmap, RangeLock
+from ..repl.link import LinkDown, LinkTimeout
+from ..repl.proto import Frame, Status
 from .state import GroupState, MemberState, decode_bits
 from .volume import Volume
 
 if TYPE_CHECKING:
-    from .node import Node
+    from .daemon import Node
 
 log = logging.getLogger("syncd.group")
 
@@ -667,7 +667,7 @@ class Group:
     async def _may_go_alone(self) -> tuple[bool, str]:
         """Whether the primary may serve without its peer (the witness rules, or True without a
         witness), and why."""
-        from .witness.proto import WType
+        from ..witness.proto import WType
 
         wc = self.node.witness
         if wc is None:
@@ -695,9 +695,7 @@ class Group:
         except OSError as se:
             log.error("group %s: cannot record the failed device: %s", self.name, se)
         self.note(f"BACKING DEVICE FAILURE: {self.disk_error}; group stops on this array")
-        from .operations import after_disk_failure
-
-        self.node.spawn(after_disk_failure, self.node, self)
+        self.node.disk_failed(self)
 
     def enter_failsafe(self, why: str) -> None:
         self.st.failsafe = True

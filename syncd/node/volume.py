@@ -17,7 +17,7 @@ import stat
 import trio
 import xxhash
 
-from .nbd.export import allocation_extents, punch_hole, zero_range
+from ..nbd.export import allocation_extents, punch_hole, zero_range
 
 BLKGETSIZE64 = 0x80081272
 ALIGN = 4096

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import trio
 
-from .ctl import call
-from .host import host_status
-from .lab import LabError, lab_down, lab_fail, lab_heal, lab_kill, lab_start, lab_up
+from ..ctl import call
+from ..host import host_status
+from .rig import LabError, lab_down, lab_fail, lab_heal, lab_kill, lab_start, lab_up
 from .workload import History, check_file, run_writer
 
 @dataclass(frozen=True)

@@ -12,21 +12,18 @@ import uuid
 
 import trio
 
-from .config import NodeConfig
+from ..config import NodeConfig
+from .errors import NodeError
 from .hosts import HostTable
 from .group import DETACHED, TRIM, WRITE, ZEROES, Group, Member
-from .nbd.export import AluaState, BlockError, ClientIdentity, ALUA_ACTIVE_OPTIMIZED
-from .repl.link import Link, Path
-from .repl.proto import Frame, MsgType, Status
-from .repl.resync import Resync
+from ..nbd.export import AluaState, BlockError, ClientIdentity, ALUA_ACTIVE_OPTIMIZED
+from ..repl.link import Link, Path
+from ..repl.proto import Frame, MsgType, Status
+from .resync import Resync
 from .state import StateError, StateStore, encode_bits
 from .volume import Volume, VolumeError, make_wwn
 
 log = logging.getLogger("syncd.node")
-
-
-class NodeError(Exception):
-    """Refusal of an administrative request; the message is for the administrator."""
 
 
 class VolumeExport:
@@ -177,7 +174,7 @@ class Node:
         self.witness = None
         wcfg = cfg.witness
         if self.state.witness is not None:  # set by setrcopytarget witness: overrides the config
-            from .config import ConfigError, parse_witness_client
+            from ..config import ConfigError, parse_witness_client
 
             try:
                 wcfg = parse_witness_client(self.state.witness, "state.witness")
@@ -185,7 +182,7 @@ class Node:
                 self.close()
                 raise NodeError(f"the witness recorded in {self.store.path} is invalid: {e}") from None
         if wcfg is not None:
-            from .witness.client import WitnessClient
+            from ..witness.client import WitnessClient
 
             self.witness = WitnessClient(wcfg, cfg.name, self._witness_groups)
         self.link: Link | None = None
@@ -281,6 +278,12 @@ class Node:
 
             self._nursery.start_soon(_later)
 
+    def disk_failed(self, g: Group) -> None:
+        """A backing device of ``g`` failed here: hand the group over or tell the primary."""
+        from .operations import after_disk_failure
+
+        self.spawn(after_disk_failure, self, g)
+
     def spawn(self, fn, *args) -> None:
         assert self._nursery is not None
         self._nursery.start_soon(fn, *args)
@@ -288,7 +291,7 @@ class Node:
     # -- running -------------------------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         from .admin import AdminServer
-        from .nbd.server import NBDServer
+        from ..nbd.server import NBDServer
 
         try:
             async with trio.open_nursery() as nursery:
@@ -304,7 +307,7 @@ class Node:
                     nursery.start_soon(self._intent_loop)
                 tls = self.cfg.nbd_tls
                 if tls is not None:
-                    from .config import server_tls_context
+                    from ..config import server_tls_context
 
                     nbd = self.nbd = NBDServer(self, server_tls_context(tls), tls.mode == "require")
                 else:
@@ -377,7 +380,7 @@ class Node:
         has accepted this array as primary of that epoch (it mirrors our writes); until then
         the witness would refuse our KEEP on the next link loss."""
         from .group import ATTACHED, SYNCING
-        from .witness.proto import WType
+        from ..witness.proto import WType
 
         while True:
             await trio.sleep(wc.cfg.interval)
@@ -399,8 +402,8 @@ class Node:
     def set_witness(self, settings: dict | None) -> None:
         """Use another witness (or none) from now on; ``settings`` as in the [witness] table,
         already validated. Persisted: it overrides [witness] in the config from now on."""
-        from .config import parse_witness_client
-        from .witness.client import WitnessClient
+        from ..config import parse_witness_client
+        from ..witness.client import WitnessClient
 
         old = self.witness
         if old is not None and getattr(old, "scope", None) is not None:
@@ -482,7 +485,7 @@ class Node:
     def _witness_groups(self):
         """What the witness client reports: (group, members, owner, epoch, flags) per group."""
         from .group import ATTACHED
-        from .witness.proto import REPORT_PEER_ALIVE, REPORT_PEER_IN_SYNC
+        from ..witness.proto import REPORT_PEER_ALIVE, REPORT_PEER_IN_SYNC
 
         out = []
         for g in self.groups.values():
@@ -496,9 +499,9 @@ class Node:
 
     async def _try_claim(self, g: Group) -> None:
         """Secondary that lost its primary: ask the witness for the group."""
-        from .witness.proto import WType
+        from ..witness.proto import WType
 
-        from .witness.decide import may_grant_later
+        from ..witness.decide import may_grant_later
 
         if g.failover_pending is None and not g.claim_refused and self.witness.reachable:
             g.failover_pending = trio.Event()  # host I/O waits for the answer (transitioning)
@@ -776,7 +779,7 @@ class Node:
 
 def serve_node(cfg: NodeConfig) -> int:
     """Run a node until SIGTERM/SIGINT (a primary hands its groups over first)."""
-    from .daemon import run_until_signal
+    from ..daemon import run_until_signal
 
     return run_until_signal(lambda: Node(cfg), f"node {cfg.name}", (StateError, VolumeError, NodeError),
                             before_stop=lambda node: node.hand_over_for_shutdown())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .nbd.export import (
+from ..nbd.export import (
     ALUA_ACTIVE_NON_OPTIMIZED,
     ALUA_ACTIVE_OPTIMIZED,
     ALUA_TRANSITIONING,

@@ -7,6 +7,8 @@ that involve the peer are agreed with it first and recorded locally only if it a
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import json
 import logging
 import os
@@ -17,10 +19,13 @@ import trio
 
 from . import admin_hosts
 from .group import DETACHED, Group
-from .node import Node, NodeError
-from .nbd.export import ALUA_NAMES
-from .repl.resync import resync_progress
+from .errors import NodeError
+from ..nbd.export import ALUA_NAMES
+from .resync import resync_progress
 from .state import POLICIES, GroupState, MemberState, StateError
+
+if TYPE_CHECKING:
+    from .daemon import Node
 
 log = logging.getLogger("syncd.admin")
 
@@ -127,7 +132,7 @@ def parse_policies(spec: str | list[str]) -> dict[str, bool]:
 # -- commands ----------------------------------------------------------------------------------
 
 async def creatercopygroup(node: Node, group: str, target: str, policies: str | None = None) -> dict:
-    from .config import check_name
+    from ..config import check_name
 
     check_name(group, "group name", NodeError)
     if group in node.groups:
@@ -350,7 +355,7 @@ async def setrcopytarget(node: Node, what: str, action: str, address: str | None
                          owner_lease: float | None = None, grace: float | None = None) -> dict:
     """setrcopytarget witness create ADDRESS KEY [timings] | remove | check. The witness is a
     setting of each array: run it on both (the key is never sent over the replication link)."""
-    from .config import ConfigError, parse_witness_client
+    from ..config import ConfigError, parse_witness_client
 
     if what != "witness":
         raise NodeError(f"setrcopytarget: unknown object {what!r} (known: witness)")

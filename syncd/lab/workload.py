@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .nbd.client import NBDDisconnected, NBDError, open_nbd
+from ..nbd.client import NBDDisconnected, NBDError, open_nbd
 
 MAGIC = b"SYNCDWL1"
 _HDR = struct.Struct(">8sIIQQ")  # magic, writer, pad, block, seq  (32 bytes)
@@ -186,7 +186,7 @@ async def run_writer(
 async def sample_alua(uri: str, samples: list, *, interval: float = 0.2, source: str | None = None) -> None:
     """Poll the path state the array shows this host, as a multipath initiator does: appends
     (monotonic time, state, epoch) and (time, None, error) when the array cannot be asked."""
-    from .nbd.client import open_alua_probe
+    from ..nbd.client import open_alua_probe
 
     while True:
         try:

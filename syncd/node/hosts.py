@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from .nbd.export import ClientIdentity
+from ..nbd.export import ClientIdentity
 from .state import HostState, NodeState
 
 PROXIMITIES = ("primary", "secondary", "all")
@@ -92,7 +92,7 @@ class HostTable:
 # -- validation used by the admin commands (pure: they raise before anything changes) ---------
 
 def check_new_host(st: NodeState, name: str, addresses: list[str], tls_names: list[str]) -> HostState:
-    from .config import check_name
+    from ..config import check_name
 
     check_name(name, "host name", HostError)
     if name in st.hosts:

@@ -7,11 +7,16 @@ changes anything, then persists and re-indexes; connections that lose their expo
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .alua import path_state
 from .hosts import PROXIMITIES, SET_PREFIX, HostError, check_new_host, check_target
-from .nbd.export import ALUA_NAMES
-from .node import Node, NodeError
+from ..nbd.export import ALUA_NAMES
+from .errors import NodeError
 from .state import VlunState
+
+if TYPE_CHECKING:
+    from .daemon import Node
 
 
 def _hosts_of(node: Node, target: str) -> list[str]:
@@ -58,7 +63,7 @@ async def removehost(node: Node, name: str) -> dict:
 
 
 async def createhostset(node: Node, name: str, hosts=None, add: bool = False) -> dict:
-    from .config import check_name
+    from ..config import check_name
 
     st = node.state
     members = _list(hosts, "hosts")

@@ -115,7 +115,10 @@ def print_results(results: list[dict]) -> None:
 # -- plots -----------------------------------------------------------------------------------------
 
 def plot(r: dict, path: Path) -> str:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("the scenario report's plots need matplotlib: pip install 'syncd[report]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
