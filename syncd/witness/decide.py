@@ -21,6 +21,7 @@ docs/failover-plan.md:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -49,15 +50,16 @@ class GroupRecord:
         a, b = self.members
         return b if node == a else a
 
-    def persistent(self) -> dict:
+    def persistent(self) -> dict[str, Any]:
         return {"name": self.name, "members": list(self.members), "owner": self.owner,
                 "epoch": self.epoch, "secondary_in_sync": self.secondary_in_sync,
                 "failover_disabled": self.failover_disabled, "last_decision": self.last_decision}
 
     @classmethod
-    def restore(cls, d: dict) -> "GroupRecord":
+    def restore(cls, d: dict[str, Any]) -> "GroupRecord":
         # After a witness restart nothing was seen: no failover until the owner reports again.
-        return cls(d["name"], tuple(d["members"]), d["owner"], d["epoch"], d["secondary_in_sync"],
+        a, b = d["members"]
+        return cls(d["name"], (a, b), d["owner"], d["epoch"], d["secondary_in_sync"],
                    d["failover_disabled"], d["last_decision"])
 
 

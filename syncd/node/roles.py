@@ -1,0 +1,1175 @@
+"""The control state of one replication group on this array, as a pure state machine.
+
+A group's role, epoch, how its peer is attached (mode), failsafe, leases and transitions live
+here and nowhere else. The machine does no I/O and reads no clock: every event carries the time
+(the daemon's monotonic clock) and the machine answers with the actions the daemon carries out
+(send a lease request, ask the witness, start a resync, persist, reset the link...). Whether the
+array may serve the group and its ALUA state are derived from the state by pure functions.
+
+Every legal move is a row of ``TABLE``: (role, modes, event type) -> handler. An event that no
+row admits in the current state is refused (``RoleError``) and changes nothing.
+
+The promises the rows keep (checked by ``tests/unit/test_roles_model.py`` in virtual time):
+
+* epochs never go backwards, and a role change to primary always takes a higher epoch;
+* an array that (re)starts serves nothing until its role at its epoch is confirmed: by the peer
+  (lease grant, or the peer reporting itself secondary at our epoch) or by the witness;
+* a primary acknowledges a write its peer does not get only after every lease it granted has
+  expired (``lease_deadline``), and, with a witness, only once the witness agreed or was lost
+  before the peer (pre-elected primary);
+* a secondary serves only while it holds a lease; a primary without its peer serves only while
+  the witness cannot have given the group away (``witness_until``).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field, replace
+from typing import Callable, Union
+
+from ..witness.decide import may_grant_later
+
+NEVER = -math.inf
+
+
+class Role(enum.Enum):
+    PRIMARY = "primary"
+    SECONDARY = "secondary"
+
+
+class Mode(enum.Enum):
+    """What a group is doing on this array, per role."""
+
+    # primary
+    STARTING = "starting"  # (re)started: the previous run's lease may still run; unconfirmed
+    FENCING = "fencing"  # peer lost: waiting until every lease granted has expired
+    DECIDING = "deciding"  # leases expired: asking the witness whether to go on alone
+    DETACHED = "detached"  # peer not mirroring; alone or not, see ``alone``
+    SYNCING = "syncing"  # peer mirroring new writes while regions are copied to it
+    ATTACHED = "attached"  # peer mirroring and in sync
+    HANDING_OVER = "handing-over"  # planned switchover: host I/O waits, roles about to swap
+    # secondary
+    FOLLOWING = "following"  # serves while it holds a lease from the primary
+    CLAIMING = "claiming"  # primary gone, lease over: asking the witness for the group
+    TAKING_OVER = "taking-over"  # planned switchover from the primary: host I/O waits
+    # both
+    DISK_FAILED = "disk-failed"  # a backing device of the group failed here: serve nothing
+
+
+MIRRORING = frozenset({Mode.SYNCING, Mode.ATTACHED, Mode.HANDING_OVER})
+FENCED_OFF = frozenset({Mode.STARTING, Mode.FENCING, Mode.DECIDING})
+
+
+class WitnessAsk(enum.Enum):
+    KEEP = "keep"
+    CLAIM = "claim"
+    RESOLVE = "resolve"
+
+
+class RoleError(Exception):
+    """An event the state does not admit (an operator verb in the wrong state, an epoch that
+    would go backwards, a frame from a peer that contradicts this array's role)."""
+
+
+# -- timing ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class WitnessTiming:
+    interval: float = 0.5  # s between reports
+    owner_lease: float = 3.0  # the witness gives the group away this long after hearing the owner
+    grace: float = 4.5  # the witness missing the owner this long disables failover
+
+    def reachable_for(self) -> float:
+        return 3 * self.interval
+
+    def lost_first_after(self) -> float:
+        """Witness silent this long before the peer went: the witness disabled failover."""
+        return self.grace + 2 * self.interval
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    lease: float = 2.0
+    lease_drift: float = 0.05
+    lease_margin: float = 0.5
+    transition_timeout: float = 5.0
+    witness: WitnessTiming | None = None
+
+    def lease_expiry(self) -> float:
+        """How long after granting a lease the primary treats it as possibly still running."""
+        return self.lease * (1 + self.lease_drift) + self.lease_margin
+
+    def renew_every(self) -> float:
+        return self.lease / 4
+
+    def lease_request_timeout(self) -> float:
+        return self.lease / 2
+
+
+# -- state -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class RoleState:
+    """One group's control state on this array. Persisted: role, epoch, started, failsafe,
+    witness_behind (``Persist`` says when they changed); the rest is rebuilt at start."""
+
+    me: str
+    peer_name: str
+    role: Role
+    epoch: int
+    started: bool = False
+    failsafe: bool = False  # serves nothing until the witness, the peer or the operator says so
+    witness_behind: bool = False  # this epoch was made without the witness: tell it (RESOLVE)
+    auto_failover: bool = True
+    auto_recover: bool = True
+    mode: Mode = Mode.DETACHED
+    confirmed: bool = False  # role at this epoch confirmed since start (peer or witness)
+    alone: bool = False  # primary: may acknowledge writes its peer does not get
+    peer_ready: bool = False  # primary: the peer holds the regions it lacks; leases may be granted
+    recovering: bool = False  # primary: a resync was asked for and has not ended
+    peer_failed: bool = False  # primary: the peer's disk failed; no resync until a new link session
+    split_brain: bool = False  # both sides wrote apart: no resync until the operator resolves it
+    link_up: bool = False
+    lease_until: float = NEVER  # secondary: may serve until then
+    lease_deadline: float = NEVER  # primary: the peer may be serving until then
+    lease_asked: float | None = None  # secondary: a lease request in flight, sent then
+    next_renewal: float = NEVER  # secondary: when to ask for the lease again
+    witness_heard: float = NEVER  # when the witness last answered this array
+    witness_until: float = NEVER  # primary: the witness cannot give the group away before then
+    witness_lost_first: bool = False  # primary: the witness was gone before the peer (pre-elected)
+    witness_asking: WitnessAsk | None = None  # a request to the witness in flight
+    next_witness_retry: float = NEVER
+    claim_refused: str = ""  # secondary: the witness refused for good (until the link returns)
+    last_refusal: str = ""  # the witness's last refusal, noted once
+    transition_until: float = NEVER  # TAKING_OVER: the primary vanished half-way after this
+    fence_reason: str = ""
+
+
+# -- events ------------------------------------------------------------------------------------
+# Every event carries ``now``: the daemon's monotonic clock when it happened.
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Time passed: timers due at or before ``now`` fire."""
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class LinkUp:
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class LinkDown:
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class PeerLost:
+    """Primary: the peer failed, refused or did not answer a replicated request."""
+    now: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PeerState:
+    """The peer's role and epoch for this group, as it said over the link (state exchange)."""
+    now: float
+    role: Role
+    epoch: int
+    started: bool | None = None  # the primary's setting (a secondary adopts it)
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRequested:
+    """Primary: the secondary asks for its serve lease (frame at this epoch)."""
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseReply:
+    """Secondary: the primary answered the lease request sent at ``sent``."""
+    now: float
+    sent: float
+    ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseFailed:
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class WitnessReport:
+    """The witness answered a periodic report sent at ``sent``: its record for the group."""
+    now: float
+    sent: float
+    owner: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class WitnessAnswer:
+    """The witness decided on a KEEP, CLAIM or RESOLVE sent at ``sent``; ``granted`` None =
+    unreachable (no answer)."""
+    now: float
+    sent: float
+    ask: WitnessAsk
+    granted: bool | None
+    owner: str = ""
+    epoch: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ResyncBegun:
+    """Primary: the peer accepted the regions it lacks (RESYNC_BEGIN): it may serve again."""
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class ResyncDone:
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class ResyncEnded:
+    """Primary: the resync task ended (done, failed or cut short)."""
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class NeedSync:
+    """Primary: regions of a volume must be copied again (a volume admitted to a running group,
+    online verify found a difference)."""
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Recover:
+    """The operator asks for a resync of the returned peer (``auto_recover`` off)."""
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Stopped:
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Policies:
+    now: float
+    auto_failover: bool
+    auto_recover: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PeerLeaving:
+    """Primary: the secondary is shutting down and gave its lease back."""
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class PeerDiskFailed:
+    """Primary: the secondary's backing device failed."""
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class DiskFailed:
+    """A backing device of this group failed on this array."""
+    now: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class HandedOver:
+    """This primary gave the group to its peer at ``epoch`` (through the witness when there is
+    one): planned switchover (``in_sync``: the replicas are identical) or a failed disk."""
+    now: float
+    epoch: int
+    in_sync: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchoverBegin:
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchoverEnd:
+    """The switchover is over on this side (done or abandoned)."""
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class PeerSwitchoverPrepare:
+    now: float
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeerSwitchoverCommit:
+    """The old primary handed the group to this array at ``epoch`` with identical replicas."""
+    now: float
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeerSwitchoverAbort:
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class PeerTakeover:
+    """The primary's disk failed and it handed the group to this array at ``epoch``."""
+    now: float
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Promote:
+    """The operator made this secondary primary at ``epoch`` (failover granted by the witness,
+    or an override without it: ``witness_behind``)."""
+    now: float
+    epoch: int
+    why: str
+    witness_behind: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class OverrideFailsafe:
+    """The operator lets this primary leave failsafe and go on alone."""
+    now: float
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class SplitBrain:
+    """Both sides wrote apart (data generations): no resync until the operator resolves it."""
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Discard:
+    """Split brain: the operator throws this array's side away; it becomes the peer's
+    secondary."""
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class SplitBrainResolved:
+    """Split brain resolved: as the surviving side (``survivor``) this array takes an epoch above
+    both sides'; as the discarded side it takes the survivor's ``epoch``."""
+    now: float
+    survivor: bool
+    epoch: int
+
+
+Event = Union[
+    Tick, LinkUp, LinkDown, PeerLost, PeerState, LeaseRequested, LeaseReply, LeaseFailed,
+    WitnessReport, WitnessAnswer, ResyncBegun, ResyncDone, ResyncEnded, NeedSync, Recover, Started, Stopped,
+    Policies, PeerLeaving, PeerDiskFailed, DiskFailed, HandedOver, SwitchoverBegin, SwitchoverEnd,
+    PeerSwitchoverPrepare, PeerSwitchoverCommit, PeerSwitchoverAbort, PeerTakeover, Promote,
+    OverrideFailsafe, SplitBrain, Discard, SplitBrainResolved,
+]
+
+
+# -- actions -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Persist:
+    """A persisted field changed: write it before acting on it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    msg: str
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLease:
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class GrantLease:
+    ms: int  # 0: the secondary may not serve
+
+
+@dataclass(frozen=True, slots=True)
+class AskWitness:
+    ask: WitnessAsk
+
+
+@dataclass(frozen=True, slots=True)
+class ResetLink:
+    """Drop every path: nothing sent in the old link session can arrive after this."""
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class FenceOver:
+    """The peer is fenced off: forwarded writes it never released are marked for resync and
+    their ranges released; writes waiting for the fence go on (alone) or are refused."""
+
+
+@dataclass(frozen=True, slots=True)
+class StartResync:
+    """Begin copying what the peer lacks: RESYNC_BEGIN per volume, then the copy."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewGeneration:
+    """This array starts acknowledging writes its peer will not have."""
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class BecamePrimary:
+    """Took the group over: what may differ on the old primary is what this array's
+    write-intent log marks and what the old one reports; compare those."""
+
+
+@dataclass(frozen=True, slots=True)
+class BecameSecondary:
+    """Lost the group to the peer: every region is to be resynced from it; what this array was
+    writing (its write-intent log) is reported to it so it compares those regions."""
+
+
+@dataclass(frozen=True, slots=True)
+class SwappedInSync:
+    """Planned role change between identical replicas: nothing to resync."""
+
+
+@dataclass(frozen=True, slots=True)
+class DiskFailure:
+    """Hand the group over (primary with an in-sync peer) or tell the primary (secondary)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdoptGeneration:
+    """The peer is in sync: tell it our data generation is now its own."""
+
+
+Action = Union[
+    Persist, Note, RequestLease, GrantLease, AskWitness, ResetLink, FenceOver, StartResync,
+    NewGeneration, BecamePrimary, BecameSecondary, SwappedInSync, DiskFailure, AdoptGeneration,
+]
+Result = tuple[RoleState, list[Action]]
+Handler = Callable[[RoleState, Timing, "Event"], Result]
+
+
+# -- derived state -----------------------------------------------------------------------------
+
+def witness_reachable(s: RoleState, t: Timing, now: float) -> bool:
+    return t.witness is not None and now - s.witness_heard < t.witness.reachable_for()
+
+
+def serving(s: RoleState, t: Timing, now: float) -> bool:
+    """Whether this array may answer host I/O for the group now."""
+    if not s.confirmed or s.failsafe or s.mode is Mode.DISK_FAILED:
+        return False
+    if s.role is Role.SECONDARY:
+        return s.started and now < s.lease_until
+    if s.mode in MIRRORING or s.alone:
+        return True
+    if s.mode in (Mode.FENCING, Mode.DECIDING):
+        # Peer lost, not yet allowed to go on alone: reads are served while the witness
+        # cannot have given the group away (writes wait for the fence).
+        return t.witness is None or s.witness_lost_first or now < s.witness_until
+    return False
+
+
+def failover_possible(s: RoleState, t: Timing, now: float) -> bool:
+    """Secondary cut from its primary, with a reachable witness that may give it the group."""
+    return (s.role is Role.SECONDARY and s.started and s.auto_failover and not s.link_up
+            and not s.claim_refused and s.mode is Mode.FOLLOWING and witness_reachable(s, t, now))
+
+
+def transitioning(s: RoleState, t: Timing, now: float) -> bool:
+    """Roles are changing: host I/O waits (ALUA transitioning) instead of failing."""
+    if s.mode in (Mode.HANDING_OVER, Mode.TAKING_OVER, Mode.CLAIMING):
+        return True
+    return failover_possible(s, t, now) and not serving(s, t, now)
+
+
+# ALUA target port group states (proto/nbd-extensions.md).
+ALUA_ACTIVE_OPTIMIZED = 0
+ALUA_ACTIVE_NON_OPTIMIZED = 1
+ALUA_UNAVAILABLE = 3
+ALUA_TRANSITIONING = 15
+
+
+def alua(s: RoleState, t: Timing, now: float, proximity: str = "all") -> int:
+    """active/optimized when the host is proximal to this array's role (or 'all') and the array
+    serves; active/non-optimized when it serves but is not proximal; transitioning during a role
+    change; unavailable when it may not serve."""
+    if transitioning(s, t, now):
+        return ALUA_TRANSITIONING
+    if not serving(s, t, now):
+        return ALUA_UNAVAILABLE
+    if proximity in ("all", s.role.value):
+        return ALUA_ACTIVE_OPTIMIZED
+    return ALUA_ACTIVE_NON_OPTIMIZED
+
+
+def next_timer(s: RoleState, t: Timing) -> float:
+    """The earliest time at which a ``Tick`` can change something (inf: none pending)."""
+    due = [math.inf]
+    if s.role is Role.PRIMARY:
+        if s.mode in (Mode.STARTING, Mode.FENCING):
+            due.append(s.lease_deadline)
+        if _wants_keep_retry(s, t) or _wants_resolve(s, t):
+            due.append(s.next_witness_retry)
+        if s.mode in (Mode.FENCING, Mode.DECIDING) and t.witness is not None:
+            due.append(s.witness_until)  # reads stop being served then
+    else:
+        if s.mode is Mode.TAKING_OVER:
+            due.append(s.transition_until)
+        if s.mode is Mode.FOLLOWING and s.started:
+            if s.link_up and s.lease_asked is None:
+                due.append(s.next_renewal)
+            due.append(s.lease_until)  # serving stops; a claim may be due
+            if not s.link_up and t.witness is not None:
+                due.append(s.next_witness_retry)
+    finite = [d for d in due if d > NEVER]
+    return min(finite) if finite else math.inf
+
+
+# -- helpers used by the rows ------------------------------------------------------------------
+
+def _note(msg: str) -> Note:
+    return Note(msg)
+
+
+def _lose_peer(s: RoleState, t: Timing, now: float, reason: str, reset: bool = True) -> Result:
+    """Primary: the peer stops mirroring. It may be serving under its lease until
+    ``lease_deadline``; nothing unmirrored is acknowledged before then."""
+    lost_first = (t.witness is not None
+                  and now - s.witness_heard > t.witness.lost_first_after())
+    s2 = replace(s, mode=Mode.FENCING, peer_ready=False, alone=False, fence_reason=reason,
+                 witness_lost_first=lost_first, recovering=False)
+    acts: list[Action] = [_note(f"peer lost ({reason}); waiting for its serve lease to expire")]
+    if reset and s.link_up:
+        # The peer failed a request while the link stayed up: a new link session, so nothing
+        # of the old one can be applied after this array goes on alone.
+        acts.append(ResetLink(reason))
+    return s2, acts
+
+
+def _go_alone(s: RoleState, why: str, note: str) -> Result:
+    s2 = replace(s, mode=Mode.DETACHED, alone=True, confirmed=True, failsafe=False,
+                 witness_asking=None, last_refusal="")
+    acts: list[Action] = [FenceOver()]
+    if s.failsafe:
+        acts.append(_note(f"failsafe left: {why}"))
+    acts += [NewGeneration("going on without the peer"), Persist(), _note(note)]
+    return _maybe_recover(s2, acts)
+
+
+def _not_alone(s: RoleState, why: str) -> Result:
+    """The fence is over but this primary may not go on alone."""
+    s2 = replace(s, mode=Mode.DETACHED, alone=False, witness_asking=None)
+    if s.link_up:
+        # The peer is reachable again: no failsafe, but no writing alone either until it
+        # mirrors again (resync) or demotes this array.
+        return _maybe_recover(s2, [FenceOver(), _note(f"not going on alone ({why}); waiting for the peer to resync")])
+    s2 = replace(s2, failsafe=True, fence_reason=why)
+    return s2, [FenceOver(), _note(f"FAILSAFE: {why}"), Persist()]
+
+
+def _may_recover(s: RoleState) -> bool:
+    return (s.role is Role.PRIMARY and s.started and s.link_up and s.confirmed
+            and s.mode is Mode.DETACHED and not s.recovering and not s.split_brain
+            and not s.peer_failed)
+
+
+def _maybe_recover(s: RoleState, acts: list[Action], operator: bool = False) -> Result:
+    if _may_recover(s) and (operator or s.auto_recover):
+        s = replace(s, mode=Mode.SYNCING, peer_ready=False, alone=False, recovering=True)
+        acts = acts + [_note("peer back; resynchronizing"), StartResync()]
+    return s, acts
+
+
+def _check_epoch(s: RoleState, epoch: int, what: str, strictly: bool) -> None:
+    if epoch < s.epoch or (strictly and epoch == s.epoch):
+        raise RoleError(f"{what} at epoch {epoch} refused: the group is at epoch {s.epoch} on "
+                        f"{s.me} and epochs never go back")
+
+
+def _promote(s: RoleState, epoch: int, msg: str) -> Result:
+    _check_epoch(s, epoch, "taking the group over", strictly=True)
+    s2 = replace(s, role=Role.PRIMARY, epoch=epoch, failsafe=False, witness_behind=False,
+                 mode=Mode.DETACHED, alone=True, confirmed=True, peer_ready=False, recovering=False,
+                 lease_until=NEVER, lease_deadline=NEVER, lease_asked=None, witness_asking=None,
+                 claim_refused="", last_refusal="")
+    acts: list[Action] = [BecamePrimary(), _note(msg), NewGeneration(f"took the group over at epoch {epoch}"),
+                          Persist()]
+    return _maybe_recover(s2, acts)
+
+
+def _demote(s: RoleState, epoch: int, why: str) -> Result:
+    _check_epoch(s, epoch, "stepping down", strictly=False)
+    s2 = replace(s, role=Role.SECONDARY, epoch=epoch, failsafe=False, witness_behind=False,
+                 mode=Mode.DISK_FAILED if s.mode is Mode.DISK_FAILED else Mode.FOLLOWING, alone=False, confirmed=False, peer_ready=False,
+                 recovering=False, lease_until=NEVER, lease_asked=None, next_renewal=NEVER,
+                 witness_asking=None, claim_refused="", last_refusal="")
+    return s2, [BecameSecondary(), _note(f"{why}: now secondary"), Persist()]
+
+
+def _refusal(s: RoleState, reason: str, prefix: str) -> tuple[RoleState, list[Action]]:
+    if reason == s.last_refusal:
+        return s, []
+    return replace(s, last_refusal=reason), [_note(f"{prefix}: {reason}")]
+
+
+def _wants_keep_retry(s: RoleState, t: Timing) -> bool:
+    return (t.witness is not None and s.role is Role.PRIMARY and s.failsafe and s.started
+            and not s.link_up and s.mode is Mode.DETACHED and s.witness_asking is None)
+
+
+def _wants_resolve(s: RoleState, t: Timing) -> bool:
+    return (t.witness is not None and s.role is Role.PRIMARY and s.witness_behind
+            and not s.split_brain and s.mode in MIRRORING and s.witness_asking is None)
+
+
+# -- the rows ----------------------------------------------------------------------------------
+
+def _tick(s: RoleState, t: Timing, e: Event) -> Result:
+    assert isinstance(e, Tick)
+    now = e.now
+    acts: list[Action] = []
+    if s.role is Role.PRIMARY:
+        if s.mode in (Mode.STARTING, Mode.FENCING) and now >= s.lease_deadline:
+            # Every lease this array (or its previous run) granted has expired.
+            if t.witness is None:
+                return _go_alone(s, "no witness: this array goes on alone",
+                                 "peer fenced off; going on alone, tracking written regions")
+            s = replace(s, mode=Mode.DECIDING, witness_asking=WitnessAsk.KEEP)
+            return s, [AskWitness(WitnessAsk.KEEP)]
+        if _wants_keep_retry(s, t) and witness_reachable(s, t, now) and now >= s.next_witness_retry:
+            assert t.witness is not None
+            s = replace(s, witness_asking=WitnessAsk.KEEP, next_witness_retry=now + t.witness.interval)
+            return s, [AskWitness(WitnessAsk.KEEP)]
+        if _wants_resolve(s, t) and witness_reachable(s, t, now) and now >= s.next_witness_retry:
+            assert t.witness is not None
+            s = replace(s, witness_asking=WitnessAsk.RESOLVE, next_witness_retry=now + t.witness.interval)
+            return s, [AskWitness(WitnessAsk.RESOLVE)]
+        return s, acts
+    if s.mode is Mode.TAKING_OVER and now >= s.transition_until:
+        return replace(s, mode=Mode.FOLLOWING), [_note("transition over: switchover not completed in time")]
+    if s.mode is not Mode.FOLLOWING or not s.started:
+        return s, acts
+    if s.link_up:
+        if s.lease_asked is None and now >= s.next_renewal:
+            s = replace(s, lease_asked=now)
+            acts.append(RequestLease(t.lease_request_timeout()))
+        return s, acts
+    if (t.witness is not None and s.auto_failover and not s.claim_refused and now >= s.lease_until
+            and now >= s.next_witness_retry and s.witness_asking is None):
+        s = replace(s, next_witness_retry=now + t.witness.interval)
+        if witness_reachable(s, t, now):
+            # Host I/O waits (transitioning) for the witness's answer.
+            s = replace(s, mode=Mode.CLAIMING, witness_asking=WitnessAsk.CLAIM)
+            acts.append(AskWitness(WitnessAsk.CLAIM))
+    return s, acts
+
+
+def _link_up(s: RoleState, t: Timing, e: Event) -> Result:
+    assert isinstance(e, LinkUp)
+    s = replace(s, link_up=True, claim_refused="", peer_failed=False)
+    if s.role is Role.SECONDARY:
+        s = replace(s, next_renewal=e.now, lease_asked=None)
+    return s, []
+
+
+def _link_down(s: RoleState, t: Timing, e: Event) -> Result:
+    assert isinstance(e, LinkDown)
+    s = replace(s, link_up=False, lease_asked=None)
+    if s.role is Role.PRIMARY and s.mode in MIRRORING:
+        return _lose_peer(s, t, e.now, "replication link down", reset=False)
+    return s, []
+
+
+def _peer_lost(s: RoleState, t: Timing, e: Event) -> Result:
+    assert isinstance(e, PeerLost)
+    if s.mode in MIRRORING:
+        return _lose_peer(s, t, e.now, e.reason, reset=e.reason != "group stopped")
+    return s, []
+
+
+def _peer_state(s: RoleState, t: Timing, e: Event) -> Result:
+    assert isinstance(e, PeerState)
+    if s.role is Role.PRIMARY:
+        if e.role is Role.PRIMARY and e.epoch > s.epoch:
+            return _demote(s, e.epoch, f"the peer owns the group at epoch {e.epoch}")
+        if e.role is Role.SECONDARY and e.epoch == s.epoch:
+            acts: list[Action] = []
+            if not s.confirmed:
+                acts.append(_note(f"{s.peer_name} confirms this array as primary at epoch {s.epoch}"))
+            s = replace(s, confirmed=True)
+            if s.mode is Mode.STARTING:
+                # Restarted and the peer is here: mirror at once (the peer's old lease does not
+                # matter once it gets every write); if no resync may start, the fence runs on.
+                if _may_recover(replace(s, mode=Mode.DETACHED)) and s.auto_recover:
+                    return _maybe_recover(replace(s, mode=Mode.DETACHED), acts)
+                return s, acts
+            return _maybe_recover(s, acts)
+        if e.role is Role.PRIMARY and e.epoch == s.epoch:
+            return s, [_note(f"{s.peer_name} also claims to be primary at epoch {e.epoch}: roles conflict; "
+                             "this array serves nothing it has not confirmed")]
+        return s, []
+    # secondary: the primary's epoch and settings
+    if e.role is Role.PRIMARY:
+        if e.epoch < s.epoch:
+            return s, [_note(f"{s.peer_name} says it is primary at epoch {e.epoch}, below ours ({s.epoch})")]
+        acts = []
+        if e.epoch > s.epoch:
+            s = replace(s, epoch=e.epoch, confirmed=False, lease_until=NEVER)
+            acts.append(Persist())
+        if e.started is not None and e.started != s.started:
+            s = replace(s, started=e.started)
+            if not e.started:
+                s = replace(s, lease_until=NEVER)
+            acts.append(Persist())
+        return s, acts
+    return s, []
+
+
+def _lease_requested(s: RoleState, t: Timing, e: Event) -> Result:
+    assert isinstance(e, LeaseRequested)
+    if s.started and s.confirmed and s.mode in MIRRORING and s.peer_ready:
+        s = replace(s, lease_deadline=max(s.lease_deadline, e.now + t.lease_expiry()))
+        return s, [GrantLease(int(t.lease * 1000))]
+    return s, [GrantLease(0)]
+
+
+def _lease_reply(s: RoleState, t: Timing, e: Event) -> Result:
+    assert isinstance(e, LeaseReply)
+    s = replace(s, lease_asked=None, next_renewal=e.now + t.renew_every())
+    if e.ms <= 0:
+        return replace(s, lease_until=NEVER), []
+    # The lease runs from when the request was sent, so it ends before the primary's deadline.
+    acts: list[Action] = []
+    if not s.confirmed:
+        acts.append(_note(f"{s.peer_name} confirms this array as secondary at epoch {s.epoch}"))
+    return replace(s, confirmed=True, lease_until=max(s.lease_until, e.sent + e.ms / 1000)), acts
+
+
+def _lease_failed(s: RoleState, t: Timing, e: Event) -> Result:
+    assert isinstance(e, LeaseFailed)
+    return replace(s, lease_asked=None, next_renewal=e.now + t.renew_every()), []
+
+
+def _witness_report(s: RoleState, t: Timing, e: Event) -> Result:
+    assert isinstance(e, WitnessReport) and t.witness is not None
+    s = replace(s, witness_heard=e.now)
+    if e.owner == s.me and e.epoch == s.epoch and s.role is Role.PRIMARY:
+        # The witness owes this array its group until owner_lease after it received this report
+        # (sent before it was received).
+        return replace(s, witness_until=max(s.witness_until, e.sent + t.witness.owner_lease)), []
+    if e.epoch > s.epoch and e.owner != s.me and s.mode is not Mode.HANDING_OVER:
+        # (While handing over, the witness already names the peer: the switchover decides.)
+        if s.role is Role.PRIMARY:
+            return _demote(s, e.epoch, f"the witness gave the group to {e.owner} at epoch {e.epoch}")
+        return replace(s, epoch=e.epoch, confirmed=False, lease_until=NEVER), [Persist()]
+    return s, []
+
+
+def _witness_answer(s: RoleState, t: Timing, e: Event) -> Result:
+    assert isinstance(e, WitnessAnswer)
+    if e.ask is not s.witness_asking:
+        return s, []  # an answer to a question this state no longer asks
+    s = replace(s, witness_asking=None)
+    if e.granted is not None:
+        s = replace(s, witness_heard=e.now)
+    mine = e.granted is True and e.owner == s.me
+    if e.ask is WitnessAsk.KEEP:
+        if s.mode is Mode.DECIDING:
+            if mine and e.epoch == s.epoch:
+                return _go_alone(s, "witness agreed", "peer fenced off; going on alone, tracking written "
+                                 "regions (witness agreed)")
+            if e.granted is None and s.witness_lost_first:
+                return _go_alone(s, "witness was lost before the peer: pre-elected primary goes on",
+                                 "peer fenced off; going on alone, tracking written regions (the witness was "
+                                 "lost before the peer: pre-elected primary goes on)")
+            if e.granted is None:
+                why = ("lost the peer and the witness together: this array may be isolated, so it "
+                       "serves nothing until the witness or the peer answers")
+            else:
+                why = f"witness: {e.reason}"
+            return _not_alone(s, why)
+        # failsafe retry: only a positive decision lets this array out
+        if mine and e.epoch == s.epoch and s.failsafe and not s.link_up:
+            return _go_alone(s, "witness agreed", "going on alone, tracking written regions")
+        if e.granted is False:
+            return _refusal(s, f"witness: {e.reason}", "still in failsafe")
+        return s, []
+    if e.ask is WitnessAsk.CLAIM:
+        s = replace(s, mode=Mode.FOLLOWING)
+        if mine and e.granted:
+            return _promote(s, e.epoch, f"failover: now primary at epoch {e.epoch}")
+        if e.granted is False:
+            s, acts = _refusal(s, e.reason, "failover refused by the witness")
+            if not may_grant_later(e.reason):
+                s = replace(s, claim_refused=e.reason)
+            return s, acts
+        return s, []
+    # RESOLVE
+    if mine and e.epoch == s.epoch:
+        return (replace(s, witness_behind=False),
+                [Persist(), _note(f"the quorum witness knows this array's epoch {s.epoch} now ({e.reason})")])
+    if e.granted is False:
+        return _refusal(s, e.reason, f"the quorum witness refused epoch {s.epoch}")
+    return s, []
+
+
+def _resync_begun(s: RoleState, t: Timing, e: Event) -> Result:
+    return replace(s, peer_ready=True), []
+
+
+def _resync_done(s: RoleState, t: Timing, e: Event) -> Result:
+    acts: list[Action] = []
+    s2 = replace(s, mode=Mode.ATTACHED, peer_ready=True)
+    if s.failsafe:  # the peer took this array's data at this epoch
+        s2 = replace(s2, failsafe=False)
+        acts += [_note("failsafe left: the peer mirrors this array again"), Persist()]
+    return s2, acts + [_note("in sync"), AdoptGeneration()]
+
+
+def _resync_ended(s: RoleState, t: Timing, e: Event) -> Result:
+    s = replace(s, recovering=False)
+    # The peer may have been lost and fenced off while the resync was winding down: go again.
+    return _maybe_recover(s, [])
+
+
+def _need_sync(s: RoleState, t: Timing, e: Event) -> Result:
+    if s.mode is Mode.ATTACHED:
+        s = replace(s, mode=Mode.SYNCING)
+        if s.recovering:
+            return s, []
+        return replace(s, recovering=True), [StartResync()]
+    if s.mode is Mode.SYNCING:
+        return s, []
+    return _maybe_recover(s, [])
+
+
+def _recover(s: RoleState, t: Timing, e: Event) -> Result:
+    return _maybe_recover(s, [], operator=True)
+
+
+def _started(s: RoleState, t: Timing, e: Event) -> Result:
+    if s.started:
+        return s, []
+    s = replace(s, started=True)
+    if s.role is Role.SECONDARY:
+        return replace(s, next_renewal=e.now), [Persist()]
+    return _maybe_recover(s, [Persist()], operator=True)
+
+
+def _stopped(s: RoleState, t: Timing, e: Event) -> Result:
+    if not s.started:
+        return s, []
+    s = replace(s, started=False)
+    if s.role is Role.SECONDARY:
+        return replace(s, lease_until=NEVER), [Persist()]
+    if s.mode in MIRRORING:
+        s, acts = _lose_peer(s, t, e.now, "group stopped", reset=False)
+        return s, [Persist()] + acts
+    return s, [Persist()]
+
+
+def _policies(s: RoleState, t: Timing, e: Event) -> Result:
+    assert isinstance(e, Policies)
+    s = replace(s, auto_failover=e.auto_failover, auto_recover=e.auto_recover)
+    return _maybe_recover(s, []) if s.role is Role.PRIMARY else (s, [])
+
+
+def _peer_leaving(s: RoleState, t: Timing, e: Event) -> Result:
+    # The secondary stopped serving and gave its lease back: no need to wait for it.
+    s = replace(s, lease_deadline=e.now)
+    if s.mode in MIRRORING:
+        return _lose_peer(s, t, e.now, f"{s.peer_name} shut down", reset=False)
+    return s, []
+
+
+def _peer_disk_failed(s: RoleState, t: Timing, e: Event) -> Result:
+    s = replace(s, peer_failed=True)
+    if s.mode in MIRRORING:
+        return _lose_peer(s, t, e.now, f"{s.peer_name}'s backing device failed")
+    return s, []
+
+
+def _disk_failed(s: RoleState, t: Timing, e: Event) -> Result:
+    assert isinstance(e, DiskFailed)
+    s2 = replace(s, mode=Mode.DISK_FAILED, alone=False, peer_ready=False, recovering=False,
+                 witness_asking=None)
+    return s2, [_note(f"BACKING DEVICE FAILURE: {e.reason}; group stops on this array"), DiskFailure()]
+
+
+def _handed_over(s: RoleState, t: Timing, e: Event) -> Result:
+    assert isinstance(e, HandedOver)
+    _check_epoch(s, e.epoch, "handing the group over", strictly=True)
+    if e.in_sync:
+        # Planned switchover between identical replicas: the new secondary may serve at once
+        # (the new primary starts with a granted lease, see _peer_commit).
+        s2 = replace(s, role=Role.SECONDARY, epoch=e.epoch, failsafe=False, mode=Mode.FOLLOWING,
+                     alone=False, confirmed=True, peer_ready=False, lease_until=e.now + t.lease,
+                     lease_asked=None, next_renewal=e.now + t.renew_every(), witness_asking=None)
+        return s2, [SwappedInSync(), _note(f"switchover: now secondary at epoch {e.epoch}"), Persist()]
+    s2 = replace(s, role=Role.SECONDARY, epoch=e.epoch, failsafe=False, alone=False, confirmed=False,
+                 peer_ready=False, lease_until=NEVER, lease_asked=None, witness_asking=None)
+    return s2, [_note(f"handed the group to {s.peer_name} at epoch {e.epoch} (backing device failed)"), Persist()]
+
+
+def _switchover_begin(s: RoleState, t: Timing, e: Event) -> Result:
+    if not (s.started and s.link_up and not s.recovering):
+        raise RoleError("the group is not started, synced and linked to its peer")
+    return replace(s, mode=Mode.HANDING_OVER), [_note(f"transitioning: switchover to {s.peer_name}")]
+
+
+def _switchover_end(s: RoleState, t: Timing, e: Event) -> Result:
+    if s.role is Role.PRIMARY and s.mode is Mode.HANDING_OVER:
+        return replace(s, mode=Mode.ATTACHED), [_note("transition over: switchover")]
+    return s, []
+
+
+def _peer_prepare(s: RoleState, t: Timing, e: Event) -> Result:
+    assert isinstance(e, PeerSwitchoverPrepare)
+    if e.epoch != s.epoch:
+        raise RoleError(f"cannot switch over from epoch {e.epoch}: the group is at epoch {s.epoch}")
+    return (replace(s, mode=Mode.TAKING_OVER, transition_until=e.now + 2 * t.transition_timeout),
+            [_note(f"transitioning: switchover from {s.peer_name}")])
+
+
+def _peer_commit(s: RoleState, t: Timing, e: Event) -> Result:
+    assert isinstance(e, PeerSwitchoverCommit)
+    if s.role is Role.PRIMARY:
+        if s.epoch >= e.epoch:
+            return s, []  # already done (a retried commit, or the witness gave it to us meanwhile)
+        raise RoleError(f"commit of epoch {e.epoch} refused: this array is primary at epoch {s.epoch}")
+    _check_epoch(s, e.epoch, "switchover commit", strictly=True)
+    s2 = replace(s, role=Role.PRIMARY, epoch=e.epoch, failsafe=False, witness_behind=False,
+                 mode=Mode.ATTACHED, alone=False, confirmed=True, peer_ready=True, recovering=False,
+                 lease_until=NEVER, lease_deadline=e.now + t.lease_expiry(), lease_asked=None,
+                 witness_asking=None, claim_refused="")
+    return s2, [SwappedInSync(), _note(f"switchover: now primary at epoch {e.epoch}"), Persist()]
+
+
+def _peer_abort(s: RoleState, t: Timing, e: Event) -> Result:
+    if s.mode is Mode.TAKING_OVER:
+        return replace(s, mode=Mode.FOLLOWING), [_note("transition over: switchover aborted by the primary")]
+    return s, []
+
+
+def _peer_takeover(s: RoleState, t: Timing, e: Event) -> Result:
+    assert isinstance(e, PeerTakeover)
+    if s.role is Role.PRIMARY:
+        if s.epoch >= e.epoch:
+            return s, []
+        raise RoleError(f"takeover at epoch {e.epoch} refused: this array is primary at epoch {s.epoch}")
+    s, acts = _promote(replace(s, mode=Mode.FOLLOWING), e.epoch,
+                       f"took over at epoch {e.epoch}: {s.peer_name}'s backing device failed")
+    return replace(s, peer_failed=True), acts
+
+
+def _operator_promote(s: RoleState, t: Timing, e: Event) -> Result:
+    assert isinstance(e, Promote)
+    s, acts = _promote(replace(s, mode=Mode.FOLLOWING), e.epoch, e.why)
+    if e.witness_behind:
+        s = replace(s, witness_behind=True)
+    return s, acts
+
+
+def _override(s: RoleState, t: Timing, e: Event) -> Result:
+    assert isinstance(e, OverrideFailsafe)
+    if not s.failsafe:
+        raise RoleError("the group is not in failsafe")
+    s2 = replace(s, failsafe=False, alone=True, confirmed=True, mode=Mode.DETACHED, witness_asking=None)
+    acts: list[Action] = [NewGeneration("failsafe overridden: writing without the peer"), Persist(),
+                          _note(f"failsafe overridden ({e.why})")]
+    return _maybe_recover(s2, acts)
+
+
+def _split_brain(s: RoleState, t: Timing, e: Event) -> Result:
+    return replace(s, split_brain=True), []
+
+
+def _discard(s: RoleState, t: Timing, e: Event) -> Result:
+    if not s.split_brain:
+        raise RoleError("the group is not in split brain")
+    if s.role is Role.PRIMARY:
+        # Serve nothing of our own any more before the peer starts copying.
+        s, acts = _demote(s, s.epoch, "the operator discarded this array's side of the split brain")
+        return replace(s, split_brain=False), acts
+    return replace(s, split_brain=False), []
+
+
+def _resolved(s: RoleState, t: Timing, e: Event) -> Result:
+    assert isinstance(e, SplitBrainResolved)
+    if e.survivor:
+        if s.role is not Role.PRIMARY:
+            raise RoleError("this array is not primary: it cannot be the surviving side")
+        # A new epoch above both sides' (each served alone at its own): one primary per epoch.
+        epoch = max(s.epoch, e.epoch) + 1
+        return (replace(s, split_brain=False, epoch=epoch, witness_behind=t.witness is not None),
+                [Persist()])
+    _check_epoch(s, e.epoch, "adopting the survivor's epoch", strictly=False)
+    return replace(s, epoch=e.epoch), [Persist()]
+
+
+def _ignore(s: RoleState, t: Timing, e: Event) -> Result:
+    return s, []
+
+
+# -- the table ---------------------------------------------------------------------------------
+
+P, S = Role.PRIMARY, Role.SECONDARY
+ALL_P = frozenset({Mode.STARTING, Mode.FENCING, Mode.DECIDING, Mode.DETACHED, Mode.SYNCING,
+                   Mode.ATTACHED, Mode.HANDING_OVER, Mode.DISK_FAILED})
+ALL_S = frozenset({Mode.FOLLOWING, Mode.CLAIMING, Mode.TAKING_OVER, Mode.DISK_FAILED})
+UP_P = ALL_P - {Mode.DISK_FAILED}
+UP_S = ALL_S - {Mode.DISK_FAILED}
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    role: Role
+    modes: frozenset[Mode]
+    event: type
+    handler: Handler
+    doc: str = field(default="", compare=False)
+
+
+TABLE_ROWS: tuple[Row, ...] = (
+    # time and the link
+    Row(P, ALL_P, Tick, _tick, "leases run out: fence over, ask the witness, retry failsafe"),
+    Row(S, ALL_S, Tick, _tick, "renew the lease; claim the group when the primary is gone"),
+    Row(P, ALL_P, LinkUp, _link_up), Row(S, ALL_S, LinkUp, _link_up),
+    Row(P, ALL_P, LinkDown, _link_down, "a mirroring primary loses its peer"),
+    Row(S, ALL_S, LinkDown, _link_down, "the lease just runs out"),
+    Row(P, ALL_P, PeerLost, _peer_lost, "a replicated request failed: fence the peer off"),
+    Row(P, ALL_P, PeerState, _peer_state, "the peer confirms this primary, or owns a higher epoch"),
+    Row(S, ALL_S, PeerState, _peer_state, "the primary's epoch and settings"),
+    # leases
+    Row(P, ALL_P, LeaseRequested, _lease_requested, "granted only while mirroring to a ready peer"),
+    Row(S, ALL_S, LeaseReply, _lease_reply, "a grant confirms this secondary"),
+    Row(S, ALL_S, LeaseFailed, _lease_failed),
+    Row(P, ALL_P, LeaseReply, _lease_failed, "a reply from before this array became primary"),
+    Row(P, ALL_P, LeaseFailed, _lease_failed),
+    # the witness
+    Row(P, ALL_P, WitnessReport, _witness_report, "the witness owes us the group; or it moved on"),
+    Row(S, ALL_S, WitnessReport, _witness_report),
+    Row(P, ALL_P, WitnessAnswer, _witness_answer, "KEEP after the fence or in failsafe; RESOLVE"),
+    Row(S, ALL_S, WitnessAnswer, _witness_answer, "CLAIM granted: take the group over"),
+    # resync (primary)
+    Row(P, frozenset({Mode.SYNCING}), ResyncBegun, _resync_begun),
+    Row(P, ALL_P - {Mode.SYNCING}, ResyncBegun, _ignore, "a resync cut short by a lost peer"),
+    Row(P, frozenset({Mode.SYNCING}), ResyncDone, _resync_done),
+    Row(P, ALL_P - {Mode.SYNCING}, ResyncDone, _ignore),
+    Row(P, ALL_P, ResyncEnded, _resync_ended),
+    Row(S, ALL_S, ResyncEnded, _ignore, "demoted while a resync was winding down"),
+    Row(P, UP_P, NeedSync, _need_sync),
+    Row(P, frozenset({Mode.DETACHED}), Recover, _recover),
+    # operator verbs and the peer's control requests
+    Row(P, UP_P, Started, _started), Row(S, UP_S, Started, _started),
+    Row(P, ALL_P, Stopped, _stopped), Row(S, ALL_S, Stopped, _stopped),
+    Row(P, ALL_P, Policies, _policies), Row(S, ALL_S, Policies, _policies),
+    Row(P, ALL_P, PeerLeaving, _peer_leaving),
+    Row(P, ALL_P, PeerDiskFailed, _peer_disk_failed),
+    Row(P, UP_P, DiskFailed, _disk_failed), Row(S, UP_S, DiskFailed, _disk_failed),
+    Row(P, frozenset({Mode.ATTACHED}), SwitchoverBegin, _switchover_begin),
+    Row(P, ALL_P, SwitchoverEnd, _switchover_end), Row(S, ALL_S, SwitchoverEnd, _ignore),
+    Row(P, frozenset({Mode.HANDING_OVER}), HandedOver, _handed_over, "planned switchover"),
+    Row(P, frozenset({Mode.DISK_FAILED}), HandedOver, _handed_over, "the disk failed"),
+    Row(S, frozenset({Mode.FOLLOWING}), PeerSwitchoverPrepare, _peer_prepare),
+    Row(S, frozenset({Mode.FOLLOWING, Mode.TAKING_OVER}), PeerSwitchoverCommit, _peer_commit),
+    Row(P, UP_P, PeerSwitchoverCommit, _peer_commit, "a retried commit"),
+    Row(S, ALL_S, PeerSwitchoverAbort, _peer_abort), Row(P, ALL_P, PeerSwitchoverAbort, _ignore),
+    Row(S, frozenset({Mode.FOLLOWING, Mode.TAKING_OVER}), PeerTakeover, _peer_takeover),
+    Row(P, UP_P, PeerTakeover, _peer_takeover, "a retried takeover"),
+    Row(S, frozenset({Mode.FOLLOWING, Mode.CLAIMING}), Promote, _operator_promote,
+        "failover or override by the operator"),
+    Row(P, frozenset({Mode.DETACHED}), OverrideFailsafe, _override),
+    Row(P, ALL_P, SplitBrain, _split_brain), Row(S, ALL_S, SplitBrain, _split_brain),
+    Row(P, ALL_P, Discard, _discard), Row(S, ALL_S, Discard, _discard),
+    Row(P, ALL_P, SplitBrainResolved, _resolved), Row(S, ALL_S, SplitBrainResolved, _resolved),
+)
+
+
+def _build_table(rows: tuple[Row, ...]) -> dict[tuple[Role, Mode, type], Handler]:
+    table: dict[tuple[Role, Mode, type], Handler] = {}
+    for r in rows:
+        for m in r.modes:
+            key = (r.role, m, r.event)
+            if key in table:
+                raise AssertionError(f"two rows for {key}")
+            table[key] = r.handler
+    return table
+
+
+TABLE = _build_table(TABLE_ROWS)
+
+
+# -- the owner ---------------------------------------------------------------------------------
+
+class GroupRoles:
+    """The only writer of a group's control state: ``handle(event)`` returns the actions."""
+
+    def __init__(self, state: RoleState, timing: Timing) -> None:
+        self._state = state
+        self.timing = timing
+
+    @classmethod
+    def at_start(cls, *, me: str, peer: str, role: Role, epoch: int, started: bool, failsafe: bool,
+                 witness_behind: bool, auto_failover: bool, auto_recover: bool, timing: Timing,
+                 now: float) -> "GroupRoles":
+        """A group as this array (re)starts: nothing is confirmed. A primary cannot know whether
+        its previous run granted a lease that still runs: it fences its peer off first."""
+        mode = Mode.STARTING if role is Role.PRIMARY else Mode.FOLLOWING
+        st = RoleState(me=me, peer_name=peer, role=role, epoch=epoch, started=started, failsafe=failsafe,
+                       witness_behind=witness_behind, auto_failover=auto_failover, auto_recover=auto_recover,
+                       mode=mode, lease_deadline=now + timing.lease_expiry() if role is Role.PRIMARY else NEVER,
+                       fence_reason="node start" if role is Role.PRIMARY else "")
+        return cls(st, timing)
+
+    @property
+    def state(self) -> RoleState:
+        return self._state
+
+    def handle(self, event: Event) -> list[Action]:
+        s = self._state
+        handler = TABLE.get((s.role, s.mode, type(event)))
+        if handler is None:
+            raise RoleError(f"{type(event).__name__} is not possible while {s.role.value} is {s.mode.value}")
+        new, actions = handler(s, self.timing, event)
+        if new.epoch < s.epoch:  # the one promise no row may break
+            raise RoleError(f"epoch would go back from {s.epoch} to {new.epoch}")
+        self._state = new
+        return actions
+
+    # derived
+    def serving(self, now: float) -> bool:
+        return serving(self._state, self.timing, now)
+
+    def transitioning(self, now: float) -> bool:
+        return transitioning(self._state, self.timing, now)
+
+    def failover_possible(self, now: float) -> bool:
+        return failover_possible(self._state, self.timing, now)
+
+    def witness_reachable(self, now: float) -> bool:
+        return witness_reachable(self._state, self.timing, now)
+
+    def alua(self, now: float, proximity: str = "all") -> int:
+        return alua(self._state, self.timing, now, proximity)
+
+    def next_timer(self) -> float:
+        return next_timer(self._state, self.timing)
