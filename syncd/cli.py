@@ -180,7 +180,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from .ctl import CtlError
     from .lab.faults import FaultError
-    from .lab.rig import LabError, lab_down, lab_fail, lab_heal, lab_kill, lab_start, lab_up, load_lab, print_summary
+    from .lab.rig import (
+        LabError,
+        lab_down,
+        lab_fail,
+        lab_heal,
+        lab_kill,
+        lab_start,
+        lab_up,
+        load_lab,
+        print_summary,
+    )
 
     try:
         if ns.labcmd == "up":

@@ -44,7 +44,13 @@ from dataclasses import dataclass, field
 import trio
 
 from .config import ConfigError, _no_extra, _take, check_name, load_toml, parse_addr
-from .nbd.client import NBDDisconnected, NBDError, list_exports, open_alua_probe, open_nbd
+from .nbd.client import (
+    NBDDisconnected,
+    NBDError,
+    list_exports,
+    open_alua_probe,
+    open_nbd,
+)
 from .nbd.export import (
     ALUA_ACTIVE_NON_OPTIMIZED,
     ALUA_ACTIVE_OPTIMIZED,

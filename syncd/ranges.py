@@ -1,5 +1,6 @@
 """Range locks: the primary orders overlapping writes by holding the range until both replicas
-have applied it, so overlapping writes reach the two disks in the same order."""
+have applied it, so overlapping writes reach the two disks in the same order; reads never see a
+write half applied."""
 
 from __future__ import annotations
 
@@ -7,44 +8,70 @@ import trio
 
 
 class RangeLock:
-    """Exclusive locks on byte ranges of one volume; non-overlapping ranges never wait."""
+    """Locks on byte ranges of one volume. A write holds its range exclusively (the primary until
+    both replicas applied it); a read that cannot complete inline holds it shared, so it never
+    sees a write half applied (a write in a worker thread, FUA or O_DIRECT, copies into the page
+    cache while the loop could read it). Non-overlapping ranges never wait; overlapping ones are
+    granted in arrival order, so a hot block cannot starve a waiter."""
 
-    __slots__ = ("_held", "_next")
+    __slots__ = ("_held", "_next", "_waiting", "_lot")
 
     def __init__(self) -> None:
-        # token -> [start, end, Event or None]; the event is made only when someone waits.
-        self._held: dict[int, list] = {}
+        self._held: dict[int, tuple[int, int, bool]] = {}  # token -> (start, end, shared)
         self._next = 0
+        self._waiting: list[tuple[int, int, bool, int]] = []  # in arrival order; last: a unique id
+        self._lot = trio.lowlevel.ParkingLot()
 
-    def _conflict(self, start: int, end: int) -> list | None:
+    @staticmethod
+    def _clash(a: tuple, start: int, end: int, shared: bool) -> bool:
+        return a[0] < end and start < a[1] and not (shared and a[2])
+
+    def _blocked(self, start: int, end: int, shared: bool, before: int) -> bool:
+        """A holder, or a waiter that came first (the first ``before`` waiters), is in the way."""
         for h in self._held.values():
-            if h[0] < end and start < h[1]:
-                return h
-        return None
+            if self._clash(h, start, end, shared):
+                return True
+        for w in self._waiting[:before]:
+            if self._clash(w, start, end, shared):
+                return True
+        return False
 
-    def try_acquire(self, start: int, length: int) -> int | None:
-        """A token, or None when an overlapping range is held (nothing waits)."""
+    def _grant(self, start: int, end: int, shared: bool) -> int:
+        self._next += 1
+        self._held[self._next] = (start, end, shared)
+        return self._next
+
+    def busy(self, start: int, length: int) -> bool:
+        """Whether a write holds or waits for part of the range (a read must not run inline)."""
         end = start + max(length, 1)
-        if self._held and self._conflict(start, end) is not None:
+        return bool(self._held or self._waiting) and self._blocked(start, end, True, len(self._waiting))
+
+    def try_acquire(self, start: int, length: int, shared: bool = False) -> int | None:
+        """A token, or None when a conflicting range is held or waited for (nothing waits)."""
+        end = start + max(length, 1)
+        if (self._held or self._waiting) and self._blocked(start, end, shared, len(self._waiting)):
             return None
-        self._next += 1
-        self._held[self._next] = [start, end, None]
-        return self._next
+        return self._grant(start, end, shared)
 
-    async def acquire(self, start: int, length: int) -> int:
+    async def acquire(self, start: int, length: int, shared: bool = False) -> int:
         end = start + max(length, 1)
-        while (h := self._conflict(start, end)) is not None:
-            if h[2] is None:
-                h[2] = trio.Event()
-            await h[2].wait()
+        if not self._blocked(start, end, shared, len(self._waiting)):
+            return self._grant(start, end, shared)
         self._next += 1
-        self._held[self._next] = [start, end, None]
-        return self._next
+        me = (start, end, shared, self._next)
+        self._waiting.append(me)
+        try:
+            while self._blocked(start, end, shared, self._waiting.index(me)):
+                await self._lot.park()
+        finally:
+            self._waiting.remove(me)
+            self._lot.unpark_all()  # whoever queued behind this one looks again
+        return self._grant(start, end, shared)
 
     def release(self, token: int) -> None:
-        ev = self._held.pop(token)[2]
-        if ev is not None:
-            ev.set()
+        del self._held[token]
+        if self._waiting:
+            self._lot.unpark_all()
 
     def held(self) -> int:
         return len(self._held)

@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..ctl import CtlError, call, wait_synced
 from ..config import parse_size
+from ..ctl import CtlError, call, wait_synced
 
 NODES = ("A", "B")
 LAB_HOST = "lab"

@@ -23,6 +23,7 @@ from ..host import host_status
 from .rig import LabError, lab_down, lab_fail, lab_heal, lab_kill, lab_start, lab_up
 from .workload import History, check_file, run_writer
 
+
 @dataclass(frozen=True)
 class Play:
     """One scenario: ``lab fail FAULT [SITE]``, held, then ``lab heal`` (or the special cases)."""

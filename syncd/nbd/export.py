@@ -13,20 +13,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Protocol
 
-# ALUA target port group states as carried by the syncd:alua meta context (proto/nbd-extensions.md).
-ALUA_ACTIVE_OPTIMIZED = 0
-ALUA_ACTIVE_NON_OPTIMIZED = 1
-ALUA_STANDBY = 2
-ALUA_UNAVAILABLE = 3
-ALUA_TRANSITIONING = 15
-
-ALUA_NAMES = {
-    ALUA_ACTIVE_OPTIMIZED: "active/optimized",
-    ALUA_ACTIVE_NON_OPTIMIZED: "active/non-optimized",
-    ALUA_STANDBY: "standby",
-    ALUA_UNAVAILABLE: "unavailable",
-    ALUA_TRANSITIONING: "transitioning",
-}
+from .proto import (  # noqa: E402,F401 - the syncd:alua states, declared with the codec
+    ALUA_ACTIVE_NON_OPTIMIZED,
+    ALUA_ACTIVE_OPTIMIZED,
+    ALUA_NAMES,
+    ALUA_STANDBY,
+    ALUA_TRANSITIONING,
+    ALUA_UNAVAILABLE,
+)
 
 
 class BlockError(Exception):

@@ -11,7 +11,17 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from construct import BitsInteger, BitStruct, Bytes, Const, GreedyBytes, Int16ub, Int32ub, Int64ub, Struct
+from construct import (
+    BitsInteger,
+    BitStruct,
+    Bytes,
+    Const,
+    GreedyBytes,
+    Int16ub,
+    Int32ub,
+    Int64ub,
+    Struct,
+)
 
 # -- constants ---------------------------------------------------------------------------------
 NBDMAGIC = 0x4E42444D41474943
@@ -91,6 +101,23 @@ NBD_ENOSPC = 28
 NBD_EOVERFLOW = 75
 NBD_ENOTSUP = 95
 NBD_ESHUTDOWN = 108
+
+# ALUA target port group states carried by the syncd:alua meta context (proto/nbd-extensions.md):
+# the low 8 bits of ALUA_STATUS.
+ALUA_ACTIVE_OPTIMIZED = 0
+ALUA_ACTIVE_NON_OPTIMIZED = 1
+ALUA_STANDBY = 2
+ALUA_UNAVAILABLE = 3
+ALUA_TRANSITIONING = 15
+
+ALUA_NAMES = {
+    ALUA_ACTIVE_OPTIMIZED: "active/optimized",
+    ALUA_ACTIVE_NON_OPTIMIZED: "active/non-optimized",
+    ALUA_STANDBY: "standby",
+    ALUA_UNAVAILABLE: "unavailable",
+    ALUA_TRANSITIONING: "transitioning",
+}
+
 
 MIN_BLOCK = 1
 PREF_BLOCK = 4096

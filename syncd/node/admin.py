@@ -7,21 +7,21 @@ that involve the peer are agreed with it first and recorded locally only if it a
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import json
 import logging
 import os
 import secrets
 import time
+from typing import TYPE_CHECKING
 
 import trio
 
-from . import admin_hosts
-from .group import DETACHED, Group
-from .errors import NodeError
 from ..nbd.export import ALUA_NAMES
+from . import admin_hosts
+from .errors import NodeError
+from .group import Group
 from .resync import resync_progress
+from .roles import Started, Stopped
 from .state import POLICIES, GroupState, MemberState, StateError
 
 if TYPE_CHECKING:
@@ -153,10 +153,8 @@ async def creatercopygroup(node: Node, group: str, target: str, policies: str | 
                         "gen": gen})
     gs = GroupState(name=group, gid=gid, role="primary", peer=target, policies=pol, home=node.cfg.name, gen=gen)
     node.state.groups[group] = gs
-    g = Group(node, gs)
-    node.groups[group] = g
+    g = node.add_group(gs)
     node.save()
-    node.spawn(node._lease_loop, g)
     g.note(f"created with target {target}")
     return {"group": group, "gid": gid}
 
@@ -172,8 +170,7 @@ async def removercopygroup(node: Node, group: str) -> dict:
         )
     if node.link and node.link.up:
         await node.control({"op": "remove_group", "name": group})
-    del node.groups[group]
-    del node.state.groups[group]
+    node.remove_group(group)
     node.save()
     return {"group": group, "removed": True}
 
@@ -243,8 +240,7 @@ async def setrcopygroup(node: Node, action: str, group: str, policies: str | Non
     g.st.policies.update(pol)
     node.save()
     g.note("policies " + ",".join(("" if v else "no_") + k for k, v in pol.items()))
-    if pol.get("auto_recover"):
-        g.maybe_recover()
+    g.policies_changed()
     return {"group": group, "policies": g.st.policies}
 
 
@@ -256,10 +252,8 @@ async def startrcopygroup(node: Node, group: str) -> dict:
     if not g.members:
         raise NodeError(f"group {group} has no volumes: admit one with admitrcopyvv first")
     await node.control({"op": "start", "group": group})
-    g.st.started = True
-    node.save()
+    g.handle(Started(trio.current_time()))
     g.note("started")
-    g.maybe_recover(operator=True)
     return {"group": group, "started": True}
 
 
@@ -268,8 +262,7 @@ async def stoprcopygroup(node: Node, group: str) -> dict:
     _primary_only(node, g, "stoprcopygroup")
     if not g.st.started:
         raise NodeError(f"group {group} is already stopped")
-    g.st.started = False
-    g.lose_peer("group stopped")
+    g.handle(Stopped(trio.current_time()))
     if node.link and node.link.up:
         try:
             await node.control({"op": "stop", "group": group})
@@ -312,19 +305,22 @@ async def showrcopy(node: Node, group: str | None = None) -> dict:
             "generation_history": g.st.gen_history[-5:],
             "split_brain": g.st.split_brain or None,
             "witness_behind": g.st.witness_behind,
-            "transitioning": g.transitioning is not None,
-            "disk_error": g.disk_error or None,
+            "transitioning": g.transitioning(),
+            "confirmed": g.state.confirmed,
+            "disk_error": g.io.disk_error or None,
             "policies": g.st.policies,
             "serving": g.may_serve(),
             "alua": ALUA_NAMES[g.alua(None).state],
             "events": [{"t": t, "msg": m} for t, m in g.events[-10:]],
         }
         if g.role == "primary":
-            gd["peer_mode"] = g.peer_mode
-            if g.peer_mode == DETACHED and g.fence_reason:
-                gd["peer_lost_reason"] = g.fence_reason
+            gd["peer_mode"] = g.mode.value
+            gd["alone"] = g.state.alone
+            if g.mode.value == "detached" and g.state.fence_reason:
+                gd["peer_lost_reason"] = g.state.fence_reason
         else:
-            left = g.lease_until - trio.current_time()
+            gd["mode"] = g.mode.value
+            left = g.state.lease_until - trio.current_time()
             gd["lease_remaining_s"] = round(left, 2) if left > 0 else 0
         gd["volumes"] = []
         for m in g.members.values():
@@ -366,7 +362,7 @@ async def setrcopytarget(node: Node, what: str, action: str, address: str | None
     if action == "remove":
         if node.witness is None:
             raise NodeError(f"setrcopytarget witness remove: no quorum witness is configured on {node.cfg.name}")
-        busy = [g.name for g in node.groups.values() if g.transitioning is not None or g.peer_mode == "fencing"]
+        busy = [g.name for g in node.groups.values() if g.transitioning() or g.mode.value in ("fencing", "deciding")]
         if busy:
             raise NodeError(f"setrcopytarget witness remove: group(s) {', '.join(busy)} busy: retry when they settle")
         node.set_witness(None)
@@ -425,178 +421,3 @@ COMMANDS = {
     "showrcopy": showrcopy,
 }
 COMMANDS.update(admin_hosts.COMMANDS)
-
-
-# -- the peer's side of control RPCs -----------------------------------------------------------
-
-async def handle_peer_control(node: Node, body: dict) -> dict | None:
-    op = body.get("op")
-    if op == "create_group":
-        name = body["name"]
-        if name in node.groups:
-            raise NodeError(f"group {name} already exists on {node.cfg.name}")
-        if body["primary"] != node.cfg.link.peer:
-            raise NodeError(f"{body['primary']} is not this node's replication target")
-        gs = GroupState(name=name, gid=body["gid"], role="secondary", peer=body["primary"],
-                        policies=body["policies"], home=body["primary"], gen=body.get("gen", ""))
-        node.state.groups[name] = gs
-        g = Group(node, gs)
-        node.groups[name] = g
-        node.save()
-        node.spawn(node._lease_loop, g)
-        g.note(f"created as secondary of {body['primary']}")
-        return None
-    if op == "sync_groups":
-        suspect, split, suspect_regions = [], [], []
-        for s in body["groups"]:
-            g = node.groups.get(s["name"])
-            if g is None:
-                log.warning("peer is primary of group %s, which this node does not hold", s["name"])
-                continue
-            rel = g.gen_relation(s.get("gen", ""), s.get("gen_history", []))
-            # Would this side be resynced from the peer (secondary, or a primary the peer's higher
-            # epoch demotes), it must not hold writes the peer lacks; would it be the source, the
-            # peer must not hold writes this side lacks.
-            becomes_target = g.role == "secondary" or s["epoch"] > g.epoch
-            if g.st.split_brain or rel == "diverged" or rel == ("behind" if becomes_target else "ahead"):
-                # Both acknowledged writes apart: whichever way a resync went, one side's would be
-                # lost. Stop here and let the operator choose (setrcopygroup discard).
-                g.mark_split_brain(s.get("gen", ""), s.get("gen_history", []))
-                split.append(g.name)
-                continue
-            if g.role == "primary":
-                if s["epoch"] > g.epoch:
-                    g.demote(s["epoch"])  # the witness gave the group to the peer meanwhile
-                    # What we were writing (or wrote alone) may differ from the new primary:
-                    # our write-intent log says where; it compares those regions.
-                    for m in g.members.values():
-                        m.suspect_regions = set(m.intent.marked_regions())
-                        if m.suspect_regions:
-                            suspect_regions.append({"group": g.name, "vol_id": m.vol_id,
-                                                    "regions": sorted(m.suspect_regions)})
-                else:
-                    log.warning("group %s: peer claims it at epoch %s, this node owns epoch %s",
-                                s["name"], s["epoch"], g.epoch)
-                continue
-            if s["epoch"] > g.epoch:
-                g.st.epoch = s["epoch"]
-            g.st.started = s["started"]
-            g.st.policies = s["policies"]
-            mine = {m.vol_id for m in g.members.values()}
-            theirs = {m["vol_id"] for m in s["members"]}
-            if mine != theirs:
-                log.warning("group %s: volume sets differ from the primary's (%s vs %s)", g.name, sorted(mine), sorted(theirs))
-            bad = [m.vol_id for m in g.members.values() if m.st.suspect]
-            if bad:
-                suspect.append({"group": g.name, "vol_ids": bad})
-            for m in g.members.values():
-                if m.suspect_regions:  # reported until the primary has resynced us
-                    suspect_regions.append({"group": g.name, "vol_id": m.vol_id, "regions": sorted(m.suspect_regions)})
-        node.save()
-        return {"suspect": suspect, "suspect_regions": suspect_regions, "split_brain": split,
-                "gens": {g.name: {"gen": g.st.gen, "gen_history": g.st.gen_history} for g in node.groups.values()}}
-    if op == "adopt_gen":
-        # The primary finished resyncing us: our data is now its generation.
-        g = _group(node, body["group"])
-        if g.role == "secondary" and not g.st.split_brain:
-            g.st.gen, g.st.gen_history = body["gen"], list(body["gen_history"])
-            for m in g.members.values():
-                m.suspect_regions.clear()  # compared and resynced: nothing left to report
-            node.save()
-        return None
-    if op == "split_brain_resolved":
-        # The operator discarded the peer's side: we are the survivor. Compare everything.
-        g = _group(node, body["group"])
-        if g.role != "primary":
-            raise NodeError(f"group {g.name} is not primary on {node.cfg.name}: it cannot be the surviving side")
-        g.st.split_brain = ""
-        # A new epoch above both sides' (each served alone at its own): one primary per epoch,
-        # epochs only grow. The witness does not know it yet: reported when the peer is back.
-        g.st.epoch = max(g.epoch, body["epoch"]) + 1
-        g.st.witness_behind = node.witness is not None
-        for m in g.members.values():
-            m.compare_all()
-        node.save()
-        g.note(f"split brain resolved: {body['discarded_by']} discarded its writes; full compare and resync from here")
-        return {"epoch": g.epoch, "gen": g.st.gen, "gen_history": g.st.gen_history}
-    if op == "resync_me":
-        # The secondary is ready (split brain resolved on its side): start the resync now.
-        g = _group(node, body["group"])
-        if g.role == "primary":
-            g.maybe_recover(operator=True)
-        return None
-    if op == "leaving":
-        g = _group(node, body["group"])
-        if g.role == "primary" and g.epoch == body["epoch"]:
-            # The secondary stopped serving and gave its lease back: no need to wait for it.
-            g.lease_deadline = trio.current_time()
-            g.lose_peer(f"{g.st.peer} shut down")
-        return None
-    if op in ("takeover", "peer_disk_failed"):
-        from .operations import peer_disk_event
-
-        await peer_disk_event(node, body)
-        return None
-    if op in ("switchover_prepare", "switchover_commit", "switchover_abort"):
-        from .operations import peer_switchover
-
-        await peer_switchover(node, body)
-        return None
-    g = _group(node, body.get("group") or body.get("name", "?"))
-    if op == "set_home":
-        g.st.home = body["home"]
-        node.save()
-        g.note(f"natural direction is now {body['home']} -> {node.cfg.name}")
-        return None
-    if g.role != "secondary":
-        raise NodeError(f"group {g.name} is primary on {node.cfg.name} too: roles conflict")
-    if op == "admit":
-        local = body["local"]
-        vol = node.volumes.get(local)
-        if vol is None:
-            raise NodeError(f"volume {local} does not exist on {node.cfg.name}")
-        if local in node.member_of:
-            raise NodeError(f"volume {local} on {node.cfg.name} is already in group {node.member_of[local].group.name}")
-        if vol.size != body["size"]:
-            raise NodeError(
-                f"volume {local} on {node.cfg.name} is {vol.size} bytes but {body['remote']} is {body['size']} bytes: sizes must match"
-            )
-        ms = MemberState(local=local, remote=body["remote"], vol_id=body["vol_id"], wwn=body["wwn"], size=vol.size)
-        g.st.members.append(ms)
-        g.st.next_vol_id = max(g.st.next_vol_id, ms.vol_id + 1)
-        node.member_of[local] = g.add_member(ms, vol)
-        node.save()
-        g.note(f"admitted {local} (primary volume {body['remote']})")
-        return None
-    if op == "dismiss":
-        m = g.by_id.get(body["vol_id"])
-        if m is None:
-            raise NodeError(f"group {g.name} on {node.cfg.name} has no volume id {body['vol_id']}")
-        g.remove_member(m.st.local)
-        g.st.members.remove(m.st)
-        node.member_of.pop(m.st.local, None)
-        node.save()
-        return None
-    if op == "policy":
-        g.st.policies.update(body["policies"])
-        node.save()
-        return None
-    if op == "start":
-        g.st.started = True
-        node.save()
-        g.note("started by primary")
-        return None
-    if op == "stop":
-        g.st.started = False
-        g.lease_until = 0.0
-        node.save()
-        g.note("stopped by primary")
-        return None
-    if op == "remove_group":
-        if g.members:
-            raise NodeError(f"group {g.name} on {node.cfg.name} still holds volumes")
-        del node.groups[g.name]
-        del node.state.groups[g.name]
-        node.save()
-        return None
-    raise NodeError(f"unknown control operation {op!r}")

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .alua import path_state
-from .hosts import PROXIMITIES, SET_PREFIX, HostError, check_new_host, check_target
-from ..nbd.export import ALUA_NAMES
+from ..nbd.export import ALUA_ACTIVE_OPTIMIZED, ALUA_NAMES
 from .errors import NodeError
+from .hosts import PROXIMITIES, SET_PREFIX, HostError, check_new_host, check_target
 from .state import VlunState
 
 if TYPE_CHECKING:
@@ -199,7 +198,7 @@ async def showpaths(node: Node, host: str | None = None) -> dict:
             m = node.member_of.get(vol)
             if m is None:
                 rows.append({"host": h, "volume": vol, "lun": lun, "group": None, "role": None,
-                             "proximity": None, "state": ALUA_NAMES[path_state(may_serve=True, role="primary")],
+                             "proximity": None, "state": ALUA_NAMES[ALUA_ACTIVE_OPTIMIZED],
                              "epoch": 0, "wwn": node.local_wwn(vol)})
                 continue
             g = m.group

@@ -1,10 +1,9 @@
-"""The storage node daemon: volumes, groups, the replication link, the NBD service and the
-admin API, all in one nursery. Shutdown is cancellation."""
+"""The storage node daemon: volumes, groups, the replication link, the witness client, the NBD
+service and the admin API, all in one nursery (``Node.run``). Shutdown is cancellation."""
 
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import time
@@ -13,13 +12,25 @@ import uuid
 import trio
 
 from ..config import NodeConfig
+from ..nbd.export import ALUA_ACTIVE_OPTIMIZED, AluaState, BlockError, ClientIdentity
+from ..repl.link import Link
+from ..repl.proto import Frame, Status
+from . import peer
+from .datapath import TRIM, WRITE, ZEROES, apply_local
 from .errors import NodeError
+from .group import Group, Member
 from .hosts import HostTable
-from .group import DETACHED, TRIM, WRITE, ZEROES, Group, Member
-from ..nbd.export import AluaState, BlockError, ClientIdentity, ALUA_ACTIVE_OPTIMIZED
-from ..repl.link import Link, Path
-from ..repl.proto import Frame, MsgType, Status
 from .resync import Resync
+from .roles import (
+    LinkDown,
+    LinkUp,
+    Mode,
+    Role,
+    ShuttingDown,
+    Timing,
+    WitnessTiming,
+    peer_in_sync,
+)
 from .state import StateError, StateStore, encode_bits
 from .volume import Volume, VolumeError, make_wwn
 
@@ -53,7 +64,7 @@ class VolumeExport:
     def fast_read(self, offset: int, length: int):
         m = self.member
         if m is not None:
-            return m.group.fast_read(m, offset, length)
+            return m.group.io.fast_read(m, offset, length)
         if self.vol.direct:
             return None
         try:
@@ -64,7 +75,7 @@ class VolumeExport:
     def fast_write(self, offset: int, data, done) -> bool:
         m = self.member
         if m is not None:
-            return m.group.fast_write(m, offset, data, done)
+            return m.group.io.fast_write(m, offset, data, done)
         if self.vol.direct:
             return False
         try:
@@ -78,7 +89,7 @@ class VolumeExport:
     async def read(self, offset: int, length: int):
         m = self.member
         if m is not None:
-            return await m.group.host_read(m, offset, length)
+            return await m.group.io.host_read(m, offset, length)
         try:
             return self.vol.read_sync(offset, length)
         except OSError as e:
@@ -87,10 +98,8 @@ class VolumeExport:
     async def _op(self, kind, offset, length, data, fua, no_hole=False):
         m = self.member
         if m is not None:
-            await m.group.host_write(m, kind, offset, length, data, fua, no_hole)
+            await m.group.io.host_write(m, kind, offset, length, data, fua, no_hole)
             return
-        from .group import apply_local
-
         try:
             await apply_local(self.vol, kind, offset, length, data, fua, no_hole)
         except OSError as e:
@@ -108,7 +117,7 @@ class VolumeExport:
     async def flush(self) -> None:
         m = self.member
         if m is not None:
-            await m.group.host_flush(m)
+            await m.group.io.host_flush(m)
             return
         try:
             await self.vol.flush()
@@ -152,9 +161,22 @@ class Node:
         except VolumeError:
             self.close()
             raise
+        self.witness = None
+        wcfg = cfg.witness
+        if self.state.witness is not None:  # set by setrcopytarget witness: overrides the config
+            from ..config import ConfigError, parse_witness_client
+
+            try:
+                wcfg = parse_witness_client(self.state.witness, "state.witness")
+            except ConfigError as e:
+                self.close()
+                raise NodeError(f"the witness recorded in {self.store.path} is invalid: {e}") from None
+        if wcfg is not None:
+            from ..witness.client import WitnessClient
+
+            self.witness = WitnessClient(wcfg, cfg.name, self._witness_groups, self._witness_report)
         for gs in self.state.groups.values():
-            g = Group(self, gs)
-            self.groups[gs.name] = g
+            g = self.add_group(gs, run=False)
             for ms in gs.members:
                 vol = self.volumes.get(ms.local)
                 if vol is None:
@@ -171,24 +193,11 @@ class Node:
                     )
                 self.member_of[ms.local] = g.add_member(ms, vol)
         self.resync = Resync(self)
-        self.witness = None
-        wcfg = cfg.witness
-        if self.state.witness is not None:  # set by setrcopytarget witness: overrides the config
-            from ..config import ConfigError, parse_witness_client
-
-            try:
-                wcfg = parse_witness_client(self.state.witness, "state.witness")
-            except ConfigError as e:
-                self.close()
-                raise NodeError(f"the witness recorded in {self.store.path} is invalid: {e}") from None
-        if wcfg is not None:
-            from ..witness.client import WitnessClient
-
-            self.witness = WitnessClient(wcfg, cfg.name, self._witness_groups)
         self.link: Link | None = None
         if cfg.link:
             self.link = Link(
-                cfg.link, cfg.name, self.uuid.bytes, self._on_request, self._on_link_up, self._on_link_down
+                cfg.link, cfg.name, self.uuid.bytes, lambda link, path, f: peer.on_request(self, link, path, f),
+                self._on_link_up, self._on_link_down
             )
         # After an unclean stop (crash, kill -9, power cut) the regions that may differ are
         # those of the write-intent logs (every region written or being written whose peer may
@@ -278,11 +287,41 @@ class Node:
 
             self._nursery.start_soon(_later)
 
-    def disk_failed(self, g: Group) -> None:
+    def disk_failed(self, g: Group, peer_in_sync: bool) -> None:
         """A backing device of ``g`` failed here: hand the group over or tell the primary."""
         from .operations import after_disk_failure
 
-        self.spawn(after_disk_failure, self, g)
+        self.spawn(after_disk_failure, self, g, peer_in_sync)
+
+    # -- groups ----------------------------------------------------------------------------------
+    def role_timing(self) -> Timing:
+        lk = self.cfg.link
+        wc = self.witness.cfg if getattr(self, "witness", None) is not None else None
+        wt = WitnessTiming(wc.interval, wc.owner_lease, wc.grace) if wc is not None else None
+        if lk is None:
+            return Timing(witness=wt)
+        return Timing(lease=lk.lease, lease_drift=lk.clock_drift, lease_margin=lk.lease_margin,
+                      transition_timeout=lk.transition_timeout, witness=wt)
+
+    def add_group(self, gs, run: bool = True) -> Group:
+        """A group this node holds from now on (``run``: created now, with the peer's agreement);
+        its timers run in the node's nursery."""
+        g = Group(self, gs, created=run)
+        self.groups[gs.name] = g
+        if run:
+            assert self._nursery is not None
+            self._nursery.start_soon(g.run)
+        return g
+
+    def remove_group(self, name: str) -> None:
+        self.groups.pop(name).stop()
+        del self.state.groups[name]
+
+    def group_by_id(self, gid: int) -> Group | None:
+        for g in self.groups.values():
+            if g.st.gid == gid:
+                return g
+        return None
 
     def spawn(self, fn, *args) -> None:
         assert self._nursery is not None
@@ -290,20 +329,18 @@ class Node:
 
     # -- running -------------------------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        from .admin import AdminServer
         from ..nbd.server import NBDServer
+        from .admin import AdminServer
 
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                for g in self.groups.values():  # each group's role machine and its timers
+                    await nursery.start(g.run)
                 if self.witness is not None:
                     nursery.start_soon(self._run_witness, self.witness)
-                for g in self.groups.values():
-                    g.fence_at_start()
                 if self.link:
                     await nursery.start(self.link.run)
-                    for g in self.groups.values():
-                        nursery.start_soon(self._lease_loop, g)
                     nursery.start_soon(self._intent_loop)
                 tls = self.cfg.nbd_tls
                 if tls is not None:
@@ -333,13 +370,12 @@ class Node:
     async def hand_over_for_shutdown(self) -> None:
         """A primary that is shut down (SIGTERM: reboot, maintenance) first switches its groups
         over to the in-sync peer, so hosts at the peer see a pause, not a failover."""
-        from .group import ATTACHED
         from .operations import switchover
 
         if self.link is None or self.cfg.link is None:
             return
         for g in list(self.groups.values()):
-            if not (g.role == "primary" and g.st.started and g.peer_mode == ATTACHED and self.link.up
+            if not (g.role == "primary" and g.st.started and g.mode is Mode.ATTACHED and self.link.up
                     and g.st.policies.get("auto_failover", True)):
                 continue
             with trio.move_on_after(self.cfg.link.transition_timeout + 2):
@@ -352,7 +388,7 @@ class Node:
         # waiting for it to run out.
         for g in list(self.groups.values()):
             if g.role == "secondary" and self.link.up:
-                g.lease_until = 0.0
+                g.handle(ShuttingDown(trio.current_time()))
                 with trio.move_on_after(1.0):
                     try:
                         await self.control({"op": "leaving", "group": g.name, "epoch": g.epoch})
@@ -371,33 +407,7 @@ class Node:
     # -- the quorum witness ----------------------------------------------------------------------
     async def _run_witness(self, wc) -> None:
         with trio.CancelScope() as wc.scope:
-            async with trio.open_nursery() as n:
-                n.start_soon(wc.run)
-                n.start_soon(self._witness_catch_up, wc)
-
-    async def _witness_catch_up(self, wc) -> None:
-        """Tell the witness about epochs the operator made without it (RESOLVE), once the peer
-        has accepted this array as primary of that epoch (it mirrors our writes); until then
-        the witness would refuse our KEEP on the next link loss."""
-        from .group import ATTACHED, SYNCING
-        from ..witness.proto import WType
-
-        while True:
-            await trio.sleep(wc.cfg.interval)
-            for g in list(self.groups.values()):
-                if not (g.st.witness_behind and g.role == "primary" and not g.st.split_brain
-                        and g.peer_mode in (SYNCING, ATTACHED) and wc.reachable):
-                    continue
-                d = await wc.decide(WType.RESOLVE, g.name, g.epoch)
-                if d is None:
-                    continue
-                if d.granted and d.owner == self.cfg.name and d.epoch == g.epoch:
-                    g.st.witness_behind = False
-                    self.save()
-                    g.note(f"the quorum witness knows this array's epoch {g.epoch} now ({d.reason})")
-                elif d.reason != g._resolve_refusal:
-                    g._resolve_refusal = d.reason
-                    g.note(f"the quorum witness refused epoch {g.epoch}: {d.reason}")
+            await wc.run()
 
     def set_witness(self, settings: dict | None) -> None:
         """Use another witness (or none) from now on; ``settings`` as in the [witness] table,
@@ -410,8 +420,11 @@ class Node:
             old.scope.cancel()
         self.witness = None
         if settings is not None:
-            self.witness = WitnessClient(parse_witness_client(settings, "witness"), self.cfg.name, self._witness_groups)
+            self.witness = WitnessClient(parse_witness_client(settings, "witness"), self.cfg.name, self._witness_groups,
+                                         self._witness_report)
             self.spawn(self._run_witness, self.witness)
+        for g in self.groups.values():
+            g.roles.timing = self.role_timing()
         self.state.witness = settings
         self.save()
 
@@ -438,87 +451,37 @@ class Node:
     # -- link events ---------------------------------------------------------------------------
     def _on_link_up(self) -> None:
         log.info("replication link to %s up", self.cfg.link.peer)
-        for g in self.groups.values():
-            g.peer_failed = False  # a new session: the peer may have been repaired
-        self.spawn(self._exchange_state)
-
-    async def _exchange_state(self) -> None:
-        mine = [self.group_summary(g) for g in self.groups.values() if g.role == "primary"]
-        try:
-            ans = await self.control({"op": "sync_groups", "groups": mine})
-        except NodeError as e:
-            log.warning("state exchange with %s failed: %s", self.cfg.link.peer, e)
-            ans = {}
-        for name in ans.get("split_brain", []):
-            g = self.groups.get(name)
-            peer = ans.get("gens", {}).get(name, {})
-            if g is not None:
-                g.mark_split_brain(peer.get("gen", ""), peer.get("gen_history", []))
-        for entry in ans.get("suspect_regions", []):
-            # The peer crashed: these regions may hold writes we do not have (or lack ours).
-            g = self.groups.get(entry["group"])
-            m = g.by_id.get(entry["vol_id"]) if g is not None and g.role == "primary" else None
-            if m is not None:
-                for r in entry["regions"]:
-                    m.dirty.set(r)
-                m.intent.set_sync(entry["regions"])
-                m.verify = True
-                g.note(f"{g.st.peer} restarted uncleanly: {len(entry['regions'])} regions of {m.st.local} compared")
-        for entry in ans.get("suspect", []):
-            # The peer's device failed since it last synced: whatever it holds is suspect.
-            g = self.groups.get(entry["group"])
-            if g is None or g.role != "primary":
-                continue
-            for vid in entry["vol_ids"]:
-                m = g.by_id.get(vid)
-                if m is not None:
-                    m.compare_all()
-                    g.note(f"{g.st.peer}'s copy of {m.st.local} is suspect (its device failed): full compare")
-        for g in self.groups.values():
-            g.maybe_recover()
+        now = trio.current_time()
+        for g in list(self.groups.values()):
+            g.handle(LinkUp(now))
+        self.spawn(peer.exchange_state, self)
 
     def _on_link_down(self) -> None:
         log.warning("replication link to %s down (all paths)", self.cfg.link.peer)
-        for g in self.groups.values():
-            g.lose_peer("replication link down")
+        now = trio.current_time()
+        for g in list(self.groups.values()):
+            g.handle(LinkDown(now))
 
     def _witness_groups(self):
         """What the witness client reports: (group, members, owner, epoch, flags) per group."""
-        from .group import ATTACHED
         from ..witness.proto import REPORT_PEER_ALIVE, REPORT_PEER_IN_SYNC
 
         out = []
         for g in self.groups.values():
-            me, peer = self.cfg.name, g.st.peer
-            owner = me if g.role == "primary" else peer
+            me, other = self.cfg.name, g.st.peer
+            s = g.state
+            owner = me if s.role is Role.PRIMARY else other
             flags = REPORT_PEER_ALIVE if self.link is not None and self.link.up else 0
-            if g.role == "primary" and g.peer_mode == ATTACHED and not g.st.failsafe:
+            if peer_in_sync(s):
                 flags |= REPORT_PEER_IN_SYNC
-            out.append((g.name, tuple(sorted((me, peer))), owner, g.epoch, flags))
+            out.append((g.name, tuple(sorted((me, other))), owner, g.epoch, flags))
         return out
 
-    async def _try_claim(self, g: Group) -> None:
-        """Secondary that lost its primary: ask the witness for the group."""
-        from ..witness.proto import WType
-
-        from ..witness.decide import may_grant_later
-
-        if g.failover_pending is None and not g.claim_refused and self.witness.reachable:
-            g.failover_pending = trio.Event()  # host I/O waits for the answer (transitioning)
-        d = await self.witness.decide(WType.CLAIM, g.name, g.epoch)
-        if d is not None and d.granted and d.owner == self.cfg.name and g.role == "secondary":
-            g.promote(d.epoch)
-        elif d is not None and not d.granted and d.reason != getattr(g, "_last_claim_reason", None):
-            g._last_claim_reason = d.reason
-            g.note(f"failover refused by the witness: {d.reason}")
-        if d is None or d.granted or not may_grant_later(d.reason):
-            g.claim_refused = d is not None and not d.granted
-            self._end_failover_wait(g)
-
-    def _end_failover_wait(self, g: Group) -> None:
-        ev, g.failover_pending = g.failover_pending, None
-        if ev is not None:
-            ev.set()
+    def _witness_report(self, name: str, sent: float, owner: str, epoch: int) -> None:
+        """The witness answered a report: its record of the group (who owns which epoch)."""
+        g = self.groups.get(name)
+        if g is not None:
+            g.witness_report(sent, owner, epoch)
 
     async def _intent_loop(self) -> None:
         """Every second: clear write-intent bits of regions no write can still be applied to
@@ -532,203 +495,13 @@ class Node:
             await trio.sleep(1.0)
             for g in list(self.groups.values()):
                 if g.role == "primary":
-                    g.expire_forwarded(release_bound)
+                    g.io.expire_forwarded(release_bound)
                 for m in list(g.members.values()):
                     keep = m.dirty.test if g.role == "primary" else m.suspect_regions.__contains__
                     try:
                         await m.intent.clear_idle(hold, keep)
                     except OSError as e:
                         log.warning("group %s: write-intent log of %s: %s", g.name, m.st.local, e)
-
-    async def _lease_loop(self, g: Group) -> None:
-        lk = self.cfg.link
-        while True:
-            if (
-                g.role == "secondary" and g.st.started and self.witness is not None
-                and not self.link.up and trio.current_time() > g.lease_until
-                and g.st.policies.get("auto_failover", True)
-            ):
-                await self._try_claim(g)
-                await trio.sleep(self.witness.cfg.interval)
-                continue
-            if (
-                g.role == "primary" and g.st.failsafe and g.st.started and self.witness is not None
-                and not self.link.up and self.witness.reachable and not g.disk_error
-                and g.peer_mode == DETACHED
-            ):
-                await g.retry_failsafe()
-                await trio.sleep(self.witness.cfg.interval)
-                continue
-            if g.failover_pending is not None:
-                self._end_failover_wait(g)
-            if self.link.up:
-                g.claim_refused = False
-            if g.role == "secondary" and g.st.started and self.link.up:
-                t0 = trio.current_time()
-                try:
-                    reply = await self.link.request(
-                        Frame.lease(self.link.next_id(), g.st.gid, g.epoch), timeout=lk.lease / 2
-                    )
-                    ms = reply.lease_ms() if reply.status == Status.OK else 0
-                except Exception as e:  # link down or timeout: the lease just runs out
-                    log.debug("lease request for %s failed: %s", g.name, e)
-                    ms = None
-                if ms == 0:
-                    g.lease_until = 0.0
-                elif ms:
-                    g.lease_until = max(g.lease_until, t0 + ms / 1000)
-                await trio.sleep(lk.lease / 4)
-            else:
-                await trio.sleep(lk.ping_interval)
-
-    # -- peer requests -------------------------------------------------------------------------
-    def _on_request(self, link: Link, path: Path, f: Frame) -> None:
-        t = f.type
-        if t == MsgType.CONTROL:
-            self.spawn(self._handle_control, link, path, f)
-            return
-        g = self._group_by_id(f.group)
-        if g is None:
-            if t != MsgType.RELEASE:
-                link.reply(path, f.req_id, Status.UNKNOWN_GROUP)
-            return
-        if f.epoch != g.epoch:
-            if t != MsgType.RELEASE:
-                link.reply(path, f.req_id, Status.STALE_EPOCH)
-            return
-        if t == MsgType.RELEASE:
-            g.handle_release(f)
-            return
-        if t == MsgType.LEASE:
-            if g.role != "primary":
-                link.reply(path, f.req_id, Status.NOT_PRIMARY)
-            else:
-                ms = g.grant_lease()
-                link.reply(path, f.req_id, Status.OK if ms else Status.NOT_SERVING, Frame.lease_payload(ms))
-            return
-        if t == MsgType.FLUSH:
-            self.spawn(self._handle_flush, link, path, f, g)
-            return
-        m = g.by_id.get(f.vol)
-        if m is None:
-            link.reply(path, f.req_id, Status.UNKNOWN_VOLUME)
-            return
-        if t in (MsgType.WRITE, MsgType.ZEROES, MsgType.TRIM):
-            kind = {MsgType.WRITE: WRITE, MsgType.ZEROES: ZEROES, MsgType.TRIM: TRIM}[t]
-            if f.forwarded:
-                if g.role != "primary":
-                    link.reply(path, f.req_id, Status.NOT_PRIMARY)
-                    return
-                if not (kind == WRITE and not f.fua and g.forwarded_fast(link, path, f, m)):
-                    self.spawn(g.handle_forwarded, link, path, f, m, kind)
-                return
-            if g.role != "secondary":
-                link.reply(path, f.req_id, Status.NOT_PRIMARY)
-                return
-            if kind == WRITE and not f.fua and not m.vol.direct and m.intent.ready(f.offset, len(f.payload)):
-                # Mirrored writes are applied in arrival order, inline: no task per request.
-                try:
-                    m.vol.check_range(f.offset, len(f.payload))
-                    m.vol.write_sync(f.offset, f.payload)
-                except OSError as e:
-                    link.reply(path, f.req_id, e.errno or errno.EIO)
-                    return
-                if f.resync:
-                    self._resynced(m, f.offset, len(f.payload))
-                link.reply(path, f.req_id, Status.OK)
-                return
-            self.spawn(self._apply_mirrored, link, path, f, m, kind)
-            return
-        if t == MsgType.READ:
-            self.spawn(self._handle_read, link, path, f, m)
-            return
-        if t == MsgType.DIGESTS:
-            self.spawn(self._handle_digests, link, path, f, m)
-            return
-        if t == MsgType.RESYNC_BEGIN:
-            if g.disk_error:
-                link.reply(path, f.req_id, Status.NOT_SERVING)
-                return
-            region, bits = f.resync_bitmap()
-            if region != m.oos.region or len(bits) != len(m.oos.bits):
-                link.reply(path, f.req_id, Status.EINVAL)
-                return
-            m.oos.bits[:] = bits
-            m.oos.count = sum(bin(b).count("1") for b in bits)
-            link.reply(path, f.req_id, Status.OK)
-            return
-        if t == MsgType.RESYNC_END:
-            self._resynced(m, f.offset, f.length)
-            if not m.oos.count:
-                m.st.synced_once = True
-                m.st.last_sync = time.time()
-                if m.st.suspect:
-                    m.st.suspect = False
-                    self.save_soon()
-            link.reply(path, f.req_id, Status.OK)
-            return
-        link.reply(path, f.req_id, Status.BAD_REQUEST)
-
-    def _resynced(self, m: Member, offset: int, length: int) -> None:
-        region = m.oos.region
-        first = -(-offset // region)
-        last = (offset + length) // region  # exclusive: only fully covered regions
-        if offset + length >= m.vol.size:
-            last = m.oos.nregions
-        for r in range(first, last):
-            m.oos.clear(r)
-        if not m.oos.count:
-            m.st.last_sync = time.time()
-            m.st.synced_once = True
-
-    def _group_by_id(self, gid: int) -> Group | None:
-        for g in self.groups.values():
-            if g.st.gid == gid:
-                return g
-        return None
-
-    async def _apply_mirrored(self, link, path, f: Frame, m: Member, kind: str) -> None:
-        from .group import apply_local
-
-        data = f.payload if kind == WRITE else None
-        length = len(f.payload) if kind == WRITE else f.length
-        try:
-            await m.intent.mark(f.offset, length)
-            await apply_local(m.vol, kind, f.offset, length, data, f.fua, f.no_hole)
-        except OSError as e:
-            link.reply(path, f.req_id, e.errno or errno.EIO)
-            return
-        if f.resync:
-            self._resynced(m, f.offset, length)
-        link.reply(path, f.req_id, Status.OK)
-
-    async def _handle_flush(self, link, path, f: Frame, g: Group) -> None:
-        vols = list(g.members.values()) if f.vol == 0xFFFFFFFF else [g.by_id[f.vol]] if f.vol in g.by_id else []
-        try:
-            for m in vols:
-                await m.vol.flush()
-        except OSError as e:
-            link.reply(path, f.req_id, e.errno or errno.EIO)
-            return
-        link.reply(path, f.req_id, Status.OK)
-
-    async def _handle_read(self, link, path, f: Frame, m: Member) -> None:
-        try:
-            m.vol.check_range(f.offset, f.length)
-            data = await m.vol.read(f.offset, f.length)
-        except OSError as e:
-            link.reply(path, f.req_id, e.errno or errno.EIO)
-            return
-        link.reply(path, f.req_id, Status.OK, data)
-
-    async def _handle_digests(self, link, path, f: Frame, m: Member) -> None:
-        try:
-            m.vol.check_range(f.offset, f.length)
-            ds = await m.vol.digests(f.offset, f.length, f.digest_region())
-        except OSError as e:
-            link.reply(path, f.req_id, e.errno or errno.EIO)
-            return
-        link.reply(path, f.req_id, Status.OK, Frame.digests_payload(ds))
 
     # -- control RPCs --------------------------------------------------------------------------
     async def control(self, body: dict) -> dict:
@@ -745,36 +518,6 @@ class Node:
         if reply.status != Status.OK or not ans.get("ok", False):
             raise NodeError(f"target {self.cfg.link.peer} refused: {ans.get('error', reply.status)}")
         return ans
-
-    async def _handle_control(self, link, path, f: Frame) -> None:
-        from .admin import handle_peer_control
-
-        try:
-            body = f.control_json()
-            result = await handle_peer_control(self, body)
-            ans = {"ok": True, **(result or {})}
-        except NodeError as e:
-            ans = {"ok": False, "error": str(e)}
-        except Exception as e:  # never let a peer's request take the node down
-            log.exception("control request failed")
-            ans = {"ok": False, "error": f"internal error: {e}"}
-        link.reply(path, f.req_id, Status.OK, json.dumps(ans).encode())
-
-    # -- views ---------------------------------------------------------------------------------
-    def group_summary(self, g: Group) -> dict:
-        return {
-            "name": g.name,
-            "gid": g.st.gid,
-            "epoch": g.epoch,
-            "started": g.st.started,
-            "policies": g.st.policies,
-            "gen": g.st.gen,
-            "gen_history": g.st.gen_history,
-            "members": [
-                {"vol_id": m.vol_id, "local": m.st.local, "remote": m.st.remote, "wwn": m.st.wwn, "size": m.st.size}
-                for m in g.members.values()
-            ],
-        }
 
 
 def serve_node(cfg: NodeConfig) -> int:

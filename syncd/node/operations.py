@@ -14,26 +14,40 @@ become primary. The replicas are identical at that point, so nothing is resynced
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import logging
+from typing import TYPE_CHECKING
 
 import trio
 
-from .group import ATTACHED, DETACHED, FENCING, SYNCING, Group
 from .errors import NodeError
-from ..repl.proto import MsgType
+from .group import Group
+from .roles import (
+    Discard,
+    HandedOver,
+    Mode,
+    OverrideFailsafe,
+    PeerDiskFailed,
+    PeerSwitchoverAbort,
+    PeerSwitchoverCommit,
+    PeerSwitchoverPrepare,
+    PeerTakeover,
+    Promote,
+    Recover,
+    RoleError,
+    SplitBrain,
+    SplitBrainResolved,
+    SwitchoverBegin,
+    SwitchoverEnd,
+)
 
 if TYPE_CHECKING:
     from .daemon import Node
 
 log = logging.getLogger("syncd.operations")
 
-WRITE_TYPES = (MsgType.WRITE, MsgType.ZEROES, MsgType.TRIM, MsgType.FLUSH)
-
 
 def _busy(g: Group) -> None:
-    if g.transitioning is not None:
+    if g.mode in (Mode.HANDING_OVER, Mode.SWITCHING):
         raise NodeError(f"group {g.name} busy: a switchover is in progress")
 
 
@@ -63,20 +77,18 @@ def _on_running_primary(node: Node, g: Group, op: str) -> None:
     _need_link(node, op)
 
 
-async def _drain_forwarded(node: Node, g: Group, timeout: float) -> bool:
-    """Secondary: wait until no write it forwarded to the primary is still unanswered."""
-    with trio.move_on_after(timeout):
-        while any(p.frame.group == g.st.gid and p.frame.type in WRITE_TYPES
-                  for p in list(node.link._pending.values())):
-            await trio.sleep(0.001)
-        return True
-    return False
+def _handle(g: Group, event: object, op: str) -> None:
+    """Feed the role machine an operator's event; its refusal is the operator's error."""
+    try:
+        g.command(event)  # type: ignore[arg-type]
+    except RoleError as e:
+        raise NodeError(f"{op}: group {g.name}: {e}") from None
 
 
 async def switchover(node: Node, g: Group) -> dict:
     op = "switchover"
     _on_running_primary(node, g, op)
-    if g.recovering or g.peer_mode != ATTACHED or any(m.dirty.count for m in g.members.values()):
+    if g.state.recovering or g.mode is not Mode.ATTACHED or any(m.dirty.count for m in g.members.values()):
         st = {m.st.local: m.sync_status()[0] for m in g.members.values()}
         raise NodeError(f"{op}: target {g.st.peer} not ready: group {g.name} is not synced ({st})")
     wc = node.witness
@@ -86,7 +98,7 @@ async def switchover(node: Node, g: Group) -> dict:
     timeout = node.cfg.link.transition_timeout
     t0 = trio.current_time()
     old_epoch = g.epoch
-    ev = g.begin_transition(f"switchover to {g.st.peer}")
+    _handle(g, SwitchoverBegin(t0), op)
     try:
         await node.control({"op": "switchover_prepare", "group": g.name, "epoch": old_epoch})
         toks = []
@@ -96,20 +108,20 @@ async def switchover(node: Node, g: Group) -> dict:
                     toks.append((m, await m.lock.acquire(0, m.vol.size)))
             if cs.cancelled_caught:
                 raise NodeError(f"{op}: writes in flight did not drain within {timeout}s; nothing changed")
-            if g.peer_mode != ATTACHED or g.epoch != old_epoch or g.role != "primary":
-                raise NodeError(f"{op}: the group changed state during the switchover ({g.peer_mode}); nothing changed")
+            if g.mode is not Mode.HANDING_OVER or g.epoch != old_epoch:
+                raise NodeError(f"{op}: the group changed state during the switchover ({g.mode.value}); nothing changed")
             new_epoch = old_epoch + 1
             if wc is not None:
                 from ..witness.proto import WType
 
-                d = await wc.decide(WType.HANDOVER, g.name, old_epoch)
+                d, _ = await wc.decide(WType.HANDOVER, g.name, old_epoch)
                 if d is None:
                     raise NodeError(f"{op}: the quorum witness did not answer; nothing changed")
                 if not d.granted:
                     raise NodeError(f"{op}: the quorum witness refused: {d.reason}; nothing changed")
                 new_epoch = d.epoch
             # Point of no return: the peer owns new_epoch.
-            g.swap_in_sync("secondary", new_epoch)
+            _handle(g, HandedOver(trio.current_time(), new_epoch, in_sync=True), op)
         finally:
             for m, tok in toks:
                 m.lock.release(tok)
@@ -122,7 +134,7 @@ async def switchover(node: Node, g: Group) -> dict:
                 log.warning("switchover abort not confirmed by the peer: %s", e)
         raise
     finally:
-        g.end_transition(ev, "switchover")
+        g.handle(SwitchoverEnd(trio.current_time()))
     return {"group": g.name, "role": g.role, "epoch": g.epoch, "primary": g.st.peer,
             "duration_ms": round((trio.current_time() - t0) * 1000, 1)}
 
@@ -136,9 +148,9 @@ async def _commit(node: Node, g: Group, epoch: int) -> None:
     except NodeError as e:
         g.note(f"switchover commit not confirmed yet ({e}); retrying")
 
-    async def retry():
+    async def retry() -> None:
         while g.role == "secondary" and g.epoch == epoch:
-            await trio.sleep(0.5)
+            await trio.sleep(0.5)  # a retry interval, not a wait for a state
             try:
                 await node.control({"op": "switchover_commit", "group": g.name, "epoch": epoch})
                 g.note(f"switchover commit confirmed by {g.st.peer}")
@@ -153,34 +165,22 @@ async def peer_switchover(node: Node, body: dict) -> None:
     """The secondary's side of switchover_prepare/commit/abort."""
     g = node.group(body["group"])
     op, epoch = body["op"], body["epoch"]
-    timeout = node.cfg.link.transition_timeout
+    now = trio.current_time()
     if op == "switchover_prepare":
         if g.role != "secondary" or g.epoch != epoch:
             raise NodeError(f"group {g.name} is {g.role} at epoch {g.epoch} on {node.cfg.name}: cannot switch over from epoch {epoch}")
         _busy(g)
-        ev = g.begin_transition(f"switchover from {g.st.peer}")
-
-        async def expire():  # the primary vanished half-way: resume as we were
-            await trio.sleep(timeout * 2)
-            g.end_transition(ev, "switchover not completed in time")
-
-        node.spawn(expire)
-        if not await _drain_forwarded(node, g, timeout):
-            g.end_transition(ev, "forwarded writes did not drain")
+        _handle(g, PeerSwitchoverPrepare(now, epoch), op)  # gives up by itself if the primary vanishes
+        timeout = node.cfg.link.transition_timeout
+        if not await g.io.drain_forwarded(timeout):
+            g.handle(PeerSwitchoverAbort(trio.current_time()))
             raise NodeError(f"writes forwarded by {node.cfg.name} did not drain within {timeout}s")
         return
     if op == "switchover_commit":
-        if g.role == "primary" and g.epoch >= epoch:
-            return  # already done (a retried commit, or the witness gave it to us meanwhile)
-        if g.role != "secondary" or g.epoch > epoch:
-            raise NodeError(f"group {g.name} is {g.role} at epoch {g.epoch}: commit of epoch {epoch} refused")
-        g.swap_in_sync("primary", epoch)
-        if g.transitioning is not None:
-            g.end_transition(g.transitioning, "switchover")
+        _handle(g, PeerSwitchoverCommit(now, epoch), op)
         return
     if op == "switchover_abort":
-        if g.transitioning is not None:
-            g.end_transition(g.transitioning, "switchover aborted by the primary")
+        g.handle(PeerSwitchoverAbort(now))
         return
     raise NodeError(f"unknown switchover operation {op!r}")
 
@@ -195,14 +195,12 @@ async def failover(node: Node, g: Group) -> dict:
     _busy(g)
     if node.link is not None and node.link.up:
         raise NodeError(f"{op}: target {g.st.peer} is reachable; use setrcopygroup switchover for a planned change of roles")
-    left = g.lease_until - trio.current_time()
-    if left > 0:
-        await trio.sleep(left)  # never serve as primary while the old lease could still run
+    await trio.sleep_until(max(g.state.lease_until, trio.current_time()))  # never serve as primary while the old lease could still run
     wc = node.witness
     if wc is not None:
         from ..witness.proto import WType
 
-        d = await wc.decide(WType.CLAIM, g.name, g.epoch)
+        d, _ = await wc.decide(WType.CLAIM, g.name, g.epoch)
         if d is None:
             raise NodeError(f"{op}: the quorum witness is unreachable; if you are sure {g.st.peer} is down, "
                             f"use setrcopygroup override {g.name}")
@@ -211,19 +209,18 @@ async def failover(node: Node, g: Group) -> dict:
         epoch = d.epoch
     else:
         epoch = g.epoch + 1
-    g.promote(epoch)
-    g.note(f"failover by the operator to epoch {epoch}")
+    _handle(g, Promote(trio.current_time(), epoch, f"failover by the operator: now primary at epoch {epoch}"), op)
     return {"group": g.name, "role": g.role, "epoch": g.epoch}
 
 
 async def recover(node: Node, g: Group) -> dict:
     op = "recover"
     _on_running_primary(node, g, op)
-    if g.peer_mode == ATTACHED:
+    if g.mode is Mode.ATTACHED:
         raise NodeError(f"{op}: group {g.name} is already synced with {g.st.peer}")
-    if g.recovering or g.peer_mode in (SYNCING, FENCING):
-        raise NodeError(f"{op}: group {g.name} busy: {g.peer_mode}")
-    g.maybe_recover(operator=True)
+    if g.state.recovering or g.mode is not Mode.DETACHED:
+        raise NodeError(f"{op}: group {g.name} busy: {g.mode.value}")
+    _handle(g, Recover(trio.current_time()), op)
     return {"group": g.name, "recovering": True}
 
 
@@ -251,42 +248,32 @@ async def reverse(node: Node, g: Group) -> dict:
 async def override(node: Node, g: Group) -> dict:
     """Leave failsafe (or, on an unserving secondary cut from everything, take the group) on the
     operator's word. With a reachable witness the witness decides; without, the operator does,
-    and a later split brain is theirs (detected on reconnect, issue 5)."""
+    and a later split brain is theirs (detected on reconnect)."""
     from ..witness.proto import WType
 
+    op = "override"
     wc = node.witness
     _busy(g)
     if g.role == "primary":
         if not g.st.failsafe:
             raise NodeError(f"override: group {g.name} is not in failsafe on {node.cfg.name}")
         if wc is not None:
-            d = await wc.decide(WType.KEEP, g.name, g.epoch)
+            d, _ = await wc.decide(WType.KEEP, g.name, g.epoch)
             if d is not None and not d.granted:
                 raise NodeError(f"override: the quorum witness says {d.owner} owns {g.name} at epoch {d.epoch}; "
                                 f"{node.cfg.name} rejoins as secondary when the link returns ({d.reason})")
             why = "witness agreed" if d is not None else "witness unreachable: operator's decision"
         else:
             why = "no witness: operator's decision"
-        g.st.failsafe = False
-        g.alone_ok = True
-        g.peer_mode = DETACHED
-        g.new_generation("failsafe overridden: writing without the peer")
-        node.save()
-        g.note(f"failsafe overridden ({why})")
-        g.maybe_recover()
+        _handle(g, OverrideFailsafe(trio.current_time(), why), op)
         return {"group": g.name, "failsafe": False, "why": why}
     if node.link is not None and node.link.up:
         raise NodeError(f"override: group {g.name} is secondary and {g.st.peer} is reachable: nothing to override")
     if wc is not None and wc.reachable:
         raise NodeError(f"override: the quorum witness is reachable: use setrcopygroup failover {g.name}")
-    left = g.lease_until - trio.current_time()
-    if left > 0:
-        await trio.sleep(left)
-    g.promote(g.epoch + 1)
-    if wc is not None:
-        g.st.witness_behind = True  # reported to the witness once the peer accepts this epoch
-        node.save()
-    g.note("override: the operator made this array primary without the witness")
+    await trio.sleep_until(max(g.state.lease_until, trio.current_time()))
+    _handle(g, Promote(trio.current_time(), g.epoch + 1, "override: the operator made this array primary "
+                       "without the witness", witness_behind=wc is not None), op)
     return {"group": g.name, "role": g.role, "epoch": g.epoch}
 
 
@@ -294,27 +281,29 @@ async def discard(node: Node, g: Group) -> dict:
     """Resolve a split brain: this array's writes since the split are thrown away. It becomes
     the secondary of the peer (the surviving side), which compares every region and copies
     what differs; nothing is resynced before the operator says which side loses."""
+    op = "discard"
     if not g.st.split_brain:
         raise NodeError(f"discard: group {g.name} is not in split brain on {node.cfg.name}: nothing to discard")
     _busy(g)
     if node.link is None or not node.link.up:
         raise NodeError(f"discard: {g.st.peer} must be reachable: it becomes the surviving side")
     mine = g.st.gen
-    if g.role == "primary":
-        # Serve nothing of our own any more before the peer starts copying.
-        g.demote(g.epoch, why="the operator discarded this array's side of the split brain")
+    # Serve nothing of our own any more before the peer starts copying.
+    _handle(g, Discard(trio.current_time()), op)
     g.st.split_brain = ""
     try:
         ans = await node.control({"op": "split_brain_resolved", "group": g.name, "discarded_by": node.cfg.name,
                                   "epoch": g.epoch})
     except NodeError:
         g.st.split_brain = "split brain: resolution interrupted (the peer did not answer); run discard again"
+        g.handle(SplitBrain(trio.current_time()))
         node.save()
         raise
     # Our data now counts as the survivor's generation, to be resynced in full: if the survivor
     # goes on alone meanwhile, this side is behind it, not diverged again.
-    g.st.epoch = ans["epoch"]
+    _handle(g, SplitBrainResolved(trio.current_time(), survivor=False, epoch=ans["epoch"]), op)
     g.st.gen, g.st.gen_history = ans["gen"], list(ans["gen_history"])
+    g.st.gen_shared = True
     node.save()
     g.note(f"split brain resolved by the operator: generation {mine} of this array discarded; "
            f"{g.st.peer} (generation {ans['gen']}) resyncs it")
@@ -335,11 +324,9 @@ ACTIONS = {
 
 # -- backing device failure ------------------------------------------------------------------------
 
-async def after_disk_failure(node: Node, g: Group) -> None:
+async def after_disk_failure(node: Node, g: Group, peer_in_sync: bool) -> None:
     """This array's disk for ``g`` failed. A primary gives the group to its in-sync peer
     (through the witness when configured); a secondary tells the primary to go on alone."""
-    from .group import ATTACHED as _ATT
-
     link = node.link
     if g.role == "secondary":
         if link is not None and link.up:
@@ -348,7 +335,7 @@ async def after_disk_failure(node: Node, g: Group) -> None:
             except NodeError as e:
                 log.warning("group %s: could not tell the primary about the failed disk: %s", g.name, e)
         return
-    if not (link is not None and link.up and g.peer_mode == _ATT):
+    if not (link is not None and link.up and peer_in_sync):
         g.note("no in-sync peer to take over: the group is down until the disk is repaired")
         return
     old = g.epoch
@@ -357,19 +344,14 @@ async def after_disk_failure(node: Node, g: Group) -> None:
     if wc is not None:
         from ..witness.proto import WType
 
-        d = await wc.decide(WType.HANDOVER, g.name, old)
+        d, _ = await wc.decide(WType.HANDOVER, g.name, old)
         if d is None or not d.granted:
             g.note(f"handover refused by the witness ({d.reason if d else 'unreachable'}); group down here")
             return
         new = d.epoch
-    g.st.role = "secondary"
-    g.st.epoch = new
-    g.peer_mode = DETACHED
-    g.lease_until = 0.0
-    node.save()
-    g.note(f"handed the group to {g.st.peer} at epoch {new} (backing device failed)")
+    g.handle(HandedOver(trio.current_time(), new, in_sync=False))
     try:
-        await node.control({"op": "takeover", "group": g.name, "epoch": new, "reason": g.disk_error})
+        await node.control({"op": "takeover", "group": g.name, "epoch": new, "reason": g.io.disk_error})
     except NodeError as e:
         g.note(f"takeover not confirmed yet by {g.st.peer} ({e}); it claims the group from the witness")
 
@@ -379,19 +361,12 @@ async def peer_disk_event(node: Node, body: dict) -> None:
     (the secondary's disk failed: go on without it)."""
     g = node.group(body["group"])
     if body["op"] == "takeover":
-        if g.role == "primary" and g.epoch >= body["epoch"]:
-            return
-        if g.role != "secondary" or g.epoch >= body["epoch"]:
-            raise NodeError(f"group {g.name} is {g.role} at epoch {g.epoch}: takeover at {body['epoch']} refused")
-        g.promote(body["epoch"])  # full verify when the failed array returns
-        g.peer_failed = True
-        g.note(f"took over: {g.st.peer}'s backing device failed ({body.get('reason', '')})")
+        _handle(g, PeerTakeover(trio.current_time(), body["epoch"]), "takeover")
         return
     if g.role == "primary":
-        g.peer_failed = True
         # Whatever the peer held in its cache may not have reached its disk: when it returns,
         # every region is compared by digest.
         for m in g.members.values():
             m.compare_all()
-        g.lose_peer(f"{g.st.peer}'s backing device failed")
+        g.handle(PeerDiskFailed(trio.current_time()))
         node.save_soon()

@@ -18,10 +18,11 @@ import trio
 
 from ..repl.link import LinkDown, LinkTimeout
 from ..repl.proto import Frame, Status
+from .roles import Mode, ResyncDone
 
 if TYPE_CHECKING:
-    from .group import Group, Member
     from .daemon import Node
+    from .group import Group, Member
 
 log = logging.getLogger("syncd.resync")
 
@@ -65,31 +66,19 @@ class Resync:
         self.node = node
 
     async def run_group(self, g: "Group") -> None:
-        """Copy every dirty region of every member; on success the peer is ATTACHED."""
-        from .group import ATTACHED, SYNCING
-
+        """Copy every dirty region of every member; then the peer is in sync (ATTACHED)."""
         try:
-            while g.peer_mode == SYNCING:
+            while g.mode is Mode.SYNCING:
                 work = [m for m in g.members.values() if m.dirty.count]
                 if not work:
-                    g.peer_mode = ATTACHED
-                    if g.st.failsafe:  # the peer took this array's data at this epoch
-                        g.leave_failsafe("the peer mirrors this array again")
                     now = time.time()
                     for m in g.members.values():
                         m.st.synced_once = True
                         m.st.last_sync = now
                         m.verify = False
                         m.resync_started = None
-                    g.note("in sync")
+                    g.handle(ResyncDone(trio.current_time()))
                     self.node.save_soon()
-                    # The peer's data is now this generation (if it misses this, it stays
-                    # "behind" and is resynced again next time: never a false split brain).
-                    try:
-                        await self.node.control({"op": "adopt_gen", "group": g.name, "gen": g.st.gen,
-                                                 "gen_history": g.st.gen_history})
-                    except Exception as e:  # noqa: BLE001 - NodeError or a lost link: adopted next time
-                        log.warning("group %s: the peer did not take generation %s: %s", g.name, g.st.gen, e)
                     return
                 for m in work:
                     await self._member(g, m)
@@ -99,15 +88,13 @@ class Resync:
             g.lose_peer(f"resync interrupted: {e}")
 
     async def _member(self, g: "Group", m: "Member") -> None:
-        from .group import SYNCING
-
         m.resync_total = m.dirty.count
         m.resync_bytes = 0
         m.resync_started = trio.current_time()
         region = m.dirty.region
         saved = trio.current_time()
         r = m.dirty.first_set(0)
-        while r is not None and g.peer_mode == SYNCING:
+        while r is not None and g.mode is Mode.SYNCING:
             t0 = trio.current_time()
             if m.verify:
                 # A run of consecutive dirty regions (at most a batch): clean ones are not read.
@@ -210,7 +197,7 @@ class Resync:
 
     async def _yield_to_hosts(self, g: "Group", took: float) -> None:
         share = self.node.cfg.link.resync_share
-        if trio.current_time() - g.last_host_io < 0.5 and share < 1:
+        if trio.current_time() - g.io.last_host_io < 0.5 and share < 1:
             await trio.sleep(took * (1 - share) / share)
         else:
             await trio.sleep(0)

@@ -28,6 +28,12 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Callable, Union
 
+from ..nbd.proto import (
+    ALUA_ACTIVE_NON_OPTIMIZED,
+    ALUA_ACTIVE_OPTIMIZED,
+    ALUA_TRANSITIONING,
+    ALUA_UNAVAILABLE,
+)
 from ..witness.decide import may_grant_later
 
 NEVER = -math.inf
@@ -52,7 +58,7 @@ class Mode(enum.Enum):
     # secondary
     FOLLOWING = "following"  # serves while it holds a lease from the primary
     CLAIMING = "claiming"  # primary gone, lease over: asking the witness for the group
-    TAKING_OVER = "taking-over"  # planned switchover from the primary: host I/O waits
+    SWITCHING = "switching"  # planned switchover under way (to or from this array): host I/O waits
     # both
     DISK_FAILED = "disk-failed"  # a backing device of the group failed here: serve nothing
 
@@ -127,7 +133,9 @@ class RoleState:
     confirmed: bool = False  # role at this epoch confirmed since start (peer or witness)
     alone: bool = False  # primary: may acknowledge writes its peer does not get
     peer_ready: bool = False  # primary: the peer holds the regions it lacks; leases may be granted
+    peer_follows: bool = False  # primary: in this link session the peer said it is our secondary
     recovering: bool = False  # primary: a resync was asked for and has not ended
+    recover_after: float = NEVER  # primary: no automatic resync starts before then
     peer_failed: bool = False  # primary: the peer's disk failed; no resync until a new link session
     split_brain: bool = False  # both sides wrote apart: no resync until the operator resolves it
     link_up: bool = False
@@ -142,7 +150,9 @@ class RoleState:
     next_witness_retry: float = NEVER
     claim_refused: str = ""  # secondary: the witness refused for good (until the link returns)
     last_refusal: str = ""  # the witness's last refusal, noted once
-    transition_until: float = NEVER  # TAKING_OVER: the primary vanished half-way after this
+    transition_until: float = NEVER  # SWITCHING: the primary vanished half-way after this
+    leaving: bool = False  # this array is shutting down: no more leases
+    disk_peer_in_sync: bool = False  # disk failed here while the peer was attached: it has it all
     fence_reason: str = ""
 
 
@@ -179,6 +189,7 @@ class PeerState:
     role: Role
     epoch: int
     started: bool | None = None  # the primary's setting (a secondary adopts it)
+    disk_failed: bool = False  # the peer's backing device for the group failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +278,13 @@ class Policies:
     now: float
     auto_failover: bool
     auto_recover: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ShuttingDown:
+    """This array is being shut down: a secondary stops serving and asks for no more leases
+    (the primary is told it may go on at once)."""
+    now: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,7 +393,7 @@ class SplitBrainResolved:
 Event = Union[
     Tick, LinkUp, LinkDown, PeerLost, PeerState, LeaseRequested, LeaseReply, LeaseFailed,
     WitnessReport, WitnessAnswer, ResyncBegun, ResyncDone, ResyncEnded, NeedSync, Recover, Started, Stopped,
-    Policies, PeerLeaving, PeerDiskFailed, DiskFailed, HandedOver, SwitchoverBegin, SwitchoverEnd,
+    Policies, ShuttingDown, PeerLeaving, PeerDiskFailed, DiskFailed, HandedOver, SwitchoverBegin, SwitchoverEnd,
     PeerSwitchoverPrepare, PeerSwitchoverCommit, PeerSwitchoverAbort, PeerTakeover, Promote,
     OverrideFailsafe, SplitBrain, Discard, SplitBrainResolved,
 ]
@@ -451,6 +469,7 @@ class SwappedInSync:
 @dataclass(frozen=True, slots=True)
 class DiskFailure:
     """Hand the group over (primary with an in-sync peer) or tell the primary (secondary)."""
+    peer_in_sync: bool  # primary: the peer was attached and in sync when the disk failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -477,7 +496,7 @@ def serving(s: RoleState, t: Timing, now: float) -> bool:
     if not s.confirmed or s.failsafe or s.mode is Mode.DISK_FAILED:
         return False
     if s.role is Role.SECONDARY:
-        return s.started and now < s.lease_until
+        return s.started and not s.leaving and now < s.lease_until
     if s.mode in MIRRORING or s.alone:
         return True
     if s.mode in (Mode.FENCING, Mode.DECIDING):
@@ -495,34 +514,42 @@ def failover_possible(s: RoleState, t: Timing, now: float) -> bool:
 
 def transitioning(s: RoleState, t: Timing, now: float) -> bool:
     """Roles are changing: host I/O waits (ALUA transitioning) instead of failing."""
-    if s.mode in (Mode.HANDING_OVER, Mode.TAKING_OVER, Mode.CLAIMING):
+    if s.mode in (Mode.HANDING_OVER, Mode.SWITCHING, Mode.CLAIMING):
         return True
     return failover_possible(s, t, now) and not serving(s, t, now)
 
 
-# ALUA target port group states (proto/nbd-extensions.md).
-ALUA_ACTIVE_OPTIMIZED = 0
-ALUA_ACTIVE_NON_OPTIMIZED = 1
-ALUA_UNAVAILABLE = 3
-ALUA_TRANSITIONING = 15
+def peer_in_sync(s: RoleState) -> bool:
+    """Primary: the peer holds every write this array acknowledged (what its reports tell the
+    witness: the peer may then be given the group)."""
+    if s.role is not Role.PRIMARY or s.failsafe:
+        return False
+    return s.mode in (Mode.ATTACHED, Mode.HANDING_OVER) or (s.mode is Mode.DISK_FAILED and s.disk_peer_in_sync)
 
 
-def alua(s: RoleState, t: Timing, now: float, proximity: str = "all") -> int:
-    """active/optimized when the host is proximal to this array's role (or 'all') and the array
-    serves; active/non-optimized when it serves but is not proximal; transitioning during a role
-    change; unavailable when it may not serve."""
-    if transitioning(s, t, now):
+def path_state(*, serving: bool, role: Role, proximity: str = "all", transitioning: bool = False) -> int:
+    """The ALUA state of one (host, volume) path: active/optimized when the host is proximal to
+    this array's role (or 'all') and the array serves; active/non-optimized when it serves but is
+    not proximal; transitioning during a role change; unavailable when it may not serve."""
+    if transitioning:
         return ALUA_TRANSITIONING
-    if not serving(s, t, now):
+    if not serving:
         return ALUA_UNAVAILABLE
-    if proximity in ("all", s.role.value):
+    if proximity in ("all", role.value):
         return ALUA_ACTIVE_OPTIMIZED
     return ALUA_ACTIVE_NON_OPTIMIZED
 
 
-def next_timer(s: RoleState, t: Timing) -> float:
-    """The earliest time at which a ``Tick`` can change something (inf: none pending)."""
-    due = [math.inf]
+def alua(s: RoleState, t: Timing, now: float, proximity: str = "all") -> int:
+    return path_state(serving=serving(s, t, now), role=s.role, proximity=proximity,
+                      transitioning=transitioning(s, t, now))
+
+
+def next_timer(s: RoleState, t: Timing, now: float) -> float:
+    """The earliest time after ``now`` at which a ``Tick`` can change something or the derived
+    state (serving, ALUA) changes by itself; inf when nothing is pending. Deadlines already
+    passed are not counted: the ``Tick`` at ``now`` has seen them."""
+    due: list[float] = []
     if s.role is Role.PRIMARY:
         if s.mode in (Mode.STARTING, Mode.FENCING):
             due.append(s.lease_deadline)
@@ -530,17 +557,20 @@ def next_timer(s: RoleState, t: Timing) -> float:
             due.append(s.next_witness_retry)
         if s.mode in (Mode.FENCING, Mode.DECIDING) and t.witness is not None:
             due.append(s.witness_until)  # reads stop being served then
+        if _may_recover(s) and s.auto_recover:
+            due.append(s.recover_after)
     else:
-        if s.mode is Mode.TAKING_OVER:
+        if s.mode is Mode.SWITCHING:
             due.append(s.transition_until)
-        if s.mode is Mode.FOLLOWING and s.started:
+        if s.mode is Mode.FOLLOWING and s.started and not s.leaving:
             if s.link_up and s.lease_asked is None:
                 due.append(s.next_renewal)
             due.append(s.lease_until)  # serving stops; a claim may be due
             if not s.link_up and t.witness is not None:
                 due.append(s.next_witness_retry)
-    finite = [d for d in due if d > NEVER]
-    return min(finite) if finite else math.inf
+                due.append(s.witness_heard + t.witness.reachable_for())  # ALUA may change then
+    later = [d for d in due if d > now]
+    return min(later) if later else math.inf
 
 
 # -- helpers used by the rows ------------------------------------------------------------------
@@ -564,36 +594,44 @@ def _lose_peer(s: RoleState, t: Timing, now: float, reason: str, reset: bool = T
     return s2, acts
 
 
-def _go_alone(s: RoleState, why: str, note: str) -> Result:
+def _go_alone(s: RoleState, now: float, why: str, note: str) -> Result:
     s2 = replace(s, mode=Mode.DETACHED, alone=True, confirmed=True, failsafe=False,
                  witness_asking=None, last_refusal="")
     acts: list[Action] = [FenceOver()]
     if s.failsafe:
         acts.append(_note(f"failsafe left: {why}"))
     acts += [NewGeneration("going on without the peer"), Persist(), _note(note)]
-    return _maybe_recover(s2, acts)
+    return _maybe_recover(s2, acts, now)
 
 
-def _not_alone(s: RoleState, why: str) -> Result:
+def _not_alone(s: RoleState, now: float, why: str) -> Result:
     """The fence is over but this primary may not go on alone."""
     s2 = replace(s, mode=Mode.DETACHED, alone=False, witness_asking=None)
     if s.link_up:
         # The peer is reachable again: no failsafe, but no writing alone either until it
         # mirrors again (resync) or demotes this array.
-        return _maybe_recover(s2, [FenceOver(), _note(f"not going on alone ({why}); waiting for the peer to resync")])
+        return _maybe_recover(s2, [FenceOver(), _note(f"not going on alone ({why}); waiting for the peer to resync")],
+                              now)
     s2 = replace(s2, failsafe=True, fence_reason=why)
     return s2, [FenceOver(), _note(f"FAILSAFE: {why}"), Persist()]
 
 
 def _may_recover(s: RoleState) -> bool:
-    return (s.role is Role.PRIMARY and s.started and s.link_up and s.confirmed
+    return (s.role is Role.PRIMARY and s.started and s.link_up and s.confirmed and s.peer_follows
             and s.mode is Mode.DETACHED and not s.recovering and not s.split_brain
             and not s.peer_failed)
 
 
-def _maybe_recover(s: RoleState, acts: list[Action], operator: bool = False) -> Result:
-    if _may_recover(s) and (operator or s.auto_recover):
-        s = replace(s, mode=Mode.SYNCING, peer_ready=False, alone=False, recovering=True)
+RECOVER_SPACING = 1.0  # s between the starts of two resyncs: a peer that keeps failing is not hammered
+
+
+def _maybe_recover(s: RoleState, acts: list[Action], now: float, operator: bool = False) -> Result:
+    """Start mirroring to the returned peer and copying what it lacks, if the state allows and
+    (unless the operator asks) the policy wants it and the last attempt is not too recent (a
+    ``Tick`` tries again then)."""
+    if _may_recover(s) and (operator or (s.auto_recover and now >= s.recover_after)):
+        s = replace(s, mode=Mode.SYNCING, peer_ready=False, alone=False, recovering=True,
+                    recover_after=now + RECOVER_SPACING)
         acts = acts + [_note("peer back; resynchronizing"), StartResync()]
     return s, acts
 
@@ -604,7 +642,7 @@ def _check_epoch(s: RoleState, epoch: int, what: str, strictly: bool) -> None:
                         f"{s.me} and epochs never go back")
 
 
-def _promote(s: RoleState, epoch: int, msg: str) -> Result:
+def _promote(s: RoleState, now: float, epoch: int, msg: str) -> Result:
     _check_epoch(s, epoch, "taking the group over", strictly=True)
     s2 = replace(s, role=Role.PRIMARY, epoch=epoch, failsafe=False, witness_behind=False,
                  mode=Mode.DETACHED, alone=True, confirmed=True, peer_ready=False, recovering=False,
@@ -612,7 +650,7 @@ def _promote(s: RoleState, epoch: int, msg: str) -> Result:
                  claim_refused="", last_refusal="")
     acts: list[Action] = [BecamePrimary(), _note(msg), NewGeneration(f"took the group over at epoch {epoch}"),
                           Persist()]
-    return _maybe_recover(s2, acts)
+    return _maybe_recover(s2, acts, now)
 
 
 def _demote(s: RoleState, epoch: int, why: str) -> Result:
@@ -621,7 +659,8 @@ def _demote(s: RoleState, epoch: int, why: str) -> Result:
                  mode=Mode.DISK_FAILED if s.mode is Mode.DISK_FAILED else Mode.FOLLOWING, alone=False, confirmed=False, peer_ready=False,
                  recovering=False, lease_until=NEVER, lease_asked=None, next_renewal=NEVER,
                  witness_asking=None, claim_refused="", last_refusal="")
-    return s2, [BecameSecondary(), _note(f"{why}: now secondary"), Persist()]
+    acts: list[Action] = [FenceOver()] if s.role is Role.PRIMARY else []  # forwarded holds go
+    return s2, acts + [BecameSecondary(), _note(f"{why}: now secondary"), Persist()]
 
 
 def _refusal(s: RoleState, reason: str, prefix: str) -> tuple[RoleState, list[Action]]:
@@ -650,10 +689,12 @@ def _tick(s: RoleState, t: Timing, e: Event) -> Result:
         if s.mode in (Mode.STARTING, Mode.FENCING) and now >= s.lease_deadline:
             # Every lease this array (or its previous run) granted has expired.
             if t.witness is None:
-                return _go_alone(s, "no witness: this array goes on alone",
+                return _go_alone(s, now, "no witness: this array goes on alone",
                                  "peer fenced off; going on alone, tracking written regions")
             s = replace(s, mode=Mode.DECIDING, witness_asking=WitnessAsk.KEEP)
             return s, [AskWitness(WitnessAsk.KEEP)]
+        if _may_recover(s) and s.auto_recover and now >= s.recover_after:
+            return _maybe_recover(s, [], now)
         if _wants_keep_retry(s, t) and witness_reachable(s, t, now) and now >= s.next_witness_retry:
             assert t.witness is not None
             s = replace(s, witness_asking=WitnessAsk.KEEP, next_witness_retry=now + t.witness.interval)
@@ -663,12 +704,12 @@ def _tick(s: RoleState, t: Timing, e: Event) -> Result:
             s = replace(s, witness_asking=WitnessAsk.RESOLVE, next_witness_retry=now + t.witness.interval)
             return s, [AskWitness(WitnessAsk.RESOLVE)]
         return s, acts
-    if s.mode is Mode.TAKING_OVER and now >= s.transition_until:
+    if s.mode is Mode.SWITCHING and now >= s.transition_until:
         return replace(s, mode=Mode.FOLLOWING), [_note("transition over: switchover not completed in time")]
     if s.mode is not Mode.FOLLOWING or not s.started:
         return s, acts
     if s.link_up:
-        if s.lease_asked is None and now >= s.next_renewal:
+        if s.lease_asked is None and now >= s.next_renewal and not s.leaving:
             s = replace(s, lease_asked=now)
             acts.append(RequestLease(t.lease_request_timeout()))
         return s, acts
@@ -684,7 +725,7 @@ def _tick(s: RoleState, t: Timing, e: Event) -> Result:
 
 def _link_up(s: RoleState, t: Timing, e: Event) -> Result:
     assert isinstance(e, LinkUp)
-    s = replace(s, link_up=True, claim_refused="", peer_failed=False)
+    s = replace(s, link_up=True, claim_refused="", peer_follows=False)
     if s.role is Role.SECONDARY:
         s = replace(s, next_renewal=e.now, lease_asked=None)
     return s, []
@@ -692,7 +733,7 @@ def _link_up(s: RoleState, t: Timing, e: Event) -> Result:
 
 def _link_down(s: RoleState, t: Timing, e: Event) -> Result:
     assert isinstance(e, LinkDown)
-    s = replace(s, link_up=False, lease_asked=None)
+    s = replace(s, link_up=False, lease_asked=None, peer_follows=False)
     if s.role is Role.PRIMARY and s.mode in MIRRORING:
         return _lose_peer(s, t, e.now, "replication link down", reset=False)
     return s, []
@@ -714,14 +755,14 @@ def _peer_state(s: RoleState, t: Timing, e: Event) -> Result:
             acts: list[Action] = []
             if not s.confirmed:
                 acts.append(_note(f"{s.peer_name} confirms this array as primary at epoch {s.epoch}"))
-            s = replace(s, confirmed=True)
+            s = replace(s, confirmed=True, peer_failed=e.disk_failed, peer_follows=True)
             if s.mode is Mode.STARTING:
                 # Restarted and the peer is here: mirror at once (the peer's old lease does not
                 # matter once it gets every write); if no resync may start, the fence runs on.
                 if _may_recover(replace(s, mode=Mode.DETACHED)) and s.auto_recover:
-                    return _maybe_recover(replace(s, mode=Mode.DETACHED), acts)
+                    return _maybe_recover(replace(s, mode=Mode.DETACHED), acts, e.now)
                 return s, acts
-            return _maybe_recover(s, acts)
+            return _maybe_recover(s, acts, e.now)
         if e.role is Role.PRIMARY and e.epoch == s.epoch:
             return s, [_note(f"{s.peer_name} also claims to be primary at epoch {e.epoch}: roles conflict; "
                              "this array serves nothing it has not confirmed")]
@@ -768,18 +809,24 @@ def _lease_failed(s: RoleState, t: Timing, e: Event) -> Result:
     return replace(s, lease_asked=None, next_renewal=e.now + t.renew_every()), []
 
 
+def _lease_stale(s: RoleState, t: Timing, e: Event) -> Result:
+    return replace(s, lease_asked=None), []
+
+
 def _witness_report(s: RoleState, t: Timing, e: Event) -> Result:
-    assert isinstance(e, WitnessReport) and t.witness is not None
+    assert isinstance(e, WitnessReport)
+    if t.witness is None:
+        return s, []  # the witness was removed while this report was under way
     s = replace(s, witness_heard=e.now)
     if e.owner == s.me and e.epoch == s.epoch and s.role is Role.PRIMARY:
         # The witness owes this array its group until owner_lease after it received this report
         # (sent before it was received).
         return replace(s, witness_until=max(s.witness_until, e.sent + t.witness.owner_lease)), []
-    if e.epoch > s.epoch and e.owner != s.me and s.mode is not Mode.HANDING_OVER:
-        # (While handing over, the witness already names the peer: the switchover decides.)
-        if s.role is Role.PRIMARY:
-            return _demote(s, e.epoch, f"the witness gave the group to {e.owner} at epoch {e.epoch}")
-        return replace(s, epoch=e.epoch, confirmed=False, lease_until=NEVER), [Persist()]
+    if s.role is Role.PRIMARY and e.epoch > s.epoch and e.owner != s.me and s.mode is not Mode.HANDING_OVER:
+        # The witness gave the group away (this array was cut off, or restarted after it had
+        # been replaced): never serve at an epoch it moved past. (While handing over, the
+        # witness already names the peer: the switchover decides.)
+        return _demote(s, e.epoch, f"the witness gave the group to {e.owner} at epoch {e.epoch}")
     return s, []
 
 
@@ -791,13 +838,16 @@ def _witness_answer(s: RoleState, t: Timing, e: Event) -> Result:
     if e.granted is not None:
         s = replace(s, witness_heard=e.now)
     mine = e.granted is True and e.owner == s.me
+    if e.ask is WitnessAsk.KEEP and e.granted is False and e.epoch > s.epoch and e.owner != s.me:
+        # The witness gave the group away meanwhile: never serve at an epoch it moved past.
+        return _demote(s, e.epoch, f"the witness gave the group to {e.owner} at epoch {e.epoch}")
     if e.ask is WitnessAsk.KEEP:
         if s.mode is Mode.DECIDING:
             if mine and e.epoch == s.epoch:
-                return _go_alone(s, "witness agreed", "peer fenced off; going on alone, tracking written "
+                return _go_alone(s, e.now, "witness agreed", "peer fenced off; going on alone, tracking written "
                                  "regions (witness agreed)")
             if e.granted is None and s.witness_lost_first:
-                return _go_alone(s, "witness was lost before the peer: pre-elected primary goes on",
+                return _go_alone(s, e.now, "witness was lost before the peer: pre-elected primary goes on",
                                  "peer fenced off; going on alone, tracking written regions (the witness was "
                                  "lost before the peer: pre-elected primary goes on)")
             if e.granted is None:
@@ -805,17 +855,17 @@ def _witness_answer(s: RoleState, t: Timing, e: Event) -> Result:
                        "serves nothing until the witness or the peer answers")
             else:
                 why = f"witness: {e.reason}"
-            return _not_alone(s, why)
+            return _not_alone(s, e.now, why)
         # failsafe retry: only a positive decision lets this array out
         if mine and e.epoch == s.epoch and s.failsafe and not s.link_up:
-            return _go_alone(s, "witness agreed", "going on alone, tracking written regions")
+            return _go_alone(s, e.now, "witness agreed", "going on alone, tracking written regions")
         if e.granted is False:
             return _refusal(s, f"witness: {e.reason}", "still in failsafe")
         return s, []
     if e.ask is WitnessAsk.CLAIM:
         s = replace(s, mode=Mode.FOLLOWING)
         if mine and e.granted:
-            return _promote(s, e.epoch, f"failover: now primary at epoch {e.epoch}")
+            return _promote(s, e.now, e.epoch, f"failover: now primary at epoch {e.epoch}")
         if e.granted is False:
             s, acts = _refusal(s, e.reason, "failover refused by the witness")
             if not may_grant_later(e.reason):
@@ -847,7 +897,7 @@ def _resync_done(s: RoleState, t: Timing, e: Event) -> Result:
 def _resync_ended(s: RoleState, t: Timing, e: Event) -> Result:
     s = replace(s, recovering=False)
     # The peer may have been lost and fenced off while the resync was winding down: go again.
-    return _maybe_recover(s, [])
+    return _maybe_recover(s, [], e.now)
 
 
 def _need_sync(s: RoleState, t: Timing, e: Event) -> Result:
@@ -858,11 +908,11 @@ def _need_sync(s: RoleState, t: Timing, e: Event) -> Result:
         return replace(s, recovering=True), [StartResync()]
     if s.mode is Mode.SYNCING:
         return s, []
-    return _maybe_recover(s, [])
+    return _maybe_recover(s, [], e.now)
 
 
 def _recover(s: RoleState, t: Timing, e: Event) -> Result:
-    return _maybe_recover(s, [], operator=True)
+    return _maybe_recover(s, [], e.now, operator=True)
 
 
 def _started(s: RoleState, t: Timing, e: Event) -> Result:
@@ -871,7 +921,7 @@ def _started(s: RoleState, t: Timing, e: Event) -> Result:
     s = replace(s, started=True)
     if s.role is Role.SECONDARY:
         return replace(s, next_renewal=e.now), [Persist()]
-    return _maybe_recover(s, [Persist()], operator=True)
+    return _maybe_recover(s, [Persist()], e.now, operator=True)
 
 
 def _stopped(s: RoleState, t: Timing, e: Event) -> Result:
@@ -889,7 +939,11 @@ def _stopped(s: RoleState, t: Timing, e: Event) -> Result:
 def _policies(s: RoleState, t: Timing, e: Event) -> Result:
     assert isinstance(e, Policies)
     s = replace(s, auto_failover=e.auto_failover, auto_recover=e.auto_recover)
-    return _maybe_recover(s, []) if s.role is Role.PRIMARY else (s, [])
+    return _maybe_recover(s, [], e.now) if s.role is Role.PRIMARY else (s, [])
+
+
+def _shutting_down(s: RoleState, t: Timing, e: Event) -> Result:
+    return replace(s, leaving=True, lease_until=NEVER), [_note("shutting down: serving nothing more")]
 
 
 def _peer_leaving(s: RoleState, t: Timing, e: Event) -> Result:
@@ -911,7 +965,8 @@ def _disk_failed(s: RoleState, t: Timing, e: Event) -> Result:
     assert isinstance(e, DiskFailed)
     s2 = replace(s, mode=Mode.DISK_FAILED, alone=False, peer_ready=False, recovering=False,
                  witness_asking=None)
-    return s2, [_note(f"BACKING DEVICE FAILURE: {e.reason}; group stops on this array"), DiskFailure()]
+    in_sync = s.role is Role.PRIMARY and s.mode is Mode.ATTACHED and s.link_up
+    return s2, [_note(f"BACKING DEVICE FAILURE: {e.reason}; group stops on this array"), DiskFailure(in_sync)]
 
 
 def _handed_over(s: RoleState, t: Timing, e: Event) -> Result:
@@ -920,9 +975,11 @@ def _handed_over(s: RoleState, t: Timing, e: Event) -> Result:
     if e.in_sync:
         # Planned switchover between identical replicas: the new secondary may serve at once
         # (the new primary starts with a granted lease, see _peer_commit).
-        s2 = replace(s, role=Role.SECONDARY, epoch=e.epoch, failsafe=False, mode=Mode.FOLLOWING,
+        # Host I/O keeps waiting (SWITCHING) until the peer confirmed it is primary.
+        s2 = replace(s, role=Role.SECONDARY, epoch=e.epoch, failsafe=False, mode=Mode.SWITCHING,
                      alone=False, confirmed=True, peer_ready=False, lease_until=e.now + t.lease,
-                     lease_asked=None, next_renewal=e.now + t.renew_every(), witness_asking=None)
+                     lease_asked=None, next_renewal=e.now + t.renew_every(), witness_asking=None,
+                     transition_until=e.now + 2 * t.transition_timeout)
         return s2, [SwappedInSync(), _note(f"switchover: now secondary at epoch {e.epoch}"), Persist()]
     s2 = replace(s, role=Role.SECONDARY, epoch=e.epoch, failsafe=False, alone=False, confirmed=False,
                  peer_ready=False, lease_until=NEVER, lease_asked=None, witness_asking=None)
@@ -936,8 +993,9 @@ def _switchover_begin(s: RoleState, t: Timing, e: Event) -> Result:
 
 
 def _switchover_end(s: RoleState, t: Timing, e: Event) -> Result:
-    if s.role is Role.PRIMARY and s.mode is Mode.HANDING_OVER:
-        return replace(s, mode=Mode.ATTACHED), [_note("transition over: switchover")]
+    if s.mode in (Mode.HANDING_OVER, Mode.SWITCHING):
+        mode = Mode.ATTACHED if s.role is Role.PRIMARY else Mode.FOLLOWING
+        return replace(s, mode=mode), [_note("transition over: switchover")]
     return s, []
 
 
@@ -945,7 +1003,7 @@ def _peer_prepare(s: RoleState, t: Timing, e: Event) -> Result:
     assert isinstance(e, PeerSwitchoverPrepare)
     if e.epoch != s.epoch:
         raise RoleError(f"cannot switch over from epoch {e.epoch}: the group is at epoch {s.epoch}")
-    return (replace(s, mode=Mode.TAKING_OVER, transition_until=e.now + 2 * t.transition_timeout),
+    return (replace(s, mode=Mode.SWITCHING, transition_until=e.now + 2 * t.transition_timeout),
             [_note(f"transitioning: switchover from {s.peer_name}")])
 
 
@@ -964,7 +1022,7 @@ def _peer_commit(s: RoleState, t: Timing, e: Event) -> Result:
 
 
 def _peer_abort(s: RoleState, t: Timing, e: Event) -> Result:
-    if s.mode is Mode.TAKING_OVER:
+    if s.mode is Mode.SWITCHING:
         return replace(s, mode=Mode.FOLLOWING), [_note("transition over: switchover aborted by the primary")]
     return s, []
 
@@ -975,14 +1033,14 @@ def _peer_takeover(s: RoleState, t: Timing, e: Event) -> Result:
         if s.epoch >= e.epoch:
             return s, []
         raise RoleError(f"takeover at epoch {e.epoch} refused: this array is primary at epoch {s.epoch}")
-    s, acts = _promote(replace(s, mode=Mode.FOLLOWING), e.epoch,
-                       f"took over at epoch {e.epoch}: {s.peer_name}'s backing device failed")
-    return replace(s, peer_failed=True), acts
+    # The old primary's disk failed: no resync until it says it is back (state exchange).
+    return _promote(replace(s, mode=Mode.FOLLOWING, peer_failed=True), e.now, e.epoch,
+                    f"took over at epoch {e.epoch}: {s.peer_name}'s backing device failed")
 
 
 def _operator_promote(s: RoleState, t: Timing, e: Event) -> Result:
     assert isinstance(e, Promote)
-    s, acts = _promote(replace(s, mode=Mode.FOLLOWING), e.epoch, e.why)
+    s, acts = _promote(replace(s, mode=Mode.FOLLOWING), e.now, e.epoch, e.why)
     if e.witness_behind:
         s = replace(s, witness_behind=True)
     return s, acts
@@ -995,7 +1053,7 @@ def _override(s: RoleState, t: Timing, e: Event) -> Result:
     s2 = replace(s, failsafe=False, alone=True, confirmed=True, mode=Mode.DETACHED, witness_asking=None)
     acts: list[Action] = [NewGeneration("failsafe overridden: writing without the peer"), Persist(),
                           _note(f"failsafe overridden ({e.why})")]
-    return _maybe_recover(s2, acts)
+    return _maybe_recover(s2, acts, e.now)
 
 
 def _split_brain(s: RoleState, t: Timing, e: Event) -> Result:
@@ -1019,7 +1077,8 @@ def _resolved(s: RoleState, t: Timing, e: Event) -> Result:
             raise RoleError("this array is not primary: it cannot be the surviving side")
         # A new epoch above both sides' (each served alone at its own): one primary per epoch.
         epoch = max(s.epoch, e.epoch) + 1
-        return (replace(s, split_brain=False, epoch=epoch, witness_behind=t.witness is not None),
+        # The discarded side says when it has taken the new epoch (resync_me): no resync before.
+        return (replace(s, split_brain=False, epoch=epoch, witness_behind=t.witness is not None, peer_follows=False),
                 [Persist()])
     _check_epoch(s, e.epoch, "adopting the survivor's epoch", strictly=False)
     return replace(s, epoch=e.epoch), [Persist()]
@@ -1034,7 +1093,7 @@ def _ignore(s: RoleState, t: Timing, e: Event) -> Result:
 P, S = Role.PRIMARY, Role.SECONDARY
 ALL_P = frozenset({Mode.STARTING, Mode.FENCING, Mode.DECIDING, Mode.DETACHED, Mode.SYNCING,
                    Mode.ATTACHED, Mode.HANDING_OVER, Mode.DISK_FAILED})
-ALL_S = frozenset({Mode.FOLLOWING, Mode.CLAIMING, Mode.TAKING_OVER, Mode.DISK_FAILED})
+ALL_S = frozenset({Mode.FOLLOWING, Mode.CLAIMING, Mode.SWITCHING, Mode.DISK_FAILED})
 UP_P = ALL_P - {Mode.DISK_FAILED}
 UP_S = ALL_S - {Mode.DISK_FAILED}
 
@@ -1062,8 +1121,8 @@ TABLE_ROWS: tuple[Row, ...] = (
     Row(P, ALL_P, LeaseRequested, _lease_requested, "granted only while mirroring to a ready peer"),
     Row(S, ALL_S, LeaseReply, _lease_reply, "a grant confirms this secondary"),
     Row(S, ALL_S, LeaseFailed, _lease_failed),
-    Row(P, ALL_P, LeaseReply, _lease_failed, "a reply from before this array became primary"),
-    Row(P, ALL_P, LeaseFailed, _lease_failed),
+    Row(P, ALL_P, LeaseReply, _lease_stale, "a reply from before this array became primary"),
+    Row(P, ALL_P, LeaseFailed, _lease_stale),
     # the witness
     Row(P, ALL_P, WitnessReport, _witness_report, "the witness owes us the group; or it moved on"),
     Row(S, ALL_S, WitnessReport, _witness_report),
@@ -1082,18 +1141,19 @@ TABLE_ROWS: tuple[Row, ...] = (
     Row(P, UP_P, Started, _started), Row(S, UP_S, Started, _started),
     Row(P, ALL_P, Stopped, _stopped), Row(S, ALL_S, Stopped, _stopped),
     Row(P, ALL_P, Policies, _policies), Row(S, ALL_S, Policies, _policies),
+    Row(S, ALL_S, ShuttingDown, _shutting_down), Row(P, ALL_P, ShuttingDown, _ignore),
     Row(P, ALL_P, PeerLeaving, _peer_leaving),
     Row(P, ALL_P, PeerDiskFailed, _peer_disk_failed),
     Row(P, UP_P, DiskFailed, _disk_failed), Row(S, UP_S, DiskFailed, _disk_failed),
     Row(P, frozenset({Mode.ATTACHED}), SwitchoverBegin, _switchover_begin),
-    Row(P, ALL_P, SwitchoverEnd, _switchover_end), Row(S, ALL_S, SwitchoverEnd, _ignore),
+    Row(P, ALL_P, SwitchoverEnd, _switchover_end), Row(S, ALL_S, SwitchoverEnd, _switchover_end),
     Row(P, frozenset({Mode.HANDING_OVER}), HandedOver, _handed_over, "planned switchover"),
     Row(P, frozenset({Mode.DISK_FAILED}), HandedOver, _handed_over, "the disk failed"),
     Row(S, frozenset({Mode.FOLLOWING}), PeerSwitchoverPrepare, _peer_prepare),
-    Row(S, frozenset({Mode.FOLLOWING, Mode.TAKING_OVER}), PeerSwitchoverCommit, _peer_commit),
+    Row(S, frozenset({Mode.FOLLOWING, Mode.SWITCHING}), PeerSwitchoverCommit, _peer_commit),
     Row(P, UP_P, PeerSwitchoverCommit, _peer_commit, "a retried commit"),
     Row(S, ALL_S, PeerSwitchoverAbort, _peer_abort), Row(P, ALL_P, PeerSwitchoverAbort, _ignore),
-    Row(S, frozenset({Mode.FOLLOWING, Mode.TAKING_OVER}), PeerTakeover, _peer_takeover),
+    Row(S, frozenset({Mode.FOLLOWING, Mode.SWITCHING}), PeerTakeover, _peer_takeover),
     Row(P, UP_P, PeerTakeover, _peer_takeover, "a retried takeover"),
     Row(S, frozenset({Mode.FOLLOWING, Mode.CLAIMING}), Promote, _operator_promote,
         "failover or override by the operator"),
@@ -1140,6 +1200,17 @@ class GroupRoles:
                        fence_reason="node start" if role is Role.PRIMARY else "")
         return cls(st, timing)
 
+    @classmethod
+    def created(cls, *, me: str, peer: str, role: Role, epoch: int, auto_failover: bool, auto_recover: bool,
+                timing: Timing, link_up: bool) -> "GroupRoles":
+        """A group created now, both arrays agreeing on who is primary (the peer accepted it over
+        the link): confirmed. Its primary serves alone until the group is started and synced."""
+        primary = role is Role.PRIMARY
+        st = RoleState(me=me, peer_name=peer, role=role, epoch=epoch, auto_failover=auto_failover,
+                       auto_recover=auto_recover, mode=Mode.DETACHED if primary else Mode.FOLLOWING,
+                       confirmed=primary, alone=primary, link_up=link_up)
+        return cls(st, timing)
+
     @property
     def state(self) -> RoleState:
         return self._state
@@ -1171,5 +1242,5 @@ class GroupRoles:
     def alua(self, now: float, proximity: str = "all") -> int:
         return alua(self._state, self.timing, now, proximity)
 
-    def next_timer(self) -> float:
-        return next_timer(self._state, self.timing)
+    def next_timer(self, now: float) -> float:
+        return next_timer(self._state, self.timing, now)

@@ -64,6 +64,10 @@ class GroupState:
     gen: str = ""
     gen_history: list = field(default_factory=list)  # earlier generations, oldest first
     split_brain: str = ""  # set when both sides wrote apart: nothing resyncs until resolved
+    # The peer may hold data of generation ``gen`` (it adopted it, or it is where the group
+    # started): going on alone must then start a new one. A generation the peer never took can
+    # go on (the peer is behind it either way), so a flapping link does not pile up generations.
+    gen_shared: bool = True
     # This array owns an epoch the operator made without the witness (override while it was
     # unreachable, split-brain resolution): to be reported to the witness (RESOLVE).
     witness_behind: bool = False

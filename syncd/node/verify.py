@@ -19,10 +19,11 @@ import trio
 
 from ..repl.link import LinkDown, LinkTimeout
 from .resync import VERIFY_BATCH, ResyncFailed, region_digests
+from .roles import Mode
 
 if TYPE_CHECKING:
-    from .group import Group, Member
     from .daemon import Node
+    from .group import Group, Member
 
 
 class VerifyError(Exception):
@@ -43,13 +44,11 @@ def _runs(regions: list[int], region: int, size: int) -> list[list[int]]:
 
 
 async def verify_member(node: "Node", g: "Group", m: "Member", fix: bool = False) -> dict:
-    from .group import ATTACHED
-
     def check_attached() -> None:
         if g.role != "primary":
             raise VerifyError(f"checkrcopyvv: group {g.name} is no longer primary here; run it on {g.st.peer}")
-        if g.peer_mode != ATTACHED:
-            raise VerifyError(f"checkrcopyvv: group {g.name} is not in sync ({g.peer_mode}): verify compares "
+        if g.mode is not Mode.ATTACHED:
+            raise VerifyError(f"checkrcopyvv: group {g.name} is not in sync ({g.mode.value}): verify compares "
                               "in-sync replicas; wait for the resync to finish")
 
     check_attached()
@@ -73,7 +72,7 @@ async def verify_member(node: "Node", g: "Group", m: "Member", fix: bool = False
                 m.lock.release(tok)
             differ += [r0 + i for i, (a, b) in enumerate(zip(local, remote)) if a != b]
             took = trio.current_time() - step
-            if trio.current_time() - g.last_host_io < 0.5 and share < 1:
+            if trio.current_time() - g.io.last_host_io < 0.5 and share < 1:
                 await trio.sleep(took * (1 - share) / share)
     except (LinkDown, LinkTimeout, ResyncFailed) as e:
         raise VerifyError(f"checkrcopyvv {m.st.local}: interrupted: {e}") from None

@@ -320,11 +320,13 @@ class Link:
         if not self.up:
             self.up_since = None
             self.dial_session = secrets.randbits(63) | 1
-            for pend in list(self._pending.values()):
+            # The owner hears of it first: requests failing now see the link down already.
+            self.on_down()
+            pending = list(self._pending.values())
+            self._pending.clear()
+            for pend in pending:
                 pend.error = LinkDown("replication link down")
                 pend.finish()
-            self._pending.clear()
-            self.on_down()
             return
         for pend in orphans:  # re-send on another path; the receiver drops duplicates
             if not pend.done():

@@ -29,10 +29,11 @@ class WitnessUnreachable(Exception):
 
 
 class WitnessClient:
-    def __init__(self, cfg: WitnessClientConfig, node_name: str, groups_fn):
+    def __init__(self, cfg: WitnessClientConfig, node_name: str, groups_fn, on_report=None):
         self.cfg = cfg
         self.node = node_name
         self.groups_fn = groups_fn  # -> list of (name, members, owner, epoch, flags)
+        self.on_report = on_report  # (group, sent, owner, epoch): the witness's record, per report
         self.sock = None
         self.dec = w.WDecoder()
         self.lock = trio.Lock()
@@ -70,7 +71,9 @@ class WitnessClient:
                             await self.request(w.WType.REGISTER, group=name, member1=members[0],
                                                member2=members[1], owner=owner, epoch=epoch)
                             self.registered.add(name)
-                        await self.request(w.WType.REPORT, group=name, epoch=epoch, flags=flags)
+                        f = await self.request(w.WType.REPORT, group=name, epoch=epoch, flags=flags)
+                        if f.type == w.WType.DECISION and self.on_report is not None:
+                            self.on_report(name, self.last_ok_sent, f.owner, f.epoch)
                     await trio.sleep(self.cfg.interval)
             except (OSError, w.WitnessProtocolError, WitnessUnreachable, trio.TooSlowError, EOFError) as e:
                 self.last_error = str(e) or type(e).__name__
@@ -142,12 +145,14 @@ class WitnessClient:
             return f
 
     async def decide(self, t: w.WType, group: str, epoch: int):
-        """A DECISION frame, or None when the witness cannot be asked."""
+        """(DECISION frame, or None when the witness cannot be asked; when the request was sent)."""
+        sent = trio.current_time()
         try:
             f = await self.request(t, group=group, epoch=epoch)
         except WitnessUnreachable:
-            return None
+            return None, sent
+        sent = self.last_ok_sent if self.last_ok_sent is not None else sent
         if f.type != w.WType.DECISION:
             log.warning("witness: %s %s: %s", t.name, group, getattr(f, "reason", f.type.name))
-            return None
-        return f
+            return None, sent
+        return f, sent

@@ -9,7 +9,16 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 import xxhash
-from construct import Bytes, Flag, Int8ub, Int16ub, Int32ub, Int64ub, PascalString, Struct
+from construct import (
+    Bytes,
+    Flag,
+    Int8ub,
+    Int16ub,
+    Int32ub,
+    Int64ub,
+    PascalString,
+    Struct,
+)
 
 MAGIC = 0x53594E57
 MAX_PAYLOAD = 65536

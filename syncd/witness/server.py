@@ -16,7 +16,17 @@ from .. import netio
 from ..config import ConfigError, check_name, load_toml, parse_addr
 from ..files import atomic_write, lock_dir
 from . import proto as w
-from .decide import Decision, GroupRecord, Timing, WitnessError, claim, handover, keep, report, resolve
+from .decide import (
+    Decision,
+    GroupRecord,
+    Timing,
+    WitnessError,
+    claim,
+    handover,
+    keep,
+    report,
+    resolve,
+)
 
 log = logging.getLogger("syncd.witness")
 FORMAT_VERSION = 1

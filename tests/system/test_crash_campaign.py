@@ -18,7 +18,15 @@ import pytest
 import trio
 
 from syncd.ctl import call
-from syncd.lab.rig import lab_down, lab_fail, lab_heal, lab_kill, lab_start, lab_up, load_lab
+from syncd.lab.rig import (
+    lab_down,
+    lab_fail,
+    lab_heal,
+    lab_kill,
+    lab_start,
+    lab_up,
+    load_lab,
+)
 from syncd.lab.workload import History, check_file, run_writer
 
 from .rig import FAST_LINK, assert_replicas_identical

@@ -11,8 +11,8 @@ import trio
 
 from syncd.config import ConfigError
 from syncd.host import host_status, load_host_config
-from syncd.lab.rig import lab_down, lab_kill, lab_start, lab_up
 from syncd.lab.relay import proxy_command
+from syncd.lab.rig import lab_down, lab_kill, lab_start, lab_up
 from syncd.lab.workload import History, check_file, run_writer
 
 from .rig import FAST_LINK, assert_replicas_identical, require_tool, run

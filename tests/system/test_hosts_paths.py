@@ -13,7 +13,8 @@ import sys
 import pytest
 import trio
 
-from syncd.ctl import CtlError, main as syncctl
+from syncd.ctl import CtlError
+from syncd.ctl import main as syncctl
 from syncd.nbd.client import NBDDisconnected, NBDError, open_nbd
 
 from .rig import require_tool, run

@@ -103,8 +103,9 @@ def test_initial_sync_sends_only_the_regions_that_differ(tmp_path):
 
 
 def test_round_trip_above_the_synchronous_limit_is_warned(tmp_path):
-    from syncd.lab.relay import proxy_command
     import time
+
+    from syncd.lab.relay import proxy_command
 
     d = tmp_path / "lab"
     lab = lab_up(str(d), size="4MiB", nvolumes=1, npaths=1, link_opts=dict(FAST_LINK, max_rtt_ms=5), timeout=60)
@@ -130,8 +131,9 @@ def test_round_trip_above_the_synchronous_limit_is_warned(tmp_path):
 
 def test_link_with_a_wrong_key_never_comes_up(tmp_path):
     """Paths authenticate with the shared key: a node with another key is refused."""
-    from syncd.lab.rig import lab_kill, lab_start
     import time
+
+    from syncd.lab.rig import lab_kill, lab_start
 
     d = tmp_path / "lab"
     lab = lab_up(str(d), size="4MiB", nvolumes=1, npaths=1,

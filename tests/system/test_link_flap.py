@@ -18,11 +18,17 @@ import time
 import pytest
 import trio
 
-from syncd.lab.rig import _alive, lab_down, load_lab
 from syncd.lab.relay import proxy_command
+from syncd.lab.rig import _alive, lab_down, load_lab
 from syncd.lab.workload import History
 
-from .test_crash_campaign import assert_hosts_writes_on_both_replicas, in_sync, showrcopy, start_hot_writers, uniform_lab
+from .test_crash_campaign import (
+    assert_hosts_writes_on_both_replicas,
+    in_sync,
+    showrcopy,
+    start_hot_writers,
+    uniform_lab,
+)
 
 pytestmark = pytest.mark.system
 

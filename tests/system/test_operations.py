@@ -9,8 +9,8 @@ import pytest
 import trio
 
 from syncd.ctl import CtlError
-from syncd.lab.rig import lab_kill, lab_start
 from syncd.lab.relay import proxy_command
+from syncd.lab.rig import lab_kill, lab_start
 from syncd.lab.workload import History, check_file, run_writer
 
 from .rig import assert_replicas_identical
@@ -141,7 +141,7 @@ def test_manual_failover_through_the_witness_then_recover(wlab):
     assert_replicas_identical(lab, "vv1")
 
 
-def test_override_of_failsafe_is_refused_while_the_witness_gave_the_group_away(wlab):
+def test_an_isolated_primary_steps_down_once_the_witness_says_it_gave_the_group_away(wlab):
     lab = wlab
     wait_for(lambda: group(lab, "A")["alua"] == "active/optimized", what="ready")
     time.sleep(1.0)  # A's reports have told the witness that B is in sync
@@ -149,12 +149,21 @@ def test_override_of_failsafe_is_refused_while_the_witness_gave_the_group_away(w
     proxy_command(lab["link"]["control"], "cut", paths=[0, 1, lab["link"]["witness_relay"]])
     wait_for(lambda: group(lab, "B")["role"] == "primary", timeout=20, what="B takes over")
     wait_for(lambda: group(lab, "A")["status"] == "failsafe", timeout=20, what="A failsafe")
-    # A reaches the witness again (only the replication link stays cut).
+    # A reaches the witness again (only the replication link stays cut): the witness's record says
+    # B owns epoch 2, so A becomes B's secondary at epoch 2 and serves nothing; an override that
+    # would make it primary again is refused.
     proxy_command(lab["link"]["control"], "heal", paths=[lab["link"]["witness_relay"]])
-    time.sleep(1.5)
-    with pytest.raises(CtlError, match="says B owns rcg1 at epoch 2"):
+    wait_for(lambda: group(lab, "A")["role"] == "secondary", timeout=10, what="A steps down")
+    ga = group(lab, "A")
+    assert ga["epoch"] == 2 and not ga["serving"] and ga["alua"] == "unavailable"
+    assert any("the witness gave the group to B at epoch 2" in e["msg"] for e in ga["events"])
+    with pytest.raises(CtlError, match="witness is reachable"):
         ctl(lab, "A", "setrcopygroup", action="override", group="rcg1")
-    assert group(lab, "A")["status"] == "failsafe"
+    assert group(lab, "A")["role"] == "secondary"
+    # The link returns: A is resynced from B, nothing was lost.
+    proxy_command(lab["link"]["control"], "heal", paths=[0, 1])
+    wait_for(lambda: group(lab, "B")["peer_mode"] == "attached", timeout=30, what="A resynced from B")
+    assert_replicas_identical(lab, "vv1")
 
 
 def test_setrcopytarget_witness_remove_create_check_and_failover_still_works(wlab):

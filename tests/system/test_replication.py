@@ -12,8 +12,8 @@ import trio
 
 from syncd.ctl import CtlError
 from syncd.lab.relay import proxy_command
-from syncd.nbd.client import NBDError, open_nbd
 from syncd.lab.workload import History, check_file, pattern, run_writer
+from syncd.nbd.client import NBDError, open_nbd
 
 from .rig import assert_replicas_identical, require_tool, run
 

@@ -12,8 +12,8 @@ import pytest
 import trio
 
 from syncd.ctl import call
-from syncd.lab.rig import lab_down, lab_kill, lab_start, lab_up, load_lab
 from syncd.lab.relay import proxy_command
+from syncd.lab.rig import lab_down, lab_kill, lab_start, lab_up, load_lab
 from syncd.nbd.client import open_nbd
 
 from .rig import FAST_LINK, assert_replicas_identical

@@ -11,8 +11,8 @@ import pytest
 import trio
 
 from syncd.ctl import CtlError, call
-from syncd.lab.rig import lab_down, lab_up
 from syncd.lab.relay import proxy_command
+from syncd.lab.rig import lab_down, lab_up
 from syncd.nbd.client import open_nbd
 
 from .rig import FAST_LINK, assert_replicas_identical

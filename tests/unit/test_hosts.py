@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from syncd.node.hosts import HostError, HostTable, check_new_host, check_target
 from syncd.nbd.export import ClientIdentity
+from syncd.node.hosts import HostError, HostTable, check_new_host, check_target
 from syncd.node.state import NodeState, VlunState
 
 

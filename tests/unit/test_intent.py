@@ -77,7 +77,8 @@ def test_a_log_of_a_newer_format_is_refused_and_left_alone(tmp_path):
 
 
 def test_set_bits_finds_every_bit_below_the_limit():
-    from hypothesis import given, strategies as st
+    from hypothesis import given
+    from hypothesis import strategies as st
 
     from syncd.node.intent import set_bits
 

@@ -100,3 +100,23 @@ def test_no_daemon_imports_the_lab():
     bad = {n: sorted(d for d in deps if d == "syncd.lab" or d.startswith("syncd.lab."))
            for n, deps in graph.items() if not n.startswith(tooling)}
     assert not {n: d for n, d in bad.items() if d}, bad
+
+
+def test_only_the_group_shell_writes_the_role_fields():
+    """A group's persisted role, epoch, started, failsafe and witness_behind are assigned in one
+    place (Group.command, copying the role machine's state); nothing else assigns them."""
+    fields = {"role", "epoch", "started", "failsafe", "witness_behind"}
+    writers = []
+    for path in ROOT.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                targets = node.targets if isinstance(node, ast.Assign) else \
+                    [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+                for t in targets:
+                    if (isinstance(t, ast.Attribute) and t.attr in fields and isinstance(t.value, ast.Attribute)
+                            and t.value.attr == "st"):
+                        writers.append(f"{_module_name(path)}.{fn.name}:{node.lineno}")
+    assert writers and all(w.startswith("syncd.node.group.command:") for w in writers), writers

@@ -11,9 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from syncd.nbd import proto as p
-from syncd.nbd.export import FileExport, StaticCatalog
+from syncd.nbd.export import ClientIdentity, FileExport, StaticCatalog
 from syncd.nbd.server import NBDServer
-from syncd.nbd.export import ClientIdentity
 
 
 def test_hot_path_structs_equal_construct_declarations():

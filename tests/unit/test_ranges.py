@@ -36,3 +36,41 @@ def test_bitmap_tracks_regions():
     assert b.count == 11
     c = Bitmap(10 * 65536 + 1, 65536, bytes(b.bits))
     assert c.count == 11
+
+
+async def test_overlapping_waiters_are_granted_in_arrival_order():
+    """A hot block cannot starve a waiter: whoever asked first for an overlapping range goes
+    first, even when the later one could squeeze in between."""
+    lock = RangeLock()
+    order = []
+    first = await lock.acquire(0, 4096)
+
+    async def writer(name, start, length):
+        tok = await lock.acquire(start, length)
+        order.append(name)
+        await trio.sleep(0.01)
+        lock.release(tok)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(writer, "w1", 0, 8192)  # waits for `first`
+        await trio.sleep(0.01)
+        n.start_soon(writer, "w2", 4096, 4096)  # free of `first`, but w1 asked first for it
+        await trio.sleep(0.01)
+        assert lock.try_acquire(4096, 512) is None  # nor may a fast path jump the queue
+        lock.release(first)
+    assert order == ["w1", "w2"]
+    assert lock.held() == 0
+
+
+async def test_readers_share_a_range_and_wait_for_a_writer():
+    lock = RangeLock()
+    r1 = await lock.acquire(0, 4096, shared=True)
+    r2 = lock.try_acquire(0, 4096, shared=True)
+    assert r2 is not None and lock.try_acquire(0, 4096) is None
+    assert lock.busy(0, 4096) is False  # only readers: an inline read may run
+    lock.release(r1)
+    lock.release(r2)
+    w = await lock.acquire(0, 4096)
+    assert lock.busy(2048, 10) and lock.try_acquire(0, 10, shared=True) is None
+    lock.release(w)
+    assert not lock.busy(0, 4096)

@@ -9,7 +9,14 @@ from hypothesis import strategies as st
 
 from syncd.repl import proto
 from syncd.repl.proto import (
-    HEADER, ChecksumError, Frame, FrameDecoder, MsgType, ProtocolError, encode, encode_bytes,
+    HEADER,
+    ChecksumError,
+    Frame,
+    FrameDecoder,
+    MsgType,
+    ProtocolError,
+    encode,
+    encode_bytes,
 )
 
 from .repl_vectors import DIR, VECTORS

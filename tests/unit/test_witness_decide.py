@@ -5,7 +5,15 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from syncd.witness.decide import GroupRecord, Timing, claim, handover, keep, report, resolve
+from syncd.witness.decide import (
+    GroupRecord,
+    Timing,
+    claim,
+    handover,
+    keep,
+    report,
+    resolve,
+)
 
 T = Timing(owner_lease=3.0, drift=0.05, margin=0.5, grace=4.5)
 

@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from syncd.witness.proto import HEADER, WDecoder, WitnessProtocolError, encode, _HDR
+from syncd.witness.proto import _HDR, HEADER, WDecoder, WitnessProtocolError, encode
 
 from .witness_vectors import DIR, VECTORS
 

@@ -1,0 +1,682 @@
+"""The host data path of one replication group, at both ends of the link.
+
+Host side: reads and writes from hosts at this array (mirroring at the primary, forwarding at
+the secondary). Peer side: what the peer sends (mirrored writes applied at the secondary,
+forwarded writes ordered and applied at the primary, RELEASE, reads of regions not yet in sync).
+
+Ordering rule: the primary orders every write of a group. A write is applied under a range lock
+held until both replicas applied it (for a write forwarded by the secondary, until the secondary
+sends RELEASE), so overlapping writes land in the same order on both disks.
+
+Read rule: a read never runs while a write to its range is being applied on this array (range
+lock, shared), so it returns each block as some single write left it.
+
+Staleness rule: whether this array may serve, and whether a primary may acknowledge a write its
+peer does not get, is the role machine's answer (``roles.serving``, ``RoleState.alone``): the
+secondary serves under a lease; a primary going on alone waits until every lease it granted has
+expired. A read is returned only if the array still served when it completed.
+
+Host-facing errors. ESHUTDOWN means "this array cannot complete the request: use another path":
+an array not (or no longer) serving, in failsafe, or with a failed backing device. A write
+answered so was either never applied by a serving replica or ordered there before anything a
+host sends afterwards (replication paths are reset when they go down, so no frame arrives late;
+see proto/nbd-extensions.md), so a multipath host may re-issue it elsewhere at once. EIO stays
+for errors of the request; EAGAIN (NBD ENOMEM: retry) for a role change that did not end in time.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+import trio
+
+from ..nbd.export import BlockError
+from ..repl.link import LinkDown, LinkTimeout
+from ..repl.proto import Frame, Status
+from .roles import FENCED_OFF, Mode
+from .volume import Volume
+
+if TYPE_CHECKING:
+    from .group import Group, Member
+
+WRITE, ZEROES, TRIM = "write", "zeroes", "trim"
+# Replies to a forwarded write meaning "not applied: I do not (or no longer) own the group":
+# the forwarding secondary waits to be given the group, else answers the host ESHUTDOWN.
+NOT_OWNER = (Status.NOT_SERVING, Status.NOT_PRIMARY, Status.STALE_EPOCH)
+
+Done = Callable[[int, str], None]
+
+
+async def apply_local(vol: Volume, kind: str, offset: int, length: int, data: Any, fua: bool,
+                      no_hole: bool) -> None:
+    """Apply one write-type op to the local disk (raises OSError)."""
+    vol.check_range(offset, length)
+    if kind == WRITE:
+        if fua or vol.direct:
+            await vol.write(offset, data, fua)
+        else:
+            vol.write_sync(offset, data)
+    elif kind == ZEROES:
+        await vol.zero(offset, length, no_hole, fua)
+    else:
+        await vol.trim(offset, length, fua)
+
+
+def _runs_inline(vol: Volume, kind: str, fua: bool) -> bool:
+    """A write that completes on the event loop (no worker thread): reads cannot see it half
+    applied, so it needs no range lock at the secondary."""
+    return kind == WRITE and not fua and not vol.direct
+
+
+class DataPath:
+    def __init__(self, group: "Group") -> None:
+        self.g = group
+        # Forwarded writes applied here, held until the secondary's RELEASE:
+        # req_id -> (member, lock token, offset, length, when acknowledged)
+        self.forwarded: dict[int, tuple["Member", int, int, int, float]] = {}
+        self.last_host_io = 0.0
+        self.disk_error = ""  # a backing device of this group failed here: serve nothing
+        # Secondary: requests forwarded to the primary and not answered yet (a switchover waits
+        # for them to drain).
+        self.forwarding = 0
+        self._drained = trio.lowlevel.ParkingLot()
+        # Primary: forwarded writes waiting for their range here -> given up by the secondary
+        self._waiting: dict[int, bool] = {}
+
+    # -- errors ---------------------------------------------------------------------------------
+    def local_error(self, e: OSError) -> BlockError:
+        """The host's answer to a local I/O error. Once a backing device failed, this array
+        serves nothing of the group: ESHUTDOWN (path unavailable) sends the host's multipath to
+        the peer, which has every acknowledged write; other errors keep their errno."""
+        g = self.g
+        if self.disk_error:
+            return BlockError(errno.ESHUTDOWN, f"group {g.name}: backing device failed on this array "
+                              f"({self.disk_error}); use a path to the peer")
+        return BlockError(e.errno or errno.EIO, str(e))
+
+    def local_io_error(self, m: "Member", e: OSError) -> None:
+        """A backing device of this group failed (the seed's "RAID set or metadata failure"):
+        this array stops serving the group (ALUA unavailable); a primary hands the group to its
+        in-sync peer, a secondary tells the primary to go on without it."""
+        from .roles import DiskFailed
+
+        g = self.g
+        if self.disk_error:
+            return
+        self.disk_error = f"{m.st.local} on {m.vol.path}: {e.strerror or e}"
+        m.st.suspect = True  # persisted: the peer is told on reconnect to compare every region
+        try:
+            g.node.save()
+        except OSError as se:
+            g.note(f"cannot record the failed device: {se}")
+        g.handle(DiskFailed(trio.current_time(), self.disk_error))
+
+    def _check_serving(self) -> None:
+        g = self.g
+        if not g.may_serve():
+            why = ("in failsafe" if g.state.failsafe else "not confirmed since it started" if not g.state.confirmed
+                   else "secondary without lease" if g.role == "secondary" else f"{g.mode.value}")
+            raise BlockError(errno.ESHUTDOWN, f"group {g.name} is not serving on this array ({why})")
+
+    # -- waiting for the control state -------------------------------------------------------
+    async def _ride_transition(self) -> None:
+        """Host I/O that arrives while roles change waits for the change (no error for the host)
+        up to ``transition_timeout``; then it fails with EAGAIN (NBD ENOMEM: retry). A secondary
+        whose primary vanished and that is asking the witness for the group holds host I/O the
+        same way: granted, it serves as primary; refused, the I/O fails (ESHUTDOWN)."""
+        g = self.g
+        if not g.transitioning():
+            return
+        deadline = trio.current_time() + g.node.cfg.link.transition_timeout
+        while g.transitioning() and trio.current_time() < deadline:
+            await g.wait_change(deadline)
+        if g.mode in (Mode.HANDING_OVER, Mode.SWITCHING):
+            raise BlockError(errno.EAGAIN, f"group {g.name} is transitioning (role change)")
+
+    async def _fence_over(self) -> None:
+        """Primary: wait while the peer is being fenced off (its lease running out, the witness
+        being asked)."""
+        g = self.g
+        while g.role == "primary" and g.mode in FENCED_OFF:
+            await g.wait_change(trio.current_time() + 3600)
+
+    async def _became_primary(self) -> bool:
+        """A forwarded write was refused NOT_SERVING or lost with the link: the primary may be
+        handing the group to us, or we may be about to claim it. Wait for that, up to the
+        transition timeout or our lease's end."""
+        g = self.g
+        deadline = trio.current_time() + g.node.cfg.link.transition_timeout
+        while trio.current_time() < deadline:
+            if g.role == "primary":
+                return True
+            if self.disk_error:
+                return False
+            if (trio.current_time() > g.state.lease_until and g.mode is not Mode.CLAIMING
+                    and not g.failover_possible()):
+                return False
+            await g.wait_change(deadline)
+        return g.role == "primary"
+
+    def _forward_done(self) -> None:
+        self.forwarding -= 1
+        if not self.forwarding:
+            self._drained.unpark_all()
+
+    async def drain_forwarded(self, timeout: float) -> bool:
+        """Secondary: wait until no request it forwarded to the primary is unanswered."""
+        with trio.move_on_after(timeout):
+            while self.forwarding:
+                await self._drained.park()
+            return True
+        return False
+
+    # -- host reads ------------------------------------------------------------------------------
+    async def host_read(self, m: "Member", offset: int, length: int) -> Any:
+        g = self.g
+        await self._ride_transition()
+        self._check_serving()
+        m.stats["reads"] += 1
+        m.stats["bytes_read"] += length
+        if g.role == "secondary" and m.oos.any_in(offset, length):
+            link = g.node.link
+            try:
+                reply = await link.request(Frame.read(link.next_id(), g.st.gid, g.epoch, m.vol_id, offset, length))
+            except (LinkDown, LinkTimeout) as e:
+                raise BlockError(errno.ESHUTDOWN, f"read of out-of-sync region failed: {e}") from None
+            if reply.status != Status.OK:
+                raise BlockError(errno.EIO, f"primary refused read: {reply.status}")
+            data = reply.payload
+        else:
+            tok = await m.lock.acquire(offset, length, shared=True)
+            try:
+                data = await m.vol.read(offset, length) if m.vol.direct else m.vol.read_sync(offset, length)
+            except OSError as e:
+                raise self.local_error(e) from None
+            finally:
+                m.lock.release(tok)
+        # A read is returned only if this array still served when it completed: a primary going
+        # on alone waits for the lease to expire, so no write it acknowledged alone is older.
+        self._check_serving()
+        return data
+
+    def fast_read(self, m: "Member", offset: int, length: int) -> Any:
+        """The data, or None to take the task path (a role change, a region not in sync here,
+        a write being applied to the range)."""
+        g = self.g
+        if m.vol.direct or g.transitioning() or m.lock.busy(offset, length) or (
+            g.role == "secondary" and m.oos.count and m.oos.any_in(offset, length)
+        ):
+            return None
+        self._check_serving()
+        m.stats["reads"] += 1
+        m.stats["bytes_read"] += length
+        try:
+            return m.vol.read_sync(offset, length)
+        except OSError as e:
+            raise self.local_error(e) from None
+
+    # -- host writes -----------------------------------------------------------------------------
+    async def host_write(self, m: "Member", kind: str, offset: int, length: int, data: Any, fua: bool,
+                         no_hole: bool = False) -> None:
+        g = self.g
+        await self._ride_transition()
+        self._check_serving()
+        self.last_host_io = trio.current_time()
+        m.stats["writes"] += 1
+        m.stats["bytes_written"] += length
+        if g.role == "primary":
+            await self._write_at_primary(m, kind, offset, length, data, fua, no_hole)
+        else:
+            await self._write_at_secondary(m, kind, offset, length, data, fua, no_hole)
+
+    # Fast paths, completed by callbacks with no task per request. They take the common case only
+    # (buffered, non-FUA, no lock conflict, mirroring in steady state) and return False for
+    # anything else, which the caller then runs as a task through host_write. ``done(err, msg)``
+    # is called exactly once, err 0 on success.
+
+    def fast_write(self, m: "Member", offset: int, data: Any, done: Done) -> bool:
+        g = self.g
+        if m.vol.direct or g.transitioning() or not g.may_serve() or not m.intent.ready(offset, len(data)):
+            return False
+        link = g.node.link
+        if g.role == "primary":
+            if not (g.mirroring and link.up):
+                return False
+            tok = m.lock.try_acquire(offset, len(data))
+            if tok is None:
+                return False
+            try:
+                m.vol.check_range(offset, len(data))
+                m.vol.write_sync(offset, data)
+            except OSError as e:
+                m.lock.release(tok)
+                err = self.local_error(e)
+                done(err.errno, str(err))
+                return True
+            self._count_write(m, len(data))
+            frame = Frame.write(link.next_id(), g.st.gid, g.epoch, m.vol_id, offset, data)
+            link.start(frame, cb=lambda pend: self._mirrored(pend, m, tok, offset, len(data), done))
+            return True
+        if not link.up:
+            return False
+        self._count_write(m, len(data))
+        m.stats["forwarded"] += 1
+        frame = Frame.write(link.next_id(), g.st.gid, g.epoch, m.vol_id, offset, data, forwarded=True)
+        self.forwarding += 1
+        link.start(frame, cb=lambda pend: self._granted(pend, m, offset, data, done))
+        return True
+
+    def _count_write(self, m: "Member", n: int) -> None:
+        self.last_host_io = trio.current_time()
+        m.stats["writes"] += 1
+        m.stats["bytes_written"] += n
+
+    def _mirrored(self, pend: Any, m: "Member", tok: int, offset: int, length: int, done: Done) -> None:
+        if pend.reply is not None and pend.reply.status == Status.OK:
+            m.lock.release(tok)
+            done(0, "")
+            return
+        reason = str(pend.error) if pend.error else f"peer refused a write ({pend.reply.status})"
+        # Marked before anything else can happen: a resync that starts once the peer is back
+        # must count this region among those the peer lacks.
+        m.dirty.set_range(offset, length)
+
+        async def fence_then_ack() -> None:
+            # The local write is done; it is acknowledged only once the peer is fenced off (the
+            # range stays locked until then).
+            try:
+                await self._after_mirror_failure(reason)
+            except BlockError as e:
+                m.lock.release(tok)
+                done(e.errno, str(e))
+                return
+            m.lock.release(tok)
+            done(0, "")
+
+        self.g.node.spawn(fence_then_ack)
+
+    def _granted(self, pend: Any, m: "Member", offset: int, data: Any, done: Done) -> None:
+        g = self.g
+        self._forward_done()
+        reply = pend.reply
+        if reply is None and not g.failover_possible():
+            done(errno.ESHUTDOWN, f"write not acknowledged by the primary: {pend.error}")
+            return
+        if reply is None or reply.status in NOT_OWNER:
+            # The primary is handing the group over or is gone: the write is redone here if
+            # this array gets the group (the old primary is then resynced from this one).
+
+            async def redo() -> None:
+                if not await self._became_primary():
+                    done(errno.ESHUTDOWN, "the primary did not take the write and this array did not get the group")
+                    return
+                try:
+                    await self._write_at_primary(m, WRITE, offset, len(data), data, False, False)
+                except BlockError as e:
+                    done(e.errno, str(e))
+                    return
+                done(0, "")
+
+            g.node.spawn(redo)
+            return
+        if reply.status == Status.BUSY:
+            done(errno.EAGAIN, "the primary could not order the write in time; not applied: retry")
+            return
+        if reply.status != Status.OK:
+            done(errno.EIO, f"primary refused the write ({reply.status})")
+            return
+        status = 0
+        try:
+            m.vol.write_sync(offset, data)
+        except OSError as e:
+            status = e.errno or errno.EIO
+            err = self.local_error(e)
+        g.node.link.send(Frame.release(pend.frame.req_id, g.st.gid, g.epoch, status))
+        if status:
+            done(err.errno, f"local write failed after the primary applied it: {err}")
+        else:
+            done(0, "")
+
+    def _frame(self, m: "Member", kind: str, req_id: int, offset: int, length: int, data: Any, fua: bool,
+               no_hole: bool, forwarded: bool = False) -> Frame:
+        g = self.g
+        gid, e, v = g.st.gid, g.epoch, m.vol_id
+        if kind == WRITE:
+            return Frame.write(req_id, gid, e, v, offset, data, fua=fua, forwarded=forwarded)
+        if kind == ZEROES:
+            return Frame.zeroes(req_id, gid, e, v, offset, length, fua=fua, no_hole=no_hole, forwarded=forwarded)
+        return Frame.trim(req_id, gid, e, v, offset, length, fua=fua, forwarded=forwarded)
+
+    async def _write_at_primary(self, m: "Member", kind: str, offset: int, length: int, data: Any, fua: bool,
+                                no_hole: bool) -> None:
+        g = self.g
+        await m.intent.mark(offset, length)
+        tok = await m.lock.acquire(offset, length)
+        m.intent.touch(offset, length)
+        try:
+            await self._fence_over()
+            self._check_serving()
+            if g.role != "primary":
+                raise BlockError(errno.ESHUTDOWN, f"group {g.name}: this array is no longer primary")
+            if g.mirroring:
+                link = g.node.link
+                pend = link.start(self._frame(m, kind, link.next_id(), offset, length, data, fua, no_hole))
+                try:
+                    await apply_local(m.vol, kind, offset, length, data, fua, no_hole)
+                except OSError as e:
+                    m.dirty.set_range(offset, length)
+                    await self._mirror_result(pend, m, offset, length)
+                    raise self.local_error(e) from None
+                await self._mirror_result(pend, m, offset, length)
+            else:
+                if not g.state.alone:
+                    raise BlockError(errno.ESHUTDOWN, f"group {g.name}: peer not mirroring and this array "
+                                     "may not go on alone (the witness has not agreed)")
+                # Mark before writing: a resync that starts meanwhile must see this region.
+                m.dirty.set_range(offset, length)
+                try:
+                    await apply_local(m.vol, kind, offset, length, data, fua, no_hole)
+                except OSError as e:
+                    raise self.local_error(e) from None
+        finally:
+            m.lock.release(tok)
+
+    async def _mirror_result(self, pend: Any, m: "Member | None" = None, offset: int = 0, length: int = 0) -> None:
+        """Return when the peer applied the op, or once it was fenced off instead and this array
+        may go on alone (the op's region, if any, is then marked for resync: at once, so a
+        resync that starts when the peer is back counts it); raise ESHUTDOWN when it may not."""
+        g = self.g
+        try:
+            reply = await g.node.link.wait(pend)
+            if reply.status == Status.OK:
+                return
+            name = Status(reply.status).name if reply.status in Status._value2member_map_ else reply.status
+            reason = f"peer refused a write: {name}"
+        except (LinkDown, LinkTimeout) as e:
+            reason = str(e)
+        if m is not None:
+            m.dirty.set_range(offset, length)
+        await self._after_mirror_failure(reason)
+
+    async def _after_mirror_failure(self, reason: str) -> None:
+        """The peer did not apply a write this array applied: fence it off; return when this
+        array may acknowledge the write alone, raise ESHUTDOWN when it may not (failsafe,
+        demoted, the witness did not agree)."""
+        g = self.g
+        g.lose_peer(reason)
+        await self._fence_over()
+        s = g.state
+        if s.role.value != "primary" or s.failsafe or not (s.alone or g.mirroring):
+            why = "failsafe" if s.failsafe else "no longer primary" if s.role.value != "primary" else \
+                "may not go on alone"
+            raise BlockError(errno.ESHUTDOWN, f"group {g.name}: the peer did not apply the write and this "
+                             f"array {why} ({s.fence_reason})")
+
+    async def _write_at_secondary(self, m: "Member", kind: str, offset: int, length: int, data: Any, fua: bool,
+                                  no_hole: bool) -> None:
+        g = self.g
+        await m.intent.mark(offset, length)  # applied here too, once the primary has it
+        link = g.node.link
+        req_id = link.next_id()
+        m.stats["forwarded"] += 1
+        self.forwarding += 1
+        try:
+            reply = await link.request(self._frame(m, kind, req_id, offset, length, data, fua, no_hole, forwarded=True))
+        except (LinkDown, LinkTimeout) as e:
+            self._forward_done()
+            # The primary may have applied it and be holding the range for our RELEASE: say we
+            # did not apply it (it marks the range dirty and fences us off, so the replicas
+            # cannot differ unseen). Lost with the link, the primary's own bound does the same.
+            link.send(Frame.release(req_id, g.st.gid, g.epoch, errno.ETIMEDOUT))
+            if await self._became_primary():
+                await self._write_at_primary(m, kind, offset, length, data, fua, no_hole)
+                return
+            raise BlockError(errno.ESHUTDOWN, f"write not acknowledged by the primary: {e}") from None
+        self._forward_done()
+        if reply.status in NOT_OWNER:
+            if await self._became_primary():
+                await self._write_at_primary(m, kind, offset, length, data, fua, no_hole)
+                return
+            raise BlockError(errno.ESHUTDOWN, f"primary refused the write ({reply.status}) and this array did not get the group")
+        if reply.status == Status.BUSY:
+            raise BlockError(errno.EAGAIN, "the primary could not order the write in time; not applied: retry")
+        if reply.status != Status.OK:
+            raise BlockError(errno.EIO, f"primary refused the write ({reply.status})")
+        status = 0
+        tok = None if _runs_inline(m.vol, kind, fua) else await m.lock.acquire(offset, length)
+        try:
+            await apply_local(m.vol, kind, offset, length, data, fua, no_hole)
+        except OSError as e:
+            status = e.errno or errno.EIO
+            raise self.local_error(e) from None
+        finally:
+            if tok is not None:
+                m.lock.release(tok)
+            # The primary holds the range until this arrives, so nothing overlapping can be
+            # ordered in between on either replica.
+            link.send(Frame.release(req_id, g.st.gid, g.epoch, status))
+
+    async def host_flush(self, m: "Member") -> None:
+        g = self.g
+        await self._ride_transition()
+        self._check_serving()
+        try:
+            await m.vol.flush()
+        except OSError as e:
+            raise self.local_error(e) from None
+        if g.role == "primary" and not g.mirroring:
+            return
+        link = g.node.link
+        pend = link.start(Frame.flush(link.next_id(), g.st.gid, g.epoch, m.vol_id))
+        if g.role == "primary":
+            await self._mirror_result(pend)
+            return
+        self.forwarding += 1
+        try:
+            reply = await link.wait(pend)
+        except (LinkDown, LinkTimeout) as e:
+            raise BlockError(errno.ESHUTDOWN, f"flush not confirmed by the primary: {e}") from None
+        finally:
+            self._forward_done()
+        if reply.status in NOT_OWNER:
+            raise BlockError(errno.ESHUTDOWN, f"the primary did not take the flush ({reply.status}): group changing hands")
+        if reply.status != Status.OK:
+            raise BlockError(errno.EIO, f"primary flush failed ({reply.status})")
+
+    # -- peer side: the primary ----------------------------------------------------------------
+    def _may_take_forwarded(self) -> bool:
+        g = self.g
+        s = g.state
+        return s.started and g.mirroring and s.peer_ready and not self.disk_error
+
+    async def handle_forwarded(self, link: Any, path: Any, f: Frame, m: "Member", kind: str) -> None:
+        """Primary side of a write that arrived at the secondary. It is applied only while the
+        secondary still waits for it: within half its io_timeout of arriving here and before a
+        RELEASE that gives it up; else the answer is BUSY (not applied), so a write the
+        secondary already failed to its host (which may have re-issued it, and written newer
+        data since) can never land late over newer acknowledged data."""
+        if not self._may_take_forwarded():
+            link.reply(path, f.req_id, Status.NOT_SERVING)
+            return
+        arrived = trio.current_time()
+        self.last_host_io = arrived
+        self._waiting[f.req_id] = False
+        try:
+            await m.intent.mark(f.offset, f.length)
+            tok = await m.lock.acquire(f.offset, f.length)
+        finally:
+            given_up = self._waiting.pop(f.req_id)
+        m.intent.touch(f.offset, f.length)
+        if not self._may_take_forwarded():
+            m.lock.release(tok)
+            link.reply(path, f.req_id, Status.NOT_SERVING)
+            return
+        if given_up or trio.current_time() - arrived > self.g.node.cfg.link.io_timeout / 2:
+            m.lock.release(tok)
+            link.reply(path, f.req_id, Status.BUSY)
+            return
+        try:
+            await apply_local(m.vol, kind, f.offset, f.length, f.payload, f.fua, f.no_hole)
+        except OSError as e:
+            m.lock.release(tok)
+            # Our disk failed: NOT_SERVING tells the secondary to wait for the group instead.
+            link.reply(path, f.req_id, Status.NOT_SERVING if self.disk_error else (e.errno or errno.EIO))
+            return
+        self.forwarded[f.req_id] = (m, tok, f.offset, f.length, trio.current_time())
+        link.reply(path, f.req_id, Status.OK)
+
+    def forwarded_fast(self, link: Any, path: Any, f: Frame, m: "Member") -> bool:
+        """handle_forwarded for a plain buffered write whose range is free: inline, no task."""
+        if m.vol.direct or not self._may_take_forwarded() or not m.intent.ready(f.offset, f.length):
+            return False
+        tok = m.lock.try_acquire(f.offset, f.length)
+        if tok is None:
+            return False
+        self.last_host_io = trio.current_time()
+        try:
+            m.vol.check_range(f.offset, len(f.payload))
+            m.vol.write_sync(f.offset, f.payload)
+        except OSError as e:
+            m.lock.release(tok)
+            link.reply(path, f.req_id, Status.NOT_SERVING if self.disk_error else (e.errno or errno.EIO))
+            return True
+        self.forwarded[f.req_id] = (m, tok, f.offset, f.length, trio.current_time())
+        link.reply(path, f.req_id, Status.OK)
+        return True
+
+    def expire_forwarded(self, bound: float) -> None:
+        """A forwarded write this array applied and acknowledged holds its range until the
+        secondary says it applied it too (RELEASE). When that word has not come within
+        ``bound`` (the secondary gave up on the request, or its RELEASE went with a dying
+        path), the replicas may differ there: the range is marked dirty and the peer fenced
+        off (it must not serve that range stale); fencing releases the range."""
+        now = trio.current_time()
+        late = [(m, off, ln) for m, _, off, ln, t in self.forwarded.values() if now - t > bound]
+        if not late or not self.g.mirroring:
+            return
+        for m, off, ln in late:
+            m.dirty.set_range(off, ln)
+        self.g.lose_peer(f"the peer did not confirm {len(late)} forwarded write(s) within {bound:.1f}s")
+
+    def handle_release(self, f: Frame) -> None:
+        entry = self.forwarded.pop(f.req_id, None)
+        if entry is None:
+            if f.req_id in self._waiting:  # the secondary gave it up before we got to it
+                self._waiting[f.req_id] = True
+            return
+        m, tok, off, ln, _ = entry
+        if f.release_status():
+            # The secondary could not apply what we applied: the replicas differ there.
+            m.dirty.set_range(off, ln)
+            self.g.lose_peer(f"peer failed to apply a write ({f.release_status()})")
+        m.lock.release(tok)
+
+    def fence_over(self) -> None:
+        """The peer is fenced off: forwarded writes it never released may differ there; their
+        ranges are marked for resync and released."""
+        for m, tok, off, ln, _ in self.forwarded.values():
+            m.dirty.set_range(off, ln)
+            m.lock.release(tok)
+        self.forwarded.clear()
+
+    # -- peer side: the secondary ----------------------------------------------------------------
+    def mirrored_fast(self, link: Any, path: Any, f: Frame, m: "Member") -> bool:
+        """A mirrored plain write, applied inline in arrival order: no task per request."""
+        if m.vol.direct or f.fua or not m.intent.ready(f.offset, len(f.payload)):
+            return False
+        try:
+            m.vol.check_range(f.offset, len(f.payload))
+            m.vol.write_sync(f.offset, f.payload)
+        except OSError as e:
+            link.reply(path, f.req_id, e.errno or errno.EIO)
+            return True
+        if f.resync:
+            self.resynced(m, f.offset, len(f.payload))
+        link.reply(path, f.req_id, Status.OK)
+        return True
+
+    async def apply_mirrored(self, link: Any, path: Any, f: Frame, m: "Member", kind: str) -> None:
+        data = f.payload if kind == WRITE else None
+        length = len(f.payload) if kind == WRITE else f.length
+        try:
+            await m.intent.mark(f.offset, length)
+            tok = None if _runs_inline(m.vol, kind, f.fua) else await m.lock.acquire(f.offset, length)
+            try:
+                await apply_local(m.vol, kind, f.offset, length, data, f.fua, f.no_hole)
+            finally:
+                if tok is not None:
+                    m.lock.release(tok)
+        except OSError as e:
+            link.reply(path, f.req_id, e.errno or errno.EIO)
+            return
+        if f.resync:
+            self.resynced(m, f.offset, length)
+        link.reply(path, f.req_id, Status.OK)
+
+    def resync_begin(self, f: Frame, m: "Member") -> int:
+        """The primary says which regions this replica lacks: reads of them are forwarded."""
+        if self.disk_error:
+            return Status.NOT_SERVING
+        region, bits = f.resync_bitmap()
+        if region != m.oos.region or len(bits) != len(m.oos.bits):
+            return Status.EINVAL
+        m.oos.bits[:] = bits
+        m.oos.count = sum(bin(b).count("1") for b in bits)
+        return Status.OK
+
+    def resync_end(self, f: Frame, m: "Member") -> None:
+        self.resynced(m, f.offset, f.length)
+        if not m.oos.count:
+            m.st.synced_once = True
+            m.st.last_sync = time.time()
+            if m.st.suspect:
+                m.st.suspect = False
+                self.g.node.save_soon()
+
+    def resynced(self, m: "Member", offset: int, length: int) -> None:
+        region = m.oos.region
+        first = -(-offset // region)
+        last = (offset + length) // region  # exclusive: only fully covered regions
+        if offset + length >= m.vol.size:
+            last = m.oos.nregions
+        for r in range(first, last):
+            m.oos.clear(r)
+        if not m.oos.count:
+            m.st.last_sync = time.time()
+            m.st.synced_once = True
+
+    # -- peer side: both -------------------------------------------------------------------------
+    async def handle_flush(self, link: Any, path: Any, f: Frame) -> None:
+        g = self.g
+        vols = list(g.members.values()) if f.vol == 0xFFFFFFFF else [g.by_id[f.vol]] if f.vol in g.by_id else []
+        try:
+            for m in vols:
+                await m.vol.flush()
+        except OSError as e:
+            link.reply(path, f.req_id, e.errno or errno.EIO)
+            return
+        link.reply(path, f.req_id, Status.OK)
+
+    async def handle_read(self, link: Any, path: Any, f: Frame, m: "Member") -> None:
+        try:
+            m.vol.check_range(f.offset, f.length)
+            tok = await m.lock.acquire(f.offset, f.length, shared=True)
+            try:
+                data = await m.vol.read(f.offset, f.length)
+            finally:
+                m.lock.release(tok)
+        except OSError as e:
+            link.reply(path, f.req_id, e.errno or errno.EIO)
+            return
+        link.reply(path, f.req_id, Status.OK, data)
+
+    async def handle_digests(self, link: Any, path: Any, f: Frame, m: "Member") -> None:
+        try:
+            m.vol.check_range(f.offset, f.length)
+            ds = await m.vol.digests(f.offset, f.length, f.digest_region())
+        except OSError as e:
+            link.reply(path, f.req_id, e.errno or errno.EIO)
+            return
+        link.reply(path, f.req_id, Status.OK, Frame.digests_payload(ds))

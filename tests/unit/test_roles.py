@@ -1,0 +1,160 @@
+"""The role machine, event by event (syncd/node/roles.py). The model tests
+(test_roles_model.py) drive two machines and the witness through random schedules; these pin
+down the moves users reported broken."""
+
+from __future__ import annotations
+
+import pytest
+
+from syncd.node import roles as r
+from syncd.node.roles import (
+    GroupRoles,
+    Mode,
+    Role,
+    RoleError,
+    Timing,
+    WitnessAsk,
+    WitnessTiming,
+)
+
+T = Timing(lease=2.0, lease_drift=0.05, lease_margin=0.5, transition_timeout=5.0,
+           witness=WitnessTiming(interval=0.5, owner_lease=3.0, grace=4.5))
+EXPIRY = T.lease_expiry()
+
+
+def restarted(role: Role, epoch: int = 1, now: float = 100.0, timing: Timing = T) -> GroupRoles:
+    return GroupRoles.at_start(me="A", peer="B", role=role, epoch=epoch, started=True, failsafe=False,
+                               witness_behind=False, auto_failover=True, auto_recover=True, timing=timing, now=now)
+
+
+def attached_primary(now: float = 100.0) -> GroupRoles:
+    g = restarted(Role.PRIMARY, now=now)
+    g.handle(r.LinkUp(now))
+    acts = g.handle(r.PeerState(now, Role.SECONDARY, 1))
+    assert any(isinstance(a, r.StartResync) for a in acts)
+    g.handle(r.ResyncBegun(now))
+    g.handle(r.ResyncDone(now))
+    g.handle(r.ResyncEnded(now))
+    assert g.state.mode is Mode.ATTACHED and g.serving(now)
+    g.handle(r.WitnessReport(now, now, "A", 1))
+    return g
+
+
+def test_promote_never_takes_an_epoch_at_or_below_the_current_one():
+    g = restarted(Role.SECONDARY, epoch=50)
+    before = g.state
+    for epoch in (1, 49, 50):
+        with pytest.raises(RoleError, match="epochs never go back"):
+            g.handle(r.Promote(101.0, epoch, "operator"))
+        assert g.state is before  # refused: nothing changed
+    g.handle(r.Promote(101.0, 51, "operator"))
+    assert g.state.role is Role.PRIMARY and g.state.epoch == 51
+
+
+def test_a_peer_takeover_or_commit_below_the_current_epoch_is_refused():
+    g = restarted(Role.SECONDARY, epoch=7)
+    for ev in (r.PeerTakeover(101.0, 3), r.PeerSwitchoverCommit(101.0, 7)):
+        with pytest.raises(RoleError):
+            g.handle(ev)
+        assert g.state.role is Role.SECONDARY and g.state.epoch == 7
+
+
+def test_a_restarted_primary_serves_nothing_until_confirmed():
+    g = restarted(Role.PRIMARY, now=100.0)
+    assert g.state.mode is Mode.STARTING and not g.serving(100.0)
+    g.handle(r.LinkUp(100.1))
+    g.handle(r.WitnessReport(100.2, 100.15, "A", 1))  # the witness still names it: not enough
+    assert not g.serving(100.3)
+    acts = g.handle(r.PeerState(100.4, Role.SECONDARY, 1))  # the peer follows it at its epoch
+    assert g.state.confirmed and g.state.mode is Mode.SYNCING and g.serving(100.4)
+    assert any(isinstance(a, r.StartResync) for a in acts)
+
+
+def test_a_restarted_primary_the_peer_replaced_steps_down_without_serving():
+    g = restarted(Role.PRIMARY, now=100.0)
+    g.handle(r.LinkUp(100.1))
+    acts = g.handle(r.PeerState(100.2, Role.PRIMARY, 2))
+    assert g.state.role is Role.SECONDARY and g.state.epoch == 2 and not g.serving(100.2)
+    assert any(isinstance(a, r.BecameSecondary) for a in acts)
+
+
+def test_a_restarted_primary_the_witness_replaced_steps_down_before_the_link_returns():
+    g = restarted(Role.PRIMARY, now=100.0)
+    g.handle(r.WitnessReport(100.3, 100.25, "B", 2))
+    assert g.state.role is Role.SECONDARY and g.state.epoch == 2
+    assert not any(g.serving(100.0 + i / 10) for i in range(100))
+
+
+def test_a_restarted_primary_cut_off_asks_the_witness_after_the_old_lease():
+    g = restarted(Role.PRIMARY, now=100.0)
+    assert g.next_timer(100.0) == pytest.approx(100.0 + EXPIRY)
+    assert g.handle(r.Tick(100.0 + EXPIRY - 0.01)) == []
+    acts = g.handle(r.Tick(100.0 + EXPIRY))
+    assert acts == [r.AskWitness(WitnessAsk.KEEP)] and g.state.mode is Mode.DECIDING
+    assert not g.serving(100.0 + EXPIRY)
+    g.handle(r.WitnessAnswer(103.0, 102.9, WitnessAsk.KEEP, True, "A", 1, "ok"))
+    assert g.state.alone and g.state.confirmed and g.serving(103.0)
+
+
+def test_a_restarted_primary_that_reaches_nobody_enters_failsafe():
+    g = restarted(Role.PRIMARY, now=100.0)
+    g.handle(r.Tick(100.0 + EXPIRY))
+    acts = g.handle(r.WitnessAnswer(104.0, 103.0, WitnessAsk.KEEP, None))
+    assert g.state.failsafe and not g.serving(104.0) and r.Persist() in acts
+
+
+def test_a_restarted_secondary_serves_only_once_a_lease_is_granted():
+    g = restarted(Role.SECONDARY, now=100.0)
+    assert not g.serving(100.0)
+    g.handle(r.LinkUp(100.0))
+    acts = g.handle(r.Tick(100.0))
+    assert acts == [r.RequestLease(T.lease_request_timeout())]
+    g.handle(r.LeaseReply(100.01, 100.0, 2000))
+    assert g.serving(100.5) and not g.serving(102.0)  # the lease runs from when it was asked
+
+
+def test_a_primary_acknowledges_nothing_alone_before_every_lease_it_granted_has_expired():
+    g = attached_primary(100.0)
+    g.handle(r.LeaseRequested(101.0))  # the secondary may serve until 101 + lease
+    g.handle(r.LinkDown(101.5))
+    assert g.state.mode is Mode.FENCING and not g.state.alone
+    assert g.serving(101.5)  # reads, while the witness cannot have given the group away
+    assert not g.serving(100.0 + T.witness.owner_lease)
+    assert g.handle(r.Tick(101.0 + EXPIRY - 0.001)) == []
+    assert g.handle(r.Tick(101.0 + EXPIRY)) == [r.AskWitness(WitnessAsk.KEEP)]
+    acts = g.handle(r.WitnessAnswer(104.0, 103.9, WitnessAsk.KEEP, True, "A", 1, "ok"))
+    assert g.state.alone and r.FenceOver() in acts and any(isinstance(a, r.NewGeneration) for a in acts)
+
+
+def test_lease_grants_need_a_ready_mirroring_peer():
+    g = restarted(Role.PRIMARY, now=100.0)
+    assert g.handle(r.LeaseRequested(100.0)) == [r.GrantLease(0)]
+    g = attached_primary(100.0)
+    assert g.handle(r.LeaseRequested(100.0)) == [r.GrantLease(2000)]
+
+
+def test_an_event_no_row_admits_is_refused_and_changes_nothing():
+    g = restarted(Role.SECONDARY)
+    before = g.state
+    with pytest.raises(RoleError):
+        g.handle(r.SwitchoverBegin(100.0))
+    with pytest.raises(RoleError):
+        g.handle(r.ResyncDone(100.0))
+    assert g.state is before
+
+
+def test_the_table_has_one_row_per_move():
+    keys = [(row.role, m, row.event) for row in r.TABLE_ROWS for m in row.modes]
+    assert len(keys) == len(set(keys)) == len(r.TABLE)
+    for role, mode, _ in keys:  # modes belong to their role (or both)
+        assert mode in (r.ALL_P if role is Role.PRIMARY else r.ALL_S)
+
+
+def test_alua_is_derived_from_the_state():
+    g = attached_primary(100.0)
+    assert g.alua(100.0) == r.ALUA_ACTIVE_OPTIMIZED
+    assert g.alua(100.0, "secondary") == r.ALUA_ACTIVE_NON_OPTIMIZED
+    g.handle(r.SwitchoverBegin(100.0))
+    assert g.alua(100.0) == r.ALUA_TRANSITIONING
+    s = restarted(Role.SECONDARY)
+    assert s.alua(100.0) == r.ALUA_UNAVAILABLE
