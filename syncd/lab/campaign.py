@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -163,6 +164,33 @@ def read_back(lab: dict, run: int, volume: str = VOLUME) -> tuple[dict[str, dict
                     i += 1
         out[site] = values
     return out, details
+
+
+_LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) \w+ (syncd\.group|syncd\.node): (.*)$")
+
+
+def node_events(lab: dict) -> list[tuple[int, str, str]]:
+    """(monotonic ns, site, message) of what the nodes logged about their groups, readiness and
+    link, in time order. Logs carry wall-clock milliseconds; they are mapped onto the monotonic
+    clock of the history with this machine's current offset between the two."""
+    offset = time.time_ns() - time.monotonic_ns()
+    out = []
+    for site, n in lab["nodes"].items():
+        try:
+            lines = Path(n["log"]).read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            m = _LOG_LINE.match(line)
+            if m:
+                wall = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) * 1e9 + int(m.group(2)) * 1e6
+                out.append((int(wall) - offset, site, m.group(4)))
+    return sorted(out)
+
+
+def around(events: list[tuple[int, str, str]], t: int, before: float = 1.5, after: float = 0.5) -> list[tuple[int, str, str]]:
+    """The node events from ``before`` s before ``t`` to ``after`` s after it."""
+    return [e for e in events if t - before * 1e9 <= e[0] <= t + after * 1e9]
 
 
 # ---- faults ---------------------------------------------------------------------------------------

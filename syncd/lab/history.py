@@ -93,6 +93,22 @@ class Violation:
 
 
 @dataclass(frozen=True, slots=True)
+class Episode:
+    """Violations of one kind at one place, each within ``EPISODE_GAP`` of the one before: one
+    fault window, usually (a restart, a failover), and its first violation as the example."""
+
+    kind: Kind
+    where: str
+    first: int  # ns
+    last: int  # ns
+    count: int
+    example: Violation
+
+
+EPISODE_GAP = 1_000_000_000  # ns
+
+
+@dataclass(frozen=True, slots=True)
 class Report:
     """What was checked, what was found, and the first examples of each kind of violation."""
 
@@ -108,7 +124,8 @@ class Report:
     per_site: Mapping[str, Mapping[str, int]]  # site -> reads, reads failed, writes ok/error/unknown
     violations: Mapping[Kind, int]
     by_site: Mapping[tuple[Kind, str], int]
-    examples: tuple[Violation, ...]
+    examples: tuple[Violation, ...]  # the earliest few of each kind
+    episodes: tuple[Episode, ...]  # all of them, in time order
 
     @property
     def ok(self) -> bool:
@@ -133,7 +150,14 @@ class Report:
             sites = ", ".join(f"{s}: {c}" for (k, s), c in sorted(self.by_site.items(), key=lambda x: x[0][1])
                               if k is kind)
             out.append(f"{kind.value}: {n}" + (f" ({sites})" if n else ""))
-        out += [f"  {v.text}" for v in self.examples]
+        if self.episodes:
+            out.append(f"{len(self.episodes)} episode(s) (violations of one kind at one place, "
+                       f"less than {EPISODE_GAP / 1e9:.0f}s apart):")
+            out += [f"  {seconds(e.first, self.t0)} to {seconds(e.last, self.t0)}: {e.count} x {e.kind.value} "
+                    f"at {e.where}" for e in self.episodes]
+        if self.examples:
+            out.append("first violations of each kind:")
+            out += [f"  {v.text}" for v in self.examples]
         return out
 
 
@@ -274,15 +298,25 @@ def check(events: Iterable[Event], replicas: Mapping[str, Mapping[int, int]] | N
 
     counts: Counter[Kind] = Counter(v.kind for v in found)
     by_site: Counter[tuple[Kind, str]] = Counter((v.kind, v.where) for v in found)
+    found.sort(key=lambda v: (v.at, v.block))
     shown: list[Violation] = []
     for kind in Kind:
-        shown += sorted((v for v in found if v.kind is kind), key=lambda v: (v.at, v.block))[:examples]
+        shown += [v for v in found if v.kind is kind][:examples]
+    open_: dict[tuple[Kind, str], list[Episode]] = {}
+    for viol in found:
+        eps = open_.setdefault((viol.kind, viol.where), [])
+        if eps and viol.at - eps[-1].last <= EPISODE_GAP:
+            ep = eps[-1]
+            eps[-1] = Episode(ep.kind, ep.where, ep.first, viol.at, ep.count + 1, ep.example)
+        else:
+            eps.append(Episode(viol.kind, viol.where, viol.at, viol.at, 1, viol))
+    episodes = sorted((e for eps in open_.values() for e in eps), key=lambda e: (e.first, e.where))
     return Report(
         t0=t0, reads=nreads, reads_failed=reads_failed, writes_ok=wcount[Outcome.OK],
         writes_error=wcount[Outcome.ERROR], writes_unknown=wcount[Outcome.UNKNOWN], blocks=len(per_block),
         readbacks=readbacks, replicas=tuple(replicas or ()),
         per_site={s: dict(c) for s, c in sites.items()}, violations={k: counts[k] for k in Kind},
-        by_site=dict(by_site), examples=tuple(shown),
+        by_site=dict(by_site), examples=tuple(shown), episodes=tuple(episodes),
     )
 
 

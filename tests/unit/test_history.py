@@ -142,6 +142,17 @@ def test_examples_are_the_earliest_few_of_each_kind():
     assert "stale read: 50 (B: 50)" in text and "value never written: 1" in text
 
 
+def test_violations_close_in_time_at_one_place_form_one_episode():
+    s = 1_000_000_000
+    h = [W(1, 0, 10)] + [R(INITIAL, 100 + i * s // 2, 101 + i * s // 2) for i in range(4)]  # 0.5 s apart
+    h += [R(INITIAL, 10 * s, 10 * s + 1), R(INITIAL, 10 * s, 10 * s + 1, site="A")]
+    rep = check(h)
+    assert [(e.where, e.count, e.first, e.last) for e in rep.episodes] == [
+        ("B", 4, 100, 100 + 3 * s // 2), ("A", 1, 10 * s, 10 * s), ("B", 1, 10 * s, 10 * s)]
+    assert rep.episodes[0].example.at == 100
+    assert "3 episode(s)" in "\n".join(rep.lines())
+
+
 @pytest.mark.parametrize("history,replicas,message", [
     ([W(1, 0, 10), W(1, 20, 30, client=2)], None, "written twice"),
     ([W(0, 0, 10)], None, "stamps are > 0"),
