@@ -216,10 +216,15 @@ def plan_round(rng: random.Random, kinds: tuple[str, ...]) -> list[Fault]:
 
 
 def _role_site(lab: dict, role: str) -> str | None:
-    for s, g in group_states(lab).items():
-        if g["role"] == role:
-            return s
-    return None
+    """The site that is ``role`` now: of two arrays calling themselves primary (one cut off and
+    not told yet), the one at the higher epoch is."""
+    gs = group_states(lab)
+    prim = max((g["epoch"], s) for s, g in gs.items() if g["role"] == "primary") if any(
+        g["role"] == "primary" for g in gs.values()) else None
+    if role == "primary":
+        return prim[1] if prim else None
+    sec = [s for s, g in gs.items() if g["role"] == "secondary"]
+    return sec[0] if sec else (next(s for s in lab["nodes"] if s != prim[1]) if prim else None)
 
 
 def _flap(lab: dict, rng: random.Random, seconds: float, log: Callable[[str], None]) -> None:
@@ -304,6 +309,7 @@ class CampaignResult:
     report: Report | None = None
     recorder: dict = field(default_factory=dict)
     seconds: float = 0.0
+    node_events: list[tuple[int, str, str]] = field(default_factory=list)  # what the nodes logged
 
     @property
     def ok(self) -> bool:
@@ -366,7 +372,9 @@ def run_campaign(d: str, rounds: int, seed: int = 1, *, kinds: tuple[str, ...] |
         events, meta = load_events(hist)
         replicas, details = read_back(lab, meta["run"])
         res.report = check(events, replicas, label=label)
-        _ = details  # the replica contents that did not decode are described in the violation text
+        res.node_events = node_events(lab)
+        for v, what in sorted(details.items())[:20]:
+            res.timeline.append((time.monotonic_ns(), f"replica block {v} undecodable: {what}"))
     finally:
         if rec is not None:
             try:
@@ -410,12 +418,18 @@ def print_campaign(res: CampaignResult) -> None:
     c.print(t)
     for p in res.problems:
         c.print(f"[red]problem:[/red] {p}")
-    if r is not None and r.examples:
+    if r is not None and not r.ok:
         t0 = r.t0
-        c.print("faults (times from the first request):")
+        c.print("what the campaign did (times from the first request):")
         for ts, what in res.timeline:
-            c.print(f"  {(ts - t0) / 1e9:9.3f}s  {what}")
+            c.print(f"  {(ts - t0) / 1e9:9.3f}s  {what}", markup=False, highlight=False)
         c.print("first violations of each kind:")
         for v in r.examples:
             c.print(f"  {v.text}", markup=False, highlight=False)
+        c.print(f"{len(r.episodes)} episode(s) of violations (one kind at one place, less than 1 s apart):")
+        for ep in r.episodes[:20]:
+            c.print(f"  {(ep.first - t0) / 1e9:.3f}s to {(ep.last - t0) / 1e9:.3f}s: {ep.count} x {ep.kind.value} "
+                    f"at {ep.where}; first: {ep.example.text}", markup=False, highlight=False)
+            for ts, site, msg in around(res.node_events, ep.first, after=min((ep.last - ep.first) / 1e9, 3.0) + 0.5):
+                c.print(f"      {(ts - t0) / 1e9:9.3f}s  {site}: {msg}", markup=False, highlight=False)
     c.print("[green]no violation[/green]" if res.ok else "[red]VIOLATIONS OR PROBLEMS FOUND[/red]")
