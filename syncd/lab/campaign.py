@@ -205,11 +205,14 @@ class Fault:
         return self.kind + (f" {self.site}" if self.site else "") + f" for {self.hold:.1f}s"
 
 
-def plan_round(rng: random.Random, kinds: tuple[str, ...]) -> list[Fault]:
-    """A random sequence of one to three faults."""
+def plan_round(rng: random.Random, kinds: tuple[str, ...], deck: list[str]) -> list[Fault]:
+    """A random sequence of one to three faults, drawn from ``deck`` (refilled with every kind in
+    a random order when empty), so that a short campaign still plays every kind once."""
     out = []
     for _ in range(rng.randint(1, 3)):
-        kind = rng.choice(kinds)
+        if not deck:
+            deck.extend(rng.sample(kinds, len(kinds)))
+        kind = deck.pop()
         site = rng.choice(["A", "B"]) if kind in ("isolate", "power") else None
         out.append(Fault(kind, site, round(rng.uniform(0.5, 4.0), 1)))
     return out
@@ -345,8 +348,9 @@ def run_campaign(d: str, rounds: int, seed: int = 1, *, kinds: tuple[str, ...] |
         hist = str(Path(d) / "campaign.hist")
         rec = Recorder.start(hist, lab_clients(lab), writers=writers, readers=readers, seed=seed)
         time.sleep(1.0)
+        deck: list[str] = []
         for rnd in range(rounds):
-            seq = plan_round(rng, kinds)
+            seq = plan_round(rng, kinds, deck)
             log(f"round {rnd + 1}/{rounds}: " + ", then ".join(map(str, seq)))
             for f in seq:
                 done = play(lab, f, rng, log)
