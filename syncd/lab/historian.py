@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import errno
 import hashlib
 import json
@@ -123,13 +124,18 @@ def decode_block(data: bytes, block: int, run: int) -> tuple[int, str]:
 # ---- the recorder ----------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
 class Plan:
     """What every worker does: which blocks, how many in flight, how often FUA."""
 
-    def __init__(self, run: int, hot: range, cold: range | None, hot_share: float, depth: int, fua: float,
-                 retry: float, drain: float):
-        self.run, self.hot, self.cold, self.hot_share = run, hot, cold, hot_share
-        self.depth, self.fua, self.retry, self.drain = depth, fua, retry, drain
+    run: int  # every block written carries it: data of another run is never taken for this one's
+    hot: range  # blocks every client shares
+    cold: range | None  # further blocks, chosen uniformly (1 - hot_share of the requests)
+    hot_share: float
+    depth: int  # requests in flight per connection
+    fua: float  # share of writes with FUA
+    retry: float  # s between reconnects, and after an error
+    drain: float  # s to wait for requests in flight at the end
 
     def pick(self, rng: random.Random) -> int:
         if self.cold is None or (len(self.hot) and rng.random() < self.hot_share):
