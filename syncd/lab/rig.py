@@ -460,7 +460,7 @@ def group_states(lab: dict) -> dict[str, dict]:
     for name, n in lab["nodes"].items():
         try:
             out[name] = call(n["admin_socket"], "showrcopy", {"group": lab["group"]}, timeout=5)["groups"][0]
-        except (CtlError, IndexError, KeyError):  # down, starting, or busy
+        except (CtlError, OSError, ValueError, IndexError, KeyError):  # down, starting, or busy
             pass
     return out
 
