@@ -57,6 +57,9 @@ class Outcome(enum.Enum):
     UNKNOWN = "unknown"  # no answer (connection lost, run ended): may or may not have happened
 
 
+_WRITE_COUNT = {Outcome.OK: "writes_ok", Outcome.ERROR: "writes_error", Outcome.UNKNOWN: "writes_unknown"}
+
+
 class Kind(enum.Enum):
     STALE_READ = "stale read"
     NEVER_WRITTEN = "value never written"
@@ -178,20 +181,17 @@ def check(events: Iterable[Event], replicas: Mapping[str, Mapping[int, int]] | N
     writers: dict[int, Event] = {}
     t0 = _NEVER
     t_end = _BEFORE_ALL
-    reads_failed = 0
-    wcount: Counter[Outcome] = Counter()
-    sites: dict[str, Counter[str]] = {}
+    counts: dict[tuple[str, str], int] = {}  # (site, what) -> requests
     for e in events:
         if e.complete < e.invoke:
             raise ValueError(f"client {e.client} {e.op.value} of block {e.block}: completed before it was invoked")
-        t0 = min(t0, e.invoke)
-        t_end = max(t_end, e.complete)
-        reads, writes = per_block.setdefault(e.block, ([], []))
-        sc = sites.get(e.site)
-        if sc is None:
-            sc = sites[e.site] = Counter({k: 0 for k in _SITE_COUNTS})
-        sc[_SITE_COUNTS[0] if e.op is Op.READ and e.outcome is Outcome.OK else
-           _SITE_COUNTS[1] if e.op is Op.READ else f"writes_{e.outcome.value}"] += 1
+        if e.invoke < t0:
+            t0 = e.invoke
+        if e.complete > t_end:
+            t_end = e.complete
+        pb = per_block.get(e.block)
+        if pb is None:
+            pb = per_block[e.block] = ([], [])
         if e.op is Op.WRITE:
             if e.value <= INITIAL:
                 raise ValueError(f"client {e.client} wrote block {e.block} with stamp {e.value}: stamps are > 0")
@@ -200,12 +200,21 @@ def check(events: Iterable[Event], replicas: Mapping[str, Mapping[int, int]] | N
                 raise ValueError(f"stamp {label(e.value)} written twice (clients {other.client} and {e.client}, "
                                  f"blocks {other.block} and {e.block}): stamps must be unique")
             writers[e.value] = e
-            writes.append(e)
-            wcount[e.outcome] += 1
+            pb[1].append(e)
+            key = (e.site, _WRITE_COUNT[e.outcome])
         elif e.outcome is Outcome.OK:
-            reads.append(e)
+            pb[0].append(e)
+            key = (e.site, "reads")
         else:
-            reads_failed += 1
+            key = (e.site, "reads_failed")
+        counts[key] = counts.get(key, 0) + 1
+    sites: dict[str, dict[str, int]] = {}
+    for (site, what_), cnt in counts.items():
+        sites.setdefault(site, {k: 0 for k in _SITE_COUNTS})[what_] = cnt
+
+    def total(what_: str) -> int:
+        return sum(c[what_] for c in sites.values())
+
     if t0 == _NEVER:
         t0 = 0
     found: list[Violation] = []
@@ -238,21 +247,22 @@ def check(events: Iterable[Event], replicas: Mapping[str, Mapping[int, int]] | N
             w = acked[latest[k - 1]]
             return w if w.invoke > value_done else None
 
+        def head(r: Event) -> str:
+            return (f"block {block}: read by client {r.client} at {r.site} "
+                    f"[{seconds(r.invoke, t0)}, {seconds(r.complete, t0)}] returned {what(r.value, r.detail)}")
+
         for r in reads:
             src, why = _source(r.value, block, r.complete, writers)
-            where = r.site
-            head = (f"block {block}: read by client {r.client} at {where} "
-                    f"[{seconds(r.invoke, t0)}, {seconds(r.complete, t0)}] returned {what(r.value, r.detail)}")
             if why:
-                found.append(Violation(Kind.NEVER_WRITTEN, block, where, r.value, r.invoke, r, src,
-                                       None, f"{head}: {why}"))
+                found.append(Violation(Kind.NEVER_WRITTEN, block, r.site, r.value, r.invoke, r, src,
+                                       None, f"{head(r)}: {why}"))
                 continue
             done = _BEFORE_ALL if src is None else (src.complete if src.outcome is Outcome.OK else _NEVER)
             newer = superseding(done, r.invoke)
             if newer is not None:
                 by = "" if src is None else f" ({name(src)})"
-                found.append(Violation(Kind.STALE_READ, block, where, r.value, r.invoke, r, src, newer,
-                                       f"{head}{by}, superseded by {name(newer)} before the read began"))
+                found.append(Violation(Kind.STALE_READ, block, r.site, r.value, r.invoke, r, src, newer,
+                                       f"{head(r)}{by}, superseded by {name(newer)} before the read began"))
 
         if replicas:
             for rname, values in replicas.items():
@@ -263,16 +273,16 @@ def check(events: Iterable[Event], replicas: Mapping[str, Mapping[int, int]] | N
                 v = values[block]
                 where = f"replica {rname}"
                 src, why = _source(v, block, _NEVER, writers)
-                head = f"block {block}: {where} holds {what(v, '')}"
+                held = f"block {block}: {where} holds {what(v, '')}"
                 if why:
-                    found.append(Violation(Kind.NEVER_WRITTEN, block, where, v, t_end, None, src, None, f"{head}: {why}"))
+                    found.append(Violation(Kind.NEVER_WRITTEN, block, where, v, t_end, None, src, None, f"{held}: {why}"))
                     continue
                 done = _BEFORE_ALL if src is None else (src.complete if src.outcome is Outcome.OK else _NEVER)
                 newer = superseding(done, _NEVER)
                 if newer is not None:
                     by = "" if src is None else f" ({name(src)})"
                     found.append(Violation(Kind.LOST_WRITE, block, where, v, t_end, None, src, newer,
-                                           f"{head}{by}, but {name(newer)} superseded it"))
+                                           f"{held}{by}, but {name(newer)} superseded it"))
 
     readbacks = 0
     if replicas:
@@ -286,9 +296,9 @@ def check(events: Iterable[Event], replicas: Mapping[str, Mapping[int, int]] | N
                                  f"but not from {', '.join(missing)}")
             vals = [replicas[n][block] for n in names]
             if len(set(vals)) > 1:
-                held = ", ".join(f"{n}: {what(v, '')}" for n, v in zip(names, vals))
+                each = ", ".join(f"{n}: {what(v, '')}" for n, v in zip(names, vals))
                 found.append(Violation(Kind.REPLICAS_DIFFER, block, "/".join(names), vals[0], t_end, None, None, None,
-                                       f"block {block}: replicas differ ({held})"))
+                                       f"block {block}: replicas differ ({each})"))
             if block not in per_block:
                 # Never touched by the history: it must still hold the initial zeroes.
                 for n, v in zip(names, vals):
@@ -296,7 +306,7 @@ def check(events: Iterable[Event], replicas: Mapping[str, Mapping[int, int]] | N
                         found.append(Violation(Kind.NEVER_WRITTEN, block, f"replica {n}", v, t_end, None, None, None,
                                                f"block {block}: replica {n} holds {what(v, '')}, but no write touched it"))
 
-    counts: Counter[Kind] = Counter(v.kind for v in found)
+    per_kind: Counter[Kind] = Counter(v.kind for v in found)
     by_site: Counter[tuple[Kind, str]] = Counter((v.kind, v.where) for v in found)
     found.sort(key=lambda v: (v.at, v.block))
     shown: list[Violation] = []
@@ -312,10 +322,9 @@ def check(events: Iterable[Event], replicas: Mapping[str, Mapping[int, int]] | N
             eps.append(Episode(viol.kind, viol.where, viol.at, viol.at, 1, viol))
     episodes = sorted((e for eps in open_.values() for e in eps), key=lambda e: (e.first, e.where))
     return Report(
-        t0=t0, reads=nreads, reads_failed=reads_failed, writes_ok=wcount[Outcome.OK],
-        writes_error=wcount[Outcome.ERROR], writes_unknown=wcount[Outcome.UNKNOWN], blocks=len(per_block),
-        readbacks=readbacks, replicas=tuple(replicas or ()),
-        per_site={s: dict(c) for s, c in sites.items()}, violations={k: counts[k] for k in Kind},
+        t0=t0, reads=nreads, reads_failed=total("reads_failed"), writes_ok=total("writes_ok"),
+        writes_error=total("writes_error"), writes_unknown=total("writes_unknown"), blocks=len(per_block),
+        readbacks=readbacks, replicas=tuple(replicas or ()), per_site=sites, violations={k: per_kind[k] for k in Kind},
         by_site=dict(by_site), examples=tuple(shown), episodes=tuple(episodes),
     )
 
