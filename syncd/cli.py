@@ -117,6 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dir", default="lab-scenario")
     s.add_argument("--report", default="scenario-report", help="with 'all': where report.md and the plots go")
     s.add_argument("--only", help="with 'all': a comma-separated subset of the scenarios")
+    s = lsub.add_parser("campaign", help="random fault sequences under reads and writes recorded at both sites; "
+                                         "then the history checker (stale reads, torn data, lost writes, replicas)")
+    s.add_argument("--rounds", type=int, default=10, help="fault sequences to play (default 10)")
+    s.add_argument("--seed", type=int, default=1, help="the random sequence of faults (default 1)")
+    s.add_argument("--dir", default="lab-campaign", help="where the lab and the history file go")
+    s.add_argument("--faults", help="a comma-separated subset of: " + ", ".join(
+        ["link", "isolate", "primary", "secondary", "witness", "flap", "switchover", "power"]))
+    s.add_argument("--keep", action="store_true", help="leave the lab running afterwards")
     s = lsub.add_parser("delay", help="add round-trip latency to the replication link")
     s.add_argument("ms", type=float)
     s.add_argument("--dir", default="lab")
@@ -246,6 +254,14 @@ def main(argv: list[str] | None = None) -> int:
                 print_result(r)
             bad = any(h["acked_lost"] for h in r["hosts"]) or not r["replicas_identical"]
             return 3 if bad else 0
+        elif ns.labcmd == "campaign":
+            from .lab.campaign import print_campaign, run_campaign
+
+            kinds = tuple(k.strip() for k in ns.faults.split(",") if k.strip()) if ns.faults else None
+            res = run_campaign(ns.dir, ns.rounds, ns.seed, kinds=kinds, keep=ns.keep,
+                               progress=lambda what: print(what, flush=True))
+            print_campaign(res)
+            return 0 if res.ok else 3
         elif ns.labcmd == "fail":
             print(lab_fail(ns.dir, ns.what, ns.site))
         elif ns.labcmd == "heal":

@@ -454,6 +454,54 @@ def lab_start(d: str, site: str) -> int:
     return pid
 
 
+def group_states(lab: dict) -> dict[str, dict]:
+    """The lab's group as each running node shows it (a node that does not answer is left out)."""
+    out = {}
+    for name, n in lab["nodes"].items():
+        try:
+            out[name] = call(n["admin_socket"], "showrcopy", {"group": lab["group"]}, timeout=5)["groups"][0]
+        except (CtlError, OSError, ValueError, IndexError, KeyError):  # down, starting, or busy
+            pass
+    return out
+
+
+def lab_in_sync(lab: dict) -> bool:
+    """One primary mirroring to its peer, every volume synced, both arrays serving."""
+    gs = group_states(lab)
+    prim = [g for g in gs.values() if g["role"] == "primary"]
+    return (len(gs) == len(lab["nodes"]) and len(prim) == 1 and prim[0]["peer_mode"] == "attached"
+            and all(v["sync_status"] == "synced" for g in gs.values() for v in g["volumes"])
+            and all(g["serving"] for g in gs.values()))
+
+
+def witness_knows_in_sync(lab: dict) -> bool:
+    """The witness (if the lab has one) has heard from the primary, at its epoch, that its peer
+    is in sync: only then may it give the group to the peer when the primary fails."""
+    if not lab.get("witness"):
+        return True
+    try:
+        rec = json.loads((Path(lab["dir"]) / "W" / "state" / "witness.json").read_text())["groups"][lab["group"]]
+    except (OSError, ValueError, KeyError):
+        return False
+    prim = [(s, g) for s, g in group_states(lab).items() if g["role"] == "primary"]
+    return (len(prim) == 1 and rec.get("owner") == prim[0][0] and rec.get("epoch") == prim[0][1]["epoch"]
+            and bool(rec.get("secondary_in_sync")))
+
+
+def wait_in_sync(lab: dict, timeout: float) -> None:
+    """Until the group is in sync (``lab_in_sync``) and the witness, if any, knows it."""
+    deadline = time.monotonic() + timeout
+    while not (lab_in_sync(lab) and witness_knows_in_sync(lab)):
+        if time.monotonic() > deadline:
+            state = {s: {k: g.get(k) for k in ("role", "epoch", "status", "peer_mode", "serving")}
+                     | {"volumes": [v.get("sync_status") for v in g["volumes"]],
+                        "events": [e["msg"] for e in g.get("events", [])[-3:]]}
+                     for s, g in group_states(lab).items()}
+            late = "" if witness_knows_in_sync(lab) else " (the witness has not heard it yet)"
+            raise LabError(f"group {lab['group']} not back in sync within {timeout:.0f}s: {state}{late}")
+        time.sleep(0.1)
+
+
 FAULTS = ("primary", "secondary", "link", "witness", "disk", "site", "isolate", "witness-link", "host", "host-link")
 
 

@@ -18,15 +18,7 @@ import pytest
 import trio
 
 from syncd.ctl import call
-from syncd.lab.rig import (
-    lab_down,
-    lab_fail,
-    lab_heal,
-    lab_kill,
-    lab_start,
-    lab_up,
-    load_lab,
-)
+from syncd.lab.rig import lab_down, lab_fail, lab_heal, lab_in_sync, lab_kill, lab_start, lab_up, load_lab
 from syncd.lab.workload import History, check_file, run_writer
 
 from .rig import FAST_LINK, assert_replicas_identical
@@ -43,14 +35,7 @@ def showrcopy(lab, site):
 
 
 def in_sync(lab) -> bool:
-    try:
-        gs = {s: showrcopy(lab, s)["groups"][0] for s in ("A", "B")}
-    except Exception:  # noqa: BLE001 - a node still starting
-        return False
-    prim = [g for g in gs.values() if g["role"] == "primary"]
-    return (len(prim) == 1 and prim[0]["peer_mode"] == "attached"
-            and all(v["sync_status"] == "synced" for g in gs.values() for v in g["volumes"])
-            and all(g["serving"] for g in gs.values()))
+    return lab_in_sync(lab)
 
 
 def resync_counters(lab) -> dict:
