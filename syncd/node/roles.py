@@ -1208,7 +1208,7 @@ class GroupRoles:
         primary = role is Role.PRIMARY
         st = RoleState(me=me, peer_name=peer, role=role, epoch=epoch, auto_failover=auto_failover,
                        auto_recover=auto_recover, mode=Mode.DETACHED if primary else Mode.FOLLOWING,
-                       confirmed=primary, alone=primary, link_up=link_up)
+                       confirmed=primary, alone=primary, link_up=link_up, peer_follows=primary and link_up)
         return cls(st, timing)
 
     @property
