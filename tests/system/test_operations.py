@@ -154,8 +154,10 @@ def test_an_isolated_primary_steps_down_once_the_witness_says_it_gave_the_group_
     # would make it primary again is refused.
     proxy_command(lab["link"]["control"], "heal", paths=[lab["link"]["witness_relay"]])
     wait_for(lambda: group(lab, "A")["role"] == "secondary", timeout=10, what="A steps down")
+    # (A, now a secondary cut from its primary, asks the witness for the group and is refused.)
+    wait_for(lambda: group(lab, "A")["alua"] == "unavailable", timeout=10, what="A unavailable")
     ga = group(lab, "A")
-    assert ga["epoch"] == 2 and not ga["serving"] and ga["alua"] == "unavailable"
+    assert ga["epoch"] == 2 and not ga["serving"]
     assert any("the witness gave the group to B at epoch 2" in e["msg"] for e in ga["events"])
     with pytest.raises(CtlError, match="witness is reachable"):
         ctl(lab, "A", "setrcopygroup", action="override", group="rcg1")
