@@ -513,9 +513,13 @@ def failover_possible(s: RoleState, t: Timing, now: float) -> bool:
 
 
 def transitioning(s: RoleState, t: Timing, now: float) -> bool:
-    """Roles are changing: host I/O waits (ALUA transitioning) instead of failing."""
+    """Roles are changing: host I/O waits (ALUA transitioning) instead of failing. So it does
+    while a confirmed primary that lost its peer waits for the fence and the witness's answer
+    (it serves or enters failsafe within a lease period)."""
     if s.mode in (Mode.HANDING_OVER, Mode.SWITCHING, Mode.CLAIMING):
         return True
+    if s.role is Role.PRIMARY and s.confirmed and s.mode in (Mode.FENCING, Mode.DECIDING):
+        return not serving(s, t, now)
     return failover_possible(s, t, now) and not serving(s, t, now)
 
 
@@ -786,7 +790,10 @@ def _peer_state(s: RoleState, t: Timing, e: Event) -> Result:
 
 def _lease_requested(s: RoleState, t: Timing, e: Event) -> Result:
     assert isinstance(e, LeaseRequested)
-    if s.started and s.confirmed and s.mode in MIRRORING and s.peer_ready:
+    # A primary whose disk failed while its peer was in sync lets the peer serve on (it has
+    # every acknowledged write) while the group is handed to it.
+    mirrored = (s.mode in MIRRORING and s.peer_ready) or (s.mode is Mode.DISK_FAILED and s.disk_peer_in_sync)
+    if s.started and s.confirmed and mirrored:
         s = replace(s, lease_deadline=max(s.lease_deadline, e.now + t.lease_expiry()))
         return s, [GrantLease(int(t.lease * 1000))]
     return s, [GrantLease(0)]
