@@ -120,10 +120,12 @@ def check_replica(read_block, history: History, writer: int, nblocks: int | None
             w, b, seq = got
             if w != writer or b != block:
                 problems.append(f"block {block}: holds writer {w} block {b} (misplaced)")
+            elif seq not in allowed and last_acked == -1:
+                problems.append(f"block {block}: holds seq {seq}, which is none of the writes to it")
             elif seq not in allowed:
                 problems.append(
                     f"block {block}: holds seq {seq}, but seq {recs[last_acked][0]} was acknowledged"
-                    + (" (older data)" if seq < recs[last_acked][0] else "")
+                    + (" and flushed" if durable_only else "") + (" (older data)" if seq < recs[last_acked][0] else "")
                 )
     return problems
 
@@ -155,7 +157,8 @@ async def run_writer(
     history.started = history.started or time.monotonic()
     history.stop_at = time.monotonic() + duration
     deadline = trio.current_time() + duration
-    seqs = {"n": 0}
+    # Seqs go on from the history's (several runs may record into one history).
+    seqs = {"n": max((rec[0] for recs in history.writes.values() for rec in recs), default=0)}
     lanes = [blocks[i::qd] for i in range(qd)]
 
     async def lane(lb: range) -> None:
