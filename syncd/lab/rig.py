@@ -526,8 +526,9 @@ def _power_cut(d: str, lab: dict, sites: list[str]) -> str:
     _wait_gone(killed, 15)
     _disks_off({s: lab["disks"][s] for s in sites}, flush=False)
     (Path(d) / "lab.json").write_text(json.dumps(lab, indent=1))
-    return f"power cut at site {'+'.join(sites)}: array{'s' if len(sites) > 1 else ''} killed (kill -9), " \
-           "unflushed writes of its disks lost"
+    arrays = " and ".join(w.split()[1] for w, _ in killed)
+    return (f"power cut at site {'+'.join(sites)}: " + (f"array {arrays} killed (kill -9), " if arrays else "")
+            + "the disks lost every write not flushed")
 
 
 def _power_on(d: str, lab: dict, sites: list[str]) -> list[str]:
@@ -537,12 +538,12 @@ def _power_on(d: str, lab: dict, sites: list[str]) -> list[str]:
     done = []
     for s in sites:
         recs = (lab.get("disks") or {}).get(s) or []
-        for i, rec in enumerate(recs):
-            disk = PowerCutDisk.from_record(rec)
-            if not disk.powered:
-                disk.power_on()
-                recs[i] = disk.record
-        if recs:
+        off = [i for i, rec in enumerate(recs) if not PowerCutDisk.from_record(rec).powered]
+        for i in off:
+            disk = PowerCutDisk.from_record(recs[i])
+            disk.power_on()
+            recs[i] = disk.record
+        if off:
             (Path(d) / "lab.json").write_text(json.dumps(lab, indent=1))
             done.append(f"disks of {s} powered on")
         if not _alive(lab["nodes"][s]["pid"]):
@@ -607,13 +608,16 @@ def lab_fail(d: str, what: str, site: str | None = None) -> str:
     backing devices of SITE's volumes (needs --loop); site SITE: data-center failure (the array
     and the site's host are powered off, the site is cut from the witness); host SITE: the
     host (server) at SITE fails; host-link SITE: the host at SITE loses its paths to the array
-    at its own site (the seed's "host disconnect"); power [SITE]: power cut at SITE (both
-    sites without one): the array is killed and its disks lose every write not flushed (needs
-    --power-cut-disks). With power-cut disks, a site failure cuts the site's power too.
+    at its own site (the seed's "host disconnect"); power [SITE|primary|secondary]: power cut
+    at SITE (both sites without one): the array is killed and its disks lose every write not
+    flushed (needs --power-cut-disks). With power-cut disks, a site failure cuts the site's
+    power too.
     """
     lab = load_lab(d)
     if what not in FAULTS:
         raise LabError(f"unknown fault {what!r}; faults: {', '.join(FAULTS)}")
+    if what == "power" and site in ("primary", "secondary"):
+        site = _role_site(lab, site)
     if site is not None and site not in lab["nodes"]:
         raise LabError(f"lab {d} has no site {site!r} (sites: {', '.join(lab['nodes'])})")
     if what in ("disk", "site", "isolate", "witness-link", "host", "host-link") and site is None:
