@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also start a host shim per site: uniform = connected to both arrays")
     s.add_argument("--loop", action="store_true",
                    help="put every volume on a loop device (root), so 'lab fail disk SITE' can fail it")
+    s.add_argument("--power-cut-disks", action="store_true",
+                   help="put every volume on a disk with a volatile write cache (nbdkit cache filter through "
+                        "nbdfuse; root), so 'lab fail power [SITE]' loses what was not flushed")
     s.add_argument("--witness", action="store_true",
                    help="also run a quorum witness (site W) for automatic failover")
     s.add_argument("--no-relay", action="store_true",
@@ -99,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     s = lsub.add_parser("start", help="start a stopped node again")
     s.add_argument("site")
     s.add_argument("--dir", default="lab")
-    faults = ["primary", "secondary", "link", "witness", "witness-link", "isolate", "disk", "site", "host", "host-link"]
+    faults = ["primary", "secondary", "link", "witness", "witness-link", "isolate", "disk", "site", "host", "host-link",
+              "power"]
     for name, hlp in (("fail", "inject a failure scenario"), ("heal", "undo a failure scenario")):
         s = lsub.add_parser(name, help=hlp + f": {'|'.join(faults)} [SITE]")
         s.add_argument("what", choices=faults)
@@ -204,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         if ns.labcmd == "up":
             lab = lab_up(ns.dir, size=ns.size, nvolumes=ns.volumes, npaths=ns.paths, wait=not ns.no_wait,
                          relay=not ns.no_relay, witness={} if ns.witness else None, loop=ns.loop,
-                         topology=ns.topology)
+                         topology=ns.topology, power_cut=ns.power_cut_disks)
             print_summary(lab)
         elif ns.labcmd == "down":
             for line in lab_down(ns.dir):

@@ -144,6 +144,7 @@ def lab_up(d: str, **kw) -> dict:
             except ProcessLookupError:
                 pass
         _wait_gone([("process", p) for p in pids], 5)
+        _disks_off(started.get("disks") or {}, flush=False)
         if started.get("loops"):
             from .faults import drop_loop
 
@@ -158,11 +159,14 @@ def _lab_up(
     link_opts: dict | None = None, wait: bool = True, timeout: float = 120.0,
     volume_paths: dict[str, list[str]] | None = None, relay: bool = True,
     witness: dict | None = None, loop: bool = False, nbd_tls: dict | None = None,
-    topology: str | None = None,
+    topology: str | None = None, power_cut: bool = False,
 ) -> dict:
     """Start the lab; ``volume_paths`` = {"A": [dev, ...], "B": [...]} uses existing files or
     block devices (e.g. loop devices) instead of creating image files; ``loop`` puts every
-    volume on a loop device of its own (root), so ``lab fail disk`` can fail it for real."""
+    volume on a loop device of its own (root), so ``lab fail disk`` can fail it for real;
+    ``power_cut`` puts every volume on a disk with a volatile write cache
+    (``faults.PowerCutDisk``: root, /dev/fuse, nbdkit, nbdfuse), so ``lab fail power`` can cut
+    a site's power for real (writes not flushed are lost)."""
     root = Path(d).resolve()
     if (root / "lab.json").exists():
         lab = json.loads((root / "lab.json").read_text())
@@ -179,11 +183,27 @@ def _lab_up(
             loops[n] = [make_loop(str(root / n / f"vv{i + 1}.img"), nbytes) for i in range(nvolumes)]
             started["loops"] = loops
         volume_paths = loops
+    disks: dict[str, list[dict]] = {}
+    if power_cut:
+        if volume_paths:
+            raise LabError("power-cut disks are the lab's own volumes: they cannot be combined with "
+                           "--loop or given volume paths")
+        from .faults import PowerCutDisk
+
+        started["disks"] = disks
+        for n in NODES:
+            (root / n).mkdir(exist_ok=True)
+            disks[n] = []
+            for i in range(nvolumes):
+                disk = PowerCutDisk(str(root / n / f"vv{i + 1}.img"), str(root / n / f"vv{i + 1}.disk"), nbytes)
+                disk.power_on()
+                disks[n].append(disk.record)
+        volume_paths = {n: [r["path"] for r in disks[n]] for n in NODES}
     py = sys.executable
     ports = {n: {"nbd": free_port(), "paths": [free_port() for _ in range(npaths)]} for n in NODES}
     relay_ports = [free_port() for _ in range(npaths)]
     lab: dict = {"dir": str(root), "group": group, "nodes": {}, "created": time.time(), "loops": loops,
-                 "link_opts": link_opts or {}}
+                 "link_opts": link_opts or {}, "disks": disks}
     started["lab"] = lab
     wcfg: dict[str, dict] = {}
     if witness is not None:
@@ -263,6 +283,8 @@ def _lab_up(
                 for v, p, _ in vols
             },
         }
+        for v, rec in zip(lab["nodes"][name]["volumes"].values(), disks.get(name, [])):
+            v["backing"] = rec["backing"]  # the medium: what survives a power cut
     (root / "lab.json").write_text(json.dumps(lab, indent=1))
     for name in NODES:
         n = lab["nodes"][name]
@@ -399,6 +421,9 @@ def lab_down(d: str, timeout: float = 15.0) -> list[str]:
         except ProcessLookupError:
             pass
     stopped = _wait_gone(pids, timeout)
+    for site, recs in (lab.get("disks") or {}).items():
+        if _disks_off({site: recs}, flush=True):
+            stopped.append(f"power-cut disks of {site} flushed and powered off")
     if lab.get("loops"):
         from .faults import drop_loop
 
@@ -446,6 +471,9 @@ def lab_start(d: str, site: str) -> int:
     n = lab["nodes"][site]
     if _alive(n["pid"]):
         raise LabError(f"node {site} is already running (pid {n['pid']})")
+    if (lab.get("disks") or {}).get(site) and not _disks_powered(lab, site):
+        raise LabError(f"the disks of site {site} have no power: run 'syncd lab heal power {site}' "
+                       f"(it powers them on and starts the node)")
     log = Path(n["log"])
     pid = _spawn([sys.executable, "-m", "syncd", "node", "--config", n["config"]], log)
     n["pid"] = pid
@@ -502,7 +530,76 @@ def wait_in_sync(lab: dict, timeout: float) -> None:
         time.sleep(0.1)
 
 
-FAULTS = ("primary", "secondary", "link", "witness", "disk", "site", "isolate", "witness-link", "host", "host-link")
+
+FAULTS = ("primary", "secondary", "link", "witness", "disk", "site", "isolate", "witness-link", "host", "host-link",
+          "power")
+
+
+# -- power-cut disks -----------------------------------------------------------------------------
+def _disks_off(disks: dict[str, list[dict]], flush: bool) -> bool:
+    """Power off these disks (records are updated): flushed first (an orderly shutdown) or
+    not (a power cut: what was not flushed is lost). True if any had power."""
+    from .faults import PowerCutDisk
+
+    any_on = False
+    for recs in disks.values():
+        for i, rec in enumerate(recs):
+            disk = PowerCutDisk.from_record(rec)
+            any_on |= disk.powered
+            if flush:
+                disk.stop()
+            else:
+                disk.cut()
+            recs[i] = disk.record
+    return any_on
+
+
+def _disks_powered(lab: dict, site: str) -> bool:
+    from .faults import PowerCutDisk
+
+    return all(PowerCutDisk.from_record(r).powered for r in lab["disks"][site])
+
+
+def _power_cut(d: str, lab: dict, sites: list[str]) -> str:
+    """Power cut at ``sites`` (at the same instant): their arrays are killed (kill -9), then
+    their disks lose what was not flushed."""
+    if not any((lab.get("disks") or {}).get(s) for s in sites):
+        raise LabError("power cuts need power-cut disks: start the lab with 'syncd lab up --power-cut-disks' "
+                       "(root, /dev/fuse, nbdkit, nbdfuse)")
+    killed = []
+    for s in sites:  # the arrays first: a process still running would see its disk vanish
+        pid = lab["nodes"][s]["pid"]
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            killed.append((f"node {s}", pid))
+    _wait_gone(killed, 15)
+    _disks_off({s: lab["disks"][s] for s in sites}, flush=False)
+    (Path(d) / "lab.json").write_text(json.dumps(lab, indent=1))
+    arrays = " and ".join(w.split()[1] for w, _ in killed)
+    return (f"power cut at site {'+'.join(sites)}: " + (f"array {arrays} killed (kill -9), " if arrays else "")
+            + "the disks lost every write not flushed")
+
+
+def _power_on(d: str, lab: dict, sites: list[str]) -> list[str]:
+    """Power the disks of ``sites`` on again (same media, empty caches) and start their arrays."""
+    from .faults import PowerCutDisk
+
+    done = []
+    for s in sites:
+        recs = (lab.get("disks") or {}).get(s) or []
+        off = [i for i, rec in enumerate(recs) if not PowerCutDisk.from_record(rec).powered]
+        for i in off:
+            disk = PowerCutDisk.from_record(recs[i])
+            disk.power_on()
+            recs[i] = disk.record
+        if off:
+            (Path(d) / "lab.json").write_text(json.dumps(lab, indent=1))
+            done.append(f"disks of {s} powered on")
+        if not _alive(lab["nodes"][s]["pid"]):
+            lab_start(d, s)
+            lab = load_lab(d)
+            done.append(f"array {s} started")
+    return done
 
 
 def _host(lab: dict, site: str) -> dict:
@@ -560,11 +657,16 @@ def lab_fail(d: str, what: str, site: str | None = None) -> str:
     backing devices of SITE's volumes (needs --loop); site SITE: data-center failure (the array
     and the site's host are powered off, the site is cut from the witness); host SITE: the
     host (server) at SITE fails; host-link SITE: the host at SITE loses its paths to the array
-    at its own site (the seed's "host disconnect").
+    at its own site (the seed's "host disconnect"); power [SITE|primary|secondary]: power cut
+    at SITE (both sites without one): the array is killed and its disks lose every write not
+    flushed (needs --power-cut-disks). With power-cut disks, a site failure cuts the site's
+    power too.
     """
     lab = load_lab(d)
     if what not in FAULTS:
         raise LabError(f"unknown fault {what!r}; faults: {', '.join(FAULTS)}")
+    if what == "power" and site in ("primary", "secondary"):
+        site = _role_site(lab, site)
     if site is not None and site not in lab["nodes"]:
         raise LabError(f"lab {d} has no site {site!r} (sites: {', '.join(lab['nodes'])})")
     if what in ("disk", "site", "isolate", "witness-link", "host", "host-link") and site is None:
@@ -575,6 +677,8 @@ def lab_fail(d: str, what: str, site: str | None = None) -> str:
         victim = site or _role_site(lab, what)
         lab_kill(d, victim)
         return f"array {victim} ({what}) powered off (kill -9)"
+    if what == "power":
+        return _power_cut(d, lab, [site] if site else list(lab["nodes"]))
     if what == "link":
         _relays(lab, list(range(npaths)), "cut")
         return f"replication link cut ({npaths} paths)"
@@ -610,7 +714,10 @@ def lab_fail(d: str, what: str, site: str | None = None) -> str:
         _relays(lab, [hr[site][0]], "cut")
         return f"host {h['name']} disconnected from array {site} (its paths there are cut)"
     # site: data-center failure
-    lab_kill(d, site)
+    if (lab.get("disks") or {}).get(site):
+        _power_cut(d, lab, [site])
+    else:
+        lab_kill(d, site)
     gone = ""
     if (lab.get("hosts") or {}).get(site):
         gone = f" and host {_kill_host(d, lab, site)}"
@@ -621,7 +728,8 @@ def lab_fail(d: str, what: str, site: str | None = None) -> str:
 
 def lab_heal(d: str, what: str, site: str | None = None) -> str:
     """Undo ``lab_fail``: restart a powered-off array, heal links, restart the witness, repair
-    a disk (its array is restarted: a failed device is taken back only by a restart)."""
+    a disk (its array is restarted: a failed device is taken back only by a restart), power a
+    site on again (its disks, then its array)."""
     lab = load_lab(d)
     if what not in FAULTS:
         raise LabError(f"unknown fault {what!r}; faults: {', '.join(FAULTS)}")
@@ -630,7 +738,13 @@ def lab_heal(d: str, what: str, site: str | None = None) -> str:
     npaths = lab["link"]["npaths"] if lab.get("link") else 0
     wr = (lab.get("link") or {}).get("witness_relays") or {}
     done = []
-    if what in ("primary", "secondary", "site"):
+    if what == "power" or (what == "site" and (lab.get("disks") or {}).get(site)):
+        done += _power_on(d, lab, [site] if site else list(lab["nodes"]))
+        if what == "site" and site in wr:
+            _relays(lab, [wr[site]], "heal")
+        if what == "site" and (lab.get("hosts") or {}).get(site):
+            done.append(f"host {_start_host(d, site)} started")
+    elif what in ("primary", "secondary", "site"):
         down = [n for n, v in lab["nodes"].items() if not _alive(v["pid"]) and (site is None or n == site)]
         for n in down:
             lab_start(d, n)
@@ -686,7 +800,7 @@ def print_summary(lab: dict) -> None:
         t.add_column(col)
     for name, n in lab["nodes"].items():
         for v, info in n["volumes"].items():
-            t.add_row(name, v, info["uri"], info["path"])
+            t.add_row(name, v, info["uri"], info["path"] + (f" (medium {info['backing']})" if "backing" in info else ""))
     c.print(t)
     if lab.get("hosts"):
         t = Table(title="host shims (multipath: use these from the hosts' tools)")
@@ -710,6 +824,9 @@ def print_summary(lab: dict) -> None:
         c.print(f"  witness (site W) on 127.0.0.1:{lab['witness']['port']}: kill A and watch B take over")
         c.print(f"  {bindir}/syncd lab fail primary|secondary|link|witness|isolate A|site A --dir {lab['dir']}"
                 f"   /   {bindir}/syncd lab heal ... (same words)")
+    if lab.get("disks"):
+        c.print(f"  {bindir}/syncd lab fail power A --dir {lab['dir']}   (power cut: unflushed writes lost)"
+                f"   /   {bindir}/syncd lab heal power A --dir {lab['dir']}")
     c.print(f"  {bindir}/syncctl --lab {lab['dir']} --node A setrcopygroup switchover {lab['group']}"
             f"   /   ... showpaths")
     c.print(f"  {bindir}/syncd lab down --dir {lab['dir']}")

@@ -55,6 +55,9 @@ class History:
     inflight: dict[int, float] = field(default_factory=dict)  # seq -> issue time of writes not answered yet
 
     stop_at: float = 0.0  # when the workload meant to stop issuing writes (monotonic), if it had a duration
+    # Seqs of writes known durable: acknowledged with FUA, or acknowledged before a flush (on
+    # the same connection) that was acknowledged. A power cut may lose any other write.
+    durable: set[int] = field(default_factory=set)
 
     def finish(self) -> None:
         """The run is over: writes still waiting count with the time they have waited. A run
@@ -87,16 +90,23 @@ class History:
 
     def to_json(self) -> dict:
         return {"writes": {str(k): v for k, v in self.writes.items()}, "errors": self.errors,
-                "acked": self.acked_count(), "longest_pause_s": self.longest_pause(), "slowest_write_s": self.slowest}
+                "acked": self.acked_count(), "durable": sorted(self.durable),
+                "longest_pause_s": self.longest_pause(), "slowest_write_s": self.slowest}
 
 
-def check_replica(read_block, history: History, writer: int, nblocks: int | None = None) -> list[str]:
-    """Problems found in one replica; ``read_block(i)`` returns block i's bytes."""
+def check_replica(read_block, history: History, writer: int, nblocks: int | None = None,
+                  durable_only: bool = False) -> list[str]:
+    """Problems found in one replica; ``read_block(i)`` returns block i's bytes. With
+    ``durable_only`` (after a power cut) a block may hold any write from its last durable one
+    on (``History.durable``), not necessarily the last acknowledged one."""
     problems = []
     for block, recs in sorted(history.writes.items()):
         data = read_block(block)
         got = decode(data)
-        last_acked = max((i for i, (_, o) in enumerate(recs) if o == ACKED), default=-1)
+        if durable_only:
+            last_acked = max((i for i, (s, _) in enumerate(recs) if s in history.durable), default=-1)
+        else:
+            last_acked = max((i for i, (_, o) in enumerate(recs) if o == ACKED), default=-1)
         allowed = {recs[i][0] for i in range(max(last_acked, 0), len(recs))}
         if last_acked == -1:
             allowed.add(None)
@@ -104,36 +114,42 @@ def check_replica(read_block, history: History, writer: int, nblocks: int | None
             problems.append(f"block {block}: torn or foreign data")
         elif got is None:
             if None not in allowed:
-                problems.append(f"block {block}: zeroes, but write seq {recs[last_acked][0]} was acknowledged")
+                problems.append(f"block {block}: zeroes, but write seq {recs[last_acked][0]} was acknowledged"
+                                + (" and flushed" if durable_only else ""))
         else:
             w, b, seq = got
             if w != writer or b != block:
                 problems.append(f"block {block}: holds writer {w} block {b} (misplaced)")
+            elif seq not in allowed and last_acked == -1:
+                problems.append(f"block {block}: holds seq {seq}, which is none of the writes to it")
             elif seq not in allowed:
                 problems.append(
                     f"block {block}: holds seq {seq}, but seq {recs[last_acked][0]} was acknowledged"
-                    + (" (older data)" if seq < recs[last_acked][0] else "")
+                    + (" and flushed" if durable_only else "") + (" (older data)" if seq < recs[last_acked][0] else "")
                 )
     return problems
 
 
-def check_file(path: str, history: History, writer: int, offset_blocks: int = 0) -> list[str]:
+def check_file(path: str, history: History, writer: int, offset_blocks: int = 0,
+               durable_only: bool = False) -> list[str]:
     with open(path, "rb") as f:
         def rb(i: int) -> bytes:
             f.seek((i + offset_blocks) * BLOCK)
             return f.read(BLOCK)
-        return check_replica(rb, history, writer)
+        return check_replica(rb, history, writer, durable_only=durable_only)
 
 
 async def run_writer(
     uri: str, history: History, *, writer: int, blocks: range, duration: float, qd: int = 4,
     reconnect: bool = True, seed: int = 1, retry_interval: float = 0.2, fua_every: int = 0,
-    source: str | None = None,
+    source: str | None = None, flush_every: int = 0,
 ) -> None:
     """Write patterned blocks at random within ``blocks`` for ``duration`` s with ``qd`` in flight.
 
     Blocks are split among the ``qd`` lanes so one block never has two writes in flight: the
-    issue order of a block's writes is then also the order the server saw them.
+    issue order of a block's writes is then also the order the server saw them. Every
+    ``fua_every``-th write is sent with FUA; with ``flush_every``, each lane sends a flush after
+    that many acknowledged writes; both are recorded in ``history.durable``.
     """
     import random
 
@@ -141,23 +157,40 @@ async def run_writer(
     history.started = history.started or time.monotonic()
     history.stop_at = time.monotonic() + duration
     deadline = trio.current_time() + duration
-    seqs = {"n": 0}
+    # Seqs go on from the history's (several runs may record into one history).
+    seqs = {"n": max((rec[0] for recs in history.writes.values() for rec in recs), default=0)}
     lanes = [blocks[i::qd] for i in range(qd)]
 
     async def lane(lb: range) -> None:
+        unflushed: list[int] = []  # seqs acknowledged on this lane since its last flush was sent
         while trio.current_time() < deadline:
             try:
                 async with open_nbd(uri, source=source) as c:
+                    unflushed.clear()  # a flush covers the writes of its own connection
                     while trio.current_time() < deadline:
+                        if flush_every and len(unflushed) >= flush_every:
+                            covered, unflushed[:] = list(unflushed), []
+                            try:
+                                await c.flush()
+                            except NBDError as e:
+                                history.errors.append((time.monotonic(), f"flush: {e}"))
+                            else:
+                                history.durable.update(covered)
+                            continue
                         b = lb[rng.randrange(len(lb))]
                         seqs["n"] += 1
                         seq = seqs["n"]
                         rec = history.issue(b, seq)
+                        fua = bool(fua_every and seq % fua_every == 0)
                         try:
                             t0 = history.inflight[seq] = time.monotonic()
-                            await c.write(b * BLOCK, pattern(writer, b, seq), fua=bool(fua_every and seq % fua_every == 0))
+                            await c.write(b * BLOCK, pattern(writer, b, seq), fua=fua)
                             del history.inflight[seq]
                             rec[1] = ACKED
+                            if fua:
+                                history.durable.add(seq)
+                            elif flush_every:
+                                unflushed.append(seq)
                             t1 = time.monotonic()
                             history.acked_times.append(t1)
                             history.slowest = max(history.slowest, t1 - t0)
@@ -261,6 +294,7 @@ def load_history(path: str) -> tuple["History", list]:
     with open(path) as f:
         d = json.load(f)
     h = History(writes={int(k): v for k, v in d["writes"].items()}, acked_times=d.get("acked_times", []),
+                durable=set(d.get("durable", [])),
                 errors=[tuple(e) for e in d["errors"]], started=d.get("started", 0.0), ended=d.get("ended", 0.0),
                 slowest=d.get("slowest_write_s", 0.0))
     return h, [tuple(x) for x in d.get("alua", [])]

@@ -362,9 +362,16 @@ class Node:
                 if not self.fatal:  # a node that could not write its metadata did not stop cleanly
                     try:
                         self.save()
+                        # Clean means nothing to compare at the next start: the volumes' data
+                        # must be durable first (a power cut may follow the stop).
+                        for v in self.volumes.values():
+                            v.sync_blocking()
                         self.set_clean_flag(True)
                     except StateError:
                         pass
+                    except OSError as e:
+                        log.error("node %s: a volume could not be synced (%s): not marked as stopped "
+                                  "cleanly, the next start compares what may differ", self.cfg.name, e)
                 self.close()
 
     async def hand_over_for_shutdown(self) -> None:
@@ -487,7 +494,7 @@ class Node:
         """Every second: clear write-intent bits of regions no write can still be applied to
         (idle longer than ``max_request_hold``) that are not dirty (primary) or still to be
         reported (secondary after a crash); on a primary, give up on forwarded writes whose
-        RELEASE never came (``Group.expire_forwarded``)."""
+        RELEASE never came (``DataPath.expire_forwarded``)."""
         hold = self.cfg.link.max_request_hold() + 1.0
         lk = self.cfg.link
         release_bound = lk.io_timeout + lk.path_timeout  # the secondary gave up on it by then
@@ -497,7 +504,8 @@ class Node:
                 if g.role == "primary":
                     g.io.expire_forwarded(release_bound)
                 for m in list(g.members.values()):
-                    keep = m.dirty.test if g.role == "primary" else m.suspect_regions.__contains__
+                    # Asked again after the pass's data sync: the role may have changed meanwhile.
+                    keep = (lambda r, g=g, m=m: m.dirty.test(r) if g.role == "primary" else r in m.suspect_regions)
                     try:
                         await m.intent.clear_idle(hold, keep)
                     except OSError as e:

@@ -4,10 +4,34 @@ only, not of the whole volume.
 
 Before any write is applied to a region, the region's bit must be set *durably* (pwrite +
 fdatasync of the bitmap file); writes to a region whose bit is already durable cost nothing
-more than a bit test. A bit is cleared (lazily, without a sync) once the region has had no write
-for longer than any write can still be held (``hold``, the arrays' ``max_request_hold``) and,
-on a primary, the peer is not missing it (the region is not dirty). A stale set bit only costs
-a digest comparison after a crash.
+more than a bit test. A bit is cleared lazily, and only once the data it covers is durable on
+this array: a bit cleared while the region's data is still only in the page cache (or a disk's
+write cache) would let a power cut leave the replicas different with nothing left to compare.
+A pass of ``clear_idle`` (every second) keeps this order:
+
+1. Candidates: set bits of regions with no write marked or touched for longer than any write
+   can be held (``hold``, the arrays' ``max_request_hold``), so every write to them has been
+   applied, and not kept by the caller (on a primary: dirty, the peer lacks it; on a secondary
+   after a crash: not yet reported to the primary).
+2. The volume's data is made durable: every write to a candidate was applied by its last mark
+   or touch + ``hold``, so a volume flush that began after that covers it. Candidates that
+   the volume's latest completed flush (a host's FLUSH, usually) covers are cleared at once;
+   the others wait up to ``flush_wait`` seconds for a host flush, then the pass makes one
+   itself (``Volume.flush``: fdatasync in a worker thread) for all of them. A host that
+   flushes at least that often never costs an extra sync; one that never flushes costs one
+   per ``flush_wait`` seconds at most, and only while regions go idle. A flush covers every
+   write applied before it began, however it was applied: buffered pwrite (host, mirrored,
+   forwarded and resync writes), fallocate (zeroes, trims), O_DIRECT and RWF_DSYNC writes (an
+   fdatasync also flushes the device's write cache).
+3. Only candidates still idle (no write marked or touched since step 1: such a write may have
+   been applied after the sync began) and still not kept are cleared.
+4. The bitmap with those bits cleared is written without a sync: it can reach the disk only
+   after step 2 returned, when the data it stops covering is already durable; if a crash comes
+   first, the stale set bit only costs a digest comparison.
+
+Writes never wait for a clear pass (``mark`` and ``clear_idle`` share a lock only around bitmap
+file writes) and cost no more than before. After a failed volume flush no bit is cleared until
+the node restarts: Linux may report a later fdatasync as successful although the data was lost.
 
 File: ``intent-<gid>-<vol_id>`` in the node's data directory::
 
@@ -58,8 +82,14 @@ _HEAD = struct.Struct(">8sIIQ")
 
 
 class IntentLog:
-    def __init__(self, path: str, size: int, region: int):
+    def __init__(self, path: str, size: int, region: int, *, volume, flush_wait: float = 5.0):
+        """``volume``: the ``Volume`` whose regions this log covers (its ``flush``,
+        ``flushed_from`` and ``flush_failed``); ``flush_wait``: how long idle regions wait for
+        a host's flush before a clear pass flushes the volume itself."""
         self.path = path
+        self.volume = volume
+        self.flush_wait = flush_wait
+        self.data_syncs = 0  # volume flushes made by clear passes (not by hosts)
         self.region = region
         self.nregions = (size + region - 1) // region
         nbytes = (self.nregions + 7) // 8
@@ -229,13 +259,26 @@ class IntentLog:
             raise
 
     async def clear_idle(self, hold: float, keep) -> int:
-        """Clear regions with no write for ``hold`` seconds unless ``keep(r)``; no sync (a bit
-        left set by a crash only costs a comparison). Returns how many were cleared."""
-        now = time.monotonic()
-        n = 0
+        """Clear regions with no write for ``hold`` seconds unless ``keep(r)``, once their data is
+        durable (the module's steps 1-4). Returns how many were cleared."""
+        vol = self.volume
+        if vol.flush_failed:
+            return 0
+        cutoff = time.monotonic() - hold
         last = self.last
-        for r in list(set_bits(self.bits, self.nregions)):
-            if now - last.get(r, 0.0) > hold and not keep(r):
+        candidates = [r for r in set_bits(self.bits, self.nregions) if last.get(r, 0.0) < cutoff and not keep(r)]
+        if not candidates:
+            return 0
+        covered = vol.flushed_from - hold  # regions last written before this are durable
+        waiting = [last.get(r, 0.0) for r in candidates if last.get(r, 0.0) > covered]
+        if waiting and min(waiting) < cutoff - self.flush_wait:
+            await vol.flush()
+            self.data_syncs += 1
+        elif waiting:
+            candidates = [r for r in candidates if last.get(r, 0.0) <= covered]
+        n = 0
+        for r in candidates:
+            if last.get(r, 0.0) < cutoff and not keep(r):
                 self.bits[r >> 3] &= ~(1 << (r & 7))
                 self.durable[r >> 3] &= ~(1 << (r & 7))
                 last.pop(r, None)

@@ -13,6 +13,7 @@ import hashlib
 import mmap
 import os
 import stat
+import time
 
 import trio
 import xxhash
@@ -51,6 +52,11 @@ class Volume:
         self.direct = direct
         self.errors = 0  # device errors seen
         self.on_error = None  # callback(volume, OSError) on a device error (set by the node)
+        # Every write applied before this monotonic time is durable: the start of the latest
+        # completed flush. Frozen after a failed flush (a later fdatasync may then report
+        # success for data the kernel already dropped).
+        self.flushed_from = float("-inf")
+        self.flush_failed = False
         if size is not None and not os.path.exists(path):
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -193,11 +199,23 @@ class Volume:
             await self.flush()
 
     async def flush(self) -> None:
+        """Make every write applied so far durable, whichever way it was applied (buffered,
+        fallocate, O_DIRECT through ``dfd``: one inode; on a block device the device's write
+        cache is flushed too)."""
+        t0 = time.monotonic()
         try:
             await trio.to_thread.run_sync(os.fdatasync, self.fd)
         except OSError as e:
+            self.flush_failed = True
             self._failed(e)
             raise
+        if not self.flush_failed:
+            self.flushed_from = max(self.flushed_from, t0)
+
+    def sync_blocking(self) -> None:
+        """``flush`` on the calling thread, at shutdown (when nothing else runs and nobody is
+        left to tell of a device failure: the caller reports it)."""
+        os.fdatasync(self.fd)
 
     def allocation(self, offset: int, length: int) -> list[tuple[int, int]]:
         if self.is_block:
