@@ -361,7 +361,8 @@ class Group:
             return False
         link = self.node.link
         if self.role == "primary":
-            if not (self.mirroring and link.up):
+            # No credit on the link: the task path waits for it before taking the range.
+            if not (self.mirroring and link.up and link.has_credit(len(data))):
                 return False
             tok = m.lock.try_acquire(offset, len(data))
             if tok is None:
@@ -489,15 +490,25 @@ class Group:
 
     async def _write_at_primary(self, m, kind, offset, length, data, fua, no_hole) -> None:
         await m.intent.mark(offset, length)
-        tok = await m.lock.acquire(offset, length)
+        link = self.node.link
+        # Room on the link before the range: a write must not hold its range while it waits for
+        # credit (overlapping writes, forwarded ones whose io_timeout runs, would wait behind it).
+        room = await link.reserve(length if kind == WRITE else 0) if self.mirroring else None
+        try:
+            tok = await m.lock.acquire(offset, length)
+        except BaseException:
+            if room is not None:
+                link.unreserve(room)
+            raise
         m.intent.touch(offset, length)
         try:
             while self.peer_mode == FENCING:
                 await self.fenced.wait()
             self._check_serving()
             if self.mirroring:
-                link = self.node.link
-                pend = link.start(self._frame(m, kind, link.next_id(), offset, length, data, fua, no_hole))
+                pend = link.start(self._frame(m, kind, link.next_id(), offset, length, data, fua, no_hole),
+                                  reserved=room)
+                room = None
                 try:
                     await apply_local(m.vol, kind, offset, length, data, fua, no_hole)
                 except OSError as e:
@@ -518,6 +529,8 @@ class Group:
                     raise self.local_error(e) from None
         finally:
             m.lock.release(tok)
+            if room is not None:
+                link.unreserve(room)
 
     async def _mirror_result(self, pend) -> bool:
         """True when the peer applied the op; False once the peer was fenced off instead."""
