@@ -183,7 +183,9 @@ class NBDConnection:
         n = _REPLY_OVERHEAD
         for b in bufs:
             n += len(b)
-        self._hold(n)
+        if not self.closed:
+            self.held += n
+            self.server.held += n
         self.out.append(bufs)
         self.lot.unpark()
 
@@ -204,12 +206,6 @@ class NBDConnection:
             self._unhold(n)
 
     # -- what this connection holds ------------------------------------------------------------
-    def _hold(self, n: int) -> None:
-        if self.closed:
-            return
-        self.held += n
-        self.server.held += n
-
     def _unhold(self, n: int) -> None:
         if self.closed:  # a request that completes after its connection ended
             return
@@ -372,14 +368,18 @@ class NBDConnection:
             # Counted from its header on, before its payload is read: what passed the check
             # above is held before any other connection checks again.
             if isinstance(ev, p.PartialWrite):
-                self._hold(_REQ_OVERHEAD + ev.request.length)
+                cost = _REQ_OVERHEAD + ev.request.length
+                self.held += cost
+                srv.held += cost
                 ev = await self._complete_write(ev)
                 if ev.length >= _BIG_WRITE:
                     # Reading, copying and forwarding a large write is a lot of work for one
                     # step: let the other tasks (the replication link's above all) have a turn.
                     await trio.lowlevel.checkpoint()
             else:
-                self._hold(_request_cost(ev))
+                cost = _REQ_OVERHEAD + ev.length if ev.type == p.CMD_WRITE or ev.type == p.CMD_READ else _REQ_OVERHEAD
+                self.held += cost
+                srv.held += cost
             if ev.type == p.CMD_DISC:
                 return
             if self.server.draining and ev.type != p.CMD_BLOCK_STATUS:

@@ -463,7 +463,10 @@ class Link:
                 if pend.path is not None:
                     pend.path.inflight.pop(f.req_id, None)
                 pend.reply = f
-                self._settle(pend)
+                if pend.cost:
+                    self._give(pend.cost)
+                    pend.cost = 0
+                pend.finish()
             return
         if t == MsgType.PING:
             self._enqueue(p, proto.encode(Frame.pong(f.ping_ns())), False)
@@ -586,8 +589,13 @@ class Link:
             pend.error = LinkDown("replication link down")
             pend.finish()
             return pend
-        pend.bulk = is_bulk(frame)
-        cost = request_cost(frame)
+        t = frame.type
+        if t in DATA_TYPES:  # request_cost() and is_bulk(), inline: this is the hot path
+            pend.bulk = True
+            cost = proto.HEADER_SIZE + len(frame.payload)
+        else:
+            pend.bulk = is_bulk(frame)
+            cost = request_cost(frame)
         if reserved is not None and reserved.granted:
             reserved.granted = False
             self.credit.used += cost - reserved.cost  # normally 0: the room was made for it
