@@ -493,7 +493,9 @@ class Group:
         link = self.node.link
         # Room on the link before the range: a write must not hold its range while it waits for
         # credit (overlapping writes, forwarded ones whose io_timeout runs, would wait behind it).
-        room = await link.reserve(length if kind == WRITE else 0) if self.mirroring else None
+        # Taken whether or not the peer mirrors now (it may by the time the range is ours);
+        # given back unused otherwise.
+        room = await link.reserve(length if kind == WRITE else 0) if link is not None else None
         try:
             tok = await m.lock.acquire(offset, length)
         except BaseException:

@@ -18,8 +18,17 @@ Two promises keep a busy link alive:
 from __future__ import annotations
 
 import collections
+from typing import Any, Protocol
 
 from .proto import HEADER_SIZE, Frame, MsgType
+
+Buffers = list[Any]  # one frame (or a batch) as proto.encode makes it: bytes and memoryviews
+
+
+class Waiter(Protocol):
+    """What waits for credit: a request, or room reserved for one."""
+
+    cost: int
 
 BULK_BATCH = 256 << 10  # bulk bytes handed to the kernel between two looks at the control queue
 BULK_PAYLOAD = 16 << 10  # a frame carrying more than this is bulk whatever its type (READ replies)
@@ -36,7 +45,7 @@ def request_cost(f: Frame) -> int:
     if t in DATA_TYPES:
         return HEADER_SIZE + len(f.payload)
     if t == MsgType.READ:
-        return HEADER_SIZE + f.length
+        return HEADER_SIZE + int(f.length)
     return 0
 
 
@@ -52,16 +61,16 @@ class SendQueue:
     __slots__ = ("ctl", "bulk")
 
     def __init__(self) -> None:
-        self.ctl: collections.deque[list] = collections.deque()
-        self.bulk: collections.deque[list] = collections.deque()
+        self.ctl: collections.deque[Buffers] = collections.deque()
+        self.bulk: collections.deque[Buffers] = collections.deque()
 
     def __len__(self) -> int:
         return len(self.ctl) + len(self.bulk)
 
-    def next_batch(self) -> list:
+    def next_batch(self) -> Buffers:
         """Buffers to hand to the kernel now: every queued control frame, then whole bulk frames
         up to ``BULK_BATCH`` bytes (at least one frame, however large); [] when empty."""
-        out: list = []
+        out: Buffers = []
         ctl, bulk = self.ctl, self.bulk
         while ctl and len(out) < IOV_MAX:
             out.extend(ctl.popleft())
@@ -91,7 +100,7 @@ class Credit:
             raise ValueError("credit limit must be positive")
         self.limit = limit
         self.used = 0
-        self.waiting: collections.deque = collections.deque()
+        self.waiting: collections.deque[Waiter] = collections.deque()
         self.waits = 0  # requests that had to wait, ever
 
     def take(self, cost: int) -> bool:
@@ -101,14 +110,14 @@ class Credit:
         self.used += cost
         return True
 
-    def queue(self, item) -> None:
+    def queue(self, item: Waiter) -> None:
         self.waiting.append(item)
         self.waits += 1
 
     def give(self, cost: int) -> None:
         self.used -= cost
 
-    def admit(self) -> list:
+    def admit(self) -> list[Waiter]:
         """The waiting requests that fit now, in order, their cost taken."""
         out = []
         waiting = self.waiting
@@ -120,14 +129,14 @@ class Credit:
             out.append(waiting.popleft())
         return out
 
-    def cancel(self, item) -> None:
+    def cancel(self, item: Waiter) -> None:
         """``item`` no longer waits (its waiter was cancelled); its cost was never taken."""
         try:
             self.waiting.remove(item)
         except ValueError:  # already admitted or dropped
             pass
 
-    def drop(self) -> list:
+    def drop(self) -> list[Waiter]:
         """Every waiting request (the link went down); their cost was never taken."""
         out = list(self.waiting)
         self.waiting.clear()
