@@ -37,6 +37,9 @@ _DEDUPE_WINDOW = 1 << 16
 _NOTSENT_LOWAT = 256 << 10
 _RECV_BUF = 256 << 10  # one recv
 _READ_AHEAD = 4 << 20  # read at most this much before applying some of the data ops read
+# Data ops read ahead and not yet applied, at most (the peer's own credit normally keeps it far
+# lower); beyond, reading waits and TCP holds the peer back.
+_RX_QUEUE_MAX = 32 << 20
 
 
 class LinkDown(Exception):
@@ -417,10 +420,11 @@ class Link:
         buf = bytearray(_RECV_BUF)
         view = memoryview(buf)
         data_ops: collections.deque[Frame] = collections.deque()
+        queued = 0  # payload bytes in data_ops
         pacer = netio.Pacer()
         while True:
             got = 0
-            while got < _READ_AHEAD:
+            while got < _READ_AHEAD and queued < _RX_QUEUE_MAX:
                 n = netio.recv_into_nowait(sock, view)
                 if n is None:  # nothing more has arrived
                     if got or data_ops:
@@ -437,6 +441,7 @@ class Link:
                     p.rx_frames += 1
                     if f.type in DATA_TYPES:
                         data_ops.append(f)
+                        queued += len(f.payload)
                     else:
                         self._dispatch(p, f)
                 if n < _RECV_BUF:  # the socket is very likely drained: spare a recv
@@ -447,7 +452,9 @@ class Link:
             budget = BULK_BATCH
             while data_ops and budget > 0:
                 f = data_ops.popleft()
-                budget -= len(f.payload) + proto.HEADER_SIZE
+                n = len(f.payload)
+                queued -= n
+                budget -= n + proto.HEADER_SIZE
                 self._dispatch(p, f)
             if budget <= 0:
                 await trio.lowlevel.checkpoint()  # a batch of writes was applied: others' turn
@@ -598,8 +605,11 @@ class Link:
             cost = request_cost(frame)
         if reserved is not None and reserved.granted:
             reserved.granted = False
-            self.credit.used += cost - reserved.cost  # normally 0: the room was made for it
             pend.cost = cost
+            if cost > reserved.cost:
+                self.credit.used += cost - reserved.cost
+            elif cost < reserved.cost:  # normally equal: the room was made for this request
+                self._give(reserved.cost - cost)
         elif cost:
             pend.cost = cost
             if frame.flags & proto.FLAG_RESYNC:
