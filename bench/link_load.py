@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -90,7 +91,7 @@ def main() -> int:
     ap.add_argument("--max-inflight", default=None, help="link.max_inflight (default: the node's)")
     ap.add_argument("--timings", choices=("default", "fast"), default="default")
     ap.add_argument("--no-relay", action="store_true")
-    ap.add_argument("--dir", default=None)
+    ap.add_argument("--dir", default=None, help="lab directory, kept (default: a temporary one, removed)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     opts = dict(FAST_LINK) if a.timings == "fast" else {}
@@ -119,6 +120,8 @@ def main() -> int:
                 print(f"   node {s}: {x}")
     finally:
         lab_down(str(d / "lab"))
+        if not a.dir:  # a temporary directory: its 1 GiB volumes go (the logs' trouble lines are kept below)
+            shutil.rmtree(d, ignore_errors=True)
     out = Path(a.out) if a.out else Path(__file__).parent / "results" / time.strftime("linkload-%Y%m%d-%H%M%S.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
