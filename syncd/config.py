@@ -21,6 +21,9 @@ _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,30}$")
 
 
+MIN_INFLIGHT = 1 << 20  # the smallest in-flight bound a config may set (link, NBD)
+
+
 def parse_size(value: object, key: str) -> int:
     """Parse 1048576, "1M", "1MiB", "2G" into bytes."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -87,6 +90,7 @@ class LinkConfig:
     resync_share: float = 0.5
     transition_timeout: float = 5.0  # s host I/O waits during a switchover before EAGAIN
     key: str | None = None
+    max_inflight: int = 32 << 20  # bytes of data requests in flight on the link (flow control)
 
     def lease_expiry(self) -> float:
         """How long after granting a lease the primary treats it as possibly still running."""
@@ -111,6 +115,8 @@ class NodeConfig:
     source: str = ""
     witness: object = None  # syncd.witness.client.WitnessClientConfig
     nbd_tls: "NbdTlsConfig | None" = None
+    nbd_max_inflight: int = 128 << 20  # bytes all NBD connections may hold (requests, replies)
+    nbd_max_inflight_per_connection: int = 32 << 20  # ... and one connection
 
 
 @dataclass(frozen=True)
@@ -171,10 +177,20 @@ def parse_node_config(raw: dict, base: Path = Path("."), source: str = "") -> No
     admin_socket = rel(_take(node, "admin_socket", "node", str, os.path.join(data_dir, "admin.sock")))
 
     nbd = _take(raw, "nbd", "config", dict, {})
-    _no_extra(nbd, {"listen", "tls", "tls_certificate", "tls_key", "tls_ca"}, "nbd")
+    _no_extra(nbd, {"listen", "tls", "tls_certificate", "tls_key", "tls_ca", "max_inflight",
+                    "max_inflight_per_connection"}, "nbd")
     listen = _take(nbd, "listen", "nbd", list, ["127.0.0.1:10809"])
     nbd_listen = tuple(parse_addr(a, f"nbd.listen[{i}]") for i, a in enumerate(listen))
     nbd_tls = parse_nbd_tls(nbd, base)
+    nbd_limits = {}
+    for k in ("max_inflight", "max_inflight_per_connection"):
+        v = parse_size(nbd.get(k, getattr(NodeConfig, "nbd_" + k)), f"nbd.{k}")
+        if v < MIN_INFLIGHT:
+            raise ConfigError(f"nbd.{k}: {v} bytes is too small to hold a host request (at least 1MiB)")
+        nbd_limits["nbd_" + k] = v
+    if nbd_limits["nbd_max_inflight_per_connection"] > nbd_limits["nbd_max_inflight"]:
+        raise ConfigError("nbd.max_inflight_per_connection: larger than nbd.max_inflight "
+                          "(what all connections together may hold)")
 
     link = None
     if "link" in raw:
@@ -182,7 +198,7 @@ def parse_node_config(raw: dict, base: Path = Path("."), source: str = "") -> No
         fields = {
             "peer", "paths", "ping_interval", "path_timeout", "io_timeout", "lease",
             "lease_margin", "clock_drift", "max_rtt_ms", "region_size", "resync_share", "key",
-            "transition_timeout",
+            "transition_timeout", "max_inflight",
         }
         _no_extra(lk, fields, "link")
         peer = check_name(_take(lk, "peer", "link", str), "link.peer")
@@ -223,7 +239,11 @@ def parse_node_config(raw: dict, base: Path = Path("."), source: str = "") -> No
         if rs % 4096 or rs & (rs - 1):
             raise ConfigError("link.region_size: must be a power of two multiple of 4096")
         key = _take(lk, "key", "link", str, None)
-        link = LinkConfig(peer=peer, paths=tuple(paths), region_size=rs, key=key, **kw)
+        mi = parse_size(lk.get("max_inflight", d.max_inflight), "link.max_inflight")
+        if mi < MIN_INFLIGHT:
+            raise ConfigError(f"link.max_inflight: {mi} bytes is too small for data in flight to the peer "
+                              f"(at least 1MiB; default 32MiB)")
+        link = LinkConfig(peer=peer, paths=tuple(paths), region_size=rs, key=key, max_inflight=mi, **kw)
 
     vols = []
     seen_names: set[str] = set()
@@ -254,7 +274,8 @@ def parse_node_config(raw: dict, base: Path = Path("."), source: str = "") -> No
         witness = parse_witness_client(_take(raw, "witness", "config", dict), "witness")
         if link is None:
             raise ConfigError("witness: a witness needs a [link] to a peer")
-    return NodeConfig(name, data_dir, admin_socket, nbd_listen, link, tuple(vols), source, witness, nbd_tls)
+    return NodeConfig(name, data_dir, admin_socket, nbd_listen, link, tuple(vols), source, witness, nbd_tls,
+                      **nbd_limits)
 
 
 def parse_witness_client(wt: dict, where: str):

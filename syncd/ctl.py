@@ -75,13 +75,17 @@ def print_showrcopy(r: dict, console: Console) -> None:
     lk = r.get("link")
     if lk:
         t = Table(title=f"Target {lk['peer']}: link {lk['state']} ({lk['paths_up']}/{len(lk['paths'])} paths)")
-        for c in ("path", "local", "peer", "state", "rtt ms", "tx frames", "rx frames", "last error"):
+        for c in ("path", "local", "peer", "state", "rtt ms", "rtt max ms", "tx frames", "rx frames", "last error"):
             t.add_column(c)
         for p in lk["paths"]:
             t.add_row(str(p["index"]), p["local"], p["peer"], p["state"],
-                      "-" if p["rtt_ms"] is None else f"{p['rtt_ms']:.3f}",
+                      "-" if p["rtt_ms"] is None else f"{p['rtt_ms']:.3f}", f"{p['rtt_max_ms']:.1f}",
                       str(p["tx_frames"]), str(p["rx_frames"]), p["last_error"] or "")
         console.print(t)
+        console.print(
+            f"Data in flight {lk['inflight_bytes'] / 2**20:.1f} of {lk['max_inflight'] / 2**20:.0f} MiB; "
+            f"{lk['waiting_for_credit']} request(s) waiting for room ({lk['credit_waits']} so far, "
+            f"longest {lk['credit_wait_max_ms']:.0f} ms)")
         if lk["rtt_warning"]:
             console.print(
                 f"[bold red]WARNING[/bold red]: round trip {lk['rtt_ms']:.2f} ms exceeds "

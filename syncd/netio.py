@@ -27,6 +27,10 @@ class Pacer:
         self.n = 0
         self.every = every
 
+    def reset(self) -> None:
+        """The caller just blocked or yielded: start counting again."""
+        self.n = 0
+
     async def tick(self, blocked: bool) -> None:
         if blocked:
             self.n = 0
@@ -49,6 +53,14 @@ async def recv(sock: socket.socket, n: int, pacer: Pacer | None = None) -> bytes
     if pacer is not None:
         await pacer.tick(blocked)
     return data
+
+
+def recv_into_nowait(sock: socket.socket, view) -> int | None:
+    """Bytes received into ``view`` (0: the peer closed), or None when nothing is there."""
+    try:
+        return sock.recv_into(view)
+    except BlockingIOError:
+        return None
 
 
 async def recv_into(sock: socket.socket, view) -> int:
@@ -140,6 +152,21 @@ async def accept(lsock: socket.socket) -> tuple[socket.socket, object]:
         if conn.family in (socket.AF_INET, socket.AF_INET6):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn, addr
+
+
+# Linux value; Python's socket module names it only on some builds.
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+
+
+def set_notsent_lowat(sock, nbytes: int) -> None:
+    """Let the kernel hold at most about ``nbytes`` of not yet sent data for ``sock`` (beyond
+    that, sends return EAGAIN): what the process still holds can be reordered (control before
+    bulk), what the kernel holds cannot. Ignored where the option does not exist."""
+    if sock.fileno() >= 0 and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, nbytes)
+        except OSError:
+            pass
 
 
 _LINGER_ABORT = struct.pack("ii", 1, 0)

@@ -4,6 +4,11 @@ One task receives a connection's requests; each request runs in its own task of 
 connection's nursery (clients pipeline, replicated writes wait on the network); replies go to
 one sender task that batches whatever is ready into a single vectored send. A client that
 breaks the protocol is disconnected alone; nothing it sends can take the server down.
+
+What clients may make the server hold is bounded: the bytes of requests received and not yet
+answered plus replies not yet sent, per connection and over all connections. At the bound a
+connection reads no further request until some complete, so a saturated replication link slows
+the hosts (TCP back-pressure) instead of growing the server's memory.
 """
 
 from __future__ import annotations
@@ -40,6 +45,13 @@ _ERRNO_TO_NBD = {
 }
 HANDSHAKE_TIMEOUT = 30.0
 MAX_OPTIONS = 256
+MAX_INFLIGHT = 128 << 20  # bytes all connections may hold (requests and replies), by default
+MAX_INFLIGHT_PER_CONNECTION = 32 << 20  # ... and one connection
+# What a request or a queued reply costs beyond its data bytes (objects, a task), so a flood of
+# tiny requests is bounded as well.
+_REQ_OVERHEAD = 4096
+_BIG_WRITE = 128 << 10
+_REPLY_OVERHEAD = 64
 _KNOWN_CMD_FLAGS = p.CMD_FLAG_FUA | p.CMD_FLAG_NO_HOLE | p.CMD_FLAG_DF | p.CMD_FLAG_REQ_ONE | p.CMD_FLAG_FAST_ZERO
 
 
@@ -92,8 +104,10 @@ class NBDConnection:
         self.contexts: dict[int, str] = {}
         self.out: collections.deque = collections.deque()
         self.lot = trio.lowlevel.ParkingLot()
-        self.closing = False
+        self.closed = False  # ended: what it held was given back to the server at once
         self.inflight = 0
+        self.held = 0  # bytes of requests being run and replies not yet sent (see the module doc)
+        self.room = trio.lowlevel.ParkingLot()  # the reader, waiting for held to drop
         self.idle = trio.Event()
         self.pacer = netio.Pacer()
         self.scope = trio.CancelScope()  # cancelled to disconnect this client (unexported)
@@ -166,6 +180,12 @@ class NBDConnection:
         self.conn.receive_data(data)
 
     def _queue(self, *bufs) -> None:
+        n = _REPLY_OVERHEAD
+        for b in bufs:
+            n += len(b)
+        if not self.closed:
+            self.held += n
+            self.server.held += n
         self.out.append(bufs)
         self.lot.unpark()
 
@@ -176,9 +196,37 @@ class NBDConnection:
                 await self.lot.park()
                 continue
             bufs = []
+            n = 0
             while self.out and len(bufs) < 256:
                 bufs.extend(self.out.popleft())
+                n += _REPLY_OVERHEAD
+            for b in bufs:
+                n += len(b)
             await self._send(bufs, pacer)
+            self._unhold(n)
+
+    # -- what this connection holds ------------------------------------------------------------
+    def _unhold(self, n: int) -> None:
+        if self.closed:  # a request that completes after its connection ended
+            return
+        self.held -= n
+        srv = self.server
+        srv.held -= n
+        if self.room and self.held < srv.max_inflight_per_connection:
+            self.room.unpark_all()
+        if srv.room and srv.held < srv.max_inflight:
+            srv.room.unpark_all()
+
+    async def _wait_for_room(self) -> None:
+        """Read no further request while this connection or the server holds its maximum."""
+        srv = self.server
+        while True:
+            if self.held >= srv.max_inflight_per_connection:
+                await self.room.park()
+            elif srv.held >= srv.max_inflight:
+                await srv.room.park()
+            else:
+                return
 
     # -- handshake -----------------------------------------------------------------------------
     async def _next(self):
@@ -309,16 +357,33 @@ class NBDConnection:
     # -- transmission --------------------------------------------------------------------------
     async def transmission(self, nursery: trio.Nursery) -> None:
         conn = self.conn
+        srv = self.server
         while True:
+            if self.held >= srv.max_inflight_per_connection or srv.held >= srv.max_inflight:
+                await self._wait_for_room()
             ev = conn.next_event()
             if ev is p.NEED_DATA:
                 await self._recv()
                 continue
+            # Counted from its header on, before its payload is read: what passed the check
+            # above is held before any other connection checks again.
             if isinstance(ev, p.PartialWrite):
+                cost = _REQ_OVERHEAD + ev.request.length
+                self.held += cost
+                srv.held += cost
                 ev = await self._complete_write(ev)
+                if ev.length >= _BIG_WRITE:
+                    # Reading, copying and forwarding a large write is a lot of work for one
+                    # step: let the other tasks (the replication link's above all) have a turn.
+                    await trio.lowlevel.checkpoint()
+            else:
+                cost = _REQ_OVERHEAD + ev.length if ev.type == p.CMD_WRITE or ev.type == p.CMD_READ else _REQ_OVERHEAD
+                self.held += cost
+                srv.held += cost
             if ev.type == p.CMD_DISC:
                 return
             if self.server.draining and ev.type != p.CMD_BLOCK_STATUS:
+                self._unhold(_request_cost(ev))
                 self._fail(ev.cookie, p.NBD_ESHUTDOWN, "this array is shutting down: use another path")
                 continue
             if (ev.type == p.CMD_READ or ev.type == p.CMD_WRITE) and not ev.flags and self._fast(ev):
@@ -327,10 +392,13 @@ class NBDConnection:
             nursery.start_soon(self._run, ev)
 
     def _fast(self, r: p.Request) -> bool:
-        """Run a plain read or write without a task when the export can (True if handled)."""
+        """Run a plain read or write without a task when the export can (True if handled; the
+        request's cost, held by the caller, is then given back when it completes)."""
         e = self.export
+        cost = _REQ_OVERHEAD + r.length
         err = self._check(r)
         if err:
+            self._unhold(cost)
             self._fail(r.cookie, err, "")
             return True
         if r.type == p.CMD_READ:
@@ -340,10 +408,12 @@ class NBDConnection:
             try:
                 data = fr(r.offset, r.length)
             except BlockError as ex:
+                self._unhold(cost)
                 self._fail(r.cookie, nbd_errno(ex.errno), str(ex))
                 return True
             if data is None:
                 return False
+            self._unhold(cost)
             if self.conn.structured:
                 self._queue(self.conn.offset_data_head(r.cookie, r.offset, len(data)), data)
             else:
@@ -357,6 +427,7 @@ class NBDConnection:
 
         def done(err: int, msg: str) -> None:
             self.inflight -= 1
+            self._unhold(cost)
             if err:
                 self._fail(cookie, nbd_errno(err), msg)
             elif self.conn.structured:
@@ -443,6 +514,7 @@ class NBDConnection:
             self._fail(r.cookie, err, msg)
         finally:
             self.inflight -= 1
+            self._unhold(_request_cost(r))
             if not self.inflight:
                 self.idle.set()
 
@@ -490,11 +562,23 @@ class NBDConnection:
             self._queue(self.conn.block_status_chunk(r.cookie, cid, flags, done=i == len(chunks) - 1))
 
 
+def _request_cost(r: p.Request) -> int:
+    """What a request makes the server hold while it runs: its data (a write's payload, the
+    buffer a read fills) and the overhead of a request."""
+    t = r.type
+    return _REQ_OVERHEAD + r.length if t == p.CMD_WRITE or t == p.CMD_READ else _REQ_OVERHEAD
+
+
 class NBDServer:
-    def __init__(self, catalog: ExportCatalog, tls_context: ssl.SSLContext | None = None, tls_required: bool = False):
+    def __init__(self, catalog: ExportCatalog, tls_context: ssl.SSLContext | None = None, tls_required: bool = False,
+                 max_inflight: int = MAX_INFLIGHT, max_inflight_per_connection: int = MAX_INFLIGHT_PER_CONNECTION):
         self.catalog = catalog
         self.tls_context = tls_context
         self.tls_required = tls_required and tls_context is not None
+        self.max_inflight = max_inflight
+        self.max_inflight_per_connection = max_inflight_per_connection
+        self.held = 0  # bytes all connections hold (the sum of their ``held``)
+        self.room = trio.lowlevel.ParkingLot()  # readers waiting for held to drop
         self.connections = 0
         self.live: set[NBDConnection] = set()
         self.draining = False  # shutting down: new requests are refused ESHUTDOWN, running ones finish
@@ -571,6 +655,13 @@ class NBDServer:
         finally:
             self.connections -= 1
             self.live.discard(c)
+            # Replies never sent, and requests the link may still complete, are not the
+            # server's to hold any more.
+            c.closed = True
+            self.held -= c.held
+            c.held = 0
+            if self.room and self.held < self.max_inflight:
+                self.room.unpark_all()
 
     async def _session(self, c: NBDConnection) -> None:
         with trio.move_on_after(HANDSHAKE_TIMEOUT) as hs:

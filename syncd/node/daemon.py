@@ -343,12 +343,14 @@ class Node:
                     await nursery.start(self.link.run)
                     nursery.start_soon(self._intent_loop)
                 tls = self.cfg.nbd_tls
+                limits = dict(max_inflight=self.cfg.nbd_max_inflight,
+                              max_inflight_per_connection=self.cfg.nbd_max_inflight_per_connection)
                 if tls is not None:
                     from ..config import server_tls_context
 
-                    nbd = self.nbd = NBDServer(self, server_tls_context(tls), tls.mode == "require")
+                    nbd = self.nbd = NBDServer(self, server_tls_context(tls), tls.mode == "require", **limits)
                 else:
-                    nbd = self.nbd = NBDServer(self)
+                    nbd = self.nbd = NBDServer(self, **limits)
                 for host, port in self.cfg.nbd_listen:
                     actual = await nursery.start(nbd.serve_tcp, host, port)
                     self.nbd_ports.append((host, actual if isinstance(actual, int) else port))

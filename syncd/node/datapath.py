@@ -242,7 +242,8 @@ class DataPath:
             return False
         link = g.node.link
         if g.role == "primary":
-            if not (g.mirroring and link.up):
+            # No credit on the link: the task path waits for it before taking the range.
+            if not (g.mirroring and link.up and link.has_credit(len(data))):
                 return False
             tok = m.lock.try_acquire(offset, len(data))
             if tok is None:
@@ -353,7 +354,18 @@ class DataPath:
                                 no_hole: bool) -> None:
         g = self.g
         await m.intent.mark(offset, length)
-        tok = await m.lock.acquire(offset, length)
+        link = g.node.link
+        # Room on the link before the range: a write must not hold its range while it waits for
+        # credit (overlapping writes, forwarded ones whose time runs, would wait behind it).
+        # Taken whether or not the peer mirrors now (it may by the time the range is ours);
+        # given back unused otherwise.
+        room = await link.reserve(length if kind == WRITE else 0) if link is not None else None
+        try:
+            tok = await m.lock.acquire(offset, length)
+        except BaseException:
+            if room is not None:
+                link.unreserve(room)
+            raise
         m.intent.touch(offset, length)
         try:
             await self._fence_over()
@@ -361,8 +373,9 @@ class DataPath:
             if g.role != "primary":
                 raise BlockError(errno.ESHUTDOWN, f"group {g.name}: this array is no longer primary")
             if g.mirroring:
-                link = g.node.link
-                pend = link.start(self._frame(m, kind, link.next_id(), offset, length, data, fua, no_hole))
+                pend = link.start(self._frame(m, kind, link.next_id(), offset, length, data, fua, no_hole),
+                                  reserved=room)
+                room = None
                 try:
                     await apply_local(m.vol, kind, offset, length, data, fua, no_hole)
                 except OSError as e:
@@ -382,6 +395,8 @@ class DataPath:
                     raise self.local_error(e) from None
         finally:
             m.lock.release(tok)
+            if room is not None:
+                link.unreserve(room)
 
     async def _mirror_result(self, pend: Any, m: "Member | None" = None, offset: int = 0, length: int = 0) -> None:
         """Return when the peer applied the op, or once it was fenced off instead and this array

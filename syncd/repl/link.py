@@ -3,6 +3,10 @@
 A request goes out on the least-loaded live path and is re-sent on another path if its path
 dies; the receiver deduplicates by request id within a link session, so a re-sent request is
 applied at most once. The link is up while at least one path is up.
+
+Flow control (``flow.py``): control frames go before bulk data on every path, and the bytes of
+data requests in flight are bounded by ``link.max_inflight``; a request beyond it waits (no task,
+no deadline running) until replies make room, and fails with the link if the link goes down.
 """
 
 from __future__ import annotations
@@ -21,13 +25,21 @@ import trio
 from .. import netio
 from ..config import LinkConfig
 from . import proto
+from .flow import BULK_BATCH, BULK_PAYLOAD, DATA_TYPES, Credit, SendQueue, is_bulk, request_cost
 from .proto import Frame, FrameDecoder, MsgType, ProtocolError
 
 log = logging.getLogger("syncd.link")
 
 _NS = 1_000_000_000
 _DEDUPE_WINDOW = 1 << 16
-_IOV_MAX = 512
+# Unsent bytes the kernel may hold per path socket: a control frame handed to the kernel waits
+# behind at most this much (plus what is in flight on the wire), not behind megabytes.
+_NOTSENT_LOWAT = 256 << 10
+_RECV_BUF = 256 << 10  # one recv
+_READ_AHEAD = 4 << 20  # read at most this much before applying some of the data ops read
+# Data ops read ahead and not yet applied, at most (the peer's own credit normally keeps it far
+# lower); beyond, reading waits and TCP holds the peer back.
+_RX_QUEUE_MAX = 32 << 20
 
 
 class LinkDown(Exception):
@@ -40,12 +52,16 @@ class LinkTimeout(Exception):
 
 class _Pending:
     """A request awaiting its reply: either a task waits on ``event``, or ``cb(pending)`` is
-    called from the receiver when it completes (no task per request on the hot path)."""
+    called from the receiver when it completes (no task per request on the hot path). Its
+    deadline runs from when it is first handed to a path (not while it waits for credit);
+    ``cost`` is the credit it holds until it completes."""
 
-    __slots__ = ("frame", "bufs", "event", "reply", "error", "path", "deadline", "cb")
+    __slots__ = ("frame", "bufs", "event", "reply", "error", "path", "deadline", "timeout", "cb",
+                 "cost", "bulk", "since")
 
-    def __init__(self, frame: Frame, bufs: list, deadline: float = 0.0, cb=None) -> None:
-        self.deadline = deadline
+    def __init__(self, frame: Frame, bufs: list, timeout: float, cb=None) -> None:
+        self.deadline = 0.0  # set when handed to a path
+        self.timeout = timeout
         self.frame = frame
         self.bufs = bufs
         self.cb = cb
@@ -53,6 +69,9 @@ class _Pending:
         self.reply: Frame | None = None
         self.error: Exception | None = None
         self.path: Path | None = None
+        self.cost = 0
+        self.bulk = False
+        self.since = 0.0  # when it began waiting for credit
 
     def done(self) -> bool:
         return self.reply is not None or self.error is not None
@@ -63,6 +82,18 @@ class _Pending:
             cb(self)
         else:
             self.event.set()
+
+
+class _Room:
+    """Credit reserved ahead of a data request (``Link.reserve``)."""
+
+    __slots__ = ("cost", "granted", "event", "since")
+
+    def __init__(self, cost: int) -> None:
+        self.cost = cost
+        self.granted = False
+        self.event: trio.Event | None = None
+        self.since = 0.0
 
 
 @dataclass
@@ -76,7 +107,7 @@ class Path:
     rtt_ms: float | None = None
     last_rx: float = 0.0
     since: float = field(default_factory=time.time)
-    queue: collections.deque = field(default_factory=collections.deque)
+    sendq: SendQueue = field(default_factory=SendQueue)
     lot: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
     inflight: dict = field(default_factory=dict)  # req_id -> _Pending sent on this path
     cancel: trio.CancelScope | None = None
@@ -85,6 +116,9 @@ class Path:
     tx_bytes: int = 0
     rx_bytes: int = 0
     last_error: str = ""
+    ctl_since: float = 0.0  # when the oldest control frame now queued was queued
+    ctl_wait_max: float = 0.0  # s, the longest a control frame waited to reach the kernel
+    rtt_max_ms: float = 0.0  # the slowest keepalive round trip (both sides' queues included)
 
     def info(self) -> dict:
         return {
@@ -99,6 +133,9 @@ class Path:
             "tx_bytes": self.tx_bytes,
             "rx_bytes": self.rx_bytes,
             "last_error": self.last_error,
+            "queued_frames": len(self.sendq),
+            "ctl_wait_max_ms": round(self.ctl_wait_max * 1000, 3),
+            "rtt_max_ms": round(self.rtt_max_ms, 3),
         }
 
 
@@ -129,7 +166,9 @@ class Link:
         self.dial_session = secrets.randbits(63) | 1
         self.peer_uuid: bytes | None = None
         self._ids = itertools.count(1)
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, _Pending] = {}  # handed to a path, awaiting the reply
+        self.credit = Credit(cfg.max_inflight)
+        self.credit_wait_max = 0.0  # s, the longest a request waited for credit
         self._seen: collections.OrderedDict[int, list | None] = collections.OrderedDict()
         self._rr = 0
         self._nursery: trio.Nursery | None = None
@@ -159,6 +198,11 @@ class Link:
             "max_rtt_ms": self.cfg.max_rtt_ms,
             "rtt_warning": rtt is not None and rtt > self.cfg.max_rtt_ms,
             "session": self.session,
+            "max_inflight": self.credit.limit,
+            "inflight_bytes": self.credit.used,
+            "waiting_for_credit": len(self.credit.waiting),
+            "credit_waits": self.credit.waits,
+            "credit_wait_max_ms": round(self.credit_wait_max * 1000, 3),
         }
 
     # -- running -------------------------------------------------------------------------------
@@ -281,10 +325,12 @@ class Link:
             self.session = session
             self._seen.clear()
         was_up = self.up
+        netio.set_notsent_lowat(sock, _NOTSENT_LOWAT)
         p.sock, p.session, p.state = sock, session, "up"
         p.last_rx = time.monotonic()
         p.since = time.time()
         p.rtt_ms = None
+        p.rtt_max_ms = p.ctl_wait_max = 0.0
         p.last_error = ""
         self.peer_uuid = peer_uuid
         log.info("path %d up (%s -> %s)", p.index, p.local, p.peer)
@@ -309,12 +355,11 @@ class Link:
             p.since = time.time()
             trio.lowlevel.notify_closing(sock)
             netio.abort(sock)
-            queued = list(p.queue)
-            p.queue.clear()
+            p.sendq.clear()
             log.info("path %d down: %s", p.index, p.last_error or "closed")
-            self._path_lost(p, queued)
+            self._path_lost(p)
 
-    def _path_lost(self, p: Path, queued: list) -> None:
+    def _path_lost(self, p: Path) -> None:
         orphans = list(p.inflight.values())
         p.inflight.clear()
         if not self.up:
@@ -322,11 +367,18 @@ class Link:
             self.dial_session = secrets.randbits(63) | 1
             # The owner hears of it first: requests failing now see the link down already.
             self.on_down()
-            pending = list(self._pending.values())
+            sent = list(self._pending.values())
             self._pending.clear()
-            for pend in pending:
+            waiting = []
+            for item in self.credit.drop():
+                if isinstance(item, _Room):
+                    item.event.set()  # not granted: reserve() returns None
+                else:
+                    item.cost = 0  # never taken
+                    waiting.append(item)
+            for pend in sent + waiting:
                 pend.error = LinkDown("replication link down")
-                pend.finish()
+                self._settle(pend)
             return
         for pend in orphans:  # re-send on another path; the receiver drops duplicates
             if not pend.done():
@@ -334,15 +386,18 @@ class Link:
 
     async def _sender(self, p: Path, cs: trio.CancelScope) -> None:
         pacer = netio.Pacer()
+        q = p.sendq
         try:
             while True:
-                if not p.queue:
+                if not q.ctl and not q.bulk:
                     await p.lot.park()
                     continue
-                bufs = []
-                while p.queue and len(bufs) < _IOV_MAX:
-                    bufs.extend(p.queue.popleft())
-                p.tx_bytes += await netio.sendmsg_all(p.sock, bufs, pacer)
+                since = p.ctl_since if q.ctl else 0.0
+                p.tx_bytes += await netio.sendmsg_all(p.sock, q.next_batch(), pacer)
+                if since:
+                    waited = time.monotonic() - since
+                    if waited > p.ctl_wait_max:
+                        p.ctl_wait_max = waited
         except (OSError, trio.BrokenResourceError) as e:
             p.last_error = str(e) or type(e).__name__
             cs.cancel()
@@ -354,22 +409,59 @@ class Link:
                 p.last_error = f"no frame for {self.cfg.path_timeout}s (path timeout)"
                 cs.cancel()
                 return
-            self._enqueue(p, proto.encode(Frame.ping(time.monotonic_ns())))
+            self._enqueue(p, proto.encode(Frame.ping(time.monotonic_ns())), False)
 
     async def _receiver(self, p: Path, dec: FrameDecoder) -> None:
+        """Read what has arrived (up to ``_READ_AHEAD`` at a time), handle every frame but data
+        ops at once, and apply data ops about ``BULK_BATCH`` bytes per round: so a reply, a
+        lease or a keepalive that arrives behind megabytes of the peer's data does not wait for
+        that data to be written here. (Nothing in the protocol orders frames of different
+        requests: any two may travel on different paths.)"""
         sock = p.sock
+        buf = bytearray(_RECV_BUF)
+        view = memoryview(buf)
+        data_ops: collections.deque[Frame] = collections.deque()
+        queued = 0  # payload bytes in data_ops
         pacer = netio.Pacer()
         while True:
-            data = await netio.recv(sock, 1 << 16, pacer)
-            if not data:
-                p.last_error = "peer closed the connection"
-                return
-            p.rx_bytes += len(data)
-            p.last_rx = time.monotonic()
-            dec.receive_data(data)
-            while (f := dec.next_frame()) is not None:
-                p.rx_frames += 1
+            got = 0
+            while got < _READ_AHEAD and queued < _RX_QUEUE_MAX:
+                n = netio.recv_into_nowait(sock, view)
+                if n is None:  # nothing more has arrived
+                    if got or data_ops:
+                        break
+                    await trio.lowlevel.wait_readable(sock)
+                    pacer.reset()
+                    continue
+                if not n:
+                    p.last_error = "peer closed the connection"
+                    return
+                got += n
+                dec.receive_data(view[:n])
+                while (f := dec.next_frame()) is not None:
+                    p.rx_frames += 1
+                    if f.type in DATA_TYPES:
+                        data_ops.append(f)
+                        queued += len(f.payload)
+                    else:
+                        self._dispatch(p, f)
+                if n < _RECV_BUF:  # the socket is very likely drained: spare a recv
+                    break
+            if got:
+                p.rx_bytes += got
+                p.last_rx = time.monotonic()
+            budget = BULK_BATCH
+            while data_ops and budget > 0:
+                f = data_ops.popleft()
+                n = len(f.payload)
+                queued -= n
+                budget -= n + proto.HEADER_SIZE
                 self._dispatch(p, f)
+            if budget <= 0:
+                await trio.lowlevel.checkpoint()  # a batch of writes was applied: others' turn
+                pacer.reset()
+            else:
+                await pacer.tick(False)
 
     def _dispatch(self, p: Path, f: Frame) -> None:
         t = f.type
@@ -379,14 +471,19 @@ class Link:
                 if pend.path is not None:
                     pend.path.inflight.pop(f.req_id, None)
                 pend.reply = f
+                if pend.cost:
+                    self._give(pend.cost)
+                    pend.cost = 0
                 pend.finish()
             return
         if t == MsgType.PING:
-            self._enqueue(p, proto.encode(Frame.pong(f.ping_ns())))
+            self._enqueue(p, proto.encode(Frame.pong(f.ping_ns())), False)
             return
         if t == MsgType.PONG:
             rtt = (time.monotonic_ns() - f.ping_ns()) / 1e6
             p.rtt_ms = rtt if p.rtt_ms is None else 0.8 * p.rtt_ms + 0.2 * rtt
+            if rtt > p.rtt_max_ms:
+                p.rtt_max_ms = rtt
             return
         if t == MsgType.GOODBYE:
             p.last_error = f"peer said goodbye: {f.goodbye_reason()}"
@@ -394,12 +491,17 @@ class Link:
         if t == MsgType.RELEASE:
             self.on_request(self, p, f)
             return
+        if t == MsgType.READ:
+            # Reads change nothing: a re-sent one is simply read again, so its reply (up to
+            # 32 MiB of data) is never kept for deduplication.
+            self.on_request(self, p, f)
+            return
         # A request: drop or answer duplicates of one already seen in this session.
         seen = self._seen
         if f.req_id in seen:
             cached = seen[f.req_id]
             if cached is not None:
-                self._enqueue(p, cached)
+                self._enqueue(p, cached, len(cached[-1]) > BULK_PAYLOAD)
             return
         seen[f.req_id] = None
         if len(seen) > _DEDUPE_WINDOW:
@@ -417,8 +519,14 @@ class Link:
         best = min(live, key=lambda q: (len(q.inflight), (q.index - self._rr) % len(live)))
         return best
 
-    def _enqueue(self, p: Path, bufs: list) -> None:
-        p.queue.append(bufs)
+    def _enqueue(self, p: Path, bufs: list, bulk: bool) -> None:
+        q = p.sendq
+        if bulk:
+            q.bulk.append(bufs)
+        else:
+            if not q.ctl:
+                p.ctl_since = time.monotonic()
+            q.ctl.append(bufs)
         p.tx_frames += 1
         p.lot.unpark()
 
@@ -428,12 +536,42 @@ class Link:
             if pend is not None:
                 self._pending.pop(pend.frame.req_id, None)
                 pend.error = LinkDown("replication link down")
-                pend.finish()
+                self._settle(pend)
             return
-        if pend is not None:
-            pend.path = p
-            p.inflight[pend.frame.req_id] = pend
-        self._enqueue(p, bufs)
+        if pend is None:
+            self._enqueue(p, bufs, False)
+            return
+        pend.path = p
+        p.inflight[pend.frame.req_id] = pend
+        if not pend.deadline:  # io_timeout runs from the first hand-off (not again on a re-send)
+            pend.deadline = trio.current_time() + pend.timeout
+        self._enqueue(p, bufs, pend.bulk)
+
+    def _settle(self, pend: _Pending) -> None:
+        """``pend`` is complete (reply, error or timeout): give back its credit, let waiting
+        requests through (ahead of whatever the completion starts), then tell its owner."""
+        if pend.cost:
+            self._give(pend.cost)
+            pend.cost = 0
+        pend.finish()
+
+    def _give(self, cost: int) -> None:
+        self.credit.give(cost)
+        if self.credit.waiting and self.up:
+            self._admit()
+
+    def _admit(self) -> None:
+        now = trio.current_time()
+        for item in self.credit.admit():
+            waited = now - item.since
+            if waited > self.credit_wait_max:
+                self.credit_wait_max = waited
+            if isinstance(item, _Room):
+                item.granted = True
+                item.event.set()
+                continue
+            self._pending[item.frame.req_id] = item
+            self._transmit(item.bufs, item)
 
     def reset(self, reason: str) -> None:
         """Drop every path (a new link session follows): nothing sent before can arrive after."""
@@ -445,18 +583,83 @@ class Link:
     def next_id(self) -> int:
         return next(self._ids)
 
-    def start(self, frame: Frame, timeout: float | None = None, cb=None) -> _Pending:
-        """Send a request now; await ``wait(pending)`` for its reply, or pass ``cb`` to be
-        called with the pending request when it completes (possibly before this returns)."""
+    def start(self, frame: Frame, timeout: float | None = None, cb=None,
+              reserved: _Room | None = None) -> _Pending:
+        """Send a request; await ``wait(pending)`` for its reply, or pass ``cb`` to be called
+        with the pending request when it completes (possibly before this returns). A data
+        request that does not fit in the link's credit waits for room first (no task: it is
+        sent from the completion of an earlier request), unless room was ``reserved`` for it;
+        ``timeout`` runs from when it is sent."""
         bufs = proto.encode(frame)
-        pend = _Pending(frame, bufs, trio.current_time() + (timeout or self.cfg.io_timeout), cb)
+        pend = _Pending(frame, bufs, timeout or self.cfg.io_timeout, cb)
         if not self.up:
+            self.unreserve(reserved)
             pend.error = LinkDown("replication link down")
             pend.finish()
             return pend
+        t = frame.type
+        if t in DATA_TYPES:  # request_cost() and is_bulk(), inline: this is the hot path
+            pend.bulk = True
+            cost = proto.HEADER_SIZE + len(frame.payload)
+        else:
+            pend.bulk = is_bulk(frame)
+            cost = request_cost(frame)
+        if reserved is not None and reserved.granted:
+            reserved.granted = False
+            pend.cost = cost
+            if cost > reserved.cost:
+                self.credit.used += cost - reserved.cost
+            elif cost < reserved.cost:  # normally equal: the room was made for this request
+                self._give(reserved.cost - cost)
+        elif cost:
+            pend.cost = cost
+            if frame.flags & proto.FLAG_RESYNC:
+                # A resync copy is sent under its region's range lock: it must not wait for
+                # credit (writes that reserved credit may be waiting for that lock). Resync
+                # keeps only a few regions in flight; they count against the hosts' writes.
+                self.credit.used += cost
+            elif not self.credit.take(cost):
+                pend.since = trio.current_time()
+                self.credit.queue(pend)
+                return pend
         self._pending[frame.req_id] = pend
         self._transmit(bufs, pend)
         return pend
+
+    async def reserve(self, nbytes: int) -> _Room | None:
+        """Wait for credit for a data request carrying ``nbytes`` of payload and take it: for a
+        caller that must not hold something (a range lock) while its request waits for the
+        link. Pass the result to ``start(reserved=...)``, or give it back with ``unreserve``.
+        None when the link is (or goes) down: ``start`` then fails the request as usual."""
+        if not self.up:
+            return None
+        room = _Room(proto.HEADER_SIZE + nbytes)
+        if self.credit.take(room.cost):
+            room.granted = True
+            return room
+        room.since = trio.current_time()
+        room.event = trio.Event()
+        self.credit.queue(room)
+        try:
+            await room.event.wait()
+        except BaseException:
+            if room.granted:
+                self.unreserve(room)
+            else:
+                self.credit.cancel(room)
+            raise
+        return room if room.granted else None
+
+    def unreserve(self, room: _Room | None) -> None:
+        """Give back credit reserved and not used (None and used rooms are ignored)."""
+        if room is not None and room.granted:
+            room.granted = False
+            self._give(room.cost)
+
+    def has_credit(self, nbytes: int) -> bool:
+        """Whether a data request of ``nbytes`` would be sent at once (no wait for credit)."""
+        c = self.credit
+        return not c.waiting and (not c.used or c.used + proto.HEADER_SIZE + nbytes <= c.limit)
 
     async def wait(self, pend: _Pending) -> Frame:
         """The reply; LinkDown when the link went down, LinkTimeout past the deadline (the
@@ -481,22 +684,23 @@ class Link:
                     if pend.path is not None:
                         pend.path.inflight.pop(req_id, None)
                     pend.error = LinkTimeout(
-                        f"peer did not answer {pend.frame.type.name} within {self.cfg.io_timeout}s"
+                        f"peer did not answer {MsgType(pend.frame.type).name} within {pend.timeout}s"
                     )
-                    pend.finish()
+                    self._settle(pend)
 
     def send(self, frame: Frame) -> None:
-        """Send a frame that expects no reply (RELEASE) on any live path."""
+        """Send a frame that expects no reply (RELEASE) on any live path, as a control frame."""
         if self.up:
             self._transmit(proto.encode(frame), None)
 
     def reply(self, path: Path, req_id: int, status: int = 0, payload: bytes = b"") -> None:
+        """Answer a request; a reply carrying data (a READ's) is bulk, any other is control."""
         bufs = proto.encode(Frame.reply(req_id, status, payload))
         if req_id in self._seen:
             self._seen[req_id] = bufs
         target = path if path.state == "up" else self._pick()
         if target is not None:
-            self._enqueue(target, bufs)
+            self._enqueue(target, bufs, len(payload) > BULK_PAYLOAD)
 
 
 async def _recv_frame(sock, dec: FrameDecoder) -> Frame:

@@ -367,7 +367,7 @@ class FrameDecoder:
         end = pos + HEADER_SIZE + plen
         if len(buf) < end:
             return None
-        payload = bytes(buf[pos + HEADER_SIZE:end])
+        payload = bytes(memoryview(buf)[pos + HEADER_SIZE:end])  # one copy (a slice is two)
         self._pos = end
         if (xxhash.xxh3_64_intdigest(payload) if plen else 0) != csum:
             raise ChecksumError(f"checksum mismatch on {MsgType(t).name} req_id {req_id}")

@@ -46,12 +46,27 @@ def test_good_config_parses():
         (cfg(volume=[{"name": "vv1", "path": "/a"}, {"name": "vv2", "path": "/a"}]), "already used by volume vv1"),
         (cfg(volume=[{"name": "vv1", "path": "/a", "size": "lots"}]), "volume[0].size"),
         (cfg(nbd__listen=["127.0.0.1:99999"]), "nbd.listen[0]"),
+        (cfg(link__max_inflight=65536), "link.max_inflight: 65536 bytes is too small"),
+        (cfg(link__max_inflight="lots"), "link.max_inflight"),
+        (cfg(nbd__max_inflight="512KiB"), "nbd.max_inflight: 524288 bytes is too small"),
+        (cfg(nbd__max_inflight="64MiB", nbd__max_inflight_per_connection="128MiB"),
+         "nbd.max_inflight_per_connection: larger than nbd.max_inflight"),
     ],
 )
 def test_bad_config_names_the_problem(raw, fragment):
     with pytest.raises(ConfigError) as e:
         parse_node_config(raw)
     assert fragment in str(e.value)
+
+
+def test_flow_control_bounds_have_defaults_and_take_sizes():
+    c = parse_node_config(cfg())
+    assert c.link.max_inflight == 32 << 20
+    assert (c.nbd_max_inflight, c.nbd_max_inflight_per_connection) == (128 << 20, 32 << 20)
+    c = parse_node_config(cfg(link__max_inflight="8MiB", nbd__max_inflight="1GiB",
+                              nbd__max_inflight_per_connection="64MiB"))
+    assert c.link.max_inflight == 8 << 20
+    assert (c.nbd_max_inflight, c.nbd_max_inflight_per_connection) == (1 << 30, 64 << 20)
 
 
 def test_sizes():

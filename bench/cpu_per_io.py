@@ -1,0 +1,96 @@
+"""Benchmark: CPU time the two nodes spend per host request (and IOPS), on the syncd lab.
+
+fio's nbd engine (one job, BS random writes at iodepth QD) against site A, then site B, for
+RUNTIME seconds each; the nodes' CPU time (user + system, from /proc) over the run divided by the
+requests fio completed. On a shared machine IOPS swing with the neighbours' load while CPU per
+request hardly moves, so this is the number to compare two versions of the hot path with.
+Links are dialled directly (no relay), volumes are prefilled (no allocation on first write).
+
+Usage: .venv/bin/python bench/cpu_per_io.py [--runtime 10] [--repeat 3] [--bs 4k] [--qd 16]
+Runs against whatever syncd the interpreter imports (an older checkout: run it from there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.getcwd())
+
+from syncd.lab.rig import lab_down, lab_up  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runtime", type=int, default=10)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--bs", default="4k")
+    ap.add_argument("--qd", type=int, default=16)
+    ap.add_argument("--size", type=int, default=256, help="MiB")
+    ap.add_argument("--dir", default=None)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    d = Path(a.dir or tempfile.mkdtemp(prefix="syncd-cpu-"))
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    seed = d / "seed.img"
+    with open(seed, "wb") as f:
+        for _ in range(a.size):
+            f.write(os.urandom(1 << 20))
+    vols = {s: d / f"{s}.img" for s in ("A", "B")}
+    for p in vols.values():
+        shutil.copyfile(seed, p)
+    lab = lab_up(str(d / "lab"), size=f"{a.size}MiB", nvolumes=1, npaths=2, relay=False, timeout=300,
+                 volume_paths={s: [str(p)] for s, p in vols.items()})
+    pids = [lab["nodes"][s]["pid"] for s in ("A", "B")]
+    runs: dict = {"A": [], "B": []}
+    try:
+        for _ in range(a.repeat):
+            for site in ("A", "B"):
+                uri = lab["nodes"][site]["volumes"]["vv1"]["uri"]
+                c0 = [cpu_seconds(p) for p in pids]
+                p = subprocess.run(
+                    ["fio", "--name=cpu", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", f"--bs={a.bs}",
+                     f"--iodepth={a.qd}", "--time_based", f"--runtime={a.runtime}", f"--size={a.size}M",
+                     "--output-format=json"], capture_output=True, text=True)
+                c1 = [cpu_seconds(p) for p in pids]
+                job = json.loads(p.stdout[p.stdout.index("{"):])["jobs"][0]
+                ios = job["write"]["total_ios"]
+                cpu = [b - a_ for a_, b in zip(c0, c1)]
+                runs[site].append({"iops": round(job["write"]["iops"]), "ios": ios, "error": job["error"],
+                                   "cpu_us_per_io_A": round(cpu[0] / ios * 1e6, 1),
+                                   "cpu_us_per_io_B": round(cpu[1] / ios * 1e6, 1),
+                                   "cpu_us_per_io": round(sum(cpu) / ios * 1e6, 1)})
+                print(f"fio at {site}: {runs[site][-1]}", flush=True)
+    finally:
+        lab_down(str(d / "lab"))
+    summary = {s: {k: statistics.median(r[k] for r in rs) for k in ("iops", "cpu_us_per_io_A", "cpu_us_per_io_B", "cpu_us_per_io")}
+               for s, rs in runs.items()}
+    print("median:", json.dumps(summary))
+    out = Path(a.out) if a.out else Path(__file__).parent / "results" / time.strftime("cpu-%Y%m%d-%H%M%S.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M:%S"), "tree": os.getcwd(),
+                               "args": vars(a), "runs": runs, "median": summary}, indent=1))
+    shutil.rmtree(d, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

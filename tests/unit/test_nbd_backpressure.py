@@ -1,0 +1,147 @@
+"""The NBD server bounds what hosts make it hold: a connection with its maximum of requests (and
+unsent replies) in the server is not read further, nor is any connection while all of them
+together hold the server's maximum; reading resumes as requests complete. Replies still come for
+every request (TCP back-pressure, no errors)."""
+
+from __future__ import annotations
+
+import socket
+
+import trio
+
+from syncd.nbd import proto as p
+from syncd.nbd.export import AluaState, ClientIdentity, StaticCatalog
+from syncd.nbd.server import NBDServer
+
+from .test_nbd_codec import RawClient, go
+
+MiB = 1 << 20
+
+
+class SlowExport:
+    """Writes wait until the test lets them finish (as when the replication link is full)."""
+
+    name = "vv1"
+    size = 64 * MiB
+    description = "slow"
+    read_only = False
+    can_flush = can_fua = can_trim = can_zero = can_multi_conn = True
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.most = 0
+        self.started = 0
+        self.go = trio.Event()
+
+    async def write(self, offset, data, fua):
+        self.running += 1
+        self.started += 1
+        self.most = max(self.most, self.running)
+        await self.go.wait()
+        self.running -= 1
+
+    async def read(self, offset, length):
+        return bytes(length)
+
+    async def flush(self):
+        pass
+
+    async def trim(self, offset, length, fua):
+        pass
+
+    async def write_zeroes(self, offset, length, fua, no_hole):
+        pass
+
+    async def allocation(self, offset, length):
+        return [(length, 0)]
+
+    def alua(self, client: ClientIdentity) -> AluaState:
+        return AluaState(0, 0)
+
+
+async def sendall(sock, data) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[await sock.send(view):]
+
+
+async def client(server, nursery, exp, nreq, replies):
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    nursery.start_soon(server._handle_sock, a, ClientIdentity(""))
+    c = RawClient(trio.socket.from_stdlib_socket(b))
+    await go(c)
+
+    async def send():
+        for i in range(nreq):
+            await sendall(c.s, p.REQ.pack(p.REQUEST_MAGIC, 0, p.CMD_WRITE, i, i * MiB, MiB) + bytes(MiB))
+
+    async def receive():
+        for _ in range(nreq):
+            magic, fl, typ, h, ln = p.SHDR.unpack(await c.recv(20))
+            assert typ == p.REPLY_TYPE_NONE  # no error: the host was only slowed down
+            replies.append(h)
+
+    nursery.start_soon(send)
+    nursery.start_soon(receive)
+
+
+async def test_one_connection_is_not_read_beyond_its_maximum():
+    exp = SlowExport()
+    srv = NBDServer(StaticCatalog({"vv1": exp}), max_inflight=64 * MiB, max_inflight_per_connection=4 * MiB)
+    replies: list[int] = []
+    async with trio.open_nursery() as n:
+        await client(srv, n, exp, 24, replies)
+        await trio.sleep(0.5)  # the client would have sent everything by now
+        assert exp.started == 4  # 4 x (1 MiB + overhead) reach the bound: the 5th is not read
+        assert srv.held <= 4 * MiB + 4 * 4096
+        exp.go.set()
+        with trio.fail_after(10):
+            while len(replies) < 24:
+                await trio.sleep(0.01)
+        n.cancel_scope.cancel()
+    assert sorted(replies) == list(range(24))
+    assert srv.held == 0
+
+
+async def test_all_connections_together_are_bounded():
+    exp = SlowExport()
+    srv = NBDServer(StaticCatalog({"vv1": exp}), max_inflight=6 * MiB, max_inflight_per_connection=4 * MiB)
+    replies: list[int] = []
+    async with trio.open_nursery() as n:
+        for _ in range(3):
+            await client(srv, n, exp, 10, replies)
+        await trio.sleep(0.5)
+        assert exp.started == 6  # 6 x (1 MiB + overhead) reach 6 MiB: nothing more is read
+        assert srv.held <= 6 * MiB + 6 * 4096
+        assert sum(1 for c in srv.live if c.held) >= 2  # not all of it taken by one connection
+        exp.go.set()
+        with trio.fail_after(10):
+            while len(replies) < 30:
+                await trio.sleep(0.01)
+        n.cancel_scope.cancel()
+    assert srv.held == 0
+
+
+async def test_a_client_that_leaves_gives_back_what_it_held():
+    exp = SlowExport()
+    srv = NBDServer(StaticCatalog({"vv1": exp}), max_inflight=8 * MiB, max_inflight_per_connection=8 * MiB)
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    async with trio.open_nursery() as n:
+        n.start_soon(srv._handle_sock, a, ClientIdentity(""))
+        c = RawClient(trio.socket.from_stdlib_socket(b))
+        await go(c)
+        for i in range(3):
+            await sendall(c.s, p.REQ.pack(p.REQUEST_MAGIC, 0, p.CMD_WRITE, i, 0, MiB) + bytes(MiB))
+        with trio.fail_after(5):
+            while exp.started < 3:
+                await trio.sleep(0.01)
+        assert srv.held > 3 * MiB
+        c.s.close()
+        with trio.fail_after(5):
+            while srv.live:
+                await trio.sleep(0.01)
+        assert srv.held == 0
+        n.cancel_scope.cancel()
+
