@@ -302,6 +302,10 @@ class DataPath:
         g = self.g
         self._forward_done()
         reply = pend.reply
+        if reply is None:
+            # Given up (timeout, or the link went): tell the primary, which then neither applies
+            # it late nor waits for a RELEASE that would never come.
+            g.node.link.send(Frame.release(pend.frame.req_id, g.st.gid, pend.frame.epoch, errno.ETIMEDOUT))
         if reply is None and not g.failover_possible():
             done(errno.ESHUTDOWN, f"write not acknowledged by the primary: {pend.error}")
             return
