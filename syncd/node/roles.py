@@ -737,7 +737,7 @@ def _link_up(s: RoleState, t: Timing, e: Event) -> Result:
 
 def _link_down(s: RoleState, t: Timing, e: Event) -> Result:
     assert isinstance(e, LinkDown)
-    s = replace(s, link_up=False, lease_asked=None, peer_follows=False)
+    s = replace(s, link_up=False, lease_asked=None, peer_follows=False, claim_refused="")
     if s.role is Role.PRIMARY and s.mode in MIRRORING:
         return _lose_peer(s, t, e.now, "replication link down", reset=False)
     return s, []
@@ -875,7 +875,8 @@ def _witness_answer(s: RoleState, t: Timing, e: Event) -> Result:
             return _promote(s, e.now, e.epoch, f"failover: now primary at epoch {e.epoch}")
         if e.granted is False:
             s, acts = _refusal(s, e.reason, "failover refused by the witness")
-            if not may_grant_later(e.reason):
+            if not may_grant_later(e.reason) and not s.link_up:
+                # Stands while cut off; moot if the link came back while asking.
                 s = replace(s, claim_refused=e.reason)
             return s, acts
         return s, []
@@ -970,9 +971,9 @@ def _peer_disk_failed(s: RoleState, t: Timing, e: Event) -> Result:
 
 def _disk_failed(s: RoleState, t: Timing, e: Event) -> Result:
     assert isinstance(e, DiskFailed)
-    s2 = replace(s, mode=Mode.DISK_FAILED, alone=False, peer_ready=False, recovering=False,
-                 witness_asking=None)
     in_sync = s.role is Role.PRIMARY and s.mode is Mode.ATTACHED and s.link_up
+    s2 = replace(s, mode=Mode.DISK_FAILED, alone=False, peer_ready=False, recovering=False,
+                 witness_asking=None, disk_peer_in_sync=in_sync)
     return s2, [_note(f"BACKING DEVICE FAILURE: {e.reason}; group stops on this array"), DiskFailure(in_sync)]
 
 

@@ -158,3 +158,27 @@ def test_alua_is_derived_from_the_state():
     assert g.alua(100.0) == r.ALUA_TRANSITIONING
     s = restarted(Role.SECONDARY)
     assert s.alua(100.0) == r.ALUA_UNAVAILABLE
+
+
+def test_a_primary_whose_disk_fails_in_sync_still_tells_the_witness_its_peer_is_in_sync():
+    """So the witness lets it hand the group over; and the peer may keep serving meanwhile."""
+    g = attached_primary(100.0)
+    acts = g.handle(r.DiskFailed(101.0, "EIO"))
+    assert r.DiskFailure(peer_in_sync=True) in acts and not g.serving(101.0)
+    assert r.peer_in_sync(g.state) and g.handle(r.LeaseRequested(101.0)) == [r.GrantLease(2000)]
+    g.handle(r.HandedOver(101.5, 2, in_sync=False))
+    assert g.state.role is Role.SECONDARY and g.state.epoch == 2 and not g.serving(101.5)
+
+
+def test_a_claim_refused_after_the_link_came_back_does_not_stand():
+    g = restarted(Role.SECONDARY, now=100.0)
+    g.handle(r.WitnessReport(100.0, 100.0, "B", 1))
+    g.handle(r.LeaseReply(100.0, 100.0, 0))
+    acts = g.handle(r.Tick(100.1))
+    assert acts == [r.AskWitness(WitnessAsk.CLAIM)] and g.state.mode is Mode.CLAIMING
+    g.handle(r.LinkUp(100.2))
+    g.handle(r.WitnessAnswer(100.3, 100.1, WitnessAsk.CLAIM, False, "B", 1, "A was not in sync"))
+    assert not g.state.claim_refused  # moot: the primary is back
+    g.handle(r.LinkDown(105.0))
+    g.handle(r.WitnessReport(105.0, 104.9, "B", 1))
+    assert g.handle(r.Tick(105.0)) == [r.AskWitness(WitnessAsk.CLAIM)]
