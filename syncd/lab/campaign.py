@@ -42,24 +42,24 @@ SYNC_TIMEOUT = 90.0
 _OPS = (Op.READ, Op.WRITE)
 _OUTCOMES = (Outcome.OK, Outcome.ERROR, Outcome.UNKNOWN)
 
-# Power cut (a crash that also loses what the array had not made durable): the emulator is being
-# built in syncd/lab/faults.py (nbdkit's cache filter under the volume). Once it exists as
-# ``faults.power_cut(lab_dir, site) -> str`` and ``faults.power_restore(lab_dir, site) -> str``,
-# the campaign plays it as the fault kind "power"; until then "power" is left out (and refused
-# by name when asked for).
-POWER_CUT_HOOK = ("power_cut", "power_restore")
-
-
-def power_hooks() -> tuple[Callable[[str, str], str], Callable[[str, str], str]] | None:
-    cut, restore = (getattr(faults, n, None) for n in POWER_CUT_HOOK)
-    return (cut, restore) if callable(cut) and callable(restore) else None
-
-
+# Power cut (a crash that also loses what the array had not made durable): played when the lab's
+# volumes sit on power-cut disks (faults.PowerCutDisk: nbdkit's cache filter in writeback mode
+# behind nbdfuse; root, /dev/fuse, nbdkit and nbdfuse), which the campaign uses whenever it can.
 FAULT_KINDS = ("link", "isolate", "primary", "secondary", "witness", "flap", "switchover", "power")
 
 
+def power_cut_problem() -> str:
+    """Why power cuts cannot be played here ("" when they can)."""
+    if os.geteuid() != 0:
+        return "power-cut disks need root"
+    if not os.path.exists("/dev/fuse"):
+        return "power-cut disks need /dev/fuse"
+    missing = [t for t in ("nbdkit", "nbdfuse") if shutil.which(t) is None]
+    return f"power-cut disks need {', '.join(missing)}" if missing else ""
+
+
 def available_kinds() -> tuple[str, ...]:
-    return tuple(k for k in FAULT_KINDS if k != "power" or power_hooks() is not None)
+    return tuple(k for k in FAULT_KINDS if k != "power" or not power_cut_problem())
 
 
 # ---- the recorder -------------------------------------------------------------------------------
@@ -285,13 +285,10 @@ def play(lab: dict, fault: Fault, rng: random.Random, log: Callable[[str], None]
         log(f"  restarted {site}")
         return f"{fault.kind} {site} killed and restarted"
     if fault.kind == "power":
-        hooks = power_hooks()
-        if hooks is None:
-            raise LabError("power cut is not available yet: syncd.lab.faults has no power_cut/power_restore")
         site = fault.site or "A"
-        log("  " + hooks[0](d, site))
+        log("  " + lab_fail(d, "power", site))
         time.sleep(fault.hold)
-        log("  " + hooks[1](d, site))
+        log("  " + lab_heal(d, "power", site))
         return f"power cut at {site}"
     what = {"link": "link", "isolate": "isolate", "witness": "witness"}[fault.kind]
     log("  " + lab_fail(d, what, fault.site))
@@ -330,8 +327,8 @@ def run_campaign(d: str, rounds: int, seed: int = 1, *, kinds: tuple[str, ...] |
     bad = [k for k in kinds if k not in FAULT_KINDS]
     if bad:
         raise LabError(f"unknown fault kind(s) {', '.join(bad)}; kinds: {', '.join(FAULT_KINDS)}")
-    if "power" in kinds and power_hooks() is None:
-        raise LabError("power cut is not available yet: syncd.lab.faults has no power_cut/power_restore")
+    if "power" in kinds and power_cut_problem():
+        raise LabError(f"power cuts cannot be played here: {power_cut_problem()}")
     libnbd_python()  # refuse before starting anything
     rng = random.Random(seed)
     res = CampaignResult(rounds, seed)
@@ -341,7 +338,8 @@ def run_campaign(d: str, rounds: int, seed: int = 1, *, kinds: tuple[str, ...] |
         res.timeline.append((time.monotonic_ns(), what.strip()))
         progress(what)
 
-    lab = lab_up(d, size=SIZE, nvolumes=1, npaths=2, link_opts=FAST, witness=WITNESS, topology="uniform", timeout=60)
+    lab = lab_up(d, size=SIZE, nvolumes=1, npaths=2, link_opts=FAST, witness=WITNESS, topology="uniform", timeout=60,
+                 power_cut="power" in kinds)
     rec = None
     try:
         time.sleep(1.0)  # the witness has heard that B is in sync
@@ -404,7 +402,7 @@ def print_campaign(res: CampaignResult) -> None:
     for kind, n in sorted(res.faults.items()):
         t.add_row(f"fault: {kind}", str(n))
     if "power" not in available_kinds():
-        t.add_row("fault: power (not available yet)", "0")
+        t.add_row(f"fault: power (not played: {power_cut_problem()})", "0")
     if r is not None:
         t.add_row("reads checked", str(r.reads))
         t.add_row("reads failed or unanswered (not checked)", str(r.reads_failed))

@@ -1,5 +1,6 @@
 """The campaign's plan: every fault kind is played once before any repeats, bad requests are
-refused by name before anything starts, and the power cut waits for its emulator."""
+refused by name before anything starts, and a power cut is played only where power-cut disks
+can be made."""
 
 from __future__ import annotations
 
@@ -23,11 +24,13 @@ def test_the_first_draws_cover_every_kind_before_any_repeats():
             assert 0.5 <= f.hold <= 4.0 and (f.site in ("A", "B")) == (f.kind in ("isolate", "power"))
 
 
-def test_power_cut_is_played_only_once_its_emulator_exists(monkeypatch):
-    monkeypatch.delattr(campaign.faults, "power_cut", raising=False)
+def test_power_cut_is_played_only_where_power_cut_disks_can_be_made(monkeypatch):
+    monkeypatch.setattr(campaign.os, "geteuid", lambda: 1000)
     assert "power" not in available_kinds() and set(available_kinds()) == set(FAULT_KINDS) - {"power"}
-    monkeypatch.setattr(campaign.faults, "power_cut", lambda d, s: "cut", raising=False)
-    monkeypatch.setattr(campaign.faults, "power_restore", lambda d, s: "restored", raising=False)
+    assert campaign.power_cut_problem() == "power-cut disks need root"
+    monkeypatch.setattr(campaign.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(campaign.shutil, "which", lambda t: f"/usr/bin/{t}")
+    monkeypatch.setattr(campaign.os.path, "exists", lambda p: p == "/dev/fuse" or p.startswith("/usr/bin"))
     assert "power" in available_kinds()
 
 
@@ -42,7 +45,8 @@ def test_a_bad_campaign_is_refused_by_name_and_starts_nothing(tmp_path, rounds, 
     assert not d.exists()
 
 
-def test_a_power_cut_asked_for_before_its_emulator_exists_is_refused(tmp_path, monkeypatch):
-    monkeypatch.delattr(campaign.faults, "power_cut", raising=False)
-    with pytest.raises(LabError, match="power cut is not available yet"):
+def test_a_power_cut_asked_for_where_it_cannot_be_played_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(campaign.os, "geteuid", lambda: 1000)
+    with pytest.raises(LabError, match="power cuts cannot be played here: power-cut disks need root"):
         run_campaign(str(tmp_path / "lab"), 1, kinds=("power",))
+    assert not (tmp_path / "lab").exists()
