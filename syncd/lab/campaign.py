@@ -27,11 +27,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..ctl import CtlError, call
-from . import faults
 from .historian import BLOCK, decode_block, label, read_history
 from .history import Event, Kind, Op, Outcome, Report, check
 from .relay import proxy_command
-from .rig import LabError, group_states, lab_down, lab_fail, lab_heal, lab_kill, lab_start, lab_up, wait_in_sync
+from .rig import (
+    LabError,
+    group_states,
+    lab_down,
+    lab_fail,
+    lab_heal,
+    lab_kill,
+    lab_start,
+    lab_up,
+    wait_in_sync,
+)
 from .scenario import FAST, WITNESS
 
 HOT = range(0, 4)  # every client reads and writes these: contention finds tears and stale reads

@@ -297,7 +297,10 @@ class Node:
     def role_timing(self) -> Timing:
         lk = self.cfg.link
         wc = self.witness.cfg if getattr(self, "witness", None) is not None else None
-        wt = WitnessTiming(wc.interval, wc.owner_lease, wc.grace) if wc is not None else None
+        wt = None
+        if wc is not None:
+            wt = WitnessTiming(wc.interval, wc.owner_lease, wc.grace, drift=lk.clock_drift if lk else 0.05,
+                               link_notice=lk.path_timeout if lk else 1.5)
         if lk is None:
             return Timing(witness=wt)
         return Timing(lease=lk.lease, lease_drift=lk.clock_drift, lease_margin=lk.lease_margin,
@@ -463,7 +466,12 @@ class Node:
         now = trio.current_time()
         for g in list(self.groups.values()):
             g.handle(LinkUp(now))
-        self.spawn(peer.exchange_state, self)
+        self.tell_peer()
+
+    def tell_peer(self) -> None:
+        """Run the state exchange with the peer (the link came up, or a role changed while up)."""
+        if self.link is not None and self.link.up:
+            self.spawn(peer.exchange_state, self)
 
     def _on_link_down(self) -> None:
         log.warning("replication link to %s down (all paths)", self.cfg.link.peer)

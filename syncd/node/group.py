@@ -53,6 +53,7 @@ from .roles import (
     SplitBrain,
     StartResync,
     SwappedInSync,
+    TellPeer,
     Tick,
     WitnessAnswer,
     WitnessAsk,
@@ -289,6 +290,8 @@ class Group:
             node.disk_failed(self, a.peer_in_sync)
         elif isinstance(a, AdoptGeneration):
             node.spawn(self._adopt_generation)
+        elif isinstance(a, TellPeer):
+            node.tell_peer()
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """The group's timers: whenever the machine's next deadline passes or its state changes,

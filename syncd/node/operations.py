@@ -98,6 +98,7 @@ async def switchover(node: Node, g: Group) -> dict:
     timeout = node.cfg.link.transition_timeout
     t0 = trio.current_time()
     old_epoch = g.epoch
+    in_doubt = False  # the witness's answer to HANDOVER was lost: it may have moved the group
     _handle(g, SwitchoverBegin(t0), op)
     try:
         await node.control({"op": "switchover_prepare", "group": g.name, "epoch": old_epoch})
@@ -116,7 +117,9 @@ async def switchover(node: Node, g: Group) -> dict:
 
                 d, _ = await wc.decide(WType.HANDOVER, g.name, old_epoch)
                 if d is None:
-                    raise NodeError(f"{op}: the quorum witness did not answer; nothing changed")
+                    in_doubt = True
+                    raise NodeError(f"{op}: the quorum witness did not answer; nothing changed here "
+                                    "(if the witness did take the handover, the peer claims the group)")
                 if not d.granted:
                     raise NodeError(f"{op}: the quorum witness refused: {d.reason}; nothing changed")
                 new_epoch = d.epoch
@@ -134,7 +137,7 @@ async def switchover(node: Node, g: Group) -> dict:
                 log.warning("switchover abort not confirmed by the peer: %s", e)
         raise
     finally:
-        g.handle(SwitchoverEnd(trio.current_time()))
+        g.handle(SwitchoverEnd(trio.current_time(), in_doubt=in_doubt))
     return {"group": g.name, "role": g.role, "epoch": g.epoch, "primary": g.st.peer,
             "duration_ms": round((trio.current_time() - t0) * 1000, 1)}
 

@@ -179,7 +179,8 @@ async def exchange_state(node: "Node") -> None:
         if g is None or g.st.split_brain:
             continue
         try:
-            g.handle(PeerState(now, Role(r["role"]), int(r["epoch"]), disk_failed=bool(r.get("disk_failed"))))
+            g.handle(PeerState(now, Role(r["role"]), int(r["epoch"]), disk_failed=bool(r.get("disk_failed")),
+                               claiming=bool(r.get("claiming"))))
         except (RoleError, ValueError, KeyError) as e:
             log.warning("group %s: the peer's state %s: %s", name, r, e)
 
@@ -226,7 +227,8 @@ def sync_groups(node: "Node", body: dict[str, Any]) -> dict[str, Any]:
     node.save()
     return {"suspect": suspect, "suspect_regions": suspect_regions, "split_brain": split,
             "gens": {g.name: {"gen": g.st.gen, "gen_history": g.st.gen_history} for g in node.groups.values()},
-            "roles": {g.name: {"role": g.role, "epoch": g.epoch, "disk_failed": bool(g.io.disk_error)}
+            "roles": {g.name: {"role": g.role, "epoch": g.epoch, "disk_failed": bool(g.io.disk_error),
+                               "claiming": g.mode.value == "claiming"}
                       for g in node.groups.values()}}
 
 

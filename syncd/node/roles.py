@@ -85,13 +85,26 @@ class WitnessTiming:
     interval: float = 0.5  # s between reports
     owner_lease: float = 3.0  # the witness gives the group away this long after hearing the owner
     grace: float = 4.5  # the witness missing the owner this long disables failover
+    drift: float = 0.05  # clock rate bound of every node (the witness's too)
+    link_notice: float = 1.5  # the arrays notice a dead link at most this far apart (path_timeout)
+    request_timeout: float = 1.0  # the witness client gives a request up after this
 
     def reachable_for(self) -> float:
         return 3 * self.interval
 
+    def claim_after_link_loss(self) -> float:
+        """The primary notices a dead link up to ``link_notice`` after the secondary does, and
+        serves as if mirroring until then: no claim before this long (the secondary's clock)."""
+        return self.link_notice * (1 + self.drift) / (1 - self.drift)
+
     def lost_first_after(self) -> float:
-        """Witness silent this long before the peer went: the witness disabled failover."""
-        return self.grace + 2 * self.interval
+        """Witness silent this long (here) before the peer went: the peer cannot have told the
+        witness it lost us within ``grace`` (its clock) of the witness losing us, so the witness
+        refuses it the group. The peer may notice the link dead ``link_notice`` before we do, and
+        the witness may still have heard our last request up to ``request_timeout`` after we
+        last heard it."""
+        return ((1 + self.drift) * (self.grace / (1 - self.drift) + self.link_notice)
+                + self.interval + self.request_timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +152,7 @@ class RoleState:
     peer_failed: bool = False  # primary: the peer's disk failed; no resync until a new link session
     split_brain: bool = False  # both sides wrote apart: no resync until the operator resolves it
     link_up: bool = False
+    link_lost_at: float = NEVER  # secondary: when it last noticed the link dead (or started)
     lease_until: float = NEVER  # secondary: may serve until then
     lease_deadline: float = NEVER  # primary: the peer may be serving until then
     lease_asked: float | None = None  # secondary: a lease request in flight, sent then
@@ -146,6 +160,7 @@ class RoleState:
     witness_heard: float = NEVER  # when the witness last answered this array
     witness_until: float = NEVER  # primary: the witness cannot give the group away before then
     witness_lost_first: bool = False  # primary: the witness was gone before the peer (pre-elected)
+    witness_in_doubt: bool = False  # primary: a HANDOVER went unanswered; not pre-elected until it answers
     witness_asking: WitnessAsk | None = None  # a request to the witness in flight
     next_witness_retry: float = NEVER
     claim_refused: str = ""  # secondary: the witness refused for good (until the link returns)
@@ -190,6 +205,7 @@ class PeerState:
     epoch: int
     started: bool | None = None  # the primary's setting (a secondary adopts it)
     disk_failed: bool = False  # the peer's backing device for the group failed
+    claiming: bool = False  # the peer (secondary) is asking the witness for the group: not following
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,8 +338,10 @@ class SwitchoverBegin:
 
 @dataclass(frozen=True, slots=True)
 class SwitchoverEnd:
-    """The switchover is over on this side (done or abandoned)."""
+    """The switchover is over on this side (done or abandoned). ``in_doubt``: abandoned with the
+    witness's answer to HANDOVER lost: it may have given the group to the peer."""
     now: float
+    in_doubt: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -473,13 +491,18 @@ class DiskFailure:
 
 
 @dataclass(frozen=True, slots=True)
+class TellPeer:
+    """Run the state exchange with the peer again (this array's role changed while linked)."""
+
+
+@dataclass(frozen=True, slots=True)
 class AdoptGeneration:
     """The peer is in sync: tell it our data generation is now its own."""
 
 
 Action = Union[
     Persist, Note, RequestLease, GrantLease, AskWitness, ResetLink, FenceOver, StartResync,
-    NewGeneration, BecamePrimary, BecameSecondary, SwappedInSync, DiskFailure, AdoptGeneration,
+    NewGeneration, BecamePrimary, BecameSecondary, SwappedInSync, DiskFailure, AdoptGeneration, TellPeer,
 ]
 Result = tuple[RoleState, list[Action]]
 Handler = Callable[[RoleState, Timing, "Event"], Result]
@@ -573,6 +596,7 @@ def next_timer(s: RoleState, t: Timing, now: float) -> float:
             if not s.link_up and t.witness is not None:
                 due.append(s.next_witness_retry)
                 due.append(s.witness_heard + t.witness.reachable_for())  # ALUA may change then
+                due.append(s.link_lost_at + t.witness.claim_after_link_loss())
     later = [d for d in due if d > now]
     return min(later) if later else math.inf
 
@@ -586,7 +610,7 @@ def _note(msg: str) -> Note:
 def _lose_peer(s: RoleState, t: Timing, now: float, reason: str, reset: bool = True) -> Result:
     """Primary: the peer stops mirroring. It may be serving under its lease until
     ``lease_deadline``; nothing unmirrored is acknowledged before then."""
-    lost_first = (t.witness is not None
+    lost_first = (t.witness is not None and not s.witness_in_doubt
                   and now - s.witness_heard > t.witness.lost_first_after())
     s2 = replace(s, mode=Mode.FENCING, peer_ready=False, alone=False, fence_reason=reason,
                  witness_lost_first=lost_first, recovering=False)
@@ -718,7 +742,8 @@ def _tick(s: RoleState, t: Timing, e: Event) -> Result:
             acts.append(RequestLease(t.lease_request_timeout()))
         return s, acts
     if (t.witness is not None and s.auto_failover and not s.claim_refused and now >= s.lease_until
-            and now >= s.next_witness_retry and s.witness_asking is None):
+            and now >= s.next_witness_retry and s.witness_asking is None
+            and now >= s.link_lost_at + t.witness.claim_after_link_loss()):
         s = replace(s, next_witness_retry=now + t.witness.interval)
         if witness_reachable(s, t, now):
             # Host I/O waits (transitioning) for the witness's answer.
@@ -737,7 +762,7 @@ def _link_up(s: RoleState, t: Timing, e: Event) -> Result:
 
 def _link_down(s: RoleState, t: Timing, e: Event) -> Result:
     assert isinstance(e, LinkDown)
-    s = replace(s, link_up=False, lease_asked=None, peer_follows=False, claim_refused="")
+    s = replace(s, link_up=False, lease_asked=None, peer_follows=False, claim_refused="", link_lost_at=e.now)
     if s.role is Role.PRIMARY and s.mode in MIRRORING:
         return _lose_peer(s, t, e.now, "replication link down", reset=False)
     return s, []
@@ -755,6 +780,11 @@ def _peer_state(s: RoleState, t: Timing, e: Event) -> Result:
     if s.role is Role.PRIMARY:
         if e.role is Role.PRIMARY and e.epoch > s.epoch:
             return _demote(s, e.epoch, f"the peer owns the group at epoch {e.epoch}")
+        if e.role is Role.SECONDARY and e.epoch == s.epoch and e.claiming:
+            # Its claim may yet be granted (a higher epoch): it follows only once it says so
+            # again after the claim is over.
+            return replace(s, peer_follows=False), [
+                _note(f"{s.peer_name} is claiming the group from the witness: not following yet")]
         if e.role is Role.SECONDARY and e.epoch == s.epoch:
             acts: list[Action] = []
             if not s.confirmed:
@@ -824,7 +854,7 @@ def _witness_report(s: RoleState, t: Timing, e: Event) -> Result:
     assert isinstance(e, WitnessReport)
     if t.witness is None:
         return s, []  # the witness was removed while this report was under way
-    s = replace(s, witness_heard=e.now)
+    s = replace(s, witness_heard=e.now, witness_in_doubt=False)
     if e.owner == s.me and e.epoch == s.epoch and s.role is Role.PRIMARY:
         # The witness owes this array its group until owner_lease after it received this report
         # (sent before it was received).
@@ -843,7 +873,7 @@ def _witness_answer(s: RoleState, t: Timing, e: Event) -> Result:
         return s, []  # an answer to a question this state no longer asks
     s = replace(s, witness_asking=None)
     if e.granted is not None:
-        s = replace(s, witness_heard=e.now)
+        s = replace(s, witness_heard=e.now, witness_in_doubt=False)
     mine = e.granted is True and e.owner == s.me
     if e.ask is WitnessAsk.KEEP and e.granted is False and e.epoch > s.epoch and e.owner != s.me:
         # The witness gave the group away meanwhile: never serve at an epoch it moved past.
@@ -873,13 +903,15 @@ def _witness_answer(s: RoleState, t: Timing, e: Event) -> Result:
         s = replace(s, mode=Mode.FOLLOWING)
         if mine and e.granted:
             return _promote(s, e.now, e.epoch, f"failover: now primary at epoch {e.epoch}")
+        acts: list[Action] = []
         if e.granted is False:
             s, acts = _refusal(s, e.reason, "failover refused by the witness")
             if not may_grant_later(e.reason) and not s.link_up:
                 # Stands while cut off; moot if the link came back while asking.
                 s = replace(s, claim_refused=e.reason)
-            return s, acts
-        return s, []
+        if s.link_up:
+            acts = acts + [TellPeer()]  # the primary heard "claiming" meanwhile: we follow it now
+        return s, acts
     # RESOLVE
     if mine and e.epoch == s.epoch:
         return (replace(s, witness_behind=False),
@@ -1001,9 +1033,14 @@ def _switchover_begin(s: RoleState, t: Timing, e: Event) -> Result:
 
 
 def _switchover_end(s: RoleState, t: Timing, e: Event) -> Result:
+    assert isinstance(e, SwitchoverEnd)
     if s.mode in (Mode.HANDING_OVER, Mode.SWITCHING):
         mode = Mode.ATTACHED if s.role is Role.PRIMARY else Mode.FOLLOWING
-        return replace(s, mode=mode), [_note("transition over: switchover")]
+        # In doubt (the witness's answer to HANDOVER was lost), its record may name the peer:
+        # until the witness answers again this array must not go on alone on the strength of
+        # having lost it first.
+        doubt = s.witness_in_doubt or (e.in_doubt and s.role is Role.PRIMARY)
+        return replace(s, mode=mode, witness_in_doubt=doubt), [_note("transition over: switchover")]
     return s, []
 
 
@@ -1205,6 +1242,7 @@ class GroupRoles:
         st = RoleState(me=me, peer_name=peer, role=role, epoch=epoch, started=started, failsafe=failsafe,
                        witness_behind=witness_behind, auto_failover=auto_failover, auto_recover=auto_recover,
                        mode=mode, lease_deadline=now + timing.lease_expiry() if role is Role.PRIMARY else NEVER,
+                       link_lost_at=now,
                        fence_reason="node start" if role is Role.PRIMARY else "")
         return cls(st, timing)
 

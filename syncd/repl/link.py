@@ -25,7 +25,15 @@ import trio
 from .. import netio
 from ..config import LinkConfig
 from . import proto
-from .flow import BULK_BATCH, BULK_PAYLOAD, DATA_TYPES, Credit, SendQueue, is_bulk, request_cost
+from .flow import (
+    BULK_BATCH,
+    BULK_PAYLOAD,
+    DATA_TYPES,
+    Credit,
+    SendQueue,
+    is_bulk,
+    request_cost,
+)
 from .proto import Frame, FrameDecoder, MsgType, ProtocolError
 
 log = logging.getLogger("syncd.link")

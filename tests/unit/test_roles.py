@@ -174,11 +174,16 @@ def test_a_claim_refused_after_the_link_came_back_does_not_stand():
     g = restarted(Role.SECONDARY, now=100.0)
     g.handle(r.WitnessReport(100.0, 100.0, "B", 1))
     g.handle(r.LeaseReply(100.0, 100.0, 0))
-    acts = g.handle(r.Tick(100.1))
+    at = 100.0 + T.witness.claim_after_link_loss()  # counted from the start: the link was never up
+    g.handle(r.WitnessReport(at, at, "B", 1))
+    acts = g.handle(r.Tick(at))
     assert acts == [r.AskWitness(WitnessAsk.CLAIM)] and g.state.mode is Mode.CLAIMING
-    g.handle(r.LinkUp(100.2))
-    g.handle(r.WitnessAnswer(100.3, 100.1, WitnessAsk.CLAIM, False, "B", 1, "A was not in sync"))
+    g.handle(r.LinkUp(at + 0.1))
+    acts = g.handle(r.WitnessAnswer(at + 0.2, at, WitnessAsk.CLAIM, False, "B", 1, "A was not in sync"))
+    assert r.TellPeer() in acts  # the primary heard "claiming": it is told we follow again
     assert not g.state.claim_refused  # moot: the primary is back
     g.handle(r.LinkDown(105.0))
-    g.handle(r.WitnessReport(105.0, 104.9, "B", 1))
-    assert g.handle(r.Tick(105.0)) == [r.AskWitness(WitnessAsk.CLAIM)]
+    later = 105.0 + T.witness.claim_after_link_loss()  # the primary has noticed the loss by then
+    g.handle(r.WitnessReport(later - 0.1, later - 0.2, "B", 1))
+    assert g.handle(r.Tick(later - 0.01)) == []
+    assert g.handle(r.Tick(later)) == [r.AskWitness(WitnessAsk.CLAIM)]
