@@ -17,11 +17,12 @@ acknowledged before.
 from __future__ import annotations
 
 import heapq
+import inspect
 import math
 import random
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, NoReturn
 
 from syncd.node import roles as r
 from syncd.witness import decide as d
@@ -30,20 +31,28 @@ A, B, W = "A", "B", "W"
 AB, AW, BW = "A-B", "A-W", "B-W"
 LINKS = (AB, AW, BW)
 GROUP = "g"
+TRACE = 80  # events shown with a violation
 
 
 Answer = tuple[object, ...]
 
 
 class Violation(AssertionError):
-    """A promise of the role machine (or the witness) does not hold in this schedule."""
+    """A promise of the role machine (or the witness) does not hold in this schedule:
+    ``promise`` names it (see ``Sim.check``)."""
+
+    def __init__(self, promise: str, msg: str) -> None:
+        super().__init__(f"({promise}) {msg}")
+        self.promise = promise
 
 
 # -- configuration -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class SimConfig:
-    timing: r.Timing = r.Timing(witness=r.WitnessTiming())
+    # The arrays' timing; None: roles.py's defaults (made when the Sim is, from the roles module
+    # the simulator uses then, so that a scratch copy of roles.py gets its own defaults).
+    timing: r.Timing | None = None
     witness: d.Timing | None = d.Timing()
     drift: float = 0.05  # every clock runs at a rate within [1 - drift, 1 + drift]
     path_timeout: float = 1.5  # each side notices a dead link within this (independently)
@@ -128,6 +137,7 @@ class Array:
         self.started_at = -math.inf  # local time of the last restart
         self.epoch_seen = disk.epoch  # the highest epoch this array ever held (memory or disk)
         self.switching = False  # a switchover this array started is under way
+        self.w_echo: float | None = None  # witness client: the newest answer's stamp (witness time)
         self.timer_state: r.RoleState | None = None  # next_timer() cache: the state it is for,
         self.timer_tick = -math.inf  # the last Tick then,
         self.timer = math.inf  # and when the shell ticks next (local)
@@ -159,10 +169,11 @@ class Witness:
 
 Callback = Callable[[], None]
 Reply = Callable[[Answer], None]
-# The kinds of event the shell must always be able to deliver: the table refusing one is a gap.
-CORE_EVENTS = (r.Tick, r.LinkUp, r.LinkDown, r.PeerLost, r.PeerState, r.LeaseRequested, r.LeaseReply,
-               r.LeaseFailed, r.WitnessReport, r.WitnessAnswer, r.ResyncBegun, r.ResyncDone,
-               r.ResyncEnded, r.PeerSwitchoverAbort, r.SwitchoverEnd)
+# The events the shell must always be able to deliver: the table refusing one is a gap (by name,
+# so that a scratch copy of roles.py with a line removed can stand in for it: see the tests).
+CORE_EVENTS = frozenset({"Tick", "LinkUp", "LinkDown", "PeerLost", "PeerState", "LeaseRequested", "LeaseReply",
+                         "LeaseFailed", "WitnessReport", "WitnessAnswer", "ResyncBegun", "ResyncDone",
+                         "ResyncEnded", "PeerSwitchoverAbort", "SwitchoverEnd"})
 
 
 class Sim:
@@ -171,6 +182,7 @@ class Sim:
     def __init__(self, cfg: SimConfig, rng: random.Random, rates: dict[str, float] | None = None,
                  offsets: dict[str, float] | None = None) -> None:
         self.cfg = cfg
+        self.timing = cfg.timing or r.Timing(witness=r.WitnessTiming() if cfg.witness is not None else None)
         self.rng = rng
         self.now = 0.0
         self.seq = 0
@@ -185,8 +197,12 @@ class Sim:
             self.witness = Witness(d.GroupRecord(GROUP, (A, B), A, 1, last_decision="registered by A"),
                                    clock[W])
         self.cut = {ln: False for ln in LINKS}
-        self.delay = {ln: cfg.max_delay for ln in LINKS}
-        self.loss = {ln: 0.0 for ln in LINKS}
+        # One-way delay bound and loss rate of each direction of each link, e.g. ("A", "W").
+        self.delay = {(a, b): cfg.max_delay for a in (A, B, W) for b in (A, B, W) if a != b}
+        self.loss = {(a, b): 0.0 for a in (A, B, W) for b in (A, B, W) if a != b}
+        self.load = 0.0  # a host write every this long on average (0: only those asked for)
+        self.next_delays: dict[tuple[str, str], list[float]] = {}  # scenarios: the next messages' delays
+        self.drop_if: Callable[[str, str, str], bool] | None = None  # scenarios: (src, dst, what) lost?
         self.session: int | None = None  # the live A-B link session
         self.sessions = 0
         self.connecting = False
@@ -195,7 +211,7 @@ class Sim:
         self.acked: set[int] = set()
         self.writers: dict[int, set[str]] = {}  # epoch -> arrays seen acknowledging writes at it
         self.override = False  # an operator override happened: two writers at once may be legal
-        self.trace: deque[tuple[float, str, object]] = deque(maxlen=80)
+        self.trace: deque[tuple[float, str, object]] = deque(maxlen=TRACE)
         self.events = 0
         self.stale_timers = 0  # next_timer() still due right after a Tick at or after it
         self.stale_example: str = ""
@@ -226,7 +242,7 @@ class Sim:
     def note(self, who: str, what: object) -> None:
         self.trace.append((self.now, who, what))
 
-    def fail(self, msg: str) -> None:
+    def fail(self, promise: str, msg: str) -> NoReturn:
         lines = [f"{t:9.4f} {who}: {what}" for t, who, what in self.trace]
         state = []
         for x in self.arrays.values():
@@ -236,7 +252,7 @@ class Sim:
                 state.append(f"{x.name} @local {self.local(x.name):.4f}: {x.s}")
         if self.witness is not None:
             state.append(f"W: {self.witness.rec}")
-        raise Violation(f"at real time {self.now:.4f}: {msg}\n-- last events:\n" + "\n".join(lines)
+        raise Violation(promise, f"at real time {self.now:.4f}: {msg}\n-- last events:\n" + "\n".join(lines)
                         + "\n-- state:\n" + "\n".join(state))
 
     def live(self, name: str, inc: int) -> Array | None:
@@ -261,7 +277,7 @@ class Sim:
 
     def _timer(self, x: Array, s: r.RoleState) -> float:
         """When the shell ticks this array next (local time)."""
-        nt = r.next_timer(s, self.cfg.timing)
+        nt = r.next_timer(s, self.timing)
         if nt == math.inf or nt > x.last_tick:
             return nt
         # Ticked at or after this time already and still due: a shell sleeping until
@@ -272,7 +288,7 @@ class Sim:
             self.stale_example = (f"{x.name} at local {x.clock.local(self.now):.3f}: next_timer() = {nt:.3f} "
                                   f"after Tick({x.last_tick:.3f}) in {s}")
         past = {f: r.NEVER for f in TIMER_FIELDS if getattr(s, f) <= x.last_tick}
-        nt = r.next_timer(replace(s, **past), self.cfg.timing)  # type: ignore[arg-type]
+        nt = r.next_timer(replace(s, **past), self.timing)  # type: ignore[arg-type]
         return nt if nt > x.last_tick else x.last_tick + self.cfg.poll
 
     def run_until(self, t_end: float) -> None:
@@ -303,7 +319,7 @@ class Sim:
         try:
             acts = self._handle(x, ev)
         except r.RoleError as e:
-            if isinstance(ev, CORE_EVENTS):
+            if type(ev).__name__ in CORE_EVENTS:
                 self.gaps.append(f"{x.name} {ev} refused in {x.s.role.value}/{x.s.mode.value}: {e}")
             self.note(x.name, f"refused: {e}")
             self.check()
@@ -327,7 +343,7 @@ class Sim:
         s = m.state
         has_persist = any(isinstance(a, r.Persist) for a in acts)
         if persisted(s) != persisted(before) and not has_persist:
-            self.fail(f"{x.name}: persisted fields changed {persisted(before)} -> {persisted(s)} without "
+            self.fail("a", f"{x.name}: persisted fields changed {persisted(before)} -> {persisted(s)} without "
                       f"Persist on {ev}")
         if has_persist:
             x.disk.role, x.disk.epoch, x.disk.started, x.disk.failsafe, x.disk.witness_behind = persisted(s)
@@ -347,7 +363,7 @@ class Sim:
         elif isinstance(ev, (r.HandedOver, r.PeerSwitchoverCommit)):
             x.unconfirmed = False  # the witness (or, without one, the peer) moved the group
         elif (self.witness is None and s.role is r.Role.PRIMARY
-              and ev.now >= x.started_at + self.cfg.timing.lease_expiry()):
+              and ev.now >= x.started_at + self.timing.lease_expiry()):
             # Without a witness the first primary is pre-elected (docs/design.md §4): once every
             # lease its previous run may have granted is over, it may go on by itself.
             x.unconfirmed = False
@@ -379,7 +395,7 @@ class Sim:
         sid = x.session
         if sid is None:
             return False
-        if self.loss[AB] and self.rng.random() < self.loss[AB]:
+        if self._lost(x.name, x.peer, label):
             self.note(x.name, f"lost: {label}")
             return True
         peer = self.arrays[x.peer]
@@ -392,7 +408,7 @@ class Sim:
             self.note(y.name, f"<- {label}")
             deliver(y)
 
-        self.at(self.now + self.rng.uniform(0, self.delay[AB]), label, arrive)
+        self.at(self.now + self._delay(x.name, x.peer), label, arrive)
         return True
 
     def _request(self, x: Array, kind: str, timeout: float, data: Answer,
@@ -492,7 +508,7 @@ class Sim:
         elif k in ("KEEP", "CLAIM", "RESOLVE"):
             self.feed(x, r.WitnessAnswer(now, p.sent, r.WitnessAsk[k], None))
         elif k == "HANDOVER":
-            self._switchover_over(x, abort=True)
+            self._switchover_over(x, abort=True, in_doubt=True)
         # fwd: the host write fails; report: nothing; state: no answer, nothing to feed
 
     # leases ------------------------------------------------------------------------------------
@@ -512,8 +528,16 @@ class Sim:
         self._request(x, "lease", timeout, (epoch,), at_peer)
 
     # the link ----------------------------------------------------------------------------------
-    def _end_session(self, notice: dict[str, float]) -> None:
-        """The live session dies; each side notices within its bound."""
+    def run_while(self, busy: Callable[[], bool], limit: float, step: float = 0.001) -> None:
+        """Scenarios: let time pass in small steps while ``busy()`` (at most ``limit`` seconds)."""
+        end = self.now + limit
+        while busy():
+            if self.now >= end:
+                raise AssertionError(f"scenario: still waiting after {limit}s")
+            self.run_until(self.now + step)
+
+    def _end_session(self, notice: dict[str, float], exact: dict[str, float] | None = None) -> None:
+        """The live session dies; each side notices within its bound (or after ``exact``)."""
         sid = self.session
         if sid is None:
             return
@@ -521,8 +545,8 @@ class Sim:
         for name, within in notice.items():
             x = self.arrays[name]
             if x.alive and x.session == sid:
-                self.at(self.now + self.rng.uniform(0, within), f"{name} notices link down",
-                        self._notice_down(name, x.inc, sid))
+                after = exact[name] if exact is not None else self.rng.uniform(0, within)
+                self.at(self.now + after, f"{name} notices link down", self._notice_down(name, x.inc, sid))
         self._maybe_connect()
 
     def _notice_down(self, name: str, inc: int, sid: int) -> Callback:
@@ -724,7 +748,7 @@ class Sim:
         """KEEP, CLAIM, RESOLVE, HANDOVER or a REPORT to the witness; an answer later than
         ``witness_timeout`` is dropped (the request failed then)."""
         sent = x.clock.local(self.now)
-        inc, ln = x.inc, self._wlink(x.name)
+        inc, ln, echo = x.inc, self._wlink(x.name), x.w_echo
         rid = 0
         if kind != "REPORT":  # a report nobody answers changes nothing: no timer for it
             rid = self._new_req()
@@ -732,7 +756,7 @@ class Sim:
             deadline = x.clock.real_at(sent + self.cfg.witness_timeout)
             self.at(deadline, f"{kind} timeout", lambda: self._expire(x.name, inc, rid))
         wit = self.witness
-        if wit is None or self.cut[ln] or (self.loss[ln] and self.rng.random() < self.loss[ln]):
+        if wit is None or self.cut[ln] or self._lost(x.name, W, kind):
             self.note(x.name, f"lost: {kind} to W")
             return
         winc = wit.inc
@@ -740,8 +764,9 @@ class Sim:
         def at_witness() -> None:
             if wit.rec is None or wit.inc != winc or self.cut[ln]:
                 return
-            dec = self._decide(wit, wit.rec, kind, x.name, epoch, flags)
-            if self.cut[ln] or (self.loss[ln] and self.rng.random() < self.loss[ln]):
+            dec = self._decide(wit, wit.rec, kind, x.name, epoch, flags, echo)
+            stamp = wit.clock.local(self.now)
+            if self.cut[ln] or self._lost(W, x.name, kind):
                 return
 
             def back() -> None:
@@ -749,6 +774,8 @@ class Sim:
                 if y is None or self.cut[ln]:
                     return
                 now = y.clock.local(self.now)
+                if now - sent <= self.cfg.witness_timeout and (y.w_echo is None or stamp > y.w_echo):
+                    y.w_echo = stamp
                 if kind == "REPORT":
                     if now - sent <= self.cfg.witness_timeout:
                         self.note(y.name, f"<- W {kind}: {dec}")
@@ -763,25 +790,27 @@ class Sim:
                     self.feed(y, r.WitnessAnswer(now, sent, r.WitnessAsk[kind], dec.granted, dec.owner,
                                                  dec.epoch, dec.reason))
 
-            self.at(self.now + self.rng.uniform(0, self.delay[ln]), f"W answers {x.name}", back)
+            self.at(self.now + self._delay(W, x.name), f"W answers {x.name}", back)
 
-        self.at(self.now + self.rng.uniform(0, self.delay[ln]), f"{x.name} {kind} to W", at_witness)
+        self.at(self.now + self._delay(x.name, W), f"{x.name} {kind} to W", at_witness)
 
     def _decide(self, wit: Witness, rec: d.GroupRecord, kind: str, node: str, epoch: int,
-                flags: tuple[bool, bool]) -> d.Decision:
+                flags: tuple[bool, bool], echo: float | None) -> d.Decision:
         t = self.cfg.witness
         assert t is not None
         now = wit.clock.local(self.now)
+        # The witness client echoes when it last heard the witness, if the witness takes it.
+        kw: dict[str, Any] = {"echo": echo} if "echo" in inspect.signature(d.claim).parameters else {}
         if kind == "REPORT":
-            dec = d.report(rec, t, now, node, epoch, peer_alive=flags[0], peer_in_sync=flags[1])
+            dec = d.report(rec, t, now, node, epoch, peer_alive=flags[0], peer_in_sync=flags[1], **kw)
         elif kind == "KEEP":
-            dec = d.keep(rec, t, now, node, epoch)
+            dec = d.keep(rec, t, now, node, epoch, **kw)
         elif kind == "CLAIM":
-            dec = d.claim(rec, t, now, node, epoch)
+            dec = d.claim(rec, t, now, node, epoch, **kw)
         elif kind == "RESOLVE":
-            dec = d.resolve(rec, t, now, node, epoch)
+            dec = d.resolve(rec, t, now, node, epoch, **kw)
         else:
-            dec = d.handover(rec, t, now, node, epoch)
+            dec = d.handover(rec, t, now, node, epoch, **kw)
         wit.disk = rec.persistent()  # durable before anyone hears of it
         self.note(W, f"{kind} from {node} at epoch {epoch} {flags if kind == 'REPORT' else ''}-> {dec}")
         self.check()
@@ -792,12 +821,12 @@ class Sim:
 
     def _report(self, name: str, inc: int) -> None:
         x = self.live(name, inc)
-        if x is None or self.cfg.witness is None or self.cfg.timing.witness is None:
+        if x is None or self.cfg.witness is None or self.timing.witness is None:
             return
         s = x.s
         in_sync = s.role is r.Role.PRIMARY and s.mode is r.Mode.ATTACHED and not s.failsafe
         self._witness_request(x, "REPORT", s.epoch, (x.session is not None, in_sync))
-        nxt = x.clock.real_at(x.clock.local(self.now) + self.cfg.timing.witness.interval)
+        nxt = x.clock.real_at(x.clock.local(self.now) + self.timing.witness.interval)
         self.at(nxt, f"{name} reports", lambda: self._report(name, inc))
 
     # switchover --------------------------------------------------------------------------------
@@ -838,10 +867,13 @@ class Sim:
 
         self._request(x, "commit", self.cfg.io_timeout, (epoch,), at_peer)
 
-    def _switchover_over(self, x: Array, abort: bool) -> None:
+    def _switchover_over(self, x: Array, abort: bool, in_doubt: bool = False) -> None:
+        """The switchover ends here; ``in_doubt``: the witness did not answer the HANDOVER (it may
+        have given the group to the peer), which the shell says when roles.py can hear it."""
         x.switching = False
         inc = x.inc
-        self.feed(x, r.SwitchoverEnd(x.clock.local(self.now)))
+        doubt = {"in_doubt": True} if in_doubt and "in_doubt" in r.SwitchoverEnd.__dataclass_fields__ else {}
+        self.feed(x, r.SwitchoverEnd(x.clock.local(self.now), **doubt))
         if abort and self.live(x.name, inc) is not None:
             self._send_ab(x, "switchover abort", lambda y: self._peer_abort(y))
 
@@ -867,6 +899,7 @@ class Sim:
         x.inc += 1
         x.pending.clear()
         x.held.clear()
+        x.w_echo = None
         x.switching = False
         if x.session is not None and x.session == self.session:
             x.session = None
@@ -891,7 +924,7 @@ class Sim:
         dk = x.disk
         x.roles = r.GroupRoles.at_start(me=name, peer=x.peer, role=dk.role, epoch=dk.epoch, started=dk.started,
                                         failsafe=dk.failsafe, witness_behind=dk.witness_behind,
-                                        auto_failover=True, auto_recover=True, timing=self.cfg.timing, now=now)
+                                        auto_failover=True, auto_recover=True, timing=self.timing, now=now)
         x.last_tick = -math.inf
         x.unconfirmed = True
         x.started_at = now
@@ -902,14 +935,16 @@ class Sim:
         self._maybe_connect()
         self.check()
 
-    def set_cut(self, link: str, cut: bool) -> None:
+    def set_cut(self, link: str, cut: bool, notice: dict[str, float] | None = None) -> None:
+        """Cut or heal a link; A and B notice a cut A-B link within ``path_timeout`` each (or,
+        for a scenario, after ``notice``)."""
         if self.cut[link] == cut:
             return
         self.note("net", f"{link} {'cut' if cut else 'healed'}")
         self.cut[link] = cut
         if link == AB:
             if cut:
-                self._end_session({A: self.cfg.path_timeout, B: self.cfg.path_timeout})
+                self._end_session({A: self.cfg.path_timeout, B: self.cfg.path_timeout}, notice)
             else:
                 self._maybe_connect()
 
@@ -918,10 +953,39 @@ class Sim:
         self.note("net", "A-B session broken")
         self._end_session({A: self.cfg.path_timeout, B: self.cfg.path_timeout})
 
-    def set_net(self, link: str, max_delay: float, loss: float) -> None:
-        self.note("net", f"{link}: delay up to {max_delay:.3f}s, loss {loss:.2f}")
-        self.delay[link] = max_delay
-        self.loss[link] = loss
+    def set_net(self, src: str, dst: str, max_delay: float, loss: float) -> None:
+        """Messages from src to dst now take up to ``max_delay`` and are lost at rate ``loss``."""
+        self.note("net", f"{src}->{dst}: delay up to {max_delay:.3f}s, loss {loss:.2f}")
+        self.delay[(src, dst)] = max_delay
+        self.loss[(src, dst)] = loss
+
+    def _delay(self, src: str, dst: str) -> float:
+        fixed = self.next_delays.get((src, dst))
+        if fixed:
+            return fixed.pop(0)
+        bound = self.delay[(src, dst)]
+        if not bound:
+            return 0.0
+        # Often near the bound: the edge cases are what matters.
+        return bound * (self.rng.uniform(0.9, 1.0) if self.rng.random() < 0.3 else self.rng.random())
+
+    def _lost(self, src: str, dst: str, what: str) -> bool:
+        if self.drop_if is not None and self.drop_if(src, dst, what):
+            return True
+        loss = self.loss[(src, dst)]
+        return loss > 0 and self.rng.random() < loss
+
+    def set_load(self, every: float) -> None:
+        """Hosts write at a random array about every ``every`` seconds (0: stop)."""
+        self.load = every
+        if every:
+            self.at(self.now + self.rng.uniform(0, every), "host load", self._load)
+
+    def _load(self) -> None:
+        if not self.load:
+            return
+        self.host_write(A if self.rng.random() < 0.5 else B)
+        self.at(self.now + self.rng.uniform(0.5, 1.5) * self.load, "host load", self._load)
 
     def set_rate(self, name: str, rate: float) -> None:
         if name == W:
@@ -936,11 +1000,24 @@ class Sim:
         if wit is None or wit.rec is None:
             return
         if wit.rec.epoch < wit.epoch_seen:
-            self.fail(f"the witness's epoch went back from {wit.epoch_seen} to {wit.rec.epoch}")
+            self.fail("a", f"the witness's epoch went back from {wit.epoch_seen} to {wit.rec.epoch}")
         wit.epoch_seen = wit.rec.epoch
 
     def check(self) -> None:
-        """Every promise, at this instant."""
+        """Every promise, at this instant (and, from ``_handle``, at every Persist):
+
+        (a) epochs only rise, on each array (across restarts: only persisted fields survive, and
+            they change only with Persist) and at the witness (across its restarts);
+        (b) at most one array acknowledges writes per epoch, and, with a witness and no operator
+            override, never both at once ("acknowledges writes": primary, serving, and mirroring
+            or alone);
+        (c) an array never serves while its peer is primary alone (may acknowledge writes the
+            array does not get): a secondary, and a primary that lost the group but does not
+            know it yet;
+        (d) an array that restarted serves nothing until its role is confirmed (a lease granted
+            to it, its peer saying it is our secondary at our epoch, a witness grant, a
+            switchover; without a witness, a primary whose previous run's leases are all over);
+        (e) a read served anywhere returns every write acknowledged before it."""
         self._check_witness_epoch()
         writers = []
         for x in self.arrays.values():
@@ -950,17 +1027,17 @@ class Sim:
             now = x.clock.local(self.now)
             # (a) epochs only rise, across restarts too
             if s.epoch < x.epoch_seen:
-                self.fail(f"{x.name}'s epoch went back from {x.epoch_seen} to {s.epoch}")
+                self.fail("a", f"{x.name}'s epoch went back from {x.epoch_seen} to {s.epoch}")
             x.epoch_seen = s.epoch
             serving = x.roles.serving(now)
             # (d) a restarted array serves nothing until its role is confirmed
             if serving and x.unconfirmed:
-                self.fail(f"{x.name} restarted and serves (as {s.role.value}, {s.mode.value}) before anything "
+                self.fail("d", f"{x.name} restarted and serves (as {s.role.value}, {s.mode.value}) before anything "
                           f"confirmed its role at epoch {s.epoch}")
             # (e) a read here now returns every write acknowledged before
             if serving and not self.acked <= x.disk.data:
                 missing = sorted(self.acked - x.disk.data)
-                self.fail(f"a read at {x.name} ({s.role.value}, {s.mode.value}) would miss acknowledged "
+                self.fail("e", f"a read at {x.name} ({s.role.value}, {s.mode.value}) would miss acknowledged "
                           f"writes {missing}")
             if self.acknowledges_writes(x):
                 writers.append(x)
@@ -968,16 +1045,17 @@ class Sim:
                 seen.add(x.name)
                 # (b) one writer per epoch
                 if len(seen) > 1:
-                    self.fail(f"both arrays acknowledged writes at epoch {s.epoch}")
-            # (c) a secondary never serves while the primary may go on alone
+                    self.fail("b", f"both arrays acknowledged writes at epoch {s.epoch}")
+            # (c) nothing serves at the peer while the primary may go on alone
             if s.role is r.Role.PRIMARY and s.alone:
                 y = self.arrays[x.peer]
-                if y.roles is not None and y.roles.state.role is r.Role.SECONDARY \
-                        and y.roles.serving(y.clock.local(self.now)):
-                    self.fail(f"{y.name} serves as secondary while {x.name} is primary alone")
+                if y.roles is not None and y.roles.serving(y.clock.local(self.now)):
+                    ys = y.roles.state
+                    self.fail("c", f"{y.name} serves (as {ys.role.value} at epoch {ys.epoch}, {ys.mode.value}) while "
+                                   f"{x.name} is primary alone at epoch {s.epoch}")
         # (b) with a witness and no operator override: never two writers at once
         if len(writers) == 2 and self.witness is not None and not self.override:
-            self.fail("both arrays acknowledge writes at the same instant "
+            self.fail("b", "both arrays acknowledge writes at the same instant "
                       f"(epochs {writers[0].s.epoch} and {writers[1].s.epoch})")
 
 
