@@ -183,6 +183,11 @@ class Sim:
                  offsets: dict[str, float] | None = None) -> None:
         self.cfg = cfg
         self.timing = cfg.timing or r.Timing(witness=r.WitnessTiming() if cfg.witness is not None else None)
+        # What the roles.py and decide.py in use take (they changed under this simulator):
+        self.timer_takes_now = len(inspect.signature(r.next_timer).parameters) == 3
+        self.witness_takes_echo = "echo" in inspect.signature(d.claim).parameters
+        self.end_takes_doubt = "in_doubt" in r.SwitchoverEnd.__dataclass_fields__
+        self.state_says_claiming = "claiming" in r.PeerState.__dataclass_fields__
         self.rng = rng
         self.now = 0.0
         self.seq = 0
@@ -277,7 +282,10 @@ class Sim:
 
     def _timer(self, x: Array, s: r.RoleState) -> float:
         """When the shell ticks this array next (local time)."""
-        nt = r.next_timer(s, self.timing)
+        if self.timer_takes_now:
+            # next_timer(state, timing, now): the deadlines after the last Tick's time.
+            return r.next_timer(s, self.timing, x.last_tick)
+        nt = r.next_timer(s, self.timing)  # type: ignore[call-arg]
         if nt == math.inf or nt > x.last_tick:
             return nt
         # Ticked at or after this time already and still due: a shell sleeping until
@@ -288,7 +296,7 @@ class Sim:
             self.stale_example = (f"{x.name} at local {x.clock.local(self.now):.3f}: next_timer() = {nt:.3f} "
                                   f"after Tick({x.last_tick:.3f}) in {s}")
         past = {f: r.NEVER for f in TIMER_FIELDS if getattr(s, f) <= x.last_tick}
-        nt = r.next_timer(replace(s, **past), self.timing)  # type: ignore[arg-type]
+        nt = r.next_timer(replace(s, **past), self.timing)  # type: ignore[arg-type, call-arg]
         return nt if nt > x.last_tick else x.last_tick + self.cfg.poll
 
     def run_until(self, t_end: float) -> None:
@@ -452,9 +460,12 @@ class Sim:
             assert isinstance(ms, int)
             self.feed(x, r.LeaseReply(now, p.sent, ms if status == "OK" else 0))
         elif k == "state":
-            role, epoch = ans
+            role, epoch, claiming = ans
             assert isinstance(role, r.Role) and isinstance(epoch, int)
-            self.feed(x, r.PeerState(now, role, epoch))
+            kw = {"claiming": bool(claiming)} if self.state_says_claiming else {}
+            self.feed(x, r.PeerState(now, role, epoch, **kw))
+        elif k == "follow":
+            pass
         elif k == "mirror":
             wid, fwd = p.data
             assert isinstance(wid, int) and (fwd is None or callable(fwd))
@@ -607,9 +618,26 @@ class Sim:
 
         def at_peer(y: Array, reply: Reply) -> None:
             self.feed(y, r.PeerState(y.clock.local(self.now), r.Role.PRIMARY, epoch, started))
-            reply((y.s.role, y.s.epoch))
+            reply((y.s.role, y.s.epoch, y.s.mode is r.Mode.CLAIMING))
 
         self._request(x, "state", self.cfg.io_timeout, (epoch, started), at_peer)
+
+    def _claim_over(self, x: Array) -> None:
+        """The claim is over while linked (roles.py that says "claiming" in the state exchange):
+        the peer hears our state again, as primary or as its secondary."""
+        if x.roles is None or x.session is None:
+            return
+        if x.s.role is r.Role.PRIMARY:
+            self._send_state(x)
+            return
+        epoch = x.s.epoch
+
+        def at_peer(y: Array, reply: Reply) -> None:
+            if y.s.role is r.Role.PRIMARY and y.s.epoch == epoch:
+                self.feed(y, r.PeerState(y.clock.local(self.now), r.Role.SECONDARY, epoch))
+            reply(("OK",))
+
+        self._request(x, "follow", self.cfg.io_timeout, (epoch,), at_peer)
 
     def _reset_link(self, x: Array) -> None:
         if x.session is None or x.session != self.session:
@@ -789,6 +817,8 @@ class Sim:
                 else:
                     self.feed(y, r.WitnessAnswer(now, sent, r.WitnessAsk[kind], dec.granted, dec.owner,
                                                  dec.epoch, dec.reason))
+                    if kind == "CLAIM" and self.state_says_claiming:
+                        self._claim_over(y)
 
             self.at(self.now + self._delay(W, x.name), f"W answers {x.name}", back)
 
@@ -800,7 +830,7 @@ class Sim:
         assert t is not None
         now = wit.clock.local(self.now)
         # The witness client echoes when it last heard the witness, if the witness takes it.
-        kw: dict[str, Any] = {"echo": echo} if "echo" in inspect.signature(d.claim).parameters else {}
+        kw: dict[str, Any] = {"echo": echo} if self.witness_takes_echo else {}
         if kind == "REPORT":
             dec = d.report(rec, t, now, node, epoch, peer_alive=flags[0], peer_in_sync=flags[1], **kw)
         elif kind == "KEEP":
@@ -824,7 +854,10 @@ class Sim:
         if x is None or self.cfg.witness is None or self.timing.witness is None:
             return
         s = x.s
-        in_sync = s.role is r.Role.PRIMARY and s.mode is r.Mode.ATTACHED and not s.failsafe
+        if hasattr(r, "peer_in_sync"):
+            in_sync = r.peer_in_sync(s)
+        else:  # roles.py before it said itself what its reports tell the witness
+            in_sync = s.role is r.Role.PRIMARY and s.mode is r.Mode.ATTACHED and not s.failsafe
         self._witness_request(x, "REPORT", s.epoch, (x.session is not None, in_sync))
         nxt = x.clock.real_at(x.clock.local(self.now) + self.timing.witness.interval)
         self.at(nxt, f"{name} reports", lambda: self._report(name, inc))
@@ -872,7 +905,7 @@ class Sim:
         have given the group to the peer), which the shell says when roles.py can hear it."""
         x.switching = False
         inc = x.inc
-        doubt = {"in_doubt": True} if in_doubt and "in_doubt" in r.SwitchoverEnd.__dataclass_fields__ else {}
+        doubt = {"in_doubt": True} if in_doubt and self.end_takes_doubt else {}
         self.feed(x, r.SwitchoverEnd(x.clock.local(self.now), **doubt))
         if abort and self.live(x.name, inc) is not None:
             self._send_ab(x, "switchover abort", lambda y: self._peer_abort(y))
