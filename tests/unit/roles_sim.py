@@ -1,0 +1,1097 @@
+"""Two arrays' role machines and the quorum witness, driven in virtual time.
+
+A deterministic discrete-event simulator of the I/O shell around ``syncd.node.roles`` (one
+replication group on arrays A and B) and ``syncd.witness.decide`` (the witness W): message
+delays and loss, partitions of the A-B, A-W and B-W links, per-node clocks that drift within
+the configured bound, crashes and restarts. It does with each action exactly what the daemon
+does (see ``Sim._act``) and nothing cleverer, and checks the machines' promises after every
+event it delivers (``Sim.check``). No Trio, no sleeps, no wall clock: a run is a function of
+its configuration, its random source and the calls made on it.
+
+Data is modelled as the set of writes each array holds on disk (each write its own block, so a
+"version" per block): a write acknowledged while mirroring is on both arrays, one acknowledged
+alone only on its array; at any instant an array serves, a read there must see every write
+acknowledged before.
+"""
+
+from __future__ import annotations
+
+import heapq
+import inspect
+import math
+import random
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, NoReturn
+
+from syncd.node import roles as r
+from syncd.witness import decide as d
+
+A, B, W = "A", "B", "W"
+AB, AW, BW = "A-B", "A-W", "B-W"
+LINKS = (AB, AW, BW)
+GROUP = "g"
+TRACE = 80  # events shown with a violation
+
+
+Answer = tuple[object, ...]
+
+
+class Violation(AssertionError):
+    """A promise of the role machine (or the witness) does not hold in this schedule:
+    ``promise`` names it (see ``Sim.check``)."""
+
+    def __init__(self, promise: str, msg: str) -> None:
+        super().__init__(f"({promise}) {msg}")
+        self.promise = promise
+
+
+# -- configuration -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SimConfig:
+    # The arrays' timing; None: roles.py's defaults (made when the Sim is, from the roles module
+    # the simulator uses then, so that a scratch copy of roles.py gets its own defaults).
+    timing: r.Timing | None = None
+    witness: d.Timing | None = d.Timing()
+    drift: float = 0.05  # every clock runs at a rate within [1 - drift, 1 + drift]
+    path_timeout: float = 1.5  # each side notices a dead link within this (independently)
+    reset_notice: float = 0.2  # the other side of a link reset notices within this
+    reconnect: tuple[float, float] = (0.1, 1.0)  # a new link session after this long
+    io_timeout: float = 2.0  # a mirrored or forwarded write unanswered this long fails
+    witness_timeout: float = 1.0  # a witness request unanswered this long: unreachable
+    copy_time: float = 1.5  # a resync copies for up to this long
+    max_delay: float = 0.05  # default one-way delay bound of every link
+    poll: float = 0.05  # how often the shell ticks if next_timer() stays due after all (see _future_timer)
+
+
+# -- clocks ------------------------------------------------------------------------------------
+
+class Clock:
+    """A node's monotonic clock: piecewise linear in real time, rate within the bound. It keeps
+    running while the node's process is down (CLOCK_MONOTONIC counts from boot)."""
+
+    __slots__ = ("rate", "base_real", "base_local")
+
+    def __init__(self, rate: float, offset: float) -> None:
+        self.rate = rate
+        self.base_real = 0.0
+        self.base_local = offset
+
+    def local(self, real: float) -> float:
+        return self.base_local + self.rate * (real - self.base_real)
+
+    def real_at(self, local: float) -> float:
+        """The first real time at which this clock reads ``local`` or more."""
+        t = self.base_real + (local - self.base_local) / self.rate
+        while self.local(t) < local:
+            t = math.nextafter(t, math.inf)
+        return t
+
+    def set_rate(self, real: float, rate: float) -> None:
+        self.base_local = self.local(real)
+        self.base_real = real
+        self.rate = rate
+
+
+# -- nodes -------------------------------------------------------------------------------------
+
+@dataclass
+class Pending:
+    """A request this array's shell waits on."""
+    kind: str
+    sent: float  # local time it went out
+    data: Answer = ()
+
+
+@dataclass
+class Disk:
+    """What survives a crash: the persisted fields and the data."""
+    role: r.Role
+    epoch: int
+    started: bool = True
+    failsafe: bool = False
+    witness_behind: bool = False
+    data: set[int] = field(default_factory=set)
+
+
+def persisted(s: r.RoleState) -> tuple[r.Role, int, bool, bool, bool]:
+    return (s.role, s.epoch, s.started, s.failsafe, s.witness_behind)
+
+
+class Array:
+    def __init__(self, name: str, peer: str, disk: Disk, clock: Clock) -> None:
+        self.name = name
+        self.peer = peer
+        self.disk = disk
+        self.clock = clock
+        self.alive = False
+        self.roles: r.GroupRoles | None = None
+        self.inc = 0  # incarnation: events of an older process are dropped
+        self.session: int | None = None  # the link session this side believes up
+        self.pending: dict[int, Pending] = {}
+        # Writes waiting for the fence: (write, applied here already, reply to the forwarding peer).
+        self.held: list[tuple[int, bool, Reply | None]] = []
+        self.last_tick = -math.inf  # local time of the last Tick (a timer not after it is stale)
+        self.unconfirmed = False  # restarted, and nothing has confirmed its role since
+        self.started_at = -math.inf  # local time of the last restart
+        self.epoch_seen = disk.epoch  # the highest epoch this array ever held (memory or disk)
+        self.switching = False  # a switchover this array started is under way
+        self.w_echo: float | None = None  # witness client: the newest answer's stamp (witness time)
+        self.timer_state: r.RoleState | None = None  # next_timer() cache: the state it is for,
+        self.timer_tick = -math.inf  # the last Tick then,
+        self.timer = math.inf  # and when the shell ticks next (local)
+
+    @property
+    def m(self) -> r.GroupRoles:
+        assert self.roles is not None, f"{self.name} is down"
+        return self.roles
+
+    @property
+    def s(self) -> r.RoleState:
+        return self.m.state
+
+
+class Witness:
+    def __init__(self, rec: d.GroupRecord, clock: Clock) -> None:
+        self.disk = rec.persistent()
+        self.rec: d.GroupRecord | None = rec
+        self.clock = clock
+        self.inc = 0
+        self.epoch_seen = rec.epoch
+
+    @property
+    def alive(self) -> bool:
+        return self.rec is not None
+
+
+# -- the simulator -----------------------------------------------------------------------------
+
+Callback = Callable[[], None]
+Reply = Callable[[Answer], None]
+# The events the shell must always be able to deliver: the table refusing one is a gap (by name,
+# so that a scratch copy of roles.py with a line removed can stand in for it: see the tests).
+CORE_EVENTS = frozenset({"Tick", "LinkUp", "LinkDown", "PeerLost", "PeerState", "LeaseRequested", "LeaseReply",
+                         "LeaseFailed", "WitnessReport", "WitnessAnswer", "ResyncBegun", "ResyncDone",
+                         "ResyncEnded", "PeerSwitchoverAbort", "SwitchoverEnd"})
+
+
+class Sim:
+    """Arrays A (the first primary) and B, witness W (unless ``cfg.witness`` is None)."""
+
+    def __init__(self, cfg: SimConfig, rng: random.Random, rates: dict[str, float] | None = None,
+                 offsets: dict[str, float] | None = None) -> None:
+        self.cfg = cfg
+        self.timing = cfg.timing or r.Timing(witness=r.WitnessTiming() if cfg.witness is not None else None)
+        # What the roles.py and decide.py in use take (they changed under this simulator):
+        self.timer_takes_now = len(inspect.signature(r.next_timer).parameters) == 3
+        self.witness_takes_echo = "echo" in inspect.signature(d.claim).parameters
+        self.end_takes_doubt = "in_doubt" in r.SwitchoverEnd.__dataclass_fields__
+        self.state_says_claiming = "claiming" in r.PeerState.__dataclass_fields__
+        self.rng = rng
+        self.now = 0.0
+        self.seq = 0
+        self.queue: list[tuple[float, int, str, Callback]] = []
+        rates = rates or {}
+        offsets = offsets or {}
+        clock = {n: Clock(self._rate(rates.get(n, 1.0)), offsets.get(n, 0.0)) for n in (A, B, W)}
+        self.arrays = {A: Array(A, B, Disk(r.Role.PRIMARY, 1), clock[A]),
+                       B: Array(B, A, Disk(r.Role.SECONDARY, 1), clock[B])}
+        self.witness: Witness | None = None
+        if cfg.witness is not None:
+            self.witness = Witness(d.GroupRecord(GROUP, (A, B), A, 1, last_decision="registered by A"),
+                                   clock[W])
+        self.cut = {ln: False for ln in LINKS}
+        # One-way delay bound and loss rate of each direction of each link, e.g. ("A", "W").
+        self.delay = {(a, b): cfg.max_delay for a in (A, B, W) for b in (A, B, W) if a != b}
+        self.loss = {(a, b): 0.0 for a in (A, B, W) for b in (A, B, W) if a != b}
+        self.load = 0.0  # a host write every this long on average (0: only those asked for)
+        self.next_delays: dict[tuple[str, str], list[float]] = {}  # scenarios: the next messages' delays
+        self.drop_if: Callable[[str, str, str], bool] | None = None  # scenarios: (src, dst, what) lost?
+        self.session: int | None = None  # the live A-B link session
+        self.sessions = 0
+        self.connecting = False
+        self.req = 0
+        self.wid = 0
+        self.acked: set[int] = set()
+        self.writers: dict[int, set[str]] = {}  # epoch -> arrays seen acknowledging writes at it
+        self.override = False  # an operator override happened: two writers at once may be legal
+        self.trace: deque[tuple[float, str, object]] = deque(maxlen=TRACE)
+        self.events = 0
+        self.stale_timers = 0  # next_timer() still due right after a Tick at or after it
+        self.stale_example: str = ""
+        self.gaps: list[str] = []  # core events the table refused
+        for name in (A, B):
+            self.restart(name)
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _rate(self, rate: float) -> float:
+        lo, hi = 1 - self.cfg.drift, 1 + self.cfg.drift
+        if not lo <= rate <= hi:
+            raise ValueError(f"clock rate {rate} is outside the drift bound [{lo}, {hi}]")
+        return rate
+
+    def at(self, t: float, label: str, fn: Callback) -> None:
+        self.seq += 1
+        heapq.heappush(self.queue, (max(t, self.now), self.seq, label, fn))
+
+    def soon(self, label: str, fn: Callback) -> None:
+        self.at(self.now, label, fn)
+
+    def local(self, name: str) -> float:
+        if name == W:
+            assert self.witness is not None
+            return self.witness.clock.local(self.now)
+        return self.arrays[name].clock.local(self.now)
+
+    def note(self, who: str, what: object) -> None:
+        self.trace.append((self.now, who, what))
+
+    def fail(self, promise: str, msg: str) -> NoReturn:
+        lines = [f"{t:9.4f} {who}: {what}" for t, who, what in self.trace]
+        state = []
+        for x in self.arrays.values():
+            if x.roles is None:
+                state.append(f"{x.name}: down (disk {x.disk})")
+            else:
+                state.append(f"{x.name} @local {self.local(x.name):.4f}: {x.s}")
+        if self.witness is not None:
+            state.append(f"W: {self.witness.rec}")
+        raise Violation(promise, f"at real time {self.now:.4f}: {msg}\n-- last events:\n" + "\n".join(lines)
+                        + "\n-- state:\n" + "\n".join(state))
+
+    def live(self, name: str, inc: int) -> Array | None:
+        x = self.arrays[name]
+        return x if x.alive and x.inc == inc else None
+
+    # -- running ----------------------------------------------------------------------------
+    def _next_timer(self) -> tuple[float, Array | None]:
+        best, who = math.inf, None
+        for x in self.arrays.values():
+            if x.roles is None:
+                continue
+            st = x.roles.state
+            if x.timer_state is not st or x.timer_tick != x.last_tick:
+                x.timer_state, x.timer_tick, x.timer = st, x.last_tick, self._timer(x, st)
+            if x.timer == math.inf:
+                continue
+            t = x.clock.real_at(x.timer)
+            if t < best:
+                best, who = t, x
+        return best, who
+
+    def _timer(self, x: Array, s: r.RoleState) -> float:
+        """When the shell ticks this array next (local time)."""
+        if self.timer_takes_now:
+            # next_timer(state, timing, now): the deadlines after the last Tick's time.
+            return r.next_timer(s, self.timing, x.last_tick)
+        nt = r.next_timer(s, self.timing)  # type: ignore[call-arg]
+        if nt == math.inf or nt > x.last_tick:
+            return nt
+        # Ticked at or after this time already and still due: a shell sleeping until
+        # next_timer() would spin, i.e. tick all the time. Counted; the simulated shell ticks
+        # when the next timer that is not already past comes due, which comes to the same.
+        self.stale_timers += 1
+        if not self.stale_example:
+            self.stale_example = (f"{x.name} at local {x.clock.local(self.now):.3f}: next_timer() = {nt:.3f} "
+                                  f"after Tick({x.last_tick:.3f}) in {s}")
+        past = {f: r.NEVER for f in TIMER_FIELDS if getattr(s, f) <= x.last_tick}
+        nt = r.next_timer(replace(s, **past), self.timing)  # type: ignore[arg-type, call-arg]
+        return nt if nt > x.last_tick else x.last_tick + self.cfg.poll
+
+    def run_until(self, t_end: float) -> None:
+        while True:
+            tq = self.queue[0][0] if self.queue else math.inf
+            tt, x = self._next_timer()
+            t = min(tq, tt)
+            if t > t_end:
+                break
+            self.now = max(self.now, t)
+            self.events += 1
+            if tq <= tt:
+                _, _, label, fn = heapq.heappop(self.queue)
+                fn()
+            else:
+                assert x is not None
+                self.feed(x, r.Tick(x.clock.local(self.now)))
+        self.now = max(self.now, t_end)
+        self.check()
+
+    # -- feeding the machines ---------------------------------------------------------------
+    def feed(self, x: Array, ev: r.Event) -> list[r.Action] | None:
+        """Deliver one event, then a Tick, carrying out the actions of each; check the promises.
+        Returns the event's actions, or None when the table refused it (RoleError)."""
+        self.note(x.name, ev)
+        self._oracle(x, ev)
+        before = x.m.state
+        try:
+            acts = self._handle(x, ev)
+        except r.RoleError as e:
+            if type(ev).__name__ in CORE_EVENTS:
+                self.gaps.append(f"{x.name} {ev} refused in {x.s.role.value}/{x.s.mode.value}: {e}")
+            self.note(x.name, f"refused: {e}")
+            self.check()
+            return None
+        if not isinstance(ev, r.Tick):
+            self._handle(x, r.Tick(ev.now))
+        if x.roles is not None and x.roles.state is not before:
+            # Nothing else can make a promise false: with the states unchanged, time passing only
+            # ends serving, and writes are checked when acknowledged (_ack).
+            self.check()
+        return acts
+
+    def _handle(self, x: Array, ev: r.Event) -> list[r.Action]:
+        m = x.m
+        before = m.state
+        acts = m.handle(ev)
+        if isinstance(ev, r.Tick):
+            x.last_tick = max(x.last_tick, ev.now)
+        if acts:
+            self.note(x.name, acts)
+        s = m.state
+        has_persist = any(isinstance(a, r.Persist) for a in acts)
+        if persisted(s) != persisted(before) and not has_persist:
+            self.fail("a", f"{x.name}: persisted fields changed {persisted(before)} -> {persisted(s)} without "
+                      f"Persist on {ev}")
+        if has_persist:
+            x.disk.role, x.disk.epoch, x.disk.started, x.disk.failsafe, x.disk.witness_behind = persisted(s)
+        self._act(x, acts)
+        return acts
+
+    def _oracle(self, x: Array, ev: r.Event) -> None:
+        """Independently of the machine: does this event confirm the array's role since start?"""
+        s = x.s
+        if isinstance(ev, r.LeaseReply) and ev.ms > 0 and s.role is r.Role.SECONDARY:
+            x.unconfirmed = False
+        elif (isinstance(ev, r.PeerState) and s.role is r.Role.PRIMARY and ev.role is r.Role.SECONDARY
+              and ev.epoch == s.epoch):
+            x.unconfirmed = False
+        elif isinstance(ev, r.WitnessAnswer) and ev.granted is True and ev.owner == x.name:
+            x.unconfirmed = False
+        elif isinstance(ev, (r.HandedOver, r.PeerSwitchoverCommit)):
+            x.unconfirmed = False  # the witness (or, without one, the peer) moved the group
+        elif (self.witness is None and s.role is r.Role.PRIMARY
+              and ev.now >= x.started_at + self.timing.lease_expiry()):
+            # Without a witness the first primary is pre-elected (docs/design.md §4): once every
+            # lease its previous run may have granted is over, it may go on by itself.
+            x.unconfirmed = False
+
+    # -- the shell: actions -----------------------------------------------------------------
+    def _act(self, x: Array, acts: Iterable[r.Action]) -> None:
+        for a in acts:
+            if isinstance(a, r.RequestLease):
+                self._request_lease(x, a.timeout)
+            elif isinstance(a, r.AskWitness):
+                self._ask_witness(x, a.ask.name, a.ask)
+            elif isinstance(a, r.ResetLink):
+                self._reset_link(x)
+            elif isinstance(a, r.FenceOver):
+                self._fence_over(x)
+            elif isinstance(a, r.StartResync):
+                self._start_resync(x)
+            # Persist is done in _handle (first); GrantLease is answered by the caller; the rest
+            # is data-plane bookkeeping with no control effect.
+
+    def _new_req(self) -> int:
+        self.req += 1
+        return self.req
+
+    # A-B link: requests within a session ------------------------------------------------------
+    def _send_ab(self, x: Array, label: str, deliver: Callable[[Array], None]) -> bool:
+        """Send a frame on x's link session; ``deliver(peer)`` runs at the peer if the session
+        still lives there when it arrives. False if x has no session."""
+        sid = x.session
+        if sid is None:
+            return False
+        if self._lost(x.name, x.peer, label):
+            self.note(x.name, f"lost: {label}")
+            return True
+        peer = self.arrays[x.peer]
+        pinc = peer.inc
+
+        def arrive() -> None:
+            y = self.live(peer.name, pinc)
+            if y is None or self.session != sid or y.session != sid:
+                return
+            self.note(y.name, f"<- {label}")
+            deliver(y)
+
+        self.at(self.now + self._delay(x.name, x.peer), label, arrive)
+        return True
+
+    def _request(self, x: Array, kind: str, timeout: float, data: Answer,
+                 deliver: Callable[[Array, Reply], None]) -> int:
+        """A request from x to its peer; the peer's ``deliver(peer, reply)`` answers it. The reply
+        or the failure (timeout, link down) goes to ``_on_reply``/``_on_failure``."""
+        rid = self._new_req()
+        x.pending[rid] = Pending(kind, x.clock.local(self.now), data)
+        inc, sid = x.inc, x.session
+
+        def reply_fn(peer: Array) -> Reply:
+            def reply(answer: Answer) -> None:
+                def back(y: Array) -> None:
+                    if y.inc == inc and y.session == sid:
+                        p = y.pending.pop(rid, None)
+                        if p is not None:
+                            self._on_reply(y, p, answer)
+                self._send_ab(peer, f"reply {kind} {answer}", back)
+            return reply
+
+        if not self._send_ab(x, f"{kind} {data}", lambda y: deliver(y, reply_fn(y))):
+            self.soon(f"{kind} failed: no link", lambda: self._expire(x.name, inc, rid))
+            return rid
+        deadline = x.clock.real_at(x.clock.local(self.now) + timeout)
+        self.at(deadline, f"{kind} timeout", lambda: self._expire(x.name, inc, rid))
+        return rid
+
+    def _expire(self, name: str, inc: int, rid: int) -> None:
+        x = self.live(name, inc)
+        if x is None:
+            return
+        p = x.pending.pop(rid, None)
+        if p is not None:
+            self._on_failure(x, p)
+
+    def _on_reply(self, x: Array, p: Pending, ans: Answer) -> None:
+        now = x.clock.local(self.now)
+        k = p.kind
+        if k == "lease":
+            status, ms = ans
+            assert isinstance(ms, int)
+            self.feed(x, r.LeaseReply(now, p.sent, ms if status == "OK" else 0))
+        elif k == "state":
+            role, epoch, claiming = ans
+            assert isinstance(role, r.Role) and isinstance(epoch, int)
+            kw = {"claiming": bool(claiming)} if self.state_says_claiming else {}
+            self.feed(x, r.PeerState(now, role, epoch, **kw))
+        elif k == "follow":
+            pass
+        elif k == "mirror":
+            wid, fwd = p.data
+            assert isinstance(wid, int) and (fwd is None or callable(fwd))
+            if ans[0] == "OK":
+                self._acked(x, wid, fwd)
+            else:
+                self._mirror_failed(x, wid, fwd, f"peer refused a mirrored write ({ans[0]})")
+        elif k == "fwd":
+            (wid,) = p.data
+            assert isinstance(wid, int)
+            if ans[0] == "OK":
+                self._ack(x, wid)
+        elif k == "resync_begin":
+            if ans[0] == "OK":
+                self.feed(x, r.ResyncBegun(now))
+                inc, rs = x.inc, p.data[0]
+                done = x.clock.real_at(now + self.rng.uniform(0, self.cfg.copy_time))
+                self.at(done, "resync copied", lambda: self._resync_copied(x.name, inc, rs))
+            else:
+                self._resync_failed(x, f"peer refused RESYNC_BEGIN ({ans[0]})")
+        elif k == "resync_end":
+            if ans[0] == "OK":
+                self.feed(x, r.ResyncDone(now))
+                self.feed(x, r.ResyncEnded(x.clock.local(self.now)))
+            else:
+                self._resync_failed(x, f"peer refused the resync ({ans[0]})")
+        elif k == "prepare":
+            if ans[0] == "OK":
+                self._handover(x)
+            else:
+                self._switchover_over(x, abort=False)
+        elif k == "commit":
+            self._switchover_over(x, abort=False)
+
+    def _on_failure(self, x: Array, p: Pending) -> None:
+        now = x.clock.local(self.now)
+        k = p.kind
+        self.note(x.name, f"{k} failed")
+        if k == "lease":
+            self.feed(x, r.LeaseFailed(now))
+        elif k == "mirror":
+            wid, fwd = p.data
+            assert isinstance(wid, int) and (fwd is None or callable(fwd))
+            self._mirror_failed(x, wid, fwd, "peer did not answer a mirrored write")
+        elif k in ("resync_begin", "resync_end"):
+            self._resync_failed(x, "resync failed: the peer did not answer")
+        elif k == "prepare":
+            self._switchover_over(x, abort=True)
+        elif k == "commit":
+            self._switchover_over(x, abort=False)
+        elif k in ("KEEP", "CLAIM", "RESOLVE"):
+            self.feed(x, r.WitnessAnswer(now, p.sent, r.WitnessAsk[k], None))
+        elif k == "HANDOVER":
+            self._switchover_over(x, abort=True, in_doubt=True)
+        # fwd: the host write fails; report: nothing; state: no answer, nothing to feed
+
+    # leases ------------------------------------------------------------------------------------
+    def _request_lease(self, x: Array, timeout: float) -> None:
+        epoch = x.s.epoch
+
+        def at_peer(y: Array, reply: Reply) -> None:
+            if y.s.epoch != epoch:
+                reply(("STALE_EPOCH", 0))
+            elif y.s.role is not r.Role.PRIMARY:
+                reply(("NOT_PRIMARY", 0))
+            else:
+                acts = self.feed(y, r.LeaseRequested(y.clock.local(self.now))) or []
+                ms = next((a.ms for a in acts if isinstance(a, r.GrantLease)), 0)
+                reply(("OK", ms) if ms else ("NOT_SERVING", 0))
+
+        self._request(x, "lease", timeout, (epoch,), at_peer)
+
+    # the link ----------------------------------------------------------------------------------
+    def run_while(self, busy: Callable[[], bool], limit: float, step: float = 0.001) -> None:
+        """Scenarios: let time pass in small steps while ``busy()`` (at most ``limit`` seconds)."""
+        end = self.now + limit
+        while busy():
+            if self.now >= end:
+                raise AssertionError(f"scenario: still waiting after {limit}s")
+            self.run_until(self.now + step)
+
+    def _end_session(self, notice: dict[str, float], exact: dict[str, float] | None = None) -> None:
+        """The live session dies; each side notices within its bound (or after ``exact``)."""
+        sid = self.session
+        if sid is None:
+            return
+        self.session = None
+        for name, within in notice.items():
+            x = self.arrays[name]
+            if x.alive and x.session == sid:
+                after = exact[name] if exact is not None else self.rng.uniform(0, within)
+                self.at(self.now + after, f"{name} notices link down", self._notice_down(name, x.inc, sid))
+        self._maybe_connect()
+
+    def _notice_down(self, name: str, inc: int, sid: int) -> Callback:
+        return lambda: self._see_down(name, inc, sid)
+
+    def _see_down(self, name: str, inc: int, sid: int) -> None:
+        x = self.live(name, inc)
+        if x is None or x.session != sid:
+            return
+        x.session = None
+        failed = sorted((rid, p) for rid, p in x.pending.items() if p.kind not in WITNESS_KINDS)
+        for rid, _ in failed:
+            del x.pending[rid]
+        # The requests waiting on the dead link and the link monitor wake in either order.
+        first_down = self.rng.random() < 0.5
+        if first_down:
+            self.feed(x, r.LinkDown(x.clock.local(self.now)))
+        for _, p in failed:
+            if self.live(name, inc) is None:
+                return
+            self._on_failure(x, p)
+        if not first_down and self.live(name, inc) is not None:
+            self.feed(x, r.LinkDown(x.clock.local(self.now)))
+        self._maybe_connect()
+
+    def _maybe_connect(self) -> None:
+        if self.connecting or self.session is not None or self.cut[AB]:
+            return
+        if not all(x.alive for x in self.arrays.values()):
+            return
+        self.connecting = True
+        self.at(self.now + self.rng.uniform(*self.cfg.reconnect), "link connects", self._connect)
+
+    def _connect(self) -> None:
+        self.connecting = False
+        if self.session is not None or self.cut[AB] or not all(x.alive for x in self.arrays.values()):
+            return
+        # A side still holding an old session sees it drop first (the new session replaces it).
+        for x in self.arrays.values():
+            if x.session is not None:
+                self._see_down(x.name, x.inc, x.session)
+        if self.session is not None or not all(x.alive for x in self.arrays.values()):
+            return
+        self.sessions += 1
+        sid = self.session = self.sessions
+        order = [A, B] if self.rng.random() < 0.5 else [B, A]
+        for name in order:
+            self.arrays[name].session = sid
+        for name in order:
+            x = self.arrays[name]
+            if x.alive and x.session == sid:
+                self.feed(x, r.LinkUp(x.clock.local(self.now)))
+                if x.alive and x.session == sid and x.s.role is r.Role.PRIMARY:
+                    self._send_state(x)
+
+    def _send_state(self, x: Array) -> None:
+        epoch, started = x.s.epoch, x.s.started
+
+        def at_peer(y: Array, reply: Reply) -> None:
+            self.feed(y, r.PeerState(y.clock.local(self.now), r.Role.PRIMARY, epoch, started))
+            reply((y.s.role, y.s.epoch, y.s.mode is r.Mode.CLAIMING))
+
+        self._request(x, "state", self.cfg.io_timeout, (epoch, started), at_peer)
+
+    def _claim_over(self, x: Array) -> None:
+        """The claim is over while linked (roles.py that says "claiming" in the state exchange):
+        the peer hears our state again, as primary or as its secondary."""
+        if x.roles is None or x.session is None:
+            return
+        if x.s.role is r.Role.PRIMARY:
+            self._send_state(x)
+            return
+        epoch = x.s.epoch
+
+        def at_peer(y: Array, reply: Reply) -> None:
+            if y.s.role is r.Role.PRIMARY and y.s.epoch == epoch:
+                self.feed(y, r.PeerState(y.clock.local(self.now), r.Role.SECONDARY, epoch))
+            reply(("OK",))
+
+        self._request(x, "follow", self.cfg.io_timeout, (epoch,), at_peer)
+
+    def _reset_link(self, x: Array) -> None:
+        if x.session is None or x.session != self.session:
+            return
+        sid, inc = x.session, x.inc
+        self._end_session({x.peer: self.cfg.reset_notice})
+        self.soon(f"{x.name} drops the link", lambda: self._see_down(x.name, inc, sid))
+
+    # host I/O and the data -------------------------------------------------------------------
+    def acknowledges_writes(self, x: Array) -> bool:
+        if x.roles is None:
+            return False
+        s = x.roles.state
+        return (s.role is r.Role.PRIMARY and (s.mode in r.MIRRORING or s.alone)
+                and x.roles.serving(x.clock.local(self.now)))
+
+    def host_write(self, name: str) -> None:
+        """A host writes a new block at this array."""
+        x = self.arrays[name]
+        if x.roles is None:
+            return
+        self.wid += 1
+        wid = self.wid
+        self.note(name, f"host write w{wid}")
+        if x.s.role is r.Role.SECONDARY:
+            if not x.m.serving(x.clock.local(self.now)):
+                return
+            epoch = x.s.epoch
+
+            def at_primary(y: Array, reply: Reply) -> None:
+                if y.s.epoch != epoch:
+                    reply(("STALE_EPOCH",))
+                elif y.s.role is not r.Role.PRIMARY:
+                    reply(("NOT_PRIMARY",))
+                else:
+                    self._primary_write(y, wid, reply)
+
+            self._request(x, "fwd", self.cfg.io_timeout, (wid,), at_primary)
+            return
+        self._primary_write(x, wid, None)
+
+    def _primary_write(self, x: Array, wid: int, fwd: Reply | None) -> None:
+        """A write at the primary, from a host or forwarded by the secondary (``fwd``)."""
+        s = x.s
+        if not x.m.serving(x.clock.local(self.now)) or s.mode is r.Mode.HANDING_OVER:
+            # Refused (or, while handing over, held until the switchover is over: not modelled).
+            if fwd is not None:
+                fwd(("NOT_SERVING",))
+            return
+        if s.mode in r.MIRRORING:
+            x.disk.data.add(wid)
+            epoch = s.epoch
+
+            def at_secondary(y: Array, reply: Reply) -> None:
+                if y.s.epoch != epoch:
+                    reply(("STALE_EPOCH",))
+                elif y.s.role is not r.Role.SECONDARY:
+                    reply(("NOT_PRIMARY",))
+                else:
+                    y.disk.data.add(wid)
+                    reply(("OK",))
+
+            self._request(x, "mirror", self.cfg.io_timeout, (wid, fwd), at_secondary)
+        elif s.alone:
+            x.disk.data.add(wid)
+            self._acked(x, wid, fwd)
+        elif s.mode in (r.Mode.FENCING, r.Mode.DECIDING):
+            x.held.append((wid, False, fwd))  # writes wait for the fence
+        elif fwd is not None:
+            fwd(("NOT_SERVING",))
+
+    def _acked(self, x: Array, wid: int, fwd: Reply | None) -> None:
+        if fwd is None:
+            self._ack(x, wid)
+        else:
+            fwd(("OK",))  # the forwarding secondary acknowledges it when this arrives
+
+    def _ack(self, x: Array, wid: int) -> None:
+        self.note(x.name, f"ack w{wid}")
+        self.acked.add(wid)
+        self.check()
+
+    def _mirror_failed(self, x: Array, wid: int, fwd: Reply | None, why: str) -> None:
+        # The write waits for the fence: it goes on alone or is refused (FenceOver).
+        x.held.append((wid, True, fwd))
+        self.feed(x, r.PeerLost(x.clock.local(self.now), why))
+
+    def _fence_over(self, x: Array) -> None:
+        held, x.held = x.held, []
+        alone = x.s.alone
+        for wid, _, fwd in held:
+            if alone:
+                x.disk.data.add(wid)
+                self._acked(x, wid, fwd)
+            elif fwd is not None:
+                fwd(("NOT_SERVING",))
+
+    # resync ----------------------------------------------------------------------------------
+    def _start_resync(self, x: Array) -> None:
+        epoch = x.s.epoch
+        snapshot = frozenset(x.disk.data)
+        rs = self._new_req()
+
+        def at_peer(y: Array, reply: Reply) -> None:
+            if y.s.epoch != epoch:
+                reply(("STALE_EPOCH",))
+            else:
+                # The peer learns what it lacks: from now on it has it (or reads it from us).
+                y.disk.data |= snapshot
+                reply(("OK",))
+
+        self._request(x, "resync_begin", self.cfg.io_timeout, (rs,), at_peer)
+
+    def _resync_copied(self, name: str, inc: int, rs: object) -> None:
+        x = self.live(name, inc)
+        if x is None:
+            return
+        epoch = x.s.epoch
+
+        def at_peer(y: Array, reply: Reply) -> None:
+            reply(("OK",) if y.s.epoch == epoch else ("STALE_EPOCH",))
+
+        self._request(x, "resync_end", self.cfg.io_timeout, (rs,), at_peer)
+
+    def _resync_failed(self, x: Array, why: str) -> None:
+        inc = x.inc
+        self.feed(x, r.PeerLost(x.clock.local(self.now), why))
+        if self.live(x.name, inc) is not None:
+            self.feed(x, r.ResyncEnded(x.clock.local(self.now)))
+
+    # the witness -------------------------------------------------------------------------------
+    def _wlink(self, name: str) -> str:
+        return AW if name == A else BW
+
+    def _witness_request(self, x: Array, kind: str, epoch: int, flags: tuple[bool, bool] = (False, False)) -> None:
+        """KEEP, CLAIM, RESOLVE, HANDOVER or a REPORT to the witness; an answer later than
+        ``witness_timeout`` is dropped (the request failed then)."""
+        sent = x.clock.local(self.now)
+        inc, ln, echo = x.inc, self._wlink(x.name), x.w_echo
+        rid = 0
+        if kind != "REPORT":  # a report nobody answers changes nothing: no timer for it
+            rid = self._new_req()
+            x.pending[rid] = Pending(kind, sent, (epoch,))
+            deadline = x.clock.real_at(sent + self.cfg.witness_timeout)
+            self.at(deadline, f"{kind} timeout", lambda: self._expire(x.name, inc, rid))
+        wit = self.witness
+        if wit is None or self.cut[ln] or self._lost(x.name, W, kind):
+            self.note(x.name, f"lost: {kind} to W")
+            return
+        winc = wit.inc
+
+        def at_witness() -> None:
+            if wit.rec is None or wit.inc != winc or self.cut[ln]:
+                return
+            dec = self._decide(wit, wit.rec, kind, x.name, epoch, flags, echo)
+            stamp = wit.clock.local(self.now)
+            if self.cut[ln] or self._lost(W, x.name, kind):
+                return
+
+            def back() -> None:
+                y = self.live(x.name, inc)
+                if y is None or self.cut[ln]:
+                    return
+                now = y.clock.local(self.now)
+                if now - sent <= self.cfg.witness_timeout and (y.w_echo is None or stamp > y.w_echo):
+                    y.w_echo = stamp
+                if kind == "REPORT":
+                    if now - sent <= self.cfg.witness_timeout:
+                        self.note(y.name, f"<- W {kind}: {dec}")
+                        self.feed(y, r.WitnessReport(now, sent, dec.owner, dec.epoch))
+                    return
+                if y.pending.pop(rid, None) is None:
+                    return
+                self.note(y.name, f"<- W {kind}: {dec}")
+                if kind == "HANDOVER":
+                    self._handed_over(y, dec)
+                else:
+                    self.feed(y, r.WitnessAnswer(now, sent, r.WitnessAsk[kind], dec.granted, dec.owner,
+                                                 dec.epoch, dec.reason))
+                    if kind == "CLAIM" and self.state_says_claiming:
+                        self._claim_over(y)
+
+            self.at(self.now + self._delay(W, x.name), f"W answers {x.name}", back)
+
+        self.at(self.now + self._delay(x.name, W), f"{x.name} {kind} to W", at_witness)
+
+    def _decide(self, wit: Witness, rec: d.GroupRecord, kind: str, node: str, epoch: int,
+                flags: tuple[bool, bool], echo: float | None) -> d.Decision:
+        t = self.cfg.witness
+        assert t is not None
+        now = wit.clock.local(self.now)
+        # The witness client echoes when it last heard the witness, if the witness takes it.
+        kw: dict[str, Any] = {"echo": echo} if self.witness_takes_echo else {}
+        if kind == "REPORT":
+            dec = d.report(rec, t, now, node, epoch, peer_alive=flags[0], peer_in_sync=flags[1], **kw)
+        elif kind == "KEEP":
+            dec = d.keep(rec, t, now, node, epoch, **kw)
+        elif kind == "CLAIM":
+            dec = d.claim(rec, t, now, node, epoch, **kw)
+        elif kind == "RESOLVE":
+            dec = d.resolve(rec, t, now, node, epoch, **kw)
+        else:
+            dec = d.handover(rec, t, now, node, epoch, **kw)
+        wit.disk = rec.persistent()  # durable before anyone hears of it
+        self.note(W, f"{kind} from {node} at epoch {epoch} {flags if kind == 'REPORT' else ''}-> {dec}")
+        self.check()
+        return dec
+
+    def _ask_witness(self, x: Array, kind: str, ask: r.WitnessAsk) -> None:
+        self._witness_request(x, kind, x.s.epoch)
+
+    def _report(self, name: str, inc: int) -> None:
+        x = self.live(name, inc)
+        if x is None or self.cfg.witness is None or self.timing.witness is None:
+            return
+        s = x.s
+        if hasattr(r, "peer_in_sync"):
+            in_sync = r.peer_in_sync(s)
+        else:  # roles.py before it said itself what its reports tell the witness
+            in_sync = s.role is r.Role.PRIMARY and s.mode is r.Mode.ATTACHED and not s.failsafe
+        self._witness_request(x, "REPORT", s.epoch, (x.session is not None, in_sync))
+        nxt = x.clock.real_at(x.clock.local(self.now) + self.timing.witness.interval)
+        self.at(nxt, f"{name} reports", lambda: self._report(name, inc))
+
+    # switchover --------------------------------------------------------------------------------
+    def switchover(self, name: str) -> None:
+        """The operator asks this array (if primary) to hand the group to its peer."""
+        x = self.arrays[name]
+        if x.roles is None or x.s.role is not r.Role.PRIMARY or x.switching:
+            return
+        if self.feed(x, r.SwitchoverBegin(x.clock.local(self.now))) is None:
+            return
+        x.switching = True
+        epoch = x.s.epoch
+
+        def at_peer(y: Array, reply: Reply) -> None:
+            ok = self.feed(y, r.PeerSwitchoverPrepare(y.clock.local(self.now), epoch)) is not None
+            reply(("OK",) if ok else ("REFUSED",))
+
+        self._request(x, "prepare", self.cfg.io_timeout, (epoch,), at_peer)
+
+    def _handover(self, x: Array) -> None:
+        if self.witness is None:
+            self._handed_over(x, d.Decision(True, x.peer, x.s.epoch + 1, "no witness"))
+        else:
+            self._witness_request(x, "HANDOVER", x.s.epoch)
+
+    def _handed_over(self, x: Array, dec: d.Decision) -> None:
+        if not (dec.granted and dec.owner == x.peer):
+            self._switchover_over(x, abort=True)
+            return
+        if self.feed(x, r.HandedOver(x.clock.local(self.now), dec.epoch, True)) is None:
+            self._switchover_over(x, abort=True)
+            return
+        epoch = dec.epoch
+
+        def at_peer(y: Array, reply: Reply) -> None:
+            ok = self.feed(y, r.PeerSwitchoverCommit(y.clock.local(self.now), epoch)) is not None
+            reply(("OK",) if ok else ("REFUSED",))
+
+        self._request(x, "commit", self.cfg.io_timeout, (epoch,), at_peer)
+
+    def _switchover_over(self, x: Array, abort: bool, in_doubt: bool = False) -> None:
+        """The switchover ends here; ``in_doubt``: the witness did not answer the HANDOVER (it may
+        have given the group to the peer), which the shell says when roles.py can hear it."""
+        x.switching = False
+        inc = x.inc
+        doubt = {"in_doubt": True} if in_doubt and self.end_takes_doubt else {}
+        self.feed(x, r.SwitchoverEnd(x.clock.local(self.now), **doubt))
+        if abort and self.live(x.name, inc) is not None:
+            self._send_ab(x, "switchover abort", lambda y: self._peer_abort(y))
+
+    def _peer_abort(self, y: Array) -> None:
+        self.feed(y, r.PeerSwitchoverAbort(y.clock.local(self.now)))
+
+    # faults --------------------------------------------------------------------------------------
+    def crash(self, name: str) -> None:
+        """kill -9 (or power loss) of an array or of the witness."""
+        if name == W:
+            wit = self.witness
+            if wit is not None and wit.rec is not None:
+                self.note(W, "crash")
+                wit.rec = None
+                wit.inc += 1
+            return
+        x = self.arrays[name]
+        if not x.alive:
+            return
+        self.note(name, "crash")
+        x.alive = False
+        x.roles = None
+        x.inc += 1
+        x.pending.clear()
+        x.held.clear()
+        x.w_echo = None
+        x.switching = False
+        if x.session is not None and x.session == self.session:
+            x.session = None
+            self._end_session({x.peer: self.cfg.path_timeout})
+        x.session = None
+
+    def restart(self, name: str) -> None:
+        if name == W:
+            wit = self.witness
+            if wit is not None and wit.rec is None:
+                self.note(W, "restart")
+                wit.rec = d.GroupRecord.restore(wit.disk)
+                wit.inc += 1
+                self._check_witness_epoch()
+            return
+        x = self.arrays[name]
+        if x.alive:
+            return
+        x.alive = True
+        x.inc += 1
+        now = x.clock.local(self.now)
+        dk = x.disk
+        x.roles = r.GroupRoles.at_start(me=name, peer=x.peer, role=dk.role, epoch=dk.epoch, started=dk.started,
+                                        failsafe=dk.failsafe, witness_behind=dk.witness_behind,
+                                        auto_failover=True, auto_recover=True, timing=self.timing, now=now)
+        x.last_tick = -math.inf
+        x.unconfirmed = True
+        x.started_at = now
+        self.note(name, f"restart: {x.s}")
+        if self.cfg.witness is not None:
+            inc = x.inc
+            self.soon(f"{name} reports", lambda: self._report(name, inc))
+        self._maybe_connect()
+        self.check()
+
+    def set_cut(self, link: str, cut: bool, notice: dict[str, float] | None = None) -> None:
+        """Cut or heal a link; A and B notice a cut A-B link within ``path_timeout`` each (or,
+        for a scenario, after ``notice``)."""
+        if self.cut[link] == cut:
+            return
+        self.note("net", f"{link} {'cut' if cut else 'healed'}")
+        self.cut[link] = cut
+        if link == AB:
+            if cut:
+                self._end_session({A: self.cfg.path_timeout, B: self.cfg.path_timeout}, notice)
+            else:
+                self._maybe_connect()
+
+    def flap(self) -> None:
+        """The A-B session breaks (every path at once) and reconnects."""
+        self.note("net", "A-B session broken")
+        self._end_session({A: self.cfg.path_timeout, B: self.cfg.path_timeout})
+
+    def set_net(self, src: str, dst: str, max_delay: float, loss: float) -> None:
+        """Messages from src to dst now take up to ``max_delay`` and are lost at rate ``loss``."""
+        self.note("net", f"{src}->{dst}: delay up to {max_delay:.3f}s, loss {loss:.2f}")
+        self.delay[(src, dst)] = max_delay
+        self.loss[(src, dst)] = loss
+
+    def _delay(self, src: str, dst: str) -> float:
+        fixed = self.next_delays.get((src, dst))
+        if fixed:
+            return fixed.pop(0)
+        bound = self.delay[(src, dst)]
+        if not bound:
+            return 0.0
+        # Often near the bound: the edge cases are what matters.
+        return bound * (self.rng.uniform(0.9, 1.0) if self.rng.random() < 0.3 else self.rng.random())
+
+    def _lost(self, src: str, dst: str, what: str) -> bool:
+        if self.drop_if is not None and self.drop_if(src, dst, what):
+            return True
+        loss = self.loss[(src, dst)]
+        return loss > 0 and self.rng.random() < loss
+
+    def set_load(self, every: float) -> None:
+        """Hosts write at a random array about every ``every`` seconds (0: stop)."""
+        self.load = every
+        if every:
+            self.at(self.now + self.rng.uniform(0, every), "host load", self._load)
+
+    def _load(self) -> None:
+        if not self.load:
+            return
+        self.host_write(A if self.rng.random() < 0.5 else B)
+        self.at(self.now + self.rng.uniform(0.5, 1.5) * self.load, "host load", self._load)
+
+    def set_rate(self, name: str, rate: float) -> None:
+        if name == W:
+            if self.witness is not None:
+                self.witness.clock.set_rate(self.now, self._rate(rate))
+            return
+        self.arrays[name].clock.set_rate(self.now, self._rate(rate))
+
+    # -- the promises ---------------------------------------------------------------------------
+    def _check_witness_epoch(self) -> None:
+        wit = self.witness
+        if wit is None or wit.rec is None:
+            return
+        if wit.rec.epoch < wit.epoch_seen:
+            self.fail("a", f"the witness's epoch went back from {wit.epoch_seen} to {wit.rec.epoch}")
+        wit.epoch_seen = wit.rec.epoch
+
+    def check(self) -> None:
+        """Every promise, at this instant (and, from ``_handle``, at every Persist):
+
+        (a) epochs only rise, on each array (across restarts: only persisted fields survive, and
+            they change only with Persist) and at the witness (across its restarts);
+        (b) at most one array acknowledges writes per epoch, and, with a witness and no operator
+            override, never both at once ("acknowledges writes": primary, serving, and mirroring
+            or alone);
+        (c) an array never serves while its peer is primary alone (may acknowledge writes the
+            array does not get): a secondary, and a primary that lost the group but does not
+            know it yet;
+        (d) an array that restarted serves nothing until its role is confirmed (a lease granted
+            to it, its peer saying it is our secondary at our epoch, a witness grant, a
+            switchover; without a witness, a primary whose previous run's leases are all over);
+        (e) a read served anywhere returns every write acknowledged before it."""
+        self._check_witness_epoch()
+        writers = []
+        for x in self.arrays.values():
+            if x.roles is None:
+                continue
+            s = x.roles.state
+            now = x.clock.local(self.now)
+            # (a) epochs only rise, across restarts too
+            if s.epoch < x.epoch_seen:
+                self.fail("a", f"{x.name}'s epoch went back from {x.epoch_seen} to {s.epoch}")
+            x.epoch_seen = s.epoch
+            serving = x.roles.serving(now)
+            # (d) a restarted array serves nothing until its role is confirmed
+            if serving and x.unconfirmed:
+                self.fail("d", f"{x.name} restarted and serves (as {s.role.value}, {s.mode.value}) before anything "
+                          f"confirmed its role at epoch {s.epoch}")
+            # (e) a read here now returns every write acknowledged before
+            if serving and not self.acked <= x.disk.data:
+                missing = sorted(self.acked - x.disk.data)
+                self.fail("e", f"a read at {x.name} ({s.role.value}, {s.mode.value}) would miss acknowledged "
+                          f"writes {missing}")
+            if self.acknowledges_writes(x):
+                writers.append(x)
+                seen = self.writers.setdefault(s.epoch, set())
+                seen.add(x.name)
+                # (b) one writer per epoch
+                if len(seen) > 1:
+                    self.fail("b", f"both arrays acknowledged writes at epoch {s.epoch}")
+            # (c) nothing serves at the peer while the primary may go on alone
+            if s.role is r.Role.PRIMARY and s.alone:
+                y = self.arrays[x.peer]
+                if y.roles is not None and y.roles.serving(y.clock.local(self.now)):
+                    ys = y.roles.state
+                    self.fail("c", f"{y.name} serves (as {ys.role.value} at epoch {ys.epoch}, {ys.mode.value}) while "
+                                   f"{x.name} is primary alone at epoch {s.epoch}")
+        # (b) with a witness and no operator override: never two writers at once
+        if len(writers) == 2 and self.witness is not None and not self.override:
+            self.fail("b", "both arrays acknowledge writes at the same instant "
+                      f"(epochs {writers[0].s.epoch} and {writers[1].s.epoch})")
+
+
+TIMER_FIELDS = ("lease_until", "lease_deadline", "next_renewal", "witness_until", "next_witness_retry",
+                "transition_until")
+WITNESS_KINDS = frozenset({"REPORT", "KEEP", "CLAIM", "RESOLVE", "HANDOVER"})

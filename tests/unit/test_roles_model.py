@@ -1,0 +1,634 @@
+"""Model tests of the role machine (syncd/node/roles.py) and the witness (syncd/witness/decide.py)
+in virtual time (issue 10, item 3).
+
+``roles_sim.Sim`` drives two arrays' ``GroupRoles`` and the witness's decisions the way the
+daemon's shell does (its docstring and ``Sim._act`` say how), with message delay and loss per
+direction, cuts and flaps of the A-B, A-W and B-W links (each side notices a dead link within
+``path_timeout``, independently), per-node clocks running at rates within the drift bound,
+crashes and restarts of either array (only persisted fields and data survive) and of the
+witness (its record survives, ``last_seen`` does not), host writes and planned switchovers. It
+checks after every event the promises listed in ``Sim.check``: (a) epochs only rise, (b) one
+writer per epoch and never two at once, (c) nothing serves at an array while its peer is primary
+alone, (d) a restarted array serves nothing until its role is confirmed, (e) no read misses an
+acknowledged write. Hypothesis chooses the schedules (``Schedule``); the run prints how many.
+
+Found in roles.py/decide.py at 86a907b (each has a written-out schedule below, which fails there;
+1 and 2 are fixed in layout at 47dda5f, 3 to 7 are not; 8 was found at 47dda5f):
+1. A lease answer reaching an array that became primary meanwhile (switchover) hits
+   ``assert isinstance(e, LeaseFailed)``: row (P, LeaseReply) -> ``_lease_failed``.
+2. ``_not_alone`` with the link up starts a resync (SYNCING, which serves) although nothing in
+   this link session said the peer is still our secondary: after the peer took the group at a
+   higher epoch, the old primary serves stale reads while the new one writes alone (c).
+3. The pre-elected primary's inference "the witness lost me first, so it disabled failover" does
+   not hold: the witness disables failover only if B's "A alive" report arrives after its grace,
+   which fails when B-W breaks too, and ``lost_first_after`` (grace + 2 x interval) ignores
+   clock drift and that B may notice the dead link ``path_timeout`` before A (b, c).
+4. A secondary may take the group before its primary can have noticed the link is dead: a
+   primary in a mirroring mode serves without a time bound, and B's lease may end up to
+   ``path_timeout`` (plus drift) before A notices (b, c).
+5. (liveness) A CLAIM refusal that arrives after the link came back sets ``claim_refused`` for the
+   whole session: the next failover never happens.
+6. With the A-W path failing one way (A hears nothing, the witness still hears A), A takes itself
+   for pre-elected while the witness, to which A looks isolated, gives the group to B (b, c).
+   A cannot tell from its side; the witness can if every request echoes when its sender last
+   heard the witness (``Sim`` sends the echo when ``decide`` takes one).
+7. A HANDOVER whose answer is lost is taken for refused ("nothing changed", as in
+   operations.py); the witness may have given the group to B. A, primary again at the old epoch,
+   later takes itself for pre-elected when the link goes, while B claims the group the witness
+   says it owns (b, c). ``SwitchoverEnd`` needs to say the outcome is in doubt (``Sim`` says it
+   when roles.py can hear it).
+8. A secondary whose CLAIM is under way when the link returns answers the state exchange as
+   secondary at the old epoch (peer.py ``sync_groups`` answers role and epoch): its primary,
+   whose KEEP went unanswered, takes that for "the peer follows", resyncs and serves (SYNCING)
+   while the claim is granted and the secondary writes alone at the new epoch (c, e). The answer
+   needs to say "claiming" (``PeerState.claiming``), and the secondary to say again where it
+   stands once the claim is over (``Sim`` does both when roles.py takes ``claiming``).
+Also: (S, PeerLost) has no row (a mirrored write failing after a switchover or demotion raises
+RoleError: the shell must catch it); without a witness a restarted primary goes on alone once its
+fence is over, confirmed by nothing (the pre-elected design, docs/design.md §4: promise (d) counts
+that). At 86a907b, since fixed: ``next_timer()`` returned deadlines already past (a shell
+sleeping until it would spin; ``Sim`` counts it with such a roles.py), and a report sent while
+handing over said the peer was not in sync, so the witness refused the HANDOVER.
+
+Mutations (``MUTATIONS``): a guarding line taken out of a scratch copy of roles.py or
+decide.py; each has a written-out schedule that holds with the line and breaks the promise named
+without it (a test), and ``python -m tests.unit.test_roles_model N`` says how many random
+schedules find each mutant. Tried, and caught: fence-wait (the lease_deadline wait in ``_tick``):
+(c); start-fence (a restarted primary's fence in ``at_start``): (c); confirmed (in
+``serving``): (d); promote-persist (Persist when taking the group over): (a); witness-until (in
+``serving``): (c); lease-from-sent (the lease counted from ``sent`` in ``_lease_reply``): (c);
+keep-answer (only a primary that lost the witness first goes on alone unanswered): (d);
+peer-ready (leases only to a peer that took RESYNC_BEGIN): (e); claim-quiet (decide.claim's
+owner silence): (c); keep-revokes (decide.keep revoking the secondary): (b, c). The epoch guard
+in ``GroupRoles.handle``, alone: not observable (no row proposes a lower epoch); with it and
+``_witness_report``'s ``e.epoch > s.epoch`` both taken out (at 86a907b): no violation in 1500
+schedules either.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, replace
+from types import ModuleType
+from typing import Callable
+
+import pytest
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
+
+from syncd.node import roles
+from syncd.witness import decide
+from tests.unit import roles_sim
+from tests.unit.roles_sim import AB, AW, BW, LINKS, A, B, W, Sim, SimConfig, Violation
+
+EXAMPLES = int(os.environ.get("SYNCD_MODEL_EXAMPLES", "2000"))
+STEPS = int(os.environ.get("SYNCD_MODEL_STEPS", "15"))
+PAUSE = st.floats(0, 4)  # virtual seconds that pass after each fault
+# Each step reseeds the simulator's random source (message delays and losses, link notice
+# times): hypothesis's own Random is too slow per draw, and a seed per step keeps a shrunk
+# schedule's steps independent of each other.
+SEED = st.integers(0, 2**32 - 1)
+DIRECTIONS = [(a, b) for a in (A, B, W) for b in (A, B, W) if a != b]
+
+
+@dataclass
+class Stats:
+    schedules: int = 0
+    steps: int = 0
+    events: int = 0
+    virtual: float = 0.0
+    stale_timers: int = 0
+
+    def add(self, sim: Sim) -> None:
+        self.events += sim.events
+        self.virtual += sim.now
+        self.stale_timers += sim.stale_timers
+
+
+def drift_rate(cfg: SimConfig) -> st.SearchStrategy[float]:
+    return st.floats(1 - cfg.drift, 1 + cfg.drift)
+
+
+class Schedule(RuleBasedStateMachine):
+    """One schedule: arrays A (first primary) and B, witness W, faults chosen by hypothesis."""
+
+    cfg = SimConfig()
+    stats = Stats()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sim: Sim | None = None
+
+    @property
+    def s(self) -> Sim:
+        assert self.sim is not None
+        return self.sim
+
+    @initialize(seed=SEED, ra=drift_rate(cfg), rb=drift_rate(cfg), rw=drift_rate(cfg),
+                warm=st.sampled_from([0.0, 3.0, 6.0]), load=st.sampled_from([0.0, 0.3, 1.0]))
+    def start(self, seed: int, ra: float, rb: float, rw: float, warm: float, load: float) -> None:
+        self.sim = Sim(self.cfg, random.Random(seed), rates={A: ra, B: rb, W: rw}, offsets={A: 1000.0, B: 5000.0, W: 300.0})
+        self.stats.schedules += 1
+        self.s.set_load(load)
+        self.s.run_until(warm)
+
+    @rule(dt=st.floats(0.01, 6.0), writes=st.lists(st.tuples(st.sampled_from([A, B]), st.floats(0, 1)),
+                                                     max_size=3), seed=SEED)
+    def advance(self, dt: float, writes: list[tuple[str, float]], seed: int) -> None:
+        self.s.rng.seed(seed)
+        t0 = self.s.now
+        for name, f in sorted(writes, key=lambda w: w[1]):
+            self.s.run_until(t0 + f * dt)
+            self.s.host_write(name)
+        self.s.run_until(t0 + dt)
+
+    # Every other rule acts, then lets ``dt`` virtual seconds pass.
+    @rule(name=st.sampled_from([A, B]), dt=PAUSE, seed=SEED)
+    def write(self, name: str, dt: float, seed: int) -> None:
+        self.s.rng.seed(seed)
+        self.s.host_write(name)
+        self.s.run_until(self.s.now + dt)
+
+    @rule(link=st.sampled_from(LINKS), dt=PAUSE, seed=SEED)
+    def cut(self, link: str, dt: float, seed: int) -> None:
+        self.s.rng.seed(seed)
+        self.s.set_cut(link, True)
+        self.s.run_until(self.s.now + dt)
+
+    @rule(link=st.sampled_from(LINKS), dt=PAUSE, seed=SEED)
+    def heal(self, link: str, dt: float, seed: int) -> None:
+        self.s.rng.seed(seed)
+        self.s.set_cut(link, False)
+        self.s.run_until(self.s.now + dt)
+
+    @rule(dt=PAUSE, seed=SEED)
+    def flap(self, dt: float, seed: int) -> None:
+        self.s.rng.seed(seed)
+        self.s.flap()
+        self.s.run_until(self.s.now + dt)
+
+    @rule(way=st.sampled_from(DIRECTIONS), max_delay=st.sampled_from([0.0, 0.05, 0.3, 1.0, 2.5]),
+          loss=st.sampled_from([0.0, 0.0, 0.1, 0.5, 1.0]), dt=PAUSE, seed=SEED)
+    def network(self, way: tuple[str, str], max_delay: float, loss: float, dt: float, seed: int) -> None:
+        self.s.rng.seed(seed)
+        self.s.set_net(way[0], way[1], max_delay, loss)
+        self.s.run_until(self.s.now + dt)
+
+    @rule(node=st.sampled_from([A, B, W]), rate=drift_rate(cfg), dt=PAUSE, seed=SEED)
+    def drift(self, node: str, rate: float, dt: float, seed: int) -> None:
+        self.s.rng.seed(seed)
+        self.s.set_rate(node, rate)
+        self.s.run_until(self.s.now + dt)
+
+    @rule(node=st.sampled_from([A, B, W]), dt=PAUSE, seed=SEED)
+    def crash(self, node: str, dt: float, seed: int) -> None:
+        self.s.rng.seed(seed)
+        self.s.crash(node)
+        self.s.run_until(self.s.now + dt)
+
+    @rule(node=st.sampled_from([A, B, W]), dt=PAUSE, seed=SEED)
+    def restart(self, node: str, dt: float, seed: int) -> None:
+        self.s.rng.seed(seed)
+        self.s.restart(node)
+        self.s.run_until(self.s.now + dt)
+
+    @rule(node=st.sampled_from([A, B]), dt=PAUSE, seed=SEED)
+    def switchover(self, node: str, dt: float, seed: int) -> None:
+        self.s.rng.seed(seed)
+        self.s.switchover(node)
+        self.s.run_until(self.s.now + dt)
+
+    @invariant()
+    def count_steps(self) -> None:
+        # The promises themselves are checked inside the simulator after every event.
+        self.stats.steps += 1
+
+    def teardown(self) -> None:
+        if self.sim is not None:
+            self.stats.add(self.sim)
+
+
+class ScheduleWithoutWitness(Schedule):
+    """The same without a witness: the first primary is pre-elected, the secondary never takes
+    the group by itself."""
+
+    cfg = SimConfig(witness=None)
+
+
+def model_settings(examples: int) -> settings:
+    return settings(max_examples=examples, stateful_step_count=STEPS, deadline=None,
+                    suppress_health_check=list(HealthCheck))
+
+
+def run_schedules(machine: type[Schedule], examples: int, summary: list[str], what: str) -> None:
+    machine.stats = Stats()
+    t0, c0 = time.perf_counter(), time.process_time()
+    try:
+        run_state_machine_as_test(machine, settings=model_settings(examples))
+    finally:
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        n = machine.stats
+        summary.append(
+            f"role model, {what}: {n.schedules} schedules ({n.steps} steps, {n.events} events, {n.virtual:.0f} "
+            f"virtual s) in {dt:.1f} s ({cpu:.1f} s CPU, {n.schedules / max(cpu, 1e-9):.0f} schedules per CPU s); "
+            f"next_timer() stayed due after a Tick in {n.stale_timers} states")
+
+
+def test_two_arrays_and_a_witness_keep_every_promise_in_random_schedules(model_summary: list[str]) -> None:
+    run_schedules(Schedule, EXAMPLES, model_summary, "A, B and a witness")
+
+
+def test_two_arrays_without_a_witness_keep_every_promise_in_random_schedules(model_summary: list[str]) -> None:
+    run_schedules(ScheduleWithoutWitness, EXAMPLES // 4, model_summary, "A and B without a witness")
+
+
+# -- schedules written out: each broke a promise of roles.py at 86a907b (see the docstring) ------
+
+def scenario(**changes: object) -> Sim:
+    rates = changes.pop("rates", None)
+    assert rates is None or isinstance(rates, dict)
+    return Sim(replace(SimConfig(), **changes), random.Random(0), rates=rates)
+
+
+def settle(sim: Sim) -> None:
+    """Steady state: A attached and the witness knows its peer is in sync; B serves under a lease."""
+    sim.run_until(2.0)
+    sim.flap()  # a new link session: B forgets a refusal the witness sent as the link came up
+    sim.run_until(2.0 + sim.cfg.path_timeout + 0.1)  # both sides noticed
+    a, b, wit = sim.arrays[A], sim.arrays[B], sim.witness
+    assert wit is not None
+
+    def steady() -> bool:
+        return (a.s.mode is roles_sim.r.Mode.ATTACHED and wit.rec is not None and wit.rec.secondary_in_sync
+                and b.m.serving(b.clock.local(sim.now)))
+
+    sim.run_while(lambda: not steady(), 15.0)
+    sim.run_until(max(sim.now, 10.0))
+
+
+def lease_reply_after_switchover(sim: Sim) -> None:
+    a, b = sim.arrays[A], sim.arrays[B]
+    sim.run_until(6.0)
+    while True:
+        sim.next_delays[(B, A)] = [0.4]  # B's next lease request takes its time
+        sim.run_while(lambda: b.s.lease_asked is None, 1.0)
+        # A reported just now: no report while it hands over (it would say its peer is not in
+        # sync, and the witness would refuse the handover).
+        if 0.02 < a.clock.local(sim.now) % 0.5 < 0.1:
+            break
+        sim.run_while(lambda: b.s.lease_asked is not None, 1.0)
+    sim.switchover(A)  # done before the request reaches A: B is primary when the answer comes
+    sim.run_until(sim.now + 3)
+
+
+def test_a_lease_answer_reaching_an_array_that_became_primary_meanwhile_is_harmless() -> None:
+    sim = scenario()
+    lease_reply_after_switchover(sim)
+    assert (sim.arrays[A].s.role, sim.arrays[B].s.role) == (roles.Role.SECONDARY, roles.Role.PRIMARY)
+
+
+def rejoin_while_asking_the_witness(sim: Sim) -> None:
+    a, b = sim.arrays[A], sim.arrays[B]
+    sim.run_until(4.0)
+    sim.flap()  # a new link session: B forgets a refusal the witness sent as the link came up
+    sim.run_until(8.0)  # in sync, and the witness knows it
+    sim.set_cut(AW, True)
+    sim.run_until(10.0)
+    sim.set_cut(AB, True, notice={A: 0.0, B: 0.0})
+    sim.run_while(lambda: b.s.role is not roles_sim.r.Role.PRIMARY, 5.0)  # B took over at epoch 2
+    sim.run_while(lambda: a.s.mode is not roles_sim.r.Mode.DECIDING, 5.0)  # A asks the witness, in vain
+    sim.next_delays[(B, A)] = [1.5, 1.5]  # what B says on the new link session comes late
+    sim.set_cut(AB, False)
+    sim.run_until(sim.now + 3.0)
+
+
+def test_a_primary_that_may_have_lost_the_group_serves_nothing_until_its_peer_says_whose_it_is() -> None:
+    # A cannot reach the witness; the link goes; B takes the group at epoch 2; the link returns
+    # while A's KEEP is unanswered, and B's word is slow to come.
+    rejoin_while_asking_the_witness(scenario(reconnect=(0.1, 0.1)))
+
+
+def witness_lost_first_then_secondary_cut_off(sim: Sim) -> None:
+    sim.run_until(6.01)
+    sim.set_cut(AW, True)  # the witness loses A first...
+    sim.run_until(10.2)
+    sim.set_cut(BW, True)  # ...but B's reports stop before the witness's grace is over
+    sim.run_until(12.0)
+    sim.set_cut(AB, True, notice={A: 1.5, B: 0.0})  # A, pre-elected, goes on alone
+    sim.run_until(15.0)
+    sim.set_cut(BW, False)  # B reaches the witness again, and claims
+    for _ in range(40):
+        sim.run_until(sim.now + 0.25)
+        sim.host_write(A)
+        sim.host_write(B)
+
+
+def witness_lost_first_then_link_noticed_late(sim: Sim) -> None:
+    sim.run_until(6.01)
+    sim.set_cut(AW, True)
+    sim.run_until(10.4)  # B's last "A alive" report reaches the witness within its grace
+    sim.set_cut(AB, True, notice={A: 1.5, B: 0.0})  # B notices at once, A as late as it may
+    for _ in range(40):
+        sim.run_until(sim.now + 0.25)
+        sim.host_write(A)
+        sim.host_write(B)
+
+
+@pytest.mark.parametrize("schedule", [witness_lost_first_then_secondary_cut_off,
+                                      witness_lost_first_then_link_noticed_late])
+def test_the_pre_elected_primary_goes_on_alone_only_when_the_witness_will_refuse_its_peer(schedule) -> None:
+    schedule(scenario())
+
+
+def link_noticed_late_by_the_primary(sim: Sim) -> None:
+    sim.run_until(6.0)
+    sim.set_cut(AW, True)  # A's witness lease runs out; A stays attached
+    sim.run_until(9.0)
+    sim.set_cut(AB, True, notice={A: 1.5, B: 0.0})  # B notices at once, A as late as it may
+    for _ in range(20):
+        sim.run_until(sim.now + 0.2)
+        sim.host_write(A)
+        sim.host_write(B)
+
+
+def test_a_secondary_takes_the_group_only_once_its_primary_must_have_noticed_the_link_is_dead() -> None:
+    # B's clock runs fast (its lease ends early), the witness's slow (it gives A up early).
+    link_noticed_late_by_the_primary(scenario(rates={A: 0.95, B: 1.05, W: 0.95}))
+
+
+def refusal_after_the_link_returned_then_primary_dies(sim: Sim) -> None:
+    settle(sim)
+    b = sim.arrays[B]
+    sim.set_cut(AB, True, notice={A: 0.0, B: 0.0})
+    # A fences B off (its reports say B is out of sync); B claims when its lease is over.
+    sim.run_while(lambda: b.s.mode is not roles_sim.r.Mode.CLAIMING, 4.0)
+    sim.next_delays[(W, B)] = [0.5] * 3  # "B was not in sync" arrives after the link is back
+    sim.set_cut(AB, False)
+    sim.run_until(sim.now + 8.0)  # resynced
+    sim.crash(A)
+    sim.run_until(sim.now + 10.0)
+
+
+def test_a_refusal_that_arrives_after_the_link_returned_does_not_stop_the_next_failover() -> None:
+    sim = scenario(reconnect=(0.1, 0.1))
+    refusal_after_the_link_returned_then_primary_dies(sim)
+    assert sim.arrays[B].s.role is roles.Role.PRIMARY, sim.arrays[B].s
+
+
+def witness_deaf_one_way_then_isolated(sim: Sim) -> None:
+    settle(sim)
+    sim.set_net(W, A, 0.05, 1.0)  # the witness's answers stop reaching A; A's reports still arrive
+    sim.run_until(sim.now + 8.0)  # A has not heard the witness for longer than lost_first_after
+    sim.set_net(A, W, 0.05, 1.0)  # now A is cut off from the witness both ways...
+    sim.set_cut(AB, True)  # ...and from B: to the witness, A is isolated, B may take over
+    for _ in range(40):
+        sim.run_until(sim.now + 0.25)
+        sim.host_write(A)
+        sim.host_write(B)
+
+
+def test_a_primary_deaf_to_the_witness_does_not_take_itself_for_pre_elected() -> None:
+    witness_deaf_one_way_then_isolated(scenario())
+
+
+def claim_under_way_when_the_link_returns(sim: Sim) -> None:
+    settle(sim)
+    b = sim.arrays[B]
+    sim.set_cut(AW, True)
+    sim.run_until(sim.now + 2.5)
+    sim.set_cut(AB, True, notice={A: 0.0, B: 0.0})
+    sim.run_while(lambda: b.s.mode is not roles_sim.r.Mode.CLAIMING, 5.0)
+    sim.next_delays[(W, B)] = [0.9] * 3  # the witness's grant comes late...
+    sim.set_cut(AB, False)  # ...after B told A, over the new link session, that it is its secondary
+    writes_for(sim, 6.0)
+
+
+def test_a_secondary_claiming_the_group_does_not_tell_its_primary_it_follows() -> None:
+    claim_under_way_when_the_link_returns(scenario(reconnect=(0.1, 0.1)))
+
+
+def handover_answer_lost_then_link_lost(sim: Sim) -> None:
+    settle(sim)
+    a = sim.arrays[A]
+    # Start right after A's report (one sent while handing over says B is not in sync).
+    sim.run_while(lambda: not 0.02 < a.clock.local(sim.now) % 0.5 < 0.1, 1.0)
+    sim.set_net(W, A, 0.05, 1.0)  # the witness grants the HANDOVER; A never hears it
+    sim.switchover(A)
+    sim.run_until(sim.now + 9.0)  # A abandoned the switchover; it has not heard the witness since
+    sim.set_cut(AB, True)  # B claims the group the witness says it owns
+    for _ in range(40):
+        sim.run_until(sim.now + 0.25)
+        sim.host_write(A)
+        sim.host_write(B)
+
+
+def test_a_primary_whose_handover_went_unanswered_does_not_take_itself_for_pre_elected() -> None:
+    handover_answer_lost_then_link_lost(scenario())
+
+
+# -- the model finds each promise broken on purpose ---------------------------------------------
+
+@dataclass(frozen=True)
+class Mutation:
+    """One guarding line of roles.py (or decide.py) taken out in a scratch copy, and the promise
+    the model must then find broken."""
+
+    id: str
+    module: ModuleType
+    old: str
+    new: str
+    promises: str  # the Violation.promise letters accepted
+    schedule: Callable[[Sim], None]  # a schedule that holds as written and breaks without the line
+
+    def build(self) -> ModuleType:
+        path = self.module.__file__
+        assert path is not None
+        with open(path) as f:
+            src = f.read()
+        if src.count(self.old) != 1:
+            raise AssertionError(f"mutation {self.id}: the guarded line is no longer in {path} exactly once; "
+                                 f"update the mutation to the new code:\n{self.old}")
+        name = f"{self.module.__name__}_without_{self.id.replace('-', '_')}"
+        mod = ModuleType(name)
+        mod.__package__ = self.module.__package__
+        mod.__file__ = f"{path} (mutant {self.id})"
+        sys.modules[name] = mod  # dataclasses look their module up while the classes are made
+        exec(compile(src.replace(self.old, self.new), mod.__file__, "exec"), mod.__dict__)
+        return mod
+
+
+def writes_for(sim: Sim, seconds: float, every: float = 0.25) -> None:
+    for _ in range(int(seconds / every)):
+        sim.run_until(sim.now + every)
+        sim.host_write(A)
+        sim.host_write(B)
+
+
+def fence_cut_short(sim: Sim) -> None:
+    settle(sim)
+    sim.set_cut(AB, True, notice={A: 0.0, B: 1.5})  # B notices late: its lease runs on
+    writes_for(sim, 5.0)
+
+
+def primary_restarts_at_once(sim: Sim) -> None:
+    settle(sim)
+    sim.set_cut(AB, True, notice={A: 0.0, B: 1.5})
+    sim.crash(A)  # B's lease from A's previous run still runs...
+    sim.restart(A)  # ...when A is back, cut off from B
+    writes_for(sim, 5.0)
+
+
+def primary_restarts_alone(sim: Sim) -> None:
+    settle(sim)
+    sim.set_cut(AB, True, notice={A: 0.0, B: 0.0})
+    sim.crash(A)
+    sim.restart(A)  # nothing can confirm it; the witness's reports name it owner
+    writes_for(sim, 5.0)
+
+
+def primary_restarts_isolated(sim: Sim) -> None:
+    settle(sim)
+    sim.set_cut(AB, True, notice={A: 0.0, B: 0.0})
+    sim.set_cut(AW, True)
+    sim.crash(A)
+    sim.restart(A)  # cut off from both: it must not go on alone
+    writes_for(sim, 5.0)
+
+
+def failover_then_restart(sim: Sim) -> None:
+    settle(sim)
+    b = sim.arrays[B]
+    sim.set_cut(AB, True, notice={A: 0.0, B: 0.0})
+    sim.crash(A)
+    sim.run_while(lambda: b.s.role is not roles_sim.r.Role.PRIMARY, 8.0)
+    sim.crash(B)
+    sim.restart(B)  # at the epoch it persisted
+    writes_for(sim, 2.0)
+
+
+def primary_isolated_after_its_last_report(sim: Sim) -> None:
+    settle(sim)
+    a, b = sim.arrays[A], sim.arrays[B]
+    sim.run_while(lambda: not 0.02 < a.clock.local(sim.now) % 0.5 < 0.1, 1.0)  # A just reported
+    sim.set_cut(AW, True)  # the witness's last word from A: its lease ends first...
+    sim.run_until(sim.now + 0.2)
+    sim.run_while(lambda: b.s.lease_asked is None, 1.0)
+    sim.run_while(lambda: b.s.lease_asked is not None, 1.0)  # ...A's fence (B's lease) last
+    sim.set_cut(AB, True, notice={A: 0.0, B: 0.0})
+    writes_for(sim, 6.0)
+
+
+def slow_lease_answer_then_cut(sim: Sim) -> None:
+    settle(sim)
+    b = sim.arrays[B]
+    sim.next_delays[(A, B)] = [0.9]  # A's answer to B's next lease request
+    sim.run_while(lambda: b.s.lease_asked is None, 1.0)
+    sim.run_while(lambda: b.s.lease_asked is not None, 2.0)
+    sim.set_cut(AB, True, notice={A: 0.0, B: 1.5})
+    writes_for(sim, 5.0)
+
+
+def primary_isolated(sim: Sim) -> None:
+    settle(sim)
+    sim.set_cut(AW, True)
+    sim.set_cut(AB, True, notice={A: 0.0, B: 0.0})  # A may serve until its witness lease ends
+    writes_for(sim, 6.0)
+
+
+def keep_then_witness_lost(sim: Sim) -> None:
+    settle(sim)
+    a = sim.arrays[A]
+    sim.set_cut(AB, True, notice={A: 0.0, B: 0.0})
+    # A's reports while it fences say nothing new to the witness: its KEEP must revoke B.
+    sim.drop_if = lambda src, dst, what: (src, what) == (A, "REPORT")
+    sim.run_while(lambda: not a.s.alone, 6.0)
+    sim.set_cut(AW, True)  # A goes on alone without the witness; B claims as soon as A is quiet
+    for _ in range(40):
+        sim.run_until(sim.now + 0.25)
+        sim.host_write(A)
+        sim.host_write(B)
+
+
+def resync_begin_lost(sim: Sim) -> None:
+    settle(sim)
+    a = sim.arrays[A]
+    sim.set_cut(AB, True, notice={A: 0.0, B: 0.0})
+    sim.run_while(lambda: not a.s.alone, 6.0)
+    sim.host_write(A)  # acknowledged alone
+    sim.drop_if = lambda src, dst, what: what.startswith("resync_begin")  # B never learns what it lacks
+    sim.set_cut(AB, False)
+    sim.run_until(sim.now + 4.0)
+
+
+MUTATIONS = [
+    Mutation("fence-wait", roles,
+             "if s.mode in (Mode.STARTING, Mode.FENCING) and now >= s.lease_deadline:",
+             "if s.mode in (Mode.STARTING, Mode.FENCING):", "ce", fence_cut_short),
+    Mutation("start-fence", roles,
+             "lease_deadline=now + timing.lease_expiry() if role is Role.PRIMARY else NEVER",
+             "lease_deadline=now if role is Role.PRIMARY else NEVER", "ce", primary_restarts_at_once),
+    Mutation("confirmed", roles,
+             "if not s.confirmed or s.failsafe or s.mode is Mode.DISK_FAILED:",
+             "if s.failsafe or s.mode is Mode.DISK_FAILED:", "d", primary_restarts_alone),
+    Mutation("promote-persist", roles,
+             'NewGeneration(f"took the group over at epoch {epoch}"),\n                          Persist()]',
+             'NewGeneration(f"took the group over at epoch {epoch}")]', "a", failover_then_restart),
+    Mutation("witness-until", roles,
+             "return t.witness is None or s.witness_lost_first or now < s.witness_until",
+             "return True", "bce", primary_isolated_after_its_last_report),
+    Mutation("lease-from-sent", roles,
+             "lease_until=max(s.lease_until, e.sent + e.ms / 1000)",
+             "lease_until=max(s.lease_until, e.now + e.ms / 1000)", "ce", slow_lease_answer_then_cut),
+    Mutation("keep-answer", roles,
+             "if e.granted is None and s.witness_lost_first:",
+             "if e.granted is None:", "bcde", primary_restarts_isolated),
+    Mutation("peer-ready", roles,
+             "mirrored = (s.mode in MIRRORING and s.peer_ready) or",
+             "mirrored = (s.mode in MIRRORING) or", "ce", resync_begin_lost),
+    Mutation("claim-quiet", decide,
+             "if quiet <= t.owner_gone_after():",
+             "if False:", "bce", primary_isolated),
+    Mutation("keep-revokes", decide,
+             '''    rec.secondary_in_sync = False
+    rec.failover_disabled = False
+    rec.last_decision = f"{node} goes on alone''',
+             '''    rec.failover_disabled = False
+    rec.last_decision = f"{node} goes on alone''', "bce", keep_then_witness_lost),
+]
+
+
+@pytest.mark.parametrize("m", MUTATIONS, ids=[m.id for m in MUTATIONS])
+def test_a_schedule_that_holds_breaks_a_promise_without_its_guarding_line(
+        m: Mutation, monkeypatch: pytest.MonkeyPatch) -> None:
+    m.schedule(scenario())  # holds as written
+    mutant = m.build()
+    monkeypatch.setitem(sys.modules, mutant.__name__, mutant)
+    monkeypatch.setattr(roles_sim, "r" if m.module is roles else "d", mutant)
+    with pytest.raises(Violation) as caught:
+        m.schedule(scenario())
+    assert caught.value.promise in m.promises, str(caught.value)
+
+
+def hunt(examples: int) -> None:
+    """How many random schedules find each mutant (``python -m tests.unit.test_roles_model N``)."""
+    for m in MUTATIONS:
+        mutant = m.build()
+        saved = roles_sim.r, roles_sim.d
+        setattr(roles_sim, "r" if m.module is roles else "d", mutant)
+        Schedule.stats = Stats()
+        try:
+            run_state_machine_as_test(Schedule, settings=settings(
+                model_settings(examples), database=None, phases=[Phase.generate], print_blob=False))
+            print(f"{m.id}: not found in {Schedule.stats.schedules} schedules")
+        except Violation as v:
+            print(f"{m.id}: ({v.promise}) after {Schedule.stats.schedules} schedules: {str(v).splitlines()[0]}")
+        finally:
+            roles_sim.r, roles_sim.d = saved
+
+
+if __name__ == "__main__":
+    hunt(int(sys.argv[1]) if len(sys.argv) > 1 else 2000)
