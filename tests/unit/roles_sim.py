@@ -138,6 +138,9 @@ class Array:
         self.epoch_seen = disk.epoch  # the highest epoch this array ever held (memory or disk)
         self.switching = False  # a switchover this array started is under way
         self.w_echo: float | None = None  # witness client: the newest answer's stamp (witness time)
+        # Witness client: one TCP connection. A request unanswered within witness_timeout drops it,
+        # and a new one needs the witness's challenge to get through (both directions work).
+        self.w_conn = False
         self.timer_state: r.RoleState | None = None  # next_timer() cache: the state it is for,
         self.timer_tick = -math.inf  # the last Tick then,
         self.timer = math.inf  # and when the shell ticks next (local)
@@ -443,6 +446,17 @@ class Sim:
         deadline = x.clock.real_at(x.clock.local(self.now) + timeout)
         self.at(deadline, f"{kind} timeout", lambda: self._expire(x.name, inc, rid))
         return rid
+
+    def _witness_timeout(self, name: str, inc: int, rid: int, kind: str) -> None:
+        """No answer in time: the client drops its connection (as WitnessClient.request does)."""
+        x = self.live(name, inc)
+        if x is None or rid not in x.pending:
+            return
+        x.w_conn = False
+        if kind == "REPORT":
+            x.pending.pop(rid, None)
+            return
+        self._expire(name, inc, rid)
 
     def _expire(self, name: str, inc: int, rid: int) -> None:
         x = self.live(name, inc)
@@ -777,13 +791,20 @@ class Sim:
         ``witness_timeout`` is dropped (the request failed then)."""
         sent = x.clock.local(self.now)
         inc, ln, echo = x.inc, self._wlink(x.name), x.w_echo
-        rid = 0
-        if kind != "REPORT":  # a report nobody answers changes nothing: no timer for it
-            rid = self._new_req()
+        rid = self._new_req()
+        deadline = x.clock.real_at(sent + self.cfg.witness_timeout)
+        if kind != "REPORT":
             x.pending[rid] = Pending(kind, sent, (epoch,))
-            deadline = x.clock.real_at(sent + self.cfg.witness_timeout)
-            self.at(deadline, f"{kind} timeout", lambda: self._expire(x.name, inc, rid))
+        else:
+            x.pending[rid] = Pending("REPORT-timer", sent, (epoch,))
+        self.at(deadline, f"{kind} timeout", lambda: self._witness_timeout(x.name, inc, rid, kind))
         wit = self.witness
+        if not x.w_conn:
+            # (Re)connecting takes the witness's challenge and our hello: both directions.
+            if wit is None or self.cut[ln] or self._lost(W, x.name, "CHALLENGE") or self._lost(x.name, W, "HELLO"):
+                self.note(x.name, f"witness unreachable: {kind} not sent")
+                return
+            x.w_conn = True
         if wit is None or self.cut[ln] or self._lost(x.name, W, kind):
             self.note(x.name, f"lost: {kind} to W")
             return
@@ -805,7 +826,7 @@ class Sim:
                 if now - sent <= self.cfg.witness_timeout and (y.w_echo is None or stamp > y.w_echo):
                     y.w_echo = stamp
                 if kind == "REPORT":
-                    if now - sent <= self.cfg.witness_timeout:
+                    if y.pending.pop(rid, None) is not None and now - sent <= self.cfg.witness_timeout:
                         self.note(y.name, f"<- W {kind}: {dec}")
                         self.feed(y, r.WitnessReport(now, sent, dec.owner, dec.epoch))
                     return
