@@ -289,6 +289,7 @@ async def showrcopy(node: Node, group: str | None = None) -> dict:
         ],
         "resync_bytes": node.stats["resync_bytes"],
         "compared_bytes": node.stats["compared_bytes"],
+        "pulled_bytes": node.stats["pulled_bytes"],
         "witness": node.witness.info() if node.witness is not None else None,
     }
     for g in groups:

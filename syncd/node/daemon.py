@@ -145,7 +145,8 @@ class Node:
         self.exports: dict[str, VolumeExport] = {}
         self.groups: dict[str, Group] = {}
         self.member_of: dict[str, Member] = {}
-        self.stats = {"resync_bytes": 0, "compared_bytes": 0}  # sent as resync / compared by digest
+        # Bytes sent as resync, compared by digest, fetched back from the peer after a power cut.
+        self.stats = {"resync_bytes": 0, "compared_bytes": 0, "pulled_bytes": 0}
         self.started_at = time.time()
         self._nursery: trio.Nursery | None = None
         self._save_pending = False
@@ -211,6 +212,9 @@ class Node:
                     if not m.intent.trusted:
                         log.warning("group %s: %s: every region will be compared", g.name, m.intent.problem)
                     if g.role == "primary":
+                        # Copied to the peer unless the state exchange finds the peer has them
+                        # newer (Group.decide_crash_regions).
+                        m.crash_regions = list(regions)
                         for r in regions:
                             m.dirty.set(r)
                         if m.dirty.count:
@@ -515,7 +519,8 @@ class Node:
                     g.io.expire_forwarded(release_bound)
                 for m in list(g.members.values()):
                     # Asked again after the pass's data sync: the role may have changed meanwhile.
-                    keep = (lambda r, g=g, m=m: m.dirty.test(r) if g.role == "primary" else r in m.suspect_regions)
+                    keep = (lambda r, g=g, m=m: (m.dirty.test(r) or m.pull.test(r)) if g.role == "primary"
+                            else r in m.suspect_regions)
                     try:
                         await m.intent.clear_idle(hold, keep)
                     except OSError as e:

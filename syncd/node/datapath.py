@@ -179,7 +179,10 @@ class DataPath:
         self._check_serving()
         m.stats["reads"] += 1
         m.stats["bytes_read"] += length
-        if g.role == "secondary" and m.oos.any_in(offset, length):
+        if (g.role == "secondary" and m.oos.any_in(offset, length)) or \
+                (g.role == "primary" and m.pull.any_in(offset, length)):
+            # Not in sync here (secondary), or newer at the peer (primary after a power cut):
+            # read from the peer.
             link = g.node.link
             try:
                 reply = await link.request(Frame.read(link.next_id(), g.st.gid, g.epoch, m.vol_id, offset, length))
@@ -207,7 +210,7 @@ class DataPath:
         g = self.g
         if m.vol.direct or g.transitioning() or m.lock.busy(offset, length) or (
             g.role == "secondary" and m.oos.count and m.oos.any_in(offset, length)
-        ):
+        ) or (m.pull.count and m.pull.any_in(offset, length)):
             return None
         self._check_serving()
         m.stats["reads"] += 1

@@ -90,6 +90,13 @@ class Member:
         self.stats = {"reads": 0, "writes": 0, "forwarded": 0, "bytes_read": 0, "bytes_written": 0}
         self.intent: IntentLog  # set by Group.add_member
         self.suspect_regions: set[int] = set()  # secondary: regions to report to the primary
+        # Primary restarted after an unclean stop: the regions it was writing (write-intent log).
+        # Decided at the state exchange: fetched back from a peer that has every acknowledged
+        # write (``pull``), else compared and copied to the peer (``dirty``).
+        self.crash_regions: list[int] = []
+        # Primary: regions whose newest acknowledged data is the peer's (lost here in a power
+        # cut): reads of them go to the peer until they are fetched back (resync, first).
+        self.pull = Bitmap(vol.size, region)
 
     def compare_all(self) -> None:
         """Primary: every region may differ on the peer; compare them all by digest (recorded
@@ -142,7 +149,7 @@ class Group:
                 me=node.cfg.name, peer=st.peer, role=Role(st.role), epoch=st.epoch, started=st.started,
                 failsafe=st.failsafe, witness_behind=st.witness_behind,
                 auto_failover=pol.get("auto_failover", True), auto_recover=pol.get("auto_recover", True),
-                timing=node.role_timing(), now=now)
+                timing=node.role_timing(), now=now, peer_has_all=st.peer_has_all)
         if st.split_brain:
             self.roles.handle(SplitBrain(now))
         self.io = DataPath(self)
@@ -238,13 +245,47 @@ class Group:
             self.st.started = after.started
             self.st.failsafe = after.failsafe
             self.st.witness_behind = after.witness_behind
+            self.st.peer_has_all = after.peer_has_all
             self.node.save()
         for a in actions:
             if not isinstance(a, (BecamePrimary, BecameSecondary, SwappedInSync, NewGeneration, Persist)):
                 self._carry_out(a)
+        if before.mode in MIRRORING and after.mode not in MIRRORING:
+            self._pulls_to_push()
         if after is not before:
             self._changed.unpark_all()
         return actions
+
+    def _pulls_to_push(self) -> None:
+        """The peer is gone before the regions it holds newer were fetched back: this array's
+        copy is all there is now (what the power cut took from it is lost); they are copied to
+        the peer when it returns."""
+        for m in self.members.values():
+            if m.pull.count:
+                regions = [r for r in range(m.pull.nregions) if m.pull.test(r)]
+                for r in regions:
+                    m.pull.clear(r)
+                    m.dirty.set(r)
+                m.verify = True
+                self.note(f"{len(regions)} regions of {m.st.local} could not be fetched back from "
+                          f"{self.st.peer}: writes acknowledged before the power cut may be missing there")
+
+    def decide_crash_regions(self, peer_crashed: bool) -> None:
+        """Primary after an unclean stop, at the state exchange: the regions it was writing are
+        fetched back from a peer that holds every acknowledged write (it did not crash, and this
+        array acknowledged nothing alone since they were last in sync): a power cut here may have
+        taken writes from them that the peer has. Otherwise they are copied to the peer."""
+        pull = self.state.peer_has_all and not peer_crashed and self.role == "primary"
+        for m in self.members.values():
+            if not m.crash_regions:
+                continue
+            if pull:
+                for r in m.crash_regions:
+                    m.dirty.clear(r)
+                    m.pull.set(r)
+                self.note(f"{len(m.crash_regions)} regions of {m.st.local} are fetched back from "
+                          f"{self.st.peer}, which holds every write this array acknowledged")
+            m.crash_regions = []
 
     def _carry_out(self, a: Any) -> None:
         node = self.node
@@ -394,6 +435,7 @@ class Group:
             if self.mode is not Mode.SYNCING:
                 return
             self.handle(ResyncBegun(trio.current_time()))
+            await self.node.resync.pull_group(self)
             await self.node.resync.run_group(self)
         finally:
             self.handle(ResyncEnded(trio.current_time()))

@@ -87,6 +87,51 @@ class Resync:
         except (LinkDown, LinkTimeout) as e:
             g.lose_peer(f"resync interrupted: {e}")
 
+    async def pull_group(self, g: "Group") -> None:
+        """Fetch back from the peer the regions it holds newer (``Member.pull``: a power cut
+        here took writes the peer has), comparing digests first: only regions that differ are
+        copied. Under the range lock, so host writes (mirrored to the peer meanwhile) wait."""
+        try:
+            for m in list(g.members.values()):
+                r = m.pull.first_set(0)
+                while r is not None and g.mode is Mode.SYNCING:
+                    end = r + 1
+                    while end < min(r + VERIFY_BATCH, m.pull.nregions) and m.pull.test(end):
+                        end += 1
+                    await self._pull_batch(g, m, r, end)
+                    r = m.pull.first_set(end) if end < m.pull.nregions else None
+                if not m.pull.count:
+                    m.verify = bool(m.dirty.count)
+        except ResyncFailed as e:
+            g.lose_peer(str(e))
+        except (LinkDown, LinkTimeout) as e:
+            g.lose_peer(f"fetching regions back from the peer: {e}")
+
+    async def _pull_batch(self, g: "Group", m: "Member", r0: int, r1: int) -> None:
+        region = m.pull.region
+        off = r0 * region
+        ln = min(r1 * region, m.vol.size) - off
+        tok = await m.lock.acquire(off, ln)
+        try:
+            link = self.node.link
+            local, remote = await region_digests(self.node, g, m, off, ln, region)
+            self.node.stats["compared_bytes"] += ln
+            for i, (a, b) in enumerate(zip(local, remote, strict=True)):
+                r = r0 + i
+                if a != b and m.pull.test(r):
+                    roff = r * region
+                    rln = min(region, m.vol.size - roff)
+                    rep = await link.request(Frame.read(link.next_id(), g.st.gid, g.epoch, m.vol_id, roff, rln))
+                    if rep.status != Status.OK or len(rep.payload) != rln:
+                        raise ResyncFailed(f"peer could not send back region {r} of {m.st.local} ({rep.status})")
+                    m.vol.write_sync(roff, rep.payload)
+                    m.resync_bytes += rln
+                    self.node.stats["pulled_bytes"] += rln
+            for r in range(r0, r1):
+                m.pull.clear(r)
+        finally:
+            m.lock.release(tok)
+
     async def _member(self, g: "Group", m: "Member") -> None:
         m.resync_total = m.dirty.count
         m.resync_bytes = 0

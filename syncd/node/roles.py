@@ -12,6 +12,8 @@ row admits in the current state is refused (``RoleError``) and changes nothing.
 The promises the rows keep (checked by ``tests/unit/test_roles_model.py`` in virtual time):
 
 * epochs never go backwards, and a role change to primary always takes a higher epoch;
+* persisted fields (role, epoch, started, failsafe, witness_behind, peer_has_all) change only
+  together with ``Persist``;
 * an array that (re)starts serves nothing until its role at its epoch is confirmed: by the peer
   (lease grant, or the peer reporting itself secondary at our epoch) or by the witness;
 * a primary acknowledges a write its peer does not get only after every lease it granted has
@@ -140,6 +142,10 @@ class RoleState:
     started: bool = False
     failsafe: bool = False  # serves nothing until the witness, the peer or the operator says so
     witness_behind: bool = False  # this epoch was made without the witness: tell it (RESOLVE)
+    # Primary: the peer holds every write this array acknowledged (in sync, and nothing
+    # acknowledged alone since). Persisted: after a power cut the peer's copy of what this array
+    # was writing is then the newer one, and is fetched back (``Pull``).
+    peer_has_all: bool = False
     auto_failover: bool = True
     auto_recover: bool = True
     mode: Mode = Mode.DETACHED
@@ -613,8 +619,10 @@ def _lose_peer(s: RoleState, t: Timing, now: float, reason: str, reset: bool = T
     lost_first = (t.witness is not None and not s.witness_in_doubt
                   and now - s.witness_heard > t.witness.lost_first_after())
     s2 = replace(s, mode=Mode.FENCING, peer_ready=False, alone=False, fence_reason=reason,
-                 witness_lost_first=lost_first, recovering=False)
+                 witness_lost_first=lost_first, recovering=False, peer_has_all=False)
     acts: list[Action] = [_note(f"peer lost ({reason}); waiting for its serve lease to expire")]
+    if s.peer_has_all:
+        acts.append(Persist())  # before anything is acknowledged alone
     if reset and s.link_up:
         # The peer failed a request while the link stayed up: a new link session, so nothing
         # of the old one can be applied after this array goes on alone.
@@ -624,7 +632,7 @@ def _lose_peer(s: RoleState, t: Timing, now: float, reason: str, reset: bool = T
 
 def _go_alone(s: RoleState, now: float, why: str, note: str) -> Result:
     s2 = replace(s, mode=Mode.DETACHED, alone=True, confirmed=True, failsafe=False,
-                 witness_asking=None, last_refusal="")
+                 witness_asking=None, last_refusal="", peer_has_all=False)
     acts: list[Action] = [FenceOver()]
     if s.failsafe:
         acts.append(_note(f"failsafe left: {why}"))
@@ -672,7 +680,7 @@ def _check_epoch(s: RoleState, epoch: int, what: str, strictly: bool) -> None:
 
 def _promote(s: RoleState, now: float, epoch: int, msg: str) -> Result:
     _check_epoch(s, epoch, "taking the group over", strictly=True)
-    s2 = replace(s, role=Role.PRIMARY, epoch=epoch, failsafe=False, witness_behind=False,
+    s2 = replace(s, role=Role.PRIMARY, epoch=epoch, failsafe=False, witness_behind=False, peer_has_all=False,
                  mode=Mode.DETACHED, alone=True, confirmed=True, peer_ready=False, recovering=False,
                  lease_until=NEVER, lease_deadline=NEVER, lease_asked=None, witness_asking=None,
                  claim_refused="", last_refusal="")
@@ -683,7 +691,7 @@ def _promote(s: RoleState, now: float, epoch: int, msg: str) -> Result:
 
 def _demote(s: RoleState, epoch: int, why: str) -> Result:
     _check_epoch(s, epoch, "stepping down", strictly=False)
-    s2 = replace(s, role=Role.SECONDARY, epoch=epoch, failsafe=False, witness_behind=False,
+    s2 = replace(s, role=Role.SECONDARY, epoch=epoch, failsafe=False, witness_behind=False, peer_has_all=False,
                  mode=Mode.DISK_FAILED if s.mode is Mode.DISK_FAILED else Mode.FOLLOWING, alone=False, confirmed=False, peer_ready=False,
                  recovering=False, lease_until=NEVER, lease_asked=None, next_renewal=NEVER,
                  witness_asking=None, claim_refused="", last_refusal="")
@@ -927,11 +935,11 @@ def _resync_begun(s: RoleState, t: Timing, e: Event) -> Result:
 
 def _resync_done(s: RoleState, t: Timing, e: Event) -> Result:
     acts: list[Action] = []
-    s2 = replace(s, mode=Mode.ATTACHED, peer_ready=True)
+    s2 = replace(s, mode=Mode.ATTACHED, peer_ready=True, peer_has_all=True)
     if s.failsafe:  # the peer took this array's data at this epoch
         s2 = replace(s2, failsafe=False)
-        acts += [_note("failsafe left: the peer mirrors this array again"), Persist()]
-    return s2, acts + [_note("in sync"), AdoptGeneration()]
+        acts += [_note("failsafe left: the peer mirrors this array again")]
+    return s2, acts + [Persist(), _note("in sync"), AdoptGeneration()]
 
 
 def _resync_ended(s: RoleState, t: Timing, e: Event) -> Result:
@@ -1016,12 +1024,12 @@ def _handed_over(s: RoleState, t: Timing, e: Event) -> Result:
         # Planned switchover between identical replicas: the new secondary may serve at once
         # (the new primary starts with a granted lease, see _peer_commit).
         # Host I/O keeps waiting (SWITCHING) until the peer confirmed it is primary.
-        s2 = replace(s, role=Role.SECONDARY, epoch=e.epoch, failsafe=False, mode=Mode.SWITCHING,
+        s2 = replace(s, role=Role.SECONDARY, epoch=e.epoch, failsafe=False, mode=Mode.SWITCHING, peer_has_all=False,
                      alone=False, confirmed=True, peer_ready=False, lease_until=e.now + t.lease,
                      lease_asked=None, next_renewal=e.now + t.renew_every(), witness_asking=None,
                      transition_until=e.now + 2 * t.transition_timeout)
         return s2, [SwappedInSync(), _note(f"switchover: now secondary at epoch {e.epoch}"), Persist()]
-    s2 = replace(s, role=Role.SECONDARY, epoch=e.epoch, failsafe=False, alone=False, confirmed=False,
+    s2 = replace(s, role=Role.SECONDARY, epoch=e.epoch, failsafe=False, alone=False, confirmed=False, peer_has_all=False,
                  peer_ready=False, lease_until=NEVER, lease_asked=None, witness_asking=None)
     return s2, [_note(f"handed the group to {s.peer_name} at epoch {e.epoch} (backing device failed)"), Persist()]
 
@@ -1059,7 +1067,7 @@ def _peer_commit(s: RoleState, t: Timing, e: Event) -> Result:
             return s, []  # already done (a retried commit, or the witness gave it to us meanwhile)
         raise RoleError(f"commit of epoch {e.epoch} refused: this array is primary at epoch {s.epoch}")
     _check_epoch(s, e.epoch, "switchover commit", strictly=True)
-    s2 = replace(s, role=Role.PRIMARY, epoch=e.epoch, failsafe=False, witness_behind=False,
+    s2 = replace(s, role=Role.PRIMARY, epoch=e.epoch, failsafe=False, witness_behind=False, peer_has_all=True,
                  mode=Mode.ATTACHED, alone=False, confirmed=True, peer_ready=True, recovering=False,
                  lease_until=NEVER, lease_deadline=e.now + t.lease_expiry(), lease_asked=None,
                  witness_asking=None, claim_refused="")
@@ -1095,7 +1103,8 @@ def _override(s: RoleState, t: Timing, e: Event) -> Result:
     assert isinstance(e, OverrideFailsafe)
     if not s.failsafe:
         raise RoleError("the group is not in failsafe")
-    s2 = replace(s, failsafe=False, alone=True, confirmed=True, mode=Mode.DETACHED, witness_asking=None)
+    s2 = replace(s, failsafe=False, alone=True, confirmed=True, mode=Mode.DETACHED, witness_asking=None,
+                 peer_has_all=False)
     acts: list[Action] = [NewGeneration("failsafe overridden: writing without the peer"), Persist(),
                           _note(f"failsafe overridden ({e.why})")]
     return _maybe_recover(s2, acts, e.now)
@@ -1235,12 +1244,13 @@ class GroupRoles:
     @classmethod
     def at_start(cls, *, me: str, peer: str, role: Role, epoch: int, started: bool, failsafe: bool,
                  witness_behind: bool, auto_failover: bool, auto_recover: bool, timing: Timing,
-                 now: float) -> "GroupRoles":
+                 now: float, peer_has_all: bool = False) -> "GroupRoles":
         """A group as this array (re)starts: nothing is confirmed. A primary cannot know whether
         its previous run granted a lease that still runs: it fences its peer off first."""
         mode = Mode.STARTING if role is Role.PRIMARY else Mode.FOLLOWING
         st = RoleState(me=me, peer_name=peer, role=role, epoch=epoch, started=started, failsafe=failsafe,
                        witness_behind=witness_behind, auto_failover=auto_failover, auto_recover=auto_recover,
+                       peer_has_all=peer_has_all and role is Role.PRIMARY,
                        mode=mode, lease_deadline=now + timing.lease_expiry() if role is Role.PRIMARY else NEVER,
                        link_lost_at=now,
                        fence_reason="node start" if role is Role.PRIMARY else "")

@@ -71,6 +71,8 @@ class GroupState:
     # This array owns an epoch the operator made without the witness (override while it was
     # unreachable, split-brain resolution): to be reported to the witness (RESOLVE).
     witness_behind: bool = False
+    # Primary: the peer holds every write this array acknowledged (see roles.RoleState).
+    peer_has_all: bool = False
 
 
 @dataclass

@@ -45,6 +45,8 @@ class GroupRecord:
     failover_disabled: bool = False
     last_decision: str = "created"
     last_seen: dict[str, float] = field(default_factory=dict)  # not persisted: monotonic
+    # not persisted: when the other member first said (report, claim) it had lost the owner
+    lost_owner: dict[str, float] = field(default_factory=dict)
 
     def other(self, node: str) -> str:
         a, b = self.members
@@ -91,11 +93,26 @@ def _heard(rec: GroupRecord, node: str, now: float) -> None:
     rec.last_seen[node] = now
 
 
+def _note_loss(rec: GroupRecord, t: Timing, now: float, node: str, lost: bool) -> None:
+    """The other member says it lost (or reaches) the owner. The loss counts from the first such
+    word; after a silence of the member longer than ``owner_lease`` the witness cannot tell what
+    happened meanwhile (the link may have come back and gone again), so it counts from now."""
+    if node == rec.owner:
+        return
+    if not lost:
+        rec.lost_owner.pop(node, None)
+        return
+    prev = rec.last_seen.get(node)
+    if node not in rec.lost_owner or prev is None or now - prev > t.owner_lease:
+        rec.lost_owner[node] = now
+
+
 def report(rec: GroupRecord, t: Timing, now: float, node: str, epoch: int, *,
            peer_alive: bool, peer_in_sync: bool) -> Decision:
     """A periodic report. The owner says whether its peer is in sync; the other member says
     whether it still reaches the owner over the replication link."""
     prev_seen_owner = rec.last_seen.get(rec.owner)
+    _note_loss(rec, t, now, node, lost=not peer_alive)
     _heard(rec, node, now)
     if epoch == rec.epoch and node == rec.owner:
         rec.secondary_in_sync = peer_in_sync
@@ -112,6 +129,8 @@ def report(rec: GroupRecord, t: Timing, now: float, node: str, epoch: int, *,
 
 def claim(rec: GroupRecord, t: Timing, now: float, node: str, epoch: int) -> Decision:
     """The secondary asks for the group after losing the owner."""
+    if node != rec.owner:
+        _note_loss(rec, t, now, node, lost=True)
     _heard(rec, node, now)
 
     def deny(reason: str) -> Decision:
@@ -129,6 +148,13 @@ def claim(rec: GroupRecord, t: Timing, now: float, node: str, epoch: int) -> Dec
     seen = rec.last_seen.get(rec.owner)
     if seen is None:
         return deny(f"the witness has not heard from {rec.owner} since it started")
+    lost = rec.lost_owner[node]
+    if lost - seen > t.grace:
+        # The witness lost the owner more than ``grace`` before the claimant could tell it that
+        # it lost the owner too (it could not reach the witness meanwhile): to the owner the
+        # witness was lost first, and it may be going on alone as the pre-elected side.
+        return deny(f"failover disabled: the witness lost {rec.owner} {lost - seen:.1f}s before {node} "
+                    f"said it lost {rec.owner} too; {rec.owner} keeps the group")
     quiet = now - seen
     if quiet <= t.owner_gone_after():
         return deny(f"{rec.owner} was heard {quiet:.1f}s ago; {WAIT_MARK} "
@@ -137,6 +163,7 @@ def claim(rec: GroupRecord, t: Timing, now: float, node: str, epoch: int) -> Dec
     rec.owner = node
     rec.epoch += 1
     rec.secondary_in_sync = False
+    rec.lost_owner.clear()
     rec.last_decision = f"failover: {node} owns epoch {rec.epoch} ({old} silent for {quiet:.1f}s)"
     return Decision(True, rec.owner, rec.epoch, rec.last_decision)
 
@@ -167,6 +194,7 @@ def handover(rec: GroupRecord, t: Timing, now: float, node: str, epoch: int) -> 
         return Decision(False, rec.owner, rec.epoch,
                         f"{rec.other(node)} was not in sync at {node}'s last report: no handover")
     rec.owner = rec.other(node)
+    rec.lost_owner.clear()
     rec.epoch += 1
     rec.secondary_in_sync = False  # until the new owner reports its peer in sync
     rec.failover_disabled = False
@@ -191,6 +219,7 @@ def resolve(rec: GroupRecord, t: Timing, now: float, node: str, epoch: int) -> D
                         "is not newer")
     old, old_epoch = rec.owner, rec.epoch
     rec.owner = node
+    rec.lost_owner.clear()
     rec.epoch = epoch
     rec.secondary_in_sync = False  # until the owner reports its peer in sync
     rec.failover_disabled = False

@@ -52,6 +52,24 @@ def test_witness_lost_first_then_link_pre_elected_primary_keeps_the_group():
     assert not d.granted and "keeps the group" in d.reason
 
 
+def test_a_secondary_that_lost_the_witness_too_cannot_claim_long_after_the_witness_lost_the_primary():
+    """Both arrays lose the witness; then the link goes (A, pre-elected, goes on alone); B gets
+    the witness back and claims: the witness lost A far more than ``grace`` before B said it lost
+    A too, so A may be going on alone: refused (found by the model tests). What B said about A
+    before its own long silence does not count: the link may have come back meanwhile."""
+    g = group()
+    report(g, T, 0.0, "A", 1, peer_alive=True, peer_in_sync=True)
+    report(g, T, 0.5, "B", 1, peer_alive=False, peer_in_sync=False)  # a flap, then B is cut off too
+    d = claim(g, T, 10.0, "B", 1)
+    assert not d.granted and "failover disabled" in d.reason and (g.owner, g.epoch) == ("A", 1)
+    # A real failure of A: B says at once that it lost A, and gets the group after the lease.
+    g = group()
+    report(g, T, 0.0, "A", 1, peer_alive=True, peer_in_sync=True)
+    for t in (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5):
+        report(g, T, t, "B", 1, peer_alive=t < 1.0, peer_in_sync=False)
+    assert claim(g, T, T.owner_gone_after() + 0.1, "B", 1).granted
+
+
 def test_isolated_primary_loses_the_group():
     g = group()
     report(g, T, 0.0, "A", 1, peer_alive=True, peer_in_sync=True)
