@@ -314,7 +314,8 @@ class ServerConnection:
         return OPT_REPLY.pack(OPT_REPLY_MAGIC, option, rtype, len(data)) + data
 
     def export_name_reply(self, size: int, tflags: int) -> bytes:
-        return cast(bytes, EXPORT_NAME_REPLY.build({"size": size, "flags": tflags})) + (b"" if self.no_zeroes else bytes(124))
+        reply = cast(bytes, EXPORT_NAME_REPLY.build({"size": size, "flags": tflags}))
+        return reply + (b"" if self.no_zeroes else bytes(124))
 
     @staticmethod
     def info_export(size: int, tflags: int) -> bytes:
@@ -322,7 +323,8 @@ class ServerConnection:
 
     @staticmethod
     def info_block_size(minimum: int, preferred: int, maximum: int) -> bytes:
-        return cast(bytes, INFO_BLOCK_SIZE_REPLY.build({"minimum": minimum, "preferred": preferred, "maximum": maximum}))
+        return cast(bytes, INFO_BLOCK_SIZE_REPLY.build(
+            {"minimum": minimum, "preferred": preferred, "maximum": maximum}))
 
     @staticmethod
     def simple_reply(cookie: int, error: int = 0) -> bytes:
@@ -333,7 +335,8 @@ class ServerConnection:
         return SHDR.pack(STRUCTURED_REPLY_MAGIC, flags, rtype, cookie, length)
 
     def offset_data_head(self, cookie: int, offset: int, datalen: int) -> bytes:
-        return SHDR.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie, 8 + datalen) + U64.pack(offset)
+        return (SHDR.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie, 8 + datalen)
+                + U64.pack(offset))
 
     @staticmethod
     def error_chunk(cookie: int, error: int, message: str = "") -> bytes:
@@ -344,7 +347,8 @@ class ServerConnection:
     @staticmethod
     def block_status_chunk(cookie: int, context_id: int, extents: list[tuple[int, int]], done: bool) -> bytes:
         body = U32.pack(context_id) + b"".join(struct.pack(">II", ln, st) for ln, st in extents)
-        return SHDR.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE if done else 0, REPLY_TYPE_BLOCK_STATUS, cookie, len(body)) + body
+        flags = REPLY_FLAG_DONE if done else 0
+        return SHDR.pack(STRUCTURED_REPLY_MAGIC, flags, REPLY_TYPE_BLOCK_STATUS, cookie, len(body)) + body
 
     @staticmethod
     def done_chunk(cookie: int) -> bytes:

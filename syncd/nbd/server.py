@@ -162,7 +162,7 @@ class NBDConnection:
                     await netio.sendall(self.sock, data)
                 data = await netio.recv(self.sock, 1 << 16)
                 if not data:
-                    raise _Closed()
+                    raise _Closed() from None
                 self._tls_in.write(data)
         data = self._tls_out.read()
         if data:
@@ -282,7 +282,8 @@ class NBDConnection:
                 await self._error(o, p.REP_ERR_UNSUP, "TLS is not configured on this server")
                 return None
             if self.tls is not None or data:
-                await self._error(o, p.REP_ERR_INVALID, "TLS is already on" if self.tls else "NBD_OPT_STARTTLS takes no data")
+                await self._error(o, p.REP_ERR_INVALID,
+                                  "TLS is already on" if self.tls else "NBD_OPT_STARTTLS takes no data")
                 return None
             if self.conn.buffered():
                 raise p.ProtocolError("client sent data after NBD_OPT_STARTTLS before the reply")

@@ -421,7 +421,8 @@ class Group:
         assert link is not None
         try:
             reply = await link.request(
-                Frame.resync_begin(link.next_id(), self.st.gid, self.epoch, m.vol_id, m.dirty.region, bytes(m.dirty.bits)))
+                Frame.resync_begin(link.next_id(), self.st.gid, self.epoch, m.vol_id, m.dirty.region,
+                                   bytes(m.dirty.bits)))
         except (LinkDown, LinkTimeout) as e:
             self.lose_peer(str(e))
             return

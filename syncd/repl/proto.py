@@ -205,11 +205,13 @@ class Frame:
         return cls(t, payload=payload)
 
     @classmethod
-    def hello(cls, *, node_uuid: bytes, node_name: str, path_index: int, link_session: int, key: bytes | None = None) -> Frame:
+    def hello(cls, *, node_uuid: bytes, node_name: str, path_index: int, link_session: int,
+              key: bytes | None = None) -> Frame:
         return cls._hello(MsgType.HELLO, node_uuid, node_name, path_index, link_session, key)
 
     @classmethod
-    def hello_ack(cls, *, node_uuid: bytes, node_name: str, path_index: int, link_session: int, key: bytes | None = None) -> Frame:
+    def hello_ack(cls, *, node_uuid: bytes, node_name: str, path_index: int, link_session: int,
+                  key: bytes | None = None) -> Frame:
         return cls._hello(MsgType.HELLO_ACK, node_uuid, node_name, path_index, link_session, key)
 
     @classmethod

@@ -187,7 +187,8 @@ def legal_histories(draw, max_ops=40):
     stamp = {op[0]: 100 + op[0] for op in ops}
     value = {b: INITIAL for b in range(nblocks)}
     seen = {}
-    for i, block, write, _inv, _comp, _out, point in sorted((o for o in ops if o[6] is not None), key=lambda o: (o[6], o[0])):
+    placed = sorted((o for o in ops if o[6] is not None), key=lambda o: (o[6], o[0]))
+    for i, block, write, _inv, _comp, _out, _point in placed:
         if write:
             value[block] = stamp[i]
         else:
