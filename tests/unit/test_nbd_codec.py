@@ -190,6 +190,7 @@ async def test_list_unknown_export_and_unsupported_option(tmp_path):
 async def test_io_errors_and_alua_block_status(tmp_path):
     async def fn(c):
         await go(c, contexts=["syncd:alua"])
+
         def req(t, h, off, ln, flags=0):
             return p.REQ.pack(p.REQUEST_MAGIC, flags, t, h, off, ln)
 
