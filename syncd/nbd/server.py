@@ -109,6 +109,7 @@ class NBDConnection:
         self.held = 0  # bytes of requests being run and replies not yet sent (see the module doc)
         self.room = trio.lowlevel.ParkingLot()  # the reader, waiting for held to drop
         self.idle = trio.Event()
+        self.emptied: trio.Event | None = None  # set by the sender once ``out`` is empty, if not None
         self.pacer = netio.Pacer()
         self.scope = trio.CancelScope()  # cancelled to disconnect this client (unexported)
         self.tls: ssl.SSLObject | None = None
@@ -200,6 +201,8 @@ class NBDConnection:
             while self.out and len(bufs) < 256:
                 bufs.extend(self.out.popleft())
                 n += _REPLY_OVERHEAD
+            if self.emptied is not None and not self.out:
+                self.emptied.set()
             for b in bufs:
                 n += len(b)
             await self._send(bufs, pacer)
@@ -437,6 +440,8 @@ class NBDConnection:
                 self._queue(self.conn.simple_reply(cookie))
             if not self.inflight:
                 self.idle.set()
+                if self.server.draining:
+                    self.server.quiet.unpark_all()
 
         try:
             if fw(r.offset, memoryview(r.data), done):
@@ -518,6 +523,8 @@ class NBDConnection:
             self._unhold(_request_cost(r))
             if not self.inflight:
                 self.idle.set()
+                if self.server.draining:
+                    self.server.quiet.unpark_all()
 
     async def _execute(self, r: p.Request) -> None:
         e = self.export
@@ -583,14 +590,15 @@ class NBDServer:
         self.connections = 0
         self.live: set[NBDConnection] = set()
         self.draining = False  # shutting down: new requests are refused ESHUTDOWN, running ones finish
+        self.quiet = trio.lowlevel.ParkingLot()  # drain(): a connection has nothing in flight any more
 
-    async def drain(self, timeout: float) -> None:
+    async def drain(self) -> None:
         """Refuse new requests (ESHUTDOWN: the host's multipath moves to another path) and wait
-        up to ``timeout`` for the ones already received to finish, before connections close."""
+        for the ones already received to finish, before connections close (the caller bounds
+        the wait)."""
         self.draining = True
-        with trio.move_on_after(timeout):
-            while any(c.inflight for c in self.live):
-                await trio.sleep(0.01)
+        while any(c.inflight for c in self.live):
+            await self.quiet.park()
 
     def drop(self, pred) -> int:
         """Disconnect every connection for which ``pred(conn)`` holds (e.g. its export was
@@ -656,6 +664,8 @@ class NBDServer:
         finally:
             self.connections -= 1
             self.live.discard(c)
+            if self.draining:  # what it had in flight no longer holds up drain()
+                self.quiet.unpark_all()
             # Replies never sent, and requests the link may still complete, are not the
             # server's to hold any more.
             c.closed = True
@@ -682,8 +692,9 @@ class NBDServer:
             if c.inflight:
                 c.idle = trio.Event()
                 await c.idle.wait()
-            while c.out:
-                await trio.sleep(0)
+            while c.out:  # every reply handed to the sender
+                c.emptied = trio.Event()
+                await c.emptied.wait()
             n.cancel_scope.cancel()
 
 

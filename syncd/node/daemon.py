@@ -411,7 +411,8 @@ class Node:
         re-issue anything that was in flight here."""
         nbd = getattr(self, "nbd", None)
         if nbd is not None:
-            await nbd.drain(self.cfg.link.max_request_hold() if self.cfg.link else 5.0)
+            with trio.move_on_after(self.cfg.link.max_request_hold() if self.cfg.link else 5.0):
+                await nbd.drain()
 
     # -- the quorum witness ----------------------------------------------------------------------
     async def _run_witness(self, wc) -> None:

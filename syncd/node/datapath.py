@@ -164,13 +164,10 @@ class DataPath:
         if not self.forwarding:
             self._drained.unpark_all()
 
-    async def drain_forwarded(self, timeout: float) -> bool:
+    async def drain_forwarded(self) -> None:
         """Secondary: wait until no request it forwarded to the primary is unanswered."""
-        with trio.move_on_after(timeout):
-            while self.forwarding:
-                await self._drained.park()
-            return True
-        return False
+        while self.forwarding:
+            await self._drained.park()
 
     # -- host reads ------------------------------------------------------------------------------
     async def host_read(self, m: "Member", offset: int, length: int) -> Any:

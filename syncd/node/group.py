@@ -333,7 +333,8 @@ class Group:
         self.handle(PeerLost(trio.current_time(), reason))
 
     # -- actions that talk to someone ------------------------------------------------------------
-    async def _request_lease(self, timeout: float, epoch: int, sent: float | None) -> None:
+    # ``timeout``: the role machine's deadline for the request on the link (LinkTimeout), not a cancel scope.
+    async def _request_lease(self, timeout: float, epoch: int, sent: float | None) -> None:  # noqa: ASYNC109
         link = self.node.link
         assert link is not None and sent is not None
         try:

@@ -174,7 +174,9 @@ async def peer_switchover(node: Node, body: dict) -> None:
         _busy(g)
         _handle(g, PeerSwitchoverPrepare(now, epoch), op)  # gives up by itself if the primary vanishes
         timeout = node.cfg.link.transition_timeout
-        if not await g.io.drain_forwarded(timeout):
+        with trio.move_on_after(timeout) as drain:
+            await g.io.drain_forwarded()
+        if drain.cancelled_caught:
             g.handle(PeerSwitchoverAbort(trio.current_time()))
             raise NodeError(f"writes forwarded by {node.cfg.name} did not drain within {timeout}s")
         return
