@@ -109,7 +109,7 @@ class NBDConnection:
         self.held = 0  # bytes of requests being run and replies not yet sent (see the module doc)
         self.room = trio.lowlevel.ParkingLot()  # the reader, waiting for held to drop
         self.idle = trio.Event()
-        self.emptied: trio.Event | None = None  # set by the sender once ``out`` is empty, if not None
+        self.flushed: trio.Event | None = None  # set by the sender once every queued reply is sent
         self.pacer = netio.Pacer()
         self.scope = trio.CancelScope()  # cancelled to disconnect this client (unexported)
         self.tls: ssl.SSLObject | None = None
@@ -194,6 +194,8 @@ class NBDConnection:
         pacer = netio.Pacer()
         while True:
             if not self.out:
+                if self.flushed is not None:
+                    self.flushed.set()
                 await self.lot.park()
                 continue
             bufs = []
@@ -201,8 +203,6 @@ class NBDConnection:
             while self.out and len(bufs) < 256:
                 bufs.extend(self.out.popleft())
                 n += _REPLY_OVERHEAD
-            if self.emptied is not None and not self.out:
-                self.emptied.set()
             for b in bufs:
                 n += len(b)
             await self._send(bufs, pacer)
@@ -692,9 +692,10 @@ class NBDServer:
             if c.inflight:
                 c.idle = trio.Event()
                 await c.idle.wait()
-            while c.out:  # every reply handed to the sender
-                c.emptied = trio.Event()
-                await c.emptied.wait()
+            # ... and sent: a reply the sender has taken may still be on its way into the socket.
+            c.flushed = trio.Event()
+            c.lot.unpark()  # an idle sender looks again and sets it at once
+            await c.flushed.wait()
             n.cancel_scope.cancel()
 
 

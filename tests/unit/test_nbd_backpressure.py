@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import socket
 
+import pytest
 import trio
 import trio.testing
 
@@ -184,3 +185,28 @@ async def test_drain_waits_for_the_requests_in_flight_and_no_longer():
             assert sorted([p.SHDR.unpack(await c.recv(20))[3] for _ in range(2)]) == [1, 2]
             n.cancel_scope.cancel()
 
+
+
+async def test_a_client_that_disconnects_gets_every_reply_before_the_close():
+    exp = SlowExport()
+    srv = NBDServer(StaticCatalog({"vv1": exp}))
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            c = raw_client(srv, n)
+            await go(c)
+            # Replies of 4 MiB of reads that the client does not read yet: the server's sender is
+            # stuck in the socket with replies still queued behind it when the write completes.
+            reads = b"".join(p.REQ.pack(p.REQUEST_MAGIC, 0, p.CMD_READ, 10 + i, 0, MiB) for i in range(4))
+            await sendall(c.s, reads + write_req(1) + p.REQ.pack(p.REQUEST_MAGIC, 0, p.CMD_DISC, 99, 0, 0))
+            await exp.wait_started(1)
+            await trio.testing.wait_all_tasks_blocked()
+            exp.go.set()
+            await trio.testing.wait_all_tasks_blocked()
+            got = []
+            for _ in range(5):
+                _, _, typ, cookie, ln = p.SHDR.unpack(await c.recv(20))
+                await c.recv(ln)
+                got.append(cookie)
+            with pytest.raises(EOFError):
+                await c.recv(1)
+    assert sorted(got) == [1, 10, 11, 12, 13]
