@@ -73,7 +73,7 @@ def main() -> int:
                 c1 = [cpu_seconds(p) for p in pids]
                 job = json.loads(p.stdout[p.stdout.index("{"):])["jobs"][0]
                 ios = job["write"]["total_ios"]
-                cpu = [b - a_ for a_, b in zip(c0, c1)]
+                cpu = [b - a_ for a_, b in zip(c0, c1, strict=True)]
                 runs[site].append({"iops": round(job["write"]["iops"]), "ios": ios, "error": job["error"],
                                    "cpu_us_per_io_A": round(cpu[0] / ios * 1e6, 1),
                                    "cpu_us_per_io_B": round(cpu[1] / ios * 1e6, 1),
@@ -81,8 +81,8 @@ def main() -> int:
                 print(f"fio at {site}: {runs[site][-1]}", flush=True)
     finally:
         lab_down(str(d / "lab"))
-    summary = {s: {k: statistics.median(r[k] for r in rs) for k in ("iops", "cpu_us_per_io_A", "cpu_us_per_io_B", "cpu_us_per_io")}
-               for s, rs in runs.items()}
+    keys = ("iops", "cpu_us_per_io_A", "cpu_us_per_io_B", "cpu_us_per_io")
+    summary = {s: {k: statistics.median(r[k] for r in rs) for k in keys} for s, rs in runs.items()}
     print("median:", json.dumps(summary))
     out = Path(a.out) if a.out else Path(__file__).parent / "results" / time.strftime("cpu-%Y%m%d-%H%M%S.json")
     out.parent.mkdir(parents=True, exist_ok=True)

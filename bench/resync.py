@@ -171,7 +171,8 @@ def main() -> int:
         lab_down(str(d / "lab"))
     base = res["host_alone"]["iops"]
     during = res["resync_under_load"]["host"]
-    res["host_iops_ratio_during_resync"] = round(during["iops_during_resync"] / base, 2) if base and during["iops_during_resync"] else None
+    res["host_iops_ratio_during_resync"] = (round(during["iops_during_resync"] / base, 2)
+                                            if base and during["iops_during_resync"] else None)
 
     from rich.console import Console
     from rich.table import Table
@@ -202,4 +203,4 @@ if __name__ == "__main__":
         raise SystemExit(main())
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1)
+        raise SystemExit(1) from None

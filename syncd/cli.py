@@ -35,7 +35,8 @@ def _print_host_status(st: dict) -> None:
     from rich.table import Table
 
     t = Table(title=f"host shim {st['host']} ({st['socket']})")
-    for c in ("volume", "wwn", "path", "array", "alua", "epoch", "inflight", "ios", "errors", "latency ms", "last error"):
+    for c in ("volume", "wwn", "path", "array", "alua", "epoch", "inflight", "ios", "errors", "latency ms",
+              "last error"):
         t.add_column(c)
     for v in st["volumes"]:
         for p in v["paths"]:
@@ -279,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             if not lab.get("link"):
                 raise LabError("this lab links its nodes directly (--no-relay): the link cannot be cut or delayed")
             # The replication paths only; a witness relay (if any) is not "the link".
-            kw = {"paths": ns.path if getattr(ns, "path", None) else list(range(lab["link"].get("npaths", len(lab["link"]["relays"]))))}
+            npaths = lab["link"].get("npaths", len(lab["link"]["relays"]))
+            kw = {"paths": ns.path if getattr(ns, "path", None) else list(range(npaths))}
             if ns.labcmd == "delay":
                 kw["ms"] = ns.ms
             cmd = {"cut-link": "cut", "heal-link": "heal", "delay": "delay"}[ns.labcmd]

@@ -93,7 +93,8 @@ def print_showrcopy(r: dict, console: Console) -> None:
             )
     wt = r.get("witness")
     if wt:
-        state = "[green]reachable[/green]" if wt["reachable"] else f"[red]unreachable[/red] ({wt['last_error'] or 'no answer'})"
+        state = ("[green]reachable[/green]" if wt["reachable"]
+                 else f"[red]unreachable[/red] ({wt['last_error'] or 'no answer'})")
         console.print(f"Quorum witness {wt['witness'] or '?'} at {wt['address']}: {state}")
     t = Table(title="Groups")
     for c in ("group", "target", "role", "status", "mode", "epoch", "generation", "alua", "policies"):
@@ -139,7 +140,8 @@ def print_rows(title: str, rows: list[dict], cols, console: Console) -> None:
     for c in cols:
         t.add_column(c)
     for r in rows:
-        t.add_row(*(", ".join(map(str, r[c])) if isinstance(r[c], list) else "-" if r[c] is None else str(r[c]) for c in cols))
+        t.add_row(*(", ".join(map(str, r[c])) if isinstance(r[c], list) else "-" if r[c] is None else str(r[c])
+                    for c in cols))
     console.print(t)
 
 
@@ -284,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         if v == "creatercopygroup":
             target = ns.target.split(":")[0]
             if ":" in ns.target and ns.target.split(":", 1)[1] != "sync":
-                raise CtlError(f"mode {ns.target.split(':', 1)[1]!r} not supported: syncd groups are synchronous (sync)")
+                raise CtlError(f"mode {ns.target.split(':', 1)[1]!r} not supported: "
+                               "syncd groups are synchronous (sync)")
             r = call(sock, v, {"group": ns.group, "target": target, "policies": ns.policies})
         elif v == "admitrcopyvv":
             r = call(sock, v, {"volume": ns.volume, "group": ns.group, "target_volume": ns.target_volume})
@@ -366,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         if ns.json:
             print(json.dumps(r, indent=1))
         elif v != "showrcopy":
-            console.print(f"{v}: ok " + " ".join(f"{k}={val}" for k, val in r.items() if not isinstance(val, (dict, list))))
+            console.print(f"{v}: ok " + " ".join(f"{k}={val}" for k, val in r.items()
+                                                  if not isinstance(val, (dict, list))))
         return 0
     except CtlError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)

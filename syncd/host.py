@@ -205,6 +205,9 @@ class ShimVolume:
         self.paths: list[Path] = []
         self.max_epoch = 0
         self.changed = trio.Event()
+        self.sized = trio.Event()  # set once the size is known (from the first connection)
+        if size:
+            self.sized.set()
         self.stats = {"reissued": 0, "queued_no_path": 0, "failed": 0, "quarantine_waits": 0}
         self._rr = 0
         # (start, end, until on the trio clock, epoch of the lost path)
@@ -396,6 +399,8 @@ class Shim:
                         open_alua_probe(p.uri, source=self.cfg.source, tls=self.tls) as probe:
                     if not vol.size:
                         vol.size = c.size
+                        if vol.size:
+                            vol.sized.set()
                     p.client = c
                     p.last_error = ""
                     while not c.closed and p.client is c:
@@ -447,8 +452,8 @@ class Shim:
                 for p in v.paths:
                     n.start_soon(self._manage, v, p)
             with trio.move_on_after(5):  # the size comes with the first connection
-                while not all(v.size for v in self.volumes.values()):
-                    await trio.sleep(0.02)
+                for v in self.volumes.values():
+                    await v.sized.wait()
             server = NBDServer(self)
             await n.start(server.serve_unix, self.cfg.socket)
             if self.cfg.tcp:

@@ -103,18 +103,18 @@ async def sendall(sock: socket.socket, data: bytes) -> None:
     await sendmsg_all(sock, [data])
 
 
-async def connect(addr: tuple[str, int], timeout: float) -> socket.socket:
+async def connect(addr: tuple[str, int]) -> socket.socket:
+    """A connected non-blocking TCP socket; the caller bounds the wait with a cancel scope."""
     family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
-        with trio.fail_after(timeout):
-            err = sock.connect_ex(addr)
-            if err in (errno.EINPROGRESS, errno.EAGAIN):
-                await wait_writable(sock)
-                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                raise OSError(err, f"connect to {addr[0]}:{addr[1]}: {errno.errorcode.get(err, err)}")
+        err = sock.connect_ex(addr)
+        if err in (errno.EINPROGRESS, errno.EAGAIN):
+            await wait_writable(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, f"connect to {addr[0]}:{addr[1]}: {errno.errorcode.get(err, err)}")
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
     except BaseException:

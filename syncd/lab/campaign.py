@@ -197,7 +197,8 @@ def node_events(lab: dict) -> list[tuple[int, str, str]]:
     return sorted(out)
 
 
-def around(events: list[tuple[int, str, str]], t: int, before: float = 1.5, after: float = 0.5) -> list[tuple[int, str, str]]:
+def around(events: list[tuple[int, str, str]], t: int, before: float = 1.5,
+           after: float = 0.5) -> list[tuple[int, str, str]]:
     """The node events from ``before`` s before ``t`` to ``after`` s after it."""
     return [e for e in events if t - before * 1e9 <= e[0] <= t + after * 1e9]
 
@@ -361,7 +362,8 @@ def run_campaign(d: str, rounds: int, seed: int = 1, *, kinds: tuple[str, ...] |
             log(f"round {rnd + 1}/{rounds}: " + ", then ".join(map(str, seq)))
             for f in seq:
                 done = play(lab, f, rng, log)
-                res.faults[f.kind if "not played" not in done and "refused" not in done else f"{f.kind} (not played)"] += 1
+                played = "not played" not in done and "refused" not in done
+                res.faults[f.kind if played else f"{f.kind} (not played)"] += 1
                 time.sleep(rng.choice([0.0, 0.3, 1.0]))
             if not rec.alive():
                 res.problems.append(f"round {rnd + 1}: the history recorder died (log: {rec.log})")

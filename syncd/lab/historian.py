@@ -364,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depth", type=int, default=4, help="requests in flight per connection")
     p.add_argument("--hot", default="0:4", help="FIRST:COUNT blocks every client shares (contention)")
     p.add_argument("--range", dest="cold", help="FIRST:COUNT further blocks, chosen uniformly")
-    p.add_argument("--hot-share", type=float, default=0.8, help="share of requests on the hot blocks when --range is given")
+    p.add_argument("--hot-share", type=float, default=0.8,
+                   help="share of requests on the hot blocks when --range is given")
     p.add_argument("--fua", type=float, default=0.5, help="share of writes sent with FUA")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--run-id", type=lambda x: int(x, 0), help="the run id every block carries (default: random)")

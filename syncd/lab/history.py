@@ -239,7 +239,8 @@ def check(events: Iterable[Event], replicas: Mapping[str, Mapping[int, int]] | N
         for i, w in enumerate(acked):
             latest.append(i if not latest or w.invoke > acked[latest[-1]].invoke else latest[-1])
 
-        def superseding(value_done: int, before: int) -> Event | None:
+        def superseding(value_done: int, before: int, acked: list[Event] = acked, completes: list[int] = completes,
+                        latest: list[int] = latest) -> Event | None:
             """An acknowledged write acknowledged before ``before`` and invoked after ``value_done``."""
             k = bisect.bisect_left(completes, before)
             if k == 0:
@@ -247,7 +248,7 @@ def check(events: Iterable[Event], replicas: Mapping[str, Mapping[int, int]] | N
             w = acked[latest[k - 1]]
             return w if w.invoke > value_done else None
 
-        def head(r: Event) -> str:
+        def head(r: Event, block: int = block) -> str:
             return (f"block {block}: read by client {r.client} at {r.site} "
                     f"[{seconds(r.invoke, t0)}, {seconds(r.complete, t0)}] returned {what(r.value, r.detail)}")
 
@@ -268,14 +269,16 @@ def check(events: Iterable[Event], replicas: Mapping[str, Mapping[int, int]] | N
             for rname, values in replicas.items():
                 if block not in values:
                     if writes:
-                        raise ValueError(f"replica {rname} was not read back at block {block}, which the history writes")
+                        raise ValueError(f"replica {rname} was not read back at block {block}, "
+                                         "which the history writes")
                     continue
                 v = values[block]
                 where = f"replica {rname}"
                 src, why = _source(v, block, _NEVER, writers)
                 held = f"block {block}: {where} holds {what(v, '')}"
                 if why:
-                    found.append(Violation(Kind.NEVER_WRITTEN, block, where, v, t_end, None, src, None, f"{held}: {why}"))
+                    found.append(Violation(Kind.NEVER_WRITTEN, block, where, v, t_end, None, src, None,
+                                           f"{held}: {why}"))
                     continue
                 done = _BEFORE_ALL if src is None else (src.complete if src.outcome is Outcome.OK else _NEVER)
                 newer = superseding(done, _NEVER)
@@ -296,15 +299,16 @@ def check(events: Iterable[Event], replicas: Mapping[str, Mapping[int, int]] | N
                                  f"but not from {', '.join(missing)}")
             vals = [replicas[n][block] for n in names]
             if len(set(vals)) > 1:
-                each = ", ".join(f"{n}: {what(v, '')}" for n, v in zip(names, vals))
+                each = ", ".join(f"{n}: {what(v, '')}" for n, v in zip(names, vals, strict=True))
                 found.append(Violation(Kind.REPLICAS_DIFFER, block, "/".join(names), vals[0], t_end, None, None, None,
                                        f"block {block}: replicas differ ({each})"))
             if block not in per_block:
                 # Never touched by the history: it must still hold the initial zeroes.
-                for n, v in zip(names, vals):
+                for n, v in zip(names, vals, strict=True):
                     if v != INITIAL:
                         found.append(Violation(Kind.NEVER_WRITTEN, block, f"replica {n}", v, t_end, None, None, None,
-                                               f"block {block}: replica {n} holds {what(v, '')}, but no write touched it"))
+                                               f"block {block}: replica {n} holds {what(v, '')}, "
+                                               "but no write touched it"))
 
     per_kind: Counter[Kind] = Counter(v.kind for v in found)
     by_site: Counter[tuple[Kind, str]] = Counter((v.kind, v.where) for v in found)

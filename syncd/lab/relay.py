@@ -32,8 +32,8 @@ class Relay:
         with trio.CancelScope() as cs:
             self.conns.add(cs)
             try:
-                while self.cut:  # a cut path accepts nothing onward: the dialer just times out
-                    await trio.sleep(3600)
+                if self.cut:  # a cut path accepts nothing onward: the dialer just times out
+                    await trio.sleep_forever()  # until do_heal() drops the connection
                 up = await trio.open_tcp_stream(*self.target)
                 async with down, up, trio.open_nursery() as n:
                     n.start_soon(self._pump, down, up, cs)
@@ -56,8 +56,8 @@ class Relay:
                 t, data = q.popleft()
                 if self.delay:
                     await trio.sleep_until(t + self.delay)
-                while self.cut:
-                    await trio.sleep(3600)
+                if self.cut:
+                    await trio.sleep_forever()  # until do_heal() drops the connection
                 await dst.send_all(data)
                 self.bytes += len(data)
 

@@ -21,6 +21,7 @@ import os
 import platform
 import subprocess
 import time
+from itertools import pairwise
 from pathlib import Path
 
 from .scenario import SCENARIOS, run_scenario
@@ -157,7 +158,7 @@ def plot(r: dict, path: Path) -> str:
         for row, array in enumerate(arrays):
             spans: dict[str, list] = {}
             tl = s["paths"] + [[end, None]]
-            for (t0, st), (t1, _) in zip(tl, tl[1:]):
+            for (t0, st), (t1, _) in pairwise(tl):
                 if st is None:
                     key = "down"
                 else:
@@ -212,7 +213,8 @@ def markdown(results: list[dict], hold: float) -> str:
         "",
         "## Summary",
         "",
-        "| scenario | " + " | ".join(f"{t}: host a / host b" for t in tops) + " | acked writes lost | replicas identical |",
+        "| scenario | " + " | ".join(f"{t}: host a / host b" for t in tops)
+        + " | acked writes lost | replicas identical |",
         "|---|" + "---|" * len(tops) + "---|---|",
     ]
     for n in names:
@@ -260,7 +262,8 @@ def markdown(results: list[dict], hold: float) -> str:
             out += [f"**{TOPOLOGY_NAMES[t]}**: fault at t=0, heal at t={r['heal_at_s']} s; "
                     f"replicas identical after recovery: {'yes' if r['replicas_identical'] else '**NO**'}.", "",
                     f"![{n}, {t}]({r['plot']})", "",
-                    "| host | paths to | I/O errors | longest pause (s) | slowest write (s) | acked | acked lost | path states seen (t: array:state@epoch) |",
+                    "| host | paths to | I/O errors | longest pause (s) | slowest write (s) | acked | acked lost "
+                    "| path states seen (t: array:state@epoch) |",
                     "|---|---|---|---|---|---|---|---|"]
             for h in r["hosts"]:
                 tl = "<br>".join(f"{tt:g}: {lbl}" for tt, lbl in h["alua"])

@@ -217,7 +217,8 @@ def _lab_up(
         wtoml.write_text(
             f'[witness]\nname = "W"\nlisten = ["127.0.0.1:{wport}"]\nstate_dir = "state"\n'
             f'key = "{key}"\nnodes = ["A", "B"]\n'
-            + "".join(f"{k} = {json.dumps(v)}\n" for k, v in dict(timing, **{k: witness[k] for k in ("margin", "drift") if k in witness}).items())
+            + "".join(f"{k} = {json.dumps(v)}\n"
+                      for k, v in dict(timing, **{k: witness[k] for k in ("margin", "drift") if k in witness}).items())
         )
         wpid = _spawn([py, "-m", "syncd", "witness", "--config", str(wtoml)], root / "W.log")
         lab["witness"] = {"pid": wpid, "config": str(wtoml), "port": wport, "log": str(root / "W.log")}
@@ -283,7 +284,8 @@ def _lab_up(
                 for v, p, _ in vols
             },
         }
-        for v, rec in zip(lab["nodes"][name]["volumes"].values(), disks.get(name, [])):
+        # Only power-cut labs have disk records (none: nothing to add).
+        for v, rec in zip(lab["nodes"][name]["volumes"].values(), disks.get(name, []), strict=False):
             v["backing"] = rec["backing"]  # the medium: what survives a power cut
     (root / "lab.json").write_text(json.dumps(lab, indent=1))
     for name in NODES:
@@ -353,7 +355,8 @@ def start_shims(lab: dict, topology: str) -> dict:
         cfg.write_text(
             f'[host]\nname = "{h}"\nsocket = "{d / "nbd.sock"}"\nadmin_socket = "{d / "admin.sock"}"\n'
             f'tcp = "127.0.0.1:{port}"\npoll_interval = 0.2\nstale_write_bound = {bound:.1f}\n'
-            + "".join(f'\n[[array]]\nname = "{a}"\npaths = ["nbd://{relays[a][1] if a in relays else lab["nodes"][a]["nbd"]}"]\n'
+            + "".join(f'\n[[array]]\nname = "{a}"\n'
+                      f'paths = ["nbd://{relays[a][1] if a in relays else lab["nodes"][a]["nbd"]}"]\n'
                       for a in arrays)
         )
         log = root / f"{h}.log"
@@ -413,7 +416,7 @@ def lab_down(d: str, timeout: float = 15.0) -> list[str]:
         pids.append(("witness", lab["witness"]["pid"]))
     if lab.get("link"):
         pids.append(("link relay", lab["link"]["pid"]))
-    for site, h in (lab.get("hosts") or {}).items():
+    for h in (lab.get("hosts") or {}).values():
         pids.insert(0, (f"host shim {h['name']}", h["pid"]))
     for _, pid in pids:
         try:
@@ -800,7 +803,8 @@ def print_summary(lab: dict) -> None:
         t.add_column(col)
     for name, n in lab["nodes"].items():
         for v, info in n["volumes"].items():
-            t.add_row(name, v, info["uri"], info["path"] + (f" (medium {info['backing']})" if "backing" in info else ""))
+            medium = f" (medium {info['backing']})" if "backing" in info else ""
+            t.add_row(name, v, info["uri"], info["path"] + medium)
     c.print(t)
     if lab.get("hosts"):
         t = Table(title="host shims (multipath: use these from the hosts' tools)")
@@ -818,7 +822,8 @@ def print_summary(lab: dict) -> None:
     bindir = os.path.dirname(sys.executable)
     c.print(f"  {bindir}/syncctl --lab {lab['dir']} --node A showrcopy")
     if lab.get("link"):
-        c.print(f"  {bindir}/syncd lab cut-link --dir {lab['dir']}   /   {bindir}/syncd lab heal-link --dir {lab['dir']}")
+        c.print(f"  {bindir}/syncd lab cut-link --dir {lab['dir']}   /   "
+                f"{bindir}/syncd lab heal-link --dir {lab['dir']}")
     c.print(f"  {bindir}/syncd lab kill A --dir {lab['dir']}   /   {bindir}/syncd lab start A --dir {lab['dir']}")
     if lab.get("witness"):
         c.print(f"  witness (site W) on 127.0.0.1:{lab['witness']['port']}: kill A and watch B take over")

@@ -75,7 +75,8 @@ def run_scenario(d: str, name: str, topology: str = "uniform", hold: float = 5.0
 def _inject(lab: dict, play: Play) -> None:
     d = lab["dir"]
     if play.fault == "switchover":
-        call(lab["nodes"]["A"]["admin_socket"], "setrcopygroup", {"action": "switchover", "group": lab["group"]}, timeout=30)
+        call(lab["nodes"]["A"]["admin_socket"], "setrcopygroup", {"action": "switchover", "group": lab["group"]},
+             timeout=30)
     elif play.fault.endswith("-reboot"):
         lab_kill(d, play.site, signal.SIGTERM)  # a clean shutdown: the node hands its role over first
     else:
@@ -103,7 +104,8 @@ def _play(lab: dict, name: str, play: Play, topology: str, hold: float) -> dict:
             for s, h in hosts.items():
                 try:
                     st = host_status(h["admin_socket"])
-                    states = tuple((p["array"], SHORT.get(p["alua"], p["alua"]), p["epoch"]) for p in st["volumes"][0]["paths"])
+                    states = tuple((p["array"], SHORT.get(p["alua"], p["alua"]), p["epoch"])
+                                   for p in st["volumes"][0]["paths"])
                 except (OSError, KeyError, IndexError, ValueError):
                     states = None
                 if not timeline[s] or timeline[s][-1][1] != states:
@@ -141,9 +143,11 @@ def _play(lab: dict, name: str, play: Play, topology: str, hold: float) -> dict:
     deadline = time.monotonic() + 60
     while True:
         try:
-            gs = {s: call(n["admin_socket"], "showrcopy", {"group": lab["group"]})["groups"][0] for s, n in lab["nodes"].items()}
+            gs = {s: call(n["admin_socket"], "showrcopy", {"group": lab["group"]})["groups"][0]
+                  for s, n in lab["nodes"].items()}
             prim = [g for g in gs.values() if g["role"] == "primary"]
-            if len(prim) == 1 and prim[0]["peer_mode"] == "attached" and all(v["sync_status"] == "synced" for v in prim[0]["volumes"]):
+            if (len(prim) == 1 and prim[0]["peer_mode"] == "attached"
+                    and all(v["sync_status"] == "synced" for v in prim[0]["volumes"])):
                 break
         except Exception:  # noqa: BLE001 - a node restarting
             pass
@@ -187,7 +191,9 @@ def print_result(r: dict) -> None:
         tb.add_column(col)
     for h in r["hosts"]:
         tl = "\n".join(f"{t:>6}: {lbl}" for t, lbl in h["alua"])
-        tb.add_row(h["host"] + (" (failed)" if h["failed"] else ""), "+".join(h["arrays"]), tl, str(h["longest_pause_s"]),
-                   str(h["slowest_write_s"]), str(h["io_errors"]), str(h["acked"]), str(h["acked_lost"]))
+        tb.add_row(h["host"] + (" (failed)" if h["failed"] else ""), "+".join(h["arrays"]), tl,
+                   str(h["longest_pause_s"]), str(h["slowest_write_s"]), str(h["io_errors"]), str(h["acked"]),
+                   str(h["acked_lost"]))
     c.print(tb)
-    c.print("replicas identical after recovery: " + ("[green]yes[/green]" if r["replicas_identical"] else "[red]NO[/red]"))
+    c.print("replicas identical after recovery: "
+            + ("[green]yes[/green]" if r["replicas_identical"] else "[red]NO[/red]"))

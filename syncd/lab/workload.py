@@ -13,6 +13,7 @@ import json
 import struct
 import time
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import trio
 
@@ -86,7 +87,7 @@ class History:
         fault, say) if given, else from the start."""
         t0 = self.started if since is None else since
         ts = [t0] + sorted(x for x in self.acked_times if x >= t0) + [self.ended or time.monotonic()]
-        return max((b - a for a, b in zip(ts, ts[1:])), default=0.0)
+        return max((b - a for a, b in pairwise(ts)), default=0.0)
 
     def to_json(self) -> dict:
         return {"writes": {str(k): v for k, v in self.writes.items()}, "errors": self.errors,

@@ -72,7 +72,8 @@ class NBDClient:
             if magic != p.OPT_REPLY_MAGIC:
                 raise NBDDisconnected("bad option reply magic")
             if rtype & 0x80000000:
-                raise NBDError(rtype & 0x7FFFFFFF, f"export {self.name!r} refused ({body[4:].decode(errors='replace') if len(body) > 4 else ''})")
+                why = body[4:].decode(errors="replace") if len(body) > 4 else ""
+                raise NBDError(rtype & 0x7FFFFFFF, f"export {self.name!r} refused ({why})")
             if rtype == p.REP_INFO and p.U16.unpack_from(body)[0] == p.INFO_EXPORT:
                 self.size, self.flags = struct.unpack(">QH", body[2:12])
             elif rtype == p.REP_ACK:

@@ -8,8 +8,10 @@ objects whose layouts the tests prove equal to those declarations.
 
 from __future__ import annotations
 
+import enum
 import struct
 from dataclasses import dataclass
+from typing import Final, Literal, cast
 
 from construct import (
     BitsInteger,
@@ -214,7 +216,13 @@ class Request:
     data: bytes | bytearray | None = None  # WRITE payload
 
 
-NEED_DATA = object()
+class _NeedData(enum.Enum):
+    """The type of NEED_DATA: an enum member, so that ``is NEED_DATA`` narrows the event's type."""
+
+    NEED_DATA = enum.auto()
+
+
+NEED_DATA: Final = _NeedData.NEED_DATA
 
 
 class ServerConnection:
@@ -232,7 +240,7 @@ class ServerConnection:
         self.structured = False
 
     # bytes in
-    def receive_data(self, data) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         if self._pos and self._pos > len(self._buf) // 2:
             del self._buf[: self._pos]
             self._pos = 0
@@ -248,7 +256,7 @@ class ServerConnection:
         self._pos += n
         return n
 
-    def next_event(self):
+    def next_event(self) -> ClientFlags | Option | Request | PartialWrite | Literal[_NeedData.NEED_DATA]:
         buf, pos = self._buf, self._pos
         avail = len(buf) - pos
         if self.phase == "transmission":
@@ -299,22 +307,24 @@ class ServerConnection:
     # events out
     @staticmethod
     def greeting() -> bytes:
-        return GREETING.build({"handshake_flags": FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES})
+        return cast(bytes, GREETING.build({"handshake_flags": FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES}))
 
     @staticmethod
     def option_reply(option: int, rtype: int, data: bytes = b"") -> bytes:
         return OPT_REPLY.pack(OPT_REPLY_MAGIC, option, rtype, len(data)) + data
 
     def export_name_reply(self, size: int, tflags: int) -> bytes:
-        return EXPORT_NAME_REPLY.build({"size": size, "flags": tflags}) + (b"" if self.no_zeroes else bytes(124))
+        reply = cast(bytes, EXPORT_NAME_REPLY.build({"size": size, "flags": tflags}))
+        return reply + (b"" if self.no_zeroes else bytes(124))
 
     @staticmethod
     def info_export(size: int, tflags: int) -> bytes:
-        return INFO_EXPORT_REPLY.build({"size": size, "flags": tflags})
+        return cast(bytes, INFO_EXPORT_REPLY.build({"size": size, "flags": tflags}))
 
     @staticmethod
     def info_block_size(minimum: int, preferred: int, maximum: int) -> bytes:
-        return INFO_BLOCK_SIZE_REPLY.build({"minimum": minimum, "preferred": preferred, "maximum": maximum})
+        return cast(bytes, INFO_BLOCK_SIZE_REPLY.build(
+            {"minimum": minimum, "preferred": preferred, "maximum": maximum}))
 
     @staticmethod
     def simple_reply(cookie: int, error: int = 0) -> bytes:
@@ -325,7 +335,8 @@ class ServerConnection:
         return SHDR.pack(STRUCTURED_REPLY_MAGIC, flags, rtype, cookie, length)
 
     def offset_data_head(self, cookie: int, offset: int, datalen: int) -> bytes:
-        return SHDR.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie, 8 + datalen) + U64.pack(offset)
+        return (SHDR.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie, 8 + datalen)
+                + U64.pack(offset))
 
     @staticmethod
     def error_chunk(cookie: int, error: int, message: str = "") -> bytes:
@@ -336,7 +347,8 @@ class ServerConnection:
     @staticmethod
     def block_status_chunk(cookie: int, context_id: int, extents: list[tuple[int, int]], done: bool) -> bytes:
         body = U32.pack(context_id) + b"".join(struct.pack(">II", ln, st) for ln, st in extents)
-        return SHDR.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE if done else 0, REPLY_TYPE_BLOCK_STATUS, cookie, len(body)) + body
+        flags = REPLY_FLAG_DONE if done else 0
+        return SHDR.pack(STRUCTURED_REPLY_MAGIC, flags, REPLY_TYPE_BLOCK_STATUS, cookie, len(body)) + body
 
     @staticmethod
     def done_chunk(cookie: int) -> bytes:

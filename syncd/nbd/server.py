@@ -109,6 +109,7 @@ class NBDConnection:
         self.held = 0  # bytes of requests being run and replies not yet sent (see the module doc)
         self.room = trio.lowlevel.ParkingLot()  # the reader, waiting for held to drop
         self.idle = trio.Event()
+        self.flushed: trio.Event | None = None  # set by the sender once every queued reply is sent
         self.pacer = netio.Pacer()
         self.scope = trio.CancelScope()  # cancelled to disconnect this client (unexported)
         self.tls: ssl.SSLObject | None = None
@@ -162,7 +163,7 @@ class NBDConnection:
                     await netio.sendall(self.sock, data)
                 data = await netio.recv(self.sock, 1 << 16)
                 if not data:
-                    raise _Closed()
+                    raise _Closed() from None
                 self._tls_in.write(data)
         data = self._tls_out.read()
         if data:
@@ -193,6 +194,8 @@ class NBDConnection:
         pacer = netio.Pacer()
         while True:
             if not self.out:
+                if self.flushed is not None:
+                    self.flushed.set()
                 await self.lot.park()
                 continue
             bufs = []
@@ -282,7 +285,8 @@ class NBDConnection:
                 await self._error(o, p.REP_ERR_UNSUP, "TLS is not configured on this server")
                 return None
             if self.tls is not None or data:
-                await self._error(o, p.REP_ERR_INVALID, "TLS is already on" if self.tls else "NBD_OPT_STARTTLS takes no data")
+                await self._error(o, p.REP_ERR_INVALID,
+                                  "TLS is already on" if self.tls else "NBD_OPT_STARTTLS takes no data")
                 return None
             if self.conn.buffered():
                 raise p.ProtocolError("client sent data after NBD_OPT_STARTTLS before the reply")
@@ -436,6 +440,8 @@ class NBDConnection:
                 self._queue(self.conn.simple_reply(cookie))
             if not self.inflight:
                 self.idle.set()
+                if self.server.draining:
+                    self.server.quiet.unpark_all()
 
         try:
             if fw(r.offset, memoryview(r.data), done):
@@ -517,6 +523,8 @@ class NBDConnection:
             self._unhold(_request_cost(r))
             if not self.inflight:
                 self.idle.set()
+                if self.server.draining:
+                    self.server.quiet.unpark_all()
 
     async def _execute(self, r: p.Request) -> None:
         e = self.export
@@ -582,14 +590,15 @@ class NBDServer:
         self.connections = 0
         self.live: set[NBDConnection] = set()
         self.draining = False  # shutting down: new requests are refused ESHUTDOWN, running ones finish
+        self.quiet = trio.lowlevel.ParkingLot()  # drain(): a connection has nothing in flight any more
 
-    async def drain(self, timeout: float) -> None:
+    async def drain(self) -> None:
         """Refuse new requests (ESHUTDOWN: the host's multipath moves to another path) and wait
-        up to ``timeout`` for the ones already received to finish, before connections close."""
+        for the ones already received to finish, before connections close (the caller bounds
+        the wait)."""
         self.draining = True
-        with trio.move_on_after(timeout):
-            while any(c.inflight for c in self.live):
-                await trio.sleep(0.01)
+        while any(c.inflight for c in self.live):
+            await self.quiet.park()
 
     def drop(self, pred) -> int:
         """Disconnect every connection for which ``pred(conn)`` holds (e.g. its export was
@@ -655,6 +664,8 @@ class NBDServer:
         finally:
             self.connections -= 1
             self.live.discard(c)
+            if self.draining:  # what it had in flight no longer holds up drain()
+                self.quiet.unpark_all()
             # Replies never sent, and requests the link may still complete, are not the
             # server's to hold any more.
             c.closed = True
@@ -681,8 +692,10 @@ class NBDServer:
             if c.inflight:
                 c.idle = trio.Event()
                 await c.idle.wait()
-            while c.out:
-                await trio.sleep(0)
+            # ... and sent: a reply the sender has taken may still be on its way into the socket.
+            c.flushed = trio.Event()
+            c.lot.unpark()  # an idle sender looks again and sets it at once
+            await c.flushed.wait()
             n.cancel_scope.cancel()
 
 

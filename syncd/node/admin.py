@@ -180,7 +180,8 @@ async def admitrcopyvv(node: Node, volume: str, group: str, target_volume: str |
     _primary_only(node, g, "admitrcopyvv")
     vol = node.volumes.get(volume)
     if vol is None:
-        raise NodeError(f"volume {volume} does not exist on {node.cfg.name} (volumes: {', '.join(sorted(node.volumes)) or 'none'})")
+        raise NodeError(f"volume {volume} does not exist on {node.cfg.name} "
+                        f"(volumes: {', '.join(sorted(node.volumes)) or 'none'})")
     if volume in node.member_of:
         raise NodeError(f"volume {volume} is already in group {node.member_of[volume].group.name}")
     remote = target_volume or volume
@@ -284,7 +285,8 @@ async def showrcopy(node: Node, group: str | None = None) -> dict:
         "nbd": ["%s:%d" % a for a in node.nbd_ports],
         "groups": [],
         "volumes": [
-            {"name": v.name, "path": v.path, "size": v.size, "group": node.member_of[v.name].group.name if v.name in node.member_of else None}
+            {"name": v.name, "path": v.path, "size": v.size,
+             "group": node.member_of[v.name].group.name if v.name in node.member_of else None}
             for v in node.volumes.values()
         ],
         "resync_bytes": node.stats["resync_bytes"],

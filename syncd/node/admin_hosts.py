@@ -50,7 +50,8 @@ async def removehost(node: Node, name: str) -> dict:
         raise NodeError(f"removehost: host {name} does not exist")
     vl = [f"{v.volume} (LUN {v.lun})" for v in st.vluns if v.target == name]
     if vl:
-        raise NodeError(f"removehost: host {name} has exported volumes: {', '.join(vl)}; remove them with removevlun first")
+        raise NodeError(f"removehost: host {name} has exported volumes: {', '.join(vl)}; "
+                        "remove them with removevlun first")
     sets = [s for s, m in st.hostsets.items() if name in m]
     if sets:
         raise NodeError(f"removehost: host {name} is in host set(s) {', '.join(sets)}; remove it from them first")
@@ -110,7 +111,8 @@ async def removehostset(node: Node, name: str, hosts=None) -> dict:
 async def createvlun(node: Node, volume: str, host: str, lun: int | None = None) -> dict:
     st = node.state
     if volume not in node.volumes:
-        raise NodeError(f"createvlun: volume {volume} does not exist on {node.cfg.name} (volumes: {', '.join(sorted(node.volumes)) or 'none'})")
+        raise NodeError(f"createvlun: volume {volume} does not exist on {node.cfg.name} "
+                        f"(volumes: {', '.join(sorted(node.volumes)) or 'none'})")
     try:
         target = check_target(st, host)
     except HostError as e:

@@ -367,21 +367,21 @@ class Node:
             if self.fatal:
                 raise StateError(self.fatal)
         finally:
-            with trio.CancelScope(shield=True):
-                if not self.fatal:  # a node that could not write its metadata did not stop cleanly
-                    try:
-                        self.save()
-                        # Clean means nothing to compare at the next start: the volumes' data
-                        # must be durable first (a power cut may follow the stop).
-                        for v in self.volumes.values():
-                            v.sync_blocking()
-                        self.set_clean_flag(True)
-                    except StateError:
-                        pass
-                    except OSError as e:
-                        log.error("node %s: a volume could not be synced (%s): not marked as stopped "
-                                  "cleanly, the next start compares what may differ", self.cfg.name, e)
-                self.close()
+            # All blocking (no checkpoint): a cancelled stop cannot interrupt it.
+            if not self.fatal:  # a node that could not write its metadata did not stop cleanly
+                try:
+                    self.save()
+                    # Clean means nothing to compare at the next start: the volumes' data
+                    # must be durable first (a power cut may follow the stop).
+                    for v in self.volumes.values():
+                        v.sync_blocking()
+                    self.set_clean_flag(True)
+                except StateError:
+                    pass
+                except OSError as e:
+                    log.error("node %s: a volume could not be synced (%s): not marked as stopped "
+                              "cleanly, the next start compares what may differ", self.cfg.name, e)
+            self.close()
 
     async def hand_over_for_shutdown(self) -> None:
         """A primary that is shut down (SIGTERM: reboot, maintenance) first switches its groups
@@ -418,7 +418,8 @@ class Node:
         re-issue anything that was in flight here."""
         nbd = getattr(self, "nbd", None)
         if nbd is not None:
-            await nbd.drain(self.cfg.link.max_request_hold() if self.cfg.link else 5.0)
+            with trio.move_on_after(self.cfg.link.max_request_hold() if self.cfg.link else 5.0):
+                await nbd.drain()
 
     # -- the quorum witness ----------------------------------------------------------------------
     async def _run_witness(self, wc) -> None:
@@ -519,8 +520,11 @@ class Node:
                     g.io.expire_forwarded(release_bound)
                 for m in list(g.members.values()):
                     # Asked again after the pass's data sync: the role may have changed meanwhile.
-                    keep = (lambda r, g=g, m=m: (m.dirty.test(r) or m.pull.test(r)) if g.role == "primary"
-                            else r in m.suspect_regions)
+                    def keep(r: int, g: Group = g, m: Member = m) -> bool:
+                        if g.role == "primary":
+                            return m.dirty.test(r) or m.pull.test(r)
+                        return r in m.suspect_regions
+
                     try:
                         await m.intent.clear_idle(hold, keep)
                     except OSError as e:

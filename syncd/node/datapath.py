@@ -164,13 +164,10 @@ class DataPath:
         if not self.forwarding:
             self._drained.unpark_all()
 
-    async def drain_forwarded(self, timeout: float) -> bool:
+    async def drain_forwarded(self) -> None:
         """Secondary: wait until no request it forwarded to the primary is unanswered."""
-        with trio.move_on_after(timeout):
-            while self.forwarding:
-                await self._drained.park()
-            return True
-        return False
+        while self.forwarding:
+            await self._drained.park()
 
     # -- host reads ------------------------------------------------------------------------------
     async def host_read(self, m: "Member", offset: int, length: int) -> Any:
@@ -461,7 +458,8 @@ class DataPath:
             if await self._became_primary():
                 await self._write_at_primary(m, kind, offset, length, data, fua, no_hole)
                 return
-            raise BlockError(errno.ESHUTDOWN, f"primary refused the write ({reply.status}) and this array did not get the group")
+            raise BlockError(errno.ESHUTDOWN,
+                             f"primary refused the write ({reply.status}) and this array did not get the group")
         if reply.status == Status.BUSY:
             raise BlockError(errno.EAGAIN, "the primary could not order the write in time; not applied: retry")
         if reply.status != Status.OK:
@@ -503,7 +501,8 @@ class DataPath:
         finally:
             self._forward_done()
         if reply.status in NOT_OWNER:
-            raise BlockError(errno.ESHUTDOWN, f"the primary did not take the flush ({reply.status}): group changing hands")
+            raise BlockError(errno.ESHUTDOWN,
+                             f"the primary did not take the flush ({reply.status}): group changing hands")
         if reply.status != Status.OK:
             raise BlockError(errno.EIO, f"primary flush failed ({reply.status})")
 

@@ -377,7 +377,8 @@ class Group:
         self.handle(PeerLost(trio.current_time(), reason))
 
     # -- actions that talk to someone ------------------------------------------------------------
-    async def _request_lease(self, timeout: float, epoch: int, sent: float | None) -> None:
+    # ``timeout``: the role machine's deadline for the request on the link (LinkTimeout), not a cancel scope.
+    async def _request_lease(self, timeout: float, epoch: int, sent: float | None) -> None:  # noqa: ASYNC109
         link = self.node.link
         assert link is not None and sent is not None
         try:
@@ -466,7 +467,8 @@ class Group:
         assert link is not None
         try:
             reply = await link.request(
-                Frame.resync_begin(link.next_id(), self.st.gid, self.epoch, m.vol_id, m.dirty.region, bytes(m.dirty.bits)))
+                Frame.resync_begin(link.next_id(), self.st.gid, self.epoch, m.vol_id, m.dirty.region,
+                                   bytes(m.dirty.bits)))
         except (LinkDown, LinkTimeout) as e:
             self.lose_peer(str(e))
             return

@@ -27,7 +27,8 @@ def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     try:
         return ipaddress.ip_network(text.strip(), strict=False)
     except ValueError:
-        raise HostError(f"{text!r} is not an IP address or network (examples: 10.0.0.5, 10.0.0.0/24, fd00::/64)") from None
+        raise HostError(f"{text!r} is not an IP address or network "
+                        "(examples: 10.0.0.5, 10.0.0.0/24, fd00::/64)") from None
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,8 @@ def check_target(st: NodeState, target: str) -> str:
     """A VLUN target: a host name, or set:NAME for a host set."""
     if target.startswith(SET_PREFIX):
         if target[len(SET_PREFIX):] not in st.hostsets:
-            raise HostError(f"host set {target[len(SET_PREFIX):]} does not exist (sets: {', '.join(sorted(st.hostsets)) or 'none'})")
+            raise HostError(f"host set {target[len(SET_PREFIX):]} does not exist "
+                            f"(sets: {', '.join(sorted(st.hostsets)) or 'none'})")
         return target
     if target not in st.hosts:
         raise HostError(f"host {target} does not exist (hosts: {', '.join(sorted(st.hosts)) or 'none'})")

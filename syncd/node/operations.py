@@ -110,7 +110,8 @@ async def switchover(node: Node, g: Group) -> dict:
             if cs.cancelled_caught:
                 raise NodeError(f"{op}: writes in flight did not drain within {timeout}s; nothing changed")
             if g.mode is not Mode.HANDING_OVER or g.epoch != old_epoch:
-                raise NodeError(f"{op}: the group changed state during the switchover ({g.mode.value}); nothing changed")
+                raise NodeError(f"{op}: the group changed state during the switchover ({g.mode.value}); "
+                                "nothing changed")
             new_epoch = old_epoch + 1
             if wc is not None:
                 from ..witness.proto import WType
@@ -171,11 +172,14 @@ async def peer_switchover(node: Node, body: dict) -> None:
     now = trio.current_time()
     if op == "switchover_prepare":
         if g.role != "secondary" or g.epoch != epoch:
-            raise NodeError(f"group {g.name} is {g.role} at epoch {g.epoch} on {node.cfg.name}: cannot switch over from epoch {epoch}")
+            raise NodeError(f"group {g.name} is {g.role} at epoch {g.epoch} on {node.cfg.name}: "
+                            f"cannot switch over from epoch {epoch}")
         _busy(g)
         _handle(g, PeerSwitchoverPrepare(now, epoch), op)  # gives up by itself if the primary vanishes
         timeout = node.cfg.link.transition_timeout
-        if not await g.io.drain_forwarded(timeout):
+        with trio.move_on_after(timeout) as drain:
+            await g.io.drain_forwarded()
+        if drain.cancelled_caught:
             g.handle(PeerSwitchoverAbort(trio.current_time()))
             raise NodeError(f"writes forwarded by {node.cfg.name} did not drain within {timeout}s")
         return
@@ -197,8 +201,10 @@ async def failover(node: Node, g: Group) -> dict:
     _need_started(g, op)
     _busy(g)
     if node.link is not None and node.link.up:
-        raise NodeError(f"{op}: target {g.st.peer} is reachable; use setrcopygroup switchover for a planned change of roles")
-    await trio.sleep_until(max(g.state.lease_until, trio.current_time()))  # never serve as primary while the old lease could still run
+        raise NodeError(f"{op}: target {g.st.peer} is reachable; "
+                        "use setrcopygroup switchover for a planned change of roles")
+    # Never serve as primary while the old lease could still run.
+    await trio.sleep_until(max(g.state.lease_until, trio.current_time()))
     wc = node.witness
     if wc is not None:
         from ..witness.proto import WType

@@ -219,7 +219,8 @@ def sync_groups(node: "Node", body: dict[str, Any]) -> dict[str, Any]:
         mine = {m.vol_id for m in g.members.values()}
         theirs = {m["vol_id"] for m in s["members"]}
         if mine != theirs:
-            log.warning("group %s: volume sets differ from the primary's (%s vs %s)", g.name, sorted(mine), sorted(theirs))
+            log.warning("group %s: volume sets differ from the primary's (%s vs %s)",
+                        g.name, sorted(mine), sorted(theirs))
     for g in node.groups.values():
         if g.role != "secondary" or g.st.split_brain:
             continue
@@ -321,7 +322,8 @@ async def handle_peer_control(node: "Node", body: dict[str, Any]) -> dict[str, A
             raise NodeError(f"volume {local} on {node.cfg.name} is already in group {node.member_of[local].group.name}")
         if vol.size != body["size"]:
             raise NodeError(
-                f"volume {local} on {node.cfg.name} is {vol.size} bytes but {body['remote']} is {body['size']} bytes: sizes must match"
+                f"volume {local} on {node.cfg.name} is {vol.size} bytes but {body['remote']} is "
+                f"{body['size']} bytes: sizes must match"
             )
         ms = MemberState(local=local, remote=body["remote"], vol_id=body["vol_id"], wwn=body["wwn"], size=vol.size)
         g.st.members.append(ms)

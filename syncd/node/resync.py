@@ -4,8 +4,8 @@ Each region is copied under the volume's range lock, so a host write to it is ei
 both replicas before the copy reads it or waits until the copy is on the peer. Verify mode (an
 initial or full sync) first compares xxh3 digests of a batch of regions and sends only the
 regions that differ. The dirty map is saved every ``SAVE_EVERY`` seconds, so a resync interrupted
-by a crash of the primary resumes from there. Resync yields to host I/O: with ``resync_share`` = s, after a step that took
-t seconds while hosts were busy, it pauses t*(1-s)/s.
+by a crash of the primary resumes from there. Resync yields to host I/O: with ``resync_share`` = s,
+after a step that took t seconds while hosts were busy, it pauses t*(1-s)/s.
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ class Resync:
             local, remote = await region_digests(self.node, g, m, off, ln, region)
             self.node.stats["compared_bytes"] += ln
             same: list[int] = []
-            for i, (a, b) in enumerate(zip(local, remote)):
+            for i, (a, b) in enumerate(zip(local, remote, strict=True)):
                 r = r0 + i
                 if not m.dirty.test(r):
                     continue
@@ -245,7 +245,7 @@ class Resync:
         if trio.current_time() - g.io.last_host_io < 0.5 and share < 1:
             await trio.sleep(took * (1 - share) / share)
         else:
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
 
 
 def resync_progress(m: "Member") -> dict:

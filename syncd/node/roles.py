@@ -692,7 +692,8 @@ def _promote(s: RoleState, now: float, epoch: int, msg: str) -> Result:
 def _demote(s: RoleState, epoch: int, why: str) -> Result:
     _check_epoch(s, epoch, "stepping down", strictly=False)
     s2 = replace(s, role=Role.SECONDARY, epoch=epoch, failsafe=False, witness_behind=False, peer_has_all=False,
-                 mode=Mode.DISK_FAILED if s.mode is Mode.DISK_FAILED else Mode.FOLLOWING, alone=False, confirmed=False, peer_ready=False,
+                 mode=Mode.DISK_FAILED if s.mode is Mode.DISK_FAILED else Mode.FOLLOWING,
+                 alone=False, confirmed=False, peer_ready=False,
                  recovering=False, lease_until=NEVER, lease_asked=None, next_renewal=NEVER,
                  witness_asking=None, claim_refused="", last_refusal="")
     acts: list[Action] = [FenceOver()] if s.role is Role.PRIMARY else []  # forwarded holds go

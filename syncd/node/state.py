@@ -154,7 +154,7 @@ class StateStore:
         try:
             st = NodeState.from_json(d)
         except (KeyError, TypeError) as e:
-            raise StateError(f"{self.path} is not valid syncd metadata ({e}); refusing to start.")
+            raise StateError(f"{self.path} is not valid syncd metadata ({e}); refusing to start.") from None
         if st.node != self.node:
             raise StateError(
                 f"{self.path} belongs to node {st.node!r}, but this config names node {self.node!r}"

@@ -70,7 +70,7 @@ async def verify_member(node: "Node", g: "Group", m: "Member", fix: bool = False
                 local, remote = await region_digests(node, g, m, off, ln, region)
             finally:
                 m.lock.release(tok)
-            differ += [r0 + i for i, (a, b) in enumerate(zip(local, remote)) if a != b]
+            differ += [r0 + i for i, (a, b) in enumerate(zip(local, remote, strict=True)) if a != b]
             took = trio.current_time() - step
             if trio.current_time() - g.io.last_host_io < 0.5 and share < 1:
                 await trio.sleep(took * (1 - share) / share)

@@ -90,7 +90,7 @@ class Volume:
                 self.dfd = os.open(path, os.O_RDWR | os.O_DIRECT)
             except OSError as e:
                 os.close(self.fd)
-                raise VolumeError(f"volume {name}: O_DIRECT not possible on {path}: {e.strerror}")
+                raise VolumeError(f"volume {name}: O_DIRECT not possible on {path}: {e.strerror}") from None
             self._abuf = mmap.mmap(-1, 32 << 20)
 
     # -- backing device failures -----------------------------------------------------------------

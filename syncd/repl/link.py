@@ -182,6 +182,7 @@ class Link:
         self._nursery: trio.Nursery | None = None
         self.up_since: float | None = None
         self.key = cfg.key.encode() if cfg.key else None
+        self._path_down = trio.lowlevel.ParkingLot()  # tasks waiting for a path (or all) to go down
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -231,7 +232,8 @@ class Link:
             p.state = "connecting"
             sock = None
             try:
-                sock = await netio.connect(p.peer, max(self.cfg.path_timeout, 1.0))
+                with trio.fail_after(max(self.cfg.path_timeout, 1.0)):
+                    sock = await netio.connect(p.peer)
                 with trio.fail_after(max(self.cfg.path_timeout, 1.0)):
                     session = self.session if self.up else self.dial_session
                     hello = proto.Frame.hello(
@@ -314,7 +316,7 @@ class Link:
         if p.cancel is not None:  # a newer connection replaces the old one on this path
             p.cancel.cancel()
             while p.state == "up":
-                await trio.sleep(0.01)
+                await self._path_down.park()
         try:
             await self._run_path(p, sock, dec, h.link_session, h.node_uuid)
         except (OSError, ProtocolError, trio.BrokenResourceError) as e:
@@ -329,7 +331,7 @@ class Link:
                     if other.cancel is not None:
                         other.cancel.cancel()
                 while self.up:
-                    await trio.sleep(0.01)
+                    await self._path_down.park()
             self.session = session
             self._seen.clear()
         was_up = self.up
@@ -359,6 +361,7 @@ class Link:
         finally:
             p.cancel = None
             p.state = "down"
+            self._path_down.unpark_all()
             p.sock = None
             p.since = time.time()
             trio.lowlevel.notify_closing(sock)
@@ -678,7 +681,9 @@ class Link:
             return pend.reply
         raise pend.error
 
-    async def request(self, frame: Frame, timeout: float | None = None) -> Frame:
+    # ``timeout`` is the request's deadline on the link, as in start(): the sweeper fails it with
+    # LinkTimeout and gives its credit back. A cancel scope in the caller would do neither.
+    async def request(self, frame: Frame, timeout: float | None = None) -> Frame:  # noqa: ASYNC109
         return await self.wait(self.start(frame, timeout))
 
     async def _sweeper(self) -> None:

@@ -12,6 +12,7 @@ import json
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any, cast
 
 import xxhash
 from construct import Bytes, Int8ub, Int16ub, Int32ub, Int64ub, PascalString, Struct
@@ -26,6 +27,9 @@ FEAT_FUA, FEAT_TRIM, FEAT_ZEROES, FEAT_FORWARD, FEAT_DIGESTS = 1, 2, 4, 8, 16
 FEATURES = FEAT_FUA | FEAT_TRIM | FEAT_ZEROES | FEAT_FORWARD | FEAT_DIGESTS
 
 FLAG_FUA, FLAG_FORWARDED, FLAG_RESYNC, FLAG_NO_HOLE = 0x01, 0x02, 0x04, 0x08
+
+# A frame's payload: received frames carry bytes; a sender may pass any buffer (not copied).
+Payload = bytes | bytearray | memoryview
 
 
 class MsgType(IntEnum):
@@ -143,7 +147,8 @@ class Frame:
 
     __slots__ = ("type", "flags", "req_id", "group", "epoch", "vol", "offset", "length", "payload")
 
-    def __init__(self, type, flags=0, req_id=0, group=0, epoch=0, vol=0, offset=0, length=0, payload=b""):
+    def __init__(self, type: int, flags: int = 0, req_id: int = 0, group: int = 0, epoch: int = 0, vol: int = 0,
+                 offset: int = 0, length: int = 0, payload: Payload = b"") -> None:
         self.type = type
         self.flags = flags
         self.req_id = req_id
@@ -154,14 +159,14 @@ class Frame:
         self.length = length
         self.payload = payload
 
-    def _key(self):
+    def _key(self) -> tuple[int, int, int, int, int, int, int, int, bytes]:
         return (int(self.type), self.flags, self.req_id, self.group, self.epoch, self.vol,
                 self.offset, self.length, bytes(self.payload))
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return isinstance(other, Frame) and self._key() == other._key()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"Frame({MsgType(self.type).name}, flags={self.flags:#x}, req_id={self.req_id}, "
                 f"group={self.group}, epoch={self.epoch}, vol={self.vol}, offset={self.offset}, "
                 f"length={self.length}, payload={len(self.payload)} bytes)")
@@ -189,84 +194,90 @@ class Frame:
 
     # -- constructors --------------------------------------------------------------------------
     @classmethod
-    def _hello(cls, t, node_uuid, node_name, path_index, link_session, key=None):
+    def _hello(cls, t: MsgType, node_uuid: bytes, node_name: str, path_index: int, link_session: int,
+               key: bytes | None = None) -> Frame:
         auth = auth_tag(key, node_uuid, link_session, path_index) if key else bytes(32)
-        payload = HELLO_PAYLOAD.build(dict(
+        payload = cast(bytes, HELLO_PAYLOAD.build(dict(
             proto_version=PROTO_VERSION, min_version=MIN_VERSION, features=FEATURES,
             node_uuid=node_uuid, node_name=node_name, path_index=path_index,
             link_session=link_session, auth=auth,
-        ))
+        )))
         return cls(t, payload=payload)
 
     @classmethod
-    def hello(cls, *, node_uuid: bytes, node_name: str, path_index: int, link_session: int, key: bytes | None = None):
+    def hello(cls, *, node_uuid: bytes, node_name: str, path_index: int, link_session: int,
+              key: bytes | None = None) -> Frame:
         return cls._hello(MsgType.HELLO, node_uuid, node_name, path_index, link_session, key)
 
     @classmethod
-    def hello_ack(cls, *, node_uuid: bytes, node_name: str, path_index: int, link_session: int, key: bytes | None = None):
+    def hello_ack(cls, *, node_uuid: bytes, node_name: str, path_index: int, link_session: int,
+                  key: bytes | None = None) -> Frame:
         return cls._hello(MsgType.HELLO_ACK, node_uuid, node_name, path_index, link_session, key)
 
     @classmethod
-    def ping(cls, ns: int):
+    def ping(cls, ns: int) -> Frame:
         return cls(MsgType.PING, payload=_U64.pack(ns))
 
     @classmethod
-    def pong(cls, ns: int):
+    def pong(cls, ns: int) -> Frame:
         return cls(MsgType.PONG, payload=_U64.pack(ns))
 
     @classmethod
-    def write(cls, req_id, group, epoch, vol, offset, data, *, fua=False, forwarded=False, resync=False):
+    def write(cls, req_id: int, group: int, epoch: int, vol: int, offset: int, data: Payload, *,
+              fua: bool = False, forwarded: bool = False, resync: bool = False) -> Frame:
         flags = (FLAG_FUA if fua else 0) | (FLAG_FORWARDED if forwarded else 0) | (FLAG_RESYNC if resync else 0)
         return cls(MsgType.WRITE, flags, req_id, group, epoch, vol, offset, len(data), data)
 
     @classmethod
-    def zeroes(cls, req_id, group, epoch, vol, offset, length, *, fua=False, no_hole=False, forwarded=False):
+    def zeroes(cls, req_id: int, group: int, epoch: int, vol: int, offset: int, length: int, *,
+               fua: bool = False, no_hole: bool = False, forwarded: bool = False) -> Frame:
         flags = (FLAG_FUA if fua else 0) | (FLAG_NO_HOLE if no_hole else 0) | (FLAG_FORWARDED if forwarded else 0)
         return cls(MsgType.ZEROES, flags, req_id, group, epoch, vol, offset, length)
 
     @classmethod
-    def trim(cls, req_id, group, epoch, vol, offset, length, *, fua=False, forwarded=False):
+    def trim(cls, req_id: int, group: int, epoch: int, vol: int, offset: int, length: int, *,
+             fua: bool = False, forwarded: bool = False) -> Frame:
         flags = (FLAG_FUA if fua else 0) | (FLAG_FORWARDED if forwarded else 0)
         return cls(MsgType.TRIM, flags, req_id, group, epoch, vol, offset, length)
 
     @classmethod
-    def flush(cls, req_id, group, epoch, vol=0xFFFFFFFF):
+    def flush(cls, req_id: int, group: int, epoch: int, vol: int = 0xFFFFFFFF) -> Frame:
         return cls(MsgType.FLUSH, 0, req_id, group, epoch, vol)
 
     @classmethod
-    def release(cls, req_id, group, epoch, status: int = 0):
+    def release(cls, req_id: int, group: int, epoch: int, status: int = 0) -> Frame:
         return cls(MsgType.RELEASE, 0, req_id, group, epoch, payload=_U32.pack(status))
 
     @classmethod
-    def read(cls, req_id, group, epoch, vol, offset, length):
+    def read(cls, req_id: int, group: int, epoch: int, vol: int, offset: int, length: int) -> Frame:
         return cls(MsgType.READ, 0, req_id, group, epoch, vol, offset, length)
 
     @classmethod
-    def lease(cls, req_id, group, epoch):
+    def lease(cls, req_id: int, group: int, epoch: int) -> Frame:
         return cls(MsgType.LEASE, 0, req_id, group, epoch)
 
     @classmethod
-    def resync_begin(cls, req_id, group, epoch, vol, region, bits: bytes):
+    def resync_begin(cls, req_id: int, group: int, epoch: int, vol: int, region: int, bits: bytes) -> Frame:
         return cls(MsgType.RESYNC_BEGIN, 0, req_id, group, epoch, vol, payload=_U32.pack(region) + bytes(bits))
 
     @classmethod
-    def resync_end(cls, req_id, group, epoch, vol, offset, length):
+    def resync_end(cls, req_id: int, group: int, epoch: int, vol: int, offset: int, length: int) -> Frame:
         return cls(MsgType.RESYNC_END, 0, req_id, group, epoch, vol, offset, length)
 
     @classmethod
-    def digests(cls, req_id, group, epoch, vol, offset, length, region):
+    def digests(cls, req_id: int, group: int, epoch: int, vol: int, offset: int, length: int, region: int) -> Frame:
         return cls(MsgType.DIGESTS, 0, req_id, group, epoch, vol, offset, length, _U32.pack(region))
 
     @classmethod
-    def control(cls, req_id, body: dict):
+    def control(cls, req_id: int, body: dict[str, Any]) -> Frame:
         return cls(MsgType.CONTROL, 0, req_id, payload=json.dumps(body).encode())
 
     @classmethod
-    def reply(cls, req_id, status: int = 0, payload: bytes = b""):
+    def reply(cls, req_id: int, status: int = 0, payload: Payload = b"") -> Frame:
         return cls(MsgType.REPLY, 0, req_id, length=int(status), payload=payload)
 
     @classmethod
-    def goodbye(cls, reason: str = ""):
+    def goodbye(cls, reason: str = "") -> Frame:
         return cls(MsgType.GOODBYE, payload=reason.encode())
 
     @staticmethod
@@ -289,29 +300,34 @@ class Frame:
     def ping_ns(self) -> int:
         if len(self.payload) != 8:
             raise ProtocolError("PING/PONG payload must be 8 bytes")
-        return _U64.unpack(self.payload)[0]
+        ns: int = _U64.unpack(self.payload)[0]
+        return ns
 
     def lease_ms(self) -> int:
-        return _U32.unpack(self.payload[:4])[0] if len(self.payload) >= 4 else 0
+        ms: int = _U32.unpack(self.payload[:4])[0] if len(self.payload) >= 4 else 0
+        return ms
 
     def release_status(self) -> int:
-        return _U32.unpack(self.payload[:4])[0] if len(self.payload) >= 4 else 0
+        status: int = _U32.unpack(self.payload[:4])[0] if len(self.payload) >= 4 else 0
+        return status
 
     def resync_bitmap(self) -> tuple[int, bytes]:
         if len(self.payload) < 4:
             raise ProtocolError("RESYNC_BEGIN payload too short")
-        return _U32.unpack(self.payload[:4])[0], bytes(self.payload[4:])
+        region: int = _U32.unpack(self.payload[:4])[0]
+        return region, bytes(self.payload[4:])
 
     def digest_region(self) -> int:
         if len(self.payload) != 4:
             raise ProtocolError("DIGESTS request payload must be 4 bytes")
-        return _U32.unpack(self.payload)[0]
+        region: int = _U32.unpack(self.payload)[0]
+        return region
 
     def digest_list(self) -> list[int]:
         n = len(self.payload) // 8
         return list(struct.unpack(f">{n}Q", self.payload[: n * 8]))
 
-    def control_json(self) -> dict:
+    def control_json(self) -> dict[str, Any]:
         try:
             body = json.loads(bytes(self.payload).decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
@@ -324,7 +340,7 @@ class Frame:
         return bytes(self.payload).decode("utf-8", "replace")
 
 
-def encode(f: Frame) -> list:
+def encode(f: Frame) -> list[Payload]:
     """Header and payload as separate buffers, for vectored sends (the payload is not copied)."""
     p = f.payload
     n = len(p)
@@ -344,7 +360,7 @@ class FrameDecoder:
         self._buf = bytearray()
         self._pos = 0
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: Payload) -> None:
         if self._pos and self._pos >= len(self._buf) // 2:
             del self._buf[: self._pos]
             self._pos = 0

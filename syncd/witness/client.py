@@ -14,6 +14,10 @@ from . import proto as w
 
 log = logging.getLogger("syncd.witness.client")
 
+# s: the witness answers a request at once; one that takes longer leaves the connection out of
+# step (an answer may still come), so the connection is dropped and made again.
+REQUEST_TIMEOUT = 1.0
+
 
 @dataclass(frozen=True)
 class WitnessClientConfig:
@@ -99,7 +103,8 @@ class WitnessClient:
         # The socket is published (self.sock) only once the handshake is done, so requests
         # from other tasks never read it concurrently with the handshake.
         self.dec = w.WDecoder()
-        sock = await netio.connect(self.cfg.address, 2.0)
+        with trio.fail_after(2.0):
+            sock = await netio.connect(self.cfg.address)
         try:
             with trio.fail_after(2.0):
                 ch = await self._recv_frame(sock)
@@ -124,14 +129,14 @@ class WitnessClient:
         self.last_error = ""
         log.info("witness %s reached", self.witness_name)
 
-    async def request(self, t: w.WType, timeout: float = 1.0, **fields) -> w.WFrame:
+    async def request(self, t: w.WType, **fields) -> w.WFrame:
         async with self.lock:
             if self.sock is None:  # checked under the lock: another request may have dropped it
                 raise WitnessUnreachable(self.last_error or "not connected")
             self.rid += 1
             sent = trio.current_time()
             try:
-                with trio.fail_after(timeout):
+                with trio.fail_after(REQUEST_TIMEOUT):
                     await netio.sendall(self.sock, w.encode(t, self.rid, **fields))
                     f = await self._recv_frame()
             except (OSError, trio.TooSlowError, EOFError, w.WitnessProtocolError) as e:

@@ -7,6 +7,7 @@ import hmac
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any, cast
 
 import xxhash
 from construct import (
@@ -81,17 +82,17 @@ class WitnessProtocolError(Exception):
 class WFrame:
     type: WType
     req_id: int
-    fields: dict  # the payload's fields, as declared in PAYLOADS
+    fields: dict[str, Any]  # the payload's fields, as declared in PAYLOADS
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         try:
             return self.fields[name]
         except KeyError:
             raise AttributeError(name) from None
 
 
-def encode(type_: WType, req_id: int = 0, **fields) -> bytes:
-    payload = PAYLOADS[type_].build(fields)
+def encode(type_: WType, req_id: int = 0, **fields: Any) -> bytes:
+    payload = cast(bytes, PAYLOADS[type_].build(fields))
     if len(payload) > MAX_PAYLOAD:
         raise WitnessProtocolError(f"{type_.name} payload too large")
     csum = xxhash.xxh3_64_intdigest(payload) if payload else 0

@@ -1,9 +1,11 @@
+import time
+
 import pytest
 
 from syncd.ctl import call
 from syncd.lab.rig import lab_down, lab_up
 
-from .rig import FAST_LINK
+from .rig import FAST_LINK, WITNESS, show, wait_for
 
 
 @pytest.fixture
@@ -24,3 +26,23 @@ def lab(tmp_path):
         text = f.read_text()
         if "Traceback" in text:
             print(f"--- {f} has a traceback:\n{text[-5000:]}")
+
+
+@pytest.fixture
+def wlab(tmp_path):
+    """A running two-node lab with one volume and a quorum witness (fast timeouts), both arrays
+    reaching the witness and the witness told that B is in sync."""
+    d = tmp_path / "lab"
+    try:
+        lab = lab_up(str(d), size="16MiB", nvolumes=1, npaths=2, link_opts=FAST_LINK, witness=WITNESS, timeout=60)
+    except Exception:
+        for f in d.glob("*.log"):
+            print(f"--- {f}\n{f.read_text()[-3000:]}")
+        raise
+    wait_for(lambda: show(lab, "A")["witness"]["reachable"] and show(lab, "B")["witness"]["reachable"], what="witness")
+    time.sleep(5 * WITNESS["interval"])  # A's reports have told the witness that B is in sync
+    yield lab
+    lab_down(str(d))
+    for f in sorted(d.glob("*.log")):
+        if "Traceback" in f.read_text():
+            print(f"--- {f}\n{f.read_text()[-4000:]}")

@@ -138,7 +138,8 @@ class Matrix:
         cfg = d / "witness.toml"
         w = self.witness
         cfg.write_text(
-            f'[witness]\nname = "W"\nlisten = ["{self.links["witA"][3]}:{WIT_PORT}", "{self.links["witB"][3]}:{WIT_PORT}"]\n'
+            '[witness]\nname = "W"\n'
+            f'listen = ["{self.links["witA"][3]}:{WIT_PORT}", "{self.links["witB"][3]}:{WIT_PORT}"]\n'
             f'state_dir = "state"\nkey = "{KEY}"\nnodes = ["A", "B"]\n'
             f'owner_lease = {w["owner_lease"]}\ngrace = {w["grace"]}\nmargin = {w["margin"]}\n'
         )
@@ -174,7 +175,7 @@ class Matrix:
     def host_ports(self, array: str) -> dict[str, str]:
         """{host site: the array's address on the link to that host}."""
         out = {}
-        for name, (n1, _, n2, a2) in self.links.items():
+        for n1, _, n2, a2 in self.links.values():
             if n2 == array and n1.startswith("h"):
                 out[n1[1:]] = a2
         return out

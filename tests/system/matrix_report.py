@@ -45,7 +45,8 @@ def uniform_table(rows: list[dict]) -> str:
            "slowest write a / b (s) | acked writes lost |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append("| {scenario} | {expected} | {prim} | {pa} | {pb} | {ea} / {eb} | {ia} / {ib} | {sa} / {sb} | {lost} |".format(
+        out.append(("| {scenario} | {expected} | {prim} | {pa} | {pb} | {ea} / {eb} | {ia} / {ib} | {sa} / {sb} "
+                    "| {lost} |").format(
             scenario=r["scenario"] + ("" if r.get("timings") != "defaults" else " *(defaults)*"),
             expected=r["expected"], prim=r["primary_during"],
             pa=fmt_paths(r["paths"]["A"]), pb=fmt_paths(r["paths"]["B"]),

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
+import time
+
+from syncd.ctl import call
 
 from ..guard import unavailable
 
 FAST_LINK = {"ping_interval": 0.1, "path_timeout": 0.6, "io_timeout": 2.0, "lease": 1.0, "lease_margin": 0.2}
+WITNESS = {"interval": 0.2, "owner_lease": 1.0, "grace": 2.0, "margin": 0.2}
 
 
 def require_tool(*names: str) -> None:
@@ -45,7 +50,7 @@ def first_difference(a: str, b: str) -> int | None:
         while True:
             x, y = fa.read(1 << 20), fb.read(1 << 20)
             if x != y:
-                for i, (p, q) in enumerate(zip(x, y)):
+                for i, (p, q) in enumerate(zip(x, y, strict=False)):  # one may be shorter: past its end they differ
                     if p != q:
                         return off + i
                 return off + min(len(x), len(y))
@@ -59,3 +64,22 @@ def assert_replicas_identical(lab: dict, volume: str) -> None:
     b = lab["nodes"]["B"]["volumes"][volume]["path"]
     diff = first_difference(a, b)
     assert diff is None, f"replicas of {volume} differ first at byte {diff} ({a} vs {b})"
+
+
+def show(lab: dict, site: str) -> dict:
+    """showrcopy of one site's node."""
+    with open(os.path.join(lab["dir"], "lab.json")) as f:
+        return call(json.load(f)["nodes"][site]["admin_socket"], "showrcopy")
+
+
+def wait_for(pred, timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll another process (its admin API, its files) until ``pred()`` holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if pred():
+                return
+        except Exception:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -100,7 +100,7 @@ def test_kill_9_campaign_loses_nothing_and_resyncs_only_what_changed(tmp_path):
             hist = {s: History() for s in lab["hosts"]}
             t = {}
 
-            def crash_and_restart():
+            def crash_and_restart(sites=sites, t=t):
                 t["kill"] = time.monotonic()
                 if not sites:
                     lab_fail(d, "witness")  # kill -9 of the witness
@@ -112,7 +112,7 @@ def test_kill_9_campaign_loses_nothing_and_resyncs_only_what_changed(tmp_path):
                 for site in sites:
                     lab_start(d, site)
 
-            async def main():
+            async def main(hist=hist, rnd=rnd, crash_and_restart=crash_and_restart):
                 async with trio.open_nursery() as n:
                     start_hot_writers(n, lab, hist, 5.0, seed=rnd)
                     await trio.sleep(1.0)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import pytest
@@ -11,52 +9,16 @@ import trio
 
 from syncd.ctl import call
 from syncd.lab.relay import proxy_command
-from syncd.lab.rig import lab_down, lab_fail, lab_heal, lab_kill, lab_start, lab_up
+from syncd.lab.rig import lab_fail, lab_heal, lab_kill, lab_start
 from syncd.lab.workload import History, check_file, run_writer
 
-from .rig import FAST_LINK, assert_replicas_identical
+from .rig import WITNESS, assert_replicas_identical, show, wait_for
 
 pytestmark = pytest.mark.system
-WITNESS = {"interval": 0.2, "owner_lease": 1.0, "grace": 2.0, "margin": 0.2}
-
-
-@pytest.fixture
-def wlab(tmp_path):
-    d = tmp_path / "lab"
-    try:
-        lab = lab_up(str(d), size="16MiB", nvolumes=1, npaths=2, link_opts=FAST_LINK, witness=WITNESS, timeout=60)
-    except Exception:
-        for f in d.glob("*.log"):
-            print(f"--- {f}\n{f.read_text()[-3000:]}")
-        raise
-    # Both arrays reach the witness and A's reports have told it that B is in sync.
-    wait_for(lambda: show(lab, "A")["witness"]["reachable"] and show(lab, "B")["witness"]["reachable"], what="witness")
-    time.sleep(5 * WITNESS["interval"])
-    yield lab
-    lab_down(str(d))
-    for f in sorted(d.glob("*.log")):
-        if "Traceback" in f.read_text():
-            print(f"--- {f}\n{f.read_text()[-4000:]}")
-
-
-def show(lab, site):
-    return call(json.loads(open(os.path.join(lab["dir"], "lab.json")).read())["nodes"][site]["admin_socket"], "showrcopy")
 
 
 def group(lab, site):
     return show(lab, site)["groups"][0]
-
-
-def wait_for(pred, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if pred():
-                return
-        except Exception:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def uri(lab, site):
@@ -68,7 +30,8 @@ def img(lab, site):
 
 
 def test_primary_array_failure_fails_over_to_the_secondary_and_the_old_primary_rejoins(wlab):
-    wait_for(lambda: show(wlab, "A")["witness"]["reachable"] and show(wlab, "B")["witness"]["reachable"], what="witness")
+    wait_for(lambda: show(wlab, "A")["witness"]["reachable"] and show(wlab, "B")["witness"]["reachable"],
+             what="witness")
     time.sleep(5 * WITNESS["interval"])  # A's reports have told the witness that B is in sync
     h = History()
     t = {}
@@ -89,7 +52,8 @@ def test_primary_array_failure_fails_over_to_the_secondary_and_the_old_primary_r
     # Host I/O at B waited for the failover (transitioning) instead of failing.
     assert h.errors == [], h.errors[:3]
     lab_start(wlab["dir"], "A")
-    wait_for(lambda: group(wlab, "A")["role"] == "secondary" and group(wlab, "A")["epoch"] == 2, what="A rejoins as secondary")
+    wait_for(lambda: group(wlab, "A")["role"] == "secondary" and group(wlab, "A")["epoch"] == 2,
+             what="A rejoins as secondary")
     wait_for(lambda: all(v["sync_status"] == "synced" for v in group(wlab, "B")["volumes"]), timeout=60, what="resync")
     for site in ("A", "B"):
         assert check_file(img(wlab, site), h, writer=2) == [], f"site {site} lost acknowledged writes"

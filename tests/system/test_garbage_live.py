@@ -68,7 +68,8 @@ def test_garbage_never_crashes_a_node(lab):
     import trio
 
     h = History()
-    trio.run(lambda: run_writer(lab["nodes"]["B"]["volumes"]["vv1"]["uri"], h, writer=3, blocks=range(64), duration=1.0, qd=2))
+    trio.run(lambda: run_writer(lab["nodes"]["B"]["volumes"]["vv1"]["uri"], h, writer=3, blocks=range(64),
+                                duration=1.0, qd=2))
     assert h.acked_count() > 0 and not h.errors
     for site in ("A", "B"):
         assert check_file(lab["nodes"][site]["volumes"]["vv1"]["path"], h, writer=3) == []

@@ -44,7 +44,8 @@ def _through_shim(lab, action, duration=7.0):
 
     async def main():
         async with trio.open_nursery() as n:
-            n.start_soon(lambda: run_writer(lab["shim"]["uri"], h, writer=1, blocks=range(0, 2048), duration=duration, qd=4))
+            n.start_soon(lambda: run_writer(lab["shim"]["uri"], h, writer=1, blocks=range(0, 2048),
+                                            duration=duration, qd=4))
             await trio.sleep(2.0)
             await trio.to_thread.run_sync(action)
 
@@ -80,7 +81,8 @@ def test_failures_that_spare_the_host_cost_no_io_error(shim, fault):
         else:
             from syncd.ctl import call
 
-            call(lab["nodes"]["A"]["admin_socket"], "setrcopygroup", {"action": "switchover", "group": "rcg1"}, timeout=30)
+            call(lab["nodes"]["A"]["admin_socket"], "setrcopygroup", {"action": "switchover", "group": "rcg1"},
+                 timeout=30)
 
     h = _through_shim(lab, act)
     assert h.errors == [], h.errors[:3]
@@ -101,12 +103,16 @@ def test_failures_that_spare_the_host_cost_no_io_error(shim, fault):
     assert_replicas_identical(lab, "vv1")
 
 
+_HOST = '[host]\nname = "h"\nsocket = "s"\nadmin_socket = "a"\n'
+_ARRAY = '[[array]]\nname = "A"\npaths = ["nbd://10.0.0.1:10809"]\n'
+
+
 @pytest.mark.parametrize("text,msg", [
-    ('[host]\nname = "h"\nsocket = "s"\nadmin_socket = "a"\n', "array: missing"),
-    ('[host]\nname = "h"\nsocket = "s"\nadmin_socket = "a"\n[[array]]\nname = "A"\npaths = ["10.0.0.1:10809"]\n', "nbd://"),
-    ('[host]\nname = "h"\nsocket = "s"\nadmin_socket = "a"\npoll_interval = 0\n[[array]]\nname = "A"\npaths = ["nbd://10.0.0.1:10809"]\n', "poll_interval"),
-    ('[host]\nname = "h"\nsocket = "s"\nadmin_socket = "a"\nwhat = 1\n[[array]]\nname = "A"\npaths = ["nbd://10.0.0.1:10809"]\n', "what"),
-    ('[host]\nname = "h"\nsocket = "s"\nadmin_socket = "a"\npath_selector = "random"\n[[array]]\nname = "A"\npaths = ["nbd://10.0.0.1:10809"]\n', "path_selector"),
+    (_HOST, "array: missing"),
+    (_HOST + '[[array]]\nname = "A"\npaths = ["10.0.0.1:10809"]\n', "nbd://"),
+    (_HOST + "poll_interval = 0\n" + _ARRAY, "poll_interval"),
+    (_HOST + "what = 1\n" + _ARRAY, "what"),
+    (_HOST + 'path_selector = "random"\n' + _ARRAY, "path_selector"),
 ])
 def test_bad_host_config_is_named(tmp_path, text, msg):
     f = tmp_path / "h.toml"

@@ -55,10 +55,10 @@ def test_admitting_a_volume_of_another_size_is_refused(tmp_path):
     d = tmp_path / "lab"
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    paths = {"A": [tmp_path / "a/vv1.img", tmp_path / "a/vv2.img"], "B": [tmp_path / "b/vv1.img", tmp_path / "b/vv2.img"]}
+    paths = {s: [tmp_path / f"{s.lower()}/vv1.img", tmp_path / f"{s.lower()}/vv2.img"] for s in ("A", "B")}
     sizes = {"A": [8 << 20, 8 << 20], "B": [8 << 20, 4 << 20]}
     for site in paths:
-        for p, s in zip(paths[site], sizes[site]):
+        for p, s in zip(paths[site], sizes[site], strict=True):
             with open(p, "wb") as f:
                 f.truncate(s)
     with pytest.raises(CtlError, match=r"vv2 on B is 4194304 bytes but vv2 is 8388608 bytes"):
@@ -189,7 +189,8 @@ def test_waitsync_shows_progress_until_the_initial_sync_ends(tmp_path):
         cmd = f"{sys.executable} -m syncd.ctl --socket {lab['nodes']['A']['admin_socket']} waitsync rcg1 --timeout 120"
         out = run("script", "-qec", cmd, "/dev/null", timeout=180).stdout
         assert "rcg1/vv1" in out and "%" in out and "waitsync: ok" in out
-        assert call(lab["nodes"]["A"]["admin_socket"], "showrcopy", {"group": "rcg1"})["groups"][0]["volumes"][0]["sync_status"] == "synced"
+        g = call(lab["nodes"]["A"]["admin_socket"], "showrcopy", {"group": "rcg1"})["groups"][0]
+        assert g["volumes"][0]["sync_status"] == "synced"
         assert_replicas_identical(lab, "vv1")
     finally:
         lab_down(lab["dir"])

@@ -263,7 +263,8 @@ def test_failure_scenario(tmp_path, topology, name):
             for w, hs in ((1, "A"), (2, "B")):
                 problems = check_file(m.loops[s], hist[hs][0], writer=w)
                 lost += len(problems)
-                assert problems == [], f"{name}: replica {s} is missing acknowledged writes of host {hs}: {problems[:3]}"
+                assert problems == [], \
+                    f"{name}: replica {s} is missing acknowledged writes of host {hs}: {problems[:3]}"
         assert first_difference(m.loops["A"], m.loops["B"]) is None, f"{name}: replicas differ"
 
         row = {

@@ -101,7 +101,8 @@ def test_host_shim_reaches_both_arrays_over_tls_as_its_certificate_names_it(tlsl
         f'tls_key = "{certs / "esx1" / "client-key.pem"}"\n'
         + "".join(f'[[array]]\nname = "{s}"\npaths = ["nbds://{a}"]\n' for s, a in paths.items()))
     log = open(d / "shim.log", "wb")
-    p = subprocess.Popen([sys.executable, "-m", "syncd", "host", "--config", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
+    p = subprocess.Popen([sys.executable, "-m", "syncd", "host", "--config", str(cfg)],
+                         stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -139,6 +140,7 @@ def test_host_shim_reaches_both_arrays_over_tls_as_its_certificate_names_it(tlsl
 ])
 def test_bad_shim_tls_config_is_named(tmp_path, extra, paths, msg):
     f = tmp_path / "h.toml"
-    f.write_text(f'[host]\nname = "h"\nsocket = "s"\nadmin_socket = "a"\n{extra}[[array]]\nname = "A"\npaths = ["{paths}"]\n')
+    f.write_text(f'[host]\nname = "h"\nsocket = "s"\nadmin_socket = "a"\n{extra}'
+                 f'[[array]]\nname = "A"\npaths = ["{paths}"]\n')
     with pytest.raises(ConfigError, match=msg):
         load_host_config(str(f))

@@ -14,7 +14,7 @@ from syncd.lab.rig import lab_kill, lab_start
 from syncd.lab.workload import History, check_file, run_writer
 
 from .rig import assert_replicas_identical
-from .test_failover import WITNESS, group, uri, wait_for, wlab  # noqa: F401  (fixture)
+from .test_failover import WITNESS, group, uri, wait_for
 
 pytestmark = pytest.mark.system
 
@@ -188,7 +188,8 @@ def test_setrcopytarget_witness_remove_create_check_and_failover_still_works(wla
     assert group(lab, "A")["serving"]
     for site in ("A", "B"):
         ctl(lab, site, "setrcopytarget", what="witness", action="create", address=addr, key=key, **timing)
-    wait_for(lambda: all(ctl(lab, s, "showrcopy")["witness"]["reachable"] for s in ("A", "B")), what="witness reachable")
+    wait_for(lambda: all(ctl(lab, s, "showrcopy")["witness"]["reachable"] for s in ("A", "B")),
+             what="witness reachable")
     time.sleep(1.0)
     lab_kill(lab["dir"], "A")
     wait_for(lambda: group(lab, "B")["role"] == "primary", timeout=20, what="B takes over via the new witness")

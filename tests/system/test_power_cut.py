@@ -142,7 +142,7 @@ def test_after_a_power_cut_the_replicas_are_identical_and_no_flushed_write_is_lo
             before = resync_counters(lab)
             t: dict = {}
 
-            async def main():
+            async def main(rnd=rnd, t=t, victim=victim, sites=sites):
                 # Flushed and FUA writes, then writes never flushed, to OLD; OLD then stays idle.
                 async with trio.open_nursery() as n:
                     start_writers(n, lab, hist, OLD, 1.0, rnd, flush_every=8, fua_every=5)

@@ -113,9 +113,9 @@ def test_write_at_secondary_is_on_both_replicas_before_ack(lab):
             for i in range(64):
                 await c.write(i * 4096, pattern(7, i, i + 1))
                 # Acknowledged: the primary's disk has it already.
-                with open(path(lab, "A"), "rb") as f:
-                    f.seek(i * 4096)
-                    assert f.read(4096) == pattern(7, i, i + 1)
+                async with await trio.open_file(path(lab, "A"), "rb") as f:
+                    await f.seek(i * 4096)
+                    assert await f.read(4096) == pattern(7, i, i + 1)
     trio.run(main)
     assert_replicas_identical(lab, "vv1")
 
@@ -125,7 +125,7 @@ def test_losing_one_path_keeps_mirroring_on_the_other(lab):
     h = History()
     trio.run(lambda: run_writer(uri(lab, "A"), h, writer=1, blocks=range(0, 256), duration=2.5, qd=4))
     assert not h.errors
-    link = wait_for(lambda: (l := show(lab, "A")["link"])["paths"][0]["state"] != "up" and l, what="path 0 down")
+    link = wait_for(lambda: (lk := show(lab, "A")["link"])["paths"][0]["state"] != "up" and lk, what="path 0 down")
     assert link["state"] == "up" and link["paths_up"] == 1
     assert show(lab, "A")["groups"][0]["peer_mode"] == "attached"
     assert check_file(path(lab, "B"), h, writer=1) == []
@@ -143,7 +143,8 @@ def test_link_cut_during_writes_then_heal_resyncs_and_loses_nothing(lab):
     async def main():
         async with trio.open_nursery() as n:
             n.start_soon(lambda: run_writer(uri(lab, "A"), ha, writer=1, blocks=range(0, 2048), duration=7, qd=8))
-            n.start_soon(lambda: run_writer(uri(lab, "B"), hb, writer=2, blocks=range(2048, 4096), duration=7, qd=8, seed=2))
+            n.start_soon(lambda: run_writer(uri(lab, "B"), hb, writer=2, blocks=range(2048, 4096), duration=7, qd=8,
+                                            seed=2))
             await trio.sleep(1.5)
             await trio.to_thread.run_sync(lambda: proxy_command(lab["link"]["control"], "cut"))
             events["cut"] = time.monotonic()
@@ -208,7 +209,8 @@ def test_bad_admin_input_is_refused_and_changes_nothing(lab):
         (("A", "admitrcopyvv"), {"volume": "nosuch", "group": "rcg1"}, "volume nosuch does not exist"),
         (("A", "admitrcopyvv"), {"volume": "vv1", "group": "nogroup"}, "group nogroup does not exist"),
         (("A", "admitrcopyvv"), {"volume": "vv1", "group": "rcg1"}, "already in group rcg1"),
-        (("A", "setrcopygroup"), {"action": "pol", "policies": "auto_recovr", "group": "rcg1"}, "unknown policy 'auto_recovr'"),
+        (("A", "setrcopygroup"), {"action": "pol", "policies": "auto_recovr", "group": "rcg1"},
+         "unknown policy 'auto_recovr'"),
         (("B", "stoprcopygroup"), {"group": "rcg1"}, "operation only on primary side"),
         (("A", "creatercopygroup"), {"group": "rcg2", "target": "C"}, "unknown target 'C'"),
         (("A", "creatercopygroup"), {"group": "rcg1", "target": "B"}, "already exists"),
@@ -219,7 +221,8 @@ def test_bad_admin_input_is_refused_and_changes_nothing(lab):
         with pytest.raises(CtlError) as e:
             ctl(site, cmd, **args)
         assert fragment in str(e.value), (cmd, args, str(e.value))
-    assert show(lab, "A")["groups"] == before_a or [g["volumes"] for g in show(lab, "A")["groups"]] == [g["volumes"] for g in before_a]
+    after_a = show(lab, "A")["groups"]
+    assert after_a == before_a or [g["volumes"] for g in after_a] == [g["volumes"] for g in before_a]
     assert [g["name"] for g in show(lab, "B")["groups"]] == [g["name"] for g in before_b]
 
 
@@ -228,7 +231,8 @@ def test_syncctl_prints_tables_and_json(lab):
     assert "rcg1" in out.stdout and "synced" in out.stdout
     js = json.loads(run(".venv/bin/syncctl", "--lab", lab["dir"], "--node", "B", "--json", "showrcopy").stdout)
     assert js["groups"][0]["role"] == "secondary"
-    bad = run(".venv/bin/syncctl", "--lab", lab["dir"], "--node", "A", "setrcopygroup", "pol", "bogus", "rcg1", check=False)
+    bad = run(".venv/bin/syncctl", "--lab", lab["dir"], "--node", "A", "setrcopygroup", "pol", "bogus", "rcg1",
+              check=False)
     assert bad.returncode == 1 and "unknown policy" in bad.stderr
 
 
@@ -243,7 +247,8 @@ def test_alua_path_states_follow_the_link(lab):
     require_tool("nbdinfo")
     assert alua(lab, "A") == (0, 1) and alua(lab, "B") == (0, 1)  # both active/optimized, epoch 1
     info = run("nbdinfo", "--json", uri(lab, "B")).stdout
-    wwn_a = json.loads(run("nbdinfo", "--json", uri(lab, "A")).stdout)["exports"][0]["description"].split("wwn=")[1].split()[0]
+    desc_a = json.loads(run("nbdinfo", "--json", uri(lab, "A")).stdout)["exports"][0]["description"]
+    wwn_a = desc_a.split("wwn=")[1].split()[0]
     assert f"wwn={wwn_a}" in json.loads(info)["exports"][0]["description"]
     proxy_command(lab["link"]["control"], "cut")
     wait_for(lambda: alua(lab, "B") == (3, 1), timeout=10, what="B unavailable")

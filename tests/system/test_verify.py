@@ -62,7 +62,8 @@ def test_verify_under_load_finds_and_fixes_a_bad_region(lab):
 
     # The CLI reports the difference (exit 2) and repairs it from the primary.
     out = run(sys.executable, "-m", "syncd.ctl", "--socket", a, "checkrcopyvv", "vv1", "--fix", check=False)
-    assert out.returncode == 2 and "1 regions DIFFER" in out.stdout and "resync of the differing regions started" in out.stdout
+    assert out.returncode == 2 and "1 regions DIFFER" in out.stdout
+    assert "resync of the differing regions started" in out.stdout
     deadline = time.monotonic() + 30
     while call(a, "showrcopy", {"group": "rcg1"})["groups"][0]["peer_mode"] != "attached":
         assert time.monotonic() < deadline, "resync after checkrcopyvv --fix did not finish"

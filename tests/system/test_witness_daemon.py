@@ -24,7 +24,8 @@ class Client:
         ch = self.next()
         assert ch.type == w.WType.CHALLENGE
         self.nonce = bytes(32)
-        self.s.sendall(w.encode(w.WType.HELLO, node=node, tag=w.hello_tag(key.encode(), ch.nonce, node), nonce=self.nonce))
+        tag = w.hello_tag(key.encode(), ch.nonce, node)
+        self.s.sendall(w.encode(w.WType.HELLO, node=node, tag=tag, nonce=self.nonce))
         self.welcome = self.next()
 
     def next(self):

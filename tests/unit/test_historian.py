@@ -6,8 +6,20 @@ from __future__ import annotations
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from syncd.lab.historian import (BLOCK, FUA, OK, READ, UNKNOWN, WRITE, Writer, decode_block, label, make_block,
-                                 read_history, stamp_of)
+from syncd.lab.historian import (
+    BLOCK,
+    FUA,
+    OK,
+    READ,
+    UNKNOWN,
+    WRITE,
+    Writer,
+    decode_block,
+    label,
+    make_block,
+    read_history,
+    stamp_of,
+)
 
 RUN = 0x5EED
 

@@ -309,7 +309,8 @@ async def test_control_frames_overtake_data_ops_read_ahead_of_them():
     """B's receiver: a RELEASE that arrives behind data ops is handled before they are applied."""
     _, cb = configs(32 << 20)
     peer = Peer()
-    b = Link(cb, "B", uuid.uuid4().bytes, peer.on_request, lambda: None, lambda: None)
+    up = trio.Event()
+    b = Link(cb, "B", uuid.uuid4().bytes, peer.on_request, up.set, lambda: None)
     async with trio.open_nursery() as n:
         await n.start(b.run)
         raw = trio.socket.socket()
@@ -321,8 +322,7 @@ async def test_control_frames_overtake_data_ops_read_ahead_of_them():
             dec.receive_data(await raw.recv(65536))
         assert ack.type == MsgType.HELLO_ACK
         with trio.fail_after(5):
-            while not b.up:
-                await trio.sleep(0.01)
+            await up.wait()
         data = b"".join(proto.encode_bytes(write(i, 4096)) for i in range(1, 9))  # one segment
         data += proto.encode_bytes(Frame.release(100, 1, 1))
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)

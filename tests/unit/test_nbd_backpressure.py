@@ -5,9 +5,12 @@ every request (TCP back-pressure, no errors)."""
 
 from __future__ import annotations
 
+import math
 import socket
 
+import pytest
 import trio
+import trio.testing
 
 from syncd.nbd import proto as p
 from syncd.nbd.export import AluaState, ClientIdentity, StaticCatalog
@@ -32,13 +35,19 @@ class SlowExport:
         self.most = 0
         self.started = 0
         self.go = trio.Event()
+        self._lot = trio.lowlevel.ParkingLot()  # tasks waiting for writes to start
 
     async def write(self, offset, data, fua):
         self.running += 1
         self.started += 1
+        self._lot.unpark_all()
         self.most = max(self.most, self.running)
         await self.go.wait()
         self.running -= 1
+
+    async def wait_started(self, n: int) -> None:
+        while self.started < n:
+            await self._lot.park()
 
     async def read(self, offset, length):
         return bytes(length)
@@ -65,7 +74,7 @@ async def sendall(sock, data) -> None:
         view = view[await sock.send(view):]
 
 
-async def client(server, nursery, exp, nreq, replies):
+async def client(server, nursery, exp, nreq, replies: trio.MemorySendChannel):
     a, b = socket.socketpair()
     a.setblocking(False)
     nursery.start_soon(server._handle_sock, a, ClientIdentity(""))
@@ -80,7 +89,7 @@ async def client(server, nursery, exp, nreq, replies):
         for _ in range(nreq):
             magic, fl, typ, h, ln = p.SHDR.unpack(await c.recv(20))
             assert typ == p.REPLY_TYPE_NONE  # no error: the host was only slowed down
-            replies.append(h)
+            replies.send_nowait(h)
 
     nursery.start_soon(send)
     nursery.start_soon(receive)
@@ -89,16 +98,15 @@ async def client(server, nursery, exp, nreq, replies):
 async def test_one_connection_is_not_read_beyond_its_maximum():
     exp = SlowExport()
     srv = NBDServer(StaticCatalog({"vv1": exp}), max_inflight=64 * MiB, max_inflight_per_connection=4 * MiB)
-    replies: list[int] = []
+    tx, rx = trio.open_memory_channel[int](math.inf)
     async with trio.open_nursery() as n:
-        await client(srv, n, exp, 24, replies)
+        await client(srv, n, exp, 24, tx)
         await trio.sleep(0.5)  # the client would have sent everything by now
         assert exp.started == 4  # 4 x (1 MiB + overhead) reach the bound: the 5th is not read
         assert srv.held <= 4 * MiB + 4 * 4096
         exp.go.set()
         with trio.fail_after(10):
-            while len(replies) < 24:
-                await trio.sleep(0.01)
+            replies = [await rx.receive() for _ in range(24)]
         n.cancel_scope.cancel()
     assert sorted(replies) == list(range(24))
     assert srv.held == 0
@@ -107,18 +115,18 @@ async def test_one_connection_is_not_read_beyond_its_maximum():
 async def test_all_connections_together_are_bounded():
     exp = SlowExport()
     srv = NBDServer(StaticCatalog({"vv1": exp}), max_inflight=6 * MiB, max_inflight_per_connection=4 * MiB)
-    replies: list[int] = []
+    tx, rx = trio.open_memory_channel[int](math.inf)
     async with trio.open_nursery() as n:
         for _ in range(3):
-            await client(srv, n, exp, 10, replies)
+            await client(srv, n, exp, 10, tx)
         await trio.sleep(0.5)
         assert exp.started == 6  # 6 x (1 MiB + overhead) reach 6 MiB: nothing more is read
         assert srv.held <= 6 * MiB + 6 * 4096
         assert sum(1 for c in srv.live if c.held) >= 2  # not all of it taken by one connection
         exp.go.set()
         with trio.fail_after(10):
-            while len(replies) < 30:
-                await trio.sleep(0.01)
+            for _ in range(30):
+                await rx.receive()
         n.cancel_scope.cancel()
     assert srv.held == 0
 
@@ -128,20 +136,77 @@ async def test_a_client_that_leaves_gives_back_what_it_held():
     srv = NBDServer(StaticCatalog({"vv1": exp}), max_inflight=8 * MiB, max_inflight_per_connection=8 * MiB)
     a, b = socket.socketpair()
     a.setblocking(False)
-    async with trio.open_nursery() as n:
-        n.start_soon(srv._handle_sock, a, ClientIdentity(""))
-        c = RawClient(trio.socket.from_stdlib_socket(b))
-        await go(c)
-        for i in range(3):
-            await sendall(c.s, p.REQ.pack(p.REQUEST_MAGIC, 0, p.CMD_WRITE, i, 0, MiB) + bytes(MiB))
-        with trio.fail_after(5):
-            while exp.started < 3:
-                await trio.sleep(0.01)
-        assert srv.held > 3 * MiB
-        c.s.close()
-        with trio.fail_after(5):
-            while srv.live:
-                await trio.sleep(0.01)
-        assert srv.held == 0
-        n.cancel_scope.cancel()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            n.start_soon(srv._handle_sock, a, ClientIdentity(""))
+            c = RawClient(trio.socket.from_stdlib_socket(b))
+            await go(c)
+            for i in range(3):
+                await sendall(c.s, p.REQ.pack(p.REQUEST_MAGIC, 0, p.CMD_WRITE, i, 0, MiB) + bytes(MiB))
+            await exp.wait_started(3)
+            assert srv.held > 3 * MiB
+            c.s.close()
+        # The nursery waited for the connection's handler to return: the server let go of it.
+    assert not srv.live
+    assert srv.held == 0
 
+
+def raw_client(srv, nursery) -> RawClient:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    nursery.start_soon(srv._handle_sock, a, ClientIdentity(""))
+    return RawClient(trio.socket.from_stdlib_socket(b))
+
+
+def write_req(cookie: int) -> bytes:
+    return p.REQ.pack(p.REQUEST_MAGIC, 0, p.CMD_WRITE, cookie, 0, MiB) + bytes(MiB)
+
+
+async def test_drain_waits_for_the_requests_in_flight_and_no_longer():
+    exp = SlowExport()
+    srv = NBDServer(StaticCatalog({"vv1": exp}))
+    drained = trio.Event()
+
+    async def drain():
+        await srv.drain()
+        drained.set()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            c = raw_client(srv, n)
+            await go(c)
+            await sendall(c.s, write_req(1) + write_req(2))
+            await exp.wait_started(2)
+            n.start_soon(drain)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not drained.is_set()  # both writes are still running
+            exp.go.set()
+            await drained.wait()  # the connection is still open: its requests finished
+            assert sorted([p.SHDR.unpack(await c.recv(20))[3] for _ in range(2)]) == [1, 2]
+            n.cancel_scope.cancel()
+
+
+
+async def test_a_client_that_disconnects_gets_every_reply_before_the_close():
+    exp = SlowExport()
+    srv = NBDServer(StaticCatalog({"vv1": exp}))
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            c = raw_client(srv, n)
+            await go(c)
+            # Replies of 4 MiB of reads that the client does not read yet: the server's sender is
+            # stuck in the socket with replies still queued behind it when the write completes.
+            reads = b"".join(p.REQ.pack(p.REQUEST_MAGIC, 0, p.CMD_READ, 10 + i, 0, MiB) for i in range(4))
+            await sendall(c.s, reads + write_req(1) + p.REQ.pack(p.REQUEST_MAGIC, 0, p.CMD_DISC, 99, 0, 0))
+            await exp.wait_started(1)
+            await trio.testing.wait_all_tasks_blocked()
+            exp.go.set()
+            await trio.testing.wait_all_tasks_blocked()
+            got = []
+            for _ in range(5):
+                _, _, typ, cookie, ln = p.SHDR.unpack(await c.recv(20))
+                await c.recv(ln)
+                got.append(cookie)
+            with pytest.raises(EOFError):
+                await c.recv(1)
+    assert sorted(got) == [1, 10, 11, 12, 13]

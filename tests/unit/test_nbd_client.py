@@ -55,7 +55,8 @@ async def test_a_draining_server_refuses_new_requests_with_eshutdown(server):
     srv, uri = server
     async with open_nbd(uri) as c:
         await c.write(0, b"y" * 512)
-        await srv.drain(1.0)
+        with trio.move_on_after(1.0):
+            await srv.drain()
         with pytest.raises(NBDError) as e:
             await c.write(0, b"z" * 512)
         assert e.value.errno == errno.ESHUTDOWN

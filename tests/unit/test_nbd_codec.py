@@ -26,7 +26,7 @@ def test_hot_path_structs_equal_construct_declarations():
     for name, (st_, decl) in p.HOT_PATH.items():
         vals = samples[name]
         names = [sc.name for sc in decl.subcons]
-        built = decl.build(dict(zip(names, vals)))
+        built = decl.build(dict(zip(names, vals, strict=True)))
         assert built == st_.pack(*vals), name
         parsed = decl.parse(built)
         assert tuple(parsed[n] for n in names) == vals
@@ -97,7 +97,8 @@ def test_malformed_go_is_refused(data):
 
 
 def test_meta_context_query_parsing():
-    data = struct.pack(">I", 3) + b"vv1" + struct.pack(">I", 2) + struct.pack(">I", 10) + b"syncd:alua" + struct.pack(">I", 5) + b"base:"
+    data = (struct.pack(">I", 3) + b"vv1" + struct.pack(">I", 2) + struct.pack(">I", 10) + b"syncd:alua"
+            + struct.pack(">I", 5) + b"base:")
     assert p.parse_meta_query(data) == ("vv1", ["syncd:alua", "base:"])
     with pytest.raises(ValueError):
         p.parse_meta_query(data + b"x")
@@ -189,7 +190,10 @@ async def test_list_unknown_export_and_unsupported_option(tmp_path):
 async def test_io_errors_and_alua_block_status(tmp_path):
     async def fn(c):
         await go(c, contexts=["syncd:alua"])
-        req = lambda t, h, off, ln, flags=0: p.REQ.pack(p.REQUEST_MAGIC, flags, t, h, off, ln)
+
+        def req(t, h, off, ln, flags=0):
+            return p.REQ.pack(p.REQUEST_MAGIC, flags, t, h, off, ln)
+
         await c.s.send(req(p.CMD_WRITE, 1, 0, 4) + b"abcd")
         mag, fl, typ, h, ln = p.SHDR.unpack(await c.recv(20))
         assert (typ, h, fl) == (p.REPLY_TYPE_NONE, 1, p.REPLY_FLAG_DONE)

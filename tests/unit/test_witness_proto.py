@@ -22,7 +22,7 @@ def test_golden_vectors(name):
 def test_header_struct_matches_construct():
     vals = (0x53594E57, 11, 0, 0, 2**63, 17, 2**64 - 1)
     names = [sc.name for sc in HEADER.subcons]
-    assert HEADER.build(dict(zip(names, vals))) == _HDR.pack(*vals)
+    assert HEADER.build(dict(zip(names, vals, strict=True))) == _HDR.pack(*vals)
 
 
 GOOD = b"".join(encode(t, r, **f) for t, r, f in VECTORS.values())

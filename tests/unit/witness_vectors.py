@@ -20,7 +20,8 @@ VECTORS = {
     "handover": (WType.HANDOVER, 5, {"group": "rcg1", "epoch": 1}),
     "resolve": (WType.RESOLVE, 6, {"group": "rcg1", "epoch": 3}),
     "decision_granted": (WType.DECISION, 3, {"granted": True, "owner": "B", "epoch": 2, "reason": "failover"}),
-    "decision_denied": (WType.DECISION, 3, {"granted": False, "owner": "A", "epoch": 1, "reason": "A was heard 0.5s ago"}),
+    "decision_denied": (WType.DECISION, 3,
+                        {"granted": False, "owner": "A", "epoch": 1, "reason": "A was heard 0.5s ago"}),
     "error": (WType.ERROR, 5, {"reason": "unknown group 'x'"}),
 }
 
