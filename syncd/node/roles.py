@@ -1025,12 +1025,14 @@ def _handed_over(s: RoleState, t: Timing, e: Event) -> Result:
         # Planned switchover between identical replicas: the new secondary may serve at once
         # (the new primary starts with a granted lease, see _peer_commit).
         # Host I/O keeps waiting (SWITCHING) until the peer confirmed it is primary.
-        s2 = replace(s, role=Role.SECONDARY, epoch=e.epoch, failsafe=False, mode=Mode.SWITCHING, peer_has_all=False,
+        s2 = replace(s, role=Role.SECONDARY, epoch=e.epoch, failsafe=False, mode=Mode.SWITCHING,
+                     peer_has_all=False,
                      alone=False, confirmed=True, peer_ready=False, lease_until=e.now + t.lease,
                      lease_asked=None, next_renewal=e.now + t.renew_every(), witness_asking=None,
                      transition_until=e.now + 2 * t.transition_timeout)
         return s2, [SwappedInSync(), _note(f"switchover: now secondary at epoch {e.epoch}"), Persist()]
-    s2 = replace(s, role=Role.SECONDARY, epoch=e.epoch, failsafe=False, alone=False, confirmed=False, peer_has_all=False,
+    s2 = replace(s, role=Role.SECONDARY, epoch=e.epoch, failsafe=False, alone=False, confirmed=False,
+                 peer_has_all=False,
                  peer_ready=False, lease_until=NEVER, lease_asked=None, witness_asking=None)
     return s2, [_note(f"handed the group to {s.peer_name} at epoch {e.epoch} (backing device failed)"), Persist()]
 

@@ -83,7 +83,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from syncd.node import roles
 from syncd.witness import decide
 from tests.unit import roles_sim
-from tests.unit.roles_sim import AB, AW, BW, LINKS, A, B, W, Sim, SimConfig, Violation
+from tests.unit.roles_sim import AB, AW, BW, LINKS, A, B, Sim, SimConfig, Violation, W
 
 EXAMPLES = int(os.environ.get("SYNCD_MODEL_EXAMPLES", "2000"))
 STEPS = int(os.environ.get("SYNCD_MODEL_STEPS", "15"))
@@ -131,7 +131,8 @@ class Schedule(RuleBasedStateMachine):
     @initialize(seed=SEED, ra=drift_rate(cfg), rb=drift_rate(cfg), rw=drift_rate(cfg),
                 warm=st.sampled_from([0.0, 3.0, 6.0]), load=st.sampled_from([0.0, 0.3, 1.0]))
     def start(self, seed: int, ra: float, rb: float, rw: float, warm: float, load: float) -> None:
-        self.sim = Sim(self.cfg, random.Random(seed), rates={A: ra, B: rb, W: rw}, offsets={A: 1000.0, B: 5000.0, W: 300.0})
+        self.sim = Sim(self.cfg, random.Random(seed), rates={A: ra, B: rb, W: rw},
+                       offsets={A: 1000.0, B: 5000.0, W: 300.0})
         self.stats.schedules += 1
         self.s.set_load(load)
         self.s.run_until(warm)
