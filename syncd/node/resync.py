@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import trio
@@ -107,18 +109,27 @@ class Resync:
         except (LinkDown, LinkTimeout) as e:
             g.lose_peer(f"fetching regions back from the peer: {e}")
 
-    async def _pull_batch(self, g: "Group", m: "Member", r0: int, r1: int) -> None:
-        region = m.pull.region
+    @asynccontextmanager
+    async def _compared(self, g: "Group", m: "Member", r0: int, r1: int) -> AsyncIterator[list[tuple[int, bool]]]:
+        """Regions ``[r0, r1)`` of ``m`` held (range lock) and compared by digest with the peer:
+        ``(region, same)`` for each, while the caller copies what differs."""
+        region = m.dirty.region
         off = r0 * region
         ln = min(r1 * region, m.vol.size) - off
         tok = await m.lock.acquire(off, ln)
         try:
-            link = self.node.link
             local, remote = await region_digests(self.node, g, m, off, ln, region)
             self.node.stats["compared_bytes"] += ln
-            for i, (a, b) in enumerate(zip(local, remote, strict=True)):
-                r = r0 + i
-                if a != b and m.pull.test(r):
+            yield [(r0 + i, a == b) for i, (a, b) in enumerate(zip(local, remote, strict=True))]
+        finally:
+            m.lock.release(tok)
+
+    async def _pull_batch(self, g: "Group", m: "Member", r0: int, r1: int) -> None:
+        region = m.pull.region
+        link = self.node.link
+        async with self._compared(g, m, r0, r1) as compared:
+            for r, same in compared:
+                if not same and m.pull.test(r):
                     roff = r * region
                     rln = min(region, m.vol.size - roff)
                     rep = await link.request(Frame.read(link.next_id(), g.st.gid, g.epoch, m.vol_id, roff, rln))
@@ -129,8 +140,6 @@ class Resync:
                     self.node.stats["pulled_bytes"] += rln
             for r in range(r0, r1):
                 m.pull.clear(r)
-        finally:
-            m.lock.release(tok)
 
     async def _member(self, g: "Group", m: "Member") -> None:
         m.resync_total = m.dirty.count
@@ -195,19 +204,13 @@ class Resync:
 
     async def _verify_batch(self, g: "Group", m: "Member", r0: int, r1: int) -> None:
         region = m.dirty.region
-        off = r0 * region
-        ln = min(r1 * region, m.vol.size) - off
-        tok = await m.lock.acquire(off, ln)
-        try:
-            link = self.node.link
-            local, remote = await region_digests(self.node, g, m, off, ln, region)
-            self.node.stats["compared_bytes"] += ln
+        link = self.node.link
+        async with self._compared(g, m, r0, r1) as compared:
             same: list[int] = []
-            for i, (a, b) in enumerate(zip(local, remote, strict=True)):
-                r = r0 + i
+            for r, identical in compared:
                 if not m.dirty.test(r):
                     continue
-                if a == b:
+                if identical:
                     same.append(r)
                     continue
                 roff = r * region
@@ -237,8 +240,6 @@ class Resync:
                 for r in range(same[i], same[j] + 1):
                     m.dirty.clear(r)
                 i = j + 1
-        finally:
-            m.lock.release(tok)
 
     async def _yield_to_hosts(self, g: "Group", took: float) -> None:
         share = self.node.cfg.link.resync_share
