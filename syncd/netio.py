@@ -188,3 +188,31 @@ def abort(sock: socket.socket) -> None:
     """Close ``sock`` with a reset (see set_abortive_close)."""
     set_abortive_close(sock)
     sock.close()
+
+
+async def establish(sock: socket.socket, hs) -> tuple[object, object]:
+    """Run the security handshake ``hs`` (``secure.Handshake``) over ``sock``; the caller bounds
+    the wait with a cancel scope. Returns (channel, plaintext that came with the handshake's
+    end). On secure.AuthError, sends ``secure.REFUSAL`` (the same bytes whatever went wrong)
+    and re-raises; a peer that closes midway raises EOFError."""
+    from . import secure
+
+    try:
+        out = hs.take_output()
+        if out:
+            await sendall(sock, out)
+        while not hs.done:
+            data = await recv(sock, 65536)
+            if not data:
+                raise EOFError("the peer closed the connection during the security handshake")
+            hs.receive(data)
+            out = hs.take_output()
+            if out:
+                await sendall(sock, out)
+    except secure.AuthError:
+        try:
+            await sendall(sock, secure.REFUSAL)
+        except OSError:
+            pass
+        raise
+    return hs.channel, hs.first_plaintext()
