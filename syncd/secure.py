@@ -322,6 +322,7 @@ class Handshake:
         self._sent_proof = False
         self._tls: tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO] | None = None
         self._server_hostname = server_hostname
+        self._pending_plain: Buffer = b""
 
     @property
     def done(self) -> bool:
@@ -428,7 +429,7 @@ class Handshake:
         self.channel = chan
         self.leftover = bytes(self._in)
         self._in.clear()
-        self._pending_plain: Buffer = b""
+        self._pending_plain = b""
 
     def first_plaintext(self) -> Buffer:
         """Plaintext that arrived with the end of the handshake."""

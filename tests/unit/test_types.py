@@ -13,6 +13,7 @@ STRICT = [
     "syncd/nbd/proto.py",
     "syncd/repl/proto.py",
     "syncd/witness/proto.py",
+    "syncd/secure.py",
     "syncd/witness/decide.py",
     "syncd/node/roles.py",
     "syncd/repl/flow.py",
