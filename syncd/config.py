@@ -11,6 +11,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .secure import Security
+
 
 class ConfigError(Exception):
     """The configuration is invalid; the message names the key and the problem."""
@@ -89,8 +91,14 @@ class LinkConfig:
     region_size: int = 256 << 10
     resync_share: float = 0.5
     transition_timeout: float = 5.0  # s host I/O waits during a switchover before EAGAIN
-    key: str | None = None
+    # How the link proves who is at the other end (``secure.py``); the default is for tests
+    # that build a LinkConfig by hand: a config file must choose (parse_security).
+    security: Security = Security("insecure")
     max_inflight: int = 32 << 20  # bytes of data requests in flight on the link (flow control)
+    # Connections the listener keeps in handshake at once, in all and from one address: the
+    # peer needs one per path (two while one replaces another); the rest are refused at once.
+    max_handshakes: int = 16
+    max_handshakes_per_source: int = 4
 
     def lease_expiry(self) -> float:
         """How long after granting a lease the primary treats it as possibly still running."""
@@ -197,8 +205,9 @@ def parse_node_config(raw: dict, base: Path = Path("."), source: str = "") -> No
         lk = _take(raw, "link", "config", dict)
         fields = {
             "peer", "paths", "ping_interval", "path_timeout", "io_timeout", "lease",
-            "lease_margin", "clock_drift", "max_rtt_ms", "region_size", "resync_share", "key",
-            "transition_timeout", "max_inflight",
+            "lease_margin", "clock_drift", "max_rtt_ms", "region_size", "resync_share",
+            "transition_timeout", "max_inflight", "max_handshakes", "max_handshakes_per_source",
+            *SECURITY_KEYS,
         }
         _no_extra(lk, fields, "link")
         peer = check_name(_take(lk, "peer", "link", str), "link.peer")
@@ -238,12 +247,19 @@ def parse_node_config(raw: dict, base: Path = Path("."), source: str = "") -> No
         rs = parse_size(lk.get("region_size", d.region_size), "link.region_size")
         if rs % 4096 or rs & (rs - 1):
             raise ConfigError("link.region_size: must be a power of two multiple of 4096")
-        key = _take(lk, "key", "link", str, None)
+        security = parse_security(lk, "link", base)
         mi = parse_size(lk.get("max_inflight", d.max_inflight), "link.max_inflight")
         if mi < MIN_INFLIGHT:
             raise ConfigError(f"link.max_inflight: {mi} bytes is too small for data in flight to the peer "
                               f"(at least 1MiB; default 32MiB)")
-        link = LinkConfig(peer=peer, paths=tuple(paths), region_size=rs, key=key, max_inflight=mi, **kw)
+        hs = {}
+        for k in ("max_handshakes", "max_handshakes_per_source"):
+            hs[k] = _take(lk, k, "link", int, getattr(d, k))
+            if hs[k] < 2:
+                raise ConfigError(f"link.{k}: at least 2 (a path's new connection may arrive before the old "
+                                  f"one is gone), got {hs[k]}")
+        link = LinkConfig(peer=peer, paths=tuple(paths), region_size=rs, security=security, max_inflight=mi,
+                          **hs, **kw)
 
     vols = []
     seen_names: set[str] = set()
@@ -300,6 +316,63 @@ def parse_witness_client(wt: dict, where: str):
     if cfg.grace <= cfg.interval:
         raise ConfigError(f"{where}.grace: must be longer than {where}.interval")
     return cfg
+
+
+SECURITY_KEYS = ("key", "key_file", "tls_certificate", "tls_key", "tls_ca", "insecure")
+MIN_KEY = 16
+
+
+def parse_security(table: dict, where: str, base: str | os.PathLike, *, required: bool = True) -> Security:
+    """How a connection to another daemon is authenticated: ``key`` (or ``key_file``: a shared
+    secret of at least 16 bytes), ``tls_certificate`` + ``tls_key`` + ``tls_ca`` (mutual TLS),
+    or ``insecure = true``. Exactly one must be chosen (``required``); files are loaded now,
+    so a bad one is a config error, not a failure at the first connection."""
+    insecure = _take(table, "insecure", where, bool, False)
+    key = _take(table, "key", where, str, None)
+    key_file = _take(table, "key_file", where, str, None)
+    tls = {k: _take(table, k, where, str, None) for k in ("tls_certificate", "tls_key", "tls_ca")}
+    chosen = [name for name, on in (("key", key is not None or key_file is not None),
+                                    ("tls_*", any(v is not None for v in tls.values())),
+                                    ("insecure = true", insecure)) if on]
+    if len(chosen) > 1:
+        raise ConfigError(f"{where}: choose one of {', '.join(chosen)} (they are alternatives)")
+    if key is not None and key_file is not None:
+        raise ConfigError(f"{where}.key_file: set together with {where}.key; give one of them")
+    if not chosen:
+        if not required:
+            return Security("insecure")
+        raise ConfigError(
+            f"{where}: no authentication configured: set {where}.key (or key_file), or "
+            f"{where}.tls_certificate, tls_key and tls_ca for mutual TLS; to run without any, "
+            f"say {where}.insecure = true")
+    if insecure:
+        return Security("insecure")
+    if key_file is not None:
+        kp = os.path.join(base, key_file)
+        try:
+            raw = Path(kp).read_bytes().strip()
+        except OSError as e:
+            raise ConfigError(f"{where}.key_file: {kp}: {e.strerror or e}") from None
+    if key is not None or key_file is not None:
+        kb = key.encode() if key is not None else raw
+        if len(kb) < MIN_KEY:
+            raise ConfigError(f"{where}.key: use at least {MIN_KEY} bytes (got {len(kb)})")
+        return Security("key", key=kb)
+    for k, v in tls.items():
+        if v is None:
+            raise ConfigError(f"{where}.{k}: missing (mutual TLS needs tls_certificate, tls_key and tls_ca)")
+    paths = {k: os.path.join(base, v) for k, v in tls.items() if v is not None}
+    for k, v in paths.items():
+        if not os.path.isfile(v):
+            raise ConfigError(f"{where}.{k}: {v} is not a readable file")
+    sec = Security("tls", tls_certificate=paths["tls_certificate"], tls_key=paths["tls_key"],
+                   tls_ca=paths["tls_ca"])
+    try:
+        sec.tls_context(server_side=True)
+        sec.tls_context(server_side=False)
+    except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+        raise ConfigError(f"{where}.tls: the certificate, key or CA cannot be loaded: {e}") from None
+    return sec
 
 
 def parse_nbd_tls(nbd: dict, base: str) -> NbdTlsConfig | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -93,6 +94,25 @@ def _wait_socket(path: str, pid: int, log: Path, timeout: float = 20.0) -> None:
             raise LabError(f"process {pid} exited during start-up; its log ({log}) ends with:\n{tail}")
         time.sleep(0.05)
     raise LabError(f"{path} did not answer within {timeout:.0f}s (log: {log})")
+
+
+def with_link_key(link_opts: dict | None) -> dict:
+    """The lab's link settings, authenticated: unless they choose otherwise (a key, TLS files or
+    ``insecure = true``), both nodes share a key made for this lab."""
+    from ..config import SECURITY_KEYS
+
+    opts = dict(link_opts or {})
+    if not any(k in opts for k in SECURITY_KEYS):
+        opts["key"] = secrets.token_hex(24)
+    return opts
+
+
+def link_timings(link_opts: dict) -> dict:
+    """The settings of ``link_opts`` that a LinkConfig takes as they are (timings, limits)."""
+    from ..config import SECURITY_KEYS, LinkConfig
+
+    fields = set(LinkConfig.__dataclass_fields__) - {"peer", "paths", "security"}
+    return {k: v for k, v in link_opts.items() if k in fields and k not in SECURITY_KEYS}
 
 
 def node_toml(name: str, peer: str, d: Path, nbd_port: int, paths: list[tuple[int, int]],
@@ -202,8 +222,9 @@ def _lab_up(
     py = sys.executable
     ports = {n: {"nbd": free_port(), "paths": [free_port() for _ in range(npaths)]} for n in NODES}
     relay_ports = [free_port() for _ in range(npaths)]
+    link_opts = with_link_key(link_opts)
     lab: dict = {"dir": str(root), "group": group, "nodes": {}, "created": time.time(), "loops": loops,
-                 "link_opts": link_opts or {}, "disks": disks}
+                 "link_opts": link_opts, "disks": disks}
     started["lab"] = lab
     wcfg: dict[str, dict] = {}
     if witness is not None:
@@ -343,7 +364,7 @@ def start_shims(lab: dict, topology: str) -> dict:
     hosts: dict = {}
     lab["hosts"] = hosts  # visible at once: a lab that fails to come up stops what started
     # Re-issued writes wait as long as an array of this lab may still apply the lost copy.
-    bound = LinkConfig("B", (), **lab.get("link_opts", {})).max_request_hold() + 0.1
+    bound = LinkConfig("B", (), **link_timings(lab.get("link_opts", {}))).max_request_hold() + 0.1
     for site in NODES:
         h = f"h{site.lower()}"
         d = root / h

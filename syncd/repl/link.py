@@ -22,7 +22,7 @@ from typing import Callable
 
 import trio
 
-from .. import netio
+from .. import netio, secure
 from ..config import LinkConfig
 from . import proto
 from .flow import (
@@ -111,6 +111,7 @@ class Path:
     peer: tuple[str, int]
     state: str = "down"  # down | connecting | up
     sock: socket.socket | None = None
+    chan: secure.Channel = field(default_factory=secure.PlainChannel)  # wraps what goes on sock
     session: int = 0
     rtt_ms: float | None = None
     last_rx: float = 0.0
@@ -181,7 +182,9 @@ class Link:
         self._rr = 0
         self._nursery: trio.Nursery | None = None
         self.up_since: float | None = None
-        self.key = cfg.key.encode() if cfg.key else None
+        self.security = cfg.security
+        self.refusals = RefusalLog(log)
+        self._handshaking: collections.Counter[str] = collections.Counter()  # per source address
         self._path_down = trio.lowlevel.ParkingLot()  # tasks waiting for a path (or all) to go down
 
     # -- state ---------------------------------------------------------------------------------
@@ -235,14 +238,18 @@ class Link:
                 with trio.fail_after(max(self.cfg.path_timeout, 1.0)):
                     sock = await netio.connect(p.peer)
                 with trio.fail_after(max(self.cfg.path_timeout, 1.0)):
+                    hs = secure.Handshake(self.security, secure.Role.DIALER, self.node_name, self.cfg.peer)
+                    chan, first = await netio.establish(sock, hs)
+                    dec = FrameDecoder()
+                    if first:
+                        dec.receive_data(first)
                     session = self.session if self.up else self.dial_session
                     hello = proto.Frame.hello(
                         node_uuid=self.node_uuid, node_name=self.node_name, path_index=p.index,
-                        link_session=session, key=self.key,
+                        link_session=session,
                     )
-                    await netio.sendmsg_all(sock, proto.encode(hello))
-                    dec = FrameDecoder()
-                    ack = await _recv_frame(sock, dec)
+                    await netio.sendmsg_all(sock, chan.wrap(proto.encode(hello)))
+                    ack = await _recv_frame(sock, dec, chan)
                     if ack.type == MsgType.GOODBYE:
                         raise ProtocolError(f"peer refused path: {ack.goodbye_reason()}")
                     if ack.type != MsgType.HELLO_ACK:
@@ -252,12 +259,13 @@ class Link:
                         raise ProtocolError(
                             f"path {p.index}: peer says it is {h.node_name!r}, expected {self.cfg.peer!r}"
                         )
-                    if self.key and not proto.verify_auth(self.key, h):
-                        raise ProtocolError(f"path {p.index}: peer failed authentication")
                 backoff = 0.1
-                await self._run_path(p, sock, dec, session, h.node_uuid)
+                await self._run_path(p, sock, dec, chan, session, h.node_uuid)
                 sock = None
-            except (OSError, trio.TooSlowError, ProtocolError) as e:
+            except secure.AuthError as e:
+                p.last_error = f"authentication: {e}"
+                self.refusals.note(p.peer[0], f"path {p.index}: dialled {p.peer[0]}:{p.peer[1]}: {e}")
+            except (OSError, trio.TooSlowError, ProtocolError, EOFError) as e:
                 p.last_error = str(e) or type(e).__name__
                 log.debug("path %d dial: %s", p.index, p.last_error)
             except trio.BrokenResourceError as e:
@@ -276,17 +284,39 @@ class Link:
         try:
             async with trio.open_nursery() as nursery:
                 while True:
-                    sock, _addr = await netio.accept(lsock)
-                    nursery.start_soon(self._accept_one, p, sock)
+                    sock, addr = await netio.accept(lsock)
+                    source = addr[0] if isinstance(addr, tuple) else str(addr)
+                    busy = self._handshaking
+                    if sum(busy.values()) >= self.cfg.max_handshakes or \
+                            busy[source] >= self.cfg.max_handshakes_per_source:
+                        # Only the peer has business here, one connection per path at a time:
+                        # a crowd of half-open connections is refused at once, not queued.
+                        self.refusals.note(source, f"path {p.index}: too many connections in handshake")
+                        netio.abort(sock)
+                        continue
+                    busy[source] += 1
+                    nursery.start_soon(self._accept_one, p, sock, source)
         finally:
             trio.lowlevel.notify_closing(lsock)
             lsock.close()
 
-    async def _accept_one(self, p: Path, sock) -> None:
+    async def _accept_one(self, p: Path, sock, source: str) -> None:
+        try:
+            await self._accept_path(p, sock, source)
+        finally:
+            self._handshaking[source] -= 1
+            if self._handshaking[source] <= 0:
+                del self._handshaking[source]
+
+    async def _accept_path(self, p: Path, sock, source: str) -> None:
         dec = FrameDecoder()
         try:
             with trio.fail_after(max(self.cfg.path_timeout, 1.0)):
-                hello = await _recv_frame(sock, dec)
+                hs = secure.Handshake(self.security, secure.Role.LISTENER, self.node_name, self.cfg.peer)
+                chan, first = await netio.establish(sock, hs)
+                if first:
+                    dec.receive_data(first)
+                hello = await _recv_frame(sock, dec, chan)
                 if hello.type != MsgType.HELLO:
                     raise ProtocolError(f"expected HELLO, got {hello.type!r}")
                 h = hello.hello_fields()
@@ -295,18 +325,23 @@ class Link:
                     problem = f"this node's peer is {self.cfg.peer!r}, not {h.node_name!r}"
                 elif h.path_index != p.index:
                     problem = f"path index {h.path_index} arrived on path {p.index}"
-                elif self.key and not proto.verify_auth(self.key, h):
-                    problem = "authentication failed"
                 else:
                     problem = proto.version_problem(h)
                 if problem:
-                    await netio.sendmsg_all(sock, proto.encode(Frame.goodbye(problem)))
+                    await netio.sendmsg_all(sock, chan.wrap(proto.encode(Frame.goodbye(problem))))
                     raise ProtocolError(problem)
                 ack = Frame.hello_ack(
                     node_uuid=self.node_uuid, node_name=self.node_name, path_index=p.index,
-                    link_session=h.link_session, key=self.key,
+                    link_session=h.link_session,
                 )
-                await netio.sendmsg_all(sock, proto.encode(ack))
+                await netio.sendmsg_all(sock, chan.wrap(proto.encode(ack)))
+        except (secure.AuthError, EOFError) as e:
+            # Whoever it is did not prove to be the peer: it got secure.REFUSAL and nothing else.
+            p.last_error = f"refused a connection from {source}: {e}"
+            self.refusals.note(source, f"path {p.index}: {e}")
+            trio.lowlevel.notify_closing(sock)
+            netio.abort(sock)
+            return
         except (OSError, trio.TooSlowError, ProtocolError, trio.BrokenResourceError) as e:
             p.last_error = str(e) or type(e).__name__
             log.info("path %d: refused a connection: %s", p.index, p.last_error)
@@ -318,12 +353,13 @@ class Link:
             while p.state == "up":
                 await self._path_down.park()
         try:
-            await self._run_path(p, sock, dec, h.link_session, h.node_uuid)
-        except (OSError, ProtocolError, trio.BrokenResourceError) as e:
+            await self._run_path(p, sock, dec, chan, h.link_session, h.node_uuid)
+        except (OSError, ProtocolError, trio.BrokenResourceError, secure.AuthError) as e:
             p.last_error = str(e) or type(e).__name__
         p.state = "down"
 
-    async def _run_path(self, p: Path, sock, dec: FrameDecoder, session: int, peer_uuid) -> None:
+    async def _run_path(self, p: Path, sock, dec: FrameDecoder, chan: secure.Channel, session: int,
+                        peer_uuid) -> None:
         if session != self.session:
             if self.up:
                 # The peer started a new link session: everything of the old one is gone.
@@ -336,7 +372,7 @@ class Link:
             self._seen.clear()
         was_up = self.up
         netio.set_notsent_lowat(sock, _NOTSENT_LOWAT)
-        p.sock, p.session, p.state = sock, session, "up"
+        p.sock, p.chan, p.session, p.state = sock, chan, session, "up"
         p.last_rx = time.monotonic()
         p.since = time.time()
         p.rtt_ms = None
@@ -355,7 +391,7 @@ class Link:
                     n.start_soon(self._pinger, p, cs)
                     try:
                         await self._receiver(p, dec)
-                    except (OSError, ProtocolError, trio.BrokenResourceError) as e:
+                    except (OSError, ProtocolError, trio.BrokenResourceError, secure.AuthError) as e:
                         p.last_error = str(e) or type(e).__name__
                     cs.cancel()
         finally:
@@ -404,7 +440,7 @@ class Link:
                     await p.lot.park()
                     continue
                 since = p.ctl_since if q.ctl else 0.0
-                p.tx_bytes += await netio.sendmsg_all(p.sock, q.next_batch(), pacer)
+                p.tx_bytes += await netio.sendmsg_all(p.sock, p.chan.wrap(q.next_batch()), pacer)
                 if since:
                     waited = time.monotonic() - since
                     if waited > p.ctl_wait_max:
@@ -429,6 +465,7 @@ class Link:
         that data to be written here. (Nothing in the protocol orders frames of different
         requests: any two may travel on different paths.)"""
         sock = p.sock
+        chan = p.chan
         buf = bytearray(_RECV_BUF)
         view = memoryview(buf)
         data_ops: collections.deque[Frame] = collections.deque()
@@ -448,7 +485,7 @@ class Link:
                     p.last_error = "peer closed the connection"
                     return
                 got += n
-                dec.receive_data(view[:n])
+                dec.receive_data(chan.unwrap(view[:n]))
                 while (f := dec.next_frame()) is not None:
                     p.rx_frames += 1
                     if f.type in DATA_TYPES:
@@ -716,10 +753,35 @@ class Link:
             self._enqueue(target, bufs, len(payload) > BULK_PAYLOAD)
 
 
-async def _recv_frame(sock, dec: FrameDecoder) -> Frame:
+async def _recv_frame(sock, dec: FrameDecoder, chan: secure.Channel) -> Frame:
     while (f := dec.next_frame()) is None:
         data = await netio.recv(sock, 65536)
         if not data:
             raise ProtocolError("connection closed during handshake")
-        dec.receive_data(data)
+        dec.receive_data(chan.unwrap(data))
     return f
+
+
+class RefusalLog:
+    """Logs refused connections with their source address: the first from a source at WARNING,
+    then at most one line per source every ``every`` seconds with the count in between (a
+    flood of refused connections must not flood the log)."""
+
+    def __init__(self, logger: logging.Logger, every: float = 10.0) -> None:
+        self.log = logger
+        self.every = every
+        self.total = 0
+        self._last: dict[str, tuple[float, int]] = {}  # source -> (last logged, suppressed since)
+
+    def note(self, source: str, why: str) -> None:
+        self.total += 1
+        now = time.monotonic()
+        last, quiet = self._last.get(source, (-1e18, 0))
+        if now - last < self.every:
+            self._last[source] = (last, quiet + 1)
+            return
+        more = f" ({quiet} more refused since the last report)" if quiet else ""
+        self.log.warning("refused a connection from %s: %s%s", source, why, more)
+        if len(self._last) > 1024:  # bounded: forget the oldest sources
+            self._last.pop(next(iter(self._last)))
+        self._last[source] = (now, 0)

@@ -6,8 +6,6 @@ single description of each frame and the hot-path struct is checked against them
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import struct
 from dataclasses import dataclass
@@ -89,7 +87,7 @@ HELLO_PAYLOAD = Struct(
     "node_name" / PascalString(Int8ub, "utf8"),
     "path_index" / Int8ub,
     "link_session" / Int64ub,
-    "auth" / Bytes(32),
+    "reserved" / Bytes(32),  # zeros: authentication is the security handshake's (secure.py)
 )
 PING_PAYLOAD = Struct("ns" / Int64ub)
 LEASE_REPLY = Struct("lease_ms" / Int32ub)
@@ -124,15 +122,7 @@ class Hello:
     node_name: str
     path_index: int
     link_session: int
-    auth: bytes
-
-
-def auth_tag(key: bytes, node_uuid: bytes, link_session: int, path_index: int) -> bytes:
-    return hmac.new(key, node_uuid + _U64.pack(link_session) + bytes([path_index]), hashlib.sha256).digest()
-
-
-def verify_auth(key: bytes, h: Hello) -> bool:
-    return hmac.compare_digest(h.auth, auth_tag(key, h.node_uuid, h.link_session, h.path_index))
+    reserved: bytes
 
 
 def version_problem(h: Hello) -> str | None:
@@ -194,25 +184,21 @@ class Frame:
 
     # -- constructors --------------------------------------------------------------------------
     @classmethod
-    def _hello(cls, t: MsgType, node_uuid: bytes, node_name: str, path_index: int, link_session: int,
-               key: bytes | None = None) -> Frame:
-        auth = auth_tag(key, node_uuid, link_session, path_index) if key else bytes(32)
+    def _hello(cls, t: MsgType, node_uuid: bytes, node_name: str, path_index: int, link_session: int) -> Frame:
         payload = cast(bytes, HELLO_PAYLOAD.build(dict(
             proto_version=PROTO_VERSION, min_version=MIN_VERSION, features=FEATURES,
             node_uuid=node_uuid, node_name=node_name, path_index=path_index,
-            link_session=link_session, auth=auth,
+            link_session=link_session, reserved=bytes(32),
         )))
         return cls(t, payload=payload)
 
     @classmethod
-    def hello(cls, *, node_uuid: bytes, node_name: str, path_index: int, link_session: int,
-              key: bytes | None = None) -> Frame:
-        return cls._hello(MsgType.HELLO, node_uuid, node_name, path_index, link_session, key)
+    def hello(cls, *, node_uuid: bytes, node_name: str, path_index: int, link_session: int) -> Frame:
+        return cls._hello(MsgType.HELLO, node_uuid, node_name, path_index, link_session)
 
     @classmethod
-    def hello_ack(cls, *, node_uuid: bytes, node_name: str, path_index: int, link_session: int,
-                  key: bytes | None = None) -> Frame:
-        return cls._hello(MsgType.HELLO_ACK, node_uuid, node_name, path_index, link_session, key)
+    def hello_ack(cls, *, node_uuid: bytes, node_name: str, path_index: int, link_session: int) -> Frame:
+        return cls._hello(MsgType.HELLO_ACK, node_uuid, node_name, path_index, link_session)
 
     @classmethod
     def ping(cls, ns: int) -> Frame:
@@ -295,7 +281,7 @@ class Frame:
         except Exception as e:
             raise HandshakeError(f"malformed HELLO payload: {e}") from None
         return Hello(c.proto_version, c.min_version, c.features, c.node_uuid, c.node_name,
-                     c.path_index, c.link_session, c.auth)
+                     c.path_index, c.link_session, c.reserved)
 
     def ping_ns(self) -> int:
         if len(self.payload) != 8:

@@ -35,7 +35,7 @@ from pyroute2 import IPRoute, NetNS, netns
 from syncd.config import LinkConfig
 from syncd.ctl import CtlError, call, wait_synced
 from syncd.lab.faults import drop_loop, fail_disk, heal_disk, make_loop
-from syncd.lab.rig import node_toml
+from syncd.lab.rig import link_timings, node_toml, with_link_key
 from syncd.lab.workload import load_history
 
 KEY = "matrix-witness-key-0123456789abcdef"
@@ -53,7 +53,7 @@ class Matrix:
         self.tag = tag
         self.net = f"10.{201 + n // 250}.{n % 250}"
         self.ns = {s: f"sm{tag}{s}" for s in ("A", "B", "W", "hA", "hB")}
-        self.link_opts = link_opts
+        self.link_opts = with_link_key(link_opts)
         self.witness = witness
         self.size = size
         net = self.net
@@ -251,7 +251,7 @@ class Matrix:
         arrays = [(array, self.host_ports(array)[site]) for array in ("A", "B") if site in self.host_ports(array)]
         # Re-issued writes' ranges are quarantined as long as an array may still apply the lost copy.
         lk = self.link_opts
-        bound = LinkConfig("B", (), **lk).max_request_hold() + 0.1
+        bound = LinkConfig("B", (), **link_timings(lk)).max_request_hold() + 0.1
         cfg.write_text(
             f'[host]\nname = "host{site.lower()}"\nsocket = "{d / "nbd.sock"}"\nadmin_socket = "{d / "admin.sock"}"\n'
             f'poll_interval = 0.2\nstale_write_bound = {bound:.1f}\nio_timeout = {bound:.1f}\n'

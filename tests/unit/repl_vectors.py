@@ -15,8 +15,7 @@ UUID_B = bytes(range(16, 32))
 
 VECTORS: dict[str, Frame] = {
     "hello": Frame.hello(node_uuid=UUID_A, node_name="A", path_index=0, link_session=0x1122334455667788),
-    "hello_ack": Frame.hello_ack(node_uuid=UUID_B, node_name="B", path_index=1, link_session=0x1122334455667788,
-                                 key=b"secret"),
+    "hello_ack": Frame.hello_ack(node_uuid=UUID_B, node_name="B", path_index=1, link_session=0x1122334455667788),
     "ping": Frame.ping(123456789),
     "pong": Frame.pong(123456789),
     "write": Frame.write(7, 0x42, 3, 1, 4096, b"syncd"),

@@ -7,7 +7,8 @@ from syncd.config import ConfigError, load_node_config, parse_node_config, parse
 GOOD = {
     "node": {"name": "A", "data_dir": "/tmp/x"},
     "nbd": {"listen": ["127.0.0.1:10809"]},
-    "link": {"peer": "B", "paths": [{"local": "127.0.0.1:7001", "peer": "127.0.0.1:7101"}]},
+    "link": {"peer": "B", "paths": [{"local": "127.0.0.1:7001", "peer": "127.0.0.1:7101"}],
+             "key": "a-shared-key-of-some-length"},
     "volume": [{"name": "vv1", "path": "/tmp/vv1.img", "size": "64MiB"}],
 }
 
@@ -29,6 +30,33 @@ def test_good_config_parses():
     c = parse_node_config(cfg())
     assert c.name == "A" and c.link.peer == "B" and c.volumes[0].size == 64 << 20
     assert c.nbd_listen == (("127.0.0.1", 10809),)
+    assert c.link.security.mode == "key" and c.link.security.key == b"a-shared-key-of-some-length"
+
+
+def _link(**kw):
+    return {"peer": "B", "paths": [{"local": "127.0.0.1:7001", "peer": "127.0.0.1:7101"}], **kw}
+
+
+def test_link_authentication_choices(tmp_path):
+    import trustme
+
+    c = parse_node_config(cfg(link=_link(insecure=True)))
+    assert c.link.security.mode == "insecure"
+    (tmp_path / "link.key").write_text("a-key-in-a-file-0123456789\n")
+    c = parse_node_config(cfg(link=_link(key_file="link.key")), base=tmp_path)
+    assert c.link.security.key == b"a-key-in-a-file-0123456789"
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    ca.issue_cert("A").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "a.pem"))
+    c = parse_node_config(cfg(link=_link(tls_certificate="a.pem", tls_key="a.pem", tls_ca="ca.pem")), base=tmp_path)
+    assert c.link.security.mode == "tls" and c.link.security.tls_ca == str(tmp_path / "ca.pem")
+    with pytest.raises(ConfigError, match="link.tls_ca: missing"):
+        parse_node_config(cfg(link=_link(tls_certificate="a.pem", tls_key="a.pem")), base=tmp_path)
+    with pytest.raises(ConfigError, match="link.tls_ca: .* is not a readable file"):
+        parse_node_config(cfg(link=_link(tls_certificate="a.pem", tls_key="a.pem", tls_ca="no.pem")), base=tmp_path)
+    (tmp_path / "bad.pem").write_text("not a certificate")
+    with pytest.raises(ConfigError, match="link.tls: the certificate, key or CA cannot be loaded"):
+        parse_node_config(cfg(link=_link(tls_certificate="bad.pem", tls_key="a.pem", tls_ca="ca.pem")), base=tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -51,6 +79,15 @@ def test_good_config_parses():
         (cfg(nbd__max_inflight="512KiB"), "nbd.max_inflight: 524288 bytes is too small"),
         (cfg(nbd__max_inflight="64MiB", nbd__max_inflight_per_connection="128MiB"),
          "nbd.max_inflight_per_connection: larger than nbd.max_inflight"),
+        # Authentication is chosen in words: a link with none of key, TLS or insecure is refused.
+        (cfg(link={"peer": "B", "paths": [{"local": "127.0.0.1:7001", "peer": "127.0.0.1:7101"}]}),
+         "link: no authentication configured"),
+        (cfg(link__key="short"), "link.key: use at least 16 bytes"),
+        (cfg(link__insecure=True), "link: choose one of key, insecure = true"),
+        (cfg(link__tls_certificate="/nonexistent.pem"), "link: choose one of key, tls_*"),
+        (cfg(link__key_file="/nonexistent.key"), "link.key_file: set together with link.key"),
+        (cfg(link__insecure="yes"), "link.insecure: expected bool"),
+        (cfg(link__max_handshakes=1), "link.max_handshakes: at least 2"),
     ],
 )
 def test_bad_config_names_the_problem(raw, fragment):

@@ -11,6 +11,7 @@ import uuid
 import pytest
 import trio
 
+from syncd import secure
 from syncd.config import LinkConfig, LinkPath
 from syncd.repl import proto
 from syncd.repl.flow import BULK_BATCH, Credit, SendQueue, is_bulk, request_cost
@@ -315,9 +316,15 @@ async def test_control_frames_overtake_data_ops_read_ahead_of_them():
         await n.start(b.run)
         raw = trio.socket.socket()
         await raw.connect(cb.paths[0].local)
+        # The link's security handshake first (this link is configured insecure: prefaces only).
+        hs = secure.Handshake(secure.Security("insecure"), secure.Role.DIALER, "A", "B")
+        await raw.send(hs.take_output())
+        while not hs.done:
+            hs.receive(await raw.recv(65536))
         hello = Frame.hello(node_uuid=uuid.uuid4().bytes, node_name="A", path_index=0, link_session=99)
         await raw.send(proto.encode_bytes(hello))
         dec = FrameDecoder()
+        dec.receive_data(hs.first_plaintext())
         while (ack := dec.next_frame()) is None:
             dec.receive_data(await raw.recv(65536))
         assert ack.type == MsgType.HELLO_ACK
