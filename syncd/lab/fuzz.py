@@ -650,7 +650,7 @@ def run_case(case: Case, target, probe: Callable[[], str], st: PortStats) -> lis
             if case.mode == "flood":
                 conn.send(b"".join(plan.chunks), timeout=0.5)
                 continue
-            ok = True
+            ok, waiting = True, True
             for i, ch in enumerate(plan.chunks):
                 if case.mode == "slow":
                     rng = random.Random(case.cid)
@@ -667,7 +667,12 @@ def run_case(case: Case, target, probe: Callable[[], str], st: PortStats) -> lis
                     if not conn.eof:
                         st.stalled += 1
                     break
-                conn.drain(0.2 if i in plan.waits else 0)
+                if i in plan.waits and waiting:
+                    before = len(conn.recv)
+                    conn.drain(0.2)
+                    waiting = len(conn.recv) > before  # silence: the conversation is off script, stop waiting
+                else:
+                    conn.drain(0)
             if case.mode == "slow":
                 err = probe()
                 if err:
@@ -1088,14 +1093,15 @@ def fuzz_lab(lab_info: dict, seconds: float, seed: int, ports: tuple[str, ...] =
             c = make_case(seed, port, idx, sessions[port], len(targets), lab.flood)
             pending.append(c)
             st = res.stats[port]
-            sent0, refused0 = st.bytes_sent, st.refusals
+            sent0, refused0, t1 = st.bytes_sent, st.refusals, time.monotonic()
             try:
                 probs = run_case(c, targets[c.target], lab.probe(port, targets[c.target]), st)
             except OSError as e:
                 probs = [f"{type(e).__name__}: {e}"]
             logf.write(json.dumps({"seed": seed, "case": c.cid, "mode": c.mode, "target": c.target,
                                    "desc": c.desc, "connections": len(c.plans), "sent": st.bytes_sent - sent0,
-                                   "refusals": st.refusals - refused0}) + "\n")
+                                   "refusals": st.refusals - refused0,
+                                   "seconds": round(time.monotonic() - t1, 2)}) + "\n")
             logf.flush()
             for p in probs:
                 report("stuck", p, [c])
