@@ -734,6 +734,26 @@ def _digest(path: str) -> str:
     return h.hexdigest()
 
 
+def _differences(a: str, b: str, limit: int = 6) -> list[str]:
+    """The first ranges (4 KiB granules) where two replicas differ, as 'offset+length'."""
+    out: list[str] = []
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        off, start = 0, None
+        while len(out) < limit:
+            x, y = fa.read(4096), fb.read(4096)
+            if not x and not y:
+                break
+            if x != y and start is None:
+                start = off
+            elif x == y and start is not None:
+                out.append(f"{start:#x}+{off - start:#x}")
+                start = None
+            off += 4096
+        if start is not None and len(out) < limit:
+            out.append(f"{start:#x}+{off - start:#x}")
+    return out
+
+
 def _groups(sock: str) -> dict[str, tuple]:
     return {g["name"]: (g["role"], g["epoch"], g["status"]) for g in call(sock, "showrcopy", timeout=10)["groups"]}
 
@@ -948,7 +968,8 @@ class Lab:
             if synced and _digest(a) == _digest(b):
                 return ""
             if time.monotonic() > deadline:
-                return (f"replicas of {self.vol} differ ({a} vs {b})" if synced else
+                return (f"replicas of {self.vol} differ at {', '.join(_differences(a, b))} ({a} vs {b}) "
+                        f"while the group says it is in sync" if synced else
                         f"group {self.lab['group']} not in sync within {timeout:.0f}s after the fuzz cases")
             time.sleep(0.3)
 
