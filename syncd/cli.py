@@ -130,6 +130,19 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--faults", help="a comma-separated subset of: " + ", ".join(
         ["link", "isolate", "primary", "secondary", "witness", "flap", "switchover", "power"]))
     s.add_argument("--keep", action="store_true", help="leave the lab running afterwards")
+    s = lsub.add_parser("fuzz", help="replay mutated recordings of real sessions against a running lab's NBD, "
+                                     "link, witness and admin ports; then check every daemon serves and "
+                                     "nothing changed")
+    s.add_argument("--seconds", type=float, default=60, help="fuzzing budget (default 60)")
+    s.add_argument("--seed", type=int, default=1, help="the cases (default 1)")
+    s.add_argument("--ports", default="nbd,link,witness,admin", help="a comma-separated subset of "
+                                                                     "nbd, link, witness, admin")
+    s.add_argument("--case", help="run this one case alone (PORT:INDEX, as printed with a finding)")
+    s.add_argument("--recordings", help="save the recorded sessions here, or replay from it if it exists "
+                                        "(to re-run a case on the very same bytes)")
+    s.add_argument("--oracle-every", type=float, default=20.0, help="s between full checks (default 20)")
+    s.add_argument("--dir", default="lab-fuzz", help="where the lab, the case log and the findings go")
+    s.add_argument("--keep", action="store_true", help="leave the lab running afterwards")
     s = lsub.add_parser("delay", help="add round-trip latency to the replication link")
     s.add_argument("ms", type=float)
     s.add_argument("--dir", default="lab")
@@ -266,6 +279,18 @@ def main(argv: list[str] | None = None) -> int:
             res = run_campaign(ns.dir, ns.rounds, ns.seed, kinds=kinds, keep=ns.keep,
                                progress=lambda what: print(what, flush=True))
             print_campaign(res)
+            return 0 if res.ok else 3
+        elif ns.labcmd == "fuzz":
+            from .lab.fuzz import FuzzError, print_fuzz, run_fuzz
+
+            ports = tuple(x.strip() for x in ns.ports.split(",") if x.strip())
+            try:
+                res = run_fuzz(ns.dir, ns.seconds, ns.seed, ports, case=ns.case, keep=ns.keep,
+                               oracle_every=ns.oracle_every, recordings=ns.recordings,
+                               progress=lambda what: print(what, flush=True))
+            except FuzzError as e:
+                raise LabError(str(e)) from None
+            print_fuzz(res)
             return 0 if res.ok else 3
         elif ns.labcmd == "fail":
             print(lab_fail(ns.dir, ns.what, ns.site))

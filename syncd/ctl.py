@@ -25,10 +25,18 @@ def call(sock_path: str, cmd: str, args: dict | None = None, timeout: float = 30
     """One admin request; returns the result or raises CtlError with the node's refusal."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
-    try:
-        s.connect(sock_path)
-    except OSError as e:
-        raise CtlError(f"cannot reach the node's admin socket {sock_path}: {e.strerror}") from None
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            s.connect(sock_path)
+            break
+        except BlockingIOError:  # the node's accept queue is full for a moment: a busy node, not a dead one
+            if time.monotonic() > deadline:
+                raise CtlError(f"the node's admin socket {sock_path} accepted no connection within {timeout:.0f}s") \
+                    from None
+            time.sleep(0.02)
+        except OSError as e:
+            raise CtlError(f"cannot reach the node's admin socket {sock_path}: {e.strerror}") from None
     try:
         s.sendall(json.dumps({"cmd": cmd, "args": args or {}}).encode() + b"\n")
         buf = b""

@@ -1,9 +1,12 @@
 """A TCP relay standing in for the inter-site network in the lab: it can cut a path silently
 (packets vanish, nothing is reset, as when a fibre is cut), heal it, and add one-way latency
-(this kernel has no netem). Controlled over a unix socket with JSON lines."""
+(this kernel has no netem). Controlled over a unix socket with JSON lines. It can also record
+the connections it relays (``record`` / ``recorded``), so the lab's fuzzer replays what a real
+node sends, whatever the protocol is today."""
 
 from __future__ import annotations
 
+import base64
 import collections
 import json
 import logging
@@ -22,6 +25,10 @@ class Relay:
         self.delay = 0.0
         self.conns: set[trio.CancelScope] = set()
         self.bytes = 0
+        # Recorded connections (when recording): per connection, the chunks in the order they
+        # were relayed, each ("c", bytes) from the dialer or ("s", bytes) from the target.
+        self.recording: list[list[tuple[str, bytes]]] | None = None
+        self.record_limit = 0
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(self.listen[1], host=self.listen[0])
@@ -35,15 +42,19 @@ class Relay:
                 if self.cut:  # a cut path accepts nothing onward: the dialer just times out
                     await trio.sleep_forever()  # until do_heal() drops the connection
                 up = await trio.open_tcp_stream(*self.target)
+                rec: list[tuple[str, bytes]] | None = None
+                if self.recording is not None:
+                    rec = []
+                    self.recording.append(rec)
                 async with down, up, trio.open_nursery() as n:
-                    n.start_soon(self._pump, down, up, cs)
-                    n.start_soon(self._pump, up, down, cs)
+                    n.start_soon(self._pump, down, up, cs, rec, "c")
+                    n.start_soon(self._pump, up, down, cs, rec, "s")
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             finally:
                 self.conns.discard(cs)
 
-    async def _pump(self, src, dst, cs: trio.CancelScope) -> None:
+    async def _pump(self, src, dst, cs: trio.CancelScope, rec: list | None = None, side: str = "c") -> None:
         q: collections.deque = collections.deque()
         more = trio.Event()
 
@@ -70,6 +81,8 @@ class Relay:
                         break
                     if self.cut:
                         continue  # silently dropped
+                    if rec is not None and sum(len(b) for _, b in rec) < self.record_limit:
+                        rec.append((side, data))
                     q.append((trio.current_time(), data))
                     more.set()
                 n.cancel_scope.cancel()
@@ -114,6 +127,16 @@ async def run_proxy(relays: list[Relay], control: str, *, task_status=trio.TASK_
                 elif cmd == "heal":
                     for r in sel:
                         r.do_heal()
+                elif cmd == "record":  # from now on, record new connections (up to limit bytes each)
+                    for r in sel:
+                        r.recording, r.record_limit = [], int(req.get("limit", 1 << 16))
+                elif cmd == "recorded":  # what was recorded; recording stops
+                    out = [[[[side, base64.b64encode(b).decode()] for side, b in conn] for conn in (r.recording or [])]
+                           for r in sel]
+                    for r in sel:
+                        r.recording = None
+                    await stream.send_all(json.dumps({"ok": True, "recorded": out}).encode() + b"\n")
+                    return
                 elif cmd == "delay":
                     for r in sel:
                         r.delay = float(req["ms"]) / 2000.0  # the round trip gets ms

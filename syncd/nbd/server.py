@@ -657,6 +657,10 @@ class NBDServer:
                 log.info("client %s: %s; disconnecting it", ident.address, e)
         except BaseExceptionGroup as eg:  # a request task failed unexpectedly: this client only
             cancelled, failed = eg.split(trio.Cancelled)
+            # A client that goes away while its replies are sent is no failure of ours.
+            gone, failed = failed.split((_Closed, OSError, trio.BrokenResourceError)) if failed else (None, None)
+            if gone is not None:
+                log.info("client %s: connection lost: %s; disconnecting it", ident.address, gone.exceptions[0])
             if failed is not None:
                 log.warning("client %s: request failed: %r; disconnecting it", ident.address, failed)
             if cancelled is not None:  # the server is stopping: that must go on up
