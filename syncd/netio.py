@@ -190,29 +190,48 @@ def abort(sock: socket.socket) -> None:
     sock.close()
 
 
-async def establish(sock: socket.socket, hs) -> tuple[object, object]:
-    """Run the security handshake ``hs`` (``secure.Handshake``) over ``sock``; the caller bounds
-    the wait with a cancel scope. Returns (channel, plaintext that came with the handshake's
-    end). On secure.AuthError, sends ``secure.REFUSAL`` (the same bytes whatever went wrong)
-    and re-raises; a peer that closes midway raises EOFError."""
+# The deadline is handled inside, not by the caller's cancel scope: a peer that runs out of time
+# must still be sent the refusal.
+async def establish(sock: socket.socket, hs, timeout: float) -> tuple[object, object]:  # noqa: ASYNC109
+    """Run the security handshake ``hs`` (``secure.Handshake``) over ``sock`` within
+    ``timeout`` seconds. Returns (channel, plaintext that came with the handshake's end). A
+    peer that fails it (secure.AuthError), says nothing in time or closes midway gets
+    ``secure.REFUSAL`` (the same bytes whatever went wrong) and this raises AuthError."""
     from . import secure
 
-    try:
-        out = hs.take_output()
-        if out:
-            await sendall(sock, out)
-        while not hs.done:
-            data = await recv(sock, 65536)
-            if not data:
-                raise EOFError("the peer closed the connection during the security handshake")
-            hs.receive(data)
+    problem = f"no security handshake within {timeout}s"
+    with trio.move_on_after(timeout):
+        try:
             out = hs.take_output()
             if out:
                 await sendall(sock, out)
-    except secure.AuthError:
-        try:
-            await sendall(sock, secure.REFUSAL)
-        except OSError:
-            pass
-        raise
-    return hs.channel, hs.first_plaintext()
+            while not hs.done:
+                data = await recv(sock, 65536)
+                if not data:
+                    raise secure.AuthError("the peer closed the connection during the security handshake")
+                hs.receive(data)
+                out = hs.take_output()
+                if out:
+                    await sendall(sock, out)
+            return hs.channel, hs.first_plaintext()
+        except secure.AuthError as e:
+            problem = str(e)
+    await refuse(sock, secure.REFUSAL)
+    raise secure.AuthError(problem)
+
+
+async def refuse(sock: socket.socket, answer: bytes, linger: float = 1.0, drain: int = 256 << 10) -> None:
+    """Send ``answer`` and end our side so that it arrives: a close with unread bytes in the
+    receive buffer would reset the connection and drop the answer, so what the peer still sends
+    is read and discarded, for at most ``linger`` seconds and ``drain`` bytes."""
+    try:
+        await sendall(sock, answer)
+        sock.shutdown(socket.SHUT_WR)
+        with trio.move_on_after(linger):
+            while drain > 0:
+                data = await recv(sock, 65536)
+                if not data:
+                    break
+                drain -= len(data)
+    except OSError:
+        pass

@@ -237,9 +237,9 @@ class Link:
             try:
                 with trio.fail_after(max(self.cfg.path_timeout, 1.0)):
                     sock = await netio.connect(p.peer)
+                hs = secure.Handshake(self.security, secure.Role.DIALER, self.node_name, self.cfg.peer)
+                chan, first = await netio.establish(sock, hs, max(self.cfg.path_timeout, 1.0))
                 with trio.fail_after(max(self.cfg.path_timeout, 1.0)):
-                    hs = secure.Handshake(self.security, secure.Role.DIALER, self.node_name, self.cfg.peer)
-                    chan, first = await netio.establish(sock, hs)
                     dec = FrameDecoder()
                     if first:
                         dec.receive_data(first)
@@ -265,7 +265,7 @@ class Link:
             except secure.AuthError as e:
                 p.last_error = f"authentication: {e}"
                 self.refusals.note(p.peer[0], f"path {p.index}: dialled {p.peer[0]}:{p.peer[1]}: {e}")
-            except (OSError, trio.TooSlowError, ProtocolError, EOFError) as e:
+            except (OSError, trio.TooSlowError, ProtocolError) as e:
                 p.last_error = str(e) or type(e).__name__
                 log.debug("path %d dial: %s", p.index, p.last_error)
             except trio.BrokenResourceError as e:
@@ -311,9 +311,9 @@ class Link:
     async def _accept_path(self, p: Path, sock, source: str) -> None:
         dec = FrameDecoder()
         try:
+            hs = secure.Handshake(self.security, secure.Role.LISTENER, self.node_name, self.cfg.peer)
+            chan, first = await netio.establish(sock, hs, max(self.cfg.path_timeout, 1.0))
             with trio.fail_after(max(self.cfg.path_timeout, 1.0)):
-                hs = secure.Handshake(self.security, secure.Role.LISTENER, self.node_name, self.cfg.peer)
-                chan, first = await netio.establish(sock, hs)
                 if first:
                     dec.receive_data(first)
                 hello = await _recv_frame(sock, dec, chan)
@@ -335,12 +335,12 @@ class Link:
                     link_session=h.link_session,
                 )
                 await netio.sendmsg_all(sock, chan.wrap(proto.encode(ack)))
-        except (secure.AuthError, EOFError) as e:
+        except secure.AuthError as e:
             # Whoever it is did not prove to be the peer: it got secure.REFUSAL and nothing else.
             p.last_error = f"refused a connection from {source}: {e}"
             self.refusals.note(source, f"path {p.index}: {e}")
             trio.lowlevel.notify_closing(sock)
-            netio.abort(sock)
+            sock.close()
             return
         except (OSError, trio.TooSlowError, ProtocolError, trio.BrokenResourceError) as e:
             p.last_error = str(e) or type(e).__name__
