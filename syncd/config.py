@@ -334,7 +334,7 @@ def parse_security(t: dict, where: str, base: Path = Path(".")):
         key = _take(t, "key", where, str).encode()
         which = "key"
     if len(key) < MIN_KEY:
-        raise ConfigError(f"{where}.{which}: the key is {len(key)} bytes; use at least {MIN_KEY}")
+        raise ConfigError(f"{where}.{which}: use at least {MIN_KEY} bytes (the key has {len(key)})")
     return Security("key", key=key)
 
 
