@@ -95,7 +95,8 @@ def print_showrcopy(r: dict, console: Console) -> None:
     if wt:
         state = ("[green]reachable[/green]" if wt["reachable"]
                  else f"[red]unreachable[/red] ({wt['last_error'] or 'no answer'})")
-        console.print(f"Quorum witness {wt['witness'] or '?'} at {wt['address']}: {state}")
+        console.print(f"Quorum witness {wt['witness'] or '?'} at {wt['address']}: {state}"
+                      + (f", {wt['security']}" if wt.get("security") else ""))
     t = Table(title="Groups")
     for c in ("group", "target", "role", "status", "mode", "epoch", "generation", "alua", "policies"):
         t.add_column(c)
