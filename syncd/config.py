@@ -287,25 +287,84 @@ def parse_node_config(raw: dict, base: Path = Path("."), source: str = "") -> No
 
     witness = None
     if "witness" in raw:
-        witness = parse_witness_client(_take(raw, "witness", "config", dict), "witness")
+        witness = parse_witness_client(_take(raw, "witness", "config", dict), "witness", base)
         if link is None:
             raise ConfigError("witness: a witness needs a [link] to a peer")
     return NodeConfig(name, data_dir, admin_socket, nbd_listen, link, tuple(vols), source, witness, nbd_tls,
                       **nbd_limits)
 
 
-def parse_witness_client(wt: dict, where: str):
+SECURITY_KEYS = frozenset({"key", "key_file", "tls_certificate", "tls_key", "tls_ca", "insecure"})
+MIN_KEY = 16
+
+
+def parse_security(t: dict, where: str, base: Path = Path(".")):
+    """How a daemon-to-daemon connection is authenticated (``secure.Security``), from the keys
+    of ``SECURITY_KEYS`` in table ``t``: ``key`` or ``key_file`` (a shared secret of at least
+    16 bytes), or ``tls_certificate`` + ``tls_key`` + ``tls_ca`` (mutual TLS), or
+    ``insecure = true``; exactly one. Files are read now, so a bad one is a config error."""
+    from .secure import Security
+
+    insecure = _take(t, "insecure", where, bool, False)
+    tls = [k for k in ("tls_certificate", "tls_key", "tls_ca") if k in t]
+    modes = [m for m, on in (("key", "key" in t), ("key_file", "key_file" in t), ("TLS", bool(tls)),
+                             ("insecure", insecure)) if on]
+    if not modes:
+        raise ConfigError(f"{where}: no authentication configured: set key (or key_file), or tls_certificate, "
+                          "tls_key and tls_ca (mutual TLS), or insecure = true (no authentication at all)")
+    if len(modes) > 1:
+        raise ConfigError(f"{where}: {' and '.join(modes)} are both set: configure exactly one of key, key_file, "
+                          "TLS (tls_certificate, tls_key, tls_ca), insecure = true")
+
+    def path(k: str) -> str:
+        v = _take(t, k, where, str)
+        return v if os.path.isabs(v) else str((base / v).resolve())
+
+    if insecure:
+        return Security("insecure")
+    if tls:
+        missing = [k for k in ("tls_certificate", "tls_key", "tls_ca") if k not in t]
+        if missing:
+            raise ConfigError(f"{where}.{missing[0]}: missing (mutual TLS needs tls_certificate, tls_key and tls_ca)")
+        files = {k: path(k) for k in ("tls_certificate", "tls_key", "tls_ca")}
+        for k, v in files.items():
+            if not os.path.isfile(v):
+                raise ConfigError(f"{where}.{k}: {v} is not a readable file")
+        sec = Security("tls", tls_certificate=files["tls_certificate"], tls_key=files["tls_key"],
+                       tls_ca=files["tls_ca"])
+        try:
+            sec.tls_context(server_side=True)
+            sec.tls_context(server_side=False)
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+            raise ConfigError(f"{where}: the TLS certificate, key or CA cannot be loaded: {e}") from None
+        return sec
+    if "key_file" in t:
+        kf = path("key_file")
+        try:
+            with open(kf, "rb") as f:
+                key = f.read(1 << 16).strip()
+        except OSError as e:
+            raise ConfigError(f"{where}.key_file: cannot read {kf}: {e.strerror or e}") from None
+        which = "key_file"
+    else:
+        key = _take(t, "key", where, str).encode()
+        which = "key"
+    if len(key) < MIN_KEY:
+        raise ConfigError(f"{where}.{which}: use at least {MIN_KEY} bytes (the key has {len(key)})")
+    return Security("key", key=key)
+
+
+def parse_witness_client(wt: dict, where: str, base: Path = Path(".")):
     """A node's witness settings (the [witness] table, or setrcopytarget witness create)."""
     from .witness.client import WitnessClientConfig
 
     wt = dict(wt)
-    _no_extra(wt, {"address", "key", "interval", "owner_lease", "grace"}, where)
-    key = _take(wt, "key", where, str).encode()
-    if len(key) < 16:
-        raise ConfigError(f"{where}.key: use at least 16 bytes")
-    d = WitnessClientConfig(("", 0), b"")
+    _no_extra(wt, {"address", "name", "interval", "owner_lease", "grace"} | SECURITY_KEYS, where)
+    sec = parse_security(wt, where, base)
+    name = check_name(_take(wt, "name", where, str), f"{where}.name") if "name" in wt else None
+    d = WitnessClientConfig(("", 0), sec)
     cfg = WitnessClientConfig(
-        parse_addr(_take(wt, "address", where, str), f"{where}.address"), key,
+        parse_addr(_take(wt, "address", where, str), f"{where}.address"), sec, name,
         _take(wt, "interval", where, float, d.interval),
         _take(wt, "owner_lease", where, float, d.owner_lease),
         _take(wt, "grace", where, float, d.grace),

@@ -103,7 +103,8 @@ def print_showrcopy(r: dict, console: Console) -> None:
     if wt:
         state = ("[green]reachable[/green]" if wt["reachable"]
                  else f"[red]unreachable[/red] ({wt['last_error'] or 'no answer'})")
-        console.print(f"Quorum witness {wt['witness'] or '?'} at {wt['address']}: {state}")
+        console.print(f"Quorum witness {wt['witness'] or '?'} at {wt['address']}: {state}"
+                      + (f", {wt['security']}" if wt.get("security") else ""))
     t = Table(title="Groups")
     for c in ("group", "target", "role", "status", "mode", "epoch", "generation", "alua", "policies"):
         t.add_column(c)
@@ -209,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("address", nargs="?", help="HOST:PORT of the witness (create)")
     s.add_argument("--key", help="shared key (at least 16 bytes); or --key-file")
     s.add_argument("--key-file", help="file holding the shared key")
+    s.add_argument("--tls-certificate", help="mutual TLS: this array's certificate (with --tls-key, --tls-ca)")
+    s.add_argument("--tls-key", help="mutual TLS: this array's private key")
+    s.add_argument("--tls-ca", help="mutual TLS: the CA that issued the witness's certificate")
+    s.add_argument("--insecure", action="store_true", help="no authentication at all (a test network only)")
+    s.add_argument("--name", help="the witness's name: a witness that proves another name is refused")
     s.add_argument("--interval", type=float)
     s.add_argument("--owner-lease", type=float)
     s.add_argument("--grace", type=float)
@@ -316,8 +322,14 @@ def main(argv: list[str] | None = None) -> int:
             if ns.key_file:
                 with open(ns.key_file) as f:
                     key = f.read().strip()
-            r = call(sock, v, {"what": ns.what, "action": ns.action, "address": ns.address, "key": key,
-                               "interval": ns.interval, "owner_lease": ns.owner_lease, "grace": ns.grace})
+            args = {"what": ns.what, "action": ns.action, "address": ns.address, "key": key,
+                    "interval": ns.interval, "owner_lease": ns.owner_lease, "grace": ns.grace, "name": ns.name}
+            for k in ("tls_certificate", "tls_key", "tls_ca"):
+                if getattr(ns, k):
+                    args[k] = os.path.abspath(getattr(ns, k))  # the array resolves nothing against its cwd
+            if ns.insecure:
+                args["insecure"] = True
+            r = call(sock, v, args)
         elif v == "createhost":
             r = call(sock, v, {"name": ns.name, "addresses": ns.address, "tls_names": ns.tls_name})
         elif v in ("removehost",):

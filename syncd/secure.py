@@ -24,7 +24,7 @@ An end that cannot authenticate its peer (a malformed preface, another mode or v
 unexpected name, a wrong proof, a failed TLS handshake) sends ``REFUSAL`` (the same bytes
 whatever went wrong, so a prober learns nothing) and closes; the reason is for its own log.
 
-The classes here are sans-IO: the I/O side (``secure_io.establish``) moves bytes between a
+The classes here are sans-IO: the I/O side (``netio.establish``) moves bytes between a
 socket and them. A ``Channel`` turns outgoing plaintext buffers into wire buffers (``wrap``) and
 incoming wire bytes into plaintext (``unwrap``), which is what the daemons' frame codecs see.
 """
@@ -38,7 +38,7 @@ import ssl
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, Literal, Protocol, Sequence, Union, cast
+from typing import AbstractSet, Any, Literal, Protocol, Sequence, Union, cast
 
 from construct import Bytes, Const, Int8ub, PascalString, Struct
 
@@ -189,6 +189,10 @@ class MacChannel:
         pos = 0
         while len(buf) - pos >= _RECORD_HDR.size:
             (length,) = _RECORD_HDR.unpack_from(buf, pos)
+            if bytes(buf[pos:pos + 8]) == REFUSAL[:8]:
+                # Cannot be a record (its length would exceed RECORD_MAX): the peer refused what
+                # this end sent (e.g. a name it does not admit, found after the proofs).
+                raise AuthError("the peer refused this end's authentication")
             if length == 0 or length > RECORD_MAX:
                 raise AuthError(f"record length {length} out of range")
             end = pos + _RECORD_HDR.size + length
@@ -302,10 +306,11 @@ class Handshake:
     when ``done``, ``channel`` is ready and ``leftover`` is what arrived after the handshake (to
     be passed through ``channel.unwrap``). Raises AuthError on failure: send ``REFUSAL``.
 
-    ``expect`` is the name the peer must claim (None: any name, which the caller then checks,
-    e.g. against a list of known arrays)."""
+    ``expect`` is the name the peer must claim, or a set of names it must claim one of (the
+    witness: the arrays it admits), checked before this end sends anything but its preface;
+    None: any name, which the caller then checks."""
 
-    def __init__(self, sec: Security, role: Role, name: str, expect: str | None,
+    def __init__(self, sec: Security, role: Role, name: str, expect: str | AbstractSet[str] | None,
                  server_hostname: str | None = None) -> None:
         self.sec = sec
         self.role = role
@@ -390,8 +395,11 @@ class Handshake:
             raise AuthError(f"the peer uses {theirs}, this end {self.sec.mode}: configure both ends alike")
         if pre.nonce == self.nonce:
             raise AuthError("the peer echoed this end's nonce")
-        if self.expect is not None and pre.name != self.expect:
-            raise AuthError(f"the peer claims to be {pre.name!r}, expected {self.expect!r}")
+        if isinstance(self.expect, str):
+            if pre.name != self.expect:
+                raise AuthError(f"the peer claims to be {pre.name!r}, expected {self.expect!r}")
+        elif self.expect is not None and pre.name not in self.expect:
+            raise AuthError(f"the peer claims to be {pre.name!r}, not one of {sorted(self.expect)}")
 
     def _start_tls(self) -> None:
         server = self.role == Role.LISTENER

@@ -352,9 +352,12 @@ async def showrcopy(node: Node, group: str | None = None) -> dict:
 
 async def setrcopytarget(node: Node, what: str, action: str, address: str | None = None,
                          key: str | None = None, interval: float | None = None,
-                         owner_lease: float | None = None, grace: float | None = None) -> dict:
-    """setrcopytarget witness create ADDRESS KEY [timings] | remove | check. The witness is a
-    setting of each array: run it on both (the key is never sent over the replication link)."""
+                         owner_lease: float | None = None, grace: float | None = None,
+                         name: str | None = None, key_file: str | None = None, tls_certificate: str | None = None,
+                         tls_key: str | None = None, tls_ca: str | None = None, insecure: bool | None = None) -> dict:
+    """setrcopytarget witness create ADDRESS (KEY | KEY_FILE | TLS files | insecure) [name]
+    [timings] | remove | check. The witness is a setting of each array: run it on both (the key
+    is never sent over the replication link). Files are named by absolute paths."""
     from ..config import ConfigError, parse_witness_client
 
     if what != "witness":
@@ -378,13 +381,18 @@ async def setrcopytarget(node: Node, what: str, action: str, address: str | None
     if node.witness is not None:
         raise NodeError(f"setrcopytarget witness create: a witness is already configured "
                         f"({node.witness.info()['address']}): remove it first")
-    settings = {"address": address, "key": key}
-    for k, v in (("interval", interval), ("owner_lease", owner_lease), ("grace", grace)):
+    settings: dict = {"address": address}
+    for k, v in (("key", key), ("interval", interval), ("owner_lease", owner_lease), ("grace", grace),
+                 ("name", name), ("key_file", key_file), ("tls_certificate", tls_certificate), ("tls_key", tls_key),
+                 ("tls_ca", tls_ca), ("insecure", insecure)):
         if v is not None:
             settings[k] = v
     try:
-        if address is None or key is None:
-            raise ConfigError("witness: ADDRESS and KEY are required")
+        if address is None:
+            raise ConfigError("witness: ADDRESS is required")
+        for k in ("key_file", "tls_certificate", "tls_key", "tls_ca"):
+            if k in settings and not (isinstance(settings[k], str) and os.path.isabs(settings[k])):
+                raise ConfigError(f"witness.{k}: {settings[k]!r} is not an absolute path")
         parse_witness_client(settings, "witness")
     except ConfigError as e:
         raise NodeError(f"setrcopytarget witness create: {e}") from None

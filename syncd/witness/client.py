@@ -4,25 +4,27 @@ and KEEP / CLAIM requests when the replication link is lost."""
 from __future__ import annotations
 
 import logging
-import secrets
 from dataclasses import dataclass
 
 import trio
 
-from .. import netio
+from .. import netio, secure
 from . import proto as w
+from .session import Session, establish
 
 log = logging.getLogger("syncd.witness.client")
 
 # s: the witness answers a request at once; one that takes longer leaves the connection out of
 # step (an answer may still come), so the connection is dropped and made again.
 REQUEST_TIMEOUT = 1.0
+CONNECT_TIMEOUT = 2.0  # s to connect, and again to finish the security handshake
 
 
 @dataclass(frozen=True)
 class WitnessClientConfig:
     address: tuple[str, int]
-    key: bytes
+    security: secure.Security  # how the connection is authenticated (key, mutual TLS, insecure)
+    name: str | None = None  # the witness's name, when the config gives it: any other is refused
     interval: float = 0.5  # s between reports
     owner_lease: float = 3.0  # must equal the witness's owner_lease
     grace: float = 4.5  # must equal the witness's grace
@@ -38,8 +40,7 @@ class WitnessClient:
         self.node = node_name
         self.groups_fn = groups_fn  # -> list of (name, members, owner, epoch, flags)
         self.on_report = on_report  # (group, sent, owner, epoch): the witness's record, per report
-        self.sock = None
-        self.dec = w.WDecoder()
+        self.sess: Session | None = None
         self.lock = trio.Lock()
         self.rid = 0
         self.registered: set[str] = set()
@@ -51,7 +52,7 @@ class WitnessClient:
 
     @property
     def reachable(self) -> bool:
-        return self.sock is not None and self.last_ok is not None and \
+        return self.sess is not None and self.last_ok is not None and \
             trio.current_time() - self.last_ok < 3 * self.cfg.interval
 
     def lost_for(self) -> float:
@@ -62,7 +63,7 @@ class WitnessClient:
 
     def info(self) -> dict:
         return {"address": "%s:%d" % self.cfg.address, "reachable": self.reachable,
-                "witness": self.witness_name, "last_error": self.last_error,
+                "witness": self.witness_name, "security": self.cfg.security.describe(), "last_error": self.last_error,
                 "last_heard_s_ago": None if self.last_ok is None else round(self.lost_for(), 2)}
 
     async def run(self) -> None:
@@ -70,6 +71,7 @@ class WitnessClient:
             try:
                 await self._connect()
                 while True:
+                    await self._check_idle()
                     for name, members, owner, epoch, flags in self.groups_fn():
                         if name not in self.registered:
                             await self.request(w.WType.REGISTER, group=name, member1=members[0],
@@ -79,70 +81,68 @@ class WitnessClient:
                         if f.type == w.WType.DECISION and self.on_report is not None:
                             self.on_report(name, self.last_ok_sent, f.owner, f.epoch)
                     await trio.sleep(self.cfg.interval)
-            except (OSError, w.WitnessProtocolError, WitnessUnreachable, trio.TooSlowError, EOFError) as e:
+            except (OSError, w.WitnessProtocolError, WitnessUnreachable, trio.TooSlowError, EOFError,
+                    secure.AuthError) as e:
                 self.last_error = str(e) or type(e).__name__
                 self._drop()
             await trio.sleep(self.cfg.interval)
 
+    async def _check_idle(self) -> None:
+        """Between rounds: a connection the witness closed meanwhile (an array with no groups
+        sends nothing and is closed as idle) is dropped now, not found dead by a decision."""
+        async with self.lock:
+            if self.sess is not None and self.sess.poll_closed():
+                raise WitnessUnreachable("the witness closed the connection")
+
     def _drop(self) -> None:
-        if self.sock is not None:
-            trio.lowlevel.notify_closing(self.sock)
-            self.sock.close()
-            self.sock = None
+        if self.sess is not None:
+            self.sess.close()
+            self.sess = None
         self.registered.clear()
 
-    async def _recv_frame(self, sock=None) -> w.WFrame:
-        while (f := self.dec.next_frame()) is None:
-            data = await netio.recv(sock or self.sock, 65536)
-            if not data:
-                raise EOFError("witness closed the connection")
-            self.dec.receive_data(data)
-        return f
-
     async def _connect(self) -> None:
-        # The socket is published (self.sock) only once the handshake is done, so requests
-        # from other tasks never read it concurrently with the handshake.
-        self.dec = w.WDecoder()
-        with trio.fail_after(2.0):
+        # The session is published (self.sess) only once the handshake is done, so requests
+        # from other tasks never use it concurrently with the handshake.
+        addr = "%s:%d" % self.cfg.address
+        with trio.fail_after(CONNECT_TIMEOUT):
             sock = await netio.connect(self.cfg.address)
         try:
-            with trio.fail_after(2.0):
-                ch = await self._recv_frame(sock)
-                if ch.type != w.WType.CHALLENGE:
-                    raise w.WitnessProtocolError(f"expected CHALLENGE, got {ch.type.name}")
-                mine = secrets.token_bytes(w.NONCE_SIZE)
-                await netio.sendall(sock, w.encode(
-                    w.WType.HELLO, node=self.node, tag=w.hello_tag(self.cfg.key, ch.nonce, self.node), nonce=mine))
-                f = await self._recv_frame(sock)
-            if f.type != w.WType.WELCOME:
-                raise w.WitnessProtocolError(f"witness refused this array: {getattr(f, 'reason', f.type.name)}")
-            if not w.verify_welcome(self.cfg.key, mine, f.witness, f.tag):
-                # Whoever answers does not hold the key: never take a decision from it.
-                raise w.WitnessProtocolError(f"{f.witness!r} at {self.cfg.address[0]}:{self.cfg.address[1]} "
-                                             "failed to prove the shared key: not our witness")
+            hs = secure.Handshake(self.cfg.security, secure.Role.DIALER, self.node, self.cfg.name)
+            with trio.fail_after(CONNECT_TIMEOUT):
+                sess = await establish(sock, hs)
+        except secure.AuthError as e:
+            # Whoever answers did not prove itself (or refused us): never take a decision from it.
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+            raise WitnessUnreachable(f"the witness at {addr} is not authenticated: {e}") from None
         except BaseException:
             trio.lowlevel.notify_closing(sock)
             sock.close()
             raise
-        self.sock = sock
-        self.witness_name = f.witness
+        self.sess = sess
+        self.witness_name = sess.peer
         self.last_error = ""
-        log.info("witness %s reached", self.witness_name)
+        log.info("witness %s reached (%s)", self.witness_name, self.cfg.security.describe())
 
     async def request(self, t: w.WType, **fields) -> w.WFrame:
         async with self.lock:
-            if self.sock is None:  # checked under the lock: another request may have dropped it
+            sess = self.sess
+            if sess is None:  # checked under the lock: another request may have dropped it
                 raise WitnessUnreachable(self.last_error or "not connected")
             self.rid += 1
             sent = trio.current_time()
             try:
                 with trio.fail_after(REQUEST_TIMEOUT):
-                    await netio.sendall(self.sock, w.encode(t, self.rid, **fields))
-                    f = await self._recv_frame()
-            except (OSError, trio.TooSlowError, EOFError, w.WitnessProtocolError) as e:
+                    await sess.send(w.encode(t, self.rid, **fields))
+                    f = await sess.next_frame()
+            except (OSError, trio.TooSlowError, EOFError, w.WitnessProtocolError, secure.AuthError) as e:
                 self.last_error = str(e) or type(e).__name__
                 self._drop()
                 raise WitnessUnreachable(self.last_error) from None
+            if f.type == w.WType.GOODBYE:
+                self.last_error = f"the witness closed the connection: {f.reason}"
+                self._drop()
+                raise WitnessUnreachable(self.last_error)
             if f.req_id != self.rid:
                 self._drop()
                 raise WitnessUnreachable("witness answered out of order")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -11,7 +9,6 @@ from typing import Any, cast
 
 import xxhash
 from construct import (
-    Bytes,
     Flag,
     Int8ub,
     Int16ub,
@@ -23,13 +20,11 @@ from construct import (
 
 MAGIC = 0x53594E57
 MAX_PAYLOAD = 65536
-NONCE_SIZE = 32
 
 
 class WType(IntEnum):
-    CHALLENGE = 1
-    HELLO = 2
-    WELCOME = 3
+    # 1-3 were CHALLENGE, HELLO, WELCOME (protocol version 1): authentication is now the
+    # security handshake of syncd.secure, before any frame. Not to be reused.
     GOODBYE = 4
     REGISTER = 10
     REPORT = 11
@@ -52,9 +47,6 @@ _HDR = struct.Struct(">IBBHQIQ")
 HEADER_SIZE = _HDR.size
 
 PAYLOADS = {
-    WType.CHALLENGE: Struct("nonce" / Bytes(NONCE_SIZE)),
-    WType.HELLO: Struct("node" / PascalString(Int8ub, "utf8"), "tag" / Bytes(32), "nonce" / Bytes(NONCE_SIZE)),
-    WType.WELCOME: Struct("witness" / PascalString(Int16ub, "utf8"), "tag" / Bytes(32)),
     WType.GOODBYE: Struct("reason" / PascalString(Int16ub, "utf8")),
     WType.REGISTER: Struct(
         "group" / PascalString(Int16ub, "utf8"), "member1" / PascalString(Int8ub, "utf8"),
@@ -134,20 +126,3 @@ class WDecoder:
         if len(PAYLOADS[wt].build(fields)) != len(payload):
             raise WitnessProtocolError(f"{wt.name} payload has trailing bytes")
         return WFrame(wt, req_id, fields)
-
-
-def hello_tag(key: bytes, nonce: bytes, node: str) -> bytes:
-    return hmac.new(key, nonce + node.encode(), hashlib.sha256).digest()
-
-
-def verify_hello(key: bytes, nonce: bytes, node: str, tag: bytes) -> bool:
-    return hmac.compare_digest(tag, hello_tag(key, nonce, node))
-
-
-def welcome_tag(key: bytes, node_nonce: bytes, witness: str) -> bytes:
-    """The witness's proof of the key, over the node's own nonce (mutual authentication)."""
-    return hmac.new(key, b"witness:" + node_nonce + witness.encode(), hashlib.sha256).digest()
-
-
-def verify_welcome(key: bytes, node_nonce: bytes, witness: str, tag: bytes) -> bool:
-    return hmac.compare_digest(tag, welcome_tag(key, node_nonce, witness))

@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
-from .. import netio
-from ..config import ConfigError, check_name, load_toml, parse_addr
+from .. import netio, secure
+from ..config import SECURITY_KEYS, ConfigError, check_name, load_toml, parse_addr, parse_security
 from ..files import atomic_write, lock_dir
 from . import proto as w
 from .decide import (
@@ -27,9 +26,20 @@ from .decide import (
     report,
     resolve,
 )
+from .session import Session, establish
 
 log = logging.getLogger("syncd.witness")
 FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the listener lets peers hold (every one a [witness] key)."""
+
+    max_connections: int = 256  # connections at once, authenticated or not
+    max_connections_per_address: int = 8  # ... from one source address (an array needs one)
+    handshake_timeout: float = 10.0  # s for a new connection to finish authenticating
+    idle_timeout: float = 60.0  # s an authenticated session may send nothing (arrays report every 0.5 s)
 
 
 @dataclass(frozen=True)
@@ -37,9 +47,10 @@ class WitnessConfig:
     name: str
     listen: tuple[tuple[str, int], ...]
     state_dir: str
-    key: bytes
+    security: secure.Security
     nodes: tuple[str, ...]
     timing: Timing
+    limits: Limits = Limits()
 
 
 def load_witness_config(path: str) -> WitnessConfig:
@@ -49,8 +60,8 @@ def load_witness_config(path: str) -> WitnessConfig:
         wt = raw.get("witness")
         if not isinstance(wt, dict):
             raise ConfigError("[witness] section missing")
-        extra = set(wt) - {"name", "listen", "state_dir", "key", "key_file", "nodes",
-                           "owner_lease", "drift", "margin", "grace"}
+        extra = set(wt) - {"name", "listen", "state_dir", "nodes", "owner_lease", "drift", "margin", "grace",
+                           *SECURITY_KEYS, *Limits.__dataclass_fields__}
         if extra:
             raise ConfigError(f"witness: unknown key(s) {', '.join(sorted(extra))}")
         name = check_name(wt.get("name", "W"), "witness.name")
@@ -58,14 +69,7 @@ def load_witness_config(path: str) -> WitnessConfig:
         if "state_dir" not in wt:
             raise ConfigError("witness.state_dir: missing")
         state_dir = str((p.parent / wt["state_dir"]).resolve())
-        if "key" in wt:
-            key = str(wt["key"]).encode()
-        elif "key_file" in wt:
-            key = (p.parent / wt["key_file"]).read_bytes().strip()
-        else:
-            raise ConfigError("witness.key or witness.key_file: the shared key is required")
-        if len(key) < 16:
-            raise ConfigError("witness.key: use at least 16 bytes")
+        security = parse_security(wt, "witness", p.parent)
         nodes = wt.get("nodes")
         if not isinstance(nodes, list) or not nodes:
             raise ConfigError("witness.nodes: list the array names admitted, e.g. [\"A\", \"B\"]")
@@ -77,9 +81,49 @@ def load_witness_config(path: str) -> WitnessConfig:
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
                 raise ConfigError(f"witness.{k}: expected a non-negative number, got {v!r}")
             kw[k] = float(v)
-        return WitnessConfig(name, listen, state_dir, key, nodes, Timing(**kw))
+        dl = Limits()
+        lk: dict = {}
+        for k in ("max_connections", "max_connections_per_address"):
+            v = wt.get(k, getattr(dl, k))
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"witness.{k}: expected a positive whole number, got {v!r}")
+            lk[k] = v
+        for k in ("handshake_timeout", "idle_timeout"):
+            v = wt.get(k, getattr(dl, k))
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"witness.{k}: expected a positive number of seconds, got {v!r}")
+            lk[k] = float(v)
+        if lk["max_connections_per_address"] > lk["max_connections"]:
+            raise ConfigError("witness.max_connections_per_address: larger than witness.max_connections")
+        return WitnessConfig(name, listen, state_dir, security, nodes, Timing(**kw), Limits(**lk))
     except ConfigError as e:
         raise ConfigError(f"{p}: {e}") from None
+
+
+class WarnLimiter:
+    """Warnings about refused peers, at most ``burst`` per ``period`` seconds: a flood of bad
+    connections must not flood the log. What was held back is counted in the next one."""
+
+    def __init__(self, burst: int = 10, period: float = 60.0) -> None:
+        self.burst = burst
+        self.period = period
+        self.window_start = -float("inf")
+        self.count = 0
+        self.suppressed = 0
+
+    def warn(self, msg: str, *args: object) -> None:
+        now = trio.current_time()
+        if now - self.window_start >= self.period:
+            self.window_start, self.count = now, 0
+        if self.count >= self.burst:
+            self.suppressed += 1
+            return
+        self.count += 1
+        if self.suppressed:
+            msg += " (%d similar warnings suppressed)"
+            args = (*args, self.suppressed)
+            self.suppressed = 0
+        log.warning(msg, *args)
 
 
 class WitnessState:
@@ -112,6 +156,10 @@ class Witness:
         self.cfg = cfg
         self.state = WitnessState(cfg.state_dir)
         self.ports: list[int] = []
+        self.per_address: dict[str, int] = {}  # open connections by source address
+        self.connections = 0
+        self.refusals = WarnLimiter()
+        self.admitted = frozenset(cfg.nodes)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         socks = [netio.listen_tcp(a) for a in self.cfg.listen]
@@ -119,54 +167,85 @@ class Witness:
         async with trio.open_nursery() as n:
             for s in socks:
                 n.start_soon(self._accept_loop, s, n)
-            log.info("witness %s listening on %s", self.cfg.name, self.ports)
+            log.info("witness %s listening on %s (%s)", self.cfg.name, self.ports, self.cfg.security.describe())
             task_status.started(self.ports)
 
     async def _accept_loop(self, lsock, nursery) -> None:
+        lim = self.cfg.limits
         while True:
             sock, addr = await netio.accept(lsock)
-            nursery.start_soon(self._conn, sock, addr)
+            host = str(addr[0]) if isinstance(addr, tuple) else str(addr)
+            from_host = self.per_address.get(host, 0)
+            if self.connections >= lim.max_connections or from_host >= lim.max_connections_per_address:
+                # Refused before reading a byte: neither authenticated nor not, and nothing changes.
+                self.refusals.warn("witness: connection from %s refused: %d connections open (%d from that address)",
+                                   host, self.connections, from_host)
+                netio.abort(sock)
+                continue
+            self.connections += 1
+            self.per_address[host] = self.per_address.get(host, 0) + 1
+            nursery.start_soon(self._conn, sock, addr, host)
 
-    async def _conn(self, sock, addr) -> None:
-        dec = w.WDecoder()
+    async def _conn(self, sock, addr, host: str) -> None:
         node = None
         try:
-            nonce = secrets.token_bytes(w.NONCE_SIZE)
-            await netio.sendall(sock, w.encode(w.WType.CHALLENGE, nonce=nonce))
-            with trio.fail_after(10):
-                hello = await self._next(sock, dec)
-            if hello.type != w.WType.HELLO:
-                raise w.WitnessProtocolError(f"expected HELLO, got {hello.type.name}")
-            if hello.node not in self.cfg.nodes:
-                await self._bye(sock, f"unknown array {hello.node!r}")
+            sess = await self._authenticate(sock, host)
+            if sess is None:
                 return
-            if not w.verify_hello(self.cfg.key, nonce, hello.node, hello.tag):
-                await self._bye(sock, f"authentication failed for {hello.node!r}")
-                log.warning("witness: authentication failed for %r from %s", hello.node, addr)
-                return
-            node = hello.node
-            await netio.sendall(sock, w.encode(
-                w.WType.WELCOME, witness=self.cfg.name, tag=w.welcome_tag(self.cfg.key, hello.nonce, self.cfg.name)))
+            node = sess.peer
+            log.info("witness: %s connected from %s", node, host)
+            idle = self.cfg.limits.idle_timeout
             while True:
-                f = await self._next(sock, dec)
-                await netio.sendall(sock, self._handle(node, f))
-        except (w.WitnessProtocolError, OSError, trio.TooSlowError, EOFError) as e:
+                f = None
+                with trio.move_on_after(idle):
+                    f = await sess.next_frame()
+                if f is None:
+                    log.info("witness: %s (%s) closed: idle for %g s", node, host, idle)
+                    with trio.move_on_after(1.0):
+                        await sess.send(w.encode(w.WType.GOODBYE, reason=f"idle for {idle:g} s"))
+                    return
+                with trio.fail_after(idle):  # an array that does not read its answers is dropped
+                    await sess.send(self._handle(node, f))
+        except secure.AuthError as e:
+            # An authenticated session whose records stopped verifying: someone in the path.
+            self.refusals.warn("witness: session of %s from %s closed: %s", node, host, e)
+            self._send_refusal(sock)
+        except (w.WitnessProtocolError, OSError, EOFError, trio.TooSlowError) as e:
             if not isinstance(e, EOFError):
-                log.info("witness: connection from %s (%s) closed: %s", addr, node or "?", e)
+                log.info("witness: connection from %s (%s) closed: %s", host, node or "?", e)
         finally:
+            self.connections -= 1
+            left = self.per_address[host] - 1
+            if left:
+                self.per_address[host] = left
+            else:
+                del self.per_address[host]
             trio.lowlevel.notify_closing(sock)
             sock.close()
 
-    async def _next(self, sock, dec: w.WDecoder) -> w.WFrame:
-        while (f := dec.next_frame()) is None:
-            data = await netio.recv(sock, 65536)
-            if not data:
-                raise EOFError
-            dec.receive_data(data)
-        return f
+    async def _authenticate(self, sock, host: str) -> Session | None:
+        """The session, once the peer proved it is one of ``nodes``; None when it did not
+        (REFUSAL sent, a warning logged): nothing it sent was looked at beyond the handshake."""
+        hs = secure.Handshake(self.cfg.security, secure.Role.LISTENER, self.cfg.name, self.admitted)
+        with trio.move_on_after(self.cfg.limits.handshake_timeout):
+            try:
+                return await establish(sock, hs)
+            except secure.AuthError as e:
+                self.refusals.warn("witness: refused %s: %s", host, e)
+                return None
+            except (OSError, EOFError):
+                return None
+        self.refusals.warn("witness: refused %s: no authentication within %g s%s", host,
+                           self.cfg.limits.handshake_timeout, f" (claims {hs.peer_name!r})" if hs.peer_name else "")
+        self._send_refusal(sock)
+        return None
 
-    async def _bye(self, sock, reason: str) -> None:
-        await netio.sendall(sock, w.encode(w.WType.GOODBYE, reason=reason))
+    @staticmethod
+    def _send_refusal(sock) -> None:
+        try:
+            sock.send(secure.REFUSAL)  # best effort, never waits: the peer may not be reading
+        except OSError:
+            pass
 
     def _handle(self, node: str, f: w.WFrame) -> bytes:
         t = f.type

@@ -3,16 +3,12 @@
 import sys
 from pathlib import Path
 
-from syncd.witness.proto import WType, encode, hello_tag, welcome_tag
+from syncd.witness.proto import WType, encode
 
 DIR = Path(__file__).resolve().parents[2] / "proto" / "vectors" / "witness"
-NONCE = bytes(range(32))
 
 VECTORS = {
-    "challenge": (WType.CHALLENGE, 0, {"nonce": NONCE}),
-    "hello": (WType.HELLO, 0, {"node": "A", "tag": hello_tag(b"0123456789abcdef", NONCE, "A"), "nonce": NONCE[::-1]}),
-    "welcome": (WType.WELCOME, 0, {"witness": "W", "tag": welcome_tag(b"0123456789abcdef", NONCE[::-1], "W")}),
-    "goodbye": (WType.GOODBYE, 0, {"reason": "authentication failed for 'A'"}),
+    "goodbye": (WType.GOODBYE, 0, {"reason": "idle for 60 s"}),
     "register": (WType.REGISTER, 1, {"group": "rcg1", "member1": "A", "member2": "B", "owner": "A", "epoch": 1}),
     "report": (WType.REPORT, 2, {"group": "rcg1", "epoch": 1, "flags": 3}),
     "claim": (WType.CLAIM, 3, {"group": "rcg1", "epoch": 1}),

@@ -1,0 +1,93 @@
+"""How the witness connection is authenticated, on both sides: exactly one of key, key_file,
+mutual TLS, insecure = true; files loaded at config time; listener limits with defaults."""
+
+from __future__ import annotations
+
+import pytest
+import trustme
+
+from syncd.config import ConfigError, load_node_config
+from syncd.witness.server import Limits, load_witness_config
+from tests.securekit import tls_files
+
+KEY = "0123456789abcdef-key"
+NODE = """[node]\nname = "A"\ndata_dir = "data"\n
+[link]\npeer = "B"\npaths = [{local = "127.0.0.1:7001", peer = "127.0.0.1:7101"}]\n
+[witness]\naddress = "127.0.0.1:7400"\n"""
+WITNESS = """[witness]\nname = "W"\nstate_dir = "state"\nnodes = ["A", "B"]\n"""
+
+
+@pytest.fixture(scope="module")
+def ca():
+    return trustme.CA()
+
+
+def node(tmp_path, extra: str):
+    p = tmp_path / "node.toml"
+    p.write_text(NODE + extra)
+    return load_node_config(p).witness
+
+
+def witness(tmp_path, extra: str):
+    p = tmp_path / "witness.toml"
+    p.write_text(WITNESS + extra)
+    return load_witness_config(str(p))
+
+
+@pytest.mark.parametrize("load", [node, witness])
+def test_each_mode_gives_its_security(load, tmp_path, ca):
+    assert load(tmp_path, f'key = "{KEY}"\n').security.key == KEY.encode()
+    (tmp_path / "w.key").write_text(KEY + "\n")
+    assert load(tmp_path, 'key_file = "w.key"\n').security.key == KEY.encode()  # relative to the config
+    files = tls_files(ca, "A", tmp_path / "certs")
+    sec = load(tmp_path, "".join(f'{k} = "{v}"\n' for k, v in files.items())).security
+    assert sec.mode == "tls" and sec.tls_ca == files["tls_ca"]
+    assert load(tmp_path, "insecure = true\n").security.mode == "insecure"
+
+
+@pytest.mark.parametrize("load", [node, witness])
+@pytest.mark.parametrize("extra,msg", [
+    ("", "no authentication configured: set key (or key_file), or tls_certificate, tls_key and tls_ca"),
+    ("insecure = false\n", "no authentication configured"),
+    ('insecure = "yes"\n', "insecure: expected bool"),
+    ('key = "short"\n', "key: use at least 16 bytes"),
+    (f'key = "{KEY}"\ninsecure = true\n', "key and insecure are both set"),
+    (f'key = "{KEY}"\nkey_file = "k"\n', "key and key_file are both set"),
+    ('key_file = "missing.key"\n', "key_file: cannot read"),
+    ('tls_certificate = "a.crt"\n', "tls_key: missing (mutual TLS needs tls_certificate, tls_key and tls_ca)"),
+    ('tls_certificate = "a.crt"\ntls_key = "a.key"\ntls_ca = "ca.crt"\n', "tls_certificate: "),
+])
+def test_bad_authentication_settings_are_named(load, extra, msg, tmp_path):
+    with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        load(tmp_path, extra)
+
+
+@pytest.mark.parametrize("load", [node, witness])
+def test_a_tls_file_that_is_not_what_it_says_is_a_config_error(load, tmp_path, ca):
+    files = tls_files(ca, "A", tmp_path / "certs")
+    (tmp_path / "bad.pem").write_text("not a certificate\n")
+    files["tls_certificate"] = str(tmp_path / "bad.pem")
+    with pytest.raises(ConfigError, match="the TLS certificate, key or CA cannot be loaded"):
+        load(tmp_path, "".join(f'{k} = "{v}"\n' for k, v in files.items()))
+
+
+def test_the_node_may_name_its_witness(tmp_path):
+    assert node(tmp_path, f'key = "{KEY}"\n').name is None
+    assert node(tmp_path, f'key = "{KEY}"\nname = "W"\n').name == "W"
+    with pytest.raises(ConfigError, match="witness.name"):
+        node(tmp_path, f'key = "{KEY}"\nname = "no way"\n')
+
+
+def test_listener_limits_have_defaults_and_are_checked(tmp_path):
+    assert witness(tmp_path, f'key = "{KEY}"\n').limits == Limits()
+    got = witness(tmp_path, f'key = "{KEY}"\nmax_connections = 10\nmax_connections_per_address = 2\n'
+                            'handshake_timeout = 2\nidle_timeout = 30\n').limits
+    assert got == Limits(10, 2, 2.0, 30.0)
+    for extra, msg in (("max_connections = 0\n", "max_connections: expected a positive whole number"),
+                       ("max_connections_per_address = 1.5\n", "max_connections_per_address: expected"),
+                       ("handshake_timeout = 0\n", "handshake_timeout: expected a positive number"),
+                       ("idle_timeout = true\n", "idle_timeout: expected"),
+                       ("max_connections = 4\nmax_connections_per_address = 5\n", "larger than witness.max_conn"),
+                       ("max_sessions = 4\n", "unknown key")):
+        with pytest.raises(ConfigError, match=msg):
+            witness(tmp_path, f'key = "{KEY}"\n' + extra)
