@@ -377,63 +377,6 @@ def parse_witness_client(wt: dict, where: str, base: Path = Path(".")):
     return cfg
 
 
-SECURITY_KEYS = ("key", "key_file", "tls_certificate", "tls_key", "tls_ca", "insecure")
-MIN_KEY = 16
-
-
-def parse_security(table: dict, where: str, base: str | os.PathLike, *, required: bool = True) -> Security:
-    """How a connection to another daemon is authenticated: ``key`` (or ``key_file``: a shared
-    secret of at least 16 bytes), ``tls_certificate`` + ``tls_key`` + ``tls_ca`` (mutual TLS),
-    or ``insecure = true``. Exactly one must be chosen (``required``); files are loaded now,
-    so a bad one is a config error, not a failure at the first connection."""
-    insecure = _take(table, "insecure", where, bool, False)
-    key = _take(table, "key", where, str, None)
-    key_file = _take(table, "key_file", where, str, None)
-    tls = {k: _take(table, k, where, str, None) for k in ("tls_certificate", "tls_key", "tls_ca")}
-    chosen = [name for name, on in (("key", key is not None or key_file is not None),
-                                    ("tls_*", any(v is not None for v in tls.values())),
-                                    ("insecure = true", insecure)) if on]
-    if len(chosen) > 1:
-        raise ConfigError(f"{where}: choose one of {', '.join(chosen)} (they are alternatives)")
-    if key is not None and key_file is not None:
-        raise ConfigError(f"{where}.key_file: set together with {where}.key; give one of them")
-    if not chosen:
-        if not required:
-            return Security("insecure")
-        raise ConfigError(
-            f"{where}: no authentication configured: set {where}.key (or key_file), or "
-            f"{where}.tls_certificate, tls_key and tls_ca for mutual TLS; to run without any, "
-            f"say {where}.insecure = true")
-    if insecure:
-        return Security("insecure")
-    if key_file is not None:
-        kp = os.path.join(base, key_file)
-        try:
-            raw = Path(kp).read_bytes().strip()
-        except OSError as e:
-            raise ConfigError(f"{where}.key_file: {kp}: {e.strerror or e}") from None
-    if key is not None or key_file is not None:
-        kb = key.encode() if key is not None else raw
-        if len(kb) < MIN_KEY:
-            raise ConfigError(f"{where}.key: use at least {MIN_KEY} bytes (got {len(kb)})")
-        return Security("key", key=kb)
-    for k, v in tls.items():
-        if v is None:
-            raise ConfigError(f"{where}.{k}: missing (mutual TLS needs tls_certificate, tls_key and tls_ca)")
-    paths = {k: os.path.join(base, v) for k, v in tls.items() if v is not None}
-    for k, v in paths.items():
-        if not os.path.isfile(v):
-            raise ConfigError(f"{where}.{k}: {v} is not a readable file")
-    sec = Security("tls", tls_certificate=paths["tls_certificate"], tls_key=paths["tls_key"],
-                   tls_ca=paths["tls_ca"])
-    try:
-        sec.tls_context(server_side=True)
-        sec.tls_context(server_side=False)
-    except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
-        raise ConfigError(f"{where}.tls: the certificate, key or CA cannot be loaded: {e}") from None
-    return sec
-
-
 def parse_nbd_tls(nbd: dict, base: str) -> NbdTlsConfig | None:
     """[nbd] tls = "off" | "on" | "require", with tls_certificate, tls_key, optional tls_ca."""
     mode = _take(nbd, "tls", "nbd", str, "off")

@@ -55,7 +55,7 @@ def test_link_authentication_choices(tmp_path):
     with pytest.raises(ConfigError, match="link.tls_ca: .* is not a readable file"):
         parse_node_config(cfg(link=_link(tls_certificate="a.pem", tls_key="a.pem", tls_ca="no.pem")), base=tmp_path)
     (tmp_path / "bad.pem").write_text("not a certificate")
-    with pytest.raises(ConfigError, match="link.tls: the certificate, key or CA cannot be loaded"):
+    with pytest.raises(ConfigError, match="link: the TLS certificate, key or CA cannot be loaded"):
         parse_node_config(cfg(link=_link(tls_certificate="bad.pem", tls_key="a.pem", tls_ca="ca.pem")), base=tmp_path)
 
 
@@ -83,9 +83,9 @@ def test_link_authentication_choices(tmp_path):
         (cfg(link={"peer": "B", "paths": [{"local": "127.0.0.1:7001", "peer": "127.0.0.1:7101"}]}),
          "link: no authentication configured"),
         (cfg(link__key="short"), "link.key: use at least 16 bytes"),
-        (cfg(link__insecure=True), "link: choose one of key, insecure = true"),
-        (cfg(link__tls_certificate="/nonexistent.pem"), "link: choose one of key, tls_*"),
-        (cfg(link__key_file="/nonexistent.key"), "link.key_file: set together with link.key"),
+        (cfg(link__insecure=True), "link: key and insecure are both set"),
+        (cfg(link__tls_certificate="/nonexistent.pem"), "link: key and TLS are both set"),
+        (cfg(link__key_file="/nonexistent.key"), "link: key and key_file are both set"),
         (cfg(link__insecure="yes"), "link.insecure: expected bool"),
         (cfg(link__max_handshakes=1), "link.max_handshakes: at least 2"),
     ],

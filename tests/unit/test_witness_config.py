@@ -12,7 +12,7 @@ from tests.securekit import tls_files
 
 KEY = "0123456789abcdef-key"
 NODE = """[node]\nname = "A"\ndata_dir = "data"\n
-[link]\npeer = "B"\npaths = [{local = "127.0.0.1:7001", peer = "127.0.0.1:7101"}]\n
+[link]\npeer = "B"\npaths = [{local = "127.0.0.1:7001", peer = "127.0.0.1:7101"}]\nkey = "the-link-key-0123456789"\n
 [witness]\naddress = "127.0.0.1:7400"\n"""
 WITNESS = """[witness]\nname = "W"\nstate_dir = "state"\nnodes = ["A", "B"]\n"""
 
