@@ -489,6 +489,7 @@ class NBDConnection:
         got = self.conn.take_into(view)
         self._hold(got)
         srv.receiving += _REQ_OVERHEAD + got
+        pending = 0
         timeout = srv.limits.payload_timeout
         try:
             with trio.CancelScope(deadline=trio.current_time() + timeout) as deadline:
@@ -501,20 +502,25 @@ class NBDConnection:
                             deadline.deadline = trio.current_time() + timeout
                         if srv.overshoot is not self:
                             want = min(want, srv.max_inflight - srv.held)
+                    # Held before waiting for it: other connections see the room as taken.
+                    pending = want
+                    self._hold(pending)
+                    srv.receiving += pending
                     if self.tls is None:
                         n = await netio.recv_into(self.sock, view[got:got + want])
                     else:
                         chunk = await self._read(want)
                         n = len(chunk)
                         view[got:got + n] = chunk
+                    pending = 0
+                    got += n
+                    srv.receiving -= want - n
+                    self._unhold(want - n)
                     if not n:
                         raise _Closed()
-                    got += n
-                    self._hold(n)
-                    srv.receiving += n
                     deadline.deadline = trio.current_time() + timeout
         finally:
-            srv.receiving -= _REQ_OVERHEAD + got
+            srv.receiving -= _REQ_OVERHEAD + got + pending
             if srv.overshoot is self:
                 srv.overshoot = None
                 srv.room.unpark_all()
