@@ -242,7 +242,11 @@ def load_node_config(path: str | os.PathLike) -> NodeConfig:
     p = Path(path)
     raw = load_toml(p)
     try:
-        return parse_node_config(raw, base=p.parent, source=str(p))
+        cfg = parse_node_config(raw, base=p.parent, source=str(p))
+        # Connections must never take the descriptors the node's own metadata writes need.
+        ensure_fd_limit(fds_needed(cfg), f"with {cfg.nbd_limits.max_connections} NBD connections, this node",
+                        "nbd.max_connections")
+        return cfg
     except ConfigError as e:
         raise ConfigError(f"{p}: {e}") from None
 

@@ -720,6 +720,10 @@ class NBDServer:
         task_status.started(path)
         await self._serve(lsock)
 
+    async def serve_listener(self, lsock: socket.socket) -> None:
+        """Serve a listening socket made by the caller (e.g. a unix socket with its permissions)."""
+        await self._serve(lsock)
+
     async def _serve(self, lsock: socket.socket) -> None:
         self._keep_spare_fd()
         try:
