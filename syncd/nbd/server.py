@@ -502,22 +502,33 @@ class NBDConnection:
                             deadline.deadline = trio.current_time() + timeout
                         if srv.overshoot is not self:
                             want = min(want, srv.max_inflight - srv.held)
-                    # Held before waiting for it: other connections see the room as taken.
-                    pending = want
-                    self._hold(pending)
-                    srv.receiving += pending
                     if self.tls is None:
-                        n = await netio.recv_into(self.sock, view[got:got + want])
+                        # Counted in the same step as received (no wait in between): other
+                        # connections never see room this one has taken.
+                        await trio.lowlevel.wait_readable(self.sock)
+                        if srv.overshoot is not self:
+                            want = min(r.length - got, srv.max_inflight - srv.held)
+                            if want <= 0:
+                                continue
+                        n = netio.recv_into_nowait(self.sock, view[got:got + want])
+                        if n is None:
+                            continue
+                        self._hold(n)
+                        srv.receiving += n
                     else:
+                        # Decrypted a record at a time: held before the wait, a record's worth.
+                        want = pending = min(want, 1 << 16)
+                        self._hold(pending)
+                        srv.receiving += pending
                         chunk = await self._read(want)
+                        pending = 0
                         n = len(chunk)
                         view[got:got + n] = chunk
-                    pending = 0
-                    got += n
-                    srv.receiving -= want - n
-                    self._unhold(want - n)
+                        srv.receiving -= want - n
+                        self._unhold(want - n)
                     if not n:
                         raise _Closed()
+                    got += n
                     deadline.deadline = trio.current_time() + timeout
         finally:
             srv.receiving -= _REQ_OVERHEAD + got + pending
