@@ -1,24 +1,20 @@
-"""Issue 11, rows 4-7, against running nodes: each attack is refused or bounded, the node goes
+"""Issue 11, rows 5-7, against running nodes: each attack is refused or bounded, the node goes
 on (role, epoch, metadata, replica bytes unchanged) and other clients are served meanwhile."""
 
 from __future__ import annotations
 
 import json
 import os
-import resource
 import socket
 import struct
 import time
 
 import pytest
-import trio
-
 from syncd.config import NbdLimits
-from syncd.lab.rig import lab_down, lab_fail, lab_heal, lab_up
-from syncd.lab.workload import History, check_file, run_writer
+from syncd.lab.rig import lab_down, lab_up
 from syncd.nbd import proto as p
 
-from .rig import FAST_LINK, file_digest, show, wait_for
+from .rig import FAST_LINK, file_digest, show
 
 pytestmark = pytest.mark.system
 MiB = 1 << 20
@@ -208,48 +204,5 @@ def test_row7_block_status_of_length_zero_on_a_large_volume(tmp_path):
         s.close()
         served(lab, "A")
         attack_unchanged(lab, before, after_write=True)
-    finally:
-        lab_down(lab["dir"])
-
-
-def test_row4_out_of_file_descriptors_refuses_connections_never_stops_the_node(tmp_path):
-    # Limits above the process's descriptor limit (lowered below under the running node), so
-    # the node really runs out: half-open connections, then a link cut that makes it write its
-    # metadata.
-    lab = up(tmp_path, max_connections=2000, max_connections_per_address=2000, handshake_timeout=600.0)
-    try:
-        pid = lab["nodes"]["A"]["pid"]
-        before = snapshot(lab)
-        keep = socket.socket()  # a client connected before the attack, served throughout
-        keep.settimeout(30)
-        keep.connect(addr(lab, "A"))
-        handshake(keep)
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (1024, 1024))
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), max(hard, 4096)))
-        socks = []
-        for _ in range(1050):
-            s = socket.socket()
-            s.setblocking(False)
-            s.connect_ex(addr(lab, "A"))
-            socks.append(s)
-        wait_for(lambda: len(os.listdir(f"/proc/{pid}/fd")) >= 1000, timeout=30, what="the node's descriptors used up")
-        lab_fail(lab["dir"], "link")
-        wait_for(lambda: show(lab, "A")["link"]["paths_up"] == 0, timeout=30, what="link down at A")
-        time.sleep(1)  # the node writes its metadata after the link loss
-        assert os.path.exists(f"/proc/{pid}") and "Too many open files" not in open(
-            os.path.join(lab["dir"], "A.log")).read()
-        data = os.urandom(4096)
-        keep.sendall(p.REQ.pack(p.REQUEST_MAGIC, 0, p.CMD_WRITE, 1, 0, 4096) + data)
-        assert struct.unpack(">IHHQI", recvn(keep, 20))[2] == p.REPLY_TYPE_NONE
-        for s in socks:
-            s.close()
-        lab_heal(lab["dir"], "link")
-        wait_for(lambda: show(lab, "A")["link"]["paths_up"] == 1, timeout=60, what="link back")
-        served(lab, "A")  # new connections are accepted again
-        after = snapshot(lab)
-        for site in ("A", "B"):
-            assert (after[site]["role"], after[site]["epoch"]) == (before[site]["role"], before[site]["epoch"])
-        keep.close()
     finally:
         lab_down(lab["dir"])
