@@ -10,6 +10,7 @@ import struct
 import time
 
 import pytest
+
 from syncd.config import NbdLimits
 from syncd.lab.rig import lab_down, lab_up
 from syncd.nbd import proto as p
@@ -113,7 +114,7 @@ def test_row5_write_headers_without_payload_hold_no_memory(tmp_path):
         base = vmrss(pid)
         before = snapshot(lab)
         socks = []
-        for i in range(32):
+        for _ in range(32):
             s = socket.socket()
             s.settimeout(30)
             s.connect(addr(lab, "B"))
