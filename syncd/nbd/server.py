@@ -808,11 +808,18 @@ class NBDServer:
                     self._spare_fd = -1
                     try:
                         sock, addr = lsock.accept()
+                    except BlockingIOError:
+                        # Linux takes the descriptor before it looks at the queue: EMFILE says
+                        # nothing about a connection waiting. None is: wait for one.
+                        self._keep_spare_fd()
+                        await trio.lowlevel.wait_readable(lsock)
+                        continue
                     except OSError:
                         pass
                     else:
                         self._refuse(sock, addr[0] if isinstance(addr, tuple) else "", why)
                     self._keep_spare_fd()
+                    await trio.lowlevel.checkpoint()  # a flood of refusals must not starve the node
                     return None
                 if why != self._refusing:
                     self._refusing = why
