@@ -144,3 +144,64 @@ def test_bad_shim_tls_config_is_named(tmp_path, extra, paths, msg):
                  f'[[array]]\nname = "A"\npaths = ["{paths}"]\n')
     with pytest.raises(ConfigError, match=msg):
         load_host_config(str(f))
+
+
+def qemu_nbds(lab, site, certs, vol):
+    """qemu-img's arguments for an export over TLS: x509 credentials from a libnbd-style
+    directory (ca-cert.pem, client-cert.pem, client-key.pem) and the NBD driver's options."""
+    port = lab["nodes"][site]["nbd"].split(":")[1]
+    return (["--object", f"tls-creds-x509,id=tls0,dir={lab['certs'] / certs},endpoint=client"],
+            f"driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export={vol},tls-creds=tls0")
+
+
+def test_nbdinfo_and_qemu_img_over_nbds_and_nothing_in_clear_text(tlslab, tmp_path):
+    """The Debian tools reach a TLS-only export over nbds:// with the CA (and the host's client
+    certificate where LUN masking knows the host by it); in clear text nbdinfo gets nothing,
+    not even the list of exports; qemu-img writes over nbds:// at B and A reads it back."""
+    require_tool("qemu-img")
+    lab = tlslab
+    for site in ("A", "B"):
+        call(lab["nodes"][site]["admin_socket"], "createhost", {"name": "esx1", "tls_names": ["esx1.example"]})
+        call(lab["nodes"][site]["admin_socket"], "createvlun", {"volume": "vv2", "host": "esx1"})
+    wwns = [m["wwn"] for m in json.load(open(os.path.join(os.path.dirname(lab["nodes"]["A"]["config"]), "data",
+                                                           "state.json")))["groups"][lab["group"]]["members"]]
+    assert len(wwns) == 2 and all(wwns)
+    info = json.loads(run("nbdinfo", "--json", nbds(lab, "A", "anon", "vv1")).stdout)
+    assert info["exports"][0]["export-size"] == 8 << 20
+    assert any(w in info["exports"][0].get("description", "") for w in wwns)
+    info = json.loads(run("nbdinfo", "--json", nbds(lab, "B", "esx1", "vv2")).stdout)
+    assert info["exports"][0]["export-size"] == 8 << 20
+    objs, opts = qemu_nbds(lab, "A", "esx1", "vv2")
+    assert "virtual size: 8 MiB" in run("qemu-img", "info", *objs, "--image-opts", opts).stdout
+
+    # Clear text: refused before anything is said about the exports.
+    before = file_digests(lab)
+    for site in ("A", "B"):
+        port = lab["nodes"][site]["nbd"].split(":")[1]
+        for args in (["--list", f"nbd://127.0.0.1:{port}/"], ["--list", "--json", f"nbd://127.0.0.1:{port}/"],
+                     [f"nbd://127.0.0.1:{port}/"], ["--size", f"nbd://127.0.0.1:{port}/"]):
+            r = run("nbdinfo", *args, check=False)
+            out = r.stdout + r.stderr
+            assert r.returncode != 0, out
+            assert "vv1" not in out and "vv2" not in out and not any(w in out for w in wwns), out
+            assert "syncd volume" not in out and "naa." not in out, out
+        r = run("qemu-img", "info", "--image-opts",
+                f"driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export=vv1", check=False)
+        assert r.returncode != 0 and "virtual size" not in r.stdout
+    assert file_digests(lab) == before  # qemu-img wrote nothing in clear text
+
+    # qemu-img writes over nbds:// at B (the host's certificate), A reads it back.
+    src, back = tmp_path / "src.img", tmp_path / "back.img"
+    src.write_bytes(os.urandom(8 << 20))
+    objs, opts = qemu_nbds(lab, "B", "esx1", "vv2")
+    run("qemu-img", "convert", *objs, "-n", "-f", "raw", "--target-image-opts", str(src), opts)
+    objs, opts = qemu_nbds(lab, "A", "esx1", "vv2")
+    run("qemu-img", "convert", *objs, "--image-opts", opts, "-O", "raw", str(back))
+    assert back.read_bytes() == src.read_bytes()
+    assert_replicas_identical(lab, "vv2")
+
+
+def file_digests(lab) -> dict:
+    from .rig import file_digest
+
+    return {(s, v): file_digest(x["path"]) for s in ("A", "B") for v, x in lab["nodes"][s]["volumes"].items()}
