@@ -205,3 +205,65 @@ def file_digests(lab) -> dict:
     from .rig import file_digest
 
     return {(s, v): file_digest(x["path"]) for s in ("A", "B") for v, x in lab["nodes"][s]["volumes"].items()}
+
+
+def test_row3_clear_text_export_name_and_write_reach_neither_replica(tlslab, tmp_path):
+    """Issue 11 row 3 against both nodes of a running lab with tls = "require": a clear-text
+    client sends NBD_OPT_EXPORT_NAME and a write straight after it (and, on another
+    connection, NBD_OPT_LIST): the session ends without an export reply, the list is refused
+    with no name in it, and both replicas, roles, epochs and metadata are as before (read
+    back over TLS)."""
+    import socket
+    import struct
+
+    from syncd.nbd import proto as p
+
+    from .rig import show
+
+    lab = tlslab
+
+    def over_tls():
+        out = {}
+        for site in ("A", "B"):
+            f = tmp_path / f"{site}.img"
+            run("nbdcopy", nbds(lab, site, "anon", "vv1"), str(f))
+            out[site] = f.read_bytes()
+        return out
+
+    def state():
+        return {s: (show(lab, s)["groups"][0]["role"], show(lab, s)["groups"][0]["epoch"],
+                    open(os.path.join(os.path.dirname(lab["nodes"][s]["config"]), "data", "state.json")).read())
+                for s in ("A", "B")}
+
+    def raw(site, opt, body, then=b""):
+        host, port = lab["nodes"][site]["nbd"].split(":")
+        s = socket.create_connection((host, int(port)), timeout=30)
+        got = b""
+        while len(got) < 18:
+            got += s.recv(18 - len(got))
+        assert got[:8] == p.NBDMAGIC.to_bytes(8, "big")
+        s.sendall(struct.pack(">I", 1) + struct.pack(">QII", p.IHAVEOPT, opt, len(body)) + body + then)
+        rest = b""
+        try:
+            while d := s.recv(65536):
+                rest += d
+                if opt == p.OPT_EXPORT_NAME or len(rest) >= 20 + int.from_bytes(rest[16:20]):
+                    break  # any answer to EXPORT_NAME is already one too many; a whole option reply
+        except ConnectionResetError:
+            pass
+        s.close()
+        return rest
+
+    tls_before, st_before = over_tls(), state()
+    assert tls_before["A"] == tls_before["B"]
+    evil = b"\xee" * 65536
+    write = p.REQ.pack(p.REQUEST_MAGIC, 0, p.CMD_WRITE, 1, 0, len(evil)) + evil
+    for site in ("A", "B"):
+        # EXPORT_NAME has no error reply: the server ends the session, nothing comes back.
+        assert raw(site, p.OPT_EXPORT_NAME, b"vv1", then=write) == b""
+        rep = raw(site, p.OPT_LIST, b"")
+        assert int.from_bytes(rep[12:16]) == p.REP_ERR_TLS_REQD, rep
+        assert b"vv1" not in rep and b"naa." not in rep
+    assert over_tls() == tls_before
+    assert state() == st_before
+    assert_replicas_identical(lab, "vv1")
