@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .secure import Security
@@ -112,6 +112,82 @@ class LinkConfig:
         return self.transition_timeout + self.io_timeout + self.lease_expiry()
 
 
+@dataclass(frozen=True, slots=True)
+class NbdLimits:
+    """What NBD clients may make a server (a node's NBD service, a host shim's export) hold."""
+
+    max_inflight: int = 128 << 20  # bytes all connections may hold (requests, unsent replies)
+    max_inflight_per_connection: int = 32 << 20  # ... and one connection
+    max_connections: int = 512  # connections at once, beyond which new ones are closed at once
+    max_connections_per_address: int = 128  # ... from one source address (a host and its tools)
+    handshake_timeout: float = 10.0  # s from accept to transmission (option haggling, TLS)
+    payload_timeout: float = 30.0  # s a write's payload may stop arriving before the client is dropped
+    reply_timeout: float = 120.0  # s a client may leave its replies unread before it is dropped
+
+
+# File descriptors a node needs besides its NBD connections: its volumes (data, direct I/O,
+# intent log), link paths (listening, dialled, replaced), the witness, admin connections, its
+# metadata writes (a reserve: see files.reserve_fds), Python and trio themselves.
+FD_BASE = 64
+FD_PER_VOLUME = 4
+FD_PER_LINK_PATH = 4
+FD_ADMIN = 32
+
+
+def parse_nbd_limits(table: dict, where: str) -> NbdLimits:
+    """The limit keys of an [nbd] (or a host shim's [host]) table, checked together."""
+    d = NbdLimits()
+    kw: dict = {}
+    for k in ("max_inflight", "max_inflight_per_connection"):
+        v = parse_size(table.get(k, getattr(d, k)), f"{where}.{k}")
+        if v < MIN_INFLIGHT:
+            raise ConfigError(f"{where}.{k}: {v} bytes is too small to hold a host request (at least 1MiB)")
+        kw[k] = v
+    if kw["max_inflight_per_connection"] > kw["max_inflight"]:
+        raise ConfigError(f"{where}.max_inflight_per_connection: larger than {where}.max_inflight "
+                          "(what all connections together may hold)")
+    for k in ("max_connections", "max_connections_per_address"):
+        v = _take(table, k, where, int, getattr(d, k))
+        if v < 1:
+            raise ConfigError(f"{where}.{k}: must be at least 1, got {v}")
+        kw[k] = v
+    if kw["max_connections_per_address"] > kw["max_connections"]:
+        raise ConfigError(f"{where}.max_connections_per_address: larger than {where}.max_connections")
+    for k in ("handshake_timeout", "payload_timeout", "reply_timeout"):
+        v = _take(table, k, where, float, getattr(d, k))
+        if not 0 < v <= 3600:
+            raise ConfigError(f"{where}.{k}: must be between 0 and 3600 seconds, got {v}")
+        kw[k] = v
+    return NbdLimits(**kw)
+
+
+NBD_LIMIT_KEYS = frozenset(f.name for f in fields(NbdLimits))
+
+
+def fds_needed(cfg: "NodeConfig") -> int:
+    """File descriptors a node may need with its config's limits (see FD_BASE)."""
+    npaths = len(cfg.link.paths) if cfg.link else 0
+    return (FD_BASE + FD_ADMIN + FD_PER_VOLUME * len(cfg.volumes) + FD_PER_LINK_PATH * npaths
+            + cfg.nbd_limits.max_connections)
+
+
+def ensure_fd_limit(needed: int, what: str, key: str) -> None:
+    """Make sure this process may open ``needed`` file descriptors: raise the soft
+    RLIMIT_NOFILE up to the hard one if needed, else a ConfigError naming ``key``."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= needed:
+        return
+    if hard == resource.RLIM_INFINITY or hard >= needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+        return
+    raise ConfigError(
+        f"{key}: {what} may need {needed} file descriptors, but this process may open only {hard} "
+        f"(RLIMIT_NOFILE; LimitNOFILE= in a systemd unit, ulimit -n in a shell): raise that limit "
+        f"or lower {key}")
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     name: str
@@ -123,8 +199,15 @@ class NodeConfig:
     source: str = ""
     witness: object = None  # syncd.witness.client.WitnessClientConfig
     nbd_tls: "NbdTlsConfig | None" = None
-    nbd_max_inflight: int = 128 << 20  # bytes all NBD connections may hold (requests, replies)
-    nbd_max_inflight_per_connection: int = 32 << 20  # ... and one connection
+    nbd_limits: NbdLimits = NbdLimits()
+
+    @property
+    def nbd_max_inflight(self) -> int:
+        return self.nbd_limits.max_inflight
+
+    @property
+    def nbd_max_inflight_per_connection(self) -> int:
+        return self.nbd_limits.max_inflight_per_connection
 
 
 @dataclass(frozen=True)
@@ -167,7 +250,11 @@ def load_node_config(path: str | os.PathLike) -> NodeConfig:
     p = Path(path)
     raw = load_toml(p)
     try:
-        return parse_node_config(raw, base=p.parent, source=str(p))
+        cfg = parse_node_config(raw, base=p.parent, source=str(p))
+        # Connections must never take the descriptors the node's own metadata writes need.
+        ensure_fd_limit(fds_needed(cfg), f"with {cfg.nbd_limits.max_connections} NBD connections, this node",
+                        "nbd.max_connections")
+        return cfg
     except ConfigError as e:
         raise ConfigError(f"{p}: {e}") from None
 
@@ -185,20 +272,11 @@ def parse_node_config(raw: dict, base: Path = Path("."), source: str = "") -> No
     admin_socket = rel(_take(node, "admin_socket", "node", str, os.path.join(data_dir, "admin.sock")))
 
     nbd = _take(raw, "nbd", "config", dict, {})
-    _no_extra(nbd, {"listen", "tls", "tls_certificate", "tls_key", "tls_ca", "max_inflight",
-                    "max_inflight_per_connection"}, "nbd")
+    _no_extra(nbd, {"listen", "tls", "tls_certificate", "tls_key", "tls_ca"} | NBD_LIMIT_KEYS, "nbd")
     listen = _take(nbd, "listen", "nbd", list, ["127.0.0.1:10809"])
     nbd_listen = tuple(parse_addr(a, f"nbd.listen[{i}]") for i, a in enumerate(listen))
     nbd_tls = parse_nbd_tls(nbd, base)
-    nbd_limits = {}
-    for k in ("max_inflight", "max_inflight_per_connection"):
-        v = parse_size(nbd.get(k, getattr(NodeConfig, "nbd_" + k)), f"nbd.{k}")
-        if v < MIN_INFLIGHT:
-            raise ConfigError(f"nbd.{k}: {v} bytes is too small to hold a host request (at least 1MiB)")
-        nbd_limits["nbd_" + k] = v
-    if nbd_limits["nbd_max_inflight_per_connection"] > nbd_limits["nbd_max_inflight"]:
-        raise ConfigError("nbd.max_inflight_per_connection: larger than nbd.max_inflight "
-                          "(what all connections together may hold)")
+    nbd_limits = parse_nbd_limits(nbd, "nbd")
 
     link = None
     if "link" in raw:
@@ -291,7 +369,7 @@ def parse_node_config(raw: dict, base: Path = Path("."), source: str = "") -> No
         if link is None:
             raise ConfigError("witness: a witness needs a [link] to a peer")
     return NodeConfig(name, data_dir, admin_socket, nbd_listen, link, tuple(vols), source, witness, nbd_tls,
-                      **nbd_limits)
+                      nbd_limits)
 
 
 SECURITY_KEYS = frozenset({"key", "key_file", "tls_certificate", "tls_key", "tls_ca", "insecure"})

@@ -38,12 +38,24 @@ import json
 import logging
 import os
 import re
+import socket
+import tempfile
 import time
 from dataclasses import dataclass, field
 
 import trio
 
-from .config import ConfigError, _no_extra, _take, check_name, load_toml, parse_addr
+from .config import (
+    NBD_LIMIT_KEYS,
+    ConfigError,
+    NbdLimits,
+    _no_extra,
+    _take,
+    check_name,
+    load_toml,
+    parse_addr,
+    parse_nbd_limits,
+)
 from .nbd.client import (
     NBDDisconnected,
     NBDError,
@@ -92,6 +104,10 @@ class HostConfig:
     tls_ca: str | None = None  # verifies the arrays of nbds:// paths (default: the system's CAs)
     tls_certificate: str | None = None  # our client certificate: names this host to the arrays
     tls_key: str | None = None
+    # The volumes the TCP export serves (any local user can connect to it); ("*",) for all.
+    tcp_exports: tuple[str, ...] = ()
+    socket_group: str | None = None  # the unix socket is 0660 for this group; else 0600 (root only)
+    limits: NbdLimits = NbdLimits()
 
     def tls_context(self):
         """The TLS client context for nbds:// paths, or None when no path uses TLS."""
@@ -112,7 +128,7 @@ def load_host_config(path: str) -> HostConfig:
     h = _take(raw, "host", "config", dict)
     _no_extra(h, {"name", "socket", "admin_socket", "tcp", "source", "poll_interval", "transition_timeout",
                   "no_path_retry", "io_timeout", "stale_write_bound", "path_selector", "tls_ca",
-                  "tls_certificate", "tls_key"}, "host")
+                  "tls_certificate", "tls_key", "tcp_exports", "socket_group"} | NBD_LIMIT_KEYS, "host")
 
     def path_of(v: str) -> str:
         return v if os.path.isabs(v) else str((base / v).resolve())
@@ -147,12 +163,37 @@ def load_host_config(path: str) -> HostConfig:
     tls = {k: path_of(v) if v else None for k, v in tls.items()}
     if bool(tls["tls_certificate"]) != bool(tls["tls_key"]):
         raise ConfigError("host.tls_certificate and host.tls_key: give both or neither")
+    tcp_addr = parse_addr(tcp, "host.tcp") if tcp else None
+    if tcp_addr is not None and not _loopback(tcp_addr[0]):
+        raise ConfigError(f"host.tcp: {tcp_addr[0]} is not a loopback address: the shim's TCP export has no "
+                          "authentication of its own, so it listens on loopback only (127.0.0.1 or ::1)")
+    tcp_exports = _take(h, "tcp_exports", "host", list, None)
+    if tcp_addr is not None and tcp_exports is None:
+        raise ConfigError('host.tcp_exports: missing: list the volumes the TCP export may serve (every local '
+                          'user can connect to it), e.g. tcp_exports = ["vv1"], or ["*"] for all of them')
+    if tcp_exports is not None:
+        if tcp_addr is None:
+            raise ConfigError("host.tcp_exports: set, but host.tcp is not")
+        for i, v in enumerate(tcp_exports):
+            if v != "*":
+                check_name(v, f"host.tcp_exports[{i}]")
+    group = _take(h, "socket_group", "host", str, None)
+    if group is not None:
+        import grp
+
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            raise ConfigError(f"host.socket_group: no group named {group!r}") from None
     cfg = HostConfig(
         name=check_name(_take(h, "name", "host", str), "host.name"),
         socket=path_of(_take(h, "socket", "host", str)),
         admin_socket=path_of(_take(h, "admin_socket", "host", str)),
         arrays=tuple(arrays),
-        tcp=parse_addr(tcp, "host.tcp") if tcp else None,
+        tcp=tcp_addr,
+        tcp_exports=tuple(tcp_exports or ()),
+        socket_group=group,
+        limits=parse_nbd_limits(h, "host"),
         source=_take(h, "source", "host", str, None),
         **tls,
         **kw,
@@ -165,6 +206,45 @@ def load_host_config(path: str) -> HostConfig:
     except (OSError, ValueError) as e:
         raise ConfigError(f"host.tls: the CA, certificate or key cannot be loaded: {e}") from None
     return cfg
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def bind_unix(path: str, mode: int, group: str | None = None) -> socket.socket:
+    """A listening unix socket at ``path`` that never exists with other permissions than
+    ``mode``: bound in a private (0700) directory beside it, given its mode and group there,
+    then renamed into place."""
+    d = os.path.dirname(os.path.abspath(path))
+    tmpdir = tempfile.mkdtemp(prefix=".sock-", dir=d)  # 0700
+    tmp = os.path.join(tmpdir, "s")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(tmp)
+        os.chmod(tmp, mode)
+        if group is not None:
+            import grp
+
+            os.chown(tmp, -1, grp.getgrnam(group).gr_gid)
+        sock.listen(64)
+        sock.setblocking(False)
+        os.replace(tmp, path)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        os.rmdir(tmpdir)
+    return sock
 
 
 # -- paths and volumes ---------------------------------------------------------------------------
@@ -359,7 +439,14 @@ class Shim:
         self.tls = cfg.tls_context()
 
     def exports_for(self, client: ClientIdentity):
-        return self.volumes
+        """The unix socket (its permissions decide who connects) serves every volume; the TCP
+        export, which any local user reaches, only those of ``tcp_exports``."""
+        if not client.address:
+            return self.volumes
+        allowed = self.cfg.tcp_exports
+        if "*" in allowed:
+            return self.volumes
+        return {n: v for n, v in self.volumes.items() if n in allowed}
 
     def fail_path(self, p: Path) -> None:
         c, p.client = p.client, None
@@ -454,18 +541,16 @@ class Shim:
             with trio.move_on_after(5):  # the size comes with the first connection
                 for v in self.volumes.values():
                     await v.sized.wait()
-            server = NBDServer(self)
-            await n.start(server.serve_unix, self.cfg.socket)
+            server = NBDServer(self, limits=self.cfg.limits)
+            lsock = bind_unix(self.cfg.socket, 0o660 if self.cfg.socket_group else 0o600, self.cfg.socket_group)
+            n.start_soon(server.serve_listener, lsock)
             if self.cfg.tcp:
+                missing = [v for v in self.cfg.tcp_exports if v != "*" and v not in self.volumes]
+                if missing:
+                    log.warning("host %s: host.tcp_exports names %s, which no array exports to this host",
+                                self.cfg.name, ", ".join(missing))
                 await n.start(server.serve_tcp, *self.cfg.tcp)
-            for path in (self.cfg.admin_socket,):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-            sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-            await sock.bind(self.cfg.admin_socket)
-            sock.listen(8)
+            sock = trio.socket.from_stdlib_socket(bind_unix(self.cfg.admin_socket, 0o600))
             n.start_soon(trio.serve_listeners, self._admin, [trio.SocketListener(sock)])
             log.info("host shim %s ready: %s (%s)", self.cfg.name, self.cfg.socket,
                      ", ".join(f"{v.name}: {len(v.paths)} paths" for v in self.volumes.values()))

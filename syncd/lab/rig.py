@@ -375,7 +375,8 @@ def start_shims(lab: dict, topology: str) -> dict:
         cfg = d / "host.toml"
         cfg.write_text(
             f'[host]\nname = "{h}"\nsocket = "{d / "nbd.sock"}"\nadmin_socket = "{d / "admin.sock"}"\n'
-            f'tcp = "127.0.0.1:{port}"\npoll_interval = 0.2\nstale_write_bound = {bound:.1f}\n'
+            f'tcp = "127.0.0.1:{port}"\ntcp_exports = {json.dumps(sorted(lab["nodes"][site]["volumes"]))}\n'
+            f'poll_interval = 0.2\nstale_write_bound = {bound:.1f}\n'
             + "".join(f'\n[[array]]\nname = "{a}"\n'
                       f'paths = ["nbd://{relays[a][1] if a in relays else lab["nodes"][a]["nbd"]}"]\n'
                       for a in arrays)

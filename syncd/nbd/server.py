@@ -17,6 +17,8 @@ import collections
 import dataclasses
 import errno
 import logging
+import math
+import mmap
 import os
 import socket
 import ssl
@@ -24,6 +26,7 @@ import ssl
 import trio
 
 from .. import netio
+from ..config import NbdLimits
 from . import proto as p
 from .export import BlockError, ClientIdentity, Export, ExportCatalog
 
@@ -43,10 +46,14 @@ _ERRNO_TO_NBD = {
     errno.ENOTSUP: p.NBD_ENOTSUP,
     errno.ESHUTDOWN: p.NBD_ESHUTDOWN,
 }
-HANDSHAKE_TIMEOUT = 30.0
 MAX_OPTIONS = 256
-MAX_INFLIGHT = 128 << 20  # bytes all connections may hold (requests and replies), by default
-MAX_INFLIGHT_PER_CONNECTION = 32 << 20  # ... and one connection
+MAX_INFLIGHT = NbdLimits.max_inflight  # bytes all connections may hold (requests and replies), by default
+MAX_INFLIGHT_PER_CONNECTION = NbdLimits.max_inflight_per_connection  # ... and one connection
+# A write payload larger than this is received into an anonymous mapping, whose pages exist only
+# once payload bytes land in them: a header announcing 32 MiB costs nothing until they arrive.
+_LAZY_PAYLOAD = 64 << 10
+# Errors of accept() and socket() that mean "no file descriptor or memory for one more".
+_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 # What a request or a queued reply costs beyond its data bytes (objects, a task), so a flood of
 # tiny requests is bounded as well.
 _REQ_OVERHEAD = 4096
@@ -205,7 +212,15 @@ class NBDConnection:
                 n += _REPLY_OVERHEAD
             for b in bufs:
                 n += len(b)
-            await self._send(bufs, pacer)
+            with trio.move_on_after(self.server.limits.reply_timeout) as late:
+                await self._send(bufs, pacer)
+            if late.cancelled_caught:
+                # What it does not read stays held: a client that stops reading is dropped,
+                # not waited for forever.
+                log.info("client %s: read none of its replies for %gs; disconnecting it",
+                         self.identity.address, self.server.limits.reply_timeout)
+                self.scope.cancel()
+                return
             self._unhold(n)
 
     # -- what this connection holds ------------------------------------------------------------
@@ -256,30 +271,12 @@ class NBDConnection:
 
     async def _option(self, ev: p.Option) -> bool | None:
         o, data = ev.option, ev.data
-        exports = self.server.catalog.exports_for(self.identity)
-        if o == p.OPT_EXPORT_NAME:
-            e = exports.get(data.decode("utf-8", "replace"))
-            if e is None:
-                return False  # the spec's only answer here is to close the connection
-            await self._send([self.conn.export_name_reply(e.size, transmission_flags(e))])
-            self.export = e
-            self.conn.start_transmission()
-            return True
         if o == p.OPT_ABORT:
             try:
                 await self._reply(o, p.REP_ACK)
             except (OSError, trio.BrokenResourceError):
                 pass
             return False
-        if o == p.OPT_LIST:
-            if data:
-                await self._error(o, p.REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
-                return None
-            for name, e in exports.items():
-                nb = name.encode()
-                await self._reply(o, p.REP_SERVER, p.U32.pack(len(nb)) + nb + e.description.encode())
-            await self._reply(o, p.REP_ACK)
-            return None
         if o == p.OPT_STARTTLS:
             if self.server.tls_context is None:
                 await self._error(o, p.REP_ERR_UNSUP, "TLS is not configured on this server")
@@ -293,10 +290,34 @@ class NBDConnection:
             await self._reply(o, p.REP_ACK)
             await self._start_tls()
             return None
-        if self.tls is None and self.server.tls_required and o != p.OPT_ABORT:
+        # FORCEDTLS (the NBD protocol's TLS section; nbdkit checks the same ahead of its option
+        # switch): before TLS nothing else is even parsed, so no export name, description or WWN
+        # is ever sent or acted on in clear text.
+        if self.tls is None and self.server.tls_required:
             if o == p.OPT_EXPORT_NAME:
+                # It has no error reply: the protocol says to end the session.
+                log.info("client %s: NBD_OPT_EXPORT_NAME without TLS, which this server requires; "
+                         "disconnecting it", self.identity.address)
                 return False
             await self._error(o, p.REP_ERR_TLS_REQD, "this server requires TLS: use NBD_OPT_STARTTLS first")
+            return None
+        exports = self.server.catalog.exports_for(self.identity)
+        if o == p.OPT_EXPORT_NAME:
+            e = exports.get(data.decode("utf-8", "replace"))
+            if e is None:
+                return False  # the spec's only answer here is to close the connection
+            await self._send([self.conn.export_name_reply(e.size, transmission_flags(e))])
+            self.export = e
+            self.conn.start_transmission()
+            return True
+        if o == p.OPT_LIST:
+            if data:
+                await self._error(o, p.REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
+                return None
+            for name, e in exports.items():
+                nb = name.encode()
+                await self._reply(o, p.REP_SERVER, p.U32.pack(len(nb)) + nb + e.description.encode())
+            await self._reply(o, p.REP_ACK)
             return None
         if o in (p.OPT_INFO, p.OPT_GO):
             try:
@@ -372,18 +393,14 @@ class NBDConnection:
             # Counted from its header on, before its payload is read: what passed the check
             # above is held before any other connection checks again.
             if isinstance(ev, p.PartialWrite):
-                cost = _REQ_OVERHEAD + ev.request.length
-                self.held += cost
-                srv.held += cost
+                self._hold(_REQ_OVERHEAD)  # and its payload as it arrives
                 ev = await self._complete_write(ev)
                 if ev.length >= _BIG_WRITE:
                     # Reading, copying and forwarding a large write is a lot of work for one
                     # step: let the other tasks (the replication link's above all) have a turn.
                     await trio.lowlevel.checkpoint()
             else:
-                cost = _REQ_OVERHEAD + ev.length if ev.type == p.CMD_WRITE or ev.type == p.CMD_READ else _REQ_OVERHEAD
-                self.held += cost
-                srv.held += cost
+                self._hold(_request_cost(ev))
             if ev.type == p.CMD_DISC:
                 return
             if self.server.draining and ev.type != p.CMD_BLOCK_STATUS:
@@ -399,7 +416,7 @@ class NBDConnection:
         """Run a plain read or write without a task when the export can (True if handled; the
         request's cost, held by the caller, is then given back when it completes)."""
         e = self.export
-        cost = _REQ_OVERHEAD + r.length
+        cost = _request_cost(r)
         err = self._check(r)
         if err:
             self._unhold(cost)
@@ -459,51 +476,121 @@ class NBDConnection:
             self._queue(self.conn.simple_reply(cookie, err))
 
     async def _complete_write(self, pw: p.PartialWrite) -> p.Request:
+        """Receive the rest of a write's payload. Its bytes are held (see the module doc) as
+        they arrive, and no more of them are read than the server has room for; when there is
+        none, one connection at a time may receive a whole payload beyond it (the server's
+        ``overshoot`` turn), so that writes half received everywhere never wait for each other:
+        all connections together hold at most ``max_inflight`` plus two requests. A payload
+        that stops arriving for ``payload_timeout`` ends the connection."""
         r = pw.request
-        buf = bytearray(r.length)
+        srv = self.server
+        buf: bytearray | mmap.mmap = bytearray(r.length) if r.length <= _LAZY_PAYLOAD else mmap.mmap(-1, r.length)
         view = memoryview(buf)
         got = self.conn.take_into(view)
-        while got < r.length:
-            if self.tls is None:
-                n = await netio.recv_into(self.sock, view[got:])
-            else:
-                chunk = await self._read(r.length - got)
-                n = len(chunk)
-                view[got:got + n] = chunk
-            if not n:
-                raise _Closed()
-            got += n
+        self._hold(got)
+        srv.receiving += _REQ_OVERHEAD + got
+        pending = 0
+        timeout = srv.limits.payload_timeout
+        try:
+            with trio.CancelScope(deadline=trio.current_time() + timeout) as deadline:
+                while got < r.length:
+                    want = r.length - got
+                    if srv.overshoot is not self:
+                        if srv.held >= srv.max_inflight:
+                            deadline.deadline = math.inf  # held back by the server, not late
+                            await self._wait_for_payload_room()
+                            deadline.deadline = trio.current_time() + timeout
+                        if srv.overshoot is not self:
+                            want = min(want, srv.max_inflight - srv.held)
+                    if self.tls is None:
+                        # Counted in the same step as received (no wait in between): other
+                        # connections never see room this one has taken.
+                        await trio.lowlevel.wait_readable(self.sock)
+                        if srv.overshoot is not self:
+                            want = min(r.length - got, srv.max_inflight - srv.held)
+                            if want <= 0:
+                                continue
+                        n = netio.recv_into_nowait(self.sock, view[got:got + want])
+                        if n is None:
+                            continue
+                        self._hold(n)
+                        srv.receiving += n
+                    else:
+                        # Decrypted a record at a time: held before the wait, a record's worth.
+                        want = pending = min(want, 1 << 16)
+                        self._hold(pending)
+                        srv.receiving += pending
+                        chunk = await self._read(want)
+                        pending = 0
+                        n = len(chunk)
+                        view[got:got + n] = chunk
+                        srv.receiving -= want - n
+                        self._unhold(want - n)
+                    if not n:
+                        raise _Closed()
+                    got += n
+                    deadline.deadline = trio.current_time() + timeout
+        finally:
+            srv.receiving -= _REQ_OVERHEAD + got + pending
+            if srv.overshoot is self:
+                srv.overshoot = None
+                srv.room.unpark_all()
+        if got < r.length:
+            raise p.ProtocolError(f"the payload of a {r.length}-byte write stopped arriving for {timeout:g}s "
+                                  f"({got} bytes received)")
         return p.Request(r.flags, r.type, r.cookie, r.offset, r.length, buf)
 
+    async def _wait_for_payload_room(self) -> None:
+        srv = self.server
+        while srv.held >= srv.max_inflight:
+            # Nothing but payloads still arriving holds it all (each takes no more than there
+            # is room for), so nothing will give room back: one of them receives its whole
+            # payload beyond the bound.
+            if srv.overshoot is None and srv.held <= srv.receiving:
+                srv.overshoot = self
+                return
+            await srv.room.park()
+
+    def _hold(self, n: int) -> None:
+        self.held += n
+        self.server.held += n
+
     def _check(self, r: p.Request) -> int:
-        """0 if the request may run, else the NBD error to answer with."""
+        """0 if the request may run, else the NBD error to answer with (the NBD protocol's
+        choices, as nbdkit makes them): offsets and lengths are Python integers, so an offset
+        near 2**64 or one whose sum with the length passes it is simply beyond the end."""
         e = self.export
-        if r.flags & ~_KNOWN_CMD_FLAGS:
+        f = r.flags
+        if f & ~_KNOWN_CMD_FLAGS:
             return p.NBD_EINVAL
         t = r.type
-        if t in (p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES):
-            if e.read_only:
-                return p.NBD_EPERM
-            if r.offset + r.length > e.size:
-                return p.NBD_ENOSPC
-            if r.flags & p.CMD_FLAG_FAST_ZERO:
-                return p.NBD_EINVAL  # not advertised
-            if t == p.CMD_TRIM and not e.can_trim or t == p.CMD_WRITE_ZEROES and not e.can_zero:
-                return p.NBD_EINVAL
-            if r.flags & p.CMD_FLAG_FUA and not e.can_fua:
-                return p.NBD_EINVAL
-            return 0
-        if t == p.CMD_READ:
-            if r.length > p.MAX_BLOCK or r.offset + r.length > e.size:
-                return p.NBD_EINVAL
-            return 0
+        if (f & p.CMD_FLAG_NO_HOLE and t != p.CMD_WRITE_ZEROES or f & p.CMD_FLAG_REQ_ONE and t != p.CMD_BLOCK_STATUS
+                or f & p.CMD_FLAG_DF and (t != p.CMD_READ or not self.conn.structured)):
+            return p.NBD_EINVAL
+        if f & p.CMD_FLAG_FUA and not e.can_fua:
+            return p.NBD_EINVAL
         if t == p.CMD_FLUSH:
-            return 0 if e.can_flush else p.NBD_EINVAL
-        if t == p.CMD_BLOCK_STATUS:
-            if not self.contexts or r.offset + r.length > e.size or not self.conn.structured:
-                return p.NBD_EINVAL
+            return 0 if e.can_flush and not r.offset and not r.length else p.NBD_EINVAL
+        if t not in (p.CMD_READ, p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES, p.CMD_BLOCK_STATUS):
+            return p.NBD_EINVAL
+        if t != p.CMD_READ and t != p.CMD_BLOCK_STATUS and e.read_only:
+            return p.NBD_EPERM
+        if not r.length:  # nothing to do is not a request (nbdkit: EINVAL)
+            return p.NBD_EINVAL
+        if r.offset + r.length > e.size:
+            return p.NBD_ENOSPC if t == p.CMD_WRITE or t == p.CMD_WRITE_ZEROES else p.NBD_EINVAL
+        if t == p.CMD_READ:
+            return p.NBD_EINVAL if r.length > p.MAX_BLOCK else 0
+        if t == p.CMD_WRITE:
             return 0
-        return p.NBD_EINVAL
+        if f & p.CMD_FLAG_FAST_ZERO:
+            return p.NBD_EINVAL  # not advertised
+        if t == p.CMD_TRIM:
+            return 0 if e.can_trim else p.NBD_EINVAL
+        if t == p.CMD_WRITE_ZEROES:
+            return 0 if e.can_zero else p.NBD_EINVAL
+        # BLOCK_STATUS
+        return 0 if self.contexts and self.conn.structured else p.NBD_EINVAL
 
     async def _run(self, r: p.Request) -> None:
         try:
@@ -554,7 +641,7 @@ class NBDConnection:
 
     async def _block_status(self, r: p.Request) -> None:
         e = self.export
-        length = r.length or (e.size - r.offset)
+        length = r.length  # 1 .. 2**32-1 (checked): every extent's length fits its 32-bit field
         chunks = []
         for cid, name in sorted(self.contexts.items()):
             if name == "base:allocation":
@@ -564,7 +651,7 @@ class NBDConnection:
                     flags = flags[:1]
             else:
                 st = e.alua(self.identity)
-                flags = [(min(length, 0xFFFFFFFF), p.alua_word(st.state, st.epoch))]  # one extent
+                flags = [(length, p.alua_word(st.state, st.epoch))]  # one extent
             chunks.append((cid, flags))
         for i, (cid, flags) in enumerate(chunks):
             self._queue(self.conn.block_status_chunk(r.cookie, cid, flags, done=i == len(chunks) - 1))
@@ -572,25 +659,42 @@ class NBDConnection:
 
 def _request_cost(r: p.Request) -> int:
     """What a request makes the server hold while it runs: its data (a write's payload, the
-    buffer a read fills) and the overhead of a request."""
+    buffer a read fills) and the overhead of a request. A read longer than the maximum is
+    refused before it allocates anything: it costs only the overhead."""
     t = r.type
-    return _REQ_OVERHEAD + r.length if t == p.CMD_WRITE or t == p.CMD_READ else _REQ_OVERHEAD
+    if t == p.CMD_WRITE or t == p.CMD_READ and r.length <= p.MAX_BLOCK:
+        return _REQ_OVERHEAD + r.length
+    return _REQ_OVERHEAD
 
 
 class NBDServer:
     def __init__(self, catalog: ExportCatalog, tls_context: ssl.SSLContext | None = None, tls_required: bool = False,
-                 max_inflight: int = MAX_INFLIGHT, max_inflight_per_connection: int = MAX_INFLIGHT_PER_CONNECTION):
+                 max_inflight: int | None = None, max_inflight_per_connection: int | None = None,
+                 limits: NbdLimits | None = None):
         self.catalog = catalog
         self.tls_context = tls_context
         self.tls_required = tls_required and tls_context is not None
-        self.max_inflight = max_inflight
-        self.max_inflight_per_connection = max_inflight_per_connection
+        limits = limits or NbdLimits()
+        if max_inflight is not None or max_inflight_per_connection is not None:
+            limits = dataclasses.replace(limits, max_inflight=max_inflight or limits.max_inflight,
+                                         max_inflight_per_connection=max_inflight_per_connection
+                                         or limits.max_inflight_per_connection)
+        self.limits = limits
+        self.max_inflight = limits.max_inflight
+        self.max_inflight_per_connection = limits.max_inflight_per_connection
         self.held = 0  # bytes all connections hold (the sum of their ``held``)
         self.room = trio.lowlevel.ParkingLot()  # readers waiting for held to drop
+        self.overshoot: NBDConnection | None = None  # may receive its write's payload beyond max_inflight
+        self.receiving = 0  # of ``held``: payloads still arriving (with their requests' overhead)
         self.connections = 0
+        self.per_address: collections.Counter[str] = collections.Counter()
+        self.refused = 0  # connections closed at once: over a limit, or no file descriptor left
+        self._refusing = ""  # why the last connection was refused (logged once per episode)
         self.live: set[NBDConnection] = set()
         self.draining = False  # shutting down: new requests are refused ESHUTDOWN, running ones finish
         self.quiet = trio.lowlevel.ParkingLot()  # drain(): a connection has nothing in flight any more
+        self.gone = trio.lowlevel.ParkingLot()  # a connection ended (its descriptor is free again)
+        self._spare_fd = -1  # one descriptor kept to accept-and-close when there is none left
 
     async def drain(self) -> None:
         """Refuse new requests (ESHUTDOWN: the host's multipath moves to another path) and wait
@@ -627,27 +731,123 @@ class NBDServer:
         task_status.started(path)
         await self._serve(lsock)
 
+    async def serve_listener(self, lsock: socket.socket) -> None:
+        """Serve a listening socket made by the caller (e.g. a unix socket with its permissions)."""
+        await self._serve(lsock)
+
     async def _serve(self, lsock: socket.socket) -> None:
+        self._keep_spare_fd()
         try:
             async with trio.open_nursery() as n:
                 while True:
-                    sock, addr = await netio.accept(lsock)
+                    accepted = await self._accept(lsock)
+                    if accepted is None:
+                        continue
+                    sock, addr = accepted
                     ident = ClientIdentity(addr[0], addr[1]) if isinstance(addr, tuple) else ClientIdentity("")
-                    n.start_soon(self._handle_sock, sock, ident)
+                    why = self._over_limit(ident.address)
+                    if why:
+                        self._refuse(sock, ident.address, why)
+                        continue
+                    self._refusing = ""
+                    self.connections += 1
+                    self.per_address[ident.address] += 1
+                    n.start_soon(self._handle_sock, sock, ident, True)
         finally:
             trio.lowlevel.notify_closing(lsock)
             lsock.close()
+            if self._spare_fd >= 0:
+                os.close(self._spare_fd)
+                self._spare_fd = -1
 
-    async def _handle_sock(self, sock: socket.socket, ident: ClientIdentity) -> None:
+    def _over_limit(self, address: str) -> str:
+        lim = self.limits
+        if self.connections >= lim.max_connections:
+            return f"the server has its maximum of {lim.max_connections} connections (max_connections)"
+        if self.per_address[address] >= lim.max_connections_per_address:
+            return (f"{address or 'the unix socket'} has its maximum of {lim.max_connections_per_address} "
+                    "connections (max_connections_per_address)")
+        return ""
+
+    def _refuse(self, sock: socket.socket, address: str, why: str) -> None:
+        self.refused += 1
+        if why != self._refusing:
+            self._refusing = why
+            log.warning("refusing NBD connections from %s: %s", address or "the unix socket", why)
+        netio.set_abortive_close(sock)
+        sock.close()
+
+    def _keep_spare_fd(self) -> None:
+        if self._spare_fd < 0:
+            try:
+                self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                pass  # none free now: tried again after the next connection ends
+
+    async def _accept(self, lsock: socket.socket) -> tuple[socket.socket, object] | None:
+        """The next connection, or None when one was refused (no file descriptor for it).
+
+        Out of descriptors, the connection waiting longest is accepted with the spare one and
+        closed at once (the client sees its connection refused, instead of waiting in the
+        backlog), and nothing else is taken for a failure: the node goes on serving the
+        connections it has. Without the spare, accepting waits until a connection ends."""
+        while True:
+            try:
+                sock, addr = lsock.accept()
+                break
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(lsock)
+            except OSError as e:
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                if e.errno not in _EXHAUSTED:
+                    raise
+                why = f"no file descriptor left for a connection ({os.strerror(e.errno)})"
+                if self._spare_fd >= 0:
+                    os.close(self._spare_fd)
+                    self._spare_fd = -1
+                    try:
+                        sock, addr = lsock.accept()
+                    except BlockingIOError:
+                        # Linux takes the descriptor before it looks at the queue: EMFILE says
+                        # nothing about a connection waiting. None is: wait for one.
+                        self._keep_spare_fd()
+                        await trio.lowlevel.wait_readable(lsock)
+                        continue
+                    except OSError:
+                        pass
+                    else:
+                        self._refuse(sock, addr[0] if isinstance(addr, tuple) else "", why)
+                    self._keep_spare_fd()
+                    await trio.lowlevel.checkpoint()  # a flood of refusals must not starve the node
+                    return None
+                if why != self._refusing:
+                    self._refusing = why
+                    log.warning("not accepting NBD connections: %s", why)
+                # A descriptor comes free when a connection ends (or, in a second, elsewhere).
+                with trio.move_on_after(1.0):
+                    await self.gone.park()
+                self._keep_spare_fd()
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock, addr
+
+    async def _handle_sock(self, sock: socket.socket, ident: ClientIdentity, counted: bool = False) -> None:
         try:
             await self.handle(sock, ident)
         finally:
             trio.lowlevel.notify_closing(sock)
             sock.close()
+            if counted:  # counted by the accept loop, against the connection limits
+                self.connections -= 1
+                self.per_address[ident.address] -= 1
+                if not self.per_address[ident.address]:
+                    del self.per_address[ident.address]
+            self.gone.unpark_all()
 
     async def handle(self, sock, ident: ClientIdentity) -> None:
         c = NBDConnection(self, sock, ident)
-        self.connections += 1
         self.live.add(c)
         try:
             with c.scope:
@@ -666,7 +866,6 @@ class NBDServer:
             if cancelled is not None:  # the server is stopping: that must go on up
                 raise cancelled from None
         finally:
-            self.connections -= 1
             self.live.discard(c)
             if self.draining:  # what it had in flight no longer holds up drain()
                 self.quiet.unpark_all()
@@ -679,9 +878,13 @@ class NBDServer:
                 self.room.unpark_all()
 
     async def _session(self, c: NBDConnection) -> None:
-        with trio.move_on_after(HANDSHAKE_TIMEOUT) as hs:
+        with trio.move_on_after(self.limits.handshake_timeout) as hs:
             ok = await c.handshake()
-        if hs.cancelled_caught or not ok:
+        if hs.cancelled_caught:
+            log.info("client %s: no export chosen within %gs (handshake_timeout); disconnecting it",
+                     c.identity.address, self.limits.handshake_timeout)
+            return
+        if not ok:
             return
         async with trio.open_nursery() as n:
             n.start_soon(c._sender)

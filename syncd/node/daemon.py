@@ -271,9 +271,13 @@ class Node:
         and the peer takes its groups over through the witness."""
         if self.fatal:
             return
+        # Descriptors are kept in reserve for these writes (files.reserve_fds) and connections
+        # are limited well below RLIMIT_NOFILE: running out here means something else leaks them.
+        fix = ("Find what holds this process's file descriptors (ls /proc/PID/fd), raise LimitNOFILE "
+               "or lower nbd.max_connections, and start the node again" if e.errno in (errno.EMFILE, errno.ENFILE)
+               else "Free space on, or repair, the data directory's disk and start the node again")
         self.fatal = (f"cannot write node metadata {path or self.store.path}: {e.strerror or e}; node "
-                      f"{self.cfg.name} stops (its volumes are untouched, the peer takes its groups over). "
-                      "Free space on, or repair, the data directory's disk and start the node again")
+                      f"{self.cfg.name} stops (its volumes are untouched, the peer takes its groups over). {fix}")
         log.critical("%s", self.fatal)
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
@@ -350,14 +354,13 @@ class Node:
                     await nursery.start(self.link.run)
                     nursery.start_soon(self._intent_loop)
                 tls = self.cfg.nbd_tls
-                limits = dict(max_inflight=self.cfg.nbd_max_inflight,
-                              max_inflight_per_connection=self.cfg.nbd_max_inflight_per_connection)
+                limits = self.cfg.nbd_limits
                 if tls is not None:
                     from ..config import server_tls_context
 
-                    nbd = self.nbd = NBDServer(self, server_tls_context(tls), tls.mode == "require", **limits)
+                    nbd = self.nbd = NBDServer(self, server_tls_context(tls), tls.mode == "require", limits=limits)
                 else:
-                    nbd = self.nbd = NBDServer(self, **limits)
+                    nbd = self.nbd = NBDServer(self, limits=limits)
                 for host, port in self.cfg.nbd_listen:
                     actual = await nursery.start(nbd.serve_tcp, host, port)
                     self.nbd_ports.append((host, actual if isinstance(actual, int) else port))

@@ -13,7 +13,7 @@ import os
 import uuid
 from dataclasses import asdict, dataclass, field
 
-from ..files import atomic_write, lock_dir
+from ..files import atomic_write, lock_dir, reserve_fds
 
 FORMAT_VERSION = 1
 POLICIES = ("active_active", "auto_failover", "path_management", "auto_recover", "auto_synchronize")
@@ -126,6 +126,7 @@ class StateStore:
     def __init__(self, data_dir: str, node: str):
         self.dir = data_dir
         self.path = os.path.join(data_dir, "state.json")
+        reserve_fds()  # for metadata writes when clients have taken every other descriptor
         self._lockfd = lock_dir(data_dir)
         if self._lockfd is None:
             raise StateError(f"data directory {data_dir} is in use by another syncd node process")

@@ -179,3 +179,76 @@ def test_lab_site_failure_and_heal_then_down_leaves_nothing_running(shim):
     lab_down(lab["dir"])
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert lab["dir"] not in ps, [line for line in ps.splitlines() if lab["dir"] in line]
+
+
+def test_row9_shim_tcp_export_serves_only_its_listed_volumes_on_loopback(tmp_path):
+    """Issue 11 row 9 on a running shim with ``tcp`` set: its unix and admin sockets are
+    0600, its TCP export lists and opens only ``tcp_exports`` (an unlisted volume can be
+    neither listed nor opened, and a write to it changes neither replica) while the unix
+    socket serves both, it listens on loopback only, and a non-loopback ``tcp`` does not start."""
+    import json
+    import os
+    import stat
+    import subprocess
+
+    from syncd.lab.rig import free_port
+
+    from .rig import file_digest
+
+    require_tool("nbdinfo", "qemu-io")
+    lab = lab_up(str(tmp_path / "lab"), size="8MiB", nvolumes=2, npaths=1, link_opts=FAST_LINK, timeout=60)
+    d = tmp_path / "shim"
+    d.mkdir()
+    port = free_port()
+    arrays = "".join(f'[[array]]\nname = "{s}"\npaths = ["nbd://{lab["nodes"][s]["nbd"]}"]\n' for s in ("A", "B"))
+    cfg = d / "host.toml"
+    cfg.write_text(f'[host]\nname = "lab"\nsocket = "nbd.sock"\nadmin_socket = "admin.sock"\npoll_interval = 0.2\n'
+                   f'tcp = "127.0.0.1:{port}"\ntcp_exports = ["vv1"]\n' + arrays)
+    log = open(d / "shim.log", "wb")
+    shim = subprocess.Popen([sys.executable, "-m", "syncd", "host", "--config", str(cfg)], stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: all(x["alua"] == "active/optimized" for v in host_status(str(d / "admin.sock"))["volumes"]
+                             for x in v["paths"]) and len(host_status(str(d / "admin.sock"))["volumes"]) == 2,
+                 timeout=30, what="the shim's paths")
+        for sock in ("nbd.sock", "admin.sock"):
+            st = os.stat(d / sock)
+            assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600, (sock, oct(st.st_mode))
+        def digests():
+            return {(s, v): file_digest(lab["nodes"][s]["volumes"][v]["path"]) for s in ("A", "B")
+                    for v in ("vv1", "vv2")}
+
+        before = digests()
+
+        def names(uri):
+            listed = json.loads(run("nbdinfo", "--list", "--json", uri).stdout)["exports"]
+            return sorted(e["export-name"] for e in listed)
+
+        assert names(f"nbd://127.0.0.1:{port}/") == ["vv1"]
+        assert names(f"nbd+unix:///?socket={d / 'nbd.sock'}") == ["vv1", "vv2"]
+        r = run("nbdinfo", f"nbd://127.0.0.1:{port}/vv2", check=False)
+        assert r.returncode != 0 and "vv2" not in r.stdout
+        r = run("qemu-io", "-f", "raw", "-c", "write -P 0xee 0 64k", f"nbd://127.0.0.1:{port}/vv2", check=False)
+        assert r.returncode != 0 and "wrote" not in r.stdout, r.stdout
+        # The listed volume is served over TCP (and its write reaches both replicas).
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x5c 0 64k", f"nbd://127.0.0.1:{port}/vv1")
+        after = digests()
+        assert after[("A", "vv2")] == before[("A", "vv2")] and after[("B", "vv2")] == before[("B", "vv2")]
+        assert after[("A", "vv1")] != before[("A", "vv1")]
+        assert_replicas_identical(lab, "vv1")
+        # Loopback only: every TCP socket the shim listens on is bound to 127.0.0.1.
+        out = run("ss", "-Hltnp").stdout
+        mine = [line.split()[3] for line in out.splitlines() if f"pid={shim.pid}," in line]
+        assert mine and all(a.startswith("127.0.0.1:") for a in mine), out
+    finally:
+        shim.terminate()
+        shim.wait(10)
+        log.close()
+        lab_down(lab["dir"])
+    # A shim told to listen beyond loopback does not start, and says why.
+    cfg.write_text(cfg.read_text().replace(f'tcp = "127.0.0.1:{port}"', f'tcp = "0.0.0.0:{port}"'))
+    for f in ("nbd.sock", "admin.sock"):
+        (d / f).unlink(missing_ok=True)
+    r = run(sys.executable, "-m", "syncd", "host", "--config", str(cfg), check=False, timeout=30)
+    assert r.returncode != 0 and "not a loopback address" in r.stderr + r.stdout, r.stderr
+    assert not (d / "nbd.sock").exists() and not (d / "admin.sock").exists()

@@ -120,8 +120,11 @@ async def test_all_connections_together_are_bounded():
         for _ in range(3):
             await client(srv, n, exp, 10, tx)
         await trio.sleep(0.5)
-        assert exp.started == 6  # 6 x (1 MiB + overhead) reach 6 MiB: nothing more is read
-        assert srv.held <= 6 * MiB + 6 * 4096
+        # Writes are held from their header on and their payloads as they arrive, never further
+        # than the 6 MiB go (beyond: what each connection has already read from its socket, at
+        # most 64 KiB): some run, the payloads of others wait half received, nothing more is read.
+        assert 4 <= exp.started <= 6
+        assert srv.held <= 6 * MiB + 3 * (64 * 1024 + 4096)
         assert sum(1 for c in srv.live if c.held) >= 2  # not all of it taken by one connection
         exp.go.set()
         with trio.fail_after(10):
