@@ -161,11 +161,11 @@ async def _cancelled_write(tmp_path, role: str) -> tuple[bytes, bytes, Wire, Dat
         wire = Wire(peer)
         async with trio.open_nursery() as nursery:
             g = Group(Node(wire, nursery), role)
-            dp = DataPath(g)  # type: ignore[arg-type]
+            dp = DataPath(g)
             m = Member(g, here, intent)
             with trio.CancelScope() as cs:
                 cs.cancel()
-                await dp.host_write(m, WRITE, off, len(data), memoryview(data), True)  # type: ignore[arg-type]
+                await dp.host_write(m, WRITE, off, len(data), memoryview(data), True)
             assert cs.cancelled_caught  # the host gets no answer: it went away
             await trio.testing.wait_all_tasks_blocked()
             wire.answer()
