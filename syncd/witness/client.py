@@ -108,8 +108,7 @@ class WitnessClient:
             sock = await netio.connect(self.cfg.address)
         try:
             hs = secure.Handshake(self.cfg.security, secure.Role.DIALER, self.node, self.cfg.name)
-            with trio.fail_after(CONNECT_TIMEOUT):
-                sess = await establish(sock, hs)
+            sess = await establish(sock, hs, CONNECT_TIMEOUT)
         except secure.AuthError as e:
             # Whoever answers did not prove itself (or refused us): never take a decision from it.
             trio.lowlevel.notify_closing(sock)

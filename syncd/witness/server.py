@@ -227,18 +227,14 @@ class Witness:
         """The session, once the peer proved it is one of ``nodes``; None when it did not
         (REFUSAL sent, a warning logged): nothing it sent was looked at beyond the handshake."""
         hs = secure.Handshake(self.cfg.security, secure.Role.LISTENER, self.cfg.name, self.admitted)
-        with trio.move_on_after(self.cfg.limits.handshake_timeout):
-            try:
-                return await establish(sock, hs)
-            except secure.AuthError as e:
-                self.refusals.warn("witness: refused %s: %s", host, e)
-                return None
-            except (OSError, EOFError):
-                return None
-        self.refusals.warn("witness: refused %s: no authentication within %g s%s", host,
-                           self.cfg.limits.handshake_timeout, f" (claims {hs.peer_name!r})" if hs.peer_name else "")
-        self._send_refusal(sock)
-        return None
+        try:
+            return await establish(sock, hs, self.cfg.limits.handshake_timeout)
+        except secure.AuthError as e:  # REFUSAL sent (a handshake out of time included)
+            claims = f" (claims {hs.peer_name!r})" if hs.peer_name else ""
+            self.refusals.warn("witness: refused %s: %s%s", host, e, claims)
+            return None
+        except OSError:
+            return None
 
     @staticmethod
     def _send_refusal(sock) -> None:

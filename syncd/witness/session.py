@@ -65,8 +65,8 @@ class Session:
         self.sock.close()
 
 
-async def establish(sock: socket.socket, hs: secure.Handshake) -> Session:
-    """Run the security handshake ``hs`` over ``sock`` (the caller bounds the wait); the
-    session once it is done. secure.AuthError (REFUSAL already sent) or EOFError otherwise."""
-    channel, first = await netio.establish(sock, hs)
+async def establish(sock: socket.socket, hs: secure.Handshake, limit: float) -> Session:
+    """Run the security handshake ``hs`` over ``sock`` within ``limit`` seconds; the session
+    once it is done. secure.AuthError otherwise (REFUSAL already sent, a timeout included)."""
+    channel, first = await netio.establish(sock, hs, limit)
     return Session(sock, cast(secure.Channel, channel), cast(secure.Buffer, first), hs.peer_name)
