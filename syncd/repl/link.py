@@ -204,6 +204,7 @@ class Link:
         return {
             "peer": self.cfg.peer,
             "state": "up" if self.up else "down",
+            "security": self.security.mode,
             "paths": [p.info() for p in self.paths],
             "paths_up": len(self.live_paths()),
             "rtt_ms": None if rtt is None else round(rtt, 3),
@@ -301,19 +302,39 @@ class Link:
             lsock.close()
 
     async def _accept_one(self, p: Path, sock, source: str) -> None:
-        try:
-            await self._accept_path(p, sock, source)
-        finally:
-            self._handshaking[source] -= 1
-            if self._handshaking[source] <= 0:
-                del self._handshaking[source]
+        held = True
 
-    async def _accept_path(self, p: Path, sock, source: str) -> None:
-        dec = FrameDecoder()
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self._handshaking[source] -= 1
+                if self._handshaking[source] <= 0:
+                    del self._handshaking[source]
+
         try:
-            with trio.fail_after(max(self.cfg.path_timeout, 1.0)):
+            await self._accept_path(p, sock, source, release)
+        finally:
+            release()
+
+    async def _accept_path(self, p: Path, sock, source: str, release: Callable[[], None]) -> None:
+        """Handshake, HELLO, then the path runs; ``release`` gives back the connection's
+        handshake slot (once the peer has proved who it is, it no longer counts as half-open)."""
+        dec = FrameDecoder()
+        deadline = trio.current_time() + max(self.cfg.path_timeout, 1.0)
+        try:
+            with trio.move_on_at(deadline) as in_handshake:
                 hs = secure.Handshake(self.security, secure.Role.LISTENER, self.node_name, self.cfg.peer)
                 chan, first = await netio.establish(sock, hs)
+            if in_handshake.cancelled_caught:
+                # A connection that stalls in the handshake is refused like any other: the same
+                # bytes (best effort, it may not read them), and its address in the log.
+                try:
+                    sock.send(secure.REFUSAL)
+                except OSError:
+                    pass
+                raise secure.AuthError("the security handshake did not finish in time")
+            with trio.fail_at(deadline):
                 if first:
                     dec.receive_data(first)
                 hello = await _recv_frame(sock, dec, chan)
@@ -335,6 +356,7 @@ class Link:
                     link_session=h.link_session,
                 )
                 await netio.sendmsg_all(sock, chan.wrap(proto.encode(ack)))
+            release()
         except (secure.AuthError, EOFError) as e:
             # Whoever it is did not prove to be the peer: it got secure.REFUSAL and nothing else.
             p.last_error = f"refused a connection from {source}: {e}"
