@@ -1,6 +1,8 @@
 """A TCP relay standing in for the inter-site network in the lab: it can cut a path silently
 (packets vanish, nothing is reset, as when a fibre is cut), heal it, and add one-way latency
-(this kernel has no netem). Controlled over a unix socket with JSON lines."""
+(this kernel has no netem), and record what new connections carry (each direction to a file
+of its own: the wire bytes an eavesdropper would capture, for replay tests). Controlled over a
+unix socket with JSON lines."""
 
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ class Relay:
         self.delay = 0.0
         self.conns: set[trio.CancelScope] = set()
         self.bytes = 0
+        self.record: str | None = None  # directory: new connections are recorded there
+        self.recorded = 0
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(self.listen[1], host=self.listen[0])
@@ -35,15 +39,26 @@ class Relay:
                 if self.cut:  # a cut path accepts nothing onward: the dialer just times out
                     await trio.sleep_forever()  # until do_heal() drops the connection
                 up = await trio.open_tcp_stream(*self.target)
-                async with down, up, trio.open_nursery() as n:
-                    n.start_soon(self._pump, down, up, cs)
-                    n.start_soon(self._pump, up, down, cs)
+                taps = [None, None]
+                if self.record is not None:
+                    self.recorded += 1
+                    base = os.path.join(self.record, f"{self.listen[1]}-{self.recorded}")
+                    taps = [open(base + "-dialer.bin", "wb", buffering=0),  # noqa: ASYNC230 (lab tool)
+                            open(base + "-listener.bin", "wb", buffering=0)]  # noqa: ASYNC230
+                try:
+                    async with down, up, trio.open_nursery() as n:
+                        n.start_soon(self._pump, down, up, cs, taps[0])
+                        n.start_soon(self._pump, up, down, cs, taps[1])
+                finally:
+                    for t in taps:
+                        if t is not None:
+                            t.close()
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             finally:
                 self.conns.discard(cs)
 
-    async def _pump(self, src, dst, cs: trio.CancelScope) -> None:
+    async def _pump(self, src, dst, cs: trio.CancelScope, tap=None) -> None:
         q: collections.deque = collections.deque()
         more = trio.Event()
 
@@ -70,6 +85,8 @@ class Relay:
                         break
                     if self.cut:
                         continue  # silently dropped
+                    if tap is not None:
+                        tap.write(data)
                     q.append((trio.current_time(), data))
                     more.set()
                 n.cancel_scope.cancel()
@@ -114,6 +131,9 @@ async def run_proxy(relays: list[Relay], control: str, *, task_status=trio.TASK_
                 elif cmd == "heal":
                     for r in sel:
                         r.do_heal()
+                elif cmd == "record":
+                    for r in sel:
+                        r.record = req.get("dir")
                 elif cmd == "delay":
                     for r in sel:
                         r.delay = float(req["ms"]) / 2000.0  # the round trip gets ms
