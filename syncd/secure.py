@@ -7,7 +7,8 @@ name the sender claims. What follows depends on the mode both ends are configure
 ``key``
     A shared secret. Each end sends a proof, HMAC-SHA256(key, "proof", role, transcript), where
     the transcript is both prefaces (so both nonces): a recorded proof is worth nothing in another
-    session, and a proof cannot be reflected to its sender. Both ends then derive one key per
+    session, and a proof cannot be reflected to its sender. The dialer proves first; the
+    listener sends its proof only once the dialer's has verified. Both ends then derive one key per
     direction from the secret and the transcript; every byte after the handshake travels in
     *records* (length, data, a 16-byte HMAC-SHA256 tag over a per-direction sequence number,
     the length and the data). A record replayed, reordered, cut, moved to another connection or
@@ -360,9 +361,13 @@ class Handshake:
                 self._finish(PlainChannel())
                 return
             if self.sec.mode == "key":
-                assert self.sec.key is not None
-                self._out += _proof(self.sec.key, self.role, self.transcript())
-                self._sent_proof = True
+                if self.role == Role.DIALER:
+                    # The listener proves itself only to a dialer that has (below): a prober
+                    # without the key gets its preface and REFUSAL, the same bytes whatever
+                    # it sent, and nothing computed from the key.
+                    assert self.sec.key is not None
+                    self._out += _proof(self.sec.key, self.role, self.transcript())
+                    self._sent_proof = True
             else:
                 self._start_tls()
         if self.sec.mode == "key":
@@ -374,6 +379,9 @@ class Handshake:
             if not hmac.compare_digest(bytes(self._in[:PROOF_SIZE]), want):
                 raise AuthError(f"{self.peer_name!r} failed to prove the shared key")
             del self._in[:PROOF_SIZE]
+            if not self._sent_proof:
+                self._out += _proof(self.sec.key, self.role, self.transcript())
+                self._sent_proof = True
             d, lis = _direction_keys(self.sec.key, self.transcript())
             send, recv = (d, lis) if self.role == Role.DIALER else (lis, d)
             self._finish(MacChannel(send, recv))
