@@ -190,6 +190,22 @@ def abort(sock: socket.socket) -> None:
     sock.close()
 
 
+async def refuse_close(sock: socket.socket, grace: float = 0.5) -> None:
+    """Close a connection just refused so that what was sent (``secure.REFUSAL``) reaches the
+    peer: FIN after it, then what the peer still sends is read and dropped until it closes or
+    ``grace`` passes, then a reset. (A reset at once can drop the refusal while it is still in
+    the kernel's send queue, and closing with unread data resets too.)"""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        with trio.move_on_after(grace):
+            while await recv(sock, 65536):
+                pass
+    except OSError:
+        pass
+    finally:
+        abort(sock)
+
+
 async def establish(sock: socket.socket, hs) -> tuple[object, object]:
     """Run the security handshake ``hs`` (``secure.Handshake``) over ``sock``; the caller bounds
     the wait with a cancel scope. Returns (channel, plaintext that came with the handshake's

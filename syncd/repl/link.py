@@ -361,8 +361,7 @@ class Link:
             # Whoever it is did not prove to be the peer: it got secure.REFUSAL and nothing else.
             p.last_error = f"refused a connection from {source}: {e}"
             self.refusals.note(source, f"path {p.index}: {e}")
-            trio.lowlevel.notify_closing(sock)
-            netio.abort(sock)
+            await netio.refuse_close(sock)
             return
         except (OSError, trio.TooSlowError, ProtocolError, trio.BrokenResourceError) as e:
             p.last_error = str(e) or type(e).__name__
