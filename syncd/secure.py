@@ -186,29 +186,33 @@ class MacChannel:
     def unwrap(self, data: Buffer) -> Buffer:
         buf = self._buf
         buf += data
-        out: list[bytes] = []
+        # Records are checked and copied out through views of the buffer: one copy of the
+        # plaintext, not three (the copies cost more than the HMAC at 1 MiB writes).
+        out: list[memoryview] = []
         pos = 0
-        while len(buf) - pos >= _RECORD_HDR.size:
-            (length,) = _RECORD_HDR.unpack_from(buf, pos)
-            if length == 0 or length > RECORD_MAX:
-                raise AuthError(f"record length {length} out of range")
-            end = pos + _RECORD_HDR.size + length
-            if len(buf) < end + TAG_SIZE:
-                break
-            body = bytes(buf[pos + _RECORD_HDR.size:end])
-            h = self._recv.copy()
-            h.update(_SEQ_LEN.pack(self._recv_seq, length))
-            h.update(body)
-            if not hmac.compare_digest(h.digest()[:TAG_SIZE], bytes(buf[end:end + TAG_SIZE])):
-                raise AuthError(f"record {self._recv_seq} failed its integrity check")
-            self._recv_seq += 1
-            out.append(body)
-            pos = end + TAG_SIZE
+        with memoryview(buf) as view:
+            while len(buf) - pos >= _RECORD_HDR.size:
+                (length,) = _RECORD_HDR.unpack_from(buf, pos)
+                if length == 0 or length > RECORD_MAX:
+                    raise AuthError(f"record length {length} out of range")
+                end = pos + _RECORD_HDR.size + length
+                if len(buf) < end + TAG_SIZE:
+                    break
+                body = view[pos + _RECORD_HDR.size:end]
+                h = self._recv.copy()
+                h.update(_SEQ_LEN.pack(self._recv_seq, length))
+                h.update(body)
+                if not hmac.compare_digest(h.digest()[:TAG_SIZE], view[end:end + TAG_SIZE]):
+                    raise AuthError(f"record {self._recv_seq} failed its integrity check")
+                self._recv_seq += 1
+                out.append(body)
+                pos = end + TAG_SIZE
+            plain = b"".join(out) if out else b""
+            for v in out:  # the buffer cannot shrink while a view of it is alive
+                v.release()
         if pos:
             del buf[:pos]
-        if not out:
-            return b""
-        return out[0] if len(out) == 1 else b"".join(out)
+        return plain
 
     def outgoing(self) -> bytes:
         return b""
