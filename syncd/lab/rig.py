@@ -168,6 +168,18 @@ def witness_takes_tls(tls: dict) -> bool:
     return True
 
 
+def witness_client_takes_name() -> bool:
+    """Whether a node's [witness] takes ``name`` (the witness's name: with TLS, any other
+    certificate from the CA, a node's or a host's, is refused as the witness)."""
+    from ..config import ConfigError, parse_witness_client
+
+    try:
+        parse_witness_client({"address": "127.0.0.1:1", "key": "k" * 16, "name": "W"}, "witness")
+    except ConfigError:
+        return False
+    return True
+
+
 def link_timings(link_opts: dict) -> dict:
     """The settings of ``link_opts`` that a LinkConfig takes as they are (timings, limits)."""
     from ..config import SECURITY_KEYS, LinkConfig
@@ -240,7 +252,7 @@ def _lab_up(
     link_opts: dict | None = None, wait: bool = True, timeout: float = 120.0,
     volume_paths: dict[str, list[str]] | None = None, relay: bool = True,
     witness: dict | None = None, loop: bool = False, nbd_tls: dict | None = None,
-    topology: str | None = None, power_cut: bool = False, tls: bool = False,
+    topology: str | None = None, power_cut: bool = False, tls: bool | str = False,
 ) -> dict:
     """Start the lab; ``volume_paths`` = {"A": [dev, ...], "B": [...]} uses existing files or
     block devices (e.g. loop devices) instead of creating image files; ``loop`` puts every
@@ -250,7 +262,10 @@ def _lab_up(
     a site's power for real (writes not flushed are lost). ``tls`` runs every connection over
     TLS with certificates from a CA made for this lab (``make_lab_tls``): NBD ``require`` (the
     lab's host answers to its client certificates), the link and the witness mutual TLS, the
-    host shims' paths nbds:// with client certificates."""
+    host shims' paths nbds:// with client certificates; ``tls = "link"``: the link alone (the
+    benchmark of what link security costs)."""
+    if tls not in (False, True, "link"):
+        raise LabError(f"tls: {tls!r} is not one of False, True, 'link'")
     root = Path(d).resolve()
     if tls:
         from ..config import SECURITY_KEYS
@@ -293,10 +308,11 @@ def _lab_up(
     py = sys.executable
     ports = {n: {"nbd": free_port(), "paths": [free_port() for _ in range(npaths)]} for n in NODES}
     relay_ports = [free_port() for _ in range(npaths)]
-    lab_tls = make_lab_tls(root / "tls") if tls else None
+    link_tls = make_lab_tls(root / "tls") if tls else None
+    lab_tls = link_tls if tls is True else None  # every connection, not just the link
     link_opts = dict(link_opts or {}) if tls else with_link_key(link_opts)
     lab: dict = {"dir": str(root), "group": group, "nodes": {}, "created": time.time(), "loops": loops,
-                 "link_opts": link_opts, "disks": disks, "tls": lab_tls}
+                 "link_opts": link_opts, "disks": disks, "tls": lab_tls, "link_tls": link_tls is not None}
     started["lab"] = lab
     witness_tls = lab_tls is not None and witness is not None and witness_takes_tls(lab_tls)
     if lab_tls is not None:
@@ -329,7 +345,7 @@ def _lab_up(
         def wauth_of(site: str) -> dict:
             if witness_tls:
                 assert lab_tls is not None
-                return lab_tls["certs"][site]
+                return dict(lab_tls["certs"][site], **({"name": "W"} if witness_client_takes_name() else {}))
             return {"key": key}
 
         wcfg = {"A": dict(common, address=f"127.0.0.1:{wrelay if relay else wport}", **wauth_of("A")),
@@ -380,8 +396,9 @@ def _lab_up(
             paths = [(ports["B"]["paths"][i], ports["A"]["paths"][i]) for i in range(npaths)]
         cfg = nd / "node.toml"
         node_link, node_nbd = link_opts, nbd_tls
+        if link_tls is not None:
+            node_link = dict(link_opts, **link_tls["certs"][name])
         if lab_tls is not None:
-            node_link = dict(link_opts, **lab_tls["certs"][name])
             node_nbd = dict(tls="require", **lab_tls["certs"][name])
         cfg.write_text(node_toml(name, peer, nd, ports[name]["nbd"], paths, vols, node_link, wcfg.get(name),
                                  node_nbd))
