@@ -193,6 +193,10 @@ class MacChannel:
         with memoryview(buf) as view:
             while len(buf) - pos >= _RECORD_HDR.size:
                 (length,) = _RECORD_HDR.unpack_from(buf, pos)
+                if bytes(buf[pos:pos + 8]) == REFUSAL[:8]:
+                    # Cannot be a record (its length would exceed RECORD_MAX): the peer refused what
+                    # this end sent (e.g. a name it does not admit, found after the proofs).
+                    raise AuthError("the peer refused this end's authentication")
                 if length == 0 or length > RECORD_MAX:
                     raise AuthError(f"record length {length} out of range")
                 end = pos + _RECORD_HDR.size + length
