@@ -9,12 +9,18 @@ with the same random data, in the same directory):
   d  qemu-quorum    qemu-storage-daemon exporting a quorum node of a local file and an NBD child
                     (a second server on a second file): a replicated peer written in C
 
+With --link-security insecure,key,tls the replicated target (a, site A) runs once per mode of
+the link's security (proto/security.md), in the same run, and a second table gives each mode as
+a ratio to insecure: what authenticating (key: HMAC records) or encrypting (tls) the link costs.
+
 Usage: .venv/bin/python bench/run.py [--runtime 10] [--size 1GiB] [--targets a,b,c,d] [--out FILE]
+       .venv/bin/python bench/run.py --link-security insecure,key,tls [--jobs randwrite-4k-qd16,seqwrite-1m-qd4]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -36,6 +42,8 @@ TARGETS = ["syncd-repl-A", "syncd-repl-B", "syncd-single", "nbdkit", "qemu-quoru
 ALIASES = {"a": ["syncd-repl-A", "syncd-repl-B"], "b": ["syncd-single"], "c": ["nbdkit"],
            "d": ["qemu-quorum"], "syncd-repl": ["syncd-repl-A", "syncd-repl-B"]}
 BASELINE, PEER = "nbdkit", "qemu-quorum"
+LINK_MODES = ("insecure", "key", "tls")
+LINK_JOBS = ["randwrite-4k-qd16", "seqwrite-1m-qd4"]
 
 
 class BenchError(Exception):
@@ -146,8 +154,10 @@ class Procs:
 # targets: each context manager yields {row name: NBD URI} and records checks in `info`
 
 @contextmanager
-def syncd_repl(d: Path, size: int, seed: Path, info: dict):
-    """(a) the syncd lab: nodes A and B, one replicated volume vv1, links without the relay."""
+def syncd_repl(d: Path, size: int, seed: Path, info: dict, security: str | None = None):
+    """(a) the syncd lab: nodes A and B, one replicated volume vv1, links without the relay.
+    ``security``: the link's mode (insecure, key, tls; None: the lab's default, a key); the
+    rows are then named syncd-repl-A/MODE."""
     import inspect
 
     try:
@@ -167,6 +177,14 @@ def syncd_repl(d: Path, size: int, seed: Path, info: dict):
         kw["relay"] = False  # the lab's Python link relay would be an extra hop
     if "timeout" in params:
         kw["timeout"] = 600  # initial sync of the prefilled volumes (identical: digests only)
+    suffix = ""
+    if security is not None:
+        suffix = f"/{security}"
+        if security == "insecure":
+            kw["link_opts"] = {"insecure": True}
+        elif security == "tls":
+            kw["tls"] = "link"  # the link alone: NBD stays clear, as for the other modes
+        info["link_security"] = security
     t0 = time.monotonic()
     try:
         try:
@@ -175,7 +193,13 @@ def syncd_repl(d: Path, size: int, seed: Path, info: dict):
             raise BenchError(f"lab_up failed: {type(e).__name__}: {e}"
                              f"{tail(lab_dir / 'A.log', 8)}{tail(lab_dir / 'B.log', 8)}") from None
         info["lab_up_s"] = round(time.monotonic() - t0, 1)
-        uris = {f"syncd-repl-{s}": lab["nodes"][s]["volumes"]["vv1"]["uri"] for s in ("A", "B")}
+        uris = {f"syncd-repl-{s}{suffix}": lab["nodes"][s]["volumes"]["vv1"]["uri"] for s in ("A", "B")}
+        if security is not None:
+            from syncd.ctl import call
+
+            got = call(lab["nodes"]["A"]["admin_socket"], "showrcopy")["link"].get("security")
+            if got != security:
+                raise BenchError(f"the link runs in mode {got!r}, not {security!r}")
         for s in ("A", "B"):
             wait_port(int(lab["nodes"][s]["nbd"].rsplit(":", 1)[1]), log=Path(lab["nodes"][s]["log"]))
         yield uris
@@ -352,13 +376,25 @@ def main() -> int:
                     help="latency percentiles shown: total (lat, default) or completion (clat); both are saved")
     ap.add_argument("--keep", action="store_true", help="keep the backing files after each target")
     ap.add_argument("--out", default=None, help="raw results JSON (default bench/results/DATE.json)")
+    ap.add_argument("--link-security", default=None,
+                    help="insecure,key,tls: the replicated target at site A once per link security mode, "
+                         f"reported as ratios to insecure (default jobs then: {','.join(LINK_JOBS)})")
     ns = ap.parse_args()
+    groups = dict(GROUPS)
+    if ns.link_security is not None:
+        modes = [m for m in ns.link_security.split(",") if m]
+        bad = [m for m in modes if m not in LINK_MODES]
+        if bad or not modes:
+            raise SystemExit(f"bench: --link-security takes {','.join(LINK_MODES)}, got {ns.link_security!r}")
+        if "--jobs" not in sys.argv:
+            ns.jobs = ",".join(LINK_JOBS)
+        groups = {f"a-{m}": ([f"syncd-repl-A/{m}"], functools.partial(syncd_repl, security=m)) for m in modes}
 
     if shutil.which("fio") is None:
         print("bench: fio is not installed (apt-get install fio; fio >= 3.19 has the nbd engine)", file=sys.stderr)
         return 2
     size = parse_size(ns.size)
-    rows = select(ns.targets)
+    rows = [r for grows, _ in groups.values() for r in grows] if ns.link_security is not None else select(ns.targets)
     jobs = [j for j in ns.jobs.split(",") if j]
     for j in jobs:
         if not (JOBDIR / f"{j}.fio").exists():
@@ -383,7 +419,7 @@ def main() -> int:
     make_seed(seed, size)
     interrupted = False
     try:
-        for g, (grows, cm) in GROUPS.items():
+        for g, (grows, cm) in groups.items():
             want = [r for r in grows if r in rows]
             if not want:
                 continue
@@ -430,6 +466,8 @@ def main() -> int:
         "results": results, "errors": errors, "checks": checks,
     }, indent=1))
     report(results, errors, checks, rows, jobs, ns)
+    if ns.link_security is not None:
+        report_link_security(results, jobs, ns)
     print(f"raw results: {out}")
     return 1 if (errors or interrupted) else 0
 
@@ -470,6 +508,30 @@ def report(results: dict, errors: dict, checks: dict, rows: list[str], jobs: lis
             con.print(f"check {g}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     for k, v in errors.items():
         con.print(f"[red]error[/red] {k}: {v}", markup=True, highlight=False)
+
+
+def report_link_security(results: dict, jobs: list[str], ns) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console(width=150)
+    t = Table(title=f"cost of link security: replicated writes at site A, {ns.runtime} s per job, {ns.size} volumes")
+    for c in ("link", "workload", "IOPS", "MB/s", "× insecure"):
+        t.add_column(c, justify="left" if c in ("link", "workload") else "right")
+    for job in jobs:
+        metric = "mbps" if job.startswith("seq") else "iops"
+        base = results.get("syncd-repl-A/insecure", {}).get(job)
+        for r in results:
+            res = results[r].get(job)
+            if res is None:
+                t.add_row(r.split("/")[-1], job, "[red]failed[/red]", "", "")
+                continue
+            t.add_row(r.split("/")[-1], job, f"{res['iops']:.0f}", f"{res['mbps']:.1f}",
+                      f"{res[metric] / base[metric]:.2f}" if base and base[metric] else "-")
+        t.add_section()
+    con.print(t)
+    con.print("× insecure: this mode's IOPS (MB/s for the 1 MiB job) divided by the insecure link's; key = "
+              "HMAC-SHA256 records (authenticated, not encrypted), tls = mutual TLS (encrypted).")
 
 
 if __name__ == "__main__":

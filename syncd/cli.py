@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                         "nbdfuse; root), so 'lab fail power [SITE]' loses what was not flushed")
     s.add_argument("--witness", action="store_true",
                    help="also run a quorum witness (site W) for automatic failover")
+    s.add_argument("--tls", action="store_true",
+                   help="TLS on every connection, certificates from a CA made for this lab: NBD requires it, "
+                        "the link (and the witness) use mutual TLS, host shims reach arrays over nbds://")
     s.add_argument("--no-relay", action="store_true",
                    help="link the nodes directly (faster; cut-link/heal-link/delay unavailable)")
     for name in ("down", "status", "cut-link", "heal-link"):
@@ -222,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         if ns.labcmd == "up":
             lab = lab_up(ns.dir, size=ns.size, nvolumes=ns.volumes, npaths=ns.paths, wait=not ns.no_wait,
                          relay=not ns.no_relay, witness={} if ns.witness else None, loop=ns.loop,
-                         topology=ns.topology, power_cut=ns.power_cut_disks)
+                         topology=ns.topology, power_cut=ns.power_cut_disks, tls=ns.tls)
             print_summary(lab)
         elif ns.labcmd == "down":
             for line in lab_down(ns.dir):

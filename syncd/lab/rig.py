@@ -107,6 +107,79 @@ def with_link_key(link_opts: dict | None) -> dict:
     return opts
 
 
+TLS_NAMES = {"A": ("A", "127.0.0.1", "localhost"), "B": ("B", "127.0.0.1", "localhost"),
+             "W": ("W", "127.0.0.1", "localhost"), "ha": ("ha",), "hb": ("hb",), "client": ("client",)}
+# The certificate names host "lab" answers to on both arrays (LUN masking by certificate).
+LAB_CLIENT_NAMES = ["client", "ha", "hb"]
+
+
+def make_lab_tls(d: Path) -> dict:
+    """A test CA for this lab and a certificate for each daemon: nodes A and B (link and NBD
+    server: their names and 127.0.0.1), the witness W, the host shims ha and hb, and a client
+    certificate directory as libnbd and qemu take it (ca-cert.pem, client-cert.pem,
+    client-key.pem). The CA's private key is never written: nothing else can be issued later."""
+    try:
+        import trustme
+    except ImportError:
+        raise LabError("syncd lab up --tls makes its CA with trustme: pip install 'syncd[lab]' "
+                       "(./scripts/setup installs it)") from None
+    d.mkdir(parents=True, exist_ok=True)
+    os.chmod(d, 0o700)
+    ca = trustme.CA(organization_name="syncd lab")
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    out: dict = {"dir": str(d), "ca": str(d / "ca.pem"), "certs": {}}
+    for who, names in TLS_NAMES.items():
+        cert = ca.issue_cert(*names, common_name=names[0])
+        if who == "client":
+            cd = d / "client"
+            cd.mkdir(exist_ok=True)
+            ca.cert_pem.write_to_path(str(cd / "ca-cert.pem"))
+            cert.cert_chain_pems[0].write_to_path(str(cd / "client-cert.pem"))
+            cert.private_key_pem.write_to_path(str(cd / "client-key.pem"))
+            out["client_dir"] = str(cd)
+            continue
+        cert.cert_chain_pems[0].write_to_path(str(d / f"{who}.pem"))
+        cert.private_key_pem.write_to_path(str(d / f"{who}-key.pem"))
+        out["certs"][who] = {"tls_certificate": str(d / f"{who}.pem"), "tls_key": str(d / f"{who}-key.pem"),
+                             "tls_ca": str(d / "ca.pem")}
+    for f in d.rglob("*-key.pem"):
+        os.chmod(f, 0o600)
+    return out
+
+
+def witness_takes_tls(tls: dict) -> bool:
+    """Whether this syncd's witness (daemon and node client) takes tls_certificate, tls_key and
+    tls_ca: asked of the config parsers themselves, with the lab's files."""
+    import tempfile
+
+    from ..config import ConfigError, parse_witness_client
+    from ..witness.server import load_witness_config
+
+    files = tls["certs"]["W"]
+    try:
+        parse_witness_client(dict(address="127.0.0.1:1", **tls["certs"]["A"]), "witness")
+        with tempfile.TemporaryDirectory() as t:
+            p = Path(t) / "w.toml"
+            p.write_text('[witness]\nname = "W"\nlisten = ["127.0.0.1:1"]\nstate_dir = "s"\nnodes = ["A", "B"]\n'
+                         + "".join(f"{k} = {json.dumps(v)}\n" for k, v in files.items()))
+            load_witness_config(str(p))
+    except ConfigError:
+        return False
+    return True
+
+
+def witness_client_takes_name() -> bool:
+    """Whether a node's [witness] takes ``name`` (the witness's name: with TLS, any other
+    certificate from the CA, a node's or a host's, is refused as the witness)."""
+    from ..config import ConfigError, parse_witness_client
+
+    try:
+        parse_witness_client({"address": "127.0.0.1:1", "key": "k" * 16, "name": "W"}, "witness")
+    except ConfigError:
+        return False
+    return True
+
+
 def link_timings(link_opts: dict) -> dict:
     """The settings of ``link_opts`` that a LinkConfig takes as they are (timings, limits)."""
     from ..config import SECURITY_KEYS, LinkConfig
@@ -179,15 +252,28 @@ def _lab_up(
     link_opts: dict | None = None, wait: bool = True, timeout: float = 120.0,
     volume_paths: dict[str, list[str]] | None = None, relay: bool = True,
     witness: dict | None = None, loop: bool = False, nbd_tls: dict | None = None,
-    topology: str | None = None, power_cut: bool = False,
+    topology: str | None = None, power_cut: bool = False, tls: bool | str = False,
 ) -> dict:
     """Start the lab; ``volume_paths`` = {"A": [dev, ...], "B": [...]} uses existing files or
     block devices (e.g. loop devices) instead of creating image files; ``loop`` puts every
     volume on a loop device of its own (root), so ``lab fail disk`` can fail it for real;
     ``power_cut`` puts every volume on a disk with a volatile write cache
     (``faults.PowerCutDisk``: root, /dev/fuse, nbdkit, nbdfuse), so ``lab fail power`` can cut
-    a site's power for real (writes not flushed are lost)."""
+    a site's power for real (writes not flushed are lost). ``tls`` runs every connection over
+    TLS with certificates from a CA made for this lab (``make_lab_tls``): NBD ``require`` (the
+    lab's host answers to its client certificates), the link and the witness mutual TLS, the
+    host shims' paths nbds:// with client certificates; ``tls = "link"``: the link alone (the
+    benchmark of what link security costs)."""
+    if tls not in (False, True, "link"):
+        raise LabError(f"tls: {tls!r} is not one of False, True, 'link'")
     root = Path(d).resolve()
+    if tls:
+        from ..config import SECURITY_KEYS
+
+        chosen = sorted(k for k in (link_opts or {}) if k in SECURITY_KEYS)
+        if chosen or nbd_tls:
+            raise LabError(f"--tls chooses how the link and NBD are protected; it cannot be combined with "
+                           f"{', '.join(chosen) or 'nbd_tls'}")
     if (root / "lab.json").exists():
         lab = json.loads((root / "lab.json").read_text())
         if any(_alive(n["pid"]) for n in lab["nodes"].values()):
@@ -222,10 +308,16 @@ def _lab_up(
     py = sys.executable
     ports = {n: {"nbd": free_port(), "paths": [free_port() for _ in range(npaths)]} for n in NODES}
     relay_ports = [free_port() for _ in range(npaths)]
-    link_opts = with_link_key(link_opts)
+    link_tls = make_lab_tls(root / "tls") if tls else None
+    lab_tls = link_tls if tls is True else None  # every connection, not just the link
+    link_opts = dict(link_opts or {}) if tls else with_link_key(link_opts)
     lab: dict = {"dir": str(root), "group": group, "nodes": {}, "created": time.time(), "loops": loops,
-                 "link_opts": link_opts, "disks": disks}
+                 "link_opts": link_opts, "disks": disks, "tls": lab_tls, "link_tls": link_tls is not None}
     started["lab"] = lab
+    witness_tls = lab_tls is not None and witness is not None and witness_takes_tls(lab_tls)
+    if lab_tls is not None:
+        lab_tls["witness"] = "mutual TLS" if witness_tls else (
+            "shared key (this witness does not take tls_* settings yet)" if witness is not None else None)
     wcfg: dict[str, dict] = {}
     if witness is not None:
         # The witness (site W) on loopback; A and B reach it through relays of their own (relay
@@ -233,19 +325,31 @@ def _lab_up(
         wport, wrelay, wrelay_b = free_port(), free_port(), free_port()
         timing = {k: witness[k] for k in ("owner_lease", "grace") if k in witness}
         key = "lab-shared-witness-key-0123456789"
+        wauth = {"key": key}
+        if witness_tls:
+            assert lab_tls is not None
+            wauth = lab_tls["certs"]["W"]
         (root / "W").mkdir(parents=True, exist_ok=True)
         wtoml = root / "W" / "witness.toml"
         wtoml.write_text(
             f'[witness]\nname = "W"\nlisten = ["127.0.0.1:{wport}"]\nstate_dir = "state"\n'
-            f'key = "{key}"\nnodes = ["A", "B"]\n'
+            + "".join(f"{k} = {json.dumps(v)}\n" for k, v in wauth.items())
+            + 'nodes = ["A", "B"]\n'
             + "".join(f"{k} = {json.dumps(v)}\n"
                       for k, v in dict(timing, **{k: witness[k] for k in ("margin", "drift") if k in witness}).items())
         )
         wpid = _spawn([py, "-m", "syncd", "witness", "--config", str(wtoml)], root / "W.log")
         lab["witness"] = {"pid": wpid, "config": str(wtoml), "port": wport, "log": str(root / "W.log")}
-        common = dict(key=key, interval=witness.get("interval", 0.5), **timing)
-        wcfg = {"A": dict(common, address=f"127.0.0.1:{wrelay if relay else wport}"),
-                "B": dict(common, address=f"127.0.0.1:{wrelay_b if relay else wport}")}
+        common = dict(interval=witness.get("interval", 0.5), **timing)
+
+        def wauth_of(site: str) -> dict:
+            if witness_tls:
+                assert lab_tls is not None
+                return dict(lab_tls["certs"][site], **({"name": "W"} if witness_client_takes_name() else {}))
+            return {"key": key}
+
+        wcfg = {"A": dict(common, address=f"127.0.0.1:{wrelay if relay else wport}", **wauth_of("A")),
+                "B": dict(common, address=f"127.0.0.1:{wrelay_b if relay else wport}", **wauth_of("B"))}
 
     # A dials B through the relay (which can cut or delay the link); B listens on its own path
     # ports. Without the relay (benchmarks) A dials B directly.
@@ -291,7 +395,14 @@ def _lab_up(
         else:
             paths = [(ports["B"]["paths"][i], ports["A"]["paths"][i]) for i in range(npaths)]
         cfg = nd / "node.toml"
-        cfg.write_text(node_toml(name, peer, nd, ports[name]["nbd"], paths, vols, link_opts, wcfg.get(name), nbd_tls))
+        node_link, node_nbd = link_opts, nbd_tls
+        if link_tls is not None:
+            node_link = dict(link_opts, **link_tls["certs"][name])
+        if lab_tls is not None:
+            node_nbd = dict(tls="require", **lab_tls["certs"][name])
+        cfg.write_text(node_toml(name, peer, nd, ports[name]["nbd"], paths, vols, node_link, wcfg.get(name),
+                                 node_nbd))
+        scheme = "nbds" if lab_tls is not None else "nbd"
         log = root / f"{name}.log"
         pid = _spawn([py, "-m", "syncd", "node", "--config", str(cfg)], log)
         lab["nodes"][name] = {
@@ -301,7 +412,7 @@ def _lab_up(
             "admin_socket": str(nd / "admin.sock"),
             "nbd": f"127.0.0.1:{ports[name]['nbd']}",
             "volumes": {
-                v: {"path": str(p), "uri": f"nbd://127.0.0.1:{ports[name]['nbd']}/{v}"}
+                v: {"path": str(p), "uri": f"{scheme}://127.0.0.1:{ports[name]['nbd']}/{v}"}
                 for v, p, _ in vols
             },
         }
@@ -331,7 +442,8 @@ def _lab_up(
     # another loopback address (127.0.0.2...) is no known host and sees no export.
     for name in NODES:
         sock = lab["nodes"][name]["admin_socket"]
-        call(sock, "createhost", {"name": LAB_HOST, "addresses": ["127.0.0.1", "::1"]})
+        call(sock, "createhost", {"name": LAB_HOST, "addresses": ["127.0.0.1", "::1"],
+                                  "tls_names": LAB_CLIENT_NAMES if lab_tls is not None else []})
         for lun, v in enumerate(lab["nodes"][name]["volumes"]):
             call(sock, "createvlun", {"volume": v, "host": LAB_HOST, "lun": lun})
         call(sock, "admitrcopyhost", {"host": LAB_HOST, "group": group, "proximity": "all"})
@@ -372,13 +484,18 @@ def start_shims(lab: dict, topology: str) -> dict:
         port = free_port()
         arrays = NODES if topology == "uniform" else (site,)
         relays = ((lab.get("link") or {}).get("host_relays") or {}).get(site, {})
+        # With the lab's TLS, the shim reaches its arrays over nbds:// with its own client
+        # certificate (the arrays know host "lab" by it).
+        tls = lab.get("tls")
+        scheme = "nbds" if tls else "nbd"
+        tls_lines = "".join(f"{k} = {json.dumps(v)}\n" for k, v in tls["certs"][h].items()) if tls else ""
         cfg = d / "host.toml"
         cfg.write_text(
             f'[host]\nname = "{h}"\nsocket = "{d / "nbd.sock"}"\nadmin_socket = "{d / "admin.sock"}"\n'
             f'tcp = "127.0.0.1:{port}"\ntcp_exports = {json.dumps(sorted(lab["nodes"][site]["volumes"]))}\n'
-            f'poll_interval = 0.2\nstale_write_bound = {bound:.1f}\n'
+            f'poll_interval = 0.2\nstale_write_bound = {bound:.1f}\n' + tls_lines
             + "".join(f'\n[[array]]\nname = "{a}"\n'
-                      f'paths = ["nbd://{relays[a][1] if a in relays else lab["nodes"][a]["nbd"]}"]\n'
+                      f'paths = ["{scheme}://{relays[a][1] if a in relays else lab["nodes"][a]["nbd"]}"]\n'
                       for a in arrays)
         )
         log = root / f"{h}.log"
@@ -815,6 +932,26 @@ def lab_heal(d: str, what: str, site: str | None = None) -> str:
     return "; ".join(done) or "nothing to heal"
 
 
+def tls_commands(lab: dict, volume: str) -> list[str]:
+    """How nbdinfo and qemu-img reach ``volume`` at A and at B over nbds:// with the lab's
+    client certificate directory (libnbd's tls-certificates, qemu's tls-creds-x509 dir: both
+    take ca-cert.pem, client-cert.pem and client-key.pem). FILE and COPY stand for the file to
+    write and the file to read into."""
+    cdir = lab["tls"]["client_dir"]
+    creds = f"--object tls-creds-x509,id=tls0,dir={cdir},endpoint=client"
+    out = []
+    for site, verb in (("A", "write FILE to"), ("B", "read back into COPY")):
+        host, port = lab["nodes"][site]["nbd"].rsplit(":", 1)
+        opts = f"driver=nbd,host={host},port={port},export={volume},tls-creds=tls0"
+        out.append(f"nbdinfo 'nbds://{host}:{port}/{volume}?tls-certificates={cdir}'")
+        out.append(f"qemu-img info {creds} --image-opts {opts}")
+        if site == "A":
+            out.append(f"qemu-img convert -n {creds} -f raw FILE --target-image-opts {opts}   # {verb} {site}")
+        else:
+            out.append(f"qemu-img convert {creds} --image-opts {opts} -O raw COPY   # {verb} from {site}")
+    return out
+
+
 def print_summary(lab: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -838,9 +975,18 @@ def print_summary(lab: dict) -> None:
         c.print(t)
     a = lab["nodes"]["A"]["volumes"]
     first = next(iter(a))
+    tls = lab.get("tls")
+    if tls:
+        # Plain print: these lines are commands to copy, never wrapped.
+        print(f"Every connection is TLS, with certificates from this lab's CA ({tls['ca']}): NBD requires it, "
+              f"the link uses mutual TLS; the witness: {tls.get('witness') or 'none in this lab'}.")
+        print(f"Reach an export over nbds:// with the client certificate directory {tls['client_dir']}:")
+        for line in tls_commands(lab, first):
+            print(f"  {line}")
     c.print("Try:")
-    c.print(f"  nbdinfo {a[first]['uri']}")
-    c.print(f"  nbdinfo --map=syncd:alua {lab['nodes']['B']['volumes'][first]['uri']}")
+    if not tls:
+        c.print(f"  nbdinfo {a[first]['uri']}")
+        c.print(f"  nbdinfo --map=syncd:alua {lab['nodes']['B']['volumes'][first]['uri']}")
     bindir = os.path.dirname(sys.executable)
     c.print(f"  {bindir}/syncctl --lab {lab['dir']} --node A showrcopy")
     if lab.get("link"):

@@ -204,6 +204,7 @@ class Link:
         return {
             "peer": self.cfg.peer,
             "state": "up" if self.up else "down",
+            "security": self.security.mode,
             "paths": [p.info() for p in self.paths],
             "paths_up": len(self.live_paths()),
             "rtt_ms": None if rtt is None else round(rtt, 3),
@@ -301,14 +302,24 @@ class Link:
             lsock.close()
 
     async def _accept_one(self, p: Path, sock, source: str) -> None:
-        try:
-            await self._accept_path(p, sock, source)
-        finally:
-            self._handshaking[source] -= 1
-            if self._handshaking[source] <= 0:
-                del self._handshaking[source]
+        held = True
 
-    async def _accept_path(self, p: Path, sock, source: str) -> None:
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self._handshaking[source] -= 1
+                if self._handshaking[source] <= 0:
+                    del self._handshaking[source]
+
+        try:
+            await self._accept_path(p, sock, source, release)
+        finally:
+            release()
+
+    async def _accept_path(self, p: Path, sock, source: str, release: Callable[[], None]) -> None:
+        """Handshake, HELLO, then the path runs; ``release`` gives back the connection's
+        handshake slot (once the peer has proved who it is, it no longer counts as half-open)."""
         dec = FrameDecoder()
         try:
             hs = secure.Handshake(self.security, secure.Role.LISTENER, self.node_name, self.cfg.peer)
@@ -335,12 +346,14 @@ class Link:
                     link_session=h.link_session,
                 )
                 await netio.sendmsg_all(sock, chan.wrap(proto.encode(ack)))
+            release()
         except secure.AuthError as e:
-            # Whoever it is did not prove to be the peer: it got secure.REFUSAL and nothing else.
+            # Whoever it is did not prove to be the peer: it got secure.REFUSAL (delivered before
+            # the close by netio.establish) and nothing else.
             p.last_error = f"refused a connection from {source}: {e}"
             self.refusals.note(source, f"path {p.index}: {e}")
             trio.lowlevel.notify_closing(sock)
-            sock.close()
+            netio.abort(sock)
             return
         except (OSError, trio.TooSlowError, ProtocolError, trio.BrokenResourceError) as e:
             p.last_error = str(e) or type(e).__name__
