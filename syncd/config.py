@@ -440,6 +440,9 @@ def parse_witness_client(wt: dict, where: str, base: Path = Path(".")):
     _no_extra(wt, {"address", "name", "interval", "owner_lease", "grace"} | SECURITY_KEYS, where)
     sec = parse_security(wt, where, base)
     name = check_name(_take(wt, "name", where, str), f"{where}.name") if "name" in wt else None
+    if name is None and sec.mode == "tls":
+        # Any certificate from the CA would do as the witness otherwise: a node's or a host's.
+        raise ConfigError(f"{where}.name: required with TLS (the name the witness's certificate must carry)")
     d = WitnessClientConfig(("", 0), sec)
     cfg = WitnessClientConfig(
         parse_addr(_take(wt, "address", where, str), f"{where}.address"), sec, name,

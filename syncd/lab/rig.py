@@ -147,39 +147,6 @@ def make_lab_tls(d: Path) -> dict:
     return out
 
 
-def witness_takes_tls(tls: dict) -> bool:
-    """Whether this syncd's witness (daemon and node client) takes tls_certificate, tls_key and
-    tls_ca: asked of the config parsers themselves, with the lab's files."""
-    import tempfile
-
-    from ..config import ConfigError, parse_witness_client
-    from ..witness.server import load_witness_config
-
-    files = tls["certs"]["W"]
-    try:
-        parse_witness_client(dict(address="127.0.0.1:1", **tls["certs"]["A"]), "witness")
-        with tempfile.TemporaryDirectory() as t:
-            p = Path(t) / "w.toml"
-            p.write_text('[witness]\nname = "W"\nlisten = ["127.0.0.1:1"]\nstate_dir = "s"\nnodes = ["A", "B"]\n'
-                         + "".join(f"{k} = {json.dumps(v)}\n" for k, v in files.items()))
-            load_witness_config(str(p))
-    except ConfigError:
-        return False
-    return True
-
-
-def witness_client_takes_name() -> bool:
-    """Whether a node's [witness] takes ``name`` (the witness's name: with TLS, any other
-    certificate from the CA, a node's or a host's, is refused as the witness)."""
-    from ..config import ConfigError, parse_witness_client
-
-    try:
-        parse_witness_client({"address": "127.0.0.1:1", "key": "k" * 16, "name": "W"}, "witness")
-    except ConfigError:
-        return False
-    return True
-
-
 def link_timings(link_opts: dict) -> dict:
     """The settings of ``link_opts`` that a LinkConfig takes as they are (timings, limits)."""
     from ..config import SECURITY_KEYS, LinkConfig
@@ -314,17 +281,16 @@ def _lab_up(
     lab: dict = {"dir": str(root), "group": group, "nodes": {}, "created": time.time(), "loops": loops,
                  "link_opts": link_opts, "disks": disks, "tls": lab_tls, "link_tls": link_tls is not None}
     started["lab"] = lab
-    witness_tls = lab_tls is not None and witness is not None and witness_takes_tls(lab_tls)
+    witness_tls = lab_tls is not None and witness is not None
     if lab_tls is not None:
-        lab_tls["witness"] = "mutual TLS" if witness_tls else (
-            "shared key (this witness does not take tls_* settings yet)" if witness is not None else None)
+        lab_tls["witness"] = "mutual TLS" if witness_tls else None
     wcfg: dict[str, dict] = {}
     if witness is not None:
         # The witness (site W) on loopback; A and B reach it through relays of their own (relay
         # indexes npaths and npaths+1), so either can be cut off from W alone.
         wport, wrelay, wrelay_b = free_port(), free_port(), free_port()
         timing = {k: witness[k] for k in ("owner_lease", "grace") if k in witness}
-        key = "lab-shared-witness-key-0123456789"
+        key = secrets.token_hex(24)  # made for this lab, like the link's
         wauth = {"key": key}
         if witness_tls:
             assert lab_tls is not None
@@ -345,7 +311,7 @@ def _lab_up(
         def wauth_of(site: str) -> dict:
             if witness_tls:
                 assert lab_tls is not None
-                return dict(lab_tls["certs"][site], **({"name": "W"} if witness_client_takes_name() else {}))
+                return dict(lab_tls["certs"][site], name="W")
             return {"key": key}
 
         wcfg = {"A": dict(common, address=f"127.0.0.1:{wrelay if relay else wport}", **wauth_of("A")),

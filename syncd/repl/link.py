@@ -288,7 +288,11 @@ class Link:
                     sock, addr = await netio.accept(lsock)
                     source = addr[0] if isinstance(addr, tuple) else str(addr)
                     busy = self._handshaking
-                    if sum(busy.values()) >= self.cfg.max_handshakes or \
+                    # The configured peer's own address is bounded per source only: connections
+                    # from many other addresses cannot keep the real peer from reconnecting (its
+                    # address cannot be borrowed without being on its path).
+                    crowd = sum(n for src, n in busy.items() if src != p.peer[0])
+                    if (source != p.peer[0] and crowd >= self.cfg.max_handshakes) or \
                             busy[source] >= self.cfg.max_handshakes_per_source:
                         # Only the peer has business here, one connection per path at a time:
                         # a crowd of half-open connections is refused at once, not queued.

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from syncd.ctl import call
-from syncd.lab.rig import lab_down, witness_takes_tls
+from syncd.lab.rig import lab_down
 
 from .rig import require_tool, run
 
@@ -51,12 +51,12 @@ def test_lab_up_tls_prints_commands_that_reach_the_exports_over_nbds(tmp_path):
             assert st["witness"]["reachable"]
             host = Path(lab["hosts"][site]["config"]).read_text()
             assert "nbds://" in host and "nbd://" not in host and "tls_certificate" in host
-        # The witness: mutual TLS when this syncd's witness takes tls_* settings, said otherwise.
+        # The witness: mutual TLS too, and the nodes name it (no other certificate of the CA passes).
         wtoml = Path(lab["witness"]["config"]).read_text()
-        if witness_takes_tls(lab["tls"]):
-            assert lab["tls"]["witness"] == "mutual TLS" and "tls_certificate" in wtoml and "\nkey = " not in wtoml
-        else:
-            assert lab["tls"]["witness"].startswith("shared key") and "the witness: shared key" in out
+        assert lab["tls"]["witness"] == "mutual TLS" and "tls_certificate" in wtoml and "\nkey = " not in wtoml
+        for site in ("A", "B"):
+            node = Path(lab["nodes"][site]["config"]).read_text()
+            assert 'name = "W"' in node.split("[witness]")[1]
         key_files = list((d / "tls").rglob("*-key.pem"))
         assert key_files and all(f.stat().st_mode & 0o077 == 0 for f in key_files)
         assert not any("ca-key" in f.name for f in (d / "tls").rglob("*"))

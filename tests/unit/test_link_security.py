@@ -234,3 +234,36 @@ async def test_half_open_connections_beyond_the_limit_are_refused_at_once():
         for s in held:
             s.close()
         n.cancel_scope.cancel()
+
+
+async def test_a_crowd_from_other_addresses_does_not_keep_the_peer_out():
+    """max_handshakes bounds what other addresses hold; the configured peer's address is
+    bounded per source only, so it still gets in while the crowd holds every slot."""
+    ca, cb = configs(KEY, KEY)
+    peer = Peer()
+    up = trio.Event()
+    b = Link(cb, "B", uuid.uuid4().bytes, peer.on_request, lambda: None, lambda: None)
+    a = Link(ca, "A", uuid.uuid4().bytes, lambda *x: None, up.set, lambda: None)
+    crowd = []
+    async with trio.open_nursery() as n:
+        await n.start(b.run)
+        per = cb.max_handshakes_per_source
+        for i in range(cb.max_handshakes // per + 1):  # one address more than the slots allow
+            for _ in range(per):
+                s = trio.socket.socket()
+                await s.bind((f"127.0.0.{i + 2}", 0))
+                crowd.append(s)
+                try:
+                    await s.connect(cb.paths[0].local)
+                except ConnectionResetError:  # beyond max_handshakes: refused at once
+                    pass
+        await until(lambda: sum(b._handshaking.values()) == cb.max_handshakes)
+        await n.start(a.run)
+        with trio.fail_after(10):
+            await up.wait()
+        assert sum(b._handshaking.values()) == cb.max_handshakes  # the crowd still holds its slots
+        reply = await a.request(Frame.control(a.next_id(), {"op": "ping"}))
+        assert reply.status == 0
+        for s in crowd:
+            s.close()
+        n.cancel_scope.cancel()

@@ -40,7 +40,8 @@ def test_each_mode_gives_its_security(load, tmp_path, ca):
     (tmp_path / "w.key").write_text(KEY + "\n")
     assert load(tmp_path, 'key_file = "w.key"\n').security.key == KEY.encode()  # relative to the config
     files = tls_files(ca, "A", tmp_path / "certs")
-    sec = load(tmp_path, "".join(f'{k} = "{v}"\n' for k, v in files.items())).security
+    named = 'name = "W"\n' if load is node else ""  # a node names its witness with TLS (below)
+    sec = load(tmp_path, named + "".join(f'{k} = "{v}"\n' for k, v in files.items())).security
     assert sec.mode == "tls" and sec.tls_ca == files["tls_ca"]
     assert load(tmp_path, "insecure = true\n").security.mode == "insecure"
 
@@ -76,6 +77,14 @@ def test_the_node_may_name_its_witness(tmp_path):
     assert node(tmp_path, f'key = "{KEY}"\nname = "W"\n').name == "W"
     with pytest.raises(ConfigError, match="witness.name"):
         node(tmp_path, f'key = "{KEY}"\nname = "no way"\n')
+
+
+def test_with_tls_the_node_must_name_its_witness(tmp_path, ca):
+    """Else any certificate from the CA (a node's, a host's) would be believed as the witness."""
+    files = "".join(f'{k} = "{v}"\n' for k, v in tls_files(ca, "A", tmp_path / "certs").items())
+    with pytest.raises(ConfigError, match=r"witness.name: required with TLS"):
+        node(tmp_path, files)
+    assert node(tmp_path, files + 'name = "W"\n').name == "W"
 
 
 def test_listener_limits_have_defaults_and_are_checked(tmp_path):
