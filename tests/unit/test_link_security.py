@@ -267,3 +267,58 @@ async def test_a_crowd_from_other_addresses_does_not_keep_the_peer_out():
         for s in crowd:
             s.close()
         n.cancel_scope.cancel()
+
+
+async def test_a_tls_client_without_a_certificate_is_refused(pki):
+    """Mutual TLS: a client that presents no certificate at all (but trusts the CA and says the
+    right preface) never gets a frame read."""
+    import ssl
+
+    ca, cb = configs(pki("A"), pki("B"))
+    peer = Peer()
+    b = Link(cb, "B", uuid.uuid4().bytes, peer.on_request, lambda: None, lambda: None)
+    async with trio.open_nursery() as n:
+        await n.start(b.run)
+        s = await netio.connect(cb.paths[0].local)
+        await netio.sendall(s, secure.build_preface("tls", secure.Role.DIALER, bytes(32), "A"))
+        got = b""
+        while (pre := secure.parse_preface(got)) is None:
+            got += await netio.recv(s, 65536)
+        ctx = ssl.create_default_context(cafile=pki("A").tls_ca)
+        ctx.check_hostname = False
+        inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = ctx.wrap_bio(inc, out, server_hostname="B")
+        inc.write(got[pre[1]:])
+        received = b""
+        with trio.fail_after(10):
+            while True:
+                try:
+                    obj.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    await netio.sendall(s, out.read())
+                    data = await netio.recv(s, 65536)
+                    if not data:
+                        break
+                    received += data
+                    inc.write(data)
+                except ssl.SSLError:
+                    break
+            if out.pending:
+                await netio.sendall(s, out.read())
+            hello = proto.encode_bytes(Frame.hello(node_uuid=bytes(16), node_name="A", path_index=0, link_session=1))
+            try:
+                obj.write(hello + proto.encode_bytes(Frame.write(1, 1, 1, 1, 0, b"z" * 512)))
+                await netio.sendall(s, out.read())
+            except (ssl.SSLError, OSError):
+                pass
+            try:
+                while data := await netio.recv(s, 65536):
+                    received += data
+            except ConnectionResetError:
+                pass
+        s.close()
+        await until(lambda: b.refusals.total >= 1)
+        assert peer.got == [] and not b.up
+        assert received.endswith(secure.REFUSAL)
+        n.cancel_scope.cancel()
