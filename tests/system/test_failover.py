@@ -11,8 +11,9 @@ from syncd.ctl import call
 from syncd.lab.relay import proxy_command
 from syncd.lab.rig import lab_fail, lab_heal, lab_kill, lab_start
 from syncd.lab.workload import History, check_file, run_writer
+from syncd.node.roles import WitnessTiming
 
-from .rig import WITNESS, assert_replicas_identical, show, wait_for
+from .rig import FAST_LINK, WITNESS, assert_replicas_identical, show, wait_for
 
 pytestmark = pytest.mark.system
 
@@ -92,7 +93,14 @@ def test_isolated_primary_enters_failsafe_and_the_secondary_takes_over(wlab):
 def test_witness_lost_first_then_link_the_pre_elected_primary_goes_on(wlab):
     wait_for(lambda: show(wlab, "A")["witness"]["reachable"], what="witness")
     proxy_command(wlab["link"]["control"], "cut", paths=[wlab["link"]["witness_relay"]])
-    time.sleep(WITNESS["grace"] + 1.5)  # the witness disables failover meanwhile
+    # A goes on alone only if the witness was silent long enough before the link went that B
+    # cannot have claimed in between (roles.WitnessTiming.lost_first_after): wait for A to have
+    # missed the witness that long (a condition, not a guess; the witness disables failover
+    # meanwhile).
+    first = WitnessTiming(WITNESS["interval"], WITNESS["owner_lease"], WITNESS["grace"], drift=0.05,
+                          link_notice=FAST_LINK["path_timeout"]).lost_first_after()
+    wait_for(lambda: (show(wlab, "A")["witness"]["last_heard_s_ago"] or 0) > first,
+             timeout=20, what="A has missed the witness long enough")
     proxy_command(wlab["link"]["control"], "cut", paths=[0, 1])
     wait_for(lambda: group(wlab, "A")["peer_mode"] == "detached", timeout=20, what="A alone")
     time.sleep(2.0)
