@@ -122,7 +122,7 @@ class FailingFile:
             self.proc.wait()
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """``pid`` runs (a zombie child of ours is reaped, and is not running)."""
     try:
         os.kill(pid, 0)
@@ -141,7 +141,7 @@ def _alive(pid: int) -> bool:
 
 def _wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while _alive(pid):
+    while pid_alive(pid):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)
@@ -220,7 +220,7 @@ class PowerCutDisk:
     def _is_ours(self, pid: int, prog: str) -> bool:
         """``pid`` is still the ``prog`` serving this disk (not a reused pid)."""
         args = _cmdline(pid)
-        return _alive(pid) and bool(args) and os.path.basename(args[0]) == prog and (
+        return pid_alive(pid) and bool(args) and os.path.basename(args[0]) == prog and (
             self.backing in args or self.path in args)
 
     def power_on(self, timeout: float = 10.0) -> None:

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..ctl import CtlError, call
+from .faults import pid_alive
 
 PORTS = ("nbd", "link", "witness", "admin")
 FUZZ_HOST = "fuzzer"
@@ -714,18 +715,6 @@ def _rss_kib(pid: int) -> int | None:
     return 0
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        return done == 0
-    except ChildProcessError:
-        return True
-
-
 def _digest(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -875,7 +864,7 @@ class Lab:
         """After every case: processes alive, logs clean, memory bounded."""
         out = []
         for what, pid in self.processes().items():
-            if not _alive(pid):
+            if not pid_alive(pid):
                 out.append(("crash", f"{what} (pid {pid}) is gone"))
         for p in self.new_log_problems():
             out.append(("log", p))
@@ -1157,7 +1146,7 @@ def run_fuzz(d: str, seconds: float, seed: int, ports: tuple[str, ...] = PORTS, 
 
     root = Path(d)
     if (root / "lab.json").exists():  # an earlier fuzz lab: start afresh (a running one is refused)
-        if not any(_alive(n["pid"]) for n in load_lab(d)["nodes"].values()):
+        if not any(pid_alive(n["pid"]) for n in load_lab(d)["nodes"].values()):
             for sub in ("A", "B", "W"):
                 shutil.rmtree(root / sub, ignore_errors=True)
             for f in [*root.glob("*.log"), *root.glob("fuzz-*.jsonl"), root / "lab.json"]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..config import parse_size
 from ..ctl import CtlError, call, wait_synced
+from .faults import pid_alive
 
 NODES = ("A", "B")
 LAB_HOST = "lab"
@@ -68,18 +69,6 @@ def _spawn(args: list[str], log: Path) -> int:
     return p.pid
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # reap it if it is our zombie child
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        return done == 0
-    except ChildProcessError:
-        return True
-
-
 def _wait_socket(path: str, pid: int, log: Path, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -89,7 +78,7 @@ def _wait_socket(path: str, pid: int, log: Path, timeout: float = 20.0) -> None:
                 return
             except CtlError:
                 pass
-        if not _alive(pid):
+        if not pid_alive(pid):
             tail = log.read_text()[-2000:] if log.exists() else ""
             raise LabError(f"process {pid} exited during start-up; its log ({log}) ends with:\n{tail}")
         time.sleep(0.05)
@@ -243,7 +232,7 @@ def _lab_up(
                            f"{', '.join(chosen) or 'nbd_tls'}")
     if (root / "lab.json").exists():
         lab = json.loads((root / "lab.json").read_text())
-        if any(_alive(n["pid"]) for n in lab["nodes"].values()):
+        if any(pid_alive(n["pid"]) for n in lab["nodes"].values()):
             raise LabError(f"a lab is already running in {root}: run 'syncd lab down --dir {root}' first")
     root.mkdir(parents=True, exist_ok=True)
     nbytes = parse_size(size, "--size")
@@ -491,7 +480,7 @@ def _wait_shim(hinfo: dict) -> None:
                 return
         except OSError:
             pass
-        if not _alive(hinfo["pid"]) or time.monotonic() > deadline:
+        if not pid_alive(hinfo["pid"]) or time.monotonic() > deadline:
             tail = Path(hinfo["log"]).read_text()[-2000:] if Path(hinfo["log"]).exists() else ""
             raise LabError(f"host shim {hinfo['name']} did not come up; its log ends with:\n{tail}")
         time.sleep(0.05)
@@ -546,9 +535,9 @@ def _wait_gone(pids, timeout: float) -> list[str]:
     deadline = time.monotonic() + timeout
     stopped = []
     for what, pid in pids:
-        while _alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _alive(pid):
+        if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
             stopped.append(f"{what} (pid {pid}) killed after {timeout:.0f}s")
         else:
@@ -562,11 +551,11 @@ def lab_kill(d: str, site: str, sig: int = signal.SIGKILL) -> int:
     if site not in lab["nodes"]:
         raise LabError(f"lab {d} has no site {site!r} (sites: {', '.join(lab['nodes'])})")
     pid = lab["nodes"][site]["pid"]
-    if not _alive(pid):
+    if not pid_alive(pid):
         raise LabError(f"node {site} (pid {pid}) is not running")
     os.kill(pid, sig)
     deadline = time.monotonic() + 15
-    while _alive(pid) and time.monotonic() < deadline:
+    while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
     return pid
 
@@ -577,7 +566,7 @@ def lab_start(d: str, site: str) -> int:
     if site not in lab["nodes"]:
         raise LabError(f"lab {d} has no site {site!r} (sites: {', '.join(lab['nodes'])})")
     n = lab["nodes"][site]
-    if _alive(n["pid"]):
+    if pid_alive(n["pid"]):
         raise LabError(f"node {site} is already running (pid {n['pid']})")
     if (lab.get("disks") or {}).get(site) and not _disks_powered(lab, site):
         raise LabError(f"the disks of site {site} have no power: run 'syncd lab heal power {site}' "
@@ -677,7 +666,7 @@ def _power_cut(d: str, lab: dict, sites: list[str]) -> str:
     killed = []
     for s in sites:  # the arrays first: a process still running would see its disk vanish
         pid = lab["nodes"][s]["pid"]
-        if _alive(pid):
+        if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
             killed.append((f"node {s}", pid))
     _wait_gone(killed, 15)
@@ -703,7 +692,7 @@ def _power_on(d: str, lab: dict, sites: list[str]) -> list[str]:
         if off:
             (Path(d) / "lab.json").write_text(json.dumps(lab, indent=1))
             done.append(f"disks of {s} powered on")
-        if not _alive(lab["nodes"][s]["pid"]):
+        if not pid_alive(lab["nodes"][s]["pid"]):
             lab_start(d, s)
             lab = load_lab(d)
             done.append(f"array {s} started")
@@ -719,7 +708,7 @@ def _host(lab: dict, site: str) -> dict:
 
 def _kill_host(d: str, lab: dict, site: str) -> str:
     h = _host(lab, site)
-    if _alive(h["pid"]):
+    if pid_alive(h["pid"]):
         os.kill(h["pid"], signal.SIGKILL)
         _wait_gone([(h["name"], h["pid"])], 10)
     return h["name"]
@@ -728,7 +717,7 @@ def _kill_host(d: str, lab: dict, site: str) -> str:
 def _start_host(d: str, site: str) -> str:
     lab = load_lab(d)  # fresh: a node restarted just before has recorded its new pid
     h = _host(lab, site)
-    if not _alive(h["pid"]):
+    if not pid_alive(h["pid"]):
         _start_shim(h)
         (Path(d) / "lab.json").write_text(json.dumps(lab, indent=1))
         _wait_shim(h)
@@ -738,7 +727,7 @@ def _start_host(d: str, site: str) -> str:
 def _role_site(lab: dict, role: str) -> str:
     """The site whose array is ``role`` of the lab's group, asked of whichever node answers."""
     for name, n in lab["nodes"].items():
-        if not _alive(n["pid"]):
+        if not pid_alive(n["pid"]):
             continue
         try:
             g = call(n["admin_socket"], "showrcopy", {"group": lab["group"]}, timeout=5)["groups"][0]
@@ -794,7 +783,7 @@ def lab_fail(d: str, what: str, site: str | None = None) -> str:
         w = lab.get("witness")
         if not w:
             raise LabError("this lab has no witness (lab up --witness)")
-        if not _alive(w["pid"]):
+        if not pid_alive(w["pid"]):
             raise LabError("the witness is not running")
         os.kill(w["pid"], signal.SIGKILL)
         _wait_gone([("witness", w["pid"])], 10)
@@ -853,7 +842,7 @@ def lab_heal(d: str, what: str, site: str | None = None) -> str:
         if what == "site" and (lab.get("hosts") or {}).get(site):
             done.append(f"host {_start_host(d, site)} started")
     elif what in ("primary", "secondary", "site"):
-        down = [n for n, v in lab["nodes"].items() if not _alive(v["pid"]) and (site is None or n == site)]
+        down = [n for n, v in lab["nodes"].items() if not pid_alive(v["pid"]) and (site is None or n == site)]
         for n in down:
             lab_start(d, n)
             done.append(f"array {n} started")
@@ -874,7 +863,7 @@ def lab_heal(d: str, what: str, site: str | None = None) -> str:
         w = lab.get("witness")
         if not w:
             raise LabError("this lab has no witness")
-        if _alive(w["pid"]):
+        if pid_alive(w["pid"]):
             raise LabError("the witness is running")
         w["pid"] = _spawn([sys.executable, "-m", "syncd", "witness", "--config", w["config"]], Path(w["log"]))
         (Path(d) / "lab.json").write_text(json.dumps(lab, indent=1))
@@ -891,7 +880,7 @@ def lab_heal(d: str, what: str, site: str | None = None) -> str:
             raise LabError("lab heal disk needs a SITE")
         for dev in lab.get("loops", {}).get(site) or []:
             heal_disk(dev)
-        if _alive(lab["nodes"][site]["pid"]):
+        if pid_alive(lab["nodes"][site]["pid"]):
             lab_kill(d, site, signal.SIGTERM)
         lab_start(d, site)
         done.append(f"disks of {site} repaired, array {site} restarted")
