@@ -4,6 +4,7 @@ failover, recover, override, and their refusals."""
 from __future__ import annotations
 
 import time
+import tomllib
 
 import pytest
 import trio
@@ -171,7 +172,8 @@ def test_an_isolated_primary_steps_down_once_the_witness_says_it_gave_the_group_
 def test_setrcopytarget_witness_remove_create_check_and_failover_still_works(wlab):
     lab = wlab
     addr = f"127.0.0.1:{lab['witness']['port']}"
-    key = "lab-shared-witness-key-0123456789"
+    with open(lab["witness"]["config"], "rb") as f:
+        key = tomllib.load(f)["witness"]["key"]  # made for this lab
     timing = {"interval": WITNESS["interval"], "owner_lease": WITNESS["owner_lease"], "grace": WITNESS["grace"]}
     for site in ("A", "B"):
         assert ctl(lab, site, "setrcopytarget", what="witness", action="check")["address"]
