@@ -18,8 +18,9 @@ import time
 import pytest
 import trio
 
+from syncd.lab.faults import pid_alive
 from syncd.lab.relay import proxy_command
-from syncd.lab.rig import _alive, lab_down, load_lab
+from syncd.lab.rig import lab_down, load_lab
 from syncd.lab.workload import History
 
 from .test_crash_campaign import (
@@ -109,7 +110,7 @@ def test_a_flapping_network_kills_nothing_splits_nothing_and_loses_nothing(tmp_p
             time.sleep(0.1)
         lab = load_lab(d)
         assert {s: lab["nodes"][s]["pid"] for s in ("A", "B")} == pids
-        assert all(_alive(p) for p in pids.values()), "an array died"
+        assert all(pid_alive(p) for p in pids.values()), "an array died"
         for s in ("A", "B"):
             assert "Traceback" not in open(lab["nodes"][s]["log"]).read(), f"array {s} logged a traceback"
         assert all(len(v) == 1 for v in owners.values()), f"two serving primaries in one epoch: {owners}"
