@@ -53,6 +53,9 @@ def _print_host_status(st: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="syncd", description="Synchronous active-active block replication.")
     p.add_argument("--log-level", default="info")
+    from .ctl import version
+
+    p.add_argument("--version", action="version", version=f"syncd {version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("node", help="run a storage node")
@@ -67,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--config", required=True)
     s.add_argument("--check", action="store_true", help="validate the config and exit")
     s.add_argument("--status", action="store_true", help="show the running shim's paths and exit")
+    s.add_argument("--json", action="store_true", help="with --status: JSON (errors too), as syncctl --json")
 
     s = sub.add_parser("linkproxy", help="run the lab's inter-site link relay")
     s.add_argument("--control", required=True)
@@ -165,14 +169,28 @@ def main(argv: list[str] | None = None) -> int:
 
         if ns.status:
             from .config import ConfigError
+            from .ctl import EXIT
 
             try:
-                st = host_status(load_host_config(ns.config).admin_socket)
-            except (ConfigError, OSError) as e:
-                print(f"syncd host: {e}", file=sys.stderr)
-                return 1
-            _print_host_status(st)
-            return 0
+                cfg = load_host_config(ns.config)
+            except ConfigError as e:
+                code, msg = "usage", str(e)
+            else:
+                try:
+                    st = host_status(cfg.admin_socket)
+                except (OSError, ValueError, KeyError) as e:
+                    code, msg = "unreachable", f"the shim's admin socket {cfg.admin_socket}: {e}"
+                else:
+                    if ns.json:
+                        print(json.dumps(st, indent=1))
+                    else:
+                        _print_host_status(st)
+                    return EXIT["ok"]
+            if ns.json:
+                print(json.dumps({"ok": False, "error": msg, "code": code, "exit": EXIT[code]}))
+            else:
+                print(f"syncd host: {msg}", file=sys.stderr)
+            return EXIT[code]
         return _run_daemon(ns, "host configuration", load_host_config,
                            lambda c: f"host {c.name}, {sum(len(a.paths) for a in c.arrays)} paths", serve_host)
 

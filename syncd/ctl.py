@@ -16,9 +16,26 @@ import time
 from rich.console import Console
 from rich.table import Table
 
+# Exit status, the same with and without --json (README, "Administration"): scripts tell the
+# cases apart without parsing messages. ``code`` is what a JSON error carries.
+EXIT = {
+    "ok": 0,
+    "refused": 1,  # the node refused the request (the message says why)
+    "replicas_differ": 2,  # checkrcopyvv found differing regions
+    "not_found": 3,  # the group, volume, host... named does not exist
+    "unreachable": 4,  # no answer from the node's admin socket
+    "failed": 5,  # the node failed to carry out a valid request
+    "usage": 64,  # the command line is wrong (EX_USAGE)
+    "bad_request": 64,
+}
+
 
 class CtlError(Exception):
-    pass
+    """A request that did not succeed; ``code`` is one of EXIT's keys."""
+
+    def __init__(self, message: str, code: str = "refused") -> None:
+        super().__init__(message)
+        self.code = code if code in EXIT else "refused"
 
 
 def call(sock_path: str, cmd: str, args: dict | None = None, timeout: float = 30.0) -> dict:
@@ -32,26 +49,26 @@ def call(sock_path: str, cmd: str, args: dict | None = None, timeout: float = 30
             break
         except BlockingIOError:  # the node's accept queue is full for a moment: a busy node, not a dead one
             if time.monotonic() > deadline:
-                raise CtlError(f"the node's admin socket {sock_path} accepted no connection within {timeout:.0f}s") \
-                    from None
+                raise CtlError(f"the node's admin socket {sock_path} accepted no connection within {timeout:.0f}s",
+                               "unreachable") from None
             time.sleep(0.02)
         except OSError as e:
-            raise CtlError(f"cannot reach the node's admin socket {sock_path}: {e.strerror}") from None
+            raise CtlError(f"cannot reach the node's admin socket {sock_path}: {e.strerror}", "unreachable") from None
     try:
         s.sendall(json.dumps({"cmd": cmd, "args": args or {}}).encode() + b"\n")
         buf = b""
         while not buf.endswith(b"\n"):
             data = s.recv(1 << 20)
             if not data:
-                raise CtlError("the node closed the admin connection without answering")
+                raise CtlError("the node closed the admin connection without answering", "unreachable")
             buf += data
     except socket.timeout:
-        raise CtlError(f"the node did not answer {cmd} within {timeout:.0f}s") from None
+        raise CtlError(f"the node did not answer {cmd} within {timeout:.0f}s", "unreachable") from None
     finally:
         s.close()
     ans = json.loads(buf)
     if not ans.get("ok"):
-        raise CtlError(ans.get("error", "unknown error"))
+        raise CtlError(ans.get("error", "unknown error"), ans.get("code", "refused"))
     return ans["result"]
 
 
@@ -65,11 +82,11 @@ def _socket_from(ns) -> str:
         try:
             return lab["nodes"][node]["admin_socket"]
         except KeyError:
-            raise CtlError(f"lab {ns.lab} has no node {node!r} (nodes: {', '.join(lab['nodes'])})") from None
+            raise CtlError(f"lab {ns.lab} has no node {node!r} (nodes: {', '.join(lab['nodes'])})", "usage") from None
     env = os.environ.get("SYNCCTL_SOCKET")
     if env:
         return env
-    raise CtlError("say which node: --socket PATH, --lab DIR [--node A], or SYNCCTL_SOCKET")
+    raise CtlError("say which node: --socket PATH, --lab DIR [--node A], or SYNCCTL_SOCKET", "usage")
 
 
 def _fmt_age(t: float | None) -> str:
@@ -84,7 +101,7 @@ def print_showrcopy(r: dict, console: Console) -> None:
     if lk:
         t = Table(title=f"Target {lk['peer']}: link {lk['state']} ({lk['paths_up']}/{len(lk['paths'])} paths)")
         for c in ("path", "local", "peer", "state", "rtt ms", "rtt max ms", "tx frames", "rx frames", "last error"):
-            t.add_column(c)
+            t.add_column(c, overflow="fold")  # wrapped, never cut
         for p in lk["paths"]:
             t.add_row(str(p["index"]), p["local"], p["peer"], p["state"],
                       "-" if p["rtt_ms"] is None else f"{p['rtt_ms']:.3f}", f"{p['rtt_max_ms']:.1f}",
@@ -107,7 +124,7 @@ def print_showrcopy(r: dict, console: Console) -> None:
                       + (f", {wt['security']}" if wt.get("security") else ""))
     t = Table(title="Groups")
     for c in ("group", "target", "role", "status", "mode", "epoch", "generation", "alua", "policies"):
-        t.add_column(c)
+        t.add_column(c, overflow="fold")  # wrapped, never cut
     for g in r["groups"]:
         pols = ",".join(k if v else "no_" + k for k, v in g["policies"].items())
         mode = g.get("peer_mode") or ("serving" if g["serving"] else "not serving")
@@ -122,7 +139,7 @@ def print_showrcopy(r: dict, console: Console) -> None:
                           "(set without it): reported once the peer is back[/yellow]", highlight=False)
     t = Table(title="Volumes")
     for c in ("group", "local vv", "remote vv", "wwn", "size", "sync status", "progress", "last sync"):
-        t.add_column(c)
+        t.add_column(c, overflow="fold")  # wrapped, never cut
     for g in r["groups"]:
         for v in g["volumes"]:
             prog = f"{v['sync_percent']:.1f}%"
@@ -147,20 +164,56 @@ ROW_VIEWS = {
 def print_rows(title: str, rows: list[dict], cols, console: Console) -> None:
     t = Table(title=title)
     for c in cols:
-        t.add_column(c)
+        t.add_column(c, overflow="fold")  # wrapped, never cut
     for r in rows:
         t.add_row(*(", ".join(map(str, r[c])) if isinstance(r[c], list) else "-" if r[c] is None else str(r[c])
                     for c in cols))
     console.print(t)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors exit with EXIT["usage"] (argparse's own 2 is "replicas differ" here), as
+    JSON when the line asks for --json."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise CtlError(f"{self.prog}: {message}", "usage")
+
+
+def _global_options(p: argparse.ArgumentParser, default) -> None:
+    """Options that may stand anywhere on the line: before the verb (``default``: their real
+    defaults) and after it (SUPPRESS: a verb's parser leaves what came before alone)."""
+    p.add_argument("--socket", default=default, help="the node's admin socket")
+    p.add_argument("--lab", default=default, help="a lab directory (with lab.json)")
+    p.add_argument("--node", default=default, help="node name within --lab (default A)")
+    p.add_argument("--json", action="store_true", default=False if default is None else default,
+                   help="print JSON instead of tables (errors too)")
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as _v
+
+    try:
+        return _v("syncd")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="syncctl", description="Administer a syncd storage node.")
-    p.add_argument("--socket", help="the node's admin socket")
-    p.add_argument("--lab", help="a lab directory (with lab.json)")
-    p.add_argument("--node", help="node name within --lab (default A)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    sub = p.add_subparsers(dest="verb", required=True)
+    p = _Parser(prog="syncctl", description="Administer a syncd storage node.",
+                epilog="Exit status: 0 ok, 1 refused, 2 replicas differ, 3 not found, 4 node unreachable, "
+                       "5 the node failed, 64 usage error (the same with --json).")
+    _global_options(p, None)
+    p.add_argument("--version", action="version", version=f"syncctl {version()}")
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+    _add = sub.add_parser
+
+    def add_parser(name: str, **kw):
+        return _add(name, parents=[common], **kw)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     s = sub.add_parser("creatercopygroup", help="create a replication group with its target")
     s.add_argument("group")
@@ -276,7 +329,7 @@ def wait_synced(sock: str, group: str, timeout: float, console: Console | None) 
                 return r
             if time.monotonic() > deadline:
                 states = ", ".join(f"{v['name']} {v['sync_status']} {v['sync_percent']}%" for v in vols)
-                raise CtlError(f"group {group} not synced after {timeout:.0f}s: {states}")
+                raise CtlError(f"group {group} not synced after {timeout:.0f}s: {states}", "failed")
             for v in vols if progress is not None else ():
                 rs = v.get("resync") or {}
                 detail = v["sync_status"]
@@ -291,113 +344,133 @@ def wait_synced(sock: str, group: str, timeout: float, console: Console | None) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    args = sys.argv[1:] if argv is None else argv
+    as_json = "--json" in args
     err = Console(stderr=True)
     try:
-        sock = _socket_from(ns)
-        v = ns.verb
-        if v == "creatercopygroup":
-            target = ns.target.split(":")[0]
-            if ":" in ns.target and ns.target.split(":", 1)[1] != "sync":
-                raise CtlError(f"mode {ns.target.split(':', 1)[1]!r} not supported: "
-                               "syncd groups are synchronous (sync)")
-            r = call(sock, v, {"group": ns.group, "target": target, "policies": ns.policies})
-        elif v == "admitrcopyvv":
-            r = call(sock, v, {"volume": ns.volume, "group": ns.group, "target_volume": ns.target_volume})
-        elif v in ("removercopygroup", "stoprcopygroup"):
-            r = call(sock, v, {"group": ns.group})
-        elif v == "dismissrcopyvv":
-            r = call(sock, v, {"volume": ns.volume, "group": ns.group})
-        elif v == "setrcopygroup":
-            want = 2 if ns.action == "pol" else 1
-            if len(ns.args) != want:
-                raise CtlError(f"setrcopygroup {ns.action} takes {'POLICIES GROUP' if want == 2 else 'GROUP'}")
-            args = {"action": ns.action, "group": ns.args[-1]}
-            if ns.action == "pol":
-                args["policies"] = ns.args[0]
-            r = call(sock, v, args, timeout=120)
-        elif v == "setrcopytarget":
-            key = ns.key
-            if ns.key_file:
-                with open(ns.key_file) as f:
-                    key = f.read().strip()
-            args = {"what": ns.what, "action": ns.action, "address": ns.address, "key": key,
-                    "interval": ns.interval, "owner_lease": ns.owner_lease, "grace": ns.grace, "name": ns.name}
-            for k in ("tls_certificate", "tls_key", "tls_ca"):
-                if getattr(ns, k):
-                    args[k] = os.path.abspath(getattr(ns, k))  # the array resolves nothing against its cwd
-            if ns.insecure:
-                args["insecure"] = True
-            r = call(sock, v, args)
-        elif v == "createhost":
-            r = call(sock, v, {"name": ns.name, "addresses": ns.address, "tls_names": ns.tls_name})
-        elif v in ("removehost",):
-            r = call(sock, v, {"name": ns.name})
-        elif v == "createhostset":
-            r = call(sock, v, {"name": ns.name, "hosts": ns.hosts, "add": ns.add})
-        elif v == "removehostset":
-            r = call(sock, v, {"name": ns.name, "hosts": ns.hosts})
-        elif v == "createvlun":
-            r = call(sock, v, {"volume": ns.volume, "host": ns.host, "lun": ns.lun})
-        elif v == "removevlun":
-            r = call(sock, v, {"volume": ns.volume, "host": ns.host})
-        elif v in ("admitrcopyhost",):
-            r = call(sock, v, {"host": ns.host, "group": ns.group, "proximity": ns.proximity})
-        elif v == "dismissrcopyhost":
-            r = call(sock, v, {"host": ns.host, "group": ns.group})
-        elif v in ROW_VIEWS:
-            r = call(sock, v, {"host": ns.host} if getattr(ns, "host", None) else {})
-            if not ns.json:
-                key, cols = ROW_VIEWS[v]
-                print_rows(f"{v} on {r.get('node', '')}".strip(), r[key], cols, console)
-                return 0
-        elif v == "startrcopygroup":
-            r = call(sock, v, {"group": ns.group})
-            if ns.wait:
-                wait_synced(sock, ns.group, ns.timeout, None if ns.json else console)
-        elif v == "checkrcopyvv":
-            r = call(sock, v, {"volume": ns.volume, "fix": ns.fix}, timeout=ns.timeout)
-            if not ns.json:
-                state = "identical" if not r["differing_regions"] else f"{r['differing_regions']} regions DIFFER"
-                console.print(f"checkrcopyvv {r['volume']} (group {r['group']}): {r['bytes_compared']} bytes in "
-                              f"{r['regions']} regions of {r['region_size']} compared in {r['seconds']} s "
-                              f"({r['mb_per_s']} MB/s): {state}", highlight=False)
-                for off, ln in r["differing"]:
-                    console.print(f"  differs: offset {off} length {ln}", highlight=False)
-                if r["fixing"]:
-                    console.print("  resync of the differing regions started (showrcopy shows its progress)")
-                return 0 if not r["differing_regions"] else 2
-        elif v == "waitsync":
-            r = wait_synced(sock, ns.group, ns.timeout, None if ns.json else console)
-        elif v == "showrcopy":
-            r = call(sock, v, {"group": ns.group} if ns.group else {})
-            if ns.what == "links":
-                r = {"node": r["node"], "link": r["link"]}
-            elif ns.what == "groups":
-                r = {"node": r["node"], "groups": r["groups"]}
-            elif ns.what == "witness" or ns.qw:
-                r = {"node": r["node"], "witness": r.get("witness")}
-            if not ns.json:
-                if "groups" in r and "link" in r:
-                    print_showrcopy(r, console)
-                else:
-                    console.print_json(json.dumps(r))
-                return 0
-        else:  # pragma: no cover - argparse enforces the choices
-            raise CtlError(f"unknown verb {v}")
-        if ns.json:
-            print(json.dumps(r, indent=1))
-        elif v != "showrcopy":
-            console.print(f"{v}: ok " + " ".join(f"{k}={val}" for k, val in r.items()
-                                                  if not isinstance(val, (dict, list))))
-        return 0
+        ns = build_parser().parse_args(args)
+        return _run(ns)
     except CtlError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
-        return 1
+        return _fail(e, as_json, err)
     except (OSError, ValueError) as e:
+        return _fail(CtlError(str(e), "failed"), as_json, err)
+
+
+def _fail(e: CtlError, as_json: bool, err: Console) -> int:
+    if as_json:  # on stdout, like every other answer in this mode
+        print(json.dumps({"ok": False, "error": str(e), "code": e.code, "exit": EXIT[e.code]}))
+    else:
         err.print(f"[red]error:[/red] {e}", highlight=False)
-        return 1
+    return EXIT[e.code]
+
+
+def _console() -> Console:
+    # Not a terminal: as wide as any line needs (a table is never cut for a pipe or a file).
+    return Console() if sys.stdout.isatty() else Console(width=100_000, soft_wrap=True)
+
+
+def _run(ns) -> int:
+    console = _console()
+    sock = _socket_from(ns)
+    v = ns.verb
+    if v == "creatercopygroup":
+        target = ns.target.split(":")[0]
+        if ":" in ns.target and ns.target.split(":", 1)[1] != "sync":
+            raise CtlError(f"mode {ns.target.split(':', 1)[1]!r} not supported: "
+                           "syncd groups are synchronous (sync)", "usage")
+        r = call(sock, v, {"group": ns.group, "target": target, "policies": ns.policies})
+    elif v == "admitrcopyvv":
+        r = call(sock, v, {"volume": ns.volume, "group": ns.group, "target_volume": ns.target_volume})
+    elif v in ("removercopygroup", "stoprcopygroup"):
+        r = call(sock, v, {"group": ns.group})
+    elif v == "dismissrcopyvv":
+        r = call(sock, v, {"volume": ns.volume, "group": ns.group})
+    elif v == "setrcopygroup":
+        want = 2 if ns.action == "pol" else 1
+        if len(ns.args) != want:
+            raise CtlError(f"setrcopygroup {ns.action} takes {'POLICIES GROUP' if want == 2 else 'GROUP'}",
+                           "usage")
+        args = {"action": ns.action, "group": ns.args[-1]}
+        if ns.action == "pol":
+            args["policies"] = ns.args[0]
+        r = call(sock, v, args, timeout=120)
+    elif v == "setrcopytarget":
+        key = ns.key
+        if ns.key_file:
+            with open(ns.key_file) as f:
+                key = f.read().strip()
+        args = {"what": ns.what, "action": ns.action, "address": ns.address, "key": key,
+                "interval": ns.interval, "owner_lease": ns.owner_lease, "grace": ns.grace, "name": ns.name}
+        for k in ("tls_certificate", "tls_key", "tls_ca"):
+            if getattr(ns, k):
+                args[k] = os.path.abspath(getattr(ns, k))  # the array resolves nothing against its cwd
+        if ns.insecure:
+            args["insecure"] = True
+        r = call(sock, v, args)
+    elif v == "createhost":
+        r = call(sock, v, {"name": ns.name, "addresses": ns.address, "tls_names": ns.tls_name})
+    elif v in ("removehost",):
+        r = call(sock, v, {"name": ns.name})
+    elif v == "createhostset":
+        r = call(sock, v, {"name": ns.name, "hosts": ns.hosts, "add": ns.add})
+    elif v == "removehostset":
+        r = call(sock, v, {"name": ns.name, "hosts": ns.hosts})
+    elif v == "createvlun":
+        r = call(sock, v, {"volume": ns.volume, "host": ns.host, "lun": ns.lun})
+    elif v == "removevlun":
+        r = call(sock, v, {"volume": ns.volume, "host": ns.host})
+    elif v in ("admitrcopyhost",):
+        r = call(sock, v, {"host": ns.host, "group": ns.group, "proximity": ns.proximity})
+    elif v == "dismissrcopyhost":
+        r = call(sock, v, {"host": ns.host, "group": ns.group})
+    elif v in ROW_VIEWS:
+        r = call(sock, v, {"host": ns.host} if getattr(ns, "host", None) else {})
+        if not ns.json:
+            key, cols = ROW_VIEWS[v]
+            print_rows(f"{v} on {r.get('node', '')}".strip(), r[key], cols, console)
+            return 0
+    elif v == "startrcopygroup":
+        r = call(sock, v, {"group": ns.group})
+        if ns.wait:
+            wait_synced(sock, ns.group, ns.timeout, None if ns.json else console)
+    elif v == "checkrcopyvv":
+        r = call(sock, v, {"volume": ns.volume, "fix": ns.fix}, timeout=ns.timeout)
+        if not ns.json:
+            state = "identical" if not r["differing_regions"] else f"{r['differing_regions']} regions DIFFER"
+            console.print(f"checkrcopyvv {r['volume']} (group {r['group']}): {r['bytes_compared']} bytes in "
+                          f"{r['regions']} regions of {r['region_size']} compared in {r['seconds']} s "
+                          f"({r['mb_per_s']} MB/s): {state}", highlight=False)
+            for off, ln in r["differing"]:
+                console.print(f"  differs: offset {off} length {ln}", highlight=False)
+            if r["fixing"]:
+                console.print("  resync of the differing regions started (showrcopy shows its progress)")
+            return EXIT["ok"] if not r["differing_regions"] else EXIT["replicas_differ"]
+    elif v == "waitsync":
+        r = wait_synced(sock, ns.group, ns.timeout, None if ns.json else console)
+    elif v == "showrcopy":
+        r = call(sock, v, {"group": ns.group} if ns.group else {})
+        if ns.what == "links":
+            r = {"node": r["node"], "link": r["link"]}
+        elif ns.what == "groups":
+            r = {"node": r["node"], "groups": r["groups"]}
+        elif ns.what == "witness" or ns.qw:
+            r = {"node": r["node"], "witness": r.get("witness")}
+        if not ns.json:
+            if "groups" in r and "link" in r:
+                print_showrcopy(r, console)
+            else:
+                console.print_json(json.dumps(r))
+            return 0
+    else:  # pragma: no cover - argparse enforces the choices
+        raise CtlError(f"unknown verb {v}")
+    if ns.json:
+        print(json.dumps(r, indent=1))
+    elif v != "showrcopy":
+        console.print(f"{v}: ok " + " ".join(f"{k}={val}" for k, val in r.items()
+                                              if not isinstance(val, (dict, list))))
+    if v == "checkrcopyvv" and r.get("differing_regions"):
+        return EXIT["replicas_differ"]  # the same in both modes
+    return EXIT["ok"]
 
 
 if __name__ == "__main__":

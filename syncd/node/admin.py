@@ -18,7 +18,7 @@ import trio
 
 from ..nbd.export import ALUA_NAMES
 from . import admin_hosts
-from .errors import NodeError
+from .errors import NodeError, NotFound
 from .group import Group
 from .resync import resync_progress
 from .roles import Started, Stopped
@@ -78,19 +78,22 @@ class AdminServer:
             if not isinstance(args, dict):
                 raise ValueError("args must be an object")
         except ValueError as e:
-            return {"ok": False, "error": f"bad request: {e}"}
+            return {"ok": False, "error": f"bad request: {e}", "code": "bad_request"}
         fn = COMMANDS.get(req["cmd"])
         if fn is None:
-            return {"ok": False, "error": f"unknown command {req['cmd']!r}; known: {', '.join(sorted(COMMANDS))}"}
+            return {"ok": False, "error": f"unknown command {req['cmd']!r}; known: {', '.join(sorted(COMMANDS))}",
+                    "code": "bad_request"}
         try:
             return {"ok": True, "result": await fn(self.node, **args)}
+        except NotFound as e:
+            return {"ok": False, "error": str(e), "code": "not_found"}
         except (NodeError, StateError) as e:  # StateError: metadata not written (the node stops)
-            return {"ok": False, "error": str(e)}
+            return {"ok": False, "error": str(e), "code": "refused"}
         except TypeError as e:
-            return {"ok": False, "error": f"{req['cmd']}: bad arguments ({e})"}
+            return {"ok": False, "error": f"{req['cmd']}: bad arguments ({e})", "code": "bad_request"}
         except Exception as e:  # an admin request must never take the node down
             log.exception("admin command %s failed", req["cmd"])
-            return {"ok": False, "error": f"{req['cmd']} failed: {e}"}
+            return {"ok": False, "error": f"{req['cmd']} failed: {e}", "code": "failed"}
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -180,7 +183,7 @@ async def admitrcopyvv(node: Node, volume: str, group: str, target_volume: str |
     _primary_only(node, g, "admitrcopyvv")
     vol = node.volumes.get(volume)
     if vol is None:
-        raise NodeError(f"volume {volume} does not exist on {node.cfg.name} "
+        raise NotFound(f"volume {volume} does not exist on {node.cfg.name} "
                         f"(volumes: {', '.join(sorted(node.volumes)) or 'none'})")
     if volume in node.member_of:
         raise NodeError(f"volume {volume} is already in group {node.member_of[volume].group.name}")
@@ -364,11 +367,11 @@ async def setrcopytarget(node: Node, what: str, action: str, address: str | None
         raise NodeError(f"setrcopytarget: unknown object {what!r} (known: witness)")
     if action == "check":
         if node.witness is None:
-            raise NodeError(f"no quorum witness is configured on {node.cfg.name}")
+            raise NotFound(f"no quorum witness is configured on {node.cfg.name}")
         return node.witness.info()
     if action == "remove":
         if node.witness is None:
-            raise NodeError(f"setrcopytarget witness remove: no quorum witness is configured on {node.cfg.name}")
+            raise NotFound(f"setrcopytarget witness remove: no quorum witness is configured on {node.cfg.name}")
         busy = [g.name for g in node.groups.values() if g.transitioning() or g.mode.value in ("fencing", "deciding")]
         if busy:
             raise NodeError(f"setrcopytarget witness remove: group(s) {', '.join(busy)} busy: retry when they settle")
@@ -408,7 +411,7 @@ async def checkrcopyvv(node: Node, volume: str, fix: bool = False) -> dict:
     if not isinstance(fix, bool):
         raise NodeError(f"checkrcopyvv: fix must be true or false, got {fix!r}")
     if volume not in node.volumes:
-        raise NodeError(f"checkrcopyvv: no volume {volume!r} on {node.cfg.name} "
+        raise NotFound(f"checkrcopyvv: no volume {volume!r} on {node.cfg.name} "
                         f"(volumes: {', '.join(node.volumes) or 'none'})")
     m = node.member_of.get(volume)
     if m is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..nbd.export import ALUA_ACTIVE_OPTIMIZED, ALUA_NAMES
-from .errors import NodeError
+from .errors import NodeError, NotFound
 from .hosts import PROXIMITIES, SET_PREFIX, HostError, check_new_host, check_target
 from .state import VlunState
 
@@ -47,7 +47,7 @@ async def createhost(node: Node, name: str, addresses=None, tls_names=None) -> d
 async def removehost(node: Node, name: str) -> dict:
     st = node.state
     if name not in st.hosts:
-        raise NodeError(f"removehost: host {name} does not exist")
+        raise NotFound(f"removehost: host {name} does not exist")
     vl = [f"{v.volume} (LUN {v.lun})" for v in st.vluns if v.target == name]
     if vl:
         raise NodeError(f"removehost: host {name} has exported volumes: {', '.join(vl)}; "
@@ -70,10 +70,10 @@ async def createhostset(node: Node, name: str, hosts=None, add: bool = False) ->
     check_name(name, "createhostset: host set name", NodeError)
     for h in members:
         if h not in st.hosts:
-            raise NodeError(f"createhostset: host {h} does not exist (hosts: {', '.join(sorted(st.hosts)) or 'none'})")
+            raise NotFound(f"createhostset: host {h} does not exist (hosts: {', '.join(sorted(st.hosts)) or 'none'})")
     if add:
         if name not in st.hostsets:
-            raise NodeError(f"createhostset --add: host set {name} does not exist")
+            raise NotFound(f"createhostset --add: host set {name} does not exist")
         dup = [h for h in members if h in st.hostsets[name]]
         if dup:
             raise NodeError(f"createhostset --add: {', '.join(dup)} already in host set {name}")
@@ -92,7 +92,7 @@ async def removehostset(node: Node, name: str, hosts=None) -> dict:
     """Remove the whole set, or only the given hosts from it."""
     st = node.state
     if name not in st.hostsets:
-        raise NodeError(f"removehostset: host set {name} does not exist")
+        raise NotFound(f"removehostset: host set {name} does not exist")
     members = _list(hosts, "hosts")
     if members:
         missing = [h for h in members if h not in st.hostsets[name]]
@@ -111,7 +111,7 @@ async def removehostset(node: Node, name: str, hosts=None) -> dict:
 async def createvlun(node: Node, volume: str, host: str, lun: int | None = None) -> dict:
     st = node.state
     if volume not in node.volumes:
-        raise NodeError(f"createvlun: volume {volume} does not exist on {node.cfg.name} "
+        raise NotFound(f"createvlun: volume {volume} does not exist on {node.cfg.name} "
                         f"(volumes: {', '.join(sorted(node.volumes)) or 'none'})")
     try:
         target = check_target(st, host)
@@ -169,7 +169,7 @@ async def showvlun(node: Node) -> dict:
 async def admitrcopyhost(node: Node, host: str, group: str, proximity: str = "all") -> dict:
     g = node.group(group)
     if host not in node.state.hosts:
-        raise NodeError(f"admitrcopyhost: host {host} does not exist on {node.cfg.name}")
+        raise NotFound(f"admitrcopyhost: host {host} does not exist on {node.cfg.name}")
     if proximity not in PROXIMITIES:
         raise NodeError(f"admitrcopyhost: proximity {proximity!r} is not one of {', '.join(PROXIMITIES)}")
     if not g.st.policies.get("active_active", False):
@@ -193,7 +193,7 @@ async def showpaths(node: Node, host: str | None = None) -> dict:
     """The ALUA state this array presents for every (host, exported volume)."""
     st = node.state
     if host is not None and host not in st.hosts:
-        raise NodeError(f"showpaths: host {host} does not exist on {node.cfg.name}")
+        raise NotFound(f"showpaths: host {host} does not exist on {node.cfg.name}")
     rows = []
     for h in sorted(st.hosts) if host is None else [host]:
         for vol, lun in sorted(node.hosts.volumes_for(h).items(), key=lambda x: x[1]):

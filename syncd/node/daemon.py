@@ -17,7 +17,7 @@ from ..repl.link import Link
 from ..repl.proto import Frame, Status
 from . import peer
 from .datapath import TRIM, WRITE, ZEROES, apply_local
-from .errors import NodeError
+from .errors import NodeError, NotFound
 from .group import Group, Member
 from .hosts import HostTable
 from .resync import Resync
@@ -465,7 +465,7 @@ class Node:
         g = self.groups.get(name)
         if g is None:
             known = ", ".join(sorted(self.groups)) or "none"
-            raise NodeError(f"group {name} does not exist on {self.cfg.name} (groups: {known})")
+            raise NotFound(f"group {name} does not exist on {self.cfg.name} (groups: {known})")
         return g
 
     # -- link events ---------------------------------------------------------------------------

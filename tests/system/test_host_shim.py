@@ -3,6 +3,7 @@ ALUA path selection, failover without an application I/O error (uniform connecti
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 
@@ -65,6 +66,9 @@ def test_status_shows_both_arrays_paths_and_real_clients_use_the_socket(shim):
     assert "wwn=" + v["wwn"] in run("nbdinfo", sock_uri).stdout
     out = run(sys.executable, "-m", "syncd", "host", "--config", shim["shim"]["config"], "--status").stdout
     assert "active/optimized" in out and "vv1: epoch 1, re-issued 0" in out
+    js = json.loads(run(sys.executable, "-m", "syncd", "host", "--config", shim["shim"]["config"], "--status",
+                        "--json").stdout)
+    assert js["volumes"][0]["wwn"] == v["wwn"] and len(js["volumes"][0]["paths"]) == 2
 
 
 @pytest.mark.parametrize("fault", ["primary", "secondary", "link", "switchover"])
