@@ -18,7 +18,7 @@ WITNESS = {"interval": 0.2, "owner_lease": 1.0, "grace": 2.0, "margin": 0.2}
 
 
 def require_tool(*names: str) -> None:
-    """Fail (in CI/after setup) or skip (elsewhere) when a tool is not installed."""
+    """Fail, naming them, when tools are not installed (./scripts/setup installs them)."""
     missing = [n for n in names if shutil.which(n) is None]
     if missing:
         unavailable(f"missing tools: {', '.join(missing)} (./scripts/setup installs them)")
