@@ -22,7 +22,7 @@ from .errors import NodeError, NotFound
 from .group import Group
 from .resync import resync_progress
 from .roles import Started, Stopped
-from .state import POLICIES, GroupState, MemberState, StateError
+from .state import FIXED_POLICIES, FIXED_REASON, POLICIES, GroupState, MemberState, StateError
 
 if TYPE_CHECKING:
     from .daemon import Node
@@ -129,6 +129,9 @@ def parse_policies(spec: str | list[str]) -> dict[str, bool]:
         raise NodeError("no policy given")
     if out.get("active_active") is False:
         raise NodeError("policy active_active cannot be turned off: groups are active-active")
+    fixed = [p for p in FIXED_POLICIES if out.get(p) is False]
+    if fixed:
+        raise NodeError(f"policy {' and '.join(fixed)} cannot be turned off: {FIXED_REASON}")
     return out
 
 

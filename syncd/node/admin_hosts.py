@@ -206,7 +206,7 @@ async def showpaths(node: Node, host: str | None = None) -> dict:
             g = m.group
             a = g.alua(h)
             rows.append({"host": h, "volume": vol, "lun": lun, "group": g.name, "role": g.role_label,
-                         "proximity": g.st.proximity.get(h, "all"), "state": ALUA_NAMES[a.state],
+                         "proximity": g.st.proximity.get(h), "state": ALUA_NAMES[a.state],
                          "epoch": a.epoch, "wwn": m.st.wwn})
     return {"node": node.cfg.name, "paths": rows}
 

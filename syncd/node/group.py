@@ -365,8 +365,11 @@ class Group:
         return self.roles.failover_possible(trio.current_time())
 
     def alua(self, host: str | None) -> AluaState:
-        """The path state this array shows ``host`` for the group's volumes."""
-        prox = self.st.proximity.get(host, "all") if host is not None else "all"
+        """The path state this array shows ``host`` for the group's volumes. A known host with no
+        proximity for the group sees the seed's initial states (roles.path_state); a connection
+        that is no defined host (an array without host definitions exports to everyone) has
+        no proximity to set and is near both arrays."""
+        prox = self.st.proximity.get(host) if host is not None else "all"
         return AluaState(self.roles.alua(trio.current_time(), prox), self.epoch)
 
     def policies_changed(self) -> None:

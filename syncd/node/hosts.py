@@ -100,8 +100,8 @@ def check_new_host(st: NodeState, name: str, addresses: list[str], tls_names: li
         raise HostError(f"host {name} already exists")
     if name in st.hostsets:
         raise HostError(f"{name} is already the name of a host set")
-    if not addresses and not tls_names:
-        raise HostError(f"host {name}: give at least one initiator (an address/network or a TLS name)")
+    # No initiators is allowed (the seed: "For the hosts that are not attached to a given site,
+    # the host definition can be empty (no initiators)"): it matches no connection.
     nets = [parse_network(a) for a in addresses]
     if len(set(nets)) != len(nets):
         raise HostError(f"host {name}: an address is given twice")

@@ -560,20 +560,28 @@ def peer_in_sync(s: RoleState) -> bool:
     return s.mode in (Mode.ATTACHED, Mode.HANDING_OVER) or (s.mode is Mode.DISK_FAILED and s.disk_peer_in_sync)
 
 
-def path_state(*, serving: bool, role: Role, proximity: str = "all", transitioning: bool = False) -> int:
+def path_state(*, serving: bool, role: Role, proximity: str | None = "all", transitioning: bool = False) -> int:
     """The ALUA state of one (host, volume) path: active/optimized when the host is proximal to
     this array's role (or 'all') and the array serves; active/non-optimized when it serves but is
-    not proximal; transitioning during a role change; unavailable when it may not serve."""
+    not proximal; transitioning during a role change; unavailable when it may not serve.
+
+    ``proximity`` None: the host has no proximity for the group yet. The seed ("Host array
+    proximity"): when ``active_active`` is first applied, every host path to the primary array
+    is active/optimized and every path to the secondary active/non-optimized, until the
+    administrator sets the host's proximity (admitrcopyhost). So an unset proximity is near
+    the primary."""
     if transitioning:
         return ALUA_TRANSITIONING
     if not serving:
         return ALUA_UNAVAILABLE
+    if proximity is None:
+        proximity = Role.PRIMARY.value
     if proximity in ("all", role.value):
         return ALUA_ACTIVE_OPTIMIZED
     return ALUA_ACTIVE_NON_OPTIMIZED
 
 
-def alua(s: RoleState, t: Timing, now: float, proximity: str = "all") -> int:
+def alua(s: RoleState, t: Timing, now: float, proximity: str | None = "all") -> int:
     return path_state(serving=serving(s, t, now), role=s.role, proximity=proximity,
                       transitioning=transitioning(s, t, now))
 
@@ -1298,7 +1306,7 @@ class GroupRoles:
     def witness_reachable(self, now: float) -> bool:
         return witness_reachable(self._state, self.timing, now)
 
-    def alua(self, now: float, proximity: str = "all") -> int:
+    def alua(self, now: float, proximity: str | None = "all") -> int:
         return alua(self._state, self.timing, now, proximity)
 
     def next_timer(self, now: float) -> float:

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import uuid
 from dataclasses import asdict, dataclass, field
 
 from ..files import atomic_write, lock_dir, reserve_fds
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 POLICIES = ("active_active", "auto_failover", "path_management", "auto_recover", "auto_synchronize")
@@ -24,6 +27,13 @@ DEFAULT_POLICIES = {
     "auto_recover": True,
     "auto_synchronize": True,
 }
+
+
+# The seed ("Setting the group for Active Sync"): these two are always on for an Active Sync
+# (active_active) group, and every group here is one.
+FIXED_POLICIES = ("auto_failover", "path_management")
+FIXED_REASON = ("the auto_failover and path_management group policies are set for an Active Sync group "
+                "by default and cannot be modified")
 
 
 class StateError(Exception):
@@ -160,6 +170,12 @@ class StateStore:
             raise StateError(
                 f"{self.path} belongs to node {st.node!r}, but this config names node {self.node!r}"
             )
+        for g in st.groups.values():
+            off = [p for p in FIXED_POLICIES if g.policies.get(p) is False]
+            if off:
+                # Metadata from before the rule: the policies are on again (saved by the next change).
+                log.warning("group %s: policy %s turned on again: %s", g.name, ", ".join(off), FIXED_REASON)
+                g.policies.update(dict.fromkeys(off, True))
         return st
 
     def save(self, st: NodeState) -> None:

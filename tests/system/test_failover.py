@@ -110,8 +110,9 @@ def test_witness_lost_first_then_link_the_pre_elected_primary_goes_on(wlab):
 
 
 def test_failsafe_is_left_when_the_witness_or_the_peer_confirms_the_primary(wlab):
-    """DESIGN §5: failsafe is left on a positive decision. With automatic failover off, B does
-    not take the group when A is isolated, so A sits in failsafe. (1) Only A's witness link
+    """DESIGN §5: failsafe is left on a positive decision. With B cut from the witness, B cannot
+    take the group when A is isolated (automatic failover is always on: it goes through the
+    witness), so A sits in failsafe. (1) Only A's witness link
     returns: the witness confirms A still owns epoch 1 (KEEP), A goes on alone. (2) Isolated
     again, only the replication link returns: B mirrors A again at epoch 1, A serves again."""
     from syncd.nbd.client import open_nbd
@@ -127,7 +128,8 @@ def test_failsafe_is_left_when_the_witness_or_the_peer_confirms_the_primary(wlab
                 await c.write(offset, bytes([byte]) * 4096)
         trio.run(go)
 
-    call(a, "setrcopygroup", {"action": "pol", "group": "rcg1", "policies": "no_auto_failover"})
+    wb = lab["link"]["witness_relays"]["B"]
+    proxy_command(ctl, "cut", paths=[wb])
     lab_fail(d, "isolate", "A")
     wait_for(lambda: group(lab, "A")["status"] == "failsafe", what="A in failsafe")
     proxy_command(ctl, "heal", paths=[wa])
@@ -146,8 +148,7 @@ def test_failsafe_is_left_when_the_witness_or_the_peer_confirms_the_primary(wlab
              what="A out of failsafe once B mirrors it")
     assert group(lab, "A")["serving"] and group(lab, "B")["role"] == "secondary"
     write(4096, 0xA5)
-    proxy_command(ctl, "heal", paths=[wa])
-    call(a, "setrcopygroup", {"action": "pol", "group": "rcg1", "policies": "auto_failover"})
+    proxy_command(ctl, "heal", paths=[wa, wb])
     assert_replicas_identical(lab, "vv1")
     with open(lab["nodes"]["B"]["volumes"]["vv1"]["path"], "rb") as f:
         assert f.read(8192) == b"\x5a" * 4096 + b"\xa5" * 4096

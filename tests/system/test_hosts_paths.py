@@ -147,3 +147,52 @@ def test_syncctl_host_verbs(lab, capsys):
     out = capsys.readouterr().out
     assert "10.1.0.0/16" in out
     assert syncctl(["--socket", sock, "removehost", "h5"]) == 1  # still exported
+
+
+async def _alua_from(u: str, source: str) -> tuple[int, int]:
+    from syncd.nbd.client import open_alua_probe
+
+    async with open_alua_probe(u, source=source) as p:
+        return await p.query()
+
+
+def test_a_new_host_sees_the_seeds_initial_states_until_its_proximity_is_set(lab):
+    """The seed, "Host array proximity": when active_active is applied (here: the group exists),
+    a host's paths to the primary are active/optimized and to the secondary active/non-optimized
+    until its proximity is set. Host h3 (127.0.0.3) is defined on both arrays, nothing admitted."""
+    ctl = lab["ctl"]
+    for site in ("A", "B"):
+        ctl(site, "createhost", name="h3", addresses=["127.0.0.3"])
+        ctl(site, "createvlun", volume="vv1", host="h3")
+
+    def seen():
+        return {s: trio.run(_alua_from, uri(lab, s, "vv1"), "127.0.0.3") for s in ("A", "B")}
+
+    def shown():
+        return {s: {(r["state"], r["proximity"]) for r in ctl(s, "showpaths", host="h3")["paths"]} for s in ("A", "B")}
+
+    assert seen() == {"A": (0, 1), "B": (1, 1)}  # active/optimized, active/non-optimized at epoch 1
+    assert shown() == {"A": {("active/optimized", None)}, "B": {("active/non-optimized", None)}}
+    # The lab host (proximity all on both arrays) is unaffected.
+    assert trio.run(_alua_from, uri(lab, "B", "vv1"), "127.0.0.1") == (0, 1)
+    # Proximity "all" (the seed's rule for Active Sync hosts) makes B optimized too; dismissing
+    # it brings the initial states back.
+    ctl("B", "admitrcopyhost", host="h3", group="rcg1", proximity="all")
+    assert seen() == {"A": (0, 1), "B": (0, 1)}
+    ctl("B", "dismissrcopyhost", host="h3", group="rcg1")
+    assert seen() == {"A": (0, 1), "B": (1, 1)}
+
+
+def test_an_empty_host_definition_is_allowed(lab):
+    """The seed: "For the hosts that are not attached to a given site, the host definition can be
+    empty (no initiators)"; volumes are exported to it too. It matches no connection."""
+    sock = lab["nodes"]["B"]["admin_socket"]
+    assert syncctl(["--socket", sock, "createhost", "esx-a"]) == 0
+    assert syncctl(["--socket", sock, "createvlun", "vv1", "esx-a", "7"]) == 0
+    h = next(h for h in lab["ctl"]("B", "showhost")["hosts"] if h["name"] == "esx-a")
+    assert (h["addresses"], h["tls_names"], h["connections"]) == ([], [], 0)
+    assert {"volume": "vv1", "host": "esx-a", "lun": 7} in lab["ctl"]("B", "showvlun")["vluns"]
+    assert [r["state"] for r in lab["ctl"]("B", "showpaths", host="esx-a")["paths"]] == ["active/non-optimized"]
+    assert not visible(lab, "B", "vv1", "127.0.0.9")  # still nobody's address
+    assert syncctl(["--socket", sock, "removevlun", "vv1", "esx-a"]) == 0
+    assert syncctl(["--socket", sock, "removehost", "esx-a"]) == 0

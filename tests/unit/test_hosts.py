@@ -48,7 +48,6 @@ def test_masking_by_host_and_host_set():
     ("other", ["10.0.0.0/24"], [], "already belongs to host web"),
     ("other", ["10.0.0.7/32"], [], "already belongs to host db"),
     ("other", ["not-an-ip"], [], "not an IP address"),
-    ("other", [], [], "at least one initiator"),
     ("other", [], ["db.example"], "already belongs to host db"),
     ("cluster", ["10.9.0.1"], [], "host set"),
     ("bad name!", ["10.9.0.1"], [], "host name"),
@@ -60,6 +59,21 @@ def test_bad_hosts_are_refused_with_the_reason(name, addrs, tls, msg):
     with pytest.raises(HostError, match=msg):
         check_new_host(s, name, addrs, tls)
     assert repr(s) == before
+
+
+def test_an_empty_host_definition_is_allowed_and_matches_no_connection():
+    """The seed: for hosts not attached to a site, the host definition can be empty (no
+    initiators); volumes are exported to it like to any host."""
+    s = _state()
+    s.hosts["esx-b"] = check_new_host(s, "esx-b", [], [])
+    assert (s.hosts["esx-b"].addresses, s.hosts["esx-b"].tls_names) == ([], [])
+    assert check_target(s, "esx-b") == "esx-b"
+    s.vluns.append(VlunState("vv1", "esx-b", 0))
+    t = HostTable(s)
+    assert t.volumes_for("esx-b") == {"vv1": 0}
+    assert t.host_for(ClientIdentity("10.9.9.9")) is None
+    assert t.host_for(ClientIdentity("10.0.0.5")) == "web"
+    assert t.host_for(ClientIdentity("10.9.9.9", tls_name="")) is None
 
 
 def test_vlun_targets_must_exist():

@@ -35,3 +35,19 @@ def test_refuses_unreadable_or_foreign_metadata(tmp_path):
     (d3 / "state.json").write_text(json.dumps({"version": 1, "node": "B", "node_uuid": "x", "groups": {}}))
     with pytest.raises(StateError, match="belongs to node 'B'"):
         StateStore(str(d3), "A").load()
+
+
+def test_metadata_with_a_fixed_policy_off_loads_with_it_on(tmp_path):
+    """auto_failover and path_management cannot be turned off (the seed); metadata written
+    before the rule loads with them on, the other policies as they were."""
+    d = tmp_path / "old"
+    d.mkdir()
+    s = StateStore(str(d), "A")
+    st = s.load()
+    g = GroupState("rcg1", 7, "primary", "B")
+    g.policies.update(auto_failover=False, path_management=False, auto_recover=False)
+    st.groups["rcg1"] = g
+    s.save(st)
+    loaded = s.load().groups["rcg1"].policies
+    assert loaded["auto_failover"] is True and loaded["path_management"] is True
+    assert loaded["auto_recover"] is False
