@@ -7,7 +7,6 @@ import time
 import pytest
 import trio
 
-from syncd.ctl import call
 from syncd.lab.relay import proxy_command
 from syncd.lab.rig import lab_fail, lab_heal, lab_kill, lab_start
 from syncd.lab.workload import History, check_file, run_writer
@@ -120,7 +119,6 @@ def test_failsafe_is_left_when_the_witness_or_the_peer_confirms_the_primary(wlab
     lab = wlab
     d, ctl = lab["dir"], lab["link"]["control"]
     wa = lab["link"]["witness_relays"]["A"]
-    a = lab["nodes"]["A"]["admin_socket"]
 
     def write(offset, byte):
         async def go():
