@@ -53,7 +53,7 @@ def _print_host_status(st: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="syncd", description="Synchronous active-active block replication.")
     p.add_argument("--log-level", default="info")
-    from .ctl import version
+    from . import version  # not from .ctl: the daemons do not import rich
 
     p.add_argument("--version", action="version", version=f"syncd {version()}")
     sub = p.add_subparsers(dest="cmd", required=True)

@@ -16,6 +16,8 @@ import time
 from rich.console import Console
 from rich.table import Table
 
+from . import version
+
 # Exit status, the same with and without --json (README, "Administration"): scripts tell the
 # cases apart without parsing messages. ``code`` is what a JSON error carries.
 EXIT = {
@@ -187,16 +189,6 @@ def _global_options(p: argparse.ArgumentParser, default) -> None:
     p.add_argument("--node", default=default, help="node name within --lab (default A)")
     p.add_argument("--json", action="store_true", default=False if default is None else default,
                    help="print JSON instead of tables (errors too)")
-
-
-def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as _v
-
-    try:
-        return _v("syncd")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
