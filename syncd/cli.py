@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
 
     s = sub.add_parser("linkproxy", help="run the lab's inter-site link relay")
     s.add_argument("--control", required=True)
-    s.add_argument("--relay", action="append", default=[], help="LISTEN_HOST:PORT=TARGET_HOST:PORT")
+    s.add_argument("--relay", action="append", default=[],
+                   help="LISTEN_HOST:PORT=TARGET_HOST:PORT[@SOURCE_IP] (dial the target from SOURCE_IP)")
 
     lab = sub.add_parser("lab", help="a complete local rig of two nodes")
     lsub = lab.add_subparsers(dest="labcmd", required=True)
@@ -91,8 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--power-cut-disks", action="store_true",
                    help="put every volume on a disk with a volatile write cache (nbdkit cache filter through "
                         "nbdfuse; root), so 'lab fail power [SITE]' loses what was not flushed")
-    s.add_argument("--witness", action="store_true",
-                   help="also run a quorum witness (site W) for automatic failover")
+    w = s.add_mutually_exclusive_group()
+    w.add_argument("--witness", dest="witness", action="store_true", default=True,
+                   help="run the quorum witness (site W) for automatic failover (the default)")
+    w.add_argument("--no-witness", dest="witness", action="store_false",
+                   help="leave the quorum witness out: no automatic failover")
     s.add_argument("--tls", action="store_true",
                    help="TLS on every connection, certificates from a CA made for this lab: NBD requires it, "
                         "the link (and the witness) use mutual TLS, host shims reach arrays over nbds://")
@@ -210,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             relays = []
             for r in ns.relay:
                 a, _, b = r.partition("=")
-                relays.append(Relay(parse_addr(a, "--relay"), parse_addr(b, "--relay")))
+                b, _, src = b.partition("@")
+                relays.append(Relay(parse_addr(a, "--relay"), parse_addr(b, "--relay"), src or None))
         except ConfigError as e:
             print(f"syncd linkproxy: {e}", file=sys.stderr)
             return 2

@@ -18,9 +18,10 @@ log = logging.getLogger("syncd.linkproxy")
 
 
 class Relay:
-    def __init__(self, listen: tuple[str, int], target: tuple[str, int]):
+    def __init__(self, listen: tuple[str, int], target: tuple[str, int], source: str | None = None):
         self.listen = listen
         self.target = target
+        self.source = source  # the address it dials from (the lab's hosts: the arrays tell them apart by it)
         self.cut = False
         self.delay = 0.0
         self.conns: set[trio.CancelScope] = set()
@@ -41,7 +42,7 @@ class Relay:
             try:
                 if self.cut:  # a cut path accepts nothing onward: the dialer just times out
                     await trio.sleep_forever()  # until do_heal() drops the connection
-                up = await trio.open_tcp_stream(*self.target)
+                up = await trio.open_tcp_stream(*self.target, local_address=self.source)
                 rec: list[tuple[str, bytes]] | None = None
                 if self.recording is not None:
                     rec = []

@@ -208,8 +208,11 @@ def markdown(results: list[dict], hold: float) -> str:
         f"run, held {hold:g} s, healed, and the group was waited back in sync. Fast test timings "
         "(lease 1 s, witness owner lease 1 s), so pauses are shorter than with the defaults.",
         "",
-        "* **uniform** (the seed's Active Peer Persistence): each host has a path to both arrays.",
-        "* **non-uniform** (Active Sync): each host has a path to its local array only.",
+        "* **uniform** (the seed's Active Peer Persistence): each host has a path to both arrays, proximity "
+        "by site (host a `primary`, host b `secondary`): its paths to the array whose role its proximity "
+        "names are active/optimized (AO), the others active/non-optimized (ANO).",
+        "* **non-uniform** (Active Sync): each host has a path to its local array only, proximity `all` "
+        "(the seed's rule), and an empty host definition (no initiators) on the other array.",
         "",
         "## Summary",
         "",
@@ -233,9 +236,13 @@ def markdown(results: list[dict], hold: float) -> str:
         rs = [r for r in ran if r["topology"] == t]
         ok = [r["scenario"] for r in rs if transparent(r)]
         bad = [r["scenario"] for r in rs if not transparent(r)]
+        seed = [r["scenario"] for r in rs if r.get("paths_as_seed")]
+        wrong = [r["scenario"] for r in rs if not r.get("paths_as_seed")]
         out.append(f"* **{TOPOLOGY_NAMES[t]}**: {len(ok)} of {len(rs)} scenarios ran on without an "
                    f"application I/O error or loss of access at any surviving host"
-                   + (f"; hosts lost access in: {', '.join(bad)}" if bad else "") + ".")
+                   + (f"; hosts lost access in: {', '.join(bad)}" if bad else "")
+                   + f". Every path showed the seed's state before the fault and after recovery in {len(seed)} "
+                   f"of {len(rs)}" + (f" (not in: {', '.join(wrong)})" if wrong else "") + ".")
     lost = sum(h["acked_lost"] for r in ran for h in r["hosts"])
     out += [
         f"* Acknowledged writes lost over all {len(ran)} runs: **{lost}** (RPO 0 in both topologies).",
@@ -259,8 +266,13 @@ def markdown(results: list[dict], hold: float) -> str:
             r = by.get((t, n))
             if r is None or "skipped" in r:
                 continue
+            seen = "; ".join(f"{h['host']} " + " ".join(f"{a}:{st}" for a, st in h["paths_before"].items())
+                             + " → " + " ".join(f"{a}:{st}" for a, st in h["paths_after"]["want"].items())
+                             for h in r["hosts"] if "paths_before" in h)
             out += [f"**{TOPOLOGY_NAMES[t]}**: fault at t=0, heal at t={r['heal_at_s']} s; "
-                    f"replicas identical after recovery: {'yes' if r['replicas_identical'] else '**NO**'}.", "",
+                    f"replicas identical after recovery: {'yes' if r['replicas_identical'] else '**NO**'}; "
+                    f"paths as the seed says before the fault and after recovery "
+                    f"({seen}): {'yes' if r.get('paths_as_seed') else '**NO**'}.", "",
                     f"![{n}, {t}]({r['plot']})", "",
                     "| host | paths to | I/O errors | longest pause (s) | slowest write (s) | acked | acked lost "
                     "| path states seen (t: array:state@epoch) |",

@@ -99,7 +99,15 @@ def with_link_key(link_opts: dict | None) -> dict:
 TLS_NAMES = {"A": ("A", "127.0.0.1", "localhost"), "B": ("B", "127.0.0.1", "localhost"),
              "W": ("W", "127.0.0.1", "localhost"), "ha": ("ha",), "hb": ("hb",), "client": ("client",)}
 # The certificate names host "lab" answers to on both arrays (LUN masking by certificate).
-LAB_CLIENT_NAMES = ["client", "ha", "hb"]
+LAB_CLIENT_NAMES = ["client"]
+# The host shims of a lab with a topology are hosts of their own on the arrays, "ha" at site A and
+# "hb" at site B, told apart by the address they connect from (and, with --tls, by their
+# certificates). Uniform (the seed's Active Peer Persistence): proximity by site, so each host's
+# paths to its local array are active/optimized and to the other array active/non-optimized (A is
+# the natural primary). Non-uniform (Active Sync): proximity "all", and a host is an empty
+# definition (no initiators) on the array it is not cabled to, as the seed describes.
+HOST_SOURCES = {"A": "127.0.10.1", "B": "127.0.10.2"}
+SITE_PROXIMITY = {"A": "primary", "B": "secondary"}
 
 
 def make_lab_tls(d: Path) -> dict:
@@ -323,7 +331,7 @@ def _lab_up(
         for h in NODES:
             for a in (NODES if topology == "uniform" else (h,)):
                 rp = free_port()
-                relay_args += ["--relay", f"127.0.0.1:{rp}=127.0.0.1:{ports[a]['nbd']}"]
+                relay_args += ["--relay", f"127.0.0.1:{rp}=127.0.0.1:{ports[a]['nbd']}@{HOST_SOURCES[h]}"]
                 host_relays.setdefault(h, {})[a] = [nrelay, f"127.0.0.1:{rp}"]
                 nrelay += 1
     if relay:
@@ -402,6 +410,8 @@ def _lab_up(
         for lun, v in enumerate(lab["nodes"][name]["volumes"]):
             call(sock, "createvlun", {"volume": v, "host": LAB_HOST, "lun": lun})
         call(sock, "admitrcopyhost", {"host": LAB_HOST, "group": group, "proximity": "all"})
+        if topology is not None:
+            define_site_hosts(sock, name, group, topology, list(lab["nodes"][name]["volumes"]), lab_tls is not None)
     if wait:
         wait_synced(a, group, timeout, None)
         # ...and the secondary holds its serve lease, so both sites take I/O when we return.
@@ -418,6 +428,28 @@ def _lab_up(
 
 
 TOPOLOGIES = ("uniform", "non-uniform")
+
+
+def site_host(site: str) -> str:
+    return f"h{site.lower()}"
+
+
+def site_proximity(topology: str, site: str) -> str:
+    return SITE_PROXIMITY[site] if topology == "uniform" else "all"
+
+
+def define_site_hosts(sock: str, array: str, group: str, topology: str, volumes: list[str], tls: bool) -> None:
+    """Hosts ha and hb on ``array``: every volume exported to both, proximity per the topology."""
+    if topology not in TOPOLOGIES:
+        raise LabError(f"unknown topology {topology!r} (uniform, non-uniform)")
+    for site in NODES:
+        h = site_host(site)
+        cabled = topology == "uniform" or site == array
+        call(sock, "createhost", {"name": h, "addresses": [HOST_SOURCES[site]] if cabled else [],
+                                  "tls_names": [h] if cabled and tls else []})
+        for lun, v in enumerate(volumes):
+            call(sock, "createvlun", {"volume": v, "host": h, "lun": lun})
+        call(sock, "admitrcopyhost", {"host": h, "group": group, "proximity": site_proximity(topology, site)})
 
 
 def start_shims(lab: dict, topology: str) -> dict:
@@ -448,7 +480,7 @@ def start_shims(lab: dict, topology: str) -> dict:
         cfg.write_text(
             f'[host]\nname = "{h}"\nsocket = "{d / "nbd.sock"}"\nadmin_socket = "{d / "admin.sock"}"\n'
             f'tcp = "127.0.0.1:{port}"\ntcp_exports = {json.dumps(sorted(lab["nodes"][site]["volumes"]))}\n'
-            f'poll_interval = 0.2\nstale_write_bound = {bound:.1f}\n' + tls_lines
+            f'source = "{HOST_SOURCES[site]}"\npoll_interval = 0.2\nstale_write_bound = {bound:.1f}\n' + tls_lines
             + "".join(f'\n[[array]]\nname = "{a}"\n'
                       f'paths = ["{scheme}://{relays[a][1] if a in relays else lab["nodes"][a]["nbd"]}"]\n'
                       for a in arrays)
@@ -782,7 +814,7 @@ def lab_fail(d: str, what: str, site: str | None = None) -> str:
     if what == "witness":
         w = lab.get("witness")
         if not w:
-            raise LabError("this lab has no witness (lab up --witness)")
+            raise LabError("this lab has no witness (it was started with lab up --no-witness)")
         if not pid_alive(w["pid"]):
             raise LabError("the witness is not running")
         os.kill(w["pid"], signal.SIGKILL)
@@ -790,7 +822,8 @@ def lab_fail(d: str, what: str, site: str | None = None) -> str:
         return "witness stopped (kill -9)"
     if what in ("witness-link", "isolate"):
         if site not in wr:
-            raise LabError("this lab has no witness relays (lab up --witness)")
+            raise LabError("this lab has no witness relays (it was started with lab up "
+                           + ("--no-relay)" if lab.get("witness") else "--no-witness)"))
         paths = [wr[site]] + (list(range(npaths)) if what == "isolate" else [])
         _relays(lab, paths, "cut")
         return f"site {site} cut from the witness" + (" and from its peer" if what == "isolate" else "")
@@ -948,6 +981,8 @@ def print_summary(lab: dict) -> None:
         c.print(f"  {bindir}/syncd lab cut-link --dir {lab['dir']}   /   "
                 f"{bindir}/syncd lab heal-link --dir {lab['dir']}")
     c.print(f"  {bindir}/syncd lab kill A --dir {lab['dir']}   /   {bindir}/syncd lab start A --dir {lab['dir']}")
+    if not lab.get("witness"):
+        c.print("  (no quorum witness in this lab: B does not take over by itself when A fails)")
     if lab.get("witness"):
         c.print(f"  witness (site W) on 127.0.0.1:{lab['witness']['port']}: kill A and watch B take over")
         c.print(f"  {bindir}/syncd lab fail primary|secondary|link|witness|isolate A|site A --dir {lab['dir']}"

@@ -20,7 +20,7 @@ import trio
 
 from ..ctl import call
 from ..host import host_status
-from .rig import LabError, lab_down, lab_fail, lab_heal, lab_kill, lab_start, lab_up
+from .rig import LabError, lab_down, lab_fail, lab_heal, lab_kill, lab_start, lab_up, site_proximity
 from .workload import History, check_file, run_writer
 
 
@@ -55,6 +55,30 @@ SHORT = {"active/optimized": "AO", "active/non-optimized": "ANO", "transitioning
          "unavailable": "U", "standby": "S", "unreachable": "-"}
 FAST = {"ping_interval": 0.1, "path_timeout": 0.6, "io_timeout": 2.0, "lease": 1.0, "lease_margin": 0.2}
 WITNESS = {"interval": 0.2, "owner_lease": 1.0, "grace": 2.0, "margin": 0.2}
+
+
+def seed_paths(topology: str, site: str, arrays: list[str], roles: dict[str, str]) -> dict[str, str]:
+    """The path states the seed gives the host at ``site`` when both arrays serve: active/
+    optimized to the arrays its proximity names (uniform: its own site's, the proximity being
+    the role its local array had when the lab started; non-uniform: "all"), active/
+    non-optimized to the other."""
+    prox = site_proximity(topology, site)
+    return {a: "AO" if prox in ("all", roles[a]) else "ANO" for a in arrays}
+
+
+def _latest(timeline: list) -> dict[str, str] | None:
+    if not timeline or timeline[-1][1] is None:
+        return None
+    return {a: st for a, st, _ in timeline[-1][1]}
+
+
+def _wait_paths(timeline: dict, want: dict, deadline: float) -> bool:
+    """Until every host's latest sample shows the wanted states, or the deadline."""
+    while time.monotonic() < deadline:
+        if all(_latest(timeline[s]) == w for s, w in want.items()):
+            return True
+        time.sleep(0.1)
+    return all(_latest(timeline[s]) == w for s, w in want.items())
 
 
 def run_scenario(d: str, name: str, topology: str = "uniform", hold: float = 5.0) -> dict:
@@ -113,6 +137,11 @@ def _play(lab: dict, name: str, play: Play, topology: str, hold: float) -> dict:
             time.sleep(0.1)
 
     threading.Thread(target=sample, daemon=True).start()
+    start_roles = {"A": "primary", "B": "secondary"}
+    want_before = {s: seed_paths(topology, s, h["arrays"], start_roles) for s, h in hosts.items()}
+    if not _wait_paths(timeline, want_before, time.monotonic() + 20):
+        raise LabError(f"scenario {name}: before the fault the hosts' paths were "
+                       f"{ {s: _latest(timeline[s]) for s in hosts} }, not the seed's {want_before}")
     t = {}
     scopes = {s: trio.CancelScope() for s in hosts}
     failed_host = play.site if play.host_fails else None
@@ -154,6 +183,10 @@ def _play(lab: dict, name: str, play: Play, topology: str, hold: float) -> dict:
         if time.monotonic() > deadline:
             raise LabError(f"scenario {name}: the group did not get back in sync within 60s")
         time.sleep(0.2)
+    # Once recovered, every path is back to the seed's state for the roles the arrays now hold.
+    roles = {s: g["role"] for s, g in gs.items()}
+    want_after = {s: seed_paths(topology, s, h["arrays"], roles) for s, h in hosts.items()}
+    paths_after_ok = _wait_paths(timeline, want_after, time.monotonic() + 20)
     sampling["on"] = False
     rows = []
     paths = {s: lab["nodes"][s]["volumes"]["vv1"]["path"] for s in lab["nodes"]}
@@ -166,6 +199,8 @@ def _play(lab: dict, name: str, play: Play, topology: str, hold: float) -> dict:
             label = "shim down" if states is None else " ".join(f"{a}:{st}@{ep}" for a, st, ep in states)
             tl.append((round(ts - t0, 2), label))
         rows.append({"host": h["name"], "site": s, "arrays": h["arrays"], "alua": tl, "failed": s == failed_host,
+                     "proximity": site_proximity(topology, s), "paths_before": want_before[s],
+                     "paths_after": {"want": want_after[s], "seen": _latest(timeline[s])},
                      "longest_pause_s": round(hs.longest_pause(since=t0), 2), "slowest_write_s": round(hs.slowest, 2),
                      "io_errors": len(hs.errors), "acked": hs.acked_count(), "acked_lost": lost,
                      # writes completed while the fault held (after the first 1.5 s): none = lost access
@@ -177,6 +212,7 @@ def _play(lab: dict, name: str, play: Play, topology: str, hold: float) -> dict:
     with open(paths["A"], "rb") as fa, open(paths["B"], "rb") as fb:
         identical = fa.read() == fb.read()
     return {"scenario": name, "seed": play.seed, "topology": topology, "hosts": rows, "replicas_identical": identical,
+            "paths_as_seed": paths_after_ok, "roles_after": roles,
             "fault_at": "t=0", "heal_at_s": round(t["heal"] - t0, 2)}
 
 
@@ -197,3 +233,8 @@ def print_result(r: dict) -> None:
     c.print(tb)
     c.print("replicas identical after recovery: "
             + ("[green]yes[/green]" if r["replicas_identical"] else "[red]NO[/red]"))
+    c.print("paths as the seed says before the fault and after recovery: "
+            + ("[green]yes[/green]" if r["paths_as_seed"] else "[red]NO[/red]")
+            + "; " + ", ".join(f"{h['host']} (proximity {h['proximity']}): "
+                               + " ".join(f"{a}:{st}" for a, st in h["paths_after"]["want"].items())
+                               for h in r["hosts"]))
