@@ -133,6 +133,9 @@ def test_lab_scenario_reports_per_host(tmp_path):
     for h in r["hosts"]:
         assert h["io_errors"] == 0 and h["acked_lost"] == 0 and h["acked"] > 100
         assert any("B:U" in label for _, label in h["alua"])  # the secondary's paths went unavailable
+    # Proximity by site: host a sees A optimized and B non-optimized before the fault, host b the reverse.
+    assert [(h["host"], h["alua"][0][1]) for h in r["hosts"]] == [("ha", "A:AO@1 B:ANO@1"), ("hb", "A:ANO@1 B:AO@1")]
+    assert r["paths_as_seed"]
     out = run(sys.executable, "-m", "syncd", "lab", "scenario", "switchover", "--hold", "1",
               "--dir", str(tmp_path / "lab2")).stdout
     assert "replicas identical after recovery: yes" in out and "scenario switchover (uniform)" in out
@@ -159,6 +162,12 @@ def test_scenario_all_writes_the_topology_report_with_plots(tmp_path):
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
         assert f"]({name}-{top}.png)" in md
         assert r["replicas_identical"] and all(h["acked_lost"] == 0 for h in r["hosts"])
+        # Every path in the seed's state before the fault (checked by the scenario) and after recovery.
+        assert r["paths_as_seed"], [h["paths_after"] for h in r["hosts"]]
+        want = ({"ha": {"A": "AO", "B": "ANO"}, "hb": {"A": "ANO", "B": "AO"}} if top == "uniform"
+                else {"ha": {"A": "AO"}, "hb": {"B": "AO"}})
+        assert {h["host"]: h["paths_before"] for h in r["hosts"]} == want
+        assert all(h["paths_after"]["seen"] == h["paths_after"]["want"] for h in r["hosts"])
     for name in ("secondary-failure", "host-disconnect"):
         assert all(outcome(r, h).startswith("ran on") for r in [results[("uniform", name)]] for h in r["hosts"])
     lost = {name: [h["host"] for h in results[("non-uniform", name)]["hosts"]
