@@ -119,7 +119,7 @@ def plot(r: dict, path: Path) -> str:
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit("the scenario report's plots need matplotlib: pip install 'syncd[report]'") from None
+        raise SystemExit("the scenario report's plots need matplotlib: pip install 'syncd[lab]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

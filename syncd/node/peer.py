@@ -29,7 +29,7 @@ from .roles import (
     Started,
     Stopped,
 )
-from .state import GroupState, MemberState
+from .state import FIXED_POLICIES, FIXED_REASON, GroupState, MemberState
 
 if TYPE_CHECKING:
     from ..repl.link import Link, Path
@@ -213,8 +213,9 @@ def sync_groups(node: "Node", body: dict[str, Any]) -> dict[str, Any]:
         g.handle(PeerState(now, Role.PRIMARY, s["epoch"], started=s["started"]))
         if g.role == "primary":
             continue  # the peer is behind us: it steps down when it hears our summary
-        if g.st.policies != s["policies"]:
-            g.st.policies = s["policies"]
+        theirs = dict(s["policies"], **dict.fromkeys(FIXED_POLICIES, True))  # always on (the seed)
+        if g.st.policies != theirs:
+            g.st.policies = theirs
             g.policies_changed()
         mine = {m.vol_id for m in g.members.values()}
         theirs = {m["vol_id"] for m in s["members"]}
@@ -243,6 +244,11 @@ def sync_groups(node: "Node", body: dict[str, Any]) -> dict[str, Any]:
 async def handle_peer_control(node: "Node", body: dict[str, Any]) -> dict[str, Any] | None:
     op = body.get("op")
     now = trio.current_time()
+    if op in ("create_group", "policy"):
+        # A peer of an older version may still ask for these off: refused here as on the primary.
+        off = [p for p in FIXED_POLICIES if body["policies"].get(p) is False]
+        if off:
+            raise NodeError(f"policy {' and '.join(off)} cannot be turned off: {FIXED_REASON}")
     if op == "create_group":
         name = body["name"]
         if name in node.groups:
