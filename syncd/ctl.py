@@ -264,7 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--owner-lease", type=float)
     s.add_argument("--grace", type=float)
 
-    s = sub.add_parser("createhost", help="define a host by its initiators (addresses, TLS names)")
+    s = sub.add_parser("createhost", help="define a host by its initiators (addresses, TLS names; none: an empty "
+                                          "definition), or --add initiators to one")
+    s.add_argument("--add", action="store_true", help="add the initiators to an existing host")
     s.add_argument("name")
     s.add_argument("--address", "-a", action="append", default=[], help="IP address or network (repeatable)")
     s.add_argument("--tls-name", action="append", default=[], help="TLS certificate CN / PSK identity (repeatable)")
@@ -400,7 +402,7 @@ def _run(ns) -> int:
             args["insecure"] = True
         r = call(sock, v, args)
     elif v == "createhost":
-        r = call(sock, v, {"name": ns.name, "addresses": ns.address, "tls_names": ns.tls_name})
+        r = call(sock, v, {"name": ns.name, "addresses": ns.address, "tls_names": ns.tls_name, "add": ns.add})
     elif v in ("removehost",):
         r = call(sock, v, {"name": ns.name})
     elif v == "createhostset":

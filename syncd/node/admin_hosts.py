@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from ..nbd.export import ALUA_ACTIVE_OPTIMIZED, ALUA_NAMES
 from .errors import NodeError, NotFound
-from .hosts import PROXIMITIES, SET_PREFIX, HostError, check_new_host, check_target
+from .hosts import PROXIMITIES, SET_PREFIX, HostError, check_more_initiators, check_new_host, check_target
 from .state import VlunState
 
 if TYPE_CHECKING:
@@ -34,11 +34,16 @@ def _list(v, what: str) -> list[str]:
     return [x.strip() for x in v]
 
 
-async def createhost(node: Node, name: str, addresses=None, tls_names=None) -> dict:
+async def createhost(node: Node, name: str, addresses=None, tls_names=None, add: bool = False) -> dict:
+    if not isinstance(add, bool):
+        raise NodeError("createhost: add must be true or false")
+    if add and name not in node.state.hosts:
+        raise NotFound(f"createhost --add: host {name} does not exist")
     try:
-        h = check_new_host(node.state, name, _list(addresses, "addresses"), _list(tls_names, "tls_names"))
+        check = check_more_initiators if add else check_new_host
+        h = check(node.state, name, _list(addresses, "addresses"), _list(tls_names, "tls_names"))
     except HostError as e:
-        raise NodeError(f"createhost: {e}") from None
+        raise NodeError(f"createhost{' --add' if add else ''}: {e}") from None
     node.state.hosts[name] = h
     node.hosts_changed()
     return {"host": name, "addresses": h.addresses, "tls_names": h.tls_names}

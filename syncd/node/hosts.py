@@ -92,19 +92,15 @@ class HostTable:
 
 # -- validation used by the admin commands (pure: they raise before anything changes) ---------
 
-def check_new_host(st: NodeState, name: str, addresses: list[str], tls_names: list[str]) -> HostState:
-    from ..config import check_name
-
-    check_name(name, "host name", HostError)
-    if name in st.hosts:
-        raise HostError(f"host {name} already exists")
-    if name in st.hostsets:
-        raise HostError(f"{name} is already the name of a host set")
-    # No initiators is allowed (the seed: "For the hosts that are not attached to a given site,
-    # the host definition can be empty (no initiators)"): it matches no connection.
+def _check_initiators(st: NodeState, name: str, addresses: list[str],
+                      tls_names: list[str]) -> tuple[list[str], list[str]]:
+    """Addresses/networks and TLS names for host ``name``: well formed, none given twice, none
+    held by a host already (another, or ``name`` itself when adding)."""
     nets = [parse_network(a) for a in addresses]
     if len(set(nets)) != len(nets):
         raise HostError(f"host {name}: an address is given twice")
+    if len(set(tls_names)) != len(tls_names):
+        raise HostError(f"host {name}: a TLS name is given twice")
     taken = {parse_network(a): h.name for h in st.hosts.values() for a in h.addresses}
     for n in nets:
         if n in taken:
@@ -115,7 +111,33 @@ def check_new_host(st: NodeState, name: str, addresses: list[str], tls_names: li
             raise HostError(f"TLS name {t!r} is empty, too long or holds control characters")
         if t in tls_taken:
             raise HostError(f"TLS name {t!r} already belongs to host {tls_taken[t]}")
-    return HostState(name=name, addresses=[str(n) for n in nets], tls_names=list(tls_names))
+    return [str(n) for n in nets], list(tls_names)
+
+
+def check_new_host(st: NodeState, name: str, addresses: list[str], tls_names: list[str]) -> HostState:
+    from ..config import check_name
+
+    check_name(name, "host name", HostError)
+    if name in st.hosts:
+        raise HostError(f"host {name} already exists")
+    if name in st.hostsets:
+        raise HostError(f"{name} is already the name of a host set")
+    # No initiators is allowed (the seed: "For the hosts that are not attached to a given site,
+    # the host definition can be empty (no initiators)"): it matches no connection.
+    nets, tls = _check_initiators(st, name, addresses, tls_names)
+    return HostState(name=name, addresses=nets, tls_names=tls)
+
+
+def check_more_initiators(st: NodeState, name: str, addresses: list[str], tls_names: list[str]) -> HostState:
+    """Host ``name`` with more initiators (``createhost --add``: e.g. an empty definition whose
+    host is now cabled to this array)."""
+    h = st.hosts.get(name)
+    if h is None:
+        raise HostError(f"host {name} does not exist (hosts: {', '.join(sorted(st.hosts)) or 'none'})")
+    if not addresses and not tls_names:
+        raise HostError(f"host {name}: give the initiators to add (--address, --tls-name)")
+    nets, tls = _check_initiators(st, name, addresses, tls_names)
+    return HostState(name=name, addresses=h.addresses + nets, tls_names=h.tls_names + tls)
 
 
 def check_target(st: NodeState, target: str) -> str:

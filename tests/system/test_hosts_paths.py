@@ -194,5 +194,14 @@ def test_an_empty_host_definition_is_allowed(lab):
     assert {"volume": "vv1", "host": "esx-a", "lun": 7} in lab["ctl"]("B", "showvlun")["vluns"]
     assert [r["state"] for r in lab["ctl"]("B", "showpaths", host="esx-a")["paths"]] == ["active/non-optimized"]
     assert not visible(lab, "B", "vv1", "127.0.0.9")  # still nobody's address
+    # Cabled later: createhost --add gives it an initiator, and that address sees its export.
+    before = lab["ctl"]("B", "showhost")
+    assert syncctl(["--socket", sock, "createhost", "--add", "esx-a", "--address", "127.0.0.1"]) == 1  # lab's
+    assert syncctl(["--socket", sock, "createhost", "--add", "nobody", "--address", "127.0.0.8"]) == 3
+    assert lab["ctl"]("B", "showhost") == before
+    assert syncctl(["--socket", sock, "createhost", "--add", "esx-a", "--address", "127.0.0.8"]) == 0
+    h = next(h for h in lab["ctl"]("B", "showhost")["hosts"] if h["name"] == "esx-a")
+    assert h["addresses"] == ["127.0.0.8/32"]
+    assert visible(lab, "B", "vv1", "127.0.0.8")
     assert syncctl(["--socket", sock, "removevlun", "vv1", "esx-a"]) == 0
     assert syncctl(["--socket", sock, "removehost", "esx-a"]) == 0

@@ -91,3 +91,30 @@ def test_any_address_maps_to_at_most_one_host_consistently(ip):
     a = t.host_for(ClientIdentity(str(ip)))
     assert a in (None, "web", "db", "lab")
     assert t.host_for(ClientIdentity(str(ip))) == a
+
+
+def test_initiators_are_added_to_an_existing_host_and_checked_like_new_ones():
+    """createhost --add: an empty definition whose host is now cabled to this array."""
+    from syncd.node.hosts import check_more_initiators
+
+    s = _state()
+    s.hosts["esx-b"] = check_new_host(s, "esx-b", [], [])
+    h = check_more_initiators(s, "esx-b", ["10.9.0.1"], ["esx-b.example"])
+    assert (h.addresses, h.tls_names) == (["10.9.0.1/32"], ["esx-b.example"])
+    s.hosts["esx-b"] = h
+    h2 = check_more_initiators(s, "esx-b", ["fd00::b"], [])
+    assert h2.addresses == ["10.9.0.1/32", "fd00::b/128"] and h2.tls_names == ["esx-b.example"]
+    before = repr(s)
+    for name, addrs, tls, msg in (
+        ("esx-b", ["10.9.0.1"], [], "already belongs to host esx-b"),
+        ("esx-b", ["10.0.0.0/24"], [], "already belongs to host web"),
+        ("esx-b", [], ["db.example"], "already belongs to host db"),
+        ("esx-b", [], [], "give the initiators to add"),
+        ("esx-b", ["nope"], [], "not an IP address"),
+        ("esx-b", [], ["x", "x"], "given twice"),
+        ("nobody", ["10.9.0.2"], [], "host nobody does not exist"),
+    ):
+        with pytest.raises(HostError, match=msg):
+            check_more_initiators(s, name, addrs, tls)
+    assert repr(s) == before
+    assert HostTable(s).host_for(ClientIdentity("10.9.0.1")) == "esx-b"
