@@ -177,3 +177,32 @@ def test_fast_zero_is_refused_with_nothing_changed_where_one_replica_cannot_do_i
             if subprocess.run(["umount", str(ram)]).returncode == 0:
                 break
             time.sleep(0.2)
+
+
+def test_block_device_volumes_report_data_and_zero_fast_only_without_no_hole(tmp_path):
+    """Loop devices as volumes: base:allocation is all data (the kernel does not say what a
+    device has provisioned); a fast zero uses the device's write-zeroes (a loop device passes it
+    to its backing file) and is done; with NO_HOLE it is refused ENOTSUP with nothing changed
+    (the kernel's zeroing that keeps blocks provisioned falls back to writing)."""
+    require_root()
+    require_tool("nbdinfo", "qemu-io")
+    d = tmp_path / "lab"
+    lab = lab_up(str(d), size="16MiB", nvolumes=1, npaths=2, link_opts=FAST_LINK, loop=True, timeout=60)
+    try:
+        wait_for(lambda: synced(lab), timeout=30, what="synced")
+        assert show(lab, "A")["volumes"][0]["fast_zero"] == {"punch": True, "no_hole": False}
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x66 0 4M", uri(lab, "A"))
+        for site in ("A", "B"):
+            assert nbd_map(uri(lab, site)) == [(0, 16 * MiB, DATA)]
+        assert fast_zero(uri(lab, "B"), MiB, MiB, no_hole=True) == "errno ENOTSUP"
+        assert_replicas_identical(lab, "vv1")
+        with open(path(lab, "A"), "rb") as f:
+            assert f.read(4 * MiB) == b"\x66" * (4 * MiB)
+        assert fast_zero(uri(lab, "B"), MiB, MiB) == "ok"
+        assert_replicas_identical(lab, "vv1")
+        for site in ("A", "B"):
+            with open(path(lab, site), "rb") as f:
+                f.seek(MiB)
+                assert f.read(MiB) == bytes(MiB), site
+    finally:
+        lab_down(str(d))
