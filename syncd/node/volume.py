@@ -60,7 +60,7 @@ def probe_fast_zero(fd: int, path: str, size: int, is_block: bool) -> dict[bool,
     Block device: no fast zero that keeps the range provisioned; without NO_HOLE, the kernel's
     no-fallback zeroing works where the device offloads write-zeroes (sysfs
     ``queue/write_zeroes_max_bytes`` > 0). File: each mode is tried on an unnamed temporary file
-    (O_TMPFILE) in the same directory, which is on the same file system; where none can be made,
+    (O_TMPFILE) in the same directory, if that is on the same file system; where none can be made,
     PUNCH_HOLE is tried beyond the end of the volume (KEEP_SIZE: nothing changes) and
     ZERO_RANGE stays unknown until the first request (a failed fallocate changes nothing)."""
     if is_block:
@@ -74,6 +74,11 @@ def probe_fast_zero(fd: int, path: str, size: int, is_block: bool) -> dict[bool,
     try:
         tfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
     except OSError:
+        tfd = -1
+    if tfd >= 0 and os.fstat(tfd).st_dev != os.fstat(fd).st_dev:  # the volume is a file mounted over another
+        os.close(tfd)
+        tfd = -1
+    if tfd < 0:
         err = _fallocate_or_errno(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, size + ALIGN, ALIGN)
         found[False] = not err if err in (0, errno.EOPNOTSUPP) else None
         return found
