@@ -243,10 +243,10 @@ class DataPath:
     async def host_write(self, m: "Member", kind: str, offset: int, length: int, data: Any, fua: bool,
                          no_hole: bool = False, fast: bool = False) -> None:
         g = self.g
-        if fast:
-            self._fast_zero_possible(m, no_hole)
         await self._ride_transition()
         self._check_serving()
+        if fast:
+            self._fast_zero_possible(m, no_hole)
         self.last_host_io = trio.current_time()
         m.stats["writes"] += 1
         m.stats["bytes_written"] += length
