@@ -123,6 +123,7 @@ class NbdLimits:
     handshake_timeout: float = 10.0  # s from accept to transmission (option haggling, TLS)
     payload_timeout: float = 30.0  # s a write's payload may stop arriving before the client is dropped
     reply_timeout: float = 120.0  # s a client may leave its replies unread before it is dropped
+    block_status_max_extents: int = 4096  # base:allocation extents per reply (the client asks on)
 
 
 # File descriptors a node needs besides its NBD connections: its volumes (data, direct I/O,
@@ -153,6 +154,11 @@ def parse_nbd_limits(table: dict, where: str) -> NbdLimits:
         kw[k] = v
     if kw["max_connections_per_address"] > kw["max_connections"]:
         raise ConfigError(f"{where}.max_connections_per_address: larger than {where}.max_connections")
+    v = _take(table, "block_status_max_extents", where, int, d.block_status_max_extents)
+    if not 1 <= v <= 1 << 20:
+        raise ConfigError(f"{where}.block_status_max_extents: must be between 1 and 1048576 (the NBD "
+                          f"protocol's bound on descriptors per reply), got {v}")
+    kw["block_status_max_extents"] = v
     for k in ("handshake_timeout", "payload_timeout", "reply_timeout"):
         v = _take(table, k, where, float, getattr(d, k))
         if not 0 < v <= 3600:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -56,6 +57,8 @@ class Export(Protocol):
     can_trim: bool
     can_zero: bool
     can_multi_conn: bool
+    # Optional: ``can_fast_zero`` (NBD_FLAG_SEND_FAST_ZERO): write_zeroes then takes ``fast=True``
+    # and raises BlockError(ENOTSUP), having changed nothing, when it cannot zero without writing.
 
     async def read(self, offset: int, length: int) -> bytes | memoryview: ...
 
@@ -68,7 +71,9 @@ class Export(Protocol):
     async def write_zeroes(self, offset: int, length: int, fua: bool, no_hole: bool) -> None: ...
 
     async def allocation(self, offset: int, length: int) -> list[tuple[int, int]]:
-        """base:allocation extents as (length, flags) with NBD_STATE_HOLE=1, NBD_STATE_ZERO=2."""
+        """base:allocation extents as (length, flags) with NBD_STATE_HOLE=1, NBD_STATE_ZERO=2,
+        starting at ``offset``, consecutive, covering at most ``length`` (the server bounds the
+        reply again: see ``extents.bound``)."""
         ...
 
     def alua(self, client: ClientIdentity) -> AluaState: ...
@@ -95,6 +100,8 @@ class FileExport:
     can_trim: bool = True
     can_zero: bool = True
     can_multi_conn: bool = True
+    can_fast_zero: bool = True
+    max_extents: int = 4096
 
     def __post_init__(self) -> None:
         self.fd = os.open(self.path, os.O_RDONLY if self.read_only else os.O_RDWR)
@@ -129,13 +136,19 @@ class FileExport:
     async def trim(self, offset: int, length: int, fua: bool) -> None:
         punch_hole(self.fd, offset, length)
 
-    async def write_zeroes(self, offset: int, length: int, fua: bool, no_hole: bool) -> None:
-        zero_range(self.fd, offset, length, no_hole)
+    async def write_zeroes(self, offset: int, length: int, fua: bool, no_hole: bool, fast: bool = False) -> None:
+        if fast:
+            try:
+                fast_zero(self.fd, offset, length, no_hole, stat.S_ISBLK(os.fstat(self.fd).st_mode))
+            except OSError as e:
+                raise BlockError(e.errno or errno.EIO, str(e)) from None
+        else:
+            zero_range(self.fd, offset, length, no_hole)
         if fua:
             os.fdatasync(self.fd)
 
     async def allocation(self, offset: int, length: int) -> list[tuple[int, int]]:
-        return allocation_extents(self.fd, offset, length)
+        return allocation_extents(self.fd, offset, length, self.max_extents)
 
     def alua(self, client: ClientIdentity) -> AluaState:
         return AluaState(ALUA_ACTIVE_OPTIMIZED, 0)
@@ -153,6 +166,8 @@ class StaticCatalog:
 
 import ctypes  # noqa: E402
 import ctypes.util  # noqa: E402
+
+from .extents import scan  # noqa: E402
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _fallocate = _libc.fallocate
@@ -196,28 +211,37 @@ def zero_range(fd: int, offset: int, length: int, no_hole: bool) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def allocation_extents(fd: int, offset: int, length: int) -> list[tuple[int, int]]:
-    """Data/hole extents of [offset, offset+length) from SEEK_DATA/SEEK_HOLE (block devices: all data)."""
-    end = offset + length
-    out: list[tuple[int, int]] = []
-    pos = offset
-    try:
-        while pos < end:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:  # only a hole until EOF
-                    data = end
-                else:
-                    raise
-            if data > pos:
-                n = min(data, end) - pos
-                out.append((n, 3))  # hole, reads as zero
-                pos += n
-                continue
-            hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
-            out.append((hole - pos, 0))
-            pos = hole
-    except OSError:
-        return [(length, 0)]
-    return out
+def allocation_extents(fd: int, offset: int, length: int, max_extents: int = 1 << 20) -> list[tuple[int, int]]:
+    """Data/hole extents of [offset, offset+length) from SEEK_DATA/SEEK_HOLE (see ``extents.scan``)."""
+    return scan(fd, offset, length, max_extents)
+
+
+# Errors of fallocate meaning "this file or device cannot do that mode" (EINVAL also: a range a
+# block device cannot take, e.g. unaligned): nothing was changed.
+_CANNOT = (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENODEV, errno.EINVAL, errno.ENOSYS)
+
+
+def fast_zero_mode(is_block: bool, no_hole: bool) -> int | None:
+    """The fallocate mode that zeroes a range without writing data, or None when there is none.
+
+    Files: PUNCH_HOLE (deallocates) or, to keep the range allocated (``no_hole``), ZERO_RANGE
+    (unwritten extents). Block devices: PUNCH_HOLE, which the kernel turns into a write-zeroes
+    (or unmap) request with no fallback: it fails, having written nothing, when the device
+    cannot offload it. ZERO_RANGE on a block device falls back to writing zero pages, so a
+    block device has no fast zero that keeps the range provisioned."""
+    if is_block:
+        return None if no_hole else FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+    return FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE if no_hole else FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+
+
+def fast_zero(fd: int, offset: int, length: int, no_hole: bool, is_block: bool) -> None:
+    """Zero a range without writing data, or raise OSError(ENOTSUP) having changed nothing."""
+    mode = fast_zero_mode(is_block, no_hole)
+    if mode is None:
+        raise OSError(errno.ENOTSUP, "a block device cannot zero a range and keep it provisioned without "
+                      "writing zeroes (NO_HOLE)")
+    err = _fallocate_or_errno(fd, mode, offset, length)
+    if err in _CANNOT:
+        raise OSError(errno.ENOTSUP, f"the backing store cannot zero without writing ({os.strerror(err)})")
+    if err:
+        raise OSError(err, os.strerror(err))

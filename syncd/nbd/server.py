@@ -27,6 +27,7 @@ import trio
 
 from .. import netio
 from ..config import NbdLimits
+from . import extents
 from . import proto as p
 from .export import BlockError, ClientIdentity, Export, ExportCatalog
 
@@ -92,6 +93,8 @@ def transmission_flags(e: Export) -> int:
         f |= p.TFLAG_SEND_TRIM
     if e.can_zero and not e.read_only:
         f |= p.TFLAG_SEND_WRITE_ZEROES
+        if getattr(e, "can_fast_zero", False):
+            f |= p.TFLAG_SEND_FAST_ZERO
     if e.can_multi_conn:
         f |= p.TFLAG_CAN_MULTI_CONN
     return f
@@ -564,7 +567,8 @@ class NBDConnection:
         if f & ~_KNOWN_CMD_FLAGS:
             return p.NBD_EINVAL
         t = r.type
-        if (f & p.CMD_FLAG_NO_HOLE and t != p.CMD_WRITE_ZEROES or f & p.CMD_FLAG_REQ_ONE and t != p.CMD_BLOCK_STATUS
+        if (f & (p.CMD_FLAG_NO_HOLE | p.CMD_FLAG_FAST_ZERO) and t != p.CMD_WRITE_ZEROES
+                or f & p.CMD_FLAG_REQ_ONE and t != p.CMD_BLOCK_STATUS
                 or f & p.CMD_FLAG_DF and (t != p.CMD_READ or not self.conn.structured)):
             return p.NBD_EINVAL
         if f & p.CMD_FLAG_FUA and not e.can_fua:
@@ -583,7 +587,7 @@ class NBDConnection:
             return p.NBD_EINVAL if r.length > p.MAX_BLOCK else 0
         if t == p.CMD_WRITE:
             return 0
-        if f & p.CMD_FLAG_FAST_ZERO:
+        if f & p.CMD_FLAG_FAST_ZERO and not (e.can_zero and getattr(e, "can_fast_zero", False)):
             return p.NBD_EINVAL  # not advertised
         if t == p.CMD_TRIM:
             return 0 if e.can_trim else p.NBD_EINVAL
@@ -630,7 +634,11 @@ class NBDConnection:
         elif t == p.CMD_TRIM:
             await e.trim(r.offset, r.length, bool(r.flags & p.CMD_FLAG_FUA))
         elif t == p.CMD_WRITE_ZEROES:
-            await e.write_zeroes(r.offset, r.length, bool(r.flags & p.CMD_FLAG_FUA), bool(r.flags & p.CMD_FLAG_NO_HOLE))
+            fua, no_hole = bool(r.flags & p.CMD_FLAG_FUA), bool(r.flags & p.CMD_FLAG_NO_HOLE)
+            if r.flags & p.CMD_FLAG_FAST_ZERO:
+                await e.write_zeroes(r.offset, r.length, fua, no_hole, fast=True)
+            else:
+                await e.write_zeroes(r.offset, r.length, fua, no_hole)
         elif t == p.CMD_BLOCK_STATUS:
             await self._block_status(r)
             return
@@ -646,9 +654,8 @@ class NBDConnection:
         for cid, name in sorted(self.contexts.items()):
             if name == "base:allocation":
                 ext = await e.allocation(r.offset, length)
-                flags = [(ln, st) for ln, st in ext if ln]
-                if r.flags & p.CMD_FLAG_REQ_ONE:
-                    flags = flags[:1]
+                flags = extents.bound(ext, length, self.server.limits.block_status_max_extents,
+                                      bool(r.flags & p.CMD_FLAG_REQ_ONE))
             else:
                 st = e.alua(self.identity)
                 flags = [(length, p.alua_word(st.state, st.epoch))]  # one extent

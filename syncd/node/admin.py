@@ -292,10 +292,14 @@ async def showrcopy(node: Node, group: str | None = None) -> dict:
         "groups": [],
         "volumes": [
             {"name": v.name, "path": v.path, "size": v.size,
-             "group": node.member_of[v.name].group.name if v.name in node.member_of else None}
+             "group": node.member_of[v.name].group.name if v.name in node.member_of else None,
+             # Whether this array zeroes the volume without writing (true, false, null: not known
+             # until tried), deallocating ("punch") or keeping it allocated ("no_hole").
+             "fast_zero": {"punch": v.fast_zero_ok[False], "no_hole": v.fast_zero_ok[True]}}
             for v in node.volumes.values()
         ],
         "resync_bytes": node.stats["resync_bytes"],
+        "resync_hole_bytes": node.stats["resync_hole_bytes"],  # of those, sent as holes (TRIM)
         "compared_bytes": node.stats["compared_bytes"],
         "pulled_bytes": node.stats["pulled_bytes"],
         "witness": node.witness.info() if node.witness is not None else None,

@@ -41,6 +41,9 @@ class VolumeExport:
     """The NBD face of a volume: replicated through its group, or local when in no group."""
 
     can_flush = can_fua = can_trim = can_zero = True
+    # Advertised always: a request is done when both replicas can zero without writing, else
+    # refused ENOTSUP at once with nothing changed (the NBD protocol allows either).
+    can_fast_zero = True
     can_multi_conn = True  # every connection shares one fd and flush syncs both replicas
     read_only = False
 
@@ -95,13 +98,13 @@ class VolumeExport:
         except OSError as e:
             raise BlockError(e.errno or errno.EIO, str(e)) from None
 
-    async def _op(self, kind, offset, length, data, fua, no_hole=False):
+    async def _op(self, kind, offset, length, data, fua, no_hole=False, fast=False):
         m = self.member
         if m is not None:
-            await m.group.io.host_write(m, kind, offset, length, data, fua, no_hole)
+            await m.group.io.host_write(m, kind, offset, length, data, fua, no_hole, fast)
             return
         try:
-            await apply_local(self.vol, kind, offset, length, data, fua, no_hole)
+            await apply_local(self.vol, kind, offset, length, data, fua, no_hole, fast)
         except OSError as e:
             raise BlockError(e.errno or errno.EIO, str(e)) from None
 
@@ -111,8 +114,8 @@ class VolumeExport:
     async def trim(self, offset: int, length: int, fua: bool) -> None:
         await self._op(TRIM, offset, length, None, fua)
 
-    async def write_zeroes(self, offset: int, length: int, fua: bool, no_hole: bool) -> None:
-        await self._op(ZEROES, offset, length, None, fua, no_hole)
+    async def write_zeroes(self, offset: int, length: int, fua: bool, no_hole: bool, fast: bool = False) -> None:
+        await self._op(ZEROES, offset, length, None, fua, no_hole, fast)
 
     async def flush(self) -> None:
         m = self.member
@@ -125,7 +128,11 @@ class VolumeExport:
             raise BlockError(e.errno or errno.EIO, str(e)) from None
 
     async def allocation(self, offset: int, length: int):
-        return [(length, 0)] if self.member is not None else self.vol.allocation(offset, length)
+        limit = self.node.cfg.nbd_limits.block_status_max_extents
+        m = self.member
+        if m is not None:
+            return m.group.io.host_allocation(m, offset, length, limit)
+        return self.vol.allocation(offset, length, limit)
 
     def alua(self, client: ClientIdentity) -> AluaState:
         m = self.member
@@ -146,7 +153,7 @@ class Node:
         self.groups: dict[str, Group] = {}
         self.member_of: dict[str, Member] = {}
         # Bytes sent as resync, compared by digest, fetched back from the peer after a power cut.
-        self.stats = {"resync_bytes": 0, "compared_bytes": 0, "pulled_bytes": 0}
+        self.stats = {"resync_bytes": 0, "resync_hole_bytes": 0, "compared_bytes": 0, "pulled_bytes": 0}
         self.started_at = time.time()
         self._nursery: trio.Nursery | None = None
         self._save_pending = False

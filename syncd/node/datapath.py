@@ -34,8 +34,9 @@ from typing import TYPE_CHECKING, Any, Callable
 import trio
 
 from ..nbd.export import BlockError
+from ..nbd.extents import DATA, cover_with_data
 from ..repl.link import LinkDown, LinkTimeout
-from ..repl.proto import Frame, Status
+from ..repl.proto import FEAT_FAST_ZERO, Frame, Status
 from .roles import FENCED_OFF, Mode
 from .volume import Volume
 
@@ -53,8 +54,9 @@ Done = Callable[[int, str], None]
 
 
 async def apply_local(vol: Volume, kind: str, offset: int, length: int, data: Any, fua: bool,
-                      no_hole: bool) -> None:
-    """Apply one write-type op to the local disk (raises OSError)."""
+                      no_hole: bool, fast: bool = False) -> None:
+    """Apply one write-type op to the local disk (raises OSError). ``fast`` (ZEROES only):
+    zero without writing data or raise OSError(ENOTSUP) having changed nothing."""
     vol.check_range(offset, length)
     if kind == WRITE:
         if fua or vol.direct:
@@ -62,7 +64,7 @@ async def apply_local(vol: Volume, kind: str, offset: int, length: int, data: An
         else:
             vol.write_sync(offset, data)
     elif kind == ZEROES:
-        await vol.zero(offset, length, no_hole, fua)
+        await vol.zero(offset, length, no_hole, fua, fast)
     else:
         await vol.trim(offset, length, fua)
 
@@ -220,17 +222,78 @@ class DataPath:
         except OSError as e:
             raise self.local_error(e) from None
 
+    # -- base:allocation ---------------------------------------------------------------------------
+    def host_allocation(self, m: "Member", offset: int, length: int, max_extents: int) -> list[tuple[int, int]]:
+        """The local replica's holes, where it is known to hold the final bytes; data elsewhere
+        (always a correct answer). Not serving (a secondary without lease may be stale, with no
+        map of what it lacks yet), regions not in sync here (secondary: ``oos``, being resynced)
+        or newer at the peer (primary after a power cut: ``pull``), a failed device: data. Decided
+        on the event loop with no wait in between, as a read would be."""
+        g = self.g
+        if self.disk_error or m.vol.is_block or not g.may_serve():
+            return [(length, DATA)]
+        ext = m.vol.allocation(offset, length, max_extents)
+        stale: list[tuple[int, int]] = []
+        for bits, applies in ((m.oos, g.role == "secondary"), (m.pull, True)):
+            if applies and bits.count:
+                stale.extend((r * bits.region, bits.region) for r in bits.regions_of(offset, length) if bits.test(r))
+        return cover_with_data(ext, offset, stale)
+
     # -- host writes -----------------------------------------------------------------------------
     async def host_write(self, m: "Member", kind: str, offset: int, length: int, data: Any, fua: bool,
-                         no_hole: bool = False) -> None:
+                         no_hole: bool = False, fast: bool = False) -> None:
         g = self.g
         await self._ride_transition()
         self._check_serving()
+        if fast:
+            self._fast_zero_possible(m, no_hole)
         self.last_host_io = trio.current_time()
         m.stats["writes"] += 1
         m.stats["bytes_written"] += length
         write = self._write_at_primary if g.role == "primary" else self._write_at_secondary
-        await self._carried_through(write, m, kind, offset, length, data, fua, no_hole)
+        await self._carried_through(write, m, kind, offset, length, data, fua, no_hole, fast)
+
+    # -- fast zero (NBD_CMD_FLAG_FAST_ZERO) ------------------------------------------------------
+    # Done only when both replicas can zero without writing data; else ENOTSUP with nothing
+    # changed on either. What this array can do is known in advance (``Volume.fast_zero_ok``);
+    # the peer is sent the op first (ZEROES with FAST_ZERO, only to a peer that announced
+    # FEAT_FAST_ZERO) and answers ENOTSUP having changed nothing when it cannot; only then is
+    # the range zeroed here. Should this array find only then that it cannot after all (a mode
+    # never tried before), it zeroes the range by writing, so the replicas stay alike.
+
+    def _fast_zero_possible(self, m: "Member", no_hole: bool) -> None:
+        """Raise ENOTSUP now when this array, or a peer that would have to zero too, cannot."""
+        g = self.g
+        if m.vol.fast_zero_ok[no_hole] is False:
+            raise BlockError(errno.ENOTSUP, f"volume {m.st.local}: the backing store here cannot zero without "
+                             "writing data; nothing changed")
+        link = g.node.link
+        if (g.role == "secondary" or g.mirroring) and link is not None and link.up \
+                and not link.features & FEAT_FAST_ZERO:
+            raise BlockError(errno.ENOTSUP, "the peer's syncd does not support fast zero; nothing changed")
+
+    async def _peer_zeroed_fast(self, pend: Any) -> None:
+        """Wait for the peer's answer to a fast zero sent to it: ENOTSUP ends the request (nothing
+        changed anywhere); any other outcome (done, failed, link lost) is the caller's to handle
+        as for any mirrored op, once the range is zeroed here too."""
+        try:
+            reply = await self.g.node.link.wait(pend)
+        except (LinkDown, LinkTimeout):
+            return
+        if reply.status == Status.ENOTSUP:
+            raise BlockError(errno.ENOTSUP, "the peer's backing store cannot zero without writing data; "
+                             "nothing changed")
+
+    async def _zero_here_after_peer(self, m: "Member", offset: int, length: int, fua: bool, no_hole: bool) -> None:
+        """The local half of a fast zero the peer may have done already (raises OSError)."""
+        try:
+            await apply_local(m.vol, ZEROES, offset, length, None, fua, no_hole, True)
+        except OSError as e:
+            if e.errno != errno.ENOTSUP:
+                raise
+            log.warning("group %s: volume %s cannot zero without writing after all (%s); zeroing by writing, "
+                        "as the peer zeroed the range already", self.g.name, m.st.local, e)
+            await apply_local(m.vol, ZEROES, offset, length, None, fua, no_hole)
 
     async def _carried_through(self, write: Callable[..., Any], *args: Any) -> None:
         """Run a host write in a task of the node, not in the caller's. Once begun, a write goes
@@ -380,17 +443,18 @@ class DataPath:
             done(0, "")
 
     def _frame(self, m: "Member", kind: str, req_id: int, offset: int, length: int, data: Any, fua: bool,
-               no_hole: bool, forwarded: bool = False) -> Frame:
+               no_hole: bool, forwarded: bool = False, fast: bool = False) -> Frame:
         g = self.g
         gid, e, v = g.st.gid, g.epoch, m.vol_id
         if kind == WRITE:
             return Frame.write(req_id, gid, e, v, offset, data, fua=fua, forwarded=forwarded)
         if kind == ZEROES:
-            return Frame.zeroes(req_id, gid, e, v, offset, length, fua=fua, no_hole=no_hole, forwarded=forwarded)
+            return Frame.zeroes(req_id, gid, e, v, offset, length, fua=fua, no_hole=no_hole, forwarded=forwarded,
+                                fast=fast)
         return Frame.trim(req_id, gid, e, v, offset, length, fua=fua, forwarded=forwarded)
 
     async def _write_at_primary(self, m: "Member", kind: str, offset: int, length: int, data: Any, fua: bool,
-                                no_hole: bool) -> None:
+                                no_hole: bool, fast: bool = False) -> None:
         g = self.g
         await m.intent.mark(offset, length)
         link = g.node.link
@@ -412,11 +476,17 @@ class DataPath:
             if g.role != "primary":
                 raise BlockError(errno.ESHUTDOWN, f"group {g.name}: this array is no longer primary")
             if g.mirroring:
-                pend = link.start(self._frame(m, kind, link.next_id(), offset, length, data, fua, no_hole),
-                                  reserved=room)
+                if fast:
+                    self._fast_zero_possible(m, no_hole)  # the peer may have come back meanwhile
+                pend = link.start(self._frame(m, kind, link.next_id(), offset, length, data, fua, no_hole,
+                                              fast=fast), reserved=room)
                 room = None
                 try:
-                    await apply_local(m.vol, kind, offset, length, data, fua, no_hole)
+                    if fast:
+                        await self._peer_zeroed_fast(pend)
+                        await self._zero_here_after_peer(m, offset, length, fua, no_hole)
+                    else:
+                        await apply_local(m.vol, kind, offset, length, data, fua, no_hole)
                 except OSError as e:
                     m.dirty.set_range(offset, length)
                     await self._mirror_result(pend, m, offset, length)
@@ -426,10 +496,13 @@ class DataPath:
                 if not g.state.alone:
                     raise BlockError(errno.ESHUTDOWN, f"group {g.name}: peer not mirroring and this array "
                                      "may not go on alone (the witness has not agreed)")
+                if fast and m.vol.fast_zero_ok[no_hole] is False:
+                    raise BlockError(errno.ENOTSUP, f"volume {m.st.local}: the backing store here cannot zero "
+                                     "without writing data; nothing changed")
                 # Mark before writing: a resync that starts meanwhile must see this region.
                 m.dirty.set_range(offset, length)
                 try:
-                    await apply_local(m.vol, kind, offset, length, data, fua, no_hole)
+                    await apply_local(m.vol, kind, offset, length, data, fua, no_hole, fast)
                 except OSError as e:
                     raise self.local_error(e) from None
         finally:
@@ -469,7 +542,7 @@ class DataPath:
                              f"array {why} ({s.fence_reason})")
 
     async def _write_at_secondary(self, m: "Member", kind: str, offset: int, length: int, data: Any, fua: bool,
-                                  no_hole: bool) -> None:
+                                  no_hole: bool, fast: bool = False) -> None:
         g = self.g
         await m.intent.mark(offset, length)  # applied here too, once the primary has it
         link = g.node.link
@@ -477,7 +550,8 @@ class DataPath:
         m.stats["forwarded"] += 1
         self.forwarding += 1
         try:
-            reply = await link.request(self._frame(m, kind, req_id, offset, length, data, fua, no_hole, forwarded=True))
+            reply = await link.request(self._frame(m, kind, req_id, offset, length, data, fua, no_hole, forwarded=True,
+                                                   fast=fast))
         except (LinkDown, LinkTimeout) as e:
             self._forward_done()
             # The primary may have applied it and be holding the range for our RELEASE: say we
@@ -485,24 +559,30 @@ class DataPath:
             # cannot differ unseen). Lost with the link, the primary's own bound does the same.
             link.send(Frame.release(req_id, g.st.gid, g.epoch, errno.ETIMEDOUT))
             if await self._became_primary():
-                await self._write_at_primary(m, kind, offset, length, data, fua, no_hole)
+                await self._write_at_primary(m, kind, offset, length, data, fua, no_hole, fast)
                 return
             raise BlockError(errno.ESHUTDOWN, f"write not acknowledged by the primary: {e}") from None
         self._forward_done()
         if reply.status in NOT_OWNER:
             if await self._became_primary():
-                await self._write_at_primary(m, kind, offset, length, data, fua, no_hole)
+                await self._write_at_primary(m, kind, offset, length, data, fua, no_hole, fast)
                 return
             raise BlockError(errno.ESHUTDOWN,
                              f"primary refused the write ({reply.status}) and this array did not get the group")
         if reply.status == Status.BUSY:
             raise BlockError(errno.EAGAIN, "the primary could not order the write in time; not applied: retry")
+        if reply.status == Status.ENOTSUP and fast:
+            raise BlockError(errno.ENOTSUP, "the primary's backing store cannot zero without writing data; "
+                             "nothing changed")
         if reply.status != Status.OK:
             raise BlockError(errno.EIO, f"primary refused the write ({reply.status})")
         status = 0
         tok = None if _runs_inline(m.vol, kind, fua) else await m.lock.acquire(offset, length)
         try:
-            await apply_local(m.vol, kind, offset, length, data, fua, no_hole)
+            if fast:
+                await self._zero_here_after_peer(m, offset, length, fua, no_hole)
+            else:
+                await apply_local(m.vol, kind, offset, length, data, fua, no_hole)
         except OSError as e:
             status = e.errno or errno.EIO
             raise self.local_error(e) from None
@@ -574,7 +654,8 @@ class DataPath:
             link.reply(path, f.req_id, Status.BUSY)
             return
         try:
-            await apply_local(m.vol, kind, f.offset, f.length, f.payload, f.fua, f.no_hole)
+            await apply_local(m.vol, kind, f.offset, f.length, f.payload, f.fua, f.no_hole,
+                              kind == ZEROES and f.fast_zero)
         except OSError as e:
             m.lock.release(tok)
             # Our disk failed: NOT_SERVING tells the secondary to wait for the group instead.
@@ -660,7 +741,8 @@ class DataPath:
             await m.intent.mark(f.offset, length)
             tok = None if _runs_inline(m.vol, kind, f.fua) else await m.lock.acquire(f.offset, length)
             try:
-                await apply_local(m.vol, kind, f.offset, length, data, f.fua, f.no_hole)
+                await apply_local(m.vol, kind, f.offset, length, data, f.fua, f.no_hole,
+                                  kind == ZEROES and f.fast_zero)
             finally:
                 if tok is not None:
                     m.lock.release(tok)

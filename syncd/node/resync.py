@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from ..nbd.extents import HOLE
 from ..repl.link import LinkDown, LinkTimeout
 from ..repl.proto import Frame, Status
 from .roles import Mode, ResyncDone
@@ -189,18 +190,56 @@ class Resync:
         try:
             if not m.dirty.test(r):
                 return
-            data = m.vol.read_sync(off, ln)
-            link = self.node.link
-            reply = await link.request(
-                Frame.write(link.next_id(), g.st.gid, g.epoch, m.vol_id, off, data, resync=True)
-            )
-            if reply.status != Status.OK:
-                raise ResyncFailed(f"peer refused resync data for {m.st.local} ({reply.status})")
+            await self._send_region(g, m, off, ln)
             m.dirty.clear(r)
             m.resync_bytes += ln
             self.node.stats["resync_bytes"] += ln
         finally:
             m.lock.release(tok)
+
+    async def _send_region(self, g: "Group", m: "Member", off: int, ln: int) -> None:
+        """Copy one region to the peer (the caller holds its range) so that the peer ends with
+        the same bytes and the same holes: data as RESYNC WRITEs, holes as RESYNC TRIMs (the
+        peer punches them; a block device zeroes). A region that is all data or all hole is
+        one frame, which marks it in sync at the peer; a mixed one is one frame per extent
+        (none covers the region, so none marks it) and then RESYNC_END for the region."""
+        link = self.node.link
+        gid, vid = g.st.gid, m.vol_id
+        ext = m.vol.allocation(off, ln, 1 << 20)
+        if len(ext) == 1 and sum(n for n, _ in ext) == ln:
+            hole = bool(ext[0][1] & HOLE)
+            frame = (Frame.trim(link.next_id(), gid, g.epoch, vid, off, ln, resync=True) if hole
+                     else Frame.write(link.next_id(), gid, g.epoch, vid, off, m.vol.read_sync(off, ln), resync=True))
+            reply = await link.request(frame)
+            if reply.status != Status.OK:
+                raise ResyncFailed(f"peer refused resync data for {m.st.local} ({reply.status})")
+            if hole:
+                self.node.stats["resync_hole_bytes"] += ln
+            return
+        pends = []
+        pos = off
+        for n, flags in ext:
+            if flags & HOLE:
+                frame = Frame.trim(link.next_id(), gid, g.epoch, vid, pos, n, resync=True)
+                self.node.stats["resync_hole_bytes"] += n
+            else:
+                frame = Frame.write(link.next_id(), gid, g.epoch, vid, pos, m.vol.read_sync(pos, n), resync=True)
+            pends.append(link.start(frame))
+            pos += n
+        failed = None
+        for pend in pends:  # every reply awaited: none is left running when the range is released
+            try:
+                reply = await link.wait(pend)
+            except (LinkDown, LinkTimeout) as e:
+                failed = failed or e
+                continue
+            if reply.status != Status.OK and failed is None:
+                failed = ResyncFailed(f"peer refused resync data for {m.st.local} ({reply.status})")
+        if failed is not None:
+            raise failed
+        reply = await link.request(Frame.resync_end(link.next_id(), gid, g.epoch, vid, off, ln))
+        if reply.status != Status.OK:
+            raise ResyncFailed(f"peer refused in-sync mark for {m.st.local} ({reply.status})")
 
     async def _verify_batch(self, g: "Group", m: "Member", r0: int, r1: int) -> None:
         region = m.dirty.region
@@ -215,12 +254,7 @@ class Resync:
                     continue
                 roff = r * region
                 rln = min(region, m.vol.size - roff)
-                data = m.vol.read_sync(roff, rln)
-                rep = await link.request(
-                    Frame.write(link.next_id(), g.st.gid, g.epoch, m.vol_id, roff, data, resync=True)
-                )
-                if rep.status != Status.OK:
-                    raise ResyncFailed(f"peer refused resync data for {m.st.local} ({rep.status})")
+                await self._send_region(g, m, roff, rln)
                 m.dirty.clear(r)
                 m.resync_bytes += rln
                 self.node.stats["resync_bytes"] += rln

@@ -18,7 +18,16 @@ import time
 import trio
 import xxhash
 
-from ..nbd.export import allocation_extents, punch_hole, zero_range
+from ..nbd.export import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    _fallocate_or_errno,
+    fast_zero,
+    fast_zero_mode,
+    punch_hole,
+    zero_range,
+)
+from ..nbd.extents import DATA, scan
 
 BLKGETSIZE64 = 0x80081272
 ALIGN = 4096
@@ -35,6 +44,55 @@ def device_size(fd: int) -> int:
         fcntl.ioctl(fd, BLKGETSIZE64, buf)
         return int.from_bytes(buf, "little")
     return st.st_size
+
+
+def _sysfs_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def probe_fast_zero(fd: int, path: str, size: int, is_block: bool) -> dict[bool, bool | None]:
+    """What ``fast_zero`` can do here, found without changing a byte of the volume.
+
+    Block device: no fast zero that keeps the range provisioned; without NO_HOLE, the kernel's
+    no-fallback zeroing works where the device offloads write-zeroes (sysfs
+    ``queue/write_zeroes_max_bytes`` > 0). File: each mode is tried on an unnamed temporary file
+    (O_TMPFILE) in the same directory, if that is on the same file system; where none can be made,
+    PUNCH_HOLE is tried beyond the end of the volume (KEEP_SIZE: nothing changes) and
+    ZERO_RANGE stays unknown until the first request (a failed fallocate changes nothing)."""
+    if is_block:
+        st = os.fstat(fd)
+        wz = _sysfs_int(f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}/queue/write_zeroes_max_bytes")
+        if wz is None:  # a partition: its queue is its disk's
+            wz = _sysfs_int(f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}/../queue/"
+                            "write_zeroes_max_bytes")
+        return {True: False, False: None if wz is None else wz > 0}
+    found: dict[bool, bool | None] = {True: None, False: None}
+    try:
+        tfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError:
+        tfd = -1
+    if tfd >= 0 and os.fstat(tfd).st_dev != os.fstat(fd).st_dev:  # the volume is a file mounted over another
+        os.close(tfd)
+        tfd = -1
+    if tfd < 0:
+        err = _fallocate_or_errno(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, size + ALIGN, ALIGN)
+        found[False] = not err if err in (0, errno.EOPNOTSUPP) else None
+        return found
+    try:
+        os.ftruncate(tfd, 4 * ALIGN)
+        for no_hole in (False, True):
+            mode = fast_zero_mode(False, no_hole)
+            assert mode is not None
+            found[no_hole] = _fallocate_or_errno(tfd, mode, 0, 2 * ALIGN) == 0
+    except OSError:
+        return {True: None, False: None}
+    finally:
+        os.close(tfd)
+    return found
 
 
 def make_wwn(node_uuid: str, volume: str) -> str:
@@ -84,6 +142,9 @@ class Volume:
                 f"volume {name}: {path} is {self.size} bytes but the config says {size}"
             )
         self.is_block = stat.S_ISBLK(os.fstat(self.fd).st_mode)
+        # Whether a range can be zeroed without writing data, per NO_HOLE: True, False, or None
+        # (not known until tried; a failed try changes nothing). See ``fast_zero``.
+        self.fast_zero_ok: dict[bool, bool | None] = probe_fast_zero(self.fd, path, self.size, self.is_block)
         self.dfd = -1
         if direct:
             try:
@@ -175,14 +236,32 @@ class Volume:
         if n != len(data):
             raise OSError(errno.ENOSPC, f"short write on {self.name} at {offset}")
 
-    async def zero(self, offset: int, length: int, no_hole: bool, fua: bool) -> None:
-        try:
-            zero_range(self.fd, offset, length, no_hole or self.is_block)
-        except OSError as e:
-            self._failed(e)
-            raise
+    async def zero(self, offset: int, length: int, no_hole: bool, fua: bool, fast: bool = False) -> None:
+        if fast:
+            self.fast_zero_sync(offset, length, no_hole)
+        else:
+            try:
+                zero_range(self.fd, offset, length, no_hole or self.is_block)
+            except OSError as e:
+                self._failed(e)
+                raise
         if fua:
             await self.flush()
+
+    def fast_zero_sync(self, offset: int, length: int, no_hole: bool) -> None:
+        """Zero without writing data, or raise OSError(ENOTSUP) having changed nothing."""
+        if self.fast_zero_ok[no_hole] is False:
+            raise OSError(errno.ENOTSUP, f"{self.name}: {self.path} cannot zero without writing"
+                          f"{' and keep the range allocated' if no_hole else ''}")
+        try:
+            fast_zero(self.fd, offset, length, no_hole, self.is_block)
+        except OSError as e:
+            if e.errno == errno.ENOTSUP:
+                self.fast_zero_ok[no_hole] = False
+            else:
+                self._failed(e)
+            raise
+        self.fast_zero_ok[no_hole] = True
 
     async def trim(self, offset: int, length: int, fua: bool) -> None:
         try:
@@ -217,10 +296,13 @@ class Volume:
         left to tell of a device failure: the caller reports it)."""
         os.fdatasync(self.fd)
 
-    def allocation(self, offset: int, length: int) -> list[tuple[int, int]]:
+    def allocation(self, offset: int, length: int, max_extents: int) -> list[tuple[int, int]]:
+        """Holes (HOLE|ZERO) and data of the range, from SEEK_DATA/SEEK_HOLE. A block device is
+        all data: the kernel does not say which of its blocks are provisioned (a loop device's
+        backing file is not asked; see docs/design.md, "Thin volumes")."""
         if self.is_block:
-            return [(length, 0)]
-        return allocation_extents(self.fd, offset, length)
+            return [(length, DATA)]
+        return scan(self.fd, offset, length, max_extents)
 
     # -- digests -------------------------------------------------------------------------------
     def digests_sync(self, offset: int, length: int, region: int) -> list[int]:

@@ -174,6 +174,7 @@ class Link:
         # at once, renewed each time the whole link goes down.
         self.dial_session = secrets.randbits(63) | 1
         self.peer_uuid: bytes | None = None
+        self.features = 0  # features in use with the peer (both ends' HELLO), while up
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}  # handed to a path, awaiting the reply
         self.credit = Credit(cfg.max_inflight)
@@ -261,7 +262,7 @@ class Link:
                             f"path {p.index}: peer says it is {h.node_name!r}, expected {self.cfg.peer!r}"
                         )
                 backoff = 0.1
-                await self._run_path(p, sock, dec, chan, session, h.node_uuid)
+                await self._run_path(p, sock, dec, chan, session, h.node_uuid, h.features)
                 sock = None
             except secure.AuthError as e:
                 p.last_error = f"authentication: {e}"
@@ -370,13 +371,13 @@ class Link:
             while p.state == "up":
                 await self._path_down.park()
         try:
-            await self._run_path(p, sock, dec, chan, h.link_session, h.node_uuid)
+            await self._run_path(p, sock, dec, chan, h.link_session, h.node_uuid, h.features)
         except (OSError, ProtocolError, trio.BrokenResourceError, secure.AuthError) as e:
             p.last_error = str(e) or type(e).__name__
         p.state = "down"
 
     async def _run_path(self, p: Path, sock, dec: FrameDecoder, chan: secure.Channel, session: int,
-                        peer_uuid) -> None:
+                        peer_uuid, peer_features: int = 0) -> None:
         if session != self.session:
             if self.up:
                 # The peer started a new link session: everything of the old one is gone.
@@ -396,6 +397,8 @@ class Link:
         p.rtt_max_ms = p.ctl_wait_max = 0.0
         p.last_error = ""
         self.peer_uuid = peer_uuid
+        # What both ends speak (proto/replication.md 4.1): the peer's HELLO of the latest path.
+        self.features = proto.FEATURES & peer_features
         log.info("path %d up (%s -> %s)", p.index, p.local, p.peer)
         if not was_up:
             self.up_since = time.time()

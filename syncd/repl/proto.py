@@ -22,9 +22,12 @@ MAX_PAYLOAD = (32 << 20) + 4096
 HEADER_SIZE = 56
 
 FEAT_FUA, FEAT_TRIM, FEAT_ZEROES, FEAT_FORWARD, FEAT_DIGESTS = 1, 2, 4, 8, 16
-FEATURES = FEAT_FUA | FEAT_TRIM | FEAT_ZEROES | FEAT_FORWARD | FEAT_DIGESTS
+# The receiver honours FAST_ZERO on ZEROES: it zeroes without writing data or answers ENOTSUP
+# having changed nothing. A node sends FAST_ZERO only to a peer whose HELLO had this bit.
+FEAT_FAST_ZERO = 32
+FEATURES = FEAT_FUA | FEAT_TRIM | FEAT_ZEROES | FEAT_FORWARD | FEAT_DIGESTS | FEAT_FAST_ZERO
 
-FLAG_FUA, FLAG_FORWARDED, FLAG_RESYNC, FLAG_NO_HOLE = 0x01, 0x02, 0x04, 0x08
+FLAG_FUA, FLAG_FORWARDED, FLAG_RESYNC, FLAG_NO_HOLE, FLAG_FAST_ZERO = 0x01, 0x02, 0x04, 0x08, 0x10
 
 # A frame's payload: received frames carry bytes; a sender may pass any buffer (not copied).
 Payload = bytes | bytearray | memoryview
@@ -63,6 +66,7 @@ class Status(IntEnum):
     NOT_SERVING = 1006
     BAD_REQUEST = 1007
     BUSY = 1008
+    ENOTSUP = 95  # ZEROES with FAST_ZERO: the receiver cannot zero without writing; nothing changed
 
 
 HEADER = Struct(
@@ -179,6 +183,10 @@ class Frame:
         return bool(self.flags & FLAG_NO_HOLE)
 
     @property
+    def fast_zero(self) -> bool:
+        return bool(self.flags & FLAG_FAST_ZERO)
+
+    @property
     def status(self) -> int:
         return self.length
 
@@ -216,14 +224,15 @@ class Frame:
 
     @classmethod
     def zeroes(cls, req_id: int, group: int, epoch: int, vol: int, offset: int, length: int, *,
-               fua: bool = False, no_hole: bool = False, forwarded: bool = False) -> Frame:
-        flags = (FLAG_FUA if fua else 0) | (FLAG_NO_HOLE if no_hole else 0) | (FLAG_FORWARDED if forwarded else 0)
+               fua: bool = False, no_hole: bool = False, forwarded: bool = False, fast: bool = False) -> Frame:
+        flags = (FLAG_FUA if fua else 0) | (FLAG_NO_HOLE if no_hole else 0) | (FLAG_FORWARDED if forwarded else 0) \
+            | (FLAG_FAST_ZERO if fast else 0)
         return cls(MsgType.ZEROES, flags, req_id, group, epoch, vol, offset, length)
 
     @classmethod
     def trim(cls, req_id: int, group: int, epoch: int, vol: int, offset: int, length: int, *,
-             fua: bool = False, forwarded: bool = False) -> Frame:
-        flags = (FLAG_FUA if fua else 0) | (FLAG_FORWARDED if forwarded else 0)
+             fua: bool = False, forwarded: bool = False, resync: bool = False) -> Frame:
+        flags = (FLAG_FUA if fua else 0) | (FLAG_FORWARDED if forwarded else 0) | (FLAG_RESYNC if resync else 0)
         return cls(MsgType.TRIM, flags, req_id, group, epoch, vol, offset, length)
 
     @classmethod

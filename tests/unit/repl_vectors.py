@@ -22,6 +22,8 @@ VECTORS: dict[str, Frame] = {
     "write_fua_forwarded": Frame.write(8, 0x42, 3, 2, 8192, b"\x00\xff" * 8, fua=True, forwarded=True),
     "write_resync": Frame.write(9, 0x42, 3, 1, 262144, b"region", resync=True),
     "zeroes": Frame.zeroes(10, 0x42, 3, 1, 1 << 20, 65536, no_hole=True),
+    "zeroes_fast": Frame.zeroes(20, 0x42, 3, 1, 2 << 20, 1 << 20, fast=True),
+    "reply_error_enotsup": Frame.reply(20, Status.ENOTSUP),
     "trim": Frame.trim(11, 0x42, 3, 1, 0, 4096),
     "flush": Frame.flush(12, 0x42, 3),
     "release": Frame.release(8, 0x42, 3, 0),

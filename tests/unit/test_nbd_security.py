@@ -227,7 +227,60 @@ def table(size):
         (99, 0, 0, 1, p.NBD_EINVAL),
         (p.CMD_CACHE, 0, 0, 1, p.NBD_EINVAL),
         (R, 1 << 15, 0, 1, p.NBD_EINVAL),  # unknown flag
+        (Z, p.CMD_FLAG_FAST_ZERO, end - 1, 1, 0),  # advertised: a file punches the range
+        (Z, p.CMD_FLAG_FAST_ZERO, end, 1, p.NBD_ENOSPC),
+        (T, p.CMD_FLAG_FAST_ZERO, 0, 1, p.NBD_EINVAL),  # a flag of write-zeroes only
+        (R, p.CMD_FLAG_FAST_ZERO, 0, 1, p.NBD_EINVAL),
     ]
+
+
+async def test_block_status_replies_are_bounded_and_start_at_the_offset(tmp_path):
+    """base:allocation of a file with 8 data blocks between holes, served with
+    block_status_max_extents = 3: each reply has at most 3 extents, from the request's offset;
+    a client asking on from where each ends gets the file's whole map."""
+    img = tmp_path / "holes.img"
+    _sparse(img, 1 << 20)
+    fd = os.open(img, os.O_WRONLY)
+    for i in range(8):
+        os.pwrite(fd, b"d" * 4096, (2 * i + 1) * 65536)
+    os.close(fd)
+    exp = FileExport("vv1", str(img))
+    srv = NBDServer(StaticCatalog({"vv1": exp}), limits=NbdLimits(block_status_max_extents=3))
+
+    async def status(c, offset, length, flags=0):
+        await c.s.send(p.REQ.pack(p.REQUEST_MAGIC, flags, B, 1, offset, length))
+        magic, fl, rtype, ck, ln = p.SHDR.unpack(await c.recv(20))
+        body = await c.recv(ln)
+        assert rtype == p.REPLY_TYPE_BLOCK_STATUS and fl & p.REPLY_FLAG_DONE
+        return [struct.unpack(">II", body[4 + 8 * i:12 + 8 * i]) for i in range((ln - 4) // 8)]
+
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as n:
+                c = attach(srv, n)
+                await go(c, contexts=("base:allocation",))
+                seen, pos = [], 0
+                while pos < 1 << 20:
+                    ext = await status(c, pos, (1 << 20) - pos)
+                    assert 1 <= len(ext) <= 3 and all(ln > 0 for ln, _ in ext)
+                    seen += ext
+                    pos += sum(ln for ln, _ in ext)
+                assert pos == 1 << 20
+                merged = []
+                for ln, st_ in seen:
+                    if merged and merged[-1][1] == st_:
+                        merged[-1] = (merged[-1][0] + ln, st_)
+                    else:
+                        merged.append((ln, st_))
+                want = []
+                for i in range(8):
+                    want += [(65536 if i == 0 else 131072 - 4096, 3), (4096, 0)]
+                want.append(((1 << 20) - (15 * 65536 + 4096), 3))
+                assert merged == want
+                assert await status(c, 65536 + 100, 10000, p.CMD_FLAG_REQ_ONE) == [(4096 - 100, 0)]
+                c.s.close()
+    finally:
+        exp.close()
 
 
 async def exchange(c, typ, flags, offset, length, cookie):
@@ -327,6 +380,9 @@ def test_any_request_on_any_export_size_is_answered_and_the_connection_survives(
     ({"handshake_timeout": 0}, "nbd.handshake_timeout: must be between"),
     ({"payload_timeout": "x"}, "nbd.payload_timeout: expected float"),
     ({"reply_timeout": -1}, "nbd.reply_timeout"),
+    ({"block_status_max_extents": 0}, "nbd.block_status_max_extents: must be between 1 and 1048576"),
+    ({"block_status_max_extents": (1 << 20) + 1}, "nbd.block_status_max_extents: must be between"),
+    ({"block_status_max_extents": "many"}, "nbd.block_status_max_extents: expected int"),
 ])
 def test_bad_limits_are_named(table_, msg):
     with pytest.raises(ConfigError, match=msg):
