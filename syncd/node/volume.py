@@ -18,6 +18,7 @@ import time
 import trio
 import xxhash
 
+from ..metrics.stats import IoStats
 from ..nbd.export import allocation_extents, punch_hole, zero_range
 
 BLKGETSIZE64 = 0x80081272
@@ -51,6 +52,9 @@ class Volume:
         self.path = path
         self.direct = direct
         self.errors = 0  # device errors seen
+        # What hosts asked of this volume at this array and the replication round trips of its
+        # writes (the NBD server and the data path add to it; read when metrics are scraped).
+        self.io_stats = IoStats()
         self.on_error = None  # callback(volume, OSError) on a device error (set by the node)
         # Every write applied before this monotonic time is durable: the start of the latest
         # completed flush. Frozen after a failed flush (a later fdatasync may then report

@@ -1,0 +1,127 @@
+"""The metrics endpoint's HTTP/1.1 side: ``GET /metrics`` and nothing else.
+
+Parsing is h11's (sans-IO; the request line and headers are bounded by ``max_header_bytes``),
+the I/O Trio's, in the daemon's own event loop: the page is rendered by the task that serves
+the request, so the collectors read the daemon's state as its owner, between two of its steps.
+Whoever connects is untrusted: at most ``max_connections`` at once (more are closed before a
+byte is read), one request per connection, the whole exchange within ``request_timeout``, and
+anything but ``GET /metrics`` answered 404/405/400/431 without rendering. Nothing a client
+sends changes the daemon.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+from http import HTTPStatus
+
+import h11
+import trio
+
+from ..config import MetricsConfig
+
+log = logging.getLogger("syncd.metrics")
+
+PATH = "/metrics"
+_RECV = 4096
+
+
+class MetricsHTTP:
+    def __init__(self, cfg: MetricsConfig, render: Callable[[], tuple[bytes, str]]) -> None:
+        self.cfg = cfg
+        self.render = render  # -> (body, content type)
+        self.active = 0
+        self.port = 0
+        # What hostile or broken clients cost, for the page itself.
+        self.served = 0  # pages sent
+        self.refused = 0  # connections closed at once: max_connections reached
+        self.rejected = 0  # requests answered 4xx (malformed, too large, wrong method or path)
+        self.timed_out = 0  # connections dropped at request_timeout
+
+    def listen(self) -> socket.socket:
+        from .. import netio
+
+        return netio.listen_tcp(self.cfg.listen, backlog=max(self.cfg.max_connections, 16))
+
+    async def serve(self, lsock: socket.socket | None = None, *,
+                    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on ``cfg.listen`` (or ``lsock``) and serve until cancelled; started with the port."""
+        sock = lsock if lsock is not None else self.listen()
+        self.port = sock.getsockname()[1]
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        task_status.started(self.port)
+        await trio.serve_listeners(self.handle, [listener])
+
+    async def handle(self, stream: trio.abc.HalfCloseableStream | trio.abc.Stream) -> None:
+        """One client connection, whatever it sends: never raises (a handler that raised would
+        end the daemon's listener)."""
+        if self.active >= self.cfg.max_connections:
+            self.refused += 1
+            await _close(stream)
+            return
+        self.active += 1
+        try:
+            with trio.move_on_after(self.cfg.request_timeout) as scope:
+                await self._exchange(stream)
+            if scope.cancelled_caught:
+                self.timed_out += 1
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the client went away
+        except Exception:  # noqa: BLE001 - a scrape must never take the daemon down
+            log.exception("metrics: request failed")
+        finally:
+            self.active -= 1
+            await _close(stream)
+
+    async def _exchange(self, stream: trio.abc.Stream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.cfg.max_header_bytes)
+        while True:
+            try:
+                ev = conn.next_event()
+            except h11.RemoteProtocolError as e:
+                self.rejected += 1
+                status = e.error_status_hint
+                why = "request line and headers too large" if status == 431 else "malformed request"
+                if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):  # h11 lets a server still answer
+                    await self._send(stream, conn, status, f"{why}\n".encode())
+                return
+            if ev is h11.NEED_DATA:
+                data = await stream.receive_some(_RECV)
+                conn.receive_data(data)  # b"": the end of the stream (next_event says what it means)
+                continue
+            if isinstance(ev, h11.ConnectionClosed):
+                return
+            if isinstance(ev, h11.Request):
+                break
+            return  # PAUSED and the like: nothing more to do on a one-request connection
+        target = ev.target.split(b"?", 1)[0]
+        if target != PATH.encode():
+            self.rejected += 1
+            await self._send(stream, conn, 404, b"not found: the only page is /metrics\n")
+            return
+        if ev.method != b"GET":
+            self.rejected += 1
+            await self._send(stream, conn, 405, b"method not allowed: use GET\n", [(b"allow", b"GET")])
+            return
+        body, ctype = self.render()
+        await self._send(stream, conn, 200, body, ctype=ctype.encode())
+        self.served += 1
+
+    @staticmethod
+    async def _send(stream: trio.abc.Stream, conn: h11.Connection, status: int, body: bytes,
+                    extra: list[tuple[bytes, bytes]] | None = None,
+                    ctype: bytes = b"text/plain; charset=utf-8") -> None:
+        headers = [(b"content-type", ctype), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close"), *(extra or [])]
+        out = conn.send(h11.Response(status_code=status, headers=headers, reason=HTTPStatus(status).phrase.encode()))
+        out = (out or b"") + (conn.send(h11.Data(data=body)) or b"") + (conn.send(h11.EndOfMessage()) or b"")
+        await stream.send_all(out)
+
+
+async def _close(stream: trio.abc.Stream) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(1):
+        try:
+            await stream.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
