@@ -19,7 +19,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
 
 from ..config import MetricsConfig
 from .http import MetricsHTTP
@@ -31,6 +31,9 @@ __all__ = ["Endpoint", "Families", "io_families", "CounterMetricFamily", "GaugeM
 _IO_OPS = ("read", "write", "trim", "zeroes", "flush", "block_status")
 _BYTES_OPS = ("read", "write", "trim", "zeroes")
 _OP_INDEX = {n: i for i, n in enumerate(OP_NAMES) if n is not None}
+# The classic text format, which every Prometheus (and anything that scrapes like it) reads. The
+# names and labels here are all plain ASCII, so the page is the same in the newer 1.0.0 format.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Families:
@@ -131,7 +134,7 @@ class Endpoint:
                     "Metrics connections dropped at metrics.request_timeout", []).add_metric([], h.timed_out)
 
     def render(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE
 
     def listen(self) -> socket.socket:
         """Bind now (a port in use is a start-up error, before anything else runs)."""

@@ -75,10 +75,16 @@ class MetricsHTTP:
             await _close(stream)
 
     async def _exchange(self, stream: trio.abc.Stream) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.cfg.max_header_bytes)
+        limit = self.cfg.max_header_bytes
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
+        received = 0
         while True:
             try:
                 ev = conn.next_event()
+                if ev is h11.NEED_DATA and received > limit:
+                    # h11 bounds what it buffers; this bounds the request head itself, however
+                    # the client cut it into packets.
+                    raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
             except h11.RemoteProtocolError as e:
                 self.rejected += 1
                 status = e.error_status_hint
@@ -87,12 +93,17 @@ class MetricsHTTP:
                     await self._send(stream, conn, status, f"{why}\n".encode())
                 return
             if ev is h11.NEED_DATA:
-                data = await stream.receive_some(_RECV)
+                data = await stream.receive_some(min(_RECV, limit + 1 - received) or 1)
+                received += len(data)
                 conn.receive_data(data)  # b"": the end of the stream (next_event says what it means)
                 continue
             if isinstance(ev, h11.ConnectionClosed):
                 return
             if isinstance(ev, h11.Request):
+                if received > limit:
+                    self.rejected += 1
+                    await self._send(stream, conn, 431, b"request line and headers too large\n")
+                    return
                 break
             return  # PAUSED and the like: nothing more to do on a one-request connection
         target = ev.target.split(b"?", 1)[0]
@@ -102,7 +113,9 @@ class MetricsHTTP:
             return
         if ev.method != b"GET":
             self.rejected += 1
-            await self._send(stream, conn, 405, b"method not allowed: use GET\n", [(b"allow", b"GET")])
+            # A HEAD answer carries no body (its length is the one a GET would get: none here).
+            body = b"" if ev.method == b"HEAD" else b"method not allowed: use GET\n"
+            await self._send(stream, conn, 405, body, [(b"allow", b"GET")])
             return
         body, ctype = self.render()
         await self._send(stream, conn, 200, body, ctype=ctype.encode())
@@ -117,6 +130,19 @@ class MetricsHTTP:
         out = conn.send(h11.Response(status_code=status, headers=headers, reason=HTTPStatus(status).phrase.encode()))
         out = (out or b"") + (conn.send(h11.Data(data=body)) or b"") + (conn.send(h11.EndOfMessage()) or b"")
         await stream.send_all(out)
+        if status != 200:
+            await _linger(stream)
+
+
+async def _linger(stream: trio.abc.Stream) -> None:
+    """After an error answer: say we are done and read (a bounded amount of) what the client
+    still sends, so closing does not reset the connection before it has read the answer."""
+    if isinstance(stream, trio.abc.HalfCloseableStream):
+        await stream.send_eof()
+    with trio.move_on_after(1):
+        got = 0
+        while got < 1 << 16 and (d := await stream.receive_some(_RECV)):
+            got += len(d)
 
 
 async def _close(stream: trio.abc.Stream) -> None:
