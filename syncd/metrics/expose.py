@@ -116,6 +116,7 @@ class Endpoint:
     """A daemon's /metrics: its collector in a registry of its own, served by ``MetricsHTTP``."""
 
     def __init__(self, cfg: MetricsConfig, collect: Callable[[Families], None]) -> None:
+        self.cfg = cfg
         self.registry = CollectorRegistry(auto_describe=False)
         self.http = MetricsHTTP(cfg, self.render)
         self._collect = collect
@@ -138,8 +139,10 @@ class Endpoint:
 
     def listen(self) -> socket.socket:
         """Bind now (a port in use is a start-up error, before anything else runs)."""
-        return self.http.listen()
+        from .. import netio
+
+        return netio.listen_tcp(self.cfg.listen, backlog=max(self.cfg.max_connections, 16))
 
     async def serve(self, lsock: socket.socket | None = None, *,
                     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        await self.http.serve(lsock, task_status=task_status)
+        await self.http.serve(lsock if lsock is not None else self.listen(), task_status=task_status)

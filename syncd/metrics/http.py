@@ -15,11 +15,10 @@ import logging
 import socket
 from collections.abc import Callable
 from http import HTTPStatus
+from typing import Protocol
 
 import h11
 import trio
-
-from ..config import MetricsConfig
 
 log = logging.getLogger("syncd.metrics")
 
@@ -27,8 +26,19 @@ PATH = "/metrics"
 _RECV = 4096
 
 
+class Limits(Protocol):
+    """What the server takes from the [metrics] table (``config.MetricsConfig``)."""
+
+    @property
+    def max_connections(self) -> int: ...
+    @property
+    def request_timeout(self) -> float: ...
+    @property
+    def max_header_bytes(self) -> int: ...
+
+
 class MetricsHTTP:
-    def __init__(self, cfg: MetricsConfig, render: Callable[[], tuple[bytes, str]]) -> None:
+    def __init__(self, cfg: Limits, render: Callable[[], tuple[bytes, str]]) -> None:
         self.cfg = cfg
         self.render = render  # -> (body, content type)
         self.active = 0
@@ -39,15 +49,9 @@ class MetricsHTTP:
         self.rejected = 0  # requests answered 4xx (malformed, too large, wrong method or path)
         self.timed_out = 0  # connections dropped at request_timeout
 
-    def listen(self) -> socket.socket:
-        from .. import netio
-
-        return netio.listen_tcp(self.cfg.listen, backlog=max(self.cfg.max_connections, 16))
-
-    async def serve(self, lsock: socket.socket | None = None, *,
+    async def serve(self, sock: socket.socket, *,
                     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen on ``cfg.listen`` (or ``lsock``) and serve until cancelled; started with the port."""
-        sock = lsock if lsock is not None else self.listen()
+        """Serve the listening ``sock`` until cancelled; started with its port."""
         self.port = sock.getsockname()[1]
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         task_status.started(self.port)
@@ -95,7 +99,7 @@ class MetricsHTTP:
             if ev is h11.NEED_DATA:
                 data = await stream.receive_some(min(_RECV, limit + 1 - received) or 1)
                 received += len(data)
-                conn.receive_data(data)  # b"": the end of the stream (next_event says what it means)
+                conn.receive_data(bytes(data))  # b"": the end of the stream (next_event says what it means)
                 continue
             if isinstance(ev, h11.ConnectionClosed):
                 return
