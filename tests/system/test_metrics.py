@@ -6,10 +6,12 @@ supported 10 ms is flagged, and hostile HTTP clients change nothing while hosts 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
 import urllib.request
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -20,6 +22,7 @@ from .rig import FAST_LINK, WITNESS, require_tool, run, wait_for
 
 SYNCCTL = ".venv/bin/syncctl"
 SYNCD = ".venv/bin/syncd"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def scrape(url: str) -> dict:
@@ -112,6 +115,12 @@ def test_metrics_follow_io_roles_and_failover(tmp_path):
         assert set(paths) == {"A", "B"}
 
         w = scrape(w_url)
+        # Every metric the dashboard draws is on some page of this lab.
+        seen = {n for url in (a_url, ha_url, w_url)
+                for n in re.findall(r"^(?:# TYPE )?(syncd_[a-z_]+)", urllib.request.urlopen(url).read().decode(), re.M)}
+        seen |= {n + "_total" for n in seen}  # a counter's TYPE line may name it without _total
+        dash = set(re.findall(r"syncd_[a-z_]+", (ROOT / "docs" / "grafana-syncd.json").read_text()))
+        assert dash and dash <= seen, sorted(dash - seen)
         assert value(w, "syncd_witness_group_owner", witness="W", group="rcg1", node="A") == 1
         assert value(w, "syncd_witness_sessions", witness="W", node="A") == 1
         assert value(w, "syncd_witness_decisions_total", witness="W", group="rcg1", request="report",
