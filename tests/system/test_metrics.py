@@ -16,7 +16,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from syncd.lab.fuzz import _nbdsh
-from syncd.lab.rig import lab_down, lab_kill, lab_up
+from syncd.lab.rig import lab_down, lab_kill, lab_up, metrics_endpoints, print_summary
 
 from .rig import FAST_LINK, WITNESS, require_tool, run, wait_for
 
@@ -66,12 +66,17 @@ def assert_roles_match(lab: dict, site: str, page: dict) -> None:
         assert value(page, "syncd_host_volume_alua_epoch", **k) == row["epoch"]
 
 
-def test_metrics_follow_io_roles_and_failover(tmp_path):
+def test_metrics_follow_io_roles_and_failover(tmp_path, capsys):
     require_tool("nbdsh")
     d = tmp_path / "lab"
     lab = lab_up(str(d), size="16MiB", nvolumes=1, npaths=2, link_opts=FAST_LINK, witness=WITNESS,
                  topology="uniform", timeout=60)
     try:
+        # lab up prints every daemon's endpoint: two nodes, the witness, two host shims.
+        print_summary(lab)
+        out = capsys.readouterr().out
+        urls = [u for _, u in metrics_endpoints(lab)]
+        assert len(urls) == 5 and all(u in out for u in urls), out
         a_url, b_url = lab["nodes"]["A"]["metrics"], lab["nodes"]["B"]["metrics"]
         w_url, ha_url = lab["witness"]["metrics"], lab["hosts"]["A"]["metrics"]
         vol = dict(node="A", group="rcg1", volume="vv1")

@@ -277,3 +277,38 @@ async def test_witness_decisions_are_counted_by_group_request_and_outcome(tmp_pa
     assert samples(fams, "syncd_witness_sessions") == {(("node", "A"), ("witness", "W")): 0,
                                                        (("node", "B"), ("witness", "W")): 0}
     assert wit.state.groups["g1"].persistent() == before  # scraping changes nothing
+
+
+async def test_the_nbd_server_counts_every_request_of_an_export_that_keeps_stats(tmp_path):
+    """Fast paths (plain read and write), the task path (FUA write, trim, zeroes, flush) and
+    refusals (a read past the end): each counted once, bytes only when it succeeded."""
+    from syncd.nbd.client import NBDError, open_nbd
+    from syncd.nbd.export import FileExport, StaticCatalog
+    from syncd.nbd.server import NBDServer
+
+    img = tmp_path / "d.img"
+    img.write_bytes(b"\0" * (1 << 20))
+    exp = FileExport("vv1", str(img))
+    exp.io_stats = st = IoStats()
+    sock = str(tmp_path / "nbd.sock")
+    async with trio.open_nursery() as n:
+        await n.start(NBDServer(StaticCatalog({"vv1": exp})).serve_unix, sock)
+        async with open_nbd(f"nbd+unix:///vv1?socket={sock}") as c:
+            await c.write(0, b"x" * 4096)
+            await c.write(8192, b"y" * 512, fua=True)
+            assert await c.read(0, 4096) == b"x" * 4096
+            await c.trim(65536, 65536)
+            await c.zero(131072, 8192)
+            await c.flush()
+            with pytest.raises(NBDError):
+                await c.read((1 << 20) - 512, 4096)
+        n.cancel_scope.cancel()
+    exp.close()
+    assert st.requests[p.CMD_WRITE] == 2 and st.nbytes[p.CMD_WRITE] == 4096 + 512
+    assert st.requests[p.CMD_READ] == 2 and st.nbytes[p.CMD_READ] == 4096
+    assert (st.requests[p.CMD_TRIM], st.nbytes[p.CMD_TRIM]) == (1, 65536)
+    assert (st.requests[p.CMD_WRITE_ZEROES], st.nbytes[p.CMD_WRITE_ZEROES]) == (1, 8192)
+    assert st.requests[p.CMD_FLUSH] == 1
+    assert [(op, n) for (op, _), n in st.errors.items()] == [(p.CMD_READ, 1)]
+    assert all(h.count == st.requests[i] for i, h in enumerate(st.latency))
+    assert st.inflight == 0
