@@ -456,10 +456,8 @@ class NBDConnection:
         fw = getattr(e, "fast_write", None)
         if fw is None:
             return False
-        cookie = r.cookie
+        cookie, length = r.cookie, r.length
         self.inflight += 1
-
-        length = r.length
 
         def done(err: int, msg: str) -> None:
             self.inflight -= 1
