@@ -174,7 +174,7 @@ def fds_needed(cfg: "NodeConfig") -> int:
     """File descriptors a node may need with its config's limits (see FD_BASE)."""
     npaths = len(cfg.link.paths) if cfg.link else 0
     return (FD_BASE + FD_ADMIN + FD_PER_VOLUME * len(cfg.volumes) + FD_PER_LINK_PATH * npaths
-            + cfg.nbd_limits.max_connections)
+            + cfg.nbd_limits.max_connections + (cfg.metrics.max_connections + 1 if cfg.metrics else 0))
 
 
 def ensure_fd_limit(needed: int, what: str, key: str) -> None:
@@ -194,6 +194,59 @@ def ensure_fd_limit(needed: int, what: str, key: str) -> None:
         f"or lower {key}")
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or "localhost") can only be reached from this machine."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """The Prometheus endpoint of a daemon ([metrics]): off unless the table is there."""
+
+    listen: tuple[str, int]
+    # The metrics name groups, volumes, hosts and addresses and need no login: they listen on
+    # loopback unless the config says allow_remote = true (then put a firewall in front).
+    allow_remote: bool = False
+    max_connections: int = 16  # scrapes at once; more are closed at once
+    request_timeout: float = 5.0  # s a client has to send its request and read the answer
+    max_header_bytes: int = 8192  # the request line and headers; more is refused (431)
+
+
+METRICS_KEYS = frozenset({"listen", "allow_remote", "max_connections", "request_timeout", "max_header_bytes"})
+
+
+def parse_metrics(raw: dict, where: str = "metrics") -> MetricsConfig | None:
+    """The [metrics] table of a node, witness or host shim config (None when absent: off)."""
+    if "metrics" not in raw:
+        return None
+    t = _take(raw, "metrics", "config", dict)
+    _no_extra(t, set(METRICS_KEYS), where)
+    listen = parse_addr(_take(t, "listen", where, str), f"{where}.listen")
+    allow_remote = _take(t, "allow_remote", where, bool, False)
+    if not allow_remote and not is_loopback(listen[0]):
+        raise ConfigError(f"{where}.listen: {listen[0]} is not a loopback address; the metrics endpoint has no "
+                          f"authentication, so say {where}.allow_remote = true to serve it beyond this machine "
+                          "(and keep it behind a firewall), or listen on 127.0.0.1")
+    d = MetricsConfig(listen)
+    mc = _take(t, "max_connections", where, int, d.max_connections)
+    if not 1 <= mc <= 1024:
+        raise ConfigError(f"{where}.max_connections: must be between 1 and 1024, got {mc}")
+    rt = _take(t, "request_timeout", where, float, d.request_timeout)
+    if not 0 < rt <= 300:
+        raise ConfigError(f"{where}.request_timeout: must be between 0 and 300 seconds, got {rt}")
+    mh = _take(t, "max_header_bytes", where, int, d.max_header_bytes)
+    if not 1024 <= mh <= 1 << 20:
+        raise ConfigError(f"{where}.max_header_bytes: must be between 1024 and 1048576, got {mh}")
+    return MetricsConfig(listen, allow_remote, mc, rt, mh)
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     name: str
@@ -206,6 +259,7 @@ class NodeConfig:
     witness: object = None  # syncd.witness.client.WitnessClientConfig
     nbd_tls: "NbdTlsConfig | None" = None
     nbd_limits: NbdLimits = NbdLimits()
+    metrics: MetricsConfig | None = None
 
     @property
     def nbd_max_inflight(self) -> int:
@@ -266,7 +320,7 @@ def load_node_config(path: str | os.PathLike) -> NodeConfig:
 
 
 def parse_node_config(raw: dict, base: Path = Path("."), source: str = "") -> NodeConfig:
-    _no_extra(raw, {"node", "nbd", "link", "volume", "witness"}, "config")
+    _no_extra(raw, {"node", "nbd", "link", "volume", "witness", "metrics"}, "config")
     node = _take(raw, "node", "config", dict)
     _no_extra(node, {"name", "data_dir", "admin_socket"}, "node")
     name = check_name(_take(node, "name", "node", str), "node.name")
@@ -375,7 +429,7 @@ def parse_node_config(raw: dict, base: Path = Path("."), source: str = "") -> No
         if link is None:
             raise ConfigError("witness: a witness needs a [link] to a peer")
     return NodeConfig(name, data_dir, admin_socket, nbd_listen, link, tuple(vols), source, witness, nbd_tls,
-                      nbd_limits)
+                      nbd_limits, parse_metrics(raw))
 
 
 SECURITY_KEYS = frozenset({"key", "key_file", "tls_certificate", "tls_key", "tls_ca", "insecure"})

@@ -48,14 +48,17 @@ import trio
 from .config import (
     NBD_LIMIT_KEYS,
     ConfigError,
+    MetricsConfig,
     NbdLimits,
     _no_extra,
     _take,
     check_name,
     load_toml,
     parse_addr,
+    parse_metrics,
     parse_nbd_limits,
 )
+from .metrics.stats import IoStats
 from .nbd.client import (
     NBDDisconnected,
     NBDError,
@@ -108,6 +111,7 @@ class HostConfig:
     tcp_exports: tuple[str, ...] = ()
     socket_group: str | None = None  # the unix socket is 0660 for this group; else 0600 (root only)
     limits: NbdLimits = NbdLimits()
+    metrics: MetricsConfig | None = None  # [metrics]: the Prometheus endpoint (off when absent)
 
     def tls_context(self):
         """The TLS client context for nbds:// paths, or None when no path uses TLS."""
@@ -124,7 +128,7 @@ def load_host_config(path: str) -> HostConfig:
     p = Path(path)
     raw = load_toml(p)
     base = p.parent
-    _no_extra(raw, {"host", "array"}, "config")
+    _no_extra(raw, {"host", "array", "metrics"}, "config")
     h = _take(raw, "host", "config", dict)
     _no_extra(h, {"name", "socket", "admin_socket", "tcp", "source", "poll_interval", "transition_timeout",
                   "no_path_retry", "io_timeout", "stale_write_bound", "path_selector", "tls_ca",
@@ -194,6 +198,7 @@ def load_host_config(path: str) -> HostConfig:
         tcp_exports=tuple(tcp_exports or ()),
         socket_group=group,
         limits=parse_nbd_limits(h, "host"),
+        metrics=parse_metrics(raw),
         source=_take(h, "source", "host", str, None),
         **tls,
         **kw,
@@ -289,6 +294,7 @@ class ShimVolume:
         if size:
             self.sized.set()
         self.stats = {"reissued": 0, "queued_no_path": 0, "failed": 0, "quarantine_waits": 0}
+        self.io_stats = IoStats()  # what the host's tools asked (counted by the NBD server; metrics)
         self._rr = 0
         # (start, end, until on the trio clock, epoch of the lost path)
         self.quarantine: list[tuple[int, int, float, int]] = []
@@ -437,6 +443,7 @@ class Shim:
         self._nursery: trio.Nursery | None = None
         self.started = time.time()
         self.tls = cfg.tls_context()
+        self.metrics_port: int | None = None
 
     def exports_for(self, client: ClientIdentity):
         """The unix socket (its permissions decide who connects) serves every volume; the TCP
@@ -552,6 +559,14 @@ class Shim:
                 await n.start(server.serve_tcp, *self.cfg.tcp)
             sock = trio.socket.from_stdlib_socket(bind_unix(self.cfg.admin_socket, 0o600))
             n.start_soon(trio.serve_listeners, self._admin, [trio.SocketListener(sock)])
+            if self.cfg.metrics is not None:
+                from .metrics.expose import Endpoint
+                from .metrics.host import collect_host
+
+                ep = Endpoint(self.cfg.metrics, lambda fam: collect_host(self, fam))
+                self.metrics_port = await n.start(ep.serve, ep.listen())
+                log.info("host shim %s: metrics on http://%s:%d/metrics", self.cfg.name, self.cfg.metrics.listen[0],
+                         self.metrics_port)
             log.info("host shim %s ready: %s (%s)", self.cfg.name, self.cfg.socket,
                      ", ".join(f"{v.name}: {len(v.paths)} paths" for v in self.volumes.values()))
             task_status.started()

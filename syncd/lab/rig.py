@@ -154,7 +154,7 @@ def link_timings(link_opts: dict) -> dict:
 
 def node_toml(name: str, peer: str, d: Path, nbd_port: int, paths: list[tuple[int, int]],
               volumes: list[tuple[str, Path, int]], extra_link: dict | None = None,
-              witness: dict | None = None, nbd: dict | None = None) -> str:
+              witness: dict | None = None, nbd: dict | None = None, metrics_port: int | None = None) -> str:
     lines = [
         "[node]",
         f'name = "{name}"',
@@ -176,6 +176,8 @@ def node_toml(name: str, peer: str, d: Path, nbd_port: int, paths: list[tuple[in
         lines.append(f"{k} = {json.dumps(v)}")
     if witness:
         lines += ["", "[witness]"] + [f"{k} = {json.dumps(v)}" for k, v in witness.items()]
+    if metrics_port is not None:
+        lines += ["", "[metrics]", f'listen = "127.0.0.1:{metrics_port}"']
     for vname, vpath, size in volumes:
         lines += ["", "[[volume]]", f'name = "{vname}"', f'path = "{vpath}"']
         if size is not None:
@@ -294,15 +296,18 @@ def _lab_up(
             wauth = lab_tls["certs"]["W"]
         (root / "W").mkdir(parents=True, exist_ok=True)
         wtoml = root / "W" / "witness.toml"
+        wmetrics = free_port()
         wtoml.write_text(
             f'[witness]\nname = "W"\nlisten = ["127.0.0.1:{wport}"]\nstate_dir = "state"\n'
             + "".join(f"{k} = {json.dumps(v)}\n" for k, v in wauth.items())
             + 'nodes = ["A", "B"]\n'
             + "".join(f"{k} = {json.dumps(v)}\n"
                       for k, v in dict(timing, **{k: witness[k] for k in ("margin", "drift") if k in witness}).items())
+            + f'\n[metrics]\nlisten = "127.0.0.1:{wmetrics}"\n'
         )
         wpid = _spawn([py, "-m", "syncd", "witness", "--config", str(wtoml)], root / "W.log")
-        lab["witness"] = {"pid": wpid, "config": str(wtoml), "port": wport, "log": str(root / "W.log")}
+        lab["witness"] = {"pid": wpid, "config": str(wtoml), "port": wport, "log": str(root / "W.log"),
+                          "metrics": metrics_url(wmetrics)}
         common = dict(interval=witness.get("interval", 0.5), **timing)
 
         def wauth_of(site: str) -> dict:
@@ -363,8 +368,9 @@ def _lab_up(
             node_link = dict(link_opts, **link_tls["certs"][name])
         if lab_tls is not None:
             node_nbd = dict(tls="require", **lab_tls["certs"][name])
+        mport = free_port()
         cfg.write_text(node_toml(name, peer, nd, ports[name]["nbd"], paths, vols, node_link, wcfg.get(name),
-                                 node_nbd))
+                                 node_nbd, metrics_port=mport))
         scheme = "nbds" if lab_tls is not None else "nbd"
         log = root / f"{name}.log"
         pid = _spawn([py, "-m", "syncd", "node", "--config", str(cfg)], log)
@@ -374,6 +380,7 @@ def _lab_up(
             "log": str(log),
             "admin_socket": str(nd / "admin.sock"),
             "nbd": f"127.0.0.1:{ports[name]['nbd']}",
+            "metrics": metrics_url(mport),
             "volumes": {
                 v: {"path": str(p), "uri": f"{scheme}://127.0.0.1:{ports[name]['nbd']}/{v}"}
                 for v, p, _ in vols
@@ -450,6 +457,18 @@ def define_site_hosts(sock: str, array: str, group: str, topology: str, volumes:
         for lun, v in enumerate(volumes):
             call(sock, "createvlun", {"volume": v, "host": h, "lun": lun})
         call(sock, "admitrcopyhost", {"host": h, "group": group, "proximity": site_proximity(topology, site)})
+def metrics_url(port: int) -> str:
+    """Where a lab daemon's Prometheus endpoint answers ([metrics] listen, loopback)."""
+    return f"http://127.0.0.1:{port}/metrics"
+
+
+def metrics_endpoints(lab: dict) -> list[tuple[str, str]]:
+    """(daemon, URL) of every metrics endpoint of the lab."""
+    out = [(f"node {n}", info["metrics"]) for n, info in lab["nodes"].items() if info.get("metrics")]
+    if (lab.get("witness") or {}).get("metrics"):
+        out.append(("witness W", lab["witness"]["metrics"]))
+    out += [(f"host shim {h['name']}", h["metrics"]) for h in (lab.get("hosts") or {}).values() if h.get("metrics")]
+    return out
 
 
 def start_shims(lab: dict, topology: str) -> dict:
@@ -468,7 +487,7 @@ def start_shims(lab: dict, topology: str) -> dict:
         h = f"h{site.lower()}"
         d = root / h
         d.mkdir(exist_ok=True)
-        port = free_port()
+        port, mport = free_port(), free_port()
         arrays = NODES if topology == "uniform" else (site,)
         relays = ((lab.get("link") or {}).get("host_relays") or {}).get(site, {})
         # With the lab's TLS, the shim reaches its arrays over nbds:// with its own client
@@ -484,9 +503,11 @@ def start_shims(lab: dict, topology: str) -> dict:
             + "".join(f'\n[[array]]\nname = "{a}"\n'
                       f'paths = ["{scheme}://{relays[a][1] if a in relays else lab["nodes"][a]["nbd"]}"]\n'
                       for a in arrays)
+            + f'\n[metrics]\nlisten = "127.0.0.1:{mport}"\n'
         )
         log = root / f"{h}.log"
         hosts[site] = {"name": h, "config": str(cfg), "log": str(log), "admin_socket": str(d / "admin.sock"),
+                       "metrics": metrics_url(mport),
                        "socket": str(d / "nbd.sock"), "arrays": list(arrays),
                        "volumes": {v: f"nbd://127.0.0.1:{port}/{v}" for v in lab["nodes"][site]["volumes"]}}
         _start_shim(hosts[site])
@@ -960,6 +981,14 @@ def print_summary(lab: dict) -> None:
         for site, h in lab["hosts"].items():
             for v, u in h["volumes"].items():
                 t.add_row(h["name"], site, "+".join(h["arrays"]), v, u, h["socket"])
+        c.print(t)
+    endpoints = metrics_endpoints(lab)
+    if endpoints:
+        t = Table(title="Prometheus metrics (dashboard: docs/grafana-syncd.json)")
+        for col in ("daemon", "endpoint"):
+            t.add_column(col)
+        for who, url in endpoints:
+            t.add_row(who, url)
         c.print(t)
     a = lab["nodes"]["A"]["volumes"]
     first = next(iter(a))

@@ -28,6 +28,7 @@ import trio
 from .. import netio
 from ..config import NbdLimits
 from . import extents
+from ..metrics.stats import IoStats
 from . import proto as p
 from .export import BlockError, ClientIdentity, Export, ExportCatalog
 
@@ -111,6 +112,7 @@ class NBDConnection:
         self.identity = identity
         self.conn = p.ServerConnection()
         self.export: Export | None = None
+        self.stats: IoStats | None = None  # the chosen export's, if it keeps them (metrics)
         self.contexts: dict[int, str] = {}
         self.out: collections.deque = collections.deque()
         self.lot = trio.lowlevel.ParkingLot()
@@ -310,7 +312,7 @@ class NBDConnection:
             if e is None:
                 return False  # the spec's only answer here is to close the connection
             await self._send([self.conn.export_name_reply(e.size, transmission_flags(e))])
-            self.export = e
+            self.export, self.stats = e, getattr(e, "io_stats", None)
             self.conn.start_transmission()
             return True
         if o == p.OPT_LIST:
@@ -342,7 +344,7 @@ class NBDConnection:
                 await self._reply(o, p.REP_INFO, self.conn.info_block_size(p.MIN_BLOCK, p.PREF_BLOCK, p.MAX_BLOCK))
             await self._reply(o, p.REP_ACK)
             if o == p.OPT_GO:
-                self.export = e
+                self.export, self.stats = e, getattr(e, "io_stats", None)
                 self.conn.start_transmission()
                 return True
             return None
@@ -406,24 +408,31 @@ class NBDConnection:
                 self._hold(_request_cost(ev))
             if ev.type == p.CMD_DISC:
                 return
+            st = self.stats
+            t0 = st.begin() if st is not None else 0.0
             if self.server.draining and ev.type != p.CMD_BLOCK_STATUS:
                 self._unhold(_request_cost(ev))
                 self._fail(ev.cookie, p.NBD_ESHUTDOWN, "this array is shutting down: use another path")
+                if st is not None:
+                    st.end(ev.type, ev.length, t0, p.NBD_ESHUTDOWN)
                 continue
-            if (ev.type == p.CMD_READ or ev.type == p.CMD_WRITE) and not ev.flags and self._fast(ev):
+            if (ev.type == p.CMD_READ or ev.type == p.CMD_WRITE) and not ev.flags and self._fast(ev, t0):
                 continue
             self.inflight += 1
-            nursery.start_soon(self._run, ev)
+            nursery.start_soon(self._run, ev, t0)
 
-    def _fast(self, r: p.Request) -> bool:
+    def _fast(self, r: p.Request, t0: float) -> bool:
         """Run a plain read or write without a task when the export can (True if handled; the
         request's cost, held by the caller, is then given back when it completes)."""
         e = self.export
+        st = self.stats
         cost = _request_cost(r)
         err = self._check(r)
         if err:
             self._unhold(cost)
             self._fail(r.cookie, err, "")
+            if st is not None:
+                st.end(r.type, r.length, t0, err)
             return True
         if r.type == p.CMD_READ:
             fr = getattr(e, "fast_read", None)
@@ -434,6 +443,8 @@ class NBDConnection:
             except BlockError as ex:
                 self._unhold(cost)
                 self._fail(r.cookie, nbd_errno(ex.errno), str(ex))
+                if st is not None:
+                    st.end(r.type, r.length, t0, nbd_errno(ex.errno))
                 return True
             if data is None:
                 return False
@@ -442,11 +453,13 @@ class NBDConnection:
                 self._queue(self.conn.offset_data_head(r.cookie, r.offset, len(data)), data)
             else:
                 self._queue(self.conn.simple_reply(r.cookie), data)
+            if st is not None:
+                st.end(r.type, r.length, t0, 0)
             return True
         fw = getattr(e, "fast_write", None)
         if fw is None:
             return False
-        cookie = r.cookie
+        cookie, length = r.cookie, r.length
         self.inflight += 1
 
         def done(err: int, msg: str) -> None:
@@ -458,6 +471,8 @@ class NBDConnection:
                 self._queue(self.conn.done_chunk(cookie))
             else:
                 self._queue(self.conn.simple_reply(cookie))
+            if st is not None:
+                st.end(p.CMD_WRITE, length, t0, nbd_errno(err) if err else 0)
             if not self.inflight:
                 self.idle.set()
                 if self.server.draining:
@@ -596,13 +611,17 @@ class NBDConnection:
         # BLOCK_STATUS
         return 0 if self.contexts and self.conn.structured else p.NBD_EINVAL
 
-    async def _run(self, r: p.Request) -> None:
+    async def _run(self, r: p.Request, t0: float = 0.0) -> None:
+        err = p.NBD_ESHUTDOWN  # unless answered: cancelled (the client left, the server stops)
         try:
-            err = self._check(r)
+            checked = self._check(r)
             msg = ""
-            if not err:
+            if checked:
+                err = checked
+            else:
                 try:
                     await self._execute(r)
+                    err = 0
                     return
                 except BlockError as e:
                     err, msg = nbd_errno(e.errno), str(e)
@@ -610,6 +629,8 @@ class NBDConnection:
                     err, msg = nbd_errno(e.errno or errno.EIO), str(e)
             self._fail(r.cookie, err, msg)
         finally:
+            if self.stats is not None:
+                self.stats.end(r.type, r.length, t0, err)
             self.inflight -= 1
             self._unhold(_request_cost(r))
             if not self.inflight:

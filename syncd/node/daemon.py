@@ -52,6 +52,7 @@ class VolumeExport:
         self.vol = vol
         self.name = vol.name
         self.size = vol.size
+        self.io_stats = vol.io_stats  # the NBD server counts each request here
 
     @property
     def member(self) -> Member | None:
@@ -160,6 +161,7 @@ class Node:
         self.fatal = ""  # set when this node's metadata can no longer be written: it stops
         self.nbd_ports: list[tuple[str, int]] = []
         self.nbd = None  # the NBD server, once running
+        self.metrics_port: int | None = None  # the Prometheus endpoint's port, once listening ([metrics])
         self.hosts = HostTable(self.state)
         try:
             for vc in cfg.volumes:
@@ -372,6 +374,14 @@ class Node:
                     actual = await nursery.start(nbd.serve_tcp, host, port)
                     self.nbd_ports.append((host, actual if isinstance(actual, int) else port))
                 await nursery.start(AdminServer(self).serve, self.cfg.admin_socket)
+                if self.cfg.metrics is not None:
+                    from ..metrics.expose import Endpoint
+                    from ..metrics.node import collect_node
+
+                    ep = Endpoint(self.cfg.metrics, lambda fam: collect_node(self, fam))
+                    self.metrics_port = await nursery.start(ep.serve, ep.listen())
+                    log.info("node %s: metrics on http://%s:%d/metrics", self.cfg.name, self.cfg.metrics.listen[0],
+                             self.metrics_port)
                 log.info("node %s ready: nbd %s admin %s", self.cfg.name, self.nbd_ports, self.cfg.admin_socket)
                 task_status.started()
             if self.fatal:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from time import monotonic
 from typing import TYPE_CHECKING, Any, Callable
 
 import trio
@@ -356,7 +357,8 @@ class DataPath:
                 return True
             self._count_write(m, len(data))
             frame = Frame.write(link.next_id(), g.st.gid, g.epoch, m.vol_id, offset, data)
-            link.start(frame, cb=lambda pend: self._mirrored(pend, m, tok, offset, len(data), done))
+            t0 = monotonic()
+            link.start(frame, cb=lambda pend: self._mirrored(pend, m, tok, offset, len(data), done, t0))
             return True
         if not link.up:
             return False
@@ -364,7 +366,8 @@ class DataPath:
         m.stats["forwarded"] += 1
         frame = Frame.write(link.next_id(), g.st.gid, g.epoch, m.vol_id, offset, data, forwarded=True)
         self.forwarding += 1
-        link.start(frame, cb=lambda pend: self._granted(pend, m, offset, data, done))
+        t0 = monotonic()
+        link.start(frame, cb=lambda pend: self._granted(pend, m, offset, data, done, t0))
         return True
 
     def _count_write(self, m: "Member", n: int) -> None:
@@ -372,8 +375,10 @@ class DataPath:
         m.stats["writes"] += 1
         m.stats["bytes_written"] += n
 
-    def _mirrored(self, pend: Any, m: "Member", tok: int, offset: int, length: int, done: Done) -> None:
+    def _mirrored(self, pend: Any, m: "Member", tok: int, offset: int, length: int, done: Done,
+                  t0: float) -> None:
         if pend.reply is not None and pend.reply.status == Status.OK:
+            m.vol.io_stats.mirror.observe(monotonic() - t0)
             m.lock.release(tok)
             done(0, "")
             return
@@ -396,10 +401,12 @@ class DataPath:
 
         self.g.node.spawn(fence_then_ack)
 
-    def _granted(self, pend: Any, m: "Member", offset: int, data: Any, done: Done) -> None:
+    def _granted(self, pend: Any, m: "Member", offset: int, data: Any, done: Done, t0: float) -> None:
         g = self.g
         self._forward_done()
         reply = pend.reply
+        if reply is not None and reply.status == Status.OK:
+            m.vol.io_stats.forward.observe(monotonic() - t0)
         if reply is None:
             # Given up (timeout, or the link went): tell the primary, which then neither applies
             # it late nor waits for a RELEASE that would never come.
@@ -476,6 +483,7 @@ class DataPath:
             if g.role != "primary":
                 raise BlockError(errno.ESHUTDOWN, f"group {g.name}: this array is no longer primary")
             if g.mirroring:
+                t0 = monotonic()
                 if fast:
                     self._fast_zero_possible(m, no_hole)  # the peer may have come back meanwhile
                 pend = link.start(self._frame(m, kind, link.next_id(), offset, length, data, fua, no_hole,
@@ -492,6 +500,8 @@ class DataPath:
                     await self._mirror_result(pend, m, offset, length)
                     raise self.local_error(e) from None
                 await self._mirror_result(pend, m, offset, length)
+                if pend.reply is not None and pend.reply.status == Status.OK:
+                    m.vol.io_stats.mirror.observe(monotonic() - t0)
             else:
                 if not g.state.alone:
                     raise BlockError(errno.ESHUTDOWN, f"group {g.name}: peer not mirroring and this array "
@@ -549,6 +559,7 @@ class DataPath:
         req_id = link.next_id()
         m.stats["forwarded"] += 1
         self.forwarding += 1
+        t0 = monotonic()
         try:
             reply = await link.request(self._frame(m, kind, req_id, offset, length, data, fua, no_hole, forwarded=True,
                                                    fast=fast))
@@ -576,6 +587,7 @@ class DataPath:
                              "nothing changed")
         if reply.status != Status.OK:
             raise BlockError(errno.EIO, f"primary refused the write ({reply.status})")
+        m.vol.io_stats.forward.observe(monotonic() - t0)
         status = 0
         tok = None if _runs_inline(m.vol, kind, fua) else await m.lock.acquire(offset, length)
         try:

@@ -28,6 +28,7 @@ from ..nbd.export import (
     zero_range,
 )
 from ..nbd.extents import DATA, scan
+from ..metrics.stats import IoStats
 
 BLKGETSIZE64 = 0x80081272
 ALIGN = 4096
@@ -109,6 +110,9 @@ class Volume:
         self.path = path
         self.direct = direct
         self.errors = 0  # device errors seen
+        # What hosts asked of this volume at this array and the replication round trips of its
+        # writes (the NBD server and the data path add to it; read when metrics are scraped).
+        self.io_stats = IoStats()
         self.on_error = None  # callback(volume, OSError) on a device error (set by the node)
         # Every write applied before this monotonic time is durable: the start of the latest
         # completed flush. Frozen after a failed flush (a later fdatasync may then report

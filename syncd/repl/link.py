@@ -128,6 +128,7 @@ class Path:
     ctl_since: float = 0.0  # when the oldest control frame now queued was queued
     ctl_wait_max: float = 0.0  # s, the longest a control frame waited to reach the kernel
     rtt_max_ms: float = 0.0  # the slowest keepalive round trip (both sides' queues included)
+    resets: int = 0  # times this path went down after being up (a connection lost or reset)
 
     def info(self) -> dict:
         return {
@@ -417,6 +418,7 @@ class Link:
         finally:
             p.cancel = None
             p.state = "down"
+            p.resets += 1
             self._path_down.unpark_all()
             p.sock = None
             p.since = time.time()

@@ -12,7 +12,16 @@ from pathlib import Path
 import trio
 
 from .. import netio, secure
-from ..config import SECURITY_KEYS, ConfigError, check_name, load_toml, parse_addr, parse_security
+from ..config import (
+    SECURITY_KEYS,
+    ConfigError,
+    MetricsConfig,
+    check_name,
+    load_toml,
+    parse_addr,
+    parse_metrics,
+    parse_security,
+)
 from ..files import atomic_write, lock_dir
 from . import proto as w
 from .decide import (
@@ -51,6 +60,7 @@ class WitnessConfig:
     nodes: tuple[str, ...]
     timing: Timing
     limits: Limits = Limits()
+    metrics: MetricsConfig | None = None
 
 
 def load_witness_config(path: str) -> WitnessConfig:
@@ -60,6 +70,10 @@ def load_witness_config(path: str) -> WitnessConfig:
         wt = raw.get("witness")
         if not isinstance(wt, dict):
             raise ConfigError("[witness] section missing")
+        extra = set(raw) - {"witness", "metrics"}
+        if extra:
+            raise ConfigError(f"config: unknown section(s) {', '.join(sorted(extra))}")
+        metrics = parse_metrics(raw)
         extra = set(wt) - {"name", "listen", "state_dir", "nodes", "owner_lease", "drift", "margin", "grace",
                            *SECURITY_KEYS, *Limits.__dataclass_fields__}
         if extra:
@@ -95,7 +109,7 @@ def load_witness_config(path: str) -> WitnessConfig:
             lk[k] = float(v)
         if lk["max_connections_per_address"] > lk["max_connections"]:
             raise ConfigError("witness.max_connections_per_address: larger than witness.max_connections")
-        return WitnessConfig(name, listen, state_dir, security, nodes, Timing(**kw), Limits(**lk))
+        return WitnessConfig(name, listen, state_dir, security, nodes, Timing(**kw), Limits(**lk), metrics)
     except ConfigError as e:
         raise ConfigError(f"{p}: {e}") from None
 
@@ -160,13 +174,30 @@ class Witness:
         self.connections = 0
         self.refusals = WarnLimiter()
         self.admitted = frozenset(cfg.nodes)
+        # Counted for the metrics endpoint (syncd/metrics/witness.py).
+        self.sessions: dict[str, int] = {}  # authenticated sessions open, by array
+        self.decisions: dict[tuple[str, str, str], int] = {}  # (group, request, outcome) -> count
+        self.refused_handshakes = 0  # peers that failed the security handshake
+        self.refused_connections = 0  # connections closed at once (max_connections reached)
+        self.metrics_port: int | None = None
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         socks = [netio.listen_tcp(a) for a in self.cfg.listen]
         self.ports = [s.getsockname()[1] for s in socks]
+        ep = None
+        if self.cfg.metrics is not None:
+            from ..metrics.expose import Endpoint
+            from ..metrics.witness import collect_witness
+
+            ep = Endpoint(self.cfg.metrics, lambda fam: collect_witness(self, fam))
+            msock = ep.listen()
         async with trio.open_nursery() as n:
             for s in socks:
                 n.start_soon(self._accept_loop, s, n)
+            if ep is not None:
+                self.metrics_port = await n.start(ep.serve, msock)
+                log.info("witness %s: metrics on http://%s:%d/metrics", self.cfg.name, self.cfg.metrics.listen[0],
+                         self.metrics_port)
             log.info("witness %s listening on %s (%s)", self.cfg.name, self.ports, self.cfg.security.describe())
             task_status.started(self.ports)
 
@@ -178,6 +209,7 @@ class Witness:
             from_host = self.per_address.get(host, 0)
             if self.connections >= lim.max_connections or from_host >= lim.max_connections_per_address:
                 # Refused before reading a byte: neither authenticated nor not, and nothing changes.
+                self.refused_connections += 1
                 self.refusals.warn("witness: connection from %s refused: %d connections open (%d from that address)",
                                    host, self.connections, from_host)
                 netio.abort(sock)
@@ -193,6 +225,7 @@ class Witness:
             if sess is None:
                 return
             node = sess.peer
+            self.sessions[node] = self.sessions.get(node, 0) + 1
             log.info("witness: %s connected from %s", node, host)
             idle = self.cfg.limits.idle_timeout
             while True:
@@ -214,6 +247,8 @@ class Witness:
             if not isinstance(e, EOFError):
                 log.info("witness: connection from %s (%s) closed: %s", host, node or "?", e)
         finally:
+            if node is not None:
+                self.sessions[node] -= 1
             self.connections -= 1
             left = self.per_address[host] - 1
             if left:
@@ -230,6 +265,7 @@ class Witness:
         try:
             return await establish(sock, hs, self.cfg.limits.handshake_timeout)
         except secure.AuthError as e:  # REFUSAL sent (a handshake out of time included)
+            self.refused_handshakes += 1
             claims = f" (claims {hs.peer_name!r})" if hs.peer_name else ""
             self.refusals.warn("witness: refused %s: %s%s", host, e, claims)
             return None
@@ -244,6 +280,16 @@ class Witness:
             pass
 
     def _handle(self, node: str, f: w.WFrame) -> bytes:
+        out = self._decide(node, f)
+        # Counted by group only for groups the witness holds: an array cannot add label values
+        # by naming groups that do not exist.
+        group = f.group if getattr(f, "group", None) in self.state.groups else ""
+        outcome = "error" if out[1] is None else "granted" if out[1].granted else "refused"
+        key = (group, str(getattr(f.type, "name", f.type)).lower(), outcome)
+        self.decisions[key] = self.decisions.get(key, 0) + 1
+        return out[0]
+
+    def _decide(self, node: str, f: w.WFrame) -> tuple[bytes, Decision | None]:
         t = f.type
         st = self.state
         now = trio.current_time()
@@ -281,8 +327,9 @@ class Witness:
             else:
                 raise WitnessError(f"{t.name} is not a request")
         except WitnessError as e:
-            return w.encode(w.WType.ERROR, f.req_id, reason=str(e))
-        return w.encode(w.WType.DECISION, f.req_id, granted=d.granted, owner=d.owner, epoch=d.epoch, reason=d.reason)
+            return w.encode(w.WType.ERROR, f.req_id, reason=str(e)), None
+        return (w.encode(w.WType.DECISION, f.req_id, granted=d.granted, owner=d.owner, epoch=d.epoch, reason=d.reason),
+                d)
 
 
 def serve_witness(cfg: WitnessConfig) -> int:
