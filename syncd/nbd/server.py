@@ -27,8 +27,8 @@ import trio
 
 from .. import netio
 from ..config import NbdLimits
-from . import extents
 from ..metrics.stats import IoStats
+from . import extents
 from . import proto as p
 from .export import BlockError, ClientIdentity, Export, ExportCatalog
 

@@ -18,6 +18,7 @@ import time
 import trio
 import xxhash
 
+from ..metrics.stats import IoStats
 from ..nbd.export import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -28,7 +29,6 @@ from ..nbd.export import (
     zero_range,
 )
 from ..nbd.extents import DATA, scan
-from ..metrics.stats import IoStats
 
 BLKGETSIZE64 = 0x80081272
 ALIGN = 4096
