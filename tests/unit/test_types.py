@@ -18,6 +18,7 @@ STRICT = [
     "syncd/node/roles.py",
     "syncd/repl/flow.py",
     "syncd/lab/history.py",
+    "syncd/node/events.py",
 ]
 
 
