@@ -422,8 +422,17 @@ class Group:
             bus.update("resync", {"group": self.name, "peer": self.st.peer, "volume": None, "percent": 0.0,
                                   "bytes_sent": 0})
         elif after.mode is not Mode.SYNCING and running:
-            result = "done" if after.mode is Mode.ATTACHED and after.role is Role.PRIMARY else "interrupted"
-            bus.remove("resync", {"group": self.name}, result=result)
+            if after.mode is Mode.ATTACHED and after.role is Role.PRIMARY:
+                bus.remove("resync", {"group": self.name}, result="done", percent=100.0)
+            else:
+                bus.remove("resync", {"group": self.name}, result="interrupted")
+
+    def publish_volume(self, m: Member) -> None:
+        """A volume's sync state changed outside the role machine (secondary: resync began, or
+        the last region it lacked arrived)."""
+        bus = getattr(self.node, "events", None)
+        if bus is not None:
+            bus.update("volume", m.facts())
 
     # -- derived -------------------------------------------------------------------------------
     def may_serve(self) -> bool:

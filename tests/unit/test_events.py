@@ -187,3 +187,54 @@ def test_events_config_limits():
                      ({"progress_interval": -1}, "events.progress_interval"), ({"x": 1}, "unknown key")]:
         with pytest.raises(ConfigError, match=msg):
             parse_events(bad)
+
+
+def test_a_round_trip_above_the_limit_warns_once_per_episode_with_hysteresis():
+    import time
+
+    from syncd.config import LinkConfig, LinkPath
+    from syncd.repl.link import RTT_SETTLE, Link
+    from syncd.repl.proto import Frame
+
+    calls: list[tuple[bool, float]] = []
+    cfg = LinkConfig(peer="B", paths=(LinkPath(("127.0.0.1", 1), ("127.0.0.1", 2)),), max_rtt_ms=10.0)
+    link = Link(cfg, "A", b"u" * 16, lambda *a: None, lambda: None, lambda: None,
+                lambda p: calls.append((p.rtt_high, p.rtt_ms)))
+    p = link.paths[0]
+
+    def pong(rtt_ms: float) -> None:
+        link._dispatch(p, Frame.pong(time.monotonic_ns() - int(rtt_ms * 1e6)))
+
+    for _ in range(RTT_SETTLE - 1):
+        pong(30.0)  # a new path's first round trips are not judged
+    assert calls == [] and p.rtt_ms > 10
+    pong(30.0)
+    assert [c[0] for c in calls] == [True]
+    for _ in range(20):
+        pong(30.0)  # still above: no second warning
+    for _ in range(3):
+        pong(9.0)  # below the limit, not yet below 80 % of it (smoothed): still warned
+    assert [c[0] for c in calls] == [True]
+    for _ in range(30):
+        pong(5.0)
+    assert [c[0] for c in calls] == [True, False] and calls[1][1] < 8.0
+    assert p.info()["rtt_warning"] is False
+
+
+def test_role_changes_are_logged_at_the_weight_of_what_happened():
+    from dataclasses import replace
+
+    from syncd.node.group import role_change_cause, transition_level
+    from syncd.node.roles import Mode, Role, RoleState
+
+    sec = RoleState(me="B", peer_name="A", role=Role.SECONDARY, epoch=1, mode=Mode.FOLLOWING)
+    prim = replace(sec, role=Role.PRIMARY, epoch=2, mode=Mode.DETACHED)
+    assert (role_change_cause(sec, prim), transition_level(sec, prim)) == ("failover", logging.WARNING)
+    switching = replace(sec, mode=Mode.SWITCHING)
+    assert (role_change_cause(switching, prim), transition_level(switching, prim)) == ("switchover", logging.INFO)
+    handing = replace(prim, mode=Mode.HANDING_OVER)
+    assert role_change_cause(handing, replace(sec, epoch=3)) == "switchover"
+    assert role_change_cause(prim, replace(sec, epoch=3)) == "replaced"
+    assert transition_level(prim, replace(prim, failsafe=True)) == logging.WARNING
+    assert transition_level(prim, replace(prim, split_brain=True)) == logging.ERROR
+    assert transition_level(prim, replace(prim, mode=Mode.SYNCING)) == logging.INFO
