@@ -122,8 +122,8 @@ class AdminServer:
             return {"ok": False, "error": f"bad request: {e}", "code": "bad_request"}
         fn = COMMANDS.get(req["cmd"])
         if fn is None:
-            return {"ok": False, "error": f"unknown command {req['cmd']!r}; known: {', '.join(sorted(COMMANDS))}",
-                    "code": "bad_request"}
+            known = ", ".join(sorted([*COMMANDS, "events"]))
+            return {"ok": False, "error": f"unknown command {req['cmd']!r}; known: {known}", "code": "bad_request"}
         try:
             return {"ok": True, "result": await fn(self.node, **args)}
         except NotFound as e:

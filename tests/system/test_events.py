@@ -142,13 +142,18 @@ def test_every_state_change_of_a_failover_with_the_witness_is_an_event_at_both_n
     assert took["old"]["role"] == "secondary" and took["old"]["epoch"] == 1
     b.wait("alua", "change", host="lab", volume="vv1", state="active/optimized", epoch=2)
     assert_stream_matches(b, wlab, "B")
+    # Writes at B alone, one region in every MiB: A's return resyncs them run by run.
+    for i in range(16):
+        host_write(wlab, "B", i * MiB)
 
     lab_start(wlab["dir"], "A")
     a2 = Stream(wlab, "A")
     b.wait("link", "change", peer="A", state="up")
     b.wait("resync", "create", group="rcg1")
     done = b.wait("resync", "destroy", group="rcg1", timeout=60)
-    assert done["result"] == "done"
+    assert (done["result"], done["percent"]) == ("done", 100.0)
+    progress = [e["percent"] for e in b.seen("resync", "change", volume="vv1")]
+    assert progress == sorted(progress) and any(0 < p < 100 for p in progress), progress
     wait_for(lambda: show(wlab, "A")["groups"][0]["volumes"][0]["sync_status"] == "synced", what="A synced")
     for st, site in ((a2, "A"), (b, "B")):
         assert_stream_matches(st, wlab, site)
@@ -168,7 +173,13 @@ def test_every_state_change_of_a_failover_with_the_witness_is_an_event_at_both_n
 
 def test_link_cut_and_repair_switchover_and_differing_replicas_are_events(wlab):
     a, b = Stream(wlab, "A"), Stream(wlab, "B")
+    # A reader that goes away (`syncctl events | head -1`): syncctl ends cleanly at its next line.
+    head = subprocess.Popen([SYNCCTL, "--lab", wlab["dir"], "--node", "A", "events"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert head.stdout.readline().startswith("exists node A ")
+    head.stdout.close()
     proxy_command(wlab["link"]["control"], "cut", paths=[0, 1])
+    assert head.wait(timeout=15) == 0 and head.stderr.read() == ""
     for st, peer in ((a, "B"), (b, "A")):
         st.wait("link", "change", peer=peer, state="down")
         assert {e["path"] for e in st.seen("path", "change", state="down")} == {0, 1}  # the link is down after both
@@ -186,8 +197,10 @@ def test_link_cut_and_repair_switchover_and_differing_replicas_are_events(wlab):
     assert a.wait("resync", "destroy", group="rcg1", timeout=60)["result"] == "done"
     a.wait("group", "change", mode="attached")
     b.wait("alua", "change", host="lab", state="active/optimized")
-    # A planned switchover: both sides say so.
-    call(wlab["nodes"]["A"]["admin_socket"], "setrcopygroup", {"action": "switchover", "group": "rcg1"}, timeout=60)
+    # A planned switchover: both sides say so. (Refused, changing nothing, until A's reports
+    # have told the witness that B is in sync again.)
+    wait_for(lambda: call(wlab["nodes"]["A"]["admin_socket"], "setrcopygroup",
+                          {"action": "switchover", "group": "rcg1"}, timeout=60), what="switchover to B")
     sa = a.wait("group", "change", role="secondary", cause="switchover")
     sb = b.wait("group", "change", role="primary", cause="switchover")
     assert sa["epoch"] == sb["epoch"] == sa["old"]["epoch"] + 1
@@ -220,23 +233,32 @@ echo "hook {name} ran for $SYNCD_GROUP"
 """
 
 
-def test_hooks_run_with_the_facts_and_a_failing_or_hanging_hook_changes_nothing(wlab, tmp_path):
+def restart_with_hooks(lab: dict, site: str, tmp_path: Path, tails: dict[str, str]) -> dict[str, Path]:
+    """Give ``site`` a [hooks] section, a script per hook that writes its SYNCD_* environment
+    to a file and then runs ``tails[hook]``, and restart it (it must be the secondary, so the
+    primary goes on meanwhile); returns the files."""
     outs = {}
-    tails = {"failover": "exit 0", "resync_done": "sleep 30", "replicas_differ": "echo no pager >&2; exit 7",
-             "failsafe": "exit 0", "split_brain": "exit 0"}
     lines = ["", "[hooks]", "timeout = 2", "max_running = 2"]
     for name, tail in tails.items():
-        outs[name] = tmp_path / f"{name}.env.json"
-        script = tmp_path / f"{name}.sh"
+        outs[name] = tmp_path / f"{site}-{name}.env.json"
+        script = tmp_path / f"{site}-{name}.sh"
         script.write_text(HOOK.format(py=sys.executable, out=outs[name], name=name, tail=tail))
         script.chmod(0o755)
         lines.append(f'{name} = ["{script}"]')
-    # B gets the hooks (restarted with them: it is the secondary, so A goes on meanwhile).
-    cfg = Path(wlab["nodes"]["B"]["config"])
+    cfg = Path(lab["nodes"][site]["config"])
     cfg.write_text(cfg.read_text() + "\n".join(lines) + "\n")
-    lab_kill(wlab["dir"], "B", signal.SIGTERM)
-    lab_start(wlab["dir"], "B")
-    wait_for(lambda: show(wlab, "A")["groups"][0]["peer_mode"] == "attached", timeout=60, what="B back in sync")
+    other = "A" if site == "B" else "B"
+    assert show(lab, other)["groups"][0]["role"] == "primary"
+    lab_kill(lab["dir"], site, signal.SIGTERM)
+    lab_start(lab["dir"], site)
+    wait_for(lambda: show(lab, other)["groups"][0]["peer_mode"] == "attached", timeout=60, what=f"{site} back in sync")
+    return outs
+
+
+def test_hooks_run_with_the_facts_and_a_failing_or_hanging_hook_changes_nothing(wlab, tmp_path):
+    outs = restart_with_hooks(wlab, "B", tmp_path, {
+        "failover": "exit 0", "resync_done": "sleep 30", "replicas_differ": "echo no pager >&2; exit 7",
+        "failsafe": "exit 0", "split_brain": "exit 0"})
     wait_for(lambda: show(wlab, "B")["witness"]["reachable"], what="witness at B")
     b = Stream(wlab, "B")
     lab_kill(wlab["dir"], "A")  # failover to B: the failover hook
@@ -282,3 +304,75 @@ def test_hooks_run_with_the_facts_and_a_failing_or_hanging_hook_changes_nothing(
     # No split brain, no failsafe here: those hooks never ran.
     assert not outs["failsafe"].exists() and not outs["split_brain"].exists()
     assert b.stop() == 0
+
+
+def test_an_isolated_primary_says_failsafe_and_witness_lost_and_runs_its_failsafe_hook(wlab, tmp_path):
+    outs = restart_with_hooks(wlab, "B", tmp_path, {"failsafe": "exit 0", "failover": "exit 0"})
+    # Refused (nothing changed) until A's reports have told the witness that B is in sync again.
+    wait_for(lambda: call(wlab["nodes"]["A"]["admin_socket"], "setrcopygroup",
+                          {"action": "switchover", "group": "rcg1"}, timeout=60), what="switchover to B")
+    assert show(wlab, "A")["groups"][0]["role"] == "secondary"
+    a, b = Stream(wlab, "A"), Stream(wlab, "B")
+    wait_for(lambda: show(wlab, "B")["witness"]["reachable"] and show(wlab, "A")["witness"]["reachable"],
+             what="witness")
+    # B, now primary, loses its peer and the witness at once: failsafe; A takes over.
+    proxy_command(wlab["link"]["control"], "cut", paths=[0, 1, wlab["link"]["witness_relays"]["B"]])
+    b.wait("witness", "change", state="unreachable")
+    fs = b.wait("group", "change", failsafe=True)
+    assert fs["role"] == "primary" and fs["serving"] is False
+    b.wait("alua", "change", host="lab", state="unavailable")
+    a.wait("group", "change", role="primary", cause="failover")
+    wait_for(lambda: outs["failsafe"].exists(), what="failsafe hook ran at B")
+    env = json.loads(outs["failsafe"].read_text())
+    assert (env["SYNCD_EVENT"], env["SYNCD_NODE"], env["SYNCD_GROUP"], env["SYNCD_FAILSAFE"], env["SYNCD_OLD_FAILSAFE"],
+            env["SYNCD_ROLE"]) == ("failsafe", "B", "rcg1", "yes", "no", "primary")
+    assert not outs["failover"].exists()  # the failover hook is for the node that takes over (A here)
+    log_b = Path(wlab["nodes"]["B"]["log"]).read_text()
+    assert "WARNING syncd.group: group rcg1: FAILSAFE" in log_b
+    proxy_command(wlab["link"]["control"], "heal", paths=[0, 1, wlab["link"]["witness_relays"]["B"]])
+    b.wait("witness", "change", state="reachable")
+    back = b.wait("group", "change", role="secondary", cause="replaced")
+    assert back["failsafe"] is False
+    wait_for(lambda: show(wlab, "A")["groups"][0]["volumes"][0]["sync_status"] == "synced", timeout=60, what="resync")
+    assert_stream_matches(a, wlab, "A")
+    assert_stream_matches(b, wlab, "B")
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def test_split_brain_is_an_event_at_both_nodes_an_error_in_the_log_and_runs_the_hook(lab, tmp_path):
+    outs = restart_with_hooks(lab, "B", tmp_path, {"split_brain": "exit 0"})
+    a, b = Stream(lab, "A"), Stream(lab, "B")
+    sock_b = lab["nodes"]["B"]["admin_socket"]
+    # Apart, both acknowledge writes (no witness: the operator overrides on B).
+    proxy_command(lab["link"]["control"], "cut", paths=[0, 1])
+    a.wait("group", "change", mode="detached")
+    b.wait("group", "change", serving=False)
+    call(sock_b, "setrcopygroup", {"action": "override", "group": "rcg1"}, timeout=30)
+    b.wait("group", "change", role="primary")
+    for site in ("A", "B"):
+        host_write(lab, site, MiB if site == "A" else 2 * MiB)
+    proxy_command(lab["link"]["control"], "heal", paths=[0, 1])
+    for st in (a, b):
+        sb = st.wait("group", "change", split_brain=True)
+        assert sb["old"]["split_brain"] is False
+    wait_for(lambda: outs["split_brain"].exists(), what="split_brain hook ran at B")
+    env = json.loads(outs["split_brain"].read_text())
+    assert (env["SYNCD_EVENT"], env["SYNCD_NODE"], env["SYNCD_GROUP"], env["SYNCD_SPLIT_BRAIN"], env["SYNCD_PEER"]) == (
+        "split_brain", "B", "rcg1", "yes", "A")
+    for site in ("A", "B"):
+        assert "ERROR syncd.group: group rcg1: SPLIT BRAIN" in Path(lab["nodes"][site]["log"]).read_text()
+        assert_stream_matches(a if site == "A" else b, lab, site)
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def host_write(lab: dict, site: str, offset: int) -> None:
+    """A host writes 64 KiB to vv1 at ``site``."""
+    import trio
+
+    from syncd.nbd.client import open_nbd
+
+    async def go():
+        async with open_nbd(lab["nodes"][site]["volumes"]["vv1"]["uri"]) as c:
+            await c.write(offset, b"\x5a" * 65536)
+
+    trio.run(go)
