@@ -271,28 +271,31 @@ class Group:
         before = self.roles.state
         actions = self.roles.handle(event)
         after = self.roles.state
-        # What the machine says about this step is logged at the weight of the change it made.
-        self._note_level = transition_level(before, after)
-        # Bookkeeping of the data first, so what is persisted next includes it.
-        for a in actions:
-            if isinstance(a, (BecamePrimary, BecameSecondary, SwappedInSync, NewGeneration)):
-                self._carry_out(a)
-        if any(isinstance(a, Persist) for a in actions):
-            self.st.role = after.role.value
-            self.st.epoch = after.epoch
-            self.st.started = after.started
-            self.st.failsafe = after.failsafe
-            self.st.witness_behind = after.witness_behind
-            self.st.peer_has_all = after.peer_has_all
-            self.node.save()
-        for a in actions:
-            if not isinstance(a, (BecamePrimary, BecameSecondary, SwappedInSync, NewGeneration, Persist)):
-                self._carry_out(a)
+        # What the machine says about this step is logged at the weight of the change it made
+        # (restored after: an action may feed the machine a nested event).
+        outer_level, self._note_level = self._note_level, transition_level(before, after)
+        try:
+            # Bookkeeping of the data first, so what is persisted next includes it.
+            for a in actions:
+                if isinstance(a, (BecamePrimary, BecameSecondary, SwappedInSync, NewGeneration)):
+                    self._carry_out(a)
+            if any(isinstance(a, Persist) for a in actions):
+                self.st.role = after.role.value
+                self.st.epoch = after.epoch
+                self.st.started = after.started
+                self.st.failsafe = after.failsafe
+                self.st.witness_behind = after.witness_behind
+                self.st.peer_has_all = after.peer_has_all
+                self.node.save()
+            for a in actions:
+                if not isinstance(a, (BecamePrimary, BecameSecondary, SwappedInSync, NewGeneration, Persist)):
+                    self._carry_out(a)
+        finally:
+            self._note_level = outer_level
         if before.mode in MIRRORING and after.mode not in MIRRORING:
             self._pulls_to_push()
         if after is not before:
             self._changed.unpark_all()
-        self._note_level = logging.INFO
         # Derived here, the one writer: every change of role, epoch, peer mode, failsafe,
         # serving, ALUA or resync is published once, comparing with what was published last.
         self.publish(before)
@@ -310,7 +313,8 @@ class Group:
                     m.dirty.set(r)
                 m.verify = True
                 self.note(f"{len(regions)} regions of {m.st.local} could not be fetched back from "
-                          f"{self.st.peer}: writes acknowledged before the power cut may be missing there")
+                          f"{self.st.peer}: writes acknowledged before the power cut may be missing there",
+                          logging.WARNING)
 
     def decide_crash_regions(self, peer_crashed: bool) -> None:
         """Primary after an unclean stop, at the state exchange: the regions it was writing are
