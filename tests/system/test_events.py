@@ -376,3 +376,22 @@ def host_write(lab: dict, site: str, offset: int) -> None:
             await c.write(offset, b"\x5a" * 65536)
 
     trio.run(go)
+
+
+def test_a_round_trip_above_10_ms_is_one_warning_event_until_it_comes_back_below(wlab):
+    a, b = Stream(wlab, "A"), Stream(wlab, "B")
+    ctl = wlab["link"]["control"]
+    proxy_command(ctl, "delay", ms=25, paths=[0])  # the relay adds 25 ms to each round trip on path 0
+    for st in (a, b):
+        w = st.wait("path", "change", path=0, rtt_warning=True)
+        assert w["rtt_ms"] > 10 and w["max_rtt_ms"] == 10 and w["old"] == {"rtt_warning": False}
+    assert show(wlab, "A")["link"]["paths"][0]["rtt_warning"] is True
+    proxy_command(ctl, "delay", ms=0, paths=[0])
+    for st in (a, b):
+        back = st.wait("path", "change", path=0, rtt_warning=False)
+        assert back["rtt_ms"] < 8 and back["state"] == "up"
+        # One warning for the episode, not one per keepalive.
+        assert len([e for e in st.seen("path", "change", path=0, rtt_warning=True) if e["seq"] < back["seq"]]) == 1
+    log_a = Path(wlab["nodes"]["A"]["log"]).read_text()
+    assert "WARNING syncd.link: path 0: round trip" in log_a and "INFO syncd.link: path 0: round trip back to" in log_a
+    assert a.stop() == 0 and b.stop() == 0
