@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
+import shutil
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -247,6 +249,31 @@ def parse_metrics(raw: dict, where: str = "metrics") -> MetricsConfig | None:
     return MetricsConfig(listen, allow_remote, mc, rt, mh)
 
 
+HOOK_EVENTS = ("split_brain", "replicas_differ", "failsafe", "failover", "resync_done")
+
+
+@dataclass(frozen=True)
+class HooksConfig:
+    """[hooks]: commands run on events (``syncd/node/hooks.py``), each an argv."""
+
+    commands: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (event, argv)
+    timeout: float = 30.0  # s a hook may run before it is killed
+    max_running: int = 4  # hooks running at once; more wait their turn
+    max_queued: int = 64  # hooks waiting to run; beyond, a hook is skipped (logged as an error)
+
+    def command(self, event: str) -> tuple[str, ...] | None:
+        return dict(self.commands).get(event)
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    """[events]: the event stream (``syncd/node/events.py``, ``syncctl events``)."""
+
+    backlog: int = 1024  # events a subscriber may leave unread before it is cut off
+    progress_percent: float = 10.0  # a resync progress event at least every this many percent...
+    progress_interval: float = 5.0  # ... or this many seconds, whichever comes first
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     name: str
@@ -260,6 +287,8 @@ class NodeConfig:
     nbd_tls: "NbdTlsConfig | None" = None
     nbd_limits: NbdLimits = NbdLimits()
     metrics: MetricsConfig | None = None
+    hooks: HooksConfig = HooksConfig()
+    events: EventsConfig = EventsConfig()
 
     @property
     def nbd_max_inflight(self) -> int:
@@ -320,7 +349,7 @@ def load_node_config(path: str | os.PathLike) -> NodeConfig:
 
 
 def parse_node_config(raw: dict, base: Path = Path("."), source: str = "") -> NodeConfig:
-    _no_extra(raw, {"node", "nbd", "link", "volume", "witness", "metrics"}, "config")
+    _no_extra(raw, {"node", "nbd", "link", "volume", "witness", "metrics", "hooks", "events"}, "config")
     node = _take(raw, "node", "config", dict)
     _no_extra(node, {"name", "data_dir", "admin_socket"}, "node")
     name = check_name(_take(node, "name", "node", str), "node.name")
@@ -428,8 +457,73 @@ def parse_node_config(raw: dict, base: Path = Path("."), source: str = "") -> No
         witness = parse_witness_client(_take(raw, "witness", "config", dict), "witness", base)
         if link is None:
             raise ConfigError("witness: a witness needs a [link] to a peer")
+    hooks = parse_hooks(_take(raw, "hooks", "config", dict, {}), base)
+    events = parse_events(_take(raw, "events", "config", dict, {}))
     return NodeConfig(name, data_dir, admin_socket, nbd_listen, link, tuple(vols), source, witness, nbd_tls,
-                      nbd_limits, parse_metrics(raw))
+                      nbd_limits, parse_metrics(raw), hooks, events)
+
+
+def parse_hooks(t: dict, base: Path = Path(".")) -> HooksConfig:
+    """[hooks]: ``EVENT = ["/path/prog", "arg", ...]`` (an argv, run without a shell) or
+    ``EVENT = "/path/prog arg ..."`` (split as a shell would, but run without one); a program
+    without a '/' is looked up in PATH, a relative path is relative to the config file."""
+    _no_extra(t, {*HOOK_EVENTS, "timeout", "max_running", "max_queued"}, "hooks")
+    d = HooksConfig()
+    cmds = []
+    for ev in HOOK_EVENTS:
+        if ev not in t:
+            continue
+        v = t[ev]
+        where = f"hooks.{ev}"
+        if isinstance(v, str):
+            try:
+                argv = shlex.split(v)
+            except ValueError as e:
+                raise ConfigError(f"{where}: {v!r} is not a command line: {e}") from None
+        elif isinstance(v, list) and all(isinstance(a, str) for a in v):
+            argv = list(v)
+        else:
+            raise ConfigError(f"{where}: expected a command (a string, or a list of strings: the argv), got {v!r}")
+        if not argv or not argv[0]:
+            raise ConfigError(f"{where}: the command is empty")
+        prog = argv[0]
+        if "/" in prog:
+            prog = prog if os.path.isabs(prog) else str((base / prog).resolve())
+            if not os.path.isfile(prog):
+                raise ConfigError(f"{where}: {prog} does not exist")
+            if not os.access(prog, os.X_OK):
+                raise ConfigError(f"{where}: {prog} is not executable (chmod +x)")
+        else:
+            found = shutil.which(prog)
+            if found is None:
+                raise ConfigError(f"{where}: program {prog!r} is not found in PATH (give its full path)")
+            prog = found
+        cmds.append((ev, (prog, *argv[1:])))
+    timeout = _take(t, "timeout", "hooks", float, d.timeout)
+    if timeout <= 0:
+        raise ConfigError(f"hooks.timeout: must be positive (seconds), got {timeout}")
+    kw = {}
+    for k in ("max_running", "max_queued"):
+        kw[k] = _take(t, k, "hooks", int, getattr(d, k))
+        if kw[k] < 1:
+            raise ConfigError(f"hooks.{k}: must be at least 1, got {kw[k]}")
+    return HooksConfig(tuple(cmds), timeout, **kw)
+
+
+def parse_events(t: dict) -> EventsConfig:
+    """[events]: limits of the event stream."""
+    _no_extra(t, {"backlog", "progress_percent", "progress_interval"}, "events")
+    d = EventsConfig()
+    backlog = _take(t, "backlog", "events", int, d.backlog)
+    if not 16 <= backlog <= 1 << 20:
+        raise ConfigError(f"events.backlog: between 16 and 1048576 events, got {backlog}")
+    pct = _take(t, "progress_percent", "events", float, d.progress_percent)
+    if not 0 < pct <= 100:
+        raise ConfigError(f"events.progress_percent: between 0 and 100 (exclusive of 0), got {pct}")
+    every = _take(t, "progress_interval", "events", float, d.progress_interval)
+    if every <= 0:
+        raise ConfigError(f"events.progress_interval: must be positive (seconds), got {every}")
+    return EventsConfig(backlog, pct, every)
 
 
 SECURITY_KEYS = frozenset({"key", "key_file", "tls_certificate", "tls_key", "tls_ca", "insecure"})

@@ -298,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("showpaths", help="ALUA path state of every (host, volume) on this array")
     s.add_argument("host", nargs="?")
 
+    s = sub.add_parser("events", help="stream every state change: a snapshot (exists), snapshot-end, then changes")
+    s.add_argument("--now", action="store_true", help="print the snapshot only, then exit")
+    s.add_argument("--timestamps", action="store_true", help="begin each plain line with its time (UTC)")
+
     s = sub.add_parser("waitsync", help="wait until every volume of a group is synced")
     s.add_argument("group")
     s.add_argument("--timeout", type=float, default=600)
@@ -335,6 +339,49 @@ def wait_synced(sock: str, group: str, timeout: float, console: Console | None) 
                     tasks[v["name"]] = progress.add_task(f"{group}/{v['name']}", total=100, detail="")
                 progress.update(tasks[v["name"]], completed=v["sync_percent"], detail=detail)
             time.sleep(0.2)
+
+
+def stream_events(sock_path: str, now: bool, as_json: bool, timestamps: bool) -> int:
+    """``syncctl events``: print the node's event stream, one line per event, until the node
+    goes away (``unreachable``), the stream is cut off for falling behind (``failed``), or the
+    reader stops (Ctrl-C, a closed pipe: 0)."""
+    from .node.events import OVERFLOW, SNAPSHOT_END, Event
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(sock_path)
+    except OSError as e:
+        raise CtlError(f"cannot reach the node's admin socket {sock_path}: {e.strerror}", "unreachable") from None
+    try:
+        s.sendall(json.dumps({"cmd": "events", "args": {"now": now}}).encode() + b"\n")
+        f = s.makefile("rb")
+        for raw in f:
+            d = json.loads(raw)
+            if "action" not in d:
+                raise CtlError(d.get("error", "the node refused the event stream"), d.get("code", "refused"))
+            if as_json:
+                sys.stdout.write(json.dumps(d) + "\n")
+            else:
+                old = tuple((d.get("old") or {}).items())
+                facts = tuple((k, v) for k, v in d.items() if k not in ("seq", "time", "action", "kind", "old"))
+                ev = Event(d["seq"], d["time"], d["action"], d["kind"], facts, old)
+                sys.stdout.write(ev.to_line(timestamps) + "\n")
+            sys.stdout.flush()
+            if d["action"] == OVERFLOW:
+                raise CtlError(f"cut off by the node: this reader fell more than {d.get('backlog')} events behind "
+                               "(events.backlog); run syncctl events again for a new snapshot", "failed")
+            if now and d["action"] == SNAPSHOT_END:
+                return EXIT["ok"]
+        raise CtlError("the node closed the event stream (it stopped)", "unreachable")
+    except (KeyboardInterrupt, BrokenPipeError):
+        # The reader is done (Ctrl-C, or `| head`): a clean end. Nothing more may go to a closed stdout.
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return EXIT["ok"]
+    finally:
+        s.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -439,6 +486,8 @@ def _run(ns) -> int:
             if r["fixing"]:
                 console.print("  resync of the differing regions started (showrcopy shows its progress)")
             return EXIT["ok"] if not r["differing_regions"] else EXIT["replicas_differ"]
+    elif v == "events":
+        return stream_events(sock, ns.now, ns.json, ns.timestamps)
     elif v == "waitsync":
         r = wait_synced(sock, ns.group, ns.timeout, None if ns.json else console)
     elif v == "showrcopy":

@@ -19,6 +19,7 @@ import trio
 from ..nbd.export import ALUA_NAMES
 from . import admin_hosts
 from .errors import NodeError, NotFound
+from .events import SNAPSHOT_END
 from .group import Group
 from .resync import resync_progress
 from .roles import Started, Stopped
@@ -64,10 +65,50 @@ class AdminServer:
                             await stream.send_all(b'{"ok": false, "error": "request too long"}\n')
                             return
                     line, buf = buf.split(b"\n", 1)
+                    events = _events_request(line)
+                    if events is not None:  # the connection becomes the event stream
+                        await self.stream_events(stream, events)
+                        return
                     ans = await self.dispatch(line)
                     await stream.send_all(json.dumps(ans).encode() + b"\n")
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
+
+    async def stream_events(self, stream: trio.SocketStream, args: dict) -> None:
+        """The ``events`` request: every current object as an ``exists`` line, a
+        ``snapshot-end`` line, then every event as it happens (``now``: the snapshot only), one
+        JSON object per line, until the client closes the connection or stops reading (its
+        backlog overflows: an ``overflow`` line, then the end)."""
+        now_only = args.get("now", False)
+        if not isinstance(now_only, bool) or set(args) - {"now"}:
+            await stream.send_all(json.dumps({"ok": False, "error": "events: the only argument is now (true or "
+                                                                    "false)", "code": "bad_request"}).encode() + b"\n")
+            return
+        bus = self.node.events
+        snap, sub = bus.subscribe()
+        try:
+            lines = [e.to_json() for e in snap] + [bus.marker(SNAPSHOT_END).to_json()]
+            with trio.move_on_after(EVENT_SEND_TIMEOUT):
+                await stream.send_all(b"".join(json.dumps(x).encode() + b"\n" for x in lines))
+            if now_only:
+                return
+            async with trio.open_nursery() as n:
+                n.start_soon(_until_closed, stream, n.cancel_scope)
+                async for ev in sub.receive:
+                    batch = [ev]
+                    while len(batch) < 256:
+                        try:
+                            batch.append(sub.receive.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    with trio.move_on_after(EVENT_SEND_TIMEOUT) as cs:
+                        await stream.send_all(b"".join(json.dumps(e.to_json()).encode() + b"\n" for e in batch))
+                    if cs.cancelled_caught:
+                        log.warning("events subscriber read nothing for %ss: disconnected", EVENT_SEND_TIMEOUT)
+                        break
+                n.cancel_scope.cancel()
+        finally:
+            bus.unsubscribe(sub)
 
     async def dispatch(self, line: bytes) -> dict:
         try:
@@ -81,8 +122,8 @@ class AdminServer:
             return {"ok": False, "error": f"bad request: {e}", "code": "bad_request"}
         fn = COMMANDS.get(req["cmd"])
         if fn is None:
-            return {"ok": False, "error": f"unknown command {req['cmd']!r}; known: {', '.join(sorted(COMMANDS))}",
-                    "code": "bad_request"}
+            known = ", ".join(sorted([*COMMANDS, "events"]))
+            return {"ok": False, "error": f"unknown command {req['cmd']!r}; known: {known}", "code": "bad_request"}
         try:
             return {"ok": True, "result": await fn(self.node, **args)}
         except NotFound as e:
@@ -97,6 +138,32 @@ class AdminServer:
 
 
 # -- helpers -----------------------------------------------------------------------------------
+
+EVENT_SEND_TIMEOUT = 30.0  # s an events subscriber may stop reading before it is disconnected
+
+
+def _events_request(line: bytes) -> dict | None:
+    """The arguments of an ``events`` request (None: another request, or not valid JSON)."""
+    try:
+        req = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(req, dict) or req.get("cmd") != "events":
+        return None
+    args = req.get("args") or {}
+    return args if isinstance(args, dict) else {"args": args}
+
+
+async def _until_closed(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+    """An events subscriber sends nothing more: whatever it sends is ignored, its end of
+    the connection ends the stream."""
+    try:
+        while await stream.receive_some(4096):
+            pass
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    scope.cancel()
+
 
 def _group(node: Node, name: str) -> Group:
     return node.group(name)

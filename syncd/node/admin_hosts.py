@@ -182,6 +182,7 @@ async def admitrcopyhost(node: Node, host: str, group: str, proximity: str = "al
     g.st.proximity[host] = proximity
     node.save()
     g.note(f"host {host} proximity {proximity}")
+    node.publish_alua(g)
     return {"host": host, "group": group, "proximity": proximity}
 
 
@@ -191,6 +192,7 @@ async def dismissrcopyhost(node: Node, host: str, group: str) -> dict:
         raise NodeError(f"dismissrcopyhost: host {host} is not admitted to group {group}")
     del g.st.proximity[host]
     node.save()
+    node.publish_alua(g)
     return {"host": host, "group": group, "dismissed": True}
 
 

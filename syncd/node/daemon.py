@@ -18,6 +18,7 @@ from ..repl.proto import Frame, Status
 from . import peer
 from .datapath import TRIM, WRITE, ZEROES, apply_local
 from .errors import NodeError, NotFound
+from .events import EventBus
 from .group import Group, Member
 from .hosts import HostTable
 from .resync import Resync
@@ -163,6 +164,15 @@ class Node:
         self.nbd = None  # the NBD server, once running
         self.metrics_port: int | None = None  # the Prometheus endpoint's port, once listening ([metrics])
         self.hosts = HostTable(self.state)
+        # Every change of state, as it happens (syncctl events, the hooks); filled by the
+        # owners of the states (Group.command, the link, the witness client, resync, verify).
+        self.events = EventBus(cfg.name, cfg.events.backlog)
+        self.hooks = None
+        if cfg.hooks.commands:
+            from .hooks import HookRunner
+
+            self.hooks = HookRunner(cfg.name, cfg.hooks, self.events)
+            self.events.add_listener(self.hooks.on_event)
         try:
             for vc in cfg.volumes:
                 v = Volume(vc.name, vc.path, size=vc.size, direct=vc.direct)
@@ -184,7 +194,8 @@ class Node:
         if wcfg is not None:
             from ..witness.client import WitnessClient
 
-            self.witness = WitnessClient(wcfg, cfg.name, self._witness_groups, self._witness_report)
+            self.witness = WitnessClient(wcfg, cfg.name, self._witness_groups, self._witness_report,
+                                         self._witness_changed)
         for gs in self.state.groups.values():
             g = self.add_group(gs, run=False)
             for ms in gs.members:
@@ -207,7 +218,7 @@ class Node:
         if cfg.link:
             self.link = Link(
                 cfg.link, cfg.name, self.uuid.bytes, lambda link, path, f: peer.on_request(self, link, path, f),
-                self._on_link_up, self._on_link_down
+                self._on_link_up, self._on_link_down, self._on_path
             )
         # After an unclean stop (crash, kill -9, power cut) the regions that may differ are
         # those of the write-intent logs (every region written or being written whose peer may
@@ -235,6 +246,7 @@ class Node:
                 keep = m.dirty.test if g.role == "primary" else m.suspect_regions.__contains__
                 m.intent.reset_sync(keep)
         self.set_clean_flag(False)
+        self._publish_start()
 
     # -- clean/unclean marker ------------------------------------------------------------------
     def _marker(self) -> str:
@@ -329,6 +341,7 @@ class Node:
         g = Group(self, gs, created=run)
         self.groups[gs.name] = g
         if run:
+            g.publish()
             assert self._nursery is not None
             self._nursery.start_soon(g.run)
         return g
@@ -336,6 +349,10 @@ class Node:
     def remove_group(self, name: str) -> None:
         self.groups.pop(name).stop()
         del self.state.groups[name]
+        self.events.retain("alua", lambda f: f["group"] != name)
+        self.events.retain("verify", lambda f: f["group"] != name)
+        self.events.remove("resync", {"group": name}, result="interrupted")
+        self.events.remove("group", {"group": name})
 
     def group_by_id(self, gid: int) -> Group | None:
         for g in self.groups.values():
@@ -355,6 +372,8 @@ class Node:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if self.hooks is not None:
+                    await nursery.start(self.hooks.run)
                 for g in self.groups.values():  # each group's role machine and its timers
                     await nursery.start(g.run)
                 if self.witness is not None:
@@ -458,12 +477,15 @@ class Node:
         self.witness = None
         if settings is not None:
             self.witness = WitnessClient(parse_witness_client(settings, "witness"), self.cfg.name, self._witness_groups,
-                                         self._witness_report)
+                                         self._witness_report, self._witness_changed)
             self.spawn(self._run_witness, self.witness)
         for g in self.groups.values():
             g.roles.timing = self.role_timing()
         self.state.witness = settings
         self.save()
+        self.events.retain("witness", lambda f: False)
+        if self.witness is not None:
+            self._witness_changed(None)
 
     # -- NBD catalog: LUN masking ---------------------------------------------------------------
     def exports_for(self, client: ClientIdentity):
@@ -477,6 +499,7 @@ class Node:
         self.hosts = HostTable(self.state)
         if self.nbd is not None:
             self.nbd.drop(lambda c: c.export is not None and c.export.name not in self.exports_for(c.identity))
+        self.publish_alua()
 
     def group(self, name: str) -> Group:
         g = self.groups.get(name)
@@ -488,6 +511,7 @@ class Node:
     # -- link events ---------------------------------------------------------------------------
     def _on_link_up(self) -> None:
         log.info("replication link to %s up", self.cfg.link.peer)
+        self.events.update("link", {"peer": self.cfg.link.peer, "state": "up"})
         now = trio.current_time()
         for g in list(self.groups.values()):
             g.handle(LinkUp(now))
@@ -500,9 +524,69 @@ class Node:
 
     def _on_link_down(self) -> None:
         log.warning("replication link to %s down (all paths)", self.cfg.link.peer)
+        self.events.update("link", {"peer": self.cfg.link.peer, "state": "down"})
         now = trio.current_time()
         for g in list(self.groups.values()):
             g.handle(LinkDown(now))
+
+    def _on_path(self, p) -> None:
+        """A link path went up or down, or its round trip crossed ``link.max_rtt_ms``."""
+        extra = {}
+        if p.rtt_ms is not None:
+            extra["rtt_ms"] = round(p.rtt_ms, 3)
+        self.events.update("path", self._path_facts(p), **extra)
+
+    def _path_facts(self, p) -> dict:
+        return {"peer": self.cfg.link.peer, "path": p.index, "local": "%s:%d" % p.local, "remote": "%s:%d" % p.peer,
+                "state": "up" if p.state == "up" else "down", "rtt_warning": p.rtt_high,
+                "max_rtt_ms": self.cfg.link.max_rtt_ms}
+
+    def _witness_changed(self, connected: bool | None) -> None:
+        wc = self.witness
+        if wc is None:
+            return
+        if connected is False:
+            log.warning("quorum witness at %s:%d unreachable: %s", *wc.cfg.address, wc.last_error or "no answer")
+        state = {True: "reachable", False: "unreachable", None: "unknown"}[wc.connected]
+        self.events.update("witness", {"address": "%s:%d" % wc.cfg.address, "name": wc.witness_name or None,
+                                       "state": state})
+
+    # -- the event bus: objects that are not a group's ------------------------------------------
+    def _publish_start(self) -> None:
+        """The objects this node holds when it starts (``create`` events nobody hears yet:
+        the first subscriber sees them as ``exists``)."""
+        self.events.update("node", {"node": self.cfg.name, "uuid": str(self.uuid), "pid": os.getpid()})
+        if self.link is not None:
+            self.events.update("link", {"peer": self.cfg.link.peer, "state": "down"})
+            for p in self.link.paths:
+                self.events.update("path", self._path_facts(p))
+        if self.witness is not None:
+            self._witness_changed(None)
+        for g in self.groups.values():
+            g.publish()
+
+    def publish_alua(self, only: Group | None = None) -> None:
+        """The ALUA state of every (host, volume) of ``only`` (or of every group) that a host
+        may see: derived, recomputed whenever what it derives from may have changed (role,
+        serving, proximity, hosts, VLUNs, members)."""
+        bus = getattr(self, "events", None)
+        if bus is None:
+            return
+        from ..nbd.export import ALUA_NAMES
+
+        seen: set[tuple[str, str, str]] = set()
+        for h in sorted(self.state.hosts):
+            for vol in self.hosts.volumes_for(h):
+                m = self.member_of.get(vol)
+                if m is None or (only is not None and m.group is not only):
+                    continue
+                g = m.group
+                a = g.alua(h)
+                seen.add((g.name, vol, h))
+                bus.update("alua", {"group": g.name, "volume": vol, "host": h, "state": ALUA_NAMES[a.state],
+                                    "epoch": a.epoch, "proximity": g.st.proximity.get(h, "all")})
+        bus.retain("alua", lambda f: (only is not None and f["group"] != only.name)
+                   or (f["group"], f["volume"], f["host"]) in seen)
 
     def _witness_groups(self):
         """What the witness client reports: (group, members, owner, epoch, flags) per group."""

@@ -774,6 +774,7 @@ class DataPath:
             return Status.EINVAL
         m.oos.bits[:] = bits
         m.oos.count = sum(bin(b).count("1") for b in bits)
+        self.g.publish_volume(m)
         return Status.OK
 
     def resync_end(self, f: Frame, m: "Member") -> None:
@@ -796,6 +797,7 @@ class DataPath:
         if not m.oos.count:
             m.st.last_sync = time.time()
             m.st.synced_once = True
+            self.g.publish_volume(m)
 
     # -- peer side: both -------------------------------------------------------------------------
     async def handle_flush(self, link: Any, path: Any, f: Frame) -> None:

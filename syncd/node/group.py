@@ -111,6 +111,12 @@ class Member:
     def vol_id(self) -> int:
         return self.st.vol_id
 
+    def facts(self) -> dict:
+        """What the event bus shows of this volume."""
+        status, _ = self.sync_status()
+        return {"group": self.group.name, "volume": self.st.local, "peer_volume": self.st.remote,
+                "size": self.vol.size, "sync": status}
+
     def sync_status(self) -> tuple[str, float]:
         g = self.group
         if not g.st.started:
@@ -126,6 +132,26 @@ class Member:
         if not g.may_serve():
             return "not-synced" if self.oos.count else "stopped", pct
         return ("synced", 100.0) if not self.oos.count else ("syncing", pct)
+
+
+def role_change_cause(before: RoleState, after: RoleState) -> str:
+    """Why the role changed: a planned switchover, or a failover (taken over / replaced)."""
+    if before.mode in (Mode.SWITCHING, Mode.HANDING_OVER):
+        return "switchover"
+    return "failover" if after.role is Role.PRIMARY else "replaced"
+
+
+def transition_level(before: RoleState, after: RoleState) -> int:
+    """How loud a step of the role machine is in the log: entering split brain is an error;
+    a failover (taking the group over, or losing it to the peer) and entering failsafe are
+    warnings; the rest is routine."""
+    if after.split_brain and not before.split_brain:
+        return logging.ERROR
+    if after.failsafe and not before.failsafe:
+        return logging.WARNING
+    if before.role is not after.role and role_change_cause(before, after) != "switchover":
+        return logging.WARNING
+    return logging.INFO
 
 
 _ASK_TYPE = {WitnessAsk.KEEP: "KEEP", WitnessAsk.CLAIM: "CLAIM", WitnessAsk.RESOLVE: "RESOLVE"}
@@ -156,6 +182,7 @@ class Group:
         self.events: list[tuple[float, str]] = []
         self.last_recover = -1e9
         self._changed = trio.lowlevel.ParkingLot()  # parked: whoever waits for the state to change
+        self._note_level = logging.INFO
         self._scope: trio.CancelScope | None = None
 
     # -- identity ------------------------------------------------------------------------------
@@ -194,8 +221,8 @@ class Group:
     def role_label(self) -> str:
         return self.role + ("-rev" if self.reversed else "")
 
-    def note(self, msg: str) -> None:
-        log.info("group %s: %s", self.name, msg)
+    def note(self, msg: str, level: int = logging.INFO) -> None:
+        log.log(level, "group %s: %s", self.name, msg)
         self.events.append((time.time(), msg))
         del self.events[:-50]
 
@@ -208,6 +235,10 @@ class Group:
         vol.on_error = lambda v, e, m=m: self.io.local_io_error(m, e)
         self.members[ms.local] = m
         self.by_id[ms.vol_id] = m
+        bus = getattr(self.node, "events", None)
+        if bus is not None and bus.facts("group", {"group": self.name}) is not None:  # admitted while running
+            bus.update("volume", m.facts())
+            self.node.publish_alua(self)
         return m
 
     def remove_member(self, local: str) -> Member:
@@ -215,6 +246,11 @@ class Group:
         m.vol.on_error = None
         m.intent.remove()
         del self.by_id[m.vol_id]
+        bus = getattr(self.node, "events", None)
+        if bus is not None:
+            bus.remove("verify", {"group": self.name, "volume": local})
+            bus.remove("volume", {"group": self.name, "volume": local})
+            self.node.publish_alua(self)
         return m
 
     # -- the role machine ------------------------------------------------------------------------
@@ -235,25 +271,34 @@ class Group:
         before = self.roles.state
         actions = self.roles.handle(event)
         after = self.roles.state
-        # Bookkeeping of the data first, so what is persisted next includes it.
-        for a in actions:
-            if isinstance(a, (BecamePrimary, BecameSecondary, SwappedInSync, NewGeneration)):
-                self._carry_out(a)
-        if any(isinstance(a, Persist) for a in actions):
-            self.st.role = after.role.value
-            self.st.epoch = after.epoch
-            self.st.started = after.started
-            self.st.failsafe = after.failsafe
-            self.st.witness_behind = after.witness_behind
-            self.st.peer_has_all = after.peer_has_all
-            self.node.save()
-        for a in actions:
-            if not isinstance(a, (BecamePrimary, BecameSecondary, SwappedInSync, NewGeneration, Persist)):
-                self._carry_out(a)
+        # What the machine says about this step is logged at the weight of the change it made
+        # (restored after: an action may feed the machine a nested event).
+        outer_level, self._note_level = self._note_level, transition_level(before, after)
+        try:
+            # Bookkeeping of the data first, so what is persisted next includes it.
+            for a in actions:
+                if isinstance(a, (BecamePrimary, BecameSecondary, SwappedInSync, NewGeneration)):
+                    self._carry_out(a)
+            if any(isinstance(a, Persist) for a in actions):
+                self.st.role = after.role.value
+                self.st.epoch = after.epoch
+                self.st.started = after.started
+                self.st.failsafe = after.failsafe
+                self.st.witness_behind = after.witness_behind
+                self.st.peer_has_all = after.peer_has_all
+                self.node.save()
+            for a in actions:
+                if not isinstance(a, (BecamePrimary, BecameSecondary, SwappedInSync, NewGeneration, Persist)):
+                    self._carry_out(a)
+        finally:
+            self._note_level = outer_level
         if before.mode in MIRRORING and after.mode not in MIRRORING:
             self._pulls_to_push()
         if after is not before:
             self._changed.unpark_all()
+        # Derived here, the one writer: every change of role, epoch, peer mode, failsafe,
+        # serving, ALUA or resync is published once, comparing with what was published last.
+        self.publish(before)
         return actions
 
     def _pulls_to_push(self) -> None:
@@ -268,7 +313,8 @@ class Group:
                     m.dirty.set(r)
                 m.verify = True
                 self.note(f"{len(regions)} regions of {m.st.local} could not be fetched back from "
-                          f"{self.st.peer}: writes acknowledged before the power cut may be missing there")
+                          f"{self.st.peer}: writes acknowledged before the power cut may be missing there",
+                          logging.WARNING)
 
     def decide_crash_regions(self, peer_crashed: bool) -> None:
         """Primary after an unclean stop, at the state exchange: the regions it was writing are
@@ -290,7 +336,7 @@ class Group:
     def _carry_out(self, a: Any) -> None:
         node = self.node
         if isinstance(a, Note):
-            self.note(a.msg)
+            self.note(a.msg, self._note_level)
         elif isinstance(a, RequestLease):
             node.spawn(self._request_lease, a.timeout, self.epoch, self.state.lease_asked)
         elif isinstance(a, AskWitness):
@@ -353,6 +399,44 @@ class Group:
         """Until the control state changes, the machine's next timer, or ``deadline``."""
         with trio.move_on_at(min(deadline, self.roles.next_timer(trio.current_time()))):
             await self._changed.park()
+
+    # -- published state (the event bus) -----------------------------------------------------------
+    def facts(self) -> dict:
+        s = self.roles.state
+        return {"group": self.name, "peer": self.st.peer, "role": s.role.value, "epoch": s.epoch,
+                "mode": s.mode.value, "started": s.started, "serving": self.may_serve(), "failsafe": s.failsafe,
+                "split_brain": s.split_brain}
+
+    def publish(self, before: RoleState | None = None) -> None:
+        """Tell the node's event bus what this group, its volumes, their path states and its
+        resync are now (it emits only what changed)."""
+        bus = getattr(self.node, "events", None)
+        if bus is None:
+            return
+        after = self.roles.state
+        extra = {}
+        if before is not None and before.role is not after.role:
+            extra["cause"] = role_change_cause(before, after)
+        bus.update("group", self.facts(), **extra)
+        for m in self.members.values():
+            bus.update("volume", m.facts())
+        self.node.publish_alua(self)
+        running = bus.facts("resync", {"group": self.name}) is not None
+        if after.mode is Mode.SYNCING and not running:
+            bus.update("resync", {"group": self.name, "peer": self.st.peer, "volume": None, "percent": 0.0,
+                                  "bytes_sent": 0})
+        elif after.mode is not Mode.SYNCING and running:
+            if after.mode is Mode.ATTACHED and after.role is Role.PRIMARY:
+                bus.remove("resync", {"group": self.name}, result="done", percent=100.0)
+            else:
+                bus.remove("resync", {"group": self.name}, result="interrupted")
+
+    def publish_volume(self, m: Member) -> None:
+        """A volume's sync state changed outside the role machine (secondary: resync began, or
+        the last region it lacked arrived)."""
+        bus = getattr(self.node, "events", None)
+        if bus is not None:
+            bus.update("volume", m.facts())
 
     # -- derived -------------------------------------------------------------------------------
     def may_serve(self) -> bool:
@@ -528,6 +612,7 @@ class Group:
             f"(after {', '.join(peer_history[-3:]) or 'none'}): both acknowledged writes while apart. "
             f"Nothing is resynced until the operator runs 'setrcopygroup discard {self.name}' on the "
             f"array whose writes since the split are to be thrown away")
-        self.note(self.st.split_brain.upper().split(":")[0] + ":" + self.st.split_brain.split(":", 1)[1])
+        self.note(self.st.split_brain.upper().split(":")[0] + ":" + self.st.split_brain.split(":", 1)[1],
+                  logging.ERROR)
         self.handle(SplitBrain(trio.current_time()))
         self.node.save()

@@ -146,6 +146,7 @@ class Resync:
         m.resync_total = m.dirty.count
         m.resync_bytes = 0
         m.resync_started = trio.current_time()
+        last = self._progress(g, m, None)
         region = m.dirty.region
         saved = trio.current_time()
         r = m.dirty.first_set(0)
@@ -180,7 +181,27 @@ class Resync:
             r = m.dirty.first_set(nxt) if nxt < m.dirty.nregions else None
             if r is None and m.dirty.count:
                 r = m.dirty.first_set(0)  # regions dirtied again behind us
+            last = self._progress(g, m, last)
         del region
+
+    def _progress(self, g: "Group", m: "Member", last: tuple[float, float] | None) -> tuple[float, float]:
+        """A resync progress event for ``m`` when it moved ``events.progress_percent`` or
+        ``events.progress_interval`` passed since the last one (``last``: (percent, time));
+        returns what was last published."""
+        ecfg = self.node.cfg.events
+        p = resync_progress(m)
+        now = trio.current_time()
+        if last is not None and p["percent"] < last[0] + ecfg.progress_percent \
+                and now < last[1] + ecfg.progress_interval:
+            return last
+        if self.node.events.facts("resync", {"group": g.name}) is None:  # not running (any more)
+            return last or (p["percent"], now)
+        rate = p["rate_bps"]
+        self.node.events.update("resync", {
+            "group": g.name, "peer": g.st.peer, "volume": m.st.local, "percent": p["percent"],
+            "bytes_sent": p["bytes_sent"], "rate_mbps": None if rate is None else round(rate / 1e6, 1),
+            "eta_s": None if p["eta_s"] is None else round(p["eta_s"], 1)})
+        return p["percent"], now
 
     async def _copy_region(self, g: "Group", m: "Member", r: int) -> None:
         region = m.dirty.region

@@ -12,6 +12,7 @@ resync and copied from the primary (the peer forwards reads of them to the prima
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -84,10 +85,19 @@ async def verify_member(node: "Node", g: "Group", m: "Member", fix: bool = False
         "differing_regions": len(differ), "differing": _runs(differ, region, size), "fixing": False,
     }
     if differ:
-        g.note(f"verify of {m.st.local}: {len(differ)} regions differ from {g.st.peer}")
+        g.note(f"verify of {m.st.local}: REPLICAS DIFFER: {len(differ)} regions differ from {g.st.peer}"
+               + ("; copying them again from this primary" if fix else
+                  f"; run 'syncctl checkrcopyvv {m.st.local} --fix' to copy them from this primary"), logging.ERROR)
         if fix:
             g.resync_regions(m, differ)
             result["fixing"] = True
     else:
         g.note(f"verify of {m.st.local}: replicas identical")
+    # The verify's outcome, on the event stream (and the replicas_differ hook): the last one
+    # per volume is part of the snapshot; every verify is one event (its time is a fact).
+    node.events.update("verify", {"group": g.name, "volume": m.st.local, "peer": g.st.peer,
+                                  "result": "differ" if differ else "same", "differing_regions": len(differ),
+                                  "differing_bytes": sum(ln for _, ln in result["differing"]),
+                                  "bytes_compared": size, "fixing": result["fixing"],
+                                  "verified_at": round(time.time(), 3)})
     return result

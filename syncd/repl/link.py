@@ -48,6 +48,8 @@ _READ_AHEAD = 4 << 20  # read at most this much before applying some of the data
 # Data ops read ahead and not yet applied, at most (the peer's own credit normally keeps it far
 # lower); beyond, reading waits and TCP holds the peer back.
 _RX_QUEUE_MAX = 32 << 20
+RTT_SETTLE = 8  # keepalive round trips measured on a new path before its round trip is judged
+RTT_CLEAR = 0.8  # a high round trip warning ends when the smoothed RTT is below this share of the limit
 
 
 class LinkDown(Exception):
@@ -129,6 +131,10 @@ class Path:
     ctl_wait_max: float = 0.0  # s, the longest a control frame waited to reach the kernel
     rtt_max_ms: float = 0.0  # the slowest keepalive round trip (both sides' queues included)
     resets: int = 0  # times this path went down after being up (a connection lost or reset)
+    # The smoothed round trip is above link.max_rtt_ms (set above it, cleared below
+    # RTT_CLEAR of it: one warning per episode, not one per keepalive).
+    rtt_high: bool = False
+    rtt_samples: int = 0  # keepalive round trips measured since the path came up
 
     def info(self) -> dict:
         return {
@@ -146,6 +152,7 @@ class Path:
             "queued_frames": len(self.sendq),
             "ctl_wait_max_ms": round(self.ctl_wait_max * 1000, 3),
             "rtt_max_ms": round(self.rtt_max_ms, 3),
+            "rtt_warning": self.rtt_high,
         }
 
 
@@ -161,6 +168,7 @@ class Link:
         on_request: Callable[["Link", Path, Frame], None],
         on_up: Callable[[], None],
         on_down: Callable[[], None],
+        on_path: Callable[[Path], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.node_name = node_name
@@ -170,6 +178,7 @@ class Link:
         self.on_request = on_request
         self.on_up = on_up
         self.on_down = on_down
+        self.on_path = on_path  # a path went up or down, or its round trip crossed the limit
         self.session = 0
         # The session the dialer offers while the link is down: shared by all paths dialling
         # at once, renewed each time the whole link goes down.
@@ -396,11 +405,14 @@ class Link:
         p.since = time.time()
         p.rtt_ms = None
         p.rtt_max_ms = p.ctl_wait_max = 0.0
+        p.rtt_high = False
+        p.rtt_samples = 0
         p.last_error = ""
         self.peer_uuid = peer_uuid
         # What both ends speak (proto/replication.md 4.1): the peer's HELLO of the latest path.
         self.features = proto.FEATURES & peer_features
         log.info("path %d up (%s -> %s)", p.index, p.local, p.peer)
+        self._path_changed(p)
         if not was_up:
             self.up_since = time.time()
             self.on_up()
@@ -426,7 +438,13 @@ class Link:
             netio.abort(sock)
             p.sendq.clear()
             log.info("path %d down: %s", p.index, p.last_error or "closed")
+            p.rtt_high = False
+            self._path_changed(p)
             self._path_lost(p)
+
+    def _path_changed(self, p: Path) -> None:
+        if self.on_path is not None:
+            self.on_path(p)
 
     def _path_lost(self, p: Path) -> None:
         orphans = list(p.inflight.values())
@@ -554,6 +572,18 @@ class Link:
             p.rtt_ms = rtt if p.rtt_ms is None else 0.8 * p.rtt_ms + 0.2 * rtt
             if rtt > p.rtt_max_ms:
                 p.rtt_max_ms = rtt
+            p.rtt_samples += 1
+            limit = self.cfg.max_rtt_ms
+            # Judged once the average has settled: the first round trips of a new connection
+            # (handshakes, the first resync, slow start) say little about the link.
+            if p.rtt_samples >= RTT_SETTLE and p.rtt_high != (p.rtt_ms > (limit * RTT_CLEAR if p.rtt_high else limit)):
+                p.rtt_high = not p.rtt_high
+                if p.rtt_high:
+                    log.warning("path %d: round trip %.2f ms exceeds %s ms, the most synchronous mirroring "
+                                "supports", p.index, p.rtt_ms, limit)
+                else:
+                    log.info("path %d: round trip back to %.2f ms (limit %s ms)", p.index, p.rtt_ms, limit)
+                self._path_changed(p)
             return
         if t == MsgType.GOODBYE:
             p.last_error = f"peer said goodbye: {f.goodbye_reason()}"

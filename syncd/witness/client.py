@@ -35,7 +35,7 @@ class WitnessUnreachable(Exception):
 
 
 class WitnessClient:
-    def __init__(self, cfg: WitnessClientConfig, node_name: str, groups_fn, on_report=None):
+    def __init__(self, cfg: WitnessClientConfig, node_name: str, groups_fn, on_report=None, on_change=None):
         self.cfg = cfg
         self.node = node_name
         self.groups_fn = groups_fn  # -> list of (name, members, owner, epoch, flags)
@@ -49,6 +49,14 @@ class WitnessClient:
         self.lost_at: float | None = None  # when the witness stopped answering
         self.witness_name = ""
         self.last_error = ""
+        self.on_change = on_change  # (connected: bool): the session to the witness came up or was lost
+        self.connected: bool | None = None  # None until the first attempt ended
+
+    def _set_connected(self, up: bool) -> None:
+        if self.connected is not up:
+            self.connected = up
+            if self.on_change is not None:
+                self.on_change(up)
 
     @property
     def reachable(self) -> bool:
@@ -85,6 +93,7 @@ class WitnessClient:
                     secure.AuthError) as e:
                 self.last_error = str(e) or type(e).__name__
                 self._drop()
+                self._set_connected(False)
             await trio.sleep(self.cfg.interval)
 
     async def _check_idle(self) -> None:
@@ -98,6 +107,7 @@ class WitnessClient:
         if self.sess is not None:
             self.sess.close()
             self.sess = None
+            self._set_connected(False)
         self.registered.clear()
 
     async def _connect(self) -> None:
@@ -121,6 +131,7 @@ class WitnessClient:
         self.sess = sess
         self.witness_name = sess.peer
         self.last_error = ""
+        self._set_connected(True)
         log.info("witness %s reached (%s)", self.witness_name, self.cfg.security.describe())
 
     async def request(self, t: w.WType, **fields) -> w.WFrame:

@@ -21,6 +21,7 @@ STRICT = [
     "syncd/nbd/extents.py",
     "syncd/metrics/stats.py",
     "syncd/metrics/http.py",
+    "syncd/node/events.py",
 ]
 
 
