@@ -82,8 +82,9 @@ def collect_node(node: "Node", fam: Families) -> None:
                 fam.gauge("syncd_link_path_rtt_max_seconds", "Slowest keepalive round trip since the path came up",
                           pl).add_metric(key, p.rtt_max_ms / 1000)
             fam.gauge("syncd_link_rtt_above_supported",
-                      "1 while the path's round trip exceeds the supported maximum (link.max_rtt_ms, 10 ms)",
-                      pl).add_metric(key, 1 if rtt is not None and rtt > link.cfg.max_rtt_ms else 0)
+                      "1 while the path's round trip exceeds the supported maximum (link.max_rtt_ms, 10 ms); "
+                      "the same judgement as the rtt warning event (settled, with hysteresis)",
+                      pl).add_metric(key, 1 if rtt is not None and p.rtt_high else 0)
             fam.counter("syncd_link_path_sent_bytes", "Bytes sent on the path", pl).add_metric(key, p.tx_bytes)
             fam.counter("syncd_link_path_received_bytes", "Bytes received on the path", pl).add_metric(key, p.rx_bytes)
             fam.counter("syncd_link_path_resets", "Times the path went down after being up", pl).add_metric(
