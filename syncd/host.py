@@ -577,4 +577,6 @@ def host_status(admin_socket: str) -> dict:
 def serve_host(cfg: HostConfig) -> int:
     from .daemon import run_until_signal
 
-    return run_until_signal(lambda: Shim(cfg), f"host shim {cfg.name}", (ConfigError,))
+    return run_until_signal(lambda: Shim(cfg), f"host shim {cfg.name}", (ConfigError,),
+                            summary=lambda shim: f"host shim {cfg.name}: {len(shim.volumes)} volumes, "
+                                                 f"{sum(len(v.paths) for v in shim.volumes.values())} paths")

@@ -18,6 +18,8 @@ STRICT = [
     "syncd/node/roles.py",
     "syncd/repl/flow.py",
     "syncd/lab/history.py",
+    "syncd/logfmt.py",
+    "syncd/sdnotify.py",
 ]
 
 
