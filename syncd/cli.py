@@ -39,16 +39,19 @@ def _run_daemon(ns, what: str, load, describe, serve, check) -> int:
     except ConfigError as e:
         lines = [f"invalid {what}: {line}" for line in e.problems]
         if e.partial is not None:  # and what the rest of it needs from the machine
-            lines += check(e.partial, ns.config, start=not ns.check).problems
+            report = check(e.partial, ns.config, start=not ns.check)
+            for line in report.warnings:
+                log.warning("%s", line)
+            lines += report.problems
         return failed(lines)
     report = check(cfg, ns.config, start=not ns.check)
+    for line in report.warnings:
+        log.warning("%s", line)
     if report.problems:
         return failed(report.problems)
     if ns.check:
         print(f"{ns.config}: ok ({describe(cfg)})")
         return 0
-    for line in report.warnings:
-        log.warning("%s", line)
     return serve(cfg)
 
 

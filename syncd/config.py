@@ -449,6 +449,28 @@ def _parse_link(raw: dict, name: str, base: Path) -> LinkConfig:
                       **hs, **kw)
 
 
+def tls_culprit(files: dict[str, str], where: str) -> str:
+    """Which of the ``tls_certificate``, ``tls_key``, ``tls_ca`` files does not load, and why
+    ("" when each loads alone: then they do not belong together)."""
+    import ssl
+
+    def fails(load) -> str:
+        try:
+            load(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+            return str(e)
+        return ""
+
+    cert, key, ca = (files.get(k) for k in ("tls_certificate", "tls_key", "tls_ca"))
+    if cert and (why := fails(lambda c: c.load_verify_locations(cafile=cert))):
+        return f"{where}.tls_certificate: {cert} is not a PEM certificate ({why})"
+    if cert and key and (why := fails(lambda c: c.load_cert_chain(cert, key))):
+        return f"{where}.tls_key: {key} is not a PEM private key, or not the key of {cert} ({why})"
+    if ca and (why := fails(lambda c: c.load_verify_locations(cafile=ca))):
+        return f"{where}.tls_ca: {ca} is not a PEM CA certificate ({why})"
+    return ""
+
+
 def check_readable(path: str, key: str) -> None:
     """A ConfigError naming ``key`` unless ``path`` is a regular file this process can read."""
     try:
@@ -501,7 +523,8 @@ def parse_security(t: dict, where: str, base: Path = Path(".")):
             sec.tls_context(server_side=True)
             sec.tls_context(server_side=False)
         except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
-            raise ConfigError(f"{where}: the TLS certificate, key or CA cannot be loaded: {e}") from None
+            raise ConfigError(f"{where}: the TLS certificate, key or CA cannot be loaded: "
+                              f"{tls_culprit(files, where) or e}") from None
         return sec
     if "key_file" in t:
         kf = path("key_file")
@@ -567,7 +590,9 @@ def parse_nbd_tls(nbd: dict, base: str) -> NbdTlsConfig | None:
     try:
         server_tls_context(cfg)
     except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
-        raise ConfigError(f"nbd.tls: the certificate, key or CA cannot be loaded: {e}") from None
+        files = {k: v for k, v in paths.items() if v is not None}
+        raise ConfigError(f"nbd.tls: the certificate, key or CA cannot be loaded: {tls_culprit(files, 'nbd') or e}"
+                          ) from None
     return cfg
 
 
