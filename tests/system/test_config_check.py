@@ -353,3 +353,18 @@ def test_host_shim_checks(tmp_path):
         "daemon holds it: stop it first, or ignore this when checking a running one)",
         f"syncd: {cfg}: host.tcp: 127.0.0.1:{port} is in use by another program (or by this daemon, if it is already "
         "running)"], lines
+
+
+def test_host_config_problems_of_every_array_and_the_host_section_at_once(tmp_path):
+    cfg = tmp_path / "host.toml"
+    cfg.write_text('[host]\nname = "h1"\nsocket = "s"\nadmin_socket = "a"\npoll_interval = -1\n'
+                   '[[array]]\nname = "A"\npaths = ["http://x"]\n[[array]]\nname = "B!"\npaths = ["nbd://1.2.3.4:1"]\n')
+    before = tree(tmp_path)
+    rc, lines = check(cfg, "host")
+    assert rc == 2 and lines == [
+        f"syncd: invalid host configuration: {cfg}: array[0].paths: a list of nbd://HOST:PORT (or nbds://HOST:PORT "
+        "for TLS) addresses",
+        f"syncd: invalid host configuration: {cfg}: array[1].name: 'B!' is not a valid name (1-31 letters, digits, "
+        "'_', '.', '-')",
+        f"syncd: invalid host configuration: {cfg}: host.poll_interval: must be positive, got -1.0"], lines
+    assert tree(tmp_path) == before
