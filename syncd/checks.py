@@ -89,7 +89,7 @@ def check_dir_lock(r: Report, key: str, path: str, what: str) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         fcntl.flock(fd, fcntl.LOCK_UN)
     except OSError:
-        r.problem(key, f"{path} is in use by another {what} process ({RUNNING})")
+        r.problem(key, f"{path} is in use by another syncd {what} process ({RUNNING})")
     finally:
         os.close(fd)
 
@@ -135,7 +135,32 @@ def check_key_file(r: Report, key: str, path: str | None) -> None:
                     "user is in)")
 
 
-def check_volume(r: Report, key: str, path: str, size: int | None, direct: bool) -> None:
+def check_metadata(r: Report, cfg: NodeConfig, sizes: dict[str, int]) -> None:
+    """The node's metadata (read, never written) and the volumes its groups hold: each still
+    defined, with the size it was admitted with (``sizes``: the volumes' sizes measured)."""
+    from .node.state import StateError, read_state
+
+    path = os.path.join(cfg.data_dir, "state.json")
+    if not cfg.name or not os.path.exists(path):
+        return
+    try:
+        st = read_state(path, cfg.name)
+    except StateError as e:
+        r.problem("node.data_dir", str(e))
+        return
+    defined = {v.name: v for v in cfg.volumes}
+    for g in st.groups.values():
+        for m in g.members:
+            v = defined.get(m.local)
+            if v is None:
+                r.problem("[[volume]]", f"group {g.name} holds volume {m.local}, which the config no longer defines: "
+                                        "restore it, or dismiss it from the group")
+            elif m.local in sizes and sizes[m.local] != m.size:
+                r.problem(f'[[volume]] name="{v.name}" path="{v.path}"',
+                          f"is {sizes[m.local]} bytes, but group {g.name} admitted it with {m.size}")
+
+
+def check_volume(r: Report, key: str, path: str, size: int | None, direct: bool) -> int | None:
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -170,6 +195,7 @@ def check_volume(r: Report, key: str, path: str, size: int | None, direct: bool)
         except OSError:
             r.problem(key, f"is in use by another process ({RUNNING})")
         actual = device_size(fd)
+        measured = actual
         if actual == 0:
             r.problem(key, "has size 0")
         elif size is not None and actual < size:
@@ -186,6 +212,7 @@ def check_volume(r: Report, key: str, path: str, size: int | None, direct: bool)
             os.close(os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC))
         except OSError as e:
             r.problem(key, f"direct = true, but O_DIRECT is not possible here: {e.strerror or e}")
+    return measured
 
 
 def _raw_security_files(t: object, base: str) -> Iterable[tuple[str, str]]:
@@ -206,8 +233,13 @@ def check_node(cfg: NodeConfig, source: str, start: bool = False) -> Report:
             check_dir_lock(r, "node.data_dir", cfg.data_dir, "node")
     if cfg.admin_socket and os.path.dirname(cfg.admin_socket) != cfg.data_dir:
         check_directory(r, "node.admin_socket", os.path.dirname(cfg.admin_socket), "where the admin socket goes")
+    sizes = {}
     for v in cfg.volumes:
-        check_volume(r, f'[[volume]] name="{v.name}" path="{v.path}"', v.path, v.size, v.direct)
+        n = check_volume(r, f'[[volume]] name="{v.name}" path="{v.path}"', v.path, v.size, v.direct)
+        if n:
+            sizes[v.name] = n
+    if cfg.data_dir:
+        check_metadata(r, cfg, sizes)
     for i, a in enumerate(cfg.nbd_listen):
         check_port(r, f"nbd.listen[{i}]", a)
     if cfg.link is not None:

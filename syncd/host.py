@@ -47,9 +47,9 @@ import trio
 
 from .config import (
     NBD_LIMIT_KEYS,
-    Problems,
     ConfigError,
     NbdLimits,
+    Problems,
     _no_extra,
     _take,
     check_name,

@@ -25,11 +25,13 @@ KEY = "0123456789abcdef-test-key"
 
 
 def tree(d: Path) -> dict:
-    """Everything under ``d``: what must not change when a check or a refused start ran."""
+    """Everything under ``d``: what must not change when a check or a refused start ran (a
+    directory's modification time aside: a writable directory is probed with a temporary file,
+    removed at once)."""
     out = {}
     for p in sorted(d.rglob("*")):
         st = p.lstat()
-        out[str(p)] = (st.st_mode, st.st_size, st.st_mtime_ns, st.st_uid)
+        out[str(p)] = (st.st_mode, st.st_uid) if p.is_dir() else (st.st_mode, st.st_size, st.st_mtime_ns, st.st_uid)
     return out
 
 
@@ -172,7 +174,7 @@ def test_a_running_node_is_reported_as_such(tmp_path):
         rc, lines = check(cfg)
         assert rc == 2
         text = "\n".join(lines)
-        assert "node.data_dir" in text and "in use by another node process" in text
+        assert "node.data_dir" in text and "in use by another syncd node process" in text
         assert "is in use by another process (a running daemon holds it" in text  # the volume
         assert f"127.0.0.1:{port} is in use" in text and "already running" in text
     finally:
@@ -368,3 +370,39 @@ def test_host_config_problems_of_every_array_and_the_host_section_at_once(tmp_pa
         "'_', '.', '-')",
         f"syncd: invalid host configuration: {cfg}: host.poll_interval: must be positive, got -1.0"], lines
     assert tree(tmp_path) == before
+
+
+def test_metadata_and_the_volumes_its_groups_hold(tmp_path):
+    """A node whose group holds a volume the config no longer defines, or one whose size
+    changed since it was admitted, does not start: --check says so too (reading its metadata,
+    never writing it)."""
+    from syncd.lab.rig import lab_down, lab_up
+
+    from .rig import FAST_LINK
+
+    lab = lab_up(str(tmp_path / "lab"), size="8MiB", nvolumes=2, npaths=1, link_opts=FAST_LINK, timeout=60)
+    lab_down(lab["dir"])
+    node = lab["nodes"]["A"]
+    cfg = Path(node["config"])
+    text = cfg.read_text()
+    assert check(cfg)[0] == 0
+    vv1, vv2 = node["volumes"]["vv1"]["path"], node["volumes"]["vv2"]["path"]
+    # vv2 left out of the config; vv1 grown by 1 MiB (and its size key dropped, so only the
+    # group's record can tell).
+    kept = text.split("[[volume]]")
+    assert len(kept) == 3 and 'name = "vv1"' in kept[1]
+    cfg.write_text(kept[0] + "[[volume]]" + "\n".join(line for line in kept[1].splitlines()
+                                                      if not line.startswith("size")) + "\n")
+    with open(vv1, "r+b") as f:
+        f.truncate(9 << 20)
+    before = tree(tmp_path / "lab" / "A")
+    rc, lines = check(cfg)
+    assert rc == 2 and lines == [
+        f'syncd: {cfg}: [[volume]] name="vv1" path="{vv1}": is 9437184 bytes, but group rcg1 admitted it with '
+        "8388608",
+        f"syncd: {cfg}: [[volume]]: group rcg1 holds volume vv2, which the config no longer defines: restore it, or "
+        "dismiss it from the group"], lines
+    p = syncd("node", "--config", str(cfg))
+    assert p.returncode == 2 and "group rcg1 holds volume vv2" in p.stderr
+    assert tree(tmp_path / "lab" / "A") == before
+    assert os.path.exists(vv2)
