@@ -194,7 +194,11 @@ def check_volume(r: Report, key: str, path: str, size: int | None, direct: bool)
             fcntl.flock(fd, fcntl.LOCK_UN)
         except OSError:
             r.problem(key, f"is in use by another process ({RUNNING})")
-        actual = device_size(fd)
+        try:
+            actual = device_size(fd)
+        except OSError as e:
+            r.problem(key, f"its size cannot be read: {e.strerror or e}")
+            return None
         measured = actual
         if actual == 0:
             r.problem(key, "has size 0")
