@@ -24,13 +24,16 @@ def run_until_signal(make, what: str, errors: tuple = (), before_stop=None, summ
     from this event loop while the unit asks for it; STOPPING=1 at the signal. Nothing is
     sent as READY when start-up fails (the STATUS says why)."""
     notifier = sdnotify.manager()
+    ready = False
 
     async def main() -> None:
+        nonlocal ready
         notifier.status(f"{what} starting")
         service = make()
         async with trio.open_nursery() as n:
             await n.start(service.run)
             notifier.ready(summary(service) if summary is not None else f"{what} running")
+            ready = True
             n.start_soon(notifier.feed_watchdog)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
                 async for _ in sigs:
@@ -44,7 +47,7 @@ def run_until_signal(make, what: str, errors: tuple = (), before_stop=None, summ
     def failed(reasons: list[str]) -> int:
         for r in reasons:
             log.error("%s cannot run: %s", what, r)
-        notifier.status(f"{what} failed to start: {'; '.join(reasons)}")
+        notifier.status(f"{what} {'failed' if ready else 'failed to start'}: {'; '.join(reasons)}")
         return 2
 
     try:
