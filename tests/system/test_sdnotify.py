@@ -1,8 +1,8 @@
 """Each daemon under systemd's notification protocol, emulated by the test: it binds the
 datagram socket ``$NOTIFY_SOCKET`` names (a path, and an abstract ``@name``), sets
 ``$WATCHDOG_USEC``, and checks READY=1 comes once the ports listen (and not when start-up
-fails), WATCHDOG=1 after it, STOPPING=1 at SIGTERM. The daemons run under the kernel's
-MemoryDenyWriteExecute (``tests/mdwe_run.py``), as the units run them."""
+fails), WATCHDOG=1 after it, STOPPING=1 at SIGTERM. Each daemon runs under its shipped unit's
+system call filter and MemoryDenyWriteExecute (``tests/sandbox_run.py``), as systemd runs it."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ import pytest
 from syncd.lab.rig import free_port
 
 pytestmark = pytest.mark.system
-MDWE_RUN = str(Path(__file__).resolve().parents[1] / "mdwe_run.py")
+TESTS = Path(__file__).resolve().parents[1]
+UNITS = {"node": "syncd-node@.service", "witness": "syncd-witness.service", "host": "syncd-host@.service"}
 KEY = "0123456789abcdef-test-key"
 
 
@@ -57,8 +58,9 @@ class Manager:
 def start(args: list[str], mgr: Manager, log: Path, watchdog_usec: int = 200_000) -> subprocess.Popen:
     env = {**os.environ, "NOTIFY_SOCKET": mgr.env, "WATCHDOG_USEC": str(watchdog_usec)}
     env.pop("WATCHDOG_PID", None)
-    return subprocess.Popen([sys.executable, MDWE_RUN, *args], env=env, stdout=open(log, "ab"),
-                            stderr=subprocess.STDOUT)
+    unit = TESTS.parent / "systemd" / UNITS[args[0]]
+    return subprocess.Popen(["/usr/bin/python3", str(TESTS / "sandbox_run.py"), str(unit), "--", sys.executable,
+                             "-m", "syncd", *args], env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
 
 
 def listening(port: int) -> bool:
