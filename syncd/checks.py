@@ -55,6 +55,19 @@ def _nearest_existing(path: str) -> str:
     return p
 
 
+def _unwritable(d: str) -> str:
+    """Why this process cannot write in directory ``d`` ("" if it can)."""
+    if os.access(d, os.W_OK | os.X_OK):
+        return ""
+    try:
+        if os.statvfs(d).f_flag & os.ST_RDONLY:
+            return (f"{d} is on a read-only file system (under a syncd unit, whose ProtectSystem=strict leaves "
+                    f"only its own directories writable: add ReadWritePaths={d} with systemctl edit)")
+    except OSError:
+        pass
+    return f"{d} is not writable by this user (uid {os.geteuid()})"
+
+
 def check_directory(r: Report, key: str, path: str, what: str) -> None:
     """``path`` is a writable directory, or can be created (by this user, in its nearest
     existing ancestor)."""
@@ -65,7 +78,8 @@ def check_directory(r: Report, key: str, path: str, what: str) -> None:
         try:
             fd, tmp = tempfile.mkstemp(prefix=".syncd-check-", dir=path)
         except OSError as e:
-            r.problem(key, f"{path}: cannot write in it ({what}): {e.strerror or e}")
+            why = f"{e.strerror or e}" if e.errno != errno.EROFS else _unwritable(path)
+            r.problem(key, f"{path}: cannot write in it ({what}): {why}")
             return
         os.close(fd)
         os.unlink(tmp)
@@ -73,9 +87,8 @@ def check_directory(r: Report, key: str, path: str, what: str) -> None:
     parent = _nearest_existing(path)
     if not os.path.isdir(parent):
         r.problem(key, f"{path} cannot be created ({what}): {parent} is not a directory")
-    elif not os.access(parent, os.W_OK | os.X_OK):
-        r.problem(key, f"{path} does not exist and cannot be created ({what}): {parent} is not writable "
-                       f"by this user (uid {os.geteuid()})")
+    elif why := _unwritable(parent):
+        r.problem(key, f"{path} does not exist and cannot be created ({what}): {why}")
 
 
 def check_dir_lock(r: Report, key: str, path: str, what: str) -> None:
@@ -172,8 +185,8 @@ def check_volume(r: Report, key: str, path: str, size: int | None, direct: bool)
             parent = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(parent):
                 r.problem(key, f"no such file, and it cannot be created: {parent} is not a directory")
-            elif not os.access(parent, os.W_OK | os.X_OK):
-                r.problem(key, f"no such file, and it cannot be created: {parent} is not writable by this user")
+            elif why := _unwritable(parent):
+                r.problem(key, f"no such file, and it cannot be created: {why}")
         return
     except OSError as e:
         r.problem(key, f"cannot reach it: {e.strerror or e}")
@@ -184,7 +197,10 @@ def check_volume(r: Report, key: str, path: str, size: int | None, direct: bool)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
-        r.problem(key, f"cannot be opened read-write by this user (uid {os.geteuid()}): {e.strerror or e}")
+        if e.errno == errno.EROFS:
+            r.problem(key, f"cannot be opened read-write: {_unwritable(os.path.dirname(os.path.abspath(path)))}")
+        else:
+            r.problem(key, f"cannot be opened read-write by this user (uid {os.geteuid()}): {e.strerror or e}")
         return
     try:
         from .node.volume import device_size

@@ -406,3 +406,30 @@ def test_metadata_and_the_volumes_its_groups_hold(tmp_path):
     assert p.returncode == 2 and "group rcg1 holds volume vv2" in p.stderr
     assert tree(tmp_path / "lab" / "A") == before
     assert os.path.exists(vv2)
+
+
+def test_read_only_file_system_names_the_unit_setting(tmp_path):
+    """What a unit's ProtectSystem=strict does to a volume file or a data directory outside its
+    own directories: a read-only file system, and the message says which setting opens it."""
+    require_root()
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(ro)], check=True)
+    try:
+        with open(ro / "v.img", "wb") as f:
+            f.truncate(1 << 20)
+        (ro / "data").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        cfg = node_toml(tmp_path, free_port(), vol("v1", ro / "v.img") + vol("v2", ro / "new.img", "1MiB"),
+                        data_dir=str(ro / "data"))
+        rc, lines = check(cfg)
+        hint = (f"{ro} is on a read-only file system (under a syncd unit, whose ProtectSystem=strict leaves only "
+                f"its own directories writable: add ReadWritePaths={ro} with systemctl edit)")
+        assert rc == 2 and lines == [
+            f"syncd: {cfg}: node.data_dir: {ro}/data: cannot write in it (the node's metadata): "
+            + hint.replace(f"{ro} is", f"{ro}/data is").replace(f"={ro} ", f"={ro}/data "),
+            f'syncd: {cfg}: [[volume]] name="v1" path="{ro}/v.img": cannot be opened read-write: {hint}',
+            f'syncd: {cfg}: [[volume]] name="v2" path="{ro}/new.img": no such file, and it cannot be created: {hint}',
+        ], lines
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
