@@ -4,30 +4,59 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def _run_daemon(ns, what: str, load, describe, serve, check) -> int:
+    """Load and validate a daemon's config, check what it needs from the machine
+    (``checks.py``: --check stops there), then serve it. Every problem is reported, on its own
+    line naming the file and the key, with exit status 2 (never a traceback)."""
+    import logging
 
-
-def _run_daemon(ns, what: str, load, describe, serve) -> int:
-    """Load and validate a daemon's config (--check stops there), then serve it."""
     from .config import ConfigError
+    from .logfmt import stderr_is_journal
+
+    log = logging.getLogger("syncd")
+    journal = ns.log_format == "journal" or (ns.log_format == "auto" and stderr_is_journal())
+
+    def problem(line: str) -> None:
+        if not ns.check:
+            log.error("cannot start: %s", line)
+        else:  # a command's output; an error to the journal under ExecStartPre
+            print(f"{'<3>' if journal else ''}syncd: {line}", file=sys.stderr)
+
+    def failed(lines: list[str]) -> int:
+        for line in lines:
+            problem(line)
+        if not ns.check:
+            from . import sdnotify
+
+            sdnotify.manager().status(f"failed to start: {'; '.join(lines)}")
+        return 2
 
     try:
         cfg = load(ns.config)
     except ConfigError as e:
-        print(f"syncd: invalid {what}: {e}", file=sys.stderr)
-        return 2
+        lines = [f"invalid {what}: {line}" for line in e.problems]
+        if e.partial is not None:  # and what the rest of it needs from the machine
+            report = check(e.partial, ns.config, start=not ns.check)
+            for line in report.warnings:
+                log.warning("%s", line)
+            lines += report.problems
+        return failed(lines)
+    report = check(cfg, ns.config, start=not ns.check)
+    for line in report.warnings:
+        log.warning("%s", line)
+    if report.problems:
+        return failed(report.problems)
     if ns.check:
         print(f"{ns.config}: ok ({describe(cfg)})")
         return 0
     return serve(cfg)
+
+
+def _addrs(addrs) -> str:
+    return ", ".join(f"{h}:{p}" for h, p in addrs)
 
 
 def _print_host_status(st: dict) -> None:
@@ -53,6 +82,9 @@ def _print_host_status(st: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="syncd", description="Synchronous active-active block replication.")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--log-format", default="auto", choices=["auto", "text", "journal", "json"],
+                   help="auto (default): journal when stderr is the systemd journal, else text; journal: no "
+                        "timestamp, a <priority> prefix per line; json: one object per line")
     from . import version  # not from .ctl: the daemons do not import rich
 
     p.add_argument("--version", action="version", version=f"syncd {version()}")
@@ -159,14 +191,19 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dir", default="lab")
 
     ns = p.parse_args(argv)
-    _setup_logging(ns.log_level)
+    from .logfmt import setup_logging
+
+    setup_logging(ns.log_level, ns.log_format)
 
     if ns.cmd == "node":
+        from .checks import check_node
         from .config import load_node_config
         from .node.daemon import serve_node
 
         return _run_daemon(ns, "configuration", load_node_config,
-                           lambda c: f"node {c.name}, {len(c.volumes)} volumes", serve_node)
+                           lambda c: f"node {c.name}, {len(c.volumes)} volumes, nbd {_addrs(c.nbd_listen)}"
+                                     + (f", link to {c.link.peer} over {len(c.link.paths)} paths" if c.link else ""),
+                           serve_node, check_node)
 
     if ns.cmd == "host":
         from .host import host_status, load_host_config, serve_host
@@ -195,14 +232,19 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"syncd host: {msg}", file=sys.stderr)
             return EXIT[code]
+        from .checks import check_host
+
         return _run_daemon(ns, "host configuration", load_host_config,
-                           lambda c: f"host {c.name}, {sum(len(a.paths) for a in c.arrays)} paths", serve_host)
+                           lambda c: f"host {c.name}, {sum(len(a.paths) for a in c.arrays)} paths", serve_host,
+                           check_host)
 
     if ns.cmd == "witness":
+        from .checks import check_witness
         from .witness.server import load_witness_config, serve_witness
 
         return _run_daemon(ns, "witness configuration", load_witness_config,
-                           lambda c: f"witness {c.name}, arrays {', '.join(c.nodes)}", serve_witness)
+                           lambda c: f"witness {c.name}, arrays {', '.join(c.nodes)}, listen {_addrs(c.listen)}",
+                           serve_witness, check_witness)
 
     if ns.cmd == "linkproxy":
         import trio

@@ -17,7 +17,53 @@ from .secure import Security
 
 
 class ConfigError(Exception):
-    """The configuration is invalid; the message names the key and the problem."""
+    """The configuration is invalid; the message names the key and the problem. It may carry
+    several problems (``problems``, one line each in the message): every one found at once."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("\n".join(problems))
+        self.problems: list[str] = list(problems)
+        # What could be parsed despite the problems (a NodeConfig without the parts in error),
+        # so that ``--check`` also reports what the machine lacks for the rest.
+        self.partial: object = None
+
+    def prefixed(self, prefix: str) -> "ConfigError":
+        e = ConfigError(*(f"{prefix}: {q}" for q in self.problems))
+        e.partial = self.partial
+        return e
+
+
+class Problems:
+    """Collects the ConfigErrors of independent parts (sections, volumes) so that all of them
+    are reported at once: ``with problems.part(): ...`` per part, ``problems.raise_if_any()``."""
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+
+    def part(self) -> "_Part":
+        return _Part(self)
+
+    def raise_if_any(self, partial: object = None) -> None:
+        if self.found:
+            e = ConfigError(*self.found)
+            e.partial = partial
+            raise e
+
+
+class _Part:
+    def __init__(self, problems: Problems) -> None:
+        self.problems = problems
+        self.ok = True
+
+    def __enter__(self) -> "_Part":
+        return self
+
+    def __exit__(self, et, e, tb) -> bool:
+        if isinstance(e, ConfigError):
+            self.problems.found.extend(e.problems)
+            self.ok = False
+            return True
+        return False
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
@@ -345,122 +391,99 @@ def load_node_config(path: str | os.PathLike) -> NodeConfig:
                         "nbd.max_connections")
         return cfg
     except ConfigError as e:
-        raise ConfigError(f"{p}: {e}") from None
+        raise e.prefixed(str(p)) from None
 
 
 def parse_node_config(raw: dict, base: Path = Path("."), source: str = "") -> NodeConfig:
-    _no_extra(raw, {"node", "nbd", "link", "volume", "witness", "metrics", "hooks", "events"}, "config")
-    node = _take(raw, "node", "config", dict)
-    _no_extra(node, {"name", "data_dir", "admin_socket"}, "node")
-    name = check_name(_take(node, "name", "node", str), "node.name")
+    """The node config in ``raw``; raises one ConfigError with the problems of every section
+    and volume (a section's own checks stop at its first problem)."""
+    problems = Problems()
+    with problems.part():
+        _no_extra(raw, {"node", "nbd", "link", "volume", "witness", "metrics", "hooks", "events"}, "config")
+    name = data_dir = admin_socket = ""
+    node: dict = {}
+    with problems.part() as node_part:
+        node = _take(raw, "node", "config", dict)
+    if node_part.ok:
+        with problems.part():
+            _no_extra(node, {"name", "data_dir", "admin_socket"}, "node")
+        with problems.part():
+            name = check_name(_take(node, "name", "node", str), "node.name")
 
     def rel(s: str) -> str:
         return str((base / s).resolve()) if not os.path.isabs(s) else s
 
-    data_dir = rel(_take(node, "data_dir", "node", str))
-    admin_socket = rel(_take(node, "admin_socket", "node", str, os.path.join(data_dir, "admin.sock")))
+    if node_part.ok:
+        with problems.part():
+            data_dir = rel(_take(node, "data_dir", "node", str))
+            admin_socket = rel(_take(node, "admin_socket", "node", str, os.path.join(data_dir, "admin.sock")))
 
-    nbd = _take(raw, "nbd", "config", dict, {})
-    _no_extra(nbd, {"listen", "tls", "tls_certificate", "tls_key", "tls_ca"} | NBD_LIMIT_KEYS, "nbd")
-    listen = _take(nbd, "listen", "nbd", list, ["127.0.0.1:10809"])
-    nbd_listen = tuple(parse_addr(a, f"nbd.listen[{i}]") for i, a in enumerate(listen))
-    nbd_tls = parse_nbd_tls(nbd, base)
-    nbd_limits = parse_nbd_limits(nbd, "nbd")
+    nbd_listen: tuple[tuple[str, int], ...] = ()
+    nbd_tls = None
+    nbd_limits = NbdLimits()
+    nbd: dict = {}
+    with problems.part() as nbd_part:
+        nbd = _take(raw, "nbd", "config", dict, {})
+    with problems.part():
+        _no_extra(nbd, {"listen", "tls", "tls_certificate", "tls_key", "tls_ca"} | NBD_LIMIT_KEYS, "nbd")
+        listen = _take(nbd, "listen", "nbd", list, ["127.0.0.1:10809"])
+        nbd_listen = tuple(parse_addr(a, f"nbd.listen[{i}]") for i, a in enumerate(listen))
+        nbd_limits = parse_nbd_limits(nbd, "nbd")
+    if nbd_part.ok:
+        with problems.part():
+            nbd_tls = parse_nbd_tls(nbd, base)
 
     link = None
-    if "link" in raw:
-        lk = _take(raw, "link", "config", dict)
-        fields = {
-            "peer", "paths", "ping_interval", "path_timeout", "io_timeout", "lease",
-            "lease_margin", "clock_drift", "max_rtt_ms", "region_size", "resync_share",
-            "transition_timeout", "max_inflight", "max_handshakes", "max_handshakes_per_source",
-            *SECURITY_KEYS,
-        }
-        _no_extra(lk, fields, "link")
-        peer = check_name(_take(lk, "peer", "link", str), "link.peer")
-        if peer == name:
-            raise ConfigError(f"link.peer: the peer cannot be this node ({name})")
-        paths_raw = _take(lk, "paths", "link", list)
-        if not paths_raw:
-            raise ConfigError("link.paths: at least one path is needed")
-        paths = []
-        for i, pr in enumerate(paths_raw):
-            where = f"link.paths[{i}]"
-            if not isinstance(pr, dict):
-                raise ConfigError(f"{where}: expected a table {{local=..., peer=...}}")
-            _no_extra(pr, {"local", "peer"}, where)
-            paths.append(
-                LinkPath(
-                    parse_addr(_take(pr, "local", where, str), f"{where}.local"),
-                    parse_addr(_take(pr, "peer", where, str), f"{where}.peer"),
-                )
-            )
-        d = LinkConfig(peer=peer, paths=())
-        kw = {}
-        for k in ("ping_interval", "path_timeout", "io_timeout", "lease", "lease_margin",
-                  "clock_drift", "max_rtt_ms", "resync_share", "transition_timeout"):
-            v = _take(lk, k, "link", float, getattr(d, k))
-            if v < 0 or (k != "clock_drift" and k != "lease_margin" and v == 0):
-                raise ConfigError(f"link.{k}: must be positive, got {v}")
-            kw[k] = v
-        if kw["resync_share"] > 1:
-            raise ConfigError("link.resync_share: must be between 0 and 1")
-        if kw["path_timeout"] <= kw["ping_interval"]:
-            raise ConfigError("link.path_timeout: must be longer than link.ping_interval")
-        if kw["io_timeout"] <= kw["path_timeout"]:
-            # A request given up after io_timeout must not still arrive over a path that was
-            # only declared down (and reset) after path_timeout.
-            raise ConfigError("link.io_timeout: must be longer than link.path_timeout")
-        rs = parse_size(lk.get("region_size", d.region_size), "link.region_size")
-        if rs % 4096 or rs & (rs - 1):
-            raise ConfigError("link.region_size: must be a power of two multiple of 4096")
-        security = parse_security(lk, "link", base)
-        mi = parse_size(lk.get("max_inflight", d.max_inflight), "link.max_inflight")
-        if mi < MIN_INFLIGHT:
-            raise ConfigError(f"link.max_inflight: {mi} bytes is too small for data in flight to the peer "
-                              f"(at least 1MiB; default 32MiB)")
-        hs = {}
-        for k in ("max_handshakes", "max_handshakes_per_source"):
-            hs[k] = _take(lk, k, "link", int, getattr(d, k))
-            if hs[k] < 2:
-                raise ConfigError(f"link.{k}: at least 2 (a path's new connection may arrive before the old "
-                                  f"one is gone), got {hs[k]}")
-        link = LinkConfig(peer=peer, paths=tuple(paths), region_size=rs, security=security, max_inflight=mi,
-                          **hs, **kw)
+    with problems.part() as link_part:
+        link = _parse_link(raw, name, base) if "link" in raw else None
 
     vols = []
     seen_names: set[str] = set()
     seen_paths: dict[str, str] = {}
-    for i, vr in enumerate(_take(raw, "volume", "config", list, [])):
-        where = f"volume[{i}]"
-        if not isinstance(vr, dict):
-            raise ConfigError(f"{where}: expected a table")
-        _no_extra(vr, {"name", "path", "size", "direct"}, where)
-        vname = check_name(_take(vr, "name", where, str), f"{where}.name")
-        if vname in seen_names:
-            raise ConfigError(f"{where}.name: volume {vname} is defined twice")
-        seen_names.add(vname)
-        vpath = rel(_take(vr, "path", where, str))
-        real = os.path.realpath(vpath)
-        if real in seen_paths:
-            raise ConfigError(
-                f"{where}.path: {vpath} is already used by volume {seen_paths[real]}"
-            )
-        seen_paths[real] = vname
-        size = parse_size(vr["size"], f"{where}.size") if "size" in vr else None
-        if size is not None and size % 512:
-            raise ConfigError(f"{where}.size: must be a multiple of 512 bytes")
-        vols.append(VolumeConfig(vname, vpath, size, _take(vr, "direct", where, bool, False)))
+    volumes: list = []
+    with problems.part():
+        volumes = _take(raw, "volume", "config", list, [])
+    for i, vr in enumerate(volumes):
+        with problems.part():
+            where = f"volume[{i}]"
+            if not isinstance(vr, dict):
+                raise ConfigError(f"{where}: expected a table")
+            _no_extra(vr, {"name", "path", "size", "direct"}, where)
+            vname = check_name(_take(vr, "name", where, str), f"{where}.name")
+            if vname in seen_names:
+                raise ConfigError(f"{where}.name: volume {vname} is defined twice")
+            seen_names.add(vname)
+            vpath = rel(_take(vr, "path", where, str))
+            real = os.path.realpath(vpath)
+            if real in seen_paths:
+                raise ConfigError(
+                    f"{where}.path: {vpath} is already used by volume {seen_paths[real]}"
+                )
+            seen_paths[real] = vname
+            size = parse_size(vr["size"], f"{where}.size") if "size" in vr else None
+            if size is not None and size % 512:
+                raise ConfigError(f"{where}.size: must be a multiple of 512 bytes")
+            vols.append(VolumeConfig(vname, vpath, size, _take(vr, "direct", where, bool, False)))
 
     witness = None
     if "witness" in raw:
-        witness = parse_witness_client(_take(raw, "witness", "config", dict), "witness", base)
-        if link is None:
-            raise ConfigError("witness: a witness needs a [link] to a peer")
-    hooks = parse_hooks(_take(raw, "hooks", "config", dict, {}), base)
-    events = parse_events(_take(raw, "events", "config", dict, {}))
-    return NodeConfig(name, data_dir, admin_socket, nbd_listen, link, tuple(vols), source, witness, nbd_tls,
-                      nbd_limits, parse_metrics(raw), hooks, events)
+        with problems.part():
+            witness = parse_witness_client(_take(raw, "witness", "config", dict), "witness", base)
+            if link is None and link_part.ok:
+                raise ConfigError("witness: a witness needs a [link] to a peer")
+    metrics = None
+    with problems.part():
+        metrics = parse_metrics(raw)
+    hooks = HooksConfig()
+    with problems.part():
+        hooks = parse_hooks(_take(raw, "hooks", "config", dict, {}), base)
+    events = EventsConfig()
+    with problems.part():
+        events = parse_events(_take(raw, "events", "config", dict, {}))
+    cfg = NodeConfig(name, data_dir, admin_socket, nbd_listen, link, tuple(vols), source, witness, nbd_tls,
+                     nbd_limits, metrics, hooks, events)
+    problems.raise_if_any(partial=cfg)
+    return cfg
 
 
 def parse_hooks(t: dict, base: Path = Path(".")) -> HooksConfig:
@@ -526,6 +549,100 @@ def parse_events(t: dict) -> EventsConfig:
     return EventsConfig(backlog, pct, every)
 
 
+def _parse_link(raw: dict, name: str, base: Path) -> LinkConfig:
+    lk = _take(raw, "link", "config", dict)
+    fields = {
+        "peer", "paths", "ping_interval", "path_timeout", "io_timeout", "lease",
+        "lease_margin", "clock_drift", "max_rtt_ms", "region_size", "resync_share",
+        "transition_timeout", "max_inflight", "max_handshakes", "max_handshakes_per_source",
+        *SECURITY_KEYS,
+    }
+    _no_extra(lk, fields, "link")
+    peer = check_name(_take(lk, "peer", "link", str), "link.peer")
+    if peer == name:
+        raise ConfigError(f"link.peer: the peer cannot be this node ({name})")
+    paths_raw = _take(lk, "paths", "link", list)
+    if not paths_raw:
+        raise ConfigError("link.paths: at least one path is needed")
+    paths = []
+    for i, pr in enumerate(paths_raw):
+        where = f"link.paths[{i}]"
+        if not isinstance(pr, dict):
+            raise ConfigError(f"{where}: expected a table {{local=..., peer=...}}")
+        _no_extra(pr, {"local", "peer"}, where)
+        paths.append(
+            LinkPath(
+                parse_addr(_take(pr, "local", where, str), f"{where}.local"),
+                parse_addr(_take(pr, "peer", where, str), f"{where}.peer"),
+            )
+        )
+    d = LinkConfig(peer=peer, paths=())
+    kw = {}
+    for k in ("ping_interval", "path_timeout", "io_timeout", "lease", "lease_margin",
+              "clock_drift", "max_rtt_ms", "resync_share", "transition_timeout"):
+        v = _take(lk, k, "link", float, getattr(d, k))
+        if v < 0 or (k != "clock_drift" and k != "lease_margin" and v == 0):
+            raise ConfigError(f"link.{k}: must be positive, got {v}")
+        kw[k] = v
+    if kw["resync_share"] > 1:
+        raise ConfigError("link.resync_share: must be between 0 and 1")
+    if kw["path_timeout"] <= kw["ping_interval"]:
+        raise ConfigError("link.path_timeout: must be longer than link.ping_interval")
+    if kw["io_timeout"] <= kw["path_timeout"]:
+        # A request given up after io_timeout must not still arrive over a path that was
+        # only declared down (and reset) after path_timeout.
+        raise ConfigError("link.io_timeout: must be longer than link.path_timeout")
+    rs = parse_size(lk.get("region_size", d.region_size), "link.region_size")
+    if rs % 4096 or rs & (rs - 1):
+        raise ConfigError("link.region_size: must be a power of two multiple of 4096")
+    security = parse_security(lk, "link", base)
+    mi = parse_size(lk.get("max_inflight", d.max_inflight), "link.max_inflight")
+    if mi < MIN_INFLIGHT:
+        raise ConfigError(f"link.max_inflight: {mi} bytes is too small for data in flight to the peer "
+                          f"(at least 1MiB; default 32MiB)")
+    hs = {}
+    for k in ("max_handshakes", "max_handshakes_per_source"):
+        hs[k] = _take(lk, k, "link", int, getattr(d, k))
+        if hs[k] < 2:
+            raise ConfigError(f"link.{k}: at least 2 (a path's new connection may arrive before the old "
+                              f"one is gone), got {hs[k]}")
+    return LinkConfig(peer=peer, paths=tuple(paths), region_size=rs, security=security, max_inflight=mi,
+                      **hs, **kw)
+
+
+def tls_culprit(files: dict[str, str], where: str) -> str:
+    """Which of the ``tls_certificate``, ``tls_key``, ``tls_ca`` files does not load, and why
+    ("" when each loads alone: then they do not belong together)."""
+    import ssl
+
+    def fails(load) -> str:
+        try:
+            load(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+            return str(e)
+        return ""
+
+    cert, key, ca = (files.get(k) for k in ("tls_certificate", "tls_key", "tls_ca"))
+    if cert and (why := fails(lambda c: c.load_verify_locations(cafile=cert))):
+        return f"{where}.tls_certificate: {cert} is not a PEM certificate ({why})"
+    if cert and key and (why := fails(lambda c: c.load_cert_chain(cert, key))):
+        return f"{where}.tls_key: {key} is not a PEM private key, or not the key of {cert} ({why})"
+    if ca and (why := fails(lambda c: c.load_verify_locations(cafile=ca))):
+        return f"{where}.tls_ca: {ca} is not a PEM CA certificate ({why})"
+    return ""
+
+
+def check_readable(path: str, key: str) -> None:
+    """A ConfigError naming ``key`` unless ``path`` is a regular file this process can read."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot read {path}: {e.strerror or e}") from None
+    if not os.path.isfile(path):
+        raise ConfigError(f"{key}: {path} is not a regular file")
+
+
 SECURITY_KEYS = frozenset({"key", "key_file", "tls_certificate", "tls_key", "tls_ca", "insecure"})
 MIN_KEY = 16
 
@@ -560,15 +677,15 @@ def parse_security(t: dict, where: str, base: Path = Path(".")):
             raise ConfigError(f"{where}.{missing[0]}: missing (mutual TLS needs tls_certificate, tls_key and tls_ca)")
         files = {k: path(k) for k in ("tls_certificate", "tls_key", "tls_ca")}
         for k, v in files.items():
-            if not os.path.isfile(v):
-                raise ConfigError(f"{where}.{k}: {v} is not a readable file")
+            check_readable(v, f"{where}.{k}")
         sec = Security("tls", tls_certificate=files["tls_certificate"], tls_key=files["tls_key"],
                        tls_ca=files["tls_ca"])
         try:
             sec.tls_context(server_side=True)
             sec.tls_context(server_side=False)
         except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
-            raise ConfigError(f"{where}: the TLS certificate, key or CA cannot be loaded: {e}") from None
+            raise ConfigError(f"{where}: the TLS certificate, key or CA cannot be loaded: "
+                              f"{tls_culprit(files, where) or e}") from None
         return sec
     if "key_file" in t:
         kf = path("key_file")
@@ -628,13 +745,15 @@ def parse_nbd_tls(nbd: dict, base: str) -> NbdTlsConfig | None:
             raise ConfigError(f"nbd.{k}: missing (needed with nbd.tls = {mode!r})")
     paths = {k: (os.path.join(base, v) if v is not None else None) for k, v in files.items()}
     for k, v in paths.items():
-        if v is not None and not os.path.isfile(v):
-            raise ConfigError(f"nbd.{k}: {v} is not a readable file")
+        if v is not None:
+            check_readable(v, f"nbd.{k}")
     cfg = NbdTlsConfig(mode, paths["tls_certificate"], paths["tls_key"], paths["tls_ca"])
     try:
         server_tls_context(cfg)
     except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
-        raise ConfigError(f"nbd.tls: the certificate, key or CA cannot be loaded: {e}") from None
+        files = {k: v for k, v in paths.items() if v is not None}
+        raise ConfigError(f"nbd.tls: the certificate, key or CA cannot be loaded: {tls_culprit(files, 'nbd') or e}"
+                          ) from None
     return cfg
 
 

@@ -50,6 +50,7 @@ from .config import (
     ConfigError,
     MetricsConfig,
     NbdLimits,
+    Problems,
     _no_extra,
     _take,
     check_name,
@@ -123,13 +124,48 @@ class HostConfig:
 
 
 def load_host_config(path: str) -> HostConfig:
+    """A host shim's config; one ConfigError with the problems of [host] and of every [[array]]."""
     from pathlib import Path
 
     p = Path(path)
     raw = load_toml(p)
     base = p.parent
-    _no_extra(raw, {"host", "array", "metrics"}, "config")
-    h = _take(raw, "host", "config", dict)
+    problems = Problems()
+    with problems.part():
+        _no_extra(raw, {"host", "array", "metrics"}, "config")
+    arrays: list[ArrayPaths] = []
+    tables: list = []
+    with problems.part():
+        tables = _take(raw, "array", "config", list)
+    for i, a in enumerate(tables):
+        with problems.part():
+            arrays.append(_parse_array(a, f"array[{i}]"))
+    if not arrays and not problems.found:
+        problems.found.append("array: at least one [[array]] with paths")
+    cfg = None
+    with problems.part():
+        cfg = _parse_host(_take(raw, "host", "config", dict), base, tuple(arrays), raw)
+    try:
+        problems.raise_if_any()
+    except ConfigError as e:
+        raise e.prefixed(str(p)) from None
+    assert cfg is not None
+    return cfg
+
+
+def _parse_array(a: object, where: str) -> ArrayPaths:
+    if not isinstance(a, dict):
+        raise ConfigError(f"{where}: expected a table")
+    _no_extra(a, {"name", "paths"}, where)
+    paths = _take(a, "paths", where, list)
+    if not paths or not all(isinstance(x, str) and x.startswith(("nbd://", "nbds://")) for x in paths):
+        raise ConfigError(f"{where}.paths: a list of nbd://HOST:PORT (or nbds://HOST:PORT for TLS) addresses")
+    for x in paths:
+        parse_addr(x.split("://", 1)[1].split("/")[0], f"{where}.paths")
+    return ArrayPaths(check_name(_take(a, "name", where, str), f"{where}.name"), tuple(paths))
+
+
+def _parse_host(h: dict, base, arrays: tuple[ArrayPaths, ...], raw: dict) -> HostConfig:
     _no_extra(h, {"name", "socket", "admin_socket", "tcp", "source", "poll_interval", "transition_timeout",
                   "no_path_retry", "io_timeout", "stale_write_bound", "path_selector", "tls_ca",
                   "tls_certificate", "tls_key", "tcp_exports", "socket_group"} | NBD_LIMIT_KEYS, "host")
@@ -144,20 +180,6 @@ def load_host_config(path: str) -> HostConfig:
         if v <= 0:
             raise ConfigError(f"host.{k}: must be positive, got {v}")
         kw[k] = v
-    arrays = []
-    for i, a in enumerate(_take(raw, "array", "config", list)):
-        where = f"array[{i}]"
-        if not isinstance(a, dict):
-            raise ConfigError(f"{where}: expected a table")
-        _no_extra(a, {"name", "paths"}, where)
-        paths = _take(a, "paths", where, list)
-        if not paths or not all(isinstance(x, str) and x.startswith(("nbd://", "nbds://")) for x in paths):
-            raise ConfigError(f"{where}.paths: a list of nbd://HOST:PORT (or nbds://HOST:PORT for TLS) addresses")
-        for x in paths:
-            parse_addr(x.split("://", 1)[1].split("/")[0], f"{where}.paths")
-        arrays.append(ArrayPaths(check_name(_take(a, "name", where, str), f"{where}.name"), tuple(paths)))
-    if not arrays:
-        raise ConfigError("array: at least one [[array]] with paths")
     sel = _take(h, "path_selector", "host", str, "least-queue")
     if sel not in ("least-queue", "round-robin"):
         raise ConfigError(f"host.path_selector: {sel!r} is not least-queue or round-robin")
@@ -193,7 +215,7 @@ def load_host_config(path: str) -> HostConfig:
         name=check_name(_take(h, "name", "host", str), "host.name"),
         socket=path_of(_take(h, "socket", "host", str)),
         admin_socket=path_of(_take(h, "admin_socket", "host", str)),
-        arrays=tuple(arrays),
+        arrays=arrays,
         tcp=tcp_addr,
         tcp_exports=tuple(tcp_exports or ()),
         socket_group=group,
@@ -592,4 +614,6 @@ def host_status(admin_socket: str) -> dict:
 def serve_host(cfg: HostConfig) -> int:
     from .daemon import run_until_signal
 
-    return run_until_signal(lambda: Shim(cfg), f"host shim {cfg.name}", (ConfigError,))
+    return run_until_signal(lambda: Shim(cfg), f"host shim {cfg.name}", (ConfigError,),
+                            summary=lambda shim: f"host shim {cfg.name}: {len(shim.volumes)} volumes, "
+                                                 f"{sum(len(v.paths) for v in shim.volumes.values())} paths")

@@ -129,9 +129,9 @@ def listen_tcp(addr: tuple[str, int], backlog: int = 64) -> socket.socket:
     try:
         sock.bind(addr)
         sock.listen(backlog)
-    except OSError:
+    except OSError as e:
         sock.close()
-        raise
+        raise OSError(e.errno, f"cannot listen on {addr[0]}:{addr[1]}: {e.strerror}") from None
     sock.setblocking(False)
     return sock
 

@@ -656,4 +656,6 @@ def serve_node(cfg: NodeConfig) -> int:
     from ..daemon import run_until_signal
 
     return run_until_signal(lambda: Node(cfg), f"node {cfg.name}", (StateError, VolumeError, NodeError),
-                            before_stop=lambda node: node.hand_over_for_shutdown())
+                            before_stop=lambda node: node.hand_over_for_shutdown(),
+                            summary=lambda node: f"node {cfg.name}: {len(node.volumes)} volumes, {len(node.groups)} "
+                                                 f"groups, nbd {', '.join(f'{h}:{p}' for h, p in node.nbd_ports)}")

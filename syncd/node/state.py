@@ -149,37 +149,41 @@ class StateStore:
             st = NodeState(node=self.node, node_uuid=str(uuid.uuid4()))
             self.save(st)
             return st
-        try:
-            with open(self.path) as f:
-                d = json.load(f)
-        except (OSError, ValueError) as e:
-            raise StateError(
-                f"{self.path} cannot be read ({e}); refusing to start. Restore it from backup "
-                "or move it away to start this node as new (its groups are then forgotten)."
-            ) from None
-        if not isinstance(d, dict) or d.get("version") != FORMAT_VERSION:
-            raise StateError(
-                f"{self.path} has format version {d.get('version') if isinstance(d, dict) else '?'};"
-                f" this syncd understands version {FORMAT_VERSION}. Refusing to start."
-            )
-        try:
-            st = NodeState.from_json(d)
-        except (KeyError, TypeError) as e:
-            raise StateError(f"{self.path} is not valid syncd metadata ({e}); refusing to start.") from None
-        if st.node != self.node:
-            raise StateError(
-                f"{self.path} belongs to node {st.node!r}, but this config names node {self.node!r}"
-            )
-        for g in st.groups.values():
-            off = [p for p in FIXED_POLICIES if g.policies.get(p) is False]
-            if off:
-                # Metadata from before the rule: the policies are on again (saved by the next change).
-                log.warning("group %s: policy %s turned on again: %s", g.name, ", ".join(off), FIXED_REASON)
-                g.policies.update(dict.fromkeys(off, True))
-        return st
+        return read_state(self.path, self.node)
 
     def save(self, st: NodeState) -> None:
         atomic_write(self.path, json.dumps(st.to_json(), indent=1, sort_keys=True).encode())
+
+
+def read_state(path: str, node: str) -> NodeState:
+    """The metadata in ``path`` (read only: ``syncd node --check`` reads it too), or a
+    StateError saying why this node must not start on it."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:
+        raise StateError(
+            f"{path} cannot be read ({e}); refusing to start. Restore it from backup "
+            "or move it away to start this node as new (its groups are then forgotten)."
+        ) from None
+    if not isinstance(d, dict) or d.get("version") != FORMAT_VERSION:
+        raise StateError(
+            f"{path} has format version {d.get('version') if isinstance(d, dict) else '?'};"
+            f" this syncd understands version {FORMAT_VERSION}. Refusing to start."
+        )
+    try:
+        st = NodeState.from_json(d)
+    except (KeyError, TypeError) as e:
+        raise StateError(f"{path} is not valid syncd metadata ({e}); refusing to start.") from None
+    if st.node != node:
+        raise StateError(f"{path} belongs to node {st.node!r}, but this config names node {node!r}")
+    for g in st.groups.values():
+        off = [p for p in FIXED_POLICIES if g.policies.get(p) is False]
+        if off:
+            # Metadata from before the rule: the policies are on again (saved by the next change).
+            log.warning("group %s: policy %s turned on again: %s", g.name, ", ".join(off), FIXED_REASON)
+            g.policies.update(dict.fromkeys(off, True))
+    return st
 
 
 def encode_bits(b: bytes) -> str:

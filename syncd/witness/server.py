@@ -335,4 +335,6 @@ class Witness:
 def serve_witness(cfg: WitnessConfig) -> int:
     from ..daemon import run_until_signal
 
-    return run_until_signal(lambda: Witness(cfg), f"witness {cfg.name}", (ConfigError,))
+    return run_until_signal(lambda: Witness(cfg), f"witness {cfg.name}", (ConfigError,),
+                            summary=lambda wt: f"witness {cfg.name}: arrays {', '.join(cfg.nodes)}, "
+                                               f"{len(wt.state.groups)} groups")

@@ -52,7 +52,7 @@ def test_link_authentication_choices(tmp_path):
     assert c.link.security.mode == "tls" and c.link.security.tls_ca == str(tmp_path / "ca.pem")
     with pytest.raises(ConfigError, match="link.tls_ca: missing"):
         parse_node_config(cfg(link=_link(tls_certificate="a.pem", tls_key="a.pem")), base=tmp_path)
-    with pytest.raises(ConfigError, match="link.tls_ca: .* is not a readable file"):
+    with pytest.raises(ConfigError, match="link.tls_ca: cannot read .*: No such file"):
         parse_node_config(cfg(link=_link(tls_certificate="a.pem", tls_key="a.pem", tls_ca="no.pem")), base=tmp_path)
     (tmp_path / "bad.pem").write_text("not a certificate")
     with pytest.raises(ConfigError, match="link: the TLS certificate, key or CA cannot be loaded"):
@@ -127,7 +127,8 @@ def test_toml_errors_name_the_file(tmp_path):
     ({"tls": "maybe"}, "not one of off, on, require"),
     ({"tls": "on"}, "nbd.tls_certificate: missing"),
     ({"tls": "off", "tls_ca": "ca.pem"}, "nbd.tls_ca: set, but nbd.tls is off"),
-    ({"tls": "on", "tls_certificate": "/nonexistent.pem", "tls_key": "/nonexistent.key"}, "not a readable file"),
+    ({"tls": "on", "tls_certificate": "/nonexistent.pem", "tls_key": "/nonexistent.key"},
+     "nbd.tls_certificate: cannot read /nonexistent.pem: No such file"),
 ])
 def test_bad_nbd_tls_settings_are_named(nbd, msg, tmp_path):
     from syncd.config import ConfigError, parse_nbd_tls

@@ -22,6 +22,8 @@ STRICT = [
     "syncd/metrics/stats.py",
     "syncd/metrics/http.py",
     "syncd/node/events.py",
+    "syncd/logfmt.py",
+    "syncd/sdnotify.py",
 ]
 
 
