@@ -166,8 +166,10 @@ class NBDClient:
             while True:
                 head = await rx.exactly(16)
                 magic, err, handle = p.SIMPLE.unpack(head)
+                # A request leaves _waiting only once its reply is known good: when the reply
+                # breaks the protocol, it fails with the connection below.
                 if magic == p.SIMPLE_REPLY_MAGIC:
-                    r = self._waiting.pop(handle, None)
+                    r = self._waiting.get(handle)
                     if r is None:
                         raise NBDDisconnected(f"reply to a request never sent ({handle})")
                     r.error = err
@@ -175,6 +177,7 @@ class NBDClient:
                         if self.structured:
                             raise NBDDisconnected("a simple reply to a read after structured replies were negotiated")
                         r.result = await rx.exactly(r.length)
+                    del self._waiting[handle]
                     r.ev.set()
                 elif magic == p.STRUCTURED_REPLY_MAGIC and self.structured:
                     head += await rx.exactly(4)
@@ -184,8 +187,8 @@ class NBDClient:
                         raise NBDDisconnected(f"reply to a request never sent ({handle})")
                     await self._chunk(r, rtype, ln)
                     if flags & p.REPLY_FLAG_DONE:
-                        del self._waiting[handle]
                         r.finish()
+                        del self._waiting[handle]
                         r.ev.set()
                     elif rtype == p.REPLY_TYPE_NONE:
                         raise NBDDisconnected("NBD_REPLY_TYPE_NONE without the DONE flag")
