@@ -141,6 +141,8 @@ def test_resync_copies_holes_as_holes_and_a_stale_secondary_reports_data(lab):
     assert seek_map(path(lab, "B")) == before
     a = show(lab, "A")
     assert 0 < a["resync_hole_bytes"] <= a["resync_bytes"] < 32 * MiB
+    # In sync is not yet serving: B says data until it serves the volume again (its lease).
+    wait_for(lambda: show(lab, "B")["groups"][0]["serving"], timeout=10, what="B serves again")
     assert nbd_map(uri(lab, "B")) == as_map(before)
 
 
