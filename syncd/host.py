@@ -77,6 +77,8 @@ from .nbd.export import (
     BlockError,
     ClientIdentity,
 )
+from .nbd.extents import DATA, validate
+from .nbd.proto import TFLAG_SEND_FAST_ZERO
 
 log = logging.getLogger("syncd.host")
 _WWN = re.compile(r"\bwwn=(\S+)")
@@ -315,7 +317,11 @@ class ShimVolume:
         self.sized = trio.Event()  # set once the size is known (from the first connection)
         if size:
             self.sized.set()
-        self.stats = {"reissued": 0, "queued_no_path": 0, "failed": 0, "quarantine_waits": 0}
+        self.stats = {"reissued": 0, "queued_no_path": 0, "failed": 0, "quarantine_waits": 0,
+                      "allocation_as_data": 0}
+        # NBD_FLAG_SEND_FAST_ZERO for the shim's clients: set once an array's export offers it.
+        self.fast_zero_offered = False
+        self._allocation_logged: set[tuple[str, str]] = set()  # (why, path): logged once each
         self.io_stats = IoStats()  # what the host's tools asked (counted by the NBD server; metrics)
         self._rr = 0
         # (start, end, until on the trio clock, epoch of the lost path)
@@ -405,6 +411,10 @@ class ShimVolume:
                 p.latency_ms = 0.9 * p.latency_ms + 0.1 * (trio.current_time() - t0) * 1000
                 return result
             except NBDError as e:
+                if e.errno == errno.ENOTSUP and op == "zero":
+                    # A fast zero the array cannot do: a definitive answer (nothing changed), not a
+                    # path failure; the host decides whether to zero slowly.
+                    raise BlockError(errno.ENOTSUP, f"{self.name}: {e}") from None
                 p.errors += 1
                 p.last_error = str(e)
                 if e.errno == errno.ESHUTDOWN:  # the array may not serve: re-read every path
@@ -439,13 +449,58 @@ class ShimVolume:
         await self.submit("flush")
 
     async def trim(self, offset: int, length: int, fua: bool) -> None:
-        await self.submit("trim", offset, length)
+        await self.submit("trim", offset, length, fua)
 
-    async def write_zeroes(self, offset: int, length: int, fua: bool, no_hole: bool) -> None:
-        await self.submit("zero", offset, length)
+    async def write_zeroes(self, offset: int, length: int, fua: bool, no_hole: bool, fast: bool = False) -> None:
+        """The host's flags go to the array as given: NO_HOLE keeps the range allocated on both
+        replicas, FAST_ZERO is done without writing or answered ENOTSUP (see ``submit``)."""
+        await self.submit("zero", offset, length, fua, no_hole, fast)
 
-    async def allocation(self, offset: int, length: int):
-        return [(length, 0)]
+    @property
+    def can_fast_zero(self) -> bool:
+        return self.fast_zero_offered
+
+    async def allocation(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """base:allocation as the array of the path a read would take reports it (its replica's
+        holes). Advisory: when no path can answer, or an array's reply breaks the protocol's
+        rules, the answer is data for the whole request (always correct), never an error."""
+        tried: set[int] = set()
+        while True:
+            p = self.pick()
+            if p is None or id(p) in tried:
+                return self._all_data(length, "no usable path", "")
+            tried.add(id(p))
+            c = p.client
+            if getattr(c, "allocation_context", None) is None:
+                return self._all_data(length, "the array does not offer base:allocation", p.uri)
+            try:
+                with trio.fail_after(self.shim.cfg.io_timeout):
+                    raw = await c.block_status(offset, length)
+            except NBDError as e:
+                if e.errno == errno.ESHUTDOWN:  # as for reads: re-read every path, ask the next
+                    p.state = ALUA_UNAVAILABLE
+                    self.refresh_all()
+                    self.note_change()
+                    continue
+                return self._all_data(length, f"the array answered {errno.errorcode.get(e.errno, e.errno)}", p.uri)
+            except (NBDDisconnected, trio.TooSlowError, trio.BrokenResourceError, OSError) as e:
+                p.errors += 1
+                p.last_error = f"transport: {e or type(e).__name__}"
+                self.shim.fail_path(p)
+                self.note_change()
+                continue
+            ext = validate(raw, length) if raw is not None else None
+            if ext is None:
+                return self._all_data(length, "malformed base:allocation reply", p.uri)
+            return ext
+
+    def _all_data(self, length: int, why: str, uri: str) -> list[tuple[int, int]]:
+        self.stats["allocation_as_data"] += 1
+        if (why, uri) not in self._allocation_logged:
+            self._allocation_logged.add((why, uri))
+            log.warning("host %s: %s: block status answered as all data (%s%s); logged once", self.shim.cfg.name,
+                        self.name, why, f" from {uri}" if uri else "")
+        return [(length, DATA)]
 
     def alua(self, client: ClientIdentity) -> AluaState:
         """What the shim shows its own clients: the state of the path it would use now;
@@ -511,12 +566,14 @@ class Shim:
         """Keep one path connected and its ALUA state fresh."""
         while True:
             try:
-                async with open_nbd(p.uri, source=self.cfg.source, tls=self.tls) as c, \
+                async with open_nbd(p.uri, source=self.cfg.source, tls=self.tls, structured=True) as c, \
                         open_alua_probe(p.uri, source=self.cfg.source, tls=self.tls) as probe:
                     if not vol.size:
                         vol.size = c.size
                         if vol.size:
                             vol.sized.set()
+                    if c.flags & TFLAG_SEND_FAST_ZERO:
+                        vol.fast_zero_offered = True
                     p.client = c
                     p.last_error = ""
                     while not c.closed and p.client is c:

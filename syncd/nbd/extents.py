@@ -114,3 +114,25 @@ def bound(extents: list[Extent], length: int, max_extents: int, req_one: bool = 
         if len(out) >= (1 if req_one else max_extents):
             break
     return out or [(min(length, 0xFFFFFFFF), DATA)]
+
+
+def validate(raw: list[Extent], length: int) -> list[Extent] | None:
+    """The ``base:allocation`` extents another server sent for a request of ``length`` bytes, or
+    None when they break the protocol's rules (the caller then says data: always correct).
+
+    The descriptors of one reply are consecutive from the request's offset, so they are in
+    order by construction; what an untrusted server can get wrong is sending none, an empty
+    one, or more than the request (their lengths' sum must not exceed it). Status bits that
+    ``base:allocation`` does not define are ignored, as the protocol says a client must."""
+    if not raw or length <= 0:
+        return None
+    out: list[Extent] = []
+    pos = 0
+    for ln, flags in raw:
+        if ln <= 0:
+            return None
+        pos += ln
+        if pos > length:
+            return None
+        out.append((ln, flags & HOLE))
+    return out

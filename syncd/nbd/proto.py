@@ -90,8 +90,10 @@ CMD_FLAG_FAST_ZERO = 1 << 4
 REPLY_FLAG_DONE = 1 << 0
 REPLY_TYPE_NONE = 0
 REPLY_TYPE_OFFSET_DATA = 1
+REPLY_TYPE_OFFSET_HOLE = 2
 REPLY_TYPE_BLOCK_STATUS = 5
 REPLY_TYPE_ERROR = (1 << 15) + 1
+REPLY_TYPE_ERROR_OFFSET = (1 << 15) + 2
 
 STATE_HOLE = 1
 STATE_ZERO = 2
@@ -156,6 +158,7 @@ STRUCTURED_REPLY_HEADER = Struct(
 OFFSET_DATA_HEAD = Struct("offset" / Int64ub)
 BLOCK_STATUS_HEAD = Struct("context_id" / Int32ub)
 BLOCK_DESCRIPTOR = Struct("length" / Int32ub, "status" / Int32ub)
+OFFSET_HOLE_BODY = Struct("offset" / Int64ub, "length" / Int32ub)
 ERROR_CHUNK = Struct("error" / Int32ub, "message_length" / Int16ub, "message" / Bytes(lambda c: c.message_length))
 NAME_FIELD = Struct("length" / Int32ub, "name" / Bytes(lambda c: c.length))
 # The status word of a syncd:alua extent (proto/nbd-extensions.md): the group epoch's low 24 bits
@@ -172,6 +175,7 @@ U32 = struct.Struct(">I")
 U64 = struct.Struct(">Q")
 OPT_HDR = struct.Struct(">QII")
 OPT_REPLY = struct.Struct(">QIII")
+DESCRIPTOR = struct.Struct(">II")
 
 
 def alua_word(state: int, epoch: int) -> int:
@@ -188,6 +192,7 @@ HOT_PATH = {  # struct codec -> its construct declaration (checked in tests)
     "SHDR": (SHDR, STRUCTURED_REPLY_HEADER),
     "OPT_HDR": (OPT_HDR, OPTION_HEADER),
     "OPT_REPLY": (OPT_REPLY, OPTION_REPLY_HEADER),
+    "DESCRIPTOR": (DESCRIPTOR, BLOCK_DESCRIPTOR),
 }
 
 

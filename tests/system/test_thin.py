@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from syncd.host import host_status
 from syncd.lab.relay import proxy_command
 from syncd.lab.rig import lab_down, lab_up
 from syncd.nbd.extents import scan
@@ -67,6 +68,16 @@ except nbd.Error as e:
 
 def fast_zero(u: str, offset: int, length: int, no_hole: bool = False) -> str:
     return nbdsh(u, FAST_ZERO.format(offset=offset, length=length, extra=" | nbd.CMD_FLAG_NO_HOLE" if no_hole else ""))
+
+
+def allocated(p: str) -> int:
+    """Bytes of the file's allocated blocks."""
+    return os.stat(p).st_blocks * 512
+
+
+def shim_uri(lab, site: str, vol: str = "vv1") -> str:
+    """The volume on the unix socket of the host shim at ``site`` (it reaches both arrays)."""
+    return f"nbd+unix:///{vol}?socket={lab['hosts'][site]['socket']}"
 
 
 def synced(lab) -> bool:
@@ -130,6 +141,8 @@ def test_resync_copies_holes_as_holes_and_a_stale_secondary_reports_data(lab):
     assert seek_map(path(lab, "B")) == before
     a = show(lab, "A")
     assert 0 < a["resync_hole_bytes"] <= a["resync_bytes"] < 32 * MiB
+    # In sync is not yet serving: B says data until it serves the volume again (its lease).
+    wait_for(lambda: show(lab, "B")["groups"][0]["serving"], timeout=10, what="B serves again")
     assert nbd_map(uri(lab, "B")) == as_map(before)
 
 
@@ -150,7 +163,7 @@ def test_fast_zero_is_refused_with_nothing_changed_where_one_replica_cannot_do_i
             with open(img, "wb") as f:
                 f.truncate(16 * MiB)
         lab = lab_up(str(d), size="16MiB", nvolumes=1, npaths=2, link_opts=FAST_LINK,
-                     volume_paths={s: [str(p)] for s, p in imgs.items()}, timeout=60)
+                     volume_paths={s: [str(p)] for s, p in imgs.items()}, topology="uniform", timeout=60)
         wait_for(lambda: synced(lab), timeout=30, what="synced")
         assert show(lab, "B")["volumes"][0]["fast_zero"] == {"punch": False, "no_hole": False}
         assert show(lab, "A")["volumes"][0]["fast_zero"]["punch"] is True
@@ -161,11 +174,17 @@ def test_fast_zero_is_refused_with_nothing_changed_where_one_replica_cannot_do_i
         for site in ("A", "B"):
             for no_hole in (False, True):
                 assert fast_zero(uri(lab, site), MiB, 2 * MiB, no_hole) == "errno ENOTSUP", (site, no_hole)
+                # Through the host shim: the array's answer, not a path failure nor a slow zero.
+                assert fast_zero(shim_uri(lab, site), MiB, 2 * MiB, no_hole) == "errno ENOTSUP", (site, no_hole)
+        for site in ("A", "B"):
+            st = host_status(lab["hosts"][site]["admin_socket"])["volumes"][0]
+            assert st["stats"]["failed"] == st["stats"]["reissued"] == 0, st
+            assert all(p["errors"] == 0 and p["alua"].startswith("active") for p in st["paths"]), st
         assert {s: file_digest(str(p)) for s, p in imgs.items()} == digests
         assert {s: seek_map(str(p)) for s, p in imgs.items()} == maps
         assert {s: {k: show(lab, s)["groups"][0][k] for k in ("role", "epoch", "serving")} for s in imgs} == groups
         # Without the flag the zeroes are written (slowly) on both.
-        run("qemu-io", "-f", "raw", "-c", "write -z 1M 2M", uri(lab, "B"))
+        run("qemu-io", "-f", "raw", "-c", "write -z 1M 2M", shim_uri(lab, "B"))
         assert_replicas_identical(lab, "vv1")
         with open(imgs["A"], "rb") as f:
             f.seek(MiB)
@@ -204,5 +223,62 @@ def test_block_device_volumes_report_data_and_zero_fast_only_without_no_hole(tmp
             with open(path(lab, site), "rb") as f:
                 f.seek(MiB)
                 assert f.read(MiB) == bytes(MiB), site
+    finally:
+        lab_down(str(d))
+
+
+NO_HOLE_ZERO = """
+h.zero({length}, {offset}, flags=nbd.CMD_FLAG_NO_HOLE)
+h.zero({length}, {offset2})
+print("ok")
+"""
+
+
+def test_the_host_shim_shows_the_arrays_holes_copies_sparse_keeps_no_hole_and_zeroes_fast(tmp_path):
+    """Through a real host shim (uniform: it reaches both arrays, reads go to the optimized
+    one), a host gets what a direct client gets: the replicas' holes in base:allocation
+    (nbdinfo --map), a sparse nbdcopy, NO_HOLE kept (both replicas keep the range allocated,
+    without it both punch a hole), and fast zero."""
+    require_tool("nbdinfo", "nbdcopy", "qemu-io")
+    d = tmp_path / "lab"
+    lab = lab_up(str(d), size="16MiB", nvolumes=1, npaths=2, link_opts=FAST_LINK, topology="uniform", timeout=60)
+    try:
+        wait_for(lambda: synced(lab), timeout=30, what="synced")
+        s = shim_uri(lab, "A")
+        assert nbd_map(s) == [(0, 16 * MiB, HOLE)]
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x31 1M 3M", "-c", "write -P 0x32 8M 1M", s)
+        expected = [(0, MiB, HOLE), (MiB, 3 * MiB, DATA), (4 * MiB, 4 * MiB, HOLE), (8 * MiB, MiB, DATA),
+                    (9 * MiB, 7 * MiB, HOLE)]
+        for site in ("A", "B"):
+            assert as_map(seek_map(path(lab, site))) == expected, site
+        assert nbd_map(s) == expected
+        assert nbd_map(shim_uri(lab, "B")) == expected  # host b: its own site's array
+
+        out = tmp_path / "copy.img"
+        run("nbdcopy", s, str(out))
+        assert file_digest(str(out)) == file_digest(path(lab, "A"))
+        assert os.stat(out).st_blocks * 512 <= 4 * MiB + 64 * 1024  # the 4 MiB of data, not 16 MiB
+
+        # NO_HOLE over [1M, 2M) keeps it allocated on both replicas; a plain zero of [2M, 3M)
+        # deallocates it on both. Allocation is counted in blocks: ext4's SEEK_DATA shows a range
+        # zeroed with ZERO_RANGE (allocated, unwritten) as a hole, or as data while its pages are
+        # cached, so the replicas' maps of such a range may differ (docs/design.md, promise 13).
+        blocks = {site: allocated(path(lab, site)) for site in ("A", "B")}
+        assert nbdsh(s, NO_HOLE_ZERO.format(length=MiB, offset=MiB, offset2=2 * MiB)) == "ok"
+        for site in ("A", "B"):
+            assert allocated(path(lab, site)) == blocks[site] - MiB, site
+        run("qemu-io", "-f", "raw", "-c", "read -P 0 1M 2M", "-c", "read -P 0x31 3M 1M", s)
+
+        # Fast zero: offered by the shim, done on both replicas (as holes).
+        assert "can_fast_zero: true" in run("nbdinfo", s).stdout
+        assert fast_zero(s, 8 * MiB, MiB) == "ok"
+        tail = [(4 * MiB, 12 * MiB, HOLE)]
+        for site in ("A", "B"):
+            assert allocated(path(lab, site)) == blocks[site] - 2 * MiB, site
+            assert [e for e in as_map(seek_map(path(lab, site))) if e[0] >= 4 * MiB] == tail, site
+        assert [e for e in nbd_map(s) if e[0] >= 4 * MiB] == tail
+        assert_replicas_identical(lab, "vv1")
+        st = host_status(lab["hosts"]["A"]["admin_socket"])["volumes"][0]
+        assert st["stats"]["allocation_as_data"] == 0 and st["stats"]["failed"] == 0, st
     finally:
         lab_down(str(d))

@@ -22,6 +22,7 @@ def test_hot_path_structs_equal_construct_declarations():
         "SHDR": (p.STRUCTURED_REPLY_MAGIC, 1, p.REPLY_TYPE_OFFSET_DATA, 9, 520),
         "OPT_HDR": (p.IHAVEOPT, p.OPT_GO, 10),
         "OPT_REPLY": (p.OPT_REPLY_MAGIC, p.OPT_GO, p.REP_ACK, 0),
+        "DESCRIPTOR": (2**32 - 1, p.STATE_HOLE | p.STATE_ZERO),
     }
     for name, (st_, decl) in p.HOT_PATH.items():
         vals = samples[name]
