@@ -132,6 +132,13 @@ def check_port(r: Report, key: str, addr: tuple[str, int]) -> None:
         s.close()
 
 
+def check_metrics_port(r: Report, cfg) -> None:
+    """The [metrics] listen port of a node, witness or host shim config, when it has one."""
+    m = getattr(cfg, "metrics", None)
+    if m is not None:
+        check_port(r, "metrics.listen", m.listen)
+
+
 def check_key_file(r: Report, key: str, path: str | None) -> None:
     """A private key (TLS key, shared secret) others cannot read and nobody else can replace."""
     if not path:
@@ -265,6 +272,7 @@ def check_node(cfg: NodeConfig, source: str, start: bool = False) -> Report:
     if cfg.link is not None:
         for i, lp in enumerate(cfg.link.paths):
             check_port(r, f"link.paths[{i}].local", lp.local)
+    check_metrics_port(r, cfg)
     raw = load_toml_quiet(source)
     base = os.path.dirname(os.path.abspath(source))
     if cfg.nbd_tls is not None:
@@ -282,6 +290,7 @@ def check_witness(cfg, source: str, start: bool = False) -> Report:
         check_dir_lock(r, "witness.state_dir", cfg.state_dir, "witness")
     for i, a in enumerate(cfg.listen):
         check_port(r, f"witness.listen[{i}]", a)
+    check_metrics_port(r, cfg)
     base = os.path.dirname(os.path.abspath(source))
     for k, p in _raw_security_files(load_toml_quiet(source).get("witness"), base):
         check_key_file(r, f"witness.{k}", p)
@@ -304,6 +313,7 @@ def check_host(cfg, source: str, start: bool = False) -> Report:
                 s.close()
     if cfg.tcp is not None:
         check_port(r, "host.tcp", cfg.tcp)
+    check_metrics_port(r, cfg)
     check_key_file(r, "host.tls_key", cfg.tls_key)
     return r
 

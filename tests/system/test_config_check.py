@@ -433,3 +433,27 @@ def test_read_only_file_system_names_the_unit_setting(tmp_path):
         ], lines
     finally:
         subprocess.run(["umount", str(ro)], check=True)
+
+
+@pytest.mark.parametrize("what", ["node", "witness"])
+def test_metrics_port_in_use(tmp_path, what):
+    """The [metrics] endpoint's port is checked like the daemon's other ports."""
+    port, mport = free_port(), free_port()
+    if what == "node":
+        cfg = node_toml(tmp_path, port, vol("v1", tmp_path / "v.img", "1MiB"),
+                        extra=f'[metrics]\nlisten = "127.0.0.1:{mport}"\n')
+    else:
+        (tmp_path / "w.key").write_text(KEY)
+        os.chmod(tmp_path / "w.key", 0o600)
+        cfg = tmp_path / "witness.toml"
+        cfg.write_text(f'[witness]\nname = "W"\nlisten = ["127.0.0.1:{port}"]\nstate_dir = "state"\n'
+                       f'key_file = "w.key"\nnodes = ["A", "B"]\n[metrics]\nlisten = "127.0.0.1:{mport}"\n')
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", mport))
+        s.listen()
+        before = tree(tmp_path)
+        rc, lines = check(cfg, what)
+        assert tree(tmp_path) == before
+    assert rc == 2 and lines == [f"syncd: {cfg}: metrics.listen: 127.0.0.1:{mport} is in use by another program "
+                                 "(or by this daemon, if it is already running)"], lines
+    assert check(cfg, what)[0] == 0
