@@ -60,8 +60,8 @@ WITNESS = {"interval": 0.2, "owner_lease": 1.0, "grace": 2.0, "margin": 0.2}
 def seed_paths(topology: str, site: str, arrays: list[str], roles: dict[str, str]) -> dict[str, str]:
     """The path states the seed gives the host at ``site`` when both arrays serve: active/
     optimized to the arrays its proximity names (uniform: its own site's, the proximity being
-    the role its local array had when the lab started; non-uniform: "all"), active/
-    non-optimized to the other."""
+    its local array's role in the group's natural direction; non-uniform: "all"), active/
+    non-optimized to the other. ``roles``: each array's role in the natural direction."""
     prox = site_proximity(topology, site)
     return {a: "AO" if prox in ("all", roles[a]) else "ANO" for a in arrays}
 
@@ -183,8 +183,11 @@ def _play(lab: dict, name: str, play: Play, topology: str, hold: float) -> dict:
         if time.monotonic() > deadline:
             raise LabError(f"scenario {name}: the group did not get back in sync within 60s")
         time.sleep(0.2)
-    # Once recovered, every path is back to the seed's state for the roles the arrays now hold.
-    roles = {s: g["role"] for s, g in gs.items()}
+    # Once recovered, every path is back to the seed's state. Proximity names the site by the
+    # group's natural direction, so a uniform host's optimized array is its own site's whatever
+    # roles the arrays now hold (a reversed group's primary is its natural secondary).
+    flip = {"primary": "secondary", "secondary": "primary"}
+    roles = {s: flip[g["role"]] if g["role_label"].endswith("-rev") else g["role"] for s, g in gs.items()}
     want_after = {s: seed_paths(topology, s, h["arrays"], roles) for s, h in hosts.items()}
     paths_after_ok = _wait_paths(timeline, want_after, time.monotonic() + 20)
     sampling["on"] = False

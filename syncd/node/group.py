@@ -454,6 +454,11 @@ class Group:
         that is no defined host (an array without host definitions exports to everyone) has
         no proximity to set and is near both arrays."""
         prox = self.st.proximity.get(host) if host is not None else "all"
+        if prox in ("primary", "secondary") and self.reversed:
+            # Proximity names a site by the natural direction (the array the group was created
+            # on, or made natural by `reverse`, is "primary"): after a failover or switchover a
+            # host keeps its optimized paths to the array of its own site, which serves too.
+            prox = "secondary" if prox == "primary" else "primary"
         return AluaState(self.roles.alua(trio.current_time(), prox), self.epoch)
 
     def policies_changed(self) -> None:

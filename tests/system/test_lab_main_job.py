@@ -16,7 +16,7 @@ from syncd.ctl import call
 from syncd.host import host_status
 from syncd.lab.rig import lab_down
 
-from .rig import run
+from .rig import run, wait_for
 
 pytestmark = pytest.mark.system
 SYNCD = [sys.executable, "-m", "syncd"]
@@ -58,6 +58,20 @@ def test_lab_up_runs_the_witness_and_uniform_hosts_see_optimized_and_non_optimiz
                                 "lab": ("all", "active/optimized")}
     hosts = {h["name"]: h for h in call(lab["nodes"]["B"]["admin_socket"], "showhost", {})["hosts"]}
     assert hosts["ha"]["connections"] >= 1 and hosts["hb"]["connections"] >= 1  # told apart by address
+    # Proximity names the site, not the role: after a switchover (B primary, the group reversed)
+    # each host keeps its optimized path to its own site's array, which serves too.
+    # (Refused, changing nothing, until the witness has heard from A that B is in sync: retried.)
+    wait_for(lambda: run(sys.executable, "-m", "syncd.ctl", "--lab", str(lab_dir), "--node", "A", "setrcopygroup",
+                         "switchover", lab["group"], timeout=60, check=False).returncode == 0,
+             timeout=30, what="switchover accepted")
+    wait_for(lambda: call(lab["nodes"]["B"]["admin_socket"], "showrcopy", {})["groups"][0]["role_label"]
+             == "primary-rev" and _paths(lab, "A") == {"A": "active/optimized", "B": "active/non-optimized"}
+             and _paths(lab, "B") == {"A": "active/non-optimized", "B": "active/optimized"},
+             timeout=30, what="switchover done, each host optimized to its own site")
+    assert _shown(lab, "A") == {"ha": ("primary", "active/optimized"), "hb": ("secondary", "active/non-optimized"),
+                                "lab": ("all", "active/optimized")}
+    assert _shown(lab, "B") == {"ha": ("primary", "active/non-optimized"), "hb": ("secondary", "active/optimized"),
+                                "lab": ("all", "active/optimized")}
 
 
 def test_lab_up_no_witness_and_non_uniform_hosts(lab_dir):
