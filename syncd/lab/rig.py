@@ -962,13 +962,14 @@ def tls_commands(lab: dict, volume: str) -> list[str]:
 
 
 def print_summary(lab: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    c = Console()
+    from ..ctl import _console
+
+    c = _console()  # full width when not a terminal, so URIs are never cut
     t = Table(title=f"syncd lab in {lab['dir']} (group {lab['group']}, synchronous, active-active)")
     for col in ("site", "volume", "NBD URI", "backing file"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")
     for name, n in lab["nodes"].items():
         for v, info in n["volumes"].items():
             medium = f" (medium {info['backing']})" if "backing" in info else ""
@@ -977,7 +978,7 @@ def print_summary(lab: dict) -> None:
     if lab.get("hosts"):
         t = Table(title="host shims (multipath: use these from the hosts' tools)")
         for col in ("host", "site", "arrays", "volume", "NBD URI", "unix socket"):
-            t.add_column(col)
+            t.add_column(col, overflow="fold")
         for site, h in lab["hosts"].items():
             for v, u in h["volumes"].items():
                 t.add_row(h["name"], site, "+".join(h["arrays"]), v, u, h["socket"])
@@ -986,7 +987,7 @@ def print_summary(lab: dict) -> None:
     if endpoints:
         t = Table(title="Prometheus metrics (dashboard: docs/grafana-syncd.json)")
         for col in ("daemon", "endpoint"):
-            t.add_column(col)
+            t.add_column(col, overflow="fold")
         for who, url in endpoints:
             t.add_row(who, url)
         c.print(t)
