@@ -68,6 +68,16 @@ def _unwritable(d: str) -> str:
     return f"{d} is not writable by this user (uid {os.geteuid()})"
 
 
+def _locked_elsewhere(fd: int) -> bool:
+    """Whether another process holds a flock on ``fd``'s file (probed, then released)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return False
+
+
 def check_directory(r: Report, key: str, path: str, what: str) -> None:
     """``path`` is a writable directory, or can be created (by this user, in its nearest
     existing ancestor)."""
@@ -99,10 +109,8 @@ def check_dir_lock(r: Report, key: str, path: str, what: str) -> None:
     except OSError:
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    except OSError:
-        r.problem(key, f"{path} is in use by another syncd {what} process ({RUNNING})")
+        if _locked_elsewhere(fd):
+            r.problem(key, f"{path} is in use by another syncd {what} process ({RUNNING})")
     finally:
         os.close(fd)
 
@@ -212,10 +220,7 @@ def check_volume(r: Report, key: str, path: str, size: int | None, direct: bool)
     try:
         from .node.volume import device_size
 
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        except OSError:
+        if _locked_elsewhere(fd):
             r.problem(key, f"is in use by another process ({RUNNING})")
         try:
             actual = device_size(fd)

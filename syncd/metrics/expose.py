@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
 
 import trio
 from prometheus_client.core import (
@@ -34,6 +35,7 @@ _OP_INDEX = {n: i for i, n in enumerate(OP_NAMES) if n is not None}
 # The classic text format, which every Prometheus (and anything that scrapes like it) reads. The
 # names and labels here are all plain ASCII, so the page is the same in the newer 1.0.0 format.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+F = TypeVar("F", GaugeMetricFamily, CounterMetricFamily, HistogramMetricFamily)
 
 
 class Families:
@@ -42,26 +44,21 @@ class Families:
     def __init__(self) -> None:
         self._f: dict[str, Metric] = {}
 
-    def gauge(self, name: str, doc: str, labels: Sequence[str]) -> GaugeMetricFamily:
+    def _family(self, cls: type[F], name: str, doc: str, labels: Sequence[str]) -> F:
         f = self._f.get(name)
         if f is None:
-            f = self._f[name] = GaugeMetricFamily(name, doc, labels=list(labels))
-        assert isinstance(f, GaugeMetricFamily)
+            f = self._f[name] = cls(name, doc, labels=list(labels))
+        assert isinstance(f, cls), f"{name} is a {type(f).__name__}, not a {cls.__name__}"
         return f
+
+    def gauge(self, name: str, doc: str, labels: Sequence[str]) -> GaugeMetricFamily:
+        return self._family(GaugeMetricFamily, name, doc, labels)
 
     def counter(self, name: str, doc: str, labels: Sequence[str]) -> CounterMetricFamily:
-        f = self._f.get(name)
-        if f is None:
-            f = self._f[name] = CounterMetricFamily(name, doc, labels=list(labels))
-        assert isinstance(f, CounterMetricFamily)
-        return f
+        return self._family(CounterMetricFamily, name, doc, labels)
 
     def histogram(self, name: str, doc: str, labels: Sequence[str]) -> HistogramMetricFamily:
-        f = self._f.get(name)
-        if f is None:
-            f = self._f[name] = HistogramMetricFamily(name, doc, labels=list(labels))
-        assert isinstance(f, HistogramMetricFamily)
-        return f
+        return self._family(HistogramMetricFamily, name, doc, labels)
 
     def enum(self, name: str, doc: str, labels: Sequence[str], values: Sequence[str], key: Sequence[str],
              current: str) -> None:
