@@ -60,23 +60,25 @@ def _addrs(addrs) -> str:
 
 
 def _print_host_status(st: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from .ctl import _console  # lazily: the daemons themselves never import rich
 
     t = Table(title=f"host shim {st['host']} ({st['socket']})")
     for c in ("volume", "wwn", "path", "array", "alua", "epoch", "inflight", "ios", "errors", "latency ms",
               "last error"):
-        t.add_column(c)
+        t.add_column(c, overflow="fold")
     for v in st["volumes"]:
         for p in v["paths"]:
             t.add_row(v["name"], v["wwn"], p["uri"], p["array"], p["alua"], str(p["epoch"]), str(p["inflight"]),
                       str(p["ios"]), str(p["errors"]), f"{p['latency_ms']:.3f}", p["last_error"])
-    c = Console(width=None if sys.stdout.isatty() else 200)
+    c = _console()  # wrapped on a terminal, full width in a pipe: never cut
     c.print(t)
     for v in st["volumes"]:
         s = v["stats"]
         c.print(f"{v['name']}: epoch {v['max_epoch']}, re-issued {s['reissued']}, queued without a path "
-                f"{s['queued_no_path']}, waited for a re-issued write {s['quarantine_waits']}, failed {s['failed']}")
+                f"{s['queued_no_path']}, waited for a re-issued write {s['quarantine_waits']}, failed {s['failed']}, "
+                f"block status answered as all data {s.get('allocation_as_data', 0)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,6 +66,9 @@ def test_status_shows_both_arrays_paths_and_real_clients_use_the_socket(shim):
     assert "wwn=" + v["wwn"] in run("nbdinfo", sock_uri).stdout
     out = run(sys.executable, "-m", "syncd", "host", "--config", shim["shim"]["config"], "--status").stdout
     assert "active/optimized" in out and "vv1: epoch 1, re-issued 0" in out
+    assert "block status answered as all data 0" in out
+    # In a pipe the table is full width: no URI or WWN is cut.
+    assert all(p["uri"] in out for p in v["paths"]) and v["wwn"] in out and "…" not in out
     js = json.loads(run(sys.executable, "-m", "syncd", "host", "--config", shim["shim"]["config"], "--status",
                         "--json").stdout)
     assert js["volumes"][0]["wwn"] == v["wwn"] and len(js["volumes"][0]["paths"]) == 2
