@@ -5,7 +5,7 @@ import pytest
 from syncd.ctl import call
 from syncd.lab.rig import lab_down, lab_up
 
-from .rig import FAST_LINK, WITNESS, show, wait_for
+from .rig import FAST_LINK, WITNESS, require_root, require_tool, show, wait_for
 
 
 @pytest.fixture
@@ -46,3 +46,22 @@ def wlab(tmp_path):
     for f in sorted(d.glob("*.log")):
         if "Traceback" in f.read_text():
             print(f"--- {f}\n{f.read_text()[-4000:]}")
+
+
+@pytest.fixture
+def looplab(tmp_path):
+    """A two-node lab on loop devices (root) with a quorum witness: `lab fail disk` shrinks one."""
+    require_root()
+    require_tool("losetup")
+    d = tmp_path / "lab"
+    try:
+        lab = lab_up(str(d), size="16MiB", nvolumes=1, npaths=2, link_opts=FAST_LINK, witness=WITNESS,
+                     loop=True, timeout=60)
+    except Exception:
+        for f in d.glob("*.log"):
+            print(f"--- {f}\n{f.read_text()[-3000:]}")
+        if (d / "lab.json").exists():
+            lab_down(str(d))
+        raise
+    yield lab
+    lab_down(str(d))

@@ -18,24 +18,6 @@ from .test_operations import _check_both, _workload_during
 pytestmark = [pytest.mark.system, pytest.mark.root]
 
 
-@pytest.fixture
-def looplab(tmp_path):
-    require_root()
-    require_tool("losetup")
-    d = tmp_path / "lab"
-    try:
-        lab = lab_up(str(d), size="16MiB", nvolumes=1, npaths=2, link_opts=FAST_LINK, witness=WITNESS,
-                     loop=True, timeout=60)
-    except Exception:
-        for f in d.glob("*.log"):
-            print(f"--- {f}\n{f.read_text()[-3000:]}")
-        if (d / "lab.json").exists():
-            lab_down(str(d))
-        raise
-    yield lab
-    lab_down(str(d))
-
-
 @pytest.mark.parametrize("failed", ["A", "B"])
 def test_disk_failure_stops_that_array_and_the_peer_serves_on(looplab, failed):
     lab = looplab

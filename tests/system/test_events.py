@@ -18,7 +18,7 @@ import pytest
 
 from syncd.ctl import EXIT, call
 from syncd.lab.relay import proxy_command
-from syncd.lab.rig import lab_kill, lab_start
+from syncd.lab.rig import lab_fail, lab_heal, lab_kill, lab_start
 from syncd.node.events import IDENTITY, Event
 
 from .rig import show, wait_for
@@ -395,3 +395,39 @@ def test_a_round_trip_above_10_ms_is_one_warning_event_until_it_comes_back_below
     log_a = Path(wlab["nodes"]["A"]["log"]).read_text()
     assert "WARNING syncd.link: path 0: round trip" in log_a and "INFO syncd.link: path 0: round trip back to" in log_a
     assert a.stop() == 0 and b.stop() == 0
+
+
+@pytest.mark.root
+def test_a_failed_disk_at_the_primary_is_events_at_both_nodes(looplab):
+    """The failure matrix's disk row (the seed's "RAID set or metadata failure"): the primary's
+    loop device shrinks under it. A's stream says its group stopped serving on a failed disk
+    (ALUA unavailable), B's that it took the group over; after the repair both say synced."""
+    lab = looplab
+    wait_for(lambda: show(lab, "A")["groups"][0]["peer_mode"] == "attached", what="attached")
+    a, b = Stream(lab, "A"), Stream(lab, "B")
+    lab_fail(lab["dir"], "disk", "A")
+
+    def write_at_a() -> bool:
+        """A host write at A (beyond the shrunken end) finds the failed device."""
+        try:
+            host_write(lab, "A", 15 * MiB)
+        except Exception:  # noqa: BLE001 - the write fails once the device has
+            pass
+        return bool(a.seen("group", "change", group="rcg1", mode="disk-failed"))
+
+    wait_for(write_at_a, timeout=30, what=f"A's group disk-failed; seen: {a.lines()[-10:]}")
+    a.wait("alua", "change", host="lab", volume="vv1", state="unavailable")
+    b.wait("group", "change", group="rcg1", role="primary", epoch=2)
+    b.wait("alua", "change", host="lab", volume="vv1", state="active/optimized", epoch=2)
+    for st, site in ((a, "A"), (b, "B")):
+        assert_stream_matches(st, lab, site)
+    host_write(lab, "B", 0)
+    lab_heal(lab["dir"], "disk", "A")
+    wait_for(lambda: show(lab, "B")["groups"][0]["peer_mode"] == "attached", timeout=60, what="resync after repair")
+    b.wait("resync", "destroy", group="rcg1", timeout=60)
+    a2 = a if a.proc.poll() is None else Stream(lab, "A")
+    for st, site in ((a2, "A"), (b, "B")):
+        assert_stream_matches(st, lab, site)
+    assert a2.stop() == 0 and b.stop() == 0
+    for st in (a, b):
+        print(f"syncctl events at {st.site}:\n  " + "\n  ".join(st.lines()))
