@@ -65,3 +65,13 @@ def looplab(tmp_path):
         raise
     yield lab
     lab_down(str(d))
+
+
+@pytest.fixture(scope="module")
+def small_lab(tmp_path_factory):
+    """One small two-node lab per test module (1 volume of 4 MiB, 1 path, fast timeouts), for
+    tests that only ask the nodes and must leave them as they found them."""
+    lab = lab_up(str(tmp_path_factory.mktemp("small") / "lab"), size="4MiB", nvolumes=1, npaths=1,
+                 link_opts=FAST_LINK, timeout=60)
+    yield lab
+    lab_down(lab["dir"])

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 
 from syncd.ctl import call
@@ -83,3 +84,8 @@ def wait_for(pred, timeout: float = 30.0, what: str = "condition") -> None:
             pass
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def syncctl(*args: str) -> subprocess.CompletedProcess:
+    """``syncctl ARGS`` as a script runs it: stdout a pipe, output captured, never raises."""
+    return subprocess.run([sys.executable, "-m", "syncd.ctl", *args], capture_output=True, text=True, timeout=120)

@@ -11,25 +11,19 @@ import sys
 import pytest
 
 from syncd.ctl import EXIT
-from syncd.lab.rig import lab_down, lab_up
 
-from .rig import FAST_LINK
+from .rig import syncctl
 
 pytestmark = pytest.mark.system
 MiB = 1 << 20
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    lab = lab_up(str(tmp_path_factory.mktemp("ctl") / "lab"), size="4MiB", nvolumes=1, npaths=1,
-                 link_opts=FAST_LINK, timeout=60)
-    yield lab
-    lab_down(lab["dir"])
+def lab(small_lab):
+    return small_lab
 
 
-def ctl(*args: str) -> subprocess.CompletedProcess:
-    # stdout is a pipe here, as in a script
-    return subprocess.run([sys.executable, "-m", "syncd.ctl", *args], capture_output=True, text=True, timeout=120)
+ctl = syncctl
 
 
 def test_json_anywhere_on_the_line(lab):

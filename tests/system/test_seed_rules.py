@@ -5,30 +5,23 @@ both output modes, and changes nothing on either array."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from syncd.ctl import EXIT, call
-from syncd.lab.rig import lab_down, lab_up
 
-from .rig import FAST_LINK
+from .rig import syncctl
 
 pytestmark = pytest.mark.system
 REASON = "set for an Active Sync group by default and cannot be modified"
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    lab = lab_up(str(tmp_path_factory.mktemp("seed") / "lab"), size="4MiB", nvolumes=1, npaths=1,
-                 link_opts=FAST_LINK, timeout=60)
-    yield lab
-    lab_down(lab["dir"])
+def lab(small_lab):
+    return small_lab
 
 
-def ctl(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "syncd.ctl", *args], capture_output=True, text=True, timeout=120)
+ctl = syncctl
 
 
 def snapshot(lab) -> dict:
