@@ -57,8 +57,9 @@ class Export(Protocol):
     can_trim: bool
     can_zero: bool
     can_multi_conn: bool
-    # Optional: ``can_fast_zero`` (NBD_FLAG_SEND_FAST_ZERO): write_zeroes then takes ``fast=True``
-    # and raises BlockError(ENOTSUP), having changed nothing, when it cannot zero without writing.
+    # NBD_FLAG_SEND_FAST_ZERO: write_zeroes(fast=True) raises BlockError(ENOTSUP), having changed
+    # nothing, when it cannot zero without writing.
+    can_fast_zero: bool
 
     async def read(self, offset: int, length: int) -> bytes | memoryview: ...
 
@@ -68,7 +69,7 @@ class Export(Protocol):
 
     async def trim(self, offset: int, length: int, fua: bool) -> None: ...
 
-    async def write_zeroes(self, offset: int, length: int, fua: bool, no_hole: bool) -> None: ...
+    async def write_zeroes(self, offset: int, length: int, fua: bool, no_hole: bool, fast: bool = False) -> None: ...
 
     async def allocation(self, offset: int, length: int) -> list[tuple[int, int]]:
         """base:allocation extents as (length, flags) with NBD_STATE_HOLE=1, NBD_STATE_ZERO=2,

@@ -94,7 +94,7 @@ def transmission_flags(e: Export) -> int:
         f |= p.TFLAG_SEND_TRIM
     if e.can_zero and not e.read_only:
         f |= p.TFLAG_SEND_WRITE_ZEROES
-        if getattr(e, "can_fast_zero", False):
+        if e.can_fast_zero:
             f |= p.TFLAG_SEND_FAST_ZERO
     if e.can_multi_conn:
         f |= p.TFLAG_CAN_MULTI_CONN
@@ -602,7 +602,7 @@ class NBDConnection:
             return p.NBD_EINVAL if r.length > p.MAX_BLOCK else 0
         if t == p.CMD_WRITE:
             return 0
-        if f & p.CMD_FLAG_FAST_ZERO and not (e.can_zero and getattr(e, "can_fast_zero", False)):
+        if f & p.CMD_FLAG_FAST_ZERO and not (e.can_zero and e.can_fast_zero):
             return p.NBD_EINVAL  # not advertised
         if t == p.CMD_TRIM:
             return 0 if e.can_trim else p.NBD_EINVAL
@@ -655,11 +655,8 @@ class NBDConnection:
         elif t == p.CMD_TRIM:
             await e.trim(r.offset, r.length, bool(r.flags & p.CMD_FLAG_FUA))
         elif t == p.CMD_WRITE_ZEROES:
-            fua, no_hole = bool(r.flags & p.CMD_FLAG_FUA), bool(r.flags & p.CMD_FLAG_NO_HOLE)
-            if r.flags & p.CMD_FLAG_FAST_ZERO:
-                await e.write_zeroes(r.offset, r.length, fua, no_hole, fast=True)
-            else:
-                await e.write_zeroes(r.offset, r.length, fua, no_hole)
+            await e.write_zeroes(r.offset, r.length, bool(r.flags & p.CMD_FLAG_FUA),
+                                 bool(r.flags & p.CMD_FLAG_NO_HOLE), fast=bool(r.flags & p.CMD_FLAG_FAST_ZERO))
         elif t == p.CMD_BLOCK_STATUS:
             await self._block_status(r)
             return

@@ -29,6 +29,7 @@ class SlowExport:
     description = "slow"
     read_only = False
     can_flush = can_fua = can_trim = can_zero = can_multi_conn = True
+    can_fast_zero = False
 
     def __init__(self) -> None:
         self.running = 0
@@ -58,7 +59,7 @@ class SlowExport:
     async def trim(self, offset, length, fua):
         pass
 
-    async def write_zeroes(self, offset, length, fua, no_hole):
+    async def write_zeroes(self, offset, length, fua, no_hole, fast=False):
         pass
 
     async def allocation(self, offset, length):
