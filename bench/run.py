@@ -9,12 +9,23 @@ with the same random data, in the same directory):
   d  qemu-quorum    qemu-storage-daemon exporting a quorum node of a local file and an NBD child
                     (a second server on a second file): a replicated peer written in C
 
+The jobs include the QD16 write and read jobs over 4 NBD connections (multi-conn); after the
+targets, the cold write-intent log job (--cold-log: 4K random writes QD16 over a sparse 10 GiB
+volume against the same job over its first 256 MiB).
+
 With --link-security insecure,key,tls the replicated target (a, site A) runs once per mode of
 the link's security (proto/security.md), in the same run, and a second table gives each mode as
 a ratio to insecure: what authenticating (key: HMAC records) or encrypting (tls) the link costs.
+With --distance 0,0.5,1,2,5,10: QD1 writes at site A with each round trip added by the lab's
+relay, and QD64 at 5 ms. With --memory: each node's peak RSS under 8 jobs x QD64 x 1 MiB writes.
+
+Every run writes beside its JSON a Markdown report (DATE.md) and a chart (DATE.png), with the
+machine it ran on (bench/benchkit.py).
 
 Usage: .venv/bin/python bench/run.py [--runtime 10] [--size 1GiB] [--targets a,b,c,d] [--out FILE]
        .venv/bin/python bench/run.py --link-security insecure,key,tls [--jobs randwrite-4k-qd16,seqwrite-1m-qd4]
+       .venv/bin/python bench/run.py --distance 0,0.5,1,2,5,10
+       .venv/bin/python bench/run.py --memory
 """
 
 from __future__ import annotations
@@ -30,14 +41,20 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import benchkit
+
 ROOT = Path(__file__).resolve().parent.parent
 JOBDIR = ROOT / "bench" / "jobs"
 
-JOBS = ["randwrite-4k-qd1", "randwrite-4k-qd16", "randread-4k-qd16", "seqwrite-1m-qd4"]
+JOBS = ["randwrite-4k-qd1", "randwrite-4k-qd16", "randread-4k-qd16", "seqwrite-1m-qd4",
+        "randwrite-4k-qd16-mc4", "randread-4k-qd16-mc4"]
+COLD_JOB = "randwrite-4k-qd16"
+DISTANCE_QD1, DISTANCE_QD64, MEMORY_JOB = "randwrite-4k-qd1", "randwrite-4k-qd64", "randwrite-1m-qd64-8jobs"
 TARGETS = ["syncd-repl-A", "syncd-repl-B", "syncd-single", "nbdkit", "qemu-quorum"]
 ALIASES = {"a": ["syncd-repl-A", "syncd-repl-B"], "b": ["syncd-single"], "c": ["nbdkit"],
            "d": ["qemu-quorum"], "syncd-repl": ["syncd-repl-A", "syncd-repl-B"]}
@@ -108,8 +125,13 @@ def make_seed(path: Path, size: int) -> None:
             f.write(os.urandom(1 << 20))
 
 
-def backing(path: Path, seed: Path) -> Path:
-    """A backing file: a full (non-sparse, non-reflinked) copy of the seed."""
+def backing(path: Path, seed: Path | int) -> Path:
+    """A backing file: a full (non-sparse, non-reflinked) copy of the seed; when ``seed`` is a
+    size instead, a sparse file of that size (the cold write-intent log's 10 GiB volumes)."""
+    if isinstance(seed, int):
+        with open(path, "wb") as f:
+            f.truncate(seed)
+        return path
     shutil.copyfile(seed, path)  # sendfile(2) on Linux: real blocks, never a reflink
     return path
 
@@ -154,10 +176,12 @@ class Procs:
 # targets: each context manager yields {row name: NBD URI} and records checks in `info`
 
 @contextmanager
-def syncd_repl(d: Path, size: int, seed: Path, info: dict, security: str | None = None):
+def syncd_repl(d: Path, size: int, seed: Path | int, info: dict, security: str | None = None,
+               relay: bool = False):
     """(a) the syncd lab: nodes A and B, one replicated volume vv1, links without the relay.
     ``security``: the link's mode (insecure, key, tls; None: the lab's default, a key); the
-    rows are then named syncd-repl-A/MODE."""
+    rows are then named syncd-repl-A/MODE. ``relay``: through the lab's relay (--distance), whose
+    control socket is left in info["_link"]; the node pids are in info["_pids"]."""
     import inspect
 
     try:
@@ -174,7 +198,7 @@ def syncd_repl(d: Path, size: int, seed: Path, info: dict, security: str | None 
     else:
         info["note"] = "lab_up has no volume_paths: the lab created its own (unfilled) files"
     if "relay" in params:
-        kw["relay"] = False  # the lab's Python link relay would be an extra hop
+        kw["relay"] = relay  # the lab's Python link relay is an extra hop: only to add delay
     if "timeout" in params:
         kw["timeout"] = 600  # initial sync of the prefilled volumes (identical: digests only)
     suffix = ""
@@ -194,6 +218,9 @@ def syncd_repl(d: Path, size: int, seed: Path, info: dict, security: str | None 
                              f"{tail(lab_dir / 'A.log', 8)}{tail(lab_dir / 'B.log', 8)}") from None
         info["lab_up_s"] = round(time.monotonic() - t0, 1)
         uris = {f"syncd-repl-{s}{suffix}": lab["nodes"][s]["volumes"]["vv1"]["uri"] for s in ("A", "B")}
+        info["_pids"] = {s: lab["nodes"][s]["pid"] for s in ("A", "B")}
+        if relay:
+            info["_link"] = {"control": lab["link"]["control"], "npaths": lab["link"]["npaths"]}
         if security is not None:
             from syncd.ctl import call
 
@@ -361,6 +388,177 @@ def select(spec: str) -> list[str]:
     return rows
 
 
+def median_run(job: str, uri: str, span: int, ns) -> dict:
+    """fio ``job`` --repeat times; the median run (by IOPS, MB/s for sequential jobs)."""
+    runs = [run_fio(job, uri, span, ns.runtime) for _ in range(ns.repeat)]
+    metric = benchkit.metric_of(job)
+    best = sorted(runs, key=lambda x: x[metric])[(len(runs) - 1) // 2]
+    return dict(best, runs=[x[metric] for x in runs]) if len(runs) > 1 else best
+
+
+class RssSampler:
+    """Samples VmRSS of some processes every 0.2 s in a thread and reads their VmHWM (the
+    kernel's own peak) at the end; reset() clears the peaks (clear_refs 5) between phases."""
+
+    def __init__(self, pids: dict[str, int]):
+        self.pids, self.samples = pids, {s: 0 for s in pids}
+        self._stop = threading.Event()
+        self._t: threading.Thread | None = None
+
+    @staticmethod
+    def status(pid: int, key: str) -> int:
+        """kB of ``key`` (VmRSS, VmHWM) in /proc/PID/status; 0 if the process is gone."""
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                return next((int(ln.split()[1]) for ln in f if ln.startswith(key + ":")), 0)
+        except OSError:
+            return 0
+
+    def reset(self) -> bool:
+        ok = True
+        for pid in self.pids.values():
+            try:
+                Path(f"/proc/{pid}/clear_refs").write_text("5")
+            except OSError:
+                ok = False
+        self.samples = {s: 0 for s in self.pids}
+        return ok
+
+    def __enter__(self) -> RssSampler:
+        def loop():
+            while not self._stop.wait(0.2):
+                for s, pid in self.pids.items():
+                    self.samples[s] = max(self.samples[s], self.status(pid, "VmRSS"))
+        self._stop.clear()
+        self._t = threading.Thread(target=loop, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._t:
+            self._t.join()
+
+    def peaks_mb(self) -> dict[str, float]:
+        """Per process: the larger of VmHWM and the sampled VmRSS, in MB (10^6 bytes)."""
+        return {s: max(self.status(pid, "VmHWM"), self.samples[s]) * 1024 / 1e6 for s, pid in self.pids.items()}
+
+
+def run_groups(groups: dict, rows: list[str], jobs: list[str], size: int, seed: Path | int, d: Path, ns,
+               results: dict, errors: dict, checks: dict, spans: dict[str, int] | None = None,
+               prefix: str = "") -> None:
+    """Each group's servers up, its rows x jobs measured, its servers down. ``spans``: job
+    label -> fio size (the cold-log jobs run one job file over two spans of the same volume)."""
+    for g, (grows, cm) in groups.items():
+        want = [r for r in grows if r in rows]
+        if not want:
+            continue
+        gd = d / (prefix + g)
+        gd.mkdir()
+        info: dict = {}
+        checks[prefix + g] = info
+        kw = {"remote": ns.quorum_remote} if g == "d" else {}
+        try:
+            with cm(gd, size, seed, info, **kw) as uris:
+                for r in want:
+                    for label, span in (spans or {j: size for j in jobs}).items():
+                        job = COLD_JOB if spans else label
+                        print(f"bench: {r} {label} ({uris[r]}) ...", file=sys.stderr, flush=True)
+                        try:
+                            results.setdefault(r, {})[label] = median_run(job, uris[r], span, ns)
+                        except BenchError as e:
+                            errors[f"{prefix}{r} {label}"] = str(e)
+                            print(f"bench: {e}", file=sys.stderr)
+        except BenchError as e:
+            for r in want:
+                errors.setdefault(prefix + r, str(e))
+            print(f"bench: {'/'.join(want)}: {e}", file=sys.stderr)
+        finally:
+            if not ns.keep:
+                for f in gd.glob("*.img"):
+                    f.unlink()
+
+
+def run_distance(rtts: list[float], size: int, seed: Path, d: Path, ns, errors: dict, checks: dict) -> dict:
+    """QD1 writes at A per added round trip (the lab's relay), QD64 with none and with
+    --qd64-rtt; first both jobs on a lab linked directly, to compare the relay's own cost."""
+    from syncd.lab.relay import proxy_command
+
+    dist: dict = {"direct": {}, "relay": {}, "qd64": {}, "qd64_rtt_ms": ns.qd64_rtt}
+    for mode in ("direct", "relay"):
+        gd = d / f"distance-{mode}"
+        gd.mkdir()
+        info: dict = {}
+        checks[f"distance-{mode}"] = info
+        try:
+            with syncd_repl(gd, size, seed, info, relay=(mode == "relay")) as uris:
+                uri = uris["syncd-repl-A"]
+                if mode == "direct":
+                    for key, job in (("qd1", DISTANCE_QD1), ("qd64", DISTANCE_QD64)):
+                        print(f"bench: distance, direct link, {job} ...", file=sys.stderr, flush=True)
+                        dist["direct"][key] = median_run(job, uri, size, ns)
+                    continue
+                link = info["_link"]
+                for rtt in sorted(set(rtts) | {0.0, ns.qd64_rtt}):
+                    proxy_command(link["control"], "delay", ms=rtt, paths=list(range(link["npaths"])))
+                    jobs = [("qd1", DISTANCE_QD1)] if rtt in rtts or rtt == 0 else []
+                    if rtt in (0.0, ns.qd64_rtt):
+                        jobs.append(("qd64", DISTANCE_QD64))
+                    for key, job in jobs:
+                        print(f"bench: distance, +{rtt:g} ms, {job} ...", file=sys.stderr, flush=True)
+                        try:
+                            res = median_run(job, uri, size, ns)
+                        except BenchError as e:
+                            errors[f"distance +{rtt:g} ms {job}"] = str(e)
+                            continue
+                        if key == "qd1":
+                            dist["relay"].setdefault(f"{rtt:g}", {})["qd1"] = res
+                        else:
+                            dist["qd64"][f"{rtt:g}"] = res
+                proxy_command(link["control"], "delay", ms=0, paths=list(range(link["npaths"])))
+        except BenchError as e:
+            errors[f"distance {mode}"] = str(e)
+            print(f"bench: distance {mode}: {e}", file=sys.stderr)
+        finally:
+            if not ns.keep:
+                for f in gd.glob("*.img"):
+                    f.unlink()
+    return dist
+
+
+def run_memory(size: int, seed: Path, d: Path, ns, errors: dict, checks: dict) -> dict:
+    """Peak RSS of each node (VmHWM, reset before each phase, and sampled VmRSS) under 8 jobs x
+    QD64 x 1 MiB random writes at A, then at B; the lab's default limits."""
+    mem: dict = {"load": "fio 8 jobs × QD64 × 1 MiB randwrite", "budget_MB": benchkit.MEMORY_BUDGET_MB,
+                 "phases": {}}
+    gd = d / "memory"
+    gd.mkdir()
+    info: dict = {}
+    checks["memory"] = info
+    try:
+        with syncd_repl(gd, size, seed, info) as uris:
+            for site in ("A", "B"):
+                sampler = RssSampler(info["_pids"])
+                mem["hwm_reset"] = sampler.reset()
+                print(f"bench: memory, {MEMORY_JOB} at {site} ...", file=sys.stderr, flush=True)
+                try:
+                    with sampler:
+                        res = run_fio(MEMORY_JOB, uris[f"syncd-repl-{site}"], size, ns.runtime)
+                except BenchError as e:
+                    errors[f"memory {site}"] = str(e)
+                    res = {}
+                mem["phases"][site] = {"mbps": res.get("mbps"), "peak_MB": sampler.peaks_mb(),
+                                       "sampled_rss_MB": {s: v * 1024 / 1e6 for s, v in sampler.samples.items()}}
+    except BenchError as e:
+        errors["memory"] = str(e)
+        print(f"bench: memory: {e}", file=sys.stderr)
+    finally:
+        if not ns.keep:
+            for f in gd.glob("*.img"):
+                f.unlink()
+    return mem
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runtime", type=int, default=10, help="seconds per job after a 2 s ramp (default 10)")
@@ -375,13 +573,28 @@ def main() -> int:
     ap.add_argument("--latency", choices=["lat", "clat"], default="lat",
                     help="latency percentiles shown: total (lat, default) or completion (clat); both are saved")
     ap.add_argument("--keep", action="store_true", help="keep the backing files after each target")
-    ap.add_argument("--out", default=None, help="raw results JSON (default bench/results/DATE.json)")
+    ap.add_argument("--out", default=None, help="raw results JSON (default bench/results/DATE.json); the "
+                                                "Markdown report and the chart go beside it (.md, .png)")
     ap.add_argument("--link-security", default=None,
                     help="insecure,key,tls: the replicated target at site A once per link security mode, "
                          f"reported as ratios to insecure (default jobs then: {','.join(LINK_JOBS)})")
+    ap.add_argument("--cold-log", default="a",
+                    help="targets of the cold write-intent log job (4K randwrite QD16 over --cold-size against "
+                         "over --warm-span of the same sparse volume), 'none' to skip (default a: syncd at A and B)")
+    ap.add_argument("--cold-size", default="10GiB", help="volume size of the cold-log job (sparse; default 10GiB)")
+    ap.add_argument("--warm-span", default="256MiB", help="span of the warm job (default 256MiB)")
+    ap.add_argument("--distance", default=None,
+                    help="instead of the targets: added link round trips in ms, e.g. 0,0.5,1,2,5,10: QD1 writes "
+                         "at site A through the lab's relay for each, and QD64 at --qd64-rtt")
+    ap.add_argument("--qd64-rtt", type=float, default=5.0, help="round trip of the QD64 job of --distance (ms)")
+    ap.add_argument("--memory", action="store_true",
+                    help="instead of the targets: each node's peak RSS under 8 jobs x QD64 x 1 MiB writes at A, "
+                         "then at B")
     ns = ap.parse_args()
     groups = dict(GROUPS)
+    mode = "targets"
     if ns.link_security is not None:
+        mode = "link-security"
         modes = [m for m in ns.link_security.split(",") if m]
         bad = [m for m in modes if m not in LINK_MODES]
         if bad or not modes:
@@ -389,14 +602,34 @@ def main() -> int:
         if "--jobs" not in sys.argv:
             ns.jobs = ",".join(LINK_JOBS)
         groups = {f"a-{m}": ([f"syncd-repl-A/{m}"], functools.partial(syncd_repl, security=m)) for m in modes}
+    rtts: list[float] = []
+    if ns.distance is not None:
+        mode = "distance"
+        try:
+            rtts = sorted({float(x) for x in ns.distance.split(",") if x.strip()})
+        except ValueError:
+            raise SystemExit(f"bench: --distance takes round trips in ms, not {ns.distance!r}") from None
+        if not rtts or min(rtts) < 0:
+            raise SystemExit("bench: --distance needs round trips >= 0")
+    if ns.memory:
+        mode = "memory"
+    if ns.distance is not None and ns.memory:
+        raise SystemExit("bench: --distance and --memory are separate runs")
 
     if shutil.which("fio") is None:
         print("bench: fio is not installed (apt-get install fio; fio >= 3.19 has the nbd engine)", file=sys.stderr)
         return 2
     size = parse_size(ns.size)
-    rows = [r for grows, _ in groups.values() for r in grows] if ns.link_security is not None else select(ns.targets)
-    jobs = [j for j in ns.jobs.split(",") if j]
-    for j in jobs:
+    cold_size, warm_span = parse_size(ns.cold_size), parse_size(ns.warm_span)
+    if mode == "link-security":
+        rows = [r for grows, _ in groups.values() for r in grows]
+    elif mode == "targets":
+        rows = select(ns.targets)
+    else:
+        rows = []
+    cold_rows = select(ns.cold_log) if mode == "targets" and ns.cold_log.lower() != "none" else []
+    jobs = [j for j in ns.jobs.split(",") if j] if mode in ("targets", "link-security") else []
+    for j in jobs + [DISTANCE_QD1, DISTANCE_QD64, MEMORY_JOB, COLD_JOB]:
         if not (JOBDIR / f"{j}.fio").exists():
             print(f"bench: no job file {JOBDIR / j}.fio", file=sys.stderr)
             return 2
@@ -411,64 +644,67 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _raise)
     signal.signal(signal.SIGHUP, _raise)
 
+    t_start = time.monotonic()
     results: dict[str, dict] = {r: {} for r in rows}
     errors: dict[str, str] = {}
     checks: dict[str, dict] = {}
+    doc: dict = {}
     print(f"bench: writing {size >> 20} MiB of seed data in {d}", file=sys.stderr, flush=True)
     seed = d / "seed.img"
     make_seed(seed, size)
     interrupted = False
     try:
-        for g, (grows, cm) in groups.items():
-            want = [r for r in grows if r in rows]
-            if not want:
-                continue
-            gd = d / g
-            gd.mkdir()
-            info: dict = {}
-            checks[g] = info
-            kw = {"remote": ns.quorum_remote} if g == "d" else {}
-            try:
-                with cm(gd, size, seed, info, **kw) as uris:
-                    for r in want:
-                        for job in jobs:
-                            print(f"bench: {r} {job} ({uris[r]}) ...", file=sys.stderr, flush=True)
-                            try:
-                                runs = [run_fio(job, uris[r], size, ns.runtime) for _ in range(ns.repeat)]
-                                metric = "mbps" if job.startswith("seq") else "iops"
-                                best = sorted(runs, key=lambda x: x[metric])[(len(runs) - 1) // 2]
-                                if len(runs) > 1:
-                                    best = dict(best, runs=[x[metric] for x in runs])
-                                results[r][job] = best
-                            except BenchError as e:
-                                errors[f"{r} {job}"] = str(e)
-                                print(f"bench: {e}", file=sys.stderr)
-            except BenchError as e:
-                for r in want:
-                    errors.setdefault(r, str(e))
-                print(f"bench: {'/'.join(want)}: {e}", file=sys.stderr)
-            finally:
-                if not ns.keep:
-                    for f in gd.glob("*.img"):
-                        f.unlink()
+        if mode in ("targets", "link-security"):
+            run_groups(groups, rows, jobs, size, seed, d, ns, results, errors, checks)
+        if cold_rows:
+            seed.unlink(missing_ok=True)  # the cold volumes are sparse: no seed
+            cold: dict[str, dict] = {}
+            run_groups(dict(GROUPS), cold_rows, [], cold_size, cold_size, d, ns, cold, errors, checks,
+                       spans={"warm": warm_span, "cold": cold_size}, prefix="cold-")
+            doc["cold_log"] = {"size": cold_size, "warm_span": warm_span, "job": COLD_JOB, "results": cold}
+        if mode == "distance":
+            doc["distance"] = run_distance(rtts, size, seed, d, ns, errors, checks)
+        if mode == "memory":
+            doc["memory"] = run_memory(size, seed, d, ns, errors, checks)
     except KeyboardInterrupt:
         interrupted = True
         print("bench: interrupted; servers stopped", file=sys.stderr)
     finally:
         seed.unlink(missing_ok=True)
 
+    for info in checks.values():  # the pids and control sockets were for the run only
+        for k in [k for k in info if k.startswith("_")]:
+            del info[k]
     out = Path(ns.out) if ns.out else ROOT / "bench" / "results" / time.strftime("%Y%m%d-%H%M%S.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runtime_s": ns.runtime, "ramp_s": 2, "size": size,
-        "cpus": os.cpu_count(), "kernel": platform.release(), "fio": fio_version(),
-        "quorum_remote": ns.quorum_remote, "repeat": ns.repeat, "interrupted": interrupted,
-        "results": results, "errors": errors, "checks": checks,
-    }, indent=1))
-    report(results, errors, checks, rows, jobs, ns)
+    machine = benchkit.machine_record(ROOT)
+    doc = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(["bench/run.py"] + sys.argv[1:]),
+        "mode": mode, "runtime_s": ns.runtime, "ramp_s": 2, "size": size,
+        "cpus": os.cpu_count(), "kernel": platform.release(), "fio": fio_version(), "machine": machine,
+        "quorum_remote": ns.quorum_remote, "repeat": ns.repeat, "latency": ns.latency, "interrupted": interrupted,
+        "rows": rows, "jobs": jobs, "results": results, "errors": errors, "checks": checks,
+        "elapsed_s": round(time.monotonic() - t_start), **doc,
+    }
+    out.write_text(json.dumps(doc, indent=1))
+    md = out.with_suffix(".md")
+    md.write_text(benchkit.render_markdown(doc))
+    png = out.with_suffix(".png")
+    try:
+        drew = benchkit.render_chart(doc, png)
+    except ImportError as e:
+        drew = False
+        print(f"bench: no chart ({e}: install the lab extra, .[lab])", file=sys.stderr)
+    if rows:
+        report(results, errors, checks, rows, jobs, ns)
     if ns.link_security is not None:
         report_link_security(results, jobs, ns)
-    print(f"raw results: {out}")
+    # the other tables (multi-conn, cold log, distance, memory) as in the Markdown
+    for sec in benchkit.render_markdown(dict(doc, checks={}, errors={})).split("\n## ")[1:]:
+        if not sec.startswith("Targets"):
+            print("\n## " + sec.rstrip())
+    print(f"raw results: {out}\nreport: {md}" + (f"\nchart: {png}" if drew else "")
+          + f"\nelapsed: {doc['elapsed_s']} s")
     return 1 if (errors or interrupted) else 0
 
 
