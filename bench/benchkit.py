@@ -257,13 +257,13 @@ def render_markdown(doc: dict) -> str:
         out += distance_markdown(dist)
     mem = doc.get("memory")
     if mem:
-        out += ["", f"## Memory: peak RSS (VmHWM) of each node under {mem.get('load', 'fio')}", ""]
+        out += ["", f"## Memory: peak RSS (VmHWM, MiB) of each node under {mem.get('load', 'fio')}", ""]
         body = []
         for site, ph in mem.get("phases", {}).items():
             pk = ph.get("peak_MB", {})
             body.append([f"fio at {site}", _num(ph.get("mbps")), _num(pk.get("A")), _num(pk.get("B")),
                          fmt_ratio(ratio(max(pk.values()) if pk else None, MEMORY_BUDGET_MB))])
-        out += _table(["phase", "MB/s", "A peak MB", "B peak MB", f"max × {MEMORY_BUDGET_MB} MB budget (≤ 1)"], body)
+        out += _table(["phase", "MB/s", "A peak MiB", "B peak MiB", f"max × {MEMORY_BUDGET_MB} MiB budget (≤ 1)"], body)
     checks = {g: i for g, i in doc.get("checks", {}).items() if i}
     if checks:
         out += ["", "Checks: " + "; ".join(f"{g}: " + ", ".join(f"{k}={v}" for k, v in i.items())
