@@ -1,0 +1,119 @@
+"""bench/run.py's report: the machine record, the ratios the issue's targets are judged by, the
+Markdown and the chart of one run, from literal results (no fio, no servers)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pytest import approx
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import benchkit  # noqa: E402
+
+
+def fio_result(iops: float, p50: float = 100.0, p99: float = 300.0, bs: int = 4096) -> dict:
+    return {"iops": iops, "mbps": iops * bs / 1e6, "lat_p50_us": p50, "lat_p99_us": p99,
+            "clat_p50_us": p50, "clat_p99_us": p99}
+
+
+def test_cpu_model_is_read_from_x86_and_arm_cpuinfo() -> None:
+    x86 = "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t: fpu\n"
+    arm = "processor\t: 0\nBogoMIPS\t: 50.00\n\nHardware\t: BCM2835\nModel\t\t: Raspberry Pi 4 Model B\n"
+    assert benchkit.cpu_model(x86) == "Intel(R) Xeon(R) Processor"
+    assert benchkit.cpu_model(arm) == "Raspberry Pi 4 Model B"
+    assert benchkit.cpu_model("") == "?"
+
+
+def test_tool_versions_are_the_number_of_their_first_line() -> None:
+    assert benchkit.first_version("fio-3.33\n") == "3.33"
+    assert benchkit.first_version("nbdkit 1.32.5\n") == "1.32.5"
+    assert benchkit.first_version("qemu-storage-daemon version 7.2.22 (Debian 1:7.2+dfsg-7)\nCopyright") == "7.2.22"
+    assert benchkit.first_version("") == "?"
+
+
+def test_a_restricted_affinity_is_named_in_tasksets_notation() -> None:
+    assert benchkit.cpu_list([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert benchkit.affinity_note(2, [0, 1]) == "2"
+    assert benchkit.affinity_note(16, [0, 1, 2, 3]) == "4 (affinity 0-3 of 16)"
+    assert benchkit.affinity_note(4, None) == "4"
+
+
+def test_machine_record_names_cpus_kernel_debian_python_and_every_version() -> None:
+    m = benchkit.machine_record(ROOT)
+    assert m["cpus"] >= 1 and m["cpus_used"] and m["cpu_model"] and m["kernel"] and m["python"]
+    assert set(m["versions"]) == {"fio", "nbdkit", "qemu", "trio", "construct", "xxhash", "syncd"}
+    assert "git " in m["versions"]["syncd"]
+    lines = benchkit.machine_lines(m)
+    assert any(m["kernel"] in ln for ln in lines) and any("trio " in ln for ln in lines)
+
+
+def test_qd1_bound_is_the_no_delay_p50_plus_the_round_trip_plus_10_percent() -> None:
+    assert benchkit.qd1_bound_us(500, 1) == approx(1650)
+    assert benchkit.qd1_bound_us(500, 0) == approx(550)
+
+
+def test_qd64_bound_is_the_smaller_of_no_delay_iops_and_64_per_round_trip() -> None:
+    assert benchkit.qd64_bound_iops(20000, 5) == 12800
+    assert benchkit.qd64_bound_iops(9000, 5) == 9000
+    assert benchkit.qd64_bound_iops(9000, 0) == 9000
+
+
+def test_multiconn_ratio_is_four_connections_over_one() -> None:
+    res = {"syncd-repl-A": {"randwrite-4k-qd16": fio_result(10000), "randwrite-4k-qd16-mc4": fio_result(15000),
+                            "randread-4k-qd16": fio_result(40000)}}
+    rows = benchkit.multiconn_rows(res, ["syncd-repl-A"])
+    assert rows == [("syncd-repl-A", "4K randwrite QD16", 10000, 15000, approx(1.5))]  # the read ran on one conn only
+
+
+def test_distance_rows_are_judged_against_the_relays_own_no_delay_run() -> None:
+    dist = {"direct": {"qd1": fio_result(3000, p50=300)},
+            "relay": {"0": {"qd1": fio_result(2000, p50=500)}, "1": {"qd1": fio_result(600, p50=1600)},
+                      "10": {"qd1": fio_result(90, p50=11000)}}}
+    rows = benchkit.distance_rows(dist)
+    assert [r["rtt_ms"] for r in rows] == [0, 1, 10]  # numeric order, not "0" < "1" < "10" by luck
+    assert [r["km"] for r in rows] == [0, 100, 1000]
+    assert rows[1]["bound_us"] == approx(1650) and rows[1]["ratio"] == approx(1600 / 1650)
+    assert rows[2]["ratio"] == approx(11000 / 11550)
+
+
+def test_markdown_has_the_targets_multiconn_cold_distance_and_memory_tables() -> None:
+    jobs = ["randwrite-4k-qd16", "randwrite-4k-qd16-mc4"]
+    results = {"syncd-repl-A": {"randwrite-4k-qd16": fio_result(10000), "randwrite-4k-qd16-mc4": fio_result(16000)},
+               "nbdkit": {"randwrite-4k-qd16": fio_result(50000), "randwrite-4k-qd16-mc4": fio_result(80000)},
+               "qemu-quorum": {"randwrite-4k-qd16": fio_result(12500)}}
+    doc = {
+        "date": "2026-12-03", "runtime_s": 10, "size": 1 << 30, "jobs": jobs, "latency": "lat",
+        "rows": ["syncd-repl-A", "nbdkit", "qemu-quorum"], "results": results,
+        "machine": {"cpus": 2, "cpus_used": "2", "cpu_model": "Xeon", "kernel": "6.1", "debian": "12.11",
+                    "python": "3.11.7", "versions": {"fio": "3.33", "trio": "0.35.0", "syncd": "0.1.0 (git abc)"}},
+        "cold_log": {"size": 10 << 30, "warm_span": 256 << 20,
+                     "results": {"syncd-repl-A": {"warm": fio_result(10000), "cold": fio_result(9000)}}},
+        "distance": {"relay": {"0": {"qd1": fio_result(2000, p50=500)}, "5": {"qd1": fio_result(180, p50=5400)}},
+                     "qd64": {"0": fio_result(20000), "5": fio_result(11000)}, "qd64_rtt_ms": 5.0},
+        "memory": {"phases": {"A": {"mbps": 400, "peak_MB": {"A": 200, "B": 128}}}},
+        "errors": {"qemu-quorum randwrite-4k-qd16-mc4": "fio failed\ndetails"},
+    }
+    md = benchkit.render_markdown(doc)
+    assert "- CPUs: 2, Xeon" in md and "Debian 12.11" in md and "syncd 0.1.0 (git abc)" in md
+    assert "| syncd-repl-A | 4K randwrite QD16 | 10000 | 41.0 | 100 | 300 | 0.20 | 0.80 |" in md
+    assert "| qemu-quorum | 4K randwrite QD16, 4 conns | failed |" in md
+    assert "| syncd-repl-A | 4K randwrite QD16 | 10000 | 16000 | 1.60 |" in md  # multi-conn
+    assert "| syncd-repl-A | 10000 | 9000 | 300 | 0.90 |" in md  # cold × warm
+    assert "| 5 | 500 | 180 | 5400 |" in md and "over 10 GiB" in md
+    assert "| +5 ms | 11000 |" in md and "0.86 |" in md  # 11000 / min(20000, 12800)
+    assert "| fio at A | 400 | 200 | 128 | 0.78 |" in md  # 200 MiB × the 256 MiB budget
+    assert "**error** qemu-quorum randwrite-4k-qd16-mc4: fio failed" in md and "details" not in md
+
+
+def test_chart_is_drawn_for_ratios_and_distance(tmp_path: Path) -> None:
+    doc = {"jobs": ["randwrite-4k-qd16"], "rows": ["syncd-repl-A", "nbdkit"],
+           "results": {"syncd-repl-A": {"randwrite-4k-qd16": fio_result(10000)},
+                       "nbdkit": {"randwrite-4k-qd16": fio_result(50000)}},
+           "distance": {"relay": {"0": {"qd1": fio_result(2000, p50=500)}, "1": {"qd1": fio_result(600, p50=1600)}}}}
+    png = tmp_path / "run.png"
+    assert benchkit.render_chart(doc, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not benchkit.render_chart({"jobs": [], "rows": [], "results": {}}, tmp_path / "none.png")
