@@ -1,0 +1,69 @@
+"""The lab relay's delay line: a chunk never leaves before its arrival + the delay, chunks are
+relayed in order and whole, and a connection's timer survives cancellation (no stale expiry
+releases a later chunk early). How late it leaves is measured in bench/ (--distance), not here."""
+
+from __future__ import annotations
+
+import time
+
+import trio
+import trio.testing
+
+from syncd.lab.relay import DelayClock, Relay
+
+
+async def test_delay_clock_never_wakes_before_its_deadline() -> None:
+    clock = DelayClock()
+    try:
+        for step in (0.0003, -0.001, 0.001, 0.0, 0.002):
+            deadline = time.monotonic() + step
+            await clock.sleep_until(deadline)
+            assert time.monotonic() >= deadline
+        # cancelled while the timer is armed: the timer fires later, unread; the next sleep must
+        # not take that stale expiry for its own
+        with trio.move_on_after(0.001):
+            await clock.sleep_until(time.monotonic() + 0.003)
+        await trio.sleep(0.005)
+        deadline = time.monotonic() + 0.004
+        await clock.sleep_until(deadline)
+        assert time.monotonic() >= deadline
+    finally:
+        clock.close()
+
+
+async def test_delayed_relay_forwards_every_chunk_in_order_and_not_before_its_time() -> None:
+    relay = Relay(("127.0.0.1", 0), ("127.0.0.1", 0))
+    relay.delay = 0.002  # one way: a 4 ms round trip
+    src_client, src_relay = trio.testing.memory_stream_pair()
+    dst_relay, dst_server = trio.testing.memory_stream_pair()
+    sent_at: list[float] = []
+    got: list[tuple[float, bytes]] = []
+    done = trio.Event()
+    async with trio.open_nursery() as n:
+        cs = trio.CancelScope()
+        n.start_soon(relay._pump, src_relay, dst_relay, cs)
+
+        async def reader() -> None:
+            buf = b""
+            while len(buf) < 10 * 100:
+                data = await dst_server.receive_some()
+                buf += data
+                got.append((time.monotonic(), data))
+            assert buf == b"".join(bytes([i]) * 100 for i in range(10))
+            done.set()
+
+        n.start_soon(reader)
+        for i in range(10):
+            sent_at.append(time.monotonic())
+            await src_client.send_all(bytes([i]) * 100)
+            await trio.sleep(0.0005)
+        with trio.fail_after(10):
+            await done.wait()
+        n.cancel_scope.cancel()
+    # the first byte of each chunk leaves at its arrival + the delay, not before
+    arrivals: list[float] = []
+    for t, data in got:
+        arrivals += [t] * len(data)
+    for i, t0 in enumerate(sent_at):
+        assert arrivals[i * 100] >= t0 + relay.delay
+    assert relay.bytes == 1000
