@@ -45,6 +45,8 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=256, help="MiB")
     ap.add_argument("--dir", default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--link-security", choices=["key", "insecure", "tls"], default="key",
+                    help="the link's security mode (default key, the lab's)")
     a = ap.parse_args()
     d = Path(a.dir or tempfile.mkdtemp(prefix="syncd-cpu-"))
     if d.exists():
@@ -58,6 +60,8 @@ def main() -> int:
     for p in vols.values():
         shutil.copyfile(seed, p)
     lab = lab_up(str(d / "lab"), size=f"{a.size}MiB", nvolumes=1, npaths=2, relay=False, timeout=300,
+                 **({"link_opts": {"insecure": True}} if a.link_security == "insecure" else
+                    {"tls": "link"} if a.link_security == "tls" else {}),
                  volume_paths={s: [str(p)] for s, p in vols.items()})
     pids = [lab["nodes"][s]["pid"] for s in ("A", "B")]
     runs: dict = {"A": [], "B": []}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
+from typing import Protocol
 
 import trio
 from trio.lowlevel import checkpoint, wait_readable, wait_writable
@@ -39,6 +40,88 @@ class Pacer:
         if self.n >= self.every:
             self.n = 0
             await checkpoint()
+
+
+# -- output sent at the end of an input batch ----------------------------------------------------
+# A loop that reads requests (the NBD server's, the replication link's receiver) handles every
+# request one recv brought before it waits again: a *batch*. What the batch queues for sending
+# (replies, frames to the peer) is sent by the loop itself when the batch ends, in one sendmsg
+# per socket, instead of by each socket's sender task a scheduler round later: one task switch
+# and one epoll round less per hop, and the bytes leave sooner. A sender task stays for what
+# the kernel does not take at once (EAGAIN, a partial send) and for output queued outside a
+# batch (timers, other tasks), which wakes it as before.
+
+
+class Outbox(Protocol):
+    """What a socket's sender owns, seen by the batch: ``flush_inline`` (send what is queued
+    now without blocking, or hand the rest to the sender task) and ``flush_queued``."""
+
+    flush_queued: bool
+
+    def flush_inline(self) -> None: ...
+
+
+class _Batch:
+    __slots__ = ("active", "pending")
+
+    def __init__(self) -> None:
+        self.active = False
+        self.pending: list[Outbox] = []
+
+
+_batch = _Batch()
+
+
+def batch_begin() -> bool:
+    """Start a batch (nested calls are part of the outer one); returns what ``batch_end`` needs."""
+    was = _batch.active
+    _batch.active = True
+    return was
+
+
+def batch_end(was: bool) -> None:
+    """End a batch begun by ``batch_begin`` (call it before the caller's next await, and in a
+    ``finally``): every outbox the batch queued to is flushed now."""
+    if was:
+        return
+    _batch.active = False
+    pending = _batch.pending
+    while pending:
+        ob = pending.pop()
+        ob.flush_queued = False
+        ob.flush_inline()
+
+
+def defer(ob: Outbox) -> bool:
+    """Queue ``ob`` for the flush at the end of the current batch; False when no batch is
+    running (the caller then wakes its sender task)."""
+    if not _batch.active:
+        return False
+    if not ob.flush_queued:
+        ob.flush_queued = True
+        _batch.pending.append(ob)
+    return True
+
+
+def sendmsg_nowait(sock: socket.socket, views: list) -> int:
+    """One non-blocking vectored send of ``views`` (at most IOV_MAX); bytes sent, 0 on EAGAIN."""
+    try:
+        return sock.sendmsg(views)
+    except BlockingIOError:
+        return 0
+
+
+def unsent(views: list, n: int) -> list:
+    """What is left of ``views`` once ``n`` bytes of them went out (memoryviews)."""
+    i = 0
+    while n and i < len(views):
+        v = views[i]
+        if n >= v.nbytes:
+            n -= v.nbytes
+            i += 1
+        else:
+            return [v.cast("B")[n:]] + views[i + 1:]
+    return views[i:]
 
 
 async def recv(sock: socket.socket, n: int, pacer: Pacer | None = None) -> bytes:

@@ -122,6 +122,13 @@ class NBDConnection:
         self.room = trio.lowlevel.ParkingLot()  # the reader, waiting for held to drop
         self.idle = trio.Event()
         self.flushed: trio.Event | None = None  # set by the sender once every queued reply is sent
+        # Replies sent inline at the end of a batch (netio.batch_end): queued for it; bytes the
+        # kernel did not take and what they hold (the sender task sends them first); the
+        # sender task is mid-send.
+        self.flush_queued = False
+        self.rest: list = []
+        self.rest_held = 0
+        self.sending = False
         self.pacer = netio.Pacer()
         self.scope = trio.CancelScope()  # cancelled to disconnect this client (unexported)
         self.tls: ssl.SSLObject | None = None
@@ -200,25 +207,64 @@ class NBDConnection:
             self.held += n
             self.server.held += n
         self.out.append(bufs)
-        self.lot.unpark()
+        if not netio.defer(self):
+            self.lot.unpark()
+
+    def _next_replies(self) -> tuple[list, int]:
+        """Queued replies to send in one go, and what they hold."""
+        bufs: list = []
+        n = 0
+        out = self.out
+        while out and len(bufs) < 256:
+            bufs.extend(out.popleft())
+            n += _REPLY_OVERHEAD
+        for b in bufs:
+            n += len(b)
+        return bufs, n
+
+    def flush_inline(self) -> None:
+        """The end of a batch (``netio``): send the queued replies now without blocking; what
+        the kernel does not take (and anything over TLS, or while the sender task is mid-send)
+        is left to the sender task."""
+        if self.tls is not None or self.sending or self.rest or self.closed:
+            self.lot.unpark()
+            return
+        sock = self.sock
+        while self.out:
+            bufs, n = self._next_replies()
+            views = [b if isinstance(b, memoryview) else memoryview(b) for b in bufs if len(b)]
+            while views:
+                chunk = views[:netio.IOV_MAX]
+                try:
+                    sent = netio.sendmsg_nowait(sock, chunk)
+                except OSError:
+                    sent = 0  # the sender task meets the error again and ends the connection
+                views = netio.unsent(views, sent)
+                if sent < sum(v.nbytes for v in chunk):
+                    break
+            if views:
+                self.rest, self.rest_held = views, n
+                self.lot.unpark()
+                return
+            self._unhold(n)
 
     async def _sender(self) -> None:
         pacer = netio.Pacer()
         while True:
-            if not self.out:
+            if self.rest:  # what an inline send left: it goes first
+                bufs, n = self.rest, self.rest_held
+                self.rest, self.rest_held = [], 0
+            elif not self.out:
                 if self.flushed is not None:
                     self.flushed.set()
                 await self.lot.park()
                 continue
-            bufs = []
-            n = 0
-            while self.out and len(bufs) < 256:
-                bufs.extend(self.out.popleft())
-                n += _REPLY_OVERHEAD
-            for b in bufs:
-                n += len(b)
+            else:
+                bufs, n = self._next_replies()
+            self.sending = True
             with trio.move_on_after(self.server.limits.reply_timeout) as late:
                 await self._send(bufs, pacer)
+            self.sending = False
             if late.cancelled_caught:
                 # What it does not read stays held: a client that stops reading is dropped,
                 # not waited for forever.
@@ -388,38 +434,57 @@ class NBDConnection:
     async def transmission(self, nursery: trio.Nursery) -> None:
         conn = self.conn
         srv = self.server
-        while True:
-            if self.held >= srv.max_inflight_per_connection or srv.held >= srv.max_inflight:
-                await self._wait_for_room()
-            ev = conn.next_event()
-            if ev is p.NEED_DATA:
-                await self._recv()
-                continue
-            # Counted from its header on, before its payload is read: what passed the check
-            # above is held before any other connection checks again.
-            if isinstance(ev, p.PartialWrite):
-                self._hold(_REQ_OVERHEAD)  # and its payload as it arrives
-                ev = await self._complete_write(ev)
-                if ev.length >= _BIG_WRITE:
-                    # Reading, copying and forwarding a large write is a lot of work for one
-                    # step: let the other tasks (the replication link's above all) have a turn.
-                    await trio.lowlevel.checkpoint()
-            else:
-                self._hold(_request_cost(ev))
-            if ev.type == p.CMD_DISC:
-                return
-            st = self.stats
-            t0 = st.begin() if st is not None else 0.0
-            if self.server.draining and ev.type != p.CMD_BLOCK_STATUS:
-                self._unhold(_request_cost(ev))
-                self._fail(ev.cookie, p.NBD_ESHUTDOWN, "this array is shutting down: use another path")
-                if st is not None:
-                    st.end(ev.type, ev.length, t0, p.NBD_ESHUTDOWN)
-                continue
-            if (ev.type == p.CMD_READ or ev.type == p.CMD_WRITE) and not ev.flags and self._fast(ev, t0):
-                continue
-            self.inflight += 1
-            nursery.start_soon(self._run, ev, t0)
+        # The requests one recv brought are a batch (netio): their replies, and the frames they
+        # send to the peer, go out when the batch ends, before this loop waits again.
+        was = netio.batch_begin()
+        try:
+            while True:
+                if self.held >= srv.max_inflight_per_connection or srv.held >= srv.max_inflight:
+                    netio.batch_end(was)
+                    try:
+                        await self._wait_for_room()
+                    finally:
+                        was = netio.batch_begin()
+                ev = conn.next_event()
+                if ev is p.NEED_DATA:
+                    netio.batch_end(was)
+                    try:
+                        await self._recv()
+                    finally:
+                        was = netio.batch_begin()
+                    continue
+                # Counted from its header on, before its payload is read: what passed the check
+                # above is held before any other connection checks again.
+                if isinstance(ev, p.PartialWrite):
+                    self._hold(_REQ_OVERHEAD)  # and its payload as it arrives
+                    netio.batch_end(was)
+                    try:
+                        ev = await self._complete_write(ev)
+                        if ev.length >= _BIG_WRITE:
+                            # Reading, copying and forwarding a large write is a lot of work for
+                            # one step: let the other tasks (the replication link's above all)
+                            # have a turn.
+                            await trio.lowlevel.checkpoint()
+                    finally:
+                        was = netio.batch_begin()
+                else:
+                    self._hold(_request_cost(ev))
+                if ev.type == p.CMD_DISC:
+                    return
+                st = self.stats
+                t0 = st.begin() if st is not None else 0.0
+                if self.server.draining and ev.type != p.CMD_BLOCK_STATUS:
+                    self._unhold(_request_cost(ev))
+                    self._fail(ev.cookie, p.NBD_ESHUTDOWN, "this array is shutting down: use another path")
+                    if st is not None:
+                        st.end(ev.type, ev.length, t0, p.NBD_ESHUTDOWN)
+                    continue
+                if (ev.type == p.CMD_READ or ev.type == p.CMD_WRITE) and not ev.flags and self._fast(ev, t0):
+                    continue
+                self.inflight += 1
+                nursery.start_soon(self._run, ev, t0)
+        finally:
+            netio.batch_end(was)
 
     def _fast(self, r: p.Request, t0: float) -> bool:
         """Run a plain read or write without a task when the export can (True if handled; the

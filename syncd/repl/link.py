@@ -135,6 +135,42 @@ class Path:
     # RTT_CLEAR of it: one warning per episode, not one per keepalive).
     rtt_high: bool = False
     rtt_samples: int = 0  # keepalive round trips measured since the path came up
+    # Inline sending at the end of a batch (netio.batch_end): queued for it; wire bytes the
+    # kernel did not take (the sender task sends them first); the sender task is mid-send.
+    flush_queued: bool = False
+    rest: list = field(default_factory=list)
+    sending: bool = False
+
+    def flush_inline(self) -> None:
+        """Send what is queued now, without blocking (the end of a batch, ``netio``); what the
+        kernel does not take, or anything while the sender task is mid-send, is left to it."""
+        sock = self.sock
+        q = self.sendq
+        if self.sending or self.rest or sock is None:
+            self.lot.unpark()
+            return
+        while q.ctl or q.bulk:
+            since = self.ctl_since if q.ctl else 0.0
+            views = [b if isinstance(b, memoryview) else memoryview(b)
+                     for b in self.chan.wrap(q.next_batch()) if len(b)]
+            while views:
+                chunk = views[:netio.IOV_MAX]
+                try:
+                    n = netio.sendmsg_nowait(sock, chunk)
+                except OSError:
+                    n = 0  # the sender task meets the error again and ends the path
+                self.tx_bytes += n
+                views = netio.unsent(views, n)
+                if n < sum(v.nbytes for v in chunk):
+                    break
+            if since:
+                waited = time.monotonic() - since
+                if waited > self.ctl_wait_max:
+                    self.ctl_wait_max = waited
+            if views:
+                self.rest = views
+                self.lot.unpark()
+                return
 
     def info(self) -> dict:
         return {
@@ -476,11 +512,19 @@ class Link:
         q = p.sendq
         try:
             while True:
+                if p.rest:  # what an inline send (end of a batch) left
+                    rest, p.rest = p.rest, []
+                    p.sending = True
+                    p.tx_bytes += await netio.sendmsg_all(p.sock, rest, pacer)
+                    p.sending = False
+                    continue
                 if not q.ctl and not q.bulk:
                     await p.lot.park()
                     continue
                 since = p.ctl_since if q.ctl else 0.0
+                p.sending = True
                 p.tx_bytes += await netio.sendmsg_all(p.sock, p.chan.wrap(q.next_batch()), pacer)
+                p.sending = False
                 if since:
                     waited = time.monotonic() - since
                     if waited > p.ctl_wait_max:
@@ -513,38 +557,48 @@ class Link:
         pacer = netio.Pacer()
         while True:
             got = 0
-            while got < _READ_AHEAD and queued < _RX_QUEUE_MAX:
-                n = netio.recv_into_nowait(sock, view)
-                if n is None:  # nothing more has arrived
-                    if got or data_ops:
-                        break
-                    await trio.lowlevel.wait_readable(sock)
-                    pacer.reset()
-                    continue
-                if not n:
-                    p.last_error = "peer closed the connection"
-                    return
-                got += n
-                dec.receive_data(chan.unwrap(view[:n]))
-                while (f := dec.next_frame()) is not None:
-                    p.rx_frames += 1
-                    if f.type in DATA_TYPES:
-                        data_ops.append(f)
-                        queued += len(f.payload)
-                    else:
-                        self._dispatch(p, f)
-                if n < _RECV_BUF:  # the socket is very likely drained: spare a recv
-                    break
-            if got:
-                p.rx_bytes += got
-                p.last_rx = time.monotonic()
             budget = BULK_BATCH
-            while data_ops and budget > 0:
-                f = data_ops.popleft()
-                n = len(f.payload)
-                queued -= n
-                budget -= n + proto.HEADER_SIZE
-                self._dispatch(p, f)
+            # What this round's frames make this node send (replies, mirrored writes, host
+            # replies) goes out when the round ends, one sendmsg per socket (netio's batches).
+            was = netio.batch_begin()
+            try:
+                while got < _READ_AHEAD and queued < _RX_QUEUE_MAX:
+                    n = netio.recv_into_nowait(sock, view)
+                    if n is None:  # nothing more has arrived
+                        if got or data_ops:
+                            break
+                        netio.batch_end(was)
+                        try:
+                            await trio.lowlevel.wait_readable(sock)
+                        finally:
+                            was = netio.batch_begin()
+                        pacer.reset()
+                        continue
+                    if not n:
+                        p.last_error = "peer closed the connection"
+                        return
+                    got += n
+                    dec.receive_data(chan.unwrap(view[:n]))
+                    while (f := dec.next_frame()) is not None:
+                        p.rx_frames += 1
+                        if f.type in DATA_TYPES:
+                            data_ops.append(f)
+                            queued += len(f.payload)
+                        else:
+                            self._dispatch(p, f)
+                    if n < _RECV_BUF:  # the socket is very likely drained: spare a recv
+                        break
+                if got:
+                    p.rx_bytes += got
+                    p.last_rx = time.monotonic()
+                while data_ops and budget > 0:
+                    f = data_ops.popleft()
+                    n = len(f.payload)
+                    queued -= n
+                    budget -= n + proto.HEADER_SIZE
+                    self._dispatch(p, f)
+            finally:
+                netio.batch_end(was)
             if budget <= 0:
                 await trio.lowlevel.checkpoint()  # a batch of writes was applied: others' turn
                 pacer.reset()
@@ -628,7 +682,8 @@ class Link:
                 p.ctl_since = time.monotonic()
             q.ctl.append(bufs)
         p.tx_frames += 1
-        p.lot.unpark()
+        if not netio.defer(p):
+            p.lot.unpark()
 
     def _transmit(self, bufs: list, pend: _Pending | None) -> None:
         p = self._pick()
