@@ -6,7 +6,12 @@ requests fio completed. On a shared machine IOPS swing with the neighbours' load
 request hardly moves, so this is the number to compare two versions of the hot path with.
 Links are dialled directly (no relay), volumes are prefilled (no allocation on first write).
 
+With --profile DIR, py-spy (pip install py-spy: a tool, not a dependency) samples both nodes
+through each run: DIR/at-SITE-NODE.txt are collapsed stacks (for any flame graph tool), and the
+functions with the most samples of their own are printed per node.
+
 Usage: .venv/bin/python bench/cpu_per_io.py [--runtime 10] [--repeat 3] [--bs 4k] [--qd 16]
+       .venv/bin/python bench/cpu_per_io.py --repeat 1 --qd 1 --profile /tmp/prof [--link-security insecure]
 Runs against whatever syncd the interpreter imports (an older checkout: run it from there).
 """
 
@@ -36,6 +41,39 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
 
 
+def start_profiles(d: str, site: str, pids: list[int], seconds: int) -> list:
+    """py-spy on both nodes for ``seconds``: [(process, output path)]."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        raise SystemExit("--profile needs py-spy: .venv/bin/pip install py-spy")
+    Path(d).mkdir(parents=True, exist_ok=True)
+    out = []
+    for node, pid in zip("AB", pids, strict=True):
+        path = Path(d) / f"at-{site}-{node}.txt"
+        out.append((subprocess.Popen([spy, "record", "-p", str(pid), "-o", str(path), "-f", "raw", "-r", "200",
+                                      "-d", str(seconds), "--nonblocking"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), path))
+    return out
+
+
+def top_self(path: Path, n: int = 12) -> list[str]:
+    """The ``n`` frames with the most samples of their own, as shares of all samples."""
+    own: dict[str, int] = {}
+    total = 0
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return ["(no profile)"]
+    for line in lines:
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        total += int(count)
+        leaf = stack.rsplit(";", 1)[-1]
+        own[leaf] = own.get(leaf, 0) + int(count)
+    return [f"{100 * c / total:5.1f}% {f}" for f, c in sorted(own.items(), key=lambda kv: -kv[1])[:n]]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runtime", type=int, default=10)
@@ -45,6 +83,8 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=256, help="MiB")
     ap.add_argument("--dir", default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--rw", default="randwrite", help="fio's rw (default randwrite)")
+    ap.add_argument("--profile", default=None, metavar="DIR", help="py-spy both nodes; stacks into DIR")
     ap.add_argument("--link-security", choices=["key", "insecure", "tls"], default="key",
                     help="the link's security mode (default key, the lab's)")
     a = ap.parse_args()
@@ -69,16 +109,23 @@ def main() -> int:
         for _ in range(a.repeat):
             for site in ("A", "B"):
                 uri = lab["nodes"][site]["volumes"]["vv1"]["uri"]
+                spies = start_profiles(a.profile, site, pids, a.runtime + 2) if a.profile else []
                 c0 = [cpu_seconds(p) for p in pids]
                 p = subprocess.run(
-                    ["fio", "--name=cpu", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", f"--bs={a.bs}",
+                    ["fio", "--name=cpu", "--ioengine=nbd", f"--uri={uri}", f"--rw={a.rw}", f"--bs={a.bs}",
                      f"--iodepth={a.qd}", "--time_based", f"--runtime={a.runtime}", f"--size={a.size}M",
                      "--output-format=json"], capture_output=True, text=True)
                 c1 = [cpu_seconds(p) for p in pids]
+                for spy, path in spies:
+                    spy.wait()
+                    print(f"py-spy, fio at {site}, node {path.stem[-1]}: most samples of their own")
+                    for line in top_self(path):
+                        print("   ", line)
                 job = json.loads(p.stdout[p.stdout.index("{"):])["jobs"][0]
-                ios = job["write"]["total_ios"]
+                kind = "read" if "read" in a.rw and "write" not in a.rw else "write"
+                ios = job[kind]["total_ios"]
                 cpu = [b - a_ for a_, b in zip(c0, c1, strict=True)]
-                runs[site].append({"iops": round(job["write"]["iops"]), "ios": ios, "error": job["error"],
+                runs[site].append({"iops": round(job[kind]["iops"]), "ios": ios, "error": job["error"],
                                    "cpu_us_per_io_A": round(cpu[0] / ios * 1e6, 1),
                                    "cpu_us_per_io_B": round(cpu[1] / ios * 1e6, 1),
                                    "cpu_us_per_io": round(sum(cpu) / ios * 1e6, 1)})
