@@ -81,7 +81,7 @@ def main() -> int:
     ap.add_argument("--bs", default="4k")
     ap.add_argument("--qd", type=int, default=16)
     ap.add_argument("--size", type=int, default=256, help="MiB")
-    ap.add_argument("--dir", default=None)
+    ap.add_argument("--dir", default=None, help="work directory, kept afterwards (default: a temporary one)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--rw", default="randwrite", help="fio's rw (default randwrite)")
     ap.add_argument("--profile", default=None, metavar="DIR", help="py-spy both nodes; stacks into DIR")
@@ -139,7 +139,8 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M:%S"), "tree": os.getcwd(),
                                "args": vars(a), "runs": runs, "median": summary}, indent=1))
-    shutil.rmtree(d, ignore_errors=True)
+    if not a.dir:  # a directory given is kept: node logs for a run that went wrong
+        shutil.rmtree(d, ignore_errors=True)
     return 0
 
 
