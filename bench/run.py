@@ -520,9 +520,7 @@ def run_distance(rtts: list[float], size: int, seed: Path, d: Path, ns, errors: 
             errors[f"distance {mode}"] = str(e)
             print(f"bench: distance {mode}: {e}", file=sys.stderr)
         finally:
-            if not ns.keep:
-                for f in gd.glob("*.img"):
-                    f.unlink()
+            drop_images(gd, ns)
     return dist
 
 
@@ -553,10 +551,15 @@ def run_memory(size: int, seed: Path, d: Path, ns, errors: dict, checks: dict) -
         errors["memory"] = str(e)
         print(f"bench: memory: {e}", file=sys.stderr)
     finally:
-        if not ns.keep:
-            for f in gd.glob("*.img"):
-                f.unlink()
+        drop_images(gd, ns)
     return mem
+
+
+def drop_images(d: Path, ns) -> None:
+    """Backing files are deleted after their target (page cache freed) unless --keep."""
+    if not ns.keep:
+        for f in d.glob("*.img"):
+            f.unlink()
 
 
 def main() -> int:

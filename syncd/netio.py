@@ -103,16 +103,27 @@ def defer(ob: Outbox) -> bool:
     return True
 
 
-def sendmsg_nowait(sock: socket.socket, views: list) -> int:
-    """One non-blocking vectored send of ``views`` (at most IOV_MAX); bytes sent, 0 on EAGAIN."""
-    try:
-        return sock.sendmsg(views)
-    except BlockingIOError:
-        return 0
+def send_available(sock: socket.socket, bufs: list) -> tuple[int, list]:
+    """Send what the kernel takes now of ``bufs`` (vectored, never blocking): the bytes sent
+    and what is left of them (memoryviews; [] when everything went). A socket error leaves
+    everything unsent from that point, for a sender task to meet again and end the connection."""
+    views = [b if isinstance(b, memoryview) else memoryview(b) for b in bufs if len(b)]
+    total = 0
+    while views:
+        chunk = views[:IOV_MAX]
+        try:
+            n = sock.sendmsg(chunk)
+        except OSError:  # BlockingIOError (EAGAIN) or an error the sender task will meet
+            break
+        total += n
+        views = _unsent(views, n)
+        if n < sum(v.nbytes for v in chunk):
+            break
+    return total, views
 
 
-def unsent(views: list, n: int) -> list:
-    """What is left of ``views`` once ``n`` bytes of them went out (memoryviews)."""
+def _unsent(views: list, n: int) -> list:
+    """What is left of ``views`` once ``n`` bytes of them went out."""
     i = 0
     while n and i < len(views):
         v = views[i]

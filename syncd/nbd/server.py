@@ -229,21 +229,11 @@ class NBDConnection:
         if self.tls is not None or self.sending or self.rest or self.closed:
             self.lot.unpark()
             return
-        sock = self.sock
         while self.out:
             bufs, n = self._next_replies()
-            views = [b if isinstance(b, memoryview) else memoryview(b) for b in bufs if len(b)]
-            while views:
-                chunk = views[:netio.IOV_MAX]
-                try:
-                    sent = netio.sendmsg_nowait(sock, chunk)
-                except OSError:
-                    sent = 0  # the sender task meets the error again and ends the connection
-                views = netio.unsent(views, sent)
-                if sent < sum(v.nbytes for v in chunk):
-                    break
-            if views:
-                self.rest, self.rest_held = views, n
+            _, left = netio.send_available(self.sock, bufs)
+            if left:
+                self.rest, self.rest_held = left, n
                 self.lot.unpark()
                 return
             self._unhold(n)

@@ -151,24 +151,14 @@ class Path:
             return
         while q.ctl or q.bulk:
             since = self.ctl_since if q.ctl else 0.0
-            views = [b if isinstance(b, memoryview) else memoryview(b)
-                     for b in self.chan.wrap(q.next_batch()) if len(b)]
-            while views:
-                chunk = views[:netio.IOV_MAX]
-                try:
-                    n = netio.sendmsg_nowait(sock, chunk)
-                except OSError:
-                    n = 0  # the sender task meets the error again and ends the path
-                self.tx_bytes += n
-                views = netio.unsent(views, n)
-                if n < sum(v.nbytes for v in chunk):
-                    break
+            n, left = netio.send_available(sock, self.chan.wrap(q.next_batch()))
+            self.tx_bytes += n
             if since:
                 waited = time.monotonic() - since
                 if waited > self.ctl_wait_max:
                     self.ctl_wait_max = waited
-            if views:
-                self.rest = views
+            if left:
+                self.rest = left
                 self.lot.unpark()
                 return
 

@@ -1,0 +1,55 @@
+"""netio's inline sends: what the kernel does not take is handed back whole and in order, and
+output queued in a batch is flushed when the batch ends (nested batches: the outer one)."""
+
+import socket
+
+from syncd import netio
+
+
+def test_send_available_returns_exactly_what_the_kernel_did_not_take():
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    data = [bytes([i]) * 100_000 for i in range(5)] + [b"", memoryview(b"tail")]
+    sent, left = netio.send_available(a, data)
+    whole = b"".join(bytes(x) for x in data)
+    assert 0 < sent < len(whole) and left
+    assert sent + sum(v.nbytes for v in left) == len(whole)
+    assert b"".join(bytes(v) for v in left) == whole[sent:]
+    a.close()
+    b.close()
+
+
+def test_send_available_on_a_dead_socket_leaves_everything_unsent():
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.close()
+    a.shutdown(socket.SHUT_WR)
+    sent, left = netio.send_available(a, [b"x" * 10, b"y"])
+    assert sent == 0 and b"".join(bytes(v) for v in left) == b"x" * 10 + b"y"
+    a.close()
+
+
+class Box:
+    def __init__(self):
+        self.flush_queued = False
+        self.flushes = 0
+
+    def flush_inline(self):
+        self.flushes += 1
+
+
+def test_output_queued_in_a_batch_is_flushed_once_when_the_outer_batch_ends():
+    box, other = Box(), Box()
+    assert not netio.defer(box)  # no batch: the caller wakes its sender task
+    outer = netio.batch_begin()
+    try:
+        assert netio.defer(box) and netio.defer(box)
+        inner = netio.batch_begin()
+        assert netio.defer(other)
+        netio.batch_end(inner)
+        assert box.flushes == other.flushes == 0  # the inner end is not the end of the batch
+    finally:
+        netio.batch_end(outer)
+    assert box.flushes == other.flushes == 1
+    assert not box.flush_queued and not netio.defer(box)
