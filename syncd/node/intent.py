@@ -399,6 +399,12 @@ class IntentLog:
                 await self._write(sync=False)
         return n
 
+    def stats(self) -> dict:
+        """What showrcopy and the metrics show of the log."""
+        return {"marked_regions": self.count(), "hot_extents": len(self.last), "hot_extents_max": self.budget,
+                "extent_bytes": self.ext * self.region, "marks": self.marks, "metadata_syncs": self.meta_syncs,
+                "evictions": self.evictions, "idle_clears": self.idle_clears, "data_syncs": self.data_syncs}
+
     def hot_extents(self) -> int:
         """Extents in the hot set (written since marked, not yet evicted or idle-cleared)."""
         return len(self.last)
