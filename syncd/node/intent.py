@@ -4,34 +4,52 @@ only, not of the whole volume.
 
 Before any write is applied to a region, the region's bit must be set *durably* (pwrite +
 fdatasync of the bitmap file); writes to a region whose bit is already durable cost nothing
-more than a bit test. A bit is cleared lazily, and only once the data it covers is durable on
-this array: a bit cleared while the region's data is still only in the page cache (or a disk's
-write cache) would let a power cut leave the replicas different with nothing left to compare.
-A pass of ``clear_idle`` (every second) keeps this order:
+more than a bit test. The log is kept as an *activity log* (the idea of DRBD's al-extents):
 
-1. Candidates: set bits of regions with no write marked or touched for longer than any write
+* Marks are made in extents of several regions (``extent``, 4 MiB: 16 regions of 256 KiB): the
+  first write to an extent sets every region bit of it, so the next writes anywhere in it find
+  their bits durable. The file stays a bitmap of regions (a set bit: compare that region after a
+  crash), so crash recovery reads it as before.
+* Concurrent marks share one metadata transaction: whoever takes the lock writes the bitmap
+  pages (4 KiB) changed since the last write, marks of all waiters included, and syncs once.
+* Extents written since they were marked form the *hot set* (``last``: extent -> time of its
+  last write). They are not cleared because they went idle for ``hold``; they stay marked while
+  the set is within its budget (``hot`` bytes, 16 GiB: what a crash then costs is comparing that
+  much by digest at most) and leave it when it is over budget, least recently written first, in
+  batches that bring it an eighth below the budget (the pass runs every second; a new mark never
+  waits for it: the set exceeds the budget only by extents written within ``hold``, which no
+  rule could clear), or after ``idle`` seconds without a write (300 s: a quiet volume keeps
+  little to compare). Set bits outside the hot set (found at start, marked by ``set_sync``,
+  kept regions of an evicted extent) are cleared as soon as the rules below allow.
+
+A bit is cleared only once the data it covers is durable on this array: a bit cleared while the
+region's data is still only in the page cache (or a disk's write cache) would let a power cut
+leave the replicas different with nothing left to compare. A pass of ``clear_idle`` (every
+second) keeps this order:
+
+1. Candidates: extents chosen above with no write marked or touched for longer than any write
    can be held (``hold``, the arrays' ``max_request_hold``), so every write to them has been
-   applied, and not kept by the caller (on a primary: dirty, the peer lacks it; on a secondary
-   after a crash: not yet reported to the primary).
+   applied, and of them the regions not kept by the caller (on a primary: dirty, the peer lacks
+   it; on a secondary after a crash: not yet reported to the primary).
 2. The volume's data is made durable: every write to a candidate was applied by its last mark
    or touch + ``hold``, so a volume flush that began after that covers it. Candidates that
    the volume's latest completed flush (a host's FLUSH, usually) covers are cleared at once;
    the others wait up to ``flush_wait`` seconds for a host flush, then the pass makes one
    itself (``Volume.flush``: fdatasync in a worker thread) for all of them. A host that
    flushes at least that often never costs an extra sync; one that never flushes costs one
-   per ``flush_wait`` seconds at most, and only while regions go idle. A flush covers every
-   write applied before it began, however it was applied: buffered pwrite (host, mirrored,
-   forwarded and resync writes), fallocate (zeroes, trims), O_DIRECT and RWF_DSYNC writes (an
-   fdatasync also flushes the device's write cache).
+   per ``flush_wait`` seconds at most, and only while extents leave the hot set. A flush covers
+   every write applied before it began, however it was applied: buffered pwrite (host,
+   mirrored, forwarded and resync writes), fallocate (zeroes, trims), O_DIRECT and RWF_DSYNC
+   writes (an fdatasync also flushes the device's write cache).
 3. Only candidates still idle (no write marked or touched since step 1: such a write may have
-   been applied after the sync began) and still not kept are cleared.
-4. The bitmap with those bits cleared is written without a sync: it can reach the disk only
-   after step 2 returned, when the data it stops covering is already durable; if a crash comes
-   first, the stale set bit only costs a digest comparison.
+   been applied after the sync began) are cleared, and of them only regions still not kept.
+4. The bitmap pages with those bits cleared are written without a sync: they can reach the disk
+   only after step 2 returned, when the data they stop covering is already durable; if a crash
+   comes first, the stale set bit only costs a digest comparison.
 
 Writes never wait for a clear pass (``mark`` and ``clear_idle`` share a lock only around bitmap
-file writes) and cost no more than before. After a failed volume flush no bit is cleared until
-the node restarts: Linux may report a later fdatasync as successful although the data was lost.
+file writes). After a failed volume flush no bit is cleared until the node restarts: Linux may
+report a later fdatasync as successful although the data was lost.
 
 File: ``intent-<gid>-<vol_id>`` in the node's data directory::
 
