@@ -312,6 +312,15 @@ class HooksConfig:
 
 
 @dataclass(frozen=True)
+class IntentConfig:
+    """[intent]: the write-intent log kept as an activity log (``syncd/node/intent.py``)."""
+
+    extent: int = 4 << 20  # bytes marked at once: the first write to an extent marks all of it
+    hot: int = 16 << 30  # bytes of extents per volume kept marked while written (LRU beyond)
+    idle: float = 300.0  # s without a write after which an extent is cleared anyway
+
+
+@dataclass(frozen=True)
 class EventsConfig:
     """[events]: the event stream (``syncd/node/events.py``, ``syncctl events``)."""
 
@@ -335,6 +344,7 @@ class NodeConfig:
     metrics: MetricsConfig | None = None
     hooks: HooksConfig = HooksConfig()
     events: EventsConfig = EventsConfig()
+    intent: IntentConfig = IntentConfig()
 
     @property
     def nbd_max_inflight(self) -> int:
@@ -399,7 +409,8 @@ def parse_node_config(raw: dict, base: Path = Path("."), source: str = "") -> No
     and volume (a section's own checks stop at its first problem)."""
     problems = Problems()
     with problems.part():
-        _no_extra(raw, {"node", "nbd", "link", "volume", "witness", "metrics", "hooks", "events"}, "config")
+        _no_extra(raw, {"node", "nbd", "link", "volume", "witness", "metrics", "hooks", "events", "intent"},
+                  "config")
     name = data_dir = admin_socket = ""
     node: dict = {}
     with problems.part() as node_part:
@@ -480,8 +491,11 @@ def parse_node_config(raw: dict, base: Path = Path("."), source: str = "") -> No
     events = EventsConfig()
     with problems.part():
         events = parse_events(_take(raw, "events", "config", dict, {}))
+    intent = IntentConfig()
+    with problems.part():
+        intent = parse_intent(_take(raw, "intent", "config", dict, {}))
     cfg = NodeConfig(name, data_dir, admin_socket, nbd_listen, link, tuple(vols), source, witness, nbd_tls,
-                     nbd_limits, metrics, hooks, events)
+                     nbd_limits, metrics, hooks, events, intent)
     problems.raise_if_any(partial=cfg)
     return cfg
 
@@ -531,6 +545,22 @@ def parse_hooks(t: dict, base: Path = Path(".")) -> HooksConfig:
         if kw[k] < 1:
             raise ConfigError(f"hooks.{k}: must be at least 1, got {kw[k]}")
     return HooksConfig(tuple(cmds), timeout, **kw)
+
+
+def parse_intent(t: dict) -> IntentConfig:
+    """[intent]: ``extent`` and ``hot`` sizes, ``idle`` seconds."""
+    _no_extra(t, {"extent", "hot", "idle"}, "intent")
+    d = IntentConfig()
+    extent = parse_size(t.get("extent", d.extent), "intent.extent")
+    if extent % 4096 or extent & (extent - 1):
+        raise ConfigError(f"intent.extent: must be a power of two multiple of 4096 (default 4MiB), got {extent}")
+    hot = parse_size(t.get("hot", d.hot), "intent.hot")
+    if hot < extent:
+        raise ConfigError(f"intent.hot: at least one extent ({extent} bytes), got {hot}")
+    idle = _take(t, "idle", "intent", float, d.idle)
+    if idle <= 0:
+        raise ConfigError(f"intent.idle: must be positive (seconds), got {idle}")
+    return IntentConfig(extent, hot, idle)
 
 
 def parse_events(t: dict) -> EventsConfig:

@@ -154,7 +154,8 @@ def link_timings(link_opts: dict) -> dict:
 
 def node_toml(name: str, peer: str, d: Path, nbd_port: int, paths: list[tuple[int, int]],
               volumes: list[tuple[str, Path, int]], extra_link: dict | None = None,
-              witness: dict | None = None, nbd: dict | None = None, metrics_port: int | None = None) -> str:
+              witness: dict | None = None, nbd: dict | None = None, metrics_port: int | None = None,
+              intent: dict | None = None) -> str:
     lines = [
         "[node]",
         f'name = "{name}"',
@@ -178,6 +179,8 @@ def node_toml(name: str, peer: str, d: Path, nbd_port: int, paths: list[tuple[in
         lines += ["", "[witness]"] + [f"{k} = {json.dumps(v)}" for k, v in witness.items()]
     if metrics_port is not None:
         lines += ["", "[metrics]", f'listen = "127.0.0.1:{metrics_port}"']
+    if intent:
+        lines += ["", "[intent]"] + [f"{k} = {json.dumps(v)}" for k, v in intent.items()]
     for vname, vpath, size in volumes:
         lines += ["", "[[volume]]", f'name = "{vname}"', f'path = "{vpath}"']
         if size is not None:
@@ -218,7 +221,7 @@ def _lab_up(
     link_opts: dict | None = None, wait: bool = True, timeout: float = 120.0,
     volume_paths: dict[str, list[str]] | None = None, relay: bool = True,
     witness: dict | None = None, loop: bool = False, nbd_tls: dict | None = None,
-    topology: str | None = None, power_cut: bool = False, tls: bool | str = False,
+    topology: str | None = None, power_cut: bool = False, tls: bool | str = False, intent: dict | None = None,
 ) -> dict:
     """Start the lab; ``volume_paths`` = {"A": [dev, ...], "B": [...]} uses existing files or
     block devices (e.g. loop devices) instead of creating image files; ``loop`` puts every
@@ -229,7 +232,8 @@ def _lab_up(
     TLS with certificates from a CA made for this lab (``make_lab_tls``): NBD ``require`` (the
     lab's host answers to its client certificates), the link and the witness mutual TLS, the
     host shims' paths nbds:// with client certificates; ``tls = "link"``: the link alone (the
-    benchmark of what link security costs)."""
+    benchmark of what link security costs). ``intent``: the nodes' ``[intent]`` settings (the
+    write-intent log's extent, hot set budget, idle time)."""
     if tls not in (False, True, "link"):
         raise LabError(f"tls: {tls!r} is not one of False, True, 'link'")
     root = Path(d).resolve()
@@ -370,7 +374,7 @@ def _lab_up(
             node_nbd = dict(tls="require", **lab_tls["certs"][name])
         mport = free_port()
         cfg.write_text(node_toml(name, peer, nd, ports[name]["nbd"], paths, vols, node_link, wcfg.get(name),
-                                 node_nbd, metrics_port=mport))
+                                 node_nbd, metrics_port=mport, intent=intent))
         scheme = "nbds" if lab_tls is not None else "nbd"
         log = root / f"{name}.log"
         pid = _spawn([py, "-m", "syncd", "node", "--config", str(cfg)], log)

@@ -145,6 +145,19 @@ def collect_node(node: "Node", fam: Families) -> None:
                       ml).add_metric(mk, rate)
             fam.gauge("syncd_volume_sync_ratio", "Share of the volume in sync (showrcopy sync_percent / 100)",
                       ml).add_metric(mk, pct / 100)
+            il = m.intent.stats()
+            fam.gauge("syncd_volume_intent_hot_extents",
+                      "Extents of the write-intent log kept marked while written (the hot set)", ml).add_metric(
+                mk, il["hot_extents"])
+            fam.gauge("syncd_volume_intent_hot_extents_max",
+                      "The hot set's budget ([intent] hot / extent): beyond, least recently written extents are "
+                      "cleared", ml).add_metric(mk, il["hot_extents_max"])
+            fam.counter("syncd_volume_intent_marks", "Extents marked in the write-intent log (a write to a cold "
+                        "extent)", ml).add_metric(mk, il["marks"])
+            fam.counter("syncd_volume_intent_metadata_syncs", "fdatasyncs of the write-intent log (one per "
+                        "transaction of marks)", ml).add_metric(mk, il["metadata_syncs"])
+            fam.counter("syncd_volume_intent_evictions", "Extents cleared from the hot set by its budget (LRU)",
+                        ml).add_metric(mk, il["evictions"])
 
     # -- ALUA per host and volume ----------------------------------------------------------------
     al = ["node", "host", "group", "volume"]

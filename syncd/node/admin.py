@@ -415,7 +415,7 @@ async def showrcopy(node: Node, group: str | None = None) -> dict:
                 "sync_percent": round(pct, 1),
                 "last_sync": m.st.last_sync,
                 "stats": m.stats,
-                "intent": {"marked_regions": m.intent.count(), "data_syncs": m.intent.data_syncs},
+                "intent": m.intent.stats(),
             }
             if g.role == "primary":
                 vd["dirty_regions"] = m.dirty.count

@@ -4,34 +4,52 @@ only, not of the whole volume.
 
 Before any write is applied to a region, the region's bit must be set *durably* (pwrite +
 fdatasync of the bitmap file); writes to a region whose bit is already durable cost nothing
-more than a bit test. A bit is cleared lazily, and only once the data it covers is durable on
-this array: a bit cleared while the region's data is still only in the page cache (or a disk's
-write cache) would let a power cut leave the replicas different with nothing left to compare.
-A pass of ``clear_idle`` (every second) keeps this order:
+more than a bit test. The log is kept as an *activity log* (the idea of DRBD's al-extents):
 
-1. Candidates: set bits of regions with no write marked or touched for longer than any write
+* Marks are made in extents of several regions (``extent``, 4 MiB: 16 regions of 256 KiB): the
+  first write to an extent sets every region bit of it, so the next writes anywhere in it find
+  their bits durable. The file stays a bitmap of regions (a set bit: compare that region after a
+  crash), so crash recovery reads it as before.
+* Concurrent marks share one metadata transaction: whoever takes the lock writes the bitmap
+  pages (4 KiB) changed since the last write, marks of all waiters included, and syncs once.
+* Extents written since they were marked form the *hot set* (``last``: extent -> time of its
+  last write). They are not cleared because they went idle for ``hold``; they stay marked while
+  the set is within its budget (``hot`` bytes, 16 GiB: what a crash then costs is comparing that
+  much by digest at most) and leave it when it is over budget, least recently written first, in
+  batches that bring it an eighth below the budget (the pass runs every second; a new mark never
+  waits for it: the set exceeds the budget only by extents written within ``hold``, which no
+  rule could clear), or after ``idle`` seconds without a write (300 s: a quiet volume keeps
+  little to compare). Set bits outside the hot set (found at start, marked by ``set_sync``,
+  kept regions of an evicted extent) are cleared as soon as the rules below allow.
+
+A bit is cleared only once the data it covers is durable on this array: a bit cleared while the
+region's data is still only in the page cache (or a disk's write cache) would let a power cut
+leave the replicas different with nothing left to compare. A pass of ``clear_idle`` (every
+second) keeps this order:
+
+1. Candidates: extents chosen above with no write marked or touched for longer than any write
    can be held (``hold``, the arrays' ``max_request_hold``), so every write to them has been
-   applied, and not kept by the caller (on a primary: dirty, the peer lacks it; on a secondary
-   after a crash: not yet reported to the primary).
+   applied, and of them the regions not kept by the caller (on a primary: dirty, the peer lacks
+   it; on a secondary after a crash: not yet reported to the primary).
 2. The volume's data is made durable: every write to a candidate was applied by its last mark
    or touch + ``hold``, so a volume flush that began after that covers it. Candidates that
    the volume's latest completed flush (a host's FLUSH, usually) covers are cleared at once;
    the others wait up to ``flush_wait`` seconds for a host flush, then the pass makes one
    itself (``Volume.flush``: fdatasync in a worker thread) for all of them. A host that
    flushes at least that often never costs an extra sync; one that never flushes costs one
-   per ``flush_wait`` seconds at most, and only while regions go idle. A flush covers every
-   write applied before it began, however it was applied: buffered pwrite (host, mirrored,
-   forwarded and resync writes), fallocate (zeroes, trims), O_DIRECT and RWF_DSYNC writes (an
-   fdatasync also flushes the device's write cache).
+   per ``flush_wait`` seconds at most, and only while extents leave the hot set. A flush covers
+   every write applied before it began, however it was applied: buffered pwrite (host,
+   mirrored, forwarded and resync writes), fallocate (zeroes, trims), O_DIRECT and RWF_DSYNC
+   writes (an fdatasync also flushes the device's write cache).
 3. Only candidates still idle (no write marked or touched since step 1: such a write may have
-   been applied after the sync began) and still not kept are cleared.
-4. The bitmap with those bits cleared is written without a sync: it can reach the disk only
-   after step 2 returned, when the data it stops covering is already durable; if a crash comes
-   first, the stale set bit only costs a digest comparison.
+   been applied after the sync began) are cleared, and of them only regions still not kept.
+4. The bitmap pages with those bits cleared are written without a sync: they can reach the disk
+   only after step 2 returned, when the data they stop covering is already durable; if a crash
+   comes first, the stale set bit only costs a digest comparison.
 
 Writes never wait for a clear pass (``mark`` and ``clear_idle`` share a lock only around bitmap
-file writes) and cost no more than before. After a failed volume flush no bit is cleared until
-the node restarts: Linux may report a later fdatasync as successful although the data was lost.
+file writes). After a failed volume flush no bit is cleared until the node restarts: Linux may
+report a later fdatasync as successful although the data was lost.
 
 File: ``intent-<gid>-<vol_id>`` in the node's data directory::
 
@@ -47,6 +65,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import time
 
 import trio
@@ -55,6 +74,8 @@ from .state import StateError
 
 _CHUNK, _SUB = 4096, 64  # bitmap bytes compared at once: all-zero runs are skipped at memcmp speed
 _ZERO = bytes(_CHUNK)
+_PAGE = 4096  # bitmap bytes written at once by a transaction: a file system page
+_PAGE_REGIONS = _PAGE * 8
 
 
 def set_bits(buf, limit: int):
@@ -82,27 +103,49 @@ _HEAD = struct.Struct(">8sIIQ")
 
 
 class IntentLog:
-    def __init__(self, path: str, size: int, region: int, *, volume, flush_wait: float = 5.0):
+    def __init__(self, path: str, size: int, region: int, *, volume, flush_wait: float = 5.0,
+                 extent: int = 4 << 20, hot: int = 16 << 30, idle: float = 300.0):
         """``volume``: the ``Volume`` whose regions this log covers (its ``flush``,
-        ``flushed_from`` and ``flush_failed``); ``flush_wait``: how long idle regions wait for
-        a host's flush before a clear pass flushes the volume itself."""
+        ``flushed_from`` and ``flush_failed``); ``flush_wait``: how long idle extents wait for
+        a host's flush before a clear pass flushes the volume itself; ``extent``: bytes marked
+        at once (whole regions, at least one); ``hot``: bytes of extents kept marked while
+        written (the LRU budget); ``idle``: seconds without a write after which an extent is
+        cleared even within the budget."""
         self.path = path
         self.volume = volume
         self.flush_wait = flush_wait
-        self.data_syncs = 0  # volume flushes made by clear passes (not by hosts)
         self.region = region
         self.nregions = (size + region - 1) // region
+        self.ext = max(1, extent // region)  # regions per extent
+        self.budget = max(1, hot // (self.ext * region))  # hot extents kept marked
+        self.headroom = max(1, self.budget // 8)  # an eviction batch brings the set this far below
+        self.idle = idle
         nbytes = (self.nregions + 7) // 8
         self.bits = bytearray(nbytes)  # what we want set (memory)
         self.durable = bytearray(nbytes)  # what is set on disk and synced
-        # Monotonic time of the last write to each marked region (absent: long ago). Only marked
-        # regions are in it, so it stays as small as the set of regions being written.
+        # The hot set: monotonic time of the last write to each extent written since it was
+        # marked (absent: long ago). Only written extents are in it, so it stays as small as the
+        # working set, and its size is what the budget bounds.
         self.last: dict[int, float] = {}
+        # Set bits may lie outside the hot set (loaded at start, set_sync, kept regions of an
+        # evicted extent): the next pass scans the bitmap for them.
+        self._loose = True
         self.trusted = False  # the file existed and matched: ``loaded`` holds its bits
         self.loaded = bytearray(nbytes)
         self.problem = ""
         self.on_error = None  # callback(OSError) when the file cannot be written (the node stops)
-        self._lock = trio.Lock()
+        # Counters (showrcopy, metrics): volume flushes made by clear passes (not by hosts),
+        # extents marked, metadata transactions (fdatasyncs of the bitmap), extents evicted by
+        # the budget and cleared after ``idle``.
+        self.data_syncs = self.marks = self.meta_syncs = self.evictions = self.idle_clears = 0
+        self._lock = trio.Lock()  # one metadata transaction at a time; concurrent marks share it
+        # Bitmap pages (_PAGE bytes) changed in memory since written, and written but not synced:
+        # a transaction writes only those, not the whole bitmap (2 MiB for 4 TiB).
+        self._dirty: set[int] = set()
+        self._unsynced: set[int] = set()
+        # File writes from worker threads and set_sync's on the event loop's thread take the
+        # bitmap's bytes under this lock, so an older copy never lands after a newer one.
+        self._io = threading.Lock()
         self.fd = -1
         self._open()
 
@@ -175,16 +218,22 @@ class IntentLog:
                 self.bits[r >> 3] |= 1 << (r & 7)
             else:
                 self.bits[r >> 3] &= ~(1 << (r & 7))
-        self._write_sync(bytes(self.bits))
-        self.durable[:] = self.bits
+        self._write_sync_all()
 
-    def _write_sync(self, data: bytes) -> None:
+    def _write_sync_all(self) -> None:
+        """The whole bitmap, written and synced on the calling thread (rare events)."""
         try:
-            os.pwrite(self.fd, data, _HEAD.size)
-            os.fdatasync(self.fd)
+            with self._io:
+                os.pwrite(self.fd, bytes(self.bits), _HEAD.size)
+                os.fdatasync(self.fd)
         except OSError as e:
             self._failed(e)
             raise
+        self.meta_syncs += 1
+        self.durable[:] = self.bits
+        self._dirty.clear()
+        self._unsynced.clear()
+        self._loose = True
 
     def _failed(self, e: OSError) -> None:
         if self.on_error is not None:
@@ -199,12 +248,11 @@ class IntentLog:
         else:
             for r in regions:
                 self.bits[r >> 3] |= 1 << (r & 7)
-        self._write_sync(bytes(self.bits))
-        self.durable[:] = self.bits
+        self._write_sync_all()
 
     # -- the write path --------------------------------------------------------------------------
     def ready(self, offset: int, length: int) -> bool:
-        """True (and the regions touched) when every region of the range is durably marked: a
+        """True (and the extents touched) when every region of the range is durably marked: a
         write may go ahead without waiting. The fast paths take the slow path otherwise."""
         r0 = offset // self.region
         r1 = (offset + max(length, 1) - 1) // self.region
@@ -213,80 +261,171 @@ class IntentLog:
             if not d[r >> 3] & (1 << (r & 7)):
                 return False
         now = time.monotonic()
-        for r in range(r0, r1 + 1):
-            self.last[r] = now
+        ext = self.ext
+        for e in range(r0 // ext, r1 // ext + 1):
+            self.last[e] = now
         return True
 
     def touch(self, offset: int, length: int) -> None:
         now = time.monotonic()
-        for r in range(offset // self.region, (offset + max(length, 1) - 1) // self.region + 1):
-            self.last[r] = now
+        ext = self.ext
+        for e in range(offset // self.region // ext, (offset + max(length, 1) - 1) // self.region // ext + 1):
+            self.last[e] = now
 
     async def mark(self, offset: int, length: int) -> None:
-        """Set the range's regions durably (one fdatasync, shared by concurrent markers)."""
+        """Set the range's extents durably: every region of each, so that later writes anywhere
+        in them cost a bit test (one fdatasync, shared by concurrent markers)."""
         if self.ready(offset, length):
             return
-        r0 = offset // self.region
-        r1 = (offset + max(length, 1) - 1) // self.region
-        for r in range(r0, r1 + 1):
-            self.bits[r >> 3] |= 1 << (r & 7)
+        ext = self.ext
+        e0 = offset // self.region // ext
+        e1 = (offset + max(length, 1) - 1) // self.region // ext
+        bits = self.bits
+        for e in range(e0, e1 + 1):
+            end = min((e + 1) * ext, self.nregions)
+            if all(bits[r >> 3] & (1 << (r & 7)) for r in range(e * ext, end)):
+                continue  # marked already (its transaction may still run)
+            self.marks += 1
+            for r in range(e * ext, end):
+                bits[r >> 3] |= 1 << (r & 7)
+            self._dirty.update(range(e * ext // _PAGE_REGIONS, (end - 1) // _PAGE_REGIONS + 1))
         self.touch(offset, length)
         while not self.ready(offset, length):
-            async with self._lock:  # whoever flushes, flushes every pending mark
+            async with self._lock:  # whoever writes, writes and syncs every pending mark
                 if self.ready(offset, length):
                     break
-                snap = bytes(self.bits)
-                await self._flush(sync=True, snap=snap)
-                # Synced now: what the snapshot set and is still wanted (a bit cleared meanwhile
-                # is written as 0 by that clear's own flush, after this one).
-                for i, b in enumerate(snap):
-                    if b:
-                        self.durable[i] |= b & self.bits[i]
+                await self._write(sync=True)
 
-    async def _flush(self, sync: bool, snap: bytes | None = None) -> None:
-        data = bytes(self.bits) if snap is None else snap
-        fd = self.fd
+    async def _write(self, sync: bool) -> None:
+        """Write the changed bitmap pages (and, with ``sync``, those written unsynced before),
+        then fdatasync when ``sync``. Under ``_lock``."""
+        pages = self._dirty | self._unsynced if sync else set(self._dirty)
+        self._dirty.clear()
+        if sync:
+            self._unsynced.clear()
+        else:
+            self._unsynced |= pages
+        if not pages and not sync:
+            return
+        fd, bits = self.fd, self.bits
 
-        def write() -> None:
-            os.pwrite(fd, data, _HEAD.size)
-            if sync:
-                os.fdatasync(fd)
+        def write() -> dict[int, bytes]:
+            snaps = {}
+            with self._io:
+                for p in sorted(pages):
+                    snaps[p] = data = bytes(bits[p * _PAGE:(p + 1) * _PAGE])
+                    os.pwrite(fd, data, _HEAD.size + p * _PAGE)
+                if sync:
+                    os.fdatasync(fd)
+            return snaps
 
         try:
-            await trio.to_thread.run_sync(write)
+            snaps = await trio.to_thread.run_sync(write)
         except OSError as e:
             self._failed(e)
             raise
+        if sync:
+            self.meta_syncs += 1
+            # Synced now: what the copies had set and is still wanted (a bit cleared meanwhile
+            # is written as 0 by that clear's own write, after this one).
+            durable = self.durable
+            for p, snap in snaps.items():
+                base = p * _PAGE
+                for i, b in enumerate(snap):
+                    if b:
+                        durable[base + i] |= b & bits[base + i]
 
     async def clear_idle(self, hold: float, keep) -> int:
-        """Clear regions with no write for ``hold`` seconds unless ``keep(r)``, once their data is
-        durable (the module's steps 1-4). Returns how many were cleared."""
+        """Clear extents that leave the hot set (LRU beyond the budget, ``idle`` without a
+        write) and set bits outside it, unless ``keep(r)``, once their data is durable (the
+        module's steps 1-4). Returns how many regions were cleared."""
         vol = self.volume
         if vol.flush_failed:
             return 0
-        cutoff = time.monotonic() - hold
+        now = time.monotonic()
+        cutoff = now - hold
         last = self.last
-        candidates = [r for r in set_bits(self.bits, self.nregions) if last.get(r, 0.0) < cutoff and not keep(r)]
-        if not candidates:
+        bits = self.bits
+        ext = self.ext
+
+        def clearable(e: int) -> bool:
+            for r in range(e * ext, min((e + 1) * ext, self.nregions)):
+                if bits[r >> 3] & (1 << (r & 7)) and not keep(r):
+                    return True
+            return False
+
+        # Step 1, candidates: extents idle for ``idle``; beyond the budget, the least recently
+        # written down to ``headroom`` below it (none written within ``hold``); set bits of
+        # extents not in the hot set.
+        stale = now - self.idle
+        cand = {e: "idle" for e, t in last.items() if t < stale and clearable(e)}
+        over = len(last) - len(cand) - self.budget
+        if over > 0:
+            want = over + self.headroom
+            for _, e in sorted((t, e) for e, t in last.items() if t < cutoff and e not in cand):
+                if want <= 0:
+                    break
+                if clearable(e):
+                    cand[e] = "lru"
+                    want -= 1
+        if self._loose:
+            loose = False
+            for r in set_bits(bits, self.nregions):
+                e = r // ext
+                if e in last or e in cand:
+                    continue
+                loose = True
+                if not keep(r):
+                    cand[e] = "loose"
+            self._loose = loose
+        if not cand:
             return 0
-        covered = vol.flushed_from - hold  # regions last written before this are durable
-        waiting = [last.get(r, 0.0) for r in candidates if last.get(r, 0.0) > covered]
+        # Step 2: their data made durable, by a host's flush or one of the pass's own.
+        covered = vol.flushed_from - hold  # extents last written before this are durable
+        waiting = [last.get(e, 0.0) for e in cand if last.get(e, 0.0) > covered]
         if waiting and min(waiting) < cutoff - self.flush_wait:
             await vol.flush()
             self.data_syncs += 1
         elif waiting:
-            candidates = [r for r in candidates if last.get(r, 0.0) <= covered]
+            cand = {e: why for e, why in cand.items() if last.get(e, 0.0) <= covered}
+        # Step 3: only extents still idle (no write marked or touched since step 1), and of
+        # them only regions still not kept.
         n = 0
-        for r in candidates:
-            if last.get(r, 0.0) < cutoff and not keep(r):
-                self.bits[r >> 3] &= ~(1 << (r & 7))
-                self.durable[r >> 3] &= ~(1 << (r & 7))
-                last.pop(r, None)
-                n += 1
+        for e, why in cand.items():
+            if last.get(e, 0.0) >= cutoff:
+                continue
+            kept = False
+            for r in range(e * ext, min((e + 1) * ext, self.nregions)):
+                if bits[r >> 3] & (1 << (r & 7)):
+                    if keep(r):
+                        kept = True
+                    else:
+                        bits[r >> 3] &= ~(1 << (r & 7))
+                        self.durable[r >> 3] &= ~(1 << (r & 7))
+                        self._dirty.add(r // _PAGE_REGIONS)
+                        n += 1
+            if kept:
+                self._loose = True
+            if last.pop(e, None) is not None:
+                if why == "lru":
+                    self.evictions += 1
+                elif why == "idle":
+                    self.idle_clears += 1
+        # Step 4: the bitmap written without a sync.
         if n:
             async with self._lock:
-                await self._flush(sync=False)
+                await self._write(sync=False)
         return n
+
+    def stats(self) -> dict:
+        """What showrcopy and the metrics show of the log."""
+        return {"marked_regions": self.count(), "hot_extents": len(self.last), "hot_extents_max": self.budget,
+                "extent_bytes": self.ext * self.region, "marks": self.marks, "metadata_syncs": self.meta_syncs,
+                "evictions": self.evictions, "idle_clears": self.idle_clears, "data_syncs": self.data_syncs}
+
+    def hot_extents(self) -> int:
+        """Extents in the hot set (written since marked, not yet evicted or idle-cleared)."""
+        return len(self.last)
 
     def count(self) -> int:
         return int.from_bytes(self.bits, "little").bit_count()

@@ -3,7 +3,8 @@ disks' write caches, not just the node process. Volumes sit on power-cut disks
 (``syncd.lab.faults.PowerCutDisk``: nbdkit's cache filter in writeback mode exposed through
 nbdfuse; a cut is kill -9 of nbdkit, so every write not flushed is gone). Hosts write, some
 writes flushed or FUA; the regions written first go idle long enough for their write-intent bits
-to be cleared, then the primary, the secondary or both lose power while hosts write elsewhere.
+to be cleared (the hot set of the log is one extent: writes elsewhere evict them), then the
+primary, the secondary or both lose power while hosts write elsewhere.
 Powered on and restarted, the group must come back in sync with replicas identical byte for byte,
 ``checkrcopyvv`` finding no difference, and no acknowledged-and-flushed write missing; after a
 power cut of one site, no acknowledged write at all (the other site had every one: a primary
@@ -49,6 +50,9 @@ NEW = range(8 * MiB // BLOCK, 12 * MiB // BLOCK)  # written until the power goes
 # candidate for clearing) at 4.25 s instead of 8.25; with no host flush the clear pass then
 # waits 5 s more before its own fdatasync: a round takes ~15 s.
 LINK = dict(FAST_LINK, transition_timeout=1.0)
+# The write-intent log keeps one 4 MiB extent marked while written: once NEW's extent is written,
+# OLD's (idle past max_request_hold) is evicted, by the rules a bigger hot set follows too.
+INTENT = {"extent": "4MiB", "hot": "4MiB"}
 
 
 def require_power_cut_disks() -> None:
@@ -128,7 +132,8 @@ def test_after_a_power_cut_the_replicas_are_identical_and_no_flushed_write_is_lo
     rounds = int(os.environ.get("SYNCD_POWER_CUT_ROUNDS", "3"))
     rng = random.Random(int(os.environ.get("SYNCD_POWER_CUT_SEED", "5")))
     d = str(tmp_path / "lab")
-    lab = lab_up(d, size=f"{SIZE >> 20}MiB", nvolumes=1, npaths=2, link_opts=LINK, power_cut=True, timeout=60)
+    lab = lab_up(d, size=f"{SIZE >> 20}MiB", nvolumes=1, npaths=2, link_opts=LINK, power_cut=True, timeout=60,
+                 intent=INTENT)
     report = []
     # One history per host for the whole run: a block may hold what an earlier round made
     # durable when this round's writes to it were lost with the power.
@@ -151,7 +156,8 @@ def test_after_a_power_cut_the_replicas_are_identical_and_no_flushed_write_is_lo
                 t["old_done"] = time.monotonic()
                 async with trio.open_nursery() as n:
                     start_writers(n, lab, hist, NEW, 120.0, rnd + 200)
-                    # Until both arrays have cleared OLD's intent bits (idle past max_request_hold).
+                    # Until both arrays have cleared OLD's intent bits (idle past max_request_hold,
+                    # evicted by NEW's extent).
                     deadline = time.monotonic() + 30
                     while any(intent_regions(lab, s) & old_regions() for s in ("A", "B")):
                         assert time.monotonic() < deadline, "the intent bits of idle regions were never cleared"

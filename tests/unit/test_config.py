@@ -1,5 +1,7 @@
 """Bad configuration gets an error naming the key and the problem."""
 
+import re
+
 import pytest
 
 from syncd.config import ConfigError, load_node_config, parse_node_config, parse_size
@@ -104,6 +106,19 @@ def test_flow_control_bounds_have_defaults_and_take_sizes():
                               nbd__max_inflight_per_connection="64MiB"))
     assert c.link.max_inflight == 8 << 20
     assert (c.nbd_max_inflight, c.nbd_max_inflight_per_connection) == (1 << 30, 64 << 20)
+
+
+def test_the_write_intent_log_settings_have_defaults_and_are_checked():
+    c = parse_node_config(cfg())
+    assert (c.intent.extent, c.intent.hot, c.intent.idle) == (4 << 20, 16 << 30, 300.0)
+    c = parse_node_config(cfg(intent={"extent": "8MiB", "hot": "2GiB", "idle": 60}))
+    assert (c.intent.extent, c.intent.hot, c.intent.idle) == (8 << 20, 2 << 30, 60.0)
+    for bad, msg in (({"extent": "3MiB"}, "intent.extent: must be a power of two"),
+                     ({"hot": "1MiB"}, "intent.hot: at least one extent"),
+                     ({"idle": 0}, "intent.idle: must be positive"),
+                     ({"budget": 1}, "unknown key(s) budget")):
+        with pytest.raises(ConfigError, match=re.escape(msg)):
+            parse_node_config(cfg(intent=bad))
 
 
 def test_sizes():

@@ -1,5 +1,7 @@
-"""The write-intent log: durable marks before writes, lazy clearing only of data made durable,
-what a restart finds."""
+"""The write-intent log: durable marks before writes, an activity log of extents kept marked while
+written (LRU beyond a budget, cleared after a long idle time), clearing only of data made durable,
+what a restart finds. The rules of clearing are shown on one-region extents cleared after a long
+idle time, the activity log on 4 MiB extents."""
 
 from __future__ import annotations
 
@@ -34,8 +36,21 @@ def disk(tmp_path):
     d.close()
 
 
-def open_log(path, disk: Disk, size: int = SIZE) -> IntentLog:
-    return IntentLog(str(path), size, REGION, volume=disk)
+IDLE = 50.0  # the logs of the clearing rules' tests: an extent idle for longer is cleared
+
+
+def open_log(path, disk: Disk, size: int = SIZE, **kw) -> IntentLog:
+    """A log of one-region extents cleared after IDLE seconds (unless ``kw`` says otherwise)."""
+    kw = {"extent": REGION, "idle": IDLE, **kw}
+    return IntentLog(str(path), size, REGION, volume=disk, **kw)
+
+
+def activity_log(path, disk: Disk, hot_extents: int = 64, size: int = SIZE) -> IntentLog:
+    """A log with the default extents (4 MiB: 16 regions) and a budget of ``hot_extents``."""
+    return IntentLog(str(path), size, REGION, volume=disk, hot=hot_extents * EXTENT)
+
+
+EXTENT = 4 << 20
 
 
 def on_disk(path) -> list[int]:
@@ -149,27 +164,29 @@ async def test_a_host_flush_after_the_last_write_spares_the_clear_pass_its_own(t
     assert disk.flushes == 2 and log.data_syncs == 1
 
 
-async def test_idle_regions_wait_a_while_for_a_host_flush_before_the_pass_flushes_itself(tmp_path, disk):
-    """Idle just past hold (12 s, hold 10), a region waits up to flush_wait (5 s) for a host's
-    flush: cleared without an extra sync once one comes; flushed by the pass once it waited
-    longer."""
-    log = open_log(tmp_path / "i", disk)
+async def test_evicted_regions_wait_a_while_for_a_host_flush_before_the_pass_flushes_itself(tmp_path, disk):
+    """Beyond the budget and idle just past hold (12 s, hold 10), an extent waits up to
+    flush_wait (5 s) for a host's flush: cleared without an extra sync once one comes; flushed
+    by the pass once it waited longer."""
+    log = open_log(tmp_path / "i", disk, hot=REGION)  # a budget of one extent
     for r in (1, 2):
         await log.mark(r * REGION, 4096)
         log.last[r] -= 12
     assert await log.clear_idle(10.0, keep=lambda r: False) == 0
     assert disk.flushes == 0 and log.marked_regions() == [1, 2]
     await disk.flush()  # the host flushes
-    assert await log.clear_idle(10.0, keep=lambda r: False) == 2
-    assert disk.flushes == 1 and log.data_syncs == 0
-    # Region 3 written 14 s ago; the host's last flush was 100 s ago, and none comes: the pass
-    # flushes once the region waited 5 s past hold.
-    await log.mark(3 * REGION, 4096)
-    log.last[3] -= 14
+    assert await log.clear_idle(10.0, keep=lambda r: False) == 2  # down to the budget less headroom
+    assert disk.flushes == 1 and log.data_syncs == 0 and log.evictions == 2
+    # Regions 3 and 4 written 14 s ago; the host's last flush was 100 s ago, and none comes: the
+    # pass flushes once they waited 5 s past hold.
+    for r in (3, 4):
+        await log.mark(r * REGION, 4096)
+        log.last[r] -= 14
     disk.flushed_from -= 100
     assert await log.clear_idle(10.0, keep=lambda r: False) == 0 and log.data_syncs == 0
-    log.last[3] -= 2
-    assert await log.clear_idle(10.0, keep=lambda r: False) == 1 and log.data_syncs == 1
+    for r in (3, 4):
+        log.last[r] -= 2
+    assert await log.clear_idle(10.0, keep=lambda r: False) == 2 and log.data_syncs == 1
 
 
 async def test_a_failed_volume_flush_clears_nothing_and_ends_clearing(tmp_path, disk):
@@ -248,3 +265,126 @@ async def test_a_multi_tib_log_keeps_per_region_state_only_for_marked_regions(tm
     log.last[5_000_000] -= 100
     assert await log.clear_idle(10.0, keep=lambda r: False) == 1
     assert log.marked_regions() == [0, log.nregions - 1] and len(log.last) == 2
+
+
+# -- the activity log: extents, the hot set, transactions ------------------------------------------
+
+async def test_the_first_write_to_an_extent_marks_all_its_regions_durably(tmp_path, disk):
+    p = str(tmp_path / "i")
+    log = activity_log(p, disk)
+    await log.mark(REGION * 3 + 100, 4096)  # region 3: extent 0, regions 0-15
+    assert log.marks == 1 and log.meta_syncs == 1 and log.hot_extents() == 1
+    assert all(log.ready(r * REGION, 4096) for r in range(16)) and not log.ready(16 * REGION, 1)
+    await log.mark(REGION * 15, 2 * REGION)  # regions 15-16: extent 1 is marked, extent 0 already is
+    assert log.marks == 2 and log.meta_syncs == 2
+    # A crash now: the next start finds the whole extents, in the file format as before.
+    assert open_log(p, disk).loaded_regions() == list(range(32))
+
+
+async def test_a_working_set_within_the_budget_costs_no_metadata_sync_after_warm_up(tmp_path, disk):
+    log = activity_log(tmp_path / "i", disk, hot_extents=8)
+    for e in range(8):
+        await log.mark(e * EXTENT + 4096, 4096)
+    syncs = log.meta_syncs
+    assert syncs == 8
+    for _ in range(5):  # writes go on over the working set, long past hold
+        for e in range(8):
+            await log.mark(e * EXTENT + 65536, 4096)
+            log.last[e] -= 30
+        assert await log.clear_idle(10.0, keep=lambda r: False) == 0
+    assert log.meta_syncs == syncs and log.marks == 8 and log.evictions == 0 and disk.flushes == 0
+    assert log.hot_extents() == 8 and log.count() == 8 * 16
+
+
+async def test_beyond_the_budget_the_least_recently_written_extents_are_evicted(tmp_path, disk):
+    """Trimmed to the budget less a headroom (an eighth, at least one extent) in one batch and
+    one volume flush: the next cold marks find room without waiting for a pass."""
+    p = tmp_path / "i"
+    log = activity_log(p, disk, hot_extents=8)
+    for e in range(10):
+        await log.mark(e * EXTENT, 4096)
+        log.last[e] -= 100 - e  # extent 0 written longest ago
+    assert await log.clear_idle(10.0, keep=lambda r: False) == 3 * 16
+    assert log.evictions == 3 and disk.flushes == 1 and log.hot_extents() == 7
+    assert sorted(log.last) == list(range(3, 10))
+    assert open_log(p, disk).loaded_regions() == list(range(3 * 16, 10 * 16))
+    await log.mark(0, 4096)  # back in: marked again
+    assert log.ready(0, 1) and log.marks == 11
+
+
+async def test_eviction_never_clears_an_extent_written_within_hold(tmp_path, disk):
+    log = activity_log(tmp_path / "i", disk, hot_extents=2)
+    for e in range(4):
+        await log.mark(e * EXTENT, 4096)
+    log.last[0] -= 100
+    log.last[1] -= 5  # within hold (10 s): a write to it may still be applied
+    assert await log.clear_idle(10.0, keep=lambda r: False) == 16  # only extent 0
+    assert sorted(log.last) == [1, 2, 3] and log.hot_extents() == 3  # over the budget, for now
+    assert log.count() == 3 * 16
+
+
+async def test_eviction_clears_neither_kept_regions_nor_data_not_yet_durable(tmp_path, disk):
+    p = tmp_path / "i"
+    log = activity_log(p, disk, hot_extents=2)  # evicted down to one: extents 0 and 1 go
+    for e in range(3):
+        await log.mark(e * EXTENT, 4096)
+        log.last[e] -= 100 - e
+    dirty = {5}  # region 5 of extent 0: the peer lacks it
+    seen = []  # region 17 of extent 1 becomes dirty while the volume syncs
+    disk.during = lambda: (dirty.add(17), seen.append(on_disk(p)))
+    assert await log.clear_idle(10.0, keep=dirty.__contains__) == 2 * 16 - 2
+    assert seen == [list(range(48))]  # the file had every bit while the data was made durable
+    assert log.marked_regions() == [5, 17, *range(32, 48)] and on_disk(p) == log.marked_regions()
+    # The kept regions left the hot set but stay marked until no longer kept, then go.
+    assert sorted(log.last) == [2]
+    dirty.clear()
+    assert await log.clear_idle(10.0, keep=dirty.__contains__) == 2
+    assert log.marked_regions() == list(range(32, 48))
+
+
+async def test_concurrent_cold_marks_share_one_or_two_metadata_syncs(tmp_path, disk):
+    """A burst of 16 writes to 16 cold extents (QD16): one transaction for the first, one for
+    all that arrived while it synced, not one each."""
+    log = activity_log(tmp_path / "i", disk)
+    async with trio.open_nursery() as n:
+        for e in range(16):
+            n.start_soon(log.mark, e * EXTENT + 8192, 4096)
+    assert log.marks == 16 and log.meta_syncs <= 2
+    assert all(log.ready(e * EXTENT, 1) for e in range(16))
+    assert open_log(tmp_path / "i", disk).loaded_regions() == list(range(16 * 16))
+
+
+async def test_extents_idle_for_long_are_cleared_within_the_budget(tmp_path, disk):
+    log = activity_log(tmp_path / "i", disk)  # 64 extents: far from full
+    for e in range(3):
+        await log.mark(e * EXTENT, 4096)
+    log.last[0] -= log.idle + 1
+    log.last[1] -= log.idle - 60  # idle for minutes, not yet long enough
+    assert await log.clear_idle(10.0, keep=lambda r: False) == 16
+    assert log.idle_clears == 1 and sorted(log.last) == [1, 2] and disk.flushes == 1
+
+
+async def test_bits_found_at_start_outside_the_hot_set_are_cleared_once_not_kept(tmp_path, disk):
+    p = str(tmp_path / "i")
+    activity_log(p, disk).set_sync([3, 40])
+    log = activity_log(p, disk)
+    assert log.loaded_regions() == [3, 40]
+    assert await log.clear_idle(10.0, keep=lambda r: r == 40) == 1
+    assert log.marked_regions() == [40] and log.hot_extents() == 0
+
+
+async def test_a_transaction_writes_only_the_changed_pages_of_a_large_bitmap(tmp_path, disk, monkeypatch):
+    import os
+
+    p = str(tmp_path / "big")
+    log = activity_log(p, disk, size=4 << 40)  # a 2 MiB bitmap
+    written = []
+    real = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, off: written.append(len(data)) or real(fd, data, off))
+    far = log.nregions - 1
+    async with trio.open_nursery() as n:
+        n.start_soon(log.mark, 0, 4096)
+        n.start_soon(log.mark, far * REGION, 4096)
+    assert sum(written) <= 2 * 4096
+    monkeypatch.undo()
+    assert open_log(p, disk, size=4 << 40).loaded_regions() == [*range(16), *range(far - 15, far + 1)]
