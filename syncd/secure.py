@@ -81,6 +81,9 @@ RECORDS_ENV = "SYNCD_KEY_RECORDS"
 # A part of a buffer list this large gets records of its own (tagged where it lies, no copy);
 # smaller parts are joined into one record (a short copy is cheaper than a record per part).
 _ALONE = 16 << 10
+# A record completed in a channel's buffer leaves with that buffer when at most this much follows
+# it (copied into a new buffer); else the record is copied out.
+_KEEP_TAIL = 64 << 10
 
 Mode = Literal["insecure", "key", "tls"]
 _MODE_CODES: dict[str, int] = {"insecure": 0, "key": 1, "tls": 2}
@@ -154,8 +157,9 @@ class Channel(Protocol):
         ...
 
     def unwrap(self, data: Buffer) -> Buffer:
-        """Plaintext carried by ``data`` (possibly empty: a record is not complete yet).
-        Raises AuthError on anything that does not verify."""
+        """Plaintext carried by ``data`` (possibly empty: a record is not complete yet), maybe
+        a view of ``data``: use it before reusing ``data``'s memory. Raises AuthError on
+        anything that does not verify."""
         ...
 
     def outgoing(self) -> bytes:
@@ -176,6 +180,12 @@ class PlainChannel:
         return b""
 
 
+def _joined(bodies: list[memoryview]) -> Buffer:
+    if not bodies:
+        return b""
+    return bodies[0] if len(bodies) == 1 else b"".join(bodies)
+
+
 class _RecordChannel:
     """Key mode's record layer: u32 length, data, 16-byte tag. Subclasses tag and check."""
 
@@ -188,39 +198,55 @@ class _RecordChannel:
         raise NotImplementedError
 
     def unwrap(self, data: Buffer) -> Buffer:
+        # The plaintext is returned as views where it can be (the caller copies it into its
+        # frame decoder at once, before it reuses ``data``): records that lie whole in ``data``
+        # are checked where they are, and a record completed in this channel's buffer is handed
+        # out with that buffer. The copies cost more than the tags at 1 MiB writes.
+        if not self._buf:
+            view = memoryview(data).cast("B")
+            bodies, pos = self._take_records(view)
+            if pos < len(view):
+                self._buf += view[pos:]
+            return _joined(bodies)
         buf = self._buf
         buf += data
-        # Records are checked and copied out through views of the buffer: one copy of the
-        # plaintext, not three (the copies cost more than the tag at 1 MiB writes).
+        with memoryview(buf) as whole:
+            bodies, pos = self._take_records(whole)
+        if not bodies:
+            return b""
+        if len(bodies) == 1 and len(buf) - pos <= _KEEP_TAIL:
+            # One record: it goes out in this buffer, a new one keeps what follows it.
+            self._buf = bytearray(buf[pos:])
+            return bodies[0]
+        plain = b"".join(bodies)
+        for b in bodies:  # the buffer cannot shrink while a view of it is alive
+            b.release()
+        del buf[:pos]
+        return plain
+
+    def _take_records(self, view: memoryview) -> tuple[list[memoryview], int]:
+        """The bodies of the whole records at the start of ``view``, each checked, and where the
+        first one not yet whole starts. AuthError if one fails."""
         out: list[memoryview] = []
         pos = 0
-        with memoryview(buf) as view:
-            while len(buf) - pos >= _RECORD_HDR.size:
-                (length,) = _RECORD_HDR.unpack_from(buf, pos)
-                if bytes(buf[pos:pos + 8]) == REFUSAL[:8]:
-                    # Cannot be a record (its length would exceed RECORD_MAX): the peer refused what
-                    # this end sent (e.g. a name it does not admit, found after the proofs).
-                    raise AuthError("the peer refused this end's authentication")
-                if length == 0 or length > RECORD_MAX:
-                    raise AuthError(f"record length {length} out of range")
-                end = pos + _RECORD_HDR.size + length
-                if len(buf) < end + TAG_SIZE:
-                    break
-                body = view[pos + _RECORD_HDR.size:end]
-                if not self._verify(self._recv_seq, length, body, view[end:end + TAG_SIZE]):
-                    body.release()
-                    for v in out:
-                        v.release()
-                    raise AuthError(f"record {self._recv_seq} failed its integrity check")
-                self._recv_seq += 1
-                out.append(body)
-                pos = end + TAG_SIZE
-            plain = b"".join(out) if out else b""
-            for v in out:  # the buffer cannot shrink while a view of it is alive
-                v.release()
-        if pos:
-            del buf[:pos]
-        return plain
+        while len(view) - pos >= _RECORD_HDR.size:
+            (length,) = _RECORD_HDR.unpack_from(view, pos)
+            if bytes(view[pos:pos + 8]) == REFUSAL[:8]:
+                # Cannot be a record (its length would exceed RECORD_MAX): the peer refused what
+                # this end sent (e.g. a name it does not admit, found after the proofs).
+                raise AuthError("the peer refused this end's authentication")
+            if length == 0 or length > RECORD_MAX:
+                raise AuthError(f"record length {length} out of range")
+            end = pos + _RECORD_HDR.size + length
+            if len(view) < end + TAG_SIZE:
+                break
+            body = view[pos + _RECORD_HDR.size:end]
+            if not self._verify(self._recv_seq, length, body, view[end:end + TAG_SIZE]):
+                raise AuthError(f"record {self._recv_seq} failed its integrity check")
+            self._recv_seq += 1
+            out.append(body)
+            pos = end + TAG_SIZE
+        return out, pos
 
     def outgoing(self) -> bytes:
         return b""

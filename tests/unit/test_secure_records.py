@@ -305,3 +305,35 @@ def test_the_environment_can_hold_an_end_to_v1(monkeypatch):
     assert Handshake(SEC, Role.DIALER, "A", "B").records == V1
     monkeypatch.setenv(secure.RECORDS_ENV, "2")
     assert secure.records_to_offer() == V2
+
+
+@pytest.mark.parametrize("records", [V1, V2])
+def test_what_unwrap_returns_stays_valid_whatever_arrives_next(records):
+    """Plaintext may be a view (of the caller's bytes or of a buffer the channel let go); it must
+    not change when the caller reuses its receive buffer or the channel takes more bytes."""
+    d, lis = session(records)
+    big = bytes(range(256)) * 1024  # 256 KiB: records of their own in version 2
+    stream = b"".join(wire(d.channel, [m]) for m in (b"a" * 100, big, b"b" * 100, big, big, b"c" * 5))
+    rx = bytearray(70000)  # the link's reusable receive buffer, smaller than a record
+    got = []
+    for i in range(0, len(stream), len(rx)):
+        chunk = stream[i:i + len(rx)]
+        rx[:len(chunk)] = chunk
+        got.append(lis.channel.unwrap(memoryview(rx)[:len(chunk)]))
+        got[-1] = bytes(got[-1])  # the caller copies before it reuses rx, as the link does
+    assert b"".join(got) == b"a" * 100 + big + b"b" * 100 + big + big + b"c" * 5
+
+
+@pytest.mark.parametrize("records", [V1, V2])
+def test_a_record_completed_in_the_buffer_with_a_long_tail_after_it(records):
+    d, lis = session(records)
+    first = wire(d.channel, [b"x" * 1000])
+    second = wire(d.channel, [b"y" * 300000])
+    third = wire(d.channel, [b"z" * 10])
+    assert lis.channel.unwrap(first[:500]) == b""
+    # The rest of the first record and more than the kept tail of the second, in one piece.
+    out = lis.channel.unwrap(first[500:] + second[:200000])
+    held = [out]
+    assert bytes(out) == b"x" * 1000
+    assert bytes(lis.channel.unwrap(second[200000:] + third)) == b"y" * 300000 + b"z" * 10
+    assert bytes(held[0]) == b"x" * 1000  # an earlier result is not disturbed by later input
