@@ -771,7 +771,8 @@ def report_link_security(results: dict, jobs: list[str], ns) -> None:
         t.add_section()
     con.print(t)
     con.print("× insecure: this mode's IOPS (MB/s for the 1 MiB job) divided by the insecure link's; key = "
-              "HMAC-SHA256 records (authenticated, not encrypted), tls = mutual TLS (encrypted).")
+              "AES-GCM-tagged records (authenticated, not encrypted; SYNCD_KEY_RECORDS=1: HMAC-SHA256), "
+              "tls = mutual TLS (encrypted).")
 
 
 if __name__ == "__main__":

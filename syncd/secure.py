@@ -10,10 +10,13 @@ name the sender claims. What follows depends on the mode both ends are configure
     session, and a proof cannot be reflected to its sender. The dialer proves first; the
     listener sends its proof only once the dialer's has verified. Both ends then derive one key per
     direction from the secret and the transcript; every byte after the handshake travels in
-    *records* (length, data, a 16-byte HMAC-SHA256 tag over a per-direction sequence number,
-    the length and the data). A record replayed, reordered, cut, moved to another connection or
-    altered fails its tag. The data is not encrypted: this mode is for networks where
-    confidentiality is not needed (the setting says so in words).
+    *records* (length, data, a 16-byte tag bound to a per-direction sequence number). Record
+    version 2 (``GcmChannel``) tags with AES-256-GCM over the data as associated data (GMAC),
+    version 1 (``MacChannel``) with HMAC-SHA256; an end offers version 2 in its nonce and the
+    lower offer of the two is used, so a node of this release still links with an older one.
+    A record replayed, reordered, cut, moved to another connection or altered fails its tag.
+    The data is not encrypted: this mode is for networks where confidentiality is not needed
+    (the setting says so in words).
 ``tls``
     Mutual TLS (Python's ``ssl``, TLS 1.3 or 1.2): each end presents a certificate issued by the
     configured CA for the name it claims in its preface, and checks the other's. Everything
@@ -34,6 +37,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import os
 import secrets
 import ssl
 import struct
@@ -42,6 +47,16 @@ from enum import IntEnum
 from typing import AbstractSet, Any, Literal, Protocol, Sequence, Union, cast
 
 from construct import Bytes, Const, Int8ub, PascalString, Struct
+
+try:  # AES-GCM for key mode's records version 2; without it an end offers version 1 only
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    AEAD_PROBLEM: str | None = None
+except ImportError as _e:  # pragma: no cover - the package is a dependency; a distro may lack it
+    AEAD_PROBLEM = f"the 'cryptography' package cannot be imported ({_e})"
+
+log = logging.getLogger("syncd.secure")
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -52,6 +67,23 @@ PROOF_SIZE = 32
 # Largest record body: a sender's batch beyond it is cut into several records. The receiver
 # holds at most one record it has not verified yet (plus what one recv brings).
 RECORD_MAX = 1 << 20
+
+# Key mode's record versions (proto/security.md section 4): 1 HMAC-SHA256, 2 AES-256-GCM (GMAC).
+RECORDS_V1 = 1
+RECORDS_V2 = 2
+# An end that offers records newer than version 1 starts its preface's nonce with this marker and
+# the version; the preface itself stays version 1, which releases before record version 2 require.
+# Both nonces are in the transcript that the proofs cover: an offer changed on the way fails them.
+RECORDS_OFFER = b"SYNCDREC"
+_OFFER_SIZE = len(RECORDS_OFFER) + 1
+# For measurements and to rule record version 2 out in the field: the highest version to offer.
+RECORDS_ENV = "SYNCD_KEY_RECORDS"
+# A part of a buffer list this large gets records of its own (tagged where it lies, no copy);
+# smaller parts are joined into one record (a short copy is cheaper than a record per part).
+_ALONE = 16 << 10
+# A record completed in a channel's buffer leaves with that buffer when at most this much follows
+# it (copied into a new buffer); else the record is copied out.
+_KEEP_TAIL = 64 << 10
 
 Mode = Literal["insecure", "key", "tls"]
 _MODE_CODES: dict[str, int] = {"insecure": 0, "key": 1, "tls": 2}
@@ -79,6 +111,8 @@ REFUSAL = b"SYNCDNO!" + b"authentication failed\n"
 
 _RECORD_HDR = struct.Struct(">I")
 _SEQ_LEN = struct.Struct(">QI")
+# A GCM nonce: four zero bytes and the record's sequence number in its direction.
+_GCM_NONCE = struct.Struct(">IQ")
 
 
 class AuthError(Exception):
@@ -97,7 +131,8 @@ class Security:
     tls_ca: str | None = None
 
     def describe(self) -> str:
-        return {"insecure": "none (insecure = true)", "key": "shared key, HMAC-SHA256 on every record",
+        return {"insecure": "none (insecure = true)",
+                "key": "shared key, AES-GCM (or HMAC-SHA256 with an older peer) on every record",
                 "tls": "mutual TLS"}[self.mode]
 
     def tls_context(self, server_side: bool) -> ssl.SSLContext:
@@ -122,8 +157,9 @@ class Channel(Protocol):
         ...
 
     def unwrap(self, data: Buffer) -> Buffer:
-        """Plaintext carried by ``data`` (possibly empty: a record is not complete yet).
-        Raises AuthError on anything that does not verify."""
+        """Plaintext carried by ``data`` (possibly empty: a record is not complete yet), maybe
+        a view of ``data``: use it before reusing ``data``'s memory. Raises AuthError on
+        anything that does not verify."""
         ...
 
     def outgoing(self) -> bytes:
@@ -144,16 +180,87 @@ class PlainChannel:
         return b""
 
 
-class MacChannel:
-    """``key``: records of up to ``RECORD_MAX`` bytes, each with an HMAC-SHA256 tag (16 bytes)
-    over its sequence number in its direction, its length and its data."""
+def _joined(bodies: list[memoryview]) -> Buffer:
+    if not bodies:
+        return b""
+    return bodies[0] if len(bodies) == 1 else b"".join(bodies)
 
-    def __init__(self, send_key: bytes, recv_key: bytes) -> None:
-        self._send = hmac.new(send_key, digestmod=hashlib.sha256)
-        self._recv = hmac.new(recv_key, digestmod=hashlib.sha256)
+
+class _RecordChannel:
+    """Key mode's record layer: u32 length, data, 16-byte tag. Subclasses tag and check."""
+
+    def __init__(self) -> None:
         self._send_seq = 0
         self._recv_seq = 0
         self._buf = bytearray()
+
+    def _verify(self, seq: int, length: int, body: memoryview, tag: memoryview) -> bool:
+        raise NotImplementedError
+
+    def unwrap(self, data: Buffer) -> Buffer:
+        # The plaintext is returned as views where it can be (the caller copies it into its
+        # frame decoder at once, before it reuses ``data``): records that lie whole in ``data``
+        # are checked where they are, and a record completed in this channel's buffer is handed
+        # out with that buffer. The copies cost more than the tags at 1 MiB writes.
+        if not self._buf:
+            view = memoryview(data).cast("B")
+            bodies, pos = self._take_records(view)
+            if pos < len(view):
+                self._buf += view[pos:]
+            return _joined(bodies)
+        buf = self._buf
+        buf += data
+        with memoryview(buf) as whole:
+            bodies, pos = self._take_records(whole)
+        if not bodies:
+            return b""
+        if len(bodies) == 1 and len(buf) - pos <= _KEEP_TAIL:
+            # One record: it goes out in this buffer, a new one keeps what follows it.
+            self._buf = bytearray(buf[pos:])
+            return bodies[0]
+        plain = b"".join(bodies)
+        for b in bodies:  # the buffer cannot shrink while a view of it is alive
+            b.release()
+        del buf[:pos]
+        return plain
+
+    def _take_records(self, view: memoryview) -> tuple[list[memoryview], int]:
+        """The bodies of the whole records at the start of ``view``, each checked, and where the
+        first one not yet whole starts. AuthError if one fails."""
+        out: list[memoryview] = []
+        pos = 0
+        while len(view) - pos >= _RECORD_HDR.size:
+            (length,) = _RECORD_HDR.unpack_from(view, pos)
+            if bytes(view[pos:pos + 8]) == REFUSAL[:8]:
+                # Cannot be a record (its length would exceed RECORD_MAX): the peer refused what
+                # this end sent (e.g. a name it does not admit, found after the proofs).
+                raise AuthError("the peer refused this end's authentication")
+            if length == 0 or length > RECORD_MAX:
+                raise AuthError(f"record length {length} out of range")
+            end = pos + _RECORD_HDR.size + length
+            if len(view) < end + TAG_SIZE:
+                break
+            body = view[pos + _RECORD_HDR.size:end]
+            if not self._verify(self._recv_seq, length, body, view[end:end + TAG_SIZE]):
+                raise AuthError(f"record {self._recv_seq} failed its integrity check")
+            self._recv_seq += 1
+            out.append(body)
+            pos = end + TAG_SIZE
+        return out, pos
+
+    def outgoing(self) -> bytes:
+        return b""
+
+
+class MacChannel(_RecordChannel):
+    """``key``, records version 1: records of up to ``RECORD_MAX`` bytes, each with an
+    HMAC-SHA256 tag (16 bytes) over its sequence number in its direction, its length and its
+    data. What a peer of an older release speaks."""
+
+    def __init__(self, send_key: bytes, recv_key: bytes) -> None:
+        super().__init__()
+        self._send = hmac.new(send_key, digestmod=hashlib.sha256)
+        self._recv = hmac.new(recv_key, digestmod=hashlib.sha256)
 
     def _seal(self, parts: list[Buffer], length: int, out: list[Buffer]) -> None:
         h = self._send.copy()
@@ -183,43 +290,72 @@ class MacChannel:
             self._seal(parts, size, out)
         return out
 
-    def unwrap(self, data: Buffer) -> Buffer:
-        buf = self._buf
-        buf += data
-        # Records are checked and copied out through views of the buffer: one copy of the
-        # plaintext, not three (the copies cost more than the HMAC at 1 MiB writes).
-        out: list[memoryview] = []
-        pos = 0
-        with memoryview(buf) as view:
-            while len(buf) - pos >= _RECORD_HDR.size:
-                (length,) = _RECORD_HDR.unpack_from(buf, pos)
-                if bytes(buf[pos:pos + 8]) == REFUSAL[:8]:
-                    # Cannot be a record (its length would exceed RECORD_MAX): the peer refused what
-                    # this end sent (e.g. a name it does not admit, found after the proofs).
-                    raise AuthError("the peer refused this end's authentication")
-                if length == 0 or length > RECORD_MAX:
-                    raise AuthError(f"record length {length} out of range")
-                end = pos + _RECORD_HDR.size + length
-                if len(buf) < end + TAG_SIZE:
-                    break
-                body = view[pos + _RECORD_HDR.size:end]
-                h = self._recv.copy()
-                h.update(_SEQ_LEN.pack(self._recv_seq, length))
-                h.update(body)
-                if not hmac.compare_digest(h.digest()[:TAG_SIZE], view[end:end + TAG_SIZE]):
-                    raise AuthError(f"record {self._recv_seq} failed its integrity check")
-                self._recv_seq += 1
-                out.append(body)
-                pos = end + TAG_SIZE
-            plain = b"".join(out) if out else b""
-            for v in out:  # the buffer cannot shrink while a view of it is alive
-                v.release()
-        if pos:
-            del buf[:pos]
-        return plain
+    def _verify(self, seq: int, length: int, body: memoryview, tag: memoryview) -> bool:
+        h = self._recv.copy()
+        h.update(_SEQ_LEN.pack(seq, length))
+        h.update(body)
+        return hmac.compare_digest(h.digest()[:TAG_SIZE], tag)
 
-    def outgoing(self) -> bytes:
-        return b""
+
+class GcmChannel(_RecordChannel):
+    """``key``, records version 2: the same framing, the tag AES-256-GCM with an empty plaintext
+    and the record's data as associated data (GMAC: integrity, no encryption), under the
+    direction's key and a nonce made of the record's sequence number in that direction.
+
+    A buffer of at least ``_ALONE`` bytes is tagged where it lies and sent as it is (one-shot
+    GCM needs its associated data in one piece); smaller ones are joined into one record."""
+
+    def __init__(self, send_key: bytes, recv_key: bytes) -> None:
+        super().__init__()
+        self._send = AESGCM(send_key)
+        self._recv = AESGCM(recv_key)
+
+    def _seal(self, data: Buffer, out: list[Buffer]) -> None:
+        # Each key serves one direction of one connection (derived from both fresh nonces) and
+        # the sequence number only grows: a nonce is never used twice under a key (struct
+        # refuses a sequence number of 2**64 rather than wrap).
+        tag = self._send.encrypt(_GCM_NONCE.pack(0, self._send_seq), b"", data)
+        self._send_seq += 1
+        out.append(_RECORD_HDR.pack(len(data)))
+        out.append(data)
+        out.append(tag)
+
+    def _seal_joined(self, parts: list[memoryview], out: list[Buffer]) -> None:
+        self._seal(parts[0] if len(parts) == 1 else b"".join(parts), out)
+
+    def wrap(self, bufs: Sequence[Buffer]) -> list[Buffer]:
+        out: list[Buffer] = []
+        small: list[memoryview] = []
+        size = 0
+        for b in bufs:
+            view = memoryview(b).cast("B")
+            n = len(view)
+            if not n:
+                continue
+            if n >= _ALONE:
+                if small:
+                    self._seal_joined(small, out)
+                    small, size = [], 0
+                for at in range(0, n, RECORD_MAX):
+                    self._seal(view[at:at + RECORD_MAX], out)
+                continue
+            if size + n > RECORD_MAX:
+                self._seal_joined(small, out)
+                small, size = [], 0
+            small.append(view)
+            size += n
+        if small:
+            self._seal_joined(small, out)
+        return out
+
+    def _verify(self, seq: int, length: int, body: memoryview, tag: memoryview) -> bool:
+        # The length needs no tag of its own: GCM authenticates the associated data's length,
+        # and a changed length cuts a different body and tag.
+        try:
+            self._recv.decrypt(_GCM_NONCE.pack(0, seq), tag, body)
+        except InvalidTag:
+            return False
+        return True
 
 
 class TlsChannel:
@@ -267,6 +403,42 @@ class Preface:
     name: str
 
 
+def make_nonce(records: int) -> bytes:
+    """A fresh preface nonce that offers key mode's records up to version ``records``: 32
+    random bytes for version 1 (what older releases send), else the offer marker, the version
+    and 23 random bytes (184 bits: still never repeated)."""
+    if records <= RECORDS_V1:
+        return secrets.token_bytes(NONCE_SIZE)
+    return RECORDS_OFFER + bytes([records]) + secrets.token_bytes(NONCE_SIZE - _OFFER_SIZE)
+
+
+def offered_records(nonce: bytes) -> int:
+    """The highest record version a preface's nonce offers (1 when it carries no offer)."""
+    if nonce[:len(RECORDS_OFFER)] == RECORDS_OFFER and nonce[len(RECORDS_OFFER)] > RECORDS_V1:
+        return nonce[len(RECORDS_OFFER)]
+    return RECORDS_V1
+
+
+_warned_v1_only = False
+
+
+def records_to_offer() -> int:
+    """The highest record version this process offers in key mode: 2, unless AES-GCM is
+    unavailable (logged once) or ``SYNCD_KEY_RECORDS=1`` is set."""
+    global _warned_v1_only
+    want = RECORDS_V2
+    env = os.environ.get(RECORDS_ENV, "")
+    if env.strip() == "1":
+        want = RECORDS_V1
+    if want > RECORDS_V1 and AEAD_PROBLEM is not None:
+        if not _warned_v1_only:
+            _warned_v1_only = True
+            log.warning("key mode: %s: records use HMAC-SHA256 (version 1), which costs far more CPU "
+                        "than AES-GCM; install cryptography (a dependency of syncd)", AEAD_PROBLEM)
+        want = RECORDS_V1
+    return want
+
+
 def build_preface(mode: Mode, role: Role, nonce: bytes, name: str) -> bytes:
     return cast(bytes, PREFACE.build(dict(version=VERSION, mode=_MODE_CODES[mode], role=int(role),
                                           nonce=nonce, name=name)))
@@ -300,8 +472,10 @@ def _proof(key: bytes, role: Role, transcript: bytes) -> bytes:
     return hmac.new(key, b"syncd proof v1" + bytes([role]) + transcript, hashlib.sha256).digest()
 
 
-def _direction_keys(key: bytes, transcript: bytes) -> tuple[bytes, bytes]:
-    prk = hmac.new(key, b"syncd keys v1" + transcript, hashlib.sha256).digest()
+def _direction_keys(key: bytes, transcript: bytes, records: int = RECORDS_V1) -> tuple[bytes, bytes]:
+    # Another label per record version: an HMAC key and an AES key are never the same bytes.
+    label = b"syncd keys v1" if records == RECORDS_V1 else b"syncd keys v%d" % records
+    prk = hmac.new(key, label + transcript, hashlib.sha256).digest()
     return (hmac.new(prk, b"dialer", hashlib.sha256).digest(),
             hmac.new(prk, b"listener", hashlib.sha256).digest())
 
@@ -313,15 +487,22 @@ class Handshake:
 
     ``expect`` is the name the peer must claim, or a set of names it must claim one of (the
     witness: the arrays it admits), checked before this end sends anything but its preface;
-    None: any name, which the caller then checks."""
+    None: any name, which the caller then checks.
+
+    ``records`` (key mode): the highest record version to offer, by default
+    ``records_to_offer()``; once the peer's preface is in, ``records`` is the version both use."""
 
     def __init__(self, sec: Security, role: Role, name: str, expect: str | AbstractSet[str] | None,
-                 server_hostname: str | None = None) -> None:
+                 server_hostname: str | None = None, records: int | None = None) -> None:
         self.sec = sec
         self.role = role
         self.name = name
         self.expect = expect
-        self.nonce = secrets.token_bytes(NONCE_SIZE)
+        if sec.mode != "key":
+            self.records = RECORDS_V1  # the prefaces of the other modes stay as they were
+        else:
+            self.records = records_to_offer() if records is None else records
+        self.nonce = make_nonce(self.records)
         self.mine = build_preface(sec.mode, role, self.nonce, name)
         self._out = bytearray(self.mine)
         self._in = bytearray()
@@ -366,6 +547,8 @@ class Handshake:
             self._check_preface(pre)
             self.peer, self.peer_raw = pre, bytes(self._in[:used])
             del self._in[:used]
+            if self.sec.mode == "key":
+                self.records = min(self.records, offered_records(pre.nonce))
             if self.sec.mode == "insecure":
                 self._finish(PlainChannel())
                 return
@@ -391,9 +574,9 @@ class Handshake:
             if not self._sent_proof:
                 self._out += _proof(self.sec.key, self.role, self.transcript())
                 self._sent_proof = True
-            d, lis = _direction_keys(self.sec.key, self.transcript())
+            d, lis = _direction_keys(self.sec.key, self.transcript(), self.records)
             send, recv = (d, lis) if self.role == Role.DIALER else (lis, d)
-            self._finish(MacChannel(send, recv))
+            self._finish(GcmChannel(send, recv) if self.records >= RECORDS_V2 else MacChannel(send, recv))
         elif self.sec.mode == "tls":
             self._step_tls()
 
