@@ -252,6 +252,12 @@ def restart_with_hooks(lab: dict, site: str, tmp_path: Path, tails: dict[str, st
     lab_kill(lab["dir"], site, signal.SIGTERM)
     lab_start(lab["dir"], site)
     wait_for(lambda: show(lab, other)["groups"][0]["peer_mode"] == "attached", timeout=60, what=f"{site} back in sync")
+
+    def current() -> bool:  # what an automatic failover to it needs: in sync and serving (a lease)
+        g = show(lab, site)["groups"][0]
+        return g["serving"] and all(v["sync_status"] == "synced" for v in g["volumes"])
+
+    wait_for(current, timeout=60, what=f"{site} in sync and serving")
     return outs
 
 
