@@ -35,6 +35,7 @@ incoming wire bytes into plaintext (``unwrap``), which is what the daemons' fram
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import hmac
 import logging
@@ -186,7 +187,7 @@ def _joined(bodies: list[memoryview]) -> Buffer:
     return bodies[0] if len(bodies) == 1 else b"".join(bodies)
 
 
-class _RecordChannel:
+class _RecordChannel(abc.ABC):
     """Key mode's record layer: u32 length, data, 16-byte tag. Subclasses tag and check."""
 
     def __init__(self) -> None:
@@ -194,8 +195,9 @@ class _RecordChannel:
         self._recv_seq = 0
         self._buf = bytearray()
 
+    @abc.abstractmethod
     def _verify(self, seq: int, length: int, body: memoryview, tag: memoryview) -> bool:
-        raise NotImplementedError
+        """Whether ``tag`` is the tag of record ``seq`` (``length`` bytes of ``body``)."""
 
     def unwrap(self, data: Buffer) -> Buffer:
         # The plaintext is returned as views where it can be (the caller copies it into its
