@@ -102,12 +102,14 @@ def print_showrcopy(r: dict, console: Console) -> None:
     lk = r.get("link")
     if lk:
         t = Table(title=f"Target {lk['peer']}: link {lk['state']} ({lk['paths_up']}/{len(lk['paths'])} paths)")
-        for c in ("path", "local", "peer", "state", "rtt ms", "rtt max ms", "tx frames", "rx frames", "last error"):
+        for c in ("path", "local", "peer", "state", "rtt ms", "rtt max ms", "tx frames", "rx frames", "protection",
+                  "last error"):
             t.add_column(c, overflow="fold")  # wrapped, never cut
         for p in lk["paths"]:
             t.add_row(str(p["index"]), p["local"], p["peer"], p["state"],
                       "-" if p["rtt_ms"] is None else f"{p['rtt_ms']:.3f}", f"{p['rtt_max_ms']:.1f}",
-                      str(p["tx_frames"]), str(p["rx_frames"]), p["last_error"] or "")
+                      str(p["tx_frames"]), str(p["rx_frames"]),
+                      (p.get("protection") or "-") if p["state"] == "up" else "-", p["last_error"] or "")
         console.print(t)
         console.print(
             f"Data in flight {lk['inflight_bytes'] / 2**20:.1f} of {lk['max_inflight'] / 2**20:.0f} MiB; "

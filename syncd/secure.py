@@ -167,9 +167,17 @@ class Channel(Protocol):
         """Bytes the channel itself must send (TLS post-handshake messages); usually empty."""
         ...
 
+    @property
+    def protection(self) -> str:
+        """What protects the bytes, for operators (showrcopy): the record version, the TLS
+        version and cipher."""
+        ...
+
 
 class PlainChannel:
     """``insecure``: bytes pass unchanged."""
+
+    protection = "none (insecure)"
 
     def wrap(self, bufs: Sequence[Buffer]) -> list[Buffer]:
         return list(bufs)
@@ -259,6 +267,8 @@ class MacChannel(_RecordChannel):
     HMAC-SHA256 tag (16 bytes) over its sequence number in its direction, its length and its
     data. What a peer of an older release speaks."""
 
+    protection = "key records v1 (HMAC-SHA256)"
+
     def __init__(self, send_key: bytes, recv_key: bytes) -> None:
         super().__init__()
         self._send = hmac.new(send_key, digestmod=hashlib.sha256)
@@ -306,6 +316,8 @@ class GcmChannel(_RecordChannel):
 
     A buffer of at least ``_ALONE`` bytes is tagged where it lies and sent as it is (one-shot
     GCM needs its associated data in one piece); smaller ones are joined into one record."""
+
+    protection = "key records v2 (AES-256-GCM tags)"
 
     def __init__(self, send_key: bytes, recv_key: bytes) -> None:
         super().__init__()
@@ -367,6 +379,11 @@ class TlsChannel:
         self._obj = obj
         self._in = incoming
         self._out = outgoing
+
+    @property
+    def protection(self) -> str:
+        cipher = self._obj.cipher()
+        return f"{self._obj.version() or 'TLS'} {cipher[0] if cipher else ''}".strip()
 
     def wrap(self, bufs: Sequence[Buffer]) -> list[Buffer]:
         for b in bufs:

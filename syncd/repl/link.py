@@ -127,6 +127,7 @@ class Path:
     tx_bytes: int = 0
     rx_bytes: int = 0
     last_error: str = ""
+    protection: str = ""  # what protects the path's bytes (secure.Channel.protection)
     ctl_since: float = 0.0  # when the oldest control frame now queued was queued
     ctl_wait_max: float = 0.0  # s, the longest a control frame waited to reach the kernel
     rtt_max_ms: float = 0.0  # the slowest keepalive round trip (both sides' queues included)
@@ -175,6 +176,7 @@ class Path:
             "tx_bytes": self.tx_bytes,
             "rx_bytes": self.rx_bytes,
             "last_error": self.last_error,
+            "protection": self.protection,
             "queued_frames": len(self.sendq),
             "ctl_wait_max_ms": round(self.ctl_wait_max * 1000, 3),
             "rtt_max_ms": round(self.rtt_max_ms, 3),
@@ -277,6 +279,7 @@ class Link:
                     sock = await netio.connect(p.peer)
                 hs = secure.Handshake(self.security, secure.Role.DIALER, self.node_name, self.cfg.peer)
                 chan, first = await netio.establish(sock, hs, max(self.cfg.path_timeout, 1.0))
+                p.protection = chan.protection
                 with trio.fail_after(max(self.cfg.path_timeout, 1.0)):
                     dec = FrameDecoder()
                     if first:
@@ -365,6 +368,7 @@ class Link:
         try:
             hs = secure.Handshake(self.security, secure.Role.LISTENER, self.node_name, self.cfg.peer)
             chan, first = await netio.establish(sock, hs, max(self.cfg.path_timeout, 1.0))
+            p.protection = chan.protection
             with trio.fail_after(max(self.cfg.path_timeout, 1.0)):
                 if first:
                     dec.receive_data(first)

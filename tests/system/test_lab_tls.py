@@ -48,6 +48,7 @@ def test_lab_up_tls_prints_commands_that_reach_the_exports_over_nbds(tmp_path):
         for site in ("A", "B"):
             st = call(lab["nodes"][site]["admin_socket"], "showrcopy")
             assert st["link"]["security"] == "tls" and st["link"]["paths_up"] == 2
+            assert all(p["protection"].startswith("TLSv1.") for p in st["link"]["paths"]), st["link"]["paths"]
             assert st["witness"]["reachable"]
             host = Path(lab["hosts"][site]["config"]).read_text()
             assert "nbds://" in host and "nbd://" not in host and "tls_certificate" in host
