@@ -33,7 +33,7 @@ def _names(reqs: list[str]) -> set[str]:
 def test_runtime_dependencies_are_what_the_daemons_and_syncctl_use():
     p = _project()
     assert _names(p["dependencies"]) == {"trio", "construct", "xxhash", "rich", "prometheus-client", "h11",
-                                             "cryptography"}
+                                             "cryptography", "google-crc32c"}
     extras = {k: _names(v) for k, v in p["optional-dependencies"].items()}
     assert {"matplotlib", "trustme"} <= extras["lab"]
     assert extras["report"] == {"matplotlib"}  # the old name, kept for scripts that use it
