@@ -52,6 +52,21 @@ class Command:
 
 
 @dataclass(frozen=True, slots=True)
+class WriteData:
+    """All the data-out a command was asked for has arrived."""
+
+    itt: int
+    data: bytes | bytearray
+
+
+@dataclass(frozen=True, slots=True)
+class TaskManagement:
+    """A task management request, for the SCSI layer; answer with ``Connection.tmf_response``."""
+
+    request: pdu.TaskMgmtRequest
+
+
+@dataclass(frozen=True, slots=True)
 class LoggedIn:
     session: Session
 
@@ -63,7 +78,22 @@ class Ping:
     ttt: int
 
 
-Event = Send | Close | Command | LoggedIn | Ping
+Event = Send | Close | Command | WriteData | TaskManagement | LoggedIn | Ping
+
+
+@dataclass
+class _Transfer:
+    """A command's data-out being gathered: immediate data, then one R2T at a time
+    (MaxOutstandingR2T=1, data in order)."""
+
+    itt: int
+    lun: int
+    buf: bytearray
+    received: int = 0
+    burst_end: int = 0  # where the outstanding R2T's burst ends
+    ttt: int = RESERVED_TAG
+    r2tsn: int = 0
+    datasn: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +128,8 @@ class Connection:
         self._text_in = b""  # a text request continued with the C bit
         self._text_out: tuple[int, bytes] | None = None  # (TTT, what is left of a long text response)
         self._next_ttt = 1
+        self._immediate: dict[int, bytes] = {}  # ITT -> immediate data of a command not yet asked for data
+        self._transfers: dict[int, _Transfer] = {}  # TTT -> transfer
         self.closed = False
 
     # -- numbering -----------------------------------------------------------------------------
@@ -118,6 +150,11 @@ class Connection:
 
     def _send(self, header: bytes, data: bytes | bytearray | memoryview = b"") -> Send:
         return Send(pdu.frame(header, data, header_digest=self.header_digest, data_digest=self.data_digest))
+
+    @property
+    def transfers(self) -> int:
+        """Commands whose data-out is being gathered (bounded by the command window)."""
+        return len(self._transfers) + len(self._immediate)
 
     def _command_number(self, immediate: bool, cmdsn: int, what: str) -> bool:
         """Checks a command's CmdSN: True to act on it. A command outside the window is
@@ -208,9 +245,128 @@ class Connection:
         if isinstance(msg, pdu.ScsiCommand):
             if not self._command_number(msg.immediate, msg.cmdsn, "SCSI command"):
                 return []
+            if msg.data:
+                if not msg.write or len(msg.data) > self.session.params.first_burst:
+                    raise ProtocolError(f"immediate data of {len(msg.data)} bytes with a command that may not "
+                                        "carry it (no W bit, or beyond FirstBurstLength)")
+                self._immediate[msg.itt] = msg.data
             return [Command(msg)]
-        # Data-Out, task management and SNACK belong to the SCSI layer, not yet served here.
+        if isinstance(msg, pdu.DataOut):
+            return self._data_out(msg, raw)
+        if isinstance(msg, pdu.TaskMgmtRequest):
+            if not self._command_number(msg.immediate, msg.cmdsn, "task management"):
+                return []
+            return [TaskManagement(msg)]
+        # SNACK needs error recovery level 1 or more; syncd runs at 0.
         return [self._reject(RejectReason.COMMAND_NOT_SUPPORTED, raw.bhs)]
+
+    # -- data-out ------------------------------------------------------------------------------
+    def request_data(self, cmd: pdu.ScsiCommand, length: int) -> list[Event]:
+        """The SCSI layer needs ``length`` bytes of data-out for ``cmd`` (at most its expected
+        data transfer length): immediate data first, then R2Ts. ``WriteData`` comes when all
+        has arrived (at once when immediate data covered it)."""
+        assert self.session is not None
+        immediate = self._immediate.pop(cmd.itt, b"")
+        if len(immediate) >= length:
+            return [WriteData(cmd.itt, immediate[:length])]
+        t = _Transfer(cmd.itt, cmd.lun, bytearray(length))
+        t.buf[: len(immediate)] = immediate
+        t.received = len(immediate)
+        return [self._r2t(t)]
+
+    def _r2t(self, t: _Transfer) -> Send:
+        assert self.session is not None
+        self._transfers.pop(t.ttt, None)
+        t.ttt = self._ttt()
+        self._transfers[t.ttt] = t
+        burst = min(self.session.params.max_burst, len(t.buf) - t.received)
+        t.burst_end = t.received + burst
+        t.datasn = 0
+        sn, t.r2tsn = t.r2tsn, t.r2tsn + 1
+        return self._send(pdu.r2t(itt=t.itt, lun=t.lun, ttt=t.ttt, statsn=self.statsn, expcmdsn=self.expcmdsn,
+                                  maxcmdsn=self.maxcmdsn, r2tsn=sn, offset=t.received, length=burst))
+
+    def _data_out(self, msg: pdu.DataOut, raw: pdu.RawPdu) -> list[Event]:
+        t = self._transfers.get(msg.ttt)
+        if t is None or t.itt != msg.itt:
+            # Unsolicited data (InitialR2T=Yes forbids it) or a tag we never gave.
+            raise ProtocolError(f"Data-Out for ITT {msg.itt:#x} TTT {msg.ttt:#x}, which no R2T asked for")
+        end = msg.offset + len(msg.data)
+        if msg.offset != t.received or end > t.burst_end or msg.datasn != t.datasn:
+            raise ProtocolError(f"Data-Out at offset {msg.offset} (+{len(msg.data)}, DataSN {msg.datasn}) where "
+                                f"{t.received} (DataSN {t.datasn}) was due, burst ending at {t.burst_end}")
+        t.buf[msg.offset : end] = msg.data
+        t.received = end
+        t.datasn += 1
+        if end < t.burst_end:
+            if msg.final:
+                raise ProtocolError(f"Data-Out sequence ended at {end}, short of the burst's end {t.burst_end}")
+            return []
+        if not msg.final:
+            raise ProtocolError("the burst's last Data-Out lacks the F bit")
+        if t.received < len(t.buf):
+            return [self._r2t(t)]
+        del self._transfers[t.ttt]
+        return [WriteData(t.itt, t.buf)]
+
+    def forget(self, itt: int) -> None:
+        """A command ended (answered or aborted): drop what the connection kept for it."""
+        self._immediate.pop(itt, None)
+        for ttt, t in list(self._transfers.items()):
+            if t.itt == itt:
+                del self._transfers[ttt]
+
+    # -- answers -------------------------------------------------------------------------------
+    def _residual(self, edtl: int, length: int, overflow: int, underflow: int) -> tuple[int, int]:
+        if length < edtl:
+            return underflow, edtl - length
+        if length > edtl:
+            return overflow, length - edtl
+        return 0, 0
+
+    def data_in(self, cmd: pdu.ScsiCommand, data: bytes | bytearray | memoryview) -> list[Event]:
+        """A read's data and its GOOD status: Data-In PDUs no longer than the initiator
+        declared, the last with the status (phase collapse). Data beyond the expected data
+        transfer length is not sent (overflow residual)."""
+        assert self.session is not None
+        self.forget(cmd.itt)
+        flags, residual = self._residual(cmd.edtl, len(data), pdu.DATA_OVERFLOW, pdu.DATA_UNDERFLOW)
+        view = memoryview(data)[: cmd.edtl]
+        if not view:
+            return [self.response(cmd, 0, length=len(data))]
+        step = self.session.params.initiator_max_recv
+        out: list[Event] = []
+        for n, off in enumerate(range(0, len(view), step)):
+            chunk = view[off : off + step]
+            last = off + step >= len(view)
+            header = pdu.data_in(itt=cmd.itt, lun=cmd.lun, datasn=n, offset=off, dsl=len(chunk),
+                                 expcmdsn=self.expcmdsn, maxcmdsn=self.maxcmdsn, final=last,
+                                 status=0 if last else None, statsn=self._statsn() if last else 0,
+                                 residual_flags=flags, residual=residual)
+            out.append(self._send(header, chunk))
+        return out
+
+    def response(self, cmd: pdu.ScsiCommand, status: int, sense: bytes = b"", length: int | None = None) -> Send:
+        """A SCSI Response. ``length`` is how many bytes the command transferred or needed,
+        for the residual against the expected data transfer length."""
+        self.forget(cmd.itt)
+        flags, residual = (0, 0) if length is None else self._residual(
+            cmd.edtl, length, pdu.RESP_OVERFLOW, pdu.RESP_UNDERFLOW)
+        data = pdu.sense_segment(sense) if sense else b""
+        return self._send(pdu.scsi_response(itt=cmd.itt, status=status, statsn=self._statsn(), expcmdsn=self.expcmdsn,
+                                            maxcmdsn=self.maxcmdsn, dsl=len(data), residual_flags=flags,
+                                            residual=residual), data)
+
+    def tmf_response(self, req: pdu.TaskMgmtRequest, response: int) -> Send:
+        return self._send(pdu.task_mgmt_response(itt=req.itt, response=response, statsn=self._statsn(),
+                                                 expcmdsn=self.expcmdsn, maxcmdsn=self.maxcmdsn))
+
+    def async_event(self, lun: int, sense: bytes) -> Send:
+        """An asynchronous SCSI event (a unit attention reported without waiting for a
+        command)."""
+        data = pdu.sense_segment(sense)
+        return self._send(pdu.async_message(event=pdu.AsyncEvent.SCSI_EVENT, lun=lun, statsn=self.statsn,
+                                            expcmdsn=self.expcmdsn, maxcmdsn=self.maxcmdsn, dsl=len(data)), data)
 
     def _nop_out(self, msg: pdu.NopOut) -> list[Event]:
         if msg.itt == RESERVED_TAG:

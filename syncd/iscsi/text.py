@@ -135,7 +135,7 @@ class TargetLimits:
     max_connections: int = 1
     max_outstanding_r2t: int = 1
     digests: tuple[str, ...] = ("CRC32C", "None")  # in the target's order of preference
-    initial_r2t: bool = False
+    initial_r2t: bool = True  # unsolicited Data-Out is not taken: every burst beyond immediate data is asked for
     immediate_data: bool = True
     default_time2wait: int = 2
     default_time2retain: int = 0  # no session reinstatement at error recovery level 0

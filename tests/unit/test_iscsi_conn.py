@@ -204,3 +204,94 @@ def test_a_data_digest_error_is_rejected_and_the_session_goes_on():
     [(rej, data)] = sent(conn.receive_data(bytes(bad)))
     assert rej.op == p.Op.REJECT and rej.reason == p.RejectReason.DIGEST_ERROR and data[:1] == b"\x00"
     assert not conn.closed and conn.expcmdsn == 10  # the rejected NOP did not count
+
+
+def write_cmd(itt, edtl, data=b"", cmdsn=10):
+    cdb = bytes([0x2A]) + bytes(15)
+    return wire(p.H_SCSI_COMMAND.pack(p.Op.SCSI_COMMAND, p.F_BIT | p.CMD_WRITE, len(data), 0, itt, edtl, cmdsn, 0,
+                                      cdb), data)
+
+
+def data_out(itt, ttt, offset, data, datasn, final):
+    return wire(p.H_DATA_OUT.pack(p.Op.DATA_OUT, p.F_BIT if final else 0, len(data), 0, itt, ttt, 0, datasn,
+                                  offset), data)
+
+
+def logged_in_with(keys):
+    portal = Portal(targets={TNAME: Target(TNAME)}, portal_group_tag=1, authorize=lambda i, n: True,
+                    limits=t.TargetLimits(max_burst=4096, first_burst=1024))
+    conn = c.Connection(portal, tsih=1, addresses=lambda n: [])
+    ev = conn.receive_data(login_pdu([("InitiatorName", INAME), ("TargetName", TNAME)] + keys))
+    assert isinstance(ev[-1], c.LoggedIn)
+    return conn
+
+
+def test_immediate_data_then_r2t_bursts_gather_a_write():
+    conn = logged_in_with([("MaxBurstLength", "4096"), ("FirstBurstLength", "1024")])
+    payload = bytes(range(256)) * 40  # 10240 bytes
+    [ev] = conn.receive_data(write_cmd(7, len(payload), payload[:1024]))
+    assert isinstance(ev, c.Command) and ev.cmd.data == payload[:1024]
+    [(r2t, _)] = sent(conn.request_data(ev.cmd, len(payload)))
+    assert r2t.op == p.Op.R2T and (r2t.offset, r2t.length, r2t.r2tsn) == (1024, 4096, 0)
+    assert conn.receive_data(data_out(7, r2t.ttt, 1024, payload[1024:3072], 0, False)) == []
+    [(r2t2, _)] = sent(conn.receive_data(data_out(7, r2t.ttt, 3072, payload[3072:5120], 1, True)))
+    assert (r2t2.offset, r2t2.length, r2t2.r2tsn) == (5120, 4096, 1) and r2t2.ttt != r2t.ttt
+    [(r2t3, _)] = sent(conn.receive_data(data_out(7, r2t2.ttt, 5120, payload[5120:9216], 0, True)))
+    assert (r2t3.offset, r2t3.length) == (9216, 1024)
+    [done] = conn.receive_data(data_out(7, r2t3.ttt, 9216, payload[9216:], 0, True))
+    assert isinstance(done, c.WriteData) and bytes(done.data) == payload and conn.transfers == 0
+
+
+def test_immediate_data_covering_the_write_needs_no_r2t():
+    conn = logged_in_with([])
+    [ev] = conn.receive_data(write_cmd(8, 512, b"x" * 512))
+    assert conn.request_data(ev.cmd, 512) == [c.WriteData(8, b"x" * 512)]
+
+
+@pytest.mark.parametrize("change", ["datasn", "offset", "ttt", "early_final", "no_final"])
+def test_data_out_out_of_step_ends_the_session(change):
+    conn = logged_in_with([])
+    [ev] = conn.receive_data(write_cmd(9, 2048))
+    [(r2t, _)] = sent(conn.request_data(ev.cmd, 2048))
+    chunks = [(0, 0, False), (1024, 1, True)]
+    if change == "datasn":
+        chunks = [(0, 1, False)]
+    elif change == "offset":
+        chunks = [(512, 0, False)]
+    elif change == "early_final":
+        chunks = [(0, 0, True)]
+    elif change == "no_final":
+        chunks = [(0, 0, False), (1024, 1, False)]
+    out = []
+    for off, sn, fin in chunks:
+        out += conn.receive_data(data_out(9, r2t.ttt + (1 if change == "ttt" else 0), off, bytes(1024), sn, fin))
+    assert isinstance(out[-1], c.Close) and conn.closed
+
+
+def test_unsolicited_data_out_is_a_protocol_error():
+    conn = logged_in_with([])
+    conn.receive_data(write_cmd(9, 2048))
+    [ev] = conn.receive_data(data_out(9, p.RESERVED_TAG, 0, bytes(512), 0, False))
+    assert isinstance(ev, c.Close) and "no R2T asked for" in ev.reason
+
+
+def test_immediate_data_beyond_first_burst_is_a_protocol_error():
+    conn = logged_in_with([("FirstBurstLength", "512")])
+    [ev] = conn.receive_data(write_cmd(9, 2048, bytes(1024)))
+    assert isinstance(ev, c.Close)
+
+
+def test_data_in_is_cut_to_the_initiators_segment_size_with_status_on_the_last():
+    conn = connected()  # the initiator declared MaxRecvDataSegmentLength=512
+    [ev] = conn.receive_data(scsi(cmdsn=10))
+    cmd = ev.cmd
+    cmd = type(cmd)(**{**{f: getattr(cmd, f) for f in cmd.__dataclass_fields__}, "edtl": 1500, "read": True})
+    pdus = sent(conn.data_in(cmd, bytes(range(256)) * 5))  # 1280 bytes for an EDTL of 1500
+    assert [len(d) for _, d in pdus] == [512, 512, 256]
+    assert [h.datasn for h, _ in pdus] == [0, 1, 2] and [h.offset for h, _ in pdus] == [0, 512, 1024]
+    last = pdus[-1][0]
+    assert last.flags == p.F_BIT | p.DATA_STATUS | p.DATA_UNDERFLOW and last.residual == 220
+    assert pdus[0][0].flags == 0 and last.statsn == 1
+    over = type(cmd)(**{**{f: getattr(cmd, f) for f in cmd.__dataclass_fields__}, "edtl": 100, "itt": 6})
+    [(h, d)] = sent(conn.data_in(over, bytes(300)))
+    assert len(d) == 100 and h.flags & p.DATA_OVERFLOW and h.residual == 200

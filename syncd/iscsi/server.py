@@ -1,0 +1,488 @@
+"""The iSCSI target's I/O shell: sockets, tasks and the volume behind each LUN.
+
+Each connection runs ``conn.Connection`` (the protocol, sans-IO) and ``scsi.Unit`` (the
+command set, sans-IO); this module only moves bytes and calls the ``Export`` of each LU, the
+same interface the NBD server uses (``syncd.nbd.export``). Responses leave through one
+ordered queue per connection, so StatSN order on the wire is the order the protocol layer
+numbered them.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import errno
+import itertools
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+
+from syncd.iscsi import conn as c
+from syncd.iscsi import pdu, scsi
+from syncd.iscsi.login import Portal, Session
+from syncd.nbd.export import BlockError, Export
+
+log = logging.getLogger("syncd.iscsi")
+
+LOGIN_TIMEOUT = 30.0
+NOP_INTERVAL = 10.0  # idle time before the target pings an initiator
+NOP_TIMEOUT = 30.0  # no answer to a ping for this long ends the connection
+DATA_BUDGET = 64 << 20  # bytes the commands of one connection may hold at once (one command: at most 32 MiB)
+WRITE_SAME_CHUNK = 1 << 20
+
+
+@dataclass
+class Lu:
+    """One LUN as one initiator sees it: the command set's view and the volume behind it.
+    ``lock`` makes COMPARE AND WRITE atomic against this array's other commands on the LU."""
+
+    unit: scsi.Unit
+    export: Export
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    nexuses: dict[int, scsi.Nexus] = field(default_factory=dict)  # per session (TSIH)
+
+
+class Catalog(Protocol):
+    def luns_for(self, initiator: str, target: str) -> dict[int, Lu]:
+        """The LUNs this initiator sees through this target (LUN masking)."""
+        ...
+
+
+class Target:
+    """One array's iSCSI target: a portal (targets, CHAP, authorization), the LUN catalog,
+    and the addresses SendTargets reports."""
+
+    def __init__(self, portal: Portal, catalog: Catalog, addresses: Callable[[str], list[c.Address]]) -> None:
+        self.portal = portal
+        self.catalog = catalog
+        self.addresses = addresses
+        self._tsih = itertools.cycle(range(1, 0x10000))
+        self.sessions: dict[int, Session] = {}
+
+    async def serve(self, listeners: list[trio.SocketListener], *,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as n:
+            for lst in listeners:
+                await n.start(trio.serve_listeners, self.handle, [lst])
+            task_status.started()
+
+    def _next_tsih(self) -> int:
+        for tsih in self._tsih:
+            if tsih not in self.sessions:
+                return tsih
+        raise RuntimeError("unreachable")
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            await ConnectionRunner(self, stream).run()
+
+
+def sense_for(err: BlockError, write: bool) -> scsi.Sense:
+    """The sense an I/O error becomes. ESHUTDOWN and EAGAIN mean the array stopped serving the
+    volume (failover, lost lease): ALUA transitioning, so a host's multipath retries the
+    command on the other path."""
+    e = err.errno
+    if e in (errno.ESHUTDOWN, errno.EAGAIN):
+        return scsi.ALUA_TRANSITION
+    if e == errno.ENOSPC:
+        return scsi.SPACE_ALLOCATION_FAILED
+    if e in (errno.EROFS, errno.EPERM):
+        return scsi.WRITE_PROTECTED
+    if e == errno.EIO:
+        return scsi.WRITE_ERROR if write else scsi.MEDIUM_READ_ERROR
+    return scsi.INTERNAL_TARGET_FAILURE
+
+
+class ConnectionRunner:
+    def __init__(self, target: Target, stream: trio.SocketStream) -> None:
+        self.target = target
+        self.stream = stream
+        self.tsih = target._next_tsih()
+        self.conn = c.Connection(target.portal, self.tsih, target.addresses)
+        self.out: collections.deque[c.Send] = collections.deque()
+        self.wake = trio.Event()
+        self.waiting: dict[int, trio.Event] = {}  # ITT -> data-out arrived
+        self.written: dict[int, bytes | bytearray] = {}
+        self.luns: dict[int, Lu] = {}
+        self.budget = ByteBudget(DATA_BUDGET)
+        self.pinged: dict[int, float] = {}
+        self.aborted: set[int] = set()
+        self.closing = ""
+        self.session: Session | None = None
+
+    def emit(self, events: list[c.Event]) -> None:
+        """Carry out the protocol layer's events; Sends keep their order."""
+        for ev in events:
+            if isinstance(ev, c.Send):
+                self.out.append(ev)
+                self.wake.set()
+            elif isinstance(ev, c.Close):
+                self.closing = self.closing or ev.reason
+                self.wake.set()
+            elif isinstance(ev, c.WriteData):
+                self.written[ev.itt] = ev.data
+                done = self.waiting.pop(ev.itt, None)
+                if done is not None:
+                    done.set()
+            elif isinstance(ev, c.Ping):
+                self.pinged.pop(ev.ttt, None)
+            elif isinstance(ev, c.LoggedIn):
+                self.logged_in(ev.session)
+            elif isinstance(ev, c.Command):
+                self.nursery.start_soon(self.command, ev.cmd)
+            elif isinstance(ev, c.TaskManagement):
+                self.nursery.start_soon(self.task_management, ev.request)
+
+    def logged_in(self, session: Session) -> None:
+        self.session = session
+        self.target.sessions[self.tsih] = session
+        if session.target is not None:
+            self.luns = self.target.catalog.luns_for(session.initiator_name, session.target.name)
+        log.info("iSCSI login: %s (%s) to %s, session %d, digests header %s data %s", session.initiator_name,
+                 session.session_type.value, session.target.name if session.target else "discovery", self.tsih,
+                 session.params.header_digest, session.params.data_digest)
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as n:
+                self.nursery = n
+                n.start_soon(self.writer)
+                with trio.move_on_after(LOGIN_TIMEOUT) as login_deadline:
+                    await self.reader(until_login=True)
+                if login_deadline.cancelled_caught and self.session is None:
+                    self.closing = "no login within 30 s"
+                if self.session is not None and not self.closing:
+                    n.start_soon(self.keepalive)
+                    await self.reader(until_login=False)
+                self.closing = self.closing or "initiator closed the connection"
+                self.wake.set()
+                n.cancel_scope.deadline = trio.current_time() + 5  # let the last responses go out
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            self.target.sessions.pop(self.tsih, None)
+            for lu in self.luns.values():
+                lu.nexuses.pop(self.tsih, None)
+            if self.closing and self.session is not None:
+                log.info("iSCSI session %d of %s ended: %s", self.tsih, self.session.initiator_name, self.closing)
+            elif self.closing:
+                log.info("iSCSI connection ended before login: %s", self.closing)
+
+    async def reader(self, until_login: bool) -> None:
+        while not self.closing:
+            if until_login and self.session is not None:
+                return
+            data = await self.stream.receive_some(1 << 18)
+            if not data:
+                return
+            self.emit(self.conn.receive_data(data))
+
+    async def writer(self) -> None:
+        while True:
+            while self.out:
+                ev = self.out.popleft()
+                await self.stream.send_all(b"".join(ev.buffers) if len(ev.buffers) > 1 else ev.buffers[0])
+            if self.closing:
+                self.nursery.cancel_scope.cancel()
+                return
+            self.wake = trio.Event()
+            if self.out or self.closing:
+                continue
+            await self.wake.wait()
+
+    async def keepalive(self) -> None:
+        while True:
+            await trio.sleep(NOP_INTERVAL)
+            now = trio.current_time()
+            if any(now - t > NOP_TIMEOUT for t in self.pinged.values()):
+                self.emit([c.Close(f"no answer to a NOP-In ping for {NOP_TIMEOUT:.0f} s")])
+                return
+            ping = self.conn.ping()
+            self.pinged[int.from_bytes(bytes(ping.buffers[0])[20:24], "big")] = now
+            self.emit([ping])
+
+    # -- SCSI ----------------------------------------------------------------------------------
+    def nexus(self, lu: Lu) -> scsi.Nexus:
+        nx = lu.nexuses.get(self.tsih)
+        if nx is None:
+            nx = lu.nexuses[self.tsih] = scsi.Nexus()
+        return nx
+
+    def check(self, cmd: pdu.ScsiCommand, sense: scsi.Sense, length: int | None = None) -> None:
+        self.emit([self.conn.response(cmd, scsi.CHECK_CONDITION, sense.fixed(), length)])
+
+    async def receive(self, cmd: pdu.ScsiCommand, length: int) -> bytes | bytearray:
+        done = trio.Event()
+        self.waiting[cmd.itt] = done
+        self.emit(self.conn.request_data(cmd, length))
+        if cmd.itt in self.waiting:
+            await done.wait()
+        if cmd.itt in self.aborted:
+            self.aborted.discard(cmd.itt)
+            self.conn.forget(cmd.itt)
+            raise _Aborted
+        return self.written.pop(cmd.itt)
+
+    async def command(self, cmd: pdu.ScsiCommand) -> None:
+        try:
+            await self._command(cmd)
+        except _Aborted:
+            pass  # ABORT TASK answered for it: an aborted task gets no response
+
+    async def _command(self, cmd: pdu.ScsiCommand) -> None:
+        number = pdu.lun_number(cmd.lun)
+        lu = self.luns.get(number) if number is not None else None
+        if lu is None:
+            self.no_lun(cmd)
+            return
+        outcome = lu.unit.command(cmd.cdb, self.nexus(lu))
+        if isinstance(outcome, scsi.NeedData):
+            if outcome.length > cmd.edtl:
+                self.check(cmd, scsi.invalid_field(7), outcome.length)
+                return
+            params = await self.receive(cmd, outcome.length)
+            outcome = lu.unit.unmap_parameters(bytes(params))
+            assert not isinstance(outcome, scsi.NeedData)
+        if isinstance(outcome, scsi.Check):
+            self.check(cmd, outcome.sense)
+        elif isinstance(outcome, scsi.Done):
+            if cmd.read or outcome.data:
+                self.emit(self.conn.data_in(cmd, outcome.data))
+            else:
+                self.emit([self.conn.response(cmd, scsi.GOOD)])
+        else:
+            async with self.budget.hold(max(outcome.length, outcome.data_out)):
+                await self.io(cmd, lu, outcome)
+
+    def no_lun(self, cmd: pdu.ScsiCommand) -> None:
+        """SPC-4 section 4.6.4: INQUIRY to a LUN that is not there answers "not connected",
+        REPORT LUNS lists what is there; anything else is LOGICAL UNIT NOT SUPPORTED."""
+        op = cmd.cdb[0]
+        if op == 0x12 and not cmd.cdb[1] & 0x01:
+            data = bytearray(36)
+            data[0] = 0x7F  # peripheral qualifier 011b: no LU at this LUN
+            data[4] = 31
+            self.emit(self.conn.data_in(cmd, bytes(data[: int.from_bytes(cmd.cdb[3:5], "big")])))
+        elif op == 0xA0 and self.luns:
+            lu = next(iter(self.luns.values()))
+            out = lu.unit.report_luns(cmd.cdb, scsi.Nexus([]))
+            if isinstance(out, scsi.Done):
+                self.emit(self.conn.data_in(cmd, out.data))
+            elif isinstance(out, scsi.Check):
+                self.check(cmd, out.sense)
+        else:
+            self.check(cmd, scsi.LU_NOT_SUPPORTED)
+
+    async def io(self, cmd: pdu.ScsiCommand, lu: Lu, io: scsi.Io) -> None:
+        fixed = io.kind in (scsi.IoKind.WRITE_SAME, scsi.IoKind.COMPARE_AND_WRITE, scsi.IoKind.VERIFY)
+        if (io.data_out and not cmd.write) or (fixed and cmd.edtl != io.data_out):
+            # The data-out these commands carry has one size (a block, twice the blocks compared):
+            # anything else is refused, having written nothing.
+            self.check(cmd, scsi.invalid_field(0), io.data_out)
+            self.conn.forget(cmd.itt)
+            return
+        if io.kind is scsi.IoKind.WRITE and cmd.edtl < io.data_out:
+            # The initiator sends less than the CDB says (RFC 7143 section 11.4.5.1): write
+            # what it sends, if that is whole blocks, and report the overflow.
+            if cmd.edtl % lu.unit.facts.block_size:
+                self.check(cmd, scsi.INVALID_FIELD_IN_INFORMATION_UNIT, io.data_out)
+                self.conn.forget(cmd.itt)
+                return
+            needed = io.data_out
+            io = dataclasses.replace(io, length=cmd.edtl, data_out=cmd.edtl)
+            if not io.length:
+                self.emit([self.conn.response(cmd, scsi.GOOD, length=needed)])
+                return
+            await self._io(cmd, lu, io, needed)
+            return
+        await self._io(cmd, lu, io, io.data_out)
+
+    async def _io(self, cmd: pdu.ScsiCommand, lu: Lu, io: scsi.Io, needed: int) -> None:
+        ex = lu.export
+        try:
+            if io.kind is scsi.IoKind.READ:
+                data = await ex.read(io.offset, io.length)
+                self.emit(self.conn.data_in(cmd, data))
+                return
+            if io.kind is scsi.IoKind.LBA_STATUS:
+                extents = await ex.allocation(io.offset, io.length)
+                self.emit(self.conn.data_in(cmd, lu.unit.lba_status(io.offset, extents, io.allocation).data))
+                return
+            if io.kind is scsi.IoKind.SYNC:
+                await ex.flush()
+            elif io.kind is scsi.IoKind.UNMAP:
+                for off, ln in io.ranges:
+                    await ex.trim(off, ln, False)
+            elif io.kind is scsi.IoKind.WRITE:
+                data = await self.receive(cmd, io.data_out)
+                await ex.write(io.offset, memoryview(data), io.fua)
+            elif io.kind is scsi.IoKind.WRITE_SAME:
+                block = bytes(lu.unit.facts.block_size) if io.ndob else bytes(await self.receive(cmd, io.data_out))
+                await self.write_same(ex, io, block)
+            elif io.kind is scsi.IoKind.VERIFY:
+                data = await self.receive(cmd, io.data_out)
+                have = await ex.read(io.offset, io.length)
+                bad = _first_difference(have, data)
+                if bad is not None:
+                    self.emit([self.conn.response(cmd, scsi.CHECK_CONDITION, scsi.miscompare(bad).sense.fixed())])
+                    return
+            elif io.kind is scsi.IoKind.COMPARE_AND_WRITE and io.length:
+                data = await self.receive(cmd, io.data_out)
+                async with lu.lock:
+                    have = await ex.read(io.offset, io.length)
+                    bad = _first_difference(have, memoryview(data)[: io.length])
+                    if bad is not None:
+                        self.emit([self.conn.response(cmd, scsi.CHECK_CONDITION,
+                                                      scsi.miscompare(bad).sense.fixed())])
+                        return
+                    await ex.write(io.offset, memoryview(data)[io.length :], io.fua)
+        except BlockError as e:
+            self.conn.forget(cmd.itt)
+            self.check(cmd, sense_for(e, io.kind is not scsi.IoKind.READ))
+            return
+        self.emit([self.conn.response(cmd, scsi.GOOD, length=needed if cmd.write else None)])
+
+    @staticmethod
+    async def write_same(ex: Export, io: scsi.Io, block: bytes) -> None:
+        if not any(block):
+            if io.unmap:
+                await ex.trim(io.offset, io.length, False)
+            else:
+                await ex.write_zeroes(io.offset, io.length, False, True)
+            return
+        chunk = block * max(1, WRITE_SAME_CHUNK // len(block))
+        off, end = io.offset, io.offset + io.length
+        while off < end:
+            n = min(len(chunk), end - off)
+            await ex.write(off, memoryview(chunk)[:n], False)
+            off += n
+
+    async def task_management(self, req: pdu.TaskMgmtRequest) -> None:
+        """Error recovery level 0: commands run to completion quickly, so ABORT TASK answers
+        whether the task is still known; LUN and target resets raise a unit attention."""
+        fn = req.function
+        number = pdu.lun_number(req.lun)
+        if fn == pdu.TmfFunction.ABORT_TASK:
+            # Only a task still waiting for its data-out can be stopped before it changes anything.
+            known = req.ref_itt in self.waiting
+            if known:
+                self.aborted.add(req.ref_itt)
+                self.waiting.pop(req.ref_itt).set()
+            response = pdu.TmfResponse.COMPLETE if known else pdu.TmfResponse.TASK_DOES_NOT_EXIST
+        elif fn in (pdu.TmfFunction.ABORT_TASK_SET, pdu.TmfFunction.CLEAR_TASK_SET,
+                    pdu.TmfFunction.LOGICAL_UNIT_RESET):
+            lu = self.luns.get(number) if number is not None else None
+            if lu is None:
+                response = pdu.TmfResponse.LUN_DOES_NOT_EXIST
+            else:
+                if fn == pdu.TmfFunction.LOGICAL_UNIT_RESET:
+                    for tsih, nx in lu.nexuses.items():
+                        if tsih != self.tsih:
+                            nx.raise_attention(scsi.POWER_ON_RESET)
+                response = pdu.TmfResponse.COMPLETE
+        elif fn in (pdu.TmfFunction.TARGET_WARM_RESET, pdu.TmfFunction.TARGET_COLD_RESET):
+            for lu in self.luns.values():
+                for nx in lu.nexuses.values():
+                    nx.raise_attention(scsi.POWER_ON_RESET)
+            response = pdu.TmfResponse.COMPLETE
+        else:
+            response = pdu.TmfResponse.NOT_SUPPORTED
+        self.emit([self.conn.tmf_response(req, response)])
+
+
+class ByteBudget:
+    """Bytes that commands may hold at once; a command waits for its share (FIFO)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.free = total
+        self._lot = trio.lowlevel.ParkingLot()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, n: int) -> AsyncIterator[None]:
+        n = min(n, self.total)
+        while self.free < n:
+            await self._lot.park()
+        self.free -= n
+        try:
+            yield
+        finally:
+            self.free += n
+            self._lot.unpark_all()
+
+
+class _Aborted(Exception):
+    pass
+
+
+def _first_difference(a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryview) -> int | None:
+    a, b = bytes(a), bytes(b)
+    if a == b:
+        return None
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+@dataclass
+class StaticCatalog:
+    """The same LUNs for every initiator (the unreplicated server below, and tests)."""
+
+    luns: dict[int, Lu]
+
+    def luns_for(self, initiator: str, target: str) -> dict[int, Lu]:
+        return self.luns
+
+
+def file_lu(path: str, lun_numbers: Callable[[], list[int]]) -> Lu:
+    """An unreplicated LU on a file or block device: one target port group, active/optimized."""
+    import hashlib
+
+    from syncd.nbd.export import FileExport
+
+    ex = FileExport(path, path)
+    wwn = "naa.6" + "0002ac" + hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:25]
+    groups = [scsi.PortGroup(1, scsi.Alua.ACTIVE_OPTIMIZED, 1, preferred=True)]
+    return Lu(scsi.Unit(scsi.LuFacts(ex.size, wwn), lambda: groups, lun_numbers), ex)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve files unreplicated over iSCSI: ``python -m syncd.iscsi.server --port P --target
+    IQN --lun 0=PATH``. For tests and as the benchmark's baseline; a storage node serves its
+    replicated volumes itself."""
+    import argparse
+
+    from syncd.iscsi.login import Target as IscsiTarget
+
+    ap = argparse.ArgumentParser(prog="python -m syncd.iscsi.server", description=main.__doc__)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=3260)
+    ap.add_argument("--target", default="iqn.2026-12.org.syncd:single")
+    ap.add_argument("--lun", action="append", required=True, help="N=PATH (repeatable)")
+    ns = ap.parse_args(argv)
+    luns: dict[int, Lu] = {}
+    for spec in ns.lun:
+        n, _, path = spec.partition("=")
+        luns[int(n)] = file_lu(path, lambda: sorted(luns))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    portal = Portal({ns.target: IscsiTarget(ns.target)}, 1, lambda i, t: True)
+    target = Target(portal, StaticCatalog(luns), lambda name: [c.Address(ns.host, ns.port, 1)])
+
+    async def run() -> None:
+        await target.serve(await trio.open_tcp_listeners(ns.port, host=ns.host))
+
+    try:
+        trio.run(run)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
