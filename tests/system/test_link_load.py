@@ -4,7 +4,7 @@ fio's nbd engine with 8 jobs x iodepth 64 x 1 MiB random writes at the secondary
 reads and writes at both sites at once, on a 1 GiB volume of the lab (relay in the link, default
 timings): no path goes down, the link session never changes, no peer is lost or fenced, fio sees
 no error, and the replicas are identical afterwards. Each phase runs SYNCD_LINK_LOAD_SECONDS
-(default 15; set e.g. 300 to run for minutes); SYNCD_LINK_LOAD_TIMINGS=fast uses the tests'
+(default 10; set e.g. 300 to run for minutes); SYNCD_LINK_LOAD_TIMINGS=fast uses the tests'
 FAST_LINK timings instead. Throughput and control-frame latencies are printed (and appended as
 JSON to SYNCD_LINK_LOAD_OUT if set): they never decide pass or fail.
 """
@@ -25,7 +25,7 @@ from .rig import FAST_LINK, assert_replicas_identical, require_tool
 
 pytestmark = pytest.mark.system
 
-SECONDS = int(os.environ.get("SYNCD_LINK_LOAD_SECONDS", "15"))
+SECONDS = int(os.environ.get("SYNCD_LINK_LOAD_SECONDS", "10"))
 # What must never appear in a node's log while hosts load the link.
 TROUBLE = re.compile(r"path \d+ down|link to \S+ down|peer lost|FAILSAFE|fenced|not confirm|reset:")
 
