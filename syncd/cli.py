@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                         "the link (and the witness) use mutual TLS, host shims reach arrays over nbds://")
     s.add_argument("--no-relay", action="store_true",
                    help="link the nodes directly (faster; cut-link/heal-link/delay unavailable)")
+    s.add_argument("--iscsi", action="store_true",
+                   help="each array also serves the volumes over iSCSI (portals and target names are printed)")
     for name in ("down", "status", "cut-link", "heal-link"):
         s = lsub.add_parser(name)
         s.add_argument("--dir", default="lab")
@@ -292,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         if ns.labcmd == "up":
             lab = lab_up(ns.dir, size=ns.size, nvolumes=ns.volumes, npaths=ns.paths, wait=not ns.no_wait,
                          relay=not ns.no_relay, witness={} if ns.witness else None, loop=ns.loop,
-                         topology=ns.topology, power_cut=ns.power_cut_disks, tls=ns.tls)
+                         topology=ns.topology, power_cut=ns.power_cut_disks, tls=ns.tls, iscsi=ns.iscsi)
             print_summary(lab)
         elif ns.labcmd == "down":
             for line in lab_down(ns.dir):

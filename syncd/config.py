@@ -270,6 +270,78 @@ class MetricsConfig:
 METRICS_KEYS = frozenset({"listen", "allow_remote", "max_connections", "request_timeout", "max_header_bytes"})
 
 
+_IQN_RE = re.compile(r"^(iqn\.\d{4}-\d{2}\.[a-z0-9][a-z0-9.\-]*(:[\x21-\x7e]+)?"
+                     r"|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})$")
+
+
+def check_iscsi_name(value: object, key: str, error: type[Exception] | None = None) -> str:
+    """An iSCSI name (RFC 7143 section 4.2.7): iqn.YYYY-MM.reversed.domain[:anything], eui.
+    or naa.; at most 223 bytes."""
+    if not isinstance(value, str) or len(value.encode()) > 223 or not _IQN_RE.match(value):
+        raise (error or ConfigError)(
+            f"{key}: {value!r} is not an iSCSI name (iqn.YYYY-MM.reversed.domain[:name], eui.<16 hex>, "
+            "naa.<16 or 32 hex>; at most 223 bytes, lower case before the colon)")
+    return value
+
+
+@dataclass(frozen=True)
+class IscsiConfig:
+    """[iscsi]: the array's iSCSI target. ``advertise`` is what SendTargets reports for this
+    array (default: ``listen``); ``peer_target`` and ``peer_advertise`` the other array's, so a
+    host that discovers one array learns both paths."""
+
+    listen: tuple[tuple[str, int], ...]
+    target: str
+    portal_group: int
+    advertise: tuple[tuple[str, int], ...]
+    peer_target: str | None = None
+    peer_portal_group: int | None = None
+    peer_advertise: tuple[tuple[str, int], ...] = ()
+
+
+ISCSI_KEYS = ("listen", "target", "portal_group", "advertise", "peer_target", "peer_portal_group", "peer_advertise")
+
+
+def parse_iscsi(raw: dict, node_name: str) -> IscsiConfig | None:
+    if "iscsi" not in raw:
+        return None
+    t = _take(raw, "iscsi", "config", dict)
+    _no_extra(t, set(ISCSI_KEYS), "iscsi")
+    listen = tuple(parse_addr(a, f"iscsi.listen[{i}]")
+                   for i, a in enumerate(_take(t, "listen", "iscsi", list, ["127.0.0.1:3260"])))
+    if not listen:
+        raise ConfigError("iscsi.listen: empty; give at least one HOST:PORT (or leave out [iscsi])")
+    target = check_iscsi_name(_take(t, "target", "iscsi", str, f"iqn.2026-12.org.syncd:{node_name.lower()}"),
+                              "iscsi.target")
+    group = _take(t, "portal_group", "iscsi", int, 1)
+    if not 1 <= group <= 65535:
+        raise ConfigError(f"iscsi.portal_group: {group} is not from 1 to 65535")
+    advertise = tuple(parse_addr(a, f"iscsi.advertise[{i}]")
+                      for i, a in enumerate(_take(t, "advertise", "iscsi", list, [])))
+    if not advertise:
+        if any(h in ("0.0.0.0", "::") for h, _ in listen):
+            raise ConfigError("iscsi.advertise: needed when iscsi.listen has a wildcard address: say which "
+                              "addresses hosts reach this array at")
+        advertise = listen
+    peer_target = t.get("peer_target")
+    if peer_target is not None:
+        check_iscsi_name(peer_target, "iscsi.peer_target")
+        if peer_target == target:
+            raise ConfigError("iscsi.peer_target: the same name as iscsi.target; each array's target has its own")
+    peer_group = t.get("peer_portal_group")
+    if peer_group is not None and (not isinstance(peer_group, int) or isinstance(peer_group, bool)
+                                   or not 1 <= peer_group <= 65535):
+        raise ConfigError(f"iscsi.peer_portal_group: {peer_group!r} is not a number from 1 to 65535")
+    if peer_group == group:
+        raise ConfigError(f"iscsi.peer_portal_group: {group} is this array's portal_group too; hosts tell the "
+                          "arrays' ports apart by it")
+    peer_adv = tuple(parse_addr(a, f"iscsi.peer_advertise[{i}]")
+                     for i, a in enumerate(_take(t, "peer_advertise", "iscsi", list, [])))
+    if peer_adv and peer_target is None:
+        raise ConfigError("iscsi.peer_advertise: set without iscsi.peer_target (the other array's target name)")
+    return IscsiConfig(listen, target, group, advertise, peer_target, peer_group, peer_adv)
+
+
 def parse_metrics(raw: dict, where: str = "metrics") -> MetricsConfig | None:
     """The [metrics] table of a node, witness or host shim config (None when absent: off)."""
     if "metrics" not in raw:
@@ -345,6 +417,7 @@ class NodeConfig:
     hooks: HooksConfig = HooksConfig()
     events: EventsConfig = EventsConfig()
     intent: IntentConfig = IntentConfig()
+    iscsi: IscsiConfig | None = None
 
     @property
     def nbd_max_inflight(self) -> int:
@@ -409,8 +482,8 @@ def parse_node_config(raw: dict, base: Path = Path("."), source: str = "") -> No
     and volume (a section's own checks stop at its first problem)."""
     problems = Problems()
     with problems.part():
-        _no_extra(raw, {"node", "nbd", "link", "volume", "witness", "metrics", "hooks", "events", "intent"},
-                  "config")
+        _no_extra(raw, {"node", "nbd", "link", "volume", "witness", "metrics", "hooks", "events", "intent",
+                        "iscsi"}, "config")
     name = data_dir = admin_socket = ""
     node: dict = {}
     with problems.part() as node_part:
@@ -494,8 +567,11 @@ def parse_node_config(raw: dict, base: Path = Path("."), source: str = "") -> No
     intent = IntentConfig()
     with problems.part():
         intent = parse_intent(_take(raw, "intent", "config", dict, {}))
+    iscsi = None
+    with problems.part():
+        iscsi = parse_iscsi(raw, name or "node")
     cfg = NodeConfig(name, data_dir, admin_socket, nbd_listen, link, tuple(vols), source, witness, nbd_tls,
-                     nbd_limits, metrics, hooks, events, intent)
+                     nbd_limits, metrics, hooks, events, intent, iscsi)
     problems.raise_if_any(partial=cfg)
     return cfg
 

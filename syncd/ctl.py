@@ -161,7 +161,7 @@ GROUP_ACTIONS = ("pol", "switchover", "failover", "recover", "restore", "reverse
 ROW_VIEWS = {
     "showpaths": ("paths", ("host", "volume", "lun", "group", "role", "proximity", "state", "epoch", "wwn")),
     "showvlun": ("vluns", ("volume", "host", "lun")),
-    "showhost": ("hosts", ("name", "addresses", "tls_names", "sets", "connections")),
+    "showhost": ("hosts", ("name", "addresses", "tls_names", "iqns", "sets", "connections")),
 }
 
 
@@ -266,12 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--owner-lease", type=float)
     s.add_argument("--grace", type=float)
 
-    s = sub.add_parser("createhost", help="define a host by its initiators (addresses, TLS names; none: an empty "
-                                          "definition), or --add initiators to one")
+    s = sub.add_parser("createhost", help="define a host by its initiators (addresses, TLS names, iSCSI names; "
+                                          "none: an empty definition), or --add initiators to one")
     s.add_argument("--add", action="store_true", help="add the initiators to an existing host")
     s.add_argument("name")
     s.add_argument("--address", "-a", action="append", default=[], help="IP address or network (repeatable)")
     s.add_argument("--tls-name", action="append", default=[], help="TLS certificate CN / PSK identity (repeatable)")
+    s.add_argument("--iqn", action="append", default=[], help="iSCSI initiator name (repeatable)")
     s = sub.add_parser("removehost", help="remove a host without exported volumes")
     s.add_argument("name")
     s = sub.add_parser("createhostset", help="create a host set (or --add hosts to one)")
@@ -451,7 +452,8 @@ def _run(ns) -> int:
             args["insecure"] = True
         r = call(sock, v, args)
     elif v == "createhost":
-        r = call(sock, v, {"name": ns.name, "addresses": ns.address, "tls_names": ns.tls_name, "add": ns.add})
+        r = call(sock, v, {"name": ns.name, "addresses": ns.address, "tls_names": ns.tls_name, "add": ns.add,
+                           "iqns": ns.iqn})
     elif v in ("removehost",):
         r = call(sock, v, {"name": ns.name})
     elif v == "createhostset":

@@ -114,9 +114,10 @@ class Connection:
     reports for each target (both arrays' portals, so a host learns every path)."""
 
     def __init__(self, portal: Portal, tsih: int, addresses: Callable[[str], list[Address]],
-                 window: int = 64) -> None:
+                 window: int = 64, others: Callable[[], Pairs] | None = None) -> None:
         self.portal = portal
         self.addresses = addresses
+        self.others = others  # SendTargets=All: targets of other arrays (the peer's), as pairs
         self.window = window
         self.reader = pdu.PduReader(8192)
         self.login: Login | None = Login(portal, tsih)
@@ -467,4 +468,6 @@ class Connection:
                 continue
             out.append(("TargetName", name))
             out += [("TargetAddress", a.text()) for a in self.addresses(name)]
+        if value == "All" and self.others is not None:
+            out += self.others()
         return out

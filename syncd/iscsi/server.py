@@ -16,7 +16,7 @@ import errno
 import itertools
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -48,8 +48,9 @@ class Lu:
 
 
 class Catalog(Protocol):
-    def luns_for(self, initiator: str, target: str) -> dict[int, Lu]:
-        """The LUNs this initiator sees through this target (LUN masking)."""
+    def luns_for(self, initiator: str, address: str, target: str) -> dict[int, Lu]:
+        """The LUNs this initiator (its iSCSI name, its connection's source address) sees
+        through this target (LUN masking)."""
         ...
 
 
@@ -57,12 +58,19 @@ class Target:
     """One array's iSCSI target: a portal (targets, CHAP, authorization), the LUN catalog,
     and the addresses SendTargets reports."""
 
-    def __init__(self, portal: Portal, catalog: Catalog, addresses: Callable[[str], list[c.Address]]) -> None:
+    def __init__(self, portal: Portal, catalog: Catalog, addresses: Callable[[str], list[c.Address]],
+                 max_connections: int = 256, others: Callable[[], list[tuple[str, str]]] | None = None) -> None:
         self.portal = portal
+        self.others = others
         self.catalog = catalog
         self.addresses = addresses
         self._tsih = itertools.cycle(range(1, 0x10000))
         self.sessions: dict[int, Session] = {}
+        self.runners: set[ConnectionRunner] = set()
+        self.max_connections = max_connections
+        # A LOGICAL UNIT RESET: the array tells whoever else presents the LU (the peer array)
+        self.on_reset: Callable[[Lu], Awaitable[None]] | None = None
+        self.refused = 0  # connections closed at once: max_connections were open
 
     async def serve(self, listeners: list[trio.SocketListener], *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -79,7 +87,38 @@ class Target:
 
     async def handle(self, stream: trio.SocketStream) -> None:
         async with stream:
-            await ConnectionRunner(self, stream).run()
+            if len(self.runners) >= self.max_connections:
+                self.refused += 1
+                return
+            runner = ConnectionRunner(self, stream)
+            self.runners.add(runner)
+            try:
+                await runner.run()
+            finally:
+                self.runners.discard(runner)
+
+    def refresh(self) -> None:
+        """Hosts or LUNs changed: each session sees its LUNs anew (REPORTED LUNS DATA HAS
+        CHANGED where they did)."""
+        for r in list(self.runners):
+            r.refresh_luns()
+
+    def reset_attention(self, export: Export) -> None:
+        """The LU behind ``export`` was reset (here or at the other array): every session that
+        sees it gets the unit attention."""
+        for r in list(self.runners):
+            for lu in r.luns.values():
+                if lu.export is export:
+                    r.nexus(lu).raise_attention(scsi.LU_RESET_OCCURRED)
+
+    def attention(self, sense: scsi.Sense) -> None:
+        """Raise a unit attention for every session on every LU (e.g. the access state
+        changed)."""
+        for r in list(self.runners):
+            for lu in r.luns.values():
+                nx = lu.nexuses.get(r.tsih)
+                if nx is not None:
+                    nx.raise_attention(sense)
 
 
 def sense_for(err: BlockError, write: bool) -> scsi.Sense:
@@ -103,7 +142,7 @@ class ConnectionRunner:
         self.target = target
         self.stream = stream
         self.tsih = target._next_tsih()
-        self.conn = c.Connection(target.portal, self.tsih, target.addresses)
+        self.conn = c.Connection(target.portal, self.tsih, target.addresses, others=target.others)
         self.out: collections.deque[c.Send] = collections.deque()
         self.wake = trio.Event()
         self.waiting: dict[int, trio.Event] = {}  # ITT -> data-out arrived
@@ -138,11 +177,33 @@ class ConnectionRunner:
             elif isinstance(ev, c.TaskManagement):
                 self.nursery.start_soon(self.task_management, ev.request)
 
+    @property
+    def address(self) -> str:
+        try:
+            return str(self.stream.socket.getpeername()[0])
+        except OSError:
+            return ""
+
+    def refresh_luns(self) -> None:
+        s = self.session
+        if s is None or s.target is None:
+            return
+        new = self.target.catalog.luns_for(s.initiator_name, self.address, s.target.name)
+        if set(new) == set(self.luns) and all(new[n].export is self.luns[n].export for n in new):
+            return
+        for n, lu in new.items():
+            old = self.luns.get(n)
+            if old is not None and old.export is lu.export:
+                new[n] = old  # keep its unit attentions
+        self.luns = new
+        for lu in new.values():
+            self.nexus(lu).raise_attention(scsi.REPORTED_LUNS_CHANGED)
+
     def logged_in(self, session: Session) -> None:
         self.session = session
         self.target.sessions[self.tsih] = session
         if session.target is not None:
-            self.luns = self.target.catalog.luns_for(session.initiator_name, session.target.name)
+            self.luns = self.target.catalog.luns_for(session.initiator_name, self.address, session.target.name)
         log.info("iSCSI login: %s (%s) to %s, session %d, digests header %s data %s", session.initiator_name,
                  session.session_type.value, session.target.name if session.target else "discovery", self.tsih,
                  session.params.header_digest, session.params.data_digest)
@@ -381,9 +442,10 @@ class ConnectionRunner:
                 response = pdu.TmfResponse.LUN_DOES_NOT_EXIST
             else:
                 if fn == pdu.TmfFunction.LOGICAL_UNIT_RESET:
-                    for tsih, nx in lu.nexuses.items():
-                        if tsih != self.tsih:
-                            nx.raise_attention(scsi.POWER_ON_RESET)
+                    # SAM-5 section 7.7: every I_T nexus of the LU, the one that asked included.
+                    self.target.reset_attention(lu.export)
+                    if self.target.on_reset is not None:
+                        await self.target.on_reset(lu)
                 response = pdu.TmfResponse.COMPLETE
         elif fn in (pdu.TmfFunction.TARGET_WARM_RESET, pdu.TmfFunction.TARGET_COLD_RESET):
             for lu in self.luns.values():
@@ -436,7 +498,7 @@ class StaticCatalog:
 
     luns: dict[int, Lu]
 
-    def luns_for(self, initiator: str, target: str) -> dict[int, Lu]:
+    def luns_for(self, initiator: str, address: str, target: str) -> dict[int, Lu]:
         return self.luns
 
 

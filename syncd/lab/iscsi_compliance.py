@@ -58,7 +58,7 @@ def run(url: str, family: str, multipath: str | None = None, timeout: float = 90
         cmd.append(multipath)
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd="/tmp")
     out = p.stdout + p.stderr
-    return parse(family, out), out
+    return parse(family.split(".")[0], out), out
 
 
 def markdown(results: list[Result], reasons: dict[str, str] | None = None) -> str:

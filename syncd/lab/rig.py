@@ -155,7 +155,7 @@ def link_timings(link_opts: dict) -> dict:
 def node_toml(name: str, peer: str, d: Path, nbd_port: int, paths: list[tuple[int, int]],
               volumes: list[tuple[str, Path, int]], extra_link: dict | None = None,
               witness: dict | None = None, nbd: dict | None = None, metrics_port: int | None = None,
-              intent: dict | None = None) -> str:
+              intent: dict | None = None, iscsi: dict | None = None) -> str:
     lines = [
         "[node]",
         f'name = "{name}"',
@@ -181,6 +181,8 @@ def node_toml(name: str, peer: str, d: Path, nbd_port: int, paths: list[tuple[in
         lines += ["", "[metrics]", f'listen = "127.0.0.1:{metrics_port}"']
     if intent:
         lines += ["", "[intent]"] + [f"{k} = {json.dumps(v)}" for k, v in intent.items()]
+    if iscsi:
+        lines += ["", "[iscsi]"] + [f"{k} = {json.dumps(v)}" for k, v in iscsi.items()]
     for vname, vpath, size in volumes:
         lines += ["", "[[volume]]", f'name = "{vname}"', f'path = "{vpath}"']
         if size is not None:
@@ -222,6 +224,7 @@ def _lab_up(
     volume_paths: dict[str, list[str]] | None = None, relay: bool = True,
     witness: dict | None = None, loop: bool = False, nbd_tls: dict | None = None,
     topology: str | None = None, power_cut: bool = False, tls: bool | str = False, intent: dict | None = None,
+    iscsi: bool = False,
 ) -> dict:
     """Start the lab; ``volume_paths`` = {"A": [dev, ...], "B": [...]} uses existing files or
     block devices (e.g. loop devices) instead of creating image files; ``loop`` puts every
@@ -233,7 +236,9 @@ def _lab_up(
     lab's host answers to its client certificates), the link and the witness mutual TLS, the
     host shims' paths nbds:// with client certificates; ``tls = "link"``: the link alone (the
     benchmark of what link security costs). ``intent``: the nodes' ``[intent]`` settings (the
-    write-intent log's extent, hot set budget, idle time)."""
+    write-intent log's extent, hot set budget, idle time). ``iscsi``: each array also serves
+    the volumes over iSCSI (target ``iqn.2026-12.org.syncd:lab-a`` / ``-b``, portal groups 1
+    and 2, each array's SendTargets naming both), to the lab's host by its address."""
     if tls not in (False, True, "link"):
         raise LabError(f"tls: {tls!r} is not one of False, True, 'link'")
     root = Path(d).resolve()
@@ -276,7 +281,8 @@ def _lab_up(
                 disks[n].append(disk.record)
         volume_paths = {n: [r["path"] for r in disks[n]] for n in NODES}
     py = sys.executable
-    ports = {n: {"nbd": free_port(), "paths": [free_port() for _ in range(npaths)]} for n in NODES}
+    ports = {n: {"nbd": free_port(), "paths": [free_port() for _ in range(npaths)], "iscsi": free_port()}
+             for n in NODES}
     relay_ports = [free_port() for _ in range(npaths)]
     link_tls = make_lab_tls(root / "tls") if tls else None
     lab_tls = link_tls if tls is True else None  # every connection, not just the link
@@ -373,8 +379,14 @@ def _lab_up(
         if lab_tls is not None:
             node_nbd = dict(tls="require", **lab_tls["certs"][name])
         mport = free_port()
+        node_iscsi = None
+        if iscsi:
+            node_iscsi = {"listen": [f"127.0.0.1:{ports[name]['iscsi']}"], "target": lab_iqn(name),
+                          "portal_group": NODES.index(name) + 1, "peer_target": lab_iqn(peer),
+                          "peer_portal_group": NODES.index(peer) + 1,
+                          "peer_advertise": [f"127.0.0.1:{ports[peer]['iscsi']}"]}
         cfg.write_text(node_toml(name, peer, nd, ports[name]["nbd"], paths, vols, node_link, wcfg.get(name),
-                                 node_nbd, metrics_port=mport, intent=intent))
+                                 node_nbd, metrics_port=mport, intent=intent, iscsi=node_iscsi))
         scheme = "nbds" if lab_tls is not None else "nbd"
         log = root / f"{name}.log"
         pid = _spawn([py, "-m", "syncd", "node", "--config", str(cfg)], log)
@@ -390,6 +402,12 @@ def _lab_up(
                 for v, p, _ in vols
             },
         }
+        if iscsi:
+            portal = f"127.0.0.1:{ports[name]['iscsi']}"
+            lab["nodes"][name]["iscsi"] = {"portal": portal, "target": lab_iqn(name), "portal_group":
+                                           NODES.index(name) + 1}
+            for lun, v in enumerate(lab["nodes"][name]["volumes"].values()):  # the LUNs createvlun gives below
+                v["iscsi"] = f"iscsi://{portal}/{lab_iqn(name)}/{lun}"
         # Only power-cut labs have disk records (none: nothing to add).
         for v, rec in zip(lab["nodes"][name]["volumes"].values(), disks.get(name, []), strict=False):
             v["backing"] = rec["backing"]  # the medium: what survives a power cut
@@ -439,6 +457,11 @@ def _lab_up(
 
 
 TOPOLOGIES = ("uniform", "non-uniform")
+
+
+def lab_iqn(node: str) -> str:
+    """The iSCSI target name of a lab array."""
+    return f"iqn.2026-12.org.syncd:lab-{node.lower()}"
 
 
 def site_host(site: str) -> str:
@@ -979,6 +1002,15 @@ def print_summary(lab: dict) -> None:
             medium = f" (medium {info['backing']})" if "backing" in info else ""
             t.add_row(name, v, info["uri"], info["path"] + medium)
     c.print(t)
+    if any("iscsi" in n for n in lab["nodes"].values()):
+        t = Table(title="iSCSI (each array its own target and portal group; the LUN has one WWN at both)")
+        for col in ("site", "portal", "target", "portal group", "volume", "iSCSI URL"):
+            t.add_column(col, overflow="fold")
+        for name, n in lab["nodes"].items():
+            i = n["iscsi"]
+            for v, info in n["volumes"].items():
+                t.add_row(name, i["portal"], i["target"], str(i["portal_group"]), v, info["iscsi"])
+        c.print(t)
     if lab.get("hosts"):
         t = Table(title="host shims (multipath: use these from the hosts' tools)")
         for col in ("host", "site", "arrays", "volume", "NBD URI", "unix socket"):
@@ -1009,6 +1041,9 @@ def print_summary(lab: dict) -> None:
     if not tls:
         c.print(f"  nbdinfo {a[first]['uri']}")
         c.print(f"  nbdinfo --map=syncd:alua {lab['nodes']['B']['volumes'][first]['uri']}")
+    if "iscsi" in a[first]:
+        c.print(f"  iscsi-ls --url iscsi://{lab['nodes']['A']['iscsi']['portal']}")
+        c.print(f"  iscsi-inq -e 1 -c 131 {a[first]['iscsi']}")
     bindir = os.path.dirname(sys.executable)
     c.print(f"  {bindir}/syncctl --lab {lab['dir']} --node A showrcopy")
     if lab.get("link"):

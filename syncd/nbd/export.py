@@ -39,6 +39,7 @@ class ClientIdentity:
     address: str  # source IP address ("" for a unix socket)
     port: int = 0
     tls_name: str | None = None  # certificate CN or PSK identity, once TLS exists
+    iqn: str | None = None  # the iSCSI initiator name of an iSCSI session
 
 
 @dataclass(frozen=True)

@@ -34,19 +34,21 @@ def _list(v, what: str) -> list[str]:
     return [x.strip() for x in v]
 
 
-async def createhost(node: Node, name: str, addresses=None, tls_names=None, add: bool = False) -> dict:
+async def createhost(node: Node, name: str, addresses=None, tls_names=None, add: bool = False,
+                     iqns=None) -> dict:
     if not isinstance(add, bool):
         raise NodeError("createhost: add must be true or false")
     if add and name not in node.state.hosts:
         raise NotFound(f"createhost --add: host {name} does not exist")
     try:
         check = check_more_initiators if add else check_new_host
-        h = check(node.state, name, _list(addresses, "addresses"), _list(tls_names, "tls_names"))
+        h = check(node.state, name, _list(addresses, "addresses"), _list(tls_names, "tls_names"),
+                  _list(iqns, "iqns"))
     except HostError as e:
         raise NodeError(f"createhost{' --add' if add else ''}: {e}") from None
     node.state.hosts[name] = h
     node.hosts_changed()
-    return {"host": name, "addresses": h.addresses, "tls_names": h.tls_names}
+    return {"host": name, "addresses": h.addresses, "tls_names": h.tls_names, "iqns": h.iqns}
 
 
 async def removehost(node: Node, name: str) -> dict:
@@ -156,7 +158,7 @@ async def showhost(node: Node) -> dict:
             conns[h or "(unknown)"] = conns.get(h or "(unknown)", 0) + 1
     return {
         "hosts": [
-            {"name": h.name, "addresses": h.addresses, "tls_names": h.tls_names,
+            {"name": h.name, "addresses": h.addresses, "tls_names": h.tls_names, "iqns": h.iqns,
              "sets": sorted(s for s, m in st.hostsets.items() if h.name in m),
              "connections": conns.get(h.name, 0)}
             for h in sorted(st.hosts.values(), key=lambda h: h.name)

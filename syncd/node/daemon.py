@@ -162,6 +162,7 @@ class Node:
         self.fatal = ""  # set when this node's metadata can no longer be written: it stops
         self.nbd_ports: list[tuple[str, int]] = []
         self.nbd = None  # the NBD server, once running
+        self.iscsi = None  # the iSCSI target ([iscsi]), once running
         self.metrics_port: int | None = None  # the Prometheus endpoint's port, once listening ([metrics])
         self.hosts = HostTable(self.state)
         # Every change of state, as it happens (syncctl events, the hooks); filled by the
@@ -392,6 +393,11 @@ class Node:
                 for host, port in self.cfg.nbd_listen:
                     actual = await nursery.start(nbd.serve_tcp, host, port)
                     self.nbd_ports.append((host, actual if isinstance(actual, int) else port))
+                if self.cfg.iscsi is not None:
+                    from .iscsi import NodeIscsi
+
+                    self.iscsi = NodeIscsi(self, self.cfg.iscsi)
+                    await nursery.start(self.iscsi.serve)
                 await nursery.start(AdminServer(self).serve, self.cfg.admin_socket)
                 if self.cfg.metrics is not None:
                     from ..metrics.expose import Endpoint
@@ -499,6 +505,8 @@ class Node:
         self.hosts = HostTable(self.state)
         if self.nbd is not None:
             self.nbd.drop(lambda c: c.export is not None and c.export.name not in self.exports_for(c.identity))
+        if self.iscsi is not None:
+            self.iscsi.hosts_changed()
         self.publish_alua()
 
     def group(self, name: str) -> Group:
@@ -569,6 +577,8 @@ class Node:
         """The ALUA state of every (host, volume) of ``only`` (or of every group) that a host
         may see: derived, recomputed whenever what it derives from may have changed (role,
         serving, proximity, hosts, VLUNs, members)."""
+        if getattr(self, "iscsi", None) is not None:
+            self.iscsi.alua_changed()
         bus = getattr(self, "events", None)
         if bus is None:
             return

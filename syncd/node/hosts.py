@@ -1,7 +1,8 @@
 """Hosts, host sets and VLUNs on one array: which connection is which host, and which volumes a
 host may see (LUN masking).
 
-A connection is recognised by its TLS identity when it has one, else by its source address:
+A connection is recognised by its TLS identity when it has one, then (iSCSI) by its initiator
+name, else by its source address:
 the host whose address entry is the most specific network containing it wins. An address entry
 (as a network) belongs to one host only, so the answer is never ambiguous. A connection that
 matches no host sees no export at all.
@@ -43,6 +44,7 @@ class HostTable:
     def __init__(self, st: NodeState):
         self.st = st
         self.by_tls = {n: h.name for h in st.hosts.values() for n in h.tls_names}
+        self.by_iqn = {q: h.name for h in st.hosts.values() for q in h.iqns}
         entries = [_Entry(parse_network(a), h.name) for h in st.hosts.values() for a in h.addresses]
         # Most specific first; a lookup takes the first network that contains the address.
         self.entries = sorted(entries, key=lambda e: -e.net.prefixlen)
@@ -53,12 +55,14 @@ class HostTable:
         self._cache: dict[tuple, str | None] = {}
 
     def host_for(self, ident: ClientIdentity) -> str | None:
-        key = (ident.tls_name, ident.address)
+        key = (ident.tls_name, ident.address, ident.iqn)
         if key in self._cache:
             return self._cache[key]
         host = None
         if ident.tls_name is not None:
             host = self.by_tls.get(ident.tls_name)
+        if host is None and ident.iqn is not None:
+            host = self.by_iqn.get(ident.iqn)
         if host is None and ident.address:
             try:
                 ip = ipaddress.ip_address(ident.address.split("%", 1)[0])
@@ -93,9 +97,18 @@ class HostTable:
 # -- validation used by the admin commands (pure: they raise before anything changes) ---------
 
 def _check_initiators(st: NodeState, name: str, addresses: list[str],
-                      tls_names: list[str]) -> tuple[list[str], list[str]]:
-    """Addresses/networks and TLS names for host ``name``: well formed, none given twice, none
-    held by a host already (another, or ``name`` itself when adding)."""
+                      tls_names: list[str], iqns: list[str] = ()) -> tuple[list[str], list[str], list[str]]:
+    """Addresses/networks, TLS names and iSCSI names for host ``name``: well formed, none given
+    twice, none held by a host already (another, or ``name`` itself when adding)."""
+    from ..config import check_iscsi_name
+
+    if len(set(iqns)) != len(iqns):
+        raise HostError(f"host {name}: an iSCSI name is given twice")
+    iqn_taken = {q: h.name for h in st.hosts.values() for q in h.iqns}
+    for q in iqns:
+        check_iscsi_name(q, "iSCSI name", HostError)
+        if q in iqn_taken:
+            raise HostError(f"iSCSI name {q} already belongs to host {iqn_taken[q]}")
     nets = [parse_network(a) for a in addresses]
     if len(set(nets)) != len(nets):
         raise HostError(f"host {name}: an address is given twice")
@@ -111,10 +124,11 @@ def _check_initiators(st: NodeState, name: str, addresses: list[str],
             raise HostError(f"TLS name {t!r} is empty, too long or holds control characters")
         if t in tls_taken:
             raise HostError(f"TLS name {t!r} already belongs to host {tls_taken[t]}")
-    return [str(n) for n in nets], list(tls_names)
+    return [str(n) for n in nets], list(tls_names), list(iqns)
 
 
-def check_new_host(st: NodeState, name: str, addresses: list[str], tls_names: list[str]) -> HostState:
+def check_new_host(st: NodeState, name: str, addresses: list[str], tls_names: list[str],
+                   iqns: list[str] = ()) -> HostState:
     from ..config import check_name
 
     check_name(name, "host name", HostError)
@@ -124,20 +138,21 @@ def check_new_host(st: NodeState, name: str, addresses: list[str], tls_names: li
         raise HostError(f"{name} is already the name of a host set")
     # No initiators is allowed (the seed: "For the hosts that are not attached to a given site,
     # the host definition can be empty (no initiators)"): it matches no connection.
-    nets, tls = _check_initiators(st, name, addresses, tls_names)
-    return HostState(name=name, addresses=nets, tls_names=tls)
+    nets, tls, names = _check_initiators(st, name, addresses, tls_names, list(iqns))
+    return HostState(name=name, addresses=nets, tls_names=tls, iqns=names)
 
 
-def check_more_initiators(st: NodeState, name: str, addresses: list[str], tls_names: list[str]) -> HostState:
+def check_more_initiators(st: NodeState, name: str, addresses: list[str], tls_names: list[str],
+                          iqns: list[str] = ()) -> HostState:
     """Host ``name`` with more initiators (``createhost --add``: e.g. an empty definition whose
     host is now cabled to this array)."""
     h = st.hosts.get(name)
     if h is None:
         raise HostError(f"host {name} does not exist (hosts: {', '.join(sorted(st.hosts)) or 'none'})")
-    if not addresses and not tls_names:
-        raise HostError(f"host {name}: give the initiators to add (--address, --tls-name)")
-    nets, tls = _check_initiators(st, name, addresses, tls_names)
-    return HostState(name=name, addresses=h.addresses + nets, tls_names=h.tls_names + tls)
+    if not addresses and not tls_names and not iqns:
+        raise HostError(f"host {name}: give the initiators to add (--address, --tls-name, --iqn)")
+    nets, tls, names = _check_initiators(st, name, addresses, tls_names, list(iqns))
+    return HostState(name=name, addresses=h.addresses + nets, tls_names=h.tls_names + tls, iqns=h.iqns + names)
 
 
 def check_target(st: NodeState, target: str) -> str:

@@ -301,6 +301,11 @@ async def handle_peer_control(node: "Node", body: dict[str, Any]) -> dict[str, A
             # The secondary stopped serving and gave its lease back: no need to wait for it.
             g.handle(PeerLeaving(now))
         return None
+    if op == "lu_reset":
+        # A host reset an iSCSI LU at the peer: our sessions of the same LU get the unit attention.
+        if getattr(node, "iscsi", None) is not None:
+            node.iscsi.peer_reset(str(body.get("volume", "")))
+        return None
     if op in ("takeover", "peer_disk_failed"):
         from .operations import peer_disk_event
 

@@ -92,6 +92,7 @@ class HostState:
     name: str
     addresses: list[str] = field(default_factory=list)  # IP addresses or CIDR networks
     tls_names: list[str] = field(default_factory=list)  # certificate CN / PSK identity (NBD TLS)
+    iqns: list[str] = field(default_factory=list)  # iSCSI initiator names
 
 
 @dataclass

@@ -158,3 +158,30 @@ def test_nbd_tls_certificate_that_is_not_a_certificate_is_refused(tmp_path):
     (tmp_path / "c.pem").write_text("not a certificate")
     with pytest.raises(ConfigError, match="cannot be loaded"):
         parse_nbd_tls({"tls": "on", "tls_certificate": "c.pem", "tls_key": "c.pem"}, tmp_path)
+
+
+def test_iscsi_section_defaults_and_refusals():
+    from syncd.config import check_iscsi_name
+
+    c = parse_node_config(cfg(iscsi={}))
+    assert c.iscsi.listen == (("127.0.0.1", 3260),) and c.iscsi.target == "iqn.2026-12.org.syncd:a"
+    assert c.iscsi.advertise == c.iscsi.listen and c.iscsi.portal_group == 1
+    assert parse_node_config(cfg()).iscsi is None
+    good = {"listen": ["0.0.0.0:3260"], "advertise": ["10.0.0.1:3260"], "portal_group": 2,
+            "peer_target": "iqn.2026-12.org.syncd:b", "peer_portal_group": 1, "peer_advertise": ["10.0.0.2:3260"]}
+    assert parse_node_config(cfg(iscsi=good)).iscsi.peer_advertise == (("10.0.0.2", 3260),)
+    for bad, msg in [
+        ({"listen": ["0.0.0.0:3260"]}, "iscsi.advertise: needed"),
+        ({"target": "iqn.2026-12.ORG.syncd:x"}, "iscsi.target: .* is not an iSCSI name"),
+        ({"target": "iqn." + "a" * 230}, "is not an iSCSI name"),
+        ({"portal_group": 0}, "iscsi.portal_group: 0 is not from 1 to 65535"),
+        ({"peer_target": "iqn.2026-12.org.syncd:a"}, "the same name as iscsi.target"),
+        ({"peer_portal_group": 1}, "this array's portal_group too"),
+        ({"peer_advertise": ["10.0.0.2:3260"]}, "set without iscsi.peer_target"),
+        ({"listen": []}, "iscsi.listen: empty"),
+        ({"chap": "x"}, "iscsi"),
+    ]:
+        with pytest.raises(ConfigError, match=msg):
+            parse_node_config(cfg(iscsi=bad))
+    assert check_iscsi_name("eui.0123456789ABCDEF", "k")
+    assert check_iscsi_name("naa.60002ac0123456789abcdef012345678", "k")

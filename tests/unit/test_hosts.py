@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from syncd.nbd.export import ClientIdentity
-from syncd.node.hosts import HostError, HostTable, check_new_host, check_target
+from syncd.node.hosts import HostError, HostTable, check_more_initiators, check_new_host, check_target
 from syncd.node.state import NodeState, VlunState
 
 
@@ -118,3 +118,20 @@ def test_initiators_are_added_to_an_existing_host_and_checked_like_new_ones():
             check_more_initiators(s, name, addrs, tls)
     assert repr(s) == before
     assert HostTable(s).host_for(ClientIdentity("10.9.0.1")) == "esx-b"
+
+
+def test_iscsi_initiator_names_identify_hosts():
+    s = _state()
+    s.hosts["esx"] = check_new_host(s, "esx", [], [], ["iqn.1998-01.com.vmware:esx1-1234"])
+    t = HostTable(s)
+    assert t.host_for(ClientIdentity("192.0.2.9", iqn="iqn.1998-01.com.vmware:esx1-1234")) == "esx"
+    # An initiator name nobody has: the address decides, as for NBD.
+    assert t.host_for(ClientIdentity("10.0.0.5", iqn="iqn.1998-01.com.vmware:other")) == "web"
+    with pytest.raises(HostError, match="already belongs to host esx"):
+        check_new_host(s, "esx2", [], [], ["iqn.1998-01.com.vmware:esx1-1234"])
+    with pytest.raises(HostError, match="is not an iSCSI name"):
+        check_new_host(s, "esx3", [], [], ["not-an-iqn"])
+    with pytest.raises(HostError, match="given twice"):
+        check_new_host(s, "esx4", [], [], ["iqn.1998-01.com.vmware:a", "iqn.1998-01.com.vmware:a"])
+    more = check_more_initiators(s, "esx", [], [], ["iqn.1998-01.com.vmware:esx1-5678"])
+    assert more.iqns == ["iqn.1998-01.com.vmware:esx1-1234", "iqn.1998-01.com.vmware:esx1-5678"]

@@ -1,0 +1,110 @@
+"""The storage nodes' iSCSI targets (``syncd lab up --iscsi``): both arrays present one LU per
+volume with one WWN, libiscsi's MultipathIO family passes with site A and site B as two paths,
+qemu writes through one array and reads the same bytes through the other, and the access
+states and unit attentions a host sees through its iSCSI sessions follow a failover."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from syncd.ctl import call
+from syncd.lab import iscsi_compliance
+from syncd.lab.rig import lab_down, lab_kill, lab_start, lab_up
+
+from ..iscsi_initiator import Initiator
+from .rig import FAST_LINK, WITNESS, assert_replicas_identical, require_tool, run, show, wait_for
+
+pytestmark = pytest.mark.system
+
+AO, ANO, STANDBY, UNAVAILABLE, TRANSITIONING = 0, 1, 2, 3, 15
+
+
+@pytest.fixture
+def ilab(tmp_path):
+    require_tool("iscsi-ls", "iscsi-test-cu", "qemu-io", "qemu-img", "stdbuf")
+    d = tmp_path / "lab"
+    try:
+        lab = lab_up(str(d), size="16MiB", nvolumes=1, npaths=2, link_opts=FAST_LINK, witness=WITNESS, timeout=60,
+                     iscsi=True)
+    except Exception:
+        for f in d.glob("*.log"):
+            print(f"--- {f}\n{f.read_text()[-3000:]}")
+        if (d / "lab.json").exists():
+            lab_down(str(d))
+        raise
+    yield lab
+    lab_down(str(d))
+    for f in sorted(d.glob("*.log")):
+        if "Traceback" in f.read_text():
+            print(f"--- {f}\n{f.read_text()[-4000:]}")
+
+
+def url(lab, site):
+    return lab["nodes"][site]["volumes"]["vv1"]["iscsi"]
+
+
+def session(lab, site):
+    i = lab["nodes"][site]["iscsi"]
+    host, port = i["portal"].rsplit(":", 1)
+    return Initiator(host, int(port), i["target"])
+
+
+def test_both_arrays_present_one_lu_to_real_initiators(ilab):
+    portal_a = ilab["nodes"]["A"]["iscsi"]["portal"]
+    listed = set(run("iscsi-ls", "--url", f"iscsi://{portal_a}").stdout.split())
+    assert listed == {f"iscsi://{ilab['nodes'][s]['iscsi']['portal']}/{ilab['nodes'][s]['iscsi']['target']}/0"
+                      for s in "AB"}, listed
+    results, raw = iscsi_compliance.run(url(ilab, "A"), "SCSI.MultipathIO", url(ilab, "B"))
+    assert "found matching LU device identifier for all (2) paths" in raw
+    assert {r.name: r.outcome for r in results} == {
+        f"SCSI.MultipathIO.{n}": "passed" for n in ("Simple", "Reset", "CompareAndWrite", "CompareAndWriteAsync")}, raw
+    out = run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 2M", "-c", "write -P 0xa5 4M 64k", url(ilab, "A")).stdout
+    assert out.count("wrote") == 2, out
+    out = run("qemu-io", "-f", "raw", "-c", "read -P 0x5a 0 2M", "-c", "read -P 0xa5 4M 64k", url(ilab, "B")).stdout
+    assert "Pattern verification failed" not in out and out.count("read ") == 2, out
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", url(ilab, "A"), url(ilab, "B"))
+    assert_replicas_identical(ilab, "vv1")
+
+
+def test_access_states_and_unit_attentions_follow_a_failover(ilab):
+    a, b = session(ilab, "A"), session(ilab, "B")
+    for s in (a, b):
+        assert s.tur().key_asc == (6, 0x29, 0x00)  # POWER ON, RESET first
+        assert s.tur().status == 0
+    assert (a.alua_state(), b.alua_state()) == (AO, AO)  # proximity "all": both paths optimized
+    block = os.urandom(4096)
+    assert b.write(64, block, fua=True).status == 0  # acknowledged at B before the failure
+    lab_kill(ilab["dir"], "A")
+    a.close()
+    t0 = time.monotonic()
+    seen = []
+    while time.monotonic() - t0 < 20:
+        r = b.tur()
+        seen.append(r.key_asc if r.status else "good")
+        if r.status == 0 and show(ilab, "B")["groups"][0]["role"] == "primary":
+            break
+        time.sleep(0.05)
+    assert show(ilab, "B")["groups"][0]["role"] == "primary", seen
+    print(f"B through the failover ({time.monotonic() - t0:.2f} s): {sorted(set(map(str, seen)))}")
+    # Through the failover B's path never said "gone": good, transitioning (02/04/0A) or the
+    # unit attention that the access state changed (06/2A/06); no error a host would fail on.
+    assert set(seen) <= {"good", (2, 0x04, 0x0A), (6, 0x2A, 0x06)}, seen
+    assert b.alua_state() == AO
+    assert b.read(64, 8).data == block
+    assert b.write(128, block).status == 0
+    lab_start(ilab["dir"], "A")
+    wait_for(lambda: show(ilab, "A")["groups"][0]["role"] == "secondary", what="A rejoins")
+    wait_for(lambda: all(v["sync_status"] == "synced" for v in show(ilab, "B")["groups"][0]["volumes"]),
+             timeout=60, what="resync")
+    wait_for(lambda: show(ilab, "A")["groups"][0]["serving"], what="A serves again")
+    a = session(ilab, "A")
+    assert a.tur().key_asc == (6, 0x29, 0x00)
+    wait_for(lambda: a.alua_state() == AO, what="A optimized again")
+    assert a.read(64, 8).data == block and a.read(128, 8).data == block
+    b.close()
+    a.close()
+    call(ilab["nodes"]["B"]["admin_socket"], "showrcopy", {})
+    assert_replicas_identical(ilab, "vv1")
