@@ -297,9 +297,49 @@ class IscsiConfig:
     peer_target: str | None = None
     peer_portal_group: int | None = None
     peer_advertise: tuple[tuple[str, int], ...] = ()
+    chap: tuple[tuple[str, bytes], ...] = ()  # [iscsi.chap]: CHAP name -> secret; set: every login needs CHAP
+    mutual_chap: tuple[str, bytes] | None = None  # [iscsi.mutual_chap]: the target's own name and secret
 
 
-ISCSI_KEYS = ("listen", "target", "portal_group", "advertise", "peer_target", "peer_portal_group", "peer_advertise")
+ISCSI_KEYS = ("listen", "target", "portal_group", "advertise", "peer_target", "peer_portal_group", "peer_advertise",
+              "chap", "mutual_chap")
+CHAP_MIN_SECRET = 12  # bytes: RFC 7143 section 12.1.3 wants at least 96 bits
+CHAP_MAX_SECRET = 255
+
+
+def _chap_secret(value: object, key: str) -> bytes:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    b = value.encode()
+    if not CHAP_MIN_SECRET <= len(b) <= CHAP_MAX_SECRET:
+        raise ConfigError(f"{key}: a CHAP secret of {len(b)} bytes; use {CHAP_MIN_SECRET} to {CHAP_MAX_SECRET} "
+                          "(RFC 7143 section 12.1.3: at least 96 bits)")
+    return b
+
+
+def _parse_chap(t: dict) -> tuple[tuple[tuple[str, bytes], ...], tuple[str, bytes] | None]:
+    users = _take(t, "chap", "iscsi", dict, {})
+    chap = []
+    for name, secret in users.items():
+        if not name or len(name.encode()) > 255 or any(ord(ch) < 33 for ch in name):
+            raise ConfigError(f"iscsi.chap: {name!r} is not a CHAP name (1-255 bytes, no spaces or control "
+                              "characters)")
+        chap.append((name, _chap_secret(secret, f"iscsi.chap.{name}")))
+    mutual = None
+    m = _take(t, "mutual_chap", "iscsi", dict, None)
+    if m is not None:
+        _no_extra(m, {"user", "secret"}, "iscsi.mutual_chap")
+        user = _take(m, "user", "iscsi.mutual_chap", str)
+        if not user:
+            raise ConfigError("iscsi.mutual_chap.user: empty")
+        mutual = (user, _chap_secret(_take(m, "secret", "iscsi.mutual_chap", str), "iscsi.mutual_chap.secret"))
+        if not chap:
+            raise ConfigError("iscsi.mutual_chap: set without [iscsi.chap] (the hosts' CHAP names and secrets); "
+                              "mutual CHAP answers a host that authenticated itself first")
+        if any(secret == mutual[1] for _, secret in chap):
+            raise ConfigError("iscsi.mutual_chap.secret: the same as a host's secret in [iscsi.chap]; RFC 7143 "
+                              "section 12.1.3 forbids one secret for both directions")
+    return tuple(chap), mutual
 
 
 def parse_iscsi(raw: dict, node_name: str) -> IscsiConfig | None:
@@ -339,7 +379,8 @@ def parse_iscsi(raw: dict, node_name: str) -> IscsiConfig | None:
                      for i, a in enumerate(_take(t, "peer_advertise", "iscsi", list, [])))
     if peer_adv and peer_target is None:
         raise ConfigError("iscsi.peer_advertise: set without iscsi.peer_target (the other array's target name)")
-    return IscsiConfig(listen, target, group, advertise, peer_target, peer_group, peer_adv)
+    chap, mutual = _parse_chap(t)
+    return IscsiConfig(listen, target, group, advertise, peer_target, peer_group, peer_adv, chap, mutual)
 
 
 def parse_metrics(raw: dict, where: str = "metrics") -> MetricsConfig | None:

@@ -182,7 +182,10 @@ def node_toml(name: str, peer: str, d: Path, nbd_port: int, paths: list[tuple[in
     if intent:
         lines += ["", "[intent]"] + [f"{k} = {json.dumps(v)}" for k, v in intent.items()]
     if iscsi:
-        lines += ["", "[iscsi]"] + [f"{k} = {json.dumps(v)}" for k, v in iscsi.items()]
+        lines += ["", "[iscsi]"] + [f"{k} = {json.dumps(v)}" for k, v in iscsi.items() if not isinstance(v, dict)]
+        for k, v in iscsi.items():
+            if isinstance(v, dict):
+                lines += ["", f"[iscsi.{k}]"] + [f"{json.dumps(n)} = {json.dumps(x)}" for n, x in v.items()]
     for vname, vpath, size in volumes:
         lines += ["", "[[volume]]", f'name = "{vname}"', f'path = "{vpath}"']
         if size is not None:
@@ -224,7 +227,7 @@ def _lab_up(
     volume_paths: dict[str, list[str]] | None = None, relay: bool = True,
     witness: dict | None = None, loop: bool = False, nbd_tls: dict | None = None,
     topology: str | None = None, power_cut: bool = False, tls: bool | str = False, intent: dict | None = None,
-    iscsi: bool = False,
+    iscsi: bool | dict = False,
 ) -> dict:
     """Start the lab; ``volume_paths`` = {"A": [dev, ...], "B": [...]} uses existing files or
     block devices (e.g. loop devices) instead of creating image files; ``loop`` puts every
@@ -238,7 +241,8 @@ def _lab_up(
     benchmark of what link security costs). ``intent``: the nodes' ``[intent]`` settings (the
     write-intent log's extent, hot set budget, idle time). ``iscsi``: each array also serves
     the volumes over iSCSI (target ``iqn.2026-12.org.syncd:lab-a`` / ``-b``, portal groups 1
-    and 2, each array's SendTargets naming both), to the lab's host by its address."""
+    and 2, each array's SendTargets naming both), to the lab's host by its address; a dict adds
+    [iscsi] settings (e.g. ``{"chap": {"host1": "secret"}}``)."""
     if tls not in (False, True, "link"):
         raise LabError(f"tls: {tls!r} is not one of False, True, 'link'")
     root = Path(d).resolve()
@@ -384,7 +388,8 @@ def _lab_up(
             node_iscsi = {"listen": [f"127.0.0.1:{ports[name]['iscsi']}"], "target": lab_iqn(name),
                           "portal_group": NODES.index(name) + 1, "peer_target": lab_iqn(peer),
                           "peer_portal_group": NODES.index(peer) + 1,
-                          "peer_advertise": [f"127.0.0.1:{ports[peer]['iscsi']}"]}
+                          "peer_advertise": [f"127.0.0.1:{ports[peer]['iscsi']}"],
+                          **(iscsi if isinstance(iscsi, dict) else {})}
         cfg.write_text(node_toml(name, peer, nd, ports[name]["nbd"], paths, vols, node_link, wcfg.get(name),
                                  node_nbd, metrics_port=mport, intent=intent, iscsi=node_iscsi))
         scheme = "nbds" if lab_tls is not None else "nbd"

@@ -18,6 +18,7 @@ from ..config import IscsiConfig
 from ..iscsi import conn as c
 from ..iscsi import scsi, server
 from ..iscsi.login import Portal, Target
+from ..iscsi.text import ChapSecret
 from ..nbd.export import ClientIdentity
 
 if TYPE_CHECKING:
@@ -31,8 +32,11 @@ class NodeIscsi:
         self.node = node
         self.cfg = cfg
         self.locks: dict[str, trio.Lock] = {}  # per volume: COMPARE AND WRITE at this array
-        targets = {cfg.target: Target(cfg.target, alias=f"syncd array {node.cfg.name}")}
-        portal = Portal(targets, cfg.portal_group, self.authorize)
+        chap = {name: ChapSecret(name, secret) for name, secret in cfg.chap} or None
+        mutual = ChapSecret(*cfg.mutual_chap) if cfg.mutual_chap else None
+        targets = {cfg.target: Target(cfg.target, alias=f"syncd array {node.cfg.name}", chap=chap, mutual=mutual)}
+        # CHAP, when configured, guards discovery too: SendTargets names the arrays' portals.
+        portal = Portal(targets, cfg.portal_group, self.authorize, discovery_chap=chap, discovery_mutual=mutual)
         self.target = server.Target(portal, self, self.addresses, others=self.send_targets_peer)
         self.target.on_reset = self.lu_reset
         self.ports: list[tuple[str, int]] = []

@@ -108,3 +108,24 @@ def test_access_states_and_unit_attentions_follow_a_failover(ilab):
     a.close()
     call(ilab["nodes"]["B"]["admin_socket"], "showrcopy", {})
     assert_replicas_identical(ilab, "vv1")
+
+
+def test_chap_guards_discovery_and_sessions_at_the_nodes(tmp_path):
+    require_tool("iscsi-ls", "iscsi-inq")
+    d = tmp_path / "lab"
+    lab = lab_up(str(d), size="16MiB", nvolumes=1, npaths=1, link_opts=FAST_LINK, timeout=60, witness=None,
+                 iscsi={"chap": {"host1": "host1-secret-123"}})
+    try:
+        portal = lab["nodes"]["A"]["iscsi"]["portal"]
+        lun = url(lab, "A").split("//", 1)[1]
+        assert run("iscsi-ls", "--url", f"iscsi://{portal}", check=False).returncode != 0
+        assert run("iscsi-inq", f"iscsi://{lun}", check=False).returncode != 0
+        bad = run("iscsi-inq", f"iscsi://host1%wrong-secret-000@{lun}", check=False)
+        assert bad.returncode != 0 and "Vendor:SYNCD" not in bad.stdout
+        good = run("iscsi-ls", "--url", f"iscsi://host1%host1-secret-123@{portal}").stdout
+        assert lab["nodes"]["B"]["iscsi"]["target"] in good
+        assert "Vendor:SYNCD" in run("iscsi-inq", f"iscsi://host1%host1-secret-123@{lun}").stdout
+        log = (d / "A.log").read_text()
+        assert "CHAP response of 'host1' does not match" in log and "host1-secret-123" not in log
+    finally:
+        lab_down(str(d))

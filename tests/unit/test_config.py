@@ -185,3 +185,20 @@ def test_iscsi_section_defaults_and_refusals():
             parse_node_config(cfg(iscsi=bad))
     assert check_iscsi_name("eui.0123456789ABCDEF", "k")
     assert check_iscsi_name("naa.60002ac0123456789abcdef012345678", "k")
+
+
+def test_iscsi_chap_settings():
+    c = parse_node_config(cfg(iscsi={"chap": {"host1": "host1-secret-123"},
+                                     "mutual_chap": {"user": "array-a", "secret": "array-a-secret-456"}}))
+    assert c.iscsi.chap == (("host1", b"host1-secret-123"),)
+    assert c.iscsi.mutual_chap == ("array-a", b"array-a-secret-456")
+    for bad, msg in [
+        ({"chap": {"host1": "short"}}, r"iscsi.chap.host1: a CHAP secret of 5 bytes"),
+        ({"chap": {"bad name": "host1-secret-123"}}, "is not a CHAP name"),
+        ({"mutual_chap": {"user": "a", "secret": "array-a-secret-456"}}, "set without \\[iscsi.chap\\]"),
+        ({"chap": {"h": "same-secret-1234"}, "mutual_chap": {"user": "a", "secret": "same-secret-1234"}},
+         "forbids one secret for both directions"),
+        ({"chap": {"h": "host1-secret-123"}, "mutual_chap": {"user": "a"}}, "mutual_chap.secret: missing"),
+    ]:
+        with pytest.raises(ConfigError, match=msg):
+            parse_node_config(cfg(iscsi=bad))
