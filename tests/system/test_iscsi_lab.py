@@ -129,3 +129,82 @@ def test_chap_guards_discovery_and_sessions_at_the_nodes(tmp_path):
         assert "CHAP response of 'host1' does not match" in log and "host1-secret-123" not in log
     finally:
         lab_down(str(d))
+
+
+def _watch(s, until, timeout=20.0):
+    """TUR outcomes at one session until ``until()`` holds and the path answers good."""
+    seen, t0 = [], time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        r = s.tur()
+        seen.append(r.key_asc if r.status else "good")
+        if r.status == 0 and until():
+            return seen
+        time.sleep(0.05)
+    raise AssertionError(f"path never settled: {seen[-10:]}")
+
+
+def test_access_states_through_switchover_and_link_loss(ilab):
+    from syncd.lab.relay import proxy_command
+
+    a, b = session(ilab, "A"), session(ilab, "B")
+    for s in (a, b):
+        s.tur()  # POWER ON, RESET
+    block = os.urandom(4096)
+    assert a.write(8, block, fua=True).status == 0
+    ok = {"good", (2, 0x04, 0x0A), (6, 0x2A, 0x06)}  # good, transitioning, access state changed
+    # Planned switchover: both paths only ever wait (transitioning), then serve.
+    call(ilab["nodes"]["A"]["admin_socket"], "setrcopygroup", {"action": "switchover", "group": "rcg1"})
+    seen = _watch(a, lambda: show(ilab, "B")["groups"][0]["role"] == "primary")
+    seen += _watch(b, lambda: True)
+    assert set(seen) <= ok, seen
+    assert b.read(8, 8).data == block and a.alua_state() == AO and b.alua_state() == AO
+    # The link lost with the witness up: the primary (B now) goes on; the secondary may not
+    # serve alone and its path says so (standby, unavailable or transitioning, never data).
+    proxy_command(ilab["link"]["control"], "cut", paths=[0, 1])
+    wait_for(lambda: not show(ilab, "A")["groups"][0]["serving"], what="A stops serving")
+    r = a.read(8, 8)
+    if r.key_asc == (6, 0x2A, 0x06):  # told first that its state changed
+        r = a.read(8, 8)
+    assert r.status == 2 and r.key_asc[:2] == (2, 0x04) and r.key_asc[2] in (0x0A, 0x0B, 0x0C), r
+    assert a.alua_state() in (STANDBY, UNAVAILABLE, TRANSITIONING)
+    r = b.write(16, block)
+    assert r.status == 0 or (r.key_asc in ok and b.write(16, block).status == 0), r
+    proxy_command(ilab["link"]["control"], "heal", paths=[0, 1])
+    wait_for(lambda: show(ilab, "A")["groups"][0]["serving"], timeout=60, what="A serves again")
+    seen = _watch(a, lambda: a.alua_state() == AO)
+    assert (6, 0x2A, 0x06) in seen, seen  # the host is told its path changed state
+    assert a.read(16, 8).data == block
+    a.close()
+    b.close()
+    assert_replicas_identical(ilab, "vv1")
+
+
+def test_a_failover_under_a_qemu_write_loop_over_iscsi_loses_no_acknowledged_write(ilab):
+    import re
+    import subprocess
+
+    n = 1500  # 4 KiB writes at QD1 through site B's target, one pattern byte per offset
+    cmds = []
+    for i in range(n):
+        cmds += ["-c", f"write -P {i % 250 + 1} {i * 4096} 4096"]
+    q = subprocess.Popen(["qemu-io", "-f", "raw", *cmds, url(ilab, "B")], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    time.sleep(0.7)
+    assert q.poll() is None, "the write loop ended before the failure"
+    lab_kill(ilab["dir"], "A")
+    out, _ = q.communicate(timeout=120)
+    acked = [int(m) for m in re.findall(r"wrote 4096/4096 bytes at offset (\d+)", out)]
+    failed = out.count("write failed")
+    print(f"qemu-io at B: {len(acked)} writes acknowledged, {failed} failed during the failover")
+    assert len(acked) + failed == n and len(acked) > n // 2, out[-2000:]
+    assert show(ilab, "B")["groups"][0]["role"] == "primary"
+    lab_start(ilab["dir"], "A")
+    wait_for(lambda: show(ilab, "A")["groups"][0]["role"] == "secondary", what="A rejoins")
+    wait_for(lambda: all(v["sync_status"] == "synced" for v in show(ilab, "B")["groups"][0]["volumes"]),
+             timeout=60, what="resync")
+    for site in "AB":
+        with open(ilab["nodes"][site]["volumes"]["vv1"]["path"], "rb") as f:
+            for off in acked:
+                f.seek(off)
+                assert f.read(4096) == bytes([off // 4096 % 250 + 1]) * 4096, f"site {site} lost the write at {off}"
+    assert_replicas_identical(ilab, "vv1")
