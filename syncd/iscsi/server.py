@@ -33,6 +33,7 @@ LOGIN_TIMEOUT = 30.0
 NOP_INTERVAL = 10.0  # idle time before the target pings an initiator
 NOP_TIMEOUT = 30.0  # no answer to a ping for this long ends the connection
 DATA_BUDGET = 64 << 20  # bytes the commands of one connection may hold at once (one command: at most 32 MiB)
+OUT_LIMIT = 4 << 20  # queued responses beyond this: stop reading the initiator until they leave
 WRITE_SAME_CHUNK = 1 << 20
 
 
@@ -143,7 +144,10 @@ class ConnectionRunner:
         self.stream = stream
         self.tsih = target._next_tsih()
         self.conn = c.Connection(target.portal, self.tsih, target.addresses, others=target.others)
-        self.out: collections.deque[c.Send] = collections.deque()
+        # Responses in StatSN order, each with the budget bytes to give back once it is sent.
+        self.out: collections.deque[tuple[c.Send, int]] = collections.deque()
+        self.queued = 0  # bytes in ``out``
+        self.drained = trio.Event()  # set when ``queued`` falls below OUT_LIMIT
         self.wake = trio.Event()
         self.waiting: dict[int, trio.Event] = {}  # ITT -> data-out arrived
         self.written: dict[int, bytes | bytearray] = {}
@@ -154,11 +158,14 @@ class ConnectionRunner:
         self.closing = ""
         self.session: Session | None = None
 
-    def emit(self, events: list[c.Event]) -> None:
-        """Carry out the protocol layer's events; Sends keep their order."""
-        for ev in events:
+    def emit(self, events: list[c.Event], release: int = 0) -> None:
+        """Carry out the protocol layer's events; Sends keep their order. ``release``: budget
+        bytes the last Send gives back once the writer has sent it (a read's data)."""
+        last = max((i for i, ev in enumerate(events) if isinstance(ev, c.Send)), default=-1)
+        for i, ev in enumerate(events):
             if isinstance(ev, c.Send):
-                self.out.append(ev)
+                self.out.append((ev, release if i == last else 0))
+                self.queued += sum(len(b) for b in ev.buffers)
                 self.wake.set()
             elif isinstance(ev, c.Close):
                 self.closing = self.closing or ev.reason
@@ -173,7 +180,7 @@ class ConnectionRunner:
             elif isinstance(ev, c.LoggedIn):
                 self.logged_in(ev.session)
             elif isinstance(ev, c.Command):
-                self.nursery.start_soon(self.command, ev.cmd)
+                self.dispatch(ev.cmd)
             elif isinstance(ev, c.TaskManagement):
                 self.nursery.start_soon(self.task_management, ev.request)
 
@@ -238,6 +245,9 @@ class ConnectionRunner:
         while not self.closing:
             if until_login and self.session is not None:
                 return
+            while self.queued > OUT_LIMIT:  # an initiator that does not read its answers
+                self.drained = trio.Event()
+                await self.drained.wait()
             data = await self.stream.receive_some(1 << 18)
             if not data:
                 return
@@ -246,8 +256,21 @@ class ConnectionRunner:
     async def writer(self) -> None:
         while True:
             while self.out:
-                ev = self.out.popleft()
-                await self.stream.send_all(b"".join(ev.buffers) if len(ev.buffers) > 1 else ev.buffers[0])
+                # What is queued leaves in one send (up to 1 MiB): one system call for the
+                # responses a batch of commands produced, not one each.
+                parts: list[bytes | bytearray | memoryview] = []
+                size = give = 0
+                while self.out and size < (1 << 20):
+                    ev, release = self.out.popleft()
+                    parts += ev.buffers
+                    size += sum(len(b) for b in ev.buffers)
+                    give += release
+                await self.stream.send_all(parts[0] if len(parts) == 1 else b"".join(parts))
+                self.queued -= size
+                if give:
+                    self.budget.give(give)
+                if self.queued <= OUT_LIMIT:
+                    self.drained.set()
             if self.closing:
                 self.nursery.cancel_scope.cancel()
                 return
@@ -278,6 +301,8 @@ class ConnectionRunner:
         self.emit([self.conn.response(cmd, scsi.CHECK_CONDITION, sense.fixed(), length)])
 
     async def receive(self, cmd: pdu.ScsiCommand, length: int) -> bytes | bytearray:
+        if cmd.itt in self.written:  # taken already (a fast write that fell back)
+            return self.written.pop(cmd.itt)
         done = trio.Event()
         self.waiting[cmd.itt] = done
         self.emit(self.conn.request_data(cmd, length))
@@ -289,19 +314,78 @@ class ConnectionRunner:
             raise _Aborted
         return self.written.pop(cmd.itt)
 
-    async def command(self, cmd: pdu.ScsiCommand) -> None:
-        try:
-            await self._command(cmd)
-        except _Aborted:
-            pass  # ABORT TASK answered for it: an aborted task gets no response
-
-    async def _command(self, cmd: pdu.ScsiCommand) -> None:
+    def dispatch(self, cmd: pdu.ScsiCommand) -> None:
+        """A command in CmdSN order: answered here when it needs no waiting (facts, a read the
+        volume can serve at once), else run in a task of its own."""
         number = pdu.lun_number(cmd.lun)
         lu = self.luns.get(number) if number is not None else None
         if lu is None:
             self.no_lun(cmd)
             return
         outcome = lu.unit.command(cmd.cdb, self.nexus(lu))
+        if isinstance(outcome, scsi.Check | scsi.Done):
+            self.answer(cmd, outcome)
+            return
+        if (isinstance(outcome, scsi.Io) and outcome.kind is scsi.IoKind.READ
+                and self.budget.try_take(outcome.length)):
+            fast = getattr(lu.export, "fast_read", None)
+            try:
+                data = fast(outcome.offset, outcome.length) if fast is not None else None
+            except BlockError as e:
+                self.budget.give(outcome.length)
+                self.check(cmd, sense_for(e, False))
+                return
+            if data is not None:
+                self.emit(self.conn.data_in(cmd, data), release=outcome.length)
+                return
+            self.budget.give(outcome.length)
+        if (isinstance(outcome, scsi.Io) and outcome.kind is scsi.IoKind.WRITE and not outcome.fua
+                and cmd.edtl == outcome.data_out and len(cmd.data) >= outcome.data_out
+                and getattr(lu.export, "fast_write", None) is not None and self.budget.try_take(outcome.data_out)):
+            if self.fast_write(cmd, lu, outcome):
+                return
+        self.nursery.start_soon(self.command, cmd, lu, outcome)
+
+    def fast_write(self, cmd: pdu.ScsiCommand, lu: Lu, io: scsi.Io) -> bool:
+        """A write whose data came with the command, through the volume's callback path (no
+        task; the NBD server's fast path). False: the task path takes it (the data is kept)."""
+        n = io.data_out
+        [ev] = self.conn.request_data(cmd, n)
+        assert isinstance(ev, c.WriteData)
+        data = ev.data
+
+        def done(err: int, msg: str) -> None:
+            self.budget.give(n)
+            if err:
+                self.check(cmd, sense_for(BlockError(err, msg), True))
+            else:
+                self.emit([self.conn.response(cmd, scsi.GOOD, length=n)])
+
+        try:
+            if lu.export.fast_write(io.offset, memoryview(data), done):  # type: ignore[attr-defined]
+                return True
+        except BlockError as e:
+            done(e.errno, str(e))
+            return True
+        self.budget.give(n)
+        self.written[cmd.itt] = data  # the task path finds it there
+        return False
+
+    def answer(self, cmd: pdu.ScsiCommand, outcome: scsi.Check | scsi.Done) -> None:
+        if isinstance(outcome, scsi.Check):
+            self.check(cmd, outcome.sense)
+        elif cmd.read or outcome.data:
+            self.emit(self.conn.data_in(cmd, outcome.data))
+        else:
+            self.emit([self.conn.response(cmd, scsi.GOOD)])
+
+    async def command(self, cmd: pdu.ScsiCommand, lu: Lu, outcome: scsi.Outcome) -> None:
+        try:
+            await self._command(cmd, lu, outcome)
+        except _Aborted:
+            pass  # ABORT TASK answered for it: an aborted task gets no response
+
+    async def _command(self, cmd: pdu.ScsiCommand, lu: Lu, outcome: scsi.Outcome) -> None:
         if isinstance(outcome, scsi.NeedData):
             if outcome.length > cmd.edtl:
                 self.check(cmd, scsi.invalid_field(7), outcome.length)
@@ -309,13 +393,18 @@ class ConnectionRunner:
             params = await self.receive(cmd, outcome.length)
             outcome = lu.unit.unmap_parameters(bytes(params))
             assert not isinstance(outcome, scsi.NeedData)
-        if isinstance(outcome, scsi.Check):
-            self.check(cmd, outcome.sense)
-        elif isinstance(outcome, scsi.Done):
-            if cmd.read or outcome.data:
-                self.emit(self.conn.data_in(cmd, outcome.data))
-            else:
-                self.emit([self.conn.response(cmd, scsi.GOOD)])
+        if isinstance(outcome, scsi.Check | scsi.Done):
+            self.answer(cmd, outcome)
+        elif outcome.kind is scsi.IoKind.READ:
+            # The budget goes back when the data has left (the writer gives it back).
+            await self.budget.take(outcome.length)
+            try:
+                data = await lu.export.read(outcome.offset, outcome.length)
+            except BlockError as e:
+                self.budget.give(outcome.length)
+                self.check(cmd, sense_for(e, False))
+                return
+            self.emit(self.conn.data_in(cmd, data), release=outcome.length)
         else:
             async with self.budget.hold(max(outcome.length, outcome.data_out)):
                 await self.io(cmd, lu, outcome)
@@ -366,10 +455,6 @@ class ConnectionRunner:
     async def _io(self, cmd: pdu.ScsiCommand, lu: Lu, io: scsi.Io, needed: int) -> None:
         ex = lu.export
         try:
-            if io.kind is scsi.IoKind.READ:
-                data = await ex.read(io.offset, io.length)
-                self.emit(self.conn.data_in(cmd, data))
-                return
             if io.kind is scsi.IoKind.LBA_STATUS:
                 extents = await ex.allocation(io.offset, io.length)
                 self.emit(self.conn.data_in(cmd, lu.unit.lba_status(io.offset, extents, io.allocation).data))
@@ -465,17 +550,29 @@ class ByteBudget:
         self.free = total
         self._lot = trio.lowlevel.ParkingLot()
 
-    @contextlib.asynccontextmanager
-    async def hold(self, n: int) -> AsyncIterator[None]:
+    def try_take(self, n: int) -> bool:
+        if self.free < min(n, self.total):
+            return False
+        self.free -= min(n, self.total)
+        return True
+
+    async def take(self, n: int) -> None:
         n = min(n, self.total)
         while self.free < n:
             await self._lot.park()
         self.free -= n
+
+    def give(self, n: int) -> None:
+        self.free += min(n, self.total)
+        self._lot.unpark_all()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, n: int) -> AsyncIterator[None]:
+        await self.take(n)
         try:
             yield
         finally:
-            self.free += n
-            self._lot.unpark_all()
+            self.give(n)
 
 
 class _Aborted(Exception):
