@@ -13,8 +13,9 @@ import hashlib
 import hmac
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Final
+from typing import Any, Final, cast
 
 MAX_KEY: Final = 63  # RFC 7143 section 6.1
 MAX_VALUE: Final = 8192  # the longest value syncd accepts (a CHAP challenge or response)
@@ -148,6 +149,22 @@ _NUM = (512, (1 << 24) - 1)
 _NORMAL_ONLY: Final = frozenset({"MaxConnections", "InitialR2T", "ImmediateData", "MaxBurstLength",
                                  "FirstBurstLength", "MaxOutstandingR2T", "DataPDUInOrder", "DataSequenceInOrder",
                                  "DefaultTime2Wait", "DefaultTime2Retain"})
+# Numeric keys: (lowest, highest, the rule that settles them, the Params and TargetLimits field).
+_NUMERIC: Final[dict[str, tuple[int, int, Callable[[int, int], int], str]]] = {
+    "MaxBurstLength": (*_NUM, min, "max_burst"),
+    "FirstBurstLength": (*_NUM, min, "first_burst"),
+    "MaxConnections": (1, 65535, min, "max_connections"),
+    "MaxOutstandingR2T": (1, 65535, min, "max_outstanding_r2t"),
+    "DefaultTime2Wait": (0, 3600, max, "default_time2wait"),
+    "DefaultTime2Retain": (0, 3600, min, "default_time2retain"),
+    "ErrorRecoveryLevel": (0, 2, min, "error_recovery_level"),
+}
+# Boolean keys: InitialR2T is an OR (either side may insist on R2T for the first burst),
+# ImmediateData an AND.
+_BOOLEAN: Final[dict[str, tuple[Callable[[bool, bool], bool], str]]] = {
+    "InitialR2T": (lambda a, b: a or b, "initial_r2t"),
+    "ImmediateData": (lambda a, b: a and b, "immediate_data"),
+}
 # Keys the login layer handles, not operational negotiation.
 LOGIN_KEYS: Final = frozenset({"InitiatorName", "InitiatorAlias", "TargetName", "SessionType", "AuthMethod",
                                "CHAP_A", "CHAP_I", "CHAP_C", "CHAP_N", "CHAP_R", "TargetAlias",
@@ -190,41 +207,15 @@ class Negotiation:
                      else replace(p, data_digest=choice == "CRC32C"))
             elif key == "MaxRecvDataSegmentLength":
                 p = replace(p, initiator_max_recv=parse_number(key, value, *_NUM))
-            elif key == "MaxBurstLength":
-                n = min(parse_number(key, value, *_NUM), lim.max_burst)
-                p = replace(p, max_burst=n)
+            elif key in _NUMERIC:
+                lo, hi, rule, name = _NUMERIC[key]
+                n = rule(parse_number(key, value, lo, hi), getattr(lim, name))
+                p = replace(p, **cast("dict[str, Any]", {name: n}))
                 out.append((key, str(n)))
-            elif key == "FirstBurstLength":
-                n = min(parse_number(key, value, *_NUM), lim.first_burst)
-                p = replace(p, first_burst=n)
-                out.append((key, str(n)))
-            elif key == "MaxConnections":
-                n = min(parse_number(key, value, 1, 65535), lim.max_connections)
-                p = replace(p, max_connections=n)
-                out.append((key, str(n)))
-            elif key == "MaxOutstandingR2T":
-                n = min(parse_number(key, value, 1, 65535), lim.max_outstanding_r2t)
-                p = replace(p, max_outstanding_r2t=n)
-                out.append((key, str(n)))
-            elif key == "DefaultTime2Wait":
-                n = max(parse_number(key, value, 0, 3600), lim.default_time2wait)
-                p = replace(p, default_time2wait=n)
-                out.append((key, str(n)))
-            elif key == "DefaultTime2Retain":
-                n = min(parse_number(key, value, 0, 3600), lim.default_time2retain)
-                p = replace(p, default_time2retain=n)
-                out.append((key, str(n)))
-            elif key == "ErrorRecoveryLevel":
-                n = min(parse_number(key, value, 0, 2), lim.error_recovery_level)
-                p = replace(p, error_recovery_level=n)
-                out.append((key, str(n)))
-            elif key == "InitialR2T":  # OR: either side may insist on R2T for the first burst
-                b = parse_bool(key, value) or lim.initial_r2t
-                p = replace(p, initial_r2t=b)
-                out.append((key, "Yes" if b else "No"))
-            elif key == "ImmediateData":  # AND
-                b = parse_bool(key, value) and lim.immediate_data
-                p = replace(p, immediate_data=b)
+            elif key in _BOOLEAN:
+                rule_b, name = _BOOLEAN[key]
+                b = rule_b(parse_bool(key, value), getattr(lim, name))
+                p = replace(p, **cast("dict[str, Any]", {name: b}))
                 out.append((key, "Yes" if b else "No"))
             elif key in ("DataPDUInOrder", "DataSequenceInOrder"):
                 # OR; syncd places data by buffer offset but answers Yes: out-of-order data would
