@@ -124,3 +124,7 @@ class Initiator:
     def write(self, lba: int, data: bytes, lun: int = 0, fua: bool = False) -> Reply:
         return self.command(struct.pack(">BBIBHB", 0x2A, 0x08 if fua else 0, lba, 0, len(data) // 512, 0),
                             write=data, lun=lun)
+
+    def compare_and_write(self, lba: int, verify: bytes, new: bytes, lun: int = 0) -> Reply:
+        cdb = struct.pack(">BBQ3xBBB", 0x89, 0, lba, len(verify) // 512, 0, 0)
+        return self.command(cdb, write=verify + new, lun=lun)

@@ -46,6 +46,9 @@ class Lu:
     export: Export
     lock: trio.Lock = field(default_factory=trio.Lock)
     nexuses: dict[int, scsi.Nexus] = field(default_factory=dict)  # per session (TSIH)
+    # COMPARE AND WRITE done elsewhere (a replicated volume: at the group's primary), returning
+    # the offset of the first difference or None when it wrote; None here: at this array.
+    compare_and_write: Callable[[int, bytes, bytes, bool], Awaitable[int | None]] | None = None
 
 
 class Catalog(Protocol):
@@ -478,15 +481,15 @@ class ConnectionRunner:
                     self.emit([self.conn.response(cmd, scsi.CHECK_CONDITION, scsi.miscompare(bad).sense.fixed())])
                     return
             elif io.kind is scsi.IoKind.COMPARE_AND_WRITE and io.length:
-                data = await self.receive(cmd, io.data_out)
-                async with lu.lock:
-                    have = await ex.read(io.offset, io.length)
-                    bad = _first_difference(have, memoryview(data)[: io.length])
-                    if bad is not None:
-                        self.emit([self.conn.response(cmd, scsi.CHECK_CONDITION,
-                                                      scsi.miscompare(bad).sense.fixed())])
-                        return
-                    await ex.write(io.offset, memoryview(data)[io.length :], io.fua)
+                data = bytes(await self.receive(cmd, io.data_out))
+                verify, new = data[: io.length], data[io.length :]
+                if lu.compare_and_write is not None:
+                    bad = await lu.compare_and_write(io.offset, verify, new, io.fua)
+                else:
+                    bad = await compare_and_write(ex, lu.lock, io.offset, verify, new, io.fua)
+                if bad is not None:
+                    self.emit([self.conn.response(cmd, scsi.CHECK_CONDITION, scsi.miscompare(bad).sense.fixed())])
+                    return
         except BlockError as e:
             self.conn.forget(cmd.itt)
             self.check(cmd, sense_for(e, io.kind is not scsi.IoKind.READ))
@@ -573,6 +576,19 @@ class ByteBudget:
             yield
         finally:
             self.give(n)
+
+
+async def compare_and_write(ex: Export, lock: trio.Lock, offset: int, verify: bytes, new: bytes,
+                            fua: bool) -> int | None:
+    """SBC-3 COMPARE AND WRITE at one place: under ``lock`` (every COMPARE AND WRITE of the
+    volume there takes it), read, compare, and write only if all matched. The offset of the
+    first byte that differs, or None when it wrote."""
+    async with lock:
+        have = await ex.read(offset, len(verify))
+        bad = _first_difference(have, verify)
+        if bad is None:
+            await ex.write(offset, memoryview(new), fua)
+        return bad
 
 
 class _Aborted(Exception):

@@ -9,6 +9,7 @@ context carries). A change of state raises ASYMMETRIC ACCESS STATE CHANGED for e
 
 from __future__ import annotations
 
+import errno
 import logging
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,8 @@ from ..iscsi import conn as c
 from ..iscsi import scsi, server
 from ..iscsi.login import Portal, Target
 from ..iscsi.text import ChapSecret
-from ..nbd.export import ClientIdentity
+from ..nbd.export import BlockError, ClientIdentity
+from .errors import NodeError
 
 if TYPE_CHECKING:
     from .daemon import Node, VolumeExport
@@ -27,11 +29,29 @@ if TYPE_CHECKING:
 log = logging.getLogger("syncd.iscsi")
 
 
+def caw_lock(node: Node, volume: str) -> trio.Lock:
+    """The lock every COMPARE AND WRITE of ``volume`` takes at this array."""
+    locks: dict[str, trio.Lock] = node.__dict__.setdefault("_caw_locks", {})
+    return locks.setdefault(volume, trio.Lock())
+
+
+async def compare_and_write_here(node: Node, volume: str, offset: int, verify: bytes, new: bytes,
+                                 fua: bool) -> int | None:
+    """COMPARE AND WRITE at this array, which must be the group's primary (or hold the volume
+    alone): the peer's requests come here too."""
+    ex = node.exports.get(volume)
+    if ex is None:
+        raise NodeError(f"no volume {volume} on {node.cfg.name}")
+    m = node.member_of.get(volume)
+    if m is not None and m.group.role != "primary":
+        raise BlockError(errno.EAGAIN, f"{node.cfg.name} is not the primary of {m.group.name}")
+    return await server.compare_and_write(ex, caw_lock(node, volume), offset, verify, new, fua)
+
+
 class NodeIscsi:
     def __init__(self, node: Node, cfg: IscsiConfig) -> None:
         self.node = node
         self.cfg = cfg
-        self.locks: dict[str, trio.Lock] = {}  # per volume: COMPARE AND WRITE at this array
         chap = {name: ChapSecret(name, secret) for name, secret in cfg.chap} or None
         mutual = ChapSecret(*cfg.mutual_chap) if cfg.mutual_chap else None
         targets = {cfg.target: Target(cfg.target, alias=f"syncd array {node.cfg.name}", chap=chap, mutual=mutual)}
@@ -69,8 +89,10 @@ class NodeIscsi:
             ex = self.node.exports.get(vol)
             if ex is None:
                 continue
-            out[lun] = server.Lu(self._unit(ex, ident, lambda v=vols: sorted(v.values())), ex,
-                                 self.locks.setdefault(vol, trio.Lock()))
+            lu = server.Lu(self._unit(ex, ident, lambda v=vols: sorted(v.values())), ex,
+                           caw_lock(self.node, vol))
+            lu.compare_and_write = lambda off, verify, new, fua, v=vol: self.compare_and_write(v, off, verify, new, fua)
+            out[lun] = lu
         return out
 
     def _unit(self, ex: VolumeExport, ident: ClientIdentity, luns) -> scsi.Unit:
@@ -103,6 +125,24 @@ class NodeIscsi:
                 self._states[key] = state
         if changed:
             self.target.attention(scsi.ALUA_STATE_CHANGED)
+
+    async def compare_and_write(self, volume: str, offset: int, verify: bytes, new: bytes, fua: bool) -> int | None:
+        """COMPARE AND WRITE, atomic across both arrays: it runs at the group's primary (here,
+        or asked of the peer over the link), where every COMPARE AND WRITE of the volume takes
+        one lock; the write then replicates as any other."""
+        m = self.node.member_of.get(volume)
+        if m is None or m.group.role == "primary":
+            return await compare_and_write_here(self.node, volume, offset, verify, new, fua)
+        if self.node.link is None or not self.node.link.up:
+            raise BlockError(errno.EAGAIN, "COMPARE AND WRITE: the primary cannot be reached")
+        try:
+            with trio.fail_after(10):
+                ans = await self.node.control({"op": "compare_and_write", "volume": m.st.remote, "offset": offset,
+                                               "verify": verify.hex(), "data": new.hex(), "fua": fua})
+        except (NodeError, trio.TooSlowError) as e:
+            raise BlockError(errno.EAGAIN, f"COMPARE AND WRITE at the primary: {e}") from None
+        bad = ans.get("miscompare")
+        return int(bad) if bad is not None else None
 
     async def lu_reset(self, lu: server.Lu) -> None:
         """A host reset the LU here: the other array's sessions of the same LU learn it too

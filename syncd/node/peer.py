@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ..nbd.export import BlockError
 from ..repl.proto import Frame, MsgType, Status
 from .datapath import TRIM, WRITE, ZEROES
 from .errors import NodeError
@@ -301,6 +302,17 @@ async def handle_peer_control(node: "Node", body: dict[str, Any]) -> dict[str, A
             # The secondary stopped serving and gave its lease back: no need to wait for it.
             g.handle(PeerLeaving(now))
         return None
+    if op == "compare_and_write":
+        # An iSCSI host's COMPARE AND WRITE at the peer, run here, at the primary.
+        from .iscsi import compare_and_write_here
+
+        try:
+            bad = await compare_and_write_here(node, str(body["volume"]), int(body["offset"]),
+                                               bytes.fromhex(body["verify"]), bytes.fromhex(body["data"]),
+                                               bool(body.get("fua", False)))
+        except BlockError as e:
+            raise NodeError(str(e)) from None
+        return {"miscompare": bad}
     if op == "lu_reset":
         # A host reset an iSCSI LU at the peer: our sessions of the same LU get the unit attention.
         if getattr(node, "iscsi", None) is not None:

@@ -208,3 +208,27 @@ def test_a_failover_under_a_qemu_write_loop_over_iscsi_loses_no_acknowledged_wri
                 f.seek(off)
                 assert f.read(4096) == bytes([off // 4096 % 250 + 1]) * 4096, f"site {site} lost the write at {off}"
     assert_replicas_identical(ilab, "vv1")
+
+
+def test_compare_and_write_at_either_array_is_one_atomic_operation_at_the_primary(ilab):
+    a, b = session(ilab, "A"), session(ilab, "B")
+    for s in (a, b):
+        s.tur()
+    old, mine, theirs = b"\x11" * 512, b"\x22" * 512, b"\x33" * 512
+    assert a.write(40, old, fua=True).status == 0
+    # B is the secondary: its COMPARE AND WRITE runs at A, the primary, and replicates back.
+    assert b.compare_and_write(40, old, mine).status == 0
+    lost = a.compare_and_write(40, old, theirs)  # A's host saw the old value: it loses
+    assert lost.status == 2 and lost.key_asc == (0x0E, 0x1D, 0x00), lost
+    assert int.from_bytes(lost.sense[3:7], "big") == 0  # the first byte already differs
+    assert a.read(40, 1).data == mine and b.read(40, 1).data == mine
+    # Two hosts that read the same value try to replace it, one through each array: exactly one
+    # wins each round (MultipathIO.CompareAndWriteAsync races them concurrently).
+    for i in range(20):
+        cur = a.read(40, 1).data
+        ra = a.compare_and_write(40, cur, bytes([i * 2 % 256]) * 512)
+        rb = b.compare_and_write(40, cur, bytes([(i * 2 + 1) % 256]) * 512)
+        assert sorted([ra.status, rb.status]) == [0, 2], (ra, rb)
+    a.close()
+    b.close()
+    assert_replicas_identical(ilab, "vv1")
