@@ -16,12 +16,14 @@ import errno
 import itertools
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import trio
 
+from syncd import netio
 from syncd.iscsi import conn as c
 from syncd.iscsi import pdu, scsi
 from syncd.iscsi.login import Portal, Session
@@ -76,12 +78,21 @@ class Target:
         self.on_reset: Callable[[Lu], Awaitable[None]] | None = None
         self.refused = 0  # connections closed at once: max_connections were open
 
-    async def serve(self, listeners: list[trio.SocketListener], *,
+    async def serve(self, listeners: list[socket.socket], *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept on ``listeners`` (non-blocking sockets, ``netio.listen_tcp``) until cancelled."""
         async with trio.open_nursery() as n:
             for lst in listeners:
-                await n.start(trio.serve_listeners, self.handle, [lst])
+                n.start_soon(self._accept, lst, n)
             task_status.started()
+
+    async def _accept(self, lsock: socket.socket, n: trio.Nursery) -> None:
+        try:
+            while True:
+                sock, _ = await netio.accept(lsock)
+                n.start_soon(self.handle, sock)
+        finally:
+            lsock.close()
 
     def _next_tsih(self) -> int:
         for tsih in self._tsih:
@@ -89,12 +100,12 @@ class Target:
                 return tsih
         raise RuntimeError("unreachable")
 
-    async def handle(self, stream: trio.SocketStream) -> None:
-        async with stream:
+    async def handle(self, sock: socket.socket) -> None:
+        with sock:
             if len(self.runners) >= self.max_connections:
                 self.refused += 1
                 return
-            runner = ConnectionRunner(self, stream)
+            runner = ConnectionRunner(self, sock)
             self.runners.add(runner)
             try:
                 await runner.run()
@@ -142,9 +153,12 @@ def sense_for(err: BlockError, write: bool) -> scsi.Sense:
 
 
 class ConnectionRunner:
-    def __init__(self, target: Target, stream: trio.SocketStream) -> None:
+    def __init__(self, target: Target, sock: socket.socket) -> None:
         self.target = target
-        self.stream = stream
+        self.sock = sock
+        self.flush_queued = False  # netio.Outbox: queued for the flush at the end of a batch
+        self.writing = False  # the writer task is sending: inline flushes leave it to it
+        self.pacer = netio.Pacer()
         self.tsih = target._next_tsih()
         self.conn = c.Connection(target.portal, self.tsih, target.addresses, others=target.others)
         # Responses in StatSN order, each with the budget bytes to give back once it is sent.
@@ -169,7 +183,8 @@ class ConnectionRunner:
             if isinstance(ev, c.Send):
                 self.out.append((ev, release if i == last else 0))
                 self.queued += sum(len(b) for b in ev.buffers)
-                self.wake.set()
+                if not netio.defer(self):  # outside a batch: the writer task sends it
+                    self.wake.set()
             elif isinstance(ev, c.Close):
                 self.closing = self.closing or ev.reason
                 self.wake.set()
@@ -190,7 +205,7 @@ class ConnectionRunner:
     @property
     def address(self) -> str:
         try:
-            return str(self.stream.socket.getpeername()[0])
+            return str(self.sock.getpeername()[0])
         except OSError:
             return ""
 
@@ -233,7 +248,7 @@ class ConnectionRunner:
                 self.closing = self.closing or "initiator closed the connection"
                 self.wake.set()
                 n.cancel_scope.deadline = trio.current_time() + 5  # let the last responses go out
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        except OSError:
             pass
         finally:
             self.target.sessions.pop(self.tsih, None)
@@ -251,10 +266,46 @@ class ConnectionRunner:
             while self.queued > OUT_LIMIT:  # an initiator that does not read its answers
                 self.drained = trio.Event()
                 await self.drained.wait()
-            data = await self.stream.receive_some(1 << 18)
+            data = await netio.recv(self.sock, 1 << 18, self.pacer)
             if not data:
                 return
-            self.emit(self.conn.receive_data(data))
+            # What one recv brought is a batch: the answers it produces leave in one send when
+            # it ends (netio), not a writer task's round later.
+            was = netio.batch_begin()
+            try:
+                self.emit(self.conn.receive_data(data))
+            finally:
+                netio.batch_end(was)
+
+    def flush_inline(self) -> None:
+        """netio.Outbox: send what is queued now, without blocking; what the kernel does not
+        take goes to the writer task."""
+        if self.writing or not self.out:
+            if self.out:
+                self.wake.set()
+            return
+        items = list(self.out)
+        self.out.clear()
+        sent, rest = netio.send_available(self.sock, [b for ev, _ in items for b in ev.buffers])
+        give = 0
+        left = sent
+        kept_release = 0
+        for ev, release in items:
+            size = sum(len(b) for b in ev.buffers)
+            if left >= size:
+                left -= size
+                give += release
+            else:
+                left = 0
+                kept_release += release
+        self.queued -= sent
+        if give:
+            self.budget.give(give)
+        if rest:
+            self.out.appendleft((c.Send(list(rest)), kept_release))
+            self.wake.set()
+        elif self.queued <= OUT_LIMIT:
+            self.drained.set()
 
     async def writer(self) -> None:
         while True:
@@ -268,7 +319,11 @@ class ConnectionRunner:
                     parts += ev.buffers
                     size += sum(len(b) for b in ev.buffers)
                     give += release
-                await self.stream.send_all(parts[0] if len(parts) == 1 else b"".join(parts))
+                self.writing = True
+                try:
+                    await netio.sendmsg_all(self.sock, parts)
+                finally:
+                    self.writing = False
                 self.queued -= size
                 if give:
                     self.budget.give(give)
@@ -650,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
     target = Target(portal, StaticCatalog(luns), lambda name: [c.Address(ns.host, ns.port, 1)])
 
     async def run() -> None:
-        await target.serve(await trio.open_tcp_listeners(ns.port, host=ns.host))
+        await target.serve([netio.listen_tcp((ns.host, ns.port))])
 
     try:
         trio.run(run)

@@ -21,6 +21,7 @@ from ..iscsi import scsi, server
 from ..iscsi.login import Portal, Target
 from ..iscsi.text import ChapSecret
 from ..nbd.export import BlockError, ClientIdentity
+from ..netio import listen_tcp
 from .errors import NodeError
 
 if TYPE_CHECKING:
@@ -166,11 +167,11 @@ class NodeIscsi:
         self.target.refresh()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners: list[trio.SocketListener] = []
+        listeners = []
         for host, port in self.cfg.listen:
-            got = await trio.open_tcp_listeners(port, host=host)
-            listeners += got
-            self.ports.append((host, got[0].socket.getsockname()[1]))
+            lsock = listen_tcp((host, port))
+            listeners.append(lsock)
+            self.ports.append((host, lsock.getsockname()[1]))
         log.info("node %s: iSCSI target %s on %s (portal group %d)", self.node.cfg.name, self.cfg.target,
                  ", ".join(f"{h}:{p}" for h, p in self.ports), self.cfg.portal_group)
         await self.target.serve(listeners, task_status=task_status)
