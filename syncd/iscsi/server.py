@@ -36,6 +36,7 @@ NOP_INTERVAL = 10.0  # idle time before the target pings an initiator
 NOP_TIMEOUT = 30.0  # no answer to a ping for this long ends the connection
 DATA_BUDGET = 64 << 20  # bytes the commands of one connection may hold at once (one command: at most 32 MiB)
 OUT_LIMIT = 4 << 20  # queued responses beyond this: stop reading the initiator until they leave
+CLOSE_GRACE = 5.0  # seconds a closing connection's last answers get to leave
 WRITE_SAME_CHUNK = 1 << 20
 
 
@@ -188,6 +189,9 @@ class ConnectionRunner:
             elif isinstance(ev, c.Close):
                 self.closing = self.closing or ev.reason
                 self.wake.set()
+                # The last answers get CLOSE_GRACE to leave: an initiator that stopped reading
+                # (the writer waits on a full socket) does not keep the connection open.
+                self.end_by(trio.current_time() + CLOSE_GRACE)
             elif isinstance(ev, c.WriteData):
                 self.written[ev.itt] = ev.data
                 done = self.waiting.pop(ev.itt, None)
@@ -202,12 +206,18 @@ class ConnectionRunner:
             elif isinstance(ev, c.TaskManagement):
                 self.nursery.start_soon(self.task_management, ev.request)
 
+    def end_by(self, deadline: float) -> None:
+        scope = getattr(self, "nursery", None)
+        if scope is not None:
+            scope.cancel_scope.deadline = min(scope.cancel_scope.deadline, deadline)
+
     @property
     def address(self) -> str:
         try:
-            return str(self.sock.getpeername()[0])
+            peer = self.sock.getpeername()
         except OSError:
             return ""
+        return str(peer[0]) if isinstance(peer, tuple) else ""  # a unix socket has no address
 
     def refresh_luns(self) -> None:
         s = self.session
@@ -247,7 +257,7 @@ class ConnectionRunner:
                     await self.reader(until_login=False)
                 self.closing = self.closing or "initiator closed the connection"
                 self.wake.set()
-                n.cancel_scope.deadline = trio.current_time() + 5  # let the last responses go out
+                self.end_by(trio.current_time() + CLOSE_GRACE)  # let the last responses go out
         except OSError:
             pass
         finally:
