@@ -202,6 +202,7 @@ class LuFacts:
     max_unmap_descriptors: int = 256
     max_write_same: int = 1 << 30
     max_compare_and_write_blocks: int = 255
+    reservations: bool = False  # PERSISTENT RESERVE IN/OUT are served (listed by REPORT SUPPORTED OPCODES)
 
     @property
     def blocks(self) -> int:
@@ -262,6 +263,12 @@ _USAGE: Final[dict[tuple[int, int | None], bytes]] = {
     (0xAF, None): bytes([0xAF, 0x16, *[0xFF] * 8, 0x00, 0x07]),  # VERIFY(12)
     (0xA3, 0x0A): bytes([0xA3, 0xEA, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x07]),  # REPORT TARGET PORT GROUPS
     (0xA3, 0x0C): bytes([0xA3, 0x8C, 0x87, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x07]),  # REPORT OPCODES
+}
+
+
+_PR_USAGE: Final[dict[tuple[int, int | None], bytes]] = {
+    **{(0x5E, sa): bytes([0x5E, sa, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0x07]) for sa in range(4)},
+    **{(0x5F, sa): bytes([0x5F, sa, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0x07]) for sa in range(7)},
 }
 
 
@@ -495,20 +502,21 @@ class Unit:
         opcode, sa = cdb[3], U16.unpack_from(cdb, 4)[0]
         allocation = U32.unpack_from(cdb, 6)[0]
         timeouts = bytes([0, 0x0A, 0, 0]) + U32.pack(0) + U32.pack(30) if rctd else b""
+        usage_table = {**_USAGE, **(_PR_USAGE if self.facts.reservations else {})}
         if options == 0:
             body = b""
-            for (op, action), cdb_usage in sorted(_USAGE.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+            for (op, action), cdb_usage in sorted(usage_table.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
                 flags = (0x01 if action is not None else 0) | (0x02 if rctd else 0)
                 body += (bytes([op, 0]) + U16.pack(action or 0) + bytes([0, flags]) + U16.pack(len(cdb_usage))
                          + timeouts)
             return _cut(U32.pack(len(body)) + body, allocation)
         if options in (1, 2):
-            with_actions = any(o == opcode and s is not None for o, s in _USAGE)
-            if (options == 1 and with_actions) or (options == 2 and (opcode, None) in _USAGE):
+            with_actions = any(o == opcode and s is not None for o, s in usage_table)
+            if (options == 1 and with_actions) or (options == 2 and (opcode, None) in usage_table):
                 # SPC-4 6.35.1: asked without a service action for a command that has them,
                 # or with one for a command that has none
                 return Check(invalid_field(2))
-            usage = _USAGE.get((opcode, None) if options == 1 else (opcode, sa))
+            usage = usage_table.get((opcode, None) if options == 1 else (opcode, sa))
             if usage is None:
                 return _cut(bytes([0, 0x01, 0, 0]), allocation)  # not supported
             return _cut(bytes([0, 0x03 | (0x80 if rctd else 0)]) + U16.pack(len(usage)) + usage + timeouts,

@@ -25,7 +25,7 @@ import trio
 
 from syncd import netio
 from syncd.iscsi import conn as c
-from syncd.iscsi import pdu, scsi
+from syncd.iscsi import pdu, pr, scsi
 from syncd.iscsi.login import Portal, Session
 from syncd.nbd.export import BlockError, Export
 
@@ -52,6 +52,9 @@ class Lu:
     # COMPARE AND WRITE done elsewhere (a replicated volume: at the group's primary), returning
     # the offset of the first difference or None when it wrote; None here: at this array.
     compare_and_write: Callable[[int, bytes, bytes, bool], Awaitable[int | None]] | None = None
+    # Persistent reservations, where this place keeps them (None: PERSISTENT RESERVE IN/OUT
+    # are refused as unsupported): one registry for every session of the LU.
+    reservations: pr.Registry | None = None
 
 
 class Catalog(Protocol):
@@ -110,6 +113,10 @@ class Target:
             self.runners.add(runner)
             try:
                 await runner.run()
+            except* OSError as eg:  # the initiator reset or broke the connection
+                log.info("iSCSI connection ended: %s", eg.exceptions[0])
+            except* Exception as eg:  # a defect: this connection ends, the target and the node go on
+                log.error("iSCSI connection failed", exc_info=eg)
             finally:
                 self.runners.discard(runner)
 
@@ -126,6 +133,16 @@ class Target:
             for lu in r.luns.values():
                 if lu.export is export:
                     r.nexus(lu).raise_attention(scsi.LU_RESET_OCCURRED)
+
+    def pr_attention(self, export: Export, who: pr.Nexus, sense: scsi.Sense) -> None:
+        """A reservation change told to the sessions of the nexus it concerns."""
+        for r in list(self.runners):
+            s = r.session
+            if s is None or (s.initiator_name, s.isid) != (who.initiator, who.isid):
+                continue
+            for lu in r.luns.values():
+                if lu.export is export:
+                    r.nexus(lu).raise_attention(sense)
 
     def attention(self, sense: scsi.Sense) -> None:
         """Raise a unit attention for every session on every LU (e.g. the access state
@@ -258,8 +275,6 @@ class ConnectionRunner:
                 self.closing = self.closing or "initiator closed the connection"
                 self.wake.set()
                 self.end_by(trio.current_time() + CLOSE_GRACE)  # let the last responses go out
-        except OSError:
-            pass
         finally:
             self.target.sessions.pop(self.tsih, None)
             for lu in self.luns.values():
@@ -390,7 +405,23 @@ class ConnectionRunner:
         if lu is None:
             self.no_lun(cmd)
             return
-        outcome = lu.unit.command(cmd.cdb, self.nexus(lu))
+        nx = self.nexus(lu)
+        op = cmd.cdb[0] if cmd.cdb else -1
+        reg = lu.reservations
+        if reg is not None and not nx.attentions:
+            st = reg.get(lu.export.name)
+            if pr.conflicts(st, self.pr_nexus(lu), op):
+                self.emit([self.conn.response(cmd, scsi.RESERVATION_CONFLICT)])
+                return
+            if op == 0x5E and len(cmd.cdb) >= 10:
+                got = pr.reserve_in(st, cmd.cdb)
+                self.answer(cmd, scsi.Check(got) if isinstance(got, scsi.Sense)
+                            else scsi.Done(got[: int.from_bytes(cmd.cdb[7:9], "big")]))
+                return
+            if op == 0x5F and len(cmd.cdb) >= 10:
+                self.nursery.start_soon(self.reserve_out, cmd, lu)
+                return
+        outcome = lu.unit.command(cmd.cdb, nx)
         if isinstance(outcome, scsi.Check | scsi.Done):
             self.answer(cmd, outcome)
             return
@@ -438,6 +469,38 @@ class ConnectionRunner:
         self.budget.give(n)
         self.written[cmd.itt] = data  # the task path finds it there
         return False
+
+    def pr_nexus(self, lu: Lu) -> pr.Nexus:
+        assert self.session is not None
+        groups = lu.unit.alua()
+        return pr.Nexus(self.session.initiator_name, self.session.isid, groups[0].relative_port if groups else 1)
+
+    async def reserve_out(self, cmd: pdu.ScsiCommand, lu: Lu) -> None:
+        """PERSISTENT RESERVE OUT: its 24-byte parameter list, then the registry's change and
+        the unit attentions it raises for other sessions."""
+        reg = lu.reservations
+        assert reg is not None
+        length = int.from_bytes(cmd.cdb[5:9], "big")
+        if length != 24 or cmd.edtl < length:
+            self.check(cmd, scsi.PARAMETER_LIST_LENGTH_ERROR)
+            self.conn.forget(cmd.itt)
+            return
+        try:
+            params = bytes(await self.receive(cmd, length))
+        except _Aborted:
+            return
+        ports = frozenset(g.relative_port for g in lu.unit.alua()) or frozenset({1})
+        out = pr.reserve_out(reg.get(lu.export.name), self.pr_nexus(lu), cmd.cdb, params, ports)
+        if out.conflict:
+            self.emit([self.conn.response(cmd, scsi.RESERVATION_CONFLICT)])
+            return
+        if out.sense is not None:
+            self.check(cmd, out.sense)
+            return
+        reg.states[lu.export.name] = out.state
+        for who, sense in out.attentions:
+            self.target.pr_attention(lu.export, who, sense)
+        self.emit([self.conn.response(cmd, scsi.GOOD)])
 
     def answer(self, cmd: pdu.ScsiCommand, outcome: scsi.Check | scsi.Done) -> None:
         if isinstance(outcome, scsi.Check):
@@ -689,7 +752,11 @@ def file_lu(path: str, lun_numbers: Callable[[], list[int]]) -> Lu:
     ex = FileExport(path, path)
     wwn = "naa.6" + "0002ac" + hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:25]
     groups = [scsi.PortGroup(1, scsi.Alua.ACTIVE_OPTIMIZED, 1, preferred=True)]
-    return Lu(scsi.Unit(scsi.LuFacts(ex.size, wwn), lambda: groups, lun_numbers), ex)
+    return Lu(scsi.Unit(scsi.LuFacts(ex.size, wwn, reservations=True), lambda: groups, lun_numbers), ex,
+              reservations=_REGISTRY)
+
+
+_REGISTRY = pr.Registry()  # the unreplicated server's reservations: in memory, until it stops
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -180,3 +180,39 @@ async def test_a_client_that_never_reads_its_answers_cannot_make_the_target_hold
         n.cancel_scope.cancel()
     theirs.close()
     os.unlink(path)
+
+
+async def test_a_connection_reset_mid_session_ends_that_connection_only(tmp_path):
+    """An initiator that logs in and then resets the connection (RST), or sends a PDU that
+    trips a defect, ends its own connection; the target (inside a node: the node) goes on."""
+    from syncd.nbd.export import FileExport
+
+    path = tmp_path / "disk.img"
+    path.touch()
+    os.truncate(path, 1 << 20)
+    ex = FileExport("v", str(path))
+    groups = [scsi.PortGroup(1, scsi.Alua.ACTIVE_OPTIMIZED, 1)]
+    lu = server.Lu(scsi.Unit(scsi.LuFacts(ex.size, "naa.60002ac0123456789abcdef012345678"), lambda: groups,
+                             lambda: [0]), ex)
+    target = server.Target(Portal({TNAME: Target(TNAME)}, 1, lambda i, n: True), _Catalog(lu), lambda n: [])
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen()
+    lsock.setblocking(False)
+    port = lsock.getsockname()[1]
+    async with trio.open_nursery() as n:
+        await n.start(target.serve, [lsock])
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(login_pdu([("InitiatorName", INAME), ("TargetName", TNAME)]))
+            await trio.sleep(0.1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()  # RST
+            await trio.sleep(0.1)
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(login_pdu([("InitiatorName", INAME), ("TargetName", TNAME)]))
+        s.settimeout(5)
+        got = await trio.to_thread.run_sync(s.recv, 48)
+        assert got[0] == p.Op.LOGIN_RESPONSE and got[36] == 0  # still serving, login accepted
+        s.close()
+        n.cancel_scope.cancel()
