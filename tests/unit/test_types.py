@@ -29,6 +29,7 @@ STRICT = [
     "syncd/iscsi/login.py",
     "syncd/iscsi/conn.py",
     "syncd/iscsi/scsi.py",
+    "syncd/iscsi/pr.py",
 ]
 
 
