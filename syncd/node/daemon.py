@@ -520,6 +520,7 @@ class Node:
     def _on_link_up(self) -> None:
         log.info("replication link to %s up", self.cfg.link.peer)
         self.events.update("link", {"peer": self.cfg.link.peer, "state": "up"})
+        self.__dict__["_peer_roles_seq"] = 0  # the peer may have restarted: its numbering starts again
         now = trio.current_time()
         for g in list(self.groups.values()):
             g.handle(LinkUp(now))

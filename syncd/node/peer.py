@@ -141,7 +141,9 @@ async def exchange_state(node: "Node") -> None:
     written that we lack, and whether both sides wrote apart (split brain)."""
     mine = [group_summary(g) for g in node.groups.values() if g.role == "primary"]
     try:
-        ans = await node.control({"op": "sync_groups", "groups": mine})
+        ans = await node.control({"op": "sync_groups", "groups": mine,
+                                  "roles": {n: r for n, r in roles_snapshot(node).items() if r["role"] != "primary"},
+                                  "roles_seq": next_roles_seq(node)})
     except NodeError as e:
         log.warning("state exchange with %s failed: %s", node.cfg.link.peer, e)
         return
@@ -180,15 +182,7 @@ async def exchange_state(node: "Node") -> None:
     roles = ans.get("roles")
     if roles is None:  # a peer from before the role machine: it does not say; assume it follows
         roles = {g.name: {"role": "secondary", "epoch": g.epoch} for g in node.groups.values() if g.role == "primary"}
-    for name, r in roles.items():
-        g = node.groups.get(name)
-        if g is None or g.st.split_brain:
-            continue
-        try:
-            g.handle(PeerState(now, Role(r["role"]), int(r["epoch"]), disk_failed=bool(r.get("disk_failed")),
-                               claiming=bool(r.get("claiming"))))
-        except (RoleError, ValueError, KeyError) as e:
-            log.warning("group %s: the peer's state %s: %s", name, r, e)
+    peer_roles(node, roles, ans.get("roles_seq"), now)
 
 
 def sync_groups(node: "Node", body: dict[str, Any]) -> dict[str, Any]:
@@ -233,11 +227,44 @@ def sync_groups(node: "Node", body: dict[str, Any]) -> dict[str, Any]:
             if m.suspect_regions:  # reported until the primary has resynced us
                 suspect_regions.append({"group": g.name, "vol_id": m.vol_id, "regions": sorted(m.suspect_regions)})
     node.save()
+    peer_roles(node, body.get("roles"), body.get("roles_seq"), now)
     return {"suspect": suspect, "suspect_regions": suspect_regions, "split_brain": split,
             "gens": {g.name: {"gen": g.st.gen, "gen_history": g.st.gen_history} for g in node.groups.values()},
-            "roles": {g.name: {"role": g.role, "epoch": g.epoch, "disk_failed": bool(g.io.disk_error),
-                               "claiming": g.mode.value == "claiming"}
-                      for g in node.groups.values()}}
+            "roles": roles_snapshot(node), "roles_seq": next_roles_seq(node)}
+
+
+def roles_snapshot(node: "Node") -> dict[str, dict[str, Any]]:
+    return {g.name: {"role": g.role, "epoch": g.epoch, "disk_failed": bool(g.io.disk_error),
+                     "claiming": g.mode.value == "claiming"}
+            for g in node.groups.values()}
+
+
+def next_roles_seq(node: "Node") -> int:
+    """Every snapshot of this node's roles is numbered, so the peer can tell a stale one (an
+    answer overtaken by a later request on another path) from the latest."""
+    node.__dict__["_roles_seq"] = node.__dict__.get("_roles_seq", 0) + 1
+    return int(node.__dict__["_roles_seq"])
+
+
+def peer_roles(node: "Node", roles: Any, seq: Any, now: float) -> None:
+    """The peer's role in each group, from a snapshot it numbered ``seq`` (older snapshots
+    than one already seen change nothing). A secondary that stopped claiming says so this way:
+    a primary that heard "claiming" must hear that it is over, or it never mirrors again."""
+    if not isinstance(roles, dict):
+        return
+    if isinstance(seq, int):
+        if seq <= node.__dict__.get("_peer_roles_seq", 0):
+            return
+        node.__dict__["_peer_roles_seq"] = seq
+    for name, r in roles.items():
+        g = node.groups.get(name)
+        if g is None or g.st.split_brain or not isinstance(r, dict):
+            continue
+        try:
+            g.handle(PeerState(now, Role(r["role"]), int(r["epoch"]), disk_failed=bool(r.get("disk_failed")),
+                               claiming=bool(r.get("claiming"))))
+        except (RoleError, ValueError, KeyError) as e:
+            log.warning("group %s: the peer's state %s: %s", name, r, e)
 
 
 # -- control RPCs: the peer's side of operator verbs -------------------------------------------
