@@ -142,7 +142,9 @@ async def exchange_state(node: "Node") -> None:
     mine = [group_summary(g) for g in node.groups.values() if g.role == "primary"]
     try:
         ans = await node.control({"op": "sync_groups", "groups": mine,
-                                  "roles": {n: r for n, r in roles_snapshot(node).items() if r["role"] != "primary"},
+                                  # every group's role, not only those it is secondary of: the
+                                  # latest numbered snapshot wins, so each one must be complete
+                                  "roles": roles_snapshot(node),
                                   "roles_seq": next_roles_seq(node)})
     except NodeError as e:
         log.warning("state exchange with %s failed: %s", node.cfg.link.peer, e)
