@@ -139,6 +139,11 @@ class Resync:
                     m.vol.write_sync(roff, rep.payload)
                     m.resync_bytes += rln
                     self.node.stats["pulled_bytes"] += rln
+            # Both replicas now hold the same bytes here. The peer may have been told at
+            # RESYNC_BEGIN that it lacks these regions (its snapshot of the dirty map can predate
+            # the decision to fetch them back): it must hear they are in sync, or it forwards
+            # their reads and reports "syncing" for ever.
+            await self._mark_in_sync(g, m, [r for r in range(r0, r1) if m.pull.test(r) and not m.dirty.test(r)])
             for r in range(r0, r1):
                 m.pull.clear(r)
 
@@ -264,7 +269,6 @@ class Resync:
 
     async def _verify_batch(self, g: "Group", m: "Member", r0: int, r1: int) -> None:
         region = m.dirty.region
-        link = self.node.link
         async with self._compared(g, m, r0, r1) as compared:
             same: list[int] = []
             for r, identical in compared:
@@ -279,22 +283,26 @@ class Resync:
                 m.dirty.clear(r)
                 m.resync_bytes += rln
                 self.node.stats["resync_bytes"] += rln
-            # Tell the peer which identical regions are now in sync, one message per run.
-            i = 0
-            while i < len(same):
-                j = i
-                while j + 1 < len(same) and same[j + 1] == same[j] + 1:
-                    j += 1
-                roff = same[i] * region
-                rend = min((same[j] + 1) * region, m.vol.size)
-                rep = await link.request(
-                    Frame.resync_end(link.next_id(), g.st.gid, g.epoch, m.vol_id, roff, rend - roff)
-                )
-                if rep.status != Status.OK:
-                    raise ResyncFailed(f"peer refused in-sync mark for {m.st.local} ({rep.status})")
-                for r in range(same[i], same[j] + 1):
-                    m.dirty.clear(r)
-                i = j + 1
+            await self._mark_in_sync(g, m, same)
+            for r in same:
+                m.dirty.clear(r)
+
+    async def _mark_in_sync(self, g: "Group", m: "Member", regions: list[int]) -> None:
+        """Tell the peer these regions (ascending, held by the caller) are identical on both
+        replicas now: one RESYNC_END per run of consecutive regions."""
+        link = self.node.link
+        region = m.dirty.region
+        i = 0
+        while i < len(regions):
+            j = i
+            while j + 1 < len(regions) and regions[j + 1] == regions[j] + 1:
+                j += 1
+            roff = regions[i] * region
+            rend = min((regions[j] + 1) * region, m.vol.size)
+            rep = await link.request(Frame.resync_end(link.next_id(), g.st.gid, g.epoch, m.vol_id, roff, rend - roff))
+            if rep.status != Status.OK:
+                raise ResyncFailed(f"peer refused in-sync mark for {m.st.local} ({rep.status})")
+            i = j + 1
 
     async def _yield_to_hosts(self, g: "Group", took: float) -> None:
         share = self.node.cfg.link.resync_share
