@@ -157,6 +157,10 @@ class Node:
         # Bytes sent as resync, compared by digest, fetched back from the peer after a power cut.
         self.stats = {"resync_bytes": 0, "resync_hole_bytes": 0, "compared_bytes": 0, "pulled_bytes": 0}
         self.started_at = time.time()
+        # The link's state exchange numbers this node's role snapshots (roles_seq) and keeps the
+        # number of the peer's latest, so an older snapshot changes nothing (peer.peer_roles).
+        self.roles_seq = 0
+        self.peer_roles_seq = 0
         self._nursery: trio.Nursery | None = None
         self._save_pending = False
         self.fatal = ""  # set when this node's metadata can no longer be written: it stops
@@ -520,7 +524,7 @@ class Node:
     def _on_link_up(self) -> None:
         log.info("replication link to %s up", self.cfg.link.peer)
         self.events.update("link", {"peer": self.cfg.link.peer, "state": "up"})
-        self.__dict__["_peer_roles_seq"] = 0  # the peer may have restarted: its numbering starts again
+        self.peer_roles_seq = 0  # the peer may have restarted: its numbering starts again
         now = trio.current_time()
         for g in list(self.groups.values()):
             g.handle(LinkUp(now))

@@ -244,8 +244,8 @@ def roles_snapshot(node: "Node") -> dict[str, dict[str, Any]]:
 def next_roles_seq(node: "Node") -> int:
     """Every snapshot of this node's roles is numbered, so the peer can tell a stale one (an
     answer overtaken by a later request on another path) from the latest."""
-    node.__dict__["_roles_seq"] = node.__dict__.get("_roles_seq", 0) + 1
-    return int(node.__dict__["_roles_seq"])
+    node.roles_seq += 1
+    return node.roles_seq
 
 
 def peer_roles(node: "Node", roles: Any, seq: Any, now: float) -> None:
@@ -255,9 +255,9 @@ def peer_roles(node: "Node", roles: Any, seq: Any, now: float) -> None:
     if not isinstance(roles, dict):
         return
     if isinstance(seq, int):
-        if seq <= node.__dict__.get("_peer_roles_seq", 0):
+        if seq <= node.peer_roles_seq:
             return
-        node.__dict__["_peer_roles_seq"] = seq
+        node.peer_roles_seq = seq
     for name, r in roles.items():
         g = node.groups.get(name)
         if g is None or g.st.split_brain or not isinstance(r, dict):
