@@ -128,3 +128,35 @@ class Initiator:
     def compare_and_write(self, lba: int, verify: bytes, new: bytes, lun: int = 0) -> Reply:
         cdb = struct.pack(">BBQ3xBBB", 0x89, 0, lba, len(verify) // 512, 0, 0)
         return self.command(cdb, write=verify + new, lun=lun)
+
+    def pr_out(self, sa: int, key: int = 0, sa_key: int = 0, rtype: int = 0, *, aptpl: bool = False,
+               all_tg_pt: bool = False, lun: int = 0) -> Reply:
+        """PERSISTENT RESERVE OUT with the 24-byte parameter list."""
+        cdb = struct.pack(">BBBxxIB", 0x5F, sa, rtype, 24, 0)
+        params = struct.pack(">QQIBxH", key, sa_key, 0, (0x04 if all_tg_pt else 0) | (0x01 if aptpl else 0), 0)
+        return self.command(cdb, write=params, lun=lun)
+
+    def pr_in(self, sa: int, lun: int = 0) -> Reply:
+        """PERSISTENT RESERVE IN (READ KEYS 0, READ RESERVATION 1, ...)."""
+        return self.command(struct.pack(">BB5xHB", 0x5E, sa, 8192, 0), read=8192, lun=lun)
+
+    def keys(self, lun: int = 0) -> tuple[int, list[int]]:
+        """READ KEYS: (generation, registered keys), retrying past unit attentions."""
+        for _ in range(8):
+            r = self.pr_in(0, lun)
+            if r.status == 0:
+                gen, n = struct.unpack_from(">II", r.data)
+                return gen, [struct.unpack_from(">Q", r.data, 8 + i)[0] for i in range(0, n, 8)]
+        raise AssertionError(f"READ KEYS kept failing: {r}")
+
+    def reservation(self, lun: int = 0) -> tuple[int, int] | None:
+        """READ RESERVATION: (holder's key, type), or None."""
+        for _ in range(8):
+            r = self.pr_in(1, lun)
+            if r.status == 0:
+                (n,) = struct.unpack_from(">I", r.data, 4)
+                if not n:
+                    return None
+                key, rtype = struct.unpack_from(">Q5xB", r.data, 8)
+                return key, rtype & 0x0F
+        raise AssertionError(f"READ RESERVATION kept failing: {r}")

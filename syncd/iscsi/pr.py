@@ -251,6 +251,94 @@ class Registry:
     it in memory; a node must persist it and keep both arrays' copies equal)."""
 
     states: dict[str, PrState] = field(default_factory=dict)
+    persist: bool = False  # kept through a power loss (APTPL accepted, PTPL_C reported)
 
     def get(self, lu: str) -> PrState:
         return self.states.get(lu, PrState())
+
+
+# -- the state as JSON: persisted in a node's state file and sent to the other array ---------------
+
+class BadState(ValueError):
+    """A persisted or received reservation state that does not parse; names what is wrong."""
+
+
+def nexus_to_json(n: Nexus) -> list[object]:
+    return [n.initiator, n.isid.hex(), n.target_port]
+
+
+def nexus_from_json(v: object, what: str = "nexus") -> Nexus:
+    if not (isinstance(v, list) and len(v) == 3 and isinstance(v[0], str) and isinstance(v[1], str)
+            and isinstance(v[2], int) and not isinstance(v[2], bool)):
+        raise BadState(f"{what}: expected [initiator, isid hex, target port], got {v!r:.80}")
+    try:
+        isid = bytes.fromhex(v[1])
+    except ValueError:
+        raise BadState(f"{what}: ISID {v[1]!r:.40} is not hex") from None
+    if not v[0] or len(v[0]) > 223 or len(isid) != 6 or not 0 <= v[2] <= 0xFFFF:
+        raise BadState(f"{what}: {v!r:.80} is not an I_T nexus (name 1-223 bytes, 6-byte ISID, port 0-65535)")
+    return Nexus(v[0], isid, v[2])
+
+
+def state_to_json(st: PrState) -> dict[str, object]:
+    return {"generation": st.generation, "keys": [[*nexus_to_json(n), k] for n, k in st.keys],
+            "holder": None if st.holder is None else nexus_to_json(st.holder), "type": st.type, "aptpl": st.aptpl}
+
+
+def state_from_json(d: object) -> PrState:
+    """The inverse of ``state_to_json``; BadState names the first problem."""
+    if not isinstance(d, dict):
+        raise BadState(f"reservation state must be an object, got {type(d).__name__}")
+    gen, keys, holder, rtype, aptpl = (d.get(k) for k in ("generation", "keys", "holder", "type", "aptpl"))
+    if not isinstance(gen, int) or isinstance(gen, bool) or not 0 <= gen <= 0xFFFFFFFF:
+        raise BadState(f"generation: {gen!r:.40} is not a 32-bit count")
+    if not isinstance(keys, list) or len(keys) > 4096:
+        raise BadState("keys: expected a list of at most 4096 registrations")
+    regs: list[tuple[Nexus, int]] = []
+    for i, e in enumerate(keys):
+        if not isinstance(e, list) or len(e) != 4:
+            raise BadState(f"keys[{i}]: expected [initiator, isid hex, target port, key]")
+        k = e[3]
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 < k < 1 << 64:
+            raise BadState(f"keys[{i}]: {k!r:.40} is not a non-zero 64-bit reservation key")
+        n = nexus_from_json(e[:3], f"keys[{i}]")
+        if any(x == n for x, _ in regs):
+            raise BadState(f"keys[{i}]: {n.initiator} (ISID {n.isid.hex()}, port {n.target_port}) registered twice")
+        regs.append((n, k))
+    if not isinstance(rtype, int) or isinstance(rtype, bool) or (rtype != 0 and rtype not in TYPES):
+        raise BadState(f"type: {rtype!r:.40} is not a reservation type")
+    if not isinstance(aptpl, bool):
+        raise BadState(f"aptpl: {aptpl!r:.40} is not true or false")
+    who = None if holder is None else nexus_from_json(holder, "holder")
+    if rtype and rtype not in ALL_REGISTRANTS and (who is None or all(x != who for x, _ in regs)):
+        raise BadState("holder: a reservation of this type needs a registered holder")
+    if (not rtype or rtype in ALL_REGISTRANTS) and who is not None:
+        raise BadState("holder: given without a reservation that has one")
+    return PrState(gen, tuple(regs), who, rtype, aptpl)
+
+
+def sense_to_json(s: Sense) -> list[int | None]:
+    return [s.key, s.asc, s.ascq, s.information, s.field_pointer, s.bit_pointer]
+
+
+def sense_from_json(v: object) -> Sense:
+    if not (isinstance(v, list) and len(v) == 6 and all(x is None or (isinstance(x, int) and not isinstance(x, bool))
+                                                         for x in v)
+            and all(isinstance(x, int) and 0 <= x <= 0xFF for x in v[:3])):
+        raise BadState(f"sense: {v!r:.80} is not [key, asc, ascq, information, field, bit]")
+    return Sense(v[0], v[1], v[2], v[3], v[4], v[5])
+
+
+def attentions_to_json(att: tuple[tuple[Nexus, Sense], ...]) -> list[list[object]]:
+    return [[nexus_to_json(n), sense_to_json(s)] for n, s in att]
+
+
+def attentions_from_json(v: object) -> tuple[tuple[Nexus, Sense], ...]:
+    if not isinstance(v, list) or len(v) > 4096:
+        raise BadState("attentions: expected a list")
+    out = []
+    for i, e in enumerate(v):
+        if not isinstance(e, list) or len(e) != 2:
+            raise BadState(f"attentions[{i}]: expected [nexus, sense]")
+        out.append((nexus_from_json(e[0], f"attentions[{i}]"), sense_from_json(e[1])))
+    return tuple(out)

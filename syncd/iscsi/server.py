@@ -55,6 +55,10 @@ class Lu:
     # Persistent reservations, where this place keeps them (None: PERSISTENT RESERVE IN/OUT
     # are refused as unsupported): one registry for every session of the LU.
     reservations: pr.Registry | None = None
+    # PERSISTENT RESERVE OUT done elsewhere (a replicated volume: at the group's primary, which
+    # copies the new state to the other array and raises the unit attentions itself), given the
+    # nexus, the CDB and the parameter list; None: applied to ``reservations`` here.
+    reserve_out: Callable[[pr.Nexus, bytes, bytes], Awaitable[pr.Outcome]] | None = None
 
 
 class Catalog(Protocol):
@@ -414,7 +418,7 @@ class ConnectionRunner:
                 self.emit([self.conn.response(cmd, scsi.RESERVATION_CONFLICT)])
                 return
             if op == 0x5E and len(cmd.cdb) >= 10:
-                got = pr.reserve_in(st, cmd.cdb)
+                got = pr.reserve_in(st, cmd.cdb, reg.persist)
                 self.answer(cmd, scsi.Check(got) if isinstance(got, scsi.Sense)
                             else scsi.Done(got[: int.from_bytes(cmd.cdb[7:9], "big")]))
                 return
@@ -489,17 +493,25 @@ class ConnectionRunner:
             params = bytes(await self.receive(cmd, length))
         except _Aborted:
             return
-        ports = frozenset(g.relative_port for g in lu.unit.alua()) or frozenset({1})
-        out = pr.reserve_out(reg.get(lu.export.name), self.pr_nexus(lu), cmd.cdb, params, ports)
+        if lu.reserve_out is not None:
+            try:
+                out = await lu.reserve_out(self.pr_nexus(lu), cmd.cdb, params)
+            except BlockError as e:
+                self.check(cmd, sense_for(e, True))
+                return
+        else:
+            ports = frozenset(g.relative_port for g in lu.unit.alua()) or frozenset({1})
+            out = pr.reserve_out(reg.get(lu.export.name), self.pr_nexus(lu), cmd.cdb, params, ports, reg.persist)
         if out.conflict:
             self.emit([self.conn.response(cmd, scsi.RESERVATION_CONFLICT)])
             return
         if out.sense is not None:
             self.check(cmd, out.sense)
             return
-        reg.states[lu.export.name] = out.state
-        for who, sense in out.attentions:
-            self.target.pr_attention(lu.export, who, sense)
+        if lu.reserve_out is None:
+            reg.states[lu.export.name] = out.state
+            for who, sense in out.attentions:
+                self.target.pr_attention(lu.export, who, sense)
         self.emit([self.conn.response(cmd, scsi.GOOD)])
 
     def answer(self, cmd: pdu.ScsiCommand, outcome: scsi.Check | scsi.Done) -> None:

@@ -12,6 +12,7 @@ import uuid
 import trio
 
 from ..config import NodeConfig
+from ..iscsi import pr
 from ..nbd.export import ALUA_ACTIVE_OPTIMIZED, AluaState, BlockError, ClientIdentity
 from ..repl.link import Link
 from ..repl.proto import Frame, Status
@@ -161,6 +162,12 @@ class Node:
         # number of the peer's latest, so an older snapshot changes nothing (peer.peer_roles).
         self.roles_seq = 0
         self.peer_roles_seq = 0
+        # iSCSI: COMPARE AND WRITE and PERSISTENT RESERVE OUT each take one lock per volume
+        # here (node.iscsi); the reservations are this array's copy, kept in state.json.
+        self.caw_locks: dict[str, trio.Lock] = {}
+        self.pr_locks: dict[str, trio.Lock] = {}
+        self.reservations = pr.Registry({v: pr.state_from_json(d) for v, d in self.state.reservations.items()},
+                                        persist=True)
         self._nursery: trio.Nursery | None = None
         self._save_pending = False
         self.fatal = ""  # set when this node's metadata can no longer be written: it stops

@@ -23,6 +23,7 @@ from ..repl.link import LinkDown, LinkTimeout
 from ..repl.proto import Frame, Status
 from .datapath import DataPath
 from .intent import IntentLog
+from .iscsi import reservation_states
 from .roles import (
     MIRRORING,
     AdoptGeneration,
@@ -575,7 +576,8 @@ class Group:
         gen = self.st.gen
         try:
             await self.node.control({"op": "adopt_gen", "group": self.name, "gen": gen,
-                                     "gen_history": self.st.gen_history})
+                                     "gen_history": self.st.gen_history,
+                                     "reservations": reservation_states(self.node, self)})
             if self.st.gen == gen:
                 self.st.gen_shared = True
                 self.node.save_soon()

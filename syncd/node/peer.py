@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ..iscsi import pr
 from ..nbd.export import BlockError
 from ..repl.proto import Frame, MsgType, Status
 from .datapath import TRIM, WRITE, ZEROES
 from .errors import NodeError
+from .iscsi import adopt_reservations, peer_reservations, reservation_states, reserve_out_here
 from .roles import (
     GrantLease,
     LeaseRequested,
@@ -132,6 +134,8 @@ def group_summary(g: "Group") -> dict[str, Any]:
             {"vol_id": m.vol_id, "local": m.st.local, "remote": m.st.remote, "wwn": m.st.wwn, "size": m.st.size}
             for m in g.members.values()
         ],
+        # SCSI persistent reservations, keyed by the peer's volume names: the primary's are the LU's.
+        "reservations": reservation_states(g.node, g),
     }
 
 
@@ -214,6 +218,7 @@ def sync_groups(node: "Node", body: dict[str, Any]) -> dict[str, Any]:
         if g.st.policies != theirs:
             g.st.policies = theirs
             g.policies_changed()
+        adopt_reservations(node, g, s.get("reservations"))
         mine = {m.vol_id for m in g.members.values()}
         theirs = {m["vol_id"] for m in s["members"]}
         if mine != theirs:
@@ -302,6 +307,7 @@ async def handle_peer_control(node: "Node", body: dict[str, Any]) -> dict[str, A
             g.st.gen_shared = True
             for m in g.members.values():
                 m.suspect_regions.clear()  # compared and resynced: nothing left to report
+            adopt_reservations(node, g, body.get("reservations"))
             node.save()
         return None
     if op == "split_brain_resolved":
@@ -342,6 +348,18 @@ async def handle_peer_control(node: "Node", body: dict[str, Any]) -> dict[str, A
         except BlockError as e:
             raise NodeError(str(e)) from None
         return {"miscompare": bad}
+    if op == "pr_out":
+        # An iSCSI host's PERSISTENT RESERVE OUT at the peer, run here, at the primary.
+        try:
+            nexus = pr.nexus_from_json(body.get("nexus"))
+            out = await reserve_out_here(node, str(body["volume"]), nexus, bytes.fromhex(body["cdb"]),
+                                         bytes.fromhex(body["params"]))
+        except (BlockError, pr.BadState, ValueError, TypeError) as e:
+            raise NodeError(str(e)) from None
+        return {"conflict": out.conflict, "sense": None if out.sense is None else pr.sense_to_json(out.sense)}
+    if op == "pr_state":
+        peer_reservations(node, body)
+        return None
     if op == "lu_reset":
         # A host reset an iSCSI LU at the peer: our sessions of the same LU get the unit attention.
         if getattr(node, "iscsi", None) is not None:

@@ -15,6 +15,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 
 from ..files import atomic_write, lock_dir, reserve_fds
+from ..iscsi import pr
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,9 @@ class NodeState:
     vluns: list[VlunState] = field(default_factory=list)
     witness: dict | None = None  # set by setrcopytarget witness (overrides [witness] in the config)
     version: int = FORMAT_VERSION
+    # SCSI persistent reservations per volume (local name; syncd.iscsi.pr.state_to_json): a
+    # replicated volume's are the group primary's, copied here before a change is acknowledged.
+    reservations: dict[str, dict] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -128,7 +132,8 @@ class NodeState:
         vluns = [VlunState(**v) for v in d.get("vluns", [])]
         hostsets = {n: list(v) for n, v in d.get("hostsets", {}).items()}
         return cls(node=d["node"], node_uuid=d["node_uuid"], groups=groups, hosts=hosts,
-                   hostsets=hostsets, vluns=vluns, witness=d.get("witness"), version=d["version"])
+                   hostsets=hostsets, vluns=vluns, witness=d.get("witness"), version=d["version"],
+                   reservations=dict(d.get("reservations", {})))
 
 
 class StateStore:
@@ -178,6 +183,11 @@ def read_state(path: str, node: str) -> NodeState:
         raise StateError(f"{path} is not valid syncd metadata ({e}); refusing to start.") from None
     if st.node != node:
         raise StateError(f"{path} belongs to node {st.node!r}, but this config names node {node!r}")
+    for vol, r in st.reservations.items():
+        try:
+            pr.state_from_json(r)
+        except pr.BadState as e:
+            raise StateError(f"{path}: reservations of volume {vol}: {e}; refusing to start.") from None
     for g in st.groups.values():
         off = [p for p in FIXED_POLICIES if g.policies.get(p) is False]
         if off:

@@ -46,10 +46,10 @@ def url(lab, site):
     return lab["nodes"][site]["volumes"]["vv1"]["iscsi"]
 
 
-def session(lab, site):
+def session(lab, site, name="iqn.2026-12.org.syncd:test-initiator"):
     i = lab["nodes"][site]["iscsi"]
     host, port = i["portal"].rsplit(":", 1)
-    return Initiator(host, int(port), i["target"])
+    return Initiator(host, int(port), i["target"], name=name)
 
 
 def test_both_arrays_present_one_lu_to_real_initiators(ilab):
@@ -235,3 +235,62 @@ def test_compare_and_write_at_either_array_is_one_atomic_operation_at_the_primar
     a.close()
     b.close()
     assert_replicas_identical(ilab, "vv1")
+
+
+REGISTER, RESERVE, RELEASE, CLEAR, PREEMPT = 0, 1, 2, 3, 4
+WRITE_EXCLUSIVE, EA_REGISTRANTS_ONLY = 1, 6
+CONFLICT = 0x18
+
+
+def test_persistent_reservations_are_one_state_through_both_arrays_failover_and_restart(ilab):
+    """Two cluster nodes, one reaching the LU through each array: registrations and the
+    reservation made through one array hold back the other, survive the primary's failure and
+    a restart, and read back the same through both arrays."""
+    x = session(ilab, "A", "iqn.2026-12.org.syncd:cluster-x")  # A is the primary
+    y = session(ilab, "B", "iqn.2026-12.org.syncd:cluster-y")
+    for s in (x, y):
+        s.tur()
+    assert x.pr_out(REGISTER, 0, 0xA).status == 0
+    assert y.pr_out(REGISTER, 0, 0xB).status == 0  # at B: done at A, copied back before GOOD
+    assert x.keys() == y.keys() == (2, [0xA, 0xB])
+    assert x.pr_out(RESERVE, 0xA, 0, WRITE_EXCLUSIVE).status == 0
+    assert y.reservation() == x.reservation() == (0xA, WRITE_EXCLUSIVE)
+    block = os.urandom(4096)
+    assert y.write(8, block).status == CONFLICT  # held back at the other array too
+    assert y.read(8, 8).status == 0  # write exclusive: reads go on
+    assert x.write(8, block).status == 0
+    # Refusals change nothing, at either array.
+    assert y.pr_out(RESERVE, 0xB, 0, WRITE_EXCLUSIVE).status == CONFLICT
+    assert y.pr_out(REGISTER, 0x77, 0xC).status == CONFLICT  # not its key
+    assert x.keys() == y.keys() == (2, [0xA, 0xB]) and y.reservation() == (0xA, WRITE_EXCLUSIVE)
+    # Fencing: Y preempts X through B; X's session at A hears it at its next command.
+    assert y.pr_out(PREEMPT, 0xB, 0xA, EA_REGISTRANTS_ONLY).status == 0
+    assert x.tur().key_asc == (6, 0x2A, 0x05)  # REGISTRATIONS PREEMPTED
+    assert x.write(8, block).status == CONFLICT
+    assert x.keys() == y.keys() == (3, [0xB]) and x.reservation() == (0xB, EA_REGISTRANTS_ONLY)
+    x.close()
+    # The primary fails: B takes the group over with the same reservations.
+    lab_kill(ilab["dir"], "A")
+    wait_for(lambda: show(ilab, "B")["groups"][0]["role"] == "primary", timeout=30, what="B takes over")
+    for _ in range(20):
+        if y.tur().status == 0:
+            break
+        time.sleep(0.2)
+    assert y.keys() == (3, [0xB]) and y.reservation() == (0xB, EA_REGISTRANTS_ONLY)
+    assert y.write(16, block, fua=True).status == 0
+    assert y.pr_out(REGISTER, 0xB, 0xBB).status == 0  # B alone: its copy changes, A catches up later
+    # A comes back as secondary: it kept its copy through the crash and takes B's newer one.
+    lab_start(ilab["dir"], "A")
+    wait_for(lambda: show(ilab, "A")["groups"][0]["role"] == "secondary", what="A rejoins")
+    wait_for(lambda: all(v["sync_status"] == "synced" for v in show(ilab, "B")["groups"][0]["volumes"]),
+             timeout=60, what="resync")
+    x = session(ilab, "A", "iqn.2026-12.org.syncd:cluster-x")
+    x.tur()
+    assert x.keys() == y.keys() == (4, [0xBB]) and x.reservation() == y.reservation() == (0xBB, EA_REGISTRANTS_ONLY)
+    assert x.write(8, block).status == CONFLICT
+    assert y.pr_out(CLEAR, 0xBB).status == 0
+    assert x.keys()[1] == [] and x.reservation() is None
+    wait_for(lambda: x.alua_state() == AO, what="A serves again")  # after its resync, with a lease
+    assert x.write(8, block).status == 0
+    x.close()
+    y.close()

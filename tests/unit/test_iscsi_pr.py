@@ -3,9 +3,12 @@ drives, what PERSISTENT RESERVE IN reports, and which commands a reservation hol
 
 from __future__ import annotations
 
+import json
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hs
 
 from syncd.iscsi import pr
 
@@ -114,3 +117,65 @@ def test_reserve_in_reports():
     assert first[24:24 + tid_len].startswith(bytes([0x45, 0])) and b"iqn.2026-12.org.syncd:h1,i,0x400001370000" \
         in first[24:24 + tid_len]
     assert isinstance(pr.reserve_in(st, bytes([0x5E, 0x09]) + bytes(8)), pr.Sense)
+
+
+# -- the state as JSON (state.json, and the copy sent to the other array) ---------------------------
+
+NEXUSES = [H1, H1B, H2]
+ACTIONS = hs.tuples(hs.sampled_from(NEXUSES),
+                    hs.sampled_from([pr.REGISTER, pr.REGISTER_AND_IGNORE, pr.RESERVE, pr.RELEASE, pr.CLEAR,
+                                     pr.PREEMPT, pr.PREEMPT_AND_ABORT]),
+                    hs.sampled_from([0, 0xA, 0xB]), hs.sampled_from([0, 0xA, 0xB]),
+                    hs.sampled_from(sorted(pr.TYPES)), hs.sampled_from([0, 0x01, 0x04]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(hs.lists(ACTIONS, max_size=12))
+def test_every_reachable_state_survives_json(actions):
+    """Whatever state PERSISTENT RESERVE OUT reaches, it reads back equal from its JSON (and the
+    loaded copy reports the same through PERSISTENT RESERVE IN)."""
+    st = pr.PrState()
+    for n, sa, key, sa_key, rtype, flags in actions:
+        cdb = bytes([0x5F, sa, rtype, 0, 0, 0, 0, 0, 24, 0])
+        st = pr.reserve_out(st, n, cdb, struct.pack(">QQIBxH", key, sa_key, 0, flags, 0), PORTS, persist=True).state
+        back = pr.state_from_json(json.loads(json.dumps(pr.state_to_json(st))))
+        assert back == st
+        for sa_in in range(4):
+            assert pr.reserve_in(back, bytes([0x5E, sa_in]), True) == pr.reserve_in(st, bytes([0x5E, sa_in]), True)
+
+
+GOOD = pr.state_to_json(registered((H1, 0xA), (H2, 0xB)))
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda d: d.update(generation=-1), "generation"),
+    (lambda d: d.update(generation=True), "generation"),
+    (lambda d: d.update(keys="x"), "keys"),
+    (lambda d: d["keys"].append(list(d["keys"][0])), "registered twice"),
+    (lambda d: d["keys"][0].__setitem__(3, 0), "reservation key"),
+    (lambda d: d["keys"][0].__setitem__(3, 1 << 64), "reservation key"),
+    (lambda d: d["keys"][0].__setitem__(1, "zz"), "not hex"),
+    (lambda d: d["keys"][0].__setitem__(1, "4000"), "not an I_T nexus"),
+    (lambda d: d["keys"][0].__setitem__(0, ""), "not an I_T nexus"),
+    (lambda d: d["keys"][0].__setitem__(2, 70000), "not an I_T nexus"),
+    (lambda d: d.update(type=2), "reservation type"),
+    (lambda d: d.update(type=pr.WRITE_EXCLUSIVE), "registered holder"),
+    (lambda d: d.update(type=pr.WRITE_EXCLUSIVE, holder=["iqn.x", "400001370000", 1]), "registered holder"),
+    (lambda d: d.update(holder=d["keys"][0][:3]), "without a reservation"),
+    (lambda d: d.update(aptpl=1), "aptpl"),
+    (lambda d: d.clear(), "generation"),
+])
+def test_a_bad_state_is_refused_with_a_reason(change, problem):
+    d = json.loads(json.dumps(GOOD))
+    change(d)
+    with pytest.raises(pr.BadState, match=problem):
+        pr.state_from_json(d)
+    assert pr.state_from_json(json.loads(json.dumps(GOOD))) == registered((H1, 0xA), (H2, 0xB))
+
+
+def test_attentions_and_sense_travel_as_json():
+    att = ((H1, pr.RESERVATIONS_PREEMPTED), (H2, pr.INVALID_RELEASE))
+    assert pr.attentions_from_json(json.loads(json.dumps(pr.attentions_to_json(att)))) == att
+    for bad in ([[["iqn.x", "400001370000", 1], [1, 2]]], [[["iqn.x", "400001370000", 1], [1, 2, 300, 0, 0, 0]]], "x"):
+        with pytest.raises(pr.BadState):
+            pr.attentions_from_json(bad)

@@ -51,3 +51,22 @@ def test_metadata_with_a_fixed_policy_off_loads_with_it_on(tmp_path):
     loaded = s.load().groups["rcg1"].policies
     assert loaded["auto_failover"] is True and loaded["path_management"] is True
     assert loaded["auto_recover"] is False
+
+
+def test_reservations_round_trip_and_a_bad_one_refuses_the_start_by_name(tmp_path):
+    from syncd.iscsi import pr
+
+    s = StateStore(str(tmp_path), "A")
+    st = s.load()
+    held = pr.PrState(3, ((pr.Nexus("iqn.2026-12.org.syncd:h1", bytes(6), 1), 0xAB),),
+                      pr.Nexus("iqn.2026-12.org.syncd:h1", bytes(6), 1), pr.WRITE_EXCLUSIVE)
+    st.reservations["vv1"] = pr.state_to_json(held)
+    s.save(st)
+    assert pr.state_from_json(s.load().reservations["vv1"]) == held
+    d = json.loads((tmp_path / "state.json").read_text())
+    d["reservations"]["vv1"]["type"] = 2
+    (tmp_path / "state.json").write_text(json.dumps(d))
+    before = (tmp_path / "state.json").read_bytes()
+    with pytest.raises(StateError, match="reservations of volume vv1: type: 2 is not a reservation type"):
+        s.load()
+    assert (tmp_path / "state.json").read_bytes() == before
