@@ -15,6 +15,7 @@ STRICT = [
     "syncd/witness/proto.py",
     "syncd/secure.py",
     "syncd/witness/decide.py",
+    "syncd/witness/etcd.py",
     "syncd/node/roles.py",
     "syncd/repl/flow.py",
     "syncd/lab/history.py",

@@ -1,0 +1,197 @@
+"""A three-member etcd cluster on loopback for the lab (Debian ``etcd-server``), and its faults.
+
+Each member is a real ``etcd`` process with its own data directory, client and peer ports and
+log under ``DIR/etcd/``; the cluster's description is kept in ``DIR/etcd/cluster.json`` so the
+lab's fault commands (``member N``, ``leader``, ``quorum``) find the processes again. Timings are
+etcd's defaults scaled down for a loopback lab (heartbeat 50 ms, election 500 ms) so a leader
+change takes well under the witness's grace period.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .rig import LabError, free_port
+
+HEARTBEAT_MS = 50
+ELECTION_MS = 500
+
+
+def etcd_binary() -> str:
+    path = shutil.which("etcd")
+    if path is None:
+        raise LabError("etcd is not installed (Debian package etcd-server; ./scripts/setup installs it)")
+    return path
+
+
+def _member_args(d: Path, m: dict, cluster: str, state: str) -> list[str]:
+    return [etcd_binary(), "--name", m["name"], "--data-dir", str(d / m["name"]),
+            "--listen-client-urls", m["client"], "--advertise-client-urls", m["client"],
+            "--listen-peer-urls", m["peer"], "--initial-advertise-peer-urls", m["peer"],
+            "--initial-cluster", cluster, "--initial-cluster-token", "syncd-lab",
+            "--initial-cluster-state", state, "--heartbeat-interval", str(HEARTBEAT_MS),
+            "--election-timeout", str(ELECTION_MS), "--logger", "zap", "--log-outputs", "stderr"]
+
+
+def _spawn(d: Path, m: dict, cluster: str, state: str) -> int:
+    with open(d / f"{m['name']}.log", "ab") as log:
+        p = subprocess.Popen(_member_args(d, m, cluster, state), stdout=log, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(d))
+    return p.pid
+
+
+def _cluster_arg(members: list[dict]) -> str:
+    return ",".join(f"{m['name']}={m['peer']}" for m in members)
+
+
+def _save(d: Path, info: dict) -> None:
+    tmp = d / "cluster.json.tmp"
+    tmp.write_text(json.dumps(info, indent=1))
+    os.replace(tmp, d / "cluster.json")
+
+
+def load(lab_dir: str) -> dict:
+    try:
+        return dict(json.loads((Path(lab_dir) / "etcd" / "cluster.json").read_text()))
+    except (OSError, ValueError) as e:
+        raise LabError(f"the lab in {lab_dir} has no etcd cluster ({e})") from None
+
+
+def post(endpoint: str, path: str, body: dict, timeout: float = 1.0) -> dict:
+    """One JSON gateway request (the lab's own checks; the nodes use syncd.witness.etcd)."""
+    req = urllib.request.Request(endpoint + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 (loopback http)
+        return dict(json.loads(r.read()))
+
+
+def member_status(m: dict) -> dict | None:
+    """The member's status (its leader's id, its own id), or None if it does not answer."""
+    try:
+        st = post(m["client"], "/v3/maintenance/status", {}, timeout=0.5)
+    except (OSError, ValueError, urllib.error.URLError):
+        return None
+    return {"id": int(st["header"]["member_id"]), "leader": int(st.get("leader", 0))}
+
+
+def healthy(info: dict, timeout: float = 1.0) -> bool:
+    """A linearizable read succeeds at some member (the cluster has a quorum and a leader)."""
+    for m in info["members"]:
+        if not alive(m):
+            continue
+        try:
+            post(m["client"], "/v3/kv/range", {"key": "AA=="}, timeout=timeout)
+            return True
+        except (OSError, ValueError, urllib.error.URLError):
+            continue
+    return False
+
+
+def alive(m: dict) -> bool:
+    try:
+        os.kill(m["pid"], 0)
+    except (ProcessLookupError, KeyError, TypeError):
+        return False
+    return True
+
+
+def start_cluster(lab_dir: str, n: int = 3, timeout: float = 20.0) -> dict:
+    """Start an ``n``-member cluster under LAB_DIR/etcd; returns its description (members:
+    name, client and peer URLs, pid) once it serves linearizable reads."""
+    d = Path(lab_dir) / "etcd"
+    d.mkdir(parents=True, exist_ok=True)
+    members = [{"name": f"etcd{i + 1}", "client": f"http://127.0.0.1:{free_port()}",
+                "peer": f"http://127.0.0.1:{free_port()}"} for i in range(n)]
+    cluster = _cluster_arg(members)
+    for m in members:
+        m["pid"] = _spawn(d, m, cluster, "new")
+    info = {"members": members, "endpoints": [m["client"] for m in members]}
+    _save(d, info)
+    deadline = time.monotonic() + timeout
+    while not healthy(info):
+        if time.monotonic() > deadline:
+            stop_cluster(lab_dir)
+            tail = "".join((d / f"{m['name']}.log").read_text(errors="replace")[-1500:] for m in members[:1])
+            raise LabError(f"etcd cluster did not come up within {timeout:.0f}s:\n{tail}")
+        time.sleep(0.1)
+    return info
+
+
+def stop_cluster(lab_dir: str) -> None:
+    info = load(lab_dir)
+    for m in info["members"]:
+        kill_member(m)
+
+
+def kill_member(m: dict, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.kill(m["pid"], sig)
+    except (ProcessLookupError, KeyError, TypeError):
+        return
+    deadline = time.monotonic() + 5
+    while alive(m) and time.monotonic() < deadline:
+        try:
+            if os.waitpid(m["pid"], os.WNOHANG)[0]:
+                break
+        except ChildProcessError:
+            pass
+        time.sleep(0.02)
+
+
+def member(info: dict, which: int) -> dict:
+    """Member ``which`` (1-based), or a LabError naming the valid ones."""
+    if not 1 <= which <= len(info["members"]):
+        raise LabError(f"etcd member {which}: the lab's cluster has members 1 to {len(info['members'])}")
+    return dict(info["members"][which - 1])
+
+
+def leader(info: dict) -> int:
+    """The 1-based number of the member that is leader now (asked of the members)."""
+    ids: dict[int, int] = {}
+    lead = 0
+    for i, m in enumerate(info["members"], 1):
+        st = member_status(m) if alive(m) else None
+        if st is not None:
+            ids[st["id"]] = i
+            lead = lead or st["leader"]
+    if lead not in ids:
+        raise LabError("the etcd cluster has no leader now")
+    return ids[lead]
+
+
+def fail_member(lab_dir: str, which: int) -> dict:
+    info = load(lab_dir)
+    m = member(info, which)
+    kill_member(m)
+    return m
+
+
+def restart_member(lab_dir: str, which: int) -> dict:
+    """Start member ``which`` again on its data directory (it rejoins the cluster)."""
+    info = load(lab_dir)
+    m = member(info, which)
+    if alive(m):
+        return m
+    d = Path(lab_dir) / "etcd"
+    m["pid"] = _spawn(d, m, _cluster_arg(info["members"]), "existing")
+    info["members"][which - 1] = m
+    _save(d, info)
+    return m
+
+
+def fail_quorum(lab_dir: str) -> list[int]:
+    """Kill all members but one: the survivor answers no linearizable request."""
+    info = load(lab_dir)
+    killed = []
+    for i, m in enumerate(info["members"][1:], 2):
+        if alive(m):
+            kill_member(m)
+            killed.append(i)
+    return killed

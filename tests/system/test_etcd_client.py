@@ -1,0 +1,201 @@
+"""syncd's etcd v3 client (``syncd.witness.etcd``) against a real three-member etcd cluster on
+loopback (Debian ``etcd-server``, started by ``syncd.lab.etcd``): compare-and-set transactions,
+leases that expire, reconnection across endpoints when members die or the leader changes, "no
+quorum within the deadline" reported as unreachable, and endpoints that answer garbage or
+nothing."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from syncd.lab import etcd as lab_etcd
+from syncd.witness.etcd import (
+    EtcdClient,
+    EtcdConfig,
+    EtcdUnreachable,
+    cmp_mod,
+    get,
+    prefix_end,
+    put,
+)
+
+from .rig import require_tool
+
+pytestmark = pytest.mark.system
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    require_tool("etcd")
+    info = lab_etcd.start_cluster(str(tmp_path))
+    yield str(tmp_path), info
+    lab_etcd.stop_cluster(str(tmp_path))
+
+
+def client(info, **kw) -> EtcdClient:
+    return EtcdClient(EtcdConfig(tuple(info["endpoints"]), **kw))
+
+
+async def test_compare_and_set_lets_one_writer_of_a_revision_win(cluster):
+    _, info = cluster
+    c = client(info)
+    try:
+        key = b"/syncd/test/rcg1/record"
+        first = await c.txn([cmp_mod(key, 0)], [put(key, b"v1")], [get(key)])
+        assert first.succeeded
+        again = await c.txn([cmp_mod(key, 0)], [put(key, b"other")], [get(key)])
+        assert not again.succeeded and again.ranges[0][0].value == b"v1"  # exists: the loser sees it
+        rev = again.ranges[0][0].mod_revision
+        # Two writers read revision ``rev``; exactly one replaces it.
+        results = await _both(c, [c.txn([cmp_mod(key, rev)], [put(key, v)]) for v in (b"A", b"B")])
+        assert sorted(r.succeeded for r in results) == [False, True]
+        [kv], _ = await c.range(key)
+        assert kv.value in (b"A", b"B") and kv.mod_revision > rev
+        await c.txn([cmp_mod(b"/syncd/test/rcg2/record", 0)], [put(b"/syncd/test/rcg2/record", b"x")])
+        kvs, _ = await c.range(b"/syncd/test/", prefix_end(b"/syncd/test/"))
+        assert [k.key for k in kvs] == [b"/syncd/test/rcg1/record", b"/syncd/test/rcg2/record"]
+    finally:
+        await c.aclose()
+
+
+async def _both(c, coros):
+    out = []
+
+    async def run(co):
+        out.append(await co)
+
+    async with trio.open_nursery() as n:
+        for co in coros:
+            n.start_soon(run, co)
+    return out
+
+
+async def test_a_key_on_a_lease_goes_when_the_lease_is_not_kept_alive(cluster):
+    _, info = cluster
+    c = client(info)
+    try:
+        lease = await c.lease_grant(2)
+        key = b"/syncd/test/alive/A"
+        assert (await c.txn([], [put(key, b"1", lease)])).succeeded
+        for _ in range(3):  # kept alive past its TTL
+            await trio.sleep(1.0)
+            assert await c.lease_keepalive(lease) > 0
+        assert len((await c.range(key))[0]) == 1
+        with trio.fail_after(6):  # etcd's clock, not ours: watched from outside
+            while True:
+                if not (await c.range(key))[0]:
+                    break
+                await trio.sleep(0.2)
+        assert await c.lease_keepalive(lease) == 0  # expired: etcd says so
+    finally:
+        await c.aclose()
+
+
+async def test_members_dying_and_the_leader_changing_are_ridden_through(cluster):
+    d, info = cluster
+    c = client(info, timeout=3.0)
+    try:
+        await c.txn([], [put(b"k", b"0")])
+        assert c.last_endpoint == info["endpoints"][0]
+        lab_etcd.fail_member(d, 1)  # the member the client uses
+        await c.txn([], [put(b"k", b"1")])
+        assert c.last_endpoint != info["endpoints"][0]
+        lab_etcd.restart_member(d, 1)
+        with trio.fail_after(20):  # a process coming back: watched from outside
+            while True:
+                if lab_etcd.member_status(info["members"][0]) is not None:
+                    break
+                await trio.sleep(0.1)
+        lead = lab_etcd.leader(info)
+        lab_etcd.fail_member(d, lead)
+        for i in range(5):  # through the election
+            await c.txn([], [put(b"k", str(i).encode())])
+        [kv], _ = await c.range(b"k")
+        assert kv.value == b"4"
+        assert lab_etcd.leader(lab_etcd.load(d)) != lead
+    finally:
+        await c.aclose()
+
+
+async def test_without_a_quorum_a_request_is_unreachable_within_its_deadline(cluster):
+    d, info = cluster
+    c = client(info, timeout=1.0)
+    try:
+        await c.txn([], [put(b"k", b"before")])
+        assert lab_etcd.fail_quorum(d) == [2, 3]
+        t0 = trio.current_time()
+        with pytest.raises(EtcdUnreachable):
+            await c.range(b"k")
+        assert trio.current_time() - t0 < 1.5
+        with pytest.raises(EtcdUnreachable):
+            await c.txn([], [put(b"k", b"during")])
+        for i in (2, 3):
+            lab_etcd.restart_member(d, i)
+        with trio.fail_after(20):
+            while True:
+                try:
+                    [kv], _ = await c.range(b"k")
+                    break
+                except EtcdUnreachable:
+                    await trio.sleep(0.2)
+        assert kv.value == b"before"  # the refused write did not happen
+    finally:
+        await c.aclose()
+
+
+async def _serve(handler, task_status=trio.TASK_STATUS_IGNORED):
+    async def guarded(stream):
+        try:
+            await handler(stream)
+        except trio.BrokenResourceError:
+            pass  # the client gave up on it: as it should
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(guarded, listeners)
+
+
+async def _garbage(stream):
+    await stream.receive_some(65536)
+    await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nnot json!")
+
+
+async def _endless(stream):
+    await stream.receive_some(65536)
+    await stream.send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    chunk = b"%x\r\n%s\r\n" % (1 << 16, b"x" * (1 << 16))
+    while True:
+        await stream.send_all(chunk)
+
+
+async def _silent(stream):
+    await trio.sleep_forever()
+
+
+@pytest.mark.parametrize("bad", [_garbage, _endless, _silent])
+async def test_an_endpoint_that_answers_garbage_or_nothing_is_passed_over(cluster, bad):
+    _, info = cluster
+    async with trio.open_nursery() as n:
+        port = await n.start(_serve, bad)
+        c = EtcdClient(EtcdConfig((f"http://127.0.0.1:{port}", *info["endpoints"]), timeout=2.0))
+        try:
+            assert (await c.txn([], [put(b"k", b"v")])).succeeded
+            assert c.last_endpoint == info["endpoints"][0]
+            alone = EtcdClient(EtcdConfig((f"http://127.0.0.1:{port}",), timeout=0.5))
+            with pytest.raises(EtcdUnreachable, match=f"127.0.0.1:{port}"):
+                await alone.range(b"k")
+            await alone.aclose()
+        finally:
+            await c.aclose()
+        n.cancel_scope.cancel()
+
+
+def test_bad_client_settings_are_refused_by_name():
+    for kw, problem in [({"endpoints": ()}, "at least one endpoint"),
+                        ({"endpoints": ("127.0.0.1:2379",)}, "expected http"),
+                        ({"endpoints": ("http://127.0.0.1",)}, "expected http"),
+                        ({"endpoints": ("http://h:1",), "cert": "c.pem"}, "needs its key"),
+                        ({"endpoints": ("http://h:1",), "user": "root"}, "needs a password")]:
+        with pytest.raises(ValueError, match=problem):
+            EtcdConfig(**kw)
