@@ -4,7 +4,7 @@ lab, quorum witness); the victims are restarted and the group must come back in 
 with no acknowledged write missing, identical replicas, no false split brain, and a resync that
 copies and compares what was written while degraded or in flight, not the volume.
 
-SYNCD_CRASH_ROUNDS sets the number of rounds (default 5: each kind once, then random ones),
+SYNCD_CRASH_ROUNDS sets the number of rounds (default 4: each kind once; more rounds add random ones),
 SYNCD_CRASH_SEED the random victims' order.
 """
 
@@ -82,7 +82,7 @@ def assert_hosts_writes_on_both_replicas(lab, hist: dict, what: str = "") -> Non
 
 
 def test_kill_9_campaign_loses_nothing_and_resyncs_only_what_changed(tmp_path):
-    rounds = int(os.environ.get("SYNCD_CRASH_ROUNDS", "5"))
+    rounds = int(os.environ.get("SYNCD_CRASH_ROUNDS", "4"))
     rng = random.Random(int(os.environ.get("SYNCD_CRASH_SEED", "7")))
     d = str(tmp_path / "lab")
     lab = uniform_lab(d)

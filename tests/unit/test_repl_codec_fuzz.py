@@ -50,7 +50,7 @@ def test_truncated_streams_never_yield_partial_frames(cut):
     assert n <= len(VECTORS)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(sizes=st.lists(st.sampled_from([0, 1, 4096, 65536, 1 << 20]), min_size=1, max_size=5),
        cuts=st.lists(st.integers(min_value=1, max_value=300_000), min_size=1, max_size=30))
 def test_payloads_of_any_size_survive_any_chunking(sizes, cuts):

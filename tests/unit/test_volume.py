@@ -1,6 +1,8 @@
 """Local volume I/O: files and O_DIRECT, size checks, exclusive use."""
 
 
+import os
+
 import pytest
 
 from syncd.node.volume import Volume, VolumeError
@@ -47,5 +49,31 @@ def test_digests_cover_each_region(tmp_path):
         v.write_sync(300000, b"x")
         ds = v.digests_sync(0, 1 << 20, 262144)
         assert len(ds) == 4 and ds[0] == ds[2] == ds[3] != ds[1]
+    finally:
+        v.close()
+
+
+def test_digests_of_holes_equal_digests_of_the_zeroes_they_read_as(tmp_path):
+    """Regions SEEK_DATA finds no data in are not read; their digests are those of the zeroes
+    read() returns, whatever the mix of holes, written zeroes, data and a short last region."""
+    import xxhash
+
+    size = 5 * 65536 + 4096
+    v = Volume("vv1", str(tmp_path / "v.img"), size=size)
+    try:
+        v.write_sync(65536 + 10, b"data")  # region 1: data
+        v.write_sync(3 * 65536, bytes(65536))  # region 3: written zeroes (allocated)
+        v.write_sync(5 * 65536, b"end")  # the short last region
+        want = [xxhash.xxh3_64_intdigest(os.pread(v.fd, min(65536, size - o), o)) for o in range(0, size, 65536)]
+        assert v.digests_sync(0, size, 65536) == want
+        assert v.digests_sync(65536 * 2, size - 65536 * 2, 65536) == want[2:]
+        reads = []
+        real = os.pread
+        try:
+            os.pread = lambda fd, n, off: reads.append(off) or real(fd, n, off)
+            v.digests_sync(0, size, 65536)
+        finally:
+            os.pread = real
+        assert 0 not in reads and 2 * 65536 not in reads and 4 * 65536 not in reads  # holes: not read
     finally:
         v.close()
