@@ -61,6 +61,11 @@ def test_both_arrays_present_one_lu_to_real_initiators(ilab):
     assert "found matching LU device identifier for all (2) paths" in raw
     assert {r.name: r.outcome for r in results} == {
         f"SCSI.MultipathIO.{n}": "passed" for n in ("Simple", "Reset", "CompareAndWrite", "CompareAndWriteAsync")}, raw
+    # libiscsi's persistent reservation tests (PERSISTENT RESERVE IN and OUT, 20), the LU reached
+    # through both arrays: the state is decided at the primary and copied to the secondary.
+    for first, second in (("A", "B"), ("B", "A")):
+        results, raw = iscsi_compliance.run(url(ilab, first), "SCSI.Pr[io]*", url(ilab, second))
+        assert len(results) == 20 and all(r.outcome == "passed" for r in results), raw
     out = run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 2M", "-c", "write -P 0xa5 4M 64k", url(ilab, "A")).stdout
     assert out.count("wrote") == 2, out
     out = run("qemu-io", "-f", "raw", "-c", "read -P 0x5a 0 2M", "-c", "read -P 0xa5 4M 64k", url(ilab, "B")).stdout
