@@ -199,3 +199,45 @@ def test_bad_client_settings_are_refused_by_name():
                         ({"endpoints": ("http://h:1",), "user": "root"}, "needs a password")]:
         with pytest.raises(ValueError, match=problem):
             EtcdConfig(**kw)
+
+
+async def test_the_witness_decisions_on_a_real_cluster_with_its_leader_killed_during_a_claim(cluster):
+    """The etcd backend's decisions against real etcd (the decision suite runs them on a model in
+    virtual time: tests/unit/test_witness_backends.py): a claim waits for the owner's lease to
+    expire in etcd; the etcd leader killed while the owner's KEEP and its peer's CLAIM race:
+    exactly one wins and the record says who; without quorum, decisions are unreachable."""
+    from syncd.witness.decide import Timing, may_grant_later
+    from syncd.witness.etcd_backend import EtcdWitness, Record
+
+    d, info = cluster
+    t = Timing(owner_lease=3.0, drift=0.05, margin=0.5, grace=4.5)
+    ca, cb = client(info, timeout=3.0), client(info, timeout=3.0)
+    try:
+        wa, wb = EtcdWitness(ca, b"/syncd/pair1", "A", t), EtcdWitness(cb, b"/syncd/pair1", "B", t)
+        await wa.register("rcg1", ("A", "B"), "A", 1)
+        assert (await wa.report("rcg1", 1, peer_alive=True, peer_in_sync=True)).granted
+        assert (await wb.report("rcg1", 1, peer_alive=False, peer_in_sync=False)).granted
+        early = await wb.claim("rcg1", 1)
+        assert not early.granted and may_grant_later(early.reason), early
+        for _ in range(10):  # B keeps saying it lost A; A says nothing (its lease runs out)
+            await trio.sleep(0.5)
+            await wb.report("rcg1", 1, peer_alive=False, peer_in_sync=False)
+        out = {}
+
+        async def run(name, co):
+            out[name] = await co
+
+        lab_etcd.fail_member(d, lab_etcd.leader(info))
+        async with trio.open_nursery() as n:
+            n.start_soon(run, "keep", wa.keep("rcg1", 1))
+            n.start_soon(run, "claim", wb.claim("rcg1", 1))
+        assert [out["keep"].granted, out["claim"].granted].count(True) == 1, out
+        [kv], _ = await ca.range(b"/syncd/pair1/groups/rcg1")
+        rec = Record.from_json(kv.value)
+        assert (rec.owner, rec.epoch) == (("A", 1) if out["keep"].granted else ("B", 2))
+        lab_etcd.fail_quorum(d)
+        with pytest.raises(EtcdUnreachable):
+            await wa.report("rcg1", rec.epoch, peer_alive=False, peer_in_sync=False)
+    finally:
+        await ca.aclose()
+        await cb.aclose()

@@ -16,6 +16,7 @@ STRICT = [
     "syncd/secure.py",
     "syncd/witness/decide.py",
     "syncd/witness/etcd.py",
+    "syncd/witness/etcd_backend.py",
     "syncd/node/roles.py",
     "syncd/repl/flow.py",
     "syncd/lab/history.py",

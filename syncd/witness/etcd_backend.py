@@ -1,0 +1,331 @@
+"""The quorum witness kept in etcd: the built-in witness's decisions (``decide.py``) made by the
+arrays themselves, against records in etcd changed only by compare-and-set transactions.
+
+Layout under a per-pair prefix P (bytes):
+
+* ``P/groups/NAME``: the group's record (JSON): members, owner, epoch, whether the owner last
+  said its peer is in sync, whether failover is disabled, the last decision, and per member
+  what the witness needs to remember of its reports (``watch``);
+* ``P/alive/NODE``: a key on NODE's etcd lease. Every request an array makes first keeps its
+  lease alive (or, if it expired, takes a new one). The lease's TTL is the owner's lease with
+  drift and margin (``Timing.owner_gone_after``, rounded up to whole seconds as etcd counts), so
+  "the witness has not heard the owner for longer than that" is "``P/alive/OWNER`` is gone",
+  which etcd decides on its own clock.
+
+The rules, side by side with the built-in witness's:
+
+* a CLAIM is granted only by a transaction that also requires ``P/alive/OWNER`` to be absent, and
+  only if the owner last reported its peer in sync and failover is not disabled;
+* the witness "lost the owner first" when the other member reports that it still reaches the
+  owner while ``P/alive/OWNER`` is gone: failover is disabled (the owner, pre-elected, keeps
+  the group);
+* the other member's first word that it lost the owner is "in time" if the owner's key was
+  still there at that report or at its previous one (made while its own lease lived on): it
+  reports every interval, far within ``grace``. Otherwise (it was cut off from etcd too, and its
+  lease expired meanwhile, so nothing is known of the time between) it is "late", and its claim
+  is refused as the built-in witness refuses a claim more than ``grace`` after it lost the owner;
+* KEEP, HANDOVER and RESOLVE are the built-in rules on the record.
+
+Each decision reads the record and the owner's key, applies the rule (pure functions below),
+and writes the new record only if the record's revision is unchanged; on a lost race it reads
+again. A request that etcd cannot answer within the deadline (no quorum, unreachable) is
+"witness unreachable", as with the built-in witness.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .decide import WAIT_MARK, Decision, Timing, WitnessError
+from .etcd import KeyValue, TxnResult, b64, cmp_mod, get, prefix_end, put
+
+RETRIES = 8  # compare-and-set rounds lost to the other array before giving up (it keeps trying too)
+
+
+class Kv(Protocol):
+    """What the witness needs of etcd (``etcd.EtcdClient``, or a model in tests)."""
+
+    async def range(self, key: bytes, range_end: bytes | None = None) -> tuple[list[KeyValue], int]: ...
+    async def txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]],
+                  failure: list[dict[str, Any]] | None = None) -> TxnResult: ...
+    async def lease_grant(self, ttl: int) -> int: ...
+    async def lease_keepalive(self, lease: int) -> int: ...
+
+
+class BadRecord(ValueError):
+    """A record in etcd that is not one syncd wrote; names the problem."""
+
+
+@dataclass
+class Watch:
+    """What the witness remembers of one member's reports about the owner."""
+
+    saw_owner: bool = False  # the owner's key was there at its last report
+    lost: str = ""  # "", or its first word that it lost the owner came "ok" (in time) or "late"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"saw_owner": self.saw_owner, "lost": self.lost}
+
+
+@dataclass
+class Record:
+    members: tuple[str, str]
+    owner: str
+    epoch: int = 1
+    secondary_in_sync: bool = False
+    failover_disabled: bool = False
+    last_decision: str = "created"
+    watch: dict[str, Watch] = field(default_factory=dict)
+
+    def other(self, node: str) -> str:
+        a, b = self.members
+        return b if node == a else a
+
+    def to_json(self) -> bytes:
+        return json.dumps({"members": list(self.members), "owner": self.owner, "epoch": self.epoch,
+                           "secondary_in_sync": self.secondary_in_sync,
+                           "failover_disabled": self.failover_disabled, "last_decision": self.last_decision,
+                           "watch": {n: w.to_json() for n, w in sorted(self.watch.items())}},
+                          sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Record:
+        try:
+            d = json.loads(raw)
+        except ValueError:
+            raise BadRecord("not JSON") from None
+        if not isinstance(d, dict):
+            raise BadRecord("not a JSON object")
+        members, owner, epoch = d.get("members"), d.get("owner"), d.get("epoch")
+        if not (isinstance(members, list) and len(members) == 2 and all(isinstance(m, str) and m for m in members)
+                and members[0] != members[1]):
+            raise BadRecord(f"members: {members!r:.60} is not two node names")
+        if not isinstance(owner, str) or owner not in members:
+            raise BadRecord(f"owner: {owner!r:.40} is not a member")
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
+            raise BadRecord(f"epoch: {epoch!r:.40} is not a positive integer")
+        flags = [d.get(k, False) for k in ("secondary_in_sync", "failover_disabled")]
+        if not all(isinstance(f, bool) for f in flags):
+            raise BadRecord("secondary_in_sync and failover_disabled must be true or false")
+        watch: dict[str, Watch] = {}
+        raw_watch = d.get("watch", {})
+        if not isinstance(raw_watch, dict):
+            raise BadRecord("watch: not an object")
+        for n, w in raw_watch.items():
+            if n not in members or not isinstance(w, dict) or not isinstance(w.get("saw_owner", False), bool) \
+                    or w.get("lost", "") not in ("", "ok", "late"):
+                raise BadRecord(f"watch of {n!r:.40}: {w!r:.60}")
+            watch[n] = Watch(bool(w.get("saw_owner", False)), str(w.get("lost", "")))
+        return cls((members[0], members[1]), owner, epoch, flags[0], flags[1],
+                   str(d.get("last_decision", ""))[:500], watch)
+
+
+# -- the rules, pure: the record, what etcd says now, the request --------------------------------
+
+@dataclass(frozen=True)
+class Seen:
+    """What the request found in etcd besides the record."""
+
+    owner_alive: bool  # P/alive/OWNER exists: the owner's lease lives
+    fresh: bool  # the requester's own lease had expired: nothing is known of it since its last word
+
+
+def _member(rec: Record, node: str, group: str) -> None:
+    if node not in rec.members:
+        raise WitnessError(f"node {node!r} is not a member of group {group} ({', '.join(rec.members)})")
+
+
+def _note(rec: Record, node: str, seen: Seen, lost: bool) -> None:
+    """The other member's word about the owner (``lost``: it no longer reaches it)."""
+    if node == rec.owner:
+        return
+    w = rec.watch.setdefault(node, Watch())
+    if seen.fresh:
+        w.saw_owner, w.lost = False, ""  # its history is unknown: start again from now
+    if not lost:
+        w.lost = ""
+    elif not w.lost:
+        w.lost = "ok" if (seen.owner_alive or w.saw_owner) else "late"
+    w.saw_owner = seen.owner_alive
+
+
+def rule_report(rec: Record, group: str, node: str, epoch: int, seen: Seen, *,
+                peer_alive: bool, peer_in_sync: bool) -> Decision:
+    _member(rec, node, group)
+    _note(rec, node, seen, lost=not peer_alive)
+    if epoch == rec.epoch and node == rec.owner:
+        rec.secondary_in_sync = peer_in_sync
+        rec.failover_disabled = False
+    elif node != rec.owner and peer_alive and not seen.owner_alive and not rec.failover_disabled:
+        # The other member reaches the owner, etcd does not: the witness lost the owner first.
+        rec.failover_disabled = True
+        rec.last_decision = f"failover disabled: {rec.owner} unreachable from the witness"
+    return Decision(True, rec.owner, rec.epoch, rec.last_decision)
+
+
+def rule_claim(rec: Record, group: str, node: str, epoch: int, seen: Seen, ttl: int) -> Decision:
+    _member(rec, node, group)
+    _note(rec, node, seen, lost=True)
+
+    def deny(reason: str) -> Decision:
+        return Decision(False, rec.owner, rec.epoch, reason)
+
+    if node == rec.owner:
+        return Decision(True, rec.owner, rec.epoch, f"{node} already owns epoch {rec.epoch}")
+    if epoch != rec.epoch:
+        return deny(f"stale epoch {epoch}: the group is at epoch {rec.epoch}, owned by {rec.owner}")
+    if rec.failover_disabled:
+        return deny(f"failover disabled: the witness lost {rec.owner} before {node} did; {rec.owner} keeps the group")
+    if not rec.secondary_in_sync:
+        return deny(f"{node} was not in sync when {rec.owner} last reported")
+    if rec.watch[node].lost == "late":
+        return deny(f"failover disabled: the witness lost {rec.owner} before {node} said it lost {rec.owner} too "
+                    f"({node} was cut off from the witness meanwhile); {rec.owner} keeps the group")
+    if seen.owner_alive:
+        return deny(f"{rec.owner} still holds its witness lease; {WAIT_MARK} up to {ttl}s")
+    old = rec.owner
+    rec.owner = node
+    rec.epoch += 1
+    rec.secondary_in_sync = False
+    rec.watch.clear()
+    rec.last_decision = f"failover: {node} owns epoch {rec.epoch} ({old}'s witness lease expired)"
+    return Decision(True, rec.owner, rec.epoch, rec.last_decision)
+
+
+def rule_keep(rec: Record, group: str, node: str, epoch: int) -> Decision:
+    _member(rec, node, group)
+    if node != rec.owner or epoch != rec.epoch:
+        return Decision(False, rec.owner, rec.epoch, f"group {group} is owned by {rec.owner} at epoch {rec.epoch}: "
+                                                     f"{node} must stop serving (failsafe)")
+    rec.secondary_in_sync = False
+    rec.failover_disabled = False
+    rec.last_decision = f"{node} goes on alone at epoch {rec.epoch}; {rec.other(node)} out of sync"
+    return Decision(True, rec.owner, rec.epoch, rec.last_decision)
+
+
+def rule_handover(rec: Record, group: str, node: str, epoch: int) -> Decision:
+    _member(rec, node, group)
+    if node != rec.owner or epoch != rec.epoch:
+        return Decision(False, rec.owner, rec.epoch, f"group {group} is owned by {rec.owner} at epoch {rec.epoch}: "
+                                                     f"{node} at epoch {epoch} cannot hand it over")
+    if not rec.secondary_in_sync:
+        return Decision(False, rec.owner, rec.epoch,
+                        f"{rec.other(node)} was not in sync at {node}'s last report: no handover")
+    rec.owner = rec.other(node)
+    rec.epoch += 1
+    rec.secondary_in_sync = False
+    rec.failover_disabled = False
+    rec.watch.clear()
+    rec.last_decision = f"handover: {rec.owner} owns epoch {rec.epoch} (given by {node})"
+    return Decision(True, rec.owner, rec.epoch, rec.last_decision)
+
+
+def rule_resolve(rec: Record, group: str, node: str, epoch: int) -> Decision:
+    _member(rec, node, group)
+    if node == rec.owner and epoch == rec.epoch:
+        return Decision(True, rec.owner, rec.epoch, f"{node} already owns epoch {rec.epoch}")
+    if epoch <= rec.epoch:
+        return Decision(False, rec.owner, rec.epoch, f"the witness knows {rec.owner} as owner of epoch {rec.epoch}: "
+                                                     f"{node}'s epoch {epoch} is not newer")
+    old, old_epoch = rec.owner, rec.epoch
+    rec.owner = node
+    rec.epoch = epoch
+    rec.secondary_in_sync = False
+    rec.failover_disabled = False
+    rec.watch.clear()
+    rec.last_decision = (f"resolved: {node} owns epoch {epoch}, set by the operator without the witness "
+                         f"(the witness had {old} at epoch {old_epoch})")
+    return Decision(True, rec.owner, rec.epoch, rec.last_decision)
+
+
+# -- one array's side ------------------------------------------------------------------------------
+
+class EtcdWitness:
+    """The decisions of one array (``node``) for the groups under ``prefix``."""
+
+    def __init__(self, kv: Kv, prefix: bytes, node: str, timing: Timing) -> None:
+        self.kv = kv
+        self.prefix = prefix.rstrip(b"/")
+        self.node = node
+        self.ttl = max(1, math.ceil(timing.owner_gone_after()))
+        self.lease = 0
+        self._fresh = True  # no word from this array is on record under its current lease
+
+    def group_key(self, group: str) -> bytes:
+        return self.prefix + b"/groups/" + group.encode()
+
+    def alive_key(self, node: str) -> bytes:
+        return self.prefix + b"/alive/" + node.encode()
+
+    async def touch(self) -> bool:
+        """Keep this array's lease alive (a new one if it expired): True if the lease is new,
+        so the witness knows nothing of this array since its last word."""
+        if self.lease and await self.kv.lease_keepalive(self.lease) > 0:
+            return False
+        self.lease = await self.kv.lease_grant(self.ttl)
+        await self.kv.txn([], [put(self.alive_key(self.node), b"1", self.lease)])
+        self._fresh = True
+        return True
+
+    async def register(self, group: str, members: tuple[str, str], owner: str, epoch: int) -> None:
+        """Create the group's record if there is none (the creator's view: owner and epoch)."""
+        if self.node not in members or owner not in members:
+            raise WitnessError(f"group {group}: {self.node} and the owner {owner} must be among {members}")
+        key = self.group_key(group)
+        rec = Record(members, owner, epoch)
+        await self.kv.txn([cmp_mod(key, 0)], [put(key, rec.to_json())])
+
+    async def _decide(self, group: str, apply: Any, needs_owner_gone: bool = False) -> Decision:
+        fresh = await self.touch() or self._fresh
+        key = self.group_key(group)
+        for _ in range(RETRIES):
+            # One snapshot: the record and every array's key.
+            alive = self.prefix + b"/alive/"
+            res = await self.kv.txn([], [get(key), get(alive, prefix_end(alive))])
+            if len(res.ranges) != 2 or not res.ranges[0]:
+                raise WitnessError(f"group {group} is not registered with the witness")
+            kv = res.ranges[0][0]
+            try:
+                rec = Record.from_json(kv.value)
+            except BadRecord as e:
+                raise WitnessError(f"group {group}: the record in etcd is not syncd's: {e}") from None
+            seen = Seen(owner_alive=any(x.key == self.alive_key(rec.owner) for x in res.ranges[1]), fresh=fresh)
+            before = rec.to_json()
+            d: Decision = apply(rec, seen)
+            after = rec.to_json()
+            if after == before:
+                self._fresh = False
+                return d
+            compare = [cmp_mod(key, kv.mod_revision)]
+            if needs_owner_gone and d.granted:
+                # The owner's key must still be gone when the record changes hands.
+                compare.append({"key": b64(self.alive_key(owner_of(before))), "target": "CREATE",
+                                "result": "EQUAL", "create_revision": "0"})
+            if (await self.kv.txn(compare, [put(key, after)])).succeeded:
+                self._fresh = False
+                return d
+        raise WitnessError(f"group {group}: the record kept changing under {RETRIES} attempts")
+
+    async def report(self, group: str, epoch: int, *, peer_alive: bool, peer_in_sync: bool) -> Decision:
+        return await self._decide(group, lambda r, s: rule_report(r, group, self.node, epoch, s, peer_alive=peer_alive,
+                                                                  peer_in_sync=peer_in_sync))
+
+    async def claim(self, group: str, epoch: int) -> Decision:
+        return await self._decide(group, lambda r, s: rule_claim(r, group, self.node, epoch, s, self.ttl),
+                                  needs_owner_gone=True)
+
+    async def keep(self, group: str, epoch: int) -> Decision:
+        return await self._decide(group, lambda r, s: rule_keep(r, group, self.node, epoch))
+
+    async def handover(self, group: str, epoch: int) -> Decision:
+        return await self._decide(group, lambda r, s: rule_handover(r, group, self.node, epoch))
+
+    async def resolve(self, group: str, epoch: int) -> Decision:
+        return await self._decide(group, lambda r, s: rule_resolve(r, group, self.node, epoch))
+
+
+def owner_of(raw: bytes) -> str:
+    return Record.from_json(raw).owner
