@@ -154,7 +154,7 @@ def test_scenario_all_writes_the_topology_report_with_plots(tmp_path):
 
     rep = tmp_path / "report"
     out = run(sys.executable, "-m", "syncd", "lab", "scenario", "all", "--only", "secondary-failure,host-disconnect",
-              "--hold", "2", "--dir", str(tmp_path / "labs"), "--report", str(rep), timeout=600).stdout
+              "--hold", "3", "--dir", str(tmp_path / "labs"), "--report", str(rep), timeout=600).stdout
     assert "report:" in out and "secondary-failure" in out
     md = (rep / "report.md").read_text()
     assert "## Choosing a topology" in md and "| secondary-failure |" in md and "| host-disconnect |" in md
