@@ -127,9 +127,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="put every volume on a disk with a volatile write cache (nbdkit cache filter through "
                         "nbdfuse; root), so 'lab fail power [SITE]' loses what was not flushed")
     w = s.add_mutually_exclusive_group()
-    w.add_argument("--witness", dest="witness", action="store_true", default=True,
-                   help="run the quorum witness (site W) for automatic failover (the default)")
-    w.add_argument("--no-witness", dest="witness", action="store_false",
+    w.add_argument("--witness", dest="witness", nargs="?", choices=["builtin", "etcd"], const="builtin",
+                   default="builtin",
+                   help="the quorum witness for automatic failover: the witness process at site W (builtin, the "
+                        "default), or a three-member etcd cluster on loopback (etcd; Debian etcd-server)")
+    w.add_argument("--no-witness", dest="witness", action="store_const", const=None,
                    help="leave the quorum witness out: no automatic failover")
     s.add_argument("--tls", action="store_true",
                    help="TLS on every connection, certificates from a CA made for this lab: NBD requires it, "
@@ -151,9 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("site")
     s.add_argument("--dir", default="lab")
     faults = ["primary", "secondary", "link", "witness", "witness-link", "isolate", "disk", "site", "host", "host-link",
-              "power"]
+              "power", "etcd-member", "etcd-leader", "etcd-quorum"]
     for name, hlp in (("fail", "inject a failure scenario"), ("heal", "undo a failure scenario")):
-        s = lsub.add_parser(name, help=hlp + f": {'|'.join(faults)} [SITE]")
+        s = lsub.add_parser(name, help=hlp + f": {'|'.join(faults)} [SITE] (etcd-member N: a member of the "
+                                             "witness's etcd cluster, lab up --witness etcd)")
         s.add_argument("what", choices=faults)
         s.add_argument("site", nargs="?")
         s.add_argument("--dir", default="lab")
@@ -292,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if ns.labcmd == "up":
+            witness = {"builtin": {}, "etcd": {"backend": "etcd"}, None: None}[ns.witness]
             lab = lab_up(ns.dir, size=ns.size, nvolumes=ns.volumes, npaths=ns.paths, wait=not ns.no_wait,
-                         relay=not ns.no_relay, witness={} if ns.witness else None, loop=ns.loop,
+                         relay=not ns.no_relay, witness=witness, loop=ns.loop,
                          topology=ns.topology, power_cut=ns.power_cut_disks, tls=ns.tls, iscsi=ns.iscsi)
             print_summary(lab)
         elif ns.labcmd == "down":

@@ -855,7 +855,12 @@ def parse_witness_client(wt: dict, where: str, base: Path = Path(".")):
     from .witness.client import WitnessClientConfig
 
     wt = dict(wt)
-    _no_extra(wt, {"address", "name", "interval", "owner_lease", "grace"} | SECURITY_KEYS, where)
+    backend = _take(wt, "backend", where, str, "builtin")
+    if backend == "etcd":
+        return parse_etcd_witness(wt, where, base)
+    if backend != "builtin":
+        raise ConfigError(f"{where}.backend: {backend!r} is not one of builtin, etcd")
+    _no_extra(wt, {"backend", "address", "name", "interval", "owner_lease", "grace"} | SECURITY_KEYS, where)
     sec = parse_security(wt, where, base)
     name = check_name(_take(wt, "name", where, str), f"{where}.name") if "name" in wt else None
     if name is None and sec.mode == "tls":
@@ -873,6 +878,57 @@ def parse_witness_client(wt: dict, where: str, base: Path = Path(".")):
             raise ConfigError(f"{where}.{k}: must be positive, got {getattr(cfg, k)}")
     if cfg.grace <= cfg.interval:
         raise ConfigError(f"{where}.grace: must be longer than {where}.interval")
+    return cfg
+
+
+def parse_etcd_witness(wt: dict, where: str, base: Path = Path(".")):
+    """[witness] backend = "etcd": the witness's decisions kept in an etcd cluster."""
+    from .witness.etcd import EtcdConfig
+    from .witness.etcd_node import EtcdWitnessConfig
+
+    _no_extra(wt, {"backend", "endpoints", "prefix", "tls_ca", "tls_certificate", "tls_key", "user", "password",
+                   "timeout", "interval", "owner_lease", "grace"}, where)
+    endpoints = _take(wt, "endpoints", where, list)
+    if not endpoints or not all(isinstance(e, str) for e in endpoints):
+        raise ConfigError(f"{where}.endpoints: a list of etcd client URLs (http://HOST:PORT or https://HOST:PORT)")
+    prefix = _take(wt, "prefix", where, str)
+    if not prefix.startswith("/") or len(prefix) < 2 or prefix.endswith("/") or "//" in prefix:
+        raise ConfigError(f"{where}.prefix: {prefix!r}: a key prefix such as \"/syncd/pair1\" (one per array pair)")
+    files = {}
+    for k in ("tls_ca", "tls_certificate", "tls_key"):
+        v = _take(wt, k, where, str, None)
+        if v is not None:
+            v = v if os.path.isabs(v) else str(base / v)
+            check_readable(v, f"{where}.{k}")
+        files[k] = v
+    d = EtcdWitnessConfig(EtcdConfig(("http://x:1",)), "/x")
+    try:
+        etcd = EtcdConfig(tuple(endpoints), files["tls_ca"], files["tls_certificate"], files["tls_key"],
+                          _take(wt, "user", where, str, None), _take(wt, "password", where, str, None),
+                          _take(wt, "timeout", where, float, 1.0))
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if any(e.startswith("https") for e in endpoints):
+        import ssl
+
+        try:
+            ctx = ssl.create_default_context(cafile=etcd.ca)
+            if etcd.cert is not None:
+                ctx.load_cert_chain(etcd.cert, etcd.key)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{where}: the TLS files cannot be used together: {e}") from None
+    elif etcd.cert is not None or etcd.ca is not None:
+        raise ConfigError(f"{where}.tls_*: set, but the endpoints are http:// (use https:// for TLS)")
+    cfg = EtcdWitnessConfig(etcd, prefix, _take(wt, "interval", where, float, d.interval),
+                            _take(wt, "owner_lease", where, float, d.owner_lease),
+                            _take(wt, "grace", where, float, d.grace))
+    for k in ("interval", "owner_lease", "grace"):
+        if getattr(cfg, k) <= 0:
+            raise ConfigError(f"{where}.{k}: must be positive, got {getattr(cfg, k)}")
+    if cfg.grace <= cfg.interval:
+        raise ConfigError(f"{where}.grace: must be longer than {where}.interval")
+    if not 0 < etcd.timeout < cfg.owner_lease:
+        raise ConfigError(f"{where}.timeout: must be positive and shorter than {where}.owner_lease")
     return cfg
 
 

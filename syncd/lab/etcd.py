@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .rig import LabError, free_port
+from .ports import LabError, free_port
 
 HEARTBEAT_MS = 50
 ELECTION_MS = 500
@@ -195,3 +195,23 @@ def fail_quorum(lab_dir: str) -> list[int]:
             kill_member(m)
             killed.append(i)
     return killed
+
+
+def group_record(lab: dict) -> dict | None:
+    """The witness's record of the lab's group as etcd holds it (None if it cannot be read)."""
+    import base64
+
+    key = base64.b64encode(f"{lab['etcd']['prefix']}/groups/{lab['group']}".encode()).decode()
+    for endpoint in lab["etcd"]["endpoints"]:
+        try:
+            ans = post(endpoint, "/v3/kv/range", {"key": key}, timeout=1.0)
+        except (OSError, ValueError, urllib.error.URLError):
+            continue
+        kvs = ans.get("kvs") or []
+        if not kvs:
+            return None
+        try:
+            return dict(json.loads(base64.b64decode(kvs[0].get("value", ""))))
+        except ValueError:
+            return None
+    return None

@@ -7,7 +7,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,47 +15,10 @@ from pathlib import Path
 from ..config import parse_size
 from ..ctl import CtlError, call, wait_synced
 from .faults import pid_alive
+from .ports import LabError, free_port
 
 NODES = ("A", "B")
 LAB_HOST = "lab"
-
-
-class LabError(Exception):
-    pass
-
-
-_handed_out: set[int] = set()
-
-
-def _ephemeral_low() -> int:
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port to listen on, below the kernel's ephemeral range: a port the kernel can also
-    pick as the source of an outgoing connection could be taken before the node binds it."""
-    import random
-
-    low, high = 20000, _ephemeral_low() - 1
-    for _ in range(200):
-        port = random.randint(low, high) if high > low else 0
-        if port in _handed_out:
-            continue
-        s = socket.socket()
-        try:
-            s.bind((host, port))
-            port = s.getsockname()[1]
-        except OSError:
-            continue
-        finally:
-            s.close()
-        _handed_out.add(port)
-        return port
-    raise LabError(f"no free port found between {low} and {high}")
 
 
 def _spawn(args: list[str], log: Path) -> int:
@@ -211,6 +173,10 @@ def lab_up(d: str, **kw) -> dict:
             except ProcessLookupError:
                 pass
         _wait_gone([("process", p) for p in pids], 5)
+        if started.get("etcd"):
+            from . import etcd as lab_etcd
+
+            lab_etcd.stop_cluster(started["etcd"])
         _disks_off(started.get("disks") or {}, flush=False)
         if started.get("loops"):
             from .faults import drop_loop
@@ -298,6 +264,19 @@ def _lab_up(
     if lab_tls is not None:
         lab_tls["witness"] = "mutual TLS" if witness_tls else None
     wcfg: dict[str, dict] = {}
+    if witness is not None and witness.get("backend") == "etcd":
+        # The witness kept in a three-member etcd cluster on loopback (no witness process, no
+        # relays to it: its faults are its members', syncd.lab.etcd).
+        from . import etcd as lab_etcd
+
+        info = lab_etcd.start_cluster(str(root))
+        lab["etcd"] = {"endpoints": info["endpoints"], "prefix": f"/syncd/{group}"}
+        started["etcd"] = str(root)
+        common = {k: witness[k] for k in ("interval", "owner_lease", "grace") if k in witness}
+        common["timeout"] = min(1.0, common.get("owner_lease", 3.0) / 2)  # a decision's deadline
+        wcfg = {site: dict(common, backend="etcd", endpoints=info["endpoints"], prefix=f"/syncd/{group}")
+                for site in ("A", "B")}
+        witness = None  # nothing more below: that is the built-in witness's
     if witness is not None:
         # The witness (site W) on loopback; A and B reach it through relays of their own (relay
         # indexes npaths and npaths+1), so either can be cut off from W alone.
@@ -590,6 +569,13 @@ def load_lab(d: str) -> dict:
 
 def lab_down(d: str, timeout: float = 15.0) -> list[str]:
     lab = load_lab(d)
+    if lab.get("etcd"):
+        from . import etcd as lab_etcd
+
+        try:
+            lab_etcd.stop_cluster(d)
+        except LabError:
+            pass
     pids = [(f"node {k}", v["pid"]) for k, v in lab["nodes"].items()]
     if lab.get("witness"):
         pids.append(("witness", lab["witness"]["pid"]))
@@ -687,12 +673,19 @@ def lab_in_sync(lab: dict) -> bool:
 def witness_knows_in_sync(lab: dict) -> bool:
     """The witness (if the lab has one) has heard from the primary, at its epoch, that its peer
     is in sync: only then may it give the group to the peer when the primary fails."""
-    if not lab.get("witness"):
+    if lab.get("etcd"):
+        from . import etcd as lab_etcd
+
+        rec = lab_etcd.group_record(lab)
+        if rec is None:
+            return False
+    elif not lab.get("witness"):
         return True
-    try:
-        rec = json.loads((Path(lab["dir"]) / "W" / "state" / "witness.json").read_text())["groups"][lab["group"]]
-    except (OSError, ValueError, KeyError):
-        return False
+    else:
+        try:
+            rec = json.loads((Path(lab["dir"]) / "W" / "state" / "witness.json").read_text())["groups"][lab["group"]]
+        except (OSError, ValueError, KeyError):
+            return False
     prim = [(s, g) for s, g in group_states(lab).items() if g["role"] == "primary"]
     return (len(prim) == 1 and rec.get("owner") == prim[0][0] and rec.get("epoch") == prim[0][1]["epoch"]
             and bool(rec.get("secondary_in_sync")))
@@ -711,6 +704,38 @@ def wait_in_sync(lab: dict, timeout: float) -> None:
             raise LabError(f"group {lab['group']} not back in sync within {timeout:.0f}s: {state}{late}")
         time.sleep(0.1)
 
+
+
+# The witness kept in etcd (lab up --witness etcd): etcd-member N, etcd-leader, etcd-quorum.
+ETCD_FAULTS = ("etcd-member", "etcd-leader", "etcd-quorum")
+
+
+def _etcd_fault(d: str, lab: dict, what: str, arg: str | None, heal: bool) -> str:
+    from . import etcd as lab_etcd
+
+    if not lab.get("etcd"):
+        raise LabError("this lab's witness is not kept in etcd (lab up --witness etcd)")
+    info = lab_etcd.load(d)
+    n = len(info["members"])
+    if what == "etcd-member":
+        if arg is None or not arg.isdigit():
+            raise LabError(f"lab {'heal' if heal else 'fail'} etcd-member needs a member number (1 to {n})")
+        which = [int(arg)]
+    elif what == "etcd-leader":
+        if heal:
+            raise LabError("lab heal etcd-leader: heal the member by number (lab heal etcd-member N)")
+        which = [lab_etcd.leader(info)]
+    else:
+        which = list(range(2, n + 1))
+    if heal:
+        for i in which:
+            lab_etcd.restart_member(d, i)
+        return f"etcd member{'s' if len(which) > 1 else ''} {', '.join(map(str, which))} started"
+    for i in which:
+        lab_etcd.fail_member(d, i)
+    if what == "etcd-quorum":
+        return f"etcd quorum lost: members {', '.join(map(str, which))} killed, member 1 alone"
+    return f"etcd member {which[0]}{' (the leader)' if what == 'etcd-leader' else ''} killed"
 
 
 FAULTS = ("primary", "secondary", "link", "witness", "disk", "site", "isolate", "witness-link", "host", "host-link",
@@ -845,8 +870,10 @@ def lab_fail(d: str, what: str, site: str | None = None) -> str:
     power too.
     """
     lab = load_lab(d)
+    if what in ETCD_FAULTS:
+        return _etcd_fault(d, lab, what, site, heal=False)
     if what not in FAULTS:
-        raise LabError(f"unknown fault {what!r}; faults: {', '.join(FAULTS)}")
+        raise LabError(f"unknown fault {what!r}; faults: {', '.join(FAULTS + ETCD_FAULTS)}")
     if what == "power" and site in ("primary", "secondary"):
         site = _role_site(lab, site)
     if site is not None and site not in lab["nodes"]:
@@ -914,8 +941,10 @@ def lab_heal(d: str, what: str, site: str | None = None) -> str:
     a disk (its array is restarted: a failed device is taken back only by a restart), power a
     site on again (its disks, then its array)."""
     lab = load_lab(d)
+    if what in ETCD_FAULTS:
+        return _etcd_fault(d, lab, what, site, heal=True)
     if what not in FAULTS:
-        raise LabError(f"unknown fault {what!r}; faults: {', '.join(FAULTS)}")
+        raise LabError(f"unknown fault {what!r}; faults: {', '.join(FAULTS + ETCD_FAULTS)}")
     if what in ("disk", "host", "host-link") and site is None:
         raise LabError(f"lab heal {what} needs a SITE ({', '.join(lab['nodes'])})")
     npaths = lab["link"]["npaths"] if lab.get("link") else 0
@@ -1055,7 +1084,13 @@ def print_summary(lab: dict) -> None:
         c.print(f"  {bindir}/syncd lab cut-link --dir {lab['dir']}   /   "
                 f"{bindir}/syncd lab heal-link --dir {lab['dir']}")
     c.print(f"  {bindir}/syncd lab kill A --dir {lab['dir']}   /   {bindir}/syncd lab start A --dir {lab['dir']}")
-    if not lab.get("witness"):
+    if lab.get("etcd"):
+        members = " ".join(lab["etcd"]["endpoints"])
+        c.print(f"  witness kept in etcd, members {members}, prefix {lab['etcd']['prefix']}: "
+                "kill A and watch B take over")
+        c.print(f"  {bindir}/syncd lab fail etcd-member 2|etcd-leader|etcd-quorum --dir {lab['dir']}"
+                f"   /   {bindir}/syncd lab heal etcd-member N|etcd-quorum --dir {lab['dir']}")
+    elif not lab.get("witness"):
         c.print("  (no quorum witness in this lab: B does not take over by itself when A fails)")
     if lab.get("witness"):
         c.print(f"  witness (site W) on 127.0.0.1:{lab['witness']['port']}: kill A and watch B take over")

@@ -204,10 +204,7 @@ class Node:
                 self.close()
                 raise NodeError(f"the witness recorded in {self.store.path} is invalid: {e}") from None
         if wcfg is not None:
-            from ..witness.client import WitnessClient
-
-            self.witness = WitnessClient(wcfg, cfg.name, self._witness_groups, self._witness_report,
-                                         self._witness_changed)
+            self.witness = self._witness_client(wcfg)
         for gs in self.state.groups.values():
             g = self.add_group(gs, run=False)
             for ms in gs.members:
@@ -478,6 +475,17 @@ class Node:
                 await nbd.drain()
 
     # -- the quorum witness ----------------------------------------------------------------------
+    def _witness_client(self, wcfg):
+        """The client of the configured backend: the built-in witness, or etcd."""
+        if getattr(wcfg, "backend", "builtin") == "etcd":
+            from ..witness.etcd_node import EtcdWitnessClient
+
+            return EtcdWitnessClient(wcfg, self.cfg.name, self._witness_groups, self._witness_report,
+                                     self._witness_changed)
+        from ..witness.client import WitnessClient
+
+        return WitnessClient(wcfg, self.cfg.name, self._witness_groups, self._witness_report, self._witness_changed)
+
     async def _run_witness(self, wc) -> None:
         with trio.CancelScope() as wc.scope:
             await wc.run()
@@ -486,15 +494,13 @@ class Node:
         """Use another witness (or none) from now on; ``settings`` as in the [witness] table,
         already validated. Persisted: it overrides [witness] in the config from now on."""
         from ..config import parse_witness_client
-        from ..witness.client import WitnessClient
 
         old = self.witness
         if old is not None and getattr(old, "scope", None) is not None:
             old.scope.cancel()
         self.witness = None
         if settings is not None:
-            self.witness = WitnessClient(parse_witness_client(settings, "witness"), self.cfg.name, self._witness_groups,
-                                         self._witness_report, self._witness_changed)
+            self.witness = self._witness_client(parse_witness_client(settings, "witness"))
             self.spawn(self._run_witness, self.witness)
         for g in self.groups.values():
             g.roles.timing = self.role_timing()
@@ -566,9 +572,9 @@ class Node:
         if wc is None:
             return
         if connected is False:
-            log.warning("quorum witness at %s:%d unreachable: %s", *wc.cfg.address, wc.last_error or "no answer")
+            log.warning("quorum witness at %s unreachable: %s", wc.info()["address"], wc.last_error or "no answer")
         state = {True: "reachable", False: "unreachable", None: "unknown"}[wc.connected]
-        self.events.update("witness", {"address": "%s:%d" % wc.cfg.address, "name": wc.witness_name or None,
+        self.events.update("witness", {"address": wc.info()["address"], "name": wc.witness_name or None,
                                        "state": state})
 
     # -- the event bus: objects that are not a group's ------------------------------------------

@@ -17,6 +17,7 @@ STRICT = [
     "syncd/witness/decide.py",
     "syncd/witness/etcd.py",
     "syncd/witness/etcd_backend.py",
+    "syncd/witness/etcd_node.py",
     "syncd/node/roles.py",
     "syncd/repl/flow.py",
     "syncd/lab/history.py",

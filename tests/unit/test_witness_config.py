@@ -100,3 +100,51 @@ def test_listener_limits_have_defaults_and_are_checked(tmp_path):
                        ("max_sessions = 4\n", "unknown key")):
         with pytest.raises(ConfigError, match=msg):
             witness(tmp_path, f'key = "{KEY}"\n' + extra)
+
+
+ETCD_NODE = NODE.replace('address = "127.0.0.1:7400"\n', "")
+
+
+def etcd_node(tmp_path, extra: str):
+    p = tmp_path / "node.toml"
+    p.write_text(ETCD_NODE + 'backend = "etcd"\n' + extra)
+    return load_node_config(p).witness
+
+
+def test_the_etcd_backend_takes_its_endpoints_prefix_and_timings(tmp_path):
+    w = etcd_node(tmp_path, 'endpoints = ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]\nprefix = "/syncd/pair1"\n'
+                            "owner_lease = 2.0\ngrace = 3.0\ntimeout = 0.5\n")
+    assert w.backend == "etcd" and w.etcd.endpoints == ("http://10.0.0.1:2379", "http://10.0.0.2:2379")
+    assert (w.prefix, w.owner_lease, w.grace, w.etcd.timeout) == ("/syncd/pair1", 2.0, 3.0, 0.5)
+    assert "insecure" in w.security()
+
+
+def test_the_etcd_backend_with_tls_and_a_user(tmp_path, ca):
+    files = tls_files(ca, "A", tmp_path / "tls")
+    w = etcd_node(tmp_path, f'endpoints = ["https://etcd1:2379"]\nprefix = "/syncd/pair1"\n'
+                            f'tls_ca = "{files["tls_ca"]}"\ntls_certificate = "{files["tls_certificate"]}"\n'
+                            f'tls_key = "{files["tls_key"]}"\nuser = "syncd"\npassword = "pw"\n')
+    assert w.etcd.cert == files["tls_certificate"] and w.etcd.user == "syncd"
+    assert w.security() == "TLS with a client certificate, etcd user syncd"
+
+
+@pytest.mark.parametrize("extra, msg", [
+    ('prefix = "/p"\n', "witness.endpoints: missing"),
+    ('endpoints = []\nprefix = "/p"\n', "witness.endpoints: a list of etcd client URLs"),
+    ('endpoints = ["10.0.0.1:2379"]\nprefix = "/p"\n', "expected http://HOST:PORT"),
+    ('endpoints = ["http://h:1"]\n', "witness.prefix: missing"),
+    ('endpoints = ["http://h:1"]\nprefix = "p"\n', "witness.prefix: 'p'"),
+    ('endpoints = ["http://h:1"]\nprefix = "/p/"\n', "witness.prefix"),
+    ('endpoints = ["http://h:1"]\nprefix = "/p"\nuser = "u"\n', "a user needs a password"),
+    ('endpoints = ["http://h:1"]\nprefix = "/p"\ntimeout = 5.0\n', "witness.timeout: must be positive and shorter"),
+    ('endpoints = ["http://h:1"]\nprefix = "/p"\naddress = "127.0.0.1:7400"\n', "address"),
+    ('endpoints = ["http://h:1"]\nprefix = "/p"\ntls_ca = "/nonexistent/ca.pem"\n', "witness.tls_ca"),
+])
+def test_bad_etcd_witness_settings_are_named(tmp_path, extra, msg):
+    with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(".", r"\.").replace("/", "/")):
+        etcd_node(tmp_path, extra)
+
+
+def test_an_unknown_backend_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="witness.backend: 'zookeeper' is not one of builtin, etcd"):
+        node(tmp_path, 'backend = "zookeeper"\n')

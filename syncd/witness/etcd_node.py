@@ -1,0 +1,153 @@
+"""The node's side of the witness when it is kept in etcd (``[witness] backend = "etcd"``).
+
+The same interface as ``client.WitnessClient`` (the node cannot tell the backends apart): a
+``run`` loop that reports every group each ``interval`` and hands the witness's record to
+``on_report``, and ``decide`` for KEEP, CLAIM, HANDOVER and RESOLVE, which answers None when
+the witness cannot be asked within the deadline (no etcd quorum, unreachable), as the node's
+role machine expects of an unreachable witness. The decisions are ``etcd_backend``'s.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from . import proto as w
+from .decide import Decision, Timing, WitnessError
+from .etcd import EtcdClient, EtcdConfig, EtcdError, EtcdUnreachable
+from .etcd_backend import EtcdWitness
+
+log = logging.getLogger("syncd.witness.etcd")
+
+
+@dataclass(frozen=True)
+class EtcdWitnessConfig:
+    etcd: EtcdConfig
+    prefix: str  # this pair's keys: one prefix per array pair sharing the etcd cluster
+    interval: float = 0.5
+    owner_lease: float = 3.0
+    grace: float = 4.5
+    drift: float = 0.05
+    margin: float = 0.5
+    backend: str = "etcd"
+
+    def describe(self) -> str:
+        return f"etcd {','.join(self.etcd.endpoints)} prefix {self.prefix}"
+
+    def security(self) -> str:
+        parts = []
+        if any(e.startswith("https") for e in self.etcd.endpoints):
+            parts.append("TLS" + (" with a client certificate" if self.etcd.cert else ""))
+        else:
+            parts.append("plain HTTP (insecure)")
+        if self.etcd.user:
+            parts.append(f"etcd user {self.etcd.user}")
+        return ", ".join(parts)
+
+
+GroupsFn = Callable[[], list[tuple[str, tuple[str, str], str, int, int]]]
+
+
+class EtcdWitnessClient:
+    def __init__(self, cfg: EtcdWitnessConfig, node_name: str, groups_fn: GroupsFn,
+                 on_report: Callable[[str, float, str, int], None] | None = None,
+                 on_change: Callable[[bool | None], None] | None = None) -> None:
+        self.cfg = cfg
+        self.node = node_name
+        self.groups_fn = groups_fn
+        self.on_report = on_report
+        self.on_change = on_change
+        self.kv = EtcdClient(cfg.etcd)
+        timing = Timing(owner_lease=cfg.owner_lease, drift=cfg.drift, margin=cfg.margin, grace=cfg.grace)
+        self.witness = EtcdWitness(self.kv, cfg.prefix.encode(), node_name, timing)
+        self.scope: trio.CancelScope | None = None
+        self.registered: set[str] = set()
+        self.last_ok: float | None = None
+        self.last_error = ""
+        self.connected: bool | None = None
+        self.witness_name = ""
+
+    def _set_connected(self, up: bool) -> None:
+        if self.connected is not up:
+            self.connected = up
+            if self.on_change is not None:
+                self.on_change(up)
+
+    @property
+    def reachable(self) -> bool:
+        return self.last_ok is not None and trio.current_time() - self.last_ok < 3 * self.cfg.interval
+
+    def lost_for(self) -> float:
+        return float("inf") if self.last_ok is None else trio.current_time() - self.last_ok
+
+    def info(self) -> dict[str, Any]:
+        return {"backend": "etcd", "address": ",".join(self.cfg.etcd.endpoints),
+                "endpoints": list(self.cfg.etcd.endpoints), "prefix": self.cfg.prefix,
+                "reachable": self.reachable, "witness": self.witness_name, "security": self.cfg.security(),
+                "answered_by": self.kv.last_endpoint or None,
+                "last_error": self.last_error,
+                "last_heard_s_ago": None if self.last_ok is None else round(self.lost_for(), 2),
+                "lease_ttl_s": self.witness.ttl}
+
+    def _ok(self) -> None:
+        self.last_ok = trio.current_time()
+        self.last_error = ""
+        self.witness_name = "etcd"
+        self._set_connected(True)
+
+    def _failed(self, e: BaseException) -> None:
+        self.last_error = str(e) or type(e).__name__
+        self._set_connected(False)
+
+    async def run(self) -> None:
+        try:
+            while True:
+                try:
+                    await self._round()
+                except (EtcdUnreachable, EtcdError, WitnessError) as e:
+                    if isinstance(e, WitnessError):
+                        log.warning("witness on etcd: %s", e)
+                    self._failed(e)
+                await trio.sleep(self.cfg.interval)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                await self.kv.aclose()
+
+    async def _round(self) -> None:
+        groups = self.groups_fn()
+        if not groups:
+            await self.witness.touch()  # reachability, and this array's lease
+            self._ok()
+            return
+        for name, members, owner, epoch, flags in groups:
+            if name not in self.registered:
+                await self.witness.register(name, members, owner, epoch)
+                self.registered.add(name)
+            sent = trio.current_time()
+            d = await self.witness.report(name, epoch, peer_alive=bool(flags & w.REPORT_PEER_ALIVE),
+                                          peer_in_sync=bool(flags & w.REPORT_PEER_IN_SYNC))
+            self._ok()
+            if self.on_report is not None:
+                self.on_report(name, sent, d.owner, d.epoch)
+
+    async def decide(self, t: w.WType, group: str, epoch: int) -> tuple[Decision | None, float]:
+        """(the decision, or None when etcd cannot be asked; when the request was sent)."""
+        sent = trio.current_time()
+        ask = {w.WType.CLAIM: self.witness.claim, w.WType.KEEP: self.witness.keep,
+               w.WType.HANDOVER: self.witness.handover, w.WType.RESOLVE: self.witness.resolve}.get(t)
+        if ask is None:
+            raise ValueError(f"not a decision: {t}")
+        try:
+            d = await ask(group, epoch)
+        except (EtcdUnreachable, EtcdError) as e:
+            self._failed(e)
+            return None, sent
+        except WitnessError as e:
+            log.warning("witness on etcd: %s %s: %s", t.name, group, e)
+            return None, sent
+        self._ok()
+        return d, sent
