@@ -127,6 +127,22 @@ def report(rec: GroupRecord, t: Timing, now: float, node: str, epoch: int, *,
     return Decision(True, rec.owner, rec.epoch, rec.last_decision)
 
 
+def claim_settled(rec: GroupRecord, node: str, epoch: int) -> Decision | None:
+    """What a CLAIM gets whatever the times say (the claimant owns it already, a stale epoch,
+    failover disabled, the claimant not in sync), or None: the times decide."""
+    if node == rec.owner:
+        return Decision(True, rec.owner, rec.epoch, f"{node} already owns epoch {rec.epoch}")
+    if epoch != rec.epoch:
+        return Decision(False, rec.owner, rec.epoch,
+                        f"stale epoch {epoch}: the group is at epoch {rec.epoch}, owned by {rec.owner}")
+    if rec.failover_disabled:
+        return Decision(False, rec.owner, rec.epoch, f"failover disabled: the witness lost {rec.owner} before "
+                                                     f"{node} did; {rec.owner} keeps the group")
+    if not rec.secondary_in_sync:
+        return Decision(False, rec.owner, rec.epoch, f"{node} was not in sync when {rec.owner} last reported")
+    return None
+
+
 def claim(rec: GroupRecord, t: Timing, now: float, node: str, epoch: int) -> Decision:
     """The secondary asks for the group after losing the owner."""
     if node != rec.owner:
@@ -136,15 +152,9 @@ def claim(rec: GroupRecord, t: Timing, now: float, node: str, epoch: int) -> Dec
     def deny(reason: str) -> Decision:
         return Decision(False, rec.owner, rec.epoch, reason)
 
-    if node == rec.owner:
-        return Decision(True, rec.owner, rec.epoch, f"{node} already owns epoch {rec.epoch}")
-    if epoch != rec.epoch:
-        return deny(f"stale epoch {epoch}: the group is at epoch {rec.epoch}, owned by {rec.owner}")
-    if rec.failover_disabled:
-        return deny(f"failover disabled: the witness lost {rec.owner} before {node} did; "
-                    f"{rec.owner} keeps the group")
-    if not rec.secondary_in_sync:
-        return deny(f"{node} was not in sync when {rec.owner} last reported")
+    settled = claim_settled(rec, node, epoch)
+    if settled is not None:
+        return settled
     seen = rec.last_seen.get(rec.owner)
     if seen is None:
         return deny(f"the witness has not heard from {rec.owner} since it started")

@@ -39,7 +39,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .decide import WAIT_MARK, Decision, Timing, WitnessError
+from . import decide
+from .decide import WAIT_MARK, Decision, GroupRecord, Timing, WitnessError
 from .etcd import KeyValue, TxnResult, b64, cmp_mod, get, prefix_end, put
 
 RETRIES = 8  # compare-and-set rounds lost to the other array before giving up (it keeps trying too)
@@ -71,18 +72,13 @@ class Watch:
 
 
 @dataclass
-class Record:
-    members: tuple[str, str]
-    owner: str
-    epoch: int = 1
-    secondary_in_sync: bool = False
-    failover_disabled: bool = False
-    last_decision: str = "created"
-    watch: dict[str, Watch] = field(default_factory=dict)
+class Record(GroupRecord):
+    """The group's record in etcd: the built-in witness's (``GroupRecord``, whose KEEP, HANDOVER
+    and RESOLVE rules apply to it as they are) and what the witness remembers of the other
+    member's reports (``watch``), where the built-in witness keeps times. ``last_seen`` and
+    ``lost_owner`` are not used: etcd's leases say who was heard."""
 
-    def other(self, node: str) -> str:
-        a, b = self.members
-        return b if node == a else a
+    watch: dict[str, Watch] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
         return json.dumps({"members": list(self.members), "owner": self.owner, "epoch": self.epoch,
@@ -92,7 +88,7 @@ class Record:
                           sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes) -> Record:
+    def from_json(cls, raw: bytes, name: str = "") -> Record:
         try:
             d = json.loads(raw)
         except ValueError:
@@ -119,8 +115,8 @@ class Record:
                     or w.get("lost", "") not in ("", "ok", "late"):
                 raise BadRecord(f"watch of {n!r:.40}: {w!r:.60}")
             watch[n] = Watch(bool(w.get("saw_owner", False)), str(w.get("lost", "")))
-        return cls((members[0], members[1]), owner, epoch, flags[0], flags[1],
-                   str(d.get("last_decision", ""))[:500], watch)
+        return cls(name, (members[0], members[1]), owner, epoch, flags[0], flags[1],
+                   str(d.get("last_decision", ""))[:500], watch=watch)
 
 
 # -- the rules, pure: the record, what etcd says now, the request --------------------------------
@@ -173,14 +169,9 @@ def rule_claim(rec: Record, group: str, node: str, epoch: int, seen: Seen, ttl: 
     def deny(reason: str) -> Decision:
         return Decision(False, rec.owner, rec.epoch, reason)
 
-    if node == rec.owner:
-        return Decision(True, rec.owner, rec.epoch, f"{node} already owns epoch {rec.epoch}")
-    if epoch != rec.epoch:
-        return deny(f"stale epoch {epoch}: the group is at epoch {rec.epoch}, owned by {rec.owner}")
-    if rec.failover_disabled:
-        return deny(f"failover disabled: the witness lost {rec.owner} before {node} did; {rec.owner} keeps the group")
-    if not rec.secondary_in_sync:
-        return deny(f"{node} was not in sync when {rec.owner} last reported")
+    settled = decide.claim_settled(rec, node, epoch)
+    if settled is not None:
+        return settled
     if rec.watch[node].lost == "late":
         return deny(f"failover disabled: the witness lost {rec.owner} before {node} said it lost {rec.owner} too "
                     f"({node} was cut off from the witness meanwhile); {rec.owner} keeps the group")
@@ -196,49 +187,25 @@ def rule_claim(rec: Record, group: str, node: str, epoch: int, seen: Seen, ttl: 
 
 
 def rule_keep(rec: Record, group: str, node: str, epoch: int) -> Decision:
-    _member(rec, node, group)
-    if node != rec.owner or epoch != rec.epoch:
-        return Decision(False, rec.owner, rec.epoch, f"group {group} is owned by {rec.owner} at epoch {rec.epoch}: "
-                                                     f"{node} must stop serving (failsafe)")
-    rec.secondary_in_sync = False
-    rec.failover_disabled = False
-    rec.last_decision = f"{node} goes on alone at epoch {rec.epoch}; {rec.other(node)} out of sync"
-    return Decision(True, rec.owner, rec.epoch, rec.last_decision)
+    return decide.keep(rec, _NO_TIMING, 0.0, node, epoch)
 
 
 def rule_handover(rec: Record, group: str, node: str, epoch: int) -> Decision:
-    _member(rec, node, group)
-    if node != rec.owner or epoch != rec.epoch:
-        return Decision(False, rec.owner, rec.epoch, f"group {group} is owned by {rec.owner} at epoch {rec.epoch}: "
-                                                     f"{node} at epoch {epoch} cannot hand it over")
-    if not rec.secondary_in_sync:
-        return Decision(False, rec.owner, rec.epoch,
-                        f"{rec.other(node)} was not in sync at {node}'s last report: no handover")
-    rec.owner = rec.other(node)
-    rec.epoch += 1
-    rec.secondary_in_sync = False
-    rec.failover_disabled = False
-    rec.watch.clear()
-    rec.last_decision = f"handover: {rec.owner} owns epoch {rec.epoch} (given by {node})"
-    return Decision(True, rec.owner, rec.epoch, rec.last_decision)
+    d = decide.handover(rec, _NO_TIMING, 0.0, node, epoch)
+    if d.granted:
+        rec.watch.clear()  # a new owner: what was seen of the old one no longer counts
+    return d
 
 
 def rule_resolve(rec: Record, group: str, node: str, epoch: int) -> Decision:
-    _member(rec, node, group)
-    if node == rec.owner and epoch == rec.epoch:
-        return Decision(True, rec.owner, rec.epoch, f"{node} already owns epoch {rec.epoch}")
-    if epoch <= rec.epoch:
-        return Decision(False, rec.owner, rec.epoch, f"the witness knows {rec.owner} as owner of epoch {rec.epoch}: "
-                                                     f"{node}'s epoch {epoch} is not newer")
-    old, old_epoch = rec.owner, rec.epoch
-    rec.owner = node
-    rec.epoch = epoch
-    rec.secondary_in_sync = False
-    rec.failover_disabled = False
-    rec.watch.clear()
-    rec.last_decision = (f"resolved: {node} owns epoch {epoch}, set by the operator without the witness "
-                         f"(the witness had {old} at epoch {old_epoch})")
-    return Decision(True, rec.owner, rec.epoch, rec.last_decision)
+    before = (rec.owner, rec.epoch)
+    d = decide.resolve(rec, _NO_TIMING, 0.0, node, epoch)
+    if (rec.owner, rec.epoch) != before:
+        rec.watch.clear()
+    return d
+
+
+_NO_TIMING = Timing()  # KEEP, HANDOVER and RESOLVE do not look at time
 
 
 # -- one array's side ------------------------------------------------------------------------------
@@ -275,7 +242,7 @@ class EtcdWitness:
         if self.node not in members or owner not in members:
             raise WitnessError(f"group {group}: {self.node} and the owner {owner} must be among {members}")
         key = self.group_key(group)
-        rec = Record(members, owner, epoch)
+        rec = Record(group, members, owner, epoch)
         await self.kv.txn([cmp_mod(key, 0)], [put(key, rec.to_json())])
 
     async def _decide(self, group: str, apply: Any, needs_owner_gone: bool = False) -> Decision:
@@ -289,7 +256,7 @@ class EtcdWitness:
                 raise WitnessError(f"group {group} is not registered with the witness")
             kv = res.ranges[0][0]
             try:
-                rec = Record.from_json(kv.value)
+                rec = Record.from_json(kv.value, group)
             except BadRecord as e:
                 raise WitnessError(f"group {group}: the record in etcd is not syncd's: {e}") from None
             seen = Seen(owner_alive=any(x.key == self.alive_key(rec.owner) for x in res.ranges[1]), fresh=fresh)
