@@ -153,6 +153,8 @@ def test_the_recorder_and_checker_see_real_torn_reads(tmp_path):
     rep = check(events, label=label)
     print(f"\nrecorder: {summary}")
     print("\n".join(rep.lines()[:14]))
-    assert rep.violations[Kind.NEVER_WRITTEN] > 0 and rep.reads > 10000
+    # Enough reads to mean something, far below what a slow run records (8,972 reads in 4 s in
+    # one CI run, 8,376 of them torn): the count is not a speed requirement.
+    assert rep.violations[Kind.NEVER_WRITTEN] > 0 and rep.reads > 1000
     torn = next(v for v in rep.examples if v.kind is Kind.NEVER_WRITTEN)
     assert "undecodable data (sector" in torn.text and "write " in torn.text
