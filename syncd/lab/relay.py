@@ -84,7 +84,10 @@ class Relay:
         self.record_limit = 0
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(self.listen[1], host=self.listen[0])
+        try:
+            listeners = await trio.open_tcp_listeners(self.listen[1], host=self.listen[0])
+        except OSError as e:  # say which relay: the lab picked the port, another process took it
+            raise OSError(e.errno, f"relay {self.listen[0]}:{self.listen[1]}: {e.strerror}") from None
         task_status.started()
         await trio.serve_listeners(self._conn, listeners)
 
