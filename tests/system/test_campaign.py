@@ -3,7 +3,7 @@
 loss, flapping, switchover) under reads and writes recorded at both sites, directly and through
 the host shims; the history checker must find no violation and the replicas must be identical.
 
-SYNCD_CAMPAIGN_ROUNDS sets the rounds (default 6), SYNCD_CAMPAIGN_SEED the sequence (default 3).
+SYNCD_CAMPAIGN_ROUNDS sets the rounds (default 5), SYNCD_CAMPAIGN_SEED the sequence (default 3).
 By hand, longer: ``syncd lab campaign --rounds 50``.
 """
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.system
 
 
 def test_random_fault_sequences_keep_every_promise_the_checker_knows(tmp_path):
-    rounds = int(os.environ.get("SYNCD_CAMPAIGN_ROUNDS", "6"))
+    rounds = int(os.environ.get("SYNCD_CAMPAIGN_ROUNDS", "5"))
     seed = int(os.environ.get("SYNCD_CAMPAIGN_SEED", "3"))
     res = run_campaign(str(tmp_path / "lab"), rounds, seed)
     print_campaign(res)

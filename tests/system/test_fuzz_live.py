@@ -3,7 +3,7 @@ of a running lab (two nodes, witness, link relay), mutated and replayed for a fi
 every daemon still serves, roles and epochs are as before, the volumes the fuzzer cannot write
 are byte-identical to before at both nodes and the fuzz volume's replicas agree.
 
-SYNCD_FUZZ_SECONDS sets the budget (default 30), SYNCD_FUZZ_SEED the cases (default 11).
+SYNCD_FUZZ_SECONDS sets the budget (default 20), SYNCD_FUZZ_SEED the cases (default 11).
 By hand, longer: ``syncd lab fuzz --seconds 600 --seed 2``.
 """
 
@@ -35,7 +35,7 @@ def link_authenticated(lab: dict) -> bool:
 
 def test_mutated_real_sessions_on_every_port_leave_every_daemon_serving_and_nothing_changed(tmp_path):
     require_tool("nbdinfo", "nbdsh", "nbdcopy", "qemu-img")
-    seconds = float(os.environ.get("SYNCD_FUZZ_SECONDS", "30"))
+    seconds = float(os.environ.get("SYNCD_FUZZ_SECONDS", "20"))
     seed = int(os.environ.get("SYNCD_FUZZ_SEED", "11"))
     d = tmp_path / "lab"
     lab = lab_up(str(d), size="16MiB", nvolumes=3, npaths=2, witness={}, timeout=120)

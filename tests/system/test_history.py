@@ -5,7 +5,7 @@ request's invoke and completion time is recorded by an independent libnbd client
 that no read returned a value superseded before it began or a value never written (a tear), that
 no acknowledged write is lost and that the replicas are identical.
 
-SYNCD_HISTORY_SECONDS sets how long the contention test runs (default 30);
+SYNCD_HISTORY_SECONDS sets how long the contention test runs (default 20);
 SYNCD_STALE_ROUNDS how many primary restarts the restart test plays (default 3).
 """
 
@@ -51,7 +51,7 @@ def checked(lab: dict, rec: Recorder, timeline: list[tuple[int, str]] | None = N
 
 
 def test_reads_and_writes_at_both_sites_on_four_shared_blocks_are_never_torn_or_stale(tmp_path):
-    seconds = float(os.environ.get("SYNCD_HISTORY_SECONDS", "30"))
+    seconds = float(os.environ.get("SYNCD_HISTORY_SECONDS", "20"))
     d = str(tmp_path / "lab")
     lab = uniform_lab(d)
     rec = None

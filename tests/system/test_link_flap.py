@@ -6,7 +6,7 @@ to its peer if it was primary). The arrays must neither die nor split: the same 
 end, there is at most one serving primary per epoch, no host sees an I/O error, no
 acknowledged write is missing and the replicas end identical.
 
-SYNCD_FLAP_SECONDS sets how long the network flaps (default 20), SYNCD_FLAP_SEED the sequence.
+SYNCD_FLAP_SECONDS sets how long the network flaps (default 15), SYNCD_FLAP_SEED the sequence.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.system
 
 
 def test_a_flapping_network_kills_nothing_splits_nothing_and_loses_nothing(tmp_path):
-    seconds = float(os.environ.get("SYNCD_FLAP_SECONDS", "20"))
+    seconds = float(os.environ.get("SYNCD_FLAP_SECONDS", "15"))
     rng = random.Random(int(os.environ.get("SYNCD_FLAP_SEED", "11")))
     d = str(tmp_path / "lab")
     lab = uniform_lab(d)

@@ -98,7 +98,7 @@ from syncd.witness import decide
 from tests.unit import roles_sim
 from tests.unit.roles_sim import AB, AW, BW, LINKS, A, B, Sim, SimConfig, Violation, W
 
-EXAMPLES = int(os.environ.get("SYNCD_MODEL_EXAMPLES", "1200"))
+EXAMPLES = int(os.environ.get("SYNCD_MODEL_EXAMPLES", "900"))
 STEPS = int(os.environ.get("SYNCD_MODEL_STEPS", "15"))
 PAUSE = st.floats(0, 4)  # virtual seconds that pass after each fault
 # Each step reseeds the simulator's random source (message delays and losses, link notice
