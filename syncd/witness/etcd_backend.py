@@ -260,7 +260,7 @@ class EtcdWitness:
             except BadRecord as e:
                 raise WitnessError(f"group {group}: the record in etcd is not syncd's: {e}") from None
             seen = Seen(owner_alive=any(x.key == self.alive_key(rec.owner) for x in res.ranges[1]), fresh=fresh)
-            before = rec.to_json()
+            before, owner = rec.to_json(), rec.owner
             d: Decision = apply(rec, seen)
             after = rec.to_json()
             if after == before:
@@ -269,7 +269,7 @@ class EtcdWitness:
             compare = [cmp_mod(key, kv.mod_revision)]
             if needs_owner_gone and d.granted:
                 # The owner's key must still be gone when the record changes hands.
-                compare.append({"key": b64(self.alive_key(owner_of(before))), "target": "CREATE",
+                compare.append({"key": b64(self.alive_key(owner)), "target": "CREATE",
                                 "result": "EQUAL", "create_revision": "0"})
             if (await self.kv.txn(compare, [put(key, after)])).succeeded:
                 self._fresh = False
@@ -292,7 +292,3 @@ class EtcdWitness:
 
     async def resolve(self, group: str, epoch: int) -> Decision:
         return await self._decide(group, lambda r, s: rule_resolve(r, group, self.node, epoch))
-
-
-def owner_of(raw: bytes) -> str:
-    return Record.from_json(raw).owner
