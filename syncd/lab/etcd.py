@@ -5,6 +5,10 @@ log under ``DIR/etcd/``; the cluster's description is kept in ``DIR/etcd/cluster
 lab's fault commands (``member N``, ``leader``, ``quorum``) find the processes again. Timings are
 etcd's defaults scaled down for a loopback lab (heartbeat 50 ms, election 500 ms) so a leader
 change takes well under the witness's grace period.
+
+A cluster can also run inside a network namespace (``netns``), as the failure matrix's witness
+site does: its members listen on every address there, and this module's own probes enter the
+namespace to ask them.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .ports import LabError, free_port
@@ -33,8 +39,9 @@ def etcd_binary() -> str:
 
 
 def _member_args(d: Path, m: dict, cluster: str, state: str) -> list[str]:
-    return [etcd_binary(), "--name", m["name"], "--data-dir", str(d / m["name"]),
-            "--listen-client-urls", m["client"], "--advertise-client-urls", m["client"],
+    ns = ["ip", "netns", "exec", m["netns"]] if m.get("netns") else []
+    return [*ns, etcd_binary(), "--name", m["name"], "--data-dir", str(d / m["name"]),
+            "--listen-client-urls", m.get("listen", m["client"]), "--advertise-client-urls", m["client"],
             "--listen-peer-urls", m["peer"], "--initial-advertise-peer-urls", m["peer"],
             "--initial-cluster", cluster, "--initial-cluster-token", "syncd-lab",
             "--initial-cluster-state", state, "--heartbeat-interval", str(HEARTBEAT_MS),
@@ -65,17 +72,32 @@ def load(lab_dir: str) -> dict:
         raise LabError(f"the lab in {lab_dir} has no etcd cluster ({e})") from None
 
 
-def post(endpoint: str, path: str, body: dict, timeout: float = 1.0) -> dict:
+@contextmanager
+def _inside(ns: str | None) -> Iterator[None]:
+    """This thread's sockets in network namespace ``ns`` (None: where it is)."""
+    if not ns:
+        yield
+        return
+    from pyroute2 import netns
+
+    netns.pushns(ns)
+    try:
+        yield
+    finally:
+        netns.popns()
+
+
+def post(endpoint: str, path: str, body: dict, timeout: float = 1.0, ns: str | None = None) -> dict:
     """One JSON gateway request (the lab's own checks; the nodes use syncd.witness.etcd)."""
     req = urllib.request.Request(endpoint + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 (loopback http)
+    with _inside(ns), urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 (loopback http)
         return dict(json.loads(r.read()))
 
 
 def member_status(m: dict) -> dict | None:
     """The member's status (its leader's id, its own id), or None if it does not answer."""
     try:
-        st = post(m["client"], "/v3/maintenance/status", {}, timeout=0.5)
+        st = post(m["client"], "/v3/maintenance/status", {}, timeout=0.5, ns=m.get("netns"))
     except (OSError, ValueError, urllib.error.URLError):
         return None
     return {"id": int(st["header"]["member_id"]), "leader": int(st.get("leader", 0))}
@@ -87,7 +109,7 @@ def healthy(info: dict, timeout: float = 1.0) -> bool:
         if not alive(m):
             continue
         try:
-            post(m["client"], "/v3/kv/range", {"key": "AA=="}, timeout=timeout)
+            post(m["client"], "/v3/kv/range", {"key": "AA=="}, timeout=timeout, ns=m.get("netns"))
             return True
         except (OSError, ValueError, urllib.error.URLError):
             continue
@@ -102,13 +124,21 @@ def alive(m: dict) -> bool:
     return True
 
 
-def start_cluster(lab_dir: str, n: int = 3, timeout: float = 20.0) -> dict:
+def start_cluster(lab_dir: str, n: int = 3, timeout: float = 20.0, netns: str | None = None) -> dict:
     """Start an ``n``-member cluster under LAB_DIR/etcd; returns its description (members:
-    name, client and peer URLs, pid) once it serves linearizable reads."""
+    name, client and peer URLs, pid) once it serves linearizable reads. With ``netns`` the
+    members run in that network namespace and take clients on all its addresses (each
+    member's ``port``); their ``client`` URLs are then the namespace's loopback."""
     d = Path(lab_dir) / "etcd"
     d.mkdir(parents=True, exist_ok=True)
-    members = [{"name": f"etcd{i + 1}", "client": f"http://127.0.0.1:{free_port()}",
-                "peer": f"http://127.0.0.1:{free_port()}"} for i in range(n)]
+    members: list[dict] = []
+    for i in range(n):
+        port = free_port()
+        m = {"name": f"etcd{i + 1}", "client": f"http://127.0.0.1:{port}", "port": port,
+             "peer": f"http://127.0.0.1:{free_port()}"}
+        if netns:
+            m.update(netns=netns, listen=f"http://0.0.0.0:{port}")
+        members.append(m)
     cluster = _cluster_arg(members)
     for m in members:
         m["pid"] = _spawn(d, m, cluster, "new")

@@ -143,14 +143,17 @@ def check_file(path: str, history: History, writer: int, offset_blocks: int = 0,
 async def run_writer(
     uri: str, history: History, *, writer: int, blocks: range, duration: float, qd: int = 4,
     reconnect: bool = True, seed: int = 1, retry_interval: float = 0.2, fua_every: int = 0,
-    source: str | None = None, flush_every: int = 0,
+    source: str | None = None, flush_every: int = 0, rate: float = 0.0,
+    acked: trio.Event | None = None,
 ) -> None:
     """Write patterned blocks at random within ``blocks`` for ``duration`` s with ``qd`` in flight.
 
     Blocks are split among the ``qd`` lanes so one block never has two writes in flight: the
     issue order of a block's writes is then also the order the server saw them. Every
     ``fua_every``-th write is sent with FUA; with ``flush_every``, each lane sends a flush after
-    that many acknowledged writes; both are recorded in ``history.durable``.
+    that many acknowledged writes; both are recorded in ``history.durable``. With ``rate``, the
+    writes are paced to at most that many per second in all (0: as fast as they complete).
+    ``acked`` is set at the first acknowledged write.
     """
     import random
 
@@ -161,9 +164,11 @@ async def run_writer(
     # Seqs go on from the history's (several runs may record into one history).
     seqs = {"n": max((rec[0] for recs in history.writes.values() for rec in recs), default=0)}
     lanes = [blocks[i::qd] for i in range(qd)]
+    gap = qd / rate if rate > 0 else 0.0  # each lane's share of the pace
 
     async def lane(lb: range) -> None:
         unflushed: list[int] = []  # seqs acknowledged on this lane since its last flush was sent
+        due = trio.current_time()
         while trio.current_time() < deadline:
             try:
                 async with open_nbd(uri, source=source) as c:
@@ -178,6 +183,9 @@ async def run_writer(
                             else:
                                 history.durable.update(covered)
                             continue
+                        if gap:
+                            due = max(due + gap, trio.current_time())  # no burst to catch up
+                            await trio.sleep_until(due)
                         b = lb[rng.randrange(len(lb))]
                         seqs["n"] += 1
                         seq = seqs["n"]
@@ -188,6 +196,8 @@ async def run_writer(
                             await c.write(b * BLOCK, pattern(writer, b, seq), fua=fua)
                             del history.inflight[seq]
                             rec[1] = ACKED
+                            if acked is not None:
+                                acked.set()
                             if fua:
                                 history.durable.add(seq)
                             elif flush_every:
@@ -217,7 +227,8 @@ async def run_writer(
     history.finish()
 
 
-async def sample_alua(uri: str, samples: list, *, interval: float = 0.2, source: str | None = None) -> None:
+async def sample_alua(uri: str, samples: list, *, interval: float = 0.2, source: str | None = None,
+                      sampled: trio.Event | None = None) -> None:
     """Poll the path state the array shows this host, as a multipath initiator does: appends
     (monotonic time, state, epoch) and (time, None, error) when the array cannot be asked."""
     from ..nbd.client import open_alua_probe
@@ -229,6 +240,8 @@ async def sample_alua(uri: str, samples: list, *, interval: float = 0.2, source:
                     with trio.fail_after(max(interval * 5, 1.0)):
                         st, ep = await p.query()
                     samples.append((time.monotonic(), st, ep))
+                    if sampled is not None:
+                        sampled.set()
                     await trio.sleep(interval)
         except (OSError, NBDDisconnected, NBDError, trio.TooSlowError, trio.BrokenResourceError) as e:
             samples.append((time.monotonic(), None, type(e).__name__))
@@ -244,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--writer", type=int, default=1)
     p.add_argument("--blocks", default="0:4096", help="FIRST:COUNT blocks of 4 KiB")
     p.add_argument("--qd", type=int, default=4)
+    p.add_argument("--rate", type=float, default=0.0, help="at most this many writes per second (0: no limit)")
+    p.add_argument("--ready", help="create this file once a write is acknowledged (and, with "
+                                   "--alua-interval, a path state sampled)")
     p.add_argument("--out", help="write the history as JSON here")
     p.add_argument("--source", help="local address to connect from (the array tells hosts apart by it)")
     p.add_argument("--alua-interval", type=float, default=0.0,
@@ -257,11 +273,20 @@ def main(argv: list[str] | None = None) -> int:
         # SIGTERM/SIGINT stop the host at once (as a crashed server would), keeping the record.
         import signal
 
+        acked, sampled = trio.Event(), trio.Event()
+        if ns.alua_interval <= 0:
+            sampled.set()
+
         async with trio.open_nursery() as n:
             async def writer():
                 await run_writer(ns.uri, h, writer=ns.writer, blocks=range(first, first + count),
-                                 duration=ns.duration, qd=ns.qd, source=ns.source)
+                                 duration=ns.duration, qd=ns.qd, source=ns.source, rate=ns.rate, acked=acked)
                 n.cancel_scope.cancel()
+
+            async def ready(path: str) -> None:
+                await acked.wait()
+                await sampled.wait()
+                await trio.Path(path).touch()
 
             async def signals():
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
@@ -271,8 +296,11 @@ def main(argv: list[str] | None = None) -> int:
 
             n.start_soon(writer)
             n.start_soon(signals)
+            if ns.ready:
+                n.start_soon(ready, ns.ready)
             if ns.alua_interval > 0:
-                n.start_soon(lambda: sample_alua(ns.uri, alua, interval=ns.alua_interval, source=ns.source))
+                n.start_soon(lambda: sample_alua(ns.uri, alua, interval=ns.alua_interval, source=ns.source,
+                                                 sampled=sampled))
         h.finish()
 
     trio.run(run)

@@ -6,7 +6,10 @@
                  `----- W -----'
 
 A and B run storage nodes on loop devices, W runs the quorum witness, hA and hB run one host
-each: a verifying write workload that also samples the ALUA state it is shown.
+each: a verifying write workload that also samples the ALUA state it is shown. The witness is
+the built-in ``syncd witness`` process or (``backend="etcd"``) a three-member etcd cluster in W
+(syncd.lab.etcd): then every member is reached over witA and witB, so cutting witA cuts A off
+from the whole cluster, and stopping W stops every member.
 
 * non-uniform (Active Sync): each host reaches only its local array (proximity all) and the
   workload connects to it directly;
@@ -18,6 +21,9 @@ each: a verifying write workload that also samples the ALUA state it is shown.
 
 Every fault of the seed's lists is made real: processes killed or shut down, veths taken down,
 loop devices failed.
+
+Several rigs may run at once, one per thread (test_matrix runs its rows in lanes): each has
+its own namespaces, addresses, loop devices and directory.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from pyroute2 import IPRoute, NetNS, netns
 
 from syncd.config import LinkConfig
 from syncd.ctl import CtlError, call, wait_synced
+from syncd.lab import etcd as lab_etcd
 from syncd.lab.faults import drop_loop, fail_disk, heal_disk, make_loop
 from syncd.lab.rig import link_timings, node_toml, with_link_key
 from syncd.lab.workload import load_history
@@ -43,13 +50,17 @@ NBD_PORT, REP_PORT, WIT_PORT = 10809, 7001, 7100
 ALUA_SHORT = {0: "AO", 1: "ANO", 2: "S", 3: "U", 15: "T", None: "-"}
 SHIM_SHORT = {"active/optimized": "AO", "active/non-optimized": "ANO", "transitioning": "T",
               "unavailable": "U", "standby": "S", "unreachable": "-"}
+_losetup = threading.Lock()  # `losetup --find` run at once by two rigs may pick the same device
 
 
 class Matrix:
     def __init__(self, root: Path, tag: str, n: int, link_opts: dict, witness: dict, size: int = 16 << 20,
-                 topology: str = "non-uniform"):
+                 topology: str = "non-uniform", backend: str = "builtin", rate: float = 0.0):
         self.root = root
         self.topology = topology
+        self.backend = backend
+        self.rate = rate  # each host's writes per second (0: as fast as they complete)
+        self.etcd: dict | None = None  # the cluster's description (backend etcd)
         self.tag = tag
         self.net = f"10.{201 + n // 250}.{n % 250}"
         self.ns = {s: f"sm{tag}{s}" for s in ("A", "B", "W", "hA", "hB")}
@@ -74,6 +85,7 @@ class Matrix:
         self.samples: list[tuple] = []  # (t, site, role, epoch, serving) from the admin sockets
         self.paths: dict[str, list] = {"A": [], "B": []}  # per host: (t, ((array, ALUA, epoch), ...)) at each change
         self._sampling = False
+        self.note = ""  # what a fault saw as it struck, for the row's report
 
     # -- network -------------------------------------------------------------------------------
     def _ifn(self, link: str, end: int) -> str:
@@ -107,6 +119,8 @@ class Matrix:
 
     def teardown(self) -> None:
         self._sampling = False
+        if self.etcd is not None:
+            lab_etcd.stop_cluster(str(self.root))
         for p in self.procs.values():
             if p.poll() is None:
                 p.kill()
@@ -133,6 +147,13 @@ class Matrix:
         return p
 
     def start_witness(self) -> None:
+        if self.backend == "etcd":
+            if self.etcd is None:
+                self.etcd = lab_etcd.start_cluster(str(self.root), netns=self.ns["W"])
+            else:
+                for i in range(1, len(self.etcd["members"]) + 1):
+                    lab_etcd.restart_member(str(self.root), i)
+            return
         d = self.root / "W"
         d.mkdir(exist_ok=True)
         cfg = d / "witness.toml"
@@ -152,11 +173,18 @@ class Matrix:
         if cfg.exists():
             return cfg
         if site not in self.loops:
-            self.loops[site] = make_loop(str(d / "vv1.img"), self.size)
+            with _losetup:
+                self.loops[site] = make_loop(str(d / "vv1.img"), self.size)
         peer = "B" if site == "A" else "A"
         w = self.witness
         wit = {"address": f"{self.links['wit' + site][3]}:{WIT_PORT}", "key": KEY, "interval": w["interval"],
                "owner_lease": w["owner_lease"], "grace": w["grace"]}
+        if self.etcd is not None:
+            # Every member, at W's address on this array's witness link.
+            wit = {"backend": "etcd", "prefix": "/syncd/rcg1", "interval": w["interval"],
+                   "owner_lease": w["owner_lease"], "grace": w["grace"],
+                   "timeout": min(1.0, w["owner_lease"] / 2),  # a decision's deadline, as the lab's
+                   "endpoints": [f"http://{self.links['wit' + site][3]}:{m['port']}" for m in self.etcd["members"]]}
         toml = node_toml(site, peer, d, NBD_PORT, [(REP_PORT, REP_PORT)] * 2, [("vv1", Path(self.loops[site]), None)],
                          self.link_opts, wit)
         listen = [f'"{a}:{NBD_PORT}"' for a in self.host_ports(site).values()]
@@ -204,6 +232,9 @@ class Matrix:
         raise RuntimeError(f"node {site} did not come up")
 
     def stop(self, name: str, sig: int = signal.SIGKILL, timeout: float = 15) -> None:
+        if name == "W" and self.etcd is not None:
+            lab_etcd.stop_cluster(str(self.root))  # every member
+            return
         p = self.procs[name]
         if p.poll() is None:
             p.send_signal(sig)
@@ -281,8 +312,16 @@ class Matrix:
         self._spawn(f"h{site}", f"h{site}", [
             "-m", "syncd.lab.workload", *target,
             "--writer", str(writer), "--blocks", f"{first}:1024", "--qd", "4", "--duration", str(duration),
+            "--rate", str(self.rate), "--ready", str(self.root / f"h{site}.ready"),
             "--alua-interval", "0.1", "--out", str(self.root / f"h{site}.json"),
         ])
+
+    def wait_hosts(self, timeout: float = 30) -> None:
+        """Until every started host has an acknowledged write and a path state sampled."""
+        for s in ("A", "B"):
+            if f"h{s}" in self.procs:
+                ready = self.root / f"h{s}.ready"
+                self.wait(ready.exists, timeout, f"host {s} writing and sampling")
 
     def fail_host(self, site: str) -> None:
         """The host (server) dies: its workload and its shim."""
@@ -353,6 +392,15 @@ class Matrix:
         return out
 
     # -- faults --------------------------------------------------------------------------------
+    def etcd_leader(self) -> int:
+        return lab_etcd.leader(lab_etcd.load(str(self.root)))
+
+    def fail_etcd_member(self, which: int) -> None:
+        lab_etcd.fail_member(str(self.root), which)
+
+    def fail_etcd_quorum(self) -> None:
+        lab_etcd.fail_quorum(str(self.root))
+
     def fail_disk(self, site: str) -> None:
         fail_disk(self.loops[site])
 

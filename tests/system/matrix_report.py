@@ -34,6 +34,21 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out) + "\n\n" + LEGEND + "\n"
 
 
+def etcd_table(rows: list[dict]) -> str:
+    """The witness rows with the witness kept in etcd (non-uniform hosts)."""
+    out = ["| scenario | expected | primary during fault | ALUA host a (site A) | ALUA host b (site B) | "
+           "I/O errors a / b | interruption a / b (s) | acked writes lost | what the fault saw |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append("| {scenario} | {expected} | {prim} | {aa} | {ab} | {ea} / {eb} | {ia} / {ib} | {lost} | {note} |"
+                   .format(scenario=r["scenario"], expected=r["expected"], prim=r["primary_during"],
+                           aa=fmt_alua(r["alua"]["A"]), ab=fmt_alua(r["alua"]["B"]),
+                           ea=r["errors"]["A"], eb=r["errors"]["B"],
+                           ia=r["interruption_s"]["A"], ib=r["interruption_s"]["B"], lost=r["lost_acked_writes"],
+                           note=r.get("note") or ""))
+    return "\n".join(out) + "\n\n" + LEGEND + "\n"
+
+
 def fmt_paths(tl: list) -> str:
     return " → ".join(lbl if t < 0 else f"{lbl} ({t:g})" for t, lbl in tl)
 
@@ -66,12 +81,16 @@ UNIFORM_LEGEND = ("Paths as each host's shim saw them (`array:state@epoch`, samp
 
 def main(argv: list[str]) -> int:
     rows = [json.loads(line) for line in open(argv[1]) if line.strip()]
+    etcd = [r for r in rows if r.get("witness") == "etcd"]
+    rows = [r for r in rows if r.get("witness", "builtin") == "builtin"]
     uni = [r for r in rows if r.get("topology") == "uniform"]
     non = [r for r in rows if r.get("topology", "non-uniform") == "non-uniform"]
     if uni:
         sys.stdout.write("### Uniform hosts (Active Peer Persistence)\n\n" + uniform_table(uni) + "\n")
     if non:
         sys.stdout.write("### Non-uniform hosts (Active Sync)\n\n" + table(non))
+    if etcd:
+        sys.stdout.write("\n### The witness kept in etcd (non-uniform hosts)\n\n" + etcd_table(etcd))
     return 0
 
 

@@ -11,6 +11,15 @@ fault does not take down), that no acknowledged write of either host is missing 
 replica, that the replicas are identical, that no epoch ever had two serving primaries, and
 records each host's ALUA transitions, longest pause and slowest write.
 
+The witness rows run a second time with the witness kept in a three-member etcd cluster
+(``etcd:`` rows), with the rows only etcd has: one member down, its leader killed during a
+claim, its quorum lost, and an array cut off from it but not from its peer.
+
+Rigs are independent, so the rows run in lanes: SYNCD_MATRIX_LANES rigs at once (default 2),
+each host writing SYNCD_MATRIX_RATE writes per second (default 300, 0 for as fast as they
+complete, as one lane at full rate runs: ``SYNCD_MATRIX_LANES=1 SYNCD_MATRIX_RATE=0``). Each
+test waits for its own row's result, so a row passes or fails under its own name.
+
 Set SYNCD_MATRIX_REPORT=FILE to collect every row as JSON lines (tests/system/matrix_report.py
 turns them into the Markdown table of docs/failure-matrix.md).
 """
@@ -21,7 +30,9 @@ import json
 import os
 import signal
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -200,22 +211,134 @@ UNIFORM = {
         lambda m: m.stop("A"), lambda m: m.start_node("A"), "B", 2, no_error=("A", "B"),
         hold=9.0, link=DEFAULT_LINK, witness=DEFAULT_WITNESS),
 }
-CASES = [("non-uniform", n) for n in SCENARIOS] + [("uniform", n) for n in UNIFORM]
+
+def _etcd_member_then_primary(m):
+    m.fail_etcd_member(m.etcd_leader())  # the leader: the two left must elect another
+    time.sleep(1.0)
+    m.stop("A")
 
 
-@pytest.mark.parametrize("topology,name", CASES, ids=[f"{t}:{n}" for t, n in CASES])
-def test_failure_scenario(tmp_path, topology, name):
+def _etcd_leader_during_claim(m):
+    m.stop("A")
+    # B asks the witness to take the group as soon as its link to A drops, and goes on asking
+    # until A's lease in etcd has run out: kill the leader in the middle of that.
+    time.sleep(m.witness["owner_lease"] / 2)
+    before = m.group("B")
+    leader = m.etcd_leader()
+    m.fail_etcd_member(leader)
+    m.note = f"leader etcd{leader} killed while B was {before['role']} at epoch {before['epoch']}"
+
+
+def _etcd_heal_members(m):
+    m.start_witness()  # every member that is down starts again on its data
+
+
+def _etcd_quorum_then_link(m):
+    m.fail_etcd_quorum()
+    time.sleep(m.witness["grace"] + 1.5)
+    _links(m, ["rep0", "rep1"], False)
+
+
+def _etcd_heal_quorum_then_link(m):
+    m.start_witness()
+    _links(m, ["rep0", "rep1"], True)
+
+
+# DESIGN.md section 5: an array that loses the witness but not its peer changes nothing.
+CUT_OFF = Scenario(
+    "nothing changes: the primary goes on mirroring; the witness is needed only when the peer is lost",
+    lambda m: m.set_link("witA", False), lambda m: m.set_link("witA", True), "A", 1, no_error=("A", "B"))
+SCENARIOS["primary cut off from the witness, not from its peer"] = CUT_OFF
+
+# The witness rows again, with the witness kept in etcd, and etcd's own faults.
+ETCD = {n: SCENARIOS[n] for n in (
+    "primary array failure", "RAID set / metadata failure (primary)", "primary array reboot/shutdown",
+    "data center failure", "witness failure", "witness failure, then link failure", "isolated primary",
+    "isolated secondary", "primary cut off from the witness, not from its peer")}
+ETCD.update({
+    "one etcd member down, then primary array failure": Scenario(
+        "failover is still automatic: two of three members are a quorum",
+        _etcd_member_then_primary, lambda m: (_etcd_heal_members(m), m.start_node("A")), "B", 2,
+        no_error=("B",), lose=("A",)),
+    # A new etcd leader extends every lease by its election timeout, so the takeover can take
+    # longer than the test's io_timeout (2 s): writes B held that long fail (and are redone).
+    "etcd leader killed during the claim": Scenario(
+        "exactly one array wins: the secondary takes the group once etcd has a leader again",
+        _etcd_leader_during_claim, lambda m: (_etcd_heal_members(m), m.start_node("A")), "B", 2,
+        lose=("A",), hold=8.0),
+    "etcd quorum lost, then link failure": Scenario(
+        "as witness failure, then link failure: the pre-elected primary goes on; the secondary stops",
+        _etcd_quorum_then_link, _etcd_heal_quorum_then_link, "A", 1, no_error=("A",), lose=("B",)),
+})
+
+CASES = ([("non-uniform", n, "builtin") for n in SCENARIOS] + [("uniform", n, "builtin") for n in UNIFORM]
+         + [("non-uniform", n, "etcd") for n in ETCD])
+IDS = [f"{t}:{n}" if b == "builtin" else f"{b}:{n}" for t, n, b in CASES]
+LANES = max(1, int(os.environ.get("SYNCD_MATRIX_LANES", "2")))
+RATE = float(os.environ.get("SYNCD_MATRIX_RATE", "300"))
+
+
+@dataclass
+class Outcome:
+    root: Path
+    row: dict | None = None
+    printed: str = ""
+
+
+@pytest.fixture(scope="module")
+def lanes(request, tmp_path_factory):
+    """Starts every selected row at once in LANES worker threads, in CASES order; each test
+    then waits for its own."""
     require_root()
     require_tool("losetup")
-    sc = (UNIFORM if topology == "uniform" else SCENARIOS)[name]
-    n = (os.getpid() * 7 + CASES.index((topology, name))) % 1000
-    m = Matrix(tmp_path, format(n, "x"), n, sc.link, sc.witness, topology=topology)
+    chosen = [item.callspec.params for item in request.session.items
+              if item.module is request.module and getattr(item, "originalname", "") == "test_failure_scenario"]
+    pool = ThreadPoolExecutor(max_workers=LANES, thread_name_prefix="matrix")
+    futures: dict[tuple, Future] = {}
+    for params in chosen:
+        case = (params["topology"], params["name"], params["backend"])
+        root = tmp_path_factory.mktemp("matrix")
+        futures[case] = pool.submit(run_case, root, *case)
+    yield futures
+    for f in futures.values():
+        f.cancel()
+    pool.shutdown(wait=True)
+
+
+@pytest.mark.parametrize("topology,name,backend", CASES, ids=IDS)
+def test_failure_scenario(lanes, topology, name, backend):
+    out: Outcome = lanes[(topology, name, backend)].result()
+    print(out.printed)
+    if out.row is None:
+        for f in sorted(out.root.glob("*.log")) + sorted(out.root.glob("etcd/*.log")):
+            print(f"--- {f.name}\n{f.read_text(errors='replace')[-3000:]}")
+        pytest.fail(out.printed.splitlines()[-1] if out.printed else f"{name}: no result", pytrace=False)
+
+
+def run_case(root: Path, topology: str, name: str, backend: str) -> Outcome:
+    """One row on a rig of its own: its Outcome has the row, or the failure's text."""
+    import traceback
+
+    out = Outcome(root)
+    try:
+        out.row = _run(root, topology, name, backend)
+        out.printed = json.dumps(out.row)
+    except BaseException as e:  # noqa: BLE001 - handed to the row's test, which fails with it
+        out.printed = "".join(traceback.format_exception(e)) + f"{type(e).__name__}: {e}"
+    return out
+
+
+def _run(tmp_path: Path, topology: str, name: str, backend: str) -> dict:
+    sc = (UNIFORM if topology == "uniform" else ETCD if backend == "etcd" else SCENARIOS)[name]
+    n = (os.getpid() * 7 + CASES.index((topology, name, backend))) % 1000
+    m = Matrix(tmp_path, format(n, "x"), n, sc.link, sc.witness, topology=topology, backend=backend, rate=RATE)
     try:
         m.up()
         for s in ("A", "B"):
             m.start_host(s)
         m.start_sampling()
-        time.sleep(2.0)
+        m.wait_hosts()
+        time.sleep(1.0)  # both hosts write and sample before the fault
         t_fault = time.monotonic()
         sc.fault(m)
         time.sleep(sc.hold)
@@ -278,15 +401,12 @@ def test_failure_scenario(tmp_path, topology, name):
             "acked": {s: hist[s][0].acked_count() for s in ("A", "B")},
             "lost_acked_writes": lost,
             "timings": "defaults" if sc.link is DEFAULT_LINK else "fast test timings",
+            "witness": backend, "note": m.note, "rate": RATE,
         }
-        print(json.dumps(row))
         out = os.environ.get("SYNCD_MATRIX_REPORT")
         if out:
             with open(out, "a") as f:
                 f.write(json.dumps(row) + "\n")
-    except BaseException:
-        for f in sorted(tmp_path.glob("*.log")):
-            print(f"--- {f.name}\n{f.read_text()[-3000:]}")
-        raise
+        return row
     finally:
         m.teardown()
