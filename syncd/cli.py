@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dir", default="lab-campaign", help="where the lab and the history file go")
     s.add_argument("--faults", help="a comma-separated subset of: " + ", ".join(
         ["link", "isolate", "primary", "secondary", "witness", "flap", "switchover", "power"]))
+    s.add_argument("--witness", choices=["builtin", "etcd"], default="builtin",
+                   help="the witness's backend: the built-in process (default) or a three-member etcd cluster")
     s.add_argument("--keep", action="store_true", help="leave the lab running afterwards")
     s = lsub.add_parser("fuzz", help="replay mutated recordings of real sessions against a running lab's NBD, "
                                      "link, witness and admin ports; then check every daemon serves and "
@@ -352,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             from .lab.campaign import print_campaign, run_campaign
 
             kinds = tuple(k.strip() for k in ns.faults.split(",") if k.strip()) if ns.faults else None
-            res = run_campaign(ns.dir, ns.rounds, ns.seed, kinds=kinds, keep=ns.keep,
+            res = run_campaign(ns.dir, ns.rounds, ns.seed, kinds=kinds, keep=ns.keep, witness=ns.witness,
                                progress=lambda what: print(what, flush=True))
             print_campaign(res)
             return 0 if res.ok else 3

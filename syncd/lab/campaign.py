@@ -252,9 +252,9 @@ def _flap(lab: dict, rng: random.Random, seconds: float, log: Callable[[str], No
         elif what == "one":
             paths = [rng.randrange(npaths)]
         elif what == "witness":
-            paths = [wrelays[rng.choice(["A", "B"])]]
+            paths = list(wrelays[rng.choice(["A", "B"])])
         else:
-            paths = list(range(npaths)) + [wrelays[rng.choice(["A", "B"])]]
+            paths = list(range(npaths)) + wrelays[rng.choice(["A", "B"])]
         spell = rng.choice([0.05, 0.2, 0.5, 1.0])
         proxy_command(ctl, "cut", paths=paths)
         log(f"  flap: cut {what} (relays {paths}) for {spell}s")
@@ -328,11 +328,15 @@ class CampaignResult:
 
 def run_campaign(d: str, rounds: int, seed: int = 1, *, kinds: tuple[str, ...] | None = None,
                  progress: Callable[[str], None] = print, writers: int = 1, readers: int = 1,
-                 keep: bool = False) -> CampaignResult:
+                 keep: bool = False, witness: str = "builtin") -> CampaignResult:
     """Start a lab in ``d``, play ``rounds`` random fault sequences under recorded I/O, check the
-    history and the replicas. ``keep`` leaves the lab running afterwards."""
+    history and the replicas. ``keep`` leaves the lab running afterwards. ``witness`` is the
+    witness's backend: the built-in process or a three-member etcd cluster ("etcd"), whose
+    members the witness faults kill and cut off as they do the process."""
     if rounds < 1:
         raise LabError(f"--rounds must be at least 1, not {rounds}")
+    if witness not in ("builtin", "etcd"):
+        raise LabError(f"--witness must be builtin or etcd, not {witness!r}")
     kinds = kinds or available_kinds()
     bad = [k for k in kinds if k not in FAULT_KINDS]
     if bad:
@@ -348,7 +352,8 @@ def run_campaign(d: str, rounds: int, seed: int = 1, *, kinds: tuple[str, ...] |
         res.timeline.append((time.monotonic_ns(), what.strip()))
         progress(what)
 
-    lab = lab_up(d, size=SIZE, nvolumes=1, npaths=2, link_opts=FAST, witness=WITNESS, topology="uniform", timeout=60,
+    wit = dict(WITNESS, backend="etcd") if witness == "etcd" else WITNESS
+    lab = lab_up(d, size=SIZE, nvolumes=1, npaths=2, link_opts=FAST, witness=wit, topology="uniform", timeout=60,
                  power_cut="power" in kinds)
     rec = None
     try:

@@ -1023,10 +1023,10 @@ def record_all(lab: Lab, ports: tuple[str, ...], problems: list[str]) -> dict[st
         if not lab.lab.get("witness"):
             raise FuzzError("the witness port needs a lab with a witness")
         out["witness"] = []
-        for n, idx in (lab.lab["link"].get("witness_relays") or {}).items():
+        for n, idxs in (lab.lab["link"].get("witness_relays") or {}).items():
             def reach(n=n) -> bool:
                 return bool(lab.show(n)["witness"]["reachable"])
-            out["witness"] += record_via_relay(lab.lab, idx, f"node {n} to the witness", "witness", reach,
+            out["witness"] += record_via_relay(lab.lab, idxs[0], f"node {n} to the witness", "witness", reach,
                                                problems)
         lab._wait_served()
     for p in ports:

@@ -265,17 +265,22 @@ def _lab_up(
         lab_tls["witness"] = "mutual TLS" if witness_tls else None
     wcfg: dict[str, dict] = {}
     if witness is not None and witness.get("backend") == "etcd":
-        # The witness kept in a three-member etcd cluster on loopback (no witness process, no
-        # relays to it: its faults are its members', syncd.lab.etcd).
+        # The witness kept in a three-member etcd cluster on loopback (no witness process; its
+        # own faults are its members', syncd.lab.etcd).
         from . import etcd as lab_etcd
 
         info = lab_etcd.start_cluster(str(root))
-        lab["etcd"] = {"endpoints": info["endpoints"], "prefix": f"/syncd/{group}"}
         started["etcd"] = str(root)
+        # Each array reaches every member through relays of its own, so either array can be cut
+        # off from the whole cluster (lab fail witness-link SITE) while its peer still sees it.
+        etcd_relays = {site: [(free_port(), m["client"].rsplit(":", 1)[1]) for m in info["members"]]
+                       for site in NODES} if relay else {}
+        relayed = {site: [f"http://127.0.0.1:{rp}" for rp, _ in rs] for site, rs in etcd_relays.items()}
+        lab["etcd"] = {"endpoints": info["endpoints"], "prefix": f"/syncd/{group}", "relayed": relayed}
         common = {k: witness[k] for k in ("interval", "owner_lease", "grace") if k in witness}
         common["timeout"] = min(1.0, common.get("owner_lease", 3.0) / 2)  # a decision's deadline
-        wcfg = {site: dict(common, backend="etcd", endpoints=info["endpoints"], prefix=f"/syncd/{group}")
-                for site in ("A", "B")}
+        wcfg = {site: dict(common, backend="etcd", endpoints=relayed.get(site, info["endpoints"]),
+                           prefix=f"/syncd/{group}") for site in ("A", "B")}
         witness = None  # nothing more below: that is the built-in witness's
     if witness is not None:
         # The witness (site W) on loopback; A and B reach it through relays of their own (relay
@@ -318,10 +323,19 @@ def _lab_up(
     for i in range(npaths):
         relay_args += ["--relay", f"127.0.0.1:{relay_ports[i]}=127.0.0.1:{ports['B']['paths'][i]}"]
     nrelay = npaths
+    witness_relays: dict[str, list[int]] | None = None
     if witness is not None:
         relay_args += ["--relay", f"127.0.0.1:{wrelay}=127.0.0.1:{wport}"]
         relay_args += ["--relay", f"127.0.0.1:{wrelay_b}=127.0.0.1:{wport}"]
+        witness_relays = {"A": [npaths], "B": [npaths + 1]}
         nrelay += 2
+    elif etcd_relays:
+        witness_relays = {}
+        for site, rs in etcd_relays.items():
+            for rp, port in rs:
+                relay_args += ["--relay", f"127.0.0.1:{rp}=127.0.0.1:{port}"]
+                witness_relays.setdefault(site, []).append(nrelay)
+                nrelay += 1
     # Host shims reach each array through a relay of their own (the SAN cable from that host to
     # that array), so one host can be cut from one array: the seed's "host disconnect".
     host_relays: dict[str, dict[str, list]] = {}
@@ -337,7 +351,8 @@ def _lab_up(
         lab["link"] = {"pid": proxy_pid, "control": str(root / "link.sock"), "npaths": npaths,
                        "relays": [f"127.0.0.1:{p}" for p in relay_ports],
                        "witness_relay": npaths if witness is not None else None,
-                       "witness_relays": {"A": npaths, "B": npaths + 1} if witness is not None else None,
+                       # per site, the relays between it and the witness (one per etcd member)
+                       "witness_relays": witness_relays,
                        "host_relays": host_relays}
     else:
         relay_ports = ports["B"]["paths"]
@@ -891,6 +906,13 @@ def lab_fail(d: str, what: str, site: str | None = None) -> str:
     if what == "link":
         _relays(lab, list(range(npaths)), "cut")
         return f"replication link cut ({npaths} paths)"
+    if what == "witness" and lab.get("etcd"):
+        from . import etcd as lab_etcd
+
+        n = len(lab_etcd.load(d)["members"])
+        for i in range(1, n + 1):
+            lab_etcd.fail_member(d, i)
+        return f"witness stopped: its {n} etcd members killed (kill -9)"
     if what == "witness":
         w = lab.get("witness")
         if not w:
@@ -904,7 +926,7 @@ def lab_fail(d: str, what: str, site: str | None = None) -> str:
         if site not in wr:
             raise LabError("this lab has no witness relays (it was started with lab up "
                            + ("--no-relay)" if lab.get("witness") else "--no-witness)"))
-        paths = [wr[site]] + (list(range(npaths)) if what == "isolate" else [])
+        paths = wr[site] + (list(range(npaths)) if what == "isolate" else [])
         _relays(lab, paths, "cut")
         return f"site {site} cut from the witness" + (" and from its peer" if what == "isolate" else "")
     if what == "disk":
@@ -932,7 +954,7 @@ def lab_fail(d: str, what: str, site: str | None = None) -> str:
     if (lab.get("hosts") or {}).get(site):
         gone = f" and host {_kill_host(d, lab, site)}"
     if site in wr:
-        _relays(lab, [wr[site]], "cut")
+        _relays(lab, wr[site], "cut")
     return f"data center {site} lost (array{gone} powered off, cut from the witness)"
 
 
@@ -953,7 +975,7 @@ def lab_heal(d: str, what: str, site: str | None = None) -> str:
     if what == "power" or (what == "site" and (lab.get("disks") or {}).get(site)):
         done += _power_on(d, lab, [site] if site else list(lab["nodes"]))
         if what == "site" and site in wr:
-            _relays(lab, [wr[site]], "heal")
+            _relays(lab, wr[site], "heal")
         if what == "site" and (lab.get("hosts") or {}).get(site):
             done.append(f"host {_start_host(d, site)} started")
     elif what in ("primary", "secondary", "site"):
@@ -962,7 +984,7 @@ def lab_heal(d: str, what: str, site: str | None = None) -> str:
             lab_start(d, n)
             done.append(f"array {n} started")
         if what == "site" and site in wr:
-            _relays(lab, [wr[site]], "heal")
+            _relays(lab, wr[site], "heal")
         if what == "site" and (lab.get("hosts") or {}).get(site):
             done.append(f"host {_start_host(d, site)} started")
     elif what == "host":
@@ -974,6 +996,13 @@ def lab_heal(d: str, what: str, site: str | None = None) -> str:
     elif what == "link":
         _relays(lab, list(range(npaths)), "heal")
         done.append("replication link healed")
+    elif what == "witness" and lab.get("etcd"):
+        from . import etcd as lab_etcd
+
+        n = len(lab_etcd.load(d)["members"])
+        for i in range(1, n + 1):
+            lab_etcd.restart_member(d, i)
+        done.append(f"witness started: its {n} etcd members")
     elif what == "witness":
         w = lab.get("witness")
         if not w:
@@ -985,7 +1014,7 @@ def lab_heal(d: str, what: str, site: str | None = None) -> str:
         done.append("witness started")
     elif what in ("witness-link", "isolate"):
         sites = [site] if site else list(wr)
-        paths = [wr[s] for s in sites if s in wr] + (list(range(npaths)) if what == "isolate" else [])
+        paths = [i for s in sites if s in wr for i in wr[s]] + (list(range(npaths)) if what == "isolate" else [])
         _relays(lab, paths, "heal")
         done.append("connections healed")
     else:
@@ -1090,6 +1119,9 @@ def print_summary(lab: dict) -> None:
                 "kill A and watch B take over")
         c.print(f"  {bindir}/syncd lab fail etcd-member 2|etcd-leader|etcd-quorum --dir {lab['dir']}"
                 f"   /   {bindir}/syncd lab heal etcd-member N|etcd-quorum --dir {lab['dir']}")
+        if lab["etcd"].get("relayed"):
+            c.print(f"  {bindir}/syncd lab fail witness|witness-link A|isolate A --dir {lab['dir']}"
+                    "   (every member, or site A cut off from all of them)")
     elif not lab.get("witness"):
         c.print("  (no quorum witness in this lab: B does not take over by itself when A fails)")
     if lab.get("witness"):

@@ -3,8 +3,11 @@
 loss, flapping, switchover) under reads and writes recorded at both sites, directly and through
 the host shims; the history checker must find no violation and the replicas must be identical.
 
+It runs once with each witness backend: the built-in witness process, and the witness kept in a
+three-member etcd cluster (whose members the witness faults kill and cut off).
+
 SYNCD_CAMPAIGN_ROUNDS sets the rounds (default 5), SYNCD_CAMPAIGN_SEED the sequence (default 3).
-By hand, longer: ``syncd lab campaign --rounds 50``.
+By hand, longer: ``syncd lab campaign --rounds 50 [--witness etcd]``.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ from syncd.lab.history import Kind
 pytestmark = pytest.mark.system
 
 
-def test_random_fault_sequences_keep_every_promise_the_checker_knows(tmp_path):
+@pytest.mark.parametrize("witness", ["builtin", "etcd"])
+def test_random_fault_sequences_keep_every_promise_the_checker_knows(tmp_path, witness):
     rounds = int(os.environ.get("SYNCD_CAMPAIGN_ROUNDS", "5"))
     seed = int(os.environ.get("SYNCD_CAMPAIGN_SEED", "3"))
-    res = run_campaign(str(tmp_path / "lab"), rounds, seed)
+    res = run_campaign(str(tmp_path / "lab"), rounds, seed, witness=witness)
     print_campaign(res)
     r = res.report
     assert r is not None, res.problems

@@ -322,7 +322,7 @@ def test_an_isolated_primary_says_failsafe_and_witness_lost_and_runs_its_failsaf
     wait_for(lambda: show(wlab, "B")["witness"]["reachable"] and show(wlab, "A")["witness"]["reachable"],
              what="witness")
     # B, now primary, loses its peer and the witness at once: failsafe; A takes over.
-    proxy_command(wlab["link"]["control"], "cut", paths=[0, 1, wlab["link"]["witness_relays"]["B"]])
+    proxy_command(wlab["link"]["control"], "cut", paths=[0, 1, *wlab["link"]["witness_relays"]["B"]])
     b.wait("witness", "change", state="unreachable")
     fs = b.wait("group", "change", failsafe=True)
     assert fs["role"] == "primary" and fs["serving"] is False
@@ -335,7 +335,7 @@ def test_an_isolated_primary_says_failsafe_and_witness_lost_and_runs_its_failsaf
     assert not outs["failover"].exists()  # the failover hook is for the node that takes over (A here)
     log_b = Path(wlab["nodes"]["B"]["log"]).read_text()
     assert "WARNING syncd.group: group rcg1: FAILSAFE" in log_b
-    proxy_command(wlab["link"]["control"], "heal", paths=[0, 1, wlab["link"]["witness_relays"]["B"]])
+    proxy_command(wlab["link"]["control"], "heal", paths=[0, 1, *wlab["link"]["witness_relays"]["B"]])
     b.wait("witness", "change", state="reachable")
     back = b.wait("group", "change", role="secondary", cause="replaced")
     assert back["failsafe"] is False

@@ -127,10 +127,10 @@ def test_failsafe_is_left_when_the_witness_or_the_peer_confirms_the_primary(wlab
         trio.run(go)
 
     wb = lab["link"]["witness_relays"]["B"]
-    proxy_command(ctl, "cut", paths=[wb])
+    proxy_command(ctl, "cut", paths=wb)
     lab_fail(d, "isolate", "A")
     wait_for(lambda: group(lab, "A")["status"] == "failsafe", what="A in failsafe")
-    proxy_command(ctl, "heal", paths=[wa])
+    proxy_command(ctl, "heal", paths=wa)
     wait_for(lambda: group(lab, "A")["status"] == "started" and group(lab, "A")["serving"], what="A out of failsafe")
     ga = group(lab, "A")
     assert ga["role"] == "primary" and ga["epoch"] == 1 and ga["peer_mode"] == "detached"
@@ -146,7 +146,7 @@ def test_failsafe_is_left_when_the_witness_or_the_peer_confirms_the_primary(wlab
              what="A out of failsafe once B mirrors it")
     assert group(lab, "A")["serving"] and group(lab, "B")["role"] == "secondary"
     write(4096, 0xA5)
-    proxy_command(ctl, "heal", paths=[wa, wb])
+    proxy_command(ctl, "heal", paths=wa + wb)
     assert_replicas_identical(lab, "vv1")
     with open(lab["nodes"]["B"]["volumes"]["vv1"]["path"], "rb") as f:
         assert f.read(8192) == b"\x5a" * 4096 + b"\xa5" * 4096

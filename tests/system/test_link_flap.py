@@ -70,9 +70,9 @@ def test_a_flapping_network_kills_nothing_splits_nothing_and_loses_nothing(tmp_p
                 elif what == "one":
                     paths = [rng.randrange(npaths)]
                 elif what == "witness":
-                    paths = [wrelays[rng.choice(["A", "B"])]]
+                    paths = list(wrelays[rng.choice(["A", "B"])])
                 elif what == "isolate":  # an array cut from its peer and the witness: a failover
-                    paths = list(range(npaths)) + [wrelays[rng.choice(["A", "B"])]]
+                    paths = list(range(npaths)) + wrelays[rng.choice(["A", "B"])]
                 else:
                     paths = list(range(npaths))
                     proxy_command(ctl, "delay", ms=rng.choice([20, 80, 300]), paths=paths)
