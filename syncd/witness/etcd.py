@@ -154,6 +154,7 @@ class _Conn:
         self.stream = stream
         self.host = host
         self.h = h11.Connection(h11.CLIENT)
+        self.heard = False  # some of the current answer has arrived
 
     async def post(self, path: str, body: bytes, headers: list[tuple[str, str]]) -> tuple[int, bytes]:
         if self.h.our_state is h11.DONE and self.h.their_state is h11.DONE:
@@ -162,6 +163,7 @@ class _Conn:
             ("Host", self.host), ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
             *headers])
         head, data, end = self.h.send(req), self.h.send(h11.Data(data=body)), self.h.send(h11.EndOfMessage())
+        self.heard = False
         await self.stream.send_all(b"".join(x for x in (head, data, end) if x))
         status = 0
         out = bytearray()
@@ -169,6 +171,7 @@ class _Conn:
             ev = self.h.next_event()
             if ev is h11.NEED_DATA:
                 data = bytes(await self.stream.receive_some(65536))
+                self.heard = self.heard or bool(data)
                 self.h.receive_data(data)  # b"" is the end of the stream: h11 raises on a cut answer
                 continue
             if isinstance(ev, h11.Response):
@@ -225,17 +228,9 @@ class EtcdClient:
     async def _post_at(self, endpoint: str, path: str, body: dict[str, Any], auth: bool) -> dict[str, Any]:
         """One request at one endpoint: etcd's answer (a dict), or EtcdError; transport
         failures raise OSError, h11 or TLS errors (the connection is dropped)."""
+        headers = [("Authorization", self._token)] if auth and self._token else []
         async with self._locks[endpoint]:
-            conn = self._conns.get(endpoint)
-            if conn is None:
-                conn = self._conns[endpoint] = await self._connect(endpoint)
-            headers = [("Authorization", self._token)] if auth and self._token else []
-            try:
-                status, raw = await conn.post(path, json.dumps(body).encode(), headers)
-            except BaseException:
-                del self._conns[endpoint]
-                await conn.aclose()
-                raise
+            status, raw = await self._exchange(endpoint, path, json.dumps(body).encode(), headers)
         try:
             ans = json.loads(raw) if raw else {}
         except ValueError:
@@ -246,6 +241,30 @@ class EtcdClient:
             msg = ans.get("message") or ans.get("error") or f"HTTP {status}"
             raise EtcdError(str(msg), _int(ans.get("code")))
         return ans
+
+    async def _exchange(self, endpoint: str, path: str, body: bytes,
+                        headers: list[tuple[str, str]]) -> tuple[int, bytes]:
+        """One request and its answer, on the endpoint's kept-alive connection or a new one."""
+        conn = self._conns.get(endpoint)
+        if conn is not None:
+            try:
+                return await self._post_on(endpoint, conn, path, body, headers)
+            except (OSError, h11.ProtocolError, trio.BrokenResourceError):
+                if conn.heard:
+                    raise
+                # The member closed the kept-alive connection meanwhile (it restarted, or dropped
+                # an idle one) and nothing of the answer came: once more, on a new connection.
+        conn = self._conns[endpoint] = await self._connect(endpoint)
+        return await self._post_on(endpoint, conn, path, body, headers)
+
+    async def _post_on(self, endpoint: str, conn: _Conn, path: str, body: bytes,
+                       headers: list[tuple[str, str]]) -> tuple[int, bytes]:
+        try:
+            return await conn.post(path, body, headers)
+        except BaseException:
+            del self._conns[endpoint]  # a connection that failed is not used again
+            await conn.aclose()
+            raise
 
     async def call(self, path: str, body: dict[str, Any], *, within: float | None = None) -> dict[str, Any]:
         """POST ``body`` to ``path`` at the preferred endpoint, then the others, within the
