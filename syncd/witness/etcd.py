@@ -234,6 +234,8 @@ class EtcdClient:
         try:
             ans = json.loads(raw) if raw else {}
         except ValueError:
+            if status != 200:  # the gateway's own refusals are plain text: say what it said
+                raise _BadAnswer(_plain_refusal(status, raw)) from None
             raise _BadAnswer(f"answer is not JSON ({raw[:40]!r})") from None
         if not isinstance(ans, dict):
             raise _BadAnswer("answer is not a JSON object")
@@ -287,17 +289,17 @@ class EtcdClient:
                     try:
                         ans = await self._post_at(endpoint, path, body, auth=True)
                     except EtcdError as e:
-                        if self.cfg.user is None or "token" not in str(e):
+                        if self.cfg.user is None or not _stale_token(e):
                             raise
                         self._token = None  # expired or from a restarted member: once more
                         await self._authenticate(endpoint)
                         ans = await self._post_at(endpoint, path, body, auth=True)
                 except (OSError, h11.ProtocolError, ssl.SSLError, trio.BrokenResourceError, _BadAnswer) as e:
-                    errors.append(f"{endpoint}: {e or type(e).__name__}")
+                    errors.append(f"{endpoint}: {self._transport_failure(e)}")
                     continue
                 except EtcdError as e:
                     if not _unavailable(e):
-                        raise
+                        raise self._refusal(e) from None
                     errors.append(f"{endpoint}: {e}")  # this member cannot serve it (no leader...)
                     continue
                 self._preferred = idx
@@ -308,6 +310,43 @@ class EtcdClient:
                 errors.append(f"{endpoint}: no answer within {share:.2f}s")
         self.last_error = "; ".join(errors) or "no time left"
         raise EtcdUnreachable(self.last_error)
+
+    def _transport_failure(self, e: BaseException) -> str:
+        """A failed connection in the administrator's words; a TLS failure says which side's
+        certificate was refused and which setting to check."""
+        tls = e.__cause__ if isinstance(e, trio.BrokenResourceError) else e  # trio wraps ssl's errors
+        if isinstance(tls, ssl.SSLCertVerificationError):
+            return (f"TLS: etcd's certificate is not trusted ({tls.verify_message}): check the CA file "
+                    f"(tls_ca = {self.cfg.ca or 'none: the system CAs'})")
+        if isinstance(tls, ssl.SSLError):
+            reason = tls.reason or str(tls)
+            if "ALERT" in reason and ("CERTIFICATE" in reason or "UNKNOWN_CA" in reason):
+                if self.cfg.cert is None:
+                    return (f"TLS: etcd requires a client certificate and none is configured "
+                            f"(tls_certificate, tls_key) [{reason}]")
+                return (f"TLS: etcd refused the client certificate {self.cfg.cert} (not signed by a CA "
+                        f"etcd trusts, or expired) [{reason}]")
+            return f"TLS: {reason}"
+        return str(e) or type(e).__name__
+
+    def _refusal(self, e: EtcdError) -> EtcdError:
+        """etcd's refusal, with the user it was refused to when it is about authentication or
+        permissions (gRPC codes: 3 invalid argument, 7 permission denied, 9 failed precondition,
+        16 unauthenticated)."""
+        text = str(e)
+        if "authentication failed" in text:
+            why = f"etcd user {self.cfg.user!r}: authentication failed (wrong user or password)"
+        elif "authentication is not enabled" in text and self.cfg.user is not None:
+            why = (f"etcd user {self.cfg.user!r} is configured but etcd's authentication is not enabled "
+                   f"(enable it in etcd, or remove user and password from the witness's settings)")
+        elif (e.code == 7 or "permission denied" in text) and self.cfg.user is not None:
+            why = (f"permission denied to etcd user {self.cfg.user!r} (grant its role readwrite on this "
+                   f"pair's prefix)")
+        elif e.code == 7 or "permission denied" in text:
+            why = "permission denied: etcd requires authentication and no etcd user is configured (user, password)"
+        else:
+            return e
+        return EtcdError(f"{why}: {text}", e.code)
 
     async def _authenticate(self, endpoint: str) -> None:
         ans = await self._post_at(endpoint, "/v3/auth/authenticate",
@@ -357,6 +396,23 @@ class EtcdClient:
         with trio.fail_after(self.cfg.timeout):
             ans: dict[str, Any] = await self._post_at(endpoint, "/v3/maintenance/status", {}, auth=True)
             return ans
+
+
+def _stale_token(e: EtcdError) -> bool:
+    """etcd no longer takes the token: it expired, the member restarted (simple tokens live in
+    its memory), or the users and roles changed since it was issued."""
+    text = str(e)
+    return e.code == 16 or "invalid auth token" in text or "auth store is old" in text
+
+
+def _plain_refusal(status: int, raw: bytes) -> str:
+    """An error etcd's HTTP layer gives in plain text, not JSON, quoted; with the remedy for the
+    one a syncd setup meets: a client certificate with a CommonName once authentication is on."""
+    text = raw[:300].decode(errors="replace").strip()
+    if "CommonName" in text:
+        text += (" (with authentication enabled, etcd's JSON gateway refuses a client certificate that "
+                 "has a CommonName: issue syncd's client certificate without one)")
+    return f"HTTP {status}: {text}"
 
 
 def _unavailable(e: EtcdError) -> bool:
