@@ -9,6 +9,11 @@ change takes well under the witness's grace period.
 A cluster can also run inside a network namespace (``netns``), as the failure matrix's witness
 site does: its members listen on every address there, and this module's own probes enter the
 namespace to ask them.
+
+With ``tls=True`` the members serve their clients over TLS and require a client certificate
+(``--client-cert-auth``) from a CA made for the cluster (``DIR/etcd/tls``); their peers stay
+plain HTTP on loopback. The client certificate carries no CommonName: once etcd's
+authentication is enabled, its JSON gateway refuses a client certificate that has one.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -24,6 +30,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from .ports import LabError, free_port
 
@@ -40,12 +47,46 @@ def etcd_binary() -> str:
 
 def _member_args(d: Path, m: dict, cluster: str, state: str) -> list[str]:
     ns = ["ip", "netns", "exec", m["netns"]] if m.get("netns") else []
-    return [*ns, etcd_binary(), "--name", m["name"], "--data-dir", str(d / m["name"]),
+    args = [*ns, etcd_binary(), "--name", m["name"], "--data-dir", str(d / m["name"]),
             "--listen-client-urls", m.get("listen", m["client"]), "--advertise-client-urls", m["client"],
             "--listen-peer-urls", m["peer"], "--initial-advertise-peer-urls", m["peer"],
             "--initial-cluster", cluster, "--initial-cluster-token", "syncd-lab",
             "--initial-cluster-state", state, "--heartbeat-interval", str(HEARTBEAT_MS),
             "--election-timeout", str(ELECTION_MS), "--logger", "zap", "--log-outputs", "stderr"]
+    if m.get("tls"):
+        t = Path(m["tls"])
+        args += ["--cert-file", str(t / "server.pem"), "--key-file", str(t / "server-key.pem"),
+                 "--client-cert-auth", "--trusted-ca-file", str(t / "ca.pem")]
+    return args + list(m.get("extra_args", []))
+
+
+def make_tls(d: Path, ca: Any = None) -> dict:
+    """The members' server certificate (127.0.0.1, localhost) and one client certificate (no
+    CommonName) under ``d``, from ``ca`` (a ``trustme.CA``) or a CA made here whose key is not
+    kept. Returns the client's files as EtcdConfig takes them: ca, cert, key."""
+    try:
+        import trustme
+    except ImportError:
+        raise LabError("an etcd cluster with TLS makes its CA with trustme: pip install 'syncd[lab]'") from None
+    d.mkdir(parents=True, exist_ok=True)
+    os.chmod(d, 0o700)
+    ca = ca if ca is not None else trustme.CA(organization_name="syncd lab etcd")
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    server.cert_chain_pems[0].write_to_path(str(d / "server.pem"))
+    server.private_key_pem.write_to_path(str(d / "server-key.pem"))
+    client = ca.issue_cert("syncd-etcd-client")
+    client.cert_chain_pems[0].write_to_path(str(d / "client.pem"))
+    client.private_key_pem.write_to_path(str(d / "client-key.pem"))
+    for f in ("server-key.pem", "client-key.pem"):
+        os.chmod(d / f, 0o600)
+    return {"ca": str(d / "ca.pem"), "cert": str(d / "client.pem"), "key": str(d / "client-key.pem")}
+
+
+def _client_context(tls_dir: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(Path(tls_dir) / "ca.pem"))
+    ctx.load_cert_chain(str(Path(tls_dir) / "client.pem"), str(Path(tls_dir) / "client-key.pem"))
+    return ctx
 
 
 def _spawn(d: Path, m: dict, cluster: str, state: str) -> int:
@@ -87,17 +128,21 @@ def _inside(ns: str | None) -> Iterator[None]:
         netns.popns()
 
 
-def post(endpoint: str, path: str, body: dict, timeout: float = 1.0, ns: str | None = None) -> dict:
-    """One JSON gateway request (the lab's own checks; the nodes use syncd.witness.etcd)."""
+def post(endpoint: str, path: str, body: dict, timeout: float = 1.0, tls: str | None = None,
+         ns: str | None = None) -> dict:
+    """One JSON gateway request (the lab's own checks; the nodes use syncd.witness.etcd);
+    ``tls``: the cluster's TLS directory, for an https endpoint; ``ns``: the network namespace
+    to ask from."""
     req = urllib.request.Request(endpoint + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with _inside(ns), urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 (loopback http)
+    ctx = _client_context(tls) if tls and endpoint.startswith("https") else None
+    with _inside(ns), urllib.request.urlopen(req, timeout=timeout, context=ctx) as r:  # noqa: S310 (loopback)
         return dict(json.loads(r.read()))
 
 
 def member_status(m: dict) -> dict | None:
     """The member's status (its leader's id, its own id), or None if it does not answer."""
     try:
-        st = post(m["client"], "/v3/maintenance/status", {}, timeout=0.5, ns=m.get("netns"))
+        st = post(m["client"], "/v3/maintenance/status", {}, timeout=0.5, tls=m.get("tls"), ns=m.get("netns"))
     except (OSError, ValueError, urllib.error.URLError):
         return None
     return {"id": int(st["header"]["member_id"]), "leader": int(st.get("leader", 0))}
@@ -109,7 +154,7 @@ def healthy(info: dict, timeout: float = 1.0) -> bool:
         if not alive(m):
             continue
         try:
-            post(m["client"], "/v3/kv/range", {"key": "AA=="}, timeout=timeout, ns=m.get("netns"))
+            post(m["client"], "/v3/kv/range", {"key": "AA=="}, timeout=timeout, tls=m.get("tls"), ns=m.get("netns"))
             return True
         except (OSError, ValueError, urllib.error.URLError):
             continue
@@ -124,25 +169,37 @@ def alive(m: dict) -> bool:
     return True
 
 
-def start_cluster(lab_dir: str, n: int = 3, timeout: float = 20.0, netns: str | None = None) -> dict:
+def start_cluster(lab_dir: str, n: int = 3, timeout: float = 20.0, *, tls: Any = False,
+                  extra_args: tuple[str, ...] = (), netns: str | None = None) -> dict:
     """Start an ``n``-member cluster under LAB_DIR/etcd; returns its description (members:
-    name, client and peer URLs, pid) once it serves linearizable reads. With ``netns`` the
-    members run in that network namespace and take clients on all its addresses (each
+    name, client and peer URLs, pid) once it serves linearizable reads. ``tls`` (True, or the
+    ``trustme.CA`` to issue the certificates from): https client URLs requiring a client
+    certificate; the description's ``tls`` names the client's files (ca, cert, key).
+    ``extra_args``: more etcd flags for every member (kept for its restarts). With ``netns``
+    the members run in that network namespace and take clients on all its addresses (each
     member's ``port``); their ``client`` URLs are then the namespace's loopback."""
     d = Path(lab_dir) / "etcd"
     d.mkdir(parents=True, exist_ok=True)
+    client_tls = make_tls(d / "tls", None if tls is True else tls) if tls else None
+    scheme = "https" if tls else "http"
     members: list[dict] = []
     for i in range(n):
         port = free_port()
-        m = {"name": f"etcd{i + 1}", "client": f"http://127.0.0.1:{port}", "port": port,
-             "peer": f"http://127.0.0.1:{free_port()}"}
+        m: dict = {"name": f"etcd{i + 1}", "client": f"{scheme}://127.0.0.1:{port}", "port": port,
+                   "peer": f"http://127.0.0.1:{free_port()}"}
         if netns:
-            m.update(netns=netns, listen=f"http://0.0.0.0:{port}")
+            m.update(netns=netns, listen=f"{scheme}://0.0.0.0:{port}")
+        if tls:
+            m["tls"] = str(d / "tls")
+        if extra_args:
+            m["extra_args"] = list(extra_args)
         members.append(m)
     cluster = _cluster_arg(members)
     for m in members:
         m["pid"] = _spawn(d, m, cluster, "new")
-    info = {"members": members, "endpoints": [m["client"] for m in members]}
+    info: dict = {"members": members, "endpoints": [m["client"] for m in members]}
+    if client_tls is not None:
+        info["tls"] = client_tls
     _save(d, info)
     deadline = time.monotonic() + timeout
     while not healthy(info):

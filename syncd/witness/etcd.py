@@ -154,6 +154,7 @@ class _Conn:
         self.stream = stream
         self.host = host
         self.h = h11.Connection(h11.CLIENT)
+        self.heard = False  # some of the current answer has arrived
 
     async def post(self, path: str, body: bytes, headers: list[tuple[str, str]]) -> tuple[int, bytes]:
         if self.h.our_state is h11.DONE and self.h.their_state is h11.DONE:
@@ -162,6 +163,7 @@ class _Conn:
             ("Host", self.host), ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
             *headers])
         head, data, end = self.h.send(req), self.h.send(h11.Data(data=body)), self.h.send(h11.EndOfMessage())
+        self.heard = False
         await self.stream.send_all(b"".join(x for x in (head, data, end) if x))
         status = 0
         out = bytearray()
@@ -169,6 +171,7 @@ class _Conn:
             ev = self.h.next_event()
             if ev is h11.NEED_DATA:
                 data = bytes(await self.stream.receive_some(65536))
+                self.heard = self.heard or bool(data)
                 self.h.receive_data(data)  # b"" is the end of the stream: h11 raises on a cut answer
                 continue
             if isinstance(ev, h11.Response):
@@ -225,20 +228,14 @@ class EtcdClient:
     async def _post_at(self, endpoint: str, path: str, body: dict[str, Any], auth: bool) -> dict[str, Any]:
         """One request at one endpoint: etcd's answer (a dict), or EtcdError; transport
         failures raise OSError, h11 or TLS errors (the connection is dropped)."""
+        headers = [("Authorization", self._token)] if auth and self._token else []
         async with self._locks[endpoint]:
-            conn = self._conns.get(endpoint)
-            if conn is None:
-                conn = self._conns[endpoint] = await self._connect(endpoint)
-            headers = [("Authorization", self._token)] if auth and self._token else []
-            try:
-                status, raw = await conn.post(path, json.dumps(body).encode(), headers)
-            except BaseException:
-                del self._conns[endpoint]
-                await conn.aclose()
-                raise
+            status, raw = await self._exchange(endpoint, path, json.dumps(body).encode(), headers)
         try:
             ans = json.loads(raw) if raw else {}
         except ValueError:
+            if status != 200:  # the gateway's own refusals are plain text: say what it said
+                raise _BadAnswer(_plain_refusal(status, raw)) from None
             raise _BadAnswer(f"answer is not JSON ({raw[:40]!r})") from None
         if not isinstance(ans, dict):
             raise _BadAnswer("answer is not a JSON object")
@@ -246,6 +243,30 @@ class EtcdClient:
             msg = ans.get("message") or ans.get("error") or f"HTTP {status}"
             raise EtcdError(str(msg), _int(ans.get("code")))
         return ans
+
+    async def _exchange(self, endpoint: str, path: str, body: bytes,
+                        headers: list[tuple[str, str]]) -> tuple[int, bytes]:
+        """One request and its answer, on the endpoint's kept-alive connection or a new one."""
+        conn = self._conns.get(endpoint)
+        if conn is not None:
+            try:
+                return await self._post_on(endpoint, conn, path, body, headers)
+            except (OSError, h11.ProtocolError, trio.BrokenResourceError):
+                if conn.heard:
+                    raise
+                # The member closed the kept-alive connection meanwhile (it restarted, or dropped
+                # an idle one) and nothing of the answer came: once more, on a new connection.
+        conn = self._conns[endpoint] = await self._connect(endpoint)
+        return await self._post_on(endpoint, conn, path, body, headers)
+
+    async def _post_on(self, endpoint: str, conn: _Conn, path: str, body: bytes,
+                       headers: list[tuple[str, str]]) -> tuple[int, bytes]:
+        try:
+            return await conn.post(path, body, headers)
+        except BaseException:
+            del self._conns[endpoint]  # a connection that failed is not used again
+            await conn.aclose()
+            raise
 
     async def call(self, path: str, body: dict[str, Any], *, within: float | None = None) -> dict[str, Any]:
         """POST ``body`` to ``path`` at the preferred endpoint, then the others, within the
@@ -268,17 +289,17 @@ class EtcdClient:
                     try:
                         ans = await self._post_at(endpoint, path, body, auth=True)
                     except EtcdError as e:
-                        if self.cfg.user is None or "token" not in str(e):
+                        if self.cfg.user is None or not _stale_token(e):
                             raise
                         self._token = None  # expired or from a restarted member: once more
                         await self._authenticate(endpoint)
                         ans = await self._post_at(endpoint, path, body, auth=True)
                 except (OSError, h11.ProtocolError, ssl.SSLError, trio.BrokenResourceError, _BadAnswer) as e:
-                    errors.append(f"{endpoint}: {e or type(e).__name__}")
+                    errors.append(f"{endpoint}: {self._transport_failure(e)}")
                     continue
                 except EtcdError as e:
                     if not _unavailable(e):
-                        raise
+                        raise self._refusal(e) from None
                     errors.append(f"{endpoint}: {e}")  # this member cannot serve it (no leader...)
                     continue
                 self._preferred = idx
@@ -289,6 +310,43 @@ class EtcdClient:
                 errors.append(f"{endpoint}: no answer within {share:.2f}s")
         self.last_error = "; ".join(errors) or "no time left"
         raise EtcdUnreachable(self.last_error)
+
+    def _transport_failure(self, e: BaseException) -> str:
+        """A failed connection in the administrator's words; a TLS failure says which side's
+        certificate was refused and which setting to check."""
+        tls = e.__cause__ if isinstance(e, trio.BrokenResourceError) else e  # trio wraps ssl's errors
+        if isinstance(tls, ssl.SSLCertVerificationError):
+            return (f"TLS: etcd's certificate is not trusted ({tls.verify_message}): check the CA file "
+                    f"(tls_ca = {self.cfg.ca or 'none: the system CAs'})")
+        if isinstance(tls, ssl.SSLError):
+            reason = tls.reason or str(tls)
+            if "ALERT" in reason and ("CERTIFICATE" in reason or "UNKNOWN_CA" in reason):
+                if self.cfg.cert is None:
+                    return (f"TLS: etcd requires a client certificate and none is configured "
+                            f"(tls_certificate, tls_key) [{reason}]")
+                return (f"TLS: etcd refused the client certificate {self.cfg.cert} (not signed by a CA "
+                        f"etcd trusts, or expired) [{reason}]")
+            return f"TLS: {reason}"
+        return str(e) or type(e).__name__
+
+    def _refusal(self, e: EtcdError) -> EtcdError:
+        """etcd's refusal, with the user it was refused to when it is about authentication or
+        permissions (gRPC codes: 3 invalid argument, 7 permission denied, 9 failed precondition,
+        16 unauthenticated)."""
+        text = str(e)
+        if "authentication failed" in text:
+            why = f"etcd user {self.cfg.user!r}: authentication failed (wrong user or password)"
+        elif "authentication is not enabled" in text and self.cfg.user is not None:
+            why = (f"etcd user {self.cfg.user!r} is configured but etcd's authentication is not enabled "
+                   f"(enable it in etcd, or remove user and password from the witness's settings)")
+        elif (e.code == 7 or "permission denied" in text) and self.cfg.user is not None:
+            why = (f"permission denied to etcd user {self.cfg.user!r} (grant its role readwrite on this "
+                   f"pair's prefix)")
+        elif e.code == 7 or "permission denied" in text:
+            why = "permission denied: etcd requires authentication and no etcd user is configured (user, password)"
+        else:
+            return e
+        return EtcdError(f"{why}: {text}", e.code)
 
     async def _authenticate(self, endpoint: str) -> None:
         ans = await self._post_at(endpoint, "/v3/auth/authenticate",
@@ -338,6 +396,23 @@ class EtcdClient:
         with trio.fail_after(self.cfg.timeout):
             ans: dict[str, Any] = await self._post_at(endpoint, "/v3/maintenance/status", {}, auth=True)
             return ans
+
+
+def _stale_token(e: EtcdError) -> bool:
+    """etcd no longer takes the token: it expired, the member restarted (simple tokens live in
+    its memory), or the users and roles changed since it was issued."""
+    text = str(e)
+    return e.code == 16 or "invalid auth token" in text or "auth store is old" in text
+
+
+def _plain_refusal(status: int, raw: bytes) -> str:
+    """An error etcd's HTTP layer gives in plain text, not JSON, quoted; with the remedy for the
+    one a syncd setup meets: a client certificate with a CommonName once authentication is on."""
+    text = raw[:300].decode(errors="replace").strip()
+    if "CommonName" in text:
+        text += (" (with authentication enabled, etcd's JSON gateway refuses a client certificate that "
+                 "has a CommonName: issue syncd's client certificate without one)")
+    return f"HTTP {status}: {text}"
 
 
 def _unavailable(e: EtcdError) -> bool:
