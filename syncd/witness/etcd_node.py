@@ -10,7 +10,6 @@ role machine expects of an unreachable witness. The decisions are ``etcd_backend
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +19,7 @@ from . import proto as w
 from .decide import Decision, Timing, WitnessError
 from .etcd import EtcdClient, EtcdConfig, EtcdError, EtcdUnreachable
 from .etcd_backend import EtcdWitness
+from .reach import GroupsFn, OnChange, OnReport, WitnessReach
 
 log = logging.getLogger("syncd.witness.etcd")
 
@@ -49,40 +49,20 @@ class EtcdWitnessConfig:
         return ", ".join(parts)
 
 
-GroupsFn = Callable[[], list[tuple[str, tuple[str, str], str, int, int]]]
-
-
-class EtcdWitnessClient:
+class EtcdWitnessClient(WitnessReach):
     def __init__(self, cfg: EtcdWitnessConfig, node_name: str, groups_fn: GroupsFn,
-                 on_report: Callable[[str, float, str, int], None] | None = None,
-                 on_change: Callable[[bool | None], None] | None = None) -> None:
+                 on_report: OnReport | None = None, on_change: OnChange | None = None) -> None:
+        super().__init__(cfg.interval, on_change)
         self.cfg = cfg
         self.node = node_name
         self.groups_fn = groups_fn
         self.on_report = on_report
-        self.on_change = on_change
         self.kv = EtcdClient(cfg.etcd)
         timing = Timing(owner_lease=cfg.owner_lease, drift=cfg.drift, margin=cfg.margin, grace=cfg.grace)
         self.witness = EtcdWitness(self.kv, cfg.prefix.encode(), node_name, timing)
         self.scope: trio.CancelScope | None = None
         self.registered: set[str] = set()
-        self.last_ok: float | None = None
-        self.last_error = ""
-        self.connected: bool | None = None
         self.witness_name = ""
-
-    def _set_connected(self, up: bool) -> None:
-        if self.connected is not up:
-            self.connected = up
-            if self.on_change is not None:
-                self.on_change(up)
-
-    @property
-    def reachable(self) -> bool:
-        return self.last_ok is not None and trio.current_time() - self.last_ok < 3 * self.cfg.interval
-
-    def lost_for(self) -> float:
-        return float("inf") if self.last_ok is None else trio.current_time() - self.last_ok
 
     def info(self) -> dict[str, Any]:
         return {"backend": "etcd", "address": ",".join(self.cfg.etcd.endpoints),
@@ -90,18 +70,12 @@ class EtcdWitnessClient:
                 "reachable": self.reachable, "witness": self.witness_name, "security": self.cfg.security(),
                 "answered_by": self.kv.last_endpoint or None,
                 "last_error": self.last_error,
-                "last_heard_s_ago": None if self.last_ok is None else round(self.lost_for(), 2),
+                "last_heard_s_ago": self.last_heard_s_ago(),
                 "lease_ttl_s": self.witness.ttl}
 
     def _ok(self) -> None:
-        self.last_ok = trio.current_time()
-        self.last_error = ""
+        super()._ok()
         self.witness_name = "etcd"
-        self._set_connected(True)
-
-    def _failed(self, e: BaseException) -> None:
-        self.last_error = str(e) or type(e).__name__
-        self._set_connected(False)
 
     async def run(self) -> None:
         try:
