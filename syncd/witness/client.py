@@ -56,7 +56,7 @@ class WitnessClient(WitnessReach):
         return self.sess is not None and super().reachable
 
     def info(self) -> dict[str, Any]:
-        return {"address": "%s:%d" % self.cfg.address, "reachable": self.reachable,
+        return {"backend": "builtin", "address": "%s:%d" % self.cfg.address, "reachable": self.reachable,
                 "witness": self.witness_name, "security": self.cfg.security.describe(), "last_error": self.last_error,
                 "last_heard_s_ago": self.last_heard_s_ago()}
 

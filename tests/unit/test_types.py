@@ -19,6 +19,7 @@ STRICT = [
     "syncd/witness/etcd_backend.py",
     "syncd/witness/etcd_node.py",
     "syncd/witness/reach.py",
+    "syncd/witness/etcd_members.py",
     "syncd/node/roles.py",
     "syncd/repl/flow.py",
     "syncd/lab/history.py",
