@@ -208,7 +208,10 @@ def _lab_up(
     write-intent log's extent, hot set budget, idle time). ``iscsi``: each array also serves
     the volumes over iSCSI (target ``iqn.2026-12.org.syncd:lab-a`` / ``-b``, portal groups 1
     and 2, each array's SendTargets naming both), to the lab's host by its address; a dict adds
-    [iscsi] settings (e.g. ``{"chap": {"host1": "secret"}}``)."""
+    [iscsi] settings (e.g. ``{"chap": {"host1": "secret"}}``). ``witness``: the built-in
+    witness's timings, or with ``backend = "etcd"`` the witness kept in a three-member etcd
+    cluster this lab starts, or, given ``endpoints``, in that running cluster (shared with other
+    labs, each pair under its own ``prefix``; ``/syncd/GROUP`` by default)."""
     if tls not in (False, True, "link"):
         raise LabError(f"tls: {tls!r} is not one of False, True, 'link'")
     root = Path(d).resolve()
@@ -267,15 +270,21 @@ def _lab_up(
     if witness is not None and witness.get("backend") == "etcd":
         # The witness kept in a three-member etcd cluster on loopback (no witness process, no
         # relays to it: its faults are its members', syncd.lab.etcd).
+        # With ``endpoints`` given, a cluster that is not this lab's (several labs' pairs sharing
+        # it, one prefix each): it is neither started nor stopped here.
         from . import etcd as lab_etcd
 
-        info = lab_etcd.start_cluster(str(root))
-        lab["etcd"] = {"endpoints": info["endpoints"], "prefix": f"/syncd/{group}"}
-        started["etcd"] = str(root)
+        prefix = witness.get("prefix", f"/syncd/{group}")
+        if witness.get("endpoints"):
+            endpoints = list(witness["endpoints"])
+            lab["etcd"] = {"endpoints": endpoints, "prefix": prefix, "shared": True}
+        else:
+            endpoints = lab_etcd.start_cluster(str(root))["endpoints"]
+            lab["etcd"] = {"endpoints": endpoints, "prefix": prefix}
+            started["etcd"] = str(root)
         common = {k: witness[k] for k in ("interval", "owner_lease", "grace") if k in witness}
         common["timeout"] = min(1.0, common.get("owner_lease", 3.0) / 2)  # a decision's deadline
-        wcfg = {site: dict(common, backend="etcd", endpoints=info["endpoints"], prefix=f"/syncd/{group}")
-                for site in ("A", "B")}
+        wcfg = {site: dict(common, backend="etcd", endpoints=endpoints, prefix=prefix) for site in ("A", "B")}
         witness = None  # nothing more below: that is the built-in witness's
     if witness is not None:
         # The witness (site W) on loopback; A and B reach it through relays of their own (relay
@@ -569,7 +578,7 @@ def load_lab(d: str) -> dict:
 
 def lab_down(d: str, timeout: float = 15.0) -> list[str]:
     lab = load_lab(d)
-    if lab.get("etcd"):
+    if lab.get("etcd") and not lab["etcd"].get("shared"):
         from . import etcd as lab_etcd
 
         try:
@@ -715,6 +724,9 @@ def _etcd_fault(d: str, lab: dict, what: str, arg: str | None, heal: bool) -> st
 
     if not lab.get("etcd"):
         raise LabError("this lab's witness is not kept in etcd (lab up --witness etcd)")
+    if lab["etcd"].get("shared"):
+        raise LabError("this lab's etcd cluster is shared with others, not its own: fail or heal its members "
+                       "in the lab that started it")
     info = lab_etcd.load(d)
     n = len(info["members"])
     if what == "etcd-member":
