@@ -120,12 +120,8 @@ def print_showrcopy(r: dict, console: Console) -> None:
                 f"[bold red]WARNING[/bold red]: round trip {lk['rtt_ms']:.2f} ms exceeds "
                 f"{lk['max_rtt_ms']} ms, the most synchronous mirroring supports"
             )
-    wt = r.get("witness")
-    if wt:
-        state = ("[green]reachable[/green]" if wt["reachable"]
-                 else f"[red]unreachable[/red] ({wt['last_error'] or 'no answer'})")
-        console.print(f"Quorum witness {wt['witness'] or '?'} at {wt['address']}: {state}"
-                      + (f", {wt['security']}" if wt.get("security") else ""))
+    if r.get("witness"):
+        print_witness(r["witness"], console)
     t = Table(title="Groups")
     for c in ("group", "target", "role", "status", "mode", "epoch", "generation", "alua", "policies"):
         t.add_column(c, overflow="fold")  # wrapped, never cut
@@ -153,6 +149,59 @@ def print_showrcopy(r: dict, console: Console) -> None:
                 prog += f" {rs['rate_bps'] / 1e6:.1f} MB/s" + (f" eta {eta:.0f}s" if eta else "")
             t.add_row(g["name"], v["name"], v["remote"], v["wwn"], str(v["size"]),
                       v["sync_status"], prog, _fmt_age(v["last_sync"]))
+    console.print(t)
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    if n < 1024:
+        return f"{n} B"
+    x, unit = n / 1024, "KiB"
+    for bigger in ("MiB", "GiB"):
+        if x < 1024:
+            break
+        x, unit = x / 1024, bigger
+    return f"{x:.1f} {unit}"
+
+
+def print_witness(wt: dict, console: Console) -> None:
+    """The quorum witness: which backend, whether it is reached; for etcd each member's health
+    as the node last gathered it."""
+    state = ("[green]reachable[/green]" if wt["reachable"]
+             else f"[red]unreachable[/red] ({wt['last_error'] or 'no answer'})")
+    backend = wt.get("backend", "builtin")
+    who = (f"in etcd ({len(wt['endpoints'])} endpoints)" if backend == "etcd"
+           else f"{wt['witness'] or '?'} at {wt['address']}")
+    console.print(f"Quorum witness {who}: {state}" + (f", {wt['security']}" if wt.get("security") else ""),
+                  highlight=False)
+    if backend != "etcd":
+        return
+    console.print(f"  prefix {wt['prefix']}, answered last by {wt.get('answered_by') or '-'}, "
+                  f"lease TTL {wt['lease_ttl_s']} s", highlight=False)
+    members = wt.get("members")
+    if members is None:
+        console.print("  etcd members: not asked yet", highlight=False)
+        return
+    up = [m for m in members if m["reachable"]]
+    # A member cut off from the others may still call itself leader for a moment: all are named.
+    leaders = sorted(m["id"] for m in up if m["leader"])
+    lead = f"leader{'s' if len(leaders) > 1 else ''} {', '.join(leaders)}" if leaders else "no leader"
+    t = Table(title=f"etcd members: {len(up)} of {len(members)} reachable, {lead} "
+                    f"(asked {wt['members_age_s']:.1f} s ago)")
+    for c in ("endpoint", "state", "member id", "leader", "raft term", "raft index", "db size", "error"):
+        t.add_column(c, overflow="fold")  # wrapped, never cut
+    for m in members:
+        if not m["reachable"]:
+            t.add_row(m["endpoint"], "[red]unreachable[/red]", "-", "-", "-", "-", "-", m["error"])
+            continue
+        alarms = ", ".join(m.get("alarms") or [])
+        # Status is answered by the member alone: one that follows no leader (cut off from the
+        # others) answers, and says so.
+        state = ("[yellow]alarm[/yellow]" if alarms else "[yellow]no leader[/yellow]" if not m.get("leader_id")
+                 else "[green]reachable[/green]")
+        t.add_row(m["endpoint"], state, m["id"], "yes" if m["leader"] else "no", str(m["raft_term"]),
+                  str(m["raft_index"]), _fmt_bytes(m["db_size"]), alarms)
     console.print(t)
 
 
@@ -505,6 +554,11 @@ def _run(ns) -> int:
         if not ns.json:
             if "groups" in r and "link" in r:
                 print_showrcopy(r, console)
+            elif "witness" in r:
+                if r["witness"] is None:
+                    console.print(f"node {r['node']}: no quorum witness is configured", highlight=False)
+                else:
+                    print_witness(r["witness"], console)
             else:
                 console.print_json(json.dumps(r))
             return 0

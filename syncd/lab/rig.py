@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ..config import parse_size
 from ..ctl import CtlError, call, wait_synced
@@ -208,7 +209,10 @@ def _lab_up(
     write-intent log's extent, hot set budget, idle time). ``iscsi``: each array also serves
     the volumes over iSCSI (target ``iqn.2026-12.org.syncd:lab-a`` / ``-b``, portal groups 1
     and 2, each array's SendTargets naming both), to the lab's host by its address; a dict adds
-    [iscsi] settings (e.g. ``{"chap": {"host1": "secret"}}``)."""
+    [iscsi] settings (e.g. ``{"chap": {"host1": "secret"}}``). ``witness``: the built-in
+    witness's timings, or with ``backend = "etcd"`` the witness kept in a three-member etcd
+    cluster this lab starts, or, given ``endpoints``, in that running cluster (shared with other
+    labs, each pair under its own ``prefix``; ``/syncd/GROUP`` by default)."""
     if tls not in (False, True, "link"):
         raise LabError(f"tls: {tls!r} is not one of False, True, 'link'")
     root = Path(d).resolve()
@@ -266,21 +270,28 @@ def _lab_up(
     wcfg: dict[str, dict] = {}
     if witness is not None and witness.get("backend") == "etcd":
         # The witness kept in a three-member etcd cluster on loopback (no witness process; its
-        # own faults are its members', syncd.lab.etcd).
+        # own faults are its members', syncd.lab.etcd). With ``endpoints`` given, a cluster that
+        # is not this lab's (several labs' pairs sharing it, one prefix each): it is neither
+        # started nor stopped here.
         from . import etcd as lab_etcd
 
-        info = lab_etcd.start_cluster(str(root))
-        started["etcd"] = str(root)
+        prefix = witness.get("prefix", f"/syncd/{group}")
+        if witness.get("endpoints"):
+            endpoints = list(witness["endpoints"])
+            lab["etcd"] = {"endpoints": endpoints, "prefix": prefix, "shared": True}
+        else:
+            endpoints = lab_etcd.start_cluster(str(root))["endpoints"]
+            lab["etcd"] = {"endpoints": endpoints, "prefix": prefix}
+            started["etcd"] = str(root)
         # Each array reaches every member through relays of its own, so either array can be cut
         # off from the whole cluster (lab fail witness-link SITE) while its peer still sees it.
-        etcd_relays = {site: [(free_port(), m["client"].rsplit(":", 1)[1]) for m in info["members"]]
-                       for site in NODES} if relay else {}
-        relayed = {site: [f"http://127.0.0.1:{rp}" for rp, _ in rs] for site, rs in etcd_relays.items()}
-        lab["etcd"] = {"endpoints": info["endpoints"], "prefix": f"/syncd/{group}", "relayed": relayed}
+        etcd_relays = {site: [(free_port(), urlsplit(e)) for e in endpoints] for site in NODES} if relay else {}
+        relayed = {site: [f"{u.scheme}://127.0.0.1:{rp}" for rp, u in rs] for site, rs in etcd_relays.items()}
+        lab["etcd"]["relayed"] = relayed
         common = {k: witness[k] for k in ("interval", "owner_lease", "grace") if k in witness}
         common["timeout"] = min(1.0, common.get("owner_lease", 3.0) / 2)  # a decision's deadline
-        wcfg = {site: dict(common, backend="etcd", endpoints=relayed.get(site, info["endpoints"]),
-                           prefix=f"/syncd/{group}") for site in ("A", "B")}
+        wcfg = {site: dict(common, backend="etcd", endpoints=relayed.get(site, endpoints), prefix=prefix)
+                for site in ("A", "B")}
         witness = None  # nothing more below: that is the built-in witness's
     if witness is not None:
         # The witness (site W) on loopback; A and B reach it through relays of their own (relay
@@ -332,8 +343,8 @@ def _lab_up(
     elif etcd_relays:
         witness_relays = {}
         for site, rs in etcd_relays.items():
-            for rp, port in rs:
-                relay_args += ["--relay", f"127.0.0.1:{rp}=127.0.0.1:{port}"]
+            for rp, u in rs:
+                relay_args += ["--relay", f"127.0.0.1:{rp}={u.hostname}:{u.port}"]
                 witness_relays.setdefault(site, []).append(nrelay)
                 nrelay += 1
     # Host shims reach each array through a relay of their own (the SAN cable from that host to
@@ -584,7 +595,7 @@ def load_lab(d: str) -> dict:
 
 def lab_down(d: str, timeout: float = 15.0) -> list[str]:
     lab = load_lab(d)
-    if lab.get("etcd"):
+    if lab.get("etcd") and not lab["etcd"].get("shared"):
         from . import etcd as lab_etcd
 
         try:
@@ -730,6 +741,9 @@ def _etcd_fault(d: str, lab: dict, what: str, arg: str | None, heal: bool) -> st
 
     if not lab.get("etcd"):
         raise LabError("this lab's witness is not kept in etcd (lab up --witness etcd)")
+    if lab["etcd"].get("shared"):
+        raise LabError("this lab's etcd cluster is shared with others, not its own: fail or heal its members "
+                       "in the lab that started it")
     info = lab_etcd.load(d)
     n = len(info["members"])
     if what == "etcd-member":
@@ -909,6 +923,8 @@ def lab_fail(d: str, what: str, site: str | None = None) -> str:
     if what == "witness" and lab.get("etcd"):
         from . import etcd as lab_etcd
 
+        if lab["etcd"].get("shared"):
+            raise LabError("this lab's etcd cluster is shared with others: stop its members where it was started")
         n = len(lab_etcd.load(d)["members"])
         for i in range(1, n + 1):
             lab_etcd.fail_member(d, i)
@@ -999,6 +1015,8 @@ def lab_heal(d: str, what: str, site: str | None = None) -> str:
     elif what == "witness" and lab.get("etcd"):
         from . import etcd as lab_etcd
 
+        if lab["etcd"].get("shared"):
+            raise LabError("this lab's etcd cluster is shared with others: start its members where it was started")
         n = len(lab_etcd.load(d)["members"])
         for i in range(1, n + 1):
             lab_etcd.restart_member(d, i)

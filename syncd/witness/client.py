@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
 from .. import netio, secure
 from . import proto as w
+from .reach import GroupsFn, OnChange, OnReport, WitnessReach
 from .session import Session, establish
 
 log = logging.getLogger("syncd.witness.client")
@@ -34,45 +36,29 @@ class WitnessUnreachable(Exception):
     pass
 
 
-class WitnessClient:
-    def __init__(self, cfg: WitnessClientConfig, node_name: str, groups_fn, on_report=None, on_change=None):
+class WitnessClient(WitnessReach):
+    def __init__(self, cfg: WitnessClientConfig, node_name: str, groups_fn: GroupsFn,
+                 on_report: OnReport | None = None, on_change: OnChange | None = None) -> None:
+        super().__init__(cfg.interval, on_change)
         self.cfg = cfg
         self.node = node_name
-        self.groups_fn = groups_fn  # -> list of (name, members, owner, epoch, flags)
-        self.on_report = on_report  # (group, sent, owner, epoch): the witness's record, per report
+        self.groups_fn = groups_fn
+        self.on_report = on_report
         self.sess: Session | None = None
         self.lock = trio.Lock()
         self.rid = 0
         self.registered: set[str] = set()
-        self.last_ok: float | None = None  # trio time of the last answered request
-        self.last_ok_sent: float | None = None  # when that request was sent
-        self.lost_at: float | None = None  # when the witness stopped answering
+        self.last_ok_sent: float | None = None  # when the last answered request was sent
         self.witness_name = ""
-        self.last_error = ""
-        self.on_change = on_change  # (connected: bool): the session to the witness came up or was lost
-        self.connected: bool | None = None  # None until the first attempt ended
-
-    def _set_connected(self, up: bool) -> None:
-        if self.connected is not up:
-            self.connected = up
-            if self.on_change is not None:
-                self.on_change(up)
 
     @property
     def reachable(self) -> bool:
-        return self.sess is not None and self.last_ok is not None and \
-            trio.current_time() - self.last_ok < 3 * self.cfg.interval
+        return self.sess is not None and super().reachable
 
-    def lost_for(self) -> float:
-        """Seconds since the witness was last heard (inf if never)."""
-        if self.last_ok is None:
-            return float("inf")
-        return trio.current_time() - self.last_ok
-
-    def info(self) -> dict:
-        return {"address": "%s:%d" % self.cfg.address, "reachable": self.reachable,
+    def info(self) -> dict[str, Any]:
+        return {"backend": "builtin", "address": "%s:%d" % self.cfg.address, "reachable": self.reachable,
                 "witness": self.witness_name, "security": self.cfg.security.describe(), "last_error": self.last_error,
-                "last_heard_s_ago": None if self.last_ok is None else round(self.lost_for(), 2)}
+                "last_heard_s_ago": self.last_heard_s_ago()}
 
     async def run(self) -> None:
         while True:
@@ -87,13 +73,13 @@ class WitnessClient:
                             self.registered.add(name)
                         f = await self.request(w.WType.REPORT, group=name, epoch=epoch, flags=flags)
                         if f.type == w.WType.DECISION and self.on_report is not None:
+                            assert self.last_ok_sent is not None  # set by the request that answered
                             self.on_report(name, self.last_ok_sent, f.owner, f.epoch)
                     await trio.sleep(self.cfg.interval)
             except (OSError, w.WitnessProtocolError, WitnessUnreachable, trio.TooSlowError, EOFError,
                     secure.AuthError) as e:
-                self.last_error = str(e) or type(e).__name__
                 self._drop()
-                self._set_connected(False)
+                self._failed(e)
             await trio.sleep(self.cfg.interval)
 
     async def _check_idle(self) -> None:
@@ -104,10 +90,10 @@ class WitnessClient:
                 raise WitnessUnreachable("the witness closed the connection")
 
     def _drop(self) -> None:
+        """Close the session (the caller says why: ``_failed``)."""
         if self.sess is not None:
             self.sess.close()
             self.sess = None
-            self._set_connected(False)
         self.registered.clear()
 
     async def _connect(self) -> None:
@@ -134,7 +120,7 @@ class WitnessClient:
         self._set_connected(True)
         log.info("witness %s reached (%s)", self.witness_name, self.cfg.security.describe())
 
-    async def request(self, t: w.WType, **fields) -> w.WFrame:
+    async def request(self, t: w.WType, **fields: Any) -> w.WFrame:
         async with self.lock:
             sess = self.sess
             if sess is None:  # checked under the lock: another request may have dropped it
@@ -146,20 +132,22 @@ class WitnessClient:
                     await sess.send(w.encode(t, self.rid, **fields))
                     f = await sess.next_frame()
             except (OSError, trio.TooSlowError, EOFError, w.WitnessProtocolError, secure.AuthError) as e:
-                self.last_error = str(e) or type(e).__name__
                 self._drop()
+                self._failed(e)
                 raise WitnessUnreachable(self.last_error) from None
             if f.type == w.WType.GOODBYE:
-                self.last_error = f"the witness closed the connection: {f.reason}"
                 self._drop()
+                self._failed(f"the witness closed the connection: {f.reason}")
                 raise WitnessUnreachable(self.last_error)
             if f.req_id != self.rid:
                 self._drop()
+                self._set_connected(False)
                 raise WitnessUnreachable("witness answered out of order")
-            self.last_ok, self.last_ok_sent = trio.current_time(), sent
+            self._ok()
+            self.last_ok_sent = sent
             return f
 
-    async def decide(self, t: w.WType, group: str, epoch: int):
+    async def decide(self, t: w.WType, group: str, epoch: int) -> tuple[w.WFrame | None, float]:
         """(DECISION frame, or None when the witness cannot be asked; when the request was sent)."""
         sent = trio.current_time()
         try:

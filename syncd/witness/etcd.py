@@ -397,6 +397,31 @@ class EtcdClient:
             ans: dict[str, Any] = await self._post_at(endpoint, "/v3/maintenance/status", {}, auth=True)
             return ans
 
+    async def member_status(self, endpoint: str, within: float) -> MemberStatus:
+        """``endpoint``'s own status (``/v3/maintenance/status``), asked of it alone and never
+        passed on to another member, within ``within`` seconds: ``EtcdUnreachable`` if it does
+        not answer by then, ``EtcdError`` if it refuses."""
+        if endpoint not in self._locks:
+            raise ValueError(f"{endpoint} is not one of this client's endpoints ({', '.join(self.cfg.endpoints)})")
+        ans: dict[str, Any] | None = None
+        with trio.move_on_after(within):
+            try:
+                if self.cfg.user is not None and self._token is None:
+                    await self._authenticate(endpoint)
+                try:
+                    ans = await self._post_at(endpoint, "/v3/maintenance/status", {}, auth=True)
+                except EtcdError as e:
+                    if self.cfg.user is None or "token" not in str(e):
+                        raise
+                    self._token = None  # expired or from a restarted member: once more
+                    await self._authenticate(endpoint)
+                    ans = await self._post_at(endpoint, "/v3/maintenance/status", {}, auth=True)
+            except (OSError, h11.ProtocolError, ssl.SSLError, trio.BrokenResourceError, _BadAnswer) as e:
+                raise EtcdUnreachable(str(e) or type(e).__name__) from None
+        if ans is None:
+            raise EtcdUnreachable(f"no answer within {within:.2f}s")
+        return MemberStatus.from_answer(endpoint, ans)
+
 
 def _stale_token(e: EtcdError) -> bool:
     """etcd no longer takes the token: it expired, the member restarted (simple tokens live in
@@ -419,3 +444,41 @@ def _unavailable(e: EtcdError) -> bool:
     """etcd's answers that mean "not this member, not now" (gRPC UNAVAILABLE is code 14)."""
     text = str(e)
     return e.code == 14 or "no leader" in text or "leader changed" in text or "server stopped" in text
+
+
+@dataclass(frozen=True)
+class MemberStatus:
+    """One member's answer to ``/v3/maintenance/status``: who it is, whom it follows, and how
+    far its raft log and database are."""
+
+    endpoint: str
+    member_id: int
+    leader: int  # the leader's member id as this member knows it (0: it knows none)
+    raft_term: int
+    raft_index: int
+    raft_applied_index: int
+    db_size: int  # bytes of the database file
+    db_size_in_use: int
+    version: str
+    is_learner: bool
+    errors: tuple[str, ...]  # alarms the member raises (NOSPACE, CORRUPT...)
+
+    @property
+    def is_leader(self) -> bool:
+        return self.member_id != 0 and self.member_id == self.leader
+
+    @classmethod
+    def from_answer(cls, endpoint: str, ans: dict[str, Any]) -> MemberStatus:
+        def num(camel: str, snake: str) -> int:  # the gateway names fields either way by version
+            return _int(ans.get(camel, ans.get(snake)))
+
+        header = ans.get("header")
+        if not isinstance(header, dict):
+            raise EtcdError(f"{endpoint}: a status answer without a header")
+        errors = ans.get("errors") or []
+        return cls(endpoint, _int(header.get("member_id")), num("leader", "leader"),
+                   num("raftTerm", "raft_term"), num("raftIndex", "raft_index"),
+                   num("raftAppliedIndex", "raft_applied_index"), num("dbSize", "db_size"),
+                   num("dbSizeInUse", "db_size_in_use"), str(ans.get("version", "")),
+                   bool(ans.get("isLearner", ans.get("is_learner", False))),
+                   tuple(str(x) for x in errors) if isinstance(errors, list) else (str(errors),))

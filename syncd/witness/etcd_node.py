@@ -4,13 +4,14 @@ The same interface as ``client.WitnessClient`` (the node cannot tell the backend
 ``run`` loop that reports every group each ``interval`` and hands the witness's record to
 ``on_report``, and ``decide`` for KEEP, CLAIM, HANDOVER and RESOLVE, which answers None when
 the witness cannot be asked within the deadline (no etcd quorum, unreachable), as the node's
-role machine expects of an unreachable witness. The decisions are ``etcd_backend``'s.
+role machine expects of an unreachable witness. The decisions are ``etcd_backend``'s. Beside
+the reports, a task of its own gathers every member's status for ``showrcopy witness``
+(``etcd_members``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +21,13 @@ from . import proto as w
 from .decide import Decision, Timing, WitnessError
 from .etcd import EtcdClient, EtcdConfig, EtcdError, EtcdUnreachable
 from .etcd_backend import EtcdWitness
+from .etcd_members import Gathering, gather
+from .reach import GroupsFn, OnChange, OnReport, WitnessReach
 
 log = logging.getLogger("syncd.witness.etcd")
+
+MEMBER_ROUNDS = 4  # report intervals between two gatherings of the members' status
+MEMBER_DEADLINE = 0.5  # s for one member's status (at most the etcd timeout)
 
 
 @dataclass(frozen=True)
@@ -49,73 +55,64 @@ class EtcdWitnessConfig:
         return ", ".join(parts)
 
 
-GroupsFn = Callable[[], list[tuple[str, tuple[str, str], str, int, int]]]
-
-
-class EtcdWitnessClient:
+class EtcdWitnessClient(WitnessReach):
     def __init__(self, cfg: EtcdWitnessConfig, node_name: str, groups_fn: GroupsFn,
-                 on_report: Callable[[str, float, str, int], None] | None = None,
-                 on_change: Callable[[bool | None], None] | None = None) -> None:
+                 on_report: OnReport | None = None, on_change: OnChange | None = None) -> None:
+        super().__init__(cfg.interval, on_change)
         self.cfg = cfg
         self.node = node_name
         self.groups_fn = groups_fn
         self.on_report = on_report
-        self.on_change = on_change
         self.kv = EtcdClient(cfg.etcd)
+        # The members' status is asked over connections of its own: a member that hangs holds
+        # up a status request, never a decision waiting for the same connection.
+        self.probe = EtcdClient(cfg.etcd)
+        self.members: Gathering | None = None  # the last gathering of the members' status
         timing = Timing(owner_lease=cfg.owner_lease, drift=cfg.drift, margin=cfg.margin, grace=cfg.grace)
         self.witness = EtcdWitness(self.kv, cfg.prefix.encode(), node_name, timing)
         self.scope: trio.CancelScope | None = None
         self.registered: set[str] = set()
-        self.last_ok: float | None = None
-        self.last_error = ""
-        self.connected: bool | None = None
         self.witness_name = ""
 
-    def _set_connected(self, up: bool) -> None:
-        if self.connected is not up:
-            self.connected = up
-            if self.on_change is not None:
-                self.on_change(up)
-
-    @property
-    def reachable(self) -> bool:
-        return self.last_ok is not None and trio.current_time() - self.last_ok < 3 * self.cfg.interval
-
-    def lost_for(self) -> float:
-        return float("inf") if self.last_ok is None else trio.current_time() - self.last_ok
-
     def info(self) -> dict[str, Any]:
+        g = self.members
         return {"backend": "etcd", "address": ",".join(self.cfg.etcd.endpoints),
                 "endpoints": list(self.cfg.etcd.endpoints), "prefix": self.cfg.prefix,
                 "reachable": self.reachable, "witness": self.witness_name, "security": self.cfg.security(),
                 "answered_by": self.kv.last_endpoint or None,
                 "last_error": self.last_error,
-                "last_heard_s_ago": None if self.last_ok is None else round(self.lost_for(), 2),
-                "lease_ttl_s": self.witness.ttl}
+                "last_heard_s_ago": self.last_heard_s_ago(),
+                "lease_ttl_s": self.witness.ttl,
+                "members": None if g is None else [m.to_json() for m in g.members],
+                "members_age_s": None if g is None else round(trio.current_time() - g.at, 2)}
 
     def _ok(self) -> None:
-        self.last_ok = trio.current_time()
-        self.last_error = ""
+        super()._ok()
         self.witness_name = "etcd"
-        self._set_connected(True)
-
-    def _failed(self, e: BaseException) -> None:
-        self.last_error = str(e) or type(e).__name__
-        self._set_connected(False)
 
     async def run(self) -> None:
         try:
-            while True:
-                try:
-                    await self._round()
-                except (EtcdUnreachable, EtcdError, WitnessError) as e:
-                    if isinstance(e, WitnessError):
-                        log.warning("witness on etcd: %s", e)
-                    self._failed(e)
-                await trio.sleep(self.cfg.interval)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_members)
+                while True:
+                    try:
+                        await self._round()
+                    except (EtcdUnreachable, EtcdError, WitnessError) as e:
+                        if isinstance(e, WitnessError):
+                            log.warning("witness on etcd: %s", e)
+                        self._failed(e)
+                    await trio.sleep(self.cfg.interval)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                 await self.kv.aclose()
+                await self.probe.aclose()
+
+    async def _watch_members(self) -> None:
+        """Every ``MEMBER_ROUNDS`` report intervals, each member's status, kept for showrcopy."""
+        within = min(self.cfg.etcd.timeout, MEMBER_DEADLINE)
+        while True:
+            self.members = await gather(self.probe, self.cfg.etcd.endpoints, within)
+            await trio.sleep(MEMBER_ROUNDS * self.cfg.interval)
 
     async def _round(self) -> None:
         groups = self.groups_fn()

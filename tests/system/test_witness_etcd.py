@@ -6,6 +6,7 @@ fails over. Every round ends with the replicas identical."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from syncd.lab import etcd as lab_etcd
 from syncd.lab.rig import lab_down, lab_kill, lab_start, lab_up
 
-from .rig import FAST_LINK, WITNESS, assert_replicas_identical, require_tool, show, wait_for
+from .rig import FAST_LINK, WITNESS, assert_replicas_identical, require_tool, show, syncctl, wait_for
 
 pytestmark = pytest.mark.system
 
@@ -69,6 +70,48 @@ def test_failover_through_the_etcd_witness_with_and_without_a_member(elab):
     rec = lab_etcd.group_record(elab)
     assert (rec["owner"], rec["epoch"]) == ("A", 3), rec
     assert_replicas_identical(elab, "vv1")
+
+
+def members(lab, site):
+    return show(lab, site)["witness"]["members"] or []
+
+
+def test_showrcopy_witness_shows_each_etcd_member_and_a_killed_one_as_unreachable(elab):
+    info = lab_etcd.load(elab["dir"])
+    eps = elab["etcd"]["endpoints"]
+    wait_for(lambda: [m["reachable"] for m in members(elab, "A")] == [True] * 3, what="all three members seen")
+    ms = members(elab, "A")
+    assert [m["endpoint"] for m in ms] == eps
+    assert len({m["id"] for m in ms}) == 3 and sum(m["leader"] for m in ms) == 1, ms
+    assert all(m["raft_term"] >= 1 and m["raft_index"] >= 1 and m["db_size"] > 0 for m in ms), ms
+    victim = lab_etcd.leader(info)  # the leader: the others elect one of them
+    lab_etcd.fail_member(elab["dir"], victim)
+    dead = eps[victim - 1]
+
+    def one_down(ms):
+        up = [m for m in ms if m["endpoint"] != dead]
+        return ([m["reachable"] for m in ms if m["endpoint"] == dead] == [False]
+                and all(m["reachable"] and m["leader_id"] for m in up) and sum(m["leader"] for m in up) == 1)
+
+    for site in ("A", "B"):
+        wait_for(lambda site=site: one_down(members(elab, site)), what=f"{site} sees member {victim} down, one leader")
+    ms = members(elab, "A")
+    gone = next(m for m in ms if m["endpoint"] == dead)
+    assert gone["error"] and gone["id"] is None and not gone["leader"], gone
+    new_leader = next(m for m in ms if m["leader"])
+    assert all(m["leader_id"] == new_leader["id"] for m in ms if m["reachable"]), ms
+    assert show(elab, "A")["witness"]["reachable"]  # two of three: the witness still answers
+    # What an operator sees: the table, and the same in JSON for scripts.
+    human = syncctl("--lab", elab["dir"], "--node", "A", "showrcopy", "witness")
+    assert human.returncode == 0, human.stderr
+    print(human.stdout)
+    assert "etcd members: 2 of 3 reachable, leader " + new_leader["id"] in human.stdout, human.stdout
+    assert all(ep in human.stdout for ep in eps) and "unreachable" in human.stdout
+    js = syncctl("--lab", elab["dir"], "--node", "A", "--json", "showrcopy", "witness")
+    assert js.returncode == 0, js.stderr
+    print(js.stdout)
+    w = json.loads(js.stdout)["witness"]
+    assert w["backend"] == "etcd" and [m["reachable"] for m in w["members"]].count(False) == 1, w
 
 
 def test_without_an_etcd_quorum_nothing_fails_over(elab):

@@ -18,6 +18,8 @@ STRICT = [
     "syncd/witness/etcd.py",
     "syncd/witness/etcd_backend.py",
     "syncd/witness/etcd_node.py",
+    "syncd/witness/reach.py",
+    "syncd/witness/etcd_members.py",
     "syncd/node/roles.py",
     "syncd/repl/flow.py",
     "syncd/lab/history.py",

@@ -1,0 +1,62 @@
+"""Whether the node reaches its quorum witness: the bookkeeping both backends' clients share
+(``client.WitnessClient`` for the built-in witness, ``etcd_node.EtcdWitnessClient`` for etcd).
+
+It keeps when the witness last answered, the last error, and the connected/lost state whose
+changes are reported to the node (``on_change``: the witness object's events and its log line).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import trio
+
+# What both clients take from the node: its groups to report, as (name, members, owner, epoch,
+# report flags); the witness's record of a group after each report (group, when the report was
+# sent, owner, epoch); and the connected/lost changes.
+GroupsFn = Callable[[], list[tuple[str, tuple[str, str], str, int, int]]]
+OnReport = Callable[[str, float, str, int], None]
+OnChange = Callable[[bool | None], None]
+
+# A witness not heard for this many report intervals is unreachable (showrcopy says so).
+UNHEARD_INTERVALS = 3
+
+
+class WitnessReach:
+    """The one owner of a witness client's reachability state; the client tells it of every
+    answer (``_ok``) and every failure (``_failed``)."""
+
+    def __init__(self, interval: float, on_change: OnChange | None) -> None:
+        self._interval = interval
+        self.on_change = on_change  # (connected): the witness came up or was lost
+        self.last_ok: float | None = None  # trio time of the last answered request
+        self.last_error = ""
+        self.connected: bool | None = None  # None until the first attempt ended
+
+    def _set_connected(self, up: bool) -> None:
+        if self.connected is not up:
+            self.connected = up
+            if self.on_change is not None:
+                self.on_change(up)
+
+    def _ok(self) -> None:
+        """The witness answered a request (now)."""
+        self.last_ok = trio.current_time()
+        self.last_error = ""
+        self._set_connected(True)
+
+    def _failed(self, error: BaseException | str) -> None:
+        """The witness could not be asked; ``error`` says why (kept for showrcopy)."""
+        self.last_error = error if isinstance(error, str) else (str(error) or type(error).__name__)
+        self._set_connected(False)
+
+    @property
+    def reachable(self) -> bool:
+        return self.last_ok is not None and trio.current_time() - self.last_ok < UNHEARD_INTERVALS * self._interval
+
+    def lost_for(self) -> float:
+        """Seconds since the witness was last heard (inf if never)."""
+        return float("inf") if self.last_ok is None else trio.current_time() - self.last_ok
+
+    def last_heard_s_ago(self) -> float | None:
+        return None if self.last_ok is None else round(self.lost_for(), 2)

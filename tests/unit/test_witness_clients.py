@@ -1,0 +1,135 @@
+"""What the node's witness clients (built-in and etcd) keep about reaching the witness, in
+virtual time: one owner (``reach.WitnessReach``) of when it last answered, the last error, and
+the connected/lost edges the node is told of. For etcd, each member's health as the client
+gathers it (every member at once, each with a deadline) and as ``showrcopy witness`` draws it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+from rich.console import Console
+
+from syncd.ctl import print_witness
+from syncd.witness.etcd import EtcdError, EtcdUnreachable, MemberStatus
+from syncd.witness.etcd_members import MemberHealth, gather
+from syncd.witness.reach import UNHEARD_INTERVALS, WitnessReach
+
+
+async def test_the_node_hears_each_edge_once_and_reachability_lapses_after_unheard_intervals(autojump_clock):
+    edges: list[bool | None] = []
+    r = WitnessReach(0.5, edges.append)
+    assert (r.connected, r.reachable, r.last_heard_s_ago(), r.lost_for()) == (None, False, None, float("inf"))
+    r._ok()
+    r._ok()
+    assert edges == [True] and r.reachable and r.last_heard_s_ago() == 0.0
+    await trio.sleep(UNHEARD_INTERVALS * 0.5 + 0.01)
+    assert not r.reachable and r.connected  # silent: not reachable, though nothing failed yet
+    r._failed(OSError("connection refused"))
+    r._failed(trio.TooSlowError())
+    assert edges == [True, False] and r.last_error == "TooSlowError"  # an error without text is named
+    r._ok()
+    assert edges == [True, False, True] and r.last_error == "" and r.reachable
+
+
+# -- the etcd members' health, for showrcopy witness ------------------------------------------------
+
+def status(endpoint: str, member_id: int, leader: int, term: int = 2, index: int = 42) -> MemberStatus:
+    return MemberStatus(endpoint, member_id, leader, term, index, index, 20480, 16384, "3.4.23", False, ())
+
+
+class Cluster:
+    """Three members as the gathering sees them: one answering, refusing, or silent at will."""
+
+    def __init__(self) -> None:
+        self.ids = {f"http://m{i}:2379": 0x10 + i for i in (1, 2, 3)}
+        self.state = dict.fromkeys(self.ids, "up")
+        self.leader = 0x12
+        self.asked: list[tuple[str, float]] = []
+
+    async def member_status(self, endpoint: str, within: float) -> MemberStatus:
+        self.asked.append((endpoint, trio.current_time()))
+        await trio.sleep(0.01)
+        if self.state[endpoint] == "down":
+            raise EtcdUnreachable("[Errno 111] Connection refused")
+        if self.state[endpoint] == "silent":
+            await trio.sleep_forever()  # a partitioned member: the gathering's deadline ends it
+        if self.state[endpoint] == "garbled":
+            return MemberStatus.from_answer(endpoint, {"header": {"member_id": "not a number"}})
+        return status(endpoint, self.ids[endpoint], self.leader)
+
+
+async def test_gathering_asks_every_member_at_once_and_a_silent_one_costs_only_the_deadline(autojump_clock):
+    c = Cluster()
+    eps = list(c.ids)
+    c.state[eps[0]], c.state[eps[2]] = "silent", "down"
+    t0 = trio.current_time()
+    g = await gather(c, eps, 0.5)
+    assert g.at - t0 == pytest.approx(0.5)  # the silent member's deadline, not three in a row
+    assert {t for _, t in c.asked} == {t0}  # all asked at once
+    m1, m2, m3 = g.members
+    assert [m.endpoint for m in g.members] == eps  # the configured order, whatever answered first
+    assert (m1.status, m1.error) == (None, "no answer within 0.50s")
+    assert m2.status is not None and m2.status.is_leader and m2.error == ""
+    assert (m3.status, m3.error) == (None, "[Errno 111] Connection refused")
+    c.state[eps[2]] = "garbled"
+    assert (await gather(c, eps, 0.5)).members[2].error.startswith("invalid literal")
+
+
+def test_members_json_is_machine_readable_ids_in_hex_the_leader_marked():
+    up = MemberHealth("http://m1:2379", status("http://m1:2379", 0x8E9E05C52164694D, 0x8E9E05C52164694D))
+    down = MemberHealth("http://m2:2379", None, "no answer within 0.50s")
+    assert up.to_json() == {"endpoint": "http://m1:2379", "reachable": True, "id": "8e9e05c52164694d", "leader": True,
+                            "leader_id": "8e9e05c52164694d", "raft_term": 2, "raft_index": 42, "db_size": 20480,
+                            "version": "3.4.23", "alarms": [], "error": ""}
+    j = down.to_json()
+    assert (j["reachable"], j["id"], j["leader"], j["error"]) == (False, None, False, "no answer within 0.50s")
+    assert json.loads(json.dumps([up.to_json(), j])) == [up.to_json(), j]
+
+
+def test_a_status_answer_is_read_as_etcd_gives_it():
+    ans = {"header": {"cluster_id": "15266989359947598340", "member_id": "108855803116454548", "revision": "1",
+                      "raft_term": "2"}, "version": "3.4.23", "dbSize": "20480", "leader": "7156832609233358326",
+           "raftIndex": "8", "raftTerm": "2", "raftAppliedIndex": "8", "dbSizeInUse": "16384"}
+    s = MemberStatus.from_answer("http://m1:2379", ans)
+    assert (s.member_id, s.leader, s.raft_term, s.raft_index, s.db_size, s.is_learner, s.errors) == (
+        108855803116454548, 7156832609233358326, 2, 8, 20480, False, ())
+    assert not s.is_leader
+    with pytest.raises(EtcdError, match="without a header"):
+        MemberStatus.from_answer("http://m1:2379", {"version": "3.4.23"})
+
+
+def render(wt: dict) -> str:
+    console = Console(record=True, width=160, color_system=None)
+    print_witness(wt, console)
+    return console.export_text()
+
+
+ETCD_INFO = {"backend": "etcd", "address": "http://m1:2379,http://m2:2379,http://m3:2379",
+             "endpoints": ["http://m1:2379", "http://m2:2379", "http://m3:2379"], "prefix": "/syncd/rcg1",
+             "reachable": True, "witness": "etcd", "security": "plain HTTP (insecure)",
+             "answered_by": "http://m2:2379", "last_error": "", "last_heard_s_ago": 0.1, "lease_ttl_s": 2,
+             "members_age_s": 0.4}
+
+
+def test_showrcopy_witness_draws_one_row_per_etcd_member_with_its_health():
+    members = [MemberHealth("http://m1:2379", None, "[Errno 111] Connection refused").to_json(),
+               MemberHealth("http://m2:2379", status("http://m2:2379", 0x12, 0x12)).to_json(),
+               MemberHealth("http://m3:2379", status("http://m3:2379", 0x13, 0x12)).to_json()]
+    out = render(dict(ETCD_INFO, members=members))
+    assert "Quorum witness in etcd (3 endpoints): reachable, plain HTTP (insecure)" in out
+    assert "prefix /syncd/rcg1, answered last by http://m2:2379" in out
+    assert "etcd members: 2 of 3 reachable, leader 12 (asked 0.4 s ago)" in out
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in out.splitlines() if "http://m" in line and "│" in line}
+    assert rows["http://m1:2379"] == ["unreachable", "-", "-", "-", "-", "-", "[Errno 111] Connection refused"]
+    assert rows["http://m2:2379"] == ["reachable", "12", "yes", "2", "42", "20.0 KiB", ""]
+    assert rows["http://m3:2379"] == ["reachable", "13", "no", "2", "42", "20.0 KiB", ""]
+
+
+def test_showrcopy_witness_says_when_the_members_were_not_asked_yet_and_builtin_is_unchanged():
+    assert "etcd members: not asked yet" in render(dict(ETCD_INFO, members=None, members_age_s=None))
+    out = render({"backend": "builtin", "address": "127.0.0.1:7000", "reachable": False, "witness": "W",
+                  "security": "key", "last_error": "connection refused", "last_heard_s_ago": None})
+    assert out.strip() == "Quorum witness W at 127.0.0.1:7000: unreachable (connection refused), key"
