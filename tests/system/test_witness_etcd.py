@@ -55,7 +55,8 @@ def failover(lab, victim, survivor):
 
 def test_failover_through_the_etcd_witness_with_and_without_a_member(elab):
     w = show(elab, "A")["witness"]
-    assert w["backend"] == "etcd" and w["endpoints"] == elab["etcd"]["endpoints"], w
+    # Each array reaches every member through relays of its own (lab fail witness-link cuts them).
+    assert w["backend"] == "etcd" and w["endpoints"] == elab["etcd"]["relayed"]["A"], w
     wait_for(lambda: show(elab, "A")["witness"]["reachable"], what="the witness reached")
     wait_for(lambda: (lab_etcd.group_record(elab) or {}).get("secondary_in_sync"), what="the witness knows B in sync")
     took = failover(elab, "A", "B")
@@ -78,25 +79,26 @@ def members(lab, site):
 
 def test_showrcopy_witness_shows_each_etcd_member_and_a_killed_one_as_unreachable(elab):
     info = lab_etcd.load(elab["dir"])
-    eps = elab["etcd"]["endpoints"]
+    eps = elab["etcd"]["relayed"]  # per array: its relays to the members, in member order
     wait_for(lambda: [m["reachable"] for m in members(elab, "A")] == [True] * 3, what="all three members seen")
     ms = members(elab, "A")
-    assert [m["endpoint"] for m in ms] == eps
+    assert [m["endpoint"] for m in ms] == eps["A"]
     assert len({m["id"] for m in ms}) == 3 and sum(m["leader"] for m in ms) == 1, ms
     assert all(m["raft_term"] >= 1 and m["raft_index"] >= 1 and m["db_size"] > 0 for m in ms), ms
     victim = lab_etcd.leader(info)  # the leader: the others elect one of them
     lab_etcd.fail_member(elab["dir"], victim)
-    dead = eps[victim - 1]
+    dead = {site: eps[site][victim - 1] for site in eps}
 
-    def one_down(ms):
+    def one_down(ms, dead):
         up = [m for m in ms if m["endpoint"] != dead]
         return ([m["reachable"] for m in ms if m["endpoint"] == dead] == [False]
                 and all(m["reachable"] and m["leader_id"] for m in up) and sum(m["leader"] for m in up) == 1)
 
     for site in ("A", "B"):
-        wait_for(lambda site=site: one_down(members(elab, site)), what=f"{site} sees member {victim} down, one leader")
+        wait_for(lambda site=site: one_down(members(elab, site), dead[site]),
+                 what=f"{site} sees member {victim} down, one leader")
     ms = members(elab, "A")
-    gone = next(m for m in ms if m["endpoint"] == dead)
+    gone = next(m for m in ms if m["endpoint"] == dead["A"])
     assert gone["error"] and gone["id"] is None and not gone["leader"], gone
     new_leader = next(m for m in ms if m["leader"])
     assert all(m["leader_id"] == new_leader["id"] for m in ms if m["reachable"]), ms
@@ -106,7 +108,7 @@ def test_showrcopy_witness_shows_each_etcd_member_and_a_killed_one_as_unreachabl
     assert human.returncode == 0, human.stderr
     print(human.stdout)
     assert "etcd members: 2 of 3 reachable, leader " + new_leader["id"] in human.stdout, human.stdout
-    assert all(ep in human.stdout for ep in eps) and "unreachable" in human.stdout
+    assert all(ep in human.stdout for ep in eps["A"]) and "unreachable" in human.stdout
     js = syncctl("--lab", elab["dir"], "--node", "A", "--json", "showrcopy", "witness")
     assert js.returncode == 0, js.stderr
     print(js.stdout)
