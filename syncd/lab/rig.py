@@ -268,6 +268,7 @@ def _lab_up(
     if lab_tls is not None:
         lab_tls["witness"] = "mutual TLS" if witness_tls else None
     wcfg: dict[str, dict] = {}
+    etcd_relays: dict[str, list] = {}  # per site: (relay port, member URL) when the witness is on etcd
     if witness is not None and witness.get("backend") == "etcd":
         # The witness kept in a three-member etcd cluster on loopback (no witness process; its
         # own faults are its members', syncd.lab.etcd). With ``endpoints`` given, a cluster that
@@ -285,7 +286,8 @@ def _lab_up(
             started["etcd"] = str(root)
         # Each array reaches every member through relays of its own, so either array can be cut
         # off from the whole cluster (lab fail witness-link SITE) while its peer still sees it.
-        etcd_relays = {site: [(free_port(), urlsplit(e)) for e in endpoints] for site in NODES} if relay else {}
+        if relay:
+            etcd_relays = {site: [(free_port(), urlsplit(e)) for e in endpoints] for site in NODES}
         relayed = {site: [f"{u.scheme}://127.0.0.1:{rp}" for rp, u in rs] for site, rs in etcd_relays.items()}
         lab["etcd"]["relayed"] = relayed
         common = {k: witness[k] for k in ("interval", "owner_lease", "grace") if k in witness}

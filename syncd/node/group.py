@@ -183,6 +183,9 @@ class Group:
         self.events: list[tuple[float, str]] = []
         self.last_recover = -1e9
         self._changed = trio.lowlevel.ParkingLot()  # parked: whoever waits for the state to change
+        # Set once the state exchange has decided what happens to the regions this array was
+        # writing when it stopped (``decide_crash_regions``): a resync waits for it.
+        self.crash_decided = trio.Event()
         self._note_level = logging.INFO
         self._scope: trio.CancelScope | None = None
 
@@ -335,6 +338,7 @@ class Group:
                 self.note(f"{len(m.crash_regions)} regions of {m.st.local} are fetched back from "
                           f"{self.st.peer}, which holds every write this array acknowledged")
             m.crash_regions = []
+        self.crash_decided.set()
 
     def _carry_out(self, a: Any) -> None:
         node = self.node

@@ -90,10 +90,30 @@ class Resync:
         except (LinkDown, LinkTimeout) as e:
             g.lose_peer(f"resync interrupted: {e}")
 
+    async def crash_regions_decided(self, g: "Group") -> None:
+        """Until the state exchange has decided whether the regions this array was writing when
+        it stopped are fetched back from the peer or copied to it (``decide_crash_regions``).
+
+        The peer's own exchange request can start the resync first (CI, the history campaign:
+        the secondary killed, then a power cut at the primary). Copied before the decision, a
+        region could overwrite the peer's newer copy with what the power cut left here; and a
+        decision to fetch it back made after the fetching ran would never be carried out (the
+        peer kept it out of sync for ever). Undecided within two I/O timeouts (the exchange
+        failed), they are copied, as when the peer cannot say it holds every acknowledged write."""
+        if not any(m.crash_regions for m in g.members.values()):
+            return
+        with trio.move_on_after(2 * self.node.cfg.link.io_timeout):
+            await g.crash_decided.wait()
+        if any(m.crash_regions for m in g.members.values()):
+            g.note("the state exchange did not decide about the regions written before the unclean stop: "
+                   f"they are copied to {g.st.peer}", logging.WARNING)
+            g.decide_crash_regions(peer_crashed=True)
+
     async def pull_group(self, g: "Group") -> None:
         """Fetch back from the peer the regions it holds newer (``Member.pull``: a power cut
         here took writes the peer has), comparing digests first: only regions that differ are
         copied. Under the range lock, so host writes (mirrored to the peer meanwhile) wait."""
+        await self.crash_regions_decided(g)
         try:
             for m in list(g.members.values()):
                 r = m.pull.first_set(0)

@@ -7,6 +7,13 @@ its own exchange then decided to fetch those back from the secondary instead. Th
 both replicas equal, but nothing told the secondary, which kept the regions out of sync: it
 reported "syncing" for ever and forwarded their reads to the primary.
 
+Found again by CI in a rarer order: the secondary's exchange request started the resync before
+the primary's own exchange had decided; the fetching ran (nothing to fetch yet), the decision then
+moved the regions from "copy" to "fetch back", and nobody fetched them: the secondary stayed
+"syncing" and the primary forwarded their reads for ever. Copied before the decision, a region
+could also have overwritten the secondary's newer copy with what the power cut left. The resync
+now waits for the decision.
+
 In process: the primary's resync (real volumes, range lock, bitmaps) and, at the link's other
 end, the secondary's real data path applying each frame to its own replica."""
 
@@ -15,7 +22,9 @@ from __future__ import annotations
 import types
 
 import trio
+import trio.testing
 
+from syncd.node import group as node_group
 from syncd.node.datapath import DataPath
 from syncd.node.resync import Resync
 from syncd.node.roles import Mode
@@ -104,3 +113,89 @@ async def test_regions_fetched_back_are_in_sync_at_the_peer_that_was_told_it_lac
     finally:
         here.close()
         there.close()
+
+
+class RestartedPrimary(Group):
+    """The fake group of a primary that stopped uncleanly, with the real decision."""
+
+    decide_crash_regions = node_group.Group.decide_crash_regions
+
+    def __init__(self, node: Node) -> None:
+        super().__init__(node, "primary")
+        self.st = types.SimpleNamespace(gid=1, peer="B")
+        self.state.peer_has_all = True  # the secondary holds every write this array acknowledged
+        self.crash_decided = trio.Event()
+        self.notes: list[str] = []
+        self.mode = Mode.SYNCING
+
+    def note(self, msg: str, level: int = 0) -> None:
+        self.notes.append(msg)
+
+
+def _pair(tmp_path, nursery):
+    here = Volume("vv1", str(tmp_path / "here.img"), size=SIZE)
+    there = Volume("vv1", str(tmp_path / "there.img"), size=SIZE)
+    for v in (here, there):
+        v.write_sync(0, b"\x11" * SIZE)
+    for r in (2, 3):  # the power cut at the primary took its last writes there
+        there.write_sync(r * REGION, bytes([r]) * REGION)
+    sg = Group(Node(None, nursery), "secondary")
+    sg.publish_volume = lambda m: None
+    sm = Member(sg, there, None)
+    sm.st = types.SimpleNamespace(local="vv1", suspect=False, synced_once=False, last_sync=0.0)
+    wire = SecondaryEnd(DataPath(sg), sm)
+    node = Node(wire, nursery)
+    node.stats = {"compared_bytes": 0, "pulled_bytes": 0}
+    g = RestartedPrimary(node)
+    m = Member(g, here, None)
+    m.st = types.SimpleNamespace(local="vv1")
+    m.resync_bytes = 0
+    g.members = {1: m}
+    # At its start the primary marks the regions its write-intent log names dirty, undecided;
+    # the RESYNC_BEGIN the secondary got (the stale dirty map) named them.
+    m.crash_regions = [2, 3, 5]
+    for r in m.crash_regions:
+        m.dirty.set(r)
+        sm.oos.set(r)
+    return here, there, g, m, sm, wire
+
+
+async def test_the_resync_waits_for_the_exchange_to_decide_and_then_fetches_back(tmp_path):
+    async with trio.open_nursery() as nursery:
+        here, there, g, m, sm, wire = _pair(tmp_path, nursery)
+        try:
+            done = trio.Event()
+
+            async def resync():
+                await Resync(g.node).pull_group(g)
+                done.set()
+
+            nursery.start_soon(resync)
+            await trio.testing.wait_all_tasks_blocked()
+            assert wire.sent == [] and not done.is_set()  # nothing compared or copied yet
+            g.decide_crash_regions(peer_crashed=False)  # the primary's own exchange answers
+            await done.wait()
+            assert here.read_sync(0, SIZE) == there.read_sync(0, SIZE)  # the secondary's data won
+            assert m.pull.count == 0 and m.dirty.count == 0 and m.crash_regions == []
+            assert sm.oos.count == 0, [r for r in range(sm.oos.nregions) if sm.oos.test(r)]
+            assert any("fetched back" in n for n in g.notes), g.notes
+        finally:
+            nursery.cancel_scope.cancel()
+            here.close()
+            there.close()
+
+
+async def test_undecided_for_two_io_timeouts_they_are_copied(tmp_path, autojump_clock):
+    async with trio.open_nursery() as nursery:
+        here, there, g, m, sm, wire = _pair(tmp_path, nursery)
+        try:
+            t0 = trio.current_time()
+            await Resync(g.node).pull_group(g)  # no exchange answers
+            assert trio.current_time() - t0 >= 2 * g.node.cfg.link.io_timeout
+            assert wire.sent == [] and m.pull.count == 0 and m.crash_regions == []
+            assert [r for r in range(m.dirty.nregions) if m.dirty.test(r)] == [2, 3, 5]  # left to copy
+            assert any("did not decide" in n for n in g.notes), g.notes
+        finally:
+            nursery.cancel_scope.cancel()
+            here.close()
+            there.close()
