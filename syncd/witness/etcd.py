@@ -387,16 +387,6 @@ class EtcdClient:
     async def lease_revoke(self, lease: int) -> None:
         await self.call("/v3/lease/revoke", {"ID": str(lease)})
 
-    async def members(self) -> list[dict[str, Any]]:
-        ans = await self.call("/v3/cluster/member/list", {})
-        return list(ans.get("members", []))
-
-    async def status_of(self, endpoint: str) -> dict[str, Any]:
-        """One member's own status (its leader, raft term, version), asked of it alone."""
-        with trio.fail_after(self.cfg.timeout):
-            ans: dict[str, Any] = await self._post_at(endpoint, "/v3/maintenance/status", {}, auth=True)
-            return ans
-
     async def member_status(self, endpoint: str, within: float) -> MemberStatus:
         """``endpoint``'s own status (``/v3/maintenance/status``), asked of it alone and never
         passed on to another member, within ``within`` seconds: ``EtcdUnreachable`` if it does
