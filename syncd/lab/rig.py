@@ -769,6 +769,21 @@ def _etcd_fault(d: str, lab: dict, what: str, arg: str | None, heal: bool) -> st
     return f"etcd member {which[0]}{' (the leader)' if what == 'etcd-leader' else ''} killed"
 
 
+def _etcd_witness(d: str, lab: dict, heal: bool) -> str:
+    """The witness kept in etcd fails (every member killed) or heals (every member started)."""
+    from . import etcd as lab_etcd
+
+    if lab["etcd"].get("shared"):
+        raise LabError(f"this lab's etcd cluster is shared with others: {'start' if heal else 'stop'} its members "
+                       "where it was started")
+    n = len(lab_etcd.load(d)["members"])
+    for i in range(1, n + 1):
+        (lab_etcd.restart_member if heal else lab_etcd.fail_member)(d, i)
+    if heal:
+        return f"witness started: its {n} etcd members"
+    return f"witness stopped: its {n} etcd members killed (kill -9)"
+
+
 FAULTS = ("primary", "secondary", "link", "witness", "disk", "site", "isolate", "witness-link", "host", "host-link",
           "power")
 
@@ -923,14 +938,7 @@ def lab_fail(d: str, what: str, site: str | None = None) -> str:
         _relays(lab, list(range(npaths)), "cut")
         return f"replication link cut ({npaths} paths)"
     if what == "witness" and lab.get("etcd"):
-        from . import etcd as lab_etcd
-
-        if lab["etcd"].get("shared"):
-            raise LabError("this lab's etcd cluster is shared with others: stop its members where it was started")
-        n = len(lab_etcd.load(d)["members"])
-        for i in range(1, n + 1):
-            lab_etcd.fail_member(d, i)
-        return f"witness stopped: its {n} etcd members killed (kill -9)"
+        return _etcd_witness(d, lab, heal=False)
     if what == "witness":
         w = lab.get("witness")
         if not w:
@@ -1015,14 +1023,7 @@ def lab_heal(d: str, what: str, site: str | None = None) -> str:
         _relays(lab, list(range(npaths)), "heal")
         done.append("replication link healed")
     elif what == "witness" and lab.get("etcd"):
-        from . import etcd as lab_etcd
-
-        if lab["etcd"].get("shared"):
-            raise LabError("this lab's etcd cluster is shared with others: start its members where it was started")
-        n = len(lab_etcd.load(d)["members"])
-        for i in range(1, n + 1):
-            lab_etcd.restart_member(d, i)
-        done.append(f"witness started: its {n} etcd members")
+        done.append(_etcd_witness(d, lab, heal=True))
     elif what == "witness":
         w = lab.get("witness")
         if not w:
