@@ -268,6 +268,20 @@ class EtcdClient:
             await conn.aclose()
             raise
 
+    async def _post_authed(self, endpoint: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One request at one endpoint with this client's token when a user is configured
+        (fetched first if there is none, and once more if etcd no longer takes it)."""
+        if self.cfg.user is not None and self._token is None:
+            await self._authenticate(endpoint)
+        try:
+            return await self._post_at(endpoint, path, body, auth=True)
+        except EtcdError as e:
+            if self.cfg.user is None or not _stale_token(e):
+                raise
+        self._token = None  # expired, from a restarted member, or older than the users' changes
+        await self._authenticate(endpoint)
+        return await self._post_at(endpoint, path, body, auth=True)
+
     async def call(self, path: str, body: dict[str, Any], *, within: float | None = None) -> dict[str, Any]:
         """POST ``body`` to ``path`` at the preferred endpoint, then the others, within the
         deadline; authenticating first when a user is configured."""
@@ -284,16 +298,7 @@ class EtcdClient:
                 break
             with trio.move_on_after(share) as cs:
                 try:
-                    if self.cfg.user is not None and self._token is None:
-                        await self._authenticate(endpoint)
-                    try:
-                        ans = await self._post_at(endpoint, path, body, auth=True)
-                    except EtcdError as e:
-                        if self.cfg.user is None or not _stale_token(e):
-                            raise
-                        self._token = None  # expired or from a restarted member: once more
-                        await self._authenticate(endpoint)
-                        ans = await self._post_at(endpoint, path, body, auth=True)
+                    ans = await self._post_authed(endpoint, path, body)
                 except (OSError, h11.ProtocolError, ssl.SSLError, trio.BrokenResourceError, _BadAnswer) as e:
                     errors.append(f"{endpoint}: {self._transport_failure(e)}")
                     continue
@@ -396,16 +401,7 @@ class EtcdClient:
         ans: dict[str, Any] | None = None
         with trio.move_on_after(within):
             try:
-                if self.cfg.user is not None and self._token is None:
-                    await self._authenticate(endpoint)
-                try:
-                    ans = await self._post_at(endpoint, "/v3/maintenance/status", {}, auth=True)
-                except EtcdError as e:
-                    if self.cfg.user is None or "token" not in str(e):
-                        raise
-                    self._token = None  # expired or from a restarted member: once more
-                    await self._authenticate(endpoint)
-                    ans = await self._post_at(endpoint, "/v3/maintenance/status", {}, auth=True)
+                ans = await self._post_authed(endpoint, "/v3/maintenance/status", {})
             except (OSError, h11.ProtocolError, ssl.SSLError, trio.BrokenResourceError, _BadAnswer) as e:
                 raise EtcdUnreachable(str(e) or type(e).__name__) from None
         if ans is None:

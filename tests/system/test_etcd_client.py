@@ -139,7 +139,12 @@ async def test_without_a_quorum_a_request_is_unreachable_within_its_deadline(clu
                     break
                 except EtcdUnreachable:
                     await trio.sleep(0.2)
-        assert kv.value == b"before"  # the refused write did not happen
+        # "Unreachable" means the outcome is unknown, not that nothing happened: if the survivor
+        # was the leader, it logged the write and commits it once a quorum is back (seen in 2 of
+        # about 25 runs). The witness's decisions are safe with that: a CLAIM committed late is
+        # granted when asked again (the claimant owns the group already), and an owner changed
+        # behind a node's back refuses its KEEP. Either way the value is one that was written.
+        assert kv.value in (b"before", b"during")
     finally:
         await c.aclose()
 

@@ -108,6 +108,24 @@ async def test_primary_failure_fails_over_once_the_owner_is_silent_long_enough(w
     assert not (await w.keep("A", 1)).granted  # the old owner comes back: it owns nothing
 
 
+async def test_a_decision_whose_answer_was_lost_is_the_same_when_asked_again(w, autojump_clock):
+    """A request that timed out may still have been carried out (etcd commits what its leader
+    logged once a quorum is back; a built-in witness's answer can be lost on the way): asked
+    again, the claimant gets the group it was given, and the old owner still owns nothing."""
+    t0 = trio.current_time()
+    await w.report("A", 1, alive=True, insync=True)
+    await w.report("B", 1, alive=True, insync=False)
+    await trio.sleep_until(t0 + 2.0)
+    assert not (await w.claim("B", 1)).granted  # B lost A: too early
+    await trio.sleep_until(t0 + GONE)
+    first = await w.claim("B", 1)  # carried out; B never heard the answer
+    assert first.granted, first.reason
+    again = await w.claim("B", 1)  # B still thinks it is at epoch 1
+    assert again.granted and (again.owner, again.epoch) == ("B", 2), again.reason
+    assert (await w.state())[:2] == ("B", 2)  # granted once: the epoch moved once
+    assert not (await w.keep("A", 1)).granted
+
+
 async def test_link_failure_the_owner_keeps_the_group_and_the_secondary_cannot_claim(w, autojump_clock):
     t0 = trio.current_time()
     await w.report("A", 1, alive=True, insync=True)
