@@ -341,9 +341,6 @@ class EtcdClient:
         text = str(e)
         if "authentication failed" in text:
             why = f"etcd user {self.cfg.user!r}: authentication failed (wrong user or password)"
-        elif "authentication is not enabled" in text and self.cfg.user is not None:
-            why = (f"etcd user {self.cfg.user!r} is configured but etcd's authentication is not enabled "
-                   f"(enable it in etcd, or remove user and password from the witness's settings)")
         elif (e.code == 7 or "permission denied" in text) and self.cfg.user is not None:
             why = (f"permission denied to etcd user {self.cfg.user!r} (grant its role readwrite on this "
                    f"pair's prefix)")
@@ -354,8 +351,17 @@ class EtcdClient:
         return EtcdError(f"{why}: {text}", e.code)
 
     async def _authenticate(self, endpoint: str) -> None:
-        ans = await self._post_at(endpoint, "/v3/auth/authenticate",
-                                  {"name": self.cfg.user, "password": self.cfg.password}, auth=False)
+        """A token for the configured user; "" (no token sent) while etcd's authentication is
+        not enabled, so nodes may be given their user before it is switched on (as etcd's own
+        client allows); a request refused then for want of a user fetches one again."""
+        try:
+            ans = await self._post_at(endpoint, "/v3/auth/authenticate",
+                                      {"name": self.cfg.user, "password": self.cfg.password}, auth=False)
+        except EtcdError as e:
+            if "authentication is not enabled" not in str(e):
+                raise
+            self._token = ""
+            return
         token = ans.get("token")
         if not isinstance(token, str) or not token:
             raise EtcdError("etcd gave no authentication token")
@@ -411,9 +417,11 @@ class EtcdClient:
 
 def _stale_token(e: EtcdError) -> bool:
     """etcd no longer takes the token: it expired, the member restarted (simple tokens live in
-    its memory), or the users and roles changed since it was issued."""
+    its memory), the users and roles changed since it was issued, or authentication was switched
+    on since the client found it off (a request without a user)."""
     text = str(e)
-    return e.code == 16 or "invalid auth token" in text or "auth store is old" in text
+    return (e.code == 16 or "invalid auth token" in text or "auth store is old" in text
+            or "user name is empty" in text)
 
 
 def _plain_refusal(status: int, raw: bytes) -> str:

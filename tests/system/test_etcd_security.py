@@ -326,3 +326,46 @@ def test_a_node_reaches_the_witness_over_tls_as_an_etcd_user(auth_cluster, tmp_p
 
 def _tail(log: Path) -> str:
     return log.read_text(errors="replace")[-2000:] if log.exists() else ""
+
+
+async def test_a_user_configured_before_etcd_switches_authentication_on(tmp_path):
+    """Nodes may be given their etcd user first and etcd's authentication switched on later (as
+    etcd's own client allows): without authentication the client sends no token; once it is on,
+    the first request refused for want of a user fetches a token and is asked again. A wrong
+    password shows only then, by name, and changes nothing."""
+    require_tool("etcd")
+    d = str(tmp_path / "etcd")
+    info = lab_etcd.start_cluster(d, n=1)  # plain HTTP: what matters here is the users
+    ep = info["endpoints"][0]
+
+    def raw(path: str, body: dict, token: str | None = None) -> dict:
+        headers = {"Content-Type": "application/json", **({"Authorization": token} if token else {})}
+        req = urllib.request.Request(ep + path, json.dumps(body).encode(), headers)
+        with urllib.request.urlopen(req, timeout=2.0) as r:  # noqa: S310 (loopback)
+            return dict(json.loads(r.read()))
+
+    good = EtcdClient(EtcdConfig((ep,), user="pair1", password=PASSWORDS["pair1"], timeout=TIMEOUT))
+    bad = EtcdClient(EtcdConfig((ep,), user="pair1", password="not-the-password", timeout=TIMEOUT))
+    try:
+        for name in ("root", "pair1"):
+            raw("/v3/auth/user/add", {"name": name, "password": PASSWORDS[name]})
+            raw("/v3/auth/role/add", {"name": name})
+            raw("/v3/auth/user/grant", {"user": name, "role": name})
+        prefix = PAIR + b"/"
+        raw("/v3/auth/role/grant", {"name": "pair1", "perm": {
+            "key": b64(prefix), "range_end": b64(prefix_end(prefix)), "permType": "READWRITE"}})
+        assert (await good.txn([], [put(PAIR + b"/k", b"off")])).succeeded  # authentication off: no token
+        assert (await bad.txn([], [put(PAIR + b"/k", b"off, any password")])).succeeded
+        raw("/v3/auth/enable", {})
+        root = str(raw("/v3/auth/authenticate", {"name": "root", "password": PASSWORDS["root"]})["token"])
+        before = raw("/v3/kv/range", {"key": b64(PAIR + b"/k")}, root)
+        with pytest.raises(EtcdError, match="pair1.*authentication failed"):
+            await bad.txn([], [put(PAIR + b"/k", b"refused")])
+        assert raw("/v3/kv/range", {"key": b64(PAIR + b"/k")}, root)["kvs"] == before["kvs"]  # nothing changed
+        assert (await good.txn([], [put(PAIR + b"/k", b"on")])).succeeded  # authenticates now, asked again
+        [kv], _ = await good.range(PAIR + b"/k")
+        assert kv.value == b"on"
+    finally:
+        await good.aclose()
+        await bad.aclose()
+        lab_etcd.stop_cluster(d)
