@@ -126,6 +126,11 @@ class Relay:
                     await more.wait()
                     more = trio.Event()
                 t, data = q.popleft()
+                if data is None:  # the source ended its side, after all it had sent
+                    if self.cut:
+                        await trio.sleep_forever()  # a cut path carries no end of stream either
+                    await dst.send_eof()
+                    return
                 if self.delay:
                     await clock.sleep_until(t + self.delay)
                     # coalesce what became due meanwhile: one send, as a link would deliver it
@@ -137,6 +142,7 @@ class Relay:
                 await dst.send_all(data)
                 self.bytes += len(data)
 
+        ended = False
         try:
             async with trio.open_nursery() as n:
                 n.start_soon(sender)
@@ -150,10 +156,16 @@ class Relay:
                         rec.append((side, data))
                     q.append((time.monotonic(), data))
                     more.set()
-                n.cancel_scope.cancel()
+                # The source closed its side: what it sent before still goes through, then the
+                # end of stream, as TCP would carry it (a peer's last answer before it closes,
+                # e.g. a refusal, must not be lost); the other direction goes on until it ends too.
+                q.append((time.monotonic(), None))
+                more.set()
+            ended = True
         finally:
             clock.close()
-            cs.cancel()
+            if not ended:  # a reset or a failed send ends the whole connection
+                cs.cancel()
 
     def do_cut(self) -> None:
         self.cut = True

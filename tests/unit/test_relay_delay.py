@@ -67,3 +67,45 @@ async def test_delayed_relay_forwards_every_chunk_in_order_and_not_before_its_ti
     for i, t0 in enumerate(sent_at):
         assert arrivals[i * 100] >= t0 + relay.delay
     assert relay.bytes == 1000
+
+
+async def test_what_a_side_sent_before_it_closed_goes_through_then_the_end_of_stream() -> None:
+    """A peer's last answer before it closes (the link's security refusal, sent just before
+    its end of stream) is relayed whole, then the end of stream; the connection's other
+    direction is not torn down with it. (CI: the relay dropped queued bytes when the end of
+    stream came with them, so a dialer saw a reset instead of the refusal.)"""
+    relay = Relay(("127.0.0.1", 0), ("127.0.0.1", 0))
+    closing, closing_relay = trio.testing.memory_stream_pair()
+    other_relay, other = trio.testing.memory_stream_pair()
+    cs = trio.CancelScope()
+    got = b""
+    async with trio.open_nursery() as n:
+        n.start_soon(relay._pump, closing_relay, other_relay, cs)
+        await closing.send_all(b"SYNCDNO!authentication failed\n")
+        await closing.send_eof()
+        with trio.fail_after(5):
+            while data := await other.receive_some():
+                got += data
+    assert got == b"SYNCDNO!authentication failed\n"
+    assert not cs.cancel_called  # the other direction goes on until it ends too
+
+
+async def test_a_failed_direction_ends_the_whole_connection() -> None:
+    relay = Relay(("127.0.0.1", 0), ("127.0.0.1", 0))
+    src, src_relay = trio.testing.memory_stream_pair()
+    dst_relay, dst = trio.testing.memory_stream_pair()
+    cs = trio.CancelScope()
+    await dst.aclose()  # the far end is gone: sending to it fails
+    failed = []
+
+    async def pump() -> None:
+        try:
+            await relay._pump(src_relay, dst_relay, cs)
+        except* trio.BrokenResourceError:  # raised on to the connection, which closes both ends
+            failed.append(True)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as n:
+            n.start_soon(pump)
+            await src.send_all(b"x")
+    assert failed and cs.cancel_called
