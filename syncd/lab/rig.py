@@ -290,10 +290,7 @@ def _lab_up(
             etcd_relays = {site: [(free_port(), urlsplit(e)) for e in endpoints] for site in NODES}
         relayed = {site: [f"{u.scheme}://127.0.0.1:{rp}" for rp, u in rs] for site, rs in etcd_relays.items()}
         lab["etcd"]["relayed"] = relayed
-        common = {k: witness[k] for k in ("interval", "owner_lease", "grace") if k in witness}
-        common["timeout"] = min(1.0, common.get("owner_lease", 3.0) / 2)  # a decision's deadline
-        wcfg = {site: dict(common, backend="etcd", endpoints=relayed.get(site, endpoints), prefix=prefix)
-                for site in ("A", "B")}
+        wcfg = {site: etcd_witness_settings(witness, relayed.get(site, endpoints), prefix) for site in ("A", "B")}
         witness = None  # nothing more below: that is the built-in witness's
     if witness is not None:
         # The witness (site W) on loopback; A and B reach it through relays of their own (relay
@@ -743,10 +740,7 @@ def _etcd_fault(d: str, lab: dict, what: str, arg: str | None, heal: bool) -> st
 
     if not lab.get("etcd"):
         raise LabError("this lab's witness is not kept in etcd (lab up --witness etcd)")
-    if lab["etcd"].get("shared"):
-        raise LabError("this lab's etcd cluster is shared with others, not its own: fail or heal its members "
-                       "in the lab that started it")
-    info = lab_etcd.load(d)
+    info = _own_etcd(d, lab)
     n = len(info["members"])
     if what == "etcd-member":
         if arg is None or not arg.isdigit():
@@ -769,14 +763,29 @@ def _etcd_fault(d: str, lab: dict, what: str, arg: str | None, heal: bool) -> st
     return f"etcd member {which[0]}{' (the leader)' if what == 'etcd-leader' else ''} killed"
 
 
+def etcd_witness_settings(timings: dict, endpoints: list[str], prefix: str) -> dict:
+    """A lab node's ``[witness]`` settings for the witness kept in etcd: the lab's timings, and a
+    decision's deadline of half the owner's lease (at most 1 s)."""
+    out = {k: timings[k] for k in ("interval", "owner_lease", "grace") if k in timings}
+    out["timeout"] = min(1.0, out.get("owner_lease", 3.0) / 2)
+    return dict(out, backend="etcd", endpoints=list(endpoints), prefix=prefix)
+
+
+def _own_etcd(d: str, lab: dict) -> dict:
+    """The etcd cluster this lab started (its description), or LabError if it uses another's."""
+    from . import etcd as lab_etcd
+
+    if lab["etcd"].get("shared"):
+        raise LabError("this lab's etcd cluster is shared with others, not its own: fail or heal its members "
+                       "in the lab that started it")
+    return lab_etcd.load(d)
+
+
 def _etcd_witness(d: str, lab: dict, heal: bool) -> str:
     """The witness kept in etcd fails (every member killed) or heals (every member started)."""
     from . import etcd as lab_etcd
 
-    if lab["etcd"].get("shared"):
-        raise LabError(f"this lab's etcd cluster is shared with others: {'start' if heal else 'stop'} its members "
-                       "where it was started")
-    n = len(lab_etcd.load(d)["members"])
+    n = len(_own_etcd(d, lab)["members"])
     for i in range(1, n + 1):
         (lab_etcd.restart_member if heal else lab_etcd.fail_member)(d, i)
     if heal:

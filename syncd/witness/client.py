@@ -78,8 +78,7 @@ class WitnessClient(WitnessReach):
                     await trio.sleep(self.cfg.interval)
             except (OSError, w.WitnessProtocolError, WitnessUnreachable, trio.TooSlowError, EOFError,
                     secure.AuthError) as e:
-                self._drop()
-                self._failed(e)
+                self._lose(e)
             await trio.sleep(self.cfg.interval)
 
     async def _check_idle(self) -> None:
@@ -88,6 +87,11 @@ class WitnessClient(WitnessReach):
         async with self.lock:
             if self.sess is not None and self.sess.poll_closed():
                 raise WitnessUnreachable("the witness closed the connection")
+
+    def _lose(self, why: BaseException | str) -> None:
+        """The session failed: close it and record why (``showrcopy``'s last error)."""
+        self._drop()
+        self._failed(why)
 
     def _drop(self) -> None:
         """Close the session (the caller says why: ``_failed``)."""
@@ -132,12 +136,10 @@ class WitnessClient(WitnessReach):
                     await sess.send(w.encode(t, self.rid, **fields))
                     f = await sess.next_frame()
             except (OSError, trio.TooSlowError, EOFError, w.WitnessProtocolError, secure.AuthError) as e:
-                self._drop()
-                self._failed(e)
+                self._lose(e)
                 raise WitnessUnreachable(self.last_error) from None
             if f.type == w.WType.GOODBYE:
-                self._drop()
-                self._failed(f"the witness closed the connection: {f.reason}")
+                self._lose(f"the witness closed the connection: {f.reason}")
                 raise WitnessUnreachable(self.last_error)
             if f.req_id != self.rid:
                 self._drop()

@@ -42,7 +42,7 @@ from syncd.config import LinkConfig
 from syncd.ctl import CtlError, call, wait_synced
 from syncd.lab import etcd as lab_etcd
 from syncd.lab.faults import drop_loop, fail_disk, heal_disk, make_loop
-from syncd.lab.rig import link_timings, node_toml, with_link_key
+from syncd.lab.rig import etcd_witness_settings, link_timings, node_toml, with_link_key
 from syncd.lab.workload import load_history
 
 KEY = "matrix-witness-key-0123456789abcdef"
@@ -181,10 +181,8 @@ class Matrix:
                "owner_lease": w["owner_lease"], "grace": w["grace"]}
         if self.etcd is not None:
             # Every member, at W's address on this array's witness link.
-            wit = {"backend": "etcd", "prefix": "/syncd/rcg1", "interval": w["interval"],
-                   "owner_lease": w["owner_lease"], "grace": w["grace"],
-                   "timeout": min(1.0, w["owner_lease"] / 2),  # a decision's deadline, as the lab's
-                   "endpoints": [f"http://{self.links['wit' + site][3]}:{m['port']}" for m in self.etcd["members"]]}
+            wit = etcd_witness_settings(
+                w, [f"http://{self.links['wit' + site][3]}:{m['port']}" for m in self.etcd["members"]], "/syncd/rcg1")
         toml = node_toml(site, peer, d, NBD_PORT, [(REP_PORT, REP_PORT)] * 2, [("vv1", Path(self.loops[site]), None)],
                          self.link_opts, wit)
         listen = [f'"{a}:{NBD_PORT}"' for a in self.host_ports(site).values()]
