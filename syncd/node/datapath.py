@@ -211,11 +211,11 @@ class DataPath:
         """The data, or None to take the task path (a role change, a region not in sync here,
         a write being applied to the range)."""
         g = self.g
-        if m.vol.direct or g.transitioning() or m.lock.busy(offset, length) or (
-            g.role == "secondary" and m.oos.count and m.oos.any_in(offset, length)
+        # Not serving, or roles changing: the task path says why or waits for the change.
+        if m.vol.direct or not g.steady() or m.lock.busy(offset, length) or (
+            not g.roles.is_primary and m.oos.count and m.oos.any_in(offset, length)
         ) or (m.pull.count and m.pull.any_in(offset, length)):
             return None
-        self._check_serving()
         m.stats["reads"] += 1
         m.stats["bytes_read"] += length
         try:
@@ -337,10 +337,10 @@ class DataPath:
 
     def fast_write(self, m: "Member", offset: int, data: Any, done: Done) -> bool:
         g = self.g
-        if m.vol.direct or g.transitioning() or not g.may_serve() or not m.intent.ready(offset, len(data)):
+        if m.vol.direct or not g.steady() or not m.intent.ready(offset, len(data)):
             return False
         link = g.node.link
-        if g.role == "primary":
+        if g.roles.is_primary:
             # No credit on the link: the task path waits for it before taking the range.
             if not (g.mirroring and link.up and link.has_credit(len(data))):
                 return False

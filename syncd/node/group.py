@@ -212,7 +212,7 @@ class Group:
 
     @property
     def mirroring(self) -> bool:
-        return self.roles.state.mode in MIRRORING
+        return self.roles.mirroring
 
     @property
     def reversed(self) -> bool:
@@ -451,6 +451,11 @@ class Group:
 
     def transitioning(self) -> bool:
         return self.roles.transitioning(trio.current_time())
+
+    def steady(self) -> bool:
+        """Serving and roles not changing: the per-request test of the data path's fast paths
+        (one comparison; ``GroupRoles.steady_until`` is derived when the state changes)."""
+        return trio.current_time() < self.roles.steady_until
 
     def failover_possible(self) -> bool:
         return self.roles.failover_possible(trio.current_time())

@@ -522,17 +522,33 @@ def witness_reachable(s: RoleState, t: Timing, now: float) -> bool:
 
 def serving(s: RoleState, t: Timing, now: float) -> bool:
     """Whether this array may answer host I/O for the group now."""
+    return now < serving_until(s, t)
+
+
+def serving_until(s: RoleState, t: Timing) -> float:
+    """Until when this array may answer host I/O for the group if the state does not change
+    (``serving``; NEVER: not now, inf: for as long as the state holds)."""
     if not s.confirmed or s.failsafe or s.mode is Mode.DISK_FAILED:
-        return False
+        return NEVER
     if s.role is Role.SECONDARY:
-        return s.started and not s.leaving and now < s.lease_until
+        return s.lease_until if s.started and not s.leaving else NEVER
     if s.mode in MIRRORING or s.alone:
-        return True
+        return math.inf
     if s.mode in (Mode.FENCING, Mode.DECIDING):
         # Peer lost, not yet allowed to go on alone: reads are served while the witness
         # cannot have given the group away (writes wait for the fence).
-        return t.witness is None or s.witness_lost_first or now < s.witness_until
-    return False
+        return math.inf if t.witness is None or s.witness_lost_first else s.witness_until
+    return NEVER
+
+
+def steady_until(s: RoleState, t: Timing) -> float:
+    """Until when host I/O may take the fast path without asking again: ``now < steady_until``
+    exactly when the array serves (``serving``) and roles are not changing (``transitioning``).
+    Computed once per state change (``GroupRoles``), compared once per request."""
+    if s.mode in (Mode.HANDING_OVER, Mode.SWITCHING, Mode.CLAIMING):
+        return NEVER
+    # Elsewhere ``transitioning`` is true only where ``serving`` is false.
+    return serving_until(s, t)
 
 
 def failover_possible(s: RoleState, t: Timing, now: float) -> bool:
@@ -1249,8 +1265,25 @@ class GroupRoles:
     """The only writer of a group's control state: ``handle(event)`` returns the actions."""
 
     def __init__(self, state: RoleState, timing: Timing) -> None:
+        self._timing = timing
+        self._set(state)
+
+    @property
+    def timing(self) -> Timing:
+        return self._timing
+
+    @timing.setter
+    def timing(self, timing: Timing) -> None:  # the witness was reconfigured
+        self._timing = timing
+        self._set(self._state)
+
+    def _set(self, state: RoleState) -> None:
         self._state = state
-        self.timing = timing
+        # What the per-request fast paths read (see ``steady_until``), derived here, where the
+        # state changes, instead of from the state and the clock for every request.
+        self.steady_until = steady_until(state, self._timing)
+        self.is_primary = state.role is Role.PRIMARY
+        self.mirroring = state.mode in MIRRORING
 
     @classmethod
     def at_start(cls, *, me: str, peer: str, role: Role, epoch: int, started: bool, failsafe: bool,
@@ -1290,7 +1323,7 @@ class GroupRoles:
         new, actions = handler(s, self.timing, event)
         if new.epoch < s.epoch:  # the one promise no row may break
             raise RoleError(f"epoch would go back from {s.epoch} to {new.epoch}")
-        self._state = new
+        self._set(new)
         return actions
 
     # derived

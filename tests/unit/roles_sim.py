@@ -1071,7 +1071,9 @@ class Sim:
         (d) an array that restarted serves nothing until its role is confirmed (a lease granted
             to it, its peer saying it is our secondary at our epoch, a witness grant, a
             switchover; without a witness, a primary whose previous run's leases are all over);
-        (e) a read served anywhere returns every write acknowledged before it."""
+        (e) a read served anywhere returns every write acknowledged before it;
+        (f) not a promise but what the data path relies on to keep them: the view its fast paths
+            read (``GroupRoles.steady_until``, ``is_primary``, ``mirroring``) is the state's."""
         self._check_witness_epoch()
         writers = []
         for x in self.arrays.values():
@@ -1084,6 +1086,11 @@ class Sim:
                 self.fail("a", f"{x.name}'s epoch went back from {x.epoch_seen} to {s.epoch}")
             x.epoch_seen = s.epoch
             serving = x.roles.serving(now)
+            # (f) the fast paths' view, derived once per state change, is the state's own
+            if (now < x.roles.steady_until) != (serving and not x.roles.transitioning(now)) or (
+                    x.roles.is_primary != (s.role is r.Role.PRIMARY)) or x.roles.mirroring != (s.mode in r.MIRRORING):
+                self.fail("f", f"{x.name}'s fast-path view (steady until {x.roles.steady_until}, primary "
+                          f"{x.roles.is_primary}, mirroring {x.roles.mirroring}) disagrees with its state at {now}")
             # (d) a restarted array serves nothing until its role is confirmed
             if serving and x.unconfirmed:
                 self.fail("d", f"{x.name} restarted and serves (as {s.role.value}, {s.mode.value}) before anything "

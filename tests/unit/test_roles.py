@@ -187,3 +187,34 @@ def test_a_claim_refused_after_the_link_came_back_does_not_stand():
     g.handle(r.WitnessReport(later - 0.1, later - 0.2, "B", 1))
     assert g.handle(r.Tick(later - 0.01)) == []
     assert g.handle(r.Tick(later)) == [r.AskWitness(WitnessAsk.CLAIM)]
+
+
+# -- the fast paths' view ----------------------------------------------------------------------
+
+from dataclasses import replace  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_TIMES = st.sampled_from([r.NEVER, 90.0, 99.5, 100.0, 100.5, 101.0, 110.0])
+
+
+@settings(max_examples=1500, deadline=None)
+@given(role=st.sampled_from(list(Role)), mode=st.sampled_from(list(Mode)), flags=st.lists(st.booleans(), min_size=10,
+       max_size=10), lease_until=_TIMES, witness_until=_TIMES, witness_heard=_TIMES,
+       link_lost_at=_TIMES, with_witness=st.booleans(), now=st.floats(95.0, 115.0))
+def test_the_fast_paths_view_is_serving_and_not_transitioning(role, mode, flags, lease_until, witness_until,
+                                                               witness_heard, link_lost_at, with_witness, now):
+    """``GroupRoles.steady_until`` (what every host request compares the clock with) is exactly
+    ``serving and not transitioning`` for any state and time, kept when the timing changes."""
+    confirmed, failsafe, started, leaving, alone, lost_first, link_up, claim_refused, auto, _ = flags
+    g = restarted(role, timing=T if with_witness else replace(T, witness=None))
+    s = replace(g.state, mode=mode, confirmed=confirmed, failsafe=failsafe, started=started, leaving=leaving,
+                alone=alone, witness_lost_first=lost_first, link_up=link_up, claim_refused=claim_refused,
+                auto_failover=auto, lease_until=lease_until, witness_until=witness_until,
+                witness_heard=witness_heard, link_lost_at=link_lost_at)
+    g = GroupRoles(s, g.timing)
+    for timing in (g.timing, replace(T, witness=None) if with_witness else T):
+        g.timing = timing
+        assert (now < g.steady_until) == (g.serving(now) and not g.transitioning(now))
+        assert g.is_primary == (role is Role.PRIMARY) and g.mirroring == (mode in r.MIRRORING)
