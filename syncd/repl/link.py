@@ -229,7 +229,10 @@ class Link:
     # -- state ---------------------------------------------------------------------------------
     @property
     def up(self) -> bool:
-        return any(p.state == "up" for p in self.paths)
+        for p in self.paths:  # a loop, not any(): asked several times per host write
+            if p.state == "up":
+                return True
+        return False
 
     def live_paths(self) -> list[Path]:
         return [p for p in self.paths if p.state == "up"]
@@ -663,8 +666,15 @@ class Link:
             return None
         if len(live) == 1:
             return live[0]
+        # The path with the fewest requests in flight; ties taken in turn.
         self._rr += 1
-        best = min(live, key=lambda q: (len(q.inflight), (q.index - self._rr) % len(live)))
+        rr, n = self._rr, len(live)
+        best = live[0]
+        best_key = (len(best.inflight), (best.index - rr) % n)
+        for q in live[1:]:
+            key = (len(q.inflight), (q.index - rr) % n)
+            if key < best_key:
+                best, best_key = q, key
         return best
 
     def _enqueue(self, p: Path, bufs: list, bulk: bool) -> None:
