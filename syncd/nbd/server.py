@@ -18,7 +18,6 @@ import dataclasses
 import errno
 import logging
 import math
-import mmap
 import os
 import socket
 import ssl
@@ -26,6 +25,7 @@ import ssl
 import trio
 
 from .. import netio
+from ..buffers import PayloadBuffers
 from ..config import NbdLimits
 from ..metrics.stats import IoStats
 from . import extents
@@ -557,7 +557,9 @@ class NBDConnection:
         that stops arriving for ``payload_timeout`` ends the connection."""
         r = pw.request
         srv = self.server
-        buf: bytearray | mmap.mmap = bytearray(r.length) if r.length <= _LAZY_PAYLOAD else mmap.mmap(-1, r.length)
+        # Large payloads go into reused buffers (no page faults; see syncd.buffers), mapped on
+        # first use: a payload announced but not sent commits no more memory than arrived.
+        buf: bytearray | memoryview = bytearray(r.length) if r.length <= _LAZY_PAYLOAD else srv.payloads.get(r.length)
         view = memoryview(buf)
         got = self.conn.take_into(view)
         self._hold(got)
@@ -753,6 +755,7 @@ class NBDServer:
                  limits: NbdLimits | None = None):
         self.catalog = catalog
         self.tls_context = tls_context
+        self.payloads = PayloadBuffers()  # large write payloads, reused
         self.tls_required = tls_required and tls_context is not None
         limits = limits or NbdLimits()
         if max_inflight is not None or max_inflight_per_connection is not None:

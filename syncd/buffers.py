@@ -1,0 +1,79 @@
+"""Reused buffers for large payloads (host writes of 128 KiB and more, replicated frames of as
+much).
+
+A fresh anonymous mapping costs a page fault for every 4 KiB the first time it is written: on a
+2-vCPU VM about 0.9 ms per MiB, as much as the rest of a replicated 1 MiB write. A buffer that
+held an earlier payload is written without faults. ``PayloadBuffers.get(n)`` hands out a view of
+``n`` bytes of such a buffer.
+
+A buffer is reused only once nothing refers to it any more: no request, frame, queue or
+memoryview (each view of it holds a reference to it, which its reference count shows). So a
+payload still being sent, written or retried is never overwritten, whoever holds it and for how
+long; nobody has to give buffers back. Buffers come in power-of-two sizes; those kept unused are
+bounded by ``keep`` bytes, so the pool adds at most that to what the payloads in flight hold.
+"""
+
+from __future__ import annotations
+
+import mmap
+import sys
+
+MIN_SIZE = 128 << 10
+
+
+def _size_class(n: int) -> int:
+    return max(MIN_SIZE, 1 << (n - 1).bit_length())
+
+
+class PayloadBuffers:
+    """Payload buffers of one owner (an NBD server, a replication link), on its event loop."""
+
+    __slots__ = ("keep", "_lent", "_free", "_free_bytes", "fresh", "reused")
+
+    def __init__(self, keep: int = 32 << 20) -> None:
+        self.keep = keep  # bytes of unused buffers kept for reuse
+        self._lent: list[mmap.mmap] = []  # handed out; free again once nothing refers to them
+        self._free: dict[int, list[mmap.mmap]] = {}  # size -> buffers nothing refers to
+        self._free_bytes = 0
+        self.fresh = 0  # buffers mapped
+        self.reused = 0  # payloads that got a buffer mapped before
+
+    def get(self, n: int) -> memoryview:
+        """``n`` writable bytes (contents undefined) for the caller to fill."""
+        size = _size_class(n)
+        if size > self.keep:  # never kept: mapped for this payload alone
+            self.fresh += 1
+            return memoryview(mmap.mmap(-1, n))
+        free = self._free.get(size)
+        if not free:
+            self._collect()
+            free = self._free.get(size)
+        if free:
+            buf = free.pop()
+            self._free_bytes -= size
+            self.reused += 1
+        else:
+            buf = mmap.mmap(-1, size)
+            self.fresh += 1
+        self._lent.append(buf)
+        return memoryview(buf)[:n]
+
+    def _collect(self) -> None:
+        """Move the lent buffers nothing refers to any more to the free lists (up to ``keep``
+        bytes; the rest are let go)."""
+        still: list[mmap.mmap] = []
+        for buf in self._lent:
+            # References: this list, the loop variable, getrefcount's argument. Any other is
+            # a request, frame or view still using the payload.
+            if sys.getrefcount(buf) > 3:
+                still.append(buf)
+                continue
+            size = len(buf)
+            if self._free_bytes + size <= self.keep:
+                self._free.setdefault(size, []).append(buf)
+                self._free_bytes += size
+        self._lent = still
+
+    def stats(self) -> dict[str, int]:
+        return {"fresh": self.fresh, "reused": self.reused, "lent": len(self._lent),
+                "free_bytes": self._free_bytes}
