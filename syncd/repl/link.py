@@ -23,6 +23,7 @@ from typing import Callable
 import trio
 
 from .. import netio, secure
+from ..buffers import PayloadBuffers
 from ..config import LinkConfig
 from . import proto
 from .flow import (
@@ -215,6 +216,7 @@ class Link:
         self.features = 0  # features in use with the peer (both ends' HELLO), while up
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}  # handed to a path, awaiting the reply
+        self.payloads = PayloadBuffers()  # the large payloads the peer sends, reused
         self.credit = Credit(cfg.max_inflight)
         self.credit_wait_max = 0.0  # s, the longest a request waited for credit
         self._seen: collections.OrderedDict[int, list | None] = collections.OrderedDict()
@@ -284,7 +286,7 @@ class Link:
                 chan, first = await netio.establish(sock, hs, max(self.cfg.path_timeout, 1.0))
                 p.protection = chan.protection
                 with trio.fail_after(max(self.cfg.path_timeout, 1.0)):
-                    dec = FrameDecoder()
+                    dec = FrameDecoder(self.payloads)
                     if first:
                         dec.receive_data(first)
                     session = self.session if self.up else self.dial_session
@@ -367,7 +369,7 @@ class Link:
     async def _accept_path(self, p: Path, sock, source: str, release: Callable[[], None]) -> None:
         """Handshake, HELLO, then the path runs; ``release`` gives back the connection's
         handshake slot (once the peer has proved who it is, it no longer counts as half-open)."""
-        dec = FrameDecoder()
+        dec = FrameDecoder(self.payloads)
         try:
             hs = secure.Handshake(self.security, secure.Role.LISTENER, self.node_name, self.cfg.peer)
             chan, first = await netio.establish(sock, hs, max(self.cfg.path_timeout, 1.0))

@@ -16,6 +16,8 @@ from typing import Any, cast
 import xxhash
 from construct import Bytes, Int8ub, Int16ub, Int32ub, Int64ub, PascalString, Struct
 
+from ..buffers import PayloadBuffers
+
 MAGIC = 0x53594E43
 PROTO_VERSION = 1
 MIN_VERSION = 1
@@ -349,6 +351,9 @@ def encode_bytes(f: Frame) -> bytes:
     return b"".join(bytes(b) for b in encode(f))
 
 
+_POOLED = 64 << 10  # payloads larger than this that span pieces of data fill a reused buffer
+
+
 class FrameDecoder:
     """Bytes in, frames out. ``next_frame`` raises ProtocolError subclasses on anything malformed
     (after handing out every frame that arrived before it).
@@ -359,13 +364,14 @@ class FrameDecoder:
     read). Only a header cut between pieces is gathered separately. Nothing is buffered then
     compacted, so a 1 MiB write costs no more copies than a 4 KiB one."""
 
-    __slots__ = ("_head", "_frames", "_error", "_fill", "_need", "_hdr")
+    __slots__ = ("_head", "_frames", "_error", "_fill", "_need", "_hdr", "_buffers")
 
-    def __init__(self) -> None:
+    def __init__(self, buffers: PayloadBuffers | None = None) -> None:
         self._head = bytearray()  # a header cut between two pieces of data
         self._frames: collections.deque[Frame] = collections.deque()
         self._error: ProtocolError | None = None
-        self._fill: bytearray | None = None  # the payload being filled
+        self._fill: bytearray | memoryview | None = None  # the payload being filled
+        self._buffers = buffers  # where payloads over _POOLED come from (reused buffers)
         self._need = 0  # its bytes still to come
         self._hdr: tuple[Any, ...] = ()  # its frame's header fields
 
@@ -411,7 +417,9 @@ class FrameDecoder:
                     self._emit(hdr, bytes(view[i:i + plen]))
                     i += plen
                 else:
-                    self._fill, self._need, self._hdr = bytearray(plen), plen, hdr
+                    buffers = self._buffers
+                    self._fill = buffers.get(plen) if buffers is not None and plen > _POOLED else bytearray(plen)
+                    self._need, self._hdr = plen, hdr
         except ProtocolError as e:
             self._error = e
             self._fill = None

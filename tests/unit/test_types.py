@@ -22,6 +22,7 @@ STRICT = [
     "syncd/witness/etcd_members.py",
     "syncd/node/roles.py",
     "syncd/repl/flow.py",
+    "syncd/buffers.py",
     "syncd/lab/history.py",
     "syncd/nbd/extents.py",
     "syncd/metrics/stats.py",

@@ -1,0 +1,103 @@
+"""Reused payload buffers (syncd/buffers.py): a buffer is handed out again only once nothing
+refers to it, whoever held it; the replication decoder's and the NBD server's payloads stay
+intact while anything still holds them."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import trio
+
+from syncd.buffers import MIN_SIZE, PayloadBuffers
+from syncd.nbd.client import open_nbd
+from syncd.nbd.export import FileExport, StaticCatalog
+from syncd.nbd.server import NBDServer
+from syncd.repl.proto import Frame, FrameDecoder, encode_bytes
+
+
+def test_a_buffer_is_reused_only_once_nothing_refers_to_it():
+    pool = PayloadBuffers()
+    a = pool.get(1 << 20)
+    assert len(a) == 1 << 20
+    a[:4] = b"abcd"
+    b = pool.get(1 << 20)
+    assert pool.stats()["fresh"] == 2 and pool.reused == 0
+    slice_of_a = a[100:200]  # a view of a view still refers to the buffer
+    del a
+    c = pool.get(1 << 20)
+    assert pool.reused == 0, "a buffer a view still refers to was handed out again"
+    del slice_of_a
+    d = pool.get(1 << 20)
+    assert pool.reused == 1 and bytes(d[:4]) == b"abcd"  # contents are undefined: the old ones
+    assert b is not None and c is not None
+
+
+def test_sizes_round_up_to_a_power_of_two_and_the_views_are_exact():
+    pool = PayloadBuffers()
+    v = pool.get(MIN_SIZE + 1)
+    assert len(v) == MIN_SIZE + 1 and len(v.obj) == 2 * MIN_SIZE
+    del v
+    w = pool.get(2 * MIN_SIZE - 5)  # same size class: the same buffer
+    assert pool.reused == 1 and len(w) == 2 * MIN_SIZE - 5
+
+
+def test_unused_buffers_kept_are_bounded():
+    pool = PayloadBuffers(keep=4 << 20)
+    views = [pool.get(1 << 20) for _ in range(8)]
+    del views
+    pool.get(1 << 20)  # collects: at most 4 MiB kept
+    assert pool.stats()["free_bytes"] <= 4 << 20
+    big = pool.get(8 << 20)  # larger than what is kept: its own mapping, never kept
+    assert len(big) == 8 << 20
+    del big
+    pool.get(1 << 20)
+    assert pool.stats()["free_bytes"] <= 4 << 20
+
+
+def test_decoded_frames_keep_their_payloads_while_later_frames_reuse_buffers():
+    pool = PayloadBuffers()
+    dec = FrameDecoder(pool)
+
+    def frames(n):
+        fs = [Frame.write(i, 1, 1, 0, i << 20, os.urandom(300 << 10)) for i in range(n)]
+        wire = b"".join(encode_bytes(f) for f in fs)
+        for i in range(0, len(wire), 100 << 10):  # payloads span pieces: they fill pooled buffers
+            dec.receive_data(wire[i:i + (100 << 10)])
+        got = []
+        while (f := dec.next_frame()) is not None:
+            got.append(f)
+        assert [bytes(g.payload) for g in got] == [bytes(f.payload) for f in fs]
+        return got
+
+    first = frames(6)
+    kept = first[:3]
+    expected = [bytes(f.payload) for f in kept]
+    del first
+    gc.collect()
+    later = frames(6)
+    assert pool.reused >= 3  # the three frames let go gave their buffers to later ones
+    assert [bytes(f.payload) for f in kept] == expected  # the ones still held are untouched
+    assert later
+
+
+async def test_nbd_write_payloads_are_received_into_reused_buffers(tmp_path):
+    """Large writes through a real NBD connection: each lands intact, and later ones reuse the
+    buffers of earlier ones once those are done."""
+    path = tmp_path / "v.img"
+    path.write_bytes(b"\0" * (8 << 20))
+    exp = FileExport("vv1", str(path))
+    server = NBDServer(StaticCatalog({"vv1": exp}))
+    sock = str(tmp_path / "nbd.sock")
+    blobs = [os.urandom(1 << 20) for _ in range(6)]
+    async with trio.open_nursery() as n:
+        await n.start(server.serve_unix, sock)
+        async with open_nbd(f"nbd+unix:///vv1?socket={sock}") as c:
+            for i, blob in enumerate(blobs):
+                await c.write(i << 20, blob)
+            for i, blob in enumerate(blobs):
+                assert await c.read(i << 20, 1 << 20) == blob
+        n.cancel_scope.cancel()
+    exp.close()
+    assert server.payloads.reused >= 4, server.payloads.stats()
+    assert path.read_bytes()[: 6 << 20] == b"".join(blobs)
