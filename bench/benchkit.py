@@ -16,6 +16,7 @@ WORKLOAD_NAMES = {
     "randwrite-4k-qd16": "4K randwrite QD16",
     "randread-4k-qd16": "4K randread QD16",
     "seqwrite-1m-qd4": "1M seqwrite QD4",
+    "seqread-1m-qd4": "1M seqread QD4",
     "randwrite-4k-qd16-mc4": "4K randwrite QD16, 4 conns",
     "randread-4k-qd16-mc4": "4K randread QD16, 4 conns",
     "randwrite-4k-qd64": "4K randwrite QD64",
@@ -235,7 +236,7 @@ def render_markdown(doc: dict) -> str:
     t = main_table(doc)
     if t:
         out += ["", "## Targets", ""] + t + [
-            "", f"Ratios: IOPS (MB/s for the 1 MiB job) divided by {BASELINE}'s / the C peer's ({PEER}) on the "
+            "", f"Ratios: IOPS (MB/s for the 1 MiB jobs) divided by {BASELINE}'s / the C peer's ({PEER}) on the "
                 "same workload; latency is fio's total latency (submit + completion)."]
     mc = multiconn_rows(doc.get("results", {}), doc.get("rows", []))
     if mc:

@@ -51,7 +51,7 @@ import benchkit
 ROOT = Path(__file__).resolve().parent.parent
 JOBDIR = ROOT / "bench" / "jobs"
 
-JOBS = ["randwrite-4k-qd1", "randwrite-4k-qd16", "randread-4k-qd16", "seqwrite-1m-qd4",
+JOBS = ["randwrite-4k-qd1", "randwrite-4k-qd16", "randread-4k-qd16", "seqwrite-1m-qd4", "seqread-1m-qd4",
         "randwrite-4k-qd16-mc4", "randread-4k-qd16-mc4"]
 COLD_JOB = "randwrite-4k-qd16"
 DISTANCE_QD1, DISTANCE_QD64, MEMORY_JOB = "randwrite-4k-qd1", "randwrite-4k-qd64", "randwrite-1m-qd64-8jobs"
