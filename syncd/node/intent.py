@@ -328,12 +328,15 @@ class IntentLog:
             self.meta_syncs += 1
             # Synced now: what the copies had set and is still wanted (a bit cleared meanwhile
             # is written as 0 by that clear's own write, after this one).
+            # Page-wide, as integers (a byte at a time in Python held the loop ~0.3 ms a page).
             durable = self.durable
             for p, snap in snaps.items():
-                base = p * _PAGE
-                for i, b in enumerate(snap):
-                    if b:
-                        durable[base + i] |= b & bits[base + i]
+                page = slice(p * _PAGE, (p + 1) * _PAGE)
+                if not any(snap):
+                    continue
+                now_set = int.from_bytes(snap, "little") & int.from_bytes(bits[page], "little")
+                merged = int.from_bytes(durable[page], "little") | now_set
+                durable[page] = merged.to_bytes(len(snap), "little")
 
     async def clear_idle(self, hold: float, keep) -> int:
         """Clear extents that leave the hot set (LRU beyond the budget, ``idle`` without a
