@@ -212,7 +212,7 @@ class Option:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs a call per field, per request
 class Request:
     flags: int
     type: int
@@ -258,7 +258,8 @@ class ServerConnection:
     def take_into(self, view: memoryview) -> int:
         """Move already-buffered bytes into ``view`` (used for large write payloads)."""
         n = min(len(view), len(self._buf) - self._pos)
-        view[:n] = self._buf[self._pos : self._pos + n]
+        with memoryview(self._buf) as buf:
+            view[:n] = buf[self._pos : self._pos + n]
         self._pos += n
         return n
 
@@ -277,8 +278,10 @@ class ServerConnection:
                 if avail < REQ.size + length:
                     self._pos = pos + REQ.size
                     return PartialWrite(Request(flags, typ, cookie, offset, length), avail - REQ.size)
-                self._pos = pos + REQ.size + length
-                return Request(flags, typ, cookie, offset, length, bytes(buf[pos + REQ.size : self._pos]))
+                self._pos = end = pos + REQ.size + length
+                with memoryview(buf) as view:  # one copy (a bytearray slice would be a second)
+                    data = bytes(view[pos + REQ.size : end])
+                return Request(flags, typ, cookie, offset, length, data)
             self._pos = pos + REQ.size
             return Request(flags, typ, cookie, offset, length)
         if self.phase == "flags":
