@@ -53,7 +53,7 @@ JOBDIR = ROOT / "bench" / "jobs"
 
 JOBS = ["randwrite-4k-qd1", "randwrite-4k-qd16", "randread-4k-qd16", "seqwrite-1m-qd4", "seqread-1m-qd4",
         "randwrite-4k-qd16-mc4", "randread-4k-qd16-mc4"]
-COLD_JOB = "randwrite-4k-qd16"
+COLD_JOB = "cold-randwrite-4k-qd16"  # no ramp: the first writes to each extent count
 DISTANCE_QD1, DISTANCE_QD64, MEMORY_JOB = "randwrite-4k-qd1", "randwrite-4k-qd64", "randwrite-1m-qd64-8jobs"
 TARGETS = ["syncd-repl-A", "syncd-repl-B", "syncd-single", "nbdkit", "qemu-quorum"]
 ALIASES = {"a": ["syncd-repl-A", "syncd-repl-B"], "b": ["syncd-single"], "c": ["nbdkit"],
