@@ -472,6 +472,10 @@ class Link:
             trio.lowlevel.notify_closing(sock)
             netio.abort(sock)
             p.sendq.clear()
+            # What an inline send left unsent was this connection's (wrapped with its keys):
+            # the next connection must not send it after the reset.
+            p.rest = []
+            p.sending = False
             log.info("path %d down: %s", p.index, p.last_error or "closed")
             p.rtt_high = False
             self._path_changed(p)

@@ -340,3 +340,28 @@ async def test_control_frames_overtake_data_ops_read_ahead_of_them():
         assert order[0] == MsgType.RELEASE and order[1:] == [MsgType.WRITE] * 8, order
         raw.close()
         n.cancel_scope.cancel()
+
+
+async def test_bytes_an_inline_send_left_unsent_die_with_the_connection(pair):
+    """What the kernel did not take at the end of a batch (``Path.rest``) belongs to that
+    connection: a path that goes down before its sender sent it must not send it on the next
+    connection, where it would arrive after the reset (``reset``: nothing sent before can
+    arrive after), or as garbage under a new session's keys."""
+    a, b, peer = pair
+    p = a.paths[0]
+    stale = Frame.write(a.next_id(), 1, 1, 0, 0, b"old session")
+    p.rest = list(p.chan.wrap(proto.encode(stale)))  # left by an inline send; the sender not woken
+    came_back = trio.Event()
+    a.on_up = came_back.set
+    a.reset("test")
+    with trio.fail_after(10):
+        await came_back.wait()
+    fresh = write(a.next_id(), 4096)
+    pend = a.start(fresh)
+    with trio.fail_after(5):
+        await peer.wait_for(1)
+    await trio.sleep(0.2)
+    assert stale.req_id not in peer.writes(), "a frame of the connection that died arrived on the next one"
+    peer.answer(b, fresh)
+    with trio.fail_after(5):
+        assert (await a.wait(pend)).status == 0
