@@ -10,7 +10,8 @@ A buffer is reused only once nothing refers to it any more: no request, frame, q
 memoryview (each view of it holds a reference to it, which its reference count shows). So a
 payload still being sent, written or retried is never overwritten, whoever holds it and for how
 long; nobody has to give buffers back. Buffers come in power-of-two sizes; those kept unused are
-bounded by ``keep`` bytes, so the pool adds at most that to what the payloads in flight hold.
+bounded by ``keep`` bytes once the owner has trimmed (``trim``, every ``TRIM_EVERY`` seconds),
+so the pool adds at most that to what the payloads in flight hold.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import mmap
 import sys
 
 MIN_SIZE = 128 << 10
+TRIM_EVERY = 2.0  # s: how often an owner trims its pool
 
 
 def _counts_in_a_scan(bufs: list[mmap.mmap]) -> list[int]:
     counts = []
-    for buf in bufs:  # as PayloadBuffers._collect scans
+    for buf in bufs:  # as PayloadBuffers.trim scans
         counts.append(sys.getrefcount(buf))
     return counts
 
@@ -58,7 +60,7 @@ class PayloadBuffers:
             return memoryview(mmap.mmap(-1, n))
         free = self._free.get(size)
         if not free:
-            self._collect()
+            self.trim()
             free = self._free.get(size)
         if free:
             buf = free.pop()
@@ -70,9 +72,12 @@ class PayloadBuffers:
         self._lent.append(buf)
         return memoryview(buf)[:n]
 
-    def _collect(self) -> None:
+    def trim(self) -> None:
         """Move the lent buffers nothing refers to any more to the free lists (up to ``keep``
-        bytes; the rest are let go)."""
+        bytes; the rest are let go). ``get`` does it when it finds no free buffer; the owner
+        calls it now and then (every ``TRIM_EVERY`` seconds), so that after a burst of large
+        payloads the pool holds no more than ``keep`` once they are done, even if no other
+        large payload comes."""
         still: list[mmap.mmap] = []
         for buf in self._lent:
             # Any reference beyond the scan's own is a request, frame or view still using it.

@@ -24,7 +24,7 @@ import ssl
 
 import trio
 
-from .. import netio
+from .. import buffers, netio
 from ..buffers import PayloadBuffers
 from ..config import NbdLimits
 from ..metrics.stats import IoStats
@@ -756,6 +756,7 @@ class NBDServer:
         self.catalog = catalog
         self.tls_context = tls_context
         self.payloads = PayloadBuffers()  # large write payloads, reused
+        self._trimming = False
         self.tls_required = tls_required and tls_context is not None
         limits = limits or NbdLimits()
         if max_inflight is not None or max_inflight_per_connection is not None:
@@ -822,6 +823,9 @@ class NBDServer:
         self._keep_spare_fd()
         try:
             async with trio.open_nursery() as n:
+                if not self._trimming:  # one trimmer, whatever the number of listeners
+                    self._trimming = True
+                    n.start_soon(self._trim_payloads)
                 while True:
                     accepted = await self._accept(lsock)
                     if accepted is None:
@@ -842,6 +846,15 @@ class NBDServer:
             if self._spare_fd >= 0:
                 os.close(self._spare_fd)
                 self._spare_fd = -1
+
+    async def _trim_payloads(self) -> None:
+        """Give back, every few seconds, the payload buffers a burst of large writes left."""
+        try:
+            while True:
+                await trio.sleep(buffers.TRIM_EVERY)
+                self.payloads.trim()
+        finally:
+            self._trimming = False
 
     def _over_limit(self, address: str) -> str:
         lim = self.limits

@@ -22,7 +22,7 @@ from typing import Callable
 
 import trio
 
-from .. import netio, secure
+from .. import buffers, netio, secure
 from ..buffers import PayloadBuffers
 from ..config import LinkConfig
 from . import proto
@@ -842,9 +842,13 @@ class Link:
 
     async def _sweeper(self) -> None:
         step = max(0.02, min(self.cfg.io_timeout, self.cfg.ping_interval) / 4)
+        trimmed = trio.current_time()
         while True:
             await trio.sleep(step)
             now = trio.current_time()
+            if now - trimmed >= buffers.TRIM_EVERY:  # what a burst of large frames left
+                self.payloads.trim()
+                trimmed = now
             for req_id, pend in list(self._pending.items()):
                 if pend.deadline <= now:
                     del self._pending[req_id]

@@ -9,6 +9,7 @@ import os
 
 import trio
 
+from syncd import buffers
 from syncd.buffers import MIN_SIZE, PayloadBuffers
 from syncd.nbd.client import open_nbd
 from syncd.nbd.export import FileExport, StaticCatalog
@@ -101,3 +102,42 @@ async def test_nbd_write_payloads_are_received_into_reused_buffers(tmp_path):
     exp.close()
     assert server.payloads.reused >= 4, server.payloads.stats()
     assert path.read_bytes()[: 6 << 20] == b"".join(blobs)
+
+
+def held(pool: PayloadBuffers) -> int:
+    return sum(len(b) for b in pool._lent) + pool.stats()["free_bytes"]
+
+
+def test_a_trim_after_a_burst_keeps_no_more_than_keep():
+    """After a burst of large payloads (16 MiB in flight) completes and no other large payload
+    comes, a trim leaves the pool holding at most ``keep`` (found by a review: before ``trim``,
+    the whole burst stayed mapped until the next large payload)."""
+    pool = PayloadBuffers(keep=4 << 20)
+    burst = [pool.get(1 << 20) for _ in range(16)]
+    still_sending = burst[0]  # one payload is still in flight: it stays lent, not counted as kept
+    del burst
+    pool.trim()
+    assert pool.stats()["free_bytes"] <= 4 << 20
+    assert held(pool) <= (4 << 20) + (1 << 20)
+    assert len(still_sending) == 1 << 20
+
+
+async def test_the_nbd_server_trims_its_payload_buffers(tmp_path, monkeypatch):
+    monkeypatch.setattr(buffers, "TRIM_EVERY", 0.05)
+    path = tmp_path / "v.img"
+    path.write_bytes(b"\0" * (8 << 20))
+    exp = FileExport("vv1", str(path))
+    server = NBDServer(StaticCatalog({"vv1": exp}))
+    server.payloads.keep = 1 << 20
+    sock = str(tmp_path / "nbd.sock")
+    async with trio.open_nursery() as n:
+        await n.start(server.serve_unix, sock)
+        async with open_nbd(f"nbd+unix:///vv1?socket={sock}") as c:
+            for i, size in enumerate((1 << 20, 512 << 10, 256 << 10)):  # a buffer of each size
+                await c.write(i << 20, os.urandom(size))
+            before = held(server.payloads)
+            await trio.sleep(0.5)  # ten trims' time; no other large write comes
+        n.cancel_scope.cancel()
+    assert before > server.payloads.keep  # what the writes left held more than keep
+    assert held(server.payloads) <= server.payloads.keep, server.payloads.stats()
+    exp.close()
