@@ -44,7 +44,7 @@ class PayloadBuffers:
 
     __slots__ = ("keep", "_lent", "_free", "_free_bytes", "fresh", "reused")
 
-    def __init__(self, keep: int = 32 << 20) -> None:
+    def __init__(self, keep: int = 8 << 20) -> None:
         self.keep = keep  # bytes of unused buffers kept for reuse
         self._lent: list[mmap.mmap] = []  # handed out; free again once nothing refers to them
         self._free: dict[int, list[mmap.mmap]] = {}  # size -> buffers nothing refers to
