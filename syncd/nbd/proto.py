@@ -219,7 +219,7 @@ class Request:
     cookie: int
     offset: int
     length: int
-    data: bytes | bytearray | None = None  # WRITE payload
+    data: bytes | bytearray | memoryview | None = None  # WRITE payload (large ones: a reused buffer's view)
 
 
 class _NeedData(enum.Enum):

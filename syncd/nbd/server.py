@@ -557,8 +557,9 @@ class NBDConnection:
         that stops arriving for ``payload_timeout`` ends the connection."""
         r = pw.request
         srv = self.server
-        # Large payloads go into reused buffers (no page faults; see syncd.buffers), mapped on
-        # first use: a payload announced but not sent commits no more memory than arrived.
+        # Large payloads go into reused buffers (no page faults; see syncd.buffers). A fresh one
+        # is mapped lazily (a payload announced but not sent commits no more than arrived); the
+        # reused ones are within the pool's bound.
         buf: bytearray | memoryview = bytearray(r.length) if r.length <= _LAZY_PAYLOAD else srv.payloads.get(r.length)
         view = memoryview(buf)
         got = self.conn.take_into(view)
