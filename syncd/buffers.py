@@ -1,5 +1,4 @@
-"""Reused buffers for large payloads (host writes of 128 KiB and more, replicated frames of as
-much).
+"""Reused buffers for large payloads (host writes and replicated frames over 64 KiB).
 
 A fresh anonymous mapping costs a page fault for every 4 KiB the first time it is written: on a
 2-vCPU VM about 0.9 ms per MiB, as much as the rest of a replicated 1 MiB write. A buffer that
@@ -19,6 +18,7 @@ from __future__ import annotations
 import mmap
 import sys
 
+SMALL = 64 << 10  # payloads up to this size get a plain bytearray: pooling them gains nothing
 MIN_SIZE = 128 << 10
 TRIM_EVERY = 2.0  # s: how often an owner trims its pool
 
@@ -52,8 +52,12 @@ class PayloadBuffers:
         self.fresh = 0  # buffers mapped
         self.reused = 0  # payloads that got a buffer mapped before
 
-    def get(self, n: int) -> memoryview:
-        """``n`` writable bytes (contents undefined) for the caller to fill."""
+    def get(self, n: int) -> bytearray | memoryview:
+        """``n`` writable bytes for the caller to fill: a new bytearray up to ``SMALL``, else a
+        view of a reused buffer (contents undefined). A buffer mapped fresh commits its pages
+        only as bytes land in them: a payload announced but not sent costs no more than arrived."""
+        if n <= SMALL:
+            return bytearray(n)
         size = _size_class(n)
         if size > self.keep:  # never kept: mapped for this payload alone
             self.fresh += 1

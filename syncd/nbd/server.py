@@ -51,9 +51,6 @@ _ERRNO_TO_NBD = {
 MAX_OPTIONS = 256
 MAX_INFLIGHT = NbdLimits.max_inflight  # bytes all connections may hold (requests and replies), by default
 MAX_INFLIGHT_PER_CONNECTION = NbdLimits.max_inflight_per_connection  # ... and one connection
-# A write payload larger than this is received into an anonymous mapping, whose pages exist only
-# once payload bytes land in them: a header announcing 32 MiB costs nothing until they arrive.
-_LAZY_PAYLOAD = 64 << 10
 # Errors of accept() and socket() that mean "no file descriptor or memory for one more".
 _EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 # What a request or a queued reply costs beyond its data bytes (objects, a task), so a flood of
@@ -557,10 +554,7 @@ class NBDConnection:
         that stops arriving for ``payload_timeout`` ends the connection."""
         r = pw.request
         srv = self.server
-        # Large payloads go into reused buffers (no page faults; see syncd.buffers). A fresh one
-        # is mapped lazily (a payload announced but not sent commits no more than arrived); the
-        # reused ones are within the pool's bound.
-        buf: bytearray | memoryview = bytearray(r.length) if r.length <= _LAZY_PAYLOAD else srv.payloads.get(r.length)
+        buf = srv.payloads.get(r.length)  # large ones reused (syncd.buffers: no page faults)
         view = memoryview(buf)
         got = self.conn.take_into(view)
         self._hold(got)

@@ -351,9 +351,6 @@ def encode_bytes(f: Frame) -> bytes:
     return b"".join(bytes(b) for b in encode(f))
 
 
-_POOLED = 64 << 10  # payloads larger than this that span pieces of data fill a reused buffer
-
-
 class FrameDecoder:
     """Bytes in, frames out. ``next_frame`` raises ProtocolError subclasses on anything malformed
     (after handing out every frame that arrived before it).
@@ -371,7 +368,7 @@ class FrameDecoder:
         self._frames: collections.deque[Frame] = collections.deque()
         self._error: ProtocolError | None = None
         self._fill: bytearray | memoryview | None = None  # the payload being filled
-        self._buffers = buffers  # where payloads over _POOLED come from (reused buffers)
+        self._buffers = buffers  # where payloads that span pieces of data come from
         self._need = 0  # its bytes still to come
         self._hdr: tuple[Any, ...] = ()  # its frame's header fields
 
@@ -418,7 +415,7 @@ class FrameDecoder:
                     i += plen
                 else:
                     buffers = self._buffers
-                    self._fill = buffers.get(plen) if buffers is not None and plen > _POOLED else bytearray(plen)
+                    self._fill = buffers.get(plen) if buffers is not None else bytearray(plen)
                     self._need, self._hdr = plen, hdr
         except ProtocolError as e:
             self._error = e
