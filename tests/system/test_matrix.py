@@ -37,6 +37,7 @@ from pathlib import Path
 import pytest
 
 from syncd.ctl import call
+from syncd.lab.ports import LabError
 from syncd.lab.workload import check_file
 
 from .matrix import Matrix, alua_transitions, path_timeline
@@ -213,9 +214,21 @@ UNIFORM = {
 }
 
 def _etcd_member_then_primary(m):
-    m.fail_etcd_member(m.etcd_leader())  # the leader: the two left must elect another
+    old = m.etcd_leader()
+    m.fail_etcd_member(old)  # the leader: the two left must elect another
+    # Then the primary fails, once the two members have a leader and A has renewed its lease
+    # with it: a new leader extends every lease by its election timeout (the row "leader killed
+    # during the claim" is the one where the two faults overlap).
+    m.wait(lambda: _new_etcd_leader(m, old), 10, "a new etcd leader")
     time.sleep(1.0)
     m.stop("A")
+
+
+def _new_etcd_leader(m, old: int) -> bool:
+    try:
+        return m.etcd_leader() != old
+    except LabError:  # no leader yet
+        return False
 
 
 def _etcd_leader_during_claim(m):
