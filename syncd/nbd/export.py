@@ -14,6 +14,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ..buffers import PayloadBuffers
 from .proto import (  # noqa: E402,F401 - the syncd:alua states, declared with the codec
     ALUA_ACTIVE_NON_OPTIMIZED,
     ALUA_ACTIVE_OPTIMIZED,
@@ -117,8 +118,8 @@ class FileExport:
     async def read(self, offset: int, length: int) -> bytes:
         return os.pread(self.fd, length, offset)
 
-    def fast_read(self, offset: int, length: int) -> bytes:
-        return os.pread(self.fd, length, offset)
+    def fast_read(self, offset: int, length: int, buffers: PayloadBuffers | None = None) -> bytes | memoryview:
+        return os.pread(self.fd, length, offset) if buffers is None else buffers.pread(self.fd, length, offset)
 
     def fast_write(self, offset: int, data, done) -> bool:
         try:

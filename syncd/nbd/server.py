@@ -491,7 +491,7 @@ class NBDConnection:
             if fr is None:
                 return False
             try:
-                data = fr(r.offset, r.length)
+                data = fr(r.offset, r.length, self.server.payloads)
             except BlockError as ex:
                 self._unhold(cost)
                 self._fail(r.cookie, nbd_errno(ex.errno), str(ex))

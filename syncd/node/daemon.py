@@ -11,6 +11,7 @@ import uuid
 
 import trio
 
+from ..buffers import PayloadBuffers
 from ..config import NodeConfig
 from ..iscsi import pr
 from ..nbd.export import ALUA_ACTIVE_OPTIMIZED, AluaState, BlockError, ClientIdentity
@@ -67,14 +68,14 @@ class VolumeExport:
         group = f" group={m.group.name} role={m.group.role}" if m else ""
         return f"syncd volume {self.vol.name} wwn={wwn}{group}"
 
-    def fast_read(self, offset: int, length: int):
+    def fast_read(self, offset: int, length: int, buffers: PayloadBuffers | None = None):
         m = self.member
         if m is not None:
-            return m.group.io.fast_read(m, offset, length)
+            return m.group.io.fast_read(m, offset, length, buffers)
         if self.vol.direct:
             return None
         try:
-            return self.vol.read_sync(offset, length)
+            return self.vol.read_sync(offset, length, buffers)
         except OSError as e:
             raise BlockError(e.errno or errno.EIO, str(e)) from None
 

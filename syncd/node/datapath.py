@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import trio
 
+from ..buffers import PayloadBuffers
 from ..nbd.export import BlockError
 from ..nbd.extents import DATA, cover_with_data
 from ..repl.link import LinkDown, LinkTimeout
@@ -207,9 +208,9 @@ class DataPath:
         self._check_serving()
         return data
 
-    def fast_read(self, m: "Member", offset: int, length: int) -> Any:
-        """The data, or None to take the task path (a role change, a region not in sync here,
-        a write being applied to the range)."""
+    def fast_read(self, m: "Member", offset: int, length: int, buffers: PayloadBuffers | None = None) -> Any:
+        """The data (a large read into one of ``buffers`` when given), or None to take the task
+        path (a role change, a region not in sync here, a write being applied to the range)."""
         g = self.g
         # Not serving, or roles changing: the task path says why or waits for the change.
         if m.vol.direct or not g.steady() or m.lock.busy(offset, length) or (
@@ -219,7 +220,7 @@ class DataPath:
         m.stats["reads"] += 1
         m.stats["bytes_read"] += length
         try:
-            return m.vol.read_sync(offset, length)
+            return m.vol.read_sync(offset, length, buffers)
         except OSError as e:
             raise self.local_error(e) from None
 

@@ -141,3 +141,51 @@ async def test_the_nbd_server_trims_its_payload_buffers(tmp_path, monkeypatch):
     assert before > server.payloads.keep  # what the writes left held more than keep
     assert held(server.payloads) <= server.payloads.keep, server.payloads.stats()
     exp.close()
+
+
+def test_pread_gives_bytes_for_small_reads_and_reused_buffers_for_large_ones(tmp_path):
+    path = tmp_path / "f"
+    data = os.urandom(3 << 20)
+    path.write_bytes(data)
+    pool = PayloadBuffers()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        small = pool.pread(fd, 4096, 8192)
+        assert type(small) is bytes and small == data[8192:12288]
+        first = pool.pread(fd, 1 << 20, 0)
+        assert isinstance(first, memoryview) and bytes(first) == data[: 1 << 20]
+        del first
+        again = pool.pread(fd, 1 << 20, 1 << 20)
+        assert pool.reused == 1 and bytes(again) == data[1 << 20: 2 << 20]
+        tail = pool.pread(fd, 1 << 20, (3 << 20) - 1000)  # at the end of the file: what is there
+        assert bytes(tail) == data[-1000:]
+    finally:
+        os.close(fd)
+
+
+async def test_nbd_reads_in_flight_keep_their_buffers_while_later_reads_reuse_others(tmp_path):
+    """Large reads through a real NBD connection, many at once: each reply carries its own
+    region's bytes, though the server reads each into a reused buffer."""
+    path = tmp_path / "v.img"
+    blobs = [os.urandom(1 << 20) for _ in range(8)]
+    path.write_bytes(b"".join(blobs))
+    exp = FileExport("vv1", str(path))
+    server = NBDServer(StaticCatalog({"vv1": exp}))
+    sock = str(tmp_path / "nbd.sock")
+    wrong: list[int] = []
+    async with trio.open_nursery() as n:
+        await n.start(server.serve_unix, sock)
+        async with open_nbd(f"nbd+unix:///vv1?socket={sock}") as c:
+
+            async def read(i: int) -> None:
+                if await c.read(i << 20, 1 << 20) != blobs[i]:
+                    wrong.append(i)
+
+            for _ in range(4):
+                async with trio.open_nursery() as readers:
+                    for i in range(8):
+                        readers.start_soon(read, i)
+        n.cancel_scope.cancel()
+    exp.close()
+    assert wrong == []
+    assert server.payloads.reused >= 8, server.payloads.stats()
