@@ -408,6 +408,9 @@ def parse_metrics(raw: dict, where: str = "metrics") -> MetricsConfig | None:
     return MetricsConfig(listen, allow_remote, mc, rt, mh)
 
 
+BUSY_POLL_US = 200  # [node] busy_poll_us: the default
+MAX_BUSY_POLL_US = 10_000
+
 HOOK_EVENTS = ("split_brain", "replicas_differ", "failsafe", "failover", "resync_done")
 
 
@@ -459,6 +462,8 @@ class NodeConfig:
     events: EventsConfig = EventsConfig()
     intent: IntentConfig = IntentConfig()
     iscsi: IscsiConfig | None = None
+    # µs the event loop polls for input before it sleeps (syncd/netio.py, IdlePoller); 0: never
+    busy_poll_us: int = BUSY_POLL_US
 
     @property
     def nbd_max_inflight(self) -> int:
@@ -526,14 +531,20 @@ def parse_node_config(raw: dict, base: Path = Path("."), source: str = "") -> No
         _no_extra(raw, {"node", "nbd", "link", "volume", "witness", "metrics", "hooks", "events", "intent",
                         "iscsi"}, "config")
     name = data_dir = admin_socket = ""
+    busy_poll_us = BUSY_POLL_US
     node: dict = {}
     with problems.part() as node_part:
         node = _take(raw, "node", "config", dict)
     if node_part.ok:
         with problems.part():
-            _no_extra(node, {"name", "data_dir", "admin_socket"}, "node")
+            _no_extra(node, {"name", "data_dir", "admin_socket", "busy_poll_us"}, "node")
         with problems.part():
             name = check_name(_take(node, "name", "node", str), "node.name")
+        with problems.part():
+            busy_poll_us = _take(node, "busy_poll_us", "node", int, BUSY_POLL_US)
+            if not 0 <= busy_poll_us <= MAX_BUSY_POLL_US:
+                raise ConfigError(f"node.busy_poll_us: must be between 0 (never poll) and {MAX_BUSY_POLL_US}, "
+                                  f"got {busy_poll_us}")
 
     def rel(s: str) -> str:
         return str((base / s).resolve()) if not os.path.isabs(s) else s
@@ -612,7 +623,7 @@ def parse_node_config(raw: dict, base: Path = Path("."), source: str = "") -> No
     with problems.part():
         iscsi = parse_iscsi(raw, name or "node")
     cfg = NodeConfig(name, data_dir, admin_socket, nbd_listen, link, tuple(vols), source, witness, nbd_tls,
-                     nbd_limits, metrics, hooks, events, intent, iscsi)
+                     nbd_limits, metrics, hooks, events, intent, iscsi, busy_poll_us)
     problems.raise_if_any(partial=cfg)
     return cfg
 

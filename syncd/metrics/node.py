@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .. import __version__
+from .. import __version__, netio
 from ..nbd.export import ALUA_ACTIVE_OPTIMIZED, ALUA_NAMES
 from .expose import Families, io_families
 
@@ -46,6 +46,17 @@ def collect_node(node: "Node", fam: Families) -> None:
                     ("pulled_bytes", "fetched back from the peer after a power cut")):
         fam.counter(f"syncd_node_{k.replace('_bytes', '')}_bytes", f"Bytes {what}", ["node"]).add_metric(
             [n], node.stats[k])
+
+    bp = netio.poller
+    fam.gauge("syncd_node_busy_poll_window_seconds",
+              "How long the event loop now polls for input before it sleeps ([node] busy_poll_us is the most)",
+              ["node"]).add_metric([n], bp.window)
+    fam.counter("syncd_node_busy_poll_seconds", "Time the event loop spent polling for input instead of sleeping",
+                ["node"]).add_metric([n], bp.polling_s)
+    fam.counter("syncd_node_busy_polls", "Times the event loop polled for input before sleeping",
+                ["node"]).add_metric([n], bp.polls)
+    fam.counter("syncd_node_busy_polls_caught", "Of those, times input came while it polled",
+                ["node"]).add_metric([n], bp.caught)
 
     # -- witness -----------------------------------------------------------------------------------
     w = node.witness

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from .. import netio
 from ..nbd.export import ALUA_NAMES
 from . import admin_hosts
 from .errors import NodeError, NotFound
@@ -369,6 +370,8 @@ async def showrcopy(node: Node, group: str | None = None) -> dict:
         "resync_hole_bytes": node.stats["resync_hole_bytes"],  # of those, sent as holes (TRIM)
         "compared_bytes": node.stats["compared_bytes"],
         "pulled_bytes": node.stats["pulled_bytes"],
+        # The event loop polling for input before it sleeps ([node] busy_poll_us).
+        "busy_poll": netio.poller.stats(),
         "witness": node.witness.info() if node.witness is not None else None,
     }
     for g in groups:

@@ -11,6 +11,7 @@ import uuid
 
 import trio
 
+from .. import netio
 from ..buffers import PayloadBuffers
 from ..config import NodeConfig
 from ..iscsi import pr
@@ -391,6 +392,7 @@ class Node:
                 if self.link:
                     await nursery.start(self.link.run)
                     nursery.start_soon(self._intent_loop)
+                    nursery.start_soon(netio.poller.run, self.cfg.busy_poll_us / 1e6)
                 tls = self.cfg.nbd_tls
                 limits = self.cfg.nbd_limits
                 if tls is not None:

@@ -1,0 +1,172 @@
+"""The event loop's polling before it sleeps (syncd/netio.py, IdlePoller): it polls only after
+input, for at most its window, ends the window when input comes, parks when none does, and
+adapts the window to how long the loop stays idle. A fake clock that advances a fixed step per
+reading makes every window a known number of loop passes."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import trio
+import trio.testing
+
+from syncd import netio
+from syncd.config import ConfigError, parse_node_config
+from syncd.netio import _MIN_WINDOW, IdlePoller
+
+
+class StepClock:
+    """Each reading is ``step`` seconds after the last."""
+
+    def __init__(self, step: float = 1e-6) -> None:
+        self.now = 0.0
+        self.step = step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+@pytest.fixture
+def poller(monkeypatch):
+    p = IdlePoller(StepClock())
+    monkeypatch.setattr(netio, "poller", p)  # what batch_begin tells
+    return p
+
+
+async def settled() -> None:
+    """Until the loop has been idle a while: the poller (which waits for idle with no cushion)
+    has polled its window and parked."""
+    await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+
+
+def some_input() -> None:
+    """What a loop reading input does when a recv brought something."""
+    netio.batch_end(netio.batch_begin())
+
+
+async def test_an_idle_loop_never_polls(poller):
+    async with trio.open_nursery() as n:
+        n.start_soon(poller.run, 100e-6)
+        await trio.testing.wait_all_tasks_blocked()
+        for _ in range(50):
+            await trio.lowlevel.checkpoint()
+        await trio.testing.wait_all_tasks_blocked()
+        assert poller.parked and poller.polls == 0 and poller.polling_s == 0
+        n.cancel_scope.cancel()
+    assert not poller.running
+
+
+async def test_after_input_the_loop_polls_one_window_then_parks(poller):
+    async with trio.open_nursery() as n:
+        n.start_soon(poller.run, 100e-6)
+        await trio.testing.wait_all_tasks_blocked()
+        some_input()
+        await settled()  # the poller's window is over, it parked
+        assert poller.polls == 1 and poller.caught == 0 and poller.parked
+        assert 100e-6 <= poller.polling_s <= 110e-6  # one window of fake time, not more
+        n.cancel_scope.cancel()
+
+
+async def test_input_during_the_window_ends_it_and_the_loop_polls_again(poller):
+    poller.clock.step = 1e-9  # a window of 100 µs is then 100,000 passes of the loop
+
+    async def input_soon() -> None:
+        await trio.sleep(0.001)  # the loop is idle meanwhile: the poller polls (a timer ends it)
+        some_input()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(poller.run, 100e-6)
+        await trio.testing.wait_all_tasks_blocked()
+        some_input()
+        n.start_soon(input_soon)
+        await settled()
+        assert poller.caught == 1 and poller.polls == 2  # caught, then one window in vain
+        assert poller.polling_s < 1.5 * 100e-6  # the input ended the first window early
+        assert poller.parked
+        n.cancel_scope.cancel()
+
+
+def test_the_window_grows_when_idle_stretches_are_short_and_shrinks_to_nothing_when_long():
+    clock = StepClock(step=0)
+    p = IdlePoller(clock)
+    p.max_window, p.window = 200e-6, 0.0
+
+    def idle_then_input(seconds: float) -> None:
+        p.slept_at = clock.now
+        clock.now += seconds
+        p.parked = True
+        p.woke()
+
+    idle_then_input(50e-6)  # a longer window would have caught it: grow
+    assert p.window == _MIN_WINDOW
+    for _ in range(10):
+        idle_then_input(150e-6)
+    assert p.window == 200e-6  # doubled up to the most
+    idle_then_input(1e-3)  # longer than the most: polling there only burns CPU
+    assert p.window == 100e-6
+    for _ in range(10):
+        idle_then_input(1e-3)
+    assert p.window == 0.0  # a trickle of input costs no polling
+    idle_then_input(10e-6)
+    assert p.window == _MIN_WINDOW  # and it comes back when input comes close together again
+
+
+async def test_a_second_runner_returns_at_once_and_zero_means_never(poller):
+    async with trio.open_nursery() as n:
+        n.start_soon(poller.run, 100e-6)
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(1):
+            await poller.run(100e-6)  # one per loop: it is polled already
+        n.cancel_scope.cancel()
+    with trio.fail_after(1):
+        await poller.run(0)
+    assert not poller.running
+
+
+async def test_a_reply_that_comes_while_polling_is_caught_over_a_real_socket():
+    """The real clock and a real socket pair: a peer thread answers each message at once; the
+    loop polls for each answer (a window of 1 s: far longer than any answer takes) instead of
+    sleeping, so every answer ends a window."""
+    p = IdlePoller()
+    a, b = socket.socketpair()
+    a.setblocking(False)
+
+    def echo() -> None:
+        while (data := b.recv(100)):
+            b.send(data)
+
+    old, netio.poller = netio.poller, p
+    try:
+        async with trio.open_nursery() as n:
+            n.start_soon(p.run, 1.0)
+            n.start_soon(trio.to_thread.run_sync, echo)
+            for i in range(20):
+                a.send(b"%d" % i)
+                while True:
+                    try:
+                        got = a.recv(100)
+                        break
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_readable(a)
+                some_input()
+                assert got == b"%d" % i
+            a.shutdown(socket.SHUT_WR)
+            n.cancel_scope.cancel()
+    finally:
+        netio.poller = old
+        a.close()
+        b.close()
+    assert p.caught >= 10 and p.polls == p.caught, p.stats()  # no window passed in vain
+
+
+NODE = {"node": {"name": "A", "data_dir": "/tmp/x"}, "nbd": {"listen": ["127.0.0.1:10809"]}}
+
+
+def test_busy_poll_config():
+    assert parse_node_config(NODE).busy_poll_us == 200
+    assert parse_node_config({**NODE, "node": {**NODE["node"], "busy_poll_us": 0}}).busy_poll_us == 0
+    for bad, says in ((-1, "between 0"), (10_001, "between 0"), ("200", "expected int"), (True, "expected int")):
+        with pytest.raises(ConfigError, match=f"node.busy_poll_us: .*{says}"):
+            parse_node_config({**NODE, "node": {**NODE["node"], "busy_poll_us": bad}})
