@@ -99,7 +99,7 @@ class IdlePoller:
         self.window = 0.0  # s: what the loop polls after its next burst
         self.input = False  # a loop reading input began a batch since the last look
         self.parked = False  # the poll task waits for input
-        self.slept_at = 0.0  # perf_counter when the loop last went to sleep
+        self.slept_at = 0.0  # clock reading when the loop last ran out of work
         self._lot = trio.lowlevel.ParkingLot()
         self.running = False
         self.polls = 0  # windows polled
@@ -140,8 +140,9 @@ class IdlePoller:
                     while not self.input and now < end:
                         await checkpoint()  # one pass of the loop: epoll_wait with timeout 0
                         now = clock()
-                    self.polls += 1
-                    self.polling_s += now - start
+                    if end > start:  # (a window shrunk to nothing only notes when the loop slept)
+                        self.polls += 1
+                        self.polling_s += now - start
                     if not self.input:
                         self.slept_at = start  # idle since the window began
                         break  # nothing came: the loop may sleep

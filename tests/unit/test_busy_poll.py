@@ -6,6 +6,8 @@ reading makes every window a known number of loop passes."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 
 import pytest
 import trio
@@ -125,23 +127,24 @@ async def test_a_second_runner_returns_at_once_and_zero_means_never(poller):
     assert not poller.running
 
 
-async def test_a_reply_that_comes_while_polling_is_caught_over_a_real_socket():
-    """The real clock and a real socket pair: a peer thread answers each message at once; the
-    loop polls for each answer (a window of 1 s: far longer than any answer takes) instead of
-    sleeping, so every answer ends a window."""
+def test_a_reply_that_comes_while_polling_is_caught_over_a_real_socket():
+    """The real clock and a real socket pair: another process answers each message 2 ms later;
+    the loop polls for each answer (a window of 1 s: far longer) instead of sleeping, so the
+    answers end windows and no window passes in vain."""
     p = IdlePoller()
     a, b = socket.socketpair()
     a.setblocking(False)
+    echo = subprocess.Popen(
+        [sys.executable, "-c", "import socket, time\n"
+         "s = socket.socket(fileno=%d)\n"
+         "while (d := s.recv(100)):\n"
+         "    time.sleep(0.002)\n"
+         "    s.send(d)\n" % b.fileno()], pass_fds=[b.fileno()])
+    b.close()
 
-    def echo() -> None:
-        while (data := b.recv(100)):
-            b.send(data)
-
-    old, netio.poller = netio.poller, p
-    try:
+    async def exchange() -> None:
         async with trio.open_nursery() as n:
             n.start_soon(p.run, 1.0)
-            n.start_soon(trio.to_thread.run_sync, echo)
             for i in range(20):
                 a.send(b"%d" % i)
                 while True:
@@ -152,13 +155,16 @@ async def test_a_reply_that_comes_while_polling_is_caught_over_a_real_socket():
                         await trio.lowlevel.wait_readable(a)
                 some_input()
                 assert got == b"%d" % i
-            a.shutdown(socket.SHUT_WR)
             n.cancel_scope.cancel()
+
+    old, netio.poller = netio.poller, p
+    try:
+        trio.run(exchange)
     finally:
         netio.poller = old
         a.close()
-        b.close()
-    assert p.caught >= 10 and p.polls == p.caught, p.stats()  # no window passed in vain
+        echo.wait(10)
+    assert p.caught >= 10 and p.polls == p.caught, p.stats()
 
 
 NODE = {"node": {"name": "A", "data_dir": "/tmp/x"}, "nbd": {"listen": ["127.0.0.1:10809"]}}
