@@ -125,6 +125,7 @@ class IdlePoller:
         from trio.testing import wait_all_tasks_blocked  # trio's own idle test (not a mock)
 
         clock = self.clock
+        threads = trio.to_thread.current_default_thread_limiter()  # what every to_thread call borrows
         self.running, self.max_window, self.window = True, max_window, max_window
         self.slept_at = clock()
         try:
@@ -137,7 +138,10 @@ class IdlePoller:
                     start = clock()
                     end = start + self.window
                     now = start
-                    while not self.input and now < end:
+                    # Not while a worker thread runs (a local sync, an O_DIRECT write): it needs
+                    # the GIL to finish, and a loop that only lets go of it for an epoll_wait(0)
+                    # keeps it from the thread for up to the switch interval (5 ms) at a time.
+                    while not self.input and now < end and not threads.borrowed_tokens:
                         await checkpoint()  # one pass of the loop: epoll_wait with timeout 0
                         now = clock()
                     if end > start:  # (a window shrunk to nothing only notes when the loop slept)
