@@ -78,16 +78,6 @@ class PayloadBuffers:
         self._lent.append(buf)
         return memoryview(buf)[:n]
 
-    def pread(self, fd: int, n: int, offset: int) -> bytes | memoryview:
-        """Up to ``n`` bytes of ``fd`` at ``offset`` (fewer at its end): ``bytes`` up to
-        ``SMALL``, else a view of a reused buffer (as ``get`` gives), which a large read fills
-        without page faults."""
-        if n <= SMALL:
-            return os.pread(fd, n, offset)
-        buf = self._reused(n)
-        got = os.preadv(fd, [buf], offset)
-        return buf if got == n else buf[:got]
-
     def trim(self) -> None:
         """Move the lent buffers nothing refers to any more to the free lists (up to ``keep``
         bytes; the rest are let go). ``get`` does it when it finds no free buffer; the owner
@@ -109,3 +99,14 @@ class PayloadBuffers:
     def stats(self) -> dict[str, int]:
         return {"fresh": self.fresh, "reused": self.reused, "lent": len(self._lent),
                 "free_bytes": self._free_bytes}
+
+
+def pread(fd: int, n: int, offset: int, pool: PayloadBuffers | None = None) -> bytes | memoryview:
+    """Up to ``n`` bytes of ``fd`` at ``offset`` (fewer at its end): ``bytes`` without a pool or
+    up to ``SMALL``, else a view of one of ``pool``'s reused buffers (as ``get`` gives), which a
+    large read fills without page faults."""
+    if pool is None or n <= SMALL:
+        return os.pread(fd, n, offset)
+    buf = pool._reused(n)
+    got = os.preadv(fd, [buf], offset)
+    return buf if got == n else buf[:got]

@@ -14,7 +14,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..buffers import PayloadBuffers
+from ..buffers import PayloadBuffers, pread
 from .proto import (  # noqa: E402,F401 - the syncd:alua states, declared with the codec
     ALUA_ACTIVE_NON_OPTIMIZED,
     ALUA_ACTIVE_OPTIMIZED,
@@ -119,7 +119,7 @@ class FileExport:
         return os.pread(self.fd, length, offset)
 
     def fast_read(self, offset: int, length: int, buffers: PayloadBuffers | None = None) -> bytes | memoryview:
-        return os.pread(self.fd, length, offset) if buffers is None else buffers.pread(self.fd, length, offset)
+        return pread(self.fd, length, offset, buffers)
 
     def fast_write(self, offset: int, data, done) -> bool:
         try:

@@ -19,7 +19,7 @@ import time
 import trio
 import xxhash
 
-from ..buffers import PayloadBuffers
+from ..buffers import PayloadBuffers, pread
 from ..metrics.stats import IoStats
 from ..nbd.export import (
     FALLOC_FL_KEEP_SIZE,
@@ -199,7 +199,7 @@ class Volume:
         """The bytes at ``offset``; a large read into one of ``buffers`` when given (the caller
         sends it and lets it go: see ``syncd.buffers``)."""
         try:
-            data = os.pread(self.fd, length, offset) if buffers is None else buffers.pread(self.fd, length, offset)
+            data = pread(self.fd, length, offset, buffers)
             if len(data) != length:  # the device shrank or went away under us
                 raise OSError(errno.EIO, f"short read on {self.name} at {offset}")
         except OSError as e:

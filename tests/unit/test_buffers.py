@@ -150,14 +150,14 @@ def test_pread_gives_bytes_for_small_reads_and_reused_buffers_for_large_ones(tmp
     pool = PayloadBuffers()
     fd = os.open(path, os.O_RDONLY)
     try:
-        small = pool.pread(fd, 4096, 8192)
+        small = buffers.pread(fd, 4096, 8192, pool)
         assert type(small) is bytes and small == data[8192:12288]
-        first = pool.pread(fd, 1 << 20, 0)
+        first = buffers.pread(fd, 1 << 20, 0, pool)
         assert isinstance(first, memoryview) and bytes(first) == data[: 1 << 20]
         del first
-        again = pool.pread(fd, 1 << 20, 1 << 20)
+        again = buffers.pread(fd, 1 << 20, 1 << 20, pool)
         assert pool.reused == 1 and bytes(again) == data[1 << 20: 2 << 20]
-        tail = pool.pread(fd, 1 << 20, (3 << 20) - 1000)  # at the end of the file: what is there
+        tail = buffers.pread(fd, 1 << 20, (3 << 20) - 1000, pool)  # at the end of the file: what is there
         assert bytes(tail) == data[-1000:]
     finally:
         os.close(fd)
