@@ -392,7 +392,8 @@ class Node:
                 if self.link:
                     await nursery.start(self.link.run)
                     nursery.start_soon(self._intent_loop)
-                    nursery.start_soon(netio.poller.run, self.cfg.busy_poll_us / 1e6)
+                # The loop polls for all its input (NBD, iSCSI, the link), with a link or not.
+                nursery.start_soon(netio.poller.run, self.cfg.busy_poll_us / 1e6)
                 tls = self.cfg.nbd_tls
                 limits = self.cfg.nbd_limits
                 if tls is not None:
