@@ -57,6 +57,8 @@ def collect_node(node: "Node", fam: Families) -> None:
                 ["node"]).add_metric([n], bp.polls)
     fam.counter("syncd_node_busy_polls_caught", "Of those, times input came while it polled",
                 ["node"]).add_metric([n], bp.caught)
+    fam.counter("syncd_node_busy_poll_pauses", "Times the event loop stopped polling for a while because a "
+                "CPU-bound process shares its CPU", ["node"]).add_metric([n], bp.backoffs)
 
     # -- witness -----------------------------------------------------------------------------------
     w = node.witness

@@ -113,6 +113,97 @@ async def test_no_polling_while_a_worker_thread_runs(poller):
         n.cancel_scope.cancel()
 
 
+async def test_each_pass_of_a_window_yields_the_cpu_and_an_idle_loop_never_does(monkeypatch):
+    """Polling takes only CPU time no other process wants: every pass of a window yields the CPU
+    (sched_yield), so a process ready to run on it (the host's client, the peer array on a small
+    machine) runs first. Outside a window, and while a worker thread runs, nothing is yielded."""
+    yields = []
+    p = IdlePoller(StepClock(), yield_cpu=lambda: yields.append(p.clock.now))
+    monkeypatch.setattr(netio, "poller", p)
+    release = threading.Event()
+    async with trio.open_nursery() as n:
+        n.start_soon(p.run, 100e-6)
+        await trio.testing.wait_all_tasks_blocked()
+        for _ in range(20):
+            await trio.lowlevel.checkpoint()
+        assert yields == []  # idle, no input: no window
+        some_input()
+        await settled()
+        assert p.polls == 1 and 45 <= len(yields) <= 51  # one per pass (two clock readings each)
+        n.start_soon(trio.to_thread.run_sync, release.wait)
+        await trio.testing.wait_all_tasks_blocked()
+        before = len(yields)
+        some_input()
+        await settled()
+        try:
+            assert len(yields) == before  # no pass, so nothing yielded, while the thread runs
+        finally:
+            release.set()
+        n.cancel_scope.cancel()
+
+
+async def test_a_busy_neighbour_pauses_polling(monkeypatch):
+    """A yield that returns only after another process ran for over a millisecond means a
+    CPU-bound neighbour when it happens twice within 50 ms: a polling loop would wait behind it
+    for a time slice at each yield, while a sleeping one is woken ahead of it. The loop stops
+    polling for a pause (0.1 s), which doubles while the neighbour stays busy (up to 5 s), and
+    polls again after it."""
+    clock = StepClock()
+    neighbour = {"runs": 0.0}  # how long the neighbour runs when the loop yields
+
+    def yield_cpu() -> None:
+        clock.now += neighbour["runs"]
+
+    p = IdlePoller(clock, yield_cpu=yield_cpu)
+    monkeypatch.setattr(netio, "poller", p)
+
+    async def window() -> None:
+        p.window = p.max_window  # as after input close together (the clock jumps here would shrink it)
+        some_input()
+        await settled()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(p.run, 100e-6)
+        await trio.testing.wait_all_tasks_blocked()
+        await window()
+        assert p.polls == 1 and p.backoffs == 0 and 90e-6 <= p.polling_s <= 110e-6
+        neighbour["runs"] = 0.5e-3  # another process ran a while: still polling, its time not counted
+        await window()
+        assert p.polls == 2 and p.backoffs == 0 and p.polling_s <= 2 * 110e-6
+        neighbour["runs"] = 2e-3  # another process ran a time slice: the window ends there
+        await window()
+        assert p.polls == 3 and p.backoffs == 0
+        clock.now += 0.06  # once in a while, that is a process that had a lot to do at once
+        await window()
+        assert p.polls == 4 and p.backoffs == 0
+        await window()  # twice within 50 ms: a busy neighbour
+        assert p.polls == 5 and p.backoffs == 1 and p.backoff == 0.1
+        assert p.stats()["neighbour_backoffs"] == 1 and 0.09 <= p.stats()["paused_s"] <= 0.1
+        polled = p.polling_s
+        clock.now += 0.05
+        await window()  # paused: the loop sleeps at once
+        assert p.polls == 5 and p.polling_s == polled
+        clock.now += 0.06  # the pause is over: polling again, and the neighbour is still busy
+        await window()
+        assert p.polls == 6 and p.backoffs == 1  # (its last long yield was over 50 ms ago)
+        await window()
+        assert p.polls == 7 and p.backoffs == 2 and p.backoff == 0.2  # doubled
+        for _ in range(10):
+            clock.now = p.resume_at + 1e-3
+            await window()
+            await window()
+        assert p.backoff == 5.0  # at most
+        clock.now = p.resume_at + 60  # long after: the neighbour is gone
+        neighbour["runs"] = 0.0
+        await window()
+        assert p.polls == 28 and p.backoffs == 12 and p.polling_s - polled > 50e-6
+        neighbour["runs"] = 2e-3  # busy again much later: the pause starts afresh
+        await window()
+        await window()
+        assert p.backoffs == 13 and p.backoff == 0.1
+        n.cancel_scope.cancel()
+
+
 def test_the_window_grows_when_idle_stretches_are_short_and_shrinks_to_nothing_when_long():
     clock = StepClock(step=0)
     p = IdlePoller(clock)
