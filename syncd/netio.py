@@ -201,7 +201,7 @@ class IdlePoller:
     def stats(self) -> dict[str, float | int]:
         return {"max_window_us": round(self.max_window * 1e6), "window_us": round(self.window * 1e6),
                 "polls": self.polls, "caught": self.caught, "polling_s": round(self.polling_s, 3),
-                "neighbour_backoffs": self.backoffs,
+                "neighbour_pauses": self.backoffs,
                 "paused_s": round(max(0.0, self.resume_at - self.clock()), 3)}
 
 

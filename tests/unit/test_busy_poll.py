@@ -178,7 +178,7 @@ async def test_a_busy_neighbour_pauses_polling(monkeypatch):
         assert p.polls == 4 and p.backoffs == 0
         await window()  # twice within 50 ms: a busy neighbour
         assert p.polls == 5 and p.backoffs == 1 and p.backoff == 0.1
-        assert p.stats()["neighbour_backoffs"] == 1 and 0.09 <= p.stats()["paused_s"] <= 0.1
+        assert p.stats()["neighbour_pauses"] == 1 and 0.09 <= p.stats()["paused_s"] <= 0.1
         polled = p.polling_s
         clock.now += 0.05
         await window()  # paused: the loop sleeps at once
