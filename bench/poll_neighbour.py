@@ -1,9 +1,10 @@
 """Benchmark: what the event loop's polling (netio.IdlePoller, [node] busy_poll_us) does to a
 CPU-bound process on the same CPU, and what that process does to the loop's latency.
 
-A trio loop pinned to one CPU answers input that another process (on another CPU) sends every
---interval seconds, each message stamped with its send time; the loop records how long each
-took to reach it. A CPU-bound counter pinned to the loop's CPU runs alongside, or not. Modes:
+A trio loop pinned to one CPU answers input that another process, on another CPU (the first
+two this process may use), sends every --interval seconds, each message stamped with its send
+time; the loop records how long each took to reach it. A CPU-bound counter pinned to the loop's
+CPU runs alongside, or not. Modes:
 
   sleep     the loop never polls (busy_poll_us = 0)
   poll      the node's poller: a window of --window, yielding the CPU at every pass, pausing
@@ -12,8 +13,8 @@ took to reach it. A CPU-bound counter pinned to the loop's CPU runs alongside, o
             it does not step aside; the pause may still follow from preemption)
 
 Printed per mode: the loop's latency p50 / p90 / p99 (µs), its CPU time, the neighbour's share
-of its CPU (its count against the count it reaches alone), and the poller's stats. The first
-0.3 s of each run are not counted (start-up). Needs two CPUs.
+of its CPU (its count against the count it reaches alone), and the poller's stats. Messages sent
+in the first 0.3 s after the loop runs are not counted. Needs two CPUs.
 
 Usage: .venv/bin/python bench/poll_neighbour.py [--seconds 3] [--interval 0.0005] [--window 0.002]
 """
@@ -24,6 +25,7 @@ import argparse
 import multiprocessing as mp
 import os
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -33,12 +35,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import trio  # noqa: E402
+import trio.testing  # noqa: E402
 
 from syncd import netio  # noqa: E402
 from syncd.netio import IdlePoller  # noqa: E402
 
-LOOP_CPU, FEEDER_CPU = 1, 0
 WARMUP = 0.3
+_ALLOWED = sorted(os.sched_getaffinity(0))
+FEEDER_CPU, LOOP_CPU = (_ALLOWED + _ALLOWED)[:2]  # the first two CPUs this process may use
 
 
 def hog(q: mp.Queue, seconds: float) -> None:
@@ -67,11 +71,14 @@ def loop(mode: str, seconds: float, interval: float, window: float, q: mp.Queue)
         "    s.send(struct.pack('d', time.perf_counter()))\n")], pass_fds=[b.fileno()])
     b.close()
     lat: list[float] = []
-    t_start = time.perf_counter()
+    t_start = 0.0
 
     async def main() -> None:
+        nonlocal t_start
         async with trio.open_nursery() as n:
             n.start_soon(p.run, 0.0 if mode == "sleep" else window)
+            await trio.testing.wait_all_tasks_blocked()  # the poller is parked: counting starts
+            t_start = time.perf_counter()
             buf = b""
             while True:
                 try:
@@ -95,10 +102,10 @@ def loop(mode: str, seconds: float, interval: float, window: float, q: mp.Queue)
     trio.run(main)
     t1 = os.times()
     feeder.wait()
-    lat.sort()
+    pct = statistics.quantiles(lat, n=100)
     q.put({"cpu_s": round(t1.user + t1.system - t0.user - t0.system, 2),
-           "p50_us": round(lat[len(lat) // 2]), "p90_us": round(lat[int(len(lat) * 0.9)]),
-           "p99_us": round(lat[int(len(lat) * 0.99)]), "n": len(lat), "poller": p.stats()})
+           "p50_us": round(pct[49]), "p90_us": round(pct[89]), "p99_us": round(pct[98]),
+           "n": len(lat), "poller": p.stats()})
 
 
 def main() -> None:
@@ -107,7 +114,7 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=0.0005, help="s between messages")
     ap.add_argument("--window", type=float, default=0.002, help="the poller's window (s)")
     ns = ap.parse_args()
-    if len(os.sched_getaffinity(0)) < 2:
+    if len(_ALLOWED) < 2:
         raise SystemExit("needs two CPUs")
     q: mp.Queue = mp.Queue()
     h = mp.Process(target=hog, args=(q, ns.seconds))
