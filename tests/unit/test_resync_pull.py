@@ -25,6 +25,7 @@ import trio
 import trio.testing
 
 from syncd.node import group as node_group
+from syncd.nbd.extents import DATA
 from syncd.node.datapath import DataPath
 from syncd.node.resync import Resync
 from syncd.node.roles import Mode
@@ -195,6 +196,41 @@ async def test_undecided_for_two_io_timeouts_they_are_copied(tmp_path, autojump_
             assert wire.sent == [] and m.pull.count == 0 and m.crash_regions == []
             assert [r for r in range(m.dirty.nregions) if m.dirty.test(r)] == [2, 3, 5]  # left to copy
             assert any("did not decide" in n for n in g.notes), g.notes
+        finally:
+            nursery.cancel_scope.cancel()
+            here.close()
+            there.close()
+
+
+async def test_a_host_read_of_an_undecided_region_waits_for_the_decision_and_reads_the_peer(tmp_path):
+    """Found by CI (the history campaign, seed 3): the primary, restarted after a power cut that
+    took its last write to a block, served a host's read of that block from its own disk in the
+    10 ms before its state exchange decided to fetch the region back: the read returned data
+    older than a write the peer had acknowledged. A read of a region the write-intent log names
+    now waits for the decision (then reads the peer while the region is being fetched back);
+    other regions are read at once."""
+    async with trio.open_nursery() as nursery:
+        here, there, g, m, sm, wire = _pair(tmp_path, nursery)
+        g.node.resync = Resync(g.node)
+        g.steady = lambda: True  # serving, no role change under way
+        g.roles = types.SimpleNamespace(is_primary=True)
+        dp = DataPath(g)
+        try:
+            assert dp.fast_read(m, 2 * REGION, 4096) is None  # not on the fast path while undecided
+            assert await dp.host_read(m, 7 * REGION, 4096) == b"\x11" * 4096  # not named: at once
+            got: list[bytes] = []
+
+            async def read() -> None:
+                got.append(bytes(await dp.host_read(m, 2 * REGION, 4096)))
+
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == [] and wire.sent == []  # waits: nothing read here or there yet
+            assert dp.host_allocation(m, 2 * REGION, 4096, 8) == [(4096, DATA)]
+            g.decide_crash_regions(peer_crashed=False)  # the exchange: fetched back from the peer
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == [bytes([2]) * 4096], got  # the peer's newer data, not the power cut's leftover
+            assert wire.sent == [MsgType.READ]
         finally:
             nursery.cancel_scope.cancel()
             here.close()
