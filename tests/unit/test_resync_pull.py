@@ -24,8 +24,8 @@ import types
 import trio
 import trio.testing
 
-from syncd.node import group as node_group
 from syncd.nbd.extents import DATA
+from syncd.node import group as node_group
 from syncd.node.datapath import DataPath
 from syncd.node.resync import Resync
 from syncd.node.roles import Mode
