@@ -99,7 +99,13 @@ def test_metrics_follow_io_roles_and_failover(tmp_path, capsys):
         assert value(after, "syncd_link_up", node="A", peer="B") == 1
         for i in ("0", "1"):
             assert value(after, "syncd_link_path_up", node="A", peer="B", path=i) == 1
-            assert value(after, "syncd_link_rtt_above_supported", node="A", peer="B", path=i) == 0
+            # Whether the round trip is above the supported 10 ms depends on this machine's load
+            # (test_round_trip_above_10ms_and_hostile_scrapers drives it with a delay); here the
+            # flag must agree with the smoothed round trip on the same page: raised only above
+            # the clear threshold (8 ms), down whenever the round trip is within 10 ms.
+            high = value(after, "syncd_link_rtt_above_supported", node="A", peer="B", path=i)
+            rtt = value(after, "syncd_link_path_rtt_seconds", node="A", peer="B", path=i)
+            assert high in (0, 1) and (rtt > 0.008 if high else rtt <= 0.01), (high, rtt)
         assert value(after, "syncd_node_witness_reachable", node="A") == 1
         assert value(after, "syncd_volume_sync_state", **vol, state="synced") == 1
         assert_roles_match(lab, "A", after)
