@@ -371,10 +371,23 @@ class Group:
                 m.suspect_regions.clear()
         elif isinstance(a, BecameSecondary):
             for m in self.members.values():
+                # What this array was writing may differ from the new primary: reported to it,
+                # with the regions a restart after an unclean stop meant to fetch back from the
+                # peer (``pull``) or had not decided about yet (``crash_regions``). They are the
+                # new primary's to copy now. Kept here, they would be fetched back from the peer
+                # the next time this array is primary, over whatever it wrote as primary
+                # meanwhile (the history campaign, seed 11: a power cut at A, A back as secondary
+                # and resynced, B killed, A primary at the next epoch; when B returned, A fetched
+                # 32 regions back from it and served B's older data).
+                regions = set(m.intent.marked_regions()) | set(m.crash_regions)
+                if m.pull.count:
+                    regions.update(r for r in range(m.pull.nregions) if m.pull.test(r))
                 m.dirty = Bitmap(m.vol.size, m.dirty.region)
+                m.pull = Bitmap(m.vol.size, m.pull.region)
+                m.crash_regions = []
                 m.oos.set_all()
-                # What this array was writing may differ from the new primary: reported to it.
-                m.suspect_regions = set(m.intent.marked_regions())
+                m.suspect_regions = regions
+            self.crash_decided.set()  # nothing left to decide: a read waiting for it goes on
         elif isinstance(a, SwappedInSync):
             for m in self.members.values():
                 m.dirty = Bitmap(m.vol.size, m.dirty.region)

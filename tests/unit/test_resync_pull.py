@@ -27,8 +27,9 @@ import trio.testing
 from syncd.nbd.extents import DATA
 from syncd.node import group as node_group
 from syncd.node.datapath import DataPath
+from syncd.node.intent import IntentLog
 from syncd.node.resync import Resync
-from syncd.node.roles import Mode
+from syncd.node.roles import BecameSecondary, Mode
 from syncd.node.volume import Volume
 from syncd.repl.proto import Frame, MsgType, Status
 
@@ -233,5 +234,45 @@ async def test_a_host_read_of_an_undecided_region_waits_for_the_decision_and_rea
             assert wire.sent == [MsgType.READ]
         finally:
             nursery.cancel_scope.cancel()
+            here.close()
+            there.close()
+
+
+async def test_regions_to_fetch_back_are_the_new_primarys_once_this_array_is_secondary(tmp_path):
+    """Found by a longer history campaign (40 rounds, seed 11): A, restarted after a power cut,
+    decided to fetch back from B the regions its write-intent log named, then learned that B
+    owned the group at a later epoch and became its secondary; B resynced it. The regions stayed
+    marked "fetch back" at A. B was killed, A took the group over at the next epoch and wrote
+    them, and when B returned A fetched them back from B: its reads returned B's older data
+    (2,455 stale reads, masked by later writes by the end). Becoming secondary now hands those
+    regions to the new primary (reported as suspect, as the write-intent log's are) and forgets
+    them here."""
+    async with trio.open_nursery() as nursery:
+        here, there, g, m, sm, wire = _pair(tmp_path, nursery)
+        m.intent = IntentLog(str(tmp_path / "intent"), SIZE, REGION, volume=here)
+        try:
+            await m.intent.mark(2 * REGION, 2 * REGION)  # what A was writing: regions 2 and 3
+            g.decide_crash_regions(peer_crashed=False)  # the exchange: fetch 2, 3, 5 back from B
+            assert m.pull.count == 3
+            # B owns the group at a later epoch: A becomes its secondary.
+            g.role = "secondary"
+            node_group.Group._carry_out(g, BecameSecondary())
+            assert m.pull.count == 0 and m.crash_regions == [] and m.dirty.count == 0
+            assert {2, 3, 5} <= m.suspect_regions  # the new primary compares and copies them
+            assert m.oos.count == m.oos.nregions  # read from the primary until it resynced A
+            assert g.crash_decided.is_set()
+            # B resyncs A (its regions 2 and 3), then dies; A is primary at the next epoch and
+            # writes region 2.
+            for r in (2, 3):
+                here.write_sync(r * REGION, there.read_sync(r * REGION, REGION))
+            g.role = "primary"
+            here.write_sync(2 * REGION, b"\x77" * REGION)
+            # B returns: A's resync fetches nothing back from it.
+            await Resync(g.node).pull_group(g)
+            assert wire.sent == []
+            assert here.read_sync(2 * REGION, REGION) == b"\x77" * REGION
+        finally:
+            nursery.cancel_scope.cancel()
+            m.intent.close()
             here.close()
             there.close()
