@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import trio
+import trio.testing
 
 from syncd.config import ConfigError, HooksConfig, parse_events, parse_hooks
 from syncd.node.events import CHANGE, CREATE, DESTROY, EXISTS, OVERFLOW, Event, EventBus
@@ -238,3 +239,41 @@ def test_role_changes_are_logged_at_the_weight_of_what_happened():
     assert transition_level(prim, replace(prim, failsafe=True)) == logging.WARNING
     assert transition_level(prim, replace(prim, split_brain=True)) == logging.ERROR
     assert transition_level(prim, replace(prim, mode=Mode.SYNCING)) == logging.INFO
+
+
+class _GoneSubscriber:
+    """An events client that went away: the node's next send fails (EPIPE), while the read of
+    its end has not noticed yet."""
+
+    def __init__(self) -> None:
+        self.sends = 0
+
+    async def send_all(self, data: bytes) -> None:
+        self.sends += 1
+        if self.sends > 1:  # the snapshot went; the first event finds the pipe broken
+            raise trio.BrokenResourceError("socket connection broken: [Errno 32] Broken pipe")
+
+    async def receive_some(self, n: int) -> bytes:
+        await trio.sleep_forever()
+        return b""
+
+
+async def test_a_subscriber_that_goes_away_ends_its_stream_and_nothing_else():
+    """CI (`syncctl events | head -1` in test_events.py's system test): the broken pipe of the
+    node's first send after the reader left was raised inside the stream's nursery, left it as
+    an exception group that the admin connection's handler did not catch, and stopped node A."""
+    import types
+
+    from syncd.node.admin import AdminServer
+
+    bus = EventBus("A")
+    bus.update("link", {"peer": "B", "state": "up"})
+    admin = AdminServer(types.SimpleNamespace(events=bus))  # type: ignore[arg-type]
+    client = _GoneSubscriber()
+    async with trio.open_nursery() as n:
+        n.start_soon(admin.stream_events, client, {})
+        await trio.testing.wait_all_tasks_blocked()
+        assert bus.subscribers == 1
+        bus.update("link", {"peer": "B", "state": "down"})
+        await trio.testing.wait_all_tasks_blocked()
+    assert client.sends == 2 and bus.subscribers == 0  # returned quietly, unsubscribed
