@@ -22,7 +22,7 @@ from ..ranges import Bitmap, RangeLock
 from ..repl.link import LinkDown, LinkTimeout
 from ..repl.proto import Frame, Status
 from .datapath import DataPath
-from .intent import IntentLog
+from .intent import IntentLog, set_bits
 from .iscsi import reservation_states
 from .roles import (
     MIRRORING,
@@ -313,7 +313,7 @@ class Group:
         the peer when it returns."""
         for m in self.members.values():
             if m.pull.count:
-                regions = [r for r in range(m.pull.nregions) if m.pull.test(r)]
+                regions = list(set_bits(m.pull.bits, m.pull.nregions))
                 for r in regions:
                     m.pull.clear(r)
                     m.dirty.set(r)
@@ -380,8 +380,7 @@ class Group:
                 # and resynced, B killed, A primary at the next epoch; when B returned, A fetched
                 # 32 regions back from it and served B's older data).
                 regions = set(m.intent.marked_regions()) | set(m.crash_regions)
-                if m.pull.count:
-                    regions.update(r for r in range(m.pull.nregions) if m.pull.test(r))
+                regions.update(set_bits(m.pull.bits, m.pull.nregions))
                 m.dirty = Bitmap(m.vol.size, m.dirty.region)
                 m.pull = Bitmap(m.vol.size, m.pull.region)
                 m.crash_regions = []
