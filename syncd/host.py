@@ -587,7 +587,8 @@ class Shim:
                         with trio.move_on_after(self.cfg.poll_interval):
                             await p.kick.wait()
                         p.kick = trio.Event()
-            except (OSError, NBDDisconnected, NBDError, trio.TooSlowError, trio.BrokenResourceError) as e:
+            except (OSError, NBDDisconnected, NBDError, trio.TooSlowError, trio.BrokenResourceError,
+                    trio.ClosedResourceError) as e:
                 p.last_error = f"{type(e).__name__}: {e}"
             except Exception as e:  # noqa: BLE001 - a path manager must outlive anything a path does
                 log.exception("host %s: %s %s: unexpected error, reconnecting", self.cfg.name, vol.name, p.uri)

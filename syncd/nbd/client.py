@@ -246,9 +246,17 @@ class NBDClient:
         h = next(self._handles)
         r = _Pending(cmd, offset, length)
         self._waiting[h] = r
-        async with self._send_lock:
-            hdr = p.REQ.pack(p.REQUEST_MAGIC, flags, cmd, h, offset, length)
-            await self.stream.send_all(hdr + bytes(data) if data is not None else hdr)
+        try:
+            async with self._send_lock:
+                hdr = p.REQ.pack(p.REQUEST_MAGIC, flags, cmd, h, offset, length)
+                await self.stream.send_all(hdr + bytes(data) if data is not None else hdr)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            # Another task may close the connection while this one waits to send (the host
+            # shim fails a path on one request's error): the caller sees the disconnection
+            # it already handles, never the stream's own exception.
+            self.closed = True
+            self._waiting.pop(h, None)
+            raise NBDDisconnected(f"connection closed: {e or type(e).__name__}") from None
         await r.ev.wait()
         if r.exc is not None:
             raise NBDDisconnected(str(r.exc))

@@ -8,6 +8,7 @@ import errno
 
 import pytest
 import trio
+import trio.testing
 
 from syncd.nbd.client import NBDError, list_exports, open_alua_probe, open_nbd
 from syncd.nbd.export import FileExport, StaticCatalog
@@ -62,3 +63,30 @@ async def test_a_draining_server_refuses_new_requests_with_eshutdown(server):
         assert e.value.errno == errno.ESHUTDOWN
         with pytest.raises(NBDError):
             await c.read(0, 512)
+
+
+async def test_a_connection_closed_while_a_request_waits_to_send_is_a_disconnection(server):
+    """The host shim closes a path's connection when one of its requests fails; another request
+    already past the closed check and waiting for the send lock must see NBDDisconnected (which
+    the shim re-issues on another path), not trio's ClosedResourceError (CI: a host lost its
+    connection when an array was killed)."""
+    from syncd.nbd.client import NBDDisconnected
+
+    _, uri = server
+    async with open_nbd(uri) as c:
+        await c.write(0, b"a" * 512)
+        outcome: list[BaseException] = []
+
+        async def second() -> None:
+            try:
+                await c.write(512, b"b" * 512)
+            except BaseException as e:  # noqa: BLE001 - the test looks at what came out
+                outcome.append(e)
+
+        async with trio.open_nursery() as n:
+            async with c._send_lock:
+                n.start_soon(second)
+                await trio.testing.wait_all_tasks_blocked()
+                await c.stream.aclose()  # as the shim's path manager does after fail_path
+        assert len(outcome) == 1 and isinstance(outcome[0], NBDDisconnected), outcome
+        assert c.closed and not c._waiting
