@@ -24,14 +24,17 @@ from .errors import NodeError, NotFound
 from .events import EventBus
 from .group import Group, Member
 from .hosts import HostTable
+from .intent import set_bits
 from .resync import Resync
 from .roles import (
+    CaughtUp,
     LinkDown,
     LinkUp,
     Mode,
     Role,
     ShuttingDown,
     Timing,
+    UncleanStop,
     WitnessTiming,
     peer_in_sync,
 )
@@ -238,7 +241,15 @@ class Node:
         self.unclean = self.state_dirty_flag()
         for g in self.groups.values():
             for m in g.members.values():
-                if self.unclean:
+                if g.state.peer_newer and not self.unclean:
+                    # Stopped cleanly while it waited for its peer after an unclean stop: what it
+                    # was to fetch back is in its dirty map (nothing was acknowledged alone since).
+                    m.crash_regions = list(set_bits(m.dirty.bits, m.dirty.nregions))
+                    if m.crash_regions:
+                        m.verify = True
+                        g.note(f"{len(m.crash_regions)} regions of {m.st.local} may be newer at {g.st.peer} "
+                               "(an unclean stop before the last one)")
+                elif self.unclean:
                     regions = m.intent.loaded_regions() if m.intent.trusted else range(m.dirty.nregions)
                     if not m.intent.trusted:
                         log.warning("group %s: %s: every region will be compared", g.name, m.intent.problem)
@@ -256,6 +267,11 @@ class Node:
                            f"{g.st.peer} (write-intent log)")
                 keep = m.dirty.test if g.role == "primary" else m.suspect_regions.__contains__
                 m.intent.reset_sync(keep)
+            if g.role == "primary" and any(m.crash_regions for m in g.members.values()):
+                if self.unclean:
+                    g.handle(UncleanStop(trio.current_time()))  # its peer may hold newer writes there
+            elif g.state.peer_newer:
+                g.handle(CaughtUp(trio.current_time()))  # it was writing nothing: nothing to fetch back
         self.set_clean_flag(False)
         self._publish_start()
 

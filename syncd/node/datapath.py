@@ -183,7 +183,7 @@ class DataPath:
         peer (a power cut took the last writes) until the state exchange decides whether it is
         fetched back (``pull``) or copied (``Group.decide_crash_regions``)."""
         crash, g = m.crash_regions, self.g
-        return bool(crash) and g.role == "primary" and g.state.peer_has_all and \
+        return bool(crash) and g.role == "primary" and g.state.peer_newer and \
             any(r in crash for r in m.dirty.regions_of(offset, length))
 
     async def host_read(self, m: "Member", offset: int, length: int) -> Any:
@@ -194,7 +194,9 @@ class DataPath:
             # Read here before the decision, it could return data older than a write the peer acknowledged
             # (found by the history campaign: a host read such a region in the 10 ms between
             # the restarted primary serving again and its state exchange).
-            await g.node.resync.crash_regions_decided(g)
+            if not await g.node.resync.crash_regions_decided(g):
+                raise BlockError(errno.ESHUTDOWN, "the region may be newer at the peer, which did not say so "
+                                 "in time; try another path")
             self._check_serving()
         m.stats["reads"] += 1
         m.stats["bytes_read"] += length
@@ -230,7 +232,7 @@ class DataPath:
         # Not serving, or roles changing: the task path says why or waits for the change.
         if m.vol.direct or not g.steady() or m.lock.busy(offset, length) or (
             not g.roles.is_primary and m.oos.count and m.oos.any_in(offset, length)
-        ) or (m.pull.count and m.pull.any_in(offset, length)) or (m.crash_regions and g.state.peer_has_all):
+        ) or (m.pull.count and m.pull.any_in(offset, length)) or (m.crash_regions and g.state.peer_newer):
             return None
         m.stats["reads"] += 1
         m.stats["bytes_read"] += length

@@ -30,6 +30,7 @@ from .roles import (
     AskWitness,
     BecamePrimary,
     BecameSecondary,
+    CaughtUp,
     DiskFailure,
     Event,
     FenceOver,
@@ -176,7 +177,7 @@ class Group:
                 me=node.cfg.name, peer=st.peer, role=Role(st.role), epoch=st.epoch, started=st.started,
                 failsafe=st.failsafe, witness_behind=st.witness_behind,
                 auto_failover=pol.get("auto_failover", True), auto_recover=pol.get("auto_recover", True),
-                timing=node.role_timing(), now=now, peer_has_all=st.peer_has_all)
+                timing=node.role_timing(), now=now, peer_has_all=st.peer_has_all, peer_newer=st.peer_newer)
         if st.split_brain:
             self.roles.handle(SplitBrain(now))
         self.io = DataPath(self)
@@ -292,14 +293,18 @@ class Group:
                 self.st.failsafe = after.failsafe
                 self.st.witness_behind = after.witness_behind
                 self.st.peer_has_all = after.peer_has_all
+                self.st.peer_newer = after.peer_newer
                 self.node.save()
             for a in actions:
                 if not isinstance(a, (BecamePrimary, BecameSecondary, SwappedInSync, NewGeneration, Persist)):
                     self._carry_out(a)
         finally:
             self._note_level = outer_level
-        if before.mode in MIRRORING and after.mode not in MIRRORING:
-            self._pulls_to_push()
+        if after.role is Role.PRIMARY and not after.peer_newer and after.mode not in MIRRORING and (
+                before.mode in MIRRORING or before.peer_newer):
+            # Mirroring stopped, or the operator let this array go on without what its peer holds
+            # newer: its own copy of those regions is what there is now.
+            self._pulls_to_push(undecided_too=before.peer_newer)
         if after is not before:
             self._changed.unpark_all()
         # Derived here, the one writer: every change of role, epoch, peer mode, failsafe,
@@ -307,27 +312,33 @@ class Group:
         self.publish(before)
         return actions
 
-    def _pulls_to_push(self) -> None:
-        """The peer is gone before the regions it holds newer were fetched back: this array's
-        copy is all there is now (what the power cut took from it is lost); they are copied to
-        the peer when it returns."""
+    def _pulls_to_push(self, undecided_too: bool) -> None:
+        """This array goes on without the regions its peer holds newer (the operator overrode
+        ``peer_newer``): its copy is all there is now (what the unclean stop took from it is
+        lost); they are copied to the peer when it returns, with those not decided about yet
+        (``undecided_too``)."""
         for m in self.members.values():
-            if m.pull.count:
-                regions = list(set_bits(m.pull.bits, m.pull.nregions))
+            undecided = m.crash_regions if undecided_too else []
+            if undecided_too:
+                m.crash_regions = []
+            if m.pull.count or undecided:
+                regions = set(set_bits(m.pull.bits, m.pull.nregions)) | set(undecided)
                 for r in regions:
                     m.pull.clear(r)
                     m.dirty.set(r)
                 m.verify = True
-                self.note(f"{len(regions)} regions of {m.st.local} could not be fetched back from "
-                          f"{self.st.peer}: writes acknowledged before the power cut may be missing there",
+                self.note(f"{len(regions)} regions of {m.st.local} were not fetched back from "
+                          f"{self.st.peer}: writes acknowledged before the unclean stop may be lost there",
                           logging.WARNING)
+        if undecided_too:
+            self.crash_decided.set()
 
     def decide_crash_regions(self, peer_crashed: bool) -> None:
         """Primary after an unclean stop, at the state exchange: the regions it was writing are
         fetched back from a peer that holds every acknowledged write (it did not crash, and this
         array acknowledged nothing alone since they were last in sync): a power cut here may have
         taken writes from them that the peer has. Otherwise they are copied to the peer."""
-        pull = self.state.peer_has_all and not peer_crashed and self.role == "primary"
+        pull = self.state.peer_newer and not peer_crashed and self.role == "primary"
         for m in self.members.values():
             if not m.crash_regions:
                 continue
@@ -339,6 +350,9 @@ class Group:
                           f"{self.st.peer}, which holds every write this array acknowledged")
             m.crash_regions = []
         self.crash_decided.set()
+        if not pull and self.state.peer_newer:
+            # The peer stopped uncleanly too (or both wrote apart): it holds nothing newer.
+            self.handle(CaughtUp(trio.current_time()))
 
     def _carry_out(self, a: Any) -> None:
         node = self.node

@@ -21,7 +21,7 @@ import trio
 from ..nbd.extents import HOLE
 from ..repl.link import LinkDown, LinkTimeout
 from ..repl.proto import Frame, Status
-from .roles import Mode, ResyncDone
+from .roles import CaughtUp, Mode, ResyncDone
 
 if TYPE_CHECKING:
     from .daemon import Node
@@ -90,31 +90,40 @@ class Resync:
         except (LinkDown, LinkTimeout) as e:
             g.lose_peer(f"resync interrupted: {e}")
 
-    async def crash_regions_decided(self, g: "Group") -> None:
+    async def crash_regions_decided(self, g: "Group") -> bool:
         """Until the state exchange has decided whether the regions this array was writing when
-        it stopped are fetched back from the peer or copied to it (``decide_crash_regions``).
+        it stopped are fetched back from the peer or copied to it (``decide_crash_regions``);
+        whether it has.
 
         The peer's own exchange request can start the resync first (CI, the history campaign:
         the secondary killed, then a power cut at the primary). Copied before the decision, a
         region could overwrite the peer's newer copy with what the power cut left here; and a
         decision to fetch it back made after the fetching ran would never be carried out (the
         peer kept it out of sync for ever). Undecided within two I/O timeouts (the exchange
-        failed), they are copied, as when the peer cannot say it holds every acknowledged write."""
+        failed), they are copied, as when the peer cannot say it holds every acknowledged write;
+        unless the peer may hold them newer (``peer_newer``): then nothing is decided, and the
+        caller gives up (a new link session runs the exchange again)."""
         if not any(m.crash_regions for m in g.members.values()):
-            return
+            return True
         with trio.move_on_after(2 * self.node.cfg.link.io_timeout):
             await g.crash_decided.wait()
-        if any(m.crash_regions for m in g.members.values()):
-            g.note("the state exchange did not decide about the regions written before the unclean stop: "
-                   f"they are copied to {g.st.peer}", logging.WARNING)
-            g.decide_crash_regions(peer_crashed=True)
+        if not any(m.crash_regions for m in g.members.values()):
+            return True
+        if g.state.peer_newer:
+            return False
+        g.note("the state exchange did not decide about the regions written before the unclean stop: "
+               f"they are copied to {g.st.peer}", logging.WARNING)
+        g.decide_crash_regions(peer_crashed=True)
+        return True
 
     async def pull_group(self, g: "Group") -> None:
         """Fetch back from the peer the regions it holds newer (``Member.pull``: a power cut
         here took writes the peer has), comparing digests first: only regions that differ are
         copied. Under the range lock, so host writes (mirrored to the peer meanwhile) wait."""
-        await self.crash_regions_decided(g)
         try:
+            if not await self.crash_regions_decided(g):
+                raise ResyncFailed("the state exchange did not say whether the regions written before the "
+                                   f"unclean stop are newer at {g.st.peer}")
             for m in list(g.members.values()):
                 r = m.pull.first_set(0)
                 while r is not None and g.mode is Mode.SYNCING:
@@ -125,6 +134,9 @@ class Resync:
                     r = m.pull.first_set(end) if end < m.pull.nregions else None
                 if not m.pull.count:
                     m.verify = bool(m.dirty.count)
+            if g.state.peer_newer and g.mode is Mode.SYNCING and not any(
+                    m.pull.count or m.crash_regions for m in g.members.values()):
+                g.handle(CaughtUp(trio.current_time()))  # this array holds every acknowledged write again
         except ResyncFailed as e:
             g.lose_peer(str(e))
         except (LinkDown, LinkTimeout) as e:

@@ -12,15 +12,19 @@ row admits in the current state is refused (``RoleError``) and changes nothing.
 The promises the rows keep (checked by ``tests/unit/test_roles_model.py`` in virtual time):
 
 * epochs never go backwards, and a role change to primary always takes a higher epoch;
-* persisted fields (role, epoch, started, failsafe, witness_behind, peer_has_all) change only
-  together with ``Persist``;
+* persisted fields (role, epoch, started, failsafe, witness_behind, peer_has_all, peer_newer)
+  change only together with ``Persist``;
 * an array that (re)starts serves nothing until its role at its epoch is confirmed: by the peer
   (lease grant, or the peer reporting itself secondary at our epoch) or by the witness;
 * a primary acknowledges a write its peer does not get only after every lease it granted has
   expired (``lease_deadline``), and, with a witness, only once the witness agreed or was lost
   before the peer (pre-elected primary);
 * a secondary serves only while it holds a lease; a primary without its peer serves only while
-  the witness cannot have given the group away (``witness_until``).
+  the witness cannot have given the group away (``witness_until``);
+* a primary that restarted after an unclean stop while its peer held every write it had
+  acknowledged (``peer_newer``: a power cut may have taken from it writes the peer has) never
+  serves without its peer: not alone, not while fencing, until what it lacks is fetched back,
+  the peer takes the group, or the operator overrides.
 """
 
 from __future__ import annotations
@@ -146,6 +150,13 @@ class RoleState:
     # acknowledged alone since). Persisted: after a power cut the peer's copy of what this array
     # was writing is then the newer one, and is fetched back (``Pull``).
     peer_has_all: bool = False
+    # Primary restarted after an unclean stop while ``peer_has_all`` held: the peer may hold
+    # newer data than this array where it was writing (a power cut took the last writes here).
+    # Persisted, and unlike ``peer_has_all`` kept when the peer is lost: this array then serves
+    # nothing without its peer (its copy is older than writes hosts were told were done) until
+    # those regions are fetched back (``CaughtUp``), the peer takes the group, or the operator
+    # overrides (``OverrideFailsafe``).
+    peer_newer: bool = False
     auto_failover: bool = True
     auto_recover: bool = True
     mode: Mode = Mode.DETACHED
@@ -269,6 +280,20 @@ class ResyncDone:
 @dataclass(frozen=True, slots=True)
 class ResyncEnded:
     """Primary: the resync task ended (done, failed or cut short)."""
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class UncleanStop:
+    """Primary, as it starts: its last run stopped uncleanly (crash, kill -9, power cut) while it
+    was writing some regions (its write-intent log names them)."""
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class CaughtUp:
+    """Primary: what the peer may hold newer (``peer_newer``) is here again: fetched back, or the
+    state exchange found the peer does not hold it newer (it stopped uncleanly too)."""
     now: float
 
 
@@ -416,7 +441,8 @@ class SplitBrainResolved:
 
 Event = Union[
     Tick, LinkUp, LinkDown, PeerLost, PeerState, LeaseRequested, LeaseReply, LeaseFailed,
-    WitnessReport, WitnessAnswer, ResyncBegun, ResyncDone, ResyncEnded, NeedSync, Recover, Started, Stopped,
+    WitnessReport, WitnessAnswer, ResyncBegun, ResyncDone, ResyncEnded, UncleanStop, CaughtUp, NeedSync, Recover,
+    Started, Stopped,
     Policies, ShuttingDown, PeerLeaving, PeerDiskFailed, DiskFailed, HandedOver, SwitchoverBegin, SwitchoverEnd,
     PeerSwitchoverPrepare, PeerSwitchoverCommit, PeerSwitchoverAbort, PeerTakeover, Promote,
     OverrideFailsafe, SplitBrain, Discard, SplitBrainResolved,
@@ -535,6 +561,8 @@ def serving_until(s: RoleState, t: Timing) -> float:
     if s.mode in MIRRORING or s.alone:
         return math.inf
     if s.mode in (Mode.FENCING, Mode.DECIDING):
+        if s.peer_newer:
+            return NEVER  # its copy may be older than acknowledged writes: nothing without the peer
         # Peer lost, not yet allowed to go on alone: reads are served while the witness
         # cannot have given the group away (writes wait for the fence).
         return math.inf if t.witness is None or s.witness_lost_first else s.witness_until
@@ -654,6 +682,11 @@ def _lose_peer(s: RoleState, t: Timing, now: float, reason: str, reset: bool = T
     return s2, acts
 
 
+PEER_NEWER = ("this array restarted after an unclean stop while its peer held every write it had "
+              "acknowledged: the peer may hold writes this array lost, so it serves nothing without the "
+              "peer until they are fetched back (setrcopygroup override accepts losing them)")
+
+
 def _go_alone(s: RoleState, now: float, why: str, note: str) -> Result:
     s2 = replace(s, mode=Mode.DETACHED, alone=True, confirmed=True, failsafe=False,
                  witness_asking=None, last_refusal="", peer_has_all=False)
@@ -705,7 +738,7 @@ def _check_epoch(s: RoleState, epoch: int, what: str, strictly: bool) -> None:
 def _promote(s: RoleState, now: float, epoch: int, msg: str) -> Result:
     _check_epoch(s, epoch, "taking the group over", strictly=True)
     s2 = replace(s, role=Role.PRIMARY, epoch=epoch, failsafe=False, witness_behind=False, peer_has_all=False,
-                 mode=Mode.DETACHED, alone=True, confirmed=True, peer_ready=False, recovering=False,
+                 peer_newer=False, mode=Mode.DETACHED, alone=True, confirmed=True, peer_ready=False, recovering=False,
                  lease_until=NEVER, lease_deadline=NEVER, lease_asked=None, witness_asking=None,
                  claim_refused="", last_refusal="")
     acts: list[Action] = [BecamePrimary(), _note(msg), NewGeneration(f"took the group over at epoch {epoch}"),
@@ -716,7 +749,7 @@ def _promote(s: RoleState, now: float, epoch: int, msg: str) -> Result:
 def _demote(s: RoleState, epoch: int, why: str) -> Result:
     _check_epoch(s, epoch, "stepping down", strictly=False)
     s2 = replace(s, role=Role.SECONDARY, epoch=epoch, failsafe=False, witness_behind=False, peer_has_all=False,
-                 mode=Mode.DISK_FAILED if s.mode is Mode.DISK_FAILED else Mode.FOLLOWING,
+                 peer_newer=False, mode=Mode.DISK_FAILED if s.mode is Mode.DISK_FAILED else Mode.FOLLOWING,
                  alone=False, confirmed=False, peer_ready=False,
                  recovering=False, lease_until=NEVER, lease_asked=None, next_renewal=NEVER,
                  witness_asking=None, claim_refused="", last_refusal="")
@@ -732,7 +765,7 @@ def _refusal(s: RoleState, reason: str, prefix: str) -> tuple[RoleState, list[Ac
 
 def _wants_keep_retry(s: RoleState, t: Timing) -> bool:
     return (t.witness is not None and s.role is Role.PRIMARY and s.failsafe and s.started
-            and not s.link_up and s.mode is Mode.DETACHED and s.witness_asking is None)
+            and not s.link_up and s.mode is Mode.DETACHED and s.witness_asking is None and not s.peer_newer)
 
 
 def _wants_resolve(s: RoleState, t: Timing) -> bool:
@@ -749,6 +782,9 @@ def _tick(s: RoleState, t: Timing, e: Event) -> Result:
     if s.role is Role.PRIMARY:
         if s.mode in (Mode.STARTING, Mode.FENCING) and now >= s.lease_deadline:
             # Every lease this array (or its previous run) granted has expired.
+            if s.peer_newer:
+                # Nothing to ask the witness: whatever it answers, this array may not go on alone.
+                return _not_alone(s, now, PEER_NEWER)
             if t.witness is None:
                 return _go_alone(s, now, "no witness: this array goes on alone",
                                  "peer fenced off; going on alone, tracking written regions")
@@ -960,11 +996,25 @@ def _resync_begun(s: RoleState, t: Timing, e: Event) -> Result:
 
 def _resync_done(s: RoleState, t: Timing, e: Event) -> Result:
     acts: list[Action] = []
-    s2 = replace(s, mode=Mode.ATTACHED, peer_ready=True, peer_has_all=True)
+    s2 = replace(s, mode=Mode.ATTACHED, peer_ready=True, peer_has_all=True, peer_newer=False)
     if s.failsafe:  # the peer took this array's data at this epoch
         s2 = replace(s2, failsafe=False)
         acts += [_note("failsafe left: the peer mirrors this array again")]
     return s2, acts + [Persist(), _note("in sync"), AdoptGeneration()]
+
+
+def _unclean_stop(s: RoleState, t: Timing, e: Event) -> Result:
+    if not s.peer_has_all or s.peer_newer:
+        return s, []  # it acknowledged writes alone since they were last in sync: its copy is the newer
+    return replace(s, peer_newer=True), [
+        Persist(), _note(f"{s.peer_name} may hold writes this array lost when it stopped: it serves nothing "
+                         f"without {s.peer_name} until they are fetched back")]
+
+
+def _caught_up(s: RoleState, t: Timing, e: Event) -> Result:
+    if not s.peer_newer:
+        return s, []
+    return replace(s, peer_newer=False), [Persist()]
 
 
 def _resync_ended(s: RoleState, t: Timing, e: Event) -> Result:
@@ -1050,13 +1100,13 @@ def _handed_over(s: RoleState, t: Timing, e: Event) -> Result:
         # (the new primary starts with a granted lease, see _peer_commit).
         # Host I/O keeps waiting (SWITCHING) until the peer confirmed it is primary.
         s2 = replace(s, role=Role.SECONDARY, epoch=e.epoch, failsafe=False, mode=Mode.SWITCHING,
-                     peer_has_all=False,
+                     peer_has_all=False, peer_newer=False,
                      alone=False, confirmed=True, peer_ready=False, lease_until=e.now + t.lease,
                      lease_asked=None, next_renewal=e.now + t.renew_every(), witness_asking=None,
                      transition_until=e.now + 2 * t.transition_timeout)
         return s2, [SwappedInSync(), _note(f"switchover: now secondary at epoch {e.epoch}"), Persist()]
     s2 = replace(s, role=Role.SECONDARY, epoch=e.epoch, failsafe=False, alone=False, confirmed=False,
-                 peer_has_all=False,
+                 peer_has_all=False, peer_newer=False,
                  peer_ready=False, lease_until=NEVER, lease_asked=None, witness_asking=None)
     return s2, [_note(f"handed the group to {s.peer_name} at epoch {e.epoch} (backing device failed)"), Persist()]
 
@@ -1095,7 +1145,7 @@ def _peer_commit(s: RoleState, t: Timing, e: Event) -> Result:
         raise RoleError(f"commit of epoch {e.epoch} refused: this array is primary at epoch {s.epoch}")
     _check_epoch(s, e.epoch, "switchover commit", strictly=True)
     s2 = replace(s, role=Role.PRIMARY, epoch=e.epoch, failsafe=False, witness_behind=False, peer_has_all=True,
-                 mode=Mode.ATTACHED, alone=False, confirmed=True, peer_ready=True, recovering=False,
+                 peer_newer=False, mode=Mode.ATTACHED, alone=False, confirmed=True, peer_ready=True, recovering=False,
                  lease_until=NEVER, lease_deadline=e.now + t.lease_expiry(), lease_asked=None,
                  witness_asking=None, claim_refused="")
     return s2, [SwappedInSync(), _note(f"switchover: now primary at epoch {e.epoch}"), Persist()]
@@ -1131,7 +1181,7 @@ def _override(s: RoleState, t: Timing, e: Event) -> Result:
     if not s.failsafe:
         raise RoleError("the group is not in failsafe")
     s2 = replace(s, failsafe=False, alone=True, confirmed=True, mode=Mode.DETACHED, witness_asking=None,
-                 peer_has_all=False)
+                 peer_has_all=False, peer_newer=False)
     acts: list[Action] = [NewGeneration("failsafe overridden: writing without the peer"), Persist(),
                           _note(f"failsafe overridden ({e.why})")]
     return _maybe_recover(s2, acts, e.now)
@@ -1215,6 +1265,9 @@ TABLE_ROWS: tuple[Row, ...] = (
     Row(P, frozenset({Mode.SYNCING}), ResyncDone, _resync_done),
     Row(P, ALL_P - {Mode.SYNCING}, ResyncDone, _ignore),
     Row(P, ALL_P, ResyncEnded, _resync_ended),
+    Row(P, frozenset({Mode.STARTING}), UncleanStop, _unclean_stop, "the peer may hold writes this array lost"),
+    Row(P, ALL_P, CaughtUp, _caught_up, "what the peer held newer is here again"),
+    Row(S, ALL_S, CaughtUp, _ignore, "demoted meanwhile: the new primary compares those regions"),
     Row(S, ALL_S, ResyncEnded, _ignore, "demoted while a resync was winding down"),
     Row(P, UP_P, NeedSync, _need_sync),
     Row(P, frozenset({Mode.DETACHED}), Recover, _recover),
@@ -1288,13 +1341,16 @@ class GroupRoles:
     @classmethod
     def at_start(cls, *, me: str, peer: str, role: Role, epoch: int, started: bool, failsafe: bool,
                  witness_behind: bool, auto_failover: bool, auto_recover: bool, timing: Timing,
-                 now: float, peer_has_all: bool = False) -> "GroupRoles":
+                 now: float, peer_has_all: bool = False, peer_newer: bool = False) -> "GroupRoles":
         """A group as this array (re)starts: nothing is confirmed. A primary cannot know whether
-        its previous run granted a lease that still runs: it fences its peer off first."""
+        its previous run granted a lease that still runs: it fences its peer off first. After an
+        unclean stop the daemon says so next (``UncleanStop``)."""
         mode = Mode.STARTING if role is Role.PRIMARY else Mode.FOLLOWING
+        primary = role is Role.PRIMARY
         st = RoleState(me=me, peer_name=peer, role=role, epoch=epoch, started=started, failsafe=failsafe,
                        witness_behind=witness_behind, auto_failover=auto_failover, auto_recover=auto_recover,
-                       peer_has_all=peer_has_all and role is Role.PRIMARY,
+                       peer_has_all=peer_has_all and primary,
+                       peer_newer=peer_newer and primary,
                        mode=mode, lease_deadline=now + timing.lease_expiry() if role is Role.PRIMARY else NEVER,
                        link_lost_at=now,
                        fence_reason="node start" if role is Role.PRIMARY else "")

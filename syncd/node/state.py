@@ -84,6 +84,10 @@ class GroupState:
     witness_behind: bool = False
     # Primary: the peer holds every write this array acknowledged (see roles.RoleState).
     peer_has_all: bool = False
+    # Primary restarted after an unclean stop while peer_has_all held: the peer may hold newer
+    # data where this array was writing; it serves nothing without the peer until that is
+    # fetched back (see roles.RoleState).
+    peer_newer: bool = False
 
 
 @dataclass

@@ -11,7 +11,12 @@ its configuration, its random source and the calls made on it.
 Data is modelled as the set of writes each array holds on disk (each write its own block, so a
 "version" per block): a write acknowledged while mirroring is on both arrays, one acknowledged
 alone only on its array; at any instant an array serves, a read there must see every write
-acknowledged before.
+acknowledged before. A power cut takes from an array's disk the writes it got in its last
+``power_window`` seconds that its peer also holds (a write only one array holds is not modelled
+as lost: that would be a loss no design can mend); every crash is an unclean stop, a ``stop`` a
+clean one. A primary restarted with ``peer_newer`` fetches back from its peer what it lacks when
+it resynchronizes it (``_pull``, after RESYNC_BEGIN), and until then reads the peer
+(``Sim.readable``).
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class SimConfig:
     io_timeout: float = 2.0  # a mirrored or forwarded write unanswered this long fails
     witness_timeout: float = 1.0  # a witness request unanswered this long: unreachable
     copy_time: float = 1.5  # a resync copies for up to this long
+    power_window: float = 0.5  # a power cut takes the writes an array got this long before it
     max_delay: float = 0.05  # default one-way delay bound of every link
     poll: float = 0.05  # how often the shell ticks if next_timer() stays due after all (see _future_timer)
 
@@ -112,11 +118,16 @@ class Disk:
     started: bool = True
     failsafe: bool = False
     witness_behind: bool = False
+    peer_has_all: bool = False
+    peer_newer: bool = False
     data: set[int] = field(default_factory=set)
+    added: dict[int, float] = field(default_factory=dict)  # host write -> real time it got here
 
 
-def persisted(s: r.RoleState) -> tuple[r.Role, int, bool, bool, bool]:
-    return (s.role, s.epoch, s.started, s.failsafe, s.witness_behind)
+def persisted(s: r.RoleState) -> tuple[r.Role, int, bool, bool, bool, bool, bool]:
+    # getattr: roles.py before it persisted these
+    return (s.role, s.epoch, s.started, s.failsafe, s.witness_behind, getattr(s, "peer_has_all", False),
+            getattr(s, "peer_newer", False))
 
 
 class Array:
@@ -134,6 +145,7 @@ class Array:
         self.held: list[tuple[int, bool, Reply | None]] = []
         self.last_tick = -math.inf  # local time of the last Tick (a timer not after it is stale)
         self.unconfirmed = False  # restarted, and nothing has confirmed its role since
+        self.clean = True  # its last stop was clean (the first start counts as one)
         self.started_at = -math.inf  # local time of the last restart
         self.epoch_seen = disk.epoch  # the highest epoch this array ever held (memory or disk)
         self.switching = False  # a switchover this array started is under way
@@ -357,7 +369,8 @@ class Sim:
             self.fail("a", f"{x.name}: persisted fields changed {persisted(before)} -> {persisted(s)} without "
                       f"Persist on {ev}")
         if has_persist:
-            x.disk.role, x.disk.epoch, x.disk.started, x.disk.failsafe, x.disk.witness_behind = persisted(s)
+            (x.disk.role, x.disk.epoch, x.disk.started, x.disk.failsafe, x.disk.witness_behind, x.disk.peer_has_all,
+             x.disk.peer_newer) = persisted(s)
         self._act(x, acts)
         return acts
 
@@ -494,12 +507,27 @@ class Sim:
                 self._ack(x, wid)
         elif k == "resync_begin":
             if ans[0] == "OK":
-                self.feed(x, r.ResyncBegun(now))
                 inc, rs = x.inc, p.data[0]
-                done = x.clock.real_at(now + self.rng.uniform(0, self.cfg.copy_time))
-                self.at(done, "resync copied", lambda: self._resync_copied(x.name, inc, rs))
+                self.feed(x, r.ResyncBegun(now))
+                if self.live(x.name, inc) is None:
+                    return
+                if getattr(x.s, "peer_newer", False):
+                    self._pull(x, rs)  # then the copy
+                else:
+                    self._copy(x, rs)
             else:
                 self._resync_failed(x, f"peer refused RESYNC_BEGIN ({ans[0]})")
+        elif k == "pull":
+            if ans[0] == "OK":
+                theirs = ans[1]
+                assert isinstance(theirs, frozenset)
+                x.disk.data |= theirs  # fetched back
+                inc = x.inc
+                self.feed(x, r.CaughtUp(now))
+                if self.live(x.name, inc) is not None:
+                    self._copy(x, p.data[0])
+            else:
+                self._resync_failed(x, f"peer refused to send regions back ({ans[0]})")
         elif k == "resync_end":
             if ans[0] == "OK":
                 self.feed(x, r.ResyncDone(now))
@@ -524,7 +552,7 @@ class Sim:
             wid, fwd = p.data
             assert isinstance(wid, int) and (fwd is None or callable(fwd))
             self._mirror_failed(x, wid, fwd, "peer did not answer a mirrored write")
-        elif k in ("resync_begin", "resync_end"):
+        elif k in ("resync_begin", "pull", "resync_end"):
             self._resync_failed(x, "resync failed: the peer did not answer")
         elif k == "prepare":
             self._switchover_over(x, abort=True)
@@ -703,6 +731,7 @@ class Sim:
             return
         if s.mode in r.MIRRORING:
             x.disk.data.add(wid)
+            x.disk.added[wid] = self.now
             epoch = s.epoch
 
             def at_secondary(y: Array, reply: Reply) -> None:
@@ -712,6 +741,7 @@ class Sim:
                     reply(("NOT_PRIMARY",))
                 else:
                     y.disk.data.add(wid)
+                    y.disk.added[wid] = self.now
                     reply(("OK",))
 
             self._request(x, "mirror", self.cfg.io_timeout, (wid, fwd), at_secondary)
@@ -764,6 +794,21 @@ class Sim:
                 reply(("OK",))
 
         self._request(x, "resync_begin", self.cfg.io_timeout, (rs,), at_peer)
+
+    def _pull(self, x: Array, rs: object) -> None:
+        """A primary restarted with ``peer_newer`` fetches back what its peer holds that it lacks
+        (Resync.pull_group, after RESYNC_BEGIN), reading those regions from the peer meanwhile."""
+        epoch = x.s.epoch
+
+        def at_peer(y: Array, reply: Reply) -> None:
+            reply(("OK", frozenset(y.disk.data)) if y.s.epoch == epoch else ("STALE_EPOCH",))
+
+        self._request(x, "pull", self.cfg.io_timeout, (rs,), at_peer)
+
+    def _copy(self, x: Array, rs: object) -> None:
+        inc = x.inc
+        done = x.clock.real_at(x.clock.local(self.now) + self.rng.uniform(0, self.cfg.copy_time))
+        self.at(done, "resync copied", lambda: self._resync_copied(x.name, inc, rs))
 
     def _resync_copied(self, name: str, inc: int, rs: object) -> None:
         x = self.live(name, inc)
@@ -935,8 +980,10 @@ class Sim:
         self.feed(y, r.PeerSwitchoverAbort(y.clock.local(self.now)))
 
     # faults --------------------------------------------------------------------------------------
-    def crash(self, name: str) -> None:
-        """kill -9 (or power loss) of an array or of the witness."""
+    def crash(self, name: str, how: str = "kill") -> None:
+        """kill -9 of an array or of the witness (``how``: "kill"); for an array, a power cut
+        ("power": it loses the writes it got in the last ``power_window`` that its peer holds)
+        or a clean stop ("stop": it restarts knowing it stopped cleanly)."""
         if name == W:
             wit = self.witness
             if wit is not None and wit.rec is not None:
@@ -947,7 +994,15 @@ class Sim:
         x = self.arrays[name]
         if not x.alive:
             return
-        self.note(name, "crash")
+        self.note(name, "crash" if how == "kill" else how)
+        if how == "power":
+            peer = self.arrays[x.peer].disk.data
+            lost = {w for w, t in x.disk.added.items() if t >= self.now - self.cfg.power_window and w in peer}
+            x.disk.data -= lost
+            if lost:
+                self.note(name, f"the power cut took {sorted(lost)}")
+        x.disk.added.clear()
+        x.clean = how == "stop"
         x.alive = False
         x.roles = None
         x.inc += 1
@@ -976,12 +1031,18 @@ class Sim:
         x.inc += 1
         now = x.clock.local(self.now)
         dk = x.disk
+        more = ({"peer_has_all": dk.peer_has_all, "peer_newer": dk.peer_newer}
+                if "peer_newer" in inspect.signature(r.GroupRoles.at_start).parameters else {})
         x.roles = r.GroupRoles.at_start(me=name, peer=x.peer, role=dk.role, epoch=dk.epoch, started=dk.started,
                                         failsafe=dk.failsafe, witness_behind=dk.witness_behind,
-                                        auto_failover=True, auto_recover=True, timing=self.timing, now=now)
+                                        auto_failover=True, auto_recover=True, timing=self.timing, now=now,
+                                        **more)
         x.last_tick = -math.inf
         x.unconfirmed = True
         x.started_at = now
+        if not x.clean and dk.role is r.Role.PRIMARY and hasattr(r, "UncleanStop"):
+            # The daemon says so once it has read the write-intent log (some regions, here).
+            self.feed(x, r.UncleanStop(now))
         self.note(name, f"restart: {x.s}")
         if self.cfg.witness is not None:
             inc = x.inc
@@ -1057,6 +1118,15 @@ class Sim:
             self.fail("a", f"the witness's epoch went back from {wit.epoch_seen} to {wit.rec.epoch}")
         wit.epoch_seen = wit.rec.epoch
 
+    def readable(self, x: Array) -> set[int]:
+        """What a read at ``x`` can return: its disk, and, for a primary that may lack writes its
+        peer holds (``peer_newer``) while the peer mirrors, the peer's (such regions are read
+        from the peer until fetched back)."""
+        s = x.m.state
+        if getattr(s, "peer_newer", False) and s.mode in r.MIRRORING:
+            return x.disk.data | self.arrays[x.peer].disk.data
+        return x.disk.data
+
     def check(self) -> None:
         """Every promise, at this instant (and, from ``_handle``, at every Persist):
 
@@ -1096,8 +1166,8 @@ class Sim:
                 self.fail("d", f"{x.name} restarted and serves (as {s.role.value}, {s.mode.value}) before anything "
                           f"confirmed its role at epoch {s.epoch}")
             # (e) a read here now returns every write acknowledged before
-            if serving and not self.acked <= x.disk.data:
-                missing = sorted(self.acked - x.disk.data)
+            if serving and not self.acked <= self.readable(x):
+                missing = sorted(self.acked - self.readable(x))
                 self.fail("e", f"a read at {x.name} ({s.role.value}, {s.mode.value}) would miss acknowledged "
                           f"writes {missing}")
             if self.acknowledges_writes(x):

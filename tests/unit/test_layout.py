@@ -105,7 +105,7 @@ def test_no_daemon_imports_the_lab():
 def test_only_the_group_shell_writes_the_role_fields():
     """A group's persisted role, epoch, started, failsafe and witness_behind are assigned in one
     place (Group.command, copying the role machine's state); nothing else assigns them."""
-    fields = {"role", "epoch", "started", "failsafe", "witness_behind", "peer_has_all"}
+    fields = {"role", "epoch", "started", "failsafe", "witness_behind", "peer_has_all", "peer_newer"}
     writers = []
     for path in ROOT.rglob("*.py"):
         tree = ast.parse(path.read_text())

@@ -19,17 +19,20 @@ end, the secondary's real data path applying each frame to its own replica."""
 
 from __future__ import annotations
 
+import errno
 import types
 
+import pytest
 import trio
 import trio.testing
 
+from syncd.nbd.export import BlockError
 from syncd.nbd.extents import DATA
 from syncd.node import group as node_group
 from syncd.node.datapath import DataPath
 from syncd.node.intent import IntentLog
 from syncd.node.resync import Resync
-from syncd.node.roles import BecameSecondary, Mode
+from syncd.node.roles import BecameSecondary, CaughtUp, Mode
 from syncd.node.volume import Volume
 from syncd.repl.proto import Frame, MsgType, Status
 
@@ -126,12 +129,19 @@ class RestartedPrimary(Group):
         super().__init__(node, "primary")
         self.st = types.SimpleNamespace(gid=1, peer="B")
         self.state.peer_has_all = True  # the secondary holds every write this array acknowledged
+        self.state.peer_newer = True  # ... and may hold some this array lost (RoleState.peer_newer)
         self.crash_decided = trio.Event()
         self.notes: list[str] = []
+        self.events: list[object] = []
         self.mode = Mode.SYNCING
 
     def note(self, msg: str, level: int = 0) -> None:
         self.notes.append(msg)
+
+    def handle(self, event: object) -> None:
+        self.events.append(event)
+        if isinstance(event, CaughtUp):
+            self.state.peer_newer = False
 
 
 def _pair(tmp_path, nursery):
@@ -181,6 +191,8 @@ async def test_the_resync_waits_for_the_exchange_to_decide_and_then_fetches_back
             assert m.pull.count == 0 and m.dirty.count == 0 and m.crash_regions == []
             assert sm.oos.count == 0, [r for r in range(sm.oos.nregions) if sm.oos.test(r)]
             assert any("fetched back" in n for n in g.notes), g.notes
+            # Every acknowledged write is here again: the array may go on without its peer.
+            assert [type(e) for e in g.events] == [CaughtUp] and not g.state.peer_newer
         finally:
             nursery.cancel_scope.cancel()
             here.close()
@@ -188,8 +200,11 @@ async def test_the_resync_waits_for_the_exchange_to_decide_and_then_fetches_back
 
 
 async def test_undecided_for_two_io_timeouts_they_are_copied(tmp_path, autojump_clock):
+    """When the peer cannot hold them newer (this array had acknowledged writes alone before it
+    stopped: ``peer_newer`` false), undecided regions are copied to it."""
     async with trio.open_nursery() as nursery:
         here, there, g, m, sm, wire = _pair(tmp_path, nursery)
+        g.state.peer_has_all = g.state.peer_newer = False
         try:
             t0 = trio.current_time()
             await Resync(g.node).pull_group(g)  # no exchange answers
@@ -197,6 +212,35 @@ async def test_undecided_for_two_io_timeouts_they_are_copied(tmp_path, autojump_
             assert wire.sent == [] and m.pull.count == 0 and m.crash_regions == []
             assert [r for r in range(m.dirty.nregions) if m.dirty.test(r)] == [2, 3, 5]  # left to copy
             assert any("did not decide" in n for n in g.notes), g.notes
+        finally:
+            nursery.cancel_scope.cancel()
+            here.close()
+            there.close()
+
+
+async def test_regions_the_peer_may_hold_newer_are_never_copied_undecided(tmp_path, autojump_clock):
+    """The etcd history campaign (seed 32): a power cut at primary B, and the link cut 5 ms after
+    B restarted, so its state exchange failed. Its resync then waited two I/O timeouts and copied
+    the regions its write-intent log named to A, over A's newer data. While the peer may hold
+    them newer (``peer_newer``), nothing is decided without its word: the resync gives up (the
+    next link session runs the exchange again), and nothing is compared, copied or changed."""
+    async with trio.open_nursery() as nursery:
+        here, there, g, m, sm, wire = _pair(tmp_path, nursery)
+        before = (here.read_sync(0, SIZE), there.read_sync(0, SIZE))
+        try:
+            await Resync(g.node).pull_group(g)  # no exchange answers
+            assert g.lost and "did not say" in g.lost[0], g.lost
+            assert wire.sent == [] and m.crash_regions == [2, 3, 5] and m.pull.count == 0
+            assert (here.read_sync(0, SIZE), there.read_sync(0, SIZE)) == before
+            assert g.events == [] and g.state.peer_newer and not g.crash_decided.is_set()
+            # A host read of such a region is refused, to be read on another path: not served
+            # from what the power cut left here.
+            g.node.resync = Resync(g.node)
+            g.steady = lambda: True
+            g.roles = types.SimpleNamespace(is_primary=True)
+            with pytest.raises(BlockError) as e:
+                await DataPath(g).host_read(m, 2 * REGION, 4096)
+            assert e.value.errno == errno.ESHUTDOWN and wire.sent == []
         finally:
             nursery.cancel_scope.cancel()
             here.close()

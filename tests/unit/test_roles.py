@@ -218,3 +218,58 @@ def test_the_fast_paths_view_is_serving_and_not_transitioning(role, mode, flags,
         g.timing = timing
         assert (now < g.steady_until) == (g.serving(now) and not g.transitioning(now))
         assert g.is_primary == (role is Role.PRIMARY) and g.mirroring == (mode in r.MIRRORING)
+
+
+def test_a_primary_restarted_after_an_unclean_stop_never_serves_without_its_in_sync_peer():
+    """The etcd history campaign (seed 32): a power cut at primary B, whose peer held every write
+    it had acknowledged, then the link cut as B restarted. B went on alone with the witness's
+    agreement, serving its own copy of the regions the power cut had taken writes from, and
+    copied them over A's newer copy when the link returned. Now it waits for its peer."""
+    g = GroupRoles.at_start(me="A", peer="B", role=Role.PRIMARY, epoch=1, started=True, failsafe=False,
+                            witness_behind=False, auto_failover=True, auto_recover=True, timing=T, now=100.0,
+                            peer_has_all=True)
+    acts = g.handle(r.UncleanStop(100.0))
+    assert g.state.peer_newer and any(isinstance(a, r.Persist) for a in acts)
+    g.handle(r.LinkUp(100.1))
+    g.handle(r.PeerState(100.2, Role.SECONDARY, 1))
+    g.handle(r.ResyncBegun(100.3))
+    assert g.state.mode is Mode.SYNCING and g.serving(100.3)  # the regions it lacks are read from the peer
+    g.handle(r.WitnessReport(100.4, 100.4, "A", 1))
+    g.handle(r.LeaseRequested(100.5))  # the peer serves under a lease meanwhile
+    g.handle(r.LinkDown(100.6))  # before the regions were fetched back
+    assert g.state.mode is Mode.FENCING and g.state.peer_newer and not g.state.peer_has_all
+    assert not g.serving(100.7)  # not even reads while the witness owes it the group
+    # The fence is over: nothing asked of the witness (it may only say "go on alone").
+    acts = g.handle(r.Tick(100.5 + EXPIRY))
+    assert g.state.failsafe and not g.state.alone and not g.serving(100.5 + EXPIRY)
+    assert any(isinstance(a, r.Persist) for a in acts) and not any(isinstance(a, r.AskWitness) for a in acts)
+    assert [a for a in g.handle(r.Tick(110.0)) if isinstance(a, r.AskWitness)] == []  # no failsafe retry
+    # The link returns: it resynchronizes, fetches back, and may then go on without the peer.
+    g.handle(r.LinkUp(111.0))
+    g.handle(r.PeerState(111.1, Role.SECONDARY, 1))
+    g.handle(r.ResyncBegun(111.2))
+    acts = g.handle(r.CaughtUp(111.3))
+    assert not g.state.peer_newer and any(isinstance(a, r.Persist) for a in acts)
+    g.handle(r.LinkDown(111.4))
+    g.handle(r.Tick(111.4 + EXPIRY))
+    assert g.state.mode is Mode.DECIDING and g.state.witness_asking is WitnessAsk.KEEP
+
+
+def test_the_operator_may_let_a_primary_that_waits_for_its_peer_go_on_alone():
+    g = GroupRoles.at_start(me="A", peer="B", role=Role.PRIMARY, epoch=1, started=True, failsafe=False,
+                            witness_behind=False, auto_failover=True, auto_recover=True, timing=T, now=100.0,
+                            peer_has_all=True)
+    g.handle(r.UncleanStop(100.0))
+    g.handle(r.Tick(100.0 + EXPIRY))
+    assert g.state.failsafe and g.state.peer_newer
+    acts = g.handle(r.OverrideFailsafe(105.0, "operator"))
+    assert g.state.alone and not g.state.peer_newer and g.serving(105.0)
+    assert any(isinstance(a, r.Persist) for a in acts)
+    # A clean restart keeps what it persisted: still waiting, whatever the stop.
+    again = GroupRoles.at_start(me="A", peer="B", role=Role.PRIMARY, epoch=1, started=True, failsafe=True,
+                                witness_behind=False, auto_failover=True, auto_recover=True, timing=T, now=200.0,
+                                peer_has_all=False, peer_newer=True)
+    assert again.state.peer_newer
+    # One that acknowledged writes alone before it stopped holds the newer copy: nothing to wait for.
+    alone = restarted(Role.PRIMARY)
+    assert alone.handle(r.UncleanStop(100.0)) == [] and not alone.state.peer_newer

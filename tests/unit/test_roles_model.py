@@ -198,10 +198,10 @@ class Schedule(RuleBasedStateMachine):
         self.s.set_rate(node, rate)
         self.s.run_until(self.s.now + dt)
 
-    @rule(node=st.sampled_from([A, B, W]), dt=PAUSE, seed=SEED)
-    def crash(self, node: str, dt: float, seed: int) -> None:
+    @rule(node=st.sampled_from([A, B, W]), how=st.sampled_from(["kill", "power", "stop"]), dt=PAUSE, seed=SEED)
+    def crash(self, node: str, how: str, dt: float, seed: int) -> None:
         self.s.rng.seed(seed)
-        self.s.crash(node)
+        self.s.crash(node, how)
         self.s.run_until(self.s.now + dt)
 
     @rule(node=st.sampled_from([A, B, W]), dt=PAUSE, seed=SEED)
@@ -510,10 +510,12 @@ def fence_cut_short(sim: Sim) -> None:
     writes_for(sim, 5.0)
 
 
+# The next three stop A cleanly: after an unclean stop, A, whose peer held every write, would not
+# go on without it at all (peer_newer), and these are about what it may do when it may.
 def primary_restarts_at_once(sim: Sim) -> None:
     settle(sim)
     sim.set_cut(AB, True, notice={A: 0.0, B: 1.5})
-    sim.crash(A)  # B's lease from A's previous run still runs...
+    sim.crash(A, "stop")  # B's lease from A's previous run still runs...
     sim.restart(A)  # ...when A is back, cut off from B
     writes_for(sim, 5.0)
 
@@ -521,7 +523,7 @@ def primary_restarts_at_once(sim: Sim) -> None:
 def primary_restarts_alone(sim: Sim) -> None:
     settle(sim)
     sim.set_cut(AB, True, notice={A: 0.0, B: 0.0})
-    sim.crash(A)
+    sim.crash(A, "stop")
     sim.restart(A)  # nothing can confirm it; the witness's reports name it owner
     writes_for(sim, 5.0)
 
@@ -530,7 +532,7 @@ def primary_restarts_isolated(sim: Sim) -> None:
     settle(sim)
     sim.set_cut(AB, True, notice={A: 0.0, B: 0.0})
     sim.set_cut(AW, True)
-    sim.crash(A)
+    sim.crash(A, "stop")
     sim.restart(A)  # cut off from both: it must not go on alone
     writes_for(sim, 5.0)
 
@@ -600,6 +602,48 @@ def resync_begin_lost(sim: Sim) -> None:
     sim.run_until(sim.now + 4.0)
 
 
+def power_cut_then_link_cut(sim: Sim) -> None:
+    """The etcd history campaign's defect (seed 32): a power cut at the primary takes its last
+    mirrored writes, and the link is cut as it restarts. It must not go on alone: the peer holds
+    writes it lacks."""
+    settle(sim)
+    writes_for(sim, 1.0)
+    sim.crash(A, "power")
+    sim.set_cut(AB, True, notice={A: 0.0, B: 0.0})
+    sim.restart(A)
+    writes_for(sim, 8.0)
+
+
+def power_cut_then_resync_lost(sim: Sim) -> None:
+    """A power cut at the primary; it restarts with the link up and resynchronizes (the peer
+    serves again under its leases), but fetching back what it lacks fails: fencing the peer off,
+    it must not serve its own older copy."""
+    settle(sim)
+    writes_for(sim, 1.0)
+    sim.crash(A, "power")
+    sim.drop_if = lambda src, dst, what: what.startswith("pull")
+    sim.restart(A)
+    writes_for(sim, 6.0)
+
+
+def test_a_primary_that_lost_writes_its_peer_holds_never_serves_without_the_peer() -> None:
+    sim = scenario()
+    power_cut_then_link_cut(sim)
+    a = sim.arrays[A]
+    assert a.disk.peer_newer and a.s.failsafe and not a.m.serving(a.clock.local(sim.now)), a.s
+    sim = scenario()
+    power_cut_then_resync_lost(sim)  # it serves only while the peer mirrors, reading it
+    a = sim.arrays[A]
+    assert a.disk.peer_newer and not a.s.alone and not sim.acked <= a.disk.data, a.s
+    # The link returns: A fetches back what it lacks, and serves again.
+    sim = scenario()
+    power_cut_then_link_cut(sim)
+    sim.set_cut(AB, False)
+    sim.run_until(sim.now + 8.0)
+    a = sim.arrays[A]
+    assert a.s.mode is roles.Mode.ATTACHED and not a.disk.peer_newer and sim.acked <= a.disk.data, a.s
+
+
 MUTATIONS = [
     Mutation("fence-wait", roles,
              "if s.mode in (Mode.STARTING, Mode.FENCING) and now >= s.lease_deadline:",
@@ -640,6 +684,20 @@ MUTATIONS = [
              "):", "bce", link_noticed_late_by_the_primary, {"rates": {A: 0.95, B: 1.05, W: 0.95}}),
     Mutation("lost-before-claimant", decide,
              "if lost - seen > t.grace:", "if False:", "bce", both_lose_the_witness_then_the_link),
+    # The etcd history campaign's defect (seed 32) and the guards of its fix:
+    Mutation("peer-newer", roles,
+             "    return replace(s, peer_newer=True), [",
+             "    return s, [", "e", power_cut_then_link_cut),
+    Mutation("peer-newer-start", roles,
+             "            if s.peer_newer:\n                # Nothing to ask the witness",
+             "            if False:\n                # Nothing to ask the witness", "e", power_cut_then_link_cut),
+    Mutation("peer-newer-retry", roles,
+             "and not s.link_up and s.mode is Mode.DETACHED and s.witness_asking is None and not s.peer_newer)",
+             "and not s.link_up and s.mode is Mode.DETACHED and s.witness_asking is None)", "e",
+             power_cut_then_link_cut),
+    Mutation("peer-newer-fencing", roles,
+             "        if s.peer_newer:\n            return NEVER",
+             "        if False:\n            return NEVER", "e", power_cut_then_resync_lost),
 ]
 
 
