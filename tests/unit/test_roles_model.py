@@ -51,6 +51,13 @@ all are fixed now: 1 and 2 at 47dda5f, the others after them; 8 was found at 47d
    grants it (b, c). Fixed in decide.claim: refused when the witness lost the owner more than
    ``grace`` before the claimant said it lost the owner too (its word counting from after any
    long silence of its own).
+10. Found by the etcd history campaign (seed 32), not by the model, which then had no power
+   cuts: a power cut at the primary takes writes its peer holds, and the link is cut as it
+   restarts; with the witness's agreement it goes on alone, serving its older copy (e). The
+   model now has power cuts, clean stops (``Sim.crash``'s ``how``) and the fetch-back
+   (``Sim._pull``); ``power_cut_then_link_cut`` breaks (e) with the roles.py before the fix
+   (``peer_newer``). 2,000 random schedules did not find it there: it needs the cut within the
+   restart, and writes acknowledged in the last half second.
 Also: (S, PeerLost) has no row (a mirrored write failing after a switchover or demotion raises
 RoleError: the shell must catch it); without a witness a restarted primary goes on alone once its
 fence is over, confirmed by nothing (the pre-elected design, docs/design.md §4: promise (d) counts
@@ -69,7 +76,9 @@ keep-answer (only a primary that lost the witness first goes on alone unanswered
 peer-ready (leases only to a peer that took RESYNC_BEGIN): (e); claim-quiet (decide.claim's
 owner silence): (c); keep-revokes (decide.keep revoking the secondary): (b, c);
 claim-after-link-loss (a secondary claims only once its primary must have noticed the loss):
-(c); lost-before-claimant (finding 9's rule in decide.claim): (c). Two later guards are kept
+(c); lost-before-claimant (finding 9's rule in decide.claim): (c); finding 10's guards:
+peer-newer (``UncleanStop`` sets it), peer-newer-start (no KEEP at the fence's end),
+peer-newer-retry (no failsafe retry), peer-newer-fencing (no reads while fencing): (e). Two later guards are kept
 though no schedule breaks a promise without them (3000 random schedules each, nothing found:
 the guards above cover the cases they were added for): peer-follows (a primary resyncs only a
 peer that said in this link session it follows) and claiming-not-following (finding 8). The epoch guard
