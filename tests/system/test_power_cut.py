@@ -36,7 +36,7 @@ from syncd.lab.workload import History, check_file, run_writer
 from syncd.nbd.export import punch_hole
 
 from ..guard import unavailable
-from .rig import FAST_LINK, assert_replicas_identical, first_difference, require_root, require_tool
+from .rig import FAST_LINK, WITNESS, assert_replicas_identical, first_difference, require_root, require_tool
 from .test_crash_campaign import in_sync, resync_counters, showrcopy, since
 
 pytestmark = [pytest.mark.system, pytest.mark.root]
@@ -213,3 +213,63 @@ def test_after_a_power_cut_the_replicas_are_identical_and_no_flushed_write_is_lo
                   "power-on; idle regions' bits cleared %.1f s after their last write; checkrcopyvv: %d regions "
                   "differ; %s" % (r[0], r[1], r[2], r[3] / MiB, r[4] / MiB, r[5], r[6], r[7], "; ".join(r[8])))
     assert len(report) == rounds
+
+
+@pytest.mark.parametrize("witness", [False, True], ids=["no witness", "witness"])
+def test_a_primary_cut_off_from_its_peer_as_it_returns_from_a_power_cut_waits_for_it(tmp_path, witness):
+    """The etcd history campaign (seed 32): a power cut at the primary took writes that only its
+    peer still held, and the replication link went down as it restarted. With the witness's
+    agreement it went on alone, served its older copy of those regions and later copied it over
+    the peer's newer one. Now it stays in failsafe, serving nothing, until the link returns and
+    it has fetched them back; then every acknowledged write is on both arrays. Without a witness
+    the pre-elected primary went on alone at the fence's end; with one, the secondary is cut from
+    the witness first, so it cannot take the group over meanwhile."""
+    require_power_cut_disks()
+    d = str(tmp_path / "lab")
+    lab = lab_up(d, size=f"{SIZE >> 20}MiB", nvolumes=1, npaths=2, link_opts=LINK, power_cut=True, timeout=60,
+                 intent=INTENT, witness=WITNESS if witness else None)
+    hist = {s: History() for s in ("A", "B")}
+    try:
+        prim = next(s for s in ("A", "B") if showrcopy(lab, s)["groups"][0]["role"] == "primary")
+        sec = "B" if prim == "A" else "A"
+        if witness:
+            lab_fail(d, "witness-link", sec)
+
+        async def main() -> None:
+            async with trio.open_nursery() as n:
+                start_writers(n, lab, hist, NEW, 120.0, 7)  # never flushed: in the cache when the power goes
+                await trio.sleep(2.0)
+                await trio.to_thread.run_sync(lab_fail, d, "power", prim)
+                n.cancel_scope.cancel()
+
+        trio.run(main)
+        lab_fail(d, "link")
+        lab_heal(d, "power", prim)  # back, and cut off from its peer
+        deadline = time.monotonic() + 30
+        while showrcopy(lab, prim)["groups"][0]["status"] != "failsafe":
+            assert time.monotonic() < deadline, f"{prim} did not enter failsafe: {showrcopy(lab, prim)['groups'][0]}"
+            time.sleep(0.1)
+        time.sleep(4.0)  # longer than a failsafe retry's period and the witness's owner lease
+        g = showrcopy(lab, prim)["groups"][0]
+        msgs = [e["msg"] for e in g["events"]]
+        assert g["role"] == "primary" and g["status"] == "failsafe", g
+        assert any("may hold writes this array lost" in m for m in msgs), msgs
+        assert not any("going on alone" in m or "going on without" in m for m in msgs), msgs
+        lab_heal(d, "link")
+        if witness:
+            lab_heal(d, "witness-link", sec)
+        deadline = time.monotonic() + 60
+        while not in_sync(lab):
+            assert time.monotonic() < deadline, "not back in sync after the link returned"
+            time.sleep(0.1)
+        pulled = showrcopy(lab, prim).get("pulled_bytes", 0)
+        check = call(lab["nodes"][prim]["admin_socket"], "checkrcopyvv", {"volume": "vv1"}, timeout=60)
+        assert check["differing_regions"] == 0, check
+        assert_replicas_identical(lab, "vv1")
+        paths = {s: lab["nodes"][s]["volumes"]["vv1"]["path"] for s in ("A", "B")}
+        assert_flushed_writes_on(paths, hist, "power cut, then the link down", durable_only=False)
+        print(f"power cut at {prim}, link down as it restarted: failsafe until the link returned; "
+              f"{pulled / MiB:.2f} MiB fetched back; {sum(len(h.acked_times) for h in hist.values())} acknowledged "
+              "writes all on both arrays")
+    finally:
+        lab_down(d)
