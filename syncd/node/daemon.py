@@ -305,7 +305,12 @@ class Node:
     def save(self) -> None:
         for g in self.groups.values():
             for m in g.members.values():
-                m.st.dirty = encode_bits(m.dirty.bits) if g.role == "primary" else ""
+                # With the regions still to be fetched back from the peer (``pull``, which only a
+                # primary waiting for them has): a clean restart takes them from here.
+                bits = m.dirty.bits
+                if m.pull.count:
+                    bits = bytes(a | b for a, b in zip(m.dirty.bits, m.pull.bits, strict=True))
+                m.st.dirty = encode_bits(bits) if g.role == "primary" else ""
         try:
             self.store.save(self.state)
         except OSError as e:

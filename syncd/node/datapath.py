@@ -209,6 +209,8 @@ class DataPath:
                 reply = await link.request(Frame.read(link.next_id(), g.st.gid, g.epoch, m.vol_id, offset, length))
             except (LinkDown, LinkTimeout) as e:
                 raise BlockError(errno.ESHUTDOWN, f"read of out-of-sync region failed: {e}") from None
+            if reply.status == Status.NOT_SERVING:
+                raise BlockError(errno.ESHUTDOWN, "the primary cannot serve this region yet: try another path")
             if reply.status != Status.OK:
                 raise BlockError(errno.EIO, f"primary refused read: {reply.status}")
             data = reply.payload
@@ -830,6 +832,23 @@ class DataPath:
         link.reply(path, f.req_id, Status.OK)
 
     async def handle_read(self, link: Any, path: Any, f: Frame, m: "Member") -> None:
+        g = self.g
+        if g.role == "primary" and (self._undecided(m, f.offset, f.length) or
+                                    (m.pull.count and m.pull.any_in(f.offset, f.length))):
+            # The secondary reads a region it was told it lacks (one it was writing itself when
+            # it stopped) that may be older here than at the secondary itself: read as a host
+            # read here is, from the peer, once the exchange has decided (found by review).
+            if not await g.node.resync.crash_regions_decided(g):
+                link.reply(path, f.req_id, Status.NOT_SERVING)
+                return
+            if m.pull.any_in(f.offset, f.length):
+                try:
+                    rep = await link.request(Frame.read(link.next_id(), g.st.gid, g.epoch, m.vol_id, f.offset,
+                                                        f.length))
+                except (LinkDown, LinkTimeout):
+                    return  # the link is gone: so is the request it answers
+                link.reply(path, f.req_id, rep.status, rep.payload)
+                return
         try:
             m.vol.check_range(f.offset, f.length)
             tok = await m.lock.acquire(f.offset, f.length, shared=True)

@@ -333,12 +333,29 @@ class Group:
         if undecided_too:
             self.crash_decided.set()
 
-    def decide_crash_regions(self, peer_crashed: bool) -> None:
+    def _lacks(self, m: Member) -> bytes:
+        """What RESYNC_BEGIN tells the peer it lacks: the dirty map, but for the regions this
+        array was writing when it stopped while the peer held every write (``peer_newer``):
+        they are fetched back from the peer, whose copy is the newer. Told it lacks them, the
+        peer would forward their reads here, to this array's older copy (found by review)."""
+        if not (self.state.peer_newer and m.crash_regions):
+            return bytes(m.dirty.bits)
+        bits = bytearray(m.dirty.bits)
+        for r in m.crash_regions:
+            bits[r >> 3] &= ~(1 << (r & 7)) & 0xFF
+        return bytes(bits)
+
+    def decide_crash_regions(self, split_brain: bool) -> None:
         """Primary after an unclean stop, at the state exchange: the regions it was writing are
-        fetched back from a peer that holds every acknowledged write (it did not crash, and this
-        array acknowledged nothing alone since they were last in sync): a power cut here may have
-        taken writes from them that the peer has. Otherwise they are copied to the peer."""
-        pull = self.state.peer_newer and not peer_crashed and self.role == "primary"
+        fetched back from a peer that held every write this array acknowledged (``peer_newer``):
+        a power cut here may have taken writes from them that the peer has. So they are even if
+        the peer stopped uncleanly too: it got every acknowledged write before this array
+        acknowledged it, so its copy holds all of them (killed, or still up) or, if it lost power
+        as well, every flushed one, as this array's does. (Copying ours, as when the peer said it
+        had stopped uncleanly, overwrote the newer data of a peer that was only killed: found by
+        review.) Otherwise (this array acknowledged writes alone since, or both wrote apart)
+        they are copied to the peer."""
+        pull = self.state.peer_newer and not split_brain and self.role == "primary"
         for m in self.members.values():
             if not m.crash_regions:
                 continue
@@ -351,7 +368,7 @@ class Group:
             m.crash_regions = []
         self.crash_decided.set()
         if not pull and self.state.peer_newer:
-            # The peer stopped uncleanly too (or both wrote apart): it holds nothing newer.
+            # Both wrote apart: nothing is resynced until the operator chooses a side.
             self.handle(CaughtUp(trio.current_time()))
 
     def _carry_out(self, a: Any) -> None:
@@ -370,7 +387,7 @@ class Group:
         elif isinstance(a, StartResync):
             # Snapshots of the dirty maps in the same step as mirroring starts: a write that
             # marked a region before the switch is in them, later ones are mirrored.
-            snaps = {m.vol_id: bytes(m.dirty.bits) for m in self.members.values()}
+            snaps = {m.vol_id: self._lacks(m) for m in self.members.values()}
             node.spawn(self._recover, snaps)
         elif isinstance(a, NewGeneration):
             self.new_generation(a.why)

@@ -154,11 +154,10 @@ async def exchange_state(node: "Node") -> None:
         log.warning("state exchange with %s failed: %s", node.cfg.link.peer, e)
         return
     now = trio.current_time()
-    crashed = {e["group"] for e in ans.get("suspect_regions", [])} | {e["group"] for e in ans.get("suspect", [])}
     for g in node.groups.values():
         if g.role == "primary" and any(m.crash_regions for m in g.members.values()):
             # Before the peer's state is fed in: a resync it starts must know what to fetch.
-            g.decide_crash_regions(peer_crashed=g.name in crashed or g.name in ans.get("split_brain", []))
+            g.decide_crash_regions(split_brain=g.name in ans.get("split_brain", []))
     for name in ans.get("split_brain", []):
         g = node.groups.get(name)
         peer = ans.get("gens", {}).get(name, {})

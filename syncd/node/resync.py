@@ -113,7 +113,7 @@ class Resync:
             return False
         g.note("the state exchange did not decide about the regions written before the unclean stop: "
                f"they are copied to {g.st.peer}", logging.WARNING)
-        g.decide_crash_regions(peer_crashed=True)
+        g.decide_crash_regions(split_brain=False)
         return True
 
     async def pull_group(self, g: "Group") -> None:

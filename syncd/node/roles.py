@@ -834,6 +834,13 @@ def _link_down(s: RoleState, t: Timing, e: Event) -> Result:
     s = replace(s, link_up=False, lease_asked=None, peer_follows=False, claim_refused="", link_lost_at=e.now)
     if s.role is Role.PRIMARY and s.mode in MIRRORING:
         return _lose_peer(s, t, e.now, "replication link down", reset=False)
+    if (s.role is Role.PRIMARY and s.mode is Mode.DETACHED and s.started and not s.alone and not s.failsafe
+            and not s.split_brain):
+        # It waited, not alone, for the peer to resync it (``_not_alone`` with the link up): the
+        # peer gone, that is failsafe, which the witness, the peer's return or the operator ends
+        # (before, it stayed there with the override refused: found by review).
+        why = PEER_NEWER if s.peer_newer else "the peer went before it resynchronized this array"
+        return replace(s, failsafe=True, fence_reason=why), [_note(f"FAILSAFE: {why}"), Persist()]
     return s, []
 
 

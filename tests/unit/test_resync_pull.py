@@ -185,7 +185,7 @@ async def test_the_resync_waits_for_the_exchange_to_decide_and_then_fetches_back
             nursery.start_soon(resync)
             await trio.testing.wait_all_tasks_blocked()
             assert wire.sent == [] and not done.is_set()  # nothing compared or copied yet
-            g.decide_crash_regions(peer_crashed=False)  # the primary's own exchange answers
+            g.decide_crash_regions(split_brain=False)  # the primary's own exchange answers
             await done.wait()
             assert here.read_sync(0, SIZE) == there.read_sync(0, SIZE)  # the secondary's data won
             assert m.pull.count == 0 and m.dirty.count == 0 and m.crash_regions == []
@@ -272,7 +272,7 @@ async def test_a_host_read_of_an_undecided_region_waits_for_the_decision_and_rea
             await trio.testing.wait_all_tasks_blocked()
             assert got == [] and wire.sent == []  # waits: nothing read here or there yet
             assert dp.host_allocation(m, 2 * REGION, 4096, 8) == [(4096, DATA)]
-            g.decide_crash_regions(peer_crashed=False)  # the exchange: fetched back from the peer
+            g.decide_crash_regions(split_brain=False)  # the exchange: fetched back from the peer
             await trio.testing.wait_all_tasks_blocked()
             assert got == [bytes([2]) * 4096], got  # the peer's newer data, not the power cut's leftover
             assert wire.sent == [MsgType.READ]
@@ -296,7 +296,7 @@ async def test_regions_to_fetch_back_are_the_new_primarys_once_this_array_is_sec
         m.intent = IntentLog(str(tmp_path / "intent"), SIZE, REGION, volume=here)
         try:
             await m.intent.mark(2 * REGION, 2 * REGION)  # what A was writing: regions 2 and 3
-            g.decide_crash_regions(peer_crashed=False)  # the exchange: fetch 2, 3, 5 back from B
+            g.decide_crash_regions(split_brain=False)  # the exchange: fetch 2, 3, 5 back from B
             assert m.pull.count == 3
             # B owns the group at a later epoch: A becomes its secondary.
             g.role = "secondary"
@@ -320,3 +320,65 @@ async def test_regions_to_fetch_back_are_the_new_primarys_once_this_array_is_sec
             m.intent.close()
             here.close()
             there.close()
+
+
+class ReadingPeer(SecondaryEnd):
+    """The link as the primary's handle_read sees it: replies to the secondary are kept."""
+
+    def __init__(self, dp: DataPath, m: Member) -> None:
+        super().__init__(dp, m)
+        self.replies: list[tuple[int, object]] = []
+
+    def reply(self, path, req_id, status, payload=b"") -> None:
+        self.replies.append((status, bytes(payload)))
+
+
+async def test_a_secondary_reading_through_the_primary_gets_what_the_primary_fetches_back(tmp_path):
+    """Found by review: the secondary, told by RESYNC_BEGIN that it lacks a region (one it was
+    writing itself when it stopped), forwards its hosts' reads of it to the primary; the primary,
+    back from a power cut that took its own last writes there, answered from its older copy.
+    It now answers as its own hosts' reads are: after the decision, from the peer's copy. And
+    RESYNC_BEGIN no longer names the regions the primary fetches back."""
+    async with trio.open_nursery() as nursery:
+        here, there, g, m, sm, wire = _pair(tmp_path, nursery)
+        link = ReadingPeer(wire.dp, sm)
+        g.node.link = link
+        g.node.resync = Resync(g.node)
+        dp = DataPath(g)
+        try:
+            m.dirty.set(7)  # a region the peer does lack
+            lacks = node_group.Group._lacks(g, m)
+            assert [r for r in range(m.dirty.nregions) if lacks[r >> 3] >> (r & 7) & 1] == [7]
+            read = Frame.read(1, 1, 1, 1, 2 * REGION, 4096)
+            nursery.start_soon(dp.handle_read, link, None, read, m)
+            await trio.testing.wait_all_tasks_blocked()
+            assert link.replies == []  # waits for the decision
+            g.decide_crash_regions(split_brain=False)
+            await trio.testing.wait_all_tasks_blocked()
+            assert link.replies == [(Status.OK, bytes([2]) * 4096)], link.replies  # the peer's newer data
+            g.state.peer_newer = False
+            assert node_group.Group._lacks(g, m) == bytes(m.dirty.bits)
+        finally:
+            nursery.cancel_scope.cancel()
+            here.close()
+            there.close()
+
+
+def test_a_save_keeps_the_regions_still_to_fetch_back():
+    """Found by review: ``pull`` lived only in memory, and a clean restart took the regions to
+    fetch back from the saved dirty map: those still to fetch were forgotten."""
+    from syncd.node.daemon import Node as RealNode
+    from syncd.node.state import decode_bits
+    from syncd.ranges import Bitmap
+
+    m = types.SimpleNamespace(dirty=Bitmap(8 * REGION, REGION), pull=Bitmap(8 * REGION, REGION),
+                              st=types.SimpleNamespace(dirty=""))
+    m.dirty.set(1)
+    m.pull.set(4)
+    g = types.SimpleNamespace(members={"vv1": m}, role="primary")
+    saved: list[object] = []
+    node = types.SimpleNamespace(groups={"rcg1": g}, state="state", store=types.SimpleNamespace(save=saved.append))
+    RealNode.save(node)
+    bits = decode_bits(m.st.dirty)
+    assert saved == ["state"] and bits is not None
+    assert [r for r in range(8) if bits[r >> 3] >> (r & 7) & 1] == [1, 4]

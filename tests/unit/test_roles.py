@@ -273,3 +273,20 @@ def test_the_operator_may_let_a_primary_that_waits_for_its_peer_go_on_alone():
     # One that acknowledged writes alone before it stopped holds the newer copy: nothing to wait for.
     alone = restarted(Role.PRIMARY)
     assert alone.handle(r.UncleanStop(100.0)) == [] and not alone.state.peer_newer
+
+
+def test_a_primary_waiting_for_its_peer_to_resync_it_is_in_failsafe_once_the_peer_goes():
+    """Found by review: at the fence's end with the link up it waits, not alone and not in
+    failsafe, for the peer to resync it; if the peer then went before that, nothing moved on
+    and the operator's override was refused ("not in failsafe")."""
+    g = GroupRoles.at_start(me="A", peer="B", role=Role.PRIMARY, epoch=1, started=True, failsafe=False,
+                            witness_behind=False, auto_failover=True, auto_recover=True, timing=T, now=100.0,
+                            peer_has_all=True)
+    g.handle(r.UncleanStop(100.0))  # a primary that may not go on alone
+    g.handle(r.LinkUp(100.1))  # the peer's answer to the exchange never comes
+    g.handle(r.Tick(100.0 + EXPIRY))
+    assert g.state.mode is Mode.DETACHED and not g.state.alone and not g.state.failsafe
+    acts = g.handle(r.LinkDown(110.0))
+    assert g.state.failsafe and any(isinstance(a, r.Persist) for a in acts)
+    g.handle(r.OverrideFailsafe(111.0, "operator"))
+    assert g.state.alone and g.serving(111.0)
