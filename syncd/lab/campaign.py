@@ -13,6 +13,7 @@ acknowledged write lost, identical replicas. The building blocks are the rig's (
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import random
@@ -23,11 +24,11 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..ctl import CtlError, call
-from .historian import BLOCK, decode_block, label, read_history
+from .historian import BLOCK, FUA, decode_block, label, read_history
 from .history import Event, Kind, Op, Outcome, Report, check
 from .relay import proxy_command
 from .rig import (
@@ -145,14 +146,66 @@ class Recorder:
 
 
 def load_events(path: str) -> tuple[list[Event], dict]:
-    """The checker's events from a recorder's history file, and the file's meta data."""
+    """The checker's events from a recorder's history file, and the file's meta data (with
+    ``fua``: the indexes of the writes sent with FUA)."""
     records, meta = read_history(path)
     sites = {int(k): v["site"] for k, v in meta["clients"].items()}
     details = {int(k): v for k, v in meta["details"].items()}
     events = [Event(c, sites.get(c, f"client {c}"), _OPS[op], block, value, inv, comp, _OUTCOMES[outcome],
                     details.get(value, "") if value < 0 else "")
               for c, op, outcome, _flags, block, value, inv, comp in records]
+    meta["fua"] = {i for i, rec in enumerate(records) if rec[3] & FUA}
     return events, meta
+
+
+# What a node's log says about whether its primary mirrors (first match wins): a write it
+# acknowledges while "alone" is on that array only until it is next in sync.
+_MODE_NOTES = (
+    ("switchover: now primary", "mirroring"), ("peer back; resynchronizing", "mirroring"), (": in sync", "mirroring"),
+    ("not going on alone", "fencing"), ("going on alone", "alone"), ("failover: now primary", "alone"),
+    ("by the operator: now primary", "alone"), ("the operator made this array primary", "alone"),
+    ("took over at epoch", "alone"), ("failsafe overridden", "alone"), ("now secondary", "secondary"),
+    ("handed the group", "secondary"), ("peer lost", "fencing"), (" ready: ", "starting"),
+)
+
+
+def writes_a_power_cut_may_take(events: list[Event], fua: set[int], nodes: list[tuple[int, str, str]],
+                                cuts: list[tuple[int, str]]) -> list[int]:
+    """The indexes of the acknowledged writes whose outcome a power cut made unknown: sent
+    without FUA, acknowledged while the primary at the cut site went on alone (no peer had them)
+    and cut before that array was next in sync. NBD's write cache is volatile until a flush, so
+    such a write may be gone, as a disk's would be (the power-cut tests count only flushed ones
+    then). A write acknowledged while the primary mirrored is on both arrays: a power cut of one
+    may not take it, and stays checked (what the fetch-back after a power cut keeps)."""
+    if not cuts:
+        return []
+    spans: dict[str, list[tuple[int, int]]] = {}  # site -> [(start, end)) of its alone stretches
+    mode: dict[str, tuple[str, int]] = {}
+    for t, site, msg in nodes:
+        new = next((m for note, m in _MODE_NOTES if note in msg), None)
+        if new is None:
+            continue
+        old, since = mode.get(site, ("starting", 0))
+        if old == "alone" and new != "alone":
+            spans.setdefault(site, []).append((since, t))
+        if new != old:
+            mode[site] = (new, t)
+    for site, (m, since) in mode.items():
+        if m == "alone":
+            spans.setdefault(site, []).append((since, 1 << 80))
+    synced = {site: sorted(t for t, s, msg in nodes if s == site and msg.endswith(": in sync")) for site in spans}
+    out = []
+    for i, e in enumerate(events):
+        if e.op is not Op.WRITE or e.outcome is not Outcome.OK or i in fua:
+            continue
+        for t_cut, site in cuts:
+            if t_cut <= e.complete or not any(a <= e.complete < b for a, b in spans.get(site, ())):
+                continue
+            k = bisect.bisect_right(synced[site], e.complete)
+            if k == len(synced[site]) or synced[site][k] > t_cut:  # not in sync again before the cut
+                out.append(i)
+                break
+    return out
 
 
 def read_back(lab: dict, run: int, volume: str = VOLUME) -> tuple[dict[str, dict[int, int]], dict[int, str]]:
@@ -175,6 +228,7 @@ def read_back(lab: dict, run: int, volume: str = VOLUME) -> tuple[dict[str, dict
     return out, details
 
 
+_POWER_CUT = re.compile(r"power cut at site (\w+):")
 _LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) \w+ (syncd\.group|syncd\.node): (.*)$")
 
 
@@ -320,6 +374,7 @@ class CampaignResult:
     recorder: dict = field(default_factory=dict)
     seconds: float = 0.0
     node_events: list[tuple[int, str, str]] = field(default_factory=list)  # what the nodes logged
+    unflushed: list[int] = field(default_factory=list)  # writes_a_power_cut_may_take: outcome unknown
 
     @property
     def ok(self) -> bool:
@@ -389,8 +444,12 @@ def run_campaign(d: str, rounds: int, seed: int = 1, *, kinds: tuple[str, ...] |
             res.problems.append(f"after the last round: {e}")
         events, meta = load_events(hist)
         replicas, details = read_back(lab, meta["run"])
-        res.report = check(events, replicas, label=label)
         res.node_events = node_events(lab)
+        cuts = [(t, m.group(1)) for t, what in res.timeline if (m := _POWER_CUT.match(what))]
+        res.unflushed = writes_a_power_cut_may_take(events, meta["fua"], res.node_events, cuts)
+        for i in res.unflushed:
+            events[i] = replace(events[i], outcome=Outcome.UNKNOWN)
+        res.report = check(events, replicas, label=label)
         for v, what in sorted(details.items())[:20]:
             res.timeline.append((time.monotonic_ns(), f"replica block {v} undecodable: {what}"))
     finally:
@@ -424,6 +483,7 @@ def print_campaign(res: CampaignResult) -> None:
         t.add_row("reads failed or unanswered (not checked)", str(r.reads_failed))
         t.add_row("writes acknowledged", str(r.writes_ok))
         t.add_row("writes failed / outcome unknown", f"{r.writes_error} / {r.writes_unknown}")
+        t.add_row("  of which unknown: acknowledged alone without FUA, then a power cut there", str(len(res.unflushed)))
         t.add_row("blocks in the history", str(r.blocks))
         t.add_row("replica read-backs", f"{r.readbacks} ({', '.join(r.replicas)})")
         for site, cnt in sorted(r.per_site.items()):
