@@ -160,6 +160,7 @@ class Resync:
     async def _pull_batch(self, g: "Group", m: "Member", r0: int, r1: int) -> None:
         region = m.pull.region
         link = self.node.link
+        fetched = False
         async with self._compared(g, m, r0, r1) as compared:
             for r, same in compared:
                 if not same and m.pull.test(r):
@@ -169,8 +170,14 @@ class Resync:
                     if rep.status != Status.OK or len(rep.payload) != rln:
                         raise ResyncFailed(f"peer could not send back region {r} of {m.st.local} ({rep.status})")
                     m.vol.write_sync(roff, rep.payload)
+                    fetched = True
                     m.resync_bytes += rln
                     self.node.stats["pulled_bytes"] += rln
+            if fetched:
+                # Durable before the marks go: the write-intent log may then clear the regions
+                # (it counts them covered by an earlier flush), and another power cut would take
+                # the fetched data with nothing left to say so (found by review).
+                await m.vol.flush()
             # Both replicas now hold the same bytes here. The peer may have been told at
             # RESYNC_BEGIN that it lacks these regions (its snapshot of the dirty map can predate
             # the decision to fetch them back): it must hear they are in sync, or it forwards

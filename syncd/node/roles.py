@@ -1031,14 +1031,20 @@ def _resync_ended(s: RoleState, t: Timing, e: Event) -> Result:
 
 
 def _need_sync(s: RoleState, t: Timing, e: Event) -> Result:
+    # The peer lacks regions now (a volume admitted, a difference found): after a power cut
+    # here, its copy of them is not the newer one, and they must not be fetched back from it
+    # (found by review: an admitted volume's only good copy was overwritten by the peer's blank
+    # one). In sync again, ``ResyncDone`` sets it.
+    acts: list[Action] = [Persist()] if s.peer_has_all else []
+    s = replace(s, peer_has_all=False)
     if s.mode is Mode.ATTACHED:
         s = replace(s, mode=Mode.SYNCING)
         if s.recovering:
-            return s, []
-        return replace(s, recovering=True), [StartResync()]
+            return s, acts
+        return replace(s, recovering=True), acts + [StartResync()]
     if s.mode is Mode.SYNCING:
-        return s, []
-    return _maybe_recover(s, [], e.now)
+        return s, acts
+    return _maybe_recover(s, acts, e.now)
 
 
 def _recover(s: RoleState, t: Timing, e: Event) -> Result:

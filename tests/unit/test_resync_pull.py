@@ -106,11 +106,13 @@ async def test_regions_fetched_back_are_in_sync_at_the_peer_that_was_told_it_lac
             g.members = {1: m}
             for r in (2, 3, 5):
                 m.pull.set(r)
+            flushed = here.flushed_from
             await Resync(node).pull_group(g)
             nursery.cancel_scope.cancel()
         assert not g.lost, g.lost
         assert here.read_sync(0, SIZE) == there.read_sync(0, SIZE)
         assert node.stats["pulled_bytes"] == 2 * REGION  # region 5 was equal: compared, not copied
+        assert here.flushed_from > flushed  # durable before the marks go (found by review)
         assert m.pull.count == 0
         # The secondary hears that every one of them is in sync: it serves them itself again.
         assert sm.oos.count == 0, [r for r in range(sm.oos.nregions) if sm.oos.test(r)]

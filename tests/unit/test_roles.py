@@ -290,3 +290,18 @@ def test_a_primary_waiting_for_its_peer_to_resync_it_is_in_failsafe_once_the_pee
     assert g.state.failsafe and any(isinstance(a, r.Persist) for a in acts)
     g.handle(r.OverrideFailsafe(111.0, "operator"))
     assert g.state.alone and g.serving(111.0)
+
+
+def test_regions_the_peer_lacks_make_a_power_cut_copy_them_not_fetch_them_back():
+    """Found by review: a volume admitted to a synced group (or a difference verify found)
+    resynced with ``peer_has_all`` still set; a power cut then made the primary fetch back from
+    the peer its blank copy of the admitted volume, over the only good one."""
+    g = attached_primary()
+    assert g.state.peer_has_all
+    acts = g.handle(r.NeedSync(101.0))
+    assert g.state.mode is Mode.SYNCING and not g.state.peer_has_all
+    assert any(isinstance(a, r.Persist) for a in acts)
+    again = GroupRoles.at_start(me="A", peer="B", role=Role.PRIMARY, epoch=1, started=True, failsafe=False,
+                                witness_behind=False, auto_failover=True, auto_recover=True, timing=T, now=200.0,
+                                peer_has_all=g.state.peer_has_all)
+    assert again.handle(r.UncleanStop(200.0)) == [] and not again.state.peer_newer
