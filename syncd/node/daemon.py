@@ -16,6 +16,7 @@ from ..buffers import PayloadBuffers
 from ..config import NodeConfig
 from ..iscsi import pr
 from ..nbd.export import ALUA_ACTIVE_OPTIMIZED, AluaState, BlockError, ClientIdentity
+from ..ranges import Bitmap
 from ..repl.link import Link
 from ..repl.proto import Frame, Status
 from . import peer
@@ -307,10 +308,11 @@ class Node:
             for m in g.members.values():
                 # With the regions still to be fetched back from the peer (``pull``, which only a
                 # primary waiting for them has): a clean restart takes them from here.
-                bits = m.dirty.bits
+                saved = m.dirty
                 if m.pull.count:
-                    bits = bytes(a | b for a, b in zip(m.dirty.bits, m.pull.bits, strict=True))
-                m.st.dirty = encode_bits(bits) if g.role == "primary" else ""
+                    saved = Bitmap(m.vol.size, m.dirty.region, m.dirty.bits)
+                    saved.merge(m.pull.bits)
+                m.st.dirty = encode_bits(saved.bits) if g.role == "primary" else ""
         try:
             self.store.save(self.state)
         except OSError as e:

@@ -204,9 +204,8 @@ class DataPath:
                 (g.role == "primary" and m.pull.any_in(offset, length)):
             # Not in sync here (secondary), or newer at the peer (primary after a power cut):
             # read from the peer.
-            link = g.node.link
             try:
-                reply = await link.request(Frame.read(link.next_id(), g.st.gid, g.epoch, m.vol_id, offset, length))
+                reply = await self.peer_read(m, offset, length)
             except (LinkDown, LinkTimeout) as e:
                 raise BlockError(errno.ESHUTDOWN, f"read of out-of-sync region failed: {e}") from None
             if reply.status == Status.NOT_SERVING:
@@ -831,6 +830,12 @@ class DataPath:
             return
         link.reply(path, f.req_id, Status.OK)
 
+    async def peer_read(self, m: "Member", offset: int, length: int) -> Frame:
+        """The peer's copy of a range of ``m`` (its reply frame): for a range this array lacks
+        or holds older (LinkDown, LinkTimeout when the link cannot bring it)."""
+        g, link = self.g, self.g.node.link
+        return await link.request(Frame.read(link.next_id(), g.st.gid, g.epoch, m.vol_id, offset, length))
+
     async def handle_read(self, link: Any, path: Any, f: Frame, m: "Member") -> None:
         g = self.g
         if g.role == "primary" and (self._undecided(m, f.offset, f.length) or
@@ -843,8 +848,7 @@ class DataPath:
                 return
             if m.pull.any_in(f.offset, f.length):
                 try:
-                    rep = await link.request(Frame.read(link.next_id(), g.st.gid, g.epoch, m.vol_id, f.offset,
-                                                        f.length))
+                    rep = await self.peer_read(m, f.offset, f.length)
                 except (LinkDown, LinkTimeout):
                     return  # the link is gone: so is the request it answers
                 link.reply(path, f.req_id, rep.status, rep.payload)

@@ -340,10 +340,10 @@ class Group:
         peer would forward their reads here, to this array's older copy (found by review)."""
         if not (self.state.peer_newer and m.crash_regions):
             return bytes(m.dirty.bits)
-        bits = bytearray(m.dirty.bits)
+        lacks = Bitmap(m.vol.size, m.dirty.region, m.dirty.bits)
         for r in m.crash_regions:
-            bits[r >> 3] &= ~(1 << (r & 7)) & 0xFF
-        return bytes(bits)
+            lacks.clear(r)
+        return bytes(lacks.bits)
 
     def decide_crash_regions(self, split_brain: bool) -> None:
         """Primary after an unclean stop, at the state exchange: the regions it was writing are

@@ -374,7 +374,7 @@ def test_a_save_keeps_the_regions_still_to_fetch_back():
     from syncd.ranges import Bitmap
 
     m = types.SimpleNamespace(dirty=Bitmap(8 * REGION, REGION), pull=Bitmap(8 * REGION, REGION),
-                              st=types.SimpleNamespace(dirty=""))
+                              st=types.SimpleNamespace(dirty=""), vol=types.SimpleNamespace(size=8 * REGION))
     m.dirty.set(1)
     m.pull.set(4)
     g = types.SimpleNamespace(members={"vv1": m}, role="primary")
