@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -345,7 +346,7 @@ class Group:
             lacks.clear(r)
         return bytes(lacks.bits)
 
-    def decide_crash_regions(self, split_brain: bool) -> None:
+    def decide_crash_regions(self, split_brain: bool, suspect: Collection[int] = ()) -> None:
         """Primary after an unclean stop, at the state exchange: the regions it was writing are
         fetched back from a peer that held every write this array acknowledged (``peer_newer``):
         a power cut here may have taken writes from them that the peer has. So they are even if
@@ -354,12 +355,20 @@ class Group:
         as well, every flushed one, as this array's does. (Copying ours, as when the peer said it
         had stopped uncleanly, overwrote the newer data of a peer that was only killed: found by
         review.) Otherwise (this array acknowledged writes alone since, or both wrote apart)
-        they are copied to the peer."""
+        they are copied to the peer. So are those of a volume whose copy the peer reports
+        ``suspect`` (its device failed since it last synced, by volume id): what that device
+        holds is no better than ours, and fetching it back would overwrite every write this
+        array still has there with whatever the failed or replaced device returns (found by
+        review); the writes the power cut took from it are lost with the peer's device."""
         pull = self.state.peer_newer and not split_brain and self.role == "primary"
         for m in self.members.values():
             if not m.crash_regions:
                 continue
-            if pull:
+            if pull and m.vol_id in suspect:
+                self.note(f"{len(m.crash_regions)} regions of {m.st.local} are copied to {self.st.peer}, "
+                          "not fetched back: its copy is suspect (its device failed); writes this array "
+                          "lost when it stopped there are lost", logging.WARNING)
+            elif pull:
                 for r in m.crash_regions:
                     m.dirty.clear(r)
                     m.pull.set(r)
@@ -367,8 +376,9 @@ class Group:
                           f"{self.st.peer}, which holds every write this array acknowledged")
             m.crash_regions = []
         self.crash_decided.set()
-        if not pull and self.state.peer_newer:
-            # Both wrote apart: nothing is resynced until the operator chooses a side.
+        if self.state.peer_newer and not any(m.pull.count for m in self.members.values()):
+            # Both wrote apart (nothing is resynced until the operator chooses a side), or
+            # nothing here is to be fetched back: no copy the peer holds is newer than ours.
             self.handle(CaughtUp(trio.current_time()))
 
     def _carry_out(self, a: Any) -> None:

@@ -154,10 +154,13 @@ async def exchange_state(node: "Node") -> None:
         log.warning("state exchange with %s failed: %s", node.cfg.link.peer, e)
         return
     now = trio.current_time()
+    suspect = {e["group"]: set(e["vol_ids"]) for e in ans.get("suspect", [])}
     for g in node.groups.values():
         if g.role == "primary" and any(m.crash_regions for m in g.members.values()):
-            # Before the peer's state is fed in: a resync it starts must know what to fetch.
-            g.decide_crash_regions(split_brain=g.name in ans.get("split_brain", []))
+            # Before the peer's state is fed in: a resync it starts must know what to fetch,
+            # and from which of the peer's copies (not one its failed device holds).
+            g.decide_crash_regions(split_brain=g.name in ans.get("split_brain", []),
+                                   suspect=suspect.get(g.name, ()))
     for name in ans.get("split_brain", []):
         g = node.groups.get(name)
         peer = ans.get("gens", {}).get(name, {})

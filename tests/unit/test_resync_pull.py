@@ -201,6 +201,38 @@ async def test_the_resync_waits_for_the_exchange_to_decide_and_then_fetches_back
             there.close()
 
 
+async def test_regions_of_a_volume_whose_peer_copy_is_suspect_are_copied_not_fetched_back(tmp_path):
+    """Found by review: a primary back from a power cut whose peer reports the volume's copy
+    suspect (its device failed since it last synced, and may have been replaced by a blank one)
+    fetched back that device's copy of the regions it was writing, over every write it still
+    held there. Such regions are copied to the peer instead (then compared in full, as for any
+    suspect copy); nothing here is overwritten, and the array no longer waits for a copy newer
+    than its own."""
+    async with trio.open_nursery() as nursery:
+        here, there, g, m, sm, wire = _pair(tmp_path, nursery)
+        there.write_sync(0, bytes(SIZE))  # the peer's replaced device: blank
+        before = here.read_sync(0, SIZE)
+        try:
+            g.decide_crash_regions(split_brain=False, suspect={m.vol_id})
+            assert m.pull.count == 0 and m.crash_regions == []
+            assert [r for r in range(m.dirty.nregions) if m.dirty.test(r)] == [2, 3, 5]  # to copy
+            assert any("suspect" in n and "copied" in n for n in g.notes), g.notes
+            # Nothing is newer at the peer: the array holds what it can, and need not wait.
+            assert [type(e) for e in g.events] == [CaughtUp] and not g.state.peer_newer
+            await Resync(g.node).pull_group(g)
+            assert wire.sent == [] and here.read_sync(0, SIZE) == before
+            # Another volume's copy being suspect changes nothing for this one: fetched back.
+            g2 = RestartedPrimary(g.node)
+            g2.members = {1: m}
+            m.crash_regions = [2, 3]
+            g2.decide_crash_regions(split_brain=False, suspect={m.vol_id + 1})
+            assert m.pull.count == 2 and g2.events == [] and g2.state.peer_newer
+        finally:
+            nursery.cancel_scope.cancel()
+            here.close()
+            there.close()
+
+
 async def test_undecided_for_two_io_timeouts_they_are_copied(tmp_path, autojump_clock):
     """When the peer cannot hold them newer (this array had acknowledged writes alone before it
     stopped: ``peer_newer`` false), undecided regions are copied to it."""
