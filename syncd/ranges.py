@@ -118,6 +118,21 @@ class Bitmap:
             return False
         return any(self.test(r) for r in self.regions_of(offset, length))
 
+    def runs(self, offset: int, length: int) -> list[tuple[bool, int, int]]:
+        """``[offset, offset + length)`` cut where the regions' bits change: ``(set, offset,
+        length)`` for each run of regions whose bits are equal, in order, covering the range."""
+        out: list[tuple[bool, int, int]] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            r = pos // self.region
+            bit = self.test(r)
+            stop = min(end, (r + 1) * self.region)
+            while stop < end and self.test(stop // self.region) == bit:
+                stop = min(end, stop + self.region)
+            out.append((bit, pos, stop - pos))
+            pos = stop
+        return out
+
     def set_all(self) -> None:
         for r in range(self.nregions):
             self.set(r)

@@ -43,6 +43,7 @@ from .roles import FENCED_OFF, Mode
 from .volume import Volume
 
 if TYPE_CHECKING:
+    from ..ranges import Bitmap
     from .group import Group, Member
 
 log = logging.getLogger("syncd.node")
@@ -75,6 +76,14 @@ def _runs_inline(vol: Volume, kind: str, fua: bool) -> bool:
     """A write that completes on the event loop (no worker thread): reads cannot see it half
     applied, so it needs no range lock at the secondary."""
     return kind == WRITE and not fua and not vol.direct
+
+
+class PeerRefused(Exception):
+    """The peer answered a read of its copy with ``status``, not the data."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"the peer refused the read: {status}")
+        self.status = status
 
 
 class DataPath:
@@ -200,27 +209,23 @@ class DataPath:
             self._check_serving()
         m.stats["reads"] += 1
         m.stats["bytes_read"] += length
-        if (g.role == "secondary" and m.oos.any_in(offset, length)) or \
-                (g.role == "primary" and m.pull.any_in(offset, length)):
-            # Not in sync here (secondary), or newer at the peer (primary after a power cut):
-            # read from the peer.
-            try:
-                reply = await self.peer_read(m, offset, length)
-            except (LinkDown, LinkTimeout) as e:
-                raise BlockError(errno.ESHUTDOWN, f"read of out-of-sync region failed: {e}") from None
-            if reply.status == Status.NOT_SERVING:
-                raise BlockError(errno.ESHUTDOWN, "the primary cannot serve this region yet: try another path")
-            if reply.status != Status.OK:
-                raise BlockError(errno.EIO, f"primary refused read: {reply.status}")
-            data = reply.payload
-        else:
-            tok = await m.lock.acquire(offset, length, shared=True)
-            try:
-                data = await m.vol.read(offset, length) if m.vol.direct else m.vol.read_sync(offset, length)
-            except OSError as e:
-                raise self.local_error(e) from None
-            finally:
-                m.lock.release(tok)
+        far = m.oos if g.role == "secondary" else m.pull if g.role == "primary" else None
+        try:
+            if far is not None and far.any_in(offset, length):
+                # Not in sync here (secondary), or newer at the peer (primary after a power
+                # cut): those regions from the peer, the others from here.
+                data = await self.split_read(m, offset, length, far)
+            else:
+                data = await self.local_read(m, offset, length)
+        except (LinkDown, LinkTimeout) as e:
+            raise BlockError(errno.ESHUTDOWN, f"read of out-of-sync region failed: {e}") from None
+        except PeerRefused as e:
+            if e.status == Status.NOT_SERVING:
+                raise BlockError(errno.ESHUTDOWN,
+                                 "the primary cannot serve this region yet: try another path") from None
+            raise BlockError(errno.EIO, f"primary refused read: {e.status}") from None
+        except OSError as e:
+            raise self.local_error(e) from None
         # A read is returned only if this array still served when it completed: a primary going
         # on alone waits for the lease to expire, so no write it acknowledged alone is older.
         self._check_serving()
@@ -836,8 +841,37 @@ class DataPath:
         g, link = self.g, self.g.node.link
         return await link.request(Frame.read(link.next_id(), g.st.gid, g.epoch, m.vol_id, offset, length))
 
+    async def local_read(self, m: "Member", offset: int, length: int, thread: bool = False) -> Any:
+        """This array's copy of a range of ``m``, under the range lock (shared); in a worker
+        thread when the volume is opened O_DIRECT or ``thread`` (raises OSError)."""
+        m.vol.check_range(offset, length)
+        tok = await m.lock.acquire(offset, length, shared=True)
+        try:
+            return await m.vol.read(offset, length) if m.vol.direct or thread else m.vol.read_sync(offset, length)
+        finally:
+            m.lock.release(tok)
+
+    async def split_read(self, m: "Member", offset: int, length: int, far: "Bitmap", thread: bool = False) -> Any:
+        """A range of ``m`` read region by region from where each is current: the regions set
+        in ``far`` (this array lacks them, or holds them older) from the peer, the others from
+        here. Read whole from either copy, a range spanning both kinds returned part of it
+        older than an acknowledged write (found by review: a region being fetched back after a
+        power cut beside one the secondary lacks). Raises OSError (here), PeerRefused, LinkDown
+        or LinkTimeout (there)."""
+        parts: list[Any] = []
+        for there, off, ln in far.runs(offset, length):
+            if there:
+                rep = await self.peer_read(m, off, ln)
+                if rep.status != Status.OK:
+                    raise PeerRefused(rep.status)
+                parts.append(rep.payload)
+            else:
+                parts.append(await self.local_read(m, off, ln, thread))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
     async def handle_read(self, link: Any, path: Any, f: Frame, m: "Member") -> None:
         g = self.g
+        far = None
         if g.role == "primary" and (self._undecided(m, f.offset, f.length) or
                                     (m.pull.count and m.pull.any_in(f.offset, f.length))):
             # The secondary reads a region it was told it lacks (one it was writing itself when
@@ -847,19 +881,17 @@ class DataPath:
                 link.reply(path, f.req_id, Status.NOT_SERVING)
                 return
             if m.pull.any_in(f.offset, f.length):
-                try:
-                    rep = await self.peer_read(m, f.offset, f.length)
-                except (LinkDown, LinkTimeout):
-                    return  # the link is gone: so is the request it answers
-                link.reply(path, f.req_id, rep.status, rep.payload)
-                return
+                far = m.pull
         try:
-            m.vol.check_range(f.offset, f.length)
-            tok = await m.lock.acquire(f.offset, f.length, shared=True)
-            try:
-                data = await m.vol.read(f.offset, f.length)
-            finally:
-                m.lock.release(tok)
+            if far is not None:
+                data = await self.split_read(m, f.offset, f.length, far, thread=True)
+            else:
+                data = await self.local_read(m, f.offset, f.length, thread=True)
+        except (LinkDown, LinkTimeout):
+            return  # the link is gone: so is the request it answers
+        except PeerRefused as e:
+            link.reply(path, f.req_id, e.status)
+            return
         except OSError as e:
             link.reply(path, f.req_id, e.errno or errno.EIO)
             return

@@ -1,4 +1,6 @@
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from syncd.ranges import Bitmap, RangeLock
 
@@ -74,3 +76,32 @@ async def test_readers_share_a_range_and_wait_for_a_writer():
     assert lock.busy(2048, 10) and lock.try_acquire(0, 10, shared=True) is None
     lock.release(w)
     assert not lock.busy(0, 4096)
+
+
+@settings(max_examples=300, deadline=None)
+@given(bits=st.lists(st.booleans(), min_size=1, max_size=12), data=st.data())
+def test_runs_cut_a_range_where_the_bits_change_and_cover_it(bits, data):
+    region = 4096
+    size = len(bits) * region - data.draw(st.integers(0, region - 1))  # the last region may be short
+    b = Bitmap(size, region)
+    for r, on in enumerate(bits):
+        if on:
+            b.set(r)
+    offset = data.draw(st.integers(0, size - 1))
+    length = data.draw(st.integers(1, size - offset))
+    runs = b.runs(offset, length)
+    pos = offset
+    for i, (bit, off, ln) in enumerate(runs):
+        assert off == pos and ln > 0
+        assert all(b.test(r) == bit for r in b.regions_of(off, ln))
+        if i:
+            assert runs[i - 1][0] != bit  # cut only where the bits change
+        pos += ln
+    assert pos == offset + length
+
+
+def test_runs_of_a_range_within_one_region_are_that_range():
+    b = Bitmap(8 * 4096, 4096)
+    b.set(2)
+    assert b.runs(2 * 4096 + 512, 1024) == [(True, 2 * 4096 + 512, 1024)]
+    assert b.runs(4096 + 4000, 200) == [(False, 4096 + 4000, 96), (True, 2 * 4096, 104)]

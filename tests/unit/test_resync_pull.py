@@ -416,3 +416,72 @@ def test_a_save_keeps_the_regions_still_to_fetch_back():
     bits = decode_bits(m.st.dirty)
     assert saved == ["state"] and bits is not None
     assert [r for r in range(8) if bits[r >> 3] >> (r & 7) & 1] == [1, 4]
+
+
+class PrimaryEnd:
+    """The secondary's link: at its other end the primary's data path answering forwarded reads
+    (``handle_read``), as the primary does."""
+
+    up = True
+
+    def __init__(self, dp: DataPath, m) -> None:
+        self.dp, self.m = dp, m
+        self.ids = 0
+        self.forwarded: list[tuple[int, int]] = []
+
+    def next_id(self) -> int:
+        self.ids += 1
+        return self.ids
+
+    def reply(self, path, req_id, status, payload=b""):
+        self.answer = Frame.reply(req_id, status, bytes(payload))
+
+    async def request(self, frame, timeout=None):  # noqa: ASYNC109 (the link's signature)
+        assert frame.type == MsgType.READ, frame.type
+        self.forwarded.append((frame.offset, frame.length))
+        await self.dp.handle_read(self, None, frame, self.m)
+        return self.answer
+
+
+async def test_a_read_spanning_a_region_fetched_back_and_one_the_peer_lacks_reads_each_where_it_is_current(tmp_path):
+    """Found by stop 29's review: a read spanning a region the restarted primary fetches back
+    (newer at the secondary) and one the secondary lacks (newer at the primary) was answered
+    whole from one copy: from the secondary's at the primary (a host read, or one the secondary
+    forwarded), so the part the secondary lacks was older than an acknowledged write. Each
+    region is now read where it is current, at either array, by either path."""
+    async with trio.open_nursery() as nursery:
+        here, there, g, m, sm, wire = _pair(tmp_path, nursery)
+        g.node.resync = Resync(g.node)
+        g.steady = lambda: True
+        g.roles = types.SimpleNamespace(is_primary=True)
+        dp = DataPath(g)
+        # Region 1: written here; the secondary lacks it (RESYNC_BEGIN said so).
+        here.write_sync(REGION, b"\x99" * REGION)
+        m.dirty.set(1)
+        sm.oos.set(1)
+        try:
+            g.decide_crash_regions(split_brain=False)  # 2, 3, 5: fetched back from the secondary
+            for r in (2, 3, 5):
+                sm.oos.clear(r)  # RESYNC_BEGIN left them out (Group._lacks): current there
+            want = b"\x99" * REGION + bytes([2]) * (REGION // 2)
+            span = (REGION, REGION + REGION // 2)  # all of region 1, half of region 2
+            # A host's read at the primary.
+            assert bytes(await dp.host_read(m, *span)) == want
+            # The same range, forwarded by a secondary that sends its whole range.
+            end = PrimaryEnd(dp, m)
+            await dp.handle_read(end, None, Frame.read(1, 1, 1, m.vol_id, *span), m)
+            assert (end.answer.status, bytes(end.answer.payload)) == (Status.OK, want)
+            # A host's read at the secondary forwards what it lacks (region 1) only.
+            sg = sm.group
+            sg.node.link = end
+            sg.steady = lambda: True
+            sg.roles = types.SimpleNamespace(is_primary=False)
+            end.forwarded.clear()
+            assert bytes(await DataPath(sg).host_read(sm, *span)) == want
+            assert end.forwarded == [(REGION, REGION)]
+            assert here.read_sync(REGION, REGION) == b"\x99" * REGION  # nothing written anywhere
+            assert there.read_sync(2 * REGION, REGION) == bytes([2]) * REGION
+        finally:
+            nursery.cancel_scope.cancel()
+            here.close()
+            there.close()
