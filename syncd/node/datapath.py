@@ -158,6 +158,20 @@ class DataPath:
         while g.role == "primary" and g.mode in FENCED_OFF:
             await g.wait_change(trio.current_time() + 3600)
 
+    async def _durable_before_alone(self) -> None:
+        """Primary about to acknowledge a write its peer will not have: wait until the writes it
+        applied while the peer held them all are durable here (``RoleState.flush_pending``)."""
+        g = self.g
+        while g.state.flush_pending:
+            await g.wait_change(trio.current_time() + 3600)
+
+    def _durable_here(self) -> bool:
+        """Primary mirroring to a peer that lacks regions (resynchronizing it): writes are
+        made durable here before they are acknowledged. A power cut here then takes none of
+        them, and the regions this array was writing can be copied to the peer after it, as
+        they are: its copy holds every write acknowledged in them."""
+        return not self.g.state.peer_has_all
+
     async def _became_primary(self) -> bool:
         """A forwarded write was refused NOT_SERVING or lost with the link: the primary may be
         handing the group to us, or we may be about to claim it. Wait for that, up to the
@@ -366,7 +380,7 @@ class DataPath:
         link = g.node.link
         if g.roles.is_primary:
             # No credit on the link: the task path waits for it before taking the range.
-            if not (g.mirroring and link.up and link.has_credit(len(data))):
+            if not (g.mirroring and g.state.peer_has_all and link.up and link.has_credit(len(data))):
                 return False
             tok = m.lock.try_acquire(offset, len(data))
             if tok is None:
@@ -503,10 +517,13 @@ class DataPath:
         m.intent.touch(offset, length)
         try:
             await self._fence_over()
+            if not g.mirroring:
+                await self._durable_before_alone()
             self._check_serving()
             if g.role != "primary":
                 raise BlockError(errno.ESHUTDOWN, f"group {g.name}: this array is no longer primary")
             if g.mirroring:
+                fua = fua or self._durable_here()
                 t0 = monotonic()
                 if fast:
                     self._fast_zero_possible(m, no_hole)  # the peer may have come back meanwhile
@@ -568,6 +585,7 @@ class DataPath:
         g = self.g
         g.lose_peer(reason)
         await self._fence_over()
+        await self._durable_before_alone()
         s = g.state
         if s.role.value != "primary" or s.failsafe or not (s.alone or g.mirroring):
             why = "failsafe" if s.failsafe else "no longer primary" if s.role.value != "primary" else \
@@ -690,8 +708,8 @@ class DataPath:
             link.reply(path, f.req_id, Status.BUSY)
             return
         try:
-            await apply_local(m.vol, kind, f.offset, f.length, f.payload, f.fua, f.no_hole,
-                              kind == ZEROES and f.fast_zero)
+            await apply_local(m.vol, kind, f.offset, f.length, f.payload, f.fua or self._durable_here(),
+                              f.no_hole, kind == ZEROES and f.fast_zero)
         except OSError as e:
             m.lock.release(tok)
             # Our disk failed: NOT_SERVING tells the secondary to wait for the group instead.
@@ -702,7 +720,8 @@ class DataPath:
 
     def forwarded_fast(self, link: Any, path: Any, f: Frame, m: "Member") -> bool:
         """handle_forwarded for a plain buffered write whose range is free: inline, no task."""
-        if m.vol.direct or not self._may_take_forwarded() or not m.intent.ready(f.offset, f.length):
+        if m.vol.direct or not self._may_take_forwarded() or not m.intent.ready(f.offset, f.length) \
+                or self._durable_here():
             return False
         tok = m.lock.try_acquire(f.offset, f.length)
         if tok is None:

@@ -9,6 +9,7 @@ data path (both ends of mirroring and forwarding) is ``datapath.DataPath``.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
@@ -35,6 +36,8 @@ from .roles import (
     DiskFailure,
     Event,
     FenceOver,
+    Flushed,
+    FlushVolumes,
     GroupRoles,
     LeaseFailed,
     LeaseReply,
@@ -61,6 +64,7 @@ from .roles import (
     WitnessAnswer,
     WitnessAsk,
     WitnessReport,
+    persisted_has_all,
 )
 from .state import GroupState, MemberState, decode_bits
 from .volume import Volume
@@ -190,6 +194,7 @@ class Group:
         self.crash_decided = trio.Event()
         self._note_level = logging.INFO
         self._scope: trio.CancelScope | None = None
+        self._flushing = self._flush_again = False  # FlushVolumes: a flush runs, another is owed
 
     # -- identity ------------------------------------------------------------------------------
     @property
@@ -293,7 +298,7 @@ class Group:
                 self.st.started = after.started
                 self.st.failsafe = after.failsafe
                 self.st.witness_behind = after.witness_behind
-                self.st.peer_has_all = after.peer_has_all
+                self.st.peer_has_all = persisted_has_all(after)
                 self.st.peer_newer = after.peer_newer
                 self.node.save()
             for a in actions:
@@ -346,6 +351,27 @@ class Group:
             lacks.clear(r)
         return bytes(lacks.bits)
 
+    async def _make_durable(self) -> None:
+        """``FlushVolumes``: every member volume flushed, then ``Flushed``. A failed flush
+        leaves ``flush_pending`` set: nothing is acknowledged alone from a copy that may have
+        lost writes (the volume reports its device failure)."""
+        try:
+            while True:
+                self._flush_again = False
+                for m in list(self.members.values()):
+                    await m.vol.flush()
+                    if m.vol.flush_failed:  # an earlier flush failed: what it held may be gone
+                        raise OSError(errno.EIO, f"{m.st.local}: a flush failed before")
+                if not self._flush_again:
+                    break
+        except OSError as e:
+            self.note(f"flushing the volumes failed ({e}): this array acknowledges nothing its peer lacks",
+                      logging.ERROR)
+            return
+        finally:
+            self._flushing = False
+        self.handle(Flushed(trio.current_time()))
+
     def decide_crash_regions(self, split_brain: bool, suspect: Collection[int] = ()) -> None:
         """Primary after an unclean stop, at the state exchange: the regions it was writing are
         fetched back from a peer that held every write this array acknowledged (``peer_newer``):
@@ -355,7 +381,9 @@ class Group:
         as well, every flushed one, as this array's does. (Copying ours, as when the peer said it
         had stopped uncleanly, overwrote the newer data of a peer that was only killed: found by
         review.) Otherwise (this array acknowledged writes alone since, or both wrote apart)
-        they are copied to the peer. So are those of a volume whose copy the peer reports
+        they are copied to the peer. So are those of a volume never in sync at the peer (admitted
+        to the group since: its ``NeedSync`` may not be on disk as ``peer_has_all`` cleared yet,
+        see ``RoleState.flush_pending``), and those of a volume whose copy the peer reports
         ``suspect`` (its device failed since it last synced, by volume id): what that device
         holds is no better than ours, and fetching it back would overwrite every write this
         array still has there with whatever the failed or replaced device returns (found by
@@ -364,7 +392,11 @@ class Group:
         for m in self.members.values():
             if not m.crash_regions:
                 continue
-            if pull and m.vol_id in suspect:
+            if pull and not m.st.synced_once:
+                # Admitted to the group and not synced yet: the peer's copy is not this volume's.
+                self.note(f"{len(m.crash_regions)} regions of {m.st.local} are copied to {self.st.peer}, "
+                          "not fetched back: the volume was never in sync there")
+            elif pull and m.vol_id in suspect:
                 self.note(f"{len(m.crash_regions)} regions of {m.st.local} are copied to {self.st.peer}, "
                           "not fetched back: its copy is suspect (its device failed); writes this array "
                           "lost when it stopped there are lost", logging.WARNING)
@@ -394,6 +426,12 @@ class Group:
                 node.link.reset(f"group {self.name}: {a.reason}")
         elif isinstance(a, FenceOver):
             self.io.fence_over()
+        elif isinstance(a, FlushVolumes):
+            if self._flushing:
+                self._flush_again = True  # writes applied since the running flush began
+            else:
+                self._flushing = True
+                node.spawn(self._make_durable)
         elif isinstance(a, StartResync):
             # Snapshots of the dirty maps in the same step as mirroring starts: a write that
             # marked a region before the switch is in them, later ones are mirrored.

@@ -12,8 +12,8 @@ row admits in the current state is refused (``RoleError``) and changes nothing.
 The promises the rows keep (checked by ``tests/unit/test_roles_model.py`` in virtual time):
 
 * epochs never go backwards, and a role change to primary always takes a higher epoch;
-* persisted fields (role, epoch, started, failsafe, witness_behind, peer_has_all, peer_newer)
-  change only together with ``Persist``;
+* persisted fields (role, epoch, started, failsafe, witness_behind, peer_has_all as
+  ``persisted_has_all``, peer_newer) change only together with ``Persist``;
 * an array that (re)starts serves nothing until its role at its epoch is confirmed: by the peer
   (lease grant, or the peer reporting itself secondary at our epoch) or by the witness;
 * a primary acknowledges a write its peer does not get only after every lease it granted has
@@ -24,7 +24,10 @@ The promises the rows keep (checked by ``tests/unit/test_roles_model.py`` in vir
 * a primary that restarted after an unclean stop while its peer held every write it had
   acknowledged (``peer_newer``: a power cut may have taken from it writes the peer has) never
   serves without its peer: not alone, not while fencing, until what it lacks is fetched back,
-  the peer takes the group, or the operator overrides.
+  the peer takes the group, or the operator overrides;
+* a primary that stops holding only writes its peer has too, or takes the group over, first
+  makes the writes it holds durable (``FlushVolumes``; ``flush_pending`` until ``Flushed``):
+  the data path acknowledges nothing alone meanwhile, and ``peer_has_all`` stays set on disk.
 """
 
 from __future__ import annotations
@@ -157,6 +160,14 @@ class RoleState:
     # those regions are fetched back (``CaughtUp``), the peer takes the group, or the operator
     # overrides (``OverrideFailsafe``).
     peer_newer: bool = False
+    # Primary: writes it applied while the peer held every one (and, after a failover, those
+    # the old primary acknowledged) may be only in this array's page cache or disk cache, and
+    # it no longer holds only writes its peer has (``peer_has_all`` cleared): they are being
+    # made durable (``FlushVolumes``, then ``Flushed``). Until then nothing is acknowledged
+    # alone, and ``peer_has_all`` stays set on disk (``persisted_has_all``), so a power cut
+    # meanwhile makes the restart fetch them back from the peer instead of copying over it
+    # the copy the cut left here.
+    flush_pending: bool = False
     auto_failover: bool = True
     auto_recover: bool = True
     mode: Mode = Mode.DETACHED
@@ -287,6 +298,13 @@ class ResyncEnded:
 class UncleanStop:
     """Primary, as it starts: its last run stopped uncleanly (crash, kill -9, power cut) while it
     was writing some regions (its write-intent log names them)."""
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Flushed:
+    """Primary: the volumes were flushed after ``FlushVolumes`` (every write applied before it
+    is durable)."""
     now: float
 
 
@@ -441,8 +459,8 @@ class SplitBrainResolved:
 
 Event = Union[
     Tick, LinkUp, LinkDown, PeerLost, PeerState, LeaseRequested, LeaseReply, LeaseFailed,
-    WitnessReport, WitnessAnswer, ResyncBegun, ResyncDone, ResyncEnded, UncleanStop, CaughtUp, NeedSync, Recover,
-    Started, Stopped,
+    WitnessReport, WitnessAnswer, ResyncBegun, ResyncDone, ResyncEnded, UncleanStop, CaughtUp, Flushed, NeedSync,
+    Recover, Started, Stopped,
     Policies, ShuttingDown, PeerLeaving, PeerDiskFailed, DiskFailed, HandedOver, SwitchoverBegin, SwitchoverEnd,
     PeerSwitchoverPrepare, PeerSwitchoverCommit, PeerSwitchoverAbort, PeerTakeover, Promote,
     OverrideFailsafe, SplitBrain, Discard, SplitBrainResolved,
@@ -486,6 +504,11 @@ class ResetLink:
 class FenceOver:
     """The peer is fenced off: forwarded writes it never released are marked for resync and
     their ranges released; writes waiting for the fence go on (alone) or are refused."""
+
+
+@dataclass(frozen=True, slots=True)
+class FlushVolumes:
+    """Flush every volume of the group, then feed ``Flushed`` (``RoleState.flush_pending``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -533,7 +556,7 @@ class AdoptGeneration:
 
 
 Action = Union[
-    Persist, Note, RequestLease, GrantLease, AskWitness, ResetLink, FenceOver, StartResync,
+    Persist, Note, RequestLease, GrantLease, AskWitness, ResetLink, FenceOver, StartResync, FlushVolumes,
     NewGeneration, BecamePrimary, BecameSecondary, SwappedInSync, DiskFailure, AdoptGeneration, TellPeer,
 ]
 Result = tuple[RoleState, list[Action]]
@@ -1018,6 +1041,19 @@ def _unclean_stop(s: RoleState, t: Timing, e: Event) -> Result:
                          f"without {s.peer_name} until they are fetched back")]
 
 
+def persisted_has_all(s: RoleState) -> bool:
+    """``peer_has_all`` as written to disk: still set while the writes the peer holds too are
+    being made durable here (``flush_pending``)."""
+    return s.peer_has_all or s.flush_pending
+
+
+def _flushed(s: RoleState, t: Timing, e: Event) -> Result:
+    if not s.flush_pending:
+        return s, []
+    s2 = replace(s, flush_pending=False)
+    return s2, [Persist()] if persisted_has_all(s2) != persisted_has_all(s) else []
+
+
 def _caught_up(s: RoleState, t: Timing, e: Event) -> Result:
     if not s.peer_newer:
         return s, []
@@ -1280,6 +1316,8 @@ TABLE_ROWS: tuple[Row, ...] = (
     Row(P, ALL_P, ResyncEnded, _resync_ended),
     Row(P, frozenset({Mode.STARTING}), UncleanStop, _unclean_stop, "the peer may hold writes this array lost"),
     Row(P, ALL_P, CaughtUp, _caught_up, "what the peer held newer is here again"),
+    Row(P, ALL_P, Flushed, _flushed, "what the peer holds too is durable here"),
+    Row(S, ALL_S, Flushed, _flushed, "demoted meanwhile"),
     Row(S, ALL_S, CaughtUp, _ignore, "demoted meanwhile: the new primary compares those regions"),
     Row(S, ALL_S, ResyncEnded, _ignore, "demoted while a resync was winding down"),
     Row(P, UP_P, NeedSync, _need_sync),
@@ -1392,6 +1430,15 @@ class GroupRoles:
         new, actions = handler(s, self.timing, event)
         if new.epoch < s.epoch:  # the one promise no row may break
             raise RoleError(f"epoch would go back from {s.epoch} to {new.epoch}")
+        if new.role is Role.PRIMARY and not new.peer_has_all and not isinstance(event, Flushed) and (
+                s.peer_has_all or s.role is not Role.PRIMARY):
+            # It stops holding only writes its peer has too (the peer lost, a resync needed),
+            # or it takes the group over with writes the old primary acknowledged: those are
+            # made durable here before anything is acknowledged alone (``flush_pending``).
+            new = replace(new, flush_pending=True)
+            actions = actions + [FlushVolumes()]
+        elif new.role is not Role.PRIMARY and new.flush_pending:
+            new = replace(new, flush_pending=False)
         self._set(new)
         return actions
 

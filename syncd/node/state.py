@@ -82,7 +82,8 @@ class GroupState:
     # This array owns an epoch the operator made without the witness (override while it was
     # unreachable, split-brain resolution): to be reported to the witness (RESOLVE).
     witness_behind: bool = False
-    # Primary: the peer holds every write this array acknowledged (see roles.RoleState).
+    # Primary: the peer holds every write this array acknowledged (see roles.RoleState); kept
+    # set while writes the peer holds too are being made durable here (roles.persisted_has_all).
     peer_has_all: bool = False
     # Primary restarted after an unclean stop while peer_has_all held: the peer may hold newer
     # data where this array was writing; it serves nothing without the peer until that is

@@ -273,3 +273,55 @@ def test_a_primary_cut_off_from_its_peer_as_it_returns_from_a_power_cut_waits_fo
               "writes all on both arrays")
     finally:
         lab_down(d)
+
+
+@pytest.mark.parametrize("gap", ["resync", "alone"])
+def test_writes_acknowledged_while_mirroring_survive_a_later_power_cut_of_the_primary(tmp_path, gap):
+    """Found by review (stop 30): hosts write, never flushing, while the arrays mirror; then the
+    arrays stop being in sync, without anything lost: the link goes and the primary goes on
+    alone ("alone"), or it returns and the primary resynchronizes its peer ("resync", where the
+    hosts write on, mirrored). Then the primary loses power, which takes every write its disk
+    had not flushed, some of them acknowledged while mirroring. Restarted, it copied the regions
+    its write-intent log named to the peer, over the peer's copies of those writes. Every write
+    acknowledged while the arrays mirrored must be on both after the resync."""
+    require_power_cut_disks()
+    d = str(tmp_path / "lab")
+    lab = lab_up(d, size=f"{SIZE >> 20}MiB", nvolumes=1, npaths=2, link_opts=LINK, power_cut=True, timeout=60,
+                 intent=INTENT)
+    hist = {s: History() for s in ("A", "B")}
+    try:
+        prim = next(s for s in ("A", "B") if showrcopy(lab, s)["groups"][0]["role"] == "primary")
+
+        def events() -> list[str]:
+            return [e["msg"] for e in showrcopy(lab, prim)["groups"][0]["events"]]
+
+        async def write(seconds: float, seed: int) -> None:
+            async with trio.open_nursery() as n:
+                start_writers(n, lab, hist, NEW, seconds, seed)  # never flushed
+
+        trio.run(write, 2.0, 11)
+        lab_fail(d, "link")
+        deadline = time.monotonic() + 30
+        while not any("going on alone" in m for m in events()):
+            assert time.monotonic() < deadline, f"{prim} did not go on alone: {events()}"
+            time.sleep(0.1)
+        if gap == "resync":
+            # Its peer lacks nothing yet (nothing was written alone); hosts write while the
+            # resync runs: mirrored.
+            lab_heal(d, "link")
+            trio.run(write, 1.0, 12)
+        lab_fail(d, "power", prim)
+        lab_heal(d, "link")
+        lab_heal(d, "power", prim)
+        deadline = time.monotonic() + 60
+        while not in_sync(lab):
+            assert time.monotonic() < deadline, "not back in sync after the power cut"
+            time.sleep(0.1)
+        check = call(lab["nodes"][prim]["admin_socket"], "checkrcopyvv", {"volume": "vv1"}, timeout=60)
+        assert check["differing_regions"] == 0, check
+        assert_replicas_identical(lab, "vv1")
+        paths = {s: lab["nodes"][s]["volumes"]["vv1"]["path"] for s in ("A", "B")}
+        # Nothing was acknowledged alone: every acknowledged write was mirrored.
+        assert_flushed_writes_on(paths, hist, f"power cut of the primary after {gap}", durable_only=False)
+    finally:
+        lab_down(d)

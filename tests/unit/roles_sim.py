@@ -126,8 +126,8 @@ class Disk:
 
 def persisted(s: r.RoleState) -> tuple[r.Role, int, bool, bool, bool, bool, bool]:
     # getattr: roles.py before it persisted these
-    return (s.role, s.epoch, s.started, s.failsafe, s.witness_behind, getattr(s, "peer_has_all", False),
-            getattr(s, "peer_newer", False))
+    has_all = r.persisted_has_all(s) if hasattr(r, "persisted_has_all") else getattr(s, "peer_has_all", False)
+    return (s.role, s.epoch, s.started, s.failsafe, s.witness_behind, has_all, getattr(s, "peer_newer", False))
 
 
 class Array:
@@ -405,6 +405,8 @@ class Sim:
                 self._fence_over(x)
             elif isinstance(a, r.StartResync):
                 self._start_resync(x)
+            elif isinstance(a, getattr(r, "FlushVolumes", ())):
+                self._flush(x)
             # Persist is done in _handle (first); GrantLease is answered by the caller; the rest
             # is data-plane bookkeeping with no control effect.
 
@@ -794,6 +796,17 @@ class Sim:
                 reply(("OK",))
 
         self._request(x, "resync_begin", self.cfg.io_timeout, (rs,), at_peer)
+
+    def _flush(self, x: Array) -> None:
+        """The volumes flushed (``FlushVolumes``): a few ms later, ``Flushed``."""
+        inc = x.inc
+
+        def flushed() -> None:
+            y = self.live(x.name, inc)
+            if y is not None:
+                self.feed(y, r.Flushed(y.clock.local(self.now)))
+
+        self.at(self.now + self.rng.uniform(0.001, 0.02), "flushed", flushed)
 
     def _pull(self, x: Array, rs: object) -> None:
         """A primary restarted with ``peer_newer`` fetches back what its peer holds that it lacks

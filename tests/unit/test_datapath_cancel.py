@@ -119,7 +119,7 @@ class Group:
         self.mode = Mode.ATTACHED if role == "primary" else Mode.FOLLOWING
         self.mirroring = role == "primary"
         self.state = types.SimpleNamespace(failsafe=False, confirmed=True, alone=False, fence_reason="",
-                                           peer_newer=False,
+                                           peer_newer=False, peer_has_all=role == "primary", flush_pending=False,
                                            role=types.SimpleNamespace(value=role), lease_until=float("inf"))
         self.lost: list[str] = []
 

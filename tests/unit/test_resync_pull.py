@@ -162,7 +162,7 @@ def _pair(tmp_path, nursery):
     node.stats = {"compared_bytes": 0, "pulled_bytes": 0}
     g = RestartedPrimary(node)
     m = Member(g, here, None)
-    m.st = types.SimpleNamespace(local="vv1")
+    m.st = types.SimpleNamespace(local="vv1", synced_once=True)
     m.resync_bytes = 0
     g.members = {1: m}
     # At its start the primary marks the regions its write-intent log names dirty, undecided;
@@ -221,6 +221,16 @@ async def test_regions_of_a_volume_whose_peer_copy_is_suspect_are_copied_not_fet
             assert [type(e) for e in g.events] == [CaughtUp] and not g.state.peer_newer
             await Resync(g.node).pull_group(g)
             assert wire.sent == [] and here.read_sync(0, SIZE) == before
+            # A volume never in sync at the peer (admitted since): copied too.
+            g3 = RestartedPrimary(g.node)
+            g3.members = {1: m}
+            m.st.synced_once = False
+            m.crash_regions = [4]
+            m.dirty.set(4)  # as the daemon marks them at its start
+            g3.decide_crash_regions(split_brain=False)
+            assert m.pull.count == 0 and m.dirty.test(4) and not g3.state.peer_newer
+            assert any("never in sync" in n for n in g3.notes), g3.notes
+            m.st.synced_once = True
             # Another volume's copy being suspect changes nothing for this one: fetched back.
             g2 = RestartedPrimary(g.node)
             g2.members = {1: m}

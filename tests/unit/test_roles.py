@@ -305,3 +305,43 @@ def test_regions_the_peer_lacks_make_a_power_cut_copy_them_not_fetch_them_back()
                                 witness_behind=False, auto_failover=True, auto_recover=True, timing=T, now=200.0,
                                 peer_has_all=g.state.peer_has_all)
     assert again.handle(r.UncleanStop(200.0)) == [] and not again.state.peer_newer
+
+
+def test_writes_the_peer_holds_too_are_made_durable_before_a_primary_acknowledges_any_alone():
+    """Found by review (stop 30): hosts wrote without flushing while the arrays mirrored; the
+    link went, the primary went on alone, then lost power. Its disk had never flushed writes
+    acknowledged while mirroring; restarted with ``peer_has_all`` cleared, it copied what the
+    cut left over the peer's copies of them. Leaving "the peer holds every write" now flushes
+    the volumes first: nothing is acknowledged alone, and ``peer_has_all`` stays set on disk,
+    until they are durable."""
+    g = attached_primary()
+    assert not g.state.flush_pending and r.persisted_has_all(g.state)
+    acts = g.handle(r.LinkDown(101.0))
+    assert [a for a in acts if isinstance(a, r.FlushVolumes)] == [r.FlushVolumes()]
+    assert g.state.flush_pending and not g.state.peer_has_all
+    assert r.persisted_has_all(g.state)  # a power cut now: the restart fetches back from the peer
+    g.handle(r.Tick(101.0 + EXPIRY))
+    g.handle(r.WitnessAnswer(101.1 + EXPIRY, 101.0 + EXPIRY, WitnessAsk.KEEP, True, "A", 1, "ok"))
+    assert g.state.alone  # the data path still waits for the flush before it acknowledges alone
+    acts = g.handle(r.Flushed(110.0))
+    assert not g.state.flush_pending and not r.persisted_has_all(g.state)
+    assert any(isinstance(a, r.Persist) for a in acts)
+    assert g.handle(r.Flushed(110.1)) == []  # nothing pending: nothing to say
+    # A resync needed while in sync (a volume admitted) flushes too: its writes are mirrored,
+    # but the regions the power cut would leave here are then copied to the peer.
+    g = attached_primary()
+    acts = g.handle(r.NeedSync(101.0))
+    assert g.state.mode is Mode.SYNCING and g.state.flush_pending
+    assert any(isinstance(a, r.FlushVolumes) for a in acts)
+    # A secondary taking the group over holds writes the old primary acknowledged, perhaps only
+    # in its caches: durable before it acknowledges any alone.
+    s = restarted(Role.SECONDARY)
+    acts = s.handle(r.Promote(101.0, 2, "operator"))
+    assert s.state.role is Role.PRIMARY and s.state.flush_pending
+    assert any(isinstance(a, r.FlushVolumes) for a in acts) and r.persisted_has_all(s.state)
+    # Demoted while it flushes: nothing pending is left on a secondary.
+    g = attached_primary()
+    g.handle(r.LinkDown(101.0))
+    g.handle(r.LinkUp(101.5))
+    g.handle(r.PeerState(101.6, Role.PRIMARY, 2))
+    assert g.state.role is Role.SECONDARY and not g.state.flush_pending

@@ -1,0 +1,146 @@
+"""Writes a primary applied while its peer held every one are durable here before it
+acknowledges anything its peer lacks (``RoleState.flush_pending``), and writes it mirrors to a
+peer it is resynchronizing are made durable here before they are acknowledged.
+
+Found by review (stop 30), reproduced on power-cut disks
+(``test_power_cut.py::test_writes_acknowledged_while_mirroring_survive_...``): hosts wrote
+without flushing while the arrays mirrored, the link went, the primary went on alone and then
+lost power. Restarted, it copied the regions its write-intent log named to the peer, over the
+peer's copies of writes acknowledged while mirroring that the cut had taken here (449 blocks
+older than acknowledged). The same held for writes mirrored while resynchronizing.
+
+In process: the data path of one array (real volume, write-intent log, range lock, bitmaps)
+and a replication link whose other end is the peer's replica."""
+
+from __future__ import annotations
+
+import types
+
+import trio
+import trio.testing
+
+from syncd.node.datapath import WRITE, DataPath
+from syncd.node.intent import IntentLog
+from syncd.node.roles import Mode
+from syncd.node.volume import Volume
+from syncd.repl.proto import Frame
+
+from .test_datapath_cancel import REGION, SIZE, Group, Member, Node, Wire
+
+
+class Durable(Group):
+    """A primary group whose state the test sets, waking waiters as the real one does."""
+
+    def __init__(self, node: Node) -> None:
+        super().__init__(node, "primary")
+        self._changed = trio.lowlevel.ParkingLot()
+        self.steady = lambda: False  # the task path: the one that waits
+        self.roles = types.SimpleNamespace(is_primary=True)
+
+    async def wait_change(self, deadline: float) -> None:
+        with trio.move_on_at(deadline):
+            await self._changed.park()
+
+    def changed(self, **state) -> None:
+        for k, v in state.items():
+            setattr(self.state, k, v)
+        self._changed.unpark_all()
+
+
+class Spy(Volume):
+    """A real volume that records the FUA flag of every write applied to it."""
+
+    fuas: list[bool]
+
+    async def write(self, offset, data, fua=False):
+        self.fuas.append(fua)
+        return await super().write(offset, data, fua)
+
+    def write_sync(self, offset, data, buffers=None):
+        self.fuas.append(False)
+        return super().write_sync(offset, data)
+
+
+async def test_a_write_alone_waits_until_what_the_peer_holds_too_is_durable_here(tmp_path):
+    here = Spy("vv1", str(tmp_path / "here.img"), size=SIZE)
+    here.fuas = []
+    peer = Volume("vv1", str(tmp_path / "peer.img"), size=SIZE)
+    intent = IntentLog(str(tmp_path / "intent"), SIZE, REGION, volume=here)
+    data = b"\x5a" * 4096
+    try:
+        async with trio.open_nursery() as nursery:
+            g = Durable(Node(Wire(peer), nursery))
+            g.mode, g.mirroring = Mode.DETACHED, False  # the peer fenced off; going on alone
+            g.changed(alone=True, peer_has_all=False, flush_pending=True)
+            dp = DataPath(g)
+            m = Member(g, here, intent)
+            await intent.mark(0, SIZE)  # marked by earlier writes: marking does not wait
+            done = trio.Event()
+
+            async def write() -> None:
+                await dp.host_write(m, WRITE, 0, len(data), memoryview(data), False)
+                done.set()
+
+            nursery.start_soon(write)
+            for _ in range(3):  # (a task waiting for a worker thread counts as blocked)
+                await trio.testing.wait_all_tasks_blocked()
+                await trio.sleep(0.05)
+            assert not done.is_set() and here.fuas == []  # not applied, not acknowledged
+            g.changed(flush_pending=False)  # Flushed
+            await done.wait()
+            assert here.read_sync(0, len(data)) == data and m.dirty.test(0)  # alone: the peer lacks it
+            nursery.cancel_scope.cancel()
+    finally:
+        intent.close()
+        here.close()
+        peer.close()
+
+
+async def test_writes_mirrored_to_a_peer_being_resynchronized_are_durable_here_before_the_ack(tmp_path):
+    here = Spy("vv1", str(tmp_path / "here.img"), size=SIZE)
+    here.fuas = []
+    peer = Volume("vv1", str(tmp_path / "peer.img"), size=SIZE)
+    intent = IntentLog(str(tmp_path / "intent"), SIZE, REGION, volume=here)
+    data = b"\xa5" * 4096
+    try:
+        async with trio.open_nursery() as nursery:
+            wire = Wire(peer)
+            g = Durable(Node(wire, nursery))
+            g.mode = Mode.SYNCING
+            g.changed(peer_has_all=False)
+            dp = DataPath(g)
+            m = Member(g, here, intent)
+            g.steady = lambda: True
+            await intent.mark(0, SIZE)
+            assert not dp.fast_write(m, 0, memoryview(data), lambda err, msg: None)  # the task path
+            g.steady = lambda: False
+            done = trio.Event()
+
+            async def write() -> None:
+                await dp.host_write(m, WRITE, 8192, len(data), memoryview(data), False)
+                done.set()
+
+            nursery.start_soon(write)
+            await trio.testing.wait_all_tasks_blocked()
+            wire.answer()
+            await done.wait()
+            assert here.fuas == [True] and peer.read_sync(8192, len(data)) == data
+            # A write the secondary forwards, applied here first: durable here too.
+            replies = []
+            link = type("L", (), {"reply": lambda self, path, rid, st, *a: replies.append(st)})()
+            g.state.started, g.state.peer_ready = True, True
+            f = Frame.write(7, 1, 1, 1, 16384, data, forwarded=True)
+            assert not dp.forwarded_fast(link, None, f, m)
+            await dp.handle_forwarded(link, None, f, m, WRITE)
+            assert here.fuas == [True, True] and replies == [0]
+            # In sync again (peer_has_all): the fast path, no flush per write.
+            g.changed(peer_has_all=True)
+            g.mode = Mode.ATTACHED
+            g.steady = lambda: True
+            assert dp.fast_write(m, 32768, memoryview(data), lambda err, msg: None)
+            assert here.fuas[-1] is False
+            nursery.cancel_scope.cancel()
+    finally:
+        intent.close()
+        here.close()
+        peer.close()
