@@ -275,15 +275,17 @@ def test_a_primary_cut_off_from_its_peer_as_it_returns_from_a_power_cut_waits_fo
         lab_down(d)
 
 
-@pytest.mark.parametrize("gap", ["resync", "alone"])
+@pytest.mark.parametrize("gap", ["in sync again", "alone"])
 def test_writes_acknowledged_while_mirroring_survive_a_later_power_cut_of_the_primary(tmp_path, gap):
-    """Found by review (stop 30): hosts write, never flushing, while the arrays mirror; then the
-    arrays stop being in sync, without anything lost: the link goes and the primary goes on
-    alone ("alone"), or it returns and the primary resynchronizes its peer ("resync", where the
-    hosts write on, mirrored). Then the primary loses power, which takes every write its disk
-    had not flushed, some of them acknowledged while mirroring. Restarted, it copied the regions
-    its write-intent log named to the peer, over the peer's copies of those writes. Every write
-    acknowledged while the arrays mirrored must be on both after the resync."""
+    """Found by review (stop 30): hosts write, never flushing, while the arrays mirror; the link
+    goes and the primary goes on alone, acknowledging nothing (no host writes meanwhile). Then
+    it loses power ("alone"), which takes every write its disk had not flushed, some of them
+    acknowledged while mirroring. Restarted, it copied the regions its write-intent log named to
+    the peer, over the peer's copies of those writes (449 blocks older than acknowledged). Now
+    it flushes its volumes before it may acknowledge anything alone. "in sync again": the link
+    returns first, the arrays are in sync again and hosts write on (mirrored), then the power
+    cut: the restart fetches back. Every write acknowledged must be on both after the resync.
+    (A power cut while the resync runs is covered in process: ``test_durable_before_alone``.)"""
     require_power_cut_disks()
     d = str(tmp_path / "lab")
     lab = lab_up(d, size=f"{SIZE >> 20}MiB", nvolumes=1, npaths=2, link_opts=LINK, power_cut=True, timeout=60,
@@ -305,9 +307,8 @@ def test_writes_acknowledged_while_mirroring_survive_a_later_power_cut_of_the_pr
         while not any("going on alone" in m for m in events()):
             assert time.monotonic() < deadline, f"{prim} did not go on alone: {events()}"
             time.sleep(0.1)
-        if gap == "resync":
-            # Its peer lacks nothing yet (nothing was written alone); hosts write while the
-            # resync runs: mirrored.
+        if gap == "in sync again":
+            # Its peer lacks nothing (nothing was written alone): in sync at once; hosts write on.
             lab_heal(d, "link")
             trio.run(write, 1.0, 12)
         lab_fail(d, "power", prim)
