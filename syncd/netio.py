@@ -106,7 +106,7 @@ class IdlePoller:
     process: ``run`` is the task that polls; ``batch_begin`` tells it input arrived."""
 
     __slots__ = ("clock", "yield_cpu", "max_window", "window", "input", "parked", "slept_at", "_lot",
-                 "running", "polls", "caught", "polling_s", "backoff", "resume_at", "backoffs", "long_at")
+                 "running", "polls", "caught", "cut", "polling_s", "backoff", "resume_at", "backoffs", "long_at")
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter,
                  yield_cpu: Callable[[], None] = os.sched_yield) -> None:
@@ -121,6 +121,7 @@ class IdlePoller:
         self.running = False
         self.polls = 0  # windows polled
         self.caught = 0  # of them, ended by input
+        self.cut = 0  # of them, ended because another process held the CPU for a time slice
         self.polling_s = 0.0  # time spent polling (CPU that would have been idle)
         self.backoff = 0.0  # s: the last pause of polling for a busy neighbour (0: none yet)
         self.resume_at = 0.0  # clock reading before which the loop does not poll
@@ -172,6 +173,8 @@ class IdlePoller:
                             others += now - before
                             if now - before > _LONG_YIELD:
                                 self._long_yield(now)
+                                if not self.input:
+                                    self.cut += 1
                                 break
                     if end > start:  # (a window shrunk to nothing only notes when the loop slept)
                         self.polls += 1
@@ -200,7 +203,8 @@ class IdlePoller:
 
     def stats(self) -> dict[str, float | int]:
         return {"max_window_us": round(self.max_window * 1e6), "window_us": round(self.window * 1e6),
-                "polls": self.polls, "caught": self.caught, "polling_s": round(self.polling_s, 3),
+                "polls": self.polls, "caught": self.caught, "cut_short": self.cut,
+                "polling_s": round(self.polling_s, 3),
                 "neighbour_pauses": self.backoffs,
                 "paused_s": round(max(0.0, self.resume_at - self.clock()), 3)}
 

@@ -244,7 +244,9 @@ async def test_a_second_runner_returns_at_once_and_zero_means_never(poller):
 def test_a_reply_that_comes_while_polling_is_caught_over_a_real_socket():
     """The real clock and a real socket pair: another process answers each message 2 ms later;
     the loop polls for each answer (a window of 1 s: far longer) instead of sleeping, so the
-    answers end windows and no window passes in vain."""
+    answers end windows and no window passes in vain. (Flaked under a second test suite's load:
+    a yield that let another process run for over 1 ms ends a window without input, by design;
+    such windows are now counted apart, ``cut``.)"""
     p = IdlePoller()
     a, b = socket.socketpair()
     a.setblocking(False)
@@ -278,7 +280,9 @@ def test_a_reply_that_comes_while_polling_is_caught_over_a_real_socket():
         netio.poller = old
         a.close()
         echo.wait(10)
-    assert p.caught >= 10 and p.polls == p.caught, p.stats()
+    # A window another process cut short (it held this CPU for a time slice: a loaded machine)
+    # did not pass in vain either: it is counted apart, and the windows then resume.
+    assert p.caught >= 10 and p.polls == p.caught + p.cut, p.stats()
 
 
 NODE = {"node": {"name": "A", "data_dir": "/tmp/x"}, "nbd": {"listen": ["127.0.0.1:10809"]}}
