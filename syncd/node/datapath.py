@@ -162,8 +162,29 @@ class DataPath:
         """Primary about to acknowledge a write its peer will not have: wait until the writes it
         applied while the peer held them all are durable here (``RoleState.flush_pending``)."""
         g = self.g
+        if not g.state.flush_pending:
+            return
+        deadline = trio.current_time() + g.node.cfg.link.transition_timeout
         while g.state.flush_pending:
-            await g.wait_change(trio.current_time() + 3600)
+            if trio.current_time() >= deadline:
+                # A flush that failed (the volume reports its device) or is still writing back
+                # gigabytes: the host is told to retry, not kept waiting without end.
+                raise BlockError(errno.EAGAIN, f"group {g.name}: this array's volumes are not yet durable "
+                                 "after it stopped mirroring; retry")
+            await g.wait_change(deadline)
+
+    async def _durable_if_in_sync_no_more(self, m: "Member") -> None:
+        """A mirrored write applied here without FUA, about to be acknowledged: if the peer
+        stopped holding every write meanwhile (``peer_has_all`` cleared), its local apply (in a
+        worker thread: O_DIRECT, a zeroing) may have ended after the flush that followed had
+        begun, so that flush does not cover it (found by review): flushed now (raises
+        BlockError)."""
+        if self.g.state.peer_has_all:
+            return
+        try:
+            await m.vol.flush()
+        except OSError as e:
+            raise self.local_error(e) from None
 
     def _durable_here(self) -> bool:
         """Primary mirroring to a peer that lacks regions (resynchronizing it): writes are
@@ -523,7 +544,7 @@ class DataPath:
             if g.role != "primary":
                 raise BlockError(errno.ESHUTDOWN, f"group {g.name}: this array is no longer primary")
             if g.mirroring:
-                fua = fua or self._durable_here()
+                here_fua = fua or self._durable_here()
                 t0 = monotonic()
                 if fast:
                     self._fast_zero_possible(m, no_hole)  # the peer may have come back meanwhile
@@ -533,14 +554,16 @@ class DataPath:
                 try:
                     if fast:
                         await self._peer_zeroed_fast(pend)
-                        await self._zero_here_after_peer(m, offset, length, fua, no_hole)
+                        await self._zero_here_after_peer(m, offset, length, here_fua, no_hole)
                     else:
-                        await apply_local(m.vol, kind, offset, length, data, fua, no_hole)
+                        await apply_local(m.vol, kind, offset, length, data, here_fua, no_hole)
                 except OSError as e:
                     m.dirty.set_range(offset, length)
                     await self._mirror_result(pend, m, offset, length)
                     raise self.local_error(e) from None
                 await self._mirror_result(pend, m, offset, length)
+                if not here_fua:
+                    await self._durable_if_in_sync_no_more(m)
                 if pend.reply is not None and pend.reply.status == Status.OK:
                     m.vol.io_stats.mirror.observe(monotonic() - t0)
             else:
@@ -707,9 +730,12 @@ class DataPath:
             m.lock.release(tok)
             link.reply(path, f.req_id, Status.BUSY)
             return
+        here_fua = f.fua or self._durable_here()
         try:
-            await apply_local(m.vol, kind, f.offset, f.length, f.payload, f.fua or self._durable_here(),
-                              f.no_hole, kind == ZEROES and f.fast_zero)
+            await apply_local(m.vol, kind, f.offset, f.length, f.payload, here_fua, f.no_hole,
+                              kind == ZEROES and f.fast_zero)
+            if not here_fua and not self.g.state.peer_has_all:  # see _durable_if_in_sync_no_more
+                await m.vol.flush()
         except OSError as e:
             m.lock.release(tok)
             # Our disk failed: NOT_SERVING tells the secondary to wait for the group instead.

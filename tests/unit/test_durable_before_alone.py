@@ -14,11 +14,15 @@ and a replication link whose other end is the peer's replica."""
 
 from __future__ import annotations
 
+import errno
+import time
 import types
 
+import pytest
 import trio
 import trio.testing
 
+from syncd.nbd.export import BlockError
 from syncd.node.datapath import WRITE, DataPath
 from syncd.node.intent import IntentLog
 from syncd.node.roles import Mode
@@ -139,6 +143,91 @@ async def test_writes_mirrored_to_a_peer_being_resynchronized_are_durable_here_b
             g.steady = lambda: True
             assert dp.fast_write(m, 32768, memoryview(data), lambda err, msg: None)
             assert here.fuas[-1] is False
+            nursery.cancel_scope.cancel()
+    finally:
+        intent.close()
+        here.close()
+        peer.close()
+
+
+class Slow(Volume):
+    """A volume whose writes complete when the test says (an O_DIRECT write in a worker thread,
+    still in the device's queue)."""
+
+    gate: trio.Event
+    landed: float = 0.0
+
+    async def write(self, offset, data, fua=False):
+        await self.gate.wait()
+        await super().write(offset, data, fua)
+        self.landed = time.monotonic()
+
+
+async def test_a_mirrored_write_applied_after_the_flush_began_is_flushed_before_its_ack(tmp_path):
+    """Found by review: a mirrored write whose local apply runs in a worker thread (O_DIRECT)
+    was still in flight when the peer was lost; the flush ran, ``Flushed`` cleared
+    ``peer_has_all`` on disk, then the apply completed and the write was acknowledged (the
+    peer had applied it), durable nowhere here. A power cut then copied what it left over the
+    peer's copy. Such a write is now flushed before it is acknowledged."""
+    here = Slow("vv1", str(tmp_path / "here.img"), size=SIZE)
+    here.gate, here.direct = trio.Event(), True
+    peer = Volume("vv1", str(tmp_path / "peer.img"), size=SIZE)
+    intent = IntentLog(str(tmp_path / "intent"), SIZE, REGION, volume=here)
+    data = b"\x77" * 4096
+    try:
+        async with trio.open_nursery() as nursery:
+            wire = Wire(peer)
+            g = Durable(Node(wire, nursery))
+            g.mode, g.mirroring = Mode.ATTACHED, True
+            g.changed(peer_has_all=True, flush_pending=False)
+            dp, m = DataPath(g), Member(g, here, intent)
+            await intent.mark(0, SIZE)
+            acked = trio.Event()
+
+            async def write():
+                await dp.host_write(m, WRITE, 0, len(data), memoryview(data), False)
+                acked.set()
+
+            nursery.start_soon(write)
+            await trio.testing.wait_all_tasks_blocked()
+            wire.answer()  # the peer applied it
+            # The link is lost: FlushVolumes, the flush, Flushed (peer_has_all False on disk).
+            g.mode, g.mirroring = Mode.FENCING, False
+            g.changed(peer_has_all=False, flush_pending=True)
+            await here.flush()
+            g.changed(flush_pending=False)
+            flushed_at = here.flushed_from
+            here.gate.set()  # the local apply completes
+            await acked.wait()
+            assert here.landed > flushed_at
+            assert here.flushed_from > here.landed  # a flush began after it landed, before its ack
+            nursery.cancel_scope.cancel()
+    finally:
+        intent.close()
+        here.close()
+        peer.close()
+
+
+async def test_a_write_alone_is_refused_for_a_retry_when_the_flush_does_not_end(tmp_path, autojump_clock):
+    """Found by review: a flush that failed (or takes minutes) kept host writes waiting with no
+    end. They now wait up to the transition timeout and are refused EAGAIN (retry), unapplied."""
+    here = Spy("vv1", str(tmp_path / "here.img"), size=SIZE)
+    here.fuas = []
+    peer = Volume("vv1", str(tmp_path / "peer.img"), size=SIZE)
+    intent = IntentLog(str(tmp_path / "intent"), SIZE, REGION, volume=here)
+    try:
+        async with trio.open_nursery() as nursery:
+            g = Durable(Node(Wire(peer), nursery))
+            g.mode, g.mirroring = Mode.DETACHED, False
+            g.changed(alone=True, peer_has_all=False, flush_pending=True)
+            dp, m = DataPath(g), Member(g, here, intent)
+            await intent.mark(0, SIZE)
+            t0 = trio.current_time()
+            with pytest.raises(BlockError) as e:
+                await dp.host_write(m, WRITE, 0, 4096, memoryview(b"x" * 4096), False)
+            assert e.value.errno == errno.EAGAIN and "not yet durable" in str(e.value)
+            assert trio.current_time() - t0 >= g.node.cfg.link.transition_timeout
+            assert here.fuas == [] and here.read_sync(0, 4096) == bytes(4096)  # nothing applied
             nursery.cancel_scope.cancel()
     finally:
         intent.close()
