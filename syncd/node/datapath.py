@@ -173,24 +173,25 @@ class DataPath:
                                  "after it stopped mirroring; retry")
             await g.wait_change(deadline)
 
-    async def _durable_if_in_sync_no_more(self, m: "Member") -> None:
-        """A mirrored write applied here without FUA, about to be acknowledged: if the peer
-        stopped holding every write meanwhile (``peer_has_all`` cleared), its local apply (in a
-        worker thread: O_DIRECT, a zeroing) may have ended after the flush that followed had
-        begun, so that flush does not cover it (found by review): flushed now (raises
-        BlockError)."""
-        if self.g.state.peer_has_all:
+    async def _durable_since(self, m: "Member", applied: float) -> None:
+        """A mirrored write applied here without FUA (done at ``applied``), about to be
+        acknowledged: if the peer no longer holds every write (``peer_has_all`` cleared), it is
+        durable here first. Also when that changed while the write ran: its local apply (in a
+        worker thread: O_DIRECT, a zeroing) may have ended after the flush that followed the
+        change had begun, which then does not cover it (found by review). Raises BlockError."""
+        if self.g.state.peer_has_all or m.vol.flushed_from >= applied:
             return
         try:
-            await m.vol.flush()
+            await m.vol.durable()
         except OSError as e:
             raise self.local_error(e) from None
 
     def _durable_here(self) -> bool:
         """Primary mirroring to a peer that lacks regions (resynchronizing it): writes are
-        made durable here before they are acknowledged. A power cut here then takes none of
-        them, and the regions this array was writing can be copied to the peer after it, as
-        they are: its copy holds every write acknowledged in them."""
+        made durable here before they are acknowledged (``Volume.durable``: concurrent writes
+        share a flush; no fast path). A power cut here then takes none of them, and the regions
+        this array was writing can be copied to the peer after it, as they are: its copy holds
+        every write acknowledged in them."""
         return not self.g.state.peer_has_all
 
     async def _became_primary(self) -> bool:
@@ -544,7 +545,6 @@ class DataPath:
             if g.role != "primary":
                 raise BlockError(errno.ESHUTDOWN, f"group {g.name}: this array is no longer primary")
             if g.mirroring:
-                here_fua = fua or self._durable_here()
                 t0 = monotonic()
                 if fast:
                     self._fast_zero_possible(m, no_hole)  # the peer may have come back meanwhile
@@ -554,16 +554,19 @@ class DataPath:
                 try:
                     if fast:
                         await self._peer_zeroed_fast(pend)
-                        await self._zero_here_after_peer(m, offset, length, here_fua, no_hole)
+                        await self._zero_here_after_peer(m, offset, length, fua, no_hole)
                     else:
-                        await apply_local(m.vol, kind, offset, length, data, here_fua, no_hole)
+                        await apply_local(m.vol, kind, offset, length, data, fua, no_hole)
+                    applied = monotonic()
+                    if not fua and self._durable_here():
+                        await m.vol.durable()  # while the peer applies it (shared flushes)
                 except OSError as e:
                     m.dirty.set_range(offset, length)
                     await self._mirror_result(pend, m, offset, length)
                     raise self.local_error(e) from None
                 await self._mirror_result(pend, m, offset, length)
-                if not here_fua:
-                    await self._durable_if_in_sync_no_more(m)
+                if not fua:
+                    await self._durable_since(m, applied)
                 if pend.reply is not None and pend.reply.status == Status.OK:
                     m.vol.io_stats.mirror.observe(monotonic() - t0)
             else:
@@ -730,12 +733,11 @@ class DataPath:
             m.lock.release(tok)
             link.reply(path, f.req_id, Status.BUSY)
             return
-        here_fua = f.fua or self._durable_here()
         try:
-            await apply_local(m.vol, kind, f.offset, f.length, f.payload, here_fua, f.no_hole,
+            await apply_local(m.vol, kind, f.offset, f.length, f.payload, f.fua, f.no_hole,
                               kind == ZEROES and f.fast_zero)
-            if not here_fua and not self.g.state.peer_has_all:  # see _durable_if_in_sync_no_more
-                await m.vol.flush()
+            if not f.fua and not self.g.state.peer_has_all:  # see _durable_since
+                await m.vol.durable()
         except OSError as e:
             m.lock.release(tok)
             # Our disk failed: NOT_SERVING tells the secondary to wait for the group instead.

@@ -121,6 +121,7 @@ class Volume:
         # success for data the kernel already dropped).
         self.flushed_from = float("-inf")
         self.flush_failed = False
+        self._flushing: trio.Event | None = None  # set when the running ``durable`` flush ends
         if size is not None and not os.path.exists(path):
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -298,6 +299,26 @@ class Volume:
             raise
         if not self.flush_failed:
             self.flushed_from = max(self.flushed_from, t0)
+
+    async def durable(self) -> None:
+        """Return once every write applied before this call is durable: a flush begun after
+        the call has ended. Concurrent callers share flushes (group commit): a caller that
+        finds one running waits for it, then for the next, which serves every caller waiting
+        by then. Raises OSError when a flush failed (then or before)."""
+        want = time.monotonic()
+        while self.flushed_from < want:
+            if self.flush_failed:
+                raise OSError(errno.EIO, f"volume {self.name}: a flush failed; writes since may not be durable")
+            running = self._flushing
+            if running is not None:
+                await running.wait()
+                continue
+            ev = self._flushing = trio.Event()
+            try:
+                await self.flush()
+            finally:
+                self._flushing = None
+                ev.set()
 
     def sync_blocking(self) -> None:
         """``flush`` on the calling thread, at shutdown (when nothing else runs and nobody is

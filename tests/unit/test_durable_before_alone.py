@@ -52,17 +52,21 @@ class Durable(Group):
 
 
 class Spy(Volume):
-    """A real volume that records the FUA flag of every write applied to it."""
+    """A real volume that records the FUA flag of every write applied to it, and when the last
+    one was applied (``landed``: compare with ``flushed_from``, when the last flush began)."""
 
     fuas: list[bool]
+    landed: float = 0.0
 
     async def write(self, offset, data, fua=False):
         self.fuas.append(fua)
-        return await super().write(offset, data, fua)
+        await super().write(offset, data, fua)
+        self.landed = time.monotonic()
 
     def write_sync(self, offset, data, buffers=None):
         self.fuas.append(False)
-        return super().write_sync(offset, data)
+        super().write_sync(offset, data)
+        self.landed = time.monotonic()
 
 
 async def test_a_write_alone_waits_until_what_the_peer_holds_too_is_durable_here(tmp_path):
@@ -128,7 +132,9 @@ async def test_writes_mirrored_to_a_peer_being_resynchronized_are_durable_here_b
             await trio.testing.wait_all_tasks_blocked()
             wire.answer()
             await done.wait()
-            assert here.fuas == [True] and peer.read_sync(8192, len(data)) == data
+            # Applied, then flushed (a flush begun after it landed) before the acknowledgement.
+            assert here.fuas == [False] and here.flushed_from > here.landed
+            assert peer.read_sync(8192, len(data)) == data
             # A write the secondary forwards, applied here first: durable here too.
             replies = []
             link = type("L", (), {"reply": lambda self, path, rid, st, *a: replies.append(st)})()
@@ -136,13 +142,14 @@ async def test_writes_mirrored_to_a_peer_being_resynchronized_are_durable_here_b
             f = Frame.write(7, 1, 1, 1, 16384, data, forwarded=True)
             assert not dp.forwarded_fast(link, None, f, m)
             await dp.handle_forwarded(link, None, f, m, WRITE)
-            assert here.fuas == [True, True] and replies == [0]
+            assert here.fuas == [False, False] and here.flushed_from > here.landed and replies == [0]
             # In sync again (peer_has_all): the fast path, no flush per write.
             g.changed(peer_has_all=True)
             g.mode = Mode.ATTACHED
             g.steady = lambda: True
+            flushed = here.flushed_from
             assert dp.fast_write(m, 32768, memoryview(data), lambda err, msg: None)
-            assert here.fuas[-1] is False
+            assert here.fuas[-1] is False and here.flushed_from == flushed
             nursery.cancel_scope.cancel()
     finally:
         intent.close()

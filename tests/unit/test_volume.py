@@ -77,3 +77,40 @@ def test_digests_of_holes_equal_digests_of_the_zeroes_they_read_as(tmp_path):
         assert 0 not in reads and 2 * 65536 not in reads and 4 * 65536 not in reads  # holes: not read
     finally:
         v.close()
+
+
+async def test_durable_shares_flushes_among_concurrent_writers_and_covers_each(tmp_path, monkeypatch):
+    """Group commit (``Volume.durable``): 16 writers that each wait for their write to be
+    durable share a few flushes, and each returns only after a flush begun after its call."""
+    import time
+
+    import trio
+
+    v = Volume("vv1", str(tmp_path / "v.img"), size=1 << 20)
+    syncs = []
+    real = os.fdatasync
+
+    def fdatasync(fd):
+        syncs.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    done: list[tuple[float, float]] = []
+    try:
+        async def writer(i: int) -> None:
+            v.write_sync(i * 4096, bytes([i]) * 4096)
+            t = time.monotonic()
+            await v.durable()
+            done.append((t, v.flushed_from))
+
+        async with trio.open_nursery() as n:
+            for i in range(16):
+                n.start_soon(writer, i)
+        assert len(done) == 16 and all(flushed >= t for t, flushed in done)
+        assert 1 <= len(syncs) <= 3, syncs  # shared, not one per writer
+        # A flush that failed: every later wait says so, none returns as if durable.
+        v.flush_failed = True
+        with pytest.raises(OSError, match="a flush failed"):
+            await v.durable()
+    finally:
+        v.close()
