@@ -69,92 +69,95 @@ class Spy(Volume):
         self.landed = time.monotonic()
 
 
-async def test_a_write_alone_waits_until_what_the_peer_holds_too_is_durable_here(tmp_path):
-    here = Spy("vv1", str(tmp_path / "here.img"), size=SIZE)
-    here.fuas = []
-    peer = Volume("vv1", str(tmp_path / "peer.img"), size=SIZE)
-    intent = IntentLog(str(tmp_path / "intent"), SIZE, REGION, volume=here)
+@pytest.fixture
+def replicas(tmp_path):
+    """Makes this array's volume (of the class given), the peer's and this array's write-intent
+    log; closes them after the test."""
+    made: list = []
+
+    def make(cls: type) -> tuple:
+        here = cls("vv1", str(tmp_path / "here.img"), size=SIZE)
+        here.fuas = []
+        peer = Volume("vv1", str(tmp_path / "peer.img"), size=SIZE)
+        intent = IntentLog(str(tmp_path / "intent"), SIZE, REGION, volume=here)
+        made.extend((intent, here, peer))
+        return here, peer, intent
+
+    yield make
+    for x in made:
+        x.close()
+
+
+async def test_a_write_alone_waits_until_what_the_peer_holds_too_is_durable_here(replicas):
+    here, peer, intent = replicas(Spy)
     data = b"\x5a" * 4096
-    try:
-        async with trio.open_nursery() as nursery:
-            g = Durable(Node(Wire(peer), nursery))
-            g.mode, g.mirroring = Mode.DETACHED, False  # the peer fenced off; going on alone
-            g.changed(alone=True, peer_has_all=False, flush_pending=True)
-            dp = DataPath(g)
-            m = Member(g, here, intent)
-            await intent.mark(0, SIZE)  # marked by earlier writes: marking does not wait
-            done = trio.Event()
+    async with trio.open_nursery() as nursery:
+        g = Durable(Node(Wire(peer), nursery))
+        g.mode, g.mirroring = Mode.DETACHED, False  # the peer fenced off; going on alone
+        g.changed(alone=True, peer_has_all=False, flush_pending=True)
+        dp = DataPath(g)
+        m = Member(g, here, intent)
+        await intent.mark(0, SIZE)  # marked by earlier writes: marking does not wait
+        done = trio.Event()
 
-            async def write() -> None:
-                await dp.host_write(m, WRITE, 0, len(data), memoryview(data), False)
-                done.set()
+        async def write() -> None:
+            await dp.host_write(m, WRITE, 0, len(data), memoryview(data), False)
+            done.set()
 
-            nursery.start_soon(write)
-            for _ in range(3):  # (a task waiting for a worker thread counts as blocked)
-                await trio.testing.wait_all_tasks_blocked()
-                await trio.sleep(0.05)
-            assert not done.is_set() and here.fuas == []  # not applied, not acknowledged
-            g.changed(flush_pending=False)  # Flushed
-            await done.wait()
-            assert here.read_sync(0, len(data)) == data and m.dirty.test(0)  # alone: the peer lacks it
-            nursery.cancel_scope.cancel()
-    finally:
-        intent.close()
-        here.close()
-        peer.close()
-
-
-async def test_writes_mirrored_to_a_peer_being_resynchronized_are_durable_here_before_the_ack(tmp_path):
-    here = Spy("vv1", str(tmp_path / "here.img"), size=SIZE)
-    here.fuas = []
-    peer = Volume("vv1", str(tmp_path / "peer.img"), size=SIZE)
-    intent = IntentLog(str(tmp_path / "intent"), SIZE, REGION, volume=here)
-    data = b"\xa5" * 4096
-    try:
-        async with trio.open_nursery() as nursery:
-            wire = Wire(peer)
-            g = Durable(Node(wire, nursery))
-            g.mode = Mode.SYNCING
-            g.changed(peer_has_all=False)
-            dp = DataPath(g)
-            m = Member(g, here, intent)
-            g.steady = lambda: True
-            await intent.mark(0, SIZE)
-            assert not dp.fast_write(m, 0, memoryview(data), lambda err, msg: None)  # the task path
-            g.steady = lambda: False
-            done = trio.Event()
-
-            async def write() -> None:
-                await dp.host_write(m, WRITE, 8192, len(data), memoryview(data), False)
-                done.set()
-
-            nursery.start_soon(write)
+        nursery.start_soon(write)
+        for _ in range(3):  # (a task waiting for a worker thread counts as blocked)
             await trio.testing.wait_all_tasks_blocked()
-            wire.answer()
-            await done.wait()
-            # Applied, then flushed (a flush begun after it landed) before the acknowledgement.
-            assert here.fuas == [False] and here.flushed_from > here.landed
-            assert peer.read_sync(8192, len(data)) == data
-            # A write the secondary forwards, applied here first: durable here too.
-            replies = []
-            link = type("L", (), {"reply": lambda self, path, rid, st, *a: replies.append(st)})()
-            g.state.started, g.state.peer_ready = True, True
-            f = Frame.write(7, 1, 1, 1, 16384, data, forwarded=True)
-            assert not dp.forwarded_fast(link, None, f, m)
-            await dp.handle_forwarded(link, None, f, m, WRITE)
-            assert here.fuas == [False, False] and here.flushed_from > here.landed and replies == [0]
-            # In sync again (peer_has_all): the fast path, no flush per write.
-            g.changed(peer_has_all=True)
-            g.mode = Mode.ATTACHED
-            g.steady = lambda: True
-            flushed = here.flushed_from
-            assert dp.fast_write(m, 32768, memoryview(data), lambda err, msg: None)
-            assert here.fuas[-1] is False and here.flushed_from == flushed
-            nursery.cancel_scope.cancel()
-    finally:
-        intent.close()
-        here.close()
-        peer.close()
+            await trio.sleep(0.05)
+        assert not done.is_set() and here.fuas == []  # not applied, not acknowledged
+        g.changed(flush_pending=False)  # Flushed
+        await done.wait()
+        assert here.read_sync(0, len(data)) == data and m.dirty.test(0)  # alone: the peer lacks it
+        nursery.cancel_scope.cancel()
+
+
+async def test_writes_mirrored_to_a_peer_being_resynchronized_are_durable_here_before_the_ack(replicas):
+    here, peer, intent = replicas(Spy)
+    data = b"\xa5" * 4096
+    async with trio.open_nursery() as nursery:
+        wire = Wire(peer)
+        g = Durable(Node(wire, nursery))
+        g.mode = Mode.SYNCING
+        g.changed(peer_has_all=False)
+        dp = DataPath(g)
+        m = Member(g, here, intent)
+        g.steady = lambda: True
+        await intent.mark(0, SIZE)
+        assert not dp.fast_write(m, 0, memoryview(data), lambda err, msg: None)  # the task path
+        g.steady = lambda: False
+        done = trio.Event()
+
+        async def write() -> None:
+            await dp.host_write(m, WRITE, 8192, len(data), memoryview(data), False)
+            done.set()
+
+        nursery.start_soon(write)
+        await trio.testing.wait_all_tasks_blocked()
+        wire.answer()
+        await done.wait()
+        # Applied, then flushed (a flush begun after it landed) before the acknowledgement.
+        assert here.fuas == [False] and here.flushed_from > here.landed
+        assert peer.read_sync(8192, len(data)) == data
+        # A write the secondary forwards, applied here first: durable here too.
+        replies = []
+        link = type("L", (), {"reply": lambda self, path, rid, st, *a: replies.append(st)})()
+        g.state.started, g.state.peer_ready = True, True
+        f = Frame.write(7, 1, 1, 1, 16384, data, forwarded=True)
+        assert not dp.forwarded_fast(link, None, f, m)
+        await dp.handle_forwarded(link, None, f, m, WRITE)
+        assert here.fuas == [False, False] and here.flushed_from > here.landed and replies == [0]
+        # In sync again (peer_has_all): the fast path, no flush per write.
+        g.changed(peer_has_all=True)
+        g.mode = Mode.ATTACHED
+        g.steady = lambda: True
+        flushed = here.flushed_from
+        assert dp.fast_write(m, 32768, memoryview(data), lambda err, msg: None)
+        assert here.fuas[-1] is False and here.flushed_from == flushed
+        nursery.cancel_scope.cancel()
 
 
 class Slow(Volume):
@@ -170,73 +173,58 @@ class Slow(Volume):
         self.landed = time.monotonic()
 
 
-async def test_a_mirrored_write_applied_after_the_flush_began_is_flushed_before_its_ack(tmp_path):
+async def test_a_mirrored_write_applied_after_the_flush_began_is_flushed_before_its_ack(replicas):
     """Found by review: a mirrored write whose local apply runs in a worker thread (O_DIRECT)
     was still in flight when the peer was lost; the flush ran, ``Flushed`` cleared
     ``peer_has_all`` on disk, then the apply completed and the write was acknowledged (the
     peer had applied it), durable nowhere here. A power cut then copied what it left over the
     peer's copy. Such a write is now flushed before it is acknowledged."""
-    here = Slow("vv1", str(tmp_path / "here.img"), size=SIZE)
+    here, peer, intent = replicas(Slow)
     here.gate, here.direct = trio.Event(), True
-    peer = Volume("vv1", str(tmp_path / "peer.img"), size=SIZE)
-    intent = IntentLog(str(tmp_path / "intent"), SIZE, REGION, volume=here)
     data = b"\x77" * 4096
-    try:
-        async with trio.open_nursery() as nursery:
-            wire = Wire(peer)
-            g = Durable(Node(wire, nursery))
-            g.mode, g.mirroring = Mode.ATTACHED, True
-            g.changed(peer_has_all=True, flush_pending=False)
-            dp, m = DataPath(g), Member(g, here, intent)
-            await intent.mark(0, SIZE)
-            acked = trio.Event()
+    async with trio.open_nursery() as nursery:
+        wire = Wire(peer)
+        g = Durable(Node(wire, nursery))
+        g.mode, g.mirroring = Mode.ATTACHED, True
+        g.changed(peer_has_all=True, flush_pending=False)
+        dp, m = DataPath(g), Member(g, here, intent)
+        await intent.mark(0, SIZE)
+        acked = trio.Event()
 
-            async def write():
-                await dp.host_write(m, WRITE, 0, len(data), memoryview(data), False)
-                acked.set()
+        async def write():
+            await dp.host_write(m, WRITE, 0, len(data), memoryview(data), False)
+            acked.set()
 
-            nursery.start_soon(write)
-            await trio.testing.wait_all_tasks_blocked()
-            wire.answer()  # the peer applied it
-            # The link is lost: FlushVolumes, the flush, Flushed (peer_has_all False on disk).
-            g.mode, g.mirroring = Mode.FENCING, False
-            g.changed(peer_has_all=False, flush_pending=True)
-            await here.flush()
-            g.changed(flush_pending=False)
-            flushed_at = here.flushed_from
-            here.gate.set()  # the local apply completes
-            await acked.wait()
-            assert here.landed > flushed_at
-            assert here.flushed_from > here.landed  # a flush began after it landed, before its ack
-            nursery.cancel_scope.cancel()
-    finally:
-        intent.close()
-        here.close()
-        peer.close()
+        nursery.start_soon(write)
+        await trio.testing.wait_all_tasks_blocked()
+        wire.answer()  # the peer applied it
+        # The link is lost: FlushVolumes, the flush, Flushed (peer_has_all False on disk).
+        g.mode, g.mirroring = Mode.FENCING, False
+        g.changed(peer_has_all=False, flush_pending=True)
+        await here.flush()
+        g.changed(flush_pending=False)
+        flushed_at = here.flushed_from
+        here.gate.set()  # the local apply completes
+        await acked.wait()
+        assert here.landed > flushed_at
+        assert here.flushed_from > here.landed  # a flush began after it landed, before its ack
+        nursery.cancel_scope.cancel()
 
 
-async def test_a_write_alone_is_refused_for_a_retry_when_the_flush_does_not_end(tmp_path, autojump_clock):
+async def test_a_write_alone_is_refused_for_a_retry_when_the_flush_does_not_end(replicas, autojump_clock):
     """Found by review: a flush that failed (or takes minutes) kept host writes waiting with no
     end. They now wait up to the transition timeout and are refused EAGAIN (retry), unapplied."""
-    here = Spy("vv1", str(tmp_path / "here.img"), size=SIZE)
-    here.fuas = []
-    peer = Volume("vv1", str(tmp_path / "peer.img"), size=SIZE)
-    intent = IntentLog(str(tmp_path / "intent"), SIZE, REGION, volume=here)
-    try:
-        async with trio.open_nursery() as nursery:
-            g = Durable(Node(Wire(peer), nursery))
-            g.mode, g.mirroring = Mode.DETACHED, False
-            g.changed(alone=True, peer_has_all=False, flush_pending=True)
-            dp, m = DataPath(g), Member(g, here, intent)
-            await intent.mark(0, SIZE)
-            t0 = trio.current_time()
-            with pytest.raises(BlockError) as e:
-                await dp.host_write(m, WRITE, 0, 4096, memoryview(b"x" * 4096), False)
-            assert e.value.errno == errno.EAGAIN and "not yet durable" in str(e.value)
-            assert trio.current_time() - t0 >= g.node.cfg.link.transition_timeout
-            assert here.fuas == [] and here.read_sync(0, 4096) == bytes(4096)  # nothing applied
-            nursery.cancel_scope.cancel()
-    finally:
-        intent.close()
-        here.close()
-        peer.close()
+    here, peer, intent = replicas(Spy)
+    async with trio.open_nursery() as nursery:
+        g = Durable(Node(Wire(peer), nursery))
+        g.mode, g.mirroring = Mode.DETACHED, False
+        g.changed(alone=True, peer_has_all=False, flush_pending=True)
+        dp, m = DataPath(g), Member(g, here, intent)
+        await intent.mark(0, SIZE)
+        t0 = trio.current_time()
+        with pytest.raises(BlockError) as e:
+            await dp.host_write(m, WRITE, 0, 4096, memoryview(b"x" * 4096), False)
+        assert e.value.errno == errno.EAGAIN and "not yet durable" in str(e.value)
+        assert trio.current_time() - t0 >= g.node.cfg.link.transition_timeout
+        assert here.fuas == [] and here.read_sync(0, 4096) == bytes(4096)  # nothing applied
+        nursery.cancel_scope.cancel()
