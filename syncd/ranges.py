@@ -137,6 +137,19 @@ class Bitmap:
         for r in range(self.nregions):
             self.set(r)
 
+    def clear_all(self) -> None:
+        if self.count:
+            self.bits[:] = bytes(len(self.bits))
+            self.count = 0
+
+    def intersect(self, other: bytes) -> None:
+        """Keep only the bits also set in ``other`` (a bitmap of the same size)."""
+        if self.count:
+            for i, b in enumerate(self.bits):
+                if b:
+                    self.bits[i] = b & other[i]
+            self.count = sum(bin(b).count("1") for b in self.bits)
+
     def merge(self, other: bytes) -> None:
         for i, b in enumerate(other):
             if b:

@@ -313,6 +313,13 @@ class Node:
                     saved = Bitmap(m.vol.size, m.dirty.region, m.dirty.bits)
                     saved.merge(m.pull.bits)
                 m.st.dirty = encode_bits(saved.bits) if g.role == "primary" else ""
+                if g.role != "primary" or not g.st.peer_has_all:
+                    # A restart copies every region this array was writing (it fetches nothing
+                    # back): which of them the peer holds wrong need not be kept.
+                    m.peer_wrong.clear_all()
+                else:
+                    m.peer_wrong.intersect(saved.bits)  # those copied since are right there
+                m.st.peer_wrong = encode_bits(m.peer_wrong.bits)
         try:
             self.store.save(self.state)
         except OSError as e:

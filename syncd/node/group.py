@@ -104,6 +104,8 @@ class Member:
         # Primary: regions whose newest acknowledged data is the peer's (lost here in a power
         # cut): reads of them go to the peer until they are fetched back (resync, first).
         self.pull = Bitmap(vol.size, region)
+        # Primary: regions the peer's copy is known to be wrong in (``MemberState.peer_wrong``).
+        self.peer_wrong = Bitmap(vol.size, region, decode_bits(st.peer_wrong))
 
     def compare_all(self) -> None:
         """Primary: every region may differ on the peer; compare them all by digest (recorded
@@ -387,7 +389,9 @@ class Group:
         ``suspect`` (its device failed since it last synced, by volume id): what that device
         holds is no better than ours, and fetching it back would overwrite every write this
         array still has there with whatever the failed or replaced device returns (found by
-        review); the writes the power cut took from it are lost with the peer's device."""
+        review); the writes the power cut took from it are lost with the peer's device. Regions
+        whose copy at the peer online verify found wrong (``peer_wrong``) are copied as well:
+        this array's copy of them was made durable before they were marked (``verify.fix_regions``)."""
         pull = self.state.peer_newer and not split_brain and self.role == "primary"
         for m in self.members.values():
             if not m.crash_regions:
@@ -401,11 +405,19 @@ class Group:
                           "not fetched back: its copy is suspect (its device failed); writes this array "
                           "lost when it stopped there are lost", logging.WARNING)
             elif pull:
-                for r in m.crash_regions:
+                wrong = [r for r in m.crash_regions if m.peer_wrong.test(r)]
+                fetch = [r for r in m.crash_regions if not m.peer_wrong.test(r)]
+                for r in fetch:
                     m.dirty.clear(r)
                     m.pull.set(r)
-                self.note(f"{len(m.crash_regions)} regions of {m.st.local} are fetched back from "
-                          f"{self.st.peer}, which holds every write this array acknowledged")
+                if fetch:
+                    self.note(f"{len(fetch)} regions of {m.st.local} are fetched back from "
+                              f"{self.st.peer}, which holds every write this array acknowledged")
+                if wrong:
+                    # Online verify found the peer's copy of these wrong and made ours durable
+                    # first (``verify.fix_regions``): fetching them back would undo its fix.
+                    self.note(f"{len(wrong)} regions of {m.st.local} are copied to {self.st.peer}, not "
+                              "fetched back: online verify found its copy of them different")
             m.crash_regions = []
         self.crash_decided.set()
         if self.state.peer_newer and not any(m.pull.count for m in self.members.values()):

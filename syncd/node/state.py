@@ -52,6 +52,11 @@ class MemberState:
     synced_once: bool = False
     last_sync: float | None = None
     suspect: bool = False  # this replica's device failed: compare everything when it returns
+    # Primary, while ``GroupState.peer_has_all`` is set on disk: base64 bitmap of regions the
+    # peer's copy is known to be wrong in (online verify found them different, made this
+    # array's copy durable, then marked them for resync). After an unclean stop they are copied
+    # to the peer, never fetched back from it (``Group.decide_crash_regions``).
+    peer_wrong: str = ""
 
 
 @dataclass
@@ -125,7 +130,14 @@ class NodeState:
     reservations: dict[str, dict] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for g in d["groups"].values():
+            for m in g["members"]:
+                if not m["peer_wrong"]:
+                    # Set only for moments (see MemberState): a syncd from before the field
+                    # still reads the metadata (``from_json`` refuses unknown fields).
+                    del m["peer_wrong"]
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> "NodeState":

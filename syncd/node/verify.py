@@ -7,7 +7,8 @@ until the peer applied them, forwarded ones until the peer released them), asks 
 its digests and computes its own, then lets go. Host writes to a batch being compared wait for
 that one exchange (a few milliseconds); between batches verify yields to host I/O like resync
 (``link.resync_share``). Regions that differ are reported; with ``fix`` they are marked for
-resync and copied from the primary (the peer forwards reads of them to the primary meanwhile).
+resync and copied from the primary (the peer forwards reads of them to the primary meanwhile),
+after the primary's copy was made durable (``fix_regions``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,35 @@ def _runs(regions: list[int], region: int, size: int) -> list[list[int]]:
         else:
             out.append([off, ln])
     return out
+
+
+async def fix_regions(node: "Node", g: "Group", m: "Member", regions: list[int]) -> None:
+    """Copy ``regions`` of ``m``, which differ at the peer, from this primary again.
+
+    Marking them for resync makes the peer no longer hold every write (``NeedSync``), but the
+    primary keeps ``peer_has_all`` set on disk until the writes it applied before are durable
+    (``RoleState.flush_pending``): a power cut meanwhile makes the restart fetch back from the
+    peer the regions its write-intent log names, these among them, from the copy just found
+    wrong (found by review). So, with the volume's writes held off for a moment (its whole range
+    lock: every write in flight has been applied here): this array's copy is made durable, the
+    regions are saved as ones the peer holds wrong (``Member.peer_wrong``: a restart copies
+    them, never fetches them back), then marked. Writes after that are made durable here before
+    they are acknowledged, as always while the peer lacks regions."""
+    tok = await m.lock.acquire(0, m.vol.size)
+    try:
+        if g.role != "primary":
+            raise VerifyError(f"checkrcopyvv: group {g.name} is no longer primary here; run it on {g.st.peer}")
+        try:
+            await m.vol.durable()
+        except OSError as e:
+            raise VerifyError(f"checkrcopyvv {m.st.local}: this array's copy cannot be made durable ({e}); "
+                              "the differing regions are not copied") from None
+        for r in regions:
+            m.peer_wrong.set(r)
+        node.save()
+        g.resync_regions(m, regions)
+    finally:
+        m.lock.release(tok)
 
 
 async def verify_member(node: "Node", g: "Group", m: "Member", fix: bool = False) -> dict:
@@ -89,7 +119,7 @@ async def verify_member(node: "Node", g: "Group", m: "Member", fix: bool = False
                + ("; copying them again from this primary" if fix else
                   f"; run 'syncctl checkrcopyvv {m.st.local} --fix' to copy them from this primary"), logging.ERROR)
         if fix:
-            g.resync_regions(m, differ)
+            await fix_regions(node, g, m, differ)
             result["fixing"] = True
     else:
         g.note(f"verify of {m.st.local}: replicas identical")

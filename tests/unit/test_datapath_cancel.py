@@ -146,6 +146,7 @@ class Member:
         self.oos = Bitmap(vol.size, REGION)
         self.pull = Bitmap(vol.size, REGION)
         self.crash_regions: list[int] = []
+        self.peer_wrong = Bitmap(vol.size, REGION)
         self.intent = intent
         self.stats = {"reads": 0, "writes": 0, "forwarded": 0, "bytes_read": 0, "bytes_written": 0}
 

@@ -105,3 +105,16 @@ def test_runs_of_a_range_within_one_region_are_that_range():
     b.set(2)
     assert b.runs(2 * 4096 + 512, 1024) == [(True, 2 * 4096 + 512, 1024)]
     assert b.runs(4096 + 4000, 200) == [(False, 4096 + 4000, 96), (True, 2 * 4096, 104)]
+
+
+@given(a=st.sets(st.integers(0, 40)), b=st.sets(st.integers(0, 40)))
+def test_intersect_keeps_the_bits_set_in_both_and_clear_all_clears_them(a, b):
+    x, y = Bitmap(41 * 4096, 4096), Bitmap(41 * 4096, 4096)
+    for r in a:
+        x.set(r)
+    for r in b:
+        y.set(r)
+    x.intersect(y.bits)
+    assert {r for r in range(41) if x.test(r)} == a & b and x.count == len(a & b)
+    x.clear_all()
+    assert x.count == 0 and not any(x.bits)

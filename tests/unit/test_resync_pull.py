@@ -416,10 +416,11 @@ def test_a_save_keeps_the_regions_still_to_fetch_back():
     from syncd.ranges import Bitmap
 
     m = types.SimpleNamespace(dirty=Bitmap(8 * REGION, REGION), pull=Bitmap(8 * REGION, REGION),
-                              st=types.SimpleNamespace(dirty=""), vol=types.SimpleNamespace(size=8 * REGION))
+                              peer_wrong=Bitmap(8 * REGION, REGION), st=types.SimpleNamespace(dirty=""),
+                              vol=types.SimpleNamespace(size=8 * REGION))
     m.dirty.set(1)
     m.pull.set(4)
-    g = types.SimpleNamespace(members={"vv1": m}, role="primary")
+    g = types.SimpleNamespace(members={"vv1": m}, role="primary", st=types.SimpleNamespace(peer_has_all=True))
     saved: list[object] = []
     node = types.SimpleNamespace(groups={"rcg1": g}, state="state", store=types.SimpleNamespace(save=saved.append))
     RealNode.save(node)
