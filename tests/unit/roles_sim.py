@@ -11,10 +11,16 @@ its configuration, its random source and the calls made on it.
 Data is modelled as the set of writes each array holds on disk (each write its own block, so a
 "version" per block): a write acknowledged while mirroring is on both arrays, one acknowledged
 alone only on its array; at any instant an array serves, a read there must see every write
-acknowledged before. A power cut takes from an array's disk the writes it got in its last
-``power_window`` seconds that its peer also holds (a write only one array holds is not modelled
-as lost: that would be a loss no design can mend); every crash is an unclean stop, a ``stop`` a
-clean one. A primary restarted with ``peer_newer`` fetches back from its peer what it lacks when
+acknowledged before. A write an array applies is volatile there (page cache, the disk's write
+cache) until a flush begun after it ends (``FlushVolumes`` then ``Flushed``; a primary's
+acknowledgement of a mirrored write while its peer lacks regions, which the data path makes
+durable first) or the kernel wrote it back (``writeback`` seconds later). A power cut takes from
+an array's disk its volatile writes that its peer also holds (a write only one array holds is
+not modelled as lost: that would be a loss no design can mend), and what the array then copies
+to its peer overwrites the peer's newer copy of them (the regions it was writing are copied
+unless it fetches them back); every crash is an unclean stop, a ``stop`` a clean one. A
+primary acknowledges nothing alone while its writes are being made durable (``flush_pending``),
+as the data path waits for ``Flushed``. A primary restarted with ``peer_newer`` fetches back from its peer what it lacks when
 it resynchronizes it (``_pull``, after RESYNC_BEGIN), and until then reads the peer
 (``Sim.readable``).
 """
@@ -66,7 +72,7 @@ class SimConfig:
     io_timeout: float = 2.0  # a mirrored or forwarded write unanswered this long fails
     witness_timeout: float = 1.0  # a witness request unanswered this long: unreachable
     copy_time: float = 1.5  # a resync copies for up to this long
-    power_window: float = 0.5  # a power cut takes the writes an array got this long before it
+    writeback: float = 5.0  # an unflushed write is on the disk this long after it was applied
     max_delay: float = 0.05  # default one-way delay bound of every link
     poll: float = 0.05  # how often the shell ticks if next_timer() stays due after all (see _future_timer)
 
@@ -121,7 +127,8 @@ class Disk:
     peer_has_all: bool = False
     peer_newer: bool = False
     data: set[int] = field(default_factory=set)
-    added: dict[int, float] = field(default_factory=dict)  # host write -> real time it got here
+    added: dict[int, float] = field(default_factory=dict)  # volatile host write -> real time it got here
+    cut_lost: set[int] = field(default_factory=set)  # what power cuts took that the peer still holds
 
 
 def persisted(s: r.RoleState) -> tuple[r.Role, int, bool, bool, bool, bool, bool]:
@@ -143,6 +150,8 @@ class Array:
         self.pending: dict[int, Pending] = {}
         # Writes waiting for the fence: (write, applied here already, reply to the forwarding peer).
         self.held: list[tuple[int, bool, Reply | None]] = []
+        # Writes to acknowledge alone once the flush ends (``flush_pending``): (write, reply).
+        self.flush_wait: list[tuple[int, Reply | None]] = []
         self.last_tick = -math.inf  # local time of the last Tick (a timer not after it is stale)
         self.unconfirmed = False  # restarted, and nothing has confirmed its role since
         self.clean = True  # its last stop was clean (the first start counts as one)
@@ -499,6 +508,10 @@ class Sim:
             wid, fwd = p.data
             assert isinstance(wid, int) and (fwd is None or callable(fwd))
             if ans[0] == "OK":
+                if not getattr(x.s, "peer_has_all", True):
+                    # The peer lacks regions: the data path makes it durable here before its
+                    # acknowledgement (DataPath._durable_here, _durable_since).
+                    x.disk.added.pop(wid, None)
                 self._acked(x, wid, fwd)
             else:
                 self._mirror_failed(x, wid, fwd, f"peer refused a mirrored write ({ans[0]})")
@@ -516,6 +529,7 @@ class Sim:
                 if getattr(x.s, "peer_newer", False):
                     self._pull(x, rs)  # then the copy
                 else:
+                    x.disk.cut_lost.clear()  # overwritten at the peer: gone
                     self._copy(x, rs)
             else:
                 self._resync_failed(x, f"peer refused RESYNC_BEGIN ({ans[0]})")
@@ -524,6 +538,7 @@ class Sim:
                 theirs = ans[1]
                 assert isinstance(theirs, frozenset)
                 x.disk.data |= theirs  # fetched back
+                x.disk.cut_lost.clear()
                 inc = x.inc
                 self.feed(x, r.CaughtUp(now))
                 if self.live(x.name, inc) is not None:
@@ -748,12 +763,20 @@ class Sim:
 
             self._request(x, "mirror", self.cfg.io_timeout, (wid, fwd), at_secondary)
         elif s.alone:
-            x.disk.data.add(wid)
-            self._acked(x, wid, fwd)
+            self._alone(x, wid, fwd)
         elif s.mode in (r.Mode.FENCING, r.Mode.DECIDING):
             x.held.append((wid, False, fwd))  # writes wait for the fence
         elif fwd is not None:
             fwd(("NOT_SERVING",))
+
+    def _alone(self, x: Array, wid: int, fwd: Reply | None) -> None:
+        """A write acknowledged alone: once what the peer holds too is durable here
+        (``DataPath._durable_before_alone``)."""
+        if getattr(x.s, "flush_pending", False):
+            x.flush_wait.append((wid, fwd))
+            return
+        x.disk.data.add(wid)
+        self._acked(x, wid, fwd)
 
     def _acked(self, x: Array, wid: int, fwd: Reply | None) -> None:
         if fwd is None:
@@ -776,8 +799,7 @@ class Sim:
         alone = x.s.alone
         for wid, _, fwd in held:
             if alone:
-                x.disk.data.add(wid)
-                self._acked(x, wid, fwd)
+                self._alone(x, wid, fwd)
             elif fwd is not None:
                 fwd(("NOT_SERVING",))
 
@@ -785,26 +807,44 @@ class Sim:
     def _start_resync(self, x: Array) -> None:
         epoch = x.s.epoch
         snapshot = frozenset(x.disk.data)
+        # What power cuts took here that the peer holds: overwritten there by the copy, unless
+        # this array fetches it back first (``peer_newer``).
+        cut_lost = frozenset() if getattr(x.s, "peer_newer", False) else frozenset(x.disk.cut_lost - x.disk.data)
         rs = self._new_req()
 
         def at_peer(y: Array, reply: Reply) -> None:
             if y.s.epoch != epoch:
                 reply(("STALE_EPOCH",))
             else:
-                # The peer learns what it lacks: from now on it has it (or reads it from us).
+                # The peer learns what it lacks: from now on it has it (or reads it from us),
+                # as this array holds it: the copies of writes a power cut took from this array
+                # are overwritten (``_pull`` first fetched back what it could).
+                y.disk.data -= cut_lost
                 y.disk.data |= snapshot
                 reply(("OK",))
 
         self._request(x, "resync_begin", self.cfg.io_timeout, (rs,), at_peer)
 
     def _flush(self, x: Array) -> None:
-        """The volumes flushed (``FlushVolumes``): a few ms later, ``Flushed``."""
+        """The volumes flushed (``FlushVolumes``): a few ms later, ``Flushed``; the writes applied
+        before are durable then, and writes waiting to be acknowledged alone go on."""
         inc = x.inc
+        covered = set(x.disk.added)
 
         def flushed() -> None:
             y = self.live(x.name, inc)
             if y is not None:
+                for w in covered:
+                    y.disk.added.pop(w, None)
                 self.feed(y, r.Flushed(y.clock.local(self.now)))
+                if self.live(x.name, inc) is None or getattr(y.s, "flush_pending", False):
+                    return
+                waiting, y.flush_wait = y.flush_wait, []
+                for wid, fwd in waiting:
+                    if y.s.alone:
+                        self._alone(y, wid, fwd)
+                    elif fwd is not None:
+                        fwd(("NOT_SERVING",))
 
         self.at(self.now + self.rng.uniform(0.001, 0.02), "flushed", flushed)
 
@@ -995,7 +1035,7 @@ class Sim:
     # faults --------------------------------------------------------------------------------------
     def crash(self, name: str, how: str = "kill") -> None:
         """kill -9 of an array or of the witness (``how``: "kill"); for an array, a power cut
-        ("power": it loses the writes it got in the last ``power_window`` that its peer holds)
+        ("power": it loses its volatile writes that its peer holds)
         or a clean stop ("stop": it restarts knowing it stopped cleanly)."""
         if name == W:
             wit = self.witness
@@ -1010,8 +1050,9 @@ class Sim:
         self.note(name, "crash" if how == "kill" else how)
         if how == "power":
             peer = self.arrays[x.peer].disk.data
-            lost = {w for w, t in x.disk.added.items() if t >= self.now - self.cfg.power_window and w in peer}
+            lost = {w for w, t in x.disk.added.items() if t >= self.now - self.cfg.writeback and w in peer}
             x.disk.data -= lost
+            x.disk.cut_lost |= lost
             if lost:
                 self.note(name, f"the power cut took {sorted(lost)}")
         x.disk.added.clear()
@@ -1021,6 +1062,7 @@ class Sim:
         x.inc += 1
         x.pending.clear()
         x.held.clear()
+        x.flush_wait.clear()
         x.w_echo = None
         x.switching = False
         if x.session is not None and x.session == self.session:

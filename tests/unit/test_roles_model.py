@@ -58,6 +58,15 @@ all are fixed now: 1 and 2 at 47dda5f, the others after them; 8 was found at 47d
    (``Sim._pull``); ``power_cut_then_link_cut`` breaks (e) with the roles.py before the fix
    (``peer_newer``). 2,000 random schedules did not find it there: it needs the cut within the
    restart, and writes acknowledged in the last half second.
+11. Found by a system test on power-cut disks (stop 30), not by the model, whose power cut then
+   took the last half second of writes, flushed or not, and whose writes alone ignored
+   ``flush_pending``: writes mirrored without a flush, the link cut, the primary alone, then a
+   power cut there; restarted, it copied what the cut left over the peer's copies (e). The model
+   now keeps writes volatile until a flush covers them or ``writeback`` passes, holds writes
+   alone until ``Flushed``, and makes a copy overwrite the peer's newer data;
+   ``mirrored_then_alone_then_power_cut`` breaks (e) with the roles.py before the fix and
+   without its guard (flush-pending). 2,085 random schedules did not find the mutant (it needs a
+   power cut within seconds of going on alone); 4,141 found nothing with the fix.
 Also: (S, PeerLost) has no row (a mirrored write failing after a switchover or demotion raises
 RoleError: the shell must catch it); without a witness a restarted primary goes on alone once its
 fence is over, confirmed by nothing (the pre-elected design, docs/design.md §4: promise (d) counts
@@ -78,7 +87,9 @@ owner silence): (c); keep-revokes (decide.keep revoking the secondary): (b, c);
 claim-after-link-loss (a secondary claims only once its primary must have noticed the loss):
 (c); lost-before-claimant (finding 9's rule in decide.claim): (c); finding 10's guards:
 peer-newer (``UncleanStop`` sets it), peer-newer-start (no KEEP at the fence's end),
-peer-newer-retry (no failsafe retry), peer-newer-fencing (no reads while fencing): (e). Two later guards are kept
+peer-newer-retry (no failsafe retry), peer-newer-fencing (no reads while fencing): (e); finding
+11's guard, flush-pending (``GroupRoles.handle``'s flush when the peer stops holding every
+write): (e). Two later guards are kept
 though no schedule breaks a promise without them (3000 random schedules each, nothing found:
 the guards above cover the cases they were added for): peer-follows (a primary resyncs only a
 peer that said in this link session it follows) and claiming-not-following (finding 8). The epoch guard
@@ -635,6 +646,34 @@ def power_cut_then_resync_lost(sim: Sim) -> None:
     writes_for(sim, 6.0)
 
 
+def mirrored_then_alone_then_power_cut(sim: Sim) -> None:
+    """Stop 30's defect: hosts write while the arrays mirror (nothing flushed), the link is cut
+    and the primary goes on alone, then loses power within the kernel's writeback. The writes
+    its peer holds must survive: made durable before it acknowledges anything alone, or, if the
+    cut came first, fetched back."""
+    settle(sim)
+    a = sim.arrays[A]
+    writes_for(sim, 1.0)
+    sim.set_cut(AB, True, notice={A: 0.0, B: 0.0})
+    sim.run_while(lambda: not a.s.alone, 6.0)
+    sim.host_write(A)
+    sim.run_until(sim.now + 0.1)
+    sim.crash(A, "power")
+    sim.restart(A)
+    sim.set_cut(AB, False)
+    for _ in range(32):
+        sim.host_write(A)
+        sim.run_until(sim.now + 0.25)
+
+
+def test_writes_the_peer_holds_survive_a_power_cut_after_the_primary_went_on_alone() -> None:
+    sim = scenario()
+    mirrored_then_alone_then_power_cut(sim)
+    a, b = sim.arrays[A], sim.arrays[B]
+    assert a.s.mode is roles.Mode.ATTACHED and sim.acked <= a.disk.data and sim.acked <= b.disk.data, a.s
+    assert not a.disk.cut_lost, "the flush made them durable: the power cut took nothing the peer holds"
+
+
 def test_a_primary_that_lost_writes_its_peer_holds_never_serves_without_the_peer() -> None:
     sim = scenario()
     power_cut_then_link_cut(sim)
@@ -707,6 +746,10 @@ MUTATIONS = [
     Mutation("peer-newer-fencing", roles,
              "        if s.peer_newer:\n            return NEVER",
              "        if False:\n            return NEVER", "e", power_cut_then_resync_lost),
+    # Stop 30's defect, found by a system test on power-cut disks:
+    Mutation("flush-pending", roles,
+             "            new = replace(new, flush_pending=True)\n            actions = actions + [FlushVolumes()]",
+             "            pass", "e", mirrored_then_alone_then_power_cut),
 ]
 
 
