@@ -20,9 +20,9 @@ not modelled as lost: that would be a loss no design can mend), and what the arr
 to its peer overwrites the peer's newer copy of them (the regions it was writing are copied
 unless it fetches them back); every crash is an unclean stop, a ``stop`` a clean one. A
 primary acknowledges nothing alone while its writes are being made durable (``flush_pending``),
-as the data path waits for ``Flushed``. A primary restarted with ``peer_newer`` fetches back from its peer what it lacks when
-it resynchronizes it (``_pull``, after RESYNC_BEGIN), and until then reads the peer
-(``Sim.readable``).
+as the data path waits for ``Flushed``. A primary restarted with ``peer_newer`` fetches back
+from its peer what it lacks when it resynchronizes it (``_pull``, after RESYNC_BEGIN), and until
+then reads the peer (``Sim.readable``).
 """
 
 from __future__ import annotations
