@@ -270,6 +270,16 @@ class Resync:
         (none covers the region, so none marks it) and then RESYNC_END for the region."""
         link = self.node.link
         gid, vid = g.st.gid, m.vol_id
+        if m.vol.unflushed:
+            # Durable here before the peer gets it: a write acknowledged alone (no FUA) may be
+            # only in this array's caches, and after a power cut here the restart copies the
+            # regions it was writing over the peer's copy of it (found by review). Writes while
+            # resyncing are durable before their acknowledgement: this costs one flush per
+            # resync, and shares the host writes' flushes while they come.
+            try:
+                await m.vol.durable()
+            except OSError as e:
+                raise ResyncFailed(f"{m.st.local}: this array's copy cannot be made durable ({e})") from None
         ext = m.vol.allocation(off, ln, 1 << 20)
         if len(ext) == 1 and sum(n for n, _ in ext) == ln:
             hole = bool(ext[0][1] & HOLE)

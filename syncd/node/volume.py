@@ -121,7 +121,10 @@ class Volume:
         # success for data the kernel already dropped).
         self.flushed_from = float("-inf")
         self.flush_failed = False
-        self._flushing: trio.Event | None = None  # set when the running ``durable`` flush ends
+        self._flushing: trio.Event | None = None  # set when the running flush ends
+        # Monotonic time the latest write applied here ended (data a resync sends to the peer
+        # is durable here first: ``unflushed``).
+        self.written_at = float("-inf")
         if size is not None and not os.path.exists(path):
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -153,11 +156,21 @@ class Volume:
         # (not known until tried; a failed try changes nothing). See ``fast_zero``.
         self.fast_zero_ok: dict[bool, bool | None] = probe_fast_zero(self.fd, path, self.size, self.is_block)
         self.dfd = -1
+        # FUA writes that are not O_DIRECT go through a descriptor of their own. Linux reports a
+        # writeback error once per open file: a sync on ``fd`` racing with one that failed could
+        # return 0 and be taken for durable (found by review). Only ``flush``, one at a time,
+        # syncs ``fd``; an RWF_DSYNC write syncing ``sfd`` (or ``dfd``) takes no error from it.
+        try:
+            self.sfd = os.open(path, os.O_RDWR)
+        except OSError as e:
+            os.close(self.fd)
+            raise VolumeError(f"volume {name}: cannot open {path}: {e.strerror}") from None
         if direct:
             try:
                 self.dfd = os.open(path, os.O_RDWR | os.O_DIRECT)
             except OSError as e:
                 os.close(self.fd)
+                os.close(self.sfd)
                 raise VolumeError(f"volume {name}: O_DIRECT not possible on {path}: {e.strerror}") from None
             self._abuf = mmap.mmap(-1, 32 << 20)
 
@@ -174,10 +187,10 @@ class Volume:
                 self.on_error(self, e)
 
     def close(self) -> None:
-        for fd in (self.fd, self.dfd):
+        for fd in (self.fd, self.sfd, self.dfd):
             if fd >= 0:
                 os.close(fd)
-        self.fd = self.dfd = -1
+        self.fd = self.sfd = self.dfd = -1
 
     def check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -223,6 +236,7 @@ class Volume:
             except OSError as e:
                 self._failed(e)
                 raise
+            self.written_at = time.monotonic()
         else:
             self.write_sync(offset, data)
 
@@ -234,6 +248,7 @@ class Volume:
         except OSError as e:
             self._failed(e)
             raise
+        self.written_at = time.monotonic()
 
     def _write_blocking(self, offset: int, data, fua: bool) -> None:
         if self._aligned(offset, len(data)):
@@ -241,7 +256,7 @@ class Volume:
             buf[:] = data
             n = os.pwritev(self.dfd, [buf], offset, os.RWF_DSYNC if fua else 0)
         else:
-            n = os.pwritev(self.fd, [data], offset, os.RWF_DSYNC if fua else 0)
+            n = os.pwritev(self.sfd if fua else self.fd, [data], offset, os.RWF_DSYNC if fua else 0)
         if n != len(data):
             raise OSError(errno.ENOSPC, f"short write on {self.name} at {offset}")
 
@@ -254,6 +269,7 @@ class Volume:
             except OSError as e:
                 self._failed(e)
                 raise
+        self.written_at = time.monotonic()
         if fua:
             await self.flush()
 
@@ -270,6 +286,7 @@ class Volume:
             else:
                 self._failed(e)
             raise
+        self.written_at = time.monotonic()
         self.fast_zero_ok[no_hole] = True
 
     async def trim(self, offset: int, length: int, fua: bool) -> None:
@@ -283,28 +300,30 @@ class Volume:
         except OSError as e:
             self._failed(e)
             raise
+        self.written_at = time.monotonic()
         if fua:
             await self.flush()
 
     async def flush(self) -> None:
         """Make every write applied so far durable, whichever way it was applied (buffered,
         fallocate, O_DIRECT through ``dfd``: one inode; on a block device the device's write
-        cache is flushed too)."""
-        t0 = time.monotonic()
-        try:
-            await trio.to_thread.run_sync(os.fdatasync, self.fd)
-        except OSError as e:
-            self.flush_failed = True
-            self._failed(e)
-            raise
-        if not self.flush_failed:
-            self.flushed_from = max(self.flushed_from, t0)
+        cache is flushed too): ``durable``."""
+        await self.durable()
+
+    @property
+    def unflushed(self) -> bool:
+        """Whether a write applied here may not be durable yet (none ended before the start of
+        the latest completed flush)."""
+        return self.written_at >= self.flushed_from
 
     async def durable(self) -> None:
-        """Return once every write applied before this call is durable: a flush begun after
-        the call has ended. Concurrent callers share flushes (group commit): a caller that
-        finds one running waits for it, then for the next, which serves every caller waiting
-        by then. Raises OSError when a flush failed (then or before)."""
+        """Return once every write applied before this call is durable: a flush begun after the
+        call has ended. One flush of the volume runs at a time, and the callers waiting share
+        them (group commit): a caller that finds one running waits for it, then for the next,
+        which serves every caller waiting by then. Never two at once: of two fdatasyncs racing
+        on one open file, Linux may report a writeback error to one only, and the other's 0
+        would count writes durable that the failed writeback lost (found by review). Raises
+        OSError when a flush failed (then or before): nothing is durable after that."""
         want = time.monotonic()
         while self.flushed_from < want:
             if self.flush_failed:
@@ -315,10 +334,21 @@ class Volume:
                 continue
             ev = self._flushing = trio.Event()
             try:
-                await self.flush()
+                await self._fdatasync()
             finally:
                 self._flushing = None
                 ev.set()
+
+    async def _fdatasync(self) -> None:
+        t0 = time.monotonic()
+        try:
+            await trio.to_thread.run_sync(os.fdatasync, self.fd)
+        except OSError as e:
+            self.flush_failed = True
+            self._failed(e)
+            raise
+        if not self.flush_failed:
+            self.flushed_from = max(self.flushed_from, t0)
 
     def sync_blocking(self) -> None:
         """``flush`` on the calling thread, at shutdown (when nothing else runs and nobody is

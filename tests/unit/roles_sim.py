@@ -43,6 +43,7 @@ AB, AW, BW = "A-B", "A-W", "B-W"
 LINKS = (AB, AW, BW)
 GROUP = "g"
 TRACE = 80  # events shown with a violation
+RESYNC_SENDS_DURABLE = True  # the data path's rule (a test takes it away to see the model find it)
 
 
 Answer = tuple[object, ...]
@@ -776,6 +777,7 @@ class Sim:
             x.flush_wait.append((wid, fwd))
             return
         x.disk.data.add(wid)
+        x.disk.added[wid] = self.now  # volatile, as any write without FUA
         self._acked(x, wid, fwd)
 
     def _acked(self, x: Array, wid: int, fwd: Reply | None) -> None:
@@ -807,6 +809,9 @@ class Sim:
     def _start_resync(self, x: Array) -> None:
         epoch = x.s.epoch
         snapshot = frozenset(x.disk.data)
+        if RESYNC_SENDS_DURABLE:
+            # What a resync sends is durable here first (``Resync._send_region``).
+            x.disk.added.clear()
         # What power cuts took here that the peer holds: overwritten there by the copy, unless
         # this array fetches it back first (``peer_newer``).
         cut_lost = frozenset() if getattr(x.s, "peer_newer", False) else frozenset(x.disk.cut_lost - x.disk.data)

@@ -201,7 +201,8 @@ async def test_a_failed_volume_flush_clears_nothing_and_ends_clearing(tmp_path, 
         await log.clear_idle(10.0, keep=lambda r: False)
     assert log.marked_regions() == [1] and on_disk(p) == [1] and disk.flush_failed
     disk.fd = fd
-    await disk.flush()  # succeeds, but proves nothing any more
+    with pytest.raises(OSError, match="a flush failed"):
+        await disk.flush()  # one would succeed, but proves nothing any more: refused
     assert await log.clear_idle(10.0, keep=lambda r: False) == 0
     assert on_disk(p) == [1]
 

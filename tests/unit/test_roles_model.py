@@ -674,6 +674,37 @@ def test_writes_the_peer_holds_survive_a_power_cut_after_the_primary_went_on_alo
     assert not a.disk.cut_lost, "the flush made them durable: the power cut took nothing the peer holds"
 
 
+def alone_then_resync_then_power_cut(sim: Sim) -> None:
+    """Found by stop 31's review: writes acknowledged alone (no FUA), the peer back, the resync
+    gives them to it, then a power cut at the primary before the resync ends: the restart copies
+    what the cut left over the peer's copies."""
+    settle(sim)
+    a = sim.arrays[A]
+    sim.set_cut(AB, True, notice={A: 0.0, B: 0.0})
+    sim.run_while(lambda: not a.s.alone, 6.0)
+    sim.run_until(sim.now + 0.5)
+    for _ in range(4):
+        sim.host_write(A)
+        sim.run_until(sim.now + 0.1)
+    sim.set_cut(AB, False)
+    sim.run_while(lambda: a.s.mode is not roles.Mode.SYNCING, 6.0)
+    sim.run_until(sim.now + 0.05)
+    sim.crash(A, "power")
+    sim.restart(A)
+    for _ in range(32):
+        sim.host_write(A)
+        sim.run_until(sim.now + 0.25)
+
+
+def test_writes_acknowledged_alone_and_resynced_survive_a_power_cut_of_the_primary(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    alone_then_resync_then_power_cut(scenario())  # what a resync sends is durable first
+    monkeypatch.setattr(roles_sim, "RESYNC_SENDS_DURABLE", False)
+    with pytest.raises(Violation) as caught:
+        alone_then_resync_then_power_cut(scenario())
+    assert caught.value.promise == "e", str(caught.value)
+
+
 def test_a_primary_that_lost_writes_its_peer_holds_never_serves_without_the_peer() -> None:
     sim = scenario()
     power_cut_then_link_cut(sim)

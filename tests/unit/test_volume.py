@@ -1,6 +1,7 @@
 """Local volume I/O: files and O_DIRECT, size checks, exclusive use."""
 
 
+import errno
 import os
 
 import pytest
@@ -112,5 +113,79 @@ async def test_durable_shares_flushes_among_concurrent_writers_and_covers_each(t
         v.flush_failed = True
         with pytest.raises(OSError, match="a flush failed"):
             await v.durable()
+    finally:
+        v.close()
+
+
+async def test_flushes_of_a_volume_never_run_at_once_and_a_failed_one_fails_every_caller(tmp_path, monkeypatch):
+    """Found by review: Linux reports a writeback error once per open file, so of two fdatasyncs
+    racing on it one may return 0 for writes the failed writeback lost; a ``durable`` flush ran
+    beside a host's or ``FlushVolumes``' and could count them durable. Flushes of a volume now
+    run one at a time, and when one fails, every caller waiting fails too."""
+    import threading
+    import time
+
+    import trio
+
+    v = Volume("vv1", str(tmp_path / "v.img"), size=1 << 20)
+    v.on_error = lambda vol, e: None
+    lock = threading.Lock()
+    running, most, calls = [0], [0], []
+
+    def fdatasync(fd):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            calls.append(fd)
+        try:
+            time.sleep(0.02)
+            if len(calls) == 1:
+                raise OSError(errno.EIO, "writeback failed")
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    errors: list[str] = []
+    try:
+        v.write_sync(0, b"\x01" * 4096)
+
+        async def caller(how: str) -> None:
+            try:
+                await (v.flush() if how == "flush" else v.durable())
+                errors.append(f"{how}: returned")
+            except OSError as e:
+                errors.append(f"{how}: {e.strerror}")
+
+        async with trio.open_nursery() as n:
+            for how in ("flush", "durable", "flush", "durable"):
+                n.start_soon(caller, how)
+                await trio.sleep(0.005)
+        assert most[0] == 1 and calls == [v.fd], (most, calls)
+        assert not any(e.endswith("returned") for e in errors) and len(errors) == 4, errors
+        assert v.flush_failed and v.flushed_from == float("-inf")
+    finally:
+        v.close()
+
+
+async def test_a_fua_write_syncs_a_descriptor_of_its_own(tmp_path, monkeypatch):
+    """An RWF_DSYNC write syncs the file too: on the descriptor ``flush`` uses it could take the
+    writeback error that flush must report. It goes through another one."""
+    v = Volume("vv1", str(tmp_path / "v.img"), size=1 << 20)
+    seen: list[tuple[int, int]] = []
+    real = os.pwritev
+
+    def pwritev(fd, bufs, offset, flags=0):
+        seen.append((fd, flags))
+        return real(fd, bufs, offset, flags)
+
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    try:
+        await v.write(0, b"\x02" * 100, fua=True)
+        assert seen and all(fd not in (v.fd, -1) and flags & os.RWF_DSYNC for fd, flags in seen), seen
+        assert os.pread(v.fd, 100, 0) == b"\x02" * 100
+        assert v.unflushed  # applied after the latest flush (none yet): not known durable here
+        await v.durable()
+        assert not v.unflushed
     finally:
         v.close()
