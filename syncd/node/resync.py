@@ -67,6 +67,10 @@ async def region_digests(node: "Node", g: "Group", m: "Member", off: int, ln: in
 class Resync:
     def __init__(self, node: "Node"):
         self.node = node
+        # Per volume being resynced: the monotonic time its run began. Every write applied
+        # since is made durable before its acknowledgement (the peer lacks regions): what a
+        # run sends is durable here once one flush begun after this has ended.
+        self._durable_from: dict[object, float] = {}
 
     async def run_group(self, g: "Group") -> None:
         """Copy every dirty region of every member; then the peer is in sync (ATTACHED)."""
@@ -190,6 +194,13 @@ class Resync:
         m.resync_total = m.dirty.count
         m.resync_bytes = 0
         m.resync_started = trio.current_time()
+        self._durable_from[m.vol] = time.monotonic()
+        try:
+            await self._member_regions(g, m)
+        finally:
+            self._durable_from.pop(m.vol, None)
+
+    async def _member_regions(self, g: "Group", m: "Member") -> None:
         last = self._progress(g, m, None)
         region = m.dirty.region
         saved = trio.current_time()
@@ -270,12 +281,13 @@ class Resync:
         (none covers the region, so none marks it) and then RESYNC_END for the region."""
         link = self.node.link
         gid, vid = g.st.gid, m.vol_id
-        if m.vol.unflushed:
+        vol = m.vol
+        if vol.flushed_from <= self._durable_from.get(vol, vol.written_at):
             # Durable here before the peer gets it: a write acknowledged alone (no FUA) may be
             # only in this array's caches, and after a power cut here the restart copies the
             # regions it was writing over the peer's copy of it (found by review). Writes while
-            # resyncing are durable before their acknowledgement: this costs one flush per
-            # resync, and shares the host writes' flushes while they come.
+            # resyncing are made durable before their acknowledgement (and hold their range
+            # until then): one flush per run covers the rest.
             try:
                 await m.vol.durable()
             except OSError as e:

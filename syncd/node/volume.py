@@ -122,8 +122,8 @@ class Volume:
         self.flushed_from = float("-inf")
         self.flush_failed = False
         self._flushing: trio.Event | None = None  # set when the running flush ends
-        # Monotonic time the latest write applied here ended (data a resync sends to the peer
-        # is durable here first: ``unflushed``).
+        # Monotonic time the latest write applied here ended: every write is durable once
+        # ``flushed_from`` passed it (data a resync sends to the peer is durable here first).
         self.written_at = float("-inf")
         if size is not None and not os.path.exists(path):
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -309,12 +309,6 @@ class Volume:
         fallocate, O_DIRECT through ``dfd``: one inode; on a block device the device's write
         cache is flushed too): ``durable``."""
         await self.durable()
-
-    @property
-    def unflushed(self) -> bool:
-        """Whether a write applied here may not be durable yet (none ended before the start of
-        the latest completed flush)."""
-        return self.written_at >= self.flushed_from
 
     async def durable(self) -> None:
         """Return once every write applied before this call is durable: a flush begun after the
