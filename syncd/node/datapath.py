@@ -582,6 +582,7 @@ class DataPath:
                     await apply_local(m.vol, kind, offset, length, data, fua, no_hole, fast)
                 except OSError as e:
                     raise self.local_error(e) from None
+                m.vol.unmirrored_at = monotonic()  # acknowledged alone: maybe not durable (resync)
         finally:
             m.lock.release(tok)
             if room is not None:

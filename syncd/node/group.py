@@ -350,7 +350,8 @@ class Group:
             return bytes(m.dirty.bits)
         lacks = Bitmap(m.vol.size, m.dirty.region, m.dirty.bits)
         for r in m.crash_regions:
-            lacks.clear(r)
+            if not m.peer_wrong.test(r):  # those are copied whatever the exchange decides
+                lacks.clear(r)
         return bytes(lacks.bits)
 
     async def _make_durable(self) -> None:
@@ -393,9 +394,12 @@ class Group:
         whose copy at the peer online verify found wrong (``peer_wrong``) are copied as well:
         this array's copy of them was made durable before they were marked (``verify.fix_regions``)."""
         pull = self.state.peer_newer and not split_brain and self.role == "primary"
+        copied = False
         for m in self.members.values():
             if not m.crash_regions:
                 continue
+            copied = copied or (pull and (not m.st.synced_once or m.vol_id in suspect
+                                          or any(m.peer_wrong.test(r) for r in m.crash_regions)))
             if pull and not m.st.synced_once:
                 # Admitted to the group and not synced yet: the peer's copy is not this volume's.
                 self.note(f"{len(m.crash_regions)} regions of {m.st.local} are copied to {self.st.peer}, "
@@ -419,6 +423,11 @@ class Group:
                     self.note(f"{len(wrong)} regions of {m.st.local} are copied to {self.st.peer}, not "
                               "fetched back: online verify found its copy of them different")
             m.crash_regions = []
+        if copied and self.state.peer_has_all:
+            # The peer lacks regions it is to get from here: writes are made durable here before
+            # they are acknowledged from now on, or a second power cut would copy what it left
+            # of them over the peer's copies (found by review).
+            self.handle(NeedSync(trio.current_time()))
         self.crash_decided.set()
         if self.state.peer_newer and not any(m.pull.count for m in self.members.values()):
             # Both wrote apart (nothing is resynced until the operator chooses a side), or

@@ -181,7 +181,10 @@ class Resync:
                 # Durable before the marks go: the write-intent log may then clear the regions
                 # (it counts them covered by an earlier flush), and another power cut would take
                 # the fetched data with nothing left to say so (found by review).
-                await m.vol.flush()
+                try:
+                    await m.vol.flush()
+                except OSError as e:  # the volume reports its device; the node goes on
+                    raise ResyncFailed(f"{m.st.local}: fetched data cannot be made durable ({e})") from None
             # Both replicas now hold the same bytes here. The peer may have been told at
             # RESYNC_BEGIN that it lacks these regions (its snapshot of the dirty map can predate
             # the decision to fetch them back): it must hear they are in sync, or it forwards
@@ -282,7 +285,9 @@ class Resync:
         link = self.node.link
         gid, vid = g.st.gid, m.vol_id
         vol = m.vol
-        if vol.flushed_from <= self._durable_from.get(vol, vol.written_at):
+        # A run that outlived a link drop (the peer back before it noticed) may meet writes
+        # acknowledged alone meanwhile (found by review): those need a flush of their own.
+        if vol.flushed_from <= max(self._durable_from.get(vol, vol.written_at), vol.unmirrored_at):
             # Durable here before the peer gets it: a write acknowledged alone (no FUA) may be
             # only in this array's caches, and after a power cut here the restart copies the
             # regions it was writing over the peer's copy of it (found by review). Writes while

@@ -68,6 +68,7 @@ async def fix_regions(node: "Node", g: "Group", m: "Member", regions: list[int])
                               "the differing regions are not copied") from None
         for r in regions:
             m.peer_wrong.set(r)
+            m.dirty.set(r)  # before the save: it keeps only the bits of regions still to copy
         node.save()
         g.resync_regions(m, regions)
     finally:

@@ -125,6 +125,10 @@ class Volume:
         # Monotonic time the latest write applied here ended: every write is durable once
         # ``flushed_from`` passed it (data a resync sends to the peer is durable here first).
         self.written_at = float("-inf")
+        # Monotonic time the latest write acknowledged alone (the peer not mirroring, no flush
+        # before its acknowledgement) was applied here: a resync run that began before it must
+        # flush again before it sends anything (set by the data path).
+        self.unmirrored_at = float("-inf")
         if size is not None and not os.path.exists(path):
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -346,7 +350,10 @@ class Volume:
 
     def sync_blocking(self) -> None:
         """``flush`` on the calling thread, at shutdown (when nothing else runs and nobody is
-        left to tell of a device failure: the caller reports it)."""
+        left to tell of a device failure: the caller reports it). After a failed flush it
+        fails too: this descriptor may report success for what the failed writeback lost."""
+        if self.flush_failed:
+            raise OSError(errno.EIO, f"volume {self.name}: a flush failed before")
         os.fdatasync(self.fd)
 
     def allocation(self, offset: int, length: int, max_extents: int) -> list[tuple[int, int]]:
