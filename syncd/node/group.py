@@ -394,33 +394,36 @@ class Group:
         whose copy at the peer online verify found wrong (``peer_wrong``) are copied as well:
         this array's copy of them was made durable before they were marked (``verify.fix_regions``)."""
         pull = self.state.peer_newer and not split_brain and self.role == "primary"
-        copied = False
+        copied = False  # some regions stay to be copied although the peer held every write
         for m in self.members.values():
             if not m.crash_regions:
                 continue
-            copied = copied or (pull and (not m.st.synced_once or m.vol_id in suspect
-                                          or any(m.peer_wrong.test(r) for r in m.crash_regions)))
             if pull and not m.st.synced_once:
                 # Admitted to the group and not synced yet: the peer's copy is not this volume's.
+                copied = True
                 self.note(f"{len(m.crash_regions)} regions of {m.st.local} are copied to {self.st.peer}, "
                           "not fetched back: the volume was never in sync there")
             elif pull and m.vol_id in suspect:
+                copied = True
                 self.note(f"{len(m.crash_regions)} regions of {m.st.local} are copied to {self.st.peer}, "
                           "not fetched back: its copy is suspect (its device failed); writes this array "
                           "lost when it stopped there are lost", logging.WARNING)
             elif pull:
-                wrong = [r for r in m.crash_regions if m.peer_wrong.test(r)]
-                fetch = [r for r in m.crash_regions if not m.peer_wrong.test(r)]
-                for r in fetch:
-                    m.dirty.clear(r)
-                    m.pull.set(r)
-                if fetch:
-                    self.note(f"{len(fetch)} regions of {m.st.local} are fetched back from "
+                wrong = 0
+                for r in m.crash_regions:
+                    if m.peer_wrong.test(r):
+                        wrong += 1
+                    else:
+                        m.dirty.clear(r)
+                        m.pull.set(r)
+                if len(m.crash_regions) > wrong:
+                    self.note(f"{len(m.crash_regions) - wrong} regions of {m.st.local} are fetched back from "
                               f"{self.st.peer}, which holds every write this array acknowledged")
                 if wrong:
                     # Online verify found the peer's copy of these wrong and made ours durable
                     # first (``verify.fix_regions``): fetching them back would undo its fix.
-                    self.note(f"{len(wrong)} regions of {m.st.local} are copied to {self.st.peer}, not "
+                    copied = True
+                    self.note(f"{wrong} regions of {m.st.local} are copied to {self.st.peer}, not "
                               "fetched back: online verify found its copy of them different")
             m.crash_regions = []
         if copied and self.state.peer_has_all:

@@ -58,12 +58,18 @@ class PeerEnd:
         return await self.request(frame)
 
 
+def resync_node(peer, nursery) -> Node:
+    """The primary's node, its link ending at ``peer``'s replica (``PeerEnd``)."""
+    node = Node(PeerEnd(peer), nursery)
+    node.stats = {"resync_bytes": 0, "resync_hole_bytes": 0}
+    return node
+
+
 async def test_a_write_acknowledged_alone_is_durable_here_before_a_resync_gives_it_to_the_peer(replicas):
     here, peer, intent = replicas(Spy)
     data = b"\xc3" * 4096
     async with trio.open_nursery() as nursery:
-        node = Node(PeerEnd(peer), nursery)
-        node.stats = {"resync_bytes": 0, "resync_hole_bytes": 0}
+        node = resync_node(peer, nursery)
         g = Durable(node)
         g.mode, g.mirroring = Mode.DETACHED, False  # alone; the flush after the loss has ended
         g.changed(alone=True, peer_has_all=False, flush_pending=False)

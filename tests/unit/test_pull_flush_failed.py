@@ -12,11 +12,10 @@ import trio
 
 from syncd.node.datapath import DataPath
 from syncd.node.resync import Resync
-from syncd.node.roles import Mode
 from syncd.node.volume import Volume
 
 from .test_datapath_cancel import REGION, SIZE, Group, Member, Node
-from .test_resync_pull import SecondaryEnd
+from .test_resync_pull import SecondaryEnd, pulling_primary
 
 
 async def test_a_failed_flush_during_a_pull_does_not_escape_the_resync(tmp_path):
@@ -31,14 +30,7 @@ async def test_a_failed_flush_during_a_pull_does_not_escape_the_resync(tmp_path)
             sm = Member(sg, there, None)
             sm.st = types.SimpleNamespace(local="vv1", suspect=False, synced_once=False, last_sync=0.0)
             node = Node(SecondaryEnd(DataPath(sg), sm), nursery)
-            node.stats = {"compared_bytes": 0, "pulled_bytes": 0}
-            g = Group(node, "primary")
-            g.mode = Mode.SYNCING
-            m = Member(g, here, None)
-            m.st = types.SimpleNamespace(local="vv1")
-            m.resync_bytes = 0
-            g.members = {1: m}
-            m.pull.set(2)
+            g, m = pulling_primary(node, here, (2,))
             here.flush_failed = True  # a host FLUSH (or FlushVolumes) failed a moment ago
             try:
                 await Resync(node).pull_group(g)

@@ -74,6 +74,21 @@ class SecondaryEnd:
         return await self.request(frame)
 
 
+def pulling_primary(node: Node, here: Volume, regions: tuple[int, ...]) -> tuple[Group, Member]:
+    """The primary restarted after a power cut, resynchronizing: ``regions`` of its volume
+    ``here`` are to be fetched back from the peer (pull), none is dirty."""
+    node.stats = {"compared_bytes": 0, "pulled_bytes": 0}
+    g = Group(node, "primary")
+    g.mode = Mode.SYNCING
+    m = Member(g, here, None)
+    m.st = types.SimpleNamespace(local="vv1")
+    m.resync_bytes = 0
+    g.members = {1: m}
+    for r in regions:
+        m.pull.set(r)
+    return g, m
+
+
 async def test_regions_fetched_back_are_in_sync_at_the_peer_that_was_told_it_lacks_them(tmp_path):
     here = Volume("vv1", str(tmp_path / "here.img"), size=SIZE)
     there = Volume("vv1", str(tmp_path / "there.img"), size=SIZE)
@@ -95,17 +110,8 @@ async def test_regions_fetched_back_are_in_sync_at_the_peer_that_was_told_it_lac
             for r in (2, 3, 5):
                 sm.oos.set(r)
             # The primary: those regions are fetched back instead (pull), none is dirty.
-            wire = SecondaryEnd(sdp, sm)
-            node = Node(wire, nursery)
-            node.stats = {"compared_bytes": 0, "pulled_bytes": 0}
-            g = Group(node, "primary")
-            g.mode = Mode.SYNCING
-            m = Member(g, here, None)
-            m.st = types.SimpleNamespace(local="vv1")
-            m.resync_bytes = 0
-            g.members = {1: m}
-            for r in (2, 3, 5):
-                m.pull.set(r)
+            node = Node(SecondaryEnd(sdp, sm), nursery)
+            g, m = pulling_primary(node, here, (2, 3, 5))
             flushed = here.flushed_from
             await Resync(node).pull_group(g)
             nursery.cancel_scope.cancel()

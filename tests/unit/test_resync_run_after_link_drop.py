@@ -21,8 +21,8 @@ from syncd.node.resync import Resync
 from syncd.node.roles import Mode
 
 from . import test_durable_before_alone
-from .test_alone_then_resync import PeerEnd
-from .test_datapath_cancel import REGION, Member, Node
+from .test_alone_then_resync import resync_node
+from .test_datapath_cancel import REGION, Member
 from .test_durable_before_alone import Durable, Spy
 
 replicas = test_durable_before_alone.replicas
@@ -32,8 +32,7 @@ async def test_a_run_that_outlived_a_link_drop_sends_writes_made_alone_without_a
     here, peer, intent = replicas(Spy)
     data = b"\x3c" * 4096
     async with trio.open_nursery() as nursery:
-        node = Node(PeerEnd(peer), nursery)
-        node.stats = {"resync_bytes": 0, "resync_hole_bytes": 0}
+        node = resync_node(peer, nursery)
         node.save_soon = lambda: None
         node.events = types.SimpleNamespace(facts=lambda *a: None)
         node.cfg.events = types.SimpleNamespace(progress_percent=5, progress_interval=5)
