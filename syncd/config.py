@@ -409,6 +409,10 @@ def parse_metrics(raw: dict, where: str = "metrics") -> MetricsConfig | None:
 
 
 BUSY_POLL_US = 200  # [node] busy_poll_us: the default
+# [node] boot_id_file: names this boot of the machine. A different one at start than when the
+# daemon last started means the machine restarted since (power cut, kernel crash): the page cache
+# and the disks' caches went with it. The same one after an unclean stop: only the daemon died.
+BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
 MAX_BUSY_POLL_US = 10_000
 
 HOOK_EVENTS = ("split_brain", "replicas_differ", "failsafe", "failover", "resync_done")
@@ -464,6 +468,7 @@ class NodeConfig:
     iscsi: IscsiConfig | None = None
     # µs the event loop polls for input before it sleeps (syncd/netio.py, IdlePoller); 0: never
     busy_poll_us: int = BUSY_POLL_US
+    boot_id_file: str = BOOT_ID_FILE
 
     @property
     def nbd_max_inflight(self) -> int:
@@ -532,12 +537,13 @@ def parse_node_config(raw: dict, base: Path = Path("."), source: str = "") -> No
                         "iscsi"}, "config")
     name = data_dir = admin_socket = ""
     busy_poll_us = BUSY_POLL_US
+    boot_id_file = BOOT_ID_FILE
     node: dict = {}
     with problems.part() as node_part:
         node = _take(raw, "node", "config", dict)
     if node_part.ok:
         with problems.part():
-            _no_extra(node, {"name", "data_dir", "admin_socket", "busy_poll_us"}, "node")
+            _no_extra(node, {"name", "data_dir", "admin_socket", "busy_poll_us", "boot_id_file"}, "node")
         with problems.part():
             name = check_name(_take(node, "name", "node", str), "node.name")
         with problems.part():
@@ -553,6 +559,8 @@ def parse_node_config(raw: dict, base: Path = Path("."), source: str = "") -> No
         with problems.part():
             data_dir = rel(_take(node, "data_dir", "node", str))
             admin_socket = rel(_take(node, "admin_socket", "node", str, os.path.join(data_dir, "admin.sock")))
+        with problems.part():
+            boot_id_file = rel(_take(node, "boot_id_file", "node", str, BOOT_ID_FILE))
 
     nbd_listen: tuple[tuple[str, int], ...] = ()
     nbd_tls = None
@@ -623,7 +631,7 @@ def parse_node_config(raw: dict, base: Path = Path("."), source: str = "") -> No
     with problems.part():
         iscsi = parse_iscsi(raw, name or "node")
     cfg = NodeConfig(name, data_dir, admin_socket, nbd_listen, link, tuple(vols), source, witness, nbd_tls,
-                     nbd_limits, metrics, hooks, events, intent, iscsi, busy_poll_us)
+                     nbd_limits, metrics, hooks, events, intent, iscsi, busy_poll_us, boot_id_file)
     problems.raise_if_any(partial=cfg)
     return cfg
 

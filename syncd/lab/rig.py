@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -118,12 +119,13 @@ def link_timings(link_opts: dict) -> dict:
 def node_toml(name: str, peer: str, d: Path, nbd_port: int, paths: list[tuple[int, int]],
               volumes: list[tuple[str, Path, int]], extra_link: dict | None = None,
               witness: dict | None = None, nbd: dict | None = None, metrics_port: int | None = None,
-              intent: dict | None = None, iscsi: dict | None = None) -> str:
+              intent: dict | None = None, iscsi: dict | None = None, boot_id_file: Path | None = None) -> str:
     lines = [
         "[node]",
         f'name = "{name}"',
         f'data_dir = "{d / "data"}"',
         f'admin_socket = "{d / "admin.sock"}"',
+        *([f'boot_id_file = "{boot_id_file}"'] if boot_id_file is not None else []),
         "",
         "[nbd]",
         f'listen = ["127.0.0.1:{nbd_port}"]',
@@ -248,6 +250,9 @@ def _lab_up(
         started["disks"] = disks
         for n in NODES:
             (root / n).mkdir(exist_ok=True)
+            # The site's machine: a power cut is a new boot of it (the node tells a power cut
+            # from a kill -9 by its boot id).
+            (root / n / "boot_id").write_text(f"{uuid.uuid4()}\n")
             disks[n] = []
             for i in range(nvolumes):
                 disk = PowerCutDisk(str(root / n / f"vv{i + 1}.img"), str(root / n / f"vv{i + 1}.disk"), nbytes)
@@ -395,7 +400,8 @@ def _lab_up(
                           "peer_advertise": [f"127.0.0.1:{ports[peer]['iscsi']}"],
                           **(iscsi if isinstance(iscsi, dict) else {})}
         cfg.write_text(node_toml(name, peer, nd, ports[name]["nbd"], paths, vols, node_link, wcfg.get(name),
-                                 node_nbd, metrics_port=mport, intent=intent, iscsi=node_iscsi))
+                                 node_nbd, metrics_port=mport, intent=intent, iscsi=node_iscsi,
+                                 boot_id_file=root / name / "boot_id" if power_cut else None))
         scheme = "nbds" if lab_tls is not None else "nbd"
         log = root / f"{name}.log"
         pid = _spawn([py, "-m", "syncd", "node", "--config", str(cfg)], log)
@@ -836,6 +842,8 @@ def _power_cut(d: str, lab: dict, sites: list[str]) -> str:
             killed.append((f"node {s}", pid))
     _wait_gone(killed, 15)
     _disks_off({s: lab["disks"][s] for s in sites}, flush=False)
+    for s in sites:  # the site's machine boots again
+        (Path(d) / s / "boot_id").write_text(f"{uuid.uuid4()}\n")
     (Path(d) / "lab.json").write_text(json.dumps(lab, indent=1))
     arrays = " and ".join(w.split()[1] for w, _ in killed)
     return (f"power cut at site {'+'.join(sites)}: " + (f"array {arrays} killed (kill -9), " if arrays else "")

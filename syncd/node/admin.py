@@ -409,6 +409,8 @@ async def showrcopy(node: Node, group: str | None = None) -> dict:
                 gd["peer_lost_reason"] = g.state.fence_reason
         else:
             gd["mode"] = g.mode.value
+            # Back from an unclean stop, not resynced by its primary yet: no failover meanwhile.
+            gd["may_lack_acknowledged_writes"] = g.state.peer_newer
             left = g.state.lease_until - trio.current_time()
             gd["lease_remaining_s"] = round(left, 2) if left > 0 else 0
         gd["volumes"] = []

@@ -240,9 +240,23 @@ class Node:
         # lack it, and every dirty one): a primary compares them by digest; a secondary reports
         # them to its primary. Without a trustworthy intent log, every region.
         self.unclean = self.state_dirty_flag()
+        # After an unclean stop: did the machine restart since (its caches lost, as in a power
+        # cut or a kernel crash), or did only the daemon die (kill -9, a crash of the process:
+        # its page cache and its disks kept every write it made)? Only the first may have
+        # taken writes the peer holds, so only then does this array wait for its peer.
+        self.boot_id = self._read_boot_id()
+        self.caches_lost = self.unclean and (not self.boot_id or self._marker_boot_id() != self.boot_id)
+        if self.unclean:
+            log.warning("unclean stop: %s", "the machine restarted since (or its boot cannot be told): writes "
+                        "not flushed may be lost here" if self.caches_lost else
+                        "only the daemon stopped (same boot of the machine): every write it made is here")
         for g in self.groups.values():
             for m in g.members.values():
-                if g.state.peer_newer and not self.unclean:
+                if g.state.peer_newer and not self.unclean and g.role != "primary":
+                    # Stopped cleanly before its primary resynced what an unclean stop before
+                    # may have taken: its write-intent log kept those regions; reported again.
+                    m.suspect_regions = set(m.intent.loaded_regions())
+                elif g.state.peer_newer and not self.unclean:
                     # Stopped cleanly while it waited for its peer after an unclean stop: what it
                     # was to fetch back is in its dirty map (nothing was acknowledged alone since).
                     m.crash_regions = list(set_bits(m.dirty.bits, m.dirty.nregions))
@@ -269,8 +283,13 @@ class Node:
                 keep = m.dirty.test if g.role == "primary" else m.suspect_regions.__contains__
                 m.intent.reset_sync(keep)
             if g.role == "primary" and any(m.crash_regions for m in g.members.values()):
-                if self.unclean:
+                if self.caches_lost:
                     g.handle(UncleanStop(trio.current_time()))  # its peer may hold newer writes there
+            elif g.role == "secondary" and any(m.suspect_regions for m in g.members.values()):
+                if self.caches_lost:
+                    # A power cut may have taken mirrored writes its primary acknowledged: no
+                    # failover until the primary resynced them.
+                    g.handle(UncleanStop(trio.current_time()))
             elif g.state.peer_newer:
                 g.handle(CaughtUp(trio.current_time()))  # it was writing nothing: nothing to fetch back
         self.set_clean_flag(False)
@@ -283,6 +302,23 @@ class Node:
     def state_dirty_flag(self) -> bool:
         return os.path.exists(self._marker())
 
+    def _read_boot_id(self) -> str:
+        try:
+            with open(self.cfg.boot_id_file) as f:
+                return f.read().strip()
+        except OSError as e:
+            log.warning("boot id (%s): %s: an unclean stop counts as a power cut", self.cfg.boot_id_file, e)
+            return ""
+
+    def _marker_boot_id(self) -> str:
+        """The boot id the marker of the last run recorded ("" from a syncd before it did)."""
+        try:
+            with open(self._marker()) as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return ""
+        return lines[1].strip() if len(lines) > 1 else ""
+
     def set_clean_flag(self, clean: bool) -> None:
         if clean:
             try:
@@ -291,7 +327,7 @@ class Node:
                 pass
         else:
             with open(self._marker(), "w") as f:
-                f.write(f"{os.getpid()}\n")
+                f.write(f"{os.getpid()}\n{self.boot_id}\n")
                 f.flush()
                 os.fsync(f.fileno())
 

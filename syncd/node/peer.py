@@ -21,6 +21,7 @@ from .datapath import TRIM, WRITE, ZEROES
 from .errors import NodeError
 from .iscsi import adopt_reservations, peer_reservations, reservation_states, reserve_out_here
 from .roles import (
+    CaughtUp,
     GrantLease,
     LeaseRequested,
     PeerLeaving,
@@ -311,6 +312,7 @@ async def handle_peer_control(node: "Node", body: dict[str, Any]) -> dict[str, A
                 m.suspect_regions.clear()  # compared and resynced: nothing left to report
             adopt_reservations(node, g, body.get("reservations"))
             node.save()
+            g.handle(CaughtUp(trio.current_time()))  # it may take the group over again
         return None
     if op == "split_brain_resolved":
         # The operator discarded the peer's side: we are the survivor. Compare everything.

@@ -25,6 +25,10 @@ The promises the rows keep (checked by ``tests/unit/test_roles_model.py`` in vir
   acknowledged (``peer_newer``: a power cut may have taken from it writes the peer has) never
   serves without its peer: not alone, not while fencing, until what it lacks is fetched back,
   the peer takes the group, or the operator overrides;
+* a secondary that restarted after an unclean stop while it was writing (``peer_newer``: a power
+  cut may have taken mirrored writes its primary acknowledged) never takes the group over by
+  itself until its primary has resynced those regions (``CaughtUp``): only the operator's
+  failover or override does;
 * a primary that stops holding only writes its peer has too, or takes the group over, first
   makes the writes it holds durable (``FlushVolumes``; ``flush_pending`` until ``Flushed``):
   the data path acknowledges nothing alone meanwhile, and ``peer_has_all`` stays set on disk.
@@ -159,6 +163,10 @@ class RoleState:
     # nothing without its peer (its copy is older than writes hosts were told were done) until
     # those regions are fetched back (``CaughtUp``), the peer takes the group, or the operator
     # overrides (``OverrideFailsafe``).
+    # Secondary restarted after an unclean stop with regions it was writing (mirrored writes a
+    # power cut may have taken after its primary acknowledged them): persisted, and it claims
+    # nothing from the witness until its primary has resynced them (``CaughtUp``); only the
+    # operator promotes it meanwhile.
     peer_newer: bool = False
     # Primary: writes it applied while the peer held every one (and, after a failover, those
     # the old primary acknowledged) may be only in this array's page cache or disk cache, and
@@ -296,8 +304,8 @@ class ResyncEnded:
 
 @dataclass(frozen=True, slots=True)
 class UncleanStop:
-    """Primary, as it starts: its last run stopped uncleanly (crash, kill -9, power cut) while it
-    was writing some regions (its write-intent log names them)."""
+    """Either role, as it starts: its last run stopped uncleanly (crash, kill -9, power cut) while
+    it was writing some regions (its write-intent log names them)."""
     now: float
 
 
@@ -311,7 +319,8 @@ class Flushed:
 @dataclass(frozen=True, slots=True)
 class CaughtUp:
     """Primary: what the peer may hold newer (``peer_newer``) is here again: fetched back, or the
-    state exchange found the peer does not hold it newer (it stopped uncleanly too)."""
+    state exchange found the peer does not hold it newer (it stopped uncleanly too). Secondary:
+    the primary resynced the regions it reported after its unclean stop (``adopt_gen``)."""
     now: float
 
 
@@ -604,7 +613,7 @@ def steady_until(s: RoleState, t: Timing) -> float:
 
 def failover_possible(s: RoleState, t: Timing, now: float) -> bool:
     """Secondary cut from its primary, with a reachable witness that may give it the group."""
-    return (s.role is Role.SECONDARY and s.started and s.auto_failover and not s.link_up
+    return (s.role is Role.SECONDARY and s.started and s.auto_failover and not s.link_up and not s.peer_newer
             and not s.claim_refused and s.mode is Mode.FOLLOWING and witness_reachable(s, t, now))
 
 
@@ -833,8 +842,8 @@ def _tick(s: RoleState, t: Timing, e: Event) -> Result:
             s = replace(s, lease_asked=now)
             acts.append(RequestLease(t.lease_request_timeout()))
         return s, acts
-    if (t.witness is not None and s.auto_failover and not s.claim_refused and now >= s.lease_until
-            and now >= s.next_witness_retry and s.witness_asking is None
+    if (t.witness is not None and s.auto_failover and not s.claim_refused and not s.peer_newer
+            and now >= s.lease_until and now >= s.next_witness_retry and s.witness_asking is None
             and now >= s.link_lost_at + t.witness.claim_after_link_loss()):
         s = replace(s, next_witness_retry=now + t.witness.interval)
         if witness_reachable(s, t, now):
@@ -1033,7 +1042,16 @@ def _resync_done(s: RoleState, t: Timing, e: Event) -> Result:
     return s2, acts + [Persist(), _note("in sync"), AdoptGeneration()]
 
 
+SECONDARY_BEHIND = ("this array restarted after an unclean stop while it was writing: a power cut may have "
+                    "taken mirrored writes {peer} acknowledged, so it does not take the group over until {peer} "
+                    "has resynced those regions (setrcopygroup failover or override accepts losing them)")
+
+
 def _unclean_stop(s: RoleState, t: Timing, e: Event) -> Result:
+    if s.role is Role.SECONDARY:
+        if s.peer_newer:
+            return s, []
+        return replace(s, peer_newer=True), [Persist(), _note(SECONDARY_BEHIND.format(peer=s.peer_name))]
     if not s.peer_has_all or s.peer_newer:
         return s, []  # it acknowledged writes alone since they were last in sync: its copy is the newer
     return replace(s, peer_newer=True), [
@@ -1057,6 +1075,9 @@ def _flushed(s: RoleState, t: Timing, e: Event) -> Result:
 def _caught_up(s: RoleState, t: Timing, e: Event) -> Result:
     if not s.peer_newer:
         return s, []
+    if s.role is Role.SECONDARY:
+        return replace(s, peer_newer=False), [
+            Persist(), _note(f"{s.peer_name} resynced what the unclean stop may have taken: failover possible again")]
     return replace(s, peer_newer=False), [Persist()]
 
 
@@ -1318,7 +1339,8 @@ TABLE_ROWS: tuple[Row, ...] = (
     Row(P, ALL_P, CaughtUp, _caught_up, "what the peer held newer is here again"),
     Row(P, ALL_P, Flushed, _flushed, "what the peer holds too is durable here"),
     Row(S, ALL_S, Flushed, _flushed, "demoted meanwhile"),
-    Row(S, ALL_S, CaughtUp, _ignore, "demoted meanwhile: the new primary compares those regions"),
+    Row(S, ALL_S, CaughtUp, _caught_up, "the primary resynced what an unclean stop may have taken here"),
+    Row(S, frozenset({Mode.FOLLOWING}), UncleanStop, _unclean_stop, "mirrored writes may be lost here"),
     Row(S, ALL_S, ResyncEnded, _ignore, "demoted while a resync was winding down"),
     Row(P, UP_P, NeedSync, _need_sync),
     Row(P, frozenset({Mode.DETACHED}), Recover, _recover),
@@ -1395,13 +1417,14 @@ class GroupRoles:
                  now: float, peer_has_all: bool = False, peer_newer: bool = False) -> "GroupRoles":
         """A group as this array (re)starts: nothing is confirmed. A primary cannot know whether
         its previous run granted a lease that still runs: it fences its peer off first. After an
-        unclean stop the daemon says so next (``UncleanStop``)."""
+        unclean stop the daemon says so next (``UncleanStop``); ``peer_newer`` is as persisted,
+        for either role."""
         mode = Mode.STARTING if role is Role.PRIMARY else Mode.FOLLOWING
         primary = role is Role.PRIMARY
         st = RoleState(me=me, peer_name=peer, role=role, epoch=epoch, started=started, failsafe=failsafe,
                        witness_behind=witness_behind, auto_failover=auto_failover, auto_recover=auto_recover,
                        peer_has_all=peer_has_all and primary,
-                       peer_newer=peer_newer and primary,
+                       peer_newer=peer_newer,
                        mode=mode, lease_deadline=now + timing.lease_expiry() if role is Role.PRIMARY else NEVER,
                        link_lost_at=now,
                        fence_reason="node start" if role is Role.PRIMARY else "")

@@ -20,6 +20,7 @@ random victims, SYNCD_POWER_CUT_SEED their order).
 from __future__ import annotations
 
 import glob
+import json
 import os
 import random
 import signal
@@ -31,7 +32,7 @@ import trio
 
 from syncd.ctl import call
 from syncd.lab.faults import PowerCutDisk
-from syncd.lab.rig import lab_down, lab_fail, lab_heal, lab_kill, lab_up
+from syncd.lab.rig import lab_down, lab_fail, lab_heal, lab_kill, lab_start, lab_up
 from syncd.lab.workload import History, check_file, run_writer
 from syncd.nbd.export import punch_hole
 
@@ -324,5 +325,78 @@ def test_writes_acknowledged_while_mirroring_survive_a_later_power_cut_of_the_pr
         paths = {s: lab["nodes"][s]["volumes"]["vv1"]["path"] for s in ("A", "B")}
         # Nothing was acknowledged alone: every acknowledged write was mirrored.
         assert_flushed_writes_on(paths, hist, f"power cut of the primary after {gap}", durable_only=False)
+    finally:
+        lab_down(d)
+
+
+def test_a_secondary_back_from_a_power_cut_does_not_take_over_without_what_it_lost(tmp_path):
+    """Finding 12 of the role model: the secondary loses power with mirrored writes its disk had
+    not flushed (acknowledged to hosts: the primary held them), and the primary is killed (its
+    data intact). Back alone, the secondary took the group over through the witness and served
+    without those writes; when the old primary returned, the new one copied its regions over
+    the old primary's newer copies, and the writes were gone from both. Now a secondary back
+    from an unclean stop while it was writing claims nothing until its primary has resynced
+    those regions; then every acknowledged write is on both arrays, and failover works again."""
+    require_power_cut_disks()
+    d = str(tmp_path / "lab")
+    lab = lab_up(d, size=f"{SIZE >> 20}MiB", nvolumes=1, npaths=2, link_opts=LINK, power_cut=True, timeout=60,
+                 intent=INTENT, witness=WITNESS)
+    hist = {s: History() for s in ("A", "B")}
+    try:
+        prim = next(s for s in ("A", "B") if showrcopy(lab, s)["groups"][0]["role"] == "primary")
+        sec = "B" if prim == "A" else "A"
+
+        async def main() -> None:
+            async with trio.open_nursery() as n:
+                start_writers(n, lab, hist, NEW, 120.0, 11)  # never flushed: in the cache when the power goes
+                await trio.sleep(2.0)
+
+                def both() -> None:
+                    # Together, before the primary can tell the witness the secondary is gone.
+                    lab_kill(d, prim)
+                    lab_fail(d, "power", sec)
+
+                await trio.to_thread.run_sync(both)
+                n.cancel_scope.cancel()
+
+        trio.run(main)
+        acked = sum(len(h.acked_times) for h in hist.values())
+        lab_heal(d, "power", sec)  # back alone: the witness would grant it the group
+        time.sleep(6.0)  # several times the witness's owner lease and grace, and its retry period
+        g = showrcopy(lab, sec)["groups"][0]
+        msgs = [e["msg"] for e in g["events"]]
+        assert g["role"] == "secondary" and g["may_lack_acknowledged_writes"], g
+        assert any("does not take the group over until" in m for m in msgs), msgs
+        # Stopped cleanly and started again before its primary is back: it still reports the
+        # regions it was writing, and still waits.
+        lab_kill(d, sec, signal.SIGTERM)
+        lab_start(d, sec)
+        time.sleep(4.0)
+        g = showrcopy(lab, sec)["groups"][0]
+        assert g["role"] == "secondary" and g["may_lack_acknowledged_writes"], g
+        lab_start(d, prim)
+        deadline = time.monotonic() + 60
+        while not in_sync(lab):
+            assert time.monotonic() < deadline, "not back in sync after the primary returned"
+            time.sleep(0.1)
+        deadline = time.monotonic() + 10
+        while showrcopy(lab, sec)["groups"][0]["may_lack_acknowledged_writes"]:
+            assert time.monotonic() < deadline, showrcopy(lab, sec)["groups"][0]["events"]
+            time.sleep(0.1)
+        check = call(lab["nodes"][prim]["admin_socket"], "checkrcopyvv", {"volume": "vv1"}, timeout=60)
+        assert check["differing_regions"] == 0, check
+        assert_replicas_identical(lab, "vv1")
+        paths = {s: lab["nodes"][s]["volumes"]["vv1"]["path"] for s in ("A", "B")}
+        assert_flushed_writes_on(paths, hist, "secondary power cut, primary killed", durable_only=False)
+        # In sync again: the secondary takes the group over when the primary goes (once the
+        # primary's reports have told the witness so).
+        time.sleep(5 * WITNESS["interval"])
+        lab_kill(d, prim)
+        deadline = time.monotonic() + 30
+        while showrcopy(lab, sec)["groups"][0]["role"] != "primary":
+            assert time.monotonic() < deadline, json.dumps(showrcopy(lab, sec)["groups"][0], indent=1)
+            time.sleep(0.1)
+        print(f"power cut at the secondary {sec}, primary {prim} killed: {sec} waited for {prim}; "
+              f"{acked} acknowledged writes all on both arrays; failover to {sec} afterwards")
     finally:
         lab_down(d)

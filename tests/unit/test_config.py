@@ -35,6 +35,12 @@ def test_good_config_parses():
     assert c.link.security.mode == "key" and c.link.security.key == b"a-shared-key-of-some-length"
 
 
+def test_boot_id_file_defaults_to_the_kernels_and_is_resolved_from_the_config(tmp_path):
+    assert parse_node_config(cfg()).boot_id_file == "/proc/sys/kernel/random/boot_id"
+    assert parse_node_config(cfg(node__boot_id_file="site/boot_id"), base=tmp_path).boot_id_file == \
+        str(tmp_path / "site" / "boot_id")
+
+
 def _link(**kw):
     return {"peer": "B", "paths": [{"local": "127.0.0.1:7001", "peer": "127.0.0.1:7101"}], **kw}
 
@@ -65,6 +71,7 @@ def test_link_authentication_choices(tmp_path):
     "raw,fragment",
     [
         (cfg(node__name="bad name!"), "node.name"),
+        (cfg(node__boot_id_file=7), "node.boot_id_file"),
         (cfg(link__peer="A"), "link.peer"),
         (cfg(link__paths=[]), "link.paths"),
         (cfg(link__path_timeout=3.0, link__io_timeout=2.0), "link.io_timeout: must be longer than link.path_timeout"),

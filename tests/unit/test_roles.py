@@ -345,3 +345,34 @@ def test_writes_the_peer_holds_too_are_made_durable_before_a_primary_acknowledge
     g.handle(r.LinkUp(101.5))
     g.handle(r.PeerState(101.6, Role.PRIMARY, 2))
     assert g.state.role is Role.SECONDARY and not g.state.flush_pending
+
+
+def test_a_secondary_back_from_an_unclean_stop_claims_nothing_until_its_primary_resynced_it():
+    """Finding 12 of the role model: a power cut may have taken mirrored writes its primary
+    acknowledged. It persists that, asks the witness nothing when the primary is gone, and is
+    free to again once the primary has resynced it; the operator may promote it meanwhile."""
+    g = restarted(Role.SECONDARY, now=100.0)
+    acts = g.handle(r.UncleanStop(100.0))
+    assert g.state.peer_newer and r.Persist() in acts
+    assert any(isinstance(a, r.Note) and "does not take the group over until" in a.msg for a in acts)
+    assert g.handle(r.UncleanStop(100.0)) == []  # said once
+    at = 100.0 + T.witness.claim_after_link_loss()
+    g.handle(r.WitnessReport(at, at, "B", 1))
+    assert not g.failover_possible(at)
+    assert [a for a in g.handle(r.Tick(at + 10.0)) if isinstance(a, r.AskWitness)] == []
+    # A clean restart before the primary came back keeps it.
+    again = GroupRoles.at_start(me="A", peer="B", role=Role.SECONDARY, epoch=1, started=True, failsafe=False,
+                                witness_behind=False, auto_failover=True, auto_recover=True, timing=T, now=200.0,
+                                peer_newer=True)
+    assert again.state.peer_newer
+    # The primary resynced it (adopt_gen): it may take the group over again.
+    acts = g.handle(r.CaughtUp(120.0))
+    assert not g.state.peer_newer and r.Persist() in acts
+    g.handle(r.WitnessReport(121.0, 121.0, "B", 1))
+    assert g.failover_possible(121.0)
+    assert g.handle(r.Tick(121.0)) == [r.AskWitness(WitnessAsk.CLAIM)]
+    # The operator's failover promotes it meanwhile, accepting what the power cut took.
+    op = restarted(Role.SECONDARY, now=100.0)
+    op.handle(r.UncleanStop(100.0))
+    op.handle(r.Promote(130.0, 2, "failover by the operator"))
+    assert op.state.role is Role.PRIMARY and not op.state.peer_newer

@@ -67,11 +67,22 @@ all are fixed now: 1 and 2 at 47dda5f, the others after them; 8 was found at 47d
    ``mirrored_then_alone_then_power_cut`` breaks (e) with the roles.py before the fix and
    without its guard (flush-pending). 2,085 random schedules did not find the mutant (it needs a
    power cut within seconds of going on alone); 4,141 found nothing with the fix.
-12. Open, found by CI's random schedules with a 5 s writeback: the secondary B loses power (its
+12. Found by CI's random schedules with a 5 s writeback: the secondary B loses power (its
    unflushed mirrored writes go) while A is killed; B restarts and the witness grants it the
-   group (A silent), and it serves without those writes (e). A secondary back from an unclean
-   stop should not take the group over before it is compared with its peer. The random
-   schedules keep a 0.5 s writeback until that is fixed; the written-out schedules above use 5 s.
+   group (A silent), and it serves without those writes (e). Fixed: a secondary back from an
+   unclean stop with regions it was writing sets ``peer_newer`` (persisted) and claims nothing
+   until its primary has resynced them (``CaughtUp`` at ``adopt_gen``); only the operator's
+   failover or override promotes it meanwhile, accepting the loss (as DRBD, whose disk is
+   "Consistent", not "UpToDate", after such a crash until it connects).
+   ``secondary_power_cut_then_primary_killed`` breaks (e) with the roles.py before the fix, and
+   without either guard (secondary-behind, secondary-behind-claim). The primary of that
+   schedule, only killed, must not fetch back the secondary's copies either, as it did while
+   every unclean stop counted as a power cut: the daemon now tells them apart by the machine's
+   boot id (``roles_sim.BOOT_ID``), and the model's fetch-back now overwrites what the peer's
+   own power cut emptied instead of merging both copies (which had hidden that case). The model
+   counts a write no longer once both arrays lost power, each within the other's writeback,
+   while it was not on both disks (no host flush covered it; the system tests check flushed
+   writes through such cuts).
 Also: (S, PeerLost) has no row (a mirrored write failing after a switchover or demotion raises
 RoleError: the shell must catch it); without a witness a restarted primary goes on alone once its
 fence is over, confirmed by nothing (the pre-elected design, docs/design.md §4: promise (d) counts
@@ -94,7 +105,8 @@ claim-after-link-loss (a secondary claims only once its primary must have notice
 peer-newer (``UncleanStop`` sets it), peer-newer-start (no KEEP at the fence's end),
 peer-newer-retry (no failsafe retry), peer-newer-fencing (no reads while fencing): (e); finding
 11's guard, flush-pending (``GroupRoles.handle``'s flush when the peer stops holding every
-write): (e). Two later guards are kept
+write): (e); finding 12's guards, secondary-behind (``UncleanStop`` sets ``peer_newer`` at a
+secondary) and secondary-behind-claim (no CLAIM meanwhile): (e). Two later guards are kept
 though no schedule breaks a promise without them (3000 random schedules each, nothing found:
 the guards above cover the cases they were added for): peer-follows (a primary resyncs only a
 peer that said in this link session it follows) and claiming-not-following (finding 8). The epoch guard
@@ -710,6 +722,64 @@ def test_writes_acknowledged_alone_and_resynced_survive_a_power_cut_of_the_prima
     assert caught.value.promise == "e", str(caught.value)
 
 
+def secondary_power_cut_then_primary_killed(sim: Sim) -> None:
+    """Finding 12: the secondary loses power with mirrored writes not yet on its disk, the
+    primary is killed meanwhile (its data intact), and the secondary restarts alone: taking the
+    group over from the witness, it would serve without those writes."""
+    settle(sim)
+    writes_for(sim, 1.0)
+    sim.crash(B, "power")
+    sim.crash(A)
+    sim.restart(B)
+    sim.run_until(sim.now + 10.0)
+
+
+def test_a_secondary_back_from_a_power_cut_takes_nothing_over_until_its_primary_resynced_it() -> None:
+    sim = scenario()
+    secondary_power_cut_then_primary_killed(sim)
+    b = sim.arrays[B]
+    assert b.disk.peer_newer and b.s.role is roles.Role.SECONDARY and not sim.acked <= b.disk.data, b.s
+    assert not b.m.serving(b.clock.local(sim.now)) and not b.m.failover_possible(b.clock.local(sim.now))
+    # The primary returns: it resyncs what B lost, and B may take the group over again.
+    sim.restart(A)
+    writes_for(sim, 8.0)
+    a = sim.arrays[A]
+    assert a.s.mode is roles.Mode.ATTACHED and not b.disk.peer_newer and sim.acked <= b.disk.data, (a.s, b.s)
+    sim.set_cut(AB, True, notice={A: 0.0, B: 0.0})
+    sim.crash(A)
+    sim.run_while(lambda: b.s.role is not roles.Role.PRIMARY, 10.0)
+    assert b.s.role is roles.Role.PRIMARY and sim.acked <= b.disk.data, b.s
+    # Stopped cleanly before its primary came back, it still waits for the resync.
+    sim = scenario()
+    secondary_power_cut_then_primary_killed(sim)
+    sim.crash(B, "stop")
+    sim.restart(B)
+    sim.run_until(sim.now + 10.0)
+    b = sim.arrays[B]
+    assert b.disk.peer_newer and b.s.role is roles.Role.SECONDARY, b.s
+
+
+def test_a_primary_that_was_only_killed_keeps_its_copy_when_its_secondary_lost_power(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding 12's schedule, the primary back: killed, not powered off (the daemon tells by the
+    machine's boot id), it holds every write; it must not fetch back the copies the secondary's
+    power cut left over its own, as it did when every unclean stop counted as a power cut."""
+    def run() -> Sim:
+        sim = scenario()
+        secondary_power_cut_then_primary_killed(sim)
+        sim.restart(A)
+        writes_for(sim, 8.0)
+        return sim
+
+    sim = run()
+    a, b = sim.arrays[A], sim.arrays[B]
+    assert a.s.mode is roles.Mode.ATTACHED and sim.acked <= a.disk.data and sim.acked <= b.disk.data, a.s
+    monkeypatch.setattr(roles_sim, "BOOT_ID", False)
+    with pytest.raises(Violation) as caught:
+        run()
+    assert caught.value.promise == "e", str(caught.value)
+
+
 def test_a_primary_that_lost_writes_its_peer_holds_never_serves_without_the_peer() -> None:
     sim = scenario()
     power_cut_then_link_cut(sim)
@@ -770,8 +840,8 @@ MUTATIONS = [
              "if lost - seen > t.grace:", "if False:", "bce", both_lose_the_witness_then_the_link),
     # The etcd history campaign's defect (seed 32) and the guards of its fix:
     Mutation("peer-newer", roles,
-             "    return replace(s, peer_newer=True), [",
-             "    return s, [", "e", power_cut_then_link_cut),
+             "    return replace(s, peer_newer=True), [\n        Persist(), _note(f\"{s.peer_name} may hold",
+             "    return s, [\n        Persist(), _note(f\"{s.peer_name} may hold", "e", power_cut_then_link_cut),
     Mutation("peer-newer-start", roles,
              "            if s.peer_newer:\n                # Nothing to ask the witness",
              "            if False:\n                # Nothing to ask the witness", "e", power_cut_then_link_cut),
@@ -786,6 +856,13 @@ MUTATIONS = [
     Mutation("flush-pending", roles,
              "            new = replace(new, flush_pending=True)\n            actions = actions + [FlushVolumes()]",
              "            pass", "e", mirrored_then_alone_then_power_cut, {"writeback": 5.0}),
+    # Finding 12, found by the random schedules with a 5 s writeback, and the guards of its fix:
+    Mutation("secondary-behind", roles,
+             "return replace(s, peer_newer=True), [Persist(), _note(SECONDARY_BEHIND",
+             "return s, [Persist(), _note(SECONDARY_BEHIND", "e", secondary_power_cut_then_primary_killed),
+    Mutation("secondary-behind-claim", roles,
+             "and not s.claim_refused and not s.peer_newer\n",
+             "and not s.claim_refused\n", "e", secondary_power_cut_then_primary_killed),
 ]
 
 
