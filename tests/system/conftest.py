@@ -1,3 +1,4 @@
+import shutil
 import time
 
 import pytest
@@ -6,6 +7,21 @@ from syncd.ctl import call
 from syncd.lab.rig import lab_down, lab_up
 
 from .rig import FAST_LINK, WITNESS, require_root, require_tool, show, wait_for
+
+# The most the system tests hold on disk at once (measured: 2.2 GB over a whole run, each
+# passed test's directory removed as it ends), with room to spare.
+DISK_NEEDED = 4 << 30
+
+
+@pytest.fixture(scope="session", autouse=True)
+def disk_space(tmp_path_factory):
+    """Stops the run at once, saying why, where the temporary directory's file system has less
+    room than the system tests need: they would fail one after another with I/O errors."""
+    base = tmp_path_factory.getbasetemp()
+    free = shutil.disk_usage(base).free
+    if free < DISK_NEEDED:
+        pytest.exit(f"{base}: {free / 2**30:.1f} GiB free, the system tests need {DISK_NEEDED / 2**30:.0f} GiB "
+                    "(volumes, logs and etcd data of the labs): free some space", returncode=1)
 
 
 @pytest.fixture
