@@ -153,6 +153,8 @@ class VolumeExport:
 class Node:
     def __init__(self, cfg: NodeConfig):
         self.cfg = cfg
+        # First: a node that cannot tell a power cut from a kill -9 touches nothing.
+        self.boot_id = self._read_boot_id()
         self.store = StateStore(cfg.data_dir, cfg.name)
         self.state = self.store.load()
         self.uuid = uuid.UUID(self.state.node_uuid)
@@ -244,18 +246,19 @@ class Node:
         # cut or a kernel crash), or did only the daemon die (kill -9, a crash of the process:
         # its page cache and its disks kept every write it made)? Only the first may have
         # taken writes the peer holds, so only then does this array wait for its peer.
-        self.boot_id = self._read_boot_id()
-        self.caches_lost = self.unclean and (not self.boot_id or self._marker_boot_id() != self.boot_id)
+        self.caches_lost = self.unclean and self._marker_boot_id() != self.boot_id
         if self.unclean:
-            log.warning("unclean stop: %s", "the machine restarted since (or its boot cannot be told): writes "
-                        "not flushed may be lost here" if self.caches_lost else
+            log.warning("unclean stop: %s", "the machine restarted since (or the last run was of a syncd that "
+                        "did not record it): writes not flushed may be lost here" if self.caches_lost else
                         "only the daemon stopped (same boot of the machine): every write it made is here")
         for g in self.groups.values():
             for m in g.members.values():
                 if g.state.peer_newer and not self.unclean and g.role != "primary":
                     # Stopped cleanly before its primary resynced what an unclean stop before
-                    # may have taken: its write-intent log kept those regions; reported again.
-                    m.suspect_regions = set(m.intent.loaded_regions())
+                    # may have taken: its write-intent log kept those regions; reported again
+                    # (every region if the log cannot be trusted now: found by review).
+                    m.suspect_regions = set(m.intent.loaded_regions() if m.intent.trusted
+                                            else range(m.dirty.nregions))
                 elif g.state.peer_newer and not self.unclean:
                     # Stopped cleanly while it waited for its peer after an unclean stop: what it
                     # was to fetch back is in its dirty map (nothing was acknowledged alone since).
@@ -303,12 +306,19 @@ class Node:
         return os.path.exists(self._marker())
 
     def _read_boot_id(self) -> str:
+        """The machine's boot id. Unknown, neither answer is safe after an unclean stop (taken
+        for a power cut, a primary only killed would fetch back its peer's copies over its own:
+        found by review), so the node refuses to start."""
         try:
             with open(self.cfg.boot_id_file) as f:
-                return f.read().strip()
+                boot = f.read().strip()
         except OSError as e:
-            log.warning("boot id (%s): %s: an unclean stop counts as a power cut", self.cfg.boot_id_file, e)
-            return ""
+            raise NodeError(f"node.boot_id_file {self.cfg.boot_id_file}: {e.strerror or e}: the node tells a "
+                            "power cut from a stop of the daemon alone by it; refusing to start") from e
+        if not boot:
+            raise NodeError(f"node.boot_id_file {self.cfg.boot_id_file} is empty: the node tells a power cut "
+                            "from a stop of the daemon alone by it; refusing to start")
+        return boot
 
     def _marker_boot_id(self) -> str:
         """The boot id the marker of the last run recorded ("" from a syncd before it did)."""

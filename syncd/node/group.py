@@ -695,18 +695,27 @@ class Group:
             self.lose_peer(f"peer refused resync of {m.st.local}: {reply.status}")
 
     async def _adopt_generation(self) -> None:
-        # The peer's data is now this generation (if it misses this, it stays "behind" and is
-        # resynced again next time: never a false split brain).
-        gen = self.st.gen
-        try:
-            await self.node.control({"op": "adopt_gen", "group": self.name, "gen": gen,
-                                     "gen_history": self.st.gen_history,
-                                     "reservations": reservation_states(self.node, self)})
-            if self.st.gen == gen:
-                self.st.gen_shared = True
-                self.node.save_soon()
-        except Exception as e:  # noqa: BLE001 - NodeError or a lost link: adopted next time
-            log.warning("group %s: the peer did not take generation %s: %s", self.name, self.st.gen, e)
+        """The peer's data is now this generation, and what it reported suspect is resynced
+        (it may take the group over again after a power cut: ``CaughtUp`` there). Sent again
+        every second while in sync at this epoch and generation until the peer takes it: lost,
+        a secondary back from a power cut would refuse every failover for as long as the pair
+        stays in sync (found by review). A resync after a new link session sends it anyway."""
+        gen, epoch = self.st.gen, self.epoch
+        while True:
+            try:
+                await self.node.control({"op": "adopt_gen", "group": self.name, "gen": gen,
+                                         "gen_history": self.st.gen_history,
+                                         "reservations": reservation_states(self.node, self)})
+                if self.st.gen == gen:
+                    self.st.gen_shared = True
+                    self.node.save_soon()
+                return
+            except Exception as e:  # noqa: BLE001 - NodeError or a lost link: tried again below
+                log.warning("group %s: the peer did not take generation %s: %s", self.name, gen, e)
+            await trio.sleep(1.0)
+            if (self.role != "primary" or self.epoch != epoch or self.st.gen != gen
+                    or self.mode is not Mode.ATTACHED):
+                return
 
     # -- data generations ----------------------------------------------------------------------
     def new_generation(self, why: str) -> None:

@@ -798,6 +798,52 @@ def test_a_primary_that_lost_writes_its_peer_holds_never_serves_without_the_peer
     assert a.s.mode is roles.Mode.ATTACHED and not a.disk.peer_newer and sim.acked <= a.disk.data, a.s
 
 
+def test_a_lost_adopt_gen_is_sent_again_so_the_secondary_can_fail_over_while_in_sync() -> None:
+    """Found by review of ff76d64. Finding 12's schedule, the primary back, but its one
+    ``adopt_gen`` frame lost (the link session lives on): A is ATTACHED and B holds every acknowledged write, yet B's
+    ``peer_newer`` stays set on disk, and nothing sends ``adopt_gen`` again while the pair stays
+    in sync (``Group._adopt_generation``: "adopted next time", i.e. at the next resync). When A
+    then dies, B never took the group over: the group was down although B held everything.
+    Now the primary sends it again every second while in sync."""
+    sim = scenario()
+    secondary_power_cut_then_primary_killed(sim)
+    sim.drop_if = lambda src, dst, what: what == "adopt_gen"
+    sim.restart(A)
+    writes_for(sim, 8.0)
+    a, b = sim.arrays[A], sim.arrays[B]
+    assert a.s.mode is roles.Mode.ATTACHED and sim.acked <= b.disk.data, (a.s, b.s)
+    sim.drop_if = None
+    writes_for(sim, 30.0)  # long in sync
+    sim.set_cut(AB, True, notice={A: 0.0, B: 0.0})
+    sim.crash(A)
+    sim.run_until(sim.now + 20.0)
+    assert b.s.role is roles.Role.PRIMARY, (
+        f"B in sync with A for 30 s (every acknowledged write on B: {sim.acked <= b.disk.data}), "
+        f"A gone: B peer_newer={b.s.peer_newer}, role={b.s.role.value}, mode={b.s.mode.value}")
+
+
+def test_writes_made_durable_by_a_takeover_stay_counted_when_the_new_primary_loses_power_too() -> None:
+    """Found by review: the (e) exemption of ff76d64 (``Sim.crash``, "both arrays lost power") stopped
+    counting every acknowledged write that was volatile at *either* array's cut, also those
+    that were on one disk: here A loses power, B takes the group over and flushes its volumes
+    (``FlushVolumes``: every write A acknowledged is then on B's disk), and B loses power
+    within the writeback of A's cut. Those writes were on a disk (B's) when the power went and
+    no power cut took them; any later loss of them went unchecked."""
+    sim = scenario()
+    settle(sim)
+    writes_for(sim, 1.0)
+    sim.crash(A, "power")
+    b = sim.arrays[B]
+    sim.run_while(lambda: b.s.role is not roles.Role.PRIMARY or b.s.flush_pending, 4.5)
+    before = set(sim.acked)
+    durable_at_b = {w for w in before if w in b.disk.data and w not in b.disk.added}
+    assert durable_at_b == before, sorted(before - durable_at_b)
+    sim.crash(B, "power")
+    assert before <= sim.acked, (
+        f"{len(before - sim.acked)} acknowledged writes no longer counted though on B's disk at its cut: "
+        f"{sorted(before - sim.acked)[:8]}")
+
+
 MUTATIONS = [
     Mutation("fence-wait", roles,
              "if s.mode in (Mode.STARTING, Mode.FENCING) and now >= s.lease_deadline:",
