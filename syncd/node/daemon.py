@@ -253,20 +253,21 @@ class Node:
                         "only the daemon stopped (same boot of the machine): every write it made is here")
         for g in self.groups.values():
             for m in g.members.values():
-                if g.state.peer_newer and not self.unclean and g.role != "primary":
-                    # Stopped cleanly before its primary resynced what an unclean stop before
-                    # may have taken: its write-intent log kept those regions; reported again
-                    # (every region if the log cannot be trusted now: found by review).
-                    m.suspect_regions = set(m.intent.loaded_regions() if m.intent.trusted
-                                            else range(m.dirty.nregions))
-                elif g.state.peer_newer and not self.unclean:
-                    # Stopped cleanly while it waited for its peer after an unclean stop: what it
-                    # was to fetch back is in its dirty map (nothing was acknowledged alone since).
-                    m.crash_regions = list(set_bits(m.dirty.bits, m.dirty.nregions))
-                    if m.crash_regions:
-                        m.verify = True
-                        g.note(f"{len(m.crash_regions)} regions of {m.st.local} may be newer at {g.st.peer} "
-                               "(an unclean stop before the last one)")
+                if g.state.peer_newer and not self.unclean:
+                    if g.role != "primary":
+                        # Stopped cleanly before its primary resynced what an unclean stop before
+                        # may have taken: its write-intent log kept those regions; reported again
+                        # (every region if the log cannot be trusted now: found by review).
+                        m.suspect_regions = set(m.intent.loaded_regions() if m.intent.trusted
+                                                else range(m.dirty.nregions))
+                    else:
+                        # Stopped cleanly while it waited for its peer after an unclean stop: what
+                        # it was to fetch back is in its dirty map (nothing acknowledged alone since).
+                        m.crash_regions = list(set_bits(m.dirty.bits, m.dirty.nregions))
+                        if m.crash_regions:
+                            m.verify = True
+                            g.note(f"{len(m.crash_regions)} regions of {m.st.local} may be newer at "
+                                   f"{g.st.peer} (an unclean stop before the last one)")
                 elif self.unclean:
                     regions = m.intent.loaded_regions() if m.intent.trusted else range(m.dirty.nregions)
                     if not m.intent.trusted:
@@ -285,13 +286,10 @@ class Node:
                            f"{g.st.peer} (write-intent log)")
                 keep = m.dirty.test if g.role == "primary" else m.suspect_regions.__contains__
                 m.intent.reset_sync(keep)
-            if g.role == "primary" and any(m.crash_regions for m in g.members.values()):
+            if any(m.crash_regions if g.role == "primary" else m.suspect_regions for m in g.members.values()):
                 if self.caches_lost:
-                    g.handle(UncleanStop(trio.current_time()))  # its peer may hold newer writes there
-            elif g.role == "secondary" and any(m.suspect_regions for m in g.members.values()):
-                if self.caches_lost:
-                    # A power cut may have taken mirrored writes its primary acknowledged: no
-                    # failover until the primary resynced them.
+                    # The power cut may have taken writes there that the peer holds (a primary
+                    # fetches them back; a secondary takes nothing over until resynced).
                     g.handle(UncleanStop(trio.current_time()))
             elif g.state.peer_newer:
                 g.handle(CaughtUp(trio.current_time()))  # it was writing nothing: nothing to fetch back

@@ -37,7 +37,15 @@ from syncd.lab.workload import History, check_file, run_writer
 from syncd.nbd.export import punch_hole
 
 from ..guard import unavailable
-from .rig import FAST_LINK, WITNESS, assert_replicas_identical, first_difference, require_root, require_tool
+from .rig import (
+    FAST_LINK,
+    WITNESS,
+    assert_replicas_identical,
+    first_difference,
+    require_root,
+    require_tool,
+    wait_for,
+)
 from .test_crash_campaign import in_sync, resync_counters, showrcopy, since
 
 pytestmark = [pytest.mark.system, pytest.mark.root]
@@ -375,14 +383,9 @@ def test_a_secondary_back_from_a_power_cut_does_not_take_over_without_what_it_lo
         g = showrcopy(lab, sec)["groups"][0]
         assert g["role"] == "secondary" and g["may_lack_acknowledged_writes"], g
         lab_start(d, prim)
-        deadline = time.monotonic() + 60
-        while not in_sync(lab):
-            assert time.monotonic() < deadline, "not back in sync after the primary returned"
-            time.sleep(0.1)
-        deadline = time.monotonic() + 10
-        while showrcopy(lab, sec)["groups"][0]["may_lack_acknowledged_writes"]:
-            assert time.monotonic() < deadline, showrcopy(lab, sec)["groups"][0]["events"]
-            time.sleep(0.1)
+        wait_for(lambda: in_sync(lab), 60, "in sync after the primary returned")
+        wait_for(lambda: not showrcopy(lab, sec)["groups"][0]["may_lack_acknowledged_writes"], 10,
+                 f"{sec} to learn it was resynced (adopt_gen)")
         check = call(lab["nodes"][prim]["admin_socket"], "checkrcopyvv", {"volume": "vv1"}, timeout=60)
         assert check["differing_regions"] == 0, check
         assert_replicas_identical(lab, "vv1")

@@ -136,7 +136,6 @@ class Disk:
     data: set[int] = field(default_factory=set)
     added: dict[int, float] = field(default_factory=dict)  # volatile host write -> real time it got here
     cut_lost: set[int] = field(default_factory=set)  # what power cuts took that the peer still holds
-    volatile_at_cut: set[int] = field(default_factory=set)  # not on the disk yet at the last power cut
     cut_at: float = -math.inf  # real time of the last power cut
 
 
@@ -1106,17 +1105,14 @@ class Sim:
         if how == "power":
             peer = self.arrays[x.peer].disk.data
             volatile = {w for w, t in x.disk.added.items() if t >= self.now - self.cfg.writeback}
-            x.disk.volatile_at_cut, x.disk.cut_at = volatile, self.now
+            first_cut, x.disk.cut_at = self.arrays[x.peer].disk.cut_at, self.now
             # Both arrays lost power, this one within the other's writeback: a write that this
             # cut takes (not on this disk yet, and the other's cut came first) may be lost, as on
             # any block device that loses power with writes no host flush covered; (e) stops
             # counting it. A write this disk holds stays counted, whatever the first cut took
             # (narrowed by review: not every write volatile at either cut). The model's hosts
             # never flush; the system tests check flushed writes through such cuts.
-            other = self.arrays[x.peer].disk
-            both = set()
-            if self.now - other.cut_at <= self.cfg.writeback:
-                both = volatile & self.acked
+            both = volatile & self.acked if self.now - first_cut <= self.cfg.writeback else set()
             if both:
                 self.acked -= both
                 self.note(name, f"both arrays lost power with {sorted(both)} unflushed: no longer counted")
