@@ -32,6 +32,10 @@ log = logging.getLogger("syncd.resync")
 VERIFY_BATCH = 32  # regions per digest exchange
 COPY_WINDOW = 4  # regions copied concurrently
 SAVE_EVERY = 0.5  # s between saves of the dirty map while resyncing
+# The FLUSH that makes a run's copy durable at the peer before the pair is in sync: it writes
+# back whatever the run left in the peer's caches, which can take longer than one request's
+# io_timeout. Given up, the resync is interrupted and runs again (comparing, not resending).
+PEER_FLUSH_TIMEOUT = 120.0
 
 
 class ResyncFailed(Exception):
@@ -75,8 +79,13 @@ class Resync:
     async def run_group(self, g: "Group") -> None:
         """Copy every dirty region of every member; then the peer is in sync (ATTACHED)."""
         try:
+            peer_durable = False
             while g.mode is Mode.SYNCING:
                 work = [m for m in g.members.values() if m.dirty.count]
+                if not work and not peer_durable:
+                    await self._peer_flush(g)
+                    peer_durable = True
+                    continue  # regions dirtied while it flushed are copied (and flushed) too
                 if not work:
                     now = time.time()
                     for m in g.members.values():
@@ -87,12 +96,25 @@ class Resync:
                     g.handle(ResyncDone(trio.current_time()))
                     self.node.save_soon()
                     return
+                peer_durable = False
                 for m in work:
                     await self._member(g, m)
         except ResyncFailed as e:
             g.lose_peer(str(e))
         except (LinkDown, LinkTimeout) as e:
             g.lose_peer(f"resync interrupted: {e}")
+
+    async def _peer_flush(self, g: "Group") -> None:
+        """What the resync copied is durable at the peer (a FLUSH of every volume there) before
+        the pair counts as in sync. Until then the copy may be only in the peer's caches, and
+        once in sync this array counts the peer's copy as holding every flushed write: if both
+        arrays then lost power, the restart here would fetch back the regions it was writing
+        from a copy the power cut took the resync's data from, over this array's durable data
+        (role model finding 13, a doubt of stop 32's review)."""
+        link = self.node.link
+        rep = await link.request(Frame.flush(link.next_id(), g.st.gid, g.epoch), timeout=PEER_FLUSH_TIMEOUT)
+        if rep.status != Status.OK:
+            raise ResyncFailed(f"{g.st.peer} could not make the resynced data durable ({rep.status})")
 
     async def crash_regions_decided(self, g: "Group") -> bool:
         """Until the state exchange has decided whether the regions this array was writing when

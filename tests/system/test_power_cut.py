@@ -403,3 +403,50 @@ def test_a_secondary_back_from_a_power_cut_does_not_take_over_without_what_it_lo
               f"{acked} acknowledged writes all on both arrays; failover to {sec} afterwards")
     finally:
         lab_down(d)
+
+
+def test_what_a_resync_copied_survives_a_power_cut_of_both_sites(tmp_path):
+    """Finding 13 of the role model (a doubt of stop 32's review): the secondary is down while a
+    host writes and flushes at the primary; the secondary returns and the resync copies those
+    writes to it, into its caches only; the pair is in sync, the host writes the same regions
+    again (not flushed), and both sites lose power at once. The primary's peer held every write,
+    so its restart fetched back the regions it was writing from the secondary: a copy the
+    power cut had emptied of the resync's data. Flushed writes were gone from both arrays. Now
+    the secondary makes the resync's copy durable before the pair is in sync."""
+    require_power_cut_disks()
+    d = str(tmp_path / "lab")
+    lab = lab_up(d, size=f"{SIZE >> 20}MiB", nvolumes=1, npaths=2, link_opts=LINK, power_cut=True, timeout=60,
+                 intent=INTENT)
+    hist = History()
+    try:
+        prim = next(s for s in ("A", "B") if showrcopy(lab, s)["groups"][0]["role"] == "primary")
+        sec = "B" if prim == "A" else "A"
+        uri = lab["nodes"][prim]["volumes"]["vv1"]["uri"]
+
+        async def write(seconds: float, seed: int, flush_every: int) -> None:
+            await run_writer(uri, hist, writer=1, blocks=OLD, duration=seconds, qd=4, seed=seed,
+                             retry_interval=0.05, flush_every=flush_every)
+
+        lab_kill(d, sec)
+        trio.run(write, 3.0, 21, 4)  # alone, flushed: durable at the primary
+        flushed = len(hist.durable)
+        lab_start(d, sec)
+        wait_for(lambda: in_sync(lab), 60, "in sync after the secondary returned")
+        copied = showrcopy(lab, prim)["resync_bytes"]
+        # Within seconds, before the secondary's own write-intent pass would flush its volume:
+        # the same regions written again, never flushed, as both sites lose power.
+        trio.run(write, 1.0, 22, 0)
+        lab_fail(d, "power", None)
+        lab_heal(d, "power", None)
+        wait_for(lambda: in_sync(lab), 60, "in sync after both sites lost power")
+        check = call(lab["nodes"][prim]["admin_socket"], "checkrcopyvv", {"volume": "vv1"}, timeout=60)
+        assert check["differing_regions"] == 0, check
+        assert_replicas_identical(lab, "vv1")
+        for site in ("A", "B"):
+            path = lab["nodes"][site]["volumes"]["vv1"]["path"]
+            problems = check_file(path, hist, writer=1, durable_only=True)
+            assert problems == [], f"flushed writes missing on {site} after the power cut of both sites: {problems[:3]}"
+        print(f"resync of {copied / MiB:.1f} MiB to {sec}, then a power cut of both sites: all {flushed} "
+              "writes flushed at the primary are on both arrays")
+    finally:
+        lab_down(d)

@@ -44,6 +44,7 @@ LINKS = (AB, AW, BW)
 GROUP = "g"
 TRACE = 80  # events shown with a violation
 RESYNC_SENDS_DURABLE = True  # the data path's rule (a test takes it away to see the model find it)
+RESYNC_FLUSHES_PEER = True  # the data path's rule: the copy is durable at the peer before the pair is in sync
 
 
 Answer = tuple[object, ...]
@@ -845,7 +846,10 @@ class Sim:
                 # (the last written, so those this array was writing too) stay as they are
                 # there, and ``_pull`` brings them here.
                 y.disk.data -= cut_lost
-                y.disk.data |= snapshot - (y.disk.cut_lost if pulls else frozenset())
+                copied = snapshot - (y.disk.cut_lost if pulls else frozenset())
+                for w in copied - y.disk.data:
+                    y.disk.added[w] = self.now  # volatile there, as any write it applies
+                y.disk.data |= copied
                 reply(("OK",))
 
         self._request(x, "resync_begin", self.cfg.io_timeout, (rs,), at_peer)
@@ -898,7 +902,15 @@ class Sim:
         epoch = x.s.epoch
 
         def at_peer(y: Array, reply: Reply) -> None:
-            reply(("OK",) if y.s.epoch == epoch else ("STALE_EPOCH",))
+            if y.s.epoch != epoch:
+                reply(("STALE_EPOCH",))
+                return
+            if RESYNC_FLUSHES_PEER:
+                # What the resync copied is durable there before the pair is in sync
+                # (``Resync.run_group``'s FLUSH): a flush makes every write applied before it
+                # durable. (The real flush takes a few ms; the answer waits for it.)
+                y.disk.added.clear()
+            reply(("OK",))
 
         self._request(x, "resync_end", self.cfg.io_timeout, (rs,), at_peer)
 

@@ -83,6 +83,14 @@ all are fixed now: 1 and 2 at 47dda5f, the others after them; 8 was found at 47d
    counts a write no longer once both arrays lost power, each within the other's writeback,
    while it was not on both disks (no host flush covered it; the system tests check flushed
    writes through such cuts).
+13. A doubt of stop 32's review, shown by the model first once a resync's copy was volatile at
+   the peer (it had been durable at once there): the secondary killed, the primary writes alone
+   (written back), the resync copies those writes to the returned secondary's page cache, the
+   pair is in sync, and both lose power at once; the primary, whose peer held every write,
+   fetches back the regions it was writing from a copy the power cut emptied, and writes that
+   were on its disk are gone (e). Fixed in ``Resync.run_group``: the peer flushes what the
+   resync copied (a FLUSH of every volume) before the pair is in sync
+   (``roles_sim.RESYNC_FLUSHES_PEER``); ``resync_then_both_power_cut`` breaks (e) without it.
 Also: (S, PeerLost) has no row (a mirrored write failing after a switchover or demotion raises
 RoleError: the shell must catch it); without a witness a restarted primary goes on alone once its
 fence is over, confirmed by nothing (the pre-elected design, docs/design.md §4: promise (d) counts
@@ -719,6 +727,36 @@ def test_writes_acknowledged_alone_and_resynced_survive_a_power_cut_of_the_prima
     monkeypatch.setattr(roles_sim, "RESYNC_SENDS_DURABLE", False)
     with pytest.raises(Violation) as caught:
         alone_then_resync_then_power_cut(scenario(writeback=5.0))
+    assert caught.value.promise == "e", str(caught.value)
+
+
+def resync_then_both_power_cut(sim: Sim) -> None:
+    """Finding 13 (a doubt of stop 32's review, shown here first): the secondary is killed, the
+    primary writes alone and the kernel writes those back; the secondary returns and the resync
+    copies them to it, into its page cache; the pair is in sync, and both arrays lose power at
+    once. The primary, whose peer held every write, fetches back the regions it was writing:
+    from a copy the power cut took the resync's data from."""
+    settle(sim)
+    a = sim.arrays[A]
+    sim.crash(B)
+    writes_for(sim, 8.0)  # alone, and on A's disk (writeback 5 s)
+    sim.restart(B)
+    sim.run_while(lambda: a.s.mode is not roles.Mode.ATTACHED, 20.0)
+    sim.crash(B, "power")
+    sim.crash(A, "power")
+    sim.restart(A)
+    sim.restart(B)
+    writes_for(sim, 15.0)
+
+
+def test_what_a_resync_copied_survives_a_power_cut_of_both_arrays(monkeypatch: pytest.MonkeyPatch) -> None:
+    sim = scenario(writeback=5.0)
+    resync_then_both_power_cut(sim)  # the peer flushes what the resync copied before the pair is in sync
+    a, b = sim.arrays[A], sim.arrays[B]
+    assert a.s.mode is roles.Mode.ATTACHED and sim.acked <= a.disk.data and sim.acked <= b.disk.data, a.s
+    monkeypatch.setattr(roles_sim, "RESYNC_FLUSHES_PEER", False)
+    with pytest.raises(Violation) as caught:
+        resync_then_both_power_cut(scenario(writeback=5.0))
     assert caught.value.promise == "e", str(caught.value)
 
 
