@@ -170,6 +170,9 @@ class Node:
         # number of the peer's latest, so an older snapshot changes nothing (peer.peer_roles).
         self.roles_seq = 0
         self.peer_roles_seq = 0
+        # Set once this link session's state exchange has been answered: the regions the peer
+        # reported it may lack (``suspect_regions``) are in the dirty maps then (Group._recover).
+        self.exchanged = trio.Event()
         # iSCSI: COMPARE AND WRITE and PERSISTENT RESERVE OUT each take one lock per volume
         # here (node.iscsi); the reservations are this array's copy, kept in state.json.
         self.caw_locks: dict[str, trio.Lock] = {}
@@ -616,6 +619,7 @@ class Node:
         log.info("replication link to %s up", self.cfg.link.peer)
         self.events.update("link", {"peer": self.cfg.link.peer, "state": "up"})
         self.peer_roles_seq = 0  # the peer may have restarted: its numbering starts again
+        self.exchanged = trio.Event()  # a new session: what the peer may lack is asked again
         now = trio.current_time()
         for g in list(self.groups.values()):
             g.handle(LinkUp(now))

@@ -634,12 +634,26 @@ class Group:
             if since < 1.0:
                 await trio.sleep(1.0 - since)  # a peer that keeps failing is not hammered
             self.last_recover = trio.current_time()
+            # What the peer may lack that only it knows (a secondary back from a power cut: the
+            # regions it was writing) comes in the answer to this link session's state exchange.
+            # The peer's own exchange request can start this resync first: it must not tell the
+            # peer what it lacks, nor end in sync (``adopt_gen``: the peer forgets those regions
+            # and may take the group over) before they are in the dirty maps (found by review).
+            exchanged = self.node.exchanged
+            with trio.move_on_after(2 * self.node.cfg.link.io_timeout):
+                await exchanged.wait()
+            if not exchanged.is_set():
+                self.lose_peer("the state exchange did not say which regions the peer may lack")
+                return
             link = self.node.link
             assert link is not None
             for m in list(self.members.values()):
                 if self.mode is not Mode.SYNCING:
                     return
-                bits = snaps.get(m.vol_id, bytes(m.dirty.bits))
+                # The snapshot taken as mirroring began, and what the exchange has added since.
+                bits = self._lacks(m)
+                if m.vol_id in snaps:
+                    bits = bytes(a | b for a, b in zip(snaps[m.vol_id], bits, strict=True))
                 frame = Frame.resync_begin(link.next_id(), self.st.gid, self.epoch, m.vol_id, m.dirty.region, bits)
                 try:
                     reply = await link.request(frame)

@@ -145,6 +145,7 @@ async def exchange_state(node: "Node") -> None:
     role and epoch for every group (which confirms or demotes this array), what it may have
     written that we lack, and whether both sides wrote apart (split brain)."""
     mine = [group_summary(g) for g in node.groups.values() if g.role == "primary"]
+    exchanged = node.exchanged  # this link session's
     try:
         ans = await node.control({"op": "sync_groups", "groups": mine,
                                   # every group's role, not only those it is secondary of: the
@@ -188,6 +189,7 @@ async def exchange_state(node: "Node") -> None:
             if m is not None:
                 m.compare_all()
                 g.note(f"{g.st.peer}'s copy of {m.st.local} is suspect (its device failed): full compare")
+    exchanged.set()  # a resync may tell the peer what it lacks and end in sync now (Group._recover)
     roles = ans.get("roles")
     if roles is None:  # a peer from before the role machine: it does not say; assume it follows
         roles = {g.name: {"role": "secondary", "epoch": g.epoch} for g in node.groups.values() if g.role == "primary"}
