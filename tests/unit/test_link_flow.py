@@ -365,3 +365,75 @@ async def test_bytes_an_inline_send_left_unsent_die_with_the_connection(pair):
     peer.answer(b, fresh)
     with trio.fail_after(5):
         assert (await a.wait(pend)).status == 0
+
+
+# -- which path a request takes ---------------------------------------------------------------
+
+@pytest.fixture
+async def two_paths():
+    """Links A and B over two paths, both up; 64 MiB of credit."""
+    ports = [(free_port(), free_port()) for _ in range(2)]
+    t = dict(ping_interval=0.1, path_timeout=1.0, io_timeout=3.0, max_inflight=64 << 20)
+    ca = LinkConfig(peer="B", paths=tuple(LinkPath(("127.0.0.1", x), ("127.0.0.1", y)) for x, y in ports), **t)
+    cb = LinkConfig(peer="A", paths=tuple(LinkPath(("127.0.0.1", y), ("127.0.0.1", x)) for x, y in ports), **t)
+    peer = Peer()
+    a = Link(ca, "A", uuid.uuid4().bytes, lambda *x: None, lambda: None, lambda: None)
+    b = Link(cb, "B", uuid.uuid4().bytes, peer.on_request, lambda: None, lambda: None)
+    async with trio.open_nursery() as n:
+        await n.start(b.run)
+        await n.start(a.run)
+        for _ in range(500):  # both paths connect on their own (dial loops)
+            if len(a.live_paths()) == 2 and len(b.live_paths()) == 2:
+                break
+            await trio.sleep(0.01)
+        assert len(a.live_paths()) == 2 and len(b.live_paths()) == 2
+        yield a, b, peer
+        n.cancel_scope.cancel()
+
+
+def paths_of(peer: Peer, frames: list[Frame]) -> list[int]:
+    at = {f.req_id: p.index for p, f in peer.got}
+    return [at[f.req_id] for f in frames]
+
+
+async def test_small_requests_keep_to_one_path_while_it_keeps_up_and_large_ones_spread(two_paths):
+    """Small requests that arrive together leave, arrive and are answered together on one path
+    (spread in turn, each batch cost a send, a receive and a wake-up per path at both arrays);
+    past PREFER_INFLIGHT in flight there they spread, as large requests always do."""
+    from syncd.repl.link import PREFER_INFLIGHT
+
+    a, b, peer = two_paths
+    small = [write(a.next_id(), 4096) for _ in range(16)]
+    for f in small:
+        a.start(f)
+    with trio.fail_after(5):
+        await peer.wait_for(16)
+    assert len(set(paths_of(peer, small))) == 1, paths_of(peer, small)
+    first = paths_of(peer, small)[0]
+    # More small ones, none answered: beyond PREFER_INFLIGHT on the first path they spread.
+    more = [write(a.next_id(), 4096) for _ in range(2 * PREFER_INFLIGHT)]
+    for f in more:
+        a.start(f)
+    with trio.fail_after(5):
+        await peer.wait_for(16 + len(more))
+    on = paths_of(peer, small + more)
+    assert on.count(first) >= PREFER_INFLIGHT and on.count(1 - first) >= PREFER_INFLIGHT // 2, on
+    for f in small + more:
+        peer.answer(b, f)
+    # Large requests (bandwidth) take both paths in turn, however few are in flight.
+    large = [write(a.next_id(), 256 << 10) for _ in range(4)]
+    for f in large:
+        a.start(f)
+    with trio.fail_after(5):
+        await peer.wait_for(16 + len(more) + 4)
+    assert sorted(paths_of(peer, large)) == [0, 0, 1, 1], paths_of(peer, large)
+    for f in large:
+        peer.answer(b, f)
+    # A preferred path whose round trip is over the limit is passed over.
+    a.paths[first].rtt_high = True
+    late = [write(a.next_id(), 4096) for _ in range(4)]
+    for f in late:
+        a.start(f)
+    with trio.fail_after(5):
+        await peer.wait_for(16 + len(more) + 8)
+    assert set(paths_of(peer, late)) == {1 - first}, paths_of(peer, late)
