@@ -495,6 +495,10 @@ class Group:
                 m.dirty = Bitmap(m.vol.size, m.dirty.region)
                 m.oos = Bitmap(m.vol.size, m.oos.region)
                 m.verify = False
+            if self.role == "primary" and not node.exchanged.is_set():
+                # Primary now, in a link session whose exchange this node (secondary then) may
+                # not have had answered: a resync waits for one (``_recover``), so ask again.
+                node.tell_peer()
         elif isinstance(a, DiskFailure):
             node.disk_failed(self, a.peer_in_sync)
         elif isinstance(a, AdoptGeneration):
@@ -629,6 +633,8 @@ class Group:
     async def _recover(self, snaps: dict[int, bytes]) -> None:
         """Bring the returned peer back: tell it which regions it lacks (RESYNC_BEGIN per
         volume), then copy them while new writes are mirrored."""
+        session = self.node.exchanged  # the link session this resync began in
+        stale = False
         try:
             since = trio.current_time() - self.last_recover
             if since < 1.0:
@@ -642,6 +648,11 @@ class Group:
             exchanged = self.node.exchanged
             with trio.move_on_after(2 * self.node.cfg.link.io_timeout):
                 await exchanged.wait()
+            if self.node.exchanged is not session or exchanged is not session:
+                # Its link session ended (the peer was lost with it): a later session's resync,
+                # maybe running now, is not this one's to fence off or to end.
+                stale = True
+                return
             if not exchanged.is_set():
                 self.lose_peer("the state exchange did not say which regions the peer may lack")
                 return
@@ -672,7 +683,8 @@ class Group:
             await self.node.resync.pull_group(self)
             await self.node.resync.run_group(self)
         finally:
-            self.handle(ResyncEnded(trio.current_time()))
+            if not stale:
+                self.handle(ResyncEnded(trio.current_time()))
 
     def start_member_sync(self, m: Member) -> None:
         """A volume admitted to a running group: full sync by digest comparison."""

@@ -33,8 +33,11 @@ VERIFY_BATCH = 32  # regions per digest exchange
 COPY_WINDOW = 4  # regions copied concurrently
 SAVE_EVERY = 0.5  # s between saves of the dirty map while resyncing
 # The FLUSH that makes a run's copy durable at the peer before the pair is in sync: it writes
-# back whatever the run left in the peer's caches, which can take longer than one request's
-# io_timeout. Given up, the resync is interrupted and runs again (comparing, not resending).
+# back whatever the peer's caches hold (the run's copy and the mirrored writes), which can take
+# longer than one request's io_timeout. Given up, the resync is interrupted and runs again: the
+# regions it copied are clean here, so the next run sends the FLUSH again; a power cut at the
+# peer meanwhile is covered by its write-intent log, which clears a mark only once the data is
+# durable there (it reports those regions as suspect).
 PEER_FLUSH_TIMEOUT = 120.0
 
 
