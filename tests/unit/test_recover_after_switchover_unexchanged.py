@@ -13,28 +13,20 @@ from __future__ import annotations
 import trio
 
 from syncd.node import operations
-from syncd.node.daemon import Node
 from syncd.node.roles import Mode
 from syncd.repl.link import LinkTimeout
 from syncd.repl.proto import MsgType
 
-from .test_secondary_suspect_before_in_sync import End, cfg_of, first_run, release, until
+from .test_secondary_suspect_before_in_sync import first_run, linked, release, until
 
 
 async def test_a_resync_after_a_switchover_does_not_wait_for_an_exchange_nobody_runs(tmp_path):
     await first_run(tmp_path / "A", "A", "B", "primary", mark=False)
     await first_run(tmp_path / "B", "B", "A", "secondary", mark=False)
     async with trio.open_nursery() as nursery:
-        a = Node(cfg_of(tmp_path / "A", "A", "B"))
-        b = Node(cfg_of(tmp_path / "B", "B", "A"))
+        a, b = await linked(nursery, tmp_path)
         try:
             ga, gb = a.groups["rcg1"], b.groups["rcg1"]
-            for n in (a, b):
-                n._nursery = nursery
-                for g in n.groups.values():
-                    await nursery.start(g.run)
-            a.link, b.link = End(a), End(b)
-            a.link.other, b.link.other = b.link, a.link
             # B's own exchange (it is secondary: nothing in it matters to it now) is not answered
             # within io_timeout (a slow save at A, a path retransmitting): the link stays up.
             orig, failed = b.link.request, []

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import trio
 
-from syncd.node.daemon import Node
 from syncd.node.roles import Mode
 from syncd.repl.proto import MsgType
 
 from . import test_secondary_suspect_before_in_sync as base
-from .test_secondary_suspect_before_in_sync import End, first_run, release, until
+from .test_secondary_suspect_before_in_sync import first_run, linked, release, until
 
 
 async def test_a_resync_of_an_ended_link_session_does_not_fence_the_next_ones(tmp_path, monkeypatch):
@@ -30,16 +29,9 @@ async def test_a_resync_of_an_ended_link_session_does_not_fence_the_next_ones(tm
     await first_run(tmp_path / "A", "A", "B", "primary", mark=False)
     await first_run(tmp_path / "B", "B", "A", "secondary", mark=False)
     async with trio.open_nursery() as nursery:
-        a = Node(base.cfg_of(tmp_path / "A", "A", "B"))
-        b = Node(base.cfg_of(tmp_path / "B", "B", "A"))
+        a, b = await linked(nursery, tmp_path)
         try:
             ga = a.groups["rcg1"]
-            for n in (a, b):
-                n._nursery = nursery
-                for g in n.groups.values():
-                    await nursery.start(g.run)
-            a.link, b.link = End(a), End(b)
-            a.link.other, b.link.other = b.link, a.link
             # Session 1: the answer to A's exchange is lost with the link.
             lost = trio.Event()  # never set
             a.link.hold = lambda f: lost if f.type == MsgType.CONTROL and b"sync_groups" in bytes(f.payload) else None

@@ -30,6 +30,8 @@ from syncd.node.roles import Mode
 from syncd.node.state import GroupState, MemberState
 from syncd.repl.proto import Frame, MsgType
 
+from .test_boot_id import release  # as the process's exit does (the marker stays: a kill or a power cut)
+
 SIZE = 8 << 20
 REGION = 256 << 10
 LOST = 3  # the region whose last mirrored write B's power cut took
@@ -68,13 +70,6 @@ async def until(cond, seconds: float) -> None:
         await trio.sleep(0.005)
 
 
-def release(n: Node) -> None:
-    """As the process's exit does (the marker stays: a kill or a power cut)."""
-    n.close()
-    for g in n.groups.values():
-        for m in g.members.values():
-            m.intent.close()
-    os.close(n.store._lockfd)
 
 
 async def first_run(d: Path, me: str, peer_name: str, role: str, mark: bool) -> None:
@@ -136,6 +131,19 @@ class End:
 
     def reset(self, reason: str) -> None:
         self.resets.append(reason)  # a new session would run the exchange again
+
+
+async def linked(nursery: trio.Nursery, tmp: Path) -> tuple[Node, Node]:
+    """A and B started over their data directories, their groups running, linked by ``End``s."""
+    a = Node(cfg_of(tmp / "A", "A", "B"))
+    b = Node(cfg_of(tmp / "B", "B", "A"))
+    for n in (a, b):
+        n._nursery = nursery
+        for g in n.groups.values():
+            await nursery.start(g.run)
+    a.link, b.link = End(a), End(b)
+    a.link.other, b.link.other = b.link, a.link
+    return a, b
 
 
 @pytest.mark.parametrize("answer", ["in-time", "late", "never"])
