@@ -91,6 +91,8 @@ all are fixed now: 1 and 2 at 47dda5f, the others after them; 8 was found at 47d
    were on its disk are gone (e). Fixed in ``Resync.run_group``: the peer flushes what the
    resync copied (a FLUSH of every volume) before the pair is in sync
    (``roles_sim.RESYNC_FLUSHES_PEER``); ``resync_then_both_power_cut`` breaks (e) without it.
+   2,583 random schedules did not find it without the flush (it needs both arrays to lose
+   power within seconds of a resync's end); 3,891 found nothing with it.
 Also: (S, PeerLost) has no row (a mirrored write failing after a switchover or demotion raises
 RoleError: the shell must catch it); without a witness a restarted primary goes on alone once its
 fence is over, confirmed by nothing (the pre-elected design, docs/design.md §4: promise (d) counts
