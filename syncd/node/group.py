@@ -645,15 +645,15 @@ class Group:
             # The peer's own exchange request can start this resync first: it must not tell the
             # peer what it lacks, nor end in sync (``adopt_gen``: the peer forgets those regions
             # and may take the group over) before they are in the dirty maps (found by review).
-            exchanged = self.node.exchanged
-            with trio.move_on_after(2 * self.node.cfg.link.io_timeout):
-                await exchanged.wait()
-            if self.node.exchanged is not session or exchanged is not session:
+            if self.node.exchanged is session:
+                with trio.move_on_after(2 * self.node.cfg.link.io_timeout):
+                    await session.wait()
+            if self.node.exchanged is not session:
                 # Its link session ended (the peer was lost with it): a later session's resync,
                 # maybe running now, is not this one's to fence off or to end.
                 stale = True
                 return
-            if not exchanged.is_set():
+            if not session.is_set():
                 self.lose_peer("the state exchange did not say which regions the peer may lack")
                 return
             link = self.node.link
