@@ -241,8 +241,10 @@ def test_any_single_mutation_of_the_wire_never_yields_altered_plaintext(data):
     if kind == "flip":
         mutated[pos] ^= 1 << data.draw(st.integers(0, 7))
     elif kind == "set":
-        v = data.draw(st.integers(0, 255).filter(lambda v: v != wire[pos]))
-        mutated[pos] = v
+        # Another value: drawn as a non-zero difference, not filtered against the wire's byte,
+        # which a new session's random keys change when hypothesis replays the example (it
+        # called that inconsistent data generation and failed the test, CI at 1518760).
+        mutated[pos] = wire[pos] ^ data.draw(st.integers(1, 255))
     elif kind == "delete":
         del mutated[pos]
     elif kind == "insert":
