@@ -65,12 +65,11 @@ class Outbox(Protocol):
 
 
 class _Batch:
-    __slots__ = ("active", "pending", "gather")
+    __slots__ = ("active", "pending")
 
     def __init__(self) -> None:
         self.active = False
         self.pending: list[Outbox] = []
-        self.gather: list[Callable[[], None]] = []  # run as the batch ends, before the flush
 
 
 _batch = _Batch()
@@ -233,9 +232,6 @@ def batch_end(was: bool) -> None:
     ``finally``): every outbox the batch queued to is flushed now."""
     if was:
         return
-    gather = _batch.gather
-    while gather:  # still within the batch: what they queue leaves in its flush
-        gather.pop()()
     _batch.active = False
     pending = _batch.pending
     while pending:
@@ -252,16 +248,6 @@ def defer(ob: Outbox) -> bool:
     if not ob.flush_queued:
         ob.flush_queued = True
         _batch.pending.append(ob)
-    return True
-
-
-def at_batch_end(fn: Callable[[], None]) -> bool:
-    """Have ``fn`` run when the current batch ends, before its outboxes are flushed (output
-    gathered over the batch, such as many RELEASEs in one frame, leaves in that flush); False
-    when no batch is running. ``fn`` must not raise; the caller registers it once per batch."""
-    if not _batch.active:
-        return False
-    _batch.gather.append(fn)
     return True
 
 

@@ -470,7 +470,7 @@ class DataPath:
         if reply is None:
             # Given up (timeout, or the link went): tell the primary, which then neither applies
             # it late nor waits for a RELEASE that would never come.
-            g.node.link.release(pend.frame.req_id, g.st.gid, pend.frame.epoch, errno.ETIMEDOUT)
+            g.node.link.send(Frame.release(pend.frame.req_id, g.st.gid, pend.frame.epoch, errno.ETIMEDOUT))
         if reply is None and not g.failover_possible():
             done(errno.ESHUTDOWN, f"write not acknowledged by the primary: {pend.error}")
             return
@@ -503,7 +503,7 @@ class DataPath:
         except OSError as e:
             status = e.errno or errno.EIO
             err = self.local_error(e)
-        g.node.link.release(pend.frame.req_id, g.st.gid, g.epoch, status)
+        g.node.link.send(Frame.release(pend.frame.req_id, g.st.gid, g.epoch, status))
         if status:
             done(err.errno, f"local write failed after the primary applied it: {err}")
         else:
@@ -637,7 +637,7 @@ class DataPath:
             # The primary may have applied it and be holding the range for our RELEASE: say we
             # did not apply it (it marks the range dirty and fences us off, so the replicas
             # cannot differ unseen). Lost with the link, the primary's own bound does the same.
-            link.release(req_id, g.st.gid, g.epoch, errno.ETIMEDOUT)
+            link.send(Frame.release(req_id, g.st.gid, g.epoch, errno.ETIMEDOUT))
             if await self._became_primary():
                 await self._write_at_primary(m, kind, offset, length, data, fua, no_hole, fast)
                 return
@@ -672,7 +672,7 @@ class DataPath:
                 m.lock.release(tok)
             # The primary holds the range until this arrives, so nothing overlapping can be
             # ordered in between on either replica.
-            link.release(req_id, g.st.gid, g.epoch, status)
+            link.send(Frame.release(req_id, g.st.gid, g.epoch, status))
 
     async def host_flush(self, m: "Member") -> None:
         g = self.g
@@ -782,19 +782,17 @@ class DataPath:
         self.g.lose_peer(f"the peer did not confirm {len(late)} forwarded write(s) within {bound:.1f}s")
 
     def handle_release(self, f: Frame) -> None:
-        status = f.release_status()
-        for req_id in f.release_ids():  # ProtocolError (the path closes) before any is taken
-            entry = self.forwarded.pop(req_id, None)
-            if entry is None:
-                if req_id in self._waiting:  # the secondary gave it up before we got to it
-                    self._waiting[req_id] = True
-                continue
-            m, tok, off, ln, _ = entry
-            if status:
-                # The secondary could not apply what we applied: the replicas differ there.
-                m.dirty.set_range(off, ln)
-                self.g.lose_peer(f"peer failed to apply a write ({status})")
-            m.lock.release(tok)
+        entry = self.forwarded.pop(f.req_id, None)
+        if entry is None:
+            if f.req_id in self._waiting:  # the secondary gave it up before we got to it
+                self._waiting[f.req_id] = True
+            return
+        m, tok, off, ln, _ = entry
+        if f.release_status():
+            # The secondary could not apply what we applied: the replicas differ there.
+            m.dirty.set_range(off, ln)
+            self.g.lose_peer(f"peer failed to apply a write ({f.release_status()})")
+        m.lock.release(tok)
 
     def fence_over(self) -> None:
         """The peer is fenced off: forwarded writes it never released may differ there; their

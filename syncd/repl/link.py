@@ -231,7 +231,6 @@ class Link:
         self.refusals = RefusalLog(log)
         self._handshaking: collections.Counter[str] = collections.Counter()  # per source address
         self._path_down = trio.lowlevel.ParkingLot()  # tasks waiting for a path (or all) to go down
-        self._releases: dict[tuple[int, int], list[int]] = {}  # (group, epoch) -> req_ids, this batch
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -878,35 +877,9 @@ class Link:
                     self._settle(pend)
 
     def send(self, frame: Frame) -> None:
-        """Send a frame that expects no reply on any live path, as a control frame."""
+        """Send a frame that expects no reply (RELEASE) on any live path, as a control frame."""
         if self.up:
             self._transmit(proto.encode(frame), None)
-
-    def release(self, req_id: int, group: int, epoch: int, status: int = 0) -> None:
-        """RELEASE a forwarded request (see proto/replication.md, "Ordering"). The successful
-        ones of a batch (the replies one receive brought) leave together when it ends, as one
-        frame to a peer that takes several (FEAT_RELEASE_MANY): a frame per forwarded write
-        costs both arrays an encode, a decode and a dispatch each."""
-        if not self.up:
-            return
-        if status or not self.features & proto.FEAT_RELEASE_MANY:
-            self._transmit(proto.encode(Frame.release(req_id, group, epoch, status)), None)
-            return
-        gathered = self._releases
-        if not gathered and not netio.at_batch_end(self._send_releases):
-            self._transmit(proto.encode(Frame.release(req_id, group, epoch)), None)
-            return
-        gathered.setdefault((group, epoch), []).append(req_id)
-
-    def _send_releases(self) -> None:
-        gathered, self._releases = self._releases, {}
-        if not self.up:
-            return
-        step = proto.RELEASE_MAX
-        for (group, epoch), ids in gathered.items():
-            for i in range(0, len(ids), step):
-                chunk = ids[i:i + step]
-                self._transmit(proto.encode(Frame.release(chunk[0], group, epoch, 0, chunk[1:])), None)
 
     def reply(self, path: Path, req_id: int, status: int = 0, payload: bytes = b"") -> None:
         """Answer a request; a reply carrying data (a READ's) is bulk, any other is control."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import collections
 import json
 import struct
-from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, cast
@@ -29,13 +28,7 @@ FEAT_FUA, FEAT_TRIM, FEAT_ZEROES, FEAT_FORWARD, FEAT_DIGESTS = 1, 2, 4, 8, 16
 # The receiver honours FAST_ZERO on ZEROES: it zeroes without writing data or answers ENOTSUP
 # having changed nothing. A node sends FAST_ZERO only to a peer whose HELLO had this bit.
 FEAT_FAST_ZERO = 32
-# The receiver takes a RELEASE whose payload names more requests after the status (the same
-# group, epoch and status for all): a secondary then releases the forwarded writes that one
-# round of replies granted in one frame. Sent only to a peer whose HELLO had this bit.
-FEAT_RELEASE_MANY = 64
-FEATURES = FEAT_FUA | FEAT_TRIM | FEAT_ZEROES | FEAT_FORWARD | FEAT_DIGESTS | FEAT_FAST_ZERO | FEAT_RELEASE_MANY
-# The most requests one RELEASE names (its own req_id and the list after the status).
-RELEASE_MAX = 1024
+FEATURES = FEAT_FUA | FEAT_TRIM | FEAT_ZEROES | FEAT_FORWARD | FEAT_DIGESTS | FEAT_FAST_ZERO
 
 FLAG_FUA, FLAG_FORWARDED, FLAG_RESYNC, FLAG_NO_HOLE, FLAG_FAST_ZERO = 0x01, 0x02, 0x04, 0x08, 0x10
 
@@ -250,13 +243,8 @@ class Frame:
         return cls(MsgType.FLUSH, 0, req_id, group, epoch, vol)
 
     @classmethod
-    def release(cls, req_id: int, group: int, epoch: int, status: int = 0, more: Sequence[int] = ()) -> Frame:
-        """RELEASE of ``req_id`` and, to a peer with FEAT_RELEASE_MANY, of the requests in
-        ``more`` (same group, epoch and status; at most RELEASE_MAX in all)."""
-        if len(more) >= RELEASE_MAX:
-            raise ValueError(f"a RELEASE names at most {RELEASE_MAX} requests")
-        payload = _U32.pack(status) + struct.pack(f">{len(more)}Q", *more) if more else _U32.pack(status)
-        return cls(MsgType.RELEASE, 0, req_id, group, epoch, payload=payload)
+    def release(cls, req_id: int, group: int, epoch: int, status: int = 0) -> Frame:
+        return cls(MsgType.RELEASE, 0, req_id, group, epoch, payload=_U32.pack(status))
 
     @classmethod
     def read(cls, req_id: int, group: int, epoch: int, vol: int, offset: int, length: int) -> Frame:
@@ -320,17 +308,6 @@ class Frame:
     def release_status(self) -> int:
         status: int = _U32.unpack(self.payload[:4])[0] if len(self.payload) >= 4 else 0
         return status
-
-    def release_ids(self) -> list[int]:
-        """The requests a RELEASE names: its req_id, then any listed after the status."""
-        n = len(self.payload) - 4
-        if n <= 0:
-            return [self.req_id]
-        if n % 8:
-            raise ProtocolError(f"RELEASE payload of {n + 4} bytes: not a status and whole request ids")
-        if n // 8 >= RELEASE_MAX:
-            raise ProtocolError(f"RELEASE names {n // 8 + 1} requests, more than {RELEASE_MAX}")
-        return [self.req_id, *struct.unpack_from(f">{n // 8}Q", self.payload, 4)]
 
     def resync_bitmap(self) -> tuple[int, bytes]:
         if len(self.payload) < 4:

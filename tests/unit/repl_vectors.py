@@ -27,7 +27,6 @@ VECTORS: dict[str, Frame] = {
     "trim": Frame.trim(11, 0x42, 3, 1, 0, 4096),
     "flush": Frame.flush(12, 0x42, 3),
     "release": Frame.release(8, 0x42, 3, 0),
-    "release_many": Frame.release(8, 0x42, 3, 0, [21, 0x0102030405060708]),
     "read": Frame.read(13, 0x42, 3, 1, 512, 4096),
     "lease": Frame.lease(14, 0x42, 3),
     "reply_ok": Frame.reply(7),

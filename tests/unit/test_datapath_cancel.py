@@ -85,8 +85,9 @@ class Wire:
     async def request(self, frame, timeout=None):  # noqa: ASYNC109 (the link's signature)
         return await self.wait(self.start(frame))
 
-    def release(self, req_id: int, group: int, epoch: int, status: int = 0) -> None:
-        self.releases.append((req_id, status))
+    def send(self, frame) -> None:
+        assert frame.type == MsgType.RELEASE
+        self.releases.append((frame.req_id, frame.release_status()))
 
     def answer(self) -> None:
         for pend in self.unanswered:

@@ -5,14 +5,13 @@ over loopback TCP, its peer a second Link or a raw socket speaking the wire form
 
 from __future__ import annotations
 
-import errno
 import socket
 import uuid
 
 import pytest
 import trio
 
-from syncd import netio, secure
+from syncd import secure
 from syncd.config import LinkConfig, LinkPath
 from syncd.repl import proto
 from syncd.repl.flow import BULK_BATCH, Credit, SendQueue, is_bulk, request_cost
@@ -438,46 +437,3 @@ async def test_small_requests_keep_to_one_path_while_it_keeps_up_and_large_ones_
     with trio.fail_after(5):
         await peer.wait_for(16 + len(more) + 8)
     assert set(paths_of(peer, late)) == {1 - first}, paths_of(peer, late)
-
-
-async def test_the_releases_of_a_batch_leave_as_one_frame_to_a_peer_that_takes_several(pair):
-    """A secondary's RELEASEs that one receive's replies cause leave together as one frame when
-    the batch ends; a failed one goes alone, and so does every one outside a batch or to a peer
-    without FEAT_RELEASE_MANY (one frame per request, as in every earlier version)."""
-    a, b, peer = pair
-    assert a.features & proto.FEAT_RELEASE_MANY
-
-    def released() -> list[tuple[int, int, int, list[int]]]:
-        return sorted((f.group, f.epoch, f.release_status(), f.release_ids())
-                      for _, f in peer.got if f.type == MsgType.RELEASE)
-
-    was = netio.batch_begin()
-    try:
-        for i in range(1, 6):
-            a.release(i, 7, 3)
-        a.release(6, 7, 3, errno.EIO)  # the secondary could not apply it: at once, alone
-        a.release(7, 8, 3)  # another group
-        a.release(8, 7, 4)  # another epoch
-        assert not peer.got  # nothing left before the batch ended
-    finally:
-        netio.batch_end(was)
-    with trio.fail_after(5):
-        await peer.wait_for(4)
-    assert released() == [(7, 3, 0, [1, 2, 3, 4, 5]), (7, 3, errno.EIO, [6]), (7, 4, 0, [8]), (8, 3, 0, [7])]
-    peer.got.clear()
-    a.release(9, 7, 3)  # outside a batch: at once
-    with trio.fail_after(5):
-        await peer.wait_for(1)
-    assert released() == [(7, 3, 0, [9])]
-    peer.got.clear()
-    a.features &= ~proto.FEAT_RELEASE_MANY  # an older peer
-    was = netio.batch_begin()
-    try:
-        for i in range(10, 13):
-            a.release(i, 7, 3)
-    finally:
-        netio.batch_end(was)
-    with trio.fail_after(5):
-        await peer.wait_for(3)
-    assert released() == [(7, 3, 0, [10]), (7, 3, 0, [11]), (7, 3, 0, [12])]
-    assert all(len(f.payload) == 4 for _, f in peer.got)  # the version-1 RELEASE, byte for byte

@@ -135,24 +135,3 @@ def test_payload_helpers():
         Frame.control(1, {}).__class__(MsgType.CONTROL, payload=b"[1]").control_json()
     with pytest.raises(ProtocolError):
         Frame(MsgType.CONTROL, payload=b"\xff").control_json()
-
-
-def test_a_release_names_its_request_and_with_release_many_the_ones_listed_after_the_status():
-    assert VECTORS["release"].release_ids() == [8]
-    assert VECTORS["release_many"].release_ids() == [8, 21, 0x0102030405060708]
-    assert VECTORS["release_many"].release_status() == 0
-    assert Frame(MsgType.RELEASE, req_id=5).release_ids() == [5]  # no payload: status 0, itself
-    most = Frame.release(1, 2, 3, 0, list(range(2, proto.RELEASE_MAX + 1)))
-    assert most.release_ids() == list(range(1, proto.RELEASE_MAX + 1))
-    with pytest.raises(ValueError, match="at most"):
-        Frame.release(1, 2, 3, 0, list(range(2, proto.RELEASE_MAX + 2)))
-
-
-@pytest.mark.parametrize("payload, why", [
-    (bytes(4) + bytes(7), "whole request ids"),  # a status and 7 bytes
-    (bytes(4) + bytes(8 * proto.RELEASE_MAX), "more than"),  # 1,025 requests
-    (bytes(3) + bytes(8), "whole request ids"),
-])
-def test_a_malformed_release_is_a_protocol_error_naming_the_problem(payload, why):
-    with pytest.raises(ProtocolError, match=why):
-        Frame(MsgType.RELEASE, req_id=1, payload=payload).release_ids()

@@ -129,9 +129,6 @@ class End:
     def send(self, frame) -> None:
         pass
 
-    def release(self, req_id: int, group: int, epoch: int, status: int = 0) -> None:
-        pass
-
     def reset(self, reason: str) -> None:
         self.resets.append(reason)  # a new session would run the exchange again
 
