@@ -84,6 +84,9 @@ def outcome(r: dict, h: dict) -> str:
         return "server failed (its VMs restart elsewhere)"
     if h["io_errors"]:
         return f"lost access: {h['io_errors']} I/O errors"
+    if not h["acked_in_fault"] and h.get("held_by_fencing"):
+        return (f"ran on (longest pause {h['longest_pause_s']} s: its writes waited behind ones re-issued "
+                "after the lost path, stale_write_bound)")
     if not h["acked_in_fault"]:
         return f"lost access until the heal (no write completed for {h['longest_pause_s']} s)"
     return f"ran on (longest pause {h['longest_pause_s']} s)"
@@ -256,7 +259,9 @@ def markdown(results: list[dict], hold: float) -> str:
         "Columns below: *longest pause* is the longest time no write of the host completed; "
         "*slowest write* the longest a single write took (a write that overlaps one re-issued after "
         "a lost path waits until the array behind that path can no longer apply the old copy, "
-        "`stale_write_bound`, or until the epoch moves on).",
+        "`stale_write_bound`, or until the epoch moves on). A host that kept a usable path but whose "
+        "every writer drew such a block (each rewrites blocks of its own) completes no write until then: "
+        "it ran on, with that pause, and did not lose access.",
         "",
         "## Scenarios",
     ]

@@ -53,6 +53,7 @@ SCENARIOS = {
 }
 SHORT = {"active/optimized": "AO", "active/non-optimized": "ANO", "transitioning": "T",
          "unavailable": "U", "standby": "S", "unreachable": "-"}
+QD = 4  # writes each host's workload keeps in flight: one per writer, each on blocks of its own
 FAST = {"ping_interval": 0.1, "path_timeout": 0.6, "io_timeout": 2.0, "lease": 1.0, "lease_margin": 0.2}
 WITNESS = {"interval": 0.2, "owner_lease": 1.0, "grace": 2.0, "margin": 0.2}
 
@@ -64,6 +65,32 @@ def seed_paths(topology: str, site: str, arrays: list[str], roles: dict[str, str
     non-optimized to the other. ``roles``: each array's role in the natural direction."""
     prox = site_proximity(topology, site)
     return {a: "AO" if prox in ("all", roles[a]) else "ANO" for a in arrays}
+
+
+def _usable(states) -> bool:
+    """A path the shim sends writes on: active (optimized or not) at the highest epoch shown."""
+    if not states:
+        return False
+    top = max(ep for _, _, ep in states)
+    return any(st in ("AO", "ANO") and ep == top for _, st, ep in states)
+
+
+def held_by_fencing(timeline: list, waits: list, since: float, lo: float, hi: float, writers: int = QD) -> bool:
+    """Whether no write of a host completing from ``lo`` to ``hi`` was the shim's rule for
+    writes it re-issued after losing a path, not a loss of access: a newer write to the same
+    blocks waits until the lost array can no longer apply the old copy (``stale_write_bound``;
+    docs/failure-matrix.md). So: a usable path all along, and since the fault (``since``) at
+    least one wait of that kind per writer of the workload (``waits``: the shim's
+    ``quarantine_waits``, sampled as (time, count) when it changes). Each writer keeps
+    rewriting blocks of its own, so once each has drawn a block it had in flight to the lost
+    array, the host writes nothing until the bound passes."""
+    def at(series: list, ts: float):
+        return ([v for t, v in series if t <= ts] or [None])[-1]
+
+    states = [at(timeline, lo)] + [st for t, st in timeline if lo < t < hi]
+    before, after = at(waits, since), at(waits, hi)
+    return (all(_usable(st) for st in states) and before is not None and after is not None
+            and after - before >= writers)
 
 
 def _latest(timeline: list) -> dict[str, str] | None:
@@ -121,6 +148,7 @@ def _play(lab: dict, name: str, play: Play, topology: str, hold: float) -> dict:
     hosts = lab["hosts"]
     hist = {s: History() for s in hosts}
     timeline: dict[str, list] = {s: [] for s in hosts}
+    waits: dict[str, list] = {s: [] for s in hosts}  # (t, the shim's quarantine_waits) when it changes
     sampling = {"on": True}
 
     def sample():
@@ -130,6 +158,9 @@ def _play(lab: dict, name: str, play: Play, topology: str, hold: float) -> dict:
                     st = host_status(h["admin_socket"])
                     states = tuple((p["array"], SHORT.get(p["alua"], p["alua"]), p["epoch"])
                                    for p in st["volumes"][0]["paths"])
+                    n = st["volumes"][0]["stats"]["quarantine_waits"]
+                    if not waits[s] or waits[s][-1][1] != n:
+                        waits[s].append((time.monotonic(), n))
                 except (OSError, KeyError, IndexError, ValueError):
                     states = None
                 if not timeline[s] or timeline[s][-1][1] != states:
@@ -157,7 +188,7 @@ def _play(lab: dict, name: str, play: Play, topology: str, hold: float) -> dict:
 
     async def writer(s, uri, lo, w):
         with scopes[s]:
-            await run_writer(uri, hist[s], writer=w, blocks=range(lo, lo + 1024), duration=hold + 8.0, qd=4)
+            await run_writer(uri, hist[s], writer=w, blocks=range(lo, lo + 1024), duration=hold + 8.0, qd=QD)
         hist[s].finish()
 
     async def main():
@@ -208,6 +239,8 @@ def _play(lab: dict, name: str, play: Play, topology: str, hold: float) -> dict:
                      "io_errors": len(hs.errors), "acked": hs.acked_count(), "acked_lost": lost,
                      # writes completed while the fault held (after the first 1.5 s): none = lost access
                      "acked_in_fault": sum(1 for x in hs.acked_times if t0 + 1.5 < x < t["heal"]),
+                     # ... unless every writer waited behind a write re-issued after the lost path
+                     "held_by_fencing": held_by_fencing(timeline[s], waits[s], t0, t0 + 1.5, t["heal"]),
                      "series": {"acked": [round(x - t0, 4) for x in hs.acked_times],
                                 "errors": [round(e[0] - t0, 4) for e in hs.errors],
                                 "paths": [[round(ts - t0, 3), list(map(list, st)) if st is not None else None]
