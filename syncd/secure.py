@@ -168,6 +168,13 @@ class Channel(Protocol):
         ...
 
     @property
+    def owned(self) -> bool:
+        """Whether what ``unwrap`` returned last is the caller's to keep (no view of the data
+        it was given, nor of memory the channel reuses): a frame decoder may then hand out
+        views of it as payloads instead of copies."""
+        ...
+
+    @property
     def protection(self) -> str:
         """What protects the bytes, for operators (showrcopy): the record version, the TLS
         version and cipher."""
@@ -178,6 +185,7 @@ class PlainChannel:
     """``insecure``: bytes pass unchanged."""
 
     protection = "none (insecure)"
+    owned = False  # views of the caller's data
 
     def wrap(self, bufs: Sequence[Buffer]) -> list[Buffer]:
         return list(bufs)
@@ -202,6 +210,7 @@ class _RecordChannel(abc.ABC):
         self._send_seq = 0
         self._recv_seq = 0
         self._buf = bytearray()
+        self.owned = False
 
     @abc.abstractmethod
     def _verify(self, seq: int, length: int, body: memoryview, tag: memoryview) -> bool:
@@ -212,16 +221,20 @@ class _RecordChannel(abc.ABC):
         # frame decoder at once, before it reuses ``data``): records that lie whole in ``data``
         # are checked where they are, and a record completed in this channel's buffer is handed
         # out with that buffer. The copies cost more than the tags at 1 MiB writes.
+        # ``owned``: a record completed in this channel's buffer leaves with the buffer, and
+        # joined records are new bytes; only views of ``data`` are not the caller's to keep.
         if not self._buf:
             view = memoryview(data).cast("B")
             bodies, pos = self._take_records(view)
             if pos < len(view):
                 self._buf += view[pos:]
+            self.owned = len(bodies) > 1
             return _joined(bodies)
         buf = self._buf
         buf += data
         with memoryview(buf) as whole:
             bodies, pos = self._take_records(whole)
+        self.owned = True
         if not bodies:
             return b""
         if len(bodies) == 1 and len(buf) - pos <= _KEEP_TAIL:
@@ -374,6 +387,8 @@ class GcmChannel(_RecordChannel):
 
 class TlsChannel:
     """``tls``: an ``ssl.SSLObject`` over memory buffers, after its handshake."""
+
+    owned = False  # (new bytes in fact; decoded with copies as before)
 
     def __init__(self, obj: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> None:
         self._obj = obj

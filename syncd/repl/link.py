@@ -585,7 +585,8 @@ class Link:
                         p.last_error = "peer closed the connection"
                         return
                     got += n
-                    dec.receive_data(chan.unwrap(view[:n]))
+                    plain = chan.unwrap(view[:n])
+                    dec.receive_data(plain, chan.owned)
                     while (f := dec.next_frame()) is not None:
                         p.rx_frames += 1
                         if f.type in DATA_TYPES:

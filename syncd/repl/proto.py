@@ -351,15 +351,22 @@ def encode_bytes(f: Frame) -> bytes:
     return b"".join(bytes(b) for b in encode(f))
 
 
+# Payloads over this many bytes that arrive whole in a piece the caller gives away (a key-mode
+# record completed in the channel's own buffer) are handed out as views of it, not copied: a
+# copy of 1 MiB costs about 50 µs on the 2-vCPU test VM.
+ADOPT_MIN = 64 << 10
+
+
 class FrameDecoder:
     """Bytes in, frames out. ``next_frame`` raises ProtocolError subclasses on anything malformed
     (after handing out every frame that arrived before it).
 
     Each payload byte is copied once, from what ``receive_data`` is given into the frame's own
     payload buffer: a frame whole in one piece of data is sliced out of it; a payload that
-    spans pieces is filled in place as they arrive (its buffer allocated once its header is
-    read). Only a header cut between pieces is gathered separately. Nothing is buffered then
-    compacted, so a 1 MiB write costs no more copies than a 4 KiB one."""
+    spans pieces is filled in place as they arrive (its buffer allocated when its first bytes
+    come). Only a header cut between pieces is gathered separately. Nothing is buffered then
+    compacted, so a 1 MiB write costs no more copies than a 4 KiB one. A large payload that lies
+    whole in a piece its caller gives away (``owned``) is not copied at all."""
 
     __slots__ = ("_head", "_frames", "_error", "_fill", "_need", "_hdr", "_buffers")
 
@@ -372,7 +379,10 @@ class FrameDecoder:
         self._need = 0  # its bytes still to come
         self._hdr: tuple[Any, ...] = ()  # its frame's header fields
 
-    def receive_data(self, data: Payload) -> None:
+    def receive_data(self, data: Payload, owned: bool = False) -> None:
+        """Take the next piece of the stream. ``owned``: the caller gives the piece away (no
+        one writes to its memory again): a payload of over ``ADOPT_MIN`` bytes that lies whole
+        in it is handed out as a view of it instead of a copy."""
         if self._error is not None:
             return  # the stream is broken: next_frame raises once the frames before it are out
         view = data if isinstance(data, memoryview) else memoryview(data)
@@ -381,10 +391,19 @@ class FrameDecoder:
         i, n = 0, len(view)
         try:
             while i < n:
-                fill = self._fill
-                if fill is not None:
-                    take = min(n - i, self._need)
-                    at = len(fill) - self._need
+                need = self._need
+                if need:  # in a payload
+                    fill = self._fill
+                    if fill is None:  # none of it yet
+                        if owned and n - i >= need > ADOPT_MIN:
+                            self._need = 0
+                            self._emit(self._hdr, view[i:i + need])
+                            i += need
+                            continue
+                        buffers = self._buffers
+                        fill = self._fill = buffers.get(need) if buffers is not None else bytearray(need)
+                    take = min(n - i, need)
+                    at = len(fill) - need
                     fill[at:at + take] = view[i:i + take]
                     i += take
                     self._need -= take
@@ -411,15 +430,14 @@ class FrameDecoder:
                 if not plen:
                     self._emit(hdr, b"")
                 elif n - i >= plen:
-                    self._emit(hdr, bytes(view[i:i + plen]))
+                    self._emit(hdr, view[i:i + plen] if owned and plen > ADOPT_MIN else bytes(view[i:i + plen]))
                     i += plen
-                else:
-                    buffers = self._buffers
-                    self._fill = buffers.get(plen) if buffers is not None else bytearray(plen)
+                else:  # its buffer is taken when its first bytes come
                     self._need, self._hdr = plen, hdr
         except ProtocolError as e:
             self._error = e
             self._fill = None
+            self._need = 0
             self._head.clear()
 
     def _emit(self, hdr: tuple[Any, ...], payload: Payload) -> None:
