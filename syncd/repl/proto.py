@@ -32,7 +32,8 @@ FEATURES = FEAT_FUA | FEAT_TRIM | FEAT_ZEROES | FEAT_FORWARD | FEAT_DIGESTS | FE
 
 FLAG_FUA, FLAG_FORWARDED, FLAG_RESYNC, FLAG_NO_HOLE, FLAG_FAST_ZERO = 0x01, 0x02, 0x04, 0x08, 0x10
 
-# A frame's payload: received frames carry bytes; a sender may pass any buffer (not copied).
+# A frame's payload: received frames carry bytes or views of buffers nothing else writes; a
+# sender may pass any buffer (not copied).
 Payload = bytes | bytearray | memoryview
 
 
@@ -353,7 +354,9 @@ def encode_bytes(f: Frame) -> bytes:
 
 # Payloads over this many bytes that arrive whole in a piece the caller gives away (a key-mode
 # record completed in the channel's own buffer) are handed out as views of it, not copied: a
-# copy of 1 MiB costs about 50 µs on the 2-vCPU test VM.
+# copy of 1 MiB costs about 50 µs on the 2-vCPU test VM. Only from a piece at most twice the
+# payload and this much more: a view keeps the whole piece alive, and a payload held for long
+# (waiting for its range, queued to a slow host) must not hold several records' memory (review).
 ADOPT_MIN = 64 << 10
 
 
@@ -395,7 +398,7 @@ class FrameDecoder:
                 if need:  # in a payload
                     fill = self._fill
                     if fill is None:  # none of it yet
-                        if owned and n - i >= need > ADOPT_MIN:
+                        if owned and n - i >= need > ADOPT_MIN and n <= 2 * need + ADOPT_MIN:
                             self._need = 0
                             self._emit(self._hdr, view[i:i + need])
                             i += need
@@ -430,7 +433,8 @@ class FrameDecoder:
                 if not plen:
                     self._emit(hdr, b"")
                 elif n - i >= plen:
-                    self._emit(hdr, view[i:i + plen] if owned and plen > ADOPT_MIN else bytes(view[i:i + plen]))
+                    adopt = owned and plen > ADOPT_MIN and n <= 2 * plen + ADOPT_MIN
+                    self._emit(hdr, view[i:i + plen] if adopt else bytes(view[i:i + plen]))
                     i += plen
                 else:  # its buffer is taken when its first bytes come
                     self._need, self._hdr = plen, hdr
