@@ -84,10 +84,10 @@ def outcome(r: dict, h: dict) -> str:
         return "server failed (its VMs restart elsewhere)"
     if h["io_errors"]:
         return f"lost access: {h['io_errors']} I/O errors"
-    if not h["acked_in_fault"] and h.get("held_by_fencing"):
-        return (f"ran on (longest pause {h['longest_pause_s']} s: its writes waited behind ones re-issued "
-                "after the lost path, stale_write_bound)")
     if not h["acked_in_fault"]:
+        if h.get("held_by_fencing"):
+            return (f"ran on (longest pause {h['longest_pause_s']} s: its writes waited behind ones re-issued "
+                    "after the lost path, stale_write_bound)")
         return f"lost access until the heal (no write completed for {h['longest_pause_s']} s)"
     return f"ran on (longest pause {h['longest_pause_s']} s)"
 

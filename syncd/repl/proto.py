@@ -358,6 +358,7 @@ def encode_bytes(f: Frame) -> bytes:
 # payload and this much more: a view keeps the whole piece alive, and a payload held for long
 # (waiting for its range, queued to a slow host) must not hold several records' memory (review).
 ADOPT_MIN = 64 << 10
+_NEVER = MAX_PAYLOAD + 1  # no payload is this large
 
 
 class FrameDecoder:
@@ -392,13 +393,16 @@ class FrameDecoder:
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
         i, n = 0, len(view)
+        # The smallest payload handed out as a view of this piece: over ADOPT_MIN, and at least
+        # half of what the piece holds beyond ADOPT_MIN (n <= 2 * size + ADOPT_MIN).
+        adopt = max(ADOPT_MIN + 1, (n - ADOPT_MIN + 1) // 2) if owned else _NEVER
         try:
             while i < n:
                 need = self._need
                 if need:  # in a payload
                     fill = self._fill
                     if fill is None:  # none of it yet
-                        if owned and n - i >= need > ADOPT_MIN and n <= 2 * need + ADOPT_MIN:
+                        if n - i >= need >= adopt:
                             self._need = 0
                             self._emit(self._hdr, view[i:i + need])
                             i += need
@@ -433,8 +437,7 @@ class FrameDecoder:
                 if not plen:
                     self._emit(hdr, b"")
                 elif n - i >= plen:
-                    adopt = owned and plen > ADOPT_MIN and n <= 2 * plen + ADOPT_MIN
-                    self._emit(hdr, view[i:i + plen] if adopt else bytes(view[i:i + plen]))
+                    self._emit(hdr, view[i:i + plen] if plen >= adopt else bytes(view[i:i + plen]))
                     i += plen
                 else:  # its buffer is taken when its first bytes come
                     self._need, self._hdr = plen, hdr
