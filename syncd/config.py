@@ -438,6 +438,7 @@ class IntentConfig:
     extent: int = 4 << 20  # bytes marked at once: the first write to an extent marks all of it
     hot: int = 16 << 30  # bytes of extents per volume kept marked while written (LRU beyond)
     idle: float = 300.0  # s without a write after which an extent is cleared anyway
+    ahead: int = 16 << 20  # bytes (an aligned group of extents) marked with a cold extent while the budget has room
 
 
 @dataclass(frozen=True)
@@ -684,8 +685,8 @@ def parse_hooks(t: dict, base: Path = Path(".")) -> HooksConfig:
 
 
 def parse_intent(t: dict) -> IntentConfig:
-    """[intent]: ``extent`` and ``hot`` sizes, ``idle`` seconds."""
-    _no_extra(t, {"extent", "hot", "idle"}, "intent")
+    """[intent]: ``extent``, ``hot`` and ``ahead`` sizes, ``idle`` seconds."""
+    _no_extra(t, {"extent", "hot", "idle", "ahead"}, "intent")
     d = IntentConfig()
     extent = parse_size(t.get("extent", d.extent), "intent.extent")
     if extent % 4096 or extent & (extent - 1):
@@ -696,7 +697,17 @@ def parse_intent(t: dict) -> IntentConfig:
     idle = _take(t, "idle", "intent", float, d.idle)
     if idle <= 0:
         raise ConfigError(f"intent.idle: must be positive (seconds), got {idle}")
-    return IntentConfig(extent, hot, idle)
+    # Marks ahead stop where they would take the hot set past seven eighths of its budget
+    # (IntentLog), so more than that could never be marked at once.
+    budget = hot // extent
+    most = max(1, budget - max(1, budget // 8)) * extent
+    default_ahead = min(max(d.ahead, extent), most)  # 16 MiB, one extent where extents are larger
+    ahead = parse_size(t.get("ahead", default_ahead), "intent.ahead")
+    if ahead < extent or ahead % extent or ahead > most:
+        raise ConfigError(f"intent.ahead: must be a whole number of extents ({extent} bytes) and at most "
+                          f"{most} bytes (seven eighths of intent.hot, {hot} bytes), got {ahead}; "
+                          f"intent.ahead = intent.extent marks each extent alone")
+    return IntentConfig(extent, hot, idle, ahead)
 
 
 def parse_events(t: dict) -> EventsConfig:

@@ -167,6 +167,9 @@ def collect_node(node: "Node", fam: Families) -> None:
                       "cleared", ml).add_metric(mk, il["hot_extents_max"])
             fam.counter("syncd_volume_intent_marks", "Extents marked in the write-intent log (a write to a cold "
                         "extent)", ml).add_metric(mk, il["marks"])
+            fam.counter("syncd_volume_intent_marked_ahead", "Of the extents marked, those marked in the same "
+                        "transaction as a cold neighbour ([intent] ahead), not for a write of their own",
+                        ml).add_metric(mk, il["marked_ahead"])
             fam.counter("syncd_volume_intent_metadata_syncs", "fdatasyncs of the write-intent log (one per "
                         "transaction of marks)", ml).add_metric(mk, il["metadata_syncs"])
             fam.counter("syncd_volume_intent_evictions", "Extents cleared from the hot set by its budget (LRU)",

@@ -244,7 +244,7 @@ class Group:
         ic = self.node.cfg.intent
         m.intent = IntentLog(os.path.join(self.node.cfg.data_dir, f"intent-{self.st.gid}-{ms.vol_id}"),
                              vol.size, self.node.region_size, volume=vol, extent=ic.extent, hot=ic.hot,
-                             idle=ic.idle)
+                             idle=ic.idle, ahead=ic.ahead)
         # The log is node metadata: when it cannot be written, the node stops.
         m.intent.on_error = lambda e, p=m.intent.path: self.node.metadata_failed(e, p)
         vol.on_error = lambda v, e, m=m: self.io.local_io_error(m, e)

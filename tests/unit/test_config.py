@@ -117,12 +117,21 @@ def test_flow_control_bounds_have_defaults_and_take_sizes():
 
 def test_the_write_intent_log_settings_have_defaults_and_are_checked():
     c = parse_node_config(cfg())
-    assert (c.intent.extent, c.intent.hot, c.intent.idle) == (4 << 20, 16 << 30, 300.0)
-    c = parse_node_config(cfg(intent={"extent": "8MiB", "hot": "2GiB", "idle": 60}))
-    assert (c.intent.extent, c.intent.hot, c.intent.idle) == (8 << 20, 2 << 30, 60.0)
+    assert (c.intent.extent, c.intent.hot, c.intent.idle, c.intent.ahead) == (4 << 20, 16 << 30, 300.0, 16 << 20)
+    c = parse_node_config(cfg(intent={"extent": "8MiB", "hot": "2GiB", "idle": 60, "ahead": "64MiB"}))
+    assert (c.intent.extent, c.intent.hot, c.intent.idle, c.intent.ahead) == (8 << 20, 2 << 30, 60.0, 64 << 20)
+    # The default ahead: 16 MiB, one extent when extents are larger, never more than the hot set
+    # can take (seven eighths of the budget, where marks ahead stop).
+    assert parse_node_config(cfg(intent={"extent": "32MiB"})).intent.ahead == 32 << 20
+    assert parse_node_config(cfg(intent={"hot": "8MiB"})).intent.ahead == 4 << 20
+    assert parse_node_config(cfg(intent={"hot": "16MiB"})).intent.ahead == 12 << 20
+    assert parse_node_config(cfg(intent={"hot": "4MiB"})).intent.ahead == 4 << 20
     for bad, msg in (({"extent": "3MiB"}, "intent.extent: must be a power of two"),
                      ({"hot": "1MiB"}, "intent.hot: at least one extent"),
                      ({"idle": 0}, "intent.idle: must be positive"),
+                     ({"ahead": "2MiB"}, "intent.ahead: must be a whole number of extents"),
+                     ({"ahead": "6MiB"}, "intent.ahead: must be a whole number of extents"),
+                     ({"hot": "16MiB", "ahead": "16MiB"}, "at most 12582912 bytes (seven eighths of intent.hot"),
                      ({"budget": 1}, "unknown key(s) budget")):
         with pytest.raises(ConfigError, match=re.escape(msg)):
             parse_node_config(cfg(intent=bad))

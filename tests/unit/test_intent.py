@@ -40,14 +40,16 @@ IDLE = 50.0  # the logs of the clearing rules' tests: an extent idle for longer 
 
 
 def open_log(path, disk: Disk, size: int = SIZE, **kw) -> IntentLog:
-    """A log of one-region extents cleared after IDLE seconds (unless ``kw`` says otherwise)."""
-    kw = {"extent": REGION, "idle": IDLE, **kw}
+    """A log of one-region extents cleared after IDLE seconds, each marked alone (unless ``kw``
+    says otherwise)."""
+    kw = {"extent": REGION, "idle": IDLE, "ahead": REGION, **kw}
     return IntentLog(str(path), size, REGION, volume=disk, **kw)
 
 
 def activity_log(path, disk: Disk, hot_extents: int = 64, size: int = SIZE) -> IntentLog:
-    """A log with the default extents (4 MiB: 16 regions) and a budget of ``hot_extents``."""
-    return IntentLog(str(path), size, REGION, volume=disk, hot=hot_extents * EXTENT)
+    """A log with the default extents (4 MiB: 16 regions) and a budget of ``hot_extents``, each
+    extent marked alone (the marks ahead have tests of their own)."""
+    return IntentLog(str(path), size, REGION, volume=disk, hot=hot_extents * EXTENT, ahead=EXTENT)
 
 
 EXTENT = 4 << 20
@@ -389,3 +391,112 @@ async def test_a_transaction_writes_only_the_changed_pages_of_a_large_bitmap(tmp
     assert sum(written) <= 2 * 4096
     monkeypatch.undo()
     assert open_log(p, disk, size=4 << 40).loaded_regions() == [*range(16), *range(far - 15, far + 1)]
+
+
+# -- marks ahead: a cold extent's aligned group marked in the same transaction -------------------
+
+def ahead_log(path, disk: Disk, hot_extents: int = 64, size: int = SIZE, ahead: int = 4) -> IntentLog:
+    """The default extents, a budget of ``hot_extents``, groups of ``ahead`` extents."""
+    return IntentLog(str(path), size, REGION, volume=disk, hot=hot_extents * EXTENT, ahead=ahead * EXTENT)
+
+
+async def test_a_cold_write_marks_its_group_of_extents_in_one_sync(tmp_path, disk):
+    p = str(tmp_path / "i")
+    log = ahead_log(p, disk)
+    await log.mark(5 * EXTENT + 4096, 4096)  # extent 5: group 4-7
+    assert log.meta_syncs == 1 and log.marks == 4 and log.marked_ahead == 3
+    assert sorted(log.last) == [4, 5, 6, 7]  # kept hot as if written
+    assert all(log.ready(r * REGION, 4096) for r in range(4 * 16, 8 * 16))
+    assert not log.ready(4 * 16 * REGION - 1, 1) and not log.ready(8 * EXTENT, 1)
+    # Writes anywhere in the group now cost a bit test; the next group costs one sync again.
+    for e in (4, 6, 7):
+        await log.mark(e * EXTENT + 65536, 8192)
+    assert log.meta_syncs == 1
+    await log.mark(9 * EXTENT, 4096)
+    assert log.meta_syncs == 2 and log.marks == 8 and log.marked_ahead == 6
+    # What a crash now finds: both groups, durable.
+    assert on_disk(p) == list(range(4 * 16, 12 * 16))
+    assert open_log(p, disk).loaded_regions() == list(range(4 * 16, 12 * 16))
+
+
+async def test_a_group_marks_only_its_cold_extents_and_ends_with_the_volume(tmp_path, disk):
+    log = ahead_log(tmp_path / "i", disk, size=10 * EXTENT)  # groups 0-3, 4-7, 8-9
+    await log.mark(6 * EXTENT, 4096)
+    assert log.marks == 4
+    await log.mark(3 * EXTENT + 4096, 4096)  # group 0-3: all cold
+    assert log.marks == 8 and log.marked_ahead == 6
+    log.last.clear()  # (as if cleared from the hot set but the bits left set: kept regions)
+    await log.mark(9 * EXTENT, 4096)  # group 8-9: the last, short
+    assert log.marks == 10 and sorted(log.last) == [8, 9] and log.count() == 10 * 16
+    await log.mark(0, 4096)  # set already: nothing to mark, no sync
+    assert log.marks == 10 and log.meta_syncs == 3
+
+
+async def test_no_marks_ahead_where_they_would_crowd_the_budget(tmp_path, disk):
+    """The hot set's budget bounds what a crash compares: marks ahead stop where the group would
+    take the set past the level the LRU's batches bring it to (an eighth below the budget), and
+    the cold extent is then marked alone."""
+    log = ahead_log(tmp_path / "i", disk, hot_extents=16, size=64 * EXTENT)  # headroom 2: up to 14
+    for g in range(3):
+        await log.mark(g * 4 * EXTENT, 4096)
+    assert log.hot_extents() == 12 and log.marked_ahead == 9
+    await log.mark(20 * EXTENT, 4096)  # 12 + 4 > 14: alone
+    assert log.hot_extents() == 13 and log.marked_ahead == 9 and not log.ready(21 * EXTENT, 1)
+    assert log.evictions == 0
+
+
+async def test_extents_marked_ahead_and_never_written_leave_the_hot_set_like_any_other(tmp_path, disk):
+    log = ahead_log(tmp_path / "i", disk)
+    await log.mark(EXTENT, 4096)  # extents 0-3 marked, 1 written
+    for e in (0, 2, 3):
+        log.last[e] -= log.idle + 1  # never written since: idle once the idle time passed
+    log.last[1] -= 60
+    assert await log.clear_idle(10.0, keep=lambda r: False) == 3 * 16
+    assert sorted(log.last) == [1] and log.idle_clears == 3 and disk.flushes == 1
+    assert log.marked_regions() == list(range(16, 32))
+
+
+async def test_marks_ahead_can_be_turned_off(tmp_path, disk):
+    log = ahead_log(tmp_path / "i", disk, ahead=1)
+    await log.mark(5 * EXTENT, 4096)
+    assert log.marks == 1 and log.marked_ahead == 0 and sorted(log.last) == [5]
+
+
+async def test_a_neighbour_marked_ahead_is_not_ready_before_its_sync(tmp_path, disk, monkeypatch):
+    """A write to a neighbour may take the fast path only once the transaction that marks it is
+    on disk, as for the cold extent itself."""
+    import os
+
+    log = ahead_log(tmp_path / "i", disk)
+    seen = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: seen.append(log.ready(6 * EXTENT, 4096)) or real(fd))
+    await log.mark(5 * EXTENT, 4096)
+    assert seen == [False] and log.ready(6 * EXTENT, 4096)
+
+
+async def test_a_group_across_two_bitmap_pages_is_made_durable_on_both(tmp_path, disk):
+    p = str(tmp_path / "i")
+    log = ahead_log(p, disk, hot_extents=4096, size=16 << 30, ahead=3)  # a page: 2,048 extents
+    with trio.fail_after(5):
+        await log.mark(2046 * EXTENT, 4096)  # group 2046-2048
+        assert log.meta_syncs == 1 and log.ready(2048 * EXTENT, 4096)
+        await log.mark(2048 * EXTENT + 4096, 4096)
+    assert log.meta_syncs == 1
+    assert on_disk(p) == list(range(2046 * 16, 2049 * 16))
+
+
+async def test_neighbours_marked_ahead_stay_marked_through_clear_passes_within_idle(tmp_path, disk):
+    log = ahead_log(tmp_path / "i", disk)
+    await log.mark(5 * EXTENT, 4096)
+    for _ in range(3):
+        assert await log.clear_idle(0.0, keep=lambda r: False) == 0
+    assert sorted(log.last) == [4, 5, 6, 7] and log.count() == 4 * 16
+
+
+async def test_extents_of_the_write_itself_are_not_counted_as_marked_ahead(tmp_path, disk):
+    log = ahead_log(tmp_path / "i", disk)
+    await log.mark(4 * EXTENT, 4 * EXTENT)  # a whole group written
+    assert log.marks == 4 and log.marked_ahead == 0
+    await log.mark(9 * EXTENT - 4096, 8192)  # extents 8 and 9: groups 4-7 (set) and 8-11
+    assert log.marks == 8 and log.marked_ahead == 2
