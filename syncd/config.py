@@ -684,6 +684,12 @@ def parse_hooks(t: dict, base: Path = Path(".")) -> HooksConfig:
     return HooksConfig(tuple(cmds), timeout, **kw)
 
 
+def intent_headroom(budget: int) -> int:
+    """How far below its budget (``budget`` extents) the write-intent log's hot set is brought
+    by an eviction batch, and kept by marks ahead: an eighth, at least one extent."""
+    return max(1, budget // 8)
+
+
 def parse_intent(t: dict) -> IntentConfig:
     """[intent]: ``extent``, ``hot`` and ``ahead`` sizes, ``idle`` seconds."""
     _no_extra(t, {"extent", "hot", "idle", "ahead"}, "intent")
@@ -697,10 +703,10 @@ def parse_intent(t: dict) -> IntentConfig:
     idle = _take(t, "idle", "intent", float, d.idle)
     if idle <= 0:
         raise ConfigError(f"intent.idle: must be positive (seconds), got {idle}")
-    # Marks ahead stop where they would take the hot set past seven eighths of its budget
+    # Marks ahead stop where they would take the hot set past its headroom below the budget
     # (IntentLog), so more than that could never be marked at once.
     budget = hot // extent
-    most = max(1, budget - max(1, budget // 8)) * extent
+    most = max(1, budget - intent_headroom(budget)) * extent
     default_ahead = min(max(d.ahead, extent), most)  # 16 MiB, one extent where extents are larger
     ahead = parse_size(t.get("ahead", default_ahead), "intent.ahead")
     if ahead < extent or ahead % extent or ahead > most:

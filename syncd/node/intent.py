@@ -78,6 +78,7 @@ import time
 
 import trio
 
+from ..config import intent_headroom
 from .state import StateError
 
 _CHUNK, _SUB = 4096, 64  # bitmap bytes compared at once: all-zero runs are skipped at memcmp speed
@@ -131,7 +132,7 @@ class IntentLog:
         self.budget = max(1, hot // (self.ext * region))  # hot extents kept marked
         # Extents marked in one go (an aligned group) while the budget has room.
         self.ahead = max(1, ahead // (self.ext * region))
-        self.headroom = max(1, self.budget // 8)  # an eviction batch brings the set this far below
+        self.headroom = intent_headroom(self.budget)  # an eviction batch brings the set this far below
         self.idle = idle
         nbytes = (self.nregions + 7) // 8
         self.bits = bytearray(nbytes)  # what we want set (memory)
