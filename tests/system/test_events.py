@@ -227,7 +227,7 @@ def test_link_cut_and_repair_switchover_and_differing_replicas_are_events(wlab):
 
 HOOK = """#!/bin/sh
 {py} -c 'import json, os, sys; json.dump({{k: v for k, v in os.environ.items() if k.startswith("SYNCD_")}},
-    open(sys.argv[1], "w"))' {out}
+    open(sys.argv[1] + ".tmp", "w")); os.replace(sys.argv[1] + ".tmp", sys.argv[1])' {out}
 echo "hook {name} ran for $SYNCD_GROUP"
 {tail}
 """
@@ -235,8 +235,9 @@ echo "hook {name} ran for $SYNCD_GROUP"
 
 def restart_with_hooks(lab: dict, site: str, tmp_path: Path, tails: dict[str, str]) -> dict[str, Path]:
     """Give ``site`` a [hooks] section, a script per hook that writes its SYNCD_* environment
-    to a file and then runs ``tails[hook]``, and restart it (it must be the secondary, so the
-    primary goes on meanwhile); returns the files."""
+    to a file (written aside and renamed: a test that sees the file reads all of it) and then
+    runs ``tails[hook]``, and restart it (it must be the secondary, so the primary goes on
+    meanwhile); returns the files."""
     outs = {}
     lines = ["", "[hooks]", "timeout = 2", "max_running = 2"]
     for name, tail in tails.items():
