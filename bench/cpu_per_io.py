@@ -2,8 +2,9 @@
 
 fio's nbd engine (one job, BS random writes at iodepth QD) against site A, then site B, for
 RUNTIME seconds each; the nodes' CPU time (user + system, from /proc) over the run divided by the
-requests fio completed. On a shared machine IOPS swing with the neighbours' load while CPU per
-request hardly moves, so this is the number to compare two versions of the hot path with.
+requests fio completed, and the kernel's share of each node's (sys_share_A/B). On a shared
+machine IOPS swing with the neighbours' load while CPU per request hardly moves, so this is the
+number to compare two versions of the hot path with.
 Links are dialled directly (no relay), volumes are prefilled (no allocation on first write).
 
 With --profile DIR, py-spy (pip install py-spy: a tool, not a dependency) samples both nodes
@@ -35,10 +36,11 @@ from syncd.lab.rig import lab_down, lab_up  # noqa: E402
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """The process's CPU time so far: (user, system) seconds."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+    return int(fields[11]) / TICK, int(fields[12]) / TICK  # utime, stime
 
 
 def start_profiles(d: str, site: str, pids: list[int], seconds: int) -> list:
@@ -124,11 +126,15 @@ def main() -> int:
                 job = json.loads(p.stdout[p.stdout.index("{"):])["jobs"][0]
                 kind = "read" if "read" in a.rw and "write" not in a.rw else "write"
                 ios = job[kind]["total_ios"]
-                cpu = [b - a_ for a_, b in zip(c0, c1, strict=True)]
+                cpu = [sum(b) - sum(a_) for a_, b in zip(c0, c1, strict=True)]
+                kernel = [b[1] - a_[1] for a_, b in zip(c0, c1, strict=True)]
                 runs[site].append({"iops": round(job[kind]["iops"]), "ios": ios, "error": job["error"],
                                    "cpu_us_per_io_A": round(cpu[0] / ios * 1e6, 1),
                                    "cpu_us_per_io_B": round(cpu[1] / ios * 1e6, 1),
-                                   "cpu_us_per_io": round(sum(cpu) / ios * 1e6, 1)})
+                                   "cpu_us_per_io": round(sum(cpu) / ios * 1e6, 1),
+                                   # the kernel's part (system time) of each node's CPU
+                                   "sys_share_A": round(kernel[0] / cpu[0], 2) if cpu[0] else 0.0,
+                                   "sys_share_B": round(kernel[1] / cpu[1], 2) if cpu[1] else 0.0})
                 print(f"fio at {site}: {runs[site][-1]}", flush=True)
     finally:
         lab_down(str(d / "lab"))

@@ -49,6 +49,8 @@ from typing import AbstractSet, Any, Literal, Protocol, Sequence, Union, cast
 
 from construct import Bytes, Const, Int8ub, PascalString, Struct
 
+from .buffers import PayloadBuffers
+
 try:  # AES-GCM for key mode's records version 2; without it an end offers version 1 only
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -82,9 +84,6 @@ RECORDS_ENV = "SYNCD_KEY_RECORDS"
 # A part of a buffer list this large gets records of its own (tagged where it lies, no copy);
 # smaller parts are joined into one record (a short copy is cheaper than a record per part).
 _ALONE = 16 << 10
-# A record completed in a channel's buffer leaves with that buffer when at most this much follows
-# it (copied into a new buffer); else the record is copied out.
-_KEEP_TAIL = 64 << 10
 
 Mode = Literal["insecure", "key", "tls"]
 _MODE_CODES: dict[str, int] = {"insecure": 0, "key": 1, "tls": 2}
@@ -167,6 +166,15 @@ class Channel(Protocol):
         """Bytes the channel itself must send (TLS post-handshake messages); usually empty."""
         ...
 
+    def recv_space(self) -> memoryview | None:
+        """Memory the next bytes of the stream may be received straight into (then say how
+        many with ``received``), or None: receive into any buffer and ``unwrap`` it."""
+        ...
+
+    def received(self, n: int) -> Buffer:
+        """Like ``unwrap`` for ``n`` bytes received into ``recv_space``."""
+        ...
+
     @property
     def owned(self) -> bool:
         """Whether what ``unwrap`` returned last is the caller's to keep (no view of the data
@@ -196,6 +204,12 @@ class PlainChannel:
     def outgoing(self) -> bytes:
         return b""
 
+    def recv_space(self) -> memoryview | None:
+        return None
+
+    def received(self, n: int) -> Buffer:
+        raise RuntimeError("a plain channel has no receive space")
+
 
 def _joined(bodies: list[memoryview]) -> Buffer:
     if not bodies:
@@ -204,13 +218,22 @@ def _joined(bodies: list[memoryview]) -> Buffer:
 
 
 class _RecordChannel(abc.ABC):
-    """Key mode's record layer: u32 length, data, 16-byte tag. Subclasses tag and check."""
+    """Key mode's record layer: u32 length, data, 16-byte tag. Subclasses tag and check.
+
+    A record that a piece of the stream leaves unfinished is completed in a buffer of its own
+    size (from ``buffers``, the owner's pool of reused payload buffers, when it has one: no
+    page faults), which the owner may receive straight into (``recv_space``, ``received``):
+    each byte of a large record is then copied once, by the kernel. The record leaves with
+    that buffer (its payload adopted by the frame decoder, not copied again)."""
 
     def __init__(self) -> None:
         self._send_seq = 0
         self._recv_seq = 0
-        self._buf = bytearray()
+        self._head = bytearray()  # the first bytes of a record, too few to know its length
+        self._rec: bytearray | memoryview | None = None  # a record being completed, whole size
+        self._got = 0  # bytes of it so far
         self.owned = False
+        self.buffers: PayloadBuffers | None = None
 
     @abc.abstractmethod
     def _verify(self, seq: int, length: int, body: memoryview, tag: memoryview) -> bool:
@@ -219,60 +242,113 @@ class _RecordChannel(abc.ABC):
     def unwrap(self, data: Buffer) -> Buffer:
         # The plaintext is returned as views where it can be (the caller copies it into its
         # frame decoder at once, before it reuses ``data``): records that lie whole in ``data``
-        # are checked where they are, and a record completed in this channel's buffer is handed
-        # out with that buffer. The copies cost more than the tags at 1 MiB writes.
-        # ``owned``: a record completed in this channel's buffer leaves with the buffer, and
-        # joined records are new bytes; only views of ``data`` are not the caller's to keep.
-        if not self._buf:
-            view = memoryview(data).cast("B")
-            bodies, pos = self._take_records(view)
-            if pos < len(view):
-                self._buf += view[pos:]
-            self.owned = len(bodies) > 1
-            return _joined(bodies)
-        buf = self._buf
-        buf += data
-        with memoryview(buf) as whole:
-            bodies, pos = self._take_records(whole)
-        self.owned = True
-        if not bodies:
+        # are checked where they are, and a record completed in its own buffer is handed out
+        # with that buffer. ``owned``: that buffer and joined records are the caller's to keep;
+        # views of ``data`` are not.
+        view = memoryview(data).cast("B")
+        bodies: list[memoryview] = []
+        kept = False
+        if self._head:  # a few bytes of a record's start: now maybe its length
+            probe = bytes(self._head) + bytes(view[:8])
+            size = _record_size(probe)
+            if size is None:
+                self._head += view
+                self.owned = False
+                return b""
+            self._begin(size, self._head)
+            self._head.clear()
+        if self._rec is not None:
+            take = min(len(view), len(self._rec) - self._got)
+            self._rec[self._got:self._got + take] = view[:take]
+            view = view[take:]
+            body = self.received(take)
+            if self._rec is not None:
+                self.owned = False
+                return b""
+            bodies.append(cast(memoryview, body))
+            kept = True
+        more, pos = self._take_records(view)
+        bodies += more
+        if pos < len(view):
+            rest = view[pos:]
+            size = _record_size(rest[:8])
+            if size is None:
+                self._head += rest
+            else:
+                self._begin(size, rest)
+        self.owned = kept or len(bodies) > 1
+        return _joined(bodies)
+
+    def _begin(self, size: int, start: Buffer) -> None:
+        """Complete the record of ``size`` wire bytes that ``start`` begins in a buffer of its own."""
+        rec = self.buffers.get(size) if self.buffers is not None else bytearray(size)
+        n = len(start)
+        rec[:n] = start
+        self._rec, self._got = rec, n
+
+    def recv_space(self) -> memoryview | None:
+        """Where the next bytes of the stream may be received: the rest of the record being
+        completed (then say ``received``), or None (receive anywhere and ``unwrap``)."""
+        if self._rec is None:
+            return None
+        return memoryview(self._rec)[self._got:]
+
+    def received(self, n: int) -> Buffer:
+        """``n`` bytes were received into ``recv_space``: the record's plaintext once it is
+        whole (``owned``), else empty. AuthError if it does not verify."""
+        rec = self._rec
+        assert rec is not None and 0 <= n <= len(rec) - self._got
+        self._got += n
+        if self._got < len(rec):
+            self.owned = False
             return b""
-        if len(bodies) == 1 and len(buf) - pos <= _KEEP_TAIL:
-            # One record: it goes out in this buffer, a new one keeps what follows it.
-            self._buf = bytearray(buf[pos:])
-            return bodies[0]
-        plain = b"".join(bodies)
-        for b in bodies:  # the buffer cannot shrink while a view of it is alive
-            b.release()
-        del buf[:pos]
-        return plain
+        self._rec, self._got = None, 0
+        whole = memoryview(rec)
+        end = len(whole) - TAG_SIZE
+        body = whole[_RECORD_HDR.size:end]
+        if not self._verify(self._recv_seq, len(body), body, whole[end:]):
+            raise AuthError(f"record {self._recv_seq} failed its integrity check")
+        self._recv_seq += 1
+        self.owned = True
+        return body
 
     def _take_records(self, view: memoryview) -> tuple[list[memoryview], int]:
         """The bodies of the whole records at the start of ``view``, each checked, and where the
         first one not yet whole starts. AuthError if one fails."""
         out: list[memoryview] = []
         pos = 0
-        while len(view) - pos >= _RECORD_HDR.size:
-            (length,) = _RECORD_HDR.unpack_from(view, pos)
-            if bytes(view[pos:pos + 8]) == REFUSAL[:8]:
-                # Cannot be a record (its length would exceed RECORD_MAX): the peer refused what
-                # this end sent (e.g. a name it does not admit, found after the proofs).
-                raise AuthError("the peer refused this end's authentication")
-            if length == 0 or length > RECORD_MAX:
-                raise AuthError(f"record length {length} out of range")
-            end = pos + _RECORD_HDR.size + length
-            if len(view) < end + TAG_SIZE:
-                break
+        while (size := _record_size(view[pos:pos + 8])) is not None and len(view) - pos >= size:
+            end = pos + size - TAG_SIZE
             body = view[pos + _RECORD_HDR.size:end]
-            if not self._verify(self._recv_seq, length, body, view[end:end + TAG_SIZE]):
+            if not self._verify(self._recv_seq, len(body), body, view[end:end + TAG_SIZE]):
                 raise AuthError(f"record {self._recv_seq} failed its integrity check")
             self._recv_seq += 1
             out.append(body)
-            pos = end + TAG_SIZE
+            pos += size
         return out, pos
 
     def outgoing(self) -> bytes:
         return b""
+
+
+def _record_size(start: Buffer) -> int | None:
+    """The wire size (header, data, tag) of the record that ``start`` begins (its first bytes,
+    up to 8), or None if they are too few to tell. AuthError if it cannot be a record."""
+    if not len(start):
+        return None
+    probe = bytes(start[:8])
+    if REFUSAL.startswith(probe):
+        # Cannot be a record (its length would exceed RECORD_MAX): the peer refused what this
+        # end sent (e.g. a name it does not admit, found after the proofs).
+        if len(probe) == 8:
+            raise AuthError("the peer refused this end's authentication")
+        return None
+    if len(probe) < _RECORD_HDR.size:
+        return None
+    length: int = _RECORD_HDR.unpack_from(probe)[0]
+    if length == 0 or length > RECORD_MAX:
+        raise AuthError(f"record length {length} out of range")
+    return _RECORD_HDR.size + length + TAG_SIZE
 
 
 class MacChannel(_RecordChannel):
@@ -425,6 +501,12 @@ class TlsChannel:
 
     def outgoing(self) -> bytes:
         return self._out.read()
+
+    def recv_space(self) -> memoryview | None:
+        return None  # ssl reads its records from its own memory BIO
+
+    def received(self, n: int) -> Buffer:
+        raise RuntimeError("a TLS channel has no receive space")
 
 
 # -- handshake ---------------------------------------------------------------------------------

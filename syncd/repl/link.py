@@ -439,6 +439,8 @@ class Link:
             self._seen.clear()
         was_up = self.up
         netio.set_notsent_lowat(sock, _NOTSENT_LOWAT)
+        if isinstance(chan, secure.GcmChannel | secure.MacChannel):
+            chan.buffers = self.payloads  # records completed without page faults
         p.sock, p.chan, p.session, p.state = sock, chan, session, "up"
         p.last_rx = time.monotonic()
         p.since = time.time()
@@ -570,7 +572,9 @@ class Link:
             was = netio.batch_begin()
             try:
                 while got < _READ_AHEAD and queued < _RX_QUEUE_MAX:
-                    n = netio.recv_into_nowait(sock, view)
+                    # The rest of a large record goes straight into its own buffer (one copy).
+                    into = chan.recv_space()
+                    n = netio.recv_into_nowait(sock, view if into is None else into)
                     if n is None:  # nothing more has arrived
                         if got or data_ops:
                             break
@@ -585,7 +589,7 @@ class Link:
                         p.last_error = "peer closed the connection"
                         return
                     got += n
-                    plain = chan.unwrap(view[:n])
+                    plain = chan.unwrap(view[:n]) if into is None else chan.received(n)
                     dec.receive_data(plain, chan.owned)
                     while (f := dec.next_frame()) is not None:
                         p.rx_frames += 1
@@ -594,7 +598,7 @@ class Link:
                             queued += len(f.payload)
                         else:
                             self._dispatch(p, f)
-                    if n < _RECV_BUF:  # the socket is very likely drained: spare a recv
+                    if n < len(view if into is None else into):  # very likely drained: spare a recv
                         break
                 if got:
                     p.rx_bytes += got

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import mmap
 import struct
 
 import pytest
@@ -15,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from syncd import secure
+from syncd.buffers import PayloadBuffers
 from syncd.secure import RECORD_MAX, TAG_SIZE, AuthError, GcmChannel, Handshake, MacChannel, Role, Security
 from tests.unit import secure_release1 as release1
 
@@ -337,3 +339,85 @@ def test_a_record_completed_in_the_buffer_with_a_long_tail_after_it(records):
     assert bytes(out) == b"x" * 1000
     assert bytes(lis.channel.unwrap(second[200000:] + third)) == b"y" * 300000 + b"z" * 10
     assert bytes(held[0]) == b"x" * 1000  # an earlier result is not disturbed by later input
+
+
+# -- receiving the rest of a large record straight into its own buffer -------------------------
+def receive(chan, stream: bytes, chunks: list[int], rx_size: int = 70000) -> bytes:
+    """What the link's receiver does: the rest of a record being completed goes into
+    ``recv_space`` (then ``received``), anything else into a reused buffer (then ``unwrap``).
+    Each result is copied before the next receive, as the frame decoder does."""
+    rx = bytearray(rx_size)
+    got = []
+    i = 0
+    sizes = iter(chunks)
+    while i < len(stream):
+        want = next(sizes, rx_size)
+        into = chan.recv_space()
+        if into is None:
+            n = min(want, rx_size, len(stream) - i)
+            rx[:n] = stream[i:i + n]
+            got.append(bytes(chan.unwrap(memoryview(rx)[:n])))
+        else:
+            n = min(want, len(into), len(stream) - i)
+            into[:n] = stream[i:i + n]
+            got.append(bytes(chan.received(n)))
+        i += n
+    return b"".join(got)
+
+
+@pytest.mark.parametrize("records", [V1, V2])
+@pytest.mark.parametrize("pool", [False, True])
+def test_the_rest_of_a_large_record_is_received_into_its_own_buffer(records, pool):
+    d, lis = session(records)
+    if pool:
+        lis.channel.buffers = PayloadBuffers()
+    big = bytes(range(256)) * 4096  # 1 MiB: a record of its own in version 2
+    msgs = [b"h" * 48, big, b"t" * 48, big[:300000], b"x"]
+    stream = b"".join(wire(d.channel, [m]) for m in msgs)
+    assert lis.channel.recv_space() is None  # nothing begun: receive anywhere
+    assert receive(lis.channel, stream, []) == b"".join(msgs)
+    assert lis.channel.recv_space() is None
+
+
+@pytest.mark.parametrize("records", [V1, V2])
+def test_a_record_completed_in_its_buffer_is_the_callers_and_checked(records):
+    d, lis = session(records)
+    lis.channel.buffers = pool = PayloadBuffers()
+    big = bytes(range(256)) * 1024
+    w = wire(d.channel, [big])
+    assert lis.channel.unwrap(w[:1000]) == b"" and not lis.channel.owned
+    space = lis.channel.recv_space()
+    assert len(space) == len(w) - 1000
+    space[:] = w[1000:]
+    body = lis.channel.received(len(space))
+    assert lis.channel.owned and bytes(body) == big
+    assert isinstance(body.obj, mmap.mmap) and pool.fresh == 1  # the pool's buffer, handed out with it
+    # Tampered while it travels: the record fails once whole, in its own buffer too.
+    w = bytearray(wire(d.channel, [big]))
+    w[-100] ^= 1
+    assert lis.channel.unwrap(bytes(w[:5])) == b""
+    space = lis.channel.recv_space()
+    space[:] = w[5:]
+    with pytest.raises(AuthError, match="record 1 failed"):
+        lis.channel.received(len(space))
+
+
+def test_a_refusal_cut_anywhere_is_still_a_refusal():
+    for cut in range(1, 12):
+        _, lis = session()
+        with pytest.raises(AuthError, match="refused"):
+            for i in range(0, len(secure.REFUSAL), cut):
+                lis.channel.unwrap(secure.REFUSAL[i:i + cut])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from([V1, V2]), st.booleans(),
+       st.lists(st.sampled_from([1, 3, 100, 16 << 10, 200000, RECORD_MAX]), min_size=1, max_size=6),
+       st.lists(st.integers(1, 400000), max_size=12))
+def test_any_mix_of_received_and_unwrapped_pieces_round_trips(records, pool, sizes, chunks):
+    d, lis = session(records)
+    if pool:
+        lis.channel.buffers = PayloadBuffers()
+    msgs = [bytes([i]) * n for i, n in enumerate(sizes)]
+    stream = b"".join(wire(d.channel, [m]) for m in msgs)
+    assert receive(lis.channel, stream, chunks) == b"".join(msgs)
