@@ -177,9 +177,9 @@ class Channel(Protocol):
 
     @property
     def owned(self) -> bool:
-        """Whether what ``unwrap`` returned last is the caller's to keep (no view of the data
-        it was given, nor of memory the channel reuses): a frame decoder may then hand out
-        views of it as payloads instead of copies."""
+        """Whether what ``unwrap`` or ``received`` returned last is the caller's to keep (no
+        view of the data it was given, nor of memory the channel reuses): a frame decoder may
+        then hand out views of it as payloads instead of copies."""
         ...
 
     @property
@@ -221,10 +221,11 @@ class _RecordChannel(abc.ABC):
     """Key mode's record layer: u32 length, data, 16-byte tag. Subclasses tag and check.
 
     A record that a piece of the stream leaves unfinished is completed in a buffer of its own
-    size (from ``buffers``, the owner's pool of reused payload buffers, when it has one: no
-    page faults), which the owner may receive straight into (``recv_space``, ``received``):
-    each byte of a large record is then copied once, by the kernel. The record leaves with
-    that buffer (its payload adopted by the frame decoder, not copied again)."""
+    (from ``buffers``, the owner's pool of reused payload buffers, when it has one: no page
+    faults), which the owner may receive the rest of the record straight into (``recv_space``,
+    ``received``): those bytes are copied once, by the kernel; what the piece that began the
+    record held of it is copied there once more. The record leaves with that buffer (its
+    payload adopted by the frame decoder, not copied again)."""
 
     def __init__(self) -> None:
         self._send_seq = 0

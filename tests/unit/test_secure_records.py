@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import logging
 import mmap
+import random
 import struct
 
 import pytest
@@ -421,3 +422,101 @@ def test_any_mix_of_received_and_unwrapped_pieces_round_trips(records, pool, siz
     msgs = [bytes([i]) * n for i, n in enumerate(sizes)]
     stream = b"".join(wire(d.channel, [m]) for m in msgs)
     assert receive(lis.channel, stream, chunks) == b"".join(msgs)
+
+
+# -- found by review: every check of the in-place path, at its edges --------------------------
+@pytest.mark.parametrize("records", [V1, V2])
+@pytest.mark.parametrize("cut", [1, 5, 100, 150000])
+def test_a_tampered_first_record_split_across_unwraps_fails(records, cut):
+    d, lis = session(records)
+    w = bytearray(wire(d.channel, [b"q" * 200000]))
+    w[-1] ^= 1
+    with pytest.raises(AuthError, match="record 0 failed"):
+        lis.channel.unwrap(bytes(w[:cut]))
+        lis.channel.unwrap(bytes(w[cut:]))
+
+
+@pytest.mark.parametrize("records", [V1, V2])
+def test_a_tampered_first_record_received_in_place_fails(records):
+    d, lis = session(records)
+    lis.channel.buffers = PayloadBuffers()
+    w = bytearray(wire(d.channel, [b"q" * 200000]))
+    w[100] ^= 1
+    assert lis.channel.unwrap(bytes(w[:10])) == b""
+    space = lis.channel.recv_space()
+    space[:] = w[10:]
+    with pytest.raises(AuthError, match="record 0 failed"):
+        lis.channel.received(len(space))
+
+
+@pytest.mark.parametrize("records", [V1, V2])
+def test_nothing_until_the_last_byte_received_in_place(records):
+    d, lis = session(records)
+    w = wire(d.channel, [b"q" * 1000]) + wire(d.channel, [b"r"])
+    one = len(w) - (4 + 1 + TAG_SIZE)
+    assert lis.channel.unwrap(w[:10]) == b""
+    for i in range(10, one - 1):
+        space = lis.channel.recv_space()
+        space[:1] = w[i:i + 1]
+        assert lis.channel.received(1) == b""
+    space = lis.channel.recv_space()
+    assert len(space) == 1
+    space[:1] = w[one - 1:one]
+    assert bytes(lis.channel.received(1)) == b"q" * 1000
+    assert lis.channel.recv_space() is None
+    assert bytes(lis.channel.unwrap(w[one:])) == b"r"
+
+
+def test_a_refusal_cut_unevenly_is_a_refusal():
+    for first in range(1, 8):
+        _, lis = session()
+        with pytest.raises(AuthError, match="refused"):
+            lis.channel.unwrap(secure.REFUSAL[:first])
+            lis.channel.unwrap(secure.REFUSAL[first:])
+
+
+@pytest.mark.parametrize("length", [0, RECORD_MAX + 1, 0xFFFFFFFF])
+@pytest.mark.parametrize("cut", [None, 2, 6])
+def test_a_record_length_out_of_range_is_refused_at_once(length, cut):
+    _, lis = session()
+    hdr = struct.pack(">I", length) + b"\0" * 8
+    with pytest.raises(AuthError, match="out of range"):
+        if cut is None:
+            lis.channel.unwrap(hdr)
+        else:
+            lis.channel.unwrap(hdr[:cut])
+            lis.channel.unwrap(hdr[cut:])
+
+
+@pytest.mark.parametrize("records", [V1, V2])
+def test_a_record_of_exactly_record_max_is_taken(records):
+    d, lis = session(records)
+    w = wire(d.channel, [b"m" * RECORD_MAX])
+    assert struct.unpack(">I", w[:4])[0] == RECORD_MAX
+    assert bytes(lis.channel.unwrap(w[:3])) == b""
+    assert bytes(lis.channel.unwrap(w[3:])) == b"m" * RECORD_MAX
+
+
+@pytest.mark.parametrize("records", [V1, V2])
+def test_plaintext_kept_as_views_survives_the_pool_reusing_buffers(records):
+    """Records completed in pool buffers, their plaintext kept as views (as adopted payloads
+    are) while the pool is trimmed and more records come: none of them changes."""
+    d, lis = session(records)
+    lis.channel.buffers = pool = PayloadBuffers(keep=4 << 20)
+    kept = []
+    rng = random.Random(7)
+    for i in range(40):
+        msg = bytes([i]) * rng.choice([70000, 300000, RECORD_MAX])
+        w = wire(d.channel, [msg])
+        cut = rng.randrange(1, 70000)
+        assert lis.channel.unwrap(w[:cut]) == b""
+        space = lis.channel.recv_space()
+        space[:] = w[cut:]
+        plain = lis.channel.received(len(space))
+        assert lis.channel.owned
+        if i % 3:
+            kept.append((msg, plain))  # the others are let go: their buffers come back
+        pool.trim()
+    assert pool.reused > 0
+    for msg, plain in kept:
+        assert bytes(plain) == msg
