@@ -258,9 +258,10 @@ class _RecordChannel(abc.ABC):
                 return b""
             self._begin(size, self._head)
             self._head.clear()
-        if self._rec is not None:
-            take = min(len(view), len(self._rec) - self._got)
-            self._rec[self._got:self._got + take] = view[:take]
+        space = self.recv_space()
+        if space is not None:
+            take = min(len(view), len(space))
+            space[:take] = view[:take]
             view = view[take:]
             body = self.received(take)
             if self._rec is not None:
@@ -335,8 +336,6 @@ class _RecordChannel(abc.ABC):
 def _record_size(start: Buffer) -> int | None:
     """The wire size (header, data, tag) of the record that ``start`` begins (its first bytes,
     up to 8), or None if they are too few to tell. AuthError if it cannot be a record."""
-    if not len(start):
-        return None
     probe = bytes(start[:8])
     if REFUSAL.startswith(probe):
         # Cannot be a record (its length would exceed RECORD_MAX): the peer refused what this

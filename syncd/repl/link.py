@@ -574,7 +574,8 @@ class Link:
                 while got < _READ_AHEAD and queued < _RX_QUEUE_MAX:
                     # The rest of a large record goes straight into its own buffer (one copy).
                     into = chan.recv_space()
-                    n = netio.recv_into_nowait(sock, view if into is None else into)
+                    target = view if into is None else into
+                    n = netio.recv_into_nowait(sock, target)
                     if n is None:  # nothing more has arrived
                         if got or data_ops:
                             break
@@ -598,7 +599,7 @@ class Link:
                             queued += len(f.payload)
                         else:
                             self._dispatch(p, f)
-                    if n < len(view if into is None else into):  # very likely drained: spare a recv
+                    if n < len(target):  # the socket is very likely drained: spare a recv
                         break
                 if got:
                     p.rx_bytes += got
