@@ -53,3 +53,49 @@ def test_output_queued_in_a_batch_is_flushed_once_when_the_outer_batch_ends():
         netio.batch_end(outer)
     assert box.flushes == other.flushes == 1
     assert not box.flush_queued and not netio.defer(box)
+
+
+def test_work_after_the_sends_runs_once_the_outer_batch_flushed_and_only_once_per_batch():
+    order: list[str] = []
+
+    class Logged(Box):
+        def flush_inline(self):
+            super().flush_inline()
+            order.append("flush")
+
+    box = Logged()
+    assert not netio.after_sends(lambda: order.append("x"))  # no batch: the caller runs it
+    outer = netio.batch_begin()
+    try:
+        assert netio.defer(box)
+        inner = netio.batch_begin()
+        assert netio.after_sends(lambda: order.append("first"))
+        assert not netio.after_sends(lambda: order.append("second"))  # one per batch
+        netio.batch_end(inner)
+        assert order == []
+    finally:
+        netio.batch_end(outer)
+    assert order == ["flush", "first"]
+    outer = netio.batch_begin()  # a new batch may defer again
+    assert netio.after_sends(lambda: order.append("next"))
+    netio.batch_end(outer)
+    assert order == ["flush", "first", "next"]
+
+
+def test_work_after_the_sends_that_raises_is_reported_once_the_rest_ran(monkeypatch):
+    ran: list[str] = []
+    monkeypatch.setattr(netio._batch, "after", [])
+
+    def bad():
+        raise ValueError("boom")
+
+    was = netio.batch_begin()
+    assert netio.after_sends(bad)
+    netio._batch.after.append(lambda: ran.append("other"))  # as a second hand-off would be
+    try:
+        netio.batch_end(was)
+    except ValueError as e:
+        assert str(e) == "boom"
+    else:
+        raise AssertionError("the error was swallowed")
+    assert ran == ["other"] and netio._batch.after == [] and not netio._batch.active
