@@ -235,20 +235,22 @@ def batch_end(was: bool) -> None:
         return
     _batch.active = False
     pending, after = _batch.pending, _batch.after
-    while pending:
-        ob = pending.pop()
-        ob.flush_queued = False
-        ob.flush_inline()
-    if after:
-        _batch.after = []
-        failed: BaseException | None = None
-        for fn in after:
-            try:
-                fn()
-            except BaseException as e:  # the others still run: each may hold a range
-                failed = failed or e
-        if failed is not None:
-            raise failed
+    try:
+        while pending:
+            ob = pending.pop()
+            ob.flush_queued = False
+            ob.flush_inline()
+    finally:
+        if after:  # also when a flush raised: each may hold a range and owe a host an answer
+            _batch.after = []
+            failed: BaseException | None = None
+            for fn in after:
+                try:
+                    fn()
+                except BaseException as e:  # the others still run
+                    failed = failed or e
+            if failed is not None:
+                raise failed
 
 
 def after_sends(fn: Callable[[], None]) -> bool:

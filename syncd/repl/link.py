@@ -157,7 +157,18 @@ class Path:
             return
         while q.ctl or q.bulk:
             since = self.ctl_since if q.ctl else 0.0
-            n, left = netio.send_available(sock, self.chan.wrap(q.next_batch()))
+            try:
+                wire = self.chan.wrap(q.next_batch())
+            except OSError as e:
+                # A TLS channel that failed (its receiver met a bad record in this round): the
+                # path is done for. Not raised into the loop whose batch this is (a host's
+                # connection, another path's receiver); the path goes down, and the requests
+                # it carried are re-sent or failed as for any lost path.
+                self.last_error = str(e) or type(e).__name__
+                if self.cancel is not None:
+                    self.cancel.cancel()  # as its sender task does on a send error
+                return
+            n, left = netio.send_available(sock, wire)
             self.tx_bytes += n
             if since:
                 waited = time.monotonic() - since

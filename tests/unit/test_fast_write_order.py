@@ -21,6 +21,7 @@ from syncd.node.datapath import DataPath
 from syncd.node.intent import IntentLog
 from syncd.node.roles import Mode
 from syncd.node.volume import Volume
+from syncd.repl.link import LinkDown
 
 from .test_datapath_cancel import REGION, SIZE, Member, Node, Wire
 from .test_durable_before_alone import Durable
@@ -161,4 +162,55 @@ async def test_a_local_write_failing_after_its_frame_left_is_answered_with_the_e
         wire.answer()
         assert answers and answers[0][0] == errno.EIO and "Input/output error" in answers[0][1]
         assert not m.lock.busy(4 * REGION, 4096)
+        nursery.cancel_scope.cancel()
+
+
+def _link_lost(wire) -> None:
+    for pend in wire.unanswered:
+        pend.error = LinkDown("replication link down")
+        pend.finish()
+    wire.unanswered.clear()
+
+
+async def test_a_write_neither_replica_applied_is_not_acknowledged(primary):
+    """Found by review: the local write failed and the link went; once the peer is fenced off
+    the host gets the local error, not success."""
+    here, peer, intent = await primary(Failing)
+    answers: list = []
+    async with trio.open_nursery() as nursery:
+        wire, dp, m = _setup(nursery, here, peer, intent)
+        was = netio.batch_begin()
+        try:
+            assert dp.fast_write(m, 2 * REGION, memoryview(b"\x42" * 4096), lambda err, msg: answers.append(err))
+        finally:
+            netio.batch_end(was)
+        _link_lost(wire)
+        await trio.testing.wait_all_tasks_blocked()
+        assert answers == [errno.EIO] and m.dirty.test(2) and not m.lock.busy(2 * REGION, 4096)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_write_the_peer_did_not_confirm_is_marked_and_keeps_its_range_until_the_peer_is_fenced(primary):
+    """Found by review (no test caught dropping the mark or releasing the range early)."""
+    here, peer, intent = await primary()
+    data = b"\x24" * 4096
+    answers: list = []
+    async with trio.open_nursery() as nursery:
+        wire, dp, m = _setup(nursery, here, peer, intent)
+        g = dp.g
+        was = netio.batch_begin()
+        try:
+            assert dp.fast_write(m, 3 * REGION, memoryview(data), lambda err, msg: answers.append(err))
+        finally:
+            netio.batch_end(was)
+        g.mode = Mode.FENCING  # the peer is being fenced off
+        _link_lost(wire)
+        assert m.dirty.test(3)  # at once: a resync that starts now counts it
+        await trio.testing.wait_all_tasks_blocked()
+        assert answers == [] and m.lock.busy(3 * REGION, 4096)
+        g.mode = Mode.ATTACHED
+        g.changed()
+        await trio.testing.wait_all_tasks_blocked()
+        assert answers == [0] and not m.lock.busy(3 * REGION, 4096) and here.read_sync(3 * REGION, 4096) == data
+        assert g.lost
         nursery.cancel_scope.cancel()

@@ -2,6 +2,9 @@
 output queued in a batch is flushed when the batch ends (nested batches: the outer one)."""
 
 import socket
+import ssl
+
+import pytest
 
 from syncd import netio
 
@@ -55,7 +58,8 @@ def test_output_queued_in_a_batch_is_flushed_once_when_the_outer_batch_ends():
     assert not box.flush_queued and not netio.defer(box)
 
 
-def test_work_after_the_sends_runs_once_the_outer_batch_flushed_and_only_once_per_batch():
+def test_work_after_the_sends_runs_once_the_outer_batch_flushed_and_only_once_per_batch(monkeypatch):
+    monkeypatch.setattr(netio, "_batch", netio._Batch())
     order: list[str] = []
 
     class Logged(Box):
@@ -84,7 +88,7 @@ def test_work_after_the_sends_runs_once_the_outer_batch_flushed_and_only_once_pe
 
 def test_work_after_the_sends_that_raises_is_reported_once_the_rest_ran(monkeypatch):
     ran: list[str] = []
-    monkeypatch.setattr(netio._batch, "after", [])
+    monkeypatch.setattr(netio, "_batch", netio._Batch())
 
     def bad():
         raise ValueError("boom")
@@ -99,3 +103,31 @@ def test_work_after_the_sends_that_raises_is_reported_once_the_rest_ran(monkeypa
     else:
         raise AssertionError("the error was swallowed")
     assert ran == ["other"] and netio._batch.after == [] and not netio._batch.active
+
+
+def test_work_after_the_sends_runs_outside_the_batch(monkeypatch):
+    """What it queues goes by the sender tasks (the batch's flush already ran)."""
+    monkeypatch.setattr(netio, "_batch", netio._Batch())
+    box, seen = Box(), []
+    was = netio.batch_begin()
+    assert netio.after_sends(lambda: seen.append(netio.defer(box)))
+    netio.batch_end(was)
+    assert seen == [False] and not box.flush_queued
+
+
+def test_work_after_the_sends_runs_even_when_a_flush_raises(monkeypatch):
+    """Found by review: a flush that raised left the deferred local write (and the range it
+    holds) waiting for some later batch."""
+    monkeypatch.setattr(netio, "_batch", netio._Batch())
+
+    class Broken(Box):
+        def flush_inline(self):
+            raise ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
+
+    ran: list[int] = []
+    was = netio.batch_begin()
+    assert netio.defer(Broken())
+    assert netio.after_sends(lambda: ran.append(1))
+    with pytest.raises(OSError):
+        netio.batch_end(was)
+    assert ran == [1] and netio._batch.after == [] and not netio._batch.active
