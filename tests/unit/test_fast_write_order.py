@@ -10,6 +10,7 @@ batches as the NBD server runs them."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 
 import pytest
@@ -66,36 +67,45 @@ def primary(tmp_path):
         x.close()
 
 
-def _setup(nursery, here, peer, intent):
-    wire = Wire(peer)
-    g = Durable(Node(wire, nursery))
-    g.mode = Mode.ATTACHED
-    g.mirroring = True
-    g.steady = lambda: True
-    dp = DataPath(g)
-    return wire, dp, Member(g, here, intent)
+@contextlib.contextmanager
+def batch():
+    """One batch, as the NBD server's loop runs it for what one recv brought."""
+    was = netio.batch_begin()
+    try:
+        yield
+    finally:
+        netio.batch_end(was)
+
+
+@contextlib.asynccontextmanager
+async def _running(here, peer, intent):
+    """A primary in steady state, mirroring to ``peer`` over a ``Wire``: (wire, data path, member)."""
+    async with trio.open_nursery() as nursery:
+        wire = Wire(peer)
+        g = Durable(Node(wire, nursery))
+        g.mode = Mode.ATTACHED
+        g.mirroring = True
+        g.steady = lambda: True
+        dp = DataPath(g)
+        yield wire, dp, Member(g, here, intent)
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_lone_small_write_leaves_for_the_peer_before_it_is_written_here(primary):
     here, peer, intent = await primary()
     data = b"\x5a" * 4096
     answers: list = []
-    async with trio.open_nursery() as nursery:
-        wire, dp, m = _setup(nursery, here, peer, intent)
+    async with _running(here, peer, intent) as (wire, dp, m):
         box = Outbox(lambda: here.read_sync(0, 4096) == data)
-        was = netio.batch_begin()
-        try:
+        with batch():
             assert dp.fast_write(m, 0, memoryview(data), lambda err, msg: answers.append(err))
             assert netio.defer(box)  # the link's outbox: flushed when the batch ends
             assert peer.read_sync(0, 4096) == data and here.read_sync(0, 4096) != data
             assert m.lock.busy(0, 4096)
-        finally:
-            netio.batch_end(was)
         assert box.seen == [False]  # the frames went before the local write
         assert here.read_sync(0, 4096) == data and answers == []  # written; the peer has not answered
         wire.answer()
         assert answers == [0] and not m.lock.busy(0, 4096)
-        nursery.cancel_scope.cancel()
 
 
 async def test_the_host_is_answered_only_once_both_copies_are_done(primary):
@@ -104,45 +114,32 @@ async def test_the_host_is_answered_only_once_both_copies_are_done(primary):
     here, peer, intent = await primary()
     data = b"\x11" * 4096
     answers: list = []
-    async with trio.open_nursery() as nursery:
-        wire, dp, m = _setup(nursery, here, peer, intent)
-        was = netio.batch_begin()
-        try:
+    async with _running(here, peer, intent) as (wire, dp, m):
+        with batch():
             assert dp.fast_write(m, 8192, memoryview(data), lambda err, msg: answers.append(err))
             wire.answer()
             assert answers == [] and m.lock.busy(8192, 4096)
-        finally:
-            netio.batch_end(was)
         assert answers == [0] and here.read_sync(8192, 4096) == data and not m.lock.busy(8192, 4096)
-        nursery.cancel_scope.cancel()
 
 
 async def test_only_the_first_write_of_a_batch_and_only_a_small_one_waits_for_the_sends(primary):
     here, peer, intent = await primary()
     a, b, big = b"\x01" * 4096, b"\x02" * 4096, b"\x03" * (128 << 10)
     answers: list = []
-    async with trio.open_nursery() as nursery:
-        wire, dp, m = _setup(nursery, here, peer, intent)
-        was = netio.batch_begin()
-        try:
+    async with _running(here, peer, intent) as (wire, dp, m):
+        with batch():
             assert dp.fast_write(m, 0, memoryview(a), lambda err, msg: answers.append(err))
             assert dp.fast_write(m, 4096, memoryview(b), lambda err, msg: answers.append(err))
             assert here.read_sync(0, 4096) != a and here.read_sync(4096, 4096) == b  # the second: at once
-        finally:
-            netio.batch_end(was)
-        was = netio.batch_begin()
-        try:
+        with batch():
             assert dp.fast_write(m, 1 << 20, memoryview(big), lambda err, msg: answers.append(err))
             assert here.read_sync(1 << 20, len(big)) == big  # large: here first, as before
-        finally:
-            netio.batch_end(was)
         assert here.read_sync(0, 4096) == a
         # Outside a batch (no sends to wait for): written at once.
         assert dp.fast_write(m, 3 << 20, memoryview(a), lambda err, msg: answers.append(err))
         assert here.read_sync(3 << 20, 4096) == a
         wire.answer()
         assert answers == [0, 0, 0, 0]
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_local_write_failing_after_its_frame_left_is_answered_with_the_error_once_the_peer_answers(
@@ -150,19 +147,14 @@ async def test_a_local_write_failing_after_its_frame_left_is_answered_with_the_e
     here, peer, intent = await primary(Failing)
     data = b"\x77" * 4096
     answers: list = []
-    async with trio.open_nursery() as nursery:
-        wire, dp, m = _setup(nursery, here, peer, intent)
-        was = netio.batch_begin()
-        try:
+    async with _running(here, peer, intent) as (wire, dp, m):
+        with batch():
             assert dp.fast_write(m, 4 * REGION, memoryview(data), lambda err, msg: answers.append((err, msg)))
-        finally:
-            netio.batch_end(was)
         assert peer.read_sync(4 * REGION, 4096) == data  # the peer applied it
         assert m.dirty.test(4) and answers == [] and m.lock.busy(4 * REGION, 4096)  # resynced later
         wire.answer()
         assert answers and answers[0][0] == errno.EIO and "Input/output error" in answers[0][1]
         assert not m.lock.busy(4 * REGION, 4096)
-        nursery.cancel_scope.cancel()
 
 
 def _link_lost(wire) -> None:
@@ -177,17 +169,12 @@ async def test_a_write_neither_replica_applied_is_not_acknowledged(primary):
     the host gets the local error, not success."""
     here, peer, intent = await primary(Failing)
     answers: list = []
-    async with trio.open_nursery() as nursery:
-        wire, dp, m = _setup(nursery, here, peer, intent)
-        was = netio.batch_begin()
-        try:
+    async with _running(here, peer, intent) as (wire, dp, m):
+        with batch():
             assert dp.fast_write(m, 2 * REGION, memoryview(b"\x42" * 4096), lambda err, msg: answers.append(err))
-        finally:
-            netio.batch_end(was)
         _link_lost(wire)
         await trio.testing.wait_all_tasks_blocked()
         assert answers == [errno.EIO] and m.dirty.test(2) and not m.lock.busy(2 * REGION, 4096)
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_write_the_peer_did_not_confirm_is_marked_and_keeps_its_range_until_the_peer_is_fenced(primary):
@@ -195,14 +182,10 @@ async def test_a_write_the_peer_did_not_confirm_is_marked_and_keeps_its_range_un
     here, peer, intent = await primary()
     data = b"\x24" * 4096
     answers: list = []
-    async with trio.open_nursery() as nursery:
-        wire, dp, m = _setup(nursery, here, peer, intent)
+    async with _running(here, peer, intent) as (wire, dp, m):
         g = dp.g
-        was = netio.batch_begin()
-        try:
+        with batch():
             assert dp.fast_write(m, 3 * REGION, memoryview(data), lambda err, msg: answers.append(err))
-        finally:
-            netio.batch_end(was)
         g.mode = Mode.FENCING  # the peer is being fenced off
         _link_lost(wire)
         assert m.dirty.test(3)  # at once: a resync that starts now counts it
@@ -213,4 +196,3 @@ async def test_a_write_the_peer_did_not_confirm_is_marked_and_keeps_its_range_un
         await trio.testing.wait_all_tasks_blocked()
         assert answers == [0] and not m.lock.busy(3 * REGION, 4096) and here.read_sync(3 * REGION, 4096) == data
         assert g.lost
-        nursery.cancel_scope.cancel()
