@@ -70,7 +70,7 @@ class _Batch:
     def __init__(self) -> None:
         self.active = False
         self.pending: list[Outbox] = []
-        self.after: list[Callable[[], None]] = []
+        self.after: Callable[[], None] | None = None  # the batch's work after its sends (one)
 
 
 _batch = _Batch()
@@ -234,23 +234,17 @@ def batch_end(was: bool) -> None:
     if was:
         return
     _batch.active = False
-    pending, after = _batch.pending, _batch.after
+    pending = _batch.pending
     try:
         while pending:
             ob = pending.pop()
             ob.flush_queued = False
             ob.flush_inline()
     finally:
-        if after:  # also when a flush raised: each may hold a range and owe a host an answer
-            _batch.after = []
-            failed: BaseException | None = None
-            for fn in after:
-                try:
-                    fn()
-                except BaseException as e:  # the others still run
-                    failed = failed or e
-            if failed is not None:
-                raise failed
+        after = _batch.after
+        if after is not None:  # also when a flush raised: it may hold a range and owe a host an answer
+            _batch.after = None
+            after()
 
 
 def after_sends(fn: Callable[[], None]) -> bool:
@@ -263,9 +257,9 @@ def after_sends(fn: Callable[[], None]) -> bool:
     One per batch: a lone request's latency gains its work's time, while in a batch of many
     the peer, answering sooner, answers in smaller batches (measured at 4 KiB QD16: 8 µs more
     CPU per write at the primary; round 10 in bench/README.md)."""
-    if not _batch.active or _batch.after:
+    if not _batch.active or _batch.after is not None:
         return False
-    _batch.after.append(fn)
+    _batch.after = fn
     return True
 
 

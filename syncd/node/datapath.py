@@ -480,10 +480,7 @@ class DataPath:
             m.lock.release(tok)
             if w.error is None:
                 m.vol.io_stats.mirror.observe(monotonic() - w.t0)
-                done(0, "")
-            else:
-                err = self.local_error(w.error)
-                done(err.errno, str(err))
+            self._answer(w)
             return
         reason = str(pend.error) if pend.error else f"peer refused a write ({pend.reply.status})"
         # Marked before anything else can happen: a resync that starts once the peer is back
@@ -500,13 +497,17 @@ class DataPath:
                 done(e.errno, str(e))
                 return
             m.lock.release(tok)
-            if w.error is None:
-                done(0, "")
-            else:
-                err = self.local_error(w.error)
-                done(err.errno, str(err))
+            self._answer(w)
 
         self.g.node.spawn(fence_then_ack)
+
+    def _answer(self, w: "_FastWrite") -> None:
+        """The host's answer to a fast-path write whose peer applied it or was fenced off."""
+        if w.error is None:
+            w.done(0, "")
+        else:
+            err = self.local_error(w.error)
+            w.done(err.errno, str(err))
 
     def _granted(self, pend: Any, m: "Member", offset: int, data: Any, done: Done, t0: float) -> None:
         g = self.g

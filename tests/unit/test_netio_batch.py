@@ -86,7 +86,7 @@ def test_work_after_the_sends_runs_once_the_outer_batch_flushed_and_only_once_pe
     assert order == ["flush", "first", "next"]
 
 
-def test_work_after_the_sends_that_raises_is_reported_once_the_rest_ran(monkeypatch):
+def test_work_after_the_sends_that_raises_is_reported_and_leaves_the_next_batch_free(monkeypatch):
     ran: list[str] = []
     monkeypatch.setattr(netio, "_batch", netio._Batch())
 
@@ -95,14 +95,17 @@ def test_work_after_the_sends_that_raises_is_reported_once_the_rest_ran(monkeypa
 
     was = netio.batch_begin()
     assert netio.after_sends(bad)
-    netio._batch.after.append(lambda: ran.append("other"))  # as a second hand-off would be
     try:
         netio.batch_end(was)
     except ValueError as e:
         assert str(e) == "boom"
     else:
         raise AssertionError("the error was swallowed")
-    assert ran == ["other"] and netio._batch.after == [] and not netio._batch.active
+    assert netio._batch.after is None and not netio._batch.active
+    was = netio.batch_begin()
+    assert netio.after_sends(lambda: ran.append("next"))
+    netio.batch_end(was)
+    assert ran == ["next"]
 
 
 def test_work_after_the_sends_runs_outside_the_batch(monkeypatch):
@@ -130,4 +133,4 @@ def test_work_after_the_sends_runs_even_when_a_flush_raises(monkeypatch):
     assert netio.after_sends(lambda: ran.append(1))
     with pytest.raises(OSError):
         netio.batch_end(was)
-    assert ran == [1] and netio._batch.after == [] and not netio._batch.active
+    assert ran == [1] and netio._batch.after is None and not netio._batch.active
