@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import statistics
 import subprocess
 from pathlib import Path
 
@@ -146,6 +147,29 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+def paired_ratio(res: dict | None, base: dict | None, metric: str, paired: bool) -> float | None:
+    """``res`` against ``base`` on one workload. Runs interleaved (``paired``: round k of every
+    target ran within minutes of each other) give the median of the rounds' ratios, so a slow
+    spell of the machine divides out; otherwise the ratio of the two median runs."""
+    if res is None or base is None:
+        return None
+    a, b = res.get("runs"), base.get("runs")
+    if paired and a and b and len(a) == len(b):
+        each = [x / y for x, y in zip(a, b, strict=True) if x is not None and y]
+        if each:
+            return statistics.median(each)
+    return ratio(res[metric], base[metric])
+
+
+def spread(res: dict, metric: str) -> str:
+    """The range of a row's rounds (``runs``), or '' for a single run."""
+    runs = [x for x in res.get("runs") or [] if x is not None]
+    if len(runs) < 2:
+        return ""
+    fmt = "{:.0f}" if metric == "iops" else "{:.1f}"
+    return f"{fmt.format(min(runs))}-{fmt.format(max(runs))}"
+
+
 def fmt_ratio(r: float | None) -> str:
     return "-" if r is None else f"{r:.2f}"
 
@@ -207,6 +231,8 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
 def main_table(doc: dict) -> list[str]:
     results, rows, jobs = doc.get("results", {}), doc.get("rows", list(doc.get("results", {}))), doc.get("jobs", [])
     lk = doc.get("latency", "lat")
+    paired = doc.get("order") == "interleaved"
+    rounds = doc.get("repeat", 1) > 1
     body = []
     for job in jobs:
         m = metric_of(job)
@@ -215,21 +241,26 @@ def main_table(doc: dict) -> list[str]:
             res = results.get(r, {}).get(job)
             name = WORKLOAD_NAMES.get(job, job)
             if res is None:
-                body.append([r, name, "failed", "", "", "", "", ""])
+                body.append([r, name, "failed"] + [""] * (6 if rounds else 5))
                 continue
-            body.append([r, name, f"{res['iops']:.0f}", f"{res['mbps']:.1f}", f"{res[lk + '_p50_us']:.0f}",
-                         f"{res[lk + '_p99_us']:.0f}", fmt_ratio(ratio(res[m], base and base[m])),
-                         fmt_ratio(ratio(res[m], peer and peer[m]))])
+            body.append([r, name, f"{res['iops']:.0f}", f"{res['mbps']:.1f}"]
+                        + ([spread(res, m)] if rounds else [])
+                        + [f"{res[lk + '_p50_us']:.0f}", f"{res[lk + '_p99_us']:.0f}",
+                           fmt_ratio(paired_ratio(res, base, m, paired)),
+                           fmt_ratio(paired_ratio(res, peer, m, paired))])
     if not body:
         return []
-    return _table(["target", "workload", "IOPS", "MB/s", f"{lk} p50 µs", f"{lk} p99 µs", f"× {BASELINE}",
-                   f"× {PEER}"], body)
+    return _table(["target", "workload", "IOPS", "MB/s"] + (["range (IOPS; MB/s for 1M)"] if rounds else [])
+                  + [f"{lk} p50 µs", f"{lk} p99 µs", f"× {BASELINE}", f"× {PEER}"], body)
 
 
 def render_markdown(doc: dict) -> str:
     """One run as Markdown: what ran where, then a table per kind of measurement present."""
     out = [f"# bench/run.py, {doc.get('date', '?')}", ""]
-    rep = f", median of {doc['repeat']} runs" if doc.get("repeat", 1) > 1 else ""
+    rep = ""
+    if doc.get("repeat", 1) > 1:
+        rep = (f", median of {doc['repeat']} rounds, the targets taking turns in each (ratios: the median of "
+               "the rounds' ratios)" if doc.get("order") == "interleaved" else f", median of {doc['repeat']} runs")
     out.append(f"fio nbd engine, {doc.get('runtime_s', '?')} s per job after a {doc.get('ramp_s', 2)} s ramp{rep}, "
                f"{doc.get('size', 0) >> 20} MiB volumes; command: `{doc.get('command', 'bench/run.py')}`")
     out += ["", "Machine:", ""] + machine_lines(doc.get("machine", {}))
@@ -318,13 +349,14 @@ def render_chart(doc: dict, path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     results, rows, jobs = doc.get("results", {}), doc.get("rows", []), doc.get("jobs", [])
+    paired = doc.get("order") == "interleaved"
     panels = []
     for ref in (BASELINE, PEER):
         data = {}
         for job in jobs:
             m = metric_of(job)
             refres = results.get(ref, {}).get(job)
-            data[job] = {r: ratio(results.get(r, {}).get(job, {}).get(m), refres and refres[m]) for r in rows}
+            data[job] = {r: paired_ratio(results.get(r, {}).get(job), refres, m, paired) for r in rows}
         if any(v is not None for d in data.values() for v in d.values()):
             panels.append((ref, data))
     drows = distance_rows(doc.get("distance") or {})

@@ -43,7 +43,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import benchkit
@@ -389,11 +389,10 @@ def select(spec: str) -> list[str]:
 
 
 def median_run(job: str, uri: str, span: int, ns) -> dict:
-    """fio ``job`` --repeat times; the median run (by IOPS, MB/s for sequential jobs)."""
-    runs = [run_fio(job, uri, span, ns.runtime) for _ in range(ns.repeat)]
-    metric = benchkit.metric_of(job)
-    best = sorted(runs, key=lambda x: x[metric])[(len(runs) - 1) // 2]
-    return dict(best, runs=[x[metric] for x in runs]) if len(runs) > 1 else best
+    """fio ``job`` --repeat times in a row; the median run (by IOPS, MB/s for sequential jobs)."""
+    best = pick_median(job, [run_fio(job, uri, span, ns.runtime) for _ in range(ns.repeat)])
+    assert best is not None  # run_fio raises rather than return nothing
+    return best
 
 
 class RssSampler:
@@ -442,6 +441,78 @@ class RssSampler:
     def peaks_mb(self) -> dict[str, float]:
         """Per process: the larger of VmHWM and the sampled VmRSS, in MiB (the budget: 256 MB, counted as MiB)."""
         return {s: max(self.status(pid, "VmHWM"), self.samples[s]) / 1024 for s, pid in self.pids.items()}
+
+
+def rounds(rows: list[str], repeat: int) -> list[list[str]]:
+    """The order of the rows in each round of one job (``--order interleaved``): round k starts
+    k rows further on, so no row always runs first (behind the last job's writeback) or last."""
+    n = len(rows)
+    return [rows[k % n:] + rows[:k % n] for k in range(repeat)] if n else []
+
+
+def pick_median(job: str, runs: list[dict | None]) -> dict | None:
+    """The median run of ``runs`` (by the job's metric; the lower one of an even count), with
+    ``runs``: every run's metric in the order they ran (None for a run that failed)."""
+    metric = benchkit.metric_of(job)
+    ok = sorted((x for x in runs if x is not None), key=lambda x: x[metric])
+    if not ok:
+        return None
+    best = ok[(len(ok) - 1) // 2]
+    return dict(best, runs=[x and x[metric] for x in runs]) if len(runs) > 1 else best
+
+
+def run_interleaved(groups: dict, rows: list[str], jobs: list[str], size: int, seed: Path, d: Path, ns,
+                    results: dict, errors: dict, checks: dict) -> None:
+    """Every group's servers up at once; then job by job, ``--repeat`` rounds, each round every
+    row once (``rounds``): a slow spell of the machine falls on the rows of the same round, not
+    on one target's jobs, and a row's ratio is taken round by round (benchkit.paired_ratio).
+    Idle servers sleep in epoll (syncd polls only after input), so they cost the measured one
+    nothing but page cache."""
+    gdirs = []
+    try:
+        with ExitStack() as stack:
+            uris: dict[str, str] = {}
+            for g, (grows, cm) in groups.items():
+                want = [r for r in grows if r in rows]
+                if not want:
+                    continue
+                gd = d / g
+                gd.mkdir()
+                gdirs.append(gd)
+                info: dict = {}
+                checks[g] = info
+                kw = {"remote": ns.quorum_remote} if g == "d" else {}
+                try:
+                    got = stack.enter_context(cm(gd, size, seed, info, **kw))
+                except BenchError as e:
+                    for r in want:
+                        errors.setdefault(r, str(e))
+                    print(f"bench: {'/'.join(want)}: {e}", file=sys.stderr)
+                    continue
+                uris.update((r, got[r]) for r in want)
+            live = [r for r in rows if r in uris]
+            for job in jobs:
+                runs: dict[str, list[dict | None]] = {r: [] for r in live}
+                for k, order in enumerate(rounds(live, ns.repeat)):
+                    for r in order:
+                        print(f"bench: {job}, round {k + 1} of {ns.repeat}: {r} ({uris[r]}) ...", file=sys.stderr,
+                              flush=True)
+                        try:
+                            runs[r].append(run_fio(job, uris[r], size, ns.runtime))
+                        except BenchError as e:
+                            runs[r].append(None)
+                            errors[f"{r} {job}" + (f" (round {k + 1})" if ns.repeat > 1 else "")] = str(e)
+                            print(f"bench: {e}", file=sys.stderr)
+                for r in live:
+                    best = pick_median(job, runs[r])
+                    if best is not None:
+                        results.setdefault(r, {})[job] = best
+    except BenchError as e:  # a target's teardown
+        errors["teardown"] = str(e)
+        print(f"bench: {e}", file=sys.stderr)
+    finally:
+        for gd in gdirs:
+            drop_images(gd, ns)
 
 
 def run_groups(groups: dict, rows: list[str], jobs: list[str], size: int, seed: Path | int, d: Path, ns,
@@ -572,7 +643,11 @@ def main() -> int:
     ap.add_argument("--quorum-remote", choices=["nbdkit", "qemu-nbd"], default="nbdkit",
                     help="server of the quorum's remote child (default nbdkit; see README)")
     ap.add_argument("--repeat", type=int, default=1,
-                    help="run each job N times on the same server and keep the median run (default 1)")
+                    help="run each job N times against each target and keep the median run (default 1)")
+    ap.add_argument("--order", choices=["interleaved", "grouped"], default="interleaved",
+                    help="interleaved (default): every target up at once, each job run against every target "
+                         "in turn, --repeat rounds, ratios taken round by round; grouped: one target after "
+                         "the other, all its jobs (and repeats) in a row")
     ap.add_argument("--latency", choices=["lat", "clat"], default="lat",
                     help="latency percentiles shown: total (lat, default) or completion (clat); both are saved")
     ap.add_argument("--keep", action="store_true", help="keep the backing files after each target")
@@ -595,6 +670,8 @@ def main() -> int:
                     help="instead of the targets: each node's peak RSS under 8 jobs x QD64 x 1 MiB writes at A, "
                          "then at B")
     ns = ap.parse_args()
+    if ns.repeat < 1:
+        raise SystemExit(f"bench: --repeat must be at least 1, got {ns.repeat}")
     groups = dict(GROUPS)
     mode = "targets"
     if ns.link_security is not None:
@@ -659,7 +736,8 @@ def main() -> int:
     interrupted = False
     try:
         if mode in ("targets", "link-security"):
-            run_groups(groups, rows, jobs, size, seed, d, ns, results, errors, checks)
+            run = run_interleaved if ns.order == "interleaved" else run_groups
+            run(groups, rows, jobs, size, seed, d, ns, results, errors, checks)
         if cold_rows:
             seed.unlink(missing_ok=True)  # the cold volumes are sparse: no seed
             cold: dict[str, dict] = {}
@@ -686,7 +764,8 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(["bench/run.py"] + sys.argv[1:]),
         "mode": mode, "runtime_s": ns.runtime, "ramp_s": 2, "size": size,
         "cpus": os.cpu_count(), "kernel": platform.release(), "fio": fio_version(), "machine": machine,
-        "quorum_remote": ns.quorum_remote, "repeat": ns.repeat, "latency": ns.latency, "interrupted": interrupted,
+        "quorum_remote": ns.quorum_remote, "repeat": ns.repeat, "order": ns.order, "latency": ns.latency,
+        "interrupted": interrupted,
         "rows": rows, "jobs": jobs, "results": results, "errors": errors, "checks": checks,
         "elapsed_s": round(time.monotonic() - t_start), **doc,
     }
@@ -700,7 +779,7 @@ def main() -> int:
         drew = False
         print(f"bench: no chart ({e}: install the lab extra, .[lab])", file=sys.stderr)
     if rows:
-        report(results, errors, checks, rows, jobs, ns)
+        report(results, errors, checks, rows, jobs, ns, paired=ns.order == "interleaved")
     if ns.link_security is not None:
         report_link_security(results, jobs, ns)
     # the other tables (multi-conn, cold log, distance, memory) as in the Markdown
@@ -712,12 +791,13 @@ def main() -> int:
     return 1 if (errors or interrupted) else 0
 
 
-def report(results: dict, errors: dict, checks: dict, rows: list[str], jobs: list[str], ns) -> None:
+def report(results: dict, errors: dict, checks: dict, rows: list[str], jobs: list[str], ns,
+           paired: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
     con = Console(width=150)
-    rep = f", median of {ns.repeat} runs" if ns.repeat > 1 else ""
+    rep = f", median of {ns.repeat} {'rounds' if paired else 'runs'}" if ns.repeat > 1 else ""
     t = Table(title=f"fio nbd engine: {ns.runtime} s per job (after a 2 s ramp){rep}, {ns.size} volumes, "
                     f"{os.cpu_count()} CPUs")
     lk = ns.latency
@@ -733,8 +813,8 @@ def report(results: dict, errors: dict, checks: dict, rows: list[str], jobs: lis
                 continue
             t.add_row(r, job, f"{res['iops']:.0f}", f"{res['mbps']:.1f}", f"{res[lk + '_p50_us']:.0f}",
                       f"{res[lk + '_p99_us']:.0f}",
-                      f"{res[metric] / base[metric]:.2f}" if base and base[metric] else "-",
-                      f"{res[metric] / peer[metric]:.2f}" if peer and peer[metric] else "-")
+                      benchkit.fmt_ratio(benchkit.paired_ratio(res, base, metric, paired)),
+                      benchkit.fmt_ratio(benchkit.paired_ratio(res, peer, metric, paired)))
         t.add_section()
     con.print(t)
     con.print("Ratios: this row's IOPS (MB/s for the 1 MiB job) divided by nbdkit's / the qemu quorum "

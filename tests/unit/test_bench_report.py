@@ -117,3 +117,66 @@ def test_chart_is_drawn_for_ratios_and_distance(tmp_path: Path) -> None:
     assert benchkit.render_chart(doc, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not benchkit.render_chart({"jobs": [], "rows": [], "results": {}}, tmp_path / "none.png")
+
+
+def _bench_run():
+    """bench/run.py as a module (its pure helpers; main() is not run)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_interleaved_rounds_put_every_target_in_every_place() -> None:
+    run = _bench_run()
+    rows = ["syncd-repl-A", "syncd-repl-B", "nbdkit"]
+    order = run.rounds(rows, 3)
+    assert all(sorted(o) == sorted(rows) for o in order)  # each round runs every target once
+    assert [o[0] for o in order] == rows  # and no target always goes first (or last)
+    assert run.rounds(rows, 1) == [rows] and run.rounds([], 3) == []
+
+
+def test_the_median_round_is_kept_with_every_round_in_order() -> None:
+    run = _bench_run()
+    runs = [fio_result(900), None, fio_result(1200), fio_result(1000)]  # round 2 failed
+    best = run.pick_median("randwrite-4k-qd16", runs)
+    assert best["iops"] == 1000  # of 900, 1000, 1200
+    assert best["runs"] == [900, None, 1200, 1000]
+    assert run.pick_median("randwrite-4k-qd16", [None, None]) is None
+    assert "runs" not in run.pick_median("randwrite-4k-qd16", [fio_result(5)])
+
+
+def test_an_interleaved_ratio_is_taken_round_by_round() -> None:
+    # The machine slowed down for rounds 2 and 3 of the syncd row and round 2 of the baseline.
+    # Round by round syncd ran at half the baseline in two rounds of three; the two median runs
+    # (2500 against 10000) would say a quarter.
+    res = dict(fio_result(2500), runs=[5000, 2500, 2500])
+    base = dict(fio_result(10000), runs=[10000, 5000, 10000])
+    assert benchkit.paired_ratio(res, base, "iops", paired=True) == approx(0.5)  # of 0.5, 0.5, 0.25
+    # not interleaved (one target after the other): the rounds are not paired
+    assert benchkit.paired_ratio(res, base, "iops", paired=False) == approx(0.25)
+    # a failed round counts for neither; an even count takes the mean of the middle two
+    gap = dict(fio_result(6000), runs=[6000, None, 4000, 9000, 5000])
+    base5 = dict(fio_result(10000), runs=[10000, 10000, 10000, 10000, 10000])
+    assert benchkit.paired_ratio(gap, base5, "iops", paired=True) == approx(0.55)  # of 0.4, 0.5, 0.6, 0.9
+    # rounds that do not line up (a run of another shape): the median runs
+    assert benchkit.paired_ratio(gap, dict(base5, runs=[10000, 10000]), "iops", paired=True) == approx(0.6)
+    assert benchkit.paired_ratio(None, base, "iops", paired=True) is None
+    assert benchkit.paired_ratio(res, None, "iops", paired=True) is None
+
+
+def test_interleaved_markdown_gives_each_rows_range_and_round_by_round_ratios() -> None:
+    jobs = ["randwrite-4k-qd16"]
+    doc = {"jobs": jobs, "rows": ["syncd-repl-A", "nbdkit"], "repeat": 3, "order": "interleaved",
+           "runtime_s": 6, "size": 256 << 20, "latency": "lat",
+           "results": {"syncd-repl-A": {jobs[0]: dict(fio_result(4000), runs=[8000, 4000, 2000])},
+                       "nbdkit": {jobs[0]: dict(fio_result(20000), runs=[40000, 10000, 20000])}}}
+    md = benchkit.render_markdown(doc)
+    assert "median of 3 rounds, the targets taking turns" in md
+    # rounds 0.2, 0.4, 0.1 -> 0.2 (here also 4000 / 20000); the range of syncd's rounds
+    assert "| syncd-repl-A | 4K randwrite QD16 | 4000 | 16.4 | 2000-8000 | 100 | 300 | 0.20 | - |" in md
+    doc["order"] = "grouped"
+    assert "median of 3 runs" in benchkit.render_markdown(doc)
