@@ -149,15 +149,16 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 def paired_ratio(res: dict | None, base: dict | None, metric: str, paired: bool) -> float | None:
     """``res`` against ``base`` on one workload. Runs interleaved (``paired``: round k of every
-    target ran within minutes of each other) give the median of the rounds' ratios, so a slow
-    spell of the machine divides out; otherwise the ratio of the two median runs."""
+    target ran within minutes of each other) give the median of the rounds' ratios (the lower of
+    an even count; a round either failed counts for neither), so a slow spell of the machine
+    divides out; otherwise, or with no round both ran, the ratio of the two median runs."""
     if res is None or base is None:
         return None
     a, b = res.get("runs"), base.get("runs")
     if paired and a and b and len(a) == len(b):
         each = [x / y for x, y in zip(a, b, strict=True) if x is not None and y]
         if each:
-            return statistics.median(each)
+            return statistics.median_low(each)  # as pick_median: the lower of an even count
     return ratio(res[metric], base[metric])
 
 
@@ -259,8 +260,9 @@ def render_markdown(doc: dict) -> str:
     out = [f"# bench/run.py, {doc.get('date', '?')}", ""]
     rep = ""
     if doc.get("repeat", 1) > 1:
-        rep = (f", median of {doc['repeat']} rounds, the targets taking turns in each (ratios: the median of "
-               "the rounds' ratios)" if doc.get("order") == "interleaved" else f", median of {doc['repeat']} runs")
+        rep = (f", median of {doc['repeat']} rounds, the targets taking turns in each (× {BASELINE} and × the "
+               "C peer: the median of the rounds' ratios)" if doc.get("order") == "interleaved"
+               else f", median of {doc['repeat']} runs")
     out.append(f"fio nbd engine, {doc.get('runtime_s', '?')} s per job after a {doc.get('ramp_s', 2)} s ramp{rep}, "
                f"{doc.get('size', 0) >> 20} MiB volumes; command: `{doc.get('command', 'bench/run.py')}`")
     out += ["", "Machine:", ""] + machine_lines(doc.get("machine", {}))
@@ -339,15 +341,9 @@ def distance_markdown(dist: dict) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # PNG
 
-def render_chart(doc: dict, path: Path) -> bool:
-    """Bar groups per workload, a bar per target: its ratio to nbdkit (top) and to the C peer
-    (bottom), each bar labelled; with a distance run, QD1 p50 against the added round trip.
-    False when there is nothing to draw."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def ratio_panels(doc: dict) -> list[tuple[str, dict[str, dict[str, float | None]]]]:
+    """The chart's bars: per reference (nbdkit, the C peer) that any row has a ratio to,
+    job -> row -> ratio, as the Markdown table gives them."""
     results, rows, jobs = doc.get("results", {}), doc.get("rows", []), doc.get("jobs", [])
     paired = doc.get("order") == "interleaved"
     panels = []
@@ -359,6 +355,20 @@ def render_chart(doc: dict, path: Path) -> bool:
             data[job] = {r: paired_ratio(results.get(r, {}).get(job), refres, m, paired) for r in rows}
         if any(v is not None for d in data.values() for v in d.values()):
             panels.append((ref, data))
+    return panels
+
+
+def render_chart(doc: dict, path: Path) -> bool:
+    """Bar groups per workload, a bar per target: its ratio to nbdkit (top) and to the C peer
+    (bottom), each bar labelled; with a distance run, QD1 p50 against the added round trip.
+    False when there is nothing to draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, jobs = doc.get("rows", []), doc.get("jobs", [])
+    panels = ratio_panels(doc)
     drows = distance_rows(doc.get("distance") or {})
     n = len(panels) + (1 if drows else 0)
     if n == 0:

@@ -146,6 +146,18 @@ def same_content(p1: Path, p2: Path) -> bool:
                 return True
 
 
+def compare_replicas(info: dict, files: list[Path]) -> None:
+    """``info["replicas_identical"]`` for a replicated target's files, once its servers stopped
+    (also after an interrupt or a failed run: every write that was made must be on both); an
+    empty list: the target never served, nothing to compare."""
+    if not files:
+        return
+    try:
+        info["replicas_identical"] = same_content(*files)
+    except OSError as e:
+        info["replicas_identical"] = f"not compared: {e}"
+
+
 class Procs:
     """Processes started for one target; all are stopped (TERM, then KILL) on exit."""
 
@@ -210,6 +222,7 @@ def syncd_repl(d: Path, size: int, seed: Path | int, info: dict, security: str |
             kw["tls"] = "link"  # the link alone: NBD stays clear, as for the other modes
         info["link_security"] = security
     t0 = time.monotonic()
+    served: list[Path] = []  # the replicas, once fio may have written them
     try:
         try:
             lab = lab_up(str(lab_dir), **kw)
@@ -229,12 +242,14 @@ def syncd_repl(d: Path, size: int, seed: Path | int, info: dict, security: str |
                 raise BenchError(f"the link runs in mode {got!r}, not {security!r}")
         for s in ("A", "B"):
             wait_port(int(lab["nodes"][s]["nbd"].rsplit(":", 1)[1]), log=Path(lab["nodes"][s]["log"]))
+        served = [Path(lab["nodes"][s]["volumes"]["vv1"]["path"]) for s in ("A", "B")]
         yield uris
     finally:
-        if (lab_dir / "lab.json").exists():
-            lab_down(str(lab_dir))
-    paths = [Path(lab["nodes"][s]["volumes"]["vv1"]["path"]) for s in ("A", "B")]
-    info["replicas_identical"] = same_content(*paths)
+        try:
+            if (lab_dir / "lab.json").exists():
+                lab_down(str(lab_dir))
+        finally:
+            compare_replicas(info, served)
 
 
 @contextmanager
@@ -292,6 +307,7 @@ def qemu_quorum(d: Path, size: int, seed: Path, info: dict, remote: str = "nbdki
     rport, port = free_port(), free_port()
     info["remote_server"] = remote
     procs = Procs(d)
+    served = False
     try:
         r, rlog = procs.start("quorum-remote", remote_server(remote, rport, f2))
         wait_port(rport, r, rlog)
@@ -326,10 +342,13 @@ def qemu_quorum(d: Path, size: int, seed: Path, info: dict, remote: str = "nbdki
         if not all(got):
             raise BenchError(f"a write through the quorum export did not reach both files "
                              f"(local: {got[0]}, remote: {got[1]})")
+        served = True
         yield {"qemu-quorum": uri}
     finally:
-        procs.stop()
-    info["replicas_identical"] = same_content(f1, f2)
+        try:
+            procs.stop()
+        finally:
+            compare_replicas(info, [f1, f2] if served else [])
 
 
 GROUPS = {  # group -> (rows it yields, context manager)
@@ -481,7 +500,7 @@ def run_interleaved(groups: dict, rows: list[str], jobs: list[str], size: int, s
     nothing but page cache."""
     gdirs = []
     try:
-        with ExitStack() as stack:
+        with ExitStack() as stack:  # every target stopped (and its replicas compared) however this ends
             uris: dict[str, str] = {}
             for g, (grows, cm) in groups.items():
                 want = [r for r in grows if r in rows]
@@ -519,9 +538,6 @@ def run_interleaved(groups: dict, rows: list[str], jobs: list[str], size: int, s
                     best = pick_median(job, runs[r])
                     if best is not None:
                         results.setdefault(r, {})[job] = best
-    except BenchError as e:  # a target's teardown
-        errors["teardown"] = str(e)
-        print(f"bench: {e}", file=sys.stderr)
     finally:
         for gd in gdirs:
             drop_images(gd, ns)
@@ -777,8 +793,9 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(["bench/run.py"] + sys.argv[1:]),
         "mode": mode, "runtime_s": ns.runtime, "ramp_s": 2, "size": size,
         "cpus": os.cpu_count(), "kernel": platform.release(), "fio": fio_version(), "machine": machine,
-        "quorum_remote": ns.quorum_remote, "repeat": ns.repeat, "order": ns.order, "latency": ns.latency,
-        "interrupted": interrupted,
+        "quorum_remote": ns.quorum_remote, "repeat": ns.repeat,
+        "order": ns.order if mode in ("targets", "link-security") else "grouped",  # the others: one target
+        "latency": ns.latency, "interrupted": interrupted,
         "rows": rows, "jobs": jobs, "results": results, "errors": errors, "checks": checks,
         "elapsed_s": round(time.monotonic() - t_start), **doc,
     }
@@ -794,7 +811,7 @@ def main() -> int:
     if rows:
         report(results, errors, checks, rows, jobs, ns, paired=ns.order == "interleaved")
     if ns.link_security is not None:
-        report_link_security(results, jobs, ns)
+        report_link_security(results, jobs, ns, paired=ns.order == "interleaved")
     # the other tables (multi-conn, cold log, distance, memory) as in the Markdown
     for sec in benchkit.render_markdown(dict(doc, checks={}, errors={})).split("\n## ")[1:]:
         if not sec.startswith("Targets"):
@@ -814,7 +831,9 @@ def report(results: dict, errors: dict, checks: dict, rows: list[str], jobs: lis
     t = Table(title=f"fio nbd engine: {ns.runtime} s per job (after a 2 s ramp){rep}, {ns.size} volumes, "
                     f"{os.cpu_count()} CPUs")
     lk = ns.latency
-    for c in ("target", "workload", "IOPS", "MB/s", f"{lk} p50 µs", f"{lk} p99 µs", f"× {BASELINE}", f"× {PEER}"):
+    rounds_col = ["range"] if ns.repeat > 1 else []
+    for c in ("target", "workload", "IOPS", "MB/s", *rounds_col, f"{lk} p50 µs", f"{lk} p99 µs", f"× {BASELINE}",
+              f"× {PEER}"):
         t.add_column(c, justify="left" if c in ("target", "workload") else "right")
     for job in jobs:
         base, peer = results.get(BASELINE, {}).get(job), results.get(PEER, {}).get(job)
@@ -822,9 +841,10 @@ def report(results: dict, errors: dict, checks: dict, rows: list[str], jobs: lis
         for r in rows:
             res = results.get(r, {}).get(job)
             if res is None:
-                t.add_row(r, job, "[red]failed[/red]", "", "", "", "", "")
+                t.add_row(r, job, "[red]failed[/red]", *[""] * (len(rounds_col) + 5))
                 continue
-            t.add_row(r, job, f"{res['iops']:.0f}", f"{res['mbps']:.1f}", f"{res[lk + '_p50_us']:.0f}",
+            t.add_row(r, job, f"{res['iops']:.0f}", f"{res['mbps']:.1f}",
+                      *[benchkit.spread(res, metric)] * len(rounds_col), f"{res[lk + '_p50_us']:.0f}",
                       f"{res[lk + '_p99_us']:.0f}",
                       benchkit.fmt_ratio(benchkit.paired_ratio(res, base, metric, paired)),
                       benchkit.fmt_ratio(benchkit.paired_ratio(res, peer, metric, paired)))
@@ -843,7 +863,7 @@ def report(results: dict, errors: dict, checks: dict, rows: list[str], jobs: lis
         con.print(f"[red]error[/red] {k}: {v}", markup=True, highlight=False)
 
 
-def report_link_security(results: dict, jobs: list[str], ns) -> None:
+def report_link_security(results: dict, jobs: list[str], ns, paired: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -860,7 +880,7 @@ def report_link_security(results: dict, jobs: list[str], ns) -> None:
                 t.add_row(r.split("/")[-1], job, "[red]failed[/red]", "", "")
                 continue
             t.add_row(r.split("/")[-1], job, f"{res['iops']:.0f}", f"{res['mbps']:.1f}",
-                      f"{res[metric] / base[metric]:.2f}" if base and base[metric] else "-")
+                      benchkit.fmt_ratio(benchkit.paired_ratio(res, base, metric, paired)))
         t.add_section()
     con.print(t)
     con.print("× insecure: this mode's IOPS (MB/s for the 1 MiB job) divided by the insecure link's; key = "

@@ -145,6 +145,7 @@ def test_the_median_round_is_kept_with_every_round_in_order() -> None:
     best = run.pick_median("randwrite-4k-qd16", runs)
     assert best["iops"] == 1000  # of 900, 1000, 1200
     assert best["runs"] == [900, None, 1200, 1000]
+    assert run.pick_median("randwrite-4k-qd16", [fio_result(300), fio_result(100)])["iops"] == 100  # the lower
     assert run.pick_median("randwrite-4k-qd16", [None, None]) is None
     assert "runs" not in run.pick_median("randwrite-4k-qd16", [fio_result(5)])
 
@@ -158,25 +159,124 @@ def test_an_interleaved_ratio_is_taken_round_by_round() -> None:
     assert benchkit.paired_ratio(res, base, "iops", paired=True) == approx(0.5)  # of 0.5, 0.5, 0.25
     # not interleaved (one target after the other): the rounds are not paired
     assert benchkit.paired_ratio(res, base, "iops", paired=False) == approx(0.25)
-    # a failed round counts for neither; an even count takes the mean of the middle two
-    gap = dict(fio_result(6000), runs=[6000, None, 4000, 9000, 5000])
-    base5 = dict(fio_result(10000), runs=[10000, 10000, 10000, 10000, 10000])
-    assert benchkit.paired_ratio(gap, base5, "iops", paired=True) == approx(0.55)  # of 0.4, 0.5, 0.6, 0.9
-    # rounds that do not line up (a run of another shape): the median runs
-    assert benchkit.paired_ratio(gap, dict(base5, runs=[10000, 10000]), "iops", paired=True) == approx(0.6)
+    # a round either failed counts for neither; an even count takes the lower, as pick_median
+    gap = dict(fio_result(6000), runs=[6000, None, 4000, 9000, 5000, 7000])
+    base6 = dict(fio_result(10000), runs=[10000, 10000, 10000, 10000, 10000, None])
+    assert benchkit.paired_ratio(gap, base6, "iops", paired=True) == approx(0.5)  # of 0.4, 0.5, 0.6, 0.9
+    # rounds that do not line up, or no round both ran: the median runs
+    assert benchkit.paired_ratio(gap, dict(base6, runs=[10000, 10000]), "iops", paired=True) == approx(0.6)
+    apart = dict(fio_result(100), runs=[100, None, None])
+    assert benchkit.paired_ratio(apart, dict(fio_result(400), runs=[None, 400, 50]), "iops", True) == approx(0.25)
     assert benchkit.paired_ratio(None, base, "iops", paired=True) is None
     assert benchkit.paired_ratio(res, None, "iops", paired=True) is None
 
 
-def test_interleaved_markdown_gives_each_rows_range_and_round_by_round_ratios() -> None:
+def test_a_rows_range_leaves_out_the_rounds_that_failed() -> None:
+    assert benchkit.spread(dict(fio_result(5), runs=[900, None, 1200, 1000]), "iops") == "900-1200"
+    assert benchkit.spread(dict(fio_result(5), runs=[None, 1000.04]), "mbps") == ""  # one run left
+    assert benchkit.spread(dict(fio_result(5), runs=[999.94, 1000.04]), "mbps") == "999.9-1000.0"
+    assert benchkit.spread(fio_result(5), "iops") == ""
+
+
+def _interleaved_doc(order: str = "interleaved") -> dict:
+    # syncd ran at half nbdkit's speed in every round; its median run (4000) and nbdkit's
+    # (20000) would say a fifth.
     jobs = ["randwrite-4k-qd16"]
-    doc = {"jobs": jobs, "rows": ["syncd-repl-A", "nbdkit"], "repeat": 3, "order": "interleaved",
-           "runtime_s": 6, "size": 256 << 20, "latency": "lat",
-           "results": {"syncd-repl-A": {jobs[0]: dict(fio_result(4000), runs=[8000, 4000, 2000])},
-                       "nbdkit": {jobs[0]: dict(fio_result(20000), runs=[40000, 10000, 20000])}}}
-    md = benchkit.render_markdown(doc)
+    return {"jobs": jobs, "rows": ["syncd-repl-A", "syncd-repl-B", "nbdkit"], "repeat": 3, "order": order,
+            "runtime_s": 6, "size": 256 << 20, "latency": "lat",
+            "results": {"syncd-repl-A": {jobs[0]: dict(fio_result(4000), runs=[20000, 4000, 2000])},
+                        "nbdkit": {jobs[0]: dict(fio_result(20000), runs=[40000, 8000, 4000])}}}
+
+
+def test_interleaved_markdown_gives_each_rows_range_and_round_by_round_ratios() -> None:
+    md = benchkit.render_markdown(_interleaved_doc())
     assert "median of 3 rounds, the targets taking turns" in md
-    # rounds 0.2, 0.4, 0.1 -> 0.2 (here also 4000 / 20000); the range of syncd's rounds
-    assert "| syncd-repl-A | 4K randwrite QD16 | 4000 | 16.4 | 2000-8000 | 100 | 300 | 0.20 | - |" in md
-    doc["order"] = "grouped"
-    assert "median of 3 runs" in benchkit.render_markdown(doc)
+    head = "| target | workload | IOPS | MB/s | range (IOPS; MB/s for 1M) | lat p50 µs | lat p99 µs | × nbdkit |"
+    assert head in md
+    assert "| syncd-repl-A | 4K randwrite QD16 | 4000 | 16.4 | 2000-20000 | 100 | 300 | 0.50 | - |" in md
+    assert "| syncd-repl-B | 4K randwrite QD16 | failed |  |  |  |  |  |  |" in md  # as many cells as the head
+    grouped = benchkit.render_markdown(_interleaved_doc("grouped"))
+    assert "median of 3 runs" in grouped
+    assert "| syncd-repl-A | 4K randwrite QD16 | 4000 | 16.4 | 2000-20000 | 100 | 300 | 0.20 | - |" in grouped
+    one = dict(_interleaved_doc(), repeat=1)
+    assert "| syncd-repl-B | 4K randwrite QD16 | failed |  |  |  |  |  |" in benchkit.render_markdown(one)
+    assert "range" not in benchkit.render_markdown(one)
+
+
+def test_the_chart_and_the_terminal_table_give_the_markdowns_ratios(capsys) -> None:
+    doc = _interleaved_doc()
+    (ref, data), = benchkit.ratio_panels(doc)  # nobody ran the C peer: one panel
+    assert ref == "nbdkit" and data["randwrite-4k-qd16"]["syncd-repl-A"] == approx(0.5)
+    assert benchkit.ratio_panels(_interleaved_doc("grouped"))[0][1]["randwrite-4k-qd16"]["syncd-repl-A"] == approx(0.2)
+    run = _bench_run()
+    ns = type("NS", (), {"repeat": 3, "runtime": 6, "size": "256MiB", "latency": "lat"})()
+    run.report(doc["results"], {}, {}, doc["rows"], doc["jobs"], ns, paired=True)
+    out = capsys.readouterr().out
+    assert "2000-20000" in out and "0.50" in out and "0.20" not in out
+    # the link-security table: the insecure link slowed down in round 2, TLS in rounds 2 and 3
+    link = {"syncd-repl-A/insecure": {"randwrite-4k-qd16": dict(fio_result(10000), runs=[10000, 2000, 10000])},
+            "syncd-repl-A/tls": {"randwrite-4k-qd16": dict(fio_result(1000), runs=[5000, 1000, 1000])}}
+    run.report_link_security(link, ["randwrite-4k-qd16"], ns, paired=True)
+    assert "0.50" in capsys.readouterr().out  # 0.5, 0.5, 0.1 round by round
+    run.report_link_security(link, ["randwrite-4k-qd16"], ns, paired=False)
+    assert "0.10" in capsys.readouterr().out  # the medians: 1000 / 10000
+
+
+def test_targets_take_turns_and_each_is_stopped_and_checked_however_the_run_ends(tmp_path, monkeypatch) -> None:
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    run = _bench_run()
+    calls: list[tuple[str, str]] = []
+    stopped: list[str] = []
+
+    def target(rows: list[str], fail: bool = False):
+        @contextmanager
+        def cm(d, size, seed, info, **kw):
+            if fail:
+                raise run.BenchError("would not start")
+            try:
+                yield {r: f"nbd://{r}" for r in rows}
+            finally:
+                stopped.append(rows[0])
+                info["replicas_identical"] = True
+        return cm
+
+    def fio(job, uri, size, runtime):
+        calls.append((job, uri[6:]))
+        if uri == "nbd://nbdkit" and len(calls) == 3:  # nbdkit's first round of the first job
+            raise run.BenchError("fio failed")
+        if job == "stop":
+            raise KeyboardInterrupt
+        return fio_result(len(calls))
+
+    monkeypatch.setattr(run, "run_fio", fio)
+    monkeypatch.setattr(run, "settle", lambda: None)
+    groups = {"a": (["syncd-repl-A", "syncd-repl-B"], target(["syncd-repl-A", "syncd-repl-B"])),
+              "c": (["nbdkit"], target(["nbdkit"])), "d": (["qemu-quorum"], target(["qemu-quorum"], fail=True))}
+    rows = ["syncd-repl-A", "syncd-repl-B", "nbdkit", "qemu-quorum"]
+    ns = SimpleNamespace(repeat=2, runtime=1, quorum_remote="nbdkit", keep=True)
+    results: dict = {}
+    errors: dict = {}
+    checks: dict = {}
+    run.run_interleaved(groups, rows, ["j1", "j2"], 1 << 20, tmp_path / "seed", tmp_path, ns, results, errors, checks)
+    assert calls[:6] == [("j1", "syncd-repl-A"), ("j1", "syncd-repl-B"), ("j1", "nbdkit"),
+                         ("j1", "syncd-repl-B"), ("j1", "nbdkit"), ("j1", "syncd-repl-A")]  # round 2 starts at B
+    assert errors["qemu-quorum"] == "would not start" and "qemu-quorum" not in results
+    assert errors["nbdkit j1 (round 1)"] == "fio failed"
+    assert results["nbdkit"]["j1"]["runs"] == [None, 5]  # the rounds still line up
+    assert results["syncd-repl-A"]["j2"]["runs"] == [7, 12]
+    assert stopped == ["nbdkit", "syncd-repl-A"] and checks["a"] == checks["c"] == {"replicas_identical": True}
+    # Interrupted: every target that started is still stopped, its check recorded
+    calls.clear()
+    stopped.clear()
+    checks.clear()
+    (tmp_path / "again").mkdir()
+    try:
+        run.run_interleaved(groups, rows, ["stop"], 1 << 20, tmp_path / "seed2", tmp_path / "again", ns, {}, {},
+                            checks)
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the interrupt was swallowed")
+    assert sorted(stopped) == ["nbdkit", "syncd-repl-A"] and checks["a"] == {"replicas_identical": True}
