@@ -496,8 +496,7 @@ def run_interleaved(groups: dict, rows: list[str], jobs: list[str], size: int, s
     """Every group's servers up at once; then job by job, ``--repeat`` rounds, each round every
     row once (``rounds``): a slow spell of the machine falls on the rows of the same round, not
     on one target's jobs, and a row's ratio is taken round by round (benchkit.paired_ratio).
-    Idle servers sleep in epoll (syncd polls only after input), so they cost the measured one
-    nothing but page cache."""
+    The idle targets cost the measured one page cache and little CPU (bench/README.md)."""
     gdirs = []
     try:
         with ExitStack() as stack:  # every target stopped (and its replicas compared) however this ends
