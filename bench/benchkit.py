@@ -229,30 +229,57 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
             + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def main_table(doc: dict) -> list[str]:
+def rounds(rows: list[str], repeat: int) -> list[list[str]]:
+    """The order of the rows in each round of one job (``--order interleaved``): round k starts
+    k rows further on, so no row always runs first (behind the last job's writeback) or last."""
+    n = len(rows)
+    return [rows[k % n:] + rows[:k % n] for k in range(repeat)] if n else []
+
+
+def pick_median(job: str, runs: list[dict | None]) -> dict | None:
+    """The median run of ``runs`` (by the job's metric; the lower one of an even count), with
+    ``runs``: every run's metric in the order they ran (None for a run that failed)."""
+    metric = metric_of(job)
+    ok = sorted((x for x in runs if x is not None), key=lambda x: x[metric])
+    if not ok:
+        return None
+    best = ok[(len(ok) - 1) // 2]
+    return dict(best, runs=[x and x[metric] for x in runs]) if len(runs) > 1 else best
+
+
+def target_table(doc: dict) -> tuple[list[str], list[list[list[str]]]]:
+    """The targets table of a run (the Markdown's and the terminal's): its head, and its rows
+    job by job."""
     results, rows, jobs = doc.get("results", {}), doc.get("rows", list(doc.get("results", {}))), doc.get("jobs", [])
     lk = doc.get("latency", "lat")
     paired = doc.get("order") == "interleaved"
     rounds = doc.get("repeat", 1) > 1
-    body = []
+    head = (["target", "workload", "IOPS", "MB/s"] + (["range (IOPS; MB/s for 1M)"] if rounds else [])
+            + [f"{lk} p50 µs", f"{lk} p99 µs", f"× {BASELINE}", f"× {PEER}"])
+    by_job = []
     for job in jobs:
         m = metric_of(job)
         base, peer = results.get(BASELINE, {}).get(job), results.get(PEER, {}).get(job)
+        body = []
         for r in rows:
             res = results.get(r, {}).get(job)
             name = WORKLOAD_NAMES.get(job, job)
             if res is None:
-                body.append([r, name, "failed"] + [""] * (6 if rounds else 5))
+                body.append([r, name, "failed"] + [""] * (len(head) - 3))
                 continue
             body.append([r, name, f"{res['iops']:.0f}", f"{res['mbps']:.1f}"]
                         + ([spread(res, m)] if rounds else [])
                         + [f"{res[lk + '_p50_us']:.0f}", f"{res[lk + '_p99_us']:.0f}",
                            fmt_ratio(paired_ratio(res, base, m, paired)),
                            fmt_ratio(paired_ratio(res, peer, m, paired))])
-    if not body:
-        return []
-    return _table(["target", "workload", "IOPS", "MB/s"] + (["range (IOPS; MB/s for 1M)"] if rounds else [])
-                  + [f"{lk} p50 µs", f"{lk} p99 µs", f"× {BASELINE}", f"× {PEER}"], body)
+        by_job.append(body)
+    return head, by_job
+
+
+def main_table(doc: dict) -> list[str]:
+    head, by_job = target_table(doc)
+    body = [row for rows in by_job for row in rows]
+    return _table(head, body) if body else []
 
 
 def render_markdown(doc: dict) -> str:

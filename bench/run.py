@@ -412,7 +412,7 @@ def select(spec: str) -> list[str]:
 
 def median_run(job: str, uri: str, span: int, ns) -> dict:
     """fio ``job`` --repeat times in a row; the median run (by IOPS, MB/s for sequential jobs)."""
-    best = pick_median(job, [run_fio(job, uri, span, ns.runtime) for _ in range(ns.repeat)])
+    best = benchkit.pick_median(job, [run_fio(job, uri, span, ns.runtime) for _ in range(ns.repeat)])
     assert best is not None  # run_fio raises rather than return nothing
     return best
 
@@ -473,28 +473,15 @@ def settle() -> None:
     print(f"bench: page cache written back ({time.monotonic() - t0:.1f} s)", file=sys.stderr, flush=True)
 
 
-def rounds(rows: list[str], repeat: int) -> list[list[str]]:
-    """The order of the rows in each round of one job (``--order interleaved``): round k starts
-    k rows further on, so no row always runs first (behind the last job's writeback) or last."""
-    n = len(rows)
-    return [rows[k % n:] + rows[:k % n] for k in range(repeat)] if n else []
-
-
-def pick_median(job: str, runs: list[dict | None]) -> dict | None:
-    """The median run of ``runs`` (by the job's metric; the lower one of an even count), with
-    ``runs``: every run's metric in the order they ran (None for a run that failed)."""
-    metric = benchkit.metric_of(job)
-    ok = sorted((x for x in runs if x is not None), key=lambda x: x[metric])
-    if not ok:
-        return None
-    best = ok[(len(ok) - 1) // 2]
-    return dict(best, runs=[x and x[metric] for x in runs]) if len(runs) > 1 else best
+def start(g: str, cm, gd: Path, size: int, seed: Path | int, info: dict, ns):
+    """Group ``g``'s context manager (its servers, up on entry), with its options from ``ns``."""
+    return cm(gd, size, seed, info, **({"remote": ns.quorum_remote} if g == "d" else {}))
 
 
 def run_interleaved(groups: dict, rows: list[str], jobs: list[str], size: int, seed: Path, d: Path, ns,
                     results: dict, errors: dict, checks: dict) -> None:
     """Every group's servers up at once; then job by job, ``--repeat`` rounds, each round every
-    row once (``rounds``): a slow spell of the machine falls on the rows of the same round, not
+    row once (``benchkit.rounds``): a slow spell of the machine falls on the rows of the same round, not
     on one target's jobs, and a row's ratio is taken round by round (benchkit.paired_ratio).
     The idle targets cost the measured one page cache and little CPU (bench/README.md)."""
     gdirs = []
@@ -510,9 +497,8 @@ def run_interleaved(groups: dict, rows: list[str], jobs: list[str], size: int, s
                 gdirs.append(gd)
                 info: dict = {}
                 checks[g] = info
-                kw = {"remote": ns.quorum_remote} if g == "d" else {}
                 try:
-                    got = stack.enter_context(cm(gd, size, seed, info, **kw))
+                    got = stack.enter_context(start(g, cm, gd, size, seed, info, ns))
                 except BenchError as e:
                     for r in want:
                         errors.setdefault(r, str(e))
@@ -523,7 +509,7 @@ def run_interleaved(groups: dict, rows: list[str], jobs: list[str], size: int, s
             settle()
             for job in jobs:
                 runs: dict[str, list[dict | None]] = {r: [] for r in live}
-                for k, order in enumerate(rounds(live, ns.repeat)):
+                for k, order in enumerate(benchkit.rounds(live, ns.repeat)):
                     for r in order:
                         print(f"bench: {job}, round {k + 1} of {ns.repeat}: {r} ({uris[r]}) ...", file=sys.stderr,
                               flush=True)
@@ -534,7 +520,7 @@ def run_interleaved(groups: dict, rows: list[str], jobs: list[str], size: int, s
                             errors[f"{r} {job}" + (f" (round {k + 1})" if ns.repeat > 1 else "")] = str(e)
                             print(f"bench: {e}", file=sys.stderr)
                 for r in live:
-                    best = pick_median(job, runs[r])
+                    best = benchkit.pick_median(job, runs[r])
                     if best is not None:
                         results.setdefault(r, {})[job] = best
     finally:
@@ -555,9 +541,8 @@ def run_groups(groups: dict, rows: list[str], jobs: list[str], size: int, seed: 
         gd.mkdir()
         info: dict = {}
         checks[prefix + g] = info
-        kw = {"remote": ns.quorum_remote} if g == "d" else {}
         try:
-            with cm(gd, size, seed, info, **kw) as uris:
+            with start(g, cm, gd, size, seed, info, ns) as uris:
                 settle()
                 for r in want:
                     for label, span in (spans or {j: size for j in jobs}).items():
@@ -808,7 +793,7 @@ def main() -> int:
         drew = False
         print(f"bench: no chart ({e}: install the lab extra, .[lab])", file=sys.stderr)
     if rows:
-        report(results, errors, checks, rows, jobs, ns, paired=ns.order == "interleaved")
+        report(doc, ns)
     if ns.link_security is not None:
         report_link_security(results, jobs, ns, paired=ns.order == "interleaved")
     # the other tables (multi-conn, cold log, distance, memory) as in the Markdown
@@ -820,33 +805,22 @@ def main() -> int:
     return 1 if (errors or interrupted) else 0
 
 
-def report(results: dict, errors: dict, checks: dict, rows: list[str], jobs: list[str], ns,
-           paired: bool = False) -> None:
+def report(doc: dict, ns) -> None:
     from rich.console import Console
     from rich.table import Table
 
     con = Console(width=150)
+    paired = doc.get("order") == "interleaved"
     rep = f", median of {ns.repeat} {'rounds' if paired else 'runs'}" if ns.repeat > 1 else ""
     t = Table(title=f"fio nbd engine: {ns.runtime} s per job (after a 2 s ramp){rep}, {ns.size} volumes, "
                     f"{os.cpu_count()} CPUs")
     lk = ns.latency
-    rounds_col = ["range"] if ns.repeat > 1 else []
-    for c in ("target", "workload", "IOPS", "MB/s", *rounds_col, f"{lk} p50 µs", f"{lk} p99 µs", f"× {BASELINE}",
-              f"× {PEER}"):
+    head, by_job = benchkit.target_table(doc)
+    for c in head:
         t.add_column(c, justify="left" if c in ("target", "workload") else "right")
-    for job in jobs:
-        base, peer = results.get(BASELINE, {}).get(job), results.get(PEER, {}).get(job)
-        metric = "mbps" if job.startswith("seq") else "iops"
-        for r in rows:
-            res = results.get(r, {}).get(job)
-            if res is None:
-                t.add_row(r, job, "[red]failed[/red]", *[""] * (len(rounds_col) + 5))
-                continue
-            t.add_row(r, job, f"{res['iops']:.0f}", f"{res['mbps']:.1f}",
-                      *[benchkit.spread(res, metric)] * len(rounds_col), f"{res[lk + '_p50_us']:.0f}",
-                      f"{res[lk + '_p99_us']:.0f}",
-                      benchkit.fmt_ratio(benchkit.paired_ratio(res, base, metric, paired)),
-                      benchkit.fmt_ratio(benchkit.paired_ratio(res, peer, metric, paired)))
+    for rows in by_job:
+        for row in rows:
+            t.add_row(*("[red]failed[/red]" if c == "failed" else c for c in row))
         t.add_section()
     con.print(t)
     con.print("Ratios: this row's IOPS (MB/s for the 1 MiB job) divided by nbdkit's / the qemu quorum "
@@ -855,10 +829,10 @@ def report(results: dict, errors: dict, checks: dict, rows: list[str], jobs: lis
                  "request during submit, so clat leaves the send out)." if lk == "clat" else
                  "lat = total latency (submit + completion), what the host sees; --latency clat for "
                  "fio's completion latency alone."))
-    for g, info in checks.items():
+    for g, info in doc.get("checks", {}).items():
         if info:
             con.print(f"check {g}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
-    for k, v in errors.items():
+    for k, v in doc.get("errors", {}).items():
         con.print(f"[red]error[/red] {k}: {v}", markup=True, highlight=False)
 
 

@@ -131,23 +131,21 @@ def _bench_run():
 
 
 def test_interleaved_rounds_put_every_target_in_every_place() -> None:
-    run = _bench_run()
     rows = ["syncd-repl-A", "syncd-repl-B", "nbdkit"]
-    order = run.rounds(rows, 3)
+    order = benchkit.rounds(rows, 3)
     assert all(sorted(o) == sorted(rows) for o in order)  # each round runs every target once
     assert [o[0] for o in order] == rows  # and no target always goes first (or last)
-    assert run.rounds(rows, 1) == [rows] and run.rounds([], 3) == []
+    assert benchkit.rounds(rows, 1) == [rows] and benchkit.rounds([], 3) == []
 
 
 def test_the_median_round_is_kept_with_every_round_in_order() -> None:
-    run = _bench_run()
     runs = [fio_result(900), None, fio_result(1200), fio_result(1000)]  # round 2 failed
-    best = run.pick_median("randwrite-4k-qd16", runs)
+    best = benchkit.pick_median("randwrite-4k-qd16", runs)
     assert best["iops"] == 1000  # of 900, 1000, 1200
     assert best["runs"] == [900, None, 1200, 1000]
-    assert run.pick_median("randwrite-4k-qd16", [fio_result(300), fio_result(100)])["iops"] == 100  # the lower
-    assert run.pick_median("randwrite-4k-qd16", [None, None]) is None
-    assert "runs" not in run.pick_median("randwrite-4k-qd16", [fio_result(5)])
+    assert benchkit.pick_median("randwrite-4k-qd16", [fio_result(300), fio_result(100)])["iops"] == 100  # the lower
+    assert benchkit.pick_median("randwrite-4k-qd16", [None, None]) is None
+    assert "runs" not in benchkit.pick_median("randwrite-4k-qd16", [fio_result(5)])
 
 
 def test_an_interleaved_ratio_is_taken_round_by_round() -> None:
@@ -210,7 +208,7 @@ def test_the_chart_and_the_terminal_table_give_the_markdowns_ratios(capsys) -> N
     assert benchkit.ratio_panels(_interleaved_doc("grouped"))[0][1]["randwrite-4k-qd16"]["syncd-repl-A"] == approx(0.2)
     run = _bench_run()
     ns = type("NS", (), {"repeat": 3, "runtime": 6, "size": "256MiB", "latency": "lat"})()
-    run.report(doc["results"], {}, {}, doc["rows"], doc["jobs"], ns, paired=True)
+    run.report(doc, ns)
     out = capsys.readouterr().out
     assert "2000-20000" in out and "0.50" in out and "0.20" not in out
     # the link-security table: the insecure link slowed down in round 2, TLS in rounds 2 and 3
