@@ -520,3 +520,56 @@ def test_plaintext_kept_as_views_survives_the_pool_reusing_buffers(records):
     assert pool.reused > 0
     for msg, plain in kept:
         assert bytes(plain) == msg
+
+
+# -- the common cases: a lone small batch, a lone whole record ---------------------------------
+def test_v2_a_small_batch_of_any_buffer_types_is_one_record_of_its_bytes():
+    """Buffers below the in-place size make one record whatever their type, its length their
+    bytes (a memoryview of 4-byte items counts 4 per item), its tag the spec's."""
+    import array
+
+    d, lis = session()
+    k_dialer, _ = spec_keys(d.transcript(), 2)
+    words = memoryview(array.array("I", range(100)))  # 400 bytes, 100 items
+    cases = [[words], [b"head", words, bytearray(b"tail")], [memoryview(b"x" * 5000), b"y" * 3000],
+             [b"", b"z"], [bytes((16 << 10) - 1)]]
+    for seq, bufs in enumerate(cases):
+        want = b"".join(bytes(memoryview(b).cast("B")) for b in bufs)
+        ((n, body, tag),) = records_of(wire(d.channel, bufs))
+        assert (n, body) == (len(want), want)
+        assert tag == AESGCM(k_dialer).encrypt(struct.pack(">IQ", 0, seq), b"", body)
+        assert bytes(lis.channel.unwrap(records_wire(n, body, tag))) == want
+    assert d.channel.wrap([b"", bytearray()]) == []
+
+
+def records_wire(n: int, body: bytes, tag: bytes) -> bytes:
+    return struct.pack(">I", n) + body + tag
+
+
+@pytest.mark.parametrize("records", [V1, V2])
+def test_a_lone_whole_record_is_checked_where_it_lies(records):
+    d, lis = session(records)
+    w = bytearray(wire(d.channel, [b"W" * 4096]))
+    got = lis.channel.unwrap(memoryview(w))
+    assert bytes(got) == b"W" * 4096 and not lis.channel.owned
+    assert isinstance(got, memoryview) and got.obj is w  # a view of what was received: no copy
+    assert lis.channel.unwrap(wire(d.channel, [b"next"])) == b"next"  # the sequence went on
+
+
+@pytest.mark.parametrize("records", [V1, V2])
+@pytest.mark.parametrize("where", [4, 2000, -TAG_SIZE, -1])
+def test_a_lone_record_altered_anywhere_fails(records, where):
+    d, lis = session(records)
+    w = bytearray(wire(d.channel, [b"W" * 4096]))
+    w[where] ^= 0x40
+    with pytest.raises(AuthError, match="record 0 failed"):
+        lis.channel.unwrap(bytes(w))
+
+
+@pytest.mark.parametrize("records", [V1, V2])
+def test_a_lone_record_replayed_fails(records):
+    d, lis = session(records)
+    w = wire(d.channel, [b"W" * 4096])
+    assert bytes(lis.channel.unwrap(w)) == b"W" * 4096
+    with pytest.raises(AuthError, match="record 1 failed"):
+        lis.channel.unwrap(w)
