@@ -1,0 +1,155 @@
+"""bench/timeline.py and its hook (bench/tracehook/sitecustomize.py): a QD1 request followed hop
+by hop through both nodes, from literal events, and the hook recording in a real process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from pytest import approx
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import timeline  # noqa: E402
+from timeline import PWRITE, RX, SEND, SENT, WAKE, Recording  # noqa: E402
+
+HOST_A, HOST_B = 7000, 7100  # the nodes' NBD ports
+LINK_A, LINK_B = 41000, 9000  # A dialled B's path port 9000 from 41000
+PORTS_A = {LINK_A: LINK_B, HOST_A: 51000, 8000: 2379}  # a host connection, a witness one
+PORTS_B = {LINK_B: LINK_A, HOST_B: 52000}
+HOST_PORT = {"A": HOST_A, "B": HOST_B}
+
+# One replicated write with the host at A, as (µs from the request, node, kind, port).
+AT_A = [(0, "A", RX, HOST_A), (20, "A", SEND, LINK_A), (30, "A", SENT, LINK_A), (37, "A", PWRITE, 0),
+        (40, "B", RX, LINK_B), (60, "B", PWRITE, 0), (65, "B", SEND, LINK_B), (75, "B", SENT, LINK_B),
+        (80, "A", RX, LINK_A), (95, "A", SEND, HOST_A), (105, "A", SENT, HOST_A)]
+CYCLE_A = 140  # the host's next request comes 35 µs after its reply
+# The same at B, then the RELEASE B sends once the host has its reply.
+AT_B = [(0, "B", RX, HOST_B), (20, "B", SEND, LINK_B), (30, "B", SENT, LINK_B), (42, "A", RX, LINK_A),
+        (60, "A", PWRITE, 0), (66, "A", SEND, LINK_A), (76, "A", SENT, LINK_A), (80, "B", RX, LINK_B),
+        (100, "B", PWRITE, 0), (110, "B", SEND, HOST_B), (120, "B", SENT, HOST_B), (126, "B", SEND, LINK_B),
+        (134, "B", SENT, LINK_B), (140, "A", RX, LINK_A)]
+CYCLE_B = 170
+
+
+def recordings(template: list, cycle: int, n: int, t0: int = 10**9, odd: int | None = None) -> dict[str, Recording]:
+    """``n`` cycles of ``template`` from ``t0`` ns; cycle ``odd`` has an extra receive at A (a
+    keepalive) and takes 30 µs longer."""
+    ev: dict[str, list] = {"A": [], "B": []}
+    t = t0
+    for i in range(n):
+        for us, node, kind, port in template:
+            ev[node].append((t + us * 1000, kind, port))
+        if i == odd:
+            ev["A"].append((t + 50_000, RX, LINK_A))
+            t += 30_000
+        t += cycle * 1000
+    return {"A": Recording(ev["A"], PORTS_A), "B": Recording(ev["B"], PORTS_B)}
+
+
+def test_the_link_is_the_connection_whose_ends_name_each_other() -> None:
+    a, b = Recording([], PORTS_A), Recording([], PORTS_B)
+    assert timeline.link_ports(a, b) == {LINK_A}
+    assert timeline.link_ports(b, a) == {LINK_B}
+    # B happening to use the port of A's host connection (for another connection) is no link.
+    b = Recording([], {**PORTS_B, 51000: 7777})
+    assert timeline.link_ports(a, b) == {LINK_A}
+
+
+def test_a_request_received_in_two_pieces_is_one_cycle() -> None:
+    recs = recordings([AT_A[0], (2, "A", RX, HOST_A)] + AT_A[1:], CYCLE_A, 10)
+    events, _ = timeline.labelled(recs, HOST_PORT, 0, 2**62)
+    an = timeline.analyse(events, "A")
+    assert an is not None and an.cycles == 9 and an.cycle_p50_us == approx(CYCLE_A)
+    assert an.steps[1][:3] == ("A rx (host)", approx(2.0), approx(2.0))
+
+
+def test_events_are_labelled_by_socket_and_kept_to_the_window_and_wakes_counted_apart() -> None:
+    recs = recordings(AT_A, CYCLE_A, 3)
+    recs["B"].events.append((10**9 + 1000, WAKE, 0))
+    recs["A"].events.append((10**9 + 2000, RX, 8000))  # the witness connection
+    events, wakes = timeline.labelled(recs, HOST_PORT, 10**9, 10**9 + CYCLE_A * 1000 - 1)
+    assert wakes == {"B": 1}
+    assert [(n, k, w) for _, n, k, w in events][:4] == [("A", RX, "host"), ("A", RX, "other"), ("A", SEND, "link"),
+                                                        ("A", SENT, "link")]
+    assert len(events) == len(AT_A) + 1  # one cycle and the witness's receive; nothing after the window
+
+
+def test_a_cycle_at_site_a_hop_by_hop_and_where_its_time_went() -> None:
+    recs = recordings(AT_A, CYCLE_A, 20, odd=7)
+    events, wakes = timeline.labelled(recs, HOST_PORT, 0, 2**62)
+    an = timeline.analyse(events, "A", wakes)
+    assert an is not None
+    assert (an.cycles, an.typical) == (19, 18)  # the last request starts no whole cycle; one odd one
+    assert an.cycle_p50_us == approx(CYCLE_A)
+    names = [s[0] for s in an.steps]
+    assert names[0] == "A rx (host)" and names[4] == "B rx (link)" and names[-1] == "next request A rx (host)"
+    assert [s[1] for s in an.steps] == approx([us for us, *_ in AT_A] + [CYCLE_A])
+    assert an.steps[4][2:] == (approx(3.0), "to the other node")
+    assert an.classes == approx({"node A: Python": 20 + 7 + 15, "sendmsg": 30, "to the other node": 3 + 5,
+                                 "node B: Python": 20 + 5, "the host": 35})
+    assert sum(an.classes.values()) == approx(CYCLE_A)
+
+
+def test_work_after_the_hosts_reply_is_marked_so() -> None:
+    recs = recordings(AT_B, CYCLE_B, 10)
+    events, wakes = timeline.labelled(recs, HOST_PORT, 0, 2**62)
+    an = timeline.analyse(events, "B", wakes)
+    assert an is not None and an.typical == an.cycles == 9
+    assert an.classes == approx({"node B: Python": 20 + 20 + 10, "sendmsg": 30, "to the other node": 12 + 4,
+                                 "node A: Python": 18 + 6, "node B: Python, after the reply": 6,
+                                 "sendmsg, after the reply": 8, "to the other node, after the reply": 6,
+                                 "the host": 30})
+    md = timeline.markdown({"B": an, "A": None}, "a note")
+    assert "## fio at B" in md and "| B send (link) | 126.0 | 6.0 | node B: Python, after the reply |" in md
+    assert "a note" in md and "No whole cycles were recorded." in md
+
+
+def test_too_few_requests_give_no_analysis() -> None:
+    events, _ = timeline.labelled(recordings(AT_A, CYCLE_A, 2), HOST_PORT, 0, 2**62)
+    assert timeline.analyse(events, "A") is None
+
+
+def test_the_hook_records_a_real_processs_sends_receives_and_writes(tmp_path: Path) -> None:
+    """A process started with the hook on its path records what syncd.netio sends and receives
+    and what Volume.write_sync writes; without SYNCD_TIMELINE it records nothing."""
+    script = textwrap.dedent("""
+        import os, socket, sys
+        from syncd import netio
+        from syncd.node import volume
+        a, b = socket.socketpair()
+        l = socket.create_server(("127.0.0.1", 0)); c = socket.create_connection(l.getsockname()); s, _ = l.accept()
+        for sock in (a, b, c, s):
+            sock.setblocking(False)
+        netio.send_available(c, [b"x" * 100])
+        assert netio.recv_into_nowait(s, memoryview(bytearray(200))) == 100
+        assert netio.recv_into_nowait(s, memoryview(bytearray(200))) is None  # nothing: not recorded
+        netio.send_available(a, [b"unix"])
+        class V:  # what Volume.write_sync uses of a volume
+            fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+        volume.Volume.write_sync(V(), 4096, b"w" * 512)
+        assert os.pread(V.fd, 512, 4096) == b"w" * 512  # the wrapped method did write
+        print(c.getsockname()[1], s.getsockname()[1])
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "bench" / "tracehook")]),
+               SYNCD_TIMELINE=str(tmp_path))
+    disk = str(tmp_path / "disk")
+    p = subprocess.run([sys.executable, "-c", script, disk], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    client, server = map(int, p.stdout.split())
+    (f,) = tmp_path.glob("*.events")
+    rec = timeline.read_recording(f)
+    assert [(k, port) for _, k, port in rec.events] == [(SEND, client), (SENT, client), (RX, server),
+                                                        (SEND, -1), (SENT, -1), (PWRITE, 0)]  # -1: Unix
+    assert rec.peer_port == {client: server, server: client} and rec.dropped == 0
+    assert all(a[0] <= b[0] for a, b in zip(rec.events, rec.events[1:], strict=False))
+
+    quiet = tmp_path / "quiet"
+    quiet.mkdir()
+    env.pop("SYNCD_TIMELINE")
+    subprocess.run([sys.executable, "-c", script, disk], env=env, check=True, capture_output=True, timeout=60)
+    assert not list(quiet.iterdir()) and len(list(tmp_path.glob("*.events"))) == 1
