@@ -450,7 +450,9 @@ class GcmChannel(_RecordChannel):
             # (what the walk below makes of it, with less work).
             if total:
                 data = bufs[0] if len(bufs) == 1 else b"".join(bufs)
-                self._seal(data.cast("B") if type(data) is memoryview else data, out)
+                if type(data) is not bytes and type(data) is not bytearray:
+                    data = memoryview(data).cast("B")  # its length in bytes, whatever the items
+                self._seal(data, out)
             return out
         small: list[memoryview] = []
         size = 0

@@ -542,6 +542,25 @@ def test_v2_a_small_batch_of_any_buffer_types_is_one_record_of_its_bytes():
     assert d.channel.wrap([b"", bytearray()]) == []
 
 
+def test_v2_a_batch_is_measured_in_bytes_not_items():
+    """A small buffer and a view of 5,000 4-byte items: 20,100 bytes, over the in-place size, so
+    two records (the view tagged where it lies), as ever; counted in items it would be one."""
+    import array
+
+    d, lis = session()
+    words = memoryview(array.array("I", range(5000)))
+    w = wire(d.channel, [b"x" * 100, words])
+    assert [n for n, _, _ in records_of(w)] == [100, 20000]
+    assert lis.channel.unwrap(w) == b"x" * 100 + words.tobytes()
+    # Any buffer alone: a record of its bytes.
+    ((n, body, _),) = records_of(wire(d.channel, [array.array("I", [7, 8])]))
+    assert (n, body) == (8, array.array("I", [7, 8]).tobytes())
+    m = mmap.mmap(-1, 4096)
+    m[:5] = b"mmap!"
+    ((n, body, _),) = records_of(wire(d.channel, [m]))
+    assert (n, body[:5]) == (4096, b"mmap!")
+
+
 def records_wire(n: int, body: bytes, tag: bytes) -> bytes:
     return struct.pack(">I", n) + body + tag
 
@@ -573,3 +592,37 @@ def test_a_lone_record_replayed_fails(records):
     assert bytes(lis.channel.unwrap(w)) == b"W" * 4096
     with pytest.raises(AuthError, match="record 1 failed"):
         lis.channel.unwrap(w)
+
+
+@pytest.mark.parametrize("records", [V1, V2])
+def test_a_lone_record_after_one_completed_in_its_own_buffer_is_not_owned(records):
+    """What ``received`` hands out is the caller's; a lone record unwrapped next is a view of the
+    caller's receive buffer, which it reuses: not owned."""
+    d, lis = session(records)
+    big = wire(d.channel, [b"B" * 200000])
+    assert lis.channel.unwrap(big[:1000]) == b""
+    space = lis.channel.recv_space()
+    space[:] = big[1000:]
+    assert bytes(lis.channel.received(len(space))) == b"B" * 200000 and lis.channel.owned
+    assert bytes(lis.channel.unwrap(bytearray(wire(d.channel, [b"small"])))) == b"small"
+    assert not lis.channel.owned
+
+
+@pytest.mark.parametrize("records", [V1, V2])
+@pytest.mark.parametrize(("cut", "size"), [(2, 65536), (5000, 70000)])
+def test_the_rest_of_a_record_that_looks_like_a_lone_record_is_still_the_rest(records, cut, size):
+    """A record cut ``cut`` bytes in (inside its length, or inside its data) whose remaining bytes
+    begin with what reads as the length of a record exactly their size: they are still the end of
+    the record begun, not a record of their own."""
+    d, lis = session(records)
+    fake = struct.pack(">I", size - cut)  # the data length of a record as long as the rest
+    msg = bytearray(b"m" * size)
+    if cut < 4:  # the forged length starts inside the real one (which must agree) and ends in the data
+        assert struct.pack(">I", size)[cut:] == fake[:4 - cut]
+        msg[:cut] = fake[4 - cut:]
+    else:
+        msg[cut - 4:cut] = fake
+    w = wire(d.channel, [bytes(msg)])
+    assert w[cut:cut + 4] == fake
+    assert lis.channel.unwrap(w[:cut]) == b""
+    assert bytes(lis.channel.unwrap(w[cut:])) == bytes(msg)
