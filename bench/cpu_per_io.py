@@ -5,7 +5,8 @@ RUNTIME seconds each; the nodes' CPU time (user + system, from /proc) over the r
 requests fio completed, and the kernel's share of each node's (sys_share_A/B). On a shared
 machine IOPS swing with the neighbours' load while CPU per request hardly moves, so this is the
 number to compare two versions of the hot path with.
-Links are dialled directly (no relay), volumes are prefilled (no allocation on first write).
+Links are dialled directly (no relay), volumes are prefilled (no allocation on first write) and
+written back before the runs (os.sync, as bench/run.py), as are the freed blocks after them.
 
 With --profile DIR, py-spy (pip install py-spy: a tool, not a dependency) samples both nodes
 through each run: DIR/at-SITE-NODE.txt are collapsed stacks (for any flame graph tool), and the
@@ -103,10 +104,17 @@ def report_timeline(trace_dir: Path, lab: dict, pids: list[int], windows: dict, 
         events, wakes = timeline.labelled(recs, host_port, *windows[site][0])
         results[site] = timeline.analyse(events, site, wakes)
     dropped = sum(r.dropped for r in recs.values())
+    # A full recording stops: does that cut into the runs analysed?
+    full_at = min((r.events[-1][0] for r in recs.values() if r.dropped and r.events), default=None)
+    cut = full_at is not None and any(full_at < windows[s][0][1] for s in ("A", "B"))
     note = (f"`bench/cpu_per_io.py --qd 1 --bs {a.bs} --runtime {a.runtime} --link-security {a.link_security} "
             f"--timeline`, {time.strftime('%Y-%m-%d %H:%M')}, tree {os.getcwd()}; the first run at each site. "
-            "Times include the recording's own cost (about 1 µs per event)."
-            + (f" **{dropped} events were not recorded (buffer full): later cycles are missing.**" if dropped else ""))
+            "Times include the recording's own cost (about 1 µs per event).")
+    if cut:
+        note += (f" **The recording filled up during the runs analysed ({dropped} events not recorded): their "
+                 "later cycles are missing.**")
+    elif dropped:
+        note += f" ({dropped} events after the runs analysed were not recorded: the recording was full.)"
     md = timeline.markdown(results, note)
     out = Path(a.timeline_out) if a.timeline_out else BENCH / "results" / time.strftime("timeline-%Y%m%d-%H%M%S.md")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -164,6 +172,8 @@ def main() -> int:
             else:
                 os.environ[k] = v
     windows: dict = {"A": [], "B": []}  # (start, end) ns of each fio run, for the timeline
+    # The volumes just written (3 x size) are written back now, not during the runs (as bench/run.py).
+    os.sync()
     pids = [lab["nodes"][s]["pid"] for s in ("A", "B")]
     runs: dict = {"A": [], "B": []}
     try:
@@ -210,6 +220,7 @@ def main() -> int:
                                "args": vars(a), "runs": runs, "median": summary}, indent=1))
     if not a.dir:  # a directory given is kept: node logs for a run that went wrong
         shutil.rmtree(d, ignore_errors=True)
+        os.sync()  # and their blocks freed now, not while a next run measures
     return 0
 
 

@@ -9,18 +9,25 @@ arriving and the next is that request's work. A *cycle* runs from the host's req
 the node it uses (its first receive after the node's last reply to the host) to the next one.
 Its events (receives, sends, local writes; wake-ups from a sleeping ``epoll_wait`` are counted
 apart), labelled by node and socket, make a sequence; the most frequent sequence is the typical
-cycle, and each of its steps is given as the median over the cycles that follow it. Each gap
-between two events is put in one of these classes:
+cycle, and each of its steps is placed at the median of its offsets from the cycle's start over
+the cycles that follow it.
 
-- *node X: Python*: node X's own work between two of its events (parsing, framing, tags,
-  bookkeeping; a local write's ``pwrite`` is the gap before its event);
+The two nodes run at the same time (site A writes its own copy while B receives and writes its
+own), so a step's time is counted from the step it waited for: the node's own previous step, or,
+for a receive, the other node's last send when that came later (the receiver was idle, polling
+or asleep, when the data arrived). Going back from the next request through what each step
+waited for gives the *critical path*, whose steps add up to the cycle; the others (site A's own
+copy, site B's RELEASE after the host's reply) are listed as off it. Each step on the path is
+one of:
+
+- *node X: Python*: node X's own work since its previous step (parsing, framing, tags,
+  bookkeeping; a ``pwrite`` is in the step that ends with it);
 - *sendmsg*: inside a send (on loopback TCP this includes the kernel delivering to the receiver
   and waking it);
-- *to the other node*: from one node's send to the other's receive (its wake-up or the end of
-  its poll, and the scheduler);
-- *the host*: from the nodes' last event to the host's next request (the client's wake-up,
-  its completion and submission; fio here). Work the nodes do once the host has its reply (a
-  RELEASE at site B) is marked *after the reply*: the host's own work runs meanwhile.
+- *hand-over to X*: from the other node's send to X's receive (X's poll or wake-up, and the
+  ``recv`` itself);
+- *the host*: from the reply leaving the node to the host's next request arriving there (the
+  client's wake-up, completion and submission, fio here, and the node's own poll and ``recv``).
 """
 
 from __future__ import annotations
@@ -113,21 +120,13 @@ def step_name(node: str, k: int, what: str) -> str:
     return f"{node} {KINDS[k]}" + (f" ({what})" if what else "")
 
 
-def gap_class(prev: tuple, cur: tuple, last: bool, after_reply: bool) -> str:
-    """What the time between two consecutive events of a cycle was spent on: ``last`` when
-    ``cur`` is the next cycle's request, ``after_reply`` when the host has had its reply (the
-    nodes' work from then on overlaps the host's)."""
-    _, pn, pk, _ = prev
-    _, cn, ck, _ = cur
-    if last:
-        return "the host"
-    if pn != cn:
-        cls = "to the other node"
-    elif pk == SEND and ck == SENT:
-        cls = "sendmsg"
-    else:
-        cls = f"node {cn}: Python"
-    return cls + (", after the reply" if after_reply else "")
+@dataclass
+class Step:
+    name: str  # node, event and socket
+    at_us: float  # median offset from the cycle's start
+    waited_us: float  # since the step it waited for
+    after: str  # that step's name
+    spent_on: str  # its class, or why it is off the critical path
 
 
 @dataclass
@@ -136,13 +135,55 @@ class Analysis:
     typical: int  # of them, with the most frequent sequence
     cycle_p50_us: float
     cycle_p90_us: float
-    steps: list[tuple[str, float, float, str]]  # (event, at µs, + µs, class of the gap before it)
-    classes: dict[str, float]  # µs per cycle (typical cycles' medians) by class
+    steps: list[Step]  # the typical cycle's, and the next request last
+    classes: dict[str, float]  # µs per cycle on the critical path, by class
     wakes_per_cycle: dict[str, float]
 
 
+def reply_index(seq: list[tuple[str, int, str]], site: str) -> int | None:
+    """Where the reply to the host has left (its last send), if it is in ``seq``."""
+    return max((j for j, e in enumerate(seq) if e == (site, SENT, "host")), default=None)
+
+
+def waited_for(seq: list[tuple[str, int, str]], at: list[float], site: str) -> list[int]:
+    """For each step of ``seq`` and the next request after it (index ``len(seq)``), the step it
+    waited for (the first: itself): the node's own previous step or, for a receive, the other
+    node's last send when that was later. The next request waits for the reply to the host."""
+    n = len(seq)
+    reply = reply_index(seq, site)
+    out = [0]
+    for i in range(1, n + 1):
+        if i == n:
+            out.append(n - 1 if reply is None else reply)
+            continue
+        node, kind, _ = seq[i]
+        cands = []
+        same = next((j for j in range(i - 1, -1, -1) if seq[j][0] == node), None)
+        if same is not None:
+            cands.append(same)
+        if kind == RX:
+            cross = next((j for j in range(i - 1, -1, -1) if seq[j][0] != node and seq[j][1] in (SEND, SENT)), None)
+            if cross is not None and (same is None or at[cross] > at[same]):
+                cands = [cross]
+        out.append(cands[0] if cands else i - 1)
+    return out
+
+
+def step_class(seq: list[tuple[str, int, str]], j: int, i: int) -> str:
+    """What the time from step ``j`` to step ``i`` (which waited for it) was spent on."""
+    if i == len(seq):
+        return "the host"
+    (pn, pk, _), (cn, ck, _) = seq[j], seq[i]
+    if pn != cn:
+        return f"hand-over to {cn}"
+    if pk == SEND and ck == SENT:
+        return "sendmsg"
+    return f"node {cn}: Python"
+
+
 def analyse(events: list, site: str, wakes: dict[str, int] | None = None) -> Analysis | None:
-    """The typical cycle at ``site``: its steps (median offsets) and where its time went."""
+    """The typical cycle at ``site``: its steps (median offsets), its critical path and where
+    that path's time went."""
     cs = cycles(events, site)
     if len(cs) < 2:
         return None
@@ -151,19 +192,28 @@ def analyse(events: list, site: str, wakes: dict[str, int] | None = None) -> Ana
     groups: dict[tuple, list[list]] = collections.defaultdict(list)
     for c in cs:
         groups[tuple((n, k, w) for _, n, k, w in c[:-1])].append(c)
-    seq, typical = max(groups.items(), key=lambda kv: len(kv[1]))
-    at = [statistics.median((c[i][0] - c[0][0]) / 1000 for c in typical) for i in range(len(seq) + 1)]
-    steps: list[tuple[str, float, float, str]] = [(step_name(*seq[0]), 0.0, 0.0, "")]
+    key, typical = max(groups.items(), key=lambda kv: len(kv[1]))
+    seq = list(key)
+    n = len(seq)
+    at = [statistics.median((c[i][0] - c[0][0]) / 1000 for c in typical) for i in range(n + 1)]
+    pred = waited_for(seq, at, site)
+    on_path = {n}
+    i = n
+    while i:
+        i = pred[i]
+        on_path.add(i)
+    reply = reply_index(seq, site)
+    names = [step_name(*e) for e in seq] + ["next request " + step_name(*seq[0])]
+    steps = [Step(names[0], 0.0, 0.0, "", "")]
     classes: dict[str, float] = collections.defaultdict(float)
-    proto = typical[0]
-    after_reply = False
-    for i in range(1, len(seq) + 1):
-        name = step_name(*seq[i]) if i < len(seq) else "next request " + step_name(*seq[0])
-        cls = gap_class(proto[i - 1], proto[i], i == len(seq), after_reply)
-        if i < len(seq) and seq[i] == (site, SENT, "host"):
-            after_reply = True  # the host has its reply from here on
-        steps.append((name, at[i], at[i] - at[i - 1], cls))
-        classes[cls] += at[i] - at[i - 1]
+    for i in range(1, n + 1):
+        j = pred[i]
+        if i in on_path:
+            cls = step_class(seq, j, i)
+            classes[cls] += at[i] - at[j]
+        else:
+            cls = "off the critical path" + (" (after the reply)" if reply is not None and i > reply else "")
+        steps.append(Step(names[i], at[i], at[i] - at[j], names[j], cls))
     return Analysis(len(cs), len(typical), statistics.median(lengths), q[-1], steps, dict(classes),
                     {n: round(w / len(cs), 2) for n, w in (wakes or {}).items()})
 
@@ -184,11 +234,14 @@ def markdown(results: dict[str, Analysis | None], note: str = "") -> str:
                      f"({100 * an.typical / an.cycles:.0f} %). Cycle p50 {an.cycle_p50_us:.1f} µs, "
                      f"p90 {an.cycle_p90_us:.1f} µs (all cycles). Wake-ups from a sleeping loop per "
                      f"cycle: {wakes}.")
-        lines += ["", "| step | at (µs) | + (µs) | spent on |", "|---|---|---|---|"]
-        for name, t, d, cls in an.steps:
-            lines.append(f"| {name} | {t:.1f} | {d:.1f} | {cls} |")
+        lines += ["", "*at*: the median offset from the request's arrival; *+*: the time since the step it "
+                  "waited for (*after*; the difference of their medians). The steps on the critical path "
+                  "add up to the cycle.",
+                  "", "| step | at (µs) | + (µs) | after | spent on |", "|---|---|---|---|---|"]
+        for st in an.steps:
+            lines.append(f"| {st.name} | {st.at_us:.1f} | {st.waited_us:.1f} | {st.after} | {st.spent_on} |")
         total = sum(an.classes.values())
-        lines += ["", "| spent on | µs per cycle | share |", "|---|---|---|"]
+        lines += ["", "| on the critical path | µs per cycle | share |", "|---|---|---|"]
         for cls, us in sorted(an.classes.items(), key=lambda kv: -kv[1]):
             lines.append(f"| {cls} | {us:.1f} | {100 * us / total:.0f} % |")
         lines.append("")

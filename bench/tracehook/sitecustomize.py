@@ -12,8 +12,15 @@ sleep (an ``epoll_wait`` with a timeout that returned events), and writes them t
 first imported (an import hook), so the daemon's code is the code measured, plus about a
 microsecond per recorded event.
 
+A receive through ``netio.recv`` and a send through ``netio.sendmsg_all`` are marked when the
+call returns, which may include waiting for the socket and, every 16 calls that did not block, a
+scheduler checkpoint; the hot paths' ``recv_into_nowait`` and ``send_available`` are marked at
+the system call (a send the kernel took nothing of is not marked). Writes that bypass
+``Volume.write_sync`` (FUA, O_DIRECT: a worker thread) are not marked.
+
 Events are kept in preallocated arrays (13 bytes each, at most ``SYNCD_TIMELINE_MAX``, default
-4,000,000); past that they are counted, not recorded.
+4,000,000: about 52 MB per process while recording); past that they are counted, not recorded.
+This module hides any other ``sitecustomize`` later on the path (the lab's processes have none).
 """
 
 from __future__ import annotations
@@ -58,12 +65,12 @@ def _install(out_dir: str) -> None:
             local_port[sock] = p
             return p
 
-    def mark(kind: int, port: int) -> None:
+    def mark(kind: int, port: int, t: int = 0) -> None:
         i = state["n"]
         if i >= limit:
             state["dropped"] += 1
             return
-        ts[i] = now()
+        ts[i] = t or now()
         kinds[i] = kind
         ports[i] = port
         state["n"] = i + 1
@@ -86,10 +93,12 @@ def _install(out_dir: str) -> None:
             m.send_available, m.recv, m.recv_into_nowait, m.sendmsg_all)
 
         def traced_send_available(sock, bufs):
-            p = port_of(sock)
-            mark(1, p)
+            t = now()
             r = send_available(sock, bufs)
-            mark(2, p)
+            if r[0]:  # something went (a send the kernel refused is no send)
+                p = port_of(sock)
+                mark(1, p, t)
+                mark(2, p)
             return r
 
         async def traced_recv(sock, n, pacer=None):

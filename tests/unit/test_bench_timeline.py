@@ -65,7 +65,8 @@ def test_a_request_received_in_two_pieces_is_one_cycle() -> None:
     events, _ = timeline.labelled(recs, HOST_PORT, 0, 2**62)
     an = timeline.analyse(events, "A")
     assert an is not None and an.cycles == 9 and an.cycle_p50_us == approx(CYCLE_A)
-    assert an.steps[1][:3] == ("A rx (host)", approx(2.0), approx(2.0))
+    second = an.steps[1]
+    assert (second.name, second.at_us, second.waited_us) == ("A rx (host)", approx(2.0), approx(2.0))
 
 
 def test_events_are_labelled_by_socket_and_kept_to_the_window_and_wakes_counted_apart() -> None:
@@ -86,26 +87,49 @@ def test_a_cycle_at_site_a_hop_by_hop_and_where_its_time_went() -> None:
     assert an is not None
     assert (an.cycles, an.typical) == (19, 18)  # the last request starts no whole cycle; one odd one
     assert an.cycle_p50_us == approx(CYCLE_A)
-    names = [s[0] for s in an.steps]
-    assert names[0] == "A rx (host)" and names[4] == "B rx (link)" and names[-1] == "next request A rx (host)"
-    assert [s[1] for s in an.steps] == approx([us for us, *_ in AT_A] + [CYCLE_A])
-    assert an.steps[4][2:] == (approx(3.0), "to the other node")
-    assert an.classes == approx({"node A: Python": 20 + 7 + 15, "sendmsg": 30, "to the other node": 3 + 5,
-                                 "node B: Python": 20 + 5, "the host": 35})
+    steps = {st.name: st for st in an.steps}
+    assert [st.name for st in an.steps][0] == "A rx (host)" and an.steps[-1].name == "next request A rx (host)"
+    assert [st.at_us for st in an.steps] == approx([us for us, *_ in AT_A] + [CYCLE_A])
+    # B's receive waited for A's send (10 µs), not for A's own copy, written meanwhile.
+    assert (steps["B rx (link)"].after, steps["B rx (link)"].waited_us) == ("A sent (link)", approx(10.0))
+    assert steps["B rx (link)"].spent_on == "hand-over to B"
+    assert steps["A pwrite"].spent_on == "off the critical path"
+    # A's receive of the answer waited for B's send, not for its own earlier write.
+    assert (steps["A rx (link)"].after, steps["A rx (link)"].waited_us) == ("B sent (link)", approx(5.0))
+    assert an.classes == approx({"node A: Python": 20 + 15, "sendmsg": 30, "hand-over to B": 10,
+                                 "hand-over to A": 5, "node B: Python": 20 + 5, "the host": 35})
     assert sum(an.classes.values()) == approx(CYCLE_A)
 
 
-def test_work_after_the_hosts_reply_is_marked_so() -> None:
+def test_work_of_both_nodes_at_once_is_counted_on_the_node_that_did_it() -> None:
+    """B receives while A is still in its sendmsg, and writes while A writes its own copy: B's
+    steps count from B's own, A's copy is off the critical path."""
+    overlap = [(0, "A", RX, HOST_A), (20, "A", SEND, LINK_A), (24, "B", RX, LINK_B), (30, "A", SENT, LINK_A),
+               (55, "A", PWRITE, 0), (60, "B", PWRITE, 0), (65, "B", SEND, LINK_B), (75, "B", SENT, LINK_B),
+               (80, "A", RX, LINK_A), (95, "A", SEND, HOST_A), (105, "A", SENT, HOST_A)]
+    events, _ = timeline.labelled(recordings(overlap, CYCLE_A, 10), HOST_PORT, 0, 2**62)
+    an = timeline.analyse(events, "A")
+    assert an is not None
+    steps = {st.name: st for st in an.steps}
+    assert (steps["B rx (link)"].after, steps["B rx (link)"].spent_on) == ("A send (link)", "hand-over to B")
+    assert (steps["B pwrite"].after, steps["B pwrite"].waited_us) == ("B rx (link)", approx(36.0))
+    assert steps["A sent (link)"].spent_on == steps["A pwrite"].spent_on == "off the critical path"
+    assert an.classes == approx({"node A: Python": 20 + 15, "hand-over to B": 4, "node B: Python": 36 + 5,
+                                 "sendmsg": 20, "hand-over to A": 5, "the host": 35})
+
+
+def test_work_after_the_hosts_reply_is_off_the_critical_path() -> None:
     recs = recordings(AT_B, CYCLE_B, 10)
     events, wakes = timeline.labelled(recs, HOST_PORT, 0, 2**62)
     an = timeline.analyse(events, "B", wakes)
     assert an is not None and an.typical == an.cycles == 9
-    assert an.classes == approx({"node B: Python": 20 + 20 + 10, "sendmsg": 30, "to the other node": 12 + 4,
-                                 "node A: Python": 18 + 6, "node B: Python, after the reply": 6,
-                                 "sendmsg, after the reply": 8, "to the other node, after the reply": 6,
-                                 "the host": 30})
+    assert an.classes == approx({"node B: Python": 20 + 20 + 10, "sendmsg": 30, "hand-over to A": 12,
+                                 "node A: Python": 18 + 6, "hand-over to B": 4, "the host": 50})
+    steps = {st.name: st for st in an.steps}
+    assert steps["next request B rx (host)"].after == "B sent (host)"
     md = timeline.markdown({"B": an, "A": None}, "a note")
-    assert "## fio at B" in md and "| B send (link) | 126.0 | 6.0 | node B: Python, after the reply |" in md
+    assert "## fio at B" in md
+    assert "| B send (link) | 126.0 | 6.0 | B sent (host) | off the critical path (after the reply) |" in md
     assert "a note" in md and "No whole cycles were recorded." in md
 
 
@@ -129,27 +153,60 @@ def test_the_hook_records_a_real_processs_sends_receives_and_writes(tmp_path: Pa
         assert netio.recv_into_nowait(s, memoryview(bytearray(200))) == 100
         assert netio.recv_into_nowait(s, memoryview(bytearray(200))) is None  # nothing: not recorded
         netio.send_available(a, [b"unix"])
+        try:  # fill the Unix socket: a send the kernel takes nothing of is not marked
+            while True:
+                a.send(b"f" * 65536)
+        except BlockingIOError:
+            pass
+        assert netio.send_available(a, [b"more"])[0] == 0
         class V:  # what Volume.write_sync uses of a volume
             fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
         volume.Volume.write_sync(V(), 4096, b"w" * 512)
         assert os.pread(V.fd, 512, 4096) == b"w" * 512  # the wrapped method did write
-        print(c.getsockname()[1], s.getsockname()[1])
+
+        import threading, time, trio, trio.testing
+        from trio._core._io_epoll import EpollIOManager
+
+        async def main():
+            # Data found by a poll with timeout 0 (tasks were ready): no wake-up from a sleep.
+            async with trio.open_nursery() as n:
+                n.start_soon(trio.lowlevel.wait_readable, s)
+                await trio.testing.wait_all_tasks_blocked()
+                c.send(b"x")
+                for _ in range(3):
+                    await trio.lowlevel.checkpoint()
+            assert s.recv(1) == b"x"
+            netio.send_available(b, [b"mark"])  # (a Unix send: the end of this part)
+            # The loop sleeps in epoll until another thread's send wakes it.
+            threading.Thread(target=lambda: (time.sleep(0.05), s.send(b"late"))).start()
+            assert await netio.recv(c, 100, pacer=netio.Pacer()) == b"late"
+            await netio.sendmsg_all(c, [b"hello"], pacer=netio.Pacer())
+        trio.run(main)
+        assert s.recv(100) == b"hello"
+        print(c.getsockname()[1], s.getsockname()[1], netio.recv.__name__, EpollIOManager.get_events.__name__)
     """)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "bench" / "tracehook")]),
                SYNCD_TIMELINE=str(tmp_path))
     disk = str(tmp_path / "disk")
     p = subprocess.run([sys.executable, "-c", script, disk], env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
-    client, server = map(int, p.stdout.split())
+    client, server, recv_name, epoll_name = p.stdout.split()
+    client, server = int(client), int(server)
+    assert (recv_name, epoll_name) == ("traced_recv", "traced_get_events")
     (f,) = tmp_path.glob("*.events")
     rec = timeline.read_recording(f)
-    assert [(k, port) for _, k, port in rec.events] == [(SEND, client), (SENT, client), (RX, server),
-                                                        (SEND, -1), (SENT, -1), (PWRITE, 0)]  # -1: Unix
+    got = [(k, port) for _, k, port in rec.events]
+    assert [e for e in got if e[0] != WAKE] == [(SEND, client), (SENT, client), (RX, server),
+                                                (SEND, -1), (SENT, -1), (PWRITE, 0),  # -1: a Unix socket
+                                                (SEND, -1), (SENT, -1),
+                                                (RX, client), (SEND, client), (SENT, client)]
+    assert got[:8] == [e for e in got[:8] if e[0] != WAKE]  # no wake-up where the loop found data at once
+    assert (WAKE, 0) in got[8:got.index((RX, client))]  # the loop slept until the thread's send
     assert rec.peer_port == {client: server, server: client} and rec.dropped == 0
     assert all(a[0] <= b[0] for a, b in zip(rec.events, rec.events[1:], strict=False))
 
-    quiet = tmp_path / "quiet"
-    quiet.mkdir()
-    env.pop("SYNCD_TIMELINE")
-    subprocess.run([sys.executable, "-c", script, disk], env=env, check=True, capture_output=True, timeout=60)
-    assert not list(quiet.iterdir()) and len(list(tmp_path.glob("*.events"))) == 1
+    env.pop("SYNCD_TIMELINE")  # the hook on the path but not asked for: nothing wrapped, nothing written
+    p = subprocess.run([sys.executable, "-c", script, disk], env=env, check=True, capture_output=True, text=True,
+                       timeout=60)
+    assert p.stdout.split()[2:] == ["recv", "get_events"]
+    assert len(list(tmp_path.glob("*.events"))) == 1
