@@ -38,8 +38,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-KINDS = ("rx", "send", "sent", "pwrite", "wake")  # bench/tracehook/sitecustomize.py's codes
-RX, SEND, SENT, PWRITE, WAKE = range(5)
+from tracehook.sitecustomize import KINDS, RX, SEND, SENT, WAKE  # the event codes the hook writes
 
 
 @dataclass
@@ -145,12 +144,12 @@ def reply_index(seq: list[tuple[str, int, str]], site: str) -> int | None:
     return max((j for j, e in enumerate(seq) if e == (site, SENT, "host")), default=None)
 
 
-def waited_for(seq: list[tuple[str, int, str]], at: list[float], site: str) -> list[int]:
+def waited_for(seq: list[tuple[str, int, str]], at: list[float], reply: int | None) -> list[int]:
     """For each step of ``seq`` and the next request after it (index ``len(seq)``), the step it
     waited for (the first: itself): the node's own previous step or, for a receive, the other
-    node's last send when that was later. The next request waits for the reply to the host."""
+    node's last send when that was later. The next request waits for the reply to the host
+    (step ``reply``; without one, the last step)."""
     n = len(seq)
-    reply = reply_index(seq, site)
     out = [0]
     for i in range(1, n + 1):
         if i == n:
@@ -196,13 +195,13 @@ def analyse(events: list, site: str, wakes: dict[str, int] | None = None) -> Ana
     seq = list(key)
     n = len(seq)
     at = [statistics.median((c[i][0] - c[0][0]) / 1000 for c in typical) for i in range(n + 1)]
-    pred = waited_for(seq, at, site)
+    reply = reply_index(seq, site)
+    pred = waited_for(seq, at, reply)
     on_path = {n}
     i = n
     while i:
         i = pred[i]
         on_path.add(i)
-    reply = reply_index(seq, site)
     names = [step_name(*e) for e in seq] + ["next request " + step_name(*seq[0])]
     steps = [Step(names[0], 0.0, 0.0, "", "")]
     classes: dict[str, float] = collections.defaultdict(float)

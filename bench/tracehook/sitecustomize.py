@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import os
 
-KINDS = ("rx", "send", "sent", "pwrite", "wake")  # the codes written, in this order
+# The event codes written (bench/timeline.py reads them from here).
+KINDS = ("rx", "send", "sent", "pwrite", "wake")
+RX, SEND, SENT, PWRITE, WAKE = range(len(KINDS))
 
 
 def _install(out_dir: str) -> None:
@@ -97,26 +99,26 @@ def _install(out_dir: str) -> None:
             r = send_available(sock, bufs)
             if r[0]:  # something went (a send the kernel refused is no send)
                 p = port_of(sock)
-                mark(1, p, t)
-                mark(2, p)
+                mark(SEND, p, t)
+                mark(SENT, p)
             return r
 
         async def traced_recv(sock, n, pacer=None):
             data = await recv(sock, n, pacer)
-            mark(0, port_of(sock))
+            mark(RX, port_of(sock))
             return data
 
         def traced_recv_into_nowait(sock, view):
             n = recv_into_nowait(sock, view)
             if n is not None:
-                mark(0, port_of(sock))
+                mark(RX, port_of(sock))
             return n
 
         async def traced_sendmsg_all(sock, bufs, pacer=None):
             p = port_of(sock)
-            mark(1, p)
+            mark(SEND, p)
             r = await sendmsg_all(sock, bufs, pacer)
-            mark(2, p)
+            mark(SENT, p)
             return r
 
         m.send_available, m.recv, m.recv_into_nowait, m.sendmsg_all = (
@@ -127,7 +129,7 @@ def _install(out_dir: str) -> None:
 
         def traced_write_sync(self, offset, data):
             write_sync(self, offset, data)
-            mark(3, 0)
+            mark(PWRITE, 0)
 
         m.Volume.write_sync = traced_write_sync
 
@@ -137,7 +139,7 @@ def _install(out_dir: str) -> None:
         def traced_get_events(self, timeout):
             r = get_events(self, timeout)
             if r and timeout > 0:
-                mark(4, 0)
+                mark(WAKE, 0)
             return r
 
         m.EpollIOManager.get_events = traced_get_events

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import timeline  # noqa: E402
-from timeline import PWRITE, RX, SEND, SENT, WAKE, Recording  # noqa: E402
+from timeline import Recording  # noqa: E402
+from tracehook.sitecustomize import PWRITE, RX, SEND, SENT, WAKE  # noqa: E402
 
 HOST_A, HOST_B = 7000, 7100  # the nodes' NBD ports
 LINK_A, LINK_B = 41000, 9000  # A dialled B's path port 9000 from 41000
