@@ -15,7 +15,9 @@ functions with the most samples of their own are printed per node.
 With --timeline (QD1 only), both nodes record a timestamp at each socket receive and send and
 each local write (bench/tracehook/sitecustomize.py, put on the nodes' PYTHONPATH; no change to
 syncd's code) and bench/timeline.py gives each site's typical request hop by hop, with where its
-time went: printed, and written to bench/results/timeline-*.md (--timeline-out to choose). The
+time went, and what the slow requests (over 3 x the median: the p99 target) spent their extra
+time on (a garbage collector's pass, or their longest quiet gap): printed, and written to
+bench/results/timeline-*.md (--timeline-out to choose). The
 recording costs about a microsecond per event (some 15 per request): compare timelines with
 timelines, IOPS with runs without it.
 
@@ -99,10 +101,11 @@ def report_timeline(trace_dir: Path, lab: dict, pids: list[int], windows: dict, 
             raise SystemExit(f"node {node} (pid {pid}) left no recording in {trace_dir}: did it exit cleanly?")
         recs[node] = timeline.read_recording(f)
     host_port = {n: int(lab["nodes"][n]["nbd"].rsplit(":", 1)[1]) for n in "AB"}
-    results = {}
+    results, slow = {}, {}
     for site in ("A", "B"):
         events, wakes = timeline.labelled(recs, host_port, *windows[site][0])
         results[site] = timeline.analyse(events, site, wakes)
+        slow[site] = timeline.slow_cycles(events, site, timeline.gc_passes(recs, *windows[site][0]))
     dropped = sum(r.dropped for r in recs.values())
     # A full recording stops: does that cut into the runs analysed?
     full_at = min((r.events[-1][0] for r in recs.values() if r.dropped and r.events), default=None)
@@ -115,7 +118,7 @@ def report_timeline(trace_dir: Path, lab: dict, pids: list[int], windows: dict, 
                  "later cycles are missing.**")
     elif dropped:
         note += f" ({dropped} events after the runs analysed were not recorded: the recording was full.)"
-    md = timeline.markdown(results, note)
+    md = timeline.markdown(results, note, slow)
     out = Path(a.timeline_out) if a.timeline_out else BENCH / "results" / time.strftime("timeline-%Y%m%d-%H%M%S.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(md)
@@ -186,7 +189,7 @@ def main() -> int:
                 p = subprocess.run(
                     ["fio", "--name=cpu", "--ioengine=nbd", f"--uri={uri}", f"--rw={a.rw}", f"--bs={a.bs}",
                      f"--iodepth={a.qd}", "--time_based", f"--runtime={a.runtime}", f"--size={a.size}M",
-                     "--output-format=json"], capture_output=True, text=True)
+                     "--lat_percentiles=1", "--output-format=json"], capture_output=True, text=True)
                 c1 = [cpu_seconds(p) for p in pids]
                 windows[site].append((w0, time.monotonic_ns()))
                 for spy, path in spies:
@@ -199,7 +202,10 @@ def main() -> int:
                 ios = job[kind]["total_ios"]
                 cpu = [sum(b) - sum(a_) for a_, b in zip(c0, c1, strict=True)]
                 kernel = [b[1] - a_[1] for a_, b in zip(c0, c1, strict=True)]
+                pct = job[kind]["lat_ns"].get("percentile", {})  # total latency, submit + completion
                 runs[site].append({"iops": round(job[kind]["iops"]), "ios": ios, "error": job["error"],
+                                   "lat_p50_us": round(pct.get("50.000000", 0) / 1000),
+                                   "lat_p99_us": round(pct.get("99.000000", 0) / 1000),
                                    "cpu_us_per_io_A": round(cpu[0] / ios * 1e6, 1),
                                    "cpu_us_per_io_B": round(cpu[1] / ios * 1e6, 1),
                                    "cpu_us_per_io": round(sum(cpu) / ios * 1e6, 1),

@@ -38,7 +38,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from tracehook.sitecustomize import KINDS, RX, SEND, SENT, WAKE  # the event codes the hook writes
+from tracehook.sitecustomize import GC, GC_DONE, KINDS, RX, SEND, SENT, WAKE  # the event codes the hook writes
 
 
 @dataclass
@@ -90,6 +90,8 @@ def labelled(recs: dict[str, Recording], host_port: dict[str, int], t0: int, t1:
             if k == WAKE:
                 wakes[node] += 1
                 continue
+            if k in (GC, GC_DONE):  # see gc_passes
+                continue
             if k in (RX, SEND, SENT):
                 what = "host" if port == host_port[node] else "link" if port in links[node] else "other"
             else:
@@ -97,6 +99,22 @@ def labelled(recs: dict[str, Recording], host_port: dict[str, int], t0: int, t1:
             out.append((t, node, k, what))
     out.sort()
     return out, dict(wakes)
+
+
+def gc_passes(recs: dict[str, Recording], t0: int, t1: int) -> list[tuple[int, int, str, int]]:
+    """The garbage collector's passes in each node that overlap ``t0``..``t1`` (ns), as
+    (start ns, end ns, node, generation), in time order."""
+    out = []
+    for node, rec in recs.items():
+        start: tuple[int, int] | None = None
+        for t, k, gen in rec.events:
+            if k == GC:
+                start = (t, gen)
+            elif k == GC_DONE and start is not None:
+                if start[0] <= t1 and t >= t0:
+                    out.append((start[0], t, node, start[1]))
+                start = None
+    return sorted(out)
 
 
 def cycles(events: list, site: str) -> list[list]:
@@ -217,8 +235,74 @@ def analyse(events: list, site: str, wakes: dict[str, int] | None = None) -> Ana
                     {n: round(w / len(cs), 2) for n, w in (wakes or {}).items()})
 
 
-def markdown(results: dict[str, Analysis | None], note: str = "") -> str:
-    """One section per site: the typical cycle's steps, then its time by class."""
+@dataclass
+class Slow:
+    """The cycles longer than ``factor`` × the median (the issue's bound for p99) and what each
+    spent its extra time on."""
+
+    factor: float
+    threshold_us: float
+    cycles: int  # all whole cycles
+    slow: int  # of them, over the threshold
+    p99_us: float
+    causes: list[tuple[str, int, float, float]]  # (cause, cycles, median cycle µs, median of its time µs)
+
+
+def gap_class(prev: tuple[int, str, int, str], cur: tuple[int, str, int, str], site: str) -> str:
+    """What the quiet time between two consecutive events of the merged timeline went to: the
+    node that acted next was working (Python), inside a send, receiving what the other sent, or
+    (the host's next request) the host."""
+    (_, pn, pk, _), (_, cn, ck, cw) = prev, cur
+    if cn == site and ck == RX and cw == "host":
+        return "the host"
+    if pn == cn and pk == SEND and ck == SENT:
+        return f"sendmsg in {cn}"
+    if pn != cn and ck == RX:
+        return f"hand-over to {cn}"
+    return f"node {cn}: Python"
+
+
+def slow_cycles(events: list, site: str, gcs: list[tuple[int, int, str, int]], factor: float = 3.0) -> Slow | None:
+    """Each cycle over ``factor`` × the median cycle is put down to a pass of the garbage
+    collector in either node when one overlaps it (the cause is that pass; its time, the pass's
+    length), else to the longest quiet gap between two consecutive events in it (the cause is
+    that gap's class, see ``gap_class``; its time, the gap)."""
+    cs = cycles(events, site)
+    if len(cs) < 2:
+        return None
+    lengths = [(c[-1][0] - c[0][0]) / 1000 for c in cs]
+    threshold = factor * statistics.median(lengths)
+    found: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
+    slow = 0
+    g = 0
+    for c, length in zip(cs, lengths, strict=True):
+        c0, c1 = c[0][0], c[-1][0]
+        while g < len(gcs) and gcs[g][1] < c0:  # cycles and passes both go forward in time
+            g += 1
+        if length <= threshold:
+            continue
+        slow += 1
+        hit = None
+        for p in gcs[g:]:
+            if p[0] > c1:
+                break
+            if p[1] >= c0:
+                hit = p
+                break
+        if hit is not None:
+            found[f"GC pass in {hit[2]} (generation {hit[3]})"].append((length, (hit[1] - hit[0]) / 1000))
+            continue
+        gap, i = max(((c[i][0] - c[i - 1][0]) / 1000, i) for i in range(1, len(c)))
+        found[gap_class(c[i - 1], c[i], site)].append((length, gap))
+    causes = sorted(((cause, len(v), statistics.median(x for x, _ in v), statistics.median(y for _, y in v))
+                     for cause, v in found.items()), key=lambda r: (-r[1], r[0]))
+    return Slow(factor, threshold, len(cs), slow, statistics.quantiles(lengths, n=100)[-1], causes)
+
+
+def markdown(results: dict[str, Analysis | None], note: str = "",
+             slow: dict[str, Slow | None] | None = None) -> str:
+    """One section per site: the typical cycle's steps, its time by class, then (given) the slow
+    cycles and their causes."""
     lines = ["# Where a QD1 request's time goes, hop by hop", ""]
     if note:
         lines += [note, ""]
@@ -244,4 +328,16 @@ def markdown(results: dict[str, Analysis | None], note: str = "") -> str:
         for cls, us in sorted(an.classes.items(), key=lambda kv: -kv[1]):
             lines.append(f"| {cls} | {us:.1f} | {100 * us / total:.0f} % |")
         lines.append("")
+        sl = (slow or {}).get(site)
+        if sl is not None:
+            lines += [f"Slow cycles: {sl.slow} of {sl.cycles} ({100 * sl.slow / sl.cycles:.2f} %) took over "
+                      f"{sl.factor:g} × the median ({sl.threshold_us:.0f} µs); the cycles' p99 is "
+                      f"{sl.p99_us:.0f} µs. Each is put down to a garbage collector's pass that overlaps it, "
+                      "else to its longest quiet gap between two recorded events (*its time*: the pass's "
+                      "or the gap's length).", ""]
+            if sl.causes:
+                lines += ["| slow cycles spent their time on | cycles | median cycle (µs) | median of its time (µs) |",
+                          "|---|---|---|---|"]
+                lines += [f"| {c} | {k} | {m:.0f} | {t:.0f} |" for c, k, m, t in sl.causes]
+                lines.append("")
     return "\n".join(lines)

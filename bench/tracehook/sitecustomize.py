@@ -6,11 +6,12 @@ output directory in ``SYNCD_TIMELINE``; without that variable this module does n
 
 With it, the syncd process records a timestamp (``time.monotonic_ns``: one clock for every
 process of the machine) at each socket receive and send of the hot paths (``syncd.netio``), each
-local write of a volume (``Volume.write_sync``) and each time the event loop was woken from a
-sleep (an ``epoll_wait`` with a timeout that returned events), and writes them to
-``$SYNCD_TIMELINE/<pid>.events`` when it exits. The functions are wrapped when their modules are
-first imported (an import hook), so the daemon's code is the code measured, plus about a
-microsecond per recorded event.
+local write of a volume (``Volume.write_sync``), each time the event loop was woken from a sleep
+(an ``epoll_wait`` with a timeout that returned events) and at the start and end of each pass of
+the garbage collector (``gc.callbacks``; the generation where the others have a port), and
+writes them to ``$SYNCD_TIMELINE/<pid>.events`` when it exits. The functions are wrapped when
+their modules are first imported (an import hook), so the daemon's code is the code measured,
+plus about a microsecond per recorded event.
 
 A receive through ``netio.recv`` and a send through ``netio.sendmsg_all`` are marked when the
 call returns, which may include waiting for the socket and, every 16 calls that did not block, a
@@ -28,13 +29,14 @@ from __future__ import annotations
 import os
 
 # The event codes written (bench/timeline.py reads them from here).
-KINDS = ("rx", "send", "sent", "pwrite", "wake")
-RX, SEND, SENT, PWRITE, WAKE = range(len(KINDS))
+KINDS = ("rx", "send", "sent", "pwrite", "wake", "gc", "gc-done")
+RX, SEND, SENT, PWRITE, WAKE, GC, GC_DONE = range(len(KINDS))
 
 
 def _install(out_dir: str) -> None:
     import array
     import atexit
+    import gc
     import importlib.abc
     import importlib.machinery
     import struct
@@ -89,6 +91,11 @@ def _install(out_dir: str) -> None:
             f.write("".join(f"{k} {v}\n" for k, v in sorted(peer_port.items())))
 
     atexit.register(dump)
+
+    def on_gc(phase: str, info: dict) -> None:
+        mark(GC if phase == "start" else GC_DONE, info["generation"])
+
+    gc.callbacks.append(on_gc)
 
     def patch_netio(m) -> None:
         send_available, recv, recv_into_nowait, sendmsg_all = (

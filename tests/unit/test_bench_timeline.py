@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import timeline  # noqa: E402
 from timeline import Recording  # noqa: E402
-from tracehook.sitecustomize import PWRITE, RX, SEND, SENT, WAKE  # noqa: E402
+from tracehook.sitecustomize import GC, GC_DONE, PWRITE, RX, SEND, SENT, WAKE  # noqa: E402
 
 HOST_A, HOST_B = 7000, 7100  # the nodes' NBD ports
 LINK_A, LINK_B = 41000, 9000  # A dialled B's path port 9000 from 41000
@@ -164,6 +164,8 @@ def test_the_hook_records_a_real_processs_sends_receives_and_writes(tmp_path: Pa
             fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
         volume.Volume.write_sync(V(), 4096, b"w" * 512)
         assert os.pread(V.fd, 512, 4096) == b"w" * 512  # the wrapped method did write
+        import gc
+        gc.collect(1)  # a pass of the collector, generation 1
 
         import threading, time, trio, trio.testing
         from trio._core._io_epoll import EpollIOManager
@@ -196,7 +198,7 @@ def test_the_hook_records_a_real_processs_sends_receives_and_writes(tmp_path: Pa
     assert (recv_name, epoll_name) == ("traced_recv", "traced_get_events")
     (f,) = tmp_path.glob("*.events")
     rec = timeline.read_recording(f)
-    got = [(k, port) for _, k, port in rec.events]
+    got = [(k, port) for _, k, port in rec.events if k not in (GC, GC_DONE)]  # passes: below
     assert [e for e in got if e[0] != WAKE] == [(SEND, client), (SENT, client), (RX, server),
                                                 (SEND, -1), (SENT, -1), (PWRITE, 0),  # -1: a Unix socket
                                                 (SEND, -1), (SENT, -1),
@@ -204,6 +206,11 @@ def test_the_hook_records_a_real_processs_sends_receives_and_writes(tmp_path: Pa
     assert got[:8] == [e for e in got[:8] if e[0] != WAKE]  # no wake-up where the loop found data at once
     assert (WAKE, 0) in got[8:got.index((RX, client))]  # the loop slept until the thread's send
     assert rec.peer_port == {client: server, server: client} and rec.dropped == 0
+    # Every pass of the collector is recorded, start and end, the asked-for one after the write.
+    passes = [(k, gen) for _, k, gen in rec.events if k in (GC, GC_DONE)]
+    assert passes[::2] == [(GC, g) for _, g in passes[::2]] and passes[1::2] == [(GC_DONE, g) for _, g in passes[::2]]
+    after_write = [(k, g) for _, k, g in rec.events[[k for _, k, _ in rec.events].index(PWRITE):]]
+    assert after_write[1:3] == [(GC, 1), (GC_DONE, 1)]
     assert all(a[0] <= b[0] for a, b in zip(rec.events, rec.events[1:], strict=False))
 
     env.pop("SYNCD_TIMELINE")  # the hook on the path but not asked for: nothing wrapped, nothing written
@@ -211,3 +218,62 @@ def test_the_hook_records_a_real_processs_sends_receives_and_writes(tmp_path: Pa
                        timeout=60)
     assert p.stdout.split()[2:] == ["recv", "get_events"]
     assert len(list(tmp_path.glob("*.events"))) == 1
+
+
+def cycle_events(template: list, t: int, late_from: int | None = None, late_us: int = 0) -> dict[str, list]:
+    """One cycle of ``template`` from ``t`` ns; its steps from index ``late_from`` on ``late_us``
+    later."""
+    ev: dict[str, list] = {"A": [], "B": []}
+    for i, (us, node, kind, port) in enumerate(template):
+        ev[node].append((t + (us + (late_us if late_from is not None and i >= late_from else 0)) * 1000, kind, port))
+    return ev
+
+
+def test_slow_cycles_are_put_down_to_a_collectors_pass_or_their_longest_quiet_gap() -> None:
+    """Of 40 cycles at A, three take over 3 × the median: one where B's Python stalls before its
+    write, one overlapped by a pass of A's collector, one where the host is late with its next
+    request."""
+    ev: dict[str, list] = {"A": [], "B": []}
+    t = 10**9
+    gc_at = None
+    for i in range(40):
+        late_from, late = {5: (5, 600), 12: (9, 500)}.get(i, (None, 0))  # 5: B's pwrite late; 12: A's rx late
+        extra = {5: 600, 12: 500, 20: 700}.get(i, 0)  # 20: the next request comes 700 µs late
+        for node, evs in cycle_events(AT_A, t, late_from, late).items():
+            ev[node] += evs
+        if i == 12:  # A's collector runs from 85 to 585 µs into cycle 12
+            gc_at = t + 85_000
+        t += (CYCLE_A + extra) * 1000
+    assert gc_at is not None
+    ev["A"] += [(gc_at, GC, 1), (gc_at + 500_000, GC_DONE, 1), (t + 10**6, GC, 0), (t + 10**6 + 1000, GC_DONE, 0)]
+    ev["A"].sort()
+    recs = {"A": Recording(ev["A"], PORTS_A), "B": Recording(ev["B"], PORTS_B)}
+    events, _ = timeline.labelled(recs, HOST_PORT, 0, t)
+    assert all(k not in (GC, GC_DONE) for _, _, k, _ in events)  # passes are kept apart
+    gcs = timeline.gc_passes(recs, 0, t)
+    assert gcs == [(gc_at, gc_at + 500_000, "A", 1)]  # the pass after the window is left out
+    sl = timeline.slow_cycles(events, "A", gcs)
+    assert sl is not None
+    assert (sl.cycles, sl.slow, sl.threshold_us) == (39, 3, approx(3 * CYCLE_A))
+    assert {c: (k, t_) for c, k, _, t_ in sl.causes} == {
+        "node B: Python": (1, approx(600 + 20)),  # B rx (link) at 40 µs, B pwrite at 60 + 600
+        "GC pass in A (generation 1)": (1, approx(500)),
+        "the host": (1, approx(35 + 700)),  # A's reply sent at 105 µs, the next request 735 µs later
+    }
+    assert timeline.slow_cycles(events, "A", gcs, factor=10) == timeline.Slow(10, approx(10 * CYCLE_A), 39, 0,
+                                                                              sl.p99_us, [])
+    an = timeline.analyse(events, "A")
+    md = timeline.markdown({"A": an}, slow={"A": sl})
+    assert "Slow cycles: 3 of 39 (7.69 %) took over 3 × the median (420 µs)" in md
+    assert "| GC pass in A (generation 1) | 1 | 640 | 500 |" in md
+
+
+def test_the_quiet_gap_before_each_kind_of_event_is_named_for_what_it_waited_on() -> None:
+    a_send, a_sent = (0, "A", SEND, "link"), (1, "A", SENT, "link")
+    b_rx, b_pw = (2, "B", RX, "link"), (3, "B", PWRITE, "")
+    assert timeline.gap_class(a_send, a_sent, "A") == "sendmsg in A"
+    assert timeline.gap_class(a_sent, b_rx, "A") == "hand-over to B"
+    assert timeline.gap_class(b_rx, b_pw, "A") == "node B: Python"
+    assert timeline.gap_class(b_rx, (4, "A", PWRITE, ""), "A") == "node A: Python"  # A worked meanwhile
+    assert timeline.gap_class((5, "A", SENT, "host"), (6, "A", RX, "host"), "A") == "the host"
+    assert timeline.gap_class((5, "A", SENT, "host"), (6, "A", RX, "host"), "B") == "node A: Python"
