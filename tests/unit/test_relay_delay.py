@@ -1,6 +1,7 @@
 """The lab relay's delay line: a chunk never leaves before its arrival + the delay, chunks are
 relayed in order and whole, and a connection's timer survives cancellation (no stale expiry
-releases a later chunk early). How late it leaves is measured in bench/ (--distance), not here."""
+releases a later chunk early), and a lone chunk's last moments are polled, not slept. How late it
+leaves is measured in bench/ (--distance), not here."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 import trio
 import trio.testing
 
+from syncd.lab import relay as relay_mod
 from syncd.lab.relay import DelayClock, Relay
 
 
@@ -27,8 +29,65 @@ async def test_delay_clock_never_wakes_before_its_deadline() -> None:
         deadline = time.monotonic() + 0.004
         await clock.sleep_until(deadline)
         assert time.monotonic() >= deadline
+        # polling the last part, or all of it (a spin longer than the wait), or a deadline passed
+        for step, spin in ((0.003, 0.001), (0.001, 0.01), (-0.001, 0.001)):
+            deadline = time.monotonic() + step
+            await clock.sleep_until(deadline, spin)
+            assert time.monotonic() >= deadline
     finally:
         clock.close()
+
+
+async def test_while_the_clock_polls_the_relays_other_tasks_go_on() -> None:
+    clock = DelayClock()
+    passes = 0
+    polled = trio.Event()
+
+    async def other() -> None:
+        nonlocal passes
+        while not polled.is_set():
+            passes += 1
+            await trio.lowlevel.checkpoint()
+
+    try:
+        async with trio.open_nursery() as n:
+            n.start_soon(other)
+            deadline = time.monotonic() + 0.02
+            await clock.sleep_until(deadline, spin=0.02)  # polls the whole time
+            assert time.monotonic() >= deadline
+            polled.set()
+    finally:
+        clock.close()
+    assert passes > 10
+
+
+async def test_only_a_chunk_with_none_queued_behind_it_is_awaited_polling(monkeypatch) -> None:
+    """Three chunks 1 ms apart on a 50 ms delay: the first is alone when its wait begins, the
+    second has the third behind it, the third is alone again."""
+    spins: list[float] = []
+
+    class Recording(DelayClock):
+        async def sleep_until(self, deadline: float, spin: float = 0.0) -> None:
+            spins.append(spin)
+            await super().sleep_until(deadline, spin)
+
+    monkeypatch.setattr(relay_mod, "DelayClock", Recording)
+    relay = Relay(("127.0.0.1", 0), ("127.0.0.1", 0))
+    relay.delay = 0.05
+    src, src_relay = trio.testing.memory_stream_pair()
+    dst_relay, dst = trio.testing.memory_stream_pair()
+    buf = b""
+    async with trio.open_nursery() as n:
+        n.start_soon(relay._pump, src_relay, dst_relay, trio.CancelScope())
+        for i in range(3):
+            await src.send_all(bytes([i]) * 10)
+            await trio.sleep(0.001)
+        with trio.fail_after(10):
+            while len(buf) < 30:
+                buf += await dst.receive_some()
+        n.cancel_scope.cancel()
+    assert buf == bytes(10) + bytes([1]) * 10 + bytes([2]) * 10
+    assert spins == [relay_mod.SPIN, 0.0, relay_mod.SPIN]
 
 
 async def test_delayed_relay_forwards_every_chunk_in_order_and_not_before_its_time() -> None:
