@@ -132,18 +132,23 @@ class Relay:
         """One direction of a connection: a delay line. Each chunk is stamped when it arrives and
         sent at its arrival + the delay of the moment; the receiver keeps reading meanwhile, so
         chunks in flight are pipelined (the delay is added once per chunk, not once per chunk
-        ahead of it) and a sender waits only for its own chunk's time."""
+        ahead of it) and a sender waits only for its own chunk's time. With no delay and no
+        chunk ahead of it, a chunk is sent by the receiving task itself: a pass through the
+        sender task cost a round trip through the relay 40-70 µs of the 80-110 it added on the
+        test VM."""
         q: collections.deque = collections.deque()
         more = trio.Event()
         clock = DelayClock()
+        holding = False  # the sender task holds a chunk (waiting out its delay, or sending it)
 
         async def sender():
-            nonlocal more
+            nonlocal more, holding
             while True:
                 while not q:
                     await more.wait()
                     more = trio.Event()
                 t, data = q.popleft()
+                holding = True
                 if data is None:  # the source ended its side, after all it had sent
                     if self.cut:
                         await trio.sleep_forever()  # a cut path carries no end of stream either
@@ -158,6 +163,7 @@ class Relay:
                 if self.cut:
                     await trio.sleep_forever()  # until do_heal() drops the connection
                 await dst.send_all(data)
+                holding = False
                 self.bytes += len(data)
 
         ended = False
@@ -172,6 +178,12 @@ class Relay:
                         continue  # silently dropped
                     if rec is not None and sum(len(b) for _, b in rec) < self.record_limit:
                         rec.append((side, data))
+                    if not self.delay and not q and not holding:
+                        # Nothing to wait for and nothing ahead of it: sent from here, without
+                        # a pass through the sender task (reading waits meanwhile, as TCP would).
+                        await dst.send_all(data)
+                        self.bytes += len(data)
+                        continue
                     q.append((time.monotonic(), data))
                     more.set()
                 # The source closed its side: what it sent before still goes through, then the

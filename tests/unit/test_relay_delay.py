@@ -168,3 +168,33 @@ async def test_a_failed_direction_ends_the_whole_connection() -> None:
             n.start_soon(pump)
             await src.send_all(b"x")
     assert failed and cs.cancel_called
+
+
+async def test_without_delay_chunks_go_straight_through_but_never_ahead_of_one_held() -> None:
+    """A chunk waiting out a delay that is then set to 0 still leaves before the chunks that
+    come after it (which no longer wait); with nothing held, chunks are sent as they come."""
+    relay = Relay(("127.0.0.1", 0), ("127.0.0.1", 0))
+    relay.delay = 0.05
+    src, src_relay = trio.testing.memory_stream_pair()
+    dst_relay, dst = trio.testing.memory_stream_pair()
+
+    async def take(n: int) -> bytes:
+        buf = b""
+        with trio.fail_after(10):
+            while len(buf) < n:
+                buf += await dst.receive_some()
+        return buf
+
+    async with trio.open_nursery() as n:
+        n.start_soon(relay._pump, src_relay, dst_relay, trio.CancelScope())
+        await src.send_all(b"held")
+        await trio.testing.wait_all_tasks_blocked()  # the sender holds it, waiting out 50 ms
+        relay.delay = 0.0
+        await src.send_all(b"next")
+        assert await take(8) == b"heldnext"
+        t0 = time.monotonic()
+        await src.send_all(b"straight")
+        assert await take(8) == b"straight"
+        assert time.monotonic() - t0 < 0.05
+        n.cancel_scope.cancel()
+    assert relay.bytes == 16
