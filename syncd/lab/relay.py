@@ -157,8 +157,9 @@ class Relay:
                 if self.delay:
                     await clock.sleep_until(t + self.delay, 0.0 if q else self.spin)
                     # coalesce what became due meanwhile: one send, as a link would deliver it
+                    # (not the end of stream: it goes after, by itself)
                     now = time.monotonic()
-                    while q and q[0][0] + self.delay <= now:
+                    while q and q[0][1] is not None and q[0][0] + self.delay <= now:
                         data += q.popleft()[1]
                 if self.cut:
                     await trio.sleep_forever()  # until do_heal() drops the connection

@@ -38,27 +38,39 @@ async def test_delay_clock_never_wakes_before_its_deadline() -> None:
         clock.close()
 
 
-async def test_while_the_clock_polls_the_relays_other_tasks_go_on() -> None:
+class IoWaits(trio.abc.Instrument):
+    """The timeouts trio's loop waits for I/O with (0: a poll; more: a sleep)."""
+
+    def __init__(self) -> None:
+        self.timeouts: list[float] = []
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.timeouts.append(timeout)
+
+
+async def test_the_clock_polls_the_last_spin_seconds_and_sleeps_before() -> None:
+    """With a spin as long as the wait, the loop only polls (every wait for I/O has timeout 0,
+    so the relay's other tasks run between); without one, it sleeps in epoll until the timer."""
     clock = DelayClock()
-    passes = 0
-    polled = trio.Event()
-
-    async def other() -> None:
-        nonlocal passes
-        while not polled.is_set():
-            passes += 1
-            await trio.lowlevel.checkpoint()
-
+    waits = IoWaits()
+    trio.lowlevel.add_instrument(waits)
     try:
-        async with trio.open_nursery() as n:
-            n.start_soon(other)
-            deadline = time.monotonic() + 0.02
-            await clock.sleep_until(deadline, spin=0.02)  # polls the whole time
-            assert time.monotonic() >= deadline
-            polled.set()
+        deadline = time.monotonic() + 0.02
+        await clock.sleep_until(deadline, spin=0.02)
+        assert time.monotonic() >= deadline
+        polled, waits.timeouts = waits.timeouts, []
+        deadline = time.monotonic() + 0.02
+        await clock.sleep_until(deadline, spin=0.005)
+        assert time.monotonic() >= deadline
+        mixed, waits.timeouts = waits.timeouts, []
+        await clock.sleep_until(time.monotonic() + 0.02)
+        slept = waits.timeouts
     finally:
+        trio.lowlevel.remove_instrument(waits)
         clock.close()
-    assert passes > 10
+    assert len(polled) > 10 and max(polled) == 0
+    assert max(mixed) > 0 and mixed.count(0) > 5  # slept to 5 ms before, then polled
+    assert max(slept) > 0 and slept.count(0) < 3  # slept to the deadline
 
 
 async def test_only_a_chunk_with_none_queued_behind_it_is_awaited_polling(monkeypatch) -> None:
@@ -170,13 +182,32 @@ async def test_a_failed_direction_ends_the_whole_connection() -> None:
     assert failed and cs.cancel_called
 
 
+class Senders(trio.abc.SendStream):
+    """A send stream that notes which task sent each chunk."""
+
+    def __init__(self, inner: trio.abc.SendStream) -> None:
+        self.inner, self.by = inner, []
+
+    async def send_all(self, data) -> None:
+        self.by.append(trio.lowlevel.current_task().name.rsplit(".", 1)[-1])
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 async def test_without_delay_chunks_go_straight_through_but_never_ahead_of_one_held() -> None:
     """A chunk waiting out a delay that is then set to 0 still leaves before the chunks that
-    come after it (which no longer wait); with nothing held, chunks are sent as they come."""
+    come after it (which no longer wait, and go from the receiving task once nothing is held);
+    with nothing held, chunks are sent by the task that received them."""
     relay = Relay(("127.0.0.1", 0), ("127.0.0.1", 0))
     relay.delay = 0.05
     src, src_relay = trio.testing.memory_stream_pair()
-    dst_relay, dst = trio.testing.memory_stream_pair()
+    inner, dst = trio.testing.memory_stream_pair()
+    dst_relay = Senders(inner)
 
     async def take(n: int) -> bytes:
         buf = b""
@@ -192,9 +223,33 @@ async def test_without_delay_chunks_go_straight_through_but_never_ahead_of_one_h
         relay.delay = 0.0
         await src.send_all(b"next")
         assert await take(8) == b"heldnext"
-        t0 = time.monotonic()
-        await src.send_all(b"straight")
-        assert await take(8) == b"straight"
-        assert time.monotonic() - t0 < 0.05
+        await trio.testing.wait_all_tasks_blocked()
+        for word in (b"straight", b"through!"):
+            await src.send_all(word)
+            assert await take(8) == word
         n.cancel_scope.cancel()
-    assert relay.bytes == 16
+    assert relay.bytes == 24
+    # "held" waited in the sender, "next" queued behind it; then the receiving task (_pump) sends
+    assert dst_relay.by[:1] == ["sender"] and dst_relay.by[-2:] == ["_pump", "_pump"]
+
+
+async def test_a_delayed_last_chunk_goes_through_then_the_end_of_stream() -> None:
+    """The end of stream comes right behind the last chunk and is due with it: the chunk is
+    sent, then the end of stream, not coalesced with it. (The review of round 13: the marker
+    was appended to the chunk, a TypeError ended the connection, and a refusal sent just
+    before a close was lost whenever a delay was set.)"""
+    relay = Relay(("127.0.0.1", 0), ("127.0.0.1", 0))
+    relay.delay = 0.01
+    closing, closing_relay = trio.testing.memory_stream_pair()
+    other_relay, other = trio.testing.memory_stream_pair()
+    cs = trio.CancelScope()
+    got = b""
+    async with trio.open_nursery() as n:
+        n.start_soon(relay._pump, closing_relay, other_relay, cs)
+        await closing.send_all(b"SYNCDNO!refused\n")
+        await closing.send_eof()
+        with trio.fail_after(5):
+            while data := await other.receive_some():
+                got += data
+    assert got == b"SYNCDNO!refused\n" and relay.bytes == len(got)
+    assert not cs.cancel_called
