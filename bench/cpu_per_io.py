@@ -204,8 +204,9 @@ def main() -> int:
                 kernel = [b[1] - a_[1] for a_, b in zip(c0, c1, strict=True)]
                 pct = job[kind]["lat_ns"].get("percentile", {})  # total latency, submit + completion
                 runs[site].append({"iops": round(job[kind]["iops"]), "ios": ios, "error": job["error"],
-                                   "lat_p50_us": round(pct.get("50.000000", 0) / 1000),
-                                   "lat_p99_us": round(pct.get("99.000000", 0) / 1000),
+                                   # None where this fio gave no such percentile (not a 0 µs latency)
+                                   "lat_p50_us": round(pct["50.000000"] / 1000) if "50.000000" in pct else None,
+                                   "lat_p99_us": round(pct["99.000000"] / 1000) if "99.000000" in pct else None,
                                    "cpu_us_per_io_A": round(cpu[0] / ios * 1e6, 1),
                                    "cpu_us_per_io_B": round(cpu[1] / ios * 1e6, 1),
                                    "cpu_us_per_io": round(sum(cpu) / ios * 1e6, 1),

@@ -246,6 +246,7 @@ class Slow:
     slow: int  # of them, over the threshold
     p99_us: float
     causes: list[tuple[str, int, float, float]]  # (cause, cycles, median cycle µs, median of its time µs)
+    with_gc: float = 0.0  # the share of all cycles that a collector pass overlaps (its base rate)
 
 
 def gap_class(prev: tuple[int, str, int, str], cur: tuple[int, str, int, str], site: str) -> str:
@@ -262,41 +263,50 @@ def gap_class(prev: tuple[int, str, int, str], cur: tuple[int, str, int, str], s
     return f"node {cn}: Python"
 
 
+def _overlap(p: tuple[int, int, str, int], t0: int, t1: int) -> int:
+    """ns of collector pass ``p`` within ``t0``..``t1``."""
+    return max(0, min(p[1], t1) - max(p[0], t0))
+
+
 def slow_cycles(events: list, site: str, gcs: list[tuple[int, int, str, int]], factor: float = 3.0) -> Slow | None:
-    """Each cycle over ``factor`` × the median cycle is put down to a pass of the garbage
-    collector in either node when one overlaps it (the cause is that pass; its time, the pass's
-    length), else to the longest quiet gap between two consecutive events in it (the cause is
-    that gap's class, see ``gap_class``; its time, the gap)."""
+    """Each cycle over ``factor`` × the median cycle is put down to what filled its longest
+    quiet gap between two consecutive events: a pass of the garbage collector (in either node)
+    when one covers at least half of that gap (the cause is the pass covering most of it; its
+    time, the pass's length), else the gap's class (``gap_class``; its time, the gap). Also the
+    share of all cycles a pass overlaps, to compare the slow cycles' with."""
     cs = cycles(events, site)
     if len(cs) < 2:
         return None
     lengths = [(c[-1][0] - c[0][0]) / 1000 for c in cs]
     threshold = factor * statistics.median(lengths)
     found: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
-    slow = 0
+    slow = overlapped = 0
     g = 0
     for c, length in zip(cs, lengths, strict=True):
-        c0, c1 = c[0][0], c[-1][0]
+        c0, c1 = c[0][0], c[-1][0]  # c1: the next cycle's start (a cycle is c0 up to it)
         while g < len(gcs) and gcs[g][1] < c0:  # cycles and passes both go forward in time
             g += 1
+        near = []  # the passes that overlap this cycle
+        for p in gcs[g:]:
+            if p[0] >= c1:
+                break
+            if p[1] >= c0:
+                near.append(p)
+        overlapped += bool(near)
         if length <= threshold:
             continue
         slow += 1
-        hit = None
-        for p in gcs[g:]:
-            if p[0] > c1:
-                break
-            if p[1] >= c0:
-                hit = p
-                break
-        if hit is not None:
-            found[f"GC pass in {hit[2]} (generation {hit[3]})"].append((length, (hit[1] - hit[0]) / 1000))
-            continue
         gap, i = max(((c[i][0] - c[i - 1][0]) / 1000, i) for i in range(1, len(c)))
-        found[gap_class(c[i - 1], c[i], site)].append((length, gap))
+        t0, t1 = c[i - 1][0], c[i][0]
+        best = max(near, key=lambda p: _overlap(p, t0, t1), default=None)
+        if best is not None and _overlap(best, t0, t1) / 1000 >= gap / 2:
+            found[f"GC pass in {best[2]} (generation {best[3]})"].append((length, (best[1] - best[0]) / 1000))
+        else:
+            found[gap_class(c[i - 1], c[i], site)].append((length, gap))
     causes = sorted(((cause, len(v), statistics.median(x for x, _ in v), statistics.median(y for _, y in v))
                      for cause, v in found.items()), key=lambda r: (-r[1], r[0]))
-    return Slow(factor, threshold, len(cs), slow, statistics.quantiles(lengths, n=100)[-1], causes)
+    p99 = statistics.quantiles(lengths, n=100, method="inclusive")[-1]
+    return Slow(factor, threshold, len(cs), slow, p99, causes, overlapped / len(cs))
 
 
 def markdown(results: dict[str, Analysis | None], note: str = "",
@@ -332,11 +342,12 @@ def markdown(results: dict[str, Analysis | None], note: str = "",
         if sl is not None:
             lines += [f"Slow cycles: {sl.slow} of {sl.cycles} ({100 * sl.slow / sl.cycles:.2f} %) took over "
                       f"{sl.factor:g} × the median ({sl.threshold_us:.0f} µs); the cycles' p99 is "
-                      f"{sl.p99_us:.0f} µs. Each is put down to a garbage collector's pass that overlaps it, "
-                      "else to its longest quiet gap between two recorded events (*its time*: the pass's "
-                      "or the gap's length).", ""]
+                      f"{sl.p99_us:.0f} µs. Each is put down to what filled its longest quiet gap between two "
+                      "recorded events: a garbage collector's pass covering at least half of it, else the "
+                      "gap's class (*its time*: the pass's or the gap's length). A collector pass overlaps "
+                      f"{100 * sl.with_gc:.1f} % of all cycles.", ""]
             if sl.causes:
-                lines += ["| slow cycles spent their time on | cycles | median cycle (µs) | median of its time (µs) |",
+                lines += ["| slow cycles' longest gap | cycles | median cycle (µs) | median of its time (µs) |",
                           "|---|---|---|---|"]
                 lines += [f"| {c} | {k} | {m:.0f} | {t:.0f} |" for c, k, m, t in sl.causes]
                 lines.append("")

@@ -8,10 +8,12 @@ With it, the syncd process records a timestamp (``time.monotonic_ns``: one clock
 process of the machine) at each socket receive and send of the hot paths (``syncd.netio``), each
 local write of a volume (``Volume.write_sync``), each time the event loop was woken from a sleep
 (an ``epoll_wait`` with a timeout that returned events) and at the start and end of each pass of
-the garbage collector (``gc.callbacks``; the generation where the others have a port), and
-writes them to ``$SYNCD_TIMELINE/<pid>.events`` when it exits. The functions are wrapped when
-their modules are first imported (an import hook), so the daemon's code is the code measured,
-plus about a microsecond per recorded event.
+the garbage collector in the main thread, the event loop's (``gc.callbacks``; the generation
+where the others have a port), and writes them to ``$SYNCD_TIMELINE/<pid>.events`` when it
+exits. The functions are wrapped when their modules are first imported (an import hook), so the
+daemon's code is the code measured, plus about a microsecond per recorded event. Events are
+written in the order they are recorded, not always in time order (a pass during
+``send_available`` comes before the send stamped when the call began); the analysis sorts them.
 
 A receive through ``netio.recv`` and a send through ``netio.sendmsg_all`` are marked when the
 call returns, which may include waiting for the socket and, every 16 calls that did not block, a
@@ -41,6 +43,7 @@ def _install(out_dir: str) -> None:
     import importlib.machinery
     import struct
     import sys
+    import threading
     import time
     import weakref
 
@@ -92,8 +95,13 @@ def _install(out_dir: str) -> None:
 
     atexit.register(dump)
 
+    loop_thread = threading.get_ident()
+
     def on_gc(phase: str, info: dict) -> None:
-        mark(GC if phase == "start" else GC_DONE, info["generation"])
+        # Only the event loop's thread records: a pass in a worker thread (to_thread: syncs,
+        # O_DIRECT writes, digests) would write the arrays from two threads at once.
+        if threading.get_ident() == loop_thread:
+            mark(GC if phase == "start" else GC_DONE, info["generation"])
 
     gc.callbacks.append(on_gc)
 

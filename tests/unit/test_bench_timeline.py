@@ -186,6 +186,11 @@ def test_the_hook_records_a_real_processs_sends_receives_and_writes(tmp_path: Pa
             await netio.sendmsg_all(c, [b"hello"], pacer=netio.Pacer())
         trio.run(main)
         assert s.recv(100) == b"hello"
+        netio.send_available(b, [b"m1"])  # a pass in another thread between these is not recorded
+        worker = threading.Thread(target=gc.collect, args=(1,))
+        worker.start()
+        worker.join()
+        netio.send_available(b, [b"m2"])
         print(c.getsockname()[1], s.getsockname()[1], netio.recv.__name__, EpollIOManager.get_events.__name__)
     """)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "bench" / "tracehook")]),
@@ -202,16 +207,21 @@ def test_the_hook_records_a_real_processs_sends_receives_and_writes(tmp_path: Pa
     assert [e for e in got if e[0] != WAKE] == [(SEND, client), (SENT, client), (RX, server),
                                                 (SEND, -1), (SENT, -1), (PWRITE, 0),  # -1: a Unix socket
                                                 (SEND, -1), (SENT, -1),
-                                                (RX, client), (SEND, client), (SENT, client)]
+                                                (RX, client), (SEND, client), (SENT, client),
+                                                (SEND, -1), (SENT, -1), (SEND, -1), (SENT, -1)]
     assert got[:8] == [e for e in got[:8] if e[0] != WAKE]  # no wake-up where the loop found data at once
     assert (WAKE, 0) in got[8:got.index((RX, client))]  # the loop slept until the thread's send
     assert rec.peer_port == {client: server, server: client} and rec.dropped == 0
+    timed = [e for e in rec.events if e[1] not in (GC, GC_DONE)]  # a pass may fall inside a send
+    assert all(a[0] <= b[0] for a, b in zip(timed, timed[1:], strict=False))
     # Every pass of the collector is recorded, start and end, the asked-for one after the write.
     passes = [(k, gen) for _, k, gen in rec.events if k in (GC, GC_DONE)]
     assert passes[::2] == [(GC, g) for _, g in passes[::2]] and passes[1::2] == [(GC_DONE, g) for _, g in passes[::2]]
     after_write = [(k, g) for _, k, g in rec.events[[k for _, k, _ in rec.events].index(PWRITE):]]
     assert after_write[1:3] == [(GC, 1), (GC_DONE, 1)]
-    assert all(a[0] <= b[0] for a, b in zip(rec.events, rec.events[1:], strict=False))
+    seq = [(k, g) for _, k, g in rec.events]
+    m1, m2 = [i for i, e in enumerate(seq) if e == (SEND, -1)][-2:]
+    assert (GC, 1) not in seq[m1:m2]  # the worker thread's pass
 
     env.pop("SYNCD_TIMELINE")  # the hook on the path but not asked for: nothing wrapped, nothing written
     p = subprocess.run([sys.executable, "-c", script, disk], env=env, check=True, capture_output=True, text=True,
@@ -245,27 +255,56 @@ def test_slow_cycles_are_put_down_to_a_collectors_pass_or_their_longest_quiet_ga
             gc_at = t + 85_000
         t += (CYCLE_A + extra) * 1000
     assert gc_at is not None
+    t5 = 10**9 + 5 * CYCLE_A * 1000  # cycle 5's start
     ev["A"] += [(gc_at, GC, 1), (gc_at + 500_000, GC_DONE, 1), (t + 10**6, GC, 0), (t + 10**6 + 1000, GC_DONE, 0)]
+    # in cycle 5, a short pass of B's (10-50 µs in), ending 10 µs into the long gap (40-660 µs)
+    ev["B"] += [(t5 + 10_000, GC, 0), (t5 + 50_000, GC_DONE, 0)]
+    # a short one of A's at the start of cycle 12 (before the long one), and one of B's across
+    # the start of cycle 30 (cycles 29 and 30 both overlap it)
+    t12, t30 = gc_at - 85_000, 10**9 + (30 * CYCLE_A + 600 + 500 + 700) * 1000
+    ev["A"] += [(t12 + 1000, GC, 0), (t12 + 3000, GC_DONE, 0)]
+    ev["B"] += [(t30 - 20_000, GC, 0), (t30 + 5000, GC_DONE, 0)]
     ev["A"].sort()
+    ev["B"].sort()
     recs = {"A": Recording(ev["A"], PORTS_A), "B": Recording(ev["B"], PORTS_B)}
     events, _ = timeline.labelled(recs, HOST_PORT, 0, t)
     assert all(k not in (GC, GC_DONE) for _, _, k, _ in events)  # passes are kept apart
     gcs = timeline.gc_passes(recs, 0, t)
-    assert gcs == [(gc_at, gc_at + 500_000, "A", 1)]  # the pass after the window is left out
+    # the pass after the window is left out
+    assert gcs == [(t5 + 10_000, t5 + 50_000, "B", 0), (t12 + 1000, t12 + 3000, "A", 0),
+                   (gc_at, gc_at + 500_000, "A", 1), (t30 - 20_000, t30 + 5000, "B", 0)]
     sl = timeline.slow_cycles(events, "A", gcs)
     assert sl is not None
     assert (sl.cycles, sl.slow, sl.threshold_us) == (39, 3, approx(3 * CYCLE_A))
     assert {c: (k, t_) for c, k, _, t_ in sl.causes} == {
-        "node B: Python": (1, approx(600 + 20)),  # B rx (link) at 40 µs, B pwrite at 60 + 600
-        "GC pass in A (generation 1)": (1, approx(500)),
+        "node B: Python": (1, approx(600 + 20)),  # B rx (link) at 40 µs, B pwrite at 60 + 600: not the pass
+        "GC pass in A (generation 1)": (1, approx(500)),  # 495 µs of the 505 µs gap (75-580); not the short one
         "the host": (1, approx(35 + 700)),  # A's reply sent at 105 µs, the next request 735 µs later
     }
-    assert timeline.slow_cycles(events, "A", gcs, factor=10) == timeline.Slow(10, approx(10 * CYCLE_A), 39, 0,
-                                                                              sl.p99_us, [])
+    assert sl.with_gc == approx(4 / 39)  # cycles 5, 12, 29 and 30
+    # the p99 lies between the two longest cycles (740 and 840 µs), interpolated
+    assert sl.p99_us == approx(740 + 0.62 * 100)
+    none = timeline.slow_cycles(events, "A", gcs, factor=10)
+    assert none is not None and (none.slow, none.causes) == (0, [])
     an = timeline.analyse(events, "A")
     md = timeline.markdown({"A": an}, slow={"A": sl})
     assert "Slow cycles: 3 of 39 (7.69 %) took over 3 × the median (420 µs)" in md
+    assert "A collector pass overlaps 10.3 % of all cycles." in md
     assert "| GC pass in A (generation 1) | 1 | 640 | 500 |" in md
+
+
+def test_collector_passes_are_paired_and_kept_when_they_overlap_the_window() -> None:
+    w0, w1 = 10**9, 2 * 10**9
+    a = [(w0 - 500, GC, 0), (w0 - 100, GC_DONE, 0),  # over before the window
+         (w0 - 50, GC, 2), (w0 + 50, GC_DONE, 2),  # straddles its start
+         (w0 + 100, GC_DONE, 1),  # an end with no start
+         (w0 + 200, GC, 0), (w0 + 300, GC, 1), (w0 + 400, GC_DONE, 1),  # a start with no end, then a pass
+         (w1 - 10, GC, 0), (w1 + 10, GC_DONE, 0),  # straddles its end
+         (w1 + 20, GC, 0), (w1 + 30, GC_DONE, 0)]  # after it
+    b = [(w0 + 350, GC, 1), (w0 + 360, GC_DONE, 1)]
+    recs = {"A": Recording(a, PORTS_A), "B": Recording(b, PORTS_B)}
+    assert timeline.gc_passes(recs, w0, w1) == [(w0 - 50, w0 + 50, "A", 2), (w0 + 300, w0 + 400, "A", 1),
+                                                (w0 + 350, w0 + 360, "B", 1), (w1 - 10, w1 + 10, "A", 0)]
 
 
 def test_the_quiet_gap_before_each_kind_of_event_is_named_for_what_it_waited_on() -> None:
