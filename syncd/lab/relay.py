@@ -40,11 +40,10 @@ class DelayClock:
     trip measured 2.3 ms). A timerfd armed at the deadline wakes epoll on time instead.
 
     Waking a process that slept takes time of its own, on a virtual machine up to half a
-    millisecond: a 4 KiB ping-pong through the relay took 0.31 ms more than the added 1 ms round
-    trip and 0.53 ms more than 5 ms, where it took 0.25 ms with nothing added. So the last
-    ``spin`` seconds before the deadline can be spent polling instead (a checkpoint at a time:
-    the relay's other connections go on meanwhile): the same ping-pong then took 0.15-0.18 ms
-    more than the round trip added."""
+    millisecond: a 4 KiB ping-pong through the relay took 0.2 ms more than the added round trip
+    at 0.5 ms, growing to 0.5-0.7 ms at 10 ms. So the last ``spin`` seconds before the deadline
+    can be spent polling instead (a checkpoint at a time: the relay's other connections go on
+    meanwhile): the same ping-pong then took 0.13-0.4 ms more (bench/README.md, round 13)."""
 
     def __init__(self) -> None:
         self.fd = -1
