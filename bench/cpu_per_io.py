@@ -203,10 +203,10 @@ def main() -> int:
                 cpu = [sum(b) - sum(a_) for a_, b in zip(c0, c1, strict=True)]
                 kernel = [b[1] - a_[1] for a_, b in zip(c0, c1, strict=True)]
                 pct = job[kind]["lat_ns"].get("percentile", {})  # total latency, submit + completion
-                runs[site].append({"iops": round(job[kind]["iops"]), "ios": ios, "error": job["error"],
-                                   # None where this fio gave no such percentile (not a 0 µs latency)
-                                   "lat_p50_us": round(pct["50.000000"] / 1000) if "50.000000" in pct else None,
-                                   "lat_p99_us": round(pct["99.000000"] / 1000) if "99.000000" in pct else None,
+                # None where this fio gave no such percentile (not a 0 µs latency)
+                lat = {f"lat_p{q}_us": round(pct[f"{q}.000000"] / 1000) if f"{q}.000000" in pct else None
+                       for q in (50, 99)}
+                runs[site].append({"iops": round(job[kind]["iops"]), "ios": ios, "error": job["error"], **lat,
                                    "cpu_us_per_io_A": round(cpu[0] / ios * 1e6, 1),
                                    "cpu_us_per_io_B": round(cpu[1] / ios * 1e6, 1),
                                    "cpu_us_per_io": round(sum(cpu) / ios * 1e6, 1),

@@ -79,7 +79,10 @@ class DelayClock:
             self.fd = -1
 
 
-SPIN = 0.0003  # s (Relay.spin)
+# A chunk with none queued behind it (a request at a time, the latency the distance table
+# measures) is awaited polling for its last SPIN seconds (DelayClock); chunks queued behind one
+# another are not: at QD64 polling for each took a CPU of its own.
+SPIN = 0.0003
 
 
 class Relay:
@@ -89,10 +92,6 @@ class Relay:
         self.source = source  # the address it dials from (the lab's hosts: the arrays tell them apart by it)
         self.cut = False
         self.delay = 0.0
-        # A chunk with none queued behind it (a request at a time, the latency the distance
-        # table measures) is awaited polling for the last SPIN seconds (DelayClock); chunks
-        # queued behind one another are not: at QD64 polling for each took a CPU of its own.
-        self.spin = SPIN
         self.conns: set[trio.CancelScope] = set()
         self.bytes = 0
         # Recorded connections (when recording): per connection, the chunks in the order they
@@ -154,7 +153,7 @@ class Relay:
                     await dst.send_eof()
                     return
                 if self.delay:
-                    await clock.sleep_until(t + self.delay, 0.0 if q else self.spin)
+                    await clock.sleep_until(t + self.delay, 0.0 if q else SPIN)
                     # coalesce what became due meanwhile: one send, as a link would deliver it
                     # (not the end of stream: it goes after, by itself)
                     now = time.monotonic()
