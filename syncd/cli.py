@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 
@@ -283,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .ctl import CtlError
     from .lab.faults import FaultError
+    from .lab.relay import RelayError
     from .lab.rig import (
         LabError,
         lab_down,
@@ -377,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         elif ns.labcmd == "start":
             print(f"node {ns.site} started (pid {lab_start(ns.dir, ns.site)})")
         elif ns.labcmd in ("cut-link", "heal-link", "delay"):
-            from .lab.relay import proxy_command
+            from .lab.relay import MAX_DELAY_MS, proxy_command
 
             lab = load_lab(ns.dir)
             if not lab.get("link"):
@@ -385,12 +387,17 @@ def main(argv: list[str] | None = None) -> int:
             # The replication paths only; a witness relay (if any) is not "the link".
             npaths = lab["link"].get("npaths", len(lab["link"]["relays"]))
             kw = {"paths": ns.path if getattr(ns, "path", None) else list(range(npaths))}
+            bad = [i for i in kw["paths"] if not 0 <= i < npaths]
+            if bad:
+                raise LabError(f"{ns.labcmd}: no link path {bad[0]}: this lab's link has paths 0 to {npaths - 1}")
             if ns.labcmd == "delay":
+                if not (math.isfinite(ns.ms) and 0 <= ns.ms <= MAX_DELAY_MS):
+                    raise LabError(f"delay: the round trip to add must be from 0 to {MAX_DELAY_MS:g} ms, got {ns.ms:g}")
                 kw["ms"] = ns.ms
             cmd = {"cut-link": "cut", "heal-link": "heal", "delay": "delay"}[ns.labcmd]
             ans = proxy_command(lab["link"]["control"], cmd, **kw)
             print(json.dumps(ans["paths"], indent=1))
-    except (LabError, CtlError, FaultError, OSError) as e:
+    except (LabError, CtlError, FaultError, RelayError, OSError) as e:
         print(f"syncd lab: {e}", file=sys.stderr)
         return 1
     return 0

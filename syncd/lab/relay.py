@@ -11,6 +11,7 @@ import collections
 import ctypes
 import json
 import logging
+import math
 import os
 import time
 
@@ -205,6 +206,47 @@ class Relay:
             cs.cancel()
 
 
+COMMANDS = ("status", "cut", "heal", "delay", "record", "recorded")
+MAX_DELAY_MS = 60_000.0  # an added round trip beyond a minute is a mistake, not a distance
+MAX_RECORD = 64 << 20  # bytes recorded per connection at most
+MAX_REQUEST = 1 << 16  # bytes of one control request
+
+
+def parse_request(raw: bytes, nrelays: int) -> tuple[str, list[int], dict]:
+    """One control request (a JSON object on a line): the command, the indexes of the relays it
+    applies to (``paths``; all when absent) and its checked arguments (``ms`` for delay,
+    ``limit`` for record). Raises ValueError naming what is wrong; nothing has changed then."""
+    if len(raw) > MAX_REQUEST:
+        raise ValueError(f"request longer than {MAX_REQUEST} bytes")
+    try:
+        req = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # (UnicodeDecodeError is a ValueError)
+        raise ValueError(f"request is not JSON: {e}") from None
+    if not isinstance(req, dict):
+        raise ValueError("request must be a JSON object")
+    cmd = req.get("cmd")
+    if cmd not in COMMANDS:
+        raise ValueError(f"unknown command {cmd!r} (known: {', '.join(COMMANDS)})")
+    paths = req.get("paths", list(range(nrelays)))
+    if not isinstance(paths, list) or not all(type(i) is int for i in paths):
+        raise ValueError(f"paths must be a list of path numbers, got {paths!r}")
+    bad = [i for i in paths if not 0 <= i < nrelays]
+    if bad:
+        raise ValueError(f"no path {bad[0]}: this relay has paths 0 to {nrelays - 1}")
+    args: dict = {}
+    if cmd == "delay":
+        ms = req.get("ms")
+        if type(ms) not in (int, float) or not math.isfinite(ms) or not 0 <= ms <= MAX_DELAY_MS:
+            raise ValueError(f"ms must be a round trip in milliseconds from 0 to {MAX_DELAY_MS:g}, got {ms!r}")
+        args["ms"] = float(ms)
+    elif cmd == "record":
+        limit = req.get("limit", 1 << 16)
+        if type(limit) is not int or not 0 < limit <= MAX_RECORD:
+            raise ValueError(f"limit must be a number of bytes from 1 to {MAX_RECORD}, got {limit!r}")
+        args["limit"] = limit
+    return cmd, [i for i in dict.fromkeys(paths)], args
+
+
 async def run_proxy(relays: list[Relay], control: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     async with trio.open_nursery() as n:
         for r in relays:
@@ -225,9 +267,14 @@ async def run_proxy(relays: list[Relay], control: str, *, task_status=trio.TASK_
                     if not d:
                         return
                     buf += d
-                req = json.loads(buf)
-                sel = [relays[i] for i in req.get("paths", range(len(relays)))]
-                cmd = req.get("cmd")
+                    if len(buf) > MAX_REQUEST:
+                        break
+                try:
+                    cmd, idx, args = parse_request(buf, len(relays))
+                except ValueError as e:  # nothing changed; the relay goes on serving
+                    await stream.send_all(json.dumps({"ok": False, "error": str(e)}).encode() + b"\n")
+                    return
+                sel = [relays[i] for i in idx]
                 if cmd == "cut":
                     for r in sel:
                         r.do_cut()
@@ -236,7 +283,7 @@ async def run_proxy(relays: list[Relay], control: str, *, task_status=trio.TASK_
                         r.do_heal()
                 elif cmd == "record":  # from now on, record new connections (up to limit bytes each)
                     for r in sel:
-                        r.recording, r.record_limit = [], int(req.get("limit", 1 << 16))
+                        r.recording, r.record_limit = [], args["limit"]
                 elif cmd == "recorded":  # what was recorded; recording stops
                     out = [[[[side, base64.b64encode(b).decode()] for side, b in conn] for conn in (r.recording or [])]
                            for r in sel]
@@ -246,16 +293,17 @@ async def run_proxy(relays: list[Relay], control: str, *, task_status=trio.TASK_
                     return
                 elif cmd == "delay":
                     for r in sel:
-                        r.delay = float(req["ms"]) / 2000.0  # the round trip gets ms
-                elif cmd != "status":
-                    await stream.send_all(json.dumps({"ok": False, "error": f"unknown command {cmd}"}).encode() + b"\n")
-                    return
+                        r.delay = args["ms"] / 2000.0  # the round trip gets ms
                 st = [{"listen": list(r.listen), "target": list(r.target), "cut": r.cut,
                        "rtt_added_ms": r.delay * 2000, "bytes": r.bytes, "conns": len(r.conns)} for r in relays]
                 await stream.send_all(json.dumps({"ok": True, "paths": st}).encode() + b"\n")
 
         n.start_soon(trio.serve_listeners, handle, [trio.SocketListener(sock)])
         task_status.started()
+
+
+class RelayError(RuntimeError):
+    """The relay refused a control request (the message says why); nothing changed."""
 
 
 def proxy_command(control: str, cmd: str, **kw) -> dict:
@@ -274,5 +322,5 @@ def proxy_command(control: str, cmd: str, **kw) -> dict:
     s.close()
     ans = json.loads(buf)
     if not ans.get("ok"):
-        raise RuntimeError(ans.get("error"))
+        raise RelayError(f"the link relay refused {cmd!r}: {ans.get('error')}")
     return ans
