@@ -11,7 +11,6 @@ import collections
 import ctypes
 import json
 import logging
-import math
 import os
 import time
 
@@ -236,15 +235,17 @@ def parse_request(raw: bytes, nrelays: int) -> tuple[str, list[int], dict]:
     args: dict = {}
     if cmd == "delay":
         ms = req.get("ms")
-        if type(ms) not in (int, float) or not math.isfinite(ms) or not 0 <= ms <= MAX_DELAY_MS:
+        # (a comparison, not math.isfinite: that raises OverflowError on a huge integer; NaN and
+        # infinities fail the comparison too)
+        if type(ms) not in (int, float) or not 0 <= ms <= MAX_DELAY_MS:
             raise ValueError(f"ms must be a round trip in milliseconds from 0 to {MAX_DELAY_MS:g}, got {ms!r}")
-        args["ms"] = float(ms)
+        args["ms"] = abs(float(ms))  # (-0.0 is 0)
     elif cmd == "record":
         limit = req.get("limit", 1 << 16)
         if type(limit) is not int or not 0 < limit <= MAX_RECORD:
             raise ValueError(f"limit must be a number of bytes from 1 to {MAX_RECORD}, got {limit!r}")
         args["limit"] = limit
-    return cmd, [i for i in dict.fromkeys(paths)], args
+    return cmd, paths, args
 
 
 async def run_proxy(relays: list[Relay], control: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -260,6 +261,12 @@ async def run_proxy(relays: list[Relay], control: str, *, task_status=trio.TASK_
         sock.listen(8)
 
         async def handle(stream):
+            try:
+                await answer(stream)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the client left without its answer: what it asked for stands, the relay goes on
+
+        async def answer(stream):
             async with stream:
                 buf = b""
                 while b"\n" not in buf:
