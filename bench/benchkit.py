@@ -362,6 +362,14 @@ def distance_markdown(dist: dict) -> list[str]:
                         fmt_ratio(ratio(at["iops"], bound))]])
         out.append(f"\nmin(no-delay IOPS {base['iops']:.0f}, 64 / {rtt:g} ms = {QD64 / (rtt / 1000):.0f}) = "
                    f"{bound:.0f} IOPS.")
+    q16 = dist.get("qd16", {})
+    base, at = q16.get("0"), q16.get(f"{rtt:g}")
+    if base and at:
+        out.append("")
+        out += _table(["4K randwrite QD16 at A (relay; no target)", "IOPS", "p50 µs", "p50 over no delay + RTT µs"],
+                      [["no delay", f"{base['iops']:.0f}", f"{base['lat_p50_us']:.0f}", ""],
+                       [f"+{rtt:g} ms", f"{at['iops']:.0f}", f"{at['lat_p50_us']:.0f}",
+                        f"{at['lat_p50_us'] - base['lat_p50_us'] - rtt * 1000:.0f}"]])
     return out
 
 

@@ -55,6 +55,7 @@ JOBS = ["randwrite-4k-qd1", "randwrite-4k-qd16", "randread-4k-qd16", "seqwrite-1
         "randwrite-4k-qd16-mc4", "randread-4k-qd16-mc4"]
 COLD_JOB = "cold-randwrite-4k-qd16"  # no ramp: the first writes to each extent count
 DISTANCE_QD1, DISTANCE_QD64, MEMORY_JOB = "randwrite-4k-qd1", "randwrite-4k-qd64", "randwrite-1m-qd64-8jobs"
+DISTANCE_QD16 = "randwrite-4k-qd16"  # no target: what a moderate queue costs at --qd64-rtt
 TARGETS = ["syncd-repl-A", "syncd-repl-B", "syncd-single", "nbdkit", "qemu-quorum"]
 ALIASES = {"a": ["syncd-repl-A", "syncd-repl-B"], "b": ["syncd-single"], "c": ["nbdkit"],
            "d": ["qemu-quorum"], "syncd-repl": ["syncd-repl-A", "syncd-repl-B"]}
@@ -568,7 +569,7 @@ def run_distance(rtts: list[float], size: int, seed: Path, d: Path, ns, errors: 
     --qd64-rtt; first both jobs on a lab linked directly, to compare the relay's own cost."""
     from syncd.lab.relay import proxy_command
 
-    dist: dict = {"direct": {}, "relay": {}, "qd64": {}, "qd64_rtt_ms": ns.qd64_rtt}
+    dist: dict = {"direct": {}, "relay": {}, "qd64": {}, "qd16": {}, "qd64_rtt_ms": ns.qd64_rtt}
     for mode in ("direct", "relay"):
         gd = d / f"distance-{mode}"
         gd.mkdir()
@@ -587,7 +588,7 @@ def run_distance(rtts: list[float], size: int, seed: Path, d: Path, ns, errors: 
                     proxy_command(link["control"], "delay", ms=rtt, paths=list(range(link["npaths"])))
                     jobs = [("qd1", DISTANCE_QD1)] if rtt in rtts or rtt == 0 else []
                     if rtt in (0.0, ns.qd64_rtt):
-                        jobs.append(("qd64", DISTANCE_QD64))
+                        jobs += [("qd16", DISTANCE_QD16), ("qd64", DISTANCE_QD64)]
                     for key, job in jobs:
                         print(f"bench: distance, +{rtt:g} ms, {job} ...", file=sys.stderr, flush=True)
                         try:
@@ -598,7 +599,7 @@ def run_distance(rtts: list[float], size: int, seed: Path, d: Path, ns, errors: 
                         if key == "qd1":
                             dist["relay"].setdefault(f"{rtt:g}", {})["qd1"] = res
                         else:
-                            dist["qd64"][f"{rtt:g}"] = res
+                            dist[key][f"{rtt:g}"] = res
                 proxy_command(link["control"], "delay", ms=0, paths=list(range(link["npaths"])))
         except BenchError as e:
             errors[f"distance {mode}"] = str(e)
@@ -677,8 +678,9 @@ def main() -> int:
     ap.add_argument("--warm-span", default="256MiB", help="span of the warm job (default 256MiB)")
     ap.add_argument("--distance", default=None,
                     help="instead of the targets: added link round trips in ms, e.g. 0,0.5,1,2,5,10: QD1 writes "
-                         "at site A through the lab's relay for each, and QD64 at --qd64-rtt")
-    ap.add_argument("--qd64-rtt", type=float, default=5.0, help="round trip of the QD64 job of --distance (ms)")
+                         "at site A through the lab's relay for each, and QD16 and QD64 at --qd64-rtt")
+    ap.add_argument("--qd64-rtt", type=float, default=5.0,
+                    help="round trip of the QD16 and QD64 jobs of --distance (ms)")
     ap.add_argument("--memory", action="store_true",
                     help="instead of the targets: each node's peak RSS under 8 jobs x QD64 x 1 MiB writes at A, "
                          "then at B")

@@ -92,7 +92,8 @@ def test_markdown_has_the_targets_multiconn_cold_distance_and_memory_tables() ->
         "cold_log": {"size": 10 << 30, "warm_span": 256 << 20,
                      "results": {"syncd-repl-A": {"warm": fio_result(10000), "cold": fio_result(9000)}}},
         "distance": {"relay": {"0": {"qd1": fio_result(2000, p50=500)}, "5": {"qd1": fio_result(180, p50=5400)}},
-                     "qd64": {"0": fio_result(20000), "5": fio_result(11000)}, "qd64_rtt_ms": 5.0},
+                     "qd64": {"0": fio_result(20000), "5": fio_result(11000)}, "qd64_rtt_ms": 5.0,
+                     "qd16": {"0": fio_result(19000, p50=800), "5": fio_result(2200, p50=7100)}},
         "memory": {"phases": {"A": {"mbps": 400, "peak_MB": {"A": 200, "B": 128}}}},
         "errors": {"qemu-quorum randwrite-4k-qd16-mc4": "fio failed\ndetails"},
     }
@@ -104,6 +105,7 @@ def test_markdown_has_the_targets_multiconn_cold_distance_and_memory_tables() ->
     assert "| syncd-repl-A | 10000 | 9000 | 300 | 0.90 |" in md  # cold × warm
     assert "| 5 | 500 | 180 | 5400 |" in md and "over 10 GiB" in md
     assert "| +5 ms | 11000 |" in md and "0.86 |" in md  # 11000 / min(20000, 12800)
+    assert "| +5 ms | 2200 | 7100 | 1300 |" in md  # QD16: 7100 - 800 - 5000 over the round trip
     assert "| fio at A | 400 | 200 | 128 | 0.78 |" in md  # 200 MiB × the 256 MiB budget
     assert "**error** qemu-quorum randwrite-4k-qd16-mc4: fio failed" in md and "details" not in md
 
