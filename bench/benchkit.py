@@ -366,10 +366,10 @@ def distance_markdown(dist: dict) -> list[str]:
     base, at = q16.get("0"), q16.get(f"{rtt:g}")
     if base and at:
         out.append("")
-        out += _table(["4K randwrite QD16 at A (relay; no target)", "IOPS", "p50 µs", "p50 over no delay + RTT µs"],
-                      [["no delay", f"{base['iops']:.0f}", f"{base['lat_p50_us']:.0f}", ""],
+        out += _table(["4K randwrite QD16 at A (relay; no target)", "IOPS", "p50 µs", "p50 − added RTT µs"],
+                      [["no delay", f"{base['iops']:.0f}", f"{base['lat_p50_us']:.0f}", f"{base['lat_p50_us']:.0f}"],
                        [f"+{rtt:g} ms", f"{at['iops']:.0f}", f"{at['lat_p50_us']:.0f}",
-                        f"{at['lat_p50_us'] - base['lat_p50_us'] - rtt * 1000:.0f}"]])
+                        f"{at['lat_p50_us'] - rtt * 1000:.0f}"]])
     return out
 
 

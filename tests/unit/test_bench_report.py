@@ -105,7 +105,7 @@ def test_markdown_has_the_targets_multiconn_cold_distance_and_memory_tables() ->
     assert "| syncd-repl-A | 10000 | 9000 | 300 | 0.90 |" in md  # cold × warm
     assert "| 5 | 500 | 180 | 5400 |" in md and "over 10 GiB" in md
     assert "| +5 ms | 11000 |" in md and "0.86 |" in md  # 11000 / min(20000, 12800)
-    assert "| +5 ms | 2200 | 7100 | 1300 |" in md  # QD16: 7100 - 800 - 5000 over the round trip
+    assert "| no delay | 19000 | 800 | 800 |" in md and "| +5 ms | 2200 | 7100 | 2100 |" in md  # QD16: p50 - RTT
     assert "| fio at A | 400 | 200 | 128 | 0.78 |" in md  # 200 MiB × the 256 MiB budget
     assert "**error** qemu-quorum randwrite-4k-qd16-mc4: fio failed" in md and "details" not in md
 
