@@ -103,6 +103,45 @@ async def test_only_a_chunk_with_none_queued_behind_it_is_awaited_polling(monkey
     assert spins == [relay_mod.SPIN, 0.0, relay_mod.SPIN]
 
 
+async def test_a_chunk_is_not_polled_for_while_another_line_holds_one(monkeypatch) -> None:
+    """Two connections' lines (a queue of requests in flight: one line holds a request while the
+    other holds an answer): neither polls, though each chunk is alone in its own line; once the
+    first line is empty again, the second line's next chunk is alone everywhere and polls."""
+    spins: list[tuple[int, float]] = []
+
+    def recording(tag: int) -> type:
+        class Recording(DelayClock):
+            async def sleep_until(self, deadline: float, spin: float = 0.0) -> None:
+                spins.append((tag, spin))
+                await super().sleep_until(deadline, spin)
+        return Recording
+
+    relay = Relay(("127.0.0.1", 0), ("127.0.0.1", 0))
+    relay.delay = 0.05
+    ends = []
+    async with trio.open_nursery() as n:
+        for tag in (1, 2):
+            monkeypatch.setattr(relay_mod, "DelayClock", recording(tag))
+            src, src_relay = trio.testing.memory_stream_pair()
+            dst_relay, dst = trio.testing.memory_stream_pair()
+            n.start_soon(relay._pump, src_relay, dst_relay, trio.CancelScope())
+            await trio.testing.wait_all_tasks_blocked()  # its clock made before the next patch
+            ends.append((src, dst))
+        (src1, dst1), (src2, dst2) = ends
+        await src1.send_all(b"a")
+        await trio.sleep(0.002)
+        await src2.send_all(b"b")  # while line 1 holds "a"
+        with trio.fail_after(10):
+            assert await dst1.receive_some() == b"a"
+            assert await dst2.receive_some() == b"b"
+        await src2.send_all(b"c")  # nothing else anywhere
+        with trio.fail_after(10):
+            assert await dst2.receive_some() == b"c"
+        n.cancel_scope.cancel()
+    assert spins == [(1, relay_mod.SPIN), (2, 0.0), (2, relay_mod.SPIN)]
+    assert not relay_mod._LINES  # the lines left with their connections
+
+
 async def test_delayed_relay_forwards_every_chunk_in_order_and_not_before_its_time() -> None:
     relay = Relay(("127.0.0.1", 0), ("127.0.0.1", 0))
     relay.delay = 0.002  # one way: a 4 ms round trip
