@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 
 
@@ -379,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         elif ns.labcmd == "start":
             print(f"node {ns.site} started (pid {lab_start(ns.dir, ns.site)})")
         elif ns.labcmd in ("cut-link", "heal-link", "delay"):
-            from .lab.relay import MAX_DELAY_MS, proxy_command
+            from .lab.relay import MAX_DELAY_MS, delay_ok, proxy_command
 
             lab = load_lab(ns.dir)
             if not lab.get("link"):
@@ -391,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             if bad:
                 raise LabError(f"{ns.labcmd}: no link path {bad[0]}: this lab's link has paths 0 to {npaths - 1}")
             if ns.labcmd == "delay":
-                if not (math.isfinite(ns.ms) and 0 <= ns.ms <= MAX_DELAY_MS):
+                if not delay_ok(ns.ms):
                     raise LabError(f"delay: the round trip to add must be from 0 to {MAX_DELAY_MS:g} ms, got {ns.ms:g}")
                 kw["ms"] = ns.ms
             cmd = {"cut-link": "cut", "heal-link": "heal", "delay": "delay"}[ns.labcmd]

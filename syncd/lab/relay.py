@@ -235,6 +235,13 @@ MAX_RECORD = 64 << 20  # bytes recorded per connection at most
 MAX_REQUEST = 1 << 16  # bytes of one control request
 
 
+def delay_ok(ms: object) -> bool:
+    """``ms`` is a round trip the relay may add: a number from 0 to MAX_DELAY_MS. (A comparison,
+    not math.isfinite, which raises OverflowError on a huge integer; NaN and infinities fail
+    the comparison too.)"""
+    return isinstance(ms, (int, float)) and not isinstance(ms, bool) and 0 <= ms <= MAX_DELAY_MS
+
+
 def parse_request(raw: bytes, nrelays: int) -> tuple[str, list[int], dict]:
     """One control request (a JSON object on a line): the command, the indexes of the relays it
     applies to (``paths``; all when absent) and its checked arguments (``ms`` for delay,
@@ -259,9 +266,7 @@ def parse_request(raw: bytes, nrelays: int) -> tuple[str, list[int], dict]:
     args: dict = {}
     if cmd == "delay":
         ms = req.get("ms")
-        # (a comparison, not math.isfinite: that raises OverflowError on a huge integer; NaN and
-        # infinities fail the comparison too)
-        if type(ms) not in (int, float) or not 0 <= ms <= MAX_DELAY_MS:
+        if not delay_ok(ms):
             raise ValueError(f"ms must be a round trip in milliseconds from 0 to {MAX_DELAY_MS:g}, got {ms!r}")
         args["ms"] = abs(float(ms))  # (-0.0 is 0)
     elif cmd == "record":
@@ -337,13 +342,14 @@ class RelayError(RuntimeError):
     """The relay refused a control request (the message says why); nothing changed."""
 
 
-def proxy_command(control: str, cmd: str, **kw) -> dict:
+def proxy_line(control: str, line: bytes) -> dict:
+    """Send one request line to the relay's control socket; its answer, whatever it says."""
     import socket
 
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(10)
     s.connect(control)
-    s.sendall(json.dumps({"cmd": cmd, **kw}).encode() + b"\n")
+    s.sendall(line)
     buf = b""
     while not buf.endswith(b"\n"):
         d = s.recv(65536)
@@ -351,7 +357,11 @@ def proxy_command(control: str, cmd: str, **kw) -> dict:
             break
         buf += d
     s.close()
-    ans = json.loads(buf)
+    return dict(json.loads(buf))
+
+
+def proxy_command(control: str, cmd: str, **kw) -> dict:
+    ans = proxy_line(control, json.dumps({"cmd": cmd, **kw}).encode() + b"\n")
     if not ans.get("ok"):
         raise RelayError(f"the link relay refused {cmd!r}: {ans.get('error')}")
     return ans

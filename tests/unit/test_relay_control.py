@@ -12,7 +12,7 @@ import json
 import pytest
 import trio
 
-from syncd.lab.relay import Relay, RelayError, parse_request, proxy_command, run_proxy
+from syncd.lab.relay import Relay, RelayError, parse_request, proxy_command, proxy_line, run_proxy
 
 
 @pytest.mark.parametrize("raw, want", [
@@ -92,16 +92,7 @@ class Lab:
         return await trio.to_thread.run_sync(lambda: proxy_command(self.control, cmd, **kw))
 
     async def raw(self, line: bytes) -> dict:
-        s = await trio.open_unix_socket(self.control)
-        async with s:
-            await s.send_all(line)
-            buf = b""
-            while not buf.endswith(b"\n"):
-                d = await s.receive_some(65536)
-                if not d:
-                    break
-                buf += d
-        return json.loads(buf)
+        return await trio.to_thread.run_sync(proxy_line, self.control, line)
 
 
 @pytest.fixture

@@ -74,17 +74,22 @@ async def test_the_clock_polls_the_last_spin_seconds_and_sleeps_before() -> None
     assert max(slept) > 0 and slept.count(0) < 3  # slept to the deadline
 
 
-async def test_only_a_chunk_with_none_queued_behind_it_is_awaited_polling(monkeypatch) -> None:
-    """Three chunks 1 ms apart on a 50 ms delay: the first is alone when its wait begins, the
-    second has the third behind it, the third is alone again."""
-    spins: list[float] = []
+def recording_clock(spins: list, tag: int | None = None) -> type:
+    """A DelayClock that notes the spin of every wait in ``spins`` (as ``(tag, spin)`` with a tag)."""
 
     class Recording(DelayClock):
         async def sleep_until(self, deadline: float, spin: float = 0.0) -> None:
-            spins.append(spin)
+            spins.append(spin if tag is None else (tag, spin))
             await super().sleep_until(deadline, spin)
 
-    monkeypatch.setattr(relay_mod, "DelayClock", Recording)
+    return Recording
+
+
+async def test_only_a_chunk_with_none_queued_behind_it_is_awaited_polling(monkeypatch) -> None:
+    """Three chunks 1 ms apart on a 50 ms delay: the first is alone when its wait begins, the
+    second has the third behind it, the third is alone again."""
+    spins: list = []
+    monkeypatch.setattr(relay_mod, "DelayClock", recording_clock(spins))
     relay = Relay(("127.0.0.1", 0), ("127.0.0.1", 0))
     relay.delay = 0.05
     src, src_relay = trio.testing.memory_stream_pair()
@@ -107,21 +112,14 @@ async def test_a_chunk_is_not_polled_for_while_another_line_holds_one(monkeypatc
     """Two connections' lines (a queue of requests in flight: one line holds a request while the
     other holds an answer): neither polls, though each chunk is alone in its own line; once the
     first line is empty again, the second line's next chunk is alone everywhere and polls."""
-    spins: list[tuple[int, float]] = []
-
-    def recording(tag: int) -> type:
-        class Recording(DelayClock):
-            async def sleep_until(self, deadline: float, spin: float = 0.0) -> None:
-                spins.append((tag, spin))
-                await super().sleep_until(deadline, spin)
-        return Recording
+    spins: list = []
 
     relay = Relay(("127.0.0.1", 0), ("127.0.0.1", 0))
     relay.delay = 0.05
     ends = []
     async with trio.open_nursery() as n:
         for tag in (1, 2):
-            monkeypatch.setattr(relay_mod, "DelayClock", recording(tag))
+            monkeypatch.setattr(relay_mod, "DelayClock", recording_clock(spins, tag))
             src, src_relay = trio.testing.memory_stream_pair()
             dst_relay, dst = trio.testing.memory_stream_pair()
             n.start_soon(relay._pump, src_relay, dst_relay, trio.CancelScope())
