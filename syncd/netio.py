@@ -65,12 +65,14 @@ class Outbox(Protocol):
 
 
 class _Batch:
-    __slots__ = ("active", "pending", "after")
+    __slots__ = ("active", "pending", "after", "later", "later_since")
 
     def __init__(self) -> None:
         self.active = False
         self.pending: list[Outbox] = []
         self.after: Callable[[], None] | None = None  # the batch's work after its sends (one)
+        self.later: list[Callable[[], None]] = []  # sends put off (``later``), any batch's
+        self.later_since = 0.0  # the poller's clock when the oldest of them was put off
 
 
 _batch = _Batch()
@@ -182,10 +184,14 @@ class IdlePoller:
                         self.polling_s += now - start - others
                     if not self.input:
                         self.slept_at = start  # idle since the window began
+                        if _batch.later:
+                            run_later()  # before the loop sleeps
                         break  # nothing came: the loop may sleep
                     self.caught += 1
         finally:
             self.running = self.parked = False
+            if _batch.later:
+                run_later()  # nothing would run them any more
 
     def _long_yield(self, now: float) -> None:
         """A yield returned only after another process ran for ``_LONG_YIELD``. Once in a while
@@ -245,6 +251,39 @@ def batch_end(was: bool) -> None:
         if after is not None:  # also when a flush raised: it may hold a range and owe a host an answer
             _batch.after = None
             after()
+        if _batch.later and poller.clock() - _batch.later_since > LATER_MAX:
+            run_later()  # input keeps coming, and none of it sent what waits
+
+
+# A send that may wait (``later``) waits at most this long while input keeps the loop busy.
+LATER_MAX = 200e-6
+
+
+def later(fn: Callable[[], None]) -> bool:
+    """Run ``fn`` (a send nobody waits for, such as a RELEASE) when the loop runs out of work,
+    so that until then whatever the loop sends anyway can take it along (``fn`` then finds
+    nothing left to do); at the end of a batch once ``LATER_MAX`` passed, if input keeps the
+    loop busy. False when no batch is running or the loop does not poll (the idle poller is
+    what notices that the loop ran out of work): the caller sends now.
+
+    The poller runs ``fn`` when a window passes without input, before the loop sleeps, and when
+    it stops. A secondary's RELEASE after its copy of a forwarded write, sent this way, goes
+    with the next forwarded write instead of in a send of its own, and the primary handles both
+    in one wake-up (bench/README.md, round 15)."""
+    if not _batch.active or not poller.running:
+        return False
+    if not _batch.later:
+        _batch.later_since = poller.clock()
+    _batch.later.append(fn)
+    return True
+
+
+def run_later() -> None:
+    """Run (and forget) every function ``later`` put off, oldest first."""
+    fns = _batch.later
+    _batch.later = []
+    for fn in fns:
+        fn()
 
 
 def after_sends(fn: Callable[[], None]) -> bool:

@@ -551,11 +551,17 @@ class DataPath:
         except OSError as e:
             status = e.errno or errno.EIO
             err = self.local_error(e)
-        g.node.link.send(Frame.release(pend.frame.req_id, g.st.gid, g.epoch, status))
+        release = Frame.release(pend.frame.req_id, g.st.gid, g.epoch, status)
         if status:
+            g.node.link.send(release)  # the primary must mark the range and fence us off now
             done(err.errno, f"local write failed after the primary applied it: {err}")
-        else:
-            done(0, "")
+            return
+        # Nobody waits for an OK: it goes with the next frame to the primary (the next forwarded
+        # write, at QD1 about 40 µs later), or when the loop runs out of work. Sent alone, it
+        # cost this array a sendmsg and the primary a wake-up per write (QD1 at site B, medians
+        # of eight rounds: 5,117 IOPS, against 5,572 put off; bench/README.md, round 15).
+        g.node.link.send_soon(release)
+        done(0, "")
 
     def _frame(self, m: "Member", kind: str, req_id: int, offset: int, length: int, data: Any, fua: bool,
                no_hole: bool, forwarded: bool = False, fast: bool = False) -> Frame:

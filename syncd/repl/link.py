@@ -231,6 +231,7 @@ class Link:
         self.features = 0  # features in use with the peer (both ends' HELLO), while up
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}  # handed to a path, awaiting the reply
+        self._soon: list[list] = []  # frames put off by send_soon, encoded
         self.payloads = PayloadBuffers()  # the large payloads the peer sends, reused
         self.credit = Credit(cfg.max_inflight)
         self.credit_wait_max = 0.0  # s, the longest a request waited for credit
@@ -719,6 +720,8 @@ class Link:
 
     def _enqueue(self, p: Path, bufs: list, bulk: bool) -> None:
         q = p.sendq
+        if self._soon:  # frames put off (send_soon) go first, with this one
+            self._move_soon(p)
         if bulk:
             q.bulk.append(bufs)
         else:
@@ -879,6 +882,8 @@ class Link:
         trimmed = trio.current_time()
         while True:
             await trio.sleep(step)
+            if self._soon:  # (netio.later sends them much sooner: a bound whatever happens)
+                self._flush_soon()
             now = trio.current_time()
             if now - trimmed >= buffers.TRIM_EVERY:  # what a burst of large frames left
                 self.payloads.trim()
@@ -897,6 +902,39 @@ class Link:
         """Send a frame that expects no reply (RELEASE) on any live path, as a control frame."""
         if self.up:
             self._transmit(proto.encode(frame), None)
+
+    def send_soon(self, frame: Frame) -> None:
+        """``send``, put off until the next frame goes to the peer or the loop runs out of work
+        (``netio.later``), whichever comes first: for a frame nobody waits for at once (a
+        RELEASE of OK, which only lets the primary free a range). Sent now when the loop does
+        not poll or no batch is running. Frames put off keep their order, ahead of what is
+        sent after them."""
+        if not self.up:
+            return
+        if not self._soon and not netio.later(self._flush_soon):
+            self._transmit(proto.encode(frame), None)
+            return
+        self._soon.append(proto.encode(frame))
+
+    def _flush_soon(self) -> None:
+        """Send the frames put off, if nothing took them along meanwhile."""
+        if not self._soon:
+            return
+        p = self._pick() if self.up else None
+        if p is None:  # the link went down: lost with it, as frames the kernel held would be
+            self._soon.clear()
+            return
+        self._move_soon(p)
+        if not netio.defer(p):
+            p.flush_inline()
+
+    def _move_soon(self, p: Path) -> None:
+        q = p.sendq
+        if not q.ctl:
+            p.ctl_since = time.monotonic()
+        q.ctl.extend(self._soon)
+        p.tx_frames += len(self._soon)
+        self._soon.clear()
 
     def reply(self, path: Path, req_id: int, status: int = 0, payload: bytes = b"") -> None:
         """Answer a request; a reply carrying data (a READ's) is bulk, any other is control."""
