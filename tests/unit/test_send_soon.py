@@ -9,6 +9,7 @@ fence this array off at once."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 import types
@@ -156,7 +157,10 @@ def test_outside_a_batch_it_is_sent_as_send_sends(poller, link):
     assert link.paths[0].sendq.ctl and not link._soon and not netio._batch.later
 
 
-async def test_it_goes_alone_when_the_loop_runs_out_of_work(monkeypatch, link):
+@contextlib.asynccontextmanager
+async def polling(monkeypatch, link):
+    """A running poller (a window of 100 passes of a 1 µs step clock) that parked after the
+    loop's start, then a batch that puts a RELEASE off."""
     p = IdlePoller(StepClock())
     monkeypatch.setattr(netio, "poller", p)
     async with trio.open_nursery() as n:
@@ -164,6 +168,11 @@ async def test_it_goes_alone_when_the_loop_runs_out_of_work(monkeypatch, link):
         await settled()
         batch(lambda: link.send_soon(release(7)))
         assert received(link) == []
+        yield p, n
+
+
+async def test_it_goes_alone_when_the_loop_runs_out_of_work(monkeypatch, link):
+    async with polling(monkeypatch, link) as (p, n):
         await settled()  # the window passed without input
         assert received(link) == [("RELEASE", 7)]
         assert p.parked and p.polls == 1
@@ -171,12 +180,7 @@ async def test_it_goes_alone_when_the_loop_runs_out_of_work(monkeypatch, link):
 
 
 async def test_a_poller_that_stops_sends_what_was_put_off(monkeypatch, link):
-    p = IdlePoller(StepClock())
-    monkeypatch.setattr(netio, "poller", p)
-    async with trio.open_nursery() as n:
-        n.start_soon(p.run, 100e-6)
-        await settled()
-        batch(lambda: link.send_soon(release(7)))
+    async with polling(monkeypatch, link) as (p, n):
         n.cancel_scope.cancel()  # before its window: the node is stopping
     assert received(link) == [("RELEASE", 7)]
     assert not p.running and not netio._batch.later
