@@ -278,12 +278,26 @@ def later(fn: Callable[[], None]) -> bool:
     return True
 
 
+def unlater(fn: Callable[[], None]) -> None:
+    """Forget ``fn`` put off by ``later`` (what it would send went with another send); the
+    wait of the next function put off then starts when it is."""
+    try:
+        _batch.later.remove(fn)
+    except ValueError:
+        pass  # run already, or running now
+
+
 def run_later() -> None:
-    """Run (and forget) every function ``later`` put off, oldest first."""
+    """Run (and forget) every function ``later`` put off, oldest first. Should one raise, the
+    others stay put off."""
     fns = _batch.later
     _batch.later = []
-    for fn in fns:
-        fn()
+    for i, fn in enumerate(fns):
+        try:
+            fn()
+        except BaseException:
+            _batch.later[:0] = fns[i + 1:]
+            raise
 
 
 def after_sends(fn: Callable[[], None]) -> bool:

@@ -509,6 +509,7 @@ class Link:
         if not self.up:
             self.up_since = None
             self.dial_session = secrets.randbits(63) | 1
+            self._soon.clear()  # the session's: never sent on the next one (as queued frames)
             # The owner hears of it first: requests failing now see the link down already.
             self.on_down()
             sent = list(self._pending.values())
@@ -921,7 +922,7 @@ class Link:
         if not self._soon:
             return
         p = self._pick() if self.up else None
-        if p is None:  # the link went down: lost with it, as frames the kernel held would be
+        if p is None:  # the link is down: lost with it, as frames the kernel held would be
             self._soon.clear()
             return
         self._move_soon(p)
@@ -929,6 +930,7 @@ class Link:
             p.flush_inline()
 
     def _move_soon(self, p: Path) -> None:
+        netio.unlater(self._flush_soon)  # nothing left for it (a wait begins with the next one)
         q = p.sendq
         if not q.ctl:
             p.ctl_since = time.monotonic()

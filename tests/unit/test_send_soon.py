@@ -54,6 +54,12 @@ class CountingSock:
         return self.sock.fileno()
 
 
+@pytest.fixture(autouse=True)
+def fresh_batch(monkeypatch):
+    """No test sees what another put off (netio's batch state is the process's)."""
+    monkeypatch.setattr(netio, "_batch", netio._Batch())
+
+
 @pytest.fixture
 def poller(monkeypatch):
     p = IdlePoller(ManualClock())
@@ -144,6 +150,54 @@ def test_a_link_that_went_down_sends_nothing_put_off_before(poller, link):
     link.paths[0].state = "up"
     batch(lambda: link.reply(link.paths[0], 9, Status.OK))
     assert received(link) == [("REPLY", 9)]  # not the old session's RELEASE
+
+
+def test_a_frame_put_off_before_the_link_went_down_is_not_sent_on_the_next_session(poller, link):
+    batch(lambda: link.send_soon(release(7)))
+    p = link.paths[0]
+    p.state = "down"
+    link._path_lost(p)
+    assert not link.up
+    p.state = "up"  # a new connection, before the loop ran out of work (review)
+    batch(lambda: link.reply(p, 9, Status.OK))
+    assert received(link) == [("REPLY", 9)]
+
+
+def test_a_frame_taken_along_lets_the_next_one_wait_its_own_time(poller, link):
+    batch(lambda: link.send_soon(release(1)))
+    batch(lambda: link.reply(link.paths[0], 9, Status.OK))  # takes 1 along
+    assert received(link) == [("RELEASE", 1), ("REPLY", 9)]
+    poller.clock.now = LATER_MAX * 0.9
+    batch(lambda: link.send_soon(release(2)))
+    poller.clock.now = LATER_MAX * 1.01  # 0.11 of its wait: not yet (review)
+    batch()
+    assert received(link) == []
+    poller.clock.now = LATER_MAX * 1.91
+    batch()
+    assert received(link) == [("RELEASE", 2)]
+
+
+async def test_the_links_sweeper_sends_what_nothing_else_did(poller, link, autojump_clock):
+    batch(lambda: link.send_soon(release(7)))  # and then no batch, no idle poller
+    async with trio.open_nursery() as n:
+        n.start_soon(link._sweeper)
+        await trio.sleep(1.0)
+        n.cancel_scope.cancel()
+    assert received(link) == [("RELEASE", 7)]
+
+
+def test_a_put_off_send_that_raises_leaves_the_others_put_off(poller):
+    ran: list[str] = []
+
+    def bad() -> None:
+        raise RuntimeError("a bug")
+
+    batch(lambda: (netio.later(bad), netio.later(lambda: ran.append("second"))))
+    with pytest.raises(RuntimeError):
+        netio.run_later()
+    assert ran == [] and len(netio._batch.later) == 1
+    netio.run_later()
+    assert ran == ["second"]
 
 
 def test_where_the_loop_does_not_poll_it_goes_with_its_own_batch(poller, link):
