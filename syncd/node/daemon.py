@@ -565,7 +565,19 @@ class Node:
                                      self._witness_changed)
         from ..witness.client import WitnessClient
 
-        return WitnessClient(wcfg, self.cfg.name, self._witness_groups, self._witness_report, self._witness_changed)
+        wc = WitnessClient(wcfg, self.cfg.name, self._witness_groups, self._witness_report, self._witness_changed)
+        # What the built-in witness may have heard (the role machine's WitnessSent). Not for
+        # etcd: a request reaches a member that may have no quorum (nothing commits there), and
+        # a pre-elected primary must go on when the etcd quorum is lost (failure matrix).
+        wc.on_sent = self._witness_sent
+        return wc
+
+    def _witness_sent(self, sent: float) -> None:
+        """A request went to the witness on a connection: it may have heard this node then. Told
+        to every group (the witness notes the sender per group; a request about one group is
+        counted for all, the safe side)."""
+        for g in list(self.groups.values()):
+            g.witness_sent(sent)
 
     async def _run_witness(self, wc) -> None:
         with trio.CancelScope() as wc.scope:

@@ -64,6 +64,7 @@ from .roles import (
     WitnessAnswer,
     WitnessAsk,
     WitnessReport,
+    WitnessSent,
     persisted_has_all,
 )
 from .state import GroupState, MemberState, decode_bits
@@ -629,6 +630,9 @@ class Group:
 
     def witness_report(self, sent: float, owner: str, epoch: int) -> None:
         self.handle(WitnessReport(trio.current_time(), sent, owner, epoch))
+
+    def witness_sent(self, sent: float) -> None:
+        self.handle(WitnessSent(trio.current_time(), sent))
 
     async def _recover(self, snaps: dict[int, bytes]) -> None:
         """Bring the returned peer back: tell it which regions it lacks (RESYNC_BEGIN per

@@ -194,6 +194,9 @@ class RoleState:
     lease_asked: float | None = None  # secondary: a lease request in flight, sent then
     next_renewal: float = NEVER  # secondary: when to ask for the lease again
     witness_heard: float = NEVER  # when the witness last answered this array
+    # When this array last sent the witness a request that may have reached it (sent on a
+    # connection; its answer may have been lost): the witness may have heard it then.
+    witness_sent: float = NEVER
     witness_until: float = NEVER  # primary: the witness cannot give the group away before then
     witness_lost_first: bool = False  # primary: the witness was gone before the peer (pre-elected)
     witness_in_doubt: bool = False  # primary: a HANDOVER went unanswered; not pre-elected until it answers
@@ -270,6 +273,14 @@ class WitnessReport:
     sent: float
     owner: str
     epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class WitnessSent:
+    """A request to the witness went out at ``sent`` on a connection (whatever comes of it):
+    the witness may have heard this array then, even if no answer ever comes back."""
+    now: float
+    sent: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -468,7 +479,8 @@ class SplitBrainResolved:
 
 Event = Union[
     Tick, LinkUp, LinkDown, PeerLost, PeerState, LeaseRequested, LeaseReply, LeaseFailed,
-    WitnessReport, WitnessAnswer, ResyncBegun, ResyncDone, ResyncEnded, UncleanStop, CaughtUp, Flushed, NeedSync,
+    WitnessReport, WitnessSent, WitnessAnswer, ResyncBegun, ResyncDone, ResyncEnded, UncleanStop, CaughtUp, Flushed,
+    NeedSync,
     Recover, Started, Stopped,
     Policies, ShuttingDown, PeerLeaving, PeerDiskFailed, DiskFailed, HandedOver, SwitchoverBegin, SwitchoverEnd,
     PeerSwitchoverPrepare, PeerSwitchoverCommit, PeerSwitchoverAbort, PeerTakeover, Promote,
@@ -700,8 +712,14 @@ def _note(msg: str) -> Note:
 def _lose_peer(s: RoleState, t: Timing, now: float, reason: str, reset: bool = True) -> Result:
     """Primary: the peer stops mirroring. It may be serving under its lease until
     ``lease_deadline``; nothing unmirrored is acknowledged before then."""
+    # Counted from what the witness may last have heard from us, not only from its last answer:
+    # ``lost_first_after`` allows for one report after that answer (``interval``), but requests
+    # sent on connections whose answers were lost may have reached it later and refreshed us
+    # there (the role model found a primary that thought itself pre-elected while the witness,
+    # which had heard it 3.9 s before, gave the peer the group: answers lost on the way back).
     lost_first = (t.witness is not None and not s.witness_in_doubt
-                  and now - s.witness_heard > t.witness.lost_first_after())
+                  and now - max(s.witness_heard, s.witness_sent - t.witness.interval)
+                  > t.witness.lost_first_after())
     s2 = replace(s, mode=Mode.FENCING, peer_ready=False, alone=False, fence_reason=reason,
                  witness_lost_first=lost_first, recovering=False, peer_has_all=False)
     acts: list[Action] = [_note(f"peer lost ({reason}); waiting for its serve lease to expire")]
@@ -973,6 +991,11 @@ def _witness_report(s: RoleState, t: Timing, e: Event) -> Result:
         # witness already names the peer: the switchover decides.)
         return _demote(s, e.epoch, f"the witness gave the group to {e.owner} at epoch {e.epoch}")
     return s, []
+
+
+def _witness_sent(s: RoleState, t: Timing, e: Event) -> Result:
+    assert isinstance(e, WitnessSent)
+    return (replace(s, witness_sent=e.sent), []) if e.sent > s.witness_sent else (s, [])
 
 
 def _witness_answer(s: RoleState, t: Timing, e: Event) -> Result:
@@ -1327,6 +1350,8 @@ TABLE_ROWS: tuple[Row, ...] = (
     # the witness
     Row(P, ALL_P, WitnessReport, _witness_report, "the witness owes us the group; or it moved on"),
     Row(S, ALL_S, WitnessReport, _witness_report),
+    Row(P, ALL_P, WitnessSent, _witness_sent, "the witness may have heard us then"),
+    Row(S, ALL_S, WitnessSent, _witness_sent),
     Row(P, ALL_P, WitnessAnswer, _witness_answer, "KEEP after the fence or in failsafe; RESOLVE"),
     Row(S, ALL_S, WitnessAnswer, _witness_answer, "CLAIM granted: take the group over"),
     # resync (primary)

@@ -131,6 +131,7 @@ class WitnessClient(WitnessReach):
                 raise WitnessUnreachable(self.last_error or "not connected")
             self.rid += 1
             sent = trio.current_time()
+            self._sent(sent)
             try:
                 with trio.fail_after(REQUEST_TIMEOUT):
                     await sess.send(w.encode(t, self.rid, **fields))

@@ -17,6 +17,10 @@ import trio
 GroupsFn = Callable[[], list[tuple[str, tuple[str, str], str, int, int]]]
 OnReport = Callable[[str, float, str, int], None]
 OnChange = Callable[[bool | None], None]
+# A request went to the witness on a connection at this time (trio's clock): whatever comes of
+# it, the witness may have heard the node then (the role machine's ``WitnessSent``). The
+# built-in witness's client says so; etcd's does not (see ``Node._witness_client``).
+OnSent = Callable[[float], None]
 
 # A witness not heard for this many report intervals is unreachable (showrcopy says so).
 UNHEARD_INTERVALS = 3
@@ -32,12 +36,19 @@ class WitnessReach:
         self.last_ok: float | None = None  # trio time of the last answered request
         self.last_error = ""
         self.connected: bool | None = None  # None until the first attempt ended
+        self.on_sent: OnSent | None = None  # set by the node
 
     def _set_connected(self, up: bool) -> None:
         if self.connected is not up:
             self.connected = up
             if self.on_change is not None:
                 self.on_change(up)
+
+    def _sent(self, when: float) -> None:
+        """A request went out on a connection at ``when``: the witness may hear it, answered or
+        not (a request that could not even be put on a connection is not one)."""
+        if self.on_sent is not None:
+            self.on_sent(when)
 
     def _ok(self) -> None:
         """The witness answered a request (now)."""

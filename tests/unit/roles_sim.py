@@ -969,6 +969,8 @@ class Sim:
                 self.note(x.name, f"witness unreachable: {kind} not sent")
                 return
             x.w_conn = True
+        # Sent on a connection: whatever comes of it, the witness may hear it (the client says so).
+        self.feed(x, r.WitnessSent(sent, sent))
         if wit is None or self.cut[ln] or self._lost(x.name, W, kind):
             self.note(x.name, f"lost: {kind} to W")
             return

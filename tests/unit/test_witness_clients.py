@@ -133,3 +133,43 @@ def test_showrcopy_witness_says_when_the_members_were_not_asked_yet_and_builtin_
     out = render({"backend": "builtin", "address": "127.0.0.1:7000", "reachable": False, "witness": "W",
                   "security": "key", "last_error": "connection refused", "last_heard_s_ago": None})
     assert out.strip() == "Quorum witness W at 127.0.0.1:7000: unreachable (connection refused), key"
+
+
+# -- what the witness may have heard: requests put on a connection (WitnessSent) ------------------
+
+class SilentSession:
+    """A witness connection whose answers never come back (lost on the way)."""
+
+    peer = "w1"
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.closed = False
+
+    async def send(self, data: bytes) -> None:
+        self.sent.append(data)
+
+    async def next_frame(self):
+        await trio.sleep_forever()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_request_put_on_a_connection_counts_as_maybe_heard_even_unanswered(autojump_clock):
+    from syncd import secure
+    from syncd.witness import proto as w
+    from syncd.witness.client import WitnessClient, WitnessClientConfig, WitnessUnreachable
+
+    wc = WitnessClient(WitnessClientConfig(("127.0.0.1", 1), secure.Security("insecure")), "A", lambda: [])
+    sent: list[float] = []
+    wc.on_sent = sent.append
+    with pytest.raises(WitnessUnreachable):
+        await wc.request(w.WType.REPORT, group="g", epoch=1, flags=0)  # no connection: nothing went
+    assert sent == []
+    await trio.sleep(2.0)
+    wc.sess = SilentSession()
+    with pytest.raises(WitnessUnreachable):
+        await wc.request(w.WType.REPORT, group="g", epoch=1, flags=0)
+    assert sent == [2.0], "the witness may have heard it, though its answer never came"
+
