@@ -572,11 +572,12 @@ class Node:
         wc.on_sent = self._witness_sent
         return wc
 
-    def _witness_sent(self, sent: float) -> None:
-        """A request went to the witness on a connection: it may have heard this node then. Told
-        to every group (the witness notes the sender per group; a request about one group is
-        counted for all, the safe side)."""
-        for g in list(self.groups.values()):
+    def _witness_sent(self, group: str | None, sent: float) -> None:
+        """A request about ``group`` went to the witness on a connection: the witness may have
+        heard this node then (it notes the sender per group); one about no group, every group."""
+        targets = list(self.groups.values()) if group is None else [self.groups[group]] \
+            if group in self.groups else []
+        for g in targets:
             g.witness_sent(sent)
 
     async def _run_witness(self, wc) -> None:

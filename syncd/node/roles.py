@@ -1452,6 +1452,9 @@ class GroupRoles:
                        peer_newer=peer_newer,
                        mode=mode, lease_deadline=now + timing.lease_expiry() if role is Role.PRIMARY else NEVER,
                        link_lost_at=now,
+                       # The witness may have heard the previous run up to now (review: a restarted
+                       # primary that never reached it again counted itself pre-elected).
+                       witness_sent=now,
                        fence_reason="node start" if role is Role.PRIMARY else "")
         return cls(st, timing)
 

@@ -89,7 +89,11 @@ class WitnessClient(WitnessReach):
                 raise WitnessUnreachable("the witness closed the connection")
 
     def _lose(self, why: BaseException | str) -> None:
-        """The session failed: close it and record why (``showrcopy``'s last error)."""
+        """The session failed: close it with a reset (the kernel stops retransmitting a request
+        the node gave up on: the witness must not hear it late, docs/failover-plan.md rule 4)
+        and record why (``showrcopy``'s last error)."""
+        if self.sess is not None:
+            netio.set_abortive_close(self.sess.sock)
         self._drop()
         self._failed(why)
 
@@ -131,9 +135,9 @@ class WitnessClient(WitnessReach):
                 raise WitnessUnreachable(self.last_error or "not connected")
             self.rid += 1
             sent = trio.current_time()
-            self._sent(sent)
+            self._sent(fields.get("group"), sent)
             try:
-                with trio.fail_after(REQUEST_TIMEOUT):
+                with trio.fail_at(sent + REQUEST_TIMEOUT):  # from the send the node counted
                     await sess.send(w.encode(t, self.rid, **fields))
                     f = await sess.next_frame()
             except (OSError, trio.TooSlowError, EOFError, w.WitnessProtocolError, secure.AuthError) as e:

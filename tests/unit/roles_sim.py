@@ -1145,6 +1145,7 @@ class Sim:
         x.held.clear()
         x.flush_wait.clear()
         x.w_echo = None
+        x.w_conn = False  # a new process has no witness connection
         x.switching = False
         if x.session is not None and x.session == self.session:
             x.session = None

@@ -447,6 +447,27 @@ def test_a_primary_whose_requests_may_reach_the_witness_is_not_pre_elected() -> 
     state.teardown()
 
 
+def restart_then_witness_gone_then_link_cut(sim: Sim, down: float, gap: float) -> None:
+    settle(sim)
+    sim.crash(A, "kill")  # the witness heard A's report just before
+    sim.run_until(sim.now + down)
+    sim.set_cut(AW, True)  # restarted, A never reaches the witness again
+    sim.restart(A)
+    sim.run_until(sim.now + gap)
+    sim.set_cut(AB, True, notice={A: 0.0, B: 0.0})
+    writes_for(sim, 15.0)
+
+
+@pytest.mark.parametrize("down,gap", [(0.1, 1.0), (0.1, 2.0), (0.1, 2.5), (0.5, 2.0), (0.1, 3.0)])
+def test_a_restarted_primary_counts_the_witness_heard_until_its_start(down: float, gap: float) -> None:
+    """Found by review of the fix above: a primary that restarted, never reached the witness
+    again and lost its peer within seconds counted the witness silent forever (never answered
+    this run), so pre-elected; the witness, which had heard its previous run seconds before,
+    gave B the group (promise c). ``at_start`` now counts the witness as having heard it until
+    the start."""
+    restart_then_witness_gone_then_link_cut(scenario(), down, gap)
+
+
 def link_noticed_late_by_the_primary(sim: Sim) -> None:
     sim.run_until(6.0)
     sim.set_cut(AW, True)  # A's witness lease runs out; A stays attached

@@ -6,6 +6,8 @@ gathers it (every member at once, each with a deadline) and as ``showrcopy witne
 from __future__ import annotations
 
 import json
+import socket
+import struct
 
 import pytest
 import trio
@@ -145,6 +147,8 @@ class SilentSession:
     def __init__(self) -> None:
         self.sent: list[bytes] = []
         self.closed = False
+        self.sock = socket.socket()
+        self.linger = b""
 
     async def send(self, data: bytes) -> None:
         self.sent.append(data)
@@ -153,23 +157,29 @@ class SilentSession:
         await trio.sleep_forever()
 
     def close(self) -> None:
+        self.linger = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8)
+        self.sock.close()
         self.closed = True
 
 
 async def test_a_request_put_on_a_connection_counts_as_maybe_heard_even_unanswered(autojump_clock):
     from syncd import secure
     from syncd.witness import proto as w
-    from syncd.witness.client import WitnessClient, WitnessClientConfig, WitnessUnreachable
+    from syncd.witness.client import REQUEST_TIMEOUT, WitnessClient, WitnessClientConfig, WitnessUnreachable
 
     wc = WitnessClient(WitnessClientConfig(("127.0.0.1", 1), secure.Security("insecure")), "A", lambda: [])
-    sent: list[float] = []
-    wc.on_sent = sent.append
+    sent: list[tuple[str | None, float]] = []
+    wc.on_sent = lambda group, when: sent.append((group, when))
     with pytest.raises(WitnessUnreachable):
         await wc.request(w.WType.REPORT, group="g", epoch=1, flags=0)  # no connection: nothing went
     assert sent == []
     await trio.sleep(2.0)
-    wc.sess = SilentSession()
+    wc.sess = sess = SilentSession()
     with pytest.raises(WitnessUnreachable):
         await wc.request(w.WType.REPORT, group="g", epoch=1, flags=0)
-    assert sent == [2.0], "the witness may have heard it, though its answer never came"
+    assert sent == [("g", 2.0)], "the witness may have heard it, though its answer never came"
+    assert trio.current_time() == 2.0 + REQUEST_TIMEOUT  # given up counting from that send
+    # ... and closed with a reset: the kernel stops retransmitting it (the witness must not hear
+    # it late).
+    assert sess.closed and sess.linger == struct.pack("ii", 1, 0)
 
