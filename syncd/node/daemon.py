@@ -572,12 +572,11 @@ class Node:
         wc.on_sent = self._witness_sent
         return wc
 
-    def _witness_sent(self, group: str | None, sent: float) -> None:
-        """A request about ``group`` went to the witness on a connection: the witness may have
-        heard this node then (it notes the sender per group); one about no group, every group."""
-        targets = list(self.groups.values()) if group is None else [self.groups[group]] \
-            if group in self.groups else []
-        for g in targets:
+    def _witness_sent(self, name: str, sent: float) -> None:
+        """A request about group ``name`` went to the witness on a connection: the witness may
+        have heard this node then (it notes the sender per group)."""
+        g = self.groups.get(name)
+        if g is not None:
             g.witness_sent(sent)
 
     async def _run_witness(self, wc) -> None:

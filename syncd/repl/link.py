@@ -918,7 +918,8 @@ class Link:
         self._soon.append(proto.encode(frame))
 
     def _flush_soon(self) -> None:
-        """Send the frames put off, if nothing took them along meanwhile."""
+        """Send the frames put off, if nothing took them along meanwhile (run outside any batch:
+        by the idle poller, at a batch's end, or by the sweeper)."""
         if not self._soon:
             return
         p = self._pick() if self.up else None
@@ -926,8 +927,7 @@ class Link:
             self._soon.clear()
             return
         self._move_soon(p)
-        if not netio.defer(p):
-            p.flush_inline()
+        p.flush_inline()
 
     def _move_soon(self, p: Path) -> None:
         netio.unlater(self._flush_soon)  # nothing left for it (a wait begins with the next one)

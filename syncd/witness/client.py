@@ -135,7 +135,7 @@ class WitnessClient(WitnessReach):
                 raise WitnessUnreachable(self.last_error or "not connected")
             self.rid += 1
             sent = trio.current_time()
-            self._sent(fields.get("group"), sent)
+            self._sent(fields["group"], sent)
             try:
                 with trio.fail_at(sent + REQUEST_TIMEOUT):  # from the send the node counted
                     await sess.send(w.encode(t, self.rid, **fields))

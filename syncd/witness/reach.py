@@ -20,7 +20,7 @@ OnChange = Callable[[bool | None], None]
 # A request went to the witness on a connection at this time (trio's clock): whatever comes of
 # it, the witness may have heard the node then (the role machine's ``WitnessSent``). The
 # built-in witness's client says so; etcd's does not (see ``Node._witness_client``).
-OnSent = Callable[[str | None, float], None]
+OnSent = Callable[[str, float], None]
 
 # A witness not heard for this many report intervals is unreachable (showrcopy says so).
 UNHEARD_INTERVALS = 3
@@ -44,10 +44,9 @@ class WitnessReach:
             if self.on_change is not None:
                 self.on_change(up)
 
-    def _sent(self, group: str | None, when: float) -> None:
-        """A request about ``group`` (None: none in particular) went out on a connection at
-        ``when``: the witness may hear it, answered or not (a request that could not even be put
-        on a connection is not one)."""
+    def _sent(self, group: str, when: float) -> None:
+        """A request about ``group`` went out on a connection at ``when``: the witness may hear
+        it, answered or not (a request that could not even be put on a connection is not one)."""
         if self.on_sent is not None:
             self.on_sent(group, when)
 

@@ -168,7 +168,7 @@ async def test_a_request_put_on_a_connection_counts_as_maybe_heard_even_unanswer
     from syncd.witness.client import REQUEST_TIMEOUT, WitnessClient, WitnessClientConfig, WitnessUnreachable
 
     wc = WitnessClient(WitnessClientConfig(("127.0.0.1", 1), secure.Security("insecure")), "A", lambda: [])
-    sent: list[tuple[str | None, float]] = []
+    sent: list[tuple[str, float]] = []
     wc.on_sent = lambda group, when: sent.append((group, when))
     with pytest.raises(WitnessUnreachable):
         await wc.request(w.WType.REPORT, group="g", epoch=1, flags=0)  # no connection: nothing went
