@@ -159,8 +159,9 @@ class Array:
         self.pending: dict[int, Pending] = {}
         # Writes waiting for the fence: (write, applied here already, reply to the forwarding peer).
         self.held: list[tuple[int, bool, Reply | None]] = []
-        # Writes to acknowledge alone once the flush ends (``flush_pending``): (write, reply).
-        self.flush_wait: list[tuple[int, Reply | None]] = []
+        # Writes to acknowledge alone once the flush ends (``flush_pending``): (write, reply, applied
+        # here while mirroring).
+        self.flush_wait: list[tuple[int, Reply | None, bool]] = []
         self.last_tick = -math.inf  # local time of the last Tick (a timer not after it is stale)
         self.unconfirmed = False  # restarted, and nothing has confirmed its role since
         self.clean = True  # its last stop was clean (the first start counts as one)
@@ -787,14 +788,20 @@ class Sim:
         elif fwd is not None:
             fwd(("NOT_SERVING",))
 
-    def _alone(self, x: Array, wid: int, fwd: Reply | None) -> None:
+    def _alone(self, x: Array, wid: int, fwd: Reply | None, mirrored: bool = False) -> None:
         """A write acknowledged alone: once what the peer holds too is durable here
-        (``DataPath._durable_before_alone``)."""
+        (``DataPath._durable_before_alone``). A write this array applied while mirroring, whose
+        mirror then failed (``mirrored``), is durable here when acknowledged: the flush that
+        ``flush_pending`` waited for began after it, and ``DataPath._durable_since`` flushes
+        otherwise (the peer no longer holds every write)."""
         if getattr(x.s, "flush_pending", False):
-            x.flush_wait.append((wid, fwd))
+            x.flush_wait.append((wid, fwd, mirrored))
             return
         x.disk.data.add(wid)
-        x.disk.added[wid] = self.now  # volatile, as any write without FUA
+        if mirrored:
+            x.disk.added.pop(wid, None)
+        else:
+            x.disk.added[wid] = self.now  # volatile, as any write without FUA
         self._acked(x, wid, fwd)
 
     def _acked(self, x: Array, wid: int, fwd: Reply | None) -> None:
@@ -816,9 +823,9 @@ class Sim:
     def _fence_over(self, x: Array) -> None:
         held, x.held = x.held, []
         alone = x.s.alone
-        for wid, _, fwd in held:
+        for wid, mirrored, fwd in held:
             if alone:
-                self._alone(x, wid, fwd)
+                self._alone(x, wid, fwd, mirrored)
             elif fwd is not None:
                 fwd(("NOT_SERVING",))
 
@@ -869,9 +876,9 @@ class Sim:
                 if self.live(x.name, inc) is None or getattr(y.s, "flush_pending", False):
                     return
                 waiting, y.flush_wait = y.flush_wait, []
-                for wid, fwd in waiting:
+                for wid, fwd, mirrored in waiting:
                     if y.s.alone:
-                        self._alone(y, wid, fwd)
+                        self._alone(y, wid, fwd, mirrored)
                     elif fwd is not None:
                         fwd(("NOT_SERVING",))
 
