@@ -27,6 +27,7 @@ from syncd.node.datapath import WRITE, DataPath
 from syncd.node.intent import IntentLog
 from syncd.node.roles import Mode
 from syncd.node.volume import Volume
+from syncd.repl.link import LinkDown
 from syncd.repl.proto import Frame
 
 from .test_datapath_cancel import REGION, SIZE, Group, Member, Node, Wire
@@ -40,6 +41,13 @@ class Durable(Group):
         self._changed = trio.lowlevel.ParkingLot()
         self.steady = lambda: False  # the task path: the one that waits
         self.roles = types.SimpleNamespace(is_primary=True)
+
+    def lose_peer(self, reason: str) -> None:
+        """As ``PeerLost`` does: fencing the peer off, which no longer holds every write, and
+        what it held made durable here first (``FlushVolumes``)."""
+        super().lose_peer(reason)
+        self.mode, self.mirroring = Mode.FENCING, False
+        self.changed(peer_has_all=False, flush_pending=True)
 
     async def wait_change(self, deadline: float) -> None:
         with trio.move_on_at(deadline):
@@ -157,6 +165,68 @@ async def test_writes_mirrored_to_a_peer_being_resynchronized_are_durable_here_b
         flushed = here.flushed_from
         assert dp.fast_write(m, 32768, memoryview(data), lambda err, msg: None)
         assert here.fuas[-1] is False and here.flushed_from == flushed
+        nursery.cancel_scope.cancel()
+
+
+class LostAnswer(Wire):
+    """The link, whose other end applies each data frame; ``lose`` then takes the link down
+    before any answer came (the peer has the write, this array does not know it)."""
+
+    async def wait(self, pend):
+        if not pend.done():
+            await pend.event.wait()
+        if pend.error is not None:
+            raise pend.error
+        return pend.reply
+
+    def lose(self) -> None:
+        for pend in self.unanswered:
+            pend.error = LinkDown("the link went down")
+            pend.finish()
+        self.unanswered.clear()
+
+
+async def test_a_mirrored_write_whose_answer_was_lost_is_durable_here_before_it_is_acknowledged_alone(replicas):
+    """A write applied here and at the peer, whose answer the link lost: the peer is fenced
+    off, and the write is acknowledged alone only after a flush begun after it landed here, so
+    a power cut here cannot take a write the host was told is written (the role model's
+    simulator counts such a write durable: stop 43)."""
+    here, peer, intent = replicas(Spy)
+    data = b"\x3c" * 4096
+    async with trio.open_nursery() as nursery:
+        wire = LostAnswer(peer)
+        g = Durable(Node(wire, nursery))
+        g.mode, g.mirroring = Mode.ATTACHED, True
+        g.changed(peer_has_all=True, flush_pending=False)
+        dp, m = DataPath(g), Member(g, here, intent)
+        await intent.mark(0, SIZE)
+        acked = trio.Event()
+
+        async def write() -> None:
+            await dp.host_write(m, WRITE, 0, len(data), memoryview(data), False)
+            acked.set()
+
+        nursery.start_soon(write)
+        for _ in range(3):  # (a task waiting for a worker thread counts as blocked)
+            await trio.testing.wait_all_tasks_blocked()
+            await trio.sleep(0.05)
+        assert here.read_sync(0, len(data)) == data and peer.read_sync(0, len(data)) == data
+        wire.lose()
+        for _ in range(3):
+            await trio.testing.wait_all_tasks_blocked()
+            await trio.sleep(0.05)
+        assert g.lost and not acked.is_set()  # fencing: nothing acknowledged yet
+        g.mode = Mode.DETACHED
+        g.changed(alone=True)  # the witness agreed: going on alone, but the flush runs still
+        for _ in range(3):
+            await trio.testing.wait_all_tasks_blocked()
+            await trio.sleep(0.05)
+        assert not acked.is_set()
+        await here.flush()  # FlushVolumes ...
+        g.changed(flush_pending=False)  # ... Flushed
+        await acked.wait()
+        assert here.fuas == [False] and here.flushed_from > here.landed  # durable before its ack
+        assert m.dirty.test(0)  # and marked for the resync
         nursery.cancel_scope.cancel()
 
 
