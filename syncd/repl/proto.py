@@ -106,7 +106,9 @@ _HDR = struct.Struct(">IBBHQIQIQIIQ")
 assert _HDR.size == HEADER.sizeof() == HEADER_SIZE
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
-_KNOWN = frozenset(int(t) for t in MsgType)
+# Each known type by its number: a dict lookup, where calling the enum per received frame
+# costs about half a microsecond.
+_TYPES: dict[int, MsgType] = {int(t): t for t in MsgType}
 
 
 class ProtocolError(Exception):
@@ -450,8 +452,8 @@ class FrameDecoder:
     def _emit(self, hdr: tuple[Any, ...], payload: Payload) -> None:
         t, flags, req_id, group, epoch, vol, offset, length, plen, csum = hdr[1:]
         if (xxhash.xxh3_64_intdigest(payload) if plen else 0) != csum:
-            raise ChecksumError(f"checksum mismatch on {MsgType(t).name} req_id {req_id}")
-        self._frames.append(Frame(MsgType(t), flags, req_id, group, epoch, vol, offset, length, payload))
+            raise ChecksumError(f"checksum mismatch on {_TYPES[t].name} req_id {req_id}")
+        self._frames.append(Frame(_TYPES[t], flags, req_id, group, epoch, vol, offset, length, payload))
 
     def next_frame(self) -> Frame | None:
         if self._frames:
@@ -469,7 +471,7 @@ def _check_header(buf: Payload, pos: int) -> tuple[Any, ...]:
         raise ProtocolError(f"bad frame magic {magic:#010x}")
     if reserved:
         raise ProtocolError("reserved header field is not zero")
-    if t not in _KNOWN:
+    if t not in _TYPES:
         raise ProtocolError(f"unknown frame type {t}")
     if plen > MAX_PAYLOAD:
         raise ProtocolError(f"payload of {plen} bytes exceeds the maximum {MAX_PAYLOAD}")
