@@ -21,6 +21,7 @@ from syncd.node.intent import IntentLog
 from syncd.node.roles import Mode
 from syncd.node.volume import Volume
 from syncd.ranges import Bitmap, RangeLock
+from syncd.repl.link import LinkDown
 from syncd.repl.proto import MsgType, Status
 
 REGION = 256 << 10
@@ -80,6 +81,8 @@ class Wire:
     async def wait(self, pend: _Pending):
         if not pend.done():
             await pend.event.wait()
+        if pend.error is not None:
+            raise pend.error
         return pend.reply
 
     async def request(self, frame, timeout=None):  # noqa: ASYNC109 (the link's signature)
@@ -92,6 +95,13 @@ class Wire:
     def answer(self) -> None:
         for pend in self.unanswered:
             pend.reply = types.SimpleNamespace(status=Status.OK)
+            pend.finish()
+        self.unanswered.clear()
+
+    def lose(self) -> None:
+        """The link goes down before any answer came (the peer applied what it was sent)."""
+        for pend in self.unanswered:
+            pend.error = LinkDown("replication link down")
             pend.finish()
         self.unanswered.clear()
 

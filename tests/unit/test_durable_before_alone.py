@@ -27,7 +27,6 @@ from syncd.node.datapath import WRITE, DataPath
 from syncd.node.intent import IntentLog
 from syncd.node.roles import Mode
 from syncd.node.volume import Volume
-from syncd.repl.link import LinkDown
 from syncd.repl.proto import Frame
 
 from .test_datapath_cancel import REGION, SIZE, Group, Member, Node, Wire
@@ -41,13 +40,6 @@ class Durable(Group):
         self._changed = trio.lowlevel.ParkingLot()
         self.steady = lambda: False  # the task path: the one that waits
         self.roles = types.SimpleNamespace(is_primary=True)
-
-    def lose_peer(self, reason: str) -> None:
-        """As ``PeerLost`` does: fencing the peer off, which no longer holds every write, and
-        what it held made durable here first (``FlushVolumes``)."""
-        super().lose_peer(reason)
-        self.mode, self.mirroring = Mode.FENCING, False
-        self.changed(peer_has_all=False, flush_pending=True)
 
     async def wait_change(self, deadline: float) -> None:
         with trio.move_on_at(deadline):
@@ -96,6 +88,36 @@ def replicas(tmp_path):
         x.close()
 
 
+def start_write(nursery: trio.Nursery, dp: DataPath, m: Member, offset: int, data: bytes) -> trio.Event:
+    """A host write (no FUA) in a task of its own; the event is set once it is acknowledged."""
+    done = trio.Event()
+
+    async def write() -> None:
+        await dp.host_write(m, WRITE, offset, len(data), memoryview(data), False)
+        done.set()
+
+    nursery.start_soon(write)
+    return done
+
+
+async def in_sync(nursery: trio.Nursery, wire: Wire, here: Volume, intent: IntentLog,
+                  cls: type[Durable] = Durable) -> tuple[Durable, DataPath, Member]:
+    """A primary mirroring to a peer that holds every write; the volume's regions marked."""
+    g = cls(Node(wire, nursery))
+    g.mode, g.mirroring = Mode.ATTACHED, True
+    g.changed(peer_has_all=True, flush_pending=False)
+    await intent.mark(0, SIZE)  # marked by earlier writes: marking does not wait
+    return g, DataPath(g), Member(g, here, intent)
+
+
+async def settle() -> None:
+    """Until every task waits (a task waiting for a worker thread counts as blocked: so a few
+    rounds, with pauses for the threads)."""
+    for _ in range(3):
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(0.05)
+
+
 async def test_a_write_alone_waits_until_what_the_peer_holds_too_is_durable_here(replicas):
     here, peer, intent = replicas(Spy)
     data = b"\x5a" * 4096
@@ -106,16 +128,8 @@ async def test_a_write_alone_waits_until_what_the_peer_holds_too_is_durable_here
         dp = DataPath(g)
         m = Member(g, here, intent)
         await intent.mark(0, SIZE)  # marked by earlier writes: marking does not wait
-        done = trio.Event()
-
-        async def write() -> None:
-            await dp.host_write(m, WRITE, 0, len(data), memoryview(data), False)
-            done.set()
-
-        nursery.start_soon(write)
-        for _ in range(3):  # (a task waiting for a worker thread counts as blocked)
-            await trio.testing.wait_all_tasks_blocked()
-            await trio.sleep(0.05)
+        done = start_write(nursery, dp, m, 0, data)
+        await settle()
         assert not done.is_set() and here.fuas == []  # not applied, not acknowledged
         g.changed(flush_pending=False)  # Flushed
         await done.wait()
@@ -137,13 +151,7 @@ async def test_writes_mirrored_to_a_peer_being_resynchronized_are_durable_here_b
         await intent.mark(0, SIZE)
         assert not dp.fast_write(m, 0, memoryview(data), lambda err, msg: None)  # the task path
         g.steady = lambda: False
-        done = trio.Event()
-
-        async def write() -> None:
-            await dp.host_write(m, WRITE, 8192, len(data), memoryview(data), False)
-            done.set()
-
-        nursery.start_soon(write)
+        done = start_write(nursery, dp, m, 8192, data)
         await trio.testing.wait_all_tasks_blocked()
         wire.answer()
         await done.wait()
@@ -168,22 +176,14 @@ async def test_writes_mirrored_to_a_peer_being_resynchronized_are_durable_here_b
         nursery.cancel_scope.cancel()
 
 
-class LostAnswer(Wire):
-    """The link, whose other end applies each data frame; ``lose`` then takes the link down
-    before any answer came (the peer has the write, this array does not know it)."""
+class Fencing(Durable):
+    """A group that, losing its peer, does what ``PeerLost`` does: fences the peer off, which
+    no longer holds every write, and makes what it held durable here first (``FlushVolumes``)."""
 
-    async def wait(self, pend):
-        if not pend.done():
-            await pend.event.wait()
-        if pend.error is not None:
-            raise pend.error
-        return pend.reply
-
-    def lose(self) -> None:
-        for pend in self.unanswered:
-            pend.error = LinkDown("the link went down")
-            pend.finish()
-        self.unanswered.clear()
+    def lose_peer(self, reason: str) -> None:
+        super().lose_peer(reason)
+        self.mode, self.mirroring = Mode.FENCING, False
+        self.changed(peer_has_all=False, flush_pending=True)
 
 
 async def test_a_mirrored_write_whose_answer_was_lost_is_durable_here_before_it_is_acknowledged_alone(replicas):
@@ -194,33 +194,17 @@ async def test_a_mirrored_write_whose_answer_was_lost_is_durable_here_before_it_
     here, peer, intent = replicas(Spy)
     data = b"\x3c" * 4096
     async with trio.open_nursery() as nursery:
-        wire = LostAnswer(peer)
-        g = Durable(Node(wire, nursery))
-        g.mode, g.mirroring = Mode.ATTACHED, True
-        g.changed(peer_has_all=True, flush_pending=False)
-        dp, m = DataPath(g), Member(g, here, intent)
-        await intent.mark(0, SIZE)
-        acked = trio.Event()
-
-        async def write() -> None:
-            await dp.host_write(m, WRITE, 0, len(data), memoryview(data), False)
-            acked.set()
-
-        nursery.start_soon(write)
-        for _ in range(3):  # (a task waiting for a worker thread counts as blocked)
-            await trio.testing.wait_all_tasks_blocked()
-            await trio.sleep(0.05)
+        wire = Wire(peer)
+        g, dp, m = await in_sync(nursery, wire, here, intent, Fencing)
+        acked = start_write(nursery, dp, m, 0, data)
+        await settle()
         assert here.read_sync(0, len(data)) == data and peer.read_sync(0, len(data)) == data
         wire.lose()
-        for _ in range(3):
-            await trio.testing.wait_all_tasks_blocked()
-            await trio.sleep(0.05)
+        await settle()
         assert g.lost and not acked.is_set()  # fencing: nothing acknowledged yet
         g.mode = Mode.DETACHED
         g.changed(alone=True)  # the witness agreed: going on alone, but the flush runs still
-        for _ in range(3):
-            await trio.testing.wait_all_tasks_blocked()
-            await trio.sleep(0.05)
+        await settle()
         assert not acked.is_set()
         await here.flush()  # FlushVolumes ...
         g.changed(flush_pending=False)  # ... Flushed
@@ -254,18 +238,8 @@ async def test_a_mirrored_write_applied_after_the_flush_began_is_flushed_before_
     data = b"\x77" * 4096
     async with trio.open_nursery() as nursery:
         wire = Wire(peer)
-        g = Durable(Node(wire, nursery))
-        g.mode, g.mirroring = Mode.ATTACHED, True
-        g.changed(peer_has_all=True, flush_pending=False)
-        dp, m = DataPath(g), Member(g, here, intent)
-        await intent.mark(0, SIZE)
-        acked = trio.Event()
-
-        async def write():
-            await dp.host_write(m, WRITE, 0, len(data), memoryview(data), False)
-            acked.set()
-
-        nursery.start_soon(write)
+        g, dp, m = await in_sync(nursery, wire, here, intent)
+        acked = start_write(nursery, dp, m, 0, data)
         await trio.testing.wait_all_tasks_blocked()
         wire.answer()  # the peer applied it
         # The link is lost: FlushVolumes, the flush, Flushed (peer_has_all False on disk).

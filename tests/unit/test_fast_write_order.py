@@ -22,7 +22,6 @@ from syncd.node.datapath import DataPath
 from syncd.node.intent import IntentLog
 from syncd.node.roles import Mode
 from syncd.node.volume import Volume
-from syncd.repl.link import LinkDown
 
 from .test_datapath_cancel import REGION, SIZE, Member, Node, Wire
 from .test_durable_before_alone import Durable
@@ -157,13 +156,6 @@ async def test_a_local_write_failing_after_its_frame_left_is_answered_with_the_e
         assert not m.lock.busy(4 * REGION, 4096)
 
 
-def _link_lost(wire) -> None:
-    for pend in wire.unanswered:
-        pend.error = LinkDown("replication link down")
-        pend.finish()
-    wire.unanswered.clear()
-
-
 async def test_a_write_neither_replica_applied_is_not_acknowledged(primary):
     """Found by review: the local write failed and the link went; once the peer is fenced off
     the host gets the local error, not success."""
@@ -172,7 +164,7 @@ async def test_a_write_neither_replica_applied_is_not_acknowledged(primary):
     async with _running(here, peer, intent) as (wire, dp, m):
         with batch():
             assert dp.fast_write(m, 2 * REGION, memoryview(b"\x42" * 4096), lambda err, msg: answers.append(err))
-        _link_lost(wire)
+        wire.lose()
         await trio.testing.wait_all_tasks_blocked()
         assert answers == [errno.EIO] and m.dirty.test(2) and not m.lock.busy(2 * REGION, 4096)
 
@@ -187,7 +179,7 @@ async def test_a_write_the_peer_did_not_confirm_is_marked_and_keeps_its_range_un
         with batch():
             assert dp.fast_write(m, 3 * REGION, memoryview(data), lambda err, msg: answers.append(err))
         g.mode = Mode.FENCING  # the peer is being fenced off
-        _link_lost(wire)
+        wire.lose()
         assert m.dirty.test(3)  # at once: a resync that starts now counts it
         await trio.testing.wait_all_tasks_blocked()
         assert answers == [] and m.lock.busy(3 * REGION, 4096)
