@@ -13,17 +13,16 @@ Data is modelled as the set of writes each array holds on disk (each write its o
 alone only on its array; at any instant an array serves, a read there must see every write
 acknowledged before. A write an array applies is volatile there (page cache, the disk's write
 cache) until a flush begun after it ends (``FlushVolumes`` then ``Flushed``; a primary's
-acknowledgement of a mirrored write while its peer lacks regions, which the data path makes
-durable first) or the kernel wrote it back (``writeback`` seconds later). A power cut takes from
-an array's disk its volatile writes that its peer also holds (a write only one array holds is
-not modelled as lost: that would be a loss no design can mend), and what the array then copies
-to its peer overwrites the peer's newer copy of them (the regions it was writing are copied
-unless it fetches them back); every crash is an unclean stop, a ``stop`` a clean one. A
-primary acknowledges nothing alone while its writes are being made durable (``flush_pending``),
-as the data path waits for ``Flushed``. A primary restarted with ``peer_newer`` fetches back
-from its peer what it lacks when it resynchronizes it (``_pull``, after RESYNC_BEGIN), and until
-then reads the peer (``Sim.readable``).
-"""
+acknowledgement of a mirrored write while its peer lacks regions, or alone after its mirror
+failed, which the data path makes durable first) or the kernel wrote it back (``writeback``
+seconds later). A power cut takes from an array's disk its volatile writes that its peer also
+holds (a write only one array holds is not modelled as lost: that would be a loss no design can
+mend), and what the array then copies to its peer overwrites the peer's newer copy of them (the
+regions it was writing are copied unless it fetches them back); every crash is an unclean stop,
+a ``stop`` a clean one. A primary acknowledges nothing alone while its writes are being made
+durable (``flush_pending``), as the data path waits for ``Flushed``. A primary restarted with
+``peer_newer`` fetches back from its peer what it lacks when it resynchronizes it (``_pull``,
+after RESYNC_BEGIN), and until then reads the peer (``Sim.readable``)."""
 
 from __future__ import annotations
 
