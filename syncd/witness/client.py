@@ -4,14 +4,16 @@ and KEEP / CLAIM requests when the replication link is lost."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import trio
 
 from .. import netio, secure
 from . import proto as w
-from .reach import GroupsFn, OnChange, OnReport, WitnessReach
+from .reach import GroupsFn, OnChange, OnReport, WitnessReach, report_now
 from .session import Session, establish
 
 log = logging.getLogger("syncd.witness.client")
@@ -66,20 +68,24 @@ class WitnessClient(WitnessReach):
                 await self._connect()
                 while True:
                     await self._check_idle()
-                    for name, members, owner, epoch, flags in self.groups_fn():
-                        if name not in self.registered:
-                            await self.request(w.WType.REGISTER, group=name, member1=members[0],
-                                               member2=members[1], owner=owner, epoch=epoch)
-                            self.registered.add(name)
-                        f = await self.request(w.WType.REPORT, group=name, epoch=epoch, flags=flags)
-                        if f.type == w.WType.DECISION and self.on_report is not None:
-                            assert self.last_ok_sent is not None  # set by the request that answered
-                            self.on_report(name, self.last_ok_sent, f.owner, f.epoch)
+                    await self._round()
                     await trio.sleep(self.cfg.interval)
             except (OSError, w.WitnessProtocolError, WitnessUnreachable, trio.TooSlowError, EOFError,
                     secure.AuthError) as e:
                 self._lose(e)
             await trio.sleep(self.cfg.interval)
+
+    async def _round(self) -> None:
+        """Register each new group, then report each group."""
+        for name, members, owner, epoch, _flags in self.groups_fn():
+            if name not in self.registered:
+                await self.request(w.WType.REGISTER, group=name, member1=members[0],
+                                   member2=members[1], owner=owner, epoch=epoch)
+                self.registered.add(name)
+            f = await self._request(w.WType.REPORT, partial(self._report_fields, name))
+            if f is not None and f.type == w.WType.DECISION and self.on_report is not None:
+                assert self.last_ok_sent is not None  # set by the request that answered
+                self.on_report(name, self.last_ok_sent, f.owner, f.epoch)
 
     async def _check_idle(self) -> None:
         """Between rounds: a connection the witness closed meanwhile (an array with no groups
@@ -128,11 +134,25 @@ class WitnessClient(WitnessReach):
         self._set_connected(True)
         log.info("witness %s reached (%s)", self.witness_name, self.cfg.security.describe())
 
+    def _report_fields(self, name: str) -> dict[str, Any] | None:
+        now = report_now(self.groups_fn, name)
+        return None if now is None else {"group": name, "epoch": now[0], "flags": now[1]}
+
     async def request(self, t: w.WType, **fields: Any) -> w.WFrame:
+        f = await self._request(t, lambda: fields)
+        assert f is not None
+        return f
+
+    async def _request(self, t: w.WType, fields_now: Callable[[], dict[str, Any] | None]) -> w.WFrame | None:
+        """One request, its fields read once it holds the connection (``reach.report_now``); None
+        when there is nothing to ask any more (``fields_now`` said so: the group is gone)."""
         async with self.lock:
             sess = self.sess
             if sess is None:  # checked under the lock: another request may have dropped it
                 raise WitnessUnreachable(self.last_error or "not connected")
+            fields = fields_now()
+            if fields is None:
+                return None
             self.rid += 1
             sent = trio.current_time()
             self._sent(fields["group"], sent)

@@ -22,7 +22,7 @@ from .decide import Decision, Timing, WitnessError
 from .etcd import EtcdClient, EtcdConfig, EtcdError, EtcdUnreachable
 from .etcd_backend import EtcdWitness
 from .etcd_members import Gathering, gather
-from .reach import GroupsFn, OnChange, OnReport, WitnessReach
+from .reach import GroupsFn, OnChange, OnReport, WitnessReach, report_now
 
 log = logging.getLogger("syncd.witness.etcd")
 
@@ -73,6 +73,7 @@ class EtcdWitnessClient(WitnessReach):
         self.scope: trio.CancelScope | None = None
         self.registered: set[str] = set()
         self.witness_name = ""
+        self.lock = trio.Lock()  # reports and decisions, one at a time (``_round``)
 
     def info(self) -> dict[str, Any]:
         g = self.members
@@ -120,13 +121,19 @@ class EtcdWitnessClient(WitnessReach):
             await self.witness.touch()  # reachability, and this array's lease
             self._ok()
             return
-        for name, members, owner, epoch, flags in groups:
+        for name, members, owner, epoch, _flags in groups:
             if name not in self.registered:
                 await self.witness.register(name, members, owner, epoch)
                 self.registered.add(name)
-            sent = trio.current_time()
-            d = await self.witness.report(name, epoch, peer_alive=bool(flags & w.REPORT_PEER_ALIVE),
-                                          peer_in_sync=bool(flags & w.REPORT_PEER_IN_SYNC))
+            # One request at a time, as the built-in witness's client: the report's flags are
+            # read once it is its turn, so it never follows a KEEP with flags from before it.
+            async with self.lock:
+                now = report_now(self.groups_fn, name)
+                if now is None:
+                    continue
+                sent = trio.current_time()
+                d = await self.witness.report(name, now[0], peer_alive=bool(now[1] & w.REPORT_PEER_ALIVE),
+                                              peer_in_sync=bool(now[1] & w.REPORT_PEER_IN_SYNC))
             self._ok()
             if self.on_report is not None:
                 self.on_report(name, sent, d.owner, d.epoch)
@@ -139,7 +146,9 @@ class EtcdWitnessClient(WitnessReach):
         if ask is None:
             raise ValueError(f"not a decision: {t}")
         try:
-            d = await ask(group, epoch)
+            async with self.lock:
+                sent = trio.current_time()
+                d = await ask(group, epoch)
         except (EtcdUnreachable, EtcdError) as e:
             self._failed(e)
             return None, sent

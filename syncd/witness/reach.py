@@ -26,6 +26,20 @@ OnSent = Callable[[str, float], None]
 UNHEARD_INTERVALS = 3
 
 
+def report_now(groups_fn: GroupsFn, name: str) -> tuple[int, int] | None:
+    """Group ``name``'s epoch and report flags as they are now (None: the group is gone).
+
+    Both clients read them once the report holds the witness (its connection, its turn), not at
+    the start of the round: a KEEP sent meanwhile for the same group (the link lost while the
+    round reported other groups) must not be followed by flags read before it, which still said
+    the peer was in sync. The witness would then take the peer for in sync again and could give
+    it the group while this array goes on alone (found by the role model's random schedules)."""
+    for group, _members, _owner, epoch, flags in groups_fn():
+        if group == name:
+            return epoch, flags
+    return None
+
+
 class WitnessReach:
     """The one owner of a witness client's reachability state; the client tells it of every
     answer (``_ok``) and every failure (``_failed``)."""

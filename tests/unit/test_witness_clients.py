@@ -11,6 +11,7 @@ import struct
 
 import pytest
 import trio
+import trio.testing
 from rich.console import Console
 
 from syncd.ctl import print_witness
@@ -183,3 +184,131 @@ async def test_a_request_put_on_a_connection_counts_as_maybe_heard_even_unanswer
     # it late).
     assert sess.closed and sess.linger == struct.pack("ii", 1, 0)
 
+
+
+# -- a report never follows a KEEP with flags read before it ----------------------------------------
+
+class TurnSession:
+    """A witness connection that answers each request when the test says (``answer``)."""
+
+    peer = "w1"
+
+    def __init__(self) -> None:
+        from syncd.witness import proto as w
+
+        self.sent: list = []  # the frames, decoded
+        self.turn = trio.Event()
+        self.sock = socket.socket()
+        self._w = w
+
+    async def send(self, data: bytes) -> None:
+        dec = self._w.WDecoder()
+        dec.receive_data(data)
+        self.sent.append(dec.next_frame())
+
+    async def next_frame(self):
+        await self.turn.wait()
+        self.turn = trio.Event()
+        w, last = self._w, self.sent[-1]
+        return w.WFrame(w.WType.DECISION, last.req_id, {"granted": True, "owner": "A", "epoch": 1, "reason": "ok"})
+
+    def answer(self) -> None:
+        self.turn.set()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def test_a_report_waiting_behind_a_keep_sends_the_flags_of_its_own_turn():
+    """Found by the role model's random schedules (stop 43): a round of reports read every
+    group's flags at its start; the link went while it reported another group, the KEEP for this
+    group went first, and the report after it still said the peer was in sync. The witness took
+    the peer for in sync again, and, once this array was cut off from it too, gave the peer the
+    group while this array went on alone. The flags are now read when the report's turn comes."""
+    from syncd import secure
+    from syncd.witness import proto as w
+    from syncd.witness.client import WitnessClient, WitnessClientConfig
+
+    both = w.REPORT_PEER_ALIVE | w.REPORT_PEER_IN_SYNC
+    flags = {"g1": both, "g2": both}
+    wc = WitnessClient(WitnessClientConfig(("127.0.0.1", 1), secure.Security("insecure")), "A",
+                       lambda: [(g, ("A", "B"), "A", 1, f) for g, f in flags.items()])
+    wc.sess = sess = TurnSession()
+    wc.registered = {"g1", "g2"}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wc._round)
+        await trio.testing.wait_all_tasks_blocked()
+        assert [(f.type, f.group) for f in sess.sent] == [(w.WType.REPORT, "g1")]
+        flags["g2"] = 0  # the link is lost: g2 is going on alone
+        nursery.start_soon(wc.decide, w.WType.KEEP, "g2", 1)
+        await trio.testing.wait_all_tasks_blocked()
+        for _ in range(3):
+            sess.answer()
+            await trio.testing.wait_all_tasks_blocked()
+    assert [(f.type, f.group) for f in sess.sent] == [(w.WType.REPORT, "g1"), (w.WType.KEEP, "g2"),
+                                                      (w.WType.REPORT, "g2")]
+    assert sess.sent[2].flags == 0, "the report after the KEEP says what holds at its sending"
+
+
+class TurnEtcd:
+    """The etcd witness, each request answered when the test says: what reached it, in order."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple] = []
+        self.turn = trio.Event()
+
+    async def _answer(self, what: tuple):
+        from syncd.witness.decide import Decision
+
+        self.got.append(what)
+        await self.turn.wait()
+        self.turn = trio.Event()
+        return Decision(True, "A", 1, "ok")
+
+    async def report(self, name, epoch, *, peer_alive, peer_in_sync):
+        return await self._answer(("report", name, peer_in_sync))
+
+    async def keep(self, name, epoch):
+        return await self._answer(("keep", name))
+
+    claim = handover = resolve = keep  # (the client looks every decision up)
+
+
+async def test_the_etcd_client_too_sends_a_report_after_a_keep_with_the_flags_of_its_own_turn():
+    """The same on etcd: reports and decisions go one at a time, each report's flags read when its
+    turn comes."""
+    from syncd.witness import proto as w
+    from syncd.witness.etcd import EtcdConfig
+    from syncd.witness.etcd_node import EtcdWitnessClient, EtcdWitnessConfig
+
+    both = w.REPORT_PEER_ALIVE | w.REPORT_PEER_IN_SYNC
+    flags = {"g1": both, "g2": both}
+    ec = EtcdWitnessClient(EtcdWitnessConfig(EtcdConfig(("http://127.0.0.1:1",)), "p"), "A",
+                           lambda: [(g, ("A", "B"), "A", 1, f) for g, f in flags.items()])
+    ec.witness = etcd = TurnEtcd()
+    ec.registered = {"g1", "g2"}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ec._round)
+        await trio.testing.wait_all_tasks_blocked()
+        flags["g2"] = 0  # the link is lost: g2 is going on alone
+        nursery.start_soon(ec.decide, w.WType.KEEP, "g2", 1)
+        await trio.testing.wait_all_tasks_blocked()
+        for _ in range(3):
+            etcd.turn.set()
+            await trio.testing.wait_all_tasks_blocked()
+    assert etcd.got == [("report", "g1", True), ("keep", "g2"), ("report", "g2", False)]
+    # A KEEP asked while the report of the same group is under way waits for its answer: etcd
+    # must not commit the KEEP first and the report's older flags after it.
+    flags["g1"] = both
+    etcd.got.clear()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ec._round)
+        await trio.testing.wait_all_tasks_blocked()
+        flags["g1"] = 0
+        nursery.start_soon(ec.decide, w.WType.KEEP, "g1", 1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert etcd.got == [("report", "g1", True)]
+        for _ in range(3):
+            etcd.turn.set()
+            await trio.testing.wait_all_tasks_blocked()
+    assert etcd.got == [("report", "g1", True), ("keep", "g1"), ("report", "g2", False)]
