@@ -172,6 +172,9 @@ class Array:
         # Witness client: one TCP connection. A request unanswered within witness_timeout drops it,
         # and a new one needs the witness's challenge to get through (both directions work).
         self.w_conn = False
+        # What TCP keeps on that connection: frames arrive in the order they were sent, and once
+        # one is lost in a direction nothing after it gets through (``Sim._w_carry``).
+        self.w_conn_id = 0
         self.timer_state: r.RoleState | None = None  # next_timer() cache: the state it is for,
         self.timer_tick = -math.inf  # the last Tick then,
         self.timer = math.inf  # and when the shell ticks next (local)
@@ -255,6 +258,10 @@ class Sim:
         self.writers: dict[int, set[str]] = {}  # epoch -> arrays seen acknowledging writes at it
         self.override = False  # an operator override happened: two writers at once may be legal
         self.trace: deque[tuple[float, str, object]] = deque(maxlen=TRACE)
+        # Witness connections (Array.w_conn_id) and direction ("up" to the witness, "down"):
+        # when the last frame arrives, and those where a frame was lost.
+        self.w_last: dict[tuple[int, str], float] = {}
+        self.w_broken: set[tuple[int, str]] = set()
         self.events = 0
         self.stale_timers = 0  # next_timer() still due right after a Tick at or after it
         self.stale_example: str = ""
@@ -975,9 +982,11 @@ class Sim:
                 self.note(x.name, f"witness unreachable: {kind} not sent")
                 return
             x.w_conn = True
+            x.w_conn_id = self._new_req()
+        conn = x.w_conn_id
         # Sent on a connection: whatever comes of it, the witness may hear it (the client says so).
         self.feed(x, r.WitnessSent(sent, sent))
-        if wit is None or self.cut[ln] or self._lost(x.name, W, kind):
+        if wit is None or self.cut[ln] or self._w_lost(conn, "up", x.name, W, kind):
             self.note(x.name, f"lost: {kind} to W")
             return
         winc = wit.inc
@@ -987,7 +996,7 @@ class Sim:
                 return
             dec = self._decide(wit, wit.rec, kind, x.name, epoch, flags, echo)
             stamp = wit.clock.local(self.now)
-            if self.cut[ln] or self._lost(W, x.name, kind):
+            if self.cut[ln] or self._w_lost(conn, "down", W, x.name, kind):
                 return
 
             def back() -> None:
@@ -1013,9 +1022,33 @@ class Sim:
                     if kind == "CLAIM" and self.state_says_claiming:
                         self._claim_over(y)
 
-            self.at(self.now + self._delay(W, x.name), f"W answers {x.name}", back)
+            self.at(self._w_carry(conn, "down", W, x.name), f"W answers {x.name}", back)
 
-        self.at(self.now + self._delay(x.name, W), f"{x.name} {kind} to W", at_witness)
+        self.at(self._w_carry(conn, "up", x.name, W), f"{x.name} {kind} to W", at_witness)
+
+    def _w_carry(self, conn: int, way: str, src: str, dst: str) -> float:
+        """When a frame sent now on witness connection ``conn`` arrives: its delay, but never
+        before a frame sent on it earlier in the same direction (TCP delivers in order; the
+        client sends a request only after the one before it was answered or given up, and then on
+        a new connection: found by the random schedules, where a REPORT saying the peer was in
+        sync overtook the KEEP sent after it and the witness gave the peer the group)."""
+        at = max(self.now + self._delay(src, dst), self.w_last.get((conn, way), -math.inf))
+        self.w_last[(conn, way)] = at
+        return at
+
+    def _w_lost(self, conn: int, way: str, src: str, dst: str, what: str) -> bool:
+        """A frame on witness connection ``conn`` is lost: by chance, or because one before it was
+        (TCP gets nothing after a gap through; the client gives the connection up). A frame a
+        schedule removes (``drop_if``) is as if never sent: the connection goes on."""
+        if (conn, way) in self.w_broken:
+            return True
+        if self.drop_if is not None and self.drop_if(src, dst, what):
+            return True
+        loss = self.loss[(src, dst)]
+        if loss > 0 and self.rng.random() < loss:
+            self.w_broken.add((conn, way))
+            return True
+        return False
 
     def _decide(self, wit: Witness, rec: d.GroupRecord, kind: str, node: str, epoch: int,
                 flags: tuple[bool, bool], echo: float | None) -> d.Decision:

@@ -467,6 +467,26 @@ def test_a_mirrored_write_acknowledged_alone_is_durable_in_the_model_as_in_the_d
     state.teardown()
 
 
+def test_a_report_sent_before_the_keep_reaches_the_witness_before_it() -> None:
+    """Found by the random schedules (stop 43): A's requests to the witness were delayed up to
+    1 s. A REPORT saying B was in sync, sent before the link went, reached the witness after the
+    KEEP A sent on losing B, and the witness took B for in sync again; A was then cut off from
+    the witness too, and after A's silence the witness gave B the group while A went on alone
+    (promise c). One connection cannot do that (TCP keeps the order, and the client sends a
+    request only after the one before was answered or given up): the simulator now keeps the
+    order on a connection (``Sim._w_carry``). The nodes' clients had the same flaw in another
+    form, a round's flags read before a KEEP went ahead of its report; they now read them when
+    the report's turn comes (``test_witness_clients.py``)."""
+    state = Schedule()
+    state.start(seed=5, ra=0.9765625, rb=0.953125, rw=1.0, warm=6.0, load=0.0)
+    state.network(dt=0.578125, loss=0.1, max_delay=0.0, seed=0, way=(B, A))
+    state.network(dt=1.09375, loss=0.0, max_delay=1.0, seed=271381, way=(A, W))
+    state.network(dt=0.125, loss=0.0, max_delay=0.0, seed=12409, way=(A, B))
+    state.cut(dt=2.0, link="A-B", seed=0)
+    state.cut(dt=4.0, link="A-W", seed=0)
+    state.teardown()
+
+
 def restart_then_witness_gone_then_link_cut(sim: Sim, down: float, gap: float) -> None:
     settle(sim)
     sim.crash(A, "kill")  # the witness heard A's report just before
