@@ -219,6 +219,29 @@ class TurnSession:
         self.sock.close()
 
 
+async def keep_while_reporting(client, answer, flags: dict, group: str, before=lambda: None) -> None:
+    """A round of reports by ``client``; once its first report is under way the link is lost for
+    ``group`` (its flags drop) and the node asks the witness to KEEP it; ``before`` checks what
+    went out by then; then each request is answered in turn (``answer``)."""
+    from syncd.witness import proto as w
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client._round)
+        await trio.testing.wait_all_tasks_blocked()
+        flags[group] = 0
+        nursery.start_soon(client.decide, w.WType.KEEP, group, 1)
+        await trio.testing.wait_all_tasks_blocked()
+        before()
+        for _ in range(3):
+            answer()
+            await trio.testing.wait_all_tasks_blocked()
+
+
+def groups_of(flags: dict):
+    """The node's groups as the witness clients read them: every one owned by A at epoch 1."""
+    return lambda: [(g, ("A", "B"), "A", 1, f) for g, f in flags.items()]
+
+
 async def test_a_report_waiting_behind_a_keep_sends_the_flags_of_its_own_turn():
     """Found by the role model's random schedules (stop 43): a round of reports read every
     group's flags at its start; the link went while it reported another group, the KEEP for this
@@ -231,20 +254,14 @@ async def test_a_report_waiting_behind_a_keep_sends_the_flags_of_its_own_turn():
 
     both = w.REPORT_PEER_ALIVE | w.REPORT_PEER_IN_SYNC
     flags = {"g1": both, "g2": both}
-    wc = WitnessClient(WitnessClientConfig(("127.0.0.1", 1), secure.Security("insecure")), "A",
-                       lambda: [(g, ("A", "B"), "A", 1, f) for g, f in flags.items()])
+    wc = WitnessClient(WitnessClientConfig(("127.0.0.1", 1), secure.Security("insecure")), "A", groups_of(flags))
     wc.sess = sess = TurnSession()
     wc.registered = {"g1", "g2"}
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(wc._round)
-        await trio.testing.wait_all_tasks_blocked()
+
+    def the_keep_waits() -> None:
         assert [(f.type, f.group) for f in sess.sent] == [(w.WType.REPORT, "g1")]
-        flags["g2"] = 0  # the link is lost: g2 is going on alone
-        nursery.start_soon(wc.decide, w.WType.KEEP, "g2", 1)
-        await trio.testing.wait_all_tasks_blocked()
-        for _ in range(3):
-            sess.answer()
-            await trio.testing.wait_all_tasks_blocked()
+
+    await keep_while_reporting(wc, sess.answer, flags, "g2", the_keep_waits)
     assert [(f.type, f.group) for f in sess.sent] == [(w.WType.REPORT, "g1"), (w.WType.KEEP, "g2"),
                                                       (w.WType.REPORT, "g2")]
     assert sess.sent[2].flags == 0, "the report after the KEEP says what holds at its sending"
@@ -273,6 +290,9 @@ class TurnEtcd:
 
     claim = handover = resolve = keep  # (the client looks every decision up)
 
+    def answer(self) -> None:
+        self.turn.set()
+
 
 async def test_the_etcd_client_too_sends_a_report_after_a_keep_with_the_flags_of_its_own_turn():
     """The same on etcd: reports and decisions go one at a time, each report's flags read when its
@@ -283,32 +303,18 @@ async def test_the_etcd_client_too_sends_a_report_after_a_keep_with_the_flags_of
 
     both = w.REPORT_PEER_ALIVE | w.REPORT_PEER_IN_SYNC
     flags = {"g1": both, "g2": both}
-    ec = EtcdWitnessClient(EtcdWitnessConfig(EtcdConfig(("http://127.0.0.1:1",)), "p"), "A",
-                           lambda: [(g, ("A", "B"), "A", 1, f) for g, f in flags.items()])
+    ec = EtcdWitnessClient(EtcdWitnessConfig(EtcdConfig(("http://127.0.0.1:1",)), "p"), "A", groups_of(flags))
     ec.witness = etcd = TurnEtcd()
     ec.registered = {"g1", "g2"}
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(ec._round)
-        await trio.testing.wait_all_tasks_blocked()
-        flags["g2"] = 0  # the link is lost: g2 is going on alone
-        nursery.start_soon(ec.decide, w.WType.KEEP, "g2", 1)
-        await trio.testing.wait_all_tasks_blocked()
-        for _ in range(3):
-            etcd.turn.set()
-            await trio.testing.wait_all_tasks_blocked()
+    await keep_while_reporting(ec, etcd.answer, flags, "g2")
     assert etcd.got == [("report", "g1", True), ("keep", "g2"), ("report", "g2", False)]
     # A KEEP asked while the report of the same group is under way waits for its answer: etcd
     # must not commit the KEEP first and the report's older flags after it.
     flags["g1"] = both
     etcd.got.clear()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(ec._round)
-        await trio.testing.wait_all_tasks_blocked()
-        flags["g1"] = 0
-        nursery.start_soon(ec.decide, w.WType.KEEP, "g1", 1)
-        await trio.testing.wait_all_tasks_blocked()
+
+    def the_keep_waits() -> None:
         assert etcd.got == [("report", "g1", True)]
-        for _ in range(3):
-            etcd.turn.set()
-            await trio.testing.wait_all_tasks_blocked()
+
+    await keep_while_reporting(ec, etcd.answer, flags, "g1", the_keep_waits)
     assert etcd.got == [("report", "g1", True), ("keep", "g1"), ("report", "g2", False)]
