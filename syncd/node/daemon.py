@@ -561,8 +561,10 @@ class Node:
         if getattr(wcfg, "backend", "builtin") == "etcd":
             from ..witness.etcd_node import EtcdWitnessClient
 
-            return EtcdWitnessClient(wcfg, self.cfg.name, self._witness_groups, self._witness_report,
-                                     self._witness_changed)
+            ec = EtcdWitnessClient(wcfg, self.cfg.name, self._witness_groups, self._witness_report,
+                                   self._witness_changed)
+            ec.report_fn = self._witness_report_now
+            return ec
         from ..witness.client import WitnessClient
 
         wc = WitnessClient(wcfg, self.cfg.name, self._witness_groups, self._witness_report, self._witness_changed)
@@ -570,6 +572,7 @@ class Node:
         # etcd: a request reaches a member that may have no quorum (nothing commits there), and
         # a pre-elected primary must go on when the etcd quorum is lost (failure matrix).
         wc.on_sent = self._witness_sent
+        wc.report_fn = self._witness_report_now  # one group's report, not every group's
         return wc
 
     def _witness_sent(self, name: str, sent: float) -> None:
@@ -712,18 +715,23 @@ class Node:
 
     def _witness_groups(self):
         """What the witness client reports: (group, members, owner, epoch, flags) per group."""
-        from ..witness.proto import REPORT_PEER_ALIVE, REPORT_PEER_IN_SYNC
-
         out = []
         for g in self.groups.values():
             me, other = self.cfg.name, g.st.peer
-            s = g.state
-            owner = me if s.role is Role.PRIMARY else other
-            flags = REPORT_PEER_ALIVE if self.link is not None and self.link.up else 0
-            if peer_in_sync(s):
-                flags |= REPORT_PEER_IN_SYNC
-            out.append((g.name, tuple(sorted((me, other))), owner, g.epoch, flags))
+            owner = me if g.state.role is Role.PRIMARY else other
+            out.append((g.name, tuple(sorted((me, other))), owner, g.epoch, self._report_flags(g)))
         return out
+
+    def _witness_report_now(self, name: str) -> tuple[int, int] | None:
+        """One group's epoch and report flags as they are now (the clients' ``report_fn``)."""
+        g = self.groups.get(name)
+        return None if g is None else (g.epoch, self._report_flags(g))
+
+    def _report_flags(self, g: Group) -> int:
+        from ..witness.proto import REPORT_PEER_ALIVE, REPORT_PEER_IN_SYNC
+
+        flags = REPORT_PEER_ALIVE if self.link is not None and self.link.up else 0
+        return flags | REPORT_PEER_IN_SYNC if peer_in_sync(g.state) else flags
 
     def _witness_report(self, name: str, sent: float, owner: str, epoch: int) -> None:
         """The witness answered a report: its record of the group (who owns which epoch)."""

@@ -13,7 +13,7 @@ import trio
 
 from .. import netio, secure
 from . import proto as w
-from .reach import GroupsFn, OnChange, OnReport, WitnessReach, report_now
+from .reach import GroupsFn, OnChange, OnReport, WitnessReach
 from .session import Session, establish
 
 log = logging.getLogger("syncd.witness.client")
@@ -135,7 +135,7 @@ class WitnessClient(WitnessReach):
         log.info("witness %s reached (%s)", self.witness_name, self.cfg.security.describe())
 
     def _report_fields(self, name: str) -> dict[str, Any] | None:
-        now = report_now(self.groups_fn, name)
+        now = self._report_now(self.groups_fn, name)
         return None if now is None else {"group": name, "epoch": now[0], "flags": now[1]}
 
     async def request(self, t: w.WType, **fields: Any) -> w.WFrame:
@@ -144,7 +144,7 @@ class WitnessClient(WitnessReach):
         return f
 
     async def _request(self, t: w.WType, fields_now: Callable[[], dict[str, Any] | None]) -> w.WFrame | None:
-        """One request, its fields read once it holds the connection (``reach.report_now``); None
+        """One request, its fields read once it holds the connection (``_report_now``); None
         when there is nothing to ask any more (``fields_now`` said so: the group is gone)."""
         async with self.lock:
             sess = self.sess

@@ -22,7 +22,7 @@ from .decide import Decision, Timing, WitnessError
 from .etcd import EtcdClient, EtcdConfig, EtcdError, EtcdUnreachable
 from .etcd_backend import EtcdWitness
 from .etcd_members import Gathering, gather
-from .reach import GroupsFn, OnChange, OnReport, WitnessReach, report_now
+from .reach import GroupsFn, OnChange, OnReport, WitnessReach
 
 log = logging.getLogger("syncd.witness.etcd")
 
@@ -128,7 +128,7 @@ class EtcdWitnessClient(WitnessReach):
             # One request at a time, as the built-in witness's client: the report's flags are
             # read once it is its turn, so it never follows a KEEP with flags from before it.
             async with self.lock:
-                now = report_now(self.groups_fn, name)
+                now = self._report_now(self.groups_fn, name)
                 if now is None:
                     continue
                 sent = trio.current_time()
@@ -140,7 +140,6 @@ class EtcdWitnessClient(WitnessReach):
 
     async def decide(self, t: w.WType, group: str, epoch: int) -> tuple[Decision | None, float]:
         """(the decision, or None when etcd cannot be asked; when the request was sent)."""
-        sent = trio.current_time()
         ask = {w.WType.CLAIM: self.witness.claim, w.WType.KEEP: self.witness.keep,
                w.WType.HANDOVER: self.witness.handover, w.WType.RESOLVE: self.witness.resolve}.get(t)
         if ask is None:

@@ -26,14 +26,12 @@ OnSent = Callable[[str, float], None]
 UNHEARD_INTERVALS = 3
 
 
-def report_now(groups_fn: GroupsFn, name: str) -> tuple[int, int] | None:
-    """Group ``name``'s epoch and report flags as they are now (None: the group is gone).
+# One group's epoch and report flags as they are now (None: the group is gone).
+ReportFn = Callable[[str], tuple[int, int] | None]
 
-    Both clients read them once the report holds the witness (its connection, its turn), not at
-    the start of the round: a KEEP sent meanwhile for the same group (the link lost while the
-    round reported other groups) must not be followed by flags read before it, which still said
-    the peer was in sync. The witness would then take the peer for in sync again and could give
-    it the group while this array goes on alone (found by the role model's random schedules)."""
+
+def report_now(groups_fn: GroupsFn, name: str) -> tuple[int, int] | None:
+    """``ReportFn`` read from ``groups_fn`` (a client the node gave no ``report_fn``)."""
     for group, _members, _owner, epoch, flags in groups_fn():
         if group == name:
             return epoch, flags
@@ -51,12 +49,23 @@ class WitnessReach:
         self.last_error = ""
         self.connected: bool | None = None  # None until the first attempt ended
         self.on_sent: OnSent | None = None  # set by the node
+        # Set by the node: one group's report without building every group's (``_report_now``).
+        self.report_fn: ReportFn | None = None
 
     def _set_connected(self, up: bool) -> None:
         if self.connected is not up:
             self.connected = up
             if self.on_change is not None:
                 self.on_change(up)
+
+    def _report_now(self, groups_fn: GroupsFn, name: str) -> tuple[int, int] | None:
+        """Group ``name``'s epoch and report flags, read once its report holds the witness (its
+        connection, its turn), not at the start of the round: a KEEP sent meanwhile for the same
+        group (the link lost while the round reported other groups) must not be followed by flags
+        read before it, which still said the peer was in sync. The witness would then take the
+        peer for in sync again and could give it the group while this array goes on alone (found
+        by the role model's random schedules)."""
+        return self.report_fn(name) if self.report_fn is not None else report_now(groups_fn, name)
 
     def _sent(self, group: str, when: float) -> None:
         """A request about ``group`` went out on a connection at ``when``: the witness may hear

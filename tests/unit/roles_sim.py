@@ -1044,8 +1044,7 @@ class Sim:
             return True
         if self.drop_if is not None and self.drop_if(src, dst, what):
             return True
-        loss = self.loss[(src, dst)]
-        if loss > 0 and self.rng.random() < loss:
+        if self._lost(src, dst, what):
             self.w_broken.add((conn, way))
             return True
         return False
