@@ -110,8 +110,8 @@ def test_round_trip_above_the_synchronous_limit_is_warned(tmp_path):
     d = tmp_path / "lab"
     lab = lab_up(str(d), size="4MiB", nvolumes=1, npaths=1, link_opts=dict(FAST_LINK, max_rtt_ms=5), timeout=60)
     try:
-        # Without added delay the warning clears (one early sample may be slow on a busy machine).
-        deadline = time.monotonic() + 10
+        # Without added delay the warning clears (a loaded machine can hold it up for a while).
+        deadline = time.monotonic() + 60
         while call(lab["nodes"]["A"]["admin_socket"], "showrcopy")["link"]["rtt_warning"]:
             assert time.monotonic() < deadline, "loopback round trip stays above 5 ms"
             time.sleep(0.2)
