@@ -176,6 +176,9 @@ def print_witness(wt: dict, console: Console) -> None:
     console.print(f"Quorum witness {who}: {state}" + (f", {wt['security']}" if wt.get("security") else ""),
                   highlight=False)
     if backend != "etcd":
+        if wt.get("refuses_late_requests") is False:
+            console.print("  [yellow]WARNING[/yellow]: this witness takes requests heard late (an older witness: "
+                          "a request the array gave up on may still count; upgrade it)", highlight=False)
         return
     console.print(f"  prefix {wt['prefix']}, answered last by {wt.get('answered_by') or '-'}, "
                   f"lease TTL {wt['lease_ttl_s']} s", highlight=False)

@@ -14,7 +14,8 @@ def collect_witness(wit: "Witness", fam: Families) -> None:
     name = wit.cfg.name
     fam.gauge("syncd_witness_info", "This quorum witness (value 1)", ["witness"]).add_metric([name], 1)
     dec = fam.counter("syncd_witness_decisions", "Requests the witness answered, by group, request and outcome "
-                      "(granted, refused, error; group empty for groups it does not hold)",
+                      "(granted, refused, error, stale: heard too late, nothing changed; group empty for groups it "
+                      "does not hold)",
                       ["witness", "group", "request", "outcome"])
     for (group, request, outcome), n in sorted(wit.decisions.items()):
         dec.add_metric([name, group, request, outcome], n)

@@ -13,14 +13,17 @@ import trio
 
 from .. import netio, secure
 from . import proto as w
+from .decide import FRESH_FOR
 from .reach import GroupsFn, OnChange, OnReport, WitnessReach
 from .session import Session, establish
 
 log = logging.getLogger("syncd.witness.client")
 
 # s: the witness answers a request at once; one that takes longer leaves the connection out of
-# step (an answer may still come), so the connection is dropped and made again.
-REQUEST_TIMEOUT = 1.0
+# step (an answer may still come), so the connection is dropped and made again. The witness
+# takes a request only within this of its answer before it (decide.fresh), so one given up
+# here is never taken later.
+REQUEST_TIMEOUT = FRESH_FOR
 CONNECT_TIMEOUT = 2.0  # s to connect, and again to finish the security handshake
 
 
@@ -52,6 +55,10 @@ class WitnessClient(WitnessReach):
         self.registered: set[str] = set()
         self.last_ok_sent: float | None = None  # when the last answered request was sent
         self.witness_name = ""
+        self.session_answers = 0  # answers heard on this session
+        # Whether the witness refuses requests heard late (None: not known yet): it refuses the
+        # first request of every session, which a witness before protocol's FRESH bit does not.
+        self.fresh_checked: bool | None = None
 
     @property
     def reachable(self) -> bool:
@@ -60,7 +67,7 @@ class WitnessClient(WitnessReach):
     def info(self) -> dict[str, Any]:
         return {"backend": "builtin", "address": "%s:%d" % self.cfg.address, "reachable": self.reachable,
                 "witness": self.witness_name, "security": self.cfg.security.describe(), "last_error": self.last_error,
-                "last_heard_s_ago": self.last_heard_s_ago()}
+                "last_heard_s_ago": self.last_heard_s_ago(), "refuses_late_requests": self.fresh_checked}
 
     async def run(self) -> None:
         while True:
@@ -129,6 +136,7 @@ class WitnessClient(WitnessReach):
             sock.close()
             raise
         self.sess = sess
+        self.session_answers = 0
         self.witness_name = sess.peer
         self.last_error = ""
         self._set_connected(True)
@@ -150,29 +158,47 @@ class WitnessClient(WitnessReach):
             sess = self.sess
             if sess is None:  # checked under the lock: another request may have dropped it
                 raise WitnessUnreachable(self.last_error or "not connected")
-            fields = fields_now()
-            if fields is None:
-                return None
-            self.rid += 1
-            sent = trio.current_time()
-            self._sent(fields["group"], sent)
-            try:
-                with trio.fail_at(sent + REQUEST_TIMEOUT):  # from the send the node counted
-                    await sess.send(w.encode(t, self.rid, **fields))
-                    f = await sess.next_frame()
-            except (OSError, trio.TooSlowError, EOFError, w.WitnessProtocolError, secure.AuthError) as e:
-                self._lose(e)
-                raise WitnessUnreachable(self.last_error) from None
-            if f.type == w.WType.GOODBYE:
-                self._lose(f"the witness closed the connection: {f.reason}")
-                raise WitnessUnreachable(self.last_error)
-            if f.req_id != self.rid:
-                self._drop()
-                self._set_connected(False)
-                raise WitnessUnreachable("witness answered out of order")
-            self._ok()
-            self.last_ok_sent = sent
-            return f
+            for _attempt in range(2):
+                # A retry reads its fields again: a report says what is true when it is sent.
+                fields = fields_now()
+                if fields is None:
+                    return None
+                self.rid += 1
+                rid = self.rid | w.FRESH
+                sent = trio.current_time()
+                self._sent(fields["group"], sent)
+                try:
+                    with trio.fail_at(sent + REQUEST_TIMEOUT):  # from the send the node counted
+                        await sess.send(w.encode(t, rid, **fields))
+                        f = await sess.next_frame()
+                except (OSError, trio.TooSlowError, EOFError, w.WitnessProtocolError, secure.AuthError) as e:
+                    self._lose(e)
+                    raise WitnessUnreachable(self.last_error) from None
+                if f.type == w.WType.GOODBYE:
+                    self._lose(f"the witness closed the connection: {f.reason}")
+                    raise WitnessUnreachable(self.last_error)
+                if f.req_id != rid:
+                    self._drop()
+                    self._set_connected(False)
+                    raise WitnessUnreachable("witness answered out of order")
+                first, self.session_answers = self.session_answers == 0, self.session_answers + 1
+                if f.type == w.WType.STALE:
+                    # Heard too late after the answer before it (or first on the session): it
+                    # changed nothing. Ask again at once, right after this answer.
+                    self.fresh_checked = True
+                    log.debug("witness: %s of %s not taken (%s): asking again", t.name, fields["group"], f.reason)
+                    continue
+                if first:
+                    if self.fresh_checked is not False:
+                        log.warning("witness %s took the first request of a session: it does not refuse requests "
+                                    "heard late (an older witness; docs/failover-plan.md rule 4)", self.witness_name)
+                    self.fresh_checked = False
+                self._ok()
+                self.last_ok_sent = sent
+                return f
+            # Both heard later than the witness takes: this network delays requests that long.
+            self._lose(f"the witness heard two requests in a row too late to take them: {f.reason}")
+            raise WitnessUnreachable(self.last_error)
 
     async def decide(self, t: w.WType, group: str, epoch: int) -> tuple[w.WFrame | None, float]:
         """(DECISION frame, or None when the witness cannot be asked; when the request was sent)."""

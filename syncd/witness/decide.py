@@ -34,6 +34,26 @@ class Timing:
     def owner_gone_after(self) -> float:
         return self.owner_lease * (1 + self.drift) + self.margin
 
+    def fresh_within(self, limit: float = 0.0) -> float:
+        """Witness seconds within which a request must follow the answer before it (``limit``,
+        by default FRESH_FOR): shorter by the drift both clocks may have, so a request taken is
+        never older, by its client's clock, than the time the client waits for an answer."""
+        return (limit or FRESH_FOR) * (1 - self.drift) / (1 + self.drift)
+
+
+# s: how long a client waits for an answer before it gives the request up (client.py's
+# REQUEST_TIMEOUT): the witness takes a request only within this of the answer it followed.
+FRESH_FOR = 1.0
+
+
+def fresh(t: Timing, now: float, echo: float | None, limit: float = 0.0) -> bool:
+    """Whether a request may be taken: ``echo`` is when the witness decided the answer the
+    client had heard before sending it (None: none on this session yet). A request heard later
+    than ``t.fresh_within(limit)`` after it may have been sent before its client gave it up, so
+    the witness must not take it (docs/failover-plan.md rule 4): it answers STALE, changing
+    nothing, and the client asks again at once."""
+    return echo is not None and now - echo <= t.fresh_within(limit)
+
 
 @dataclass
 class GroupRecord:

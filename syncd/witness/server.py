@@ -30,6 +30,7 @@ from .decide import (
     Timing,
     WitnessError,
     claim,
+    fresh,
     handover,
     keep,
     report,
@@ -228,6 +229,8 @@ class Witness:
             self.sessions[node] = self.sessions.get(node, 0) + 1
             log.info("witness: %s connected from %s", node, host)
             idle = self.cfg.limits.idle_timeout
+            answered: float | None = None  # when this session's last answer was decided
+            unflagged = False  # a request without FRESH was seen (logged once per session)
             while True:
                 f = None
                 with trio.move_on_after(idle):
@@ -237,8 +240,18 @@ class Witness:
                     with trio.move_on_after(1.0):
                         await sess.send(w.encode(w.WType.GOODBYE, reason=f"idle for {idle:g} s"))
                     return
+                now = trio.current_time()
+                if f.type in w.REQUEST_TYPES and not f.req_id & w.FRESH and not unflagged:
+                    unflagged = True
+                    log.warning("witness: %s (%s) does not ask for its requests to be refused when heard late "
+                                "(a syncd before it did): such a request is taken as if on time", node, host)
+                if f.type in w.REQUEST_TYPES and f.req_id & w.FRESH and not fresh(self.cfg.timing, now, answered):
+                    out = self._stale(node, f, now, answered)
+                else:
+                    out = self._handle(node, f)
+                answered = now  # decided now: the client's next request is sent after it hears it
                 with trio.fail_after(idle):  # an array that does not read its answers is dropped
-                    await sess.send(self._handle(node, f))
+                    await sess.send(out)
         except secure.AuthError as e:
             # An authenticated session whose records stopped verifying: someone in the path.
             self.refusals.warn("witness: session of %s from %s closed: %s", node, host, e)
@@ -288,6 +301,21 @@ class Witness:
         key = (group, str(getattr(f.type, "name", f.type)).lower(), outcome)
         self.decisions[key] = self.decisions.get(key, 0) + 1
         return out[0]
+
+    def _stale(self, node: str, f: w.WFrame, now: float, answered: float | None) -> bytes:
+        """A request heard too long after the answer before it (or first on its session): it
+        may have been sent before its client gave it up, so it changes nothing, and the answer
+        (STALE) lets the client ask again at once (docs/failover-plan.md rule 4)."""
+        why = ("first request of the session" if answered is None
+               else f"heard {now - answered:.3f} s after the answer before it")
+        group = f.group if getattr(f, "group", None) in self.state.groups else ""
+        key = (group, f.type.name.lower(), "stale")
+        self.decisions[key] = self.decisions.get(key, 0) + 1
+        # Debug only: a request after an idle pause (an array reporting less often than every
+        # FRESH_FOR) is refused so in the normal course; the client warns when its retry, sent
+        # at once, is refused too (a network that delays requests that long).
+        log.debug("witness: %s's %s of %s not taken: %s", node, f.type.name, f.group, why)
+        return w.encode(w.WType.STALE, f.req_id, reason=why)
 
     def _decide(self, node: str, f: w.WFrame) -> tuple[bytes, Decision | None]:
         t = f.type

@@ -32,7 +32,7 @@ import math
 import random
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, NoReturn
+from typing import Callable, Iterable, NoReturn
 
 from syncd.node import roles as r
 from syncd.witness import decide as d
@@ -168,13 +168,19 @@ class Array:
         self.started_at = -math.inf  # local time of the last restart
         self.epoch_seen = disk.epoch  # the highest epoch this array ever held (memory or disk)
         self.switching = False  # a switchover this array started is under way
-        self.w_echo: float | None = None  # witness client: the newest answer's stamp (witness time)
+        # Witness client: the newest answer's stamp (witness time) heard on its connection, which
+        # its next request echoes (the real witness knows it: its last answer on the session).
+        self.w_echo: float | None = None
         # Witness client: one TCP connection. A request unanswered within witness_timeout drops it,
         # and a new one needs the witness's challenge to get through (both directions work).
         self.w_conn = False
         # What TCP keeps on that connection: frames arrive in the order they were sent, and once
         # one is lost in a direction nothing after it gets through (``Sim._w_carry``).
         self.w_conn_id = 0
+        # Requests waiting for their turn (kind, epoch), and the one on the connection now.
+        self.w_queue: deque[tuple[str, int]] = deque()
+        self.w_busy: int | None = None
+        self.w_busy_kind = ""
         self.timer_state: r.RoleState | None = None  # next_timer() cache: the state it is for,
         self.timer_tick = -math.inf  # the last Tick then,
         self.timer = math.inf  # and when the shell ticks next (local)
@@ -222,7 +228,9 @@ class Sim:
         self.timing = cfg.timing or r.Timing(witness=r.WitnessTiming() if cfg.witness is not None else None)
         # What the roles.py and decide.py in use take (they changed under this simulator):
         self.timer_takes_now = len(inspect.signature(r.next_timer).parameters) == 3
-        self.witness_takes_echo = "echo" in inspect.signature(d.claim).parameters
+        # The witness refuses a request heard late after the answer it echoes (STALE; the
+        # client asks again at once).
+        self.witness_checks_fresh = hasattr(d, "fresh")
         self.end_takes_doubt = "in_doubt" in r.SwitchoverEnd.__dataclass_fields__
         self.state_says_claiming = "claiming" in r.PeerState.__dataclass_fields__
         self.rng = rng
@@ -498,13 +506,20 @@ class Sim:
     def _witness_timeout(self, name: str, inc: int, rid: int, kind: str) -> None:
         """No answer in time: the client drops its connection (as WitnessClient.request does)."""
         x = self.live(name, inc)
-        if x is None or rid not in x.pending:
+        if x is None:
+            return
+        busy = x.w_busy == rid  # on the connection and not answered: the next one's turn
+        if rid not in x.pending and not busy:
             return
         x.w_conn = False
+        if busy:
+            x.w_busy = None
         if kind == "REPORT":
             x.pending.pop(rid, None)
-            return
-        self._expire(name, inc, rid)
+        else:
+            self._expire(name, inc, rid)
+        if busy and self.live(name, inc) is not None:
+            self._w_next(x)
 
     def _expire(self, name: str, inc: int, rid: int) -> None:
         x = self.live(name, inc)
@@ -963,11 +978,34 @@ class Sim:
     def _wlink(self, name: str) -> str:
         return AW if name == A else BW
 
-    def _witness_request(self, x: Array, kind: str, epoch: int, flags: tuple[bool, bool] = (False, False)) -> None:
-        """KEEP, CLAIM, RESOLVE, HANDOVER or a REPORT to the witness; an answer later than
-        ``witness_timeout`` is dropped (the request failed then)."""
+    def _witness_request(self, x: Array, kind: str, epoch: int) -> None:
+        """KEEP, CLAIM, RESOLVE, HANDOVER or a REPORT to the witness, in turn: the client sends
+        one request at a time (WitnessClient's lock), the next once the one before was answered
+        or given up; a REPORT's epoch and flags are read when its turn comes."""
+        x.w_queue.append((kind, epoch))
+        self._w_next(x)
+
+    def _w_next(self, x: Array) -> None:
+        while x.w_busy is None and x.w_queue and x.roles is not None:
+            kind, epoch = x.w_queue.popleft()
+            if kind == "REPORT":
+                self._w_send(x, kind, x.s.epoch, self._report_flags(x))
+            else:
+                self._w_send(x, kind, epoch)
+
+    def _w_done(self, x: Array, rid: int) -> None:
+        """Request ``rid`` was answered or given up: the next one's turn."""
+        if x.w_busy == rid:
+            x.w_busy = None
+            self._w_next(x)
+
+    def _w_send(self, x: Array, kind: str, epoch: int, flags: tuple[bool, bool] = (False, False),
+                rng: random.Random | None = None) -> None:
+        """Send one request now; an answer later than ``witness_timeout`` is dropped (the
+        request failed then). ``rng``: where its delays and losses are drawn from (a retry after
+        STALE, which the written-out schedules predate, uses a stream of its own)."""
         sent = x.clock.local(self.now)
-        inc, ln, echo = x.inc, self._wlink(x.name), x.w_echo
+        inc, ln = x.inc, self._wlink(x.name)
         rid = self._new_req()
         deadline = x.clock.real_at(sent + self.cfg.witness_timeout)
         if kind != "REPORT":
@@ -983,10 +1021,12 @@ class Sim:
                 return
             x.w_conn = True
             x.w_conn_id = self._new_req()
-        conn = x.w_conn_id
+            x.w_echo = None  # a new session: the witness has answered nothing on it yet
+        conn, echo = x.w_conn_id, x.w_echo
+        x.w_busy, x.w_busy_kind = rid, kind
         # Sent on a connection: whatever comes of it, the witness may hear it (the client says so).
         self.feed(x, r.WitnessSent(sent, sent))
-        if wit is None or self.cut[ln] or self._w_lost(conn, "up", x.name, W, kind):
+        if wit is None or self.cut[ln] or self._w_lost(conn, "up", x.name, W, kind, rng):
             self.note(x.name, f"lost: {kind} to W")
             return
         winc = wit.inc
@@ -994,9 +1034,9 @@ class Sim:
         def at_witness() -> None:
             if wit.rec is None or wit.inc != winc or self.cut[ln]:
                 return
-            dec = self._decide(wit, wit.rec, kind, x.name, epoch, flags, echo)
+            dec = self._decide(wit, wit.rec, kind, x.name, epoch, flags, echo)  # None: STALE
             stamp = wit.clock.local(self.now)
-            if self.cut[ln] or self._w_lost(conn, "down", W, x.name, kind):
+            if self.cut[ln] or self._w_lost(conn, "down", W, x.name, kind, rng):
                 return
 
             def back() -> None:
@@ -1004,39 +1044,61 @@ class Sim:
                 if y is None or self.cut[ln]:
                     return
                 now = y.clock.local(self.now)
-                if now - sent <= self.cfg.witness_timeout and (y.w_echo is None or stamp > y.w_echo):
+                on_time = now - sent <= self.cfg.witness_timeout and y.w_conn and y.w_conn_id == conn
+                if on_time and (y.w_echo is None or stamp > y.w_echo):
                     y.w_echo = stamp
-                if kind == "REPORT":
-                    if y.pending.pop(rid, None) is not None and now - sent <= self.cfg.witness_timeout:
-                        self.note(y.name, f"<- W {kind}: {dec}")
-                        self.feed(y, r.WitnessReport(now, sent, dec.owner, dec.epoch))
+                if dec is None:
+                    # Refused as heard late: nothing changed. The client asks again at once on
+                    # the same connection, before any other request, the role machine none the
+                    # wiser (WitnessClient); too late, the request fails at its timeout.
+                    if on_time and y.pending.pop(rid, None) is not None:
+                        self.note(y.name, f"<- W {kind}: stale, asking again")
+                        if y.w_busy == rid:
+                            y.w_busy = None
+                        if kind == "REPORT":
+                            self._w_send(y, kind, y.s.epoch, self._report_flags(y), self.later_rng)
+                        else:
+                            self._w_send(y, kind, epoch, rng=self.later_rng)
+                        self._w_next(y)
                     return
-                if y.pending.pop(rid, None) is None:
-                    return
+                try:
+                    self._answered(y, kind, rid, now, sent, dec)
+                finally:
+                    self._w_done(y, rid)
+
+            self.at(self._w_carry(conn, "down", W, x.name, rng), f"W answers {x.name}", back)
+
+        self.at(self._w_carry(conn, "up", x.name, W, rng), f"{x.name} {kind} to W", at_witness)
+
+    def _answered(self, y: Array, kind: str, rid: int, now: float, sent: float, dec: d.Decision) -> None:
+        """The witness's answer to request ``rid``, heard at ``now`` (local)."""
+        if kind == "REPORT":
+            if y.pending.pop(rid, None) is not None and now - sent <= self.cfg.witness_timeout:
                 self.note(y.name, f"<- W {kind}: {dec}")
-                if kind == "HANDOVER":
-                    self._handed_over(y, dec)
-                else:
-                    self.feed(y, r.WitnessAnswer(now, sent, r.WitnessAsk[kind], dec.granted, dec.owner,
-                                                 dec.epoch, dec.reason))
-                    if kind == "CLAIM" and self.state_says_claiming:
-                        self._claim_over(y)
+                self.feed(y, r.WitnessReport(now, sent, dec.owner, dec.epoch))
+            return
+        if y.pending.pop(rid, None) is None:
+            return
+        self.note(y.name, f"<- W {kind}: {dec}")
+        if kind == "HANDOVER":
+            self._handed_over(y, dec)
+        else:
+            self.feed(y, r.WitnessAnswer(now, sent, r.WitnessAsk[kind], dec.granted, dec.owner,
+                                         dec.epoch, dec.reason))
+            if kind == "CLAIM" and self.state_says_claiming:
+                self._claim_over(y)
 
-            self.at(self._w_carry(conn, "down", W, x.name), f"W answers {x.name}", back)
-
-        self.at(self._w_carry(conn, "up", x.name, W), f"{x.name} {kind} to W", at_witness)
-
-    def _w_carry(self, conn: int, way: str, src: str, dst: str) -> float:
+    def _w_carry(self, conn: int, way: str, src: str, dst: str, rng: random.Random | None = None) -> float:
         """When a frame sent now on witness connection ``conn`` arrives: its delay, but never
         before a frame sent on it earlier in the same direction (TCP delivers in order; the
         client sends a request only after the one before it was answered or given up, and then on
         a new connection: found by the random schedules, where a REPORT saying the peer was in
         sync overtook the KEEP sent after it and the witness gave the peer the group)."""
-        at = max(self.now + self._delay(src, dst), self.w_last.get((conn, way), -math.inf))
+        at = max(self.now + self._delay(src, dst, rng), self.w_last.get((conn, way), -math.inf))
         self.w_last[(conn, way)] = at
         return at
 
-    def _w_lost(self, conn: int, way: str, src: str, dst: str, what: str) -> bool:
+    def _w_lost(self, conn: int, way: str, src: str, dst: str, what: str, rng: random.Random | None = None) -> bool:
         """A frame on witness connection ``conn`` is lost: by chance, or because one before it was
         (TCP gets nothing after a gap through; the client gives the connection up). A frame a
         schedule removes (``drop_if``) is as if never sent: the connection goes on."""
@@ -1044,28 +1106,31 @@ class Sim:
             return True
         if self.drop_if is not None and self.drop_if(src, dst, what):
             return True
-        if self._lost(src, dst, what):
+        if self._lost(src, dst, what, rng):
             self.w_broken.add((conn, way))
             return True
         return False
 
     def _decide(self, wit: Witness, rec: d.GroupRecord, kind: str, node: str, epoch: int,
-                flags: tuple[bool, bool], echo: float | None) -> d.Decision:
+                flags: tuple[bool, bool], echo: float | None) -> d.Decision | None:
+        """The witness's answer; None when it refuses the request as heard too late after the
+        answer it echoes (``decide.fresh``: STALE, nothing changed)."""
         t = self.cfg.witness
         assert t is not None
         now = wit.clock.local(self.now)
-        # The witness client echoes when it last heard the witness, if the witness takes it.
-        kw: dict[str, Any] = {"echo": echo} if self.witness_takes_echo else {}
+        if self.witness_checks_fresh and not d.fresh(t, now, echo, self.cfg.witness_timeout):
+            self.note(W, f"{kind} from {node} at epoch {epoch}: stale (echo {echo})")
+            return None
         if kind == "REPORT":
-            dec = d.report(rec, t, now, node, epoch, peer_alive=flags[0], peer_in_sync=flags[1], **kw)
+            dec = d.report(rec, t, now, node, epoch, peer_alive=flags[0], peer_in_sync=flags[1])
         elif kind == "KEEP":
-            dec = d.keep(rec, t, now, node, epoch, **kw)
+            dec = d.keep(rec, t, now, node, epoch)
         elif kind == "CLAIM":
-            dec = d.claim(rec, t, now, node, epoch, **kw)
+            dec = d.claim(rec, t, now, node, epoch)
         elif kind == "RESOLVE":
-            dec = d.resolve(rec, t, now, node, epoch, **kw)
+            dec = d.resolve(rec, t, now, node, epoch)
         else:
-            dec = d.handover(rec, t, now, node, epoch, **kw)
+            dec = d.handover(rec, t, now, node, epoch)
         wit.disk = rec.persistent()  # durable before anyone hears of it
         self.note(W, f"{kind} from {node} at epoch {epoch} {flags if kind == 'REPORT' else ''}-> {dec}")
         self.check()
@@ -1074,16 +1139,22 @@ class Sim:
     def _ask_witness(self, x: Array, kind: str, ask: r.WitnessAsk) -> None:
         self._witness_request(x, kind, x.s.epoch)
 
-    def _report(self, name: str, inc: int) -> None:
-        x = self.live(name, inc)
-        if x is None or self.cfg.witness is None or self.timing.witness is None:
-            return
+    def _report_flags(self, x: Array) -> tuple[bool, bool]:
+        """(peer alive, peer in sync): what a report says, read when it is sent."""
         s = x.s
         if hasattr(r, "peer_in_sync"):
             in_sync = r.peer_in_sync(s)
         else:  # roles.py before it said itself what its reports tell the witness
             in_sync = s.role is r.Role.PRIMARY and s.mode is r.Mode.ATTACHED and not s.failsafe
-        self._witness_request(x, "REPORT", s.epoch, (x.session is not None, in_sync))
+        return x.session is not None, in_sync
+
+    def _report(self, name: str, inc: int) -> None:
+        x = self.live(name, inc)
+        if x is None or self.cfg.witness is None or self.timing.witness is None:
+            return
+        # A round of reports starts once the one before it is over (WitnessClient.run).
+        if not ((x.w_busy is not None and x.w_busy_kind == "REPORT") or any(k == "REPORT" for k, _ in x.w_queue)):
+            self._witness_request(x, "REPORT", x.s.epoch)
         nxt = x.clock.real_at(x.clock.local(self.now) + self.timing.witness.interval)
         self.at(nxt, f"{name} reports", lambda: self._report(name, inc))
 
@@ -1184,6 +1255,8 @@ class Sim:
         x.flush_wait.clear()
         x.w_echo = None
         x.w_conn = False  # a new process has no witness connection
+        x.w_queue.clear()
+        x.w_busy = None
         x.switching = False
         if x.session is not None and x.session == self.session:
             x.session = None
@@ -1370,4 +1443,4 @@ class Sim:
 
 TIMER_FIELDS = ("lease_until", "lease_deadline", "next_renewal", "witness_until", "next_witness_retry",
                 "transition_until")
-WITNESS_KINDS = frozenset({"REPORT", "KEEP", "CLAIM", "RESOLVE", "HANDOVER"})
+WITNESS_KINDS = frozenset({"REPORT", "REPORT-timer", "KEEP", "CLAIM", "RESOLVE", "HANDOVER"})

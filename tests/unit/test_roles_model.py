@@ -312,7 +312,11 @@ def test_two_arrays_without_a_witness_keep_every_promise_in_random_schedules(mod
 def scenario(**changes: object) -> Sim:
     rates = changes.pop("rates", None)
     assert rates is None or isinstance(rates, dict)
-    return Sim(replace(SimConfig(), **changes), random.Random(0), rates=rates)
+    offsets = changes.pop("offsets", None)  # the clocks' offsets (Schedule.start's, for its schedules)
+    assert offsets is None or isinstance(offsets, dict)
+    seed = changes.pop("seed", 0)
+    assert isinstance(seed, int)
+    return Sim(replace(SimConfig(), **changes), random.Random(seed), rates=rates, offsets=offsets)
 
 
 def settle(sim: Sim) -> None:
@@ -412,7 +416,7 @@ def both_lose_the_witness_then_the_link(sim: Sim) -> None:
         act()
         sim.run_until(sim.now + dt)
 
-    step(lambda: None, 2.0)
+    step(lambda: None, 3.5)
     step(sim.flap, 0.0, 1011243)  # B says it lost A (briefly) just before the witness goes
     step(lambda: sim.set_cut(AW, True), 1.0)
     step(lambda: sim.set_cut(BW, True), 3.0)  # B cannot say "A is alive" while the witness misses A
@@ -485,6 +489,46 @@ def test_a_report_sent_before_the_keep_reaches_the_witness_before_it() -> None:
     state.cut(dt=2.0, link="A-B", seed=0)
     state.cut(dt=4.0, link="A-W", seed=0)
     state.teardown()
+
+
+# Schedule.start's: the random schedules' clocks and first random source, as a scenario.
+SCHEDULE_START = {"seed": 5, "rates": {A: 0.9765625, B: 0.953125, W: 1.0},
+                  "offsets": {A: 1000.0, B: 5000.0, W: 300.0}}
+
+
+def report_heard_after_its_client_gave_it_up(sim: Sim) -> None:
+    """As a search around the schedule above found it, with A's requests to the witness delayed
+    up to 2.5 s: longer than A's client waits for an answer (each step reseeds the simulator's
+    random source, as the rules do)."""
+    def step(act: Callable[[], None], dt: float, seed: int = 0) -> None:
+        sim.rng.seed(seed)
+        act()
+        sim.run_until(sim.now + dt)
+
+    sim.run_until(6.0)
+    step(lambda: sim.set_net(B, A, 0.0, 0.1), 0.578125)
+    step(lambda: sim.set_net(A, W, 2.5, 0.0), 1.09375, 692284)
+    step(lambda: sim.set_net(A, B, 0.0, 0.0), 0.125, 12409)
+    step(lambda: sim.set_cut(AB, True), 3.0)
+    step(lambda: sim.set_cut(AW, True), 4.0)
+    sim.rng.seed(1)
+    t0 = sim.now
+    sim.run_until(t0 + 7.5)
+    sim.host_write(A)
+    sim.run_until(t0 + 9.0)
+    sim.host_write(B)
+    sim.run_until(t0 + 15.0)
+
+
+def test_a_report_heard_after_its_client_gave_it_up_changes_nothing_at_the_witness() -> None:
+    """docs/failover-plan.md rule 4's open case, closed: A's REPORT saying B was in sync, sent
+    just before the link went, was delayed past A's client timeout; A gave the connection up,
+    sent its KEEP on the next one (B out of sync) and went on alone; the REPORT reached the
+    witness after the KEEP and made B in sync again, and once A was cut off from the witness
+    too, the witness gave B the group while A was primary alone (promise c). The witness now
+    takes a request only within the client's timeout of the answer before it on its session
+    (``decide.fresh``): the late REPORT is refused (STALE) and changes nothing."""
+    report_heard_after_its_client_gave_it_up(scenario(**SCHEDULE_START))
 
 
 def restart_then_witness_gone_then_link_cut(sim: Sim, down: float, gap: float) -> None:
@@ -1006,6 +1050,9 @@ MUTATIONS = [
              "):", "bce", link_noticed_late_by_the_primary, {"rates": {A: 0.95, B: 1.05, W: 0.95}}),
     Mutation("lost-before-claimant", decide,
              "if lost - seen > t.grace:", "if False:", "bce", both_lose_the_witness_then_the_link),
+    Mutation("fresh", decide,
+             "return echo is not None and now - echo <= t.fresh_within(limit)", "return True", "c",
+             report_heard_after_its_client_gave_it_up, SCHEDULE_START),
     # The etcd history campaign's defect (seed 32) and the guards of its fix:
     Mutation("peer-newer", roles,
              "    return replace(s, peer_newer=True), [\n        Persist(), _note(f\"{s.peer_name} may hold",

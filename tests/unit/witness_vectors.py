@@ -3,7 +3,7 @@
 import sys
 from pathlib import Path
 
-from syncd.witness.proto import WType, encode
+from syncd.witness.proto import FRESH, WType, encode
 
 DIR = Path(__file__).resolve().parents[2] / "proto" / "vectors" / "witness"
 
@@ -19,6 +19,9 @@ VECTORS = {
     "decision_denied": (WType.DECISION, 3,
                         {"granted": False, "owner": "A", "epoch": 1, "reason": "A was heard 0.5s ago"}),
     "error": (WType.ERROR, 5, {"reason": "unknown group 'x'"}),
+    # A request that asks to be refused when heard late (req_id's FRESH bit), and that refusal.
+    "report_fresh": (WType.REPORT, FRESH | 7, {"group": "rcg1", "epoch": 1, "flags": 3}),
+    "stale": (WType.STALE, FRESH | 7, {"reason": "heard 1.204 s after the answer before it"}),
 }
 
 
