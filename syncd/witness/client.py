@@ -174,13 +174,18 @@ class WitnessClient(WitnessReach):
                 except (OSError, trio.TooSlowError, EOFError, w.WitnessProtocolError, secure.AuthError) as e:
                     self._lose(e)
                     raise WitnessUnreachable(self.last_error) from None
+                except BaseException:
+                    # Cancelled with the request under way: its answer may still come, and the
+                    # next request must not follow it on this session (it would be measured
+                    # from an answer it was not sent after).
+                    self._lose("a request was cancelled before its answer")
+                    raise
                 if f.type == w.WType.GOODBYE:
                     self._lose(f"the witness closed the connection: {f.reason}")
                     raise WitnessUnreachable(self.last_error)
                 if f.req_id != rid:
-                    self._drop()
-                    self._set_connected(False)
-                    raise WitnessUnreachable("witness answered out of order")
+                    self._lose("the witness answered out of order")
+                    raise WitnessUnreachable(self.last_error)
                 first, self.session_answers = self.session_answers == 0, self.session_answers + 1
                 if f.type == w.WType.STALE:
                     # Heard too late after the answer before it (or first on the session): it

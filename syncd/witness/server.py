@@ -96,6 +96,10 @@ def load_witness_config(path: str) -> WitnessConfig:
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
                 raise ConfigError(f"witness.{k}: expected a non-negative number, got {v!r}")
             kw[k] = float(v)
+        if kw["drift"] >= 0.5:
+            # Clocks off by half their rate are broken clocks; from 1 on no request would ever be
+            # fresh enough to take (decide.Timing.fresh_within).
+            raise ConfigError(f"witness.drift: expected a fraction below 0.5 (0.05 is 5 %), got {kw['drift']!r}")
         dl = Limits()
         lk: dict = {}
         for k in ("max_connections", "max_connections_per_address"):
@@ -249,7 +253,10 @@ class Witness:
                     out = self._stale(node, f, now, answered)
                 else:
                     out = self._handle(node, f)
-                answered = now  # decided now: the client's next request is sent after it hears it
+                # Stamped once decided (its record saved), before it is sent: the client sends its
+                # next request only after it heard this answer, and the time spent deciding does
+                # not count against that request.
+                answered = trio.current_time()
                 with trio.fail_after(idle):  # an array that does not read its answers is dropped
                     await sess.send(out)
         except secure.AuthError as e:

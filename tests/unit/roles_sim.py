@@ -270,6 +270,11 @@ class Sim:
         # when the last frame arrives, and those where a frame was lost.
         self.w_last: dict[tuple[int, str], float] = {}
         self.w_broken: set[tuple[int, str]] = set()
+        # For tests of the simulator itself: whether the first request the witness heard on each
+        # connection was refused as heard late, and how often a client gave a connection up
+        # because its retry was refused too.
+        self.w_first_refused: dict[int, bool] = {}
+        self.w_gave_up = 0
         self.events = 0
         self.stale_timers = 0  # next_timer() still due right after a Tick at or after it
         self.stale_example: str = ""
@@ -511,8 +516,8 @@ class Sim:
         busy = x.w_busy == rid  # on the connection and not answered: the next one's turn
         if rid not in x.pending and not busy:
             return
-        x.w_conn = False
-        if busy:
+        if busy:  # (a request never sent had no connection to give up)
+            x.w_conn = False
             x.w_busy = None
         if kind == "REPORT":
             x.pending.pop(rid, None)
@@ -1002,8 +1007,9 @@ class Sim:
     def _w_send(self, x: Array, kind: str, epoch: int, flags: tuple[bool, bool] = (False, False),
                 rng: random.Random | None = None) -> None:
         """Send one request now; an answer later than ``witness_timeout`` is dropped (the
-        request failed then). ``rng``: where its delays and losses are drawn from (a retry after
-        STALE, which the written-out schedules predate, uses a stream of its own)."""
+        request failed then). ``rng``: where its delays and losses are drawn from; given for
+        a retry after STALE (a stream of its own: the written-out schedules predate it)."""
+        retry = rng is not None
         sent = x.clock.local(self.now)
         inc, ln = x.inc, self._wlink(x.name)
         rid = self._new_req()
@@ -1016,7 +1022,9 @@ class Sim:
         wit = self.witness
         if not x.w_conn:
             # (Re)connecting takes the witness's challenge and our hello: both directions.
-            if wit is None or self.cut[ln] or self._lost(W, x.name, "CHALLENGE") or self._lost(x.name, W, "HELLO"):
+            # (A witness process that is down refuses the connection.)
+            if (wit is None or wit.rec is None or self.cut[ln] or self._lost(W, x.name, "CHALLENGE")
+                    or self._lost(x.name, W, "HELLO")):
                 self.note(x.name, f"witness unreachable: {kind} not sent")
                 return
             x.w_conn = True
@@ -1035,6 +1043,7 @@ class Sim:
             if wit.rec is None or wit.inc != winc or self.cut[ln]:
                 return
             dec = self._decide(wit, wit.rec, kind, x.name, epoch, flags, echo)  # None: STALE
+            self.w_first_refused.setdefault(conn, dec is None)
             stamp = wit.clock.local(self.now)
             if self.cut[ln] or self._w_lost(conn, "down", W, x.name, kind, rng):
                 return
@@ -1050,8 +1059,13 @@ class Sim:
                 if dec is None:
                     # Refused as heard late: nothing changed. The client asks again at once on
                     # the same connection, before any other request, the role machine none the
-                    # wiser (WitnessClient); too late, the request fails at its timeout.
-                    if on_time and y.pending.pop(rid, None) is not None:
+                    # wiser (WitnessClient); too late, the request fails at its timeout. A retry
+                    # refused too: the client gives the connection up, the request failed.
+                    if on_time and retry:
+                        self.note(y.name, f"<- W {kind}: stale again, giving the connection up")
+                        self.w_gave_up += 1
+                        self._witness_timeout(y.name, inc, rid, kind)
+                    elif on_time and y.pending.pop(rid, None) is not None:
                         self.note(y.name, f"<- W {kind}: stale, asking again")
                         if y.w_busy == rid:
                             y.w_busy = None
@@ -1220,6 +1234,8 @@ class Sim:
                 self.note(W, "crash")
                 wit.rec = None
                 wit.inc += 1
+                for y in self.arrays.values():
+                    y.w_conn = False  # its sessions die with it: the next request makes a new one
             return
         x = self.arrays[name]
         if not x.alive:

@@ -102,6 +102,15 @@ def test_listener_limits_have_defaults_and_are_checked(tmp_path):
             witness(tmp_path, f'key = "{KEY}"\n' + extra)
 
 
+def test_the_witness_drift_must_leave_requests_a_window(tmp_path):
+    """The witness takes a request within FRESH_FOR × (1 − drift) / (1 + drift) of its last answer
+    (decide.fresh): a drift of 1 or more would refuse every request forever."""
+    assert witness(tmp_path, f'key = "{KEY}"\ndrift = 0.2\n').timing.drift == 0.2
+    for v in ("0.5", "1", "3.0"):
+        with pytest.raises(ConfigError, match=f"witness.drift: expected a fraction below 0.5 .*got {v}"):
+            witness(tmp_path, f'key = "{KEY}"\ndrift = {v}\n')
+
+
 ETCD_NODE = NODE.replace('address = "127.0.0.1:7400"\n', "")
 
 
