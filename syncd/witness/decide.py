@@ -47,8 +47,8 @@ FRESH_FOR = 1.0
 
 
 def fresh(t: Timing, now: float, echo: float | None, limit: float = 0.0) -> bool:
-    """Whether a request may be taken: ``echo`` is when the witness decided the answer the
-    client had heard before sending it (None: none on this session yet). A request heard later
+    """Whether a request may be taken: ``echo`` is when the witness had ready the answer the
+    client heard before sending it (None: none on this session yet). A request heard later
     than ``t.fresh_within(limit)`` after it may have been sent before its client gave it up, so
     the witness must not take it (docs/failover-plan.md rule 4): it answers STALE, changing
     nothing, and the client asks again at once."""

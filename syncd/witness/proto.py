@@ -40,11 +40,12 @@ class WType(IntEnum):
 REQUEST_TYPES = frozenset({WType.REGISTER, WType.REPORT, WType.CLAIM, WType.KEEP, WType.HANDOVER, WType.RESOLVE})
 
 # A request whose req_id has this bit asks the witness to refuse it (STALE, nothing changed) when
-# it is heard more than decide.FRESH_FOR after the witness's previous answer on the same session
-# (or on a session's first request): the client sends a request only once the one before it was
-# answered, so that answer is older than the request, and a request the client has given up on
-# (its timeout is FRESH_FOR) can never be taken late. A witness before this bit existed echoes
-# req_id and checks nothing; a client before it never sets the bit and is never refused so.
+# it is heard more than decide.FRESH_FOR (less the clocks' drift) after the witness's previous
+# answer on the same session was ready, or when it is a session's first request. The client sends
+# a request only once the one before it was answered, so that answer is older than the request,
+# and a request the client has given up on (its timeout is FRESH_FOR) can never be taken late. A
+# witness before this bit existed echoes req_id and checks nothing; a client before it never sets
+# the bit and is never refused so.
 FRESH = 1 << 63
 
 

@@ -233,7 +233,7 @@ class Witness:
             self.sessions[node] = self.sessions.get(node, 0) + 1
             log.info("witness: %s connected from %s", node, host)
             idle = self.cfg.limits.idle_timeout
-            answered: float | None = None  # when this session's last answer was decided
+            answered: float | None = None  # when this session's last answer was ready (decided, saved)
             unflagged = False  # a request without FRESH was seen (logged once per session)
             while True:
                 f = None
