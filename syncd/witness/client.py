@@ -55,7 +55,7 @@ class WitnessClient(WitnessReach):
         self.registered: set[str] = set()
         self.last_ok_sent: float | None = None  # when the last answered request was sent
         self.witness_name = ""
-        self.session_answers = 0  # answers heard on this session
+        self.session_heard = False  # an answer was heard on this session
         # Whether the witness refuses requests heard late (None: not known yet): it refuses the
         # first request of every session, which a witness before protocol's FRESH bit does not.
         self.fresh_checked: bool | None = None
@@ -136,7 +136,7 @@ class WitnessClient(WitnessReach):
             sock.close()
             raise
         self.sess = sess
-        self.session_answers = 0
+        self.session_heard = False
         self.witness_name = sess.peer
         self.last_error = ""
         self._set_connected(True)
@@ -186,7 +186,7 @@ class WitnessClient(WitnessReach):
                 if f.req_id != rid:
                     self._lose("the witness answered out of order")
                     raise WitnessUnreachable(self.last_error)
-                first, self.session_answers = self.session_answers == 0, self.session_answers + 1
+                first, self.session_heard = not self.session_heard, True
                 if f.type == w.WType.STALE:
                     # Heard too late after the answer before it (or first on the session): it
                     # changed nothing. Ask again at once, right after this answer.

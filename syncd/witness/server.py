@@ -245,11 +245,12 @@ class Witness:
                         await sess.send(w.encode(w.WType.GOODBYE, reason=f"idle for {idle:g} s"))
                     return
                 now = trio.current_time()
-                if f.type in w.REQUEST_TYPES and not f.req_id & w.FRESH and not unflagged:
+                checked = f.type in w.REQUEST_TYPES and bool(f.req_id & w.FRESH)
+                if f.type in w.REQUEST_TYPES and not checked and not unflagged:
                     unflagged = True
                     log.warning("witness: %s (%s) does not ask for its requests to be refused when heard late "
                                 "(a syncd before it did): such a request is taken as if on time", node, host)
-                if f.type in w.REQUEST_TYPES and f.req_id & w.FRESH and not fresh(self.cfg.timing, now, answered):
+                if checked and not fresh(self.cfg.timing, now, answered):
                     out = self._stale(node, f, now, answered)
                 else:
                     out = self._handle(node, f)
@@ -301,13 +302,15 @@ class Witness:
 
     def _handle(self, node: str, f: w.WFrame) -> bytes:
         out = self._decide(node, f)
-        # Counted by group only for groups the witness holds: an array cannot add label values
-        # by naming groups that do not exist.
+        self._count(f, "error" if out[1] is None else "granted" if out[1].granted else "refused")
+        return out[0]
+
+    def _count(self, f: w.WFrame, outcome: str) -> None:
+        """One answer, for the metrics endpoint. Counted by group only for groups the witness
+        holds: an array cannot add label values by naming groups that do not exist."""
         group = f.group if getattr(f, "group", None) in self.state.groups else ""
-        outcome = "error" if out[1] is None else "granted" if out[1].granted else "refused"
         key = (group, str(getattr(f.type, "name", f.type)).lower(), outcome)
         self.decisions[key] = self.decisions.get(key, 0) + 1
-        return out[0]
 
     def _stale(self, node: str, f: w.WFrame, now: float, answered: float | None) -> bytes:
         """A request heard too long after the answer before it (or first on its session): it
@@ -315,9 +318,7 @@ class Witness:
         (STALE) lets the client ask again at once (docs/failover-plan.md rule 4)."""
         why = ("first request of the session" if answered is None
                else f"heard {now - answered:.3f} s after the answer before it")
-        group = f.group if getattr(f, "group", None) in self.state.groups else ""
-        key = (group, f.type.name.lower(), "stale")
-        self.decisions[key] = self.decisions.get(key, 0) + 1
+        self._count(f, "stale")
         # Debug only: a request after an idle pause (an array reporting less often than every
         # FRESH_FOR) is refused so in the normal course; the client warns when its retry, sent
         # at once, is refused too (a network that delays requests that long).

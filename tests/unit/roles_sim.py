@@ -180,7 +180,6 @@ class Array:
         # Requests waiting for their turn (kind, epoch), and the one on the connection now.
         self.w_queue: deque[tuple[str, int]] = deque()
         self.w_busy: int | None = None
-        self.w_busy_kind = ""
         self.timer_state: r.RoleState | None = None  # next_timer() cache: the state it is for,
         self.timer_tick = -math.inf  # the last Tick then,
         self.timer = math.inf  # and when the shell ticks next (local)
@@ -992,11 +991,14 @@ class Sim:
 
     def _w_next(self, x: Array) -> None:
         while x.w_busy is None and x.w_queue and x.roles is not None:
-            kind, epoch = x.w_queue.popleft()
-            if kind == "REPORT":
-                self._w_send(x, kind, x.s.epoch, self._report_flags(x))
-            else:
-                self._w_send(x, kind, epoch)
+            self._w_turn(x, *x.w_queue.popleft())
+
+    def _w_turn(self, x: Array, kind: str, epoch: int, rng: random.Random | None = None) -> None:
+        """Send a request whose turn came: a REPORT says what is true now (its epoch, its flags)."""
+        if kind == "REPORT":
+            self._w_send(x, kind, x.s.epoch, self._report_flags(x), rng)
+        else:
+            self._w_send(x, kind, epoch, rng=rng)
 
     def _w_done(self, x: Array, rid: int) -> None:
         """Request ``rid`` was answered or given up: the next one's turn."""
@@ -1031,7 +1033,7 @@ class Sim:
             x.w_conn_id = self._new_req()
             x.w_echo = None  # a new session: the witness has answered nothing on it yet
         conn, echo = x.w_conn_id, x.w_echo
-        x.w_busy, x.w_busy_kind = rid, kind
+        x.w_busy = rid
         # Sent on a connection: whatever comes of it, the witness may hear it (the client says so).
         self.feed(x, r.WitnessSent(sent, sent))
         if wit is None or self.cut[ln] or self._w_lost(conn, "up", x.name, W, kind, rng):
@@ -1069,10 +1071,7 @@ class Sim:
                         self.note(y.name, f"<- W {kind}: stale, asking again")
                         if y.w_busy == rid:
                             y.w_busy = None
-                        if kind == "REPORT":
-                            self._w_send(y, kind, y.s.epoch, self._report_flags(y), self.later_rng)
-                        else:
-                            self._w_send(y, kind, epoch, rng=self.later_rng)
+                        self._w_turn(y, kind, epoch, self.later_rng)
                         self._w_next(y)
                     return
                 try:
@@ -1167,7 +1166,8 @@ class Sim:
         if x is None or self.cfg.witness is None or self.timing.witness is None:
             return
         # A round of reports starts once the one before it is over (WitnessClient.run).
-        if not ((x.w_busy is not None and x.w_busy_kind == "REPORT") or any(k == "REPORT" for k, _ in x.w_queue)):
+        busy = x.pending.get(x.w_busy) if x.w_busy is not None else None
+        if not ((busy is not None and busy.kind == "REPORT-timer") or any(k == "REPORT" for k, _ in x.w_queue)):
             self._witness_request(x, "REPORT", x.s.epoch)
         nxt = x.clock.real_at(x.clock.local(self.now) + self.timing.witness.interval)
         self.at(nxt, f"{name} reports", lambda: self._report(name, inc))
