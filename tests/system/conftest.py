@@ -1,12 +1,11 @@
 import shutil
-import time
 
 import pytest
 
 from syncd.ctl import call
 from syncd.lab.rig import lab_down, lab_up
 
-from .rig import FAST_LINK, WITNESS, require_root, require_tool, show, wait_for
+from .rig import FAST_LINK, WITNESS, require_root, require_tool, show, wait_for, wait_witness_knows_in_sync
 
 # The most the system tests hold on disk at once (measured: 2.2 GB over a whole run, each
 # passed test's directory removed as it ends), with room to spare.
@@ -56,7 +55,7 @@ def wlab(tmp_path):
             print(f"--- {f}\n{f.read_text()[-3000:]}")
         raise
     wait_for(lambda: show(lab, "A")["witness"]["reachable"] and show(lab, "B")["witness"]["reachable"], what="witness")
-    time.sleep(5 * WITNESS["interval"])  # A's reports have told the witness that B is in sync
+    wait_witness_knows_in_sync(lab)
     yield lab
     lab_down(str(d))
     for f in sorted(d.glob("*.log")):

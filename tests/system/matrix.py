@@ -269,7 +269,10 @@ class Matrix:
                 call(self.admin(array), "admitrcopyhost", {"host": h, "group": "rcg1", "proximity": prox})
         wait_synced(a, "rcg1", 60, None)
         self.wait(lambda: all(self.group(s)["serving"] and self.witness_ok(s) for s in ("A", "B")), 20, "both serving")
-        time.sleep(4 * self.witness["interval"])  # the witness has heard that B is in sync
+        if self.etcd is None:
+            self.wait(self.witness_knows_in_sync, 20, "the witness to hear from A that B is in sync")
+        else:  # (etcd listens in W's namespace only)
+            time.sleep(4 * self.witness["interval"])  # the witness has heard that B is in sync
 
     # -- hosts ---------------------------------------------------------------------------------
     def shim_config(self, site: str) -> Path:
@@ -336,6 +339,16 @@ class Matrix:
     # -- observation ---------------------------------------------------------------------------
     def group(self, site: str) -> dict:
         return call(self.admin(site), "showrcopy", {"group": "rcg1"}, timeout=5)["groups"][0]
+
+    def witness_knows_in_sync(self) -> bool:
+        """The built-in witness's state file holds A's word, at A's epoch, that B is in sync."""
+        try:
+            rec = json.loads((self.root / "W" / "state" / "witness.json").read_text())["groups"]["rcg1"]
+        except (OSError, ValueError, KeyError):
+            return False
+        a = self.group("A")
+        return (a["role"] == "primary" and rec.get("owner") == "A" and rec.get("epoch") == a["epoch"]
+                and bool(rec.get("secondary_in_sync")))
 
     def witness_ok(self, site: str) -> bool:
         w = call(self.admin(site), "showrcopy", timeout=5).get("witness")

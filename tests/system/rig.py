@@ -10,6 +10,7 @@ import sys
 import time
 
 from syncd.ctl import call
+from syncd.lab.rig import witness_knows_in_sync
 
 from ..guard import unavailable
 
@@ -109,6 +110,15 @@ def wait_for(pred, timeout: float = 30.0, what: str = "condition") -> None:
             pass
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def wait_witness_knows_in_sync(lab: dict, timeout: float = 30.0) -> None:
+    """Until the lab's witness has heard from the primary, at its epoch, that its peer is in sync
+    (``syncd.lab.rig.witness_knows_in_sync``): only then may it give the group to the peer, or
+    allow a switchover. Waited for rather than slept for: a fixed pause is too short on a loaded
+    machine and mostly wasted on a quiet one."""
+    wait_for(lambda: witness_knows_in_sync(lab), timeout,
+             "the witness to hear from the primary that its peer is in sync")
 
 
 def syncctl(*args: str) -> subprocess.CompletedProcess:

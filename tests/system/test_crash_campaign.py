@@ -21,7 +21,7 @@ from syncd.ctl import call
 from syncd.lab.rig import lab_down, lab_fail, lab_heal, lab_in_sync, lab_kill, lab_start, lab_up, load_lab
 from syncd.lab.workload import History, check_file, run_writer
 
-from .rig import FAST_LINK, assert_replicas_identical
+from .rig import FAST_LINK, assert_replicas_identical, wait_witness_knows_in_sync
 from .test_failover import WITNESS
 
 pytestmark = pytest.mark.system
@@ -88,7 +88,7 @@ def test_kill_9_campaign_loses_nothing_and_resyncs_only_what_changed(tmp_path):
     lab = uniform_lab(d)
     report = []
     try:
-        time.sleep(1.0)  # the witness has heard that B is in sync
+        wait_witness_knows_in_sync(lab)
         victims = ["primary", "secondary", "both", "witness"]
         for rnd in range(rounds):
             victim = victims[rnd] if rnd < len(victims) else rng.choice(victims)

@@ -4,14 +4,13 @@ the node, EIO from a FUSE-backed disk, a full volume filesystem, a full data dir
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
 from syncd.lab.rig import lab_down, lab_fail, lab_heal, lab_kill, lab_start, lab_up
 
 from ..guard import unavailable
-from .rig import FAST_LINK, require_root, require_tool
+from .rig import FAST_LINK, require_root, require_tool, wait_witness_knows_in_sync
 from .test_failover import WITNESS, group, wait_for
 from .test_operations import _check_both, _workload_during
 
@@ -22,7 +21,7 @@ pytestmark = [pytest.mark.system, pytest.mark.root]
 def test_disk_failure_stops_that_array_and_the_peer_serves_on(looplab, failed):
     lab = looplab
     wait_for(lambda: group(lab, "A")["peer_mode"] == "attached", what="attached")
-    time.sleep(1.0)
+    wait_witness_knows_in_sync(lab)
     survivor = "B" if failed == "A" else "A"
     hs, _ = _workload_during(lab, lambda: lab_fail(lab["dir"], "disk", failed), duration=6.0)
     gf, gs = group(lab, failed), group(lab, survivor)
@@ -60,7 +59,7 @@ def test_disk_full_under_the_primary_volume_is_a_device_failure_and_the_peer_tak
                      volume_paths={"A": [str(fsdir / "vv1.img")], "B": [str(tmp_path / "B-vv1.img")]},
                      timeout=60)
         wait_for(lambda: group(lab, "A")["peer_mode"] == "attached", what="attached")
-        time.sleep(1.0)  # the witness has heard that B is in sync
+        wait_witness_knows_in_sync(lab)
         hs, _ = _workload_during(lab, lambda: wait_for(lambda: group(lab, "B")["role"] == "primary", timeout=20,
                                                        what="B to take over"), duration=6.0)
         ga, gb = group(lab, "A"), group(lab, "B")
@@ -104,7 +103,7 @@ def test_full_data_directory_stops_the_node_with_a_clear_error_and_the_peer_take
         lab = lab_up(str(d), size="16MiB", nvolumes=1, npaths=2, link_opts=FAST_LINK, witness=WITNESS,
                      volume_paths={s: [str(tmp_path / f"{s}-vv1.img")] for s in ("A", "B")}, timeout=60)
         wait_for(lambda: group(lab, "A")["peer_mode"] == "attached", what="attached")
-        time.sleep(1.0)  # the witness has heard that B is in sync
+        wait_witness_knows_in_sync(lab)
         state = (ddir / "state.json").read_bytes()
 
         def fill_and_change():
@@ -161,7 +160,7 @@ def test_eio_from_the_primary_device_hands_the_group_over_and_loses_nothing(tmp_
         lab = lab_up(str(d), size="16MiB", nvolumes=1, npaths=2, link_opts=FAST_LINK, witness=WITNESS,
                      volume_paths={"A": [disk.path], "B": [str(tmp_path / "B-vv1.img")]}, timeout=60)
         wait_for(lambda: group(lab, "A")["peer_mode"] == "attached", what="attached")
-        time.sleep(1.0)  # the witness has heard that B is in sync
+        wait_witness_knows_in_sync(lab)
         hs, _ = _workload_during(lab, disk.fail, duration=6.0)
         ga, gb = group(lab, "A"), group(lab, "B")
         assert "Input/output error" in ga["disk_error"], ga["disk_error"]

@@ -22,7 +22,7 @@ from syncd.lab.historian import label
 from syncd.lab.history import Kind, Report, check
 from syncd.lab.rig import group_states, lab_down, lab_kill, lab_start, wait_in_sync
 
-from .rig import assert_replicas_identical, require_tool
+from .rig import assert_replicas_identical, require_tool, wait_witness_knows_in_sync
 from .test_crash_campaign import uniform_lab
 
 pytestmark = pytest.mark.system
@@ -56,7 +56,7 @@ def test_reads_and_writes_at_both_sites_on_four_shared_blocks_are_never_torn_or_
     lab = uniform_lab(d)
     rec = None
     try:
-        time.sleep(1.0)  # the witness has heard that B is in sync
+        wait_witness_knows_in_sync(lab)
         rec = Recorder.start(str(tmp_path / "contention.hist"), lab_clients(lab), writers=2, readers=2,
                              hot=HOT, cold=None, fua=0.5, duration=seconds)
         rec.proc.wait(seconds + 60)

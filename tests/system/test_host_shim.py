@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 import pytest
 import trio
@@ -16,7 +15,7 @@ from syncd.lab.relay import proxy_command
 from syncd.lab.rig import lab_down, lab_kill, lab_start, lab_up
 from syncd.lab.workload import History, check_file, run_writer
 
-from .rig import FAST_LINK, assert_replicas_identical, require_tool, run
+from .rig import FAST_LINK, assert_replicas_identical, require_tool, run, wait_witness_knows_in_sync
 from .test_failover import WITNESS, group, wait_for
 
 pytestmark = pytest.mark.system
@@ -32,7 +31,7 @@ def shim(tmp_path):
     lab["shim"] = {"uri": ha["volumes"]["vv1"], "admin": ha["admin_socket"], "socket": ha["socket"],
                    "config": ha["config"]}
     try:
-        time.sleep(1.0)  # the witness has heard that B is in sync
+        wait_witness_knows_in_sync(lab)
         yield lab
     finally:
         lab_down(str(d))

@@ -12,7 +12,7 @@ from syncd.ctl import call
 from syncd.lab.rig import lab_down, lab_kill, lab_start, lab_up
 from syncd.lab.workload import History, check_file, run_writer
 
-from .rig import FAST_LINK, assert_replicas_identical
+from .rig import FAST_LINK, assert_replicas_identical, wait_witness_knows_in_sync
 
 pytestmark = pytest.mark.system
 MiB = 1 << 20
@@ -80,7 +80,7 @@ def test_after_a_failover_the_returning_primary_is_compared_only_where_it_was_wr
     lab = lab_up(str(tmp_path / "lab"), size=f"{SIZE >> 20}MiB", nvolumes=1, npaths=2, link_opts=FAST_LINK,
                  witness=WITNESS, timeout=120)
     try:
-        time.sleep(1.0)  # the witness has heard that B is in sync
+        wait_witness_knows_in_sync(lab)
         hb = History()
 
         async def main():

@@ -23,6 +23,7 @@ from syncd.lab.relay import proxy_command
 from syncd.lab.rig import lab_down, load_lab
 from syncd.lab.workload import History
 
+from .rig import wait_witness_knows_in_sync
 from .test_crash_campaign import (
     assert_hosts_writes_on_both_replicas,
     in_sync,
@@ -47,7 +48,7 @@ def test_a_flapping_network_kills_nothing_splits_nothing_and_loses_nothing(tmp_p
     owners: dict[int, set] = {}
     events = []
     try:
-        time.sleep(1.0)  # the witness has heard that B is in sync
+        wait_witness_knows_in_sync(lab)
 
         def watch_primaries(stop):
             while not stop():
