@@ -12,6 +12,10 @@ With --profile DIR, py-spy (pip install py-spy: a tool, not a dependency) sample
 through each run: DIR/at-SITE-NODE.txt are collapsed stacks (for any flame graph tool), and the
 functions with the most samples of their own are printed per node.
 
+With --syscalls, perf stat counts each node's sendmsg, recvfrom and epoll_wait calls during
+each run (kernel tracepoints, a count per call), given per request: how many sends and wake-ups
+a request costs each node, which a batching change should move.
+
 With --timeline (QD1 only), both nodes record a timestamp at each socket receive and send and
 each local write (bench/tracehook/sitecustomize.py, put on the nodes' PYTHONPATH; no change to
 syncd's code) and bench/timeline.py gives each site's typical request hop by hop, with where its
@@ -24,6 +28,7 @@ timelines, IOPS with runs without it.
 Usage: .venv/bin/python bench/cpu_per_io.py [--runtime 10] [--repeat 3] [--bs 4k] [--qd 16]
        .venv/bin/python bench/cpu_per_io.py --repeat 1 --qd 1 --profile /tmp/prof [--link-security insecure]
        .venv/bin/python bench/cpu_per_io.py --repeat 1 --qd 1 --runtime 5 --timeline
+       .venv/bin/python bench/cpu_per_io.py --repeat 3 --qd 1 --syscalls    # needs perf
 Runs against whatever syncd the interpreter imports (an older checkout: run it from there).
 """
 
@@ -33,6 +38,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -56,6 +62,34 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return int(fields[11]) / TICK, int(fields[12]) / TICK  # utime, stime
+
+
+SYSCALLS = ("sendmsg", "recvfrom", "epoll_wait")
+
+
+def start_syscall_counts(pids: list[int]) -> list:
+    """``perf stat`` counting each node's entries into SYSCALLS (kernel tracepoints: a count
+    per call, no slowdown worth the name) until ``syscall_counts``: [perf process]."""
+    perf = shutil.which("perf")
+    if perf is None:
+        raise SystemExit("--syscalls needs perf (Debian: linux-perf)")
+    events = ",".join(f"syscalls:sys_enter_{c}" for c in SYSCALLS)
+    return [subprocess.Popen([perf, "stat", "-x", ",", "-e", events, "-p", str(pid)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for pid in pids]
+
+
+def syscall_counts(proc: subprocess.Popen) -> dict[str, int]:
+    """Stop one ``perf stat -x ,`` and return what it counted: {syscall: calls}."""
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate()
+    out = {}
+    for line in err.splitlines():
+        fields = line.split(",")
+        if len(fields) > 2 and fields[2].startswith("syscalls:sys_enter_"):
+            out[fields[2].removeprefix("syscalls:sys_enter_")] = int(fields[0]) if fields[0].isdigit() else 0
+    if set(out) != set(SYSCALLS):
+        raise SystemExit(f"perf stat counted {sorted(out)}, not {list(SYSCALLS)}: {err.strip()[-300:]}")
+    return out
 
 
 def start_profiles(d: str, site: str, pids: list[int], seconds: int) -> list:
@@ -139,6 +173,8 @@ def main() -> int:
     ap.add_argument("--profile", default=None, metavar="DIR", help="py-spy both nodes; stacks into DIR")
     ap.add_argument("--link-security", choices=["key", "insecure", "tls"], default="key",
                     help="the link's security mode (default key, the lab's)")
+    ap.add_argument("--syscalls", action="store_true",
+                    help="count each node's sendmsg, recvfrom and epoll_wait calls per request (perf stat)")
     ap.add_argument("--timeline", action="store_true",
                     help="record both nodes' receives, sends and writes; each site's request hop by hop (QD1)")
     ap.add_argument("--timeline-out", default=None, metavar="FILE",
@@ -184,6 +220,7 @@ def main() -> int:
             for site in ("A", "B"):
                 uri = lab["nodes"][site]["volumes"]["vv1"]["uri"]
                 spies = start_profiles(a.profile, site, pids, a.runtime + 2) if a.profile else []
+                counters = start_syscall_counts(pids) if a.syscalls else []
                 c0 = [cpu_seconds(p) for p in pids]
                 w0 = time.monotonic_ns()
                 p = subprocess.run(
@@ -213,6 +250,9 @@ def main() -> int:
                                    # the kernel's part (system time) of each node's CPU
                                    "sys_share_A": round(kernel[0] / cpu[0], 2) if cpu[0] else 0.0,
                                    "sys_share_B": round(kernel[1] / cpu[1], 2) if cpu[1] else 0.0})
+                for node, proc in zip("AB", counters, strict=False):  # (none without --syscalls)
+                    for call, n in syscall_counts(proc).items():  # over fio's run, its start-up included
+                        runs[site][-1][f"{call}_per_io_{node}"] = round(n / ios, 2)
                 print(f"fio at {site}: {runs[site][-1]}", flush=True)
     finally:
         lab_down(str(d / "lab"))  # the nodes write their recordings as they exit
