@@ -701,6 +701,20 @@ def lab_in_sync(lab: dict) -> bool:
             and all(g["serving"] for g in gs.values()))
 
 
+def witness_record(state_dir: Path, group: str) -> dict | None:
+    """The built-in witness's record of ``group`` in its state directory (None if unreadable)."""
+    try:
+        return dict(json.loads((state_dir / "witness.json").read_text())["groups"][group])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def record_knows_in_sync(rec: dict | None, primary: str, epoch: int) -> bool:
+    """The witness's record holds ``primary``'s word, at ``epoch``, that its peer is in sync."""
+    return (rec is not None and rec.get("owner") == primary and rec.get("epoch") == epoch
+            and bool(rec.get("secondary_in_sync")))
+
+
 def witness_knows_in_sync(lab: dict) -> bool:
     """The witness (if the lab has one) has heard from the primary, at its epoch, that its peer
     is in sync: only then may it give the group to the peer when the primary fails."""
@@ -708,18 +722,12 @@ def witness_knows_in_sync(lab: dict) -> bool:
         from . import etcd as lab_etcd
 
         rec = lab_etcd.group_record(lab)
-        if rec is None:
-            return False
     elif not lab.get("witness"):
         return True
     else:
-        try:
-            rec = json.loads((Path(lab["dir"]) / "W" / "state" / "witness.json").read_text())["groups"][lab["group"]]
-        except (OSError, ValueError, KeyError):
-            return False
+        rec = witness_record(Path(lab["dir"]) / "W" / "state", lab["group"])
     prim = [(s, g) for s, g in group_states(lab).items() if g["role"] == "primary"]
-    return (len(prim) == 1 and rec.get("owner") == prim[0][0] and rec.get("epoch") == prim[0][1]["epoch"]
-            and bool(rec.get("secondary_in_sync")))
+    return len(prim) == 1 and record_knows_in_sync(rec, prim[0][0], prim[0][1]["epoch"])
 
 
 def wait_in_sync(lab: dict, timeout: float) -> None:

@@ -42,7 +42,14 @@ from syncd.config import LinkConfig
 from syncd.ctl import CtlError, call, wait_synced
 from syncd.lab import etcd as lab_etcd
 from syncd.lab.faults import drop_loop, fail_disk, heal_disk, make_loop
-from syncd.lab.rig import etcd_witness_settings, link_timings, node_toml, with_link_key
+from syncd.lab.rig import (
+    etcd_witness_settings,
+    link_timings,
+    node_toml,
+    record_knows_in_sync,
+    with_link_key,
+    witness_record,
+)
 from syncd.lab.workload import load_history
 
 KEY = "matrix-witness-key-0123456789abcdef"
@@ -342,13 +349,9 @@ class Matrix:
 
     def witness_knows_in_sync(self) -> bool:
         """The built-in witness's state file holds A's word, at A's epoch, that B is in sync."""
-        try:
-            rec = json.loads((self.root / "W" / "state" / "witness.json").read_text())["groups"]["rcg1"]
-        except (OSError, ValueError, KeyError):
-            return False
         a = self.group("A")
-        return (a["role"] == "primary" and rec.get("owner") == "A" and rec.get("epoch") == a["epoch"]
-                and bool(rec.get("secondary_in_sync")))
+        return a["role"] == "primary" and record_knows_in_sync(witness_record(self.root / "W" / "state", "rcg1"),
+                                                                "A", a["epoch"])
 
     def witness_ok(self, site: str) -> bool:
         w = call(self.admin(site), "showrcopy", timeout=5).get("witness")
