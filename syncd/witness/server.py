@@ -245,8 +245,9 @@ class Witness:
                         await sess.send(w.encode(w.WType.GOODBYE, reason=f"idle for {idle:g} s"))
                     return
                 now = trio.current_time()
-                checked = f.type in w.REQUEST_TYPES and bool(f.req_id & w.FRESH)
-                if f.type in w.REQUEST_TYPES and not checked and not unflagged:
+                request = f.type in w.REQUEST_TYPES
+                checked = request and bool(f.req_id & w.FRESH)
+                if request and not checked and not unflagged:
                     unflagged = True
                     log.warning("witness: %s (%s) does not ask for its requests to be refused when heard late "
                                 "(a syncd before it did): such a request is taken as if on time", node, host)

@@ -12,7 +12,7 @@ from syncd.lab.rig import lab_fail, lab_heal, lab_kill, lab_start
 from syncd.lab.workload import History, check_file, run_writer
 from syncd.node.roles import WitnessTiming
 
-from .rig import FAST_LINK, WITNESS, assert_replicas_identical, show, wait_for, wait_witness_knows_in_sync
+from .rig import FAST_LINK, WITNESS, assert_replicas_identical, show, wait_for
 
 pytestmark = pytest.mark.system
 
@@ -30,9 +30,6 @@ def img(lab, site):
 
 
 def test_primary_array_failure_fails_over_to_the_secondary_and_the_old_primary_rejoins(wlab):
-    wait_for(lambda: show(wlab, "A")["witness"]["reachable"] and show(wlab, "B")["witness"]["reachable"],
-             what="witness")
-    wait_witness_knows_in_sync(wlab)
     h = History()
     t = {}
 
@@ -77,8 +74,6 @@ def test_link_failure_with_witness_primary_goes_on_and_secondary_cannot_take_ove
 
 
 def test_isolated_primary_enters_failsafe_and_the_secondary_takes_over(wlab):
-    wait_for(lambda: show(wlab, "A")["witness"]["reachable"], what="witness")
-    wait_witness_knows_in_sync(wlab)
     proxy_command(wlab["link"]["control"], "cut", paths=[0, 1, wlab["link"]["witness_relay"]])
     wait_for(lambda: group(wlab, "B")["role"] == "primary", timeout=20, what="B takes over")
     wait_for(lambda: group(wlab, "A")["status"] == "failsafe", timeout=20, what="A failsafe")
