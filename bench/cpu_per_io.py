@@ -12,6 +12,9 @@ With --profile DIR, py-spy (pip install py-spy: a tool, not a dependency) sample
 through each run: DIR/at-SITE-NODE.txt are collapsed stacks (for any flame graph tool), and the
 functions with the most samples of their own are printed per node.
 
+With --conns N, fio runs N jobs (N NBD connections) of QD/N requests each: the multi-conn jobs'
+shape (bench/jobs/*-mc4.fio are --qd 16 --conns 4); the counts are over all of them.
+
 With --syscalls, perf stat counts each node's sendmsg, recvfrom and epoll_wait calls during
 each run (kernel tracepoints, a count per call), given per request: how many sends and wake-ups
 a request costs each node, which a batching change should move.
@@ -29,6 +32,7 @@ Usage: .venv/bin/python bench/cpu_per_io.py [--runtime 10] [--repeat 3] [--bs 4k
        .venv/bin/python bench/cpu_per_io.py --repeat 1 --qd 1 --profile /tmp/prof [--link-security insecure]
        .venv/bin/python bench/cpu_per_io.py --repeat 1 --qd 1 --runtime 5 --timeline
        .venv/bin/python bench/cpu_per_io.py --repeat 3 --qd 1 --syscalls    # needs perf
+       .venv/bin/python bench/cpu_per_io.py --repeat 1 --rw randread --qd 16 --conns 4 --syscalls
 Runs against whatever syncd the interpreter imports (an older checkout: run it from there).
 """
 
@@ -170,6 +174,8 @@ def main() -> int:
     ap.add_argument("--dir", default=None, help="work directory, kept afterwards (default: a temporary one)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--rw", default="randwrite", help="fio's rw (default randwrite)")
+    ap.add_argument("--conns", type=int, default=1,
+                    help="NBD connections (fio jobs), QD/CONNS requests in flight on each (multi-conn)")
     ap.add_argument("--profile", default=None, metavar="DIR", help="py-spy both nodes; stacks into DIR")
     ap.add_argument("--link-security", choices=["key", "insecure", "tls"], default="key",
                     help="the link's security mode (default key, the lab's)")
@@ -180,6 +186,8 @@ def main() -> int:
     ap.add_argument("--timeline-out", default=None, metavar="FILE",
                     help="the timeline's Markdown (default bench/results/timeline-DATE.md)")
     a = ap.parse_args()
+    if a.conns < 1 or a.qd % a.conns:
+        ap.error(f"--conns must divide --qd ({a.qd}) into whole queue depths, not {a.conns}")
     if a.timeline and a.qd != 1:
         ap.error(f"--timeline needs --qd 1 (one request at a time is what it follows), not {a.qd}")
     d = Path(a.dir or tempfile.mkdtemp(prefix="syncd-cpu-"))
@@ -225,7 +233,8 @@ def main() -> int:
                 w0 = time.monotonic_ns()
                 p = subprocess.run(
                     ["fio", "--name=cpu", "--ioengine=nbd", f"--uri={uri}", f"--rw={a.rw}", f"--bs={a.bs}",
-                     f"--iodepth={a.qd}", "--time_based", f"--runtime={a.runtime}", f"--size={a.size}M",
+                     f"--iodepth={a.qd // a.conns}", f"--numjobs={a.conns}", "--group_reporting",
+                     "--time_based", f"--runtime={a.runtime}", f"--size={a.size}M",
                      "--lat_percentiles=1", "--output-format=json"], capture_output=True, text=True)
                 c1 = [cpu_seconds(p) for p in pids]
                 windows[site].append((w0, time.monotonic_ns()))
