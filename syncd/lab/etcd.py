@@ -286,12 +286,26 @@ def fail_quorum(lab_dir: str) -> list[int]:
 
 def group_record(lab: dict) -> dict | None:
     """The witness's record of the lab's group as etcd holds it (None if it cannot be read)."""
+    return _record(f"{lab['etcd']['prefix']}/groups/{lab['group']}",
+                   [(endpoint, None, None) for endpoint in lab["etcd"]["endpoints"]])
+
+
+def cluster_record(info: dict, prefix: str, group: str) -> dict | None:
+    """``group_record`` asked of the cluster ``info`` (``load``) directly: each live member at
+    its client URL, from its network namespace, over its TLS."""
+    return _record(f"{prefix}/groups/{group}",
+                   [(m["client"], m.get("tls"), m.get("netns")) for m in info["members"] if alive(m)])
+
+
+def _record(name: str, where: list[tuple[str, str | None, str | None]]) -> dict | None:
+    """The JSON record at key ``name``, from the first of ``where`` (endpoint, TLS directory,
+    namespace) that answers."""
     import base64
 
-    key = base64.b64encode(f"{lab['etcd']['prefix']}/groups/{lab['group']}".encode()).decode()
-    for endpoint in lab["etcd"]["endpoints"]:
+    key = base64.b64encode(name.encode()).decode()
+    for endpoint, tls, ns in where:
         try:
-            ans = post(endpoint, "/v3/kv/range", {"key": key}, timeout=1.0)
+            ans = post(endpoint, "/v3/kv/range", {"key": key}, timeout=1.0, tls=tls, ns=ns)
         except (OSError, ValueError, urllib.error.URLError):
             continue
         kvs = ans.get("kvs") or []

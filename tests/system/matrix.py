@@ -53,6 +53,7 @@ from syncd.lab.rig import (
 from syncd.lab.workload import load_history
 
 KEY = "matrix-witness-key-0123456789abcdef"
+ETCD_PREFIX = "/syncd/rcg1"  # the pair's records in etcd (backend etcd)
 NBD_PORT, REP_PORT, WIT_PORT = 10809, 7001, 7100
 ALUA_SHORT = {0: "AO", 1: "ANO", 2: "S", 3: "U", 15: "T", None: "-"}
 SHIM_SHORT = {"active/optimized": "AO", "active/non-optimized": "ANO", "transitioning": "T",
@@ -189,7 +190,7 @@ class Matrix:
         if self.etcd is not None:
             # Every member, at W's address on this array's witness link.
             wit = etcd_witness_settings(
-                w, [f"http://{self.links['wit' + site][3]}:{m['port']}" for m in self.etcd["members"]], "/syncd/rcg1")
+                w, [f"http://{self.links['wit' + site][3]}:{m['port']}" for m in self.etcd["members"]], ETCD_PREFIX)
         toml = node_toml(site, peer, d, NBD_PORT, [(REP_PORT, REP_PORT)] * 2, [("vv1", Path(self.loops[site]), None)],
                          self.link_opts, wit)
         listen = [f'"{a}:{NBD_PORT}"' for a in self.host_ports(site).values()]
@@ -276,10 +277,7 @@ class Matrix:
                 call(self.admin(array), "admitrcopyhost", {"host": h, "group": "rcg1", "proximity": prox})
         wait_synced(a, "rcg1", 60, None)
         self.wait(lambda: all(self.group(s)["serving"] and self.witness_ok(s) for s in ("A", "B")), 20, "both serving")
-        if self.etcd is None:
-            self.wait(self.witness_knows_in_sync, 20, "the witness to hear from A that B is in sync")
-        else:  # (etcd listens in W's namespace only)
-            time.sleep(4 * self.witness["interval"])  # the witness has heard that B is in sync
+        self.wait(self.witness_knows_in_sync, 20, "the witness to hear from A that B is in sync")
 
     # -- hosts ---------------------------------------------------------------------------------
     def shim_config(self, site: str) -> Path:
@@ -348,10 +346,14 @@ class Matrix:
         return call(self.admin(site), "showrcopy", {"group": "rcg1"}, timeout=5)["groups"][0]
 
     def witness_knows_in_sync(self) -> bool:
-        """The built-in witness's state file holds A's word, at A's epoch, that B is in sync."""
+        """The witness's record (the built-in witness's state file, or the group's key in etcd,
+        asked in W's namespace where etcd listens) holds A's word, at A's epoch, that B is in sync."""
         a = self.group("A")
-        return a["role"] == "primary" and record_knows_in_sync(witness_record(self.root / "W" / "state", "rcg1"),
-                                                                "A", a["epoch"])
+        if a["role"] != "primary":
+            return False
+        rec = (witness_record(self.root / "W" / "state", "rcg1") if self.etcd is None
+               else lab_etcd.cluster_record(lab_etcd.load(str(self.root)), ETCD_PREFIX, "rcg1"))
+        return record_knows_in_sync(rec, "A", a["epoch"])
 
     def witness_ok(self, site: str) -> bool:
         w = call(self.admin(site), "showrcopy", timeout=5).get("witness")
