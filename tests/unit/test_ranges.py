@@ -1,7 +1,10 @@
+from unittest.mock import patch
+
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from syncd import ranges
 from syncd.ranges import Bitmap, RangeLock
 
 
@@ -118,3 +121,69 @@ def test_intersect_keeps_the_bits_set_in_both_and_clear_all_clears_them(a, b):
     assert {r for r in range(41) if x.test(r)} == a & b and x.count == len(a & b)
     x.clear_all()
     assert x.count == 0 and not any(x.bits)
+
+
+class _Scan:
+    """The range lock's rule with no index: every holder is looked at (the reference)."""
+
+    def __init__(self) -> None:
+        self.held: dict[int, tuple[int, int, bool]] = {}
+        self.next = 0
+
+    def blocked(self, start: int, length: int, shared: bool) -> bool:
+        end = start + max(length, 1)
+        return any(a < end and start < b and not (shared and sh) for a, b, sh in self.held.values())
+
+    def try_acquire(self, start: int, length: int, shared: bool) -> int | None:
+        if self.blocked(start, length, shared):
+            return None
+        self.next += 1
+        self.held[self.next] = (start, start + max(length, 1), shared)
+        return self.next
+
+
+_MIB = 1 << 20
+# Places within 48 MiB, often on a bucket's edge or a block; lengths from nothing through a block
+# and a bucket to ranges wider than the index files by place (over 16 MiB).
+_PLACE = st.one_of(st.integers(0, 48 * _MIB), st.integers(0, 48).map(lambda m: m * _MIB),
+                   st.integers(0, 48 * 256).map(lambda b: b * 4096))
+_LENGTH = st.one_of(st.sampled_from([0, 1, 4096, 65536, _MIB, _MIB + 1, 16 * _MIB, 17 * _MIB, 40 * _MIB]),
+                    st.integers(0, 40 * _MIB))
+_OP = st.one_of(
+    st.tuples(st.just("take"), _PLACE, _LENGTH, st.booleans()),
+    st.tuples(st.just("give"), st.integers(0, 1000)),
+    st.tuples(st.just("busy"), _PLACE, _LENGTH),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(ops=st.lists(_OP, max_size=60), index_at=st.sampled_from([2, 3, 8, ranges._INDEX_AT]))
+def test_the_index_by_place_grants_and_refuses_exactly_what_scanning_every_holder_does(ops, index_at):
+    """Whether the lock files its holders by place (from ``index_at`` holders on, and again
+    after it dropped the index below half of that) or scans them all."""
+    with patch.object(ranges, "_INDEX_AT", index_at):
+        _follow(ops)
+
+
+def _follow(ops) -> None:
+    lock, ref = RangeLock(), _Scan()
+    mine: dict[int, int] = {}  # the reference's token -> the lock's
+    for op in ops:
+        if op[0] == "take":
+            _, start, length, shared = op
+            want = ref.try_acquire(start, length, shared)
+            got = lock.try_acquire(start, length, shared)
+            assert (got is None) == (want is None), op
+            if want is not None:
+                mine[want] = got
+        elif op[0] == "give" and ref.held:
+            tok = sorted(ref.held)[op[1] % len(ref.held)]
+            del ref.held[tok]
+            lock.release(mine.pop(tok))
+        elif op[0] == "busy":
+            _, start, length = op
+            assert lock.busy(start, length) == (bool(ref.held) and ref.blocked(start, length, True)), op
+        assert lock.held() == len(ref.held)
+    for tok in list(mine.values()):
+        lock.release(tok)
+    assert lock.held() == 0 and not lock._buckets and not lock._wide  # nothing left filed anywhere

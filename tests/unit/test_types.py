@@ -23,6 +23,7 @@ STRICT = [
     "syncd/node/roles.py",
     "syncd/repl/flow.py",
     "syncd/buffers.py",
+    "syncd/ranges.py",
     "syncd/lab/history.py",
     "syncd/nbd/extents.py",
     "syncd/metrics/stats.py",
