@@ -67,14 +67,14 @@ class RangeLock:
         self._next += 1
         tok = self._next
         held = self._held
-        held[tok] = (start, end, shared)
+        r = held[tok] = (start, end, shared)
         buckets = self._buckets
         if buckets is not None:
-            self._file(buckets, tok, held[tok])
+            self._file(buckets, tok, r)
         elif len(held) >= _INDEX_AT:
             buckets = self._buckets = {}
-            for t, r in held.items():
-                self._file(buckets, t, r)
+            for t, h in held.items():
+                self._file(buckets, t, h)
         return tok
 
     def _file(self, buckets: dict[int, dict[int, tuple[int, int, bool]]], tok: int, r: tuple[int, int, bool]) -> None:
@@ -88,6 +88,18 @@ class RangeLock:
                 buckets[b] = {tok: r}
             else:
                 near[tok] = r
+
+    def _unfile(self, buckets: dict[int, dict[int, tuple[int, int, bool]]], tok: int, r: tuple[int, int, bool]) -> None:
+        """Undo ``_file``."""
+        first, last = r[0] >> _SHIFT, (r[1] - 1) >> _SHIFT
+        if last - first >= _WIDE:
+            del self._wide[tok]
+            return
+        for b in range(first, last + 1):
+            near = buckets[b]
+            del near[tok]
+            if not near:
+                del buckets[b]
 
     def busy(self, start: int, length: int) -> bool:
         """Whether a write holds or waits for part of the range (a read must not run inline)."""
@@ -117,22 +129,14 @@ class RangeLock:
         return self._grant(start, end, shared)
 
     def release(self, token: int) -> None:
-        start, end, _ = self._held.pop(token)
+        r = self._held.pop(token)
         buckets = self._buckets
         if buckets is not None:
             if len(self._held) < _INDEX_AT // 2:  # few again: scanning them is cheaper
                 self._buckets = None
                 self._wide = {}
             else:
-                first, last = start >> _SHIFT, (end - 1) >> _SHIFT
-                if last - first >= _WIDE:
-                    del self._wide[token]
-                else:
-                    for b in range(first, last + 1):
-                        near = buckets[b]
-                        del near[token]
-                        if not near:
-                            del buckets[b]
+                self._unfile(buckets, token, r)
         if self._waiting:
             self._lot.unpark_all()
 
