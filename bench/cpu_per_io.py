@@ -19,6 +19,14 @@ With --syscalls, perf stat counts each node's sendmsg, recvfrom and epoll_wait c
 each run (kernel tracepoints, a count per call), given per request: how many sends and wake-ups
 a request costs each node, which a batching change should move.
 
+With --callgrind, both nodes run under valgrind's callgrind (bench/cghook/sitecustomize.py, put
+on their PYTHONPATH; no change to syncd's code), counting only while fio runs: the user-space
+instructions each node executed per request (instr_per_io_A/B), less what it executes idle
+(its heartbeats and timers, measured for RUNTIME seconds before the first run; idle_instr_per_s).
+Unlike CPU seconds, instructions do not move with the machine's load or its kernel, so two
+versions of the hot path compare across sessions and machines. The nodes run some 80 times
+slower and never poll before they sleep, so IOPS and latencies of such a run mean nothing.
+
 With --timeline (QD1 only), both nodes record a timestamp at each socket receive and send and
 each local write (bench/tracehook/sitecustomize.py, put on the nodes' PYTHONPATH; no change to
 syncd's code) and bench/timeline.py gives each site's typical request hop by hop, with where its
@@ -32,6 +40,7 @@ Usage: .venv/bin/python bench/cpu_per_io.py [--runtime 10] [--repeat 3] [--bs 4k
        .venv/bin/python bench/cpu_per_io.py --repeat 1 --qd 1 --profile /tmp/prof [--link-security insecure]
        .venv/bin/python bench/cpu_per_io.py --repeat 1 --qd 1 --runtime 5 --timeline
        .venv/bin/python bench/cpu_per_io.py --repeat 3 --qd 1 --syscalls    # needs perf
+       .venv/bin/python bench/cpu_per_io.py --repeat 1 --qd 1 --runtime 20 --callgrind    # needs valgrind
        .venv/bin/python bench/cpu_per_io.py --repeat 1 --rw randread --qd 16 --conns 4 --syscalls
 Runs against whatever syncd the interpreter imports (an older checkout: run it from there).
 """
@@ -48,6 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, os.getcwd())
@@ -94,6 +104,33 @@ def syscall_counts(proc: subprocess.Popen) -> dict[str, int]:
     if set(out) != set(SYSCALLS):
         raise SystemExit(f"perf stat counted {sorted(out)}, not {list(SYSCALLS)}: {err.strip()[-300:]}")
     return out
+
+
+def callgrind_window(pids: list[int], cg_dir: Path, action):
+    """Turn callgrind's counting on in both nodes, run ``action()``, turn it off and dump:
+    (what ``action`` returned, the instructions each node executed meanwhile, the seconds it
+    counted for)."""
+    def control(*args: str) -> None:
+        for pid in pids:
+            subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True)
+
+    before = {pid: set(cg_dir.glob(f"cg.{pid}.*")) for pid in pids}
+    control("-i", "on")
+    t0 = time.monotonic()
+    try:
+        result = action()
+    finally:
+        secs = time.monotonic() - t0
+        control("-i", "off")
+        control("-d")
+    out = []
+    for pid in pids:
+        new = set(cg_dir.glob(f"cg.{pid}.*")) - before[pid]
+        if len(new) != 1:
+            raise SystemExit(f"callgrind in node {pid} dumped {len(new)} files, not one, in {cg_dir}")
+        totals = [ln for ln in new.pop().read_text().splitlines() if ln.startswith("totals:")]
+        out.append(int(totals[0].split()[1]))
+    return result, out, secs
 
 
 def start_profiles(d: str, site: str, pids: list[int], seconds: int) -> list:
@@ -181,6 +218,8 @@ def main() -> int:
                     help="the link's security mode (default key, the lab's)")
     ap.add_argument("--syscalls", action="store_true",
                     help="count each node's sendmsg, recvfrom and epoll_wait calls per request (perf stat)")
+    ap.add_argument("--callgrind", action="store_true",
+                    help="count each node's instructions per request under valgrind (slow; no IOPS)")
     ap.add_argument("--timeline", action="store_true",
                     help="record both nodes' receives, sends and writes; each site's request hop by hop (QD1)")
     ap.add_argument("--timeline-out", default=None, metavar="FILE",
@@ -190,6 +229,10 @@ def main() -> int:
         ap.error(f"--conns must divide --qd ({a.qd}) into whole queue depths, not {a.conns}")
     if a.timeline and a.qd != 1:
         ap.error(f"--timeline needs --qd 1 (one request at a time is what it follows), not {a.qd}")
+    if a.callgrind and (a.timeline or a.profile):
+        ap.error("--callgrind runs the nodes under valgrind: not with --timeline or --profile")
+    if a.callgrind and not shutil.which("callgrind_control"):
+        raise SystemExit("--callgrind needs valgrind (Debian: valgrind)")
     d = Path(a.dir or tempfile.mkdtemp(prefix="syncd-cpu-"))
     if d.exists():
         shutil.rmtree(d)
@@ -202,13 +245,19 @@ def main() -> int:
     for p in vols.values():
         shutil.copyfile(seed, p)
     trace_dir = d / "timeline"
-    saved = {k: os.environ.get(k) for k in ("SYNCD_TIMELINE", "PYTHONPATH")}
+    cg_dir = d / "callgrind"
+    saved = {k: os.environ.get(k) for k in ("SYNCD_TIMELINE", "SYNCD_CALLGRIND", "PYTHONPATH")}
     if a.timeline:  # the nodes started now inherit these: the hook records in them
         trace_dir.mkdir()
         os.environ["SYNCD_TIMELINE"] = str(trace_dir)
         os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (saved["PYTHONPATH"], str(BENCH / "tracehook")) if x)
+    if a.callgrind:  # the same, for the hook that runs each node under callgrind
+        cg_dir.mkdir()
+        os.environ["SYNCD_CALLGRIND"] = str(cg_dir)
+        os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (saved["PYTHONPATH"], str(BENCH / "cghook")) if x)
     try:
         lab = lab_up(str(d / "lab"), size=f"{a.size}MiB", nvolumes=1, npaths=2, relay=False, timeout=300,
+                     start_timeout=300 if a.callgrind else 20,
                      **({"link_opts": {"insecure": True}} if a.link_security == "insecure" else
                         {"tls": "link"} if a.link_security == "tls" else {}),
                      volume_paths={s: [str(p)] for s, p in vols.items()})
@@ -223,7 +272,12 @@ def main() -> int:
     os.sync()
     pids = [lab["nodes"][s]["pid"] for s in ("A", "B")]
     runs: dict = {"A": [], "B": []}
+    idle = [0.0, 0.0]  # instructions per second each node executes with no request (--callgrind)
     try:
+        if a.callgrind:
+            _, counts, secs = callgrind_window(pids, cg_dir, partial(time.sleep, a.runtime))
+            idle = [c / secs for c in counts]
+            print(f"idle: instructions per second A {idle[0]:,.0f}, B {idle[1]:,.0f}", flush=True)
         for _ in range(a.repeat):
             for site in ("A", "B"):
                 uri = lab["nodes"][site]["volumes"]["vv1"]["uri"]
@@ -231,11 +285,15 @@ def main() -> int:
                 counters = start_syscall_counts(pids) if a.syscalls else []
                 c0 = [cpu_seconds(p) for p in pids]
                 w0 = time.monotonic_ns()
-                p = subprocess.run(
-                    ["fio", "--name=cpu", "--ioengine=nbd", f"--uri={uri}", f"--rw={a.rw}", f"--bs={a.bs}",
-                     f"--iodepth={a.qd // a.conns}", f"--numjobs={a.conns}", "--group_reporting",
-                     "--time_based", f"--runtime={a.runtime}", f"--size={a.size}M",
-                     "--lat_percentiles=1", "--output-format=json"], capture_output=True, text=True)
+                fio = ["fio", "--name=cpu", "--ioengine=nbd", f"--uri={uri}", f"--rw={a.rw}", f"--bs={a.bs}",
+                       f"--iodepth={a.qd // a.conns}", f"--numjobs={a.conns}", "--group_reporting",
+                       "--time_based", f"--runtime={a.runtime}", f"--size={a.size}M",
+                       "--lat_percentiles=1", "--output-format=json"]
+                run_fio = partial(subprocess.run, fio, capture_output=True, text=True)
+                if a.callgrind:
+                    p, instr, secs = callgrind_window(pids, cg_dir, run_fio)
+                else:
+                    p = run_fio()
                 c1 = [cpu_seconds(p) for p in pids]
                 windows[site].append((w0, time.monotonic_ns()))
                 for spy, path in spies:
@@ -259,6 +317,10 @@ def main() -> int:
                                    # the kernel's part (system time) of each node's CPU
                                    "sys_share_A": round(kernel[0] / cpu[0], 2) if cpu[0] else 0.0,
                                    "sys_share_B": round(kernel[1] / cpu[1], 2) if cpu[1] else 0.0})
+                if a.callgrind:  # less what the node would have executed idle over the run
+                    for node, n, rate in zip("AB", instr, idle, strict=True):
+                        runs[site][-1][f"instr_per_io_{node}"] = round((n - rate * secs) / ios)
+                    runs[site][-1]["idle_instr_per_s"] = [round(r) for r in idle]
                 for node, proc in zip("AB", counters, strict=False):  # (none without --syscalls)
                     for call, n in syscall_counts(proc).items():  # over fio's run, its start-up included
                         runs[site][-1][f"{call}_per_io_{node}"] = round(n / ios, 2)
@@ -267,7 +329,9 @@ def main() -> int:
         lab_down(str(d / "lab"))  # the nodes write their recordings as they exit
     if a.timeline:
         report_timeline(trace_dir, lab, pids, windows, a)
-    keys = ("iops", "cpu_us_per_io_A", "cpu_us_per_io_B", "cpu_us_per_io")
+    keys: tuple[str, ...] = ("iops", "cpu_us_per_io_A", "cpu_us_per_io_B", "cpu_us_per_io")
+    if a.callgrind:
+        keys += ("instr_per_io_A", "instr_per_io_B")
     summary = {s: {k: statistics.median(r[k] for r in rs) for k in keys} for s, rs in runs.items()}
     print("median:", json.dumps(summary))
     out = Path(a.out) if a.out else Path(__file__).parent / "results" / time.strftime("cpu-%Y%m%d-%H%M%S.json")

@@ -196,7 +196,7 @@ def _lab_up(
     volume_paths: dict[str, list[str]] | None = None, relay: bool = True,
     witness: dict | None = None, loop: bool = False, nbd_tls: dict | None = None,
     topology: str | None = None, power_cut: bool = False, tls: bool | str = False, intent: dict | None = None,
-    iscsi: bool | dict = False,
+    iscsi: bool | dict = False, start_timeout: float = 20.0,
 ) -> dict:
     """Start the lab; ``volume_paths`` = {"A": [dev, ...], "B": [...]} uses existing files or
     block devices (e.g. loop devices) instead of creating image files; ``loop`` puts every
@@ -211,7 +211,9 @@ def _lab_up(
     write-intent log's extent, hot set budget, idle time). ``iscsi``: each array also serves
     the volumes over iSCSI (target ``iqn.2026-12.org.syncd:lab-a`` / ``-b``, portal groups 1
     and 2, each array's SendTargets naming both), to the lab's host by its address; a dict adds
-    [iscsi] settings (e.g. ``{"chap": {"host1": "secret"}}``). ``witness``: the built-in
+    [iscsi] settings (e.g. ``{"chap": {"host1": "secret"}}``). ``start_timeout``: how long
+    a node may take to answer after it starts, and the link to come up (a second or two; more
+    for nodes run slowed down, as ``bench/cpu_per_io.py --callgrind`` runs them). ``witness``: the built-in
     witness's timings, or with ``backend = "etcd"`` the witness kept in a three-member etcd
     cluster this lab starts, or, given ``endpoints``, in that running cluster (shared with other
     labs, each pair under its own ``prefix``; ``/syncd/GROUP`` by default)."""
@@ -429,10 +431,10 @@ def _lab_up(
     (root / "lab.json").write_text(json.dumps(lab, indent=1))
     for name in NODES:
         n = lab["nodes"][name]
-        _wait_socket(n["admin_socket"], n["pid"], Path(n["log"]))
+        _wait_socket(n["admin_socket"], n["pid"], Path(n["log"]), timeout=start_timeout)
 
     a = lab["nodes"]["A"]["admin_socket"]
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + start_timeout
     while True:  # the link needs a moment to come up
         try:
             call(a, "creatercopygroup", {"group": group, "target": "B"})
