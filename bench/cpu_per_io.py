@@ -210,6 +210,7 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=256, help="MiB")
     ap.add_argument("--dir", default=None, help="work directory, kept afterwards (default: a temporary one)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--sites", default="AB", choices=["AB", "A", "B"], help="where fio runs (default A, then B)")
     ap.add_argument("--rw", default="randwrite", help="fio's rw (default randwrite)")
     ap.add_argument("--conns", type=int, default=1,
                     help="NBD connections (fio jobs), QD/CONNS requests in flight on each (multi-conn)")
@@ -279,7 +280,7 @@ def main() -> int:
             idle = [c / secs for c in counts]
             print(f"idle: instructions per second A {idle[0]:,.0f}, B {idle[1]:,.0f}", flush=True)
         for _ in range(a.repeat):
-            for site in ("A", "B"):
+            for site in a.sites:
                 uri = lab["nodes"][site]["volumes"]["vv1"]["uri"]
                 spies = start_profiles(a.profile, site, pids, a.runtime + 2) if a.profile else []
                 counters = start_syscall_counts(pids) if a.syscalls else []
@@ -332,7 +333,7 @@ def main() -> int:
     keys: tuple[str, ...] = ("iops", "cpu_us_per_io_A", "cpu_us_per_io_B", "cpu_us_per_io")
     if a.callgrind:
         keys += ("instr_per_io_A", "instr_per_io_B")
-    summary = {s: {k: statistics.median(r[k] for r in rs) for k in keys} for s, rs in runs.items()}
+    summary = {s: {k: statistics.median(r[k] for r in rs) for k in keys} for s, rs in runs.items() if rs}
     print("median:", json.dumps(summary))
     out = Path(a.out) if a.out else Path(__file__).parent / "results" / time.strftime("cpu-%Y%m%d-%H%M%S.json")
     out.parent.mkdir(parents=True, exist_ok=True)

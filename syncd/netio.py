@@ -331,7 +331,18 @@ def send_available(sock: socket.socket, bufs: list) -> tuple[int, list]:
     """Send what the kernel takes now of ``bufs`` (vectored, never blocking): the bytes sent
     and what is left of them (memoryviews; [] when everything went). A socket error leaves
     everything unsent from that point, for a sender task to meet again and end the connection."""
-    views = [b if isinstance(b, memoryview) else memoryview(b) for b in bufs if len(b)]
+    if len(bufs) <= IOV_MAX:  # one call: the buffers as they are, views made only of what is left
+        want = 0
+        for b in bufs:
+            want += b.nbytes if type(b) is memoryview else len(b)
+        if not want:
+            return 0, []
+        try:
+            n = sock.sendmsg(bufs)
+        except OSError:  # BlockingIOError (EAGAIN) or an error the sender task will meet
+            return 0, _views(bufs)
+        return n, ([] if n == want else _unsent(_views(bufs), n))
+    views = _views(bufs)
     total = 0
     while views:
         chunk = views[:IOV_MAX]
@@ -344,6 +355,11 @@ def send_available(sock: socket.socket, bufs: list) -> tuple[int, list]:
         if n < sum(v.nbytes for v in chunk):
             break
     return total, views
+
+
+def _views(bufs: list) -> list:
+    """``bufs`` (bytes, bytearray, memoryview) as byte views, the empty ones left out."""
+    return [b if isinstance(b, memoryview) else memoryview(b) for b in bufs if len(b)]
 
 
 def _unsent(views: list, n: int) -> list:

@@ -1,6 +1,7 @@
 """netio's inline sends: what the kernel does not take is handed back whole and in order, and
 output queued in a batch is flushed when the batch ends (nested batches: the outer one)."""
 
+import array
 import socket
 import ssl
 
@@ -19,6 +20,24 @@ def test_send_available_returns_exactly_what_the_kernel_did_not_take():
     assert 0 < sent < len(whole) and left
     assert sent + sum(v.nbytes for v in left) == len(whole)
     assert b"".join(bytes(v) for v in left) == whole[sent:]
+    a.close()
+    b.close()
+
+
+def test_send_available_many_buffers_and_wide_views():
+    """Over IOV_MAX buffers take several calls; a view of 4-byte items counts its bytes."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    wide = memoryview(array.array("I", range(1000)))
+    data = [bytes([i % 251]) * 7 for i in range(netio.IOV_MAX + 3)] + [wide, b""]
+    whole = b"".join(bytes(x) for x in data)
+    sent, left = netio.send_available(a, data)
+    assert (sent, left) == (len(whole), [])
+    got = b""
+    while len(got) < len(whole):
+        got += b.recv(1 << 20)
+    assert got == whole
+    assert netio.send_available(a, [b"", b""]) == (0, [])
     a.close()
     b.close()
 
