@@ -430,24 +430,25 @@ class DataPath:
 
     def fast_write(self, m: "Member", offset: int, data: Any, done: Done) -> bool:
         g = self.g
-        if m.vol.direct or not g.steady() or not m.intent.ready(offset, len(data)):
+        n = len(data)
+        if m.vol.direct or not g.steady() or not m.intent.ready(offset, n):
             return False
         link = g.node.link
         if g.roles.is_primary:
             # No credit on the link: the task path waits for it before taking the range.
-            if not (g.mirroring and g.state.peer_has_all and link.up and link.has_credit(len(data))):
+            if not (g.mirroring and g.state.peer_has_all and link.up and link.has_credit(n)):
                 return False
-            tok = m.lock.try_acquire(offset, len(data))
+            tok = m.lock.try_acquire(offset, n)
             if tok is None:
                 return False
             try:
-                m.vol.check_range(offset, len(data))
+                m.vol.check_range(offset, n)
             except OSError as e:
                 m.lock.release(tok)
                 err = self.local_error(e)
                 done(err.errno, str(err))
                 return True
-            self._count_write(m, len(data))
+            self._count_write(m, n)
             w = _FastWrite(self, m, tok, offset, data, done)
             link.start(Frame.write(link.next_id(), g.st.gid, g.epoch, m.vol_id, offset, data), cb=w.mirrored)
             # A small write as the task path: the peer's copy first, then this array's while
@@ -455,12 +456,12 @@ class DataPath:
             # before anything the peer answers is handled. A large one is written here first:
             # its frame rarely fits the socket's buffer at once, and what the kernel leaves
             # waits for the sender task (more CPU per byte, measured: round 10 in bench/).
-            if len(data) > _WRITE_AFTER_SEND_MAX or not netio.after_sends(w.write_here):
+            if n > _WRITE_AFTER_SEND_MAX or not netio.after_sends(w.write_here):
                 w.write_here()
             return True
         if not link.up:
             return False
-        self._count_write(m, len(data))
+        self._count_write(m, n)
         m.stats["forwarded"] += 1
         frame = Frame.write(link.next_id(), g.st.gid, g.epoch, m.vol_id, offset, data, forwarded=True)
         self.forwarding += 1

@@ -270,9 +270,15 @@ class IntentLog:
     def ready(self, offset: int, length: int) -> bool:
         """True (and the extents touched) when every region of the range is durably marked: a
         write may go ahead without waiting. The fast paths take the slow path otherwise."""
-        r0 = offset // self.region
-        r1 = (offset + max(length, 1) - 1) // self.region
+        region = self.region
+        r0 = offset // region
+        r1 = (offset + length - 1) // region if length > 1 else r0
         d = self.durable
+        if r0 == r1:  # most writes: one region, one extent
+            if not d[r0 >> 3] & (1 << (r0 & 7)):
+                return False
+            self.last[r0 // self.ext] = time.monotonic()
+            return True
         for r in range(r0, r1 + 1):
             if not d[r >> 3] & (1 << (r & 7)):
                 return False

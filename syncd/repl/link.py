@@ -690,6 +690,12 @@ class Link:
 
     # -- sending -------------------------------------------------------------------------------
     def _pick(self, small: bool = True) -> Path | None:
+        if small:  # the common case, without the lists below: the preferred path keeps up
+            for p in self.paths:
+                if p.state == "up" and not p.rtt_high:
+                    if len(p.inflight) < PREFER_INFLIGHT:
+                        return p
+                    break
         live = [p for p in self.paths if p.state == "up"]
         if not live:
             return None
