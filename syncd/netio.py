@@ -35,13 +35,20 @@ class Pacer:
         """The caller just blocked or yielded: start counting again."""
         self.n = 0
 
-    async def tick(self, blocked: bool) -> None:
+    def due(self, blocked: bool) -> bool:
+        """Count one operation; True when the caller should yield now (``await checkpoint()``):
+        a plain call, so the common case costs no coroutine."""
         if blocked:
             self.n = 0
-            return
+            return False
         self.n += 1
         if self.n >= self.every:
             self.n = 0
+            return True
+        return False
+
+    async def tick(self, blocked: bool) -> None:
+        if self.due(blocked):
             await checkpoint()
 
 
@@ -391,8 +398,8 @@ async def recv(sock: socket.socket, n: int, pacer: Pacer | None = None) -> bytes
         except BlockingIOError:
             blocked = True
             await wait_readable(sock)
-    if pacer is not None:
-        await pacer.tick(blocked)
+    if pacer is not None and pacer.due(blocked):
+        await checkpoint()
     return data
 
 
@@ -437,8 +444,8 @@ async def sendmsg_all(sock: socket.socket, bufs: list, pacer: Pacer | None = Non
             else:
                 views[0] = first.cast("B")[n:]
                 n = 0
-    if pacer is not None:
-        await pacer.tick(blocked)
+    if pacer is not None and pacer.due(blocked):
+        await checkpoint()
     return total
 
 

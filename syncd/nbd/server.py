@@ -191,7 +191,8 @@ class NBDConnection:
                  f", certificate {name!r}" if name else ", no client certificate")
 
     async def _recv(self) -> None:
-        data = await self._read(1 << 16)
+        # In the clear straight from the socket: one coroutine less per request than _read.
+        data = await (netio.recv(self.sock, 1 << 16, self.pacer) if self.tls is None else self._read(1 << 16))
         if not data:
             raise _Closed()
         self.conn.receive_data(data)

@@ -860,16 +860,18 @@ class DataPath:
     # -- peer side: the secondary ----------------------------------------------------------------
     def mirrored_fast(self, link: Any, path: Any, f: Frame, m: "Member") -> bool:
         """A mirrored plain write, applied inline in arrival order: no task per request."""
-        if m.vol.direct or f.fua or not m.intent.ready(f.offset, len(f.payload)):
+        data = f.payload
+        n = len(data)
+        if m.vol.direct or f.fua or not m.intent.ready(f.offset, n):
             return False
         try:
-            m.vol.check_range(f.offset, len(f.payload))
-            m.vol.write_sync(f.offset, f.payload)
+            m.vol.check_range(f.offset, n)
+            m.vol.write_sync(f.offset, data)
         except OSError as e:
             link.reply(path, f.req_id, e.errno or errno.EIO)
             return True
         if f.resync:
-            self.resynced(m, f.offset, len(f.payload))
+            self.resynced(m, f.offset, n)
         link.reply(path, f.req_id, Status.OK)
         return True
 

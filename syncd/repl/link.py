@@ -628,8 +628,8 @@ class Link:
             if budget <= 0:
                 await trio.lowlevel.checkpoint()  # a batch of writes was applied: others' turn
                 pacer.reset()
-            else:
-                await pacer.tick(False)
+            elif pacer.due(False):
+                await trio.lowlevel.checkpoint()
 
     def _dispatch(self, p: Path, f: Frame) -> None:
         t = f.type

@@ -153,3 +153,11 @@ def test_work_after_the_sends_runs_even_when_a_flush_raises(monkeypatch):
     with pytest.raises(OSError):
         netio.batch_end(was)
     assert ran == [1] and netio._batch.after is None and not netio._batch.active
+
+
+def test_pacer_asks_for_a_yield_after_every_run_of_operations_that_did_not_block():
+    pacer = netio.Pacer(every=4)
+    assert [pacer.due(False) for _ in range(8)] == [False, False, False, True] * 2
+    assert [pacer.due(False) for _ in range(2)] == [False, False]
+    assert not pacer.due(True)  # blocked: it yielded anyway, the count starts again
+    assert [pacer.due(False) for _ in range(4)] == [False, False, False, True]
