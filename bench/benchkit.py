@@ -108,6 +108,11 @@ def machine_record(root: Path) -> dict:
         "cpus_used": affinity_note(cpus, allowed),
         "cpu_model": cpu_model(_read("/proc/cpuinfo")),
         "kernel": platform.release(),
+        # Under a hypervisor the kernel's parameters and idle driver say how the vCPUs sleep and
+        # wake (round 19 in bench/README.md: nested PVM, no cpuidle driver); a VM's tool
+        # arguments after " -- " are not the kernel's.
+        "kernel_args": _read("/proc/cmdline").split(" -- ", 1)[0].strip() or "-",
+        "cpuidle": _read("/sys/devices/system/cpu/cpuidle/current_driver").strip() or "-",
         "debian": _read("/etc/debian_version").strip() or "-",
         "python": platform.python_version(),
         "versions": {
@@ -128,6 +133,8 @@ def machine_lines(m: dict) -> list[str]:
     return [
         f"- CPUs: {m.get('cpus_used', m.get('cpus'))}, {m.get('cpu_model', '?')}",
         f"- kernel {m.get('kernel', '?')}, Debian {m.get('debian', '?')}, Python {m.get('python', '?')}",
+        *([f"- kernel parameters `{m['kernel_args']}`, cpuidle driver {m.get('cpuidle', '?')}"]
+          if "kernel_args" in m else []),
         "- " + ", ".join(f"{k} {v[k]}" for k in ("fio", "nbdkit", "qemu", "trio", "construct", "xxhash", "syncd")
                          if k in v),
     ]

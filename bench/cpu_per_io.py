@@ -66,6 +66,7 @@ from syncd.lab.rig import lab_down, lab_up  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
+import benchkit  # noqa: E402
 import timeline  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -177,14 +178,14 @@ def report_timeline(trace_dir: Path, lab: dict, pids: list[int], windows: dict, 
         recs[node] = timeline.read_recording(f)
     host_port = {n: int(lab["nodes"][n]["nbd"].rsplit(":", 1)[1]) for n in "AB"}
     results, slow = {}, {}
-    for site in ("A", "B"):
+    for site in a.sites:
         events, wakes = timeline.labelled(recs, host_port, *windows[site][0])
         results[site] = timeline.analyse(events, site, wakes)
         slow[site] = timeline.slow_cycles(events, site, timeline.gc_passes(recs, *windows[site][0]))
     dropped = sum(r.dropped for r in recs.values())
     # A full recording stops: does that cut into the runs analysed?
     full_at = min((r.events[-1][0] for r in recs.values() if r.dropped and r.events), default=None)
-    cut = full_at is not None and any(full_at < windows[s][0][1] for s in ("A", "B"))
+    cut = full_at is not None and any(full_at < windows[s][0][1] for s in a.sites)
     note = (f"`bench/cpu_per_io.py --qd 1 --bs {a.bs} --runtime {a.runtime} --link-security {a.link_security} "
             f"--timeline`, {time.strftime('%Y-%m-%d %H:%M')}, tree {os.getcwd()}; the first run at each site. "
             "Times include the recording's own cost (about 1 µs per event).")
@@ -338,6 +339,7 @@ def main() -> int:
     out = Path(a.out) if a.out else Path(__file__).parent / "results" / time.strftime("cpu-%Y%m%d-%H%M%S.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M:%S"), "tree": os.getcwd(),
+                               "machine": benchkit.machine_record(Path(os.getcwd())),
                                "args": vars(a), "runs": runs, "median": summary}, indent=1))
     if not a.dir:  # a directory given is kept: node logs for a run that went wrong
         shutil.rmtree(d, ignore_errors=True)

@@ -46,8 +46,11 @@ def test_machine_record_names_cpus_kernel_debian_python_and_every_version() -> N
     assert m["cpus"] >= 1 and m["cpus_used"] and m["cpu_model"] and m["kernel"] and m["python"]
     assert set(m["versions"]) == {"fio", "nbdkit", "qemu", "trio", "construct", "xxhash", "syncd"}
     assert "git " in m["versions"]["syncd"]
+    assert m["kernel_args"] and m["cpuidle"] and " -- " not in m["kernel_args"]
     lines = benchkit.machine_lines(m)
     assert any(m["kernel"] in ln for ln in lines) and any("trio " in ln for ln in lines)
+    assert any("cpuidle driver" in ln for ln in lines)
+    assert not any("cpuidle" in ln for ln in benchkit.machine_lines({k: v for k, v in m.items() if k != "kernel_args"}))
 
 
 def test_qd1_bound_is_the_no_delay_p50_plus_the_round_trip_plus_10_percent() -> None:
