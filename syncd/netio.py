@@ -47,10 +47,6 @@ class Pacer:
             return True
         return False
 
-    async def tick(self, blocked: bool) -> None:
-        if self.due(blocked):
-            await checkpoint()
-
 
 # -- output sent at the end of an input batch ----------------------------------------------------
 # A loop that reads requests (the NBD server's, the replication link's receiver) handles every
