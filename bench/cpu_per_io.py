@@ -249,14 +249,14 @@ def main() -> int:
     trace_dir = d / "timeline"
     cg_dir = d / "callgrind"
     saved = {k: os.environ.get(k) for k in ("SYNCD_TIMELINE", "SYNCD_CALLGRIND", "PYTHONPATH")}
-    if a.timeline:  # the nodes started now inherit these: the hook records in them
-        trace_dir.mkdir()
-        os.environ["SYNCD_TIMELINE"] = str(trace_dir)
-        os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (saved["PYTHONPATH"], str(BENCH / "tracehook")) if x)
-    if a.callgrind:  # the same, for the hook that runs each node under callgrind
-        cg_dir.mkdir()
-        os.environ["SYNCD_CALLGRIND"] = str(cg_dir)
-        os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (saved["PYTHONPATH"], str(BENCH / "cghook")) if x)
+    # The nodes started now inherit these: a hook (sitecustomize) on their path that records in
+    # them (--timeline) or runs them under callgrind (--callgrind); at most one of the two.
+    for wanted, var, out, hook in ((a.timeline, "SYNCD_TIMELINE", trace_dir, "tracehook"),
+                                   (a.callgrind, "SYNCD_CALLGRIND", cg_dir, "cghook")):
+        if wanted:
+            out.mkdir()
+            os.environ[var] = str(out)
+            os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (saved["PYTHONPATH"], str(BENCH / hook)) if x)
     try:
         lab = lab_up(str(d / "lab"), size=f"{a.size}MiB", nvolumes=1, npaths=2, relay=False, timeout=300,
                      start_timeout=300 if a.callgrind else 20,

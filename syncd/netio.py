@@ -334,21 +334,15 @@ def send_available(sock: socket.socket, bufs: list) -> tuple[int, list]:
     """Send what the kernel takes now of ``bufs`` (vectored, never blocking): the bytes sent
     and what is left of them (memoryviews; [] when everything went). A socket error leaves
     everything unsent from that point, for a sender task to meet again and end the connection."""
-    if len(bufs) <= IOV_MAX:
+    if len(bufs) <= IOV_MAX:  # the common case: one call, the list as it is
         return _send_once(sock, bufs)
-    views = _views(bufs)
     total = 0
-    while views:
-        chunk = views[:IOV_MAX]
-        try:
-            n = sock.sendmsg(chunk)
-        except OSError:  # BlockingIOError (EAGAIN) or an error the sender task will meet
-            break
+    for at in range(0, len(bufs), IOV_MAX):  # one sendmsg per IOV_MAX buffers, until one falls short
+        n, left = _send_once(sock, bufs[at:at + IOV_MAX])
         total += n
-        views = _unsent(views, n)
-        if n < sum(v.nbytes for v in chunk):
-            break
-    return total, views
+        if left:
+            return total, left + _views(bufs[at + IOV_MAX:])
+    return total, []
 
 
 def _send_once(sock: socket.socket, bufs: list) -> tuple[int, list]:

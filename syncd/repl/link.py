@@ -690,17 +690,6 @@ class Link:
 
     # -- sending -------------------------------------------------------------------------------
     def _pick(self, small: bool = True) -> Path | None:
-        if small:  # the common case, without the lists below: the preferred path keeps up
-            for p in self.paths:
-                if p.state == "up" and not p.rtt_high:
-                    if len(p.inflight) < PREFER_INFLIGHT:
-                        return p
-                    break
-        live = [p for p in self.paths if p.state == "up"]
-        if not live:
-            return None
-        if len(live) == 1:
-            return live[0]
         if small:
             # Small requests stay on one path while it keeps up (its first live path, not one
             # whose round trip is over the limit): requests that arrive together then leave in
@@ -709,10 +698,25 @@ class Link:
             # a receive and a wake-up per path at both arrays, and the host's replies one send
             # per path: 4 KiB writes at QD16 ran at 15,000-19,500 IOPS over two paths against
             # 21,000-23,000 over one (bench/README.md). Past PREFER_INFLIGHT requests in flight
-            # there (a slow or lossy path keeps more) they spread as large ones do.
-            first = next((p for p in live if not p.rtt_high), live[0])
+            # there (a slow or lossy path keeps more) they spread as large ones do. One pass,
+            # no lists: this runs for every write.
+            first = None
+            for p in self.paths:
+                if p.state == "up":
+                    if not p.rtt_high:
+                        first = p
+                        break
+                    if first is None:
+                        first = p  # every live path over the limit: the first of them
+            if first is None:
+                return None
             if len(first.inflight) < PREFER_INFLIGHT:
                 return first
+        live = [p for p in self.paths if p.state == "up"]
+        if not live:
+            return None
+        if len(live) == 1:
+            return live[0]
         # The path with the fewest requests in flight; ties taken in turn (large requests:
         # bandwidth from every path).
         self._rr += 1
