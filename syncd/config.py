@@ -923,7 +923,7 @@ def parse_etcd_witness(wt: dict, where: str, base: Path = Path(".")):
     from .witness.etcd_node import EtcdWitnessConfig
 
     _no_extra(wt, {"backend", "endpoints", "prefix", "tls_ca", "tls_certificate", "tls_key", "user", "password",
-                   "timeout", "interval", "owner_lease", "grace"}, where)
+                   "timeout", "interval", "owner_lease", "grace", "election_timeout"}, where)
     endpoints = _take(wt, "endpoints", where, list)
     if not endpoints or not all(isinstance(e, str) for e in endpoints):
         raise ConfigError(f"{where}.endpoints: a list of etcd client URLs (http://HOST:PORT or https://HOST:PORT)")
@@ -957,10 +957,14 @@ def parse_etcd_witness(wt: dict, where: str, base: Path = Path(".")):
         raise ConfigError(f"{where}.tls_*: set, but the endpoints are http:// (use https:// for TLS)")
     cfg = EtcdWitnessConfig(etcd, prefix, _take(wt, "interval", where, float, d.interval),
                             _take(wt, "owner_lease", where, float, d.owner_lease),
-                            _take(wt, "grace", where, float, d.grace))
-    for k in ("interval", "owner_lease", "grace"):
+                            _take(wt, "grace", where, float, d.grace),
+                            election_timeout=_take(wt, "election_timeout", where, float, d.election_timeout))
+    for k in ("interval", "owner_lease", "grace", "election_timeout"):
         if getattr(cfg, k) <= 0:
             raise ConfigError(f"{where}.{k}: must be positive, got {getattr(cfg, k)}")
+    if cfg.election_timeout > 50:
+        raise ConfigError(f"{where}.election_timeout: {cfg.election_timeout} s; etcd allows at most 50 s "
+                          "(its --election-timeout, in seconds here)")
     if cfg.grace <= cfg.interval:
         raise ConfigError(f"{where}.grace: must be longer than {where}.interval")
     if not 0 < etcd.timeout < cfg.owner_lease:

@@ -782,8 +782,11 @@ def _etcd_fault(d: str, lab: dict, what: str, arg: str | None, heal: bool) -> st
 def etcd_witness_settings(timings: dict, endpoints: list[str], prefix: str) -> dict:
     """A lab node's ``[witness]`` settings for the witness kept in etcd: the lab's timings, and a
     decision's deadline of half the owner's lease (at most 1 s)."""
+    from . import etcd as lab_etcd
+
     out = {k: timings[k] for k in ("interval", "owner_lease", "grace") if k in timings}
     out["timeout"] = min(1.0, out.get("owner_lease", 3.0) / 2)
+    out["election_timeout"] = lab_etcd.ELECTION_MS / 1000  # the lab's clusters' (a leader change extends leases)
     return dict(out, backend="etcd", endpoints=list(endpoints), prefix=prefix)
 
 

@@ -416,8 +416,9 @@ class Node:
         wc = self.witness.cfg if getattr(self, "witness", None) is not None else None
         wt = None
         if wc is not None:
+            heard_for = wc.owner_heard_for() if getattr(wc, "backend", "builtin") == "etcd" else 0.0
             wt = WitnessTiming(wc.interval, wc.owner_lease, wc.grace, drift=lk.clock_drift if lk else 0.05,
-                               link_notice=lk.path_timeout if lk else 1.5)
+                               link_notice=lk.path_timeout if lk else 1.5, owner_heard_for=heard_for)
         if lk is None:
             return Timing(witness=wt)
         return Timing(lease=lk.lease, lease_drift=lk.clock_drift, lease_margin=lk.lease_margin,
@@ -564,13 +565,17 @@ class Node:
             ec = EtcdWitnessClient(wcfg, self.cfg.name, self._witness_groups, self._witness_report,
                                    self._witness_changed)
             ec.report_fn = self._witness_report_now
+            # Each lease etcd grants this array (answered, so committed by a quorum): etcd may
+            # hold the array alive from then whatever becomes of the requests after it.
+            ec.on_sent = self._witness_sent
             return ec
         from ..witness.client import WitnessClient
 
         wc = WitnessClient(wcfg, self.cfg.name, self._witness_groups, self._witness_report, self._witness_changed)
-        # What the built-in witness may have heard (the role machine's WitnessSent). Not for
-        # etcd: a request reaches a member that may have no quorum (nothing commits there), and
-        # a pre-elected primary must go on when the etcd quorum is lost (failure matrix).
+        # What the built-in witness may have heard (the role machine's WitnessSent). For etcd
+        # only granted leases count, not requests sent: a request reaches a member that may
+        # have no quorum (nothing commits there), and a pre-elected primary must go on when the
+        # etcd quorum is lost (failure matrix).
         wc.on_sent = self._witness_sent
         wc.report_fn = self._witness_report_now  # one group's report, not every group's
         return wc

@@ -101,6 +101,10 @@ class WitnessTiming:
     drift: float = 0.05  # clock rate bound of every node (the witness's too)
     link_notice: float = 1.5  # the arrays notice a dead link at most this far apart (path_timeout)
     request_timeout: float = 1.0  # the witness client gives a request up after this
+    # etcd: how long after this array's last answered request etcd may still hold its key, so
+    # that the witness counts it alive (``EtcdWitnessConfig.owner_heard_for``: its lease, etcd's
+    # expiry check, one leader change). 0: the built-in witness, which counts ``grace`` itself.
+    owner_heard_for: float = 0.0
 
     def reachable_for(self) -> float:
         return 3 * self.interval
@@ -115,8 +119,10 @@ class WitnessTiming:
         witness it lost us within ``grace`` (its clock) of the witness losing us, so the witness
         refuses it the group. The peer may notice the link dead ``link_notice`` before we do, and
         the witness may still have heard our last request up to ``request_timeout`` after we
-        last heard it."""
-        return ((1 + self.drift) * (self.grace / (1 - self.drift) + self.link_notice)
+        last heard it. A witness kept in etcd disables failover once etcd has dropped our key
+        (``owner_heard_for``), not after ``grace``."""
+        disabled_after = self.owner_heard_for or self.grace
+        return ((1 + self.drift) * (disabled_after / (1 - self.drift) + self.link_notice)
                 + self.interval + self.request_timeout)
 
 

@@ -390,11 +390,6 @@ class EtcdClient:
             raise EtcdError(str(ans["error"]))
         return _int(ans.get("ID"))
 
-    async def lease_keepalive(self, lease: int) -> int:
-        """Renew ``lease``: its new TTL in seconds (0: it had expired)."""
-        ans = await self.call("/v3/lease/keepalive", {"ID": str(lease)})
-        return _int(ans.get("result", {}).get("TTL"))
-
     async def lease_revoke(self, lease: int) -> None:
         await self.call("/v3/lease/revoke", {"ID": str(lease)})
 

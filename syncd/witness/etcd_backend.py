@@ -6,11 +6,20 @@ Layout under a per-pair prefix P (bytes):
 * ``P/groups/NAME``: the group's record (JSON): members, owner, epoch, whether the owner last
   said its peer is in sync, whether failover is disabled, the last decision, and per member
   what the witness needs to remember of its reports (``watch``);
-* ``P/alive/NODE``: a key on NODE's etcd lease. Every request an array makes first keeps its
-  lease alive (or, if it expired, takes a new one). The lease's TTL is the owner's lease with
+* ``P/alive/NODE``: a key on one of NODE's etcd leases. Before its requests an array takes a
+  new lease (at most one per ``renew`` seconds) and moves its key onto it, by a transaction that
+  requires the key to be as this array last left it. The lease's TTL is the owner's lease with
   drift and margin (``Timing.owner_gone_after``, rounded up to whole seconds as etcd counts), so
   "the witness has not heard the owner for longer than that" is "``P/alive/OWNER`` is gone",
   which etcd decides on its own clock.
+
+  A new lease rather than a keepalive, because a lease's life is counted from its grant: a
+  request that reaches etcd late (held in the network, or by a member that had lost its quorum
+  and regained it) cannot make the key outlive what the array counts from its last answer. A
+  keepalive would restart the lease whenever etcd took it, and a transaction moving the key to
+  an older lease fails its compare. A grant whose answer was lost gives a lease nothing is ever
+  put on. What etcd itself adds is bounded in ``owner_heard_for``: its expiry check and one
+  leader change (a new leader gives every lease its whole TTL again).
 
 The rules, side by side with the built-in witness's:
 
@@ -36,8 +45,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import trio
 
 from . import decide
 from .decide import WAIT_MARK, Decision, GroupRecord, Timing, WitnessError
@@ -53,7 +65,6 @@ class Kv(Protocol):
     async def txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]],
                   failure: list[dict[str, Any]] | None = None) -> TxnResult: ...
     async def lease_grant(self, ttl: int) -> int: ...
-    async def lease_keepalive(self, lease: int) -> int: ...
 
 
 class BadRecord(ValueError):
@@ -213,12 +224,18 @@ _NO_TIMING = Timing()  # KEEP, HANDOVER and RESOLVE do not look at time
 class EtcdWitness:
     """The decisions of one array (``node``) for the groups under ``prefix``."""
 
-    def __init__(self, kv: Kv, prefix: bytes, node: str, timing: Timing) -> None:
+    def __init__(self, kv: Kv, prefix: bytes, node: str, timing: Timing, renew: float = 0.0) -> None:
         self.kv = kv
         self.prefix = prefix.rstrip(b"/")
         self.node = node
         self.ttl = max(1, math.ceil(timing.owner_gone_after()))
-        self.lease = 0
+        self.renew = renew  # s a lease serves this array's requests before it takes another
+        self.lease = 0  # the lease this array's key is on (0: none yet)
+        self.lease_sent = 0.0  # trio time its grant was asked: it lives TTL from after then
+        self.alive_rev = 0  # the key's mod_revision as this array last left it (0: absent)
+        # Told the trio time of each grant's answer: from then on etcd may hold this array alive
+        # for the new lease's TTL, whether or not anything after the grant is answered.
+        self.on_grant: Callable[[float], None] | None = None
         self._fresh = True  # no word from this array is on record under its current lease
 
     def group_key(self, group: str) -> bytes:
@@ -228,14 +245,33 @@ class EtcdWitness:
         return self.prefix + b"/alive/" + node.encode()
 
     async def touch(self) -> bool:
-        """Keep this array's lease alive (a new one if it expired): True if the lease is new,
-        so the witness knows nothing of this array since its last word."""
-        if self.lease and await self.kv.lease_keepalive(self.lease) > 0:
+        """Move this array's key onto a new lease (if the current one is ``renew`` old): True if
+        the key had gone (its lease expired) or this process had not touched it yet, so the
+        witness knows nothing of this array since its last word."""
+        now = trio.current_time()
+        if self.lease and now - self.lease_sent < self.renew:
             return False
-        self.lease = await self.kv.lease_grant(self.ttl)
-        await self.kv.txn([], [put(self.alive_key(self.node), b"1", self.lease)])
-        self._fresh = True
-        return True
+        lease = await self.kv.lease_grant(self.ttl)
+        if self.on_grant is not None:
+            self.on_grant(trio.current_time())
+        key = self.alive_key(self.node)
+        fresh = not self.lease
+        for _ in range(RETRIES):
+            res = await self.kv.txn([cmp_mod(key, self.alive_rev)], [put(key, b"1", lease)], [get(key)])
+            if res.succeeded:
+                break
+            # Not as this array left it: gone (its lease expired), or moved by a request of ours
+            # whose answer was lost, or left by this array's previous run.
+            found = res.ranges[0] if res.ranges else []
+            self.alive_rev = found[0].mod_revision if found else 0
+            fresh = fresh or not found
+        else:
+            raise WitnessError(f"{self.node}'s key in etcd kept changing under {RETRIES} attempts")
+        self.alive_rev = res.revision  # the put's: the key's mod_revision now
+        self.lease, self.lease_sent = lease, now
+        if fresh:
+            self._fresh = True
+        return fresh
 
     async def register(self, group: str, members: tuple[str, str], owner: str, epoch: int) -> None:
         """Create the group's record if there is none (the creator's view: owner and epoch)."""

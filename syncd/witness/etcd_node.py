@@ -12,6 +12,7 @@ the reports, a task of its own gathers every member's status for ``showrcopy wit
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,9 @@ log = logging.getLogger("syncd.witness.etcd")
 
 MEMBER_ROUNDS = 4  # report intervals between two gatherings of the members' status
 MEMBER_DEADLINE = 0.5  # s for one member's status (at most the etcd timeout)
+# s from a lease's expiry to its key's removal: etcd's leader looks for expired leases every
+# 0.5 s, then commits their revocation.
+EXPIRY_LAG = 1.0
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,23 @@ class EtcdWitnessConfig:
     grace: float = 4.5
     drift: float = 0.05
     margin: float = 0.5
+    election_timeout: float = 1.0  # s: the etcd cluster's --election-timeout (etcd's default)
     backend: str = "etcd"
+
+    def lease_ttl(self) -> int:
+        """The TTL of an array's lease in etcd: the owner's lease with drift and margin, whole
+        seconds; etcd raises it to 1.5 election timeouts if that is longer."""
+        asked = math.ceil(Timing(owner_lease=self.owner_lease, drift=self.drift, margin=self.margin).owner_gone_after())
+        return max(1, asked, math.ceil(1.5 * self.election_timeout))
+
+    def owner_heard_for(self) -> float:
+        """How long after an array's last answered request etcd may still hold its key (the
+        witness then counts it alive): its lease's TTL, counted from a grant answered by then;
+        etcd's check for expired leases and the revoke's commit (``EXPIRY_LAG``); and one etcd
+        leader change meanwhile, since a new leader gives every lease its whole TTL again plus
+        an election timeout (etcd's ``lessor.Promote``). A second leader change within that
+        time is not covered."""
+        return 2 * (self.lease_ttl() + EXPIRY_LAG) + self.election_timeout
 
     def describe(self) -> str:
         return f"etcd {','.join(self.etcd.endpoints)} prefix {self.prefix}"
@@ -69,7 +89,9 @@ class EtcdWitnessClient(WitnessReach):
         self.probe = EtcdClient(cfg.etcd)
         self.members: Gathering | None = None  # the last gathering of the members' status
         timing = Timing(owner_lease=cfg.owner_lease, drift=cfg.drift, margin=cfg.margin, grace=cfg.grace)
-        self.witness = EtcdWitness(self.kv, cfg.prefix.encode(), node_name, timing)
+        # A new lease at most twice per report interval: one serves a whole round of reports.
+        self.witness = EtcdWitness(self.kv, cfg.prefix.encode(), node_name, timing, renew=cfg.interval / 2)
+        self.witness.on_grant = self._granted
         self.scope: trio.CancelScope | None = None
         self.registered: set[str] = set()
         self.witness_name = ""
@@ -83,7 +105,7 @@ class EtcdWitnessClient(WitnessReach):
                 "answered_by": self.kv.last_endpoint or None,
                 "last_error": self.last_error,
                 "last_heard_s_ago": self.last_heard_s_ago(),
-                "lease_ttl_s": self.witness.ttl,
+                "lease_ttl_s": self.cfg.lease_ttl(),
                 "members": None if g is None else [m.to_json() for m in g.members],
                 "members_age_s": None if g is None else round(trio.current_time() - g.at, 2)}
 
@@ -107,6 +129,16 @@ class EtcdWitnessClient(WitnessReach):
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                 await self.kv.aclose()
                 await self.probe.aclose()
+
+    def _granted(self, when: float) -> None:
+        """etcd granted this array a new lease, answered at ``when``: its key may be moved onto it
+        even if no later answer comes, so etcd may hold the array alive until the lease's TTL
+        after then. Said for every group (the key is the array's), as the built-in witness's
+        client says a request went out: the role machine counts a lost witness from then at
+        the earliest. Only answers count here: a request to a member without quorum is not
+        one (nothing commits there), so a lost quorum is lost from the last answer."""
+        for name, *_ in self.groups_fn():
+            self._sent(name, when)
 
     async def _watch_members(self) -> None:
         """Every ``MEMBER_ROUNDS`` report intervals, each member's status, kept for showrcopy."""
@@ -134,6 +166,9 @@ class EtcdWitnessClient(WitnessReach):
                 sent = trio.current_time()
                 d = await self.witness.report(name, now[0], peer_alive=bool(now[1] & w.REPORT_PEER_ALIVE),
                                               peer_in_sync=bool(now[1] & w.REPORT_PEER_IN_SYNC))
+                # The witness holds this array alive for the lease's TTL from after its grant was
+                # asked, which may be before this report (one lease serves a round).
+                sent = min(sent, self.witness.lease_sent)
             self._ok()
             if self.on_report is not None:
                 self.on_report(name, sent, d.owner, d.epoch)

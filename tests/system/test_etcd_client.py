@@ -13,6 +13,7 @@ from syncd.lab import etcd as lab_etcd
 from syncd.witness.etcd import (
     EtcdClient,
     EtcdConfig,
+    EtcdError,
     EtcdUnreachable,
     cmp_mod,
     get,
@@ -71,23 +72,34 @@ async def _both(c, coros):
     return out
 
 
-async def test_a_key_on_a_lease_goes_when_the_lease_is_not_kept_alive(cluster):
+async def test_a_key_lives_a_ttl_from_its_lease_grant_and_a_late_put_cannot_revive_it(cluster):
+    """What the witness's liveness rests on (etcd_backend.EtcdWitness.touch), against real etcd:
+    a key on a lease goes once the lease's TTL has run from its grant; a put on an expired lease
+    is refused whole (nothing changes); a key moved onto a newer lease by compare-and-set cannot
+    be moved back by a put that compares what it was before."""
     _, info = cluster
     c = client(info)
     try:
-        lease = await c.lease_grant(2)
         key = b"/syncd/test/alive/A"
-        assert (await c.txn([], [put(key, b"1", lease)])).succeeded
-        for _ in range(3):  # kept alive past its TTL
-            await trio.sleep(1.0)
-            assert await c.lease_keepalive(lease) > 0
-        assert len((await c.range(key))[0]) == 1
-        with trio.fail_after(6):  # etcd's clock, not ours: watched from outside
+        old = await c.lease_grant(2)
+        first = await c.txn([cmp_mod(key, 0)], [put(key, b"1", old)])
+        assert first.succeeded
+        await trio.sleep(1.0)
+        new = await c.lease_grant(2)
+        moved = await c.txn([cmp_mod(key, first.revision)], [put(key, b"1", new)])
+        assert moved.succeeded
+        late = await c.txn([cmp_mod(key, first.revision)], [put(key, b"1", old)], [get(key)])
+        assert not late.succeeded and late.ranges[0][0].lease == new
+        with trio.fail_after(8):  # etcd's clock, not ours: watched from outside
             while True:
                 if not (await c.range(key))[0]:
                     break
                 await trio.sleep(0.2)
-        assert await c.lease_keepalive(lease) == 0  # expired: etcd says so
+        _, rev = await c.range(key)
+        with pytest.raises(EtcdError, match="lease not found"):
+            await c.txn([], [put(key, b"1", new), put(b"/syncd/test/other", b"x")])
+        kvs, rev2 = await c.range(b"/syncd/test/", prefix_end(b"/syncd/test/"))
+        assert kvs == [] and rev2 == rev  # refused whole: not even the other key
     finally:
         await c.aclose()
 

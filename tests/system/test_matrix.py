@@ -76,9 +76,30 @@ def _restart(m, site, sig=signal.SIGTERM):
     m.start_node(site)
 
 
+def _lost_first_wait(m) -> float:
+    """How long the witness is gone before the link is cut in the "witness lost first" rows:
+    ``grace`` + 1.5 s for the built-in witness. Kept in etcd, the witness drops the primary only
+    once etcd has dropped its key (``EtcdWitnessConfig.owner_heard_for``), so the primary counts
+    longer (``WitnessTiming.lost_first_after``): the rows wait that much longer."""
+    w = m.witness
+    if m.backend != "etcd":
+        return w["grace"] + 1.5
+    from syncd.lab import etcd as lab_etcd
+    from syncd.node.roles import WitnessTiming
+    from syncd.witness.etcd import EtcdConfig
+    from syncd.witness.etcd_node import EtcdWitnessConfig
+
+    e = EtcdWitnessConfig(EtcdConfig(("http://x:1",)), "/x", w["interval"], w["owner_lease"], w["grace"],
+                          election_timeout=lab_etcd.ELECTION_MS / 1000)
+    t = WitnessTiming(w["interval"], w["owner_lease"], w["grace"], link_notice=m.link_opts["path_timeout"])
+    etcd_t = WitnessTiming(w["interval"], w["owner_lease"], w["grace"], link_notice=m.link_opts["path_timeout"],
+                           owner_heard_for=e.owner_heard_for())
+    return w["grace"] + 1.5 + etcd_t.lost_first_after() - t.lost_first_after()
+
+
 def _witness_then_link(m):
     m.stop("W")
-    time.sleep(m.witness["grace"] + 1.5)
+    time.sleep(_lost_first_wait(m))
     _links(m, ["rep0", "rep1"], False)
 
 
@@ -249,7 +270,7 @@ def _etcd_heal_members(m):
 
 def _etcd_quorum_then_link(m):
     m.fail_etcd_quorum()
-    time.sleep(m.witness["grace"] + 1.5)
+    time.sleep(_lost_first_wait(m))
     _links(m, ["rep0", "rep1"], False)
 
 

@@ -18,12 +18,22 @@ def _d(s: str) -> bytes:
 
 
 class MemoryEtcd:
-    def __init__(self) -> None:
+    def __init__(self, expiry_lag: float = 0.0) -> None:
         self.rev = 1
         self.kv: dict[bytes, KeyValue] = {}
         self.leases: dict[int, tuple[int, float]] = {}  # id -> (ttl, expiry)
         self.ids = itertools.count(0x1000)
         self.reachable = True  # False: every call fails as a cluster without quorum does
+        # etcd's leader finds expired leases every 0.5 s and then commits their revocation: a
+        # lease is revoked this long after its expiry (0: at once).
+        self.expiry_lag = expiry_lag
+
+    def elect(self, extend: float) -> None:
+        """A new leader: it gives every lease that is not revoked yet its whole TTL again, from
+        now, plus ``extend`` (its election timeout: etcd's ``lessor.Promote``)."""
+        self._check()
+        now = trio.current_time()
+        self.leases = {lid: (ttl, now + extend + ttl) for lid, (ttl, _) in self.leases.items()}
 
     def _check(self) -> None:
         from syncd.witness.etcd import EtcdUnreachable
@@ -32,7 +42,7 @@ class MemoryEtcd:
             raise EtcdUnreachable("model: no quorum")
         now = trio.current_time()
         for lid, (_, exp) in list(self.leases.items()):
-            if exp <= now:
+            if exp + self.expiry_lag <= now:
                 del self.leases[lid]
                 gone = [k for k, v in self.kv.items() if v.lease == lid]
                 if gone:
@@ -64,12 +74,17 @@ class MemoryEtcd:
                 raise AssertionError(c)
         ranges = []
         wrote = False
-        for op in (success if ok else failure or []):
+        ops = success if ok else failure or []
+        for op in ops:
+            lease = int(op.get("request_put", {}).get("lease", 0))
+            if lease and lease not in self.leases:
+                from syncd.witness.etcd import EtcdError
+
+                raise EtcdError("etcdserver: requested lease not found")  # the whole txn: nothing changes
+        for op in ops:
             if "request_put" in op:
                 r = op["request_put"]
                 k, lease = _d(r["key"]), int(r.get("lease", 0))
-                if lease and lease not in self.leases:
-                    raise AssertionError("model: put on a lease that does not exist")
                 if not wrote:
                     self.rev += 1
                     wrote = True
@@ -95,11 +110,3 @@ class MemoryEtcd:
         self.leases[lid] = (ttl, trio.current_time() + ttl)
         return lid
 
-    async def lease_keepalive(self, lease):
-        await trio.lowlevel.checkpoint()
-        self._check()
-        if lease not in self.leases:
-            return 0
-        ttl, _ = self.leases[lease]
-        self.leases[lease] = (ttl, trio.current_time() + ttl)
-        return ttl

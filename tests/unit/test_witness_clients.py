@@ -273,6 +273,7 @@ class TurnEtcd:
     def __init__(self) -> None:
         self.got: list[tuple] = []
         self.turn = trio.Event()
+        self.lease_sent = 0.0  # (when its lease was asked for: the client reports no later)
 
     async def _answer(self, what: tuple):
         from syncd.witness.decide import Decision
@@ -318,3 +319,32 @@ async def test_the_etcd_client_too_sends_a_report_after_a_keep_with_the_flags_of
 
     await keep_while_reporting(ec, etcd.answer, flags, "g1", the_keep_waits)
     assert etcd.got == [("report", "g1", True), ("keep", "g1"), ("report", "g2", False)]
+
+
+async def test_the_etcd_client_says_each_granted_lease_to_every_group_and_reports_no_later_than_it(autojump_clock):
+    """etcd may hold this array alive for a lease's TTL from its grant, answered or not what came
+    after it: the client tells the node of each grant's answer for every group (the role
+    machine's WitnessSent), and a report done on a lease granted before it is said to have been
+    sent no later than that grant (the witness owes the group from then)."""
+    from syncd.witness import proto as w
+    from syncd.witness.etcd import EtcdConfig
+    from syncd.witness.etcd_node import EtcdWitnessClient, EtcdWitnessConfig
+
+    from .etcd_model import MemoryEtcd
+
+    both = w.REPORT_PEER_ALIVE | w.REPORT_PEER_IN_SYNC
+    reports, sent = [], []
+    ec = EtcdWitnessClient(EtcdWitnessConfig(EtcdConfig(("http://127.0.0.1:1",)), "/p", interval=0.5), "A",
+                           groups_of({"g1": both, "g2": both}), lambda *a: reports.append(a))
+    ec.on_sent = lambda group, when: sent.append((group, when))
+    ec.witness.kv = MemoryEtcd()
+    await trio.sleep(10.0)
+    await ec._round()
+    assert sent == [("g1", 10.0), ("g2", 10.0)]  # one lease serves the round
+    assert [(r[0], r[1]) for r in reports] == [("g1", 10.0), ("g2", 10.0)]
+    await trio.sleep(0.1)  # within renew (interval / 2): the same lease
+    await ec._round()
+    assert len(sent) == 2 and [r[1] for r in reports[2:]] == [10.0, 10.0]
+    await trio.sleep(0.3)
+    await ec._round()
+    assert sent[2:] == [("g1", 10.4), ("g2", 10.4)] and [r[1] for r in reports[4:]] == [10.4, 10.4]

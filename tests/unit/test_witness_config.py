@@ -125,7 +125,26 @@ def test_the_etcd_backend_takes_its_endpoints_prefix_and_timings(tmp_path):
                             "owner_lease = 2.0\ngrace = 3.0\ntimeout = 0.5\n")
     assert w.backend == "etcd" and w.etcd.endpoints == ("http://10.0.0.1:2379", "http://10.0.0.2:2379")
     assert (w.prefix, w.owner_lease, w.grace, w.etcd.timeout) == ("/syncd/pair1", 2.0, 3.0, 0.5)
+    assert w.election_timeout == 1.0  # etcd's default --election-timeout
     assert "insecure" in w.security()
+
+
+def test_the_etcd_backend_counts_its_lease_an_expiry_check_and_a_leader_change(tmp_path):
+    """How long etcd may hold an array alive after its last answered grant: twice (TTL + the
+    expiry check's lag), since a new leader gives every lease its TTL again, plus the election
+    timeout etcd adds then. The primary counts the witness lost first only after that."""
+    from syncd.node.roles import WitnessTiming
+
+    base = 'endpoints = ["http://h:1"]\nprefix = "/p"\n'
+    w = etcd_node(tmp_path, base)
+    assert w.lease_ttl() == 4  # ceil(3.0 × 1.05 + 0.5)
+    assert w.owner_heard_for() == 2 * (4 + 1.0) + 1.0
+    slow = etcd_node(tmp_path, base + "election_timeout = 5.0\n")
+    assert slow.lease_ttl() == 8  # etcd raises a TTL to 1.5 election timeouts
+    assert slow.owner_heard_for() == 2 * (8 + 1.0) + 5.0
+    plain = WitnessTiming(w.interval, w.owner_lease, w.grace)
+    kept = WitnessTiming(w.interval, w.owner_lease, w.grace, owner_heard_for=w.owner_heard_for())
+    assert kept.lost_first_after() - plain.lost_first_after() == pytest.approx(1.05 * (11.0 - 4.5) / 0.95)
 
 
 def test_the_etcd_backend_with_tls_and_a_user(tmp_path, ca):
@@ -148,6 +167,9 @@ def test_the_etcd_backend_with_tls_and_a_user(tmp_path, ca):
     ('endpoints = ["http://h:1"]\nprefix = "/p"\ntimeout = 5.0\n', "witness.timeout: must be positive and shorter"),
     ('endpoints = ["http://h:1"]\nprefix = "/p"\naddress = "127.0.0.1:7400"\n', "address"),
     ('endpoints = ["http://h:1"]\nprefix = "/p"\ntls_ca = "/nonexistent/ca.pem"\n', "witness.tls_ca"),
+    ('endpoints = ["http://h:1"]\nprefix = "/p"\nelection_timeout = 0\n', "witness.election_timeout: must be positive"),
+    ('endpoints = ["http://h:1"]\nprefix = "/p"\nelection_timeout = 60\n', "witness.election_timeout: 60"),
+    ('endpoints = ["http://h:1"]\nprefix = "/p"\nelection_timeout = "1s"\n', "witness.election_timeout"),
 ])
 def test_bad_etcd_witness_settings_are_named(tmp_path, extra, msg):
     with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(".", r"\.").replace("/", "/")):
