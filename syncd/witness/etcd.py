@@ -384,11 +384,13 @@ class EtcdClient:
                   for r in ans.get("responses", []) if "response_range" in r]
         return TxnResult(bool(ans.get("succeeded", False)), _int(ans.get("header", {}).get("revision")), ranges)
 
-    async def lease_grant(self, ttl: int) -> int:
+    async def lease_grant(self, ttl: int) -> tuple[int, int]:
+        """A new lease: (its ID, the TTL etcd granted). etcd raises a TTL below 1.5 of its
+        election timeouts to that."""
         ans = await self.call("/v3/lease/grant", {"TTL": str(ttl)})
         if ans.get("error"):
             raise EtcdError(str(ans["error"]))
-        return _int(ans.get("ID"))
+        return _int(ans.get("ID")), _int(ans.get("TTL"))
 
     async def lease_revoke(self, lease: int) -> None:
         await self.call("/v3/lease/revoke", {"ID": str(lease)})

@@ -64,7 +64,7 @@ class Kv(Protocol):
     async def range(self, key: bytes, range_end: bytes | None = None) -> tuple[list[KeyValue], int]: ...
     async def txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]],
                   failure: list[dict[str, Any]] | None = None) -> TxnResult: ...
-    async def lease_grant(self, ttl: int) -> int: ...
+    async def lease_grant(self, ttl: int) -> tuple[int, int]: ...
 
 
 class BadRecord(ValueError):
@@ -230,6 +230,7 @@ class EtcdWitness:
         self.node = node
         self.ttl = max(1, math.ceil(timing.owner_gone_after()))
         self.renew = renew  # s a lease serves this array's requests before it takes another
+        self.max_ttl = 0  # the longest TTL the node counts on (0: any); a longer grant is refused
         self.lease = 0  # the lease this array's key is on (0: none yet)
         self.lease_sent = 0.0  # trio time its grant was asked: it lives TTL from after then
         self.alive_rev = 0  # the key's mod_revision as this array last left it (0: absent)
@@ -251,7 +252,15 @@ class EtcdWitness:
         now = trio.current_time()
         if self.lease and now - self.lease_sent < self.renew:
             return False
-        lease = await self.kv.lease_grant(self.ttl)
+        lease, granted = await self.kv.lease_grant(self.ttl)
+        if self.max_ttl and granted > self.max_ttl:
+            # etcd holds this array alive longer than the node counts: it must not use the
+            # witness (nothing is put on the lease, which expires unused).
+            raise WitnessError(f"etcd granted a lease of {granted} s where {self.ttl} s was asked and at most "
+                               f"{self.max_ttl} s is counted: its election timeout is longer than configured "
+                               "(etcd raises a TTL to 1.5 election timeouts); set [witness] election_timeout to "
+                               "the cluster's --election-timeout, in seconds. Until then this array does not "
+                               "use the witness")
         if self.on_grant is not None:
             self.on_grant(trio.current_time())
         key = self.alive_key(self.node)

@@ -92,6 +92,8 @@ class EtcdWitnessClient(WitnessReach):
         # A new lease at most twice per report interval: one serves a whole round of reports.
         self.witness = EtcdWitness(self.kv, cfg.prefix.encode(), node_name, timing, renew=cfg.interval / 2)
         self.witness.on_grant = self._granted
+        self.witness.max_ttl = cfg.lease_ttl()
+        self._warned = ""  # the last witness error logged (each is logged once in a row)
         self.scope: trio.CancelScope | None = None
         self.registered: set[str] = set()
         self.witness_name = ""
@@ -121,9 +123,12 @@ class EtcdWitnessClient(WitnessReach):
                     try:
                         await self._round()
                     except (EtcdUnreachable, EtcdError, WitnessError) as e:
-                        if isinstance(e, WitnessError):
+                        if isinstance(e, WitnessError) and str(e) != self._warned:
                             log.warning("witness on etcd: %s", e)
+                            self._warned = str(e)
                         self._failed(e)
+                    else:
+                        self._warned = ""
                     await trio.sleep(self.cfg.interval)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):

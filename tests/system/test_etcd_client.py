@@ -81,11 +81,12 @@ async def test_a_key_lives_a_ttl_from_its_lease_grant_and_a_late_put_cannot_revi
     c = client(info)
     try:
         key = b"/syncd/test/alive/A"
-        old = await c.lease_grant(2)
+        old, ttl = await c.lease_grant(2)
+        assert ttl == 2  # the lab's etcd: an election timeout of 0.5 s, so 1 s at least
         first = await c.txn([cmp_mod(key, 0)], [put(key, b"1", old)])
         assert first.succeeded
         await trio.sleep(1.0)
-        new = await c.lease_grant(2)
+        new, _ = await c.lease_grant(2)
         moved = await c.txn([cmp_mod(key, first.revision)], [put(key, b"1", new)])
         assert moved.succeeded
         late = await c.txn([cmp_mod(key, first.revision)], [put(key, b"1", old)], [get(key)])

@@ -27,6 +27,7 @@ class MemoryEtcd:
         # etcd's leader finds expired leases every 0.5 s and then commits their revocation: a
         # lease is revoked this long after its expiry (0: at once).
         self.expiry_lag = expiry_lag
+        self.min_ttl = 1  # etcd's: 1.5 election timeouts, rounded up
 
     def elect(self, extend: float) -> None:
         """A new leader: it gives every lease that is not revoked yet its whole TTL again, from
@@ -107,6 +108,7 @@ class MemoryEtcd:
         await trio.lowlevel.checkpoint()
         self._check()
         lid = next(self.ids)
+        ttl = max(ttl, self.min_ttl)
         self.leases[lid] = (ttl, trio.current_time() + ttl)
-        return lid
+        return lid, ttl
 

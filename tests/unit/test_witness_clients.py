@@ -347,4 +347,36 @@ async def test_the_etcd_client_says_each_granted_lease_to_every_group_and_report
     assert len(sent) == 2 and [r[1] for r in reports[2:]] == [10.0, 10.0]
     await trio.sleep(0.3)
     await ec._round()
-    assert sent[2:] == [("g1", 10.4), ("g2", 10.4)] and [r[1] for r in reports[4:]] == [10.4, 10.4]
+    assert sent[2:] == [("g1", pytest.approx(10.4)), ("g2", pytest.approx(10.4))]
+    assert [r[1] for r in reports[4:]] == [pytest.approx(10.4)] * 2
+
+
+async def test_an_etcd_lease_longer_than_counted_is_refused_and_the_witness_not_used(autojump_clock, caplog):
+    """etcd raises a lease's TTL to 1.5 of its election timeouts. A cluster whose election
+    timeout is longer than ``[witness] election_timeout`` says would hold this array alive
+    longer than the node counts: the client puts nothing on such a lease, and the witness is
+    unreachable from this array, with the reason (logged once, in ``last_error``)."""
+    from syncd.witness import proto as w
+    from syncd.witness.etcd import EtcdConfig
+    from syncd.witness.etcd_node import EtcdWitnessClient, EtcdWitnessConfig
+
+    from .etcd_model import MemoryEtcd
+
+    both = w.REPORT_PEER_ALIVE | w.REPORT_PEER_IN_SYNC
+    sent, reports = [], []
+    ec = EtcdWitnessClient(EtcdWitnessConfig(EtcdConfig(("http://127.0.0.1:1",)), "/p"), "A",
+                           groups_of({"g1": both}), lambda *a: reports.append(a))
+    ec.on_sent = lambda group, when: sent.append(group)
+    ec.witness.kv = store = MemoryEtcd()
+    store.min_ttl = 8  # a cluster with an election timeout of 5 s; the node counts 1 s
+    with trio.move_on_after(3.0):
+        await ec.run()
+    assert ec.reachable is False and "set [witness] election_timeout" in ec.last_error
+    assert [k for k in store.kv if b"/alive/" in k] == [] and reports == [] and sent == []
+    d, _ = await ec.decide(w.WType.KEEP, "g1", 1)
+    assert d is None  # as with a witness that cannot be asked
+    assert sum("election_timeout" in r.getMessage() for r in caplog.records if "KEEP" not in r.getMessage()) == 1
+    store.min_ttl = 1  # the cluster's election timeout as configured: the witness is used again
+    with trio.move_on_after(1.0):
+        await ec.run()
+    assert ec.reachable and reports and set(sent) == {"g1"}
