@@ -265,6 +265,8 @@ class EtcdWitness:
             self.on_grant(trio.current_time())
         key = self.alive_key(self.node)
         fresh = not self.lease
+        if fresh:
+            self._fresh = True
         for _ in range(RETRIES):
             res = await self.kv.txn([cmp_mod(key, self.alive_rev)], [put(key, b"1", lease)], [get(key)])
             if res.succeeded:
@@ -273,13 +275,15 @@ class EtcdWitness:
             # whose answer was lost, or left by this array's previous run.
             found = res.ranges[0] if res.ranges else []
             self.alive_rev = found[0].mod_revision if found else 0
-            fresh = fresh or not found
+            if not found:
+                # Said at once, before anything else is awaited: if the attach that follows is
+                # lost, the next touch finds the key again (put by it) and must not forget that
+                # the witness knows nothing of this array from before (found by review).
+                fresh = self._fresh = True
         else:
             raise WitnessError(f"{self.node}'s key in etcd kept changing under {RETRIES} attempts")
         self.alive_rev = res.revision  # the put's: the key's mod_revision now
         self.lease, self.lease_sent = lease, now
-        if fresh:
-            self._fresh = True
         return fresh
 
     async def register(self, group: str, members: tuple[str, str], owner: str, epoch: int) -> None:

@@ -53,13 +53,15 @@ class EtcdWitnessConfig:
         return max(1, asked, math.ceil(1.5 * self.election_timeout))
 
     def owner_heard_for(self) -> float:
-        """How long after an array's last answered request etcd may still hold its key (the
-        witness then counts it alive): its lease's TTL, counted from a grant answered by then;
-        etcd's check for expired leases and the revoke's commit (``EXPIRY_LAG``); and one etcd
-        leader change meanwhile, since a new leader gives every lease its whole TTL again plus
-        an election timeout (etcd's ``lessor.Promote``). A second leader change within that
-        time is not covered."""
-        return 2 * (self.lease_ttl() + EXPIRY_LAG) + self.election_timeout
+        """How long after an array's last answered grant the witness in etcd may still act as if
+        it heard the array (its ``grace``): etcd holds the array's key up to the lease's TTL and
+        the expiry check with the revoke's commit (``EXPIRY_LAG``) after then; and the peer's
+        word that it lost the array counts as in time if the peer saw the key at its previous
+        report, which holds while the peer's own key lives, as long again. One etcd leader
+        change in between gives one of the two leases its whole TTL again plus an election
+        timeout (etcd's ``lessor.Promote``): 3 × (TTL + ``EXPIRY_LAG``) + the election timeout.
+        A second leader change within that time is not covered."""
+        return 3 * (self.lease_ttl() + EXPIRY_LAG) + self.election_timeout
 
     def describe(self) -> str:
         return f"etcd {','.join(self.etcd.endpoints)} prefix {self.prefix}"

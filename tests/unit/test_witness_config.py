@@ -130,21 +130,23 @@ def test_the_etcd_backend_takes_its_endpoints_prefix_and_timings(tmp_path):
 
 
 def test_the_etcd_backend_counts_its_lease_an_expiry_check_and_a_leader_change(tmp_path):
-    """How long etcd may hold an array alive after its last answered grant: twice (TTL + the
-    expiry check's lag), since a new leader gives every lease its TTL again, plus the election
-    timeout etcd adds then. The primary counts the witness lost first only after that."""
+    """How long the witness in etcd may act as if it heard an array after its last answered
+    grant: its key's life and its peer's (whose word counts while its own key lives), each a
+    TTL plus the expiry check's lag, a third for one leader change (a new leader gives every
+    lease its TTL again), plus the election timeout etcd adds then. The primary counts the
+    witness lost first only after that."""
     from syncd.node.roles import WitnessTiming
 
     base = 'endpoints = ["http://h:1"]\nprefix = "/p"\n'
     w = etcd_node(tmp_path, base)
     assert w.lease_ttl() == 4  # ceil(3.0 × 1.05 + 0.5)
-    assert w.owner_heard_for() == 2 * (4 + 1.0) + 1.0
+    assert w.owner_heard_for() == 3 * (4 + 1.0) + 1.0
     slow = etcd_node(tmp_path, base + "election_timeout = 5.0\n")
     assert slow.lease_ttl() == 8  # etcd raises a TTL to 1.5 election timeouts
-    assert slow.owner_heard_for() == 2 * (8 + 1.0) + 5.0
+    assert slow.owner_heard_for() == 3 * (8 + 1.0) + 5.0
     plain = WitnessTiming(w.interval, w.owner_lease, w.grace)
     kept = WitnessTiming(w.interval, w.owner_lease, w.grace, owner_heard_for=w.owner_heard_for())
-    assert kept.lost_first_after() - plain.lost_first_after() == pytest.approx(1.05 * (11.0 - 4.5) / 0.95)
+    assert kept.lost_first_after() - plain.lost_first_after() == pytest.approx(1.05 * (16.0 - 4.5) / 0.95)
 
 
 def test_the_etcd_backend_with_tls_and_a_user(tmp_path, ca):

@@ -184,3 +184,94 @@ async def test_fresh_when_the_key_had_gone_or_the_process_is_new_and_one_lease_p
     # (only one runs in practice; what counts is that no attach is blind).
     await trio.sleep(0.3)
     assert await w.touch() is False and store.kv[KEY].lease == w.lease
+
+
+class LoseOne:
+    """Passes calls to the store; the ``lose``-th txn from now is taken by etcd (``taken``) or
+    not, and its answer lost."""
+
+    def __init__(self, store: MemoryEtcd) -> None:
+        self.store, self.n, self.lose, self.taken = store, 0, 0, True
+
+    async def range(self, *a):
+        return await self.store.range(*a)
+
+    async def lease_grant(self, *a):
+        return await self.store.lease_grant(*a)
+
+    async def txn(self, *a):
+        self.n += 1
+        if self.n == self.lose:
+            if self.taken:
+                await self.store.txn(*a)
+            raise EtcdUnreachable("model: the answer was lost")
+        return await self.store.txn(*a)
+
+
+@pytest.mark.parametrize("lost", ["taken", "not taken", "none"])
+async def test_a_key_found_gone_keeps_the_array_fresh_even_if_the_attach_after_it_is_lost(lost, autojump_clock):
+    """Found by review: B's key had gone (B cut off from etcd past its TTL), its next touch saw
+    so, then the attach's answer was lost. The touch after it found the key as that attach left
+    it (or gone again) and said nothing of the gap, so B's first word that it lost A counted as
+    in time and its claim was granted although the witness knew nothing of B meanwhile."""
+    store = MemoryEtcd()
+    kv = LoseOne(store)
+    a = EtcdWitness(store, PREFIX, "A", T, renew=0.25)
+    b = EtcdWitness(kv, PREFIX, "B", T, renew=0.25)
+    await a.register("g1", ("A", "B"), "A", 1)
+    await a.report("g1", 1, peer_alive=True, peer_in_sync=True)
+    await b.report("g1", 1, peer_alive=True, peer_in_sync=True)  # B saw A's key
+    await trio.sleep(30)  # both cut off far past any TTL: both keys gone
+    assert not present(store)
+    if lost != "none":
+        kv.lose, kv.taken = kv.n + 2, lost == "taken"  # the attach after the failed compare
+        with pytest.raises(EtcdUnreachable):
+            await b.report("g1", 1, peer_alive=False, peer_in_sync=False)
+    await trio.sleep(0.5)
+    await b.report("g1", 1, peer_alive=False, peer_in_sync=False)  # B's first recorded word: lost A
+    d = await b.claim("g1", 1)
+    assert not d.granted and "cut off from the witness meanwhile" in d.reason
+
+
+@pytest.mark.parametrize("elect", [False, True])
+async def test_the_peer_cut_off_from_etcd_cannot_claim_while_the_primary_counts_itself_pre_elected(
+        elect, autojump_clock):
+    """Found by review. A is cut off from etcd; B's last report sees A's key just before it goes,
+    then B is cut off from etcd too, with its own key alive. B's word that it lost A counts as
+    in time while B's key lives (it saw A's key at its previous report), and one etcd leader
+    change just before B's lease is revoked gives it its TTL again. A, counting
+    ``owner_heard_for`` from its last answer, takes itself for pre-elected once the link goes:
+    B's claim must then be refused, with or without the leader change."""
+    from syncd.node.roles import WitnessTiming
+    from syncd.witness.etcd import EtcdConfig
+    from syncd.witness.etcd_node import EXPIRY_LAG, EtcdWitnessConfig
+
+    cfg = EtcdWitnessConfig(EtcdConfig(("http://x:1",)), "/p", election_timeout=1.0)
+    store = MemoryEtcd(expiry_lag=EXPIRY_LAG)
+    a = EtcdWitness(store, PREFIX, "A", T, renew=0.25)
+    b = EtcdWitness(store, PREFIX, "B", T, renew=0.25)
+    b_grants: list[float] = []
+    b.on_grant = b_grants.append
+    await a.register("g1", ("A", "B"), "A", 1)
+    for _ in range(4):
+        assert (await a.report("g1", 1, peer_alive=True, peer_in_sync=True)).granted
+        await b.report("g1", 1, peer_alive=True, peer_in_sync=True)
+        await trio.sleep(0.5)
+    assert (await a.report("g1", 1, peer_alive=True, peer_in_sync=True)).granted
+    c = trio.current_time()  # A's last answer: A is cut off from etcd from now on
+    while True:  # B reports while A's key is there; its last report sees it
+        await trio.sleep(0.5)
+        if not present(store):
+            break
+        await b.report("g1", 1, peer_alive=True, peer_in_sync=True)
+    # B is cut off from etcd now. A leader change just before B's lease would be revoked.
+    await trio.sleep_until(b_grants[-1] + b.ttl + EXPIRY_LAG - 0.05)
+    if elect:
+        store.elect(cfg.election_timeout)
+    t = WitnessTiming(owner_heard_for=cfg.owner_heard_for())
+    # The link goes so that A counts itself pre-elected; B notices up to link_notice earlier.
+    await trio.sleep_until(c + t.lost_first_after() - t.link_notice + 0.1)
+    await b.report("g1", 1, peer_alive=False, peer_in_sync=False)
+    await trio.sleep(t.claim_after_link_loss())
+    d = await b.claim("g1", 1)
+    assert not d.granted, d
