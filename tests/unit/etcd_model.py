@@ -29,6 +29,13 @@ class MemoryEtcd:
         self.expiry_lag = expiry_lag
         self.min_ttl = 1  # etcd's: 1.5 election timeouts, rounded up
 
+    def quorum_back(self, extend: float) -> None:
+        """A leader again after a time without one (``reachable`` was False): nothing was revoked
+        meanwhile, so every lease, expired or not, gets its TTL again from now plus ``extend``."""
+        now = trio.current_time()
+        self.reachable = True
+        self.leases = {lid: (ttl, now + extend + ttl) for lid, (ttl, _) in self.leases.items()}
+
     def elect(self, extend: float) -> None:
         """A new leader: it gives every lease that is not revoked yet its whole TTL again, from
         now, plus ``extend`` (its election timeout: etcd's ``lessor.Promote``)."""
