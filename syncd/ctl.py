@@ -182,6 +182,9 @@ def print_witness(wt: dict, console: Console) -> None:
         return
     console.print(f"  prefix {wt['prefix']}, answered last by {wt.get('answered_by') or '-'}, "
                   f"lease TTL {wt['lease_ttl_s']} s", highlight=False)
+    for peer, quiet in sorted((wt.get("peers_key_quiet_s") or {}).items()):
+        seen = "not seen to move since this node started" if quiet is None else f"last seen to move {quiet} s ago"
+        console.print(f"  {peer}'s key in etcd: {seen}", highlight=False)
     members = wt.get("members")
     if members is None:
         console.print("  etcd members: not asked yet", highlight=False)

@@ -6,12 +6,14 @@ Layout under a per-pair prefix P (bytes):
 * ``P/groups/NAME``: the group's record (JSON): members, owner, epoch, whether the owner last
   said its peer is in sync, whether failover is disabled, the last decision, and per member
   what the witness needs to remember of its reports (``watch``);
-* ``P/alive/NODE``: a key on one of NODE's etcd leases. Before its requests an array takes a
-  new lease (at most one per ``renew`` seconds) and moves its key onto it, by a transaction that
-  requires the key to be as this array last left it. The lease's TTL is the owner's lease with
-  drift and margin (``Timing.owner_gone_after``, rounded up to whole seconds as etcd counts), so
-  "the witness has not heard the owner for longer than that" is "``P/alive/OWNER`` is gone",
-  which etcd decides on its own clock.
+* ``P/alive/NODE``: a key on one of NODE's etcd leases, NODE's sign of life. Once a round of
+  reports is recorded an array takes a new lease (at most one per ``renew`` seconds) and moves
+  its key onto it (``renew``), by a transaction that requires the key to be as this array last
+  left it and every record it owns to be as its reports of the round left them: the key moves
+  only while those records say what the array says now (whether its peer is in sync). The
+  lease's TTL is the owner's lease with drift and margin (``Timing.owner_gone_after``, rounded
+  up to whole seconds as etcd counts), so "the witness has not heard the owner for longer than
+  that" is "``P/alive/OWNER`` is gone", which etcd decides on its own clock.
 
   A new lease rather than a keepalive, because a lease's life is counted from its grant: a
   request that reaches etcd late (held in the network, or by a member that had lost its quorum
@@ -19,20 +21,25 @@ Layout under a per-pair prefix P (bytes):
   keepalive would restart the lease whenever etcd took it, and a transaction moving the key to
   an older lease fails its compare. A grant whose answer was lost gives a lease nothing is ever
   put on. What etcd itself adds is bounded in ``owner_heard_for``: its expiry check and one
-  leader change (a new leader gives every lease its whole TTL again).
+  leader change (a new leader gives every lease its whole TTL again, even one whose owner has
+  long been cut off).
+
+  So the key being there says little of when its owner was last heard; its *moving* does: the
+  other member watches the owner's key at each of its requests and counts, on its own clock,
+  how long it has not moved (``Seen.owner_quiet``, an upper bound). That count plays the part
+  of the built-in witness's "last heard" (``decide.py``).
 
 The rules, side by side with the built-in witness's:
 
 * a CLAIM is granted only by a transaction that also requires ``P/alive/OWNER`` to be absent, and
   only if the owner last reported its peer in sync and failover is not disabled;
 * the witness "lost the owner first" when the other member reports that it still reaches the
-  owner while ``P/alive/OWNER`` is gone: failover is disabled (the owner, pre-elected, keeps
-  the group);
-* the other member's first word that it lost the owner is "in time" if the owner's key was
-  still there at that report or at its previous one (made while its own lease lived on): it
-  reports every interval, far within ``grace``. Otherwise (it was cut off from etcd too, and its
-  lease expired meanwhile, so nothing is known of the time between) it is "late", and its claim
-  is refused as the built-in witness refuses a claim more than ``grace`` after it lost the owner;
+  owner while the owner's key is gone or has not moved for ``grace``: failover is disabled (the
+  owner, pre-elected, keeps the group);
+* the other member's first word that it lost the owner is "in time" if it saw the owner's key
+  move within ``grace`` before; otherwise (it never saw it move since it started, or it was cut
+  off from etcd meanwhile) it is "late", and its claim is refused as the built-in witness
+  refuses a claim more than ``grace`` after it lost the owner;
 * KEEP, HANDOVER and RESOLVE are the built-in rules on the record.
 
 Each decision reads the record and the owner's key, applies the rule (pure functions below),
@@ -136,8 +143,15 @@ class Record(GroupRecord):
 class Seen:
     """What the request found in etcd besides the record."""
 
-    owner_alive: bool  # P/alive/OWNER exists: the owner's lease lives
-    fresh: bool  # the requester's own lease had expired: nothing is known of it since its last word
+    owner_alive: bool  # P/alive/OWNER exists: its lease lives (or a new etcd leader revived it)
+    fresh: bool  # the requester's own key had gone (or it just started): nothing known of it meanwhile
+    # s since the owner's key last moved onto a new lease, as the requester saw it (at least
+    # that long); None: it has not seen it move since it started
+    owner_quiet: float | None = None
+
+
+def _heard_within(seen: Seen, grace: float) -> bool:
+    return seen.owner_quiet is not None and seen.owner_quiet <= grace
 
 
 def _member(rec: Record, node: str, group: str) -> None:
@@ -145,7 +159,7 @@ def _member(rec: Record, node: str, group: str) -> None:
         raise WitnessError(f"node {node!r} is not a member of group {group} ({', '.join(rec.members)})")
 
 
-def _note(rec: Record, node: str, seen: Seen, lost: bool) -> None:
+def _note(rec: Record, node: str, seen: Seen, lost: bool, grace: float) -> None:
     """The other member's word about the owner (``lost``: it no longer reaches it)."""
     if node == rec.owner:
         return
@@ -155,27 +169,28 @@ def _note(rec: Record, node: str, seen: Seen, lost: bool) -> None:
     if not lost:
         w.lost = ""
     elif not w.lost:
-        w.lost = "ok" if (seen.owner_alive or w.saw_owner) else "late"
-    w.saw_owner = seen.owner_alive
+        w.lost = "ok" if _heard_within(seen, grace) else "late"
+    w.saw_owner = seen.owner_alive  # (read by nodes before owner_quiet; kept for them)
 
 
 def rule_report(rec: Record, group: str, node: str, epoch: int, seen: Seen, *,
-                peer_alive: bool, peer_in_sync: bool) -> Decision:
+                peer_alive: bool, peer_in_sync: bool, grace: float) -> Decision:
     _member(rec, node, group)
-    _note(rec, node, seen, lost=not peer_alive)
+    _note(rec, node, seen, lost=not peer_alive, grace=grace)
     if epoch == rec.epoch and node == rec.owner:
         rec.secondary_in_sync = peer_in_sync
         rec.failover_disabled = False
-    elif node != rec.owner and peer_alive and not seen.owner_alive and not rec.failover_disabled:
-        # The other member reaches the owner, etcd does not: the witness lost the owner first.
+    elif (node != rec.owner and peer_alive and not rec.failover_disabled
+          and (not seen.owner_alive or (seen.owner_quiet is not None and seen.owner_quiet > grace))):
+        # The other member reaches the owner, etcd has not heard it: the witness lost the owner first.
         rec.failover_disabled = True
         rec.last_decision = f"failover disabled: {rec.owner} unreachable from the witness"
     return Decision(True, rec.owner, rec.epoch, rec.last_decision)
 
 
-def rule_claim(rec: Record, group: str, node: str, epoch: int, seen: Seen, ttl: int) -> Decision:
+def rule_claim(rec: Record, group: str, node: str, epoch: int, seen: Seen, ttl: int, grace: float) -> Decision:
     _member(rec, node, group)
-    _note(rec, node, seen, lost=True)
+    _note(rec, node, seen, lost=True, grace=grace)
 
     def deny(reason: str) -> Decision:
         return Decision(False, rec.owner, rec.epoch, reason)
@@ -185,7 +200,8 @@ def rule_claim(rec: Record, group: str, node: str, epoch: int, seen: Seen, ttl: 
         return settled
     if rec.watch[node].lost == "late":
         return deny(f"failover disabled: the witness lost {rec.owner} before {node} said it lost {rec.owner} too "
-                    f"({node} was cut off from the witness meanwhile); {rec.owner} keeps the group")
+                    f"({node} had not seen {rec.owner}'s key in etcd move for {grace}s, or was cut off from the "
+                    f"witness meanwhile); {rec.owner} keeps the group")
     if seen.owner_alive:
         return deny(f"{rec.owner} still holds its witness lease; {WAIT_MARK} up to {ttl}s")
     old = rec.owner
@@ -221,6 +237,21 @@ _NO_TIMING = Timing()  # KEEP, HANDOVER and RESOLVE do not look at time
 
 # -- one array's side ------------------------------------------------------------------------------
 
+@dataclass
+class _Motion:
+    """Another array's key as this array saw it: its revision at this array's last request,
+    when that request was sent, and a time before its last move onto a new lease (None: not
+    seen to move since this array started)."""
+
+    rev: int
+    last_read: float
+    moved_after: float | None = None
+
+
+class NotRenewed(WitnessError):
+    """This array's key was not moved: a record it owns does not say what it says now."""
+
+
 class EtcdWitness:
     """The decisions of one array (``node``) for the groups under ``prefix``."""
 
@@ -228,8 +259,9 @@ class EtcdWitness:
         self.kv = kv
         self.prefix = prefix.rstrip(b"/")
         self.node = node
+        self.timing = timing
         self.ttl = max(1, math.ceil(timing.owner_gone_after()))
-        self.renew = renew  # s a lease serves this array's requests before it takes another
+        self.renew_every = renew  # s a lease serves this array before it takes another
         self.max_ttl = 0  # the longest TTL the node counts on (0: any); a longer grant is refused
         self.lease = 0  # the lease this array's key is on (0: none yet)
         self.lease_sent = 0.0  # trio time its grant was asked: it lives TTL from after then
@@ -237,7 +269,12 @@ class EtcdWitness:
         # Told the trio time of each grant's answer: from then on etcd may hold this array alive
         # for the new lease's TTL, whether or not anything after the grant is answered.
         self.on_grant: Callable[[float], None] | None = None
-        self._fresh = True  # no word from this array is on record under its current lease
+        self._fresh = True  # no word from this array is on record since its key went (or it started)
+        self.refused = ""  # why this array does not use the witness now ("" : it does)
+        self._moves: dict[bytes, _Motion] = {}  # the other arrays' keys, as seen at each request
+        # Per group this array owns: the record's revision after this array's last request
+        # about it and what the record said then (epoch, peer in sync), for ``renew``'s guard.
+        self._owned: dict[str, tuple[int, int, bool]] = {}
 
     def group_key(self, group: str) -> bytes:
         return self.prefix + b"/groups/" + group.encode()
@@ -245,45 +282,94 @@ class EtcdWitness:
     def alive_key(self, node: str) -> bytes:
         return self.prefix + b"/alive/" + node.encode()
 
-    async def touch(self) -> bool:
-        """Move this array's key onto a new lease (if the current one is ``renew`` old): True if
-        the key had gone (its lease expired) or this process had not touched it yet, so the
-        witness knows nothing of this array since its last word."""
-        now = trio.current_time()
-        if self.lease and now - self.lease_sent < self.renew:
-            return False
+    def _observe(self, members: tuple[str, str], alive: list[KeyValue], sent: float) -> None:
+        """The other members' keys as a read sent at ``sent`` found them (there or not)."""
+        found = {kv.key: kv.mod_revision for kv in alive}
+        for key in (self.alive_key(n) for n in members if n != self.node):
+            rev = found.get(key, 0)
+            m = self._moves.get(key)
+            if m is None:
+                self._moves[key] = _Motion(rev, sent)
+                continue
+            if rev != m.rev and rev:
+                # Moved after the read that last saw it as it was (sent at m.last_read); a key
+                # that is gone, or that a new etcd leader revived, has not moved.
+                m.moved_after = m.last_read
+            m.rev = rev
+            m.last_read = sent
+
+    def owner_quiet(self, node: str) -> float | None:
+        """Seconds (at least) since ``node``'s key last moved, as this array saw it."""
+        m = self._moves.get(self.alive_key(node))
+        return None if m is None or m.moved_after is None else trio.current_time() - m.moved_after
+
+    async def _grant(self) -> int:
+        """A new lease for this array's key. One longer than the node counts on means etcd would
+        hold this array alive longer than it counts: nothing is put on it (it expires unused),
+        and the array does not use the witness (``refused``) until a grant is short enough."""
         lease, granted = await self.kv.lease_grant(self.ttl)
         if self.max_ttl and granted > self.max_ttl:
-            # etcd holds this array alive longer than the node counts: it must not use the
-            # witness (nothing is put on the lease, which expires unused).
-            raise WitnessError(f"etcd granted a lease of {granted} s where {self.ttl} s was asked and at most "
-                               f"{self.max_ttl} s is counted: its election timeout is longer than configured "
-                               "(etcd raises a TTL to 1.5 election timeouts); set [witness] election_timeout to "
-                               "the cluster's --election-timeout, in seconds. Until then this array does not "
-                               "use the witness")
+            self.refused = (f"etcd granted a lease of {granted} s where {self.ttl} s was asked and at most "
+                            f"{self.max_ttl} s is counted: its election timeout is longer than configured "
+                            "(etcd raises a TTL to 1.5 election timeouts); set [witness] election_timeout to "
+                            "the cluster's --election-timeout, in seconds. Until then this array does not "
+                            "use the witness")
+            raise WitnessError(self.refused)
+        self.refused = ""
         if self.on_grant is not None:
             self.on_grant(trio.current_time())
-        key = self.alive_key(self.node)
+        return lease
+
+    async def check_grant(self) -> None:
+        """While ``refused``: whether etcd now grants a lease short enough (one left unused)."""
+        await self._grant()
+
+    async def touch(self) -> bool:
+        """This array's key onto a new lease with no record to guard (it reports no group):
+        True if the key had gone or this process had not moved it yet."""
+        return await self.renew({})
+
+    async def renew(self, now: dict[str, tuple[int, bool]]) -> bool:
+        """Move this array's key onto a new lease (if the current one is ``renew_every`` old), in
+        a transaction that requires every record this array owns to be as its last request left
+        it, and to say what ``now`` says (group -> epoch, peer in sync: what this array would
+        report now; groups not in ``now`` are not looked at). ``NotRenewed`` if one does not:
+        nothing moved. So the key moves only while the records say what this array says.
+        True if the key had gone, or this process had not moved it before."""
+        if self.lease and trio.current_time() - self.lease_sent < self.renew_every:
+            return False
         fresh = not self.lease
-        if fresh:
-            self._fresh = True
+        guards = []
+        for group, said in sorted(self._owned.items()):
+            if group not in now:
+                continue  # a group the node no longer has
+            rev, epoch, in_sync = said
+            if (epoch, in_sync) != now[group]:
+                raise NotRenewed(f"group {group}: the record says epoch {epoch}, peer in sync {in_sync}; "
+                                 f"{self.node} says {now[group]} now")
+            guards.append(cmp_mod(self.group_key(group), rev))
+        sent = trio.current_time()
+        lease = await self._grant()
+        key = self.alive_key(self.node)
         for _ in range(RETRIES):
-            res = await self.kv.txn([cmp_mod(key, self.alive_rev)], [put(key, b"1", lease)], [get(key)])
+            res = await self.kv.txn([cmp_mod(key, self.alive_rev), *guards], [put(key, b"1", lease)], [get(key)])
             if res.succeeded:
                 break
             # Not as this array left it: gone (its lease expired), or moved by a request of ours
-            # whose answer was lost, or left by this array's previous run.
+            # whose answer was lost, or left by this array's previous run; or a record changed.
             found = res.ranges[0] if res.ranges else []
+            if (found[0].mod_revision if found else 0) == self.alive_rev:
+                raise NotRenewed(f"a record {self.node} owns changed since its report")
             self.alive_rev = found[0].mod_revision if found else 0
             if not found:
                 # Said at once, before anything else is awaited: if the attach that follows is
-                # lost, the next touch finds the key again (put by it) and must not forget that
+                # lost, the next one finds the key again (put by it) and must not forget that
                 # the witness knows nothing of this array from before (found by review).
-                fresh = self._fresh = True
+                self._fresh = fresh = True
         else:
             raise WitnessError(f"{self.node}'s key in etcd kept changing under {RETRIES} attempts")
         self.alive_rev = res.revision  # the put's: the key's mod_revision now
-        self.lease, self.lease_sent = lease, now
+        self.lease, self.lease_sent = lease, sent
         return fresh
 
     async def register(self, group: str, members: tuple[str, str], owner: str, epoch: int) -> None:
@@ -295,11 +381,16 @@ class EtcdWitness:
         await self.kv.txn([cmp_mod(key, 0)], [put(key, rec.to_json())])
 
     async def _decide(self, group: str, apply: Any, needs_owner_gone: bool = False) -> Decision:
-        fresh = await self.touch() or self._fresh
+        """Read the record and every array's key, apply the rule, write the record if it changed
+        (compare-and-set)."""
+        if self.refused:
+            raise WitnessError(self.refused)
         key = self.group_key(group)
+        mine = self.alive_key(self.node)
         for _ in range(RETRIES):
             # One snapshot: the record and every array's key.
             alive = self.prefix + b"/alive/"
+            sent = trio.current_time()
             res = await self.kv.txn([], [get(key), get(alive, prefix_end(alive))])
             if len(res.ranges) != 2 or not res.ranges[0]:
                 raise WitnessError(f"group {group} is not registered with the witness")
@@ -308,29 +399,43 @@ class EtcdWitness:
                 rec = Record.from_json(kv.value, group)
             except BadRecord as e:
                 raise WitnessError(f"group {group}: the record in etcd is not syncd's: {e}") from None
-            seen = Seen(owner_alive=any(x.key == self.alive_key(rec.owner) for x in res.ranges[1]), fresh=fresh)
+            self._observe(rec.members, res.ranges[1], sent)
+            if not any(x.key == mine for x in res.ranges[1]):
+                self._fresh = True  # this array's key had gone: nothing is known of it meanwhile
+            seen = Seen(owner_alive=any(x.key == self.alive_key(rec.owner) for x in res.ranges[1]),
+                        fresh=self._fresh, owner_quiet=self.owner_quiet(rec.owner))
             before, owner = rec.to_json(), rec.owner
             d: Decision = apply(rec, seen)
             after = rec.to_json()
             if after == before:
-                self._fresh = False
-                return d
-            compare = [cmp_mod(key, kv.mod_revision)]
-            if needs_owner_gone and d.granted:
-                # The owner's key must still be gone when the record changes hands.
-                compare.append({"key": b64(self.alive_key(owner)), "target": "CREATE",
-                                "result": "EQUAL", "create_revision": "0"})
-            if (await self.kv.txn(compare, [put(key, after)])).succeeded:
-                self._fresh = False
-                return d
+                rev = kv.mod_revision
+            else:
+                compare = [cmp_mod(key, kv.mod_revision)]
+                if needs_owner_gone and d.granted:
+                    # The owner's key must still be gone when the record changes hands.
+                    compare.append({"key": b64(self.alive_key(owner)), "target": "CREATE",
+                                    "result": "EQUAL", "create_revision": "0"})
+                done = await self.kv.txn(compare, [put(key, after)])
+                if not done.succeeded:
+                    continue
+                rev = done.revision
+            self._fresh = False
+            if rec.owner == self.node:
+                # What the record says of this array's group now, at this revision (``renew``).
+                self._owned[group] = (rev, rec.epoch, rec.secondary_in_sync)
+            else:
+                self._owned.pop(group, None)
+            return d
         raise WitnessError(f"group {group}: the record kept changing under {RETRIES} attempts")
 
     async def report(self, group: str, epoch: int, *, peer_alive: bool, peer_in_sync: bool) -> Decision:
+        g = self.timing.grace
         return await self._decide(group, lambda r, s: rule_report(r, group, self.node, epoch, s, peer_alive=peer_alive,
-                                                                  peer_in_sync=peer_in_sync))
+                                                                  peer_in_sync=peer_in_sync, grace=g))
 
     async def claim(self, group: str, epoch: int) -> Decision:
-        return await self._decide(group, lambda r, s: rule_claim(r, group, self.node, epoch, s, self.ttl),
+        g = self.timing.grace
+        return await self._decide(group, lambda r, s: rule_claim(r, group, self.node, epoch, s, self.ttl, g),
                                   needs_owner_gone=True)
 
     async def keep(self, group: str, epoch: int) -> Decision:

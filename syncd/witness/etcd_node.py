@@ -21,7 +21,7 @@ import trio
 from . import proto as w
 from .decide import Decision, Timing, WitnessError
 from .etcd import EtcdClient, EtcdConfig, EtcdError, EtcdUnreachable
-from .etcd_backend import EtcdWitness
+from .etcd_backend import EtcdWitness, NotRenewed
 from .etcd_members import Gathering, gather
 from .reach import GroupsFn, OnChange, OnReport, WitnessReach
 
@@ -54,14 +54,15 @@ class EtcdWitnessConfig:
 
     def owner_heard_for(self) -> float:
         """How long after an array's last answered grant the witness in etcd may still act as if
-        it heard the array (its ``grace``): etcd holds the array's key up to the lease's TTL and
-        the expiry check with the revoke's commit (``EXPIRY_LAG``) after then; and the peer's
-        word that it lost the array counts as in time if the peer saw the key at its previous
-        report, which holds while the peer's own key lives, as long again. One etcd leader
-        change in between gives one of the two leases its whole TTL again plus an election
-        timeout (etcd's ``lessor.Promote``): 3 × (TTL + ``EXPIRY_LAG``) + the election timeout.
-        A second leader change within that time is not covered."""
-        return 3 * (self.lease_ttl() + EXPIRY_LAG) + self.election_timeout
+        it heard the array (in place of the built-in witness's ``grace``). Its key last moves
+        by then, or later by a request that reaches etcd late, but only while the lease it moves
+        onto lives: up to its TTL, the expiry check and the revoke's commit (``EXPIRY_LAG``) after
+        the grant, and as long again plus an election timeout if a new etcd leader gives the
+        lease its TTL again (etcd's ``lessor.Promote``). The peer counts its word that it lost
+        the array as in time for ``grace`` (its clock) after it last saw the key move. So
+        2 × (TTL + ``EXPIRY_LAG``) + the election timeout + ``grace``. A second leader change
+        within that time is not covered."""
+        return 2 * (self.lease_ttl() + EXPIRY_LAG) + self.election_timeout + self.grace
 
     def describe(self) -> str:
         return f"etcd {','.join(self.etcd.endpoints)} prefix {self.prefix}"
@@ -96,6 +97,7 @@ class EtcdWitnessClient(WitnessReach):
         self.witness.on_grant = self._granted
         self.witness.max_ttl = cfg.lease_ttl()
         self._warned = ""  # the last witness error logged (each is logged once in a row)
+        self._not_renewed = ""  # why the last round's sign of life was left out ("": it was not)
         self.scope: trio.CancelScope | None = None
         self.registered: set[str] = set()
         self.witness_name = ""
@@ -110,8 +112,20 @@ class EtcdWitnessClient(WitnessReach):
                 "last_error": self.last_error,
                 "last_heard_s_ago": self.last_heard_s_ago(),
                 "lease_ttl_s": self.cfg.lease_ttl(),
+                "peers_key_quiet_s": self.peers_quiet(),
                 "members": None if g is None else [m.to_json() for m in g.members],
                 "members_age_s": None if g is None else round(trio.current_time() - g.at, 2)}
+
+    def peers_quiet(self) -> dict[str, float | None]:
+        """Per other member of this array's groups: seconds since this array last saw its key in
+        etcd move (None: not since it started; its word that it lost that member would be late)."""
+        out: dict[str, float | None] = {}
+        for _name, members, _owner, _epoch, _flags in self.groups_fn():
+            for m in members:
+                if m != self.node and m not in out:
+                    q = self.witness.owner_quiet(m)
+                    out[m] = None if q is None else round(q, 2)
+        return out
 
     def _ok(self) -> None:
         super()._ok()
@@ -156,10 +170,13 @@ class EtcdWitnessClient(WitnessReach):
 
     async def _round(self) -> None:
         groups = self.groups_fn()
+        if self.witness.refused:
+            await self.witness.check_grant()  # raises while etcd's leases are still too long
         if not groups:
             await self.witness.touch()  # reachability, and this array's lease
             self._ok()
             return
+        answered = []
         for name, members, owner, epoch, _flags in groups:
             if name not in self.registered:
                 await self.witness.register(name, members, owner, epoch)
@@ -173,12 +190,31 @@ class EtcdWitnessClient(WitnessReach):
                 sent = trio.current_time()
                 d = await self.witness.report(name, now[0], peer_alive=bool(now[1] & w.REPORT_PEER_ALIVE),
                                               peer_in_sync=bool(now[1] & w.REPORT_PEER_IN_SYNC))
-                # The witness holds this array alive for the lease's TTL from after its grant was
-                # asked, which may be before this report (one lease serves a round).
-                sent = min(sent, self.witness.lease_sent)
             self._ok()
+            answered.append((name, sent, d))
+        # Then this array's sign of life: its key moves onto a new lease only while every record
+        # it owns says what it would report now (read now, under the lock, as a report's flags).
+        async with self.lock:
+            said = {}
+            for name, *_ in groups:
+                now = self._report_now(self.groups_fn, name)
+                if now is not None:
+                    said[name] = (now[0], bool(now[1] & w.REPORT_PEER_IN_SYNC))
+            try:
+                await self.witness.renew(said)
+            except NotRenewed as e:
+                # A record changed since its report, or says what this array no longer says:
+                # the next round's reports write it again. Logged once in a row.
+                if str(e) != self._not_renewed:
+                    log.info("witness on etcd: this round's sign of life waits for the next: %s", e)
+                self._not_renewed = str(e)
+            else:
+                self._not_renewed = ""
+        for name, sent, d in answered:
             if self.on_report is not None:
-                self.on_report(name, sent, d.owner, d.epoch)
+                # The witness holds this array alive for its lease's TTL from after the grant was
+                # asked, which may be before this report (one lease serves a round or more).
+                self.on_report(name, min(sent, self.witness.lease_sent), d.owner, d.epoch)
 
     async def decide(self, t: w.WType, group: str, epoch: int) -> tuple[Decision | None, float]:
         """(the decision, or None when etcd cannot be asked; when the request was sent)."""

@@ -233,13 +233,19 @@ async def test_the_witness_decisions_on_a_real_cluster_with_its_leader_killed_du
     try:
         wa, wb = EtcdWitness(ca, b"/syncd/pair1", "A", t), EtcdWitness(cb, b"/syncd/pair1", "B", t)
         await wa.register("rcg1", ("A", "B"), "A", 1)
-        assert (await wa.report("rcg1", 1, peer_alive=True, peer_in_sync=True)).granted
+        for _ in range(3):  # a few rounds (a report, then the sign of life): B sees A's key move
+            assert (await wa.report("rcg1", 1, peer_alive=True, peer_in_sync=True)).granted
+            await wa.renew({"rcg1": (1, True)})
+            await wb.report("rcg1", 1, peer_alive=True, peer_in_sync=False)
+            await wb.renew({})
+            await trio.sleep(0.1)
         assert (await wb.report("rcg1", 1, peer_alive=False, peer_in_sync=False)).granted
         early = await wb.claim("rcg1", 1)
         assert not early.granted and may_grant_later(early.reason), early
         for _ in range(10):  # B keeps saying it lost A; A says nothing (its lease runs out)
             await trio.sleep(0.5)
             await wb.report("rcg1", 1, peer_alive=False, peer_in_sync=False)
+            await wb.renew({})
         out = {}
 
         async def run(name, co):

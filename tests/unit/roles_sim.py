@@ -32,10 +32,14 @@ import math
 import random
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, NoReturn
+from typing import TYPE_CHECKING, Callable, Iterable, NoReturn
 
 from syncd.node import roles as r
 from syncd.witness import decide as d
+from syncd.witness import etcd_backend as eb
+
+if TYPE_CHECKING:
+    from syncd.witness.etcd_node import EtcdWitnessConfig
 
 A, B, W = "A", "B", "W"
 AB, AW, BW = "A-B", "A-W", "B-W"
@@ -82,6 +86,11 @@ class SimConfig:
     writeback: float = 5.0
     max_delay: float = 0.05  # default one-way delay bound of every link
     poll: float = 0.05  # how often the shell ticks if next_timer() stays due after all (see _future_timer)
+    # Where the witness is kept: "builtin" (``decide.py`` in a process of its own) or "etcd"
+    # (``etcd_backend``'s rules on a model of etcd: ``EtcdModel``, ``Sim._e_send``).
+    witness_backend: str = "builtin"
+    etcd_election: float = 1.0  # s: etcd's election timeout (a leader change extends every lease by it)
+    etcd_expiry_lag: float = 1.0  # s from a lease's expiry to its key's removal (at most EXPIRY_LAG)
 
 
 # -- clocks ------------------------------------------------------------------------------------
@@ -180,6 +189,19 @@ class Array:
         # Requests waiting for their turn (kind, epoch), and the one on the connection now.
         self.w_queue: deque[tuple[str, int]] = deque()
         self.w_busy: int | None = None
+        # etcd client (``EtcdWitness``), one per process: the lease its key is on, when its grant
+        # was asked, the key's mod_revision as it last left it, and whether nothing of it is on
+        # record under its current lease (``_fresh``).
+        self.e_lease = 0
+        self.e_lease_sent = -math.inf
+        self.e_alive_rev = 0
+        self.e_fresh = True
+        # The other array's key as this client saw it at its reads: [mod_revision, the read's
+        # sending (local), a time before its last move (None: not seen to move)]
+        # (``EtcdWitness._observe``); and the record as its last request left it, if it owns the
+        # group: (the record's revision, epoch, peer in sync) (``EtcdWitness._owned``).
+        self.e_moves: dict[str, list[float | int | None]] = {}
+        self.e_owned: tuple[int, int, bool] | None = None
         self.timer_state: r.RoleState | None = None  # next_timer() cache: the state it is for,
         self.timer_tick = -math.inf  # the last Tick then,
         self.timer = math.inf  # and when the shell ticks next (local)
@@ -207,6 +229,83 @@ class Witness:
         return self.rec is not None
 
 
+class EtcdModel:
+    """The witness kept in etcd (``SimConfig.witness_backend = "etcd"``), as seen through
+    ``etcd_backend``: the group's record, each array's key ``P/alive/NODE`` on one of its
+    leases, and the leases, each with its TTL and its expiry on W's clock (etcd's leader's).
+
+    A lease's key is removed ``lag`` after its expiry (etcd's leader checks for expired leases,
+    then commits the revocation; ``EXPIRY_LAG`` bounds it). A leader change (and the quorum
+    coming back after it was lost) gives every lease not yet revoked the expiry now + election
+    timeout + TTL (``lessor.Promote``); while there is no quorum nothing is processed and
+    nothing is revoked (``lessor.Demote``). Revocations are worked out when they matter
+    (``gc``): before every request processed, at a leader change, at a loss of quorum."""
+
+    def __init__(self, rec: eb.Record, election: float, lag: float) -> None:
+        self.rec = rec
+        self.election = election
+        self.lag = lag
+        self.up = True  # etcd has a quorum
+        self.rev = 1  # etcd's revision (the keys' mod_revision)
+        self.next_id = 0
+        self.leases: dict[int, list[float]] = {}  # id -> [expiry (W's clock), TTL]
+        self.keys: dict[str, tuple[int, int]] = {}  # node -> (lease, mod_revision)
+        self.rec_rev = 1  # the record's mod_revision
+        self.leader_changes: list[float] = []  # W's clock
+
+    def gc(self, now: float) -> None:
+        if not self.up:
+            return
+        gone = [lid for lid, (exp, _) in self.leases.items() if now >= exp + self.lag]
+        for lid in gone:
+            del self.leases[lid]
+        if gone:
+            for node, (lid, _) in list(self.keys.items()):
+                if lid not in self.leases:
+                    del self.keys[node]
+                    self.rev += 1
+
+    def grant(self, now: float, ttl: int) -> int:
+        self.next_id += 1
+        self.leases[self.next_id] = [now + ttl, ttl]
+        return self.next_id
+
+    def key_rev(self, node: str) -> int:
+        k = self.keys.get(node)
+        return 0 if k is None else k[1]
+
+    def promote(self, now: float) -> None:
+        for lv in self.leases.values():
+            lv[0] = now + self.election + lv[1]
+        self.leader_changes.append(now)
+
+    def __repr__(self) -> str:
+        return (f"etcd({'up' if self.up else 'no quorum'}; keys {self.keys}; leases "
+                f"{ {k: (round(v[0], 3), v[1]) for k, v in self.leases.items()} }; {self.rec})")
+
+
+@dataclass
+class EReq:
+    """One request of an array's etcd client (``EtcdWitnessClient``): a report or a decision
+    (the record and the keys read, the rule applied, the record written: one step at etcd);
+    after a report, the array's sign of life (``EtcdWitness.renew``): a lease grant (if the
+    array's lease is ``renew`` old) and the compare-and-set moving the key onto it, which also
+    requires the record to be as the array's last request left it (retried on a changed key)."""
+    rid: int
+    kind: str
+    epoch: int
+    flags: tuple[bool, bool]
+    sent: float  # local time the request began
+    leg: int = 0  # the call under way (each has its own deadline, as each etcd call has)
+    leg_sent: float = 0.0  # local time the call under way was sent
+    done: bool = False
+    lease: int = 0
+    lease_sent: float = 0.0  # local time the grant was asked
+    tries: int = 0
+    dec: d.Decision | None = None  # a report's decision, fed once the sign of life is done
+    owned: tuple[int, int, bool] | None = None  # the record as the decision left it, if owned
+
+
 # -- the simulator -----------------------------------------------------------------------------
 
 Callback = Callable[[], None]
@@ -224,7 +323,13 @@ class Sim:
     def __init__(self, cfg: SimConfig, rng: random.Random, rates: dict[str, float] | None = None,
                  offsets: dict[str, float] | None = None) -> None:
         self.cfg = cfg
-        self.timing = cfg.timing or r.Timing(witness=r.WitnessTiming() if cfg.witness is not None else None)
+        self.etcd: EtcdModel | None = None
+        if cfg.witness_backend == "etcd":
+            assert cfg.witness is not None, "the etcd backend is a witness"
+            heard_for = self.etcd_config().owner_heard_for()
+            self.timing = cfg.timing or r.Timing(witness=r.WitnessTiming(owner_heard_for=heard_for))
+        else:
+            self.timing = cfg.timing or r.Timing(witness=r.WitnessTiming() if cfg.witness is not None else None)
         # What the roles.py and decide.py in use take (they changed under this simulator):
         self.timer_takes_now = len(inspect.signature(r.next_timer).parameters) == 3
         # The witness refuses a request heard late after the answer it echoes (STALE; the
@@ -246,7 +351,11 @@ class Sim:
         self.arrays = {A: Array(A, B, Disk(r.Role.PRIMARY, 1), clock[A]),
                        B: Array(B, A, Disk(r.Role.SECONDARY, 1), clock[B])}
         self.witness: Witness | None = None
-        if cfg.witness is not None:
+        if cfg.witness is not None and self.etcd_mode:
+            rec = eb.Record(GROUP, (A, B), A, 1, last_decision="registered by A")
+            self.witness = Witness(rec, clock[W])
+            self.etcd = EtcdModel(rec, cfg.etcd_election, cfg.etcd_expiry_lag)
+        elif cfg.witness is not None:
             self.witness = Witness(d.GroupRecord(GROUP, (A, B), A, 1, last_decision="registered by A"),
                                    clock[W])
         self.cut = {ln: False for ln in LINKS}
@@ -312,7 +421,9 @@ class Sim:
                 state.append(f"{x.name}: down (disk {x.disk})")
             else:
                 state.append(f"{x.name} @local {self.local(x.name):.4f}: {x.s}")
-        if self.witness is not None:
+        if self.etcd is not None:
+            state.append(f"W @local {self.local(W):.4f}: {self.etcd}")
+        elif self.witness is not None:
             state.append(f"W: {self.witness.rec}")
         raise Violation(promise, f"at real time {self.now:.4f}: {msg}\n-- last events:\n" + "\n".join(lines)
                         + "\n-- state:\n" + "\n".join(state))
@@ -1011,6 +1122,9 @@ class Sim:
         """Send one request now; an answer later than ``witness_timeout`` is dropped (the
         request failed then). ``rng``: where its delays and losses are drawn from; given for
         a retry after STALE (a stream of its own: the written-out schedules predate it)."""
+        if self.etcd is not None:
+            self._e_send(x, kind, epoch, flags)
+            return
         retry = rng is not None
         sent = x.clock.local(self.now)
         inc, ln = x.inc, self._wlink(x.name)
@@ -1149,6 +1263,274 @@ class Sim:
         self.check()
         return dec
 
+    # the witness kept in etcd ---------------------------------------------------------------------
+    @property
+    def etcd_mode(self) -> bool:
+        return self.cfg.witness_backend == "etcd"
+
+    def etcd_config(self) -> "EtcdWitnessConfig":
+        """The nodes' ``[witness]`` settings for the model's etcd (its TTL, ``owner_heard_for``)."""
+        from syncd.witness.etcd import EtcdConfig
+        from syncd.witness.etcd_node import EtcdWitnessConfig
+
+        t = self.cfg.witness or d.Timing()
+        wt = self.cfg.timing.witness if self.cfg.timing is not None and self.cfg.timing.witness else r.WitnessTiming()
+        return EtcdWitnessConfig(EtcdConfig(("http://etcd:2379",), timeout=self.cfg.witness_timeout), "P",
+                                 interval=wt.interval, owner_lease=t.owner_lease, grace=t.grace, drift=t.drift,
+                                 margin=t.margin, election_timeout=self.cfg.etcd_election)
+
+    def etcd_leader_change(self) -> None:
+        """etcd elects a new leader: every lease not yet revoked lives election timeout + TTL
+        from now (``lessor.Promote``)."""
+        et = self.etcd
+        if et is None or not et.up:
+            return
+        now = self.local(W)
+        et.gc(now)
+        et.promote(now)
+        self.note(W, f"etcd leader change: {et}")
+
+    def _e_send(self, x: Array, kind: str, epoch: int, flags: tuple[bool, bool]) -> None:
+        """A request of x's etcd client: the decision; after a report, the sign of life."""
+        sent = x.clock.local(self.now)
+        rid = self._new_req()
+        x.pending[rid] = Pending(kind if kind != "REPORT" else "REPORT-timer", sent, (epoch,))
+        x.w_busy = rid
+        self._e_decision(x, EReq(rid, kind, epoch, flags, sent))
+
+    def _e_call(self, x: Array, req: EReq, what: str, at_etcd: Callable[[], Answer | None],
+                on_answer: Callable[[Array, Answer], None]) -> None:
+        """One etcd call of ``req``: ``at_etcd`` runs where it arrives, if etcd has a quorum
+        then and the link holds (without a quorum a request is not processed), and returns the
+        answer; ``on_answer`` gets it at x if it comes within the call's deadline (the etcd
+        client's timeout); past the deadline the request failed."""
+        et = self.etcd
+        assert et is not None
+        req.leg += 1
+        leg = req.leg
+        inc, ln, name = x.inc, self._wlink(x.name), x.name
+        sent = req.leg_sent = x.clock.local(self.now)
+        label = f"{req.kind} {what}"
+        self.at(x.clock.real_at(sent + self.cfg.witness_timeout), f"{label} timeout",
+                lambda: self._e_timeout(name, inc, req, leg))
+        if self.cut[ln] or self._lost(name, W, label):
+            self.note(name, f"lost: {label} to etcd")
+            return
+
+        def arrive() -> None:
+            if not et.up or self.cut[ln]:
+                return
+            et.gc(self.local(W))
+            ans = at_etcd()
+            if ans is None or self.cut[ln] or self._lost(W, name, f"{label} answer"):
+                return
+
+            def back() -> None:
+                y = self.live(name, inc)
+                if y is None or self.cut[ln] or req.done or req.leg != leg:
+                    return
+                if y.clock.local(self.now) - sent > self.cfg.witness_timeout:
+                    return  # the call was given up (its timeout fires now)
+                on_answer(y, ans)
+
+            self.at(self.now + self._delay(W, name), f"etcd answers {name}: {label}", back)
+
+        self.at(self.now + self._delay(name, W), f"{name} {label} to etcd", arrive)
+
+    def _e_timeout(self, name: str, inc: int, req: EReq, leg: int) -> None:
+        x = self.live(name, inc)
+        if x is not None and not req.done and req.leg == leg:
+            self._e_failed(x, req, "no answer in time")
+
+    def _e_failed(self, x: Array, req: EReq, why: str) -> None:
+        """The request failed (``EtcdUnreachable``, ``EtcdError``): a report feeds nothing, a
+        decision is unanswered."""
+        req.done = True
+        self.note(x.name, f"etcd {req.kind} failed: {why}")
+        if x.w_busy == req.rid:
+            x.w_busy = None
+        inc = x.inc
+        if req.kind == "REPORT":
+            x.pending.pop(req.rid, None)
+        else:
+            self._expire(x.name, inc, req.rid)
+        if self.live(x.name, inc) is not None:
+            self._w_next(x)
+
+    def _e_renew(self, x: Array, req: EReq) -> None:
+        """After a report: the array's key onto a new lease (``EtcdWitness.renew``), if its lease
+        is ``renew`` old and the record says what the array would report now; then the report
+        is fed (``EtcdWitnessClient._round``)."""
+        renew = self.timing.witness.interval / 2 if self.timing.witness is not None else 0.0
+        now = x.clock.local(self.now)
+        if x.e_lease and now - x.e_lease_sent < renew:
+            self._e_report_done(x, req)
+            return
+        if x.e_owned is not None and x.e_owned[1:] != (x.s.epoch, self._report_flags(x)[1]):
+            self.note(x.name, f"etcd: not renewed: the record says {x.e_owned[1:]}")
+            self._e_report_done(x, req)
+            return
+        req.lease_sent = now
+        self._e_grant(x, req)
+
+    def _e_report_done(self, y: Array, req: EReq) -> None:
+        dec = req.dec
+        assert dec is not None
+        req.done = True
+        now = y.clock.local(self.now)
+        try:
+            if y.pending.pop(req.rid, None) is not None:
+                self.note(y.name, f"<- etcd REPORT: {dec}")
+                self.feed(y, r.WitnessReport(now, min(req.sent, y.e_lease_sent), dec.owner, dec.epoch))
+        finally:
+            if self.live(y.name, y.inc) is not None:
+                self._w_done(y, req.rid)
+
+    def _e_grant(self, x: Array, req: EReq) -> None:
+        et = self.etcd
+        assert et is not None
+        name = x.name
+        ttl = self.etcd_config().lease_ttl()
+
+        def at_etcd() -> Answer:
+            lid = et.grant(self.local(W), ttl)
+            self.note(W, f"etcd: lease {lid} ({ttl} s) granted to {name}")
+            return (lid,)
+
+        def answered(y: Array, ans: Answer) -> None:
+            lid = ans[0]
+            assert isinstance(lid, int)
+            now = y.clock.local(self.now)
+            # ``EtcdWitnessClient._granted``: etcd may hold this array alive from now on.
+            self.feed(y, r.WitnessSent(now, now))
+            if self.live(name, y.inc) is None or req.done:
+                return
+            req.lease = lid
+            self._e_attach(y, req)
+
+        self._e_call(x, req, "grant", at_etcd, answered)
+
+    def _e_attach(self, x: Array, req: EReq) -> None:
+        """Move the key onto ``req.lease`` if it is as this array last left it and the record is
+        as its last request left it (compare-and-set on both mod_revisions); a changed key is
+        read back and the move tried again, a changed record leaves it for the next round."""
+        et = self.etcd
+        assert et is not None
+        name, lid, rev = x.name, req.lease, x.e_alive_rev
+        guard = x.e_owned[0] if x.e_owned is not None else None
+
+        def at_etcd() -> Answer:
+            cur = et.key_rev(name)
+            if cur != rev:
+                return ("CHANGED", cur)
+            if guard is not None and et.rec_rev != guard:
+                return ("RECORD",)
+            lv = et.leases.get(lid)
+            if lv is None or self.local(W) >= lv[0] + et.lag:
+                self.note(W, f"etcd: {name}'s put on lease {lid}: no such lease")
+                return ("NO_LEASE",)
+            et.rev += 1
+            et.keys[name] = (lid, et.rev)
+            self.note(W, f"etcd: {name}'s key on lease {lid} (rev {et.rev})")
+            return ("OK", et.rev)
+
+        def answered(y: Array, ans: Answer) -> None:
+            if ans[0] == "OK":
+                assert isinstance(ans[1], int)
+                y.e_alive_rev, y.e_lease, y.e_lease_sent = ans[1], lid, req.lease_sent
+                self._e_report_done(y, req)
+            elif ans[0] == "CHANGED":
+                assert isinstance(ans[1], int)
+                y.e_alive_rev = ans[1]
+                if not ans[1]:  # the key is gone: said at once (after review)
+                    y.e_fresh = True
+                req.tries += 1
+                if req.tries >= eb.RETRIES:
+                    self._e_failed(y, req, "the key kept changing")
+                else:
+                    self._e_attach(y, req)
+            elif ans[0] == "RECORD":
+                self.note(y.name, "etcd: not renewed: the record changed since the report")
+                self._e_report_done(y, req)
+            else:
+                self._e_failed(y, req, "lease not found")
+
+        self._e_call(x, req, "attach", at_etcd, answered)
+
+    def _e_observe(self, x: Array, other: str, rev: int, sent: float) -> float | None:
+        """``EtcdWitness._observe`` and ``owner_quiet``: x's read sent at ``sent`` found
+        ``other``'s key at ``rev`` (0: gone); how long it has not moved, as x counts (now)."""
+        m = x.e_moves.get(other)
+        if m is None:
+            x.e_moves[other] = [rev, sent, None]
+        else:
+            if rev != m[0] and rev:
+                m[2] = m[1]
+            m[0], m[1] = rev, sent
+        moved_after = x.e_moves[other][2]
+        return None if moved_after is None else x.clock.local(self.now) - float(moved_after)
+
+    def _e_decision(self, x: Array, req: EReq) -> None:
+        """The decision (``EtcdWitness._decide``): the record and the keys read, the rule applied,
+        the record written, as one step at etcd (its compare-and-set makes it one). What the
+        read shows is what the client sees (an answer lost after it is a write's answer lost)."""
+        et = self.etcd
+        assert et is not None
+        name, kind, epoch, flags = x.name, req.kind, req.epoch, req.flags
+        ttl = self.etcd_config().lease_ttl()
+        grace = (self.cfg.witness or d.Timing()).grace
+        inc = x.inc
+
+        def at_etcd() -> Answer:
+            rec = et.rec
+            y = self.live(name, inc)
+            if y is None:
+                return None
+            quiet = self._e_observe(y, rec.other(name), et.key_rev(rec.other(name)), req.leg_sent)
+            if name not in et.keys:
+                y.e_fresh = True  # its key had gone: nothing is known of it meanwhile
+            seen = eb.Seen(owner_alive=rec.owner in et.keys, fresh=y.e_fresh,
+                           owner_quiet=None if rec.owner == name else quiet)
+            before = rec.to_json()
+            if kind == "REPORT":
+                dec = eb.rule_report(rec, GROUP, name, epoch, seen, peer_alive=flags[0], peer_in_sync=flags[1],
+                                     grace=grace)
+            elif kind == "KEEP":
+                dec = eb.rule_keep(rec, GROUP, name, epoch)
+            elif kind == "CLAIM":
+                dec = eb.rule_claim(rec, GROUP, name, epoch, seen, ttl, grace)
+            elif kind == "RESOLVE":
+                dec = eb.rule_resolve(rec, GROUP, name, epoch)
+            else:
+                dec = eb.rule_handover(rec, GROUP, name, epoch)
+            if rec.to_json() != before:
+                et.rev += 1
+                et.rec_rev = et.rev
+            owned = (et.rec_rev, rec.epoch, rec.secondary_in_sync) if rec.owner == name else None
+            self.note(W, f"etcd: {kind} from {name} at epoch {epoch} {flags if kind == 'REPORT' else ''}"
+                         f"{seen} -> {dec}; watch {rec.watch}")
+            self.check()
+            return (dec, owned)
+
+        def answered(y: Array, ans: Answer) -> None:
+            dec = ans[0]
+            assert isinstance(dec, d.Decision)
+            y.e_fresh = False
+            y.e_owned = ans[1]  # type: ignore[assignment]
+            if kind == "REPORT":
+                req.dec = dec
+                self._e_renew(y, req)
+                return
+            req.done = True
+            now = y.clock.local(self.now)
+            try:
+                self._answered(y, kind, req.rid, now, req.sent, dec)
+            finally:
+                if self.live(name, y.inc) is not None:
+                    self._w_done(y, req.rid)
+
+        self._e_call(x, req, "decision", at_etcd, answered)
+
     def _ask_witness(self, x: Array, kind: str, ask: r.WitnessAsk) -> None:
         self._witness_request(x, kind, x.s.epoch)
 
@@ -1228,6 +1610,12 @@ class Sim:
         """kill -9 of an array or of the witness (``how``: "kill"); for an array, a power cut
         ("power": it loses its volatile writes that its peer holds)
         or a clean stop ("stop": it restarts knowing it stopped cleanly)."""
+        if name == W and self.etcd is not None:
+            if self.etcd.up:  # etcd loses its quorum: nothing is processed, nothing revoked
+                self.etcd.gc(self.local(W))
+                self.etcd.up = False
+                self.note(W, "etcd quorum lost")
+            return
         if name == W:
             wit = self.witness
             if wit is not None and wit.rec is not None:
@@ -1274,12 +1662,20 @@ class Sim:
         x.w_queue.clear()
         x.w_busy = None
         x.switching = False
+        x.e_lease, x.e_lease_sent, x.e_alive_rev, x.e_fresh = 0, -math.inf, 0, True  # a new etcd client
+        x.e_moves, x.e_owned = {}, None
         if x.session is not None and x.session == self.session:
             x.session = None
             self._end_session({x.peer: self.cfg.path_timeout})
         x.session = None
 
     def restart(self, name: str) -> None:
+        if name == W and self.etcd is not None:
+            if not self.etcd.up:  # the quorum is back: a leader is elected (``lessor.Promote``)
+                self.etcd.up = True
+                self.etcd.promote(self.local(W))
+                self.note(W, f"etcd quorum back: {self.etcd}")
+            return
         if name == W:
             wit = self.witness
             if wit is not None and wit.rec is None:

@@ -10,6 +10,8 @@ restarts (``test_witness_decide.py``); etcd's records and leases survive its mem
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import trio
 from hypothesis import given, settings
@@ -17,7 +19,7 @@ from hypothesis import strategies as st
 
 from syncd.witness import decide
 from syncd.witness.decide import GroupRecord, Timing, WitnessError
-from syncd.witness.etcd_backend import BadRecord, EtcdWitness, Record
+from syncd.witness.etcd_backend import BadRecord, EtcdWitness, NotRenewed, Record
 
 from .etcd_model import MemoryEtcd
 
@@ -66,9 +68,20 @@ class Etcd:
     async def start(self) -> None:
         await self.w["A"].register("rcg1", ("A", "B"), "A", 1)
         await self.w["B"].register("rcg1", ("A", "B"), "A", 1)  # the second changes nothing
+        # B has been watching A's key (as a running pair's secondary has): it sees it move. The
+        # built-in witness hears A itself; here B's count of A's silence starts from now.
+        await self.w["B"].report("rcg1", 1, peer_alive=True, peer_in_sync=False)
+        await self.w["A"].report("rcg1", 1, peer_alive=True, peer_in_sync=False)
+        await self.w["A"].renew({"rcg1": (1, False)})
+        await self.w["B"].report("rcg1", 1, peer_alive=True, peer_in_sync=False)
+        assert self.w["B"].owner_quiet("A") is not None
 
     async def report(self, node, epoch, *, alive, insync):
-        return await self.w[node].report("rcg1", epoch, peer_alive=alive, peer_in_sync=insync)
+        # A round of reports, then the array's sign of life (its key moves onto a new lease).
+        d = await self.w[node].report("rcg1", epoch, peer_alive=alive, peer_in_sync=insync)
+        with contextlib.suppress(NotRenewed):  # the record does not say what it said: no sign of life
+            await self.w[node].renew({"rcg1": (epoch, insync)})
+        return d
 
     async def claim(self, node, epoch):
         return await self.w[node].claim("rcg1", epoch)

@@ -113,7 +113,7 @@ ETCD_INFO = {"backend": "etcd", "address": "http://m1:2379,http://m2:2379,http:/
              "endpoints": ["http://m1:2379", "http://m2:2379", "http://m3:2379"], "prefix": "/syncd/rcg1",
              "reachable": True, "witness": "etcd", "security": "plain HTTP (insecure)",
              "answered_by": "http://m2:2379", "last_error": "", "last_heard_s_ago": 0.1, "lease_ttl_s": 2,
-             "members_age_s": 0.4}
+             "peers_key_quiet_s": {"B": 0.3}, "members_age_s": 0.4}
 
 
 def test_showrcopy_witness_draws_one_row_per_etcd_member_with_its_health():
@@ -124,6 +124,9 @@ def test_showrcopy_witness_draws_one_row_per_etcd_member_with_its_health():
     assert "Quorum witness in etcd (3 endpoints): reachable, plain HTTP (insecure)" in out
     assert "prefix /syncd/rcg1, answered last by http://m2:2379" in out
     assert "etcd members: 2 of 3 reachable, leader 12 (asked 0.4 s ago)" in out
+    assert "B's key in etcd: last seen to move 0.3 s ago" in out
+    fresh = render(dict(ETCD_INFO, members=members, peers_key_quiet_s={"B": None}))
+    assert "B's key in etcd: not seen to move since this node started" in fresh
     rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
             for line in out.splitlines() if "http://m" in line and "│" in line}
     assert rows["http://m1:2379"] == ["unreachable", "-", "-", "-", "-", "-", "[Errno 111] Connection refused"]
@@ -274,6 +277,10 @@ class TurnEtcd:
         self.got: list[tuple] = []
         self.turn = trio.Event()
         self.lease_sent = 0.0  # (when its lease was asked for: the client reports no later)
+        self.refused = ""
+
+    async def renew(self, now):  # (the round's sign of life: not a request this test follows)
+        pass
 
     async def _answer(self, what: tuple):
         from syncd.witness.decide import Decision

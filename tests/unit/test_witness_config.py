@@ -129,33 +129,24 @@ def test_the_etcd_backend_takes_its_endpoints_prefix_and_timings(tmp_path):
     assert "insecure" in w.security()
 
 
-def test_the_etcd_backend_counts_its_lease_an_expiry_check_and_a_leader_change(tmp_path):
+def test_the_etcd_backend_counts_its_lease_an_expiry_check_a_leader_change_and_grace(tmp_path):
     """How long the witness in etcd may act as if it heard an array after its last answered
-    grant: its key's life and its peer's (whose word counts while its own key lives), each a
-    TTL plus the expiry check's lag, a third for one leader change (a new leader gives every
-    lease its TTL again), plus the election timeout etcd adds then. The primary counts the
-    witness lost first only after that."""
+    grant: its key may still move until the lease it moves onto expires (TTL and the expiry
+    check's lag, twice if a new leader gives the lease its TTL again, plus the election timeout
+    etcd adds then), and the peer counts a move as a sign of life for ``grace``. The primary
+    counts the witness lost first only after that."""
     from syncd.node.roles import WitnessTiming
 
     base = 'endpoints = ["http://h:1"]\nprefix = "/p"\n'
     w = etcd_node(tmp_path, base)
     assert w.lease_ttl() == 4  # ceil(3.0 × 1.05 + 0.5)
-    assert w.owner_heard_for() == 3 * (4 + 1.0) + 1.0
-    slow = etcd_node(tmp_path, base + "election_timeout = 5.0\n")
+    assert w.owner_heard_for() == 2 * (4 + 1.0) + 1.0 + 4.5
+    slow = etcd_node(tmp_path, base + "election_timeout = 5.0\ngrace = 6.0\n")
     assert slow.lease_ttl() == 8  # etcd raises a TTL to 1.5 election timeouts
-    assert slow.owner_heard_for() == 3 * (8 + 1.0) + 5.0
+    assert slow.owner_heard_for() == 2 * (8 + 1.0) + 5.0 + 6.0
     plain = WitnessTiming(w.interval, w.owner_lease, w.grace)
     kept = WitnessTiming(w.interval, w.owner_lease, w.grace, owner_heard_for=w.owner_heard_for())
-    assert kept.lost_first_after() - plain.lost_first_after() == pytest.approx(1.05 * (16.0 - 4.5) / 0.95)
-
-
-def test_the_etcd_backend_with_tls_and_a_user(tmp_path, ca):
-    files = tls_files(ca, "A", tmp_path / "tls")
-    w = etcd_node(tmp_path, f'endpoints = ["https://etcd1:2379"]\nprefix = "/syncd/pair1"\n'
-                            f'tls_ca = "{files["tls_ca"]}"\ntls_certificate = "{files["tls_certificate"]}"\n'
-                            f'tls_key = "{files["tls_key"]}"\nuser = "syncd"\npassword = "pw"\n')
-    assert w.etcd.cert == files["tls_certificate"] and w.etcd.user == "syncd"
-    assert w.security() == "TLS with a client certificate, etcd user syncd"
+    assert kept.lost_first_after() - plain.lost_first_after() == pytest.approx(1.05 * (15.5 - 4.5) / 0.95)
 
 
 @pytest.mark.parametrize("extra, msg", [

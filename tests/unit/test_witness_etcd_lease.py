@@ -9,14 +9,15 @@ docs/failover-plan.md rule 4)."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
 import trio
 
-from syncd.witness.decide import Timing
+from syncd.witness.decide import Decision, Timing
 from syncd.witness.etcd import EtcdError, EtcdUnreachable, cmp_mod, put
-from syncd.witness.etcd_backend import EtcdWitness
+from syncd.witness.etcd_backend import EtcdWitness, NotRenewed
 
 from .etcd_model import MemoryEtcd
 
@@ -208,62 +209,72 @@ class LoseOne:
         return await self.store.txn(*a)
 
 
+async def rnd(w: EtcdWitness, epoch: int = 1, *, alive: bool, insync: bool) -> Decision:
+    """One round of a node's client: its report, then its sign of life (``EtcdWitnessClient``)."""
+    d = await w.report("g1", epoch, peer_alive=alive, peer_in_sync=insync)
+    with contextlib.suppress(NotRenewed):
+        await w.renew({"g1": (epoch, insync)})
+    return d
+
+
+async def pair(store, kv_b=None) -> tuple[EtcdWitness, EtcdWitness]:
+    """A (owner of g1) and B, a few rounds in: B has seen A's key move."""
+    a = EtcdWitness(store, PREFIX, "A", T, renew=0.25)
+    b = EtcdWitness(kv_b or store, PREFIX, "B", T, renew=0.25)
+    await a.register("g1", ("A", "B"), "A", 1)
+    for _ in range(3):
+        await rnd(a, alive=True, insync=True)
+        await rnd(b, alive=True, insync=True)
+        await trio.sleep(0.5)
+    assert b.owner_quiet("A") is not None and b.owner_quiet("A") <= 1.0
+    return a, b
+
+
 @pytest.mark.parametrize("lost", ["taken", "not taken", "none"])
 async def test_a_key_found_gone_keeps_the_array_fresh_even_if_the_attach_after_it_is_lost(lost, autojump_clock):
-    """Found by review: B's key had gone (B cut off from etcd past its TTL), its next touch saw
-    so, then the attach's answer was lost. The touch after it found the key as that attach left
-    it (or gone again) and said nothing of the gap, so B's first word that it lost A counted as
-    in time and its claim was granted although the witness knew nothing of B meanwhile."""
+    """Found by review: B's key had gone (B cut off from etcd past its TTL), its next renewal
+    saw so, then the attach's answer was lost. The renewal after it found the key as that attach
+    left it (or gone again) and said nothing of the gap. Whatever is lost, B's first word that
+    it lost A after so long is late: it has not seen A's key move for longer than grace."""
     store = MemoryEtcd()
     kv = LoseOne(store)
-    a = EtcdWitness(store, PREFIX, "A", T, renew=0.25)
-    b = EtcdWitness(kv, PREFIX, "B", T, renew=0.25)
-    await a.register("g1", ("A", "B"), "A", 1)
-    await a.report("g1", 1, peer_alive=True, peer_in_sync=True)
-    await b.report("g1", 1, peer_alive=True, peer_in_sync=True)  # B saw A's key
+    a, b = await pair(store, kv)
     await trio.sleep(30)  # both cut off far past any TTL: both keys gone
     assert not present(store)
     if lost != "none":
-        kv.lose, kv.taken = kv.n + 2, lost == "taken"  # the attach after the failed compare
+        kv.lose, kv.taken = kv.n + 3, lost == "taken"  # report: read, write; renew: the attach
         with pytest.raises(EtcdUnreachable):
-            await b.report("g1", 1, peer_alive=False, peer_in_sync=False)
+            await rnd(b, alive=False, insync=False)
     await trio.sleep(0.5)
-    await b.report("g1", 1, peer_alive=False, peer_in_sync=False)  # B's first recorded word: lost A
+    await rnd(b, alive=False, insync=False)  # B's first recorded word: lost A
     d = await b.claim("g1", 1)
-    assert not d.granted and "cut off from the witness meanwhile" in d.reason
+    assert not d.granted and "cut off from the witness meanwhile" in d.reason, d
 
 
 @pytest.mark.parametrize("elect", [False, True])
 async def test_the_peer_cut_off_from_etcd_cannot_claim_while_the_primary_counts_itself_pre_elected(
         elect, autojump_clock):
     """Found by review. A is cut off from etcd; B's last report sees A's key just before it goes,
-    then B is cut off from etcd too, with its own key alive. B's word that it lost A counts as
-    in time while B's key lives (it saw A's key at its previous report), and one etcd leader
-    change just before B's lease is revoked gives it its TTL again. A, counting
-    ``owner_heard_for`` from its last answer, takes itself for pre-elected once the link goes:
-    B's claim must then be refused, with or without the leader change."""
+    then B is cut off from etcd too, with its own key alive. One etcd leader change just before
+    B's lease is revoked gives it its TTL again. A, counting ``owner_heard_for`` from its last
+    answer, takes itself for pre-elected once the link goes: B's claim must then be refused,
+    with or without the leader change."""
     from syncd.node.roles import WitnessTiming
     from syncd.witness.etcd import EtcdConfig
     from syncd.witness.etcd_node import EXPIRY_LAG, EtcdWitnessConfig
 
     cfg = EtcdWitnessConfig(EtcdConfig(("http://x:1",)), "/p", election_timeout=1.0)
     store = MemoryEtcd(expiry_lag=EXPIRY_LAG)
-    a = EtcdWitness(store, PREFIX, "A", T, renew=0.25)
-    b = EtcdWitness(store, PREFIX, "B", T, renew=0.25)
     b_grants: list[float] = []
+    a, b = await pair(store)
     b.on_grant = b_grants.append
-    await a.register("g1", ("A", "B"), "A", 1)
-    for _ in range(4):
-        assert (await a.report("g1", 1, peer_alive=True, peer_in_sync=True)).granted
-        await b.report("g1", 1, peer_alive=True, peer_in_sync=True)
-        await trio.sleep(0.5)
-    assert (await a.report("g1", 1, peer_alive=True, peer_in_sync=True)).granted
+    assert (await rnd(a, alive=True, insync=True)).granted
     c = trio.current_time()  # A's last answer: A is cut off from etcd from now on
     while True:  # B reports while A's key is there; its last report sees it
         await trio.sleep(0.5)
         if not present(store):
             break
-        await b.report("g1", 1, peer_alive=True, peer_in_sync=True)
+        await rnd(b, alive=True, insync=True)
     # B is cut off from etcd now. A leader change just before B's lease would be revoked.
     await trio.sleep_until(b_grants[-1] + b.ttl + EXPIRY_LAG - 0.05)
     if elect:
@@ -271,17 +282,13 @@ async def test_the_peer_cut_off_from_etcd_cannot_claim_while_the_primary_counts_
     t = WitnessTiming(owner_heard_for=cfg.owner_heard_for())
     # The link goes so that A counts itself pre-elected; B notices up to link_notice earlier.
     await trio.sleep_until(c + t.lost_first_after() - t.link_notice + 0.1)
-    await b.report("g1", 1, peer_alive=False, peer_in_sync=False)
+    await rnd(b, alive=False, insync=False)
     await trio.sleep(t.claim_after_link_loss())
     d = await b.claim("g1", 1)
     assert not d.granted, d
 
 
-# -- known open cases (docs/failover-plan.md rule 4, "Not covered with etcd") ----------------------
-# Each is a schedule the current design loses; strict, so that the fix turns them into failures
-# to be made plain tests.
-
-async def _alone_after_etcd_and_link_loss(store: MemoryEtcd, a: EtcdWitness, b: EtcdWitness):
+async def _alone_after_etcd_and_link_loss(store: MemoryEtcd):
     """A and B report in sync; etcd loses its quorum; the link goes long enough after that for A
     to count itself pre-elected: A goes on alone (its record still says B in sync)."""
     from syncd.node.roles import WitnessTiming
@@ -289,49 +296,94 @@ async def _alone_after_etcd_and_link_loss(store: MemoryEtcd, a: EtcdWitness, b: 
     from syncd.witness.etcd_node import EtcdWitnessConfig
 
     cfg = EtcdWitnessConfig(EtcdConfig(("http://x:1",)), "/p", election_timeout=1.0)
-    await a.register("g1", ("A", "B"), "A", 1)
-    for _ in range(3):
-        await a.report("g1", 1, peer_alive=True, peer_in_sync=True)
-        await b.report("g1", 1, peer_alive=True, peer_in_sync=True)
-        await trio.sleep(0.5)
+    a, b = await pair(store)
     store.reachable = False
     t = WitnessTiming(owner_heard_for=cfg.owner_heard_for())
     await trio.sleep(t.lost_first_after() + 2)  # the link went meanwhile: A is alone, pre-elected
-    return cfg, t
+    return a, b, cfg
 
 
-@pytest.mark.xfail(strict=True, reason="open: a lease that outlives an etcd outage looks like the owner heard")
-async def test_open_etcd_back_with_the_alone_primary_cut_off_from_it(autojump_clock):
-    """etcd regains its quorum while A (alone since the link went) is cut off from it: the new
-    leader gives A's old lease its TTL again, B takes A's key for a sign of life and its word
-    that it lost A for in time, and once the key expires its claim is granted (the record still
-    says B in sync). The built-in witness refuses: it has not heard A since it started."""
+async def test_etcd_back_with_the_alone_primary_cut_off_from_it_does_not_give_the_peer_the_group(autojump_clock):
+    """Found by review. etcd regains its quorum while A (alone since the link went) is cut off
+    from it: the new leader gives A's old lease its TTL again. A's key is there but does not
+    move: B's word that it lost A is late, and its claim is refused, before and after the key
+    expires. (The key being there was taken for a sign of life before: the claim was granted
+    once it expired. The built-in witness refuses here: it has not heard A since it started.)"""
     store = MemoryEtcd()
-    a = EtcdWitness(store, PREFIX, "A", T, renew=0.25)
-    b = EtcdWitness(store, PREFIX, "B", T, renew=0.25)
-    cfg, t = await _alone_after_etcd_and_link_loss(store, a, b)
+    a, b, cfg = await _alone_after_etcd_and_link_loss(store)
     store.quorum_back(cfg.election_timeout)  # A stays cut off from etcd
     for _ in range(int(3 * cfg.owner_heard_for())):
-        await b.report("g1", 1, peer_alive=False, peer_in_sync=False)
+        await rnd(b, alive=False, insync=False)
         d = await b.claim("g1", 1)
         assert not d.granted, d
         await trio.sleep(0.5)
 
 
-@pytest.mark.xfail(strict=True, reason="open: an array's key is renewed apart from its reports")
-async def test_open_the_alone_primary_renews_its_key_but_its_report_is_lost(autojump_clock):
-    """Found by review. etcd is back and A (alone) reaches it for one request: its key moves onto
-    a new lease, but the report saying B is no longer in sync is lost, and A is cut off again.
-    B takes the key for a sign of life, and once it expires B's claim is granted."""
+class Partial:
+    """A's way to etcd: every call passes until ``cut``; the ``lose``-th txn from now is not
+    taken, and etcd is out of reach from then on."""
+
+    def __init__(self, store: MemoryEtcd) -> None:
+        self.store, self.n, self.lose, self.cut = store, 0, 0, False
+
+    async def range(self, *a):
+        if self.cut:
+            raise EtcdUnreachable("model: cut off")
+        return await self.store.range(*a)
+
+    async def lease_grant(self, *a):
+        if self.cut:
+            raise EtcdUnreachable("model: cut off")
+        return await self.store.lease_grant(*a)
+
+    async def txn(self, *a):
+        self.n += 1
+        if self.cut or self.n == self.lose:
+            self.cut = True
+            raise EtcdUnreachable("model: cut off")
+        return await self.store.txn(*a)
+
+
+async def test_the_alone_primary_s_key_does_not_move_while_its_report_is_not_recorded(autojump_clock):
+    """Found by review. etcd is back and A (alone) reaches it for part of a round: the report
+    saying B is no longer in sync is lost, and A is cut off again. Its key does not move (the
+    move requires the record to say what A says now), so B's word that it lost A is late and its
+    claim refused. (The key moved before any report: the claim was granted once it expired.)
+    And when the report does get through, the record says B is not in sync."""
     store = MemoryEtcd()
-    a = EtcdWitness(store, PREFIX, "A", T, renew=0.25)
-    b = EtcdWitness(store, PREFIX, "B", T, renew=0.25)
-    cfg, t = await _alone_after_etcd_and_link_loss(store, a, b)
+    a, b, cfg = await _alone_after_etcd_and_link_loss(store)
+    a.kv = net = Partial(store)
     await trio.sleep(3 * cfg.owner_heard_for())
     store.reachable = True  # back, and everything from before the outage is long expired
-    await a.touch()  # A's key on a new lease; its report does not get through
+    net.lose = net.n + 2  # A's round: the record read answered, its write lost
+    with pytest.raises(EtcdUnreachable):
+        await rnd(a, alive=False, insync=False)
+    assert not present(store)
     for _ in range(int(3 * cfg.owner_heard_for())):
-        await b.report("g1", 1, peer_alive=False, peer_in_sync=False)
+        await rnd(b, alive=False, insync=False)
         d = await b.claim("g1", 1)
         assert not d.granted, d
         await trio.sleep(0.5)
+    # The renewal alone, with the record still saying B in sync: refused, nothing moves.
+    a.kv, net.cut = store, False
+    with pytest.raises(NotRenewed):
+        await a.renew({"g1": (1, False)})
+    assert not present(store)
+    await rnd(a, alive=False, insync=False)
+    assert present(store) and (await b.claim("g1", 1)).reason.endswith("was not in sync when A last reported")
+
+
+async def test_a_renewal_racing_a_record_change_does_not_move_the_key(autojump_clock):
+    """The key moves only if every record the array owns is as its last request left it: a
+    change in between (here B's report) makes the move wait for the next round."""
+    store = MemoryEtcd()
+    a, b = await pair(store)
+    await a.report("g1", 1, peer_alive=True, peer_in_sync=True)
+    rev = store.kv[KEY].mod_revision
+    await b.report("g1", 1, peer_alive=False, peer_in_sync=False)  # changes B's watch in the record
+    await trio.sleep(0.5)
+    with pytest.raises(NotRenewed, match="changed since its report"):
+        await a.renew({"g1": (1, True)})
+    assert store.kv[KEY].mod_revision == rev
+    await rnd(a, alive=True, insync=True)
+    assert store.kv[KEY].mod_revision != rev
