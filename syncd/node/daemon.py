@@ -173,6 +173,9 @@ class Node:
         # Set once this link session's state exchange has been answered: the regions the peer
         # reported it may lack (``suspect_regions``) are in the dirty maps then (Group._recover).
         self.exchanged = trio.Event()
+        # Link sessions so far: a report says whether the link came up since the group's
+        # previous answered report (REPORT_LOST_ANEW).
+        self.link_episode = 0
         # iSCSI: COMPARE AND WRITE and PERSISTENT RESERVE OUT each take one lock per volume
         # here (node.iscsi); the reservations are this array's copy, kept in state.json.
         self.caw_locks: dict[str, trio.Lock] = {}
@@ -637,6 +640,7 @@ class Node:
     # -- link events ---------------------------------------------------------------------------
     def _on_link_up(self) -> None:
         log.info("replication link to %s up", self.cfg.link.peer)
+        self.link_episode += 1
         self.events.update("link", {"peer": self.cfg.link.peer, "state": "up"})
         self.peer_roles_seq = 0  # the peer may have restarted: its numbering starts again
         self.exchanged = trio.Event()  # a new session: what the peer may lack is asked again
@@ -728,20 +732,27 @@ class Node:
         return out
 
     def _witness_report_now(self, name: str) -> tuple[int, int] | None:
-        """One group's epoch and report flags as they are now (the clients' ``report_fn``)."""
+        """One group's epoch and report flags as they are now (the clients' ``report_fn``, called
+        as a report is sent)."""
         g = self.groups.get(name)
-        return None if g is None else (g.epoch, self._report_flags(g))
+        if g is None:
+            return None
+        g.episode_sent = self.link_episode
+        return g.epoch, self._report_flags(g)
 
     def _report_flags(self, g: Group) -> int:
-        from ..witness.proto import REPORT_PEER_ALIVE, REPORT_PEER_IN_SYNC
+        from ..witness.proto import REPORT_LOST_ANEW, REPORT_PEER_ALIVE, REPORT_PEER_IN_SYNC
 
         flags = REPORT_PEER_ALIVE if self.link is not None and self.link.up else 0
+        if self.link_episode != g.episode_reported:
+            flags |= REPORT_LOST_ANEW  # the link came up since the last report the witness answered
         return flags | REPORT_PEER_IN_SYNC if peer_in_sync(g.state) else flags
 
     def _witness_report(self, name: str, sent: float, owner: str, epoch: int) -> None:
         """The witness answered a report: its record of the group (who owns which epoch)."""
         g = self.groups.get(name)
         if g is not None:
+            g.episode_reported = g.episode_sent
             g.witness_report(sent, owner, epoch)
 
     async def _intent_loop(self) -> None:

@@ -209,6 +209,14 @@ class WitnessClient(WitnessReach):
         """(DECISION frame, or None when the witness cannot be asked; when the request was sent)."""
         sent = trio.current_time()
         try:
+            if t is w.WType.CLAIM:
+                # A report first, so that the witness has this array's word about the link as it
+                # is now (a loss since the link last came back is a new one) before the claim.
+                r = await self._request(w.WType.REPORT, partial(self._report_fields, group))
+                if r is not None and r.type == w.WType.DECISION and self.on_report is not None:
+                    assert self.last_ok_sent is not None
+                    self.on_report(group, self.last_ok_sent, r.owner, r.epoch)
+                sent = trio.current_time()
             f = await self.request(t, group=group, epoch=epoch)
         except WitnessUnreachable:
             return None, sent

@@ -113,26 +113,28 @@ def _heard(rec: GroupRecord, node: str, now: float) -> None:
     rec.last_seen[node] = now
 
 
-def _note_loss(rec: GroupRecord, t: Timing, now: float, node: str, lost: bool) -> None:
+def _note_loss(rec: GroupRecord, t: Timing, now: float, node: str, lost: bool, anew: bool = False) -> None:
     """The other member says it lost (or reaches) the owner. The loss counts from the first such
     word; after a silence of the member longer than ``owner_lease`` the witness cannot tell what
-    happened meanwhile (the link may have come back and gone again), so it counts from now."""
+    happened meanwhile (the link may have come back and gone again), so it counts from now, and
+    so it does when the member says the link came back since its previous word (``anew``)."""
     if node == rec.owner:
         return
     if not lost:
         rec.lost_owner.pop(node, None)
         return
     prev = rec.last_seen.get(node)
-    if node not in rec.lost_owner or prev is None or now - prev > t.owner_lease:
+    if node not in rec.lost_owner or prev is None or now - prev > t.owner_lease or anew:
         rec.lost_owner[node] = now
 
 
 def report(rec: GroupRecord, t: Timing, now: float, node: str, epoch: int, *,
-           peer_alive: bool, peer_in_sync: bool) -> Decision:
+           peer_alive: bool, peer_in_sync: bool, lost_anew: bool = False) -> Decision:
     """A periodic report. The owner says whether its peer is in sync; the other member says
-    whether it still reaches the owner over the replication link."""
+    whether it still reaches the owner over the replication link, and whether it reached it
+    again since its previous report (``lost_anew``: a loss it states is a new one)."""
     prev_seen_owner = rec.last_seen.get(rec.owner)
-    _note_loss(rec, t, now, node, lost=not peer_alive)
+    _note_loss(rec, t, now, node, lost=not peer_alive, anew=lost_anew)
     _heard(rec, node, now)
     if epoch == rec.epoch and node == rec.owner:
         rec.secondary_in_sync = peer_in_sync

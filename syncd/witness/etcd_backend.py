@@ -159,13 +159,14 @@ def _member(rec: Record, node: str, group: str) -> None:
         raise WitnessError(f"node {node!r} is not a member of group {group} ({', '.join(rec.members)})")
 
 
-def _note(rec: Record, node: str, seen: Seen, lost: bool, grace: float) -> None:
-    """The other member's word about the owner (``lost``: it no longer reaches it)."""
+def _note(rec: Record, node: str, seen: Seen, lost: bool, grace: float, anew: bool = False) -> None:
+    """The other member's word about the owner (``lost``: it no longer reaches it; ``anew``: it
+    reached it again since its previous report, so a loss is a new one)."""
     if node == rec.owner:
         return
     w = rec.watch.setdefault(node, Watch())
-    if seen.fresh:
-        w.saw_owner, w.lost = False, ""  # its history is unknown: start again from now
+    if seen.fresh or anew:
+        w.saw_owner, w.lost = False, ""  # its history is unknown, or over: start again from now
     if not lost:
         w.lost = ""
     elif not w.lost:
@@ -174,9 +175,9 @@ def _note(rec: Record, node: str, seen: Seen, lost: bool, grace: float) -> None:
 
 
 def rule_report(rec: Record, group: str, node: str, epoch: int, seen: Seen, *,
-                peer_alive: bool, peer_in_sync: bool, grace: float) -> Decision:
+                peer_alive: bool, peer_in_sync: bool, grace: float, lost_anew: bool = False) -> Decision:
     _member(rec, node, group)
-    _note(rec, node, seen, lost=not peer_alive, grace=grace)
+    _note(rec, node, seen, lost=not peer_alive, grace=grace, anew=lost_anew)
     if epoch == rec.epoch and node == rec.owner:
         rec.secondary_in_sync = peer_in_sync
         rec.failover_disabled = False
@@ -428,10 +429,12 @@ class EtcdWitness:
             return d
         raise WitnessError(f"group {group}: the record kept changing under {RETRIES} attempts")
 
-    async def report(self, group: str, epoch: int, *, peer_alive: bool, peer_in_sync: bool) -> Decision:
+    async def report(self, group: str, epoch: int, *, peer_alive: bool, peer_in_sync: bool,
+                     lost_anew: bool = False) -> Decision:
         g = self.timing.grace
         return await self._decide(group, lambda r, s: rule_report(r, group, self.node, epoch, s, peer_alive=peer_alive,
-                                                                  peer_in_sync=peer_in_sync, grace=g))
+                                                                  peer_in_sync=peer_in_sync, grace=g,
+                                                                  lost_anew=lost_anew))
 
     async def claim(self, group: str, epoch: int) -> Decision:
         g = self.timing.grace

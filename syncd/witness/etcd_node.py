@@ -189,7 +189,8 @@ class EtcdWitnessClient(WitnessReach):
                     continue
                 sent = trio.current_time()
                 d = await self.witness.report(name, now[0], peer_alive=bool(now[1] & w.REPORT_PEER_ALIVE),
-                                              peer_in_sync=bool(now[1] & w.REPORT_PEER_IN_SYNC))
+                                              peer_in_sync=bool(now[1] & w.REPORT_PEER_IN_SYNC),
+                                              lost_anew=bool(now[1] & w.REPORT_LOST_ANEW))
             self._ok()
             answered.append((name, sent, d))
         # Then this array's sign of life: its key moves onto a new lease only while every record
@@ -222,7 +223,21 @@ class EtcdWitnessClient(WitnessReach):
                w.WType.HANDOVER: self.witness.handover, w.WType.RESOLVE: self.witness.resolve}.get(t)
         if ask is None:
             raise ValueError(f"not a decision: {t}")
+        sent = trio.current_time()
         try:
+            if t is w.WType.CLAIM:
+                # A report first, so that the record has this array's word about the link as it
+                # is now (a loss since the link last came back is a new one) before the claim.
+                async with self.lock:
+                    now = self._report_now(self.groups_fn, group)
+                    if now is not None:
+                        rsent = trio.current_time()
+                        r = await self.witness.report(
+                            group, now[0], peer_alive=bool(now[1] & w.REPORT_PEER_ALIVE),
+                            peer_in_sync=bool(now[1] & w.REPORT_PEER_IN_SYNC),
+                            lost_anew=bool(now[1] & w.REPORT_LOST_ANEW))
+                if now is not None and self.on_report is not None:
+                    self.on_report(group, min(rsent, self.witness.lease_sent), r.owner, r.epoch)
             async with self.lock:
                 sent = trio.current_time()
                 d = await ask(group, epoch)

@@ -51,6 +51,11 @@ FRESH = 1 << 63
 
 REPORT_PEER_ALIVE = 1
 REPORT_PEER_IN_SYNC = 2
+# The peer was reachable again at some moment since this array's previous answered report: a
+# loss this report states is a new one, counted from now, not from a word about an earlier loss
+# (found by review: a link that came back and went again while the secondary was cut off from
+# the witness). A witness before this bit ignores it.
+REPORT_LOST_ANEW = 4
 
 HEADER = Struct(
     "magic" / Int32ub, "type" / Int8ub, "reserved1" / Int8ub, "reserved2" / Int16ub,

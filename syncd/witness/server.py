@@ -349,7 +349,8 @@ class Witness:
                 if t == w.WType.REPORT:
                     d = report(rec, self.cfg.timing, now, node, f.epoch,
                                peer_alive=bool(f.flags & w.REPORT_PEER_ALIVE),
-                               peer_in_sync=bool(f.flags & w.REPORT_PEER_IN_SYNC))
+                               peer_in_sync=bool(f.flags & w.REPORT_PEER_IN_SYNC),
+                               lost_anew=bool(f.flags & w.REPORT_LOST_ANEW))
                 elif t == w.WType.CLAIM:
                     d = claim(rec, self.cfg.timing, now, node, f.epoch)
                 elif t == w.WType.KEEP:

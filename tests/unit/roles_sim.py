@@ -89,6 +89,9 @@ class SimConfig:
     # Where the witness is kept: "builtin" (``decide.py`` in a process of its own) or "etcd"
     # (``etcd_backend``'s rules on a model of etcd: ``EtcdModel``, ``Sim._e_send``).
     witness_backend: str = "builtin"
+    # The clients send a report right before each CLAIM (REPORT_LOST_ANEW); False: they claim at
+    # once, as before (written-out schedules that time a claim to the moment use it).
+    report_before_claim: bool = True
     etcd_election: float = 1.0  # s: etcd's election timeout (a leader change extends every lease by it)
     etcd_expiry_lag: float = 1.0  # s from a lease's expiry to its key's removal (at most EXPIRY_LAG)
 
@@ -202,6 +205,11 @@ class Array:
         # group: (the record's revision, epoch, peer in sync) (``EtcdWitness._owned``).
         self.e_moves: dict[str, list[float | int | None]] = {}
         self.e_owned: tuple[int, int, bool] | None = None
+        # Link sessions this process has seen, at its last report sent and at the last one the
+        # witness answered (``Node._report_flags``: REPORT_LOST_ANEW).
+        self.episode = 0
+        self.episode_sent = 0
+        self.episode_reported = -1
         self.timer_state: r.RoleState | None = None  # next_timer() cache: the state it is for,
         self.timer_tick = -math.inf  # the last Tick then,
         self.timer = math.inf  # and when the shell ticks next (local)
@@ -294,7 +302,7 @@ class EReq:
     rid: int
     kind: str
     epoch: int
-    flags: tuple[bool, bool]
+    flags: tuple[bool, bool, bool]
     sent: float  # local time the request began
     leg: int = 0  # the call under way (each has its own deadline, as each etcd call has)
     leg_sent: float = 0.0  # local time the call under way was sent
@@ -335,6 +343,10 @@ class Sim:
         # The witness refuses a request heard late after the answer it echoes (STALE; the
         # client asks again at once).
         self.witness_checks_fresh = hasattr(d, "fresh")
+        # A report says whether the link came up since the last answered one (REPORT_LOST_ANEW),
+        # and the clients report before they claim.
+        self.report_takes_anew = "lost_anew" in inspect.signature(d.report).parameters
+        self.claims_after_a_report = self.report_takes_anew and cfg.report_before_claim
         self.end_takes_doubt = "in_doubt" in r.SwitchoverEnd.__dataclass_fields__
         self.state_says_claiming = "claiming" in r.PeerState.__dataclass_fields__
         self.rng = rng
@@ -820,6 +832,7 @@ class Sim:
         order = [A, B] if self.rng.random() < 0.5 else [B, A]
         for name in order:
             self.arrays[name].session = sid
+            self.arrays[name].episode += 1
         for name in order:
             x = self.arrays[name]
             if x.alive and x.session == sid:
@@ -1107,6 +1120,7 @@ class Sim:
     def _w_turn(self, x: Array, kind: str, epoch: int, rng: random.Random | None = None) -> None:
         """Send a request whose turn came: a REPORT says what is true now (its epoch, its flags)."""
         if kind == "REPORT":
+            x.episode_sent = x.episode
             self._w_send(x, kind, x.s.epoch, self._report_flags(x), rng)
         else:
             self._w_send(x, kind, epoch, rng=rng)
@@ -1117,7 +1131,7 @@ class Sim:
             x.w_busy = None
             self._w_next(x)
 
-    def _w_send(self, x: Array, kind: str, epoch: int, flags: tuple[bool, bool] = (False, False),
+    def _w_send(self, x: Array, kind: str, epoch: int, flags: tuple[bool, bool, bool] = (False, False, False),
                 rng: random.Random | None = None) -> None:
         """Send one request now; an answer later than ``witness_timeout`` is dropped (the
         request failed then). ``rng``: where its delays and losses are drawn from; given for
@@ -1202,6 +1216,7 @@ class Sim:
         if kind == "REPORT":
             if y.pending.pop(rid, None) is not None and now - sent <= self.cfg.witness_timeout:
                 self.note(y.name, f"<- W {kind}: {dec}")
+                y.episode_reported = y.episode_sent
                 self.feed(y, r.WitnessReport(now, sent, dec.owner, dec.epoch))
             return
         if y.pending.pop(rid, None) is None:
@@ -1239,7 +1254,7 @@ class Sim:
         return False
 
     def _decide(self, wit: Witness, rec: d.GroupRecord, kind: str, node: str, epoch: int,
-                flags: tuple[bool, bool], echo: float | None) -> d.Decision | None:
+                flags: tuple[bool, bool, bool], echo: float | None) -> d.Decision | None:
         """The witness's answer; None when it refuses the request as heard too late after the
         answer it echoes (``decide.fresh``: STALE, nothing changed)."""
         t = self.cfg.witness
@@ -1249,7 +1264,8 @@ class Sim:
             self.note(W, f"{kind} from {node} at epoch {epoch}: stale (echo {echo})")
             return None
         if kind == "REPORT":
-            dec = d.report(rec, t, now, node, epoch, peer_alive=flags[0], peer_in_sync=flags[1])
+            dec = d.report(rec, t, now, node, epoch, peer_alive=flags[0], peer_in_sync=flags[1],
+                           **({"lost_anew": flags[2]} if self.report_takes_anew else {}))
         elif kind == "KEEP":
             dec = d.keep(rec, t, now, node, epoch)
         elif kind == "CLAIM":
@@ -1290,7 +1306,7 @@ class Sim:
         et.promote(now)
         self.note(W, f"etcd leader change: {et}")
 
-    def _e_send(self, x: Array, kind: str, epoch: int, flags: tuple[bool, bool]) -> None:
+    def _e_send(self, x: Array, kind: str, epoch: int, flags: tuple[bool, bool, bool]) -> None:
         """A request of x's etcd client: the decision; after a report, the sign of life."""
         sent = x.clock.local(self.now)
         rid = self._new_req()
@@ -1381,6 +1397,7 @@ class Sim:
         try:
             if y.pending.pop(req.rid, None) is not None:
                 self.note(y.name, f"<- etcd REPORT: {dec}")
+                y.episode_reported = y.episode_sent
                 self.feed(y, r.WitnessReport(now, min(req.sent, y.e_lease_sent), dec.owner, dec.epoch))
         finally:
             if self.live(y.name, y.inc) is not None:
@@ -1494,7 +1511,7 @@ class Sim:
             before = rec.to_json()
             if kind == "REPORT":
                 dec = eb.rule_report(rec, GROUP, name, epoch, seen, peer_alive=flags[0], peer_in_sync=flags[1],
-                                     grace=grace)
+                                     grace=grace, lost_anew=flags[2])
             elif kind == "KEEP":
                 dec = eb.rule_keep(rec, GROUP, name, epoch)
             elif kind == "CLAIM":
@@ -1532,16 +1549,20 @@ class Sim:
         self._e_call(x, req, "decision", at_etcd, answered)
 
     def _ask_witness(self, x: Array, kind: str, ask: r.WitnessAsk) -> None:
+        if kind == "CLAIM" and self.claims_after_a_report:
+            # The clients report first: the witness has the array's word on the link as it is.
+            self._witness_request(x, "REPORT", x.s.epoch)
         self._witness_request(x, kind, x.s.epoch)
 
-    def _report_flags(self, x: Array) -> tuple[bool, bool]:
-        """(peer alive, peer in sync): what a report says, read when it is sent."""
+    def _report_flags(self, x: Array) -> tuple[bool, bool, bool]:
+        """(peer alive, peer in sync, the link came up since the last answered report): what a
+        report says, read when it is sent."""
         s = x.s
         if hasattr(r, "peer_in_sync"):
             in_sync = r.peer_in_sync(s)
         else:  # roles.py before it said itself what its reports tell the witness
             in_sync = s.role is r.Role.PRIMARY and s.mode is r.Mode.ATTACHED and not s.failsafe
-        return x.session is not None, in_sync
+        return x.session is not None, in_sync, x.episode != x.episode_reported
 
     def _report(self, name: str, inc: int) -> None:
         x = self.live(name, inc)
@@ -1664,6 +1685,7 @@ class Sim:
         x.switching = False
         x.e_lease, x.e_lease_sent, x.e_alive_rev, x.e_fresh = 0, -math.inf, 0, True  # a new etcd client
         x.e_moves, x.e_owned = {}, None
+        x.episode, x.episode_sent, x.episode_reported = 0, 0, -1
         if x.session is not None and x.session == self.session:
             x.session = None
             self._end_session({x.peer: self.cfg.path_timeout})

@@ -93,6 +93,15 @@ all are fixed now: 1 and 2 at 47dda5f, the others after them; 8 was found at 47d
    (``roles_sim.RESYNC_FLUSHES_PEER``); ``resync_then_both_power_cut`` breaks (e) without it.
    2,583 random schedules did not find it without the flush (it needs both arrays to lose
    power within seconds of a resync's end); 3,891 found nothing with it.
+14. Found by stop 48's review with the model (a schedule written by hand): A is cut off from the
+   witness; the link goes, and B's report that it lost A comes in time; B is cut off from the
+   witness, the link comes back and goes again, and B reaches the witness again within
+   ``owner_lease`` of its last word. The witness still counted B's loss from its first word,
+   about the first link loss, while A, counting from the second, took itself for pre-elected:
+   B was granted the group while A went on alone (b, c, e). Fixed: a report says whether the
+   link came up since the array's previous answered report (``REPORT_LOST_ANEW``), the witness
+   then counts the loss from that word, and the clients report before they claim;
+   ``link_flap_while_the_secondary_is_cut_off`` breaks (c) without it (mutation lost-anew).
 Also: (S, PeerLost) has no row (a mirrored write failing after a switchover or demotion raises
 RoleError: the shell must catch it); without a witness a restarted primary goes on alone once its
 fence is over, confirmed by nothing (the pre-elected design, docs/design.md §4: promise (d) counts
@@ -1037,6 +1046,35 @@ def test_writes_made_durable_by_a_takeover_stay_counted_when_the_new_primary_los
         f"{sorted(before - sim.acked)[:8]}")
 
 
+def link_flap_while_the_secondary_is_cut_off(sim: Sim) -> None:
+    """A is cut off from the witness; the link goes 3.6 s later (B notices at once, A late) and
+    B says so in time; B is cut off from the witness 1 s after the link went; the link comes
+    back 1.05 s after it went and goes again 2.3 s after the witness last heard B, whose link to
+    the witness heals at once (finding 14)."""
+    settle(sim)
+    wit = sim.witness
+    assert wit is not None and wit.rec is not None
+    sim.set_cut(AW, True)
+    t1 = sim.now + 3.6
+    sim.run_until(t1)
+    sim.set_cut(AB, True, notice={A: sim.cfg.path_timeout, B: 0.0})
+    sim.run_until(t1 + 1.0)
+    heard_b = wit.clock.real_at(wit.rec.last_seen[B])
+    sim.set_cut(BW, True)
+    sim.run_until(t1 + 1.05)
+    sim.set_cut(AB, False)
+    sim.run_until(heard_b + 2.3)
+    sim.set_cut(AB, True, notice={A: sim.cfg.path_timeout, B: 0.0})
+    sim.run_until(sim.now + 0.001)
+    sim.set_cut(BW, False)
+    writes_for(sim, 12.0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_secondary_s_word_about_an_earlier_link_loss_does_not_count_for_the_next(seed: int) -> None:
+    link_flap_while_the_secondary_is_cut_off(scenario(seed=seed))
+
+
 MUTATIONS = [
     Mutation("fence-wait", roles,
              "if s.mode in (Mode.STARTING, Mode.FENCING) and now >= s.lease_deadline:",
@@ -1052,7 +1090,7 @@ MUTATIONS = [
              'NewGeneration(f"took the group over at epoch {epoch}")]', "a", failover_then_restart),
     Mutation("witness-until", roles,
              "return math.inf if t.witness is None or s.witness_lost_first else s.witness_until",
-             "return math.inf", "bce", primary_isolated_after_its_last_report),
+             "return math.inf", "bce", primary_isolated_after_its_last_report, {"report_before_claim": False}),
     Mutation("lease-from-sent", roles,
              "lease_until=max(s.lease_until, e.sent + e.ms / 1000)",
              "lease_until=max(s.lease_until, e.now + e.ms / 1000)", "ce", slow_lease_answer_then_cut),
@@ -1074,7 +1112,8 @@ MUTATIONS = [
     # Guards added after the model's first findings (each schedule is the finding's own):
     Mutation("claim-after-link-loss", roles,
              "and now >= s.link_lost_at + t.witness.claim_after_link_loss()):",
-             "):", "bce", link_noticed_late_by_the_primary, {"rates": {A: 0.95, B: 1.05, W: 0.95}}),
+             "):", "bce", link_noticed_late_by_the_primary,
+             {"rates": {A: 0.95, B: 1.05, W: 0.95}, "report_before_claim": False}),
     Mutation("lost-before-claimant", decide,
              "if lost - seen > t.grace:", "if False:", "bce", both_lose_the_witness_then_the_link),
     Mutation("fresh", decide,
@@ -1094,6 +1133,11 @@ MUTATIONS = [
     Mutation("peer-newer-fencing", roles,
              "        if s.peer_newer:\n            return NEVER",
              "        if False:\n            return NEVER", "e", power_cut_then_resync_lost),
+    # Stop 48's review (finding 14): a loss said anew counts from that word.
+    Mutation("lost-anew", decide,
+             "if node not in rec.lost_owner or prev is None or now - prev > t.owner_lease or anew:",
+             "if node not in rec.lost_owner or prev is None or now - prev > t.owner_lease:", "bce",
+             link_flap_while_the_secondary_is_cut_off, {"seed": 1}),
     # Stop 30's defect, found by a system test on power-cut disks:
     Mutation("flush-pending", roles,
              "            new = replace(new, flush_pending=True)\n            actions = actions + [FlushVolumes()]",

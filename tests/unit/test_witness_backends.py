@@ -39,8 +39,9 @@ class Builtin:
     def _now(self) -> float:
         return trio.current_time()
 
-    async def report(self, node, epoch, *, alive, insync):
-        return decide.report(self.g, T, self._now(), node, epoch, peer_alive=alive, peer_in_sync=insync)
+    async def report(self, node, epoch, *, alive, insync, anew=False):
+        return decide.report(self.g, T, self._now(), node, epoch, peer_alive=alive, peer_in_sync=insync,
+                             lost_anew=anew)
 
     async def claim(self, node, epoch):
         return decide.claim(self.g, T, self._now(), node, epoch)
@@ -76,9 +77,9 @@ class Etcd:
         await self.w["B"].report("rcg1", 1, peer_alive=True, peer_in_sync=False)
         assert self.w["B"].owner_quiet("A") is not None
 
-    async def report(self, node, epoch, *, alive, insync):
+    async def report(self, node, epoch, *, alive, insync, anew=False):
         # A round of reports, then the array's sign of life (its key moves onto a new lease).
-        d = await self.w[node].report("rcg1", epoch, peer_alive=alive, peer_in_sync=insync)
+        d = await self.w[node].report("rcg1", epoch, peer_alive=alive, peer_in_sync=insync, lost_anew=anew)
         with contextlib.suppress(NotRenewed):  # the record does not say what it said: no sign of life
             await self.w[node].renew({"rcg1": (epoch, insync)})
         return d
@@ -137,6 +138,35 @@ async def test_a_decision_whose_answer_was_lost_is_the_same_when_asked_again(w, 
     assert again.granted and (again.owner, again.epoch) == ("B", 2), again.reason
     assert (await w.state())[:2] == ("B", 2)  # granted once: the epoch moved once
     assert not (await w.keep("A", 1)).granted
+
+
+async def test_a_loss_said_anew_counts_from_that_word_not_from_an_earlier_loss(w, autojump_clock):
+    """Found by review (stop 48): B said in time that it lost A; the link came back and went
+    again while B was cut off from the witness, and B's next word says the link came up since its
+    previous report (REPORT_LOST_ANEW). The loss counts from that word, now more than grace after
+    the witness last heard A: to A the witness was lost first, and B's claim is refused."""
+    t0 = trio.current_time()
+    await w.report("A", 1, alive=True, insync=True)
+    await w.report("B", 1, alive=True, insync=False)
+    await trio.sleep_until(t0 + 3.0)
+    await w.report("B", 1, alive=False, insync=False)  # in time: 3 s after A's last word
+    await trio.sleep_until(t0 + 5.0)
+    await w.report("B", 1, alive=False, insync=False, anew=True)
+    await trio.sleep_until(t0 + GONE + 3.0)
+    d = await w.claim("B", 1)
+    assert not d.granted and "failover disabled" in d.reason, d.reason
+    # Without the word anew, the first loss counts, and the claim is granted (the case it fixes).
+    w2 = type(w)()
+    await w2.start()
+    t0 = trio.current_time()
+    await w2.report("A", 1, alive=True, insync=True)
+    await w2.report("B", 1, alive=True, insync=False)
+    await trio.sleep_until(t0 + 3.0)
+    await w2.report("B", 1, alive=False, insync=False)
+    await trio.sleep_until(t0 + 5.0)
+    await w2.report("B", 1, alive=False, insync=False)
+    await trio.sleep_until(t0 + GONE + 3.0)
+    assert (await w2.claim("B", 1)).granted
 
 
 async def test_link_failure_the_owner_keeps_the_group_and_the_secondary_cannot_claim(w, autojump_clock):

@@ -290,7 +290,7 @@ class TurnEtcd:
         self.turn = trio.Event()
         return Decision(True, "A", 1, "ok")
 
-    async def report(self, name, epoch, *, peer_alive, peer_in_sync):
+    async def report(self, name, epoch, *, peer_alive, peer_in_sync, lost_anew=False):
         return await self._answer(("report", name, peer_in_sync))
 
     async def keep(self, name, epoch):
