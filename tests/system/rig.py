@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import trio
+
 from syncd.ctl import call
 from syncd.lab.rig import witness_knows_in_sync
 
@@ -124,3 +126,15 @@ def wait_witness_knows_in_sync(lab: dict, timeout: float = 30.0) -> None:
 def syncctl(*args: str) -> subprocess.CompletedProcess:
     """``syncctl ARGS`` as a script runs it: stdout a pipe, output captured, never raises."""
     return subprocess.run([sys.executable, "-m", "syncd.ctl", *args], capture_output=True, text=True, timeout=120)
+
+
+async def etcd_pair_rounds(wa, wb, group: str = "rcg1", rounds: int = 3) -> None:
+    """A (owner of ``group`` at epoch 1, its peer in sync) and B driven straight on
+    ``etcd_backend.EtcdWitness`` for a few rounds, each a report and then the array's sign of
+    life, as their clients do: B has seen A's key in etcd move."""
+    for _ in range(rounds):
+        assert (await wa.report(group, 1, peer_alive=True, peer_in_sync=True)).granted
+        await wa.renew({group: (1, True)})
+        await wb.report(group, 1, peer_alive=True, peer_in_sync=False)
+        await wb.renew({})
+        await trio.sleep(0.1)

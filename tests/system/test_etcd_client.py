@@ -21,7 +21,7 @@ from syncd.witness.etcd import (
     put,
 )
 
-from .rig import require_tool
+from .rig import etcd_pair_rounds, require_tool
 
 pytestmark = pytest.mark.system
 
@@ -233,12 +233,7 @@ async def test_the_witness_decisions_on_a_real_cluster_with_its_leader_killed_du
     try:
         wa, wb = EtcdWitness(ca, b"/syncd/pair1", "A", t), EtcdWitness(cb, b"/syncd/pair1", "B", t)
         await wa.register("rcg1", ("A", "B"), "A", 1)
-        for _ in range(3):  # a few rounds (a report, then the sign of life): B sees A's key move
-            assert (await wa.report("rcg1", 1, peer_alive=True, peer_in_sync=True)).granted
-            await wa.renew({"rcg1": (1, True)})
-            await wb.report("rcg1", 1, peer_alive=True, peer_in_sync=False)
-            await wb.renew({})
-            await trio.sleep(0.1)
+        await etcd_pair_rounds(wa, wb)  # B has seen A's key move
         assert (await wb.report("rcg1", 1, peer_alive=False, peer_in_sync=False)).granted
         early = await wb.claim("rcg1", 1)
         assert not early.granted and may_grant_later(early.reason), early

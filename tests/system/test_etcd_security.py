@@ -42,7 +42,7 @@ from syncd.witness.etcd import (
 )
 from syncd.witness.etcd_backend import EtcdWitness, Record
 
-from .rig import require_tool, wait_for
+from .rig import etcd_pair_rounds, require_tool, wait_for
 
 pytestmark = pytest.mark.system
 
@@ -143,12 +143,7 @@ async def test_with_the_right_ca_and_client_certificate_the_witness_decides_over
         lost = await cb.txn([cmp_mod(key, 0)], [put(key, b"v2")], [get(key)])
         assert not lost.succeeded and lost.ranges[0][0].value == b"v1"  # compare-and-set over TLS
         await wa.register("rcg1", ("A", "B"), "A", 1)
-        for _ in range(3):  # a few rounds (a report, then the sign of life): B sees A's key move
-            assert (await wa.report("rcg1", 1, peer_alive=True, peer_in_sync=True)).granted
-            await wa.renew({"rcg1": (1, True)})
-            await wb.report("rcg1", 1, peer_alive=True, peer_in_sync=False)
-            await wb.renew({})
-            await trio.sleep(0.1)
+        await etcd_pair_rounds(wa, wb)  # B has seen A's key move
         early = await wb.claim("rcg1", 1)
         assert not early.granted and "still holds its witness lease" in early.reason, early
         with trio.fail_after(6):  # A says nothing more: its lease runs out on etcd's clock
