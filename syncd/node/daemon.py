@@ -172,10 +172,8 @@ class Node:
         self.peer_roles_seq = 0
         # Set once this link session's state exchange has been answered: the regions the peer
         # reported it may lack (``suspect_regions``) are in the dirty maps then (Group._recover).
+        # (A new one per link session: the session's mark, as resyncs and reports take it.)
         self.exchanged = trio.Event()
-        # Link sessions so far: a report says whether the link came up since the group's
-        # previous answered report (REPORT_LOST_ANEW).
-        self.link_episode = 0
         # iSCSI: COMPARE AND WRITE and PERSISTENT RESERVE OUT each take one lock per volume
         # here (node.iscsi); the reservations are this array's copy, kept in state.json.
         self.caw_locks: dict[str, trio.Lock] = {}
@@ -640,7 +638,6 @@ class Node:
     # -- link events ---------------------------------------------------------------------------
     def _on_link_up(self) -> None:
         log.info("replication link to %s up", self.cfg.link.peer)
-        self.link_episode += 1
         self.events.update("link", {"peer": self.cfg.link.peer, "state": "up"})
         self.peer_roles_seq = 0  # the peer may have restarted: its numbering starts again
         self.exchanged = trio.Event()  # a new session: what the peer may lack is asked again
@@ -737,14 +734,14 @@ class Node:
         g = self.groups.get(name)
         if g is None:
             return None
-        g.episode_sent = self.link_episode
+        g.session_sent = self.exchanged
         return g.epoch, self._report_flags(g)
 
     def _report_flags(self, g: Group) -> int:
         from ..witness.proto import REPORT_LOST_ANEW, REPORT_PEER_ALIVE, REPORT_PEER_IN_SYNC
 
         flags = REPORT_PEER_ALIVE if self.link is not None and self.link.up else 0
-        if self.link_episode != g.episode_reported:
+        if self.exchanged is not g.session_reported:
             flags |= REPORT_LOST_ANEW  # the link came up since the last report the witness answered
         return flags | REPORT_PEER_IN_SYNC if peer_in_sync(g.state) else flags
 
@@ -752,7 +749,7 @@ class Node:
         """The witness answered a report: its record of the group (who owns which epoch)."""
         g = self.groups.get(name)
         if g is not None:
-            g.episode_reported = g.episode_sent
+            g.session_reported = g.session_sent
             g.witness_report(sent, owner, epoch)
 
     async def _intent_loop(self) -> None:

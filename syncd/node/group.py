@@ -171,10 +171,10 @@ class Group:
     def __init__(self, node: "Node", st: GroupState, created: bool = False):
         self.node = node
         self.st = st
-        # The node's link session at this group's last report sent, and at the last one the
-        # witness answered (``Node._report_flags``: REPORT_LOST_ANEW).
-        self.episode_sent = 0
-        self.episode_reported = -1
+        # The node's link session (``Node.exchanged``) at this group's last report sent, and at
+        # the last one the witness answered (``Node._report_flags``: REPORT_LOST_ANEW).
+        self.session_sent: trio.Event | None = None
+        self.session_reported: trio.Event | None = None
         self.members: dict[str, Member] = {}
         self.by_id: dict[int, Member] = {}
         now = trio.current_time()

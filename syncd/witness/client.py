@@ -89,10 +89,14 @@ class WitnessClient(WitnessReach):
                 await self.request(w.WType.REGISTER, group=name, member1=members[0],
                                    member2=members[1], owner=owner, epoch=epoch)
                 self.registered.add(name)
-            f = await self._request(w.WType.REPORT, partial(self._report_fields, name))
-            if f is not None and f.type == w.WType.DECISION and self.on_report is not None:
-                assert self.last_ok_sent is not None  # set by the request that answered
-                self.on_report(name, self.last_ok_sent, f.owner, f.epoch)
+            await self._report(name)
+
+    async def _report(self, name: str) -> None:
+        """Group ``name``'s report, its answer handed to the node (``on_report``)."""
+        f = await self._request(w.WType.REPORT, partial(self._report_fields, name))
+        if f is not None and f.type == w.WType.DECISION and self.on_report is not None:
+            assert self.last_ok_sent is not None  # set by the request that answered
+            self.on_report(name, self.last_ok_sent, f.owner, f.epoch)
 
     async def _check_idle(self) -> None:
         """Between rounds: a connection the witness closed meanwhile (an array with no groups
@@ -212,10 +216,7 @@ class WitnessClient(WitnessReach):
             if t is w.WType.CLAIM:
                 # A report first, so that the witness has this array's word about the link as it
                 # is now (a loss since the link last came back is a new one) before the claim.
-                r = await self._request(w.WType.REPORT, partial(self._report_fields, group))
-                if r is not None and r.type == w.WType.DECISION and self.on_report is not None:
-                    assert self.last_ok_sent is not None
-                    self.on_report(group, self.last_ok_sent, r.owner, r.epoch)
+                await self._report(group)
                 sent = trio.current_time()
             f = await self.request(t, group=group, epoch=epoch)
         except WitnessUnreachable:

@@ -7,10 +7,10 @@ Layout under a per-pair prefix P (bytes):
   said its peer is in sync, whether failover is disabled, the last decision, and per member
   what the witness needs to remember of its reports (``watch``);
 * ``P/alive/NODE``: a key on one of NODE's etcd leases, NODE's sign of life. Once a round of
-  reports is recorded an array takes a new lease (at most one per ``renew`` seconds) and moves
-  its key onto it (``renew``), by a transaction that requires the key to be as this array last
-  left it and every record it owns to be as its reports of the round left them: the key moves
-  only while those records say what the array says now (whether its peer is in sync). The
+  reports is recorded an array takes a new lease (at most one per ``renew_every`` seconds) and
+  moves its key onto it (``renew``), by a transaction that requires the key to be as this array
+  last left it and every record it owns to be as its reports of the round left them: the key
+  moves only while those records say what the array says now (whether its peer is in sync). The
   lease's TTL is the owner's lease with drift and margin (``Timing.owner_gone_after``, rounded
   up to whole seconds as etcd counts), so "the witness has not heard the owner for longer than
   that" is "``P/alive/OWNER`` is gone", which etcd decides on its own clock.
@@ -239,14 +239,26 @@ _NO_TIMING = Timing()  # KEEP, HANDOVER and RESOLVE do not look at time
 # -- one array's side ------------------------------------------------------------------------------
 
 @dataclass
-class _Motion:
-    """Another array's key as this array saw it: its revision at this array's last request,
-    when that request was sent, and a time before its last move onto a new lease (None: not
-    seen to move since this array started)."""
+class Motion:
+    """Another array's key as this array saw it: its revision at this array's last read, when
+    that read was sent, and a time before its last move onto a new lease (None: not seen to move
+    since this array started). Also the role model's (``tests/unit/roles_sim.py``)."""
 
     rev: int
     last_read: float
     moved_after: float | None = None
+
+    def see(self, rev: int, sent: float) -> None:
+        """A read sent at ``sent`` found the key at ``rev`` (0: gone)."""
+        if rev != self.rev and rev:
+            # Moved after the read that last saw it as it was; a key that is gone, or that a new
+            # etcd leader revived, has not moved.
+            self.moved_after = self.last_read
+        self.rev, self.last_read = rev, sent
+
+    def quiet(self, now: float) -> float | None:
+        """Seconds (at least) since the key last moved; None if not seen to move."""
+        return None if self.moved_after is None else now - self.moved_after
 
 
 class NotRenewed(WitnessError):
@@ -272,7 +284,7 @@ class EtcdWitness:
         self.on_grant: Callable[[float], None] | None = None
         self._fresh = True  # no word from this array is on record since its key went (or it started)
         self.refused = ""  # why this array does not use the witness now ("" : it does)
-        self._moves: dict[bytes, _Motion] = {}  # the other arrays' keys, as seen at each request
+        self._moves: dict[bytes, Motion] = {}  # the other arrays' keys, as seen at each request
         # Per group this array owns: the record's revision after this array's last request
         # about it and what the record said then (epoch, peer in sync), for ``renew``'s guard.
         self._owned: dict[str, tuple[int, int, bool]] = {}
@@ -283,31 +295,25 @@ class EtcdWitness:
     def alive_key(self, node: str) -> bytes:
         return self.prefix + b"/alive/" + node.encode()
 
-    def _observe(self, members: tuple[str, str], alive: list[KeyValue], sent: float) -> None:
-        """The other members' keys as a read sent at ``sent`` found them (there or not)."""
-        found = {kv.key: kv.mod_revision for kv in alive}
+    def _observe(self, members: tuple[str, str], found: dict[bytes, int], sent: float) -> None:
+        """The other members' keys as a read sent at ``sent`` found them (key -> mod_revision)."""
         for key in (self.alive_key(n) for n in members if n != self.node):
-            rev = found.get(key, 0)
             m = self._moves.get(key)
             if m is None:
-                self._moves[key] = _Motion(rev, sent)
-                continue
-            if rev != m.rev and rev:
-                # Moved after the read that last saw it as it was (sent at m.last_read); a key
-                # that is gone, or that a new etcd leader revived, has not moved.
-                m.moved_after = m.last_read
-            m.rev = rev
-            m.last_read = sent
+                self._moves[key] = Motion(found.get(key, 0), sent)
+            else:
+                m.see(found.get(key, 0), sent)
 
     def owner_quiet(self, node: str) -> float | None:
         """Seconds (at least) since ``node``'s key last moved, as this array saw it."""
         m = self._moves.get(self.alive_key(node))
-        return None if m is None or m.moved_after is None else trio.current_time() - m.moved_after
+        return None if m is None else m.quiet(trio.current_time())
 
-    async def _grant(self) -> int:
+    async def grant(self) -> int:
         """A new lease for this array's key. One longer than the node counts on means etcd would
         hold this array alive longer than it counts: nothing is put on it (it expires unused),
-        and the array does not use the witness (``refused``) until a grant is short enough."""
+        and the array does not use the witness (``refused``) until a grant is short enough (the
+        node's client asks for one each round meanwhile)."""
         lease, granted = await self.kv.lease_grant(self.ttl)
         if self.max_ttl and granted > self.max_ttl:
             self.refused = (f"etcd granted a lease of {granted} s where {self.ttl} s was asked and at most "
@@ -320,10 +326,6 @@ class EtcdWitness:
         if self.on_grant is not None:
             self.on_grant(trio.current_time())
         return lease
-
-    async def check_grant(self) -> None:
-        """While ``refused``: whether etcd now grants a lease short enough (one left unused)."""
-        await self._grant()
 
     async def touch(self) -> bool:
         """This array's key onto a new lease with no record to guard (it reports no group):
@@ -350,7 +352,7 @@ class EtcdWitness:
                                  f"{self.node} says {now[group]} now")
             guards.append(cmp_mod(self.group_key(group), rev))
         sent = trio.current_time()
-        lease = await self._grant()
+        lease = await self.grant()
         key = self.alive_key(self.node)
         for _ in range(RETRIES):
             res = await self.kv.txn([cmp_mod(key, self.alive_rev), *guards], [put(key, b"1", lease)], [get(key)])
@@ -359,9 +361,10 @@ class EtcdWitness:
             # Not as this array left it: gone (its lease expired), or moved by a request of ours
             # whose answer was lost, or left by this array's previous run; or a record changed.
             found = res.ranges[0] if res.ranges else []
-            if (found[0].mod_revision if found else 0) == self.alive_rev:
+            rev = found[0].mod_revision if found else 0
+            if rev == self.alive_rev:
                 raise NotRenewed(f"a record {self.node} owns changed since its report")
-            self.alive_rev = found[0].mod_revision if found else 0
+            self.alive_rev = rev
             if not found:
                 # Said at once, before anything else is awaited: if the attach that follows is
                 # lost, the next one finds the key again (put by it) and must not forget that
@@ -400,11 +403,12 @@ class EtcdWitness:
                 rec = Record.from_json(kv.value, group)
             except BadRecord as e:
                 raise WitnessError(f"group {group}: the record in etcd is not syncd's: {e}") from None
-            self._observe(rec.members, res.ranges[1], sent)
-            if not any(x.key == mine for x in res.ranges[1]):
+            found = {x.key: x.mod_revision for x in res.ranges[1]}
+            self._observe(rec.members, found, sent)
+            if mine not in found:
                 self._fresh = True  # this array's key had gone: nothing is known of it meanwhile
-            seen = Seen(owner_alive=any(x.key == self.alive_key(rec.owner) for x in res.ranges[1]),
-                        fresh=self._fresh, owner_quiet=self.owner_quiet(rec.owner))
+            seen = Seen(owner_alive=self.alive_key(rec.owner) in found, fresh=self._fresh,
+                        owner_quiet=self.owner_quiet(rec.owner))
             before, owner = rec.to_json(), rec.owner
             d: Decision = apply(rec, seen)
             after = rec.to_json()

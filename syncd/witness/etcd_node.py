@@ -171,7 +171,7 @@ class EtcdWitnessClient(WitnessReach):
     async def _round(self) -> None:
         groups = self.groups_fn()
         if self.witness.refused:
-            await self.witness.check_grant()  # raises while etcd's leases are still too long
+            await self.witness.grant()  # raises while etcd's leases are still too long (one left unused)
         if not groups:
             await self.witness.touch()  # reachability, and this array's lease
             self._ok()
@@ -181,18 +181,10 @@ class EtcdWitnessClient(WitnessReach):
             if name not in self.registered:
                 await self.witness.register(name, members, owner, epoch)
                 self.registered.add(name)
-            # One request at a time, as the built-in witness's client: the report's flags are
-            # read once it is its turn, so it never follows a KEEP with flags from before it.
-            async with self.lock:
-                now = self._report_now(self.groups_fn, name)
-                if now is None:
-                    continue
-                sent = trio.current_time()
-                d = await self.witness.report(name, now[0], peer_alive=bool(now[1] & w.REPORT_PEER_ALIVE),
-                                              peer_in_sync=bool(now[1] & w.REPORT_PEER_IN_SYNC),
-                                              lost_anew=bool(now[1] & w.REPORT_LOST_ANEW))
-            self._ok()
-            answered.append((name, sent, d))
+            got = await self._report(name)
+            if got is not None:
+                self._ok()
+                answered.append((name, *got))
         # Then this array's sign of life: its key moves onto a new lease only while every record
         # it owns says what it would report now (read now, under the lock, as a report's flags).
         async with self.lock:
@@ -217,6 +209,19 @@ class EtcdWitnessClient(WitnessReach):
                 # asked, which may be before this report (one lease serves a round or more).
                 self.on_report(name, min(sent, self.witness.lease_sent), d.owner, d.epoch)
 
+    async def _report(self, name: str) -> tuple[float, Decision] | None:
+        """Group ``name``'s report: (when it was sent, the record's answer), or None if the group
+        is gone. One request at a time, as the built-in witness's client: the report's flags are
+        read once it is its turn, so it never follows a KEEP with flags from before it."""
+        async with self.lock:
+            now = self._report_now(self.groups_fn, name)
+            if now is None:
+                return None
+            sent = trio.current_time()
+            return sent, await self.witness.report(name, now[0], peer_alive=bool(now[1] & w.REPORT_PEER_ALIVE),
+                                                   peer_in_sync=bool(now[1] & w.REPORT_PEER_IN_SYNC),
+                                                   lost_anew=bool(now[1] & w.REPORT_LOST_ANEW))
+
     async def decide(self, t: w.WType, group: str, epoch: int) -> tuple[Decision | None, float]:
         """(the decision, or None when etcd cannot be asked; when the request was sent)."""
         ask = {w.WType.CLAIM: self.witness.claim, w.WType.KEEP: self.witness.keep,
@@ -228,16 +233,9 @@ class EtcdWitnessClient(WitnessReach):
             if t is w.WType.CLAIM:
                 # A report first, so that the record has this array's word about the link as it
                 # is now (a loss since the link last came back is a new one) before the claim.
-                async with self.lock:
-                    now = self._report_now(self.groups_fn, group)
-                    if now is not None:
-                        rsent = trio.current_time()
-                        r = await self.witness.report(
-                            group, now[0], peer_alive=bool(now[1] & w.REPORT_PEER_ALIVE),
-                            peer_in_sync=bool(now[1] & w.REPORT_PEER_IN_SYNC),
-                            lost_anew=bool(now[1] & w.REPORT_LOST_ANEW))
-                if now is not None and self.on_report is not None:
-                    self.on_report(group, min(rsent, self.witness.lease_sent), r.owner, r.epoch)
+                got = await self._report(group)
+                if got is not None and self.on_report is not None:
+                    self.on_report(group, min(got[0], self.witness.lease_sent), got[1].owner, got[1].epoch)
             async with self.lock:
                 sent = trio.current_time()
                 d = await ask(group, epoch)

@@ -199,11 +199,10 @@ class Array:
         self.e_lease_sent = -math.inf
         self.e_alive_rev = 0
         self.e_fresh = True
-        # The other array's key as this client saw it at its reads: [mod_revision, the read's
-        # sending (local), a time before its last move (None: not seen to move)]
-        # (``EtcdWitness._observe``); and the record as its last request left it, if it owns the
-        # group: (the record's revision, epoch, peer in sync) (``EtcdWitness._owned``).
-        self.e_moves: dict[str, list[float | int | None]] = {}
+        # The other array's key as this client saw it at its reads (``EtcdWitness._observe``,
+        # local times); and the record as its last request left it, if it owns the group: (the
+        # record's revision, epoch, peer in sync) (``EtcdWitness._owned``).
+        self.e_moves: dict[str, eb.Motion] = {}
         self.e_owned: tuple[int, int, bool] | None = None
         # Link sessions this process has seen, at its last report sent and at the last one the
         # witness answered (``Node._report_flags``: REPORT_LOST_ANEW).
@@ -259,7 +258,6 @@ class EtcdModel:
         self.leases: dict[int, list[float]] = {}  # id -> [expiry (W's clock), TTL]
         self.keys: dict[str, tuple[int, int]] = {}  # node -> (lease, mod_revision)
         self.rec_rev = 1  # the record's mod_revision
-        self.leader_changes: list[float] = []  # W's clock
 
     def gc(self, now: float) -> None:
         if not self.up:
@@ -285,7 +283,6 @@ class EtcdModel:
     def promote(self, now: float) -> None:
         for lv in self.leases.values():
             lv[0] = now + self.election + lv[1]
-        self.leader_changes.append(now)
 
     def __repr__(self) -> str:
         return (f"etcd({'up' if self.up else 'no quorum'}; keys {self.keys}; leases "
@@ -311,7 +308,6 @@ class EReq:
     lease_sent: float = 0.0  # local time the grant was asked
     tries: int = 0
     dec: d.Decision | None = None  # a report's decision, fed once the sign of life is done
-    owned: tuple[int, int, bool] | None = None  # the record as the decision left it, if owned
 
 
 # -- the simulator -----------------------------------------------------------------------------
@@ -1479,13 +1475,10 @@ class Sim:
         ``other``'s key at ``rev`` (0: gone); how long it has not moved, as x counts (now)."""
         m = x.e_moves.get(other)
         if m is None:
-            x.e_moves[other] = [rev, sent, None]
+            m = x.e_moves[other] = eb.Motion(rev, sent)
         else:
-            if rev != m[0] and rev:
-                m[2] = m[1]
-            m[0], m[1] = rev, sent
-        moved_after = x.e_moves[other][2]
-        return None if moved_after is None else x.clock.local(self.now) - float(moved_after)
+            m.see(rev, sent)
+        return m.quiet(x.clock.local(self.now))
 
     def _e_decision(self, x: Array, req: EReq) -> None:
         """The decision (``EtcdWitness._decide``): the record and the keys read, the rule applied,

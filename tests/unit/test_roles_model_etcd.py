@@ -23,7 +23,6 @@ the group while A, pre-elected, went on alone
 from __future__ import annotations
 
 import os
-import random
 from dataclasses import replace
 
 import pytest
@@ -88,11 +87,7 @@ def test_two_arrays_and_a_witness_in_etcd_keep_every_promise_in_random_schedules
 # -- schedules written out ----------------------------------------------------------------------
 
 def scenario(**changes: object) -> Sim:
-    rates = changes.pop("rates", None)
-    offsets = changes.pop("offsets", None)
-    seed = changes.pop("seed", 0)
-    assert isinstance(seed, int)
-    return Sim(replace(ETCD, **changes), random.Random(seed), rates=rates, offsets=offsets)  # type: ignore[arg-type]
+    return base.scenario(**{"witness_backend": "etcd", **changes})
 
 
 def witness_lost_first_then_link(sim: Sim, after: float) -> None:
