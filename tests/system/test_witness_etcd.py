@@ -42,12 +42,16 @@ def synced(lab, site):
     return g["role"] == "primary" and all(v["sync_status"] == "synced" for v in g["volumes"])
 
 
+def sees_key_move(lab, site, other):
+    """Wait until ``site`` has seen ``other``'s key in etcd move lately. It takes its word that it
+    lost ``other`` for in time only then (a pair just started may not have seen it move yet)."""
+    wait_for(lambda: (show(lab, site)["witness"]["peers_key_quiet_s"].get(other) or 99) < 1.0,
+             what=f"{site} sees {other}'s key in etcd move")
+
+
 def failover(lab, victim, survivor):
-    # The survivor takes its word that it lost the victim for in time only if it saw the
-    # victim's key in etcd move shortly before (a pair just started may not have yet).
     if show(lab, survivor)["witness"]["backend"] == "etcd":
-        wait_for(lambda: (show(lab, survivor)["witness"]["peers_key_quiet_s"].get(victim) or 99) < 1.0,
-                 what=f"{survivor} sees {victim}'s key in etcd move")
+        sees_key_move(lab, survivor, victim)
     t0 = time.monotonic()
     lab_kill(lab["dir"], victim)
     wait_for(lambda: role(lab, survivor) == "primary", timeout=30, what=f"{survivor} takes over")
@@ -123,6 +127,9 @@ def test_showrcopy_witness_shows_each_etcd_member_and_a_killed_one_as_unreachabl
 
 def test_without_an_etcd_quorum_nothing_fails_over(elab):
     wait_for(lambda: (lab_etcd.group_record(elab) or {}).get("secondary_in_sync"), what="the witness knows B in sync")
+    # B saw A's key moving before the quorum went (else it would count its word late anyway and
+    # the quiet time asserted below would be None: not seen to move since B started).
+    sees_key_move(elab, "B", "A")
     lab_etcd.fail_quorum(elab["dir"])
     wait_for(lambda: not show(elab, "B")["witness"]["reachable"], what="the witness unreachable")
     lab_kill(elab["dir"], "A")
