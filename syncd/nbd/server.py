@@ -102,6 +102,28 @@ class _Closed(Exception):
     pass
 
 
+class _Room:
+    """Readers waiting for what is held to drop. ``waiting`` counts them as a plain attribute:
+    every completed request asks whether anyone waits, and a ``ParkingLot``'s truth value is a
+    method call."""
+
+    __slots__ = ("_lot", "waiting")
+
+    def __init__(self) -> None:
+        self._lot = trio.lowlevel.ParkingLot()
+        self.waiting = 0
+
+    async def park(self) -> None:
+        self.waiting += 1
+        try:
+            await self._lot.park()
+        finally:
+            self.waiting -= 1
+
+    def unpark_all(self) -> None:
+        self._lot.unpark_all()
+
+
 class NBDConnection:
     def __init__(self, server: "NBDServer", sock, identity: ClientIdentity):
         self.server = server
@@ -116,7 +138,7 @@ class NBDConnection:
         self.closed = False  # ended: what it held was given back to the server at once
         self.inflight = 0
         self.held = 0  # bytes of requests being run and replies not yet sent (see the module doc)
-        self.room = trio.lowlevel.ParkingLot()  # the reader, waiting for held to drop
+        self.room = _Room()  # the reader, waiting for held to drop
         self.idle = trio.Event()
         self.flushed: trio.Event | None = None  # set by the sender once every queued reply is sent
         # Replies sent inline at the end of a batch (netio.batch_end): queued for it; bytes the
@@ -127,6 +149,7 @@ class NBDConnection:
         self.rest_held = 0
         self.sending = False
         self.pacer = netio.Pacer()
+        self.probe = netio.Probe(sock)  # the requests' receives (_recv) ask before they receive
         self.scope = trio.CancelScope()  # cancelled to disconnect this client (unexported)
         self.tls: ssl.SSLObject | None = None
         self._tls_in = self._tls_out = None
@@ -192,7 +215,8 @@ class NBDConnection:
 
     async def _recv(self) -> None:
         # In the clear straight from the socket: one coroutine less per request than _read.
-        data = await (netio.recv(self.sock, 1 << 16, self.pacer) if self.tls is None else self._read(1 << 16))
+        data = await (netio.recv(self.sock, 1 << 16, self.pacer, self.probe) if self.tls is None
+                      else self._read(1 << 16))
         if not data:
             raise _Closed()
         self.conn.receive_data(data)
@@ -269,9 +293,9 @@ class NBDConnection:
         self.held -= n
         srv = self.server
         srv.held -= n
-        if self.room and self.held < srv.max_inflight_per_connection:
+        if self.room.waiting and self.held < srv.max_inflight_per_connection:
             self.room.unpark_all()
-        if srv.room and srv.held < srv.max_inflight:
+        if srv.room.waiting and srv.held < srv.max_inflight:
             srv.room.unpark_all()
 
     async def _wait_for_room(self) -> None:
@@ -763,7 +787,7 @@ class NBDServer:
         self.max_inflight = limits.max_inflight
         self.max_inflight_per_connection = limits.max_inflight_per_connection
         self.held = 0  # bytes all connections hold (the sum of their ``held``)
-        self.room = trio.lowlevel.ParkingLot()  # readers waiting for held to drop
+        self.room = _Room()  # readers waiting for held to drop
         self.overshoot: NBDConnection | None = None  # may receive its write's payload beyond max_inflight
         self.receiving = 0  # of ``held``: payloads still arriving (with their requests' overhead)
         self.connections = 0
@@ -966,7 +990,7 @@ class NBDServer:
             c.closed = True
             self.held -= c.held
             c.held = 0
-            if self.room and self.held < self.max_inflight:
+            if self.room.waiting and self.held < self.max_inflight:
                 self.room.unpark_all()
 
     async def _session(self, c: NBDConnection) -> None:

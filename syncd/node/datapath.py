@@ -514,7 +514,8 @@ class DataPath:
         g = self.g
         self._forward_done()
         reply = pend.reply
-        if reply is not None and reply.status == Status.OK:
+        st = None if reply is None else reply.status
+        if st == Status.OK:
             m.vol.io_stats.forward.observe(monotonic() - t0)
         if reply is None:
             # Given up (timeout, or the link went): tell the primary, which then neither applies
@@ -523,7 +524,7 @@ class DataPath:
         if reply is None and not g.failover_possible():
             done(errno.ESHUTDOWN, f"write not acknowledged by the primary: {pend.error}")
             return
-        if reply is None or reply.status in NOT_OWNER:
+        if st is None or st in NOT_OWNER:
             # The primary is handing the group over or is gone: the write is redone here if
             # this array gets the group (the old primary is then resynced from this one).
 
@@ -540,11 +541,11 @@ class DataPath:
 
             g.node.spawn(redo)
             return
-        if reply.status == Status.BUSY:
+        if st == Status.BUSY:
             done(errno.EAGAIN, "the primary could not order the write in time; not applied: retry")
             return
-        if reply.status != Status.OK:
-            done(errno.EIO, f"primary refused the write ({reply.status})")
+        if st != Status.OK:
+            done(errno.EIO, f"primary refused the write ({st})")
             return
         status = 0
         try:

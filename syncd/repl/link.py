@@ -577,6 +577,7 @@ class Link:
         data_ops: collections.deque[Frame] = collections.deque()
         queued = 0  # payload bytes in data_ops
         pacer = netio.Pacer()
+        probe = netio.Probe(sock)
         while True:
             got = 0
             budget = BULK_BATCH
@@ -588,7 +589,7 @@ class Link:
                     # The rest of a large record goes straight into its own buffer (one copy).
                     into = chan.recv_space()
                     target = view if into is None else into
-                    n = netio.recv_into_nowait(sock, target)
+                    n = None if probe.empty() else netio.recv_into_nowait(sock, target)
                     if n is None:  # nothing more has arrived
                         if got or data_ops:
                             break
@@ -597,6 +598,7 @@ class Link:
                             await trio.lowlevel.wait_readable(sock)
                         finally:
                             was = netio.batch_begin()
+                        probe.drained = False  # something came: receive without asking
                         pacer.reset()
                         continue
                     if not n:
@@ -612,7 +614,8 @@ class Link:
                             queued += len(f.payload)
                         else:
                             self._dispatch(p, f)
-                    if n < len(target):  # the socket is very likely drained: spare a recv
+                    probe.drained = n < len(target)
+                    if probe.drained:  # very likely: spare a recv (the next round asks first)
                         break
                 if got:
                     p.rx_bytes += got

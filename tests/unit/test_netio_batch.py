@@ -6,6 +6,7 @@ import socket
 import ssl
 
 import pytest
+import trio
 
 from syncd import netio
 
@@ -161,3 +162,72 @@ def test_pacer_asks_for_a_yield_after_every_run_of_operations_that_did_not_block
     assert [pacer.due(False) for _ in range(2)] == [False, False]
     assert not pacer.due(True)  # blocked: it yielded anyway, the count starts again
     assert [pacer.due(False) for _ in range(4)] == [False, False, False, True]
+
+
+def test_a_probe_asks_only_after_a_receive_that_drained_the_socket_and_sees_data_and_close():
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    try:
+        probe = netio.Probe(a)
+        assert not probe.empty()  # nothing received yet: receive (and meet EAGAIN) as before
+        b.send(b"x" * 10)
+        assert a.recv(100) == b"x" * 10
+        probe.drained = True  # less than asked for: very likely drained
+        assert probe.empty()
+        b.send(b"y")
+        assert not probe.empty()  # something came: receive it
+        assert a.recv(100) == b"y"
+        assert probe.empty()
+        b.close()
+        assert not probe.empty()  # the peer's close is news too: the receive returns b""
+        assert a.recv(100) == b""
+    finally:
+        a.close()
+        if b.fileno() >= 0:
+            b.close()
+
+
+def test_recv_with_a_probe_waits_without_a_failing_receive_and_marks_what_it_drained(monkeypatch):
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    calls = []
+    real = socket.socket.recv
+
+    class Counting(socket.socket):
+        def recv(self, n, *args):
+            try:
+                data = real(self, n, *args)
+            except BlockingIOError:
+                calls.append("EAGAIN")
+                raise
+            calls.append(len(data))
+            return data
+
+    s = Counting(fileno=a.detach())
+    s.setblocking(False)
+    probe = netio.Probe(s)
+    got = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            async def later() -> None:
+                await trio.sleep(0.05)
+                b.send(b"second")
+
+            b.send(b"first")
+            got.append(await netio.recv(s, 100, probe=probe))
+            assert probe.drained
+            n.start_soon(later)
+            got.append(await netio.recv(s, 100, probe=probe))  # waits: no failing receive
+            b.send(b"z" * 300)
+            got.append(await netio.recv(s, 100, probe=probe))  # a full buffer: not drained
+            assert not probe.drained
+            got.append(await netio.recv(s, 100, probe=probe))
+
+    try:
+        trio.run(main)
+    finally:
+        s.close()
+        b.close()
+    assert got == [b"first", b"second", b"z" * 100, b"z" * 100]
+    assert calls == [5, 6, 100, 100]  # no receive raised EAGAIN: the probe asked instead
