@@ -181,6 +181,7 @@ class ConnectionRunner:
         self.flush_queued = False  # netio.Outbox: queued for the flush at the end of a batch
         self.writing = False  # the writer task is sending: inline flushes leave it to it
         self.pacer = netio.Pacer()
+        self.probe = netio.Probe(sock)  # a receive that drained the socket: ask before the next
         self.tsih = target._next_tsih()
         self.conn = c.Connection(target.portal, self.tsih, target.addresses, others=target.others)
         # Responses in StatSN order, each with the budget bytes to give back once it is sent.
@@ -295,7 +296,7 @@ class ConnectionRunner:
             while self.queued > OUT_LIMIT:  # an initiator that does not read its answers
                 self.drained = trio.Event()
                 await self.drained.wait()
-            data = await netio.recv(self.sock, 1 << 18, self.pacer)
+            data = await netio.recv(self.sock, 1 << 18, self.pacer, self.probe)
             if not data:
                 return
             # What one recv brought is a batch: the answers it produces leave in one send when
