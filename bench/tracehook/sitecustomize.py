@@ -118,8 +118,8 @@ def _install(out_dir: str) -> None:
                 mark(SENT, p)
             return r
 
-        async def traced_recv(sock, n, pacer=None):
-            data = await recv(sock, n, pacer)
+        async def traced_recv(sock, n, pacer=None, probe=None):
+            data = await recv(sock, n, pacer, probe)
             mark(RX, port_of(sock))
             return data
 

@@ -182,7 +182,7 @@ def test_the_hook_records_a_real_processs_sends_receives_and_writes(tmp_path: Pa
             netio.send_available(b, [b"mark"])  # (a Unix send: the end of this part)
             # The loop sleeps in epoll until another thread's send wakes it.
             threading.Thread(target=lambda: (time.sleep(0.05), s.send(b"late"))).start()
-            assert await netio.recv(c, 100, pacer=netio.Pacer()) == b"late"
+            assert await netio.recv(c, 100, netio.Pacer(), netio.Probe(c)) == b"late"  # as the NBD server
             await netio.sendmsg_all(c, [b"hello"], pacer=netio.Pacer())
         trio.run(main)
         assert s.recv(100) == b"hello"
