@@ -408,7 +408,7 @@ def parse_metrics(raw: dict, where: str = "metrics") -> MetricsConfig | None:
     return MetricsConfig(listen, allow_remote, mc, rt, mh)
 
 
-BUSY_POLL_US = 200  # [node] busy_poll_us: the default
+BUSY_POLL_US = 500  # [node] busy_poll_us: the default (200 before 2026-12-07)
 # [node] boot_id_file: names this boot of the machine. A different one at start than when the
 # daemon last started means the machine restarted since (power cut, kernel crash): the page cache
 # and the disks' caches went with it. The same one after an unclean stop: only the daemon died.

@@ -62,12 +62,12 @@ def test_under_callgrind_a_node_never_polls(monkeypatch: pytest.MonkeyPatch) -> 
     assert spec is not None and spec.loader is not None
     hook = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hook)  # this process has no SYNCD_CALLGRIND: importing does nothing
-    assert syncd.config.BUSY_POLL_US == 200
+    assert syncd.config.BUSY_POLL_US == 500
     execs: list[object] = []
     monkeypatch.setattr(os, "execvp", lambda *a: execs.append(a))
-    monkeypatch.setattr(syncd.config, "BUSY_POLL_US", 200)
+    monkeypatch.setattr(syncd.config, "BUSY_POLL_US", 500)
     env = {"SYNCD_CALLGRIND": "/x", "SYNCD_CALLGRIND_ACTIVE": "1"}
     hook._main(["py", "-m", "syncd", "witness"], env)
-    assert syncd.config.BUSY_POLL_US == 200
+    assert syncd.config.BUSY_POLL_US == 500
     hook._main(["py", "-m", "syncd", "node", "--config", "c.toml"], env)
     assert syncd.config.BUSY_POLL_US == 0 and execs == []  # the default the node's config takes

@@ -289,7 +289,7 @@ NODE = {"node": {"name": "A", "data_dir": "/tmp/x"}, "nbd": {"listen": ["127.0.0
 
 
 def test_busy_poll_config():
-    assert parse_node_config(NODE).busy_poll_us == 200
+    assert parse_node_config(NODE).busy_poll_us == 500
     assert parse_node_config({**NODE, "node": {**NODE["node"], "busy_poll_us": 0}}).busy_poll_us == 0
     for bad, says in ((-1, "between 0"), (10_001, "between 0"), ("200", "expected int"), (True, "expected int")):
         with pytest.raises(ConfigError, match=f"node.busy_poll_us: .*{says}"):
