@@ -53,11 +53,10 @@ class Probe:
     """Whether a socket has anything to read, asked without a receive that fails.
 
     A loop that reads what has arrived and then waits used to find the socket empty by a
-    receive raising ``BlockingIOError``: about 7,000 instructions for the exception, on every
-    wake-up (bench/README.md, round 19), more than the receive itself. A receive that brought
-    less than it asked for very likely drained the socket (``drained``); the next one first asks
-    ``poll`` with no timeout (a fraction of the exception's cost) and, when nothing is there,
-    waits for input at once. A receive that filled its buffer, or a socket that says it has
+    receive raising ``BlockingIOError``, on every wake-up: about 8,400 instructions, most of them
+    the exception (bench/README.md, round 20). A receive that brought less than it asked for very
+    likely drained the socket (``drained``); the next one first asks ``poll`` with no timeout
+    (about 1,800 instructions) and, when nothing is there, waits for input at once. A receive that filled its buffer, or a socket that says it has
     something (data, the peer's close, an error: ``poll`` reports those whatever it is asked),
     is received from as before."""
 
