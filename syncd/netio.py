@@ -56,9 +56,9 @@ class Probe:
     receive raising ``BlockingIOError``, on every wake-up: about 8,400 instructions, most of them
     the exception (bench/README.md, round 20). A receive that brought less than it asked for very
     likely drained the socket (``drained``); the next one first asks ``poll`` with no timeout
-    (about 1,800 instructions) and, when nothing is there, waits for input at once. A receive that filled its buffer, or a socket that says it has
-    something (data, the peer's close, an error: ``poll`` reports those whatever it is asked),
-    is received from as before."""
+    (about 1,800 instructions) and, when nothing is there, waits for input at once. A receive
+    that filled its buffer, or a socket that says it has something (data, the peer's close, an
+    error: ``poll`` reports those whatever it is asked), is received from as before."""
 
     __slots__ = ("_poll", "drained")
 
