@@ -229,7 +229,9 @@ async def test_the_witness_decisions_on_a_real_cluster_with_its_leader_killed_du
 
     d, info = cluster
     t = Timing(owner_lease=3.0, drift=0.05, margin=0.5, grace=4.5)
-    ca, cb = client(info, timeout=3.0), client(info, timeout=3.0)
+    # The race below spans etcd electing a new leader: on a slow 2-vCPU VM that took over 3 s
+    # (CI at fc79480: "leader changed", then no answer), so the clients wait longer than that.
+    ca, cb = client(info, timeout=8.0), client(info, timeout=8.0)
     try:
         wa, wb = EtcdWitness(ca, b"/syncd/pair1", "A", t), EtcdWitness(cb, b"/syncd/pair1", "B", t)
         await wa.register("rcg1", ("A", "B"), "A", 1)
