@@ -47,6 +47,7 @@ from syncd.lab.rig import (
     link_timings,
     node_toml,
     record_knows_in_sync,
+    saw_key_move,
     with_link_key,
     witness_record,
 )
@@ -278,6 +279,8 @@ class Matrix:
         wait_synced(a, "rcg1", 60, None)
         self.wait(lambda: all(self.group(s)["serving"] and self.witness_ok(s) for s in ("A", "B")), 20, "both serving")
         self.wait(self.witness_knows_in_sync, 20, "the witness to hear from A that B is in sync")
+        if self.etcd is not None:  # B takes over in time only once it has seen A's key move
+            self.wait(lambda: saw_key_move(self.admin("B"), "A"), 20, "B to see A's key in etcd move")
 
     # -- hosts ---------------------------------------------------------------------------------
     def shim_config(self, site: str) -> Path:
