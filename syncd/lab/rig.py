@@ -717,34 +717,36 @@ def record_knows_in_sync(rec: dict | None, primary: str, epoch: int) -> bool:
             and bool(rec.get("secondary_in_sync")))
 
 
-def saw_key_move(admin_socket: str, other: str) -> bool:
+def saw_key_move(admin_socket: str, other: str, within: float | None = None) -> bool:
     """With the witness in etcd: the array at ``admin_socket`` has seen ``other``'s key in etcd
-    move since it started. Until it has, its word that it lost ``other`` would come late, so it
-    does not take over from ``other`` (an array just started waits one lease's time first)."""
+    move since it started (and, with ``within``, less than that many seconds ago). Until it has,
+    its word that it lost ``other`` would come late, so it does not take over from ``other`` (an
+    array just started waits one lease's time first)."""
     try:
         w = call(admin_socket, "showrcopy", timeout=5).get("witness") or {}
     except (CtlError, OSError, ValueError):
         return False
-    return (w.get("peers_key_quiet_s") or {}).get(other) is not None
+    quiet = (w.get("peers_key_quiet_s") or {}).get(other)
+    return quiet is not None and (within is None or quiet < within)
 
 
 def witness_knows_in_sync(lab: dict) -> bool:
     """The witness (if the lab has one) has heard from the primary, at its epoch, that its peer
     is in sync: only then may it give the group to the peer when the primary fails. With the
     witness in etcd, the peer must also have seen the primary's key move (``saw_key_move``)."""
-    prim = [(s, g) for s, g in group_states(lab).items() if g["role"] == "primary"]
     if lab.get("etcd"):
         from . import etcd as lab_etcd
 
         rec = lab_etcd.group_record(lab)
-        if len(prim) == 1 and not all(saw_key_move(n["admin_socket"], prim[0][0])
-                                      for s, n in lab["nodes"].items() if s != prim[0][0]):
-            return False
     elif not lab.get("witness"):
         return True
     else:
         rec = witness_record(Path(lab["dir"]) / "W" / "state", lab["group"])
-    return len(prim) == 1 and record_knows_in_sync(rec, prim[0][0], prim[0][1]["epoch"])
+    prim = [(s, g) for s, g in group_states(lab).items() if g["role"] == "primary"]
+    if len(prim) != 1 or not record_knows_in_sync(rec, prim[0][0], prim[0][1]["epoch"]):
+        return False
+    return not lab.get("etcd") or all(saw_key_move(n["admin_socket"], prim[0][0])
+                                      for s, n in lab["nodes"].items() if s != prim[0][0])
 
 
 def wait_in_sync(lab: dict, timeout: float) -> None:

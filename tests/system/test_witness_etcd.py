@@ -12,7 +12,7 @@ import time
 import pytest
 
 from syncd.lab import etcd as lab_etcd
-from syncd.lab.rig import lab_down, lab_kill, lab_start, lab_up
+from syncd.lab.rig import lab_down, lab_kill, lab_start, lab_up, saw_key_move
 
 from .rig import FAST_LINK, WITNESS, assert_replicas_identical, require_tool, show, syncctl, wait_for
 
@@ -45,7 +45,7 @@ def synced(lab, site):
 def sees_key_move(lab, site, other):
     """Wait until ``site`` has seen ``other``'s key in etcd move lately. It takes its word that it
     lost ``other`` for in time only then (a pair just started may not have seen it move yet)."""
-    wait_for(lambda: (show(lab, site)["witness"]["peers_key_quiet_s"].get(other) or 99) < 1.0,
+    wait_for(lambda: saw_key_move(lab["nodes"][site]["admin_socket"], other, within=1.0),
              what=f"{site} sees {other}'s key in etcd move")
 
 
