@@ -19,6 +19,14 @@ With --syscalls, perf stat counts each node's sendmsg, recvfrom and epoll_wait c
 each run (kernel tracepoints, a count per call), given per request: how many sends and wake-ups
 a request costs each node, which a batching change should move.
 
+With --sched, ``perf sched record`` follows every CPU for SCHED_SECONDS in the middle of each run
+and gives where the kernel ran fio's job: for each time fio ran, the task it took the CPU from
+(the node fio talks to, the other node, an idle CPU, anything else), with the share of fio's runs
+and the mean time from one run of fio to the next (a request's cycle at QD1) in each case. fio,
+both nodes and nothing else share this machine's CPUs, where a host and its array would not:
+this says what that sharing costs a site. The recording itself slows every process: compare its
+cycles with each other, not with runs without it.
+
 With --callgrind, both nodes run under valgrind's callgrind (bench/cghook/sitecustomize.py, put
 on their PYTHONPATH; no change to syncd's code), counting only while fio runs: the user-space
 instructions each node executed per request (instr_per_io_A/B), less what it executes idle
@@ -40,6 +48,7 @@ Usage: .venv/bin/python bench/cpu_per_io.py [--runtime 10] [--repeat 3] [--bs 4k
        .venv/bin/python bench/cpu_per_io.py --repeat 1 --qd 1 --profile /tmp/prof [--link-security insecure]
        .venv/bin/python bench/cpu_per_io.py --repeat 1 --qd 1 --runtime 5 --timeline
        .venv/bin/python bench/cpu_per_io.py --repeat 3 --qd 1 --syscalls    # needs perf
+       .venv/bin/python bench/cpu_per_io.py --repeat 3 --qd 1 --sched    # needs perf, root
        .venv/bin/python bench/cpu_per_io.py --repeat 1 --qd 1 --runtime 20 --callgrind    # needs valgrind
        .venv/bin/python bench/cpu_per_io.py --repeat 1 --rw randread --qd 16 --conns 4 --syscalls
 Runs against whatever syncd the interpreter imports (an older checkout: run it from there).
@@ -105,6 +114,31 @@ def syscall_counts(proc: subprocess.Popen) -> dict[str, int]:
     if set(out) != set(SYSCALLS):
         raise SystemExit(f"perf stat counted {sorted(out)}, not {list(SYSCALLS)}: {err.strip()[-300:]}")
     return out
+
+
+SCHED_SECONDS = 2.0
+
+
+def start_sched(path: Path, after: float) -> subprocess.Popen:
+    """``perf sched record`` of every CPU for SCHED_SECONDS, ``after`` seconds from now."""
+    perf = shutil.which("perf")
+    if perf is None:
+        raise SystemExit("--sched needs perf (Debian: linux-perf)")
+    return subprocess.Popen(["sh", "-c", f'sleep {after}; exec "$0" sched record -a -o "$1" -- sleep {SCHED_SECONDS}',
+                             perf, str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def placement(proc: subprocess.Popen, path: Path, serving: int, other: int) -> dict:
+    """Wait for ``start_sched``'s recording and read it (benchkit.fio_placement)."""
+    _, err = proc.communicate()
+    if proc.returncode:
+        raise SystemExit(f"perf sched record failed: {err.strip()[-300:]}")
+    hist = subprocess.run(["perf", "sched", "timehist", "-i", str(path)], capture_output=True, text=True)
+    path.unlink(missing_ok=True)
+    found = benchkit.fio_placement(hist.stdout, serving, other)
+    if not found:
+        raise SystemExit(f"perf sched saw no fio run in {SCHED_SECONDS:g} s: {hist.stderr.strip()[-300:]}")
+    return found
 
 
 def callgrind_window(pids: list[int], cg_dir: Path, action):
@@ -220,6 +254,8 @@ def main() -> int:
                     help="the link's security mode (default key, the lab's)")
     ap.add_argument("--syscalls", action="store_true",
                     help="count each node's sendmsg, recvfrom and epoll_wait calls per request (perf stat)")
+    ap.add_argument("--sched", action="store_true",
+                    help="where the kernel ran fio: whose CPU it took, and a request's cycle in each case (perf sched)")
     ap.add_argument("--callgrind", action="store_true",
                     help="count each node's instructions per request under valgrind (slow; no IOPS)")
     ap.add_argument("--timeline", action="store_true",
@@ -231,8 +267,10 @@ def main() -> int:
         ap.error(f"--conns must divide --qd ({a.qd}) into whole queue depths, not {a.conns}")
     if a.timeline and a.qd != 1:
         ap.error(f"--timeline needs --qd 1 (one request at a time is what it follows), not {a.qd}")
-    if a.callgrind and (a.timeline or a.profile):
-        ap.error("--callgrind runs the nodes under valgrind: not with --timeline or --profile")
+    if a.callgrind and (a.timeline or a.profile or a.sched):
+        ap.error("--callgrind runs the nodes under valgrind: not with --timeline, --profile or --sched")
+    if a.sched and a.runtime <= SCHED_SECONDS:
+        ap.error(f"--sched records {SCHED_SECONDS:g} s in the middle of each run: --runtime must be longer")
     if a.callgrind and not shutil.which("callgrind_control"):
         raise SystemExit("--callgrind needs valgrind (Debian: valgrind)")
     d = Path(a.dir or tempfile.mkdtemp(prefix="syncd-cpu-"))
@@ -285,6 +323,8 @@ def main() -> int:
                 uri = lab["nodes"][site]["volumes"]["vv1"]["uri"]
                 spies = start_profiles(a.profile, site, pids, a.runtime + 2) if a.profile else []
                 counters = start_syscall_counts(pids) if a.syscalls else []
+                sched_file = d / f"sched-{site}.data"
+                sched = start_sched(sched_file, max(0.0, (a.runtime - SCHED_SECONDS) / 2)) if a.sched else None
                 c0 = [cpu_seconds(p) for p in pids]
                 w0 = time.monotonic_ns()
                 fio = ["fio", "--name=cpu", "--ioengine=nbd", f"--uri={uri}", f"--rw={a.rw}", f"--bs={a.bs}",
@@ -326,6 +366,9 @@ def main() -> int:
                 for node, proc in zip("AB", counters, strict=False):  # (none without --syscalls)
                     for call, n in syscall_counts(proc).items():  # over fio's run, its start-up included
                         runs[site][-1][f"{call}_per_io_{node}"] = round(n / ios, 2)
+                if sched is not None:
+                    here, there = (pids[0], pids[1]) if site == "A" else (pids[1], pids[0])
+                    runs[site][-1]["placement"] = placement(sched, sched_file, here, there)
                 print(f"fio at {site}: {runs[site][-1]}", flush=True)
     finally:
         lab_down(str(d / "lab"))  # the nodes write their recordings as they exit

@@ -283,3 +283,43 @@ def test_targets_take_turns_and_each_is_stopped_and_checked_however_the_run_ends
     else:
         raise AssertionError("the interrupt was swallowed")
     assert sorted(stopped) == ["nbdkit", "syncd-repl-A"] and checks["a"] == {"replicas_identical": True}
+
+
+def _timehist(runs: list[tuple[float, int, str, float, float]]) -> str:
+    """``perf sched timehist`` text from (start s, cpu, task, scheduling delay ms, run ms)."""
+    head = ["           time    cpu  task name                       wait time  sch delay   run time",
+            "                        [tid/pid]                          (msec)     (msec)     (msec)",
+            "--------------- ------  ------------------------------  ---------  ---------  ---------"]
+    return "\n".join(head + [f"{start + run / 1e3:15.6f} [{cpu:04d}]  {task:<30s}  {0:9.3f}  {delay:9.3f}  {run:9.3f} "
+                             for start, cpu, task, delay, run in runs]) + "\n"
+
+
+def test_fio_placement_names_whose_cpu_fio_took_and_the_cycle_in_each_case() -> None:
+    serving, other = 20, 10
+    text = _timehist([
+        (0.999900, 0, "python[20]", 0.0, 0.100),
+        (1.000000, 0, "fio[30]", 0.010, 0.018),          # the first run: no cycle before it
+        (1.000040, 1, "python[10]", 0.0, 0.100),
+        (1.000150, 1, "fio[30]", 0.006, 0.018),          # after the other node: 150 µs
+        (1.000200, 0, "python[21/20]", 0.0, 0.100),       # a thread of the serving node
+        (1.000310, 0, "fio[30]", 0.020, 0.018),          # after the serving node: 160 µs
+        (1.000350, 1, "<idle>", 0.0, 0.100),
+        (1.000460, 1, "fio[30]", 0.004, 0.018),          # on an idle CPU: 150 µs
+        (1.000500, 0, "fio[29]", 0.0, 0.005),            # fio's main thread: not the job's
+        (1.002300, 0, "kworker/0:1H-kb[47]", 0.0, 0.100),
+        (1.002500, 0, "fio[30]", 0.050, 0.018),          # 2 ms after the last: not a cycle
+        (1.002550, 1, "python[10]", 0.0, 0.080),
+        (1.002640, 1, "fio[30]", 0.008, 0.018),          # after the other node: 140 µs
+    ])
+    got = benchkit.fio_placement(text, serving, other)
+    assert got == {
+        "other node": {"share": 0.5, "cycle_us": approx(145.0), "sched_delay_us": approx(7.0)},
+        "serving node": {"share": 0.25, "cycle_us": approx(160.0), "sched_delay_us": approx(20.0)},
+        "idle": {"share": 0.25, "cycle_us": approx(150.0), "sched_delay_us": approx(4.0)},
+    }
+    assert list(got) == ["other node", "serving node", "idle"]  # most frequent first
+    # The sites swapped: the same runs, the nodes' roles the other way round.
+    swapped = benchkit.fio_placement(text, other, serving)
+    assert swapped["serving node"]["share"] == 0.5 and swapped["other node"]["share"] == 0.25
+    assert benchkit.fio_placement(_timehist([(1.0, 0, "python[20]", 0.0, 0.1)]), serving, other) == {}
+    assert benchkit.fio_placement("garbage\n[0001] fio[3] x y z\n", serving, other) == {}
