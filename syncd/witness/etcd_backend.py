@@ -3,9 +3,12 @@ arrays themselves, against records in etcd changed only by compare-and-set trans
 
 Layout under a per-pair prefix P (bytes):
 
-* ``P/groups/NAME``: the group's record (JSON): members, owner, epoch, whether the owner last
-  said its peer is in sync, whether failover is disabled, the last decision, and per member
-  what the witness needs to remember of its reports (``watch``);
+* ``P/groups/NAME``: the group's record (JSON): its format (``RECORD_FORMAT``), members, owner,
+  epoch, whether the owner last said its peer is in sync, whether failover is disabled, the last
+  decision, and per member what the witness needs to remember of its reports (``watch``). A
+  record of a newer format is refused and left as it is (``NewerRecord``): a node rewriting it
+  would drop what it does not know. A record without a format is of format 1 (syncd before the
+  field); fields a node may drop when it rewrites the record can come without a new format;
 * ``P/alive/NODE``: a key on one of NODE's etcd leases, NODE's sign of life. Once a round of
   reports is recorded an array takes a new lease (at most one per ``renew_every`` seconds) and
   moves its key onto it (``renew``), by a transaction that requires the key to be as this array
@@ -74,8 +77,18 @@ class Kv(Protocol):
     async def lease_grant(self, ttl: int) -> tuple[int, int]: ...
 
 
+# The format of the group records this node reads and writes. A later syncd whose records an
+# older node must not rewrite (it would drop what it does not know) raises it; an older node
+# then refuses them (NewerRecord) and leaves them as they are, as with metadata on disk.
+RECORD_FORMAT = 1
+
+
 class BadRecord(ValueError):
     """A record in etcd that is not one syncd wrote; names the problem."""
+
+
+class NewerRecord(BadRecord):
+    """A record of a format newer than this node's ``RECORD_FORMAT``: written by a newer syncd."""
 
 
 @dataclass
@@ -99,7 +112,8 @@ class Record(GroupRecord):
     watch: dict[str, Watch] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
-        return json.dumps({"members": list(self.members), "owner": self.owner, "epoch": self.epoch,
+        return json.dumps({"format": RECORD_FORMAT, "members": list(self.members), "owner": self.owner,
+                           "epoch": self.epoch,
                            "secondary_in_sync": self.secondary_in_sync,
                            "failover_disabled": self.failover_disabled, "last_decision": self.last_decision,
                            "watch": {n: w.to_json() for n, w in sorted(self.watch.items())}},
@@ -113,6 +127,12 @@ class Record(GroupRecord):
             raise BadRecord("not JSON") from None
         if not isinstance(d, dict):
             raise BadRecord("not a JSON object")
+        fmt = d.get("format", 1)
+        if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
+            raise BadRecord(f"format: {fmt!r:.40} is not a positive integer")
+        if fmt > RECORD_FORMAT:
+            raise NewerRecord(f"it is of format {fmt}, written by a newer syncd; this node reads format "
+                              f"{RECORD_FORMAT} and leaves it as it is: upgrade this node")
         members, owner, epoch = d.get("members"), d.get("owner"), d.get("epoch")
         if not (isinstance(members, list) and len(members) == 2 and all(isinstance(m, str) and m for m in members)
                 and members[0] != members[1]):
@@ -401,6 +421,8 @@ class EtcdWitness:
             kv = res.ranges[0][0]
             try:
                 rec = Record.from_json(kv.value, group)
+            except NewerRecord as e:
+                raise WitnessError(f"group {group}: the record in etcd: {e}") from None
             except BadRecord as e:
                 raise WitnessError(f"group {group}: the record in etcd is not syncd's: {e}") from None
             found = {x.key: x.mod_revision for x in res.ranges[1]}

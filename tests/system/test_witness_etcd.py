@@ -150,6 +150,47 @@ def test_without_an_etcd_quorum_nothing_fails_over(elab):
     assert_replicas_identical(elab, "vv1")
 
 
+def test_a_record_of_a_newer_format_is_refused_by_name_and_left_as_it_is(elab):
+    """A later syncd's group record in etcd (a format this node does not read): both arrays
+    refuse to decide on it, say so in showrcopy, and never rewrite it; put back as it was, the
+    witness answers again and nothing else changed."""
+    import base64
+
+    wait_for(lambda: (lab_etcd.group_record(elab) or {}).get("secondary_in_sync"), what="the witness knows B in sync")
+    key = f"{elab['etcd']['prefix']}/groups/{elab['group']}"
+    endpoint = elab["etcd"]["endpoints"][0]
+
+    def raw() -> tuple[bytes, int]:
+        ans = lab_etcd.post(endpoint, "/v3/kv/range", {"key": base64.b64encode(key.encode()).decode()})
+        kv = ans["kvs"][0]
+        return base64.b64decode(kv["value"]), int(kv["mod_revision"])
+
+    def put(value: bytes) -> None:
+        lab_etcd.post(endpoint, "/v3/kv/put", {"key": base64.b64encode(key.encode()).decode(),
+                                                 "value": base64.b64encode(value).decode()})
+
+    was, _ = raw()
+    record = json.loads(was)
+    assert record["format"] == 1, record
+    newer = json.dumps(dict(record, format=2, quorum_of_three=["A", "B", "C"])).encode()
+    put(newer)
+    _, rev = raw()
+    for site in ("A", "B"):
+        wait_for(lambda site=site: "written by a newer syncd" in (show(elab, site)["witness"]["last_error"] or ""),
+                 what=f"{site} names the newer record")
+    time.sleep(3.0)  # several rounds of reports: none of them writes the record
+    assert raw() == (newer, rev)
+    human = syncctl("--lab", elab["dir"], "--node", "A", "showrcopy", "witness")
+    assert "upgrade this node" in human.stdout, human.stdout
+    put(was)
+    for site in ("A", "B"):
+        wait_for(lambda site=site: show(elab, site)["witness"]["reachable"]
+                 and not show(elab, site)["witness"]["last_error"], what=f"{site} answered by the witness again")
+    assert role(elab, "A") == "primary" and role(elab, "B") == "secondary"
+    assert json.loads(raw()[0])["format"] == 1
+    assert_replicas_identical(elab, "vv1")
+
+
 def test_the_same_failover_with_the_built_in_witness_for_comparison(tmp_path):
     """The first round above with the built-in witness (same lab timings), so both failover
     times are printed by one run (they decide nothing: docs and the closing notes quote them)."""

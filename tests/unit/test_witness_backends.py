@@ -11,6 +11,7 @@ restarts (``test_witness_decide.py``); etcd's records and leases survive its mem
 from __future__ import annotations
 
 import contextlib
+import json
 
 import pytest
 import trio
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 
 from syncd.witness import decide
 from syncd.witness.decide import GroupRecord, Timing, WitnessError
-from syncd.witness.etcd_backend import BadRecord, EtcdWitness, NotRenewed, Record
+from syncd.witness.etcd_backend import RECORD_FORMAT, BadRecord, EtcdWitness, NewerRecord, NotRenewed, Record
 
 from .etcd_model import MemoryEtcd
 
@@ -308,6 +309,9 @@ def test_one_owner_per_epoch_and_epochs_only_grow(backend, evs):
     (b'{"members": ["A", "B"], "owner": "A", "epoch": 1, "secondary_in_sync": "yes"}', "true or false"),
     (b'{"members": ["A", "B"], "owner": "A", "epoch": 1, "watch": {"C": {}}}', "watch of 'C'"),
     (b'{"members": ["A", "B"], "owner": "A", "epoch": 1, "watch": {"B": {"lost": "soon"}}}', "watch of 'B'"),
+    (b'{"format": "1", "members": ["A", "B"], "owner": "A", "epoch": 1}', "format"),
+    (b'{"format": 0, "members": ["A", "B"], "owner": "A", "epoch": 1}', "format"),
+    (b'{"format": true, "members": ["A", "B"], "owner": "A", "epoch": 1}', "format"),
 ])
 def test_a_record_that_is_not_syncds_is_refused_by_name(raw, problem):
     with pytest.raises(BadRecord, match=problem):
@@ -325,6 +329,51 @@ async def test_a_tampered_record_stops_decisions_and_is_not_overwritten(autojump
         await b.claim("B", 1)
     [kv], _ = await b.store.range(key)
     assert b'"Z"' in kv.value
+
+
+async def test_a_record_of_a_newer_format_stops_decisions_and_is_left_as_it_is(autojump_clock):
+    """A later syncd's record (a format this node does not read): this node would drop what it
+    does not know if it rewrote it. It refuses every decision on it, saying to upgrade, and
+    writes nothing, not even when it registers the group."""
+    b = Etcd()
+    await b.start()
+    key = b"/syncd/pair1/groups/rcg1"
+    from syncd.witness.etcd import put
+
+    [kv], _ = await b.store.range(key)
+    newer = json.loads(kv.value)
+    newer.update(format=RECORD_FORMAT + 1, quorum_of_three=["A", "B", "C"])
+    raw = json.dumps(newer).encode()
+    await b.store.txn([], [put(key, raw)])
+    [before], _ = await b.store.range(key)
+    for ask in (b.claim("B", 1), b.keep("A", 1), b.report("A", 1, alive=True, insync=True),
+                b.handover("A", 1), b.resolve("B", 2)):
+        with pytest.raises(WitnessError, match=f"format {RECORD_FORMAT + 1}, written by a newer syncd.*upgrade"):
+            await ask
+    await b.w["A"].register("rcg1", ("A", "B"), "A", 1)
+    [after], _ = await b.store.range(key)
+    assert (after.value, after.mod_revision) == (raw, before.mod_revision)
+    with pytest.raises(NewerRecord):
+        Record.from_json(raw)
+
+
+async def test_a_record_without_a_format_is_read_as_format_1_and_gains_it_when_it_changes(autojump_clock):
+    """Records written by syncd before the format field (the same fields, no "format") still
+    work, and the first decision that changes one writes it with the format."""
+    b = Etcd()
+    await b.start()
+    key = b"/syncd/pair1/groups/rcg1"
+    from syncd.witness.etcd import put
+
+    [kv], _ = await b.store.range(key)
+    assert json.loads(kv.value)["format"] == RECORD_FORMAT
+    old = json.loads(kv.value)
+    del old["format"]
+    await b.store.txn([], [put(key, json.dumps(old).encode())])
+    assert (await b.state()) == ("A", 1, False, False)
+    await b.report("A", 1, alive=True, insync=True)  # the owner says its peer is in sync: a change
+    [kv], _ = await b.store.range(key)
+    assert json.loads(kv.value)["format"] == RECORD_FORMAT and (await b.state())[3] is True
 
 
 async def test_a_lost_race_reads_again_and_one_claim_or_keep_wins(autojump_clock):
