@@ -143,53 +143,6 @@ def machine_lines(m: dict) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # ratios
 
-# One line of ``perf sched timehist`` (a task's run ended): time, [cpu], task[tid] or
-# task[tid/pid] (or <idle>), wait time, scheduling delay, run time (ms).
-_TIMEHIST = re.compile(r"^\s*(\d+\.\d+)\s+\[(\d+)\]\s+(\S+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$")
-_TID = re.compile(r"\[(\d+)(?:/(\d+))?\]$")
-
-
-def fio_placement(timehist: str, serving: int, other: int) -> dict:
-    """Where the kernel ran fio, from ``perf sched timehist``'s output: for each run of fio's
-    busiest thread, whose run on that CPU ended last before it: "serving node" (process or
-    thread id ``serving``: the node fio talks to), "other node" (``other``), "idle" or "other".
-    Per case: the share of fio's runs, the mean time from a run's start to the next run's start
-    (under 1 ms apart: a request at a time) and the mean scheduling delay, in µs; most frequent
-    first. Empty when fio never ran."""
-    runs = []  # (start s, cpu, task, scheduling delay µs)
-    for line in timehist.splitlines():
-        m = _TIMEHIST.match(line)
-        if m is not None:
-            runs.append((float(m.group(1)) - float(m.group(6)) / 1e3, m.group(2), m.group(3), float(m.group(5)) * 1e3))
-    counts: dict[str, int] = {}
-    for _, _, task, _ in runs:
-        if task.startswith("fio["):
-            counts[task] = counts.get(task, 0) + 1
-    if not counts:
-        return {}
-    fio = max(counts, key=lambda t: counts[t])
-
-    def whose(task: str) -> str:
-        m = _TID.search(task)
-        ids = {int(x) for x in m.groups() if x} if m else set()
-        return ("serving node" if serving in ids else "other node" if other in ids else
-                "idle" if task == "<idle>" else "other")
-
-    before: dict[str, str] = {}  # per CPU, the task whose run there ended last
-    cases: dict[str, list[tuple[float, float]]] = {}
-    last = None
-    for start, cpu, task, delay in sorted(runs):
-        if task == fio:
-            if last is not None and start - last < 1e-3:
-                cases.setdefault(whose(before.get(cpu, "<idle>")), []).append(((start - last) * 1e6, delay))
-            last = start
-        before[cpu] = task
-    n = sum(len(v) for v in cases.values())
-    return {case: {"share": round(len(v) / n, 2), "cycle_us": round(statistics.fmean(c for c, _ in v), 1),
-                   "sched_delay_us": round(statistics.fmean(d for _, d in v), 1)}
-            for case, v in sorted(cases.items(), key=lambda kv: -len(kv[1]))}
-
-
 def metric_of(job: str) -> str:
     """The number a workload is judged by: MB/s for sequential jobs, IOPS otherwise."""
     return "mbps" if job.startswith("seq") else "iops"
@@ -498,3 +451,53 @@ def render_chart(doc: dict, path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# where the kernel ran fio (bench/cpu_per_io.py --sched)
+
+# One line of ``perf sched timehist`` (a task's run ended): time, [cpu], task[tid] or
+# task[tid/pid] (or <idle>; a task's name may hold spaces), wait time, scheduling delay, run time (ms).
+_TIMEHIST = re.compile(r"^\s*(\d+\.\d+)\s+\[(\d+)\]\s+(\S.*?)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$")
+_TID = re.compile(r"\[(\d+)(?:/(\d+))?\]$")
+
+
+def fio_placement(timehist: str, serving: int, other: int) -> dict:
+    """Where the kernel ran fio, from ``perf sched timehist``'s output: for each run of fio's
+    busiest thread, whose run on that CPU ended last before it: "serving node" (process or
+    thread id ``serving``: the node fio talks to), "other node" (``other``), "idle" or "other".
+    Per case: the share of fio's runs, the mean time from a run's start to the next run's start
+    (under 1 ms apart: a request at a time) and the mean scheduling delay, in µs; most frequent
+    first. Empty when fio never ran."""
+    runs = []  # (start s, cpu, task, scheduling delay µs)
+    for line in timehist.splitlines():
+        m = _TIMEHIST.match(line)
+        if m is not None:
+            runs.append((float(m.group(1)) - float(m.group(6)) / 1e3, m.group(2), m.group(3), float(m.group(5)) * 1e3))
+    counts: dict[str, int] = {}
+    for _, _, task, _ in runs:
+        if task.startswith("fio["):
+            counts[task] = counts.get(task, 0) + 1
+    if not counts:
+        return {}
+    fio = max(counts, key=lambda t: counts[t])
+
+    def whose(task: str) -> str:
+        m = _TID.search(task)
+        ids = {int(x) for x in m.groups() if x} if m else set()
+        return ("serving node" if serving in ids else "other node" if other in ids else
+                "idle" if task == "<idle>" else "other")
+
+    before: dict[str, str] = {}  # per CPU, the task whose run there ended last
+    cases: dict[str, list[tuple[float, float]]] = {}
+    last = None
+    for start, cpu, task, delay in sorted(runs):
+        if task == fio:
+            if last is not None and start - last < 1e-3:
+                cases.setdefault(whose(before.get(cpu, "<idle>")), []).append(((start - last) * 1e6, delay))
+            last = start
+        before[cpu] = task
+    n = sum(len(v) for v in cases.values())
+    return {case: {"share": round(len(v) / n, 2), "cycle_us": round(statistics.fmean(c for c, _ in v), 1),
+                   "sched_delay_us": round(statistics.fmean(d for _, d in v), 1)}
+            for case, v in sorted(cases.items(), key=lambda kv: -len(kv[1]))}
