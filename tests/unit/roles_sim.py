@@ -26,6 +26,7 @@ after RESYNC_BEGIN), and until then reads the peer (``Sim.readable``)."""
 
 from __future__ import annotations
 
+import copy
 import heapq
 import inspect
 import math
@@ -245,7 +246,8 @@ class EtcdModel:
     then commits the revocation; ``EXPIRY_LAG`` bounds it). A leader change (and the quorum
     coming back after it was lost) gives every lease not yet revoked the expiry now + election
     timeout + TTL (``lessor.Promote``); while there is no quorum nothing is processed and
-    nothing is revoked (``lessor.Demote``). Revocations are worked out when they matter
+    nothing is revoked (``lessor.Demote``), and a write that arrives may be logged and then
+    committed when the quorum is back (``held``). Revocations are worked out when they matter
     (``gc``): before every request processed, at a leader change, at a loss of quorum."""
 
     def __init__(self, rec: eb.Record, election: float, lag: float) -> None:
@@ -258,6 +260,8 @@ class EtcdModel:
         self.leases: dict[int, list[float]] = {}  # id -> [expiry (W's clock), TTL]
         self.keys: dict[str, tuple[int, int]] = {}  # node -> (lease, mod_revision)
         self.rec_rev = 1  # the record's mod_revision
+        # Writes the leader logged while it had no quorum, committed in order when it is back.
+        self.held: list[tuple[str, Callable[[], Answer | None]]] = []
 
     def gc(self, now: float) -> None:
         if not self.up:
@@ -292,8 +296,8 @@ class EtcdModel:
 @dataclass
 class EReq:
     """One request of an array's etcd client (``EtcdWitnessClient``): a report or a decision
-    (the record and the keys read, the rule applied, the record written: one step at etcd);
-    after a report, the array's sign of life (``EtcdWitness.renew``): a lease grant (if the
+    (the record and the keys read, the rule applied, the record written if it changed: two
+    calls, ``Sim._e_decision``); after a report, the array's sign of life (``EtcdWitness.renew``): a lease grant (if the
     array's lease is ``renew`` old) and the compare-and-set moving the key onto it, which also
     requires the record to be as the array's last request left it (retried on a changed key)."""
     rid: int
@@ -306,7 +310,8 @@ class EReq:
     done: bool = False
     lease: int = 0
     lease_sent: float = 0.0  # local time the grant was asked
-    tries: int = 0
+    tries: int = 0  # the sign of life's moves of the key tried (``RETRIES``)
+    races: int = 0  # the decision's compare-and-sets lost to a changed record (``RETRIES``)
     dec: d.Decision | None = None  # a report's decision, fed once the sign of life is done
 
 
@@ -373,6 +378,10 @@ class Sim:
         self.load = 0.0  # a host write every this long on average (0: only those asked for)
         self.next_delays: dict[tuple[str, str], list[float]] = {}  # scenarios: the next messages' delays
         self.drop_if: Callable[[str, str, str], bool] | None = None  # scenarios: (src, dst, what) lost?
+        # scenarios: whether etcd's leader logs a write it gets without a quorum (None: at random)
+        self.etcd_logs: bool | None = None
+        # scenarios: called as etcd answers a decision's read (array, kind, decision)
+        self.on_etcd_read: Callable[[str, str, d.Decision], None] | None = None
         self.session: int | None = None  # the live A-B link session
         self.sessions = 0
         self.connecting = False
@@ -1311,11 +1320,16 @@ class Sim:
         self._e_decision(x, EReq(rid, kind, epoch, flags, sent))
 
     def _e_call(self, x: Array, req: EReq, what: str, at_etcd: Callable[[], Answer | None],
-                on_answer: Callable[[Array, Answer], None]) -> None:
+                on_answer: Callable[[Array, Answer], None], write: bool = False,
+                rng: random.Random | None = None) -> None:
         """One etcd call of ``req``: ``at_etcd`` runs where it arrives, if etcd has a quorum
-        then and the link holds (without a quorum a request is not processed), and returns the
-        answer; ``on_answer`` gets it at x if it comes within the call's deadline (the etcd
-        client's timeout); past the deadline the request failed."""
+        then and the link holds, and returns the answer; ``on_answer`` gets it at x if it comes
+        within the call's deadline (the etcd client's timeout); past the deadline the request
+        failed. Without a quorum a read is not processed, and a ``write`` (a lease grant, a
+        compare-and-set) is either lost or logged by the leader and committed once the quorum
+        is back, its compares evaluated then (``EtcdModel.held``); its answer is lost. ``rng``:
+        where the call's delays and losses come from (``later_rng`` for calls added after the
+        written-out schedules, so that theirs stay as written)."""
         et = self.etcd
         assert et is not None
         req.leg += 1
@@ -1325,16 +1339,21 @@ class Sim:
         label = f"{req.kind} {what}"
         self.at(x.clock.real_at(sent + self.cfg.witness_timeout), f"{label} timeout",
                 lambda: self._e_timeout(name, inc, req, leg))
-        if self.cut[ln] or self._lost(name, W, label):
+        if self.cut[ln] or self._lost(name, W, label, rng):
             self.note(name, f"lost: {label} to etcd")
             return
 
         def arrive() -> None:
-            if not et.up or self.cut[ln]:
+            if self.cut[ln]:
+                return
+            if not et.up:
+                if write and (self.later_rng.random() < 0.5 if self.etcd_logs is None else self.etcd_logs):
+                    et.held.append((f"{name}'s {label}", at_etcd))
+                    self.note(W, f"etcd: {name}'s {label} logged without a quorum")
                 return
             et.gc(self.local(W))
             ans = at_etcd()
-            if ans is None or self.cut[ln] or self._lost(W, name, f"{label} answer"):
+            if ans is None or self.cut[ln] or self._lost(W, name, f"{label} answer", rng):
                 return
 
             def back() -> None:
@@ -1345,9 +1364,9 @@ class Sim:
                     return  # the call was given up (its timeout fires now)
                 on_answer(y, ans)
 
-            self.at(self.now + self._delay(W, name), f"etcd answers {name}: {label}", back)
+            self.at(self.now + self._delay(W, name, rng), f"etcd answers {name}: {label}", back)
 
-        self.at(self.now + self._delay(name, W), f"{name} {label} to etcd", arrive)
+        self.at(self.now + self._delay(name, W, rng), f"{name} {label} to etcd", arrive)
 
     def _e_timeout(self, name: str, inc: int, req: EReq, leg: int) -> None:
         x = self.live(name, inc)
@@ -1421,7 +1440,7 @@ class Sim:
             req.lease = lid
             self._e_attach(y, req)
 
-        self._e_call(x, req, "grant", at_etcd, answered)
+        self._e_call(x, req, "grant", at_etcd, answered, write=True)
 
     def _e_attach(self, x: Array, req: EReq) -> None:
         """Move the key onto ``req.lease`` if it is as this array last left it and the record is
@@ -1468,7 +1487,7 @@ class Sim:
             else:
                 self._e_failed(y, req, "lease not found")
 
-        self._e_call(x, req, "attach", at_etcd, answered)
+        self._e_call(x, req, "attach", at_etcd, answered, write=True)
 
     def _e_observe(self, x: Array, other: str, rev: int, sent: float) -> float | None:
         """``EtcdWitness._observe`` and ``owner_quiet``: x's read sent at ``sent`` found
@@ -1481,9 +1500,13 @@ class Sim:
         return m.quiet(x.clock.local(self.now))
 
     def _e_decision(self, x: Array, req: EReq) -> None:
-        """The decision (``EtcdWitness._decide``): the record and the keys read, the rule applied,
-        the record written, as one step at etcd (its compare-and-set makes it one). What the
-        read shows is what the client sees (an answer lost after it is a write's answer lost)."""
+        """The decision (``EtcdWitness._decide``) as the client makes it: one call reads the
+        record and the keys, the rule is applied to what it read, and a second call writes the
+        record if it changed, by a compare-and-set on the revision it read (and, for a claim
+        granted, on the owner's key still being gone). A lost race reads again (``RETRIES``).
+        Between the two the other array's requests, the keys' moves and expiries go on; a
+        compare-and-set that the leader logged without a quorum may commit when the quorum is
+        back (``_e_call``). What the read shows is what the client sees."""
         et = self.etcd
         assert et is not None
         name, kind, epoch, flags = x.name, req.kind, req.epoch, req.flags
@@ -1491,17 +1514,17 @@ class Sim:
         grace = (self.cfg.witness or d.Timing()).grace
         inc = x.inc
 
-        def at_etcd() -> Answer:
-            rec = et.rec
+        def read_at_etcd() -> Answer:
             y = self.live(name, inc)
             if y is None:
                 return None
+            rec = copy.deepcopy(et.rec)
             quiet = self._e_observe(y, rec.other(name), et.key_rev(rec.other(name)), req.leg_sent)
             if name not in et.keys:
                 y.e_fresh = True  # its key had gone: nothing is known of it meanwhile
             seen = eb.Seen(owner_alive=rec.owner in et.keys, fresh=y.e_fresh,
                            owner_quiet=None if rec.owner == name else quiet)
-            before = rec.to_json()
+            before, owner = rec.to_json(), rec.owner
             if kind == "REPORT":
                 dec = eb.rule_report(rec, GROUP, name, epoch, seen, peer_alive=flags[0], peer_in_sync=flags[1],
                                      grace=grace, lost_anew=flags[2])
@@ -1513,20 +1536,18 @@ class Sim:
                 dec = eb.rule_resolve(rec, GROUP, name, epoch)
             else:
                 dec = eb.rule_handover(rec, GROUP, name, epoch)
-            if rec.to_json() != before:
-                et.rev += 1
-                et.rec_rev = et.rev
-            owned = (et.rec_rev, rec.epoch, rec.secondary_in_sync) if rec.owner == name else None
             self.note(W, f"etcd: {kind} from {name} at epoch {epoch} {flags if kind == 'REPORT' else ''}"
-                         f"{seen} -> {dec}; watch {rec.watch}")
-            self.check()
-            return (dec, owned)
+                         f"{seen} read at rev {et.rec_rev} -> {dec}")
+            if self.on_etcd_read is not None:
+                self.on_etcd_read(name, kind, dec)
+            return (dec, rec, rec.to_json() != before, et.rec_rev, owner)
 
-        def answered(y: Array, ans: Answer) -> None:
-            dec = ans[0]
-            assert isinstance(dec, d.Decision)
+        def owned(rec: eb.Record, rev: int) -> tuple[int, int, bool] | None:
+            return (rev, rec.epoch, rec.secondary_in_sync) if rec.owner == name else None
+
+        def decided(y: Array, dec: d.Decision, own: object) -> None:
             y.e_fresh = False
-            y.e_owned = ans[1]  # type: ignore[assignment]
+            y.e_owned = own  # type: ignore[assignment]
             if kind == "REPORT":
                 req.dec = dec
                 self._e_renew(y, req)
@@ -1539,7 +1560,39 @@ class Sim:
                 if self.live(name, y.inc) is not None:
                     self._w_done(y, req.rid)
 
-        self._e_call(x, req, "decision", at_etcd, answered)
+        def read(y: Array, ans: Answer) -> None:
+            dec, new, changed, rev, owner = ans
+            assert isinstance(dec, d.Decision) and isinstance(new, eb.Record)
+            assert isinstance(rev, int) and isinstance(owner, str)
+            if not changed:  # nothing to write: the record is as read, at the revision read
+                decided(y, dec, owned(new, rev))
+                return
+            needs_gone = kind == "CLAIM" and dec.granted
+
+            def cas_at_etcd() -> Answer:
+                if et.rec_rev != rev or (needs_gone and owner in et.keys):
+                    self.note(W, f"etcd: {kind} from {name}: compare-and-set at rev {rev} fails (now {et.rec_rev})")
+                    return ("RACE",)
+                vars(et.rec).update(vars(copy.deepcopy(new)))
+                et.rev += 1
+                et.rec_rev = et.rev
+                self.note(W, f"etcd: {kind} from {name} written at rev {et.rev}: {et.rec}; watch {et.rec.watch}")
+                self.check()
+                return ("OK", owned(et.rec, et.rec_rev))
+
+            def cas_answered(z: Array, cas: Answer) -> None:
+                if cas[0] == "OK":
+                    decided(z, dec, cas[1])
+                    return
+                req.races += 1
+                if req.races >= eb.RETRIES:
+                    self._e_failed(z, req, f"the record kept changing under {eb.RETRIES} attempts")
+                else:
+                    self._e_call(z, req, "decision", read_at_etcd, read)
+
+            self._e_call(y, req, "write", cas_at_etcd, cas_answered, write=True, rng=self.later_rng)
+
+        self._e_call(x, req, "decision", read_at_etcd, read)
 
     def _ask_witness(self, x: Array, kind: str, ask: r.WitnessAsk) -> None:
         if kind == "CLAIM" and self.claims_after_a_report:
@@ -1687,9 +1740,15 @@ class Sim:
     def restart(self, name: str) -> None:
         if name == W and self.etcd is not None:
             if not self.etcd.up:  # the quorum is back: a leader is elected (``lessor.Promote``)
-                self.etcd.up = True
-                self.etcd.promote(self.local(W))
-                self.note(W, f"etcd quorum back: {self.etcd}")
+                et = self.etcd
+                et.up = True
+                et.promote(self.local(W))
+                self.note(W, f"etcd quorum back: {et}")
+                held, et.held = et.held, []
+                for what, commit in held:  # answered to no one: their clients gave up
+                    et.gc(self.local(W))
+                    self.note(W, f"etcd commits {what}, logged before the quorum went")
+                    commit()
             return
         if name == W:
             wit = self.witness

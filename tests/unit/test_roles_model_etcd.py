@@ -1,10 +1,13 @@
 """The role model (``roles_sim.Sim``, see ``test_roles_model.py``) with the witness kept in etcd
 (``SimConfig.witness_backend = "etcd"``): the same promises (``Sim.check``) with
 ``etcd_backend``'s rules on a model of etcd (``roles_sim.EtcdModel``): each array's key on its
-leases; each request a decision (the record and the keys read, the rule applied, the record
-written), and after a report the array's sign of life: a grant (if its lease is ``renew`` old)
-and a compare-and-set moving the key onto it, which also requires the record to be as the
-array's last request left it. Each array counts, on its own clock, how long it has not seen the
+leases; each request a decision (one call reads the record and the keys, the rule is applied to
+what it read, a second call writes the record if it changed, by a compare-and-set on the
+revision read; a lost race reads again), and after a report the array's sign of life: a grant
+(if its lease is ``renew`` old) and a compare-and-set moving the key onto it, which also
+requires the record to be as the array's last request left it. A write (grant, compare-and-set)
+that reaches etcd without a quorum is lost or committed once the quorum is back, its compares
+evaluated then, its answer lost (the client gave up). Each array counts, on its own clock, how long it has not seen the
 other's key move (``Seen.owner_quiet``). A lease lives its TTL from its grant on etcd's clock,
 its key goes ``etcd_expiry_lag`` after; a leader change gives every lease not yet revoked
 election timeout + TTL from then; without a quorum (W "crashed") nothing is processed and
@@ -13,6 +16,10 @@ as the daemon does (``EtcdWitnessConfig``).
 
 The random schedules make at most one leader change (the quorum's return counts as one) per
 ``owner_heard_for`` window, as the product assumes.
+
+Until stop 51 a decision was one step at etcd, and a write without a quorum was always lost:
+the read and the compare-and-set apart, and a compare-and-set committed after its client gave
+up, were not modelled.
 
 Found with it (stop 48), against the design before (the key being there was the sign of life,
 renewed before each request): a lost etcd quorum whose return revives every lease let B take
@@ -30,6 +37,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import initialize, rule
 
 from syncd.node import roles
+from syncd.witness import decide as roles_witness
 from tests.unit import test_roles_model as base
 from tests.unit.roles_sim import AB, AW, BW, A, B, Sim, SimConfig, W
 
@@ -210,3 +218,46 @@ def test_a_lost_etcd_quorum_does_not_let_the_peer_take_a_pre_elected_primarys_gr
     quorum_lost_then_link_then_primary_cut_off(sim)
     a, b = sim.arrays[A], sim.arrays[B]
     assert a.s.alone and b.s.role is roles.Role.SECONDARY
+
+
+def claim_committed_after_its_client_gave_up(sim: Sim) -> None:
+    """A dies. B claims the group once A's key is gone; etcd loses its quorum right after
+    answering the claim's read, and its leader had logged the compare-and-set that follows:
+    it commits when the quorum is back (some 18 s later), long after B's call gave up. Nobody
+    is told."""
+    base.settle(sim)
+    et = sim.etcd
+    assert et is not None
+    sim.etcd_logs = True
+
+    def quorum_goes(node: str, kind: str, dec: roles_witness.Decision) -> None:
+        if node == B and kind == "CLAIM" and dec.granted and sim.on_etcd_read is not None:
+            sim.on_etcd_read = None
+            sim.crash(W)
+
+    sim.on_etcd_read = quorum_goes
+    sim.crash(A)
+    base.writes_for(sim, 20.0)
+    assert not et.up and sim.on_etcd_read is None, "B's claim was read, and the quorum went"
+    assert (et.rec.owner, et.rec.epoch) == (A, 1) and et.held
+    sim.run_until(sim.now + 3.0)
+    sim.restart(W)
+
+
+def test_a_claim_that_commits_after_its_client_gave_up_gives_the_group_once_and_to_the_claimant() -> None:
+    """The compare-and-set of B's claim commits after B gave up on it: etcd's record says B owns
+    epoch 2 while B, unanswered, is still the secondary. B asks again and is given what the
+    record says (the same decision, asked again); A comes back as its secondary. Every promise
+    holds throughout (``Sim.check`` after each write of the record)."""
+    sim = scenario()
+    claim_committed_after_its_client_gave_up(sim)
+    et = sim.etcd
+    assert et is not None and (et.rec.owner, et.rec.epoch) == (B, 2)
+    b = sim.arrays[B]
+    assert b.s.role is roles.Role.SECONDARY  # its call gave up: it was told nothing
+    base.writes_for(sim, 15.0)
+    assert (b.s.role, b.s.epoch) == (roles.Role.PRIMARY, 2)
+    sim.restart(A)
+    base.writes_for(sim, 15.0)
+    a = sim.arrays[A]
+    assert (a.s.role, a.s.epoch) == (roles.Role.SECONDARY, 2)
