@@ -297,9 +297,10 @@ class EtcdModel:
 class EReq:
     """One request of an array's etcd client (``EtcdWitnessClient``): a report or a decision
     (the record and the keys read, the rule applied, the record written if it changed: two
-    calls, ``Sim._e_decision``); after a report, the array's sign of life (``EtcdWitness.renew``): a lease grant (if the
-    array's lease is ``renew`` old) and the compare-and-set moving the key onto it, which also
-    requires the record to be as the array's last request left it (retried on a changed key)."""
+    calls, ``Sim._e_decision``); after a report, the array's sign of life
+    (``EtcdWitness.renew``): a lease grant (if the array's lease is ``renew`` old) and the
+    compare-and-set moving the key onto it, which also requires the record to be as the
+    array's last request left it (retried on a changed key)."""
     rid: int
     kind: str
     epoch: int
