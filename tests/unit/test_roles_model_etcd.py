@@ -261,3 +261,44 @@ def test_a_claim_that_commits_after_its_client_gave_up_gives_the_group_once_and_
     base.writes_for(sim, 15.0)
     a = sim.arrays[A]
     assert (a.s.role, a.s.epoch) == (roles.Role.SECONDARY, 2)
+
+
+def primary_key_moved_by_a_write_logged_before_the_quorum_went(sim: Sim) -> None:
+    """etcd loses its quorum just as A's key move (the sign of life after a report) reaches it;
+    the leader had logged it. The link goes 21.5 s later (past A's 'witness lost first' count:
+    A, pre-elected, goes on alone) and A is cut off from etcd; the quorum comes back 25 s after
+    it went and commits the move: A's key moves then, long after A last heard etcd."""
+    base.settle(sim)
+    sim.etcd_logs = True
+    went: list[float] = []
+
+    def quorum_goes(src: str, dst: str, what: str) -> bool:
+        if (src, dst, what) == (A, W, "REPORT attach") and not went:
+            went.append(sim.now)
+            sim.crash(W)
+        return False
+
+    sim.drop_if = quorum_goes
+    while not went:
+        sim.run_until(sim.now + 0.1)
+    sim.drop_if = None
+    sim.run_until(went[0] + 21.5)
+    sim.set_cut(AB, True, notice={A: 0.0, B: 0.0})
+    sim.set_cut(AW, True)
+    sim.run_until(went[0] + 25.0)
+    et = sim.etcd
+    assert et is not None
+    rev = et.key_rev(A)
+    sim.restart(W)
+    assert et.key_rev(A) > rev, "A's logged key move committed as the quorum came back"
+
+
+def test_a_key_move_committed_after_a_lost_quorum_is_not_a_sign_of_life_to_the_peer() -> None:
+    """B never read between A's key as it was before the outage and A's key moved by the late
+    commit, so it counts the key quiet since its last read before the outage (an upper bound):
+    its word that it lost A is late, and A, pre-elected, keeps the group alone."""
+    sim = scenario()
+    primary_key_moved_by_a_write_logged_before_the_quorum_went(sim)
+    base.writes_for(sim, 20.0)
+    a, b = sim.arrays[A], sim.arrays[B]
+    assert a.s.alone and (b.s.role, b.s.epoch) == (roles.Role.SECONDARY, 1)
