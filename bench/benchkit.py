@@ -4,6 +4,7 @@ tests/unit/test_bench_report.py can check them from literals."""
 
 from __future__ import annotations
 
+import collections
 import os
 import platform
 import re
@@ -474,13 +475,10 @@ def fio_placement(timehist: str, serving: int, other: int) -> dict:
         m = _TIMEHIST.match(line)
         if m is not None:
             runs.append((float(m.group(1)) - float(m.group(6)) / 1e3, m.group(2), m.group(3), float(m.group(5)) * 1e3))
-    counts: dict[str, int] = {}
-    for _, _, task, _ in runs:
-        if task.startswith("fio["):
-            counts[task] = counts.get(task, 0) + 1
-    if not counts:
+    busiest = collections.Counter(task for _, _, task, _ in runs if task.startswith("fio[")).most_common(1)
+    if not busiest:
         return {}
-    fio = max(counts, key=lambda t: counts[t])
+    fio = busiest[0][0]
 
     def whose(task: str) -> str:
         m = _TID.search(task)

@@ -91,12 +91,18 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
 SYSCALLS = ("sendmsg", "recvfrom", "epoll_wait")
 
 
+def perf_tool(option: str) -> str:
+    """The path of ``perf``, which ``option`` needs."""
+    perf = shutil.which("perf")
+    if perf is None:
+        raise SystemExit(f"{option} needs perf (Debian: linux-perf)")
+    return perf
+
+
 def start_syscall_counts(pids: list[int]) -> list:
     """``perf stat`` counting each node's entries into SYSCALLS (kernel tracepoints: a count
     per call, no slowdown worth the name) until ``syscall_counts``: [perf process]."""
-    perf = shutil.which("perf")
-    if perf is None:
-        raise SystemExit("--syscalls needs perf (Debian: linux-perf)")
+    perf = perf_tool("--syscalls")
     events = ",".join(f"syscalls:sys_enter_{c}" for c in SYSCALLS)
     return [subprocess.Popen([perf, "stat", "-x", ",", "-e", events, "-p", str(pid)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for pid in pids]
@@ -121,9 +127,7 @@ SCHED_SECONDS = 2.0
 
 def start_sched(path: Path, after: float) -> subprocess.Popen:
     """``perf sched record`` of every CPU for SCHED_SECONDS, ``after`` seconds from now."""
-    perf = shutil.which("perf")
-    if perf is None:
-        raise SystemExit("--sched needs perf (Debian: linux-perf)")
+    perf = perf_tool("--sched")
     return subprocess.Popen(["sh", "-c", f'sleep {after}; exec "$0" sched record -a -o "$1" -- sleep {SCHED_SECONDS}',
                              perf, str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -133,7 +137,7 @@ def placement(proc: subprocess.Popen, path: Path, serving: int, other: int) -> d
     _, err = proc.communicate()
     if proc.returncode:
         raise SystemExit(f"perf sched record failed: {err.strip()[-300:]}")
-    hist = subprocess.run(["perf", "sched", "timehist", "-i", str(path)], capture_output=True, text=True)
+    hist = subprocess.run([perf_tool("--sched"), "sched", "timehist", "-i", str(path)], capture_output=True, text=True)
     path.unlink(missing_ok=True)
     found = benchkit.fio_placement(hist.stdout, serving, other)
     if not found:

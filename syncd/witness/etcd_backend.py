@@ -57,7 +57,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 import trio
 
@@ -89,6 +89,11 @@ class BadRecord(ValueError):
 
 class NewerRecord(BadRecord):
     """A record of a format newer than this node's ``RECORD_FORMAT``: written by a newer syncd."""
+
+
+def _positive_int(v: object) -> TypeGuard[int]:
+    """A JSON integer of 1 or more (true and false are not integers here)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
 @dataclass
@@ -128,7 +133,7 @@ class Record(GroupRecord):
         if not isinstance(d, dict):
             raise BadRecord("not a JSON object")
         fmt = d.get("format", 1)
-        if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
+        if not _positive_int(fmt):
             raise BadRecord(f"format: {fmt!r:.40} is not a positive integer")
         if fmt > RECORD_FORMAT:
             raise NewerRecord(f"it is of format {fmt}, written by a newer syncd; this node reads format "
@@ -139,7 +144,7 @@ class Record(GroupRecord):
             raise BadRecord(f"members: {members!r:.60} is not two node names")
         if not isinstance(owner, str) or owner not in members:
             raise BadRecord(f"owner: {owner!r:.40} is not a member")
-        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
+        if not _positive_int(epoch):
             raise BadRecord(f"epoch: {epoch!r:.40} is not a positive integer")
         flags = [d.get(k, False) for k in ("secondary_in_sync", "failover_disabled")]
         if not all(isinstance(f, bool) for f in flags):

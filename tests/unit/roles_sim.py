@@ -381,8 +381,6 @@ class Sim:
         self.drop_if: Callable[[str, str, str], bool] | None = None  # scenarios: (src, dst, what) lost?
         # scenarios: whether etcd's leader logs a write it gets without a quorum (None: at random)
         self.etcd_logs: bool | None = None
-        # scenarios: called as etcd answers a decision's read (array, kind, decision)
-        self.on_etcd_read: Callable[[str, str, d.Decision], None] | None = None
         self.session: int | None = None  # the live A-B link session
         self.sessions = 0
         self.connecting = False
@@ -1539,8 +1537,6 @@ class Sim:
                 dec = eb.rule_handover(rec, GROUP, name, epoch)
             self.note(W, f"etcd: {kind} from {name} at epoch {epoch} {flags if kind == 'REPORT' else ''}"
                          f"{seen} read at rev {et.rec_rev} -> {dec}")
-            if self.on_etcd_read is not None:
-                self.on_etcd_read(name, kind, dec)
             return (dec, rec, rec.to_json() != before, et.rec_rev, owner)
 
         def owned(rec: eb.Record, rev: int) -> tuple[int, int, bool] | None:

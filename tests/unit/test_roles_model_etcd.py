@@ -7,8 +7,8 @@ revision read; a lost race reads again), and after a report the array's sign of 
 (if its lease is ``renew`` old) and a compare-and-set moving the key onto it, which also
 requires the record to be as the array's last request left it. A write (grant, compare-and-set)
 that reaches etcd without a quorum is lost or committed once the quorum is back, its compares
-evaluated then, its answer lost (the client gave up). Each array counts, on its own clock, how long it has not seen the
-other's key move (``Seen.owner_quiet``). A lease lives its TTL from its grant on etcd's clock,
+evaluated then, its answer lost (the client gave up). Each array counts, on its own clock, how
+long it has not seen the other's key move (``Seen.owner_quiet``). A lease lives its TTL from its grant on etcd's clock,
 its key goes ``etcd_expiry_lag`` after; a leader change gives every lease not yet revoked
 election timeout + TTL from then; without a quorum (W "crashed") nothing is processed and
 nothing revoked, and the quorum's return elects a leader. The arrays count ``owner_heard_for``
@@ -37,7 +37,6 @@ from hypothesis import strategies as st
 from hypothesis.stateful import initialize, rule
 
 from syncd.node import roles
-from syncd.witness import decide as roles_witness
 from tests.unit import test_roles_model as base
 from tests.unit.roles_sim import AB, AW, BW, A, B, Sim, SimConfig, W
 
@@ -229,16 +228,19 @@ def claim_committed_after_its_client_gave_up(sim: Sim) -> None:
     et = sim.etcd
     assert et is not None
     sim.etcd_logs = True
+    went: list[float] = []
 
-    def quorum_goes(node: str, kind: str, dec: roles_witness.Decision) -> None:
-        if node == B and kind == "CLAIM" and dec.granted and sim.on_etcd_read is not None:
-            sim.on_etcd_read = None
+    def quorum_goes(src: str, dst: str, what: str) -> bool:
+        if (src, dst, what) == (B, W, "CLAIM write") and not went:  # its read said granted
+            went.append(sim.now)
             sim.crash(W)
+        return False
 
-    sim.on_etcd_read = quorum_goes
+    sim.drop_if = quorum_goes
     sim.crash(A)
     base.writes_for(sim, 20.0)
-    assert not et.up and sim.on_etcd_read is None, "B's claim was read, and the quorum went"
+    sim.drop_if = None
+    assert not et.up and went, "B's claim was read, and the quorum went"
     assert (et.rec.owner, et.rec.epoch) == (A, 1) and et.held
     sim.run_until(sim.now + 3.0)
     sim.restart(W)
